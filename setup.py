@@ -1,0 +1,26 @@
+"""tfcompress: filter pruning, QAT, stripping, ONNX/OpenVINO export and INT8 calibration for Keras 3."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="tfcompress",
+    version="0.1.0",
+    description="Make TensorFlow/Keras models small and fast for CPU inference without leaving model.fit",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["tfcompress", "tfcompress.*"]),
+    install_requires=[
+        "tensorflow>=2.16,<2.22",
+        "tf2onnx>=1.16",
+        "onnx>=1.15",
+        "openvino>=2024.4",
+        "numpy>=1.26",
+        "absl-py>=1.0",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "onnxruntime>=1.17"],
+        "demo": ["scikit-learn>=1.3", "matplotlib>=3.7"],
+    },
+    license="Apache-2.0",
+)

@@ -1,0 +1,65 @@
+"""Shared fixtures: quiet TensorFlow, seeded randomness, paths to the shared real data."""
+
+import os
+import pathlib
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = pathlib.Path(os.environ.get("TFCOMPRESS_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def _keras_seed():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    keras.backend.clear_session()
+    yield
+
+
+def randomize_batchnorm(model, rng):
+    """Give every BatchNormalization realistic, non-trivial statistics (random init has mean 0, var 1)."""
+    import keras
+
+    for layer in _all_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            ws = []
+            if layer.scale:
+                ws.append(rng.uniform(0.5, 1.5, n))
+            if layer.center:
+                ws.append(rng.uniform(-0.2, 0.2, n))
+            ws += [rng.uniform(-0.1, 0.1, n), rng.uniform(0.5, 1.5, n)]
+            layer.set_weights(ws)
+
+
+def randomize_biases(model, rng):
+    import keras
+
+    for layer in _all_layers(model):
+        if getattr(layer, "use_bias", False) and getattr(layer, "bias", None) is not None:
+            layer.bias.assign(rng.uniform(-0.5, 0.5, layer.bias.shape).astype("float32"))
+
+
+def _all_layers(model):
+    import keras
+
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+        else:
+            yield layer
+
+
+def rel_error(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))

@@ -1,0 +1,416 @@
+"""The channel-dependency engine: one test per layer rule, on small real Keras models.
+
+Every strip test compares the stripped model's outputs with the original's (Keras forward pass,
+relative max error < 1e-5) and checks that the channels really went away.
+"""
+
+import keras
+import numpy as np
+import pytest
+from keras import layers as L
+
+import tfcompress
+from tfcompress.graph import UnsupportedModelError, build_graph
+from conftest import randomize_batchnorm, randomize_biases, rel_error
+
+TOL = 1e-5
+
+
+def _x(rng, shape=(3, 12, 12, 3)):
+    return rng.uniform(-1, 1, shape).astype("float32")
+
+
+def _groups_by_layer(model):
+    return {g.layers: g for g in tfcompress.channel_groups(model)}
+
+
+def _zero_and_strip(model, rng, x, fraction=0.25, groups=None):
+    """Zero a fraction of every group's channels, strip, check outputs equal; return the stripped model."""
+    groups = tfcompress.channel_groups(model) if groups is None else groups
+    for g in groups:
+        k = max(1, int(g.size * fraction))
+        tfcompress.zero_channels(model, g, rng.choice(g.size, k, replace=False))
+    ref = model(x)
+    stripped = tfcompress.strip(model)
+    out = stripped(x)
+    assert rel_error(out, ref) < TOL
+    return stripped
+
+
+def _width(model, name):
+    return model.get_layer(name).output.shape[-1]
+
+
+def test_sequential_chain_pass_through_layers(rng):
+    model = keras.Sequential([
+        keras.Input((12, 12, 3)),
+        L.Conv2D(8, 3, padding="same", name="c1"),
+        L.BatchNormalization(name="bn1"),
+        L.ReLU(),
+        L.ZeroPadding2D(1),
+        L.MaxPooling2D(),
+        L.Dropout(0.3),
+        L.UpSampling2D(),
+        L.Cropping2D(1),
+        L.Conv2D(6, 3, name="c2"),
+        L.GlobalAveragePooling2D(),
+        L.Dense(5, name="head"),
+    ])
+    randomize_batchnorm(model, rng)
+    groups = _groups_by_layer(model)
+    assert set(groups) == {("c1",), ("c2",)}  # the output layer "head" is never a group
+    assert groups[("c1",)].size == 8
+    stripped = _zero_and_strip(model, rng, _x(rng))
+    assert isinstance(stripped, keras.Model) and not isinstance(stripped, keras.Sequential)
+    assert _width(stripped, "c1") == 6 and _width(stripped, "c2") == 5
+    assert stripped.get_layer("bn1").gamma.shape == (6,)
+
+
+def test_zero_channels_makes_outputs_exactly_zero(rng):
+    inp = keras.Input((12, 12, 3))
+    x = L.Conv2D(8, 3, padding="same", name="c1")(inp)
+    x = L.BatchNormalization(name="bn")(x)
+    x = L.Activation("relu", name="act")(x)
+    out = L.Dense(3)(L.Flatten()(L.Conv2D(4, 3)(x)))
+    model = keras.Model(inp, out)
+    randomize_batchnorm(model, rng)
+    randomize_biases(model, rng)
+    (g,) = [g for g in tfcompress.channel_groups(model) if g.layers == ("c1",)]
+    tfcompress.zero_channels(model, g, [1, 5])
+    probe = keras.Model(inp, [model.get_layer("c1").output, model.get_layer("act").output])
+    conv, act = probe(_x(rng))
+    for t in (conv, act):
+        t = keras.ops.convert_to_numpy(t)
+        assert np.all(t[..., [1, 5]] == 0)
+        assert np.all(np.abs(t[..., [0, 2, 3, 4, 6, 7]]).max(axis=(0, 1, 2)) > 0)
+    with pytest.raises(ValueError, match=r"\[0, 8\)"):
+        tfcompress.zero_channels(model, g, [8])
+
+
+def test_residual_add_joins_groups(rng):
+    inp = keras.Input((12, 12, 3))
+    a = L.Conv2D(8, 3, padding="same", name="stem")(inp)
+    b = L.Conv2D(8, 3, padding="same", name="body")(L.ReLU()(a))
+    b = L.BatchNormalization()(b)
+    s = L.Add(name="add")([a, b])
+    c = L.Conv2D(8, 1, name="proj")(s)
+    s2 = L.Subtract()([s, c])
+    m = L.Maximum()([s2, L.Conv2D(8, 1, name="side")(s2)])
+    out = L.Dense(2)(L.GlobalMaxPooling2D()(m))
+    model = keras.Model(inp, out)
+    randomize_batchnorm(model, rng)
+    groups = tfcompress.channel_groups(model)
+    assert [g.layers for g in groups] == [("stem", "body", "proj", "side")]
+    stripped = _zero_and_strip(model, rng, _x(rng))
+    assert _width(stripped, "add") == 6
+
+
+def test_depthwise_ties_channels_and_multiplier(rng):
+    inp = keras.Input((12, 12, 3))
+    x = L.Conv2D(6, 1, name="expand")(inp)
+    x = L.ReLU(6.0)(L.BatchNormalization()(x))
+    x = L.DepthwiseConv2D(3, padding="same", depth_multiplier=2, name="dw")(x)
+    x = L.BatchNormalization(name="dw_bn")(x)
+    x = L.Conv2D(4, 1, name="project")(x)
+    model = keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling2D()(x)))
+    randomize_batchnorm(model, rng)
+    randomize_biases(model, rng)
+    groups = _groups_by_layer(model)
+    assert ("expand",) in groups and groups[("expand",)].size == 6
+    tfcompress.zero_channels(model, groups[("expand",)], [0, 4])
+    x = _x(rng)
+    ref = model(x)
+    stripped = tfcompress.strip(model)
+    assert rel_error(stripped(x), ref) < TOL
+    assert _width(stripped, "expand") == 4
+    assert _width(stripped, "dw") == 8  # 4 channels x multiplier 2
+    assert stripped.get_layer("dw").kernel.shape == (3, 3, 4, 2)
+    assert stripped.get_layer("project").kernel.shape == (1, 1, 8, 4)
+
+
+def test_concatenate_maps_offsets_into_each_input(rng):
+    inp = keras.Input((12, 12, 3))
+    a = L.Conv2D(4, 3, padding="same", name="a")(inp)
+    b = L.Conv2D(6, 3, padding="same", name="b")(inp)
+    c = L.Concatenate(name="cat")([a, b, a])
+    c = L.BatchNormalization()(c)
+    y = L.Conv2D(5, 1, name="consumer")(L.ReLU()(c))
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(y)))
+    randomize_batchnorm(model, rng)
+    randomize_biases(model, rng)
+    groups = _groups_by_layer(model)
+    assert groups[("a",)].size == 4 and groups[("b",)].size == 6
+    tfcompress.zero_channels(model, groups[("a",)], [1])
+    tfcompress.zero_channels(model, groups[("b",)], [0, 5])
+    x = _x(rng)
+    ref = model(x)
+    stripped = tfcompress.strip(model)
+    assert rel_error(stripped(x), ref) < TOL
+    assert _width(stripped, "cat") == 3 + 4 + 3
+    assert stripped.get_layer("consumer").kernel.shape == (1, 1, 10, 5)
+
+
+def test_concatenate_on_spatial_axis_is_a_join(rng):
+    inp = keras.Input((12, 12, 3))
+    a = L.Conv2D(4, 3, padding="same", name="a")(inp)
+    b = L.Conv2D(4, 3, padding="same", name="b")(inp)
+    c = L.Concatenate(axis=1)([a, b])
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(3, 1)(c))))
+    assert ("a", "b") in _groups_by_layer(model)
+    _zero_and_strip(model, rng, _x(rng))
+
+
+def test_grouped_conv_removes_equal_counts_per_block(rng):
+    inp = keras.Input((12, 12, 3))
+    x = L.Conv2D(8, 3, padding="same", name="pre")(inp)
+    x = L.Conv2D(8, 3, padding="same", groups=2, name="grouped")(x)
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(4, 1, name="post")(x))))
+    randomize_biases(model, rng)
+    groups = _groups_by_layer(model)
+    assert groups[("pre",)].blocks == 2 and groups[("grouped",)].blocks == 2
+    # 2 channels zeroed in block 0 and 1 in block 1: only one per block can go
+    tfcompress.zero_channels(model, groups[("pre",)], [0, 1, 5])
+    tfcompress.zero_channels(model, groups[("grouped",)], [2, 3, 6, 7])
+    x = _x(rng)
+    ref = model(x)
+    stripped = tfcompress.strip(model)
+    assert rel_error(stripped(x), ref) < TOL
+    assert _width(stripped, "pre") == 6
+    assert stripped.get_layer("grouped").kernel.shape == (3, 3, 3, 4)
+    assert stripped.get_layer("post").kernel.shape == (1, 1, 4, 4)
+
+
+def test_squeeze_and_excite_joins_the_excite_layer(rng):
+    inp = keras.Input((12, 12, 3))
+    x = L.Conv2D(8, 3, padding="same", name="conv")(inp)
+    x = L.Activation("swish")(L.BatchNormalization(name="bn")(x))
+    se = L.GlobalAveragePooling2D()(x)
+    se = L.Reshape((1, 1, 8), name="se_reshape")(se)
+    se = L.Conv2D(4, 1, activation="swish", name="se_reduce")(se)
+    se = L.Conv2D(8, 1, activation="sigmoid", name="se_expand")(se)
+    x = L.Multiply(name="excite")([x, se])
+    x = L.Conv2D(6, 1, name="project")(x)
+    model = keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling2D()(x)))
+    randomize_batchnorm(model, rng)
+    randomize_biases(model, rng)
+    groups = _groups_by_layer(model)
+    assert ("conv", "se_expand") in groups
+    assert ("se_reduce",) in groups
+    stripped = _zero_and_strip(model, rng, _x(rng))
+    assert _width(stripped, "excite") == 6
+    assert stripped.get_layer("se_reshape").output.shape[-1] == 6
+    assert stripped.get_layer("se_expand").kernel.shape == (1, 1, 3, 6)
+
+
+def test_dense_squeeze_and_excite(rng):
+    inp = keras.Input((12, 12, 3))
+    x = L.Conv2D(8, 3, padding="same", name="conv")(inp)
+    se = L.Dense(4, activation="relu", name="fc1")(L.GlobalAveragePooling2D(keepdims=True)(x))
+    se = L.Dense(8, activation="sigmoid", name="fc2")(se)
+    x = L.Multiply()([x, se])
+    model = keras.Model(inp, L.Dense(3)(L.Flatten()(L.Conv2D(2, 1)(x))))
+    randomize_biases(model, rng)
+    assert ("conv", "fc2") in _groups_by_layer(model)
+    _zero_and_strip(model, rng, _x(rng))
+
+
+def test_flatten_to_dense_slices_tiled_rows(rng):
+    inp = keras.Input((6, 6, 3))
+    x = L.Conv2D(5, 3, name="conv")(inp)
+    x = L.Flatten()(x)
+    model = keras.Model(inp, L.Dense(3, name="head")(L.Dense(7, name="fc")(x)))
+    randomize_biases(model, rng)
+    groups = _groups_by_layer(model)
+    assert set(groups) == {("conv",), ("fc",)}
+    tfcompress.zero_channels(model, groups[("conv",)], [0, 3])
+    x = _x(rng, (3, 6, 6, 3))
+    ref = model(x)
+    stripped = tfcompress.strip(model)
+    assert rel_error(stripped(x), ref) < TOL
+    assert stripped.get_layer("fc").kernel.shape == (4 * 4 * 3, 7)
+
+
+@pytest.mark.parametrize("blocker", [
+    lambda: L.Reshape((8, 16)),
+    lambda: L.Permute((3, 1, 2)),
+    lambda: L.Lambda(lambda t: t * 2.0),
+    lambda: L.LayerNormalization(),
+    lambda: L.Activation("softmax"),
+])
+def test_unknown_or_mixing_layers_block_the_group(blocker):
+    inp = keras.Input((4, 4, 8))
+    a = L.Conv2D(8, 1, name="blocked")(inp)
+    b = L.Conv2D(8, 1, name="free")(inp)
+    y = blocker()(a)
+    model = keras.Model(inp, [L.Flatten()(y), L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(3, 1)(b)))])
+    names = {g.layers for g in tfcompress.channel_groups(model)}
+    assert ("free",) in names and ("blocked",) not in names
+
+
+def test_custom_layer_blocks_and_is_kept_by_strip(rng):
+    class Scale(L.Layer):
+        def call(self, x):
+            return x * 3.0
+
+    inp = keras.Input((12, 12, 3))
+    a = L.Conv2D(6, 3, name="a")(inp)
+    b = L.Conv2D(6, 3, name="b")(Scale(name="custom")(a))
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(b)))
+    assert [g.layers for g in tfcompress.channel_groups(model)] == [("b",)]
+    stripped = _zero_and_strip(model, rng, _x(rng))
+    assert _width(stripped, "custom") == 6 and _width(stripped, "b") == 5
+
+
+def test_nested_models_are_analysed_and_inlined(rng):
+    block = keras.Sequential(
+        [keras.Input((12, 12, 8)), L.Conv2D(8, 3, padding="same", name="conv"), L.BatchNormalization(name="bn")],
+        name="block",
+    )
+    inp = keras.Input((12, 12, 3))
+    x = L.Conv2D(8, 3, padding="same", name="stem")(inp)
+    x = L.Add()([x, block(x)])
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(4, 1, name="out_conv")(x))))
+    randomize_batchnorm(model, rng)
+    groups = _groups_by_layer(model)
+    assert ("stem", "block/conv") in groups
+    stripped = _zero_and_strip(model, rng, _x(rng))
+    assert stripped.get_layer("block_conv").kernel.shape[-1] == 6
+
+
+def test_shared_layer_reads_the_same_channels_at_every_call(rng):
+    shared = L.Conv2D(4, 1, name="shared")
+    inp = keras.Input((12, 12, 3))
+    a = L.Conv2D(6, 3, padding="same", name="a")(inp)
+    b = L.Conv2D(6, 3, padding="same", name="b")(inp)
+    y = L.Concatenate()([shared(a), shared(b)])
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(3, 1)(y))))
+    groups = _groups_by_layer(model)
+    assert ("a", "b") in groups and ("shared",) in groups
+    _zero_and_strip(model, rng, _x(rng))
+
+
+def test_transpose_and_separable_convolutions(rng):
+    inp = keras.Input((8, 8, 3))
+    x = L.Conv2DTranspose(6, 3, strides=2, padding="same", name="up")(inp)
+    x = L.SeparableConv2D(8, 3, padding="same", depth_multiplier=2, name="sep")(x)
+    x = L.Conv2DTranspose(4, 3, name="up2")(x)
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(x)))
+    randomize_biases(model, rng)
+    assert set(_groups_by_layer(model)) == {("up",), ("sep",), ("up2",)}
+    stripped = _zero_and_strip(model, rng, _x(rng, (2, 8, 8, 3)))
+    assert stripped.get_layer("sep").depthwise_kernel.shape == (3, 3, 5, 2)
+    assert stripped.get_layer("sep").pointwise_kernel.shape == (1, 1, 10, 6)
+    assert stripped.get_layer("up2").kernel.shape == (3, 3, 3, 6)  # (h, w, out, in)
+
+
+def test_nonzero_bias_is_folded_into_dense_consumer(rng):
+    inp = keras.Input((10,))
+    h = L.Dense(6, activation="sigmoid", name="h")(inp)  # a zero column outputs sigmoid(b) != 0
+    model = keras.Model(inp, L.Dense(3, name="out")(h))
+    randomize_biases(model, rng)
+    (g,) = tfcompress.channel_groups(model)
+    tfcompress.zero_channels(model, g, [2, 4])
+    model.get_layer("h").bias.assign(np.linspace(-1, 1, 6).astype("float32"))  # constants, not zeros
+    x = rng.normal(size=(5, 10)).astype("float32")
+    ref = model(x)
+    stripped = tfcompress.strip(model)
+    assert rel_error(stripped(x), ref) < TOL
+    assert stripped.get_layer("h").kernel.shape == (10, 4)
+
+
+def test_constant_channel_is_kept_where_it_cannot_be_folded(rng):
+    inp = keras.Input((12, 12, 3))
+    x = L.Conv2D(6, 3, padding="same", name="a")(inp)
+    x = L.Conv2D(4, 3, padding="same", name="b")(x)  # 3x3 'same': a constant input is not constant at borders
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(x)))
+    (g, _) = tfcompress.channel_groups(model)
+    tfcompress.zero_channels(model, g, [0, 1])
+    bias = np.zeros(6, "float32")
+    bias[0] = 0.7  # channel 0 is the constant 0.7, channel 1 is exactly 0
+    model.get_layer("a").bias.assign(bias)
+    x = _x(rng)
+    ref = model(x)
+    stripped = tfcompress.strip(model)
+    assert rel_error(stripped(x), ref) < TOL
+    assert _width(stripped, "a") == 5
+
+
+def test_nothing_zero_gives_an_equivalent_copy(rng):
+    model = keras.applications.MobileNetV2(
+        weights=None, input_shape=(32, 32, 3), classes=4, alpha=0.35, classifier_activation=None
+    )
+    randomize_batchnorm(model, rng)
+    before = [w.copy() for w in model.get_weights()]
+    x = _x(rng, (2, 32, 32, 3))
+    stripped = tfcompress.strip(model)
+    assert stripped is not model
+    assert stripped.count_params() == model.count_params()
+    assert rel_error(stripped(x), model(x)) < TOL
+    conv = next(layer for layer in stripped.layers if isinstance(layer, L.Conv2D))
+    conv.kernel.assign(np.zeros(conv.kernel.shape))  # the copy's weights are its own
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+
+
+def test_strip_does_not_modify_the_original_and_round_trips_through_save(rng, tmp_path):
+    inp = keras.Input((12, 12, 3))
+    x = L.BatchNormalization()(L.Conv2D(8, 3, name="c")(inp))
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(4, 1)(L.ReLU()(x)))))
+    model.compile(optimizer="adam", loss="mse")
+    randomize_batchnorm(model, rng)
+    (g, _) = tfcompress.channel_groups(model)
+    tfcompress.zero_channels(model, g, [0, 3, 4])
+    before = [w.copy() for w in model.get_weights()]
+    stripped = tfcompress.strip(model)
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    assert stripped.compiled
+    stripped.save(tmp_path / "s.keras")
+    again = keras.models.load_model(tmp_path / "s.keras")
+    x = _x(rng)
+    assert rel_error(again(x), model(x)) < TOL
+
+
+def test_subclassed_model_gets_a_clear_error():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv = L.Conv2D(4, 3)
+
+        def call(self, x):
+            return self.conv(x)
+
+    net = Net()
+    net(np.zeros((1, 8, 8, 3), "float32"))
+    for fn in (tfcompress.channel_groups, tfcompress.strip):
+        with pytest.raises(UnsupportedModelError, match="subclassed"):
+            fn(net)
+
+
+def test_unbuilt_sequential_gets_a_clear_error():
+    with pytest.raises(UnsupportedModelError, match="input shape"):
+        tfcompress.channel_groups(keras.Sequential([L.Dense(3)]))
+
+
+def test_group_from_another_model_is_rejected():
+    a = keras.Sequential([keras.Input((4,)), L.Dense(5, name="x"), L.Dense(2)])
+    b = keras.Sequential([keras.Input((4,)), L.Dense(5, name="y"), L.Dense(2)])
+    (g,) = tfcompress.channel_groups(a)
+    with pytest.raises(ValueError, match="not a prunable channel group"):
+        tfcompress.zero_channels(b, g, [0])
+
+
+def test_engine_records_constants_for_every_tensor():
+    model = keras.Sequential([keras.Input((4,)), L.Dense(5), L.ReLU(), L.Dense(2)])
+    kg = build_graph(model)
+    consts = kg.graph.constants()
+    assert set(consts) == set(kg.graph.maps)
+    assert all(np.isnan(c).all() for c in consts.values())  # random weights: nothing is constant
+
+
+def test_reshape_that_keeps_the_channel_axis_passes_channels(rng):
+    inp = keras.Input((4, 4, 3))
+    x = L.Conv2D(8, 1, name="c")(inp)
+    x = L.Reshape((16, 8), name="merge_spatial")(x)
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling1D()(L.Conv1D(3, 1)(x))))
+    assert ("c",) in _groups_by_layer(model)
+    stripped = _zero_and_strip(model, rng, _x(rng, (2, 4, 4, 3)))
+    assert stripped.get_layer("merge_spatial").output.shape == (None, 16, 6)

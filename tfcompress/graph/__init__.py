@@ -1,0 +1,10 @@
+"""The channel-dependency engine and its Keras adapter."""
+
+from tfcompress.graph.channels import channel_groups, zero_channels
+from tfcompress.graph.engine import ChannelGraph, ChannelGroup, ChannelMap, Op, Rule, Segment
+from tfcompress.graph.keras_adapter import KerasGraph, UnsupportedModelError, build_graph
+
+__all__ = [
+    "ChannelGraph", "ChannelGroup", "ChannelMap", "KerasGraph", "Op", "Rule", "Segment",
+    "UnsupportedModelError", "build_graph", "channel_groups", "zero_channels",
+]

@@ -1,0 +1,428 @@
+"""The channel-dependency engine: one description of how channels flow through a network.
+
+Pruning, the Keras stripper and the SavedModel stripper all need the same answer to one question:
+*which output channels are coupled, so that removing channel j here forces removing channel j there?*
+This module answers it once, on a backend-neutral graph of :class:`Op` objects.  Adapters
+(:mod:`tfcompress.graph.keras_adapter`, :mod:`tfcompress.graph.graphdef_adapter`) only translate their
+framework's operations into one of a handful of channel rules (:class:`Rule`).
+
+Vocabulary
+----------
+* A **space** is a set of channels created by one operation (a convolution's filters, a model input).
+  Every tensor's last axis is described by a :class:`ChannelMap`: a sequence of :class:`Segment` s, each a run
+  of channels of one space (concatenation makes several segments; a depthwise multiplier repeats channels;
+  ``Flatten`` tiles them).
+* Elementwise joins (``Add``, ``Multiply`` ...) **union** the spaces of their inputs: the union is a
+  **group**, whose channels can only be removed together.
+* A space that reaches an operation the engine does not understand, or a model output, is **blocked**.
+  A group with a blocked space is never pruned.
+
+Beyond the structure, :meth:`ChannelGraph.removable_channels` decides which channels can be *physically*
+removed: it propagates, per channel, whether a tensor is a known constant (0 for a properly zeroed channel)
+and accepts a channel only when every consumer sees exactly zero, or a constant it can fold into its bias.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+__all__ = [
+    "Rule",
+    "Segment",
+    "ChannelMap",
+    "Op",
+    "OpSemantics",
+    "ChannelGroup",
+    "ChannelGraph",
+]
+
+
+class Rule(enum.Enum):
+    """How an operation maps the channels (last axis) of its inputs to its outputs."""
+
+    INPUT = "input"  # a graph input: a new, blocked space
+    PRODUCER = "producer"  # consumes its input channels, creates a new space (Conv, Dense)
+    ELEMENTWISE = "elementwise"  # one input, channels pass through (BN, activations, pooling, padding)
+    DEPTHWISE = "depthwise"  # channels pass through, each repeated `channels` times (depth multiplier)
+    JOIN = "join"  # several inputs combined channel by channel (Add, Multiply, Maximum ...)
+    CONCAT = "concat"  # inputs concatenated along the channel axis
+    FLATTEN = "flatten"  # the channel map is tiled `channels` times (Flatten of an HxWxC tensor)
+    BLOCKER = "blocker"  # anything else: the channels reaching it can never be removed
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """Channels ``start:stop`` of ``space``, each repeated ``repeat`` times in a row."""
+
+    space: int
+    start: int
+    stop: int
+    repeat: int = 1
+
+    @property
+    def width(self) -> int:
+        return (self.stop - self.start) * self.repeat
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelMap:
+    """What each channel of a tensor's last axis is: ``segments`` concatenated, the whole tiled ``tile`` times."""
+
+    segments: tuple[Segment, ...]
+    tile: int = 1
+
+    @property
+    def width(self) -> int:
+        return self.tile * sum(s.width for s in self.segments)
+
+    def positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """(space, channel) of every position of the tensor's channel axis, as two int arrays."""
+        spaces, chans = [], []
+        for s in self.segments:
+            ch = np.repeat(np.arange(s.start, s.stop), s.repeat)
+            chans.append(ch)
+            spaces.append(np.full(ch.shape, s.space))
+        sp = np.concatenate(spaces) if spaces else np.zeros(0, int)
+        ch = np.concatenate(chans) if chans else np.zeros(0, int)
+        return np.tile(sp, self.tile), np.tile(ch, self.tile)
+
+
+class OpSemantics(Protocol):
+    """What an adapter tells the engine about an op's values (needed only for stripping)."""
+
+    def const_out(self, in_consts: list[np.ndarray]) -> list[np.ndarray]:
+        """Per-channel constant value of each output given those of the inputs (NaN = not constant)."""
+
+    def can_fold(self, input_index: int) -> bool:
+        """Whether a non-zero constant input channel can be removed by folding it into the bias."""
+
+
+@dataclasses.dataclass
+class Op:
+    """One operation of the graph, as the engine sees it.
+
+    Attributes:
+        name: unique name of this op (one call of a layer).
+        rule: its channel rule.
+        inputs, outputs: tensor ids.
+        layer: name of the parameter owner; calls of a shared layer share it.
+        channels: PRODUCER/INPUT/BLOCKER: output channel count; DEPTHWISE: depth multiplier;
+            FLATTEN: tile factor.
+        blocks: for grouped convolutions, the number of groups: channels are removed in equal numbers
+            from each contiguous block of the input and output.
+        has_channel_params: the op holds per-input-channel parameters (kernel rows, BN vectors), so all
+            calls of a shared layer must see the same input channels.
+        semantics: values for stripping; ``None`` means identity (ELEMENTWISE), sum (JOIN) etc.
+    """
+
+    name: str
+    rule: Rule
+    inputs: list[int]
+    outputs: list[int]
+    layer: str = ""
+    channels: int = 0
+    blocks: int = 1
+    has_channel_params: bool = False
+    semantics: OpSemantics | None = None
+
+    def __post_init__(self) -> None:
+        if not self.layer:
+            self.layer = self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelGroup:
+    """Layers whose output channels are coupled and must be pruned together.
+
+    Attributes:
+        layers: names of the producing layers (Conv2D, Dense ...), in graph order.
+        size: number of channels of the group (the same for every layer in it).
+        blocks: channels must be removed in equal numbers from each of ``blocks`` contiguous blocks
+            (1 unless a grouped convolution reads or writes them).
+        id: the group's identifier inside the graph it came from.
+    """
+
+    layers: tuple[str, ...]
+    size: int
+    blocks: int = 1
+    id: int = -1
+
+    def __repr__(self) -> str:
+        return f"ChannelGroup(layers={list(self.layers)}, size={self.size}, blocks={self.blocks})"
+
+
+@dataclasses.dataclass
+class _Space:
+    size: int
+    producers: list[str]
+    blocked: bool = False
+    blocks: int = 1
+
+
+class ChannelGraph:
+    """A graph of :class:`Op` s in topological order, analysed into channel groups on construction.
+
+    Args:
+        ops: the operations, each after the ops producing its inputs.
+        input_tensors: ids of the graph inputs (their INPUT ops must be in ``ops``).
+        output_tensors: ids of the graph outputs (their channels are blocked).
+        tensor_width: channel count of every tensor id.
+    """
+
+    def __init__(
+        self,
+        ops: Sequence[Op],
+        output_tensors: Sequence[int],
+        tensor_width: dict[int, int],
+    ) -> None:
+        self.ops = list(ops)
+        self.output_tensors = list(output_tensors)
+        self.tensor_width = dict(tensor_width)
+        self._spaces: list[_Space] = []
+        self._parent: list[int] = []
+        self.maps: dict[int, ChannelMap] = {}
+        # (op, input index) for every op that consumes (reads through parameters) a tensor's channels
+        self.consumers: list[tuple[Op, int]] = []
+        self._analyse()
+
+    # ------------------------------------------------------------------ union-find over spaces
+    def _new_space(self, size: int, producer: str | None = None, blocked: bool = False) -> int:
+        self._spaces.append(_Space(size, [producer] if producer else [], blocked))
+        self._parent.append(len(self._parent))
+        return len(self._spaces) - 1
+
+    def root(self, space: int) -> int:
+        while self._parent[space] != space:
+            self._parent[space] = self._parent[self._parent[space]]
+            space = self._parent[space]
+        return space
+
+    def _union(self, a: int, b: int) -> None:
+        ra, rb = self.root(a), self.root(b)
+        if ra == rb:
+            return
+        sa, sb = self._spaces[ra], self._spaces[rb]
+        self._parent[rb] = ra
+        sa.producers += [p for p in sb.producers if p not in sa.producers]
+        sa.blocked = sa.blocked or sb.blocked
+        sa.blocks = math.lcm(sa.blocks, sb.blocks)
+
+    def _block(self, cmap: ChannelMap) -> None:
+        for s in cmap.segments:
+            self._spaces[self.root(s.space)].blocked = True
+
+    def _fresh(self, tensor: int, blocked: bool, producer: str | None = None) -> ChannelMap:
+        width = self.tensor_width.get(tensor) or 0
+        return ChannelMap((Segment(self._new_space(width, producer, blocked), 0, width),))
+
+    def _whole(self, cmap: ChannelMap) -> bool:
+        """True when ``cmap`` is made of whole, unrepeated spaces (the only maps the engine joins)."""
+        return cmap.tile == 1 and all(
+            s.repeat == 1 and s.start == 0 and s.stop == self._spaces[s.space].size for s in cmap.segments
+        )
+
+    def _join(self, maps: list[ChannelMap]) -> bool:
+        """Union the spaces of maps that line up segment by segment; False if they do not."""
+        first = maps[0]
+        for m in maps[1:]:
+            if not (self._whole(first) and self._whole(m)):
+                return False
+            if [s.width for s in m.segments] != [s.width for s in first.segments]:
+                return False
+        for m in maps[1:]:
+            for s, t in zip(first.segments, m.segments):
+                self._union(s.space, t.space)
+        return True
+
+    # ------------------------------------------------------------------ structure
+    def _analyse(self) -> None:
+        layer_space: dict[str, int] = {}
+        layer_inputs: dict[str, list[ChannelMap]] = {}
+        for op in self.ops:
+            ins = [self.maps[t] for t in op.inputs]
+            out: ChannelMap
+            if op.has_channel_params and ins:
+                # a shared layer: every call must read the same channels through the same parameters
+                if op.layer in layer_inputs:
+                    for prev, cur in zip(layer_inputs[op.layer], ins):
+                        if not self._join([prev, cur]):
+                            self._block(prev)
+                            self._block(cur)
+                else:
+                    layer_inputs[op.layer] = ins
+            if op.rule in (Rule.INPUT, Rule.BLOCKER):
+                for m in ins:
+                    self._block(m)
+                for t in op.outputs:  # possibly several outputs, each its own unknown channels
+                    self.maps[t] = self._fresh(t, blocked=True)
+                continue
+            elif op.rule is Rule.PRODUCER:
+                for i in range(len(ins)):
+                    self.consumers.append((op, i))
+                if op.blocks > 1:
+                    for m in ins:
+                        if self._whole(m) and len(m.segments) == 1:
+                            sp = self._spaces[self.root(m.segments[0].space)]
+                            sp.blocks = math.lcm(sp.blocks, op.blocks)
+                        else:
+                            self._block(m)
+                if op.layer not in layer_space:
+                    layer_space[op.layer] = self._new_space(op.channels, op.layer)
+                    self._spaces[layer_space[op.layer]].blocks = op.blocks
+                sp = layer_space[op.layer]
+                out = ChannelMap((Segment(sp, 0, op.channels),))
+            elif op.rule is Rule.ELEMENTWISE:
+                out = ins[0]
+            elif op.rule is Rule.DEPTHWISE:
+                m = ins[0]
+                if m.tile != 1:
+                    self._block(m)
+                    out = self._fresh(op.outputs[0], blocked=True)
+                else:
+                    out = ChannelMap(
+                        tuple(dataclasses.replace(s, repeat=s.repeat * op.channels) for s in m.segments)
+                    )
+            elif op.rule is Rule.JOIN:
+                if len({m.width for m in ins}) == 1 and self._join(ins):
+                    out = ins[0]
+                else:
+                    for m in ins:
+                        self._block(m)
+                    out = self._fresh(op.outputs[0], blocked=True)
+            elif op.rule is Rule.CONCAT:
+                if any(m.tile != 1 for m in ins):
+                    for m in ins:
+                        self._block(m)
+                    out = self._fresh(op.outputs[0], blocked=True)
+                else:
+                    out = ChannelMap(tuple(s for m in ins for s in m.segments))
+            elif op.rule is Rule.FLATTEN:
+                out = dataclasses.replace(ins[0], tile=ins[0].tile * op.channels)
+            else:  # pragma: no cover - exhaustive
+                raise AssertionError(op.rule)
+            for t in op.outputs:
+                self.maps[t] = out
+        for t in self.output_tensors:
+            self._block(self.maps[t])
+
+    # ------------------------------------------------------------------ groups
+    def groups(self) -> list[ChannelGroup]:
+        """The prunable groups: unblocked, created by at least one producer, more than one channel."""
+        seen: dict[int, ChannelGroup] = {}
+        for op in self.ops:  # graph order, so groups come out in the order of their first producer
+            if op.rule is not Rule.PRODUCER:
+                continue
+            for t in op.outputs:
+                for s in self.maps[t].segments:
+                    r = self.root(s.space)
+                    sp = self._spaces[r]
+                    if r in seen or sp.blocked or not sp.producers or sp.size < 2:
+                        continue
+                    if sp.size % sp.blocks or sp.size // sp.blocks < 2:
+                        continue
+                    seen[r] = ChannelGroup(tuple(sp.producers), sp.size, sp.blocks, r)
+        return list(seen.values())
+
+    def _roots(self, tensor: int) -> tuple[np.ndarray, np.ndarray]:
+        spaces, chans = self.maps[tensor].positions()
+        lookup = {int(s): self.root(int(s)) for s in np.unique(spaces)}
+        return np.array([lookup[int(s)] for s in spaces], dtype=int).reshape(spaces.shape), chans
+
+    def positions(self, tensor: int, group: ChannelGroup) -> tuple[np.ndarray, np.ndarray]:
+        """Positions on ``tensor``'s channel axis that carry ``group`` channels, and which channels."""
+        roots, chans = self._roots(tensor)
+        hit = roots == group.id
+        return np.nonzero(hit)[0], chans[hit]
+
+    def keep_mask(self, tensor: int, removed: dict[int, np.ndarray]) -> np.ndarray:
+        """Boolean keep-mask of ``tensor``'s channels when the ``removed[group id]`` channels go."""
+        roots, chans = self._roots(tensor)
+        keep = np.ones(roots.shape, dtype=bool)
+        for r, mask in removed.items():
+            hit = roots == r
+            keep[hit] = ~mask[chans[hit]]
+        return keep
+
+    # ------------------------------------------------------------------ values and removal
+    def constants(self) -> dict[int, np.ndarray]:
+        """Per tensor, the constant value of each channel over all inputs (NaN: not provably constant)."""
+        consts: dict[int, np.ndarray] = {}
+        for op in self.ops:
+            ins = [consts[t] for t in op.inputs]
+            if op.semantics is not None:
+                outs = op.semantics.const_out(ins)
+            elif op.rule is Rule.ELEMENTWISE:
+                outs = [ins[0]]
+            elif op.rule is Rule.CONCAT:
+                outs = [np.concatenate(ins)]
+            elif op.rule is Rule.FLATTEN:
+                outs = [np.tile(ins[0], op.channels)]
+            elif op.rule is Rule.JOIN:
+                outs = [_sum_consts(ins, self.tensor_width[op.outputs[0]])]
+            else:
+                outs = []
+            for k, t in enumerate(op.outputs):
+                c = outs[k] if k < len(outs) else np.full(self.tensor_width.get(t) or 0, np.nan)
+                consts[t] = np.asarray(c, dtype=np.float64)
+        return consts
+
+    def removable_channels(self, groups: Sequence[ChannelGroup] | None = None) -> dict[int, np.ndarray]:
+        """For each group id, a boolean mask of the channels that can be removed without changing outputs.
+
+        A channel is removable when every consumer of every tensor carrying it sees exactly 0 there,
+        or a constant that the consumer folds into its bias. Grouped convolutions keep the count
+        removed equal per block, and at least one channel per block always stays.
+        """
+        return self.plan_removal(groups)[0]
+
+    def plan_removal(
+        self, groups: Sequence[ChannelGroup] | None = None
+    ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+        """:meth:`removable_channels` and the per-tensor constants it was decided from."""
+        groups = self.groups() if groups is None else groups
+        consts = self.constants()
+        removable = {g.id: np.ones(g.size, dtype=bool) for g in groups}
+        for op, i in self.consumers:
+            tensor = op.inputs[i]
+            roots, chans = self._roots(tensor)
+            vals = consts[tensor]
+            foldable = op.semantics.can_fold(i) if op.semantics is not None else False
+            bad = ~((vals == 0) | (np.isfinite(vals) & foldable))
+            for r in np.unique(roots[bad]):
+                if int(r) in removable:
+                    removable[int(r)][chans[bad & (roots == r)]] = False
+        for g in groups:
+            removable[g.id] = _balance(removable[g.id], g.blocks)
+        return removable, consts
+
+
+def _sum_consts(ins: list[np.ndarray], width: int) -> np.ndarray:
+    out = np.zeros(width)
+    for c in ins:
+        out = out + c
+    return out
+
+
+def _balance(mask: np.ndarray, blocks: int) -> np.ndarray:
+    """Make the removed count equal in every block, and keep at least one channel per block."""
+    mask = mask.copy()
+    per = mask.reshape(blocks, -1)
+    n = min(int(per.sum(axis=1).min()), per.shape[1] - 1)
+    for b in range(blocks):
+        idx = np.nonzero(per[b])[0]
+        per[b, idx[n:]] = False  # keep the surplus (the last removable ones) in blocks with more
+    return per.reshape(-1)
+
+
+def elementwise_consts(fn: Callable[[np.ndarray], np.ndarray], c: np.ndarray) -> np.ndarray:
+    """Apply ``fn`` to the finite entries of a constant vector, leaving NaN (unknown) entries NaN."""
+    out = np.full(c.shape, np.nan)
+    fin = np.isfinite(c)
+    if fin.any():
+        out[fin] = np.asarray(fn(c[fin]), dtype=np.float64)
+    return out

@@ -1,0 +1,629 @@
+"""Translate a Keras 3 Functional or Sequential model into the channel engine's graph.
+
+Each Keras layer class is described once by a :class:`LayerKind`: its channel rule, which of its weights
+are indexed by output channels (for zeroing), how constant channels flow through it (for stripping) and how
+to rebuild it with fewer channels.  Nested models are inlined: layer names inside them are prefixed with
+the sub-model's name (``"block/conv"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import keras
+import numpy as np
+
+from tfcompress.graph.engine import ChannelGraph, ChannelGroup, Op, Rule, elementwise_consts
+
+__all__ = ["KerasGraph", "build_graph", "UnsupportedModelError"]
+
+
+class UnsupportedModelError(ValueError):
+    """The model's structure cannot be analysed (e.g. a subclassed model)."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _np(x: Any) -> np.ndarray:
+    if hasattr(x, "numpy"):  # variables and eager tensors
+        return np.asarray(x.numpy())
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+def _overrides_call(layer: keras.layers.Layer, base: type) -> bool:
+    """A user subclass that changes ``call`` is not what its base class says it is."""
+    return type(layer).call is not base.call
+
+
+def _activation_fn(activation: Any) -> Callable[[np.ndarray], np.ndarray]:
+    fn = keras.activations.get(activation)
+    return lambda v: _np(fn(keras.ops.convert_to_tensor(np.asarray(v, np.float32))))
+
+
+def _channels_last(layer: keras.layers.Layer) -> bool:
+    return getattr(layer, "data_format", "channels_last") in (None, "channels_last")
+
+
+def _out_axis_weights(w: np.ndarray, pos: np.ndarray, axis: int) -> np.ndarray:
+    w = w.copy()
+    idx = [slice(None)] * w.ndim
+    idx[axis] = pos
+    w[tuple(idx)] = 0
+    return w
+
+
+def _take(w: np.ndarray, keep: np.ndarray, axis: int) -> np.ndarray:
+    return np.take(w, np.nonzero(keep)[0], axis=axis)
+
+
+# --------------------------------------------------------------------------- per-layer semantics
+
+@dataclasses.dataclass
+class LayerCall:
+    """One call of a layer with the numpy weights the engine needs."""
+
+    layer: keras.layers.Layer
+    in_widths: list[int]
+    out_width: int
+    in_shapes: list[tuple]
+
+
+class LayerKind:
+    """Base description of a layer class: no weights indexed by channels, identity on constants."""
+
+    rule = Rule.ELEMENTWISE
+    has_channel_params = False
+
+    def __init__(self, call: LayerCall) -> None:
+        self.call = call
+        self.layer = call.layer
+
+    # --- engine protocol
+    def const_out(self, in_consts: list[np.ndarray]) -> list[np.ndarray]:
+        return [in_consts[0]]
+
+    def can_fold(self, input_index: int) -> bool:
+        return False
+
+    # --- structure
+    def channels(self) -> int:
+        return self.call.out_width
+
+    def blocks(self) -> int:
+        return 1
+
+    # --- weights
+    def zero_outputs(self, pos: np.ndarray) -> None:
+        """Zero every weight that produces the output channels ``pos``."""
+
+    def config(self, in_keeps: list[np.ndarray], out_keep: np.ndarray) -> dict:
+        return self.layer.get_config()
+
+    def weights(
+        self, in_keeps: list[np.ndarray], out_keep: np.ndarray, folds: list[np.ndarray]
+    ) -> list[np.ndarray]:
+        return [_np(w) for w in self.layer.weights]
+
+    def needs_bias(self, folds: list[np.ndarray]) -> bool:
+        return False
+
+
+class _Blocker(LayerKind):
+    rule = Rule.BLOCKER
+
+    def const_out(self, in_consts):
+        return [np.full(self.call.out_width, np.nan)]
+
+
+class _Input(_Blocker):
+    rule = Rule.INPUT
+
+
+class _Elementwise(LayerKind):
+    """Activations, pooling, dropout, upsampling, cropping: constant per channel stays constant."""
+
+
+class _Activation(LayerKind):
+    def __init__(self, call):
+        super().__init__(call)
+        self.fn = lambda v: _np(self.layer(np.asarray(v, np.float32)[None]))[0]
+
+    def const_out(self, in_consts):
+        return [elementwise_consts(self.fn, in_consts[0])]
+
+
+class _ZeroPadding(LayerKind):
+    def const_out(self, in_consts):
+        c = in_consts[0].copy()
+        c[c != 0] = np.nan  # a padded non-zero constant is no longer constant
+        return [c]
+
+
+class _Rescaling(LayerKind):
+    def const_out(self, in_consts):
+        scale, offset = float(np.asarray(self.layer.scale)), float(np.asarray(self.layer.offset))
+        return [in_consts[0] * scale + offset]
+
+
+class _Reshape(LayerKind):
+    """A reshape that keeps the channel axis ((C,) -> (1, 1, C), (H, W, C) -> (H*W, C)) passes channels."""
+
+    def config(self, in_keeps, out_keep):
+        cfg = self.layer.get_config()
+        cfg["target_shape"] = tuple(cfg["target_shape"][:-1]) + (int(out_keep.sum()),)
+        return cfg
+
+
+class _PReLU(LayerKind):
+    has_channel_params = True
+
+    def const_out(self, in_consts):
+        alpha = _np(self.layer.alpha)
+        a = alpha.reshape(-1, alpha.shape[-1]) if alpha.ndim else alpha.reshape(1, 1)
+        if not np.all(a == a[:1]):
+            return [np.full(in_consts[0].shape, np.nan)]  # alpha varies over space
+        a = np.broadcast_to(a[0], in_consts[0].shape)
+        c = in_consts[0]
+        return [np.where(c >= 0, c, a * c)]
+
+    def weights(self, in_keeps, out_keep, folds):
+        alpha = _np(self.layer.alpha)
+        return [_take(alpha, out_keep, -1) if alpha.shape[-1] == out_keep.size else alpha]
+
+
+class _BatchNorm(LayerKind):
+    has_channel_params = True
+
+    def _vectors(self):
+        L, n = self.layer, self.call.out_width
+        gamma = _np(L.gamma) if L.scale else np.ones(n)
+        beta = _np(L.beta) if L.center else np.zeros(n)
+        return gamma, beta, _np(L.moving_mean), _np(L.moving_variance)
+
+    def const_out(self, in_consts):
+        gamma, beta, mean, var = self._vectors()
+        c = in_consts[0]
+        out = gamma * (c - mean) / np.sqrt(var + self.layer.epsilon) + beta
+        out = np.where(gamma == 0, beta, out)  # gamma 0 gives beta whatever the input
+        return [out]
+
+    def zero_outputs(self, pos):
+        L = self.layer
+        if L.scale:
+            L.gamma.assign(_out_axis_weights(_np(L.gamma), pos, 0))
+        if L.center:
+            L.beta.assign(_out_axis_weights(_np(L.beta), pos, 0))
+
+    def weights(self, in_keeps, out_keep, folds):
+        return [_take(_np(w), out_keep, 0) for w in self.layer.weights]
+
+
+class _Producer(LayerKind):
+    """Conv1D/2D/3D (grouped too), Dense: a kernel (..., in, out), a bias (out) and an activation."""
+
+    rule = Rule.PRODUCER
+    has_channel_params = True
+    out_axis = -1  # axis of the kernel indexed by output channels
+    in_axis = -2
+
+    def channels(self):
+        return int(self.layer.filters if hasattr(self.layer, "filters") else self.layer.units)
+
+    def blocks(self):
+        return int(getattr(self.layer, "groups", 1) or 1)
+
+    def _kernel(self) -> np.ndarray:
+        return _np(self.layer.kernel)
+
+    def _bias(self) -> np.ndarray:
+        return _np(self.layer.bias) if self.layer.use_bias else np.zeros(self.channels())
+
+    def _zero_columns(self) -> np.ndarray:
+        k = np.moveaxis(self._kernel(), self.out_axis, 0).reshape(self.channels(), -1)
+        return ~k.any(axis=1)
+
+    def const_out(self, in_consts):
+        out = np.full(self.channels(), np.nan)
+        zero = self._zero_columns()
+        out[zero] = _activation_fn(self.layer.activation)(self._bias()[zero]) if zero.any() else 0
+        return [out]
+
+    def can_fold(self, input_index):
+        L = self.layer
+        if isinstance(L, keras.layers.Dense):
+            return True
+        ks = tuple(L.kernel_size)
+        return L.padding == "valid" or all(k == 1 for k in ks)
+
+    def zero_outputs(self, pos):
+        L = self.layer
+        L.kernel.assign(_out_axis_weights(self._kernel(), pos, self.out_axis))
+        if L.use_bias:
+            L.bias.assign(_out_axis_weights(self._bias(), pos, 0))
+
+    def config(self, in_keeps, out_keep):
+        cfg = self.layer.get_config()
+        cfg["filters" if "filters" in cfg else "units"] = int(out_keep.sum())
+        return cfg
+
+    def needs_bias(self, folds):
+        return not self.layer.use_bias and any(np.any(f != 0) for f in folds)
+
+    def _fold(self, kernel: np.ndarray, in_keep: np.ndarray, fold: np.ndarray) -> np.ndarray:
+        """Bias change that replaces the removed constant input channels (``fold``: value per input)."""
+        g = self.blocks()
+        w = np.moveaxis(kernel, (self.in_axis, self.out_axis), (-2, -1))
+        w = w.reshape(-1, w.shape[-2], w.shape[-1]).sum(axis=0)  # (in/g, out): spatial sum
+        n_in, n_out = in_keep.size // g, w.shape[-1] // g
+        add = np.zeros(w.shape[-1])
+        for b in range(g):
+            v = np.where(in_keep[b * n_in:(b + 1) * n_in], 0.0, fold[b * n_in:(b + 1) * n_in])
+            add[b * n_out:(b + 1) * n_out] = v @ w[:, b * n_out:(b + 1) * n_out]
+        return add
+
+    def _slice_kernel(self, kernel: np.ndarray, in_keep: np.ndarray, out_keep: np.ndarray) -> np.ndarray:
+        g = self.blocks()
+        kernel = _take(kernel, out_keep, self.out_axis)
+        if g == 1:
+            return _take(kernel, in_keep, self.in_axis)
+        # grouped: input block b feeds output block b; each block keeps the same count
+        n_in = in_keep.size // g
+        n_out_new = int(out_keep.sum()) // g
+        parts = []
+        for b in range(g):
+            cols = np.arange(b * n_out_new, (b + 1) * n_out_new)
+            part = np.take(kernel, cols, axis=self.out_axis)
+            parts.append(_take(part, in_keep[b * n_in:(b + 1) * n_in], self.in_axis))
+        return np.concatenate(parts, axis=self.out_axis)
+
+    def weights(self, in_keeps, out_keep, folds):
+        kernel = self._kernel()
+        bias = self._bias() + self._fold(kernel, in_keeps[0], folds[0])
+        new = [self._slice_kernel(kernel, in_keeps[0], out_keep)]
+        if self.layer.use_bias or self.needs_bias(folds):
+            new.append(bias[out_keep])
+        return new
+
+
+class _ConvTranspose(_Producer):
+    out_axis = -2
+    in_axis = -1
+
+    def can_fold(self, input_index):
+        return False
+
+
+class _Dense(_Producer):
+    def can_fold(self, input_index):
+        return True
+
+
+class _SeparableConv(_Producer):
+    """Depthwise on the input channels, then a pointwise producer."""
+
+    def _kernel(self):
+        return _np(self.layer.pointwise_kernel)
+
+    def can_fold(self, input_index):
+        return False
+
+    def zero_outputs(self, pos):
+        L = self.layer
+        L.pointwise_kernel.assign(_out_axis_weights(self._kernel(), pos, -1))
+        if L.use_bias:
+            L.bias.assign(_out_axis_weights(self._bias(), pos, 0))
+
+    def weights(self, in_keeps, out_keep, folds):
+        m = int(self.layer.depth_multiplier)
+        dw = _take(_np(self.layer.depthwise_kernel), in_keeps[0], -2)
+        pw = _take(_take(self._kernel(), np.repeat(in_keeps[0], m), -2), out_keep, -1)
+        new = [dw, pw]
+        if self.layer.use_bias:
+            new.append(self._bias()[out_keep])
+        return new
+
+
+class _Depthwise(LayerKind):
+    """DepthwiseConv: output channel c*m+k reads only input channel c."""
+
+    rule = Rule.DEPTHWISE
+    has_channel_params = True
+
+    def channels(self):
+        return int(self.layer.depth_multiplier)
+
+    def _bias(self):
+        return _np(self.layer.bias) if self.layer.use_bias else np.zeros(self.call.out_width)
+
+    def const_out(self, in_consts):
+        L = self.layer
+        k = _np(L.kernel)
+        m = k.shape[-1]
+        flat = k.reshape(-1, k.shape[-2] * m)  # (spatial, in*m) with index c*m+k
+        c_in = np.repeat(in_consts[0], m)
+        out = np.full(flat.shape[1], np.nan)
+        zero_k = ~flat.any(axis=0)
+        out[zero_k | (c_in == 0)] = 0.0
+        if L.padding == "valid":
+            const = np.isfinite(c_in) & ~zero_k
+            out[const] = c_in[const] * flat.sum(axis=0)[const]
+        out = out + self._bias()
+        return [elementwise_consts(_activation_fn(L.activation), out)]
+
+    def zero_outputs(self, pos):
+        L = self.layer
+        k = _np(L.kernel)
+        flat = k.reshape(k.shape[:-2] + (-1,))
+        L.kernel.assign(_out_axis_weights(flat, pos, -1).reshape(k.shape))
+        if L.use_bias:
+            L.bias.assign(_out_axis_weights(self._bias(), pos, 0))
+
+    def weights(self, in_keeps, out_keep, folds):
+        new = [_take(_np(self.layer.kernel), in_keeps[0], -2)]
+        if self.layer.use_bias:
+            new.append(self._bias()[out_keep])
+        return new
+
+
+class _Join(LayerKind):
+    rule = Rule.JOIN
+    combine: Callable[[list[np.ndarray]], np.ndarray] = staticmethod(lambda cs: np.sum(cs, axis=0))
+
+    def const_out(self, in_consts):
+        return [self.combine(in_consts)]
+
+
+def _product(cs: list[np.ndarray]) -> np.ndarray:
+    out = np.prod(cs, axis=0)
+    out[np.any([c == 0 for c in cs], axis=0)] = 0.0  # 0 * anything = 0
+    return out
+
+
+def _same_or_nan(cs: list[np.ndarray]) -> np.ndarray:
+    out = cs[0].copy()
+    for c in cs[1:]:
+        out[c != out] = np.nan
+    return out
+
+
+def _join(fn) -> type:
+    return type("_JoinKind", (_Join,), {"combine": staticmethod(fn)})
+
+
+class _Concat(LayerKind):
+    rule = Rule.CONCAT
+
+    def const_out(self, in_consts):
+        return [np.concatenate(in_consts)]
+
+
+class _Flatten(LayerKind):
+    rule = Rule.FLATTEN
+
+    def channels(self):
+        return int(math.prod(self.call.in_shapes[0][1:-1]))
+
+    def const_out(self, in_consts):
+        return [np.tile(in_consts[0], self.channels())]
+
+
+# --------------------------------------------------------------------------- layer -> kind
+
+_L = keras.layers
+_ELEMENTWISE = (
+    _L.Dropout, _L.SpatialDropout1D, _L.SpatialDropout2D, _L.SpatialDropout3D, _L.GaussianNoise,
+    _L.GaussianDropout, _L.AlphaDropout, _L.ActivityRegularization, _L.Identity,
+    _L.MaxPooling1D, _L.MaxPooling2D, _L.MaxPooling3D, _L.AveragePooling1D, _L.AveragePooling2D,
+    _L.AveragePooling3D, _L.GlobalAveragePooling1D, _L.GlobalAveragePooling2D, _L.GlobalAveragePooling3D,
+    _L.GlobalMaxPooling1D, _L.GlobalMaxPooling2D, _L.GlobalMaxPooling3D, _L.UpSampling1D, _L.UpSampling2D,
+    _L.UpSampling3D, _L.Cropping1D, _L.Cropping2D, _L.Cropping3D,
+)
+_ACTIVATIONS = (_L.ReLU, _L.LeakyReLU, _L.ELU, _L.Activation)
+_JOINS = {
+    _L.Add: lambda cs: np.sum(cs, axis=0),
+    _L.Subtract: lambda cs: cs[0] - cs[1],
+    _L.Average: lambda cs: np.mean(cs, axis=0),
+    _L.Maximum: lambda cs: np.max(cs, axis=0),
+    _L.Minimum: lambda cs: np.min(cs, axis=0),
+    _L.Multiply: _product,
+}
+_CHANNEL_MIXING_ACTIVATIONS = {"softmax", "log_softmax"}
+
+
+def layer_kind(layer: keras.layers.Layer, in_shapes: list[tuple], out_shape: tuple) -> type[LayerKind]:
+    """The :class:`LayerKind` describing ``layer`` as called with these shapes."""
+    rank = len(out_shape)
+    for base in (_L.SeparableConv1D, _L.SeparableConv2D):
+        if isinstance(layer, base):
+            return _SeparableConv if _channels_last(layer) and not _overrides_call(layer, base) else _Blocker
+    for base in (_L.DepthwiseConv1D, _L.DepthwiseConv2D):
+        if isinstance(layer, base):
+            return _Depthwise if _channels_last(layer) and not _overrides_call(layer, base) else _Blocker
+    for base in (_L.Conv1DTranspose, _L.Conv2DTranspose, _L.Conv3DTranspose):
+        if isinstance(layer, base):
+            return _ConvTranspose if _channels_last(layer) and not _overrides_call(layer, base) else _Blocker
+    for base in (_L.Conv1D, _L.Conv2D, _L.Conv3D):
+        if isinstance(layer, base):
+            ok = _channels_last(layer) and not _overrides_call(layer, base) and layer.padding != "causal"
+            return _Producer if ok else _Blocker
+    if isinstance(layer, _L.Dense):
+        plain = not _overrides_call(layer, _L.Dense) and getattr(layer, "quantization_mode", None) is None
+        return _Dense if plain and not getattr(layer, "lora_enabled", False) else _Blocker
+    if isinstance(layer, _L.BatchNormalization):
+        axis = layer.axis if isinstance(layer.axis, int) else (layer.axis[0] if len(layer.axis) == 1 else None)
+        ok = axis is not None and axis % rank == rank - 1 and not _overrides_call(layer, _L.BatchNormalization)
+        return _BatchNorm if ok else _Blocker
+    if isinstance(layer, _L.ZeroPadding1D | _L.ZeroPadding2D | _L.ZeroPadding3D):
+        return _ZeroPadding if _channels_last(layer) else _Blocker
+    if isinstance(layer, _ELEMENTWISE):
+        return _Elementwise if _channels_last(layer) else _Blocker
+    if isinstance(layer, _L.Activation):
+        name = getattr(layer.activation, "__name__", str(layer.activation))
+        return _Blocker if name in _CHANNEL_MIXING_ACTIVATIONS else _Activation
+    if isinstance(layer, _ACTIVATIONS):
+        return _Activation
+    if isinstance(layer, _L.PReLU):
+        return _PReLU
+    if isinstance(layer, _L.Rescaling):
+        return _Rescaling if np.size(layer.scale) == 1 and np.size(layer.offset) == 1 else _Blocker
+    for cls, fn in _JOINS.items():
+        if isinstance(layer, cls):
+            if any(len(s) != rank or s[-1] != out_shape[-1] for s in in_shapes):
+                return _Blocker  # broadcasting over the channel axis
+            return _join(fn)
+    if isinstance(layer, _L.Concatenate):
+        if layer.axis % rank == rank - 1:
+            return _Concat
+        return _join(_same_or_nan)  # concatenation along a spatial axis keeps channels aligned
+    if isinstance(layer, _L.Flatten):
+        if len(in_shapes[0]) == 2:
+            return _Elementwise
+        ok = _channels_last(layer) and all(d is not None for d in in_shapes[0][1:])
+        return _Flatten if ok else _Blocker
+    if isinstance(layer, _L.Reshape):
+        src = in_shapes[0]
+        if (
+            src[-1] is not None and out_shape[-1] == src[-1]
+            and None not in src[1:] and None not in out_shape[1:]
+            and math.prod(src[1:-1]) == math.prod(out_shape[1:-1])
+        ):
+            return _Reshape
+        return _Blocker
+    return _Blocker
+
+
+# --------------------------------------------------------------------------- the walk
+
+@dataclasses.dataclass
+class _Record:
+    """One layer call in the flattened (nested models inlined) model."""
+
+    op: Op
+    kind: LayerKind
+    node: Any  # keras Node
+    scope: dict[int, int]  # id(KerasTensor) -> tensor id, for the node's input tensors
+
+
+def _functional(model: keras.Model) -> keras.Model:
+    if isinstance(model, keras.Sequential):
+        fn = getattr(model, "_functional", None)
+        if fn is None:
+            raise UnsupportedModelError(
+                f"Sequential model {model.name!r} has no defined input shape yet; start it with "
+                "keras.Input(shape) (or build it) so that its layers can be analysed."
+            )
+        return fn
+    if not (hasattr(model, "_nodes_by_depth") and hasattr(model, "_run_through_graph")):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} {model.name!r} is a subclassed model: its call() is Python code whose "
+            "channel flow cannot be analysed. tfcompress needs a Functional or Sequential model; "
+            "rebuild it with keras.Input and the Functional API (sub-models may be nested)."
+        )
+    return model
+
+
+def _is_model(layer: Any) -> bool:
+    return isinstance(layer, keras.Model) and (
+        isinstance(layer, keras.Sequential) or hasattr(layer, "_nodes_by_depth")
+    )
+
+
+def _shape(t: Any) -> tuple:
+    return tuple(t.shape)
+
+
+class KerasGraph:
+    """A Keras model translated into a :class:`ChannelGraph`, with what is needed to edit it.
+
+    Attributes:
+        model: the model.
+        graph: the channel graph.
+        records: one per layer call, in graph order.
+        layers: layer path name -> layer (paths of nested layers are ``"submodel/layer"``).
+    """
+
+    def __init__(self, model: keras.Model) -> None:
+        if not isinstance(model, keras.Model):
+            raise UnsupportedModelError(f"expected a keras.Model, got {type(model).__name__}")
+        self.model = model
+        self.records: list[_Record] = []
+        self.layers: dict[str, keras.layers.Layer] = {}
+        self._widths: dict[int, int] = {}
+        self._count = 0
+        fmodel = _functional(model)
+        scope: dict[int, int] = {}
+        self.input_ids = []
+        for t in fmodel.inputs:
+            tid = self._tensor(scope, t)
+            self.input_ids.append(tid)
+            op = Op(f"input:{t.name}", Rule.INPUT, [], [tid], channels=self._widths[tid])
+            self.records.append(_Record(op, _Input(LayerCall(None, [], self._widths[tid], [])), None, {}))
+        self.output_ids = self._walk(fmodel, "", scope)
+        self.graph = ChannelGraph([r.op for r in self.records], self.output_ids, self._widths)
+        self.kinds: dict[str, LayerKind] = {r.op.name: r.kind for r in self.records}
+
+    def _tensor(self, scope: dict[int, int], t: Any) -> int:
+        if id(t) not in scope:
+            scope[id(t)] = self._count
+            self._widths[self._count] = int(t.shape[-1]) if t.shape and t.shape[-1] is not None else 0
+            self._count += 1
+        return scope[id(t)]
+
+    def _walk(self, fmodel: keras.Model, prefix: str, scope: dict[int, int]) -> list[int]:
+        calls: dict[str, int] = {}
+        for depth in sorted(fmodel._nodes_by_depth, reverse=True):
+            for node in fmodel._nodes_by_depth[depth]:
+                layer = node.operation
+                if layer is None or node.is_input:
+                    continue
+                in_ids = [scope[id(t)] for t in node.input_tensors]
+                if _is_model(layer):
+                    inner = _functional(layer)
+                    inner_scope = {id(t): tid for t, tid in zip(inner.inputs, in_ids)}
+                    out_ids = self._walk(inner, f"{prefix}{layer.name}/", inner_scope)
+                    for t, tid in zip(node.outputs, out_ids):
+                        scope[id(t)] = tid
+                    continue
+                path = prefix + layer.name
+                self.layers[path] = layer
+                n = calls.get(path, 0)
+                calls[path] = n + 1
+                out_ids = [self._tensor(scope, t) for t in node.outputs]
+                in_shapes = [_shape(t) for t in node.input_tensors]
+                out_shape = _shape(node.outputs[0])
+                kind_cls = layer_kind(layer, in_shapes, out_shape) if len(node.outputs) == 1 else _Blocker
+                call = LayerCall(layer, [self._widths[i] for i in in_ids], self._widths[out_ids[0]], in_shapes)
+                kind = kind_cls(call)
+                op = Op(
+                    name=path if n == 0 else f"{path}#{n}",
+                    rule=kind.rule,
+                    inputs=in_ids,
+                    outputs=out_ids,
+                    layer=path,
+                    channels=kind.channels(),
+                    blocks=kind.blocks(),
+                    has_channel_params=kind.has_channel_params,
+                    semantics=kind,
+                )
+                self.records.append(_Record(op, kind, node, {id(t): scope[id(t)] for t in node.input_tensors}))
+        return [scope[id(t)] for t in fmodel.outputs]
+
+    def groups(self) -> list[ChannelGroup]:
+        return self.graph.groups()
+
+    def find_group(self, group: ChannelGroup) -> ChannelGroup:
+        """The group of this graph with the same producing layers (groups are matched by layers)."""
+        for g in self.groups():
+            if g.layers == tuple(group.layers):
+                return g
+        raise ValueError(
+            f"{group!r} is not a prunable channel group of model {self.model.name!r}; "
+            "get groups from tfcompress.channel_groups(model)."
+        )
+
+
+def build_graph(model: keras.Model) -> KerasGraph:
+    """Analyse ``model`` (Functional or Sequential, nested models allowed) into a :class:`KerasGraph`."""
+    return KerasGraph(model)

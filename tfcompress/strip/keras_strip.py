@@ -1,0 +1,99 @@
+"""Physically remove zeroed channels from a Keras model."""
+
+from __future__ import annotations
+
+import warnings
+
+import keras
+import numpy as np
+
+from tfcompress.graph.keras_adapter import KerasGraph, build_graph
+
+__all__ = ["strip"]
+
+
+def strip(model: keras.Model) -> keras.Model:
+    """A new, physically smaller Functional model without the channels that are zero across their group.
+
+    A channel goes only when removing it cannot change the model's outputs: every consumer sees exactly
+    0 there, or a constant (a zero filter with a bias, an activation with f(0) != 0) that the consumer folds
+    into its bias exactly (Dense, valid or 1x1 convolutions). Anything else is kept. Consumers' input
+    weights are sliced to match. Nested sub-models are inlined. ``model`` is not modified.
+
+    Args:
+        model: a Sequential or Functional model, typically trained with
+            :class:`tfcompress.pruning.FilterPruning` or edited with :func:`tfcompress.zero_channels`.
+
+    Returns:
+        A Functional model with the same inputs and outputs, compiled like ``model`` if it was compiled.
+
+    Raises:
+        tfcompress.graph.UnsupportedModelError: for a subclassed model.
+    """
+    kg = build_graph(model)
+    removed, consts = kg.graph.plan_removal()
+    removed = {gid: mask for gid, mask in removed.items() if mask.any()}
+    return _rebuild(kg, removed, consts)
+
+
+def _rebuild(kg: KerasGraph, removed: dict[int, np.ndarray], consts: dict[int, np.ndarray]) -> keras.Model:
+    graph = kg.graph
+    new: dict[int, object] = {}  # tensor id -> new KerasTensor
+    new_layers: dict[str, keras.layers.Layer] = {}
+    pending_weights: list[tuple[keras.layers.Layer, list[np.ndarray]]] = []
+    fmodel = kg.model if not isinstance(kg.model, keras.Sequential) else kg.model._functional
+    inputs = []
+    for t, tid in zip(fmodel.inputs, kg.input_ids):
+        new[tid] = keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t._keras_history[0].name)
+        inputs.append(new[tid])
+    for rec in kg.records:
+        op = rec.op
+        if rec.node is None:
+            continue
+        in_keeps = [graph.keep_mask(t, removed) for t in op.inputs]
+        out_keep = graph.keep_mask(op.outputs[0], removed) if len(op.outputs) == 1 else None
+        if op.layer not in new_layers:
+            layer = rec.kind.layer
+            folds = [np.where(k, 0.0, np.nan_to_num(consts[t])) for k, t in zip(in_keeps, op.inputs)]
+            changed = out_keep is not None and (not out_keep.all() or not all(k.all() for k in in_keeps))
+            new_layers[op.layer] = _new_layer(layer, op.layer, rec.kind, in_keeps, out_keep, folds, changed)
+            if new_layers[op.layer] is not layer:
+                weights = rec.kind.weights(in_keeps, out_keep, folds) if changed else layer.get_weights()
+                pending_weights.append((new_layers[op.layer], weights))
+        args, kwargs = rec.node.arguments.fill_in({k: new[tid] for k, tid in rec.scope.items()})
+        outs = keras.tree.flatten(new_layers[op.layer](*args, **kwargs))
+        for tid, t in zip(op.outputs, outs):
+            new[tid] = t
+    outputs = [new[tid] for tid in kg.output_ids]
+    stripped = keras.Model(
+        keras.tree.pack_sequence_as(fmodel._inputs_struct, inputs),
+        keras.tree.pack_sequence_as(fmodel._outputs_struct, outputs),
+        name=kg.model.name,
+    )
+    for layer, weights in pending_weights:
+        layer.set_weights([np.asarray(w, dtype=v.dtype) for w, v in zip(weights, layer.weights)])
+    if kg.model.compiled:
+        try:
+            stripped.compile_from_config(kg.model.get_compile_config())
+        except Exception as e:  # a custom loss or metric that does not deserialise: leave it to the user
+            warnings.warn(f"stripped model left uncompiled: {e}", stacklevel=3)
+    return stripped
+
+
+def _new_layer(layer, path, kind, in_keeps, out_keep, folds, changed) -> keras.layers.Layer:
+    cfg = kind.config(in_keeps, out_keep) if changed else layer.get_config()
+    if "/" in path:
+        cfg["name"] = path.replace("/", "_")
+    if changed and kind.needs_bias(folds):
+        cfg["use_bias"] = True
+    try:
+        return type(layer).from_config(cfg)
+    except Exception as e:
+        if changed:
+            raise ValueError(f"cannot rebuild layer {path!r} ({type(layer).__name__}) with fewer channels: {e}")
+        warnings.warn(
+            f"layer {path!r} ({type(layer).__name__}) cannot be re-created from its config ({e}); "
+            "the stripped model shares it with the original.",
+            stacklevel=4,
+        )
+        return layer
