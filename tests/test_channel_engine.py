@@ -414,3 +414,16 @@ def test_reshape_that_keeps_the_channel_axis_passes_channels(rng):
     assert ("c",) in _groups_by_layer(model)
     stripped = _zero_and_strip(model, rng, _x(rng, (2, 4, 4, 3)))
     assert stripped.get_layer("merge_spatial").output.shape == (None, 16, 6)
+
+
+def test_flops_count_matches_hand_computation():
+    model = keras.Sequential([
+        keras.Input((10, 10, 3)),
+        L.Conv2D(8, 3, padding="same"),          # 10*10 * 9*3 * 8
+        L.DepthwiseConv2D(3, strides=2, padding="same"),  # 5*5 * 9 * 8
+        L.Conv2D(4, 1, groups=2),                 # 5*5 * 1 * 8 * 4 / 2
+        L.Flatten(),
+        L.Dense(6),                               # 100 * 6
+    ])
+    macs = 100 * 27 * 8 + 25 * 9 * 8 + 25 * 8 * 4 / 2 + 100 * 6
+    assert tfcompress.count_flops(model) == 2 * macs

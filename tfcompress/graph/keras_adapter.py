@@ -17,7 +17,7 @@ import numpy as np
 
 from tfcompress.graph.engine import ChannelGraph, ChannelGroup, Op, Rule, elementwise_consts
 
-__all__ = ["KerasGraph", "build_graph", "UnsupportedModelError"]
+__all__ = ["ChannelParam", "KerasGraph", "LayerKind", "UnsupportedModelError", "build_graph"]
 
 
 class UnsupportedModelError(ValueError):
@@ -46,12 +46,22 @@ def _channels_last(layer: keras.layers.Layer) -> bool:
     return getattr(layer, "data_format", "channels_last") in (None, "channels_last")
 
 
-def _out_axis_weights(w: np.ndarray, pos: np.ndarray, axis: int) -> np.ndarray:
-    w = w.copy()
-    idx = [slice(None)] * w.ndim
-    idx[axis] = pos
-    w[tuple(idx)] = 0
-    return w
+@dataclasses.dataclass
+class ChannelParam:
+    """A weight whose ``axis`` (of its ``view`` shape, if given) is indexed by a layer's output channels."""
+
+    variable: Any
+    axis: int
+    view: tuple | None = None
+
+    def mask(self, keep: np.ndarray) -> np.ndarray:
+        """A 0/1 array of the variable's shape that zeroes the channels where ``keep`` is False."""
+        shape = tuple(self.variable.shape)
+        view = self.view or shape
+        bshape = [1] * len(view)
+        bshape[self.axis] = view[self.axis]
+        m = np.broadcast_to(keep.astype(np.float32).reshape(bshape), view)
+        return np.ascontiguousarray(m).reshape(shape)
 
 
 def _take(w: np.ndarray, keep: np.ndarray, axis: int) -> np.ndarray:
@@ -68,6 +78,7 @@ class LayerCall:
     in_widths: list[int]
     out_width: int
     in_shapes: list[tuple]
+    out_shape: tuple = ()
 
 
 class LayerKind:
@@ -95,8 +106,20 @@ class LayerKind:
         return 1
 
     # --- weights
+    def output_params(self) -> list["ChannelParam"]:
+        """The weights indexed by this layer's output channels (zeroing them zeroes those channels)."""
+        return []
+
     def zero_outputs(self, pos: np.ndarray) -> None:
         """Zero every weight that produces the output channels ``pos``."""
+        keep = np.ones(self.call.out_width, dtype=bool)
+        keep[pos] = False
+        for p in self.output_params():
+            p.variable.assign(_np(p.variable) * p.mask(keep))
+
+    def macs(self, in_counts: list[int], out_count: int) -> float:
+        """Multiply-accumulates of one call for one example, with these channel counts."""
+        return 0.0
 
     def config(self, in_keeps: list[np.ndarray], out_keep: np.ndarray) -> dict:
         return self.layer.get_config()
@@ -189,12 +212,9 @@ class _BatchNorm(LayerKind):
         out = np.where(gamma == 0, beta, out)  # gamma 0 gives beta whatever the input
         return [out]
 
-    def zero_outputs(self, pos):
+    def output_params(self):
         L = self.layer
-        if L.scale:
-            L.gamma.assign(_out_axis_weights(_np(L.gamma), pos, 0))
-        if L.center:
-            L.beta.assign(_out_axis_weights(_np(L.beta), pos, 0))
+        return [ChannelParam(L.gamma, 0)] * bool(L.scale) + [ChannelParam(L.beta, 0)] * bool(L.center)
 
     def weights(self, in_keeps, out_keep, folds):
         return [_take(_np(w), out_keep, 0) for w in self.layer.weights]
@@ -237,11 +257,30 @@ class _Producer(LayerKind):
         ks = tuple(L.kernel_size)
         return L.padding == "valid" or all(k == 1 for k in ks)
 
-    def zero_outputs(self, pos):
+    def output_params(self):
         L = self.layer
-        L.kernel.assign(_out_axis_weights(self._kernel(), pos, self.out_axis))
-        if L.use_bias:
-            L.bias.assign(_out_axis_weights(self._bias(), pos, 0))
+        return [ChannelParam(L.kernel, self.out_axis)] + ([ChannelParam(L.bias, 0)] if L.use_bias else [])
+
+    def macs(self, in_counts, out_count):
+        L = self.layer
+        spatial = math.prod(d for d in self.call.out_shape[1:-1] if d)
+        if isinstance(L, keras.layers.Dense):
+            return float(spatial * in_counts[0] * out_count)
+        k = math.prod(L.kernel_size)
+        if isinstance(L, keras.layers.SeparableConv1D | keras.layers.SeparableConv2D):
+            m = int(L.depth_multiplier)
+            return float(spatial * in_counts[0] * m * (k + out_count))
+        if self.out_axis == -2:  # transposed: every input pixel scatters a kernel
+            in_spatial = math.prod(d for d in self.call.in_shapes[0][1:-1] if d)
+            return float(in_spatial * k * in_counts[0] * out_count)
+        return float(spatial * k * in_counts[0] * out_count / self.blocks())
+
+    def strides(self) -> int:
+        return max(tuple(getattr(self.layer, "strides", (1,))))
+
+    def filters(self) -> np.ndarray:
+        """The kernel as one row per output channel (what norm criteria rank)."""
+        return np.moveaxis(self._kernel(), self.out_axis, 0).reshape(self.channels(), -1)
 
     def config(self, in_keeps, out_keep):
         cfg = self.layer.get_config()
@@ -309,11 +348,9 @@ class _SeparableConv(_Producer):
     def can_fold(self, input_index):
         return False
 
-    def zero_outputs(self, pos):
+    def output_params(self):
         L = self.layer
-        L.pointwise_kernel.assign(_out_axis_weights(self._kernel(), pos, -1))
-        if L.use_bias:
-            L.bias.assign(_out_axis_weights(self._bias(), pos, 0))
+        return [ChannelParam(L.pointwise_kernel, -1)] + ([ChannelParam(L.bias, 0)] if L.use_bias else [])
 
     def weights(self, in_keeps, out_keep, folds):
         m = int(self.layer.depth_multiplier)
@@ -352,13 +389,15 @@ class _Depthwise(LayerKind):
         out = out + self._bias()
         return [elementwise_consts(_activation_fn(L.activation), out)]
 
-    def zero_outputs(self, pos):
+    def output_params(self):
         L = self.layer
-        k = _np(L.kernel)
-        flat = k.reshape(k.shape[:-2] + (-1,))
-        L.kernel.assign(_out_axis_weights(flat, pos, -1).reshape(k.shape))
-        if L.use_bias:
-            L.bias.assign(_out_axis_weights(self._bias(), pos, 0))
+        k = tuple(L.kernel.shape)
+        view = k[:-2] + (k[-2] * k[-1],)  # output channel c*m+j is kernel[..., c, j]
+        return [ChannelParam(L.kernel, -1, view)] + ([ChannelParam(L.bias, 0)] if L.use_bias else [])
+
+    def macs(self, in_counts, out_count):
+        spatial = math.prod(d for d in self.call.out_shape[1:-1] if d)
+        return float(spatial * math.prod(self.layer.kernel_size) * out_count)
 
     def weights(self, in_keeps, out_keep, folds):
         new = [_take(_np(self.layer.kernel), in_keeps[0], -2)]
@@ -594,7 +633,9 @@ class KerasGraph:
                 in_shapes = [_shape(t) for t in node.input_tensors]
                 out_shape = _shape(node.outputs[0])
                 kind_cls = layer_kind(layer, in_shapes, out_shape) if len(node.outputs) == 1 else _Blocker
-                call = LayerCall(layer, [self._widths[i] for i in in_ids], self._widths[out_ids[0]], in_shapes)
+                call = LayerCall(
+                    layer, [self._widths[i] for i in in_ids], self._widths[out_ids[0]], in_shapes, out_shape
+                )
                 kind = kind_cls(call)
                 op = Op(
                     name=path if n == 0 else f"{path}#{n}",
