@@ -278,9 +278,10 @@ class _Producer(LayerKind):
     def strides(self) -> int:
         return max(tuple(getattr(self.layer, "strides", (1,))))
 
-    def filters(self) -> np.ndarray:
-        """The kernel as one row per output channel (what norm criteria rank)."""
-        return np.moveaxis(self._kernel(), self.out_axis, 0).reshape(self.channels(), -1)
+    def filters(self, kernel: np.ndarray | None = None) -> np.ndarray:
+        """The kernel (or ``kernel``, an array of its shape) as one row per output channel."""
+        kernel = self._kernel() if kernel is None else kernel
+        return np.moveaxis(kernel, self.out_axis, 0).reshape(self.channels(), -1)
 
     def config(self, in_keeps, out_keep):
         cfg = self.layer.get_config()

@@ -1,0 +1,10 @@
+"""Progressive filter pruning inside ``model.fit``."""
+
+from tfcompress.pruning.callback import FilterPruning, load_config
+from tfcompress.pruning.criteria import CRITERIA, geometric_median, importance, l1, l2
+from tfcompress.pruning.schedules import SCHEDULES, level_at
+
+__all__ = [
+    "CRITERIA", "FilterPruning", "SCHEDULES", "geometric_median", "importance", "l1", "l2", "level_at",
+    "load_config",
+]

@@ -1,0 +1,386 @@
+"""FilterPruning: progressive, group-aware filter pruning as one Keras callback."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Iterable
+
+import keras
+import numpy as np
+
+from tfcompress.graph.engine import ChannelGroup, Rule
+from tfcompress.graph.flops import FlopsCounter
+from tfcompress.graph.keras_adapter import KerasGraph, build_graph
+from tfcompress.pruning.criteria import CRITERIA, importance
+from tfcompress.pruning.masking import GroupMasks
+from tfcompress.pruning.schedules import SCHEDULES, level_at
+
+__all__ = ["FilterPruning"]
+
+_ALLOCATIONS = ("uniform", "global")
+
+
+@keras.saving.register_keras_serializable(package="tfcompress")
+class FilterPruning(keras.callbacks.Callback):
+    """Zero a growing fraction of every channel group's filters while ``model.fit`` trains.
+
+    Adding the callback is the only change a training script needs::
+
+        pruner = tfcompress.pruning.FilterPruning(target=0.4, pruning_epochs=10)
+        model.fit(x, y, epochs=20, callbacks=[pruner])
+        small = tfcompress.strip(model)
+
+    At the start of each epoch of the ramp (``start_epoch`` .. ``start_epoch + pruning_epochs - 1``) the level
+    given by the schedule is applied: in every group (coupled channels, see :func:`tfcompress.channel_groups`)
+    the least important channels by ``criterion``, aggregated over the group's layers, are zeroed (kernel
+    slices, biases, BatchNorm gamma and beta). Masks are re-selected at each step, so a channel may come
+    back (with the weights it had when pruned). After every training batch the pruned weights are zeroed again,
+    so they are exactly zero after every optimizer step, at every epoch end and in any checkpoint.
+
+    Each epoch's ``logs`` get ``pruning_level`` (fraction of prunable filters removed) and ``flops_ratio``
+    (remaining / original FLOPs): the progress bar, ``History`` and a ``TensorBoard`` callback placed *after*
+    this one show them.
+
+    Args:
+        target: fraction of each group's channels removed at the end, in [0, 1).
+        flops_target: instead of ``target``, the FLOPs reduction to reach (e.g. 0.45 removes 45 % of the FLOPs).
+        criterion: ``"l1"``, ``"l2"`` or ``"geometric_median"`` (FPGM).
+        schedule: ``"exponential"``, ``"polynomial"`` or ``"baseline"`` (the full level from ``start_epoch``).
+        start_epoch: first epoch (0-based) that prunes.
+        pruning_epochs: epochs over which the level ramps to its final value; masks are fixed afterwards.
+        prune_first_conv: also prune layers fed directly by a model input.
+        prune_downsample_convs: also prune groups containing a strided convolution.
+        ignored_layers: names of layers never to prune (their whole group is left alone).
+        flops_allocation: with ``flops_target``, ``"uniform"`` prunes the same fraction of every group;
+            ``"global"`` ranks channels across groups (importance normalised per group) and prunes where it
+            matters least, keeping at least ``1 - max_group_level`` of every group.
+        max_group_level: with ``flops_allocation="global"``, the largest fraction removed from one group.
+        verbose: 1 prints the level applied at each schedule step.
+    """
+
+    def __init__(
+        self,
+        target: float = 0.4,
+        flops_target: float | None = None,
+        criterion: str = "geometric_median",
+        schedule: str = "exponential",
+        start_epoch: int = 0,
+        pruning_epochs: int = 10,
+        prune_first_conv: bool = False,
+        prune_downsample_convs: bool = False,
+        ignored_layers: Iterable[str] = (),
+        flops_allocation: str = "uniform",
+        max_group_level: float = 0.8,
+        verbose: int = 0,
+    ) -> None:
+        super().__init__()
+        if isinstance(ignored_layers, str):
+            ignored_layers = [ignored_layers]
+        self.target = _fraction("target", target)
+        self.flops_target = None if flops_target is None else _fraction("flops_target", flops_target)
+        self.criterion = _choice("criterion", criterion, CRITERIA)
+        self.schedule = _choice("schedule", schedule, SCHEDULES)
+        self.start_epoch = _count("start_epoch", start_epoch, minimum=0)
+        self.pruning_epochs = _count("pruning_epochs", pruning_epochs, minimum=1)
+        self.prune_first_conv = _bool("prune_first_conv", prune_first_conv)
+        self.prune_downsample_convs = _bool("prune_downsample_convs", prune_downsample_convs)
+        self.ignored_layers = tuple(ignored_layers)
+        if not all(isinstance(n, str) for n in self.ignored_layers):
+            raise ValueError(f"ignored_layers must be layer names (strings); got {list(self.ignored_layers)!r}")
+        self.flops_allocation = _choice("flops_allocation", flops_allocation, _ALLOCATIONS)
+        self.max_group_level = _fraction("max_group_level", max_group_level)
+        self.verbose = int(verbose)
+        self._state: _State | None = None
+
+    # ------------------------------------------------------------------ serialisation
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "flops_target": self.flops_target,
+            "criterion": self.criterion,
+            "schedule": self.schedule,
+            "start_epoch": self.start_epoch,
+            "pruning_epochs": self.pruning_epochs,
+            "prune_first_conv": self.prune_first_conv,
+            "prune_downsample_convs": self.prune_downsample_convs,
+            "ignored_layers": list(self.ignored_layers),
+            "flops_allocation": self.flops_allocation,
+            "max_group_level": self.max_group_level,
+            "verbose": self.verbose,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "FilterPruning":
+        """Build from a dict (e.g. a ``configs/*.json`` section); unknown keys are rejected by name."""
+        if not isinstance(config, dict):
+            raise ValueError(f"a FilterPruning config must be a JSON object, got {type(config).__name__}")
+        allowed = set(cls().get_config())
+        unknown = sorted(set(config) - allowed)
+        if unknown:
+            raise ValueError(f"unknown FilterPruning config key {unknown[0]!r}; allowed keys: {sorted(allowed)}")
+        return cls(**config)
+
+    # ------------------------------------------------------------------ schedule
+    def level_at(self, epoch: int) -> float:
+        """The scheduled level during ``epoch``: fraction of channels, or FLOPs reduction with flops_target."""
+        final = self.flops_target if self.flops_target is not None else self.target
+        return level_at(self.schedule, final, epoch, self.start_epoch, self.pruning_epochs)
+
+    @property
+    def groups(self) -> list[ChannelGroup]:
+        """The groups being pruned (after ``on_train_begin``)."""
+        return list(self._require().masks.groups)
+
+    @property
+    def masks(self) -> dict[tuple[str, ...], np.ndarray]:
+        """Current keep mask of each pruned group, keyed by the group's layer names."""
+        st = self._require()
+        return {g.layers: st.masks.keep[g.id].copy() for g in st.masks.groups}
+
+    @property
+    def pruning_level(self) -> float:
+        """Fraction of the prunable filters currently removed."""
+        st = self._require()
+        total = sum(g.size for g in st.masks.groups)
+        return float(sum((~st.masks.keep[g.id]).sum() for g in st.masks.groups) / total)
+
+    @property
+    def flops_ratio(self) -> float:
+        """Remaining FLOPs / original FLOPs with the current masks."""
+        st = self._require()
+        return st.counter.flops(st.masks.removed()) / st.full_flops
+
+    def _require(self) -> "_State":
+        if self._state is None:
+            raise RuntimeError("FilterPruning has not seen a model yet: pass it to model.fit(callbacks=[...])")
+        return self._state
+
+    # ------------------------------------------------------------------ Keras hooks
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        if self._state is None or self._state.model is not self.model:
+            self._state = self._analyse(self.model)
+        self._epoch_applied = None
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        st = self._require()
+        in_ramp = self.start_epoch <= epoch < self.start_epoch + self.pruning_epochs
+        counts = self._counts(self.level_at(epoch))
+        current = {gid: int((~k).sum()) for gid, k in st.masks.keep.items()}
+        if in_ramp or counts != current:
+            st.masks.set(self._select(counts))
+            if self.verbose:
+                print(f"FilterPruning: epoch {epoch + 1}: pruning level {self.pruning_level:.3f}, "
+                      f"FLOPs ratio {self.flops_ratio:.3f}")
+        st.masks.apply()
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self._require().masks.apply()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is not None:
+            logs["pruning_level"] = self.pruning_level
+            logs["flops_ratio"] = self.flops_ratio
+
+    # ------------------------------------------------------------------ internals
+    def _analyse(self, model: keras.Model) -> "_State":
+        kg = build_graph(model)
+        names = set(kg.layers)
+        missing = [n for n in self.ignored_layers if n not in names]
+        if missing:
+            raise ValueError(
+                f"ignored_layers names {missing} that are not layers of model {model.name!r} "
+                f"(nested layers are named 'submodel/layer')"
+            )
+        all_groups = kg.groups()
+        first = _first_producers(kg)
+        strided = {rec.op.layer for rec in kg.records
+                   if rec.op.rule is Rule.PRODUCER and rec.kind.strides() > 1}
+        groups = []
+        for g in all_groups:
+            layers = set(g.layers)
+            if layers & set(self.ignored_layers):
+                continue
+            if not self.prune_first_conv and layers & first:
+                continue
+            if not self.prune_downsample_convs and layers & strided:
+                continue
+            groups.append(g)
+        if not groups:
+            raise ValueError(
+                f"model {model.name!r} has no prunable channel group "
+                f"({len(all_groups)} groups before excluding first/downsampling convolutions and ignored "
+                "layers; the output layer and layers feeding Reshape/Lambda/custom layers are never pruned)"
+            )
+        masks = GroupMasks(kg, groups)
+        counter = FlopsCounter(kg)
+        st = _State(model, kg, masks, counter, counter.flops())
+        # resuming from a checkpoint: channels that are exactly zero were pruned before
+        self._state = st
+        resumed = {g.id: ~masks.zero_channels(g) for g in groups}
+        if any((~k).any() for k in resumed.values()):
+            masks.set({gid: _keep_some(k, g.blocks) for (gid, k), g in zip(resumed.items(), groups)})
+        return st
+
+    def _counts(self, level: float) -> dict[int, int]:
+        """Channels to remove per group for a level (a fraction, or a FLOPs reduction)."""
+        st = self._require()
+        groups = st.masks.groups
+        if self.flops_target is None:
+            return {g.id: _aligned(level * g.size, g) for g in groups}
+        if level <= 0:
+            return {g.id: 0 for g in groups}
+        goal = (1.0 - level) * st.full_flops
+        if self.flops_allocation == "uniform":
+            lo, hi = 0.0, 1.0
+            for _ in range(40):
+                mid = (lo + hi) / 2
+                if self._flops_of({g.id: _aligned(mid * g.size, g) for g in groups}) <= goal:
+                    hi = mid
+                else:
+                    lo = mid
+            return {g.id: _aligned(hi * g.size, g) for g in groups}
+        return self._global_counts(goal)
+
+    def _global_counts(self, goal: float) -> dict[int, int]:
+        """Rank channels across groups by importance normalised per group; prune a prefix reaching ``goal``."""
+        st = self._require()
+        groups = st.masks.groups
+        entries = []
+        for g in groups:
+            score = importance(self.criterion, st.masks.filters(g))
+            score = np.sort(score / max(score.mean(), 1e-12))
+            cap = _aligned(self.max_group_level * g.size, g)
+            entries += [(s, g.id, k + 1) for k, s in enumerate(score[:cap])]
+        entries.sort(key=lambda e: e[0])
+
+        def counts_for(n: int) -> dict[int, int]:
+            c = {g.id: 0 for g in groups}
+            for _, gid, k in entries[:n]:
+                c[gid] = max(c[gid], k)
+            return {g.id: _aligned(c[g.id], g) for g in groups}
+
+        lo, hi = 0, len(entries)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self._flops_of(counts_for(mid)) <= goal:
+                hi = mid
+            else:
+                lo = mid + 1
+        return counts_for(lo)
+
+    def _flops_of(self, counts: dict[int, int]) -> float:
+        st = self._require()
+        removed = {}
+        for g in st.masks.groups:
+            m = np.zeros(g.size, dtype=bool)
+            m[: counts[g.id]] = True  # FLOPs depend on how many channels go, not on which
+            removed[g.id] = m
+        return st.counter.flops(removed)
+
+    def _select(self, counts: dict[int, int]) -> dict[int, np.ndarray]:
+        st = self._require()
+        keep = {}
+        for g in st.masks.groups:
+            n = counts[g.id]
+            k = np.ones(g.size, dtype=bool)
+            if n:
+                score = importance(self.criterion, st.masks.filters(g))
+                # channels zero with nothing remembered (pruned before a restart) rank lowest: they stay out
+                score = np.where(st.masks.zero_channels(g) & ~st.masks.keep[g.id], -np.inf, score)
+                per_block = n // g.blocks
+                blocks = score.reshape(g.blocks, -1)
+                for b in range(g.blocks):
+                    order = np.argsort(blocks[b], kind="stable")[:per_block]
+                    k[b * blocks.shape[1] + order] = False
+            keep[g.id] = k
+        return keep
+
+
+class _State:
+    def __init__(self, model, kg: KerasGraph, masks: GroupMasks, counter: FlopsCounter, full_flops: float):
+        self.model, self.kg, self.masks, self.counter, self.full_flops = model, kg, masks, counter, full_flops
+
+
+def _first_producers(kg: KerasGraph) -> set[str]:
+    """Producers reached from a model input without passing through another producer."""
+    reach = set(kg.input_ids)
+    first = set()
+    for rec in kg.records:
+        if rec.node is None or not reach.intersection(rec.op.inputs):
+            continue
+        if rec.op.rule is Rule.PRODUCER:
+            first.add(rec.op.layer)
+        else:
+            reach.update(rec.op.outputs)
+    return first
+
+
+def _aligned(n: float, g: ChannelGroup) -> int:
+    """Round a channel count down to a multiple of the group's blocks, leaving one channel per block."""
+    n = int(math.floor(n + 1e-9))
+    n -= n % g.blocks
+    return max(0, min(n, g.size - g.blocks))
+
+
+def _keep_some(keep: np.ndarray, blocks: int) -> np.ndarray:
+    keep = keep.copy().reshape(blocks, -1)
+    for b in range(blocks):
+        if not keep[b].any():
+            keep[b, 0] = True
+    return keep.reshape(-1)
+
+
+def _fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _count(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _choice(name: str, value: Any, options: Iterable[str]) -> str:
+    options = list(options)
+    if value not in options:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {options}")
+    return value
+
+
+def load_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a tfcompress JSON config file and build what it describes.
+
+    The file is a JSON object with one section per stage; today ``"pruning"`` (the arguments of
+    :class:`FilterPruning`). Returns ``{"pruning": FilterPruning(...)}``. Errors name the offending key.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"config file {os.fspath(path)!r} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config file {os.fspath(path)!r} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {os.fspath(path)!r} must hold a JSON object")
+    builders = {"pruning": FilterPruning.from_config}
+    out = {}
+    for key, section in data.items():
+        if key in ("description", "comment"):
+            continue
+        if key not in builders:
+            raise ValueError(f"unknown config section {key!r} in {os.fspath(path)!r}; known: {sorted(builders)}")
+        try:
+            out[key] = builders[key](section)
+        except ValueError as e:
+            raise ValueError(f"{os.fspath(path)}: section {key!r}: {e}") from None
+    return out
