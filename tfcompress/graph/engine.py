@@ -53,6 +53,7 @@ class Rule(enum.Enum):
     CONCAT = "concat"  # inputs concatenated along the channel axis
     FLATTEN = "flatten"  # the channel map is tiled `channels` times (Flatten of an HxWxC tensor)
     BLOCKER = "blocker"  # anything else: the channels reaching it can never be removed
+    SHAPE = "shape"  # reads only its input's shape (batch size): a new blocked output, inputs untouched
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,9 +256,10 @@ class ChannelGraph:
                             self._block(cur)
                 else:
                     layer_inputs[op.layer] = ins
-            if op.rule in (Rule.INPUT, Rule.BLOCKER):
-                for m in ins:
-                    self._block(m)
+            if op.rule in (Rule.INPUT, Rule.BLOCKER, Rule.SHAPE):
+                if op.rule is Rule.BLOCKER:
+                    for m in ins:
+                        self._block(m)
                 for t in op.outputs:  # possibly several outputs, each its own unknown channels
                     self.maps[t] = self._fresh(t, blocked=True)
                 continue

@@ -1,0 +1,148 @@
+"""Pruning benchmark: callback overhead, and accuracy of MLPerf Tiny ResNet-8 with 40 % of its FLOPs removed.
+
+    python benchmarks/pruning.py                      # full run (~1 h on 2 cores)
+    python benchmarks/pruning.py --epochs 2 --train_samples 5000   # quick check
+
+(1) Epoch time of the same model with and without FilterPruning, epochs interleaved (with, without, with ...)
+    so that machine noise hits both; the callback re-selects masks at every epoch (the worst case).
+(2) The pretrained ResNet-8 fine-tuned on CIFAR-10 (JPEG train split) for the same number of epochs without
+    pruning and with FilterPruning(flops_target=0.4) for each criterion; accuracy on the 10,000 JPEG test
+    images of the stripped model vs the unpruned fine-tuned one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import common  # noqa: E402
+import tfcompress  # noqa: E402
+
+RESNET8 = common.SHARED / "models" / "mlperf_tiny" / "pretrainedResnet.h5"
+
+
+def load_resnet8(lr: float) -> keras.Model:
+    model = keras.models.load_model(RESNET8, compile=False)
+    model.compile(keras.optimizers.Adam(lr), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def train_dataset(x, y, batch: int, seed: int) -> tf.data.Dataset:
+    """Random flips and 4-pixel shifts, as in the MLPerf Tiny training script."""
+    def augment(img, label):
+        img = tf.image.random_flip_left_right(img)
+        img = tf.image.pad_to_bounding_box(img, 4, 4, 40, 40)
+        img = tf.image.random_crop(img, (32, 32, 3))
+        return img, label
+
+    ds = tf.data.Dataset.from_tensor_slices((x.astype("float32"), y))
+    ds = ds.shuffle(len(x), seed=seed).map(augment, num_parallel_calls=2)
+    return ds.batch(batch).prefetch(2)
+
+
+def overhead(x, y, rounds: int, batch: int) -> dict:
+    """Median epoch wall time with / without the callback, measured in alternation."""
+    ds = tf.data.Dataset.from_tensor_slices((x.astype("float32"), y)).batch(batch).cache().prefetch(2)
+    plain, pruned = load_resnet8(1e-4), load_resnet8(1e-4)
+    pruner = tfcompress.pruning.FilterPruning(
+        flops_target=0.4, criterion="geometric_median", pruning_epochs=10_000, prune_downsample_convs=True
+    )
+    times = {"without": [], "with": []}
+    for r in range(rounds + 1):  # round 0 traces the train functions: not timed
+        for name, model, cbs in (("without", plain, []), ("with", pruned, [pruner])):
+            t = time.perf_counter()
+            model.fit(ds, epochs=r + 1, initial_epoch=r, callbacks=cbs, verbose=0)
+            if r:
+                times[name].append(time.perf_counter() - t)
+    w, wo = common.median(times["with"]), common.median(times["without"])
+    return {"epoch_s_without": wo, "epoch_s_with": w, "overhead": w / wo - 1.0, "rounds": rounds,
+            "steps_per_epoch": int(np.ceil(len(x) / batch))}
+
+
+def finetune(criterion: str | None, data, epochs: int, pruning_epochs: int, batch: int, lr: float) -> dict:
+    x, y, xt, yt = data
+    keras.utils.set_random_seed(1)
+    model = load_resnet8(lr)
+    flops0 = tfcompress.count_flops(model)
+    callbacks = [keras.callbacks.LearningRateScheduler(
+        lambda e: lr * 0.5 * (1 + np.cos(np.pi * e / epochs)))]
+    if criterion:
+        callbacks.insert(0, tfcompress.pruning.FilterPruning(
+            flops_target=0.4, criterion=criterion, pruning_epochs=pruning_epochs,
+            prune_downsample_convs=True))
+    t = time.perf_counter()
+    model.fit(train_dataset(x, y, batch, seed=1), epochs=epochs, callbacks=callbacks, verbose=0)
+    seconds = time.perf_counter() - t
+    acc = model.evaluate(xt.astype("float32"), yt, batch_size=256, verbose=0)[1]
+    small = tfcompress.strip(model)
+    small.compile(metrics=["accuracy"], loss="sparse_categorical_crossentropy")
+    acc_small = small.evaluate(xt.astype("float32"), yt, batch_size=256, verbose=0)[1]
+    return {
+        "criterion": criterion or "none (fine-tuned, unpruned)",
+        "accuracy": acc_small, "accuracy_before_strip": acc,
+        "flops_ratio": tfcompress.count_flops(small) / flops0,
+        "params": small.count_params(), "params_original": model.count_params(),
+        "train_seconds": seconds,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--pruning_epochs", type=int, default=5)
+    ap.add_argument("--train_samples", type=int, default=50_000)
+    ap.add_argument("--overhead_samples", type=int, default=10_000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--criteria", default="l1,l2,geometric_median")
+    ap.add_argument("--skip_overhead", action="store_true")
+    ap.add_argument("--json", default="", help="also write the results to this JSON file")
+    args = ap.parse_args()
+
+    print(f"machine: {common.machine()}")
+    x, y = common.cifar10_train_shuffled()
+    xt, yt = common.cifar10_test()
+    x, y = x[: args.train_samples], y[: args.train_samples]
+    results: dict = {"command": "python benchmarks/pruning.py " + " ".join(sys.argv[1:]), "machine": common.machine()}
+
+    if not args.skip_overhead:
+        o = overhead(x[: args.overhead_samples], y[: args.overhead_samples], args.rounds, args.batch)
+        results["overhead"] = o
+        print(f"\n(1) epoch time, ResNet-8, {o['steps_per_epoch']} steps, median of {o['rounds']} interleaved rounds")
+        print(f"    without callback {o['epoch_s_without']:.2f} s | with FilterPruning {o['epoch_s_with']:.2f} s"
+              f" | overhead {100 * o['overhead']:+.1f} %")
+
+    rows = []
+    for criterion in [None] + [c for c in args.criteria.split(",") if c]:
+        r = finetune(criterion, (x, y, xt, yt), args.epochs, args.pruning_epochs, args.batch, args.lr)
+        rows.append(r)
+        print(f"    {r['criterion']}: acc {100 * r['accuracy']:.2f} %, FLOPs x{r['flops_ratio']:.3f}, "
+              f"params {r['params']:,}, {r['train_seconds']:.0f} s", flush=True)
+    base = rows[0]["accuracy"]
+    pre = load_resnet8(1e-3).evaluate(xt.astype("float32"), yt, batch_size=256, verbose=0)[1]
+    print(f"\n(2) ResNet-8, CIFAR-10 JPEG test (10,000 images), {args.epochs} fine-tuning epochs on "
+          f"{len(x)} images; pretrained (no fine-tuning): {100 * pre:.2f} %")
+    print("| criterion | accuracy % | drop vs unpruned (pts) | FLOPs ratio | params |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['criterion']} | {100 * r['accuracy']:.2f} | {100 * (base - r['accuracy']):+.2f} | "
+              f"{r['flops_ratio']:.3f} | {r['params']:,} |")
+    results.update(pretrained_accuracy=pre, finetune=rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

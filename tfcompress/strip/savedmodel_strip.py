@@ -1,0 +1,244 @@
+"""Physically remove zeroed channels from a SavedModel, with no Keras objects involved.
+
+The serving signature is frozen (variables become constants) and constant-folded, analysed by the same
+channel engine as Keras models (through :mod:`tfcompress.graph.graphdef_adapter`), rewritten without the
+channels that are provably zero, checked numerically against the original and saved with the same signature,
+input and output names. The source directory is never modified; the destination is written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import keyword
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+from tfcompress.graph.engine import Rule
+from tfcompress.graph.graphdef_adapter import GraphDefGraph, fold_constants
+
+__all__ = ["FrozenSignature", "StripResult", "freeze_saved_model", "strip_saved_model", "ExportError"]
+
+
+class ExportError(ValueError):
+    """A problem with the user's input (bad directory, missing signature, mismatched data ...)."""
+
+
+@dataclasses.dataclass
+class FrozenSignature:
+    """A SavedModel signature as a frozen, constant-folded GraphDef."""
+
+    graph_def: tf.compat.v1.GraphDef
+    inputs: dict[str, str]  # signature input name -> tensor name
+    outputs: dict[str, str]  # signature output name -> tensor name
+    specs: dict[str, tf.TensorSpec]  # signature input name -> spec
+    signature_key: str
+    other_signatures: list[str]  # signature keys with the same interface (Keras' "serve")
+
+
+@dataclasses.dataclass
+class StripResult:
+    """What :func:`strip_saved_model` did."""
+
+    layers: list[dict]  # per producing op: name, channels before / after
+    flops_before: float
+    flops_after: float
+    params_before: int
+    params_after: int
+    max_rel_error: float
+    signatures: list[str]
+
+
+def _check_saved_model_dir(path: str) -> None:
+    if not os.path.isdir(path):
+        raise ExportError(f"SavedModel directory {path!r} does not exist")
+    if not tf.saved_model.contains_saved_model(path):
+        raise ExportError(f"{path!r} is not a SavedModel directory (no saved_model.pb)")
+
+
+def freeze_saved_model(src_dir: str, signature_key: str = "serving_default") -> FrozenSignature:
+    """Load ``src_dir``'s serving signature and freeze it into a constant-folded GraphDef."""
+    _check_saved_model_dir(src_dir)
+    try:
+        loaded = tf.saved_model.load(src_dir)
+    except Exception as e:  # corrupted files, unknown ops ...
+        raise ExportError(f"cannot load SavedModel {src_dir!r}: {str(e).splitlines()[0]}") from None
+    sigs = dict(loaded.signatures)
+    if signature_key not in sigs:
+        raise ExportError(
+            f"SavedModel {src_dir!r} has no {signature_key!r} signature (it has {sorted(sigs) or 'none'}); "
+            "export it with model.export(dir) or tf.saved_model.save(obj, dir, signatures=...)"
+        )
+    fn = sigs[signature_key]
+    specs = dict(fn.structured_input_signature[1])
+    frozen = convert_variables_to_constants_v2(fn)
+    graph_def = frozen.graph.as_graph_def()
+    # the frozen function's inputs are its placeholders and its outputs the flattened structured outputs,
+    # both in tf.nest order (dict keys sorted)
+    inputs = dict(zip(sorted(specs), [t.name for t in frozen.inputs]))
+    outputs = dict(zip(sorted(fn.structured_outputs), [t.name for t in frozen.outputs]))
+    graph_def = fold_constants(graph_def, list(outputs.values()))
+    same = [
+        k for k, f in sigs.items() if k != signature_key
+        and f.structured_input_signature == fn.structured_input_signature
+        and f.structured_outputs.keys() == fn.structured_outputs.keys()
+    ]
+    return FrozenSignature(graph_def, inputs, outputs, specs, signature_key, same)
+
+
+def save_graph_def(frozen: FrozenSignature, graph_def: tf.compat.v1.GraphDef, dst_dir: str) -> None:
+    """Save ``graph_def`` as a SavedModel with ``frozen``'s signatures, input and output names."""
+    names = sorted(frozen.inputs)
+    keys = sorted(frozen.outputs)
+    specs = [tf.TensorSpec(frozen.specs[n].shape, frozen.specs[n].dtype, name=n) for n in names]
+
+    # placeholders cannot stay inside a function: every reader is re-wired through input_map, so the
+    # placeholder nodes only need to exist (as a small constant) for the import to validate
+    graph_def = _without_placeholders(graph_def)
+
+    def body(args):
+        outs = tf.compat.v1.import_graph_def(
+            graph_def,
+            input_map={frozen.inputs[n]: a for n, a in zip(names, args)},
+            return_elements=[frozen.outputs[k] for k in keys],
+            name="stripped",
+        )
+        return {k: tf.identity(t, name=k) for k, t in zip(keys, outs)}
+
+    # signatures are called with keyword arguments named like the inputs: give the function those names
+    if not all(n.isidentifier() and not keyword.iskeyword(n) for n in names):
+        raise ExportError(f"signature input names {names} are not Python identifiers; cannot re-create them")
+    module = tf.Module()
+    signatures = {}
+    for k, key in enumerate([frozen.signature_key] + frozen.other_signatures):
+        namespace = {"body": body}  # one function per signature: TF refuses one function for two keys
+        exec(f"def serve({', '.join(names)}):\n    return body([{', '.join(names)}])\n", namespace)
+        fn = tf.function(namespace["serve"], input_signature=specs, autograph=False)
+        setattr(module, f"signature_{k}", fn)
+        signatures[key] = fn.get_concrete_function()
+    tf.saved_model.save(module, dst_dir, signatures=signatures)
+
+
+def _without_placeholders(graph_def):
+    out = tf.compat.v1.GraphDef()
+    out.CopyFrom(graph_def)
+    for n in out.node:
+        if n.op == "Placeholder":
+            dtype = n.attr["dtype"].type
+            n.op = "Const"
+            n.ClearField("attr")
+            n.attr["dtype"].type = dtype
+            n.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(np.zeros((), tf.as_dtype(dtype).as_numpy_dtype)))
+    return out
+
+
+def run_signature(saved_model_dir: str, inputs: dict[str, np.ndarray], key: str = "serving_default") -> dict:
+    fn = tf.saved_model.load(saved_model_dir).signatures[key]
+    return {k: v.numpy() for k, v in fn(**{n: tf.constant(a) for n, a in inputs.items()}).items()}
+
+
+def sample_inputs(specs: dict[str, tf.TensorSpec], batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs matching the signature (unknown non-batch dimensions become 32)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, spec in specs.items():
+        shape = [batch if i == 0 and d is None else (d if d is not None else 32)
+                 for i, d in enumerate(spec.shape.as_list())]
+        if spec.dtype.is_floating:
+            out[name] = rng.uniform(0, 1, shape).astype(spec.dtype.as_numpy_dtype)
+        else:
+            out[name] = rng.integers(0, 2, shape).astype(spec.dtype.as_numpy_dtype)
+    return out
+
+
+def _params(graph_def) -> int:
+    total = 0
+    for n in graph_def.node:
+        if n.op == "Const" and tf.as_dtype(n.attr["dtype"].type).is_floating:
+            total += int(np.prod([d.size for d in n.attr["value"].tensor.tensor_shape.dim]))
+    return total
+
+
+def atomic_output_dir(dst_dir: str):
+    """A temporary directory next to ``dst_dir`` (same filesystem, so the final rename is atomic)."""
+    parent = os.path.dirname(os.path.abspath(dst_dir)) or "."
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=".tfcompress-", dir=parent)
+
+
+def commit_dir(tmp: str, dst_dir: str, overwrite: bool = False) -> None:
+    if os.path.exists(dst_dir):
+        if os.listdir(dst_dir) and not overwrite:
+            raise ExportError(f"output directory {dst_dir!r} exists and is not empty")
+        shutil.rmtree(dst_dir)
+    os.replace(tmp, dst_dir)
+
+
+def strip_saved_model(
+    src_dir: str,
+    dst_dir: str,
+    signature_key: str = "serving_default",
+    check_inputs: dict[str, np.ndarray] | None = None,
+    tolerance: float = 1e-4,
+    overwrite: bool = False,
+) -> StripResult:
+    """Write to ``dst_dir`` a SavedModel without the channels that are zero across their coupled group.
+
+    Args:
+        src_dir: a SavedModel with a ``signature_key`` signature (from ``model.export``,
+            ``tf.saved_model.save`` or TF/Keras 2). Never modified.
+        dst_dir: where to write; must not exist or be empty (unless ``overwrite``). Written atomically.
+        signature_key: the signature to strip; other signatures with the same interface are kept too.
+        check_inputs: inputs for the numeric check (default: random data matching the signature).
+        tolerance: largest relative max error allowed between original and stripped outputs.
+
+    Returns:
+        A :class:`StripResult` (per-layer channels, FLOPs, parameters, the measured error).
+
+    Raises:
+        ExportError: bad input, or outputs that differ by more than ``tolerance`` (nothing is written).
+    """
+    if os.path.exists(dst_dir) and os.listdir(dst_dir) and not overwrite:
+        raise ExportError(f"output directory {dst_dir!r} exists and is not empty")
+    if os.path.abspath(dst_dir) == os.path.abspath(src_dir):
+        raise ExportError("the output directory must differ from the input SavedModel")
+    frozen = freeze_saved_model(src_dir, signature_key)
+    gg = GraphDefGraph(frozen.graph_def, list(frozen.inputs.values()), list(frozen.outputs.values()))
+    removed, consts = gg.graph.plan_removal()
+    removed = {k: v for k, v in removed.items() if v.any()}
+    new_gd = gg.rewrite(removed, consts)
+    layers = []
+    for op in gg.ops:
+        if op.rule is Rule.PRODUCER:
+            before = gg.graph.tensor_width[op.outputs[0]]
+            after = int(gg.graph.keep_mask(op.outputs[0], removed).sum())
+            layers.append({"name": op.name, "op": gg.nodes[op.name].op, "channels_before": before,
+                           "channels_after": after})
+    tmp = atomic_output_dir(dst_dir)
+    try:
+        save_graph_def(frozen, new_gd, tmp)
+        x = check_inputs if check_inputs is not None else sample_inputs(frozen.specs)
+        ref = run_signature(src_dir, x, signature_key)
+        got = run_signature(tmp, x, signature_key)
+        err = max(_rel(got[k], ref[k]) for k in ref)
+        if not err <= tolerance:
+            raise ExportError(f"stripped model outputs differ from the original (relative error {err:.2e} > "
+                              f"{tolerance:.0e}); nothing written")
+        commit_dir(tmp, dst_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return StripResult(
+        layers=layers, flops_before=gg.flops(), flops_after=gg.flops(removed),
+        params_before=_params(frozen.graph_def), params_after=_params(new_gd), max_rel_error=err,
+        signatures=[signature_key] + frozen.other_signatures,
+    )
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)) if a.size else 0.0
