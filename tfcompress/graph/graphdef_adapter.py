@@ -81,7 +81,9 @@ def fold_constants(graph_def: tf.compat.v1.GraphDef, outputs: list[str]) -> tf.c
 
     FakeQuant ops are kept (grappler's constant folding would bake weight quantization into float
     constants, and OpenVINO then runs those layers in float): only their inputs are folded.
+    ``IdentityN`` (how custom gradients such as swish's appear) becomes one ``Identity`` per output.
     """
+    graph_def = _split_identity_n(graph_def)
     nodes = {n.name: n for n in graph_def.node}
     order = _topological(graph_def)
     foldable: set[str] = set()
@@ -136,6 +138,34 @@ def fold_constants(graph_def: tf.compat.v1.GraphDef, outputs: list[str]) -> tf.c
         if not t.endswith(":0"):
             out.node.add().CopyFrom(_const_node(name, values[t]))
     return prune_unused(out, outputs)
+
+
+def _split_identity_n(graph_def: tf.compat.v1.GraphDef) -> tf.compat.v1.GraphDef:
+    out = tf.compat.v1.GraphDef()
+    out.CopyFrom(graph_def)
+    rename: dict[str, str] = {}
+    new_nodes = []
+    for n in out.node:
+        if n.op != "IdentityN":
+            continue
+        data = [i for i in n.input if not i.startswith("^")]
+        ctrl = [i for i in n.input if i.startswith("^")]
+        dtypes = list(n.attr["T"].list.type)
+        for k, src in enumerate(data):
+            name = n.name if k == 0 else f"{n.name}/tfcompress_out_{k}"
+            ident = tf.compat.v1.NodeDef(name=name, op="Identity", input=[src] + ctrl)
+            ident.attr["T"].type = dtypes[k]
+            new_nodes.append(ident)
+            rename[f"{n.name}:{k}"] = name
+    if not new_nodes:
+        return graph_def
+    kept = [n for n in out.node if n.op != "IdentityN"]
+    del out.node[:]
+    out.node.extend(kept + new_nodes)
+    for n in out.node:
+        n.input[:] = [rename.get(i, rename.get(i + ":0", i) if ":" not in i else i)
+                      if not i.startswith("^") else i for i in n.input]
+    return out
 
 
 def prune_unused(graph_def: tf.compat.v1.GraphDef, outputs: list[str]) -> tf.compat.v1.GraphDef:

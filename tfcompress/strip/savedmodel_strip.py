@@ -65,29 +65,80 @@ def freeze_saved_model(src_dir: str, signature_key: str = "serving_default") -> 
     _check_saved_model_dir(src_dir)
     try:
         loaded = tf.saved_model.load(src_dir)
-    except Exception as e:  # corrupted files, unknown ops ...
-        raise ExportError(f"cannot load SavedModel {src_dir!r}: {str(e).splitlines()[0]}") from None
+    except Exception:  # e.g. TF/Keras 2 SavedModels whose optimizer objects TF 2.16+ cannot restore
+        graph_def, inputs, outputs, specs, same = _freeze_v1(src_dir, signature_key)
+    else:
+        graph_def, inputs, outputs, specs, same = _freeze_v2(loaded, src_dir, signature_key)
+    graph_def = fold_constants(graph_def, list(outputs.values()))
+    return FrozenSignature(graph_def, inputs, outputs, specs, signature_key, same)
+
+
+def _missing_signature(src_dir, key, available) -> ExportError:
+    return ExportError(
+        f"SavedModel {src_dir!r} has no {key!r} signature (it has {sorted(available) or 'none'}); "
+        "export it with model.export(dir) or tf.saved_model.save(obj, dir, signatures=...)"
+    )
+
+
+def _freeze_v2(loaded, src_dir: str, key: str):
     sigs = dict(loaded.signatures)
-    if signature_key not in sigs:
-        raise ExportError(
-            f"SavedModel {src_dir!r} has no {signature_key!r} signature (it has {sorted(sigs) or 'none'}); "
-            "export it with model.export(dir) or tf.saved_model.save(obj, dir, signatures=...)"
-        )
-    fn = sigs[signature_key]
+    if key not in sigs:
+        raise _missing_signature(src_dir, key, sigs)
+    fn = sigs[key]
     specs = dict(fn.structured_input_signature[1])
     frozen = convert_variables_to_constants_v2(fn)
-    graph_def = frozen.graph.as_graph_def()
     # the frozen function's inputs are its placeholders and its outputs the flattened structured outputs,
     # both in tf.nest order (dict keys sorted)
     inputs = dict(zip(sorted(specs), [t.name for t in frozen.inputs]))
     outputs = dict(zip(sorted(fn.structured_outputs), [t.name for t in frozen.outputs]))
-    graph_def = fold_constants(graph_def, list(outputs.values()))
     same = [
-        k for k, f in sigs.items() if k != signature_key
+        k for k, f in sigs.items() if k != key
         and f.structured_input_signature == fn.structured_input_signature
         and f.structured_outputs.keys() == fn.structured_outputs.keys()
     ]
-    return FrozenSignature(graph_def, inputs, outputs, specs, signature_key, same)
+    return frozen.graph.as_graph_def(), inputs, outputs, specs, same
+
+
+def _freeze_v1(src_dir: str, key: str):
+    """TF1-style loading: the signature_def's tensors, functions inlined by grappler, variables frozen."""
+    from tensorflow.core.protobuf import config_pb2, meta_graph_pb2, rewriter_config_pb2
+    from tensorflow.python.grappler import tf_optimizer
+
+    g = tf.Graph()
+    with g.as_default(), tf.compat.v1.Session() as sess:
+        try:
+            mg = tf.compat.v1.saved_model.loader.load(sess, ["serve"], src_dir)
+        except Exception as e:
+            raise ExportError(f"cannot load SavedModel {src_dir!r}: {str(e).splitlines()[0]}") from None
+        if key not in mg.signature_def:
+            raise _missing_signature(src_dir, key, mg.signature_def)
+        sig = mg.signature_def[key]
+        inputs = {k: v.name for k, v in sig.inputs.items()}
+        outputs = {k: v.name for k, v in sig.outputs.items()}
+        specs = {
+            k: tf.TensorSpec(tf.TensorShape(v.tensor_shape), tf.as_dtype(v.dtype), name=k)
+            for k, v in sig.inputs.items()
+        }
+        meta = meta_graph_pb2.MetaGraphDef()
+        meta.graph_def.CopyFrom(g.as_graph_def())
+        fetch = meta_graph_pb2.CollectionDef()
+        fetch.node_list.value.extend(outputs.values())
+        meta.collection_def["train_op"].CopyFrom(fetch)
+        cfg = config_pb2.ConfigProto()
+        rw = cfg.graph_options.rewrite_options
+        rw.optimizers[:] = ["function"]  # inline function calls, nothing else
+        rw.meta_optimizer_iterations = rewriter_config_pb2.RewriterConfig.ONE
+        rw.min_graph_nodes = -1
+        inlined = tf_optimizer.OptimizeGraph(cfg, meta)
+        graph_def = tf.compat.v1.graph_util.convert_variables_to_constants(
+            sess, inlined, sorted({t.split(":")[0] for t in outputs.values()})
+        )
+    same = [
+        k for k, s in mg.signature_def.items() if k != key
+        and {n: v.name for n, v in s.inputs.items()} == inputs
+        and {n: v.name for n, v in s.outputs.items()} == outputs
+    ]
+    return graph_def, inputs, outputs, specs, same
 
 
 def save_graph_def(frozen: FrozenSignature, graph_def: tf.compat.v1.GraphDef, dst_dir: str) -> None:
@@ -120,7 +171,9 @@ def save_graph_def(frozen: FrozenSignature, graph_def: tf.compat.v1.GraphDef, ds
         fn = tf.function(namespace["serve"], input_signature=specs, autograph=False)
         setattr(module, f"signature_{k}", fn)
         signatures[key] = fn.get_concrete_function()
-    tf.saved_model.save(module, dst_dir, signatures=signatures)
+    # an inference graph: custom gradients (e.g. of swish) are neither needed nor savable once frozen
+    options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
+    tf.saved_model.save(module, dst_dir, signatures=signatures, options=options)
 
 
 def _without_placeholders(graph_def):
@@ -134,6 +187,17 @@ def _without_placeholders(graph_def):
             n.attr["dtype"].type = dtype
             n.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(np.zeros((), tf.as_dtype(dtype).as_numpy_dtype)))
     return out
+
+
+def run_frozen(frozen: FrozenSignature, graph_def, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run a frozen signature graph (the original, whatever TF version wrote it) on named inputs."""
+    g = tf.Graph()
+    with g.as_default():
+        tf.import_graph_def(graph_def, name="")
+    with tf.compat.v1.Session(graph=g) as sess:
+        keys = sorted(frozen.outputs)
+        vals = sess.run([frozen.outputs[k] for k in keys], {frozen.inputs[n]: a for n, a in inputs.items()})
+    return dict(zip(keys, vals))
 
 
 def run_signature(saved_model_dir: str, inputs: dict[str, np.ndarray], key: str = "serving_default") -> dict:
@@ -222,7 +286,7 @@ def strip_saved_model(
     try:
         save_graph_def(frozen, new_gd, tmp)
         x = check_inputs if check_inputs is not None else sample_inputs(frozen.specs)
-        ref = run_signature(src_dir, x, signature_key)
+        ref = run_frozen(frozen, frozen.graph_def, x)
         got = run_signature(tmp, x, signature_key)
         err = max(_rel(got[k], ref[k]) for k in ref)
         if not err <= tolerance:
