@@ -1,0 +1,270 @@
+"""SavedModel stripping, ONNX and OpenVINO conversion, and the `python -m tfcompress.export` command."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from keras import layers as L
+
+import tfcompress
+from tfcompress.export import ExportError, export_saved_model, strip_saved_model, to_onnx, to_openvino
+from conftest import SHARED_DATA, randomize_batchnorm, randomize_biases, rel_error
+
+KWS = SHARED_DATA / "models" / "mlperf_tiny" / "kws_ref_model_savedmodel" / "kws_ref_model"
+
+
+def _tree_digest(path) -> str:
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(path)):
+        for f in sorted(files):
+            p = os.path.join(root, f)
+            h.update(p.encode())
+            h.update(open(p, "rb").read())
+    return h.hexdigest()
+
+
+def _pruned_model(rng):
+    inp = keras.Input((24, 24, 3), name="image")
+    x = L.Conv2D(16, 3, padding="same", name="stem")(inp)
+    x = L.ReLU()(L.BatchNormalization()(x))
+    y = L.Conv2D(16, 3, padding="same", name="body")(x)
+    y = L.BatchNormalization()(y)
+    x = L.ReLU()(L.Add()([x, y]))
+    se = L.Reshape((1, 1, 16))(L.GlobalAveragePooling2D()(x))
+    se = L.Conv2D(16, 1, activation="sigmoid", name="se")(L.Conv2D(8, 1, activation="relu", name="se_r")(se))
+    x = L.Multiply()([x, se])
+    d = L.DepthwiseConv2D(3, padding="same", name="dw")(x)
+    x = L.Concatenate()([x, L.ReLU(6.0)(L.BatchNormalization()(d))])
+    x = L.Conv2D(24, 3, strides=2, activation="relu", name="head_conv")(x)
+    model = keras.Model(inp, L.Dense(10, name="logits")(L.GlobalAveragePooling2D()(x)))
+    randomize_batchnorm(model, rng)
+    randomize_biases(model, rng)
+    for g in tfcompress.channel_groups(model):
+        tfcompress.zero_channels(model, g, rng.choice(g.size, g.size // 4, replace=False))
+    return model
+
+
+def test_strip_saved_model_from_model_export(tmp_path, rng):
+    model = _pruned_model(rng)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    model.export(str(src), verbose=False)
+    digest = _tree_digest(src)
+    result = strip_saved_model(str(src), str(dst))
+    assert _tree_digest(src) == digest  # the input is never modified
+    assert result.params_after < 0.8 * result.params_before
+    assert result.flops_after < 0.8 * result.flops_before
+    keras_stripped = tfcompress.strip(model)
+    assert result.flops_after == pytest.approx(tfcompress.count_flops(keras_stripped), rel=1e-6)
+    loaded = tf.saved_model.load(str(dst))
+    assert set(loaded.signatures) == {"serve", "serving_default"}
+    sig = loaded.signatures["serving_default"]
+    assert list(sig.structured_input_signature[1]) == ["image"]
+    x = rng.uniform(0, 1, (4, 24, 24, 3)).astype("float32")
+    out = sig(image=tf.constant(x))
+    assert list(out) == list(tf.saved_model.load(str(src)).signatures["serving_default"].structured_outputs)
+    assert rel_error(list(out.values())[0], model(x)) < 1e-4
+    assert result.max_rel_error < 1e-4
+
+
+def test_strip_saved_model_from_tf_saved_model_save(tmp_path, rng):
+    model = _pruned_model(rng)
+
+    class Wrapper(tf.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        @tf.function(input_signature=[tf.TensorSpec((None, 24, 24, 3), tf.float32, name="pixels")])
+        def predict(self, pixels):
+            return {"scores": self.m(pixels)}
+
+    w = Wrapper(model)
+    tf.saved_model.save(w, str(tmp_path / "src"), signatures={"serving_default": w.predict})
+    result = strip_saved_model(str(tmp_path / "src"), str(tmp_path / "dst"))
+    assert result.params_after < 0.8 * result.params_before
+    sig = tf.saved_model.load(str(tmp_path / "dst")).signatures["serving_default"]
+    x = rng.uniform(0, 1, (3, 24, 24, 3)).astype("float32")
+    assert rel_error(sig(pixels=tf.constant(x))["scores"], model(x)) < 1e-4
+
+
+def test_onnx_and_openvino_match_keras(tmp_path, rng):
+    model = _pruned_model(rng)
+    model.export(str(tmp_path / "src"), verbose=False)
+    strip_saved_model(str(tmp_path / "src"), str(tmp_path / "stripped"))
+    x = {"image": rng.uniform(0, 1, (4, 24, 24, 3)).astype("float32")}
+    c = to_onnx(str(tmp_path / "stripped"), str(tmp_path / "m.onnx"), check_inputs=x)
+    assert c["max_rel_error"] < 1e-4
+    c = to_openvino(str(tmp_path / "m.onnx"), str(tmp_path / "m.xml"), check_inputs=x)
+    assert c["max_rel_error"] < 1e-4
+    import onnxruntime as ort
+    import openvino as ov
+
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["image"]
+    compiled = ov.Core().compile_model(str(tmp_path / "m.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    out = compiled({"image": x["image"]})[compiled.outputs[0]]
+    assert rel_error(out, model(x["image"])) < 1e-4
+
+
+class QuantConv(L.Layer):
+    """A minimal QAT-style conv: fake-quantized input (per tensor, uint8) and weights (per channel, int8)."""
+
+    def __init__(self, filters, **kw):
+        super().__init__(**kw)
+        self.filters = filters
+
+    def build(self, shape):
+        self.kernel = self.add_weight(shape=(3, 3, shape[-1], self.filters), initializer="glorot_uniform")
+        self.bias = self.add_weight(shape=(self.filters,), initializer="zeros")
+
+    def call(self, x):
+        x = tf.quantization.fake_quant_with_min_max_vars(x, -1.0, 3.0, num_bits=8)
+        m = tf.reduce_max(tf.abs(self.kernel), axis=[0, 1, 2])
+        w = tf.quantization.fake_quant_with_min_max_vars_per_channel(self.kernel, -m, m, num_bits=8, narrow_range=True)
+        return tf.nn.relu(tf.nn.conv2d(x, w, 1, "SAME") + self.bias)
+
+
+def test_quantization_aware_model_runs_int8_in_openvino(tmp_path, rng):
+    inp = keras.Input((16, 16, 3), name="image")
+    x = QuantConv(16)(inp)
+    x = QuantConv(16)(x)
+    x = L.GlobalAveragePooling2D()(x)
+    model = keras.Model(inp, L.Dense(4)(x))
+    model.export(str(tmp_path / "src"), verbose=False)
+    xs = {"image": rng.uniform(-1, 3, (2, 16, 16, 3)).astype("float32")}
+    c = to_onnx(str(tmp_path / "src"), str(tmp_path / "q.onnx"), check_inputs=xs, tolerance=1e-3)
+    assert c["quantized_weights"] == 2
+    to_openvino(str(tmp_path / "q.onnx"), str(tmp_path / "q.xml"), check_inputs=xs, tolerance=1e-3)
+    import openvino as ov
+
+    core = ov.Core()
+    for path in (tmp_path / "q.onnx", tmp_path / "q.xml"):
+        compiled = core.compile_model(str(path), "CPU")
+        convs = [op for op in compiled.get_runtime_model().get_ops()
+                 if op.get_rt_info()["layerType"].astype(str) == "Convolution"]
+        assert len(convs) == 2
+        for op in convs:
+            assert op.get_rt_info()["runtimePrecision"].astype(str) in ("u8", "i8"), path
+
+
+def _cli(*args, cwd=None):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, "-m", "tfcompress.export", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=900)
+
+
+def test_kws_savedmodel_through_the_command(tmp_path):
+    """The MLPerf Tiny keyword-spotting SavedModel, written by TF/Keras 2, goes through the whole command."""
+    assert KWS.is_dir(), f"shared data missing: {KWS}"
+    digest = _tree_digest(KWS)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "val.npz", x=rng.normal(size=(64, 49, 10, 1)).astype("float32"), y=rng.integers(0, 12, 64))
+    out = tmp_path / "out"
+    proc = _cli(f"--saved_model_dir={KWS}", f"--output_dir={out}", "--int8=none",
+                f"--validation_data={tmp_path / 'val.npz'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _tree_digest(KWS) == digest
+    assert sorted(os.listdir(out)) == ["model.onnx", "model_fp32.bin", "model_fp32.xml", "report.json", "report.md",
+                                       "stripped"]
+    report = json.loads((out / "report.json").read_text())
+    assert all(s["max_rel_error"] < 1e-4 for s in report["steps"].values())
+    acc = report["accuracy"]
+    assert acc["original"] == acc["stripped"] == acc["onnx"] == acc["openvino_fp32"]
+    assert "| parameters |" in (out / "report.md").read_text()
+    import openvino as ov
+
+    assert len(ov.Core().read_model(str(out / "model_fp32.xml")).inputs) == 1
+
+
+def test_command_help_documents_every_flag():
+    proc = _cli("--help")
+    assert proc.returncode == 0
+    for flag in ("saved_model_dir", "output_dir", "calibration_data", "int8", "max_drop", "validation_data",
+                 "opset", "overwrite"):
+        assert f"--{flag}" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def small_saved_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sm") / "model"
+    model = keras.Sequential([keras.Input((8, 8, 3), name="x"), L.Conv2D(4, 3), L.GlobalAveragePooling2D(), L.Dense(2)])
+    model.export(str(path), verbose=False)
+    return path
+
+
+def _assert_clean_failure(proc, message, parent, out):
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], proc.stderr[-1500:]
+    assert "Traceback" not in proc.stderr
+    assert not [p for p in os.listdir(parent) if p.startswith(".tfcompress-")]  # no temp dir left behind
+
+
+def test_bad_inputs_get_one_line_errors(tmp_path, small_saved_model):
+    out = tmp_path / "out"
+    proc = _cli(f"--saved_model_dir={tmp_path / 'missing'}", f"--output_dir={out}")
+    _assert_clean_failure(proc, "does not exist", tmp_path, out)
+    (tmp_path / "notsm").mkdir()
+    proc = _cli(f"--saved_model_dir={tmp_path / 'notsm'}", f"--output_dir={out}")
+    _assert_clean_failure(proc, "not a SavedModel", tmp_path, out)
+    assert not out.exists()
+
+    class NoSig(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec((None, 2))])
+        def f(self, x):
+            return x
+
+    tf.saved_model.save(NoSig(), str(tmp_path / "nosig"), signatures={})
+    proc = _cli(f"--saved_model_dir={tmp_path / 'nosig'}", f"--output_dir={out}")
+    _assert_clean_failure(proc, "no 'serving_default' signature", tmp_path, out)
+
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    proc = _cli(f"--saved_model_dir={small_saved_model}", f"--output_dir={out}")
+    _assert_clean_failure(proc, "not empty", tmp_path, out)
+    assert os.listdir(out) == ["keep.txt"]
+
+    np.save(tmp_path / "wrong.npy", np.zeros((4, 9, 9, 3), "float32"))
+    proc = _cli(f"--saved_model_dir={small_saved_model}", f"--output_dir={tmp_path / 'o2'}",
+                f"--calibration_data={tmp_path / 'wrong.npy'}")
+    _assert_clean_failure(proc, "expects (8, 8, 3)", tmp_path, tmp_path / "o2")
+    bad = np.zeros((4, 8, 8, 3), "float32")
+    bad[1, 2, 3, 0] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    proc = _cli(f"--saved_model_dir={small_saved_model}", f"--output_dir={tmp_path / 'o2'}",
+                f"--calibration_data={tmp_path / 'nan.npy'}")
+    _assert_clean_failure(proc, "NaN", tmp_path, tmp_path / "o2")
+    assert not (tmp_path / "o2").exists()
+
+
+def test_overwrite_replaces_output(tmp_path, small_saved_model):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    report = export_saved_model(str(small_saved_model), str(out), int8="none", overwrite=True)
+    assert "old.txt" not in os.listdir(out) and (out / "model.onnx").exists()
+    assert report["steps"]["onnx"]["max_rel_error"] < 1e-4
+    with pytest.raises(ExportError, match="opset"):
+        export_saved_model(str(small_saved_model), str(tmp_path / "o3"), opset=19)
+
+
+@pytest.mark.parametrize("name", ["MobileNetV2", "EfficientNetB0"])
+def test_strip_saved_model_keras_applications(name, tmp_path, rng):
+    """Depthwise convolutions, squeeze-excite, swish (IdentityN custom gradients) through the GraphDef adapter."""
+    model = getattr(keras.applications, name)(weights=None, input_shape=(64, 64, 3), classes=10,
+                                              classifier_activation=None)
+    randomize_batchnorm(model, rng)
+    for g in tfcompress.channel_groups(model):
+        tfcompress.zero_channels(model, g, rng.choice(g.size, g.size // 4, replace=False))
+    model.export(str(tmp_path / "src"), verbose=False)
+    result = strip_saved_model(str(tmp_path / "src"), str(tmp_path / "dst"))
+    stripped = tfcompress.strip(model)
+    # the SavedModel stripper removes what the Keras stripper removes (BN moving statistics aside)
+    assert result.flops_after == pytest.approx(tfcompress.count_flops(stripped), rel=1e-6)
+    assert result.max_rel_error < 1e-4

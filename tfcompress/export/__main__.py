@@ -1,0 +1,66 @@
+"""``python -m tfcompress.export``: SavedModel -> stripped SavedModel, ONNX, OpenVINO IR and a report."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("saved_model_dir", None, "The SavedModel to export (read only, never modified).")
+flags.DEFINE_string("output_dir", None, "Where to write stripped/, model.onnx, model_fp32.xml/.bin, "
+                    "model_int8.xml/.bin and report.json/.md. Must not exist or be empty (see --overwrite).")
+flags.DEFINE_string("calibration_data", None, "Samples for INT8 calibration: .npy, .npz (x[, y]) or a directory "
+                    "of images in class sub-folders. NOTE: the INT8 calibrator is not implemented yet; giving "
+                    "this flag with --int8 other than none is an error until it is.")
+flags.DEFINE_enum("int8", "default", ["default", "accuracy_aware", "none"],
+                  "INT8 calibration mode (needs --calibration_data).")
+flags.DEFINE_float("max_drop", 0.01, "Largest accuracy drop allowed by --int8=accuracy_aware.")
+flags.DEFINE_string("validation_data", None, "Labelled samples (.npz with x and y, or an image directory); the "
+                    "report then gives the accuracy of every artifact.")
+flags.DEFINE_integer("opset", 17, "ONNX opset, 13..18.")
+flags.DEFINE_string("signature", "serving_default", "The SavedModel signature to export.")
+flags.DEFINE_bool("overwrite", False, "Replace a non-empty --output_dir.")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {argv[1:]}; use --flag=value", file=sys.stderr)
+        return 2
+    missing = [f"--{n}" for n in ("saved_model_dir", "output_dir") if not getattr(FLAGS, n)]
+    if missing:
+        print(f"error: {' and '.join(missing)} required (see --help)", file=sys.stderr)
+        return 2
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # TF's saver logs every checkpoint read at INFO
+    from tfcompress.export.pipeline import export_saved_model
+    from tfcompress.strip.savedmodel_strip import ExportError
+
+    try:
+        export_saved_model(
+            FLAGS.saved_model_dir, FLAGS.output_dir, calibration_data=FLAGS.calibration_data, int8=FLAGS.int8,
+            max_drop=FLAGS.max_drop, validation_data=FLAGS.validation_data, opset=FLAGS.opset,
+            overwrite=FLAGS.overwrite, signature_key=FLAGS.signature,
+        )
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run() -> None:
+    asked_help = any(a in ("--help", "-h", "-?", "--helpshort", "--helpfull") for a in sys.argv[1:])
+    try:
+        app.run(lambda argv: sys.exit(main(argv)))
+    except SystemExit as e:
+        if asked_help and e.code == 1:  # absl exits 1 after printing the help it was asked for
+            sys.exit(0)
+        raise
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,84 @@
+"""Calibration / validation data for the export command: .npy, .npz or a directory of images."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from tfcompress.strip.savedmodel_strip import ExportError
+
+__all__ = ["load_data"]
+
+_X_KEYS = ("x", "x_test", "x_val", "x_train", "images", "inputs")
+_Y_KEYS = ("y", "y_test", "y_val", "y_train", "labels")
+
+
+def load_data(path: str, spec: tf.TensorSpec, what: str = "data") -> tuple[np.ndarray, np.ndarray | None]:
+    """Load samples (and labels when the file or folder has them), checked against the model input ``spec``.
+
+    * ``.npy``: an array of samples.
+    * ``.npz``: samples under ``x`` (or ``x_test``, ``x_train`` ...), optional labels under ``y`` (...).
+    * a directory: images in one sub-directory per class (``keras.utils.image_dataset_from_directory``
+      conventions), resized to the model's input size; labels are the sorted class folders.
+
+    Raises:
+        ExportError: missing file, unknown format, shape or dtype that does not match, NaN or inf values.
+    """
+    if not os.path.exists(path):
+        raise ExportError(f"{what} {path!r} does not exist")
+    y = None
+    if os.path.isdir(path):
+        x, y = _images(path, spec, what)
+    elif path.endswith(".npy"):
+        x = np.load(path, allow_pickle=False)
+    elif path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as d:
+            xk = next((k for k in _X_KEYS if k in d), None) or (d.files[0] if d.files else None)
+            if xk is None:
+                raise ExportError(f"{what} {path!r} holds no arrays")
+            x = d[xk]
+            yk = next((k for k in _Y_KEYS if k in d), None)
+            y = d[yk] if yk else None
+    else:
+        raise ExportError(f"{what} {path!r} must be a .npy or .npz file or a directory of images")
+    shape = spec.shape.as_list()
+    if x.ndim != len(shape) or any(d is not None and d != s for d, s in zip(shape[1:], x.shape[1:])):
+        raise ExportError(
+            f"{what} {path!r} has samples of shape {tuple(x.shape[1:])}, the model input "
+            f"{spec.name!r} expects {tuple(shape[1:])}"
+        )
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+        raise ExportError(f"{what} {path!r} has dtype {x.dtype}, not numbers")
+    if spec.dtype.is_floating and np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
+        raise ExportError(f"{what} {path!r} contains NaN or infinite values")
+    if spec.dtype.is_integer and np.issubdtype(x.dtype, np.floating):
+        raise ExportError(f"{what} {path!r} has float samples, the model input {spec.name!r} is {spec.dtype.name}")
+    if len(x) == 0:
+        raise ExportError(f"{what} {path!r} holds no samples")
+    if y is not None and len(y) != len(x):
+        raise ExportError(f"{what} {path!r} has {len(x)} samples but {len(y)} labels")
+    return x.astype(spec.dtype.as_numpy_dtype), y
+
+
+def _images(path: str, spec: tf.TensorSpec, what: str):
+    shape = spec.shape.as_list()
+    if len(shape) != 4 or shape[1] is None or shape[2] is None or shape[3] not in (1, 3):
+        raise ExportError(f"{what}: an image directory needs a model input of shape (batch, H, W, 1|3)")
+    import keras
+
+    try:
+        ds = keras.utils.image_dataset_from_directory(
+            path, image_size=(shape[1], shape[2]), batch_size=None, shuffle=False,
+            color_mode="grayscale" if shape[3] == 1 else "rgb", verbose=False,
+        )
+    except Exception as e:
+        raise ExportError(f"{what} {path!r}: {str(e).splitlines()[0]}") from None
+    xs, ys = [], []
+    for img, label in ds:
+        xs.append(img.numpy())
+        ys.append(int(label.numpy()))
+    if not xs:
+        raise ExportError(f"{what} {path!r} holds no images")
+    return np.stack(xs), np.asarray(ys)

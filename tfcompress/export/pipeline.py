@@ -1,0 +1,204 @@
+"""The whole export: SavedModel -> stripped SavedModel -> ONNX -> OpenVINO IR, with a report."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+from tfcompress.export.convert import _run_onnx, run_openvino, to_onnx, to_openvino
+from tfcompress.export.data import load_data
+from tfcompress.strip.savedmodel_strip import (
+    ExportError, atomic_output_dir, commit_dir, freeze_saved_model, run_frozen, strip_saved_model,
+)
+
+__all__ = ["export_saved_model", "INT8_MODES"]
+
+INT8_MODES = ("default", "accuracy_aware", "none")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _size(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def _accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.argmax(outputs.reshape(len(outputs), -1), axis=1) == labels.reshape(-1)))
+
+
+def _batched(fn, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    import keras
+
+    bar = keras.utils.Progbar(len(x), verbose=1 if len(x) > batch else 0)
+    parts = []
+    for i in range(0, len(x), batch):
+        parts.append(fn(x[i:i + batch]))
+        bar.update(min(i + batch, len(x)))
+    return np.concatenate(parts)
+
+
+def export_saved_model(
+    saved_model_dir: str,
+    output_dir: str,
+    calibration_data: str | None = None,
+    int8: str = "default",
+    max_drop: float = 0.01,
+    validation_data: str | None = None,
+    opset: int = 17,
+    overwrite: bool = False,
+    signature_key: str = "serving_default",
+) -> dict:
+    """Write ``stripped/``, ``model.onnx``, ``model_fp32.xml/.bin`` and ``report.json/.md`` into ``output_dir``.
+
+    Everything is validated before any work, written into a temporary directory next to ``output_dir`` and
+    moved into place at the end: a failure leaves ``output_dir`` as it was. ``saved_model_dir`` is only read.
+
+    Args:
+        saved_model_dir: the SavedModel (any TF 2 or TF/Keras 2 SavedModel with a serving signature).
+        output_dir: destination; must not exist or be empty unless ``overwrite``.
+        calibration_data: samples for INT8 calibration (.npy/.npz/image directory).
+        int8: ``"default"``, ``"accuracy_aware"`` or ``"none"``.
+        max_drop: largest accuracy drop for ``int8="accuracy_aware"``.
+        validation_data: samples with labels; the report then gives each artifact's accuracy.
+        opset: ONNX opset (13..18).
+
+    Returns:
+        The report (also written as ``report.json``).
+    """
+    if int8 not in INT8_MODES:
+        raise ExportError(f"--int8 must be one of {list(INT8_MODES)}, got {int8!r}")
+    if not (isinstance(max_drop, (int, float)) and 0 <= max_drop < 1):
+        raise ExportError(f"--max_drop must be in [0, 1), got {max_drop!r}")
+    if not isinstance(opset, int) or not 13 <= opset <= 18:
+        raise ExportError(f"--opset must be in 13..18 (tf2onnx 1.17), got {opset!r}")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ExportError(f"output path {output_dir!r} exists and is not a directory")
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+        raise ExportError(f"output directory {output_dir!r} exists and is not empty (pass --overwrite)")
+    src = os.path.abspath(saved_model_dir)
+    if os.path.abspath(output_dir) == src or os.path.abspath(output_dir).startswith(src + os.sep):
+        raise ExportError("the output directory must not be the input SavedModel or inside it")
+
+    t0 = time.perf_counter()
+    _log(f"[1/5] reading {saved_model_dir}")
+    frozen = freeze_saved_model(saved_model_dir, signature_key)
+    if len(frozen.specs) != 1 and (calibration_data or validation_data):
+        raise ExportError("calibration/validation data files are supported for single-input models only")
+    spec = next(iter(frozen.specs.values()))
+    name = next(iter(frozen.specs))
+    calib = load_data(calibration_data, spec, "calibration data") if calibration_data else None
+    valid = load_data(validation_data, spec, "validation data") if validation_data else None
+    if calib is not None and int8 != "none":
+        raise ExportError(
+            "INT8 calibration is not available yet: the calibrator (tfcompress.calibration) is a separate "
+            "issue still open; run with --int8=none to export the FP32 artifacts"
+        )
+    check = None
+    for data in (valid, calib):
+        if data is not None:
+            check = {name: data[0][:8]}
+            break
+
+    tmp = atomic_output_dir(output_dir)
+    try:
+        report: dict = {"source": os.path.abspath(saved_model_dir), "signature": signature_key, "steps": {}}
+        t = time.perf_counter()
+        _log("[2/5] stripping zeroed channels")
+        stripped_dir = os.path.join(tmp, "stripped")
+        strip = strip_saved_model(saved_model_dir, stripped_dir, signature_key, check_inputs=check)
+        report["steps"]["strip"] = {"seconds": time.perf_counter() - t, "max_rel_error": strip.max_rel_error}
+        report["layers"] = strip.layers
+        report["params"] = {"before": strip.params_before, "after": strip.params_after}
+        report["flops"] = {"before": strip.flops_before, "after": strip.flops_after}
+
+        t = time.perf_counter()
+        _log("[3/5] converting to ONNX (tf2onnx)")
+        onnx_path = os.path.join(tmp, "model.onnx")
+        c = to_onnx(stripped_dir, onnx_path, opset=opset, check_inputs=check, signature_key=signature_key)
+        report["steps"]["onnx"] = {"seconds": time.perf_counter() - t, **c}
+
+        t = time.perf_counter()
+        _log("[4/5] converting to OpenVINO IR")
+        xml = os.path.join(tmp, "model_fp32.xml")
+        c = to_openvino(onnx_path, xml, check_inputs=check)
+        report["steps"]["openvino"] = {"seconds": time.perf_counter() - t, **c}
+
+        report["sizes"] = {
+            "saved_model": _size(saved_model_dir), "stripped": _size(stripped_dir), "onnx": _size(onnx_path),
+            "openvino_fp32": _size(xml) + _size(xml[:-4] + ".bin"),
+        }
+        if valid is not None and valid[1] is not None:
+            _log("[5/5] measuring accuracy on the validation data")
+            x, y = valid
+            out_key = sorted(frozen.outputs)[0]
+            report["accuracy"] = {
+                "original": _accuracy(_batched(lambda b: run_frozen(frozen, frozen.graph_def, {name: b})[out_key], x), y),
+                "stripped": _accuracy(_batched(lambda b: _run_stripped(stripped_dir, signature_key, name, b, out_key), x), y),
+                "onnx": _accuracy(_batched(lambda b: _onnx_fn(onnx_path)({name: b})[out_key], x), y),
+                "openvino_fp32": _accuracy(_batched(lambda b: list(run_openvino(xml, {name: b}).values())[0], x), y),
+                "samples": int(len(x)),
+            }
+        else:
+            _log("[5/5] no labelled validation data: accuracy not measured")
+        report["seconds"] = time.perf_counter() - t0
+        with open(os.path.join(tmp, "report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        with open(os.path.join(tmp, "report.md"), "w") as f:
+            f.write(_markdown(report))
+        commit_dir(tmp, output_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _log(f"wrote {output_dir} in {report['seconds']:.1f} s")
+    return report
+
+
+_STRIPPED_CACHE: dict = {}
+
+
+def _run_stripped(path, key, name, batch, out_key):
+    import tensorflow as tf
+
+    if path not in _STRIPPED_CACHE:
+        _STRIPPED_CACHE.clear()
+        _STRIPPED_CACHE[path] = tf.saved_model.load(path).signatures[key]
+    return _STRIPPED_CACHE[path](**{name: tf.constant(batch)})[out_key].numpy()
+
+
+def _onnx_fn(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    return lambda feeds: _run_onnx(data, feeds)
+
+
+def _markdown(r: dict) -> str:
+    lines = [f"# tfcompress export report", "", f"Source: `{r['source']}` (signature `{r['signature']}`)", ""]
+    fb, fa = r["flops"]["before"], r["flops"]["after"]
+    lines += ["| | before | after | ratio |", "|---|---|---|---|",
+              f"| parameters | {r['params']['before']:,} | {r['params']['after']:,} | "
+              f"{r['params']['after'] / max(r['params']['before'], 1):.3f} |",
+              f"| FLOPs | {fb:,.0f} | {fa:,.0f} | {fa / max(fb, 1):.3f} |",
+              f"| SavedModel bytes | {r['sizes']['saved_model']:,} | {r['sizes']['stripped']:,} | "
+              f"{r['sizes']['stripped'] / max(r['sizes']['saved_model'], 1):.3f} |", ""]
+    lines += [f"ONNX {r['sizes']['onnx']:,} bytes; OpenVINO FP32 IR {r['sizes']['openvino_fp32']:,} bytes.", ""]
+    lines += ["## Numeric checks (relative max error)", "", "| step | error | seconds |", "|---|---|---|"]
+    for step, s in r["steps"].items():
+        lines.append(f"| {step} | {s['max_rel_error']:.2e} | {s['seconds']:.1f} |")
+    if "accuracy" in r:
+        a = r["accuracy"]
+        lines += ["", f"## Accuracy ({a['samples']} validation samples)", "", "| artifact | accuracy |", "|---|---|"]
+        for k in ("original", "stripped", "onnx", "openvino_fp32"):
+            lines.append(f"| {k} | {100 * a[k]:.2f} % |")
+    lines += ["", "## Layers", "", "| layer | op | channels before | after |", "|---|---|---|---|"]
+    for layer in r["layers"]:
+        lines.append(f"| `{layer['name']}` | {layer['op']} | {layer['channels_before']} | {layer['channels_after']} |")
+    return "\n".join(lines) + "\n"
