@@ -150,11 +150,25 @@ def save_graph_def(frozen: FrozenSignature, graph_def: tf.compat.v1.GraphDef, ds
     # placeholders cannot stay inside a function: every reader is re-wired through input_map, so the
     # placeholder nodes only need to exist (as a small constant) for the import to validate
     graph_def = _without_placeholders(graph_def)
+    # weights become variables, stored once in variables/ and shared by every signature's function
+    # (as graph constants they would be copied into each function of saved_model.pb)
+    module = tf.Module()
+    module.weights = []
+    weight_map = {}
+    for n in graph_def.node:
+        if n.op == "Const" and tf.as_dtype(n.attr["dtype"].type).is_floating:
+            value = tf.make_ndarray(n.attr["value"].tensor)
+            if value.size >= 16:
+                v = tf.Variable(value, trainable=False, name=f"w{len(module.weights)}")
+                module.weights.append(v)
+                weight_map[n.name + ":0"] = v
 
     def body(args):
+        feeds = {frozen.inputs[n]: a for n, a in zip(names, args)}
+        feeds.update({t: v.read_value() for t, v in weight_map.items()})
         outs = tf.compat.v1.import_graph_def(
             graph_def,
-            input_map={frozen.inputs[n]: a for n, a in zip(names, args)},
+            input_map=feeds,
             return_elements=[frozen.outputs[k] for k in keys],
             name="stripped",
         )
@@ -163,7 +177,6 @@ def save_graph_def(frozen: FrozenSignature, graph_def: tf.compat.v1.GraphDef, ds
     # signatures are called with keyword arguments named like the inputs: give the function those names
     if not all(n.isidentifier() and not keyword.iskeyword(n) for n in names):
         raise ExportError(f"signature input names {names} are not Python identifiers; cannot re-create them")
-    module = tf.Module()
     signatures = {}
     for k, key in enumerate([frozen.signature_key] + frozen.other_signatures):
         namespace = {"body": body}  # one function per signature: TF refuses one function for two keys
