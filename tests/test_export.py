@@ -270,3 +270,20 @@ def test_strip_saved_model_keras_applications(name, tmp_path, rng):
     # the SavedModel stripper removes what the Keras stripper removes (BN moving statistics aside)
     assert result.flops_after == pytest.approx(tfcompress.count_flops(stripped), rel=1e-6)
     assert result.max_rel_error < 1e-4
+
+
+def test_image_directory_as_validation_data(tmp_path, small_saved_model):
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / "images" / cls).mkdir(parents=True)
+        for k in range(3):
+            img = rng.integers(0, 255, (10, 12, 3), dtype=np.uint8)
+            (tmp_path / "images" / cls / f"{k}.png").write_bytes(tf.io.encode_png(img).numpy())
+    report = export_saved_model(str(small_saved_model), str(tmp_path / "out"), int8="none",
+                                validation_data=str(tmp_path / "images"))
+    acc = report["accuracy"]
+    assert acc["samples"] == 6
+    assert acc["original"] == acc["openvino_fp32"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExportError, match="empty"):
+        export_saved_model(str(small_saved_model), str(tmp_path / "o2"), validation_data=str(tmp_path / "empty"))

@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfcompress.graph.engine import ChannelGraph, Op, Rule, elementwise_consts
+from tfcompress.graph.kernels import depthwise_consts, fold_into_bias, producer_consts, slice_kernel
 
 __all__ = ["GraphDefGraph", "fold_constants", "NodeKind"]
 
@@ -494,11 +495,7 @@ class _Producer(NodeKind):
         return max(1, self.g.width(self.node.input[0]) // int(self._kernel().shape[-2]))
 
     def const_out(self, in_consts):
-        k = self._kernel()
-        zero = ~k.reshape(-1, k.shape[-1]).any(axis=0)
-        out = np.full(k.shape[-1], np.nan)
-        out[zero] = 0.0
-        return [out]
+        return [producer_consts(self._kernel())]
 
     def can_fold(self, input_index):
         if self.node.op == "MatMul":
@@ -515,24 +512,8 @@ class _Producer(NodeKind):
 
     def rewrite(self, new, in_keeps, out_keep, folds, rw):
         k = self._kernel()
-        g = self.blocks()
-        in_keep = in_keeps[0]
-        # fold removed constant inputs into a bias
-        w2 = k.reshape(-1, k.shape[-2], k.shape[-1]).sum(axis=0).astype(np.float64)
-        n_in, n_out = in_keep.size // g, k.shape[-1] // g
-        add = np.zeros(k.shape[-1])
-        for b in range(g):
-            v = np.where(in_keep[b * n_in:(b + 1) * n_in], 0.0, folds[0][b * n_in:(b + 1) * n_in])
-            add[b * n_out:(b + 1) * n_out] = v @ w2[:, b * n_out:(b + 1) * n_out]
-        k = np.take(k, np.nonzero(out_keep)[0], axis=-1)
-        if g == 1:
-            k = np.take(k, np.nonzero(in_keep)[0], axis=-2)
-        else:
-            n_new = int(out_keep.sum()) // g
-            k = np.concatenate([
-                np.take(np.take(k, np.arange(b * n_new, (b + 1) * n_new), axis=-1),
-                        np.nonzero(in_keep[b * n_in:(b + 1) * n_in])[0], axis=-2)
-                for b in range(g)], axis=-1)
+        add = fold_into_bias(k, in_keeps[0], folds[0], self.blocks())
+        k = slice_kernel(k, in_keeps[0], out_keep, self.blocks())
         new.input[1] = self.w.replace(k.T if self.transpose_b else k, out_keep, rw)
         if np.any(add[out_keep] != 0):
             rw.add_bias(new, add[out_keep])
@@ -550,17 +531,7 @@ class _Depthwise(NodeKind):
         return int(self.w.value.shape[-1])
 
     def const_out(self, in_consts):
-        k = self.w.value
-        m = k.shape[-1]
-        flat = k.reshape(-1, k.shape[-2] * m)
-        c_in = np.repeat(in_consts[0], m)
-        out = np.full(flat.shape[1], np.nan)
-        zero_k = ~flat.any(axis=0)
-        out[zero_k | (c_in == 0)] = 0.0
-        if _attr(self.node, "padding").s == b"VALID":
-            const = np.isfinite(c_in) & ~zero_k
-            out[const] = c_in[const] * flat.sum(axis=0)[const]
-        return [out]
+        return [depthwise_consts(self.w.value, in_consts[0], _attr(self.node, "padding").s == b"VALID")]
 
     def macs(self, in_counts, out_count):
         shape = self.g.shape(self.node.name)

@@ -16,6 +16,7 @@ import keras
 import numpy as np
 
 from tfcompress.graph.engine import ChannelGraph, ChannelGroup, Op, Rule, elementwise_consts
+from tfcompress.graph.kernels import depthwise_consts, fold_into_bias, producer_consts, slice_kernel
 
 __all__ = ["ChannelParam", "KerasGraph", "LayerKind", "UnsupportedModelError", "build_graph"]
 
@@ -240,15 +241,10 @@ class _Producer(LayerKind):
     def _bias(self) -> np.ndarray:
         return _np(self.layer.bias) if self.layer.use_bias else np.zeros(self.channels())
 
-    def _zero_columns(self) -> np.ndarray:
-        k = np.moveaxis(self._kernel(), self.out_axis, 0).reshape(self.channels(), -1)
-        return ~k.any(axis=1)
-
     def const_out(self, in_consts):
-        out = np.full(self.channels(), np.nan)
-        zero = self._zero_columns()
-        out[zero] = _activation_fn(self.layer.activation)(self._bias()[zero]) if zero.any() else 0
-        return [out]
+        k = np.moveaxis(self._kernel(), self.out_axis, -1)
+        out = producer_consts(k) + self._bias()
+        return [elementwise_consts(_activation_fn(self.layer.activation), out)]
 
     def can_fold(self, input_index):
         L = self.layer
@@ -291,37 +287,11 @@ class _Producer(LayerKind):
     def needs_bias(self, folds):
         return not self.layer.use_bias and any(np.any(f != 0) for f in folds)
 
-    def _fold(self, kernel: np.ndarray, in_keep: np.ndarray, fold: np.ndarray) -> np.ndarray:
-        """Bias change that replaces the removed constant input channels (``fold``: value per input)."""
-        g = self.blocks()
-        w = np.moveaxis(kernel, (self.in_axis, self.out_axis), (-2, -1))
-        w = w.reshape(-1, w.shape[-2], w.shape[-1]).sum(axis=0)  # (in/g, out): spatial sum
-        n_in, n_out = in_keep.size // g, w.shape[-1] // g
-        add = np.zeros(w.shape[-1])
-        for b in range(g):
-            v = np.where(in_keep[b * n_in:(b + 1) * n_in], 0.0, fold[b * n_in:(b + 1) * n_in])
-            add[b * n_out:(b + 1) * n_out] = v @ w[:, b * n_out:(b + 1) * n_out]
-        return add
-
-    def _slice_kernel(self, kernel: np.ndarray, in_keep: np.ndarray, out_keep: np.ndarray) -> np.ndarray:
-        g = self.blocks()
-        kernel = _take(kernel, out_keep, self.out_axis)
-        if g == 1:
-            return _take(kernel, in_keep, self.in_axis)
-        # grouped: input block b feeds output block b; each block keeps the same count
-        n_in = in_keep.size // g
-        n_out_new = int(out_keep.sum()) // g
-        parts = []
-        for b in range(g):
-            cols = np.arange(b * n_out_new, (b + 1) * n_out_new)
-            part = np.take(kernel, cols, axis=self.out_axis)
-            parts.append(_take(part, in_keep[b * n_in:(b + 1) * n_in], self.in_axis))
-        return np.concatenate(parts, axis=self.out_axis)
-
     def weights(self, in_keeps, out_keep, folds):
-        kernel = self._kernel()
-        bias = self._bias() + self._fold(kernel, in_keeps[0], folds[0])
-        new = [self._slice_kernel(kernel, in_keeps[0], out_keep)]
+        kernel = np.moveaxis(self._kernel(), (self.in_axis, self.out_axis), (-2, -1))  # as (..., in, out)
+        bias = self._bias() + fold_into_bias(kernel, in_keeps[0], folds[0], self.blocks())
+        new = [np.moveaxis(slice_kernel(kernel, in_keeps[0], out_keep, self.blocks()), (-2, -1),
+                           (self.in_axis, self.out_axis))]
         if self.layer.use_bias or self.needs_bias(folds):
             new.append(bias[out_keep])
         return new
@@ -377,16 +347,7 @@ class _Depthwise(LayerKind):
 
     def const_out(self, in_consts):
         L = self.layer
-        k = _np(L.kernel)
-        m = k.shape[-1]
-        flat = k.reshape(-1, k.shape[-2] * m)  # (spatial, in*m) with index c*m+k
-        c_in = np.repeat(in_consts[0], m)
-        out = np.full(flat.shape[1], np.nan)
-        zero_k = ~flat.any(axis=0)
-        out[zero_k | (c_in == 0)] = 0.0
-        if L.padding == "valid":
-            const = np.isfinite(c_in) & ~zero_k
-            out[const] = c_in[const] * flat.sum(axis=0)[const]
+        out = depthwise_consts(_np(L.kernel), in_consts[0], L.padding == "valid")
         out = out + self._bias()
         return [elementwise_consts(_activation_fn(L.activation), out)]
 

@@ -1,0 +1,65 @@
+"""Kernel arithmetic shared by the Keras and GraphDef adapters (one implementation, two front ends).
+
+Kernels are given as ``(..., in, out)`` arrays (Keras Conv/Dense layout, TF's HWIO), depthwise kernels as
+``(..., in, multiplier)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["producer_consts", "depthwise_consts", "fold_into_bias", "slice_kernel"]
+
+
+def producer_consts(kernel: np.ndarray) -> np.ndarray:
+    """Per output channel: 0 where the kernel column is all zero (before bias), NaN elsewhere."""
+    zero = ~kernel.reshape(-1, kernel.shape[-1]).any(axis=0)
+    return np.where(zero, 0.0, np.nan)
+
+
+def depthwise_consts(kernel: np.ndarray, in_consts: np.ndarray, valid_padding: bool) -> np.ndarray:
+    """Per output channel ``c*m+k`` of a depthwise convolution, its constant value before bias (NaN: unknown).
+
+    A zero kernel slice or a zero input channel gives 0 (zero padding keeps it 0); a constant input gives a
+    constant only without padding (at the borders 'same' padding mixes in zeros).
+    """
+    m = kernel.shape[-1]
+    flat = kernel.reshape(-1, kernel.shape[-2] * m)  # (spatial, in*m), column c*m+k
+    c_in = np.repeat(in_consts, m)
+    out = np.full(flat.shape[1], np.nan)
+    zero_k = ~flat.any(axis=0)
+    out[zero_k | (c_in == 0)] = 0.0
+    if valid_padding:
+        const = np.isfinite(c_in) & ~zero_k
+        out[const] = c_in[const] * flat.sum(axis=0)[const]
+    return out
+
+
+def fold_into_bias(kernel: np.ndarray, in_keep: np.ndarray, fold: np.ndarray, groups: int = 1) -> np.ndarray:
+    """Bias change (per output channel) that replaces the removed input channels holding constants ``fold``.
+
+    Exact when every output position sees the whole kernel window of the constant (Dense, 'valid' or 1x1
+    convolutions). ``groups``: input block b feeds output block b.
+    """
+    w = kernel.reshape(-1, kernel.shape[-2], kernel.shape[-1]).sum(axis=0).astype(np.float64)  # (in/g, out)
+    n_in, n_out = in_keep.size // groups, kernel.shape[-1] // groups
+    add = np.zeros(kernel.shape[-1])
+    for b in range(groups):
+        v = np.where(in_keep[b * n_in:(b + 1) * n_in], 0.0, fold[b * n_in:(b + 1) * n_in])
+        add[b * n_out:(b + 1) * n_out] = v @ w[:, b * n_out:(b + 1) * n_out]
+    return add
+
+
+def slice_kernel(kernel: np.ndarray, in_keep: np.ndarray, out_keep: np.ndarray, groups: int = 1) -> np.ndarray:
+    """The kernel without removed input rows and output columns; grouped kernels stay grouped."""
+    kernel = np.take(kernel, np.nonzero(out_keep)[0], axis=-1)
+    if groups == 1:
+        return np.take(kernel, np.nonzero(in_keep)[0], axis=-2)
+    n_in = in_keep.size // groups
+    n_out = int(out_keep.sum()) // groups
+    parts = [
+        np.take(np.take(kernel, np.arange(b * n_out, (b + 1) * n_out), axis=-1),
+                np.nonzero(in_keep[b * n_in:(b + 1) * n_in])[0], axis=-2)
+        for b in range(groups)
+    ]
+    return np.concatenate(parts, axis=-1)
