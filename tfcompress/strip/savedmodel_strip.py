@@ -162,6 +162,8 @@ def save_graph_def(frozen: FrozenSignature, graph_def: tf.compat.v1.GraphDef, ds
                 v = tf.Variable(value, trainable=False, name=f"w{len(module.weights)}")
                 module.weights.append(v)
                 weight_map[n.name + ":0"] = v
+                # every reader is re-wired to the variable: leave a scalar stub, not a second copy
+                n.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(np.zeros((), value.dtype)))
 
     def body(args):
         feeds = {frozen.inputs[n]: a for n, a in zip(names, args)}
