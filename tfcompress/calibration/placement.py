@@ -1,0 +1,135 @@
+"""Where FakeQuantize goes in an OpenVINO model so that the CPU plugin really runs INT8.
+
+OpenVINO's low-precision transformations turn a layer into an INT8 kernel when its activation input and its
+weights come through FakeQuantize. Quantizing only Conv/MatMul inputs gives INT8 convolutions but no speed-up
+over BF16 on ResNets: residual ``Add`` s and pooling must see quantized inputs too (both measured on this
+machine, see DESIGN.md). Points are identified by the position of their node in ``get_ordered_ops()``, so the
+same points can be found again in a clone of the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+__all__ = ["ActivationPoint", "WeightPoint", "find_points"]
+
+_WEIGHTED = {"Convolution", "GroupConvolution", "MatMul"}
+_POOLING = {"MaxPool", "AvgPool", "ReduceMean"}
+
+
+@dataclasses.dataclass
+class ActivationPoint:
+    """A tensor (an op output) to quantize per tensor, and the op inputs that must read it quantized."""
+
+    key: tuple[int, int]  # (index of the producing op in get_ordered_ops(), output port)
+    output: object  # ov.Output
+    targets: list  # ov.Input
+    layers: list[str]  # friendly names of the consuming weighted layers (for ignored_layers / reporting)
+    concat_group: int | None = None  # points feeding one Concat share one range
+
+
+@dataclasses.dataclass
+class WeightPoint:
+    """The constant weights of a Convolution, GroupConvolution or MatMul, quantized per output channel."""
+
+    key: int  # index of the weighted op in get_ordered_ops()
+    op: object
+    constant: object  # the ov Constant node
+    channel_axes: tuple[int, ...]  # axes of the weights indexed by output channels (kept in the range shape)
+
+
+def _source(inp):
+    return inp.get_source_output()
+
+
+def _through_convert(output):
+    node = output.get_node()
+    while node.get_type_name() == "Convert" and node.input(0).get_source_output().get_node().get_type_name() == "Constant":
+        node = node.input(0).get_source_output().get_node()
+    return node
+
+
+def _is_const(output) -> bool:
+    return _through_convert(output).get_type_name() == "Constant"
+
+
+def _weight_axes(op, const_shape) -> tuple[int, ...] | None:
+    t = op.get_type_name()
+    if t == "Convolution":
+        return (0,)  # [O, I, kh, kw]
+    if t == "GroupConvolution":
+        return (0, 1)  # [G, O/G, I/G, kh, kw]
+    if len(const_shape) != 2:
+        return None
+    attrs = op.get_attributes()
+    return (0,) if attrs.get("transpose_b", False) else (1,)
+
+
+def find_points(model, ignored_layers=()) -> tuple[list[ActivationPoint], list[WeightPoint]]:
+    """The activation and weight quantization points of ``model`` (existing FakeQuantize ops are kept)."""
+    ops = list(model.get_ordered_ops())
+    index = {id(op): k for k, op in enumerate(ops)}
+    # ov node objects are re-created on access: identify nodes by their (unique) names
+    pos = {op.get_name(): k for k, op in enumerate(ops)}
+    ignored = set(ignored_layers)
+    acts: dict[tuple[int, int], ActivationPoint] = {}
+    weights: list[WeightPoint] = []
+
+    def add_act(inp, layer: str) -> None:
+        src = _source(inp)
+        node = src.get_node()
+        if node.get_type_name() in ("FakeQuantize", "Constant") or _is_const(src):
+            return  # already quantized (QAT) or a constant
+        key = (pos[node.get_name()], src.get_index())
+        point = acts.get(key)
+        if point is None:
+            point = acts[key] = ActivationPoint(key, src, [], [])
+        point.targets.append(inp)
+        point.layers.append(layer)
+
+    for k, op in enumerate(ops):
+        t = op.get_type_name()
+        name = op.get_friendly_name()
+        if name in ignored:
+            continue
+        if t in _WEIGHTED:
+            w_src = _source(op.input(1))
+            if _is_const(w_src):
+                add_act(op.input(0), name)
+                const = _through_convert(w_src)
+                axes = _weight_axes(op, tuple(const.get_output_shape(0)))
+                if axes is not None and const.get_output_element_type(0).is_real():
+                    weights.append(WeightPoint(k, op, const, axes))
+            elif w_src.get_node().get_type_name() == "FakeQuantize":
+                add_act(op.input(0), name)  # QAT weights: add only the missing activation quantizer
+        elif t == "Add" and not any(_is_const(_source(i)) for i in op.inputs()):
+            for i in op.inputs():  # a residual join: both branches quantized, so the Add runs in INT8
+                add_act(i, name)
+        elif t in _POOLING:
+            add_act(op.input(0), name)
+    # unify the ranges of quantized tensors that meet in a Concat
+    group = 0
+    for op in ops:
+        if op.get_type_name() != "Concat":
+            continue
+        members = []
+        for i in op.inputs():
+            src = _source(i)
+            key = (pos[src.get_node().get_name()], src.get_index())
+            if key in acts:
+                members.append(acts[key])
+        if len(members) > 1:
+            for m in members:
+                m.concat_group = group
+            group += 1
+    del index
+    return list(acts.values()), weights
+
+
+def weight_ranges(w: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """Symmetric per-output-channel abs-max, shaped to broadcast against ``w``."""
+    reduce = tuple(a for a in range(w.ndim) if a not in axes)
+    m = np.abs(w).max(axis=reduce, keepdims=True)
+    return np.maximum(m, np.finfo(np.float32).tiny).astype(np.float32)

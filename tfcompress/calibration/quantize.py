@@ -1,0 +1,303 @@
+"""Post-training INT8 calibration of an OpenVINO model: default and accuracy-aware modes."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import numpy as np
+
+from tfcompress.calibration.placement import ActivationPoint, WeightPoint, find_points, weight_ranges
+from tfcompress.calibration.statistics import Progress, Statistics, collect, iterate_samples
+
+__all__ = ["calibrate", "calibrate_with_accuracy_control", "PRESETS"]
+
+PRESETS = ("performance", "mixed")
+
+
+def _read(model):
+    import openvino as ov
+
+    if isinstance(model, str):
+        return ov.Core().read_model(model)
+    if not isinstance(model, ov.Model):
+        raise TypeError(f"expected an openvino.Model or an IR path, got {type(model).__name__}")
+    return model
+
+
+def _check_args(preset, subset_size, channel_alignment, range_estimator):
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
+    if not isinstance(subset_size, int) or subset_size < 1:
+        raise ValueError(f"subset_size must be a positive integer, got {subset_size!r}")
+    if channel_alignment:
+        raise NotImplementedError("channel_alignment=True is not implemented yet; use the default False")
+    if range_estimator not in ("minmax", "quantile"):
+        raise ValueError(f"unknown range_estimator {range_estimator!r}; choose 'minmax' or 'quantile'")
+
+
+def _activation_range(lo: float, hi: float, preset: str) -> tuple[float, float]:
+    """The FakeQuantize range (levels=256) for observed [lo, hi]: zero is always exactly on the grid."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if hi - lo < 1e-8:
+        hi = lo + 1e-8
+    if preset == "performance":
+        if lo >= 0:
+            return 0.0, hi  # unsigned: [0, hi]
+        a = max(-lo, hi)
+        return -a, a * 127.0 / 128.0  # signed symmetric on the int8 grid
+    scale = (hi - lo) / 255.0
+    zp = round(-lo / scale)
+    return -zp * scale, (255 - zp) * scale
+
+
+def _fq_weights(w: np.ndarray, axes) -> np.ndarray:
+    m = weight_ranges(w, axes)
+    s = m / 127.0
+    return np.clip(np.round(w / s), -127, 127) * s
+
+
+def _bias_shift(op_type: str, w: np.ndarray, wq: np.ndarray, mean_in: np.ndarray, transpose_b: bool) -> np.ndarray:
+    """Mean output error caused by weight quantization (Nagel et al. 2019), per output channel."""
+    d = (wq - w).astype(np.float64)
+    if op_type == "Convolution":
+        return d.sum(axis=tuple(range(2, d.ndim))) @ mean_in
+    if op_type == "GroupConvolution":
+        g = d.shape[0]
+        mu = mean_in.reshape(g, -1)
+        per = d.sum(axis=tuple(range(3, d.ndim)))  # [G, O/G, I/G]
+        return np.einsum("goi,gi->go", per, mu).reshape(-1)
+    return (d if transpose_b else d.T) @ mean_in  # MatMul: [O, I] @ [I]
+
+
+def _build(model, stats: Statistics, preset: str, bias_correction: bool, estimator: str,
+           skip_ops: set[int] = frozenset(), ignored_layers=()):
+    """A quantized clone of ``model``; ops at positions ``skip_ops`` stay float."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    q = model.clone()
+    acts, weights = find_points(q, ignored_layers)
+    order = {op.get_name(): k for k, op in enumerate(q.get_ordered_ops())}
+    ranges = {}
+    for p in acts:
+        ranges[p.key] = stats.range(p.key, estimator)
+    groups: dict[int, list[ActivationPoint]] = {}
+    for p in acts:
+        if p.concat_group is not None:
+            groups.setdefault(p.concat_group, []).append(p)
+    for members in groups.values():
+        lo = min(ranges[m.key][0] for m in members)
+        hi = max(ranges[m.key][1] for m in members)
+        for m in members:
+            ranges[m.key] = (lo, hi)
+    for p in acts:
+        targets = [t for t in p.targets if order[t.get_node().get_name()] not in skip_ops]
+        if not targets:
+            continue
+        lo, hi = _activation_range(*ranges[p.key], preset)
+        lo_c, hi_c = np.float32(lo), np.float32(hi)
+        fq = ops.fake_quantize(p.output, lo_c, hi_c, lo_c, hi_c, 256)
+        for t in targets:
+            t.replace_source_output(fq.output(0))
+    for wp in weights:
+        if wp.key in skip_ops:
+            continue
+        w = wp.constant.get_data().astype(np.float32)
+        m = weight_ranges(w, wp.channel_axes)
+        src = wp.op.input(1).get_source_output()
+        fq = ops.fake_quantize(src, -m, m, -m, m, 255)
+        wp.op.input(1).replace_source_output(fq.output(0))
+        if bias_correction:
+            _correct_bias(wp, w, stats, order, ops)
+    q.validate_nodes_and_infer_types()
+    return q
+
+
+def _correct_bias(wp: WeightPoint, w: np.ndarray, stats: Statistics, order, ops) -> None:
+    src = wp.op.input(0).get_source_output()
+    node = src.get_node()
+    if node.get_type_name() == "FakeQuantize":
+        src = node.input(0).get_source_output()
+        node = src.get_node()
+    key = (order[node.get_name()], src.get_index())
+    mean_in = stats.channel_means.get(key)
+    if mean_in is None:
+        return
+    transpose_b = bool(wp.op.get_attributes().get("transpose_b", False))
+    if wp.op.get_type_name() == "MatMul" and mean_in.shape[0] != (w.shape[1] if transpose_b else w.shape[0]):
+        return
+    shift = -_bias_shift(wp.op.get_type_name(), w, _fq_weights(w, wp.channel_axes), mean_in, transpose_b)
+    if not np.any(shift):
+        return
+    out = wp.op.output(0)
+    consumers = list(out.get_target_inputs())
+    rank = len(out.get_partial_shape())
+    shape = [1] * rank
+    shape[1 if rank > 2 else rank - 1] = shift.size
+    # fold into an existing constant bias Add when there is exactly one, else insert one
+    if len(consumers) == 1 and consumers[0].get_node().get_type_name() == "Add":
+        add = consumers[0].get_node()
+        other = add.input(1 - consumers[0].get_index()).get_source_output()
+        if other.get_node().get_type_name() == "Constant":
+            b = other.get_node().get_data().astype(np.float32)
+            if b.size == shift.size:
+                new = ops.constant((b.reshape(-1) + shift).reshape(b.shape).astype(np.float32))
+                add.input(1 - consumers[0].get_index()).replace_source_output(new.output(0))
+                return
+    add = ops.add(out, ops.constant(shift.reshape(shape).astype(np.float32)))
+    for c in consumers:
+        c.replace_source_output(add.output(0))
+
+
+def calibrate(
+    ov_model,
+    calibration_data: Iterable,
+    preset: str = "performance",
+    subset_size: int = 300,
+    bias_correction: bool = True,
+    channel_alignment: bool = False,
+    ignored_layers: Iterable[str] = (),
+    range_estimator: str = "minmax",
+    verbose: bool = True,
+):
+    """An INT8 version of ``ov_model`` (FakeQuantize placed where OpenVINO's CPU plugin runs INT8).
+
+    Activations feeding Convolution, GroupConvolution and MatMul, both inputs of residual Adds and pooling
+    inputs are quantized per tensor (``preset="performance"``: symmetric; ``"mixed"``: asymmetric), with
+    ranges from one statistics pass (min of per-sample minima, mean of per-sample maxima, or quantiles);
+    Concat inputs share one range. Weights are quantized symmetrically per output channel on the int8 grid
+    (levels=255 over [-m, m]). Bias correction shifts each layer's bias by the mean error its weight
+    quantization causes, from float input statistics. FakeQuantize ops already in the model (from QAT) stay.
+
+    Args:
+        ov_model: an ``openvino.Model`` or an IR path; not modified.
+        calibration_data: samples: an array (N, ...), or an iterable of samples, batches or (x, y) pairs,
+            e.g. a ``tf.data.Dataset``.
+        subset_size: how many samples to use.
+        ignored_layers: friendly names of layers to keep in float.
+
+    Returns:
+        A new ``openvino.Model``.
+    """
+    _check_args(preset, subset_size, channel_alignment, range_estimator)
+    model = _read(ov_model)
+    acts, weights = find_points(model, ignored_layers)
+    need_means = {(_act_key_for(model, wp)) for wp in weights} if bias_correction else set()
+    stats = collect(model, acts, need_means, calibration_data, subset_size, verbose=verbose)
+    return _build(model, stats, preset, bias_correction, range_estimator, ignored_layers=ignored_layers)
+
+
+def _act_key_for(model, wp: WeightPoint):
+    order = {op.get_name(): k for k, op in enumerate(model.get_ordered_ops())}
+    src = wp.op.input(0).get_source_output()
+    node = src.get_node()
+    if node.get_type_name() == "FakeQuantize":
+        src = node.input(0).get_source_output()
+        node = src.get_node()
+    return order[node.get_name()], src.get_index()
+
+
+def calibrate_with_accuracy_control(
+    ov_model,
+    calibration_data: Iterable,
+    validation_data,
+    validate_fn: Callable,
+    max_drop: float = 0.01,
+    drop_type: str = "absolute",
+    preset: str = "performance",
+    subset_size: int = 300,
+    ranking_subset_size: int = 100,
+    max_iterations: int = 50,
+    bias_correction: bool = True,
+    ignored_layers: Iterable[str] = (),
+    verbose: bool = True,
+):
+    """Quantize like :func:`calibrate`, then revert the most harmful layers to float until the drop is small.
+
+    Layers are ranked by how much reverting each one alone reduces the INT8 vs FP32 output error on the
+    validation samples where the two disagree most; the worst is reverted, the model re-validated with
+    ``validate_fn`` (a step that makes the drop larger is undone and the next candidate tried), and the
+    ranking redone, until ``drop <= max_drop``.
+
+    Args:
+        validate_fn: ``validate_fn(compiled_model, validation_data) -> float``, higher is better.
+        drop_type: ``"absolute"`` (metric points) or ``"relative"`` (fraction of the FP32 metric).
+
+    Returns:
+        ``(model, info)``; ``info`` holds ``fp32_metric``, ``int8_metric`` (before reverting), ``metric``,
+        ``drop``, ``drops`` (after each accepted revert) and ``reverted`` (layer names).
+    """
+    import openvino as ov
+
+    _check_args(preset, subset_size, False, "minmax")
+    if drop_type not in ("absolute", "relative"):
+        raise ValueError(f"drop_type must be 'absolute' or 'relative', got {drop_type!r}")
+    if not 0 <= max_drop < 1:
+        raise ValueError(f"max_drop must be in [0, 1), got {max_drop!r}")
+    model = _read(ov_model)
+    core = ov.Core()
+    acts, weights = find_points(model, ignored_layers)
+    need_means = {_act_key_for(model, wp) for wp in weights} if bias_correction else set()
+    stats = collect(model, acts, need_means, calibration_data, subset_size, verbose=verbose)
+
+    def compile_(m):
+        return core.compile_model(m, "CPU")
+
+    fp_metric = float(validate_fn(core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}),
+                                  validation_data))
+
+    def drop_of(metric):
+        d = fp_metric - metric
+        return d / abs(fp_metric) if drop_type == "relative" and fp_metric else d
+
+    skip: set[int] = set()
+    q = _build(model, stats, preset, bias_correction, "minmax", skip, ignored_layers)
+    metric = float(validate_fn(compile_(q), validation_data))
+    info = {"fp32_metric": fp_metric, "int8_metric": metric, "drops": [drop_of(metric)], "reverted": []}
+    ops = list(model.get_ordered_ops())
+    candidates = sorted({k for p in acts for t in p.targets for k in [_pos(ops, t.get_node())]}
+                        | {wp.key for wp in weights})
+    rank_x = np.concatenate(list(iterate_samples(validation_data, len(model.inputs[0].get_partial_shape()),
+                                                 ranking_subset_size)))
+    fp_out = _outputs(core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), rank_x)
+    progress = Progress(max_iterations, "accuracy control", verbose)
+    for _ in range(max_iterations):
+        if drop_of(metric) <= max_drop or not candidates:
+            break
+        err = np.abs(_outputs(compile_(q), rank_x) - fp_out).reshape(len(rank_x), -1).sum(axis=1)
+        worst = np.argsort(err)[::-1][: max(1, len(err) // 2)]  # where INT8 and FP32 disagree most
+        scores = []
+        for c in candidates:
+            trial = _build(model, stats, preset, bias_correction, "minmax", skip | {c}, ignored_layers)
+            e = np.abs(_outputs(compile_(trial), rank_x[worst]) - fp_out[worst]).sum()
+            scores.append((e, c))
+        scores.sort()
+        accepted = False
+        for _, c in scores[:3]:  # the best few candidates: keep the first that does not make things worse
+            trial = _build(model, stats, preset, bias_correction, "minmax", skip | {c}, ignored_layers)
+            m = float(validate_fn(compile_(trial), validation_data))
+            if drop_of(m) <= drop_of(metric):
+                skip.add(c)
+                candidates.remove(c)
+                q, metric = trial, m
+                info["reverted"].append(ops[c].get_friendly_name())
+                info["drops"].append(drop_of(m))
+                accepted = True
+                break
+        progress.update(1)
+        if not accepted:
+            break
+    info.update(metric=metric, drop=drop_of(metric))
+    return q, info
+
+
+def _pos(ops, node) -> int:
+    name = node.get_name()
+    return next(k for k, op in enumerate(ops) if op.get_name() == name)
+
+
+def _outputs(compiled, x: np.ndarray, batch: int = 64) -> np.ndarray:
+    parts = []
+    for i in range(0, len(x), batch):
+        parts.append(np.asarray(compiled({compiled.inputs[0]: x[i:i + batch].astype(np.float32)})[compiled.outputs[0]]))
+    return np.concatenate(parts)

@@ -1,0 +1,132 @@
+"""Activation statistics for calibration, all quantization points in one inference pass per batch."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from typing import Iterable
+
+import numpy as np
+
+__all__ = ["Statistics", "collect", "iterate_samples"]
+
+
+@dataclasses.dataclass
+class Statistics:
+    """Per activation point: per-sample minima and maxima (and quantiles); per-channel means of weighted inputs."""
+
+    mins: dict[tuple[int, int], list[float]]
+    maxs: dict[tuple[int, int], list[float]]
+    q_lo: dict[tuple[int, int], list[float]]
+    q_hi: dict[tuple[int, int], list[float]]
+    channel_means: dict[tuple[int, int], np.ndarray]
+    samples: int
+
+    def range(self, key, estimator: str = "minmax") -> tuple[float, float]:
+        """POT/NNCF's default: min of the per-sample minima, mean of the per-sample maxima (or quantiles)."""
+        if estimator == "quantile":
+            return float(np.mean(self.q_lo[key])), float(np.mean(self.q_hi[key]))
+        return float(np.min(self.mins[key])), float(np.mean(self.maxs[key]))
+
+
+class Progress:
+    """A small text progress bar on stderr (calibration must not need Keras or tqdm)."""
+
+    def __init__(self, total: int, label: str, enabled: bool = True) -> None:
+        self.total, self.label, self.done = max(total, 1), label, 0
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.enabled:
+            frac = min(1.0, self.done / self.total)
+            bar = "#" * int(30 * frac)
+            sys.stderr.write(f"\r{self.label} [{bar:<30}] {self.done}/{self.total} "
+                             f"{time.perf_counter() - self.t0:.1f}s")
+            if self.done >= self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def iterate_samples(data, rank: int, limit: int | None = None) -> Iterable[np.ndarray]:
+    """Yield samples with a batch dimension of 1 from an array of samples, or any iterable (a list, a
+    generator, a ``tf.data.Dataset``) of samples, batches or ``(x, y)`` pairs; ``rank`` is the model input's."""
+    items = [data] if isinstance(data, np.ndarray) else data
+    n = 0
+    for item in items:
+        if isinstance(item, (tuple, list)):
+            item = item[0]  # (x, y)
+        arr = np.asarray(item.numpy() if hasattr(item, "numpy") else item)
+        if arr.ndim == rank - 1:
+            arr = arr[None]
+        if arr.ndim != rank:
+            raise ValueError(f"calibration samples must have {rank - 1} or {rank} dimensions, got shape {arr.shape}")
+        for row in arr:
+            yield row[None]
+            n += 1
+            if limit is not None and n >= limit:
+                return
+
+
+def collect(model, points, weight_inputs, data, subset_size: int, batch: int = 16, verbose: bool = True):
+    """Run ``model`` once over ``subset_size`` samples with every point as an extra output.
+
+    Args:
+        model: the float ov.Model (not modified: statistics run on a clone).
+        points: :class:`~tfcompress.calibration.placement.ActivationPoint` list.
+        weight_inputs: keys of points whose per-channel mean is needed (bias correction).
+        data: calibration samples (see :func:`iterate_samples`).
+    """
+    import openvino as ov
+
+    probe = model.clone()
+    ops = list(probe.get_ordered_ops())
+    outputs = [ops[p.key[0]].output(p.key[1]) for p in points]
+    probe.add_outputs(outputs)
+    compiled = ov.Core().compile_model(probe, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    shape = model.inputs[0].get_partial_shape()
+    if shape[0].is_static:
+        batch = shape[0].get_length()
+    extra = compiled.outputs[len(compiled.outputs) - len(outputs):]
+    name = compiled.inputs[0]
+    mins = {p.key: [] for p in points}
+    maxs = {p.key: [] for p in points}
+    q_lo = {p.key: [] for p in points}
+    q_hi = {p.key: [] for p in points}
+    sums: dict = {}
+    counts: dict = {}
+    progress = Progress(subset_size, "statistics", verbose)
+    chunk: list[np.ndarray] = []
+    n = 0
+
+    def run(rows):
+        x = np.concatenate(rows).astype(np.float32)
+        res = compiled({name: x})
+        for p, out in zip(points, extra):
+            a = np.asarray(res[out], dtype=np.float32)
+            flat = a.reshape(len(a), -1)
+            mins[p.key] += flat.min(axis=1).tolist()
+            maxs[p.key] += flat.max(axis=1).tolist()
+            q = np.quantile(flat, [1e-4, 1 - 1e-4], axis=1)
+            q_lo[p.key] += q[0].tolist()
+            q_hi[p.key] += q[1].tolist()
+            if p.key in weight_inputs and a.ndim >= 2:
+                red = (0,) + tuple(range(2, a.ndim)) if a.ndim > 2 else (0,)
+                sums[p.key] = sums.get(p.key, 0) + a.sum(axis=red, dtype=np.float64)
+                counts[p.key] = counts.get(p.key, 0) + a.size // a.shape[1]
+        progress.update(len(x))
+
+    for sample in iterate_samples(data, len(shape), subset_size):
+        chunk.append(sample)
+        n += 1
+        if len(chunk) == batch:
+            run(chunk)
+            chunk = []
+    if chunk:
+        run(chunk)
+    if n == 0:
+        raise ValueError("calibration_data yielded no samples")
+    means = {k: sums[k] / counts[k] for k in sums}
+    return Statistics(mins, maxs, q_lo, q_hi, means, n)
