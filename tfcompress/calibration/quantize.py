@@ -31,8 +31,8 @@ def _check_args(preset, subset_size, channel_alignment, range_estimator):
         raise ValueError(f"subset_size must be a positive integer, got {subset_size!r}")
     if channel_alignment:
         raise NotImplementedError("channel_alignment=True is not implemented yet; use the default False")
-    if range_estimator not in ("minmax", "quantile"):
-        raise ValueError(f"unknown range_estimator {range_estimator!r}; choose 'minmax' or 'quantile'")
+    if range_estimator not in ("minmax", "max", "quantile"):
+        raise ValueError(f"unknown range_estimator {range_estimator!r}; choose 'minmax', 'max' or 'quantile'")
 
 
 def _activation_range(lo: float, hi: float, preset: str) -> tuple[float, float]:
@@ -257,7 +257,7 @@ def calibrate_with_accuracy_control(
     ops = list(model.get_ordered_ops())
     candidates = sorted({k for p in acts for t in p.targets for k in [_pos(ops, t.get_node())]}
                         | {wp.key for wp in weights})
-    rank_x = np.concatenate(list(iterate_samples(validation_data, len(model.inputs[0].get_partial_shape()),
+    rank_x = np.concatenate(list(iterate_samples(validation_data, model.inputs[0].get_partial_shape(),
                                                  ranking_subset_size)))
     fp_out = _outputs(core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), rank_x)
     progress = Progress(max_iterations, "accuracy control", verbose)

@@ -27,6 +27,8 @@ class Statistics:
         """POT/NNCF's default: min of the per-sample minima, mean of the per-sample maxima (or quantiles)."""
         if estimator == "quantile":
             return float(np.mean(self.q_lo[key])), float(np.mean(self.q_hi[key]))
+        if estimator == "max":
+            return float(np.min(self.mins[key])), float(np.max(self.maxs[key]))
         return float(np.min(self.mins[key])), float(np.mean(self.maxs[key]))
 
 
@@ -50,9 +52,17 @@ class Progress:
             sys.stderr.flush()
 
 
-def iterate_samples(data, rank: int, limit: int | None = None) -> Iterable[np.ndarray]:
+def iterate_samples(data, shape, limit: int | None = None) -> Iterable[np.ndarray]:
     """Yield samples with a batch dimension of 1 from an array of samples, or any iterable (a list, a
-    generator, a ``tf.data.Dataset``) of samples, batches or ``(x, y)`` pairs; ``rank`` is the model input's."""
+    generator, a ``tf.data.Dataset``) of samples, batches or ``(x, y)`` pairs.
+
+    ``shape``: the model input's shape (an ov.PartialShape or a sequence, None/-1 for dynamic dimensions).
+    """
+    dims = [None if (hasattr(d, "is_static") and not d.is_static) else
+            (d.get_length() if hasattr(d, "get_length") else d) for d in shape]
+    rank = len(dims)
+    if isinstance(data, tuple) and len(data) == 2 and np.ndim(data[0]) == rank:
+        data = data[0]  # an (x, y) pair of arrays
     items = [data] if isinstance(data, np.ndarray) else data
     n = 0
     for item in items:
@@ -61,8 +71,10 @@ def iterate_samples(data, rank: int, limit: int | None = None) -> Iterable[np.nd
         arr = np.asarray(item.numpy() if hasattr(item, "numpy") else item)
         if arr.ndim == rank - 1:
             arr = arr[None]
-        if arr.ndim != rank:
-            raise ValueError(f"calibration samples must have {rank - 1} or {rank} dimensions, got shape {arr.shape}")
+        if arr.ndim != rank or any(d not in (None, -1) and d != a for d, a in zip(dims[1:], arr.shape[1:])):
+            want = tuple("?" if d in (None, -1) else d for d in dims[1:])
+            raise ValueError(f"calibration samples must have shape {want} (model input), got {arr.shape[1:]} "
+                             f"(samples must have {rank - 1} dimensions, batches {rank})")
         for row in arr:
             yield row[None]
             n += 1
@@ -118,7 +130,7 @@ def collect(model, points, weight_inputs, data, subset_size: int, batch: int = 1
                 counts[p.key] = counts.get(p.key, 0) + a.size // a.shape[1]
         progress.update(len(x))
 
-    for sample in iterate_samples(data, len(shape), subset_size):
+    for sample in iterate_samples(data, shape, subset_size):
         chunk.append(sample)
         n += 1
         if len(chunk) == batch:

@@ -1,0 +1,105 @@
+"""INT8 calibration of a real OpenVINO IR (MLPerf Tiny ResNet-8, CIFAR-10), checked on OpenVINO's runtime model."""
+
+import keras
+import numpy as np
+import openvino as ov
+import pytest
+import tensorflow as tf
+from keras import layers as L
+
+from tfcompress import calibration
+from tfcompress.export import to_onnx, to_openvino
+from conftest import SHARED_DATA
+
+
+RESNET8 = SHARED_DATA / "models" / "mlperf_tiny" / "pretrainedResnet.h5"
+
+
+@pytest.fixture(scope="module")
+def resnet8_ir(tmp_path_factory):
+    """The pretrained MLPerf Tiny ResNet-8 as FP32 IR, and CIFAR-10 JPEG test images (raw 0..255 floats).
+
+    Calibration uses 300 images, validation 2,000 others (shuffled: the file is sorted by class).
+    """
+    model = keras.models.load_model(RESNET8, compile=False)
+    d = tmp_path_factory.mktemp("ir")
+    model.export(str(d / "sm"), verbose=False)
+    to_onnx(str(d / "sm"), str(d / "m.onnx"))
+    to_openvino(str(d / "m.onnx"), str(d / "m.xml"))
+    data = np.load(SHARED_DATA / "cifar10" / "cifar10_jpeg_q75_test.npz")
+    order = np.random.default_rng(0).permutation(len(data["y_test"]))
+    x, y = data["x_test"][order].astype("float32"), data["y_test"][order]
+    return str(d / "m.xml"), x[:300], (x[300:2300], y[300:2300])
+
+
+def accuracy(compiled, data):
+    x, y = data
+    out = np.concatenate([compiled({0: x[i:i + 500]})[compiled.outputs[0]] for i in range(0, len(x), 500)])
+    return float((out.argmax(axis=1) == y).mean())
+
+
+def _f32(model):
+    return ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+
+
+def _precisions(compiled):
+    out = {}
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        out.setdefault(info["layerType"].astype(str), []).append(info["runtimePrecision"].astype(str))
+    return out
+
+
+def test_every_conv_and_matmul_runs_int8_and_accuracy_holds(resnet8_ir):
+    xml, calib, val = resnet8_ir
+    fp = ov.Core().read_model(xml)
+    n_ops = len(fp.get_ordered_ops())
+    q = calibration.calibrate(fp, calib, subset_size=300, verbose=False)
+    assert len(fp.get_ordered_ops()) == n_ops  # the input model is not modified
+    compiled = ov.Core().compile_model(q, "CPU")
+    prec = _precisions(compiled)
+    assert len(prec["Convolution"]) == 9 and len(prec["FullyConnected"]) == 1
+    for kind in ("Convolution", "FullyConnected"):
+        assert all(p in ("u8", "i8") for p in prec[kind]), prec[kind]
+    acc_fp, acc_q = accuracy(_f32(fp), val), accuracy(compiled, val)
+    assert acc_fp > 0.7  # 75.5 % on the whole JPEG test split
+    assert acc_q >= acc_fp - 0.01
+
+
+def test_calibration_data_as_tf_dataset_and_mixed_preset(resnet8_ir):
+    xml, calib, val = resnet8_ir
+    ds = tf.data.Dataset.from_tensor_slices(calib).batch(32)
+    q = calibration.calibrate(xml, ds, preset="mixed", subset_size=100, bias_correction=False, verbose=False)
+    fqs = [op for op in q.get_ordered_ops() if op.get_type_name() == "FakeQuantize"]
+    act = [op for op in fqs if op.get_attributes()["levels"] == 256]
+    lows = [float(op.input(1).get_source_output().get_node().get_data().min()) for op in act]
+    assert any(lo < 0 for lo in lows) or all(lo == 0 for lo in lows)
+    assert accuracy(ov.Core().compile_model(q, "CPU"), val) > 0.7
+
+
+def test_accuracy_aware_reverts_layers_until_the_drop_is_met(resnet8_ir):
+    xml, calib, val = resnet8_ir
+    small_val = (val[0][:1000], val[1][:1000])
+    bad_calib = calib * 0.1  # ranges far too narrow: plain calibration clips and loses accuracy
+    plain = calibration.calibrate(xml, bad_calib, verbose=False)
+    fp_acc = accuracy(_f32(ov.Core().read_model(xml)), small_val)
+    assert accuracy(ov.Core().compile_model(plain, "CPU"), small_val) < fp_acc - 0.05
+    q, info = calibration.calibrate_with_accuracy_control(
+        xml, bad_calib, small_val, accuracy, max_drop=0.01, ranking_subset_size=64, verbose=False)
+    assert info["reverted"], info
+    assert info["drop"] <= 0.01
+    assert info["fp32_metric"] == pytest.approx(fp_acc)
+    assert info["drops"][0] > info["drops"][-1]
+    assert accuracy(ov.Core().compile_model(q, "CPU"), small_val) == pytest.approx(info["metric"])
+
+
+def test_bad_arguments(resnet8_ir):
+    xml, calib, _ = resnet8_ir
+    with pytest.raises(ValueError, match="unknown preset"):
+        calibration.calibrate(xml, calib, preset="fast")
+    with pytest.raises(ValueError, match="subset_size"):
+        calibration.calibrate(xml, calib, subset_size=0)
+    with pytest.raises(NotImplementedError, match="channel_alignment"):
+        calibration.calibrate(xml, calib, channel_alignment=True)
+    with pytest.raises(ValueError, match=r"must have shape \(32, 32, 3\)"):
+        calibration.calibrate(xml, np.zeros((4, 32, 32)), verbose=False)
