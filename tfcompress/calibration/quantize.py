@@ -50,37 +50,15 @@ def _activation_range(lo: float, hi: float, preset: str) -> tuple[float, float]:
     return -zp * scale, (255 - zp) * scale
 
 
-def _fq_weights(w: np.ndarray, axes) -> np.ndarray:
-    m = weight_ranges(w, axes)
-    s = m / 127.0
-    return np.clip(np.round(w / s), -127, 127) * s
-
-
-def _bias_shift(op_type: str, w: np.ndarray, wq: np.ndarray, mean_in: np.ndarray, transpose_b: bool) -> np.ndarray:
-    """Mean output error caused by weight quantization (Nagel et al. 2019), per output channel."""
-    d = (wq - w).astype(np.float64)
-    if op_type == "Convolution":
-        return d.sum(axis=tuple(range(2, d.ndim))) @ mean_in
-    if op_type == "GroupConvolution":
-        g = d.shape[0]
-        mu = mean_in.reshape(g, -1)
-        per = d.sum(axis=tuple(range(3, d.ndim)))  # [G, O/G, I/G]
-        return np.einsum("goi,gi->go", per, mu).reshape(-1)
-    return (d if transpose_b else d.T) @ mean_in  # MatMul: [O, I] @ [I]
-
-
-def _build(model, stats: Statistics, preset: str, bias_correction: bool, estimator: str,
-           skip_ops: set[int] = frozenset(), ignored_layers=()):
-    """A quantized clone of ``model``; ops at positions ``skip_ops`` stay float."""
-    import openvino as ov
-    import openvino.opset13 as ops
-
-    q = model.clone()
-    acts, weights = find_points(q, ignored_layers)
-    order = {op.get_name(): k for k, op in enumerate(q.get_ordered_ops())}
+def act_ranges(acts: list[ActivationPoint], stats: Statistics, preset: str, estimator: str) -> dict:
+    """Final FakeQuantize range of every activation point (Concat inputs share theirs)."""
     ranges = {}
     for p in acts:
-        ranges[p.key] = stats.range(p.key, estimator)
+        lo, hi = stats.range(p.key, estimator)
+        if preset == "performance" and lo < 0:
+            a = stats.abs_max(p.key, estimator)  # signed symmetric: mean of per-sample |x| maxima
+            lo, hi = -a, a
+        ranges[p.key] = (lo, hi)
     groups: dict[int, list[ActivationPoint]] = {}
     for p in acts:
         if p.concat_group is not None:
@@ -90,13 +68,104 @@ def _build(model, stats: Statistics, preset: str, bias_correction: bool, estimat
         hi = max(ranges[m.key][1] for m in members)
         for m in members:
             ranges[m.key] = (lo, hi)
+    return {k: _activation_range(lo, hi, preset) for k, (lo, hi) in ranges.items()}
+
+
+def _input_key(op, order) -> tuple[tuple[int, int], object]:
+    """Key of the activation point feeding ``op`` (looking through a QAT FakeQuantize) and its output."""
+    src = op.input(0).get_source_output()
+    node = src.get_node()
+    if node.get_type_name() == "FakeQuantize":
+        src = node.input(0).get_source_output()
+        node = src.get_node()
+    return (order[node.get_name()], src.get_index()), src
+
+
+def _weighted_like(op, data, weights):
+    """A new op of ``op``'s type and attributes on other inputs."""
+    import openvino.opset13 as ops
+
+    a = op.get_attributes()
+    t = op.get_type_name()
+    if t == "MatMul":
+        return ops.matmul(data, weights, a["transpose_a"], a["transpose_b"])
+    fn = ops.convolution if t == "Convolution" else ops.group_convolution
+    return fn(data, weights, a["strides"], a["pads_begin"], a["pads_end"], a["dilations"], a["auto_pad"])
+
+
+def bias_shifts(model, ranges: dict, data, subset_size: int, batch: int = 16, verbose: bool = True) -> dict:
+    """Per weighted layer, mean over samples and positions of FP32 output minus quantized output.
+
+    Each layer is quantized alone (FakeQuantize on its input with its calibrated range, on its weights per
+    channel) and fed the FP32 activations, in one extra pass over the calibration data where every layer's
+    float and quantized branches run side by side. Adding the result to the bias removes the mean error the
+    layer's quantization causes (what POT/NNCF's fast bias correction estimates).
+    """
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    probe = model.clone()
+    order = {op.get_name(): k for k, op in enumerate(probe.get_ordered_ops())}
+    _, weights = find_points(probe)
+    outs, keys = [], []
+    for wp in weights:
+        key, src = _input_key(wp.op, order)
+        x = src if key not in ranges else ops.fake_quantize(src, *[np.float32(v) for v in ranges[key] * 2], 256)
+        if key not in ranges and wp.op.input(0).get_source_output().get_node().get_type_name() == "FakeQuantize":
+            x = wp.op.input(0).get_source_output()
+        w = wp.constant.get_data().astype(np.float32)
+        m = weight_ranges(w, wp.channel_axes)
+        qw = ops.fake_quantize(wp.op.input(1).get_source_output(), -m, m, -m, m, 255)
+        q = _weighted_like(wp.op, x, qw)
+        diff = ops.subtract(wp.op.output(0), q)
+        rank = len(wp.op.get_output_partial_shape(0))
+        axes = [0] + list(range(2, rank)) if rank > 2 else list(range(rank - 1))
+        outs.append(ops.reduce_mean(diff, np.array(axes, np.int64), keep_dims=False).output(0))
+        keys.append(wp.key)
+    if not outs:
+        return {}
+    probe.add_outputs(outs)
+    compiled = ov.Core().compile_model(probe, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    extra = compiled.outputs[len(compiled.outputs) - len(outs):]
+    shape = model.inputs[0].get_partial_shape()
+    if shape[0].is_static:
+        batch = shape[0].get_length()
+    sums = {k: 0.0 for k in keys}
+    n = 0
+    progress = Progress(subset_size, "bias correction", verbose)
+    chunk = []
+
+    def run(rows):
+        x = np.concatenate(rows).astype(np.float32)
+        res = compiled({compiled.inputs[0]: x})
+        for k, out in zip(keys, extra):
+            sums[k] = sums[k] + np.asarray(res[out], np.float64) * len(x)
+        progress.update(len(x))
+
+    for sample in iterate_samples(data, shape, subset_size):
+        chunk.append(sample)
+        n += 1
+        if len(chunk) == batch:
+            run(chunk)
+            chunk = []
+    if chunk:
+        run(chunk)
+    return {k: v / n for k, v in sums.items()}
+
+
+def _build(model, ranges: dict, shifts: dict, skip_ops=frozenset(), ignored_layers=()):
+    """A quantized clone of ``model``; ops at positions ``skip_ops`` stay float."""
+    import openvino.opset13 as ops
+
+    q = model.clone()
+    acts, weights = find_points(q, ignored_layers)
+    order = {op.get_name(): k for k, op in enumerate(q.get_ordered_ops())}
     for p in acts:
         targets = [t for t in p.targets if order[t.get_node().get_name()] not in skip_ops]
         if not targets:
             continue
-        lo, hi = _activation_range(*ranges[p.key], preset)
-        lo_c, hi_c = np.float32(lo), np.float32(hi)
-        fq = ops.fake_quantize(p.output, lo_c, hi_c, lo_c, hi_c, 256)
+        lo, hi = (np.float32(v) for v in ranges[p.key])
+        fq = ops.fake_quantize(p.output, lo, hi, lo, hi, 256)
         for t in targets:
             t.replace_source_output(fq.output(0))
     for wp in weights:
@@ -107,26 +176,15 @@ def _build(model, stats: Statistics, preset: str, bias_correction: bool, estimat
         src = wp.op.input(1).get_source_output()
         fq = ops.fake_quantize(src, -m, m, -m, m, 255)
         wp.op.input(1).replace_source_output(fq.output(0))
-        if bias_correction:
-            _correct_bias(wp, w, stats, order, ops)
+        if wp.key in shifts:
+            _shift_bias(wp, shifts[wp.key], ops)
     q.validate_nodes_and_infer_types()
     return q
 
 
-def _correct_bias(wp: WeightPoint, w: np.ndarray, stats: Statistics, order, ops) -> None:
-    src = wp.op.input(0).get_source_output()
-    node = src.get_node()
-    if node.get_type_name() == "FakeQuantize":
-        src = node.input(0).get_source_output()
-        node = src.get_node()
-    key = (order[node.get_name()], src.get_index())
-    mean_in = stats.channel_means.get(key)
-    if mean_in is None:
-        return
-    transpose_b = bool(wp.op.get_attributes().get("transpose_b", False))
-    if wp.op.get_type_name() == "MatMul" and mean_in.shape[0] != (w.shape[1] if transpose_b else w.shape[0]):
-        return
-    shift = -_bias_shift(wp.op.get_type_name(), w, _fq_weights(w, wp.channel_axes), mean_in, transpose_b)
+def _shift_bias(wp: WeightPoint, shift: np.ndarray, ops) -> None:
+    """Add ``shift`` (per output channel) to the layer's bias: its constant bias Add, or a new Add."""
+    shift = np.asarray(shift, np.float32).reshape(-1)
     if not np.any(shift):
         return
     out = wp.op.output(0)
@@ -134,17 +192,15 @@ def _correct_bias(wp: WeightPoint, w: np.ndarray, stats: Statistics, order, ops)
     rank = len(out.get_partial_shape())
     shape = [1] * rank
     shape[1 if rank > 2 else rank - 1] = shift.size
-    # fold into an existing constant bias Add when there is exactly one, else insert one
     if len(consumers) == 1 and consumers[0].get_node().get_type_name() == "Add":
         add = consumers[0].get_node()
-        other = add.input(1 - consumers[0].get_index()).get_source_output()
-        if other.get_node().get_type_name() == "Constant":
-            b = other.get_node().get_data().astype(np.float32)
+        other = add.input(1 - consumers[0].get_index())
+        if other.get_source_output().get_node().get_type_name() == "Constant":
+            b = other.get_source_output().get_node().get_data().astype(np.float32)
             if b.size == shift.size:
-                new = ops.constant((b.reshape(-1) + shift).reshape(b.shape).astype(np.float32))
-                add.input(1 - consumers[0].get_index()).replace_source_output(new.output(0))
+                other.replace_source_output(ops.constant((b.reshape(-1) + shift).reshape(b.shape)).output(0))
                 return
-    add = ops.add(out, ops.constant(shift.reshape(shape).astype(np.float32)))
+    add = ops.add(out, ops.constant(shift.reshape(shape)))
     for c in consumers:
         c.replace_source_output(add.output(0))
 
@@ -164,10 +220,12 @@ def calibrate(
 
     Activations feeding Convolution, GroupConvolution and MatMul, both inputs of residual Adds and pooling
     inputs are quantized per tensor (``preset="performance"``: symmetric; ``"mixed"``: asymmetric), with
-    ranges from one statistics pass (min of per-sample minima, mean of per-sample maxima, or quantiles);
+    ranges from one statistics pass (min of per-sample minima and mean of per-sample maxima; for signed
+    symmetric tensors the mean of per-sample absolute maxima; ``range_estimator="max"`` takes the largest
+    values seen instead, ``"quantile"`` the 1e-4 quantiles);
     Concat inputs share one range. Weights are quantized symmetrically per output channel on the int8 grid
-    (levels=255 over [-m, m]). Bias correction shifts each layer's bias by the mean error its weight
-    quantization causes, from float input statistics. FakeQuantize ops already in the model (from QAT) stay.
+    (levels=255 over [-m, m]). Bias correction shifts each layer's bias by the mean error its quantization
+    causes on float inputs (:func:`bias_shifts`). FakeQuantize ops already in the model (from QAT) stay.
 
     Args:
         ov_model: an ``openvino.Model`` or an IR path; not modified.
@@ -181,20 +239,17 @@ def calibrate(
     """
     _check_args(preset, subset_size, channel_alignment, range_estimator)
     model = _read(ov_model)
-    acts, weights = find_points(model, ignored_layers)
-    need_means = {(_act_key_for(model, wp)) for wp in weights} if bias_correction else set()
-    stats = collect(model, acts, need_means, calibration_data, subset_size, verbose=verbose)
-    return _build(model, stats, preset, bias_correction, range_estimator, ignored_layers=ignored_layers)
+    ranges, shifts = _calibration_state(model, calibration_data, preset, subset_size, bias_correction,
+                                        ignored_layers, range_estimator, verbose)
+    return _build(model, ranges, shifts, ignored_layers=ignored_layers)
 
 
-def _act_key_for(model, wp: WeightPoint):
-    order = {op.get_name(): k for k, op in enumerate(model.get_ordered_ops())}
-    src = wp.op.input(0).get_source_output()
-    node = src.get_node()
-    if node.get_type_name() == "FakeQuantize":
-        src = node.input(0).get_source_output()
-        node = src.get_node()
-    return order[node.get_name()], src.get_index()
+def _calibration_state(model, data, preset, subset_size, bias_correction, ignored_layers, estimator, verbose):
+    acts, _ = find_points(model, ignored_layers)
+    stats = collect(model, acts, data, subset_size, verbose=verbose)
+    ranges = act_ranges(acts, stats, preset, estimator)
+    shifts = bias_shifts(model, ranges, data, subset_size, verbose=verbose) if bias_correction else {}
+    return ranges, shifts
 
 
 def calibrate_with_accuracy_control(
@@ -237,8 +292,8 @@ def calibrate_with_accuracy_control(
     model = _read(ov_model)
     core = ov.Core()
     acts, weights = find_points(model, ignored_layers)
-    need_means = {_act_key_for(model, wp) for wp in weights} if bias_correction else set()
-    stats = collect(model, acts, need_means, calibration_data, subset_size, verbose=verbose)
+    ranges, shifts = _calibration_state(model, calibration_data, preset, subset_size, bias_correction,
+                                        ignored_layers, "minmax", verbose)
 
     def compile_(m):
         return core.compile_model(m, "CPU")
@@ -251,7 +306,7 @@ def calibrate_with_accuracy_control(
         return d / abs(fp_metric) if drop_type == "relative" and fp_metric else d
 
     skip: set[int] = set()
-    q = _build(model, stats, preset, bias_correction, "minmax", skip, ignored_layers)
+    q = _build(model, ranges, shifts, skip, ignored_layers)
     metric = float(validate_fn(compile_(q), validation_data))
     info = {"fp32_metric": fp_metric, "int8_metric": metric, "drops": [drop_of(metric)], "reverted": []}
     ops = list(model.get_ordered_ops())
@@ -268,13 +323,13 @@ def calibrate_with_accuracy_control(
         worst = np.argsort(err)[::-1][: max(1, len(err) // 2)]  # where INT8 and FP32 disagree most
         scores = []
         for c in candidates:
-            trial = _build(model, stats, preset, bias_correction, "minmax", skip | {c}, ignored_layers)
+            trial = _build(model, ranges, shifts, skip | {c}, ignored_layers)
             e = np.abs(_outputs(compile_(trial), rank_x[worst]) - fp_out[worst]).sum()
             scores.append((e, c))
         scores.sort()
         accepted = False
         for _, c in scores[:3]:  # the best few candidates: keep the first that does not make things worse
-            trial = _build(model, stats, preset, bias_correction, "minmax", skip | {c}, ignored_layers)
+            trial = _build(model, ranges, shifts, skip | {c}, ignored_layers)
             m = float(validate_fn(compile_(trial), validation_data))
             if drop_of(m) <= drop_of(metric):
                 skip.add(c)

@@ -14,14 +14,22 @@ __all__ = ["Statistics", "collect", "iterate_samples"]
 
 @dataclasses.dataclass
 class Statistics:
-    """Per activation point: per-sample minima and maxima (and quantiles); per-channel means of weighted inputs."""
+    """Per activation point: per-sample minima and maxima (and 1e-4 / 1 - 1e-4 quantiles)."""
 
     mins: dict[tuple[int, int], list[float]]
     maxs: dict[tuple[int, int], list[float]]
     q_lo: dict[tuple[int, int], list[float]]
     q_hi: dict[tuple[int, int], list[float]]
-    channel_means: dict[tuple[int, int], np.ndarray]
     samples: int
+
+    def abs_max(self, key, estimator: str = "minmax") -> float:
+        """Symmetric range: mean over samples of max |x| (or the max, or quantile-based)."""
+        per = np.maximum(np.abs(self.mins[key]), np.abs(self.maxs[key]))
+        if estimator == "max":
+            return float(per.max())
+        if estimator == "quantile":
+            return float(np.mean(np.maximum(np.abs(self.q_lo[key]), np.abs(self.q_hi[key]))))
+        return float(per.mean())
 
     def range(self, key, estimator: str = "minmax") -> tuple[float, float]:
         """POT/NNCF's default: min of the per-sample minima, mean of the per-sample maxima (or quantiles)."""
@@ -82,13 +90,12 @@ def iterate_samples(data, shape, limit: int | None = None) -> Iterable[np.ndarra
                 return
 
 
-def collect(model, points, weight_inputs, data, subset_size: int, batch: int = 16, verbose: bool = True):
+def collect(model, points, data, subset_size: int, batch: int = 16, verbose: bool = True) -> Statistics:
     """Run ``model`` once over ``subset_size`` samples with every point as an extra output.
 
     Args:
         model: the float ov.Model (not modified: statistics run on a clone).
         points: :class:`~tfcompress.calibration.placement.ActivationPoint` list.
-        weight_inputs: keys of points whose per-channel mean is needed (bias correction).
         data: calibration samples (see :func:`iterate_samples`).
     """
     import openvino as ov
@@ -107,8 +114,6 @@ def collect(model, points, weight_inputs, data, subset_size: int, batch: int = 1
     maxs = {p.key: [] for p in points}
     q_lo = {p.key: [] for p in points}
     q_hi = {p.key: [] for p in points}
-    sums: dict = {}
-    counts: dict = {}
     progress = Progress(subset_size, "statistics", verbose)
     chunk: list[np.ndarray] = []
     n = 0
@@ -124,10 +129,6 @@ def collect(model, points, weight_inputs, data, subset_size: int, batch: int = 1
             q = np.quantile(flat, [1e-4, 1 - 1e-4], axis=1)
             q_lo[p.key] += q[0].tolist()
             q_hi[p.key] += q[1].tolist()
-            if p.key in weight_inputs and a.ndim >= 2:
-                red = (0,) + tuple(range(2, a.ndim)) if a.ndim > 2 else (0,)
-                sums[p.key] = sums.get(p.key, 0) + a.sum(axis=red, dtype=np.float64)
-                counts[p.key] = counts.get(p.key, 0) + a.size // a.shape[1]
         progress.update(len(x))
 
     for sample in iterate_samples(data, shape, subset_size):
@@ -140,5 +141,4 @@ def collect(model, points, weight_inputs, data, subset_size: int, batch: int = 1
         run(chunk)
     if n == 0:
         raise ValueError("calibration_data yielded no samples")
-    means = {k: sums[k] / counts[k] for k in sums}
-    return Statistics(mins, maxs, q_lo, q_hi, means, n)
+    return Statistics(mins, maxs, q_lo, q_hi, n)

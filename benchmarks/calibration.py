@@ -1,0 +1,186 @@
+"""INT8 calibration benchmark: tfcompress.calibration vs nncf.quantize, measured side by side in one run.
+
+    python -m venv --system-site-packages /tmp/benchenv && /tmp/benchenv/bin/pip install nncf==3.4.0
+    /tmp/benchenv/bin/python benchmarks/calibration.py
+
+nncf is installed only in that benchmark environment: the package never imports it.
+
+(1) MLPerf Tiny ResNet-8 (pretrained) on CIFAR-10: calibration on JPEG test images [0:300], accuracy on
+    [300:10000], for OpenVINO FP32 (f32 hint), BF16 (the default on AMX CPUs), our INT8, NNCF's INT8 and
+    MLPerf's official INT8 TFLite model. The same FP32 IR feeds both calibrators.
+(2) ResNet50 and MobileNetV2 (keras.applications, weights=None, BatchNorm statistics set from one batch of
+    CIFAR images resized to 224): calibration time with 300 samples, latency at batch 1 and throughput at
+    batch 32, medians of interleaved rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import numpy as np  # noqa: E402
+
+import common  # noqa: E402
+
+MLPERF = common.SHARED / "models" / "mlperf_tiny"
+
+
+def accuracy(compiled, x, y, batch=500):
+    out = np.concatenate([compiled({0: x[i:i + batch]})[compiled.outputs[0]] for i in range(0, len(x), batch)])
+    return float((out.argmax(axis=1) == y).mean())
+
+
+def tflite_accuracy(path, x, y):
+    import tensorflow as tf
+
+    interp = tf.lite.Interpreter(model_path=str(path))
+    interp.allocate_tensors()
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+    scale, zp = inp["quantization"]
+    hits = 0
+    for i in range(len(x)):
+        xi = x[i:i + 1]
+        if inp["dtype"] != np.float32:
+            xi = np.clip(np.round(xi / scale + zp), -128, 127).astype(inp["dtype"])
+        interp.set_tensor(inp["index"], xi)
+        interp.invoke()
+        hits += int(interp.get_tensor(out["index"]).argmax() == y[i])
+    return hits / len(x)
+
+
+def nncf_quantize(model, calib):
+    import nncf
+
+    t = time.perf_counter()
+    q = nncf.quantize(model, nncf.Dataset(list(calib[:, None])), subset_size=len(calib))
+    return q, time.perf_counter() - t
+
+
+def ours_quantize(model, calib):
+    from tfcompress import calibration
+
+    t = time.perf_counter()
+    q = calibration.calibrate(model, calib, subset_size=len(calib), verbose=False)
+    return q, time.perf_counter() - t
+
+
+def speed(models: dict, shape, rounds: int, iters_b1: int, iters_b32: int) -> dict:
+    """Median latency (ms, batch 1) and throughput (img/s, batch 32) per model, rounds interleaved."""
+    import openvino as ov
+
+    core = ov.Core()
+    res = {k: {"b1": [], "b32": []} for k in models}
+    compiled = {}
+    for k, (m, cfg) in models.items():
+        compiled[k] = core.compile_model(m, "CPU", cfg)
+    x1 = np.random.default_rng(0).uniform(0, 255, (1,) + shape).astype(np.float32)
+    x32 = np.repeat(x1, 32, axis=0)
+    for _ in range(rounds):
+        for k, c in compiled.items():
+            req = c.create_infer_request()
+            req.infer({0: x1})
+            t = time.perf_counter()
+            for _ in range(iters_b1):
+                req.infer({0: x1})
+            res[k]["b1"].append(1000 * (time.perf_counter() - t) / iters_b1)
+            req.infer({0: x32})
+            t = time.perf_counter()
+            for _ in range(iters_b32):
+                req.infer({0: x32})
+            res[k]["b32"].append(32 * iters_b32 / (time.perf_counter() - t))
+    return {k: {"b1_ms": common.median(v["b1"]), "b32_ips": common.median(v["b32"])} for k, v in res.items()}
+
+
+def app_ir(name: str, work: str, size: int):
+    """keras.applications model with BN statistics from one batch of real images, as FP32 IR."""
+    import keras
+    import openvino as ov
+    import tensorflow as tf
+
+    model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3))
+    x, _ = common.cifar10_test()
+    batch = tf.image.resize(x[:32].astype("float32"), (size, size)).numpy()
+    batch = keras.applications.imagenet_utils.preprocess_input(batch, mode="torch")
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.0
+    model(batch, training=True)  # moving statistics := this batch's statistics
+    path = os.path.join(work, name)
+    model.export(path, verbose=False)
+    ov_model = ov.convert_model(path)
+    calib = tf.image.resize(x[np.random.default_rng(1).permutation(10000)[:300]].astype("float32"),
+                            (size, size)).numpy()
+    calib = keras.applications.imagenet_utils.preprocess_input(calib, mode="torch")
+    return ov_model, calib
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--models", default="ResNet50,MobileNetV2")
+    args = ap.parse_args()
+    try:
+        import nncf  # noqa: F401
+    except ImportError:
+        raise SystemExit("nncf is not installed here: run this in the benchmark environment (see the docstring)")
+    import keras
+    import openvino as ov
+
+    from tfcompress.export import to_onnx, to_openvino
+
+    core = ov.Core()
+    work = tempfile.mkdtemp(prefix="tfcompress-calib-")
+    print(f"machine: {common.machine()}\n")
+
+    # (1) accuracy on ResNet-8
+    x, y = common.cifar10_test()
+    x = x.astype(np.float32)
+    r8 = keras.models.load_model(MLPERF / "pretrainedResnet.h5", compile=False)
+    r8.export(os.path.join(work, "r8"), verbose=False)
+    to_onnx(os.path.join(work, "r8"), os.path.join(work, "r8.onnx"))
+    to_openvino(os.path.join(work, "r8.onnx"), os.path.join(work, "r8.xml"))
+    fp = core.read_model(os.path.join(work, "r8.xml"))
+    calib, xv, yv = x[:300], x[300:], y[300:]
+    q_ours, t_ours = ours_quantize(fp, calib)
+    q_nncf, t_nncf = nncf_quantize(fp, calib)
+    rows = {
+        "OpenVINO FP32 (f32 hint)": accuracy(core.compile_model(fp, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), xv, yv),
+        "OpenVINO default (BF16)": accuracy(core.compile_model(fp, "CPU"), xv, yv),
+        "tfcompress INT8": accuracy(core.compile_model(q_ours, "CPU"), xv, yv),
+        "nncf.quantize INT8": accuracy(core.compile_model(q_nncf, "CPU"), xv, yv),
+        "MLPerf official INT8 TFLite": tflite_accuracy(MLPERF / "pretrainedResnet_quant.tflite", xv, yv),
+    }
+    print("(1) MLPerf Tiny ResNet-8, CIFAR-10 JPEG test images [300:10000], calibration [0:300]")
+    print("| model | accuracy % | vs FP32 (pts) |\n|---|---|---|")
+    for k, v in rows.items():
+        print(f"| {k} | {100 * v:.2f} | {100 * (v - rows['OpenVINO FP32 (f32 hint)']):+.2f} |")
+    print(f"calibration time: tfcompress {t_ours:.2f} s, nncf {t_nncf:.2f} s (ratio {t_ours / t_nncf:.2f})\n")
+
+    # (2) speed and calibration time on larger models
+    for name in [m for m in args.models.split(",") if m]:
+        fp, calib = app_ir(name, work, args.size)
+        q_ours, t_ours = ours_quantize(fp, calib)
+        q_nncf, t_nncf = nncf_quantize(fp, calib)
+        s = speed({
+            "FP32 (f32 hint)": (fp, {"INFERENCE_PRECISION_HINT": "f32"}),
+            "BF16 (default)": (fp, {}),
+            "tfcompress INT8": (q_ours, {}),
+            "nncf INT8": (q_nncf, {}),
+        }, (args.size, args.size, 3), args.rounds, iters_b1=30, iters_b32=4)
+        print(f"(2) {name} {args.size}x{args.size}: calibration with 300 samples: tfcompress {t_ours:.1f} s, "
+              f"nncf {t_nncf:.1f} s (ratio {t_ours / t_nncf:.2f})")
+        print("| variant | latency b1 ms | throughput b32 img/s | b32 vs nncf |\n|---|---|---|---|")
+        for k, v in s.items():
+            print(f"| {k} | {v['b1_ms']:.2f} | {v['b32_ips']:.1f} | {v['b32_ips'] / s['nncf INT8']['b32_ips']:.2f} |")
+        print(flush=True)
+
+
+if __name__ == "__main__":
+    main()
