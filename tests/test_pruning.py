@@ -316,3 +316,19 @@ def test_mirrored_strategy_two_cpu_replicas(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "LEVEL 0.5" in proc.stdout
+
+
+def test_batchnorm_gain_decides_importance_after_a_conv():
+    """Behind a BatchNorm, a large kernel row with a tiny gamma matters little: it goes first."""
+    inp = keras.Input((8, 8, 3))
+    x = L.Conv2D(4, 3, name="conv")(inp)
+    x = L.BatchNormalization(name="bn")(x)
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(3, 1)(x))))
+    k = np.ones((3, 3, 3, 4), "float32")
+    k[..., 2] *= 10.0  # the largest filter ...
+    model.get_layer("conv").kernel.assign(k)
+    model.get_layer("bn").gamma.assign(np.array([1.0, 1.0, 0.01, 1.0], "float32"))  # ... with no gain
+    kg = build_graph(model)
+    g = [g for g in kg.groups() if g.layers == ("conv",)][0]
+    masks = GroupMasks(kg, [g])
+    assert np.argmin(criteria.l2(masks.filters(g))) == 2

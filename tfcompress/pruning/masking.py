@@ -41,6 +41,14 @@ class GroupMasks:
             if rec.op.rule is Rule.PRODUCER:
                 for gid in touched:
                     self.producers[gid].append(rec.kind)
+        # a BatchNorm right after a producer normalises its channels: the norm of a raw kernel row means
+        # nothing there (BN undoes any scaling) and |gamma| is the channel's real gain
+        self._bn_after: dict[str, LayerKind] = {}
+        produced = {rec.op.outputs[0]: rec.op.layer for rec in kg.records
+                    if rec.node is not None and rec.op.rule is Rule.PRODUCER}
+        for rec in kg.records:
+            if rec.node is not None and type(rec.kind).__name__ == "_BatchNorm" and rec.op.inputs[0] in produced:
+                self._bn_after.setdefault(produced[rec.op.inputs[0]], rec.kind)
         self._shadow: dict[int, np.ndarray] = {}
         self._has_shadow: dict[int, np.ndarray] = {}
         self._masks = self._variable_masks()
@@ -58,17 +66,35 @@ class GroupMasks:
             masks[id(p.variable)] = (p, p.mask(self.kg.graph.keep_mask(out, removed)))
         return masks
 
+    def _remembered(self, var) -> np.ndarray:
+        """A variable's value with pruned entries as they were when pruned (what their importance was)."""
+        value = var.numpy()
+        if id(var) in self._shadow:
+            pruned = (self._masks[id(var)][1] == 0) & self._has_shadow[id(var)]
+            value = np.where(pruned, self._shadow[id(var)], value)
+        return value
+
     def filters(self, group: ChannelGroup) -> list[np.ndarray]:
-        """Filter rows of each producer of ``group``: live weights, and pruned ones as they were when pruned."""
+        """Filter rows of each producer of ``group``; live weights, and pruned ones as they were when pruned.
+
+        Where a BatchNorm follows the producer, rows are rescaled to norm |gamma| (the channel's gain).
+        """
         rows = []
         for kind in self.producers[group.id]:
-            var = kind.output_params()[0].variable
-            kernel = var.numpy()
-            if id(var) in self._shadow:
-                pruned = (self._masks[id(var)][1] == 0) & self._has_shadow[id(var)]
-                kernel = np.where(pruned, self._shadow[id(var)], kernel)
-            rows.append(kind.filters(kernel))
+            r = kind.filters(self._remembered(kind.output_params()[0].variable))
+            bn = self._bn_after.get(self._layer_path(kind))
+            if bn is not None and bn.layer.scale:
+                gamma = np.abs(self._remembered(bn.layer.gamma))
+                norm = np.linalg.norm(r, axis=1)
+                r = r * (gamma / np.maximum(norm, 1e-12))[:, None]
+            rows.append(r)
         return rows
+
+    def _layer_path(self, kind: LayerKind) -> str:
+        for path, layer in self.kg.layers.items():
+            if layer is kind.layer:
+                return path
+        return kind.layer.name
 
     def zero_channels(self, group: ChannelGroup) -> np.ndarray:
         """Channels of ``group`` whose filters are exactly zero in every producer (pruned earlier)."""
