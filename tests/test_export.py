@@ -287,3 +287,26 @@ def test_image_directory_as_validation_data(tmp_path, small_saved_model):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ExportError, match="empty"):
         export_saved_model(str(small_saved_model), str(tmp_path / "o2"), validation_data=str(tmp_path / "empty"))
+
+
+def test_int8_export_writes_a_model_that_runs_int8(tmp_path, small_saved_model):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "calib.npy", rng.uniform(0, 1, (64, 8, 8, 3)).astype("float32"))
+    np.savez(tmp_path / "val.npz", x=rng.uniform(0, 1, (32, 8, 8, 3)).astype("float32"), y=rng.integers(0, 2, 32))
+    proc = _cli(f"--saved_model_dir={small_saved_model}", f"--output_dir={tmp_path / 'out'}",
+                f"--calibration_data={tmp_path / 'calib.npy'}", f"--validation_data={tmp_path / 'val.npz'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["steps"]["int8"]["int8_layers"] == {"int8": 2, "total": 2}
+    assert abs(report["accuracy"]["openvino_int8"] - report["accuracy"]["openvino_fp32"]) <= 0.1
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(tmp_path / "out" / "model_int8.xml"), "CPU")
+    from tfcompress import calibration
+
+    assert calibration.int8_layers(compiled) == {"int8": 2, "total": 2}
+    # int8 weights are stored as int8
+    assert (tmp_path / "out" / "model_int8.bin").stat().st_size < (tmp_path / "out" / "model_fp32.bin").stat().st_size
+    proc = _cli(f"--saved_model_dir={small_saved_model}", f"--output_dir={tmp_path / 'o2'}",
+                f"--calibration_data={tmp_path / 'calib.npy'}", "--int8=accuracy_aware")
+    _assert_clean_failure(proc, "needs --validation_data", tmp_path, tmp_path / "o2")

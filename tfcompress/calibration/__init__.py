@@ -1,5 +1,7 @@
 """Post-training INT8 calibration of OpenVINO models (our implementation on the OpenVINO Python API)."""
 
-from tfcompress.calibration.quantize import PRESETS, calibrate, calibrate_with_accuracy_control
+from tfcompress.calibration.quantize import (
+    PRESETS, calibrate, calibrate_with_accuracy_control, compress_weights, int8_layers,
+)
 
-__all__ = ["PRESETS", "calibrate", "calibrate_with_accuracy_control"]
+__all__ = ["PRESETS", "calibrate", "calibrate_with_accuracy_control", "compress_weights", "int8_layers"]

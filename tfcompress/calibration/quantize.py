@@ -9,7 +9,7 @@ import numpy as np
 from tfcompress.calibration.placement import ActivationPoint, WeightPoint, find_points, weight_ranges
 from tfcompress.calibration.statistics import Progress, Statistics, collect, iterate_samples
 
-__all__ = ["calibrate", "calibrate_with_accuracy_control", "PRESETS"]
+__all__ = ["calibrate", "calibrate_with_accuracy_control", "compress_weights", "int8_layers", "PRESETS"]
 
 PRESETS = ("performance", "mixed")
 
@@ -356,3 +356,21 @@ def _outputs(compiled, x: np.ndarray, batch: int = 64) -> np.ndarray:
     for i in range(0, len(x), batch):
         parts.append(np.asarray(compiled({compiled.inputs[0]: x[i:i + batch].astype(np.float32)})[compiled.outputs[0]]))
     return np.concatenate(parts)
+
+
+def compress_weights(model) -> None:
+    """Store FakeQuantized constant weights as int8 (in place): the IR shrinks ~4x vs FP32, same results."""
+    from openvino._offline_transformations import compress_quantize_weights_transformation
+
+    compress_quantize_weights_transformation(model)
+
+
+def int8_layers(compiled) -> dict:
+    """How many Convolution / FullyConnected layers of a compiled model really run INT8 (runtime precision)."""
+    total = int8 = 0
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        if info["layerType"].astype(str) in ("Convolution", "FullyConnected"):
+            total += 1
+            int8 += info["runtimePrecision"].astype(str) in ("u8", "i8")
+    return {"int8": int8, "total": total}

@@ -13,11 +13,12 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("saved_model_dir", None, "The SavedModel to export (read only, never modified).")
 flags.DEFINE_string("output_dir", None, "Where to write stripped/, model.onnx, model_fp32.xml/.bin, "
                     "model_int8.xml/.bin and report.json/.md. Must not exist or be empty (see --overwrite).")
-flags.DEFINE_string("calibration_data", None, "Samples for INT8 calibration: .npy, .npz (x[, y]) or a directory "
-                    "of images in class sub-folders. NOTE: the INT8 calibrator is not implemented yet; giving "
-                    "this flag with --int8 other than none is an error until it is.")
+flags.DEFINE_string("calibration_data", None, "Samples for INT8 calibration (the first 300 are used): .npy, .npz "
+                    "(x[, y]) or a directory of images in class sub-folders. Given, model_int8.xml/.bin is written.")
 flags.DEFINE_enum("int8", "default", ["default", "accuracy_aware", "none"],
-                  "INT8 calibration mode (needs --calibration_data).")
+                  "INT8 calibration mode (with --calibration_data): default (ranges + bias correction), "
+                  "accuracy_aware (also reverts layers to float until the drop <= --max_drop; needs labelled "
+                  "--validation_data) or none.")
 flags.DEFINE_float("max_drop", 0.01, "Largest accuracy drop allowed by --int8=accuracy_aware.")
 flags.DEFINE_string("validation_data", None, "Labelled samples (.npz with x and y, or an image directory); the "
                     "report then gives the accuracy of every artifact.")

@@ -57,7 +57,8 @@ def export_saved_model(
     overwrite: bool = False,
     signature_key: str = "serving_default",
 ) -> dict:
-    """Write ``stripped/``, ``model.onnx``, ``model_fp32.xml/.bin`` and ``report.json/.md`` into ``output_dir``.
+    """Write ``stripped/``, ``model.onnx``, ``model_fp32.xml/.bin``, with calibration data
+    ``model_int8.xml/.bin``, and ``report.json/.md`` into ``output_dir``.
 
     Everything is validated before any work, written into a temporary directory next to ``output_dir`` and
     moved into place at the end: a failure leaves ``output_dir`` as it was. ``saved_model_dir`` is only read.
@@ -97,11 +98,8 @@ def export_saved_model(
     name = next(iter(frozen.specs))
     calib = load_data(calibration_data, spec, "calibration data") if calibration_data else None
     valid = load_data(validation_data, spec, "validation data") if validation_data else None
-    if calib is not None and int8 != "none":
-        raise ExportError(
-            "INT8 calibration is not available yet: the calibrator (tfcompress.calibration) is a separate "
-            "issue still open; run with --int8=none to export the FP32 artifacts"
-        )
+    if int8 == "accuracy_aware" and calib is not None and (valid is None or valid[1] is None):
+        raise ExportError("--int8=accuracy_aware needs --validation_data with labels to measure the drop")
     check = None
     for data in (valid, calib):
         if data is not None:
@@ -136,6 +134,14 @@ def export_saved_model(
             "saved_model": _size(saved_model_dir), "stripped": _size(stripped_dir), "onnx": _size(onnx_path),
             "openvino_fp32": _size(xml) + _size(xml[:-4] + ".bin"),
         }
+        xml8 = None
+        if calib is not None and int8 != "none":
+            t = time.perf_counter()
+            _log(f"[4b/5] INT8 calibration ({int8}) on {min(len(calib[0]), 300)} samples")
+            xml8 = os.path.join(tmp, "model_int8.xml")
+            report["steps"]["int8"] = _int8(xml, xml8, calib[0], int8, max_drop, valid)
+            report["steps"]["int8"]["seconds"] = time.perf_counter() - t
+            report["sizes"]["openvino_int8"] = _size(xml8) + _size(xml8[:-4] + ".bin")
         if valid is not None and valid[1] is not None:
             _log("[5/5] measuring accuracy on the validation data")
             x, y = valid
@@ -147,6 +153,9 @@ def export_saved_model(
                 "openvino_fp32": _accuracy(_batched(lambda b: list(run_openvino(xml, {name: b}).values())[0], x), y),
                 "samples": int(len(x)),
             }
+            if xml8 is not None:
+                report["accuracy"]["openvino_int8"] = _accuracy(
+                    _batched(lambda b: list(run_openvino(xml8, {name: b}, precision="default").values())[0], x), y)
         else:
             _log("[5/5] no labelled validation data: accuracy not measured")
         report["seconds"] = time.perf_counter() - t0
@@ -160,6 +169,31 @@ def export_saved_model(
         raise
     _log(f"wrote {output_dir} in {report['seconds']:.1f} s")
     return report
+
+
+def _int8(xml: str, xml8: str, calib: np.ndarray, mode: str, max_drop: float, valid) -> dict:
+    """Calibrate the FP32 IR, store int8 weights, and say which layers really run INT8."""
+    import openvino as ov
+
+    from tfcompress import calibration
+
+    fp = ov.Core().read_model(xml)
+    info: dict = {}
+    if mode == "accuracy_aware":
+        def validate(compiled, data):
+            x, y = data
+            outs = [np.asarray(compiled({0: x[i:i + 256]})[compiled.outputs[0]]) for i in range(0, len(x), 256)]
+            return _accuracy(np.concatenate(outs), y)
+
+        q, acc = calibration.calibrate_with_accuracy_control(
+            fp, calib, valid, validate, max_drop=max_drop, subset_size=min(len(calib), 300))
+        info.update(reverted=acc["reverted"], drop=acc["drop"], fp32_metric=acc["fp32_metric"])
+    else:
+        q = calibration.calibrate(fp, calib, subset_size=min(len(calib), 300))
+    calibration.compress_weights(q)
+    ov.save_model(q, xml8, compress_to_fp16=False)
+    info["int8_layers"] = calibration.int8_layers(ov.Core().compile_model(xml8, "CPU"))
+    return info
 
 
 _STRIPPED_CACHE: dict = {}
@@ -192,12 +226,21 @@ def _markdown(r: dict) -> str:
     lines += [f"ONNX {r['sizes']['onnx']:,} bytes; OpenVINO FP32 IR {r['sizes']['openvino_fp32']:,} bytes.", ""]
     lines += ["## Numeric checks (relative max error)", "", "| step | error | seconds |", "|---|---|---|"]
     for step, s in r["steps"].items():
-        lines.append(f"| {step} | {s['max_rel_error']:.2e} | {s['seconds']:.1f} |")
+        err = f"{s['max_rel_error']:.2e}" if "max_rel_error" in s else "-"
+        lines.append(f"| {step} | {err} | {s['seconds']:.1f} |")
+    if "int8" in r["steps"]:
+        s = r["steps"]["int8"]
+        run = s["int8_layers"]
+        lines += ["", f"INT8 IR: {run['int8']} of {run['total']} convolution / fully-connected layers run in INT8 "
+                  f"({r['sizes']['openvino_int8']:,} bytes)."]
+        if "reverted" in s:
+            lines.append(f"Accuracy-aware: reverted to float: {s['reverted'] or 'none'}; drop {100 * s['drop']:.2f} pts.")
     if "accuracy" in r:
         a = r["accuracy"]
         lines += ["", f"## Accuracy ({a['samples']} validation samples)", "", "| artifact | accuracy |", "|---|---|"]
-        for k in ("original", "stripped", "onnx", "openvino_fp32"):
-            lines.append(f"| {k} | {100 * a[k]:.2f} % |")
+        for k in ("original", "stripped", "onnx", "openvino_fp32", "openvino_int8"):
+            if k in a:
+                lines.append(f"| {k} | {100 * a[k]:.2f} % |")
     lines += ["", "## Layers", "", "| layer | op | channels before | after |", "|---|---|---|---|"]
     for layer in r["layers"]:
         lines.append(f"| `{layer['name']}` | {layer['op']} | {layer['channels_before']} | {layer['channels_after']} |")
