@@ -7,7 +7,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from tfcompress.calibration.placement import ActivationPoint, WeightPoint, find_points, weight_ranges
-from tfcompress.calibration.statistics import Progress, Statistics, collect, iterate_samples
+from tfcompress.calibration.statistics import Progress, Statistics, collect, iterate_samples, run_batches
 
 __all__ = ["calibrate", "calibrate_with_accuracy_control", "compress_weights", "int8_layers", "PRESETS"]
 
@@ -127,29 +127,13 @@ def bias_shifts(model, ranges: dict, data, subset_size: int, batch: int = 16, ve
     probe.add_outputs(outs)
     compiled = ov.Core().compile_model(probe, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     extra = compiled.outputs[len(compiled.outputs) - len(outs):]
-    shape = model.inputs[0].get_partial_shape()
-    if shape[0].is_static:
-        batch = shape[0].get_length()
     sums = {k: 0.0 for k in keys}
-    n = 0
-    progress = Progress(subset_size, "bias correction", verbose)
-    chunk = []
 
-    def run(rows):
-        x = np.concatenate(rows).astype(np.float32)
-        res = compiled({compiled.inputs[0]: x})
+    def on_result(res, count):
         for k, out in zip(keys, extra):
-            sums[k] = sums[k] + np.asarray(res[out], np.float64) * len(x)
-        progress.update(len(x))
+            sums[k] = sums[k] + np.asarray(res[out], np.float64) * count
 
-    for sample in iterate_samples(data, shape, subset_size):
-        chunk.append(sample)
-        n += 1
-        if len(chunk) == batch:
-            run(chunk)
-            chunk = []
-    if chunk:
-        run(chunk)
+    n = run_batches(model, compiled, data, subset_size, batch, "bias correction", verbose, on_result)
     return {k: v / n for k, v in sums.items()}
 
 

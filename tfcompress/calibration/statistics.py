@@ -90,6 +90,36 @@ def iterate_samples(data, shape, limit: int | None = None) -> Iterable[np.ndarra
                 return
 
 
+def run_batches(model, compiled, data, subset_size: int, batch: int, label: str, verbose: bool, on_result) -> int:
+    """Feed up to ``subset_size`` samples to ``compiled`` in batches; ``on_result(results, n)`` per batch.
+
+    Uses the model's static batch size when it has one. Returns how many samples were used.
+    """
+    shape = model.inputs[0].get_partial_shape()
+    if shape[0].is_static:
+        batch = shape[0].get_length()
+    progress = Progress(subset_size, label, verbose)
+    chunk: list[np.ndarray] = []
+    n = 0
+
+    def run(rows):
+        x = np.concatenate(rows).astype(np.float32)
+        on_result(compiled({compiled.inputs[0]: x}), len(x))
+        progress.update(len(x))
+
+    for sample in iterate_samples(data, shape, subset_size):
+        chunk.append(sample)
+        n += 1
+        if len(chunk) == batch:
+            run(chunk)
+            chunk = []
+    if chunk:
+        run(chunk)
+    if n == 0:
+        raise ValueError("calibration_data yielded no samples")
+    return n
+
+
 def collect(model, points, data, subset_size: int, batch: int = 16, verbose: bool = True) -> Statistics:
     """Run ``model`` once over ``subset_size`` samples with every point as an extra output.
 
@@ -105,40 +135,21 @@ def collect(model, points, data, subset_size: int, batch: int = 16, verbose: boo
     outputs = [ops[p.key[0]].output(p.key[1]) for p in points]
     probe.add_outputs(outputs)
     compiled = ov.Core().compile_model(probe, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    shape = model.inputs[0].get_partial_shape()
-    if shape[0].is_static:
-        batch = shape[0].get_length()
     extra = compiled.outputs[len(compiled.outputs) - len(outputs):]
-    name = compiled.inputs[0]
     mins = {p.key: [] for p in points}
     maxs = {p.key: [] for p in points}
     q_lo = {p.key: [] for p in points}
     q_hi = {p.key: [] for p in points}
-    progress = Progress(subset_size, "statistics", verbose)
-    chunk: list[np.ndarray] = []
-    n = 0
 
-    def run(rows):
-        x = np.concatenate(rows).astype(np.float32)
-        res = compiled({name: x})
+    def on_result(res, _):
         for p, out in zip(points, extra):
-            a = np.asarray(res[out], dtype=np.float32)
-            flat = a.reshape(len(a), -1)
+            flat = np.asarray(res[out], dtype=np.float32)
+            flat = flat.reshape(len(flat), -1)
             mins[p.key] += flat.min(axis=1).tolist()
             maxs[p.key] += flat.max(axis=1).tolist()
             q = np.quantile(flat, [1e-4, 1 - 1e-4], axis=1)
             q_lo[p.key] += q[0].tolist()
             q_hi[p.key] += q[1].tolist()
-        progress.update(len(x))
 
-    for sample in iterate_samples(data, shape, subset_size):
-        chunk.append(sample)
-        n += 1
-        if len(chunk) == batch:
-            run(chunk)
-            chunk = []
-    if chunk:
-        run(chunk)
-    if n == 0:
-        raise ValueError("calibration_data yielded no samples")
+    n = run_batches(model, compiled, data, subset_size, batch, "statistics", verbose, on_result)
     return Statistics(mins, maxs, q_lo, q_hi, n)
