@@ -8,6 +8,7 @@ import keras
 import numpy as np
 
 from tfcompress.graph.keras_adapter import KerasGraph, build_graph
+from tfcompress.graph.keras_rebuild import rebuild
 
 __all__ = ["strip"]
 
@@ -38,46 +39,19 @@ def strip(model: keras.Model) -> keras.Model:
 
 def _rebuild(kg: KerasGraph, removed: dict[int, np.ndarray], consts: dict[int, np.ndarray]) -> keras.Model:
     graph = kg.graph
-    new: dict[int, object] = {}  # tensor id -> new KerasTensor
-    new_layers: dict[str, keras.layers.Layer] = {}
-    pending_weights: list[tuple[keras.layers.Layer, list[np.ndarray]]] = []
-    fmodel = kg.model if not isinstance(kg.model, keras.Sequential) else kg.model._functional
-    inputs = []
-    for t, tid in zip(fmodel.inputs, kg.input_ids):
-        new[tid] = keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t._keras_history[0].name)
-        inputs.append(new[tid])
-    for rec in kg.records:
-        op = rec.op
-        if rec.node is None:
-            continue
+
+    def make_layer(rec):
+        op, layer = rec.op, rec.kind.layer
         in_keeps = [graph.keep_mask(t, removed) for t in op.inputs]
         out_keep = graph.keep_mask(op.outputs[0], removed) if len(op.outputs) == 1 else None
-        if op.layer not in new_layers:
-            layer = rec.kind.layer
-            folds = [np.where(k, 0.0, np.nan_to_num(consts[t])) for k, t in zip(in_keeps, op.inputs)]
-            changed = out_keep is not None and (not out_keep.all() or not all(k.all() for k in in_keeps))
-            new_layers[op.layer] = _new_layer(layer, op.layer, rec.kind, in_keeps, out_keep, folds, changed)
-            if new_layers[op.layer] is not layer:
-                weights = rec.kind.weights(in_keeps, out_keep, folds) if changed else layer.get_weights()
-                pending_weights.append((new_layers[op.layer], weights))
-        args, kwargs = rec.node.arguments.fill_in({k: new[tid] for k, tid in rec.scope.items()})
-        outs = keras.tree.flatten(new_layers[op.layer](*args, **kwargs))
-        for tid, t in zip(op.outputs, outs):
-            new[tid] = t
-    outputs = [new[tid] for tid in kg.output_ids]
-    stripped = keras.Model(
-        keras.tree.pack_sequence_as(fmodel._inputs_struct, inputs),
-        keras.tree.pack_sequence_as(fmodel._outputs_struct, outputs),
-        name=kg.model.name,
-    )
-    for layer, weights in pending_weights:
-        layer.set_weights([np.asarray(w, dtype=v.dtype) for w, v in zip(weights, layer.weights)])
-    if kg.model.compiled:
-        try:
-            stripped.compile_from_config(kg.model.get_compile_config())
-        except Exception as e:  # a custom loss or metric that does not deserialise: leave it to the user
-            warnings.warn(f"stripped model left uncompiled: {e}", stacklevel=3)
-    return stripped
+        folds = [np.where(k, 0.0, np.nan_to_num(consts[t])) for k, t in zip(in_keeps, op.inputs)]
+        changed = out_keep is not None and (not out_keep.all() or not all(k.all() for k in in_keeps))
+        new = _new_layer(layer, op.layer, rec.kind, in_keeps, out_keep, folds, changed)
+        if new is layer:
+            return new, None
+        return new, rec.kind.weights(in_keeps, out_keep, folds) if changed else layer.get_weights()
+
+    return rebuild(kg, make_layer)
 
 
 def _new_layer(layer, path, kind, in_keeps, out_keep, folds, changed) -> keras.layers.Layer:

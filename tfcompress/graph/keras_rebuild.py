@@ -1,0 +1,66 @@
+"""Re-create a Keras model layer by layer from its analysed graph (used by stripping and by QAT).
+
+Nested sub-models come out inlined; shared layers stay shared; inputs keep their names and the outputs their
+structure. The caller decides what each new layer is and may rewrite the tensors each call receives.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import keras
+import numpy as np
+
+from tfcompress.graph.keras_adapter import KerasGraph
+
+__all__ = ["rebuild"]
+
+MakeLayer = Callable[[Any], "tuple[keras.layers.Layer, list[np.ndarray] | None]"]
+RewriteArgs = Callable[[Any, tuple, dict], "tuple[tuple, dict]"]
+
+
+def rebuild(kg: KerasGraph, make_layer: MakeLayer, rewrite_args: RewriteArgs | None = None) -> keras.Model:
+    """A new Functional model with ``make_layer(record)`` for every layer of ``kg.model``.
+
+    Args:
+        make_layer: called once per layer (shared layers once), returns the new layer and the weights to set
+            once it is built (``None``: keep what it has).
+        rewrite_args: called before every layer call with the new input tensors; returns the arguments to use
+            (e.g. with quantizers inserted).
+    """
+    new: dict[int, Any] = {}  # tensor id -> new KerasTensor
+    layers: dict[str, keras.layers.Layer] = {}
+    pending: list[tuple[keras.layers.Layer, list[np.ndarray]]] = []
+    fmodel = kg.model._functional if isinstance(kg.model, keras.Sequential) else kg.model
+    inputs = []
+    for t, tid in zip(fmodel.inputs, kg.input_ids):
+        new[tid] = keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t._keras_history[0].name)
+        inputs.append(new[tid])
+    for rec in kg.records:
+        if rec.node is None:
+            continue
+        if rec.op.layer not in layers:
+            layer, weights = make_layer(rec)
+            layers[rec.op.layer] = layer
+            if weights is not None:
+                pending.append((layer, weights))
+        args, kwargs = rec.node.arguments.fill_in({k: new[tid] for k, tid in rec.scope.items()})
+        if rewrite_args is not None:
+            args, kwargs = rewrite_args(rec, args, kwargs)
+        outs = keras.tree.flatten(layers[rec.op.layer](*args, **kwargs))
+        for tid, t in zip(rec.op.outputs, outs):
+            new[tid] = t
+    model = keras.Model(
+        keras.tree.pack_sequence_as(fmodel._inputs_struct, inputs),
+        keras.tree.pack_sequence_as(fmodel._outputs_struct, [new[tid] for tid in kg.output_ids]),
+        name=kg.model.name,
+    )
+    for layer, weights in pending:
+        layer.set_weights([np.asarray(w, dtype=v.dtype) for w, v in zip(weights, layer.weights)])
+    if kg.model.compiled:
+        try:
+            model.compile_from_config(kg.model.get_compile_config())
+        except Exception as e:  # a custom loss or metric that does not deserialise: leave it to the user
+            warnings.warn(f"rebuilt model left uncompiled: {e}", stacklevel=3)
+    return model
