@@ -230,7 +230,7 @@ def calibrate(
 
 def _calibration_state(model, data, preset, subset_size, bias_correction, ignored_layers, estimator, verbose):
     acts, _ = find_points(model, ignored_layers)
-    stats = collect(model, acts, data, subset_size, verbose=verbose)
+    stats = collect(model, acts, data, subset_size, verbose=verbose, quantiles=estimator == "quantile")
     ranges = act_ranges(acts, stats, preset, estimator)
     shifts = bias_shifts(model, ranges, data, subset_size, verbose=verbose) if bias_correction else {}
     return ranges, shifts

@@ -120,13 +120,15 @@ def run_batches(model, compiled, data, subset_size: int, batch: int, label: str,
     return n
 
 
-def collect(model, points, data, subset_size: int, batch: int = 16, verbose: bool = True) -> Statistics:
+def collect(model, points, data, subset_size: int, batch: int = 16, verbose: bool = True,
+            quantiles: bool = False) -> Statistics:
     """Run ``model`` once over ``subset_size`` samples with every point as an extra output.
 
     Args:
         model: the float ov.Model (not modified: statistics run on a clone).
         points: :class:`~tfcompress.calibration.placement.ActivationPoint` list.
         data: calibration samples (see :func:`iterate_samples`).
+        quantiles: also collect per-sample 1e-4 quantiles (sorting: much slower on large activations).
     """
     import openvino as ov
 
@@ -147,9 +149,10 @@ def collect(model, points, data, subset_size: int, batch: int = 16, verbose: boo
             flat = flat.reshape(len(flat), -1)
             mins[p.key] += flat.min(axis=1).tolist()
             maxs[p.key] += flat.max(axis=1).tolist()
-            q = np.quantile(flat, [1e-4, 1 - 1e-4], axis=1)
-            q_lo[p.key] += q[0].tolist()
-            q_hi[p.key] += q[1].tolist()
+            if quantiles:
+                q = np.quantile(flat, [1e-4, 1 - 1e-4], axis=1)
+                q_lo[p.key] += q[0].tolist()
+                q_hi[p.key] += q[1].tolist()
 
     n = run_batches(model, compiled, data, subset_size, batch, "statistics", verbose, on_result)
     return Statistics(mins, maxs, q_lo, q_hi, n)
