@@ -332,3 +332,25 @@ def test_batchnorm_gain_decides_importance_after_a_conv():
     g = [g for g in kg.groups() if g.layers == ("conv",)][0]
     masks = GroupMasks(kg, [g])
     assert np.argmin(criteria.l2(masks.filters(g))) == 2
+
+
+def test_pruning_a_model_with_a_nested_block(rng):
+    block = keras.Sequential([keras.Input((16, 16, 8)), L.Conv2D(8, 3, padding="same", name="conv"),
+                              L.BatchNormalization(name="bn")], name="block")
+    inp = keras.Input((16, 16, 3))
+    x = L.Conv2D(8, 3, padding="same", name="stem")(inp)
+    x = L.ReLU()(L.Add()([x, block(x)]))
+    x = L.Conv2D(12, 3, padding="same", name="mid")(x)
+    model = _compile(keras.Model(inp, L.Dense(10)(L.GlobalAveragePooling2D()(x))))
+    x_, y_ = rng.uniform(size=(64, 16, 16, 3)).astype("float32"), rng.integers(0, 10, 64)
+    pruner = FilterPruning(target=0.5, criterion="l1", pruning_epochs=1, prune_first_conv=True,
+                           ignored_layers=["block/conv"])
+    model.fit(x_, y_, epochs=1, batch_size=16, callbacks=[pruner], verbose=0)
+    assert [g.layers for g in pruner.groups] == [("mid",)]  # the residual group holds an ignored layer
+    pruner = FilterPruning(target=0.5, criterion="l1", pruning_epochs=1, prune_first_conv=True)
+    model.fit(x_, y_, epochs=1, batch_size=16, callbacks=[pruner], verbose=0)
+    assert ("stem", "block/conv") in pruner.masks
+    assert not np.any(block.get_layer("bn").gamma.numpy()[~pruner.masks[("stem", "block/conv")]])
+    small = tfcompress.strip(model)
+    assert small.get_layer("block_conv").kernel.shape[-1] == 4
+    assert rel_error(small(x_[:4]), model(x_[:4])) < 1e-4
