@@ -1,0 +1,195 @@
+"""Keras layers and constraints for quantization-aware training.
+
+They emit ``tf.quantization.fake_quant_with_min_max_vars`` (activations, per tensor, 8 bits) and
+``fake_quant_with_min_max_vars_per_channel`` (weights, per output channel, symmetric, narrow range), so an
+exported SavedModel carries the quantization: OpenVINO's TF frontend keeps it as FakeQuantize, and
+``tfcompress.export.to_onnx`` restores the int8 weights that tf2onnx folds away.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+__all__ = [
+    "ActivationQuantizer", "ChannelMask", "QuantConv2D", "QuantDense", "QuantDepthwiseConv2D",
+    "fake_quant_weights",
+]
+
+_PACKAGE = "tfcompress"
+
+
+def fake_quant_weights(kernel, per_channel: bool = True):
+    """Symmetric int8 fake-quantization of a ``(..., out)`` kernel on the [-m, m] grid, 255 levels.
+
+    The range is the kernel's own abs-max (per output channel): always exact, and gradients pass straight
+    through (every weight is inside its range).
+    """
+    k = tf.convert_to_tensor(kernel)
+    if per_channel:
+        flat = tf.reshape(k, (-1, k.shape[-1]))
+        m = tf.stop_gradient(tf.maximum(tf.reduce_max(tf.abs(flat), axis=0), 1e-12))
+        return tf.quantization.fake_quant_with_min_max_vars_per_channel(k, -m, m, num_bits=8, narrow_range=True)
+    m = tf.stop_gradient(tf.maximum(tf.reduce_max(tf.abs(k)), 1e-12))
+    return tf.quantization.fake_quant_with_min_max_vars(k, -m, m, num_bits=8, narrow_range=True)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ActivationQuantizer(keras.layers.Layer):
+    """Fake-quantizes a tensor to 8 bits per tensor, with a range initialised from data.
+
+    The range starts at the first training batch's min/max (or the running min/max over the first batches
+    given to :class:`~tfcompress.quantization.RangeInit`), then is tracked with an exponential moving average
+    (``range_mode="ema"``) or learned by gradient descent (``"learned"``; TF's FakeQuant has gradients for its
+    min and max). It always contains 0.
+
+    Args:
+        symmetric: ``True`` (preset "performance"): a signed tensor gets [-a, a]; ``False``: [min, max].
+        range_mode: ``"ema"`` or ``"learned"``.
+        momentum: EMA momentum.
+    """
+
+    def __init__(self, symmetric: bool = True, range_mode: str = "ema", momentum: float = 0.99, **kwargs):
+        super().__init__(**kwargs)
+        if range_mode not in ("ema", "learned"):
+            raise ValueError(f"range_mode must be 'ema' or 'learned', got {range_mode!r}")
+        self.symmetric = bool(symmetric)
+        self.range_mode = range_mode
+        self.momentum = float(momentum)
+
+    def build(self, input_shape):
+        learned = self.range_mode == "learned"
+        self.range_min = self.add_weight(name="range_min", shape=(), initializer="zeros", trainable=learned,
+                                         aggregation="mean")
+        self.range_max = self.add_weight(name="range_max", shape=(), initializer="ones", trainable=learned,
+                                         aggregation="mean")
+        # > 0: still initialising (running min/max); counts down one per training batch
+        self.init_steps = self.add_weight(name="init_steps", shape=(), initializer="ones", trainable=False,
+                                          aggregation="mean")
+        self.initialized = self.add_weight(name="initialized", shape=(), initializer="zeros", trainable=False,
+                                           aggregation="mean")
+
+    def quant_range(self):
+        lo = tf.minimum(tf.convert_to_tensor(self.range_min), 0.0)
+        hi = tf.maximum(tf.convert_to_tensor(self.range_max), 1e-6)
+        if self.symmetric:
+            a = tf.maximum(-lo, hi)
+            lo = tf.where(lo < 0, -a, 0.0)
+            hi = a
+        return lo, hi
+
+    def call(self, x, training=False):
+        if training:
+            self._observe(x)
+        lo, hi = self.quant_range()
+        return tf.quantization.fake_quant_with_min_max_vars(x, lo, hi, num_bits=8, narrow_range=False)
+
+    def _observe(self, x):
+        bmin = tf.stop_gradient(tf.reduce_min(x))
+        bmax = tf.stop_gradient(tf.reduce_max(x))
+        first = tf.equal(tf.convert_to_tensor(self.initialized), 0.0)
+        initing = tf.greater(tf.convert_to_tensor(self.init_steps), 0.0)
+        cur_min = tf.convert_to_tensor(self.range_min)
+        cur_max = tf.convert_to_tensor(self.range_max)
+        m = self.momentum
+        if self.range_mode == "ema":
+            tracked_min = m * cur_min + (1 - m) * bmin
+            tracked_max = m * cur_max + (1 - m) * bmax
+        else:
+            tracked_min, tracked_max = cur_min, cur_max  # learned by the optimizer
+        new_min = tf.where(first, bmin, tf.where(initing, tf.minimum(cur_min, bmin), tracked_min))
+        new_max = tf.where(first, bmax, tf.where(initing, tf.maximum(cur_max, bmax), tracked_max))
+        self.range_min.assign(new_min)
+        self.range_max.assign(new_max)
+        self.initialized.assign(1.0)
+        self.init_steps.assign(tf.maximum(tf.convert_to_tensor(self.init_steps) - 1.0, 0.0))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "symmetric": self.symmetric, "range_mode": self.range_mode,
+                "momentum": self.momentum}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ChannelMask(keras.constraints.Constraint):
+    """Keeps pruned channels exactly zero through training (applied after every optimizer step).
+
+    Args:
+        keep: one flag per channel along ``axis`` (of the weight viewed with shape ``view``, if given).
+    """
+
+    def __init__(self, keep, axis: int = -1, view=None):
+        self.keep = [bool(k) for k in keep]
+        self.axis = int(axis)
+        self.view = list(view) if view is not None else None
+
+    def __call__(self, w):
+        shape = tuple(w.shape)
+        view = tuple(self.view) if self.view else shape
+        b = [1] * len(view)
+        b[self.axis] = len(self.keep)
+        mask = np.broadcast_to(np.asarray(self.keep, np.float32).reshape(b), view).reshape(shape)
+        return w * ops.cast(mask, w.dtype)
+
+    def get_config(self):
+        return {"keep": self.keep, "axis": self.axis, "view": self.view}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class QuantConv2D(keras.layers.Conv2D):
+    """Conv2D whose kernel is fake-quantized (int8, symmetric, per output channel by default)."""
+
+    def __init__(self, *args, per_channel: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.per_channel = per_channel
+
+    def convolution_op(self, inputs, kernel):
+        return super().convolution_op(inputs, fake_quant_weights(kernel, self.per_channel))
+
+    def get_config(self):
+        return {**super().get_config(), "per_channel": self.per_channel}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class QuantDense(keras.layers.Dense):
+    """Dense whose kernel is fake-quantized (int8, symmetric, per output unit by default)."""
+
+    def __init__(self, *args, per_channel: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.per_channel = per_channel
+
+    def call(self, inputs, training=None):
+        x = ops.matmul(inputs, fake_quant_weights(self.kernel, self.per_channel))
+        if self.use_bias:
+            x = ops.add(x, self.bias)
+        return self.activation(x) if self.activation is not None else x
+
+    def get_config(self):
+        return {**super().get_config(), "per_channel": self.per_channel}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class QuantDepthwiseConv2D(keras.layers.DepthwiseConv2D):
+    """DepthwiseConv2D whose kernel is fake-quantized per output channel (input channel x multiplier)."""
+
+    def __init__(self, *args, per_channel: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.per_channel = per_channel
+
+    def call(self, inputs):
+        k = tf.convert_to_tensor(self.kernel)
+        h, w, c, m = k.shape
+        # per-channel quantization works on the last axis: view (h, w, c, m) as (h, w, 1, c * m)
+        q = tf.reshape(fake_quant_weights(tf.reshape(k, (h, w, 1, c * m)), self.per_channel), (h, w, c, m))
+        x = ops.depthwise_conv(inputs, q, strides=self.strides, padding=self.padding,
+                               dilation_rate=self.dilation_rate, data_format=self.data_format)
+        if self.use_bias:
+            x = ops.add(x, ops.reshape(self.bias, (1, 1, 1, c * m)))
+        return self.activation(x) if self.activation is not None else x
+
+    def get_config(self):
+        return {**super().get_config(), "per_channel": self.per_channel}

@@ -1,0 +1,162 @@
+"""quantize_model: turn a float Keras model into a quantization-aware one, and the RangeInit callback."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterable
+
+import keras
+import numpy as np
+
+from tfcompress.graph.engine import Rule
+from tfcompress.graph.keras_adapter import build_graph
+from tfcompress.graph.keras_rebuild import rebuild
+from tfcompress.quantization.layers import (
+    ActivationQuantizer, ChannelMask, QuantConv2D, QuantDense, QuantDepthwiseConv2D,
+)
+
+__all__ = ["quantize_model", "RangeInit", "PRESETS"]
+
+PRESETS = ("performance", "mixed")
+
+_L = keras.layers
+# layer classes OpenVINO runs in INT8 when their inputs and weights are quantized
+_WEIGHTED = {_L.Conv2D: QuantConv2D, _L.Dense: QuantDense, _L.DepthwiseConv2D: QuantDepthwiseConv2D}
+_INPUT_QUANTIZED = (_L.Add, _L.MaxPooling2D, _L.AveragePooling2D, _L.GlobalAveragePooling2D, _L.GlobalMaxPooling2D)
+# weights a float layer may carry without being worth a warning
+_FLOAT_OK = (_L.BatchNormalization, _L.LayerNormalization, _L.PReLU, _L.Normalization, _L.Rescaling)
+_CONSTRAINT_KEYS = {
+    "kernel": "kernel_constraint", "bias": "bias_constraint", "gamma": "gamma_constraint",
+    "beta": "beta_constraint",
+}
+
+
+def quantize_model(
+    model: keras.Model,
+    preset: str = "performance",
+    per_channel_weights: bool = True,
+    ignored_layers: Iterable[str] = (),
+    range_mode: str = "ema",
+) -> keras.Model:
+    """A quantization-aware copy of ``model``, ready to ``compile`` and ``fit``.
+
+    Conv2D, DepthwiseConv2D and Dense become layers with fake-quantized weights (int8, symmetric, per output
+    channel); their inputs, both inputs of every ``Add`` and the inputs of pooling layers get an
+    :class:`ActivationQuantizer` (one per tensor, shared by all its readers): the placement OpenVINO's CPU
+    plugin executes in INT8. BatchNormalization stays as it is (OpenVINO fuses it after the convolution).
+    Channels that are zero across their group (pruned earlier) are kept exactly zero during QAT by
+    :class:`ChannelMask` constraints. Weights are copied; ``model`` is not modified.
+
+    Args:
+        preset: ``"performance"`` (symmetric activation ranges) or ``"mixed"`` (asymmetric).
+        per_channel_weights: per-output-channel weight ranges (else one per tensor).
+        ignored_layers: layer names to keep in float (nested layers: ``"submodel/layer"``).
+        range_mode: ``"ema"`` (track ranges with a moving average) or ``"learned"``.
+
+    Raises:
+        tfcompress.UnsupportedModelError: for a subclassed model.
+        ValueError: unknown preset or ignored layer.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
+    kg = build_graph(model)
+    ignored = set(ignored_layers)
+    missing = sorted(ignored - set(kg.layers))
+    if missing:
+        raise ValueError(f"ignored_layers names {missing} that are not layers of model {model.name!r}")
+    removed, _ = kg.graph.plan_removal()  # channels already pruned (exactly zero across their group)
+    removed = {gid: m for gid, m in removed.items() if m.any()}
+    left_float: list[str] = []
+
+    def quantized_class(layer):
+        for base, q in _WEIGHTED.items():
+            if type(layer) is base:  # exact class: a user subclass keeps its own call
+                return q
+        return None
+
+    def make_layer(rec):
+        layer, path = rec.kind.layer, rec.op.layer
+        cfg = layer.get_config()
+        if "/" in path:
+            cfg["name"] = path.replace("/", "_")
+        q = quantized_class(layer) if path not in ignored else None
+        if removed and rec.op.outputs:
+            keep = kg.graph.keep_mask(rec.op.outputs[0], removed)
+            if not keep.all():
+                for p in rec.kind.output_params():
+                    key = _CONSTRAINT_KEYS.get(p.variable.path.split("/")[-1])
+                    if isinstance(layer, _L.DepthwiseConv2D) and key == "kernel_constraint":
+                        key = "depthwise_constraint"
+                    if key:
+                        cfg[key] = ChannelMask(keep.tolist(), p.axis, p.view)
+        if q is not None:
+            new = q.from_config({**cfg, "per_channel": per_channel_weights})
+        else:
+            if layer.weights and not isinstance(layer, _FLOAT_OK) and quantized_class(layer) is None:
+                left_float.append(f"{path} ({type(layer).__name__})")
+            new = type(layer).from_config(cfg)
+        return new, layer.get_weights()
+
+    quantized_tensors: dict[int, object] = {}
+
+    def quantize_input(t, name):
+        if id(t) not in quantized_tensors:
+            quantized_tensors[id(t)] = ActivationQuantizer(
+                symmetric=preset == "performance", range_mode=range_mode, name=name)(t)
+        return quantized_tensors[id(t)]
+
+    def rewrite_args(rec, args, kwargs):
+        layer, path = rec.kind.layer, rec.op.layer
+        if path in ignored:
+            return args, kwargs
+        wants = quantized_class(layer) is not None or isinstance(layer, _INPUT_QUANTIZED)
+        if not wants:
+            return args, kwargs
+        base = path.replace("/", "_")
+        if isinstance(args[0], (list, tuple)):  # merge layers take a list
+            new = [quantize_input(t, f"{base}_input_{k}_quant") for k, t in enumerate(args[0])]
+            return (type(args[0])(new),) + tuple(args[1:]), kwargs
+        return (quantize_input(args[0], f"{base}_input_quant"),) + tuple(args[1:]), kwargs
+
+    qmodel = rebuild(kg, make_layer, rewrite_args)
+    if left_float:
+        warnings.warn(f"left in float (not quantizable for OpenVINO INT8 here): {', '.join(left_float)}",
+                      stacklevel=2)
+    return qmodel
+
+
+@keras.saving.register_keras_serializable(package="tfcompress")
+class RangeInit(keras.callbacks.Callback):
+    """Initialise activation ranges from the running min/max of the first ``num_batches`` training batches.
+
+    Without it, each quantizer starts from its first batch. With ``log_ranges=True`` every epoch's logs get
+    ``<quantizer>_min`` / ``_max`` (TensorBoard then plots them).
+    """
+
+    def __init__(self, num_batches: int = 16, log_ranges: bool = False):
+        super().__init__()
+        if not isinstance(num_batches, int) or num_batches < 1:
+            raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
+        self.num_batches = num_batches
+        self.log_ranges = bool(log_ranges)
+
+    def _quantizers(self):
+        return [layer for layer in self.model._flatten_layers() if isinstance(layer, ActivationQuantizer)]
+
+    def on_train_begin(self, logs=None):
+        qs = self._quantizers()
+        if not qs:
+            raise ValueError("RangeInit needs a model from tfcompress.quantization.quantize_model")
+        for q in qs:
+            if float(q.initialized.numpy()) == 0.0:
+                q.init_steps.assign(float(self.num_batches))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.log_ranges and logs is not None:
+            for q in self._quantizers():
+                lo, hi = q.quant_range()
+                logs[f"{q.name}_min"] = float(lo)
+                logs[f"{q.name}_max"] = float(hi)
+
+    def get_config(self):
+        return {"num_batches": self.num_batches, "log_ranges": self.log_ranges}
