@@ -120,23 +120,27 @@ class ChannelMask(keras.constraints.Constraint):
 
     Args:
         keep: one flag per channel along ``axis`` (of the weight viewed with shape ``view``, if given).
+        extra: more ``{"keep", "axis", "view"}`` masks, all applied (e.g. pruned outputs and pruned inputs).
     """
 
-    def __init__(self, keep, axis: int = -1, view=None):
-        self.keep = [bool(k) for k in keep]
-        self.axis = int(axis)
-        self.view = list(view) if view is not None else None
+    def __init__(self, keep, axis: int = -1, view=None, extra=()):
+        self.masks = [{"keep": [bool(k) for k in keep], "axis": int(axis), "view": list(view) if view else None}]
+        self.masks += [{"keep": [bool(k) for k in m["keep"]], "axis": int(m["axis"]),
+                        "view": list(m["view"]) if m.get("view") else None} for m in extra]
 
     def __call__(self, w):
         shape = tuple(w.shape)
-        view = tuple(self.view) if self.view else shape
-        b = [1] * len(view)
-        b[self.axis] = len(self.keep)
-        mask = np.broadcast_to(np.asarray(self.keep, np.float32).reshape(b), view).reshape(shape)
+        mask = np.ones(shape, np.float32)
+        for m in self.masks:
+            view = tuple(m["view"]) if m["view"] else shape
+            b = [1] * len(view)
+            b[m["axis"]] = len(m["keep"])
+            mask = mask * np.broadcast_to(np.asarray(m["keep"], np.float32).reshape(b), view).reshape(shape)
         return w * ops.cast(mask, w.dtype)
 
     def get_config(self):
-        return {"keep": self.keep, "axis": self.axis, "view": self.view}
+        first, *extra = self.masks
+        return {**first, "extra": extra}
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

@@ -80,22 +80,37 @@ def quantize_model(
         if "/" in path:
             cfg["name"] = path.replace("/", "_")
         q = quantized_class(layer) if path not in ignored else None
+        weights = layer.get_weights()
         if removed and rec.op.outputs:
+            masks: dict[str, list] = {}
             keep = kg.graph.keep_mask(rec.op.outputs[0], removed)
             if not keep.all():
                 for p in rec.kind.output_params():
-                    key = _CONSTRAINT_KEYS.get(p.variable.path.split("/")[-1])
-                    if isinstance(layer, _L.DepthwiseConv2D) and key == "kernel_constraint":
-                        key = "depthwise_constraint"
-                    if key:
-                        cfg[key] = ChannelMask(keep.tolist(), p.axis, p.view)
+                    masks.setdefault(p.variable.path.split("/")[-1], []).append((keep, p.axis, p.view))
+            in_axis = getattr(rec.kind, "in_axis", None)
+            if rec.op.rule is Rule.PRODUCER and in_axis is not None and rec.kind.blocks() == 1:
+                in_keep = kg.graph.keep_mask(rec.op.inputs[0], removed)
+                if not in_keep.all():  # rows reading pruned channels: zero too, so weight ranges ignore them
+                    masks.setdefault("kernel", []).append((in_keep, in_axis, None))
+            for name, specs in masks.items():
+                key = _CONSTRAINT_KEYS.get(name)
+                if isinstance(layer, _L.DepthwiseConv2D) and key == "kernel_constraint":
+                    key = "depthwise_constraint"
+                if key is None:
+                    continue
+                (k0, a0, v0), *rest = specs
+                constraint = ChannelMask(k0.tolist(), a0, v0,
+                                         extra=[{"keep": k.tolist(), "axis": a, "view": v} for k, a, v in rest])
+                cfg[key] = constraint
+                idx = [w.path.split("/")[-1] for w in layer.weights].index(name)
+                weights[idx] = np.asarray(constraint(keras.ops.convert_to_tensor(weights[idx])))
         if q is not None:
             new = q.from_config({**cfg, "per_channel": per_channel_weights})
         else:
             if layer.weights and not isinstance(layer, _FLOAT_OK) and quantized_class(layer) is None:
                 left_float.append(f"{path} ({type(layer).__name__})")
             new = type(layer).from_config(cfg)
-        return new, layer.get_weights()
+        return new, weights
 
     quantized_tensors: dict[int, object] = {}
 

@@ -56,6 +56,10 @@ def _rebuild(kg: KerasGraph, removed: dict[int, np.ndarray], consts: dict[int, n
 
 def _new_layer(layer, path, kind, in_keeps, out_keep, folds, changed) -> keras.layers.Layer:
     cfg = kind.config(in_keeps, out_keep) if changed else layer.get_config()
+    if changed:  # masks of pruned channels (from quantize_model) refer to the old channel count
+        for key, value in list(cfg.items()):
+            if key.endswith("_constraint") and isinstance(value, dict) and value.get("class_name") == "ChannelMask":
+                cfg[key] = None
     if "/" in path:
         cfg["name"] = path.replace("/", "_")
     if changed and kind.needs_bias(folds):

@@ -1,0 +1,157 @@
+"""Quantization-aware training on real MNIST data, exported to OpenVINO INT8 by both routes."""
+
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import openvino as ov
+import pytest
+from keras import layers as L
+
+import tfcompress
+from tfcompress import calibration
+from tfcompress.export import strip_saved_model, to_onnx, to_openvino
+from tfcompress.quantization import ActivationQuantizer, RangeInit, quantize_model
+from conftest import rel_error
+from data import mnist
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def small_cnn():
+    inp = keras.Input((28, 28, 1), name="image")
+    a = L.Conv2D(16, 3, padding="same", activation="relu", name="c1")(inp)
+    b = L.ReLU()(L.BatchNormalization(momentum=0.9, name="bn")(L.Conv2D(16, 3, padding="same", name="c2")(a)))
+    s = L.MaxPooling2D()(L.Add()([a, b]))
+    s = L.DepthwiseConv2D(3, padding="same", activation="relu", name="dw")(s)
+    s = L.Conv2D(32, 3, strides=2, activation="relu", name="c3")(s)
+    s = L.GlobalAveragePooling2D()(s)
+    return keras.Model(inp, L.Dense(10, name="logits")(s))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    keras.utils.set_random_seed(0)
+    x, y, xt, yt = mnist(8192, 2000)
+    model = small_cnn()
+    model.compile(keras.optimizers.Adam(3e-3), LOSS, metrics=["accuracy"])
+    model.fit(x, y, epochs=3, batch_size=64, verbose=0)
+    float_acc = model.evaluate(xt, yt, verbose=0)[1]
+    q = quantize_model(model)
+    q.compile(keras.optimizers.Adam(5e-4), LOSS, metrics=["accuracy"])
+    hist = q.fit(x, y, epochs=1, batch_size=64, callbacks=[RangeInit(16, log_ranges=True)], verbose=0)
+    d = tmp_path_factory.mktemp("qat")
+    q.export(str(d / "sm"), verbose=False)
+    return model, q, float_acc, hist, (xt, yt), d
+
+
+def test_qat_keeps_accuracy_and_places_quantizers(trained):
+    model, q, float_acc, hist, (xt, yt), _ = trained
+    assert float_acc > 0.8
+    assert q.evaluate(xt, yt, verbose=0)[1] >= float_acc - 0.005
+    quantizers = [layer.name for layer in q.layers if isinstance(layer, ActivationQuantizer)]
+    # inputs of c1, c2 (shared with the Add's first input), the Add's second input, the pool, dw, c3, the
+    # global pool and the dense layer
+    assert len(quantizers) == 8
+    assert any(k.endswith("_max") for k in hist.history)  # ranges reported into logs / TensorBoard
+    assert all(type(q.get_layer(n)).__name__.startswith("Quant") for n in ("c1", "c2", "c3", "dw", "logits"))
+    assert type(q.get_layer("bn")) is L.BatchNormalization
+    assert model.get_layer("c1").__class__ is L.Conv2D  # the float model is untouched
+
+
+def test_qat_model_runs_int8_in_openvino_by_both_routes(trained):
+    _, q, _, _, (xt, yt), d = trained
+    core = ov.Core()
+    keras_out = q.predict(xt[:256], verbose=0)
+    direct = core.compile_model(ov.convert_model(str(d / "sm")), "CPU")  # OpenVINO's TF frontend
+    x = {"image": xt[:8]}
+    to_onnx(str(d / "sm"), str(d / "q.onnx"), check_inputs=x, tolerance=1e-3)
+    to_openvino(str(d / "q.onnx"), str(d / "q.xml"), check_inputs=x, tolerance=1e-3)
+    via_onnx = core.compile_model(str(d / "q.xml"), "CPU")
+    for compiled in (direct, via_onnx):
+        assert calibration.int8_layers(compiled) == {"int8": 5, "total": 5}
+        out = compiled({0: xt[:256]})[compiled.outputs[0]]
+        assert np.mean(out.argmax(1) == keras_out.argmax(1)) >= 0.99
+        assert rel_error(out, keras_out) < 0.05  # INT8 kernels vs TF's float fake-quant arithmetic
+
+
+def test_save_and_load_round_trip(trained, tmp_path):
+    _, q, _, _, (xt, _), _ = trained
+    q.save(tmp_path / "q.keras")
+    again = keras.models.load_model(tmp_path / "q.keras")
+    np.testing.assert_array_equal(again.predict(xt[:64], verbose=0), q.predict(xt[:64], verbose=0))
+
+
+def test_prune_then_qat_keeps_pruned_channels_zero_and_strips(rng, tmp_path):
+    x, y, xt, _ = mnist(1024, 64)
+    model = small_cnn()
+    groups = {g.layers: g for g in tfcompress.channel_groups(model)}
+    tfcompress.zero_channels(model, groups[("c3",)], [0, 1, 2, 3])
+    tfcompress.zero_channels(model, groups[("c1", "c2")], [5])
+    q = quantize_model(model)
+    q.compile(keras.optimizers.SGD(0.05, momentum=0.9), LOSS)
+    q.fit(x, y, epochs=1, batch_size=64, verbose=0)
+    assert not q.get_layer("c3").kernel.numpy()[..., :4].any()
+    assert not q.get_layer("c3").bias.numpy()[:4].any()
+    assert not q.get_layer("c2").kernel.numpy()[..., 5].any()
+    assert not q.get_layer("bn").gamma.numpy()[5] and not q.get_layer("bn").beta.numpy()[5]
+    small = tfcompress.strip(q)
+    assert small.get_layer("c3").kernel.shape[-1] == 28 and small.get_layer("c2").kernel.shape[-1] == 15
+    assert rel_error(small(xt), q(xt)) < 1e-4
+    q.export(str(tmp_path / "sm"), verbose=False)
+    r = strip_saved_model(str(tmp_path / "sm"), str(tmp_path / "stripped"))
+    assert r.params_after < r.params_before
+
+
+def test_unsupported_layers_warn_and_subclassed_models_fail():
+    inp = keras.Input((8, 8, 3))
+    x = L.Conv2DTranspose(4, 3, name="up")(inp)
+    model = keras.Model(inp, L.Dense(2)(L.Flatten()(x)))
+    with pytest.warns(UserWarning, match="up \\(Conv2DTranspose\\)"):
+        quantize_model(model)
+    with pytest.raises(ValueError, match="unknown preset"):
+        quantize_model(model, preset="fast")
+    with pytest.raises(ValueError, match="'nope'"):
+        quantize_model(model, ignored_layers=["nope"])
+
+    class Net(keras.Model):
+        def call(self, x):
+            return x
+
+    with pytest.raises(tfcompress.UnsupportedModelError, match="subclassed"):
+        quantize_model(Net())
+
+
+MIRRORED = textwrap.dedent("""
+    import os, sys
+    import numpy as np
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    sys.path.insert(0, os.environ["TESTS_DIR"])
+    from data import mnist
+    from test_qat import small_cnn, LOSS
+    from tfcompress.quantization import quantize_model, RangeInit
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    x, y, xt, yt = mnist(2048, 512)
+    with strategy.scope():
+        q = quantize_model(small_cnn())
+        q.compile(keras.optimizers.Adam(3e-3), LOSS, metrics=["accuracy"])
+    q.fit(x, y, epochs=2, batch_size=128, callbacks=[RangeInit(4)], verbose=0)
+    print("ACC", q.evaluate(xt, yt, verbose=0)[1])
+""")
+
+
+def test_qat_under_mirrored_strategy(tmp_path):
+    script = tmp_path / "mirrored.py"
+    script.write_text(MIRRORED)
+    env = dict(os.environ, TESTS_DIR=str(pathlib.Path(__file__).parent), TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    acc = float(proc.stdout.split("ACC")[-1])
+    assert acc > 0.2  # trains (chance is 0.1) in 32 steps from scratch
