@@ -63,3 +63,16 @@ def _all_layers(model):
 def rel_error(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+def run_script(tmp_path, code: str) -> str:
+    """Run ``code`` in a fresh Python (e.g. to configure TF devices first); return its stdout, fail on error."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text(code)
+    env = dict(os.environ, TESTS_DIR=str(pathlib.Path(__file__).parent), TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout

@@ -1,10 +1,6 @@
 """FilterPruning in model.fit, on real MNIST data, with real Keras training."""
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 
 import keras
@@ -16,7 +12,7 @@ import tfcompress
 from tfcompress.pruning import FilterPruning, criteria, level_at
 from tfcompress.pruning.masking import GroupMasks
 from tfcompress.graph import build_graph
-from conftest import ROOT, rel_error
+from conftest import ROOT, rel_error, run_script
 from data import mnist
 
 
@@ -310,12 +306,7 @@ MIRRORED = textwrap.dedent("""
 
 
 def test_mirrored_strategy_two_cpu_replicas(tmp_path):
-    script = tmp_path / "mirrored.py"
-    script.write_text(MIRRORED)
-    env = dict(os.environ, TESTS_DIR=str(pathlib.Path(__file__).parent), TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "LEVEL 0.5" in proc.stdout
+    assert "LEVEL 0.5" in run_script(tmp_path, MIRRORED)
 
 
 def test_batchnorm_gain_decides_importance_after_a_conv():
