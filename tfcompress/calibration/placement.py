@@ -70,7 +70,6 @@ def _weight_axes(op, const_shape) -> tuple[int, ...] | None:
 def find_points(model, ignored_layers=()) -> tuple[list[ActivationPoint], list[WeightPoint]]:
     """The activation and weight quantization points of ``model`` (existing FakeQuantize ops are kept)."""
     ops = list(model.get_ordered_ops())
-    index = {id(op): k for k, op in enumerate(ops)}
     # ov node objects are re-created on access: identify nodes by their (unique) names
     pos = {op.get_name(): k for k, op in enumerate(ops)}
     ignored = set(ignored_layers)
@@ -124,7 +123,6 @@ def find_points(model, ignored_layers=()) -> tuple[list[ActivationPoint], list[W
             for m in members:
                 m.concat_group = group
             group += 1
-    del index
     return list(acts.values()), weights
 
 

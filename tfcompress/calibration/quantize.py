@@ -81,6 +81,22 @@ def _input_key(op, order) -> tuple[tuple[int, int], object]:
     return (order[node.get_name()], src.get_index()), src
 
 
+def _act_fq(output, rng):
+    """FakeQuantize (256 levels) of an activation over ``rng`` = (low, high)."""
+    import openvino.opset13 as ops
+
+    lo, hi = (np.float32(v) for v in rng)
+    return ops.fake_quantize(output, lo, hi, lo, hi, 256)
+
+
+def _weight_fq(wp: WeightPoint):
+    """FakeQuantize of a layer's weights: symmetric per output channel on the int8 grid (255 levels)."""
+    import openvino.opset13 as ops
+
+    m = weight_ranges(wp.constant.get_data().astype(np.float32), wp.channel_axes)
+    return ops.fake_quantize(wp.op.input(1).get_source_output(), -m, m, -m, m, 255)
+
+
 def _weighted_like(op, data, weights):
     """A new op of ``op``'s type and attributes on other inputs."""
     import openvino.opset13 as ops
@@ -110,13 +126,12 @@ def bias_shifts(model, ranges: dict, data, subset_size: int, batch: int = 16, ve
     outs, keys = [], []
     for wp in weights:
         key, src = _input_key(wp.op, order)
-        x = src if key not in ranges else ops.fake_quantize(src, *[np.float32(v) for v in ranges[key] * 2], 256)
-        if key not in ranges and wp.op.input(0).get_source_output().get_node().get_type_name() == "FakeQuantize":
-            x = wp.op.input(0).get_source_output()
-        w = wp.constant.get_data().astype(np.float32)
-        m = weight_ranges(w, wp.channel_axes)
-        qw = ops.fake_quantize(wp.op.input(1).get_source_output(), -m, m, -m, m, 255)
-        q = _weighted_like(wp.op, x, qw)
+        given = wp.op.input(0).get_source_output()
+        if given.get_node().get_type_name() == "FakeQuantize":
+            x = given  # quantized already (QAT): keep its range
+        else:
+            x = _act_fq(src, ranges[key]) if key in ranges else src
+        q = _weighted_like(wp.op, x, _weight_fq(wp))
         diff = ops.subtract(wp.op.output(0), q)
         rank = len(wp.op.get_output_partial_shape(0))
         axes = [0] + list(range(2, rank)) if rank > 2 else list(range(rank - 1))
@@ -148,18 +163,13 @@ def _build(model, ranges: dict, shifts: dict, skip_ops=frozenset(), ignored_laye
         targets = [t for t in p.targets if order[t.get_node().get_name()] not in skip_ops]
         if not targets:
             continue
-        lo, hi = (np.float32(v) for v in ranges[p.key])
-        fq = ops.fake_quantize(p.output, lo, hi, lo, hi, 256)
+        fq = _act_fq(p.output, ranges[p.key])
         for t in targets:
             t.replace_source_output(fq.output(0))
     for wp in weights:
         if wp.key in skip_ops:
             continue
-        w = wp.constant.get_data().astype(np.float32)
-        m = weight_ranges(w, wp.channel_axes)
-        src = wp.op.input(1).get_source_output()
-        fq = ops.fake_quantize(src, -m, m, -m, m, 255)
-        wp.op.input(1).replace_source_output(fq.output(0))
+        wp.op.input(1).replace_source_output(_weight_fq(wp).output(0))
         if wp.key in shifts:
             _shift_bias(wp, shifts[wp.key], ops)
     q.validate_nodes_and_infer_types()

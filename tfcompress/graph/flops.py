@@ -1,11 +1,16 @@
-"""FLOPs of a Keras model as a function of which channels are removed (for pruning targets and reports)."""
+"""FLOPs of a channel graph as a function of which channels are removed (pruning targets, reports).
+
+Each op's semantics (a Keras :class:`LayerKind` or a GraphDef :class:`NodeKind`) says its multiply-accumulates
+for given channel counts; the engine says how many channels each tensor keeps.
+"""
 
 from __future__ import annotations
 
 import keras
 import numpy as np
 
-from tfcompress.graph.keras_adapter import KerasGraph, build_graph
+from tfcompress.graph.engine import ChannelGraph
+from tfcompress.graph.keras_adapter import build_graph
 
 __all__ = ["FlopsCounter", "count_flops"]
 
@@ -16,17 +21,17 @@ class FlopsCounter:
     Built once per graph; :meth:`flops` is then cheap enough to call inside a search over pruning levels.
     """
 
-    def __init__(self, kg: KerasGraph) -> None:
-        self._kg = kg
-        graph = kg.graph
+    def __init__(self, graph: ChannelGraph) -> None:
+        self._graph = graph
         self._hits: dict[int, list[tuple[int, np.ndarray]]] = {}
         for tid in graph.maps:
             roots, chans = graph._roots(tid)
             self._hits[tid] = [(int(r), chans[roots == r]) for r in np.unique(roots)]
-        self._calls = [(rec.kind, rec.op.inputs, rec.op.outputs[0]) for rec in kg.records if rec.node is not None]
+        self._calls = [(op.semantics, op.inputs, op.outputs[0]) for op in graph.ops
+                       if op.semantics is not None and op.outputs]
 
     def _kept(self, tid: int, removed: dict[int, np.ndarray]) -> int:
-        n = self._kg.graph.tensor_width[tid]
+        n = self._graph.tensor_width[tid]
         for r, chans in self._hits[tid]:
             if r in removed:
                 n -= int(removed[r][chans].sum())
@@ -43,4 +48,4 @@ class FlopsCounter:
 
 def count_flops(model: keras.Model) -> int:
     """FLOPs of one forward pass of one example (2 x multiply-accumulates of Conv/Dense layers)."""
-    return int(FlopsCounter(build_graph(model)).flops())
+    return int(FlopsCounter(build_graph(model).graph).flops())

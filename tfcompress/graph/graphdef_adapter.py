@@ -803,14 +803,3 @@ class GraphDefGraph:
                     continue
                 n.input[:] = [rw.redirect.get(_tensor(i), i) if not i.startswith("^") else i for i in n.input]
         return prune_unused(out, self.outputs)
-
-    def flops(self, removed: dict[int, np.ndarray] | None = None) -> float:
-        removed = removed or {}
-        total = 0.0
-        for op in self.ops:
-            kind = self.kinds[op.name]
-            if kind.rule not in (Rule.PRODUCER, Rule.DEPTHWISE):
-                continue
-            ins = [int(self.graph.keep_mask(t, removed).sum()) for t in op.inputs]
-            total += kind.macs(ins, int(self.graph.keep_mask(op.outputs[0], removed).sum()))
-        return 2.0 * total

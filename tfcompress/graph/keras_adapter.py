@@ -36,12 +36,10 @@ def _np(x: Any) -> np.ndarray:
 def _overrides_call(layer: keras.layers.Layer, base: type) -> bool:
     """A user subclass that changes ``call`` is not what its base class says it is.
 
-    tfcompress's own quantization-aware layers change ``call`` only to fake-quantize the kernel, which
-    keeps the channel structure: they count as their base class.
+    A class that declares ``keeps_channel_structure = True`` (tfcompress's quantization-aware layers, which
+    change ``call`` only to fake-quantize the kernel) counts as its base class.
     """
-    from tfcompress.quantization import layers as qlayers  # lazy: that package imports this one
-
-    if type(layer) in (qlayers.QuantConv2D, qlayers.QuantDense, qlayers.QuantDepthwiseConv2D):
+    if getattr(type(layer), "keeps_channel_structure", False):
         return False
     return type(layer).call is not base.call
 
@@ -444,10 +442,8 @@ _CHANNEL_MIXING_ACTIVATIONS = {"softmax", "log_softmax"}
 def layer_kind(layer: keras.layers.Layer, in_shapes: list[tuple], out_shape: tuple) -> type[LayerKind]:
     """The :class:`LayerKind` describing ``layer`` as called with these shapes."""
     rank = len(out_shape)
-    from tfcompress.quantization.layers import ActivationQuantizer  # lazy: that package imports this one
-
-    if isinstance(layer, ActivationQuantizer):
-        return _Activation  # per-tensor fake-quant: 0 stays 0, a constant stays constant
+    if getattr(type(layer), "channel_rule", None) == "elementwise":
+        return _Activation  # a layer that says so (e.g. per-tensor fake-quant): f applied channel by channel
     for base in (_L.SeparableConv1D, _L.SeparableConv2D):
         if isinstance(layer, base):
             return _SeparableConv if _channels_last(layer) and not _overrides_call(layer, base) else _Blocker

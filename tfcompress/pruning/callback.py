@@ -161,7 +161,6 @@ class FilterPruning(keras.callbacks.Callback):
     def on_train_begin(self, logs: dict | None = None) -> None:
         if self._state is None or self._state.model is not self.model:
             self._state = self._analyse(self.model)
-        self._epoch_applied = None
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         st = self._require()
@@ -214,10 +213,9 @@ class FilterPruning(keras.callbacks.Callback):
                 "layers; the output layer and layers feeding Reshape/Lambda/custom layers are never pruned)"
             )
         masks = GroupMasks(kg, groups)
-        counter = FlopsCounter(kg)
+        counter = FlopsCounter(kg.graph)
         st = _State(model, kg, masks, counter, counter.flops())
         # resuming from a checkpoint: channels that are exactly zero were pruned before
-        self._state = st
         resumed = {g.id: ~masks.zero_channels(g) for g in groups}
         if any((~k).any() for k in resumed.values()):
             masks.set({gid: _keep_some(k, g.blocks) for (gid, k), g in zip(resumed.items(), groups)})

@@ -8,6 +8,7 @@ revived filter is not a dead one.
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -27,6 +28,13 @@ class GroupMasks:
         ids = set(self.keep)
         self._params: list[tuple[ChannelParam, int]] = []
         self.producers: dict[int, list[LayerKind]] = {g.id: [] for g in self.groups}
+        # a BatchNorm right after a producer normalises its channels: the norm of a raw kernel row means
+        # nothing there (BN undoes any scaling) and |gamma| is the channel's real gain
+        bn_on: dict[int, LayerKind] = {}  # tensor id -> the first BatchNorm reading it
+        for rec in kg.records:
+            if rec.op.rule is Rule.ELEMENTWISE and isinstance(rec.kind.layer, keras.layers.BatchNormalization):
+                bn_on.setdefault(rec.op.inputs[0], rec.kind)
+        self._bn_after: dict[int, LayerKind] = {}  # id(producer kind) -> its BatchNorm
         seen: set[str] = set()
         for rec in kg.records:
             if rec.node is None or rec.op.layer in seen:
@@ -41,14 +49,8 @@ class GroupMasks:
             if rec.op.rule is Rule.PRODUCER:
                 for gid in touched:
                     self.producers[gid].append(rec.kind)
-        # a BatchNorm right after a producer normalises its channels: the norm of a raw kernel row means
-        # nothing there (BN undoes any scaling) and |gamma| is the channel's real gain
-        self._bn_after: dict[str, LayerKind] = {}
-        produced = {rec.op.outputs[0]: rec.op.layer for rec in kg.records
-                    if rec.node is not None and rec.op.rule is Rule.PRODUCER}
-        for rec in kg.records:
-            if rec.node is not None and type(rec.kind).__name__ == "_BatchNorm" and rec.op.inputs[0] in produced:
-                self._bn_after.setdefault(produced[rec.op.inputs[0]], rec.kind)
+                if out in bn_on:
+                    self._bn_after[id(rec.kind)] = bn_on[out]
         self._shadow: dict[int, np.ndarray] = {}
         self._has_shadow: dict[int, np.ndarray] = {}
         self._masks = self._variable_masks()
@@ -82,19 +84,13 @@ class GroupMasks:
         rows = []
         for kind in self.producers[group.id]:
             r = kind.filters(self._remembered(kind.output_params()[0].variable))
-            bn = self._bn_after.get(self._layer_path(kind))
+            bn = self._bn_after.get(id(kind))
             if bn is not None and bn.layer.scale:
                 gamma = np.abs(self._remembered(bn.layer.gamma))
                 norm = np.linalg.norm(r, axis=1)
                 r = r * (gamma / np.maximum(norm, 1e-12))[:, None]
             rows.append(r)
         return rows
-
-    def _layer_path(self, kind: LayerKind) -> str:
-        for path, layer in self.kg.layers.items():
-            if layer is kind.layer:
-                return path
-        return kind.layer.name
 
     def zero_channels(self, group: ChannelGroup) -> np.ndarray:
         """Channels of ``group`` whose filters are exactly zero in every producer (pruned earlier)."""

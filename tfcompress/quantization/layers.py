@@ -51,6 +51,9 @@ class ActivationQuantizer(keras.layers.Layer):
         momentum: EMA momentum.
     """
 
+    # for the channel engine: elementwise per tensor (0 stays 0, a constant stays a constant)
+    channel_rule = "elementwise"
+
     def __init__(self, symmetric: bool = True, range_mode: str = "ema", momentum: float = 0.99, **kwargs):
         super().__init__(**kwargs)
         if range_mode not in ("ema", "learned"):
@@ -143,57 +146,56 @@ class ChannelMask(keras.constraints.Constraint):
         return {**first, "extra": extra}
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class QuantConv2D(keras.layers.Conv2D):
-    """Conv2D whose kernel is fake-quantized (int8, symmetric, per output channel by default)."""
+class _QuantizedKernel:
+    """Mixin of the layers whose kernel is fake-quantized: the ``per_channel`` option and its config.
+
+    ``keeps_channel_structure`` tells the channel engine that the layer still maps channels exactly like its
+    Keras base class (only the kernel's values are rounded), so pruning and stripping work through it.
+    """
+
+    keeps_channel_structure = True
 
     def __init__(self, *args, per_channel: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.per_channel = per_channel
 
-    def convolution_op(self, inputs, kernel):
-        return super().convolution_op(inputs, fake_quant_weights(kernel, self.per_channel))
+    def quantized_kernel(self, kernel):
+        return fake_quant_weights(kernel, self.per_channel)
 
     def get_config(self):
         return {**super().get_config(), "per_channel": self.per_channel}
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class QuantDense(keras.layers.Dense):
+class QuantConv2D(_QuantizedKernel, keras.layers.Conv2D):
+    """Conv2D whose kernel is fake-quantized (int8, symmetric, per output channel by default)."""
+
+    def convolution_op(self, inputs, kernel):
+        return super().convolution_op(inputs, self.quantized_kernel(kernel))
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class QuantDense(_QuantizedKernel, keras.layers.Dense):
     """Dense whose kernel is fake-quantized (int8, symmetric, per output unit by default)."""
 
-    def __init__(self, *args, per_channel: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.per_channel = per_channel
-
     def call(self, inputs, training=None):
-        x = ops.matmul(inputs, fake_quant_weights(self.kernel, self.per_channel))
+        x = ops.matmul(inputs, self.quantized_kernel(self.kernel))
         if self.use_bias:
             x = ops.add(x, self.bias)
         return self.activation(x) if self.activation is not None else x
 
-    def get_config(self):
-        return {**super().get_config(), "per_channel": self.per_channel}
-
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class QuantDepthwiseConv2D(keras.layers.DepthwiseConv2D):
+class QuantDepthwiseConv2D(_QuantizedKernel, keras.layers.DepthwiseConv2D):
     """DepthwiseConv2D whose kernel is fake-quantized per output channel (input channel x multiplier)."""
-
-    def __init__(self, *args, per_channel: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.per_channel = per_channel
 
     def call(self, inputs):
         k = tf.convert_to_tensor(self.kernel)
         h, w, c, m = k.shape
         # per-channel quantization works on the last axis: view (h, w, c, m) as (h, w, 1, c * m)
-        q = tf.reshape(fake_quant_weights(tf.reshape(k, (h, w, 1, c * m)), self.per_channel), (h, w, c, m))
+        q = tf.reshape(self.quantized_kernel(tf.reshape(k, (h, w, 1, c * m))), (h, w, c, m))
         x = ops.depthwise_conv(inputs, q, strides=self.strides, padding=self.padding,
                                dilation_rate=self.dilation_rate, data_format=self.data_format)
         if self.use_bias:
             x = ops.add(x, ops.reshape(self.bias, (1, 1, 1, c * m)))
         return self.activation(x) if self.activation is not None else x
-
-    def get_config(self):
-        return {**super().get_config(), "per_channel": self.per_channel}

@@ -19,9 +19,13 @@ import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
 from tfcompress.graph.engine import Rule
+from tfcompress.graph.flops import FlopsCounter
 from tfcompress.graph.graphdef_adapter import GraphDefGraph, fold_constants
 
-__all__ = ["FrozenSignature", "StripResult", "freeze_saved_model", "strip_saved_model", "ExportError"]
+__all__ = [
+    "ExportError", "FrozenSignature", "StripResult", "check_outputs", "freeze_saved_model", "sample_inputs",
+    "strip_saved_model",
+]
 
 
 class ExportError(ValueError):
@@ -303,19 +307,26 @@ def strip_saved_model(
         x = check_inputs if check_inputs is not None else sample_inputs(frozen.specs)
         ref = run_frozen(frozen, frozen.graph_def, x)
         got = run_signature(tmp, x, signature_key)
-        err = max(_rel(got[k], ref[k]) for k in ref)
-        if not err <= tolerance:
-            raise ExportError(f"stripped model outputs differ from the original (relative error {err:.2e} > "
-                              f"{tolerance:.0e}); nothing written")
+        err = check_outputs(got, ref, tolerance, "stripped model outputs differ from the original",
+                            "; nothing written")
         commit_dir(tmp, dst_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    counter = FlopsCounter(gg.graph)
     return StripResult(
-        layers=layers, flops_before=gg.flops(), flops_after=gg.flops(removed),
+        layers=layers, flops_before=counter.flops(), flops_after=counter.flops(removed),
         params_before=_params(frozen.graph_def), params_after=_params(new_gd), max_rel_error=err,
         signatures=[signature_key] + frozen.other_signatures,
     )
+
+
+def check_outputs(got: dict, ref: dict, tolerance: float, what: str, suffix: str = "") -> float:
+    """Largest relative max error over the outputs ``ref`` names; ExportError if it exceeds ``tolerance``."""
+    err = max(_rel(got[k], ref[k]) for k in ref)
+    if not err <= tolerance:
+        raise ExportError(f"{what} (relative error {err:.2e} > {tolerance:.0e}){suffix}")
+    return err
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:

@@ -1,0 +1,14 @@
+"""The repository's own promises: CI runs exactly the test command the README gives."""
+
+import re
+
+from conftest import ROOT
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- test-command -->\s*```\s*\n(.+?)\n```\s*<!-- /test-command -->", readme, re.S)
+    assert block, "README.md must give the test command between <!-- test-command --> markers"
+    command = block.group(1).strip()
+    ci_lines = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert ci_lines[-1] == command
