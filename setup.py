@@ -19,7 +19,7 @@ setup(
         "absl-py>=1.0",
     ],
     extras_require={
-        "test": ["pytest>=7", "onnxruntime>=1.17"],
+        "test": ["pytest>=7", "onnxruntime>=1.17", "scikit-learn>=1.3", "matplotlib>=3.7"],
         "demo": ["scikit-learn>=1.3", "matplotlib>=3.7"],
     },
     license="Apache-2.0",

@@ -72,29 +72,10 @@ def ours_quantize(model, calib):
 
 def speed(models: dict, shape, rounds: int, iters_b1: int, iters_b32: int) -> dict:
     """Median latency (ms, batch 1) and throughput (img/s, batch 32) per model, rounds interleaved."""
-    import openvino as ov
+    from tfcompress.export.speed import measure_speed
 
-    core = ov.Core()
-    res = {k: {"b1": [], "b32": []} for k in models}
-    compiled = {}
-    for k, (m, cfg) in models.items():
-        compiled[k] = core.compile_model(m, "CPU", cfg)
-    x1 = np.random.default_rng(0).uniform(0, 255, (1,) + shape).astype(np.float32)
-    x32 = np.repeat(x1, 32, axis=0)
-    for _ in range(rounds):
-        for k, c in compiled.items():
-            req = c.create_infer_request()
-            req.infer({0: x1})
-            t = time.perf_counter()
-            for _ in range(iters_b1):
-                req.infer({0: x1})
-            res[k]["b1"].append(1000 * (time.perf_counter() - t) / iters_b1)
-            req.infer({0: x32})
-            t = time.perf_counter()
-            for _ in range(iters_b32):
-                req.infer({0: x32})
-            res[k]["b32"].append(32 * iters_b32 / (time.perf_counter() - t))
-    return {k: {"b1_ms": common.median(v["b1"]), "b32_ips": common.median(v["b32"])} for k, v in res.items()}
+    x1 = np.random.default_rng(0).uniform(0, 255, (1,) + tuple(shape)).astype(np.float32)
+    return measure_speed(models, x1, rounds=rounds, iters_b1=iters_b1, iters_b32=iters_b32)
 
 
 def app_ir(name: str, work: str, size: int):

@@ -69,7 +69,8 @@ def overhead(x, y, rounds: int, batch: int) -> dict:
             "steps_per_epoch": int(np.ceil(len(x) / batch))}
 
 
-def finetune(criterion: str | None, data, epochs: int, pruning_epochs: int, batch: int, lr: float) -> dict:
+def finetune(criterion: str | None, data, epochs: int, pruning_epochs: int, batch: int, lr: float,
+             **pruning_options) -> dict:
     x, y, xt, yt = data
     keras.utils.set_random_seed(1)
     model = load_resnet8(lr)
@@ -79,7 +80,7 @@ def finetune(criterion: str | None, data, epochs: int, pruning_epochs: int, batc
     if criterion:
         callbacks.insert(0, tfcompress.pruning.FilterPruning(
             flops_target=0.4, criterion=criterion, pruning_epochs=pruning_epochs,
-            prune_downsample_convs=True))
+            prune_downsample_convs=True, **pruning_options))
     t = time.perf_counter()
     model.fit(train_dataset(x, y, batch, seed=1), epochs=epochs, callbacks=callbacks, verbose=0)
     seconds = time.perf_counter() - t
@@ -107,6 +108,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--criteria", default="l1,l2,geometric_median")
     ap.add_argument("--skip_overhead", action="store_true")
+    ap.add_argument("--prune_first_conv", action="store_true", help="also prune the stem convolution's group")
+    ap.add_argument("--flops_allocation", default="uniform", choices=("uniform", "global"))
     ap.add_argument("--json", default="", help="also write the results to this JSON file")
     args = ap.parse_args()
 
@@ -125,7 +128,8 @@ def main() -> None:
 
     rows = []
     for criterion in [None] + [c for c in args.criteria.split(",") if c]:
-        r = finetune(criterion, (x, y, xt, yt), args.epochs, args.pruning_epochs, args.batch, args.lr)
+        r = finetune(criterion, (x, y, xt, yt), args.epochs, args.pruning_epochs, args.batch, args.lr,
+                     prune_first_conv=args.prune_first_conv, flops_allocation=args.flops_allocation)
         rows.append(r)
         print(f"    {r['criterion']}: acc {100 * r['accuracy']:.2f} %, FLOPs x{r['flops_ratio']:.3f}, "
               f"params {r['params']:,}, {r['train_seconds']:.0f} s", flush=True)

@@ -53,15 +53,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def run() -> None:
-    asked_help = any(a in ("--help", "-h", "-?", "--helpshort", "--helpfull") for a in sys.argv[1:])
-    try:
-        app.run(lambda argv: sys.exit(main(argv)))
-    except SystemExit as e:
-        if asked_help and e.code == 1:  # absl exits 1 after printing the help it was asked for
-            sys.exit(0)
-        raise
-
-
 if __name__ == "__main__":
-    run()
+    from tfcompress._cli import run
+
+    run(main)

@@ -1,4 +1,4 @@
-"""Calibration / validation data for the export command: .npy, .npz or a directory of images."""
+"""Calibration / validation data for the export: .npy, .npz, a directory of images, or arrays in memory."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ _X_KEYS = ("x", "x_test", "x_val", "x_train", "images", "inputs")
 _Y_KEYS = ("y", "y_test", "y_val", "y_train", "labels")
 
 
-def load_data(path: str, spec: tf.TensorSpec, what: str = "data") -> tuple[np.ndarray, np.ndarray | None]:
+def load_data(path, spec: tf.TensorSpec, what: str = "data") -> tuple[np.ndarray, np.ndarray | None]:
     """Load samples (and labels when the file or folder has them), checked against the model input ``spec``.
 
+    * an array of samples, or a tuple ``(samples, labels)``: used as they are (from Python callers);
     * ``.npy``: an array of samples.
     * ``.npz``: samples under ``x`` (or ``x_test``, ``x_train`` ...), optional labels under ``y`` (...).
     * a directory: images in one sub-directory per class (``keras.utils.image_dataset_from_directory``
@@ -26,14 +27,21 @@ def load_data(path: str, spec: tf.TensorSpec, what: str = "data") -> tuple[np.nd
     Raises:
         ExportError: missing file, unknown format, shape or dtype that does not match, NaN or inf values.
     """
-    if not os.path.exists(path):
-        raise ExportError(f"{what} {path!r} does not exist")
     y = None
-    if os.path.isdir(path):
+    if isinstance(path, (np.ndarray, tuple, list)):
+        x, y = (path[0], path[1]) if isinstance(path, (tuple, list)) else (path, None)
+        x, y = np.asarray(x), None if y is None else np.asarray(y)
+        path = f"array {tuple(x.shape)}"
+    elif not isinstance(path, (str, os.PathLike)):
+        raise ExportError(f"{what} must be a file or directory path, an array or (samples, labels), "
+                          f"got {type(path).__name__}")
+    elif not os.path.exists(path):
+        raise ExportError(f"{what} {path!r} does not exist")
+    elif os.path.isdir(path):
         x, y = _images(path, spec, what)
-    elif path.endswith(".npy"):
+    elif str(path).endswith(".npy"):
         x = np.load(path, allow_pickle=False)
-    elif path.endswith(".npz"):
+    elif str(path).endswith(".npz"):
         with np.load(path, allow_pickle=False) as d:
             xk = next((k for k in _X_KEYS if k in d), None) or (d.files[0] if d.files else None)
             if xk is None:

@@ -19,6 +19,12 @@ from tfcompress.strip.savedmodel_strip import (
 __all__ = ["export_saved_model", "INT8_MODES"]
 
 INT8_MODES = ("default", "accuracy_aware", "none")
+# Output checks of a model that holds FakeQuant ops (from QAT). A value that lands on a rounding boundary of a
+# quantizer moves by a whole quantization step, and the next layers carry the step on: ONNX's QuantizeLinear
+# rounds ties to even where TF's FakeQuant rounds them up, and OpenVINO runs such a model with INT8 kernels
+# even with an f32 hint (fused rescaling moves other values across boundaries). Measured: 4e-3 (ONNX) and
+# 2e-2 (OpenVINO) on the demo's model, so the bound is a few quantization steps of the output range.
+QUANTIZED_TOLERANCE = {"onnx": 5e-2, "openvino": 5e-2}
 
 
 def _log(msg: str) -> None:
@@ -38,7 +44,7 @@ def _accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
 def _batched(fn, x: np.ndarray, batch: int = 256) -> np.ndarray:
     import keras
 
-    bar = keras.utils.Progbar(len(x), verbose=1 if len(x) > batch else 0)
+    bar = keras.utils.Progbar(len(x), verbose=1 if len(x) > batch and sys.stderr.isatty() else 0)
     parts = []
     for i in range(0, len(x), batch):
         parts.append(fn(x[i:i + batch]))
@@ -49,10 +55,10 @@ def _batched(fn, x: np.ndarray, batch: int = 256) -> np.ndarray:
 def export_saved_model(
     saved_model_dir: str,
     output_dir: str,
-    calibration_data: str | None = None,
+    calibration_data=None,
     int8: str = "default",
     max_drop: float = 0.01,
-    validation_data: str | None = None,
+    validation_data=None,
     opset: int = 17,
     overwrite: bool = False,
     signature_key: str = "serving_default",
@@ -66,10 +72,11 @@ def export_saved_model(
     Args:
         saved_model_dir: the SavedModel (any TF 2 or TF/Keras 2 SavedModel with a serving signature).
         output_dir: destination; must not exist or be empty unless ``overwrite``.
-        calibration_data: samples for INT8 calibration (.npy/.npz/image directory).
+        calibration_data: samples for INT8 calibration: a .npy/.npz file, an image directory or an array.
         int8: ``"default"``, ``"accuracy_aware"`` or ``"none"``.
         max_drop: largest accuracy drop for ``int8="accuracy_aware"``.
-        validation_data: samples with labels; the report then gives each artifact's accuracy.
+        validation_data: samples with labels (a .npz file, an image directory or ``(x, y)`` arrays); the
+            report then gives each artifact's accuracy.
         opset: ONNX opset (13..18).
 
     Returns:
@@ -92,14 +99,16 @@ def export_saved_model(
     t0 = time.perf_counter()
     _log(f"[1/5] reading {saved_model_dir}")
     frozen = freeze_saved_model(saved_model_dir, signature_key)
-    if len(frozen.specs) != 1 and (calibration_data or validation_data):
+    if len(frozen.specs) != 1 and (calibration_data is not None or validation_data is not None):
         raise ExportError("calibration/validation data files are supported for single-input models only")
     spec = next(iter(frozen.specs.values()))
     name = next(iter(frozen.specs))
-    calib = load_data(calibration_data, spec, "calibration data") if calibration_data else None
-    valid = load_data(validation_data, spec, "validation data") if validation_data else None
+    calib = load_data(calibration_data, spec, "calibration data") if calibration_data is not None else None
+    valid = load_data(validation_data, spec, "validation data") if validation_data is not None else None
     if int8 == "accuracy_aware" and calib is not None and (valid is None or valid[1] is None):
         raise ExportError("--int8=accuracy_aware needs --validation_data with labels to measure the drop")
+    quantized = any(n.op.startswith("FakeQuant") for n in frozen.graph_def.node)
+    tol = QUANTIZED_TOLERANCE if quantized else {"onnx": 1e-4, "openvino": 1e-4}
     check = None
     for data in (valid, calib):
         if data is not None:
@@ -121,14 +130,16 @@ def export_saved_model(
         t = time.perf_counter()
         _log("[3/5] converting to ONNX (tf2onnx)")
         onnx_path = os.path.join(tmp, "model.onnx")
-        c = to_onnx(stripped_dir, onnx_path, opset=opset, check_inputs=check, signature_key=signature_key)
+        c = to_onnx(stripped_dir, onnx_path, opset=opset, check_inputs=check, signature_key=signature_key,
+                    tolerance=tol["onnx"])
         report["steps"]["onnx"] = {"seconds": time.perf_counter() - t, **c}
 
         t = time.perf_counter()
         _log("[4/5] converting to OpenVINO IR")
         xml = os.path.join(tmp, "model_fp32.xml")
-        c = to_openvino(onnx_path, xml, check_inputs=check)
+        c = to_openvino(onnx_path, xml, check_inputs=check, tolerance=tol["openvino"])
         report["steps"]["openvino"] = {"seconds": time.perf_counter() - t, **c}
+        report["quantized"] = quantized
 
         report["sizes"] = {
             "saved_model": _size(saved_model_dir), "stripped": _size(stripped_dir), "onnx": _size(onnx_path),

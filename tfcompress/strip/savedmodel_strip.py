@@ -250,7 +250,11 @@ def atomic_output_dir(dst_dir: str):
     """A temporary directory next to ``dst_dir`` (same filesystem, so the final rename is atomic)."""
     parent = os.path.dirname(os.path.abspath(dst_dir)) or "."
     os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=".tfcompress-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=".tfcompress-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would become the user's output directory's mode
+    return tmp
 
 
 def commit_dir(tmp: str, dst_dir: str, overwrite: bool = False) -> None:

@@ -1,0 +1,42 @@
+"""``python -m tfcompress.demo [--epochs N] [--target F] [--output_dir DIR]``."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("epochs", 8, "Epochs of float training and of pruning fine-tuning (QAT: a quarter).")
+flags.DEFINE_float("target", 0.5, "Fraction of every group's filters to remove, in (0, 1).")
+flags.DEFINE_string("output_dir", "tfcompress_demo", "Where to write report.md, plots, models and IRs (replaced "
+                    "if it holds an earlier demo output, refused if it holds anything else).")
+flags.DEFINE_integer("seed", 0, "Random seed.")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {argv[1:]}; use --flag=value", file=sys.stderr)
+        return 2
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
+    from tfcompress.strip.savedmodel_strip import ExportError
+
+    try:
+        from tfcompress.demo.run import run_demo
+
+        run_demo(FLAGS.output_dir, epochs=FLAGS.epochs, target=FLAGS.target, seed=FLAGS.seed)
+    except (ExportError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    from tfcompress._cli import run
+
+    run(main)

@@ -1,0 +1,62 @@
+"""OpenVINO latency and throughput, measured side by side.
+
+The machine this runs on is usually shared: timing one model after another lets a burst of load from
+elsewhere land on one of them only. ``measure_speed`` compiles every model first and then interleaves the
+rounds (model A, B, C, A, B, C ...), reporting medians, so the ratios between models are what to read.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Mapping
+
+import numpy as np
+
+__all__ = ["measure_speed", "FP32", "DEFAULT"]
+
+FP32 = {"INFERENCE_PRECISION_HINT": "f32"}  # the true float baseline
+DEFAULT: dict = {}  # OpenVINO's default: bf16 on CPUs with AVX512-BF16 or AMX, else f32
+
+
+def measure_speed(
+    models: Mapping[str, tuple[object, dict]],
+    sample: np.ndarray,
+    rounds: int = 3,
+    iters_b1: int = 200,
+    iters_b32: int = 20,
+) -> dict[str, dict[str, float]]:
+    """Median latency at batch 1 (``b1_ms``) and throughput at batch 32 (``b32_ips``, samples/s) per model.
+
+    Args:
+        models: name -> (an ``openvino.Model`` or an IR path, compile config), e.g.
+            ``{"fp32": (model, FP32), "bf16": (model, DEFAULT)}``.
+        sample: one input sample with its batch axis (shape ``(1, ...)``); batch 32 repeats it.
+        rounds: interleaved rounds; the median over rounds is reported.
+    """
+    import openvino as ov
+
+    if rounds < 1 or iters_b1 < 1 or iters_b32 < 1:
+        raise ValueError("rounds, iters_b1 and iters_b32 must be positive")
+    sample = np.asarray(sample)
+    if sample.ndim < 1 or sample.shape[0] != 1:
+        raise ValueError(f"sample must have a batch axis of size 1, got shape {sample.shape}")
+    core = ov.Core()
+    compiled = {k: core.compile_model(m, "CPU", dict(cfg)) for k, (m, cfg) in models.items()}
+    x32 = np.repeat(sample, 32, axis=0)
+    res: dict[str, dict[str, list]] = {k: {"b1": [], "b32": []} for k in models}
+    for _ in range(rounds):
+        for k, c in compiled.items():
+            req = c.create_infer_request()
+            req.infer({0: sample})  # warm-up: the first call allocates
+            t = time.perf_counter()
+            for _ in range(iters_b1):
+                req.infer({0: sample})
+            res[k]["b1"].append(1000 * (time.perf_counter() - t) / iters_b1)
+            req.infer({0: x32})
+            t = time.perf_counter()
+            for _ in range(iters_b32):
+                req.infer({0: x32})
+            res[k]["b32"].append(32 * iters_b32 / (time.perf_counter() - t))
+    return {k: {"b1_ms": statistics.median(v["b1"]), "b32_ips": statistics.median(v["b32"])}
+            for k, v in res.items()}
