@@ -1,0 +1,167 @@
+"""What the ``CompressModel`` TFX component does, on plain directories (no TFX import needed).
+
+TFX artifacts are directories with conventions: a Trainer's Model artifact keeps its SavedModel under
+``Format-Serving/``; an Examples artifact keeps gzipped TFRecords of ``tf.train.Example`` under
+``Split-<name>/``. This module reads those, turns examples into model inputs, runs the export pipeline
+(:func:`tfcompress.export.export_saved_model`) and lays the results out as a Model artifact whose
+``Format-Serving/`` is the stripped SavedModel, so the components after it (Evaluator, Pusher) see a normal
+Model. Keeping it free of TFX lets it be tested, and used, without a TFX installation.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import shutil
+from typing import Callable
+
+import numpy as np
+
+from tfcompress.export.pipeline import INT8_MODES, export_saved_model
+from tfcompress.strip.savedmodel_strip import ExportError
+
+__all__ = ["compress_model_dir", "read_examples", "SERVING_DIR", "EXPORT_DIR"]
+
+SERVING_DIR = "Format-Serving"  # tfx.utils.path_utils.serving_model_dir's layout
+EXPORT_DIR = "tfcompress"  # ONNX, IRs and the report, next to Format-Serving
+
+
+def serving_model_path(model_uri: str) -> str:
+    """The SavedModel inside a Model artifact (``Format-Serving/``), or the directory itself if it is one."""
+    for path in (os.path.join(model_uri, SERVING_DIR), model_uri):
+        if os.path.exists(os.path.join(path, "saved_model.pb")):
+            return path
+    raise ExportError(f"no SavedModel in the Model artifact {model_uri!r} (looked for {SERVING_DIR}/saved_model.pb)")
+
+
+def read_examples(examples_uri: str, split: str, limit: int) -> dict[str, np.ndarray]:
+    """Up to ``limit`` ``tf.train.Example`` records of one split, as ``{feature: array (n, ...)}``.
+
+    Every feature must have the same length in every record (what ExampleGen writes for fixed-size data).
+    """
+    import tensorflow as tf
+
+    files = sorted(glob.glob(os.path.join(examples_uri, f"Split-{split}", "*")))
+    if not files:
+        splits = sorted(os.path.basename(p)[6:] for p in glob.glob(os.path.join(examples_uri, "Split-*")))
+        raise ExportError(f"the Examples artifact {examples_uri!r} has no split {split!r} (it has {splits})")
+    compression = "GZIP" if files[0].endswith(".gz") else ""
+    records = [r.numpy() for r in tf.data.TFRecordDataset(files, compression_type=compression).take(limit)]
+    if not records:
+        raise ExportError(f"split {split!r} of {examples_uri!r} holds no examples")
+    first = tf.train.Example.FromString(records[0])
+    spec = {}
+    for name, feature in first.features.feature.items():
+        kind = feature.WhichOneof("kind")
+        values = getattr(feature, kind).value
+        dtype = {"float_list": tf.float32, "int64_list": tf.int64, "bytes_list": tf.string}[kind]
+        spec[name] = tf.io.FixedLenFeature([len(values)], dtype)
+    try:
+        parsed = tf.io.parse_example(records, spec)
+    except tf.errors.InvalidArgumentError as e:
+        raise ExportError(f"examples of {examples_uri!r} do not all have the same feature sizes: "
+                          f"{str(e).splitlines()[0]}") from None
+    return {k: v.numpy() for k, v in parsed.items()}
+
+
+def load_preprocessing_fn(module_file: str, fn_name: str) -> Callable:
+    """``fn_name`` from ``module_file`` (TFX's module-file convention)."""
+    if not os.path.isfile(module_file):
+        raise ExportError(f"module_file {module_file!r} does not exist")
+    spec = importlib.util.spec_from_file_location("tfcompress_user_module", module_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ExportError(f"module_file {module_file!r} has no function {fn_name!r}")
+    return fn
+
+
+def _model_inputs(features: dict, label_key: str, fn: Callable | None, input_shape) -> np.ndarray:
+    if fn is not None:
+        x = np.asarray(fn(dict(features)))
+    else:
+        candidates = [k for k, v in features.items() if k != label_key and v.dtype.kind == "f"]
+        if len(candidates) != 1:
+            raise ExportError(f"cannot tell which feature is the model input among {sorted(features)}: give a "
+                              "module_file with a preprocessing_fn(features) -> array")
+        x = features[candidates[0]]
+    want = [d for d in input_shape[1:]]
+    if x.ndim == 2 and None not in want and x.shape[1] == int(np.prod(want)):
+        x = x.reshape((len(x), *want))
+    return x.astype(np.float32) if x.dtype.kind == "f" else x
+
+
+def compress_model_dir(
+    model_uri: str,
+    output_uri: str,
+    examples_uri: str | None = None,
+    split: str = "eval",
+    int8: str = "default",
+    max_drop: float = 0.01,
+    opset: int = 17,
+    num_calibration_samples: int = 300,
+    module_file: str | None = None,
+    preprocessing_fn: str = "preprocessing_fn",
+    label_key: str = "",
+    signature: str = "serving_default",
+) -> dict:
+    """Compress the SavedModel of a Model artifact into ``output_uri``; return the component's metrics.
+
+    ``output_uri`` gets ``Format-Serving/`` (the stripped SavedModel) and ``tfcompress/`` (``model.onnx``,
+    ``model_fp32.xml/.bin``, ``model_int8.xml/.bin`` with examples, ``report.json/.md``). Examples of ``split``
+    give the calibration samples (the first ``num_calibration_samples``) and, with ``label_key``, labelled
+    validation samples (the rest of the split, else the same ones) so the report has every artifact's accuracy.
+    """
+    if int8 not in INT8_MODES:
+        raise ExportError(f"int8 must be one of {list(INT8_MODES)}, got {int8!r}")
+    if not isinstance(num_calibration_samples, int) or num_calibration_samples < 1:
+        raise ExportError(f"num_calibration_samples must be a positive integer, got {num_calibration_samples!r}")
+    if module_file and not examples_uri:
+        raise ExportError("module_file is given but there are no examples to preprocess")
+    src = serving_model_path(model_uri)
+    calib = valid = None
+    if examples_uri:
+        import tensorflow as tf
+
+        fn = load_preprocessing_fn(module_file, preprocessing_fn) if module_file else None
+        sig = tf.saved_model.load(src).signatures.get(signature)
+        if sig is None:
+            raise ExportError(f"the SavedModel in {model_uri!r} has no signature {signature!r}")
+        specs = list(sig.structured_input_signature[1].values())
+        if len(specs) != 1:
+            raise ExportError("examples can feed single-input models only")
+        features = read_examples(examples_uri, split, limit=max(num_calibration_samples, 2000))
+        if label_key and label_key not in features:
+            raise ExportError(f"label_key {label_key!r} is not a feature of the examples ({sorted(features)})")
+        x = _model_inputs(features, label_key, fn, specs[0].shape.as_list())
+        calib = x[:num_calibration_samples]
+        if label_key:
+            y = features[label_key].reshape(len(x), -1)[:, 0]
+            rest = slice(num_calibration_samples, None) if len(x) > num_calibration_samples else slice(None)
+            valid = (x[rest], y[rest])
+    os.makedirs(output_uri, exist_ok=True)
+    export_dir = os.path.join(output_uri, EXPORT_DIR)
+    report = export_saved_model(src, export_dir, calibration_data=calib,
+                                int8=int8 if calib is not None else "none", max_drop=max_drop,
+                                validation_data=valid, opset=opset, signature_key=signature, overwrite=True)
+    serving = os.path.join(output_uri, SERVING_DIR)
+    if os.path.exists(serving):
+        shutil.rmtree(serving)
+    os.replace(os.path.join(export_dir, "stripped"), serving)
+    report["stripped_saved_model"] = serving
+    with open(os.path.join(export_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    sizes, acc = report["sizes"], report.get("accuracy", {})
+    int8_run = report["steps"].get("int8", {}).get("int8_layers", {"int8": 0, "total": 0})
+    return {
+        "flops_ratio": report["flops"]["after"] / max(report["flops"]["before"], 1),
+        "params_ratio": report["params"]["after"] / max(report["params"]["before"], 1),
+        "saved_model_bytes_ratio": sizes["stripped"] / max(sizes["saved_model"], 1),
+        "int8_layers": int(int8_run["int8"]),
+        "quantizable_layers": int(int8_run["total"]),
+        "accuracy_fp32": float(acc.get("openvino_fp32", -1.0)),
+        "accuracy_int8": float(acc.get("openvino_int8", -1.0)),
+    }
