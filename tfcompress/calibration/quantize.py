@@ -7,7 +7,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from tfcompress.calibration.placement import ActivationPoint, WeightPoint, find_points, weight_ranges
-from tfcompress.calibration.statistics import Progress, Statistics, collect, iterate_samples, run_batches
+from tfcompress.calibration.statistics import Progress, Statistics, collect, iterate_samples
 
 __all__ = ["calibrate", "calibrate_with_accuracy_control", "compress_weights", "int8_layers", "PRESETS"]
 
@@ -44,7 +44,7 @@ def _activation_range(lo: float, hi: float, preset: str) -> tuple[float, float]:
         if lo >= 0:
             return 0.0, hi  # unsigned: [0, hi]
         a = max(-lo, hi)
-        return -a, a * 127.0 / 128.0  # signed symmetric on the int8 grid
+        return -a * 128.0 / 127.0, a  # signed symmetric on the int8 grid: 127 steps up to a, 128 down
     scale = (hi - lo) / 255.0
     zp = round(-lo / scale)
     return -zp * scale, (255 - zp) * scale
@@ -89,12 +89,18 @@ def _act_fq(output, rng):
     return ops.fake_quantize(output, lo, hi, lo, hi, 256)
 
 
-def _weight_fq(wp: WeightPoint):
-    """FakeQuantize of a layer's weights: symmetric per output channel on the int8 grid (255 levels)."""
+def _float_weights(wp: WeightPoint) -> np.ndarray:
+    return wp.constant.get_data().astype(np.float32)
+
+
+def _weight_fq(wp: WeightPoint, source=None):
+    """FakeQuantize of a layer's weights (or of ``source``, a copy of them): symmetric per output channel on
+    the int8 grid (255 levels)."""
     import openvino.opset13 as ops
 
-    m = weight_ranges(wp.constant.get_data().astype(np.float32), wp.channel_axes)
-    return ops.fake_quantize(wp.op.input(1).get_source_output(), -m, m, -m, m, 255)
+    m = weight_ranges(_float_weights(wp), wp.channel_axes)
+    src = wp.op.input(1).get_source_output() if source is None else source
+    return ops.fake_quantize(src, -m, m, -m, m, 255)
 
 
 def _weighted_like(op, data, weights):
@@ -109,47 +115,86 @@ def _weighted_like(op, data, weights):
     return fn(data, weights, a["strides"], a["pads_begin"], a["pads_end"], a["dilations"], a["auto_pad"])
 
 
-def bias_shifts(model, ranges: dict, data, subset_size: int, batch: int = 16, verbose: bool = True) -> dict:
-    """Per weighted layer, mean over samples and positions of FP32 output minus quantized output.
+# Fast bias correction skips a layer whose shift would exceed this multiple of its bias (as NNCF does): a
+# large relative shift means the layer-wise estimate is not trustworthy there.
+BIAS_SHIFT_THRESHOLD = 2.0
 
-    Each layer is quantized alone (FakeQuantize on its input with its calibrated range, on its weights per
-    channel) and fed the FP32 activations, in one extra pass over the calibration data where every layer's
-    float and quantized branches run side by side. Adding the result to the bias removes the mean error the
-    layer's quantization causes (what POT/NNCF's fast bias correction estimates).
+
+def _bias_constant(op):
+    """The constant of the bias ``Add`` that directly follows ``op`` (its only non-Result consumer), or None."""
+    consumers = [c for c in op.output(0).get_target_inputs() if c.get_node().get_type_name() != "Result"]
+    if len(consumers) != 1 or consumers[0].get_node().get_type_name() != "Add":
+        return None
+    add = consumers[0].get_node()
+    node = add.input(1 - consumers[0].get_index()).get_source_output().get_node()
+    return node if node.get_type_name() == "Constant" else None
+
+
+def _channel_axes(wp: WeightPoint) -> tuple[int, int] | None:
+    """(input channel axis, output channel axis) of a weighted op's activations, None where not handled."""
+    rank = len(wp.op.get_output_partial_shape(0))
+    if wp.op.get_type_name() == "MatMul":
+        if wp.op.get_attributes()["transpose_a"]:
+            return None
+        return -1, -1
+    return (1, 1) if rank > 2 else None
+
+
+def bias_points(model, weights: list[WeightPoint]) -> list[tuple[WeightPoint, tuple, tuple, int, int]]:
+    """Weighted ops that fast bias correction handles: (point, input key, output key, in axis, out axis)."""
+    order = {op.get_name(): k for k, op in enumerate(model.get_ordered_ops())}
+    found = []
+    for wp in weights:
+        axes = _channel_axes(wp)
+        if axes is None or _bias_constant(wp.op) is None:
+            continue
+        src = wp.op.input(0).get_source_output()
+        found.append((wp, (order[src.get_node().get_name()], src.get_index()), (wp.key, 0), *axes))
+    return found
+
+
+def fast_bias_shifts(points, stats: Statistics) -> dict:
+    """Per layer: mean FP32 output minus the output of the layer with quantized weights on its mean input.
+
+    NNCF's fast bias correction, from the statistics pass alone: every layer's input is replaced by a
+    constant tensor holding its per-channel mean, run through the layer with quantized weights in one small
+    model (all layers side by side), and compared with the per-channel mean of the layer's FP32 output.
+    Layers whose shift would exceed ``BIAS_SHIFT_THRESHOLD`` times their bias are left alone.
     """
     import openvino as ov
     import openvino.opset13 as ops
 
-    probe = model.clone()
-    order = {op.get_name(): k for k, op in enumerate(probe.get_ordered_ops())}
-    _, weights = find_points(probe)
-    outs, keys = [], []
-    for wp in weights:
-        key, src = _input_key(wp.op, order)
-        given = wp.op.input(0).get_source_output()
-        if given.get_node().get_type_name() == "FakeQuantize":
-            x = given  # quantized already (QAT): keep its range
-        else:
-            x = _act_fq(src, ranges[key]) if key in ranges else src
-        q = _weighted_like(wp.op, x, _weight_fq(wp))
-        diff = ops.subtract(wp.op.output(0), q)
-        rank = len(wp.op.get_output_partial_shape(0))
-        axes = [0] + list(range(2, rank)) if rank > 2 else list(range(rank - 1))
-        outs.append(ops.reduce_mean(diff, np.array(axes, np.int64), keep_dims=False).output(0))
-        keys.append(wp.key)
-    if not outs:
+    params, results, feeds, used = [], [], [], []
+    for wp, in_key, out_key, in_axis, out_axis in points:
+        if in_key not in stats.shapes:
+            continue
+        shape = list(stats.shapes[in_key])
+        shape[0] = 1
+        mean = stats.means[in_key].astype(np.float32)
+        view = [1] * len(shape)
+        view[in_axis] = mean.size
+        p = ops.parameter(shape, ov.Type.f32)
+        weights = ops.constant(_float_weights(wp))
+        q = _weighted_like(wp.op, p, _weight_fq(wp, weights.output(0)))
+        rank = len(shape)
+        axes = np.array([a for a in range(rank) if a != out_axis % rank], np.int64)
+        params.append(p)
+        results.append(ops.reduce_mean(q, axes, keep_dims=False).output(0))
+        feeds.append(np.broadcast_to(mean.reshape(view), shape).astype(np.float32))
+        used.append((wp, out_key))
+    if not used:
         return {}
-    probe.add_outputs(outs)
-    compiled = ov.Core().compile_model(probe, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    extra = compiled.outputs[len(compiled.outputs) - len(outs):]
-    sums = {k: 0.0 for k in keys}
-
-    def on_result(res, count):
-        for k, out in zip(keys, extra):
-            sums[k] = sums[k] + np.asarray(res[out], np.float64) * count
-
-    n = run_batches(model, compiled, data, subset_size, batch, "bias correction", verbose, on_result)
-    return {k: v / n for k, v in sums.items()}
+    compiled = ov.Core().compile_model(ov.Model(results, params), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    out = compiled(feeds)
+    shifts = {}
+    for (wp, out_key), r in zip(used, compiled.outputs):
+        shift = (stats.means[out_key] - np.asarray(out[r], np.float64)).astype(np.float32)
+        bias = _bias_constant(wp.op).get_data().astype(np.float32).reshape(-1)
+        if bias.size != shift.size or np.any(bias == 0):
+            continue
+        if np.max(np.abs(shift / bias)) < BIAS_SHIFT_THRESHOLD:
+            shifts[wp.key] = shift
+    return shifts
 
 
 def _build(model, ranges: dict, shifts: dict, skip_ops=frozenset(), ignored_layers=()):
@@ -218,8 +263,9 @@ def calibrate(
     symmetric tensors the mean of per-sample absolute maxima; ``range_estimator="max"`` takes the largest
     values seen instead, ``"quantile"`` the 1e-4 quantiles);
     Concat inputs share one range. Weights are quantized symmetrically per output channel on the int8 grid
-    (levels=255 over [-m, m]). Bias correction shifts each layer's bias by the mean error its quantization
-    causes on float inputs (:func:`bias_shifts`). FakeQuantize ops already in the model (from QAT) stay.
+    (levels=255 over [-m, m]). Bias correction (NNCF's fast bias correction, :func:`fast_bias_shifts`)
+    shifts each layer's bias by the difference between its mean FP32 output and its quantized output on its
+    mean input, both from the same statistics pass. FakeQuantize ops already in the model (from QAT) stay.
 
     Args:
         ov_model: an ``openvino.Model`` or an IR path; not modified.
@@ -239,10 +285,15 @@ def calibrate(
 
 
 def _calibration_state(model, data, preset, subset_size, bias_correction, ignored_layers, estimator, verbose):
-    acts, _ = find_points(model, ignored_layers)
-    stats = collect(model, acts, data, subset_size, verbose=verbose, quantiles=estimator == "quantile")
+    """One statistics pass: activation ranges and, with ``bias_correction``, every layer's bias shift."""
+    acts, weights = find_points(model, ignored_layers)
+    corrected = bias_points(model, weights) if bias_correction else []
+    means = {(k, a) for _, in_key, out_key, in_axis, out_axis in corrected
+             for k, a in ((in_key, in_axis), (out_key, out_axis))}
+    stats = collect(model, acts, data, subset_size, verbose=verbose, quantiles=estimator == "quantile",
+                    mean_points=sorted(means))
     ranges = act_ranges(acts, stats, preset, estimator)
-    shifts = bias_shifts(model, ranges, data, subset_size, verbose=verbose) if bias_correction else {}
+    shifts = fast_bias_shifts(corrected, stats) if corrected else {}
     return ranges, shifts
 
 

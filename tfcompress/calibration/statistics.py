@@ -14,13 +14,16 @@ __all__ = ["Statistics", "collect", "iterate_samples"]
 
 @dataclasses.dataclass
 class Statistics:
-    """Per activation point: per-sample minima and maxima (and 1e-4 / 1 - 1e-4 quantiles)."""
+    """Per activation point: per-sample minima and maxima (and 1e-4 / 1 - 1e-4 quantiles); per mean point:
+    the per-channel mean over samples and positions, and the tensor's shape (batch dimension included)."""
 
     mins: dict[tuple[int, int], list[float]]
     maxs: dict[tuple[int, int], list[float]]
     q_lo: dict[tuple[int, int], list[float]]
     q_hi: dict[tuple[int, int], list[float]]
     samples: int
+    means: dict[tuple[int, int], np.ndarray] = dataclasses.field(default_factory=dict)
+    shapes: dict[tuple[int, int], tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
     def abs_max(self, key, estimator: str = "minmax") -> float:
         """Symmetric range: mean over samples of max |x| (or the max, or quantile-based)."""
@@ -121,7 +124,7 @@ def run_batches(model, compiled, data, subset_size: int, batch: int, label: str,
 
 
 def collect(model, points, data, subset_size: int, batch: int = 16, verbose: bool = True,
-            quantiles: bool = False) -> Statistics:
+            quantiles: bool = False, precision: str = "f32", mean_points=()) -> Statistics:
     """Run ``model`` once over ``subset_size`` samples with every point as an extra output.
 
     Args:
@@ -129,30 +132,59 @@ def collect(model, points, data, subset_size: int, batch: int = 16, verbose: boo
         points: :class:`~tfcompress.calibration.placement.ActivationPoint` list.
         data: calibration samples (see :func:`iterate_samples`).
         quantiles: also collect per-sample 1e-4 quantiles (sorting: much slower on large activations).
+        precision: OpenVINO inference precision of the pass (``"f32"``, or ``"bf16"`` where supported).
+        mean_points: ``(key, channel_axis)`` pairs (key: (op position, output index)) whose per-channel means
+            to collect as well (for fast bias correction).
     """
     import openvino as ov
+    import openvino.opset13 as ops
 
     probe = model.clone()
-    ops = list(probe.get_ordered_ops())
-    outputs = [ops[p.key[0]].output(p.key[1]) for p in points]
+    graph_ops = list(probe.get_ordered_ops())
+    outputs = []
+    for p in points:
+        out = graph_ops[p.key[0]].output(p.key[1])
+        if quantiles:  # sorting needs the whole tensor
+            outputs.append(out)
+            continue
+        # reduce inside the graph: per-sample min and max leave the device instead of the whole activation
+        rank = len(out.get_partial_shape())
+        axes = np.arange(1, rank, dtype=np.int64)
+        outputs += [ops.reduce_min(out, axes, keep_dims=False).output(0),
+                    ops.reduce_max(out, axes, keep_dims=False).output(0)]
+    n_points = len(outputs)
+    for key, axis in mean_points:
+        out = graph_ops[key[0]].output(key[1])
+        rank = len(out.get_partial_shape())
+        axes = np.array([a for a in range(rank) if a != axis % rank], np.int64)
+        outputs += [ops.reduce_mean(out, axes, keep_dims=False).output(0), ops.shape_of(out).output(0)]
     probe.add_outputs(outputs)
-    compiled = ov.Core().compile_model(probe, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = ov.Core().compile_model(probe, "CPU", {"INFERENCE_PRECISION_HINT": precision})
     extra = compiled.outputs[len(compiled.outputs) - len(outputs):]
+    sums: dict = {key: 0.0 for key, _ in mean_points}
+    shapes: dict = {}
     mins = {p.key: [] for p in points}
     maxs = {p.key: [] for p in points}
     q_lo = {p.key: [] for p in points}
     q_hi = {p.key: [] for p in points}
 
-    def on_result(res, _):
+    def on_result(res, count):
+        for k, (key, _) in enumerate(mean_points):
+            sums[key] = sums[key] + np.asarray(res[extra[n_points + 2 * k]], np.float64) * count
+            shapes[key] = tuple(int(d) for d in res[extra[n_points + 2 * k + 1]])
+        if not quantiles:
+            for k, p in enumerate(points):
+                mins[p.key] += np.asarray(res[extra[2 * k]], np.float32).reshape(-1).tolist()
+                maxs[p.key] += np.asarray(res[extra[2 * k + 1]], np.float32).reshape(-1).tolist()
+            return
         for p, out in zip(points, extra):
             flat = np.asarray(res[out], dtype=np.float32)
             flat = flat.reshape(len(flat), -1)
             mins[p.key] += flat.min(axis=1).tolist()
             maxs[p.key] += flat.max(axis=1).tolist()
-            if quantiles:
-                q = np.quantile(flat, [1e-4, 1 - 1e-4], axis=1)
-                q_lo[p.key] += q[0].tolist()
-                q_hi[p.key] += q[1].tolist()
+            q = np.quantile(flat, [1e-4, 1 - 1e-4], axis=1)
+            q_lo[p.key] += q[0].tolist()
+            q_hi[p.key] += q[1].tolist()
 
     n = run_batches(model, compiled, data, subset_size, batch, "statistics", verbose, on_result)
-    return Statistics(mins, maxs, q_lo, q_hi, n)
+    return Statistics(mins, maxs, q_lo, q_hi, n, {k: v / n for k, v in sums.items()}, shapes)
