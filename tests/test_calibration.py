@@ -103,3 +103,46 @@ def test_bad_arguments(resnet8_ir):
         calibration.calibrate(xml, calib, channel_alignment=True)
     with pytest.raises(ValueError, match=r"must have shape \(32, 32, 3\)"):
         calibration.calibrate(xml, np.zeros((4, 32, 32)), verbose=False)
+
+
+def _stem_ir(tmp_path):
+    """conv -> ReLU -> ZeroPadding -> MaxPool -> two convs (a ResNet stem), as OpenVINO IR via our export."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((32, 32, 3))
+    x = L.ReLU()(L.Conv2D(8, 3, padding="same")(inp))
+    x = L.MaxPooling2D(3, strides=2)(L.ZeroPadding2D(1)(x))
+    out = L.Add()([L.Conv2D(8, 1)(x), L.Conv2D(8, 3, padding="same")(x)])
+    keras.Model(inp, L.GlobalAveragePooling2D()(out)).export(str(tmp_path / "sm"), verbose=False)
+    to_onnx(str(tmp_path / "sm"), str(tmp_path / "m.onnx"))
+    to_openvino(str(tmp_path / "m.onnx"), str(tmp_path / "m.xml"))
+    return ov.Core().read_model(str(tmp_path / "m.xml"))
+
+
+def test_quantizer_goes_before_pad_and_maxpool(tmp_path, rng):
+    fp = _stem_ir(tmp_path)
+    q = calibration.calibrate(fp, rng.normal(size=(32, 32, 32, 3)).astype("float32"), verbose=False)
+    act_fq = [op for op in q.get_ordered_ops() if op.get_type_name() == "FakeQuantize"
+              and op.get_attributes()["levels"] == 256]
+    sources = sorted(op.input(0).get_source_output().get_node().get_type_name() for op in act_fq)
+    # model input, ReLU (before Pad: Pad and MaxPool run on its INT8 grid, the convolutions read it without
+    # a second quantizer), both Add inputs, the pooling input
+    assert sources.count("Relu") == 1 and "MaxPool" not in sources and "Pad" not in sources, sources
+    assert calibration.int8_layers(ov.Core().compile_model(q, "CPU"))["int8"] == 3
+
+
+def test_fast_bias_correction_removes_the_mean_error_of_a_linear_layer(rng):
+    import openvino.opset13 as ops
+
+    # one fully-connected layer with a bias; with ranges that clip nothing (range_estimator="max") the mean
+    # error left after quantization is the weights' rounding, (W - Wq) E[x], which the correction removes
+    w = rng.normal(size=(16, 4)).astype("float32")
+    b = rng.uniform(1, 2, size=4).astype("float32")
+    p = ops.parameter([-1, 16], ov.Type.f32)
+    fp = ov.Model([ops.add(ops.matmul(p, ops.constant(w), False, False), ops.constant(b[None])).output(0)], [p])
+    x = rng.normal(loc=1.0, size=(300, 16)).astype("float32")
+    plain = calibration.calibrate(fp, x, bias_correction=False, range_estimator="max", verbose=False)
+    corrected = calibration.calibrate(fp, x, range_estimator="max", verbose=False)
+    ref = x @ w + b
+    err = {name: (_f32(m)({0: x})[0] - ref).mean(axis=0) for name, m in (("plain", plain), ("bc", corrected))}
+    assert np.abs(err["plain"]).max() > 1e-3  # weight rounding alone biases the outputs
+    assert np.abs(err["bc"]).max() < np.abs(err["plain"]).max() / 5

@@ -17,6 +17,10 @@ __all__ = ["ActivationPoint", "WeightPoint", "find_points"]
 
 _WEIGHTED = {"Convolution", "GroupConvolution", "MatMul"}
 _POOLING = {"MaxPool", "AvgPool", "ReduceMean"}
+# ops that move or select values without computing new ones: a quantized input gives an output on the same
+# grid, so a quantizer after them is better placed before them (INT8 runs through them, one FakeQuantize
+# instead of a requantization), as NNCF propagates its quantizers
+_AGNOSTIC = {"MaxPool", "Pad", "Reshape", "Transpose", "Squeeze", "Unsqueeze"}
 
 
 @dataclasses.dataclass
@@ -76,16 +80,51 @@ def find_points(model, ignored_layers=()) -> tuple[list[ActivationPoint], list[W
     acts: dict[tuple[int, int], ActivationPoint] = {}
     weights: list[WeightPoint] = []
 
+    def reads_quantized(inp) -> bool:
+        """Whether ``inp`` is an input this placement quantizes anyway (so a quantizer above it is safe)."""
+        node = inp.get_node()
+        t = node.get_type_name()
+        if node.get_friendly_name() in ignored:
+            return False
+        if t in _WEIGHTED:
+            return inp.get_index() == 0 and _is_const(_source(node.input(1)))
+        if t == "Add":
+            return not any(_is_const(_source(i)) for i in node.inputs())
+        if t in _POOLING:
+            return inp.get_index() == 0
+        return t in _AGNOSTIC and hoistable(node)
+
+    def hoistable(node) -> bool:
+        """An agnostic op with one data input whose every reader reads quantized values anyway."""
+        if node.get_type_name() not in _AGNOSTIC:
+            return False
+        if any(node.output(k).get_target_inputs() for k in range(1, node.get_output_size())):
+            return False  # e.g. MaxPool's indices are read
+        if any(not _is_const(_source(i)) for i in list(node.inputs())[1:]):
+            return False
+        if node.get_type_name() == "Pad" and node.get_input_size() > 3:
+            value = _through_convert(_source(node.input(3)))
+            if np.any(value.get_data() != 0):  # a pad value off the quantization grid
+                return False
+        readers = list(node.output(0).get_target_inputs())
+        return bool(readers) and all(reads_quantized(r) for r in readers)
+
     def add_act(inp, layer: str) -> None:
         src = _source(inp)
         node = src.get_node()
+        while hoistable(node):  # place the quantizer before MaxPool / Pad / Reshape ... chains
+            inp = node.input(0)
+            src = _source(inp)
+            node = src.get_node()
         if node.get_type_name() in ("FakeQuantize", "Constant") or _is_const(src):
             return  # already quantized (QAT) or a constant
         key = (pos[node.get_name()], src.get_index())
         point = acts.get(key)
         if point is None:
             point = acts[key] = ActivationPoint(key, src, [], [])
-        point.targets.append(inp)
+        if not any(t.get_node().get_name() == inp.get_node().get_name() and t.get_index() == inp.get_index()
+                   for t in point.targets):
+            point.targets.append(inp)
         point.layers.append(layer)
 
     for k, op in enumerate(ops):

@@ -71,16 +71,6 @@ def act_ranges(acts: list[ActivationPoint], stats: Statistics, preset: str, esti
     return {k: _activation_range(lo, hi, preset) for k, (lo, hi) in ranges.items()}
 
 
-def _input_key(op, order) -> tuple[tuple[int, int], object]:
-    """Key of the activation point feeding ``op`` (looking through a QAT FakeQuantize) and its output."""
-    src = op.input(0).get_source_output()
-    node = src.get_node()
-    if node.get_type_name() == "FakeQuantize":
-        src = node.input(0).get_source_output()
-        node = src.get_node()
-    return (order[node.get_name()], src.get_index()), src
-
-
 def _act_fq(output, rng):
     """FakeQuantize (256 levels) of an activation over ``rng`` = (low, high)."""
     import openvino.opset13 as ops
@@ -130,65 +120,62 @@ def _bias_constant(op):
     return node if node.get_type_name() == "Constant" else None
 
 
-def _channel_axes(wp: WeightPoint) -> tuple[int, int] | None:
-    """(input channel axis, output channel axis) of a weighted op's activations, None where not handled."""
-    rank = len(wp.op.get_output_partial_shape(0))
-    if wp.op.get_type_name() == "MatMul":
-        if wp.op.get_attributes()["transpose_a"]:
-            return None
-        return -1, -1
-    return (1, 1) if rank > 2 else None
-
-
-def bias_points(model, weights: list[WeightPoint]) -> list[tuple[WeightPoint, tuple, tuple, int, int]]:
-    """Weighted ops that fast bias correction handles: (point, input key, output key, in axis, out axis)."""
+def bias_points(model, weights: list[WeightPoint]) -> list[tuple[WeightPoint, tuple]]:
+    """Weighted ops that fast bias correction handles, with the key of their input: ops with a constant bias
+    and channels on axis 1 (convolutions) or last (MatMul of a 2-D input)."""
     order = {op.get_name(): k for k, op in enumerate(model.get_ordered_ops())}
     found = []
     for wp in weights:
-        axes = _channel_axes(wp)
-        if axes is None or _bias_constant(wp.op) is None:
+        rank = len(wp.op.get_output_partial_shape(0))
+        if wp.op.get_type_name() == "MatMul" and (rank != 2 or wp.op.get_attributes()["transpose_a"]):
+            continue
+        if _bias_constant(wp.op) is None:
             continue
         src = wp.op.input(0).get_source_output()
-        found.append((wp, (order[src.get_node().get_name()], src.get_index()), (wp.key, 0), *axes))
+        found.append((wp, (order[src.get_node().get_name()], src.get_index())))
     return found
 
 
 def fast_bias_shifts(points, stats: Statistics) -> dict:
     """Per layer: mean FP32 output minus the output of the layer with quantized weights on its mean input.
 
-    NNCF's fast bias correction, from the statistics pass alone: every layer's input is replaced by a
-    constant tensor holding its per-channel mean, run through the layer with quantized weights in one small
-    model (all layers side by side), and compared with the per-channel mean of the layer's FP32 output.
-    Layers whose shift would exceed ``BIAS_SHIFT_THRESHOLD`` times their bias are left alone.
+    NNCF's fast bias correction, from the statistics pass alone. The statistics hold each layer's input
+    averaged over the samples (a per-position map); the layer being linear, the layer applied to that map
+    is its mean FP32 output, so the pass needs no output statistics (which would keep OpenVINO from fusing the
+    bias and activation into the convolution). The quantized side runs the layer with quantized weights on a
+    constant input holding the per-channel means, as NNCF does. All layers run side by side in one small
+    model. Layers whose shift would exceed ``BIAS_SHIFT_THRESHOLD`` times their bias are left alone.
     """
     import openvino as ov
     import openvino.opset13 as ops
 
     params, results, feeds, used = [], [], [], []
-    for wp, in_key, out_key, in_axis, out_axis in points:
-        if in_key not in stats.shapes:
+    for wp, in_key in points:
+        if in_key not in stats.means:
             continue
-        shape = list(stats.shapes[in_key])
-        shape[0] = 1
-        mean = stats.means[in_key].astype(np.float32)
-        view = [1] * len(shape)
-        view[in_axis] = mean.size
-        p = ops.parameter(shape, ov.Type.f32)
-        weights = ops.constant(_float_weights(wp))
-        q = _weighted_like(wp.op, p, _weight_fq(wp, weights.output(0)))
-        rank = len(shape)
-        axes = np.array([a for a in range(rank) if a != out_axis % rank], np.int64)
-        params.append(p)
-        results.append(ops.reduce_mean(q, axes, keep_dims=False).output(0))
-        feeds.append(np.broadcast_to(mean.reshape(view), shape).astype(np.float32))
-        used.append((wp, out_key))
+        mean_map = stats.means[in_key].astype(np.float32)[None]  # batch of 1
+        shape = list(mean_map.shape)
+        if len(shape) > 2:  # channels on axis 1: a constant per channel
+            blob = np.broadcast_to(mean_map.mean(axis=tuple(range(2, len(shape))), keepdims=True), shape)
+        else:
+            blob = mean_map
+        weights = _float_weights(wp)
+        axes = np.array([a for a in range(len(shape)) if a != 1], np.int64)
+        for x, w in ((mean_map, ops.constant(weights).output(0)),
+                     (blob, _weight_fq(wp, ops.constant(weights).output(0)).output(0))):
+            p = ops.parameter(shape, ov.Type.f32)
+            params.append(p)
+            results.append(ops.reduce_mean(_weighted_like(wp.op, p, w), axes, keep_dims=False).output(0))
+            feeds.append(np.ascontiguousarray(x, np.float32))
+        used.append(wp)
     if not used:
         return {}
     compiled = ov.Core().compile_model(ov.Model(results, params), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     out = compiled(feeds)
     shifts = {}
-    for (wp, out_key), r in zip(used, compiled.outputs):
-        shift = (stats.means[out_key] - np.asarray(out[r], np.float64)).astype(np.float32)
+    for k, wp in enumerate(used):
+        fp_mean, q_mean = (np.asarray(out[compiled.outputs[2 * k + j]], np.float64) for j in (0, 1))
+        shift = (fp_mean - q_mean).astype(np.float32).reshape(-1)
         bias = _bias_constant(wp.op).get_data().astype(np.float32).reshape(-1)
         if bias.size != shift.size or np.any(bias == 0):
             continue
@@ -288,10 +275,8 @@ def _calibration_state(model, data, preset, subset_size, bias_correction, ignore
     """One statistics pass: activation ranges and, with ``bias_correction``, every layer's bias shift."""
     acts, weights = find_points(model, ignored_layers)
     corrected = bias_points(model, weights) if bias_correction else []
-    means = {(k, a) for _, in_key, out_key, in_axis, out_axis in corrected
-             for k, a in ((in_key, in_axis), (out_key, out_axis))}
     stats = collect(model, acts, data, subset_size, verbose=verbose, quantiles=estimator == "quantile",
-                    mean_points=sorted(means))
+                    mean_points=sorted({in_key for _, in_key in corrected}))
     ranges = act_ranges(acts, stats, preset, estimator)
     shifts = fast_bias_shifts(corrected, stats) if corrected else {}
     return ranges, shifts

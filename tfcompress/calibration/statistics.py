@@ -15,7 +15,7 @@ __all__ = ["Statistics", "collect", "iterate_samples"]
 @dataclasses.dataclass
 class Statistics:
     """Per activation point: per-sample minima and maxima (and 1e-4 / 1 - 1e-4 quantiles); per mean point:
-    the per-channel mean over samples and positions, and the tensor's shape (batch dimension included)."""
+    the mean over samples (a map of the tensor's shape without batch axis) and that shape with a batch of 1."""
 
     mins: dict[tuple[int, int], list[float]]
     maxs: dict[tuple[int, int], list[float]]
@@ -123,68 +123,89 @@ def run_batches(model, compiled, data, subset_size: int, batch: int, label: str,
     return n
 
 
+_NONNEGATIVE = {"Relu", "Sigmoid", "HSigmoid"}  # producers whose minimum is known: never below 0
+
+
+def _nonnegative(node) -> bool:
+    t = node.get_type_name()
+    if t == "Clamp":
+        return node.get_attributes()["min"] >= 0  # ReLU6
+    return t in _NONNEGATIVE
+
+
 def collect(model, points, data, subset_size: int, batch: int = 16, verbose: bool = True,
-            quantiles: bool = False, precision: str = "f32", mean_points=()) -> Statistics:
+            quantiles: bool = False, precision: str | None = "f32", mean_points=()) -> Statistics:
     """Run ``model`` once over ``subset_size`` samples with every point as an extra output.
+
+    Reductions run inside the graph, so what leaves it per batch is a few numbers per point, not the whole
+    activation; after a ReLU-like op only the maximum is computed (each reduction re-reads the tensor).
 
     Args:
         model: the float ov.Model (not modified: statistics run on a clone).
         points: :class:`~tfcompress.calibration.placement.ActivationPoint` list.
         data: calibration samples (see :func:`iterate_samples`).
         quantiles: also collect per-sample 1e-4 quantiles (sorting: much slower on large activations).
-        precision: OpenVINO inference precision of the pass (``"f32"``, or ``"bf16"`` where supported).
-        mean_points: ``(key, channel_axis)`` pairs (key: (op position, output index)) whose per-channel means
-            to collect as well (for fast bias correction).
+        precision: OpenVINO inference precision of the pass (``"f32"``, ``"bf16"`` where supported, or None:
+            the plugin's default, bf16 on CPUs with AVX512-BF16 or AMX).
+        mean_points: keys (op position, output index) whose mean over the samples (a per-position map: the
+            tensor's shape without the batch axis) to collect as well, for fast bias correction.
     """
     import openvino as ov
     import openvino.opset13 as ops
 
     probe = model.clone()
     graph_ops = list(probe.get_ordered_ops())
-    outputs = []
+    outputs: list = []
+    slots: dict[tuple[str, tuple], int] = {}  # (statistic, key) -> position in ``outputs``
+
+    def add(name: str, key, output) -> None:
+        slots[(name, key)] = len(outputs)
+        outputs.append(output)
+
+    zero_min = set()
     for p in points:
         out = graph_ops[p.key[0]].output(p.key[1])
         if quantiles:  # sorting needs the whole tensor
-            outputs.append(out)
+            add("tensor", p.key, out)
             continue
-        # reduce inside the graph: per-sample min and max leave the device instead of the whole activation
-        rank = len(out.get_partial_shape())
-        axes = np.arange(1, rank, dtype=np.int64)
-        outputs += [ops.reduce_min(out, axes, keep_dims=False).output(0),
-                    ops.reduce_max(out, axes, keep_dims=False).output(0)]
-    n_points = len(outputs)
-    for key, axis in mean_points:
+        axes = np.arange(1, len(out.get_partial_shape()), dtype=np.int64)
+        if _nonnegative(out.get_node()):
+            zero_min.add(p.key)
+        else:
+            add("min", p.key, ops.reduce_min(out, axes, keep_dims=False).output(0))
+        add("max", p.key, ops.reduce_max(out, axes, keep_dims=False).output(0))
+    for key in mean_points:
         out = graph_ops[key[0]].output(key[1])
-        rank = len(out.get_partial_shape())
-        axes = np.array([a for a in range(rank) if a != axis % rank], np.int64)
-        outputs += [ops.reduce_mean(out, axes, keep_dims=False).output(0), ops.shape_of(out).output(0)]
+        add("mean", key, ops.reduce_mean(out, np.array([0], np.int64), keep_dims=False).output(0))
     probe.add_outputs(outputs)
-    compiled = ov.Core().compile_model(probe, "CPU", {"INFERENCE_PRECISION_HINT": precision})
+    config = {} if precision is None else {"INFERENCE_PRECISION_HINT": precision}
+    compiled = ov.Core().compile_model(probe, "CPU", config)
     extra = compiled.outputs[len(compiled.outputs) - len(outputs):]
-    sums: dict = {key: 0.0 for key, _ in mean_points}
-    shapes: dict = {}
+    sums: dict = {key: 0.0 for key in mean_points}
     mins = {p.key: [] for p in points}
     maxs = {p.key: [] for p in points}
     q_lo = {p.key: [] for p in points}
     q_hi = {p.key: [] for p in points}
 
     def on_result(res, count):
-        for k, (key, _) in enumerate(mean_points):
-            sums[key] = sums[key] + np.asarray(res[extra[n_points + 2 * k]], np.float64) * count
-            shapes[key] = tuple(int(d) for d in res[extra[n_points + 2 * k + 1]])
-        if not quantiles:
-            for k, p in enumerate(points):
-                mins[p.key] += np.asarray(res[extra[2 * k]], np.float32).reshape(-1).tolist()
-                maxs[p.key] += np.asarray(res[extra[2 * k + 1]], np.float32).reshape(-1).tolist()
-            return
-        for p, out in zip(points, extra):
-            flat = np.asarray(res[out], dtype=np.float32)
-            flat = flat.reshape(len(flat), -1)
-            mins[p.key] += flat.min(axis=1).tolist()
-            maxs[p.key] += flat.max(axis=1).tolist()
-            q = np.quantile(flat, [1e-4, 1 - 1e-4], axis=1)
-            q_lo[p.key] += q[0].tolist()
-            q_hi[p.key] += q[1].tolist()
+        def get(name, key):
+            return np.asarray(res[extra[slots[(name, key)]]], np.float32)
+
+        for key in mean_points:
+            sums[key] = sums[key] + get("mean", key).astype(np.float64) * count
+        for p in points:
+            if quantiles:
+                flat = get("tensor", p.key).reshape(count, -1)
+                lo, hi = flat.min(axis=1), flat.max(axis=1)
+                q = np.quantile(flat, [1e-4, 1 - 1e-4], axis=1)
+                q_lo[p.key] += q[0].tolist()
+                q_hi[p.key] += q[1].tolist()
+            else:
+                hi = get("max", p.key).reshape(-1)
+                lo = np.zeros_like(hi) if p.key in zero_min else get("min", p.key).reshape(-1)
+            mins[p.key] += lo.tolist()
+            maxs[p.key] += hi.tolist()
 
     n = run_batches(model, compiled, data, subset_size, batch, "statistics", verbose, on_result)
-    return Statistics(mins, maxs, q_lo, q_hi, n, {k: v / n for k, v in sums.items()}, shapes)
+    means = {k: v / n for k, v in sums.items()}
+    return Statistics(mins, maxs, q_lo, q_hi, n, means, {k: (1,) + v.shape for k, v in means.items()})
