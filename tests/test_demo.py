@@ -79,7 +79,7 @@ def test_demo_numbers_hold_together(demo):
     assert abs(ov_acc - keras_acc) <= 0.02  # INT8 in OpenVINO vs the QAT model in Keras
 
 
-def test_demo_refuses_a_foreign_output_dir_and_bad_flags(tmp_path, demo):
+def test_demo_refuses_a_foreign_output_dir_and_bad_flags(tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
