@@ -23,10 +23,11 @@ INT8_MODES = ("default", "accuracy_aware", "none")
 # quantizer moves by a whole quantization step, and the next layers carry the step on: the stripped graph
 # sums in another order (float rounding ~1e-7 is enough to cross a boundary), ONNX's QuantizeLinear rounds
 # ties to even where TF's FakeQuant rounds them up, and OpenVINO runs such a model with INT8 kernels even
-# with an f32 hint. Measured on the demo's model: 1.3e-3 (strip), 4e-3 (ONNX), 2e-2 (OpenVINO), so the bound
-# is a few quantization steps of the output range.
+# with an f32 hint. Deep networks carry more of these steps to the output. Measured: 1.3e-3 (strip), 4e-3
+# (ONNX), 2e-2 (OpenVINO) on the demo's 10-layer model; 7e-2 (ONNX) on MobileNetV2 (53 quantized layers,
+# softmax output). The check then only catches gross conversion errors; the report's accuracies say more.
 FLOAT_TOLERANCE = {"strip": 1e-4, "onnx": 1e-4, "openvino": 1e-4}
-QUANTIZED_TOLERANCE = {"strip": 5e-2, "onnx": 5e-2, "openvino": 5e-2}
+QUANTIZED_TOLERANCE = {"strip": 0.15, "onnx": 0.15, "openvino": 0.15}
 
 
 def _log(msg: str) -> None:
