@@ -200,6 +200,7 @@ def main() -> None:
     ap.add_argument("--large_epochs", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--skip_large", action="store_true")
+    ap.add_argument("--skip_resnet8", action="store_true")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     print(f"machine: {common.machine()}; openvino {ov.__version__}; OpenVINO default precision here: "
@@ -209,7 +210,8 @@ def main() -> None:
     x, y = x[: args.train_samples], y[: args.train_samples]
     results = {"command": "python benchmarks/pipeline.py " + " ".join(sys.argv[1:]), "machine": common.machine()}
     with tempfile.TemporaryDirectory(prefix="tfcompress-pipeline-") as work:
-        results["resnet8"] = part_a(args, x, y, xt, yt, os.path.join(work, "a"))
+        if not args.skip_resnet8:
+            results["resnet8"] = part_a(args, x, y, xt, yt, os.path.join(work, "a"))
         if not args.skip_large:
             results["mobilenetv2"] = part_b(args, x, y, xt, yt, os.path.join(work, "b"))
     if args.json:
