@@ -6,7 +6,9 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from tfcompress.calibration.placement import ActivationPoint, WeightPoint, find_points, weight_ranges
+from tfcompress.calibration.placement import (
+    ActivationPoint, WeightPoint, _through_convert, find_points, weight_ranges,
+)
 from tfcompress.calibration.statistics import Progress, Statistics, collect, iterate_samples
 
 __all__ = ["calibrate", "calibrate_with_accuracy_control", "compress_weights", "int8_layers", "PRESETS"]
@@ -110,55 +112,88 @@ def _weighted_like(op, data, weights):
 BIAS_SHIFT_THRESHOLD = 2.0
 
 
-def _bias_constant(op):
-    """The constant of the bias ``Add`` that directly follows ``op`` (its only non-Result consumer), or None."""
+def _bias_input(op):
+    """The input of the bias ``Add`` directly after ``op`` (its only non-Result consumer) that reads the bias
+    constant (possibly through a Convert: FP16-compressed IR), or None."""
     consumers = [c for c in op.output(0).get_target_inputs() if c.get_node().get_type_name() != "Result"]
     if len(consumers) != 1 or consumers[0].get_node().get_type_name() != "Add":
         return None
-    add = consumers[0].get_node()
-    node = add.input(1 - consumers[0].get_index()).get_source_output().get_node()
-    return node if node.get_type_name() == "Constant" else None
+    other = consumers[0].get_node().input(1 - consumers[0].get_index())
+    return other if _through_convert(other.get_source_output()).get_type_name() == "Constant" else None
 
 
-def bias_points(model, weights: list[WeightPoint]) -> list[tuple[WeightPoint, tuple]]:
-    """Weighted ops that fast bias correction handles, with the key of their input: ops with a constant bias
-    and channels on axis 1 (convolutions) or last (MatMul of a 2-D input)."""
+def _bias_value(op) -> np.ndarray | None:
+    inp = _bias_input(op)
+    return None if inp is None else _through_convert(inp.get_source_output()).get_data().astype(np.float32)
+
+
+def _pointwise(op) -> bool:
+    """A MatMul, or a 1x1 convolution without stride or padding: its mean output is the layer applied to its
+    per-channel mean input, so that mean is all fast bias correction needs."""
+    if op.get_type_name() == "MatMul":
+        return True
+    a = op.get_attributes()
+    return (op.get_type_name() == "Convolution" and list(op.get_input_shape(1))[2:] == [1, 1]
+            and set(a["strides"]) == {1} and not any(a["pads_begin"]) and not any(a["pads_end"]))
+
+
+def bias_points(model, weights: list[WeightPoint]) -> list[tuple[WeightPoint, tuple, str]]:
+    """Weighted ops that fast bias correction handles: (point, key of its input, the statistic it needs:
+    ``"channel"`` means for pointwise layers, a per-position ``"map"`` for others). Ops need a constant bias
+    and channels on axis 1 (convolutions, MatMul of a 2-D input)."""
     order = {op.get_name(): k for k, op in enumerate(model.get_ordered_ops())}
     found = []
     for wp in weights:
         rank = len(wp.op.get_output_partial_shape(0))
         if wp.op.get_type_name() == "MatMul" and (rank != 2 or wp.op.get_attributes()["transpose_a"]):
             continue
-        if _bias_constant(wp.op) is None:
+        if _bias_input(wp.op) is None:
             continue
         src = wp.op.input(0).get_source_output()
-        found.append((wp, (order[src.get_node().get_name()], src.get_index())))
+        key = (order[src.get_node().get_name()], src.get_index())
+        found.append((wp, key, "channel" if _pointwise(wp.op) else "map"))
     return found
+
+
+def _quantized_weights(wp: WeightPoint) -> np.ndarray:
+    """The weights as the FakeQuantize of :func:`_weight_fq` leaves them (int8 grid, per output channel)."""
+    w = _float_weights(wp)
+    step = weight_ranges(w, wp.channel_axes) / 127.0
+    return np.clip(np.round(w / step), -127, 127) * step
 
 
 def fast_bias_shifts(points, stats: Statistics) -> dict:
     """Per layer: mean FP32 output minus the output of the layer with quantized weights on its mean input.
 
-    NNCF's fast bias correction, from the statistics pass alone. The statistics hold each layer's input
-    averaged over the samples (a per-position map); the layer being linear, the layer applied to that map
-    is its mean FP32 output, so the pass needs no output statistics (which would keep OpenVINO from fusing the
-    bias and activation into the convolution). The quantized side runs the layer with quantized weights on a
-    constant input holding the per-channel means, as NNCF does. All layers run side by side in one small
-    model. Layers whose shift would exceed ``BIAS_SHIFT_THRESHOLD`` times their bias are left alone.
+    NNCF's fast bias correction, from the statistics pass alone. A pointwise layer's mean output is the layer
+    applied to its per-channel mean input, on both sides (numpy). For other layers the statistics hold the
+    input averaged over the samples (a per-position map): the layer applied to it is its mean FP32 output
+    (the pass needs no output statistics, which would keep OpenVINO from fusing bias and activation into the
+    convolution), and the quantized side runs on a constant input holding the per-channel means, as NNCF
+    does; these layers run side by side in one small model. Layers whose shift would exceed
+    ``BIAS_SHIFT_THRESHOLD`` times their bias are left alone.
     """
     import openvino as ov
     import openvino.opset13 as ops
 
-    params, results, feeds, used = [], [], [], []
-    for wp, in_key in points:
-        if in_key not in stats.means:
+    raw: dict = {}
+    params, results, feeds, mapped = [], [], [], []
+    for wp, in_key, kind in points:
+        mean = stats.means.get((in_key, kind))
+        if mean is None:
             continue
-        mean_map = stats.means[in_key].astype(np.float32)[None]  # batch of 1
+        if kind == "channel":
+            m = mean.astype(np.float64).reshape(-1)
+            w, wq = (a.astype(np.float64) for a in (_float_weights(wp), _quantized_weights(wp)))
+            if wp.op.get_type_name() == "MatMul":  # y = x @ W, or x @ W.T with transpose_b
+                t = wp.op.get_attributes()["transpose_b"]
+                raw[wp.key] = m @ (w.T if t else w) - m @ (wq.T if t else wq)
+            else:  # 1x1 convolution, weights [O, I, 1, 1]
+                raw[wp.key] = w[:, :, 0, 0] @ m - wq[:, :, 0, 0] @ m
+            continue
+        mean_map = mean.astype(np.float32)[None]  # batch of 1
         shape = list(mean_map.shape)
-        if len(shape) > 2:  # channels on axis 1: a constant per channel
-            blob = np.broadcast_to(mean_map.mean(axis=tuple(range(2, len(shape))), keepdims=True), shape)
-        else:
-            blob = mean_map
+        blob = np.broadcast_to(mean_map.mean(axis=tuple(range(2, len(shape))), keepdims=True), shape)
         weights = _float_weights(wp)
         axes = np.array([a for a in range(len(shape)) if a != 1], np.int64)
         for x, w in ((mean_map, ops.constant(weights).output(0)),
@@ -167,19 +202,20 @@ def fast_bias_shifts(points, stats: Statistics) -> dict:
             params.append(p)
             results.append(ops.reduce_mean(_weighted_like(wp.op, p, w), axes, keep_dims=False).output(0))
             feeds.append(np.ascontiguousarray(x, np.float32))
-        used.append(wp)
-    if not used:
-        return {}
-    compiled = ov.Core().compile_model(ov.Model(results, params), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    out = compiled(feeds)
+        mapped.append(wp)
+    if mapped:
+        compiled = ov.Core().compile_model(ov.Model(results, params), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        out = compiled(feeds)
+        for k, wp in enumerate(mapped):
+            fp_mean, q_mean = (np.asarray(out[compiled.outputs[2 * k + j]], np.float64) for j in (0, 1))
+            raw[wp.key] = fp_mean - q_mean
     shifts = {}
-    for k, wp in enumerate(used):
-        fp_mean, q_mean = (np.asarray(out[compiled.outputs[2 * k + j]], np.float64) for j in (0, 1))
-        shift = (fp_mean - q_mean).astype(np.float32).reshape(-1)
-        bias = _bias_constant(wp.op).get_data().astype(np.float32).reshape(-1)
-        if bias.size != shift.size or np.any(bias == 0):
+    for wp, _, _ in points:
+        if wp.key not in raw:
             continue
-        if np.max(np.abs(shift / bias)) < BIAS_SHIFT_THRESHOLD:
+        shift = raw[wp.key].astype(np.float32).reshape(-1)
+        bias = _bias_value(wp.op).reshape(-1)
+        if bias.size == shift.size and np.all(bias != 0) and np.max(np.abs(shift / bias)) < BIAS_SHIFT_THRESHOLD:
             shifts[wp.key] = shift
     return shifts
 
@@ -209,26 +245,10 @@ def _build(model, ranges: dict, shifts: dict, skip_ops=frozenset(), ignored_laye
 
 
 def _shift_bias(wp: WeightPoint, shift: np.ndarray, ops) -> None:
-    """Add ``shift`` (per output channel) to the layer's bias: its constant bias Add, or a new Add."""
-    shift = np.asarray(shift, np.float32).reshape(-1)
-    if not np.any(shift):
-        return
-    out = wp.op.output(0)
-    consumers = list(out.get_target_inputs())
-    rank = len(out.get_partial_shape())
-    shape = [1] * rank
-    shape[1 if rank > 2 else rank - 1] = shift.size
-    if len(consumers) == 1 and consumers[0].get_node().get_type_name() == "Add":
-        add = consumers[0].get_node()
-        other = add.input(1 - consumers[0].get_index())
-        if other.get_source_output().get_node().get_type_name() == "Constant":
-            b = other.get_source_output().get_node().get_data().astype(np.float32)
-            if b.size == shift.size:
-                other.replace_source_output(ops.constant((b.reshape(-1) + shift).reshape(b.shape)).output(0))
-                return
-    add = ops.add(out, ops.constant(shift.reshape(shape)))
-    for c in consumers:
-        c.replace_source_output(add.output(0))
+    """Add ``shift`` (per output channel) to the layer's bias constant (found by :func:`bias_points`)."""
+    inp = _bias_input(wp.op)
+    b = _bias_value(wp.op)
+    inp.replace_source_output(ops.constant((b.reshape(-1) + shift.reshape(-1)).reshape(b.shape)).output(0))
 
 
 def calibrate(
@@ -275,8 +295,9 @@ def _calibration_state(model, data, preset, subset_size, bias_correction, ignore
     """One statistics pass: activation ranges and, with ``bias_correction``, every layer's bias shift."""
     acts, weights = find_points(model, ignored_layers)
     corrected = bias_points(model, weights) if bias_correction else []
+    # the plugin's default precision, as NNCF's statistics pass (bf16 where the CPU has it: 1.7x faster)
     stats = collect(model, acts, data, subset_size, verbose=verbose, quantiles=estimator == "quantile",
-                    mean_points=sorted({in_key for _, in_key in corrected}))
+                    precision=None, mean_points=sorted({(key, kind) for _, key, kind in corrected}))
     ranges = act_ranges(acts, stats, preset, estimator)
     shifts = fast_bias_shifts(corrected, stats) if corrected else {}
     return ranges, shifts

@@ -14,16 +14,15 @@ __all__ = ["Statistics", "collect", "iterate_samples"]
 
 @dataclasses.dataclass
 class Statistics:
-    """Per activation point: per-sample minima and maxima (and 1e-4 / 1 - 1e-4 quantiles); per mean point:
-    the mean over samples (a map of the tensor's shape without batch axis) and that shape with a batch of 1."""
+    """Per activation point: per-sample minima and maxima (and 1e-4 / 1 - 1e-4 quantiles); per mean point
+    ``(key, kind)``: the mean over samples (``"map"``) or over samples and positions (``"channel"``)."""
 
     mins: dict[tuple[int, int], list[float]]
     maxs: dict[tuple[int, int], list[float]]
     q_lo: dict[tuple[int, int], list[float]]
     q_hi: dict[tuple[int, int], list[float]]
     samples: int
-    means: dict[tuple[int, int], np.ndarray] = dataclasses.field(default_factory=dict)
-    shapes: dict[tuple[int, int], tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    means: dict[tuple, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def abs_max(self, key, estimator: str = "minmax") -> float:
         """Symmetric range: mean over samples of max |x| (or the max, or quantile-based)."""
@@ -147,8 +146,9 @@ def collect(model, points, data, subset_size: int, batch: int = 16, verbose: boo
         quantiles: also collect per-sample 1e-4 quantiles (sorting: much slower on large activations).
         precision: OpenVINO inference precision of the pass (``"f32"``, ``"bf16"`` where supported, or None:
             the plugin's default, bf16 on CPUs with AVX512-BF16 or AMX).
-        mean_points: keys (op position, output index) whose mean over the samples (a per-position map: the
-            tensor's shape without the batch axis) to collect as well, for fast bias correction.
+        mean_points: ``(key, kind)`` pairs (key: op position, output index) whose means to collect as well,
+            for fast bias correction: ``"channel"`` per channel (axis 1), ``"map"`` over the samples only
+            (the tensor's shape without its batch axis).
     """
     import openvino as ov
     import openvino.opset13 as ops
@@ -174,14 +174,16 @@ def collect(model, points, data, subset_size: int, batch: int = 16, verbose: boo
         else:
             add("min", p.key, ops.reduce_min(out, axes, keep_dims=False).output(0))
         add("max", p.key, ops.reduce_max(out, axes, keep_dims=False).output(0))
-    for key in mean_points:
+    for key, kind in mean_points:
         out = graph_ops[key[0]].output(key[1])
-        add("mean", key, ops.reduce_mean(out, np.array([0], np.int64), keep_dims=False).output(0))
+        rank = len(out.get_partial_shape())
+        axes = [0] if kind == "map" else [a for a in range(rank) if a != 1]
+        add("mean", (key, kind), ops.reduce_mean(out, np.array(axes, np.int64), keep_dims=False).output(0))
     probe.add_outputs(outputs)
     config = {} if precision is None else {"INFERENCE_PRECISION_HINT": precision}
     compiled = ov.Core().compile_model(probe, "CPU", config)
     extra = compiled.outputs[len(compiled.outputs) - len(outputs):]
-    sums: dict = {key: 0.0 for key in mean_points}
+    sums: dict = {mp: 0.0 for mp in mean_points}
     mins = {p.key: [] for p in points}
     maxs = {p.key: [] for p in points}
     q_lo = {p.key: [] for p in points}
@@ -191,8 +193,8 @@ def collect(model, points, data, subset_size: int, batch: int = 16, verbose: boo
         def get(name, key):
             return np.asarray(res[extra[slots[(name, key)]]], np.float32)
 
-        for key in mean_points:
-            sums[key] = sums[key] + get("mean", key).astype(np.float64) * count
+        for mp in mean_points:
+            sums[mp] = sums[mp] + get("mean", mp).astype(np.float64) * count
         for p in points:
             if quantiles:
                 flat = get("tensor", p.key).reshape(count, -1)
@@ -207,5 +209,4 @@ def collect(model, points, data, subset_size: int, batch: int = 16, verbose: boo
             maxs[p.key] += hi.tolist()
 
     n = run_batches(model, compiled, data, subset_size, batch, "statistics", verbose, on_result)
-    means = {k: v / n for k, v in sums.items()}
-    return Statistics(mins, maxs, q_lo, q_hi, n, means, {k: (1,) + v.shape for k, v in means.items()})
+    return Statistics(mins, maxs, q_lo, q_hi, n, {k: v / n for k, v in sums.items()})
