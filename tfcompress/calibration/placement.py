@@ -71,6 +71,18 @@ def _weight_axes(op, const_shape) -> tuple[int, ...] | None:
     return (0,) if attrs.get("transpose_b", False) else (1,)
 
 
+def _quantized_inputs(op) -> list[int]:
+    """Which inputs of ``op`` this placement quantizes: the activation of a layer with constant or QAT
+    weights, both inputs of a residual Add, the input of a pooling op."""
+    t = op.get_type_name()
+    if t in _WEIGHTED:
+        w_src = _source(op.input(1))
+        return [0] if _is_const(w_src) or w_src.get_node().get_type_name() == "FakeQuantize" else []
+    if t == "Add":
+        return [] if any(_is_const(_source(i)) for i in op.inputs()) else list(range(op.get_input_size()))
+    return [0] if t in _POOLING else []
+
+
 def find_points(model, ignored_layers=()) -> tuple[list[ActivationPoint], list[WeightPoint]]:
     """The activation and weight quantization points of ``model`` (existing FakeQuantize ops are kept)."""
     ops = list(model.get_ordered_ops())
@@ -83,16 +95,9 @@ def find_points(model, ignored_layers=()) -> tuple[list[ActivationPoint], list[W
     def reads_quantized(inp) -> bool:
         """Whether ``inp`` is an input this placement quantizes anyway (so a quantizer above it is safe)."""
         node = inp.get_node()
-        t = node.get_type_name()
         if node.get_friendly_name() in ignored:
             return False
-        if t in _WEIGHTED:
-            return inp.get_index() == 0 and _is_const(_source(node.input(1)))
-        if t == "Add":
-            return not any(_is_const(_source(i)) for i in node.inputs())
-        if t in _POOLING:
-            return inp.get_index() == 0
-        return t in _AGNOSTIC and hoistable(node)
+        return inp.get_index() in _quantized_inputs(node) or hoistable(node)
 
     def hoistable(node) -> bool:
         """An agnostic op with one data input whose every reader reads quantized values anyway."""
@@ -132,21 +137,13 @@ def find_points(model, ignored_layers=()) -> tuple[list[ActivationPoint], list[W
         name = op.get_friendly_name()
         if name in ignored:
             continue
-        if t in _WEIGHTED:
-            w_src = _source(op.input(1))
-            if _is_const(w_src):
-                add_act(op.input(0), name)
-                const = _through_convert(w_src)
-                axes = _weight_axes(op, tuple(const.get_output_shape(0)))
-                if axes is not None and const.get_output_element_type(0).is_real():
-                    weights.append(WeightPoint(k, op, const, axes))
-            elif w_src.get_node().get_type_name() == "FakeQuantize":
-                add_act(op.input(0), name)  # QAT weights: add only the missing activation quantizer
-        elif t == "Add" and not any(_is_const(_source(i)) for i in op.inputs()):
-            for i in op.inputs():  # a residual join: both branches quantized, so the Add runs in INT8
-                add_act(i, name)
-        elif t in _POOLING:
-            add_act(op.input(0), name)
+        for i in _quantized_inputs(op):  # QAT weights: only the missing activation quantizer is added
+            add_act(op.input(i), name)
+        if t in _WEIGHTED and _is_const(_source(op.input(1))):
+            const = _through_convert(_source(op.input(1)))
+            axes = _weight_axes(op, tuple(const.get_output_shape(0)))
+            if axes is not None and const.get_output_element_type(0).is_real():
+                weights.append(WeightPoint(k, op, const, axes))
     # unify the ranges of quantized tensors that meet in a Concat
     group = 0
     for op in ops:
