@@ -361,7 +361,8 @@ def calibrate_with_accuracy_control(
     metric = float(validate_fn(compile_(q), validation_data))
     info = {"fp32_metric": fp_metric, "int8_metric": metric, "drops": [drop_of(metric)], "reverted": []}
     ops = list(model.get_ordered_ops())
-    candidates = sorted({k for p in acts for t in p.targets for k in [_pos(ops, t.get_node())]}
+    order = {op.get_name(): k for k, op in enumerate(ops)}
+    candidates = sorted({order[t.get_node().get_name()] for p in acts for t in p.targets}
                         | {wp.key for wp in weights})
     rank_x = np.concatenate(list(iterate_samples(validation_data, model.inputs[0].get_partial_shape(),
                                                  ranking_subset_size)))
@@ -395,11 +396,6 @@ def calibrate_with_accuracy_control(
             break
     info.update(metric=metric, drop=drop_of(metric))
     return q, info
-
-
-def _pos(ops, node) -> int:
-    name = node.get_name()
-    return next(k for k, op in enumerate(ops) if op.get_name() == name)
 
 
 def _outputs(compiled, x: np.ndarray, batch: int = 64) -> np.ndarray:
