@@ -36,7 +36,7 @@ import tfcompress  # noqa: E402
 from calibration import tflite_accuracy  # noqa: E402
 from pruning import load_resnet8, train_dataset  # noqa: E402
 from tfcompress.export import export_saved_model  # noqa: E402
-from tfcompress.export.speed import DEFAULT, FP32, measure_speed  # noqa: E402
+from tfcompress.export.speed import compression_variants, measure_speed  # noqa: E402
 from tfcompress.quantization import RangeInit, quantize_model  # noqa: E402
 
 LOSS = "sparse_categorical_crossentropy"
@@ -88,14 +88,7 @@ def fp16_ir(xml: str, work: str) -> str:
 
 
 def speeds(work: str, rounds: int, sample: np.ndarray) -> dict:
-    irs = {
-        "original FP32": (os.path.join(work, "original", "model_fp32.xml"), FP32),
-        "original BF16": (os.path.join(work, "original", "model_fp32.xml"), DEFAULT),
-        "post-training INT8": (os.path.join(work, "original", "model_int8.xml"), DEFAULT),
-        "pruned FP32": (os.path.join(work, "pruned", "model_fp32.xml"), FP32),
-        "pruned BF16": (os.path.join(work, "pruned", "model_fp32.xml"), DEFAULT),
-        "pruned + QAT INT8": (os.path.join(work, "compressed", "model_int8.xml"), DEFAULT),
-    }
+    irs = compression_variants(*(os.path.join(work, d) for d in ("original", "pruned", "compressed")))
     return measure_speed(irs, sample, rounds=rounds, iters_b1=200, iters_b32=20)
 
 

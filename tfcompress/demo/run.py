@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 
 import keras
@@ -14,7 +13,7 @@ import numpy as np
 import tfcompress
 from tfcompress.demo import report, workload
 from tfcompress.export.pipeline import export_saved_model
-from tfcompress.export.speed import DEFAULT, FP32, measure_speed
+from tfcompress.export.speed import compression_variants, measure_speed
 from tfcompress.quantization import RangeInit, quantize_model
 from tfcompress.strip.savedmodel_strip import ExportError, atomic_output_dir, commit_dir
 
@@ -137,14 +136,7 @@ def run_demo(output_dir: str = "tfcompress_demo", epochs: int = 8, target: float
         shutil.rmtree(work)  # the stripped SavedModels are in each export directory
 
         _say(f"[6/{steps}] measuring OpenVINO latency (batch 1) and throughput (batch 32), interleaved")
-        irs = {
-            "original FP32": (os.path.join(tmp, "original", "model_fp32.xml"), FP32),
-            "original BF16 (default)": (os.path.join(tmp, "original", "model_fp32.xml"), DEFAULT),
-            "original INT8 (post-training)": (os.path.join(tmp, "original", "model_int8.xml"), DEFAULT),
-            "compressed FP32": (os.path.join(tmp, "pruned_float", "model_fp32.xml"), FP32),
-            "compressed BF16 (default)": (os.path.join(tmp, "pruned_float", "model_fp32.xml"), DEFAULT),
-            "compressed INT8 (QAT)": (os.path.join(tmp, "compressed", "model_int8.xml"), DEFAULT),
-        }
+        irs = compression_variants(*(os.path.join(tmp, d) for d in ("original", "pruned_float", "compressed")))
         speed = measure_speed(irs, xt[:1], rounds=3, iters_b1=200, iters_b32=20)
 
         _say(f"[7/{steps}] writing the report and plots")

@@ -7,13 +7,14 @@ rounds (model A, B, C, A, B, C ...), reporting medians, so the ratios between mo
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Mapping
 
 import numpy as np
 
-__all__ = ["measure_speed", "FP32", "DEFAULT"]
+__all__ = ["measure_speed", "compression_variants", "FP32", "DEFAULT"]
 
 FP32 = {"INFERENCE_PRECISION_HINT": "f32"}  # the true float baseline
 DEFAULT: dict = {}  # OpenVINO's default: bf16 on CPUs with AVX512-BF16 or AMX, else f32
@@ -60,3 +61,23 @@ def measure_speed(
             res[k]["b32"].append(32 * iters_b32 / (time.perf_counter() - t))
     return {k: {"b1_ms": statistics.median(v["b1"]), "b32_ips": statistics.median(v["b32"])}
             for k, v in res.items()}
+
+
+def compression_variants(original: str, pruned: str, compressed: str) -> dict[str, tuple[str, dict]]:
+    """The six OpenVINO variants that compare a model with its compressed version, for :func:`measure_speed`.
+
+    From three :func:`~tfcompress.export.export_saved_model` output directories: the original's FP32 IR at
+    f32 and at the default precision and its post-training INT8 IR; the pruned float model's FP32 IR at both
+    precisions; the compressed (pruned + QAT) model's INT8 IR.
+    """
+    def ir(folder: str, precision: str) -> str:
+        return os.path.join(folder, f"model_{precision}.xml")
+
+    return {
+        "original FP32": (ir(original, "fp32"), FP32),
+        "original BF16 (default)": (ir(original, "fp32"), DEFAULT),
+        "original INT8 (post-training)": (ir(original, "int8"), DEFAULT),
+        "compressed FP32": (ir(pruned, "fp32"), FP32),
+        "compressed BF16 (default)": (ir(pruned, "fp32"), DEFAULT),
+        "compressed INT8 (QAT)": (ir(compressed, "int8"), DEFAULT),
+    }
