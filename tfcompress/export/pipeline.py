@@ -230,7 +230,7 @@ def _onnx_fn(path):
 
 
 def _markdown(r: dict) -> str:
-    lines = [f"# tfcompress export report", "", f"Source: `{r['source']}` (signature `{r['signature']}`)", ""]
+    lines = ["# tfcompress export report", "", f"Source: `{r['source']}` (signature `{r['signature']}`)", ""]
     fb, fa = r["flops"]["before"], r["flops"]["after"]
     lines += ["| | before | after | ratio |", "|---|---|---|---|",
               f"| parameters | {r['params']['before']:,} | {r['params']['after']:,} | "
