@@ -36,6 +36,21 @@ def serving_model_path(model_uri: str) -> str:
     raise ExportError(f"no SavedModel in the Model artifact {model_uri!r} (looked for {SERVING_DIR}/saved_model.pb)")
 
 
+def _signature_input_shapes(saved_model_dir: str, key: str) -> list[list[int | None]] | None:
+    """Input shapes of a serving signature, read from ``saved_model.pb`` (the export loads the model itself;
+    loading it here too only to learn a shape would double the time and memory)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    sm = saved_model_pb2.SavedModel()
+    with open(os.path.join(saved_model_dir, "saved_model.pb"), "rb") as f:
+        sm.ParseFromString(f.read())
+    for mg in sm.meta_graphs:
+        if "serve" in mg.meta_info_def.tags and key in mg.signature_def:
+            inputs = mg.signature_def[key].inputs
+            return [[None if d.size < 0 else d.size for d in inputs[k].tensor_shape.dim] for k in sorted(inputs)]
+    return None
+
+
 def read_examples(examples_uri: str, split: str, limit: int) -> dict[str, np.ndarray]:
     """Up to ``limit`` ``tf.train.Example`` records of one split, as ``{feature: array (n, ...)}``.
 
@@ -124,19 +139,16 @@ def compress_model_dir(
     src = serving_model_path(model_uri)
     calib = valid = None
     if examples_uri:
-        import tensorflow as tf
-
         fn = load_preprocessing_fn(module_file, preprocessing_fn) if module_file else None
-        sig = tf.saved_model.load(src).signatures.get(signature)
-        if sig is None:
+        shapes = _signature_input_shapes(src, signature)
+        if shapes is None:
             raise ExportError(f"the SavedModel in {model_uri!r} has no signature {signature!r}")
-        specs = list(sig.structured_input_signature[1].values())
-        if len(specs) != 1:
+        if len(shapes) != 1:
             raise ExportError("examples can feed single-input models only")
         features = read_examples(examples_uri, split, limit=max(num_calibration_samples, 2000))
         if label_key and label_key not in features:
             raise ExportError(f"label_key {label_key!r} is not a feature of the examples ({sorted(features)})")
-        x = _model_inputs(features, label_key, fn, specs[0].shape.as_list())
+        x = _model_inputs(features, label_key, fn, shapes[0])
         calib = x[:num_calibration_samples]
         if label_key:
             y = features[label_key].reshape(len(x), -1)[:, 0]
