@@ -8,9 +8,12 @@ nncf is installed only in that benchmark environment: the package never imports 
 (1) MLPerf Tiny ResNet-8 (pretrained) on CIFAR-10: calibration on JPEG test images [0:300], accuracy on
     [300:10000], for OpenVINO FP32 (f32 hint), BF16 (the default on AMX CPUs), our INT8, NNCF's INT8 and
     MLPerf's official INT8 TFLite model. The same FP32 IR feeds both calibrators.
+    The two INT8 models' disagreements are tested for significance (McNemar).
 (2) ResNet50 and MobileNetV2 (keras.applications, weights=None, BatchNorm statistics set from one batch of
     CIFAR images resized to 224): calibration time with 300 samples, latency at batch 1 and throughput at
-    batch 32, medians of interleaved rounds.
+    batch 32, medians of interleaved rounds; how often each INT8 model's top class agrees with FP32's on 500
+    other images (the weights are random, so there is no accuracy to measure), also with
+    ``channel_alignment=True`` where the model has convolution -> convolution pairs.
 """
 
 from __future__ import annotations
@@ -62,12 +65,26 @@ def nncf_quantize(model, calib):
     return q, time.perf_counter() - t
 
 
-def ours_quantize(model, calib):
+def ours_quantize(model, calib, **options):
     from tfcompress import calibration
 
     t = time.perf_counter()
-    q = calibration.calibrate(model, calib, subset_size=len(calib), verbose=False)
+    q = calibration.calibrate(model, calib, subset_size=len(calib), verbose=False, **options)
     return q, time.perf_counter() - t
+
+
+def top1(compiled, x, batch=50):
+    return np.concatenate([compiled({0: x[i:i + batch]})[compiled.outputs[0]].argmax(axis=1)
+                           for i in range(0, len(x), batch)])
+
+
+def mcnemar(right_a: np.ndarray, right_b: np.ndarray) -> str:
+    """Images only A gets right vs only B, and the two-sided p-value of "A and B are equally accurate"."""
+    from math import erfc, sqrt
+
+    a_only, b_only = int(np.sum(right_a & ~right_b)), int(np.sum(~right_a & right_b))
+    z = (abs(a_only - b_only) - 1) / sqrt(max(a_only + b_only, 1))  # continuity-corrected
+    return f"{a_only} images only tfcompress gets right, {b_only} only nncf; McNemar p = {erfc(max(z, 0) / sqrt(2)):.2f}"
 
 
 def speed(models: dict, shape, rounds: int, iters_b1: int, iters_b32: int) -> dict:
@@ -95,10 +112,11 @@ def app_ir(name: str, work: str, size: int):
     path = os.path.join(work, name)
     model.export(path, verbose=False)
     ov_model = ov.convert_model(path)
-    calib = tf.image.resize(x[np.random.default_rng(1).permutation(10000)[:300]].astype("float32"),
-                            (size, size)).numpy()
-    calib = keras.applications.imagenet_utils.preprocess_input(calib, mode="torch")
-    return ov_model, calib
+    order = np.random.default_rng(1).permutation(10000)
+    calib, held_out = (keras.applications.imagenet_utils.preprocess_input(
+        tf.image.resize(x[idx].astype("float32"), (size, size)).numpy(), mode="torch")
+        for idx in (order[:300], order[300:800]))
+    return ov_model, calib, held_out
 
 
 def main() -> None:
@@ -114,6 +132,7 @@ def main() -> None:
     import keras
     import openvino as ov
 
+    from tfcompress.calibration.alignment import alignment_pairs
     from tfcompress.export import to_onnx, to_openvino
 
     core = ov.Core()
@@ -142,24 +161,36 @@ def main() -> None:
     print("| model | accuracy % | vs FP32 (pts) |\n|---|---|---|")
     for k, v in rows.items():
         print(f"| {k} | {100 * v:.2f} | {100 * (v - rows['OpenVINO FP32 (f32 hint)']):+.2f} |")
+    print(mcnemar(top1(core.compile_model(q_ours, "CPU"), xv, 500) == yv,
+                  top1(core.compile_model(q_nncf, "CPU"), xv, 500) == yv))
     print(f"calibration time: tfcompress {t_ours:.2f} s, nncf {t_nncf:.2f} s (ratio {t_ours / t_nncf:.2f})\n")
 
     # (2) speed and calibration time on larger models
     for name in [m for m in args.models.split(",") if m]:
-        fp, calib = app_ir(name, work, args.size)
+        fp, calib, held_out = app_ir(name, work, args.size)
         q_ours, t_ours = ours_quantize(fp, calib)
         q_nncf, t_nncf = nncf_quantize(fp, calib)
-        s = speed({
+        variants = {
             "FP32 (f32 hint)": (fp, {"INFERENCE_PRECISION_HINT": "f32"}),
             "BF16 (default)": (fp, {}),
             "tfcompress INT8": (q_ours, {}),
             "nncf INT8": (q_nncf, {}),
-        }, (args.size, args.size, 3), args.rounds, iters_b1=30, iters_b32=4)
+        }
+        pairs = len(alignment_pairs(fp))
+        if pairs:
+            q_aligned, t_aligned = ours_quantize(fp, calib, channel_alignment=True)
+            variants["tfcompress INT8, channel_alignment"] = (q_aligned, {})
+        s = speed(variants, (args.size, args.size, 3), args.rounds, iters_b1=30, iters_b32=4)
+        reference = top1(core.compile_model(fp, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), held_out)
         print(f"(2) {name} {args.size}x{args.size}: calibration with 300 samples: tfcompress {t_ours:.1f} s, "
-              f"nncf {t_nncf:.1f} s (ratio {t_ours / t_nncf:.2f})")
-        print("| variant | latency b1 ms | throughput b32 img/s | b32 vs nncf |\n|---|---|---|---|")
+              f"nncf {t_nncf:.1f} s (ratio {t_ours / t_nncf:.2f})"
+              + (f"; with channel alignment ({pairs} pairs) {t_aligned:.1f} s" if pairs else ""))
+        print("| variant | latency b1 ms | throughput b32 img/s | b32 vs nncf | top-1 agrees with FP32 % |\n"
+              "|---|---|---|---|---|")
         for k, v in s.items():
-            print(f"| {k} | {v['b1_ms']:.2f} | {v['b32_ips']:.1f} | {v['b32_ips'] / s['nncf INT8']['b32_ips']:.2f} |")
+            agree = np.mean(top1(core.compile_model(*variants[k]), held_out) == reference)
+            print(f"| {k} | {v['b1_ms']:.2f} | {v['b32_ips']:.1f} | {v['b32_ips'] / s['nncf INT8']['b32_ips']:.2f} "
+                  f"| {100 * agree:.1f} |")
         print(flush=True)
 
 

@@ -50,6 +50,33 @@ def train_dataset(x, y, batch: int, seed: int) -> tf.data.Dataset:
     return ds.batch(batch).prefetch(2)
 
 
+def with_teacher(ds: tf.data.Dataset, teacher: keras.Model) -> tf.data.Dataset:
+    """Labels become [one-hot label, teacher probabilities] for DistillationLoss (teacher sees the same augmented batch)."""
+    classes = teacher.output_shape[-1]
+    return ds.map(lambda img, label: (img, tf.concat([tf.one_hot(label, classes), teacher(img, training=False)], -1)))
+
+
+class DistillationLoss(keras.losses.Loss):
+    """alpha * cross-entropy with the labels + (1 - alpha) * T^2 * KL(teacher_T || student_T) (Hinton et al.).
+
+    Both models end in softmax, so log-probabilities stand in for logits (softmax is shift-invariant).
+    """
+
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.5, **kwargs):
+        super().__init__(**kwargs)
+        self.temperature, self.alpha = temperature, alpha
+
+    def call(self, y_true, y_pred):
+        classes = y_pred.shape[-1]
+        labels, teacher = y_true[:, :classes], y_true[:, classes:]
+        ce = keras.losses.categorical_crossentropy(labels, y_pred)
+        t = self.temperature
+        soft_teacher = tf.nn.softmax(tf.math.log(teacher + 1e-7) / t)
+        log_student = tf.nn.log_softmax(tf.math.log(y_pred + 1e-7) / t)
+        kl = tf.reduce_sum(soft_teacher * (tf.math.log(soft_teacher + 1e-7) - log_student), -1)
+        return self.alpha * ce + (1 - self.alpha) * t * t * kl
+
+
 def overhead(x, y, rounds: int, batch: int) -> dict:
     """Median epoch wall time with / without the callback, measured in alternation."""
     ds = tf.data.Dataset.from_tensor_slices((x.astype("float32"), y)).batch(batch).cache().prefetch(2)
@@ -70,10 +97,14 @@ def overhead(x, y, rounds: int, batch: int) -> dict:
 
 
 def finetune(criterion: str | None, data, epochs: int, pruning_epochs: int, batch: int, lr: float,
-             **pruning_options) -> dict:
+             teacher: keras.Model | None = None, **pruning_options) -> tuple[dict, keras.Model]:
     x, y, xt, yt = data
     keras.utils.set_random_seed(1)
     model = load_resnet8(lr)
+    ds = train_dataset(x, y, batch, seed=1)
+    if teacher is not None:
+        model.compile(keras.optimizers.Adam(lr), DistillationLoss())
+        ds = with_teacher(ds, teacher)
     flops0 = tfcompress.count_flops(model)
     callbacks = [keras.callbacks.LearningRateScheduler(
         lambda e: lr * 0.5 * (1 + np.cos(np.pi * e / epochs)))]
@@ -82,19 +113,21 @@ def finetune(criterion: str | None, data, epochs: int, pruning_epochs: int, batc
             flops_target=0.4, criterion=criterion, pruning_epochs=pruning_epochs,
             prune_downsample_convs=True, **pruning_options))
     t = time.perf_counter()
-    model.fit(train_dataset(x, y, batch, seed=1), epochs=epochs, callbacks=callbacks, verbose=0)
+    model.fit(ds, epochs=epochs, callbacks=callbacks, verbose=0)
     seconds = time.perf_counter() - t
+    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     acc = model.evaluate(xt.astype("float32"), yt, batch_size=256, verbose=0)[1]
     small = tfcompress.strip(model)
     small.compile(metrics=["accuracy"], loss="sparse_categorical_crossentropy")
     acc_small = small.evaluate(xt.astype("float32"), yt, batch_size=256, verbose=0)[1]
+    name = criterion or "none (fine-tuned, unpruned)"
     return {
-        "criterion": criterion or "none (fine-tuned, unpruned)",
+        "criterion": name + (" + distillation" if teacher is not None else ""),
         "accuracy": acc_small, "accuracy_before_strip": acc,
         "flops_ratio": tfcompress.count_flops(small) / flops0,
         "params": small.count_params(), "params_original": model.count_params(),
         "train_seconds": seconds,
-    }
+    }, model
 
 
 def main() -> None:
@@ -110,6 +143,8 @@ def main() -> None:
     ap.add_argument("--skip_overhead", action="store_true")
     ap.add_argument("--prune_first_conv", action="store_true", help="also prune the stem convolution's group")
     ap.add_argument("--flops_allocation", default="uniform", choices=("uniform", "global"))
+    ap.add_argument("--distill", action="store_true",
+                    help="also train each criterion with distillation from the unpruned fine-tuned model")
     ap.add_argument("--json", default="", help="also write the results to this JSON file")
     args = ap.parse_args()
 
@@ -126,10 +161,14 @@ def main() -> None:
         print(f"    without callback {o['epoch_s_without']:.2f} s | with FilterPruning {o['epoch_s_with']:.2f} s"
               f" | overhead {100 * o['overhead']:+.1f} %")
 
-    rows = []
-    for criterion in [None] + [c for c in args.criteria.split(",") if c]:
-        r = finetune(criterion, (x, y, xt, yt), args.epochs, args.pruning_epochs, args.batch, args.lr,
-                     prune_first_conv=args.prune_first_conv, flops_allocation=args.flops_allocation)
+    rows, teacher = [], None
+    runs = [(None, False)] + [(c, d) for c in args.criteria.split(",") if c for d in (False, True)[: 1 + args.distill]]
+    for criterion, distill in runs:
+        r, model = finetune(criterion, (x, y, xt, yt), args.epochs, args.pruning_epochs, args.batch, args.lr,
+                            teacher=teacher if distill else None,
+                            prune_first_conv=args.prune_first_conv, flops_allocation=args.flops_allocation)
+        if teacher is None:
+            teacher = model
         rows.append(r)
         print(f"    {r['criterion']}: acc {100 * r['accuracy']:.2f} %, FLOPs x{r['flops_ratio']:.3f}, "
               f"params {r['params']:,}, {r['train_seconds']:.0f} s", flush=True)

@@ -99,8 +99,8 @@ def test_bad_arguments(resnet8_ir):
         calibration.calibrate(xml, calib, preset="fast")
     with pytest.raises(ValueError, match="subset_size"):
         calibration.calibrate(xml, calib, subset_size=0)
-    with pytest.raises(NotImplementedError, match="channel_alignment"):
-        calibration.calibrate(xml, calib, channel_alignment=True)
+    with pytest.raises(TypeError, match="channel_alignment"):
+        calibration.calibrate(xml, calib, channel_alignment="yes")
     with pytest.raises(ValueError, match=r"must have shape \(32, 32, 3\)"):
         calibration.calibrate(xml, np.zeros((4, 32, 32)), verbose=False)
 
@@ -146,3 +146,51 @@ def test_fast_bias_correction_removes_the_mean_error_of_a_linear_layer(rng):
     err = {name: (_f32(m)({0: x})[0] - ref).mean(axis=0) for name, m in (("plain", plain), ("bc", corrected))}
     assert np.abs(err["plain"]).max() > 1e-3  # weight rounding alone biases the outputs
     assert np.abs(err["bc"]).max() < np.abs(err["plain"]).max() / 5
+
+
+def _conv_pair(rng, consumer_pads=(0, 0), extra_reader=False):
+    """conv 3x3 (+ bias) -> conv 1x1 (+ bias) -> ReLU, the middle tensor's 8 channels spread over very
+    different ranges (widths 0.05 .. 50, offsets up to 30): per-tensor INT8 loses the narrow channels."""
+    import openvino.opset13 as ops
+
+    spread = np.geomspace(0.05, 50, 8).astype("float32")
+    w_in = rng.normal(size=(8, 4, 3, 3)).astype("float32") * spread[:, None, None, None] / 6
+    b_in = (rng.uniform(-30, 30, 8) * (spread > 1)).astype("float32")
+    w_out = (rng.normal(size=(6, 8, 1, 1)) / spread[None, :, None, None]).astype("float32")
+    b_out = rng.normal(size=6).astype("float32")
+    p = ops.parameter([-1, 4, 16, 16], ov.Type.f32)
+    mid = ops.add(ops.convolution(p, ops.constant(w_in), [1, 1], [1, 1], [1, 1], [1, 1]), ops.constant(b_in.reshape(1, 8, 1, 1)))
+    out = ops.add(ops.convolution(mid, ops.constant(w_out), [1, 1], list(consumer_pads), list(consumer_pads), [1, 1]),
+                  ops.constant(b_out.reshape(1, 6, 1, 1)))
+    results = [ops.relu(out).output(0)] + ([mid.output(0)] if extra_reader else [])
+    return ov.Model(results, [p])
+
+
+def test_channel_alignment_keeps_the_float_model_and_cuts_the_int8_error(rng):
+    from tfcompress.calibration import alignment
+
+    fp = _conv_pair(rng)
+    x = rng.normal(size=(64, 4, 16, 16)).astype("float32")
+    pairs = alignment.alignment_pairs(fp)
+    assert len(pairs) == 1
+    aligned = fp.clone()
+    middle = fp.clone()
+    middle.add_outputs([middle.get_ordered_ops()[pairs[0].tensor[0]].output(0)])
+    lo, hi = np.quantile(np.moveaxis(_f32(middle)({0: x})[1], 1, 0), [0, 1], axis=(1, 2, 3))
+    assert alignment.align(aligned, pairs, {pairs[0].tensor: (lo, hi)}) == 1
+    ref = _f32(fp)({0: x})[0]
+    np.testing.assert_allclose(_f32(aligned)({0: x})[0], ref, rtol=1e-4, atol=1e-3 * np.abs(ref).max())
+
+    plain = calibration.calibrate(fp, x, bias_correction=False, verbose=False)
+    better = calibration.calibrate(fp, x, bias_correction=False, channel_alignment=True, verbose=False)
+    err = {name: np.abs(_f32(m)({0: x})[0] - ref).mean() for name, m in (("plain", plain), ("aligned", better))}
+    assert err["aligned"] < err["plain"] / 3, err
+    assert len(fp.get_ordered_ops()) == len(_conv_pair(rng).get_ordered_ops())  # the input is not modified
+
+
+@pytest.mark.parametrize("kwargs", [{"consumer_pads": (1, 1)}, {"extra_reader": True}])
+def test_channel_alignment_leaves_pairs_it_cannot_change_exactly(rng, kwargs):
+    from tfcompress.calibration import alignment
+
+    # zero padding after a shift is not a shift; a tensor the user also reads (a model output) must not change
+    assert alignment.alignment_pairs(_conv_pair(rng, **kwargs)) == []

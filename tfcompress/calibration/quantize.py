@@ -6,10 +6,11 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from tfcompress.calibration.alignment import QUANTILE, align, alignment_pairs
 from tfcompress.calibration.placement import (
     ActivationPoint, WeightPoint, _through_convert, find_points, weight_ranges,
 )
-from tfcompress.calibration.statistics import Progress, Statistics, collect, iterate_samples
+from tfcompress.calibration.statistics import Progress, Statistics, channel_ranges, collect, iterate_samples
 
 __all__ = ["calibrate", "calibrate_with_accuracy_control", "compress_weights", "int8_layers", "PRESETS"]
 
@@ -31,8 +32,8 @@ def _check_args(preset, subset_size, channel_alignment, range_estimator):
         raise ValueError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
     if not isinstance(subset_size, int) or subset_size < 1:
         raise ValueError(f"subset_size must be a positive integer, got {subset_size!r}")
-    if channel_alignment:
-        raise NotImplementedError("channel_alignment=True is not implemented yet; use the default False")
+    if not isinstance(channel_alignment, bool):
+        raise TypeError(f"channel_alignment must be True or False, got {channel_alignment!r}")
     if range_estimator not in ("minmax", "max", "quantile"):
         raise ValueError(f"unknown range_estimator {range_estimator!r}; choose 'minmax', 'max' or 'quantile'")
 
@@ -273,6 +274,9 @@ def calibrate(
     (levels=255 over [-m, m]). Bias correction (NNCF's fast bias correction, :func:`fast_bias_shifts`)
     shifts each layer's bias by the difference between its mean FP32 output and its quantized output on its
     mean input, both from the same statistics pass. FakeQuantize ops already in the model (from QAT) stay.
+    ``channel_alignment`` first equalizes the channels of tensors between two convolutions with nothing
+    non-linear in between (:mod:`tfcompress.calibration.alignment`; one more statistics pass, only when the
+    model has such pairs, e.g. MobileNetV2's linear bottlenecks).
 
     Args:
         ov_model: an ``openvino.Model`` or an IR path; not modified.
@@ -286,9 +290,22 @@ def calibrate(
     """
     _check_args(preset, subset_size, channel_alignment, range_estimator)
     model = _read(ov_model)
+    if channel_alignment:
+        model = _aligned(model, calibration_data, subset_size, ignored_layers, verbose)
     ranges, shifts = _calibration_state(model, calibration_data, preset, subset_size, bias_correction,
                                         ignored_layers, range_estimator, verbose)
     return _build(model, ranges, shifts, ignored_layers=ignored_layers)
+
+
+def _aligned(model, data, subset_size: int, ignored_layers, verbose: bool):
+    """A clone of ``model`` with its convolution -> convolution tensors channel-aligned (or ``model``)."""
+    pairs = alignment_pairs(model, ignored_layers)
+    if not pairs:
+        return model
+    model = model.clone()
+    ranges = channel_ranges(model, sorted({p.tensor for p in pairs}), data, subset_size, QUANTILE, verbose=verbose)
+    align(model, pairs, ranges)
+    return model
 
 
 def _calibration_state(model, data, preset, subset_size, bias_correction, ignored_layers, estimator, verbose):

@@ -210,3 +210,26 @@ def collect(model, points, data, subset_size: int, batch: int = 16, verbose: boo
 
     n = run_batches(model, compiled, data, subset_size, batch, "statistics", verbose, on_result)
     return Statistics(mins, maxs, q_lo, q_hi, n, {k: v / n for k, v in sums.items()})
+
+
+def channel_ranges(model, keys, data, subset_size: int, quantile: float, batch: int = 16,
+                   verbose: bool = True) -> dict:
+    """Per-channel (axis 1) ``quantile`` / ``1 - quantile`` of the tensors ``keys`` (op position, output
+    port): computed per batch, the median over batches (as POT's channel alignment). One pass."""
+    import openvino as ov
+
+    probe = model.clone()
+    graph_ops = list(probe.get_ordered_ops())
+    probe.add_outputs([graph_ops[k].output(i) for k, i in keys])
+    compiled = ov.Core().compile_model(probe, "CPU")
+    extra = compiled.outputs[len(compiled.outputs) - len(keys):]
+    per_batch: dict = {key: [] for key in keys}
+
+    def on_result(res, count):
+        for key, out in zip(keys, extra):
+            x = np.asarray(res[out], np.float32)
+            flat = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)
+            per_batch[key].append(np.quantile(flat, [quantile, 1 - quantile], axis=1))
+
+    run_batches(model, compiled, data, subset_size, batch, "channel alignment", verbose, on_result)
+    return {key: tuple(np.median(np.stack(v), axis=0)) for key, v in per_batch.items()}
