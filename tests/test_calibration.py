@@ -56,6 +56,12 @@ def test_every_conv_and_matmul_runs_int8_and_accuracy_holds(resnet8_ir):
     n_ops = len(fp.get_ordered_ops())
     q = calibration.calibrate(fp, calib, subset_size=300, verbose=False)
     assert len(fp.get_ordered_ops()) == n_ops  # the input model is not modified
+    # weights are stored as int8 constants (no float weights left behind a FakeQuantize)
+    weight_consts = [op.input(1).get_source_output().get_node() for op in q.get_ordered_ops()
+                     if op.get_type_name() in ("Convolution", "MatMul")]
+    assert all(n.get_type_name() == "Multiply" for n in weight_consts), {n.get_type_name() for n in weight_consts}
+    assert sum(str(op.get_output_element_type(0)) == "<Type: 'int8_t'>" for op in q.get_ordered_ops()
+               if op.get_type_name() == "Constant") == 10
     compiled = ov.Core().compile_model(q, "CPU")
     prec = _precisions(compiled)
     assert len(prec["Convolution"]) == 9 and len(prec["FullyConnected"]) == 1

@@ -205,7 +205,6 @@ def _int8(xml: str, xml8: str, calib: np.ndarray, mode: str, max_drop: float, va
         info.update(reverted=acc["reverted"], drop=acc["drop"], fp32_metric=acc["fp32_metric"])
     else:
         q = calibration.calibrate(fp, calib, subset_size=min(len(calib), 300))
-    calibration.compress_weights(q)
     ov.save_model(q, xml8, compress_to_fp16=False)
     info["int8_layers"] = calibration.int8_layers(ov.Core().compile_model(xml8, "CPU"))
     return info
