@@ -9,6 +9,8 @@ nncf is installed only in that benchmark environment: the package never imports 
     [300:10000], for OpenVINO FP32 (f32 hint), BF16 (the default on AMX CPUs), our INT8, NNCF's INT8 and
     MLPerf's official INT8 TFLite model. The same FP32 IR feeds both calibrators.
     The two INT8 models' disagreements are tested for significance (McNemar).
+(1b) The same two calibrators on several calibration sets of 300 training images (accuracy on all 10,000 test
+    images): how much of a difference in (1) is the luck of one calibration set.
 (2) ResNet50 and MobileNetV2 (keras.applications, weights=None, BatchNorm statistics set from one batch of
     CIFAR images resized to 224): calibration time with 300 samples, latency at batch 1 and throughput at
     batch 32, medians of interleaved rounds; how often each INT8 model's top class agrees with FP32's on 500
@@ -134,6 +136,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--models", default="ResNet50,MobileNetV2")
+    ap.add_argument("--calibration_sets", type=int, default=5, help="ResNet-8 calibration sets for (1b)")
     args = ap.parse_args()
     try:
         import nncf  # noqa: F401
@@ -176,6 +179,23 @@ def main() -> None:
     print("compiled INT8 models run the same layers in the same precisions as nncf's: "
           f"{runtime_layers(core.compile_model(q_ours, 'CPU')) == runtime_layers(core.compile_model(q_nncf, 'CPU'))}")
     print(f"calibration time: tfcompress {t_ours:.2f} s, nncf {t_nncf:.2f} s (ratio {t_ours / t_nncf:.2f})\n")
+
+    # (1b) the same comparison over several calibration sets drawn from the training split
+    x_train, _ = common.cifar10_train()
+    rng = np.random.default_rng(0)
+    accs: dict = {"tfcompress INT8": [], "nncf.quantize INT8": []}
+    for _ in range(args.calibration_sets):
+        subset = x_train[rng.choice(len(x_train), 300, replace=False)].astype(np.float32)
+        for key, fn in (("tfcompress INT8", ours_quantize), ("nncf.quantize INT8", nncf_quantize)):
+            accs[key].append(accuracy(core.compile_model(fn(fp, subset)[0], "CPU"), x, y))
+    fp_all = accuracy(core.compile_model(fp, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), x, y)
+    print(f"(1b) {args.calibration_sets} calibration sets of 300 random JPEG training images, accuracy on all "
+          f"10,000 test images (FP32 {100 * fp_all:.2f} %)")
+    print("| model | mean accuracy % | std | min | max |\n|---|---|---|---|---|")
+    for key, v in accs.items():
+        v = 100 * np.asarray(v)
+        print(f"| {key} | {v.mean():.2f} | {v.std():.2f} | {v.min():.2f} | {v.max():.2f} |")
+    print(flush=True)
 
     # (2) speed and calibration time on larger models
     for name in [m for m in args.models.split(",") if m]:
