@@ -222,7 +222,7 @@ def main() -> None:
         print("| variant | latency b1 ms | throughput b32 img/s | b32 vs nncf | top-1 agrees with FP32 % |\n"
               "|---|---|---|---|---|")
         for k, v in s.items():
-            agree = np.mean(top1(core.compile_model(*variants[k]), held_out) == reference)
+            agree = np.mean(top1(core.compile_model(variants[k][0], "CPU", variants[k][1]), held_out) == reference)
             print(f"| {k} | {v['b1_ms']:.2f} | {v['b32_ips']:.1f} | {v['b32_ips'] / s['nncf INT8']['b32_ips']:.2f} "
                   f"| {100 * agree:.1f} |")
         print(flush=True)

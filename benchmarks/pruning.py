@@ -7,7 +7,8 @@
     so that machine noise hits both; the callback re-selects masks at every epoch (the worst case).
 (2) The pretrained ResNet-8 fine-tuned on CIFAR-10 (JPEG train split) for the same number of epochs without
     pruning and with FilterPruning(flops_target=0.4) for each criterion; accuracy on the 10,000 JPEG test
-    images of the stripped model vs the unpruned fine-tuned one.
+    images of the stripped model vs the unpruned fine-tuned one. ``--distill`` (or ``--distill only``) also
+    trains each pruned model against the unpruned fine-tuned one (knowledge distillation, same batches).
 """
 
 from __future__ import annotations
@@ -143,8 +144,8 @@ def main() -> None:
     ap.add_argument("--skip_overhead", action="store_true")
     ap.add_argument("--prune_first_conv", action="store_true", help="also prune the stem convolution's group")
     ap.add_argument("--flops_allocation", default="uniform", choices=("uniform", "global"))
-    ap.add_argument("--distill", action="store_true",
-                    help="also train each criterion with distillation from the unpruned fine-tuned model")
+    ap.add_argument("--distill", nargs="?", const="also", default="no", choices=("no", "also", "only"),
+                    help="train each criterion also (or only) with distillation from the unpruned fine-tuned model")
     ap.add_argument("--json", default="", help="also write the results to this JSON file")
     args = ap.parse_args()
 
@@ -162,7 +163,8 @@ def main() -> None:
               f" | overhead {100 * o['overhead']:+.1f} %")
 
     rows, teacher = [], None
-    runs = [(None, False)] + [(c, d) for c in args.criteria.split(",") if c for d in (False, True)[: 1 + args.distill]]
+    modes = {"no": (False,), "also": (False, True), "only": (True,)}[args.distill]
+    runs = [(None, False)] + [(c, d) for c in args.criteria.split(",") if c for d in modes]
     for criterion, distill in runs:
         r, model = finetune(criterion, (x, y, xt, yt), args.epochs, args.pruning_epochs, args.batch, args.lr,
                             teacher=teacher if distill else None,
