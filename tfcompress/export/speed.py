@@ -2,7 +2,8 @@
 
 The machine this runs on is usually shared: timing one model after another lets a burst of load from
 elsewhere land on one of them only. ``measure_speed`` compiles every model first and then interleaves the
-rounds (model A, B, C, A, B, C ...), reporting medians, so the ratios between models are what to read.
+rounds (A, B, C, then B, C, A ...: no model always runs right after the same one), reporting medians (batch 1:
+over every timed call), so the ratios between models are what to read.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def measure_speed(
     iters_b1: int = 200,
     iters_b32: int = 20,
 ) -> dict[str, dict[str, float]]:
-    """Median latency at batch 1 (``b1_ms``) and throughput at batch 32 (``b32_ips``, samples/s) per model.
+    """Median latency at batch 1 (``b1_ms``, over all calls) and throughput at batch 32 (``b32_ips``,
+    samples/s, median over rounds) per model.
 
     Args:
         models: name -> (an ``openvino.Model`` or an IR path, compile config), e.g.
@@ -46,14 +48,15 @@ def measure_speed(
     compiled = {k: core.compile_model(m, "CPU", dict(cfg)) for k, (m, cfg) in models.items()}
     x32 = np.repeat(sample, 32, axis=0)
     res: dict[str, dict[str, list]] = {k: {"b1": [], "b32": []} for k in models}
-    for _ in range(rounds):
-        for k, c in compiled.items():
-            req = c.create_infer_request()
+    names = list(compiled)
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[: r % len(names)]:  # each round starts with another model
+            req = compiled[k].create_infer_request()
             req.infer({0: sample})  # warm-up: the first call allocates
-            t = time.perf_counter()
-            for _ in range(iters_b1):
+            for _ in range(iters_b1):  # every call timed: the median ignores the calls another process slowed
+                t = time.perf_counter()
                 req.infer({0: sample})
-            res[k]["b1"].append(1000 * (time.perf_counter() - t) / iters_b1)
+                res[k]["b1"].append(1000 * (time.perf_counter() - t))
             req.infer({0: x32})
             t = time.perf_counter()
             for _ in range(iters_b32):
