@@ -105,6 +105,8 @@ def test_bad_arguments(resnet8_ir):
         calibration.calibrate(xml, calib, preset="fast")
     with pytest.raises(ValueError, match="subset_size"):
         calibration.calibrate(xml, calib, subset_size=0)
+    with pytest.raises(ValueError, match="unknown overflow_fix"):
+        calibration.calibrate(xml, calib, overflow_fix="first")
     with pytest.raises(TypeError, match="channel_alignment"):
         calibration.calibrate(xml, calib, channel_alignment="yes")
     with pytest.raises(ValueError, match=r"must have shape \(32, 32, 3\)"):
@@ -200,3 +202,19 @@ def test_channel_alignment_leaves_pairs_it_cannot_change_exactly(rng, kwargs):
 
     # zero padding after a shift is not a shift; a tensor the user also reads (a model output) must not change
     assert alignment.alignment_pairs(_conv_pair(rng, **kwargs)) == []
+
+
+def _int8_weight_maxima(model) -> list[int]:
+    """Largest |integer| of each int8 weight constant, in graph order (the first convolution first)."""
+    return [int(np.abs(op.get_data()).max()) for op in model.get_ordered_ops()
+            if op.get_type_name() == "Constant" and op.get_output_element_type(0) == ov.Type.i8]
+
+
+@pytest.mark.parametrize("overflow_fix, expected", [
+    ("first_layer", [63] + [127] * 9), ("enable", [63] * 10), ("disable", [127] * 10)])
+def test_overflow_fix_keeps_chosen_weights_on_seven_bits(resnet8_ir, overflow_fix, expected):
+    # u8 x i8 pairs summed in int16 (CPUs without VNNI) cannot saturate with weights in [-63, 63]
+    xml, calib, val = resnet8_ir
+    q = calibration.calibrate(xml, calib, overflow_fix=overflow_fix, verbose=False)
+    assert _int8_weight_maxima(q) == expected
+    assert accuracy(ov.Core().compile_model(q, "CPU"), val) >= accuracy(_f32(ov.Core().read_model(xml)), val) - 0.01

@@ -13,7 +13,7 @@ import dataclasses
 
 import numpy as np
 
-__all__ = ["ActivationPoint", "WeightPoint", "find_points"]
+__all__ = ["ActivationPoint", "WeightPoint", "find_points", "OVERFLOW_FIX"]
 
 _WEIGHTED = {"Convolution", "GroupConvolution", "MatMul"}
 _POOLING = {"MaxPool", "AvgPool", "ReduceMean"}
@@ -42,6 +42,15 @@ class WeightPoint:
     op: object
     constant: object  # the ov Constant node
     channel_axes: tuple[int, ...]  # axes of the weights indexed by output channels (kept in the range shape)
+    half_range: bool = False  # 7-bit grid (integers in [-63, 63]): see OVERFLOW_FIX
+
+
+# ``overflow_fix``: which weights use only half the int8 range. u8 x i8 multiply-adds without VNNI (SSE4,
+# AVX2, AVX-512 before VNNI) sum pairs of products into int16, which saturates when the weights use all of
+# [-127, 127]; with weights in [-63, 63] it cannot (2 * 255 * 63 < 32767). The IR may be deployed on such a
+# CPU, so by default the first convolutions (whose inputs, e.g. raw pixels, fill the u8 range) get the fix,
+# as NNCF's default does; "enable" gives it to every layer, "disable" to none.
+OVERFLOW_FIX = ("first_layer", "enable", "disable")
 
 
 def _source(inp):
@@ -83,8 +92,29 @@ def _quantized_inputs(op) -> list[int]:
     return [0] if t in _POOLING else []
 
 
-def find_points(model, ignored_layers=()) -> tuple[list[ActivationPoint], list[WeightPoint]]:
-    """The activation and weight quantization points of ``model`` (existing FakeQuantize ops are kept)."""
+def _first_convolutions(ops, weighted: set[int], pos: dict) -> set[int]:
+    """Positions of the weighted convolutions first reached from the model inputs on every path."""
+    first, seen = set(), set()
+    stack = [op for op in ops if op.get_type_name() == "Parameter"]
+    while stack:
+        node = stack.pop()
+        for out in node.outputs():
+            for reader in out.get_target_inputs():
+                nxt = reader.get_node()
+                k = pos[nxt.get_name()]
+                if k in seen:
+                    continue
+                seen.add(k)
+                if k in weighted and nxt.get_type_name() in ("Convolution", "GroupConvolution"):
+                    first.add(k)
+                else:
+                    stack.append(nxt)
+    return first
+
+
+def find_points(model, ignored_layers=(), overflow_fix: str = "disable") -> tuple[list[ActivationPoint], list[WeightPoint]]:
+    """The activation and weight quantization points of ``model`` (existing FakeQuantize ops are kept);
+    ``overflow_fix`` (see :data:`OVERFLOW_FIX`) marks the weights to put on the 7-bit grid."""
     ops = list(model.get_ordered_ops())
     # ov node objects are re-created on access: identify nodes by their (unique) names
     pos = {op.get_name(): k for k, op in enumerate(ops)}
@@ -144,6 +174,10 @@ def find_points(model, ignored_layers=()) -> tuple[list[ActivationPoint], list[W
             axes = _weight_axes(op, tuple(const.get_output_shape(0)))
             if axes is not None and const.get_output_element_type(0).is_real():
                 weights.append(WeightPoint(k, op, const, axes))
+    half = {wp.key for wp in weights} if overflow_fix == "enable" else (
+        _first_convolutions(ops, {wp.key for wp in weights}, pos) if overflow_fix == "first_layer" else set())
+    for wp in weights:
+        wp.half_range = wp.key in half
     # unify the ranges of quantized tensors that meet in a Concat
     group = 0
     for op in ops:

@@ -8,7 +8,7 @@ import numpy as np
 
 from tfcompress.calibration.alignment import QUANTILE, align, alignment_pairs
 from tfcompress.calibration.placement import (
-    ActivationPoint, WeightPoint, _through_convert, find_points, weight_ranges,
+    OVERFLOW_FIX, ActivationPoint, WeightPoint, _through_convert, find_points, weight_ranges,
 )
 from tfcompress.calibration.statistics import Progress, Statistics, channel_ranges, collect, iterate_samples
 
@@ -27,7 +27,9 @@ def _read(model):
     return model
 
 
-def _check_args(preset, subset_size, channel_alignment, range_estimator):
+def _check_args(preset, subset_size, channel_alignment, range_estimator, overflow_fix="disable"):
+    if overflow_fix not in OVERFLOW_FIX:
+        raise ValueError(f"unknown overflow_fix {overflow_fix!r}; choose one of {list(OVERFLOW_FIX)}")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
     if not isinstance(subset_size, int) or subset_size < 1:
@@ -86,12 +88,19 @@ def _float_weights(wp: WeightPoint) -> np.ndarray:
     return wp.constant.get_data().astype(np.float32)
 
 
+def _weight_limit(wp: WeightPoint, w: np.ndarray) -> np.ndarray:
+    """The FakeQuantize range [-limit, limit] (255 levels) of the weights: their per-output-channel abs-max, or
+    twice that (127/63) for the 7-bit grid of the overflow fix, so the integers stay within [-63, 63]."""
+    m = weight_ranges(w, wp.channel_axes)
+    return m * np.float32(127.0 / 63.0) if wp.half_range else m
+
+
 def _weight_fq(wp: WeightPoint, source=None):
     """FakeQuantize of a layer's weights (or of ``source``, a copy of them): symmetric per output channel on
     the int8 grid (255 levels)."""
     import openvino.opset13 as ops
 
-    m = weight_ranges(_float_weights(wp), wp.channel_axes)
+    m = _weight_limit(wp, _float_weights(wp))
     src = wp.op.input(1).get_source_output() if source is None else source
     return ops.fake_quantize(src, -m, m, -m, m, 255)
 
@@ -107,6 +116,10 @@ def _weighted_like(op, data, weights):
     fn = ops.convolution if t == "Convolution" else ops.group_convolution
     return fn(data, weights, a["strides"], a["pads_begin"], a["pads_end"], a["dilations"], a["auto_pad"])
 
+
+# Accuracy control validates up to this many of the best-ranked layers per step before giving up: the ranking
+# (output error on the worst samples) and the metric do not always agree on the next layer to revert.
+CANDIDATES_PER_STEP = 8
 
 # Fast bias correction skips a layer whose shift would exceed this multiple of its bias (as NNCF does): a
 # large relative shift means the layer-wise estimate is not trustworthy there.
@@ -159,7 +172,7 @@ def bias_points(model, weights: list[WeightPoint]) -> list[tuple[WeightPoint, tu
 def _quantized_weights(wp: WeightPoint) -> np.ndarray:
     """The weights as the FakeQuantize of :func:`_weight_fq` leaves them (int8 grid, per output channel)."""
     w = _float_weights(wp)
-    step = weight_ranges(w, wp.channel_axes) / 127.0
+    step = _weight_limit(wp, w) / 127.0
     return np.clip(np.round(w / step), -127, 127) * step
 
 
@@ -221,7 +234,7 @@ def fast_bias_shifts(points, stats: Statistics) -> dict:
     return shifts
 
 
-def _build(model, ranges: dict, shifts: dict, skip_ops=frozenset(), ignored_layers=()):
+def _build(model, ranges: dict, shifts: dict, skip_ops=frozenset(), ignored_layers=(), overflow_fix="disable"):
     """A quantized clone of ``model``; ops at positions ``skip_ops`` stay float.
 
     Weights end up as int8 constants (:func:`compress_weights`), in every model accuracy control validates
@@ -230,7 +243,7 @@ def _build(model, ranges: dict, shifts: dict, skip_ops=frozenset(), ignored_laye
     import openvino.opset13 as ops
 
     q = model.clone()
-    acts, weights = find_points(q, ignored_layers)
+    acts, weights = find_points(q, ignored_layers, overflow_fix)
     order = {op.get_name(): k for k, op in enumerate(q.get_ordered_ops())}
     for p in acts:
         targets = [t for t in p.targets if order[t.get_node().get_name()] not in skip_ops]
@@ -266,6 +279,7 @@ def calibrate(
     channel_alignment: bool = False,
     ignored_layers: Iterable[str] = (),
     range_estimator: str = "minmax",
+    overflow_fix: str = "first_layer",
     verbose: bool = True,
 ):
     """An INT8 version of ``ov_model`` (FakeQuantize placed where OpenVINO's CPU plugin runs INT8).
@@ -289,18 +303,21 @@ def calibrate(
             e.g. a ``tf.data.Dataset``.
         subset_size: how many samples to use.
         ignored_layers: friendly names of layers to keep in float.
+        overflow_fix: ``"first_layer"`` (default, as NNCF), ``"enable"`` or ``"disable"``: which layers'
+            weights use only 7 bits, so that CPUs without VNNI cannot saturate
+            (:data:`~tfcompress.calibration.placement.OVERFLOW_FIX`).
 
     Returns:
         A new ``openvino.Model``; quantized weights are stored as int8 constants (as ``nncf.quantize``
         returns them: the saved IR is ~4x smaller than FP32, the compiled model the same).
     """
-    _check_args(preset, subset_size, channel_alignment, range_estimator)
+    _check_args(preset, subset_size, channel_alignment, range_estimator, overflow_fix)
     model = _read(ov_model)
     if channel_alignment:
         model = _aligned(model, calibration_data, subset_size, ignored_layers, verbose)
     ranges, shifts = _calibration_state(model, calibration_data, preset, subset_size, bias_correction,
-                                        ignored_layers, range_estimator, verbose)
-    return _build(model, ranges, shifts, ignored_layers=ignored_layers)
+                                        ignored_layers, range_estimator, overflow_fix, verbose)
+    return _build(model, ranges, shifts, ignored_layers=ignored_layers, overflow_fix=overflow_fix)
 
 
 def _aligned(model, data, subset_size: int, ignored_layers, verbose: bool):
@@ -314,9 +331,10 @@ def _aligned(model, data, subset_size: int, ignored_layers, verbose: bool):
     return model
 
 
-def _calibration_state(model, data, preset, subset_size, bias_correction, ignored_layers, estimator, verbose):
+def _calibration_state(model, data, preset, subset_size, bias_correction, ignored_layers, estimator,
+                       overflow_fix, verbose):
     """One statistics pass: activation ranges and, with ``bias_correction``, every layer's bias shift."""
-    acts, weights = find_points(model, ignored_layers)
+    acts, weights = find_points(model, ignored_layers, overflow_fix)
     corrected = bias_points(model, weights) if bias_correction else []
     # the plugin's default precision, as NNCF's statistics pass (bf16 where the CPU has it: 1.7x faster)
     stats = collect(model, acts, data, subset_size, verbose=verbose, quantiles=estimator == "quantile",
@@ -339,6 +357,7 @@ def calibrate_with_accuracy_control(
     max_iterations: int = 50,
     bias_correction: bool = True,
     ignored_layers: Iterable[str] = (),
+    overflow_fix: str = "first_layer",
     verbose: bool = True,
 ):
     """Quantize like :func:`calibrate`, then revert the most harmful layers to float until the drop is small.
@@ -358,7 +377,7 @@ def calibrate_with_accuracy_control(
     """
     import openvino as ov
 
-    _check_args(preset, subset_size, False, "minmax")
+    _check_args(preset, subset_size, False, "minmax", overflow_fix)
     if drop_type not in ("absolute", "relative"):
         raise ValueError(f"drop_type must be 'absolute' or 'relative', got {drop_type!r}")
     if not 0 <= max_drop < 1:
@@ -367,7 +386,7 @@ def calibrate_with_accuracy_control(
     core = ov.Core()
     acts, weights = find_points(model, ignored_layers)
     ranges, shifts = _calibration_state(model, calibration_data, preset, subset_size, bias_correction,
-                                        ignored_layers, "minmax", verbose)
+                                        ignored_layers, "minmax", overflow_fix, verbose)
 
     def compile_(m):
         return core.compile_model(m, "CPU")
@@ -380,7 +399,7 @@ def calibrate_with_accuracy_control(
         return d / abs(fp_metric) if drop_type == "relative" and fp_metric else d
 
     skip: set[int] = set()
-    q = _build(model, ranges, shifts, skip, ignored_layers)
+    q = _build(model, ranges, shifts, skip, ignored_layers, overflow_fix)
     metric = float(validate_fn(compile_(q), validation_data))
     info = {"fp32_metric": fp_metric, "int8_metric": metric, "drops": [drop_of(metric)], "reverted": []}
     ops = list(model.get_ordered_ops())
@@ -398,13 +417,13 @@ def calibrate_with_accuracy_control(
         worst = np.argsort(err)[::-1][: max(1, len(err) // 2)]  # where INT8 and FP32 disagree most
         scores = []
         for c in candidates:
-            trial = _build(model, ranges, shifts, skip | {c}, ignored_layers)
+            trial = _build(model, ranges, shifts, skip | {c}, ignored_layers, overflow_fix)
             e = np.abs(_outputs(compile_(trial), rank_x[worst]) - fp_out[worst]).sum()
             scores.append((e, c))
         scores.sort()
         accepted = False
-        for _, c in scores[:3]:  # the best few candidates: keep the first that does not make things worse
-            trial = _build(model, ranges, shifts, skip | {c}, ignored_layers)
+        for _, c in scores[:CANDIDATES_PER_STEP]:  # keep the first that does not make things worse
+            trial = _build(model, ranges, shifts, skip | {c}, ignored_layers, overflow_fix)
             m = float(validate_fn(compile_(trial), validation_data))
             if drop_of(m) <= drop_of(metric):
                 skip.add(c)
