@@ -436,25 +436,39 @@ class _FusedBatchNorm(NodeKind):
 
 
 class _Weights:
-    """A producer's weight input: a Const, or a FakeQuant of a Const (from quantization-aware training)."""
+    """A producer's weight input: a Const, a FakeQuant of a Const (from quantization-aware training), or a
+    Reshape of such a FakeQuant (QAT depthwise kernels: per-channel FakeQuant works on the last axis only, so
+    the (h, w, c, m) kernel is quantized as (h, w, 1, c * m) and reshaped back)."""
 
     def __init__(self, graph: "GraphDefGraph", tensor: str) -> None:
         self.g = graph
-        node = graph.nodes[_node(tensor)]
-        while node.op == "Identity":
-            node = graph.nodes[_node(node.input[0])]
+        node = self._skip_identity(graph.nodes[_node(tensor)])
+        self.reshape = None
+        if node.op == "Reshape":
+            inner = self._skip_identity(graph.nodes[_node(node.input[0])])
+            if inner.op not in _FAKE_QUANT or graph.nodes[_node(node.input[1])].op != "Const":
+                raise KeyError(tensor)
+            self.reshape, node = node, inner
         self.fq = node if node.op in _FAKE_QUANT else None
         self.const_name = _node(self.fq.input[0]) if self.fq is not None else node.name
         if graph.nodes[self.const_name].op != "Const":
             raise KeyError(tensor)
 
+    def _skip_identity(self, node):
+        while node.op == "Identity":
+            node = self.g.nodes[_node(node.input[0])]
+        return node
+
     @property
     def value(self) -> np.ndarray:
-        return self.g.const(self.const_name)
+        v = self.g.const(self.const_name)
+        return v if self.reshape is None else v.reshape(self.g.const(_node(self.reshape.input[1])))
 
     def replace(self, new_value: np.ndarray, out_keep: np.ndarray | None, rw: Rewriter) -> str:
-        """Name of a tensor with ``new_value`` (re-quantized the same way); ``out_keep`` slices per-channel ranges."""
-        c = rw.const(self.const_name, new_value)
+        """Name of a tensor with ``new_value`` (re-quantized the same way); ``out_keep`` slices the per-channel
+        ranges of the FakeQuant (its last axis, before any Reshape)."""
+        stored = self.g.const(self.const_name).shape
+        c = rw.const(self.const_name, new_value if self.reshape is None else new_value.reshape(stored[:-1] + (-1,)))
         if self.fq is None:
             return c
         fq = tf.compat.v1.NodeDef()
@@ -467,7 +481,16 @@ class _Weights:
                 if rng.size == out_keep.size:
                     fq.input[k] = rw.const(_node(self.fq.input[k]), rng[out_keep])
         rw.new_nodes.append(fq)
-        return fq.name
+        if self.reshape is None:
+            return fq.name
+        shape = self.g.const(_node(self.reshape.input[1]))
+        reshape = tf.compat.v1.NodeDef()
+        reshape.CopyFrom(self.reshape)
+        reshape.name = self.reshape.name + "/tfcompress"
+        reshape.input[0] = fq.name
+        reshape.input[1] = rw.const(_node(self.reshape.input[1]), np.asarray(new_value.shape, shape.dtype))
+        rw.new_nodes.append(reshape)
+        return reshape.name
 
 
 class _Producer(NodeKind):
@@ -539,8 +562,9 @@ class _Depthwise(NodeKind):
         return float(math.prod(d for d in shape[1:-1] if d) * k.shape[0] * k.shape[1] * out_count)
 
     def rewrite(self, new, in_keeps, out_keep, folds, rw):
-        k = np.take(self.w.value, np.nonzero(in_keeps[0])[0], axis=-2)
-        new.input[1] = self.w.replace(k, None, rw)
+        k = self.w.value  # (h, w, c, multiplier): output channel c * multiplier + j
+        new.input[1] = self.w.replace(np.take(k, np.nonzero(in_keeps[0])[0], axis=-2),
+                                      np.repeat(in_keeps[0], k.shape[-1]), rw)
 
 
 class _Join(NodeKind):
