@@ -8,7 +8,7 @@ import numpy as np
 
 from tfcompress.calibration.alignment import QUANTILE, align, alignment_pairs
 from tfcompress.calibration.placement import (
-    OVERFLOW_FIX, ActivationPoint, WeightPoint, _through_convert, find_points, weight_ranges,
+    OVERFLOW_FIX, ActivationPoint, WeightPoint, _quantized_inputs, _through_convert, find_points, weight_ranges,
 )
 from tfcompress.calibration.statistics import Progress, Statistics, channel_ranges, collect, iterate_samples
 
@@ -373,7 +373,8 @@ def calibrate_with_accuracy_control(
 
     Returns:
         ``(model, info)``; ``info`` holds ``fp32_metric``, ``int8_metric`` (before reverting), ``metric``,
-        ``drop``, ``drops`` (after each accepted revert) and ``reverted`` (layer names).
+        ``drop``, ``drops`` (after each accepted revert) and ``reverted``: friendly names of the layers
+        whose quantized inputs (and weights) were put back to float.
     """
     import openvino as ov
 
@@ -406,6 +407,14 @@ def calibrate_with_accuracy_control(
     order = {op.get_name(): k for k, op in enumerate(ops)}
     candidates = sorted({order[t.get_node().get_name()] for p in acts for t in p.targets}
                         | {wp.key for wp in weights})
+    # what to report per candidate: its name, or for a quantizer hoisted above a Transpose / Reshape / Pad
+    # (reverted through that op) the layers it fed
+    names = {c: [ops[c].get_friendly_name()] for c in candidates}
+    for p in acts:
+        for t in p.targets:
+            k = order[t.get_node().get_name()]
+            if not _quantized_inputs(ops[k]):
+                names[k] = sorted(set(p.layers))
     rank_x = np.concatenate(list(iterate_samples(validation_data, model.inputs[0].get_partial_shape(),
                                                  ranking_subset_size)))
     fp_out = _outputs(core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), rank_x)
@@ -429,7 +438,7 @@ def calibrate_with_accuracy_control(
                 skip.add(c)
                 candidates.remove(c)
                 q, metric = trial, m
-                info["reverted"].append(ops[c].get_friendly_name())
+                info["reverted"] += [n for n in names[c] if n not in info["reverted"]]
                 info["drops"].append(drop_of(m))
                 accepted = True
                 break
