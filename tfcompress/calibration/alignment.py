@@ -10,7 +10,8 @@ FP32 model is unchanged up to rounding, and the INT8 model loses less on such te
 
 Pairs qualify like POT's: the second layer is an ungrouped Convolution with stride 1, dilation 1 and no
 padding (a shifted tensor padded with zeros would no longer be a shifted tensor), and it is the only reader
-of the first layer's output; the first layer is a Convolution with constant weights.
+of the first layer's output (model outputs count as readers); the first layer is a Convolution with constant
+weights.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import dataclasses
 
 import numpy as np
 
-from tfcompress.calibration.placement import _through_convert
+from tfcompress.calibration.placement import _is_const, _source, _through_convert, bias_input, unpadded_stride_one
 
 __all__ = ["AlignmentPair", "alignment_pairs", "align"]
 
@@ -35,7 +36,6 @@ class AlignmentPair:
     producer: int
     producer_bias: int | None  # position of the bias Add after the producer, if it has one
     consumer: int
-    consumer_bias: int | None
 
     @property
     def tensor(self) -> tuple[int, int]:
@@ -43,37 +43,20 @@ class AlignmentPair:
         return (self.producer if self.producer_bias is None else self.producer_bias, 0)
 
 
-def _readers(output) -> list:
-    """All readers, model outputs (Result) included: a tensor the user sees must not be rescaled."""
-    return list(output.get_target_inputs())
+def _const_conv(op) -> bool:
+    return op.get_type_name() == "Convolution" and _is_const(_source(op.input(1)))
 
 
-def _constant_input(node, index: int):
-    src = node.input(index).get_source_output()
-    const = _through_convert(src)
-    return const if const.get_type_name() == "Constant" else None
+def _value(inp) -> np.ndarray:
+    """The constant an input reads (through a Convert), as float64."""
+    return _through_convert(_source(inp)).get_data().astype(np.float64)
 
 
-def _bias_add(op):
-    """The Add right after ``op`` that adds a constant (its only reader), or None."""
-    readers = _readers(op.output(0))
-    if len(readers) != 1 or readers[0].get_node().get_type_name() != "Add":
-        return None
-    add = readers[0].get_node()
-    return add if _constant_input(add, 1 - readers[0].get_index()) is not None else None
+def _set(inp, value: np.ndarray) -> None:
+    """Feed ``inp`` from a new f32 constant (an FP16-compressed one is decompressed)."""
+    import openvino.opset13 as ops
 
-
-def _plain_conv(op, no_padding: bool) -> bool:
-    if op.get_type_name() != "Convolution" or _constant_input(op, 1) is None:
-        return False
-    if not no_padding:
-        return True
-    a = op.get_attributes()
-    if set(a["strides"]) != {1} or set(a["dilations"]) != {1}:
-        return False
-    if a["auto_pad"] in ("same_upper", "same_lower"):  # "same" pads nothing only around a 1x1 kernel
-        return set(op.get_input_shape(1)[2:]) == {1}
-    return not any(a["pads_begin"]) and not any(a["pads_end"])
+    inp.replace_source_output(ops.constant(value.astype(np.float32)).output(0))
 
 
 def alignment_pairs(model, ignored_layers=()) -> list[AlignmentPair]:
@@ -83,41 +66,21 @@ def alignment_pairs(model, ignored_layers=()) -> list[AlignmentPair]:
     ignored = set(ignored_layers)
     pairs = []
     for op in ops:
-        if not _plain_conv(op, no_padding=True) or op.get_friendly_name() in ignored:
+        if not (_const_conv(op) and unpadded_stride_one(op)) or op.get_friendly_name() in ignored:
             continue
-        src = op.input(0).get_source_output()
-        if len(_readers(src)) != 1:
+        src = _source(op.input(0))
+        if len(src.get_target_inputs()) != 1:  # the consumer must be the tensor's only reader
             continue
-        node = src.get_node()
-        producer_bias = None
-        if node.get_type_name() == "Add":
-            producer_bias = node
-            data = [node.input(i).get_source_output().get_node() for i in range(2)]
-            producers = [n for n in data if _bias_add(n) is not None and _bias_add(n).get_name() == node.get_name()]
-            if not producers:
+        node, producer_bias = src.get_node(), None
+        if node.get_type_name() == "Add":  # producer -> bias Add -> consumer
+            data = [i for i in node.inputs() if not _is_const(_source(i))]
+            bias = bias_input(_source(data[0]).get_node(), results_read=True) if len(data) == 1 else None
+            if bias is None or bias.get_node().get_name() != node.get_name():
                 continue
-            node = producers[0]
-        if not _plain_conv(node, no_padding=False) or node.get_friendly_name() in ignored:
-            continue
-        if producer_bias is None and len(_readers(node.output(0))) != 1:
-            continue
-        consumer_bias = _bias_add(op)
-        pairs.append(AlignmentPair(pos[node.get_name()], None if producer_bias is None else pos[producer_bias.get_name()],
-                                   pos[op.get_name()], None if consumer_bias is None else pos[consumer_bias.get_name()]))
+            node, producer_bias = _source(data[0]).get_node(), pos[node.get_name()]
+        if _const_conv(node) and node.get_friendly_name() not in ignored:
+            pairs.append(AlignmentPair(pos[node.get_name()], producer_bias, pos[op.get_name()]))
     return pairs
-
-
-def _replace_constant(node, index: int, value: np.ndarray) -> None:
-    """Feed input ``index`` of ``node`` from a new f32 constant (an FP16-compressed one is decompressed)."""
-    import openvino.opset13 as ops
-
-    node.input(index).replace_source_output(ops.constant(value.astype(np.float32)).output(0))
-
-
-def _bias(add) -> tuple[int, np.ndarray]:
-    """(input index of the constant, its value as f32) of a bias Add."""
-    index = 1 if _constant_input(add, 1) is not None else 0
-    return index, _constant_input(add, index).get_data().astype(np.float32)
 
 
 def align(model, pairs: list[AlignmentPair], ranges: dict) -> int:
@@ -130,28 +93,27 @@ def align(model, pairs: list[AlignmentPair], ranges: dict) -> int:
     for pair in pairs:
         lo, hi = (np.asarray(r, np.float64).reshape(-1) for r in ranges[pair.tensor])
         producer, consumer = ops[pair.producer], ops[pair.consumer]
-        w_in = _constant_input(producer, 1).get_data().astype(np.float64)
-        w_out = _constant_input(consumer, 1).get_data().astype(np.float64)
+        w_in, w_out = _value(producer.input(1)), _value(consumer.input(1))
         if w_in.shape[0] != lo.size or w_out.shape[1] != lo.size:
             continue
-        b_in = None if pair.producer_bias is None else _bias(ops[pair.producer_bias])
-        b_out = None if pair.consumer_bias is None else _bias(ops[pair.consumer_bias])
+        b_in = None if pair.producer_bias is None else bias_input(producer, results_read=True)
+        b_out = bias_input(consumer, results_read=True)
+        bias_in = None if b_in is None else _value(b_in)
+        bias_out = None if b_out is None else _value(b_out)
         mid, width = (lo + hi) / 2, hi - lo
         if b_in is not None and b_out is not None:  # shifting needs a bias on both sides to absorb it
-            shift_in = b_in[1].reshape(-1) - mid
-            shift_out = b_out[1].reshape(-1) + w_out.sum(axis=(2, 3)) @ mid
-            b_in = (b_in[0], shift_in.reshape(b_in[1].shape))
-            b_out = (b_out[0], shift_out.reshape(b_out[1].shape))
+            bias_in = (bias_in.reshape(-1) - mid).reshape(bias_in.shape)
+            bias_out = (bias_out.reshape(-1) + w_out.sum(axis=(2, 3)) @ mid).reshape(bias_out.shape)
         scale = np.ones_like(width)
         if np.any(width > 0):
             scale = np.where(width > 0, width / np.median(width[width > 0]), 1.0)
             scale = np.clip(scale, *_SCALE_CLIP)
-        _replace_constant(producer, 1, w_in / scale[:, None, None, None])
-        _replace_constant(consumer, 1, w_out * scale[None, :, None, None])
+        _set(producer.input(1), w_in / scale[:, None, None, None])
+        _set(consumer.input(1), w_out * scale[None, :, None, None])
         if b_in is not None:
-            _replace_constant(ops[pair.producer_bias], b_in[0], b_in[1] / scale.reshape(b_in[1].shape))
+            _set(b_in, bias_in / scale.reshape(bias_in.shape))
         if b_out is not None:
-            _replace_constant(ops[pair.consumer_bias], b_out[0], b_out[1])
+            _set(b_out, bias_out)
         changed += 1
     model.validate_nodes_and_infer_types()
     return changed

@@ -68,6 +68,26 @@ def _is_const(output) -> bool:
     return _through_convert(output).get_type_name() == "Constant"
 
 
+def bias_input(op, results_read: bool = False):
+    """The input of the ``Add`` right after ``op`` that reads a constant bias (possibly through a Convert:
+    FP16-compressed IR), or None. The Add must be ``op``'s only reader; a model output (Result) reading ``op``
+    counts as another reader only with ``results_read`` (a tensor the user sees may not be rescaled)."""
+    readers = [r for r in op.output(0).get_target_inputs()
+               if results_read or r.get_node().get_type_name() != "Result"]
+    if len(readers) != 1 or readers[0].get_node().get_type_name() != "Add":
+        return None
+    other = readers[0].get_node().input(1 - readers[0].get_index())
+    return other if _is_const(_source(other)) else None
+
+
+def unpadded_stride_one(op) -> bool:
+    """A convolution with stride 1, dilation 1 and no padding (OpenVINO fills ``pads_begin`` / ``pads_end``
+    in for ``auto_pad`` too)."""
+    a = op.get_attributes()
+    return (set(a["strides"]) == {1} and set(a["dilations"]) == {1} and not any(a["pads_begin"])
+            and not any(a["pads_end"]))
+
+
 def _weight_axes(op, const_shape) -> tuple[int, ...] | None:
     t = op.get_type_name()
     if t == "Convolution":

@@ -8,7 +8,8 @@ import numpy as np
 
 from tfcompress.calibration.alignment import QUANTILE, align, alignment_pairs
 from tfcompress.calibration.placement import (
-    OVERFLOW_FIX, ActivationPoint, WeightPoint, _quantized_inputs, _through_convert, find_points, weight_ranges,
+    OVERFLOW_FIX, ActivationPoint, WeightPoint, _quantized_inputs, _through_convert, bias_input, find_points,
+    unpadded_stride_one, weight_ranges,
 )
 from tfcompress.calibration.statistics import Progress, Statistics, channel_ranges, collect, iterate_samples
 
@@ -126,18 +127,8 @@ CANDIDATES_PER_STEP = 8
 BIAS_SHIFT_THRESHOLD = 2.0
 
 
-def _bias_input(op):
-    """The input of the bias ``Add`` directly after ``op`` (its only non-Result consumer) that reads the bias
-    constant (possibly through a Convert: FP16-compressed IR), or None."""
-    consumers = [c for c in op.output(0).get_target_inputs() if c.get_node().get_type_name() != "Result"]
-    if len(consumers) != 1 or consumers[0].get_node().get_type_name() != "Add":
-        return None
-    other = consumers[0].get_node().input(1 - consumers[0].get_index())
-    return other if _through_convert(other.get_source_output()).get_type_name() == "Constant" else None
-
-
 def _bias_value(op) -> np.ndarray | None:
-    inp = _bias_input(op)
+    inp = bias_input(op)
     return None if inp is None else _through_convert(inp.get_source_output()).get_data().astype(np.float32)
 
 
@@ -146,9 +137,8 @@ def _pointwise(op) -> bool:
     per-channel mean input, so that mean is all fast bias correction needs."""
     if op.get_type_name() == "MatMul":
         return True
-    a = op.get_attributes()
     return (op.get_type_name() == "Convolution" and list(op.get_input_shape(1))[2:] == [1, 1]
-            and set(a["strides"]) == {1} and not any(a["pads_begin"]) and not any(a["pads_end"]))
+            and unpadded_stride_one(op))
 
 
 def bias_points(model, weights: list[WeightPoint]) -> list[tuple[WeightPoint, tuple, str]]:
@@ -161,7 +151,7 @@ def bias_points(model, weights: list[WeightPoint]) -> list[tuple[WeightPoint, tu
         rank = len(wp.op.get_output_partial_shape(0))
         if wp.op.get_type_name() == "MatMul" and (rank != 2 or wp.op.get_attributes()["transpose_a"]):
             continue
-        if _bias_input(wp.op) is None:
+        if bias_input(wp.op) is None:
             continue
         src = wp.op.input(0).get_source_output()
         key = (order[src.get_node().get_name()], src.get_index())
@@ -264,8 +254,8 @@ def _build(model, ranges: dict, shifts: dict, skip_ops=frozenset(), ignored_laye
 
 
 def _shift_bias(wp: WeightPoint, shift: np.ndarray, ops) -> None:
-    """Add ``shift`` (per output channel) to the layer's bias constant (found by :func:`bias_points`)."""
-    inp = _bias_input(wp.op)
+    """Add ``shift`` (per output channel) to the layer's bias constant (:func:`placement.bias_input`)."""
+    inp = bias_input(wp.op)
     b = _bias_value(wp.op)
     inp.replace_source_output(ops.constant((b.reshape(-1) + shift.reshape(-1)).reshape(b.shape)).output(0))
 
