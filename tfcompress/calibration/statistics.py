@@ -132,6 +132,17 @@ def _nonnegative(node) -> bool:
     return t in _NONNEGATIVE
 
 
+def _compile_probe(probe, outputs: list, precision: str | None):
+    """Compile ``probe`` (a clone of the model) with ``outputs`` as extra model outputs; returns the compiled
+    model and its outputs for them, in order. ``precision``: an inference precision hint, or None (default)."""
+    import openvino as ov
+
+    probe.add_outputs(outputs)
+    config = {} if precision is None else {"INFERENCE_PRECISION_HINT": precision}
+    compiled = ov.Core().compile_model(probe, "CPU", config)
+    return compiled, compiled.outputs[len(compiled.outputs) - len(outputs):]
+
+
 def collect(model, points, data, subset_size: int, batch: int = 16, verbose: bool = True,
             quantiles: bool = False, precision: str | None = "f32", mean_points=()) -> Statistics:
     """Run ``model`` once over ``subset_size`` samples with every point as an extra output.
@@ -150,7 +161,6 @@ def collect(model, points, data, subset_size: int, batch: int = 16, verbose: boo
             for fast bias correction: ``"channel"`` per channel (axis 1), ``"map"`` over the samples only
             (the tensor's shape without its batch axis).
     """
-    import openvino as ov
     import openvino.opset13 as ops
 
     probe = model.clone()
@@ -179,10 +189,7 @@ def collect(model, points, data, subset_size: int, batch: int = 16, verbose: boo
         rank = len(out.get_partial_shape())
         axes = [0] if kind == "map" else [a for a in range(rank) if a != 1]
         add("mean", (key, kind), ops.reduce_mean(out, np.array(axes, np.int64), keep_dims=False).output(0))
-    probe.add_outputs(outputs)
-    config = {} if precision is None else {"INFERENCE_PRECISION_HINT": precision}
-    compiled = ov.Core().compile_model(probe, "CPU", config)
-    extra = compiled.outputs[len(compiled.outputs) - len(outputs):]
+    compiled, extra = _compile_probe(probe, outputs, precision)
     sums: dict = {mp: 0.0 for mp in mean_points}
     mins = {p.key: [] for p in points}
     maxs = {p.key: [] for p in points}
@@ -216,13 +223,9 @@ def channel_ranges(model, keys, data, subset_size: int, quantile: float, batch: 
                    verbose: bool = True) -> dict:
     """Per-channel (axis 1) ``quantile`` / ``1 - quantile`` of the tensors ``keys`` (op position, output
     port): computed per batch, the median over batches (as POT's channel alignment). One pass."""
-    import openvino as ov
-
     probe = model.clone()
     graph_ops = list(probe.get_ordered_ops())
-    probe.add_outputs([graph_ops[k].output(i) for k, i in keys])
-    compiled = ov.Core().compile_model(probe, "CPU")
-    extra = compiled.outputs[len(compiled.outputs) - len(keys):]
+    compiled, extra = _compile_probe(probe, [graph_ops[k].output(i) for k, i in keys], None)
     per_batch: dict = {key: [] for key in keys}
 
     def on_result(res, count):
