@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import os
 import pathlib
 import platform
 import statistics
-import subprocess
 import tarfile
 import time
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -128,7 +127,7 @@ def main() -> None:
     print("| step | seconds | peak RSS MiB |\n|---|---|---|")
     for k, v in steps.items():
         print(f"| {k} | {v['seconds']:.1f} | {v['peak_mib']:.0f} |")
-    print(f"\n| | before | after | ratio |\n|---|---|---|---|")
+    print("\n| | before | after | ratio |\n|---|---|---|---|")
     print(f"| FLOPs | {s['flops_before'] / 1e9:.2f} G | {s['flops_after'] / 1e9:.2f} G | "
           f"{s['flops_after'] / s['flops_before']:.3f} |")
     print(f"| parameters | {s['params_before']:,} | {s['params_after']:,} | "

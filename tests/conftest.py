@@ -43,8 +43,6 @@ def randomize_batchnorm(model, rng):
 
 
 def randomize_biases(model, rng):
-    import keras
-
     for layer in _all_layers(model):
         if getattr(layer, "use_bias", False) and getattr(layer, "bias", None) is not None:
             layer.bias.assign(rng.uniform(-0.5, 0.5, layer.bias.shape).astype("float32"))

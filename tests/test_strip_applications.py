@@ -1,7 +1,6 @@
 """Zero 25 % of every group's channels of real architectures, strip, and compare with Keras outputs."""
 
 import keras
-import numpy as np
 import pytest
 
 import tfcompress

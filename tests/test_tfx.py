@@ -6,7 +6,6 @@ executor, ``compress_model_dir``, on directories laid out exactly as CsvExampleG
 them, with the example pipeline's own module file (``run_fn`` training code and ``preprocessing_fn``).
 """
 
-import gzip
 import importlib.util
 import json
 import os
