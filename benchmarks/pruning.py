@@ -143,7 +143,7 @@ def main() -> None:
     ap.add_argument("--criteria", default="l1,l2,geometric_median")
     ap.add_argument("--skip_overhead", action="store_true")
     ap.add_argument("--prune_first_conv", action="store_true", help="also prune the stem convolution's group")
-    ap.add_argument("--flops_allocation", default="uniform", choices=("uniform", "global"))
+    ap.add_argument("--flops_allocation", default="uniform", choices=("uniform", "global", "global_per_flop"))
     ap.add_argument("--distill", nargs="?", const="also", default="no", choices=("no", "also", "only"),
                     help="train each criterion also (or only) with distillation from the unpruned fine-tuned model")
     ap.add_argument("--json", default="", help="also write the results to this JSON file")

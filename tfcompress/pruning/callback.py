@@ -19,7 +19,7 @@ from tfcompress.pruning.schedules import SCHEDULES, level_at
 
 __all__ = ["FilterPruning"]
 
-_ALLOCATIONS = ("uniform", "global")
+_ALLOCATIONS = ("uniform", "global", "global_per_flop")
 
 
 @keras.saving.register_keras_serializable(package="tfcompress")
@@ -55,8 +55,11 @@ class FilterPruning(keras.callbacks.Callback):
         ignored_layers: names of layers never to prune (their whole group is left alone).
         flops_allocation: with ``flops_target``, ``"uniform"`` prunes the same fraction of every group;
             ``"global"`` ranks channels across groups (importance normalised per group) and prunes where it
-            matters least, keeping at least ``1 - max_group_level`` of every group.
-        max_group_level: with ``flops_allocation="global"``, the largest fraction removed from one group.
+            matters least, keeping at least ``1 - max_group_level`` of every group; ``"global_per_flop"``
+            ranks by importance per FLOP a channel costs, so a channel of a high-resolution layer goes before
+            an equally important one of a cheap layer: the FLOPs go for fewer weights (on ResNet-8 at 40 % of
+            the FLOPs it keeps 64 k of 79 k parameters where ``"uniform"`` keeps 40 k; BENCHMARKS.md 1b).
+        max_group_level: with a ``"global*"`` allocation, the largest fraction removed from one group.
         verbose: 1 prints the level applied at each schedule step.
     """
 
@@ -215,6 +218,10 @@ class FilterPruning(keras.callbacks.Callback):
         masks = GroupMasks(kg, groups)
         counter = FlopsCounter(kg.graph)
         st = _State(model, kg, masks, counter, counter.flops())
+        for g in groups:  # what one channel of each group costs, all other channels present
+            one = np.zeros(g.size, dtype=bool)
+            one[0] = True
+            st.channel_flops[g.id] = st.full_flops - counter.flops({g.id: one})
         # resuming from a checkpoint: channels that are exactly zero were pruned before
         resumed = {g.id: ~masks.zero_channels(g) for g in groups}
         if any((~k).any() for k in resumed.values()):
@@ -242,13 +249,17 @@ class FilterPruning(keras.callbacks.Callback):
         return self._global_counts(goal)
 
     def _global_counts(self, goal: float) -> dict[int, int]:
-        """Rank channels across groups by importance normalised per group; prune a prefix reaching ``goal``."""
+        """Rank channels across groups by importance normalised per group (and divided by the channel's FLOPs
+        relative to the mean channel's, with ``"global_per_flop"``); prune a prefix reaching ``goal``."""
         st = self._require()
         groups = st.masks.groups
+        mean_cost = np.mean([max(st.channel_flops[g.id], 1.0) for g in groups])
         entries = []
         for g in groups:
             score = importance(self.criterion, st.masks.filters(g))
             score = np.sort(score / max(score.mean(), 1e-12))
+            if self.flops_allocation == "global_per_flop":
+                score = score / (max(st.channel_flops[g.id], 1.0) / mean_cost)
             cap = _aligned(self.max_group_level * g.size, g)
             entries += [(s, g.id, k + 1) for k, s in enumerate(score[:cap])]
         entries.sort(key=lambda e: e[0])
@@ -299,6 +310,7 @@ class FilterPruning(keras.callbacks.Callback):
 class _State:
     def __init__(self, model, kg: KerasGraph, masks: GroupMasks, counter: FlopsCounter, full_flops: float):
         self.model, self.kg, self.masks, self.counter, self.full_flops = model, kg, masks, counter, full_flops
+        self.channel_flops: dict[int, float] = {}  # group id -> FLOPs one of its channels costs
 
 
 def _first_producers(kg: KerasGraph) -> set[str]:
