@@ -106,6 +106,11 @@ def finetune(criterion: str | None, data, epochs: int, pruning_epochs: int, batc
     if teacher is not None:
         model.compile(keras.optimizers.Adam(lr), DistillationLoss())
         ds = with_teacher(ds, teacher)
+    sens = pruning_options.get("sensitivity_data")
+    if sens is not None and teacher is not None:  # the compiled loss wants [one-hot label, teacher probabilities]
+        xs, ys = sens
+        soft = teacher.predict(xs, batch_size=256, verbose=0)
+        pruning_options["sensitivity_data"] = (xs, np.concatenate([np.eye(soft.shape[-1])[ys], soft], -1))
     flops0 = tfcompress.count_flops(model)
     callbacks = [keras.callbacks.LearningRateScheduler(
         lambda e: lr * 0.5 * (1 + np.cos(np.pi * e / epochs)))]
@@ -143,7 +148,10 @@ def main() -> None:
     ap.add_argument("--criteria", default="l1,l2,geometric_median")
     ap.add_argument("--skip_overhead", action="store_true")
     ap.add_argument("--prune_first_conv", action="store_true", help="also prune the stem convolution's group")
-    ap.add_argument("--flops_allocation", default="uniform", choices=("uniform", "global", "global_per_flop"))
+    ap.add_argument("--flops_allocation", default="uniform", choices=("uniform", "global", "global_per_flop", "sensitivity"))
+    ap.add_argument("--sensitivity_samples", type=int, default=5_000,
+                    help='with --flops_allocation sensitivity: the last N training images (not augmented) on '
+                         "which the loss of pruning each group is measured")
     ap.add_argument("--distill", nargs="?", const="also", default="no", choices=("no", "also", "only"),
                     help="train each criterion also (or only) with distillation from the unpruned fine-tuned model")
     ap.add_argument("--json", default="", help="also write the results to this JSON file")
@@ -165,10 +173,12 @@ def main() -> None:
     rows, teacher = [], None
     modes = {"no": (False,), "also": (False, True), "only": (True,)}[args.distill]
     runs = [(None, False)] + [(c, d) for c in args.criteria.split(",") if c for d in modes]
+    options = dict(prune_first_conv=args.prune_first_conv, flops_allocation=args.flops_allocation)
+    if args.flops_allocation == "sensitivity":
+        options["sensitivity_data"] = (x[-args.sensitivity_samples:].astype("float32"), y[-args.sensitivity_samples:])
     for criterion, distill in runs:
         r, model = finetune(criterion, (x, y, xt, yt), args.epochs, args.pruning_epochs, args.batch, args.lr,
-                            teacher=teacher if distill else None,
-                            prune_first_conv=args.prune_first_conv, flops_allocation=args.flops_allocation)
+                            teacher=teacher if distill else None, **options)
         if teacher is None:
             teacher = model
         rows.append(r)

@@ -153,13 +153,14 @@ def _flops_model():
     return _compile(keras.Model(inp, L.Dense(10)(L.GlobalAveragePooling2D()(x))))
 
 
-@pytest.mark.parametrize("allocation", ["uniform", "global", "global_per_flop"])
+@pytest.mark.parametrize("allocation", ["uniform", "global", "global_per_flop", "sensitivity"])
 def test_flops_target_is_reached(allocation, rng):
     model = _flops_model()
     x = rng.uniform(size=(64, 32, 32, 3)).astype("float32")
     y = rng.integers(0, 10, 64)
+    data = dict(sensitivity_data=(x[:32], y[:32])) if allocation == "sensitivity" else {}
     pruner = FilterPruning(flops_target=0.45, flops_allocation=allocation, pruning_epochs=2,
-                           prune_first_conv=True, criterion="l2")
+                           prune_first_conv=True, criterion="l2", **data)
     hist = model.fit(x, y, epochs=2, batch_size=32, callbacks=[pruner], verbose=0)
     ratio = hist.history["flops_ratio"][-1]
     assert 0.50 <= ratio <= 0.55  # reached, and not overshot by more than the channel granularity
@@ -189,6 +190,60 @@ def test_global_per_flop_prunes_the_costliest_channels_first():
     (c1,) = [g for g in pruner.groups if g.layers[0] == "c1"]
     one_channel = pruner._state.channel_flops[c1.id] / pruner._state.full_flops
     assert 0.55 - one_channel < ratio <= 0.55
+
+
+def _two_branch_model(rng):
+    """c0 feeds branches a and b (same shape, so the same FLOPs per channel) concatenated into a Dense.
+
+    a's filters have uneven norms (half small), b's are all equal, so a data-free ranking (norms normalised
+    per group) prunes a's small filters first; but the Dense ignores b, so pruning b costs no loss at all.
+    """
+    inp = keras.Input((16, 16, 3))
+    x = L.Conv2D(8, 3, padding="same", name="c0")(inp)
+    a = L.GlobalAveragePooling2D()(L.Conv2D(16, 3, padding="same", name="a")(x))
+    b = L.GlobalAveragePooling2D()(L.Conv2D(16, 3, padding="same", name="b")(x))
+    model = keras.Model(inp, L.Dense(10, name="head")(L.Concatenate()([a, b])))
+    ka = rng.normal(size=model.get_layer("a").kernel.shape).astype("float32")
+    ka /= np.linalg.norm(ka.reshape(-1, 16), axis=0)
+    model.get_layer("a").kernel.assign(ka * np.r_[np.full(8, 0.1), np.full(8, 1.9)].astype("float32"))
+    kb = rng.normal(size=model.get_layer("b").kernel.shape).astype("float32")
+    model.get_layer("b").kernel.assign(kb / np.linalg.norm(kb.reshape(-1, 16), axis=0))
+    head = model.get_layer("head").kernel.numpy()
+    head[16:] = 0.0
+    model.get_layer("head").kernel.assign(head)
+    model.compile(keras.optimizers.SGD(0.0), "mse")  # the weights stay as set
+    return model
+
+
+def test_sensitivity_allocation_prunes_where_the_loss_does_not_change(rng):
+    """Data decides: the ranking by norms per FLOP takes a's weak filters, the measured loss takes b's
+    (which the output ignores). The probes leave no trace: the weights come back and the epoch's reported
+    loss is that of the pruned model, not mixed with the probes' evaluations."""
+    x = rng.uniform(size=(16, 16, 16, 3)).astype("float32")
+    removed = {}
+    for allocation in ("global_per_flop", "sensitivity"):
+        model = _two_branch_model(np.random.default_rng(0))
+        y = model.predict(x, verbose=0)  # the unpruned model has loss 0; any change to the output costs
+        data = dict(sensitivity_data=(x, y)) if allocation == "sensitivity" else {}
+        pruner = FilterPruning(flops_target=0.2, flops_allocation=allocation, pruning_epochs=1, criterion="l2",
+                               **data)
+        hist = model.fit(x, y, batch_size=16, epochs=1, callbacks=[pruner], verbose=0)
+        removed[allocation] = {g.layers[0]: int((~pruner.masks[g.layers]).sum()) for g in pruner.groups}
+        assert hist.history["flops_ratio"][-1] <= 0.8
+        assert hist.history["loss"][0] == pytest.approx(model.evaluate(x, y, verbose=0), rel=1e-5, abs=1e-9)
+    assert removed["global_per_flop"]["a"] > 0
+    assert removed["sensitivity"]["a"] == 0 and removed["sensitivity"]["b"] > 0
+
+
+def test_sensitivity_allocation_from_config_with_data(rng):
+    config = FilterPruning(flops_target=0.3, flops_allocation="sensitivity",
+                           sensitivity_data=(np.zeros((2, 3)), np.zeros(2))).get_config()
+    assert "sensitivity_data" not in config
+    with pytest.raises(ValueError, match="needs sensitivity_data"):
+        FilterPruning.from_config(config)
+    x = rng.uniform(size=(4, 3))
+    built = FilterPruning.from_config(config, sensitivity_data=(x, x))
+    assert built.sensitivity_data[0] is x
 
 
 def test_resume_from_checkpoint_continues_the_schedule(tmp_path):
@@ -236,6 +291,11 @@ def test_revived_channel_gets_its_weights_back():
     (dict(pruning_epochs=0), "pruning_epochs"),
     (dict(prune_first_conv="yes"), "prune_first_conv"),
     (dict(flops_allocation="random"), "flops_allocation"),
+    (dict(flops_target=0.4, flops_allocation="sensitivity"), "needs sensitivity_data"),
+    (dict(flops_allocation="sensitivity", sensitivity_data=([1], [1])), "set flops_target"),
+    (dict(sensitivity_data=([1], [1])), "only used with"),
+    (dict(flops_target=0.4, flops_allocation="sensitivity", sensitivity_data=([1, 2], [1])), "same non-zero length"),
+    (dict(flops_target=0.4, flops_allocation="sensitivity", sensitivity_data="data.npz"), "must be"),
 ])
 def test_bad_arguments_fail_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
