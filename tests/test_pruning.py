@@ -235,6 +235,25 @@ def test_sensitivity_allocation_prunes_where_the_loss_does_not_change(rng):
     assert removed["sensitivity"]["a"] == 0 and removed["sensitivity"]["b"] > 0
 
 
+def test_sensitivity_greedy_path_and_goal():
+    """Group 1 costs 10 FLOPs a channel, group 2 costs 1: per FLOP saved, group 1's steps are cheaper until its
+    loss jumps; the goal's last step is shortened to the fewest channels (in blocks of 2) that reach it."""
+    from tfcompress.pruning import sensitivity
+
+    cost = {1: 10.0, 2: 1.0}
+    flops_of = lambda counts: 1000.0 - sum(cost[g] * n for g, n in counts.items())  # noqa: E731
+    table = {1: {0: 0.0, 4: 0.1, 8: 0.2, 12: 5.0}, 2: {0: 0.0, 4: 0.1, 8: 0.3}}
+    path = sensitivity.greedy_path(table, flops_of)
+    assert [c for c, _ in path] == [{1: 0, 2: 0}, {1: 4, 2: 0}, {1: 8, 2: 0}, {1: 8, 2: 4}, {1: 8, 2: 8},
+                                    {1: 12, 2: 8}]
+    assert [f for _, f in path] == [flops_of(c) for c, _ in path]
+    assert sensitivity.counts_for_goal(path, 1000.0, flops_of, {1: 2, 2: 2}) == {1: 0, 2: 0}
+    assert sensitivity.counts_for_goal(path, 955.0, flops_of, {1: 2, 2: 2}) == {1: 6, 2: 0}  # not 8
+    assert sensitivity.counts_for_goal(path, 0.0, flops_of, {1: 2, 2: 2}) == {1: 12, 2: 8}  # as far as it goes
+    assert sensitivity.probe_points(64, 2, 50) == [6, 12, 18, 24, 30, 36, 42, 48, 50]
+    assert sensitivity.probe_points(4, 4, 3) == []
+
+
 def test_sensitivity_allocation_from_config_with_data(rng):
     config = FilterPruning(flops_target=0.3, flops_allocation="sensitivity",
                            sensitivity_data=(np.zeros((2, 3)), np.zeros(2))).get_config()

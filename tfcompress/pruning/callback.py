@@ -270,7 +270,8 @@ class FilterPruning(keras.callbacks.Callback):
                     lo = mid
             return {g.id: _aligned(hi * g.size, g) for g in groups}
         if self.flops_allocation == "sensitivity":
-            return sensitivity.counts_for_goal(self._sensitivity_path(), goal)
+            return sensitivity.counts_for_goal(self._sensitivity_path(), goal, self._flops_of,
+                                               {g.id: g.blocks for g in groups})
         return self._global_counts(goal)
 
     def _sensitivity_path(self) -> list[tuple[dict[int, int], float]]:

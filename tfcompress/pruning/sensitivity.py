@@ -102,9 +102,9 @@ def greedy_path(table: dict[int, dict[int, float]], flops_of: Callable[[Counts],
     """Allocations of growing FLOPs savings: each step takes one group to its next probe point, the group
     whose step costs the least loss per FLOP saved.
 
-    Steps are small (one probe point), so the goal is overshot by at most one step; the measured loss is noisy
-    and a step may lower it, which only makes that step cheap. The path is the same whatever the FLOPs goal
-    (the goal only says where to stop), so it is computed once and ``counts_for_goal`` walks it.
+    The measured loss is noisy and a step may lower it, which only makes that step cheap. The path is the same
+    whatever the FLOPs goal (the goal only says where to stop), so it is computed once and ``counts_for_goal``
+    walks it.
     """
     points = {gid: sorted(row) for gid, row in table.items()}
     counts = {gid: 0 for gid in table}
@@ -129,9 +129,24 @@ def greedy_path(table: dict[int, dict[int, float]], flops_of: Callable[[Counts],
         path.append((dict(counts), current))
 
 
-def counts_for_goal(path: list[tuple[Counts, float]], goal: float) -> Counts:
-    """The first allocation on ``path`` with at most ``goal`` FLOPs (the last one if none reaches it)."""
-    for counts, flops in path:
+def counts_for_goal(path: list[tuple[Counts, float]], goal: float, flops_of: Callable[[Counts], float],
+                    blocks: Counts) -> Counts:
+    """The first allocation on ``path`` with at most ``goal`` FLOPs (the last one if none reaches it), its
+    last step shortened to the fewest channels (in multiples of the group's ``blocks``) that reach the goal."""
+    for i, (counts, flops) in enumerate(path):
         if flops <= goal:
-            return dict(counts)
-    return dict(path[-1][0])
+            break
+    else:
+        return dict(path[-1][0])
+    if i == 0:
+        return dict(counts)
+    before = path[i - 1][0]
+    (gid,) = [g for g in counts if counts[g] != before[g]]
+    lo, hi = before[gid] // blocks[gid] + 1, counts[gid] // blocks[gid]  # in blocks; hi is known to reach
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if flops_of({**counts, gid: mid * blocks[gid]}) <= goal:
+            hi = mid
+        else:
+            lo = mid + 1
+    return {**counts, gid: hi * blocks[gid]}
