@@ -57,6 +57,7 @@ def with_teacher(ds: tf.data.Dataset, teacher: keras.Model) -> tf.data.Dataset:
     return ds.map(lambda img, label: (img, tf.concat([tf.one_hot(label, classes), teacher(img, training=False)], -1)))
 
 
+@keras.saving.register_keras_serializable(package="tfcompress_benchmarks")
 class DistillationLoss(keras.losses.Loss):
     """alpha * cross-entropy with the labels + (1 - alpha) * T^2 * KL(teacher_T || student_T) (Hinton et al.).
 
@@ -76,6 +77,9 @@ class DistillationLoss(keras.losses.Loss):
         log_student = tf.nn.log_softmax(tf.math.log(y_pred + 1e-7) / t)
         kl = tf.reduce_sum(soft_teacher * (tf.math.log(soft_teacher + 1e-7) - log_student), -1)
         return self.alpha * ce + (1 - self.alpha) * t * t * kl
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "temperature": self.temperature, "alpha": self.alpha}
 
 
 def overhead(x, y, rounds: int, batch: int) -> dict:
