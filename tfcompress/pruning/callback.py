@@ -62,8 +62,9 @@ class FilterPruning(keras.callbacks.Callback):
             the FLOPs it keeps 64 k of 79 k parameters where ``"uniform"`` keeps 40 k; BENCHMARKS.md 1b);
             ``"sensitivity"`` measures, when pruning starts, how much the loss on ``sensitivity_data`` grows
             when each group alone loses its least important channels, then removes channels where the loss per
-            FLOP saved is least (:mod:`tfcompress.pruning.sensitivity`; on ResNet-8 it beat the data-free
-            rankings by 0.5-1 point). Within a group, ``criterion`` still picks the channels.
+            FLOP saved is least (:mod:`tfcompress.pruning.sensitivity`; on ResNet-8 it beat
+            ``"global_per_flop"`` after 4 epochs of fine-tuning and lost to it after 20: BENCHMARKS.md 1b).
+            Within a group, ``criterion`` still picks the channels.
         max_group_level: with a ``"global*"`` or ``"sensitivity"`` allocation, the largest fraction removed
             from one group.
         sensitivity_data: with ``flops_allocation="sensitivity"``, held-out ``(x, y)`` arrays or a batched
