@@ -250,8 +250,8 @@ def test_sensitivity_greedy_path_and_goal():
     assert sensitivity.counts_for_goal(path, 1000.0, flops_of, {1: 2, 2: 2}) == {1: 0, 2: 0}
     assert sensitivity.counts_for_goal(path, 955.0, flops_of, {1: 2, 2: 2}) == {1: 6, 2: 0}  # not 8
     assert sensitivity.counts_for_goal(path, 0.0, flops_of, {1: 2, 2: 2}) == {1: 12, 2: 8}  # as far as it goes
-    assert sensitivity.probe_points(64, 2, 50) == [6, 12, 18, 24, 30, 36, 42, 48, 50]
-    assert sensitivity.probe_points(4, 4, 3) == []
+    assert sensitivity.probe_points(2, 50) == [6, 12, 18, 24, 30, 36, 42, 48, 50]
+    assert sensitivity.probe_points(4, 3) == []
 
 
 def test_sensitivity_allocation_from_config_with_data(rng):

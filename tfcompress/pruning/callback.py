@@ -288,7 +288,7 @@ class FilterPruning(keras.callbacks.Callback):
 
             if self.verbose:
                 print("FilterPruning: measuring the loss of pruning each group on sensitivity_data")
-            caps = {g.id: _aligned(self.max_group_level * g.size, g) for g in groups}
+            caps = {g.id: self._cap(g) for g in groups}
             table = sensitivity.loss_table(self.model, groups, apply_counts, self.sensitivity_data, caps,
                                            verbose=self.verbose)
             st.sensitivity_path = sensitivity.greedy_path(table, self._flops_of)
@@ -306,8 +306,7 @@ class FilterPruning(keras.callbacks.Callback):
             score = np.sort(score / max(score.mean(), 1e-12))
             if self.flops_allocation == "global_per_flop":
                 score = score / (max(st.channel_flops[g.id], 1.0) / mean_cost)
-            cap = _aligned(self.max_group_level * g.size, g)
-            entries += [(s, g.id, k + 1) for k, s in enumerate(score[:cap])]
+            entries += [(s, g.id, k + 1) for k, s in enumerate(score[: self._cap(g)])]
         entries.sort(key=lambda e: e[0])
 
         def counts_for(n: int) -> dict[int, int]:
@@ -324,6 +323,10 @@ class FilterPruning(keras.callbacks.Callback):
             else:
                 lo = mid + 1
         return counts_for(lo)
+
+    def _cap(self, g: ChannelGroup) -> int:
+        """The most channels a global or measured allocation may take from ``g`` (``max_group_level``)."""
+        return _aligned(self.max_group_level * g.size, g)
 
     def _flops_of(self, counts: dict[int, int]) -> float:
         st = self._require()

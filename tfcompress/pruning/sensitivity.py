@@ -44,7 +44,7 @@ def check_data(data: Any) -> Any:
     )
 
 
-def probe_points(size: int, blocks: int, cap: int, max_probes: int = 12) -> list[int]:
+def probe_points(blocks: int, cap: int, max_probes: int = 12) -> list[int]:
     """Channel counts to try removing from one group: multiples of its block count, at most ``max_probes``."""
     if cap < blocks:
         return []
@@ -78,7 +78,7 @@ def loss_table(
             out = model.evaluate(data[0], data[1], batch_size=batch_size, verbose=0, return_dict=True)
         return float(out["loss"])
 
-    points = {g.id: probe_points(g.size, g.blocks, caps[g.id]) for g in groups}
+    points = {g.id: probe_points(g.blocks, caps[g.id]) for g in groups}
     bar = keras.utils.Progbar(1 + sum(len(p) for p in points.values()), unit_name="probe") if verbose else None
     none = {g.id: 0 for g in groups}
     try:
