@@ -2,6 +2,7 @@
 
     python benchmarks/pruning.py                      # full run (~1 h on 2 cores)
     python benchmarks/pruning.py --epochs 2 --train_samples 5000   # quick check
+    python benchmarks/pruning.py ... --reference ref.keras   # fine-tune the unpruned model once, reuse it after
 
 (1) Epoch time of the same model with and without FilterPruning, epochs interleaved (with, without, with ...)
     so that machine noise hits both; the callback re-selects masks at every epoch (the worst case).
@@ -57,6 +58,30 @@ def with_teacher(ds: tf.data.Dataset, teacher: keras.Model) -> tf.data.Dataset:
     return ds.map(lambda img, label: (img, tf.concat([tf.one_hot(label, classes), teacher(img, training=False)], -1)))
 
 
+# Feature distillation matches the student's activations to the teacher's at these ResNet-8 layers: the end of the
+# first stage and the last stage's output before pooling. A model output is never pruned, so only tensors whose
+# channels the pruning leaves alone are taken (the stem's residual stream is excluded by prune_first_conv=False;
+# the per-FLOP allocation takes nothing from the last stage's residual stream).
+FEATURE_LAYERS = ("activation_2", "activation_6")
+
+
+def with_features(model: keras.Model) -> keras.Model:
+    """The same layers, with FEATURE_LAYERS' outputs as extra model outputs (weights shared with ``model``)."""
+    return keras.Model(model.inputs, list(model.outputs) + [model.get_layer(n).output for n in FEATURE_LAYERS])
+
+
+def with_teacher_features(ds: tf.data.Dataset, teacher: keras.Model) -> tf.data.Dataset:
+    """Targets become ([one-hot label, teacher probabilities], teacher feature 1, teacher feature 2 ...)."""
+    classes = teacher.output_shape[-1]
+    t = with_features(teacher)
+
+    def targets(img, label):
+        out = t(img, training=False)
+        return img, (tf.concat([tf.one_hot(label, classes), out[0]], -1), *out[1:])
+
+    return ds.map(targets)
+
+
 @keras.saving.register_keras_serializable(package="tfcompress_benchmarks")
 class DistillationLoss(keras.losses.Loss):
     """alpha * cross-entropy with the labels + (1 - alpha) * T^2 * KL(teacher_T || student_T) (Hinton et al.).
@@ -102,13 +127,24 @@ def overhead(x, y, rounds: int, batch: int) -> dict:
 
 
 def finetune(criterion: str | None, data, epochs: int, pruning_epochs: int, batch: int, lr: float,
-             teacher: keras.Model | None = None, **pruning_options) -> tuple[dict, keras.Model]:
+             teacher: keras.Model | None = None, distill_options: dict | None = None,
+             **pruning_options) -> tuple[dict, keras.Model]:
     x, y, xt, yt = data
     keras.utils.set_random_seed(1)
     model = load_resnet8(lr)
     ds = train_dataset(x, y, batch, seed=1)
-    if teacher is not None:
-        model.compile(keras.optimizers.Adam(lr), DistillationLoss())
+    trained = model  # what fit() sees: the model itself, or the model with its features as extra outputs
+    distill_options = dict(distill_options or {})
+    beta = distill_options.pop("feature_weight", 0.0)
+    if teacher is not None and beta > 0:
+        # each feature's MSE divided by the teacher's mean square of it (measured on a batch): a relative error
+        sample = with_features(teacher).predict(x[:512].astype("float32"), verbose=0)[1:]
+        trained = with_features(model)
+        trained.compile(keras.optimizers.Adam(lr), [DistillationLoss(**distill_options)] + ["mse"] * len(sample),
+                        loss_weights=[1.0] + [beta / float(np.mean(f ** 2)) for f in sample])
+        ds = with_teacher_features(ds, teacher)
+    elif teacher is not None:
+        model.compile(keras.optimizers.Adam(lr), DistillationLoss(**distill_options))
         ds = with_teacher(ds, teacher)
     sens = pruning_options.get("sensitivity_data")
     if sens is not None and teacher is not None:  # the compiled loss wants [one-hot label, teacher probabilities]
@@ -123,21 +159,25 @@ def finetune(criterion: str | None, data, epochs: int, pruning_epochs: int, batc
             flops_target=0.4, criterion=criterion, pruning_epochs=pruning_epochs,
             prune_downsample_convs=True, **pruning_options))
     t = time.perf_counter()
-    model.fit(ds, epochs=epochs, callbacks=callbacks, verbose=0)
-    seconds = time.perf_counter() - t
+    trained.fit(ds, epochs=epochs, callbacks=callbacks, verbose=0)
+    name = (criterion or "none (fine-tuned, unpruned)") + (" + distillation" if teacher is not None else "")
+    name += f" + features (weight {beta:g})" if teacher is not None and beta > 0 else ""
+    return evaluate(model, name, xt, yt, flops0, time.perf_counter() - t), model
+
+
+def evaluate(model: keras.Model, name: str, xt, yt, flops0: float, seconds: float) -> dict:
+    """Test accuracy of the model and of its stripped copy (they must agree), FLOPs ratio and parameters."""
     model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     acc = model.evaluate(xt.astype("float32"), yt, batch_size=256, verbose=0)[1]
     small = tfcompress.strip(model)
     small.compile(metrics=["accuracy"], loss="sparse_categorical_crossentropy")
     acc_small = small.evaluate(xt.astype("float32"), yt, batch_size=256, verbose=0)[1]
-    name = criterion or "none (fine-tuned, unpruned)"
     return {
-        "criterion": name + (" + distillation" if teacher is not None else ""),
-        "accuracy": acc_small, "accuracy_before_strip": acc,
+        "criterion": name, "accuracy": acc_small, "accuracy_before_strip": acc,
         "flops_ratio": tfcompress.count_flops(small) / flops0,
         "params": small.count_params(), "params_original": model.count_params(),
         "train_seconds": seconds,
-    }, model
+    }
 
 
 def main() -> None:
@@ -160,6 +200,15 @@ def main() -> None:
                          "which the loss of pruning each group is measured")
     ap.add_argument("--distill", nargs="?", const="also", default="no", choices=("no", "also", "only"),
                     help="train each criterion also (or only) with distillation from the unpruned fine-tuned model")
+    ap.add_argument("--alpha", type=float, default=0.5,
+                    help="with --distill: weight of the label cross-entropy (1 - alpha goes to the teacher)")
+    ap.add_argument("--temperature", type=float, default=4.0, help="with --distill: softmax temperature")
+    ap.add_argument("--feature_distill", type=float, default=0.0,
+                    help="with --distill: also match FEATURE_LAYERS' activations to the teacher's, with this weight "
+                         "on each one's relative squared error (0: logits only)")
+    ap.add_argument("--reference", default="",
+                    help="a .keras file: load the unpruned fine-tuned model from it if it exists (it must come "
+                         "from a run with the same --epochs and data), else fine-tune it and save it there")
     ap.add_argument("--json", default="", help="also write the results to this JSON file")
     args = ap.parse_args()
 
@@ -183,11 +232,19 @@ def main() -> None:
                    max_group_level=args.max_group_level)
     if args.flops_allocation == "sensitivity":
         options["sensitivity_data"] = (x[-args.sensitivity_samples:].astype("float32"), y[-args.sensitivity_samples:])
+    distill_options = dict(alpha=args.alpha, temperature=args.temperature, feature_weight=args.feature_distill)
     for criterion, distill in runs:
-        r, model = finetune(criterion, (x, y, xt, yt), args.epochs, args.pruning_epochs, args.batch, args.lr,
-                            teacher=teacher if distill else None, **options)
-        if teacher is None:
-            teacher = model
+        if criterion is None and args.reference and os.path.exists(args.reference):
+            teacher = keras.models.load_model(args.reference)
+            r = evaluate(teacher, f"none (fine-tuned, unpruned; loaded from {args.reference})", xt, yt,
+                         tfcompress.count_flops(teacher), float("nan"))
+        else:
+            r, model = finetune(criterion, (x, y, xt, yt), args.epochs, args.pruning_epochs, args.batch, args.lr,
+                                teacher=teacher if distill else None, distill_options=distill_options, **options)
+            if teacher is None:
+                teacher = model
+                if args.reference:
+                    teacher.save(args.reference)
         rows.append(r)
         print(f"    {r['criterion']}: acc {100 * r['accuracy']:.2f} %, FLOPs x{r['flops_ratio']:.3f}, "
               f"params {r['params']:,}, {r['train_seconds']:.0f} s", flush=True)
