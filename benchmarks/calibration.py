@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
+from tfcompress.export.speed import default_precision  # noqa: E402
 
 MLPERF = common.SHARED / "models" / "mlperf_tiny"
 
@@ -215,7 +216,7 @@ def main() -> None:
         q_nncf, t_nncf = nncf_quantize(fp, calib)
         variants = {
             "FP32 (f32 hint)": (fp, {"INFERENCE_PRECISION_HINT": "f32"}),
-            "BF16 (default)": (fp, {}),
+            f"default ({default_precision()})": (fp, {}),
             "tfcompress INT8": (q_ours, {}),
             "nncf INT8": (q_nncf, {}),
         }

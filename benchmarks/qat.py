@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import common  # noqa: E402
 from calibration import speed, tflite_accuracy  # noqa: E402
 from pruning import load_resnet8, train_dataset  # noqa: E402
+from tfcompress.export.speed import default_precision  # noqa: E402
 
 
 def main() -> None:
@@ -81,7 +82,7 @@ def main() -> None:
     acc_t = tflite_accuracy(common.SHARED / "models" / "mlperf_tiny" / "pretrainedResnet_quant.tflite", xt, yt)
     print(f"(2) {args.epochs} epochs: float fine-tuned {100 * acc_f:.2f} %, QAT INT8 in OpenVINO {100 * acc_q:.2f} % "
           f"({calibration.int8_layers(compiled)}), MLPerf INT8 TFLite {100 * acc_t:.2f} %")
-    s = speed({"FP32 (f32 hint)": (f_ir, {"INFERENCE_PRECISION_HINT": "f32"}), "BF16 (default)": (f_ir, {}),
+    s = speed({"FP32 (f32 hint)": (f_ir, {"INFERENCE_PRECISION_HINT": "f32"}), f"default ({default_precision()})": (f_ir, {}),
                "QAT INT8": (q_ir, {})}, (32, 32, 3), args.rounds, iters_b1=200, iters_b32=50)
     print("| variant | latency b1 ms | throughput b32 img/s |\n|---|---|---|")
     for k, v in s.items():

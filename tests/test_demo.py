@@ -74,7 +74,10 @@ def test_demo_numbers_hold_together(demo):
     compiled = ov.Core().compile_model(str(out / "compressed" / "model_int8.xml"), "CPU")
     assert calibration.int8_layers(compiled) == s["int8_layers"]["compressed"]
     assert s["int8_layers"]["compressed"]["int8"] == s["int8_layers"]["compressed"]["total"] == 10
-    ov_acc = float(np.mean(np.argmax(compiled({0: xt})[compiled.outputs[0]], 1) == yt))
+    # in batches of 256 as the export measured it: on a CPU without VNNI, INT8 kernels chosen for another batch
+    # size can round (saturate) differently
+    out = np.concatenate([compiled({0: xt[i:i + 256]})[compiled.outputs[0]] for i in range(0, len(xt), 256)])
+    ov_acc = float(np.mean(np.argmax(out, 1) == yt))
     assert ov_acc == pytest.approx(s["accuracy"]["compressed_openvino_int8"], abs=1e-6)
     assert abs(ov_acc - keras_acc) <= 0.02  # INT8 in OpenVINO vs the QAT model in Keras
 

@@ -115,11 +115,12 @@ def test_onnx_and_openvino_match_keras(tmp_path, rng):
 
 
 class QuantConv(L.Layer):
-    """A minimal QAT-style conv: fake-quantized input (per tensor, uint8) and weights (per channel, int8)."""
+    """A minimal QAT-style conv: fake-quantized input (per tensor, uint8) and weights (per channel, int8; on the
+    whole grid, or on the 7-bit grid of the overflow fix: integers -63..63)."""
 
-    def __init__(self, filters, **kw):
+    def __init__(self, filters, half_range=True, **kw):
         super().__init__(**kw)
-        self.filters = filters
+        self.filters, self.half_range = filters, half_range
 
     def build(self, shape):
         self.kernel = self.add_weight(shape=(3, 3, shape[-1], self.filters), initializer="glorot_uniform")
@@ -127,21 +128,25 @@ class QuantConv(L.Layer):
 
     def call(self, x):
         x = tf.quantization.fake_quant_with_min_max_vars(x, -1.0, 3.0, num_bits=8)
-        m = tf.reduce_max(tf.abs(self.kernel), axis=[0, 1, 2])
+        m = tf.reduce_max(tf.abs(self.kernel), axis=[0, 1, 2]) * (127 / 63 if self.half_range else 1)
         w = tf.quantization.fake_quant_with_min_max_vars_per_channel(self.kernel, -m, m, num_bits=8, narrow_range=True)
         return tf.nn.relu(tf.nn.conv2d(x, w, 1, "SAME") + self.bias)
 
 
-def test_quantization_aware_model_runs_int8_in_openvino(tmp_path, rng):
+def _qat_model(half_range):
     inp = keras.Input((16, 16, 3), name="image")
-    x = QuantConv(16)(inp)
-    x = QuantConv(16)(x)
+    x = QuantConv(16, half_range)(inp)
+    x = QuantConv(16, half_range)(x)
     x = L.GlobalAveragePooling2D()(x)
-    model = keras.Model(inp, L.Dense(4)(x))
+    return keras.Model(inp, L.Dense(4)(x))
+
+
+def test_quantization_aware_model_runs_int8_in_openvino(tmp_path, rng):
+    model = _qat_model(half_range=True)
     model.export(str(tmp_path / "src"), verbose=False)
     xs = {"image": rng.uniform(-1, 3, (2, 16, 16, 3)).astype("float32")}
     c = to_onnx(str(tmp_path / "src"), str(tmp_path / "q.onnx"), check_inputs=xs, tolerance=1e-3)
-    assert c["quantized_weights"] == 2
+    assert c["quantized_weights"] == 2  # on the 7-bit grid: restored as int8 within [-63, 63]
     to_openvino(str(tmp_path / "q.onnx"), str(tmp_path / "q.xml"), check_inputs=xs, tolerance=1e-3)
     import openvino as ov
 
@@ -153,6 +158,26 @@ def test_quantization_aware_model_runs_int8_in_openvino(tmp_path, rng):
         assert len(convs) == 2
         for op in convs:
             assert op.get_rt_info()["runtimePrecision"].astype(str) in ("u8", "i8"), path
+    weights = [op.get_data() for op in core.read_model(str(tmp_path / "q.xml")).get_ordered_ops()
+               if op.get_type_name() == "Constant" and op.get_output_element_type(0) == ov.Type.i8]
+    assert [int(np.abs(w).max()) for w in weights] == [63, 63]
+
+
+def test_full_range_qat_weights_on_a_cpu_without_vnni(tmp_path, rng):
+    # weights on the whole int8 grid: exact where the CPU has VNNI; where it has not, the INT8 kernels'
+    # int16 pair sums overflow and the check says so, naming the fix
+    _qat_model(half_range=False).export(str(tmp_path / "src"), verbose=False)
+    xs = {"image": rng.uniform(-1, 3, (2, 16, 16, 3)).astype("float32")}
+    to_onnx(str(tmp_path / "src"), str(tmp_path / "q.onnx"), check_inputs=xs, tolerance=1e-3)
+    from tfcompress.calibration import cpu_saturates_int8
+
+    if cpu_saturates_int8():
+        with pytest.raises(ExportError, match="no VNNI.*overflow_fix"):
+            to_openvino(str(tmp_path / "q.onnx"), str(tmp_path / "q.xml"), check_inputs=xs, tolerance=1e-3)
+        assert not (tmp_path / "q.xml").exists()
+    else:
+        assert to_openvino(str(tmp_path / "q.onnx"), str(tmp_path / "q.xml"), check_inputs=xs,
+                           tolerance=1e-3)["max_rel_error"] < 1e-3
 
 
 def _cli(*args, cwd=None):

@@ -68,7 +68,10 @@ def test_mnist_pruning_reaches_target_strips_and_keeps_accuracy(tmp_path):
     model = _compile(residual_cnn())
     pruner = FilterPruning(target=0.5, criterion="geometric_median", pruning_epochs=2, prune_downsample_convs=True)
     checker = PrunedWeightsAreZero(pruner)
-    hist = model.fit(x, y, epochs=3, batch_size=64, callbacks=[pruner, checker], verbose=0)
+    # the epoch after the ramp fine-tunes at a lower rate: at 3e-3 the BatchNorm moving statistics trail the
+    # last steps' weights and test accuracy swings by +-15 points from seed to seed (this CPU or another)
+    lr = keras.callbacks.LearningRateScheduler(lambda epoch: [3e-3, 3e-3, 5e-4][epoch])
+    hist = model.fit(x, y, epochs=3, batch_size=64, callbacks=[pruner, checker, lr], verbose=0)
     assert checker.checks > 10
     # every group reached the target, and the level shows up in the History
     for g in pruner.groups:

@@ -73,6 +73,31 @@ def test_qat_model_runs_int8_in_openvino_by_both_routes(trained):
         out = compiled({0: xt[:256]})[compiled.outputs[0]]
         assert np.mean(out.argmax(1) == keras_out.argmax(1)) >= 0.99
         assert rel_error(out, keras_out) < 0.05  # INT8 kernels vs TF's float fake-quant arithmetic
+    # the first layer trained on the overflow fix's 7-bit grid: its int8 weights stay within [-63, 63]
+    maxima = {op.get_friendly_name(): int(np.abs(op.get_data()).max())
+              for op in core.read_model(str(d / "q.xml")).get_ordered_ops()
+              if op.get_type_name() == "Constant" and op.get_output_element_type(0) == ov.Type.i8}
+    assert sorted(maxima.values()) == [63, 127, 127, 127, 127], maxima
+
+
+def test_overflow_fix_chooses_the_weights_on_seven_bits(rng):
+    model = small_cnn()
+    weighted = ("c1", "c2", "dw", "c3", "logits")
+    for fix, half in (("first_layer", {"c1"}), ("enable", set(weighted)), ("disable", set())):
+        q = quantize_model(model, overflow_fix=fix)
+        assert {n for n in weighted if q.get_layer(n).half_range} == half, fix
+    # an ignored first layer stays float and the walk goes on through it: c2 and, past the Add and the pooling,
+    # dw are the first quantized layers then
+    q = quantize_model(model, ignored_layers=["c1"])
+    assert {n for n in weighted[1:] if q.get_layer(n).half_range} == {"c2", "dw"}
+    with pytest.raises(ValueError, match="overflow_fix"):
+        quantize_model(model, overflow_fix="first")
+    # the 7-bit grid: per output channel, the largest weight is integer 63 of the step m / 63
+    k = rng.normal(size=(3, 3, 4, 8)).astype("float32")
+    fq = np.asarray(tfcompress.quantization.fake_quant_weights(k, half_range=True))
+    step = np.abs(k).max(axis=(0, 1, 2)) / 63
+    assert np.allclose(fq / step, np.round(fq / step), atol=1e-3)
+    assert np.allclose(np.abs(fq / step).max(axis=(0, 1, 2)), 63, atol=1e-3)
 
 
 def test_save_and_load_round_trip(trained, tmp_path):

@@ -93,6 +93,7 @@ def test_compress_model_dir_emits_a_smaller_servable_model_and_int8_ir(artifacts
     assert (export / "model.onnx").stat().st_size > 0
     run = calibration.int8_layers(int8)
     assert run["int8"] == run["total"] == metrics["int8_layers"] == metrics["quantizable_layers"] > 0
+    x = load_module().preprocessing_fn(read_examples(str(examples), "eval", 397))  # the whole eval split
     ref = np.asarray(model(x))
     assert np.mean(fp32({0: x})[fp32.outputs[0]].argmax(1) == ref.argmax(1)) == 1.0
     assert np.mean(int8({0: x})[int8.outputs[0]].argmax(1) == ref.argmax(1)) >= 0.95

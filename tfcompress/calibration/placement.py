@@ -48,8 +48,9 @@ class WeightPoint:
 # ``overflow_fix``: which weights use only half the int8 range. u8 x i8 multiply-adds without VNNI (SSE4,
 # AVX2, AVX-512 before VNNI) sum pairs of products into int16, which saturates when the weights use all of
 # [-127, 127]; with weights in [-63, 63] it cannot (2 * 255 * 63 < 32767). The IR may be deployed on such a
-# CPU, so by default the first convolutions (whose inputs, e.g. raw pixels, fill the u8 range) get the fix,
-# as NNCF's default does; "enable" gives it to every layer, "disable" to none.
+# CPU, so by default the first layers (convolutions or fully connected, whose inputs, e.g. raw pixels, fill
+# the u8 range) get the fix, as NNCF's default does for convolutions; "enable" gives it to every layer,
+# "disable" to none. ``cpu_saturates_int8()`` tells whether the CPU running this has the problem.
 OVERFLOW_FIX = ("first_layer", "enable", "disable")
 
 
@@ -112,8 +113,13 @@ def _quantized_inputs(op) -> list[int]:
     return [0] if t in _POOLING else []
 
 
-def _first_convolutions(ops, weighted: set[int], pos: dict) -> set[int]:
-    """Positions of the weighted convolutions first reached from the model inputs on every path."""
+def _first_layers(ops, weighted: set[int], pos: dict) -> set[int]:
+    """Positions of the weighted layers (convolutions and fully-connected MatMuls) first reached from the
+    model inputs on every path: their inputs are the raw data, which fills the u8 range.
+
+    NNCF's ``first_layer`` looks at convolutions only and walks on through a MatMul; like POT's saturation
+    fix we count a fully-connected first layer too (an MLP on raw features saturates the same way: its
+    error on a CPU without VNNI is tests/test_calibration.py's overflow test)."""
     first, seen = set(), set()
     stack = [op for op in ops if op.get_type_name() == "Parameter"]
     while stack:
@@ -125,7 +131,7 @@ def _first_convolutions(ops, weighted: set[int], pos: dict) -> set[int]:
                 if k in seen:
                     continue
                 seen.add(k)
-                if k in weighted and nxt.get_type_name() in ("Convolution", "GroupConvolution"):
+                if k in weighted:
                     first.add(k)
                 else:
                     stack.append(nxt)
@@ -195,7 +201,7 @@ def find_points(model, ignored_layers=(), overflow_fix: str = "disable") -> tupl
             if axes is not None and const.get_output_element_type(0).is_real():
                 weights.append(WeightPoint(k, op, const, axes))
     half = {wp.key for wp in weights} if overflow_fix == "enable" else (
-        _first_convolutions(ops, {wp.key for wp in weights}, pos) if overflow_fix == "first_layer" else set())
+        _first_layers(ops, {wp.key for wp in weights}, pos) if overflow_fix == "first_layer" else set())
     for wp in weights:
         wp.half_range = wp.key in half
     # unify the ranges of quantized tensors that meet in a Concat

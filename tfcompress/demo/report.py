@@ -14,6 +14,7 @@ def _ratio(a: float, b: float) -> str:
 def table(s: dict) -> str:
     """Original vs compressed, one metric per row, as a Markdown table."""
     a, sp = s["accuracy"], s["speed"]
+    default = _default_label(sp)
     rows = [
         ("accuracy, Keras float / QAT (%)", f"{100 * a['original']:.2f}", f"{100 * a['qat']:.2f}",
          f"{100 * (a['qat'] - a['original']):+.2f} pts"),
@@ -30,7 +31,7 @@ def table(s: dict) -> str:
          _ratio(s["ir_bytes"]["compressed_int8"], s["ir_bytes"]["original_int8"])),
     ]
     for label, o, c in (("FP32 (f32 hint)", "original FP32", "compressed FP32"),
-                        ("BF16 (default)", "original BF16 (default)", "compressed BF16 (default)"),
+                        (default, f"original {default}", f"compressed {default}"),
                         ("INT8", "original INT8 (post-training)", "compressed INT8 (QAT)")):
         rows.append((f"latency b1, {label} (ms)", f"{sp[o]['b1_ms']:.3f}", f"{sp[c]['b1_ms']:.3f}",
                      _ratio(sp[c]["b1_ms"], sp[o]["b1_ms"])))
@@ -43,6 +44,11 @@ def table(s: dict) -> str:
     lines = ["| | original | compressed | compressed / original |", "|---|---|---|---|"]
     lines += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |" for r in rows]
     return "\n".join(lines)
+
+
+def _default_label(speed: dict) -> str:
+    """``"default (bf16)"`` or ``"default (f32)"``: the default-precision variants are named for what ran."""
+    return next(k for k in speed if k.startswith("original default")).removeprefix("original ")
 
 
 def write(out_dir: str, s: dict) -> None:
@@ -59,7 +65,7 @@ IR and turned into INT8 ({n['calibration']} calibration images). The original go
 with post-training INT8 calibration. Note that the compressed model has been trained longer (the pruning
 fine-tune and QAT epochs come on top of the original's), which on data this small can show as a gain. Accuracy is on the {n['test']} test images. Latency is the median of
 interleaved rounds on this machine; FP32 means `INFERENCE_PRECISION_HINT=f32`, "default" is OpenVINO's own
-choice (bf16 on CPUs with AVX512-BF16/AMX).
+choice, named for what it was here (bf16 on CPUs with AVX512-BF16/AMX, f32 on others).
 
 {table(s)}
 
@@ -130,9 +136,10 @@ def _plots(out_dir: str, s: dict) -> None:
 
     # latency bars
     sp = s["speed"]
-    labels = ["FP32 (f32)", "BF16 (default)", "INT8"]
-    orig = [sp[k]["b1_ms"] for k in ("original FP32", "original BF16 (default)", "original INT8 (post-training)")]
-    comp = [sp[k]["b1_ms"] for k in ("compressed FP32", "compressed BF16 (default)", "compressed INT8 (QAT)")]
+    default = _default_label(sp)
+    labels = ["FP32 (f32)", default, "INT8"]
+    orig = [sp[k]["b1_ms"] for k in ("original FP32", f"original {default}", "original INT8 (post-training)")]
+    comp = [sp[k]["b1_ms"] for k in ("compressed FP32", f"compressed {default}", "compressed INT8 (QAT)")]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.bar([p - 0.2 for p in range(3)], orig, 0.4, label="original")
     ax.bar([p + 0.2 for p in range(3)], comp, 0.4, label="compressed")

@@ -122,8 +122,9 @@ def restore_weight_quantization(model) -> int:
     """Re-insert per-channel int8 ``DequantizeLinear`` for Conv/MatMul/Gemm weights that lie on an int8 grid.
 
     tf2onnx hands the graph to grappler, which folds ``FakeQuantWithMinMaxVarsPerChannel(weights)`` into float
-    constants whose values are exactly ``q * scale`` with ``q`` in [-127, 127]. Storing ``q`` as int8 with its
-    scale gives identical outputs and lets OpenVINO's low-precision transformations run the layer in INT8.
+    constants whose values are exactly ``q * scale`` with ``q`` in [-127, 127] (or [-63, 63] with the overflow
+    fix). Storing ``q`` as int8 with its scale gives identical outputs and lets OpenVINO's low-precision
+    transformations run the layer in INT8.
     Returns the number of weights restored.
     """
     from onnx import helper, numpy_helper
@@ -172,17 +173,25 @@ def restore_weight_quantization(model) -> int:
 
 
 def _on_int8_grid(w: np.ndarray, axis: int):
-    """(q, scale) if every slice along ``axis`` is ``q * scale`` with integer q in [-127, 127], else (None, None)."""
+    """(q, scale) if every slice along ``axis`` is ``q * scale`` with integer q in [-127, 127], else (None, None).
+
+    A slice's largest |q| is 127 (the full grid), or 63 where the weights were trained on the overflow fix's
+    7-bit grid (``quantize_model(overflow_fix=...)``)."""
     moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
     amax = np.abs(moved).max(axis=1)
     if not np.all(amax > 0):
         amax = np.where(amax > 0, amax, 1.0)
-    scale = amax / 127.0
-    q = moved / scale[:, None]
-    if not np.all(np.abs(q - np.round(q)) < 1e-3):
+    found = np.zeros(len(amax), dtype=bool)
+    scale = np.zeros_like(amax)
+    for top in (127.0, 63.0):
+        q = moved / (amax / top)[:, None]
+        fits = ~found & np.all(np.abs(q - np.round(q)) < 1e-3, axis=1)
+        scale[fits] = amax[fits] / top
+        found |= fits
+    if not found.all():
         return None, None
-    q = np.moveaxis(np.round(q).reshape(np.moveaxis(w, axis, 0).shape), 0, axis)
-    return q, scale
+    q = np.round(moved / scale[:, None])
+    return np.moveaxis(q.reshape(np.moveaxis(w, axis, 0).shape), 0, axis), scale
 
 
 def to_openvino(
@@ -207,7 +216,10 @@ def to_openvino(
     with open(onnx_path, "rb") as f:
         ref = _run_onnx(f.read(), check_inputs)
     got = run_openvino(model, check_inputs, precision="f32")
-    err = check_outputs(got, ref, tolerance, "OpenVINO outputs differ from onnxruntime's")
+    try:
+        err = check_outputs(got, ref, tolerance, "OpenVINO outputs differ from onnxruntime's")
+    except ExportError as e:
+        raise ExportError(str(e) + _saturation_hint(model)) from None
     folder = os.path.dirname(os.path.abspath(xml_path)) or "."
     os.makedirs(folder, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tfcompress-", dir=folder)
@@ -221,6 +233,21 @@ def to_openvino(
 
         shutil.rmtree(tmp, ignore_errors=True)
     return ConversionCheck(max_rel_error=err)
+
+
+def _saturation_hint(model) -> str:
+    """Why INT8 layers may compute wrong values on this CPU (for the error message of a failed check)."""
+    import openvino as ov
+
+    from tfcompress.calibration import cpu_saturates_int8
+
+    quantized = any(op.get_type_name() == "FakeQuantize" or (op.get_type_name() == "Constant"
+                    and op.get_output_element_type(0) in (ov.Type.i8, ov.Type.u8)) for op in model.get_ordered_ops())
+    if not quantized or not cpu_saturates_int8():
+        return ""
+    return ("; this CPU has no VNNI, so its INT8 kernels add pairs of u8 x i8 products in int16, which weights "
+            "using the whole int8 range can overflow: keep them on 7 bits (quantize_model / calibrate "
+            "overflow_fix='first_layer' or 'enable')")
 
 
 def run_openvino(model, inputs: dict[str, np.ndarray], precision: str = "f32") -> dict[str, np.ndarray]:

@@ -15,10 +15,21 @@ from typing import Mapping
 
 import numpy as np
 
-__all__ = ["measure_speed", "compression_variants", "FP32", "DEFAULT"]
+__all__ = ["measure_speed", "compression_variants", "default_precision", "FP32", "DEFAULT"]
 
 FP32 = {"INFERENCE_PRECISION_HINT": "f32"}  # the true float baseline
 DEFAULT: dict = {}  # OpenVINO's default: bf16 on CPUs with AVX512-BF16 or AMX, else f32
+
+
+def default_precision() -> str:
+    """The floating-point precision OpenVINO's CPU plugin runs by default here: ``"bf16"`` on CPUs with
+    AVX512-BF16 or AMX, ``"f32"`` on others (``"f16"`` on some ARM CPUs), as the plugin itself reports it.
+
+    Reports label the default-precision measurements with it: "BF16" is only true on some machines.
+    """
+    import openvino as ov
+
+    return ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()  # "bf16", "f32", "f16"
 
 
 def measure_speed(
@@ -71,16 +82,18 @@ def compression_variants(original: str, pruned: str, compressed: str) -> dict[st
 
     From three :func:`~tfcompress.export.export_saved_model` output directories: the original's FP32 IR at
     f32 and at the default precision and its post-training INT8 IR; the pruned float model's FP32 IR at both
-    precisions; the compressed (pruned + QAT) model's INT8 IR.
+    precisions; the compressed (pruned + QAT) model's INT8 IR. The default-precision variants are named for
+    what they run here (``"original default (bf16)"``, or ``(f32)`` on a CPU without BF16).
     """
     def ir(folder: str, precision: str) -> str:
         return os.path.join(folder, f"model_{precision}.xml")
 
+    default = f"default ({default_precision()})"
     return {
         "original FP32": (ir(original, "fp32"), FP32),
-        "original BF16 (default)": (ir(original, "fp32"), DEFAULT),
+        f"original {default}": (ir(original, "fp32"), DEFAULT),
         "original INT8 (post-training)": (ir(original, "int8"), DEFAULT),
         "compressed FP32": (ir(pruned, "fp32"), FP32),
-        "compressed BF16 (default)": (ir(pruned, "fp32"), DEFAULT),
+        f"compressed {default}": (ir(pruned, "fp32"), DEFAULT),
         "compressed INT8 (QAT)": (ir(compressed, "int8"), DEFAULT),
     }

@@ -624,6 +624,21 @@ class KerasGraph:
     def groups(self) -> list[ChannelGroup]:
         return self.graph.groups()
 
+    def first_layers(self, stops: Callable[["_Record"], bool]) -> set[str]:
+        """Paths of the layers for which ``stops(record)`` holds that a model input reaches without passing
+        through another such layer (the "first convolutions": pruning leaves them alone by default, QAT
+        gives their weights the overflow fix)."""
+        reach = set(self.input_ids)
+        first = set()
+        for rec in self.records:
+            if rec.node is None or not reach.intersection(rec.op.inputs):
+                continue
+            if stops(rec):
+                first.add(rec.op.layer)
+            else:
+                reach.update(rec.op.outputs)
+        return first
+
     def find_group(self, group: ChannelGroup) -> ChannelGroup:
         """The group of this graph with the same producing layers (groups are matched by layers)."""
         for g in self.groups():

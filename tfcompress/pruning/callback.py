@@ -221,7 +221,7 @@ class FilterPruning(keras.callbacks.Callback):
                 f"(nested layers are named 'submodel/layer')"
             )
         all_groups = kg.groups()
-        first = _first_producers(kg)
+        first = kg.first_layers(lambda rec: rec.op.rule is Rule.PRODUCER)
         strided = {rec.op.layer for rec in kg.records
                    if rec.op.rule is Rule.PRODUCER and rec.kind.strides() > 1}
         groups = []
@@ -361,20 +361,6 @@ class _State:
         self.model, self.kg, self.masks, self.counter, self.full_flops = model, kg, masks, counter, full_flops
         self.channel_flops: dict[int, float] = {}  # group id -> FLOPs one of its channels costs
         self.sensitivity_path: list[tuple[dict[int, int], float]] | None = None  # "sensitivity" allocation
-
-
-def _first_producers(kg: KerasGraph) -> set[str]:
-    """Producers reached from a model input without passing through another producer."""
-    reach = set(kg.input_ids)
-    first = set()
-    for rec in kg.records:
-        if rec.node is None or not reach.intersection(rec.op.inputs):
-            continue
-        if rec.op.rule is Rule.PRODUCER:
-            first.add(rec.op.layer)
-        else:
-            reach.update(rec.op.outputs)
-    return first
 
 
 def _aligned(n: float, g: ChannelGroup) -> int:

@@ -21,18 +21,21 @@ __all__ = [
 _PACKAGE = "tfcompress"
 
 
-def fake_quant_weights(kernel, per_channel: bool = True):
+def fake_quant_weights(kernel, per_channel: bool = True, half_range: bool = False):
     """Symmetric int8 fake-quantization of a ``(..., out)`` kernel on the [-m, m] grid, 255 levels.
 
     The range is the kernel's own abs-max (per output channel): always exact, and gradients pass straight
-    through (every weight is inside its range).
+    through (every weight is inside its range). ``half_range`` (the overflow fix) uses the grid of
+    [-m * 127/63, m * 127/63] instead: the weights then take the integers -63..63 only, and INT8 kernels of
+    CPUs without VNNI cannot saturate their int16 pair sums (see ``tfcompress.calibration.cpu_saturates_int8``).
     """
     k = tf.convert_to_tensor(kernel)
+    scale = 127.0 / 63.0 if half_range else 1.0
     if per_channel:
         flat = tf.reshape(k, (-1, k.shape[-1]))
-        m = tf.stop_gradient(tf.maximum(tf.reduce_max(tf.abs(flat), axis=0), 1e-12))
+        m = tf.stop_gradient(tf.maximum(tf.reduce_max(tf.abs(flat), axis=0), 1e-12)) * scale
         return tf.quantization.fake_quant_with_min_max_vars_per_channel(k, -m, m, num_bits=8, narrow_range=True)
-    m = tf.stop_gradient(tf.maximum(tf.reduce_max(tf.abs(k)), 1e-12))
+    m = tf.stop_gradient(tf.maximum(tf.reduce_max(tf.abs(k)), 1e-12)) * scale
     return tf.quantization.fake_quant_with_min_max_vars(k, -m, m, num_bits=8, narrow_range=True)
 
 
@@ -147,7 +150,8 @@ class ChannelMask(keras.constraints.Constraint):
 
 
 class _QuantizedKernel:
-    """Mixin of the layers whose kernel is fake-quantized: the ``per_channel`` option and its config.
+    """Mixin of the layers whose kernel is fake-quantized: the ``per_channel`` and ``half_range`` options
+    (see :func:`fake_quant_weights`) and their config.
 
     ``keeps_channel_structure`` tells the channel engine that the layer still maps channels exactly like its
     Keras base class (only the kernel's values are rounded), so pruning and stripping work through it.
@@ -155,15 +159,16 @@ class _QuantizedKernel:
 
     keeps_channel_structure = True
 
-    def __init__(self, *args, per_channel: bool = True, **kwargs):
+    def __init__(self, *args, per_channel: bool = True, half_range: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.per_channel = per_channel
+        self.half_range = half_range
 
     def quantized_kernel(self, kernel):
-        return fake_quant_weights(kernel, self.per_channel)
+        return fake_quant_weights(kernel, self.per_channel, self.half_range)
 
     def get_config(self):
-        return {**super().get_config(), "per_channel": self.per_channel}
+        return {**super().get_config(), "per_channel": self.per_channel, "half_range": self.half_range}
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

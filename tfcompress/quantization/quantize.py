@@ -8,6 +8,7 @@ from typing import Iterable
 import keras
 import numpy as np
 
+from tfcompress.calibration.placement import OVERFLOW_FIX
 from tfcompress.graph.engine import Rule
 from tfcompress.graph.keras_adapter import build_graph
 from tfcompress.graph.keras_rebuild import rebuild
@@ -37,6 +38,7 @@ def quantize_model(
     per_channel_weights: bool = True,
     ignored_layers: Iterable[str] = (),
     range_mode: str = "ema",
+    overflow_fix: str = "first_layer",
 ) -> keras.Model:
     """A quantization-aware copy of ``model``, ready to ``compile`` and ``fit``.
 
@@ -52,13 +54,20 @@ def quantize_model(
         per_channel_weights: per-output-channel weight ranges (else one per tensor).
         ignored_layers: layer names to keep in float (nested layers: ``"submodel/layer"``).
         range_mode: ``"ema"`` (track ranges with a moving average) or ``"learned"``.
+        overflow_fix: which layers' weights train on the 7-bit grid (integers -63..63), as
+            :func:`tfcompress.calibration.calibrate` does after training: ``"first_layer"`` (default: the
+            quantized layers a model input reaches first, whose inputs, e.g. raw pixels, fill the u8 range),
+            ``"enable"`` (all) or ``"disable"`` (none). On CPUs without VNNI the INT8 kernels add pairs of
+            u8 x i8 products in int16, which full-range weights can overflow; the IR may run on such a CPU.
 
     Raises:
         tfcompress.UnsupportedModelError: for a subclassed model.
-        ValueError: unknown preset or ignored layer.
+        ValueError: unknown preset, overflow_fix or ignored layer.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
+    if overflow_fix not in OVERFLOW_FIX:
+        raise ValueError(f"unknown overflow_fix {overflow_fix!r}; choose one of {list(OVERFLOW_FIX)}")
     kg = build_graph(model)
     ignored = set(ignored_layers)
     missing = sorted(ignored - set(kg.layers))
@@ -73,6 +82,12 @@ def quantize_model(
             if type(layer) is base:  # exact class: a user subclass keeps its own call
                 return q
         return None
+
+    def quantized(rec) -> bool:
+        return rec.op.layer not in ignored and quantized_class(rec.kind.layer) is not None
+
+    half_range = ({rec.op.layer for rec in kg.records if quantized(rec)} if overflow_fix == "enable" else
+                  kg.first_layers(quantized) if overflow_fix == "first_layer" else set())
 
     def make_layer(rec):
         layer, path = rec.kind.layer, rec.op.layer
@@ -105,7 +120,7 @@ def quantize_model(
                 idx = [w.path.split("/")[-1] for w in layer.weights].index(name)
                 weights[idx] = np.asarray(constraint(keras.ops.convert_to_tensor(weights[idx])))
         if q is not None:
-            new = q.from_config({**cfg, "per_channel": per_channel_weights})
+            new = q.from_config({**cfg, "per_channel": per_channel_weights, "half_range": path in half_range})
         else:
             if layer.weights and not isinstance(layer, _FLOAT_OK) and quantized_class(layer) is None:
                 left_float.append(f"{path} ({type(layer).__name__})")
