@@ -52,10 +52,30 @@ def train_dataset(x, y, batch: int, seed: int) -> tf.data.Dataset:
     return ds.batch(batch).prefetch(2)
 
 
-def with_teacher(ds: tf.data.Dataset, teacher: keras.Model) -> tf.data.Dataset:
-    """Labels become [one-hot label, teacher probabilities] for DistillationLoss (teacher sees the same augmented batch)."""
+def with_teacher(ds: tf.data.Dataset, teacher: keras.Model, mixup: float = 0.0, flip: bool = False) -> tf.data.Dataset:
+    """Labels become [one-hot label, teacher probabilities] for DistillationLoss (teacher sees the same augmented batch).
+
+    ``mixup`` > 0 mixes each image with another of its batch (ratio ~ Beta(mixup, mixup), labels mixed alike)
+    before the teacher sees it: the student then matches the teacher between the training images too
+    ("function matching", Beyer et al. 2022). ``flip``: the teacher's probabilities are averaged over the image
+    and its mirror image (a slightly better teacher)."""
     classes = teacher.output_shape[-1]
-    return ds.map(lambda img, label: (img, tf.concat([tf.one_hot(label, classes), teacher(img, training=False)], -1)))
+
+    def targets(img, label):
+        onehot = tf.one_hot(label, classes)
+        if mixup > 0:
+            n = tf.shape(img)[0]
+            a = tf.random.gamma((n,), mixup)
+            lam = a / (a + tf.random.gamma((n,), mixup))
+            perm = tf.random.shuffle(tf.range(n))
+            img = lam[:, None, None, None] * img + (1 - lam[:, None, None, None]) * tf.gather(img, perm)
+            onehot = lam[:, None] * onehot + (1 - lam[:, None]) * tf.gather(onehot, perm)
+        soft = teacher(img, training=False)
+        if flip:
+            soft = 0.5 * (soft + teacher(tf.reverse(img, axis=[2]), training=False))
+        return img, tf.concat([onehot, soft], -1)
+
+    return ds.map(targets)
 
 
 # Feature distillation matches the student's activations to the teacher's at these ResNet-8 layers: the end of the
@@ -127,15 +147,21 @@ def overhead(x, y, rounds: int, batch: int) -> dict:
 
 
 def finetune(criterion: str | None, data, epochs: int, pruning_epochs: int, batch: int, lr: float,
-             teacher: keras.Model | None = None, distill_options: dict | None = None,
-             **pruning_options) -> tuple[dict, keras.Model]:
+             teacher: keras.Model | None = None, distill_options: dict | None = None, seed: int = 1,
+             init: keras.Model | None = None, **pruning_options) -> tuple[dict, keras.Model]:
+    """Fine-tune the pretrained ResNet-8 (or ``init``'s weights) for ``epochs`` (cosine learning rate), pruning
+    with ``criterion`` unless it is None, distilling from ``teacher`` if given."""
     x, y, xt, yt = data
-    keras.utils.set_random_seed(1)
+    keras.utils.set_random_seed(seed)
     model = load_resnet8(lr)
-    ds = train_dataset(x, y, batch, seed=1)
+    if init is not None:
+        model.set_weights(init.get_weights())
+    ds = train_dataset(x, y, batch, seed=seed)
     trained = model  # what fit() sees: the model itself, or the model with its features as extra outputs
     distill_options = dict(distill_options or {})
     beta = distill_options.pop("feature_weight", 0.0)
+    mixup = distill_options.pop("mixup", 0.0)
+    flip = distill_options.pop("teacher_flip", False)
     if teacher is not None and beta > 0:
         # each feature's MSE divided by the teacher's mean square of it (measured on a batch): a relative error
         sample = with_features(teacher).predict(x[:512].astype("float32"), verbose=0)[1:]
@@ -145,7 +171,7 @@ def finetune(criterion: str | None, data, epochs: int, pruning_epochs: int, batc
         ds = with_teacher_features(ds, teacher)
     elif teacher is not None:
         model.compile(keras.optimizers.Adam(lr), DistillationLoss(**distill_options))
-        ds = with_teacher(ds, teacher)
+        ds = with_teacher(ds, teacher, mixup, flip)
     sens = pruning_options.get("sensitivity_data")
     if sens is not None and teacher is not None:  # the compiled loss wants [one-hot label, teacher probabilities]
         xs, ys = sens
@@ -162,6 +188,8 @@ def finetune(criterion: str | None, data, epochs: int, pruning_epochs: int, batc
     trained.fit(ds, epochs=epochs, callbacks=callbacks, verbose=0)
     name = (criterion or "none (fine-tuned, unpruned)") + (" + distillation" if teacher is not None else "")
     name += f" + features (weight {beta:g})" if teacher is not None and beta > 0 else ""
+    name += f" + mixup {mixup:g}" if teacher is not None and mixup > 0 else ""
+    name += " + flip-averaged teacher" if teacher is not None and flip else ""
     return evaluate(model, name, xt, yt, flops0, time.perf_counter() - t), model
 
 
@@ -206,9 +234,18 @@ def main() -> None:
     ap.add_argument("--feature_distill", type=float, default=0.0,
                     help="with --distill: also match FEATURE_LAYERS' activations to the teacher's, with this weight "
                          "on each one's relative squared error (0: logits only)")
+    ap.add_argument("--mixup", type=float, default=0.0,
+                    help="with --distill: mix image pairs (ratio ~ Beta(m, m)) before the teacher labels them (0: off)")
+    ap.add_argument("--teacher_flip", action="store_true",
+                    help="with --distill: average the teacher's probabilities over each image and its mirror image")
+    ap.add_argument("--from_reference", action="store_true",
+                    help="prune the unpruned fine-tuned model (--epochs more epochs, the schedule restarted) instead "
+                         "of the pretrained one; the drop is then against the unpruned model fine-tuned as long "
+                         "(the reference, fine-tuned --epochs more with the same schedule)")
     ap.add_argument("--reference", default="",
                     help="a .keras file: load the unpruned fine-tuned model from it if it exists (it must come "
                          "from a run with the same --epochs and data), else fine-tune it and save it there")
+    ap.add_argument("--seed", type=int, default=1, help="random seed of the pruned runs (weights order, batches)")
     ap.add_argument("--json", default="", help="also write the results to this JSON file")
     args = ap.parse_args()
 
@@ -232,23 +269,42 @@ def main() -> None:
                    max_group_level=args.max_group_level)
     if args.flops_allocation == "sensitivity":
         options["sensitivity_data"] = (x[-args.sensitivity_samples:].astype("float32"), y[-args.sensitivity_samples:])
-    distill_options = dict(alpha=args.alpha, temperature=args.temperature, feature_weight=args.feature_distill)
+    distill_options = dict(alpha=args.alpha, temperature=args.temperature, feature_weight=args.feature_distill,
+                           mixup=args.mixup, teacher_flip=args.teacher_flip)
+    def show(r):
+        rows.append(r)
+        print(f"    {r['criterion']}: acc {100 * r['accuracy']:.2f} %, FLOPs x{r['flops_ratio']:.3f}, "
+              f"params {r['params']:,}, {r['train_seconds']:.0f} s", flush=True)
+
+    data = (x, y, xt, yt)
     for criterion, distill in runs:
         if criterion is None and args.reference and os.path.exists(args.reference):
             teacher = keras.models.load_model(args.reference)
-            r = evaluate(teacher, f"none (fine-tuned, unpruned; loaded from {args.reference})", xt, yt,
-                         tfcompress.count_flops(teacher), float("nan"))
+            show(evaluate(teacher, f"none (fine-tuned, unpruned; loaded from {args.reference})", xt, yt,
+                          tfcompress.count_flops(teacher), float("nan")))
         else:
-            r, model = finetune(criterion, (x, y, xt, yt), args.epochs, args.pruning_epochs, args.batch, args.lr,
-                                teacher=teacher if distill else None, distill_options=distill_options, **options)
+            r, model = finetune(criterion, data, args.epochs, args.pruning_epochs, args.batch, args.lr,
+                                teacher=teacher if distill else None, distill_options=distill_options,
+                                seed=args.seed if criterion else 1,
+                                init=teacher if criterion and args.from_reference else None, **options)
             if teacher is None:
                 teacher = model
                 if args.reference:
                     teacher.save(args.reference)
-        rows.append(r)
-        print(f"    {r['criterion']}: acc {100 * r['accuracy']:.2f} %, FLOPs x{r['flops_ratio']:.3f}, "
-              f"params {r['params']:,}, {r['train_seconds']:.0f} s", flush=True)
-    base = rows[0]["accuracy"]
+            show(r)
+        if criterion is None and args.from_reference:
+            # the comparison: the unpruned model fine-tuned as long as the pruned one (--epochs more, same schedule)
+            cont = args.reference[: -len(".keras")] + ".continued.keras" if args.reference else ""
+            if cont and os.path.exists(cont):
+                show(evaluate(keras.models.load_model(cont), f"none (fine-tuned 2 x {args.epochs} epochs; loaded "
+                              f"from {cont})", xt, yt, tfcompress.count_flops(teacher), float("nan")))
+            else:
+                r, longer = finetune(None, data, args.epochs, args.pruning_epochs, args.batch, args.lr, init=teacher)
+                r["criterion"] = f"none (fine-tuned 2 x {args.epochs} epochs)"
+                show(r)
+                if cont:
+                    longer.save(cont)
+    base = rows[1 if args.from_reference else 0]["accuracy"]
     pre = load_resnet8(1e-3).evaluate(xt.astype("float32"), yt, batch_size=256, verbose=0)[1]
     print(f"\n(2) ResNet-8, CIFAR-10 JPEG test (10,000 images), {args.epochs} fine-tuning epochs on "
           f"{len(x)} images; pretrained (no fine-tuning): {100 * pre:.2f} %")

@@ -110,7 +110,7 @@ def _run_onnx(model_bytes: bytes, inputs: dict[str, np.ndarray]) -> dict[str, np
     import onnxruntime as ort
 
     # onnxruntime 1.31's PadFusion merges Pad(0) into a following MaxPool, which pads with -inf: wrong
-    # results whenever the padded values are negative. The reference check runs unoptimised.
+    # results whenever the padded values are negative (fixed in 1.32). The reference check runs unoptimised.
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
