@@ -68,7 +68,7 @@ def test_qat_model_runs_int8_in_openvino_by_both_routes(trained):
     to_onnx(str(d / "sm"), str(d / "q.onnx"), check_inputs=x, tolerance=1e-3)
     # within one output quantization step (1/255 of the range): with full-range weights OpenVINO matches
     # onnxruntime to 1e-7; with the first layer on the 7-bit grid (overflow_fix="first_layer") it differs by
-    # 2.8e-3 on an AVX-512 VNNI CPU, i.e. rounding of a quantized activation that falls differently
+    # 2.8e-3 on an AVX-512 VNNI CPU (cause not established; a quantized activation rounded differently would fit)
     to_openvino(str(d / "q.onnx"), str(d / "q.xml"), check_inputs=x, tolerance=4e-3)
     via_onnx = core.compile_model(str(d / "q.xml"), "CPU")
     for compiled in (direct, via_onnx):
