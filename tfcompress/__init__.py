@@ -3,17 +3,18 @@
 The pipeline: progressive filter pruning (:mod:`tfcompress.pruning`), quantization-aware training
 (:mod:`tfcompress.quantization`), stripping of zeroed channels (:func:`strip`), conversion to ONNX and
 OpenVINO IR (:mod:`tfcompress.export`) and post-training INT8 calibration (:mod:`tfcompress.calibration`).
+
+Public names are imported on first use: ``import tfcompress`` alone does not import TensorFlow.
 """
 
+from __future__ import annotations
+
 import os as _os
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+
+from tfcompress._lazy import lazy_exports as _lazy_exports
 
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from tfcompress.graph import ChannelGroup, UnsupportedModelError, channel_groups, zero_channels  # noqa: E402
-from tfcompress.graph.flops import count_flops  # noqa: E402
-from tfcompress.strip import strip  # noqa: E402
-from tfcompress import pruning  # noqa: E402
-from tfcompress.pruning import load_config  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -21,3 +22,21 @@ __all__ = [
     "ChannelGroup", "UnsupportedModelError", "channel_groups", "count_flops", "load_config", "pruning", "strip",
     "zero_channels", "__version__",
 ]
+
+__getattr__, __dir__ = _lazy_exports(__name__, {
+    "ChannelGroup": "tfcompress.graph",
+    "UnsupportedModelError": "tfcompress.graph",
+    "channel_groups": "tfcompress.graph",
+    "zero_channels": "tfcompress.graph",
+    "count_flops": "tfcompress.graph.flops",
+    "strip": "tfcompress.stripping",
+    "pruning": "tfcompress.pruning",
+    "load_config": "tfcompress.pruning",
+})
+
+if _TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
+    from tfcompress import pruning
+    from tfcompress.graph import ChannelGroup, UnsupportedModelError, channel_groups, zero_channels
+    from tfcompress.graph.flops import count_flops
+    from tfcompress.pruning import load_config
+    from tfcompress.stripping import strip

@@ -24,9 +24,11 @@ def main(argv: list[str]) -> int:
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
-    from tfcompress.strip.savedmodel_strip import ExportError
+    from tfcompress.demo.options import check_args
+    from tfcompress.errors import ExportError
 
     try:
+        check_args(FLAGS.output_dir, FLAGS.epochs, FLAGS.target)  # before TensorFlow's seconds-long import
         from tfcompress.demo.run import run_demo
 
         run_demo(FLAGS.output_dir, epochs=FLAGS.epochs, target=FLAGS.target, seed=FLAGS.seed)

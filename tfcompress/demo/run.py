@@ -12,35 +12,19 @@ import numpy as np
 
 import tfcompress
 from tfcompress.demo import report, workload
+from tfcompress.demo.options import MARKER, check_args
 from tfcompress.export.pipeline import export_saved_model
 from tfcompress.export.speed import compression_variants, measure_speed
 from tfcompress.quantization import RangeInit, quantize_model
-from tfcompress.strip.savedmodel_strip import ExportError, atomic_output_dir, commit_dir
+from tfcompress.stripping.savedmodel_strip import atomic_output_dir, commit_dir
 
 __all__ = ["run_demo", "MARKER"]
 
-MARKER = ".tfcompress-demo"  # a directory holding it was written by the demo and may be replaced by it
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
-
-
-def _check_args(output_dir: str, epochs: int, target: float) -> bool:
-    """Validate before any work; return whether ``output_dir`` is a previous demo output to replace."""
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ExportError(f"--epochs must be a positive integer, got {epochs!r}")
-    if not isinstance(target, (int, float)) or not 0 < target < 1:
-        raise ExportError(f"--target must be in (0, 1), got {target!r}")
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ExportError(f"output path {output_dir!r} exists and is not a directory")
-    if os.path.isdir(output_dir) and os.listdir(output_dir):
-        if not os.path.exists(os.path.join(output_dir, MARKER)):
-            raise ExportError(f"output directory {output_dir!r} is not empty and was not written by the demo; "
-                              "choose another --output_dir")
-        return True
-    return False
 
 
 def _accuracy(model: keras.Model, x, y) -> float:
@@ -71,7 +55,7 @@ def run_demo(output_dir: str = "tfcompress_demo", epochs: int = 8, target: float
     Returns:
         The summary also written to ``summary.json``.
     """
-    replace = _check_args(output_dir, epochs, target)
+    replace = check_args(output_dir, epochs, target)
     t0 = time.perf_counter()
     fit_verbose = verbose if verbose in (0, 1, 2) else 2
     tmp = atomic_output_dir(output_dir)

@@ -38,10 +38,14 @@ def main(argv: list[str]) -> int:
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # TF's saver logs every checkpoint read at INFO
-    from tfcompress.export.pipeline import export_saved_model
-    from tfcompress.strip.savedmodel_strip import ExportError
+    from tfcompress.errors import ExportError
+    from tfcompress.export.options import check_args
 
     try:
+        # the options first: importing the pipeline imports TensorFlow, which takes seconds
+        check_args(FLAGS.saved_model_dir, FLAGS.output_dir, FLAGS.int8, FLAGS.max_drop, FLAGS.opset, FLAGS.overwrite)
+        from tfcompress.export.pipeline import export_saved_model
+
         export_saved_model(
             FLAGS.saved_model_dir, FLAGS.output_dir, calibration_data=FLAGS.calibration_data, int8=FLAGS.int8,
             max_drop=FLAGS.max_drop, validation_data=FLAGS.validation_data, opset=FLAGS.opset,

@@ -19,8 +19,9 @@ from typing import Callable
 
 import numpy as np
 
-from tfcompress.export.pipeline import INT8_MODES, export_saved_model
-from tfcompress.strip.savedmodel_strip import ExportError
+from tfcompress.errors import ExportError
+from tfcompress.export.options import INT8_MODES
+from tfcompress.export.pipeline import export_saved_model
 
 __all__ = ["compress_model_dir", "read_examples", "SERVING_DIR", "EXPORT_DIR"]
 

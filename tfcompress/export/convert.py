@@ -8,7 +8,7 @@ import tempfile
 
 import numpy as np
 
-from tfcompress.strip.savedmodel_strip import (
+from tfcompress.stripping.savedmodel_strip import (
     ExportError, FrozenSignature, check_outputs, freeze_saved_model, run_frozen, sample_inputs,
 )
 

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from tfcompress.strip.savedmodel_strip import ExportError
+from tfcompress.errors import ExportError
 
 __all__ = ["load_data"]
 

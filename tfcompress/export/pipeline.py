@@ -10,15 +10,16 @@ import time
 
 import numpy as np
 
+from tfcompress.errors import ExportError
 from tfcompress.export.convert import _run_onnx, run_openvino, to_onnx, to_openvino
 from tfcompress.export.data import load_data
-from tfcompress.strip.savedmodel_strip import (
-    ExportError, atomic_output_dir, commit_dir, freeze_saved_model, run_frozen, strip_saved_model,
+from tfcompress.export.options import INT8_MODES, check_args
+from tfcompress.stripping.savedmodel_strip import (
+    atomic_output_dir, commit_dir, freeze_saved_model, run_frozen, strip_saved_model,
 )
 
 __all__ = ["export_saved_model", "INT8_MODES"]
 
-INT8_MODES = ("default", "accuracy_aware", "none")
 # Output checks of a model that holds FakeQuant ops (from QAT). A value that lands on a rounding boundary of a
 # quantizer moves by a whole quantization step, and the next layers carry the step on: the stripped graph
 # sums in another order (float rounding ~1e-7 is enough to cross a boundary), ONNX's QuantizeLinear rounds
@@ -85,19 +86,7 @@ def export_saved_model(
     Returns:
         The report (also written as ``report.json``).
     """
-    if int8 not in INT8_MODES:
-        raise ExportError(f"--int8 must be one of {list(INT8_MODES)}, got {int8!r}")
-    if not (isinstance(max_drop, (int, float)) and 0 <= max_drop < 1):
-        raise ExportError(f"--max_drop must be in [0, 1), got {max_drop!r}")
-    if not isinstance(opset, int) or not 13 <= opset <= 18:
-        raise ExportError(f"--opset must be in 13..18 (tf2onnx 1.17), got {opset!r}")
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ExportError(f"output path {output_dir!r} exists and is not a directory")
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
-        raise ExportError(f"output directory {output_dir!r} exists and is not empty (pass --overwrite)")
-    src = os.path.abspath(saved_model_dir)
-    if os.path.abspath(output_dir) == src or os.path.abspath(output_dir).startswith(src + os.sep):
-        raise ExportError("the output directory must not be the input SavedModel or inside it")
+    check_args(saved_model_dir, output_dir, int8, max_drop, opset, overwrite)
 
     t0 = time.perf_counter()
     _log(f"[1/5] reading {saved_model_dir}")

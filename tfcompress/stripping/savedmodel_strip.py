@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
+from tfcompress.errors import ExportError
 from tfcompress.graph.engine import Rule
 from tfcompress.graph.flops import FlopsCounter
 from tfcompress.graph.graphdef_adapter import GraphDefGraph, fold_constants
@@ -26,10 +27,6 @@ __all__ = [
     "ExportError", "FrozenSignature", "StripResult", "check_outputs", "freeze_saved_model", "sample_inputs",
     "strip_saved_model",
 ]
-
-
-class ExportError(ValueError):
-    """A problem with the user's input (bad directory, missing signature, mismatched data ...)."""
 
 
 @dataclasses.dataclass

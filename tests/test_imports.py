@@ -1,0 +1,53 @@
+"""Importing the package and rejecting a command's bad flags do not wait for TensorFlow (seconds, log noise)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+PROBE = """
+import json, runpy, sys
+sys.argv = {argv!r}
+code = None
+if len(sys.argv) > 1:
+    try:
+        runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        code = e.code
+else:
+    import tfcompress, tfcompress.demo, tfcompress.export
+print(json.dumps({{"code": code, "tensorflow": "tensorflow" in sys.modules}}))
+"""
+
+
+def _probe(argv: list[str]) -> tuple[dict, subprocess.CompletedProcess]:
+    proc = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv)], capture_output=True, text=True, timeout=300)
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc
+
+
+def test_import_is_lazy_and_names_resolve_on_use():
+    result, proc = _probe(["import"])
+    assert result["tensorflow"] is False, proc.stderr[-2000:]
+    import tfcompress
+
+    assert set(tfcompress.__all__) <= set(dir(tfcompress))
+    assert callable(tfcompress.strip) and tfcompress.pruning.FilterPruning.__name__ == "FilterPruning"
+    import tfcompress.stripping.savedmodel_strip  # noqa: F401  (a subpackage import must not shadow strip())
+
+    assert callable(tfcompress.strip)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        tfcompress.nope
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["tfcompress.demo", "--target=1.5", "--output_dir=/nonexistent/x"], 2, "--target must be in (0, 1)"),
+    (["tfcompress.demo", "--epochs=0"], 2, "--epochs must be a positive integer"),
+    (["tfcompress.export", "--saved_model_dir=a", "--output_dir=b", "--opset=3"], 2, "--opset must be in 13..18"),
+    (["tfcompress.export", "--saved_model_dir=a", "--output_dir=a/b"], 2, "must not be the input SavedModel"),
+    (["tfcompress.export", "--help"], 0, "--calibration_data"),
+])
+def test_commands_reject_bad_flags_before_importing_tensorflow(argv, code, message):
+    result, proc = _probe(argv)
+    assert result == {"code": code, "tensorflow": False}, proc.stderr[-2000:]
+    assert message in (proc.stderr if code else proc.stdout)
