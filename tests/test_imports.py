@@ -33,6 +33,9 @@ def test_import_is_lazy_and_names_resolve_on_use():
 
     assert set(tfcompress.__all__) <= set(dir(tfcompress))
     assert callable(tfcompress.strip) and tfcompress.pruning.FilterPruning.__name__ == "FilterPruning"
+    # the README's calls after a bare `import tfcompress`
+    assert callable(tfcompress.quantization.quantize_model) and callable(tfcompress.export.to_onnx)
+    assert callable(tfcompress.calibration.calibrate)
     import tfcompress.stripping.savedmodel_strip  # noqa: F401  (a subpackage import must not shadow strip())
 
     assert callable(tfcompress.strip)

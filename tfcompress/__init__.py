@@ -4,7 +4,8 @@ The pipeline: progressive filter pruning (:mod:`tfcompress.pruning`), quantizati
 (:mod:`tfcompress.quantization`), stripping of zeroed channels (:func:`strip`), conversion to ONNX and
 OpenVINO IR (:mod:`tfcompress.export`) and post-training INT8 calibration (:mod:`tfcompress.calibration`).
 
-Public names are imported on first use: ``import tfcompress`` alone does not import TensorFlow.
+Public names and the subpackages above are imported on first use (``tfcompress.quantization.quantize_model``
+works after ``import tfcompress``), so ``import tfcompress`` alone does not import TensorFlow.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ __all__ = [
     "zero_channels", "__version__",
 ]
 
-__getattr__, __dir__ = _lazy_exports(__name__, {
+__getattr__, __dir__ = _lazy_exports(globals(), {
     "ChannelGroup": "tfcompress.graph",
     "UnsupportedModelError": "tfcompress.graph",
     "channel_groups": "tfcompress.graph",
@@ -31,11 +32,14 @@ __getattr__, __dir__ = _lazy_exports(__name__, {
     "count_flops": "tfcompress.graph.flops",
     "strip": "tfcompress.stripping",
     "pruning": "tfcompress.pruning",
+    "quantization": "tfcompress.quantization",
+    "calibration": "tfcompress.calibration",
+    "export": "tfcompress.export",
     "load_config": "tfcompress.pruning",
 })
 
 if _TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
-    from tfcompress import pruning
+    from tfcompress import calibration, export, pruning, quantization
     from tfcompress.graph import ChannelGroup, UnsupportedModelError, channel_groups, zero_channels
     from tfcompress.graph.flops import count_flops
     from tfcompress.pruning import load_config

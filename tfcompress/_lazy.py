@@ -7,10 +7,11 @@ import importlib
 from typing import Any, Callable
 
 
-def lazy_exports(package: str, exports: dict[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
-    """``__getattr__`` and ``__dir__`` for ``package``: ``exports`` maps each public name to the module defining
-    it (a name equal to its module's last component is that module itself)."""
-    namespace = importlib.import_module(package).__dict__
+def lazy_exports(namespace: dict[str, Any], exports: dict[str, str]) -> tuple[Callable[[str], Any],
+                                                                             Callable[[], list[str]]]:
+    """``__getattr__`` and ``__dir__`` for the package whose ``globals()`` is ``namespace``: ``exports`` maps each
+    public name to the module defining it (a name equal to its module's last component is that module itself)."""
+    package = namespace["__name__"]
 
     def __getattr__(name: str) -> Any:
         if name not in exports:

@@ -12,7 +12,7 @@ from tfcompress._lazy import lazy_exports as _lazy_exports
 
 __all__ = ["run_demo"]
 
-__getattr__, __dir__ = _lazy_exports(__name__, {"run_demo": "tfcompress.demo.run"})
+__getattr__, __dir__ = _lazy_exports(globals(), {"run_demo": "tfcompress.demo.run"})
 
 if _TYPE_CHECKING:
     from tfcompress.demo.run import run_demo

@@ -15,7 +15,7 @@ __all__ = [
     "strip_saved_model", "to_onnx", "to_openvino",
 ]
 
-__getattr__, __dir__ = _lazy_exports(__name__, {
+__getattr__, __dir__ = _lazy_exports(globals(), {
     **{name: "tfcompress.export.convert"
        for name in ("ConversionCheck", "restore_weight_quantization", "run_openvino", "to_onnx", "to_openvino")},
     "export_saved_model": "tfcompress.export.pipeline",
