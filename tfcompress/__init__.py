@@ -20,8 +20,8 @@ _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 __version__ = "0.1.0"
 
 __all__ = [
-    "ChannelGroup", "UnsupportedModelError", "channel_groups", "count_flops", "load_config", "pruning", "strip",
-    "zero_channels", "__version__",
+    "ChannelGroup", "UnsupportedModelError", "calibration", "channel_groups", "count_flops", "export", "load_config",
+    "pruning", "quantization", "strip", "zero_channels", "__version__",
 ]
 
 __getattr__, __dir__ = _lazy_exports(globals(), {
