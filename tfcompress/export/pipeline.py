@@ -13,12 +13,12 @@ import numpy as np
 from tfcompress.errors import ExportError
 from tfcompress.export.convert import _run_onnx, run_openvino, to_onnx, to_openvino
 from tfcompress.export.data import load_data
-from tfcompress.export.options import INT8_MODES, check_args
+from tfcompress.export.options import check_args
 from tfcompress.stripping.savedmodel_strip import (
     atomic_output_dir, commit_dir, freeze_saved_model, run_frozen, strip_saved_model,
 )
 
-__all__ = ["export_saved_model", "INT8_MODES"]
+__all__ = ["export_saved_model"]
 
 # Output checks of a model that holds FakeQuant ops (from QAT). A value that lands on a rounding boundary of a
 # quantizer moves by a whole quantization step, and the next layers carry the step on: the stripped graph
