@@ -35,7 +35,8 @@ def table(s: dict) -> str:
                         ("INT8", "original INT8 (post-training)", "compressed INT8 (QAT)")):
         rows.append((f"latency b1, {label} (ms)", f"{sp[o]['b1_ms']:.3f}", f"{sp[c]['b1_ms']:.3f}",
                      _ratio(sp[c]["b1_ms"], sp[o]["b1_ms"])))
-    for label, o, c in (("FP32", "original FP32", "compressed FP32"),
+    for label, o, c in (("FP32 (f32 hint)", "original FP32", "compressed FP32"),
+                        (default, f"original {default}", f"compressed {default}"),
                         ("INT8", "original INT8 (post-training)", "compressed INT8 (QAT)")):
         rows.append((f"throughput b32, {label} (img/s)", f"{sp[o]['b32_ips']:.0f}", f"{sp[c]['b32_ips']:.0f}",
                      _ratio(sp[c]["b32_ips"], sp[o]["b32_ips"])))
