@@ -52,8 +52,9 @@ def train_dataset(x, y, batch: int, seed: int) -> tf.data.Dataset:
     return ds.batch(batch).prefetch(2)
 
 
-def with_teacher(ds: tf.data.Dataset, teacher: keras.Model, mixup: float = 0.0, flip: bool = False) -> tf.data.Dataset:
-    """Labels become [one-hot label, teacher probabilities] for DistillationLoss (teacher sees the same augmented batch).
+def with_mixed_teacher(ds: tf.data.Dataset, teacher: keras.Model, mixup: float = 0.0, flip: bool = False) -> tf.data.Dataset:
+    """tfcompress.pruning.with_teacher with mixup and a flip-averaged teacher: labels become [one-hot label, teacher
+    probabilities] for DistillationLoss (the teacher sees the same augmented batch).
 
     ``mixup`` > 0 mixes each image with another of its batch (ratio ~ Beta(mixup, mixup), labels mixed alike)
     before the teacher sees it: the student then matches the teacher between the training images too
@@ -102,31 +103,6 @@ def with_teacher_features(ds: tf.data.Dataset, teacher: keras.Model) -> tf.data.
     return ds.map(targets)
 
 
-@keras.saving.register_keras_serializable(package="tfcompress_benchmarks")
-class DistillationLoss(keras.losses.Loss):
-    """alpha * cross-entropy with the labels + (1 - alpha) * T^2 * KL(teacher_T || student_T) (Hinton et al.).
-
-    Both models end in softmax, so log-probabilities stand in for logits (softmax is shift-invariant).
-    """
-
-    def __init__(self, temperature: float = 4.0, alpha: float = 0.5, **kwargs):
-        super().__init__(**kwargs)
-        self.temperature, self.alpha = temperature, alpha
-
-    def call(self, y_true, y_pred):
-        classes = y_pred.shape[-1]
-        labels, teacher = y_true[:, :classes], y_true[:, classes:]
-        ce = keras.losses.categorical_crossentropy(labels, y_pred)
-        t = self.temperature
-        soft_teacher = tf.nn.softmax(tf.math.log(teacher + 1e-7) / t)
-        log_student = tf.nn.log_softmax(tf.math.log(y_pred + 1e-7) / t)
-        kl = tf.reduce_sum(soft_teacher * (tf.math.log(soft_teacher + 1e-7) - log_student), -1)
-        return self.alpha * ce + (1 - self.alpha) * t * t * kl
-
-    def get_config(self) -> dict:
-        return {**super().get_config(), "temperature": self.temperature, "alpha": self.alpha}
-
-
 def overhead(x, y, rounds: int, batch: int) -> dict:
     """Median epoch wall time with / without the callback, measured in alternation."""
     ds = tf.data.Dataset.from_tensor_slices((x.astype("float32"), y)).batch(batch).cache().prefetch(2)
@@ -166,12 +142,13 @@ def finetune(criterion: str | None, data, epochs: int, pruning_epochs: int, batc
         # each feature's MSE divided by the teacher's mean square of it (measured on a batch): a relative error
         sample = with_features(teacher).predict(x[:512].astype("float32"), verbose=0)[1:]
         trained = with_features(model)
-        trained.compile(keras.optimizers.Adam(lr), [DistillationLoss(**distill_options)] + ["mse"] * len(sample),
+        trained.compile(keras.optimizers.Adam(lr), [tfcompress.pruning.DistillationLoss(**distill_options)] + ["mse"] * len(sample),
                         loss_weights=[1.0] + [beta / float(np.mean(f ** 2)) for f in sample])
         ds = with_teacher_features(ds, teacher)
     elif teacher is not None:
-        model.compile(keras.optimizers.Adam(lr), DistillationLoss(**distill_options))
-        ds = with_teacher(ds, teacher, mixup, flip)
+        model.compile(keras.optimizers.Adam(lr), tfcompress.pruning.DistillationLoss(**distill_options))
+        ds = with_mixed_teacher(ds, teacher, mixup, flip) if mixup > 0 or flip else tfcompress.pruning.with_teacher(
+            ds, teacher)
     sens = pruning_options.get("sensitivity_data")
     if sens is not None and teacher is not None:  # the compiled loss wants [one-hot label, teacher probabilities]
         xs, ys = sens

@@ -1,0 +1,152 @@
+"""Distillation while pruning: the loss against Keras' own losses, and a pruned MNIST run that uses it."""
+
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfcompress
+from tfcompress.pruning import DistillationAccuracy, DistillationLoss, FilterPruning, with_teacher
+from conftest import run_script
+from data import mnist
+from test_pruning import residual_cnn
+
+
+def _probs(rng, n=32, classes=10, scale=3.0):
+    z = rng.normal(size=(n, classes)) * scale
+    return z, keras.ops.convert_to_numpy(keras.ops.softmax(z)).astype("float32")
+
+
+@pytest.mark.parametrize("alpha, temperature", [(0.5, 4.0), (0.2, 2.0), (1.0, 1.0), (0.0, 8.0)])
+def test_loss_equals_keras_crossentropy_plus_scaled_kl(rng, alpha, temperature):
+    """Matches keras.losses.CategoricalCrossentropy + T^2 * keras.losses.KLDivergence of the softened outputs,
+    for probability outputs and for logits (relative tolerance 1e-4, float32)."""
+    labels = np.eye(10, dtype="float32")[rng.integers(0, 10, 32)]
+    zs, ps = _probs(rng)
+    zt, pt = _probs(rng)
+    soft = lambda z: keras.ops.softmax(keras.ops.convert_to_tensor(z / temperature, "float32"))  # noqa: E731
+    ce = keras.losses.CategoricalCrossentropy(from_logits=True)(labels, zs.astype("float32"))
+    kl = keras.losses.KLDivergence()(soft(zt), soft(zs))
+    expected = float(alpha * ce + (1 - alpha) * temperature ** 2 * kl)
+    y_true = np.concatenate([labels, pt], -1)
+    from_probs = float(DistillationLoss(alpha, temperature)(y_true, ps))
+    from_logits = float(DistillationLoss(alpha, temperature, from_logits=True)(
+        np.concatenate([labels, zt.astype("float32")], -1), zs.astype("float32")))
+    assert from_logits == pytest.approx(expected, rel=1e-4)
+    assert from_probs == pytest.approx(expected, rel=1e-4)
+
+
+def test_loss_is_the_crossentropy_when_the_student_is_the_teacher(rng):
+    labels = np.eye(10, dtype="float32")[rng.integers(0, 10, 16)]
+    _, p = _probs(rng, n=16)
+    loss = float(DistillationLoss(alpha=0.3)(np.concatenate([labels, p], -1), p))
+    assert loss == pytest.approx(0.3 * float(keras.losses.CategoricalCrossentropy()(labels, p)), rel=1e-4)
+
+
+def test_bad_arguments_get_clear_errors():
+    with pytest.raises(ValueError, match="alpha"):
+        DistillationLoss(alpha=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        DistillationLoss(temperature=0)
+    with pytest.raises(ValueError, match="with_teacher"):
+        DistillationLoss()(np.zeros((4, 10), "float32"), np.full((4, 10), 0.1, "float32"))
+    teacher = residual_cnn()
+    x, y = np.zeros((8, 28, 28, 1), "float32"), np.zeros(8, "int32")
+    with pytest.raises(TypeError, match="tf.data.Dataset"):
+        with_teacher((x, y), teacher)
+    with pytest.raises(ValueError, match="batch the dataset"):
+        with_teacher(tf.data.Dataset.from_tensor_slices((x, y)), teacher)
+    with pytest.raises(ValueError, match="one-hot"):
+        with_teacher(tf.data.Dataset.from_tensor_slices((x, np.zeros((8, 3), "float32"))).batch(4), teacher)
+    two_heads = keras.Model(teacher.inputs, [teacher.output, teacher.output])
+    with pytest.raises(ValueError, match="single output"):
+        with_teacher(tf.data.Dataset.from_tensor_slices((x, y)).batch(4), two_heads)
+
+
+def test_with_teacher_targets_and_sample_weights():
+    x, y, _, _ = mnist(n_train=64, n_test=0)
+    net = residual_cnn()
+    listed = keras.Model(net.inputs, [net.output])  # outputs given as a list, as in models loaded from .h5
+    w = np.linspace(0.5, 1.5, 64).astype("float32")
+    for teacher, labels in ((net, y), (net, y[:, None]), (listed, np.eye(10, dtype="float32")[y])):
+        ds = with_teacher(tf.data.Dataset.from_tensor_slices((x, labels, w)).batch(16), teacher)
+        xb, target, wb = next(iter(ds))
+        np.testing.assert_array_equal(target[:, :10].numpy(), np.eye(10)[y[:16]])
+        np.testing.assert_allclose(target[:, 10:].numpy(), teacher(x[:16], training=False).numpy(), rtol=1e-5,
+                                   atol=1e-6)
+        np.testing.assert_array_equal(wb.numpy(), w[:16])
+
+
+def test_pruning_with_distillation_on_mnist_saves_and_strips(tmp_path):
+    """A teacher trained two epochs teaches its copy while FilterPruning removes half of every group's channels:
+    the logs carry the label accuracy and the pruning level, the saved model (with its compiled loss) reloads,
+    and the stripped model agrees with the pruned one."""
+    x, y, xt, yt = mnist()
+    teacher = residual_cnn()
+    teacher.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    # a lower rate in the second epoch lets the BatchNorm moving statistics catch up (see test_pruning)
+    lr = keras.callbacks.LearningRateScheduler(lambda epoch: [3e-3, 5e-4][epoch])
+    teacher.fit(x, y, epochs=2, batch_size=64, callbacks=[lr], verbose=0)
+    student = keras.models.clone_model(teacher)
+    student.set_weights(teacher.get_weights())
+    student.compile(keras.optimizers.Adam(1e-3), DistillationLoss(alpha=0.5, temperature=4.0, from_logits=True),
+                    metrics=[DistillationAccuracy()])
+    train = with_teacher(tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=1).batch(64), teacher)
+    val = with_teacher(tf.data.Dataset.from_tensor_slices((xt, yt)).batch(256), teacher)
+    pruner = FilterPruning(target=0.5, pruning_epochs=1, criterion="l2")
+    hist = student.fit(train, validation_data=val, epochs=2, callbacks=[pruner], verbose=0)
+    assert hist.history["pruning_level"][-1] == pytest.approx(0.5)
+    assert {"loss", "accuracy", "val_accuracy"} <= set(hist.history)
+    # the metric is the label accuracy: the same as Keras' own on the test set
+    probe = keras.models.clone_model(student)
+    probe.set_weights(student.get_weights())
+    probe.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    keras_acc = probe.evaluate(xt, yt, batch_size=256, verbose=0)[1]
+    assert hist.history["val_accuracy"][-1] == pytest.approx(keras_acc, abs=1e-6)
+    assert keras_acc > 0.85
+    student.save(tmp_path / "pruned.keras")
+    reloaded = keras.models.load_model(tmp_path / "pruned.keras")
+    assert reloaded.loss.get_config()["temperature"] == 4.0 and reloaded.loss.from_logits
+    assert reloaded.evaluate(val, verbose=0)[1] == pytest.approx(keras_acc, abs=1e-6)
+    small = tfcompress.strip(reloaded)
+    assert tfcompress.count_flops(small) < 0.7 * tfcompress.count_flops(student)
+    np.testing.assert_allclose(small.predict(xt[:256], verbose=0), student.predict(xt[:256], verbose=0),
+                               rtol=1e-4, atol=1e-4)
+
+
+MIRRORED = textwrap.dedent("""
+    import os, sys
+    import numpy as np
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    import tfcompress
+    from tfcompress.pruning import DistillationAccuracy, DistillationLoss, FilterPruning, with_teacher
+    sys.path.insert(0, os.environ["TESTS_DIR"])
+    from data import mnist
+    from test_pruning import residual_cnn
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    x, y, xt, yt = mnist(2048, 512)
+    with strategy.scope():
+        teacher = residual_cnn()
+        student = residual_cnn()
+        student.set_weights(teacher.get_weights())
+        student.compile(keras.optimizers.Adam(1e-3), DistillationLoss(from_logits=True),
+                        metrics=[DistillationAccuracy()])
+    ds = with_teacher(tf.data.Dataset.from_tensor_slices((x, y)).batch(128), teacher)
+    pruner = FilterPruning(target=0.5, criterion="l2", pruning_epochs=1)
+    hist = student.fit(ds, epochs=1, callbacks=[pruner], verbose=0)
+    loss = hist.history["loss"][-1]
+    assert np.isfinite(loss) and 0.0 <= hist.history["accuracy"][-1] <= 1.0, hist.history
+    small = tfcompress.strip(student)
+    a, b = student(xt).numpy(), small(xt).numpy()
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max()
+    print("LEVEL", hist.history["pruning_level"][-1])
+""")
+
+
+def test_distillation_under_mirrored_strategy(tmp_path):
+    assert "LEVEL 0.5" in run_script(tmp_path, MIRRORED)
