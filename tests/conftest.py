@@ -63,6 +63,30 @@ def rel_error(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
+# A fresh Python with the one CPU split into two logical devices and a MirroredStrategy over them (the device
+# split must come before TensorFlow initialises, hence a subprocess); the test's code follows it.
+TWO_CPU_REPLICAS = """\
+import os, sys
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+import tfcompress
+sys.path.insert(0, os.environ["TESTS_DIR"])
+from data import mnist
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+assert strategy.num_replicas_in_sync == 2
+"""
+
+
+def run_mirrored(tmp_path, code: str) -> str:
+    """``run_script`` of ``code`` (dedented) after ``TWO_CPU_REPLICAS``, which defines ``strategy``."""
+    import textwrap
+
+    return run_script(tmp_path, TWO_CPU_REPLICAS + textwrap.dedent(code))
+
+
 def run_script(tmp_path, code: str) -> str:
     """Run ``code`` in a fresh Python (e.g. to configure TF devices first); return its stdout, fail on error."""
     import subprocess

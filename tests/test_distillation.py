@@ -1,7 +1,5 @@
 """Distillation while pruning: the loss against Keras' own losses, and a pruned MNIST run that uses it."""
 
-import textwrap
-
 import keras
 import numpy as np
 import pytest
@@ -9,7 +7,7 @@ import tensorflow as tf
 
 import tfcompress
 from tfcompress.pruning import DistillationAccuracy, DistillationLoss, FilterPruning, with_teacher
-from conftest import run_script
+from conftest import run_mirrored
 from data import mnist
 from test_pruning import residual_cnn
 
@@ -116,19 +114,9 @@ def test_pruning_with_distillation_on_mnist_saves_and_strips(tmp_path):
                                rtol=1e-4, atol=1e-4)
 
 
-MIRRORED = textwrap.dedent("""
-    import os, sys
-    import numpy as np
-    import tensorflow as tf
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    import keras
-    import tfcompress
+MIRRORED = """
     from tfcompress.pruning import DistillationAccuracy, DistillationLoss, FilterPruning, with_teacher
-    sys.path.insert(0, os.environ["TESTS_DIR"])
-    from data import mnist
     from test_pruning import residual_cnn
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     x, y, xt, yt = mnist(2048, 512)
     with strategy.scope():
         teacher = residual_cnn()
@@ -145,8 +133,8 @@ MIRRORED = textwrap.dedent("""
     a, b = student(xt).numpy(), small(xt).numpy()
     assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max()
     print("LEVEL", hist.history["pruning_level"][-1])
-""")
+"""
 
 
 def test_distillation_under_mirrored_strategy(tmp_path):
-    assert "LEVEL 0.5" in run_script(tmp_path, MIRRORED)
+    assert "LEVEL 0.5" in run_mirrored(tmp_path, MIRRORED)

@@ -1,7 +1,6 @@
 """FilterPruning in model.fit, on real MNIST data, with real Keras training."""
 
 import json
-import textwrap
 
 import keras
 import numpy as np
@@ -12,7 +11,7 @@ import tfcompress
 from tfcompress.pruning import FilterPruning, criteria, level_at
 from tfcompress.pruning.masking import GroupMasks
 from tfcompress.graph import build_graph
-from conftest import ROOT, rel_error, run_script
+from conftest import ROOT, rel_error, run_mirrored
 from data import mnist
 
 
@@ -375,20 +374,9 @@ def test_config_round_trip_and_errors(tmp_path):
         tfcompress.load_config(tmp_path / "missing.json")
 
 
-MIRRORED = textwrap.dedent("""
-    import os, sys
-    import numpy as np
-    import tensorflow as tf
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    import keras
+MIRRORED = """
     from keras import layers as L
-    import tfcompress
-    sys.path.insert(0, os.environ["TESTS_DIR"])
-    from data import mnist
     from test_pruning import residual_cnn, _compile
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    assert strategy.num_replicas_in_sync == 2
     x, y, xt, yt = mnist(2048, 512)
     with strategy.scope():
         model = _compile(residual_cnn())
@@ -404,11 +392,11 @@ MIRRORED = textwrap.dedent("""
     b = small(xt).numpy()
     assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max()
     print("LEVEL", hist.history["pruning_level"][-1])
-""")
+"""
 
 
 def test_mirrored_strategy_two_cpu_replicas(tmp_path):
-    assert "LEVEL 0.5" in run_script(tmp_path, MIRRORED)
+    assert "LEVEL 0.5" in run_mirrored(tmp_path, MIRRORED)
 
 
 def test_batchnorm_gain_decides_importance_after_a_conv():

@@ -1,7 +1,5 @@
 """Quantization-aware training on real MNIST data, exported to OpenVINO INT8 by both routes."""
 
-import textwrap
-
 import keras
 import numpy as np
 import openvino as ov
@@ -12,7 +10,7 @@ import tfcompress
 from tfcompress import calibration
 from tfcompress.export import strip_saved_model, to_onnx, to_openvino
 from tfcompress.quantization import ActivationQuantizer, RangeInit, quantize_model
-from conftest import rel_error, run_script
+from conftest import rel_error, run_mirrored
 from data import mnist
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -158,18 +156,9 @@ def test_unsupported_layers_warn_and_subclassed_models_fail():
         quantize_model(Net())
 
 
-MIRRORED = textwrap.dedent("""
-    import os, sys
-    import numpy as np
-    import tensorflow as tf
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    import keras
-    sys.path.insert(0, os.environ["TESTS_DIR"])
-    from data import mnist
+MIRRORED = """
     from test_qat import small_cnn, LOSS
     from tfcompress.quantization import quantize_model, RangeInit
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     x, y, xt, yt = mnist(2048, 512)
     with strategy.scope():
         q = quantize_model(small_cnn())
@@ -183,11 +172,11 @@ MIRRORED = textwrap.dedent("""
                 assert len(set(np.round(vals, 6).tolist())) == 1, (layer.name, vals)  # replicas agree
             assert float(layer.range_max.numpy()) > 0
     print("LOSS", hist.history["loss"][0], hist.history["loss"][-1])
-""")
+"""
 
 
 def test_qat_under_mirrored_strategy(tmp_path):
-    first, last = map(float, run_script(tmp_path, MIRRORED).split("LOSS")[-1].split())
+    first, last = map(float, run_mirrored(tmp_path, MIRRORED).split("LOSS")[-1].split())
     assert last < first  # it trains (the point here: replicas agree on the quantizer ranges)
 
 
