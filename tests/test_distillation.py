@@ -114,6 +114,22 @@ def test_pruning_with_distillation_on_mnist_saves_and_strips(tmp_path):
                                rtol=1e-4, atol=1e-4)
 
 
+
+def test_sensitivity_allocation_measures_the_distillation_loss():
+    """With ``flops_allocation="sensitivity"`` the probes evaluate the compiled DistillationLoss, so the
+    held-out data goes through with_teacher too; the FLOPs goal is still reached."""
+    x, y, _, _ = mnist(n_train=768, n_test=0)
+    teacher = residual_cnn()
+    student = keras.models.clone_model(teacher)
+    student.set_weights(teacher.get_weights())
+    student.compile(keras.optimizers.Adam(1e-3), DistillationLoss(from_logits=True))
+    batches = lambda a, b: tf.data.Dataset.from_tensor_slices((a, b)).batch(128)  # noqa: E731
+    pruner = FilterPruning(flops_target=0.3, flops_allocation="sensitivity", pruning_epochs=1, criterion="l1",
+                           sensitivity_data=with_teacher(batches(x[512:], y[512:]), teacher))
+    hist = student.fit(with_teacher(batches(x[:512], y[:512]), teacher), epochs=1, callbacks=[pruner], verbose=0)
+    assert hist.history["flops_ratio"][-1] <= 0.7 + 1e-6
+    assert np.isfinite(hist.history["loss"][-1])
+
 MIRRORED = """
     from tfcompress.pruning import DistillationAccuracy, DistillationLoss, FilterPruning, with_teacher
     from test_pruning import residual_cnn
