@@ -56,7 +56,7 @@ def test_bad_arguments_get_clear_errors():
         with_teacher((x, y), teacher)
     with pytest.raises(ValueError, match="batch the dataset"):
         with_teacher(tf.data.Dataset.from_tensor_slices((x, y)), teacher)
-    with pytest.raises(ValueError, match="one-hot"):
+    with pytest.raises(ValueError, match="one-hot or soft labels"):
         with_teacher(tf.data.Dataset.from_tensor_slices((x, np.zeros((8, 3), "float32"))).batch(4), teacher)
     two_heads = keras.Model(teacher.inputs, [teacher.output, teacher.output])
     with pytest.raises(ValueError, match="single output"):

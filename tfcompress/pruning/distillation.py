@@ -70,7 +70,7 @@ def with_teacher(dataset: tf.data.Dataset, teacher: keras.Model) -> tf.data.Data
     if sparse and not (y_spec.shape.rank == 1 or (y_spec.shape.rank == 2 and y_spec.shape[-1] == 1)):
         raise ValueError(f"integer labels must have shape (batch,) or (batch, 1), got {y_spec.shape}")
     if not sparse and (y_spec.shape.rank != 2 or y_spec.shape[-1] != classes):
-        raise ValueError(f"float labels must be one-hot of shape (batch, {classes}), got {y_spec.shape}")
+        raise ValueError(f"float labels must be one-hot or soft labels of shape (batch, {classes}), got {y_spec.shape}")
 
     def targets(x, y, *sample_weight):
         if sparse:
