@@ -289,6 +289,55 @@ def test_resume_from_checkpoint_continues_the_schedule(tmp_path):
             assert not pruner.masks[layers][zero].any()
 
 
+class MaskLog(keras.callbacks.Callback):
+    """Placed after FilterPruning: the masks in force during each epoch."""
+
+    def __init__(self, pruner):
+        super().__init__()
+        self.pruner, self.epochs = pruner, {}
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs[epoch] = self.pruner.masks
+
+
+def test_masks_are_fixed_after_the_ramp():
+    """A weight-dependent allocation re-ranked after the ramp traded channels between groups (3 changed in the
+    first epoch after it in this run); after the ramp the masks must stay those of its last step."""
+    x, y, _, _ = mnist(4096)
+    model = _compile(residual_cnn())
+    pruner = FilterPruning(flops_target=0.4, flops_allocation="global", criterion="l1", pruning_epochs=2,
+                           prune_downsample_convs=True)
+    log = MaskLog(pruner)
+    hist = model.fit(x, y, epochs=5, batch_size=128, callbacks=[pruner, log], verbose=0)
+    last_step = log.epochs[1]
+    for epoch in (2, 3, 4):
+        for layers, keep in log.epochs[epoch].items():
+            np.testing.assert_array_equal(keep, last_step[layers], err_msg=f"epoch {epoch}, group {layers}")
+    assert all(r <= 0.6 + 1e-9 for r in hist.history["flops_ratio"][1:])
+
+
+def test_resume_after_the_ramp_keeps_the_checkpoint_masks(tmp_path, capsys):
+    """Resumed after the ramp, a measured allocation does not measure again (on pruned weights it would rank
+    differently): the channels zero in the checkpoint are the pruned ones, and nothing else goes."""
+    x, y, xv, yv = mnist(2048)
+    model = _compile(residual_cnn())
+    kwargs = dict(flops_target=0.4, flops_allocation="sensitivity", criterion="l2", pruning_epochs=2,
+                  prune_downsample_convs=True, verbose=1)
+    first = model.fit(x, y, epochs=2, batch_size=128, verbose=0,
+                      callbacks=[FilterPruning(**kwargs, sensitivity_data=(xv[:256], yv[:256]))])
+    assert "measuring the loss" in capsys.readouterr().out
+    model.save(tmp_path / "ckpt.keras")
+    resumed = keras.models.load_model(tmp_path / "ckpt.keras")
+    zero = {g.layers: GroupMasks(build_graph(resumed), [g]).zero_channels(g)
+            for g in tfcompress.channel_groups(resumed)}
+    pruner = FilterPruning(**kwargs, sensitivity_data=(xv[:256], yv[:256]))
+    hist = resumed.fit(x, y, epochs=4, initial_epoch=2, batch_size=128, callbacks=[pruner], verbose=0)
+    assert "measuring the loss" not in capsys.readouterr().out
+    for layers, keep in pruner.masks.items():
+        np.testing.assert_array_equal(keep, ~zero[layers], err_msg=str(layers))
+    assert hist.history["flops_ratio"] == pytest.approx([first.history["flops_ratio"][-1]] * 2)
+
+
 def test_revived_channel_gets_its_weights_back():
     model = keras.Sequential([keras.Input((6,)), L.Dense(4, name="a"), L.Dense(2)])
     kg = build_graph(model)

@@ -50,7 +50,8 @@ class FilterPruning(keras.callbacks.Callback):
         criterion: ``"l1"``, ``"l2"`` or ``"geometric_median"`` (FPGM).
         schedule: ``"exponential"``, ``"polynomial"`` or ``"baseline"`` (the full level from ``start_epoch``).
         start_epoch: first epoch (0-based) that prunes.
-        pruning_epochs: epochs over which the level ramps to its final value; masks are fixed afterwards.
+        pruning_epochs: epochs over which the level ramps to its final value; masks are fixed afterwards
+            (a run resumed after the ramp keeps the channels its checkpoint has zeroed).
         prune_first_conv: also prune layers fed directly by a model input.
         prune_downsample_convs: also prune groups containing a strided convolution.
         ignored_layers: names of layers never to prune (their whole group is left alone).
@@ -193,13 +194,20 @@ class FilterPruning(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         st = self._require()
         in_ramp = self.start_epoch <= epoch < self.start_epoch + self.pruning_epochs
-        counts = self._counts(self.level_at(epoch))
+        after_ramp = epoch >= self.start_epoch + self.pruning_epochs
+        level = self.level_at(epoch)
         current = {gid: int((~k).sum()) for gid, k in st.masks.keep.items()}
-        if in_ramp or counts != current:
-            st.masks.set(self._select(counts))
-            if self.verbose:
-                print(f"FilterPruning: epoch {epoch + 1}: pruning level {self.pruning_level:.3f}, "
-                      f"FLOPs ratio {self.flops_ratio:.3f}")
+        # After the ramp the masks are fixed once they reach the final level. Re-ranking there would let a
+        # weight-dependent allocation ("global*", "sensitivity") trade channels between groups every epoch,
+        # reviving filters with stale weights, and a run resumed from a checkpoint would re-measure the
+        # sensitivity table on already pruned weights.
+        if not (after_ramp and self._reaches(current, level)):
+            counts = self._counts(level)
+            if in_ramp or counts != current:
+                st.masks.set(self._select(counts))
+                if self.verbose:
+                    print(f"FilterPruning: epoch {epoch + 1}: pruning level {self.pruning_level:.3f}, "
+                          f"FLOPs ratio {self.flops_ratio:.3f}")
         st.masks.apply()
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
@@ -252,6 +260,13 @@ class FilterPruning(keras.callbacks.Callback):
         if any((~k).any() for k in resumed.values()):
             masks.set({gid: _keep_some(k, g.blocks) for (gid, k), g in zip(resumed.items(), groups)})
         return st
+
+    def _reaches(self, removed: dict[int, int], level: float) -> bool:
+        """Whether removing ``removed`` channels per group already meets ``level`` (per group, or in FLOPs)."""
+        st = self._require()
+        if self.flops_target is None:
+            return all(removed[g.id] >= _aligned(level * g.size, g) for g in st.masks.groups)
+        return self._flops_of(removed) <= (1.0 - level) * st.full_flops * (1.0 + 1e-9)
 
     def _counts(self, level: float) -> dict[int, int]:
         """Channels to remove per group for a level (a fraction, or a FLOPs reduction)."""
