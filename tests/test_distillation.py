@@ -129,6 +129,14 @@ def test_sensitivity_allocation_measures_the_distillation_loss():
     hist = student.fit(with_teacher(batches(x[:512], y[:512]), teacher), epochs=1, callbacks=[pruner], verbose=0)
     assert hist.history["flops_ratio"][-1] <= 0.7 + 1e-6
     assert np.isfinite(hist.history["loss"][-1])
+    # raw labels for a distillation loss: a clear error when training starts, the weights untouched
+    before = [w.copy() for w in student.get_weights()]
+    pruner = FilterPruning(flops_target=0.3, flops_allocation="sensitivity", pruning_epochs=1, criterion="l1",
+                           start_epoch=1, sensitivity_data=(x[512:], y[512:]))
+    with pytest.raises(ValueError, match="sensitivity_data does not fit .* through with_teacher") as info:
+        student.fit(with_teacher(batches(x[:512], y[:512]), teacher), epochs=2, callbacks=[pruner], verbose=0)
+    assert "distillation targets must have 2 x 10 columns" in str(info.value)
+    assert all(np.array_equal(a, b) for a, b in zip(before, student.get_weights()))
 
 MIRRORED = """
     from tfcompress.pruning import DistillationAccuracy, DistillationLoss, FilterPruning, with_teacher

@@ -190,6 +190,8 @@ class FilterPruning(keras.callbacks.Callback):
     def on_train_begin(self, logs: dict | None = None) -> None:
         if self._state is None or self._state.model is not self.model:
             self._state = self._analyse(self.model)
+            if self.flops_allocation == "sensitivity":
+                sensitivity.check_fits(self.model, self.sensitivity_data)
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         st = self._require()

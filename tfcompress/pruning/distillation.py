@@ -84,9 +84,11 @@ def with_teacher(dataset: tf.data.Dataset, teacher: keras.Model) -> tf.data.Data
 def _split(y_true, y_pred):
     """(labels, teacher outputs) from the ``with_teacher`` targets, checked against the student's width."""
     classes = y_pred.shape[-1]
-    if y_true.shape[-1] is not None and classes is not None and y_true.shape[-1] != 2 * classes:
+    rank = len(y_true.shape)
+    if rank != 2 or (y_true.shape[-1] is not None and classes is not None and y_true.shape[-1] != 2 * classes):
+        got = f"{y_true.shape[-1]}" if rank == 2 else f"targets of shape {tuple(y_true.shape)}"
         raise ValueError(f"distillation targets must have 2 x {classes} columns ([one-hot label, teacher output]), "
-                         f"got {y_true.shape[-1]}: build the dataset with tfcompress.pruning.with_teacher")
+                         f"got {got}: build the dataset with tfcompress.pruning.with_teacher")
     return y_true[:, :classes], y_true[:, classes:]
 
 

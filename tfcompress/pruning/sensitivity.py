@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from tfcompress.graph.engine import ChannelGroup
 
-__all__ = ["check_data", "loss_table", "greedy_path", "counts_for_goal", "probe_points"]
+__all__ = ["check_data", "check_fits", "loss_table", "greedy_path", "counts_for_goal", "probe_points"]
 
 Counts = dict[int, int]
 
@@ -42,6 +42,27 @@ def check_data(data: Any) -> Any:
     raise ValueError(
         f"sensitivity_data must be (x, y) arrays or a tf.data.Dataset of (x, y) batches; got {type(data).__name__}"
     )
+
+
+def check_fits(model: keras.Model, data: Any) -> None:
+    """Evaluate the compiled loss on a few samples of ``data`` so that data in the wrong format fails when
+    training starts, with a ValueError that says what to do, not at the first schedule step from inside
+    ``model.evaluate``."""
+    if getattr(model, "loss", None) is None:
+        raise ValueError(f"model {model.name!r} has no compiled loss: sensitivity_data is measured with it")
+    try:
+        if isinstance(data, tf.data.Dataset):
+            model.evaluate(data.take(1), verbose=0)
+        else:
+            model.evaluate(data[0][:8], data[1][:8], verbose=0)
+    except (ValueError, TypeError, tf.errors.OpError) as e:
+        raise ValueError(
+            f"sensitivity_data does not fit the compiled loss of model {model.name!r}; give it in the format "
+            f"the loss expects (with DistillationLoss, pass it through with_teacher like the training data): "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+        ) from None
+    finally:
+        model.reset_metrics()
 
 
 def probe_points(blocks: int, cap: int, max_probes: int = 12) -> list[int]:
