@@ -223,6 +223,8 @@ def main() -> None:
                     help="a .keras file: load the unpruned fine-tuned model from it if it exists (it must come "
                          "from a run with the same --epochs and data), else fine-tune it and save it there")
     ap.add_argument("--seed", type=int, default=1, help="random seed of the pruned runs (weights order, batches)")
+    ap.add_argument("--reference_seed", type=int, default=1,
+                    help="random seed of the unpruned fine-tuning (when it is not loaded from --reference)")
     ap.add_argument("--json", default="", help="also write the results to this JSON file")
     args = ap.parse_args()
 
@@ -262,7 +264,7 @@ def main() -> None:
         else:
             r, model = finetune(criterion, data, args.epochs, args.pruning_epochs, args.batch, args.lr,
                                 teacher=teacher if distill else None, distill_options=distill_options,
-                                seed=args.seed if criterion else 1,
+                                seed=args.seed if criterion else args.reference_seed,
                                 init=teacher if criterion and args.from_reference else None, **options)
             if teacher is None:
                 teacher = model
