@@ -265,10 +265,10 @@ class FilterPruning(keras.callbacks.Callback):
 
     def _reaches(self, removed: dict[int, int], level: float) -> bool:
         """Whether removing ``removed`` channels per group already meets ``level`` (per group, or in FLOPs)."""
-        st = self._require()
-        if self.flops_target is None:
-            return all(removed[g.id] >= _aligned(level * g.size, g) for g in st.masks.groups)
-        return self._flops_of(removed) <= (1.0 - level) * st.full_flops * (1.0 + 1e-9)
+        if self.flops_target is None:  # per-group counts depend on the level alone: compare with them
+            return all(removed[gid] >= n for gid, n in self._counts(level).items())
+        # a FLOPs allocation may depend on the weights: ask only whether the FLOPs goal is met
+        return self._flops_of(removed) <= (1.0 - level) * self._require().full_flops * (1.0 + 1e-9)
 
     def _counts(self, level: float) -> dict[int, int]:
         """Channels to remove per group for a level (a fraction, or a FLOPs reduction)."""

@@ -48,21 +48,27 @@ def check_fits(model: keras.Model, data: Any) -> None:
     """Evaluate the compiled loss on a few samples of ``data`` so that data in the wrong format fails when
     training starts, with a ValueError that says what to do, not at the first schedule step from inside
     ``model.evaluate``."""
-    if getattr(model, "loss", None) is None:
-        raise ValueError(f"model {model.name!r} has no compiled loss: sensitivity_data is measured with it")
+    head = data.take(1) if isinstance(data, tf.data.Dataset) else (data[0][:8], data[1][:8])
     try:
-        if isinstance(data, tf.data.Dataset):
-            model.evaluate(data.take(1), verbose=0)
-        else:
-            model.evaluate(data[0][:8], data[1][:8], verbose=0)
+        _loss(model, head)
     except (ValueError, TypeError, tf.errors.OpError) as e:
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(
             f"sensitivity_data does not fit the compiled loss of model {model.name!r}; give it in the format "
             f"the loss expects (with DistillationLoss, pass it through with_teacher like the training data): "
-            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+            f"{first_line}"
         ) from None
     finally:
         model.reset_metrics()
+
+
+def _loss(model: keras.Model, data: Any, batch_size: int = 256) -> float:
+    """The model's compiled loss (with any ``add_loss`` terms) on ``(x, y)`` arrays or a batched dataset."""
+    if isinstance(data, tf.data.Dataset):
+        out = model.evaluate(data, verbose=0, return_dict=True)
+    else:
+        out = model.evaluate(data[0], data[1], batch_size=batch_size, verbose=0, return_dict=True)
+    return float(out["loss"])
 
 
 def probe_points(blocks: int, cap: int, max_probes: int = 12) -> list[int]:
@@ -93,11 +99,7 @@ def loss_table(
     """
 
     def loss() -> float:
-        if isinstance(data, tf.data.Dataset):
-            out = model.evaluate(data, verbose=0, return_dict=True)
-        else:
-            out = model.evaluate(data[0], data[1], batch_size=batch_size, verbose=0, return_dict=True)
-        return float(out["loss"])
+        return _loss(model, data, batch_size)
 
     points = {g.id: probe_points(g.blocks, caps[g.id]) for g in groups}
     bar = keras.utils.Progbar(1 + sum(len(p) for p in points.values()), unit_name="probe") if verbose else None
