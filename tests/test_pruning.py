@@ -116,6 +116,33 @@ def test_sequential_model_and_stays_zero_with_momentum():
     assert tfcompress.strip(model).get_layer("mid").kernel.shape[-1] == 9
 
 
+def test_pruned_weights_stay_zero_with_an_ema_optimizer():
+    """fit() swaps in the optimizer's moving average (use_ema=True) after the last epoch; the average still
+    holds what the channels had before they were pruned."""
+    x, y, xt, _ = mnist(2048)
+    model = residual_cnn()
+    model.compile(keras.optimizers.Adam(3e-3, use_ema=True, ema_momentum=0.9),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    pruner = FilterPruning(target=0.5, criterion="l1", pruning_epochs=2, prune_downsample_convs=True)
+    model.fit(x, y, epochs=2, batch_size=128, callbacks=[pruner], verbose=0)
+    for p, m in pruner._state.masks._masks.values():
+        assert np.all(p.variable.numpy()[m == 0] == 0), p.variable.path
+    small = tfcompress.strip(model)
+    assert tfcompress.count_flops(small) / tfcompress.count_flops(model) == pytest.approx(pruner.flops_ratio, rel=1e-6)
+    assert rel_error(small.predict(xt[:256], verbose=0), model.predict(xt[:256], verbose=0)) < 1e-4
+
+
+def test_steps_per_execution_warns_that_zeroing_is_per_execution():
+    x, y, _, _ = mnist(512)
+    model = residual_cnn()
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), steps_per_execution=4)
+    pruner = FilterPruning(target=0.25, criterion="l1", pruning_epochs=1)
+    with pytest.warns(UserWarning, match="steps_per_execution=4"):
+        model.fit(x, y, epochs=1, batch_size=64, callbacks=[pruner], verbose=0)
+    for p, m in pruner._state.masks._masks.values():  # zero again at the end of every execution
+        assert np.all(p.variable.numpy()[m == 0] == 0), p.variable.path
+
+
 def test_schedules_ramp_to_the_target():
     for schedule in ("exponential", "polynomial", "baseline"):
         levels = [level_at(schedule, 0.4, e, start_epoch=2, pruning_epochs=4) for e in range(8)]

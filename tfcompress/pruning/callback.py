@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from typing import Any, Iterable
 
 import keras
@@ -38,7 +39,10 @@ class FilterPruning(keras.callbacks.Callback):
     the least important channels by ``criterion``, aggregated over the group's layers, are zeroed (kernel
     slices, biases, BatchNorm gamma and beta). Masks are re-selected at each step, so a channel may come
     back (with the weights it had when pruned). After every training batch the pruned weights are zeroed again,
-    so they are exactly zero after every optimizer step, at every epoch end and in any checkpoint.
+    so they are exactly zero after every optimizer step, at every epoch end, in any checkpoint and after
+    ``fit`` returns (also when the optimizer's ``use_ema`` swaps in averaged weights). With
+    ``steps_per_execution=k`` Keras calls callbacks every ``k`` steps only, so the zeroing happens that often
+    (a warning says so).
 
     Each epoch's ``logs`` get ``pruning_level`` (fraction of prunable filters removed) and ``flops_ratio``
     (remaining / original FLOPs): the progress bar, ``History`` and a ``TensorBoard`` callback placed *after*
@@ -192,6 +196,13 @@ class FilterPruning(keras.callbacks.Callback):
             self._state = self._analyse(self.model)
             if self.flops_allocation == "sensitivity":
                 sensitivity.check_fits(self.model, self.sensitivity_data)
+        steps = getattr(self.model, "steps_per_execution", 1)
+        if isinstance(steps, int) and steps > 1:
+            warnings.warn(
+                f"the model is compiled with steps_per_execution={steps}: Keras calls callbacks once per "
+                f"{steps} optimizer steps, so FilterPruning re-zeroes the pruned weights only that often and "
+                "pruned channels train in between; compile with steps_per_execution=1 to keep them exactly zero "
+                "after every step", stacklevel=2)
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         st = self._require()
@@ -219,6 +230,12 @@ class FilterPruning(keras.callbacks.Callback):
         if logs is not None:
             logs["pruning_level"] = self.pruning_level
             logs["flops_ratio"] = self.flops_ratio
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        # fit() swaps in an optimizer's moving average of the weights (use_ema=True) just before this hook; the
+        # average still holds what pruned channels had before they were pruned
+        if self._state is not None:
+            self._state.masks.apply()
 
     # ------------------------------------------------------------------ internals
     def _analyse(self, model: keras.Model) -> "_State":
