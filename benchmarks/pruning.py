@@ -197,6 +197,8 @@ def main() -> None:
     ap.add_argument("--criteria", default="l1,l2,geometric_median")
     ap.add_argument("--skip_overhead", action="store_true")
     ap.add_argument("--prune_first_conv", action="store_true", help="also prune the stem convolution's group")
+    ap.add_argument("--ignored_layers", default="",
+                    help="comma-separated layers never to prune (their whole group stays), e.g. conv2d_5")
     ap.add_argument("--max_group_level", type=float, default=0.8,
                     help="with a global or sensitivity allocation: the largest fraction taken from one group")
     ap.add_argument("--flops_allocation", default="uniform", choices=("uniform", "global", "global_per_flop", "sensitivity"))
@@ -245,7 +247,8 @@ def main() -> None:
     modes = {"no": (False,), "also": (False, True), "only": (True,)}[args.distill]
     runs = [(None, False)] + [(c, d) for c in args.criteria.split(",") if c for d in modes]
     options = dict(prune_first_conv=args.prune_first_conv, flops_allocation=args.flops_allocation,
-                   max_group_level=args.max_group_level)
+                   max_group_level=args.max_group_level,
+                   ignored_layers=tuple(n for n in args.ignored_layers.split(",") if n))
     if args.flops_allocation == "sensitivity":
         options["sensitivity_data"] = (x[-args.sensitivity_samples:].astype("float32"), y[-args.sensitivity_samples:])
     distill_options = dict(alpha=args.alpha, temperature=args.temperature, feature_weight=args.feature_distill,
