@@ -39,6 +39,11 @@ def _compile(model, lr=3e-3):
     return model
 
 
+def assert_pruned_weights_are_zero(pruner):
+    for p, m in pruner._state.masks._masks.values():
+        assert np.all(p.variable.numpy()[m == 0] == 0), p.variable.path
+
+
 class PrunedWeightsAreZero(keras.callbacks.Callback):
     """Placed after FilterPruning: checks the pruned weights after every optimizer step and epoch."""
 
@@ -48,10 +53,7 @@ class PrunedWeightsAreZero(keras.callbacks.Callback):
         self.checks = 0
 
     def _check(self):
-        masks = self.pruner._state.masks
-        for p, m in masks._masks.values():
-            value = p.variable.numpy()
-            assert np.all(value[m == 0] == 0), p.variable.path
+        assert_pruned_weights_are_zero(self.pruner)
         self.checks += 1
 
     def on_train_batch_end(self, batch, logs=None):
@@ -125,8 +127,7 @@ def test_pruned_weights_stay_zero_with_an_ema_optimizer():
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     pruner = FilterPruning(target=0.5, criterion="l1", pruning_epochs=2, prune_downsample_convs=True)
     model.fit(x, y, epochs=2, batch_size=128, callbacks=[pruner], verbose=0)
-    for p, m in pruner._state.masks._masks.values():
-        assert np.all(p.variable.numpy()[m == 0] == 0), p.variable.path
+    assert_pruned_weights_are_zero(pruner)
     small = tfcompress.strip(model)
     assert tfcompress.count_flops(small) / tfcompress.count_flops(model) == pytest.approx(pruner.flops_ratio, rel=1e-6)
     assert rel_error(small.predict(xt[:256], verbose=0), model.predict(xt[:256], verbose=0)) < 1e-4
@@ -139,8 +140,7 @@ def test_steps_per_execution_warns_that_zeroing_is_per_execution():
     pruner = FilterPruning(target=0.25, criterion="l1", pruning_epochs=1)
     with pytest.warns(UserWarning, match="steps_per_execution=4"):
         model.fit(x, y, epochs=1, batch_size=64, callbacks=[pruner], verbose=0)
-    for p, m in pruner._state.masks._masks.values():  # zero again at the end of every execution
-        assert np.all(p.variable.numpy()[m == 0] == 0), p.variable.path
+    assert_pruned_weights_are_zero(pruner)  # zero again at the end of every execution
 
 
 def test_schedules_ramp_to_the_target():

@@ -234,8 +234,7 @@ class FilterPruning(keras.callbacks.Callback):
     def on_train_end(self, logs: dict | None = None) -> None:
         # fit() swaps in an optimizer's moving average of the weights (use_ema=True) just before this hook; the
         # average still holds what pruned channels had before they were pruned
-        if self._state is not None:
-            self._state.masks.apply()
+        self._require().masks.apply()
 
     # ------------------------------------------------------------------ internals
     def _analyse(self, model: keras.Model) -> "_State":
