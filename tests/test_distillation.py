@@ -77,6 +77,36 @@ def test_with_teacher_targets_and_sample_weights():
         np.testing.assert_array_equal(wb.numpy(), w[:16])
 
 
+class DictInputTeacher(keras.Model):
+    """A teacher written as a subclassed model taking a dict of inputs: it has no ``inputs`` or ``outputs``."""
+
+    def __init__(self):
+        super().__init__()
+        self.flatten, self.head = keras.layers.Flatten(), keras.layers.Dense(10, activation="softmax")
+
+    def call(self, inputs, training=False):
+        return self.head(keras.ops.concatenate([self.flatten(inputs["image"]), inputs["extra"]], -1))
+
+
+def test_with_teacher_takes_subclassed_teachers_and_dict_inputs(rng):
+    """The teacher's classes come from tracing it on the dataset's inputs, so a subclassed model (built or not)
+    with dict inputs works; a teacher that cannot take the inputs gets a clear error, not a trace from Keras."""
+    x = {"image": rng.random((8, 4, 4, 1), dtype="float32"), "extra": rng.random((8, 3), dtype="float32")}
+    y = np.arange(8) % 10
+    for built in (False, True):
+        teacher = DictInputTeacher()
+        if built:
+            teacher({k: v[:1] for k, v in x.items()})
+        _, target = next(iter(with_teacher(tf.data.Dataset.from_tensor_slices((x, y)).batch(4), teacher)))
+        np.testing.assert_array_equal(target[:, :10].numpy(), np.eye(10)[y[:4]])
+        np.testing.assert_allclose(target[:, 10:].numpy(), teacher({k: v[:4] for k, v in x.items()}).numpy(),
+                                   rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="cannot take the dataset's inputs"):
+        with_teacher(tf.data.Dataset.from_tensor_slices((x["image"], y)).batch(4), DictInputTeacher())
+    with pytest.raises(ValueError, match="batch the dataset"):
+        with_teacher(tf.data.Dataset.from_tensor_slices((x, y)), DictInputTeacher())
+
+
 def test_pruning_with_distillation_on_mnist_saves_and_strips(tmp_path):
     """A teacher trained two epochs teaches its copy while FilterPruning removes half of every group's channels:
     the logs carry the label accuracy and the pruning level, the saved model (with its compiled loss) reloads,

@@ -39,8 +39,10 @@ def with_teacher(dataset: tf.data.Dataset, teacher: keras.Model) -> tf.data.Data
         dataset: a *batched* ``tf.data.Dataset`` of ``(x, y)`` or ``(x, y, sample_weight)``; ``y`` holds integer
             class indices (shape ``(batch,)`` or ``(batch, 1)``) or one-hot / soft labels ``(batch, classes)``.
             Augment before this transform, so that the teacher sees the same images as the student.
-        teacher: a single-output classifier, ``(batch, classes)``, evaluated with ``training=False``. Use a copy
-            of the model, not the model being pruned: the pruned weights would change the teacher too.
+        teacher: a single-output classifier, ``(batch, classes)``, evaluated with ``training=False``: a
+            Functional, Sequential or subclassed ``keras.Model`` that takes the dataset's ``x`` as it comes (one
+            tensor, or a tuple / dict of them). Use a copy of the model, not the model being pruned: the pruned
+            weights would change the teacher too.
 
     Returns:
         The mapped dataset; ``sample_weight`` passes through unchanged.
@@ -50,35 +52,51 @@ def with_teacher(dataset: tf.data.Dataset, teacher: keras.Model) -> tf.data.Data
                         "wrap arrays with tf.data.Dataset.from_tensor_slices((x, y)).batch(n)")
     if not isinstance(teacher, keras.Model):
         raise TypeError(f"teacher must be a keras.Model, got {type(teacher).__name__}")
-    outputs, inputs = getattr(teacher, "outputs", None) or [], getattr(teacher, "inputs", None) or []
-    if len(inputs) != 1:
-        raise ValueError("teacher must be a built Functional or Sequential model with one input")
-    if len(outputs) != 1 or len(outputs[0].shape) != 2 or outputs[0].shape[-1] is None:
-        raise ValueError("teacher must have a single output of shape (batch, classes)")
-    classes = int(outputs[0].shape[-1])
     spec = dataset.element_spec
     if not isinstance(spec, tuple) or len(spec) not in (2, 3):
         raise ValueError("with_teacher needs a dataset of (x, y) or (x, y, sample_weight) pairs, got elements "
                          f"{spec}")
     x_spec, y_spec = spec[0], spec[1]
-    if not isinstance(x_spec, tf.TensorSpec) or not isinstance(y_spec, tf.TensorSpec):
-        raise ValueError("with_teacher needs one input tensor and one label tensor per element")
-    if x_spec.shape.rank != len(inputs[0].shape):
+    if not all(isinstance(s, tf.TensorSpec) for s in tf.nest.flatten(x_spec)) or not isinstance(y_spec, tf.TensorSpec):
+        raise ValueError("with_teacher needs dense input tensors (one, or a tuple / dict of them) and one label "
+                         f"tensor per element, got {spec}")
+    inputs = getattr(teacher, "inputs", None) or []
+    if len(inputs) == 1 and isinstance(x_spec, tf.TensorSpec) and x_spec.shape.rank != len(inputs[0].shape):
         raise ValueError(f"the dataset's inputs have rank {x_spec.shape.rank}, the teacher expects batches of rank "
                          f"{len(inputs[0].shape)}: batch the dataset before with_teacher")
     sparse = y_spec.dtype.is_integer
     if sparse and not (y_spec.shape.rank == 1 or (y_spec.shape.rank == 2 and y_spec.shape[-1] == 1)):
-        raise ValueError(f"integer labels must have shape (batch,) or (batch, 1), got {y_spec.shape}")
+        hint = ": batch the dataset before with_teacher" if y_spec.shape.rank == 0 else ""
+        raise ValueError(f"integer labels must have shape (batch,) or (batch, 1), got {y_spec.shape}{hint}")
+    classes = _teacher_classes(teacher, x_spec)
     if not sparse and (y_spec.shape.rank != 2 or y_spec.shape[-1] != classes):
         raise ValueError(f"float labels must be one-hot or soft labels of shape (batch, {classes}), got {y_spec.shape}")
 
     def targets(x, y, *sample_weight):
         if sparse:
             y = tf.one_hot(tf.reshape(y, [-1]), classes)
-        soft = tf.cast(teacher(x, training=False), tf.float32)
+        soft = teacher(x, training=False)
+        soft = tf.cast(soft[0] if isinstance(soft, (list, tuple)) else soft, tf.float32)
         return (x, tf.concat([tf.cast(y, tf.float32), soft], -1), *sample_weight)
 
     return dataset.map(targets, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _teacher_classes(teacher: keras.Model, x_spec) -> int:
+    """The teacher's number of classes, from its output for inputs like ``x_spec`` (traced, nothing computed)."""
+    symbolic = tf.nest.map_structure(lambda s: keras.KerasTensor(s.shape, s.dtype.name), x_spec)
+    try:
+        out = teacher.compute_output_spec(symbolic, training=False)
+    except Exception as e:  # a subclassed call() may fail in any way on inputs it does not accept
+        raise ValueError(f"the teacher cannot take the dataset's inputs {x_spec} ({type(e).__name__}: {e}); "
+                         "is the dataset batched, and are its inputs what the teacher is called with?") from e
+    if isinstance(out, (list, tuple)) and len(out) == 1:
+        out = out[0]
+    shape = getattr(out, "shape", None)
+    if shape is None or len(shape) != 2 or shape[-1] is None:
+        got = f"shape {tuple(shape)}" if shape is not None else f"{type(out).__name__} outputs"
+        raise ValueError(f"teacher must have a single output of shape (batch, classes), got {got}")
+    return int(shape[-1])
 
 
 def _split(y_true, y_pred):
