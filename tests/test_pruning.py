@@ -1,6 +1,7 @@
 """FilterPruning in model.fit, on real MNIST data, with real Keras training."""
 
 import json
+import warnings
 
 import keras
 import numpy as np
@@ -363,6 +364,24 @@ def test_resume_after_the_ramp_keeps_the_checkpoint_masks(tmp_path, capsys):
     for layers, keep in pruner.masks.items():
         np.testing.assert_array_equal(keep, ~zero[layers], err_msg=str(layers))
     assert hist.history["flops_ratio"] == pytest.approx([first.history["flops_ratio"][-1]] * 2)
+
+
+def test_resume_inside_the_ramp_warns_that_sensitivity_is_measured_on_pruned_weights(tmp_path):
+    """The loss table of the measured allocation can only be measured on the weights a resumed run has: say so."""
+    x, y, xv, yv = mnist(1024)
+    model = _compile(residual_cnn())
+    kwargs = dict(flops_target=0.4, flops_allocation="sensitivity", criterion="l2", pruning_epochs=3,
+                  prune_downsample_convs=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, epochs=1, batch_size=128, verbose=0,
+                  callbacks=[FilterPruning(**kwargs, sensitivity_data=(xv[:128], yv[:128]))])
+    assert not [w for w in caught if "partly pruned" in str(w.message)]  # an uninterrupted run does not warn
+    model.save(tmp_path / "ckpt.keras")
+    resumed = keras.models.load_model(tmp_path / "ckpt.keras")
+    with pytest.warns(UserWarning, match="partly pruned weights"):
+        resumed.fit(x, y, epochs=2, initial_epoch=1, batch_size=128, verbose=0,
+                    callbacks=[FilterPruning(**kwargs, sensitivity_data=(xv[:128], yv[:128]))])
 
 
 def test_revived_channel_gets_its_weights_back():

@@ -55,7 +55,8 @@ class FilterPruning(keras.callbacks.Callback):
         schedule: ``"exponential"``, ``"polynomial"`` or ``"baseline"`` (the full level from ``start_epoch``).
         start_epoch: first epoch (0-based) that prunes.
         pruning_epochs: epochs over which the level ramps to its final value; masks are fixed afterwards
-            (a run resumed after the ramp keeps the channels its checkpoint has zeroed).
+            (a run resumed after the ramp keeps the channels its checkpoint has zeroed; one resumed inside it
+            with ``"sensitivity"`` measures the checkpoint's partly pruned weights, and warns).
         prune_first_conv: also prune layers fed directly by a model input.
         prune_downsample_convs: also prune groups containing a strided convolution.
         ignored_layers: names of layers never to prune (their whole group is left alone).
@@ -277,6 +278,7 @@ class FilterPruning(keras.callbacks.Callback):
         resumed = {g.id: ~masks.zero_channels(g) for g in groups}
         if any((~k).any() for k in resumed.values()):
             masks.set({gid: _keep_some(k, g.blocks) for (gid, k), g in zip(resumed.items(), groups)})
+            st.resumed = True
         return st
 
     def _reaches(self, removed: dict[int, int], level: float) -> bool:
@@ -319,6 +321,12 @@ class FilterPruning(keras.callbacks.Callback):
             def apply_counts(counts: dict[int, int] | None) -> None:
                 st.masks.set(saved if counts is None else self._select(counts))
 
+            if st.resumed:
+                warnings.warn(
+                    "FilterPruning resumed inside its ramp with flops_allocation='sensitivity': the loss of "
+                    "pruning each group is measured on the checkpoint's partly pruned weights, not on the weights "
+                    "pruning started from, so the allocation can differ from an uninterrupted run's; resume after "
+                    "the ramp, or restart the ramp from the unpruned model, to reproduce it", stacklevel=2)
             if self.verbose:
                 print("FilterPruning: measuring the loss of pruning each group on sensitivity_data")
             caps = {g.id: self._cap(g) for g in groups}
@@ -394,6 +402,7 @@ class _State:
         self.model, self.kg, self.masks, self.counter, self.full_flops = model, kg, masks, counter, full_flops
         self.channel_flops: dict[int, float] = {}  # group id -> FLOPs one of its channels costs
         self.sensitivity_path: list[tuple[dict[int, int], float]] | None = None  # "sensitivity" allocation
+        self.resumed = False  # channels were already zero when training started (a checkpoint of a pruned run)
 
 
 def _aligned(n: float, g: ChannelGroup) -> int:
