@@ -66,7 +66,7 @@ def test_bad_arguments_get_clear_errors():
 def test_with_teacher_targets_and_sample_weights():
     x, y, _, _ = mnist(n_train=64, n_test=0)
     net = residual_cnn()
-    listed = keras.Model(net.inputs, [net.output])  # outputs given as a list, as in models loaded from .h5
+    listed = keras.Model(net.input, [net.output])  # outputs given as a list, as in models loaded from .h5
     w = np.linspace(0.5, 1.5, 64).astype("float32")
     for teacher, labels in ((net, y), (net, y[:, None]), (listed, np.eye(10, dtype="float32")[y])):
         ds = with_teacher(tf.data.Dataset.from_tensor_slices((x, labels, w)).batch(16), teacher)
