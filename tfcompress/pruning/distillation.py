@@ -75,8 +75,7 @@ def with_teacher(dataset: tf.data.Dataset, teacher: keras.Model) -> tf.data.Data
     def targets(x, y, *sample_weight):
         if sparse:
             y = tf.one_hot(tf.reshape(y, [-1]), classes)
-        soft = teacher(x, training=False)
-        soft = tf.cast(soft[0] if isinstance(soft, (list, tuple)) else soft, tf.float32)
+        soft = tf.cast(_only_output(teacher(x, training=False)), tf.float32)
         return (x, tf.concat([tf.cast(y, tf.float32), soft], -1), *sample_weight)
 
     return dataset.map(targets, num_parallel_calls=tf.data.AUTOTUNE)
@@ -90,13 +89,18 @@ def _teacher_classes(teacher: keras.Model, x_spec) -> int:
     except Exception as e:  # a subclassed call() may fail in any way on inputs it does not accept
         raise ValueError(f"the teacher cannot take the dataset's inputs {x_spec} ({type(e).__name__}: {e}); "
                          "is the dataset batched, and are its inputs what the teacher is called with?") from e
-    if isinstance(out, (list, tuple)) and len(out) == 1:
-        out = out[0]
+    out = _only_output(out)
     shape = getattr(out, "shape", None)
     if shape is None or len(shape) != 2 or shape[-1] is None:
         got = f"shape {tuple(shape)}" if shape is not None else f"{type(out).__name__} outputs"
         raise ValueError(f"teacher must have a single output of shape (batch, classes), got {got}")
     return int(shape[-1])
+
+
+def _only_output(out):
+    """A model's output given as a one-element list (Functional models built with ``outputs=[y]``, models loaded
+    from .h5) as the tensor itself; anything else unchanged."""
+    return out[0] if isinstance(out, (list, tuple)) and len(out) == 1 else out
 
 
 def _split(y_true, y_pred):
