@@ -11,11 +11,16 @@ works after ``import tfcompress``), so ``import tfcompress`` alone does not impo
 from __future__ import annotations
 
 import os as _os
+import sys as _sys
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from tfcompress._lazy import lazy_exports as _lazy_exports
 
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# OpenVINO's converter sends usage telemetry when `openvino_telemetry` imports; a library must send nothing
+# unless its user opted in (TFCOMPRESS_OPENVINO_TELEMETRY=1). OpenVINO falls back to its stub on ImportError.
+if _os.environ.get("TFCOMPRESS_OPENVINO_TELEMETRY") != "1":
+    _sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
 
 __version__ = "0.1.0"
 

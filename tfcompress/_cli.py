@@ -1,19 +1,110 @@
-"""What the ``python -m tfcompress.*`` commands share: absl start-up with help that exits 0."""
+"""What the ``python -m tfcompress.*`` commands share: flag parsing, quiet start-up, one-line errors.
+
+A command's output belongs to its user: flag errors, bad input, a full disk or Ctrl-C end with one line on
+stderr and a documented exit code (2: the user's input or environment; 130: interrupted; 143: terminated),
+never a Python traceback; TensorFlow's and tf2onnx's start-up and deprecation chatter is filtered out.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import signal
 import sys
-from typing import Callable
+import tempfile
+from typing import Callable, Iterator
+
+__all__ = ["Terminated", "import_tensorflow_quietly", "run"]
+
+_HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull")
+
+# Lines TensorFlow's native code writes to stderr at start-up on a CPU-only machine: not the user's business.
+_NOISE = re.compile(r"absl::InitializeLog|oneDNN custom operations|cuda|cuInit|CUDA|TensorRT|TF-TRT|cuDNN|cuFFT|"
+                    r"cuBLAS|computation placer|This TensorFlow binary is optimized|rebuild TensorFlow with")
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanup (staging directories) runs as for Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _native_stderr_filtered() -> Iterator[None]:
+    """Capture what native code writes to file descriptor 2 meanwhile; replay the lines that are not noise."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as buf:
+        os.dup2(buf.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            buf.seek(0)
+            for line in buf.read().decode(errors="replace").splitlines():
+                if line.strip() and not _NOISE.search(line):
+                    print(line, file=sys.stderr)
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow and initialise its devices with the start-up lines filtered; silence deprecations."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with _native_stderr_filtered():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+    tf.get_logger().setLevel("ERROR")  # tf2onnx's calls of TF 1 APIs log deprecation warnings
+    from absl import logging
+
+    logging.set_verbosity(logging.ERROR)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def run(main: Callable[[list[str]], int]) -> None:
-    """``app.run(main)``, exiting with ``main``'s return code (0 after ``--help``, 2 for usage errors)."""
-    from absl import app
+    """Parse absl flags and call ``main(argv)``; exit with its code, or with one error line.
 
-    asked_help = any(a in ("--help", "-h", "-?", "--helpshort", "--helpfull") for a in sys.argv[1:])
+    Exit codes: ``main``'s own; 0 after ``--help``; 2 for a flag error, an :class:`ExportError` or an
+    ``OSError`` (disk full, permission denied ...); 130 on Ctrl-C; 143 on SIGTERM.
+    """
+    from absl import app, flags  # noqa: F401  (absl.app defines --help and friends)
+
+    from tfcompress.errors import ExportError
+    from tfcompress.output_dir import describe_os_error
+
+    if any(a in _HELP for a in sys.argv[1:]):
+        try:
+            flags.FLAGS(sys.argv)
+        except SystemExit as e:  # absl exits 1 after printing the help it was asked for
+            sys.exit(0 if e.code in (0, 1) else e.code)
+        sys.exit(0)
     try:
-        app.run(lambda argv: sys.exit(main(argv)))
-    except SystemExit as e:
-        if asked_help and e.code == 1:  # absl exits 1 after printing the help it was asked for
-            sys.exit(0)
-        raise
+        argv = flags.FLAGS(sys.argv)
+    except flags.Error as e:
+        print(f"error: {_first_line(e)} (see --help)", file=sys.stderr)
+        sys.exit(2)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        code = main(argv)
+    except ExportError as e:
+        print(f"error: {_first_line(e)}", file=sys.stderr)
+        code = 2
+    except OSError as e:
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        code = 130
+    except Terminated:
+        print("error: terminated; nothing was written", file=sys.stderr)
+        code = 143
+    sys.stdout.flush()
+    sys.exit(code)

@@ -85,6 +85,8 @@ def iterate_samples(data, shape, limit: int | None = None) -> Iterable[np.ndarra
             want = tuple("?" if d in (None, -1) else d for d in dims[1:])
             raise ValueError(f"calibration samples must have shape {want} (model input), got {arr.shape[1:]} "
                              f"(samples must have {rank - 1} dimensions, batches {rank})")
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):  # NaN ranges or inf scales break the IR
+            raise ValueError(f"calibration samples contain NaN or infinite values (in samples {n}..{n + len(arr) - 1})")
         for row in arr:
             yield row[None]
             n += 1

@@ -21,20 +21,17 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         print(f"error: unexpected arguments {argv[1:]}; use --flag=value", file=sys.stderr)
         return 2
-    from absl import logging
-
-    logging.set_verbosity(logging.WARNING)
+    from tfcompress._cli import import_tensorflow_quietly
     from tfcompress.demo.options import check_args
     from tfcompress.errors import ExportError
 
+    check_args(FLAGS.output_dir, FLAGS.epochs, FLAGS.target)  # before TensorFlow's seconds-long import
     try:
-        check_args(FLAGS.output_dir, FLAGS.epochs, FLAGS.target)  # before TensorFlow's seconds-long import
+        import_tensorflow_quietly()
         from tfcompress.demo.run import run_demo
-
-        run_demo(FLAGS.output_dir, epochs=FLAGS.epochs, target=FLAGS.target, seed=FLAGS.seed)
-    except (ExportError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ImportError as e:  # the demo's extras (scikit-learn, matplotlib) are not installed
+        raise ExportError(f"{e}; install the demo with: python -m pip install \"tfcompress[demo]\"") from None
+    run_demo(FLAGS.output_dir, epochs=FLAGS.epochs, target=FLAGS.target, seed=FLAGS.seed)
     return 0
 
 

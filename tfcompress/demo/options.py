@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from tfcompress.errors import ExportError
+from tfcompress.output_dir import check_output_dir
 
 __all__ = ["MARKER", "check_args"]
 
@@ -22,11 +23,13 @@ def check_args(output_dir: str, epochs: int, target: float) -> bool:
         raise ExportError(f"--epochs must be a positive integer, got {epochs!r}")
     if not isinstance(target, (int, float)) or not 0 < target < 1:
         raise ExportError(f"--target must be in (0, 1), got {target!r}")
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ExportError(f"output path {output_dir!r} exists and is not a directory")
-    if os.path.isdir(output_dir) and os.listdir(output_dir):
-        if not os.path.exists(os.path.join(output_dir, MARKER)):
+    replace = (os.path.isdir(output_dir) and not os.path.islink(output_dir)
+               and os.path.exists(os.path.join(output_dir, MARKER)))
+    try:
+        check_output_dir(output_dir, overwrite=replace)
+    except ExportError as e:
+        if "not empty" in str(e):
             raise ExportError(f"output directory {output_dir!r} is not empty and was not written by the demo; "
-                              "choose another --output_dir")
-        return True
-    return False
+                              "choose another --output_dir") from None
+        raise
+    return replace

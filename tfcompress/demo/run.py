@@ -16,7 +16,7 @@ from tfcompress.demo.options import MARKER, check_args
 from tfcompress.export.pipeline import export_saved_model
 from tfcompress.export.speed import compression_variants, measure_speed
 from tfcompress.quantization import RangeInit, quantize_model
-from tfcompress.stripping.savedmodel_strip import atomic_output_dir, commit_dir
+from tfcompress.output_dir import staged_output
 
 __all__ = ["run_demo", "MARKER"]
 
@@ -58,8 +58,7 @@ def run_demo(output_dir: str = "tfcompress_demo", epochs: int = 8, target: float
     replace = check_args(output_dir, epochs, target)
     t0 = time.perf_counter()
     fit_verbose = verbose if verbose in (0, 1, 2) else 2
-    tmp = atomic_output_dir(output_dir)
-    try:
+    with staged_output(output_dir, overwrite=replace) as tmp:
         keras.utils.set_random_seed(seed)
         x, y, xt, yt = workload.digits(seed=seed)
         calib = x[:300]
@@ -74,7 +73,7 @@ def run_demo(output_dir: str = "tfcompress_demo", epochs: int = 8, target: float
 
         model.compile(cosine(3e-3, epochs), LOSS, metrics=["accuracy"])
         hist0 = model.fit(workload.augmented(x, y, 32, seed), epochs=epochs, validation_data=(xt, yt),
-                          verbose=fit_verbose)
+                          shuffle=False, verbose=fit_verbose)
         original_acc = _accuracy(model, xt, yt)
         os.makedirs(os.path.join(tmp, "models"))
         model.save(os.path.join(tmp, "models", "original.keras"))
@@ -87,7 +86,7 @@ def run_demo(output_dir: str = "tfcompress_demo", epochs: int = 8, target: float
             target=target, criterion="geometric_median", pruning_epochs=max(1, epochs - 2),
             prune_first_conv=True, prune_downsample_convs=True)
         hist1 = pruned.fit(workload.augmented(x, y, 32, seed + 1), epochs=epochs, validation_data=(xt, yt),
-                           callbacks=[pruner], verbose=fit_verbose)
+                          shuffle=False, callbacks=[pruner], verbose=fit_verbose)
         pruned_acc = _accuracy(pruned, xt, yt)
 
         qat_epochs = max(1, epochs // 4)
@@ -95,7 +94,7 @@ def run_demo(output_dir: str = "tfcompress_demo", epochs: int = 8, target: float
         q = quantize_model(pruned)
         q.compile(cosine(2e-4, qat_epochs), LOSS, metrics=["accuracy"])
         hist2 = q.fit(workload.augmented(x, y, 32, seed + 2), epochs=qat_epochs, validation_data=(xt, yt),
-                      callbacks=[RangeInit(16)], verbose=fit_verbose)
+                          shuffle=False, callbacks=[RangeInit(16)], verbose=fit_verbose)
         qat_acc = _accuracy(q, xt, yt)
         q.save(os.path.join(tmp, "models", "pruned_qat.keras"))
 
@@ -108,14 +107,16 @@ def run_demo(output_dir: str = "tfcompress_demo", epochs: int = 8, target: float
         work = os.path.join(tmp, "savedmodels")
         for name, m in (("original", model), ("pruned_float", pruned), ("compressed", q)):
             m.export(os.path.join(work, name), verbose=False)
+
+        def export(name: str, **kwargs) -> dict:
+            return export_saved_model(os.path.join(work, name), os.path.join(tmp, name), validation_data=(xt, yt),
+                                      verbose=False, source_name=f"model.export() of the demo's {name} model",
+                                      **kwargs)
+
         exports = {
-            "original": export_saved_model(os.path.join(work, "original"), os.path.join(tmp, "original"),
-                                           calibration_data=calib, validation_data=(xt, yt)),
-            "pruned_float": export_saved_model(os.path.join(work, "pruned_float"),
-                                               os.path.join(tmp, "pruned_float"), int8="none",
-                                               validation_data=(xt, yt)),
-            "compressed": export_saved_model(os.path.join(work, "compressed"), os.path.join(tmp, "compressed"),
-                                             calibration_data=calib, validation_data=(xt, yt)),
+            "original": export("original", calibration_data=calib),
+            "pruned_float": export("pruned_float", int8="none"),
+            "compressed": export("compressed", calibration_data=calib),
         }
         shutil.rmtree(work)  # the stripped SavedModels are in each export directory
 
@@ -154,10 +155,6 @@ def run_demo(output_dir: str = "tfcompress_demo", epochs: int = 8, target: float
         with open(os.path.join(tmp, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         open(os.path.join(tmp, MARKER), "w").close()
-        commit_dir(tmp, output_dir, overwrite=replace)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _say("\n" + report.table(summary))
     _say(f"\nwrote {os.path.abspath(output_dir)} (report.md, plots, models, ONNX, OpenVINO IRs) "
          f"in {summary['seconds']:.0f} s")

@@ -35,25 +35,23 @@ def main(argv: list[str]) -> int:
     if missing:
         print(f"error: {' and '.join(missing)} required (see --help)", file=sys.stderr)
         return 2
-    from absl import logging
-
-    logging.set_verbosity(logging.WARNING)  # TF's saver logs every checkpoint read at INFO
-    from tfcompress.errors import ExportError
+    from tfcompress._cli import import_tensorflow_quietly
     from tfcompress.export.options import check_args
 
-    try:
-        # the options first: importing the pipeline imports TensorFlow, which takes seconds
-        check_args(FLAGS.saved_model_dir, FLAGS.output_dir, FLAGS.int8, FLAGS.max_drop, FLAGS.opset, FLAGS.overwrite)
-        from tfcompress.export.pipeline import export_saved_model
+    # the paths and options first: importing the pipeline imports TensorFlow, which takes seconds
+    check_args(FLAGS.saved_model_dir, FLAGS.output_dir, FLAGS.int8, FLAGS.max_drop, FLAGS.opset, FLAGS.overwrite)
+    for what, path in (("--calibration_data", FLAGS.calibration_data), ("--validation_data", FLAGS.validation_data)):
+        if path is not None and not os.path.exists(path):
+            print(f"error: {what} {path!r} does not exist", file=sys.stderr)
+            return 2
+    import_tensorflow_quietly()
+    from tfcompress.export.pipeline import export_saved_model
 
-        export_saved_model(
-            FLAGS.saved_model_dir, FLAGS.output_dir, calibration_data=FLAGS.calibration_data, int8=FLAGS.int8,
-            max_drop=FLAGS.max_drop, validation_data=FLAGS.validation_data, opset=FLAGS.opset,
-            overwrite=FLAGS.overwrite, signature_key=FLAGS.signature,
-        )
-    except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    export_saved_model(
+        FLAGS.saved_model_dir, FLAGS.output_dir, calibration_data=FLAGS.calibration_data, int8=FLAGS.int8,
+        max_drop=FLAGS.max_drop, validation_data=FLAGS.validation_data, opset=FLAGS.opset,
+        overwrite=FLAGS.overwrite, signature_key=FLAGS.signature,
+    )
     return 0
 
 

@@ -172,7 +172,7 @@ def compress_model_dir(
     return {
         "flops_ratio": report["flops"]["after"] / max(report["flops"]["before"], 1),
         "params_ratio": report["params"]["after"] / max(report["params"]["before"], 1),
-        "saved_model_bytes_ratio": sizes["stripped"] / max(sizes["saved_model"], 1),
+        "saved_model_bytes_ratio": sizes["stripped"] / max(sizes["unstripped"], 1),
         "int8_layers": int(int8_run["int8"]),
         "quantizable_layers": int(int8_run["total"]),
         "accuracy_fp32": float(acc.get("openvino_fp32", -1.0)),

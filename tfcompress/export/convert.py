@@ -8,6 +8,7 @@ import tempfile
 
 import numpy as np
 
+from tfcompress.output_dir import STAGING_PREFIX, write_file_atomic
 from tfcompress.stripping.savedmodel_strip import (
     ExportError, FrozenSignature, check_outputs, freeze_saved_model, run_frozen, sample_inputs,
 )
@@ -17,20 +18,6 @@ __all__ = ["to_onnx", "to_openvino", "ConversionCheck", "restore_weight_quantiza
 
 class ConversionCheck(dict):
     """What a conversion measured: ``max_rel_error`` vs the reference, ``quantized_weights`` restored, ..."""
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tfcompress-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _has_weight_fake_quant(frozen: FrozenSignature) -> bool:
@@ -102,7 +89,7 @@ def to_onnx(
     ref = run_frozen(frozen, frozen.graph_def, x)
     got = _run_onnx(data, x)
     err = check_outputs(got, ref, tolerance, "ONNX outputs differ from TensorFlow's")
-    _atomic_write(onnx_path, data)
+    write_file_atomic(onnx_path, data)
     return ConversionCheck(max_rel_error=err, quantized_weights=restored, opset=opset)
 
 
@@ -222,7 +209,7 @@ def to_openvino(
         raise ExportError(str(e) + _saturation_hint(model)) from None
     folder = os.path.dirname(os.path.abspath(xml_path)) or "."
     os.makedirs(folder, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tfcompress-", dir=folder)
+    tmp = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=folder)
     try:
         tmp_xml = os.path.join(tmp, "model.xml")
         ov.save_model(model, tmp_xml, compress_to_fp16=False)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+import zipfile
 
 import numpy as np
 import tensorflow as tf
@@ -39,16 +41,8 @@ def load_data(path, spec: tf.TensorSpec, what: str = "data") -> tuple[np.ndarray
         raise ExportError(f"{what} {path!r} does not exist")
     elif os.path.isdir(path):
         x, y = _images(path, spec, what)
-    elif str(path).endswith(".npy"):
-        x = np.load(path, allow_pickle=False)
-    elif str(path).endswith(".npz"):
-        with np.load(path, allow_pickle=False) as d:
-            xk = next((k for k in _X_KEYS if k in d), None) or (d.files[0] if d.files else None)
-            if xk is None:
-                raise ExportError(f"{what} {path!r} holds no arrays")
-            x = d[xk]
-            yk = next((k for k in _Y_KEYS if k in d), None)
-            y = d[yk] if yk else None
+    elif str(path).endswith((".npy", ".npz")):
+        x, y = _load_numpy(path, what)
     else:
         raise ExportError(f"{what} {path!r} must be a .npy or .npz file or a directory of images")
     shape = spec.shape.as_list()
@@ -68,6 +62,27 @@ def load_data(path, spec: tf.TensorSpec, what: str = "data") -> tuple[np.ndarray
     if y is not None and len(y) != len(x):
         raise ExportError(f"{what} {path!r} has {len(x)} samples but {len(y)} labels")
     return x.astype(spec.dtype.as_numpy_dtype), y
+
+
+def _load_numpy(path: str, what: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Samples (and labels) from a .npy or .npz file; ExportError for anything numpy cannot read safely
+    (pickled objects, text, truncated or corrupt files)."""
+    try:
+        if str(path).endswith(".npy"):
+            return np.load(path, allow_pickle=False), None
+        with np.load(path, allow_pickle=False) as d:
+            xk = next((k for k in _X_KEYS if k in d), None) or (d.files[0] if d.files else None)
+            if xk is None:
+                raise ExportError(f"{what} {path!r} holds no arrays")
+            yk = next((k for k in _Y_KEYS if k in d), None)
+            return d[xk], (d[yk] if yk else None)
+    except ExportError:
+        raise
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+        if isinstance(e, OSError) and e.errno is not None:  # unreadable file: permissions, I/O error
+            raise ExportError(f"cannot read {what} {path!r}: {e.strerror}") from None
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ExportError(f"{what} {path!r} is not a readable numpy file of numbers ({detail})") from None
 
 
 def _images(path: str, spec: tf.TensorSpec, what: str):

@@ -5,17 +5,18 @@ from __future__ import annotations
 import os
 
 from tfcompress.errors import ExportError
+from tfcompress.output_dir import check_output_dir
 
-__all__ = ["INT8_MODES", "check_args"]
+__all__ = ["INT8_MODES", "check_args", "check_saved_model_dir"]
 
 INT8_MODES = ("default", "accuracy_aware", "none")
 
 
 def check_args(saved_model_dir: str, output_dir: str, int8: str = "default", max_drop: float = 0.01,
                opset: int = 17, overwrite: bool = False) -> None:
-    """Raise :class:`ExportError` for an option out of range or an output directory that may not be written.
-
-    The SavedModel itself is checked when it is read (:func:`~tfcompress.export.strip_saved_model`).
+    """Raise :class:`ExportError` for an option out of range, a missing SavedModel, or an output directory that
+    may not be written (see :func:`tfcompress.output_dir.check_output_dir`: never the input, inside it or
+    around it). Only the file system is looked at: the SavedModel's content is checked when it is read.
     """
     if int8 not in INT8_MODES:
         raise ExportError(f"--int8 must be one of {list(INT8_MODES)}, got {int8!r}")
@@ -23,10 +24,16 @@ def check_args(saved_model_dir: str, output_dir: str, int8: str = "default", max
         raise ExportError(f"--max_drop must be in [0, 1), got {max_drop!r}")
     if not isinstance(opset, int) or not 13 <= opset <= 18:
         raise ExportError(f"--opset must be in 13..18 (tf2onnx 1.17), got {opset!r}")
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ExportError(f"output path {output_dir!r} exists and is not a directory")
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
-        raise ExportError(f"output directory {output_dir!r} exists and is not empty (pass --overwrite)")
-    src = os.path.abspath(saved_model_dir)
-    if os.path.abspath(output_dir) == src or os.path.abspath(output_dir).startswith(src + os.sep):
-        raise ExportError("the output directory must not be the input SavedModel or inside it")
+    check_saved_model_dir(saved_model_dir)
+    check_output_dir(output_dir, [saved_model_dir], overwrite)
+
+
+def check_saved_model_dir(path: str) -> None:
+    """Raise :class:`ExportError` unless ``path`` is a directory holding ``saved_model.pb`` (or ``.pbtxt``)."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ExportError(f"the SavedModel directory must be a non-empty path, got {path!r}")
+    if not os.path.isdir(path):
+        raise ExportError(f"SavedModel directory {os.fspath(path)!r} does not exist" if not os.path.exists(path)
+                          else f"{os.fspath(path)!r} is not a directory (give the SavedModel's directory)")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("saved_model.pb", "saved_model.pbtxt")):
+        raise ExportError(f"{os.fspath(path)!r} is not a SavedModel directory (no saved_model.pb)")

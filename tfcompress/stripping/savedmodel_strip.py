@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import keyword
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -22,6 +20,7 @@ from tfcompress.errors import ExportError
 from tfcompress.graph.engine import Rule
 from tfcompress.graph.flops import FlopsCounter
 from tfcompress.graph.graphdef_adapter import GraphDefGraph, fold_constants
+from tfcompress.output_dir import check_output_dir, staged_output
 
 __all__ = [
     "ExportError", "FrozenSignature", "StripResult", "check_outputs", "freeze_saved_model", "sample_inputs",
@@ -243,25 +242,6 @@ def _params(graph_def) -> int:
     return total
 
 
-def atomic_output_dir(dst_dir: str):
-    """A temporary directory next to ``dst_dir`` (same filesystem, so the final rename is atomic)."""
-    parent = os.path.dirname(os.path.abspath(dst_dir)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tfcompress-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would become the user's output directory's mode
-    return tmp
-
-
-def commit_dir(tmp: str, dst_dir: str, overwrite: bool = False) -> None:
-    if os.path.exists(dst_dir):
-        if os.listdir(dst_dir) and not overwrite:
-            raise ExportError(f"output directory {dst_dir!r} exists and is not empty")
-        shutil.rmtree(dst_dir)
-    os.replace(tmp, dst_dir)
-
-
 def strip_saved_model(
     src_dir: str,
     dst_dir: str,
@@ -286,10 +266,7 @@ def strip_saved_model(
     Raises:
         ExportError: bad input, or outputs that differ by more than ``tolerance`` (nothing is written).
     """
-    if os.path.exists(dst_dir) and os.listdir(dst_dir) and not overwrite:
-        raise ExportError(f"output directory {dst_dir!r} exists and is not empty")
-    if os.path.abspath(dst_dir) == os.path.abspath(src_dir):
-        raise ExportError("the output directory must differ from the input SavedModel")
+    check_output_dir(dst_dir, [src_dir], overwrite)
     frozen = freeze_saved_model(src_dir, signature_key)
     gg = GraphDefGraph(frozen.graph_def, list(frozen.inputs.values()), list(frozen.outputs.values()))
     removed, consts = gg.graph.plan_removal()
@@ -302,18 +279,13 @@ def strip_saved_model(
             after = int(gg.graph.keep_mask(op.outputs[0], removed).sum())
             layers.append({"name": op.name, "op": gg.nodes[op.name].op, "channels_before": before,
                            "channels_after": after})
-    tmp = atomic_output_dir(dst_dir)
-    try:
+    with staged_output(dst_dir, overwrite) as tmp:
         save_graph_def(frozen, new_gd, tmp)
         x = check_inputs if check_inputs is not None else sample_inputs(frozen.specs)
         ref = run_frozen(frozen, frozen.graph_def, x)
         got = run_signature(tmp, x, signature_key)
         err = check_outputs(got, ref, tolerance, "stripped model outputs differ from the original",
                             "; nothing written")
-        commit_dir(tmp, dst_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     counter = FlopsCounter(gg.graph)
     return StripResult(
         layers=layers, flops_before=counter.flops(), flops_after=counter.flops(removed),

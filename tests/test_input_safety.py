@@ -1,0 +1,256 @@
+"""The commands never touch their input, leave nothing half-written, and end every user-caused failure with
+one line on stderr and a documented exit code (2: input or environment, 130: Ctrl-C, 143: SIGTERM)."""
+
+import hashlib
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pytest
+
+from tfcompress.errors import ExportError
+from tfcompress.output_dir import STAGING_PREFIX, check_output_dir, staged_output
+
+from conftest import ROOT
+
+
+def tree_digest(path) -> str:
+    """Names, contents, modes and link targets of everything under ``path`` (links are not followed)."""
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(dirs + files):
+            p = os.path.join(root, name)
+            st = os.lstat(p)
+            h.update(f"{os.path.relpath(p, path)} {stat.S_IFMT(st.st_mode)} {stat.S_IMODE(st.st_mode)}".encode())
+            if os.path.islink(p):
+                h.update(os.readlink(p).encode())
+            elif os.path.isfile(p):
+                h.update(open(p, "rb").read())
+    return h.hexdigest()
+
+
+def command(*args, module="tfcompress.export", cwd=None, env=None):
+    env = dict(os.environ, **(env or {}))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=900)
+
+
+def assert_one_line_error(proc, message, code=2, alone=True):
+    """Exit ``code``; stderr ends with one ``error:`` line holding ``message`` (and holds nothing else, or
+    with ``alone=False`` only the command's stage lines before it)."""
+    assert proc.returncode == code, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error:") and message in lines[-1], proc.stderr[-2000:]
+    others = lines[:-1]
+    assert not others if alone else all(ln.startswith("[") for ln in others), proc.stderr[-2000:]
+
+
+def staging_dirs(parent):
+    return [p for p in os.listdir(parent) if p.startswith(STAGING_PREFIX)]
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    """A small Keras SavedModel at ``<tmp>/parent/model``."""
+    import keras
+    from keras import layers as L
+
+    path = tmp_path_factory.mktemp("safety") / "parent" / "model"
+    model = keras.Sequential([keras.Input((8, 8, 3), name="x"), L.Conv2D(4, 3), L.GlobalAveragePooling2D(),
+                              L.Dense(2)])
+    model.export(str(path), verbose=False)
+    return path
+
+
+@pytest.fixture
+def no_tensorflow(tmp_path):
+    """A PYTHONPATH entry whose ``tensorflow`` fails to import: path checks must not need TensorFlow."""
+    fake = tmp_path / "fake_tf"
+    (fake / "tensorflow").mkdir(parents=True)
+    (fake / "tensorflow" / "__init__.py").write_text("raise ImportError('TensorFlow was imported')\n")
+    return {"PYTHONPATH": str(fake)}
+
+
+def test_hostile_output_paths_are_refused_before_tensorflow_loads(saved_model, tmp_path, no_tensorflow):
+    parent = saved_model.parent
+    (tmp_path / "link").symlink_to(saved_model, target_is_directory=True)
+    (tmp_path / "parent_link").symlink_to(parent, target_is_directory=True)
+    before = tree_digest(parent)
+    cases = [
+        # output == the input's parent, with --overwrite: replacing it would delete the input
+        ([f"--saved_model_dir={saved_model}", f"--output_dir={parent}", "--overwrite"], "contains the input"),
+        # output inside the input, reached through a symlinked input path
+        ([f"--saved_model_dir={tmp_path / 'link'}", f"--output_dir={saved_model / 'exported'}"], "inside it"),
+        # output is a symlink to the input
+        ([f"--saved_model_dir={saved_model}", f"--output_dir={tmp_path / 'link'}", "--overwrite"], "inside it"),
+        # the input itself, spelled with ..
+        ([f"--saved_model_dir={saved_model}", f"--output_dir={saved_model / '..' / 'model'}", "--overwrite"],
+         "inside it"),
+        # inside the input through a symlinked parent
+        ([f"--saved_model_dir={saved_model}", f"--output_dir={tmp_path / 'parent_link' / 'model' / 'x'}"],
+         "inside it"),
+        ([f"--saved_model_dir={tmp_path / 'missing'}", f"--output_dir={tmp_path / 'out'}"], "does not exist"),
+        ([f"--saved_model_dir={saved_model}", "--output_dir=/proc/tfcompress_out"], "cannot write"),
+        ([f"--saved_model_dir={saved_model}", f"--output_dir={saved_model / 'saved_model.pb'}"], "inside it"),
+        ([f"--saved_model_dir={saved_model}", f"--output_dir={tmp_path / 'out'}", "--no_such_flag=1"],
+         "no_such_flag"),
+        ([f"--saved_model_dir={saved_model}", f"--output_dir={tmp_path / 'out'}", "--int8=fast"], "--int8"),
+        ([f"--saved_model_dir={saved_model}", f"--output_dir={tmp_path / 'out'}", "--max_drop=x"], "max_drop"),
+    ]
+    for args, message in cases:
+        assert_one_line_error(command(*args, env=no_tensorflow), message)
+        assert tree_digest(parent) == before, args
+        assert not (tmp_path / "out").exists() and not staging_dirs(tmp_path) and not staging_dirs(parent)
+    assert (tmp_path / "link").is_symlink() and os.readlink(tmp_path / "link") == str(saved_model)
+
+
+def test_a_symlinked_output_is_replaced_not_followed(saved_model, tmp_path):
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "mine.txt").write_text("keep me")
+    (tmp_path / "out").symlink_to(target, target_is_directory=True)
+    with pytest.raises(ExportError, match="symbolic link"):
+        check_output_dir(str(tmp_path / "out"), [str(saved_model)], overwrite=False)
+    check_output_dir(str(tmp_path / "out"), [str(saved_model)], overwrite=True)
+    with staged_output(str(tmp_path / "out"), overwrite=True) as tmp:
+        open(os.path.join(tmp, "new.txt"), "w").close()
+    assert not (tmp_path / "out").is_symlink() and os.listdir(tmp_path / "out") == ["new.txt"]
+    assert os.listdir(target) == ["mine.txt"]
+
+
+def test_a_failed_or_interrupted_write_leaves_nothing(tmp_path):
+    out = tmp_path / "a" / "b" / "out"
+    for exc in (RuntimeError("boom"), KeyboardInterrupt()):
+        with pytest.raises(type(exc)):
+            with staged_output(str(out)) as tmp:
+                open(os.path.join(tmp, "half.bin"), "wb").close()
+                raise exc
+        assert os.listdir(tmp_path) == []  # no output, no staging directory, no parents it created
+    # an existing output survives a failed replacement
+    out.mkdir(parents=True)
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with staged_output(str(out), overwrite=True):
+            raise RuntimeError("boom")
+    assert os.listdir(out) == ["old.txt"] and not staging_dirs(out.parent)
+
+
+def test_staging_left_by_a_killed_run_is_removed_by_the_next(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"{STAGING_PREFIX}{dead.pid}-abc123"
+    (stale / "stripped").mkdir(parents=True)
+    alive = tmp_path / f"{STAGING_PREFIX}{os.getppid()}-xyz"  # a live process's: may still be working
+    alive.mkdir()
+    user = tmp_path / ".tfcompress-notes"  # not ours: no pid in the name
+    user.mkdir()
+    with staged_output(str(tmp_path / "out")):
+        pass
+    assert not stale.exists() and alive.exists() and user.exists() and (tmp_path / "out").is_dir()
+
+
+def test_data_files_numpy_cannot_read_get_one_line_errors(tmp_path):
+    import tensorflow as tf
+
+    from tfcompress.export.data import load_data
+
+    spec = tf.TensorSpec((None, 8, 8, 3), tf.float32, name="x")
+    good = np.zeros((4, 8, 8, 3), np.float32)
+    np.save(tmp_path / "pickled.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    (tmp_path / "text.npy").write_text("0.1 0.2 0.3\n")
+    np.save(tmp_path / "good.npy", good)
+    data = (tmp_path / "good.npy").read_bytes()
+    (tmp_path / "truncated.npy").write_bytes(data[: len(data) // 2])
+    np.savez(tmp_path / "good.npz", x=good, y=np.arange(4))
+    data = (tmp_path / "good.npz").read_bytes()
+    (tmp_path / "truncated.npz").write_bytes(data[: len(data) - 200])
+    (tmp_path / "notzip.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    with zipfile.ZipFile(tmp_path / "badmember.npz", "w") as z:
+        z.writestr("x.npy", b"\x93NUMPY garbage")
+    for name in ("pickled.npy", "text.npy", "truncated.npy", "truncated.npz", "notzip.npz", "badmember.npz"):
+        with pytest.raises(ExportError, match="calibration data .* not a readable numpy file"):
+            load_data(str(tmp_path / name), spec, "calibration data")
+    assert load_data(str(tmp_path / "good.npz"), spec)[1].tolist() == [0, 1, 2, 3]
+
+
+def test_a_pickled_data_file_through_the_command(saved_model, tmp_path):
+    np.save(tmp_path / "pickled.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    before = tree_digest(saved_model)
+    proc = command(f"--saved_model_dir={saved_model}", f"--output_dir={tmp_path / 'out'}",
+                   f"--calibration_data={tmp_path / 'pickled.npy'}")
+    assert_one_line_error(proc, "not a readable numpy file", alone=False)
+    assert tree_digest(saved_model) == before and not (tmp_path / "out").exists() and not staging_dirs(tmp_path)
+
+
+def test_os_errors_become_one_line(tmp_path):
+    """A full disk or an unwritable location met during the work: one line, exit 2 (in-process: a real full
+    disk cannot be made here without privileges CI may lack)."""
+    code = (
+        "import errno, sys\n"
+        "from tfcompress._cli import run\n"
+        "def main(argv):\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device', '/data/out/model.onnx')\n"
+        "run(main)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    assert_one_line_error(proc, "no space left on the device (/data/out/model.onnx)")
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_an_interrupted_export_exits_cleanly(saved_model, tmp_path, sig, code, word):
+    rng = np.random.default_rng(0)
+    # enough validation samples that the last stage (accuracy of every artifact) takes seconds: the signal
+    # lands while the output is complete in the staging directory but not yet in place
+    np.savez(tmp_path / "val.npz", x=rng.normal(size=(60000, 8, 8, 3)).astype(np.float32),
+             y=rng.integers(0, 2, 60000))
+    before = tree_digest(saved_model)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "tfcompress.export", f"--saved_model_dir={saved_model}",
+                             f"--output_dir={tmp_path / 'a' / 'out'}", f"--validation_data={tmp_path / 'val.npz'}",
+                             "--int8=none"], stderr=subprocess.PIPE, text=True, env=env)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith("[5/5]"):
+            proc.send_signal(sig)
+            break
+    rest = proc.stderr.read()
+    proc.wait(timeout=300)
+    assert proc.returncode == code, "".join(seen) + rest
+    assert rest.strip().splitlines() == [f"error: {word}; nothing was written"], rest
+    assert not (tmp_path / "a").exists()  # no output, no staging directory, no parent it created
+    assert tree_digest(saved_model) == before
+
+
+def test_outputs_have_the_users_file_mode(saved_model, tmp_path):
+    from tfcompress.export import export_saved_model
+
+    old = os.umask(0o022)
+    try:
+        export_saved_model(str(saved_model), str(tmp_path / "out"), int8="none", verbose=False)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
+    assert modes["model.onnx"] == modes["model_fp32.xml"] == modes["report.json"] == 0o644
+    assert modes["stripped"] == 0o755
+
+
+def test_calibrate_rejects_nan_and_inf(tmp_path, saved_model):
+    import openvino as ov
+
+    from tfcompress import calibration
+
+    model = ov.convert_model(str(saved_model))
+    for bad in (np.nan, np.inf):
+        x = np.random.default_rng(0).normal(size=(16, 8, 8, 3)).astype(np.float32)
+        x[3, 1, 1, 0] = bad
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            calibration.calibrate(model, x, subset_size=16, verbose=False)
