@@ -59,7 +59,7 @@ def train(model: keras.Model, train_ds, eval_ds, epochs: int, steps: int, target
                   metrics=["accuracy"])
     pruner = tfcompress.pruning.FilterPruning(target=target, pruning_epochs=max(1, epochs - 1),
                                               prune_first_conv=True)
-    model.fit(train_ds, epochs=epochs, steps_per_epoch=steps, validation_data=eval_ds.repeat(),
+    model.fit(train_ds, shuffle=False, epochs=epochs, steps_per_epoch=steps, validation_data=eval_ds.repeat(),
               validation_steps=eval_steps, callbacks=[pruner], verbose=2)
     return model
 

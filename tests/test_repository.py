@@ -1,4 +1,4 @@
-"""The repository's own promises: CI runs exactly the test command the README gives."""
+"""The repository's own promises: CI runs exactly the test command the README gives, in a new environment."""
 
 import re
 
@@ -12,3 +12,7 @@ def test_ci_runs_the_readme_test_command():
     command = block.group(1).strip()
     ci_lines = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert ci_lines[-1] == command
+    # ... inside a virtual environment it creates (without the machine's site-packages)
+    venv = next(i for i, ln in enumerate(ci_lines) if ln.startswith("python3 -m venv"))
+    activate = next(i for i, ln in enumerate(ci_lines) if ln.startswith("source") and "/bin/activate" in ln)
+    assert venv < activate < len(ci_lines) - 1 and "--system-site-packages" not in ci_lines[venv]

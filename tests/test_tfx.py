@@ -10,7 +10,6 @@ import importlib.util
 import json
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 
@@ -149,13 +148,6 @@ def test_tfx_is_optional():
         assert "ImportError" not in proc.stdout
 
 
-# The TFX packages the component needs, for a machine where `pip install tfx` cannot resolve (see README):
-# the three TFX wheels without their dependency pins (ml-metadata 1.21 needs glibc 2.39; 1.17.1 is the newest
-# that installs here and speaks the same MLMD protocol), plus what their orchestration code imports.
-TFX_NO_DEPS = ["ml-pipelines-sdk==1.21.0", "tfx==1.21.0", "ml-metadata==1.17.1"]
-TFX_DEPS = ["protobuf>=6.31.1,<7", "absl-py>=1.0,<2", "portpicker>=1.3.1,<2", "google-api-python-client>=1.8,<2",
-            "docker>=7,<8", "jinja2>=2.7.3,<4"]
-
 PIPELINE = '''
 import glob, json, os, sys
 from tfx.dsl.components.common.importer import Importer
@@ -184,24 +176,15 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="session")
 def tfx_packages():
-    """A directory of the TFX packages, put first on PYTHONPATH of a subprocess (built once, then cached)."""
-    import hashlib
-
-    key = hashlib.sha1(" ".join(TFX_NO_DEPS + TFX_DEPS).encode()).hexdigest()[:10]
-    target = pathlib.Path.home() / ".cache" / "tfcompress" / f"tfx-packages-{key}"
-    if not (target / ".complete").exists():
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        for args in (["--no-deps", *TFX_NO_DEPS], TFX_DEPS):
-            proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(tmp), *args],
-                                  capture_output=True, text=True, timeout=900)
-            assert proc.returncode == 0, proc.stderr[-2000:]
-        (tmp / ".complete").touch()
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-    return target
+    """The directory of TFX packages that `.ci/run` installs (pip cannot resolve tfx 1.21 here; README)."""
+    path = os.environ.get("TFCOMPRESS_TFX_PACKAGES")
+    if not path or not (pathlib.Path(path) / "tfx").is_dir():
+        pytest.fail("TFCOMPRESS_TFX_PACKAGES must name the directory of TFX packages that .ci/run installs "
+                    "(this test runs with `pytest -m tfx_pipeline`)")
+    return pathlib.Path(path)
 
 
+@pytest.mark.tfx_pipeline
 def test_component_in_a_local_dag_runner_pipeline(artifacts, tfx_packages, tmp_path):
     _, examples, trainer_model, _ = artifacts
     script = tmp_path / "pipeline.py"
