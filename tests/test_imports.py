@@ -47,10 +47,24 @@ def test_import_is_lazy_and_names_resolve_on_use():
     (["tfcompress.demo", "--target=1.5", "--output_dir=/nonexistent/x"], 2, "--target must be in (0, 1)"),
     (["tfcompress.demo", "--epochs=0"], 2, "--epochs must be a positive integer"),
     (["tfcompress.export", "--saved_model_dir=a", "--output_dir=b", "--opset=3"], 2, "--opset must be in 13..18"),
-    (["tfcompress.export", "--saved_model_dir=a", "--output_dir=a/b"], 2, "must not be the input SavedModel"),
+    (["tfcompress.export", "--saved_model_dir=a", "--output_dir=b"], 2, "SavedModel directory 'a' does not exist"),
+    (["tfcompress.export", "--saved_model_dir=a", "--output_dir=b", "--nope"], 2, "Unknown command line flag"),
     (["tfcompress.export", "--help"], 0, "--calibration_data"),
 ])
 def test_commands_reject_bad_flags_before_importing_tensorflow(argv, code, message):
     result, proc = _probe(argv)
     assert result == {"code": code, "tensorflow": False}, proc.stderr[-2000:]
     assert message in (proc.stderr if code else proc.stdout)
+
+
+def test_openvino_telemetry_is_off_unless_the_user_opts_in():
+    code = ("import tfcompress, openvino\n"
+            "from openvino.tools.ovc import telemetry_utils\n"
+            "print(telemetry_utils.tm.__name__)\n")
+    for env, expected in (({}, "openvino.tools.ovc.telemetry_stub"), ({"TFCOMPRESS_OPENVINO_TELEMETRY": "1"},
+                                                                    "openvino_telemetry")):
+        import os
+
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, **env))
+        assert proc.stdout.strip().splitlines()[-1] == expected, proc.stderr[-2000:]

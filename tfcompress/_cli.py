@@ -75,7 +75,9 @@ def run(main: Callable[[list[str]], int]) -> None:
     Exit codes: ``main``'s own; 0 after ``--help``; 2 for a flag error, an :class:`ExportError` or an
     ``OSError`` (disk full, permission denied ...); 130 on Ctrl-C; 143 on SIGTERM.
     """
-    from absl import app, flags  # noqa: F401  (absl.app defines --help and friends)
+    from absl import app, flags
+
+    app.define_help_flags()  # --help, --helpshort, --helpfull (app.run would define them)
 
     from tfcompress.errors import ExportError
     from tfcompress.output_dir import describe_os_error

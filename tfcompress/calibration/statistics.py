@@ -52,7 +52,8 @@ class Progress:
 
     def update(self, n: int) -> None:
         self.done += n
-        if self.enabled:
+        # redrawn in place on a terminal; a log file or pipe gets the finished bar only
+        if self.enabled and (self.done >= self.total or sys.stderr.isatty()):
             frac = min(1.0, self.done / self.total)
             bar = "#" * int(30 * frac)
             sys.stderr.write(f"\r{self.label} [{bar:<30}] {self.done}/{self.total} "
