@@ -87,7 +87,7 @@ def test_compress_model_dir_emits_a_smaller_servable_model_and_int8_ir(artifacts
     # ONNX / OpenVINO IRs load and the INT8 IR runs in INT8
     export = out / "tfcompress"
     core = ov.Core()
-    fp32 = core.compile_model(str(export / "model_fp32.xml"), "CPU")
+    fp32 = core.compile_model(str(export / "model_fp32.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     int8 = core.compile_model(str(export / "model_int8.xml"), "CPU")
     assert (export / "model.onnx").stat().st_size > 0
     run = calibration.int8_layers(int8)
