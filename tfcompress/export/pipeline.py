@@ -154,7 +154,7 @@ def export_saved_model(
             t = time.perf_counter()
             _log(f"[4b/5] INT8 calibration ({int8}) on {min(len(calib[0]), 300)} samples")
             xml8 = os.path.join(tmp, "model_int8.xml")
-            report["steps"]["int8"] = _int8(xml, xml8, calib[0], int8, max_drop, valid)
+            report["steps"]["int8"] = _int8(xml, xml8, calib[0], int8, max_drop, valid, verbose)
             report["steps"]["int8"]["seconds"] = time.perf_counter() - t
             if check is not None:  # INT8 at OpenVINO's default precision, as deployed, against the FP32 IR
                 ref8 = run_openvino(xml, check, precision="f32")
@@ -202,7 +202,7 @@ def _rel_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)) if a.size else 0.0
 
 
-def _int8(xml: str, xml8: str, calib: np.ndarray, mode: str, max_drop: float, valid) -> dict:
+def _int8(xml: str, xml8: str, calib: np.ndarray, mode: str, max_drop: float, valid, verbose: bool = True) -> dict:
     """Calibrate the FP32 IR, store int8 weights, and say which layers really run INT8."""
     import openvino as ov
 
@@ -217,10 +217,10 @@ def _int8(xml: str, xml8: str, calib: np.ndarray, mode: str, max_drop: float, va
             return _accuracy(np.concatenate(outs), y)
 
         q, acc = calibration.calibrate_with_accuracy_control(
-            fp, calib, valid, validate, max_drop=max_drop, subset_size=min(len(calib), 300))
+            fp, calib, valid, validate, max_drop=max_drop, subset_size=min(len(calib), 300), verbose=verbose)
         info.update(reverted=acc["reverted"], drop=acc["drop"], fp32_metric=acc["fp32_metric"])
     else:
-        q = calibration.calibrate(fp, calib, subset_size=min(len(calib), 300))
+        q = calibration.calibrate(fp, calib, subset_size=min(len(calib), 300), verbose=verbose)
     ov.save_model(q, xml8, compress_to_fp16=False)
     info["int8_layers"] = calibration.int8_layers(ov.Core().compile_model(xml8, "CPU"))
     return info
