@@ -86,6 +86,7 @@ class LayerCall:
     out_width: int
     in_shapes: list[tuple]
     out_shape: tuple = ()
+    node: Any = None  # the keras Node of this call (keras.ops nodes are evaluated through it)
 
 
 class LayerKind:
@@ -134,7 +135,11 @@ class LayerKind:
     def weights(
         self, in_keeps: list[np.ndarray], out_keep: np.ndarray, folds: list[np.ndarray]
     ) -> list[np.ndarray]:
-        return [_np(w) for w in self.layer.weights]
+        return self.current_weights()
+
+    def current_weights(self) -> list[np.ndarray]:
+        """The layer's weights as they are (none for a ``keras.ops`` node)."""
+        return [_np(w) for w in getattr(self.layer, "weights", [])]
 
     def needs_bias(self, folds: list[np.ndarray]) -> bool:
         return False
@@ -416,6 +421,151 @@ class _Flatten(LayerKind):
         return [np.tile(in_consts[0], self.channels())]
 
 
+# --------------------------------------------------------------------------- keras.ops nodes
+
+def _per_channel(c: np.ndarray, rank: int) -> np.ndarray:
+    """A per-channel constant vector as a tensor of ``rank`` that broadcasts over every other axis."""
+    return np.nan_to_num(c).astype(np.float32).reshape((1,) * (rank - 1) + (-1,))
+
+
+class _OpPointwise(LayerKind):
+    """A ``keras.ops`` function applied position by position (``x + y``, ``x * 0.5``, ``relu6``, ``gelu``...).
+
+    Its constant output is found by running the op itself on the inputs' per-channel constants, so each op's
+    value semantics live in Keras alone. An output channel is unknown where an input channel is, except that
+    a product with an exact zero is zero.
+    """
+
+    zero_absorbs = False
+
+    def const_out(self, in_consts):
+        node = self.call.node
+        tensors = node.input_tensors
+        values = {id(t): _per_channel(c, len(t.shape)) for t, c in zip(tensors, in_consts)}
+        args, kwargs = node.arguments.fill_in(values)
+        out = _np(self.layer(*args, **kwargs)).astype(np.float64).reshape(-1)
+        if out.size != self.call.out_width:
+            return [np.full(self.call.out_width, np.nan)]
+        unknown = np.any([np.isnan(c) for c in in_consts], axis=0)
+        if self.zero_absorbs:
+            unknown &= ~np.any([c == 0 for c in in_consts], axis=0)
+        return [np.where(unknown, np.nan, out)]
+
+
+class _OpProduct(_OpPointwise):
+    zero_absorbs = True
+
+
+class _OpJoin(_OpPointwise):
+    rule = Rule.JOIN
+
+
+class _OpProductJoin(_OpProduct):
+    rule = Rule.JOIN
+
+
+class _OpReshape(LayerKind):
+    """``keras.ops.reshape`` keeping the channel axis: its target shape follows the kept channel count."""
+
+    def config(self, in_keeps, out_keep):
+        cfg = self.layer.get_config()
+        shape = list(cfg["newshape"])
+        if shape[-1] != -1:
+            shape[-1] = int(out_keep.sum())
+        cfg["newshape"] = tuple(shape)
+        return cfg
+
+
+def _is_scalar(v: Any) -> bool:
+    return np.ndim(v) == 0 or np.size(v) == 1
+
+
+def _pointwise_kind(node: Any, out_shape: tuple, product: bool) -> type[LayerKind]:
+    """Elementwise with one tensor (the rest scalars), a join of several tensors of the output's channels."""
+    tensors = node.input_tensors
+    operands = [v for v in keras.tree.flatten(node.arguments.args)
+                if not isinstance(v, keras.KerasTensor | str | bool) and v is not None]
+    if not all(_is_scalar(v) for v in operands):
+        return _Blocker  # a constant array may vary over channels
+    rank = len(out_shape)
+    if any(len(t.shape) != rank or t.shape[-1] != out_shape[-1] for t in tensors):
+        return _Blocker  # broadcasting over the channel axis
+    if len(tensors) == 1:
+        return _OpProduct if product else _OpPointwise
+    return _OpProductJoin if product else _OpJoin
+
+
+def _axes(axis: Any, rank: int) -> set[int] | None:
+    if axis is None:
+        return None
+    return {int(a) % rank for a in (axis if isinstance(axis, (list, tuple)) else [axis])}
+
+
+def _keeps_channel_axis(in_shape: tuple, out_shape: tuple) -> bool:
+    """A reshape that leaves the last axis whole and only regroups the others of a static shape."""
+    return (
+        in_shape[-1] is not None and out_shape[-1] == in_shape[-1]
+        and None not in in_shape[1:] and None not in out_shape[1:]
+        and math.prod(in_shape[1:-1]) == math.prod(out_shape[1:-1])
+    )
+
+
+def _op_reduce(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> type[LayerKind]:
+    axes = _axes(op.get_config().get("axis"), len(in_shapes[0]))
+    ok = axes is not None and len(in_shapes[0]) - 1 not in axes and out_shape[-1] == in_shapes[0][-1]
+    return _Elementwise if ok else _Blocker
+
+
+def _op_pool(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> type[LayerKind]:
+    fmt = op.get_config().get("data_format") or keras.config.image_data_format()
+    return _Elementwise if fmt == "channels_last" else _Blocker
+
+
+def _op_reshape(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> type[LayerKind]:
+    if not _keeps_channel_axis(in_shapes[0], out_shape):
+        return _Blocker
+    return _OpReshape if "newshape" in op.get_config() else _Elementwise
+
+
+def _op_concat(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> type[LayerKind]:
+    rank = len(out_shape)
+    if any(len(s) != rank for s in in_shapes):
+        return _Blocker
+    if int(op.get_config().get("axis", 0)) % rank == rank - 1:
+        return _Concat
+    return _join(_same_or_nan)
+
+
+def _pointwise(product: bool = False) -> Callable:
+    return lambda op, node, in_shapes, out_shape: _pointwise_kind(node, out_shape, product)
+
+
+_POINTWISE_OPS = (
+    "Add", "Subtract", "Divide", "TrueDivide", "Maximum", "Minimum", "Negative", "Abs", "Square", "Sqrt",
+    "Exp", "Tanh", "Sigmoid", "Relu", "Relu6", "Silu", "HardSigmoid", "HardSilu", "Gelu", "Elu", "Selu",
+    "Celu", "Softplus", "Softsign", "LeakyRelu", "LogSigmoid", "Clip", "Cast", "Erf", "Sign", "Floor", "Ceil",
+    "Round",
+)
+# keras.ops operation class name -> function(op, node, input shapes, output shape) giving its LayerKind;
+# every other keras.ops node blocks the channels it reads.
+KERAS_OPS: dict[str, Callable[..., type[LayerKind]]] = {
+    **{name: _pointwise() for name in _POINTWISE_OPS},
+    "Multiply": _pointwise(product=True),
+    **{name: _op_reduce for name in ("Mean", "Max", "Min", "Amax", "Amin")},
+    **{name: _op_pool for name in ("AveragePool", "MaxPool")},
+    **{name: _op_reshape for name in ("Reshape", "ExpandDims", "Squeeze")},
+    "Concatenate": _op_concat,
+}
+
+
+def op_kind(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> type[LayerKind]:
+    """The :class:`LayerKind` of a ``keras.ops`` node (an Operation that is not a Layer)."""
+    rule = KERAS_OPS.get(type(op).__name__) if type(op).__module__.startswith("keras.src.ops.") else None
+    if rule is None or not in_shapes:
+        return _Blocker
+    return rule(op, node, in_shapes, out_shape)
+
+
 # --------------------------------------------------------------------------- layer -> kind
 
 _L = keras.layers
@@ -492,15 +642,16 @@ def layer_kind(layer: keras.layers.Layer, in_shapes: list[tuple], out_shape: tup
         ok = _channels_last(layer) and all(d is not None for d in in_shapes[0][1:])
         return _Flatten if ok else _Blocker
     if isinstance(layer, _L.Reshape):
-        src = in_shapes[0]
-        if (
-            src[-1] is not None and out_shape[-1] == src[-1]
-            and None not in src[1:] and None not in out_shape[1:]
-            and math.prod(src[1:-1]) == math.prod(out_shape[1:-1])
-        ):
-            return _Reshape
-        return _Blocker
+        return _Reshape if _keeps_channel_axis(in_shapes[0], out_shape) else _Blocker
     return _Blocker
+
+
+def _kind_of(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> type[LayerKind]:
+    if len(node.outputs) != 1:
+        return _Blocker
+    if not isinstance(op, keras.layers.Layer):
+        return op_kind(op, node, in_shapes, out_shape)
+    return layer_kind(op, in_shapes, out_shape)
 
 
 # --------------------------------------------------------------------------- the walk
@@ -602,9 +753,9 @@ class KerasGraph:
                 out_ids = [self._tensor(scope, t) for t in node.outputs]
                 in_shapes = [_shape(t) for t in node.input_tensors]
                 out_shape = _shape(node.outputs[0])
-                kind_cls = layer_kind(layer, in_shapes, out_shape) if len(node.outputs) == 1 else _Blocker
+                kind_cls = _kind_of(layer, node, in_shapes, out_shape)
                 call = LayerCall(
-                    layer, [self._widths[i] for i in in_ids], self._widths[out_ids[0]], in_shapes, out_shape
+                    layer, [self._widths[i] for i in in_ids], self._widths[out_ids[0]], in_shapes, out_shape, node
                 )
                 kind = kind_cls(call)
                 op = Op(

@@ -95,7 +95,7 @@ def quantize_model(
         if "/" in path:
             cfg["name"] = path.replace("/", "_")
         q = quantized_class(layer) if path not in ignored else None
-        weights = layer.get_weights()
+        weights = rec.kind.current_weights()
         if removed and rec.op.outputs:
             masks: dict[str, list] = {}
             keep = kg.graph.keep_mask(rec.op.outputs[0], removed)
@@ -122,10 +122,10 @@ def quantize_model(
         if q is not None:
             new = q.from_config({**cfg, "per_channel": per_channel_weights, "half_range": path in half_range})
         else:
-            if layer.weights and not isinstance(layer, _FLOAT_OK) and quantized_class(layer) is None:
+            if getattr(layer, "weights", None) and not isinstance(layer, _FLOAT_OK) and quantized_class(layer) is None:
                 left_float.append(f"{path} ({type(layer).__name__})")
             new = type(layer).from_config(cfg)
-        return new, weights
+        return new, weights if isinstance(layer, keras.layers.Layer) else None
 
     def wants(rec) -> bool:
         layer = rec.kind.layer

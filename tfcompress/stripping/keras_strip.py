@@ -47,9 +47,9 @@ def _rebuild(kg: KerasGraph, removed: dict[int, np.ndarray], consts: dict[int, n
         folds = [np.where(k, 0.0, np.nan_to_num(consts[t])) for k, t in zip(in_keeps, op.inputs)]
         changed = out_keep is not None and (not out_keep.all() or not all(k.all() for k in in_keeps))
         new = _new_layer(layer, op.layer, rec.kind, in_keeps, out_keep, folds, changed)
-        if new is layer:
+        if new is layer or not isinstance(layer, keras.layers.Layer):  # a keras.ops node has no weights
             return new, None
-        return new, rec.kind.weights(in_keeps, out_keep, folds) if changed else layer.get_weights()
+        return new, rec.kind.weights(in_keeps, out_keep, folds) if changed else rec.kind.current_weights()
 
     return rebuild(kg, make_layer)
 
