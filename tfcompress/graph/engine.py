@@ -119,6 +119,9 @@ class Op:
         has_channel_params: the op holds per-input-channel parameters (kernel rows, BN vectors), so all
             calls of a shared layer must see the same input channels.
         semantics: values for stripping; ``None`` means identity (ELEMENTWISE), sum (JOIN) etc.
+        reads_all_channels: a non-producer whose every output depends on all its input channels (a
+            LayerNormalization's statistics): like a producer's input, a channel may leave it only as 0 or
+            as a constant its semantics can account for (``can_fold``).
     """
 
     name: str
@@ -130,6 +133,7 @@ class Op:
     blocks: int = 1
     has_channel_params: bool = False
     semantics: OpSemantics | None = None
+    reads_all_channels: bool = False
 
     def __post_init__(self) -> None:
         if not self.layer:
@@ -256,6 +260,8 @@ class ChannelGraph:
                             self._block(cur)
                 else:
                     layer_inputs[op.layer] = ins
+            if op.reads_all_channels:
+                self.consumers += [(op, i) for i in range(len(ins))]
             if op.rule in (Rule.INPUT, Rule.BLOCKER, Rule.SHAPE):
                 if op.rule is Rule.BLOCKER:
                     for m in ins:

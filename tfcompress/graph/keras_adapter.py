@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import keras
 import numpy as np
 
 from tfcompress.graph.engine import ChannelGraph, ChannelGroup, Op, Rule, elementwise_consts
+from tfcompress.graph.keras_layers import PartialLayerNormalization
 from tfcompress.graph.kernels import depthwise_consts, fold_into_bias, producer_consts, slice_kernel
 
-__all__ = ["ChannelParam", "KerasGraph", "LayerKind", "UnsupportedModelError", "build_graph"]
+__all__ = [
+    "ChannelParam", "KerasGraph", "LayerKind", "LayerRule", "UnsupportedModelError", "build_graph",
+    "register_layer",
+]
 
 
 class UnsupportedModelError(ValueError):
@@ -94,6 +98,7 @@ class LayerKind:
 
     rule = Rule.ELEMENTWISE
     has_channel_params = False
+    reads_all_channels = False
 
     def __init__(self, call: LayerCall) -> None:
         self.call = call
@@ -129,8 +134,12 @@ class LayerKind:
         """Multiply-accumulates of one call for one example, with these channel counts."""
         return 0.0
 
-    def config(self, in_keeps: list[np.ndarray], out_keep: np.ndarray) -> dict:
+    def config(self, in_keeps: list[np.ndarray], out_keep: np.ndarray, folds: list[np.ndarray]) -> dict:
         return self.layer.get_config()
+
+    def rebuilt_class(self) -> type:
+        """The class of the layer with fewer channels (its own class unless that cannot express it)."""
+        return type(self.layer)
 
     def weights(
         self, in_keeps: list[np.ndarray], out_keep: np.ndarray, folds: list[np.ndarray]
@@ -185,7 +194,7 @@ class _Rescaling(LayerKind):
 class _Reshape(LayerKind):
     """A reshape that keeps the channel axis ((C,) -> (1, 1, C), (H, W, C) -> (H*W, C)) passes channels."""
 
-    def config(self, in_keeps, out_keep):
+    def config(self, in_keeps, out_keep, folds):
         cfg = self.layer.get_config()
         cfg["target_shape"] = tuple(cfg["target_shape"][:-1]) + (int(out_keep.sum()),)
         return cfg
@@ -290,7 +299,7 @@ class _Producer(LayerKind):
         kernel = self._kernel() if kernel is None else kernel
         return np.moveaxis(kernel, self.out_axis, 0).reshape(self.channels(), -1)
 
-    def config(self, in_keeps, out_keep):
+    def config(self, in_keeps, out_keep, folds):
         cfg = self.layer.get_config()
         cfg["filters" if "filters" in cfg else "units"] = int(out_keep.sum())
         return cfg
@@ -356,9 +365,13 @@ class _Depthwise(LayerKind):
     def _bias(self):
         return _np(self.layer.bias) if self.layer.use_bias else np.zeros(self.call.out_width)
 
+    def _kernel(self) -> np.ndarray:
+        """The kernel as (..., in, multiplier)."""
+        return _np(self.layer.kernel)
+
     def const_out(self, in_consts):
         L = self.layer
-        out = depthwise_consts(_np(L.kernel), in_consts[0], L.padding == "valid")
+        out = depthwise_consts(self._kernel(), in_consts[0], L.padding == "valid")
         out = out + self._bias()
         return [elementwise_consts(_activation_fn(L.activation), out)]
 
@@ -377,6 +390,69 @@ class _Depthwise(LayerKind):
         if self.layer.use_bias:
             new.append(self._bias()[out_keep])
         return new
+
+
+class _GroupedDepthwise(_Depthwise):
+    """Conv(groups == input channels): a depthwise convolution with a (..., 1, in * multiplier) kernel."""
+
+    def channels(self):
+        return int(self.layer.filters) // int(self.layer.groups)
+
+    def _kernel(self):
+        k = _np(self.layer.kernel)
+        return k.reshape(k.shape[:-2] + (int(self.layer.groups), self.channels()))
+
+    def output_params(self):
+        L = self.layer
+        return [ChannelParam(L.kernel, -1)] + ([ChannelParam(L.bias, 0)] if L.use_bias else [])
+
+    def config(self, in_keeps, out_keep, folds):
+        return {**self.layer.get_config(), "filters": int(out_keep.sum()), "groups": int(in_keeps[0].sum())}
+
+    def weights(self, in_keeps, out_keep, folds):
+        new = [_take(_np(self.layer.kernel), out_keep, -1)]
+        if self.layer.use_bias:
+            new.append(self._bias()[out_keep])
+        return new
+
+
+class _LayerNorm(LayerKind):
+    """LayerNormalization over the channel axis: statistics over all channels, then a per-channel affine.
+
+    Its inputs are read as a whole (a removed channel must be a known constant, which the stripped layer
+    keeps in its statistics: :class:`PartialLayerNormalization`); an output channel whose gamma is zero is
+    the constant beta.
+    """
+
+    has_channel_params = True
+    reads_all_channels = True
+
+    def _vectors(self):
+        L, n = self.layer, self.call.out_width
+        gamma = _np(L.gamma) if L.scale else np.ones(n)
+        beta = _np(L.beta) if L.center else np.zeros(n)
+        return gamma, beta
+
+    def const_out(self, in_consts):
+        gamma, beta = self._vectors()
+        return [np.where(gamma == 0, beta, np.nan)]
+
+    def can_fold(self, input_index):
+        return True
+
+    def output_params(self):
+        L = self.layer
+        return [ChannelParam(L.gamma, 0)] * bool(L.scale) + [ChannelParam(L.beta, 0)] * bool(L.center)
+
+    def rebuilt_class(self):
+        return PartialLayerNormalization
+
+    def config(self, in_keeps, out_keep, folds):
+        removed = list(getattr(self.layer, "removed_values", [])) + [float(v) for v in folds[0][~in_keeps[0]]]
+        return {**self.layer.get_config(), "removed_values": removed}
+
+    def weights(self, in_keeps, out_keep, folds):
+        return [_take(_np(w), out_keep, 0) for w in self.layer.weights]
 
 
 class _Join(LayerKind):
@@ -419,6 +495,107 @@ class _Flatten(LayerKind):
 
     def const_out(self, in_consts):
         return [np.tile(in_consts[0], self.channels())]
+
+
+# --------------------------------------------------------------------------- user-declared layers
+
+@dataclasses.dataclass(frozen=True)
+class LayerRule:
+    """The channel rule of a custom layer, as declared with :func:`register_layer`."""
+
+    rule: str
+    channel_weights: tuple[str, ...] = ()
+    resize_config: Callable[[dict, int], dict] | None = None
+
+
+LAYER_RULES = ("elementwise", "blocker")
+# class (or "module.QualName", to name a class without importing it) -> its rule
+_REGISTRY: dict[Any, LayerRule] = {
+    "keras.src.applications.convnext.LayerScale": LayerRule(
+        "elementwise", ("gamma",), lambda cfg, n: {**cfg, "projection_dim": n}),
+}
+
+
+def register_layer(
+    cls: type,
+    rule: str = "elementwise",
+    channel_weights: Sequence[str] = (),
+    resize_config: Callable[[dict, int], dict] | None = None,
+) -> None:
+    """Declare how a custom Keras layer maps channels, so that pruning, stripping and QAT go through it.
+
+    Args:
+        cls: the layer class (its subclasses inherit the rule unless registered themselves).
+        rule: ``"elementwise"``: output channel c depends only on input channel c, the same function at every
+            position (activations, per-channel scales); the layer's own ``call`` on per-channel constants
+            tells stripping what a constant channel becomes. ``"blocker"``: channels reaching the layer are
+            never removed.
+        channel_weights: the weights whose last axis is indexed by channels (attribute names, such as
+            ``"gamma"`` for ``self.gamma``, or weight names); stripping slices them.
+        resize_config: ``f(config, channels) -> config`` for a layer whose config names its channel count
+            (e.g. ``lambda c, n: {**c, "units": n}``); stripping calls it with the kept count.
+
+    Example:
+        >>> class Scale(keras.layers.Layer):
+        ...     def build(self, shape):
+        ...         self.s = self.add_weight(shape=(shape[-1],), name="s")
+        ...     def call(self, x):
+        ...         return x * self.s
+        >>> tfcompress.register_layer(Scale, "elementwise", channel_weights=["s"])
+    """
+    if not (isinstance(cls, type) and issubclass(cls, keras.layers.Layer)):
+        raise ValueError(f"register_layer needs a keras.layers.Layer subclass, got {cls!r}")
+    if rule not in LAYER_RULES:
+        raise ValueError(f"unknown rule {rule!r} for {cls.__name__}; choose one of {list(LAYER_RULES)}")
+    names = tuple(channel_weights)
+    if not all(isinstance(n, str) for n in names):
+        raise ValueError(f"channel_weights must be weight names (strings), got {list(channel_weights)!r}")
+    _REGISTRY[cls] = LayerRule(rule, names, resize_config)
+
+
+def registered_rule(layer: Any) -> LayerRule | None:
+    """The rule declared for ``layer``'s class or its nearest registered base class, if any."""
+    for klass in type(layer).__mro__:
+        for key in (klass, f"{klass.__module__}.{klass.__qualname__}"):
+            if key in _REGISTRY:
+                return _REGISTRY[key]
+    return None
+
+
+class _Registered(LayerKind):
+    """A layer declared ``"elementwise"`` with :func:`register_layer`."""
+
+    def __init__(self, call: LayerCall) -> None:
+        super().__init__(call)
+        self.declared = registered_rule(call.layer)
+        self.has_channel_params = bool(self.declared.channel_weights)
+
+    def const_out(self, in_consts):
+        rank = len(self.call.in_shapes[0])
+        out = _np(self.layer(_per_channel(in_consts[0], rank))).astype(np.float64).reshape(-1)
+        if out.size != self.call.out_width:
+            return [np.full(self.call.out_width, np.nan)]
+        return [np.where(np.isnan(in_consts[0]), np.nan, out)]
+
+    def config(self, in_keeps, out_keep, folds):
+        cfg = self.layer.get_config()
+        resize = self.declared.resize_config
+        return resize(cfg, int(out_keep.sum())) if resize is not None else cfg
+
+    def weights(self, in_keeps, out_keep, folds):
+        names = self.declared.channel_weights
+        attrs = {id(getattr(self.layer, n, None)) for n in names}
+        new = []
+        for w in self.layer.weights:
+            value = _np(w)
+            if id(w) in attrs or w.path.split("/")[-1] in names:
+                if value.shape[-1] != out_keep.size:
+                    raise ValueError(
+                        f"weight {w.path!r} of {type(self.layer).__name__} is registered as indexed by channels "
+                        f"but its last axis has {value.shape[-1]} entries, not {out_keep.size}")
+                value = _take(value, out_keep, -1)
+            new.append(value)
+        return new
 
 
 # --------------------------------------------------------------------------- keras.ops nodes
@@ -467,7 +644,7 @@ class _OpProductJoin(_OpProduct):
 class _OpReshape(LayerKind):
     """``keras.ops.reshape`` keeping the channel axis: its target shape follows the kept channel count."""
 
-    def config(self, in_keeps, out_keep):
+    def config(self, in_keeps, out_keep, folds):
         cfg = self.layer.get_config()
         shape = list(cfg["newshape"])
         if shape[-1] != -1:
@@ -592,8 +769,9 @@ _CHANNEL_MIXING_ACTIVATIONS = {"softmax", "log_softmax"}
 def layer_kind(layer: keras.layers.Layer, in_shapes: list[tuple], out_shape: tuple) -> type[LayerKind]:
     """The :class:`LayerKind` describing ``layer`` as called with these shapes."""
     rank = len(out_shape)
-    if getattr(type(layer), "channel_rule", None) == "elementwise":
-        return _Activation  # a layer that says so (e.g. per-tensor fake-quant): f applied channel by channel
+    declared = registered_rule(layer)
+    if declared is not None:
+        return _Registered if declared.rule == "elementwise" and len(in_shapes) == 1 else _Blocker
     for base in (_L.SeparableConv1D, _L.SeparableConv2D):
         if isinstance(layer, base):
             return _SeparableConv if _channels_last(layer) and not _overrides_call(layer, base) else _Blocker
@@ -606,6 +784,8 @@ def layer_kind(layer: keras.layers.Layer, in_shapes: list[tuple], out_shape: tup
     for base in (_L.Conv1D, _L.Conv2D, _L.Conv3D):
         if isinstance(layer, base):
             ok = _channels_last(layer) and not _overrides_call(layer, base) and layer.padding != "causal"
+            if ok and layer.groups > 1 and layer.groups == in_shapes[0][-1]:
+                return _GroupedDepthwise
             return _Producer if ok else _Blocker
     if isinstance(layer, _L.Dense):
         plain = not _overrides_call(layer, _L.Dense) and getattr(layer, "quantization_mode", None) is None
@@ -614,6 +794,11 @@ def layer_kind(layer: keras.layers.Layer, in_shapes: list[tuple], out_shape: tup
         axis = layer.axis if isinstance(layer.axis, int) else (layer.axis[0] if len(layer.axis) == 1 else None)
         ok = axis is not None and axis % rank == rank - 1 and not _overrides_call(layer, _L.BatchNormalization)
         return _BatchNorm if ok else _Blocker
+    if isinstance(layer, _L.LayerNormalization):
+        axis = layer.axis if isinstance(layer.axis, int) else (layer.axis[0] if len(layer.axis) == 1 else None)
+        plain = not getattr(layer, "rms_scaling", False) and (
+            isinstance(layer, PartialLayerNormalization) or not _overrides_call(layer, _L.LayerNormalization))
+        return _LayerNorm if plain and axis is not None and axis % rank == rank - 1 else _Blocker
     if isinstance(layer, _L.ZeroPadding1D | _L.ZeroPadding2D | _L.ZeroPadding3D):
         return _ZeroPadding if _channels_last(layer) else _Blocker
     if isinstance(layer, _ELEMENTWISE):
@@ -768,6 +953,7 @@ class KerasGraph:
                     blocks=kind.blocks(),
                     has_channel_params=kind.has_channel_params,
                     semantics=kind,
+                    reads_all_channels=kind.reads_all_channels,
                 )
                 self.records.append(_Record(op, kind, node, {id(t): scope[id(t)] for t in node.input_tensors}))
         return [scope[id(t)] for t in fmodel.outputs]

@@ -13,6 +13,8 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from tfcompress.graph.keras_adapter import register_layer
+
 __all__ = [
     "ActivationQuantizer", "ChannelMask", "QuantConv2D", "QuantDense", "QuantDepthwiseConv2D",
     "fake_quant_weights",
@@ -53,9 +55,6 @@ class ActivationQuantizer(keras.layers.Layer):
         range_mode: ``"ema"`` or ``"learned"``.
         momentum: EMA momentum.
     """
-
-    # for the channel engine: elementwise per tensor (0 stays 0, a constant stays a constant)
-    channel_rule = "elementwise"
 
     def __init__(self, symmetric: bool = True, range_mode: str = "ema", momentum: float = 0.99, **kwargs):
         super().__init__(**kwargs)
@@ -118,6 +117,10 @@ class ActivationQuantizer(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "symmetric": self.symmetric, "range_mode": self.range_mode,
                 "momentum": self.momentum}
+
+
+# for the channel engine: a per-tensor function applied channel by channel (0 stays 0, a constant a constant)
+register_layer(ActivationQuantizer, "elementwise")
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

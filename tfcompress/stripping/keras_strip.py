@@ -55,7 +55,7 @@ def _rebuild(kg: KerasGraph, removed: dict[int, np.ndarray], consts: dict[int, n
 
 
 def _new_layer(layer, path, kind, in_keeps, out_keep, folds, changed) -> keras.layers.Layer:
-    cfg = kind.config(in_keeps, out_keep) if changed else layer.get_config()
+    cfg = kind.config(in_keeps, out_keep, folds) if changed else layer.get_config()
     if changed:  # masks of pruned channels (from quantize_model) refer to the old channel count
         for key, value in list(cfg.items()):
             if key.endswith("_constraint") and isinstance(value, dict) and value.get("class_name") == "ChannelMask":
@@ -65,7 +65,7 @@ def _new_layer(layer, path, kind, in_keeps, out_keep, folds, changed) -> keras.l
     if changed and kind.needs_bias(folds):
         cfg["use_bias"] = True
     try:
-        return type(layer).from_config(cfg)
+        return (kind.rebuilt_class() if changed else type(layer)).from_config(cfg)
     except Exception as e:
         if changed:
             raise ValueError(f"cannot rebuild layer {path!r} ({type(layer).__name__}) with fewer channels: {e}")
