@@ -344,13 +344,15 @@ class _SeparableConv(_Producer):
         return [ChannelParam(L.pointwise_kernel, -1)] + ([ChannelParam(L.bias, 0)] if L.use_bias else [])
 
     def weights(self, in_keeps, out_keep, folds):
-        m = int(self.layer.depth_multiplier)
-        dw = _take(_np(self.layer.depthwise_kernel), in_keeps[0], -2)
-        pw = _take(_take(self._kernel(), np.repeat(in_keeps[0], m), -2), out_keep, -1)
-        new = [dw, pw]
-        if self.layer.use_bias:
-            new.append(self._bias()[out_keep])
-        return new
+        L = self.layer
+        m = int(L.depth_multiplier)
+        new = {
+            id(L.depthwise_kernel): _take(_np(L.depthwise_kernel), in_keeps[0], -2),
+            id(L.pointwise_kernel): _take(_take(self._kernel(), np.repeat(in_keeps[0], m), -2), out_keep, -1),
+        }
+        if L.use_bias:
+            new[id(L.bias)] = self._bias()[out_keep]
+        return [new.get(id(w), _np(w)) for w in L.weights]  # a QAT twin's quantizer ranges stay
 
 
 class _Depthwise(LayerKind):
