@@ -515,6 +515,7 @@ LAYER_RULES = ("elementwise", "blocker")
 _REGISTRY: dict[Any, LayerRule] = {
     "keras.src.applications.convnext.LayerScale": LayerRule(
         "elementwise", ("gamma",), lambda cfg, n: {**cfg, "projection_dim": n}),
+    "keras.src.applications.inception_resnet_v2.CustomScaleLayer": LayerRule("elementwise"),  # x + r * scale
 }
 
 
@@ -528,9 +529,10 @@ def register_layer(
 
     Args:
         cls: the layer class (its subclasses inherit the rule unless registered themselves).
-        rule: ``"elementwise"``: output channel c depends only on input channel c, the same function at every
-            position (activations, per-channel scales); the layer's own ``call`` on per-channel constants
-            tells stripping what a constant channel becomes. ``"blocker"``: channels reaching the layer are
+        rule: ``"elementwise"``: output channel c depends only on channel c of each input, the same function
+            at every position (activations, per-channel scales; with several inputs of the same channels, a
+            join like ``Add``); the layer's own ``call`` on per-channel constants tells stripping what a
+            constant channel becomes. ``"blocker"``: channels reaching the layer are
             never removed.
         channel_weights: the weights whose last axis is indexed by channels (attribute names, such as
             ``"gamma"`` for ``self.gamma``, or weight names); stripping slices them.
@@ -573,11 +575,13 @@ class _Registered(LayerKind):
         self.has_channel_params = bool(self.declared.channel_weights)
 
     def const_out(self, in_consts):
-        rank = len(self.call.in_shapes[0])
-        out = _np(self.layer(_per_channel(in_consts[0], rank))).astype(np.float64).reshape(-1)
+        values = {id(t): _per_channel(c, len(t.shape)) for t, c in zip(self.call.node.input_tensors, in_consts)}
+        args, kwargs = self.call.node.arguments.fill_in(values)
+        out = _np(self.layer(*args, **kwargs)).astype(np.float64).reshape(-1)
         if out.size != self.call.out_width:
             return [np.full(self.call.out_width, np.nan)]
-        return [np.where(np.isnan(in_consts[0]), np.nan, out)]
+        return [np.where(np.any([np.isnan(c) for c in in_consts], axis=0), np.nan, out)]
+
 
     def config(self, in_keeps, out_keep, folds):
         cfg = self.layer.get_config()
@@ -598,6 +602,12 @@ class _Registered(LayerKind):
                 value = _take(value, out_keep, -1)
             new.append(value)
         return new
+
+
+class _RegisteredJoin(_Registered):
+    """A layer declared ``"elementwise"`` called on several tensors of the same channels: it joins them."""
+
+    rule = Rule.JOIN
 
 
 # --------------------------------------------------------------------------- keras.ops nodes
@@ -773,7 +783,9 @@ def layer_kind(layer: keras.layers.Layer, in_shapes: list[tuple], out_shape: tup
     rank = len(out_shape)
     declared = registered_rule(layer)
     if declared is not None:
-        return _Registered if declared.rule == "elementwise" and len(in_shapes) == 1 else _Blocker
+        if declared.rule != "elementwise" or any(len(s) != rank or s[-1] != out_shape[-1] for s in in_shapes):
+            return _Blocker
+        return _Registered if len(in_shapes) == 1 else _RegisteredJoin
     for base in (_L.SeparableConv1D, _L.SeparableConv2D):
         if isinstance(layer, base):
             return _SeparableConv if _channels_last(layer) and not _overrides_call(layer, base) else _Blocker

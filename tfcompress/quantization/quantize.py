@@ -111,7 +111,8 @@ def quantize_model(
                 for p in rec.kind.output_params():
                     masks.setdefault(p.variable.path.split("/")[-1], []).append((keep, p.axis, p.view))
             in_axis = getattr(rec.kind, "in_axis", None)
-            if rec.op.rule is Rule.PRODUCER and in_axis is not None and rec.kind.blocks() == 1:
+            names = [w.path.split("/")[-1] for w in layer.weights]
+            if rec.op.rule is Rule.PRODUCER and in_axis is not None and rec.kind.blocks() == 1 and "kernel" in names:
                 in_keep = kg.graph.keep_mask(rec.op.inputs[0], removed)
                 if not in_keep.all():  # rows reading pruned channels: zero too, so weight ranges ignore them
                     masks.setdefault("kernel", []).append((in_keep, in_axis, None))
@@ -125,7 +126,7 @@ def quantize_model(
                 constraint = ChannelMask(k0.tolist(), a0, v0,
                                          extra=[{"keep": k.tolist(), "axis": a, "view": v} for k, a, v in rest])
                 cfg[key] = constraint
-                idx = [w.path.split("/")[-1] for w in layer.weights].index(name)
+                idx = names.index(name)
                 weights[idx] = np.asarray(constraint(keras.ops.convert_to_tensor(weights[idx])))
         if q is not None:
             options = {"per_channel": per_channel_weights, "half_range": path in half_range}
