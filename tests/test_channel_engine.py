@@ -510,3 +510,20 @@ def test_register_layer_declares_a_custom_layers_channel_rule(rng, monkeypatch):
         tfcompress.register_layer(_ChannelScale, "sideways")
     with pytest.raises(ValueError, match="Layer subclass"):
         tfcompress.register_layer(int)
+
+
+def test_explain_gives_every_unprunable_group_a_reason():
+    inp = keras.Input((6, 6, 3))
+    a = L.Conv2D(8, 1, name="a")(inp)
+    b = L.Conv2D(8, 1, name="b")(inp)
+    mixed = L.Lambda(lambda t: t[..., ::-1], name="mixer")(a)  # unknown layer
+    c = L.Conv2D(4, 1, name="c")(L.Concatenate()([mixed, b]))
+    one = L.Conv2D(1, 1, name="one")(c)
+    out = L.Dense(3, name="head")(L.Flatten()(one))
+    groups = {g.layers: g for g in tfcompress.explain(keras.Model(inp, out))}
+    assert groups[("b",)].reason == "" and groups[("c",)].reason == ""
+    assert "'mixer'" in groups[("a",)].reason
+    assert groups[("one",)].reason == "a single channel"
+    assert groups[("head",)].reason == "reaches a model output"
+    prunable = {g.layers for g in tfcompress.channel_groups(keras.Model(inp, out))}
+    assert prunable == {layers for layers, g in groups.items() if not g.reason}

@@ -20,8 +20,8 @@ _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 __version__ = "0.1.0"
 
 __all__ = [
-    "ChannelGroup", "UnsupportedModelError", "calibration", "channel_groups", "count_flops", "export", "load_config",
-    "pruning", "quantization", "register_layer", "strip", "zero_channels", "__version__",
+    "ChannelGroup", "UnsupportedModelError", "calibration", "channel_groups", "count_flops", "explain", "export",
+    "load_config", "pruning", "quantization", "register_layer", "strip", "zero_channels", "__version__",
 ]
 
 __getattr__, __dir__ = _lazy_exports(globals(), {
@@ -29,6 +29,7 @@ __getattr__, __dir__ = _lazy_exports(globals(), {
     "UnsupportedModelError": "tfcompress.graph",
     "channel_groups": "tfcompress.graph",
     "zero_channels": "tfcompress.graph",
+    "explain": "tfcompress.graph",
     "register_layer": "tfcompress.graph",
     "count_flops": "tfcompress.graph.flops",
     "strip": "tfcompress.stripping",
@@ -41,7 +42,9 @@ __getattr__, __dir__ = _lazy_exports(globals(), {
 
 if _TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from tfcompress import calibration, export, pruning, quantization
-    from tfcompress.graph import ChannelGroup, UnsupportedModelError, channel_groups, register_layer, zero_channels
+    from tfcompress.graph import (
+        ChannelGroup, UnsupportedModelError, channel_groups, explain, register_layer, zero_channels,
+    )
     from tfcompress.graph.flops import count_flops
     from tfcompress.pruning import load_config
     from tfcompress.stripping import strip
