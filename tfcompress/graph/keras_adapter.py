@@ -766,7 +766,6 @@ _ELEMENTWISE = (
     _L.GlobalMaxPooling1D, _L.GlobalMaxPooling2D, _L.GlobalMaxPooling3D, _L.UpSampling1D, _L.UpSampling2D,
     _L.UpSampling3D, _L.Cropping1D, _L.Cropping2D, _L.Cropping3D,
 )
-_ACTIVATIONS = (_L.ReLU, _L.LeakyReLU, _L.ELU, _L.Activation)
 _JOINS = {
     _L.Add: lambda cs: np.sum(cs, axis=0),
     _L.Subtract: lambda cs: cs[0] - cs[1],
@@ -776,72 +775,110 @@ _JOINS = {
     _L.Multiply: _product,
 }
 _CHANNEL_MIXING_ACTIVATIONS = {"softmax", "log_softmax"}
+# A rule: f(layer, matched base class, input shapes, output shape) -> the LayerKind of that call.
+LayerRuleFn = Callable[[Any, type, list, tuple], "type[LayerKind]"]
+
+
+def _channel_axis(layer: Any, rank: int) -> bool:
+    axis = layer.axis if isinstance(layer.axis, int) else (layer.axis[0] if len(layer.axis) == 1 else None)
+    return axis is not None and axis % rank == rank - 1
+
+
+def _plain(kind: type[LayerKind]) -> LayerRuleFn:
+    """``kind`` for a channels-last layer whose ``call`` is its base class's, else a blocker."""
+    return lambda layer, base, ins, out: kind if _channels_last(layer) and not _overrides_call(layer, base) else _Blocker
+
+
+def _always(kind: type[LayerKind]) -> LayerRuleFn:
+    return lambda layer, base, ins, out: kind
+
+
+def _conv(layer, base, ins, out):
+    if not _channels_last(layer) or _overrides_call(layer, base) or layer.padding == "causal":
+        return _Blocker
+    return _GroupedDepthwise if layer.groups > 1 and layer.groups == ins[0][-1] else _Producer
+
+
+def _dense(layer, base, ins, out):
+    plain = not _overrides_call(layer, base) and getattr(layer, "quantization_mode", None) is None
+    return _Dense if plain and not getattr(layer, "lora_enabled", False) else _Blocker
+
+
+def _batchnorm(layer, base, ins, out):
+    return _BatchNorm if _channel_axis(layer, len(out)) and not _overrides_call(layer, base) else _Blocker
+
+
+def _layernorm(layer, base, ins, out):
+    plain = not getattr(layer, "rms_scaling", False) and (
+        isinstance(layer, PartialLayerNormalization) or not _overrides_call(layer, base))
+    return _LayerNorm if plain and _channel_axis(layer, len(out)) else _Blocker
+
+
+def _activation(layer, base, ins, out):
+    name = getattr(layer.activation, "__name__", str(layer.activation))
+    return _Blocker if name in _CHANNEL_MIXING_ACTIVATIONS else _Activation
+
+
+def _rescaling(layer, base, ins, out):
+    return _Rescaling if np.size(layer.scale) == 1 and np.size(layer.offset) == 1 else _Blocker
+
+
+def _merge(layer, base, ins, out):
+    if any(len(s) != len(out) or s[-1] != out[-1] for s in ins):
+        return _Blocker  # broadcasting over the channel axis
+    return _join(_JOINS[base])
+
+
+def _concatenate(layer, base, ins, out):
+    if layer.axis % len(out) == len(out) - 1:
+        return _Concat
+    return _join(_same_or_nan)  # concatenation along a spatial axis keeps channels aligned
+
+
+def _flatten(layer, base, ins, out):
+    if len(ins[0]) == 2:
+        return _Elementwise
+    return _Flatten if _channels_last(layer) and all(d is not None for d in ins[0][1:]) else _Blocker
+
+
+def _reshape(layer, base, ins, out):
+    return _Reshape if _keeps_channel_axis(ins[0], out) else _Blocker
+
+
+# Keras layer classes -> their rule, first match wins (subclasses match their base's entry).
+KERAS_LAYERS: list[tuple[tuple[type, ...], LayerRuleFn]] = [
+    ((_L.SeparableConv1D, _L.SeparableConv2D), _plain(_SeparableConv)),
+    ((_L.DepthwiseConv1D, _L.DepthwiseConv2D), _plain(_Depthwise)),
+    ((_L.Conv1DTranspose, _L.Conv2DTranspose, _L.Conv3DTranspose), _plain(_ConvTranspose)),
+    ((_L.Conv1D, _L.Conv2D, _L.Conv3D), _conv),
+    ((_L.Dense,), _dense),
+    ((_L.BatchNormalization,), _batchnorm),
+    ((_L.LayerNormalization,), _layernorm),
+    ((_L.ZeroPadding1D, _L.ZeroPadding2D, _L.ZeroPadding3D), _plain(_ZeroPadding)),
+    (_ELEMENTWISE, _plain(_Elementwise)),
+    ((_L.Activation,), _activation),
+    ((_L.ReLU, _L.LeakyReLU, _L.ELU), _always(_Activation)),
+    ((_L.PReLU,), _always(_PReLU)),
+    ((_L.Rescaling,), _rescaling),
+    (tuple(_JOINS), _merge),
+    ((_L.Concatenate,), _concatenate),
+    ((_L.Flatten,), _flatten),
+    ((_L.Reshape,), _reshape),
+]
 
 
 def layer_kind(layer: keras.layers.Layer, in_shapes: list[tuple], out_shape: tuple) -> type[LayerKind]:
     """The :class:`LayerKind` describing ``layer`` as called with these shapes."""
-    rank = len(out_shape)
     declared = registered_rule(layer)
     if declared is not None:
-        if declared.rule != "elementwise" or any(len(s) != rank or s[-1] != out_shape[-1] for s in in_shapes):
+        same = all(len(s) == len(out_shape) and s[-1] == out_shape[-1] for s in in_shapes)
+        if declared.rule != "elementwise" or not same:
             return _Blocker
         return _Registered if len(in_shapes) == 1 else _RegisteredJoin
-    for base in (_L.SeparableConv1D, _L.SeparableConv2D):
-        if isinstance(layer, base):
-            return _SeparableConv if _channels_last(layer) and not _overrides_call(layer, base) else _Blocker
-    for base in (_L.DepthwiseConv1D, _L.DepthwiseConv2D):
-        if isinstance(layer, base):
-            return _Depthwise if _channels_last(layer) and not _overrides_call(layer, base) else _Blocker
-    for base in (_L.Conv1DTranspose, _L.Conv2DTranspose, _L.Conv3DTranspose):
-        if isinstance(layer, base):
-            return _ConvTranspose if _channels_last(layer) and not _overrides_call(layer, base) else _Blocker
-    for base in (_L.Conv1D, _L.Conv2D, _L.Conv3D):
-        if isinstance(layer, base):
-            ok = _channels_last(layer) and not _overrides_call(layer, base) and layer.padding != "causal"
-            if ok and layer.groups > 1 and layer.groups == in_shapes[0][-1]:
-                return _GroupedDepthwise
-            return _Producer if ok else _Blocker
-    if isinstance(layer, _L.Dense):
-        plain = not _overrides_call(layer, _L.Dense) and getattr(layer, "quantization_mode", None) is None
-        return _Dense if plain and not getattr(layer, "lora_enabled", False) else _Blocker
-    if isinstance(layer, _L.BatchNormalization):
-        axis = layer.axis if isinstance(layer.axis, int) else (layer.axis[0] if len(layer.axis) == 1 else None)
-        ok = axis is not None and axis % rank == rank - 1 and not _overrides_call(layer, _L.BatchNormalization)
-        return _BatchNorm if ok else _Blocker
-    if isinstance(layer, _L.LayerNormalization):
-        axis = layer.axis if isinstance(layer.axis, int) else (layer.axis[0] if len(layer.axis) == 1 else None)
-        plain = not getattr(layer, "rms_scaling", False) and (
-            isinstance(layer, PartialLayerNormalization) or not _overrides_call(layer, _L.LayerNormalization))
-        return _LayerNorm if plain and axis is not None and axis % rank == rank - 1 else _Blocker
-    if isinstance(layer, _L.ZeroPadding1D | _L.ZeroPadding2D | _L.ZeroPadding3D):
-        return _ZeroPadding if _channels_last(layer) else _Blocker
-    if isinstance(layer, _ELEMENTWISE):
-        return _Elementwise if _channels_last(layer) else _Blocker
-    if isinstance(layer, _L.Activation):
-        name = getattr(layer.activation, "__name__", str(layer.activation))
-        return _Blocker if name in _CHANNEL_MIXING_ACTIVATIONS else _Activation
-    if isinstance(layer, _ACTIVATIONS):
-        return _Activation
-    if isinstance(layer, _L.PReLU):
-        return _PReLU
-    if isinstance(layer, _L.Rescaling):
-        return _Rescaling if np.size(layer.scale) == 1 and np.size(layer.offset) == 1 else _Blocker
-    for cls, fn in _JOINS.items():
-        if isinstance(layer, cls):
-            if any(len(s) != rank or s[-1] != out_shape[-1] for s in in_shapes):
-                return _Blocker  # broadcasting over the channel axis
-            return _join(fn)
-    if isinstance(layer, _L.Concatenate):
-        if layer.axis % rank == rank - 1:
-            return _Concat
-        return _join(_same_or_nan)  # concatenation along a spatial axis keeps channels aligned
-    if isinstance(layer, _L.Flatten):
-        if len(in_shapes[0]) == 2:
-            return _Elementwise
-        ok = _channels_last(layer) and all(d is not None for d in in_shapes[0][1:])
-        return _Flatten if ok else _Blocker
-    if isinstance(layer, _L.Reshape):
-        return _Reshape if _keeps_channel_axis(in_shapes[0], out_shape) else _Blocker
+    for bases, rule in KERAS_LAYERS:
+        for base in bases:
+            if isinstance(layer, base):
+                return rule(layer, base, in_shapes, out_shape)
     return _Blocker
 
 
