@@ -103,3 +103,16 @@ def test_quantize_ops_model_runs_and_round_trips(rng, tmp_path):
     q.save(tmp_path / "q.keras")
     loaded = keras.saving.load_model(tmp_path / "q.keras")
     np.testing.assert_array_equal(loaded(x), q(x))
+
+
+def test_prune_in_fit_then_strip_and_quantize(rng):
+    """The whole path on a keras.ops model: FilterPruning in fit, strip (exact, smaller), quantize_model."""
+    model = ops_model()
+    model.compile("adam", "mse")
+    x = rng.normal(size=(32, 10, 10, 3)).astype("float32")
+    pruner = tfcompress.pruning.FilterPruning(target=0.5, pruning_epochs=1, prune_first_conv=True)
+    model.fit(x, rng.normal(size=(32, 4)), epochs=2, batch_size=16, callbacks=[pruner], verbose=0)
+    stripped = tfcompress.strip(model)
+    assert rel_error(stripped(x), model(x)) < TOL
+    assert stripped.get_layer("stem").filters < 8 and stripped.get_layer("side").filters < 6
+    assert np.all(np.isfinite(tfcompress.quantization.quantize_model(stripped)(x)))
