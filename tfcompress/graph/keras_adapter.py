@@ -2,8 +2,10 @@
 
 Each Keras layer class is described once by a :class:`LayerKind`: its channel rule, which of its weights
 are indexed by output channels (for zeroing), how constant channels flow through it (for stripping) and how
-to rebuild it with fewer channels.  Nested models are inlined: layer names inside them are prefixed with
-the sub-model's name (``"block/conv"``).
+to rebuild it with fewer channels. Three tables choose the kind of a call: :data:`KERAS_LAYERS` (Keras layer
+classes), :data:`KERAS_OPS` (the raw ``keras.ops`` nodes Keras records for ``x + y``, ``keras.ops.mean`` ...)
+and the user registry of :func:`register_layer` (custom layers); anything else blocks. Nested models are
+inlined: layer names inside them are prefixed with the sub-model's name (``"block/conv"``).
 """
 
 from __future__ import annotations
