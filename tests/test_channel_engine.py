@@ -519,11 +519,14 @@ def test_explain_gives_every_unprunable_group_a_reason():
     mixed = L.Lambda(lambda t: t[..., ::-1], name="mixer")(a)  # unknown layer
     c = L.Conv2D(4, 1, name="c")(L.Concatenate()([mixed, b]))
     one = L.Conv2D(1, 1, name="one")(c)
+    res = L.Add()([L.Conv2D(3, 1, name="res")(inp), inp])  # joined with the model input
     out = L.Dense(3, name="head")(L.Flatten()(one))
-    groups = {g.layers: g for g in tfcompress.explain(keras.Model(inp, out))}
+    model = keras.Model(inp, [out, L.GlobalAveragePooling2D()(L.Conv2D(2, 1, name="r2")(res))])
+    groups = {g.layers: g for g in tfcompress.explain(model)}
+    assert groups[("res",)].reason.startswith("joined with the untracked output of 'input:")
     assert groups[("b",)].reason == "" and groups[("c",)].reason == ""
     assert "'mixer'" in groups[("a",)].reason
     assert groups[("one",)].reason == "a single channel"
     assert groups[("head",)].reason == "reaches a model output"
-    prunable = {g.layers for g in tfcompress.channel_groups(keras.Model(inp, out))}
+    prunable = {g.layers for g in tfcompress.channel_groups(model)}
     assert prunable == {layers for layers, g in groups.items() if not g.reason}

@@ -228,9 +228,12 @@ class ChannelGraph:
             sp.blocked = True
             sp.reason = sp.reason or reason
 
-    def _fresh(self, tensor: int, blocked: bool, producer: str | None = None) -> ChannelMap:
+    def _fresh(self, tensor: int, blocked: bool, producer: str | None = None, source: str = "") -> ChannelMap:
         width = self.tensor_width.get(tensor) or 0
-        return ChannelMap((Segment(self._new_space(width, producer, blocked), 0, width),))
+        space = self._new_space(width, producer, blocked)
+        if blocked:  # channels nobody tracks: whatever they are joined with is blocked too
+            self._spaces[space].reason = f"joined with the untracked output of {source!r}"
+        return ChannelMap((Segment(space, 0, width),))
 
     def _whole(self, cmap: ChannelMap) -> bool:
         """True when ``cmap`` is made of whole, unrepeated spaces (the only maps the engine joins)."""
@@ -275,7 +278,7 @@ class ChannelGraph:
                     for m in ins:
                         self._block(m, f"reaches {op.name!r}, whose channel rule is unknown or mixes channels")
                 for t in op.outputs:  # possibly several outputs, each its own unknown channels
-                    self.maps[t] = self._fresh(t, blocked=True)
+                    self.maps[t] = self._fresh(t, blocked=True, source=op.name)
                 continue
             elif op.rule is Rule.PRODUCER:
                 for i in range(len(ins)):
@@ -298,7 +301,7 @@ class ChannelGraph:
                 m = ins[0]
                 if m.tile != 1:
                     self._block(m, f"depthwise {op.name!r} reads it after a Flatten")
-                    out = self._fresh(op.outputs[0], blocked=True)
+                    out = self._fresh(op.outputs[0], blocked=True, source=op.name)
                 else:
                     out = ChannelMap(
                         tuple(dataclasses.replace(s, repeat=s.repeat * op.channels) for s in m.segments)
@@ -310,12 +313,12 @@ class ChannelGraph:
                     for m in ins:
                         self._block(m, f"joined at {op.name!r} with channels that do not line up one to one "
                                        "(a concatenation, a depthwise repeat or another width)")
-                    out = self._fresh(op.outputs[0], blocked=True)
+                    out = self._fresh(op.outputs[0], blocked=True, source=op.name)
             elif op.rule is Rule.CONCAT:
                 if any(m.tile != 1 for m in ins):
                     for m in ins:
                         self._block(m, f"concatenated at {op.name!r} after a Flatten")
-                    out = self._fresh(op.outputs[0], blocked=True)
+                    out = self._fresh(op.outputs[0], blocked=True, source=op.name)
                 else:
                     out = ChannelMap(tuple(s for m in ins for s in m.segments))
             elif op.rule is Rule.FLATTEN:
