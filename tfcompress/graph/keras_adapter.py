@@ -788,7 +788,9 @@ def _channel_axis(layer: Any, rank: int) -> bool:
 
 def _plain(kind: type[LayerKind]) -> LayerRuleFn:
     """``kind`` for a channels-last layer whose ``call`` is its base class's, else a blocker."""
-    return lambda layer, base, ins, out: kind if _channels_last(layer) and not _overrides_call(layer, base) else _Blocker
+    def rule(layer, base, ins, out):
+        return kind if _channels_last(layer) and not _overrides_call(layer, base) else _Blocker
+    return rule
 
 
 def _always(kind: type[LayerKind]) -> LayerRuleFn:

@@ -70,7 +70,8 @@ def _set_leading_weights(layer: keras.layers.Layer, weights: list[np.ndarray]) -
     """Set the layer's first ``len(weights)`` weights (its own come before those of its sub-layers, so a QAT
     twin's extra quantizer ranges keep their initial values)."""
     variables = layer.weights
-    if len(weights) > len(variables):
-        raise ValueError(f"layer {layer.name!r} has {len(variables)} weights, {len(weights)} were given")
+    if len(weights) >= len(variables):  # set_weights checks count and shapes with a clear message
+        layer.set_weights([np.asarray(w, dtype=v.dtype) for w, v in zip(weights, variables)] + weights[len(variables):])
+        return
     for v, w in zip(variables, weights):
-        v.assign(np.asarray(w, dtype=v.dtype).reshape(v.shape) if np.size(w) == np.prod(v.shape) else w)
+        v.assign(np.asarray(w, dtype=v.dtype))
