@@ -427,3 +427,106 @@ def test_flops_count_matches_hand_computation():
     ])
     macs = 100 * 27 * 8 + 25 * 9 * 8 + 25 * 8 * 4 / 2 + 100 * 6
     assert tfcompress.count_flops(model) == 2 * macs
+
+
+def test_layer_normalization_over_channels_is_per_channel_and_strips_exactly(rng, tmp_path):
+    inp = keras.Input((6, 6, 3))
+    a = L.Conv2D(12, 3, padding="same", name="stem")(inp)
+    n = L.LayerNormalization(name="ln")(a)
+    h = L.Dense(16, activation="gelu", name="expand")(n)
+    h = L.Dense(12, name="project")(h)
+    r = L.Add()([a, h])
+    out = L.Dense(4, name="head")(L.GlobalAveragePooling2D()(L.LayerNormalization(name="ln2")(r)))
+    model = keras.Model(inp, out)
+    randomize_biases(model, rng)
+    for ln in (model.get_layer("ln"), model.get_layer("ln2")):
+        ln.set_weights([rng.uniform(0.5, 1.5, 12), rng.uniform(-0.3, 0.3, 12)])
+    assert set(_groups_by_layer(model)) == {("stem", "project"), ("expand",)}
+    x = _x(rng, (3, 6, 6, 3))
+    stripped = _zero_and_strip(model, rng, x)
+    assert type(stripped.get_layer("ln")).__name__ == "PartialLayerNormalization"
+    assert stripped.get_layer("ln").gamma.shape[0] == 9 and stripped.get_layer("expand").units == 12
+    stripped.save(tmp_path / "m.keras")
+    np.testing.assert_array_equal(keras.saving.load_model(tmp_path / "m.keras")(x), stripped(x))
+    # a second strip of the stripped model keeps the statistics of the original channels
+    again = _zero_and_strip(stripped, rng, x)
+    assert again.get_layer("ln").gamma.shape[0] < 9
+
+
+def test_layer_normalization_over_other_axes_blocks(rng):
+    inp = keras.Input((6, 6, 3))
+    a = L.Conv2D(8, 1, name="a")(inp)
+    n = L.LayerNormalization(axis=(1, 2, 3))(a)
+    model = keras.Model(inp, L.Dense(2)(L.Flatten()(L.Conv2D(4, 1, name="b")(n))))
+    assert ("a",) not in _groups_by_layer(model)
+
+
+def test_grouped_conv_with_one_channel_per_group_is_depthwise(rng):
+    inp = keras.Input((8, 8, 3))
+    a = L.Conv2D(8, 1, name="a")(inp)
+    d = L.Conv2D(16, 3, groups=8, padding="same", name="dw")(a)  # multiplier 2
+    out = L.Dense(3)(L.GlobalAveragePooling2D()(L.Conv2D(5, 1, name="b")(d)))
+    model = keras.Model(inp, out)
+    randomize_biases(model, rng)
+    assert ("a",) in _groups_by_layer(model)
+    stripped = _zero_and_strip(model, rng, _x(rng, (2, 8, 8, 3)))
+    assert stripped.get_layer("dw").groups == 6 and stripped.get_layer("dw").filters == 12
+
+
+class _ChannelScale(L.Layer):
+    """A custom per-channel scale (like ConvNeXt's LayerScale), weight created without a name."""
+
+    def __init__(self, channels, **kwargs):
+        super().__init__(**kwargs)
+        self.channels = channels
+
+    def build(self, shape):
+        self.scale = self.add_weight(shape=(self.channels,), initializer="ones")
+
+    def call(self, x):
+        return x * self.scale + 0.0
+
+    def get_config(self):
+        return {**super().get_config(), "channels": self.channels}
+
+
+def test_register_layer_declares_a_custom_layers_channel_rule(rng, monkeypatch):
+    from tfcompress.graph import keras_adapter
+
+    monkeypatch.setattr(keras_adapter, "_REGISTRY", dict(keras_adapter._REGISTRY))
+    inp = keras.Input((6, 6, 3))
+    a = L.Conv2D(8, 3, padding="same", name="a")(inp)
+    s = _ChannelScale(8, name="scale")(a)
+    out = L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(4, 1, name="b")(s)))
+    model = keras.Model(inp, out)
+    model.get_layer("scale").scale.assign(rng.uniform(0.5, 2, 8).astype("float32"))
+    assert ("a",) not in _groups_by_layer(model)  # unknown custom layer: blocked
+    tfcompress.register_layer(_ChannelScale, "elementwise", channel_weights=["scale"],
+                              resize_config=lambda cfg, n: {**cfg, "channels": n})
+    assert ("a",) in _groups_by_layer(model)
+    stripped = _zero_and_strip(model, rng, _x(rng, (2, 6, 6, 3)))
+    assert stripped.get_layer("scale").channels == 6
+    with pytest.raises(ValueError, match="'sideways'"):
+        tfcompress.register_layer(_ChannelScale, "sideways")
+    with pytest.raises(ValueError, match="Layer subclass"):
+        tfcompress.register_layer(int)
+
+
+def test_explain_gives_every_unprunable_group_a_reason():
+    inp = keras.Input((6, 6, 3))
+    a = L.Conv2D(8, 1, name="a")(inp)
+    b = L.Conv2D(8, 1, name="b")(inp)
+    mixed = L.Lambda(lambda t: t[..., ::-1], name="mixer")(a)  # unknown layer
+    c = L.Conv2D(4, 1, name="c")(L.Concatenate()([mixed, b]))
+    one = L.Conv2D(1, 1, name="one")(c)
+    res = L.Add()([L.Conv2D(3, 1, name="res")(inp), inp])  # joined with the model input
+    out = L.Dense(3, name="head")(L.Flatten()(one))
+    model = keras.Model(inp, [out, L.GlobalAveragePooling2D()(L.Conv2D(2, 1, name="r2")(res))])
+    groups = {g.layers: g for g in tfcompress.explain(model)}
+    assert groups[("res",)].reason.startswith("joined with the untracked output of 'input:")
+    assert groups[("b",)].reason == "" and groups[("c",)].reason == ""
+    assert "'mixer'" in groups[("a",)].reason
+    assert groups[("one",)].reason == "a single channel"
+    assert groups[("head",)].reason == "reaches a model output"
+    prunable = {g.layers for g in tfcompress.channel_groups(model)}
+    assert prunable == {layers for layers, g in groups.items() if not g.reason}

@@ -25,8 +25,8 @@ if _os.environ.get("TFCOMPRESS_OPENVINO_TELEMETRY") != "1":
 __version__ = "0.1.0"
 
 __all__ = [
-    "ChannelGroup", "UnsupportedModelError", "calibration", "channel_groups", "count_flops", "export", "load_config",
-    "pruning", "quantization", "strip", "zero_channels", "__version__",
+    "ChannelGroup", "UnsupportedModelError", "calibration", "channel_groups", "count_flops", "explain", "export",
+    "load_config", "pruning", "quantization", "register_layer", "strip", "zero_channels", "__version__",
 ]
 
 __getattr__, __dir__ = _lazy_exports(globals(), {
@@ -34,6 +34,8 @@ __getattr__, __dir__ = _lazy_exports(globals(), {
     "UnsupportedModelError": "tfcompress.graph",
     "channel_groups": "tfcompress.graph",
     "zero_channels": "tfcompress.graph",
+    "explain": "tfcompress.graph",
+    "register_layer": "tfcompress.graph",
     "count_flops": "tfcompress.graph.flops",
     "strip": "tfcompress.stripping",
     "pruning": "tfcompress.pruning",
@@ -45,7 +47,9 @@ __getattr__, __dir__ = _lazy_exports(globals(), {
 
 if _TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from tfcompress import calibration, export, pruning, quantization
-    from tfcompress.graph import ChannelGroup, UnsupportedModelError, channel_groups, zero_channels
+    from tfcompress.graph import (
+        ChannelGroup, UnsupportedModelError, channel_groups, explain, register_layer, zero_channels,
+    )
     from tfcompress.graph.flops import count_flops
     from tfcompress.pruning import load_config
     from tfcompress.stripping import strip

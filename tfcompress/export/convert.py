@@ -106,7 +106,7 @@ def _run_onnx(model_bytes: bytes, inputs: dict[str, np.ndarray]) -> dict[str, np
 
 
 def restore_weight_quantization(model) -> int:
-    """Re-insert per-channel int8 ``DequantizeLinear`` for Conv/MatMul/Gemm weights that lie on an int8 grid.
+    """Re-insert per-channel int8 ``DequantizeLinear`` for Conv/ConvTranspose/MatMul/Gemm weights on an int8 grid.
 
     tf2onnx hands the graph to grappler, which folds ``FakeQuantWithMinMaxVarsPerChannel(weights)`` into float
     constants whose values are exactly ``q * scale`` with ``q`` in [-127, 127] (or [-63, 63] with the overflow
@@ -124,7 +124,7 @@ def restore_weight_quantization(model) -> int:
     restored = 0
     new_nodes = []
     for node in model.graph.node:
-        if node.op_type not in ("Conv", "MatMul", "Gemm") or len(node.input) < 2:
+        if node.op_type not in ("Conv", "ConvTranspose", "MatMul", "Gemm") or len(node.input) < 2:
             continue
         name = node.input[1]
         if name not in inits or users.get(name, 0) != 1:
@@ -132,6 +132,8 @@ def restore_weight_quantization(model) -> int:
         w = numpy_helper.to_array(inits[name]).astype(np.float64)
         if node.op_type == "Conv":
             axis = 0
+        elif node.op_type == "ConvTranspose":  # weights (in, out / group, ...): output channels on axis 1
+            axis = 1
         elif node.op_type == "Gemm":
             trans_b = any(a.name == "transB" and a.i for a in node.attribute)
             axis = 0 if trans_b else 1

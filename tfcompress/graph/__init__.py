@@ -1,10 +1,10 @@
 """The channel-dependency engine and its Keras adapter."""
 
-from tfcompress.graph.channels import channel_groups, zero_channels
+from tfcompress.graph.channels import channel_groups, explain, zero_channels
 from tfcompress.graph.engine import ChannelGraph, ChannelGroup, ChannelMap, Op, Rule, Segment
-from tfcompress.graph.keras_adapter import KerasGraph, UnsupportedModelError, build_graph
+from tfcompress.graph.keras_adapter import KerasGraph, UnsupportedModelError, build_graph, register_layer
 
 __all__ = [
     "ChannelGraph", "ChannelGroup", "ChannelMap", "KerasGraph", "Op", "Rule", "Segment",
-    "UnsupportedModelError", "build_graph", "channel_groups", "zero_channels",
+    "UnsupportedModelError", "build_graph", "channel_groups", "explain", "register_layer", "zero_channels",
 ]

@@ -10,7 +10,7 @@ import numpy as np
 from tfcompress.graph.engine import ChannelGroup
 from tfcompress.graph.keras_adapter import KerasGraph, build_graph
 
-__all__ = ["channel_groups", "zero_channels"]
+__all__ = ["channel_groups", "explain", "zero_channels"]
 
 
 def channel_groups(model: keras.Model) -> list[ChannelGroup]:
@@ -28,6 +28,19 @@ def channel_groups(model: keras.Model) -> list[ChannelGroup]:
         tfcompress.graph.UnsupportedModelError: for a subclassed model.
     """
     return build_graph(model).groups()
+
+
+def explain(model: keras.Model) -> list[ChannelGroup]:
+    """Every channel group of ``model``, prunable or not; a group that cannot be pruned says why in ``reason``.
+
+    Example:
+        >>> for g in tfcompress.explain(model):
+        ...     print(g.layers, g.size, g.reason or "prunable")
+
+    Raises:
+        tfcompress.graph.UnsupportedModelError: for a subclassed model.
+    """
+    return build_graph(model).graph.all_groups()
 
 
 def zero_channels(

@@ -119,6 +119,9 @@ class Op:
         has_channel_params: the op holds per-input-channel parameters (kernel rows, BN vectors), so all
             calls of a shared layer must see the same input channels.
         semantics: values for stripping; ``None`` means identity (ELEMENTWISE), sum (JOIN) etc.
+        reads_all_channels: a non-producer whose every output depends on all its input channels (a
+            LayerNormalization's statistics): like a producer's input, a channel may leave it only as 0 or
+            as a constant its semantics can account for (``can_fold``).
     """
 
     name: str
@@ -130,6 +133,7 @@ class Op:
     blocks: int = 1
     has_channel_params: bool = False
     semantics: OpSemantics | None = None
+    reads_all_channels: bool = False
 
     def __post_init__(self) -> None:
         if not self.layer:
@@ -146,15 +150,18 @@ class ChannelGroup:
         blocks: channels must be removed in equal numbers from each of ``blocks`` contiguous blocks
             (1 unless a grouped convolution reads or writes them).
         id: the group's identifier inside the graph it came from.
+        reason: why the group cannot be pruned; empty for a prunable group.
     """
 
     layers: tuple[str, ...]
     size: int
     blocks: int = 1
     id: int = -1
+    reason: str = ""
 
     def __repr__(self) -> str:
-        return f"ChannelGroup(layers={list(self.layers)}, size={self.size}, blocks={self.blocks})"
+        why = f", reason={self.reason!r}" if self.reason else ""
+        return f"ChannelGroup(layers={list(self.layers)}, size={self.size}, blocks={self.blocks}{why})"
 
 
 @dataclasses.dataclass
@@ -163,6 +170,7 @@ class _Space:
     producers: list[str]
     blocked: bool = False
     blocks: int = 1
+    reason: str = ""  # why it is blocked (the first cause met)
 
 
 class ChannelGraph:
@@ -211,15 +219,21 @@ class ChannelGraph:
         self._parent[rb] = ra
         sa.producers += [p for p in sb.producers if p not in sa.producers]
         sa.blocked = sa.blocked or sb.blocked
+        sa.reason = sa.reason or sb.reason
         sa.blocks = math.lcm(sa.blocks, sb.blocks)
 
-    def _block(self, cmap: ChannelMap) -> None:
+    def _block(self, cmap: ChannelMap, reason: str) -> None:
         for s in cmap.segments:
-            self._spaces[self.root(s.space)].blocked = True
+            sp = self._spaces[self.root(s.space)]
+            sp.blocked = True
+            sp.reason = sp.reason or reason
 
-    def _fresh(self, tensor: int, blocked: bool, producer: str | None = None) -> ChannelMap:
+    def _fresh(self, tensor: int, blocked: bool, producer: str | None = None, source: str = "") -> ChannelMap:
         width = self.tensor_width.get(tensor) or 0
-        return ChannelMap((Segment(self._new_space(width, producer, blocked), 0, width),))
+        space = self._new_space(width, producer, blocked)
+        if blocked:  # channels nobody tracks: whatever they are joined with is blocked too
+            self._spaces[space].reason = f"joined with the untracked output of {source!r}"
+        return ChannelMap((Segment(space, 0, width),))
 
     def _whole(self, cmap: ChannelMap) -> bool:
         """True when ``cmap`` is made of whole, unrepeated spaces (the only maps the engine joins)."""
@@ -252,16 +266,19 @@ class ChannelGraph:
                 if op.layer in layer_inputs:
                     for prev, cur in zip(layer_inputs[op.layer], ins):
                         if not self._join([prev, cur]):
-                            self._block(prev)
-                            self._block(cur)
+                            why = f"shared layer {op.layer!r} reads different channels at its calls"
+                            self._block(prev, why)
+                            self._block(cur, why)
                 else:
                     layer_inputs[op.layer] = ins
+            if op.reads_all_channels:
+                self.consumers += [(op, i) for i in range(len(ins))]
             if op.rule in (Rule.INPUT, Rule.BLOCKER, Rule.SHAPE):
                 if op.rule is Rule.BLOCKER:
                     for m in ins:
-                        self._block(m)
+                        self._block(m, f"reaches {op.name!r}, whose channel rule is unknown or mixes channels")
                 for t in op.outputs:  # possibly several outputs, each its own unknown channels
-                    self.maps[t] = self._fresh(t, blocked=True)
+                    self.maps[t] = self._fresh(t, blocked=True, source=op.name)
                 continue
             elif op.rule is Rule.PRODUCER:
                 for i in range(len(ins)):
@@ -272,7 +289,7 @@ class ChannelGraph:
                             sp = self._spaces[self.root(m.segments[0].space)]
                             sp.blocks = math.lcm(sp.blocks, op.blocks)
                         else:
-                            self._block(m)
+                            self._block(m, f"grouped convolution {op.name!r} reads it mixed with other channels")
                 if op.layer not in layer_space:
                     layer_space[op.layer] = self._new_space(op.channels, op.layer)
                     self._spaces[layer_space[op.layer]].blocks = op.blocks
@@ -283,8 +300,8 @@ class ChannelGraph:
             elif op.rule is Rule.DEPTHWISE:
                 m = ins[0]
                 if m.tile != 1:
-                    self._block(m)
-                    out = self._fresh(op.outputs[0], blocked=True)
+                    self._block(m, f"depthwise {op.name!r} reads it after a Flatten")
+                    out = self._fresh(op.outputs[0], blocked=True, source=op.name)
                 else:
                     out = ChannelMap(
                         tuple(dataclasses.replace(s, repeat=s.repeat * op.channels) for s in m.segments)
@@ -294,13 +311,14 @@ class ChannelGraph:
                     out = ins[0]
                 else:
                     for m in ins:
-                        self._block(m)
-                    out = self._fresh(op.outputs[0], blocked=True)
+                        self._block(m, f"joined at {op.name!r} with channels that do not line up one to one "
+                                       "(a concatenation, a depthwise repeat or another width)")
+                    out = self._fresh(op.outputs[0], blocked=True, source=op.name)
             elif op.rule is Rule.CONCAT:
                 if any(m.tile != 1 for m in ins):
                     for m in ins:
-                        self._block(m)
-                    out = self._fresh(op.outputs[0], blocked=True)
+                        self._block(m, f"concatenated at {op.name!r} after a Flatten")
+                    out = self._fresh(op.outputs[0], blocked=True, source=op.name)
                 else:
                     out = ChannelMap(tuple(s for m in ins for s in m.segments))
             elif op.rule is Rule.FLATTEN:
@@ -310,11 +328,15 @@ class ChannelGraph:
             for t in op.outputs:
                 self.maps[t] = out
         for t in self.output_tensors:
-            self._block(self.maps[t])
+            self._block(self.maps[t], "reaches a model output")
 
     # ------------------------------------------------------------------ groups
     def groups(self) -> list[ChannelGroup]:
         """The prunable groups: unblocked, created by at least one producer, more than one channel."""
+        return [g for g in self.all_groups() if not g.reason]
+
+    def all_groups(self) -> list[ChannelGroup]:
+        """Every group created by a producer, the ones that cannot be pruned with their ``reason``."""
         seen: dict[int, ChannelGroup] = {}
         for op in self.ops:  # graph order, so groups come out in the order of their first producer
             if op.rule is not Rule.PRODUCER:
@@ -322,12 +344,9 @@ class ChannelGraph:
             for t in op.outputs:
                 for s in self.maps[t].segments:
                     r = self.root(s.space)
-                    sp = self._spaces[r]
-                    if r in seen or sp.blocked or not sp.producers or sp.size < 2:
-                        continue
-                    if sp.size % sp.blocks or sp.size // sp.blocks < 2:
-                        continue
-                    seen[r] = ChannelGroup(tuple(sp.producers), sp.size, sp.blocks, r)
+                    if r not in seen and self._spaces[r].producers:
+                        sp = self._spaces[r]
+                        seen[r] = ChannelGroup(tuple(sp.producers), sp.size, sp.blocks, r, _why_not(sp))
         return list(seen.values())
 
     def _roots(self, tensor: int) -> tuple[np.ndarray, np.ndarray]:
@@ -401,6 +420,17 @@ class ChannelGraph:
         for g in groups:
             removable[g.id] = _balance(removable[g.id], g.blocks)
         return removable, consts
+
+
+def _why_not(sp: _Space) -> str:
+    """Why a space cannot be pruned ("" if it can)."""
+    if sp.blocked:
+        return sp.reason or "blocked"
+    if sp.size < 2:
+        return "a single channel"
+    if sp.size % sp.blocks or sp.size // sp.blocks < 2:
+        return f"a grouped convolution leaves fewer than 2 of its {sp.size} channels per block"
+    return ""
 
 
 def _sum_consts(ins: list[np.ndarray], width: int) -> np.ndarray:

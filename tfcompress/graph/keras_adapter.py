@@ -2,23 +2,29 @@
 
 Each Keras layer class is described once by a :class:`LayerKind`: its channel rule, which of its weights
 are indexed by output channels (for zeroing), how constant channels flow through it (for stripping) and how
-to rebuild it with fewer channels.  Nested models are inlined: layer names inside them are prefixed with
-the sub-model's name (``"block/conv"``).
+to rebuild it with fewer channels. Three tables choose the kind of a call: :data:`KERAS_LAYERS` (Keras layer
+classes), :data:`KERAS_OPS` (the raw ``keras.ops`` nodes Keras records for ``x + y``, ``keras.ops.mean`` ...)
+and the user registry of :func:`register_layer` (custom layers); anything else blocks. Nested models are
+inlined: layer names inside them are prefixed with the sub-model's name (``"block/conv"``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import keras
 import numpy as np
 
 from tfcompress.graph.engine import ChannelGraph, ChannelGroup, Op, Rule, elementwise_consts
+from tfcompress.graph.keras_layers import PartialLayerNormalization
 from tfcompress.graph.kernels import depthwise_consts, fold_into_bias, producer_consts, slice_kernel
 
-__all__ = ["ChannelParam", "KerasGraph", "LayerKind", "UnsupportedModelError", "build_graph"]
+__all__ = [
+    "ChannelParam", "KerasGraph", "LayerKind", "LayerRule", "UnsupportedModelError", "build_graph",
+    "register_layer",
+]
 
 
 class UnsupportedModelError(ValueError):
@@ -86,6 +92,7 @@ class LayerCall:
     out_width: int
     in_shapes: list[tuple]
     out_shape: tuple = ()
+    node: Any = None  # the keras Node of this call (keras.ops nodes are evaluated through it)
 
 
 class LayerKind:
@@ -93,6 +100,7 @@ class LayerKind:
 
     rule = Rule.ELEMENTWISE
     has_channel_params = False
+    reads_all_channels = False
 
     def __init__(self, call: LayerCall) -> None:
         self.call = call
@@ -128,13 +136,21 @@ class LayerKind:
         """Multiply-accumulates of one call for one example, with these channel counts."""
         return 0.0
 
-    def config(self, in_keeps: list[np.ndarray], out_keep: np.ndarray) -> dict:
+    def config(self, in_keeps: list[np.ndarray], out_keep: np.ndarray, folds: list[np.ndarray]) -> dict:
         return self.layer.get_config()
+
+    def rebuilt_class(self) -> type:
+        """The class of the layer with fewer channels (its own class unless that cannot express it)."""
+        return type(self.layer)
 
     def weights(
         self, in_keeps: list[np.ndarray], out_keep: np.ndarray, folds: list[np.ndarray]
     ) -> list[np.ndarray]:
-        return [_np(w) for w in self.layer.weights]
+        return self.current_weights()
+
+    def current_weights(self) -> list[np.ndarray]:
+        """The layer's weights as they are (none for a ``keras.ops`` node)."""
+        return [_np(w) for w in getattr(self.layer, "weights", [])]
 
     def needs_bias(self, folds: list[np.ndarray]) -> bool:
         return False
@@ -180,7 +196,7 @@ class _Rescaling(LayerKind):
 class _Reshape(LayerKind):
     """A reshape that keeps the channel axis ((C,) -> (1, 1, C), (H, W, C) -> (H*W, C)) passes channels."""
 
-    def config(self, in_keeps, out_keep):
+    def config(self, in_keeps, out_keep, folds):
         cfg = self.layer.get_config()
         cfg["target_shape"] = tuple(cfg["target_shape"][:-1]) + (int(out_keep.sum()),)
         return cfg
@@ -285,7 +301,7 @@ class _Producer(LayerKind):
         kernel = self._kernel() if kernel is None else kernel
         return np.moveaxis(kernel, self.out_axis, 0).reshape(self.channels(), -1)
 
-    def config(self, in_keeps, out_keep):
+    def config(self, in_keeps, out_keep, folds):
         cfg = self.layer.get_config()
         cfg["filters" if "filters" in cfg else "units"] = int(out_keep.sum())
         return cfg
@@ -330,13 +346,15 @@ class _SeparableConv(_Producer):
         return [ChannelParam(L.pointwise_kernel, -1)] + ([ChannelParam(L.bias, 0)] if L.use_bias else [])
 
     def weights(self, in_keeps, out_keep, folds):
-        m = int(self.layer.depth_multiplier)
-        dw = _take(_np(self.layer.depthwise_kernel), in_keeps[0], -2)
-        pw = _take(_take(self._kernel(), np.repeat(in_keeps[0], m), -2), out_keep, -1)
-        new = [dw, pw]
-        if self.layer.use_bias:
-            new.append(self._bias()[out_keep])
-        return new
+        L = self.layer
+        m = int(L.depth_multiplier)
+        new = {
+            id(L.depthwise_kernel): _take(_np(L.depthwise_kernel), in_keeps[0], -2),
+            id(L.pointwise_kernel): _take(_take(self._kernel(), np.repeat(in_keeps[0], m), -2), out_keep, -1),
+        }
+        if L.use_bias:
+            new[id(L.bias)] = self._bias()[out_keep]
+        return [new.get(id(w), _np(w)) for w in L.weights]  # a QAT twin's quantizer ranges stay
 
 
 class _Depthwise(LayerKind):
@@ -351,9 +369,13 @@ class _Depthwise(LayerKind):
     def _bias(self):
         return _np(self.layer.bias) if self.layer.use_bias else np.zeros(self.call.out_width)
 
+    def _kernel(self) -> np.ndarray:
+        """The kernel as (..., in, multiplier)."""
+        return _np(self.layer.kernel)
+
     def const_out(self, in_consts):
         L = self.layer
-        out = depthwise_consts(_np(L.kernel), in_consts[0], L.padding == "valid")
+        out = depthwise_consts(self._kernel(), in_consts[0], L.padding == "valid")
         out = out + self._bias()
         return [elementwise_consts(_activation_fn(L.activation), out)]
 
@@ -372,6 +394,69 @@ class _Depthwise(LayerKind):
         if self.layer.use_bias:
             new.append(self._bias()[out_keep])
         return new
+
+
+class _GroupedDepthwise(_Depthwise):
+    """Conv(groups == input channels): a depthwise convolution with a (..., 1, in * multiplier) kernel."""
+
+    def channels(self):
+        return int(self.layer.filters) // int(self.layer.groups)
+
+    def _kernel(self):
+        k = _np(self.layer.kernel)
+        return k.reshape(k.shape[:-2] + (int(self.layer.groups), self.channels()))
+
+    def output_params(self):
+        L = self.layer
+        return [ChannelParam(L.kernel, -1)] + ([ChannelParam(L.bias, 0)] if L.use_bias else [])
+
+    def config(self, in_keeps, out_keep, folds):
+        return {**self.layer.get_config(), "filters": int(out_keep.sum()), "groups": int(in_keeps[0].sum())}
+
+    def weights(self, in_keeps, out_keep, folds):
+        new = [_take(_np(self.layer.kernel), out_keep, -1)]
+        if self.layer.use_bias:
+            new.append(self._bias()[out_keep])
+        return new
+
+
+class _LayerNorm(LayerKind):
+    """LayerNormalization over the channel axis: statistics over all channels, then a per-channel affine.
+
+    Its inputs are read as a whole (a removed channel must be a known constant, which the stripped layer
+    keeps in its statistics: :class:`PartialLayerNormalization`); an output channel whose gamma is zero is
+    the constant beta.
+    """
+
+    has_channel_params = True
+    reads_all_channels = True
+
+    def _vectors(self):
+        L, n = self.layer, self.call.out_width
+        gamma = _np(L.gamma) if L.scale else np.ones(n)
+        beta = _np(L.beta) if L.center else np.zeros(n)
+        return gamma, beta
+
+    def const_out(self, in_consts):
+        gamma, beta = self._vectors()
+        return [np.where(gamma == 0, beta, np.nan)]
+
+    def can_fold(self, input_index):
+        return True
+
+    def output_params(self):
+        L = self.layer
+        return [ChannelParam(L.gamma, 0)] * bool(L.scale) + [ChannelParam(L.beta, 0)] * bool(L.center)
+
+    def rebuilt_class(self):
+        return PartialLayerNormalization
+
+    def config(self, in_keeps, out_keep, folds):
+        removed = list(getattr(self.layer, "removed_values", [])) + [float(v) for v in folds[0][~in_keeps[0]]]
+        return {**self.layer.get_config(), "removed_values": removed}
+
+    def weights(self, in_keeps, out_keep, folds):
+        return [_take(_np(w), out_keep, 0) for w in self.layer.weights]
 
 
 class _Join(LayerKind):
@@ -416,6 +501,262 @@ class _Flatten(LayerKind):
         return [np.tile(in_consts[0], self.channels())]
 
 
+# --------------------------------------------------------------------------- user-declared layers
+
+@dataclasses.dataclass(frozen=True)
+class LayerRule:
+    """The channel rule of a custom layer, as declared with :func:`register_layer`."""
+
+    rule: str
+    channel_weights: tuple[str, ...] = ()
+    resize_config: Callable[[dict, int], dict] | None = None
+
+
+LAYER_RULES = ("elementwise", "blocker")
+# class (or "module.QualName", to name a class without importing it) -> its rule
+_REGISTRY: dict[Any, LayerRule] = {
+    "keras.src.applications.convnext.LayerScale": LayerRule(
+        "elementwise", ("gamma",), lambda cfg, n: {**cfg, "projection_dim": n}),
+    "keras.src.applications.inception_resnet_v2.CustomScaleLayer": LayerRule("elementwise"),  # x + r * scale
+}
+
+
+def register_layer(
+    cls: type,
+    rule: str = "elementwise",
+    channel_weights: Sequence[str] = (),
+    resize_config: Callable[[dict, int], dict] | None = None,
+) -> None:
+    """Declare how a custom Keras layer maps channels, so that pruning, stripping and QAT go through it.
+
+    Args:
+        cls: the layer class (its subclasses inherit the rule unless registered themselves).
+        rule: ``"elementwise"``: output channel c depends only on channel c of each input, the same function
+            at every position (activations, per-channel scales; with several inputs of the same channels, a
+            join like ``Add``); the layer's own ``call`` on per-channel constants tells stripping what a
+            constant channel becomes. ``"blocker"``: channels reaching the layer are
+            never removed.
+        channel_weights: the weights whose last axis is indexed by channels (attribute names, such as
+            ``"gamma"`` for ``self.gamma``, or weight names); stripping slices them.
+        resize_config: ``f(config, channels) -> config`` for a layer whose config names its channel count
+            (e.g. ``lambda c, n: {**c, "units": n}``); stripping calls it with the kept count.
+
+    Example:
+        >>> class Scale(keras.layers.Layer):
+        ...     def build(self, shape):
+        ...         self.s = self.add_weight(shape=(shape[-1],), name="s")
+        ...     def call(self, x):
+        ...         return x * self.s
+        >>> tfcompress.register_layer(Scale, "elementwise", channel_weights=["s"])
+    """
+    if not (isinstance(cls, type) and issubclass(cls, keras.layers.Layer)):
+        raise ValueError(f"register_layer needs a keras.layers.Layer subclass, got {cls!r}")
+    if rule not in LAYER_RULES:
+        raise ValueError(f"unknown rule {rule!r} for {cls.__name__}; choose one of {list(LAYER_RULES)}")
+    names = tuple(channel_weights)
+    if not all(isinstance(n, str) for n in names):
+        raise ValueError(f"channel_weights must be weight names (strings), got {list(channel_weights)!r}")
+    _REGISTRY[cls] = LayerRule(rule, names, resize_config)
+
+
+def registered_rule(layer: Any) -> LayerRule | None:
+    """The rule declared for ``layer``'s class or its nearest registered base class, if any."""
+    for klass in type(layer).__mro__:
+        for key in (klass, f"{klass.__module__}.{klass.__qualname__}"):
+            if key in _REGISTRY:
+                return _REGISTRY[key]
+    return None
+
+
+class _Registered(LayerKind):
+    """A layer declared ``"elementwise"`` with :func:`register_layer`."""
+
+    def __init__(self, call: LayerCall) -> None:
+        super().__init__(call)
+        self.declared = registered_rule(call.layer)
+        self.has_channel_params = bool(self.declared.channel_weights)
+
+    def const_out(self, in_consts):
+        values = {id(t): _per_channel(c, len(t.shape)) for t, c in zip(self.call.node.input_tensors, in_consts)}
+        args, kwargs = self.call.node.arguments.fill_in(values)
+        out = _np(self.layer(*args, **kwargs)).astype(np.float64).reshape(-1)
+        if out.size != self.call.out_width:
+            return [np.full(self.call.out_width, np.nan)]
+        return [np.where(np.any([np.isnan(c) for c in in_consts], axis=0), np.nan, out)]
+
+
+    def config(self, in_keeps, out_keep, folds):
+        cfg = self.layer.get_config()
+        resize = self.declared.resize_config
+        return resize(cfg, int(out_keep.sum())) if resize is not None else cfg
+
+    def weights(self, in_keeps, out_keep, folds):
+        names = self.declared.channel_weights
+        attrs = {id(getattr(self.layer, n, None)) for n in names}
+        new = []
+        for w in self.layer.weights:
+            value = _np(w)
+            if id(w) in attrs or w.path.split("/")[-1] in names:
+                if value.shape[-1] != out_keep.size:
+                    raise ValueError(
+                        f"weight {w.path!r} of {type(self.layer).__name__} is registered as indexed by channels "
+                        f"but its last axis has {value.shape[-1]} entries, not {out_keep.size}")
+                value = _take(value, out_keep, -1)
+            new.append(value)
+        return new
+
+
+class _RegisteredJoin(_Registered):
+    """A layer declared ``"elementwise"`` called on several tensors of the same channels: it joins them."""
+
+    rule = Rule.JOIN
+
+
+# --------------------------------------------------------------------------- keras.ops nodes
+
+def _per_channel(c: np.ndarray, rank: int) -> np.ndarray:
+    """A per-channel constant vector as a tensor of ``rank`` that broadcasts over every other axis."""
+    return np.nan_to_num(c).astype(np.float32).reshape((1,) * (rank - 1) + (-1,))
+
+
+class _OpPointwise(LayerKind):
+    """A ``keras.ops`` function applied position by position (``x + y``, ``x * 0.5``, ``relu6``, ``gelu``...).
+
+    Its constant output is found by running the op itself on the inputs' per-channel constants, so each op's
+    value semantics live in Keras alone. An output channel is unknown where an input channel is, except that
+    a product with an exact zero is zero.
+    """
+
+    zero_absorbs = False
+
+    def const_out(self, in_consts):
+        node = self.call.node
+        tensors = node.input_tensors
+        values = {id(t): _per_channel(c, len(t.shape)) for t, c in zip(tensors, in_consts)}
+        args, kwargs = node.arguments.fill_in(values)
+        out = _np(self.layer(*args, **kwargs)).astype(np.float64).reshape(-1)
+        if out.size != self.call.out_width:
+            return [np.full(self.call.out_width, np.nan)]
+        unknown = np.any([np.isnan(c) for c in in_consts], axis=0)
+        if self.zero_absorbs:
+            unknown &= ~np.any([c == 0 for c in in_consts], axis=0)
+        return [np.where(unknown, np.nan, out)]
+
+
+class _OpProduct(_OpPointwise):
+    zero_absorbs = True
+
+
+class _OpJoin(_OpPointwise):
+    rule = Rule.JOIN
+
+
+class _OpProductJoin(_OpProduct):
+    rule = Rule.JOIN
+
+
+class _OpReshape(LayerKind):
+    """``keras.ops.reshape`` keeping the channel axis: its target shape follows the kept channel count."""
+
+    def config(self, in_keeps, out_keep, folds):
+        cfg = self.layer.get_config()
+        shape = list(cfg["newshape"])
+        if shape[-1] != -1:
+            shape[-1] = int(out_keep.sum())
+        cfg["newshape"] = tuple(shape)
+        return cfg
+
+
+def _is_scalar(v: Any) -> bool:
+    return np.ndim(v) == 0 or np.size(v) == 1
+
+
+def _pointwise_kind(node: Any, out_shape: tuple, product: bool) -> type[LayerKind]:
+    """Elementwise with one tensor (the rest scalars), a join of several tensors of the output's channels."""
+    tensors = node.input_tensors
+    operands = [v for v in keras.tree.flatten(node.arguments.args)
+                if not isinstance(v, keras.KerasTensor | str | bool) and v is not None]
+    if not all(_is_scalar(v) for v in operands):
+        return _Blocker  # a constant array may vary over channels
+    rank = len(out_shape)
+    if any(len(t.shape) != rank or t.shape[-1] != out_shape[-1] for t in tensors):
+        return _Blocker  # broadcasting over the channel axis
+    if len(tensors) == 1:
+        return _OpProduct if product else _OpPointwise
+    return _OpProductJoin if product else _OpJoin
+
+
+def _axes(axis: Any, rank: int) -> set[int] | None:
+    if axis is None:
+        return None
+    return {int(a) % rank for a in (axis if isinstance(axis, (list, tuple)) else [axis])}
+
+
+def _keeps_channel_axis(in_shape: tuple, out_shape: tuple) -> bool:
+    """A reshape that leaves the last axis whole and only regroups the others of a static shape."""
+    return (
+        in_shape[-1] is not None and out_shape[-1] == in_shape[-1]
+        and None not in in_shape[1:] and None not in out_shape[1:]
+        and math.prod(in_shape[1:-1]) == math.prod(out_shape[1:-1])
+    )
+
+
+def _op_reduce(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> type[LayerKind]:
+    axes = _axes(op.get_config().get("axis"), len(in_shapes[0]))
+    ok = axes is not None and len(in_shapes[0]) - 1 not in axes and out_shape[-1] == in_shapes[0][-1]
+    return _Elementwise if ok else _Blocker
+
+
+def _op_pool(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> type[LayerKind]:
+    fmt = op.get_config().get("data_format") or keras.config.image_data_format()
+    return _Elementwise if fmt == "channels_last" else _Blocker
+
+
+def _op_reshape(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> type[LayerKind]:
+    if not _keeps_channel_axis(in_shapes[0], out_shape):
+        return _Blocker
+    return _OpReshape if "newshape" in op.get_config() else _Elementwise
+
+
+def _op_concat(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> type[LayerKind]:
+    rank = len(out_shape)
+    if any(len(s) != rank for s in in_shapes):
+        return _Blocker
+    if int(op.get_config().get("axis", 0)) % rank == rank - 1:
+        return _Concat
+    return _join(_same_or_nan)
+
+
+def _pointwise(product: bool = False) -> Callable:
+    return lambda op, node, in_shapes, out_shape: _pointwise_kind(node, out_shape, product)
+
+
+_POINTWISE_OPS = (
+    "Add", "Subtract", "Divide", "TrueDivide", "Maximum", "Minimum", "Negative", "Abs", "Square", "Sqrt",
+    "Exp", "Tanh", "Sigmoid", "Relu", "Relu6", "Silu", "HardSigmoid", "HardSilu", "Gelu", "Elu", "Selu",
+    "Celu", "Softplus", "Softsign", "LeakyRelu", "LogSigmoid", "Clip", "Cast", "Erf", "Sign", "Floor", "Ceil",
+    "Round",
+)
+# keras.ops operation class name -> function(op, node, input shapes, output shape) giving its LayerKind;
+# every other keras.ops node blocks the channels it reads.
+KERAS_OPS: dict[str, Callable[..., type[LayerKind]]] = {
+    **{name: _pointwise() for name in _POINTWISE_OPS},
+    "Multiply": _pointwise(product=True),
+    **{name: _op_reduce for name in ("Mean", "Max", "Min", "Amax", "Amin")},
+    **{name: _op_pool for name in ("AveragePool", "MaxPool")},
+    **{name: _op_reshape for name in ("Reshape", "ExpandDims", "Squeeze")},
+    "Concatenate": _op_concat,
+}
+
+
+def op_kind(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> type[LayerKind]:
+    """The :class:`LayerKind` of a ``keras.ops`` node (an Operation that is not a Layer)."""
+    rule = KERAS_OPS.get(type(op).__name__) if type(op).__module__.startswith("keras.src.ops.") else None
+    if rule is None or not in_shapes:
+        return _Blocker
+    return rule(op, node, in_shapes, out_shape)
+
+
 # --------------------------------------------------------------------------- layer -> kind
 
 _L = keras.layers
@@ -427,7 +768,6 @@ _ELEMENTWISE = (
     _L.GlobalMaxPooling1D, _L.GlobalMaxPooling2D, _L.GlobalMaxPooling3D, _L.UpSampling1D, _L.UpSampling2D,
     _L.UpSampling3D, _L.Cropping1D, _L.Cropping2D, _L.Cropping3D,
 )
-_ACTIVATIONS = (_L.ReLU, _L.LeakyReLU, _L.ELU, _L.Activation)
 _JOINS = {
     _L.Add: lambda cs: np.sum(cs, axis=0),
     _L.Subtract: lambda cs: cs[0] - cs[1],
@@ -437,70 +777,121 @@ _JOINS = {
     _L.Multiply: _product,
 }
 _CHANNEL_MIXING_ACTIVATIONS = {"softmax", "log_softmax"}
+# A rule: f(layer, matched base class, input shapes, output shape) -> the LayerKind of that call.
+LayerRuleFn = Callable[[Any, type, list, tuple], "type[LayerKind]"]
+
+
+def _channel_axis(layer: Any, rank: int) -> bool:
+    axis = layer.axis if isinstance(layer.axis, int) else (layer.axis[0] if len(layer.axis) == 1 else None)
+    return axis is not None and axis % rank == rank - 1
+
+
+def _plain(kind: type[LayerKind]) -> LayerRuleFn:
+    """``kind`` for a channels-last layer whose ``call`` is its base class's, else a blocker."""
+    def rule(layer, base, ins, out):
+        return kind if _channels_last(layer) and not _overrides_call(layer, base) else _Blocker
+    return rule
+
+
+def _always(kind: type[LayerKind]) -> LayerRuleFn:
+    return lambda layer, base, ins, out: kind
+
+
+def _conv(layer, base, ins, out):
+    if not _channels_last(layer) or _overrides_call(layer, base) or layer.padding == "causal":
+        return _Blocker
+    return _GroupedDepthwise if layer.groups > 1 and layer.groups == ins[0][-1] else _Producer
+
+
+def _dense(layer, base, ins, out):
+    plain = not _overrides_call(layer, base) and getattr(layer, "quantization_mode", None) is None
+    return _Dense if plain and not getattr(layer, "lora_enabled", False) else _Blocker
+
+
+def _batchnorm(layer, base, ins, out):
+    return _BatchNorm if _channel_axis(layer, len(out)) and not _overrides_call(layer, base) else _Blocker
+
+
+def _layernorm(layer, base, ins, out):
+    plain = not getattr(layer, "rms_scaling", False) and (
+        isinstance(layer, PartialLayerNormalization) or not _overrides_call(layer, base))
+    return _LayerNorm if plain and _channel_axis(layer, len(out)) else _Blocker
+
+
+def _activation(layer, base, ins, out):
+    name = getattr(layer.activation, "__name__", str(layer.activation))
+    return _Blocker if name in _CHANNEL_MIXING_ACTIVATIONS else _Activation
+
+
+def _rescaling(layer, base, ins, out):
+    return _Rescaling if np.size(layer.scale) == 1 and np.size(layer.offset) == 1 else _Blocker
+
+
+def _merge(layer, base, ins, out):
+    if any(len(s) != len(out) or s[-1] != out[-1] for s in ins):
+        return _Blocker  # broadcasting over the channel axis
+    return _join(_JOINS[base])
+
+
+def _concatenate(layer, base, ins, out):
+    if layer.axis % len(out) == len(out) - 1:
+        return _Concat
+    return _join(_same_or_nan)  # concatenation along a spatial axis keeps channels aligned
+
+
+def _flatten(layer, base, ins, out):
+    if len(ins[0]) == 2:
+        return _Elementwise
+    return _Flatten if _channels_last(layer) and all(d is not None for d in ins[0][1:]) else _Blocker
+
+
+def _reshape(layer, base, ins, out):
+    return _Reshape if _keeps_channel_axis(ins[0], out) else _Blocker
+
+
+# Keras layer classes -> their rule, first match wins (subclasses match their base's entry).
+KERAS_LAYERS: list[tuple[tuple[type, ...], LayerRuleFn]] = [
+    ((_L.SeparableConv1D, _L.SeparableConv2D), _plain(_SeparableConv)),
+    ((_L.DepthwiseConv1D, _L.DepthwiseConv2D), _plain(_Depthwise)),
+    ((_L.Conv1DTranspose, _L.Conv2DTranspose, _L.Conv3DTranspose), _plain(_ConvTranspose)),
+    ((_L.Conv1D, _L.Conv2D, _L.Conv3D), _conv),
+    ((_L.Dense,), _dense),
+    ((_L.BatchNormalization,), _batchnorm),
+    ((_L.LayerNormalization,), _layernorm),
+    ((_L.ZeroPadding1D, _L.ZeroPadding2D, _L.ZeroPadding3D), _plain(_ZeroPadding)),
+    (_ELEMENTWISE, _plain(_Elementwise)),
+    ((_L.Activation,), _activation),
+    ((_L.ReLU, _L.LeakyReLU, _L.ELU), _always(_Activation)),
+    ((_L.PReLU,), _always(_PReLU)),
+    ((_L.Rescaling,), _rescaling),
+    (tuple(_JOINS), _merge),
+    ((_L.Concatenate,), _concatenate),
+    ((_L.Flatten,), _flatten),
+    ((_L.Reshape,), _reshape),
+]
 
 
 def layer_kind(layer: keras.layers.Layer, in_shapes: list[tuple], out_shape: tuple) -> type[LayerKind]:
     """The :class:`LayerKind` describing ``layer`` as called with these shapes."""
-    rank = len(out_shape)
-    if getattr(type(layer), "channel_rule", None) == "elementwise":
-        return _Activation  # a layer that says so (e.g. per-tensor fake-quant): f applied channel by channel
-    for base in (_L.SeparableConv1D, _L.SeparableConv2D):
-        if isinstance(layer, base):
-            return _SeparableConv if _channels_last(layer) and not _overrides_call(layer, base) else _Blocker
-    for base in (_L.DepthwiseConv1D, _L.DepthwiseConv2D):
-        if isinstance(layer, base):
-            return _Depthwise if _channels_last(layer) and not _overrides_call(layer, base) else _Blocker
-    for base in (_L.Conv1DTranspose, _L.Conv2DTranspose, _L.Conv3DTranspose):
-        if isinstance(layer, base):
-            return _ConvTranspose if _channels_last(layer) and not _overrides_call(layer, base) else _Blocker
-    for base in (_L.Conv1D, _L.Conv2D, _L.Conv3D):
-        if isinstance(layer, base):
-            ok = _channels_last(layer) and not _overrides_call(layer, base) and layer.padding != "causal"
-            return _Producer if ok else _Blocker
-    if isinstance(layer, _L.Dense):
-        plain = not _overrides_call(layer, _L.Dense) and getattr(layer, "quantization_mode", None) is None
-        return _Dense if plain and not getattr(layer, "lora_enabled", False) else _Blocker
-    if isinstance(layer, _L.BatchNormalization):
-        axis = layer.axis if isinstance(layer.axis, int) else (layer.axis[0] if len(layer.axis) == 1 else None)
-        ok = axis is not None and axis % rank == rank - 1 and not _overrides_call(layer, _L.BatchNormalization)
-        return _BatchNorm if ok else _Blocker
-    if isinstance(layer, _L.ZeroPadding1D | _L.ZeroPadding2D | _L.ZeroPadding3D):
-        return _ZeroPadding if _channels_last(layer) else _Blocker
-    if isinstance(layer, _ELEMENTWISE):
-        return _Elementwise if _channels_last(layer) else _Blocker
-    if isinstance(layer, _L.Activation):
-        name = getattr(layer.activation, "__name__", str(layer.activation))
-        return _Blocker if name in _CHANNEL_MIXING_ACTIVATIONS else _Activation
-    if isinstance(layer, _ACTIVATIONS):
-        return _Activation
-    if isinstance(layer, _L.PReLU):
-        return _PReLU
-    if isinstance(layer, _L.Rescaling):
-        return _Rescaling if np.size(layer.scale) == 1 and np.size(layer.offset) == 1 else _Blocker
-    for cls, fn in _JOINS.items():
-        if isinstance(layer, cls):
-            if any(len(s) != rank or s[-1] != out_shape[-1] for s in in_shapes):
-                return _Blocker  # broadcasting over the channel axis
-            return _join(fn)
-    if isinstance(layer, _L.Concatenate):
-        if layer.axis % rank == rank - 1:
-            return _Concat
-        return _join(_same_or_nan)  # concatenation along a spatial axis keeps channels aligned
-    if isinstance(layer, _L.Flatten):
-        if len(in_shapes[0]) == 2:
-            return _Elementwise
-        ok = _channels_last(layer) and all(d is not None for d in in_shapes[0][1:])
-        return _Flatten if ok else _Blocker
-    if isinstance(layer, _L.Reshape):
-        src = in_shapes[0]
-        if (
-            src[-1] is not None and out_shape[-1] == src[-1]
-            and None not in src[1:] and None not in out_shape[1:]
-            and math.prod(src[1:-1]) == math.prod(out_shape[1:-1])
-        ):
-            return _Reshape
-        return _Blocker
+    declared = registered_rule(layer)
+    if declared is not None:
+        same = all(len(s) == len(out_shape) and s[-1] == out_shape[-1] for s in in_shapes)
+        if declared.rule != "elementwise" or not same:
+            return _Blocker
+        return _Registered if len(in_shapes) == 1 else _RegisteredJoin
+    for bases, rule in KERAS_LAYERS:
+        for base in bases:
+            if isinstance(layer, base):
+                return rule(layer, base, in_shapes, out_shape)
     return _Blocker
+
+
+def _kind_of(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> type[LayerKind]:
+    if len(node.outputs) != 1:
+        return _Blocker
+    if not isinstance(op, keras.layers.Layer):
+        return op_kind(op, node, in_shapes, out_shape)
+    return layer_kind(op, in_shapes, out_shape)
 
 
 # --------------------------------------------------------------------------- the walk
@@ -602,9 +993,9 @@ class KerasGraph:
                 out_ids = [self._tensor(scope, t) for t in node.outputs]
                 in_shapes = [_shape(t) for t in node.input_tensors]
                 out_shape = _shape(node.outputs[0])
-                kind_cls = layer_kind(layer, in_shapes, out_shape) if len(node.outputs) == 1 else _Blocker
+                kind_cls = _kind_of(layer, node, in_shapes, out_shape)
                 call = LayerCall(
-                    layer, [self._widths[i] for i in in_ids], self._widths[out_ids[0]], in_shapes, out_shape
+                    layer, [self._widths[i] for i in in_ids], self._widths[out_ids[0]], in_shapes, out_shape, node
                 )
                 kind = kind_cls(call)
                 op = Op(
@@ -617,6 +1008,7 @@ class KerasGraph:
                     blocks=kind.blocks(),
                     has_channel_params=kind.has_channel_params,
                     semantics=kind,
+                    reads_all_channels=kind.reads_all_channels,
                 )
                 self.records.append(_Record(op, kind, node, {id(t): scope[id(t)] for t in node.input_tensors}))
         return [scope[id(t)] for t in fmodel.outputs]

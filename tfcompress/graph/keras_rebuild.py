@@ -25,7 +25,7 @@ def rebuild(kg: KerasGraph, make_layer: MakeLayer, rewrite_args: RewriteArgs | N
 
     Args:
         make_layer: called once per layer (shared layers once), returns the new layer and the weights to set
-            once it is built (``None``: keep what it has).
+            once it is built (``None``: keep what it has; a shorter list: its first weights).
         rewrite_args: called before every layer call with the new input tensors; returns the arguments to use
             (e.g. with quantizers inserted).
     """
@@ -57,10 +57,21 @@ def rebuild(kg: KerasGraph, make_layer: MakeLayer, rewrite_args: RewriteArgs | N
         name=kg.model.name,
     )
     for layer, weights in pending:
-        layer.set_weights([np.asarray(w, dtype=v.dtype) for w, v in zip(weights, layer.weights)])
+        _set_leading_weights(layer, weights)
     if kg.model.compiled:
         try:
             model.compile_from_config(kg.model.get_compile_config())
         except Exception as e:  # a custom loss or metric that does not deserialise: leave it to the user
             warnings.warn(f"rebuilt model left uncompiled: {e}", stacklevel=3)
     return model
+
+
+def _set_leading_weights(layer: keras.layers.Layer, weights: list[np.ndarray]) -> None:
+    """Set the layer's first ``len(weights)`` weights (its own come before those of its sub-layers, so a QAT
+    twin's extra quantizer ranges keep their initial values)."""
+    variables = layer.weights
+    if len(weights) >= len(variables):  # set_weights checks count and shapes with a clear message
+        layer.set_weights([np.asarray(w, dtype=v.dtype) for w, v in zip(weights, variables)] + weights[len(variables):])
+        return
+    for v, w in zip(variables, weights):
+        v.assign(np.asarray(w, dtype=v.dtype))

@@ -13,9 +13,11 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from tfcompress.graph.keras_adapter import register_layer
+
 __all__ = [
-    "ActivationQuantizer", "ChannelMask", "QuantConv2D", "QuantDense", "QuantDepthwiseConv2D",
-    "fake_quant_weights",
+    "ActivationQuantizer", "ChannelMask", "QuantConv2D", "QuantConv2DTranspose", "QuantDense",
+    "QuantDepthwiseConv2D", "QuantSeparableConv2D", "fake_quant_weights",
 ]
 
 _PACKAGE = "tfcompress"
@@ -49,13 +51,11 @@ class ActivationQuantizer(keras.layers.Layer):
     min and max). It always contains 0.
 
     Args:
-        symmetric: ``True`` (preset "performance"): a signed tensor gets [-a, a]; ``False``: [min, max].
+        symmetric: ``True`` (preset "performance"): a signed tensor gets [-a * 128/127, a] (int8, zero point
+            0); ``False``: [min, max].
         range_mode: ``"ema"`` or ``"learned"``.
         momentum: EMA momentum.
     """
-
-    # for the channel engine: elementwise per tensor (0 stays 0, a constant stays a constant)
-    channel_rule = "elementwise"
 
     def __init__(self, symmetric: bool = True, range_mode: str = "ema", momentum: float = 0.99, **kwargs):
         super().__init__(**kwargs)
@@ -81,8 +81,12 @@ class ActivationQuantizer(keras.layers.Layer):
         lo = tf.minimum(tf.convert_to_tensor(self.range_min), 0.0)
         hi = tf.maximum(tf.convert_to_tensor(self.range_max), 1e-6)
         if self.symmetric:
+            # a signed tensor gets [-a * 128/127, a]: zero point exactly 128, i.e. int8 with zero point 0.
+            # [-a, a] puts the zero point at 127.5, which FakeQuant rounds to 127 or 128 depending on float
+            # rounding of a: at 127 OpenVINO sees an asymmetric u8 tensor, which e.g. its INT8 transposed
+            # convolution does not take (it falls back to float).
             a = tf.maximum(-lo, hi)
-            lo = tf.where(lo < 0, -a, 0.0)
+            lo = tf.where(lo < 0, -a * (128.0 / 127.0), 0.0)
             hi = a
         return lo, hi
 
@@ -118,6 +122,10 @@ class ActivationQuantizer(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "symmetric": self.symmetric, "range_mode": self.range_mode,
                 "momentum": self.momentum}
+
+
+# for the channel engine: a per-tensor function applied channel by channel (0 stays 0, a constant a constant)
+register_layer(ActivationQuantizer, "elementwise")
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -190,17 +198,72 @@ class QuantDense(_QuantizedKernel, keras.layers.Dense):
         return self.activation(x) if self.activation is not None else x
 
 
+def _bias_and_activation(layer, x):
+    if layer.use_bias:
+        x = ops.add(x, ops.reshape(layer.bias, (1,) * (len(x.shape) - 1) + (-1,)))
+    return layer.activation(x) if layer.activation is not None else x
+
+
+def _quantized_depthwise(layer, kernel):
+    """A (h, w, c, m) depthwise kernel fake-quantized per output channel c * m + j."""
+    k = tf.convert_to_tensor(kernel)
+    h, w, c, m = k.shape
+    # per-channel quantization works on the last axis: view (h, w, c, m) as (h, w, 1, c * m)
+    return tf.reshape(layer.quantized_kernel(tf.reshape(k, (h, w, 1, c * m))), (h, w, c, m))
+
+
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class QuantDepthwiseConv2D(_QuantizedKernel, keras.layers.DepthwiseConv2D):
     """DepthwiseConv2D whose kernel is fake-quantized per output channel (input channel x multiplier)."""
 
     def call(self, inputs):
-        k = tf.convert_to_tensor(self.kernel)
-        h, w, c, m = k.shape
-        # per-channel quantization works on the last axis: view (h, w, c, m) as (h, w, 1, c * m)
-        q = tf.reshape(self.quantized_kernel(tf.reshape(k, (h, w, 1, c * m))), (h, w, c, m))
-        x = ops.depthwise_conv(inputs, q, strides=self.strides, padding=self.padding,
-                               dilation_rate=self.dilation_rate, data_format=self.data_format)
-        if self.use_bias:
-            x = ops.add(x, ops.reshape(self.bias, (1, 1, 1, c * m)))
-        return self.activation(x) if self.activation is not None else x
+        x = ops.depthwise_conv(inputs, _quantized_depthwise(self, self.kernel), strides=self.strides,
+                               padding=self.padding, dilation_rate=self.dilation_rate, data_format=self.data_format)
+        return _bias_and_activation(self, x)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class QuantSeparableConv2D(_QuantizedKernel, keras.layers.SeparableConv2D):
+    """SeparableConv2D as the depthwise and the 1x1 convolution OpenVINO runs, each in INT8.
+
+    Both kernels are fake-quantized per output channel, and the depthwise output, which is the pointwise
+    convolution's input, gets its own :class:`ActivationQuantizer` (``intermediate_quantizer``): without it
+    OpenVINO would run the 1x1 convolution in float.
+
+    Args:
+        symmetric, range_mode: of the intermediate quantizer, as for :class:`ActivationQuantizer`.
+    """
+
+    def __init__(self, *args, symmetric: bool = True, range_mode: str = "ema", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.intermediate_quantizer = ActivationQuantizer(symmetric=symmetric, range_mode=range_mode,
+                                                          name="intermediate_quantizer")
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.intermediate_quantizer.build(None)
+
+    def call(self, inputs, training=False):
+        x = ops.depthwise_conv(inputs, _quantized_depthwise(self, self.depthwise_kernel), strides=self.strides,
+                               padding=self.padding, dilation_rate=self.dilation_rate, data_format=self.data_format)
+        x = self.intermediate_quantizer(x, training=training)
+        x = ops.conv(x, self.quantized_kernel(self.pointwise_kernel), strides=1, padding="valid",
+                     data_format=self.data_format)
+        return _bias_and_activation(self, x)
+
+    def get_config(self):
+        q = self.intermediate_quantizer
+        return {**super().get_config(), "symmetric": q.symmetric, "range_mode": q.range_mode}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class QuantConv2DTranspose(_QuantizedKernel, keras.layers.Conv2DTranspose):
+    """Conv2DTranspose whose (h, w, out, in) kernel is fake-quantized per output channel."""
+
+    def call(self, inputs):
+        k = tf.transpose(tf.convert_to_tensor(self.kernel), (0, 1, 3, 2))  # (h, w, in, out): out last
+        q = tf.transpose(self.quantized_kernel(k), (0, 1, 3, 2))
+        x = ops.conv_transpose(inputs, q, strides=list(self.strides), padding=self.padding,
+                               output_padding=self.output_padding, dilation_rate=self.dilation_rate,
+                               data_format=self.data_format)
+        return _bias_and_activation(self, x)

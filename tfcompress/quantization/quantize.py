@@ -13,7 +13,8 @@ from tfcompress.graph.engine import Rule
 from tfcompress.graph.keras_adapter import build_graph
 from tfcompress.graph.keras_rebuild import rebuild
 from tfcompress.quantization.layers import (
-    ActivationQuantizer, ChannelMask, QuantConv2D, QuantDense, QuantDepthwiseConv2D,
+    ActivationQuantizer, ChannelMask, QuantConv2D, QuantConv2DTranspose, QuantDense, QuantDepthwiseConv2D,
+    QuantSeparableConv2D,
 )
 
 __all__ = ["quantize_model", "RangeInit", "PRESETS"]
@@ -22,13 +23,19 @@ PRESETS = ("performance", "mixed")
 
 _L = keras.layers
 # layer classes OpenVINO runs in INT8 when their inputs and weights are quantized
-_WEIGHTED = {_L.Conv2D: QuantConv2D, _L.Dense: QuantDense, _L.DepthwiseConv2D: QuantDepthwiseConv2D}
+_WEIGHTED = {
+    _L.Conv2D: QuantConv2D, _L.Dense: QuantDense, _L.DepthwiseConv2D: QuantDepthwiseConv2D,
+    _L.SeparableConv2D: QuantSeparableConv2D, _L.Conv2DTranspose: QuantConv2DTranspose,
+}
 _INPUT_QUANTIZED = (_L.Add, _L.MaxPooling2D, _L.AveragePooling2D, _L.GlobalAveragePooling2D, _L.GlobalMaxPooling2D)
+# keras.ops nodes (by operation class name) whose tensor inputs are quantized when they join tensors: a
+# residual ``x + y`` is the same Add for OpenVINO as a layers.Add
+_INPUT_QUANTIZED_OPS = ("Add",)
 # weights a float layer may carry without being worth a warning
 _FLOAT_OK = (_L.BatchNormalization, _L.LayerNormalization, _L.PReLU, _L.Normalization, _L.Rescaling)
 _CONSTRAINT_KEYS = {
     "kernel": "kernel_constraint", "bias": "bias_constraint", "gamma": "gamma_constraint",
-    "beta": "beta_constraint",
+    "beta": "beta_constraint", "pointwise_kernel": "pointwise_constraint",
 }
 
 
@@ -42,8 +49,9 @@ def quantize_model(
 ) -> keras.Model:
     """A quantization-aware copy of ``model``, ready to ``compile`` and ``fit``.
 
-    Conv2D, DepthwiseConv2D and Dense become layers with fake-quantized weights (int8, symmetric, per output
-    channel); their inputs, both inputs of every ``Add`` and the inputs of pooling layers get an
+    Conv2D, DepthwiseConv2D, SeparableConv2D, Conv2DTranspose and Dense become layers with fake-quantized
+    weights (int8, symmetric, per output channel); their inputs, both inputs of every ``Add`` (a layer or a
+    ``keras.ops`` addition of two tensors) and the inputs of pooling layers get an
     :class:`ActivationQuantizer` (one per tensor, shared by all its readers): the placement OpenVINO's CPU
     plugin executes in INT8. BatchNormalization stays as it is (OpenVINO fuses it after the convolution).
     Channels that are zero across their group (pruned earlier) are kept exactly zero during QAT by
@@ -95,7 +103,7 @@ def quantize_model(
         if "/" in path:
             cfg["name"] = path.replace("/", "_")
         q = quantized_class(layer) if path not in ignored else None
-        weights = layer.get_weights()
+        weights = rec.kind.current_weights()
         if removed and rec.op.outputs:
             masks: dict[str, list] = {}
             keep = kg.graph.keep_mask(rec.op.outputs[0], removed)
@@ -103,7 +111,8 @@ def quantize_model(
                 for p in rec.kind.output_params():
                     masks.setdefault(p.variable.path.split("/")[-1], []).append((keep, p.axis, p.view))
             in_axis = getattr(rec.kind, "in_axis", None)
-            if rec.op.rule is Rule.PRODUCER and in_axis is not None and rec.kind.blocks() == 1:
+            names = [w.path.split("/")[-1] for w in layer.weights]
+            if rec.op.rule is Rule.PRODUCER and in_axis is not None and rec.kind.blocks() == 1 and "kernel" in names:
                 in_keep = kg.graph.keep_mask(rec.op.inputs[0], removed)
                 if not in_keep.all():  # rows reading pruned channels: zero too, so weight ranges ignore them
                     masks.setdefault("kernel", []).append((in_keep, in_axis, None))
@@ -117,20 +126,25 @@ def quantize_model(
                 constraint = ChannelMask(k0.tolist(), a0, v0,
                                          extra=[{"keep": k.tolist(), "axis": a, "view": v} for k, a, v in rest])
                 cfg[key] = constraint
-                idx = [w.path.split("/")[-1] for w in layer.weights].index(name)
+                idx = names.index(name)
                 weights[idx] = np.asarray(constraint(keras.ops.convert_to_tensor(weights[idx])))
         if q is not None:
-            new = q.from_config({**cfg, "per_channel": per_channel_weights, "half_range": path in half_range})
+            options = {"per_channel": per_channel_weights, "half_range": path in half_range}
+            if q is QuantSeparableConv2D:
+                options.update(symmetric=preset == "performance", range_mode=range_mode)
+            new = q.from_config({**cfg, **options})
         else:
-            if layer.weights and not isinstance(layer, _FLOAT_OK) and quantized_class(layer) is None:
+            if getattr(layer, "weights", None) and not isinstance(layer, _FLOAT_OK) and quantized_class(layer) is None:
                 left_float.append(f"{path} ({type(layer).__name__})")
             new = type(layer).from_config(cfg)
-        return new, weights
+        return new, weights if isinstance(layer, keras.layers.Layer) else None
 
     def wants(rec) -> bool:
         layer = rec.kind.layer
+        joining_op = (not isinstance(layer, keras.layers.Layer) and rec.op.rule is Rule.JOIN
+                      and type(layer).__name__ in _INPUT_QUANTIZED_OPS)
         return rec.op.layer not in ignored and (quantized_class(layer) is not None
-                                                or isinstance(layer, _INPUT_QUANTIZED))
+                                                or isinstance(layer, _INPUT_QUANTIZED) or joining_op)
 
     # A ZeroPadding2D whose every reader quantizes its input gets the quantizer on its own input instead: the
     # padded zeros are on the grid, so one quantizer serves, and OpenVINO runs the Pad in INT8 (as calibrate
@@ -167,6 +181,9 @@ def quantize_model(
         if isinstance(args[0], (list, tuple)):  # merge layers take a list
             new = [quantize_input(t, f"{base}_input_{k}_quant") for k, t in enumerate(args[0])]
             return (type(args[0])(new),) + tuple(args[1:]), kwargs
+        if rec.op.rule is Rule.JOIN:  # a keras.ops join takes its tensors as positional arguments
+            return tuple(quantize_input(t, f"{base}_input_{k}_quant") if isinstance(t, keras.KerasTensor) else t
+                         for k, t in enumerate(args)), kwargs
         return (quantize_input(args[0], f"{base}_input_quant"),) + tuple(args[1:]), kwargs
 
     qmodel = rebuild(kg, make_layer, rewrite_args)

@@ -47,15 +47,15 @@ def _rebuild(kg: KerasGraph, removed: dict[int, np.ndarray], consts: dict[int, n
         folds = [np.where(k, 0.0, np.nan_to_num(consts[t])) for k, t in zip(in_keeps, op.inputs)]
         changed = out_keep is not None and (not out_keep.all() or not all(k.all() for k in in_keeps))
         new = _new_layer(layer, op.layer, rec.kind, in_keeps, out_keep, folds, changed)
-        if new is layer:
+        if new is layer or not isinstance(layer, keras.layers.Layer):  # a keras.ops node has no weights
             return new, None
-        return new, rec.kind.weights(in_keeps, out_keep, folds) if changed else layer.get_weights()
+        return new, rec.kind.weights(in_keeps, out_keep, folds) if changed else rec.kind.current_weights()
 
     return rebuild(kg, make_layer)
 
 
 def _new_layer(layer, path, kind, in_keeps, out_keep, folds, changed) -> keras.layers.Layer:
-    cfg = kind.config(in_keeps, out_keep) if changed else layer.get_config()
+    cfg = kind.config(in_keeps, out_keep, folds) if changed else layer.get_config()
     if changed:  # masks of pruned channels (from quantize_model) refer to the old channel count
         for key, value in list(cfg.items()):
             if key.endswith("_constraint") and isinstance(value, dict) and value.get("class_name") == "ChannelMask":
@@ -65,7 +65,7 @@ def _new_layer(layer, path, kind, in_keeps, out_keep, folds, changed) -> keras.l
     if changed and kind.needs_bias(folds):
         cfg["use_bias"] = True
     try:
-        return type(layer).from_config(cfg)
+        return (kind.rebuilt_class() if changed else type(layer)).from_config(cfg)
     except Exception as e:
         if changed:
             raise ValueError(f"cannot rebuild layer {path!r} ({type(layer).__name__}) with fewer channels: {e}")

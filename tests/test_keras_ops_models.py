@@ -1,0 +1,118 @@
+"""Functional models holding raw ``keras.ops`` nodes (``x + y``, ``x * 0.5``, hard-swish, concatenate, mean,
+reshape): channel groups, zeroing, exact stripping, quantization and the save/load round trip.
+
+Outputs are compared with the original Keras model's (relative max error < 1e-5); save/load must be exact.
+"""
+
+import keras
+import numpy as np
+import pytest
+from keras import layers as L
+from keras import ops
+
+import tfcompress
+from tfcompress.graph import build_graph
+from conftest import randomize_batchnorm, randomize_biases, rel_error
+
+TOL = 1e-5
+
+
+def _hard_swish(x):
+    return x * ops.relu6(x + 3.0) / 6.0
+
+
+def ops_model():
+    """A residual network written with keras.ops arithmetic instead of merge layers."""
+    inp = keras.Input((10, 10, 3))
+    a = L.Conv2D(8, 3, padding="same", name="stem")(inp)
+    a = L.BatchNormalization(name="bn")(a)
+    a = _hard_swish(a)
+    b = L.Conv2D(8, 1, name="branch")(a)
+    r = ops.add(a, b) * 0.5  # residual: joins stem and branch
+    e = L.Conv2D(8, 1, activation="sigmoid", name="excite")(ops.mean(r, axis=(1, 2), keepdims=True))
+    r = r * e  # squeeze-and-excite with a keras.ops product (broadcast over space)
+    c = L.Conv2D(6, 1, name="side")(r)
+    cat = ops.concatenate([ops.gelu(r), ops.relu(c) - 1.0], axis=-1)
+    pooled = ops.reshape(ops.mean(cat, axis=(1, 2), keepdims=True), (-1, 14))
+    out = L.Dense(4, name="head")(pooled)
+    return keras.Model(inp, out)
+
+
+def _zero_quarter(model, rng):
+    kg = build_graph(model)
+    groups = kg.groups()
+    for g in groups:
+        tfcompress.zero_channels(model, g, rng.choice(g.size, max(1, g.size // 4), replace=False), graph=kg)
+    return groups
+
+
+def test_ops_nodes_join_and_pass_channels():
+    groups = {g.layers: g.size for g in tfcompress.channel_groups(ops_model())}
+    assert groups == {("stem", "branch", "excite"): 8, ("side",): 6}
+
+
+@pytest.mark.parametrize("blocker", [
+    lambda t: ops.softmax(t, axis=-1),  # mixes channels
+    lambda t: t[..., :4] * 2.0,  # slices channels
+    lambda t: t + ops.ones((8,)),  # a constant array that varies over channels
+    lambda t: t * ops.mean(t, axis=-1, keepdims=True),  # broadcast over the channel axis
+    lambda t: ops.transpose(t, (0, 3, 1, 2)),
+])
+def test_other_ops_block_without_crashing(blocker, rng):
+    inp = keras.Input((6, 6, 3))
+    a = L.Conv2D(8, 1, name="a")(inp)
+    y = blocker(a)
+    y = L.Conv2D(4, 1, name="b")(y)
+    model = keras.Model(inp, L.Flatten()(y))
+    assert ("a",) not in {g.layers for g in tfcompress.channel_groups(model)}
+    x = rng.normal(size=(2, 6, 6, 3)).astype("float32")
+    assert rel_error(tfcompress.strip(model)(x), model(x)) < TOL
+
+
+def test_strip_ops_model_is_exact_smaller_and_round_trips(rng, tmp_path):
+    model = ops_model()
+    randomize_batchnorm(model, rng)
+    randomize_biases(model, rng)  # zeroed channels become constants that consumers must fold
+    groups = _zero_quarter(model, rng)
+    x = rng.normal(size=(3, 10, 10, 3)).astype("float32")
+    stripped = tfcompress.strip(model)
+    assert rel_error(stripped(x), model(x)) < TOL
+    assert stripped.count_params() < model.count_params()
+    assert stripped.get_layer("side").filters < 6
+    assert sum(g.size for g in tfcompress.channel_groups(stripped)) < sum(g.size for g in groups)
+    stripped.save(tmp_path / "s.keras")
+    loaded = keras.saving.load_model(tmp_path / "s.keras")
+    np.testing.assert_array_equal(loaded(x), stripped(x))
+
+
+def test_reshape_op_follows_the_kept_channel_count(rng):
+    model = ops_model()
+    _zero_quarter(model, rng)
+    stripped = tfcompress.strip(model)
+    reshape = next(op for op in stripped.operations if type(op).__name__ == "Reshape")
+    assert reshape.get_config()["newshape"][-1] == stripped.get_layer("head").kernel.shape[0] < 14
+
+
+def test_quantize_ops_model_runs_and_round_trips(rng, tmp_path):
+    model = ops_model()
+    q = tfcompress.quantization.quantize_model(model)
+    x = rng.normal(size=(3, 10, 10, 3)).astype("float32")
+    q.compile("sgd", "mse")
+    q.fit(x, rng.normal(size=(3, 4)), epochs=1, verbose=0)
+    assert rel_error(q(x), model(x)) < 0.1
+    q.save(tmp_path / "q.keras")
+    loaded = keras.saving.load_model(tmp_path / "q.keras")
+    np.testing.assert_array_equal(loaded(x), q(x))
+
+
+def test_prune_in_fit_then_strip_and_quantize(rng):
+    """The whole path on a keras.ops model: FilterPruning in fit, strip (exact, smaller), quantize_model."""
+    model = ops_model()
+    model.compile("adam", "mse")
+    x = rng.normal(size=(32, 10, 10, 3)).astype("float32")
+    pruner = tfcompress.pruning.FilterPruning(target=0.5, pruning_epochs=1, prune_first_conv=True)
+    model.fit(x, rng.normal(size=(32, 4)), epochs=2, batch_size=16, callbacks=[pruner], verbose=0)
+    stripped = tfcompress.strip(model)
+    assert rel_error(stripped(x), model(x)) < TOL
+    assert stripped.get_layer("stem").filters < 8 and stripped.get_layer("side").filters < 6
+    assert np.all(np.isfinite(tfcompress.quantization.quantize_model(stripped)(x)))
