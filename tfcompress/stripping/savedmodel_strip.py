@@ -69,7 +69,15 @@ def freeze_saved_model(src_dir: str, signature_key: str = "serving_default") -> 
     except Exception:  # e.g. TF/Keras 2 SavedModels whose optimizer objects TF 2.16+ cannot restore
         graph_def, inputs, outputs, specs, same = _freeze_v1(src_dir, signature_key)
     else:
-        graph_def, inputs, outputs, specs, same = _freeze_v2(loaded, src_dir, signature_key)
+        try:
+            graph_def, inputs, outputs, specs, same = _freeze_v2(loaded, src_dir, signature_key)
+        except ExportError:
+            raise
+        except Exception as e:  # e.g. a signature that assigns variables (a layer traced in training mode)
+            raise ExportError(
+                f"cannot freeze the {signature_key!r} signature of {src_dir!r} into constants "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            ) from e
     graph_def = fold_constants(graph_def, list(outputs.values()))
     return FrozenSignature(graph_def, inputs, outputs, specs, signature_key, same)
 
@@ -291,10 +299,16 @@ def strip_saved_model(
     if os.path.abspath(dst_dir) == os.path.abspath(src_dir):
         raise ExportError("the output directory must differ from the input SavedModel")
     frozen = freeze_saved_model(src_dir, signature_key)
-    gg = GraphDefGraph(frozen.graph_def, list(frozen.inputs.values()), list(frozen.outputs.values()))
-    removed, consts = gg.graph.plan_removal()
-    removed = {k: v for k, v in removed.items() if v.any()}
-    new_gd = gg.rewrite(removed, consts)
+    try:
+        gg = GraphDefGraph(frozen.graph_def, list(frozen.inputs.values()), list(frozen.outputs.values()))
+        removed, consts = gg.graph.plan_removal()
+        removed = {k: v for k, v in removed.items() if v.any()}
+        new_gd = gg.rewrite(removed, consts)
+    except Exception as e:  # a graph the adapter misreads must not surface as a raw numpy/TF error
+        raise ExportError(
+            f"cannot strip {src_dir!r}: analysing its {signature_key!r} graph failed "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); please report this model"
+        ) from e
     layers = []
     for op in gg.ops:
         if op.rule is Rule.PRODUCER:
