@@ -74,7 +74,7 @@ _UNARY: dict[str, Callable[[np.ndarray, object], np.ndarray]] = {
 }
 _POOL = {"MaxPool", "AvgPool", "MaxPoolV2"}
 _REDUCE = {"Mean", "Max", "Min", "Sum"}
-_BINARY = {"Add", "AddV2", "Sub", "Mul", "RealDiv", "Maximum", "Minimum", "BiasAdd"}
+_BINARY = {"Add", "AddV2", "Sub", "Mul", "RealDiv", "Maximum", "Minimum", "BiasAdd", "SquaredDifference"}
 
 
 def _fake_quant(v: np.ndarray, lo, hi, num_bits: int, narrow: bool) -> np.ndarray:
@@ -449,6 +449,8 @@ class _ChannelParam(NodeKind):
             return [v / c if self.ci == 1 else np.full(v.shape, np.nan)]
         if op == "Maximum":
             return [np.maximum(v, c)]
+        if op == "SquaredDifference":
+            return [(v - c) ** 2]
         return [np.minimum(v, c)]
 
     def rewrite(self, new, in_keeps, out_keep, folds, rw):
@@ -456,6 +458,21 @@ class _ChannelParam(NodeKind):
         c = self.g.const(name)
         if c.size > 1:
             new.input[self.ci] = rw.const(_node(name), np.take(c, np.nonzero(out_keep)[0], axis=-1))
+
+
+class _SpatialParam(_ChannelParam):
+    """x op c with c the same for every channel but varying over other axes (a LayerNormalization over the
+    spatial axes scales each position): a zero channel stays zero through a product, nothing stays constant."""
+
+    has_channel_params = False
+
+    def const_out(self, in_consts):
+        v = in_consts[0]
+        keeps_zero = self.node.op == "Mul" or (self.node.op == "RealDiv" and self.ci == 1)
+        return [np.where(v == 0, 0.0, np.nan) if keeps_zero else np.full(v.shape, np.nan)]
+
+    def rewrite(self, new, in_keeps, out_keep, folds, rw):
+        pass
 
 
 class _FusedBatchNorm(NodeKind):
@@ -656,6 +673,8 @@ class _Join(NodeKind):
             return [out]
         if op == "Maximum":
             return [np.maximum(a, b)]
+        if op == "SquaredDifference":
+            return [(a - b) ** 2]
         return [np.minimum(a, b)]
 
 
@@ -1019,7 +1038,9 @@ def _binary(g: GraphDefGraph, node):
         c = g.const(node.input[ci])
         width = g.width(node.name)
         per_channel = c.ndim >= 1 and c.shape[-1] == width and c.size == width
-        return _ChannelParam(node, g, ci) if c.size == 1 or per_channel else None
+        if c.size == 1 or per_channel:
+            return _ChannelParam(node, g, ci)
+        return _SpatialParam(node, g, ci) if c.ndim == len(g.shape(node.name)) and c.shape[-1] == 1 else None
     if node.op in ("RealDiv", "BiasAdd"):
         return None
     sa, sb = g.shape(a), g.shape(b)
