@@ -194,3 +194,48 @@ def test_an_op_type_has_one_rule():
     assert KINDS["Conv2DBackpropInput"] is KINDS["Conv2D"]
     with pytest.raises(ValueError, match="'Conv2D' already has a channel rule"):
         register("Conv2D")(lambda g, node: None)
+
+
+def test_kept_zeroed_channels_carry_reasons(tmp_path, rng):
+    """Inception-ResNet's conv -> BatchNorm(scale=False) -> ReLU turns a zeroed channel into the constant
+    relu(beta - mean / std): a 1x1 consumer folds it into its bias, a 'same'-padded 3x3 consumer cannot, so the
+    channel stays, and the report says why; channels that are a model output stay too."""
+    inp = keras.Input((12, 12, 3))
+    norms = [L.BatchNormalization(scale=False) for _ in range(2)]
+    x = L.ReLU()(norms[0](L.Conv2D(8, 3, use_bias=False, name="stem")(inp)))
+    y = L.ReLU()(norms[1](L.Conv2D(8, 3, use_bias=False, name="stem2")(inp)))
+    out = L.Concatenate()([L.Conv2D(4, 1, name="branch_1x1")(x), L.Conv2D(4, 3, padding="same", name="branch_3x3")(x),
+                           L.Conv2D(4, 1, name="only_1x1")(y)])
+    model = keras.Model(inp, out)
+    for name, norm in zip(("stem", "stem2"), norms):
+        kernel = model.get_layer(name).get_weights()[0]
+        kernel[..., :2] = 0.0
+        model.get_layer(name).set_weights([kernel])
+        beta = rng.uniform(-0.2, 0.2, 8)
+        beta[:2] = 0.0  # zeroed as far as the user can: scale=False leaves no gamma, the moving mean stays
+        norm.set_weights([beta, rng.uniform(-0.5, -0.1, 8), rng.uniform(0.5, 1.5, 8)])
+    kernel, bias = model.get_layer("branch_1x1").get_weights()
+    kernel[..., 0], bias[0] = 0.0, 0.0
+    model.get_layer("branch_1x1").set_weights([kernel, bias])
+    result, dst = _strip(model, tmp_path)
+    row = {name: _by_layer(result, name)[0] for name in ("stem", "stem2", "branch_1x1")}
+    assert (row["stem"]["zeroed"], row["stem"]["channels_after"]) == (2, 8)
+    ((why, n),) = row["stem"]["kept_reasons"].items()
+    assert n == 2 and "branch_3x3" in why and "SAME-padded 3x3" in why and "constant" in why
+    assert (row["stem2"]["zeroed"], row["stem2"]["channels_after"], row["stem2"]["kept_reasons"]) == (2, 6, {})
+    assert row["branch_1x1"]["kept_reasons"] == {"they are a model output": 1}
+    assert result.kept_reasons == {why: 2, "they are a model output": 1}
+    x = rng.uniform(0, 1, (2, 12, 12, 3)).astype("float32")
+    assert rel_error(_run(dst, x), model(x)) < 1e-4
+
+
+def test_zeroed_channels_before_a_channel_layer_norm_say_so(tmp_path, rng):
+    inp = keras.Input((8, 8, 3))
+    conv = L.Conv2D(8, 3, padding="same", name="c1")
+    model = keras.Model(inp, L.Conv2D(4, 1, name="c2")(L.LayerNormalization()(conv(inp))))
+    kernel, bias = conv.get_weights()
+    kernel[..., :2], bias[:2] = 0.0, 0.0
+    conv.set_weights([kernel, bias])
+    result, _ = _strip(model, tmp_path)
+    ((why, n),) = _by_layer(result, "c1")[0]["kept_reasons"].items()
+    assert n == 2 and "layer_normalization" in why and "which the channel rules do not cover" in why

@@ -163,6 +163,7 @@ class _Space:
     producers: list[str]
     blocked: bool = False
     blocks: int = 1
+    reason: str = ""  # why it is blocked (the first cause met)
 
 
 class ChannelGraph:
@@ -211,11 +212,14 @@ class ChannelGraph:
         self._parent[rb] = ra
         sa.producers += [p for p in sb.producers if p not in sa.producers]
         sa.blocked = sa.blocked or sb.blocked
+        sa.reason = sa.reason or sb.reason
         sa.blocks = math.lcm(sa.blocks, sb.blocks)
 
-    def _block(self, cmap: ChannelMap) -> None:
+    def _block(self, cmap: ChannelMap, reason: str = "") -> None:
         for s in cmap.segments:
-            self._spaces[self.root(s.space)].blocked = True
+            sp = self._spaces[self.root(s.space)]
+            sp.blocked = True
+            sp.reason = sp.reason or reason
 
     def _fresh(self, tensor: int, blocked: bool, producer: str | None = None) -> ChannelMap:
         width = self.tensor_width.get(tensor) or 0
@@ -252,14 +256,15 @@ class ChannelGraph:
                 if op.layer in layer_inputs:
                     for prev, cur in zip(layer_inputs[op.layer], ins):
                         if not self._join([prev, cur]):
-                            self._block(prev)
-                            self._block(cur)
+                            why = f"the calls of shared layer {op.layer} read different channels"
+                            self._block(prev, why)
+                            self._block(cur, why)
                 else:
                     layer_inputs[op.layer] = ins
             if op.rule in (Rule.INPUT, Rule.BLOCKER, Rule.SHAPE):
                 if op.rule is Rule.BLOCKER:
                     for m in ins:
-                        self._block(m)
+                        self._block(m, f"they reach {_label(op)}, which the channel rules do not cover")
                 for t in op.outputs:  # possibly several outputs, each its own unknown channels
                     self.maps[t] = self._fresh(t, blocked=True)
                 continue
@@ -272,7 +277,7 @@ class ChannelGraph:
                             sp = self._spaces[self.root(m.segments[0].space)]
                             sp.blocks = math.lcm(sp.blocks, op.blocks)
                         else:
-                            self._block(m)
+                            self._block(m, f"grouped {_label(op)} reads them mixed with other channels")
                 if op.layer not in layer_space:
                     layer_space[op.layer] = self._new_space(op.channels, op.layer)
                     self._spaces[layer_space[op.layer]].blocks = op.blocks
@@ -283,7 +288,7 @@ class ChannelGraph:
             elif op.rule is Rule.DEPTHWISE:
                 m = ins[0]
                 if m.tile != 1:
-                    self._block(m)
+                    self._block(m, f"depthwise {_label(op)} reads them flattened")
                     out = self._fresh(op.outputs[0], blocked=True)
                 else:
                     out = ChannelMap(
@@ -294,12 +299,12 @@ class ChannelGraph:
                     out = ins[0]
                 else:
                     for m in ins:
-                        self._block(m)
+                        self._block(m, f"{_label(op)} combines them with channels that do not line up")
                     out = self._fresh(op.outputs[0], blocked=True)
             elif op.rule is Rule.CONCAT:
                 if any(m.tile != 1 for m in ins):
                     for m in ins:
-                        self._block(m)
+                        self._block(m, f"{_label(op)} concatenates them flattened")
                     out = self._fresh(op.outputs[0], blocked=True)
                 else:
                     out = ChannelMap(tuple(s for m in ins for s in m.segments))
@@ -310,7 +315,7 @@ class ChannelGraph:
             for t in op.outputs:
                 self.maps[t] = out
         for t in self.output_tensors:
-            self._block(self.maps[t])
+            self._block(self.maps[t], "they are a model output")
 
     # ------------------------------------------------------------------ groups
     def groups(self) -> list[ChannelGroup]:
@@ -329,6 +334,21 @@ class ChannelGraph:
                         continue
                     seen[r] = ChannelGroup(tuple(sp.producers), sp.size, sp.blocks, r)
         return list(seen.values())
+
+    def owners(self, tensor: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per position of ``tensor``'s channel axis: the id of its group (root space) and its channel there."""
+        return self._roots(tensor)
+
+    def block_reason(self, group_id: int) -> str:
+        """Why the channels of ``group_id`` (a root from :meth:`owners`) cannot be removed at all ('' if they can)."""
+        sp = self._spaces[self.root(group_id)]
+        if sp.blocked:
+            return sp.reason or "they are blocked"
+        if not sp.producers:
+            return "no convolution or dense layer creates them"
+        if sp.size // sp.blocks < 2:
+            return "their group has a single channel"
+        return ""
 
     def _roots(self, tensor: int) -> tuple[np.ndarray, np.ndarray]:
         spaces, chans = self.maps[tensor].positions()
@@ -401,6 +421,35 @@ class ChannelGraph:
         for g in groups:
             removable[g.id] = _balance(removable[g.id], g.blocks)
         return removable, consts
+
+
+    def kept_reasons(
+        self, removable: dict[int, np.ndarray], consts: dict[int, np.ndarray]
+    ) -> dict[int, dict[int, str]]:
+        """Why each channel of a prunable group that :meth:`plan_removal` keeps is kept: group id -> channel
+        -> the first consumer that sees a value it cannot do without (or the grouped-convolution balance)."""
+        reasons: dict[int, dict[int, str]] = {g: {} for g in removable}
+        for op, i in self.consumers:
+            roots, chans = self._roots(op.inputs[i])
+            vals = consts[op.inputs[i]]
+            for pos in np.nonzero(np.isin(roots, list(removable)))[0]:
+                r, c, v = int(roots[pos]), int(chans[pos]), vals[pos]
+                if removable[r][c] or c in reasons[r] or v == 0:
+                    continue
+                if not np.isfinite(v):
+                    reasons[r][c] = f"its value where {_label(op)} reads it is not provably constant"
+                elif not (op.semantics is not None and op.semantics.can_fold(i)):
+                    note = getattr(op.semantics, "fold_note", lambda: "")()
+                    reasons[r][c] = f"it is a non-zero constant where {_label(op)} reads it{note}"
+        for r, mask in removable.items():
+            for c in np.nonzero(~mask)[0]:
+                reasons[r].setdefault(int(c), "kept so that every block of a grouped convolution loses as many")
+        return reasons
+
+
+def _label(op: Op) -> str:
+    """How messages name an op: its adapter's label if it has one (e.g. with the TF op type), else its name."""
+    return getattr(op.semantics, "label", None) or op.name
 
 
 def _sum_consts(ins: list[np.ndarray], width: int) -> np.ndarray:

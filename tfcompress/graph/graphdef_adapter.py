@@ -298,6 +298,15 @@ class NodeKind:
         self.node = node
         self.g = graph
 
+    @property
+    def label(self) -> str:
+        """How messages name the node: its TF op type and name."""
+        return f"{self.node.op} {self.node.name!r}"
+
+    def fold_note(self) -> str:
+        """Why a constant input cannot be folded into this op's bias ('' when it can or nothing specific)."""
+        return ""
+
     # engine protocol
     def const_out(self, in_consts: list[np.ndarray]) -> list[np.ndarray]:
         return [in_consts[0]]
@@ -587,6 +596,15 @@ class _Producer(NodeKind):
         k = self._kernel()
         return _attr(self.node, "padding").s == b"VALID" or k.shape[0] * k.shape[1] == 1
 
+    def fold_note(self):
+        if self.can_fold(0):
+            return ""
+        if self.node.op == "MatMul":
+            return " (a MatMul reading its input transposed)"
+        k = self._kernel()
+        return (f" (a {_attr(self.node, 'padding').s.decode()}-padded {k.shape[0]}x{k.shape[1]} convolution: "
+                "its zero padding makes a constant input contribute differently at the borders)")
+
     def macs(self, in_counts, out_count):
         k = self._kernel()
         ksz = k.shape[0] * k.shape[1] if k.ndim == 4 else 1
@@ -619,6 +637,9 @@ class _TransposedConv(_Producer):
 
     def can_fold(self, input_index):
         return False
+
+    def fold_note(self):
+        return " (a transposed convolution: its windows overlap unevenly, so a constant input is not constant out)"
 
     def macs(self, in_counts, out_count):
         k = self.w.value

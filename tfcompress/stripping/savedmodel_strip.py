@@ -45,13 +45,22 @@ class FrozenSignature:
 class StripResult:
     """What :func:`strip_saved_model` did."""
 
-    layers: list[dict]  # per producing op: name, channels before / after
+    layers: list[dict]  # per producing op: name, op, channels before / after, zeroed, kept_reasons
     flops_before: float
     flops_after: float
     params_before: int
     params_after: int
     max_rel_error: float
     signatures: list[str]
+
+    @property
+    def kept_reasons(self) -> dict[str, int]:
+        """Why zeroed channels were kept, over all layers: reason -> number of channels."""
+        total: dict[str, int] = {}
+        for row in self.layers:
+            for why, n in row["kept_reasons"].items():
+                total[why] = total.get(why, 0) + n
+        return total
 
 
 def _check_saved_model_dir(path: str) -> None:
@@ -301,21 +310,15 @@ def strip_saved_model(
     frozen = freeze_saved_model(src_dir, signature_key)
     try:
         gg = GraphDefGraph(frozen.graph_def, list(frozen.inputs.values()), list(frozen.outputs.values()))
-        removed, consts = gg.graph.plan_removal()
-        removed = {k: v for k, v in removed.items() if v.any()}
+        removable, consts = gg.graph.plan_removal()
+        removed = {k: v for k, v in removable.items() if v.any()}
         new_gd = gg.rewrite(removed, consts)
+        layers = _layer_rows(gg, removable, consts)
     except Exception as e:  # a graph the adapter misreads must not surface as a raw numpy/TF error
         raise ExportError(
             f"cannot strip {src_dir!r}: analysing its {signature_key!r} graph failed "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); please report this model"
         ) from e
-    layers = []
-    for op in gg.ops:
-        if op.rule is Rule.PRODUCER:
-            before = gg.graph.tensor_width[op.outputs[0]]
-            after = int(gg.graph.keep_mask(op.outputs[0], removed).sum())
-            layers.append({"name": op.name, "op": gg.nodes[op.name].op, "channels_before": before,
-                           "channels_after": after})
     tmp = atomic_output_dir(dst_dir)
     try:
         save_graph_def(frozen, new_gd, tmp)
@@ -334,6 +337,27 @@ def strip_saved_model(
         params_before=_params(frozen.graph_def), params_after=_params(new_gd), max_rel_error=err,
         signatures=[signature_key] + frozen.other_signatures,
     )
+
+
+def _layer_rows(gg: GraphDefGraph, removable: dict, consts: dict) -> list[dict]:
+    """Per producing op: channels before and after, how many were zeroed, and why zeroed ones were kept."""
+    graph = gg.graph
+    why_kept = graph.kept_reasons(removable, consts)
+    rows = []
+    for op in gg.ops:
+        if op.rule is not Rule.PRODUCER:
+            continue
+        out = op.outputs[0]
+        keep = graph.keep_mask(out, removable)
+        zeroed = op.semantics.const_out([consts[t] for t in op.inputs])[0] == 0
+        reasons: dict[str, int] = {}
+        roots, chans = graph.owners(out)
+        for r, c in zip(roots[zeroed & keep], chans[zeroed & keep]):
+            why = why_kept.get(int(r), {}).get(int(c)) or graph.block_reason(int(r)) or "not removable"
+            reasons[why] = reasons.get(why, 0) + 1
+        rows.append({"name": op.name, "op": gg.nodes[op.name].op, "channels_before": int(keep.size),
+                     "channels_after": int(keep.sum()), "zeroed": int(zeroed.sum()), "kept_reasons": reasons})
+    return rows
 
 
 def check_outputs(got: dict, ref: dict, tolerance: float, what: str, suffix: str = "") -> float:
