@@ -239,3 +239,12 @@ def test_zeroed_channels_before_a_channel_layer_norm_say_so(tmp_path, rng):
     result, _ = _strip(model, tmp_path)
     ((why, n),) = _by_layer(result, "c1")[0]["kept_reasons"].items()
     assert n == 2 and "layer_normalization" in why and "which the channel rules do not cover" in why
+
+
+def test_check_inputs_that_do_not_fit_are_an_export_error(tmp_path):
+    inp = keras.Input((8, 8, 3))
+    keras.Model(inp, L.Conv2D(4, 3)(inp)).export(str(tmp_path / "src"), verbose=False)
+    bad = {"keras_tensor": np.zeros((1, 5, 5, 2), "float32")}
+    with pytest.raises(ExportError, match="check inputs do not fit"):
+        strip_saved_model(str(tmp_path / "src"), str(tmp_path / "dst"), check_inputs=bad)
+    assert not (tmp_path / "dst").exists()

@@ -321,10 +321,8 @@ def strip_saved_model(
         ) from e
     tmp = atomic_output_dir(dst_dir)
     try:
-        save_graph_def(frozen, new_gd, tmp)
         x = check_inputs if check_inputs is not None else sample_inputs(frozen.specs)
-        ref = run_frozen(frozen, frozen.graph_def, x)
-        got = run_signature(tmp, x, signature_key)
+        ref, got = _save_and_run(frozen, new_gd, tmp, x)
         err = check_outputs(got, ref, tolerance, "stripped model outputs differ from the original",
                             "; nothing written")
         commit_dir(tmp, dst_dir, overwrite)
@@ -337,6 +335,23 @@ def strip_saved_model(
         params_before=_params(frozen.graph_def), params_after=_params(new_gd), max_rel_error=err,
         signatures=[signature_key] + frozen.other_signatures,
     )
+
+
+def _save_and_run(frozen: FrozenSignature, new_gd, dst_dir: str, x: dict) -> tuple[dict, dict]:
+    """Save the stripped graph to ``dst_dir``; the original's and the saved model's outputs on ``x``."""
+    try:
+        ref = run_frozen(frozen, frozen.graph_def, x)
+    except Exception as e:
+        raise ExportError(f"the check inputs do not fit the {frozen.signature_key!r} signature "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    try:
+        save_graph_def(frozen, new_gd, dst_dir)
+        return ref, run_signature(dst_dir, x, frozen.signature_key)
+    except ExportError:
+        raise
+    except Exception as e:  # a rewrite TensorFlow refuses: a bug to report, not a raw traceback
+        raise ExportError(f"the stripped graph cannot be saved or run ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); nothing written") from e
 
 
 def _layer_rows(gg: GraphDefGraph, removable: dict, consts: dict) -> list[dict]:
