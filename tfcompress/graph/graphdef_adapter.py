@@ -1,8 +1,9 @@
 """Translate a frozen TensorFlow GraphDef into the channel engine's graph, and rewrite it without channels.
 
-This is the SavedModel counterpart of :mod:`tfcompress.graph.keras_adapter`: each TF op type is mapped to a
-channel :class:`~tfcompress.graph.engine.Rule` by a :class:`NodeKind`, which also knows how constant channels
-flow through the op and how to slice the op's constant inputs (weights, BN vectors, reshape targets).
+This is the SavedModel counterpart of :mod:`tfcompress.graph.keras_adapter`: one table, :data:`KINDS`, maps each
+TF op type to a classifier that picks the node's :class:`NodeKind` (or none: the node then blocks the channels
+reaching it). A kind gives the channel :class:`~tfcompress.graph.engine.Rule`, how constant channels flow
+through the op, and how to slice the op's constant inputs (weights, BN vectors, reshape targets).
 The graph must be frozen and constant-folded first (:func:`fold_constants`): weights are ``Const`` nodes,
 possibly behind a ``FakeQuantWithMinMaxVars(PerChannel)`` that quantization-aware training left there.
 """
@@ -18,7 +19,7 @@ import tensorflow as tf
 from tfcompress.graph.engine import ChannelGraph, Op, Rule, elementwise_consts
 from tfcompress.graph.kernels import depthwise_consts, fold_into_bias, producer_consts, slice_kernel
 
-__all__ = ["GraphDefGraph", "fold_constants", "NodeKind"]
+__all__ = ["GraphDefGraph", "KINDS", "NodeKind", "fold_constants", "register"]
 
 _FAKE_QUANT = {"FakeQuantWithMinMaxVars", "FakeQuantWithMinMaxVarsPerChannel", "FakeQuantWithMinMaxArgs"}
 _STATEFUL_OR_INPUT = {"Placeholder", "PlaceholderWithDefault", "VarHandleOp", "ReadVariableOp", "NoOp"}
