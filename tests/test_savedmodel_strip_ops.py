@@ -248,3 +248,43 @@ def test_check_inputs_that_do_not_fit_are_an_export_error(tmp_path):
     with pytest.raises(ExportError, match="check inputs do not fit"):
         strip_saved_model(str(tmp_path / "src"), str(tmp_path / "dst"), check_inputs=bad)
     assert not (tmp_path / "dst").exists()
+
+
+class _Values:
+    """Hand-written op semantics for engine-only tests: fixed output constants, folding allowed or not."""
+
+    def __init__(self, out=None, fold=False, label=""):
+        self.out, self.fold, self.label = out, fold, label
+
+    def const_out(self, in_consts):
+        return [self.out if self.out is not None else in_consts[0]]
+
+    def can_fold(self, input_index):
+        return self.fold
+
+    def fold_note(self):
+        return " (no bias here)"
+
+
+def test_engine_reasons_for_blocked_groups_and_kept_channels():
+    """Engine only: three producers; one reaches an unknown op, one a model output, one a consumer that sees a
+    non-zero constant it cannot fold on channel 1 and a non-constant on channel 2."""
+    from tfcompress.graph.engine import ChannelGraph, Op, Rule
+
+    ops = [
+        Op("x", Rule.INPUT, [], [0], channels=3, semantics=_Values(np.full(3, np.nan))),
+        Op("a", Rule.PRODUCER, [0], [1], channels=4, semantics=_Values(np.array([0, 0.5, np.nan, 0]))),
+        Op("odd", Rule.BLOCKER, [1], [2], semantics=_Values(np.full(4, np.nan), label="Odd 'odd'")),
+        Op("b", Rule.PRODUCER, [0], [3], channels=4, semantics=_Values(np.array([0, 0.5, np.nan, 0]))),
+        Op("c", Rule.PRODUCER, [3], [4], channels=2, semantics=_Values(np.zeros(2), label="Conv 'c'")),
+    ]
+    graph = ChannelGraph(ops, [2, 4], {0: 3, 1: 4, 2: 4, 3: 4, 4: 2})
+    removable, consts = graph.plan_removal()
+    (b,) = graph.groups()
+    assert b.layers == ("b",) and removable[b.id].tolist() == [True, False, False, True]
+    why = graph.kept_reasons(removable, consts)[b.id]
+    assert why == {1: "it is a non-zero constant where Conv 'c' reads it (no bias here)",
+                   2: "its value where Conv 'c' reads it is not provably constant"}
+    assert graph.block_reason(graph.owners(1)[0][0]) == "they reach Odd 'odd', which the channel rules do not cover"
+    assert graph.block_reason(graph.owners(4)[0][0]) == "they are a model output"
+    assert graph.block_reason(b.id) == ""
