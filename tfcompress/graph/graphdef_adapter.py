@@ -896,7 +896,7 @@ class GraphDefGraph:
             return None
         reader = readers[0]
         kind = self.kinds.get(reader.name)
-        if not isinstance(kind, _ChannelParam) or reader.op not in ("Add", "AddV2", "BiasAdd"):
+        if type(kind) is not _ChannelParam or reader.op not in ("Add", "AddV2", "BiasAdd"):  # not _SpatialParam
             return None
         if _tensor(reader.input[kind.xi]) != _tensor(name):
             return None
