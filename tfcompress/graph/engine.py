@@ -222,7 +222,7 @@ class ChannelGraph:
         sa.reason = sa.reason or sb.reason
         sa.blocks = math.lcm(sa.blocks, sb.blocks)
 
-    def _block(self, cmap: ChannelMap, reason: str) -> None:
+    def _block(self, cmap: ChannelMap, reason: str = "") -> None:
         for s in cmap.segments:
             sp = self._spaces[self.root(s.space)]
             sp.blocked = True
@@ -349,6 +349,15 @@ class ChannelGraph:
                         seen[r] = ChannelGroup(tuple(sp.producers), sp.size, sp.blocks, r, _why_not(sp))
         return list(seen.values())
 
+    def owners(self, tensor: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per position of ``tensor``'s channel axis: the id of its group (root space) and its channel there."""
+        return self._roots(tensor)
+
+    def block_reason(self, group_id: int) -> str:
+        """Why the channels of ``group_id`` (a root from :meth:`owners`) cannot be removed at all ('' if they can)."""
+        sp = self._spaces[self.root(group_id)]
+        return _why_not(sp) if sp.producers else "no convolution or dense layer creates them"
+
     def _roots(self, tensor: int) -> tuple[np.ndarray, np.ndarray]:
         spaces, chans = self.maps[tensor].positions()
         lookup = {int(s): self.root(int(s)) for s in np.unique(spaces)}
@@ -431,6 +440,35 @@ def _why_not(sp: _Space) -> str:
     if sp.size % sp.blocks or sp.size // sp.blocks < 2:
         return f"a grouped convolution leaves fewer than 2 of its {sp.size} channels per block"
     return ""
+
+
+    def kept_reasons(
+        self, removable: dict[int, np.ndarray], consts: dict[int, np.ndarray]
+    ) -> dict[int, dict[int, str]]:
+        """Why each channel of a prunable group that :meth:`plan_removal` keeps is kept: group id -> channel
+        -> the first consumer that sees a value it cannot do without (or the grouped-convolution balance)."""
+        reasons: dict[int, dict[int, str]] = {g: {} for g in removable}
+        for op, i in self.consumers:
+            roots, chans = self._roots(op.inputs[i])
+            vals = consts[op.inputs[i]]
+            for pos in np.nonzero(np.isin(roots, list(removable)))[0]:
+                r, c, v = int(roots[pos]), int(chans[pos]), vals[pos]
+                if removable[r][c] or c in reasons[r] or v == 0:
+                    continue
+                if not np.isfinite(v):
+                    reasons[r][c] = f"its value where {_label(op)} reads it is not provably constant"
+                elif not (op.semantics is not None and op.semantics.can_fold(i)):
+                    note = getattr(op.semantics, "fold_note", lambda: "")()
+                    reasons[r][c] = f"it is a non-zero constant where {_label(op)} reads it{note}"
+        for r, mask in removable.items():
+            for c in np.nonzero(~mask)[0]:
+                reasons[r].setdefault(int(c), "kept so that every block of a grouped convolution loses as many")
+        return reasons
+
+
+def _label(op: Op) -> str:
+    """How messages name an op: its adapter's label if it has one (e.g. with the TF op type), else its name."""
+    return getattr(op.semantics, "label", None) or op.name
 
 
 def _sum_consts(ins: list[np.ndarray], width: int) -> np.ndarray:

@@ -1,8 +1,9 @@
 """Translate a frozen TensorFlow GraphDef into the channel engine's graph, and rewrite it without channels.
 
-This is the SavedModel counterpart of :mod:`tfcompress.graph.keras_adapter`: each TF op type is mapped to a
-channel :class:`~tfcompress.graph.engine.Rule` by a :class:`NodeKind`, which also knows how constant channels
-flow through the op and how to slice the op's constant inputs (weights, BN vectors, reshape targets).
+This is the SavedModel counterpart of :mod:`tfcompress.graph.keras_adapter`: one table, :data:`KINDS`, maps each
+TF op type to a classifier that picks the node's :class:`NodeKind` (or none: the node then blocks the channels
+reaching it). A kind gives the channel :class:`~tfcompress.graph.engine.Rule`, how constant channels flow
+through the op, and how to slice the op's constant inputs (weights, BN vectors, reshape targets).
 The graph must be frozen and constant-folded first (:func:`fold_constants`): weights are ``Const`` nodes,
 possibly behind a ``FakeQuantWithMinMaxVars(PerChannel)`` that quantization-aware training left there.
 """
@@ -18,7 +19,7 @@ import tensorflow as tf
 from tfcompress.graph.engine import ChannelGraph, Op, Rule, elementwise_consts
 from tfcompress.graph.kernels import depthwise_consts, fold_into_bias, producer_consts, slice_kernel
 
-__all__ = ["GraphDefGraph", "fold_constants", "NodeKind"]
+__all__ = ["GraphDefGraph", "KINDS", "NodeKind", "fold_constants", "register"]
 
 _FAKE_QUANT = {"FakeQuantWithMinMaxVars", "FakeQuantWithMinMaxVarsPerChannel", "FakeQuantWithMinMaxArgs"}
 _STATEFUL_OR_INPUT = {"Placeholder", "PlaceholderWithDefault", "VarHandleOp", "ReadVariableOp", "NoOp"}
@@ -57,11 +58,24 @@ _UNARY: dict[str, Callable[[np.ndarray, object], np.ndarray]] = {
     "Square": lambda v, n: v * v,
     "Exp": lambda v, n: np.exp(v),
     "Erf": lambda v, n: np.vectorize(math.erf)(v),
+    "Erfc": lambda v, n: np.vectorize(math.erfc)(v),
+    "Sqrt": lambda v, n: np.sqrt(v),
+    "Rsqrt": lambda v, n: 1.0 / np.sqrt(v),
+    "Reciprocal": lambda v, n: 1.0 / v,
+    "Log": lambda v, n: np.log(v),
+    "Log1p": lambda v, n: np.log1p(v),
+    "Expm1": lambda v, n: np.expm1(v),
+    "Floor": lambda v, n: np.floor(v),
+    "Ceil": lambda v, n: np.ceil(v),
+    "Round": lambda v, n: np.round(v),
+    "Sign": lambda v, n: np.sign(v),
+    "Sin": lambda v, n: np.sin(v),
+    "Cos": lambda v, n: np.cos(v),
     "Cast": lambda v, n: v,
 }
 _POOL = {"MaxPool", "AvgPool", "MaxPoolV2"}
 _REDUCE = {"Mean", "Max", "Min", "Sum"}
-_BINARY = {"Add", "AddV2", "Sub", "Mul", "RealDiv", "Maximum", "Minimum", "BiasAdd"}
+_BINARY = {"Add", "AddV2", "Sub", "Mul", "RealDiv", "Maximum", "Minimum", "BiasAdd", "SquaredDifference"}
 
 
 def _fake_quant(v: np.ndarray, lo, hi, num_bits: int, narrow: bool) -> np.ndarray:
@@ -196,6 +210,12 @@ def _const_node(name: str, value: np.ndarray) -> tf.compat.v1.NodeDef:
     return n
 
 
+def _copy(node: tf.compat.v1.NodeDef) -> tf.compat.v1.NodeDef:
+    new = tf.compat.v1.NodeDef()
+    new.CopyFrom(node)
+    return new
+
+
 def _node(t: str) -> str:
     return t.lstrip("^").split(":")[0]
 
@@ -237,17 +257,28 @@ class Rewriter:
         self.graph = graph
         self.new_nodes: list[tf.compat.v1.NodeDef] = []
         self.redirect: dict[str, str] = {}  # tensor name -> replacement tensor name (for inserted nodes)
+        self.values: dict[str, np.ndarray] = {}  # value of each new constant
+        self.biases: dict[str, tuple[tf.compat.v1.NodeDef, np.ndarray]] = {}  # node -> bias folded into it
 
     def const(self, base: str, value: np.ndarray) -> str:
         name = f"{base}/tfcompress_sliced"
         k = 0
-        while name in self.graph.nodes or any(n.name == name for n in self.new_nodes):
+        while name in self.graph.nodes or name in self.values:
             k += 1
             name = f"{base}/tfcompress_sliced_{k}"
         self.new_nodes.append(_const_node(name, value))
+        self.values[name] = np.asarray(value)
         return name
 
+    def value(self, tensor: str) -> np.ndarray:
+        """The value of a new or an original constant."""
+        return self.values[_node(tensor)] if _node(tensor) in self.values else self.graph.const(tensor)
+
     def add_bias(self, node: tf.compat.v1.NodeDef, bias: np.ndarray) -> None:
+        """Add ``bias`` (per output channel) to ``node``'s output; placed by :meth:`GraphDefGraph.rewrite`."""
+        self.biases[node.name] = (node, bias)
+
+    def insert_bias_add(self, node: tf.compat.v1.NodeDef, bias: np.ndarray) -> None:
         """Insert ``BiasAdd(node, bias)`` and make every reader of ``node`` read it instead."""
         dtype = node.attr["T"].type
         c = self.const(node.name + "/tfcompress_folded_bias", bias.astype(tf.as_dtype(dtype).as_numpy_dtype))
@@ -267,6 +298,15 @@ class NodeKind:
     def __init__(self, node, graph: "GraphDefGraph") -> None:
         self.node = node
         self.g = graph
+
+    @property
+    def label(self) -> str:
+        """How messages name the node: its TF op type and name."""
+        return f"{self.node.op} {self.node.name!r}"
+
+    def fold_note(self) -> str:
+        """Why a constant input cannot be folded into this op's bias ('' when it can or nothing specific)."""
+        return ""
 
     # engine protocol
     def const_out(self, in_consts: list[np.ndarray]) -> list[np.ndarray]:
@@ -335,8 +375,10 @@ class _FakeQuantTensor(NodeKind):
         return [elementwise_consts(fq, in_consts[0])]
 
 
-class _Pool(NodeKind):
-    pass
+class _PassThrough(NodeKind):
+    """Channels and per-channel constants pass through unchanged: pooling, resizing (each output pixel is a
+    convex combination of input pixels of the same channel), spatial slicing and tiling, reshapes that keep
+    the channel axis and adjust their target themselves."""
 
 
 class _Pad(NodeKind):
@@ -359,20 +401,29 @@ class _Reshape(NodeKind):
     """A reshape keeping the channel axis; its target shape's last entry is rewritten."""
 
     def rewrite(self, new, in_keeps, out_keep, folds, rw):
-        shape_src = self.g.nodes[_node(self.node.input[1])]
-        n = int(out_keep.sum())
-        if shape_src.op == "Const":
-            shape = self.g.const(shape_src.name).copy()
-            shape[-1] = n
-            new.input[1] = rw.const(shape_src.name, shape)
-        else:  # Pack(batch, d1, ..., C): replace the last packed constant
-            last = shape_src.input[-1]
-            packed = tf.compat.v1.NodeDef()
-            packed.CopyFrom(shape_src)
-            packed.name = shape_src.name + "/tfcompress"
-            packed.input[-1] = rw.const(_node(last), np.asarray(n, dtype=self.g.const(last).dtype))
-            rw.new_nodes.append(packed)
-            new.input[1] = packed.name
+        new.input[1] = _with_last_entry(self.g, self.node.input[1], int(out_keep.sum()), rw)
+
+
+def _has_constant_last_entry(graph: "GraphDefGraph", shape_tensor: str) -> bool:
+    """A shape operand whose channel entry :func:`_with_last_entry` can rewrite: a Const or ``Pack(..., C)``."""
+    src = graph.nodes.get(_node(shape_tensor))
+    return src is not None and (src.op == "Const" or (src.op == "Pack" and graph.is_const(src.input[-1])))
+
+
+def _with_last_entry(graph: "GraphDefGraph", shape_tensor: str, n: int, rw: "Rewriter") -> str:
+    """A tensor equal to the shape operand ``shape_tensor`` with its last entry (the channel count) set to ``n``."""
+    src = graph.nodes[_node(shape_tensor)]
+    if src.op == "Const":
+        shape = graph.const(src.name).copy()
+        shape[-1] = n
+        return rw.const(src.name, shape)
+    last = src.input[-1]  # Pack(batch, d1, ..., C): replace the last packed constant
+    packed = tf.compat.v1.NodeDef()
+    packed.CopyFrom(src)
+    packed.name = src.name + "/tfcompress"
+    packed.input[-1] = rw.const(_node(last), np.asarray(n, dtype=graph.const(last).dtype))
+    rw.new_nodes.append(packed)
+    return packed.name
 
 
 class _ChannelParam(NodeKind):
@@ -408,6 +459,8 @@ class _ChannelParam(NodeKind):
             return [v / c if self.ci == 1 else np.full(v.shape, np.nan)]
         if op == "Maximum":
             return [np.maximum(v, c)]
+        if op == "SquaredDifference":
+            return [(v - c) ** 2]
         return [np.minimum(v, c)]
 
     def rewrite(self, new, in_keeps, out_keep, folds, rw):
@@ -415,6 +468,21 @@ class _ChannelParam(NodeKind):
         c = self.g.const(name)
         if c.size > 1:
             new.input[self.ci] = rw.const(_node(name), np.take(c, np.nonzero(out_keep)[0], axis=-1))
+
+
+class _SpatialParam(_ChannelParam):
+    """x op c with c the same for every channel but varying over other axes (a LayerNormalization over the
+    spatial axes scales each position): a zero channel stays zero through a product, nothing stays constant."""
+
+    has_channel_params = False
+
+    def const_out(self, in_consts):
+        v = in_consts[0]
+        keeps_zero = self.node.op == "Mul" or (self.node.op == "RealDiv" and self.ci == 1)
+        return [np.where(v == 0, 0.0, np.nan) if keeps_zero else np.full(v.shape, np.nan)]
+
+    def rewrite(self, new, in_keeps, out_keep, folds, rw):
+        pass
 
 
 class _FusedBatchNorm(NodeKind):
@@ -506,7 +574,10 @@ class _Producer(NodeKind):
 
     def _kernel(self) -> np.ndarray:
         """The weights as (..., in, out)."""
-        k = self.w.value
+        return self._stored(self.w.value)
+
+    def _stored(self, k: np.ndarray) -> np.ndarray:
+        """Between the (..., in, out) layout and the op's own (an involution)."""
         return k.T if self.transpose_b else k
 
     def channels(self):
@@ -526,20 +597,59 @@ class _Producer(NodeKind):
         k = self._kernel()
         return _attr(self.node, "padding").s == b"VALID" or k.shape[0] * k.shape[1] == 1
 
+    def fold_note(self):
+        if self.can_fold(0):
+            return ""
+        if self.node.op == "MatMul":
+            return " (a MatMul reading its input transposed)"
+        k = self._kernel()
+        return (f" (a {_attr(self.node, 'padding').s.decode()}-padded {k.shape[0]}x{k.shape[1]} convolution: "
+                "its zero padding makes a constant input contribute differently at the borders)")
+
     def macs(self, in_counts, out_count):
-        shape = self.g.shape(self.node.name)
-        spatial = math.prod(d for d in shape[1:-1] if d) if len(shape) > 2 else 1
         k = self._kernel()
         ksz = k.shape[0] * k.shape[1] if k.ndim == 4 else 1
-        return float(spatial * ksz * in_counts[0] * out_count / self.blocks())
+        return float(self.g.positions(self.node.name) * ksz * in_counts[0] * out_count / self.blocks())
 
     def rewrite(self, new, in_keeps, out_keep, folds, rw):
         k = self._kernel()
         add = fold_into_bias(k, in_keeps[0], folds[0], self.blocks())
         k = slice_kernel(k, in_keeps[0], out_keep, self.blocks())
-        new.input[1] = self.w.replace(k.T if self.transpose_b else k, out_keep, rw)
+        new.input[1] = self.w.replace(self._stored(k), out_keep, rw)
         if np.any(add[out_keep] != 0):
             rw.add_bias(new, add[out_keep])
+
+
+class _TransposedConv(_Producer):
+    """Conv2DBackpropInput (Conv2DTranspose): filter (h, w, out, in), input 0 the output shape, input 2 the data.
+
+    A constant input does not give a constant output (strided windows overlap unevenly at the borders), so
+    nothing is folded into its bias.
+    """
+
+    def data_inputs(self):
+        return [self.node.input[2]]
+
+    def _stored(self, k):
+        return np.swapaxes(k, -1, -2)
+
+    def blocks(self):
+        return 1
+
+    def can_fold(self, input_index):
+        return False
+
+    def fold_note(self):
+        return " (a transposed convolution: its windows overlap unevenly, so a constant input is not constant out)"
+
+    def macs(self, in_counts, out_count):
+        k = self.w.value
+        return float(self.g.positions(self.node.input[2]) * k.shape[0] * k.shape[1] * in_counts[0] * out_count)
+
+    def rewrite(self, new, in_keeps, out_keep, folds, rw):
+        k = slice_kernel(self._kernel(), in_keeps[0], out_keep)
+        new.input[1] = self.w.replace(self._stored(k), in_keeps[0], rw)
+        new.input[0] = _with_last_entry(self.g, self.node.input[0], int(out_keep.sum()), rw)
 
 
 class _Depthwise(NodeKind):
@@ -557,9 +667,8 @@ class _Depthwise(NodeKind):
         return [depthwise_consts(self.w.value, in_consts[0], _attr(self.node, "padding").s == b"VALID")]
 
     def macs(self, in_counts, out_count):
-        shape = self.g.shape(self.node.name)
         k = self.w.value
-        return float(math.prod(d for d in shape[1:-1] if d) * k.shape[0] * k.shape[1] * out_count)
+        return float(self.g.positions(self.node.name) * k.shape[0] * k.shape[1] * out_count)
 
     def rewrite(self, new, in_keeps, out_keep, folds, rw):
         k = self.w.value  # (h, w, c, multiplier): output channel c * multiplier + j
@@ -586,6 +695,8 @@ class _Join(NodeKind):
             return [out]
         if op == "Maximum":
             return [np.maximum(a, b)]
+        if op == "SquaredDifference":
+            return [(a - b) ** 2]
         return [np.minimum(a, b)]
 
 
@@ -635,6 +746,11 @@ class GraphDefGraph:
                 except ValueError:  # unknown rank
                     self._shapes[f"{op.name}:{k}"] = ()
         self.order = _topological(graph_def)
+        self.readers: dict[str, list] = {}  # node name -> the nodes reading one of its outputs as data
+        for n in graph_def.node:
+            for i in dict.fromkeys(_node(i) for i in n.input if not i.startswith("^")):
+                self.readers.setdefault(i, []).append(n)
+        self._batch_factor = self._batch_factors()
         self.kinds: dict[str, NodeKind] = {}
         self._tid: dict[str, int] = {}
         ops = []
@@ -678,6 +794,25 @@ class GraphDefGraph:
         s = self.shape(tensor)
         return int(s[-1]) if s and s[-1] is not None else 0
 
+    def positions(self, tensor: str) -> int:
+        """Spatial positions per example of ``tensor`` (1 for a vector); a tensor between SpaceToBatchND and
+        BatchToSpaceND (a dilated convolution) holds its example's positions in several batch entries."""
+        s = self.shape(tensor)
+        spatial = math.prod(d for d in s[1:-1] if d) if len(s) > 2 else 1
+        return int(round(spatial * self._batch_factor.get(_node(tensor), 1.0)))
+
+    def _batch_factors(self) -> dict[str, float]:
+        factors: dict[str, float] = {}
+        for name in self.order:
+            n = self.nodes[name]
+            data = [i for i in n.input if not i.startswith("^")]
+            f = factors.get(_node(data[0]), 1.0) if data else 1.0
+            if n.op in ("SpaceToBatchND", "BatchToSpaceND") and self.is_const(n.input[1]):
+                block = float(np.prod(self.const(n.input[1])))
+                f = f * block if n.op == "SpaceToBatchND" else f / block
+            factors[name] = f
+        return factors
+
     def tensor_id(self, tensor: str) -> int:
         return self._tid[_tensor(tensor)]
 
@@ -689,110 +824,19 @@ class GraphDefGraph:
 
     # --- op -> kind
     def _kind(self, node) -> NodeKind:
-        op = node.op
-        rank = len(self.shape(node.name))
-        nhwc = _attr(node, "data_format").s in (b"", b"NHWC")
-        if op == "Const":
-            return _Const(node, self)
-        if op in ("Placeholder", "PlaceholderWithDefault"):
-            return _Const(node, self)
-        if op == "Shape" and self._batch_only(node):
-            return _Shape(node, self)
-        if op in _UNARY:
-            return _Unary(node, self)
-        if op in ("FakeQuantWithMinMaxVars", "FakeQuantWithMinMaxArgs"):
-            if op == "FakeQuantWithMinMaxArgs" or (self.is_const(node.input[1]) and self.is_const(node.input[2])):
-                return _FakeQuantTensor(node, self)
-            return _Blocker(node, self)
-        if op == "FakeQuantWithMinMaxVarsPerChannel" and not self.is_const(node.input[0]):
-            return _Blocker(node, self)  # per-channel activation ranges: rare, left alone
-        if op in _POOL and nhwc:
-            return _Pool(node, self)
-        if op in ("Pad", "PadV2", "MirrorPad") and self.is_const(node.input[1]):
-            pads = self.const(node.input[1])
-            value_ok = op != "PadV2" or (self.is_const(node.input[2]) and float(self.const(node.input[2])) == 0)
-            if pads.ndim == 2 and not pads[-1].any() and value_ok:
-                return _Pad(node, self)
-            return _Blocker(node, self)
-        if op in _REDUCE and self.is_const(node.input[1]):
-            axes = np.atleast_1d(self.const(node.input[1]))
-            in_rank = len(self.shape(node.input[0]))
-            if in_rank and all(int(a) % in_rank != in_rank - 1 for a in axes):
-                return _Reduce(node, self)
-            return _Blocker(node, self)
-        if op in ("Squeeze", "ExpandDims", "Reshape"):
-            return self._reshape_kind(node)
-        if op in ("Conv2D", "MatMul", "DepthwiseConv2dNative"):
-            try:
-                w = _Weights(self, node.input[1])
-            except KeyError:
-                return _Blocker(node, self)
-            if op == "MatMul" and _attr(node, "transpose_a").b:
-                return _Blocker(node, self)
-            if op != "MatMul" and (not nhwc or _attr(node, "padding").s == b"EXPLICIT"):
-                return _Blocker(node, self)
-            if op == "DepthwiseConv2dNative":
-                return _Depthwise(node, self, w)
-            return _Producer(node, self, w)
-        if op == "FusedBatchNormV3" and nhwc and not _attr(node, "is_training").b and all(
-            self.is_const(i) for i in node.input[1:5]
-        ):
-            return _FusedBatchNorm(node, self)
-        if op in _BINARY:
-            return self._binary_kind(node, rank)
-        if op == "ConcatV2" and self.is_const(node.input[-1]):
-            axis = int(self.const(node.input[-1]))
-            return _Concat(node, self) if axis % rank == rank - 1 else _SpatialConcat(node, self)
-        return _Blocker(node, self)
+        """The node's kind from the :data:`KINDS` table; a node no rule recognises blocks its channels.
 
-    def _batch_only(self, node) -> bool:
-        """True if every reader of this Shape takes only element 0 (the batch size)."""
-        readers = [n for n in self.graph_def.node if any(_node(i) == node.name for i in n.input)]
-        for r in readers:
-            if r.op != "StridedSlice":
-                return False
-            try:
-                begin, end = self.const(r.input[1]), self.const(r.input[2])
-            except KeyError:
-                return False
-            if begin.tolist() != [0] or end.tolist() != [1]:
-                return False
-        return bool(readers)
-
-    def _reshape_kind(self, node) -> NodeKind:
-        src, dst = self.shape(node.input[0]), self.shape(node.name)
-        if not src or not dst or src[-1] is None or dst[-1] != src[-1] or None in src[1:] or None in dst[1:]:
+        An element-wise kind whose data input is narrower than its output (a broadcast, such as a
+        LayerNormalization's per-row scale times its per-channel gamma) creates new channels: it blocks too.
+        """
+        classify = KINDS.get(node.op)
+        kind = classify(self, node) if classify is not None else None
+        if kind is None:
             return _Blocker(node, self)
-        if math.prod(src[1:-1]) != math.prod(dst[1:-1]):
-            return _Blocker(node, self)
-        if node.op != "Reshape":
-            return _Pool(node, self)
-        shape_src = self.nodes.get(_node(node.input[1]))
-        if shape_src is None:
-            return _Blocker(node, self)
-        if shape_src.op == "Const" or (shape_src.op == "Pack" and self.is_const(shape_src.input[-1])):
-            return _Reshape(node, self)
-        return _Blocker(node, self)
-
-    def _binary_kind(self, node, rank: int) -> NodeKind:
-        a, b = node.input[0], node.input[1]
-        ca, cb = self.is_const(a), self.is_const(b)
-        if ca and cb:
-            return _Blocker(node, self)
-        if ca or cb:
-            ci = 0 if ca else 1
-            c = self.const(node.input[ci])
-            width = self.width(node.name)
-            per_channel = c.ndim >= 1 and c.shape[-1] == width and c.size == width
-            if c.size == 1 or per_channel:
-                return _ChannelParam(node, self, ci)
-            return _Blocker(node, self)
-        if node.op in ("RealDiv", "BiasAdd"):
-            return _Blocker(node, self)
-        sa, sb = self.shape(a), self.shape(b)
-        if not sa or not sb or sa[-1] != sb[-1] or len(sa) != len(sb):
-            return _Blocker(node, self)
-        return _Join(node, self)
+        if kind.rule is Rule.ELEMENTWISE and kind.data_inputs():
+            if self.width(kind.data_inputs()[0]) != self.width(node.name):
+                return _Blocker(node, self)
+        return kind
 
     # --- rewriting
     def rewrite(self, removed: dict[int, np.ndarray], consts: dict[int, np.ndarray]) -> tf.compat.v1.GraphDef:
@@ -810,10 +854,10 @@ class GraphDefGraph:
             if not changed:
                 continue
             folds = [np.where(k, 0.0, np.nan_to_num(consts[t])) for k, t in zip(in_keeps, op.inputs)]
-            new = tf.compat.v1.NodeDef()
-            new.CopyFrom(self.nodes[op.name])
+            new = _copy(self.nodes[op.name])
             kind.rewrite(new, in_keeps, out_keep, folds, rw)
             edited[op.name] = new
+        self._place_biases(rw, edited)
         for n in self.graph_def.node:
             node = edited.get(n.name, n)
             copy = out.node.add()
@@ -827,3 +871,305 @@ class GraphDefGraph:
                     continue
                 n.input[:] = [rw.redirect.get(_tensor(i), i) if not i.startswith("^") else i for i in n.input]
         return prune_unused(out, self.outputs)
+
+    def _place_biases(self, rw: Rewriter, edited: dict) -> None:
+        """Add each folded bias to the bias constant that follows its node, or insert one ``BiasAdd``.
+
+        A second ``BiasAdd`` after a convolution's own would be converted by tf2onnx into a Conv with four
+        inputs (invalid ONNX), and costs an extra pass over the tensor in any runtime.
+        """
+        for name, (node, bias) in rw.biases.items():
+            reader = self._bias_reader(name)
+            if reader is None:
+                rw.insert_bias_add(node, bias)
+                continue
+            new = edited.setdefault(reader.name, _copy(reader))
+            ci = self.kinds[reader.name].ci
+            c = rw.value(new.input[ci])
+            summed = c + bias.reshape(c.shape) if c.size == bias.size else c.reshape(()) + bias
+            new.input[ci] = rw.const(_node(reader.input[ci]), summed.astype(c.dtype))
+
+    def _bias_reader(self, name: str):
+        """The node's only reader if it adds a constant that can absorb a per-channel bias."""
+        readers = self.readers.get(name, [])
+        if len(readers) != 1 or _tensor(name) in {_tensor(o) for o in self.outputs}:
+            return None
+        reader = readers[0]
+        kind = self.kinds.get(reader.name)
+        if type(kind) is not _ChannelParam or reader.op not in ("Add", "AddV2", "BiasAdd"):  # not _SpatialParam
+            return None
+        if _tensor(reader.input[kind.xi]) != _tensor(name):
+            return None
+        scalar = self.const(reader.input[kind.ci]).size == 1 and self.width(name) != 1
+        return None if scalar and reader.op == "BiasAdd" else reader
+
+
+# --------------------------------------------------------------------------- the op table
+
+Classifier = Callable[[GraphDefGraph, tf.compat.v1.NodeDef], "NodeKind | None"]
+KINDS: dict[str, Classifier] = {}
+"""TF op type -> function returning the node's :class:`NodeKind` (``None``: the node blocks its channels)."""
+
+
+def register(*op_types: str) -> Callable[[Classifier], Classifier]:
+    """Declare the classifier of the TF op types ``op_types`` in :data:`KINDS` (each op type once)."""
+
+    def decorate(fn: Classifier) -> Classifier:
+        for op in op_types:
+            if op in KINDS:
+                raise ValueError(f"TF op {op!r} already has a channel rule ({KINDS[op].__name__})")
+            KINDS[op] = fn
+        return fn
+
+    return decorate
+
+
+def _nhwc(node) -> bool:
+    return _attr(node, "data_format").s in (b"", b"NHWC")
+
+
+@register("Const", "Placeholder", "PlaceholderWithDefault")
+def _input(g: GraphDefGraph, node):
+    return _Const(node, g)
+
+
+@register("Shape")
+def _shape(g: GraphDefGraph, node):
+    return _Shape(node, g) if _shape_reads_are_safe(g, node) else None
+
+
+@register(*_UNARY)
+def _unary(g: GraphDefGraph, node):
+    return _Unary(node, g)
+
+
+@register("FakeQuantWithMinMaxVars", "FakeQuantWithMinMaxArgs")
+def _fake_quant_tensor(g: GraphDefGraph, node):
+    if node.op == "FakeQuantWithMinMaxArgs" or (g.is_const(node.input[1]) and g.is_const(node.input[2])):
+        return _FakeQuantTensor(node, g)
+    return None
+
+
+@register(*_POOL)
+def _pool(g: GraphDefGraph, node):
+    return _PassThrough(node, g) if _nhwc(node) else None
+
+
+@register("ResizeBilinear", "ResizeNearestNeighbor")
+def _resize(g: GraphDefGraph, node):
+    return _PassThrough(node, g)
+
+
+@register("Pad", "PadV2", "MirrorPad")
+def _pad(g: GraphDefGraph, node):
+    if not g.is_const(node.input[1]):
+        return None
+    pads = g.const(node.input[1])
+    value_ok = node.op != "PadV2" or (g.is_const(node.input[2]) and float(g.const(node.input[2])) == 0)
+    return _Pad(node, g) if pads.ndim == 2 and not pads[-1].any() and value_ok else None
+
+
+@register("SpaceToBatchND")
+def _space_to_batch(g: GraphDefGraph, node):
+    """A dilated convolution's spatial zero padding and split into the batch: a zero padding."""
+    return _Pad(node, g) if g.is_const(node.input[1]) and g.is_const(node.input[2]) else None
+
+
+@register("BatchToSpaceND")
+def _batch_to_space(g: GraphDefGraph, node):
+    return _PassThrough(node, g) if g.is_const(node.input[1]) and g.is_const(node.input[2]) else None
+
+
+@register("Tile")
+def _tile(g: GraphDefGraph, node):
+    """Tiling of the non-channel axes (UpSampling2D's repeat)."""
+    ok = g.is_const(node.input[1]) and int(np.atleast_1d(g.const(node.input[1]))[-1]) == 1
+    return _PassThrough(node, g) if ok else None
+
+
+@register("StridedSlice")
+def _strided_slice(g: GraphDefGraph, node):
+    """Cropping: a slice of the spatial axes that keeps every channel, however many there are."""
+    rank = len(g.shape(node.input[0]))
+    if not rank or len(g.shape(node.name)) != rank or not all(g.is_const(i) for i in node.input[1:4]):
+        return None
+    if any(_attr(node, m).i for m in ("ellipsis_mask", "new_axis_mask", "shrink_axis_mask")):
+        return None
+    begin, end, strides = (np.atleast_1d(g.const(i)) for i in node.input[1:4])
+    axis = rank - 1
+    if axis >= begin.size:
+        return _PassThrough(node, g)
+    whole_start = _attr(node, "begin_mask").i >> axis & 1 or begin[axis] == 0
+    whole_end = _attr(node, "end_mask").i >> axis & 1 or end[axis] >= g.width(node.input[0])
+    return _PassThrough(node, g) if whole_start and whole_end and strides[axis] == 1 else None
+
+
+@register(*_REDUCE)
+def _reduce(g: GraphDefGraph, node):
+    if not g.is_const(node.input[1]):
+        return None
+    axes = np.atleast_1d(g.const(node.input[1]))
+    in_rank = len(g.shape(node.input[0]))
+    return _Reduce(node, g) if in_rank and all(int(a) % in_rank != in_rank - 1 for a in axes) else None
+
+
+@register("Squeeze", "ExpandDims", "Reshape")
+def _reshape(g: GraphDefGraph, node):
+    src, dst = g.shape(node.input[0]), g.shape(node.name)
+    if not src or not dst or src[-1] is None or dst[-1] != src[-1] or None in src[1:] or None in dst[1:]:
+        return None
+    if math.prod(src[1:-1]) != math.prod(dst[1:-1]):
+        return None
+    if node.op != "Reshape" or _self_adjusting_reshape(g, node):
+        return _PassThrough(node, g)
+    return _Reshape(node, g) if _has_constant_last_entry(g, node.input[1]) else None
+
+
+@register("Conv2D", "MatMul", "DepthwiseConv2dNative", "Conv2DBackpropInput")
+def _producer(g: GraphDefGraph, node):
+    op = node.op
+    try:
+        w = _Weights(g, node.input[1])
+    except KeyError:
+        return None
+    if op == "MatMul":
+        return None if _attr(node, "transpose_a").b else _Producer(node, g, w)
+    if not _nhwc(node) or _attr(node, "padding").s == b"EXPLICIT":
+        return None
+    if op == "DepthwiseConv2dNative":
+        return _Depthwise(node, g, w)
+    if op == "Conv2DBackpropInput":
+        return _TransposedConv(node, g, w) if _has_constant_last_entry(g, node.input[0]) else None
+    return _Producer(node, g, w)
+
+
+@register("FusedBatchNormV3")
+def _fused_batch_norm(g: GraphDefGraph, node):
+    ok = _nhwc(node) and not _attr(node, "is_training").b and all(g.is_const(i) for i in node.input[1:5])
+    return _FusedBatchNorm(node, g) if ok else None
+
+
+@register(*_BINARY)
+def _binary(g: GraphDefGraph, node):
+    a, b = node.input[0], node.input[1]
+    ca, cb = g.is_const(a), g.is_const(b)
+    if ca and cb:
+        return None
+    if ca or cb:
+        ci = 0 if ca else 1
+        c = g.const(node.input[ci])
+        width = g.width(node.name)
+        per_channel = c.ndim >= 1 and c.shape[-1] == width and c.size == width
+        if c.size == 1 or per_channel:
+            return _ChannelParam(node, g, ci)
+        return _SpatialParam(node, g, ci) if c.ndim == len(g.shape(node.name)) and c.shape[-1] == 1 else None
+    if node.op in ("RealDiv", "BiasAdd"):
+        return None
+    sa, sb = g.shape(a), g.shape(b)
+    if not sa or not sb or sa[-1] != sb[-1] or len(sa) != len(sb):
+        return None
+    return _Join(node, g)
+
+
+@register("ConcatV2")
+def _concat(g: GraphDefGraph, node):
+    if not g.is_const(node.input[-1]):
+        return None
+    rank = len(g.shape(node.name))
+    axis = int(g.const(node.input[-1]))
+    return _Concat(node, g) if axis % rank == rank - 1 else _SpatialConcat(node, g)
+
+
+# --------------------------------------------------------------------------- shapes read at run time
+
+def _shape_reads_are_safe(g: GraphDefGraph, node) -> bool:
+    """Whether the readers of ``Shape(x)`` stay right when channels of ``x`` are removed: they use only batch
+    and spatial sizes, or pass the channel count on, unchanged, into the target of a reshape whose channels
+    are those of ``x`` (UpSampling2D's repeat: ``reshape(tile(x), concat(shape(x)[:1], [2 * h], shape(x)[2:]))``).
+    """
+    rank = len(g.shape(node.input[0]))
+    readers = g.readers.get(node.name, [])
+    if not rank or not readers:
+        return False
+    for r in readers:
+        idx = _shape_slice(g, r, rank) if r.op == "StridedSlice" and _node(r.input[0]) == node.name else None
+        if idx is None:
+            return False
+        if rank - 1 in idx and not _feeds_self_adjusting_reshapes(g, r, _tensor(node.input[0])):
+            return False
+    return True
+
+
+def _shape_slice(g: GraphDefGraph, node, rank: int) -> list[int] | None:
+    """The entries of a length-``rank`` shape vector that a constant StridedSlice of it selects."""
+    if not all(g.is_const(i) for i in node.input[1:4]):
+        return None
+    if _attr(node, "ellipsis_mask").i or _attr(node, "new_axis_mask").i:
+        return None
+    b, e, st = (int(np.atleast_1d(g.const(i))[0]) for i in node.input[1:4])
+    if _attr(node, "shrink_axis_mask").i & 1:
+        return [b % rank]
+    begin = None if _attr(node, "begin_mask").i & 1 else b
+    end = None if _attr(node, "end_mask").i & 1 else e
+    return list(range(rank))[slice(begin, end, st)]
+
+
+def _feeds_self_adjusting_reshapes(g: GraphDefGraph, node, source: str) -> bool:
+    """Whether ``node``'s value (holding ``source``'s channel count) only builds targets of reshapes that take
+    their channel count from ``source`` (through Pack / ConcatV2 / Identity, never arithmetic)."""
+    for r in g.readers.get(node.name, []):
+        if r.op in ("Pack", "ConcatV2", "Identity"):
+            if (r.op == "ConcatV2" and _node(r.input[-1]) == node.name) or not _feeds_self_adjusting_reshapes(
+                g, r, source
+            ):
+                return False
+        elif r.op != "Reshape" or _node(r.input[1]) != node.name or _self_adjusting_reshape(g, r) != source:
+            return False
+    return True
+
+
+def _self_adjusting_reshape(g: GraphDefGraph, node) -> str | None:
+    """For a Reshape whose target's last entry is, at run time, ``Shape(x)[-1]`` of a tensor ``x`` carrying the
+    same channels as its input (and no other entry is a channel count): ``x``. Such a reshape needs no edit."""
+    entries = _target_entries(g, node.input[1])
+    if not entries or entries[-1] is None:
+        return None
+    counts = [e for e in entries if e is not None and e[1] == len(g.shape(e[0])) - 1]
+    source = entries[-1][0]
+    if counts != [entries[-1]] or not _carries_same_channels(g, source, node.input[0]):
+        return None
+    return source
+
+
+def _target_entries(g: GraphDefGraph, tensor: str) -> list | None:
+    """Per entry of an int shape vector: ``(x, i)`` if it is ``Shape(x)[i]``, else None; None if not traceable."""
+    node = g.nodes.get(_node(tensor))
+    if node is None:
+        return None
+    if node.op == "Const":
+        return [None] * np.atleast_1d(g.const(node.name)).size
+    if node.op == "Identity":
+        return _target_entries(g, node.input[0])
+    if node.op in ("ConcatV2", "Pack"):
+        parts = node.input[:-1] if node.op == "ConcatV2" else node.input
+        expanded = [_target_entries(g, i) for i in parts]
+        if node.op == "Pack":  # scalars: an untraceable one is a size computed otherwise (e.g. 2 * height)
+            return [e[0] if e is not None and len(e) == 1 else None for e in expanded]
+        return None if any(e is None for e in expanded) else [x for e in expanded for x in e]
+    src = g.nodes.get(_node(node.input[0])) if node.op == "StridedSlice" else None
+    if src is None or src.op != "Shape":
+        return None
+    idx = _shape_slice(g, node, len(g.shape(src.input[0])))
+    return None if idx is None else [(_tensor(src.input[0]), i) for i in idx]
+
+
+def _carries_same_channels(g: GraphDefGraph, source: str, tensor: str) -> bool:
+    """Whether ``tensor`` is ``source`` behind only shape-changing ops that keep the channel axis."""
+    while _tensor(tensor) != _tensor(source):
+        node = g.nodes.get(_node(tensor))
+        if node is None or node.op not in ("ExpandDims", "Squeeze", "Tile", "Identity", "Reshape"):
+            return False
+        if g.width(node.input[0]) != g.width(tensor):
+            return False
+        tensor = node.input[0]
+    return True

@@ -44,13 +44,22 @@ class FrozenSignature:
 class StripResult:
     """What :func:`strip_saved_model` did."""
 
-    layers: list[dict]  # per producing op: name, channels before / after
+    layers: list[dict]  # per producing op: name, op, channels before / after, zeroed, kept_reasons
     flops_before: float
     flops_after: float
     params_before: int
     params_after: int
     max_rel_error: float
     signatures: list[str]
+
+    @property
+    def kept_reasons(self) -> dict[str, int]:
+        """Why zeroed channels were kept, over all layers: reason -> number of channels."""
+        total: dict[str, int] = {}
+        for row in self.layers:
+            for why, n in row["kept_reasons"].items():
+                total[why] = total.get(why, 0) + n
+        return total
 
 
 def _check_saved_model_dir(path: str) -> None:
@@ -68,7 +77,15 @@ def freeze_saved_model(src_dir: str, signature_key: str = "serving_default") -> 
     except Exception:  # e.g. TF/Keras 2 SavedModels whose optimizer objects TF 2.16+ cannot restore
         graph_def, inputs, outputs, specs, same = _freeze_v1(src_dir, signature_key)
     else:
-        graph_def, inputs, outputs, specs, same = _freeze_v2(loaded, src_dir, signature_key)
+        try:
+            graph_def, inputs, outputs, specs, same = _freeze_v2(loaded, src_dir, signature_key)
+        except ExportError:
+            raise
+        except Exception as e:  # e.g. a signature that assigns variables (a layer traced in training mode)
+            raise ExportError(
+                f"cannot freeze the {signature_key!r} signature of {src_dir!r} into constants "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            ) from e
     graph_def = fold_constants(graph_def, list(outputs.values()))
     return FrozenSignature(graph_def, inputs, outputs, specs, signature_key, same)
 
@@ -268,22 +285,20 @@ def strip_saved_model(
     """
     check_output_dir(dst_dir, [src_dir], overwrite)
     frozen = freeze_saved_model(src_dir, signature_key)
-    gg = GraphDefGraph(frozen.graph_def, list(frozen.inputs.values()), list(frozen.outputs.values()))
-    removed, consts = gg.graph.plan_removal()
-    removed = {k: v for k, v in removed.items() if v.any()}
-    new_gd = gg.rewrite(removed, consts)
-    layers = []
-    for op in gg.ops:
-        if op.rule is Rule.PRODUCER:
-            before = gg.graph.tensor_width[op.outputs[0]]
-            after = int(gg.graph.keep_mask(op.outputs[0], removed).sum())
-            layers.append({"name": op.name, "op": gg.nodes[op.name].op, "channels_before": before,
-                           "channels_after": after})
+    try:
+        gg = GraphDefGraph(frozen.graph_def, list(frozen.inputs.values()), list(frozen.outputs.values()))
+        removable, consts = gg.graph.plan_removal()
+        removed = {k: v for k, v in removable.items() if v.any()}
+        new_gd = gg.rewrite(removed, consts)
+        layers = _layer_rows(gg, removable, consts)
+    except Exception as e:  # a graph the adapter misreads must not surface as a raw numpy/TF error
+        raise ExportError(
+            f"cannot strip {src_dir!r}: analysing its {signature_key!r} graph failed "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); please report this model"
+        ) from e
     with staged_output(dst_dir, overwrite) as tmp:
-        save_graph_def(frozen, new_gd, tmp)
         x = check_inputs if check_inputs is not None else sample_inputs(frozen.specs)
-        ref = run_frozen(frozen, frozen.graph_def, x)
-        got = run_signature(tmp, x, signature_key)
+        ref, got = _save_and_run(frozen, new_gd, tmp, x)
         err = check_outputs(got, ref, tolerance, "stripped model outputs differ from the original",
                             "; nothing written")
     counter = FlopsCounter(gg.graph)
@@ -292,6 +307,44 @@ def strip_saved_model(
         params_before=_params(frozen.graph_def), params_after=_params(new_gd), max_rel_error=err,
         signatures=[signature_key] + frozen.other_signatures,
     )
+
+
+def _save_and_run(frozen: FrozenSignature, new_gd, dst_dir: str, x: dict) -> tuple[dict, dict]:
+    """Save the stripped graph to ``dst_dir``; the original's and the saved model's outputs on ``x``."""
+    try:
+        ref = run_frozen(frozen, frozen.graph_def, x)
+    except Exception as e:
+        raise ExportError(f"the check inputs do not fit the {frozen.signature_key!r} signature "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    try:
+        save_graph_def(frozen, new_gd, dst_dir)
+        return ref, run_signature(dst_dir, x, frozen.signature_key)
+    except ExportError:
+        raise
+    except Exception as e:  # a rewrite TensorFlow refuses: a bug to report, not a raw traceback
+        raise ExportError(f"the stripped graph cannot be saved or run ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); nothing written") from e
+
+
+def _layer_rows(gg: GraphDefGraph, removable: dict, consts: dict) -> list[dict]:
+    """Per producing op: channels before and after, how many were zeroed, and why zeroed ones were kept."""
+    graph = gg.graph
+    why_kept = graph.kept_reasons(removable, consts)
+    rows = []
+    for op in gg.ops:
+        if op.rule is not Rule.PRODUCER:
+            continue
+        out = op.outputs[0]
+        keep = graph.keep_mask(out, removable)
+        zeroed = op.semantics.const_out([consts[t] for t in op.inputs])[0] == 0
+        reasons: dict[str, int] = {}
+        roots, chans = graph.owners(out)
+        for r, c in zip(roots[zeroed & keep], chans[zeroed & keep]):
+            why = why_kept.get(int(r), {}).get(int(c)) or graph.block_reason(int(r)) or "not removable"
+            reasons[why] = reasons.get(why, 0) + 1
+        rows.append({"name": op.name, "op": gg.nodes[op.name].op, "channels_before": int(keep.size),
+                     "channels_after": int(keep.sum()), "zeroed": int(zeroed.sum()), "kept_reasons": reasons})
+    return rows
 
 
 def check_outputs(got: dict, ref: dict, tolerance: float, what: str, suffix: str = "") -> float:

@@ -1,0 +1,290 @@
+"""The SavedModel stripper on ops beyond plain convolutions: LayerNormalization, dilated and transposed
+convolutions, resizing, upsampling, cropping, GELU; bias folding that converters accept; errors and reasons."""
+
+import re
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+L = keras.layers
+
+from conftest import rel_error  # noqa: E402
+from tfcompress.errors import ExportError  # noqa: E402
+from tfcompress.graph.graphdef_adapter import KINDS, register  # noqa: E402
+from tfcompress.stripping.savedmodel_strip import freeze_saved_model, strip_saved_model  # noqa: E402
+
+
+class _Zeroer:
+    """Builds conv [-> BatchNormalization] -> ReLU blocks and zeroes 25 % of every block's output channels
+    (kernel slice, bias, BN gamma and beta), independently of the channel engine under test."""
+
+    def __init__(self):
+        self.blocks = []
+
+    def __call__(self, x, conv, bn=True):
+        norm = L.BatchNormalization() if bn else None
+        self.blocks.append((conv, norm))
+        y = conv(x)
+        return L.ReLU()(norm(y) if norm is not None else y)
+
+    def zero(self, rng, fraction=0.25):
+        for conv, norm in self.blocks:
+            kernel, bias = conv.get_weights()
+            out_axis = -2 if isinstance(conv, L.Conv2DTranspose) else -1
+            n = kernel.shape[out_axis]
+            idx = rng.choice(n, int(n * fraction), replace=False)
+            np.moveaxis(kernel, out_axis, -1)[..., idx] = 0.0
+            bias = rng.uniform(-0.5, 0.5, n).astype("float32")
+            bias[idx] = 0.0
+            conv.set_weights([kernel, bias])
+            if norm is not None:
+                gamma, beta = rng.uniform(0.5, 1.5, n), rng.uniform(-0.2, 0.2, n)
+                gamma[idx] = beta[idx] = 0.0
+                norm.set_weights([gamma, beta, rng.uniform(-0.1, 0.1, n), rng.uniform(0.5, 1.5, n)])
+
+
+def _strip(model, tmp_path, **kw):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    model.export(str(src), verbose=False)
+    return strip_saved_model(str(src), str(dst), **kw), dst
+
+
+def _run(path, x):
+    """The one output of a SavedModel's serving signature on its one input."""
+    sig = tf.saved_model.load(str(path)).signatures["serving_default"]
+    (name,) = sig.structured_input_signature[1]
+    (out,) = sig(**{name: tf.constant(x)}).values()
+    return out
+
+
+def _by_layer(result, layer):
+    """The report rows of a Keras layer's ops (exported as ``.../<layer>[_k]/<op>``)."""
+    return [r for r in result.layers if re.search(rf"/{layer}(_\d+)?/", r["name"])]
+
+
+def _ops_model(rng):
+    z = _Zeroer()
+    inp = keras.Input((16, 16, 3))
+    x = z(inp, L.Conv2D(8, 3, padding="same", name="stem"))
+    x = z(x, L.Conv2D(8, 3, padding="same", dilation_rate=2, name="dilated"))
+    x = z(x, L.Conv2D(8, 1, name="before_norm"))
+    x = L.LayerNormalization()(x)  # normalises over the channels: what reaches it stays
+    x = z(x, L.Conv2DTranspose(8, 3, strides=2, padding="same", name="transposed"))
+    x = L.Resizing(24, 24)(x)
+    # (a BatchNormalization after Resizing is exported in training mode by Keras 3.15: none here)
+    x = z(x, L.Conv2D(8, 3, padding="same", name="after_resize"), bn=False)
+    x = L.UpSampling2D()(x)
+    x = L.Cropping2D(((1, 2), (0, 1)))(x)
+    x = z(x, L.Conv2D(8, 3, activation="gelu", name="gelu"), bn=False)
+    x = L.Conv2D(4, 1, name="head")(L.GlobalAveragePooling2D(keepdims=True)(x))
+    model = keras.Model(inp, x)
+    z.zero(rng)
+    return model
+
+
+def _conv_macs(model):
+    """Multiply-accumulates of the model's Conv2D / Conv2DTranspose layers, from Keras' own shapes."""
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, (L.Conv2D, L.Conv2DTranspose)):
+            k = layer.kernel.shape  # (h, w, in, out); transposed: (h, w, out, in)
+            spatial = layer.input.shape[1:3] if isinstance(layer, L.Conv2DTranspose) else layer.output.shape[1:3]
+            total += int(np.prod(spatial)) * int(np.prod(k))
+    return total
+
+
+def test_layer_norm_dilated_transposed_resize_upsample_crop_gelu(tmp_path, rng):
+    model = _ops_model(rng)
+    result, dst = _strip(model, tmp_path)
+    x = rng.uniform(0, 1, (3, 16, 16, 3)).astype("float32")
+    assert rel_error(_run(dst, x), model(x)) < 1e-4
+    assert result.max_rel_error < 1e-4
+    after = {name: _by_layer(result, name)[0]["channels_after"]
+             for name in ("stem", "dilated", "before_norm", "transposed", "after_resize", "gelu", "head")}
+    # 25 % of 8 removed everywhere, except before the channel LayerNormalization and at the output
+    assert after == {"stem": 6, "dilated": 6, "before_norm": 8, "transposed": 6, "after_resize": 6,
+                     "gelu": 6, "head": 4}
+    assert result.params_after < result.params_before
+    # dilated and transposed convolutions are counted like Keras' shapes say
+    assert result.flops_before == pytest.approx(2 * _conv_macs(model), rel=1e-6)
+    assert result.flops_after < 0.8 * result.flops_before
+
+
+def test_spatial_layer_norm_is_per_channel(tmp_path, rng):
+    """LayerNormalization over the spatial axes normalises each channel alone, then scales each position:
+    a zeroed channel stays 0 (0 * rsqrt(0 + eps)) and goes."""
+    z = _Zeroer()
+    inp = keras.Input((8, 8, 3))
+    x = z(inp, L.Conv2D(8, 3, padding="same", name="c1"), bn=False)
+    norm = L.LayerNormalization(axis=(1, 2), center=False)
+    x = L.Conv2D(4, 1, name="c2")(norm(x))
+    model = keras.Model(inp, x)
+    z.zero(rng)
+    norm.set_weights([rng.uniform(0.5, 1.5, (8, 8)).astype("float32")])
+    result, dst = _strip(model, tmp_path)
+    assert _by_layer(result, "c1")[0]["channels_after"] == 6
+    x = rng.uniform(0, 1, (2, 8, 8, 3)).astype("float32")
+    assert rel_error(_run(dst, x), model(x)) < 1e-4
+
+
+def test_channel_layer_norm_with_nothing_zeroed_is_kept_whole(tmp_path, rng):
+    inp = keras.Input((8, 8, 3))
+    x = L.LayerNormalization()(L.Conv2D(8, 3, padding="same", name="c1")(inp))
+    model = keras.Model(inp, L.Conv2D(4, 1, name="c2")(x))
+    result, dst = _strip(model, tmp_path)
+    assert [r["channels_after"] for r in result.layers] == [8, 4]
+    x = rng.uniform(0, 1, (2, 8, 8, 3)).astype("float32")
+    assert rel_error(_run(dst, x), model(x)) < 1e-4
+
+
+def _folding_model(rng):
+    """Zeroed channels whose BatchNorm beta stays: constants that the next 1x1 convolution folds into its bias."""
+    z = _Zeroer()
+    inp = keras.Input((12, 12, 3))
+    x = z(inp, L.Conv2D(8, 3, padding="same", name="c1"))
+    x = z(x, L.Conv2D(8, 1, name="c2"))
+    model = keras.Model(inp, L.Conv2D(4, 1, name="c3")(x))
+    z.zero(rng)
+    for conv, norm in z.blocks:
+        gamma, beta, mean, var = norm.get_weights()
+        beta[gamma == 0] = rng.uniform(0.2, 0.5, int((gamma == 0).sum()))  # relu(beta) > 0: a constant
+        norm.set_weights([gamma, beta, mean, var])
+    return model
+
+
+def test_folded_constant_joins_the_existing_bias_and_converts_to_onnx(tmp_path, rng):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    import tf2onnx
+
+    model = _folding_model(rng)
+    result, dst = _strip(model, tmp_path)
+    assert [r["channels_after"] for r in result.layers] == [6, 6, 4]
+    frozen = freeze_saved_model(str(dst))
+    nodes = {n.name: n for n in frozen.graph_def.node}
+    for n in frozen.graph_def.node:
+        if n.op in ("BiasAdd", "Add", "AddV2"):
+            src = nodes[n.input[0].split(":")[0]]
+            assert src.op not in ("BiasAdd",), f"{n.name} adds a second bias after {src.name}"
+    names = [frozen.inputs[k] for k in sorted(frozen.inputs)]
+    outs = [frozen.outputs[k] for k in sorted(frozen.outputs)]
+    proto, _ = tf2onnx.convert.from_graph_def(frozen.graph_def, input_names=names, output_names=outs, opset=17)
+    onnx.checker.check_model(proto)
+    assert all(len(n.input) <= 3 for n in proto.graph.node if n.op_type == "Conv")
+    x = rng.uniform(0, 1, (2, 12, 12, 3)).astype("float32")
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    assert rel_error(got, model(x)) < 1e-4
+
+
+def test_freezing_failure_is_an_export_error(tmp_path):
+    """Keras 3.15 exports a BatchNormalization after Resizing in training mode (it assigns its statistics)."""
+    inp = keras.Input((8, 8, 3))
+    x = L.BatchNormalization()(L.Resizing(12, 12)(L.Conv2D(4, 3)(inp)))
+    model = keras.Model(inp, x)
+    model.export(str(tmp_path / "src"), verbose=False)
+    with pytest.raises(ExportError, match="cannot freeze the 'serving_default' signature"):
+        strip_saved_model(str(tmp_path / "src"), str(tmp_path / "dst"))
+    assert not (tmp_path / "dst").exists()
+
+
+def test_an_op_type_has_one_rule():
+    assert KINDS["Conv2DBackpropInput"] is KINDS["Conv2D"]
+    with pytest.raises(ValueError, match="'Conv2D' already has a channel rule"):
+        register("Conv2D")(lambda g, node: None)
+
+
+def test_kept_zeroed_channels_carry_reasons(tmp_path, rng):
+    """Inception-ResNet's conv -> BatchNorm(scale=False) -> ReLU turns a zeroed channel into the constant
+    relu(beta - mean / std): a 1x1 consumer folds it into its bias, a 'same'-padded 3x3 consumer cannot, so the
+    channel stays, and the report says why; channels that are a model output stay too."""
+    inp = keras.Input((12, 12, 3))
+    norms = [L.BatchNormalization(scale=False) for _ in range(2)]
+    x = L.ReLU()(norms[0](L.Conv2D(8, 3, use_bias=False, name="stem")(inp)))
+    y = L.ReLU()(norms[1](L.Conv2D(8, 3, use_bias=False, name="stem2")(inp)))
+    out = L.Concatenate()([L.Conv2D(4, 1, name="branch_1x1")(x), L.Conv2D(4, 3, padding="same", name="branch_3x3")(x),
+                           L.Conv2D(4, 1, name="only_1x1")(y)])
+    model = keras.Model(inp, out)
+    for name, norm in zip(("stem", "stem2"), norms):
+        kernel = model.get_layer(name).get_weights()[0]
+        kernel[..., :2] = 0.0
+        model.get_layer(name).set_weights([kernel])
+        beta = rng.uniform(-0.2, 0.2, 8)
+        beta[:2] = 0.0  # zeroed as far as the user can: scale=False leaves no gamma, the moving mean stays
+        norm.set_weights([beta, rng.uniform(-0.5, -0.1, 8), rng.uniform(0.5, 1.5, 8)])
+    kernel, bias = model.get_layer("branch_1x1").get_weights()
+    kernel[..., 0], bias[0] = 0.0, 0.0
+    model.get_layer("branch_1x1").set_weights([kernel, bias])
+    result, dst = _strip(model, tmp_path)
+    row = {name: _by_layer(result, name)[0] for name in ("stem", "stem2", "branch_1x1")}
+    assert (row["stem"]["zeroed"], row["stem"]["channels_after"]) == (2, 8)
+    ((why, n),) = row["stem"]["kept_reasons"].items()
+    assert n == 2 and "branch_3x3" in why and "SAME-padded 3x3" in why and "constant" in why
+    assert (row["stem2"]["zeroed"], row["stem2"]["channels_after"], row["stem2"]["kept_reasons"]) == (2, 6, {})
+    assert row["branch_1x1"]["kept_reasons"] == {"they are a model output": 1}
+    assert result.kept_reasons == {why: 2, "they are a model output": 1}
+    x = rng.uniform(0, 1, (2, 12, 12, 3)).astype("float32")
+    assert rel_error(_run(dst, x), model(x)) < 1e-4
+
+
+def test_zeroed_channels_before_a_channel_layer_norm_say_so(tmp_path, rng):
+    inp = keras.Input((8, 8, 3))
+    conv = L.Conv2D(8, 3, padding="same", name="c1")
+    model = keras.Model(inp, L.Conv2D(4, 1, name="c2")(L.LayerNormalization()(conv(inp))))
+    kernel, bias = conv.get_weights()
+    kernel[..., :2], bias[:2] = 0.0, 0.0
+    conv.set_weights([kernel, bias])
+    result, _ = _strip(model, tmp_path)
+    ((why, n),) = _by_layer(result, "c1")[0]["kept_reasons"].items()
+    assert n == 2 and "layer_normalization" in why and "which the channel rules do not cover" in why
+
+
+def test_check_inputs_that_do_not_fit_are_an_export_error(tmp_path):
+    inp = keras.Input((8, 8, 3))
+    keras.Model(inp, L.Conv2D(4, 3)(inp)).export(str(tmp_path / "src"), verbose=False)
+    bad = {"keras_tensor": np.zeros((1, 5, 5, 2), "float32")}
+    with pytest.raises(ExportError, match="check inputs do not fit"):
+        strip_saved_model(str(tmp_path / "src"), str(tmp_path / "dst"), check_inputs=bad)
+    assert not (tmp_path / "dst").exists()
+
+
+class _Values:
+    """Hand-written op semantics for engine-only tests: fixed output constants, folding allowed or not."""
+
+    def __init__(self, out=None, fold=False, label=""):
+        self.out, self.fold, self.label = out, fold, label
+
+    def const_out(self, in_consts):
+        return [self.out if self.out is not None else in_consts[0]]
+
+    def can_fold(self, input_index):
+        return self.fold
+
+    def fold_note(self):
+        return " (no bias here)"
+
+
+def test_engine_reasons_for_blocked_groups_and_kept_channels():
+    """Engine only: three producers; one reaches an unknown op, one a model output, one a consumer that sees a
+    non-zero constant it cannot fold on channel 1 and a non-constant on channel 2."""
+    from tfcompress.graph.engine import ChannelGraph, Op, Rule
+
+    ops = [
+        Op("x", Rule.INPUT, [], [0], channels=3, semantics=_Values(np.full(3, np.nan))),
+        Op("a", Rule.PRODUCER, [0], [1], channels=4, semantics=_Values(np.array([0, 0.5, np.nan, 0]))),
+        Op("odd", Rule.BLOCKER, [1], [2], semantics=_Values(np.full(4, np.nan), label="Odd 'odd'")),
+        Op("b", Rule.PRODUCER, [0], [3], channels=4, semantics=_Values(np.array([0, 0.5, np.nan, 0]))),
+        Op("c", Rule.PRODUCER, [3], [4], channels=2, semantics=_Values(np.zeros(2), label="Conv 'c'")),
+    ]
+    graph = ChannelGraph(ops, [2, 4], {0: 3, 1: 4, 2: 4, 3: 4, 4: 2})
+    removable, consts = graph.plan_removal()
+    (b,) = graph.groups()
+    assert b.layers == ("b",) and removable[b.id].tolist() == [True, False, False, True]
+    why = graph.kept_reasons(removable, consts)[b.id]
+    assert why == {1: "it is a non-zero constant where Conv 'c' reads it (no bias here)",
+                   2: "its value where Conv 'c' reads it is not provably constant"}
+    assert graph.block_reason(graph.owners(1)[0][0]) == "they reach Odd 'odd', which the channel rules do not cover"
+    assert graph.block_reason(graph.owners(4)[0][0]) == "they are a model output"
+    assert graph.block_reason(b.id) == ""
