@@ -266,7 +266,7 @@ class ChannelGraph:
                 if op.layer in layer_inputs:
                     for prev, cur in zip(layer_inputs[op.layer], ins):
                         if not self._join([prev, cur]):
-                            why = f"shared layer {op.layer!r} reads different channels at its calls"
+                            why = f"the calls of shared layer {op.layer} read different channels"
                             self._block(prev, why)
                             self._block(cur, why)
                 else:
@@ -276,7 +276,7 @@ class ChannelGraph:
             if op.rule in (Rule.INPUT, Rule.BLOCKER, Rule.SHAPE):
                 if op.rule is Rule.BLOCKER:
                     for m in ins:
-                        self._block(m, f"reaches {op.name!r}, whose channel rule is unknown or mixes channels")
+                        self._block(m, f"they reach {_label(op)}, which the channel rules do not cover")
                 for t in op.outputs:  # possibly several outputs, each its own unknown channels
                     self.maps[t] = self._fresh(t, blocked=True, source=op.name)
                 continue
@@ -289,7 +289,7 @@ class ChannelGraph:
                             sp = self._spaces[self.root(m.segments[0].space)]
                             sp.blocks = math.lcm(sp.blocks, op.blocks)
                         else:
-                            self._block(m, f"grouped convolution {op.name!r} reads it mixed with other channels")
+                            self._block(m, f"grouped {_label(op)} reads them mixed with other channels")
                 if op.layer not in layer_space:
                     layer_space[op.layer] = self._new_space(op.channels, op.layer)
                     self._spaces[layer_space[op.layer]].blocks = op.blocks
@@ -300,7 +300,7 @@ class ChannelGraph:
             elif op.rule is Rule.DEPTHWISE:
                 m = ins[0]
                 if m.tile != 1:
-                    self._block(m, f"depthwise {op.name!r} reads it after a Flatten")
+                    self._block(m, f"depthwise {_label(op)} reads them flattened")
                     out = self._fresh(op.outputs[0], blocked=True, source=op.name)
                 else:
                     out = ChannelMap(
@@ -311,13 +311,12 @@ class ChannelGraph:
                     out = ins[0]
                 else:
                     for m in ins:
-                        self._block(m, f"joined at {op.name!r} with channels that do not line up one to one "
-                                       "(a concatenation, a depthwise repeat or another width)")
+                        self._block(m, f"{_label(op)} combines them with channels that do not line up")
                     out = self._fresh(op.outputs[0], blocked=True, source=op.name)
             elif op.rule is Rule.CONCAT:
                 if any(m.tile != 1 for m in ins):
                     for m in ins:
-                        self._block(m, f"concatenated at {op.name!r} after a Flatten")
+                        self._block(m, f"{_label(op)} concatenates them flattened")
                     out = self._fresh(op.outputs[0], blocked=True, source=op.name)
                 else:
                     out = ChannelMap(tuple(s for m in ins for s in m.segments))
@@ -328,7 +327,7 @@ class ChannelGraph:
             for t in op.outputs:
                 self.maps[t] = out
         for t in self.output_tensors:
-            self._block(self.maps[t], "reaches a model output")
+            self._block(self.maps[t], "they are a model output")
 
     # ------------------------------------------------------------------ groups
     def groups(self) -> list[ChannelGroup]:
@@ -430,18 +429,6 @@ class ChannelGraph:
             removable[g.id] = _balance(removable[g.id], g.blocks)
         return removable, consts
 
-
-def _why_not(sp: _Space) -> str:
-    """Why a space cannot be pruned ("" if it can)."""
-    if sp.blocked:
-        return sp.reason or "blocked"
-    if sp.size < 2:
-        return "a single channel"
-    if sp.size % sp.blocks or sp.size // sp.blocks < 2:
-        return f"a grouped convolution leaves fewer than 2 of its {sp.size} channels per block"
-    return ""
-
-
     def kept_reasons(
         self, removable: dict[int, np.ndarray], consts: dict[int, np.ndarray]
     ) -> dict[int, dict[int, str]]:
@@ -464,6 +451,17 @@ def _why_not(sp: _Space) -> str:
             for c in np.nonzero(~mask)[0]:
                 reasons[r].setdefault(int(c), "kept so that every block of a grouped convolution loses as many")
         return reasons
+
+
+def _why_not(sp: _Space) -> str:
+    """Why a space cannot be pruned ("" if it can)."""
+    if sp.blocked:
+        return sp.reason or "blocked"
+    if sp.size < 2:
+        return "a single channel"
+    if sp.size % sp.blocks or sp.size // sp.blocks < 2:
+        return f"a grouped convolution leaves fewer than 2 of its {sp.size} channels per block"
+    return ""
 
 
 def _label(op: Op) -> str:
