@@ -35,7 +35,7 @@ def run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tfx_real")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, str(PIPELINE), "--root", str(root), "--epochs", "3"],
+    proc = subprocess.run([sys.executable, str(PIPELINE), "--root", str(root), "--epochs", "6"],
                           capture_output=True, text=True, env=env, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-5000:]
     config = metadata_store_pb2.ConnectionConfig()
@@ -94,11 +94,11 @@ def test_compressed_artifact_records_its_metrics_in_mlmd(run):
     assert 0 < props["flops_ratio"] < 0.6 and 0 < props["params_ratio"] < 0.7
     assert 0 < props["saved_model_bytes_ratio"] < 1
     assert props["int8_layers"] == props["quantizable_layers"] > 0
-    # the eval split minus the calibration samples: ~60 examples, one example is ~1.7 points
+    # the eval split minus the 300 calibration samples: ~300 examples, one example is ~0.3 points
     assert props["accuracy_fp32"] > 0.8 and abs(props["accuracy_int8"] - props["accuracy_fp32"]) <= 0.05
 
     # the returned metrics are output artifacts too, with the same values
     for key in ("flops_ratio", "int8_layers", "accuracy_int8"):
         [artifact] = artifacts_of(store, "CompressModel", key)
-        value = float(pathlib.Path(artifact.uri, "value").read_text())
+        value = float(pathlib.Path(artifact.uri).read_text())  # a value artifact's uri is its file
         assert value == pytest.approx(props[key])
