@@ -45,7 +45,8 @@ def create_pipeline(root: str, epochs: int = 4, target: float = 0.5):
         custom_config={"epochs": epochs, "target": target})
     compress = CompressModel(
         model=trainer.outputs["model"], examples=example_gen.outputs["examples"], module_file=MODULE,
-        preprocessing_fn="preprocessing_fn", label_key="label", num_calibration_samples=300)
+        preprocessing_fn="preprocessing_fn", label_key="label", num_calibration_samples=300,
+        int8="accuracy_aware", max_drop=0.02)  # layers that cost accuracy stay float
     pusher = tfx.components.Pusher(
         model=compress.outputs["compressed_model"],
         push_destination=tfx.proto.PushDestination(filesystem=tfx.proto.PushDestination.Filesystem(

@@ -82,7 +82,9 @@ def test_pushed_model_serves_like_the_trainers_and_is_smaller(run):
     # the compressed artifact's INT8 IR runs INT8 on the CPU plugin
     compiled = ov.Core().compile_model(str(pathlib.Path(compressed.uri) / "tfcompress" / "model_int8.xml"), "CPU")
     layers = calibration.int8_layers(compiled)
-    assert layers["int8"] == layers["total"] > 0
+    recorded = compressed.custom_properties
+    assert layers["int8"] == recorded["int8_layers"].double_value > 0
+    assert layers["total"] == recorded["quantizable_layers"].double_value
 
 
 def test_compressed_artifact_records_its_metrics_in_mlmd(run):
@@ -93,9 +95,10 @@ def test_compressed_artifact_records_its_metrics_in_mlmd(run):
             "accuracy_fp32", "accuracy_int8"} <= set(props)
     assert 0 < props["flops_ratio"] < 0.6 and 0 < props["params_ratio"] < 0.7
     assert 0 < props["saved_model_bytes_ratio"] < 1
-    assert props["int8_layers"] == props["quantizable_layers"] > 0
-    # the eval split minus the 300 calibration samples: ~300 examples, one example is ~0.3 points
-    assert props["accuracy_fp32"] > 0.8 and abs(props["accuracy_int8"] - props["accuracy_fp32"]) <= 0.05
+    assert 0 < props["int8_layers"] <= props["quantizable_layers"]
+    # measured on the eval split minus the 300 calibration samples (~300 examples); the example asks for
+    # int8="accuracy_aware" with max_drop=0.02, which keeps layers float until the INT8 drop is within it
+    assert props["accuracy_fp32"] > 0.8 and props["accuracy_fp32"] - props["accuracy_int8"] <= 0.02 + 1e-6
 
     # the returned metrics are output artifacts too, with the same values
     for key in ("flops_ratio", "int8_layers", "accuracy_int8"):
