@@ -87,14 +87,16 @@ def test_compress_model_dir_emits_a_smaller_servable_model_and_int8_ir(artifacts
     # ONNX / OpenVINO IRs load and the INT8 IR runs in INT8
     export = out / "tfcompress"
     core = ov.Core()
-    fp32 = core.compile_model(str(export / "model_fp32.xml"), "CPU")
+    # the f32 hint: on CPUs with BF16 (this one) OpenVINO's default precision is BF16, not the IR's FP32
+    fp32 = core.compile_model(str(export / "model_fp32.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     int8 = core.compile_model(str(export / "model_int8.xml"), "CPU")
     assert (export / "model.onnx").stat().st_size > 0
     run = calibration.int8_layers(int8)
     assert run["int8"] == run["total"] == metrics["int8_layers"] == metrics["quantizable_layers"] > 0
     x = load_module().preprocessing_fn(read_examples(str(examples), "eval", 397))  # the whole eval split
     ref = np.asarray(model(x))
-    assert np.mean(fp32({0: x})[fp32.outputs[0]].argmax(1) == ref.argmax(1)) == 1.0
+    # FP32 IR = the float model up to float rounding (run at BF16, an argmax on near-ties flipped)
+    np.testing.assert_allclose(fp32({0: x})[fp32.outputs[0]], ref, rtol=1e-4, atol=1e-4)
     # INT8 agrees with the float model on ~95 % of the eval split (94.96 % measured on an AVX-512 VNNI CPU):
     # a broken IR agrees on ~10 %; the accuracy guarantee is the label-based check on the metrics below
     assert np.mean(int8({0: x})[int8.outputs[0]].argmax(1) == ref.argmax(1)) >= 0.9
