@@ -4,6 +4,7 @@ tfx 1.21 (the release for TensorFlow 2.21) cannot be installed by pip on this ma
 tensorflow-data-validation wheels need glibc 2.39; see README), so the component runs here through its
 executor, ``compress_model_dir``, on directories laid out exactly as CsvExampleGen and the Trainer write
 them, with the example pipeline's own module file (``run_fn`` training code and ``preprocessing_fn``).
+The example pipeline itself runs for real in ``test_tfx_real.py``, in the environment ``.ci/tfx-env`` builds.
 """
 
 import importlib.util

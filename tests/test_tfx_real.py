@@ -80,7 +80,8 @@ def test_pushed_model_serves_like_the_trainers_and_is_smaller(run):
     assert dir_bytes(destination) < 0.8 * dir_bytes(pathlib.Path(serving_model_path(trainer_model.uri)))
 
     # the compressed artifact's INT8 IR runs INT8 on the CPU plugin
-    compiled = ov.Core().compile_model(str(pathlib.Path(compressed.uri) / "tfcompress" / "model_int8.xml"), "CPU")
+    int8_ir = pathlib.Path(compressed.uri) / "tfcompress" / "model_int8.xml"
+    compiled = ov.Core().compile_model(str(int8_ir), "CPU")
     layers = calibration.int8_layers(compiled)
     recorded = compressed.custom_properties
     assert layers["int8"] == recorded["int8_layers"].double_value > 0
