@@ -69,6 +69,7 @@ def run_fn(fn_args) -> None:
     epochs = int((fn_args.custom_config or {}).get("epochs", 4))
     target = float((fn_args.custom_config or {}).get("target", 0.5))
     steps = max(1, fn_args.train_steps // epochs)
+    keras.utils.set_random_seed(int((fn_args.custom_config or {}).get("seed", 0)))  # a reproducible run
     model = train(build_model(), _dataset(fn_args.train_files, 32, repeat=True),
                   _dataset(fn_args.eval_files, 256, repeat=False), epochs, steps, target, fn_args.eval_steps)
     model.export(fn_args.serving_model_dir, verbose=False)  # serving_default takes the image tensor

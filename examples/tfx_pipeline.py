@@ -5,8 +5,8 @@
 
 CsvExampleGen (on scikit-learn's digits, written as CSV by this script) -> Trainer (``run_fn`` in
 ``tfx_digits_module.py`` trains with ``FilterPruning``) -> ``tfcompress.tfx.CompressModel`` (strip, ONNX,
-OpenVINO FP32 and INT8, report). The compressed Model artifact's ``Format-Serving`` is the stripped
-SavedModel, so an Evaluator or Pusher placed after it works as with the Trainer's model.
+OpenVINO FP32 and INT8, report) -> Pusher, which pushes the compressed Model artifact's ``Format-Serving``
+(the stripped SavedModel) to ``ROOT/serving/<version>``, as it would the Trainer's model.
 """
 
 from __future__ import annotations
@@ -45,12 +45,17 @@ def create_pipeline(root: str, epochs: int = 4, target: float = 0.5):
         custom_config={"epochs": epochs, "target": target})
     compress = CompressModel(
         model=trainer.outputs["model"], examples=example_gen.outputs["examples"], module_file=MODULE,
-        preprocessing_fn="preprocessing_fn", label_key="label", num_calibration_samples=300)
+        preprocessing_fn="preprocessing_fn", label_key="label", num_calibration_samples=300,
+        int8="accuracy_aware", max_drop=0.02)  # layers that cost accuracy stay float
+    pusher = tfx.components.Pusher(
+        model=compress.outputs["compressed_model"],
+        push_destination=tfx.proto.PushDestination(filesystem=tfx.proto.PushDestination.Filesystem(
+            base_directory=os.path.join(root, "serving"))))
     return tfx.dsl.Pipeline(
         pipeline_name="tfcompress_digits", pipeline_root=os.path.join(root, "pipeline"),
         metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(
             os.path.join(root, "metadata.db")),
-        components=[example_gen, trainer, compress])
+        components=[example_gen, trainer, compress, pusher])
 
 
 def main() -> None:
@@ -61,7 +66,8 @@ def main() -> None:
     from tfx import v1 as tfx
 
     tfx.orchestration.LocalDagRunner().run(create_pipeline(args.root, args.epochs))
-    print(f"done: see {args.root}/pipeline/CompressModel/compressed_model/*/tfcompress/report.md")
+    print(f"done: the compressed model is in {args.root}/serving/, its report in "
+          f"{args.root}/pipeline/CompressModel/compressed_model/*/tfcompress/report.md")
 
 
 if __name__ == "__main__":
