@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from tfcompress.errors import ExportError
-from tfcompress.export.convert import freeze_for_export, run_onnx, run_openvino, saved_model_to_openvino, to_onnx, to_openvino
+from tfcompress.export.convert import freeze_for_export, run_openvino, saved_model_to_openvino, to_onnx, to_openvino
 from tfcompress.export.data import load_data
 from tfcompress.export.options import check_args
 from tfcompress.stripping.savedmodel_strip import (
