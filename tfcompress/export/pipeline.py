@@ -68,8 +68,8 @@ def export_saved_model(
     signature_key: str = "serving_default",
     require_onnx: bool = False,
 ) -> dict:
-    """Write ``stripped/``, ``model.onnx``, ``model_fp32.xml/.bin``, with calibration data
-    ``model_int8.xml/.bin``, and ``report.json/.md`` into ``output_dir``.
+    """Write ``stripped/``, ``model.onnx`` (unless tf2onnx cannot convert the model), ``model_fp32.xml/.bin``,
+    with calibration data ``model_int8.xml/.bin``, and ``report.json/.md`` into ``output_dir``.
 
     Everything is validated before any work, written into a temporary directory next to ``output_dir`` and
     moved into place at the end: a failure leaves ``output_dir`` as it was. ``saved_model_dir`` is only read.
