@@ -5,7 +5,8 @@
 Runs the real :func:`tfcompress.export.to_onnx` in this process while a thread samples the resident set size
 (/proc/self/statm, every 10 ms). The functions ``to_onnx`` calls are wrapped to mark phases (freeze, rewrite
 for tf2onnx, tf2onnx, TensorFlow reference run, saving, the OpenVINO check); each phase reports its seconds,
-the RSS when it starts and its peak RSS. The whole process's peak comes from getrusage.
+the RSS when it starts and its peak RSS. A phase that calls measured phases reports the peak after the last of them ("the rest"). The whole
+process's peak comes from getrusage.
 """
 
 from __future__ import annotations
@@ -50,7 +51,6 @@ class RssSampler(threading.Thread):
 def instrument(sampler: RssSampler, phases: list) -> None:
     """Wrap what ``to_onnx`` calls so that each call becomes a measured phase."""
     import onnx
-    import tf2onnx
 
     from tfcompress.export import convert
 
@@ -70,7 +70,12 @@ def instrument(sampler: RssSampler, phases: list) -> None:
 
     wrap(convert, "freeze_for_export", "freeze SavedModel")
     wrap(convert, "prepare_for_tf2onnx", "inline calls / rewrite ops")
-    wrap(tf2onnx.convert, "from_graph_def", "tf2onnx")
+    from tf2onnx import optimizer, tf_loader, tfonnx
+
+    wrap(convert, "_tf2onnx", "tf2onnx (the rest: graph import, make_model)")
+    wrap(tf_loader, "tf_optimize", "tf2onnx: grappler (tf_optimize)")
+    wrap(tfonnx, "process_tf_graph", "tf2onnx: TF -> ONNX ops (process_tf_graph)")
+    wrap(optimizer, "optimize_graph", "tf2onnx: ONNX optimizers")
     wrap(convert, "run_frozen", "TensorFlow reference run")
     wrap(onnx, "save_model", "save ONNX")
     wrap(convert, "run_onnx", "OpenVINO runs the ONNX (check)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import tempfile
@@ -206,28 +207,29 @@ def to_onnx(
         A :class:`ConversionCheck` with ``max_rel_error``, ``quantized_weights`` and ``opset``.
     """
     import onnx
-    import tf2onnx
 
     if not isinstance(opset, int) or not 13 <= opset <= 18:
         raise ExportError(f"opset must be an integer in 13..18 (tf2onnx 1.17 supports no newer), got {opset!r}")
     frozen = freeze_for_export(saved_model_dir, signature_key)
+    gc.collect()  # the loaded SavedModel's objects are cyclic: free them before tf2onnx needs the memory
+    x = check_inputs if check_inputs is not None else sample_inputs(frozen.specs)
+    ref = run_frozen(frozen, frozen.graph_def, x)  # now, so that the frozen graph can go before conversion
+    weight_fake_quant = _has_weight_fake_quant(frozen)
+    inputs, outputs = list(frozen.inputs.values()), list(frozen.outputs.values())
     rename = {t: n for n, t in frozen.inputs.items()}
     rename.update({t: n for n, t in frozen.outputs.items()})
+    graph_def = prepare_for_tf2onnx(frozen.graph_def)
+    del frozen
     logger = logging.getLogger("tf2onnx")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        model, _ = tf2onnx.convert.from_graph_def(
-            prepare_for_tf2onnx(frozen.graph_def),
-            input_names=list(frozen.inputs.values()),
-            output_names=list(frozen.outputs.values()),
-            opset=opset,
-            tensors_to_rename=rename,
-        )
+        model = _tf2onnx(graph_def, inputs, outputs, opset, rename)
     except Exception as e:
         raise ExportError(f"tf2onnx could not convert {saved_model_dir!r}: {str(e).splitlines()[0]}") from None
     finally:
         logger.setLevel(level)
+    del graph_def
     foreign = sorted({
         f"{n.op_type}" for n in model.graph.node
         if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)
@@ -237,14 +239,11 @@ def to_onnx(
             f"tf2onnx left operations ONNX does not define in the graph: {foreign} (see the tf2onnx messages "
             "above; e.g. FakeQuant with narrow_range or num_bits != 8 is not convertible)"
         )
-    restored = restore_weight_quantization(model) if _has_weight_fake_quant(frozen) else 0
+    restored = restore_weight_quantization(model) if weight_fake_quant else 0
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
         raise ExportError(f"tf2onnx produced an invalid ONNX model: {str(e).splitlines()[0]}") from None
-    x = check_inputs if check_inputs is not None else sample_inputs(frozen.specs)
-    ref = run_frozen(frozen, frozen.graph_def, x)
-    del frozen
     with _staged(onnx_path) as tmp:
         onnx.save_model(model, tmp)
         del model
@@ -257,6 +256,53 @@ def to_onnx(
 
             raise ExportError(str(e) + _saturation_hint(ov.convert_model(tmp))) from None
     return ConversionCheck(max_rel_error=err, quantized_weights=restored, opset=opset)
+
+
+def _tf2onnx(graph_def, inputs: list[str], outputs: list[str], opset: int, rename: dict):
+    """tf2onnx's ``from_graph_def`` on an already frozen graph, in less memory.
+
+    It skips ``from_graph_def``'s second freeze, and collects garbage before each ONNX optimizer: tf2onnx
+    deep-copies the whole graph (weights included) before every optimizer pass so that it can roll a failed
+    pass back, and its graphs hold reference cycles, so without a collection the copies pile up.
+    """
+    import tensorflow as tf
+    from tf2onnx import optimizer, tf_loader
+    from tf2onnx.tfonnx import process_tf_graph
+
+    with tf.Graph().as_default():  # grappler's meta-graph export needs graph mode
+        optimized = tf_loader.tf_optimize(inputs, outputs, graph_def)
+    with tf.Graph().as_default() as tf_graph:
+        tf.import_graph_def(optimized, name="")
+        del optimized
+        graph = process_tf_graph(tf_graph, continue_on_error=True, opset=opset, input_names=inputs,
+                                 output_names=outputs, tensors_to_rename=rename)
+    graph = optimizer.optimize_graph(graph, catch_errors=True, optimizers=_collecting(_ONNX_OPTIMIZERS))
+    gc.collect()
+    return graph.make_model("converted from a SavedModel by tfcompress")
+
+
+# tf2onnx 1.17's default ONNX optimizer passes, in its order (tf2onnx.optimizer._optimizers)
+_ONNX_OPTIMIZERS = (
+    ("optimize_transpose", "TransposeOptimizer"), ("remove_redundant_upsample", "UpsampleOptimizer"),
+    ("fold_constants", "ConstFoldOptimizer"), ("const_dequantize_optimizer", "ConstDequantizeOptimizer"),
+    ("loop_optimizer", "LoopOptimizer"), ("merge_duplication", "MergeDuplicatedNodesOptimizer"),
+    ("reshape_optimizer", "ReshapeOptimizer"), ("global_pool_optimizer", "GlobalPoolOptimizer"),
+    ("q_dq_optimizer", "QDQOptimizer"), ("remove_identity", "IdentityOptimizer"),
+    ("remove_back_to_back", "BackToBackOptimizer"), ("einsum_optimizer", "EinsumOptimizer"),
+)
+
+
+def _collecting(passes) -> dict:
+    """tf2onnx optimizer factories that run the garbage collector before making each pass."""
+    from tf2onnx import optimizer
+
+    def factory(cls):
+        def make():
+            gc.collect()
+            return cls()
+        return make
+
+    return {name: factory(getattr(optimizer, cls)) for name, cls in passes}
 
 
 @contextlib.contextmanager
