@@ -263,12 +263,14 @@ def _tf2onnx(graph_def, inputs: list[str], outputs: list[str], opset: int, renam
 
     It skips ``from_graph_def``'s second freeze, and collects garbage before each ONNX optimizer: tf2onnx
     deep-copies the whole graph (weights included) before every optimizer pass so that it can roll a failed
-    pass back, and its graphs hold reference cycles, so without a collection the copies pile up.
+    pass back, and its graphs hold reference cycles, so without a collection the copies pile up. (Small
+    graphs skip the collections: each takes a noticeable fraction of a second with TensorFlow loaded.)
     """
     import tensorflow as tf
     from tf2onnx import optimizer, tf_loader
     from tf2onnx.tfonnx import process_tf_graph
 
+    graph_bytes = graph_def.ByteSize()
     with tf.Graph().as_default():  # grappler's meta-graph export needs graph mode
         optimized = tf_loader.tf_optimize(inputs, outputs, graph_def)
     with tf.Graph().as_default() as tf_graph:
@@ -276,10 +278,13 @@ def _tf2onnx(graph_def, inputs: list[str], outputs: list[str], opset: int, renam
         del optimized
         graph = process_tf_graph(tf_graph, continue_on_error=True, opset=opset, input_names=inputs,
                                  output_names=outputs, tensors_to_rename=rename)
-    graph = optimizer.optimize_graph(graph, catch_errors=True, optimizers=_collecting(_ONNX_OPTIMIZERS))
+    passes = _collecting(_ONNX_OPTIMIZERS) if graph_bytes > _COLLECT_ABOVE else None
+    graph = optimizer.optimize_graph(graph, catch_errors=True, optimizers=passes)
     gc.collect()
     return graph.make_model("converted from a SavedModel by tfcompress")
 
+
+_COLLECT_ABOVE = 16 * 2**20  # graph bytes above which tf2onnx's per-pass copies are collected
 
 # tf2onnx 1.17's default ONNX optimizer passes, in its order (tf2onnx.optimizer._optimizers)
 _ONNX_OPTIMIZERS = (
