@@ -1,4 +1,5 @@
-"""SavedModel -> ONNX (tf2onnx) -> OpenVINO IR, each step checked numerically against the previous one."""
+"""SavedModel -> ONNX (tf2onnx) -> OpenVINO IR, or SavedModel -> OpenVINO IR directly for graphs tf2onnx cannot
+convert; each step checked numerically against the previous one, with OpenVINO as the runtime."""
 
 from __future__ import annotations
 
