@@ -21,8 +21,8 @@ from typing import Iterator, Sequence
 from tfcompress.errors import ExportError
 
 __all__ = [
-    "STAGING_PREFIX", "check_output_dir", "describe_os_error", "remove_stale_staging", "staged_output",
-    "write_file_atomic",
+    "STAGING_PREFIX", "check_output_dir", "describe_os_error", "remove_stale_staging", "staged_file",
+    "staged_output", "write_file_atomic",
 ]
 
 STAGING_PREFIX = ".tfcompress-"
@@ -181,20 +181,28 @@ def _commit(tmp: str, dst: str, overwrite: bool) -> None:
     os.rename(tmp, dst)
 
 
-def write_file_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory (mode 0666 & ~umask)."""
+@contextlib.contextmanager
+def staged_file(path: str) -> Iterator[str]:
+    """Yield a temporary path next to ``path`` for a writer to fill; renamed to ``path`` (mode 0666 & ~umask)
+    when the block succeeds, removed when it fails."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", suffix=os.path.splitext(path)[1],
+                               dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        yield tmp
         os.chmod(tmp, (stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IWGRP | stat.S_IROTH | stat.S_IWOTH)
                  & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise
+
+
+def write_file_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through :func:`staged_file`."""
+    with staged_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def describe_os_error(e: OSError) -> str:

@@ -25,6 +25,8 @@ flags.DEFINE_string("validation_data", None, "Labelled samples (.npz with x and 
 flags.DEFINE_integer("opset", 17, "ONNX opset, 13..18.")
 flags.DEFINE_string("signature", "serving_default", "The SavedModel signature to export.")
 flags.DEFINE_bool("overwrite", False, "Replace a non-empty --output_dir.")
+flags.DEFINE_bool("require_onnx", False, "Fail if the model cannot be converted to ONNX (by default the OpenVINO IR "
+                  "is then built from the SavedModel and the report says why model.onnx is absent).")
 
 
 def main(argv: list[str]) -> int:
@@ -50,7 +52,7 @@ def main(argv: list[str]) -> int:
     export_saved_model(
         FLAGS.saved_model_dir, FLAGS.output_dir, calibration_data=FLAGS.calibration_data, int8=FLAGS.int8,
         max_drop=FLAGS.max_drop, validation_data=FLAGS.validation_data, opset=FLAGS.opset,
-        overwrite=FLAGS.overwrite, signature_key=FLAGS.signature,
+        overwrite=FLAGS.overwrite, signature_key=FLAGS.signature, require_onnx=FLAGS.require_onnx,
     )
     return 0
 

@@ -1,19 +1,24 @@
-"""SavedModel -> ONNX (tf2onnx) -> OpenVINO IR, each step checked numerically against the previous one."""
+"""SavedModel -> ONNX (tf2onnx) -> OpenVINO IR, or SavedModel -> OpenVINO IR directly for graphs tf2onnx cannot
+convert; each step checked numerically against the previous one, with OpenVINO as the runtime."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import tempfile
 
 import numpy as np
 
-from tfcompress.output_dir import STAGING_PREFIX, write_file_atomic
+from tfcompress.output_dir import STAGING_PREFIX, staged_file
 from tfcompress.stripping.savedmodel_strip import (
     ExportError, FrozenSignature, check_outputs, freeze_saved_model, run_frozen, sample_inputs,
 )
 
-__all__ = ["to_onnx", "to_openvino", "ConversionCheck", "restore_weight_quantization"]
+__all__ = [
+    "ConversionCheck", "freeze_for_export", "prepare_for_tf2onnx", "restore_weight_quantization", "run_onnx", "run_openvino",
+    "saved_model_to_openvino", "to_onnx", "to_openvino",
+]
 
 
 class ConversionCheck(dict):
@@ -30,6 +35,159 @@ def _has_weight_fake_quant(frozen: FrozenSignature) -> bool:
     return False
 
 
+# ops by which a serving graph changes its own variables or computes batch statistics: a layer traced in
+# training mode
+_TRAINING_OPS = ("AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp", "AssignMovingAvg")
+
+
+def freeze_for_export(saved_model_dir: str, signature_key: str = "serving_default") -> FrozenSignature:
+    """:func:`freeze_saved_model`, refusing a serving graph that was traced in training mode.
+
+    Keras's ``model.export`` traces a BatchNormalization that follows ``keras.layers.Resizing`` in training
+    mode: the signature updates the moving statistics and normalizes by batch statistics, so its outputs are not
+    the Keras model's, and freezing its variables fails inside TensorFlow. Such a graph gets one ExportError
+    naming the ops and the likely cause.
+    """
+    try:
+        frozen = freeze_saved_model(saved_model_dir, signature_key)
+    except ExportError:
+        raise
+    except Exception as e:
+        found = _training_nodes(_signature_graph_def(saved_model_dir, signature_key))
+        if found:
+            raise _training_mode_error(saved_model_dir, found) from None
+        raise ExportError(f"cannot freeze SavedModel {saved_model_dir!r}: {str(e).splitlines()[0]}") from None
+    found = _training_nodes(frozen.graph_def)
+    if found:
+        raise _training_mode_error(saved_model_dir, found)
+    return frozen
+
+
+def _signature_graph_def(saved_model_dir: str, signature_key: str):
+    import tensorflow as tf
+
+    return tf.saved_model.load(saved_model_dir).signatures[signature_key].graph.as_graph_def()
+
+
+def _training_nodes(graph_def) -> list[str]:
+    """Names of the nodes (also inside library functions) that update variables or run BN in training mode."""
+    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+    return sorted({n.name for n in nodes if n.op in _TRAINING_OPS or (
+        n.op.startswith("FusedBatchNorm") and n.attr["is_training"].b)})
+
+
+def _training_mode_error(saved_model_dir: str, nodes: list[str]) -> ExportError:
+    shown = ", ".join(nodes[:3]) + (f" and {len(nodes) - 3} more" if len(nodes) > 3 else "")
+    return ExportError(
+        f"SavedModel {saved_model_dir!r} was traced in training mode: its serving signature updates variables "
+        f"or normalizes by batch statistics ({shown}), so its outputs differ from the Keras model's. Likely "
+        "cause: a Keras bug in model.export with a BatchNormalization after keras.layers.Resizing; move the "
+        "resizing out of the model (into the input pipeline) or apply it with keras.ops.image.resize")
+
+
+_CALL_OPS = ("StatefulPartitionedCall", "PartitionedCall")
+
+
+def prepare_for_tf2onnx(graph_def):
+    """Return a copy of a frozen GraphDef that tf2onnx can convert: function calls inlined, ops rewritten.
+
+    Keras 3 compiles some layers through XLA (e.g. ``Conv2D(groups>1)``); the SavedModel keeps them as
+    ``StatefulPartitionedCall`` nodes marked ``_noinline``, which neither grappler nor tf2onnx inlines. Ops
+    tf2onnx has no handler for are replaced by an exact equivalent it has (:data:`_REWRITES`).
+    """
+    from tensorflow.core.framework import graph_pb2
+
+    out = graph_pb2.GraphDef()
+    out.CopyFrom(graph_def)
+    functions = {f.signature.name: f for f in out.library.function}
+    while _inline_calls(out, functions):
+        pass
+    del out.library.function[:]
+    for op, rewrite in _REWRITES.items():
+        for node in list(out.node):
+            if node.op == op:
+                out.node.extend(rewrite(node))
+    return out
+
+
+def _called_function(node, functions: dict) -> str | None:
+    if node.op in _CALL_OPS:
+        return node.attr["f"].func.name
+    return node.op if node.op in functions else None
+
+
+def _inline_calls(graph_def, functions: dict) -> bool:
+    """Inline one level of function calls in ``graph_def`` (in place); True if any call was inlined."""
+    kept, added = [], []
+    for node in graph_def.node:
+        name = _called_function(node, functions)
+        if name is None:
+            kept.append(node)
+            continue
+        if name not in functions:
+            raise ExportError(f"node {node.name!r} calls function {name!r}, which the SavedModel does not define")
+        added.extend(_inlined(node, functions[name]))
+    if not added:
+        return False
+    del graph_def.node[:]
+    graph_def.node.extend(kept + added)
+    return True
+
+
+def _inlined(call, fdef) -> list:
+    """The nodes that replace ``call``: the function body under ``<call>/``, its arguments bound to the call's
+    inputs, and an ``IdentityN`` under the call's own name, so its consumers and control edges stay valid."""
+    from tensorflow.core.framework import attr_value_pb2, node_def_pb2
+    from tensorflow.python.framework.function_def_to_graph import function_def_to_graph_def
+
+    body, flat = function_def_to_graph_def(fdef)
+    prefix = call.name + "/"
+    data_inputs = [i for i in call.input if not i.startswith("^")]
+    controls = [i for i in call.input if i.startswith("^")]
+    args = {a.name: k for k, a in enumerate(fdef.signature.input_arg)}
+    nodes = []
+    for node in body.node:
+        new = node_def_pb2.NodeDef()
+        new.CopyFrom(node)
+        new.name = prefix + node.name
+        new.attr.pop("_class", None)
+        if node.op == "Placeholder" and node.name in args:
+            new.op = "Identity"
+            dtype = new.attr["dtype"]
+            new.ClearField("attr")
+            new.attr["T"].CopyFrom(dtype)
+            new.input[:] = [data_inputs[args[node.name]]] + controls
+        else:
+            new.input[:] = [("^" + prefix + i[1:]) if i.startswith("^") else prefix + i for i in node.input]
+        nodes.append(new)
+    results = [prefix + flat.get(fdef.ret[a.name], fdef.ret[a.name]) for a in fdef.signature.output_arg]
+    join = node_def_pb2.NodeDef(name=call.name, op="IdentityN", input=results)
+    join.attr["T"].CopyFrom(attr_value_pb2.AttrValue(
+        list=attr_value_pb2.AttrValue.ListValue(type=[a.type for a in fdef.signature.output_arg])))
+    return nodes + [join]
+
+
+def _erfc(node) -> list:
+    """``Erfc(x) = 1 - Erf(x)`` (exact GELU). ``node`` becomes the ``Sub`` under its own name; returns the
+    nodes to add."""
+    import tensorflow as tf
+    from tensorflow.core.framework import node_def_pb2
+
+    dtype = node.attr["T"].type
+    erf = node_def_pb2.NodeDef(name=node.name + "/erf", op="Erf", input=node.input[:1])
+    erf.attr["T"].type = dtype
+    one = node_def_pb2.NodeDef(name=node.name + "/one", op="Const")
+    one.attr["dtype"].type = dtype
+    one.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(1.0, tf.dtypes.as_dtype(dtype)))
+    node.op = "Sub"
+    node.input[:] = [one.name, erf.name] + [i for i in node.input if i.startswith("^")]
+    return [erf, one]
+
+
+# ops tf2onnx 1.17 has no handler for, each with a rewrite into an exact equivalent it converts
+_REWRITES = {"Erfc": _erfc}
+
+
 def to_onnx(
     saved_model_dir: str,
     onnx_path: str,
@@ -41,8 +199,8 @@ def to_onnx(
     """Convert a SavedModel signature to ONNX with tf2onnx, then check it.
 
     The checks tf2onnx does not do: a graph still holding TensorFlow ops (tf2onnx logs an error and returns
-    it anyway) is refused; onnxruntime's outputs must match TensorFlow's within ``tolerance`` (relative max
-    error). For quantization-aware models, the per-channel int8 weight quantization that TF's constant folding
+    it anyway) is refused; the ONNX file, run by OpenVINO's ONNX reader at f32 precision, must match TensorFlow
+    within ``tolerance`` (relative max error). For quantization-aware models, the per-channel int8 weight quantization that TF's constant folding
     bakes into float weights is restored as int8 initializers with ``DequantizeLinear``, so that OpenVINO runs
     those layers in INT8. Inputs and outputs keep the signature's names.
 
@@ -50,28 +208,29 @@ def to_onnx(
         A :class:`ConversionCheck` with ``max_rel_error``, ``quantized_weights`` and ``opset``.
     """
     import onnx
-    import tf2onnx
 
     if not isinstance(opset, int) or not 13 <= opset <= 18:
         raise ExportError(f"opset must be an integer in 13..18 (tf2onnx 1.17 supports no newer), got {opset!r}")
-    frozen = freeze_saved_model(saved_model_dir, signature_key)
+    frozen = freeze_for_export(saved_model_dir, signature_key)
+    gc.collect()  # the loaded SavedModel's objects are cyclic: free them before tf2onnx needs the memory
+    x = check_inputs if check_inputs is not None else sample_inputs(frozen.specs)
+    ref = run_frozen(frozen, frozen.graph_def, x)  # now, so that the frozen graph can go before conversion
+    weight_fake_quant = _has_weight_fake_quant(frozen)
+    inputs, outputs = list(frozen.inputs.values()), list(frozen.outputs.values())
     rename = {t: n for n, t in frozen.inputs.items()}
     rename.update({t: n for n, t in frozen.outputs.items()})
+    graph_def = prepare_for_tf2onnx(frozen.graph_def)
+    del frozen
     logger = logging.getLogger("tf2onnx")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        model, _ = tf2onnx.convert.from_graph_def(
-            frozen.graph_def,
-            input_names=list(frozen.inputs.values()),
-            output_names=list(frozen.outputs.values()),
-            opset=opset,
-            tensors_to_rename=rename,
-        )
+        model = _tf2onnx(graph_def, inputs, outputs, opset, rename)
     except Exception as e:
         raise ExportError(f"tf2onnx could not convert {saved_model_dir!r}: {str(e).splitlines()[0]}") from None
     finally:
         logger.setLevel(level)
+    del graph_def
     foreign = sorted({
         f"{n.op_type}" for n in model.graph.node
         if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)
@@ -81,28 +240,90 @@ def to_onnx(
             f"tf2onnx left operations ONNX does not define in the graph: {foreign} (see the tf2onnx messages "
             "above; e.g. FakeQuant with narrow_range or num_bits != 8 is not convertible)"
         )
-    restored = restore_weight_quantization(model) if _has_weight_fake_quant(frozen) else 0
-    onnx.checker.check_model(model)
-    data = model.SerializeToString()
+    restored = restore_weight_quantization(model) if weight_fake_quant else 0
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"tf2onnx produced an invalid ONNX model: {str(e).splitlines()[0]}") from None
+    with staged_file(onnx_path) as tmp:
+        onnx.save_model(model, tmp)
+        del model
+        got = run_onnx(tmp, x)
+        try:
+            err = check_outputs(got, ref, tolerance, "ONNX outputs (OpenVINO's ONNX reader, f32) differ from "
+                                "TensorFlow's")
+        except ExportError as e:
+            import openvino as ov
 
-    x = check_inputs if check_inputs is not None else sample_inputs(frozen.specs)
-    ref = run_frozen(frozen, frozen.graph_def, x)
-    got = _run_onnx(data, x)
-    err = check_outputs(got, ref, tolerance, "ONNX outputs differ from TensorFlow's")
-    write_file_atomic(onnx_path, data)
+            raise ExportError(str(e) + _saturation_hint(ov.convert_model(tmp))) from None
     return ConversionCheck(max_rel_error=err, quantized_weights=restored, opset=opset)
 
 
-def _run_onnx(model_bytes: bytes, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
+def _tf2onnx(graph_def, inputs: list[str], outputs: list[str], opset: int, rename: dict):
+    """tf2onnx's ``from_graph_def`` on an already frozen graph, in less memory.
 
-    # onnxruntime 1.31's PadFusion merges Pad(0) into a following MaxPool, which pads with -inf: wrong
-    # results whenever the padded values are negative (fixed in 1.32). The reference check runs unoptimised.
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, {k: v for k, v in inputs.items()})))
+    It skips ``from_graph_def``'s second freeze, and collects garbage before each ONNX optimizer: tf2onnx
+    deep-copies the whole graph (weights included) before every optimizer pass so that it can roll a failed
+    pass back, and its graphs hold reference cycles, so without a collection the copies pile up. (Small
+    graphs skip the collections: each takes a noticeable fraction of a second with TensorFlow loaded.)
+    """
+    import tensorflow as tf
+    from tf2onnx import optimizer, tf_loader
+    from tf2onnx.tfonnx import process_tf_graph
+
+    graph_bytes = graph_def.ByteSize()
+    with tf.Graph().as_default():  # grappler's meta-graph export needs graph mode
+        optimized = tf_loader.tf_optimize(inputs, outputs, graph_def)
+    with tf.Graph().as_default() as tf_graph:
+        tf.import_graph_def(optimized, name="")
+        del optimized
+        graph = process_tf_graph(tf_graph, continue_on_error=True, opset=opset, input_names=inputs,
+                                 output_names=outputs, tensors_to_rename=rename)
+    passes = _collecting(_ONNX_OPTIMIZERS) if graph_bytes > _COLLECT_ABOVE else None
+    graph = optimizer.optimize_graph(graph, catch_errors=True, optimizers=passes)
+    gc.collect()
+    return graph.make_model("converted from a SavedModel by tfcompress")
+
+
+_COLLECT_ABOVE = 16 * 2**20  # graph bytes above which tf2onnx's per-pass copies are collected
+
+# tf2onnx 1.17's default ONNX optimizer passes, in its order (tf2onnx.optimizer._optimizers)
+_ONNX_OPTIMIZERS = (
+    ("optimize_transpose", "TransposeOptimizer"), ("remove_redundant_upsample", "UpsampleOptimizer"),
+    ("fold_constants", "ConstFoldOptimizer"), ("const_dequantize_optimizer", "ConstDequantizeOptimizer"),
+    ("loop_optimizer", "LoopOptimizer"), ("merge_duplication", "MergeDuplicatedNodesOptimizer"),
+    ("reshape_optimizer", "ReshapeOptimizer"), ("global_pool_optimizer", "GlobalPoolOptimizer"),
+    ("q_dq_optimizer", "QDQOptimizer"), ("remove_identity", "IdentityOptimizer"),
+    ("remove_back_to_back", "BackToBackOptimizer"), ("einsum_optimizer", "EinsumOptimizer"),
+)
+
+
+def _collecting(passes) -> dict:
+    """tf2onnx optimizer factories that run the garbage collector before making each pass."""
+    from tf2onnx import optimizer
+
+    def factory(cls):
+        def make():
+            gc.collect()
+            return cls()
+        return make
+
+    return {name: factory(getattr(optimizer, cls)) for name, cls in passes}
+
+
+def run_onnx(onnx_path: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run an ONNX file with OpenVINO's ONNX reader at f32 precision; outputs keyed by their tensor names.
+
+    OpenVINO, not onnxruntime, is the reference runtime: it is a dependency already, and onnxruntime 1.31
+    miscomputes ``Pad`` followed by ``MaxPool`` with its default graph optimisations.
+    """
+    import openvino as ov
+
+    try:
+        model = ov.convert_model(onnx_path)
+    except Exception as e:
+        raise ExportError(f"OpenVINO could not read ONNX file {onnx_path!r}: {str(e).splitlines()[0]}") from None
+    return run_openvino(model, inputs, precision="f32")
 
 
 def restore_weight_quantization(model) -> int:
@@ -189,39 +410,80 @@ def to_openvino(
     check_inputs: dict[str, np.ndarray] | None = None,
     tolerance: float = 1e-4,
 ) -> ConversionCheck:
-    """Convert ONNX to OpenVINO IR (FP32 weights) and compare OpenVINO (f32 precision) with onnxruntime."""
+    """Convert ONNX to OpenVINO IR (FP32 weights); the saved IR, read back and run at f32 precision, must match
+    the ONNX model as OpenVINO's ONNX reader runs it (relative max error within ``tolerance``)."""
     import openvino as ov
 
     if not os.path.isfile(onnx_path):
         raise ExportError(f"ONNX file {onnx_path!r} does not exist")
-    if not xml_path.endswith(".xml"):
-        raise ExportError(f"the IR path must end in .xml, got {xml_path!r}")
+    _check_xml_path(xml_path)
     try:
         model = ov.convert_model(onnx_path)
     except Exception as e:
         raise ExportError(f"OpenVINO could not convert {onnx_path!r}: {str(e).splitlines()[0]}") from None
     if check_inputs is None:
         check_inputs = _random_inputs_for(model)
-    with open(onnx_path, "rb") as f:
-        ref = _run_onnx(f.read(), check_inputs)
-    got = run_openvino(model, check_inputs, precision="f32")
+    ref = run_openvino(model, check_inputs, precision="f32")
+    err = _save_checked(model, xml_path, check_inputs, ref, tolerance, "the ONNX model's")
+    return ConversionCheck(max_rel_error=err)
+
+
+def saved_model_to_openvino(
+    saved_model_dir: str,
+    xml_path: str,
+    check_inputs: dict[str, np.ndarray] | None = None,
+    tolerance: float = 1e-4,
+    signature_key: str = "serving_default",
+) -> ConversionCheck:
+    """Convert a SavedModel to OpenVINO IR (FP32 weights) with OpenVINO's TensorFlow reader, without ONNX.
+
+    The path for graphs tf2onnx cannot convert. The reader keeps ``FakeQuantWithMinMaxVars(PerChannel)`` as
+    ``FakeQuantize``, so quantization-aware models still run INT8. The saved IR, run at f32 precision, must
+    match the SavedModel's ``signature_key`` signature as TensorFlow runs it (relative max error).
+    """
+    import openvino as ov
+
+    _check_xml_path(xml_path)
+    frozen = freeze_for_export(saved_model_dir, signature_key)
+    x = check_inputs if check_inputs is not None else sample_inputs(frozen.specs)
+    ref = run_frozen(frozen, frozen.graph_def, x)
+    del frozen
     try:
-        err = check_outputs(got, ref, tolerance, "OpenVINO outputs differ from onnxruntime's")
-    except ExportError as e:
-        raise ExportError(str(e) + _saturation_hint(model)) from None
+        model = ov.convert_model(saved_model_dir)
+    except Exception as e:
+        raise ExportError(f"OpenVINO could not convert {saved_model_dir!r}: {str(e).splitlines()[0]}") from None
+    err = _save_checked(model, xml_path, x, ref, tolerance, "TensorFlow's")
+    return ConversionCheck(max_rel_error=err)
+
+
+def _check_xml_path(xml_path: str) -> None:
+    if not xml_path.endswith(".xml"):
+        raise ExportError(f"the IR path must end in .xml, got {xml_path!r}")
+
+
+def _save_checked(model, xml_path: str, inputs: dict, ref: dict, tolerance: float, what: str) -> float:
+    """Save ``model`` as IR next to ``xml_path``, run the saved files at f32, compare with ``ref`` and move
+    the .xml/.bin into place only if they match; returns the relative max error."""
+    import shutil
+
+    import openvino as ov
+
     folder = os.path.dirname(os.path.abspath(xml_path)) or "."
     os.makedirs(folder, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=folder)
     try:
         tmp_xml = os.path.join(tmp, "model.xml")
         ov.save_model(model, tmp_xml, compress_to_fp16=False)
+        got = run_openvino(tmp_xml, inputs, precision="f32")
+        try:
+            err = check_outputs(got, ref, tolerance, f"OpenVINO IR outputs differ from {what}")
+        except ExportError as e:
+            raise ExportError(str(e) + _saturation_hint(model)) from None
         os.replace(tmp_xml[:-4] + ".bin", xml_path[:-4] + ".bin")
         os.replace(tmp_xml, xml_path)
     finally:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
-    return ConversionCheck(max_rel_error=err)
+    return err
 
 
 def _saturation_hint(model) -> str:
@@ -240,7 +502,9 @@ def _saturation_hint(model) -> str:
 
 
 def run_openvino(model, inputs: dict[str, np.ndarray], precision: str = "f32") -> dict[str, np.ndarray]:
-    """Run an OpenVINO model (or IR path) on CPU; ``precision`` "f32" or "default" (BF16 on AMX CPUs)."""
+    """Run an OpenVINO model (or IR path) on CPU; ``precision`` "f32" or "default" (BF16 on AMX CPUs).
+
+    Returns each output under every one of its tensor names (the first output's names come first)."""
     import openvino as ov
 
     core = ov.Core()
@@ -255,7 +519,8 @@ def run_openvino(model, inputs: dict[str, np.ndarray], precision: str = "f32") -
             raise ExportError(f"no input given for model input {port.get_any_name()!r}")
         by_name[port] = inputs[name]
     res = compiled(by_name)
-    return {out.get_any_name(): np.asarray(res[out]) for out in compiled.outputs}
+    # every name of an output port, so callers find an output under the name their reference uses
+    return {name: np.asarray(res[out]) for out in compiled.outputs for name in sorted(out.get_names())}
 
 
 def _random_inputs_for(model) -> dict[str, np.ndarray]:

@@ -11,12 +11,12 @@ import time
 import numpy as np
 
 from tfcompress.errors import ExportError
-from tfcompress.export.convert import _run_onnx, run_openvino, to_onnx, to_openvino
+from tfcompress.export.convert import freeze_for_export, run_openvino, saved_model_to_openvino, to_onnx, to_openvino
 from tfcompress.export.data import load_data
 from tfcompress.export.options import check_args
 from tfcompress.output_dir import staged_output
 from tfcompress.stripping.savedmodel_strip import (
-    freeze_saved_model, run_frozen, save_graph_def, strip_saved_model,
+    run_frozen, save_graph_def, strip_saved_model,
 )
 
 __all__ = ["export_saved_model"]
@@ -72,9 +72,10 @@ def export_saved_model(
     signature_key: str = "serving_default",
     verbose: bool = True,
     source_name: str | None = None,
+    require_onnx: bool = False,
 ) -> dict:
-    """Write ``stripped/``, ``model.onnx``, ``model_fp32.xml/.bin``, with calibration data
-    ``model_int8.xml/.bin``, and ``report.json/.md`` into ``output_dir``.
+    """Write ``stripped/``, ``model.onnx`` (unless tf2onnx cannot convert the model), ``model_fp32.xml/.bin``,
+    with calibration data ``model_int8.xml/.bin``, and ``report.json/.md`` into ``output_dir``.
 
     Everything is validated before any work, written into a temporary directory next to ``output_dir`` and
     moved into place at the end: a failure leaves ``output_dir`` as it was. ``saved_model_dir`` is only read.
@@ -91,6 +92,8 @@ def export_saved_model(
         verbose: print the stage lines on stderr.
         source_name: how the report names the source (default: its absolute path), for callers that export
             from a temporary directory.
+        require_onnx: fail when the model cannot be converted to ONNX. By default the FP32 IR is then built
+            from the stripped SavedModel by OpenVINO's TensorFlow reader, and the report says why ONNX is absent.
 
     Returns:
         The report (also written as ``report.json``).
@@ -100,7 +103,7 @@ def export_saved_model(
     _log = _logger(verbose)
     t0 = time.perf_counter()
     _log(f"[1/5] reading {saved_model_dir}")
-    frozen = freeze_saved_model(saved_model_dir, signature_key)
+    frozen = freeze_for_export(saved_model_dir, signature_key)
     if len(frozen.specs) != 1 and (calibration_data is not None or validation_data is not None):
         raise ExportError("calibration/validation data files are supported for single-input models only")
     spec = next(iter(frozen.specs.values()))
@@ -130,25 +133,19 @@ def export_saved_model(
         report["params"] = {"before": strip.params_before, "after": strip.params_after}
         report["flops"] = {"before": strip.flops_before, "after": strip.flops_after}
 
-        t = time.perf_counter()
-        _log("[3/5] converting to ONNX (tf2onnx)")
         onnx_path = os.path.join(tmp, "model.onnx")
-        c = to_onnx(stripped_dir, onnx_path, opset=opset, check_inputs=check, signature_key=signature_key,
-                    tolerance=tol["onnx"])
-        report["steps"]["onnx"] = {"seconds": time.perf_counter() - t, **c}
-
-        t = time.perf_counter()
-        _log("[4/5] converting to OpenVINO IR")
         xml = os.path.join(tmp, "model_fp32.xml")
-        c = to_openvino(onnx_path, xml, check_inputs=check, tolerance=tol["openvino"])
-        report["steps"]["openvino"] = {"seconds": time.perf_counter() - t, **c}
+        report["steps"].update(_convert(stripped_dir, onnx_path, xml, opset, check, signature_key, tol,
+                                        require_onnx, _log))
         report["quantized"] = quantized
 
         report["sizes"] = {
             "saved_model": _size(saved_model_dir), "unstripped": _resaved_size(frozen, tmp),
-            "stripped": _size(stripped_dir), "onnx": _size(onnx_path),
+            "stripped": _size(stripped_dir),
             "openvino_fp32": _size(xml) + _size(xml[:-4] + ".bin"),
         }
+        if os.path.exists(onnx_path):
+            report["sizes"]["onnx"] = _size(onnx_path)
         xml8 = None
         if calib is not None and int8 != "none":
             t = time.perf_counter()
@@ -168,10 +165,12 @@ def export_saved_model(
             report["accuracy"] = {
                 "original": _accuracy(_batched(lambda b: run_frozen(frozen, frozen.graph_def, {name: b})[out_key], x), y),
                 "stripped": _accuracy(_batched(lambda b: _run_stripped(stripped_dir, signature_key, name, b, out_key), x), y),
-                "onnx": _accuracy(_batched(lambda b: _onnx_fn(onnx_path)({name: b})[out_key], x), y),
                 "openvino_fp32": _accuracy(_batched(lambda b: list(run_openvino(xml, {name: b}).values())[0], x), y),
                 "samples": int(len(x)),
             }
+            if os.path.exists(onnx_path):
+                onnx_fn = _onnx_fn(onnx_path)
+                report["accuracy"]["onnx"] = _accuracy(_batched(lambda b: onnx_fn({name: b})[out_key], x), y)
             if xml8 is not None:
                 report["accuracy"]["openvino_int8"] = _accuracy(
                     _batched(lambda b: list(run_openvino(xml8, {name: b}, precision="default").values())[0], x), y)
@@ -200,6 +199,39 @@ def _resaved_size(frozen, tmp: str) -> int:
 def _rel_error(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)) if a.size else 0.0
+
+
+def _convert(stripped_dir: str, onnx_path: str, xml: str, opset: int, check, signature_key: str, tol: dict,
+             require_onnx: bool, _log=lambda msg: None) -> dict:
+    """Write ``model.onnx`` and the FP32 IR made from it; the report's ``onnx`` and ``openvino`` steps.
+
+    A model tf2onnx cannot convert (or converts wrongly) still gets its IR, from the SavedModel through
+    OpenVINO's TensorFlow reader, unless ``require_onnx``; the ``onnx`` step then gives the reason it was skipped.
+    """
+    t = time.perf_counter()
+    _log("[3/5] converting to ONNX (tf2onnx)")
+    try:
+        c = to_onnx(stripped_dir, onnx_path, opset=opset, check_inputs=check, signature_key=signature_key,
+                    tolerance=tol["onnx"])
+    except ExportError as e:
+        if require_onnx:
+            raise
+        reason = str(e).splitlines()[0]
+        print(f"warning: ONNX skipped ({reason}); the OpenVINO IR is built from the SavedModel "
+              "(--require_onnx makes this an error)", file=sys.stderr, flush=True)
+        steps = {"onnx": {"seconds": time.perf_counter() - t, "skipped": reason}}
+        t = time.perf_counter()
+        _log("[4/5] converting the SavedModel to OpenVINO IR (OpenVINO's TensorFlow reader)")
+        c = saved_model_to_openvino(stripped_dir, xml, check_inputs=check, tolerance=tol["openvino"],
+                                    signature_key=signature_key)
+        steps["openvino"] = {"seconds": time.perf_counter() - t, "source": "saved_model", **c}
+        return steps
+    steps = {"onnx": {"seconds": time.perf_counter() - t, **c}}
+    t = time.perf_counter()
+    _log("[4/5] converting to OpenVINO IR")
+    c = to_openvino(onnx_path, xml, check_inputs=check, tolerance=tol["openvino"])
+    steps["openvino"] = {"seconds": time.perf_counter() - t, "source": "onnx", **c}
+    return steps
 
 
 def _int8(xml: str, xml8: str, calib: np.ndarray, mode: str, max_drop: float, valid, verbose: bool = True) -> dict:
@@ -239,9 +271,10 @@ def _run_stripped(path, key, name, batch, out_key):
 
 
 def _onnx_fn(path):
-    with open(path, "rb") as f:
-        data = f.read()
-    return lambda feeds: _run_onnx(data, feeds)
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(ov.convert_model(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return lambda feeds: {n: np.asarray(v) for out, v in compiled(feeds).items() for n in out.get_names()}
 
 
 def _markdown(r: dict) -> str:
@@ -254,12 +287,17 @@ def _markdown(r: dict) -> str:
               f"| SavedModel bytes (both written the same way) | {r['sizes']['unstripped']:,} | "
               f"{r['sizes']['stripped']:,} | {r['sizes']['stripped'] / max(r['sizes']['unstripped'], 1):.3f} |",
               ""]
-    lines += [f"The input SavedModel takes {r['sizes']['saved_model']:,} bytes as its exporter wrote it; ONNX "
-              f"{r['sizes']['onnx']:,} bytes; OpenVINO FP32 IR {r['sizes']['openvino_fp32']:,} bytes.", ""]
+    written = f"The input SavedModel takes {r['sizes']['saved_model']:,} bytes as its exporter wrote it"
+    if "onnx" in r["sizes"]:
+        lines += [f"{written}; ONNX {r['sizes']['onnx']:,} bytes; OpenVINO FP32 IR "
+                  f"{r['sizes']['openvino_fp32']:,} bytes.", ""]
+    else:
+        lines += [f"No ONNX model: {r['steps']['onnx']['skipped']}", "",
+                  f"{written}; OpenVINO FP32 IR (from the SavedModel) {r['sizes']['openvino_fp32']:,} bytes.", ""]
     lines += ["## Numeric checks (relative max error against the previous step; int8: the INT8 IR at OpenVINO's "
               "default precision against the FP32 IR)", "", "| step | error | seconds |", "|---|---|---|"]
     for step, s in r["steps"].items():
-        err = f"{s['max_rel_error']:.2e}" if "max_rel_error" in s else "-"
+        err = f"{s['max_rel_error']:.2e}" if "max_rel_error" in s else ("skipped" if "skipped" in s else "-")
         lines.append(f"| {step} | {err} | {s['seconds']:.1f} |")
     if "int8" in r["steps"]:
         s = r["steps"]["int8"]
