@@ -63,13 +63,16 @@ def test_qat_model_runs_int8_in_openvino_by_both_routes(trained):
     keras_out = q.predict(xt[:256], verbose=0)
     direct = core.compile_model(ov.convert_model(str(d / "sm")), "CPU")  # OpenVINO's TF frontend
     x = {"image": xt[:8]}
-    to_onnx(str(d / "sm"), str(d / "q.onnx"), check_inputs=x, tolerance=1e-3)
-    # within one output quantization step (1/255 of the range), not 1e-3: exact rounding ties. On the first
-    # layer's coarse 7-bit grid (overflow_fix="first_layer") some c1 outputs fall exactly on a half step of c2's
-    # input quantizer (2000 MNIST test images: 127 of 25 M elements within 1e-6 of a tie; 14 with full-range
-    # weights). onnxruntime's float convolution lands within an ulp of the tie, OpenVINO's integer arithmetic
-    # rounds it the other way (131 activations one step apart, 129 of them up) and the step propagates.
-    to_openvino(str(d / "q.onnx"), str(d / "q.xml"), check_inputs=x, tolerance=4e-3)
+    # the ONNX check runs the model in OpenVINO (INT8 kernels) against TensorFlow's float fake-quant: within
+    # about one output quantization step (1/255 of the range; measured 4.1e-3 of the largest output), not 1e-3:
+    # exact rounding ties. On the first layer's coarse 7-bit grid (overflow_fix="first_layer") some c1 outputs
+    # fall exactly on a half step of c2's input quantizer (2000 MNIST test images: 127 of 25 M elements within
+    # 1e-6 of a tie; 14 with full-range weights). A float convolution lands within an ulp of the tie, OpenVINO's
+    # integer arithmetic rounds it the other way (131 activations one step apart, 129 of them up) and the step
+    # propagates.
+    to_onnx(str(d / "sm"), str(d / "q.onnx"), check_inputs=x, tolerance=8e-3)
+    # the IR against the same ONNX model in OpenVINO: the same integer arithmetic
+    to_openvino(str(d / "q.onnx"), str(d / "q.xml"), check_inputs=x, tolerance=1e-4)
     via_onnx = core.compile_model(str(d / "q.xml"), "CPU")
     for compiled in (direct, via_onnx):
         assert calibration.int8_layers(compiled) == {"int8": 5, "total": 5}
