@@ -50,12 +50,15 @@ def freeze_for_export(saved_model_dir: str, signature_key: str = "serving_defaul
     """
     try:
         frozen = freeze_saved_model(saved_model_dir, signature_key)
-    except ExportError:
-        raise
-    except Exception as e:
-        found = _training_nodes(_signature_graph_def(saved_model_dir, signature_key))
+    except Exception as e:  # freezing a training-mode graph fails inside TensorFlow: name the cause instead
+        try:
+            found = _training_nodes(_signature_graph_def(saved_model_dir, signature_key))
+        except Exception:
+            found = []
         if found:
             raise _training_mode_error(saved_model_dir, found) from None
+        if isinstance(e, ExportError):
+            raise
         raise ExportError(f"cannot freeze SavedModel {saved_model_dir!r}: {str(e).splitlines()[0]}") from None
     found = _training_nodes(frozen.graph_def)
     if found:
