@@ -125,7 +125,7 @@ def main() -> None:
         quantize.BIAS_CORRECTED_OPS = kept
     nncf_xml, t_nncf = run_nncf(args.nncf_python, xml, calib, work)
     rows["nncf.quantize INT8"] = (core.compile_model(nncf_xml, "CPU"), t_nncf)
-    print(f"VWW MobileNetV1-0.25 96x96: calibration CIFAR-10 test [0:300], evaluation [300:2300], "
+    print("VWW MobileNetV1-0.25 96x96: calibration CIFAR-10 test [0:300], evaluation [300:2300], "
           f"reference FP32 (f32 hint)")
     print("| model | agreement with FP32 % | KL from FP32 (x1e-3) | calibration s |\n|---|---|---|---|")
     for name, (compiled, seconds) in rows.items():
