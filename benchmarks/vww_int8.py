@@ -126,7 +126,7 @@ def main() -> None:
     nncf_xml, t_nncf = run_nncf(args.nncf_python, xml, calib, work)
     rows["nncf.quantize INT8"] = (core.compile_model(nncf_xml, "CPU"), t_nncf)
     print("VWW MobileNetV1-0.25 96x96: calibration CIFAR-10 test [0:300], evaluation [300:2300], "
-          f"reference FP32 (f32 hint)")
+          "reference FP32 (f32 hint)")
     print("| model | agreement with FP32 % | KL from FP32 (x1e-3) | calibration s |\n|---|---|---|---|")
     for name, (compiled, seconds) in rows.items():
         agree, kl = closeness(reference, outputs(compiled, held_out))
