@@ -50,7 +50,8 @@ def run_one(mode: str, work: str, max_drop: float) -> None:
     else:
         labels = np.load(os.path.join(work, "labels.npy"))
         q, info = calibration.calibrate_with_accuracy_control(
-            fp, calib, (held_out, labels), agreement, max_drop=max_drop, ranking=mode, verbose=False)
+            fp, calib, (held_out, labels), agreement, max_drop=max_drop, ranking=mode, verbose=False,
+            layer_names=[layer.name for layer in vww_int8.load_vww().layers])
     seconds = time.perf_counter() - t
     ov.save_model(q, os.path.join(work, f"ac_{mode}.xml"), compress_to_fp16=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)

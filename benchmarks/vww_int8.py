@@ -51,14 +51,15 @@ def load_vww():
 
 
 def vww_ir(work: str) -> str:
-    """The FP32 OpenVINO IR of VWW (Keras -> SavedModel -> OpenVINO), path to its .xml."""
-    import openvino as ov
+    """The FP32 OpenVINO IR of VWW as the export pipeline makes it (Keras -> SavedModel -> ONNX -> OpenVINO,
+    which keeps the layers' TF scope names), path to its .xml."""
+    from tfcompress.export import to_onnx, to_openvino
 
     xml = os.path.join(work, "vww_fp32.xml")
     if not os.path.exists(xml):
-        model = load_vww()
-        model.export(os.path.join(work, "vww_sm"), verbose=False)
-        ov.save_model(ov.convert_model(os.path.join(work, "vww_sm")), xml, compress_to_fp16=False)
+        load_vww().export(os.path.join(work, "vww_sm"), verbose=False)
+        to_onnx(os.path.join(work, "vww_sm"), os.path.join(work, "vww.onnx"))
+        to_openvino(os.path.join(work, "vww.onnx"), xml)
     return xml
 
 

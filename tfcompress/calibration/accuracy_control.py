@@ -233,7 +233,9 @@ def calibrate_with_accuracy_control(
     return search.build(skip), info
 
 
-def _outputs(compiled, x: np.ndarray, batch: int = 64) -> np.ndarray:
+def _outputs(compiled, x: np.ndarray, batch: int = 16) -> np.ndarray:
+    """The first output over ``x`` in batches. Small ones: the CPU plugin keeps memory from every inference
+    of a newly compiled trial model after it is deleted, more for larger batches."""
     parts = []
     for i in range(0, len(x), batch):
         parts.append(np.asarray(compiled({compiled.inputs[0]: x[i:i + batch].astype(np.float32)})[compiled.outputs[0]]))
