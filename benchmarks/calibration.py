@@ -151,6 +151,7 @@ def app_ir(name: str, work: str, size: int):
 
 
 def main() -> None:
+    global NNCF_PYTHON
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--size", type=int, default=224)
@@ -158,7 +159,6 @@ def main() -> None:
     ap.add_argument("--calibration_sets", type=int, default=5, help="ResNet-8 calibration sets for (1b)")
     ap.add_argument("--nncf_python", default=NNCF_PYTHON, help="a Python with nncf installed")
     args = ap.parse_args()
-    global NNCF_PYTHON
     NNCF_PYTHON = args.nncf_python
     import keras
     import openvino as ov
