@@ -145,9 +145,9 @@ def _pointwise(op) -> bool:
 
 
 # Op types whose biases fast bias correction shifts (NNCF's OpenVINO backend: the same two). Grouped and
-# depthwise convolutions are left alone: each output channel sums few products (9 for a 3x3 depthwise), and
-# measured on MobileNetV1 (benchmarks/vww_int8.py --ablation) shifting them for their weight rounding moves
-# the INT8 outputs further from FP32, not closer.
+# depthwise convolutions are left alone: each output channel sums few products (9 for a 3x3 depthwise), so
+# the spatial term of the shift (:func:`fast_bias_shifts`) dominates it, and measured on MobileNetV1
+# (benchmarks/vww_int8.py --ablation) shifting them moves the INT8 outputs further from FP32.
 BIAS_CORRECTED_OPS = frozenset({"Convolution", "MatMul"})
 
 
@@ -179,75 +179,68 @@ def _quantized_weights(wp: WeightPoint) -> np.ndarray:
     return np.clip(np.round(w / step), -127, 127) * step
 
 
-def _weight_error(wp: WeightPoint) -> np.ndarray:
-    """What weight quantization takes away from the layer's weights: FP32 minus quantized (float64)."""
-    return _float_weights(wp).astype(np.float64) - _quantized_weights(wp).astype(np.float64)
+def fast_bias_shifts(points, stats: Statistics) -> dict:
+    """Per layer: mean FP32 output minus the output of the layer with quantized weights on its mean input.
 
+    NNCF's fast bias correction, from the statistics pass alone. A pointwise layer's mean output is the layer
+    applied to its per-channel mean input, on both sides (numpy). For other layers the statistics hold the
+    input averaged over the samples (a per-position map): the layer applied to it is its mean FP32 output
+    (the pass needs no output statistics, which would keep OpenVINO from fusing bias and activation into the
+    convolution), and the quantized side runs on a constant input holding the per-channel means, as NNCF
+    does; these layers run side by side in one small model. Layers whose shift would exceed
+    ``BIAS_SHIFT_THRESHOLD`` times their bias are left alone.
 
-def _pointwise_shift(wp: WeightPoint, mean: np.ndarray) -> np.ndarray:
-    """The mean output lost to weight rounding by a pointwise layer on inputs of per-channel mean ``mean``."""
-    m, dw = mean.astype(np.float64).reshape(-1), _weight_error(wp)
-    if wp.op.get_type_name() == "MatMul":  # y = x @ W, or x @ W.T with transpose_b
-        return m @ (dw.T if wp.op.get_attributes()["transpose_b"] else dw)
-    return dw[:, :, 0, 0] @ m  # 1x1 convolution, weights [O, I, 1, 1]
-
-
-def _map_shifts(mapped: list[tuple[WeightPoint, np.ndarray]]) -> dict:
-    """Per layer: the mean over output positions of the layer with weights ``FP32 - quantized`` applied to its
-    mean input map (one small f32 model runs them all side by side)."""
+    The two sides of a spatial layer thus see different inputs, and the shift holds, besides the weights'
+    rounding, ``conv(mean map) - conv(per-channel means)``: how the input's spatial pattern meets padding
+    and strides. Through a full convolution that term moves the outputs toward the calibration images'
+    statistics (kept: it is NNCF's behaviour and the better accuracy on real data); through a depthwise
+    layer, where each output reads a few values of one channel, it dominates the shift, which is why
+    :data:`BIAS_CORRECTED_OPS` leaves grouped convolutions out.
+    """
     import openvino as ov
     import openvino.opset13 as ops
 
-    params, results, feeds = [], [], []
-    for wp, mean_map in mapped:
-        x = np.ascontiguousarray(mean_map[None], np.float32)  # batch of 1
-        p = ops.parameter(list(x.shape), ov.Type.f32)
-        delta = ops.constant(_weight_error(wp).astype(np.float32)).output(0)
-        axes = np.array([a for a in range(x.ndim) if a != 1], np.int64)
-        results.append(ops.reduce_mean(_weighted_like(wp.op, p, delta), axes, keep_dims=False).output(0))
-        params.append(p)
-        feeds.append(x)
-    compiled = ov.Core().compile_model(ov.Model(results, params), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    out = compiled(feeds)
-    return {wp.key: np.asarray(out[compiled.outputs[k]], np.float64) for k, (wp, _) in enumerate(mapped)}
-
-
-def _within_threshold(wp: WeightPoint, shift: np.ndarray) -> bool:
-    """NNCF's guard: no zero bias, and no channel's shift larger than ``BIAS_SHIFT_THRESHOLD`` x its bias."""
-    bias = _bias_value(wp.op).reshape(-1)
-    return bias.size == shift.size and np.all(bias != 0) and np.max(np.abs(shift / bias)) < BIAS_SHIFT_THRESHOLD
-
-
-def fast_bias_shifts(points, stats: Statistics) -> dict:
-    """Per layer: the mean output that quantizing its weights takes away, to add back to its bias.
-
-    The layer is linear, so the mean of ``conv(x, W) - conv(x, W_q)`` over the calibration samples and output
-    positions is ``conv(mean x, W - W_q)`` averaged over positions: both sides on the same input, the FP32
-    mean input, so the shift holds the weight-rounding error and nothing else. (Measuring the FP32 side on
-    the mean input map and the quantized side on a map holding only its per-channel means, as NNCF does,
-    adds ``conv(map) - conv(channel means)``: how the input's spatial pattern meets zero padding and
-    strides. That term is no quantization error; on a 3x3 depthwise layer, where each output sees one input
-    channel, it dominates the shift.) A pointwise layer needs only its per-channel mean input (numpy); other
-    layers get their per-position mean input map. Layers whose shift would exceed ``BIAS_SHIFT_THRESHOLD``
-    times their bias are left alone.
-    """
     raw: dict = {}
-    mapped = []
+    params, results, feeds, mapped = [], [], [], []
     for wp, in_key, kind in points:
         mean = stats.means.get((in_key, kind))
         if mean is None:
             continue
         if kind == "channel":
-            raw[wp.key] = _pointwise_shift(wp, mean)
-        else:
-            mapped.append((wp, mean))
+            m = mean.astype(np.float64).reshape(-1)
+            w, wq = (a.astype(np.float64) for a in (_float_weights(wp), _quantized_weights(wp)))
+            if wp.op.get_type_name() == "MatMul":  # y = x @ W, or x @ W.T with transpose_b
+                t = wp.op.get_attributes()["transpose_b"]
+                raw[wp.key] = m @ (w.T if t else w) - m @ (wq.T if t else wq)
+            else:  # 1x1 convolution, weights [O, I, 1, 1]
+                raw[wp.key] = w[:, :, 0, 0] @ m - wq[:, :, 0, 0] @ m
+            continue
+        mean_map = mean.astype(np.float32)[None]  # batch of 1
+        shape = list(mean_map.shape)
+        blob = np.broadcast_to(mean_map.mean(axis=tuple(range(2, len(shape))), keepdims=True), shape)
+        weights = _float_weights(wp)
+        axes = np.array([a for a in range(len(shape)) if a != 1], np.int64)
+        for x, w in ((mean_map, ops.constant(weights).output(0)),
+                     (blob, _weight_fq(wp, ops.constant(weights).output(0)).output(0))):
+            p = ops.parameter(shape, ov.Type.f32)
+            params.append(p)
+            results.append(ops.reduce_mean(_weighted_like(wp.op, p, w), axes, keep_dims=False).output(0))
+            feeds.append(np.ascontiguousarray(x, np.float32))
+        mapped.append(wp)
     if mapped:
-        raw.update(_map_shifts(mapped))
+        compiled = ov.Core().compile_model(ov.Model(results, params), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        out = compiled(feeds)
+        for k, wp in enumerate(mapped):
+            fp_mean, q_mean = (np.asarray(out[compiled.outputs[2 * k + j]], np.float64) for j in (0, 1))
+            raw[wp.key] = fp_mean - q_mean
     shifts = {}
     for wp, _, _ in points:
-        shift = raw.get(wp.key)
-        if shift is not None and _within_threshold(wp, shift.astype(np.float32).reshape(-1)):
-            shifts[wp.key] = shift.astype(np.float32).reshape(-1)
+        if wp.key not in raw:
+            continue
+        shift = raw[wp.key].astype(np.float32).reshape(-1)
+        bias = _bias_value(wp.op).reshape(-1)
+        if bias.size == shift.size and np.all(bias != 0) and np.max(np.abs(shift / bias)) < BIAS_SHIFT_THRESHOLD:
+            shifts[wp.key] = shift
     return shifts
 
 
