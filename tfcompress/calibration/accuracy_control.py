@@ -105,8 +105,12 @@ def _rank(search: _Search, skip: set[int], candidates: list[int], x: np.ndarray,
 def _int8_mac_share(model, macs: dict[int, int], acts, weights, skip: set[int]) -> float:
     """The fraction of the weighted layers' MACs still in INT8: weights and activation input quantized."""
     order = {op.get_name(): k for k, op in enumerate(model.get_ordered_ops())}
-    float_inputs = {name for p in acts for t in p.targets if order[t.get_node().get_name()] in skip
-                    for name in p.layers}
+    float_inputs = set()  # layers reading a reverted quantizer: the target itself, or through a hoisted op
+    for p in acts:
+        for t in p.targets:
+            node = t.get_node()
+            if order[node.get_name()] in skip:
+                float_inputs |= {node.get_friendly_name()} if _quantized_inputs(node) else set(p.layers)
     int8 = sum(macs.get(wp.key, 0) for wp in weights
                if wp.key not in skip and wp.op.get_friendly_name() not in float_inputs)
     total = sum(macs.values())
@@ -127,7 +131,7 @@ def calibrate_with_accuracy_control(
     bias_correction: bool = True,
     ignored_layers: Iterable[str] = (),
     overflow_fix: str = "first_layer",
-    ranking: str = "speed",
+    ranking: str = "error",
     inference_precision: str | None = "f32",
     layer_names: Iterable[str] | None = None,
     verbose: bool = True,
