@@ -140,10 +140,11 @@ def calibrate_with_accuracy_control(
     is within ``max_drop``.
 
     Each step ranks the layers by how much reverting each one alone reduces the INT8 vs FP32 output error
-    on the validation samples where the two disagree most (``ranking="speed"``, the default: per MAC it
-    takes out of INT8, so that cheap layers go first and the model keeps as much INT8 compute as it can;
-    ``"error"``: by the error alone), reverts the best one that lowers the drop (re-validated with
-    ``validate_fn``; up to ``CANDIDATES_PER_STEP`` tried), and ranks again.
+    on the validation samples where the two disagree most (``ranking="error"``, the default, as NNCF; or
+    ``"speed"``: per MAC it takes out of INT8, so that cheap layers go first and the model keeps more INT8
+    compute, though its cheap candidates may each remove too little error to lower the drop), reverts the
+    best one that lowers the drop (re-validated with ``validate_fn``; up to ``CANDIDATES_PER_STEP`` tried),
+    and ranks again.
 
     The FP32 baseline, the ranking and every validation compile the models with ``inference_precision``
     (``"f32"`` by default, the true FP32 baseline; ``None``: OpenVINO's default, BF16 on CPUs with AMX or
