@@ -90,17 +90,39 @@ def test_accuracy_aware_reverts_layers_until_the_drop_is_met(resnet8_ir):
     plain = calibration.calibrate(xml, bad_calib, verbose=False)
     fp_acc = accuracy(_f32(ov.Core().read_model(xml)), small_val)
     assert accuracy(ov.Core().compile_model(plain, "CPU"), small_val) < fp_acc - 0.05
+    keras_names = [layer.name for layer in keras.models.load_model(RESNET8, compile=False).layers]
     q, info = calibration.calibrate_with_accuracy_control(
-        xml, bad_calib, small_val, accuracy, max_drop=0.01, ranking_subset_size=64, verbose=False)
+        xml, bad_calib, small_val, accuracy, max_drop=0.01, ranking_subset_size=64, layer_names=keras_names,
+        verbose=False)
     assert info["reverted"], info
-    assert info["drop"] <= 0.01
+    assert info["drop"] <= 0.01 and info["max_drop_met"] and "warning" not in info
     assert info["fp32_metric"] == pytest.approx(fp_acc)
     assert info["drops"][0] > info["drops"][-1]
-    assert accuracy(ov.Core().compile_model(q, "CPU"), small_val) == pytest.approx(info["metric"])
-    # reverted quantizers are reported by the layers they fed (a quantizer hoisted above a Reshape or
-    # Transpose is not reported by that op's name)
+    # the drop was measured with the f32 hint: the returned model compiled so gives the reported metric
+    assert accuracy(_f32(q), small_val) == pytest.approx(info["metric"])
+    # reverted layers are reported by the Keras model's layer names (a convolution with its BatchNorm folded
+    # in by the BatchNorm's), their IR names kept apart; a quantizer hoisted above a Reshape or Transpose is
+    # reported by the layers it fed, not by that op
+    assert set(info["reverted"]) <= set(keras_names), info["reverted"]
     kinds = {op.get_friendly_name(): op.get_type_name() for op in ov.Core().read_model(xml).get_ordered_ops()}
-    assert {kinds[n] for n in info["reverted"]} <= {"Convolution", "MatMul", "Add", "AvgPool", "ReduceMean"}
+    assert {kinds[n] for n in info["reverted_ir"]} <= {"Convolution", "MatMul", "Add", "AvgPool", "ReduceMean"}
+    assert len(info["reverted"]) <= len(info["reverted_ir"])
+    # the INT8 share of the MACs: every weighted layer reverted so far is out of it
+    macs = calibration.layer_macs(ov.Core().read_model(xml))
+    reverted_macs = sum(m for k, m in macs.items()
+                        if list(ov.Core().read_model(xml).get_ordered_ops())[k].get_friendly_name() in info["reverted_ir"])
+    assert info["int8_mac_share"] == pytest.approx(1 - reverted_macs / sum(macs.values()))
+
+
+def test_accuracy_control_reports_a_missed_max_drop(resnet8_ir):
+    xml, calib, val = resnet8_ir
+    small_val = (val[0][:500], val[1][:500])
+    with pytest.warns(UserWarning, match="did not reach max_drop=0.0"):
+        _, info = calibration.calibrate_with_accuracy_control(
+            xml, calib * 0.1, small_val, accuracy, max_drop=0.0, max_iterations=1, ranking_subset_size=32,
+            verbose=False)
+    assert not info["max_drop_met"] and info["drop"] > 0
+    assert f"{info['drop']:.4f}" in info["warning"]
 
 
 def test_bad_arguments(resnet8_ir):

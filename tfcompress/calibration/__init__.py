@@ -1,10 +1,11 @@
 """Post-training INT8 calibration of OpenVINO models (our implementation on the OpenVINO Python API)."""
 
+from tfcompress.calibration.accuracy_control import calibrate_with_accuracy_control, layer_macs
 from tfcompress.calibration.cpu import cpu_saturates_int8
-from tfcompress.calibration.quantize import (
-    PRESETS, calibrate, calibrate_with_accuracy_control, compress_weights, int8_layers,
-)
+from tfcompress.calibration.names import layer_names
+from tfcompress.calibration.quantize import PRESETS, calibrate, compress_weights, int8_layers
 
 __all__ = [
     "PRESETS", "calibrate", "calibrate_with_accuracy_control", "compress_weights", "cpu_saturates_int8", "int8_layers",
+    "layer_macs", "layer_names",
 ]

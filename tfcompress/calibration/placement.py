@@ -21,6 +21,8 @@ _POOLING = {"MaxPool", "AvgPool", "ReduceMean"}
 # grid, so a quantizer after them is better placed before them (INT8 runs through them, one FakeQuantize
 # instead of a requantization), as NNCF propagates its quantizers
 _AGNOSTIC = {"MaxPool", "Pad", "Reshape", "Transpose", "Squeeze", "Unsqueeze"}
+# agnostic ops that keep every value in its channel (axis 1): a per-channel quantizer may move above them
+_CHANNEL_KEEPING = {"MaxPool", "Pad"}
 
 
 @dataclasses.dataclass
@@ -32,6 +34,7 @@ class ActivationPoint:
     targets: list  # ov.Input
     layers: list[str]  # friendly names of the consuming weighted layers (for ignored_layers / reporting)
     concat_group: int | None = None  # points feeding one Concat share one range
+    per_channel: bool = False  # one range per channel (axis 1): read only by depthwise convolutions
 
 
 @dataclasses.dataclass
@@ -99,6 +102,21 @@ def _weight_axes(op, const_shape) -> tuple[int, ...] | None:
         return None
     attrs = op.get_attributes()
     return (0,) if attrs.get("transpose_b", False) else (1,)
+
+
+def is_depthwise(op) -> bool:
+    """A GroupConvolution with one input and one output channel per group (weights [G, 1, 1, ...]).
+
+    Each of its output channels reads one input channel, so the CPU plugin folds a per-channel activation
+    scale into that channel's weight scale: its input may be quantized per channel (as NNCF's CPU
+    configuration allows for depthwise convolutions only), which keeps a channel of small values from
+    losing its resolution to the tensor's largest channel.
+    """
+    if op.get_type_name() != "GroupConvolution":
+        return False
+    shape = op.get_input_partial_shape(1)
+    return shape.rank.is_static and len(shape) >= 3 and all(
+        shape[k].is_static and shape[k].get_length() == 1 for k in (1, 2))
 
 
 def _quantized_inputs(op) -> list[int]:
@@ -170,10 +188,11 @@ def find_points(model, ignored_layers=(), overflow_fix: str = "disable") -> tupl
         readers = list(node.output(0).get_target_inputs())
         return bool(readers) and all(reads_quantized(r) for r in readers)
 
-    def add_act(inp, layer: str) -> None:
+    def add_act(inp, layer: str, depthwise: bool) -> None:
         src = _source(inp)
         node = src.get_node()
         while hoistable(node):  # place the quantizer before MaxPool / Pad / Reshape ... chains
+            depthwise = depthwise and node.get_type_name() in _CHANNEL_KEEPING
             inp = node.input(0)
             src = _source(inp)
             node = src.get_node()
@@ -182,7 +201,8 @@ def find_points(model, ignored_layers=(), overflow_fix: str = "disable") -> tupl
         key = (pos[node.get_name()], src.get_index())
         point = acts.get(key)
         if point is None:
-            point = acts[key] = ActivationPoint(key, src, [], [])
+            point = acts[key] = ActivationPoint(key, src, [], [], per_channel=True)
+        point.per_channel = point.per_channel and depthwise
         if not any(t.get_node().get_name() == inp.get_node().get_name() and t.get_index() == inp.get_index()
                    for t in point.targets):
             point.targets.append(inp)
@@ -194,7 +214,7 @@ def find_points(model, ignored_layers=(), overflow_fix: str = "disable") -> tupl
         if name in ignored:
             continue
         for i in _quantized_inputs(op):  # QAT weights: only the missing activation quantizer is added
-            add_act(op.input(i), name)
+            add_act(op.input(i), name, i == 0 and is_depthwise(op))
         if t in _WEIGHTED and _is_const(_source(op.input(1))):
             const = _through_convert(_source(op.input(1)))
             axes = _weight_axes(op, tuple(const.get_output_shape(0)))
@@ -218,6 +238,7 @@ def find_points(model, ignored_layers=(), overflow_fix: str = "disable") -> tupl
         if len(members) > 1:
             for m in members:
                 m.concat_group = group
+                m.per_channel = False
             group += 1
     return list(acts.values()), weights
 

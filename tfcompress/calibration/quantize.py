@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 
 from tfcompress.calibration.alignment import QUANTILE, align, alignment_pairs
 from tfcompress.calibration.placement import (
-    OVERFLOW_FIX, ActivationPoint, WeightPoint, _quantized_inputs, _through_convert, bias_input, find_points,
+    OVERFLOW_FIX, ActivationPoint, WeightPoint, _through_convert, bias_input, find_points,
     unpadded_stride_one, weight_ranges,
 )
-from tfcompress.calibration.statistics import Progress, Statistics, channel_ranges, collect, iterate_samples
+from tfcompress.calibration.statistics import Statistics, channel_ranges, collect
 
-__all__ = ["calibrate", "calibrate_with_accuracy_control", "compress_weights", "int8_layers", "PRESETS"]
+__all__ = ["calibrate", "compress_weights", "int8_layers", "PRESETS"]
 
 PRESETS = ("performance", "mixed")
 
@@ -41,28 +41,31 @@ def _check_args(preset, subset_size, channel_alignment, range_estimator, overflo
         raise ValueError(f"unknown range_estimator {range_estimator!r}; choose 'minmax', 'max' or 'quantile'")
 
 
-def _activation_range(lo: float, hi: float, preset: str) -> tuple[float, float]:
-    """The FakeQuantize range (levels=256) for observed [lo, hi]: zero is always exactly on the grid."""
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    if hi - lo < 1e-8:
-        hi = lo + 1e-8
+def _activation_range(lo, hi, preset: str) -> tuple[np.ndarray, np.ndarray]:
+    """The FakeQuantize range (levels=256) for observed [lo, hi] (floats, or per-channel arrays): zero is
+    always exactly on the grid. A per-channel tensor is signed or unsigned as a whole (one integer type)."""
+    lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+    hi = np.where(hi - lo < 1e-8, lo + 1e-8, hi)
     if preset == "performance":
-        if lo >= 0:
-            return 0.0, hi  # unsigned: [0, hi]
-        a = max(-lo, hi)
+        if np.all(lo >= 0):
+            return np.zeros_like(hi), hi  # unsigned: [0, hi]
+        a = np.maximum(-lo, hi)
         return -a * 128.0 / 127.0, a  # signed symmetric on the int8 grid: 127 steps up to a, 128 down
     scale = (hi - lo) / 255.0
-    zp = round(-lo / scale)
+    zp = np.round(-lo / scale)
     return -zp * scale, (255 - zp) * scale
 
 
 def act_ranges(acts: list[ActivationPoint], stats: Statistics, preset: str, estimator: str) -> dict:
-    """Final FakeQuantize range of every activation point (Concat inputs share theirs)."""
+    """Final FakeQuantize range of every activation point (Concat inputs share theirs); per-channel points
+    get one value per channel, from the extremes seen (``"max"`` where ``estimator`` is ``"minmax"``, as
+    NNCF: averaging per-sample maxima clips a single channel far more often than a whole tensor)."""
     ranges = {}
     for p in acts:
-        lo, hi = stats.range(p.key, estimator)
-        if preset == "performance" and lo < 0:
-            a = stats.abs_max(p.key, estimator)  # signed symmetric: mean of per-sample |x| maxima
+        est = "max" if p.per_channel and estimator == "minmax" else estimator
+        lo, hi = stats.range(p.key, est)
+        if preset == "performance" and np.any(np.asarray(lo) < 0):
+            a = stats.abs_max(p.key, est)  # signed symmetric: mean of per-sample |x| maxima
             lo, hi = -a, a
         ranges[p.key] = (lo, hi)
     groups: dict[int, list[ActivationPoint]] = {}
@@ -78,10 +81,14 @@ def act_ranges(acts: list[ActivationPoint], stats: Statistics, preset: str, esti
 
 
 def _act_fq(output, rng):
-    """FakeQuantize (256 levels) of an activation over ``rng`` = (low, high)."""
+    """FakeQuantize (256 levels) of an activation over ``rng`` = (low, high): numbers, or per-channel arrays
+    (shaped to broadcast over axis 1 of the tensor)."""
     import openvino.opset13 as ops
 
-    lo, hi = (np.float32(v) for v in rng)
+    lo, hi = (np.asarray(v, np.float32) for v in rng)
+    if lo.ndim:
+        shape = [1, lo.size] + [1] * (len(output.get_partial_shape()) - 2)
+        lo, hi = lo.reshape(shape), hi.reshape(shape)
     return ops.fake_quantize(output, lo, hi, lo, hi, 256)
 
 
@@ -118,10 +125,6 @@ def _weighted_like(op, data, weights):
     return fn(data, weights, a["strides"], a["pads_begin"], a["pads_end"], a["dilations"], a["auto_pad"])
 
 
-# Accuracy control validates up to this many of the best-ranked layers per step before giving up: the ranking
-# (output error on the worst samples) and the metric do not always agree on the next layer to revert.
-CANDIDATES_PER_STEP = 8
-
 # Fast bias correction skips a layer whose shift would exceed this multiple of its bias (as NNCF does): a
 # large relative shift means the layer-wise estimate is not trustworthy there.
 BIAS_SHIFT_THRESHOLD = 2.0
@@ -141,13 +144,23 @@ def _pointwise(op) -> bool:
             and unpadded_stride_one(op))
 
 
+# Op types whose biases fast bias correction shifts (NNCF's OpenVINO backend: the same two). Grouped and
+# depthwise convolutions are left alone: each output channel sums few products (9 for a 3x3 depthwise), so
+# the spatial term of the shift (:func:`fast_bias_shifts`) dominates it, and measured on MobileNetV1
+# (benchmarks/vww_int8.py --ablation) shifting them moves the INT8 outputs further from FP32.
+BIAS_CORRECTED_OPS = frozenset({"Convolution", "MatMul"})
+
+
 def bias_points(model, weights: list[WeightPoint]) -> list[tuple[WeightPoint, tuple, str]]:
     """Weighted ops that fast bias correction handles: (point, key of its input, the statistic it needs:
-    ``"channel"`` means for pointwise layers, a per-position ``"map"`` for others). Ops need a constant bias
-    and channels on axis 1 (convolutions, MatMul of a 2-D input)."""
+    ``"channel"`` means for pointwise layers, a per-position ``"map"`` for others). Ops need a type in
+    :data:`BIAS_CORRECTED_OPS`, a constant bias and channels on axis 1 (convolutions, MatMul of a 2-D
+    input)."""
     order = {op.get_name(): k for k, op in enumerate(model.get_ordered_ops())}
     found = []
     for wp in weights:
+        if wp.op.get_type_name() not in BIAS_CORRECTED_OPS:
+            continue
         rank = len(wp.op.get_output_partial_shape(0))
         if wp.op.get_type_name() == "MatMul" and (rank != 2 or wp.op.get_attributes()["transpose_a"]):
             continue
@@ -176,6 +189,13 @@ def fast_bias_shifts(points, stats: Statistics) -> dict:
     convolution), and the quantized side runs on a constant input holding the per-channel means, as NNCF
     does; these layers run side by side in one small model. Layers whose shift would exceed
     ``BIAS_SHIFT_THRESHOLD`` times their bias are left alone.
+
+    The two sides of a spatial layer thus see different inputs, and the shift holds, besides the weights'
+    rounding, ``conv(mean map) - conv(per-channel means)``: how the input's spatial pattern meets padding
+    and strides. Through a full convolution that term moves the outputs toward the calibration images'
+    statistics (kept: it is NNCF's behaviour and the better accuracy on real data); through a depthwise
+    layer, where each output reads a few values of one channel, it dominates the shift, which is why
+    :data:`BIAS_CORRECTED_OPS` leaves grouped convolutions out.
     """
     import openvino as ov
     import openvino.opset13 as ops
@@ -332,118 +352,6 @@ def _calibration_state(model, data, preset, subset_size, bias_correction, ignore
     ranges = act_ranges(acts, stats, preset, estimator)
     shifts = fast_bias_shifts(corrected, stats) if corrected else {}
     return ranges, shifts
-
-
-def calibrate_with_accuracy_control(
-    ov_model,
-    calibration_data: Iterable,
-    validation_data,
-    validate_fn: Callable,
-    max_drop: float = 0.01,
-    drop_type: str = "absolute",
-    preset: str = "performance",
-    subset_size: int = 300,
-    ranking_subset_size: int = 100,
-    max_iterations: int = 50,
-    bias_correction: bool = True,
-    ignored_layers: Iterable[str] = (),
-    overflow_fix: str = "first_layer",
-    verbose: bool = True,
-):
-    """Quantize like :func:`calibrate`, then revert the most harmful layers to float until the drop is small.
-
-    Layers are ranked by how much reverting each one alone reduces the INT8 vs FP32 output error on the
-    validation samples where the two disagree most; the worst is reverted, the model re-validated with
-    ``validate_fn`` (a step that makes the drop larger is undone and the next candidate tried), and the
-    ranking redone, until ``drop <= max_drop``.
-
-    Args:
-        validate_fn: ``validate_fn(compiled_model, validation_data) -> float``, higher is better.
-        drop_type: ``"absolute"`` (metric points) or ``"relative"`` (fraction of the FP32 metric).
-
-    Returns:
-        ``(model, info)``; ``info`` holds ``fp32_metric``, ``int8_metric`` (before reverting), ``metric``,
-        ``drop``, ``drops`` (after each accepted revert) and ``reverted``: friendly names of the layers
-        whose quantized inputs (and weights) were put back to float.
-    """
-    import openvino as ov
-
-    _check_args(preset, subset_size, False, "minmax", overflow_fix)
-    if drop_type not in ("absolute", "relative"):
-        raise ValueError(f"drop_type must be 'absolute' or 'relative', got {drop_type!r}")
-    if not 0 <= max_drop < 1:
-        raise ValueError(f"max_drop must be in [0, 1), got {max_drop!r}")
-    model = _read(ov_model)
-    core = ov.Core()
-    acts, weights = find_points(model, ignored_layers)
-    ranges, shifts = _calibration_state(model, calibration_data, preset, subset_size, bias_correction,
-                                        ignored_layers, "minmax", overflow_fix, verbose)
-
-    def compile_(m):
-        return core.compile_model(m, "CPU")
-
-    fp_metric = float(validate_fn(core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}),
-                                  validation_data))
-
-    def drop_of(metric):
-        d = fp_metric - metric
-        return d / abs(fp_metric) if drop_type == "relative" and fp_metric else d
-
-    skip: set[int] = set()
-    q = _build(model, ranges, shifts, skip, ignored_layers, overflow_fix)
-    metric = float(validate_fn(compile_(q), validation_data))
-    info = {"fp32_metric": fp_metric, "int8_metric": metric, "drops": [drop_of(metric)], "reverted": []}
-    ops = list(model.get_ordered_ops())
-    order = {op.get_name(): k for k, op in enumerate(ops)}
-    candidates = sorted({order[t.get_node().get_name()] for p in acts for t in p.targets}
-                        | {wp.key for wp in weights})
-    # what to report per candidate: its name, or for a quantizer hoisted above a Transpose / Reshape / Pad
-    # (reverted through that op) the layers it fed
-    names = {c: [ops[c].get_friendly_name()] for c in candidates}
-    for p in acts:
-        for t in p.targets:
-            k = order[t.get_node().get_name()]
-            if not _quantized_inputs(ops[k]):
-                names[k] = sorted(set(p.layers))
-    rank_x = np.concatenate(list(iterate_samples(validation_data, model.inputs[0].get_partial_shape(),
-                                                 ranking_subset_size)))
-    fp_out = _outputs(core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), rank_x)
-    progress = Progress(max_iterations, "accuracy control", verbose)
-    for _ in range(max_iterations):
-        if drop_of(metric) <= max_drop or not candidates:
-            break
-        err = np.abs(_outputs(compile_(q), rank_x) - fp_out).reshape(len(rank_x), -1).sum(axis=1)
-        worst = np.argsort(err)[::-1][: max(1, len(err) // 2)]  # where INT8 and FP32 disagree most
-        scores = []
-        for c in candidates:
-            trial = _build(model, ranges, shifts, skip | {c}, ignored_layers, overflow_fix)
-            e = np.abs(_outputs(compile_(trial), rank_x[worst]) - fp_out[worst]).sum()
-            scores.append((e, c))
-        scores.sort()
-        accepted = False
-        for _, c in scores[:CANDIDATES_PER_STEP]:  # keep the first that does not make things worse
-            trial = _build(model, ranges, shifts, skip | {c}, ignored_layers, overflow_fix)
-            m = float(validate_fn(compile_(trial), validation_data))
-            if drop_of(m) <= drop_of(metric):
-                skip.add(c)
-                candidates.remove(c)
-                q, metric = trial, m
-                info["reverted"] += [n for n in names[c] if n not in info["reverted"]]
-                info["drops"].append(drop_of(m))
-                accepted = True
-                break
-        progress.update(1)
-        if not accepted:
-            break
-    info.update(metric=metric, drop=drop_of(metric))
-    return q, info
-
-
-def _outputs(compiled, x: np.ndarray, batch: int = 64) -> np.ndarray:
-    parts = []
-    for i in range(0, len(x), batch):
-        parts.append(np.asarray(compiled({compiled.inputs[0]: x[i:i + batch].astype(np.float32)})[compiled.outputs[0]]))
-    return np.concatenate(parts)
 
 
 def compress_weights(model) -> None:

@@ -14,32 +14,42 @@ __all__ = ["Statistics", "collect", "iterate_samples"]
 
 @dataclasses.dataclass
 class Statistics:
-    """Per activation point: per-sample minima and maxima (and 1e-4 / 1 - 1e-4 quantiles); per mean point
-    ``(key, kind)``: the mean over samples (``"map"``) or over samples and positions (``"channel"``)."""
+    """Per activation point: per-sample minima and maxima (and 1e-4 / 1 - 1e-4 quantiles), one number per
+    sample, or one per sample and channel for a per-channel point; per mean point ``(key, kind)``: the mean
+    over samples (``"map"``) or over samples and positions (``"channel"``).
 
-    mins: dict[tuple[int, int], list[float]]
-    maxs: dict[tuple[int, int], list[float]]
-    q_lo: dict[tuple[int, int], list[float]]
-    q_hi: dict[tuple[int, int], list[float]]
+    Ranges come back as floats for per-tensor points and as arrays (one value per channel) for per-channel
+    points.
+    """
+
+    mins: dict[tuple[int, int], list]
+    maxs: dict[tuple[int, int], list]
+    q_lo: dict[tuple[int, int], list]
+    q_hi: dict[tuple[int, int], list]
     samples: int
     means: dict[tuple, np.ndarray] = dataclasses.field(default_factory=dict)
 
-    def abs_max(self, key, estimator: str = "minmax") -> float:
+    def abs_max(self, key, estimator: str = "minmax"):
         """Symmetric range: mean over samples of max |x| (or the max, or quantile-based)."""
-        per = np.maximum(np.abs(self.mins[key]), np.abs(self.maxs[key]))
-        if estimator == "max":
-            return float(per.max())
         if estimator == "quantile":
-            return float(np.mean(np.maximum(np.abs(self.q_lo[key]), np.abs(self.q_hi[key]))))
-        return float(per.mean())
+            per = np.maximum(np.abs(self.q_lo[key]), np.abs(self.q_hi[key]))
+            return _number(per.mean(axis=0))
+        per = np.maximum(np.abs(self.mins[key]), np.abs(self.maxs[key]))
+        return _number(per.max(axis=0) if estimator == "max" else per.mean(axis=0))
 
-    def range(self, key, estimator: str = "minmax") -> tuple[float, float]:
+    def range(self, key, estimator: str = "minmax") -> tuple:
         """POT/NNCF's default: min of the per-sample minima, mean of the per-sample maxima (or quantiles)."""
         if estimator == "quantile":
-            return float(np.mean(self.q_lo[key])), float(np.mean(self.q_hi[key]))
+            return _number(np.mean(self.q_lo[key], axis=0)), _number(np.mean(self.q_hi[key], axis=0))
         if estimator == "max":
-            return float(np.min(self.mins[key])), float(np.max(self.maxs[key]))
-        return float(np.min(self.mins[key])), float(np.mean(self.maxs[key]))
+            return _number(np.min(self.mins[key], axis=0)), _number(np.max(self.maxs[key], axis=0))
+        return _number(np.min(self.mins[key], axis=0)), _number(np.mean(self.maxs[key], axis=0))
+
+
+def _number(value: np.ndarray):
+    """A reduced statistic: a float for a per-tensor point, a float64 array for a per-channel one."""
+    value = np.asarray(value, np.float64)
+    return float(value) if value.ndim == 0 else value
 
 
 class Progress:
@@ -181,7 +191,7 @@ def collect(model, points, data, subset_size: int, batch: int = 16, verbose: boo
         if quantiles:  # sorting needs the whole tensor
             add("tensor", p.key, out)
             continue
-        axes = np.arange(1, len(out.get_partial_shape()), dtype=np.int64)
+        axes = np.arange(2 if p.per_channel else 1, len(out.get_partial_shape()), dtype=np.int64)
         if _nonnegative(out.get_node()):
             zero_min.add(p.key)
         else:
@@ -207,16 +217,17 @@ def collect(model, points, data, subset_size: int, batch: int = 16, verbose: boo
             sums[mp] = sums[mp] + get("mean", mp).astype(np.float64) * count
         for p in points:
             if quantiles:
-                flat = get("tensor", p.key).reshape(count, -1)
-                lo, hi = flat.min(axis=1), flat.max(axis=1)
-                q = np.quantile(flat, [1e-4, 1 - 1e-4], axis=1)
-                q_lo[p.key] += q[0].tolist()
-                q_hi[p.key] += q[1].tolist()
+                tensor = get("tensor", p.key)
+                flat = tensor.reshape(count, tensor.shape[1], -1) if p.per_channel else tensor.reshape(count, -1)
+                lo, hi = flat.min(axis=-1), flat.max(axis=-1)
+                q = np.quantile(flat, [1e-4, 1 - 1e-4], axis=-1)
+                q_lo[p.key] += list(q[0])
+                q_hi[p.key] += list(q[1])
             else:
-                hi = get("max", p.key).reshape(-1)
-                lo = np.zeros_like(hi) if p.key in zero_min else get("min", p.key).reshape(-1)
-            mins[p.key] += lo.tolist()
-            maxs[p.key] += hi.tolist()
+                hi = get("max", p.key).reshape(count, -1) if p.per_channel else get("max", p.key).reshape(-1)
+                lo = np.zeros_like(hi) if p.key in zero_min else get("min", p.key).reshape(hi.shape)
+            mins[p.key] += list(lo)
+            maxs[p.key] += list(hi)
 
     n = run_batches(model, compiled, data, subset_size, batch, "statistics", verbose, on_result)
     return Statistics(mins, maxs, q_lo, q_hi, n, {k: v / n for k, v in sums.items()})

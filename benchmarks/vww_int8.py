@@ -1,0 +1,138 @@
+"""INT8 on a depthwise network: MLPerf Tiny VWW MobileNetV1-0.25 (96x96), tfcompress vs nncf, same FP32 IR.
+
+    /work/venv/bin/python benchmarks/vww_int8.py [--nncf_python /work/venv-nncf/bin/python] [--ablation]
+
+Inputs: CIFAR-10 JPEG test images resized to 96x96, scaled to [0, 1] (the model's input range); calibration on
+[0:300], evaluation on [300:2300]. The reference is the FP32 IR compiled with the f32 hint: agreement of the
+INT8 model's argmax with FP32's, and mean KL(FP32 || INT8) of the softmax outputs. nncf runs in its own venv
+(a subprocess on the saved FP32 IR): tfcompress never imports it. ``--ablation`` also measures our INT8 model
+without bias correction and with bias correction on GroupConvolution layers too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import numpy as np  # noqa: E402
+
+import common  # noqa: E402
+
+MLPERF = common.SHARED / "models" / "mlperf_tiny"
+
+NNCF_SCRIPT = """
+import sys, time, numpy as np, openvino as ov, nncf
+model = ov.Core().read_model(sys.argv[1])
+calib = np.load(sys.argv[2])
+t = time.perf_counter()
+q = nncf.quantize(model, nncf.Dataset(list(calib[:, None])), subset_size=len(calib))
+print(f"{time.perf_counter() - t:.3f}")
+ov.save_model(q, sys.argv[3])
+"""
+
+
+def load_vww():
+    """The pretrained VWW model; its legacy DepthwiseConv2D config carries a ``groups`` Keras 3 refuses."""
+    import keras
+
+    class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
+        def __init__(self, *args, groups=None, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    return keras.models.load_model(MLPERF / "vww_96.h5", compile=False,
+                                   custom_objects={"DepthwiseConv2D": DepthwiseConv2D})
+
+
+def vww_ir(work: str) -> str:
+    """The FP32 OpenVINO IR of VWW as the export pipeline makes it (Keras -> SavedModel -> ONNX -> OpenVINO,
+    which keeps the layers' TF scope names), path to its .xml."""
+    from tfcompress.export import to_onnx, to_openvino
+
+    xml = os.path.join(work, "vww_fp32.xml")
+    if not os.path.exists(xml):
+        load_vww().export(os.path.join(work, "vww_sm"), verbose=False)
+        to_onnx(os.path.join(work, "vww_sm"), os.path.join(work, "vww.onnx"))
+        to_openvino(os.path.join(work, "vww.onnx"), xml)
+    return xml
+
+
+def vww_data(n_calib: int = 300, n_eval: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10 JPEG test images resized to 96x96 in [0, 1]: calibration and evaluation sets."""
+    import tensorflow as tf
+
+    x, _ = common.cifar10_test()
+    x = tf.image.resize(x[:n_calib + n_eval].astype(np.float32), (96, 96)).numpy() / 255.0
+    return x[:n_calib].astype(np.float32), x[n_calib:].astype(np.float32)
+
+
+def outputs(compiled, x: np.ndarray, batch: int = 100) -> np.ndarray:
+    return np.concatenate([compiled({0: x[i:i + batch]})[compiled.outputs[0]] for i in range(0, len(x), batch)])
+
+
+def kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
+    return float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)))
+
+
+def closeness(reference: np.ndarray, out: np.ndarray) -> tuple[float, float]:
+    """(agreement of argmax with the reference, mean KL(reference || out))."""
+    return float(np.mean(reference.argmax(1) == out.argmax(1))), kl_divergence(reference, out)
+
+
+def run_nncf(python: str, xml: str, calib: np.ndarray, work: str) -> tuple[str, float]:
+    """nncf.quantize on the IR in nncf's own interpreter: (INT8 IR path, calibration seconds)."""
+    npy, out = os.path.join(work, "calib.npy"), os.path.join(work, "vww_nncf.xml")
+    np.save(npy, calib)
+    res = subprocess.run([python, "-c", NNCF_SCRIPT, xml, npy, out], capture_output=True, text=True, check=True)
+    return out, float(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nncf_python", default="/work/venv-nncf/bin/python")
+    ap.add_argument("--ablation", action="store_true")
+    ap.add_argument("--work", default=None, help="directory for the IRs (default: a new temporary one)")
+    args = ap.parse_args()
+    import openvino as ov
+
+    from tfcompress import calibration
+    from tfcompress.calibration import quantize
+
+    core = ov.Core()
+    work = args.work or tempfile.mkdtemp(prefix="tfcompress-vww-")
+    os.makedirs(work, exist_ok=True)
+    print(f"machine: {common.machine()}\n")
+    xml = vww_ir(work)
+    calib, held_out = vww_data()
+    fp = core.read_model(xml)
+    reference = outputs(core.compile_model(fp, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), held_out)
+    rows = {"OpenVINO default precision (no INT8)": (core.compile_model(fp, "CPU"), None)}
+    t = time.perf_counter()
+    rows["tfcompress INT8"] = (core.compile_model(calibration.calibrate(fp, calib, verbose=False), "CPU"),
+                               time.perf_counter() - t)
+    if args.ablation:
+        rows["tfcompress INT8, no bias correction"] = (
+            core.compile_model(calibration.calibrate(fp, calib, bias_correction=False, verbose=False), "CPU"), None)
+        kept = quantize.BIAS_CORRECTED_OPS
+        quantize.BIAS_CORRECTED_OPS = kept | {"GroupConvolution"}
+        rows["tfcompress INT8, bias correction also on GroupConvolution"] = (
+            core.compile_model(calibration.calibrate(fp, calib, verbose=False), "CPU"), None)
+        quantize.BIAS_CORRECTED_OPS = kept
+    nncf_xml, t_nncf = run_nncf(args.nncf_python, xml, calib, work)
+    rows["nncf.quantize INT8"] = (core.compile_model(nncf_xml, "CPU"), t_nncf)
+    print("VWW MobileNetV1-0.25 96x96: calibration CIFAR-10 test [0:300], evaluation [300:2300], "
+          "reference FP32 (f32 hint)")
+    print("| model | agreement with FP32 % | KL from FP32 (x1e-3) | calibration s |\n|---|---|---|---|")
+    for name, (compiled, seconds) in rows.items():
+        agree, kl = closeness(reference, outputs(compiled, held_out))
+        print(f"| {name} | {100 * agree:.2f} | {1000 * kl:.2f} | {'-' if seconds is None else f'{seconds:.2f}'} |")
+
+
+if __name__ == "__main__":
+    main()

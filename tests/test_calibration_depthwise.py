@@ -1,0 +1,162 @@
+"""INT8 calibration of depthwise networks and what fast bias correction may shift, against OpenVINO FP32."""
+
+import keras
+import numpy as np
+import openvino as ov
+import openvino.opset13 as ops
+import pytest
+from keras import layers as L
+
+from tfcompress import calibration
+from conftest import SHARED_DATA
+
+
+def _f32(model):
+    return ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+
+
+def _run(compiled, x):
+    return np.asarray(compiled({0: x})[compiled.outputs[0]])
+
+
+def _on_grid(rng, shape, axes):
+    """Weights exactly on the symmetric int8 grid of their per-output-channel abs-max (quantizing them is
+    the identity)."""
+    k = rng.integers(-127, 128, size=shape).astype(np.float32)
+    reduce = tuple(a for a in range(len(shape)) if a not in axes)
+    k = np.where(np.abs(k).max(axis=reduce, keepdims=True) == 127, k, np.clip(k, -126, 126))
+    idx = [0] * len(shape)
+    for a in axes:
+        idx[a] = slice(None)
+    k[tuple(idx)] = 127  # every output channel reaches 127 somewhere
+    step = rng.uniform(0.001, 0.01, size=[shape[a] if a in axes else 1 for a in range(len(shape))])
+    return (k * step).astype(np.float32)
+
+
+def _grid_model(rng):
+    """1x1 convolution -> ReLU -> 1x1 convolution -> ReLU -> fully connected, all with biases and with
+    weights on the int8 grid."""
+    p = ops.parameter([-1, 3, 16, 16], ov.Type.f32)
+    y = ops.convolution(p, ops.constant(_on_grid(rng, (8, 3, 1, 1), (0,))), [1, 1], [0, 0], [0, 0], [1, 1])
+    y = ops.relu(ops.add(y, ops.constant(rng.uniform(0.5, 1, (1, 8, 1, 1)).astype(np.float32))))
+    y = ops.convolution(y, ops.constant(_on_grid(rng, (6, 8, 1, 1), (0,))), [1, 1], [0, 0], [0, 0], [1, 1])
+    y = ops.relu(ops.add(y, ops.constant(rng.uniform(0.5, 1, (1, 6, 1, 1)).astype(np.float32))))
+    y = ops.reduce_mean(y, np.array([2, 3], np.int64), False)
+    y = ops.matmul(y, ops.constant(_on_grid(rng, (6, 5), (1,))), False, False)
+    y = ops.add(y, ops.constant(rng.uniform(0.5, 1, (1, 5)).astype(np.float32)))
+    return ov.Model([y.output(0)], [p])
+
+
+def test_weights_on_the_int8_grid_get_no_bias_shift(rng):
+    # For pointwise and fully-connected layers the shift is exactly the mean output that weight rounding
+    # takes away: with weights already on the grid there is none, whatever the input's spatial pattern
+    model = _grid_model(rng)
+    yy, xx = np.mgrid[:16, :16]
+    centre = np.exp(-((yy - 7.5) ** 2 + (xx - 7.5) ** 2) / 20.0)
+    x = (centre * rng.uniform(2, 5, size=(200, 3, 1, 1)) + rng.uniform(0, 0.3, size=(200, 3, 16, 16)))
+    x = x.astype(np.float32)
+    kw = dict(overflow_fix="disable", range_estimator="max", verbose=False)
+    plain = calibration.calibrate(model, x, bias_correction=False, **kw)
+    corrected = calibration.calibrate(model, x, **kw)
+    np.testing.assert_allclose(_run(_f32(corrected), x), _run(_f32(plain), x), rtol=0, atol=1e-5)
+
+
+def _group_biases(model) -> list[np.ndarray]:
+    """The bias constants after every GroupConvolution."""
+    found = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() == "GroupConvolution":
+            add = next(iter(op.output(0).get_target_inputs())).get_node()
+            found.append(next(i.get_source_output().get_node().get_data().copy() for i in add.inputs()
+                              if i.get_source_output().get_node().get_type_name() == "Constant"))
+    return found
+
+
+def _depthwise_model(rng):
+    """A small MobileNetV1-like Keras model (depthwise 3x3 + pointwise 1x1 blocks, 'same' padding, strides)
+    whose channels span very different ranges (per-channel input scales from 0.03 to 3), without softmax."""
+    keras.utils.set_random_seed(int(rng.integers(1 << 30)))
+    inp = keras.Input((32, 32, 3))
+    x = L.ReLU(name="stem_relu")(L.Conv2D(8, 3, strides=2, padding="same", name="stem")(inp))
+    for k, (filters, stride) in enumerate(((16, 1), (24, 2), (32, 1))):
+        x = L.ReLU()(L.DepthwiseConv2D(3, strides=stride, padding="same", name=f"dw_{k}")(x))
+        x = L.ReLU()(L.Conv2D(filters, 1, name=f"pw_{k}")(x))
+    out = L.Dense(6, name="head")(L.GlobalAveragePooling2D()(x))
+    model = keras.Model(inp, out)
+    for layer in model.layers:
+        if isinstance(layer, (L.Conv2D, L.DepthwiseConv2D)):
+            kernel, bias = layer.get_weights()
+            scale = 10.0 ** rng.uniform(-1.5, 0.5, size=kernel.shape[-1])
+            layer.set_weights([kernel * scale, rng.uniform(-0.1, 0.3, size=bias.shape) * scale])
+    return model
+
+
+@pytest.fixture(scope="module")
+def depthwise_ir(tmp_path_factory):
+    rng = np.random.default_rng(7)
+    model = _depthwise_model(rng)
+    d = tmp_path_factory.mktemp("dw")
+    model.export(str(d / "sm"), verbose=False)
+    fp = ov.convert_model(str(d / "sm"))
+    x = rng.uniform(0, 1, size=(500, 32, 32, 3)).astype(np.float32)
+    x[:, 8:24, 8:24] *= 3.0  # a spatial pattern: brighter centre
+    return fp, x[:300], x[300:]
+
+
+def test_depthwise_inputs_are_quantized_per_channel_and_run_int8(depthwise_ir):
+    fp, calib, _ = depthwise_ir
+    q = calibration.calibrate(fp, calib, verbose=False)
+    widths = {}
+    for op in q.get_ordered_ops():
+        if op.get_type_name() != "FakeQuantize":
+            continue
+        readers = {t.get_node().get_type_name() for t in op.output(0).get_target_inputs()}
+        size = op.input(2).get_source_output().get_node().get_data().size
+        widths.setdefault(frozenset(readers), []).append(size)
+    assert sorted(widths[frozenset({"GroupConvolution"})]) == [8, 16, 24]  # one range per channel
+    assert all(s == 1 for r, sizes in widths.items() if "GroupConvolution" not in r for s in sizes)
+    assert calibration.int8_layers(ov.Core().compile_model(q, "CPU")) == {"int8": 8, "total": 8}
+
+
+class _LegacyDepthwiseConv2D(keras.layers.DepthwiseConv2D):
+    """The VWW model's DepthwiseConv2D config carries a ``groups`` argument Keras 3 refuses."""
+
+    def __init__(self, *args, groups=None, **kwargs):
+        super().__init__(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def vww_ir(tmp_path_factory):
+    """The pretrained MLPerf Tiny VWW MobileNetV1-0.25 (96x96, 13 depthwise layers) as an FP32 IR, and
+    CIFAR-10 JPEG test images resized to 96x96 in [0, 1]: 300 for calibration, 500 others."""
+    import tensorflow as tf
+
+    model = keras.models.load_model(SHARED_DATA / "models" / "mlperf_tiny" / "vww_96.h5", compile=False,
+                                    custom_objects={"DepthwiseConv2D": _LegacyDepthwiseConv2D})
+    d = tmp_path_factory.mktemp("vww")
+    model.export(str(d / "sm"), verbose=False)
+    x = np.load(SHARED_DATA / "cifar10" / "cifar10_jpeg_q75_test.npz")["x_test"][:800]
+    x = (tf.image.resize(x.astype(np.float32), (96, 96)).numpy() / 255.0).astype(np.float32)
+    return ov.convert_model(str(d / "sm")), x[:300], x[300:]
+
+
+def test_depthwise_biases_are_not_shifted(depthwise_ir):
+    # the shift of a depthwise layer, measured on the mean input map vs its per-channel means, is mostly
+    # how the input's spatial pattern meets padding, not quantization error: left alone, as NNCF does
+    fp, calib, _ = depthwise_ir
+    kw = dict(verbose=False)
+    plain, corrected = (calibration.calibrate(fp, calib, bias_correction=bc, **kw) for bc in (False, True))
+    for a, b in zip(_group_biases(plain), _group_biases(corrected), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert len(_group_biases(plain)) == 3
+
+
+def test_bias_correction_never_moves_a_depthwise_model_away_from_fp32(vww_ir):
+    fp, calib, held_out = vww_ir
+    reference = _run(_f32(fp), held_out)
+    errors = {}
+    for bc in (False, True):
+        q = calibration.calibrate(fp, calib, bias_correction=bc, verbose=False)
+        errors[bc] = float(np.abs(_run(ov.Core().compile_model(q, "CPU"), held_out) - reference).mean())
+    # mean absolute error of the output probabilities; 2 % of it is the scale of BF16 / kernel noise
+    assert errors[True] <= errors[False] * 1.02, errors

@@ -1,0 +1,247 @@
+"""Accuracy-aware INT8: quantize, then put the layers that cost the most accuracy back to float."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Callable, Iterable
+
+import numpy as np
+
+from tfcompress.calibration.names import layer_names as user_layer_names
+from tfcompress.calibration.placement import _quantized_inputs, find_points
+from tfcompress.calibration.quantize import _build, _calibration_state, _check_args, _read
+from tfcompress.calibration.statistics import Progress, iterate_samples
+
+__all__ = ["calibrate_with_accuracy_control", "layer_macs", "RANKINGS"]
+
+# Accuracy control validates up to this many of the best-ranked layers per step before giving up: the ranking
+# (output error on the worst samples) and the metric do not always agree on the next layer to revert.
+CANDIDATES_PER_STEP = 8
+
+# ``"speed"``: the output error a revert removes per unit of compute it moves out of INT8 (MACs of a
+# convolution / fully-connected layer; output elements for an Add or pooling input); ``"error"``: the error
+# it removes, whatever it costs (NNCF's ranking).
+RANKINGS = ("speed", "error")
+
+
+def layer_macs(model) -> dict[int, int]:
+    """Multiply-accumulates per sample of every Convolution, GroupConvolution and MatMul with static
+    shapes, keyed by position in ``get_ordered_ops()``."""
+    macs = {}
+    for k, op in enumerate(model.get_ordered_ops()):
+        t = op.get_type_name()
+        if t not in ("Convolution", "GroupConvolution", "MatMul"):
+            continue
+        dims, w = list(op.get_output_partial_shape(0))[1:], op.get_input_partial_shape(1)
+        if not all(d.is_static for d in dims) or not w.is_static:
+            continue
+        outputs = int(np.prod([d.get_length() for d in dims]))
+        w = [d.get_length() for d in w]
+        if t == "MatMul":  # weights [K, N], or [N, K] with transpose_b
+            per_output = w[-1] if op.get_attributes()["transpose_b"] else w[-2]
+        else:  # weights [O, I, k...] or [G, O/G, I/G, k...]: each output reads one group's inputs
+            per_output = int(np.prod(w[2:] if t == "GroupConvolution" else w[1:]))
+        macs[k] = outputs * per_output
+    return macs
+
+
+def _output_elements(op) -> int:
+    shape = op.get_output_partial_shape(0)
+    dims = list(shape)[1:]
+    return int(np.prod([d.get_length() for d in dims])) if all(d.is_static for d in dims) else 1
+
+
+@dataclasses.dataclass
+class _Search:
+    """What every trial model of one accuracy-control run shares."""
+
+    model: object
+    ranges: dict
+    shifts: dict
+    ignored_layers: tuple
+    overflow_fix: str
+    compile: Callable
+
+    def build(self, skip: set[int]):
+        return _build(self.model, self.ranges, self.shifts, skip, self.ignored_layers, self.overflow_fix)
+
+    def outputs(self, skip: set[int], x: np.ndarray) -> np.ndarray:
+        compiled = self.compile(self.build(skip))
+        out = _outputs(compiled, x)
+        del compiled  # one compiled trial model alive at a time
+        return out
+
+
+def _candidates(model, acts, weights) -> tuple[list[int], dict[int, list[str]]]:
+    """Op positions that can be reverted, and the IR layers to report for each: its own name, or for a
+    quantizer hoisted above a Transpose / Reshape / Pad (reverted through that op) the layers it fed."""
+    ops = list(model.get_ordered_ops())
+    order = {op.get_name(): k for k, op in enumerate(ops)}
+    candidates = sorted({order[t.get_node().get_name()] for p in acts for t in p.targets} | {wp.key for wp in weights})
+    names = {c: [ops[c].get_friendly_name()] for c in candidates}
+    for p in acts:
+        for t in p.targets:
+            k = order[t.get_node().get_name()]
+            if not _quantized_inputs(ops[k]):
+                names[k] = sorted(set(p.layers))
+    return candidates, names
+
+
+def _rank(search: _Search, skip: set[int], candidates: list[int], x: np.ndarray, fp_out: np.ndarray,
+          cost: dict[int, int], ranking: str) -> list[int]:
+    """Candidates, most useful revert first: error removed on the samples where INT8 and FP32 disagree most,
+    per unit of ``cost`` for ``ranking="speed"``."""
+    err = np.abs(search.outputs(skip, x) - fp_out).reshape(len(x), -1).sum(axis=1)
+    worst = np.argsort(err)[::-1][: max(1, len(err) // 2)]
+    base = err[worst].sum()
+    scores = []
+    for c in candidates:
+        gain = base - np.abs(search.outputs(skip | {c}, x[worst]) - fp_out[worst]).sum()
+        scores.append((gain / cost[c] if ranking == "speed" else gain, c))
+    return [c for _, c in sorted(scores, key=lambda s: -s[0])]
+
+
+def _int8_mac_share(model, macs: dict[int, int], acts, weights, skip: set[int]) -> float:
+    """The fraction of the weighted layers' MACs still in INT8: weights and activation input quantized."""
+    order = {op.get_name(): k for k, op in enumerate(model.get_ordered_ops())}
+    float_inputs = set()  # layers reading a reverted quantizer: the target itself, or through a hoisted op
+    for p in acts:
+        for t in p.targets:
+            node = t.get_node()
+            if order[node.get_name()] in skip:
+                float_inputs |= {node.get_friendly_name()} if _quantized_inputs(node) else set(p.layers)
+    int8 = sum(macs.get(wp.key, 0) for wp in weights
+               if wp.key not in skip and wp.op.get_friendly_name() not in float_inputs)
+    total = sum(macs.values())
+    return int8 / total if total else 0.0
+
+
+def calibrate_with_accuracy_control(
+    ov_model,
+    calibration_data: Iterable,
+    validation_data,
+    validate_fn: Callable,
+    max_drop: float = 0.01,
+    drop_type: str = "absolute",
+    preset: str = "performance",
+    subset_size: int = 300,
+    ranking_subset_size: int = 100,
+    max_iterations: int = 50,
+    bias_correction: bool = True,
+    ignored_layers: Iterable[str] = (),
+    overflow_fix: str = "first_layer",
+    ranking: str = "error",
+    inference_precision: str | None = "f32",
+    layer_names: Iterable[str] | None = None,
+    verbose: bool = True,
+):
+    """Quantize like :func:`~tfcompress.calibration.calibrate`, then revert layers to float until the drop
+    is within ``max_drop``.
+
+    Each step ranks the layers by how much reverting each one alone reduces the INT8 vs FP32 output error
+    on the validation samples where the two disagree most (``ranking="error"``, the default, as NNCF; or
+    ``"speed"``: per MAC it takes out of INT8, so that cheap layers go first and the model keeps more INT8
+    compute, though its cheap candidates may each remove too little error to lower the drop), reverts the
+    best one that lowers the drop (re-validated with ``validate_fn``; up to ``CANDIDATES_PER_STEP`` tried),
+    and ranks again.
+
+    The FP32 baseline, the ranking and every validation compile the models with ``inference_precision``
+    (``"f32"`` by default, the true FP32 baseline; ``None``: OpenVINO's default, BF16 on CPUs with AMX or
+    AVX512-BF16). Reverted layers run in that precision too, so the drop holds when the returned model is
+    compiled with the same ``INFERENCE_PRECISION_HINT`` (OpenVINO 2026.4 has no per-layer way to keep
+    reverted layers in f32 under a BF16 default; compiled without the hint they run BF16).
+
+    When the drop is still above ``max_drop`` after the search (no revert lowers it, or ``max_iterations``
+    is reached) a ``UserWarning`` says so, and ``info["max_drop_met"]`` is False.
+
+    Args:
+        validate_fn: ``validate_fn(compiled_model, validation_data) -> float``, higher is better.
+        drop_type: ``"absolute"`` (metric points) or ``"relative"`` (fraction of the FP32 metric).
+        layer_names: the model's layer names (e.g. a Keras model's), to report reverted layers by them
+            (:func:`tfcompress.calibration.names.layer_names`).
+
+    Returns:
+        ``(model, info)``; ``info`` holds ``fp32_metric``, ``int8_metric`` (before reverting), ``metric``,
+        ``drop``, ``drops`` (after each accepted revert), ``max_drop_met``, ``reverted`` (the user's layer
+        names of the layers put back to float, in order), ``reverted_ir`` (their IR friendly names),
+        ``int8_mac_share`` (the fraction of convolution / fully-connected MACs still in INT8),
+        ``inference_precision`` and, on a miss, ``warning``.
+    """
+    import openvino as ov
+
+    _check_args(preset, subset_size, False, "minmax", overflow_fix)
+    if drop_type not in ("absolute", "relative"):
+        raise ValueError(f"drop_type must be 'absolute' or 'relative', got {drop_type!r}")
+    if not 0 <= max_drop < 1:
+        raise ValueError(f"max_drop must be in [0, 1), got {max_drop!r}")
+    if ranking not in RANKINGS:
+        raise ValueError(f"ranking must be one of {list(RANKINGS)}, got {ranking!r}")
+    if inference_precision not in ("f32", "bf16", "f16", None):
+        raise ValueError(f"inference_precision must be 'f32', 'bf16', 'f16' or None, got {inference_precision!r}")
+    model = _read(ov_model)
+    core = ov.Core()
+    config = {} if inference_precision is None else {"INFERENCE_PRECISION_HINT": inference_precision}
+    acts, weights = find_points(model, ignored_layers, overflow_fix)
+    ranges, shifts = _calibration_state(model, calibration_data, preset, subset_size, bias_correction,
+                                        ignored_layers, "minmax", overflow_fix, verbose)
+    search = _Search(model, ranges, shifts, tuple(ignored_layers), overflow_fix,
+                     lambda m: core.compile_model(m, "CPU", config))
+
+    def validate(m) -> float:
+        compiled = search.compile(m)
+        return float(validate_fn(compiled, validation_data))
+
+    fp_metric = validate(model)
+
+    def drop_of(metric):
+        d = fp_metric - metric
+        return d / abs(fp_metric) if drop_type == "relative" and fp_metric else d
+
+    skip: set[int] = set()
+    metric = validate(search.build(skip))
+    info = {"fp32_metric": fp_metric, "int8_metric": metric, "drops": [drop_of(metric)], "reverted_ir": []}
+    candidates, names = _candidates(model, acts, weights)
+    ops = list(model.get_ordered_ops())
+    macs = layer_macs(model)
+    cost = {c: max(1, macs.get(c) or _output_elements(ops[c])) for c in candidates}
+    rank_x = np.concatenate(list(iterate_samples(validation_data, model.inputs[0].get_partial_shape(),
+                                                 ranking_subset_size)))
+    fp_out = _outputs(search.compile(model), rank_x)
+    progress = Progress(max_iterations, "accuracy control", verbose)
+    for _ in range(max_iterations):
+        if drop_of(metric) <= max_drop or not candidates:
+            break
+        accepted = False
+        for c in _rank(search, skip, candidates, rank_x, fp_out, cost, ranking)[:CANDIDATES_PER_STEP]:
+            m = validate(search.build(skip | {c}))
+            if drop_of(m) < drop_of(metric):
+                skip.add(c)
+                candidates.remove(c)
+                metric = m
+                info["reverted_ir"] += [n for n in names[c] if n not in info["reverted_ir"]]
+                info["drops"].append(drop_of(m))
+                accepted = True
+                break
+        progress.update(1)
+        if not accepted:
+            break
+    by_name = {op.get_friendly_name(): op for op in ops}
+    users = user_layer_names(model, [by_name[n] for n in info["reverted_ir"]], layer_names)
+    info.update(metric=metric, drop=drop_of(metric), max_drop_met=drop_of(metric) <= max_drop,
+                reverted=list(dict.fromkeys(users[n] for n in info["reverted_ir"])),
+                int8_mac_share=_int8_mac_share(model, macs, acts, weights, skip), inference_precision=inference_precision or "default")
+    if not info["max_drop_met"]:
+        info["warning"] = (f"accuracy control did not reach max_drop={max_drop}: the drop is {info['drop']:.4f} "
+                           f"after reverting {len(info['reverted'])} layer(s) ({drop_type})")
+        warnings.warn(info["warning"], UserWarning, stacklevel=2)
+    return search.build(skip), info
+
+
+def _outputs(compiled, x: np.ndarray, batch: int = 16) -> np.ndarray:
+    """The first output over ``x`` in batches. Small ones: the CPU plugin keeps memory from every inference
+    of a newly compiled trial model after it is deleted, more for larger batches."""
+    parts = []
+    for i in range(0, len(x), batch):
+        parts.append(np.asarray(compiled({compiled.inputs[0]: x[i:i + batch].astype(np.float32)})[compiled.outputs[0]]))
+    return np.concatenate(parts)
