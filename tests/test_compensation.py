@@ -190,3 +190,98 @@ def test_zeroing_the_least_important_channel_of_any_group_keeps_vww_predictions(
             model.set_weights(weights)
     finally:
         model.set_weights(weights)
+
+
+# --------------------------------------------------------------------------- FilterPruning hands over too
+
+def _pruner_on(model, **kwargs):
+    pruner = FilterPruning(target=0.25, schedule="baseline", pruning_epochs=1, prune_first_conv=True, **kwargs)
+    pruner.set_model(model)
+    pruner.on_train_begin()
+    return pruner
+
+
+@pytest.mark.parametrize("consumer", ["conv_bias", "conv_bn"])
+def test_filter_pruning_hands_a_constant_channel_over_at_the_moment_it_prunes_it(consumer, rng):
+    model, group, x = _setup(consumer, rng)
+    weights = model.get_weights()
+    before = model.predict(x, verbose=0)
+    outputs = {}
+    for compensate in (False, True):
+        model.set_weights(weights)
+        pruner = _pruner_on(model, compensate=compensate)
+        pruner.on_epoch_begin(0)
+        assert not pruner.masks[("prod",)][3]  # the zero filter goes first (l1/l2/FPGM all rank it last)
+        outputs[compensate] = model.predict(x, verbose=0)
+    assert rel_error(outputs[False], before) > 1e-2
+    # the other pruned channels vary, so the output changes, but far less than without the hand-over
+    assert rel_error(outputs[True], before) < 0.5 * rel_error(outputs[False], before)
+
+
+def test_filter_pruning_takes_the_hand_over_back_when_a_channel_is_revived(rng):
+    model, group, x = _setup("conv_bn", rng)
+    stats = rng.normal(size=(32, 8, 8, 3)).astype("float32")
+    before = model.predict(x, verbose=0)
+    weights = model.get_weights()
+    pruner = _pruner_on(model, compensation_data=stats)
+    masks = pruner._state.masks
+    g = masks.groups[0]
+    keep = {gg.id: np.ones(gg.size, bool) for gg in masks.groups}
+    keep[g.id][[1, 3, 6]] = False
+    masks.set(keep)
+    assert rel_error(model.predict(x, verbose=0), before) > 1e-3
+    masks.set({gid: np.ones_like(k) for gid, k in keep.items()})  # all revived
+    for w, w0 in zip(model.get_weights(), weights):
+        np.testing.assert_allclose(w, w0, rtol=1e-5, atol=1e-5)
+
+
+def test_filter_pruning_compensation_options_are_checked():
+    assert FilterPruning().get_config()["compensate"] is True
+    assert FilterPruning.from_config({"compensate": False}).compensate is False
+    with pytest.raises(ValueError, match="compensate must be true or false"):
+        FilterPruning(compensate=1)
+    with pytest.raises(ValueError, match="compensation_data is only used"):
+        FilterPruning(compensate=False, compensation_data=np.zeros((2, 8, 8, 3)))
+
+
+def _dead_and_constant_model(rng):
+    """Channel 2 is dead (always negative before the ReLU); channel 5 emits an almost constant 3.0."""
+    inp = keras.Input((8, 8, 3))
+    x = L.ReLU()(L.BatchNormalization(name="bn")(L.Conv2D(8, 3, padding="same", name="prod")(inp)))
+    model = keras.Model(inp, L.Dense(4, name="head")(L.GlobalAveragePooling2D()(L.Conv2D(6, 1, name="cons")(x))))
+    randomize_batchnorm(model, rng)
+    prod, bn = model.get_layer("prod"), model.get_layer("bn")
+    k = prod.kernel.numpy()
+    k[..., 2] *= 10.0
+    k[..., 5] *= 1e-3
+    prod.kernel.assign(k)
+    gamma, beta, mean, var = [w.copy() for w in bn.get_weights()]
+    beta[2], gamma[2] = -100.0, 0.01  # always negative before the ReLU: dead
+    beta[5] = 3.0  # ~3.0 whatever the input
+    bn.set_weights([gamma, beta, mean, var])
+    return model
+
+
+def test_emitted_criterion_sees_dead_and_constant_channels_that_kernel_norms_miss(rng):
+    model = _dead_and_constant_model(rng)
+    x = rng.normal(size=(64, 8, 8, 3)).astype("float32")
+    kg = build_graph(model)
+    g = kg.groups()[0]
+    l1 = criteria.importance("l1", GroupMasks(kg, [g]).filters(g))
+    emitted = tfcompress.graph.compensation.emitted_importance(kg, g, x)
+    # by weights (rows rescaled to the BatchNorm's |gamma|) the constant channel looks important
+    assert l1[5] > np.median(l1)
+    assert set(np.argsort(emitted)[:2]) == {2, 5}
+    before = model.predict(x, verbose=0)
+    pruner = FilterPruning(target=0.25, schedule="baseline", pruning_epochs=1, prune_first_conv=True,
+                           criterion="emitted", compensation_data=x, ignored_layers=["cons"])
+    pruner.set_model(model)
+    pruner.on_train_begin()
+    pruner.on_epoch_begin(0)
+    assert set(np.nonzero(~pruner.masks[("prod",)])[0]) == {2, 5}
+    np.testing.assert_allclose(model.predict(x, verbose=0), before, rtol=1e-3, atol=1e-3)
+
+
+def test_emitted_criterion_needs_data():
+    with pytest.raises(ValueError, match='criterion="emitted"'):
+        FilterPruning(criterion="emitted")

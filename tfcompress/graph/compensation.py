@@ -24,7 +24,7 @@ import numpy as np
 from tfcompress.graph.engine import ChannelGroup, Rule
 from tfcompress.graph.kernels import fold_into_bias
 
-__all__ = ["CompensationReport", "compensate", "consumer_means"]
+__all__ = ["CompensationReport", "compensate", "consumer_means", "emitted_importance", "undo"]
 
 
 @dataclasses.dataclass
@@ -45,6 +45,9 @@ class CompensationReport:
     exact: list[str] = dataclasses.field(default_factory=list)
     not_absorbed: list[str] = dataclasses.field(default_factory=list)
     error: dict[str, float] = dataclasses.field(default_factory=dict)
+    changes: list[tuple[Any, int, np.ndarray]] = dataclasses.field(default_factory=list, repr=False)
+    """(variable, group channel, value added to the variable) of every fold: undoing a channel's hand-over
+    (when pruning brings it back) is subtracting its entries."""
 
     @property
     def max_error(self) -> float:
@@ -52,15 +55,16 @@ class CompensationReport:
         return max(self.error.values(), default=0.0)
 
 
-def _consumers(kg: Any, group: ChannelGroup, chosen: np.ndarray) -> list[tuple[Any, int, np.ndarray]]:
-    """(record, input index, positions on that input) of every consumer reading a removed channel."""
+def _consumers(kg: Any, group: ChannelGroup, chosen: np.ndarray) -> list[tuple[Any, int, np.ndarray, np.ndarray]]:
+    """(record, input index, positions on that input, their group channels) of every Conv/Dense consumer
+    reading a removed channel."""
     by_name = {r.op.name: r for r in kg.records}
     out = []
     for op, i in kg.graph.consumers:
         pos, ch = kg.graph.positions(op.inputs[i], group)
-        pos = pos[chosen[ch]]
-        if pos.size:
-            out.append((by_name[op.name], i, pos))
+        sel = chosen[ch]
+        if sel.any() and op.rule is Rule.PRODUCER:
+            out.append((by_name[op.name], i, pos[sel], ch[sel]))
     return out
 
 
@@ -96,7 +100,7 @@ def _batches(data: Any, batch_size: int):
 def consumer_means(kg: Any, consumers: list[tuple[Any, int, np.ndarray]], data: Any,
                    batch_size: int = 64) -> list[np.ndarray]:
     """Per consumer input, the mean of every channel over the data (all axes but the last)."""
-    tensors = [rec.node.input_tensors[i] for rec, i, _ in consumers]
+    tensors = [c[0].node.input_tensors[c[1]] for c in consumers]
     fn = _submodel(kg, tensors)
     sums = [np.zeros(int(t.shape[-1])) for t in tensors]
     count = 0
@@ -120,24 +124,33 @@ def _bn_after(kg: Any, rec: Any) -> Any:
     return layer if isinstance(layer, keras.layers.BatchNormalization) else None
 
 
-def _fold(kg: Any, rec: Any, i: int, pos: np.ndarray, values: np.ndarray) -> str | None:
-    """Add ``W[pos] . values`` to the consumer's bias (or subtract it from the next BatchNorm's moving mean)."""
+def _fold(kg: Any, rec: Any, i: int, pos: np.ndarray, channels: np.ndarray, values: np.ndarray,
+          changes: list) -> str | None:
+    """Add ``W[pos] . values`` to the consumer's bias (or subtract it from the next BatchNorm's moving mean);
+    what each group channel added is appended to ``changes``."""
     kind, layer = rec.kind, rec.kind.layer
+    if layer.use_bias:
+        target, sign, where = layer.bias, 1.0, "bias"
+    else:
+        bn = _bn_after(kg, rec)
+        if bn is None:
+            return None
+        # BN computes (x - moving_mean): x losing ``add`` is moving_mean losing it too
+        target, sign, where = bn.moving_mean, -1.0, "batchnorm"
     kernel = np.moveaxis(np.asarray(layer.kernel), (kind.in_axis, kind.out_axis), (-2, -1))
     width = kernel.shape[-2] * kind.blocks()
-    keep = np.ones(width, dtype=bool)
-    keep[pos] = False
-    fold = np.zeros(width)
-    fold[pos] = values
-    add = fold_into_bias(kernel, keep, fold, kind.blocks())
-    if layer.use_bias:
-        layer.bias.assign(np.asarray(layer.bias) + add.astype(np.float32))
-        return "bias"
-    bn = _bn_after(kg, rec)
-    if bn is not None:  # BN computes (x - moving_mean): x losing ``add`` is moving_mean losing it too
-        bn.moving_mean.assign(np.asarray(bn.moving_mean) - add.astype(np.float32))
-        return "batchnorm"
-    return None
+    total = np.zeros(target.shape[0])
+    for c in np.unique(channels):
+        mine = pos[channels == c]
+        keep = np.ones(width, dtype=bool)
+        keep[mine] = False
+        fold = np.zeros(width)
+        fold[mine] = values[channels == c]
+        add = sign * fold_into_bias(kernel, keep, fold, kind.blocks())
+        changes.append((target, int(c), add))
+        total += add
+    target.assign((np.asarray(target) + total).astype(np.float32))
+    return where
 
 
 def _foldable_kind(kind: Any) -> bool:
@@ -149,22 +162,23 @@ def _foldable_kind(kind: Any) -> bool:
 
 
 def compensate(kg: Any, group: ChannelGroup, chosen: np.ndarray, data: Any = None,
-               batch_size: int = 64) -> tuple[CompensationReport, Any]:
+               batch_size: int = 64, measure_error: bool = True) -> tuple[CompensationReport, Any]:
     """Fold the contribution of channels ``chosen`` of ``group`` into their consumers (before zeroing them).
 
     Returns the report and a function ``finish()`` to call after the channels are zeroed: with data it
-    measures each consumer's output error (before vs. after) into the report.
+    measures each consumer's output error (before vs. after) into the report (unless ``measure_error`` is
+    False).
     """
     report = CompensationReport()
-    consumers = [c for c in _consumers(kg, group, chosen) if c[0].op.rule is Rule.PRODUCER]
+    consumers = _consumers(kg, group, chosen)
     if not consumers:
         return report, lambda: None
     consts = kg.graph.constants()
     means = consumer_means(kg, consumers, data, batch_size) if data is not None else None
-    probe = _probe(kg, consumers, data, batch_size) if data is not None else None
+    probe = _probe(kg, consumers, data, batch_size) if data is not None and measure_error else None
     done: set[str] = set()
     folded = []
-    for k, (rec, i, pos) in enumerate(consumers):
+    for k, (rec, i, pos, channels) in enumerate(consumers):
         if rec.op.layer in done:  # a shared layer has one bias: fold once
             continue
         done.add(rec.op.layer)
@@ -172,12 +186,12 @@ def compensate(kg: Any, group: ChannelGroup, chosen: np.ndarray, data: Any = Non
         proven = np.isfinite(exact)
         values = np.where(proven, exact, means[k][pos] if means is not None else 0.0)
         name = rec.op.layer
-        where = _fold(kg, rec, i, pos, values) if _foldable_kind(rec.kind) else None
+        where = _fold(kg, rec, i, pos, channels, values, report.changes) if _foldable_kind(rec.kind) else None
         if where is None:
             if np.any(values != 0):
                 report.not_absorbed.append(name)
             continue
-        folded.append((rec, i, pos))
+        folded.append((rec, i, pos, channels))
         report.folded[name] = where
         if proven.all() and rec.kind.can_fold(i):
             report.exact.append(name)
@@ -186,10 +200,10 @@ def compensate(kg: Any, group: ChannelGroup, chosen: np.ndarray, data: Any = Non
         # a zeroed channel still emits f(0) through an activation with f(0) != 0 (sigmoid: 0.5), which the
         # consumer keeps seeing: only the difference to that value was lost
         after = kg.graph.constants()
-        for rec, i, pos in folded:
+        for rec, i, pos, channels in folded:
             rest = np.nan_to_num(after[rec.op.inputs[i]][pos])
             if np.any(rest != 0):
-                _fold(kg, rec, i, pos, -rest)
+                _fold(kg, rec, i, pos, channels, -rest, report.changes)
         if probe is not None:
             report.error.update(probe())
 
@@ -198,8 +212,8 @@ def compensate(kg: Any, group: ChannelGroup, chosen: np.ndarray, data: Any = Non
 
 def _probe(kg: Any, consumers: list, data: Any, batch_size: int):
     """Record the consumers' outputs now; the returned function gives their relative change later."""
-    names = [rec.op.layer for rec, _, _ in consumers]
-    fn = _submodel(kg, [rec.node.outputs[0] for rec, _, _ in consumers])
+    names = [c[0].op.layer for c in consumers]
+    fn = _submodel(kg, [c[0].node.outputs[0] for c in consumers])
     x = np.concatenate([np.asarray(b) for b in _batches(data, batch_size)])[:256]
 
     def run() -> list[np.ndarray]:
@@ -214,3 +228,46 @@ def _probe(kg: Any, consumers: list, data: Any, batch_size: int):
                 for n, a, b in zip(names, after, before)}
 
     return measure
+
+
+def undo(changes: list[tuple[Any, int, np.ndarray]], channels: np.ndarray) -> list[tuple[Any, int, np.ndarray]]:
+    """Take back the folds of ``channels`` (a boolean mask over the group); returns the changes that remain."""
+    rest = []
+    for var, c, add in changes:
+        if channels[c]:
+            var.assign((np.asarray(var) - add).astype(np.float32))
+        else:
+            rest.append((var, c, add))
+    return rest
+
+
+def emitted_importance(kg: Any, group: ChannelGroup, data: Any, batch_size: int = 64) -> np.ndarray:
+    """Per channel of ``group``: what it emits into its consumers once its mean is handed over.
+
+    The sum over Conv/Dense consumers of the channel's standard deviation at the consumer's input (on ``data``)
+    times the norm of the consumer's weights reading it: the part of the consumer's input that compensation
+    cannot keep. Unlike kernel norms it sees BatchNorm, activations and dead (constant) channels.
+    """
+    chosen = np.ones(group.size, dtype=bool)
+    consumers = _consumers(kg, group, chosen)
+    score = np.zeros(group.size)
+    if not consumers:
+        return score
+    fn = _submodel(kg, [c[0].node.input_tensors[c[1]] for c in consumers])
+    n, s1, s2 = 0, [0.0] * len(consumers), [0.0] * len(consumers)
+    for x in _batches(data, batch_size):
+        outs = fn(x, training=False)
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        for k, o in enumerate(outs):
+            o = np.asarray(o, np.float64).reshape(-1, o.shape[-1])
+            s1[k] = s1[k] + o.sum(axis=0)
+            s2[k] = s2[k] + (o * o).sum(axis=0)
+        n += o.shape[0]
+    for k, (rec, i, pos, channels) in enumerate(consumers):
+        std = np.sqrt(np.maximum(s2[k] / n - (s1[k] / n) ** 2, 0.0))
+        kind = rec.kind
+        kernel = np.moveaxis(np.asarray(kind.layer.kernel), kind.in_axis, 0)
+        norm = np.linalg.norm(kernel.reshape(kernel.shape[0], -1), axis=1)
+        norm = np.tile(norm, kind.blocks()) if norm.size * kind.blocks() == std.size else norm
+        np.add.at(score, channels, std[pos] * norm[pos])
+    return score
