@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import keras
 import numpy as np
 
+from tfcompress.graph import compensation
+from tfcompress.graph.compensation import CompensationReport
 from tfcompress.graph.engine import ChannelGroup
 from tfcompress.graph.keras_adapter import KerasGraph, build_graph
 
@@ -48,26 +50,53 @@ def zero_channels(
     group: ChannelGroup,
     indices: Iterable[int],
     graph: KerasGraph | None = None,
-) -> None:
+    compensate: bool = True,
+    data: Any = None,
+    batch_size: int = 64,
+) -> CompensationReport:
     """Zero, in place, every parameter that produces channels ``indices`` of ``group``.
 
     Kernel slices and biases of the group's producers, BatchNormalization gamma and beta, depthwise
     kernels and biases along the way: with them zero, those channels output exactly 0 (up to an
     activation with f(0) != 0, which :func:`tfcompress.strip` accounts for).
 
+    A trained channel is rarely zero before that: a small filter still emits its BatchNorm shift (after
+    ReLU6 often a large constant) that later layers rely on. With ``compensate`` the channels' contribution
+    is first handed to their consumers (Conv/Dense reading them): ``W . value`` is added to the consumer's
+    bias, or, for a consumer without bias, to the moving mean of the BatchNorm right after it. ``value`` is
+    the channel's exact constant where the channel is provably constant, else its mean over ``data``
+    (without ``data`` only proven constants are handed over). See :mod:`tfcompress.graph.compensation` for
+    where this is exact and how the remaining error is measured.
+
     Args:
         model: the model (modified in place).
         group: a group from :func:`channel_groups` of this model.
         indices: channel indices in ``[0, group.size)``.
         graph: an already built graph of ``model`` (saves re-analysing it in a loop).
+        compensate: hand the removed channels' constant or mean contribution to their consumers.
+        data: model inputs (an array, ``(x, y)`` or a batched ``tf.data.Dataset``; a few hundred samples
+            suffice) to measure channel means and the error the removal leaves.
+        batch_size: batch size for ``data`` given as an array.
+
+    Returns:
+        A :class:`~tfcompress.graph.compensation.CompensationReport`: which consumers absorbed the
+        contribution, which did so exactly, which could not, and (with ``data``) the relative RMS change
+        of each consumer's output.
     """
     kg = graph if graph is not None else build_graph(model)
     g = kg.find_group(group)
     idx = np.unique(np.asarray(list(indices), dtype=int))
     if idx.size and (idx.min() < 0 or idx.max() >= g.size):
         raise ValueError(f"channel indices must be in [0, {g.size}) for {g!r}; got {idx.min()}..{idx.max()}")
+    if not isinstance(compensate, bool):
+        raise ValueError(f"compensate must be True or False, got {compensate!r}")
+    if data is not None and not compensate:
+        raise ValueError("data is only used with compensate=True")
     chosen = np.zeros(g.size, dtype=bool)
     chosen[idx] = True
+    report, finish = CompensationReport(), (lambda: None)
+    if compensate and idx.size:
+        report, finish = compensation.compensate(kg, g, chosen, data, batch_size)
     done: set[str] = set()
     for rec in kg.records:
         if rec.op.layer in done or not rec.op.outputs:
@@ -77,3 +106,5 @@ def zero_channels(
         if pos.size:
             rec.kind.zero_outputs(pos)
             done.add(rec.op.layer)
+    finish()
+    return report

@@ -11,6 +11,7 @@ from typing import Any, Iterable
 import keras
 import numpy as np
 
+from tfcompress.graph import compensation
 from tfcompress.graph.engine import ChannelGroup, Rule
 from tfcompress.graph.flops import FlopsCounter
 from tfcompress.graph.keras_adapter import KerasGraph, build_graph
@@ -51,7 +52,10 @@ class FilterPruning(keras.callbacks.Callback):
     Args:
         target: fraction of each group's channels removed at the end, in [0, 1).
         flops_target: instead of ``target``, the FLOPs reduction to reach (e.g. 0.45 removes 45 % of the FLOPs).
-        criterion: ``"l1"``, ``"l2"`` or ``"geometric_median"`` (FPGM).
+        criterion: ``"l1"``, ``"l2"`` or ``"geometric_median"`` (FPGM) from the filters' weights, or
+            ``"emitted"``: what each channel emits into its consumers once its mean is handed over (its standard
+            deviation at their inputs on ``compensation_data`` times their weights' norm; needs that data and
+            ``compensate``; :func:`tfcompress.graph.compensation.emitted_importance`).
         schedule: ``"exponential"``, ``"polynomial"`` or ``"baseline"`` (the full level from ``start_epoch``).
         start_epoch: first epoch (0-based) that prunes.
         pruning_epochs: epochs over which the level ramps to its final value; masks are fixed afterwards
@@ -77,6 +81,13 @@ class FilterPruning(keras.callbacks.Callback):
             ``tf.data.Dataset`` the compiled loss is measured on: a few thousand samples, in the format the
             compiled loss expects, preferably not trained on (the ResNet-8 benchmark uses 5,000 training images,
             not augmented). Not part of ``get_config``.
+        compensate: when a channel is pruned, hand its contribution to the layers that read it (Conv/Dense
+            biases, or the BatchNorm after a bias-less consumer): its exact constant where the channel is
+            provably constant, else its mean on ``compensation_data``; taken back if the channel is revived.
+            See :func:`tfcompress.zero_channels`.
+        compensation_data: model inputs (an array, ``(x, y)`` or a batched ``tf.data.Dataset``; a few hundred
+            samples) on which the means of channels being pruned are measured at each schedule step. Without
+            it only provably constant channels are handed over. Not part of ``get_config``.
         verbose: 1 prints the level applied at each schedule step and a progress bar of the measurement.
     """
 
@@ -95,13 +106,15 @@ class FilterPruning(keras.callbacks.Callback):
         max_group_level: float = 0.8,
         verbose: int = 0,
         sensitivity_data: Any = None,
+        compensate: bool = True,
+        compensation_data: Any = None,
     ) -> None:
         super().__init__()
         if isinstance(ignored_layers, str):
             ignored_layers = [ignored_layers]
         self.target = _fraction("target", target)
         self.flops_target = None if flops_target is None else _fraction("flops_target", flops_target)
-        self.criterion = _choice("criterion", criterion, CRITERIA)
+        self.criterion = _choice("criterion", criterion, [*CRITERIA, "emitted"])
         self.schedule = _choice("schedule", schedule, SCHEDULES)
         self.start_epoch = _count("start_epoch", start_epoch, minimum=0)
         self.pruning_epochs = _count("pruning_epochs", pruning_epochs, minimum=1)
@@ -123,6 +136,12 @@ class FilterPruning(keras.callbacks.Callback):
             raise ValueError(f'sensitivity_data is only used with flops_allocation="sensitivity" '
                              f"(got flops_allocation={self.flops_allocation!r})")
         self.sensitivity_data = sensitivity_data
+        self.compensate = _bool("compensate", compensate)
+        if compensation_data is not None and not self.compensate:
+            raise ValueError("compensation_data is only used with compensate=True")
+        self.compensation_data = compensation_data
+        if self.criterion == "emitted" and compensation_data is None:
+            raise ValueError('criterion="emitted" measures channels on data: set compensation_data (model inputs)')
         self._state: _State | None = None
 
     # ------------------------------------------------------------------ serialisation
@@ -140,6 +159,7 @@ class FilterPruning(keras.callbacks.Callback):
             "flops_allocation": self.flops_allocation,
             "max_group_level": self.max_group_level,
             "verbose": self.verbose,
+            "compensate": self.compensate,
         }
 
     @classmethod
@@ -267,7 +287,7 @@ class FilterPruning(keras.callbacks.Callback):
                 f"({len(all_groups)} groups before excluding first/downsampling convolutions and ignored "
                 "layers; the output layer and layers feeding Reshape/Lambda/custom layers are never pruned)"
             )
-        masks = GroupMasks(kg, groups)
+        masks = GroupMasks(kg, groups, compensate=self.compensate, data=self.compensation_data)
         counter = FlopsCounter(kg.graph)
         st = _State(model, kg, masks, counter, counter.flops())
         for g in groups:  # what one channel of each group costs, all other channels present
@@ -343,7 +363,7 @@ class FilterPruning(keras.callbacks.Callback):
         mean_cost = np.mean([max(st.channel_flops[g.id], 1.0) for g in groups])
         entries = []
         for g in groups:
-            score = importance(self.criterion, st.masks.filters(g))
+            score = self._importance(g)
             score = np.sort(score / max(score.mean(), 1e-12))
             if self.flops_allocation == "global_per_flop":
                 score = score / (max(st.channel_flops[g.id], 1.0) / mean_cost)
@@ -365,6 +385,13 @@ class FilterPruning(keras.callbacks.Callback):
                 lo = mid + 1
         return counts_for(lo)
 
+    def _importance(self, g: ChannelGroup) -> np.ndarray:
+        """Importance of each channel of ``g`` by ``criterion`` (higher = keep)."""
+        st = self._require()
+        if self.criterion == "emitted":
+            return compensation.emitted_importance(st.kg, g, self.compensation_data)
+        return importance(self.criterion, st.masks.filters(g))
+
     def _cap(self, g: ChannelGroup) -> int:
         """The most channels a global or measured allocation may take from ``g`` (``max_group_level``)."""
         return _aligned(self.max_group_level * g.size, g)
@@ -385,7 +412,7 @@ class FilterPruning(keras.callbacks.Callback):
             n = counts[g.id]
             k = np.ones(g.size, dtype=bool)
             if n:
-                score = importance(self.criterion, st.masks.filters(g))
+                score = self._importance(g)
                 # channels zero with nothing remembered (pruned before a restart) rank lowest: they stay out
                 score = np.where(st.masks.zero_channels(g) & ~st.masks.keep[g.id], -np.inf, score)
                 per_block = n // g.blocks

@@ -4,6 +4,9 @@ Pruned channels are zero *in the weights* (not masked in the forward pass) so th
 SavedModel or :func:`tfcompress.strip` sees them as zero at any time. When a schedule step re-selects the
 masks, a channel that comes back gets the values it had when it was pruned (kept in host memory), so a
 revived filter is not a dead one.
+
+With ``compensate``, a channel's constant (or, given data, mean) contribution is handed to its consumers' biases
+at the moment it is pruned (:mod:`tfcompress.graph.compensation`), and taken back if it is revived.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from typing import Any
+
+from tfcompress.graph import compensation
 from tfcompress.graph.engine import ChannelGroup, Rule
 from tfcompress.graph.keras_adapter import ChannelParam, KerasGraph, LayerKind
 
@@ -21,8 +27,12 @@ __all__ = ["GroupMasks"]
 class GroupMasks:
     """One boolean keep mask per group, and the weights (kernels, biases, BN gamma/beta) they control."""
 
-    def __init__(self, kg: KerasGraph, groups: list[ChannelGroup]) -> None:
+    def __init__(self, kg: KerasGraph, groups: list[ChannelGroup], compensate: bool = False,
+                 data: Any = None) -> None:
         self.kg = kg
+        self.compensate = compensate
+        self.data = data  # model inputs for mean statistics (None: only provable constants are handed over)
+        self._changes: dict[int, list] = {}  # group id -> folds made for its pruned channels
         self.groups = list(groups)
         self.keep: dict[int, np.ndarray] = {g.id: np.ones(g.size, dtype=bool) for g in self.groups}
         ids = set(self.keep)
@@ -101,7 +111,31 @@ class GroupMasks:
 
     # ------------------------------------------------------------------ updates
     def set(self, keep: dict[int, np.ndarray]) -> None:
-        """Switch to new keep masks: newly pruned weights are remembered and zeroed, revived ones restored."""
+        """Switch to new keep masks: newly pruned weights are remembered and zeroed, revived ones restored.
+
+        With ``compensate`` this goes one group at a time, so that each group's channel values are measured
+        with the groups before it already pruned and compensated.
+        """
+        if not self.compensate:
+            self._switch(keep)
+            return
+        current = dict(self.keep)
+        for g in self.groups:
+            old, new = current[g.id], np.asarray(keep[g.id], dtype=bool)
+            if np.array_equal(old, new):
+                continue
+            changes = compensation.undo(self._changes.get(g.id, []), ~old & new)
+            report, finish = None, None
+            if (old & ~new).any():
+                report, finish = compensation.compensate(self.kg, g, old & ~new, self.data, measure_error=False)
+            current[g.id] = new
+            self._switch(current)
+            if finish is not None:
+                finish()
+                changes += report.changes
+            self._changes[g.id] = changes
+
+    def _switch(self, keep: dict[int, np.ndarray]) -> None:
         old = self._masks
         self.keep = {gid: np.asarray(k, dtype=bool).copy() for gid, k in keep.items()}
         self._masks = self._variable_masks()

@@ -1,0 +1,273 @@
+"""Hand the contribution of channels about to be zeroed to the layers that consume them.
+
+A trained channel rarely outputs zero: a filter pruned to zero still emits its BatchNorm shift (after ReLU6 a
+constant such as 6.0), and later layers depend on it. Zeroing the channel removes that signal. A consumer
+(Conv, Dense) that reads the channel through a weight ``w`` sees ``w * x``; replacing ``x`` by its mean ``m``
+turns this into a bias ``w * m``, which the consumer's bias (or, without one, the BatchNorm right after it)
+absorbs. The channel itself can then be zeroed, so :func:`tfcompress.strip` removes it exactly.
+
+The value handed over is exact where the engine proves the channel constant (:meth:`ChannelGraph.constants`),
+else the channel's mean on data the caller gives. It is exact for the consumer only when the channel is
+constant *and* every output position sees the whole kernel window (Dense, 1x1 or 'valid' convolutions);
+'same' zero padding at the borders and the channel's variation around its mean leave an error, which
+:func:`compensate` measures on the data as the relative RMS change of each consumer's output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import keras
+import numpy as np
+
+from tfcompress.graph.engine import ChannelGroup, Rule
+from tfcompress.graph.kernels import fold_into_bias
+
+__all__ = ["CompensationReport", "compensate", "consumer_means", "emitted_importance", "undo"]
+
+
+@dataclasses.dataclass
+class CompensationReport:
+    """What :func:`compensate` did for one removal.
+
+    Attributes:
+        folded: consumer layer -> "bias" or "batchnorm" (where the constant went).
+        exact: consumer layers whose fold is exact (a proven constant, whole kernel windows).
+        not_absorbed: consumer layers that read removed channels but have nowhere to put a constant
+            (no bias and no BatchNorm right after, or a layer kind that cannot fold, e.g. SeparableConv);
+            their input simply loses the channel.
+        error: consumer layer -> relative RMS change of its output, ``||y' - y|| / ||y||`` on the data
+            (only when data was given).
+    """
+
+    folded: dict[str, str] = dataclasses.field(default_factory=dict)
+    exact: list[str] = dataclasses.field(default_factory=list)
+    not_absorbed: list[str] = dataclasses.field(default_factory=list)
+    error: dict[str, float] = dataclasses.field(default_factory=dict)
+    changes: list[tuple[Any, int, np.ndarray]] = dataclasses.field(default_factory=list, repr=False)
+    """(variable, group channel, value added to the variable) of every fold: undoing a channel's hand-over
+    (when pruning brings it back) is subtracting its entries."""
+
+    @property
+    def max_error(self) -> float:
+        """The largest relative error over the consumers (0.0 without data)."""
+        return max(self.error.values(), default=0.0)
+
+
+def _consumers(kg: Any, group: ChannelGroup, chosen: np.ndarray) -> list[tuple[Any, int, np.ndarray, np.ndarray]]:
+    """(record, input index, positions on that input, their group channels) of every Conv/Dense consumer
+    reading a removed channel."""
+    by_name = {r.op.name: r for r in kg.records}
+    out = []
+    for op, i in kg.graph.consumers:
+        pos, ch = kg.graph.positions(op.inputs[i], group)
+        sel = chosen[ch]
+        if sel.any() and op.rule is Rule.PRODUCER:
+            out.append((by_name[op.name], i, pos[sel], ch[sel]))
+    return out
+
+
+def _submodel(kg: Any, tensors: list[Any]) -> keras.Model:
+    try:
+        inputs = kg.model.inputs
+        return keras.Model(inputs[0] if len(inputs) == 1 else inputs, tensors)
+    except Exception as e:  # nested sub-models: their inner tensors are not reachable from the outer inputs
+        raise ValueError(
+            f"cannot measure channel statistics inside model {kg.model.name!r} ({e}); compensation from data "
+            "needs the consumers to be layers of the model itself (flatten nested sub-models first)"
+        ) from None
+
+
+def _batches(data: Any, batch_size: int):
+    """Input batches of ``data``: an array, a tuple ``(x, ...)`` or a batched ``tf.data.Dataset``."""
+    if isinstance(data, (tuple, list)):
+        data = data[0]
+    if isinstance(data, np.ndarray) or hasattr(data, "shape") and not hasattr(data, "element_spec"):
+        x = np.asarray(data)
+        if x.ndim < 2 or len(x) == 0:
+            raise ValueError(f"compensation data must be a non-empty batch of model inputs; got shape {x.shape}")
+        for s in range(0, len(x), batch_size):
+            yield x[s:s + batch_size]
+        return
+    if hasattr(data, "element_spec"):
+        for b in data:
+            yield b[0] if isinstance(b, (tuple, list)) else b
+        return
+    raise ValueError(f"compensation data must be an array, (x, y) or a tf.data.Dataset; got {type(data).__name__}")
+
+
+def consumer_means(kg: Any, consumers: list[tuple[Any, int, np.ndarray]], data: Any,
+                   batch_size: int = 64) -> list[np.ndarray]:
+    """Per consumer input, the mean of every channel over the data (all axes but the last)."""
+    tensors = [c[0].node.input_tensors[c[1]] for c in consumers]
+    fn = _submodel(kg, tensors)
+    sums = [np.zeros(int(t.shape[-1])) for t in tensors]
+    count = 0
+    for x in _batches(data, batch_size):
+        outs = fn(x, training=False)
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        for k, o in enumerate(outs):
+            o = np.asarray(o, dtype=np.float64)
+            sums[k] += o.reshape(-1, o.shape[-1]).sum(axis=0)
+        count += int(np.prod(np.asarray(outs[0]).shape[:-1]))
+    return [s / max(count, 1) for s in sums]
+
+
+def _bn_after(kg: Any, rec: Any) -> Any:
+    """The BatchNormalization that is the only reader of ``rec``'s output, if any."""
+    out = rec.op.outputs[0]
+    readers = [r for r in kg.records if out in r.op.inputs]
+    if out in kg.output_ids or len(readers) != 1:
+        return None
+    layer = readers[0].kind.layer
+    return layer if isinstance(layer, keras.layers.BatchNormalization) else None
+
+
+def _fold(kg: Any, rec: Any, i: int, pos: np.ndarray, channels: np.ndarray, values: np.ndarray,
+          changes: list) -> str | None:
+    """Add ``W[pos] . values`` to the consumer's bias (or subtract it from the next BatchNorm's moving mean);
+    what each group channel added is appended to ``changes``."""
+    kind, layer = rec.kind, rec.kind.layer
+    if layer.use_bias:
+        target, sign, where = layer.bias, 1.0, "bias"
+    else:
+        bn = _bn_after(kg, rec)
+        if bn is None:
+            return None
+        # BN computes (x - moving_mean): x losing ``add`` is moving_mean losing it too
+        target, sign, where = bn.moving_mean, -1.0, "batchnorm"
+    kernel = np.moveaxis(np.asarray(layer.kernel), (kind.in_axis, kind.out_axis), (-2, -1))
+    width = kernel.shape[-2] * kind.blocks()
+    total = np.zeros(target.shape[0])
+    for c in np.unique(channels):
+        mine = pos[channels == c]
+        keep = np.ones(width, dtype=bool)
+        keep[mine] = False
+        fold = np.zeros(width)
+        fold[mine] = values[channels == c]
+        add = sign * fold_into_bias(kernel, keep, fold, kind.blocks())
+        changes.append((target, int(c), add))
+        total += add
+    target.assign((np.asarray(target) + total).astype(np.float32))
+    return where
+
+
+def _foldable_kind(kind: Any) -> bool:
+    """Conv/Dense producers fold into their bias; transposed and separable convolutions do not."""
+    layer = kind.layer
+    return not isinstance(layer, (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
+                                  keras.layers.Conv3DTranspose, keras.layers.SeparableConv1D,
+                                  keras.layers.SeparableConv2D))
+
+
+def compensate(kg: Any, group: ChannelGroup, chosen: np.ndarray, data: Any = None,
+               batch_size: int = 64, measure_error: bool = True) -> tuple[CompensationReport, Any]:
+    """Fold the contribution of channels ``chosen`` of ``group`` into their consumers (before zeroing them).
+
+    Returns the report and a function ``finish()`` to call after the channels are zeroed: with data it
+    measures each consumer's output error (before vs. after) into the report (unless ``measure_error`` is
+    False).
+    """
+    report = CompensationReport()
+    consumers = _consumers(kg, group, chosen)
+    if not consumers:
+        return report, lambda: None
+    consts = kg.graph.constants()
+    means = consumer_means(kg, consumers, data, batch_size) if data is not None else None
+    probe = _probe(kg, consumers, data, batch_size) if data is not None and measure_error else None
+    done: set[str] = set()
+    folded = []
+    for k, (rec, i, pos, channels) in enumerate(consumers):
+        if rec.op.layer in done:  # a shared layer has one bias: fold once
+            continue
+        done.add(rec.op.layer)
+        exact = consts[rec.op.inputs[i]][pos]
+        proven = np.isfinite(exact)
+        values = np.where(proven, exact, means[k][pos] if means is not None else 0.0)
+        name = rec.op.layer
+        where = _fold(kg, rec, i, pos, channels, values, report.changes) if _foldable_kind(rec.kind) else None
+        if where is None:
+            if np.any(values != 0):
+                report.not_absorbed.append(name)
+            continue
+        folded.append((rec, i, pos, channels))
+        report.folded[name] = where
+        if proven.all() and rec.kind.can_fold(i):
+            report.exact.append(name)
+
+    def finish() -> None:
+        # a zeroed channel still emits f(0) through an activation with f(0) != 0 (sigmoid: 0.5), which the
+        # consumer keeps seeing: only the difference to that value was lost
+        after = kg.graph.constants()
+        for rec, i, pos, channels in folded:
+            rest = np.nan_to_num(after[rec.op.inputs[i]][pos])
+            if np.any(rest != 0):
+                _fold(kg, rec, i, pos, channels, -rest, report.changes)
+        if probe is not None:
+            report.error.update(probe())
+
+    return report, finish
+
+
+def _probe(kg: Any, consumers: list, data: Any, batch_size: int):
+    """Record the consumers' outputs now; the returned function gives their relative change later."""
+    names = [c[0].op.layer for c in consumers]
+    fn = _submodel(kg, [c[0].node.outputs[0] for c in consumers])
+    x = np.concatenate([np.asarray(b) for b in _batches(data, batch_size)])[:256]
+
+    def run() -> list[np.ndarray]:
+        outs = fn(x, training=False)
+        return [np.asarray(o, np.float64) for o in (outs if isinstance(outs, (list, tuple)) else [outs])]
+
+    before = run()
+
+    def measure() -> dict[str, float]:
+        after = run()
+        return {n: float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+                for n, a, b in zip(names, after, before)}
+
+    return measure
+
+
+def undo(changes: list[tuple[Any, int, np.ndarray]], channels: np.ndarray) -> list[tuple[Any, int, np.ndarray]]:
+    """Take back the folds of ``channels`` (a boolean mask over the group); returns the changes that remain."""
+    rest = []
+    for var, c, add in changes:
+        if channels[c]:
+            var.assign((np.asarray(var) - add).astype(np.float32))
+        else:
+            rest.append((var, c, add))
+    return rest
+
+
+def emitted_importance(kg: Any, group: ChannelGroup, data: Any, batch_size: int = 64) -> np.ndarray:
+    """Per channel of ``group``: what it emits into its consumers once its mean is handed over.
+
+    The sum over Conv/Dense consumers of the channel's standard deviation at the consumer's input (on ``data``)
+    times the norm of the consumer's weights reading it: the part of the consumer's input that compensation
+    cannot keep. Unlike kernel norms it sees BatchNorm, activations and dead (constant) channels.
+    """
+    chosen = np.ones(group.size, dtype=bool)
+    consumers = _consumers(kg, group, chosen)
+    score = np.zeros(group.size)
+    if not consumers:
+        return score
+    fn = _submodel(kg, [c[0].node.input_tensors[c[1]] for c in consumers])
+    n, s1, s2 = 0, [0.0] * len(consumers), [0.0] * len(consumers)
+    for x in _batches(data, batch_size):
+        outs = fn(x, training=False)
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        for k, o in enumerate(outs):
+            o = np.asarray(o, np.float64).reshape(-1, o.shape[-1])
+            s1[k] = s1[k] + o.sum(axis=0)
+            s2[k] = s2[k] + (o * o).sum(axis=0)
+        n += o.shape[0]
+    for k, (rec, i, pos, channels) in enumerate(consumers):
+        std = np.sqrt(np.maximum(s2[k] / n - (s1[k] / n) ** 2, 0.0))
+        kind = rec.kind
+        kernel = np.moveaxis(np.asarray(kind.layer.kernel), kind.in_axis, 0)
+        norm = np.linalg.norm(kernel.reshape(kernel.shape[0], -1), axis=1)
+        norm = np.tile(norm, kind.blocks()) if norm.size * kind.blocks() == std.size else norm
+        np.add.at(score, channels, std[pos] * norm[pos])
+    return score
