@@ -257,6 +257,51 @@ def measure_table(prep: dict, args) -> dict:
     return {"model": prep["model"], "size": prep["size"], "flops_ratio": flops, "speed": s}
 
 
+def conv_stack(width: int, size: int, depth: int = 4, stem: int = 64) -> ov.Model:
+    """An OpenVINO model: a stem conv to ``width`` channels, then ``depth`` 3x3 conv + ReLU layers of ``width``
+    channels (what a stripped, pruned layer looks like to the CPU plugin), random weights."""
+    import openvino.opset13 as ops
+
+    rng = np.random.default_rng(width)
+    x = ops.parameter([-1, 3, size, size], np.float32, name="input")
+    h, c_in = x, 3
+    for c_out in [stem] + [width] * depth:
+        w = ops.constant((rng.standard_normal((c_out, c_in, 3, 3)) / np.sqrt(9 * c_in)).astype(np.float32))
+        h = ops.relu(ops.convolution(h, w, [1, 1], [1, 1], [1, 1], [1, 1]))
+        c_in = c_out
+    return ov.Model([h], [x], f"conv_stack_{width}")
+
+
+def micro_table(args) -> dict:
+    """Channel count vs speed of a conv stack, FP32 (f32 hint) and INT8, all timed interleaved."""
+    size = 28 if not args.smoke else 14
+    x = np.random.default_rng(0).uniform(0, 1, (32, 3, size, size)).astype(np.float32)
+    variants = {}
+    for c in args.widths:
+        fp = conv_stack(c, size)
+        variants[f"{c} FP32"] = (fp, FP32)
+        variants[f"{c} INT8"] = (calibrate(fp, x, subset_size=len(x), verbose=False), DEFAULT)
+    s = measure_speed(variants, x[:1], **speed_args(args))
+    ref = args.widths[-1]
+    print(f"\n## conv stack: 4 x (3x3 conv, c -> c channels, ReLU) at {size}x{size}, speed per FLOP relative to "
+          f"c={ref} (1.00 = time proportional to c^2)")
+    print("| c | c mod 16 | FP32 b32 img/s | FP32 per FLOP | INT8 b32 img/s | INT8 per FLOP | FP32 b1 ms | INT8 b1 ms "
+          "| INT8 b1 per FLOP |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    flops = {c: 64 * c + 4 * c * c for c in args.widths}  # per pixel, up to the common 9 x 2 factor
+
+    def per_flop(c, p, key="b32_ips"):
+        v = s[f"{c} {p}"][key]
+        v = v if key == "b32_ips" else 1 / v
+        return v * flops[c] / ((s[f"{ref} {p}"][key] if key == "b32_ips" else 1 / s[f"{ref} {p}"][key]) * flops[ref])
+
+    for c in args.widths:
+        f, i = s[f"{c} FP32"], s[f"{c} INT8"]
+        print(f"| {c} | {c % 16} | {f['b32_ips']:.0f} | {per_flop(c, 'FP32'):.2f} | {i['b32_ips']:.0f} | "
+              f"{per_flop(c, 'INT8'):.2f} | {f['b1_ms']:.3f} | {i['b1_ms']:.3f} | {per_flop(c, 'INT8', 'b1_ms'):.2f} |")
+    return {"size": size, "speed": s}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {list(MODELS)}")
@@ -273,6 +318,8 @@ def main() -> None:
     ap.add_argument("--table_models", default="resnet50,mobilenetv2")
     ap.add_argument("--table_calib", type=int, default=64, help="calibration images of the table's INT8 IRs")
     ap.add_argument("--table_only", action="store_true")
+    ap.add_argument("--micro", action="store_true", help="only the conv-stack table: channel count vs speed")
+    ap.add_argument("--widths", default="32,33,36,40,44,48,52,56,60,63,64")
     ap.add_argument("--skip_table", action="store_true")
     ap.add_argument("--nncf_python", default="/work/venv-nncf-deploy/bin/python",
                     help="a Python with nncf and openvino installed")
@@ -282,6 +329,7 @@ def main() -> None:
     if args.smoke:
         args.rounds, args.iters_b1, args.iters_b32, args.calib, args.qat_steps, args.table_calib = 1, 10, 2, 32, 2, 16
     args.multiples = [int(m) for m in args.multiples.split(",")]
+    args.widths = [int(m) for m in args.widths.split(",")]
     args.qat_allocations = [a for a in args.qat_allocations.split(",") if a]
     names = [m for m in args.models.split(",") if m]
     unknown = [m for m in names if m not in MODELS]
@@ -289,6 +337,10 @@ def main() -> None:
         ap.error(f"unknown model {unknown[0]!r}; choose from {list(MODELS)}")
     print(f"machine: {common.machine()}; openvino {ov.__version__}; default precision {default_precision()}")
     results = {"command": "python benchmarks/deployment.py " + " ".join(sys.argv[1:]), "machine": common.machine()}
+    if args.micro:
+        results["micro"] = micro_table(args)
+        _dump(results, args.json)
+        return
     tables = [] if args.skip_table else [m for m in args.table_models.split(",") if m]
     models = [] if args.table_only else names
     with tempfile.TemporaryDirectory(prefix="tfcompress-deploy-") as work:
