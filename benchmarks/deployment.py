@@ -19,7 +19,7 @@ The goal check: pruned INT8 b32 throughput >= 0.9 x (original FLOPs / pruned FLO
 the unpruned model, and the same for b1 latency.
 
 The channel-multiple table (``--multiples``, ``--table_models``) prunes a model with ``FilterPruning(round_to=m)`` for each m
-(global_per_flop, same FLOPs target), converts it with OpenVINO's TF frontend (no tf2onnx: faster, same
+(``--table_allocation``, same FLOPs target), converts it with OpenVINO's TF frontend (no tf2onnx: faster, same
 kernels), calibrates INT8, and times FP32 (f32 hint) and INT8 of all of them interleaved: throughput per FLOP
 shows what OpenVINO's channel-blocked kernels make of channel counts that are no multiple of 8 or 16.
 """
@@ -211,10 +211,11 @@ def prepare_table(name: str, args, work: str) -> dict:
     model.export(sm, verbose=False)
     xml = os.path.join(work, "unpruned_fp32.xml")
     ov.save_model(ov.convert_model(sm), xml, compress_to_fp16=False)
-    nncf_xml, _ = nncf_int8(xml, calib, args.nncf_python, work)
-    variants, flops = {"unpruned FP32": (xml, FP32), "unpruned nncf INT8": (nncf_xml, DEFAULT)}, {}
+    variants, flops = {"unpruned FP32": (xml, FP32)}, {}
+    if not args.table_without_nncf:
+        variants["unpruned nncf INT8"] = (nncf_int8(xml, calib, args.nncf_python, work)[0], DEFAULT)
     for m in args.multiples:
-        pruned, ratio = prune(model, "global_per_flop", args.flops_target, m)
+        pruned, ratio = prune(model, args.table_allocation, args.flops_target, m)
         sm = os.path.join(work, f"round{m}_sm")
         tfcompress.strip(pruned).export(sm, verbose=False)
         fp = ov.convert_model(sm)
@@ -230,7 +231,7 @@ def measure_table(prep: dict, args) -> dict:
     """Time FP32 and INT8 of every channel multiple interleaved; print throughput per FLOP against round_to=1."""
     s = measure_speed(prep["variants"], prep["sample"], **speed_args(args))
     flops, multiples = prep["flops_ratio"], list(prep["flops_ratio"])
-    print(f"\n## channel multiple vs speed: {prep['model']} {prep['size']}x{prep['size']}, global_per_flop, "
+    print(f"\n## channel multiple vs speed: {prep['model']} {prep['size']}x{prep['size']}, {args.table_allocation}, "
           f"flops_target {args.flops_target}")
     print("| round_to | FLOPs ratio | FP32 b32 img/s | FP32 b32 per FLOP (rel.) | FP32 b1 ms | INT8 b32 img/s "
           "| INT8 b32 per FLOP (rel.) | INT8 b1 ms | INT8 b1 per FLOP (rel.) |")
@@ -243,6 +244,8 @@ def measure_table(prep: dict, args) -> dict:
         print(f"| {m} | {flops[m]:.3f} | {f['b32_ips']:.1f} | {per_flop(m, 'FP32') / per_flop(first, 'FP32'):.2f} | "
               f"{f['b1_ms']:.2f} | {i['b32_ips']:.1f} | {per_flop(m, 'INT8') / per_flop(first, 'INT8'):.2f} | "
               f"{i['b1_ms']:.2f} | {b1_per_flop(m) / b1_per_flop(first):.2f} |")
+    if "unpruned nncf INT8" not in s:
+        return {"model": prep["model"], "size": prep["size"], "flops_ratio": flops, "speed": s}
     nncf, fp32 = s["unpruned nncf INT8"], s["unpruned FP32"]
     print(f"\nunpruned: FP32 b1 {fp32['b1_ms']:.2f} ms, b32 {fp32['b32_ips']:.1f} img/s; nncf INT8 b1 "
           f"{nncf['b1_ms']:.2f} ms, b32 {nncf['b32_ips']:.1f} img/s")
@@ -318,6 +321,8 @@ def main() -> None:
     ap.add_argument("--table_models", default="resnet50,mobilenetv2")
     ap.add_argument("--table_calib", type=int, default=64, help="calibration images of the table's INT8 IRs")
     ap.add_argument("--table_only", action="store_true")
+    ap.add_argument("--table_allocation", default="global_per_flop", choices=ALLOCATIONS)
+    ap.add_argument("--table_without_nncf", action="store_true", help="leave nncf INT8 out of the channel table")
     ap.add_argument("--micro", action="store_true", help="only the conv-stack table: channel count vs speed")
     ap.add_argument("--widths", default="32,33,36,40,44,48,52,56,60,63,64")
     ap.add_argument("--skip_table", action="store_true")
