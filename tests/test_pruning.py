@@ -202,6 +202,42 @@ def test_flops_target_is_reached(allocation, rng):
         assert max(levels.values()) <= 0.8 + 1e-9
 
 
+def _round_to_model() -> keras.Model:
+    """Groups of 6 (fewer than 8), 37, 48 (a residual join) and 40 channels read by a grouped convolution
+    (two blocks of 20), so that rounding has to respect sizes that are no multiple of 8 and blocks."""
+    inp = keras.Input((16, 16, 3))
+    x = L.Conv2D(6, 3, padding="same", name="c0")(inp)
+    x = L.Conv2D(37, 3, padding="same", activation="relu", name="c1")(x)
+    a = L.Conv2D(48, 3, padding="same", name="c2")(x)
+    b = L.Conv2D(48, 1, name="c3")(L.Conv2D(40, 3, padding="same", name="c4")(a))
+    x = L.Conv2D(40, 3, padding="same", groups=2, name="g")(L.Conv2D(40, 1, name="c5")(L.Add()([a, b])))
+    return _compile(keras.Model(inp, L.Dense(10)(L.GlobalAveragePooling2D()(x))))
+
+
+@pytest.mark.parametrize("kwargs", [dict(flops_target=0.45, flops_allocation="uniform"),
+                                    dict(flops_target=0.45, flops_allocation="global_per_flop"),
+                                    dict(target=0.5)])
+def test_round_to_keeps_multiples_of_eight_channels(kwargs, rng):
+    model = _round_to_model()
+    x = rng.uniform(size=(32, 16, 16, 3)).astype("float32")
+    y = rng.integers(0, 10, 32)
+    pruner = FilterPruning(round_to=8, pruning_epochs=2, prune_first_conv=True, criterion="l2", **kwargs)
+    hist = model.fit(x, y, epochs=3, batch_size=16, callbacks=[pruner], verbose=0)
+    kept = {g.layers: (int(pruner.masks[g.layers].sum()), g.size, g.blocks) for g in pruner.groups}
+    assert all(k % 8 == 0 or k == size for k, size, _ in kept.values()), kept
+    assert all(k % blocks == 0 for k, _, blocks in kept.values()), kept
+    assert any(k < size for k, size, _ in kept.values())
+    assert kept[("c0",)][0] == 6  # fewer channels than round_to: the group is kept whole
+    if "flops_target" in kwargs:  # the allocation met the target with the rounded counts
+        assert 0.40 <= hist.history["flops_ratio"][-1] <= 0.55
+    small = tfcompress.strip(model)
+    for layer in small.layers:  # the stripped layers have the rounded widths (or their original ones)
+        if isinstance(layer, L.Conv2D):
+            before = model.get_layer(layer.name).filters
+            assert layer.filters % 8 == 0 or layer.filters == before, (layer.name, layer.filters)
+    assert rel_error(small.predict(x, verbose=0), model.predict(x, verbose=0)) < 1e-4
+
+
 def test_global_per_flop_prunes_the_costliest_channels_first():
     """With every filter equally important, FLOPs per channel decide: c1's channels feed the wide c2 at full
     resolution (737 k FLOPs each against 65 k to 322 k for the other groups), so only c1 is pruned, and no
@@ -412,6 +448,10 @@ def test_revived_channel_gets_its_weights_back():
     (dict(sensitivity_data=([1], [1])), "only used with"),
     (dict(flops_target=0.4, flops_allocation="sensitivity", sensitivity_data=([1, 2], [1])), "same non-zero length"),
     (dict(flops_target=0.4, flops_allocation="sensitivity", sensitivity_data="data.npz"), "must be"),
+    (dict(round_to=0), "round_to must be an integer >= 1, got 0"),
+    (dict(round_to=8.0), "round_to must be an integer"),
+    (dict(flops_target=0.4, flops_allocation="sensitivity", sensitivity_data=([1], [1]), round_to=8),
+     "round_to=8 is not supported"),
 ])
 def test_bad_arguments_fail_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -447,7 +487,7 @@ def test_exclusions_first_downsample_and_ignored():
 
 
 def test_config_round_trip_and_errors(tmp_path):
-    pruner = FilterPruning(target=0.3, criterion="l1", ignored_layers=["x"])
+    pruner = FilterPruning(target=0.3, criterion="l1", ignored_layers=["x"], round_to=16)
     again = FilterPruning.from_config(pruner.get_config())
     assert again.get_config() == pruner.get_config()
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(pruner))

@@ -77,6 +77,12 @@ class FilterPruning(keras.callbacks.Callback):
             Within a group, ``criterion`` still picks the channels.
         max_group_level: with a ``"global*"`` or ``"sensitivity"`` allocation, the largest fraction removed
             from one group.
+        round_to: keep a multiple of ``round_to`` channels in every pruned group (or all of them, when the
+            group has fewer than ``round_to`` or no smaller multiple fits the allocation). The allocation
+            searches over these counts, so the FLOPs target is met with them rather than by rounding its
+            result. OpenVINO's CPU kernels work on channels in blocks of 8 or 16, so a layer with 37 channels
+            can cost as much as one with 48. Not available with ``"sensitivity"`` (its loss table is probed at
+            fixed channel steps).
         sensitivity_data: with ``flops_allocation="sensitivity"``, held-out ``(x, y)`` arrays or a batched
             ``tf.data.Dataset`` the compiled loss is measured on: a few thousand samples, in the format the
             compiled loss expects, preferably not trained on (the ResNet-8 benchmark uses 5,000 training images,
@@ -104,6 +110,7 @@ class FilterPruning(keras.callbacks.Callback):
         ignored_layers: Iterable[str] = (),
         flops_allocation: str = "uniform",
         max_group_level: float = 0.8,
+        round_to: int = 1,
         verbose: int = 0,
         sensitivity_data: Any = None,
         compensate: bool = True,
@@ -125,10 +132,15 @@ class FilterPruning(keras.callbacks.Callback):
             raise ValueError(f"ignored_layers must be layer names (strings); got {list(self.ignored_layers)!r}")
         self.flops_allocation = _choice("flops_allocation", flops_allocation, _ALLOCATIONS)
         self.max_group_level = _fraction("max_group_level", max_group_level)
+        self.round_to = _count("round_to", round_to, minimum=1)
         self.verbose = int(verbose)
         if self.flops_allocation == "sensitivity":
             if self.flops_target is None:
                 raise ValueError('flops_allocation="sensitivity" allocates a FLOPs budget: set flops_target')
+            if self.round_to > 1:
+                raise ValueError(f'round_to={self.round_to} is not supported with flops_allocation="sensitivity" '
+                                 "(its loss table is probed at fixed channel steps); use round_to=1 or another "
+                                 "allocation")
             if sensitivity_data is None:
                 raise ValueError('flops_allocation="sensitivity" needs sensitivity_data=(x, y) (held-out samples)')
             sensitivity_data = sensitivity.check_data(sensitivity_data)
@@ -158,6 +170,7 @@ class FilterPruning(keras.callbacks.Callback):
             "ignored_layers": list(self.ignored_layers),
             "flops_allocation": self.flops_allocation,
             "max_group_level": self.max_group_level,
+            "round_to": self.round_to,
             "verbose": self.verbose,
             "compensate": self.compensate,
         }
@@ -313,7 +326,7 @@ class FilterPruning(keras.callbacks.Callback):
         st = self._require()
         groups = st.masks.groups
         if self.flops_target is None:
-            return {g.id: _aligned(level * g.size, g) for g in groups}
+            return {g.id: _aligned(level * g.size, g, self.round_to) for g in groups}
         if level <= 0:
             return {g.id: 0 for g in groups}
         goal = (1.0 - level) * st.full_flops
@@ -321,11 +334,11 @@ class FilterPruning(keras.callbacks.Callback):
             lo, hi = 0.0, 1.0
             for _ in range(40):
                 mid = (lo + hi) / 2
-                if self._flops_of({g.id: _aligned(mid * g.size, g) for g in groups}) <= goal:
+                if self._flops_of({g.id: _aligned(mid * g.size, g, self.round_to) for g in groups}) <= goal:
                     hi = mid
                 else:
                     lo = mid
-            return {g.id: _aligned(hi * g.size, g) for g in groups}
+            return {g.id: _aligned(hi * g.size, g, self.round_to) for g in groups}
         if self.flops_allocation == "sensitivity":
             return sensitivity.counts_for_goal(self._sensitivity_path(), goal, self._flops_of,
                                                {g.id: g.blocks for g in groups})
@@ -374,7 +387,7 @@ class FilterPruning(keras.callbacks.Callback):
             c = {g.id: 0 for g in groups}
             for _, gid, k in entries[:n]:
                 c[gid] = max(c[gid], k)
-            return {g.id: _aligned(c[g.id], g) for g in groups}
+            return {g.id: _aligned(c[g.id], g, self.round_to) for g in groups}
 
         lo, hi = 0, len(entries)
         while lo < hi:
@@ -394,7 +407,7 @@ class FilterPruning(keras.callbacks.Callback):
 
     def _cap(self, g: ChannelGroup) -> int:
         """The most channels a global or measured allocation may take from ``g`` (``max_group_level``)."""
-        return _aligned(self.max_group_level * g.size, g)
+        return _aligned(self.max_group_level * g.size, g, self.round_to)
 
     def _flops_of(self, counts: dict[int, int]) -> float:
         st = self._require()
@@ -432,11 +445,13 @@ class _State:
         self.resumed = False  # channels were already zero when training started (a checkpoint of a pruned run)
 
 
-def _aligned(n: float, g: ChannelGroup) -> int:
-    """Round a channel count down to a multiple of the group's blocks, leaving one channel per block."""
-    n = int(math.floor(n + 1e-9))
-    n -= n % g.blocks
-    return max(0, min(n, g.size - g.blocks))
+def _aligned(n: float, g: ChannelGroup, round_to: int = 1) -> int:
+    """The most channels, at most ``n``, that can go from ``g`` while each of its blocks loses the same number,
+    keeps at least one channel, and the channels kept number a multiple of ``round_to`` (0 if none can go)."""
+    n = max(0, min(int(math.floor(n + 1e-9)), g.size - g.blocks))
+    step = math.lcm(g.blocks, round_to)
+    kept = -(-(g.size - n) // step) * step  # round the kept count up: remove fewer
+    return g.size - kept if kept < g.size else 0
 
 
 def _keep_some(keep: np.ndarray, blocks: int) -> np.ndarray:

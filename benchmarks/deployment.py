@@ -1,0 +1,368 @@
+"""Deployment speed at 224x224: pruned + INT8 OpenVINO IRs of ResNet50, MobileNetV2 and EfficientNetB0.
+
+    python benchmarks/deployment.py --json deployment.json                 # the three models at 224x224
+    python benchmarks/deployment.py --models mobilenetv2 --smoke           # 96x96, 1 round: a quick try
+    python benchmarks/deployment.py --table_models resnet50 --table_only   # channel multiple vs speed only
+
+Each model is a keras.applications model with weights=None whose BatchNorm statistics come from one batch of
+real images (CIFAR-10 test images resized to the input size), so activations have realistic ranges; speed does
+not depend on trained weights. Variants:
+  - the unpruned model exported with ``export_saved_model``: FP32 IR at the f32 hint and at OpenVINO's default
+    precision (BF16 on CPUs with AVX512-BF16 or AMX), our post-training INT8 (``calibrate``), and nncf INT8 of
+    the same FP32 IR (``nncf.quantize`` run in a separate venv, ``--nncf_python``, on the same 300 images);
+  - pruned to ``--flops_target`` with the channels ``FilterPruning`` chooses (allocations "uniform" and
+    "global_per_flop"; the callback is driven once on the model, no training), stripped with
+    ``tfcompress.strip``, exported, INT8 by post-training ``calibrate`` and by QAT (``quantize_model``, a few
+    ``RangeInit`` steps, strip, export).
+All variants of one model are timed in one ``measure_speed`` call (interleaved rounds): read the ratios.
+The goal check: pruned INT8 b32 throughput >= 0.9 x (original FLOPs / pruned FLOPs) x nncf INT8 throughput of
+the unpruned model, and the same for b1 latency.
+
+The channel-multiple table (``--multiples``, ``--table_models``) prunes a model with ``FilterPruning(round_to=m)`` for each m
+(``--table_allocation``, same FLOPs target), converts it with OpenVINO's TF frontend (no tf2onnx: faster, same
+kernels), calibrates INT8, and times FP32 (f32 hint) and INT8 of all of them interleaved: throughput per FLOP
+shows what OpenVINO's channel-blocked kernels make of channel counts that are no multiple of 8 or 16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import openvino as ov  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import common  # noqa: E402
+import tfcompress  # noqa: E402
+from tfcompress.calibration import calibrate  # noqa: E402
+from tfcompress.export import export_saved_model  # noqa: E402
+from tfcompress.export.speed import DEFAULT, FP32, default_precision, measure_speed  # noqa: E402
+from tfcompress.pruning import FilterPruning  # noqa: E402
+from tfcompress.quantization import RangeInit, quantize_model  # noqa: E402
+
+MODELS = {
+    "resnet50": keras.applications.ResNet50,
+    "mobilenetv2": keras.applications.MobileNetV2,
+    "efficientnetb0": keras.applications.EfficientNetB0,
+}
+ALLOCATIONS = ("uniform", "global_per_flop")
+NNCF_SCRIPT = """
+import sys, numpy as np, nncf, openvino as ov
+xml, npy, out = sys.argv[1:4]
+x = np.load(npy)
+model = ov.Core().read_model(xml)
+q = nncf.quantize(model, nncf.Dataset([x[i:i + 1] for i in range(len(x))]), subset_size=len(x))
+ov.save_model(q, out)
+"""
+
+
+def images(size: int, n: int) -> np.ndarray:
+    """``n`` CIFAR-10 test images (a class-balanced prefix of a fixed shuffle) resized to ``size``, 0..255."""
+    x, _ = common.cifar10_test()
+    pick = np.random.default_rng(0).permutation(len(x))[:n]
+    return tf.image.resize(x[pick].astype("float32"), (size, size)).numpy()
+
+
+def build(name: str, size: int, batch: np.ndarray) -> keras.Model:
+    """The keras.applications model with random weights and BatchNorm statistics of ``batch``."""
+    keras.utils.set_random_seed(0)
+    model = MODELS[name](weights=None, input_shape=(size, size, 3))
+    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.momentum = 0.0  # the moving statistics become this batch's, layer after layer
+    model(batch, training=True)
+    for bn, m in zip(bns, momenta):
+        bn.momentum = m
+    return model
+
+
+def prune(model: keras.Model, allocation: str, flops_target: float, round_to: int | None) -> tuple[keras.Model, float]:
+    """A pruned copy with the channels FilterPruning picks at its final level (driven once, no training)."""
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    extra = {} if round_to is None else {"round_to": round_to}
+    pruner = FilterPruning(flops_target=flops_target, flops_allocation=allocation, schedule="baseline",
+                           pruning_epochs=1, prune_downsample_convs=True, **extra)
+    pruner.set_model(copy)
+    pruner.on_train_begin()
+    pruner.on_epoch_begin(0)
+    pruner.on_train_end()
+    return copy, pruner.flops_ratio
+
+
+def qat(pruned: keras.Model, x: np.ndarray, steps: int) -> keras.Model:
+    """QAT route: quantize_model, ``steps`` training steps whose activation ranges RangeInit sets, strip."""
+    q = quantize_model(pruned)
+    q.compile(keras.optimizers.SGD(1e-5), "sparse_categorical_crossentropy")
+    n = min(len(x), 8 * steps)
+    q.fit(x[:n], np.zeros(n, "int32"), batch_size=8, epochs=1, callbacks=[RangeInit(steps)], verbose=0)
+    return tfcompress.strip(q)
+
+
+def export(model: keras.Model, work: str, name: str, calib: np.ndarray) -> dict:
+    sm = os.path.join(work, name + "_sm")
+    model.export(sm, verbose=False)
+    report = export_saved_model(sm, os.path.join(work, name), calibration_data=calib, int8="default",
+                                verbose=False)
+    return {"flops": report["flops"]["after"], "params": report["params"]["after"],
+            "int8_layers": report["steps"]["int8"]["int8_layers"],
+            "fp32": os.path.join(work, name, "model_fp32.xml"), "int8": os.path.join(work, name, "model_int8.xml")}
+
+
+def nncf_int8(xml: str, calib: np.ndarray, python: str, work: str) -> tuple[str, float]:
+    """nncf.quantize of an IR in the benchmark's own venv (tfcompress never imports nncf)."""
+    npy, out = os.path.join(work, "nncf_calib.npy"), os.path.join(work, "nncf_int8.xml")
+    np.save(npy, calib)
+    t = time.perf_counter()
+    subprocess.run([python, "-c", NNCF_SCRIPT, xml, npy, out], check=True, stdout=subprocess.DEVNULL)
+    return out, time.perf_counter() - t
+
+
+def speed_args(args) -> dict:
+    return dict(rounds=args.rounds, iters_b1=args.iters_b1, iters_b32=args.iters_b32)
+
+
+def prepare_model(name: str, args, work: str) -> dict:
+    """Every artifact of one model (the exports, nncf's INT8) and the OpenVINO variants to time."""
+    size = args.size
+    calib = images(size, args.calib)
+    model = build(name, size, calib[:32])
+    t = time.perf_counter()
+    arts = {"original": export(model, work, "original", calib)}
+    nncf_xml, nncf_s = nncf_int8(arts["original"]["fp32"], calib, args.nncf_python, work)
+    for alloc in ALLOCATIONS:
+        pruned, ratio = prune(model, alloc, args.flops_target, args.round_to)
+        arts[alloc] = export(tfcompress.strip(pruned), work, alloc, calib)
+        arts[alloc]["callback_flops_ratio"] = ratio
+        if alloc in args.qat_allocations:
+            arts[alloc + " QAT"] = export(qat(pruned, calib, args.qat_steps), work, alloc + "_qat", calib)
+    o = arts["original"]
+    variants = {
+        "FP32 (f32 hint)": (o["fp32"], FP32),
+        f"default ({default_precision()})": (o["fp32"], DEFAULT),
+        "nncf INT8": (nncf_xml, DEFAULT),
+        "our INT8": (o["int8"], DEFAULT),
+    }
+    for alloc in ALLOCATIONS:
+        variants[f"pruned {alloc} INT8"] = (arts[alloc]["int8"], DEFAULT)
+        if alloc in args.qat_allocations:
+            variants[f"pruned {alloc} QAT INT8"] = (arts[alloc + " QAT"]["int8"], DEFAULT)
+    print(f"{name}: prepared in {time.perf_counter() - t:.0f} s", flush=True)
+    return {"size": size, "prep_seconds": time.perf_counter() - t, "nncf_seconds": nncf_s, "variants": variants,
+            "sample": calib[:1],
+            "artifacts": {k: {kk: vv for kk, vv in v.items() if kk not in ("fp32", "int8")} for k, v in arts.items()}}
+
+
+def measure_model(name: str, prep: dict, args) -> dict:
+    s = measure_speed(prep["variants"], prep["sample"], **speed_args(args))
+    out = {k: v for k, v in prep.items() if k not in ("variants", "sample")}
+    out["speed"] = s
+    print_model(name, out, default_precision())
+    return out
+
+
+def goal(row: dict, nncf: dict, flops_gain: float) -> tuple[float, float]:
+    """Achieved fraction of the goal: pruned INT8 speed over (flops_gain x nncf INT8 speed), b32 and b1."""
+    return (row["b32_ips"] / (flops_gain * nncf["b32_ips"]), nncf["b1_ms"] / (flops_gain * row["b1_ms"]))
+
+
+def print_model(name: str, out: dict, prec: str) -> None:
+    s, arts = out["speed"], out["artifacts"]
+    base, nncf = s["FP32 (f32 hint)"], s["nncf INT8"]
+    bf = s[f"default ({prec})"]
+    print(f"\n## {name} {out['size']}x{out['size']}: original {arts['original']['flops'] / 1e9:.2f} GFLOPs "
+          f"(prep {out['prep_seconds']:.0f} s, nncf.quantize {out['nncf_seconds']:.0f} s)")
+    print("| variant | FLOPs ratio | b1 ms | b1 vs FP32 | b1 vs default | b32 img/s | b32 vs FP32 | b32 vs default "
+          "| goal b32 | goal b1 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for k, v in s.items():
+        art = next((a for n, a in arts.items() if k.startswith("pruned") and n == _art_key(k)), arts["original"])
+        ratio = art["flops"] / arts["original"]["flops"]
+        g = goal(v, nncf, 1 / ratio) if k.startswith("pruned") else None
+        gtxt = f"{g[0]:.2f} | {g[1]:.2f}" if g else "|"
+        print(f"| {k} | {ratio:.3f} | {v['b1_ms']:.2f} | {base['b1_ms'] / v['b1_ms']:.2f}x | "
+              f"{bf['b1_ms'] / v['b1_ms']:.2f}x | {v['b32_ips']:.1f} | {v['b32_ips'] / base['b32_ips']:.2f}x | "
+              f"{v['b32_ips'] / bf['b32_ips']:.2f}x | {gtxt} |")
+    print("goal columns: achieved / required (>= 0.90 meets the goal: 0.9 x FLOPs gain x nncf INT8 speed)")
+
+
+def _art_key(variant: str) -> str:
+    alloc = next(a for a in ALLOCATIONS if f" {a} " in variant)
+    return alloc + " QAT" if "QAT" in variant else alloc
+
+
+def prepare_table(name: str, args, work: str) -> dict:
+    """One pruned model per channel multiple (round_to=m), FP32 and INT8 IRs via OpenVINO's TF frontend."""
+    size = args.size
+    calib = images(size, args.table_calib)
+    model = build(name, size, calib[:32])
+    sm = os.path.join(work, "unpruned_sm")
+    model.export(sm, verbose=False)
+    xml = os.path.join(work, "unpruned_fp32.xml")
+    ov.save_model(ov.convert_model(sm), xml, compress_to_fp16=False)
+    variants, flops = {"unpruned FP32": (xml, FP32)}, {}
+    if not args.table_without_nncf:
+        variants["unpruned nncf INT8"] = (nncf_int8(xml, calib, args.nncf_python, work)[0], DEFAULT)
+    for m in args.multiples:
+        pruned, ratio = prune(model, args.table_allocation, args.flops_target, m)
+        sm = os.path.join(work, f"round{m}_sm")
+        tfcompress.strip(pruned).export(sm, verbose=False)
+        fp = ov.convert_model(sm)
+        int8 = calibrate(fp, calib, subset_size=len(calib), verbose=False)
+        flops[m] = ratio
+        variants[f"round_to={m} FP32"] = (fp, FP32)
+        variants[f"round_to={m} INT8"] = (int8, DEFAULT)
+    print(f"table {name}: prepared", flush=True)
+    return {"model": name, "size": size, "flops_ratio": flops, "variants": variants, "sample": calib[:1]}
+
+
+def measure_table(prep: dict, args) -> dict:
+    """Time FP32 and INT8 of every channel multiple interleaved; print throughput per FLOP against round_to=1."""
+    s = measure_speed(prep["variants"], prep["sample"], **speed_args(args))
+    flops, multiples = prep["flops_ratio"], list(prep["flops_ratio"])
+    print(f"\n## channel multiple vs speed: {prep['model']} {prep['size']}x{prep['size']}, {args.table_allocation}, "
+          f"flops_target {args.flops_target}")
+    print("| round_to | FLOPs ratio | FP32 b32 img/s | FP32 b32 per FLOP (rel.) | FP32 b1 ms | INT8 b32 img/s "
+          "| INT8 b32 per FLOP (rel.) | INT8 b1 ms | INT8 b1 per FLOP (rel.) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    first = multiples[0]
+    per_flop = lambda m, p: s[f"round_to={m} {p}"]["b32_ips"] * flops[m]  # noqa: E731
+    b1_per_flop = lambda m: flops[m] / s[f"round_to={m} INT8"]["b1_ms"]  # noqa: E731
+    for m in multiples:
+        f, i = s[f"round_to={m} FP32"], s[f"round_to={m} INT8"]
+        print(f"| {m} | {flops[m]:.3f} | {f['b32_ips']:.1f} | {per_flop(m, 'FP32') / per_flop(first, 'FP32'):.2f} | "
+              f"{f['b1_ms']:.2f} | {i['b32_ips']:.1f} | {per_flop(m, 'INT8') / per_flop(first, 'INT8'):.2f} | "
+              f"{i['b1_ms']:.2f} | {b1_per_flop(m) / b1_per_flop(first):.2f} |")
+    if "unpruned nncf INT8" not in s:
+        return {"model": prep["model"], "size": prep["size"], "flops_ratio": flops, "speed": s}
+    nncf, fp32 = s["unpruned nncf INT8"], s["unpruned FP32"]
+    print(f"\nunpruned: FP32 b1 {fp32['b1_ms']:.2f} ms, b32 {fp32['b32_ips']:.1f} img/s; nncf INT8 b1 "
+          f"{nncf['b1_ms']:.2f} ms, b32 {nncf['b32_ips']:.1f} img/s")
+    print("goal: pruned INT8 speed / (FLOPs gain x unpruned nncf INT8 speed); >= 0.90 meets it")
+    print("| round_to | pruned INT8 b32 vs nncf INT8 | goal b32 | pruned INT8 b1 vs nncf INT8 | goal b1 |")
+    print("|---|---|---|---|---|")
+    for m in multiples:
+        i = s[f"round_to={m} INT8"]
+        g32, g1 = goal(i, nncf, 1 / flops[m])
+        print(f"| {m} | {i['b32_ips'] / nncf['b32_ips']:.2f}x | {g32:.2f} | {nncf['b1_ms'] / i['b1_ms']:.2f}x | "
+              f"{g1:.2f} |")
+    return {"model": prep["model"], "size": prep["size"], "flops_ratio": flops, "speed": s}
+
+
+def conv_stack(width: int, size: int, depth: int = 4, stem: int = 64) -> ov.Model:
+    """An OpenVINO model: a stem conv to ``width`` channels, then ``depth`` 3x3 conv + ReLU layers of ``width``
+    channels (what a stripped, pruned layer looks like to the CPU plugin), random weights."""
+    import openvino.opset13 as ops
+
+    rng = np.random.default_rng(width)
+    x = ops.parameter([-1, 3, size, size], np.float32, name="input")
+    h, c_in = x, 3
+    for c_out in [stem] + [width] * depth:
+        w = ops.constant((rng.standard_normal((c_out, c_in, 3, 3)) / np.sqrt(9 * c_in)).astype(np.float32))
+        h = ops.relu(ops.convolution(h, w, [1, 1], [1, 1], [1, 1], [1, 1]))
+        c_in = c_out
+    return ov.Model([h], [x], f"conv_stack_{width}")
+
+
+def micro_table(args) -> dict:
+    """Channel count vs speed of a conv stack, FP32 (f32 hint) and INT8, all timed interleaved."""
+    size = 28 if not args.smoke else 14
+    x = np.random.default_rng(0).uniform(0, 1, (32, 3, size, size)).astype(np.float32)
+    variants = {}
+    for c in args.widths:
+        fp = conv_stack(c, size)
+        variants[f"{c} FP32"] = (fp, FP32)
+        variants[f"{c} INT8"] = (calibrate(fp, x, subset_size=len(x), verbose=False), DEFAULT)
+    s = measure_speed(variants, x[:1], **speed_args(args))
+    ref = args.widths[-1]
+    print(f"\n## conv stack: 4 x (3x3 conv, c -> c channels, ReLU) at {size}x{size}, speed per FLOP relative to "
+          f"c={ref} (1.00 = time proportional to c^2)")
+    print("| c | c mod 16 | FP32 b32 img/s | FP32 per FLOP | INT8 b32 img/s | INT8 per FLOP | FP32 b1 ms | INT8 b1 ms "
+          "| INT8 b1 per FLOP |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    flops = {c: 64 * c + 4 * c * c for c in args.widths}  # per pixel, up to the common 9 x 2 factor
+
+    def per_flop(c, p, key="b32_ips"):
+        v = s[f"{c} {p}"][key]
+        v = v if key == "b32_ips" else 1 / v
+        return v * flops[c] / ((s[f"{ref} {p}"][key] if key == "b32_ips" else 1 / s[f"{ref} {p}"][key]) * flops[ref])
+
+    for c in args.widths:
+        f, i = s[f"{c} FP32"], s[f"{c} INT8"]
+        print(f"| {c} | {c % 16} | {f['b32_ips']:.0f} | {per_flop(c, 'FP32'):.2f} | {i['b32_ips']:.0f} | "
+              f"{per_flop(c, 'INT8'):.2f} | {f['b1_ms']:.3f} | {i['b1_ms']:.3f} | {per_flop(c, 'INT8', 'b1_ms'):.2f} |")
+    return {"size": size, "speed": s}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {list(MODELS)}")
+    ap.add_argument("--smoke", action="store_true", help="96x96 inputs, 1 round, few iterations")
+    ap.add_argument("--flops_target", type=float, default=0.45)
+    ap.add_argument("--round_to", type=int, default=None, help="FilterPruning round_to (default: its default)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--iters_b1", type=int, default=100)
+    ap.add_argument("--iters_b32", type=int, default=10)
+    ap.add_argument("--calib", type=int, default=300, help="calibration images (also for nncf)")
+    ap.add_argument("--qat_steps", type=int, default=4)
+    ap.add_argument("--qat_allocations", default="global_per_flop", help="allocations that also take the QAT route")
+    ap.add_argument("--multiples", default="1,4,8,16,32", help="round_to values of the channel table")
+    ap.add_argument("--table_models", default="resnet50,mobilenetv2")
+    ap.add_argument("--table_calib", type=int, default=64, help="calibration images of the table's INT8 IRs")
+    ap.add_argument("--table_only", action="store_true")
+    ap.add_argument("--table_allocation", default="global_per_flop", choices=ALLOCATIONS)
+    ap.add_argument("--table_without_nncf", action="store_true", help="leave nncf INT8 out of the channel table")
+    ap.add_argument("--micro", action="store_true", help="only the conv-stack table: channel count vs speed")
+    ap.add_argument("--widths", default="32,33,36,40,44,48,52,56,60,63,64")
+    ap.add_argument("--skip_table", action="store_true")
+    ap.add_argument("--nncf_python", default="/work/venv-nncf-deploy/bin/python",
+                    help="a Python with nncf and openvino installed")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    args.size = 96 if args.smoke else 224
+    if args.smoke:
+        args.rounds, args.iters_b1, args.iters_b32, args.calib, args.qat_steps, args.table_calib = 1, 10, 2, 32, 2, 16
+    args.multiples = [int(m) for m in args.multiples.split(",")]
+    args.widths = [int(m) for m in args.widths.split(",")]
+    args.qat_allocations = [a for a in args.qat_allocations.split(",") if a]
+    names = [m for m in args.models.split(",") if m]
+    unknown = [m for m in names if m not in MODELS]
+    if unknown:
+        ap.error(f"unknown model {unknown[0]!r}; choose from {list(MODELS)}")
+    print(f"machine: {common.machine()}; openvino {ov.__version__}; default precision {default_precision()}")
+    results = {"command": "python benchmarks/deployment.py " + " ".join(sys.argv[1:]), "machine": common.machine()}
+    if args.micro:
+        results["micro"] = micro_table(args)
+        _dump(results, args.json)
+        return
+    tables = [] if args.skip_table else [m for m in args.table_models.split(",") if m]
+    models = [] if args.table_only else names
+    with tempfile.TemporaryDirectory(prefix="tfcompress-deploy-") as work:
+        for m in tables:
+            prep = prepare_table(m, args, os.path.join(work, "table_" + m))
+            results.setdefault("channel_table", {})[m] = measure_table(prep, args)
+            _dump(results, args.json)
+        for m in models:
+            results[m] = measure_model(m, prepare_model(m, args, os.path.join(work, m)), args)
+            _dump(results, args.json)
+
+
+def _dump(results: dict, path: str) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2, default=float)
+
+
+if __name__ == "__main__":
+    main()
