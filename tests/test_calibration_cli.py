@@ -46,4 +46,4 @@ def test_a_missed_max_drop_exits_3_unless_allowed(tmp_path):
     assert "max_drop NOT met" in (tmp_path / "out" / "report.md").read_text()
     proc = _cli(*common, f"--output_dir={tmp_path / 'out2'}", "--allow_drop_miss")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "WARNING: accuracy control did not reach max_drop" in proc.stderr
+    assert "warning: accuracy control did not reach max_drop" in proc.stderr

@@ -1,5 +1,11 @@
 """Quantization-aware training on real MNIST data, exported to OpenVINO INT8 by both routes."""
 
+import json
+import os
+import subprocess
+import sys
+import warnings
+
 import keras
 import numpy as np
 import openvino as ov
@@ -10,7 +16,7 @@ import tfcompress
 from tfcompress import calibration
 from tfcompress.export import strip_saved_model, to_onnx, to_openvino
 from tfcompress.quantization import ActivationQuantizer, RangeInit, quantize_model
-from conftest import rel_error, run_mirrored
+from conftest import SHARED_DATA, rel_error, run_mirrored
 from data import mnist
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -141,11 +147,15 @@ def test_prune_then_qat_keeps_pruned_channels_zero_and_strips(rng, tmp_path):
 
 
 def test_unsupported_layers_warn_and_subclassed_models_fail():
-    inp = keras.Input((8, 8, 3))
-    x = L.Conv2DTranspose(4, 3, name="up")(inp)
+    inp = keras.Input((8, 3))
+    x = L.Conv1D(4, 3, name="temporal")(inp)
+    x = L.Conv1D(4, 3, name="temporal_2")(x)
     model = keras.Model(inp, L.Dense(2)(L.Flatten()(x)))
-    with pytest.warns(UserWarning, match="up \\(Conv2DTranspose\\)"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         quantize_model(model)
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert len(messages) == 1 and "temporal (Conv1D), temporal_2 (Conv1D)" in messages[0]  # one warning
     with pytest.raises(ValueError, match="unknown preset"):
         quantize_model(model, preset="fast")
     with pytest.raises(ValueError, match="'nope'"):
@@ -193,3 +203,65 @@ def test_quantizer_goes_before_zero_padding():
     pad, dw = q.get_layer("pad"), q.get_layer("dw")
     assert isinstance(pad.input._keras_history[0], ActivationQuantizer)
     assert dw.input._keras_history[0] is pad  # no second quantizer between Pad and the depthwise conv
+
+
+def separable_net():
+    """Xception's pieces: separable convolutions, a residual written ``x + y``, and a transposed convolution."""
+    inp = keras.Input((16, 16, 3), name="image")
+    x = L.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="stem")(inp)
+    s = L.ReLU()(L.BatchNormalization(name="bn")(L.SeparableConv2D(16, 3, padding="same", name="sep1")(x)))
+    s = L.SeparableConv2D(16, 3, padding="same", name="sep2")(s)
+    r = s + L.Conv2D(16, 1, name="short")(x)
+    u = L.Conv2DTranspose(8, 3, strides=2, padding="same", activation="relu", name="up")(r)
+    return keras.Model(inp, L.Dense(10, name="logits")(L.GlobalAveragePooling2D()(u)))
+
+
+def test_separable_transposed_and_ops_add_get_quantized(rng, tmp_path):
+    model = separable_net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every weighted layer has a twin: nothing left in float
+        q = quantize_model(model)
+    assert type(q.get_layer("sep1")).__name__ == "QuantSeparableConv2D"
+    assert type(q.get_layer("up")).__name__ == "QuantConv2DTranspose"
+    add = next(op for op in q.operations if type(op).__name__ == "Add")
+    assert all(isinstance(t._keras_history[0], ActivationQuantizer) for t in add._inbound_nodes[0].input_tensors)
+    x = rng.uniform(0, 1, (16, 16, 16, 3)).astype("float32")
+    q.compile(keras.optimizers.SGD(0.0), "mse")  # ranges from data, weights as the float model's
+    q.fit(x, rng.normal(size=(16, 10)), epochs=1, batch_size=8, callbacks=[RangeInit(2)], verbose=0)
+    inner = q.get_layer("sep1").intermediate_quantizer
+    assert float(inner.initialized.numpy()) == 1.0 and float(inner.range_max.numpy()) > 0  # ranges from data
+    assert rel_error(q(x), model(x)) < 0.1
+    q.save(tmp_path / "q.keras")
+    np.testing.assert_array_equal(keras.saving.load_model(tmp_path / "q.keras")(x), q(x))
+
+
+def test_separable_and_transposed_qat_model_exports_all_int8(rng, tmp_path):
+    """``python -m tfcompress.export`` on the QAT SavedModel: every convolution, the transposed one and the
+    dense layer run INT8 in OpenVINO, and the IR's logits follow the Keras QAT model."""
+    x, y, _, _ = cifar_like(rng)
+    q = quantize_model(separable_net())
+    q.compile(keras.optimizers.Adam(1e-3), LOSS)
+    q.fit(x, y, epochs=1, batch_size=16, callbacks=[RangeInit(4)], verbose=0)
+    q.export(str(tmp_path / "sm"), verbose=False)
+    np.savez(tmp_path / "val.npz", x=x[:32], y=y[:32])
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "-m", "tfcompress.export", f"--saved_model_dir={tmp_path / 'sm'}",
+                           f"--output_dir={tmp_path / 'out'}", f"--validation_data={tmp_path / 'val.npz'}"],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["quantized"]
+    compiled = ov.Core().compile_model(str(tmp_path / "out" / "model_fp32.xml"), "CPU")
+    precisions = [(op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
+                  for op in compiled.get_runtime_model().get_ops()]
+    weighted = [p for t, p in precisions if t in ("Convolution", "Deconvolution", "FullyConnected")]
+    assert len(weighted) == 8 and all(p in ("u8", "i8") for p in weighted), weighted  # 2 per separable conv
+    out = compiled({0: x[:32]})[compiled.outputs[0]]
+    assert rel_error(out, q.predict(x[:32], verbose=0)) <= 0.15  # the export's tolerance for quantized graphs
+
+
+def cifar_like(rng):
+    """CIFAR-10 test images (real image statistics for the quantizer ranges) downsized to 16 x 16, in [0, 1]."""
+    data = np.load(SHARED_DATA / "cifar10" / "cifar10_jpeg_q75_test.npz")
+    idx = rng.choice(len(data["y_test"]), 256, replace=False)
+    x = keras.ops.convert_to_numpy(keras.ops.image.resize(data["x_test"][idx].astype("float32") / 255.0, (16, 16)))
+    return x, data["y_test"][idx].reshape(-1), None, None
