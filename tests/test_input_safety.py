@@ -189,8 +189,8 @@ def test_a_pickled_data_file_through_the_command(saved_model, tmp_path):
 
 
 def test_os_errors_become_one_line(tmp_path):
-    """A full disk or an unwritable location met during the work: one line, exit 2 (in-process: a real full
-    disk cannot be made here without privileges CI may lack)."""
+    """A full disk or an unwritable location met during the work: one line, exit 2 (a command whose work
+    raises the OSError: a real full disk cannot be made here without privileges CI may lack)."""
     code = (
         "import errno, sys\n"
         "from tfcompress._cli import run\n"

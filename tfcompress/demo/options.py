@@ -25,11 +25,8 @@ def check_args(output_dir: str, epochs: int, target: float) -> bool:
         raise ExportError(f"--target must be in (0, 1), got {target!r}")
     replace = (os.path.isdir(output_dir) and not os.path.islink(output_dir)
                and os.path.exists(os.path.join(output_dir, MARKER)))
-    try:
-        check_output_dir(output_dir, overwrite=replace)
-    except ExportError as e:
-        if "not empty" in str(e):
-            raise ExportError(f"output directory {output_dir!r} is not empty and was not written by the demo; "
-                              "choose another --output_dir") from None
-        raise
+    if not replace and os.path.isdir(output_dir) and not os.path.islink(output_dir) and os.listdir(output_dir):
+        raise ExportError(f"output directory {output_dir!r} is not empty and was not written by the demo; "
+                          "choose another --output_dir")
+    check_output_dir(output_dir, overwrite=replace)
     return replace

@@ -320,13 +320,17 @@ def run_onnx(onnx_path: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndar
     OpenVINO, not onnxruntime, is the reference runtime: it is a dependency already, and onnxruntime 1.31
     miscomputes ``Pad`` followed by ``MaxPool`` with its default graph optimisations.
     """
+    return run_openvino(_read_onnx(onnx_path), inputs, precision="f32")
+
+
+def _read_onnx(onnx_path: str):
+    """The ONNX file as an ``openvino.Model``; ExportError when OpenVINO's ONNX reader refuses it."""
     import openvino as ov
 
     try:
-        model = ov.convert_model(onnx_path)
+        return ov.convert_model(onnx_path)
     except Exception as e:
         raise ExportError(f"OpenVINO could not read ONNX file {onnx_path!r}: {str(e).splitlines()[0]}") from None
-    return run_openvino(model, inputs, precision="f32")
 
 
 def restore_weight_quantization(model) -> int:
@@ -415,15 +419,10 @@ def to_openvino(
 ) -> ConversionCheck:
     """Convert ONNX to OpenVINO IR (FP32 weights); the saved IR, read back and run at f32 precision, must match
     the ONNX model as OpenVINO's ONNX reader runs it (relative max error within ``tolerance``)."""
-    import openvino as ov
-
     if not os.path.isfile(onnx_path):
         raise ExportError(f"ONNX file {onnx_path!r} does not exist")
     _check_xml_path(xml_path)
-    try:
-        model = ov.convert_model(onnx_path)
-    except Exception as e:
-        raise ExportError(f"OpenVINO could not convert {onnx_path!r}: {str(e).splitlines()[0]}") from None
+    model = _read_onnx(onnx_path)
     if check_inputs is None:
         check_inputs = _random_inputs_for(model)
     ref = run_openvino(model, check_inputs, precision="f32")

@@ -16,7 +16,7 @@ from tfcompress.export.data import load_data
 from tfcompress.export.options import check_args
 from tfcompress.output_dir import staged_output
 from tfcompress.stripping.savedmodel_strip import (
-    run_frozen, save_graph_def, strip_saved_model,
+    max_rel_error, run_frozen, save_graph_def, strip_saved_model,
 )
 
 __all__ = ["export_saved_model"]
@@ -156,7 +156,7 @@ def export_saved_model(
             if check is not None:  # INT8 at OpenVINO's default precision, as deployed, against the FP32 IR
                 ref8 = run_openvino(xml, check, precision="f32")
                 got8 = run_openvino(xml8, check, precision="default")
-                report["steps"]["int8"]["max_rel_error"] = max(_rel_error(got8[k], ref8[k]) for k in ref8)
+                report["steps"]["int8"]["max_rel_error"] = max_rel_error(got8, ref8)
             report["sizes"]["openvino_int8"] = _size(xml8) + _size(xml8[:-4] + ".bin")
         if valid is not None and valid[1] is not None:
             _log("[5/5] measuring accuracy on the validation data")
@@ -197,20 +197,15 @@ def _resaved_size(frozen, tmp: str) -> int:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _rel_error(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)) if a.size else 0.0
-
-
 def _convert(stripped_dir: str, onnx_path: str, xml: str, opset: int, check, signature_key: str, tol: dict,
-             require_onnx: bool, _log=lambda msg: None) -> dict:
+             require_onnx: bool, log=lambda msg: None) -> dict:
     """Write ``model.onnx`` and the FP32 IR made from it; the report's ``onnx`` and ``openvino`` steps.
 
     A model tf2onnx cannot convert (or converts wrongly) still gets its IR, from the SavedModel through
     OpenVINO's TensorFlow reader, unless ``require_onnx``; the ``onnx`` step then gives the reason it was skipped.
     """
     t = time.perf_counter()
-    _log("[3/5] converting to ONNX (tf2onnx)")
+    log("[3/5] converting to ONNX (tf2onnx)")
     try:
         c = to_onnx(stripped_dir, onnx_path, opset=opset, check_inputs=check, signature_key=signature_key,
                     tolerance=tol["onnx"])
@@ -222,14 +217,14 @@ def _convert(stripped_dir: str, onnx_path: str, xml: str, opset: int, check, sig
               "(--require_onnx makes this an error)", file=sys.stderr, flush=True)
         steps = {"onnx": {"seconds": time.perf_counter() - t, "skipped": reason}}
         t = time.perf_counter()
-        _log("[4/5] converting the SavedModel to OpenVINO IR (OpenVINO's TensorFlow reader)")
+        log("[4/5] converting the SavedModel to OpenVINO IR (OpenVINO's TensorFlow reader)")
         c = saved_model_to_openvino(stripped_dir, xml, check_inputs=check, tolerance=tol["openvino"],
                                     signature_key=signature_key)
         steps["openvino"] = {"seconds": time.perf_counter() - t, "source": "saved_model", **c}
         return steps
     steps = {"onnx": {"seconds": time.perf_counter() - t, **c}}
     t = time.perf_counter()
-    _log("[4/5] converting to OpenVINO IR")
+    log("[4/5] converting to OpenVINO IR")
     c = to_openvino(onnx_path, xml, check_inputs=check, tolerance=tol["openvino"])
     steps["openvino"] = {"seconds": time.perf_counter() - t, "source": "onnx", **c}
     return steps

@@ -23,7 +23,8 @@ from tfcompress.graph.graphdef_adapter import GraphDefGraph, fold_constants
 from tfcompress.output_dir import check_output_dir, staged_output
 
 __all__ = [
-    "ExportError", "FrozenSignature", "StripResult", "check_outputs", "freeze_saved_model", "sample_inputs",
+    "ExportError", "FrozenSignature", "StripResult", "check_outputs", "freeze_saved_model", "max_rel_error",
+    "sample_inputs",
     "strip_saved_model",
 ]
 
@@ -349,10 +350,15 @@ def _layer_rows(gg: GraphDefGraph, removable: dict, consts: dict) -> list[dict]:
 
 def check_outputs(got: dict, ref: dict, tolerance: float, what: str, suffix: str = "") -> float:
     """Largest relative max error over the outputs ``ref`` names; ExportError if it exceeds ``tolerance``."""
-    err = max(_rel(got[k], ref[k]) for k in ref)
+    err = max_rel_error(got, ref)
     if not err <= tolerance:
         raise ExportError(f"{what} (relative error {err:.2e} > {tolerance:.0e}){suffix}")
     return err
+
+
+def max_rel_error(got: dict, ref: dict) -> float:
+    """Largest relative max error (max |got - ref| / max |ref|) over the outputs ``ref`` names."""
+    return max(_rel(got[k], ref[k]) for k in ref)
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
