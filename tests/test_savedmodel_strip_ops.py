@@ -288,3 +288,30 @@ def test_engine_reasons_for_blocked_groups_and_kept_channels():
     assert graph.block_reason(graph.owners(1)[0][0]) == "they reach Odd 'odd', which the channel rules do not cover"
     assert graph.block_reason(graph.owners(4)[0][0]) == "they are a model output"
     assert graph.block_reason(b.id) == ""
+
+
+def test_dense_on_feature_maps_strips_and_counts_its_positions(tmp_path, rng):
+    """Dense on a 4-D tensor (ConvNeXt's pointwise layers) is exported as tensordot: a Reshape to
+    ``[N*H*W, C]`` whose target is computed at run time from ``Shape(x)``, a MatMul, and a Reshape back.
+    Its channels go, and its multiply-accumulates count every position."""
+    import tfcompress
+
+    inp = keras.Input((8, 8, 3))
+    x = L.Conv2D(8, 3, padding="same")(inp)
+    x = L.Dense(8)(L.Dense(16, activation="gelu", name="expand")(x)) + x  # a raw keras.ops add
+    out = L.Dense(2)(L.GlobalAveragePooling2D()(x))
+    model = keras.Model(inp, out)
+    for layer in model.layers:
+        if layer.weights:
+            layer.set_weights([rng.normal(0, 0.5, w.shape).astype("float32") for w in layer.get_weights()])
+    groups = tfcompress.channel_groups(model)
+    assert sorted(g.size for g in groups) == [8, 16]
+    for g in groups:
+        tfcompress.zero_channels(model, g, rng.choice(g.size, g.size // 4, replace=False))
+    result, dst = _strip(model, tmp_path)
+    stripped = tfcompress.strip(model)
+    assert result.max_rel_error < 1e-4 and result.params_after < result.params_before
+    assert result.flops_before == tfcompress.count_flops(model)
+    assert result.flops_after == tfcompress.count_flops(stripped) < result.flops_before
+    x = rng.normal(size=(2, 8, 8, 3)).astype("float32")
+    assert rel_error(_run(dst, x), model(x)) < 1e-4

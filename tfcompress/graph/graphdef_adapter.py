@@ -405,9 +405,17 @@ class _Reshape(NodeKind):
 
 
 def _has_constant_last_entry(graph: "GraphDefGraph", shape_tensor: str) -> bool:
-    """A shape operand whose channel entry :func:`_with_last_entry` can rewrite: a Const or ``Pack(..., C)``."""
+    """A shape operand whose channel entry :func:`_with_last_entry` can rewrite: a Const, ``Pack(..., C)`` or
+    ``ConcatV2(..., [..., C])`` (tensordot's output shape)."""
     src = graph.nodes.get(_node(shape_tensor))
-    return src is not None and (src.op == "Const" or (src.op == "Pack" and graph.is_const(src.input[-1])))
+    if src is None or src.op not in ("Const", "Pack", "ConcatV2"):
+        return False
+    return src.op == "Const" or graph.is_const(_last_part(src))
+
+
+def _last_part(shape_node) -> str:
+    """The operand of a ``Pack`` / ``ConcatV2`` shape vector that holds its last entry."""
+    return shape_node.input[-1] if shape_node.op == "Pack" else shape_node.input[-2]
 
 
 def _with_last_entry(graph: "GraphDefGraph", shape_tensor: str, n: int, rw: "Rewriter") -> str:
@@ -417,11 +425,13 @@ def _with_last_entry(graph: "GraphDefGraph", shape_tensor: str, n: int, rw: "Rew
         shape = graph.const(src.name).copy()
         shape[-1] = n
         return rw.const(src.name, shape)
-    last = src.input[-1]  # Pack(batch, d1, ..., C): replace the last packed constant
+    last = _last_part(src)  # Pack(batch, d1, ..., C) or ConcatV2(..., [..., C]): replace the constant part
+    value = np.array(graph.const(last))
+    value.reshape(-1)[-1] = n  # a packed scalar, or the last entry of a concatenated vector
     packed = tf.compat.v1.NodeDef()
     packed.CopyFrom(src)
     packed.name = src.name + "/tfcompress"
-    packed.input[-1] = rw.const(_node(last), np.asarray(n, dtype=graph.const(last).dtype))
+    packed.input[-1 if src.op == "Pack" else -2] = rw.const(_node(last), value)
     rw.new_nodes.append(packed)
     return packed.name
 
@@ -750,7 +760,8 @@ class GraphDefGraph:
         for n in graph_def.node:
             for i in dict.fromkeys(_node(i) for i in n.input if not i.startswith("^")):
                 self.readers.setdefault(i, []).append(n)
-        self._batch_factor = self._batch_factors()
+        self._refine_reshape_widths()
+        self._batch_factors()
         self.kinds: dict[str, NodeKind] = {}
         self._tid: dict[str, int] = {}
         ops = []
@@ -798,20 +809,48 @@ class GraphDefGraph:
         """Spatial positions per example of ``tensor`` (1 for a vector); a tensor between SpaceToBatchND and
         BatchToSpaceND (a dilated convolution) holds its example's positions in several batch entries."""
         s = self.shape(tensor)
+        if _node(tensor) in self._folded:
+            return self._folded[_node(tensor)]
         spatial = math.prod(d for d in s[1:-1] if d) if len(s) > 2 else 1
         return int(round(spatial * self._batch_factor.get(_node(tensor), 1.0)))
 
-    def _batch_factors(self) -> dict[str, float]:
-        factors: dict[str, float] = {}
+    def _batch_factors(self) -> None:
+        """Per node, what its output's static spatial size must be multiplied by to give the positions per
+        example (the block size between SpaceToBatchND and BatchToSpaceND), and the positions of tensors
+        whose spatial sizes are not static because a reshape folded them into the batch (tensordot's
+        ``[N, H, W, C] -> [N*H*W, C] -> MatMul -> [N, H, W, U]``): those carry their source's positions."""
+        self._batch_factor: dict[str, float] = {}
+        self._folded: dict[str, int] = {}
         for name in self.order:
             n = self.nodes[name]
-            data = [i for i in n.input if not i.startswith("^")]
-            f = factors.get(_node(data[0]), 1.0) if data else 1.0
+            data = [i for i in n.input if not i.startswith("^") and not self.is_const(i)]
+            f = self._batch_factor.get(_node(data[0]), 1.0) if data else 1.0
             if n.op in ("SpaceToBatchND", "BatchToSpaceND") and self.is_const(n.input[1]):
                 block = float(np.prod(self.const(n.input[1])))
                 f = f * block if n.op == "SpaceToBatchND" else f / block
-            factors[name] = f
-        return factors
+            self._batch_factor[name] = f
+            if not data:
+                continue
+            s, src = self.shape(name), self.shape(data[0])
+            if n.op == "Reshape" and self.width(name) and self.width(name) == self.width(data[0]):
+                self._folded[name] = self.positions(data[0])
+            elif s and len(s) == len(src) and (len(s) == 2 or None in s[1:-1]) and _node(data[0]) in self._folded:
+                self._folded[name] = self._folded[_node(data[0])]
+
+    def _refine_reshape_widths(self) -> None:
+        """Give a Reshape whose target's last entry is ``Shape(x)[i]`` (known only at run time, as in
+        tensordot) the static size of that axis of ``x``, so the channel rules see its channel count."""
+        for name in self.order:
+            node = self.nodes[name]
+            shape = self._shapes.get(_tensor(name), ())
+            if node.op != "Reshape" or not shape or shape[-1] is not None:
+                continue
+            entries = _target_entries(self, node.input[1])
+            if entries and entries[-1] is not None:
+                src, axis = entries[-1]
+                size = (self.shape(src) or (None,))[axis] if axis < len(self.shape(src)) else None
+                if size is not None:
+                    self._shapes[_tensor(name)] = shape[:-1] + (size,)
 
     def tensor_id(self, tensor: str) -> int:
         return self._tid[_tensor(tensor)]
@@ -1004,6 +1043,16 @@ def _strided_slice(g: GraphDefGraph, node):
     return _PassThrough(node, g) if whole_start and whole_end and strides[axis] == 1 else None
 
 
+@register("Transpose")
+def _transpose(g: GraphDefGraph, node):
+    return _PassThrough(node, g) if _is_identity_transpose(g, node) else None
+
+
+def _is_identity_transpose(g: GraphDefGraph, node) -> bool:
+    return (node.op == "Transpose" and g.is_const(node.input[1])
+            and np.array_equal(g.const(node.input[1]), np.arange(len(g.shape(node.input[0]) or ()))))
+
+
 @register(*_REDUCE)
 def _reduce(g: GraphDefGraph, node):
     if not g.is_const(node.input[1]):
@@ -1016,9 +1065,9 @@ def _reduce(g: GraphDefGraph, node):
 @register("Squeeze", "ExpandDims", "Reshape")
 def _reshape(g: GraphDefGraph, node):
     src, dst = g.shape(node.input[0]), g.shape(node.name)
-    if not src or not dst or src[-1] is None or dst[-1] != src[-1] or None in src[1:] or None in dst[1:]:
-        return None
-    if math.prod(src[1:-1]) != math.prod(dst[1:-1]):
+    # in row-major order the last axis stays innermost: when its size is kept, channel j stays channel j
+    # whatever happens to the other axes (tensordot's [N, H, W, C] -> [N*H*W, C] and back included)
+    if not src or not dst or src[-1] is None or dst[-1] != src[-1]:
         return None
     if node.op != "Reshape" or _self_adjusting_reshape(g, node):
         return _PassThrough(node, g)
@@ -1092,7 +1141,7 @@ def _shape_reads_are_safe(g: GraphDefGraph, node) -> bool:
     if not rank or not readers:
         return False
     for r in readers:
-        idx = _shape_slice(g, r, rank) if r.op == "StridedSlice" and _node(r.input[0]) == node.name else None
+        idx = _shape_entries(g, r, rank) if _node(r.input[0]) == node.name else None
         if idx is None:
             return False
         if rank - 1 in idx and not _feeds_self_adjusting_reshapes(g, r, _tensor(node.input[0])):
@@ -1100,9 +1149,13 @@ def _shape_reads_are_safe(g: GraphDefGraph, node) -> bool:
     return True
 
 
-def _shape_slice(g: GraphDefGraph, node, rank: int) -> list[int] | None:
-    """The entries of a length-``rank`` shape vector that a constant StridedSlice of it selects."""
-    if not all(g.is_const(i) for i in node.input[1:4]):
+def _shape_entries(g: GraphDefGraph, node, rank: int) -> list[int] | None:
+    """The entries of a length-``rank`` shape vector that a constant StridedSlice or GatherV2 of it selects."""
+    if node.op == "GatherV2":
+        if not (g.is_const(node.input[1]) and g.is_const(node.input[2]) and int(g.const(node.input[2])) == 0):
+            return None
+        return [int(i) % rank for i in np.atleast_1d(g.const(node.input[1]))]
+    if node.op != "StridedSlice" or not all(g.is_const(i) for i in node.input[1:4]):
         return None
     if _attr(node, "ellipsis_mask").i or _attr(node, "new_axis_mask").i:
         return None
@@ -1118,7 +1171,9 @@ def _feeds_self_adjusting_reshapes(g: GraphDefGraph, node, source: str) -> bool:
     """Whether ``node``'s value (holding ``source``'s channel count) only builds targets of reshapes that take
     their channel count from ``source`` (through Pack / ConcatV2 / Identity, never arithmetic)."""
     for r in g.readers.get(node.name, []):
-        if r.op in ("Pack", "ConcatV2", "Identity"):
+        if r.op == "Prod" and len(_target_entries(g, node.name) or ()) != 1:
+            return False  # a product of the channel count with other sizes
+        if r.op in ("Pack", "ConcatV2", "Identity", "Prod"):
             if (r.op == "ConcatV2" and _node(r.input[-1]) == node.name) or not _feeds_self_adjusting_reshapes(
                 g, r, source
             ):
@@ -1156,10 +1211,13 @@ def _target_entries(g: GraphDefGraph, tensor: str) -> list | None:
         if node.op == "Pack":  # scalars: an untraceable one is a size computed otherwise (e.g. 2 * height)
             return [e[0] if e is not None and len(e) == 1 else None for e in expanded]
         return None if any(e is None for e in expanded) else [x for e in expanded for x in e]
-    src = g.nodes.get(_node(node.input[0])) if node.op == "StridedSlice" else None
+    if node.op == "Prod":  # tensordot's sizes: the product of one entry is that entry
+        entries = _target_entries(g, node.input[0])
+        return entries if entries is not None and len(entries) == 1 else None
+    src = g.nodes.get(_node(node.input[0])) if node.op in ("StridedSlice", "GatherV2") else None
     if src is None or src.op != "Shape":
         return None
-    idx = _shape_slice(g, node, len(g.shape(src.input[0])))
+    idx = _shape_entries(g, node, len(g.shape(src.input[0])))
     return None if idx is None else [(_tensor(src.input[0]), i) for i in idx]
 
 
@@ -1167,7 +1225,9 @@ def _carries_same_channels(g: GraphDefGraph, source: str, tensor: str) -> bool:
     """Whether ``tensor`` is ``source`` behind only shape-changing ops that keep the channel axis."""
     while _tensor(tensor) != _tensor(source):
         node = g.nodes.get(_node(tensor))
-        if node is None or node.op not in ("ExpandDims", "Squeeze", "Tile", "Identity", "Reshape"):
+        if node is None or node.op not in ("ExpandDims", "Squeeze", "Tile", "Identity", "Reshape", "Transpose"):
+            return False
+        if node.op == "Transpose" and not _is_identity_transpose(g, node):
             return False
         if g.width(node.input[0]) != g.width(tensor):
             return False
