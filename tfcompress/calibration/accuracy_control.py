@@ -196,7 +196,9 @@ def calibrate_with_accuracy_control(
     ``"speed"``: per MAC it takes out of INT8, so that cheap layers go first and the model keeps more INT8
     compute, though its cheap candidates may each remove too little error to lower the drop), reverts the
     best one that lowers the drop (re-validated with ``validate_fn``; up to ``CANDIDATES_PER_STEP`` tried),
-    and ranks again.
+    and ranks again. Ranking runs on one compiled model in which each candidate's quantizers can be switched
+    off by an input (:func:`switchable`), so memory stays that of one model however many candidates there
+    are; only the validated trials are built and compiled as INT8 models.
 
     The FP32 baseline, the ranking and every validation compile the models with ``inference_precision``
     (``"f32"`` by default, the true FP32 baseline; ``None``: OpenVINO's default, BF16 on CPUs with AMX or
