@@ -1,6 +1,11 @@
 """Accuracy control on VWW MobileNetV1-0.25: error-only vs speed-aware ranking, and its peak memory.
 
     /work/venv/bin/python benchmarks/accuracy_control.py [--max_drop 0.005] [--work /tmp/vww]
+    /work/venv/bin/python benchmarks/accuracy_control.py --model MobileNetV2 [--size 224] [--max_iterations 3]
+
+``--model MobileNetV2``: peak memory only, on keras.applications MobileNetV2 (random weights, BN statistics from
+real images, as benchmarks/calibration.py section 2) with 300 calibration and 200 validation images, FP32 argmax
+as labels; the drop is never met on this untrained model, so every run does ``--max_iterations`` full steps.
 
 The FP32 IR and data of benchmarks/vww_int8.py; validation: the 2,000 evaluation images with the FP32 (f32 hint)
 argmax as labels, so the drop is the share of images whose class INT8 changes. Each calibration runs in its own
@@ -34,15 +39,21 @@ def agreement(compiled, data) -> float:
     return float(np.mean(vww_int8.outputs(compiled, x).argmax(axis=1) == y))
 
 
-def run_one(mode: str, work: str, max_drop: float) -> None:
+def run_one(mode: str, work: str, max_drop: float, max_iterations: int = 50) -> None:
     """One calibration in this process; writes the IR and a JSON line (time, peak RSS, info) to ``work``."""
     import openvino as ov
 
     from tfcompress import calibration
 
-    xml = vww_int8.vww_ir(work)
-    calib, held_out = vww_int8.vww_data()
-    fp = ov.Core().read_model(xml)
+    app = os.path.exists(os.path.join(work, "app.xml"))  # written by main for --model MobileNetV2
+    if app:
+        fp = ov.Core().read_model(os.path.join(work, "app.xml"))
+        calib, held_out = np.load(os.path.join(work, "calib.npy")), np.load(os.path.join(work, "held_out.npy"))
+        names = None
+    else:
+        fp = ov.Core().read_model(vww_int8.vww_ir(work))
+        calib, held_out = vww_int8.vww_data()
+        names = [layer.name for layer in vww_int8.load_vww().layers]
     t = time.perf_counter()
     info = {}
     if mode == "default":
@@ -51,11 +62,41 @@ def run_one(mode: str, work: str, max_drop: float) -> None:
         labels = np.load(os.path.join(work, "labels.npy"))
         q, info = calibration.calibrate_with_accuracy_control(
             fp, calib, (held_out, labels), agreement, max_drop=max_drop, ranking=mode, verbose=False,
-            layer_names=[layer.name for layer in vww_int8.load_vww().layers])
+            layer_names=names, max_iterations=max_iterations, ranking_subset_size=32 if app else 100)
     seconds = time.perf_counter() - t
     ov.save_model(q, os.path.join(work, f"ac_{mode}.xml"), compress_to_fp16=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)
     print(json.dumps({"seconds": seconds, "peak_mib": peak, "info": {k: v for k, v in info.items() if k != "drops"}}))
+
+
+def mobilenet_memory(work: str, args) -> None:
+    """Peak RSS and time of default calibration and of accuracy control (both rankings) on MobileNetV2."""
+    import importlib.util
+
+    import openvino as ov
+
+    spec = importlib.util.spec_from_file_location("bench_calibration", os.path.join(os.path.dirname(__file__),
+                                                                                    "calibration.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    fp, calib, held_out = bench.app_ir("MobileNetV2", work, args.size)
+    held_out = held_out[:200]
+    ov.save_model(fp, os.path.join(work, "app.xml"), compress_to_fp16=False)
+    np.save(os.path.join(work, "calib.npy"), calib)
+    np.save(os.path.join(work, "held_out.npy"), held_out)
+    compiled = ov.Core().compile_model(fp, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    np.save(os.path.join(work, "labels.npy"), vww_int8.outputs(compiled, held_out, batch=20).argmax(axis=1))
+    del compiled
+    print(f"machine: {common.machine()}\nMobileNetV2 {args.size}x{args.size}, max_iterations {args.max_iterations}")
+    print("| run | seconds | peak RSS MiB | reverted | drop |\n|---|---|---|---|---|")
+    for mode in ("default", "error", "speed"):
+        res = subprocess.run([sys.executable, __file__, "--one", mode, "--work", work, "--max_drop",
+                              str(args.max_drop), "--max_iterations", str(args.max_iterations)],
+                             capture_output=True, text=True, check=True)
+        run = json.loads(res.stdout.strip().splitlines()[-1])
+        info = run["info"]
+        print(f"| {mode} | {run['seconds']:.1f} | {run['peak_mib']:.0f} | {len(info.get('reverted_ir', []))} | "
+              f"{info.get('drop', float('nan')):.4f} |")
 
 
 def main() -> None:
@@ -63,12 +104,17 @@ def main() -> None:
     ap.add_argument("--max_drop", type=float, default=0.005)
     ap.add_argument("--work", default=None)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--model", default="VWW", choices=["VWW", "MobileNetV2"])
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--max_iterations", type=int, default=50)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one mode in this process
     args = ap.parse_args()
     work = args.work or tempfile.mkdtemp(prefix="tfcompress-ac-")
     os.makedirs(work, exist_ok=True)
     if args.one:
-        return run_one(args.one, work, args.max_drop)
+        return run_one(args.one, work, args.max_drop, args.max_iterations)
+    if args.model == "MobileNetV2":
+        return mobilenet_memory(work, args)
     import openvino as ov
 
     from tfcompress import calibration

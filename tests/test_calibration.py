@@ -274,3 +274,38 @@ def test_overflow_fix_covers_a_fully_connected_first_layer(rng):
         assert err["disable"] > 3 * err["first_layer"], err
     else:
         assert err["disable"] < 0.03, err
+
+
+def test_ranking_model_switches_each_candidate_like_a_built_trial(resnet8_ir):
+    """The one model accuracy control ranks with (a boolean input per candidate) orders the candidate reverts
+    as the trial models built with each layer in float do. Its quantizers run as float FakeQuantize, the built
+    models' as INT8 kernels whose rounding differs, so the outputs agree in total error, not element by element."""
+    from tfcompress.calibration.accuracy_control import _candidates, _Ranker, _Search
+    from tfcompress.calibration.placement import find_points
+    from tfcompress.calibration.quantize import _calibration_state
+
+    xml, calib, val = resnet8_ir
+    model = ov.Core().read_model(xml)
+    acts, weights = find_points(model, (), "first_layer")
+    ranges, shifts = _calibration_state(model, calib, "performance", 300, True, (), "minmax", "first_layer", False)
+    assert shifts, "the test needs bias shifts to switch"
+    search = _Search(model, ranges, shifts, (), "first_layer", _f32)
+    candidates, _ = _candidates(model, acts, weights)
+    ranker = _Ranker(search, candidates)
+    x = val[0][:128]
+    fp = np.asarray(_f32(model)({0: x})[0])
+
+    def error(out):
+        return float(np.abs(out - fp).sum())
+
+    built = error(_f32(search.build(set()))({0: x})[0])
+    assert error(ranker.outputs(set(), x)) == pytest.approx(built, rel=0.05)
+    tried = candidates[:10]
+    by_build = [error(_f32(search.build({c}))({0: x})[0]) for c in tried]
+    by_ranker = [error(ranker.outputs({c}, x)) for c in tried]
+    assert np.corrcoef(by_build, by_ranker)[0, 1] > 0.99, (by_build, by_ranker)
+    assert np.argmin(by_build) == np.argmin(by_ranker)
+    # a set of reverts switches all of them; everything reverted is the FP32 model
+    pair = error(_f32(search.build(set(tried[:2])))({0: x})[0])
+    assert error(ranker.outputs(set(tried[:2]), x)) == pytest.approx(pair, rel=0.05)
+    np.testing.assert_allclose(ranker.outputs(set(candidates), x), fp, atol=1e-4 * np.abs(fp).max())

@@ -160,3 +160,29 @@ def test_bias_correction_never_moves_a_depthwise_model_away_from_fp32(vww_ir):
         errors[bc] = float(np.abs(_run(ov.Core().compile_model(q, "CPU"), held_out) - reference).mean())
     # mean absolute error of the output probabilities; 2 % of it is the scale of BF16 / kernel noise
     assert errors[True] <= errors[False] * 1.02, errors
+
+
+def test_a_dead_channel_gets_a_range_of_a_hundredth_of_the_widest(tmp_path):
+    """A per-channel range is floored at MIN_CHANNEL_WIDTH of its tensor's widest channel (NNCF's floor), so
+    a channel that is always zero does not get a scale 1e8 times smaller than its neighbours'."""
+    from tfcompress.calibration.quantize import MIN_CHANNEL_WIDTH
+
+    rng = np.random.default_rng(3)
+    model = _depthwise_model(rng)
+    stem = model.get_layer("stem")
+    kernel, bias = stem.get_weights()
+    kernel[..., 0], bias[0] = 0.0, -1.0  # stem channel 0: always negative, zero after its ReLU
+    stem.set_weights([kernel, bias])
+    model.export(str(tmp_path / "sm"), verbose=False)
+    fp = ov.convert_model(str(tmp_path / "sm"))
+    x = rng.uniform(0, 1, size=(64, 32, 32, 3)).astype(np.float32)
+    q = calibration.calibrate(fp, x, verbose=False)
+    fq = next(op for op in q.get_ordered_ops() if op.get_type_name() == "FakeQuantize"
+              and "GroupConvolution" in {t.get_node().get_type_name() for t in op.output(0).get_target_inputs()})
+    lo, hi = (fq.input(i).get_source_output().get_node().get_data().reshape(-1) for i in (1, 2))
+    assert lo.size == 8 and np.all(lo == 0)
+    assert hi[0] == pytest.approx(MIN_CHANNEL_WIDTH * hi.max(), rel=1e-5)
+    live = hi[1:] >= MIN_CHANNEL_WIDTH * hi.max()
+    assert live.any() and np.all(hi[1:] >= MIN_CHANNEL_WIDTH * hi.max() * (1 - 1e-6))
+    out, ref = _run(ov.Core().compile_model(q, "CPU"), x), _run(_f32(fp), x)
+    assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()

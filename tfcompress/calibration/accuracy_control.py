@@ -9,8 +9,10 @@ from typing import Callable, Iterable
 import numpy as np
 
 from tfcompress.calibration.names import layer_names as user_layer_names
-from tfcompress.calibration.placement import _quantized_inputs, find_points
-from tfcompress.calibration.quantize import _build, _calibration_state, _check_args, _read
+from tfcompress.calibration.placement import _quantized_inputs, bias_input, find_points
+from tfcompress.calibration.quantize import (
+    _act_fq, _bias_value, _build, _calibration_state, _check_args, _read, _weight_fq,
+)
 from tfcompress.calibration.statistics import Progress, iterate_samples
 
 __all__ = ["calibrate_with_accuracy_control", "layer_macs", "RANKINGS"]
@@ -66,11 +68,61 @@ class _Search:
     def build(self, skip: set[int]):
         return _build(self.model, self.ranges, self.shifts, skip, self.ignored_layers, self.overflow_fix)
 
-    def outputs(self, skip: set[int], x: np.ndarray) -> np.ndarray:
-        compiled = self.compile(self.build(skip))
-        out = _outputs(compiled, x)
-        del compiled  # one compiled trial model alive at a time
-        return out
+
+def switchable(model, ranges: dict, shifts: dict, candidates: list[int], ignored_layers=(), overflow_fix="disable"):
+    """The quantized model with one boolean scalar input ``revert_<k>`` per candidate op position ``k``: True
+    puts that op's quantizers (and bias shift) back to float, as ``_build(..., skip_ops={k, ...})`` does.
+
+    Ranking evaluates every candidate revert; with this model that takes one compiled model for the whole search
+    instead of one per candidate (the CPU plugin keeps memory from every compiled and run model). The
+    quantizers run as float FakeQuantize here rather than INT8 kernels, which is close enough to order
+    candidates; every accepted revert is still validated on a model built by ``_build``.
+    """
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    q = model.clone()
+    acts, weights = find_points(q, ignored_layers, overflow_fix)
+    order = {op.get_name(): k for k, op in enumerate(q.get_ordered_ops())}
+    switch = {k: ops.parameter([], ov.Type.boolean, name=f"revert_{k}") for k in candidates}
+    for k, param in switch.items():
+        param.output(0).set_names({f"revert_{k}"})
+
+    def chosen(k, quantized, original):
+        return quantized if k not in switch else ops.select(switch[k], original, quantized).output(0)
+
+    for p in acts:
+        fq = _act_fq(p.output, ranges[p.key]).output(0)
+        for t in p.targets:
+            t.replace_source_output(chosen(order[t.get_node().get_name()], fq, p.output))
+    for wp in weights:
+        w = wp.op.input(1).get_source_output()
+        wp.op.input(1).replace_source_output(chosen(wp.key, _weight_fq(wp).output(0), w))
+        if wp.key in shifts:
+            b = _bias_value(wp.op)
+            inp = bias_input(wp.op)
+            shifted = ops.constant((b.reshape(-1) + shifts[wp.key].reshape(-1)).reshape(b.shape)).output(0)
+            inp.replace_source_output(chosen(wp.key, shifted, inp.get_source_output()))
+    q.add_parameters(list(switch.values()))
+    q.validate_nodes_and_infer_types()
+    return q
+
+
+class _Ranker:
+    """One compiled :func:`switchable` model: the first output for any set of reverted candidates."""
+
+    def __init__(self, search: _Search, candidates: list[int]):
+        self.compiled = search.compile(switchable(search.model, search.ranges, search.shifts, candidates,
+                                                  search.ignored_layers, search.overflow_fix))
+        self.candidates = candidates
+
+    def outputs(self, skip: set[int], x: np.ndarray, batch: int = 16) -> np.ndarray:
+        flags = {f"revert_{k}": np.array(k in skip) for k in self.candidates}
+        parts = []
+        for i in range(0, len(x), batch):
+            feed = {self.compiled.inputs[0]: x[i:i + batch].astype(np.float32), **flags}
+            parts.append(np.asarray(self.compiled(feed)[self.compiled.outputs[0]]))
+        return np.concatenate(parts)
 
 
 def _candidates(model, acts, weights) -> tuple[list[int], dict[int, list[str]]]:
@@ -88,16 +140,16 @@ def _candidates(model, acts, weights) -> tuple[list[int], dict[int, list[str]]]:
     return candidates, names
 
 
-def _rank(search: _Search, skip: set[int], candidates: list[int], x: np.ndarray, fp_out: np.ndarray,
+def _rank(ranker: "_Ranker", skip: set[int], candidates: list[int], x: np.ndarray, fp_out: np.ndarray,
           cost: dict[int, int], ranking: str) -> list[int]:
     """Candidates, most useful revert first: error removed on the samples where INT8 and FP32 disagree most,
     per unit of ``cost`` for ``ranking="speed"``."""
-    err = np.abs(search.outputs(skip, x) - fp_out).reshape(len(x), -1).sum(axis=1)
+    err = np.abs(ranker.outputs(skip, x) - fp_out).reshape(len(x), -1).sum(axis=1)
     worst = np.argsort(err)[::-1][: max(1, len(err) // 2)]
     base = err[worst].sum()
     scores = []
     for c in candidates:
-        gain = base - np.abs(search.outputs(skip | {c}, x[worst]) - fp_out[worst]).sum()
+        gain = base - np.abs(ranker.outputs(skip | {c}, x[worst]) - fp_out[worst]).sum()
         scores.append((gain / cost[c] if ranking == "speed" else gain, c))
     return [c for _, c in sorted(scores, key=lambda s: -s[0])]
 
@@ -144,7 +196,9 @@ def calibrate_with_accuracy_control(
     ``"speed"``: per MAC it takes out of INT8, so that cheap layers go first and the model keeps more INT8
     compute, though its cheap candidates may each remove too little error to lower the drop), reverts the
     best one that lowers the drop (re-validated with ``validate_fn``; up to ``CANDIDATES_PER_STEP`` tried),
-    and ranks again.
+    and ranks again. Ranking runs on one compiled model in which each candidate's quantizers can be switched
+    off by an input (:func:`switchable`), so memory stays that of one model however many candidates there
+    are; only the validated trials are built and compiled as INT8 models.
 
     The FP32 baseline, the ranking and every validation compile the models with ``inference_precision``
     (``"f32"`` by default, the true FP32 baseline; ``None``: OpenVINO's default, BF16 on CPUs with AMX or
@@ -208,12 +262,13 @@ def calibrate_with_accuracy_control(
     rank_x = np.concatenate(list(iterate_samples(validation_data, model.inputs[0].get_partial_shape(),
                                                  ranking_subset_size)))
     fp_out = _outputs(search.compile(model), rank_x)
+    ranker = _Ranker(search, candidates)
     progress = Progress(max_iterations, "accuracy control", verbose)
     for _ in range(max_iterations):
         if drop_of(metric) <= max_drop or not candidates:
             break
         accepted = False
-        for c in _rank(search, skip, candidates, rank_x, fp_out, cost, ranking)[:CANDIDATES_PER_STEP]:
+        for c in _rank(ranker, skip, candidates, rank_x, fp_out, cost, ranking)[:CANDIDATES_PER_STEP]:
             m = validate(search.build(skip | {c}))
             if drop_of(m) < drop_of(metric):
                 skip.add(c)

@@ -41,10 +41,18 @@ def _check_args(preset, subset_size, channel_alignment, range_estimator, overflo
         raise ValueError(f"unknown range_estimator {range_estimator!r}; choose 'minmax', 'max' or 'quantile'")
 
 
+# A per-channel activation range is at least this fraction of the tensor's widest channel (NNCF's floor for
+# per-channel ranges): a dead or near-constant channel's scale stays within 100x of the others'.
+MIN_CHANNEL_WIDTH = 0.01
+
+
 def _activation_range(lo, hi, preset: str) -> tuple[np.ndarray, np.ndarray]:
     """The FakeQuantize range (levels=256) for observed [lo, hi] (floats, or per-channel arrays): zero is
     always exactly on the grid. A per-channel tensor is signed or unsigned as a whole (one integer type)."""
     lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+    width = hi - lo
+    if np.ndim(width):  # per channel: no channel narrower than MIN_CHANNEL_WIDTH of the widest (as NNCF)
+        hi = np.where(width < MIN_CHANNEL_WIDTH * width.max(), lo + MIN_CHANNEL_WIDTH * width.max(), hi)
     hi = np.where(hi - lo < 1e-8, lo + 1e-8, hi)
     if preset == "performance":
         if np.all(lo >= 0):
