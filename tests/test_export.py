@@ -297,6 +297,24 @@ def test_strip_saved_model_keras_applications(name, tmp_path, rng):
     assert result.max_rel_error < 1e-4
 
 
+def test_report_md_says_why_zeroed_channels_were_kept(tmp_path):
+    """A zeroed channel of the model's output cannot go; report.md's layer table says so, as report.json does."""
+    model = keras.Sequential([keras.Input((8, 8, 3), name="x"), L.Conv2D(4, 3, name="conv"),
+                              L.GlobalAveragePooling2D(), L.Dense(3, name="logits")])
+    kernel, bias = model.get_layer("logits").get_weights()
+    kernel[:, 1] = 0.0
+    model.get_layer("logits").set_weights([kernel, bias])
+    model.export(str(tmp_path / "sm"), verbose=False)
+    report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), int8="none", verbose=False)
+    (row,) = [r for r in report["layers"] if r["kept_reasons"]]
+    (why, n), = row["kept_reasons"].items()
+    assert n == 1 and "output" in why
+    table = (tmp_path / "out" / "report.md").read_text().split("## Layers")[1]
+    (line,) = [ln for ln in table.splitlines() if ln.startswith(f"| `{row['name']}`")]
+    assert line.endswith(f"| {why} (1) |")
+    assert all(ln.endswith("| - |") for ln in table.splitlines() if ln.startswith("| `") and ln != line)
+
+
 def test_image_directory_as_validation_data(tmp_path, small_saved_model):
     rng = np.random.default_rng(0)
     for cls in ("cat", "dog"):

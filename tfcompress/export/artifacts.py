@@ -126,10 +126,11 @@ def compress_model_dir(
 ) -> dict:
     """Compress the SavedModel of a Model artifact into ``output_uri``; return the component's metrics.
 
-    ``output_uri`` gets ``Format-Serving/`` (the stripped SavedModel) and ``tfcompress/`` (``model.onnx``,
-    ``model_fp32.xml/.bin``, ``model_int8.xml/.bin`` with examples, ``report.json/.md``). Examples of ``split``
-    give the calibration samples (the first ``num_calibration_samples``) and, with ``label_key``, labelled
-    validation samples (the rest of the split, else the same ones) so the report has every artifact's accuracy.
+    ``output_uri`` gets ``Format-Serving/`` (the stripped SavedModel) and ``tfcompress/`` (``model_fp32.xml/.bin``,
+    ``model_int8.xml/.bin`` with examples, ``report.json/.md``, and ``model.onnx`` unless tf2onnx cannot convert
+    the model, when the report says why). Examples of ``split`` give the calibration samples (the first
+    ``num_calibration_samples``) and, with ``label_key``, labelled validation samples (the rest of the split,
+    else the same ones) so the report has every artifact's accuracy.
     """
     if int8 not in INT8_MODES:
         raise ExportError(f"int8 must be one of {list(INT8_MODES)}, got {int8!r}")

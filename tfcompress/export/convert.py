@@ -22,7 +22,19 @@ __all__ = [
 
 
 class ConversionCheck(dict):
-    """What a conversion measured: ``max_rel_error`` vs the reference, ``quantized_weights`` restored, ..."""
+    """What a conversion measured: ``max_rel_error`` vs the reference, ``quantized_weights`` restored, ...
+
+    ``outputs`` (an attribute, not an item, so the dict stays JSON) holds the saved IR's outputs on the check
+    inputs, for callers that compare another model with it without running the IR again.
+    """
+
+    outputs: dict[str, np.ndarray] | None = None
+
+
+def _checked(err: float, outputs: dict[str, np.ndarray]) -> ConversionCheck:
+    check = ConversionCheck(max_rel_error=err)
+    check.outputs = outputs
+    return check
 
 
 def _has_weight_fake_quant(frozen: FrozenSignature) -> bool:
@@ -426,8 +438,7 @@ def to_openvino(
     if check_inputs is None:
         check_inputs = _random_inputs_for(model)
     ref = run_openvino(model, check_inputs, precision="f32")
-    err = _save_checked(model, xml_path, check_inputs, ref, tolerance, "the ONNX model's")
-    return ConversionCheck(max_rel_error=err)
+    return _checked(*_save_checked(model, xml_path, check_inputs, ref, tolerance, "the ONNX model's"))
 
 
 def saved_model_to_openvino(
@@ -454,8 +465,7 @@ def saved_model_to_openvino(
         model = ov.convert_model(saved_model_dir)
     except Exception as e:
         raise ExportError(f"OpenVINO could not convert {saved_model_dir!r}: {str(e).splitlines()[0]}") from None
-    err = _save_checked(model, xml_path, x, ref, tolerance, "TensorFlow's")
-    return ConversionCheck(max_rel_error=err)
+    return _checked(*_save_checked(model, xml_path, x, ref, tolerance, "TensorFlow's"))
 
 
 def _check_xml_path(xml_path: str) -> None:
@@ -463,9 +473,10 @@ def _check_xml_path(xml_path: str) -> None:
         raise ExportError(f"the IR path must end in .xml, got {xml_path!r}")
 
 
-def _save_checked(model, xml_path: str, inputs: dict, ref: dict, tolerance: float, what: str) -> float:
+def _save_checked(model, xml_path: str, inputs: dict, ref: dict, tolerance: float,
+                  what: str) -> tuple[float, dict[str, np.ndarray]]:
     """Save ``model`` as IR next to ``xml_path``, run the saved files at f32, compare with ``ref`` and move
-    the .xml/.bin into place only if they match; returns the relative max error."""
+    the .xml/.bin into place only if they match; returns the relative max error and the IR's outputs."""
     import shutil
 
     import openvino as ov
@@ -485,7 +496,7 @@ def _save_checked(model, xml_path: str, inputs: dict, ref: dict, tolerance: floa
         os.replace(tmp_xml, xml_path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return err
+    return err, got
 
 
 def _saturation_hint(model) -> str:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 from tfcompress.errors import ExportError
 from tfcompress.output_dir import check_output_dir
+from tfcompress.saved_model_dir import check_saved_model_dir
 
 __all__ = ["INT8_MODES", "check_args", "check_saved_model_dir"]
 
@@ -27,13 +26,3 @@ def check_args(saved_model_dir: str, output_dir: str, int8: str = "default", max
     check_saved_model_dir(saved_model_dir)
     check_output_dir(output_dir, [saved_model_dir], overwrite)
 
-
-def check_saved_model_dir(path: str) -> None:
-    """Raise :class:`ExportError` unless ``path`` is a directory holding ``saved_model.pb`` (or ``.pbtxt``)."""
-    if not isinstance(path, (str, os.PathLike)) or not str(path):
-        raise ExportError(f"the SavedModel directory must be a non-empty path, got {path!r}")
-    if not os.path.isdir(path):
-        raise ExportError(f"SavedModel directory {os.fspath(path)!r} does not exist" if not os.path.exists(path)
-                          else f"{os.fspath(path)!r} is not a directory (give the SavedModel's directory)")
-    if not any(os.path.isfile(os.path.join(path, f)) for f in ("saved_model.pb", "saved_model.pbtxt")):
-        raise ExportError(f"{os.fspath(path)!r} is not a SavedModel directory (no saved_model.pb)")

@@ -135,8 +135,9 @@ def export_saved_model(
 
         onnx_path = os.path.join(tmp, "model.onnx")
         xml = os.path.join(tmp, "model_fp32.xml")
-        report["steps"].update(_convert(stripped_dir, onnx_path, xml, opset, check, signature_key, tol,
-                                        require_onnx, _log))
+        steps, fp32_outputs = _convert(stripped_dir, onnx_path, xml, opset, check, signature_key, tol,
+                                       require_onnx, _log)
+        report["steps"].update(steps)
         report["quantized"] = quantized
 
         report["sizes"] = {
@@ -154,9 +155,8 @@ def export_saved_model(
             report["steps"]["int8"] = _int8(xml, xml8, calib[0], int8, max_drop, valid, saved_model_dir, verbose)
             report["steps"]["int8"]["seconds"] = time.perf_counter() - t
             if check is not None:  # INT8 at OpenVINO's default precision, as deployed, against the FP32 IR
-                ref8 = run_openvino(xml, check, precision="f32")
                 got8 = run_openvino(xml8, check, precision="default")
-                report["steps"]["int8"]["max_rel_error"] = max_rel_error(got8, ref8)
+                report["steps"]["int8"]["max_rel_error"] = max_rel_error(got8, fp32_outputs)
             report["sizes"]["openvino_int8"] = _size(xml8) + _size(xml8[:-4] + ".bin")
         if valid is not None and valid[1] is not None:
             _log("[5/5] measuring accuracy on the validation data")
@@ -198,8 +198,9 @@ def _resaved_size(frozen, tmp: str) -> int:
 
 
 def _convert(stripped_dir: str, onnx_path: str, xml: str, opset: int, check, signature_key: str, tol: dict,
-             require_onnx: bool, log=lambda msg: None) -> dict:
-    """Write ``model.onnx`` and the FP32 IR made from it; the report's ``onnx`` and ``openvino`` steps.
+             require_onnx: bool, log=lambda msg: None) -> tuple[dict, dict]:
+    """Write ``model.onnx`` and the FP32 IR made from it; return the report's ``onnx`` and ``openvino`` steps
+    and the FP32 IR's outputs on ``check`` (f32 precision).
 
     A model tf2onnx cannot convert (or converts wrongly) still gets its IR, from the SavedModel through
     OpenVINO's TensorFlow reader, unless ``require_onnx``; the ``onnx`` step then gives the reason it was skipped.
@@ -221,13 +222,13 @@ def _convert(stripped_dir: str, onnx_path: str, xml: str, opset: int, check, sig
         c = saved_model_to_openvino(stripped_dir, xml, check_inputs=check, tolerance=tol["openvino"],
                                     signature_key=signature_key)
         steps["openvino"] = {"seconds": time.perf_counter() - t, "source": "saved_model", **c}
-        return steps
+        return steps, c.outputs
     steps = {"onnx": {"seconds": time.perf_counter() - t, **c}}
     t = time.perf_counter()
     log("[4/5] converting to OpenVINO IR")
     c = to_openvino(onnx_path, xml, check_inputs=check, tolerance=tol["openvino"])
     steps["openvino"] = {"seconds": time.perf_counter() - t, "source": "onnx", **c}
-    return steps
+    return steps, c.outputs
 
 
 def _int8(xml: str, xml8: str, calib: np.ndarray, mode: str, max_drop: float, valid, saved_model_dir: str,
@@ -269,11 +270,16 @@ def _int8(xml: str, xml8: str, calib: np.ndarray, mode: str, max_drop: float, va
 
 
 def _variable_layers(saved_model_dir: str) -> list[str] | None:
-    """The layer names in the SavedModel's variable names (``conv2d/kernel:0`` -> ``conv2d``), which a
-    Keras model's export keeps; None when it has none."""
-    import tensorflow as tf
+    """The layer names in the SavedModel's variable names (``model/conv2d/kernel`` or, from TF/Keras 2,
+    ``conv2d/kernel`` -> ``conv2d``), read from ``saved_model.pb``'s object graph without loading the model;
+    None when it has none."""
+    from tensorflow.core.protobuf import saved_model_pb2
 
-    names = {v.name.split("/")[0] for v in getattr(tf.saved_model.load(saved_model_dir), "variables", [])}
+    sm = saved_model_pb2.SavedModel()
+    with open(os.path.join(saved_model_dir, "saved_model.pb"), "rb") as f:
+        sm.ParseFromString(f.read())
+    names = {node.variable.name.split("/")[-2] for mg in sm.meta_graphs for node in mg.object_graph_def.nodes
+             if node.WhichOneof("kind") == "variable" and "/" in node.variable.name}
     return sorted(names) or None
 
 
@@ -294,6 +300,12 @@ def _onnx_fn(path):
 
     compiled = ov.Core().compile_model(ov.convert_model(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     return lambda feeds: {n: np.asarray(v) for out, v in compiled(feeds).items() for n in out.get_names()}
+
+
+def _kept(layer: dict) -> str:
+    """A layer's zeroed channels that the strip kept, counted by reason (``reason (n); ...``), or ``-``."""
+    reasons = layer.get("kept_reasons") or {}
+    return "; ".join(f"{why} ({n})" for why, n in sorted(reasons.items())) or "-"
 
 
 def _markdown(r: dict) -> str:
@@ -335,7 +347,9 @@ def _markdown(r: dict) -> str:
         for k in ("original", "stripped", "onnx", "openvino_fp32", "openvino_int8"):
             if k in a:
                 lines.append(f"| {k} | {100 * a[k]:.2f} % |")
-    lines += ["", "## Layers", "", "| layer | op | channels before | after |", "|---|---|---|---|"]
+    lines += ["", "## Layers", "", "| layer | op | channels before | after | zeroed channels kept, and why |",
+              "|---|---|---|---|---|"]
     for layer in r["layers"]:
-        lines.append(f"| `{layer['name']}` | {layer['op']} | {layer['channels_before']} | {layer['channels_after']} |")
+        lines.append(f"| `{layer['name']}` | {layer['op']} | {layer['channels_before']} | {layer['channels_after']} "
+                     f"| {_kept(layer)} |")
     return "\n".join(lines) + "\n"

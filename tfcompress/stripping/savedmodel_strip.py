@@ -21,6 +21,7 @@ from tfcompress.graph.engine import Rule
 from tfcompress.graph.flops import FlopsCounter
 from tfcompress.graph.graphdef_adapter import GraphDefGraph, fold_constants
 from tfcompress.output_dir import check_output_dir, staged_output
+from tfcompress.saved_model_dir import check_saved_model_dir
 
 __all__ = [
     "ExportError", "FrozenSignature", "StripResult", "check_outputs", "freeze_saved_model", "max_rel_error",
@@ -63,16 +64,9 @@ class StripResult:
         return total
 
 
-def _check_saved_model_dir(path: str) -> None:
-    if not os.path.isdir(path):
-        raise ExportError(f"SavedModel directory {path!r} does not exist")
-    if not tf.saved_model.contains_saved_model(path):
-        raise ExportError(f"{path!r} is not a SavedModel directory (no saved_model.pb)")
-
-
 def freeze_saved_model(src_dir: str, signature_key: str = "serving_default") -> FrozenSignature:
     """Load ``src_dir``'s serving signature and freeze it into a constant-folded GraphDef."""
-    _check_saved_model_dir(src_dir)
+    check_saved_model_dir(src_dir)
     try:
         loaded = tf.saved_model.load(src_dir)
     except Exception:  # e.g. TF/Keras 2 SavedModels whose optimizer objects TF 2.16+ cannot restore
