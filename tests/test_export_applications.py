@@ -31,10 +31,22 @@ def _images(n: int, px: int) -> np.ndarray:
     return tf.image.resize(x, (px, px)).numpy()
 
 
+# one constructor per family (VGG19 is VGG16 with more layers); VGG's 4096-wide classifier only adds weight
+# bytes to convert, so VGG16 gets a small dense head instead (it still has a fully-connected layer to check)
+EXPORT_FAMILIES = [(name, px) for name, px in FAMILIES if name != "VGG19"]
+
+
+def _application(name: str, px: int) -> keras.Model:
+    if name == "VGG16":
+        base = keras.applications.VGG16(weights=None, input_shape=(px, px, 3), include_top=False, pooling="avg")
+        return keras.Model(base.input, keras.layers.Dense(10)(keras.layers.Dense(64, activation="relu")(base.output)))
+    return getattr(keras.applications, name)(weights=None, input_shape=(px, px, 3), classes=10,
+                                             classifier_activation=None)
+
+
 def _zeroed_application(name: str, px: int, images: np.ndarray, rng) -> keras.Model:
     """``name`` at ``px`` with the BatchNorm statistics of ``images`` and 25 % of every group zeroed."""
-    model = getattr(keras.applications, name)(weights=None, input_shape=(px, px, 3), classes=10,
-                                              classifier_activation=None)
+    model = _application(name, px)
     bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     for bn in bns:
         bn.momentum = 0.0  # one training-mode call makes the moving statistics those of this batch
@@ -64,7 +76,7 @@ def _check_export(model: keras.Model, out, report: dict, x: np.ndarray) -> None:
     assert np.all(np.isfinite(int8(x)[0]))
 
 
-@pytest.mark.parametrize("name,px", FAMILIES)
+@pytest.mark.parametrize("name,px", EXPORT_FAMILIES)
 def test_application_family_exports_to_fp32_and_int8(name, px, tmp_path, rng):
     images = _images(72, px)
     model = _zeroed_application(name, px, images[:32], rng)
