@@ -150,7 +150,8 @@ class _DepthwiseConv2D(keras.layers.DepthwiseConv2D):
 
 @pytest.fixture(scope="module")
 def vww():
-    """The model, 300 CIFAR-10 test images at 96x96 to evaluate and 64 other ones for channel statistics."""
+    """The model, the first 1,000 CIFAR-10 test images at 96x96 to evaluate and the last 64 for channel
+    statistics, its outputs on them, and a memo of single-channel damage shared by the criteria."""
     if not VWW.exists():
         pytest.fail(f"the pretrained VWW model is missing: {VWW}")
     model = keras.models.load_model(VWW, compile=False, custom_objects={"DepthwiseConv2D": _DepthwiseConv2D})
@@ -158,38 +159,48 @@ def vww():
 
     d = np.load(SHARED_DATA / "cifar10" / "cifar10_jpeg_q75_test.npz")
     resize = lambda a: tf.image.resize(a.astype("float32") / 255.0, (96, 96)).numpy()  # noqa: E731
-    return model, resize(d["x_test"][:300]), resize(d["x_test"][-64:])
+    x, stats = resize(d["x_test"][:2000]), resize(d["x_test"][-64:])
+    return model, x, stats, model.predict(x, batch_size=500, verbose=0), {}
 
 
-@pytest.mark.parametrize("criterion", sorted(criteria.CRITERIA))
+def _single_channel_damage(vww, kg, group, channel) -> tuple[float, float]:
+    """Argmax agreement and mean KL(unpruned || pruned) after zeroing ``channel`` alone, mean handed over."""
+    model, x, stats, ref, memo = vww
+    key = (group.layers, channel)
+    if key not in memo:
+        weights = model.get_weights()
+        try:
+            tfcompress.zero_channels(model, group, [channel], graph=kg, data=stats)
+            out = model.predict(x, batch_size=500, verbose=0)
+        finally:
+            model.set_weights(weights)
+        p, q = np.clip(ref, 1e-7, 1), np.clip(out, 1e-7, 1)
+        memo[key] = (float(np.mean(out.argmax(-1) == ref.argmax(-1))),
+                     float(np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=-1))))
+    return memo[key]
+
+
+@pytest.mark.parametrize("criterion", [*sorted(criteria.CRITERIA), "emitted"])
 def test_zeroing_the_least_important_channel_of_any_group_keeps_vww_predictions(vww, criterion):
     """On the real pretrained MobileNetV1-0.25: in every group FilterPruning prunes, the channel ``criterion``
-    ranks least important, zeroed alone with mean compensation, moves the argmax on 300 CIFAR-10 images by at
-    most 1 point (3 images) and the mean KL of the softmax by less than 0.05.
+    ranks least important, zeroed alone with mean compensation, changes the argmax of fewer than 1 % of 1,000
+    CIFAR-10 images (at most 9) and the mean KL of the softmax by less than 0.02.
 
-    The model calls only ~1 % of CIFAR-10 images "person", so agreement moves in steps set by a few borderline
-    images: l1 and l2 pick channel 8 of conv2d_1, which costs exactly 1.0 point also on 2,000 images
-    (1.3 points on these 300 without compensation)."""
-    model, x, stats = vww
-    weights = model.get_weights()
-    ref = model.predict(x, batch_size=100, verbose=0)
-    pruner = FilterPruning(criterion=criterion)
+    The model calls about 1 % of CIFAR-10 images "person": the argmax moves only on a few borderline images, so
+    the statistic needs enough images for one image to be a tenth of the 1-point margin. The channels that
+    decide it are those of the first block's group (conv2d_1), where every channel moves a few of these
+    images; deeper groups' least important channels move none. The weight criteria must rank by the gain a
+    channel has where the next convolution reads it (the depthwise BatchNorm's gamma), not by the first
+    BatchNorm's: that one is undone by the second and ranked last a channel that costs 1 point."""
+    model, _, stats, _, _ = vww
+    pruner = FilterPruning(criterion=criterion, compensation_data=stats if criterion == "emitted" else None)
     pruner.set_model(model)
     pruner.on_train_begin()
     kg = build_graph(model)
-    masks = GroupMasks(kg, pruner.groups)
-    try:
-        for g in pruner.groups:
-            worst = int(np.argmin(criteria.importance(criterion, masks.filters(g))))
-            tfcompress.zero_channels(model, g, [worst], graph=kg, data=stats)
-            out = model.predict(x, batch_size=100, verbose=0)
-            agree = np.mean(out.argmax(-1) == ref.argmax(-1))
-            p, q = np.clip(ref, 1e-7, 1), np.clip(out, 1e-7, 1)
-            kl = np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=-1))
-            assert agree >= 0.99 and kl < 0.05, (g, worst, agree, kl)
-            model.set_weights(weights)
-    finally:
-        model.set_weights(weights)
+    for g in pruner.groups:
+        worst = int(np.argmin(pruner._importance(g)))
+        agree, kl = _single_channel_damage(vww, kg, g, worst)
+        assert agree > 0.99 and kl < 0.02, (g.layers, worst, agree, kl)
 
 
 # --------------------------------------------------------------------------- FilterPruning hands over too

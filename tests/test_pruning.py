@@ -570,3 +570,69 @@ def test_pruning_a_model_with_a_nested_block(rng):
     small = tfcompress.strip(model)
     assert small.get_layer("block_conv").kernel.shape[-1] == 4
     assert rel_error(small(x_[:4]), model(x_[:4])) < 1e-4
+
+
+def _calibrate_batchnorms(model, x):
+    """Set every BatchNorm's moving statistics to those of its input on ``x`` (as training would)."""
+    for layer in model.layers:
+        if isinstance(layer, L.BatchNormalization):
+            h = np.asarray(keras.Model(model.inputs, layer.input)(x)).reshape(-1, layer.moving_mean.shape[0])
+            layer.moving_mean.assign(h.mean(0))
+            layer.moving_variance.assign(h.var(0))
+
+
+def _mobilenet_block(kind):
+    """conv -> BN -> ReLU6 -> depthwise -> BN -> ReLU6 -> 1x1 conv, as Functional (with a keras.ops
+    activation) or Sequential."""
+    head = [L.Conv2D(3, 1, name="cons"), L.GlobalAveragePooling2D(), L.Dense(2)]
+    if kind == "sequential":
+        return keras.Sequential([keras.Input((8, 8, 3)), L.Conv2D(4, 3, padding="same", name="conv"),
+                                 L.BatchNormalization(name="bn1"), L.ReLU(6.0),
+                                 L.DepthwiseConv2D(3, padding="same", name="dw"),
+                                 L.BatchNormalization(name="bn2"), L.ReLU(6.0), *head])
+    inp = keras.Input((8, 8, 3))
+    x = keras.ops.relu6(L.BatchNormalization(name="bn1")(L.Conv2D(4, 3, padding="same", name="conv")(inp)))
+    x = L.ReLU(6.0)(L.BatchNormalization(name="bn2")(L.DepthwiseConv2D(3, padding="same", name="dw")(x)))
+    for layer in head:
+        x = layer(x)
+    return keras.Model(inp, x)
+
+
+@pytest.mark.parametrize("kind", ["functional", "sequential"])
+def test_the_last_batchnorm_before_the_consumer_sets_the_gain(kind, rng):
+    """Through conv -> BN -> depthwise -> BN, the second BatchNorm normalises the channel again: a tiny first
+    gamma says nothing (the channel reaches the next conv at full scale); a tiny second gamma does."""
+    model = _mobilenet_block(kind)
+    x = rng.normal(size=(64, 8, 8, 3)).astype("float32")
+    model.get_layer("bn1").gamma.assign(np.array([1.0, 1.0, 0.05, 1.0], "float32"))
+    model.get_layer("bn2").gamma.assign(np.array([1.0, 0.05, 1.0, 1.0], "float32"))
+    model.get_layer("bn2").beta.assign(np.full(4, 1.0, "float32"))
+    _calibrate_batchnorms(model, x)
+    kg = build_graph(model)
+    g = [g for g in kg.groups() if g.layers == ("conv",)][0]
+    masks = GroupMasks(kg, [g])
+    for criterion in ("l1", "l2"):
+        assert np.argmin(criteria.importance(criterion, masks.filters(g))) == 1, criterion
+    # and that is the channel the model's output depends on least (measured in Keras, its mean handed over)
+    before, weights = model.predict(x, verbose=0), model.get_weights()
+    damage = {}
+    for ch in (1, 2):
+        tfcompress.zero_channels(model, g, [ch], graph=kg, data=x)
+        damage[ch] = rel_error(model.predict(x, verbose=0), before)
+        model.set_weights(weights)
+    assert damage[1] < 0.2 * damage[2], damage
+
+
+def test_a_depthwise_filter_after_the_last_batchnorm_scales_the_gain():
+    """Without a BatchNorm after it, a depthwise filter multiplies its channel: a tiny one makes it unimportant."""
+    inp = keras.Input((8, 8, 3))
+    x = L.ReLU()(L.BatchNormalization(name="bn")(L.Conv2D(4, 3, padding="same", name="conv")(inp)))
+    x = L.DepthwiseConv2D(3, padding="same", name="dw")(x)
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(3, 1)(x))))
+    dw = model.get_layer("dw")
+    k = np.ones(tuple(dw.kernel.shape), "float32")
+    k[..., 3, :] = 0.01
+    dw.kernel.assign(k)
+    kg = build_graph(model)
+    g = [g for g in kg.groups() if g.layers == ("conv",)][0]
+    assert np.argmin(criteria.l2(GroupMasks(kg, [g]).filters(g))) == 3

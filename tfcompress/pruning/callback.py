@@ -52,7 +52,9 @@ class FilterPruning(keras.callbacks.Callback):
     Args:
         target: fraction of each group's channels removed at the end, in [0, 1).
         flops_target: instead of ``target``, the FLOPs reduction to reach (e.g. 0.45 removes 45 % of the FLOPs).
-        criterion: ``"l1"``, ``"l2"`` or ``"geometric_median"`` (FPGM) from the filters' weights, or
+        criterion: ``"l1"``, ``"l2"`` or ``"geometric_median"`` (FPGM) from the filters' weights, each filter
+            scaled to its channel's gain where the next layer reads it (after BatchNorms and depthwise
+            convolutions: :meth:`~tfcompress.pruning.masking.GroupMasks.gains`), or
             ``"emitted"``: what each channel emits into its consumers once its mean is handed over (its standard
             deviation at their inputs on ``compensation_data`` times their weights' norm; needs that data and
             ``compensate``; :func:`tfcompress.graph.compensation.emitted_importance`).

@@ -38,13 +38,11 @@ class GroupMasks:
         ids = set(self.keep)
         self._params: list[tuple[ChannelParam, int]] = []
         self.producers: dict[int, list[LayerKind]] = {g.id: [] for g in self.groups}
-        # a BatchNorm right after a producer normalises its channels: the norm of a raw kernel row means
-        # nothing there (BN undoes any scaling) and |gamma| is the channel's real gain
-        bn_on: dict[int, LayerKind] = {}  # tensor id -> the first BatchNorm reading it
+        readers: dict[int, list] = {}
         for rec in kg.records:
-            if rec.op.rule is Rule.ELEMENTWISE and isinstance(rec.kind.layer, keras.layers.BatchNormalization):
-                bn_on.setdefault(rec.op.inputs[0], rec.kind)
-        self._bn_after: dict[int, LayerKind] = {}  # id(producer kind) -> its BatchNorm
+            for t in set(rec.op.inputs):
+                readers.setdefault(t, []).append(rec)
+        self._chain: dict[int, list[LayerKind]] = {}  # id(producer kind) -> per-channel layers after it
         seen: set[str] = set()
         for rec in kg.records:
             if rec.node is None or rec.op.layer in seen:
@@ -59,8 +57,7 @@ class GroupMasks:
             if rec.op.rule is Rule.PRODUCER:
                 for gid in touched:
                     self.producers[gid].append(rec.kind)
-                if out in bn_on:
-                    self._bn_after[id(rec.kind)] = bn_on[out]
+                self._chain[id(rec.kind)] = _gain_chain(kg, readers, out)
         self._shadow: dict[int, np.ndarray] = {}
         self._has_shadow: dict[int, np.ndarray] = {}
         self._masks = self._variable_masks()
@@ -89,18 +86,35 @@ class GroupMasks:
     def filters(self, group: ChannelGroup) -> list[np.ndarray]:
         """Filter rows of each producer of ``group``; live weights, and pruned ones as they were when pruned.
 
-        Where a BatchNorm follows the producer, rows are rescaled to norm |gamma| (the channel's gain).
+        Each row is rescaled to the channel's gain where the next layers read it (:meth:`gains`), so that kernel
+        norms compare channels as their consumers see them.
         """
         rows = []
         for kind in self.producers[group.id]:
             r = kind.filters(self._remembered(kind.output_params()[0].variable))
-            bn = self._bn_after.get(id(kind))
-            if bn is not None and bn.layer.scale:
-                gamma = np.abs(self._remembered(bn.layer.gamma))
-                norm = np.linalg.norm(r, axis=1)
-                r = r * (gamma / np.maximum(norm, 1e-12))[:, None]
-            rows.append(r)
+            norm = np.linalg.norm(r, axis=1)
+            gain = self.gains(kind, norm)
+            rows.append(r * (gain / np.maximum(norm, 1e-12))[:, None])
         return rows
+
+    def gains(self, producer: LayerKind, norms: np.ndarray) -> np.ndarray:
+        """The scale of each output channel of ``producer`` where a layer other than a per-channel one reads it.
+
+        A BatchNorm normalises its input: whatever scale the channel had before (the kernel row's norm
+        ``norms``, a depthwise filter's) is undone and |gamma| is the gain (1 without ``scale``). A depthwise
+        convolution multiplies the gain by its filter's norm. A MobileNet channel goes conv -> BN -> ReLU6 ->
+        depthwise -> BN -> ReLU6 before the next conv reads it: its gain there is the second BatchNorm's
+        |gamma|, which can be large for a channel whose first |gamma| is the smallest of its layer.
+        """
+        gain = np.asarray(norms, np.float64)
+        for kind in self._chain.get(id(producer), []):
+            if isinstance(kind.layer, keras.layers.BatchNormalization):
+                gain = np.abs(self._remembered(kind.layer.gamma)) if kind.layer.scale else np.ones_like(gain)
+            else:
+                p = kind.output_params()[0]
+                w = self._remembered(p.variable).reshape(p.view or tuple(p.variable.shape))
+                gain = gain * np.linalg.norm(np.moveaxis(w, p.axis, 0).reshape(w.shape[p.axis], -1), axis=1)
+        return gain
 
     def zero_channels(self, group: ChannelGroup) -> np.ndarray:
         """Channels of ``group`` whose filters are exactly zero in every producer (pruned earlier)."""
@@ -169,3 +183,23 @@ class GroupMasks:
             self._tensors = [tf.constant(m, dtype=p.variable.dtype) for p, m in self._masks.values()]
         if self._tensors:
             self._fn(self._tensors)
+
+
+def _gain_chain(kg: KerasGraph, readers: dict[int, list], out: int) -> list[LayerKind]:
+    """The BatchNorms and depthwise convolutions (one filter per channel) that tensor ``out``'s channels go
+    through, in order, while each tensor on the way has a single reader that keeps the channels one to one
+    (activations, padding, pooling, dropout in between)."""
+    chain = []
+    while out not in kg.output_ids and len(readers.get(out, [])) == 1:
+        rec = readers[out][0]
+        kind = rec.kind
+        if len(rec.op.inputs) != 1 or kind.call.in_widths[:1] != [kind.call.out_width]:
+            break
+        if rec.op.rule is Rule.DEPTHWISE:
+            chain.append(kind)
+        elif rec.op.rule is not Rule.ELEMENTWISE:
+            break
+        elif isinstance(kind.layer, keras.layers.BatchNormalization):
+            chain.append(kind)
+        out = rec.op.outputs[0]
+    return chain
