@@ -84,16 +84,19 @@ def test_pushed_model_serves_like_the_trainers_and_is_smaller(run):
     compiled = ov.Core().compile_model(str(int8_ir), "CPU")
     layers = calibration.int8_layers(compiled)
     recorded = compressed.custom_properties
-    assert layers["int8"] == recorded["int8_layers"].double_value > 0
-    assert layers["total"] == recorded["quantizable_layers"].double_value
+    assert layers["int8"] == recorded["int8_layers"].int_value > 0
+    assert layers["total"] == recorded["quantizable_layers"].int_value
 
 
 def test_compressed_artifact_records_its_metrics_in_mlmd(run):
     _, store = run
     [compressed] = artifacts_of(store, "CompressModel", "compressed_model")
-    props = {k: v.double_value for k, v in compressed.custom_properties.items() if v.HasField("double_value")}
-    assert {"flops_ratio", "params_ratio", "saved_model_bytes_ratio", "int8_layers", "quantizable_layers",
-            "accuracy_fp32", "accuracy_int8"} <= set(props)
+    custom = compressed.custom_properties
+    props = {k: v.double_value for k, v in custom.items() if v.HasField("double_value")}
+    counts = {k: v.int_value for k, v in custom.items() if v.HasField("int_value")}
+    assert {"flops_ratio", "params_ratio", "saved_model_bytes_ratio", "accuracy_fp32", "accuracy_int8"} <= set(props)
+    assert {"int8_layers", "quantizable_layers"} <= set(counts)  # counts are integers, as their output artifacts
+    props.update(counts)
     assert 0 < props["flops_ratio"] < 0.6 and 0 < props["params_ratio"] < 0.7
     assert 0 < props["saved_model_bytes_ratio"] < 1
     assert 0 < props["int8_layers"] <= props["quantizable_layers"]

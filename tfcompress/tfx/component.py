@@ -61,5 +61,8 @@ def CompressModel(  # noqa: N802 - TFX components are classes by convention
         module_file=module_file or None, preprocessing_fn=preprocessing_fn, label_key=label_key,
         signature=signature)
     for key, value in metrics.items():  # also on the artifact, where TFX UIs and MLMD queries see them
-        compressed_model.set_float_custom_property(key, float(value))
+        if CompressMetrics.__annotations__[key] is int:  # as the component's Integer output artifacts
+            compressed_model.set_int_custom_property(key, int(value))
+        else:
+            compressed_model.set_float_custom_property(key, float(value))
     return CompressMetrics(**metrics)
