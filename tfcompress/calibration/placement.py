@@ -1,10 +1,9 @@
 """Where FakeQuantize goes in an OpenVINO model so that the CPU plugin really runs INT8.
 
-OpenVINO's low-precision transformations turn a layer into an INT8 kernel when its activation input and its
-weights come through FakeQuantize. Quantizing only Conv/MatMul inputs gives INT8 convolutions but no speed-up
-over BF16 on ResNets: residual ``Add`` s and pooling must see quantized inputs too (both measured on this
-machine, see DESIGN.md). Points are identified by the position of their node in ``get_ordered_ops()``, so the
-same points can be found again in a clone of the model.
+The policy (which inputs of which ops are quantized, where a quantizer moves, per channel or per tensor) is
+:mod:`tfcompress.int8_policy`, shared with quantization-aware training; this module translates OpenVINO op
+types into it. Points are identified by the position of their node in ``get_ordered_ops()``, so the same
+points can be found again in a clone of the model.
 """
 
 from __future__ import annotations
@@ -13,16 +12,26 @@ import dataclasses
 
 import numpy as np
 
-__all__ = ["ActivationPoint", "WeightPoint", "find_points", "OVERFLOW_FIX"]
+from tfcompress import int8_policy as policy
+from tfcompress.int8_policy import OVERFLOW_FIX
 
-_WEIGHTED = {"Convolution", "GroupConvolution", "MatMul"}
-_POOLING = {"MaxPool", "AvgPool", "ReduceMean"}
-# ops that move or select values without computing new ones: a quantized input gives an output on the same
-# grid, so a quantizer after them is better placed before them (INT8 runs through them, one FakeQuantize
-# instead of a requantization), as NNCF propagates its quantizers
-_AGNOSTIC = {"MaxPool", "Pad", "Reshape", "Transpose", "Squeeze", "Unsqueeze"}
-# agnostic ops that keep every value in its channel (axis 1): a per-channel quantizer may move above them
-_CHANNEL_KEEPING = {"MaxPool", "Pad"}
+__all__ = ["ActivationPoint", "WeightPoint", "find_points", "op_policy", "quantized_inputs", "OVERFLOW_FIX"]
+
+# OpenVINO op types -> their policy (GroupConvolution: see op_policy)
+_POLICIES = {
+    "Convolution": policy.WEIGHTED, "GroupConvolution": policy.WEIGHTED, "MatMul": policy.WEIGHTED,
+    "ConvolutionBackpropData": policy.WEIGHTED, "Add": policy.JOIN,
+    "AvgPool": policy.POOLING, "ReduceMean": policy.POOLING, "ReduceMax": policy.POOLING,
+    "MaxPool": policy.MAX_POOLING, "Pad": policy.PAD,
+    "Reshape": policy.RESHAPE, "Transpose": policy.RESHAPE, "Squeeze": policy.RESHAPE, "Unsqueeze": policy.RESHAPE,
+}
+
+
+def op_policy(op) -> policy.OpPolicy:
+    """The placement policy of an OpenVINO op."""
+    if is_depthwise(op):
+        return policy.DEPTHWISE
+    return _POLICIES.get(op.get_type_name(), policy.FLOAT)
 
 
 @dataclasses.dataclass
@@ -48,13 +57,6 @@ class WeightPoint:
     half_range: bool = False  # 7-bit grid (integers in [-63, 63]): see OVERFLOW_FIX
 
 
-# ``overflow_fix``: which weights use only half the int8 range. u8 x i8 multiply-adds without VNNI (SSE4,
-# AVX2, AVX-512 before VNNI) sum pairs of products into int16, which saturates when the weights use all of
-# [-127, 127]; with weights in [-63, 63] it cannot (2 * 255 * 63 < 32767). The IR may be deployed on such a
-# CPU, so by default the first layers (convolutions or fully connected, whose inputs, e.g. raw pixels, fill
-# the u8 range) get the fix, as NNCF's default does for convolutions; "enable" gives it to every layer,
-# "disable" to none. ``cpu_saturates_int8()`` tells whether the CPU running this has the problem.
-OVERFLOW_FIX = ("first_layer", "enable", "disable")
 
 
 def _source(inp):
@@ -98,6 +100,8 @@ def _weight_axes(op, const_shape) -> tuple[int, ...] | None:
         return (0,)  # [O, I, kh, kw]
     if t == "GroupConvolution":
         return (0, 1)  # [G, O/G, I/G, kh, kw]
+    if t == "ConvolutionBackpropData":
+        return (1,)  # [I, O, kh, kw]
     if len(const_shape) != 2:
         return None
     attrs = op.get_attributes()
@@ -119,16 +123,43 @@ def is_depthwise(op) -> bool:
         shape[k].is_static and shape[k].get_length() == 1 for k in (1, 2))
 
 
-def _quantized_inputs(op) -> list[int]:
-    """Which inputs of ``op`` this placement quantizes: the activation of a layer with constant or QAT
-    weights, both inputs of a residual Add, the input of a pooling op."""
-    t = op.get_type_name()
-    if t in _WEIGHTED:
+# ops between stored weights and the layer: decompression (Multiply by the scale, Subtract of the zero point)
+# and reshapes
+_WEIGHT_PATH = {"Multiply", "Subtract", "Reshape", "Unsqueeze", "Squeeze", "Transpose"}
+
+
+def _quantized_weights(output, depth: int = 8) -> bool:
+    """Weights quantized already: a FakeQuantize (QAT), or integer constants decompressed by Convert ->
+    (Subtract) -> Multiply, as OpenVINO's readers store QAT weights and calibration stores its own, possibly
+    reshaped or rescaled by constants on the way to the layer."""
+    node = output.get_node()
+    t = node.get_type_name()
+    if t == "FakeQuantize":
+        return True
+    if t == "Convert":
+        return not node.get_input_element_type(0).is_real() and _is_const(_source(node.input(0)))
+    if t not in _WEIGHT_PATH or depth == 0:
+        return False
+    found = [_quantized_weights(_source(i), depth - 1) for i in node.inputs()]
+    return any(found) and all(f or _is_const(_source(i)) for f, i in zip(found, node.inputs()))
+
+
+def _has_weights(op) -> bool:
+    return op_policy(op).inputs == "data" and op.get_input_size() > 1
+
+
+def quantized_inputs(op) -> list[int]:
+    """Which inputs of ``op`` the policy quantizes (:func:`tfcompress.int8_policy.quantized_inputs`); the
+    weights of a layer count as quantizable when they are constant or already quantized (QAT)."""
+    constant = [_is_const(_source(i)) for i in op.inputs()]
+    weights_ok = False
+    if _has_weights(op):
         w_src = _source(op.input(1))
-        return [0] if _is_const(w_src) or w_src.get_node().get_type_name() == "FakeQuantize" else []
-    if t == "Add":
-        return [] if any(_is_const(_source(i)) for i in op.inputs()) else list(range(op.get_input_size()))
-    return [0] if t in _POOLING else []
+        weights_ok = constant[1] or _quantized_weights(w_src)
+    return policy.quantized_inputs(op_policy(op), constant, weights_ok)
+
+
+_quantized_inputs = quantized_inputs  # the name accuracy_control imports
 
 
 def _first_layers(ops, weighted: set[int], pos: dict) -> set[int]:
@@ -171,11 +202,11 @@ def find_points(model, ignored_layers=(), overflow_fix: str = "disable") -> tupl
         node = inp.get_node()
         if node.get_friendly_name() in ignored:
             return False
-        return inp.get_index() in _quantized_inputs(node) or hoistable(node)
+        return inp.get_index() in quantized_inputs(node) or hoistable(node)
 
     def hoistable(node) -> bool:
         """An agnostic op with one data input whose every reader reads quantized values anyway."""
-        if node.get_type_name() not in _AGNOSTIC:
+        if not op_policy(node).moves_values:
             return False
         if any(node.output(k).get_target_inputs() for k in range(1, node.get_output_size())):
             return False  # e.g. MaxPool's indices are read
@@ -185,14 +216,14 @@ def find_points(model, ignored_layers=(), overflow_fix: str = "disable") -> tupl
             value = _through_convert(_source(node.input(3)))
             if np.any(value.get_data() != 0):  # a pad value off the quantization grid
                 return False
-        readers = list(node.output(0).get_target_inputs())
-        return bool(readers) and all(reads_quantized(r) for r in readers)
+        return policy.quantizer_moves_above(op_policy(node),
+                                            [reads_quantized(r) for r in node.output(0).get_target_inputs()])
 
     def add_act(inp, layer: str, depthwise: bool) -> None:
         src = _source(inp)
         node = src.get_node()
         while hoistable(node):  # place the quantizer before MaxPool / Pad / Reshape ... chains
-            depthwise = depthwise and node.get_type_name() in _CHANNEL_KEEPING
+            depthwise = depthwise and op_policy(node).keeps_channels
             inp = node.input(0)
             src = _source(inp)
             node = src.get_node()
@@ -209,13 +240,12 @@ def find_points(model, ignored_layers=(), overflow_fix: str = "disable") -> tupl
         point.layers.append(layer)
 
     for k, op in enumerate(ops):
-        t = op.get_type_name()
         name = op.get_friendly_name()
         if name in ignored:
             continue
-        for i in _quantized_inputs(op):  # QAT weights: only the missing activation quantizer is added
-            add_act(op.input(i), name, i == 0 and is_depthwise(op))
-        if t in _WEIGHTED and _is_const(_source(op.input(1))):
+        for i in quantized_inputs(op):  # QAT weights: only the missing activation quantizer is added
+            add_act(op.input(i), name, i == 0 and op_policy(op).per_channel_input)
+        if _has_weights(op) and _is_const(_source(op.input(1))):
             const = _through_convert(_source(op.input(1)))
             axes = _weight_axes(op, tuple(const.get_output_shape(0)))
             if axes is not None and const.get_output_element_type(0).is_real():

@@ -8,7 +8,8 @@ from typing import Iterable
 import keras
 import numpy as np
 
-from tfcompress.calibration.placement import OVERFLOW_FIX
+from tfcompress import int8_policy as policy
+from tfcompress.int8_policy import OVERFLOW_FIX
 from tfcompress.graph.engine import Rule
 from tfcompress.graph.keras_adapter import build_graph
 from tfcompress.graph.keras_rebuild import rebuild
@@ -22,15 +23,28 @@ __all__ = ["quantize_model", "RangeInit", "PRESETS"]
 PRESETS = ("performance", "mixed")
 
 _L = keras.layers
-# layer classes OpenVINO runs in INT8 when their inputs and weights are quantized
+# layer classes with a quantized twin: OpenVINO runs them in INT8 when their inputs and weights are quantized
 _WEIGHTED = {
     _L.Conv2D: QuantConv2D, _L.Dense: QuantDense, _L.DepthwiseConv2D: QuantDepthwiseConv2D,
     _L.SeparableConv2D: QuantSeparableConv2D, _L.Conv2DTranspose: QuantConv2DTranspose,
 }
-_INPUT_QUANTIZED = (_L.Add, _L.MaxPooling2D, _L.AveragePooling2D, _L.GlobalAveragePooling2D, _L.GlobalMaxPooling2D)
-# keras.ops nodes (by operation class name) whose tensor inputs are quantized when they join tensors: a
-# residual ``x + y`` is the same Add for OpenVINO as a layers.Add
-_INPUT_QUANTIZED_OPS = ("Add",)
+# the other Keras layers the INT8 placement policy (tfcompress.int8_policy) names; a layer with weights and no
+# twin, or any other layer, is FLOAT
+_LAYER_POLICIES = {
+    _L.Add: policy.JOIN,
+    _L.MaxPooling1D: policy.MAX_POOLING, _L.MaxPooling2D: policy.MAX_POOLING, _L.MaxPooling3D: policy.MAX_POOLING,
+    _L.AveragePooling1D: policy.POOLING, _L.AveragePooling2D: policy.POOLING, _L.AveragePooling3D: policy.POOLING,
+    _L.GlobalAveragePooling1D: policy.POOLING, _L.GlobalAveragePooling2D: policy.POOLING,
+    _L.GlobalAveragePooling3D: policy.POOLING, _L.GlobalMaxPooling1D: policy.POOLING,
+    _L.GlobalMaxPooling2D: policy.POOLING, _L.GlobalMaxPooling3D: policy.POOLING,
+    _L.ZeroPadding1D: policy.PAD, _L.ZeroPadding2D: policy.PAD, _L.ZeroPadding3D: policy.PAD,
+    _L.Flatten: policy.RESHAPE, _L.Reshape: policy.RESHAPE, _L.Permute: policy.RESHAPE,
+}
+# keras.ops nodes (by operation class name): a residual ``x + y`` is the same Add for OpenVINO as a layers.Add
+_OP_POLICIES = {
+    "Add": policy.JOIN, "Reshape": policy.RESHAPE, "Transpose": policy.RESHAPE, "Squeeze": policy.RESHAPE,
+    "ExpandDims": policy.RESHAPE,
+}
 # weights a float layer may carry without being worth a warning
 _FLOAT_OK = (_L.BatchNormalization, _L.LayerNormalization, _L.PReLU, _L.Normalization, _L.Rescaling)
 _CONSTRAINT_KEYS = {
@@ -139,58 +153,79 @@ def quantize_model(
             new = type(layer).from_config(cfg)
         return new, weights if isinstance(layer, keras.layers.Layer) else None
 
-    def wants(rec) -> bool:
+    def op_policy(rec) -> policy.OpPolicy:
         layer = rec.kind.layer
-        joining_op = (not isinstance(layer, keras.layers.Layer) and rec.op.rule is Rule.JOIN
-                      and type(layer).__name__ in _INPUT_QUANTIZED_OPS)
-        return rec.op.layer not in ignored and (quantized_class(layer) is not None
-                                                or isinstance(layer, _INPUT_QUANTIZED) or joining_op)
+        if rec.op.layer in ignored:
+            return policy.FLOAT
+        if quantized_class(layer) is not None:
+            return policy.DEPTHWISE if isinstance(layer, _L.DepthwiseConv2D) else policy.WEIGHTED
+        if isinstance(layer, keras.layers.Layer):
+            return _LAYER_POLICIES.get(type(layer), policy.FLOAT)
+        return _OP_POLICIES.get(type(layer).__name__, policy.FLOAT)
 
-    # A ZeroPadding2D whose every reader quantizes its input gets the quantizer on its own input instead: the
-    # padded zeros are on the grid, so one quantizer serves, and OpenVINO runs the Pad in INT8 (as calibrate
-    # places it; a quantizer after the Pad costs MobileNet-like models their INT8 speed-up).
-    readers: dict[int, list] = {}
-    for rec in kg.records:
-        if rec.node is not None:
-            for tid in rec.op.inputs:
-                readers.setdefault(tid, []).append(rec)
-    hoisted_outputs: set[int] = set()
-    hoisted: set[str] = set()
-    for rec in kg.records:
-        if (rec.node is not None and isinstance(rec.kind.layer, _L.ZeroPadding2D) and rec.op.layer not in ignored
-                and len(rec.op.outputs) == 1 and rec.op.outputs[0] not in kg.output_ids
-                and readers.get(rec.op.outputs[0]) and all(wants(r) for r in readers[rec.op.outputs[0]])):
-            hoisted.add(rec.op.layer)
-            hoisted_outputs.add(rec.op.outputs[0])
-
+    quantize_at = _placement(kg, op_policy)
     quantized_tensors: dict[int, object] = {}
 
-    def quantize_input(t, name):
-        if id(t) not in quantized_tensors:
-            quantized_tensors[id(t)] = ActivationQuantizer(
-                symmetric=preset == "performance", range_mode=range_mode, name=name)(t)
-        return quantized_tensors[id(t)]
-
     def rewrite_args(rec, args, kwargs):
-        path = rec.op.layer
-        base = path.replace("/", "_")
-        if path in hoisted:
-            return (quantize_input(args[0], f"{base}_input_quant"),) + tuple(args[1:]), kwargs
-        if not wants(rec) or (len(rec.op.inputs) == 1 and rec.op.inputs[0] in hoisted_outputs):
-            return args, kwargs
-        if isinstance(args[0], (list, tuple)):  # merge layers take a list
-            new = [quantize_input(t, f"{base}_input_{k}_quant") for k, t in enumerate(args[0])]
-            return (type(args[0])(new),) + tuple(args[1:]), kwargs
-        if rec.op.rule is Rule.JOIN:  # a keras.ops join takes its tensors as positional arguments
-            return tuple(quantize_input(t, f"{base}_input_{k}_quant") if isinstance(t, keras.KerasTensor) else t
-                         for k, t in enumerate(args)), kwargs
-        return (quantize_input(args[0], f"{base}_input_quant"),) + tuple(args[1:]), kwargs
+        old = keras.tree.flatten(rec.node.arguments.args)
+        new = keras.tree.flatten(args)
+        for k, (o, n) in enumerate(zip(old, new)):
+            tid = rec.scope.get(id(o)) if isinstance(o, keras.KerasTensor) else None
+            if tid not in quantize_at:
+                continue
+            if tid not in quantized_tensors:
+                quantized_tensors[tid] = ActivationQuantizer(
+                    symmetric=preset == "performance", range_mode=range_mode, name=quantize_at[tid])(n)
+            new[k] = quantized_tensors[tid]
+        return keras.tree.pack_sequence_as(args, new), kwargs
 
     qmodel = rebuild(kg, make_layer, rewrite_args)
     if left_float:
         warnings.warn(f"left in float (not quantizable for OpenVINO INT8 here): {', '.join(left_float)}",
                       stacklevel=2)
     return qmodel
+
+
+def _placement(kg, op_policy) -> dict[int, str]:
+    """The tensors (ids in ``kg``) that get an activation quantizer, with the quantizer's name: the inputs
+    :func:`tfcompress.int8_policy.quantized_inputs` names, each moved above the value-moving layers (zero
+    padding, max pooling, reshapes) whose every reader reads quantized values anyway, as post-training
+    placement moves it (:mod:`tfcompress.calibration.placement`)."""
+    producer = {tid: rec for rec in kg.records if rec.node is not None for tid in rec.op.outputs}
+    readers: dict[int, list] = {}
+    wanted: dict[int, list[int]] = {}  # id(record) -> ids of the tensors it reads quantized
+    for rec in kg.records:
+        if rec.node is None:
+            continue
+        leaves = keras.tree.flatten(rec.node.arguments.args)
+        tids = [rec.scope.get(id(t)) if isinstance(t, keras.KerasTensor) else None for t in leaves]
+        for tid in tids:
+            if tid is not None:
+                readers.setdefault(tid, []).append(rec)
+        picked = policy.quantized_inputs(op_policy(rec), [t is None for t in tids])
+        wanted[id(rec)] = [tids[k] for k in picked if k < len(tids) and tids[k] is not None]
+    memo: dict[int, bool] = {}
+
+    def moves_quantizer(rec) -> bool:
+        if id(rec) not in memo:
+            memo[id(rec)] = False  # no cycles in a Functional graph; guards re-entry only
+            out = rec.op.outputs
+            memo[id(rec)] = (len(out) == 1 and len(rec.op.inputs) == 1 and out[0] not in kg.output_ids
+                             and policy.quantizer_moves_above(
+                                 op_policy(rec), [out[0] in wanted[id(r)] or moves_quantizer(r)
+                                                  for r in readers.get(out[0], [])]))
+        return memo[id(rec)]
+
+    names: dict[int, str] = {}
+    for rec in kg.records:
+        for k, tid in enumerate(wanted.get(id(rec), [])):
+            name = rec.op.layer.replace("/", "_") + (f"_input_{k}_quant" if len(wanted[id(rec)]) > 1 else "_input_quant")
+            while tid in producer and moves_quantizer(producer[tid]):
+                top = producer[tid]
+                tid = top.op.inputs[0]
+                name = top.op.layer.replace("/", "_") + "_input_quant"
+            names.setdefault(tid, name)
+    return names
 
 
 @keras.saving.register_keras_serializable(package="tfcompress")

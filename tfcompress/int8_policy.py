@@ -1,0 +1,94 @@
+"""The INT8 placement policy, written once for quantization-aware training and post-training calibration.
+
+OpenVINO's CPU plugin runs an op in INT8 when the right inputs reach it quantized: a convolution or fully
+connected layer needs its data input and its weights quantized; a residual ``Add`` and pooling need their
+inputs quantized to run INT8 too (that, not the convolutions alone, gives ResNets their speed-up: DESIGN.md).
+Ops that only move or select values (zero padding, reshapes, max pooling) keep the grid of a quantized
+input, so a quantizer of their output is better placed before them, as NNCF propagates its quantizers.
+
+Each op kind has one :class:`OpPolicy`; :mod:`tfcompress.quantization` (Keras layers and ``keras.ops``
+nodes) and :mod:`tfcompress.calibration.placement` (OpenVINO ops) only translate their op types into these
+policies, so a QAT model and a calibrated IR of the same float model quantize the same tensors.
+
+Granularity, the same on both sides:
+
+- weights: symmetric, per output channel, 255 levels on [-m, m] (int8 with zero point 0; OpenVINO takes no
+  other weight grid for INT8 kernels), 7 bits for the layers the overflow fix picks (:data:`OVERFLOW_FIX`);
+- activations: per tensor, 256 levels. Post-training calibration may give the input of a depthwise
+  convolution one range per channel (``per_channel_depthwise_inputs``); QAT keeps it per tensor, since
+  TensorFlow's per-channel activation FakeQuant does not survive the ONNX conversion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+__all__ = [
+    "OpPolicy", "WEIGHTED", "DEPTHWISE", "JOIN", "POOLING", "MAX_POOLING", "PAD", "RESHAPE", "FLOAT",
+    "OVERFLOW_FIX", "quantized_inputs", "quantizer_moves_above",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class OpPolicy:
+    """How one kind of op is quantized.
+
+    Attributes:
+        inputs: which inputs get an activation quantizer: ``"data"`` (input 0 of a layer with weights, which
+            are quantized too), ``"all"`` (every tensor input, e.g. both operands of a residual add),
+            ``"first"`` (the pooled input) or ``"none"``.
+        moves_values: the op only moves or selects values (a quantized input gives an output on the same
+            grid): a quantizer of its output moves above it when every reader of the output reads it quantized.
+        keeps_channels: it keeps every value in its channel, so a per-channel quantizer may move above it too.
+        per_channel_input: its data input may have one range per channel (a depthwise convolution: each
+            output channel reads one input channel, so the plugin folds the channel's scale into its weights).
+    """
+
+    inputs: str = "none"
+    moves_values: bool = False
+    keeps_channels: bool = False
+    per_channel_input: bool = False
+
+
+WEIGHTED = OpPolicy(inputs="data")  # convolution (also transposed, separable's two parts), fully connected
+DEPTHWISE = OpPolicy(inputs="data", per_channel_input=True)
+JOIN = OpPolicy(inputs="all")  # elementwise sum of tensors
+POOLING = OpPolicy(inputs="first")  # average and global pooling
+MAX_POOLING = OpPolicy(inputs="first", moves_values=True, keeps_channels=True)
+PAD = OpPolicy(moves_values=True, keeps_channels=True)  # zero padding only: the pad value must be on the grid
+RESHAPE = OpPolicy(moves_values=True)  # reshape, flatten, transpose, squeeze
+FLOAT = OpPolicy()  # everything else: computes in float, quantizes nothing
+
+# ``overflow_fix``: which weights use only half the int8 range. u8 x i8 multiply-adds without VNNI (SSE4,
+# AVX2, AVX-512 before VNNI) sum pairs of products into int16, which saturates when the weights use all of
+# [-127, 127]; with weights in [-63, 63] it cannot (2 * 255 * 63 < 32767). The model may be deployed on such
+# a CPU, so by default the first layers (convolutions or fully connected, whose inputs, e.g. raw pixels, fill
+# the u8 range) get the fix, as NNCF's default does for convolutions; "enable" gives it to every layer,
+# "disable" to none.
+OVERFLOW_FIX = ("first_layer", "enable", "disable")
+
+
+def quantized_inputs(policy: OpPolicy, constant: Sequence[bool], weights_quantizable: bool = True) -> list[int]:
+    """The inputs of an op that get activation quantizers.
+
+    Args:
+        policy: the op's policy.
+        constant: per input, whether it is a constant (constants are never activation-quantized; a join with
+            a constant operand is a bias or a shift, not a residual add, and stays float).
+        weights_quantizable: for a layer with weights, whether they are quantized (constant, or quantized by
+            QAT): a matrix product of two activations (attention) stays float.
+    """
+    if policy.inputs == "data":
+        return [0] if weights_quantizable else []
+    if policy.inputs == "all":
+        return [] if any(constant) else list(range(len(constant)))
+    if policy.inputs == "first":
+        return [0]
+    return []
+
+
+def quantizer_moves_above(policy: OpPolicy, readers_read_quantized: Sequence[bool]) -> bool:
+    """Whether the quantizer of an op's output goes before the op instead: it only moves values and every
+    reader of its output reads that output quantized anyway (one quantizer, and INT8 runs through the op)."""
+    return policy.moves_values and bool(readers_read_quantized) and all(readers_read_quantized)
