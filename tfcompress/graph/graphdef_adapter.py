@@ -17,7 +17,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfcompress.graph.engine import ChannelGraph, Op, Rule, elementwise_consts
-from tfcompress.graph.kernels import depthwise_consts, fold_into_bias, producer_consts, slice_kernel
+from tfcompress.graph import ops
+from tfcompress.graph.kernels import fold_into_bias, slice_kernel
 
 __all__ = ["GraphDefGraph", "KINDS", "NodeKind", "fold_constants", "register"]
 
@@ -75,7 +76,9 @@ _UNARY: dict[str, Callable[[np.ndarray, object], np.ndarray]] = {
 }
 _POOL = {"MaxPool", "AvgPool", "MaxPoolV2"}
 _REDUCE = {"Mean", "Max", "Min", "Sum"}
-_BINARY = {"Add", "AddV2", "Sub", "Mul", "RealDiv", "Maximum", "Minimum", "BiasAdd", "SquaredDifference"}
+# TF binary op -> its canonical op in tfcompress.graph.ops.OPS (RealDiv only by a constant: see _ChannelParam)
+_BINARY = {"Add": "add", "AddV2": "add", "BiasAdd": "add", "Sub": "sub", "Mul": "mul", "RealDiv": "div",
+           "Maximum": "max", "Minimum": "min", "SquaredDifference": "squared_difference"}
 
 
 def _fake_quant(v: np.ndarray, lo, hi, num_bits: int, narrow: bool) -> np.ndarray:
@@ -383,18 +386,12 @@ class _PassThrough(NodeKind):
 
 class _Pad(NodeKind):
     def const_out(self, in_consts):
-        c = in_consts[0].copy()
-        if self.node.op != "MirrorPad":
-            c[c != 0] = np.nan
-        return [c]
+        return [ops.const_out("identity" if self.node.op == "MirrorPad" else "zero_pad", in_consts)]
 
 
 class _Reduce(NodeKind):
     def const_out(self, in_consts):
-        c = in_consts[0].copy()
-        if self.node.op == "Sum":
-            c[c != 0] = np.nan
-        return [c]
+        return [ops.const_out("sum_positions" if self.node.op == "Sum" else "identity", in_consts)]
 
 
 class _Reshape(NodeKind):
@@ -444,24 +441,12 @@ class _ChannelParam(NodeKind):
         return c.reshape(-1) if c.size > 1 else c.reshape(())
 
     def const_out(self, in_consts):
-        v, c, op = in_consts[0], self._c(), self.node.op
-        if c.ndim:
-            c = np.broadcast_to(c, v.shape)
-        if op in ("Add", "AddV2", "BiasAdd"):
-            return [v + c]
-        if op == "Sub":
-            return [v - c if self.ci == 1 else c - v]
-        if op == "Mul":
-            out = v * c
-            out[np.broadcast_to(c == 0, v.shape)] = 0.0
-            return [out]
-        if op == "RealDiv":
-            return [v / c if self.ci == 1 else np.full(v.shape, np.nan)]
-        if op == "Maximum":
-            return [np.maximum(v, c)]
-        if op == "SquaredDifference":
-            return [(v - c) ** 2]
-        return [np.minimum(v, c)]
+        v, op = in_consts[0], self.node.op
+        c = np.broadcast_to(self._c(), v.shape).astype(np.float64)
+        if op == "RealDiv" and self.ci == 0:
+            return [np.full(v.shape, np.nan)]
+        operands = [v, c] if self.ci == 1 else [c, v]
+        return [ops.const_out(_BINARY[op], operands)]
 
     def rewrite(self, new, in_keeps, out_keep, folds, rw):
         name = self.node.input[self.ci]
@@ -493,9 +478,8 @@ class _FusedBatchNorm(NodeKind):
 
     def const_out(self, in_consts):
         gamma, beta, mean, var = self._vectors()
-        eps = _attr(self.node, "epsilon").f
-        out = gamma * (in_consts[0] - mean) / np.sqrt(var + eps) + beta
-        return [np.where(gamma == 0, beta, out)]
+        return [ops.const_out("batchnorm", in_consts, gamma=gamma, beta=beta, mean=mean, var=var,
+                              epsilon=_attr(self.node, "epsilon").f)]
 
     def rewrite(self, new, in_keeps, out_keep, folds, rw):
         for k in range(1, 5):
@@ -589,7 +573,7 @@ class _Producer(NodeKind):
         return max(1, self.g.width(self.node.input[0]) // int(self._kernel().shape[-2]))
 
     def const_out(self, in_consts):
-        return [producer_consts(self._kernel())]
+        return [ops.const_out("conv", in_consts, kernel=self._kernel(), bias=0.0)]  # its bias is a BiasAdd
 
     def can_fold(self, input_index):
         if self.node.op == "MatMul":
@@ -608,8 +592,8 @@ class _Producer(NodeKind):
 
     def macs(self, in_counts, out_count):
         k = self._kernel()
-        ksz = k.shape[0] * k.shape[1] if k.ndim == 4 else 1
-        return float(self.g.positions(self.node.name) * ksz * in_counts[0] * out_count / self.blocks())
+        return ops.macs("conv", in_counts, out_count, positions=self.g.positions(self.node.name),
+                        window=k.shape[0] * k.shape[1] if k.ndim == 4 else 1, groups=self.blocks())
 
     def rewrite(self, new, in_keeps, out_keep, folds, rw):
         k = self._kernel()
@@ -644,7 +628,8 @@ class _TransposedConv(_Producer):
 
     def macs(self, in_counts, out_count):
         k = self.w.value
-        return float(self.g.positions(self.node.input[2]) * k.shape[0] * k.shape[1] * in_counts[0] * out_count)
+        return ops.macs("conv_transpose", in_counts, out_count, in_positions=self.g.positions(self.node.input[2]),
+                        window=k.shape[0] * k.shape[1])
 
     def rewrite(self, new, in_keeps, out_keep, folds, rw):
         k = slice_kernel(self._kernel(), in_keeps[0], out_keep)
@@ -664,11 +649,13 @@ class _Depthwise(NodeKind):
         return int(self.w.value.shape[-1])
 
     def const_out(self, in_consts):
-        return [depthwise_consts(self.w.value, in_consts[0], _attr(self.node, "padding").s == b"VALID")]
+        return [ops.const_out("depthwise", in_consts, kernel=self.w.value, bias=0.0,
+                              valid_padding=_attr(self.node, "padding").s == b"VALID")]
 
     def macs(self, in_counts, out_count):
         k = self.w.value
-        return float(self.g.positions(self.node.name) * k.shape[0] * k.shape[1] * out_count)
+        return ops.macs("depthwise", in_counts, out_count, positions=self.g.positions(self.node.name),
+                        window=k.shape[0] * k.shape[1])
 
     def rewrite(self, new, in_keeps, out_keep, folds, rw):
         k = self.w.value  # (h, w, c, multiplier): output channel c * multiplier + j
@@ -683,21 +670,7 @@ class _Join(NodeKind):
         return [i for i in self.node.input if not i.startswith("^")][:2]
 
     def const_out(self, in_consts):
-        a, b = in_consts
-        op = self.node.op
-        if op in ("Add", "AddV2"):
-            return [a + b]
-        if op == "Sub":
-            return [a - b]
-        if op == "Mul":
-            out = a * b
-            out[(a == 0) | (b == 0)] = 0.0
-            return [out]
-        if op == "Maximum":
-            return [np.maximum(a, b)]
-        if op == "SquaredDifference":
-            return [(a - b) ** 2]
-        return [np.minimum(a, b)]
+        return [ops.const_out(_BINARY[self.node.op], in_consts)]
 
 
 class _Concat(NodeKind):
@@ -707,17 +680,14 @@ class _Concat(NodeKind):
         return [i for i in self.node.input if not i.startswith("^")][:-1]
 
     def const_out(self, in_consts):
-        return [np.concatenate(in_consts)]
+        return [ops.const_out("concat", in_consts)]
 
 
 class _SpatialConcat(_Concat):
     rule = Rule.JOIN
 
     def const_out(self, in_consts):
-        out = in_consts[0].copy()
-        for c in in_consts[1:]:
-            out[c != out] = np.nan
-        return [out]
+        return [ops.const_out("stack_spatial", in_consts)]
 
 
 # --------------------------------------------------------------------------- the graph
