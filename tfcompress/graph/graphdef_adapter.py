@@ -577,9 +577,10 @@ class _Producer(NodeKind):
 
     def can_fold(self, input_index):
         if self.node.op == "MatMul":
-            return not _attr(self.node, "transpose_a").b
+            return ops.can_fold("dense") and not _attr(self.node, "transpose_a").b
         k = self._kernel()
-        return _attr(self.node, "padding").s == b"VALID" or k.shape[0] * k.shape[1] == 1
+        return ops.can_fold("conv", valid_padding=_attr(self.node, "padding").s == b"VALID",
+                            window=k.shape[0] * k.shape[1])
 
     def fold_note(self):
         if self.can_fold(0):

@@ -264,9 +264,8 @@ class _Producer(LayerKind):
     def can_fold(self, input_index):
         L = self.layer
         if isinstance(L, keras.layers.Dense):
-            return True
-        ks = tuple(L.kernel_size)
-        return L.padding == "valid" or all(k == 1 for k in ks)
+            return ops.can_fold("dense")
+        return ops.can_fold("conv", valid_padding=L.padding == "valid", window=math.prod(L.kernel_size))
 
     def output_params(self):
         L = self.layer
@@ -322,7 +321,7 @@ class _ConvTranspose(_Producer):
 
 class _Dense(_Producer):
     def can_fold(self, input_index):
-        return True
+        return ops.can_fold("dense")
 
 
 class _SeparableConv(_Producer):
@@ -435,7 +434,7 @@ class _LayerNorm(LayerKind):
         return [ops.const_out("layernorm", in_consts, gamma=gamma, beta=beta)]
 
     def can_fold(self, input_index):
-        return True
+        return ops.can_fold("layernorm")
 
     def output_params(self):
         L = self.layer

@@ -18,7 +18,7 @@ import numpy as np
 
 from tfcompress.graph.kernels import depthwise_consts, producer_consts
 
-__all__ = ["OpSemantics", "OPS", "const_out", "macs", "take_channels"]
+__all__ = ["OpSemantics", "OPS", "can_fold", "const_out", "macs", "take_channels"]
 
 Consts = list[np.ndarray]
 
@@ -28,11 +28,14 @@ class OpSemantics:
     """What one canonical op does to values.
 
     ``consts(in_consts, **params)``: the output's per-channel constants. ``macs(in_counts, out_count,
-    **params)``: multiply-accumulates per example (None: the op's MACs are not counted).
+    **params)``: multiply-accumulates per example (None: the op's MACs are not counted). ``folds(**params)``:
+    whether a removed input channel holding a constant can be replaced exactly by a change of the op's bias
+    (:func:`tfcompress.graph.kernels.fold_into_bias`) or, for a normalization, kept in its statistics.
     """
 
     consts: Callable[..., np.ndarray]
     macs: Callable[..., float] | None = None
+    folds: Callable[..., bool] = lambda **params: False
 
 
 def _product(cs: Consts) -> np.ndarray:
@@ -94,14 +97,19 @@ def _separable_macs(in_counts: list[int], out_count: int, positions: float, wind
     return float(positions * in_counts[0] * multiplier * (window + out_count))
 
 
+def _conv_folds(valid_padding: bool, window: int) -> bool:
+    """Exact when every output position sees the whole window of the constant: no padding, or a 1x1 kernel."""
+    return valid_padding or window == 1
+
+
 OPS: dict[str, OpSemantics] = {
-    "conv": OpSemantics(_producer, _conv_macs),
-    "dense": OpSemantics(_producer, _conv_macs),
+    "conv": OpSemantics(_producer, _conv_macs, _conv_folds),
+    "dense": OpSemantics(_producer, _conv_macs, lambda: True),
     "conv_transpose": OpSemantics(_producer, _transposed_macs),
     "separable_conv": OpSemantics(_producer, _separable_macs),
     "depthwise": OpSemantics(_depthwise, _depthwise_macs),
     "batchnorm": OpSemantics(_batchnorm),
-    "layernorm": OpSemantics(_layernorm),
+    "layernorm": OpSemantics(_layernorm, folds=lambda: True),
     "add": OpSemantics(lambda cs: np.sum(cs, axis=0)),
     "sub": OpSemantics(lambda cs: cs[0] - cs[1]),
     "mul": OpSemantics(_product),
@@ -127,6 +135,11 @@ def macs(op: str, in_counts: list[int], out_count: int, **params) -> float:
     """Multiply-accumulates per example of canonical op ``op`` with the given channel counts (0 if uncounted)."""
     fn = OPS[op].macs
     return 0.0 if fn is None else fn(in_counts, out_count, **params)
+
+
+def can_fold(op: str, **params) -> bool:
+    """Whether canonical op ``op`` can absorb a removed constant input channel (see :class:`OpSemantics`)."""
+    return OPS[op].folds(**params)
 
 
 def take_channels(w: np.ndarray, keep: np.ndarray, axis: int) -> np.ndarray:
