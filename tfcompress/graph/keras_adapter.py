@@ -556,13 +556,7 @@ class _Registered(LayerKind):
         self.has_channel_params = bool(self.declared.channel_weights)
 
     def const_out(self, in_consts):
-        values = {id(t): _per_channel(c, len(t.shape)) for t, c in zip(self.call.node.input_tensors, in_consts)}
-        args, kwargs = self.call.node.arguments.fill_in(values)
-        out = _np(self.layer(*args, **kwargs)).astype(np.float64).reshape(-1)
-        if out.size != self.call.out_width:
-            return [np.full(self.call.out_width, np.nan)]
-        return [np.where(np.any([np.isnan(c) for c in in_consts], axis=0), np.nan, out)]
-
+        return [_run_on_consts(self.call, in_consts, zero_absorbs=False)]
 
     def config(self, in_keeps, out_keep, folds):
         cfg = self.layer.get_config()
@@ -598,6 +592,24 @@ def _per_channel(c: np.ndarray, rank: int) -> np.ndarray:
     return np.nan_to_num(c).astype(np.float32).reshape((1,) * (rank - 1) + (-1,))
 
 
+def _run_on_consts(call: LayerCall, in_consts: list[np.ndarray], zero_absorbs: bool) -> np.ndarray:
+    """The output constants of a position-wise call, found by running the call itself on its inputs' constants.
+
+    An output channel is unknown where an input channel is, except (``zero_absorbs``: a product) where an
+    input is exactly zero.
+    """
+    node = call.node
+    values = {id(t): _per_channel(c, len(t.shape)) for t, c in zip(node.input_tensors, in_consts)}
+    args, kwargs = node.arguments.fill_in(values)
+    out = _np(call.layer(*args, **kwargs)).astype(np.float64).reshape(-1)
+    if out.size != call.out_width:
+        return np.full(call.out_width, np.nan)
+    unknown = np.any([np.isnan(c) for c in in_consts], axis=0)
+    if zero_absorbs:
+        unknown &= ~np.any([c == 0 for c in in_consts], axis=0)
+    return np.where(unknown, np.nan, out)
+
+
 class _OpPointwise(LayerKind):
     """A ``keras.ops`` function applied position by position (``x + y``, ``x * 0.5``, ``relu6``, ``gelu``...).
 
@@ -609,17 +621,7 @@ class _OpPointwise(LayerKind):
     zero_absorbs = False
 
     def const_out(self, in_consts):
-        node = self.call.node
-        tensors = node.input_tensors
-        values = {id(t): _per_channel(c, len(t.shape)) for t, c in zip(tensors, in_consts)}
-        args, kwargs = node.arguments.fill_in(values)
-        out = _np(self.layer(*args, **kwargs)).astype(np.float64).reshape(-1)
-        if out.size != self.call.out_width:
-            return [np.full(self.call.out_width, np.nan)]
-        unknown = np.any([np.isnan(c) for c in in_consts], axis=0)
-        if self.zero_absorbs:
-            unknown &= ~np.any([c == 0 for c in in_consts], axis=0)
-        return [np.where(unknown, np.nan, out)]
+        return [_run_on_consts(self.call, in_consts, self.zero_absorbs)]
 
 
 class _OpProduct(_OpPointwise):
