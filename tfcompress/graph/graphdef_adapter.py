@@ -452,7 +452,7 @@ class _ChannelParam(NodeKind):
         name = self.node.input[self.ci]
         c = self.g.const(name)
         if c.size > 1:
-            new.input[self.ci] = rw.const(_node(name), np.take(c, np.nonzero(out_keep)[0], axis=-1))
+            new.input[self.ci] = rw.const(_node(name), ops.take_channels(c, out_keep, -1))
 
 
 class _SpatialParam(_ChannelParam):
@@ -484,7 +484,7 @@ class _FusedBatchNorm(NodeKind):
     def rewrite(self, new, in_keeps, out_keep, folds, rw):
         for k in range(1, 5):
             name = self.node.input[k]
-            new.input[k] = rw.const(_node(name), self.g.const(name)[out_keep])
+            new.input[k] = rw.const(_node(name), ops.take_channels(self.g.const(name), out_keep, 0))
 
 
 class _Weights:
@@ -660,7 +660,7 @@ class _Depthwise(NodeKind):
 
     def rewrite(self, new, in_keeps, out_keep, folds, rw):
         k = self.w.value  # (h, w, c, multiplier): output channel c * multiplier + j
-        new.input[1] = self.w.replace(np.take(k, np.nonzero(in_keeps[0])[0], axis=-2),
+        new.input[1] = self.w.replace(ops.take_channels(k, in_keeps[0], -2),
                                       np.repeat(in_keeps[0], k.shape[-1]), rw)
 
 
