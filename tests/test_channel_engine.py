@@ -530,3 +530,51 @@ def test_explain_gives_every_unprunable_group_a_reason():
     assert groups[("head",)].reason == "they are a model output"
     prunable = {g.layers for g in tfcompress.channel_groups(model)}
     assert prunable == {layers for layers, g in groups.items() if not g.reason}
+
+
+# --------------------------------------------------------------------------- the op table (graph/ops.py)
+
+@pytest.mark.parametrize("op, layer", [("add", L.Add), ("sub", L.Subtract), ("mul", L.Multiply),
+                                       ("max", L.Maximum), ("min", L.Minimum), ("mean", L.Average)])
+def test_op_table_joins_match_keras(rng, op, layer):
+    """The table's constant propagation of a join equals the Keras layer run on per-channel constants."""
+    from tfcompress.graph import ops
+
+    a, b = rng.uniform(-2, 2, 6), rng.uniform(-2, 2, 6)
+    a[0] = b[1] = 0.0
+    x = [np.broadcast_to(v, (1, 4, 4, 6)).astype("float32") for v in (a, b)]
+    out = np.asarray(layer()(x))
+    assert np.allclose(out, ops.const_out(op, [a, b]), atol=1e-6)
+
+
+def test_op_table_zero_absorbs_an_unknown_in_a_product():
+    from tfcompress.graph import ops
+
+    a, b = np.array([0.0, 2.0, np.nan]), np.array([np.nan, np.nan, 3.0])
+    out = ops.const_out("mul", [a, b])
+    assert out[0] == 0.0 and np.isnan(out[1:]).all()
+
+
+def test_op_table_batchnorm_matches_keras(rng):
+    """A constant input through a BatchNormalization (one gamma exactly 0) as Keras computes it."""
+    from tfcompress.graph import ops
+
+    bn = L.BatchNormalization(epsilon=1e-3)
+    bn.build((None, 5))
+    gamma, beta = rng.uniform(0.5, 2, 5), rng.uniform(-1, 1, 5)
+    mean, var = rng.uniform(-1, 1, 5), rng.uniform(0.5, 2, 5)
+    gamma[2] = 0.0
+    bn.set_weights([gamma, beta, mean, var])
+    c = rng.uniform(-2, 2, 5)
+    c[2] = np.nan  # an unknown channel under gamma 0 is the constant beta
+    expected = np.asarray(bn(np.nan_to_num(c)[None].astype("float32"), training=False))[0]
+    out = ops.const_out("batchnorm", [c], gamma=gamma, beta=beta, mean=mean, var=var, epsilon=1e-3)
+    assert np.allclose(out, expected, atol=1e-5)
+
+
+def test_op_table_conv_macs_match_counted_flops():
+    """count_flops of a grouped conv + dense model is 2 x the table's MACs, which are the textbook products."""
+    model = keras.Sequential([keras.Input((10, 10, 8)), L.Conv2D(12, 3, groups=4), L.Flatten(), L.Dense(5)])
+    conv = 8 * 8 * 9 * 8 * 12 / 4
+    dense = 8 * 8 * 12 * 5
+    assert tfcompress.count_flops(model) == 2 * (conv + dense)

@@ -1,7 +1,8 @@
 """FLOPs of a channel graph as a function of which channels are removed (pruning targets, reports).
 
-Each op's semantics (a Keras :class:`LayerKind` or a GraphDef :class:`NodeKind`) says its multiply-accumulates
-for given channel counts; the engine says how many channels each tensor keeps.
+Each op's multiply-accumulates for given channel counts come from the op table (:func:`tfcompress.graph.ops.macs`,
+called by the Keras :class:`LayerKind` or GraphDef :class:`NodeKind` with the op's shapes and parameters), the
+same for both backends; the engine says how many channels each tensor keeps.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfcompress.graph.engine import ChannelGraph, Op, Rule, elementwise_consts
-from tfcompress.graph.kernels import depthwise_consts, fold_into_bias, producer_consts, slice_kernel
+from tfcompress.graph import ops
+from tfcompress.graph.kernels import fold_into_bias, slice_kernel
 
 __all__ = ["GraphDefGraph", "KINDS", "NodeKind", "fold_constants", "register"]
 
@@ -75,7 +76,9 @@ _UNARY: dict[str, Callable[[np.ndarray, object], np.ndarray]] = {
 }
 _POOL = {"MaxPool", "AvgPool", "MaxPoolV2"}
 _REDUCE = {"Mean", "Max", "Min", "Sum"}
-_BINARY = {"Add", "AddV2", "Sub", "Mul", "RealDiv", "Maximum", "Minimum", "BiasAdd", "SquaredDifference"}
+# TF binary op -> its canonical op in tfcompress.graph.ops.OPS (RealDiv only by a constant: see _ChannelParam)
+_BINARY = {"Add": "add", "AddV2": "add", "BiasAdd": "add", "Sub": "sub", "Mul": "mul", "RealDiv": "div",
+           "Maximum": "max", "Minimum": "min", "SquaredDifference": "squared_difference"}
 
 
 def _fake_quant(v: np.ndarray, lo, hi, num_bits: int, narrow: bool) -> np.ndarray:
@@ -383,18 +386,12 @@ class _PassThrough(NodeKind):
 
 class _Pad(NodeKind):
     def const_out(self, in_consts):
-        c = in_consts[0].copy()
-        if self.node.op != "MirrorPad":
-            c[c != 0] = np.nan
-        return [c]
+        return [ops.const_out("identity" if self.node.op == "MirrorPad" else "zero_pad", in_consts)]
 
 
 class _Reduce(NodeKind):
     def const_out(self, in_consts):
-        c = in_consts[0].copy()
-        if self.node.op == "Sum":
-            c[c != 0] = np.nan
-        return [c]
+        return [ops.const_out("sum_positions" if self.node.op == "Sum" else "identity", in_consts)]
 
 
 class _Reshape(NodeKind):
@@ -454,30 +451,18 @@ class _ChannelParam(NodeKind):
         return c.reshape(-1) if c.size > 1 else c.reshape(())
 
     def const_out(self, in_consts):
-        v, c, op = in_consts[0], self._c(), self.node.op
-        if c.ndim:
-            c = np.broadcast_to(c, v.shape)
-        if op in ("Add", "AddV2", "BiasAdd"):
-            return [v + c]
-        if op == "Sub":
-            return [v - c if self.ci == 1 else c - v]
-        if op == "Mul":
-            out = v * c
-            out[np.broadcast_to(c == 0, v.shape)] = 0.0
-            return [out]
-        if op == "RealDiv":
-            return [v / c if self.ci == 1 else np.full(v.shape, np.nan)]
-        if op == "Maximum":
-            return [np.maximum(v, c)]
-        if op == "SquaredDifference":
-            return [(v - c) ** 2]
-        return [np.minimum(v, c)]
+        v, op = in_consts[0], self.node.op
+        c = np.broadcast_to(self._c(), v.shape).astype(np.float64)
+        if op == "RealDiv" and self.ci == 0:
+            return [np.full(v.shape, np.nan)]
+        operands = [v, c] if self.ci == 1 else [c, v]
+        return [ops.const_out(_BINARY[op], operands)]
 
     def rewrite(self, new, in_keeps, out_keep, folds, rw):
         name = self.node.input[self.ci]
         c = self.g.const(name)
         if c.size > 1:
-            new.input[self.ci] = rw.const(_node(name), np.take(c, np.nonzero(out_keep)[0], axis=-1))
+            new.input[self.ci] = rw.const(_node(name), ops.take_channels(c, out_keep, -1))
 
 
 class _SpatialParam(_ChannelParam):
@@ -503,14 +488,13 @@ class _FusedBatchNorm(NodeKind):
 
     def const_out(self, in_consts):
         gamma, beta, mean, var = self._vectors()
-        eps = _attr(self.node, "epsilon").f
-        out = gamma * (in_consts[0] - mean) / np.sqrt(var + eps) + beta
-        return [np.where(gamma == 0, beta, out)]
+        return [ops.const_out("batchnorm", in_consts, gamma=gamma, beta=beta, mean=mean, var=var,
+                              epsilon=_attr(self.node, "epsilon").f)]
 
     def rewrite(self, new, in_keeps, out_keep, folds, rw):
         for k in range(1, 5):
             name = self.node.input[k]
-            new.input[k] = rw.const(_node(name), self.g.const(name)[out_keep])
+            new.input[k] = rw.const(_node(name), ops.take_channels(self.g.const(name), out_keep, 0))
 
 
 class _Weights:
@@ -599,13 +583,14 @@ class _Producer(NodeKind):
         return max(1, self.g.width(self.node.input[0]) // int(self._kernel().shape[-2]))
 
     def const_out(self, in_consts):
-        return [producer_consts(self._kernel())]
+        return [ops.const_out("conv", in_consts, kernel=self._kernel(), bias=0.0)]  # its bias is a BiasAdd
 
     def can_fold(self, input_index):
         if self.node.op == "MatMul":
-            return not _attr(self.node, "transpose_a").b
+            return ops.can_fold("dense") and not _attr(self.node, "transpose_a").b
         k = self._kernel()
-        return _attr(self.node, "padding").s == b"VALID" or k.shape[0] * k.shape[1] == 1
+        return ops.can_fold("conv", valid_padding=_attr(self.node, "padding").s == b"VALID",
+                            window=k.shape[0] * k.shape[1])
 
     def fold_note(self):
         if self.can_fold(0):
@@ -618,8 +603,8 @@ class _Producer(NodeKind):
 
     def macs(self, in_counts, out_count):
         k = self._kernel()
-        ksz = k.shape[0] * k.shape[1] if k.ndim == 4 else 1
-        return float(self.g.positions(self.node.name) * ksz * in_counts[0] * out_count / self.blocks())
+        return ops.macs("conv", in_counts, out_count, positions=self.g.positions(self.node.name),
+                        window=k.shape[0] * k.shape[1] if k.ndim == 4 else 1, groups=self.blocks())
 
     def rewrite(self, new, in_keeps, out_keep, folds, rw):
         k = self._kernel()
@@ -654,7 +639,8 @@ class _TransposedConv(_Producer):
 
     def macs(self, in_counts, out_count):
         k = self.w.value
-        return float(self.g.positions(self.node.input[2]) * k.shape[0] * k.shape[1] * in_counts[0] * out_count)
+        return ops.macs("conv_transpose", in_counts, out_count, in_positions=self.g.positions(self.node.input[2]),
+                        window=k.shape[0] * k.shape[1])
 
     def rewrite(self, new, in_keeps, out_keep, folds, rw):
         k = slice_kernel(self._kernel(), in_keeps[0], out_keep)
@@ -674,15 +660,17 @@ class _Depthwise(NodeKind):
         return int(self.w.value.shape[-1])
 
     def const_out(self, in_consts):
-        return [depthwise_consts(self.w.value, in_consts[0], _attr(self.node, "padding").s == b"VALID")]
+        return [ops.const_out("depthwise", in_consts, kernel=self.w.value, bias=0.0,
+                              valid_padding=_attr(self.node, "padding").s == b"VALID")]
 
     def macs(self, in_counts, out_count):
         k = self.w.value
-        return float(self.g.positions(self.node.name) * k.shape[0] * k.shape[1] * out_count)
+        return ops.macs("depthwise", in_counts, out_count, positions=self.g.positions(self.node.name),
+                        window=k.shape[0] * k.shape[1])
 
     def rewrite(self, new, in_keeps, out_keep, folds, rw):
         k = self.w.value  # (h, w, c, multiplier): output channel c * multiplier + j
-        new.input[1] = self.w.replace(np.take(k, np.nonzero(in_keeps[0])[0], axis=-2),
+        new.input[1] = self.w.replace(ops.take_channels(k, in_keeps[0], -2),
                                       np.repeat(in_keeps[0], k.shape[-1]), rw)
 
 
@@ -693,21 +681,7 @@ class _Join(NodeKind):
         return [i for i in self.node.input if not i.startswith("^")][:2]
 
     def const_out(self, in_consts):
-        a, b = in_consts
-        op = self.node.op
-        if op in ("Add", "AddV2"):
-            return [a + b]
-        if op == "Sub":
-            return [a - b]
-        if op == "Mul":
-            out = a * b
-            out[(a == 0) | (b == 0)] = 0.0
-            return [out]
-        if op == "Maximum":
-            return [np.maximum(a, b)]
-        if op == "SquaredDifference":
-            return [(a - b) ** 2]
-        return [np.minimum(a, b)]
+        return [ops.const_out(_BINARY[self.node.op], in_consts)]
 
 
 class _Concat(NodeKind):
@@ -717,17 +691,14 @@ class _Concat(NodeKind):
         return [i for i in self.node.input if not i.startswith("^")][:-1]
 
     def const_out(self, in_consts):
-        return [np.concatenate(in_consts)]
+        return [ops.const_out("concat", in_consts)]
 
 
 class _SpatialConcat(_Concat):
     rule = Rule.JOIN
 
     def const_out(self, in_consts):
-        out = in_consts[0].copy()
-        for c in in_consts[1:]:
-            out[c != out] = np.nan
-        return [out]
+        return [ops.const_out("stack_spatial", in_consts)]
 
 
 # --------------------------------------------------------------------------- the graph

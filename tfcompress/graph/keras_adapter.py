@@ -19,7 +19,8 @@ import numpy as np
 
 from tfcompress.graph.engine import ChannelGraph, ChannelGroup, Op, Rule, elementwise_consts
 from tfcompress.graph.keras_layers import PartialLayerNormalization
-from tfcompress.graph.kernels import depthwise_consts, fold_into_bias, producer_consts, slice_kernel
+from tfcompress.graph import ops
+from tfcompress.graph.kernels import fold_into_bias, slice_kernel
 
 __all__ = [
     "ChannelParam", "KerasGraph", "LayerKind", "LayerRule", "UnsupportedModelError", "build_graph",
@@ -75,10 +76,6 @@ class ChannelParam:
         bshape[self.axis] = view[self.axis]
         m = np.broadcast_to(keep.astype(np.float32).reshape(bshape), view)
         return np.ascontiguousarray(m).reshape(shape)
-
-
-def _take(w: np.ndarray, keep: np.ndarray, axis: int) -> np.ndarray:
-    return np.take(w, np.nonzero(keep)[0], axis=axis)
 
 
 # --------------------------------------------------------------------------- per-layer semantics
@@ -182,9 +179,7 @@ class _Activation(LayerKind):
 
 class _ZeroPadding(LayerKind):
     def const_out(self, in_consts):
-        c = in_consts[0].copy()
-        c[c != 0] = np.nan  # a padded non-zero constant is no longer constant
-        return [c]
+        return [ops.const_out("zero_pad", in_consts)]
 
 
 class _Rescaling(LayerKind):
@@ -216,7 +211,7 @@ class _PReLU(LayerKind):
 
     def weights(self, in_keeps, out_keep, folds):
         alpha = _np(self.layer.alpha)
-        return [_take(alpha, out_keep, -1) if alpha.shape[-1] == out_keep.size else alpha]
+        return [ops.take_channels(alpha, out_keep, -1) if alpha.shape[-1] == out_keep.size else alpha]
 
 
 class _BatchNorm(LayerKind):
@@ -230,17 +225,15 @@ class _BatchNorm(LayerKind):
 
     def const_out(self, in_consts):
         gamma, beta, mean, var = self._vectors()
-        c = in_consts[0]
-        out = gamma * (c - mean) / np.sqrt(var + self.layer.epsilon) + beta
-        out = np.where(gamma == 0, beta, out)  # gamma 0 gives beta whatever the input
-        return [out]
+        return [ops.const_out("batchnorm", in_consts, gamma=gamma, beta=beta, mean=mean, var=var,
+                              epsilon=self.layer.epsilon)]
 
     def output_params(self):
         L = self.layer
         return [ChannelParam(L.gamma, 0)] * bool(L.scale) + [ChannelParam(L.beta, 0)] * bool(L.center)
 
     def weights(self, in_keeps, out_keep, folds):
-        return [_take(_np(w), out_keep, 0) for w in self.layer.weights]
+        return [ops.take_channels(_np(w), out_keep, 0) for w in self.layer.weights]
 
 
 class _Producer(LayerKind):
@@ -265,15 +258,14 @@ class _Producer(LayerKind):
 
     def const_out(self, in_consts):
         k = np.moveaxis(self._kernel(), self.out_axis, -1)
-        out = producer_consts(k) + self._bias()
+        out = ops.const_out("conv", in_consts, kernel=k, bias=self._bias())
         return [elementwise_consts(_activation_fn(self.layer.activation), out)]
 
     def can_fold(self, input_index):
         L = self.layer
         if isinstance(L, keras.layers.Dense):
-            return True
-        ks = tuple(L.kernel_size)
-        return L.padding == "valid" or all(k == 1 for k in ks)
+            return ops.can_fold("dense")
+        return ops.can_fold("conv", valid_padding=L.padding == "valid", window=math.prod(L.kernel_size))
 
     def output_params(self):
         L = self.layer
@@ -281,17 +273,17 @@ class _Producer(LayerKind):
 
     def macs(self, in_counts, out_count):
         L = self.layer
-        spatial = math.prod(d for d in self.call.out_shape[1:-1] if d)
+        spatial = ops.positions(self.call.out_shape)
         if isinstance(L, keras.layers.Dense):
-            return float(spatial * in_counts[0] * out_count)
+            return ops.macs("dense", in_counts, out_count, positions=spatial)
         k = math.prod(L.kernel_size)
         if isinstance(L, keras.layers.SeparableConv1D | keras.layers.SeparableConv2D):
-            m = int(L.depth_multiplier)
-            return float(spatial * in_counts[0] * m * (k + out_count))
-        if self.out_axis == -2:  # transposed: every input pixel scatters a kernel
-            in_spatial = math.prod(d for d in self.call.in_shapes[0][1:-1] if d)
-            return float(in_spatial * k * in_counts[0] * out_count)
-        return float(spatial * k * in_counts[0] * out_count / self.blocks())
+            return ops.macs("separable_conv", in_counts, out_count, positions=spatial, window=k,
+                            multiplier=int(L.depth_multiplier))
+        if self.out_axis == -2:
+            return ops.macs("conv_transpose", in_counts, out_count,
+                            in_positions=ops.positions(self.call.in_shapes[0]), window=k)
+        return ops.macs("conv", in_counts, out_count, positions=spatial, window=k, groups=self.blocks())
 
     def strides(self) -> int:
         return max(tuple(getattr(self.layer, "strides", (1,))))
@@ -329,7 +321,7 @@ class _ConvTranspose(_Producer):
 
 class _Dense(_Producer):
     def can_fold(self, input_index):
-        return True
+        return ops.can_fold("dense")
 
 
 class _SeparableConv(_Producer):
@@ -349,8 +341,8 @@ class _SeparableConv(_Producer):
         L = self.layer
         m = int(L.depth_multiplier)
         new = {
-            id(L.depthwise_kernel): _take(_np(L.depthwise_kernel), in_keeps[0], -2),
-            id(L.pointwise_kernel): _take(_take(self._kernel(), np.repeat(in_keeps[0], m), -2), out_keep, -1),
+            id(L.depthwise_kernel): ops.take_channels(_np(L.depthwise_kernel), in_keeps[0], -2),
+            id(L.pointwise_kernel): ops.take_channels(ops.take_channels(self._kernel(), np.repeat(in_keeps[0], m), -2), out_keep, -1),
         }
         if L.use_bias:
             new[id(L.bias)] = self._bias()[out_keep]
@@ -375,8 +367,8 @@ class _Depthwise(LayerKind):
 
     def const_out(self, in_consts):
         L = self.layer
-        out = depthwise_consts(self._kernel(), in_consts[0], L.padding == "valid")
-        out = out + self._bias()
+        out = ops.const_out("depthwise", in_consts, kernel=self._kernel(), bias=self._bias(),
+                            valid_padding=L.padding == "valid")
         return [elementwise_consts(_activation_fn(L.activation), out)]
 
     def output_params(self):
@@ -386,11 +378,11 @@ class _Depthwise(LayerKind):
         return [ChannelParam(L.kernel, -1, view)] + ([ChannelParam(L.bias, 0)] if L.use_bias else [])
 
     def macs(self, in_counts, out_count):
-        spatial = math.prod(d for d in self.call.out_shape[1:-1] if d)
-        return float(spatial * math.prod(self.layer.kernel_size) * out_count)
+        return ops.macs("depthwise", in_counts, out_count, positions=ops.positions(self.call.out_shape),
+                        window=math.prod(self.layer.kernel_size))
 
     def weights(self, in_keeps, out_keep, folds):
-        new = [_take(_np(self.layer.kernel), in_keeps[0], -2)]
+        new = [ops.take_channels(_np(self.layer.kernel), in_keeps[0], -2)]
         if self.layer.use_bias:
             new.append(self._bias()[out_keep])
         return new
@@ -414,7 +406,7 @@ class _GroupedDepthwise(_Depthwise):
         return {**self.layer.get_config(), "filters": int(out_keep.sum()), "groups": int(in_keeps[0].sum())}
 
     def weights(self, in_keeps, out_keep, folds):
-        new = [_take(_np(self.layer.kernel), out_keep, -1)]
+        new = [ops.take_channels(_np(self.layer.kernel), out_keep, -1)]
         if self.layer.use_bias:
             new.append(self._bias()[out_keep])
         return new
@@ -439,10 +431,10 @@ class _LayerNorm(LayerKind):
 
     def const_out(self, in_consts):
         gamma, beta = self._vectors()
-        return [np.where(gamma == 0, beta, np.nan)]
+        return [ops.const_out("layernorm", in_consts, gamma=gamma, beta=beta)]
 
     def can_fold(self, input_index):
-        return True
+        return ops.can_fold("layernorm")
 
     def output_params(self):
         L = self.layer
@@ -456,39 +448,26 @@ class _LayerNorm(LayerKind):
         return {**self.layer.get_config(), "removed_values": removed}
 
     def weights(self, in_keeps, out_keep, folds):
-        return [_take(_np(w), out_keep, 0) for w in self.layer.weights]
+        return [ops.take_channels(_np(w), out_keep, 0) for w in self.layer.weights]
 
 
 class _Join(LayerKind):
     rule = Rule.JOIN
-    combine: Callable[[list[np.ndarray]], np.ndarray] = staticmethod(lambda cs: np.sum(cs, axis=0))
+    op = "add"  # its canonical op in :data:`tfcompress.graph.ops.OPS`
 
     def const_out(self, in_consts):
-        return [self.combine(in_consts)]
+        return [ops.const_out(self.op, in_consts)]
 
 
-def _product(cs: list[np.ndarray]) -> np.ndarray:
-    out = np.prod(cs, axis=0)
-    out[np.any([c == 0 for c in cs], axis=0)] = 0.0  # 0 * anything = 0
-    return out
-
-
-def _same_or_nan(cs: list[np.ndarray]) -> np.ndarray:
-    out = cs[0].copy()
-    for c in cs[1:]:
-        out[c != out] = np.nan
-    return out
-
-
-def _join(fn) -> type:
-    return type("_JoinKind", (_Join,), {"combine": staticmethod(fn)})
+def _join(op: str) -> type:
+    return type("_JoinKind", (_Join,), {"op": op})
 
 
 class _Concat(LayerKind):
     rule = Rule.CONCAT
 
     def const_out(self, in_consts):
-        return [np.concatenate(in_consts)]
+        return [ops.const_out("concat", in_consts)]
 
 
 class _Flatten(LayerKind):
@@ -577,13 +556,7 @@ class _Registered(LayerKind):
         self.has_channel_params = bool(self.declared.channel_weights)
 
     def const_out(self, in_consts):
-        values = {id(t): _per_channel(c, len(t.shape)) for t, c in zip(self.call.node.input_tensors, in_consts)}
-        args, kwargs = self.call.node.arguments.fill_in(values)
-        out = _np(self.layer(*args, **kwargs)).astype(np.float64).reshape(-1)
-        if out.size != self.call.out_width:
-            return [np.full(self.call.out_width, np.nan)]
-        return [np.where(np.any([np.isnan(c) for c in in_consts], axis=0), np.nan, out)]
-
+        return [_run_on_consts(self.call, in_consts, zero_absorbs=False)]
 
     def config(self, in_keeps, out_keep, folds):
         cfg = self.layer.get_config()
@@ -601,7 +574,7 @@ class _Registered(LayerKind):
                     raise ValueError(
                         f"weight {w.path!r} of {type(self.layer).__name__} is registered as indexed by channels "
                         f"but its last axis has {value.shape[-1]} entries, not {out_keep.size}")
-                value = _take(value, out_keep, -1)
+                value = ops.take_channels(value, out_keep, -1)
             new.append(value)
         return new
 
@@ -619,6 +592,24 @@ def _per_channel(c: np.ndarray, rank: int) -> np.ndarray:
     return np.nan_to_num(c).astype(np.float32).reshape((1,) * (rank - 1) + (-1,))
 
 
+def _run_on_consts(call: LayerCall, in_consts: list[np.ndarray], zero_absorbs: bool) -> np.ndarray:
+    """The output constants of a position-wise call, found by running the call itself on its inputs' constants.
+
+    An output channel is unknown where an input channel is, except (``zero_absorbs``: a product) where an
+    input is exactly zero.
+    """
+    node = call.node
+    values = {id(t): _per_channel(c, len(t.shape)) for t, c in zip(node.input_tensors, in_consts)}
+    args, kwargs = node.arguments.fill_in(values)
+    out = _np(call.layer(*args, **kwargs)).astype(np.float64).reshape(-1)
+    if out.size != call.out_width:
+        return np.full(call.out_width, np.nan)
+    unknown = np.any([np.isnan(c) for c in in_consts], axis=0)
+    if zero_absorbs:
+        unknown &= ~np.any([c == 0 for c in in_consts], axis=0)
+    return np.where(unknown, np.nan, out)
+
+
 class _OpPointwise(LayerKind):
     """A ``keras.ops`` function applied position by position (``x + y``, ``x * 0.5``, ``relu6``, ``gelu``...).
 
@@ -630,17 +621,7 @@ class _OpPointwise(LayerKind):
     zero_absorbs = False
 
     def const_out(self, in_consts):
-        node = self.call.node
-        tensors = node.input_tensors
-        values = {id(t): _per_channel(c, len(t.shape)) for t, c in zip(tensors, in_consts)}
-        args, kwargs = node.arguments.fill_in(values)
-        out = _np(self.layer(*args, **kwargs)).astype(np.float64).reshape(-1)
-        if out.size != self.call.out_width:
-            return [np.full(self.call.out_width, np.nan)]
-        unknown = np.any([np.isnan(c) for c in in_consts], axis=0)
-        if self.zero_absorbs:
-            unknown &= ~np.any([c == 0 for c in in_consts], axis=0)
-        return [np.where(unknown, np.nan, out)]
+        return [_run_on_consts(self.call, in_consts, self.zero_absorbs)]
 
 
 class _OpProduct(_OpPointwise):
@@ -724,7 +705,7 @@ def _op_concat(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> 
         return _Blocker
     if int(op.get_config().get("axis", 0)) % rank == rank - 1:
         return _Concat
-    return _join(_same_or_nan)
+    return _join("stack_spatial")
 
 
 def _pointwise(product: bool = False) -> Callable:
@@ -768,14 +749,8 @@ _ELEMENTWISE = (
     _L.GlobalMaxPooling1D, _L.GlobalMaxPooling2D, _L.GlobalMaxPooling3D, _L.UpSampling1D, _L.UpSampling2D,
     _L.UpSampling3D, _L.Cropping1D, _L.Cropping2D, _L.Cropping3D,
 )
-_JOINS = {
-    _L.Add: lambda cs: np.sum(cs, axis=0),
-    _L.Subtract: lambda cs: cs[0] - cs[1],
-    _L.Average: lambda cs: np.mean(cs, axis=0),
-    _L.Maximum: lambda cs: np.max(cs, axis=0),
-    _L.Minimum: lambda cs: np.min(cs, axis=0),
-    _L.Multiply: _product,
-}
+_JOINS = {_L.Add: "add", _L.Subtract: "sub", _L.Average: "mean", _L.Maximum: "max", _L.Minimum: "min",
+          _L.Multiply: "mul"}
 _CHANNEL_MIXING_ACTIVATIONS = {"softmax", "log_softmax"}
 # A rule: f(layer, matched base class, input shapes, output shape) -> the LayerKind of that call.
 LayerRuleFn = Callable[[Any, type, list, tuple], "type[LayerKind]"]
@@ -836,7 +811,7 @@ def _merge(layer, base, ins, out):
 def _concatenate(layer, base, ins, out):
     if layer.axis % len(out) == len(out) - 1:
         return _Concat
-    return _join(_same_or_nan)  # concatenation along a spatial axis keeps channels aligned
+    return _join("stack_spatial")  # concatenation along a spatial axis keeps channels aligned
 
 
 def _flatten(layer, base, ins, out):
