@@ -203,18 +203,26 @@ def test_os_errors_become_one_line(tmp_path):
     assert_one_line_error(proc, "no space left on the device (/data/out/model.onnx)")
 
 
+def _default_interrupt() -> None:
+    """Ctrl-C as a terminal's foreground job gets it: a shell without job control (CI scripts, ``cmd &``) starts
+    its background commands with SIGINT ignored, the child inherits that, and Python then never raises
+    KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_an_interrupted_export_exits_cleanly(saved_model, tmp_path, sig, code, word):
     rng = np.random.default_rng(0)
-    # enough validation samples that the last stage (accuracy of every artifact) takes seconds: the signal
-    # lands while the output is complete in the staging directory but not yet in place
-    np.savez(tmp_path / "val.npz", x=rng.normal(size=(60000, 8, 8, 3)).astype(np.float32),
-             y=rng.integers(0, 2, 60000))
+    # enough validation samples that the last stage (accuracy of every artifact) takes seconds even on an idle
+    # machine: the signal lands while the output is complete in the staging directory but not yet in place
+    n = 240_000
+    np.savez(tmp_path / "val.npz", x=rng.normal(size=(n, 8, 8, 3)).astype(np.float32), y=rng.integers(0, 2, n))
     before = tree_digest(saved_model)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-m", "tfcompress.export", f"--saved_model_dir={saved_model}",
                              f"--output_dir={tmp_path / 'a' / 'out'}", f"--validation_data={tmp_path / 'val.npz'}",
-                             "--int8=none"], stderr=subprocess.PIPE, text=True, env=env)
+                             "--int8=none"], stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=_default_interrupt)
     seen = []
     for line in proc.stderr:
         seen.append(line)
