@@ -9,7 +9,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from tfcompress.calibration.names import layer_names as user_layer_names
-from tfcompress.calibration.placement import _quantized_inputs, bias_input, find_points
+from tfcompress.calibration.placement import bias_input, find_points, quantized_inputs
 from tfcompress.calibration.quantize import (
     _act_fq, _bias_value, _build, _calibration_state, _check_args, _read, _weight_fq,
 )
@@ -135,7 +135,7 @@ def _candidates(model, acts, weights) -> tuple[list[int], dict[int, list[str]]]:
     for p in acts:
         for t in p.targets:
             k = order[t.get_node().get_name()]
-            if not _quantized_inputs(ops[k]):
+            if not quantized_inputs(ops[k]):
                 names[k] = sorted(set(p.layers))
     return candidates, names
 
@@ -162,7 +162,7 @@ def _int8_mac_share(model, macs: dict[int, int], acts, weights, skip: set[int]) 
         for t in p.targets:
             node = t.get_node()
             if order[node.get_name()] in skip:
-                float_inputs |= {node.get_friendly_name()} if _quantized_inputs(node) else set(p.layers)
+                float_inputs |= {node.get_friendly_name()} if quantized_inputs(node) else set(p.layers)
     int8 = sum(macs.get(wp.key, 0) for wp in weights
                if wp.key not in skip and wp.op.get_friendly_name() not in float_inputs)
     total = sum(macs.values())

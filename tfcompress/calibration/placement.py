@@ -57,8 +57,6 @@ class WeightPoint:
     half_range: bool = False  # 7-bit grid (integers in [-63, 63]): see OVERFLOW_FIX
 
 
-
-
 def _source(inp):
     return inp.get_source_output()
 
@@ -158,8 +156,6 @@ def quantized_inputs(op) -> list[int]:
         weights_ok = constant[1] or _quantized_weights(w_src)
     return policy.quantized_inputs(op_policy(op), constant, weights_ok)
 
-
-_quantized_inputs = quantized_inputs  # the name accuracy_control imports
 
 
 def _first_layers(ops, weighted: set[int], pos: dict) -> set[int]:

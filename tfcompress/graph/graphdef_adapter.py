@@ -819,7 +819,8 @@ class GraphDefGraph:
             entries = _target_entries(self, node.input[1])
             if entries and entries[-1] is not None:
                 src, axis = entries[-1]
-                size = (self.shape(src) or (None,))[axis] if axis < len(self.shape(src)) else None
+                src_shape = self.shape(src)
+                size = src_shape[axis] if axis < len(src_shape) else None
                 if size is not None:
                     self._shapes[_tensor(name)] = shape[:-1] + (size,)
 
