@@ -150,14 +150,14 @@ def test_prune_then_qat_keeps_pruned_channels_zero_and_strips(rng, tmp_path):
 
 def test_unsupported_layers_warn_and_subclassed_models_fail():
     inp = keras.Input((8, 3))
-    x = L.Conv1D(4, 3, name="temporal")(inp)
-    x = L.Conv1D(4, 3, name="temporal_2")(x)
+    x = L.EinsumDense("btc,cd->btd", (8, 4), name="temporal")(inp)
+    x = L.EinsumDense("btc,cd->btd", (8, 4), name="temporal_2")(x)
     model = keras.Model(inp, L.Dense(2)(L.Flatten()(x)))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quantize_model(model)
     messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
-    assert len(messages) == 1 and "temporal (Conv1D), temporal_2 (Conv1D)" in messages[0]  # one warning
+    assert len(messages) == 1 and "temporal (EinsumDense), temporal_2 (EinsumDense)" in messages[0]  # one warning
     with pytest.raises(ValueError, match="unknown preset"):
         quantize_model(model, preset="fast")
     with pytest.raises(ValueError, match="'nope'"):

@@ -13,10 +13,8 @@ from tfcompress.int8_policy import OVERFLOW_FIX
 from tfcompress.graph.engine import Rule
 from tfcompress.graph.keras_adapter import build_graph
 from tfcompress.graph.keras_rebuild import rebuild
-from tfcompress.quantization.layers import (
-    ActivationQuantizer, ChannelMask, QuantConv2D, QuantConv2DTranspose, QuantDense, QuantDepthwiseConv2D,
-    QuantSeparableConv2D,
-)
+from tfcompress.quantization import layers as Q
+from tfcompress.quantization.layers import ActivationQuantizer, ChannelMask
 
 __all__ = ["quantize_model", "RangeInit", "PRESETS"]
 
@@ -25,9 +23,13 @@ PRESETS = ("performance", "mixed")
 _L = keras.layers
 # layer classes with a quantized twin: OpenVINO runs them in INT8 when their inputs and weights are quantized
 _WEIGHTED = {
-    _L.Conv2D: QuantConv2D, _L.Dense: QuantDense, _L.DepthwiseConv2D: QuantDepthwiseConv2D,
-    _L.SeparableConv2D: QuantSeparableConv2D, _L.Conv2DTranspose: QuantConv2DTranspose,
+    _L.Conv1D: Q.QuantConv1D, _L.Conv2D: Q.QuantConv2D, _L.Conv3D: Q.QuantConv3D, _L.Dense: Q.QuantDense,
+    _L.Conv1DTranspose: Q.QuantConv1DTranspose, _L.Conv2DTranspose: Q.QuantConv2DTranspose,
+    _L.Conv3DTranspose: Q.QuantConv3DTranspose,
+    _L.DepthwiseConv1D: Q.QuantDepthwiseConv1D, _L.DepthwiseConv2D: Q.QuantDepthwiseConv2D,
+    _L.SeparableConv1D: Q.QuantSeparableConv1D, _L.SeparableConv2D: Q.QuantSeparableConv2D,
 }
+_DEPTHWISE = (_L.DepthwiseConv1D, _L.DepthwiseConv2D)
 # the other Keras layers the INT8 placement policy (tfcompress.int8_policy) names; a layer with weights and no
 # twin, or any other layer, is FLOAT
 _LAYER_POLICIES = {
@@ -63,8 +65,8 @@ def quantize_model(
 ) -> keras.Model:
     """A quantization-aware copy of ``model``, ready to ``compile`` and ``fit``.
 
-    Conv2D, DepthwiseConv2D, SeparableConv2D, Conv2DTranspose and Dense become layers with fake-quantized
-    weights (int8, symmetric, per output channel); their inputs, both inputs of every ``Add`` (a layer or a
+    Every Keras convolution (1D, 2D and 3D; depthwise, separable and transposed ones too) and Dense become
+    layers with fake-quantized weights (int8, symmetric, per output channel); their inputs, both inputs of every ``Add`` (a layer or a
     ``keras.ops`` addition of two tensors) and the inputs of pooling layers get an
     :class:`ActivationQuantizer` (one per tensor, shared by all its readers): the placement OpenVINO's CPU
     plugin executes in INT8. BatchNormalization stays as it is (OpenVINO fuses it after the convolution).
@@ -132,7 +134,7 @@ def quantize_model(
                     masks.setdefault("kernel", []).append((in_keep, in_axis, None))
             for name, specs in masks.items():
                 key = _CONSTRAINT_KEYS.get(name)
-                if isinstance(layer, _L.DepthwiseConv2D) and key == "kernel_constraint":
+                if isinstance(layer, _DEPTHWISE) and key == "kernel_constraint":
                     key = "depthwise_constraint"
                 if key is None:
                     continue
@@ -144,7 +146,7 @@ def quantize_model(
                 weights[idx] = np.asarray(constraint(keras.ops.convert_to_tensor(weights[idx])))
         if q is not None:
             options = {"per_channel": per_channel_weights, "half_range": path in half_range}
-            if q is QuantSeparableConv2D:
+            if issubclass(q, (Q.QuantSeparableConv1D, Q.QuantSeparableConv2D)):
                 options.update(symmetric=preset == "performance", range_mode=range_mode)
             new = q.from_config({**cfg, **options})
         else:
@@ -158,7 +160,7 @@ def quantize_model(
         if rec.op.layer in ignored:
             return policy.FLOAT
         if quantized_class(layer) is not None:
-            return policy.DEPTHWISE if isinstance(layer, _L.DepthwiseConv2D) else policy.WEIGHTED
+            return policy.DEPTHWISE if isinstance(layer, _DEPTHWISE) else policy.WEIGHTED
         if isinstance(layer, keras.layers.Layer):
             return _LAYER_POLICIES.get(type(layer), policy.FLOAT)
         return _OP_POLICIES.get(type(layer).__name__, policy.FLOAT)

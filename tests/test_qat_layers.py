@@ -1,0 +1,136 @@
+"""Quantization-aware twins of every Keras convolution kind (1D, 2D, 3D; plain, depthwise, separable, transposed):
+each twin trains, saves and loads exactly, and its exported model runs INT8 in OpenVINO."""
+
+import warnings
+
+import keras
+import numpy as np
+import openvino as ov
+import pytest
+from keras import layers as L
+
+from tfcompress import calibration
+from tfcompress.export import export_saved_model
+from tfcompress.quantization import ActivationQuantizer, RangeInit, quantize_model
+from conftest import rel_error
+
+WEIGHTED_RUNTIME = ("Convolution", "Deconvolution", "FullyConnected")
+
+
+def temporal_net():
+    """Every 1D kind: a causal dilated Conv1D, depthwise, separable and transposed 1D convolutions."""
+    inp = keras.Input((32, 6), name="signal")
+    x = L.Conv1D(8, 3, padding="causal", dilation_rate=2, activation="relu", name="conv")(inp)
+    x = L.ReLU()(L.BatchNormalization(name="bn")(L.DepthwiseConv1D(3, padding="same", depth_multiplier=2,
+                                                                    name="dw")(x)))
+    x = L.SeparableConv1D(12, 3, padding="same", activation="relu", name="sep")(x)
+    x = L.Conv1DTranspose(8, 3, strides=2, padding="same", activation="relu", name="up")(x)
+    return keras.Model(inp, L.Dense(4, name="logits")(L.GlobalAveragePooling1D()(x)))
+
+
+def volume_net():
+    """The 3D kinds: Conv3D and Conv3DTranspose."""
+    inp = keras.Input((6, 6, 6, 3), name="volume")
+    x = L.Conv3D(8, 3, strides=2, padding="same", activation="relu", name="conv")(inp)
+    x = L.Conv3DTranspose(6, 3, strides=2, padding="same", activation="relu", name="up")(x)
+    return keras.Model(inp, L.Dense(4, name="logits")(L.GlobalAveragePooling3D()(x)))
+
+
+# model, its input shape, the twin each weighted layer becomes, and the layers OpenVINO runs with weights
+# (a separable convolution runs as two)
+NETS = {
+    "1d": (temporal_net, (32, 6), {"conv": "QuantConv1D", "dw": "QuantDepthwiseConv1D",
+                                   "sep": "QuantSeparableConv1D", "up": "QuantConv1DTranspose",
+                                   "logits": "QuantDense"}, 6),
+    "3d": (volume_net, (6, 6, 6, 3), {"conv": "QuantConv3D", "up": "QuantConv3DTranspose", "logits": "QuantDense"},
+           3),
+}
+
+
+def trained_qat(name, rng):
+    """The QAT model of ``NETS[name]`` after a few steps on random data (ranges from data via RangeInit)."""
+    build, shape, _, _ = NETS[name]
+    model = build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every weighted layer has a twin: nothing left in float
+        q = quantize_model(model)
+    x = rng.normal(size=(64, *shape)).astype("float32")
+    q.compile(keras.optimizers.Adam(1e-3), "mse")
+    q.fit(x, rng.normal(size=(64, 4)), epochs=1, batch_size=16, callbacks=[RangeInit(2)], verbose=0)
+    return model, q, x
+
+
+@pytest.mark.parametrize("name", sorted(NETS))
+def test_twins_train_and_save_exactly(name, rng, tmp_path):
+    _, _, twins, _ = NETS[name]
+    _, q, x = trained_qat(name, rng)
+    assert {n: type(q.get_layer(n)).__name__ for n in twins} == twins
+    assert all(q.get_layer(n).keeps_channel_structure for n in twins)
+    # the inputs of every twin are quantized
+    for n in twins:
+        assert isinstance(q.get_layer(n).input._keras_history[0], ActivationQuantizer), n
+    q.save(tmp_path / "q.keras")
+    again = keras.saving.load_model(tmp_path / "q.keras")
+    assert {n: type(again.get_layer(n)).__name__ for n in twins} == twins
+    np.testing.assert_array_equal(again(x), q(x))
+    for n in twins:
+        assert again.get_layer(n).get_config() == q.get_layer(n).get_config()
+
+
+def int8_reference(kernel, out_axes, levels):
+    """Symmetric per-output-channel rounding in NumPy: the output channels are ``out_axes`` of the kernel
+    (flattened in order), each on the grid of its abs-max / ``levels``."""
+    k = np.moveaxis(kernel, out_axes, list(range(kernel.ndim - len(out_axes), kernel.ndim)))
+    flat = k.reshape(-1, int(np.prod(k.shape[kernel.ndim - len(out_axes):])))
+    step = np.abs(flat).max(0) / levels
+    q = (np.round(flat / step) * step).reshape(k.shape)
+    return np.moveaxis(q, list(range(kernel.ndim - len(out_axes), kernel.ndim)), out_axes)
+
+
+# the kernel axes of each layout that are output channels
+OUT_AXES = {"QuantConv1D": [-1], "QuantConv3D": [-1], "QuantDense": [-1], "QuantDepthwiseConv1D": [-2, -1],
+            "QuantConv1DTranspose": [-2], "QuantConv3DTranspose": [-2]}
+
+
+@pytest.mark.parametrize("name", sorted(NETS))
+def test_each_twin_computes_its_keras_layer_on_int8_weights(name, rng):
+    """Every twin (but the separable one, whose intermediate quantizer test_qat checks) gives its Keras base
+    layer's output with each output channel's weights rounded to the symmetric int8 grid (7 bits for the
+    first layer: the overflow fix)."""
+    _, _, twins, _ = NETS[name]
+    _, q, _ = trained_qat(name, rng)
+    for n, twin in twins.items():
+        if twin not in OUT_AXES:
+            continue
+        layer = q.get_layer(n)
+        keras_class = next(c for c in type(layer).__mro__ if c.__module__.startswith("keras."))
+        cfg = {k: v for k, v in layer.get_config().items() if k not in ("per_channel", "half_range")}
+        x = rng.normal(size=(4, *layer.input.shape[1:])).astype("float32")
+        weights = [w.numpy() for w in layer.weights]
+        on_grid, in_float = keras_class.from_config(cfg), keras_class.from_config(cfg)
+        for base in (on_grid, in_float):
+            base.build(x.shape)
+        in_float.set_weights(weights)
+        on_grid.set_weights([int8_reference(weights[0], OUT_AXES[twin], 63 if layer.half_range else 127),
+                             *weights[1:]])
+        np.testing.assert_allclose(layer(x), on_grid(x), atol=1e-5, err_msg=n)
+        assert np.abs(np.asarray(layer(x)) - np.asarray(in_float(x))).max() > 1e-5, n  # the rounding is there
+
+
+@pytest.mark.parametrize("name", sorted(NETS))
+def test_twins_export_and_run_int8_in_openvino(name, rng, tmp_path):
+    """model.export, then export_saved_model without calibration data: every weighted layer of the compiled
+    IR runs INT8, and the IR's outputs follow the Keras QAT model's."""
+    _, _, _, weighted = NETS[name]
+    _, q, x = trained_qat(name, rng)
+    q.export(str(tmp_path / "sm"), verbose=False)
+    report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), verbose=False)
+    assert report["quantized"]
+    compiled = ov.Core().compile_model(str(tmp_path / "out" / "model_fp32.xml"), "CPU")
+    runs = [(op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
+            for op in compiled.get_runtime_model().get_ops()]
+    precisions = [p for t, p in runs if t in WEIGHTED_RUNTIME]
+    assert len(precisions) == weighted and all(p in ("u8", "i8") for p in precisions), runs
+    assert calibration.int8_layers(compiled) == {"int8": weighted, "total": weighted}
+    out = compiled({0: x[:32]})[compiled.outputs[0]]
+    assert rel_error(out, q.predict(x[:32], verbose=0)) <= 0.15  # the export's tolerance for quantized graphs
