@@ -134,3 +134,38 @@ def test_twins_export_and_run_int8_in_openvino(name, rng, tmp_path):
     assert calibration.int8_layers(compiled) == {"int8": weighted, "total": weighted}
     out = compiled({0: x[:32]})[compiled.outputs[0]]
     assert rel_error(out, q.predict(x[:32], verbose=0)) <= 0.15  # the export's tolerance for quantized graphs
+
+
+def upsampling_net():
+    inp = keras.Input((8, 8, 3), name="image")
+    x = L.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="down")(inp)
+    x = L.Conv2DTranspose(6, 3, strides=2, padding="same", activation="relu", name="up")(x)
+    return keras.Model(inp, L.Dense(4, name="logits")(L.GlobalAveragePooling2D()(x)))
+
+
+def weighted_ops(ov_model) -> int:
+    """The ops of an OpenVINO model that have weights and an INT8 kernel (constant-weight matrix products)."""
+    kinds = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "GroupConvolutionBackpropData")
+    return sum(op.get_type_name() in kinds or op.get_type_name() == "MatMul"
+               and op.input(1).get_source_output().get_node().get_type_name() != "Parameter"
+               for op in ov_model.get_ordered_ops())
+
+
+def test_int8_layers_counts_transposed_convolutions(rng, tmp_path):
+    """calibration.int8_layers counts a transposed convolution (runtime type Deconvolution) among the
+    quantizable layers, and among the INT8 ones once it runs INT8: after post-training calibration and after QAT."""
+    model = upsampling_net()
+    x = rng.uniform(0, 1, (32, 8, 8, 3)).astype("float32")
+    model.export(str(tmp_path / "float"), verbose=False)
+    core = ov.Core()
+    float_ir = ov.convert_model(str(tmp_path / "float"))
+    assert weighted_ops(float_ir) == 3
+    assert calibration.int8_layers(core.compile_model(float_ir, "CPU")) == {"int8": 0, "total": 3}
+    calibrated = calibration.calibrate(float_ir, x, verbose=False)
+    assert calibration.int8_layers(core.compile_model(calibrated, "CPU")) == {"int8": 3, "total": 3}
+    q = quantize_model(model)
+    q.compile(keras.optimizers.SGD(0.0), "mse")
+    q.fit(x, rng.normal(size=(32, 4)), epochs=1, batch_size=8, callbacks=[RangeInit(2)], verbose=0)
+    q.export(str(tmp_path / "qat"), verbose=False)
+    assert calibration.int8_layers(core.compile_model(ov.convert_model(str(tmp_path / "qat")), "CPU")) == {
+        "int8": 3, "total": 3}
