@@ -169,3 +169,70 @@ def test_int8_layers_counts_transposed_convolutions(rng, tmp_path):
     q.export(str(tmp_path / "qat"), verbose=False)
     assert calibration.int8_layers(core.compile_model(ov.convert_model(str(tmp_path / "qat")), "CPU")) == {
         "int8": 3, "total": 3}
+
+
+@keras.saving.register_keras_serializable(package="tests")
+class LayerScale(L.Layer):
+    """ConvNeXt's learned per-channel scale of a block's output."""
+
+    def __init__(self, init=0.1, **kwargs):
+        super().__init__(**kwargs)
+        self.init = init
+
+    def build(self, input_shape):
+        self.gamma = self.add_weight(shape=(input_shape[-1],), initializer=keras.initializers.Constant(self.init))
+
+    def call(self, x):
+        return x * self.gamma
+
+    def get_config(self):
+        return {**super().get_config(), "init": self.init}
+
+
+def convnext_like():
+    """A ConvNeXt block (depthwise 7x7, LayerNormalization, an MLP with GELU, a layer scale, a residual add)
+    followed by self-attention over the positions and a LayerNormalization head."""
+    inp = keras.Input((16, 16, 3), name="image")
+    x = L.LayerNormalization(epsilon=1e-6, name="stem_ln")(L.Conv2D(16, 4, strides=4, name="stem")(inp))
+    y = L.LayerNormalization(epsilon=1e-6, name="ln")(L.DepthwiseConv2D(7, padding="same", name="dw")(x))
+    y = L.Activation("gelu", name="gelu")(L.Dense(64, name="pw1")(y))
+    x = L.Add(name="res")([x, LayerScale(name="scale")(L.Dense(16, name="pw2")(y))])
+    t = L.Reshape((16, 16), name="tokens")(x)
+    t = t + L.MultiHeadAttention(2, 8, name="mha")(t, t)
+    t = L.LayerNormalization(name="head_ln")(L.GlobalAveragePooling1D(name="pool")(t))
+    return keras.Model(inp, L.Dense(5, name="logits")(t))
+
+
+def test_layers_qat_cannot_place_stay_float_with_one_warning(rng, tmp_path):
+    model = convnext_like()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        q = quantize_model(model)
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert len(messages) == 1, messages
+    float_layers = {"stem_ln": "LayerNormalization", "ln": "LayerNormalization", "scale": "LayerScale",
+                    "mha": "MultiHeadAttention", "head_ln": "LayerNormalization"}
+    for name, kind in float_layers.items():
+        assert f"{name} ({kind})" in messages[0], messages[0]
+    assert not any(n in messages[0] for n in ("stem ", "dw ", "pw1", "pw2", "logits", "gelu"))
+    # the graph is the float model's: the same layers in the same order, each float one with its own weights,
+    # the quantized ones as twins, quantizers only added between them
+    same = [layer for layer in q.layers if not isinstance(layer, ActivationQuantizer)]
+    assert [layer.name for layer in same] == [layer.name for layer in model.layers]
+    for name, kind in float_layers.items():
+        assert type(q.get_layer(name)).__name__ == kind
+        for a, b in zip(q.get_layer(name).weights, model.get_layer(name).weights):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert type(q.get_layer("gelu")) is L.Activation and q.get_layer("gelu").activation is keras.activations.gelu
+    # both operands of each residual (the block's layers.Add, and the ``t + attention`` around the float
+    # attention) are quantized: OpenVINO's INT8 add
+    joins = [op for op in q.operations if type(op).__name__ == "Add"]
+    assert len(joins) == 2
+    for join in joins:
+        assert all(isinstance(t._keras_history[0], ActivationQuantizer) for t in join._inbound_nodes[0].input_tensors)
+    x = rng.normal(size=(32, 16, 16, 3)).astype("float32")
+    q.compile(keras.optimizers.SGD(0.0), "mse")  # ranges from data, weights as the float model's
+    q.fit(x, rng.normal(size=(32, 5)), epochs=1, batch_size=8, callbacks=[RangeInit(2)], verbose=0)
+    assert rel_error(q(x), model(x)) < 0.1  # quantization error only
+    q.save(tmp_path / "q.keras")
+    np.testing.assert_array_equal(keras.saving.load_model(tmp_path / "q.keras")(x), q(x))

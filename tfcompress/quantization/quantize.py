@@ -47,8 +47,11 @@ _OP_POLICIES = {
     "Add": policy.JOIN, "Reshape": policy.RESHAPE, "Transpose": policy.RESHAPE, "Squeeze": policy.RESHAPE,
     "ExpandDims": policy.RESHAPE,
 }
-# weights a float layer may carry without being worth a warning
-_FLOAT_OK = (_L.BatchNormalization, _L.LayerNormalization, _L.PReLU, _L.Normalization, _L.Rescaling)
+# float layers with weights not worth a warning: OpenVINO folds them into the neighbouring convolution
+# (BatchNormalization after it, Rescaling and Normalization before the first one) or applies them elementwise
+# with the activation (PReLU). Any other layer with weights and no twin (LayerNormalization, attention, a custom
+# layer) is named in quantize_model's warning.
+_FLOAT_OK = (_L.BatchNormalization, _L.PReLU, _L.Normalization, _L.Rescaling)
 _CONSTRAINT_KEYS = {
     "kernel": "kernel_constraint", "bias": "bias_constraint", "gamma": "gamma_constraint",
     "beta": "beta_constraint", "pointwise_kernel": "pointwise_constraint",
@@ -66,10 +69,12 @@ def quantize_model(
     """A quantization-aware copy of ``model``, ready to ``compile`` and ``fit``.
 
     Every Keras convolution (1D, 2D and 3D; depthwise, separable and transposed ones too) and Dense become
-    layers with fake-quantized weights (int8, symmetric, per output channel); their inputs, both inputs of every ``Add`` (a layer or a
-    ``keras.ops`` addition of two tensors) and the inputs of pooling layers get an
+    layers with fake-quantized weights (int8, symmetric, per output channel); their inputs, both inputs of
+    every ``Add`` (a layer or a ``keras.ops`` addition of two tensors) and the inputs of pooling layers get an
     :class:`ActivationQuantizer` (one per tensor, shared by all its readers): the placement OpenVINO's CPU
-    plugin executes in INT8. BatchNormalization stays as it is (OpenVINO fuses it after the convolution).
+    plugin executes in INT8. BatchNormalization stays as it is (OpenVINO fuses it after the convolution). Other
+    layers and ``keras.ops`` nodes (LayerNormalization, activations such as GELU, attention) stay float where they
+    are, the graph unchanged around them; one warning names the float layers that hold weights.
     Channels that are zero across their group (pruned earlier) are kept exactly zero during QAT by
     :class:`ChannelMask` constraints. Weights are copied; ``model`` is not modified.
 
@@ -183,8 +188,8 @@ def quantize_model(
 
     qmodel = rebuild(kg, make_layer, rewrite_args)
     if left_float:
-        warnings.warn(f"left in float (not quantizable for OpenVINO INT8 here): {', '.join(left_float)}",
-                      stacklevel=2)
+        warnings.warn(f"quantize_model left {len(left_float)} layer(s) with weights in float (no INT8 twin; "
+                      f"they compute in float, also in OpenVINO): {', '.join(left_float)}", stacklevel=2)
     return qmodel
 
 
