@@ -150,14 +150,14 @@ def test_prune_then_qat_keeps_pruned_channels_zero_and_strips(rng, tmp_path):
 
 def test_unsupported_layers_warn_and_subclassed_models_fail():
     inp = keras.Input((8, 3))
-    x = L.Conv1D(4, 3, name="temporal")(inp)
-    x = L.Conv1D(4, 3, name="temporal_2")(x)
+    x = L.EinsumDense("btc,cd->btd", (8, 4), name="temporal")(inp)
+    x = L.EinsumDense("btc,cd->btd", (8, 4), name="temporal_2")(x)
     model = keras.Model(inp, L.Dense(2)(L.Flatten()(x)))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quantize_model(model)
     messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
-    assert len(messages) == 1 and "temporal (Conv1D), temporal_2 (Conv1D)" in messages[0]  # one warning
+    assert len(messages) == 1 and "temporal (EinsumDense), temporal_2 (EinsumDense)" in messages[0]  # one warning
     with pytest.raises(ValueError, match="unknown preset"):
         quantize_model(model, preset="fast")
     with pytest.raises(ValueError, match="'nope'"):
@@ -267,3 +267,41 @@ def cifar_like(rng):
     idx = rng.choice(len(data["y_test"]), 256, replace=False)
     x = keras.ops.convert_to_numpy(keras.ops.image.resize(data["x_test"][idx].astype("float32") / 255.0, (16, 16)))
     return x, data["y_test"][idx].reshape(-1), None, None
+
+
+def ops_net():
+    """A Functional model written with keras.ops: a residual ``x + y``, a scaling ``x * 0.5``, MobileNetV3's
+    hard-swish ``x * relu6(x + 3) / 6`` and a concatenation."""
+    inp = keras.Input((12, 12, 3), name="image")
+    a = L.Conv2D(8, 3, padding="same", name="a")(inp)
+    a = a * keras.ops.relu6(a + 3.0) / 6.0  # hard-swish
+    b = L.Conv2D(8, 3, padding="same", activation="relu", name="b")(a)
+    r = (a + b) * 0.5
+    c = keras.ops.concatenate([r, L.Conv2D(4, 1, name="side")(a)], axis=-1)
+    x = L.Conv2D(8, 3, strides=2, name="c")(c)
+    return keras.Model(inp, L.Dense(5, name="logits")(L.GlobalAveragePooling2D()(x)))
+
+
+def test_keras_ops_model_saves_loads_exactly_and_trains_on(rng, tmp_path):
+    model = ops_net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left in float
+        q = quantize_model(model)
+    kinds = [type(op).__name__ for op in q.operations]
+    assert {"Add", "Multiply", "Relu6", "TrueDivide", "Concatenate"} <= set(kinds), kinds  # the keras.ops nodes kept
+    joins = [op for op in q.operations if type(op).__name__ == "Add" and len(op._inbound_nodes[0].input_tensors) == 2]
+    # a + b gets both inputs quantized (OpenVINO's INT8 residual add); the hard-swish's a + 3.0 is a shift
+    assert len(joins) == 1
+    assert all(isinstance(t._keras_history[0], ActivationQuantizer) for t in joins[0]._inbound_nodes[0].input_tensors)
+    x, y = rng.uniform(0, 1, (64, 12, 12, 3)).astype("float32"), rng.normal(size=(64, 5)).astype("float32")
+    q.compile(keras.optimizers.Adam(1e-3), "mse")
+    q.fit(x, y, epochs=1, batch_size=16, callbacks=[RangeInit(2)], verbose=0)
+    q.save(tmp_path / "q.keras")
+    again = keras.saving.load_model(tmp_path / "q.keras")
+    assert [type(op).__name__ for op in again.operations] == kinds
+    np.testing.assert_array_equal(again.predict(x, verbose=0), q.predict(x, verbose=0))
+    # training goes on from the saved state (weights, quantizer ranges, optimizer): both copies take the same steps
+    for m in (q, again):
+        m.fit(x, y, epochs=1, batch_size=16, shuffle=False, verbose=0)
+    np.testing.assert_array_equal(again.predict(x, verbose=0), q.predict(x, verbose=0))
+    assert np.abs(q.get_layer("c").kernel.numpy() - model.get_layer("c").kernel.numpy()).max() > 0  # it trained

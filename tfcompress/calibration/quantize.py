@@ -369,12 +369,17 @@ def compress_weights(model) -> None:
     compress_quantize_weights_transformation(model)
 
 
+# the CPU plugin's runtime layer types of the ops whose weights int8_layers counts
+_WEIGHTED_RUNTIME_TYPES = ("Convolution", "Deconvolution", "FullyConnected")
+
+
 def int8_layers(compiled) -> dict:
-    """How many Convolution / FullyConnected layers of a compiled model really run INT8 (runtime precision)."""
+    """How many weighted layers of a compiled model (runtime types Convolution, including grouped and depthwise
+    ones, Deconvolution for transposed convolutions, FullyConnected) really run INT8 (runtime precision)."""
     total = int8 = 0
     for op in compiled.get_runtime_model().get_ops():
         info = op.get_rt_info()
-        if info["layerType"].astype(str) in ("Convolution", "FullyConnected"):
+        if info["layerType"].astype(str) in _WEIGHTED_RUNTIME_TYPES:
             total += 1
             int8 += info["runtimePrecision"].astype(str) in ("u8", "i8")
     return {"int8": int8, "total": total}

@@ -16,8 +16,9 @@ from keras import ops
 from tfcompress.graph.keras_adapter import register_layer
 
 __all__ = [
-    "ActivationQuantizer", "ChannelMask", "QuantConv2D", "QuantConv2DTranspose", "QuantDense",
-    "QuantDepthwiseConv2D", "QuantSeparableConv2D", "fake_quant_weights",
+    "ActivationQuantizer", "ChannelMask", "QuantConv1D", "QuantConv2D", "QuantConv3D", "QuantConv1DTranspose",
+    "QuantConv2DTranspose", "QuantConv3DTranspose", "QuantDense", "QuantDepthwiseConv1D", "QuantDepthwiseConv2D",
+    "QuantSeparableConv1D", "QuantSeparableConv2D", "fake_quant_weights",
 ]
 
 _PACKAGE = "tfcompress"
@@ -36,7 +37,10 @@ def fake_quant_weights(kernel, per_channel: bool = True, half_range: bool = Fals
     if per_channel:
         flat = tf.reshape(k, (-1, k.shape[-1]))
         m = tf.stop_gradient(tf.maximum(tf.reduce_max(tf.abs(flat), axis=0), 1e-12)) * scale
-        return tf.quantization.fake_quant_with_min_max_vars_per_channel(k, -m, m, num_bits=8, narrow_range=True)
+        # TF's per-channel FakeQuant (and its gradient) takes ranks 1..4: a Conv3D kernel goes through as a matrix
+        v = flat if len(k.shape) > 4 else k
+        q = tf.quantization.fake_quant_with_min_max_vars_per_channel(v, -m, m, num_bits=8, narrow_range=True)
+        return tf.reshape(q, k.shape) if v is flat else q
     m = tf.stop_gradient(tf.maximum(tf.reduce_max(tf.abs(k)), 1e-12)) * scale
     return tf.quantization.fake_quant_with_min_max_vars(k, -m, m, num_bits=8, narrow_range=True)
 
@@ -180,14 +184,6 @@ class _QuantizedKernel:
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class QuantConv2D(_QuantizedKernel, keras.layers.Conv2D):
-    """Conv2D whose kernel is fake-quantized (int8, symmetric, per output channel by default)."""
-
-    def convolution_op(self, inputs, kernel):
-        return super().convolution_op(inputs, self.quantized_kernel(kernel))
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
 class QuantDense(_QuantizedKernel, keras.layers.Dense):
     """Dense whose kernel is fake-quantized (int8, symmetric, per output unit by default)."""
 
@@ -199,22 +195,38 @@ class QuantDense(_QuantizedKernel, keras.layers.Dense):
 
 
 def _bias_and_activation(layer, x):
+    """The bias (on the channel axis of ``layer.data_format``) and the activation of a convolution."""
     if layer.use_bias:
-        x = ops.add(x, ops.reshape(layer.bias, (1,) * (len(x.shape) - 1) + (-1,)))
+        rank = len(x.shape) - 2
+        shape = (1, -1) + (1,) * rank if layer.data_format == "channels_first" else (1,) * (rank + 1) + (-1,)
+        x = ops.add(x, ops.reshape(layer.bias, shape))
     return layer.activation(x) if layer.activation is not None else x
 
 
 def _quantized_depthwise(layer, kernel):
-    """A (h, w, c, m) depthwise kernel fake-quantized per output channel c * m + j."""
+    """A (*window, c, m) depthwise kernel fake-quantized per output channel c * m + j."""
     k = tf.convert_to_tensor(kernel)
-    h, w, c, m = k.shape
-    # per-channel quantization works on the last axis: view (h, w, c, m) as (h, w, 1, c * m)
-    return tf.reshape(layer.quantized_kernel(tf.reshape(k, (h, w, 1, c * m))), (h, w, c, m))
+    *window, c, m = k.shape
+    # per-channel quantization works on the last axis: view (*window, c, m) as (*window, 1, c * m)
+    return tf.reshape(layer.quantized_kernel(tf.reshape(k, (*window, 1, c * m))), k.shape)
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class QuantDepthwiseConv2D(_QuantizedKernel, keras.layers.DepthwiseConv2D):
-    """DepthwiseConv2D whose kernel is fake-quantized per output channel (input channel x multiplier)."""
+class _QuantConv(_QuantizedKernel):
+    """Convolutions with a (*window, in / groups, out) kernel (Conv1D/2D/3D, grouped too), fake-quantized per
+    output channel. Conv1D's causal padding is a zero pad before a valid convolution, as in Keras."""
+
+    def call(self, inputs):
+        padding = self.padding
+        if padding == "causal":
+            inputs = ops.pad(inputs, self._compute_causal_padding())
+            padding = "valid"
+        x = ops.conv(inputs, self.quantized_kernel(self.kernel), strides=list(self.strides), padding=padding,
+                     dilation_rate=self.dilation_rate, data_format=self.data_format)
+        return _bias_and_activation(self, x)
+
+
+class _QuantDepthwiseConv(_QuantizedKernel):
+    """Depthwise convolutions (a (*window, c, m) kernel), fake-quantized per output channel c * m + j."""
 
     def call(self, inputs):
         x = ops.depthwise_conv(inputs, _quantized_depthwise(self, self.kernel), strides=self.strides,
@@ -222,13 +234,12 @@ class QuantDepthwiseConv2D(_QuantizedKernel, keras.layers.DepthwiseConv2D):
         return _bias_and_activation(self, x)
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class QuantSeparableConv2D(_QuantizedKernel, keras.layers.SeparableConv2D):
-    """SeparableConv2D as the depthwise and the 1x1 convolution OpenVINO runs, each in INT8.
+class _QuantSeparableConv(_QuantizedKernel):
+    """Separable convolutions as the depthwise and the pointwise convolution OpenVINO runs, each in INT8.
 
     Both kernels are fake-quantized per output channel, and the depthwise output, which is the pointwise
     convolution's input, gets its own :class:`ActivationQuantizer` (``intermediate_quantizer``): without it
-    OpenVINO would run the 1x1 convolution in float.
+    OpenVINO would run the pointwise convolution in float.
 
     Args:
         symmetric, range_mode: of the intermediate quantizer, as for :class:`ActivationQuantizer`.
@@ -256,14 +267,67 @@ class QuantSeparableConv2D(_QuantizedKernel, keras.layers.SeparableConv2D):
         return {**super().get_config(), "symmetric": q.symmetric, "range_mode": q.range_mode}
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class QuantConv2DTranspose(_QuantizedKernel, keras.layers.Conv2DTranspose):
-    """Conv2DTranspose whose (h, w, out, in) kernel is fake-quantized per output channel."""
+class _QuantConvTranspose(_QuantizedKernel):
+    """Transposed convolutions (a (*window, out, in) kernel), fake-quantized per output channel."""
 
     def call(self, inputs):
-        k = tf.transpose(tf.convert_to_tensor(self.kernel), (0, 1, 3, 2))  # (h, w, in, out): out last
-        q = tf.transpose(self.quantized_kernel(k), (0, 1, 3, 2))
+        k = tf.convert_to_tensor(self.kernel)
+        swap = list(range(len(k.shape) - 2)) + [len(k.shape) - 1, len(k.shape) - 2]  # out last, and back
+        q = tf.transpose(self.quantized_kernel(tf.transpose(k, swap)), swap)
         x = ops.conv_transpose(inputs, q, strides=list(self.strides), padding=self.padding,
                                output_padding=self.output_padding, dilation_rate=self.dilation_rate,
                                data_format=self.data_format)
         return _bias_and_activation(self, x)
+
+
+# One twin per Keras class (so that ``from_config`` and the channel engine see the Keras class they extend);
+# the behaviour lives in the mixin of its kernel layout above.
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class QuantConv1D(_QuantConv, keras.layers.Conv1D):
+    """Conv1D whose kernel is fake-quantized (int8, symmetric, per output channel by default)."""
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class QuantConv2D(_QuantConv, keras.layers.Conv2D):
+    """Conv2D whose kernel is fake-quantized (int8, symmetric, per output channel by default)."""
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class QuantConv3D(_QuantConv, keras.layers.Conv3D):
+    """Conv3D whose kernel is fake-quantized (int8, symmetric, per output channel by default)."""
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class QuantDepthwiseConv1D(_QuantDepthwiseConv, keras.layers.DepthwiseConv1D):
+    """DepthwiseConv1D whose kernel is fake-quantized per output channel (input channel x multiplier)."""
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class QuantDepthwiseConv2D(_QuantDepthwiseConv, keras.layers.DepthwiseConv2D):
+    """DepthwiseConv2D whose kernel is fake-quantized per output channel (input channel x multiplier)."""
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class QuantSeparableConv1D(_QuantSeparableConv, keras.layers.SeparableConv1D):
+    """SeparableConv1D with both kernels fake-quantized and its intermediate tensor quantized."""
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class QuantSeparableConv2D(_QuantSeparableConv, keras.layers.SeparableConv2D):
+    """SeparableConv2D with both kernels fake-quantized and its intermediate tensor quantized."""
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class QuantConv1DTranspose(_QuantConvTranspose, keras.layers.Conv1DTranspose):
+    """Conv1DTranspose whose (w, out, in) kernel is fake-quantized per output channel."""
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class QuantConv2DTranspose(_QuantConvTranspose, keras.layers.Conv2DTranspose):
+    """Conv2DTranspose whose (h, w, out, in) kernel is fake-quantized per output channel."""
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class QuantConv3DTranspose(_QuantConvTranspose, keras.layers.Conv3DTranspose):
+    """Conv3DTranspose whose (d, h, w, out, in) kernel is fake-quantized per output channel."""

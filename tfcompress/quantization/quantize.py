@@ -13,10 +13,8 @@ from tfcompress.int8_policy import OVERFLOW_FIX
 from tfcompress.graph.engine import Rule
 from tfcompress.graph.keras_adapter import build_graph
 from tfcompress.graph.keras_rebuild import rebuild
-from tfcompress.quantization.layers import (
-    ActivationQuantizer, ChannelMask, QuantConv2D, QuantConv2DTranspose, QuantDense, QuantDepthwiseConv2D,
-    QuantSeparableConv2D,
-)
+from tfcompress.quantization import layers as Q
+from tfcompress.quantization.layers import ActivationQuantizer, ChannelMask
 
 __all__ = ["quantize_model", "RangeInit", "PRESETS"]
 
@@ -25,9 +23,13 @@ PRESETS = ("performance", "mixed")
 _L = keras.layers
 # layer classes with a quantized twin: OpenVINO runs them in INT8 when their inputs and weights are quantized
 _WEIGHTED = {
-    _L.Conv2D: QuantConv2D, _L.Dense: QuantDense, _L.DepthwiseConv2D: QuantDepthwiseConv2D,
-    _L.SeparableConv2D: QuantSeparableConv2D, _L.Conv2DTranspose: QuantConv2DTranspose,
+    _L.Conv1D: Q.QuantConv1D, _L.Conv2D: Q.QuantConv2D, _L.Conv3D: Q.QuantConv3D, _L.Dense: Q.QuantDense,
+    _L.Conv1DTranspose: Q.QuantConv1DTranspose, _L.Conv2DTranspose: Q.QuantConv2DTranspose,
+    _L.Conv3DTranspose: Q.QuantConv3DTranspose,
+    _L.DepthwiseConv1D: Q.QuantDepthwiseConv1D, _L.DepthwiseConv2D: Q.QuantDepthwiseConv2D,
+    _L.SeparableConv1D: Q.QuantSeparableConv1D, _L.SeparableConv2D: Q.QuantSeparableConv2D,
 }
+_DEPTHWISE = (_L.DepthwiseConv1D, _L.DepthwiseConv2D)
 # the other Keras layers the INT8 placement policy (tfcompress.int8_policy) names; a layer with weights and no
 # twin, or any other layer, is FLOAT
 _LAYER_POLICIES = {
@@ -45,8 +47,11 @@ _OP_POLICIES = {
     "Add": policy.JOIN, "Reshape": policy.RESHAPE, "Transpose": policy.RESHAPE, "Squeeze": policy.RESHAPE,
     "ExpandDims": policy.RESHAPE,
 }
-# weights a float layer may carry without being worth a warning
-_FLOAT_OK = (_L.BatchNormalization, _L.LayerNormalization, _L.PReLU, _L.Normalization, _L.Rescaling)
+# float layers with weights not worth a warning: OpenVINO folds them into the neighbouring convolution
+# (BatchNormalization after it, Rescaling and Normalization before the first one) or applies them elementwise
+# with the activation (PReLU). Any other layer with weights and no twin (LayerNormalization, attention, a custom
+# layer) is named in quantize_model's warning.
+_FLOAT_OK = (_L.BatchNormalization, _L.PReLU, _L.Normalization, _L.Rescaling)
 _CONSTRAINT_KEYS = {
     "kernel": "kernel_constraint", "bias": "bias_constraint", "gamma": "gamma_constraint",
     "beta": "beta_constraint", "pointwise_kernel": "pointwise_constraint",
@@ -63,11 +68,13 @@ def quantize_model(
 ) -> keras.Model:
     """A quantization-aware copy of ``model``, ready to ``compile`` and ``fit``.
 
-    Conv2D, DepthwiseConv2D, SeparableConv2D, Conv2DTranspose and Dense become layers with fake-quantized
-    weights (int8, symmetric, per output channel); their inputs, both inputs of every ``Add`` (a layer or a
-    ``keras.ops`` addition of two tensors) and the inputs of pooling layers get an
+    Every Keras convolution (1D, 2D and 3D; depthwise, separable and transposed ones too) and Dense become
+    layers with fake-quantized weights (int8, symmetric, per output channel); their inputs, both inputs of
+    every ``Add`` (a layer or a ``keras.ops`` addition of two tensors) and the inputs of pooling layers get an
     :class:`ActivationQuantizer` (one per tensor, shared by all its readers): the placement OpenVINO's CPU
-    plugin executes in INT8. BatchNormalization stays as it is (OpenVINO fuses it after the convolution).
+    plugin executes in INT8. BatchNormalization stays as it is (OpenVINO fuses it after the convolution). Other
+    layers and ``keras.ops`` nodes (LayerNormalization, activations such as GELU, attention) stay float where they
+    are, the graph unchanged around them; one warning names the float layers that hold weights.
     Channels that are zero across their group (pruned earlier) are kept exactly zero during QAT by
     :class:`ChannelMask` constraints. Weights are copied; ``model`` is not modified.
 
@@ -132,7 +139,7 @@ def quantize_model(
                     masks.setdefault("kernel", []).append((in_keep, in_axis, None))
             for name, specs in masks.items():
                 key = _CONSTRAINT_KEYS.get(name)
-                if isinstance(layer, _L.DepthwiseConv2D) and key == "kernel_constraint":
+                if isinstance(layer, _DEPTHWISE) and key == "kernel_constraint":
                     key = "depthwise_constraint"
                 if key is None:
                     continue
@@ -144,7 +151,7 @@ def quantize_model(
                 weights[idx] = np.asarray(constraint(keras.ops.convert_to_tensor(weights[idx])))
         if q is not None:
             options = {"per_channel": per_channel_weights, "half_range": path in half_range}
-            if q is QuantSeparableConv2D:
+            if issubclass(q, (Q.QuantSeparableConv1D, Q.QuantSeparableConv2D)):
                 options.update(symmetric=preset == "performance", range_mode=range_mode)
             new = q.from_config({**cfg, **options})
         else:
@@ -158,7 +165,7 @@ def quantize_model(
         if rec.op.layer in ignored:
             return policy.FLOAT
         if quantized_class(layer) is not None:
-            return policy.DEPTHWISE if isinstance(layer, _L.DepthwiseConv2D) else policy.WEIGHTED
+            return policy.DEPTHWISE if isinstance(layer, _DEPTHWISE) else policy.WEIGHTED
         if isinstance(layer, keras.layers.Layer):
             return _LAYER_POLICIES.get(type(layer), policy.FLOAT)
         return _OP_POLICIES.get(type(layer).__name__, policy.FLOAT)
@@ -181,8 +188,8 @@ def quantize_model(
 
     qmodel = rebuild(kg, make_layer, rewrite_args)
     if left_float:
-        warnings.warn(f"left in float (not quantizable for OpenVINO INT8 here): {', '.join(left_float)}",
-                      stacklevel=2)
+        warnings.warn(f"quantize_model left {len(left_float)} layer(s) with weights in float (no INT8 twin; "
+                      f"they compute in float, also in OpenVINO): {', '.join(left_float)}", stacklevel=2)
     return qmodel
 
 
