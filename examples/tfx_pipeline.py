@@ -4,9 +4,11 @@
     python examples/tfx_pipeline.py [--root /tmp/tfcompress_tfx]
 
 CsvExampleGen (on scikit-learn's digits, written as CSV by this script) -> Trainer (``run_fn`` in
-``tfx_digits_module.py`` trains with ``FilterPruning``) -> ``tfcompress.tfx.CompressModel`` (strip, ONNX,
-OpenVINO FP32 and INT8, report) -> Pusher, which pushes the compressed Model artifact's ``Format-Serving``
-(the stripped SavedModel) to ``ROOT/serving/<version>``, as it would the Trainer's model.
+``tfx_digits_module.py`` trains with ``FilterPruning``; its ``serving_default`` parses serialized examples)
+-> ``tfcompress.tfx.CompressModel`` (strips the network signature, ONNX, OpenVINO FP32 and INT8, report; puts
+the example parsing back in front) -> Evaluator (TFMA: the compressed model's accuracy against the Trainer's
+model as baseline) -> Pusher, which pushes the compressed Model artifact's ``Format-Serving`` (the stripped
+SavedModel) to ``ROOT/serving/<version>`` only if the Evaluator blessed it.
 """
 
 from __future__ import annotations
@@ -31,7 +33,26 @@ def write_csv(data_dir: str) -> None:
             w.writerow(list(img) + [int(label)])
 
 
-def create_pipeline(root: str, epochs: int = 4, target: float = 0.5):
+def eval_config(max_drop: float, min_accuracy: float):
+    """TFMA: accuracy on the eval split; the candidate (compressed) model may lose at most ``max_drop`` of the
+    baseline's (the Trainer's) and must reach ``min_accuracy``."""
+    import tensorflow_model_analysis as tfma
+
+    threshold = tfma.MetricThreshold(
+        value_threshold=tfma.GenericValueThreshold(lower_bound={"value": min_accuracy}),
+        change_threshold=tfma.GenericChangeThreshold(direction=tfma.MetricDirection.HIGHER_IS_BETTER,
+                                                     absolute={"value": -max_drop}))
+    return tfma.EvalConfig(
+        model_specs=[tfma.ModelSpec(name="candidate", signature_name="serving_default", label_key="label"),
+                     tfma.ModelSpec(name="baseline", signature_name="serving_default", label_key="label",
+                                    is_baseline=True)],
+        metrics_specs=[tfma.MetricsSpec(metrics=[
+            tfma.MetricConfig(class_name="SparseCategoricalAccuracy", threshold=threshold),
+            tfma.MetricConfig(class_name="ExampleCount")])],
+        slicing_specs=[tfma.SlicingSpec()])
+
+
+def create_pipeline(root: str, epochs: int = 4, target: float = 0.5, max_drop: float = 0.02):
     from tfx import v1 as tfx
 
     from tfcompress.tfx import CompressModel
@@ -46,16 +67,20 @@ def create_pipeline(root: str, epochs: int = 4, target: float = 0.5):
     compress = CompressModel(
         model=trainer.outputs["model"], examples=example_gen.outputs["examples"], module_file=MODULE,
         preprocessing_fn="preprocessing_fn", label_key="label", num_calibration_samples=300,
-        int8="accuracy_aware", max_drop=0.02)  # layers that cost accuracy stay float
+        int8="accuracy_aware", max_drop=max_drop,  # layers that cost accuracy stay float
+        signature="serving_image", parsing_signature="parse_examples")  # serving_default parses examples
+    evaluator = tfx.components.Evaluator(
+        examples=example_gen.outputs["examples"], model=compress.outputs["compressed_model"],
+        baseline_model=trainer.outputs["model"], eval_config=eval_config(max_drop, min_accuracy=0.8))
     pusher = tfx.components.Pusher(
-        model=compress.outputs["compressed_model"],
+        model=compress.outputs["compressed_model"], model_blessing=evaluator.outputs["blessing"],
         push_destination=tfx.proto.PushDestination(filesystem=tfx.proto.PushDestination.Filesystem(
             base_directory=os.path.join(root, "serving"))))
     return tfx.dsl.Pipeline(
         pipeline_name="tfcompress_digits", pipeline_root=os.path.join(root, "pipeline"),
         metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(
             os.path.join(root, "metadata.db")),
-        components=[example_gen, trainer, compress, pusher])
+        components=[example_gen, trainer, compress, evaluator, pusher])
 
 
 def main() -> None:

@@ -1,9 +1,11 @@
-"""The example TFX pipeline, run for real: CsvExampleGen -> Trainer -> CompressModel -> Pusher (LocalDagRunner).
+"""The example TFX pipeline, run for real (LocalDagRunner): CsvExampleGen -> Trainer -> CompressModel -> Evaluator
+-> Pusher.
 
 Needs tfx 1.21 with its real dependencies, which pip installs only on glibc >= 2.39: `.ci/tfx-env` builds that
 environment (a Debian 13 root) and runs this file there with ``pytest -m tfx_real``.
 """
 
+import json
 import os
 import pathlib
 import subprocess
@@ -17,6 +19,7 @@ import tensorflow as tf
 from conftest import ROOT
 from tfcompress import calibration
 from tfcompress.export.artifacts import read_examples, serving_model_path
+from tfcompress.tfx.serving import read_records
 
 pytestmark = pytest.mark.tfx_real
 
@@ -55,7 +58,13 @@ def artifacts_of(store, node: str, key: str):
     return store.get_artifacts_by_id(ids)
 
 
-def test_pushed_model_serves_like_the_trainers_and_is_smaller(run):
+def serve_examples(saved_model_dir, records) -> np.ndarray:
+    """The SavedModel's ``serving_default`` on serialized examples (the logits)."""
+    fn = tf.saved_model.load(str(saved_model_dir)).signatures["serving_default"]
+    return fn(examples=tf.constant(records))["output_0"].numpy()
+
+
+def test_pushed_model_is_the_compressed_one_serves_examples_like_the_trainers_and_is_smaller(run):
     root, store = run
     [trainer_model] = artifacts_of(store, "Trainer", "model")
     [compressed] = artifacts_of(store, "CompressModel", "compressed_model")
@@ -63,18 +72,23 @@ def test_pushed_model_serves_like_the_trainers_and_is_smaller(run):
     assert pushed.custom_properties["pushed"].int_value == 1
     destination = pathlib.Path(pushed.custom_properties["pushed_destination"].string_value)
     assert destination.parent == root / "serving"
+    compressed_serving = pathlib.Path(serving_model_path(compressed.uri))
+    assert (destination / "saved_model.pb").read_bytes() == (compressed_serving / "saved_model.pb").read_bytes()
 
-    # the pushed SavedModel serves the Trainer model's predictions on the examples CsvExampleGen wrote
+    # the pushed SavedModel serves serialized examples (CsvExampleGen's eval records) as the Trainer's does
     [examples] = artifacts_of(store, "CsvExampleGen", "examples")
+    records = read_records(examples.uri, "eval", 128)
+    ref = serve_examples(serving_model_path(trainer_model.uri), records)
+    got = serve_examples(destination, records)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    assert np.mean(ref.argmax(1) == got.argmax(1)) == 1.0
+    # and the network signature serves the image tensor (what CompressModel's preprocessing_fn makes)
     sys.path.insert(0, str(ROOT / "examples"))
     from tfx_digits_module import preprocessing_fn
 
     x = tf.constant(preprocessing_fn(read_examples(examples.uri, "eval", 128)))
-    before = tf.saved_model.load(serving_model_path(trainer_model.uri)).signatures["serving_default"]
-    after = tf.saved_model.load(str(destination)).signatures["serving_default"]
-    ref, got = list(before(image=x).values())[0].numpy(), list(after(image=x).values())[0].numpy()
-    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
-    assert np.mean(ref.argmax(1) == got.argmax(1)) == 1.0
+    network = tf.saved_model.load(str(destination)).signatures["serving_image"]
+    np.testing.assert_allclose(network(image=x)["output_0"].numpy(), ref, rtol=1e-4, atol=1e-4)
 
     # smaller: the pruned channels are gone from the pushed SavedModel
     assert dir_bytes(destination) < 0.8 * dir_bytes(pathlib.Path(serving_model_path(trainer_model.uri)))
@@ -109,3 +123,44 @@ def test_compressed_artifact_records_its_metrics_in_mlmd(run):
         [artifact] = artifacts_of(store, "CompressModel", key)
         value = float(pathlib.Path(artifact.uri).read_text())  # a value artifact's uri is its file
         assert value == pytest.approx(props[key])
+
+
+def tfma_metrics(evaluation_uri: str) -> dict:
+    """``{(metric, model_name, is_diff): value}`` for the overall slice of a TFMA evaluation."""
+    import tensorflow_model_analysis as tfma
+
+    [overall] = [m for m in tfma.load_metrics(evaluation_uri) if not m.slice_key.single_slice_keys]
+    return {(kv.key.name, kv.key.model_name, kv.key.is_diff): kv.value.double_value.value
+            for kv in overall.metric_keys_and_values}
+
+
+def test_evaluator_blesses_the_compressed_model_against_the_trainers(run):
+    _, store = run
+    [trainer_model] = artifacts_of(store, "Trainer", "model")
+    [compressed] = artifacts_of(store, "CompressModel", "compressed_model")
+    [blessing] = artifacts_of(store, "Evaluator", "blessing")
+    [evaluation] = artifacts_of(store, "Evaluator", "evaluation")
+    props = blessing.custom_properties
+    assert props["blessed"].int_value == 1 and (pathlib.Path(blessing.uri) / "BLESSED").exists()
+    assert props["current_model_id"].int_value == compressed.id
+    assert props["baseline_model_id"].int_value == trainer_model.id
+
+    # TFMA evaluated the compressed model (candidate) and the Trainer's (baseline) on the whole eval split
+    [examples] = artifacts_of(store, "CsvExampleGen", "examples")
+    records = read_records(examples.uri, "eval", 10_000)
+    labels = read_examples(examples.uri, "eval", 10_000)["label"][:, 0]
+    metrics = tfma_metrics(evaluation.uri)
+    accuracy = {name: metrics[("sparse_categorical_accuracy", name, False)] for name in ("candidate", "baseline")}
+    assert metrics[("example_count", "candidate", False)] == len(records)
+    served = np.mean(serve_examples(serving_model_path(compressed.uri), records).argmax(1) == labels)
+    assert accuracy["candidate"] == pytest.approx(served, abs=1e-6)  # the compressed SavedModel's accuracy
+    assert accuracy["candidate"] - accuracy["baseline"] == pytest.approx(
+        metrics[("sparse_categorical_accuracy", "candidate", True)], abs=1e-6)
+    # the example's thresholds: at least 0.8, at most 0.02 below the Trainer's model
+    assert accuracy["candidate"] >= 0.8 and accuracy["candidate"] - accuracy["baseline"] >= -0.02
+    # close to what the component's report measured (its validation samples: the eval split after the first
+    # 300, which calibrated; the FP32 IR computes what the stripped SavedModel does)
+    report = json.loads((pathlib.Path(compressed.uri) / "tfcompress" / "report.json").read_text())
+    assert report["accuracy"]["stripped"] == pytest.approx(compressed.custom_properties["accuracy_fp32"]
+                                                           .double_value, abs=0.01)
+    assert accuracy["candidate"] == pytest.approx(report["accuracy"]["stripped"], abs=0.03)
