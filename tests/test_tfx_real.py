@@ -46,15 +46,15 @@ def run(tmp_path_factory):
     return root, metadata_store.MetadataStore(config)
 
 
-def artifacts_of(store, node: str, key: str):
-    """The output artifacts ``key`` of the pipeline node ``node``'s run, as MLMD recorded them."""
+def artifacts_of(store, node: str, key: str, inputs: bool = False):
+    """The output (or input) artifacts ``key`` of the pipeline node ``node``'s run, as MLMD recorded them."""
     context = store.get_context_by_type_and_name("node", f"tfcompress_digits.{node}")
     assert context is not None, f"MLMD has no node {node}"
     [execution] = store.get_executions_by_context(context.id)
     assert execution.last_known_state == execution.COMPLETE
     events = store.get_events_by_execution_ids([execution.id])
     ids = [ev.artifact_id for ev in events
-           if ev.type == ev.OUTPUT and any(step.key == key for step in ev.path.steps)]
+           if ev.type == (ev.INPUT if inputs else ev.OUTPUT) and any(step.key == key for step in ev.path.steps)]
     return store.get_artifacts_by_id(ids)
 
 
@@ -74,6 +74,10 @@ def test_pushed_model_is_the_compressed_one_serves_examples_like_the_trainers_an
     assert destination.parent == root / "serving"
     compressed_serving = pathlib.Path(serving_model_path(compressed.uri))
     assert (destination / "saved_model.pb").read_bytes() == (compressed_serving / "saved_model.pb").read_bytes()
+    # gated by the Evaluator: its blessing (of the compressed model) is the Pusher's model_blessing input
+    [blessing] = artifacts_of(store, "Pusher", "model_blessing", inputs=True)
+    [evaluator_blessing] = artifacts_of(store, "Evaluator", "blessing")
+    assert blessing.id == evaluator_blessing.id and blessing.custom_properties["blessed"].int_value == 1
 
     # the pushed SavedModel serves serialized examples (CsvExampleGen's eval records) as the Trainer's does
     [examples] = artifacts_of(store, "CsvExampleGen", "examples")
