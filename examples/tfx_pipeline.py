@@ -24,9 +24,12 @@ MODULE = os.path.join(HERE, "tfx_digits_module.py")
 def write_csv(data_dir: str) -> None:
     from sklearn.datasets import load_digits
 
+    path = os.path.join(data_dir, "digits.csv")
+    if os.path.exists(path):  # unchanged input: a rerun reuses the cached ExampleGen, Trainer and CompressModel
+        return
     d = load_digits()
     os.makedirs(data_dir, exist_ok=True)
-    with open(os.path.join(data_dir, "digits.csv"), "w", newline="") as f:
+    with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow([f"p{i:02d}" for i in range(64)] + ["label"])
         for img, label in zip(d.data.astype(int), d.target):
@@ -52,7 +55,8 @@ def eval_config(max_drop: float, min_accuracy: float):
         slicing_specs=[tfma.SlicingSpec()])
 
 
-def create_pipeline(root: str, epochs: int = 4, target: float = 0.5, max_drop: float = 0.02):
+def create_pipeline(root: str, epochs: int = 4, target: float = 0.5, max_drop: float = 0.02,
+                    min_accuracy: float = 0.8):
     from tfx import v1 as tfx
 
     from tfcompress.tfx import CompressModel
@@ -71,7 +75,7 @@ def create_pipeline(root: str, epochs: int = 4, target: float = 0.5, max_drop: f
         signature="serving_image", parsing_signature="parse_examples")  # serving_default parses examples
     evaluator = tfx.components.Evaluator(
         examples=example_gen.outputs["examples"], model=compress.outputs["compressed_model"],
-        baseline_model=trainer.outputs["model"], eval_config=eval_config(max_drop, min_accuracy=0.8))
+        baseline_model=trainer.outputs["model"], eval_config=eval_config(max_drop, min_accuracy))
     pusher = tfx.components.Pusher(
         model=compress.outputs["compressed_model"], model_blessing=evaluator.outputs["blessing"],
         push_destination=tfx.proto.PushDestination(filesystem=tfx.proto.PushDestination.Filesystem(
@@ -80,19 +84,22 @@ def create_pipeline(root: str, epochs: int = 4, target: float = 0.5, max_drop: f
         pipeline_name="tfcompress_digits", pipeline_root=os.path.join(root, "pipeline"),
         metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(
             os.path.join(root, "metadata.db")),
-        components=[example_gen, trainer, compress, evaluator, pusher])
+        components=[example_gen, trainer, compress, evaluator, pusher], enable_cache=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="/tmp/tfcompress_tfx")
     ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--min_accuracy", type=float, default=0.8,
+                    help="the Evaluator blesses (and the Pusher pushes) only a model at least this accurate")
     args = ap.parse_args()
     from tfx import v1 as tfx
 
-    tfx.orchestration.LocalDagRunner().run(create_pipeline(args.root, args.epochs))
-    print(f"done: the compressed model is in {args.root}/serving/, its report in "
-          f"{args.root}/pipeline/CompressModel/compressed_model/*/tfcompress/report.md")
+    tfx.orchestration.LocalDagRunner().run(create_pipeline(args.root, args.epochs, min_accuracy=args.min_accuracy))
+    print(f"done: the compressed model's report is in "
+          f"{args.root}/pipeline/CompressModel/compressed_model/*/tfcompress/report.md; the model is in "
+          f"{args.root}/serving/ if the Evaluator blessed it ({args.root}/pipeline/Evaluator/blessing/*/BLESSED)")
 
 
 if __name__ == "__main__":

@@ -32,26 +32,32 @@ def dir_bytes(path: pathlib.Path) -> int:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """Runs the example pipeline as a user would (its own command line) and opens the run's MLMD store."""
+    """Runs the example pipeline as a user would (its own command line), then again with an accuracy threshold
+    no model meets (ExampleGen, Trainer and CompressModel come from the cache), and opens the MLMD store."""
     from ml_metadata import metadata_store
     from ml_metadata.proto import metadata_store_pb2
 
     root = tmp_path_factory.mktemp("tfx_real")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, str(PIPELINE), "--root", str(root), "--epochs", "6"],
-                          capture_output=True, text=True, env=env, timeout=1500)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    for min_accuracy in ("0.8", "1.01"):
+        proc = subprocess.run([sys.executable, str(PIPELINE), "--root", str(root), "--epochs", "6",
+                               "--min_accuracy", min_accuracy], capture_output=True, text=True, env=env,
+                              timeout=1500)
+        assert proc.returncode == 0, proc.stderr[-5000:]
     config = metadata_store_pb2.ConnectionConfig()
     config.sqlite.filename_uri = str(root / "metadata.db")
     return root, metadata_store.MetadataStore(config)
 
 
-def artifacts_of(store, node: str, key: str, inputs: bool = False):
-    """The output (or input) artifacts ``key`` of the pipeline node ``node``'s run, as MLMD recorded them."""
+def artifacts_of(store, node: str, key: str, inputs: bool = False, run: int = 0):
+    """The output (or input) artifacts ``key`` of the pipeline node ``node`` in pipeline run ``run`` (0: the
+    first), as MLMD recorded them."""
     context = store.get_context_by_type_and_name("node", f"tfcompress_digits.{node}")
     assert context is not None, f"MLMD has no node {node}"
-    [execution] = store.get_executions_by_context(context.id)
-    assert execution.last_known_state == execution.COMPLETE
+    runs = sorted(store.get_contexts_by_type("pipeline_run"), key=lambda c: c.id)
+    in_run = {e.id for e in store.get_executions_by_context(runs[run].id)}
+    [execution] = [e for e in store.get_executions_by_context(context.id) if e.id in in_run]
+    assert execution.last_known_state in (execution.COMPLETE, execution.CACHED)
     events = store.get_events_by_execution_ids([execution.id])
     ids = [ev.artifact_id for ev in events
            if ev.type == (ev.INPUT if inputs else ev.OUTPUT) and any(step.key == key for step in ev.path.steps)]
@@ -168,3 +174,18 @@ def test_evaluator_blesses_the_compressed_model_against_the_trainers(run):
     assert report["accuracy"]["stripped"] == pytest.approx(compressed.custom_properties["accuracy_fp32"]
                                                            .double_value, abs=0.01)
     assert accuracy["candidate"] == pytest.approx(report["accuracy"]["stripped"], abs=0.03)
+
+
+def test_a_model_the_evaluator_does_not_bless_is_not_pushed(run):
+    root, store = run
+    [compressed] = artifacts_of(store, "CompressModel", "compressed_model")
+    assert artifacts_of(store, "CompressModel", "compressed_model", run=1) == [compressed]  # from the cache
+    [blessing] = artifacts_of(store, "Evaluator", "blessing", run=1)
+    assert blessing.custom_properties["blessed"].int_value == 0
+    assert (pathlib.Path(blessing.uri) / "NOT_BLESSED").exists()
+    assert blessing.custom_properties["current_model_id"].int_value == compressed.id
+    [pushed] = artifacts_of(store, "Pusher", "pushed_model", run=1)
+    assert pushed.custom_properties["pushed"].int_value == 0
+    [first_push] = artifacts_of(store, "Pusher", "pushed_model")
+    assert sorted((root / "serving").iterdir()) == [
+        pathlib.Path(first_push.custom_properties["pushed_destination"].string_value)]  # only the first run's
