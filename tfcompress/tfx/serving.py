@@ -96,6 +96,9 @@ def attach_parsing(
     tmp = compressed_serving_dir.rstrip("/") + ".with_parsing"
     tf.saved_model.save(module, tmp, signatures=signatures)
     if check_records:
+        if len(_inputs(parsing)) != 1:
+            raise ExportError(f"check_records need a parsing signature with one input (the serialized examples); "
+                              f"{parsing_signature!r} takes {sorted(_inputs(parsing))}")
         records = {sorted(_inputs(parsing))[0]: tf.constant(check_records)}
         reference = _signature(trainer, trainer_serving_dir, serving_signature)(**records)
         got = tf.saved_model.load(tmp).signatures[serving_signature](**records)
@@ -116,6 +119,20 @@ def read_records(examples_uri: str, split: str, limit: int) -> list[bytes]:
     return [r.numpy() for r in tf.data.TFRecordDataset(files, compression_type=compression).take(limit)]
 
 
+def _trainer_parsing(model_uri: str, signature: str, parsing_signature: str):
+    """The Trainer's parsing signature, checked to feed its network signature (before any compression work)."""
+    import tensorflow as tf
+
+    if signature == "serving_default":
+        raise ExportError("with parsing_signature, signature must name the network signature (not "
+                          "'serving_default', which takes the serialized examples)")
+    src = serving_model_path(model_uri)
+    trainer = tf.saved_model.load(src)
+    parsing = _signature(trainer, src, parsing_signature)
+    _check_composable(parsing, _signature(trainer, src, signature), parsing_signature, signature)
+    return parsing
+
+
 def compress_trainer_model(model_uri: str, output_uri: str, examples_uri: str | None = None,
                            parsing_signature: str = "", **options) -> dict:
     """:func:`compress_model_dir`, then, with ``parsing_signature``, :func:`attach_parsing`.
@@ -124,19 +141,12 @@ def compress_trainer_model(model_uri: str, output_uri: str, examples_uri: str | 
     restored ``serving_default`` is checked against the Trainer's on up to 64 records of the examples' split.
     """
     signature = options.get("signature", "serving_default")
-    if parsing_signature and signature == "serving_default":
-        raise ExportError("with parsing_signature, signature must name the network signature (not "
-                          "'serving_default', which takes the serialized examples)")
-    if parsing_signature:  # a bad signature name fails before the compression's work, not after it
-        import tensorflow as tf
-
-        src = serving_model_path(model_uri)
-        trainer = tf.saved_model.load(src)
-        _check_composable(_signature(trainer, src, parsing_signature), _signature(trainer, src, signature),
-                          parsing_signature, signature)
+    parsing = _trainer_parsing(model_uri, signature, parsing_signature) if parsing_signature else None
     metrics = compress_model_dir(model_uri, output_uri, examples_uri, **options)
-    if parsing_signature:
-        records = read_records(examples_uri, options.get("split", "eval"), 64) if examples_uri else None
+    if parsing is not None:
+        records = None
+        if examples_uri and len(_inputs(parsing)) == 1:
+            records = read_records(examples_uri, options.get("split", "eval"), 64)
         attach_parsing(serving_model_path(model_uri), os.path.join(output_uri, SERVING_DIR), signature,
                        parsing_signature, check_records=records)
     return metrics
