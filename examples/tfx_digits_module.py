@@ -20,10 +20,23 @@ LABEL = "label"
 L = keras.layers
 
 
+FEATURES = {k: tf.io.FixedLenFeature([1], tf.int64) for k in PIXELS + [LABEL]}
+
+
+def features_to_image(features: dict) -> tf.Tensor:
+    """Parsed example features -> the network's ``image`` input (n, 8, 8, 1) in [0, 1]."""
+    x = tf.concat([tf.cast(tf.reshape(features[p], (-1, 1)), tf.float32) for p in PIXELS], axis=1) / 16.0
+    return tf.reshape(x, (-1, 8, 8, 1))
+
+
+def parse_examples(serialized: tf.Tensor) -> tf.Tensor:
+    """Serialized ``tf.train.Example`` records -> ``image``: what the serving signature parses."""
+    return features_to_image(tf.io.parse_example(serialized, {p: FEATURES[p] for p in PIXELS}))
+
+
 def preprocessing_fn(features: dict) -> np.ndarray:
-    """Parsed examples -> model input (n, 8, 8, 1) in [0, 1]: what CompressModel calibrates with."""
-    x = np.concatenate([np.asarray(features[p], np.float32).reshape(-1, 1) for p in PIXELS], axis=1)
-    return (x / 16.0).reshape(-1, 8, 8, 1)
+    """Parsed examples (numpy) -> model input: what CompressModel calibrates with."""
+    return features_to_image(features).numpy()
 
 
 def build_model() -> keras.Model:
@@ -40,12 +53,10 @@ def build_model() -> keras.Model:
 
 def _dataset(file_patterns, batch: int, repeat: bool) -> tf.data.Dataset:
     files = sorted(f for p in file_patterns for f in glob.glob(p))
-    spec = {k: tf.io.FixedLenFeature([1], tf.int64) for k in PIXELS + [LABEL]}
 
     def parse(records):
-        f = tf.io.parse_example(records, spec)
-        x = tf.concat([tf.cast(f[p], tf.float32) for p in PIXELS], axis=1) / 16.0
-        return tf.reshape(x, (-1, 8, 8, 1)), f[LABEL][:, 0]
+        f = tf.io.parse_example(records, FEATURES)
+        return features_to_image(f), f[LABEL][:, 0]
 
     ds = tf.data.TFRecordDataset(files, compression_type="GZIP")
     ds = ds.shuffle(2048, seed=0).repeat() if repeat else ds
@@ -72,4 +83,24 @@ def run_fn(fn_args) -> None:
     keras.utils.set_random_seed(int((fn_args.custom_config or {}).get("seed", 0)))  # a reproducible run
     model = train(build_model(), _dataset(fn_args.train_files, 32, repeat=True),
                   _dataset(fn_args.eval_files, 256, repeat=False), epochs, steps, target, fn_args.eval_steps)
-    model.export(fn_args.serving_model_dir, verbose=False)  # serving_default takes the image tensor
+    export(model, fn_args.serving_model_dir)
+
+
+def export(model: keras.Model, path: str) -> None:
+    """Save the serving SavedModel with the usual TFX signatures.
+
+    ``serving_default`` takes serialized ``tf.train.Example`` records (what TFMA's Evaluator and TF Serving's
+    Predict on examples feed); ``serving_image`` is the network alone (the ``image`` tensor), the signature
+    CompressModel compresses; ``parse_examples`` is the parsing alone, which CompressModel puts back in front
+    of the compressed network.
+    """
+    examples = tf.TensorSpec([None], tf.string, name="examples")
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", lambda examples: model(parse_examples(examples), training=False),
+                         input_signature=[examples])
+    archive.add_endpoint("serving_image", lambda image: model(image, training=False),
+                         input_signature=[tf.TensorSpec([None, 8, 8, 1], tf.float32, name="image")])
+    archive.add_endpoint("parse_examples", lambda examples: {"image": parse_examples(examples)},
+                         input_signature=[examples])
+    archive.write_out(path, verbose=False)

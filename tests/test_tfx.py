@@ -23,6 +23,7 @@ from conftest import ROOT
 from tfcompress import calibration
 from tfcompress.export import ExportError
 from tfcompress.export.artifacts import compress_model_dir, read_examples
+from tfcompress.tfx.serving import compress_trainer_model, read_records
 
 MODULE = ROOT / "examples" / "tfx_digits_module.py"
 
@@ -137,9 +138,49 @@ def test_bad_inputs_get_clear_errors(artifacts, tmp_path):
         assert not (tmp_path / "o" / "tfcompress").exists()
 
 
+def test_example_parsing_is_put_back_in_front_of_the_compressed_network(artifacts, tmp_path):
+    """A Trainer model whose serving_default parses serialized examples (what the Evaluator feeds): the network
+    signature is compressed and the compressed SavedModel serves serialized examples again."""
+    root, examples, _, model = artifacts
+    module = load_module()
+    trainer_model = tmp_path / "Trainer" / "model" / "2"
+    module.export(model, str(trainer_model / "Format-Serving"))
+    out = tmp_path / "CompressModel" / "compressed_model" / "3"
+    metrics = compress_trainer_model(str(trainer_model), str(out), str(examples), module_file=str(MODULE),
+                                     label_key="label", signature="serving_image",
+                                     parsing_signature="parse_examples", num_calibration_samples=100)
+    assert metrics["flops_ratio"] < 0.5 and metrics["int8_layers"] > 0
+
+    serving = tf.saved_model.load(str(out / "Format-Serving"))
+    assert set(serving.signatures) == {"serving_default", "serving_image", "parse_examples"}
+    records = read_records(str(examples), "eval", 397)
+    x = module.preprocessing_fn(read_examples(str(examples), "eval", 397))
+    ref = np.asarray(model(x))
+    got = serving.signatures["serving_default"](examples=tf.constant(records))["output_0"].numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)  # the same records, parsed, then the network
+    got = serving.signatures["serving_image"](image=tf.constant(x))["output_0"].numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    # the pruned channels are gone and none of the Trainer's weights came back with the parsing
+    weights = lambda p: sum(f.stat().st_size for f in (p / "Format-Serving" / "variables").iterdir())  # noqa: E731
+    assert weights(out) < 0.6 * weights(trainer_model), (weights(out), weights(trainer_model))
+
+    cases = [
+        (dict(parsing_signature="nope", signature="serving_image"), "has no signature 'nope'"),
+        (dict(parsing_signature="parse_examples", signature="serving_default"), "signature must name the network"),
+        (dict(parsing_signature="serving_default", signature="serving_image"),
+         "outputs ['output_0'] but the network signature 'serving_image' takes ['image']"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ExportError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            compress_trainer_model(str(trainer_model), str(tmp_path / "o"), str(examples), **kwargs)
+        assert not (tmp_path / "o").exists()
+
+
 def test_tfx_is_optional():
     code = ("import tfcompress, tfcompress.pruning\n"
-            "try:\n    import tfcompress.tfx\nexcept ImportError as e:\n    print('ImportError:', e)\n")
+            "import tfcompress.tfx.serving  # the TFX-free part\n"
+            "try:\n    from tfcompress.tfx import CompressModel\nexcept ImportError as e:\n"
+            "    print('ImportError:', e)\n")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,9 +1,11 @@
-"""The example TFX pipeline, run for real: CsvExampleGen -> Trainer -> CompressModel -> Pusher (LocalDagRunner).
+"""The example TFX pipeline, run for real (LocalDagRunner): CsvExampleGen -> Trainer -> CompressModel -> Evaluator
+-> Pusher.
 
 Needs tfx 1.21 with its real dependencies, which pip installs only on glibc >= 2.39: `.ci/tfx-env` builds that
 environment (a Debian 13 root) and runs this file there with ``pytest -m tfx_real``.
 """
 
+import json
 import os
 import pathlib
 import subprocess
@@ -17,6 +19,7 @@ import tensorflow as tf
 from conftest import ROOT
 from tfcompress import calibration
 from tfcompress.export.artifacts import read_examples, serving_model_path
+from tfcompress.tfx.serving import read_records
 
 pytestmark = pytest.mark.tfx_real
 
@@ -29,33 +32,45 @@ def dir_bytes(path: pathlib.Path) -> int:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """Runs the example pipeline as a user would (its own command line) and opens the run's MLMD store."""
+    """Runs the example pipeline as a user would (its own command line), then again with an accuracy threshold
+    no model meets (ExampleGen, Trainer and CompressModel come from the cache), and opens the MLMD store."""
     from ml_metadata import metadata_store
     from ml_metadata.proto import metadata_store_pb2
 
     root = tmp_path_factory.mktemp("tfx_real")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, str(PIPELINE), "--root", str(root), "--epochs", "6"],
-                          capture_output=True, text=True, env=env, timeout=1500)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    for min_accuracy in ("0.8", "1.01"):
+        proc = subprocess.run([sys.executable, str(PIPELINE), "--root", str(root), "--epochs", "6",
+                               "--min_accuracy", min_accuracy], capture_output=True, text=True, env=env,
+                              timeout=1500)
+        assert proc.returncode == 0, proc.stderr[-5000:]
     config = metadata_store_pb2.ConnectionConfig()
     config.sqlite.filename_uri = str(root / "metadata.db")
     return root, metadata_store.MetadataStore(config)
 
 
-def artifacts_of(store, node: str, key: str):
-    """The output artifacts ``key`` of the pipeline node ``node``'s run, as MLMD recorded them."""
+def artifacts_of(store, node: str, key: str, inputs: bool = False, run: int = 0):
+    """The output (or input) artifacts ``key`` of the pipeline node ``node`` in pipeline run ``run`` (0: the
+    first), as MLMD recorded them."""
     context = store.get_context_by_type_and_name("node", f"tfcompress_digits.{node}")
     assert context is not None, f"MLMD has no node {node}"
-    [execution] = store.get_executions_by_context(context.id)
-    assert execution.last_known_state == execution.COMPLETE
+    runs = sorted(store.get_contexts_by_type("pipeline_run"), key=lambda c: c.id)
+    in_run = {e.id for e in store.get_executions_by_context(runs[run].id)}
+    [execution] = [e for e in store.get_executions_by_context(context.id) if e.id in in_run]
+    assert execution.last_known_state in (execution.COMPLETE, execution.CACHED)
     events = store.get_events_by_execution_ids([execution.id])
     ids = [ev.artifact_id for ev in events
-           if ev.type == ev.OUTPUT and any(step.key == key for step in ev.path.steps)]
+           if ev.type == (ev.INPUT if inputs else ev.OUTPUT) and any(step.key == key for step in ev.path.steps)]
     return store.get_artifacts_by_id(ids)
 
 
-def test_pushed_model_serves_like_the_trainers_and_is_smaller(run):
+def serve_examples(saved_model_dir, records) -> np.ndarray:
+    """The SavedModel's ``serving_default`` on serialized examples (the logits)."""
+    fn = tf.saved_model.load(str(saved_model_dir)).signatures["serving_default"]
+    return fn(examples=tf.constant(records))["output_0"].numpy()
+
+
+def test_pushed_model_is_the_compressed_one_serves_examples_like_the_trainers_and_is_smaller(run):
     root, store = run
     [trainer_model] = artifacts_of(store, "Trainer", "model")
     [compressed] = artifacts_of(store, "CompressModel", "compressed_model")
@@ -63,18 +78,27 @@ def test_pushed_model_serves_like_the_trainers_and_is_smaller(run):
     assert pushed.custom_properties["pushed"].int_value == 1
     destination = pathlib.Path(pushed.custom_properties["pushed_destination"].string_value)
     assert destination.parent == root / "serving"
+    compressed_serving = pathlib.Path(serving_model_path(compressed.uri))
+    assert (destination / "saved_model.pb").read_bytes() == (compressed_serving / "saved_model.pb").read_bytes()
+    # gated by the Evaluator: its blessing (of the compressed model) is the Pusher's model_blessing input
+    [blessing] = artifacts_of(store, "Pusher", "model_blessing", inputs=True)
+    [evaluator_blessing] = artifacts_of(store, "Evaluator", "blessing")
+    assert blessing.id == evaluator_blessing.id and blessing.custom_properties["blessed"].int_value == 1
 
-    # the pushed SavedModel serves the Trainer model's predictions on the examples CsvExampleGen wrote
+    # the pushed SavedModel serves serialized examples (CsvExampleGen's eval records) as the Trainer's does
     [examples] = artifacts_of(store, "CsvExampleGen", "examples")
+    records = read_records(examples.uri, "eval", 128)
+    ref = serve_examples(serving_model_path(trainer_model.uri), records)
+    got = serve_examples(destination, records)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    assert np.mean(ref.argmax(1) == got.argmax(1)) == 1.0
+    # and the network signature serves the image tensor (what CompressModel's preprocessing_fn makes)
     sys.path.insert(0, str(ROOT / "examples"))
     from tfx_digits_module import preprocessing_fn
 
     x = tf.constant(preprocessing_fn(read_examples(examples.uri, "eval", 128)))
-    before = tf.saved_model.load(serving_model_path(trainer_model.uri)).signatures["serving_default"]
-    after = tf.saved_model.load(str(destination)).signatures["serving_default"]
-    ref, got = list(before(image=x).values())[0].numpy(), list(after(image=x).values())[0].numpy()
-    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
-    assert np.mean(ref.argmax(1) == got.argmax(1)) == 1.0
+    network = tf.saved_model.load(str(destination)).signatures["serving_image"]
+    np.testing.assert_allclose(network(image=x)["output_0"].numpy(), ref, rtol=1e-4, atol=1e-4)
 
     # smaller: the pruned channels are gone from the pushed SavedModel
     assert dir_bytes(destination) < 0.8 * dir_bytes(pathlib.Path(serving_model_path(trainer_model.uri)))
@@ -109,3 +133,59 @@ def test_compressed_artifact_records_its_metrics_in_mlmd(run):
         [artifact] = artifacts_of(store, "CompressModel", key)
         value = float(pathlib.Path(artifact.uri).read_text())  # a value artifact's uri is its file
         assert value == pytest.approx(props[key])
+
+
+def tfma_metrics(evaluation_uri: str) -> dict:
+    """``{(metric, model_name, is_diff): value}`` for the overall slice of a TFMA evaluation."""
+    import tensorflow_model_analysis as tfma
+
+    [overall] = [m for m in tfma.load_metrics(evaluation_uri) if not m.slice_key.single_slice_keys]
+    return {(kv.key.name, kv.key.model_name, kv.key.is_diff): kv.value.double_value.value
+            for kv in overall.metric_keys_and_values}
+
+
+def test_evaluator_blesses_the_compressed_model_against_the_trainers(run):
+    _, store = run
+    [trainer_model] = artifacts_of(store, "Trainer", "model")
+    [compressed] = artifacts_of(store, "CompressModel", "compressed_model")
+    [blessing] = artifacts_of(store, "Evaluator", "blessing")
+    [evaluation] = artifacts_of(store, "Evaluator", "evaluation")
+    props = blessing.custom_properties
+    assert props["blessed"].int_value == 1 and (pathlib.Path(blessing.uri) / "BLESSED").exists()
+    assert props["current_model_id"].int_value == compressed.id
+    assert props["baseline_model_id"].int_value == trainer_model.id
+
+    # TFMA evaluated the compressed model (candidate) and the Trainer's (baseline) on the whole eval split
+    [examples] = artifacts_of(store, "CsvExampleGen", "examples")
+    records = read_records(examples.uri, "eval", 10_000)
+    labels = read_examples(examples.uri, "eval", 10_000)["label"][:, 0]
+    metrics = tfma_metrics(evaluation.uri)
+    accuracy = {name: metrics[("sparse_categorical_accuracy", name, False)] for name in ("candidate", "baseline")}
+    assert metrics[("example_count", "candidate", False)] == len(records)
+    served = np.mean(serve_examples(serving_model_path(compressed.uri), records).argmax(1) == labels)
+    assert accuracy["candidate"] == pytest.approx(served, abs=1e-6)  # the compressed SavedModel's accuracy
+    assert accuracy["candidate"] - accuracy["baseline"] == pytest.approx(
+        metrics[("sparse_categorical_accuracy", "candidate", True)], abs=1e-6)
+    # the example's thresholds: at least 0.8, at most 0.02 below the Trainer's model
+    assert accuracy["candidate"] >= 0.8 and accuracy["candidate"] - accuracy["baseline"] >= -0.02
+    # close to what the component's report measured (its validation samples: the eval split after the first
+    # 300, which calibrated; the FP32 IR computes what the stripped SavedModel does)
+    report = json.loads((pathlib.Path(compressed.uri) / "tfcompress" / "report.json").read_text())
+    assert report["accuracy"]["stripped"] == pytest.approx(compressed.custom_properties["accuracy_fp32"]
+                                                           .double_value, abs=0.01)
+    assert accuracy["candidate"] == pytest.approx(report["accuracy"]["stripped"], abs=0.03)
+
+
+def test_a_model_the_evaluator_does_not_bless_is_not_pushed(run):
+    root, store = run
+    [compressed] = artifacts_of(store, "CompressModel", "compressed_model")
+    assert artifacts_of(store, "CompressModel", "compressed_model", run=1) == [compressed]  # from the cache
+    [blessing] = artifacts_of(store, "Evaluator", "blessing", run=1)
+    assert blessing.custom_properties["blessed"].int_value == 0
+    assert (pathlib.Path(blessing.uri) / "NOT_BLESSED").exists()
+    assert blessing.custom_properties["current_model_id"].int_value == compressed.id
+    [pushed] = artifacts_of(store, "Pusher", "pushed_model", run=1)
+    assert pushed.custom_properties["pushed"].int_value == 0
+    [first_push] = artifacts_of(store, "Pusher", "pushed_model")
+    assert sorted((root / "serving").iterdir()) == [
+        pathlib.Path(first_push.custom_properties["pushed_destination"].string_value)]  # only the first run's

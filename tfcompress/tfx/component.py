@@ -1,4 +1,4 @@
-"""``CompressModel``: a TFX Python-function component around :func:`compress_model_dir`."""
+"""``CompressModel``: a TFX Python-function component around :func:`compress_trainer_model`."""
 
 from typing import TypedDict
 
@@ -12,7 +12,7 @@ except ImportError as e:  # pragma: no cover - exercised by the import-error tes
         "2.21). See the README's TFX section for machines where pip cannot resolve it."
     ) from e
 
-from tfcompress.export.artifacts import compress_model_dir
+from tfcompress.tfx.serving import compress_trainer_model
 
 _Model = _artifacts.Model
 _Examples = _artifacts.Examples
@@ -46,6 +46,7 @@ def CompressModel(  # noqa: N802 - TFX components are classes by convention
     preprocessing_fn: _dsl.Parameter[str] = "preprocessing_fn",
     label_key: _dsl.Parameter[str] = "",
     signature: _dsl.Parameter[str] = "serving_default",
+    parsing_signature: _dsl.Parameter[str] = "",
 ) -> CompressMetrics:
     """Strip, convert (ONNX, OpenVINO FP32) and calibrate (OpenVINO INT8) the Trainer's model.
 
@@ -54,12 +55,18 @@ def CompressModel(  # noqa: N802 - TFX components are classes by convention
     ``features -> model inputs`` (features are the parsed ``tf.train.Example`` arrays). Output:
     ``compressed_model``, a Model artifact with the stripped SavedModel in ``Format-Serving/`` and ONNX, IRs
     and the report in ``tfcompress/``; the returned metrics become the component's outputs too.
+
+    ``signature`` is the network signature that is compressed. A Trainer whose ``serving_default`` parses
+    serialized examples (what the Evaluator feeds) also saves the network alone (e.g. ``serving_image``) and
+    the parsing alone: name them ``signature`` and ``parsing_signature``, and the compressed SavedModel gets
+    ``serving_default`` back as the parsing followed by the compressed network
+    (:func:`tfcompress.tfx.serving.attach_parsing`).
     """
-    metrics = compress_model_dir(
-        model.uri, compressed_model.uri, examples.uri if examples is not None else None, split=split, int8=int8,
-        max_drop=max_drop, opset=opset, num_calibration_samples=num_calibration_samples,
-        module_file=module_file or None, preprocessing_fn=preprocessing_fn, label_key=label_key,
-        signature=signature)
+    metrics = compress_trainer_model(
+        model.uri, compressed_model.uri, examples.uri if examples is not None else None,
+        parsing_signature=parsing_signature, split=split, int8=int8, max_drop=max_drop, opset=opset,
+        num_calibration_samples=num_calibration_samples, module_file=module_file or None,
+        preprocessing_fn=preprocessing_fn, label_key=label_key, signature=signature)
     for key, value in metrics.items():  # also on the artifact, where TFX UIs and MLMD queries see them
         if CompressMetrics.__annotations__[key] is int:  # as the component's Integer output artifacts
             compressed_model.set_int_custom_property(key, int(value))
