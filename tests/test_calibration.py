@@ -72,6 +72,37 @@ def test_every_conv_and_matmul_runs_int8_and_accuracy_holds(resnet8_ir):
     assert acc_q >= acc_fp - 0.01
 
 
+def _activation_highs(model) -> dict:
+    """Per-tensor activation FakeQuantizes: producer's friendly name -> input_high."""
+    out = {}
+    for op in model.get_ordered_ops():
+        high = op.input_value(2).get_node() if op.get_type_name() == "FakeQuantize" else None
+        if high is not None and op.input_value(0).get_node().get_type_name() != "Constant" \
+                and high.get_type_name() == "Constant" and high.get_data().size == 1:
+            out[op.input_value(0).get_node().get_friendly_name()] = float(high.get_data().ravel()[0])
+    return out
+
+
+def test_activation_ranges_are_the_f32_models_mean_of_per_sample_maxima(resnet8_ir):
+    """Each per-tensor range is the mean over the calibration samples of each sample's max |x| in the FP32
+    model run in f32 (NNCF's estimator and precision), whatever precision the plugin would pick by default
+    (bf16 on CPUs with AVX512-BF16 or AMX rounds the maxima to 8 mantissa bits: up to 0.4 % off)."""
+    xml, calib, _ = resnet8_ir
+    fp = ov.Core().read_model(xml)
+    highs = _activation_highs(calibration.calibrate(fp, calib[:64], subset_size=64, verbose=False))
+    assert len(highs) >= 9, highs
+    probe = fp.clone()
+    by_name = {op.get_friendly_name(): op for op in probe.get_ordered_ops()}
+    names = sorted(highs)
+    probe.add_outputs([by_name[n].output(0) for n in names])
+    compiled = _f32(probe)
+    res = compiled({0: calib[:64]})
+    extra = compiled.outputs[len(compiled.outputs) - len(names):]
+    for name, out in zip(names, extra):
+        x = np.abs(np.asarray(res[out])).reshape(64, -1).max(axis=1)
+        assert highs[name] == pytest.approx(float(x.mean()), rel=1e-5), name
+
+
 def test_calibration_data_as_tf_dataset_and_mixed_preset(resnet8_ir):
     xml, calib, val = resnet8_ir
     ds = tf.data.Dataset.from_tensor_slices(calib).batch(32)
