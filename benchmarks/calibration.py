@@ -150,6 +150,36 @@ def app_ir(name: str, work: str, size: int):
     return ov_model, calib, held_out
 
 
+F32 = {"INFERENCE_PRECISION_HINT": "f32"}
+
+
+def int8_variants(fp, q_ours, q_nncf) -> dict:
+    """FP32 in both precisions and each INT8 IR compiled with the f32 hint and with the plugin's default (the
+    hint decides the precision of the layers left in float: bf16 by default on CPUs with AVX512-BF16 or AMX)."""
+    default = f"default ({default_precision()})"
+    return {
+        "FP32 (f32 hint)": (fp, F32), f"FP32 {default}": (fp, {}),
+        "tfcompress INT8 (f32 hint)": (q_ours, F32), "nncf INT8 (f32 hint)": (q_nncf, F32),
+        f"tfcompress INT8 {default}": (q_ours, {}), f"nncf INT8 {default}": (q_nncf, {}),
+    }
+
+
+def int8_speed_table(title: str, fp, q_ours, q_nncf, shape, rounds: int, iters_b1: int, iters_b32: int) -> None:
+    """Speed of both INT8 IRs, interleaved, in each compile precision; each INT8 row against nncf's in the same
+    precision."""
+    variants = int8_variants(fp, q_ours, q_nncf)
+    s = speed(variants, shape, rounds, iters_b1=iters_b1, iters_b32=iters_b32)
+    print(f"{title}: speed, medians of {rounds} interleaved rounds")
+    print("| variant | latency b1 ms | throughput b32 img/s | b1 vs nncf (same precision) | "
+          "b32 vs nncf (same precision) |\n|---|---|---|---|---|")
+    for k, v in s.items():
+        ref = s.get(k.replace("tfcompress", "nncf"))
+        ratios = (f"{v['b1_ms'] / ref['b1_ms']:.2f} | {v['b32_ips'] / ref['b32_ips']:.2f}"
+                  if k.startswith(("tfcompress", "nncf")) else "- | -")
+        print(f"| {k} | {v['b1_ms']:.3f} | {v['b32_ips']:.0f} | {ratios} |")
+    print(flush=True)
+
+
 def main() -> None:
     global NNCF_PYTHON
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -198,6 +228,8 @@ def main() -> None:
     print("compiled INT8 models run the same layers in the same precisions as nncf's: "
           f"{runtime_layers(c_ours) == runtime_layers(c_nncf)}")
     print(f"calibration time: tfcompress {t_ours:.2f} s, nncf {t_nncf:.2f} s (ratio {t_ours / t_nncf:.2f})\n")
+    int8_speed_table("MLPerf Tiny ResNet-8 32x32", fp, q_ours, q_nncf, (32, 32, 3), args.rounds,
+                     iters_b1=300, iters_b32=60)
 
     # (1b) the same comparison over several calibration sets drawn from the training split
     x_train, _ = common.cifar10_train()
@@ -221,16 +253,11 @@ def main() -> None:
         fp, calib, held_out = app_ir(name, work, args.size)
         q_ours, t_ours = ours_quantize(fp, calib)
         q_nncf, t_nncf = nncf_quantize(fp, calib)
-        variants = {
-            "FP32 (f32 hint)": (fp, {"INFERENCE_PRECISION_HINT": "f32"}),
-            f"default ({default_precision()})": (fp, {}),
-            "tfcompress INT8": (q_ours, {}),
-            "nncf INT8": (q_nncf, {}),
-        }
+        variants = int8_variants(fp, q_ours, q_nncf)
         pairs = len(alignment_pairs(fp))
         if pairs:
             q_aligned, t_aligned = ours_quantize(fp, calib, channel_alignment=True)
-            variants["tfcompress INT8, channel_alignment"] = (q_aligned, {})
+            variants["tfcompress INT8, channel_alignment (default precision)"] = (q_aligned, {})
         s = speed(variants, (args.size, args.size, 3), args.rounds, iters_b1=30, iters_b32=4)
         reference = outputs(core.compile_model(fp, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), held_out)
         same = runtime_layers(core.compile_model(q_ours, "CPU")) == runtime_layers(core.compile_model(q_nncf, "CPU"))
@@ -238,11 +265,13 @@ def main() -> None:
               f"nncf {t_nncf:.1f} s (ratio {t_ours / t_nncf:.2f})"
               + (f"; with channel alignment ({pairs} pairs) {t_aligned:.1f} s" if pairs else ""))
         print(f"compiled INT8 models run the same layers in the same precisions as nncf's: {same}")
-        print("| variant | latency b1 ms | throughput b32 img/s | b32 vs nncf | KL from FP32 (x1e-3) |\n"
+        print("| variant | latency b1 ms | throughput b32 img/s | b32 vs nncf INT8 (same precision) | "
+              "KL from FP32 (x1e-3) |\n"
               "|---|---|---|---|---|")
         for k, v in s.items():
             kl = kl_divergence(reference, outputs(core.compile_model(variants[k][0], "CPU", variants[k][1]), held_out))
-            print(f"| {k} | {v['b1_ms']:.2f} | {v['b32_ips']:.1f} | {v['b32_ips'] / s['nncf INT8']['b32_ips']:.2f} "
+            ref = s[[n for n in s if n.startswith("nncf") and ("f32" in n) == ("f32" in k)][0]]
+            print(f"| {k} | {v['b1_ms']:.2f} | {v['b32_ips']:.1f} | {v['b32_ips'] / ref['b32_ips']:.2f} "
                   f"| {1000 * kl:.2f} |")
         print(flush=True)
 
