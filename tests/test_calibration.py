@@ -307,6 +307,37 @@ def test_overflow_fix_covers_a_fully_connected_first_layer(rng):
         assert err["disable"] < 0.03, err
 
 
+def _dequantized_weights(model) -> list[np.ndarray]:
+    """Each int8 weight constant times its per-channel scale (Constant i8 -> Convert -> Multiply), in graph order."""
+    out = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() == "Constant" and op.get_output_element_type(0) == ov.Type.i8:
+            convert = next(iter(op.output(0).get_target_inputs())).get_node()
+            multiply = next(iter(convert.output(0).get_target_inputs())).get_node()
+            out.append(op.get_data().astype(np.float64) * multiply.input_value(1).get_node().get_data())
+    return out
+
+
+def test_seven_bit_grid_is_the_finest_that_keeps_every_weight_within_half_a_step(rng):
+    """The overflow fix's grid: integers in [-63, 63] with a step of abs-max / 63.5 per output channel, so the
+    channel's largest weight (clipped to level 63) is off by half a step, as every other weight at most; the
+    full 8-bit grid of the next layer keeps its abs-max exactly."""
+    import openvino.opset13 as ops
+
+    w1, w2 = rng.normal(size=(32, 16)).astype("float32"), rng.normal(size=(16, 4)).astype("float32")
+    p = ops.parameter([-1, 32], ov.Type.f32)
+    fp = ov.Model([ops.matmul(ops.relu(ops.matmul(p, ops.constant(w1), False, False)), ops.constant(w2),
+                              False, False).output(0)], [p])
+    q = calibration.calibrate(fp, rng.normal(loc=1.0, size=(64, 32)).astype("float32"), verbose=False)
+    assert _int8_weight_maxima(q) == [63, 127]
+    first, second = _dequantized_weights(q)
+    step = np.abs(w1).max(axis=0) / 63.5
+    np.testing.assert_allclose(np.abs(first).max(axis=0), 63 * step, rtol=1e-5)
+    assert np.all(np.abs(first - w1) <= step / 2 * (1 + 1e-4))
+    assert np.abs(first - w1).max(axis=0) == pytest.approx(step / 2, rel=1e-4)  # reached at the clipped abs-max
+    np.testing.assert_allclose(np.abs(second).max(axis=0), np.abs(w2).max(axis=0), rtol=1e-5)
+
+
 def test_ranking_model_switches_each_candidate_like_a_built_trial(resnet8_ir):
     """The one model accuracy control ranks with (a boolean input per candidate) orders the candidate reverts
     as the trial models built with each layer in float do. Its quantizers run as float FakeQuantize, the built
