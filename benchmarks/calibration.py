@@ -150,6 +150,60 @@ def app_ir(name: str, work: str, size: int):
     return ov_model, calib, held_out
 
 
+F32 = {"INFERENCE_PRECISION_HINT": "f32"}
+
+
+def int8_variants(fp, q_ours, q_nncf) -> dict:
+    """FP32 in both precisions and each INT8 IR compiled with the f32 hint and with the plugin's default (the
+    hint decides the precision of the layers left in float: bf16 by default on CPUs with AVX512-BF16 or AMX)."""
+    default = f"default ({default_precision()})"
+    return {
+        "FP32 (f32 hint)": (fp, F32), f"FP32 {default}": (fp, {}),
+        "tfcompress INT8 (f32 hint)": (q_ours, F32), "nncf INT8 (f32 hint)": (q_nncf, F32),
+        f"tfcompress INT8 {default}": (q_ours, {}), f"nncf INT8 {default}": (q_nncf, {}),
+    }
+
+
+def int8_speed_table(title: str, fp, q_ours, q_nncf, shape, rounds: int, iters_b1: int, iters_b32: int) -> None:
+    """Speed of both INT8 IRs, interleaved, in each compile precision; each INT8 row against nncf's in the same
+    precision."""
+    variants = int8_variants(fp, q_ours, q_nncf)
+    s = speed(variants, shape, rounds, iters_b1=iters_b1, iters_b32=iters_b32)
+    print(f"{title}: speed, medians of {rounds} interleaved rounds")
+    print("| variant | latency b1 ms | throughput b32 img/s | b1 vs nncf (same precision) | "
+          "b32 vs nncf (same precision) |\n|---|---|---|---|---|")
+    for k, v in s.items():
+        ref = s.get(k.replace("tfcompress", "nncf"))
+        ratios = (f"{v['b1_ms'] / ref['b1_ms']:.2f} | {v['b32_ips'] / ref['b32_ips']:.2f}"
+                  if k.startswith(("tfcompress", "nncf")) else "- | -")
+        print(f"| {k} | {v['b1_ms']:.3f} | {v['b32_ips']:.0f} | {ratios} |")
+    print(flush=True)
+
+
+def calibration_sets(fp, x, y, n_sets: int) -> None:
+    """(1b): both calibrators on ``n_sets`` sets of 300 random training JPEGs, accuracy on all test images."""
+    import openvino as ov
+
+    core = ov.Core()
+    x_train, _ = common.cifar10_train()
+    rng = np.random.default_rng(0)
+    accs: dict = {"tfcompress INT8": [], "nncf.quantize INT8": []}
+    for _ in range(n_sets):
+        subset = x_train[rng.choice(len(x_train), 300, replace=False)].astype(np.float32)
+        for key, fn in (("tfcompress INT8", ours_quantize), ("nncf.quantize INT8", nncf_quantize)):
+            accs[key].append(accuracy(core.compile_model(fn(fp, subset)[0], "CPU"), x, y))
+    fp_all = accuracy(core.compile_model(fp, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), x, y)
+    print(f"(1b) {n_sets} calibration sets of 300 random JPEG training images, accuracy on all "
+          f"10,000 test images (FP32 {100 * fp_all:.2f} %)")
+    print("| model | mean accuracy % | std | min | max |\n|---|---|---|---|---|")
+    for key, v in accs.items():
+        v = 100 * np.asarray(v)
+        print(f"| {key} | {v.mean():.2f} | {v.std():.2f} | {v.min():.2f} | {v.max():.2f} |")
+    diff = 100 * (np.asarray(accs["tfcompress INT8"]) - np.asarray(accs["nncf.quantize INT8"]))
+    print("per set, tfcompress - nncf (points): " + ", ".join(f"{d:+.2f}" for d in diff))
+    print(flush=True)
+
+
 def main() -> None:
     global NNCF_PYTHON
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -198,39 +252,23 @@ def main() -> None:
     print("compiled INT8 models run the same layers in the same precisions as nncf's: "
           f"{runtime_layers(c_ours) == runtime_layers(c_nncf)}")
     print(f"calibration time: tfcompress {t_ours:.2f} s, nncf {t_nncf:.2f} s (ratio {t_ours / t_nncf:.2f})\n")
+    int8_speed_table("MLPerf Tiny ResNet-8 32x32", fp, q_ours, q_nncf, (32, 32, 3), args.rounds,
+                     iters_b1=300, iters_b32=60)
 
     # (1b) the same comparison over several calibration sets drawn from the training split
-    x_train, _ = common.cifar10_train()
-    rng = np.random.default_rng(0)
-    accs: dict = {"tfcompress INT8": [], "nncf.quantize INT8": []}
-    for _ in range(args.calibration_sets):
-        subset = x_train[rng.choice(len(x_train), 300, replace=False)].astype(np.float32)
-        for key, fn in (("tfcompress INT8", ours_quantize), ("nncf.quantize INT8", nncf_quantize)):
-            accs[key].append(accuracy(core.compile_model(fn(fp, subset)[0], "CPU"), x, y))
-    fp_all = accuracy(core.compile_model(fp, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), x, y)
-    print(f"(1b) {args.calibration_sets} calibration sets of 300 random JPEG training images, accuracy on all "
-          f"10,000 test images (FP32 {100 * fp_all:.2f} %)")
-    print("| model | mean accuracy % | std | min | max |\n|---|---|---|---|---|")
-    for key, v in accs.items():
-        v = 100 * np.asarray(v)
-        print(f"| {key} | {v.mean():.2f} | {v.std():.2f} | {v.min():.2f} | {v.max():.2f} |")
-    print(flush=True)
+    if args.calibration_sets > 0:
+        calibration_sets(fp, x, y, args.calibration_sets)
 
     # (2) speed and calibration time on larger models
     for name in [m for m in args.models.split(",") if m]:
         fp, calib, held_out = app_ir(name, work, args.size)
         q_ours, t_ours = ours_quantize(fp, calib)
         q_nncf, t_nncf = nncf_quantize(fp, calib)
-        variants = {
-            "FP32 (f32 hint)": (fp, {"INFERENCE_PRECISION_HINT": "f32"}),
-            f"default ({default_precision()})": (fp, {}),
-            "tfcompress INT8": (q_ours, {}),
-            "nncf INT8": (q_nncf, {}),
-        }
+        variants = int8_variants(fp, q_ours, q_nncf)
         pairs = len(alignment_pairs(fp))
         if pairs:
             q_aligned, t_aligned = ours_quantize(fp, calib, channel_alignment=True)
-            variants["tfcompress INT8, channel_alignment"] = (q_aligned, {})
+            variants["tfcompress INT8, channel_alignment (default precision)"] = (q_aligned, {})
         s = speed(variants, (args.size, args.size, 3), args.rounds, iters_b1=30, iters_b32=4)
         reference = outputs(core.compile_model(fp, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), held_out)
         same = runtime_layers(core.compile_model(q_ours, "CPU")) == runtime_layers(core.compile_model(q_nncf, "CPU"))
@@ -238,11 +276,13 @@ def main() -> None:
               f"nncf {t_nncf:.1f} s (ratio {t_ours / t_nncf:.2f})"
               + (f"; with channel alignment ({pairs} pairs) {t_aligned:.1f} s" if pairs else ""))
         print(f"compiled INT8 models run the same layers in the same precisions as nncf's: {same}")
-        print("| variant | latency b1 ms | throughput b32 img/s | b32 vs nncf | KL from FP32 (x1e-3) |\n"
+        print("| variant | latency b1 ms | throughput b32 img/s | b32 vs nncf INT8 (same precision) | "
+              "KL from FP32 (x1e-3) |\n"
               "|---|---|---|---|---|")
         for k, v in s.items():
             kl = kl_divergence(reference, outputs(core.compile_model(variants[k][0], "CPU", variants[k][1]), held_out))
-            print(f"| {k} | {v['b1_ms']:.2f} | {v['b32_ips']:.1f} | {v['b32_ips'] / s['nncf INT8']['b32_ips']:.2f} "
+            ref = s[[n for n in s if n.startswith("nncf") and ("f32" in n) == ("f32" in k)][0]]
+            print(f"| {k} | {v['b1_ms']:.2f} | {v['b32_ips']:.1f} | {v['b32_ips'] / ref['b32_ips']:.2f} "
                   f"| {1000 * kl:.2f} |")
         print(flush=True)
 

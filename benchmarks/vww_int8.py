@@ -1,9 +1,10 @@
 """INT8 on a depthwise network: MLPerf Tiny VWW MobileNetV1-0.25 (96x96), tfcompress vs nncf, same FP32 IR.
 
     /work/venv/bin/python benchmarks/vww_int8.py [--nncf_python /work/venv-nncf/bin/python] [--ablation]
+        [--n_eval 9700]
 
 Inputs: CIFAR-10 JPEG test images resized to 96x96, scaled to [0, 1] (the model's input range); calibration on
-[0:300], evaluation on [300:2300]. The reference is the FP32 IR compiled with the f32 hint: agreement of the
+[0:300], evaluation on [300:300 + n_eval] (default 2,000; at most 9,700). The reference is the FP32 IR compiled with the f32 hint: agreement of the
 INT8 model's argmax with FP32's, and mean KL(FP32 || INT8) of the softmax outputs. nncf runs in its own venv
 (a subprocess on the saved FP32 IR): tfcompress never imports it. ``--ablation`` also measures our INT8 model
 without bias correction and with bias correction on GroupConvolution layers too.
@@ -72,6 +73,39 @@ def vww_data(n_calib: int = 300, n_eval: int = 2000) -> tuple[np.ndarray, np.nda
     return x[:n_calib].astype(np.float32), x[n_calib:].astype(np.float32)
 
 
+def mcnemar(same_a: np.ndarray, same_b: np.ndarray) -> str:
+    """Images only A keeps at FP32's class vs only B, and the two-sided p-value of "A and B agree equally often"
+    (continuity-corrected McNemar test)."""
+    from math import erfc, sqrt
+
+    a_only, b_only = int(np.sum(same_a & ~same_b)), int(np.sum(~same_a & same_b))
+    z = (abs(a_only - b_only) - 1) / sqrt(max(a_only + b_only, 1))
+    return f"{a_only} images only tfcompress keeps at FP32's class, {b_only} only nncf; McNemar p = " \
+           f"{erfc(max(z, 0) / sqrt(2)):.2f}"
+
+
+def activation_ranges(model) -> dict:
+    """Activation FakeQuantizes keyed by their producer's name: input_high (one value per channel or one)."""
+    out = {}
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "FakeQuantize" or op.input_value(0).get_node().get_type_name() == "Constant":
+            continue
+        high = op.input_value(2).get_node()
+        while high.get_type_name() != "Constant":
+            high = high.input_value(0).get_node()
+        out[op.input_value(0).get_node().get_friendly_name()] = np.asarray(high.get_data(), np.float64).ravel()
+    return out
+
+
+def range_difference(ours, theirs) -> str:
+    """How far our activation ranges are from nncf's: quantizers compared, largest relative difference."""
+    a, b = activation_ranges(ours), activation_ranges(theirs)
+    common_keys = [k for k in b if k in a and a[k].shape == b[k].shape]
+    worst = max((float(np.max(np.abs(a[k] / b[k] - 1))) for k in common_keys), default=float("nan"))
+    return f"{len(common_keys)} of nncf's {len(b)} activation quantizers matched (ours {len(a)}); " \
+           f"largest relative range difference {worst:.2e}"
+
+
 def outputs(compiled, x: np.ndarray, batch: int = 100) -> np.ndarray:
     return np.concatenate([compiled({0: x[i:i + batch]})[compiled.outputs[0]] for i in range(0, len(x), batch)])
 
@@ -97,6 +131,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nncf_python", default="/work/venv-nncf/bin/python")
     ap.add_argument("--ablation", action="store_true")
+    ap.add_argument("--n_eval", type=int, default=2000, help="evaluation images (at most 9,700)")
     ap.add_argument("--work", default=None, help="directory for the IRs (default: a new temporary one)")
     args = ap.parse_args()
     import openvino as ov
@@ -109,13 +144,15 @@ def main() -> None:
     os.makedirs(work, exist_ok=True)
     print(f"machine: {common.machine()}\n")
     xml = vww_ir(work)
-    calib, held_out = vww_data()
+    if not 0 < args.n_eval <= 9700:
+        raise ValueError(f"--n_eval must be in 1..9700, got {args.n_eval}")
+    calib, held_out = vww_data(n_eval=args.n_eval)
     fp = core.read_model(xml)
     reference = outputs(core.compile_model(fp, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), held_out)
     rows = {"OpenVINO default precision (no INT8)": (core.compile_model(fp, "CPU"), None)}
     t = time.perf_counter()
-    rows["tfcompress INT8"] = (core.compile_model(calibration.calibrate(fp, calib, verbose=False), "CPU"),
-                               time.perf_counter() - t)
+    ours = calibration.calibrate(fp, calib, verbose=False)
+    rows["tfcompress INT8"] = (core.compile_model(ours, "CPU"), time.perf_counter() - t)
     if args.ablation:
         rows["tfcompress INT8, no bias correction"] = (
             core.compile_model(calibration.calibrate(fp, calib, bias_correction=False, verbose=False), "CPU"), None)
@@ -126,12 +163,17 @@ def main() -> None:
         quantize.BIAS_CORRECTED_OPS = kept
     nncf_xml, t_nncf = run_nncf(args.nncf_python, xml, calib, work)
     rows["nncf.quantize INT8"] = (core.compile_model(nncf_xml, "CPU"), t_nncf)
-    print("VWW MobileNetV1-0.25 96x96: calibration CIFAR-10 test [0:300], evaluation [300:2300], "
+    print(f"VWW MobileNetV1-0.25 96x96: calibration CIFAR-10 test [0:300], evaluation [300:{300 + args.n_eval}], "
           "reference FP32 (f32 hint)")
     print("| model | agreement with FP32 % | KL from FP32 (x1e-3) | calibration s |\n|---|---|---|---|")
+    same = {}
     for name, (compiled, seconds) in rows.items():
-        agree, kl = closeness(reference, outputs(compiled, held_out))
+        out = outputs(compiled, held_out)
+        agree, kl = closeness(reference, out)
+        same[name] = reference.argmax(1) == out.argmax(1)
         print(f"| {name} | {100 * agree:.2f} | {1000 * kl:.2f} | {'-' if seconds is None else f'{seconds:.2f}'} |")
+    print(mcnemar(same["tfcompress INT8"], same["nncf.quantize INT8"]))
+    print(range_difference(ours, core.read_model(nncf_xml)))
 
 
 if __name__ == "__main__":

@@ -72,6 +72,37 @@ def test_every_conv_and_matmul_runs_int8_and_accuracy_holds(resnet8_ir):
     assert acc_q >= acc_fp - 0.01
 
 
+def _activation_highs(model) -> dict:
+    """Per-tensor activation FakeQuantizes: producer's friendly name -> input_high."""
+    out = {}
+    for op in model.get_ordered_ops():
+        high = op.input_value(2).get_node() if op.get_type_name() == "FakeQuantize" else None
+        if high is not None and op.input_value(0).get_node().get_type_name() != "Constant" \
+                and high.get_type_name() == "Constant" and high.get_data().size == 1:
+            out[op.input_value(0).get_node().get_friendly_name()] = float(high.get_data().ravel()[0])
+    return out
+
+
+def test_activation_ranges_are_the_f32_models_mean_of_per_sample_maxima(resnet8_ir):
+    """Each per-tensor range is the mean over the calibration samples of each sample's max |x| in the FP32
+    model run in f32 (NNCF's estimator and precision), whatever precision the plugin would pick by default
+    (bf16 on CPUs with AVX512-BF16 or AMX rounds the maxima to 8 mantissa bits: up to 0.4 % off)."""
+    xml, calib, _ = resnet8_ir
+    fp = ov.Core().read_model(xml)
+    highs = _activation_highs(calibration.calibrate(fp, calib[:64], subset_size=64, verbose=False))
+    assert len(highs) >= 9, highs
+    probe = fp.clone()
+    by_name = {op.get_friendly_name(): op for op in probe.get_ordered_ops()}
+    names = sorted(highs)
+    probe.add_outputs([by_name[n].output(0) for n in names])
+    compiled = _f32(probe)
+    res = compiled({0: calib[:64]})
+    extra = compiled.outputs[len(compiled.outputs) - len(names):]
+    for name, out in zip(names, extra):
+        x = np.abs(np.asarray(res[out])).reshape(64, -1).max(axis=1)
+        assert highs[name] == pytest.approx(float(x.mean()), rel=1e-5), name
+
+
 def test_calibration_data_as_tf_dataset_and_mixed_preset(resnet8_ir):
     xml, calib, val = resnet8_ir
     ds = tf.data.Dataset.from_tensor_slices(calib).batch(32)
@@ -274,6 +305,37 @@ def test_overflow_fix_covers_a_fully_connected_first_layer(rng):
         assert err["disable"] > 3 * err["first_layer"], err
     else:
         assert err["disable"] < 0.03, err
+
+
+def _dequantized_weights(model) -> list[np.ndarray]:
+    """Each int8 weight constant times its per-channel scale (Constant i8 -> Convert -> Multiply), in graph order."""
+    out = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() == "Constant" and op.get_output_element_type(0) == ov.Type.i8:
+            convert = next(iter(op.output(0).get_target_inputs())).get_node()
+            multiply = next(iter(convert.output(0).get_target_inputs())).get_node()
+            out.append(op.get_data().astype(np.float64) * multiply.input_value(1).get_node().get_data())
+    return out
+
+
+def test_seven_bit_grid_is_the_finest_that_keeps_every_weight_within_half_a_step(rng):
+    """The overflow fix's grid: integers in [-63, 63] with a step of abs-max / 63.5 per output channel, so the
+    channel's largest weight (clipped to level 63) is off by half a step, as every other weight at most; the
+    full 8-bit grid of the next layer keeps its abs-max exactly."""
+    import openvino.opset13 as ops
+
+    w1, w2 = rng.normal(size=(32, 16)).astype("float32"), rng.normal(size=(16, 4)).astype("float32")
+    p = ops.parameter([-1, 32], ov.Type.f32)
+    fp = ov.Model([ops.matmul(ops.relu(ops.matmul(p, ops.constant(w1), False, False)), ops.constant(w2),
+                              False, False).output(0)], [p])
+    q = calibration.calibrate(fp, rng.normal(loc=1.0, size=(64, 32)).astype("float32"), verbose=False)
+    assert _int8_weight_maxima(q) == [63, 127]
+    first, second = _dequantized_weights(q)
+    step = np.abs(w1).max(axis=0) / 63.5
+    np.testing.assert_allclose(np.abs(first).max(axis=0), 63 * step, rtol=1e-5)
+    assert np.all(np.abs(first - w1) <= step / 2 * (1 + 1e-4))
+    assert np.abs(first - w1).max(axis=0) == pytest.approx(step / 2, rel=1e-4)  # reached at the clipped abs-max
+    np.testing.assert_allclose(np.abs(second).max(axis=0), np.abs(w2).max(axis=0), rtol=1e-5)
 
 
 def test_ranking_model_switches_each_candidate_like_a_built_trial(resnet8_ir):

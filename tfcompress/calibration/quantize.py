@@ -105,18 +105,38 @@ def _float_weights(wp: WeightPoint) -> np.ndarray:
 
 
 def _weight_limit(wp: WeightPoint, w: np.ndarray) -> np.ndarray:
-    """The FakeQuantize range [-limit, limit] (255 levels) of the weights: their per-output-channel abs-max, or
-    twice that (127/63) for the 7-bit grid of the overflow fix, so the integers stay within [-63, 63]."""
+    """The FakeQuantize range [-limit, limit] (255 levels, step limit / 127) of the weights: their
+    per-output-channel abs-max, or for the 7-bit grid of the overflow fix twice that: a step of abs-max / 63.5,
+    the finest grid of integers in [-63, 63] whose error stays within half a step up to the abs-max (as NNCF's
+    half range; the weights are clipped at 63 steps, see :func:`_grid_weights`)."""
     m = weight_ranges(w, wp.channel_axes)
-    return m * np.float32(127.0 / 63.0) if wp.half_range else m
+    return m * np.float32(2.0) if wp.half_range else m
+
+
+def _top_level(wp: WeightPoint) -> int:
+    """The largest integer the weights may take: 63 on the overflow fix's 7-bit grid, else 127."""
+    return 63 if wp.half_range else 127
+
+
+def _grid_weights(wp: WeightPoint) -> np.ndarray:
+    """The float weights, clipped at the grid's top level: on the 7-bit grid the abs-max lies half a step above
+    level 63, where the FakeQuantize would round it to 64."""
+    w = _float_weights(wp)
+    if not wp.half_range:
+        return w
+    top = _weight_limit(wp, w) / np.float32(127.0) * np.float32(_top_level(wp))
+    return np.clip(w, -top, top).astype(np.float32)
 
 
 def _weight_fq(wp: WeightPoint, source=None):
     """FakeQuantize of a layer's weights (or of ``source``, a copy of them): symmetric per output channel on
-    the int8 grid (255 levels)."""
+    the int8 grid (255 levels), or the 7-bit grid of the overflow fix, which reads a clipped copy of the
+    weights (:func:`_grid_weights`)."""
     import openvino.opset13 as ops
 
     m = _weight_limit(wp, _float_weights(wp))
+    if wp.half_range:
+        source = ops.constant(_grid_weights(wp)).output(0)
     src = wp.op.input(1).get_source_output() if source is None else source
     return ops.fake_quantize(src, -m, m, -m, m, 255)
 
@@ -184,7 +204,7 @@ def _quantized_weights(wp: WeightPoint) -> np.ndarray:
     """The weights as the FakeQuantize of :func:`_weight_fq` leaves them (int8 grid, per output channel)."""
     w = _float_weights(wp)
     step = _weight_limit(wp, w) / 127.0
-    return np.clip(np.round(w / step), -127, 127) * step
+    return np.clip(np.round(w / step), -_top_level(wp), _top_level(wp)) * step
 
 
 def fast_bias_shifts(points, stats: Statistics) -> dict:
@@ -354,9 +374,10 @@ def _calibration_state(model, data, preset, subset_size, bias_correction, ignore
     """One statistics pass: activation ranges and, with ``bias_correction``, every layer's bias shift."""
     acts, weights = find_points(model, ignored_layers, overflow_fix)
     corrected = bias_points(model, weights) if bias_correction else []
-    # the plugin's default precision, as NNCF's statistics pass (bf16 where the CPU has it: 1.7x faster)
+    # in f32, as NNCF's statistics pass: a bf16 pass (the default on CPUs with AVX512-BF16 or AMX) rounds every
+    # maximum to 8 mantissa bits, so the ranges and means would be those of a rounded model
     stats = collect(model, acts, data, subset_size, verbose=verbose, quantiles=estimator == "quantile",
-                    precision=None, mean_points=sorted({(key, kind) for _, key, kind in corrected}))
+                    precision="f32", mean_points=sorted({(key, kind) for _, key, kind in corrected}))
     ranges = act_ranges(acts, stats, preset, estimator)
     shifts = fast_bias_shifts(corrected, stats) if corrected else {}
     return ranges, shifts
