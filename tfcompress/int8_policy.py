@@ -25,7 +25,7 @@ import dataclasses
 from typing import Sequence
 
 __all__ = [
-    "OpPolicy", "WEIGHTED", "DEPTHWISE", "JOIN", "POOLING", "MAX_POOLING", "PAD", "RESHAPE", "FLOAT",
+    "OpPolicy", "WEIGHTED", "DEPTHWISE", "JOIN", "GATE", "POOLING", "MAX_POOLING", "PAD", "RESHAPE", "FLOAT",
     "OVERFLOW_FIX", "quantized_inputs", "quantizer_moves_above",
 ]
 
@@ -37,7 +37,8 @@ class OpPolicy:
     Attributes:
         inputs: which inputs get an activation quantizer: ``"data"`` (input 0 of a layer with weights, which
             are quantized too), ``"all"`` (every tensor input, e.g. both operands of a residual add),
-            ``"first"`` (the pooled input) or ``"none"``.
+            ``"first"`` (the pooled input), ``"broadcast"`` (every tensor input, when one is broadcast over
+            the other: a gate) or ``"none"``.
         moves_values: the op only moves or selects values (a quantized input gives an output on the same
             grid): a quantizer of its output moves above it when every reader of the output reads it quantized.
         keeps_channels: it keeps every value in its channel, so a per-channel quantizer may move above it too.
@@ -54,6 +55,10 @@ class OpPolicy:
 WEIGHTED = OpPolicy(inputs="data")  # convolution (also transposed, separable's two parts), fully connected
 DEPTHWISE = OpPolicy(inputs="data", per_channel_input=True)
 JOIN = OpPolicy(inputs="all")  # elementwise sum of tensors
+# elementwise product of tensors: a gate broadcast over a feature map (squeeze-and-excitation, spatial
+# attention) runs INT8 with both operands quantized, as NNCF quantizes it; a product of equal shapes is the
+# inside of an activation (x * sigmoid(x), x * hard_sigmoid(x)) that OpenVINO fuses into one op: it stays float
+GATE = OpPolicy(inputs="broadcast")
 POOLING = OpPolicy(inputs="first")  # average and global pooling
 MAX_POOLING = OpPolicy(inputs="first", moves_values=True, keeps_channels=True)
 PAD = OpPolicy(moves_values=True, keeps_channels=True)  # zero padding only: the pad value must be on the grid
@@ -69,7 +74,8 @@ FLOAT = OpPolicy()  # everything else: computes in float, quantizes nothing
 OVERFLOW_FIX = ("first_layer", "enable", "disable")
 
 
-def quantized_inputs(policy: OpPolicy, constant: Sequence[bool], weights_quantizable: bool = True) -> list[int]:
+def quantized_inputs(policy: OpPolicy, constant: Sequence[bool], weights_quantizable: bool = True,
+                     broadcast: bool = False) -> list[int]:
     """The inputs of an op that get activation quantizers.
 
     Args:
@@ -78,10 +84,11 @@ def quantized_inputs(policy: OpPolicy, constant: Sequence[bool], weights_quantiz
             a constant operand is a bias or a shift, not a residual add, and stays float).
         weights_quantizable: for a layer with weights, whether they are quantized (constant, or quantized by
             QAT): a matrix product of two activations (attention) stays float.
+        broadcast: whether the inputs' shapes differ (one is broadcast over the other).
     """
     if policy.inputs == "data":
         return [0] if weights_quantizable else []
-    if policy.inputs == "all":
+    if policy.inputs == "all" or (policy.inputs == "broadcast" and broadcast):
         return [] if any(constant) else list(range(len(constant)))
     if policy.inputs == "first":
         return [0]

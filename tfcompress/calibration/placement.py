@@ -20,7 +20,7 @@ __all__ = ["ActivationPoint", "WeightPoint", "find_points", "op_policy", "quanti
 # OpenVINO op types -> their policy (GroupConvolution: see op_policy)
 _POLICIES = {
     "Convolution": policy.WEIGHTED, "GroupConvolution": policy.WEIGHTED, "MatMul": policy.WEIGHTED,
-    "ConvolutionBackpropData": policy.WEIGHTED, "Add": policy.JOIN,
+    "ConvolutionBackpropData": policy.WEIGHTED, "Add": policy.JOIN, "Multiply": policy.GATE,
     "AvgPool": policy.POOLING, "ReduceMean": policy.POOLING, "ReduceMax": policy.POOLING,
     "MaxPool": policy.MAX_POOLING, "Pad": policy.PAD,
     "Reshape": policy.RESHAPE, "Transpose": policy.RESHAPE, "Squeeze": policy.RESHAPE, "Unsqueeze": policy.RESHAPE,
@@ -154,7 +154,8 @@ def quantized_inputs(op) -> list[int]:
     if _has_weights(op):
         w_src = _source(op.input(1))
         weights_ok = constant[1] or _quantized_weights(w_src)
-    return policy.quantized_inputs(op_policy(op), constant, weights_ok)
+    shapes = {str(op.get_input_partial_shape(i)) for i in range(op.get_input_size())}
+    return policy.quantized_inputs(op_policy(op), constant, weights_ok, broadcast=len(shapes) > 1)
 
 
 

@@ -33,7 +33,7 @@ _DEPTHWISE = (_L.DepthwiseConv1D, _L.DepthwiseConv2D)
 # the other Keras layers the INT8 placement policy (tfcompress.int8_policy) names; a layer with weights and no
 # twin, or any other layer, is FLOAT
 _LAYER_POLICIES = {
-    _L.Add: policy.JOIN,
+    _L.Add: policy.JOIN, _L.Multiply: policy.GATE,
     _L.MaxPooling1D: policy.MAX_POOLING, _L.MaxPooling2D: policy.MAX_POOLING, _L.MaxPooling3D: policy.MAX_POOLING,
     _L.AveragePooling1D: policy.POOLING, _L.AveragePooling2D: policy.POOLING, _L.AveragePooling3D: policy.POOLING,
     _L.GlobalAveragePooling1D: policy.POOLING, _L.GlobalAveragePooling2D: policy.POOLING,
@@ -44,7 +44,7 @@ _LAYER_POLICIES = {
 }
 # keras.ops nodes (by operation class name): a residual ``x + y`` is the same Add for OpenVINO as a layers.Add
 _OP_POLICIES = {
-    "Add": policy.JOIN, "Reshape": policy.RESHAPE, "Transpose": policy.RESHAPE, "Squeeze": policy.RESHAPE,
+    "Add": policy.JOIN, "Multiply": policy.GATE, "Reshape": policy.RESHAPE, "Transpose": policy.RESHAPE, "Squeeze": policy.RESHAPE,
     "ExpandDims": policy.RESHAPE,
 }
 # float layers with weights not worth a warning: OpenVINO folds them into the neighbouring convolution
@@ -70,7 +70,8 @@ def quantize_model(
 
     Every Keras convolution (1D, 2D and 3D; depthwise, separable and transposed ones too) and Dense become
     layers with fake-quantized weights (int8, symmetric, per output channel); their inputs, both inputs of
-    every ``Add`` (a layer or a ``keras.ops`` addition of two tensors) and the inputs of pooling layers get an
+    every ``Add`` (a layer or a ``keras.ops`` addition of two tensors), both operands of a product whose one
+    operand is broadcast over the other (a squeeze-and-excitation gate) and the inputs of pooling layers get an
     :class:`ActivationQuantizer` (one per tensor, shared by all its readers): the placement OpenVINO's CPU
     plugin executes in INT8. BatchNormalization stays as it is (OpenVINO fuses it after the convolution). Other
     layers and ``keras.ops`` nodes (LayerNormalization, activations such as GELU, attention) stay float where they
@@ -209,7 +210,8 @@ def _placement(kg, op_policy) -> dict[int, str]:
         for tid in tids:
             if tid is not None:
                 readers.setdefault(tid, []).append(rec)
-        picked = policy.quantized_inputs(op_policy(rec), [t is None for t in tids])
+        shapes = {tuple(t.shape) for t in leaves if isinstance(t, keras.KerasTensor)}
+        picked = policy.quantized_inputs(op_policy(rec), [t is None for t in tids], broadcast=len(shapes) > 1)
         wanted[id(rec)] = [tids[k] for k in picked if k < len(tids) and tids[k] is not None]
     memo: dict[int, bool] = {}
 
