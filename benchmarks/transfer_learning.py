@@ -141,8 +141,10 @@ def finetune(args, pretrained: pathlib.Path, train: tf.data.Dataset, stats: np.n
         train = with_teacher(train, load(pretrained))
     callbacks, pruner = [], None
     if criterion is not None:
+        allocation = {} if args.allocation == "uniform" else {"flops_allocation": args.allocation,
+                                                              "max_group_level": 0.95}
         pruner = FilterPruning(flops_target=args.flops_target, criterion=criterion,
-                               pruning_epochs=args.pruning_epochs, compensation_data=stats)
+                               pruning_epochs=args.pruning_epochs, compensation_data=stats, **allocation)
         callbacks.append(pruner)
     t0 = time.time()
     model.fit(train, steps_per_epoch=steps, epochs=args.finetune_epochs, callbacks=callbacks, verbose=2)
@@ -165,6 +167,7 @@ def main() -> None:
     ap.add_argument("--epoch_images", type=int, default=15_000, help="images per fine-tuning epoch")
     ap.add_argument("--pruning_epochs", type=int, default=3)
     ap.add_argument("--flops_target", type=float, default=0.4)
+    ap.add_argument("--allocation", default="uniform", help="flops_allocation (max_group_level=0.95 unless uniform)")
     ap.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of the fine-tunes")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
@@ -194,7 +197,9 @@ def main() -> None:
     key = f"{pretrained.stem}_f{args.finetune_epochs}x{args.epoch_images}_r{args.pruning_epochs}" \
           f"_lr{args.lr}_t{args.flops_target}_s{args.seed}"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    runs = results.setdefault(key, {})
+    runs = results.setdefault(key if args.allocation == "uniform" else f"{key}_{args.allocation}", {})
+    if "none" in results.get(key, {}):
+        runs.setdefault("none", results[key]["none"])  # the unpruned reference does not depend on the allocation
     for criterion in ["none", *args.criteria.split(",")]:
         if criterion not in runs:
             name, _, extra = criterion.partition("+")
