@@ -4,6 +4,7 @@
     python benchmarks/transfer_learning.py --pretrain_epochs 1 --pretrain_epoch_images 640 \\
         --finetune_epochs 2 --epoch_images 640 --pruning_epochs 1 --criteria l1,l1+distill --cache /tmp/tl  # quick check
     python benchmarks/transfer_learning.py --resume_epochs 6 --criteria emitted,l1,emitted+distill   # converged
+    python benchmarks/transfer_learning.py --resume_epochs 6 --criteria emitted+distill --allocation global_per_flop
 
 1. The "pretrained" model: the MLPerf Tiny VWW MobileNetV1-0.25 backbone (96x96, everything up to its
    ``flatten``) with a new 10-class softmax head, fine-tuned on CIFAR-10 resized to 96x96 (45,000 training
