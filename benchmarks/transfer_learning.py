@@ -2,15 +2,21 @@
 
     python benchmarks/transfer_learning.py                                   # the recorded run (BENCHMARKS 1d)
     python benchmarks/transfer_learning.py --pretrain_epochs 1 --pretrain_epoch_images 640 \\
-        --finetune_epochs 2 --epoch_images 640 --pruning_epochs 1 --criteria l1 --cache /tmp/tl                                        # quick check
+        --finetune_epochs 2 --epoch_images 640 --pruning_epochs 1 --criteria l1,l1+distill --cache /tmp/tl  # quick check
+    python benchmarks/transfer_learning.py --resume_epochs 6 --criteria emitted,l1,emitted+distill   # converged
+    python benchmarks/transfer_learning.py --resume_epochs 6 --criteria emitted+distill --allocation global_per_flop
 
 1. The "pretrained" model: the MLPerf Tiny VWW MobileNetV1-0.25 backbone (96x96, everything up to its
    ``flatten``) with a new 10-class softmax head, fine-tuned on CIFAR-10 resized to 96x96 (45,000 training
    images; the last 5,000 of the shuffled training split are held out to watch convergence) with Adam and a
-   cosine schedule with warm-up. The converged model is cached (``--cache``) and reused by later runs.
+   cosine schedule with warm-up. The model is cached (``--cache``) and reused by later runs;
+   ``--resume_epochs N`` trains the cached model N more epochs (a second cosine from ``--resume_lr``) and caches
+   that one too, so a model that had not converged can be carried on without starting over.
 2. From it, fine-tunes of the same length (``--finetune_epochs`` epochs of ``--epoch_images`` images, Adam
    with a cosine schedule from ``--lr``): once without pruning (the reference) and once per criterion with
    ``FilterPruning(flops_target=0.4, criterion=..., pruning_epochs=..., compensation_data=512 training images)``.
+   A criterion written ``name+distill`` also lets the unpruned pretrained model teach the pruned one
+   (``DistillationLoss(alpha=0.5, temperature=4.0)`` on ``with_teacher`` batches, as the README recommends).
 3. Each model is stripped (:func:`tfcompress.strip`) and evaluated on the 10,000 CIFAR-10 test JPEGs; the
    table gives accuracy, the drop against the reference, FLOPs and parameters after strip.
 
@@ -36,7 +42,7 @@ import tensorflow as tf  # noqa: E402
 import common  # noqa: E402
 import tfcompress  # noqa: E402
 from pretrained_pruning import _DepthwiseConv2D, load_vww  # noqa: E402
-from tfcompress.pruning import FilterPruning  # noqa: E402
+from tfcompress.pruning import DistillationAccuracy, DistillationLoss, FilterPruning, with_teacher  # noqa: E402
 
 SIZE = 96
 HELD_OUT = 5000
@@ -83,33 +89,63 @@ def accuracy(model: keras.Model, ds: tf.data.Dataset) -> float:
 
 
 def pretrain(args, train: tf.data.Dataset, val: tf.data.Dataset, path: pathlib.Path) -> tuple[keras.Model, list]:
-    """The converged model (cached at ``path``) and its per-epoch held-out accuracies."""
+    """The "pretrained" model (cached at ``path``) and its per-epoch held-out accuracies."""
     log = path.with_suffix(".json")
     if path.exists():
         return load(path), json.loads(log.read_text())
     keras.utils.set_random_seed(args.seed)
     model = backbone_with_head()
-    steps = args.pretrain_epoch_images // args.batch
-    compile_with(model, args.pretrain_lr, steps * args.pretrain_epochs, warmup=steps // 4)
-    hist = model.fit(train, steps_per_epoch=steps, epochs=args.pretrain_epochs, validation_data=val, verbose=2)
-    curve = [round(100 * a, 2) for a in hist.history["val_accuracy"]]
+    curve = train_epochs(model, train, val, args.pretrain_epochs, args.pretrain_lr, args)
     model.save(path)
     log.write_text(json.dumps(curve))
     return model, curve
 
 
+def resume(args, train: tf.data.Dataset, val: tf.data.Dataset, base: pathlib.Path,
+           path: pathlib.Path) -> tuple[keras.Model, list]:
+    """The cached model at ``base`` trained ``--resume_epochs`` more epochs (cached at ``path``); the curve
+    covers both runs."""
+    log = path.with_suffix(".json")
+    if path.exists():
+        return load(path), json.loads(log.read_text())
+    keras.utils.set_random_seed(args.seed + 2)
+    model = load(base)
+    curve = json.loads(base.with_suffix(".json").read_text())
+    curve += train_epochs(model, train, val, args.resume_epochs, args.resume_lr, args)
+    model.save(path)
+    log.write_text(json.dumps(curve))
+    return model, curve
+
+
+def train_epochs(model: keras.Model, train: tf.data.Dataset, val: tf.data.Dataset, epochs: int, peak_lr: float,
+                 args) -> list:
+    """Train ``epochs`` epochs of ``--pretrain_epoch_images`` images (Adam, cosine with warm-up); the held-out
+    accuracy (%) after each epoch."""
+    steps = args.pretrain_epoch_images // args.batch
+    compile_with(model, peak_lr, steps * epochs, warmup=steps // 4)
+    hist = model.fit(train, steps_per_epoch=steps, epochs=epochs, validation_data=val, verbose=2)
+    return [round(100 * a, 2) for a in hist.history["val_accuracy"]]
+
+
 def finetune(args, pretrained: pathlib.Path, train: tf.data.Dataset, stats: np.ndarray,
-             criterion: str | None) -> tuple[keras.Model, float, float]:
-    """Fine-tune a fresh copy of the pretrained model (pruning with ``criterion`` unless None); returns the
-    stripped model, the pruner's final FLOPs ratio and the training time."""
+             criterion: str | None, distill: bool = False) -> tuple[keras.Model, float, float]:
+    """Fine-tune a fresh copy of the pretrained model (pruning with ``criterion`` unless None, taught by the
+    unpruned pretrained model if ``distill``); returns the stripped model, the pruner's final FLOPs ratio and the
+    training time."""
     keras.utils.set_random_seed(args.seed + 1)
     model = load(pretrained)
     steps = args.epoch_images // args.batch
     compile_with(model, args.lr, steps * args.finetune_epochs, warmup=steps // 10)
+    if distill:
+        model.compile(model.optimizer, DistillationLoss(alpha=0.5, temperature=4.0, from_logits=False),
+                      metrics=[DistillationAccuracy()])
+        train = with_teacher(train, load(pretrained))
     callbacks, pruner = [], None
     if criterion is not None:
+        allocation = {} if args.allocation == "uniform" else {"flops_allocation": args.allocation,
+                                                              "max_group_level": 0.95}
         pruner = FilterPruning(flops_target=args.flops_target, criterion=criterion,
-                               pruning_epochs=args.pruning_epochs, compensation_data=stats)
+                               pruning_epochs=args.pruning_epochs, compensation_data=stats, **allocation)
         callbacks.append(pruner)
     t0 = time.time()
     model.fit(train, steps_per_epoch=steps, epochs=args.finetune_epochs, callbacks=callbacks, verbose=2)
@@ -125,10 +161,14 @@ def main() -> None:
     ap.add_argument("--pretrain_epochs", type=int, default=4)
     ap.add_argument("--pretrain_epoch_images", type=int, default=50_000 - HELD_OUT)
     ap.add_argument("--pretrain_lr", type=float, default=1e-3)
+    ap.add_argument("--resume_epochs", type=int, default=0, help="train the cached pretrained model this many "
+                    "more epochs before the fine-tunes")
+    ap.add_argument("--resume_lr", type=float, default=5e-4, help="peak learning rate of the resumed training")
     ap.add_argument("--finetune_epochs", type=int, default=6)
     ap.add_argument("--epoch_images", type=int, default=15_000, help="images per fine-tuning epoch")
     ap.add_argument("--pruning_epochs", type=int, default=3)
     ap.add_argument("--flops_target", type=float, default=0.4)
+    ap.add_argument("--allocation", default="uniform", help="flops_allocation (max_group_level=0.95 unless uniform)")
     ap.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of the fine-tunes")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
@@ -145,7 +185,12 @@ def main() -> None:
     print(f"# {common.machine()}; {vars(args)}", flush=True)
 
     pretrained = cache / f"pretrained_{args.pretrain_epochs}x{args.pretrain_epoch_images}_seed{args.seed}.keras"
-    model, curve = pretrain(args, train, eval_dataset(x_val, y_val), pretrained)
+    val = eval_dataset(x_val, y_val)
+    model, curve = pretrain(args, train, val, pretrained)
+    if args.resume_epochs:
+        base = pretrained
+        pretrained = cache / f"{base.stem}+{args.resume_epochs}_lr{args.resume_lr}.keras"
+        model, curve = resume(args, train, val, base, pretrained)
     print(f"pretrained: held-out accuracy per epoch {curve}; test {100 * accuracy(model, test):.2f} %; "
           f"FLOPs {tfcompress.count_flops(model):,}; params {model.count_params():,}", flush=True)
 
@@ -153,10 +198,16 @@ def main() -> None:
     key = f"{pretrained.stem}_f{args.finetune_epochs}x{args.epoch_images}_r{args.pruning_epochs}" \
           f"_lr{args.lr}_t{args.flops_target}_s{args.seed}"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    runs = results.setdefault(key, {})
+    runs = results.setdefault(key if args.allocation == "uniform" else f"{key}_{args.allocation}", {})
+    if "none" in results.get(key, {}):
+        runs.setdefault("none", results[key]["none"])  # the unpruned reference does not depend on the allocation
     for criterion in ["none", *args.criteria.split(",")]:
         if criterion not in runs:
-            small, ratio, seconds = finetune(args, pretrained, train, stats, None if criterion == "none" else criterion)
+            name, _, extra = criterion.partition("+")
+            if extra not in ("", "distill"):
+                raise ValueError(f"unknown criterion suffix {extra!r} in {criterion!r}: only '+distill'")
+            small, ratio, seconds = finetune(args, pretrained, train, stats, None if name == "none" else name,
+                                             distill=extra == "distill")
             runs[criterion] = {"accuracy": 100 * accuracy(small, test), "flops": tfcompress.count_flops(small),
                                "params": small.count_params(), "flops_ratio": ratio, "seconds": round(seconds)}
             results_path.write_text(json.dumps(results, indent=1))
