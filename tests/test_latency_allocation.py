@@ -12,12 +12,14 @@ from tfcompress.graph import build_graph
 
 
 def _mobile_block_model():
-    """Conv+BN+ReLU6, a depthwise convolution, a 1x1 projection with a residual add, a nested model, a Dense."""
+    """Conv+BN+ReLU6, a depthwise convolution, a 1x1 projection with a residual add, a separable convolution,
+    a nested model, a Dense."""
     inp = keras.Input((24, 24, 3))
     x = L.ReLU(6.0)(L.BatchNormalization(name="bn0")(L.Conv2D(16, 3, padding="same", name="stem")(inp)))
     y = L.ReLU(6.0)(L.BatchNormalization(name="bn1")(L.Conv2D(48, 1, name="expand")(x)))
     y = L.ReLU(6.0)(L.DepthwiseConv2D(3, padding="same", name="dw")(y))
     x = L.Add()([x, L.Conv2D(16, 1, name="project")(y)])
+    x = L.SeparableConv2D(16, 3, padding="same", name="sep")(x)
     inner = keras.Sequential([keras.Input((24, 24, 16)), L.Conv2D(24, 3, strides=2, name="inner_conv")],
                              name="sub")
     x = L.GlobalAveragePooling2D()(inner(x))
@@ -53,7 +55,7 @@ def test_the_profile_maps_every_convolution_and_dense_layer():
     with BatchNormalization and activations fused into their convolutions; batch 4 takes longer than batch 1."""
     model = _mobile_block_model()
     p1 = measure_latency_profile(model, batch_size=1, iterations=5)
-    assert set(p1) == {"stem", "expand", "dw", "project", "sub/inner_conv", "head"}
+    assert set(p1) == {"stem", "expand", "dw", "project", "sep", "sub/inner_conv", "head"}
     assert all(s > 0 for s in p1.values()), p1
     p8 = measure_latency_profile(model, batch_size=8, iterations=5)
     assert sum(p8.values()) > sum(p1.values())

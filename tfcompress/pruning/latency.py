@@ -32,16 +32,14 @@ def _weighted_layers(model: keras.Model, prefix: str = "") -> Iterable[tuple[str
     for layer in model.layers:
         if isinstance(layer, keras.Model):
             yield from _weighted_layers(layer, f"{prefix}{layer.name}/")
-        elif _kernel(layer) is not None:
+        elif _kernels(layer):
             yield f"{prefix}{layer.name}", layer
 
 
-def _kernel(layer: keras.layers.Layer):
-    for attr in ("kernel", "depthwise_kernel"):
-        w = getattr(layer, attr, None)
-        if w is not None:
-            return w
-    return None
+def _kernels(layer: keras.layers.Layer) -> list:
+    """The layer's kernels: one engine op each (a separable convolution has a depthwise and a pointwise one)."""
+    return [w for attr in ("kernel", "depthwise_kernel", "pointwise_kernel")
+            if (w := getattr(layer, attr, None)) is not None]
 
 
 def _signature(shape: Iterable[int]) -> tuple[int, ...]:
@@ -62,7 +60,8 @@ def _match(model: keras.Model, ov_model) -> dict[str, str]:
     """OpenVINO engine op friendly name -> Keras layer name, matched by kernel shape in graph order."""
     by_sig: dict[tuple, list[str]] = {}
     for name, layer in _weighted_layers(model):
-        by_sig.setdefault(_signature(_kernel(layer).shape), []).append(name)
+        for kernel in _kernels(layer):
+            by_sig.setdefault(_signature(kernel.shape), []).append(name)
     taken: dict[tuple, int] = {}
     out = {}
     for op in _ov_engine_ops(ov_model):
