@@ -2,9 +2,10 @@
 
 :func:`measure_latency_profile` compiles the model's OpenVINO IR with per-node profiling, runs it and charges
 each executed node's time to the convolution or dense layer it computes. The converter renames the ops it moves
-layout transposes through (``Transpose_5815``), so layers are found by their weights' shapes rather than names:
-each OpenVINO Convolution, GroupConvolution or MatMul with constant weights is matched, in graph order, to the
-Keras layer whose kernel has the same dimensions (in any order). Ops OpenVINO fuses into a convolution
+layout transposes through (``Transpose_5815``), so layers are found by their weights rather than names: each
+OpenVINO Convolution, GroupConvolution or MatMul with constant weights is matched to the Keras layer whose kernel
+has the same dimensions (in any order) and the same sum of magnitudes; kernels alike in both (e.g. all zero)
+are matched in graph order. Ops OpenVINO fuses into a convolution
 (BatchNormalization, activations, residual adds) are in that node, so their time is the convolution's.
 Unmatched nodes (layout reorders, pooling, unfused elementwise ops) are not charged to any layer.
 
@@ -56,21 +57,37 @@ def _ov_engine_ops(ov_model) -> list:
     return ops
 
 
+def _magnitude(values) -> float:
+    """A kernel's sum of magnitudes to 4 significant digits (float rounding differs between the frameworks)."""
+    return float(f"{float(np.abs(np.asarray(values, np.float64)).sum()):.4g}")
+
+
+def _ov_fingerprint(op) -> tuple:
+    weights = op.input_value(1).get_node()
+    shape = op.input_value(1).get_partial_shape().to_shape()
+    magnitude = _magnitude(weights.get_data()) if weights.get_type_name() == "Constant" else None
+    return _signature(shape), magnitude
+
+
 def _match(model: keras.Model, ov_model) -> dict[str, str]:
-    """OpenVINO engine op friendly name -> Keras layer name, matched by kernel shape in graph order."""
+    """OpenVINO engine op friendly name -> Keras layer name, matched by kernel shape and magnitude (weights
+    that are not a plain constant in the IR: by shape alone), in graph order among equals."""
     by_sig: dict[tuple, list[str]] = {}
     for name, layer in _weighted_layers(model):
         for kernel in _kernels(layer):
-            by_sig.setdefault(_signature(kernel.shape), []).append(name)
-    taken: dict[tuple, int] = {}
+            sig = _signature(kernel.shape)
+            by_sig.setdefault((sig, _magnitude(keras.ops.convert_to_numpy(kernel))), []).append(name)
+            by_sig.setdefault((sig, None), []).append(name)
+    used: set[tuple] = set()  # (layer name, kernel signature): a kernel is matched once
     out = {}
     for op in _ov_engine_ops(ov_model):
-        sig = _signature(op.input_value(1).get_partial_shape().to_shape())
-        names = by_sig.get(sig, [])
-        i = taken.get(sig, 0)
-        if i < len(names):
-            out[op.get_friendly_name()] = names[i]
-            taken[sig] = i + 1
+        key = _ov_fingerprint(op)
+        free = [n for n in by_sig.get(key, []) if (n, key[0]) not in used]
+        if not free:
+            free = [n for n in by_sig.get((key[0], None), []) if (n, key[0]) not in used]
+        if free:
+            out[op.get_friendly_name()] = free[0]
+            used.add((free[0], key[0]))
     return out
 
 
