@@ -3,6 +3,7 @@
     python benchmarks/deployment.py --json deployment.json                 # the three models at 224x224
     python benchmarks/deployment.py --models mobilenetv2 --smoke           # 96x96, 1 round: a quick try
     python benchmarks/deployment.py --table_models resnet50 --table_only   # channel multiple vs speed only
+    python benchmarks/deployment.py --allocation_table mobilenetv2         # uniform / global_per_flop / latency
 
 Each model is a keras.applications model with weights=None whose BatchNorm statistics come from one batch of
 real images (CIFAR-10 test images resized to the input size), so activations have realistic ranges; speed does
@@ -48,6 +49,7 @@ from tfcompress.calibration import calibrate  # noqa: E402
 from tfcompress.export import export_saved_model  # noqa: E402
 from tfcompress.export.speed import DEFAULT, FP32, default_precision, measure_speed  # noqa: E402
 from tfcompress.pruning import FilterPruning  # noqa: E402
+from tfcompress.pruning.latency import measure_latency_profile  # noqa: E402
 from tfcompress.quantization import RangeInit, quantize_model  # noqa: E402
 
 MODELS = {
@@ -87,11 +89,14 @@ def build(name: str, size: int, batch: np.ndarray) -> keras.Model:
     return model
 
 
-def prune(model: keras.Model, allocation: str, flops_target: float, round_to: int | None) -> tuple[keras.Model, float]:
+def prune(model: keras.Model, allocation: str, flops_target: float, round_to: int | None,
+          latency_profile: dict | None = None) -> tuple[keras.Model, float]:
     """A pruned copy with the channels FilterPruning picks at its final level (driven once, no training)."""
     copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
     extra = {} if round_to is None else {"round_to": round_to}
+    if allocation == "global_per_latency":
+        extra["latency_profile"] = latency_profile
     pruner = FilterPruning(flops_target=flops_target, flops_allocation=allocation, schedule="baseline",
                            pruning_epochs=1, prune_downsample_convs=True, **extra)
     pruner.set_model(copy)
@@ -227,6 +232,52 @@ def prepare_table(name: str, args, work: str) -> dict:
     return {"model": name, "size": size, "flops_ratio": flops, "variants": variants, "sample": calib[:1]}
 
 
+def prepare_allocations(name: str, args, work: str) -> dict:
+    """One pruned model per allocation (--allocations) at the same FLOPs target, FP32 and INT8 IRs via
+    OpenVINO's TF frontend; "global_per_latency" gets the unpruned model's measured per-layer profile."""
+    size = args.size
+    calib = images(size, args.table_calib)
+    model = build(name, size, calib[:32])
+    t = time.perf_counter()
+    profile = measure_latency_profile(model, batch_size=args.profile_batch, iterations=args.profile_iters,
+                                      precision=args.profile_precision)
+    print(f"profile ({args.profile_batch}, {args.profile_precision}): {time.perf_counter() - t:.0f} s, "
+          f"{len(profile)} layers, {sum(profile.values()) * 1e3:.2f} ms in them", flush=True)
+    variants, flops, kept = {}, {}, {}
+    for alloc in args.allocations:
+        pruned, ratio = prune(model, alloc, args.flops_target, args.round_to, profile)
+        small = tfcompress.strip(pruned)
+        kept[alloc] = {layer.name: int(layer.filters) for layer in small.layers
+                       if isinstance(layer, keras.layers.Conv2D) and not isinstance(layer, keras.layers.DepthwiseConv2D)}
+        sm = os.path.join(work, f"{alloc}_sm")
+        small.export(sm, verbose=False)
+        fp = ov.convert_model(sm)
+        flops[alloc] = ratio
+        variants[f"{alloc} FP32"] = (fp, FP32)
+        variants[f"{alloc} INT8"] = (calibrate(fp, calib, subset_size=len(calib), verbose=False), DEFAULT)
+    print(f"allocations {name}: prepared", flush=True)
+    return {"model": name, "size": size, "flops_ratio": flops, "kept": kept, "variants": variants,
+            "sample": calib[:1]}
+
+
+def measure_allocations(prep: dict, args) -> dict:
+    """Time FP32 and INT8 of every allocation interleaved; print speed relative to the first allocation."""
+    s = measure_speed(prep["variants"], prep["sample"], **speed_args(args))
+    flops, allocs = prep["flops_ratio"], list(prep["flops_ratio"])
+    first = allocs[0]
+    print(f"\n## allocation vs speed: {prep['model']} {prep['size']}x{prep['size']}, flops_target {args.flops_target}, "
+          f"profile batch {args.profile_batch} {args.profile_precision}")
+    print("| allocation | FLOPs ratio | FP32 b1 ms | FP32 b32 img/s | INT8 b1 ms | INT8 b32 img/s | FP32 b1 / b32 vs "
+          f"{first} | INT8 b1 / b32 vs {first} |")
+    print("|---|---|---|---|---|---|---|---|")
+    for a in allocs:
+        f, i, f0, i0 = s[f"{a} FP32"], s[f"{a} INT8"], s[f"{first} FP32"], s[f"{first} INT8"]
+        print(f"| {a} | {flops[a]:.3f} | {f['b1_ms']:.2f} | {f['b32_ips']:.1f} | {i['b1_ms']:.2f} | {i['b32_ips']:.1f} "
+              f"| {f0['b1_ms'] / f['b1_ms']:.2f}x / {f['b32_ips'] / f0['b32_ips']:.2f}x "
+              f"| {i0['b1_ms'] / i['b1_ms']:.2f}x / {i['b32_ips'] / i0['b32_ips']:.2f}x |")
+    return {"model": prep["model"], "size": prep["size"], "flops_ratio": flops, "kept": prep["kept"], "speed": s}
+
+
 def measure_table(prep: dict, args) -> dict:
     """Time FP32 and INT8 of every channel multiple interleaved; print throughput per FLOP against round_to=1."""
     s = measure_speed(prep["variants"], prep["sample"], **speed_args(args))
@@ -326,16 +377,23 @@ def main() -> None:
     ap.add_argument("--micro", action="store_true", help="only the conv-stack table: channel count vs speed")
     ap.add_argument("--widths", default="32,33,36,40,44,48,52,56,60,63,64")
     ap.add_argument("--skip_table", action="store_true")
+    ap.add_argument("--allocation_table", default="", help="only the allocation table, for these models")
+    ap.add_argument("--allocations", default="uniform,global_per_flop,global_per_latency")
+    ap.add_argument("--profile_batch", type=int, default=1, help="batch size of the latency profile")
+    ap.add_argument("--profile_precision", default="f32", help="inference precision of the latency profile")
+    ap.add_argument("--profile_iters", type=int, default=20)
+    ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--nncf_python", default="/work/venv-nncf-deploy/bin/python",
                     help="a Python with nncf and openvino installed")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
-    args.size = 96 if args.smoke else 224
+    args.size = 96 if args.smoke else args.size
     if args.smoke:
         args.rounds, args.iters_b1, args.iters_b32, args.calib, args.qat_steps, args.table_calib = 1, 10, 2, 32, 2, 16
     args.multiples = [int(m) for m in args.multiples.split(",")]
     args.widths = [int(m) for m in args.widths.split(",")]
     args.qat_allocations = [a for a in args.qat_allocations.split(",") if a]
+    args.allocations = [a for a in args.allocations.split(",") if a]
     names = [m for m in args.models.split(",") if m]
     unknown = [m for m in names if m not in MODELS]
     if unknown:
@@ -348,6 +406,13 @@ def main() -> None:
         return
     tables = [] if args.skip_table else [m for m in args.table_models.split(",") if m]
     models = [] if args.table_only else names
+    if args.allocation_table:
+        with tempfile.TemporaryDirectory(prefix="tfcompress-alloc-") as work:
+            for m in args.allocation_table.split(","):
+                prep = prepare_allocations(m, args, os.path.join(work, m))
+                results.setdefault("allocation_table", {})[m] = measure_allocations(prep, args)
+                _dump(results, args.json)
+        return
     with tempfile.TemporaryDirectory(prefix="tfcompress-deploy-") as work:
         for m in tables:
             prep = prepare_table(m, args, os.path.join(work, "table_" + m))

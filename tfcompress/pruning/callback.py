@@ -18,11 +18,11 @@ from tfcompress.graph.keras_adapter import KerasGraph, build_graph
 from tfcompress.pruning.criteria import CRITERIA, importance
 from tfcompress.pruning.masking import GroupMasks
 from tfcompress.pruning.schedules import SCHEDULES, level_at
-from tfcompress.pruning import sensitivity
+from tfcompress.pruning import latency, sensitivity
 
 __all__ = ["FilterPruning"]
 
-_ALLOCATIONS = ("uniform", "global", "global_per_flop", "sensitivity")
+_ALLOCATIONS = ("uniform", "global", "global_per_flop", "global_per_latency", "sensitivity")
 
 
 @keras.saving.register_keras_serializable(package="tfcompress")
@@ -76,6 +76,11 @@ class FilterPruning(keras.callbacks.Callback):
             when each group alone loses its least important channels, then removes channels where the loss per
             FLOP saved is least (:mod:`tfcompress.pruning.sensitivity`; on ResNet-8 it beat
             ``"global_per_flop"`` after 4 epochs of fine-tuning and lost to it after 20: BENCHMARKS.md 1b).
+            ``"global_per_latency"`` ranks by importance per second of inference a channel costs on the
+            deployment target, from ``latency_profile``: a channel of a layer that runs slowly for its FLOPs
+            (depthwise and memory-bound 1x1 convolutions) goes before an equally important one of a layer
+            that runs at full arithmetic speed. ``flops_target`` stays the budget (the FLOPs removed), so
+            allocations compare at equal FLOPs; the profile only decides where they are removed.
             Within a group, ``criterion`` still picks the channels.
         max_group_level: with a ``"global*"`` or ``"sensitivity"`` allocation, the largest fraction removed
             from one group.
@@ -89,6 +94,10 @@ class FilterPruning(keras.callbacks.Callback):
             ``tf.data.Dataset`` the compiled loss is measured on: a few thousand samples, in the format the
             compiled loss expects, preferably not trained on (the ResNet-8 benchmark uses 5,000 training images,
             not augmented). Not part of ``get_config``.
+        latency_profile: with ``flops_allocation="global_per_latency"``, seconds per inference spent in each
+            convolution/dense layer (layer name -> seconds), as measured by
+            :func:`tfcompress.pruning.latency.measure_latency_profile` at the batch size and precision you deploy
+            with; layers it lacks are charged its mean seconds per FLOP. Not part of ``get_config``.
         compensate: when a channel is pruned, hand its contribution to the layers that read it (Conv/Dense
             biases, or the BatchNorm after a bias-less consumer): its exact constant where the channel is
             provably constant, else its mean on ``compensation_data``; taken back if the channel is revived.
@@ -117,6 +126,7 @@ class FilterPruning(keras.callbacks.Callback):
         sensitivity_data: Any = None,
         compensate: bool = True,
         compensation_data: Any = None,
+        latency_profile: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(ignored_layers, str):
@@ -150,6 +160,7 @@ class FilterPruning(keras.callbacks.Callback):
             raise ValueError(f'sensitivity_data is only used with flops_allocation="sensitivity" '
                              f"(got flops_allocation={self.flops_allocation!r})")
         self.sensitivity_data = sensitivity_data
+        self.latency_profile = _profile(self.flops_allocation, self.flops_target, latency_profile)
         self.compensate = _bool("compensate", compensate)
         if compensation_data is not None and not self.compensate:
             raise ValueError("compensation_data is only used with compensate=True")
@@ -178,10 +189,12 @@ class FilterPruning(keras.callbacks.Callback):
         }
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], sensitivity_data: Any = None) -> "FilterPruning":
+    def from_config(cls, config: dict[str, Any], sensitivity_data: Any = None,
+                    latency_profile: dict[str, float] | None = None) -> "FilterPruning":
         """Build from a dict (e.g. a ``configs/*.json`` section); unknown keys are rejected by name.
 
-        Data cannot live in a config: a ``"sensitivity"`` allocation gets its ``sensitivity_data`` here.
+        Data cannot live in a config: a ``"sensitivity"`` allocation gets its ``sensitivity_data`` here, a
+        ``"global_per_latency"`` one its ``latency_profile``.
         """
         if not isinstance(config, dict):
             raise ValueError(f"a FilterPruning config must be a JSON object, got {type(config).__name__}")
@@ -189,7 +202,7 @@ class FilterPruning(keras.callbacks.Callback):
         unknown = sorted(set(config) - allowed)
         if unknown:
             raise ValueError(f"unknown FilterPruning config key {unknown[0]!r}; allowed keys: {sorted(allowed)}")
-        return cls(**config, sensitivity_data=sensitivity_data)
+        return cls(**config, sensitivity_data=sensitivity_data, latency_profile=latency_profile)
 
     # ------------------------------------------------------------------ schedule
     def level_at(self, epoch: int) -> float:
@@ -309,6 +322,13 @@ class FilterPruning(keras.callbacks.Callback):
             one = np.zeros(g.size, dtype=bool)
             one[0] = True
             st.channel_flops[g.id] = st.full_flops - counter.flops({g.id: one})
+        if self.latency_profile is not None:
+            unknown = sorted(set(self.latency_profile) - names)
+            if unknown:
+                raise ValueError(f"latency_profile names {unknown[:5]} that are not layers of model {model.name!r}")
+            st.channel_cost = latency.channel_seconds(kg.graph, groups, self.latency_profile)
+        else:
+            st.channel_cost = st.channel_flops
         # resuming from a checkpoint: channels that are exactly zero were pruned before
         resumed = {g.id: ~masks.zero_channels(g) for g in groups}
         if any((~k).any() for k in resumed.values()):
@@ -371,17 +391,19 @@ class FilterPruning(keras.callbacks.Callback):
         return st.sensitivity_path
 
     def _global_counts(self, goal: float) -> dict[int, int]:
-        """Rank channels across groups by importance normalised per group (and divided by the channel's FLOPs
-        relative to the mean channel's, with ``"global_per_flop"``); prune a prefix reaching ``goal``."""
+        """Rank channels across groups by importance normalised per group (and divided by the channel's cost,
+        FLOPs or seconds, relative to the mean channel's, with ``"global_per_flop"`` / ``"global_per_latency"``);
+        prune a prefix reaching ``goal``."""
         st = self._require()
         groups = st.masks.groups
-        mean_cost = np.mean([max(st.channel_flops[g.id], 1.0) for g in groups])
+        floor = 1e-30 if self.flops_allocation == "global_per_latency" else 1.0
+        mean_cost = np.mean([max(st.channel_cost[g.id], floor) for g in groups])
         entries = []
         for g in groups:
             score = self._importance(g)
             score = np.sort(score / max(score.mean(), 1e-12))
-            if self.flops_allocation == "global_per_flop":
-                score = score / (max(st.channel_flops[g.id], 1.0) / mean_cost)
+            if self.flops_allocation in ("global_per_flop", "global_per_latency"):
+                score = score / (max(st.channel_cost[g.id], floor) / mean_cost)
             entries += [(s, g.id, k + 1) for k, s in enumerate(score[: self._cap(g)])]
         entries.sort(key=lambda e: e[0])
 
@@ -443,6 +465,7 @@ class _State:
     def __init__(self, model, kg: KerasGraph, masks: GroupMasks, counter: FlopsCounter, full_flops: float):
         self.model, self.kg, self.masks, self.counter, self.full_flops = model, kg, masks, counter, full_flops
         self.channel_flops: dict[int, float] = {}  # group id -> FLOPs one of its channels costs
+        self.channel_cost: dict[int, float] = {}  # what the per-cost allocations divide by (FLOPs or seconds)
         self.sensitivity_path: list[tuple[dict[int, int], float]] | None = None  # "sensitivity" allocation
         self.resumed = False  # channels were already zero when training started (a checkpoint of a pruned run)
 
@@ -462,6 +485,29 @@ def _keep_some(keep: np.ndarray, blocks: int) -> np.ndarray:
         if not keep[b].any():
             keep[b, 0] = True
     return keep.reshape(-1)
+
+
+def _profile(allocation: str, flops_target: float | None, profile: Any) -> dict[str, float] | None:
+    """The checked ``latency_profile``: required by ``"global_per_latency"`` only."""
+    if allocation != "global_per_latency":
+        if profile is not None:
+            raise ValueError(f'latency_profile is only used with flops_allocation="global_per_latency" '
+                             f"(got flops_allocation={allocation!r})")
+        return None
+    if flops_target is None:
+        raise ValueError('flops_allocation="global_per_latency" allocates a FLOPs budget: set flops_target')
+    if profile is None:
+        raise ValueError('flops_allocation="global_per_latency" needs latency_profile= (layer name -> seconds, '
+                         "from tfcompress.pruning.latency.measure_latency_profile)")
+    if not isinstance(profile, dict) or not profile:
+        raise ValueError(f"latency_profile must be a non-empty dict of layer name -> seconds, got {profile!r:.80}")
+    out = {}
+    for name, seconds in profile.items():
+        if not isinstance(name, str) or not isinstance(seconds, (int, float, np.floating)) or not math.isfinite(seconds) \
+                or seconds < 0:
+            raise ValueError(f"latency_profile entry {name!r}: {seconds!r} is not a layer name -> seconds >= 0")
+        out[name] = float(seconds)
+    return out
 
 
 def _fraction(name: str, value: Any) -> float:
