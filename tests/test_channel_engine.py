@@ -693,3 +693,25 @@ def test_op_table_matches_the_keras_ops_and_tf_ops_the_adapters_map_to_it(rng):
             assert np.allclose(ops.const_out(op, [x]), expected, rtol=1e-5, atol=1e-5, equal_nan=True), (tf_op, op)
         checked += 1
     assert checked > 50
+
+
+@pytest.mark.parametrize("shared_axes, removed", [([1, 2], 2), (None, 0)])
+def test_prelu_passes_constants_when_alpha_is_shared_over_space(rng, shared_axes, removed):
+    """A conv filter zeroed without its (negative) bias gives a constant through PReLU only when alpha is the
+    same at every position; the constant folds into the 1x1 conv after it and the channel goes. Per-position
+    alphas keep it."""
+    inp = keras.Input((6, 6, 3))
+    a = L.Conv2D(8, 3, padding="same", name="a")(inp)
+    p = L.PReLU(shared_axes=shared_axes, name="prelu")(a)
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(4, 1, name="b")(p))))
+    alpha = model.get_layer("prelu").alpha
+    alpha.assign(rng.uniform(0.1, 0.5, alpha.shape).astype("float32"))
+    conv = model.get_layer("a")
+    conv.bias.assign(-rng.uniform(0.1, 1.0, 8).astype("float32"))
+    kernel = np.asarray(conv.kernel)
+    kernel[..., [1, 4]] = 0.0
+    conv.kernel.assign(kernel)
+    x = _x(rng, (2, 6, 6, 3))
+    stripped = tfcompress.strip(model)
+    assert rel_error(stripped(x), model(x)) < TOL
+    assert _width(stripped, "a") == 8 - removed

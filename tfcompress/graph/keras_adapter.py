@@ -211,16 +211,11 @@ class _Reshape(LayerKind):
 
 
 class _PReLU(LayerKind):
+    op = "prelu"
     has_channel_params = True
 
-    def const_out(self, in_consts):
-        alpha = _np(self.layer.alpha)
-        a = alpha.reshape(-1, alpha.shape[-1]) if alpha.ndim else alpha.reshape(1, 1)
-        if not np.all(a == a[:1]):
-            return [np.full(in_consts[0].shape, np.nan)]  # alpha varies over space
-        a = np.broadcast_to(a[0], in_consts[0].shape)
-        c = in_consts[0]
-        return [np.where(c >= 0, c, a * c)]
+    def params(self):
+        return {"alpha": _np(self.layer.alpha)}
 
     def weights(self, in_keeps, out_keep, folds):
         alpha = _np(self.layer.alpha)

@@ -111,6 +111,15 @@ def _conv_folds(valid_padding: bool, window: int, **_) -> bool:
     return valid_padding or window == 1
 
 
+def _prelu(cs: Consts, alpha: np.ndarray) -> np.ndarray:
+    """PReLU with its learned ``alpha`` (channels last, possibly varying over positions too: then a negative
+    constant is no longer constant)."""
+    c = cs[0]
+    a = alpha.reshape(-1, alpha.shape[-1]) if alpha.ndim else alpha.reshape(1, 1)
+    slope = np.broadcast_to(a[0], c.shape) if np.all(a == a[:1]) else np.nan
+    return np.where(c >= 0, c, slope * c)
+
+
 def _unknown(cs: Consts, width: int | None = None) -> np.ndarray:
     """No output channel is a known constant (``width`` channels, or as many as the first input)."""
     return np.full(len(cs[0]) if width is None else width, np.nan)
@@ -235,6 +244,7 @@ OPS: dict[str, OpSemantics] = {
     "sum_positions": OpSemantics(_nonzero_unknown),
     "scale_positions": OpSemantics(_nonzero_unknown),  # a scale varying over positions, not channels
     "identity": OpSemantics(lambda cs: cs[0].copy()),
+    "prelu": OpSemantics(_prelu),
     "flatten": OpSemantics(lambda cs, tile: np.tile(cs[0], tile), rule=Rule.FLATTEN),
     **{name: OpSemantics(_unary(fn)) for name, fn in UNARY.items()},
     "function": OpSemantics(_unary(lambda v, fn: fn(v))),  # a position-wise function given as ``fn``
