@@ -1,11 +1,13 @@
-"""Op value semantics, written once over numpy arrays and shared by the Keras and GraphDef adapters.
+"""Op semantics, written once over numpy arrays and shared by the Keras and GraphDef adapters.
 
-One table maps a canonical op name ("conv", "batchnorm", "add", "pad", ...) to what the channel engine needs
-to know about the op's values: the per-channel constant its output holds given per-channel constant inputs
-(NaN: not constant) and its parameters, and its multiply-accumulates given channel counts. An adapter reads
-its layer's or node's parameters, names the canonical op and calls :func:`const_out` / :func:`macs`; it never
-re-implements the arithmetic. Kernel arithmetic (constants through a kernel, folding a constant input into a
-bias, slicing) is in :mod:`tfcompress.graph.kernels`.
+One table, :data:`OPS`, maps a canonical op name ("conv", "batchnorm", "add", "zero_pad", "gelu", ...) to all
+the channel engine needs to know about it: its channel rule, the per-channel constant its output holds given
+per-channel constant inputs (NaN: not constant) and its parameters, whether a removed constant input folds
+into it, and its multiply-accumulates given channel counts. :data:`UNARY` holds the position-wise activations.
+An adapter only translates: it names the canonical op of a layer or node, reads its parameters and calls
+:func:`rule` / :func:`const_out` / :func:`can_fold` / :func:`macs`; it never re-implements the arithmetic.
+Kernel arithmetic (constants through a kernel, folding a constant input into a bias, slicing) is in
+:mod:`tfcompress.graph.kernels`.
 """
 
 from __future__ import annotations
