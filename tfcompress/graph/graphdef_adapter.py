@@ -924,7 +924,7 @@ def _producer(g: GraphDefGraph, node):
 @register("FusedBatchNormV3")
 def _fused_batch_norm(g: GraphDefGraph, node):
     ok = _nhwc(node) and not _attr(node, "is_training").b and all(g.is_const(i) for i in node.input[1:5])
-    return _FusedBatchNorm(node, g) if ok else None
+    return _FusedBatchNorm(node, g, "batchnorm") if ok else None
 
 
 @register(*_BINARY)
