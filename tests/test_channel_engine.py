@@ -512,6 +512,55 @@ def test_register_layer_declares_a_custom_layers_channel_rule(rng, monkeypatch):
         tfcompress.register_layer(int)
 
 
+class _HardSwish(L.Layer):
+    """A custom hard-swish, declared as the table's ``hard_silu``."""
+
+    def call(self, x):
+        return x * keras.ops.relu6(x + 3.0) / 6.0
+
+
+class _Cap(L.Layer):
+    """A custom cap whose bound is in its config, declared as the table's ``clip`` with parameters."""
+
+    def __init__(self, cap=6.0, **kwargs):
+        super().__init__(**kwargs)
+        self.cap = cap
+
+    def call(self, x):
+        return keras.ops.clip(x, 0.0, self.cap)
+
+    def get_config(self):
+        return {**super().get_config(), "cap": self.cap}
+
+
+def test_register_layer_against_a_canonical_op(rng, monkeypatch):
+    """A custom layer declared as an op of the table: constants go through the table's semantics (equal to the
+    layer's own call), so zeroed channels whose constant passes through it fold into the next conv and go."""
+    from tfcompress.graph import keras_adapter
+
+    monkeypatch.setattr(keras_adapter, "_REGISTRY", dict(keras_adapter._REGISTRY))
+    tfcompress.register_layer(_HardSwish, op="hard_silu")
+    tfcompress.register_layer(_Cap, op="clip", params=lambda layer: {"x_min": 0.0, "x_max": layer.cap})
+    inp = keras.Input((6, 6, 3))
+    a = L.Conv2D(8, 3, padding="same", name="a")(inp)
+    c = _Cap(2.5, name="cap")(_HardSwish(name="hs")(a))
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(4, 1, name="b")(c))))
+    randomize_biases(model, rng)
+    kinds = build_graph(model).kinds
+    v = rng.uniform(-5, 5, 8)
+    for name in ("hs", "cap"):
+        expected = np.asarray(model.get_layer(name)(v[None].astype("float32")))[0]
+        assert np.allclose(kinds[name].const_out([v])[0], expected, atol=1e-5)
+    assert ("a",) in _groups_by_layer(model)
+    stripped = _zero_and_strip(model, rng, _x(rng, (2, 6, 6, 3)))
+    assert _width(stripped, "a") == 6
+    for bad in ("conv", "nope"):
+        with pytest.raises(ValueError, match=f"'{bad}'"):
+            tfcompress.register_layer(_Cap, op=bad)
+    with pytest.raises(ValueError, match="params"):
+        tfcompress.register_layer(_Cap, op="clip", params={"x_max": 1.0})
+
+
 def test_explain_gives_every_unprunable_group_a_reason():
     inp = keras.Input((6, 6, 3))
     a = L.Conv2D(8, 1, name="a")(inp)
@@ -578,3 +627,91 @@ def test_op_table_conv_macs_match_counted_flops():
     conv = 8 * 8 * 9 * 8 * 12 / 4
     dense = 8 * 8 * 12 * 5
     assert tfcompress.count_flops(model) == 2 * (conv + dense)
+
+
+def _snake(name):
+    return "".join("_" + ch.lower() if ch.isupper() else ch for ch in name).lstrip("_")
+
+
+def _call_raw(raw, t):
+    """A unary ``tf.raw_ops`` op on ``t``, whatever its input argument is named."""
+    for arg in ("x", "features", "input"):
+        try:
+            return raw(**{arg: t})
+        except TypeError:
+            continue
+    raise TypeError(raw)
+
+
+def _activation_values(rng):
+    return np.concatenate([[0.0, -1.0, 1.0, 3.0, -3.0, 7.0], rng.uniform(-4, 4, 10)])
+
+
+_KERAS_ACTIVATIONS = ("relu", "relu6", "elu", "selu", "celu", "sigmoid", "hard_sigmoid", "silu", "hard_silu",
+                      "gelu", "mish", "tanh", "softplus", "softsign", "log_sigmoid", "exponential", "leaky_relu",
+                      "linear")
+
+
+def test_op_table_activations_match_keras(rng):
+    """Each Keras activation the Keras adapter maps to the table computes what Keras computes."""
+    from tfcompress.graph import keras_adapter, ops
+
+    v = _activation_values(rng)
+    for name in _KERAS_ACTIVATIONS:
+        op, params = keras_adapter.activation_op(name)
+        assert op == name
+        expected = np.asarray(keras.activations.get(name)(v.astype("float32")))
+        assert np.allclose(ops.const_out(op, [v], **params), expected, rtol=1e-5, atol=1e-5), name
+
+
+def test_op_table_matches_the_keras_ops_and_tf_ops_the_adapters_map_to_it(rng):
+    """Every unary ``keras.ops`` node and TF op the adapters translate into the table agrees with Keras /
+    TensorFlow, through the adapter (parameters read from the node), on positive and negative inputs."""
+    import tensorflow as tf
+    from tfcompress.graph import graphdef_adapter, keras_adapter, ops
+
+    v = np.abs(_activation_values(rng)) + 0.1
+    positive_only = {"sqrt", "rsqrt", "log"}
+    checked = 0
+    for cls, op in keras_adapter._POINTWISE_OPS.items():
+        fn = getattr(keras.ops, _snake(cls), None)
+        if op not in ops.UNARY or op in ("clip", "linear") or fn is None:
+            continue
+        inp = keras.Input((v.size,))
+        kind = build_graph(keras.Model(inp, fn(inp))).records[-1].kind
+        assert kind.op == op
+        for x in (v,) if op in positive_only else (v, -v):
+            expected = np.asarray(fn(x[None].astype("float32")))[0]
+            assert np.allclose(kind.const_out([x])[0], expected, rtol=1e-5, atol=1e-5, equal_nan=True), (cls, op)
+        checked += 1
+    for tf_op, op in graphdef_adapter._UNARY.items():
+        raw = getattr(tf.raw_ops, tf_op)
+        for x in (v,) if op in positive_only else (v, -v):
+            t = tf.constant(x.astype("float32"))
+            out = raw(x=t, DstT=tf.float32) if tf_op == "Cast" else _call_raw(raw, t)
+            expected = np.asarray(out)
+            assert np.allclose(ops.const_out(op, [x]), expected, rtol=1e-5, atol=1e-5, equal_nan=True), (tf_op, op)
+        checked += 1
+    assert checked > 50
+
+
+@pytest.mark.parametrize("shared_axes, removed", [([1, 2], 2), (None, 0)])
+def test_prelu_passes_constants_when_alpha_is_shared_over_space(rng, shared_axes, removed):
+    """A conv filter zeroed without its (negative) bias gives a constant through PReLU only when alpha is the
+    same at every position; the constant folds into the 1x1 conv after it and the channel goes. Per-position
+    alphas keep it."""
+    inp = keras.Input((6, 6, 3))
+    a = L.Conv2D(8, 3, padding="same", name="a")(inp)
+    p = L.PReLU(shared_axes=shared_axes, name="prelu")(a)
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(4, 1, name="b")(p))))
+    alpha = model.get_layer("prelu").alpha
+    alpha.assign(rng.uniform(0.1, 0.5, alpha.shape).astype("float32"))
+    conv = model.get_layer("a")
+    conv.bias.assign(-rng.uniform(0.1, 1.0, 8).astype("float32"))
+    kernel = np.asarray(conv.kernel)
+    kernel[..., [1, 4]] = 0.0
+    conv.kernel.assign(kernel)
+    x = _x(rng, (2, 6, 6, 3))
+    stripped = tfcompress.strip(model)
+    assert rel_error(stripped(x), model(x)) < TOL
+    assert _width(stripped, "a") == 8 - removed

@@ -1,9 +1,10 @@
 """Translate a frozen TensorFlow GraphDef into the channel engine's graph, and rewrite it without channels.
 
-This is the SavedModel counterpart of :mod:`tfcompress.graph.keras_adapter`: one table, :data:`KINDS`, maps each
-TF op type to a classifier that picks the node's :class:`NodeKind` (or none: the node then blocks the channels
-reaching it). A kind gives the channel :class:`~tfcompress.graph.engine.Rule`, how constant channels flow
-through the op, and how to slice the op's constant inputs (weights, BN vectors, reshape targets).
+This is the SavedModel counterpart of :mod:`tfcompress.graph.keras_adapter`. It only translates: one table,
+:data:`KINDS`, maps each TF op type to a classifier that reads the node as a canonical op of
+:data:`tfcompress.graph.ops.OPS` (channel rule, constants, folding and MACs are the table's) with its parameters
+and the inputs that carry channels, or declines (the node then blocks the channels reaching it). The few
+:class:`NodeKind` subclasses add only how to slice the op's constant inputs (weights, BN vectors, reshape targets).
 The graph must be frozen and constant-folded first (:func:`fold_constants`): weights are ``Const`` nodes,
 possibly behind a ``FakeQuantWithMinMaxVars(PerChannel)`` that quantization-aware training left there.
 """
@@ -16,9 +17,9 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from tfcompress.graph.engine import ChannelGraph, Op, Rule, elementwise_consts
+from tfcompress.graph.engine import ChannelGraph, Op, Rule
 from tfcompress.graph import ops
-from tfcompress.graph.kernels import fold_into_bias, slice_kernel
+from tfcompress.graph.kernels import slice_kernel
 
 __all__ = ["GraphDefGraph", "KINDS", "NodeKind", "fold_constants", "register"]
 
@@ -34,62 +35,20 @@ def _attr(node, key: str):
 _EMPTY_ATTR = tf.compat.v1.AttrValue()
 
 
-def _sigmoid(v):
-    return 1.0 / (1.0 + np.exp(-v))
-
-
-def _softplus(v):
-    return np.logaddexp(0.0, v)
-
-
-_UNARY: dict[str, Callable[[np.ndarray, object], np.ndarray]] = {
-    "Identity": lambda v, n: v,
-    "StopGradient": lambda v, n: v,
-    "Relu": lambda v, n: np.maximum(v, 0),
-    "Relu6": lambda v, n: np.clip(v, 0, 6),
-    "Elu": lambda v, n: np.where(v > 0, v, np.expm1(v)),
-    "Selu": lambda v, n: 1.0507009873554805 * np.where(v > 0, v, 1.6732632423543772 * np.expm1(v)),
-    "LeakyRelu": lambda v, n: np.where(v >= 0, v, _attr(n, "alpha").f * v),
-    "Sigmoid": lambda v, n: _sigmoid(v),
-    "Tanh": lambda v, n: np.tanh(v),
-    "Softplus": lambda v, n: _softplus(v),
-    "Softsign": lambda v, n: v / (1 + np.abs(v)),
-    "Neg": lambda v, n: -v,
-    "Abs": lambda v, n: np.abs(v),
-    "Square": lambda v, n: v * v,
-    "Exp": lambda v, n: np.exp(v),
-    "Erf": lambda v, n: np.vectorize(math.erf)(v),
-    "Erfc": lambda v, n: np.vectorize(math.erfc)(v),
-    "Sqrt": lambda v, n: np.sqrt(v),
-    "Rsqrt": lambda v, n: 1.0 / np.sqrt(v),
-    "Reciprocal": lambda v, n: 1.0 / v,
-    "Log": lambda v, n: np.log(v),
-    "Log1p": lambda v, n: np.log1p(v),
-    "Expm1": lambda v, n: np.expm1(v),
-    "Floor": lambda v, n: np.floor(v),
-    "Ceil": lambda v, n: np.ceil(v),
-    "Round": lambda v, n: np.round(v),
-    "Sign": lambda v, n: np.sign(v),
-    "Sin": lambda v, n: np.sin(v),
-    "Cos": lambda v, n: np.cos(v),
-    "Cast": lambda v, n: v,
+# TF unary op -> its canonical activation in :data:`tfcompress.graph.ops.UNARY`
+_UNARY = {
+    "Identity": "linear", "StopGradient": "linear", "Cast": "linear", "Relu": "relu", "Relu6": "relu6",
+    "Elu": "elu", "Selu": "selu", "LeakyRelu": "leaky_relu", "Sigmoid": "sigmoid", "Tanh": "tanh",
+    "Softplus": "softplus", "Softsign": "softsign", "Neg": "neg", "Abs": "abs", "Square": "square",
+    "Exp": "exponential", "Erf": "erf", "Erfc": "erfc", "Sqrt": "sqrt", "Rsqrt": "rsqrt",
+    "Reciprocal": "reciprocal", "Log": "log", "Log1p": "log1p", "Expm1": "expm1", "Floor": "floor",
+    "Ceil": "ceil", "Round": "round", "Sign": "sign", "Sin": "sin", "Cos": "cos",
 }
 _POOL = {"MaxPool", "AvgPool", "MaxPoolV2"}
 _REDUCE = {"Mean", "Max", "Min", "Sum"}
 # TF binary op -> its canonical op in tfcompress.graph.ops.OPS (RealDiv only by a constant: see _ChannelParam)
 _BINARY = {"Add": "add", "AddV2": "add", "BiasAdd": "add", "Sub": "sub", "Mul": "mul", "RealDiv": "div",
            "Maximum": "max", "Minimum": "min", "SquaredDifference": "squared_difference"}
-
-
-def _fake_quant(v: np.ndarray, lo, hi, num_bits: int, narrow: bool) -> np.ndarray:
-    """numpy FakeQuantWithMinMaxVars (TF's nudged grid)."""
-    qmin, qmax = (1 if narrow else 0), 2 ** num_bits - 1
-    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
-    scale = (hi - lo) / (qmax - qmin)
-    zp = np.clip(np.round(qmin - lo / scale), qmin, qmax)
-    nlo, nhi = (qmin - zp) * scale, (qmax - zp) * scale
-    q = np.round((np.clip(v, nlo, nhi) - nlo) / scale)
-    return q * scale + nlo
 
 
 # --------------------------------------------------------------------------- constant folding
@@ -293,14 +252,23 @@ class Rewriter:
 
 
 class NodeKind:
-    """A TF op as the engine sees it. Subclasses override what differs from a pass-through."""
+    """A TF node as the engine sees it: its canonical op in :data:`tfcompress.graph.ops.OPS` with the
+    parameters read from the node, and which of its inputs carry channels. Subclasses add how to rewrite
+    the node for fewer channels (and read parameters that need more than an attribute)."""
 
-    rule = Rule.ELEMENTWISE
     has_channel_params = False
 
-    def __init__(self, node, graph: "GraphDefGraph") -> None:
+    def __init__(self, node, graph: "GraphDefGraph", op: str = "identity", inputs: slice = slice(0, 1),
+                 **params) -> None:
         self.node = node
         self.g = graph
+        self.op = op
+        self._inputs = inputs
+        self._params = params
+
+    @property
+    def rule(self) -> Rule:
+        return ops.rule(self.op, len(self.data_inputs()))
 
     @property
     def label(self) -> str:
@@ -311,12 +279,28 @@ class NodeKind:
         """Why a constant input cannot be folded into this op's bias ('' when it can or nothing specific)."""
         return ""
 
+    def params(self) -> dict:
+        """The parameters of its canonical op."""
+        return self._params
+
     # engine protocol
     def const_out(self, in_consts: list[np.ndarray]) -> list[np.ndarray]:
-        return [in_consts[0]]
+        return [ops.const_out(self.op, in_consts, **self.params())]
 
     def can_fold(self, input_index: int) -> bool:
-        return False
+        return ops.can_fold(self.op, **self.geometry())
+
+    def macs(self, in_counts: list[int], out_count: int) -> float:
+        return ops.macs(self.op, in_counts, out_count, **self.geometry())
+
+    def geometry(self) -> dict:
+        """The node's shape as the table's MAC and folding rules read it (:class:`ops.OpSemantics`)."""
+        data = self.data_inputs()
+        w = getattr(self, "w", None)
+        return dict(positions=self.g.positions(self.node.name), groups=self.blocks(),
+                    in_positions=self.g.positions(data[0]) if data else 1,
+                    window=w.value.shape[0] * w.value.shape[1] if w is not None and w.value.ndim == 4 else 1,
+                    valid_padding=_attr(self.node, "padding").s == b"VALID")
 
     def channels(self) -> int:
         return self.g.width(self.node.name)
@@ -326,72 +310,15 @@ class NodeKind:
 
     def data_inputs(self) -> list[str]:
         """The inputs that carry channels (tensors), as opposed to parameters."""
-        return [i for i in self.node.input if not i.startswith("^")][:1]
-
-    def macs(self, in_counts: list[int], out_count: int) -> float:
-        return 0.0
+        return [i for i in self.node.input if not i.startswith("^")][self._inputs]
 
     def rewrite(self, new, in_keeps, out_keep, folds, rw: Rewriter) -> None:
         """Edit ``new`` (a copy of the node) for the kept channels."""
 
 
-class _Const(NodeKind):
-    rule = Rule.INPUT
-
-    def data_inputs(self):
-        return []
-
-    def const_out(self, in_consts):
-        return [np.full(self.g.width(self.node.name), np.nan)]
-
-
-class _Blocker(NodeKind):
-    rule = Rule.BLOCKER
-
-    def data_inputs(self):
-        return [i for i in self.node.input if not i.startswith("^")]
-
-    def const_out(self, in_consts):
-        return [np.full(self.g.width(self.node.name), np.nan)]
-
-
-class _Shape(_Blocker):
-    rule = Rule.SHAPE
-
-
-class _Unary(NodeKind):
-    def const_out(self, in_consts):
-        fn = _UNARY[self.node.op]
-        return [elementwise_consts(lambda v: fn(v, self.node), in_consts[0])]
-
-
-class _FakeQuantTensor(NodeKind):
-    """Per-tensor activation fake-quant: 0 stays 0 (it is on the grid), a constant stays constant."""
-
-    def const_out(self, in_consts):
-        n = self.node
-        if n.op == "FakeQuantWithMinMaxArgs":
-            lo, hi = _attr(n, "min").f, _attr(n, "max").f
-        else:
-            lo, hi = float(self.g.const(n.input[1])), float(self.g.const(n.input[2]))
-        fq = lambda v: _fake_quant(v, lo, hi, _attr(n, "num_bits").i or 8, _attr(n, "narrow_range").b)  # noqa: E731
-        return [elementwise_consts(fq, in_consts[0])]
-
-
-class _PassThrough(NodeKind):
-    """Channels and per-channel constants pass through unchanged: pooling, resizing (each output pixel is a
-    convex combination of input pixels of the same channel), spatial slicing and tiling, reshapes that keep
-    the channel axis and adjust their target themselves."""
-
-
-class _Pad(NodeKind):
-    def const_out(self, in_consts):
-        return [ops.const_out("identity" if self.node.op == "MirrorPad" else "zero_pad", in_consts)]
-
-
-class _Reduce(NodeKind):
-    def const_out(self, in_consts):
-        return [ops.const_out("sum_positions" if self.node.op == "Sum" else "identity", in_consts)]
+def _blocker(node, g: "GraphDefGraph", op: str = "blocker") -> NodeKind:
+    """A node whose channels are never removed (every data input is read as a whole)."""
+    return NodeKind(node, g, op, slice(None), width=g.width(node.name))
 
 
 class _Reshape(NodeKind):
@@ -439,7 +366,7 @@ class _ChannelParam(NodeKind):
     has_channel_params = True
 
     def __init__(self, node, graph, const_index: int) -> None:
-        super().__init__(node, graph)
+        super().__init__(node, graph, _BINARY[node.op] if node.op != "RealDiv" or const_index else "opaque")
         self.ci = const_index
         self.xi = 1 - const_index
 
@@ -451,12 +378,9 @@ class _ChannelParam(NodeKind):
         return c.reshape(-1) if c.size > 1 else c.reshape(())
 
     def const_out(self, in_consts):
-        v, op = in_consts[0], self.node.op
+        v = in_consts[0]
         c = np.broadcast_to(self._c(), v.shape).astype(np.float64)
-        if op == "RealDiv" and self.ci == 0:
-            return [np.full(v.shape, np.nan)]
-        operands = [v, c] if self.ci == 1 else [c, v]
-        return [ops.const_out(_BINARY[op], operands)]
+        return [ops.const_out(self.op, [v, c] if self.ci == 1 else [c, v])]
 
     def rewrite(self, new, in_keeps, out_keep, folds, rw):
         name = self.node.input[self.ci]
@@ -465,31 +389,12 @@ class _ChannelParam(NodeKind):
             new.input[self.ci] = rw.const(_node(name), ops.take_channels(c, out_keep, -1))
 
 
-class _SpatialParam(_ChannelParam):
-    """x op c with c the same for every channel but varying over other axes (a LayerNormalization over the
-    spatial axes scales each position): a zero channel stays zero through a product, nothing stays constant."""
-
-    has_channel_params = False
-
-    def const_out(self, in_consts):
-        v = in_consts[0]
-        keeps_zero = self.node.op == "Mul" or (self.node.op == "RealDiv" and self.ci == 1)
-        return [np.where(v == 0, 0.0, np.nan) if keeps_zero else np.full(v.shape, np.nan)]
-
-    def rewrite(self, new, in_keeps, out_keep, folds, rw):
-        pass
-
-
 class _FusedBatchNorm(NodeKind):
     has_channel_params = True
 
-    def _vectors(self):
-        return [self.g.const(i).astype(np.float64) for i in self.node.input[1:5]]
-
-    def const_out(self, in_consts):
-        gamma, beta, mean, var = self._vectors()
-        return [ops.const_out("batchnorm", in_consts, gamma=gamma, beta=beta, mean=mean, var=var,
-                              epsilon=_attr(self.node, "epsilon").f)]
+    def params(self):
+        gamma, beta, mean, var = [self.g.const(i).astype(np.float64) for i in self.node.input[1:5]]
+        return dict(gamma=gamma, beta=beta, mean=mean, var=var, epsilon=_attr(self.node, "epsilon").f)
 
     def rewrite(self, new, in_keeps, out_keep, folds, rw):
         for k in range(1, 5):
@@ -558,11 +463,10 @@ class _Weights:
 class _Producer(NodeKind):
     """Conv2D (HWIO filter, grouped when its in-dim is smaller than the input's) and MatMul."""
 
-    rule = Rule.PRODUCER
     has_channel_params = True
 
-    def __init__(self, node, graph, weights: _Weights) -> None:
-        super().__init__(node, graph)
+    def __init__(self, node, graph, weights: _Weights, op: str, inputs: slice = slice(0, 1)) -> None:
+        super().__init__(node, graph, op, inputs)
         self.w = weights
         self.transpose_b = node.op == "MatMul" and _attr(node, "transpose_b").b
 
@@ -582,37 +486,22 @@ class _Producer(NodeKind):
             return 1
         return max(1, self.g.width(self.node.input[0]) // int(self._kernel().shape[-2]))
 
-    def const_out(self, in_consts):
-        return [ops.const_out("conv", in_consts, kernel=self._kernel(), bias=0.0)]  # its bias is a BiasAdd
-
-    def can_fold(self, input_index):
-        if self.node.op == "MatMul":
-            return ops.can_fold("dense") and not _attr(self.node, "transpose_a").b
-        k = self._kernel()
-        return ops.can_fold("conv", valid_padding=_attr(self.node, "padding").s == b"VALID",
-                            window=k.shape[0] * k.shape[1])
+    def params(self):
+        return dict(kernel=self._kernel(), bias=0.0)  # its bias is a BiasAdd
 
     def fold_note(self):
         if self.can_fold(0):
             return ""
-        if self.node.op == "MatMul":
-            return " (a MatMul reading its input transposed)"
         k = self._kernel()
         return (f" (a {_attr(self.node, 'padding').s.decode()}-padded {k.shape[0]}x{k.shape[1]} convolution: "
                 "its zero padding makes a constant input contribute differently at the borders)")
 
-    def macs(self, in_counts, out_count):
-        k = self._kernel()
-        return ops.macs("conv", in_counts, out_count, positions=self.g.positions(self.node.name),
-                        window=k.shape[0] * k.shape[1] if k.ndim == 4 else 1, groups=self.blocks())
-
     def rewrite(self, new, in_keeps, out_keep, folds, rw):
-        k = self._kernel()
-        add = fold_into_bias(k, in_keeps[0], folds[0], self.blocks())
-        k = slice_kernel(k, in_keeps[0], out_keep, self.blocks())
+        k, add = ops.shrink_producer(self._kernel(), np.zeros(self.channels()), in_keeps[0], out_keep, folds[0],
+                                     self.blocks())
         new.input[1] = self.w.replace(self._stored(k), out_keep, rw)
-        if np.any(add[out_keep] != 0):
-            rw.add_bias(new, add[out_keep])
+        if np.any(add != 0):
+            rw.add_bias(new, add)
 
 
 class _TransposedConv(_Producer):
@@ -622,25 +511,14 @@ class _TransposedConv(_Producer):
     nothing is folded into its bias.
     """
 
-    def data_inputs(self):
-        return [self.node.input[2]]
-
     def _stored(self, k):
         return np.swapaxes(k, -1, -2)
 
     def blocks(self):
         return 1
 
-    def can_fold(self, input_index):
-        return False
-
     def fold_note(self):
         return " (a transposed convolution: its windows overlap unevenly, so a constant input is not constant out)"
-
-    def macs(self, in_counts, out_count):
-        k = self.w.value
-        return ops.macs("conv_transpose", in_counts, out_count, in_positions=self.g.positions(self.node.input[2]),
-                        window=k.shape[0] * k.shape[1])
 
     def rewrite(self, new, in_keeps, out_keep, folds, rw):
         k = slice_kernel(self._kernel(), in_keeps[0], out_keep)
@@ -649,56 +527,22 @@ class _TransposedConv(_Producer):
 
 
 class _Depthwise(NodeKind):
-    rule = Rule.DEPTHWISE
     has_channel_params = True
 
     def __init__(self, node, graph, weights: _Weights) -> None:
-        super().__init__(node, graph)
+        super().__init__(node, graph, "depthwise")
         self.w = weights
 
     def channels(self):
         return int(self.w.value.shape[-1])
 
-    def const_out(self, in_consts):
-        return [ops.const_out("depthwise", in_consts, kernel=self.w.value, bias=0.0,
-                              valid_padding=_attr(self.node, "padding").s == b"VALID")]
-
-    def macs(self, in_counts, out_count):
-        k = self.w.value
-        return ops.macs("depthwise", in_counts, out_count, positions=self.g.positions(self.node.name),
-                        window=k.shape[0] * k.shape[1])
+    def params(self):
+        return dict(kernel=self.w.value, bias=0.0, valid_padding=_attr(self.node, "padding").s == b"VALID")
 
     def rewrite(self, new, in_keeps, out_keep, folds, rw):
         k = self.w.value  # (h, w, c, multiplier): output channel c * multiplier + j
         new.input[1] = self.w.replace(ops.take_channels(k, in_keeps[0], -2),
                                       np.repeat(in_keeps[0], k.shape[-1]), rw)
-
-
-class _Join(NodeKind):
-    rule = Rule.JOIN
-
-    def data_inputs(self):
-        return [i for i in self.node.input if not i.startswith("^")][:2]
-
-    def const_out(self, in_consts):
-        return [ops.const_out(_BINARY[self.node.op], in_consts)]
-
-
-class _Concat(NodeKind):
-    rule = Rule.CONCAT
-
-    def data_inputs(self):
-        return [i for i in self.node.input if not i.startswith("^")][:-1]
-
-    def const_out(self, in_consts):
-        return [ops.const_out("concat", in_consts)]
-
-
-class _SpatialConcat(_Concat):
-    rule = Rule.JOIN
-
-    def const_out(self, in_consts):
-        return [ops.const_out("stack_spatial", in_consts)]
 
 
 # --------------------------------------------------------------------------- the graph
@@ -843,10 +687,10 @@ class GraphDefGraph:
         classify = KINDS.get(node.op)
         kind = classify(self, node) if classify is not None else None
         if kind is None:
-            return _Blocker(node, self)
+            return _blocker(node, self)
         if kind.rule is Rule.ELEMENTWISE and kind.data_inputs():
             if self.width(kind.data_inputs()[0]) != self.width(node.name):
-                return _Blocker(node, self)
+                return _blocker(node, self)
         return kind
 
     # --- rewriting
@@ -907,7 +751,7 @@ class GraphDefGraph:
             return None
         reader = readers[0]
         kind = self.kinds.get(reader.name)
-        if type(kind) is not _ChannelParam or reader.op not in ("Add", "AddV2", "BiasAdd"):  # not _SpatialParam
+        if type(kind) is not _ChannelParam or reader.op not in ("Add", "AddV2", "BiasAdd"):
             return None
         if _tensor(reader.input[kind.xi]) != _tensor(name):
             return None
@@ -941,34 +785,42 @@ def _nhwc(node) -> bool:
 
 @register("Const", "Placeholder", "PlaceholderWithDefault")
 def _input(g: GraphDefGraph, node):
-    return _Const(node, g)
+    return NodeKind(node, g, "input", slice(0, 0), width=g.width(node.name))
 
 
 @register("Shape")
 def _shape(g: GraphDefGraph, node):
-    return _Shape(node, g) if _shape_reads_are_safe(g, node) else None
+    return _blocker(node, g, "shape") if _shape_reads_are_safe(g, node) else None
 
 
 @register(*_UNARY)
 def _unary(g: GraphDefGraph, node):
-    return _Unary(node, g)
+    params = {"negative_slope": _attr(node, "alpha").f} if node.op == "LeakyRelu" else {}
+    return NodeKind(node, g, _UNARY[node.op], **params)
 
 
 @register("FakeQuantWithMinMaxVars", "FakeQuantWithMinMaxArgs")
 def _fake_quant_tensor(g: GraphDefGraph, node):
-    if node.op == "FakeQuantWithMinMaxArgs" or (g.is_const(node.input[1]) and g.is_const(node.input[2])):
-        return _FakeQuantTensor(node, g)
-    return None
+    """Per-tensor activation fake-quant: 0 stays 0 (it is on the grid), a constant stays constant."""
+    if node.op == "FakeQuantWithMinMaxArgs":
+        lo, hi = _attr(node, "min").f, _attr(node, "max").f
+    elif g.is_const(node.input[1]) and g.is_const(node.input[2]):
+        lo, hi = float(g.const(node.input[1])), float(g.const(node.input[2]))
+    else:
+        return None
+    return NodeKind(node, g, "fake_quant", lo=lo, hi=hi, num_bits=_attr(node, "num_bits").i or 8,
+                    narrow_range=_attr(node, "narrow_range").b)
 
 
 @register(*_POOL)
 def _pool(g: GraphDefGraph, node):
-    return _PassThrough(node, g) if _nhwc(node) else None
+    return NodeKind(node, g) if _nhwc(node) else None
 
 
 @register("ResizeBilinear", "ResizeNearestNeighbor")
 def _resize(g: GraphDefGraph, node):
-    return _PassThrough(node, g)
+    """Each output pixel is a convex combination of input pixels of the same channel."""
+    return NodeKind(node, g)
 
 
 @register("Pad", "PadV2", "MirrorPad")
@@ -977,25 +829,27 @@ def _pad(g: GraphDefGraph, node):
         return None
     pads = g.const(node.input[1])
     value_ok = node.op != "PadV2" or (g.is_const(node.input[2]) and float(g.const(node.input[2])) == 0)
-    return _Pad(node, g) if pads.ndim == 2 and not pads[-1].any() and value_ok else None
+    if pads.ndim != 2 or pads[-1].any() or not value_ok:
+        return None
+    return NodeKind(node, g, "identity" if node.op == "MirrorPad" else "zero_pad")
 
 
 @register("SpaceToBatchND")
 def _space_to_batch(g: GraphDefGraph, node):
     """A dilated convolution's spatial zero padding and split into the batch: a zero padding."""
-    return _Pad(node, g) if g.is_const(node.input[1]) and g.is_const(node.input[2]) else None
+    return NodeKind(node, g, "zero_pad") if g.is_const(node.input[1]) and g.is_const(node.input[2]) else None
 
 
 @register("BatchToSpaceND")
 def _batch_to_space(g: GraphDefGraph, node):
-    return _PassThrough(node, g) if g.is_const(node.input[1]) and g.is_const(node.input[2]) else None
+    return NodeKind(node, g) if g.is_const(node.input[1]) and g.is_const(node.input[2]) else None
 
 
 @register("Tile")
 def _tile(g: GraphDefGraph, node):
     """Tiling of the non-channel axes (UpSampling2D's repeat)."""
     ok = g.is_const(node.input[1]) and int(np.atleast_1d(g.const(node.input[1]))[-1]) == 1
-    return _PassThrough(node, g) if ok else None
+    return NodeKind(node, g) if ok else None
 
 
 @register("StridedSlice")
@@ -1009,15 +863,15 @@ def _strided_slice(g: GraphDefGraph, node):
     begin, end, strides = (np.atleast_1d(g.const(i)) for i in node.input[1:4])
     axis = rank - 1
     if axis >= begin.size:
-        return _PassThrough(node, g)
+        return NodeKind(node, g)
     whole_start = _attr(node, "begin_mask").i >> axis & 1 or begin[axis] == 0
     whole_end = _attr(node, "end_mask").i >> axis & 1 or end[axis] >= g.width(node.input[0])
-    return _PassThrough(node, g) if whole_start and whole_end and strides[axis] == 1 else None
+    return NodeKind(node, g) if whole_start and whole_end and strides[axis] == 1 else None
 
 
 @register("Transpose")
 def _transpose(g: GraphDefGraph, node):
-    return _PassThrough(node, g) if _is_identity_transpose(g, node) else None
+    return NodeKind(node, g) if _is_identity_transpose(g, node) else None
 
 
 def _is_identity_transpose(g: GraphDefGraph, node) -> bool:
@@ -1031,7 +885,9 @@ def _reduce(g: GraphDefGraph, node):
         return None
     axes = np.atleast_1d(g.const(node.input[1]))
     in_rank = len(g.shape(node.input[0]))
-    return _Reduce(node, g) if in_rank and all(int(a) % in_rank != in_rank - 1 for a in axes) else None
+    if not in_rank or any(int(a) % in_rank == in_rank - 1 for a in axes):
+        return None
+    return NodeKind(node, g, "sum_positions" if node.op == "Sum" else "identity")
 
 
 @register("Squeeze", "ExpandDims", "Reshape")
@@ -1042,7 +898,7 @@ def _reshape(g: GraphDefGraph, node):
     if not src or not dst or src[-1] is None or dst[-1] != src[-1]:
         return None
     if node.op != "Reshape" or _self_adjusting_reshape(g, node):
-        return _PassThrough(node, g)
+        return NodeKind(node, g)  # adjusts its target itself
     return _Reshape(node, g) if _has_constant_last_entry(g, node.input[1]) else None
 
 
@@ -1054,20 +910,21 @@ def _producer(g: GraphDefGraph, node):
     except KeyError:
         return None
     if op == "MatMul":
-        return None if _attr(node, "transpose_a").b else _Producer(node, g, w)
+        return None if _attr(node, "transpose_a").b else _Producer(node, g, w, "dense")
     if not _nhwc(node) or _attr(node, "padding").s == b"EXPLICIT":
         return None
     if op == "DepthwiseConv2dNative":
         return _Depthwise(node, g, w)
     if op == "Conv2DBackpropInput":
-        return _TransposedConv(node, g, w) if _has_constant_last_entry(g, node.input[0]) else None
-    return _Producer(node, g, w)
+        ok = _has_constant_last_entry(g, node.input[0])
+        return _TransposedConv(node, g, w, "conv_transpose", slice(2, 3)) if ok else None
+    return _Producer(node, g, w, "conv")
 
 
 @register("FusedBatchNormV3")
 def _fused_batch_norm(g: GraphDefGraph, node):
     ok = _nhwc(node) and not _attr(node, "is_training").b and all(g.is_const(i) for i in node.input[1:5])
-    return _FusedBatchNorm(node, g) if ok else None
+    return _FusedBatchNorm(node, g, "batchnorm") if ok else None
 
 
 @register(*_BINARY)
@@ -1083,13 +940,13 @@ def _binary(g: GraphDefGraph, node):
         per_channel = c.ndim >= 1 and c.shape[-1] == width and c.size == width
         if c.size == 1 or per_channel:
             return _ChannelParam(node, g, ci)
-        return _SpatialParam(node, g, ci) if c.ndim == len(g.shape(node.name)) and c.shape[-1] == 1 else None
+        return _spatial_param(g, node, ci) if c.ndim == len(g.shape(node.name)) and c.shape[-1] == 1 else None
     if node.op in ("RealDiv", "BiasAdd"):
         return None
     sa, sb = g.shape(a), g.shape(b)
     if not sa or not sb or sa[-1] != sb[-1] or len(sa) != len(sb):
         return None
-    return _Join(node, g)
+    return NodeKind(node, g, _BINARY[node.op], slice(0, 2))
 
 
 @register("ConcatV2")
@@ -1098,7 +955,14 @@ def _concat(g: GraphDefGraph, node):
         return None
     rank = len(g.shape(node.name))
     axis = int(g.const(node.input[-1]))
-    return _Concat(node, g) if axis % rank == rank - 1 else _SpatialConcat(node, g)
+    return NodeKind(node, g, "concat" if axis % rank == rank - 1 else "stack_spatial", slice(0, -1))
+
+
+def _spatial_param(g: GraphDefGraph, node, ci: int) -> NodeKind:
+    """x op c with c the same for every channel but varying over other axes (a LayerNormalization over the
+    spatial axes scales each position): a zero channel stays zero through a product, nothing stays constant."""
+    keeps_zero = node.op == "Mul" or (node.op == "RealDiv" and ci == 1)
+    return NodeKind(node, g, "scale_positions" if keeps_zero else "opaque", slice(1 - ci, 2 - ci))
 
 
 # --------------------------------------------------------------------------- shapes read at run time

@@ -1,10 +1,12 @@
 """Translate a Keras 3 Functional or Sequential model into the channel engine's graph.
 
-Each Keras layer class is described once by a :class:`LayerKind`: its channel rule, which of its weights
-are indexed by output channels (for zeroing), how constant channels flow through it (for stripping) and how
-to rebuild it with fewer channels. Three tables choose the kind of a call: :data:`KERAS_LAYERS` (Keras layer
-classes), :data:`KERAS_OPS` (the raw ``keras.ops`` nodes Keras records for ``x + y``, ``keras.ops.mean`` ...)
-and the user registry of :func:`register_layer` (custom layers); anything else blocks. Nested models are
+The adapter only translates: each layer call becomes a :class:`LayerKind`, a canonical op of
+:data:`tfcompress.graph.ops.OPS` (whose table gives the channel rule, constant propagation, bias folding and
+MACs) with a reader of the layer's parameters. Subclasses add only what is Keras's own: which weights are
+indexed by output channels (for zeroing) and how to rebuild the layer with fewer channels. Three tables choose
+the op of a call: :data:`KERAS_LAYERS` (Keras layer classes), :data:`KERAS_OPS` (the raw ``keras.ops`` nodes
+Keras records for ``x + y``, ``keras.ops.mean`` ...) and the user registry of :func:`register_layer` (custom
+layers); anything else blocks. Nested models are
 inlined: layer names inside them are prefixed with the sub-model's name (``"block/conv"``).
 """
 
@@ -17,10 +19,9 @@ from typing import Any, Callable, Sequence
 import keras
 import numpy as np
 
-from tfcompress.graph.engine import ChannelGraph, ChannelGroup, Op, Rule, elementwise_consts
+from tfcompress.graph.engine import ChannelGraph, ChannelGroup, Op, Rule
 from tfcompress.graph.keras_layers import PartialLayerNormalization
 from tfcompress.graph import ops
-from tfcompress.graph.kernels import fold_into_bias, slice_kernel
 
 __all__ = [
     "ChannelParam", "KerasGraph", "LayerKind", "LayerRule", "UnsupportedModelError", "build_graph",
@@ -51,9 +52,19 @@ def _overrides_call(layer: keras.layers.Layer, base: type) -> bool:
     return type(layer).call is not base.call
 
 
-def _activation_fn(activation: Any) -> Callable[[np.ndarray], np.ndarray]:
+def activation_op(activation: Any) -> tuple[str, dict]:
+    """A Keras activation as a canonical op of :data:`tfcompress.graph.ops.OPS` and its parameters; a function
+    of the user's own is applied as it is, through Keras."""
     fn = keras.activations.get(activation)
-    return lambda v: _np(fn(keras.ops.convert_to_tensor(np.asarray(v, np.float32))))
+    name = getattr(fn, "__name__", "")
+    if name in ops.UNARY and keras.activations.get(name) is fn:
+        return name, {}
+    return "function", {"fn": lambda v: _np(fn(keras.ops.convert_to_tensor(np.asarray(v, np.float32))))}
+
+
+def _activated(activation: Any, c: np.ndarray) -> np.ndarray:
+    op, params = activation_op(activation)
+    return ops.const_out(op, [c], **params)
 
 
 def _channels_last(layer: keras.layers.Layer) -> bool:
@@ -93,22 +104,47 @@ class LayerCall:
 
 
 class LayerKind:
-    """Base description of a layer class: no weights indexed by channels, identity on constants."""
+    """A layer call as the engine sees it: its canonical op in :data:`tfcompress.graph.ops.OPS` with a reader
+    of the op's parameters. Subclasses add which weights are indexed by channels and how to rebuild the layer
+    with fewer channels."""
 
-    rule = Rule.ELEMENTWISE
+    op = "identity"
     has_channel_params = False
     reads_all_channels = False
 
-    def __init__(self, call: LayerCall) -> None:
+    def __init__(self, call: LayerCall, op: str | None = None,
+                 params: Callable[["LayerCall"], dict] | None = None) -> None:
         self.call = call
         self.layer = call.layer
+        self.op = op or type(self).op
+        self._read = params
+
+    @property
+    def rule(self) -> Rule:
+        return ops.rule(self.op, len(self.call.in_widths))
+
+    def params(self) -> dict:
+        """The parameters of its canonical op, read from the layer now (pruning changes the weights)."""
+        return self._read(self.call) if self._read is not None else {}
 
     # --- engine protocol
     def const_out(self, in_consts: list[np.ndarray]) -> list[np.ndarray]:
-        return [in_consts[0]]
+        return [ops.const_out(self.op, in_consts, **self.params())]
 
     def can_fold(self, input_index: int) -> bool:
-        return False
+        return ops.can_fold(self.op, **self.geometry())
+
+    def macs(self, in_counts: list[int], out_count: int) -> float:
+        """Multiply-accumulates of one call for one example, with these channel counts."""
+        return ops.macs(self.op, in_counts, out_count, **self.geometry())
+
+    def geometry(self) -> dict:
+        """The call's shape as the table's MAC and folding rules read it (:class:`ops.OpSemantics`)."""
+        L, c = self.layer, self.call
+        return dict(positions=ops.positions(c.out_shape), window=math.prod(getattr(L, "kernel_size", ())),
+                    in_positions=ops.positions(c.in_shapes[0]) if c.in_shapes else 1, groups=self.blocks(),
+                    multiplier=int(getattr(L, "depth_multiplier", 1)),
+                    valid_padding=getattr(L, "padding", "valid") == "valid")
 
     # --- structure
     def channels(self) -> int:
@@ -128,10 +164,6 @@ class LayerKind:
         keep[pos] = False
         for p in self.output_params():
             p.variable.assign(_np(p.variable) * p.mask(keep))
-
-    def macs(self, in_counts: list[int], out_count: int) -> float:
-        """Multiply-accumulates of one call for one example, with these channel counts."""
-        return 0.0
 
     def config(self, in_keeps: list[np.ndarray], out_keep: np.ndarray, folds: list[np.ndarray]) -> dict:
         return self.layer.get_config()
@@ -153,39 +185,20 @@ class LayerKind:
         return False
 
 
-class _Blocker(LayerKind):
-    rule = Rule.BLOCKER
-
-    def const_out(self, in_consts):
-        return [np.full(self.call.out_width, np.nan)]
+KindFactory = Callable[[LayerCall], LayerKind]
 
 
-class _Input(_Blocker):
-    rule = Rule.INPUT
+def table_kind(op: str, params: Callable[[LayerCall], dict] | None = None) -> KindFactory:
+    """The kind of a call that is canonical op ``op`` and has nothing to edit but its channel count."""
+    return lambda call: LayerKind(call, op, params)
 
 
-class _Elementwise(LayerKind):
-    """Activations, pooling, dropout, upsampling, cropping: constant per channel stays constant."""
+def _width(call: LayerCall) -> dict:
+    return {"width": call.out_width}
 
 
-class _Activation(LayerKind):
-    def __init__(self, call):
-        super().__init__(call)
-        self.fn = lambda v: _np(self.layer(np.asarray(v, np.float32)[None]))[0]
-
-    def const_out(self, in_consts):
-        return [elementwise_consts(self.fn, in_consts[0])]
-
-
-class _ZeroPadding(LayerKind):
-    def const_out(self, in_consts):
-        return [ops.const_out("zero_pad", in_consts)]
-
-
-class _Rescaling(LayerKind):
-    def const_out(self, in_consts):
-        scale, offset = float(np.asarray(self.layer.scale)), float(np.asarray(self.layer.offset))
-        return [in_consts[0] * scale + offset]
+_BLOCKER = table_kind("blocker", _width)
+_PASS = table_kind("identity")
 
 
 class _Reshape(LayerKind):
@@ -198,35 +211,26 @@ class _Reshape(LayerKind):
 
 
 class _PReLU(LayerKind):
+    op = "prelu"
     has_channel_params = True
 
-    def const_out(self, in_consts):
-        alpha = _np(self.layer.alpha)
-        a = alpha.reshape(-1, alpha.shape[-1]) if alpha.ndim else alpha.reshape(1, 1)
-        if not np.all(a == a[:1]):
-            return [np.full(in_consts[0].shape, np.nan)]  # alpha varies over space
-        a = np.broadcast_to(a[0], in_consts[0].shape)
-        c = in_consts[0]
-        return [np.where(c >= 0, c, a * c)]
+    def params(self):
+        return {"alpha": _np(self.layer.alpha)}
 
     def weights(self, in_keeps, out_keep, folds):
         alpha = _np(self.layer.alpha)
         return [ops.take_channels(alpha, out_keep, -1) if alpha.shape[-1] == out_keep.size else alpha]
 
 
-class _BatchNorm(LayerKind):
+class _Normalization(LayerKind):
+    """A normalization over the channel axis: its weights are vectors over the channels, gamma and beta (ones
+    and zeros where it does not learn them) produce them."""
+
     has_channel_params = True
 
-    def _vectors(self):
+    def params(self):
         L, n = self.layer, self.call.out_width
-        gamma = _np(L.gamma) if L.scale else np.ones(n)
-        beta = _np(L.beta) if L.center else np.zeros(n)
-        return gamma, beta, _np(L.moving_mean), _np(L.moving_variance)
-
-    def const_out(self, in_consts):
-        gamma, beta, mean, var = self._vectors()
-        return [ops.const_out("batchnorm", in_consts, gamma=gamma, beta=beta, mean=mean, var=var,
-                              epsilon=self.layer.epsilon)]
+        return dict(gamma=_np(L.gamma) if L.scale else np.ones(n), beta=_np(L.beta) if L.center else np.zeros(n))
 
     def output_params(self):
         L = self.layer
@@ -236,10 +240,18 @@ class _BatchNorm(LayerKind):
         return [ops.take_channels(_np(w), out_keep, 0) for w in self.layer.weights]
 
 
+class _BatchNorm(_Normalization):
+    op = "batchnorm"
+
+    def params(self):
+        L = self.layer
+        return dict(**super().params(), mean=_np(L.moving_mean), var=_np(L.moving_variance), epsilon=L.epsilon)
+
+
 class _Producer(LayerKind):
     """Conv1D/2D/3D (grouped too), Dense: a kernel (..., in, out), a bias (out) and an activation."""
 
-    rule = Rule.PRODUCER
+    op = "conv"
     has_channel_params = True
     out_axis = -1  # axis of the kernel indexed by output channels
     in_axis = -2
@@ -256,34 +268,15 @@ class _Producer(LayerKind):
     def _bias(self) -> np.ndarray:
         return _np(self.layer.bias) if self.layer.use_bias else np.zeros(self.channels())
 
-    def const_out(self, in_consts):
-        k = np.moveaxis(self._kernel(), self.out_axis, -1)
-        out = ops.const_out("conv", in_consts, kernel=k, bias=self._bias())
-        return [elementwise_consts(_activation_fn(self.layer.activation), out)]
+    def params(self):
+        return dict(kernel=np.moveaxis(self._kernel(), self.out_axis, -1), bias=self._bias())
 
-    def can_fold(self, input_index):
-        L = self.layer
-        if isinstance(L, keras.layers.Dense):
-            return ops.can_fold("dense")
-        return ops.can_fold("conv", valid_padding=L.padding == "valid", window=math.prod(L.kernel_size))
+    def const_out(self, in_consts):
+        return [_activated(self.layer.activation, super().const_out(in_consts)[0])]
 
     def output_params(self):
         L = self.layer
         return [ChannelParam(L.kernel, self.out_axis)] + ([ChannelParam(L.bias, 0)] if L.use_bias else [])
-
-    def macs(self, in_counts, out_count):
-        L = self.layer
-        spatial = ops.positions(self.call.out_shape)
-        if isinstance(L, keras.layers.Dense):
-            return ops.macs("dense", in_counts, out_count, positions=spatial)
-        k = math.prod(L.kernel_size)
-        if isinstance(L, keras.layers.SeparableConv1D | keras.layers.SeparableConv2D):
-            return ops.macs("separable_conv", in_counts, out_count, positions=spatial, window=k,
-                            multiplier=int(L.depth_multiplier))
-        if self.out_axis == -2:
-            return ops.macs("conv_transpose", in_counts, out_count,
-                            in_positions=ops.positions(self.call.in_shapes[0]), window=k)
-        return ops.macs("conv", in_counts, out_count, positions=spatial, window=k, groups=self.blocks())
 
     def strides(self) -> int:
         return max(tuple(getattr(self.layer, "strides", (1,))))
@@ -302,36 +295,25 @@ class _Producer(LayerKind):
         return not self.layer.use_bias and any(np.any(f != 0) for f in folds)
 
     def weights(self, in_keeps, out_keep, folds):
-        kernel = np.moveaxis(self._kernel(), (self.in_axis, self.out_axis), (-2, -1))  # as (..., in, out)
-        bias = self._bias() + fold_into_bias(kernel, in_keeps[0], folds[0], self.blocks())
-        new = [np.moveaxis(slice_kernel(kernel, in_keeps[0], out_keep, self.blocks()), (-2, -1),
-                           (self.in_axis, self.out_axis))]
-        if self.layer.use_bias or self.needs_bias(folds):
-            new.append(bias[out_keep])
-        return new
+        axes = (self.in_axis, self.out_axis)
+        kernel, bias = ops.shrink_producer(np.moveaxis(self._kernel(), axes, (-2, -1)), self._bias(), in_keeps[0],
+                                           out_keep, folds[0], self.blocks())
+        return [np.moveaxis(kernel, (-2, -1), axes)] + [bias] * (self.layer.use_bias or self.needs_bias(folds))
 
 
 class _ConvTranspose(_Producer):
+    op = "conv_transpose"
     out_axis = -2
     in_axis = -1
-
-    def can_fold(self, input_index):
-        return False
-
-
-class _Dense(_Producer):
-    def can_fold(self, input_index):
-        return ops.can_fold("dense")
 
 
 class _SeparableConv(_Producer):
     """Depthwise on the input channels, then a pointwise producer."""
 
+    op = "separable_conv"
+
     def _kernel(self):
         return _np(self.layer.pointwise_kernel)
-
-    def can_fold(self, input_index):
-        return False
 
     def output_params(self):
         L = self.layer
@@ -342,7 +324,8 @@ class _SeparableConv(_Producer):
         m = int(L.depth_multiplier)
         new = {
             id(L.depthwise_kernel): ops.take_channels(_np(L.depthwise_kernel), in_keeps[0], -2),
-            id(L.pointwise_kernel): ops.take_channels(ops.take_channels(self._kernel(), np.repeat(in_keeps[0], m), -2), out_keep, -1),
+            id(L.pointwise_kernel): ops.take_channels(
+                ops.take_channels(self._kernel(), np.repeat(in_keeps[0], m), -2), out_keep, -1),
         }
         if L.use_bias:
             new[id(L.bias)] = self._bias()[out_keep]
@@ -352,7 +335,7 @@ class _SeparableConv(_Producer):
 class _Depthwise(LayerKind):
     """DepthwiseConv: output channel c*m+k reads only input channel c."""
 
-    rule = Rule.DEPTHWISE
+    op = "depthwise"
     has_channel_params = True
 
     def channels(self):
@@ -365,21 +348,17 @@ class _Depthwise(LayerKind):
         """The kernel as (..., in, multiplier)."""
         return _np(self.layer.kernel)
 
+    def params(self):
+        return dict(kernel=self._kernel(), bias=self._bias(), valid_padding=self.layer.padding == "valid")
+
     def const_out(self, in_consts):
-        L = self.layer
-        out = ops.const_out("depthwise", in_consts, kernel=self._kernel(), bias=self._bias(),
-                            valid_padding=L.padding == "valid")
-        return [elementwise_consts(_activation_fn(L.activation), out)]
+        return [_activated(self.layer.activation, super().const_out(in_consts)[0])]
 
     def output_params(self):
         L = self.layer
         k = tuple(L.kernel.shape)
         view = k[:-2] + (k[-2] * k[-1],)  # output channel c*m+j is kernel[..., c, j]
         return [ChannelParam(L.kernel, -1, view)] + ([ChannelParam(L.bias, 0)] if L.use_bias else [])
-
-    def macs(self, in_counts, out_count):
-        return ops.macs("depthwise", in_counts, out_count, positions=ops.positions(self.call.out_shape),
-                        window=math.prod(self.layer.kernel_size))
 
     def weights(self, in_keeps, out_keep, folds):
         new = [ops.take_channels(_np(self.layer.kernel), in_keeps[0], -2)]
@@ -412,7 +391,7 @@ class _GroupedDepthwise(_Depthwise):
         return new
 
 
-class _LayerNorm(LayerKind):
+class _LayerNorm(_Normalization):
     """LayerNormalization over the channel axis: statistics over all channels, then a per-channel affine.
 
     Its inputs are read as a whole (a removed channel must be a known constant, which the stripped layer
@@ -420,25 +399,8 @@ class _LayerNorm(LayerKind):
     the constant beta.
     """
 
-    has_channel_params = True
+    op = "layernorm"
     reads_all_channels = True
-
-    def _vectors(self):
-        L, n = self.layer, self.call.out_width
-        gamma = _np(L.gamma) if L.scale else np.ones(n)
-        beta = _np(L.beta) if L.center else np.zeros(n)
-        return gamma, beta
-
-    def const_out(self, in_consts):
-        gamma, beta = self._vectors()
-        return [ops.const_out("layernorm", in_consts, gamma=gamma, beta=beta)]
-
-    def can_fold(self, input_index):
-        return ops.can_fold("layernorm")
-
-    def output_params(self):
-        L = self.layer
-        return [ChannelParam(L.gamma, 0)] * bool(L.scale) + [ChannelParam(L.beta, 0)] * bool(L.center)
 
     def rebuilt_class(self):
         return PartialLayerNormalization
@@ -447,37 +409,15 @@ class _LayerNorm(LayerKind):
         removed = list(getattr(self.layer, "removed_values", [])) + [float(v) for v in folds[0][~in_keeps[0]]]
         return {**self.layer.get_config(), "removed_values": removed}
 
-    def weights(self, in_keeps, out_keep, folds):
-        return [ops.take_channels(_np(w), out_keep, 0) for w in self.layer.weights]
-
-
-class _Join(LayerKind):
-    rule = Rule.JOIN
-    op = "add"  # its canonical op in :data:`tfcompress.graph.ops.OPS`
-
-    def const_out(self, in_consts):
-        return [ops.const_out(self.op, in_consts)]
-
-
-def _join(op: str) -> type:
-    return type("_JoinKind", (_Join,), {"op": op})
-
-
-class _Concat(LayerKind):
-    rule = Rule.CONCAT
-
-    def const_out(self, in_consts):
-        return [ops.const_out("concat", in_consts)]
-
 
 class _Flatten(LayerKind):
-    rule = Rule.FLATTEN
+    op = "flatten"
 
     def channels(self):
         return int(math.prod(self.call.in_shapes[0][1:-1]))
 
-    def const_out(self, in_consts):
-        return [np.tile(in_consts[0], self.channels())]
+    def params(self):
+        return {"tile": self.channels()}
 
 
 # --------------------------------------------------------------------------- user-declared layers
@@ -489,6 +429,8 @@ class LayerRule:
     rule: str
     channel_weights: tuple[str, ...] = ()
     resize_config: Callable[[dict, int], dict] | None = None
+    op: str | None = None
+    params: Callable[[Any], dict] | None = None
 
 
 LAYER_RULES = ("elementwise", "blocker")
@@ -505,6 +447,8 @@ def register_layer(
     rule: str = "elementwise",
     channel_weights: Sequence[str] = (),
     resize_config: Callable[[dict, int], dict] | None = None,
+    op: str | None = None,
+    params: Callable[[Any], dict] | None = None,
 ) -> None:
     """Declare how a custom Keras layer maps channels, so that pruning, stripping and QAT go through it.
 
@@ -513,8 +457,15 @@ def register_layer(
         rule: ``"elementwise"``: output channel c depends only on channel c of each input, the same function
             at every position (activations, per-channel scales; with several inputs of the same channels, a
             join like ``Add``); the layer's own ``call`` on per-channel constants tells stripping what a
-            constant channel becomes. ``"blocker"``: channels reaching the layer are
+            constant channel becomes, unless ``op`` names it. ``"blocker"``: channels reaching the layer are
             never removed.
+        op: the canonical op the layer computes, from :data:`tfcompress.graph.ops.OPS` (a position-wise one:
+            ``"relu6"``, ``"hard_silu"``, ``"gelu"``, ``"leaky_relu"``, ``"clip"``, ``"add"``, ``"mul"``,
+            ``"max"``, ``"identity"``, ``"zero_pad"`` ...; ``sorted(tfcompress.graph.ops.UNARY)`` lists the
+            activations). Stripping then follows constants through the op's own numpy semantics, as for
+            Keras's built-in layers, instead of running the layer.
+        params: ``f(layer) -> dict``: the op's parameters read from a layer (``lambda l: {"x_min": 0.0,
+            "x_max": l.cap}`` for ``"clip"``); none by default.
         channel_weights: the weights whose last axis is indexed by channels (attribute names, such as
             ``"gamma"`` for ``self.gamma``, or weight names); stripping slices them.
         resize_config: ``f(config, channels) -> config`` for a layer whose config names its channel count
@@ -535,7 +486,13 @@ def register_layer(
     names = tuple(channel_weights)
     if not all(isinstance(n, str) for n in names):
         raise ValueError(f"channel_weights must be weight names (strings), got {list(channel_weights)!r}")
-    _REGISTRY[cls] = LayerRule(rule, names, resize_config)
+    if op is not None and (op not in ops.OPS or ops.OPS[op].rule is not Rule.ELEMENTWISE or rule != "elementwise"):
+        position_wise = sorted(k for k, v in ops.OPS.items() if v.rule is Rule.ELEMENTWISE)
+        raise ValueError(f"op {op!r} for {cls.__name__} is not a position-wise canonical op (with rule "
+                         f"'elementwise'); choose one of {position_wise}")
+    if params is not None and not callable(params):
+        raise ValueError(f"params must be a function of the layer returning the op's parameters, got {params!r}")
+    _REGISTRY[cls] = LayerRule(rule, names, resize_config, op, params)
 
 
 def registered_rule(layer: Any) -> LayerRule | None:
@@ -551,12 +508,15 @@ class _Registered(LayerKind):
     """A layer declared ``"elementwise"`` with :func:`register_layer`."""
 
     def __init__(self, call: LayerCall) -> None:
-        super().__init__(call)
         self.declared = registered_rule(call.layer)
+        read = self.declared.params
+        super().__init__(call, self.declared.op, (lambda c: read(c.layer)) if read is not None else None)
         self.has_channel_params = bool(self.declared.channel_weights)
 
     def const_out(self, in_consts):
-        return [_run_on_consts(self.call, in_consts, zero_absorbs=False)]
+        if self.declared.op is not None:
+            return super().const_out(in_consts)
+        return [_run_on_consts(self.call, in_consts)]
 
     def config(self, in_keeps, out_keep, folds):
         cfg = self.layer.get_config()
@@ -579,12 +539,6 @@ class _Registered(LayerKind):
         return new
 
 
-class _RegisteredJoin(_Registered):
-    """A layer declared ``"elementwise"`` called on several tensors of the same channels: it joins them."""
-
-    rule = Rule.JOIN
-
-
 # --------------------------------------------------------------------------- keras.ops nodes
 
 def _per_channel(c: np.ndarray, rank: int) -> np.ndarray:
@@ -592,48 +546,50 @@ def _per_channel(c: np.ndarray, rank: int) -> np.ndarray:
     return np.nan_to_num(c).astype(np.float32).reshape((1,) * (rank - 1) + (-1,))
 
 
-def _run_on_consts(call: LayerCall, in_consts: list[np.ndarray], zero_absorbs: bool) -> np.ndarray:
-    """The output constants of a position-wise call, found by running the call itself on its inputs' constants.
-
-    An output channel is unknown where an input channel is, except (``zero_absorbs``: a product) where an
-    input is exactly zero.
-    """
+def _run_on_consts(call: LayerCall, in_consts: list[np.ndarray]) -> np.ndarray:
+    """The output constants of a position-wise call, found by running the call itself on its inputs' constants
+    (a custom layer's semantics are its own). An output channel is unknown where an input channel is."""
     node = call.node
     values = {id(t): _per_channel(c, len(t.shape)) for t, c in zip(node.input_tensors, in_consts)}
     args, kwargs = node.arguments.fill_in(values)
     out = _np(call.layer(*args, **kwargs)).astype(np.float64).reshape(-1)
     if out.size != call.out_width:
         return np.full(call.out_width, np.nan)
-    unknown = np.any([np.isnan(c) for c in in_consts], axis=0)
-    if zero_absorbs:
-        unknown &= ~np.any([c == 0 for c in in_consts], axis=0)
-    return np.where(unknown, np.nan, out)
+    return np.where(np.any([np.isnan(c) for c in in_consts], axis=0), np.nan, out)
+
+
+# keras.ops operation class -> its canonical op in tfcompress.graph.ops.OPS, applied position by position
+_POINTWISE_OPS = {
+    "Add": "add", "Subtract": "sub", "Multiply": "mul", "Divide": "div", "TrueDivide": "div", "Maximum": "max",
+    "Minimum": "min", "Negative": "neg", "Absolute": "abs", "Square": "square", "Sqrt": "sqrt", "Rsqrt": "rsqrt",
+    "Reciprocal": "reciprocal", "Exp": "exponential", "Expm1": "expm1", "Log": "log", "Log1p": "log1p",
+    "Sin": "sin", "Cos": "cos",
+    "Tanh": "tanh", "Sigmoid": "sigmoid", "Relu": "relu", "Relu6": "relu6", "Silu": "silu",
+    "HardSigmoid": "hard_sigmoid", "HardSilu": "hard_silu", "Gelu": "gelu", "Elu": "elu", "Selu": "selu",
+    "Celu": "celu", "Softplus": "softplus", "Softsign": "softsign", "LeakyRelu": "leaky_relu",
+    "LogSigmoid": "log_sigmoid", "Clip": "clip", "Cast": "linear", "Erf": "erf", "Sign": "sign",
+    "Floor": "floor", "Ceil": "ceil", "Round": "round",
+}
 
 
 class _OpPointwise(LayerKind):
-    """A ``keras.ops`` function applied position by position (``x + y``, ``x * 0.5``, ``relu6``, ``gelu``...).
+    """A ``keras.ops`` function applied position by position (``x + y``, ``3.0 - x``, ``relu6``, ``gelu``...):
+    its operands are the inputs' per-channel constants and its scalar arguments, in call order; its
+    parameters are its config."""
 
-    Its constant output is found by running the op itself on the inputs' per-channel constants, so each op's
-    value semantics live in Keras alone. An output channel is unknown where an input channel is, except that
-    a product with an exact zero is zero.
-    """
-
-    zero_absorbs = False
+    def params(self):
+        return {k: v for k, v in self.layer.get_config().items() if k not in ("name", "dtype")}
 
     def const_out(self, in_consts):
-        return [_run_on_consts(self.call, in_consts, self.zero_absorbs)]
+        node, width = self.call.node, self.call.out_width
+        consts = {id(t): c for t, c in zip(node.input_tensors, in_consts)}
+        operands = [consts[id(v)] if isinstance(v, keras.KerasTensor) else np.full(width, float(np.ravel(v)[0]))
+                    for v in keras.tree.flatten(node.arguments.args) if _is_operand(v)]
+        return [ops.const_out(self.op, operands, **self.params())]
 
 
-class _OpProduct(_OpPointwise):
-    zero_absorbs = True
-
-
-class _OpJoin(_OpPointwise):
-    rule = Rule.JOIN
-
-
-class _OpProductJoin(_OpProduct):
-    rule = Rule.JOIN
+def _is_operand(v: Any) -> bool:
+    return v is not None and not isinstance(v, str | bool)
 
 
 class _OpReshape(LayerKind):
@@ -652,19 +608,16 @@ def _is_scalar(v: Any) -> bool:
     return np.ndim(v) == 0 or np.size(v) == 1
 
 
-def _pointwise_kind(node: Any, out_shape: tuple, product: bool) -> type[LayerKind]:
+def _op_pointwise(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> KindFactory:
     """Elementwise with one tensor (the rest scalars), a join of several tensors of the output's channels."""
-    tensors = node.input_tensors
     operands = [v for v in keras.tree.flatten(node.arguments.args)
-                if not isinstance(v, keras.KerasTensor | str | bool) and v is not None]
+                if _is_operand(v) and not isinstance(v, keras.KerasTensor)]
     if not all(_is_scalar(v) for v in operands):
-        return _Blocker  # a constant array may vary over channels
+        return _BLOCKER  # a constant array may vary over channels
     rank = len(out_shape)
-    if any(len(t.shape) != rank or t.shape[-1] != out_shape[-1] for t in tensors):
-        return _Blocker  # broadcasting over the channel axis
-    if len(tensors) == 1:
-        return _OpProduct if product else _OpPointwise
-    return _OpProductJoin if product else _OpJoin
+    if any(len(s) != rank or s[-1] != out_shape[-1] for s in in_shapes):
+        return _BLOCKER  # broadcasting over the channel axis
+    return lambda call: _OpPointwise(call, _POINTWISE_OPS[type(op).__name__])
 
 
 def _axes(axis: Any, rank: int) -> set[int] | None:
@@ -682,47 +635,39 @@ def _keeps_channel_axis(in_shape: tuple, out_shape: tuple) -> bool:
     )
 
 
-def _op_reduce(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> type[LayerKind]:
+def _op_reduce(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> KindFactory:
     axes = _axes(op.get_config().get("axis"), len(in_shapes[0]))
     ok = axes is not None and len(in_shapes[0]) - 1 not in axes and out_shape[-1] == in_shapes[0][-1]
-    return _Elementwise if ok else _Blocker
+    return _PASS if ok else _BLOCKER
 
 
-def _op_pool(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> type[LayerKind]:
+def _op_pool(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> KindFactory:
     fmt = op.get_config().get("data_format") or keras.config.image_data_format()
-    return _Elementwise if fmt == "channels_last" else _Blocker
+    return _PASS if fmt == "channels_last" else _BLOCKER
 
 
-def _op_reshape(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> type[LayerKind]:
+def _op_reshape(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> KindFactory:
     if not _keeps_channel_axis(in_shapes[0], out_shape):
-        return _Blocker
-    return _OpReshape if "newshape" in op.get_config() else _Elementwise
+        return _BLOCKER
+    return _OpReshape if "newshape" in op.get_config() else _PASS
 
 
-def _op_concat(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> type[LayerKind]:
+def _op_concat(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> KindFactory:
     rank = len(out_shape)
     if any(len(s) != rank for s in in_shapes):
-        return _Blocker
-    if int(op.get_config().get("axis", 0)) % rank == rank - 1:
-        return _Concat
-    return _join("stack_spatial")
+        return _BLOCKER
+    return _concat_kind(int(op.get_config().get("axis", 0)), rank)
 
 
-def _pointwise(product: bool = False) -> Callable:
-    return lambda op, node, in_shapes, out_shape: _pointwise_kind(node, out_shape, product)
+def _concat_kind(axis: int, rank: int) -> KindFactory:
+    """Along channels: a concat; along a spatial axis: a join that keeps channels aligned."""
+    return table_kind("concat" if axis % rank == rank - 1 else "stack_spatial")
 
 
-_POINTWISE_OPS = (
-    "Add", "Subtract", "Divide", "TrueDivide", "Maximum", "Minimum", "Negative", "Abs", "Square", "Sqrt",
-    "Exp", "Tanh", "Sigmoid", "Relu", "Relu6", "Silu", "HardSigmoid", "HardSilu", "Gelu", "Elu", "Selu",
-    "Celu", "Softplus", "Softsign", "LeakyRelu", "LogSigmoid", "Clip", "Cast", "Erf", "Sign", "Floor", "Ceil",
-    "Round",
-)
-# keras.ops operation class name -> function(op, node, input shapes, output shape) giving its LayerKind;
+# keras.ops operation class name -> function(op, node, input shapes, output shape) giving its kind;
 # every other keras.ops node blocks the channels it reads.
-KERAS_OPS: dict[str, Callable[..., type[LayerKind]]] = {
-    **{name: _pointwise() for name in _POINTWISE_OPS},
-    "Multiply": _pointwise(product=True),
+KERAS_OPS: dict[str, Callable[..., KindFactory]] = {
+    **{name: _op_pointwise for name in _POINTWISE_OPS},
     **{name: _op_reduce for name in ("Mean", "Max", "Min", "Amax", "Amin")},
     **{name: _op_pool for name in ("AveragePool", "MaxPool")},
     **{name: _op_reshape for name in ("Reshape", "ExpandDims", "Squeeze")},
@@ -730,11 +675,11 @@ KERAS_OPS: dict[str, Callable[..., type[LayerKind]]] = {
 }
 
 
-def op_kind(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> type[LayerKind]:
-    """The :class:`LayerKind` of a ``keras.ops`` node (an Operation that is not a Layer)."""
+def op_kind(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> KindFactory:
+    """The kind of a ``keras.ops`` node (an Operation that is not a Layer)."""
     rule = KERAS_OPS.get(type(op).__name__) if type(op).__module__.startswith("keras.src.ops.") else None
     if rule is None or not in_shapes:
-        return _Blocker
+        return _BLOCKER
     return rule(op, node, in_shapes, out_shape)
 
 
@@ -752,8 +697,8 @@ _ELEMENTWISE = (
 _JOINS = {_L.Add: "add", _L.Subtract: "sub", _L.Average: "mean", _L.Maximum: "max", _L.Minimum: "min",
           _L.Multiply: "mul"}
 _CHANNEL_MIXING_ACTIVATIONS = {"softmax", "log_softmax"}
-# A rule: f(layer, matched base class, input shapes, output shape) -> the LayerKind of that call.
-LayerRuleFn = Callable[[Any, type, list, tuple], "type[LayerKind]"]
+# A rule: f(layer, matched base class, input shapes, output shape) -> the kind of that call.
+LayerRuleFn = Callable[[Any, type, list, tuple], KindFactory]
 
 
 def _channel_axis(layer: Any, rank: int) -> bool:
@@ -761,67 +706,74 @@ def _channel_axis(layer: Any, rank: int) -> bool:
     return axis is not None and axis % rank == rank - 1
 
 
-def _plain(kind: type[LayerKind]) -> LayerRuleFn:
+def _plain(kind: KindFactory) -> LayerRuleFn:
     """``kind`` for a channels-last layer whose ``call`` is its base class's, else a blocker."""
     def rule(layer, base, ins, out):
-        return kind if _channels_last(layer) and not _overrides_call(layer, base) else _Blocker
+        return kind if _channels_last(layer) and not _overrides_call(layer, base) else _BLOCKER
     return rule
 
 
-def _always(kind: type[LayerKind]) -> LayerRuleFn:
-    return lambda layer, base, ins, out: kind
+def _op(op: str, read: Callable[[Any], dict] = lambda layer: {}) -> LayerRuleFn:
+    """Canonical op ``op`` with the parameters ``read(layer)``."""
+    return lambda layer, base, ins, out: table_kind(op, lambda call: read(call.layer))
 
 
 def _conv(layer, base, ins, out):
     if not _channels_last(layer) or _overrides_call(layer, base) or layer.padding == "causal":
-        return _Blocker
+        return _BLOCKER
     return _GroupedDepthwise if layer.groups > 1 and layer.groups == ins[0][-1] else _Producer
 
 
 def _dense(layer, base, ins, out):
     plain = not _overrides_call(layer, base) and getattr(layer, "quantization_mode", None) is None
-    return _Dense if plain and not getattr(layer, "lora_enabled", False) else _Blocker
+    if not plain or getattr(layer, "lora_enabled", False):
+        return _BLOCKER
+    return lambda call: _Producer(call, "dense")
 
 
 def _batchnorm(layer, base, ins, out):
-    return _BatchNorm if _channel_axis(layer, len(out)) and not _overrides_call(layer, base) else _Blocker
+    return _BatchNorm if _channel_axis(layer, len(out)) and not _overrides_call(layer, base) else _BLOCKER
 
 
 def _layernorm(layer, base, ins, out):
     plain = not getattr(layer, "rms_scaling", False) and (
         isinstance(layer, PartialLayerNormalization) or not _overrides_call(layer, base))
-    return _LayerNorm if plain and _channel_axis(layer, len(out)) else _Blocker
+    return _LayerNorm if plain and _channel_axis(layer, len(out)) else _BLOCKER
 
 
 def _activation(layer, base, ins, out):
     name = getattr(layer.activation, "__name__", str(layer.activation))
-    return _Blocker if name in _CHANNEL_MIXING_ACTIVATIONS else _Activation
+    if name in _CHANNEL_MIXING_ACTIVATIONS:
+        return _BLOCKER
+    op, params = activation_op(layer.activation)
+    return table_kind(op, lambda call: params)
 
 
 def _rescaling(layer, base, ins, out):
-    return _Rescaling if np.size(layer.scale) == 1 and np.size(layer.offset) == 1 else _Blocker
+    if np.size(layer.scale) != 1 or np.size(layer.offset) != 1:
+        return _BLOCKER
+    return _op("rescale", lambda L: dict(scale=float(np.ravel(L.scale)[0]), offset=float(np.ravel(L.offset)[0])))(
+        layer, base, ins, out)
 
 
 def _merge(layer, base, ins, out):
     if any(len(s) != len(out) or s[-1] != out[-1] for s in ins):
-        return _Blocker  # broadcasting over the channel axis
-    return _join(_JOINS[base])
+        return _BLOCKER  # broadcasting over the channel axis
+    return table_kind(_JOINS[base])
 
 
 def _concatenate(layer, base, ins, out):
-    if layer.axis % len(out) == len(out) - 1:
-        return _Concat
-    return _join("stack_spatial")  # concatenation along a spatial axis keeps channels aligned
+    return _concat_kind(layer.axis, len(out))
 
 
 def _flatten(layer, base, ins, out):
     if len(ins[0]) == 2:
-        return _Elementwise
-    return _Flatten if _channels_last(layer) and all(d is not None for d in ins[0][1:]) else _Blocker
+        return _PASS
+    return _Flatten if _channels_last(layer) and all(d is not None for d in ins[0][1:]) else _BLOCKER
 
 
 def _reshape(layer, base, ins, out):
-    return _Reshape if _keeps_channel_axis(ins[0], out) else _Blocker
+    return _Reshape if _keeps_channel_axis(ins[0], out) else _BLOCKER
 
 
 # Keras layer classes -> their rule, first match wins (subclasses match their base's entry).
@@ -833,11 +785,14 @@ KERAS_LAYERS: list[tuple[tuple[type, ...], LayerRuleFn]] = [
     ((_L.Dense,), _dense),
     ((_L.BatchNormalization,), _batchnorm),
     ((_L.LayerNormalization,), _layernorm),
-    ((_L.ZeroPadding1D, _L.ZeroPadding2D, _L.ZeroPadding3D), _plain(_ZeroPadding)),
-    (_ELEMENTWISE, _plain(_Elementwise)),
+    ((_L.ZeroPadding1D, _L.ZeroPadding2D, _L.ZeroPadding3D), _plain(table_kind("zero_pad"))),
+    (_ELEMENTWISE, _plain(_PASS)),
     ((_L.Activation,), _activation),
-    ((_L.ReLU, _L.LeakyReLU, _L.ELU), _always(_Activation)),
-    ((_L.PReLU,), _always(_PReLU)),
+    ((_L.ReLU,), _op("relu", lambda L: dict(negative_slope=float(L.negative_slope), max_value=L.max_value,
+                                            threshold=float(L.threshold)))),
+    ((_L.LeakyReLU,), _op("leaky_relu", lambda L: dict(negative_slope=float(L.negative_slope)))),
+    ((_L.ELU,), _op("elu", lambda L: dict(alpha=float(L.alpha)))),
+    ((_L.PReLU,), lambda layer, base, ins, out: _PReLU),
     ((_L.Rescaling,), _rescaling),
     (tuple(_JOINS), _merge),
     ((_L.Concatenate,), _concatenate),
@@ -846,24 +801,22 @@ KERAS_LAYERS: list[tuple[tuple[type, ...], LayerRuleFn]] = [
 ]
 
 
-def layer_kind(layer: keras.layers.Layer, in_shapes: list[tuple], out_shape: tuple) -> type[LayerKind]:
-    """The :class:`LayerKind` describing ``layer`` as called with these shapes."""
+def layer_kind(layer: keras.layers.Layer, in_shapes: list[tuple], out_shape: tuple) -> KindFactory:
+    """The kind describing ``layer`` as called with these shapes."""
     declared = registered_rule(layer)
     if declared is not None:
         same = all(len(s) == len(out_shape) and s[-1] == out_shape[-1] for s in in_shapes)
-        if declared.rule != "elementwise" or not same:
-            return _Blocker
-        return _Registered if len(in_shapes) == 1 else _RegisteredJoin
+        return _Registered if declared.rule == "elementwise" and same else _BLOCKER
     for bases, rule in KERAS_LAYERS:
         for base in bases:
             if isinstance(layer, base):
                 return rule(layer, base, in_shapes, out_shape)
-    return _Blocker
+    return _BLOCKER
 
 
-def _kind_of(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> type[LayerKind]:
+def _kind_of(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> KindFactory:
     if len(node.outputs) != 1:
-        return _Blocker
+        return _BLOCKER
     if not isinstance(op, keras.layers.Layer):
         return op_kind(op, node, in_shapes, out_shape)
     return layer_kind(op, in_shapes, out_shape)
@@ -934,7 +887,8 @@ class KerasGraph:
             tid = self._tensor(scope, t)
             self.input_ids.append(tid)
             op = Op(f"input:{t.name}", Rule.INPUT, [], [tid], channels=self._widths[tid])
-            self.records.append(_Record(op, _Input(LayerCall(None, [], self._widths[tid], [])), None, {}))
+            kind = LayerKind(LayerCall(None, [], self._widths[tid], []), "input", _width)
+            self.records.append(_Record(op, kind, None, {}))
         self.output_ids = self._walk(fmodel, "", scope)
         self.graph = ChannelGraph([r.op for r in self.records], self.output_ids, self._widths)
         self.kinds: dict[str, LayerKind] = {r.op.name: r.kind for r in self.records}

@@ -1,11 +1,13 @@
-"""Op value semantics, written once over numpy arrays and shared by the Keras and GraphDef adapters.
+"""Op semantics, written once over numpy arrays and shared by the Keras and GraphDef adapters.
 
-One table maps a canonical op name ("conv", "batchnorm", "add", "pad", ...) to what the channel engine needs
-to know about the op's values: the per-channel constant its output holds given per-channel constant inputs
-(NaN: not constant) and its parameters, and its multiply-accumulates given channel counts. An adapter reads
-its layer's or node's parameters, names the canonical op and calls :func:`const_out` / :func:`macs`; it never
-re-implements the arithmetic. Kernel arithmetic (constants through a kernel, folding a constant input into a
-bias, slicing) is in :mod:`tfcompress.graph.kernels`.
+One table, :data:`OPS`, maps a canonical op name ("conv", "batchnorm", "add", "zero_pad", "gelu", ...) to all
+the channel engine needs to know about it: its channel rule, the per-channel constant its output holds given
+per-channel constant inputs (NaN: not constant) and its parameters, whether a removed constant input folds
+into it, and its multiply-accumulates given channel counts. :data:`UNARY` holds the position-wise activations.
+An adapter only translates: it names the canonical op of a layer or node, reads its parameters and calls
+:func:`rule` / :func:`const_out` / :func:`can_fold` / :func:`macs`; it never re-implements the arithmetic.
+Kernel arithmetic (constants through a kernel, folding a constant input into a bias, slicing) is in
+:mod:`tfcompress.graph.kernels`.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from typing import Callable
 
 import numpy as np
 
-from tfcompress.graph.kernels import depthwise_consts, producer_consts
+from tfcompress.graph.engine import Rule, elementwise_consts
+from tfcompress.graph.kernels import depthwise_consts, fold_into_bias, producer_consts, slice_kernel
 
-__all__ = ["OpSemantics", "OPS", "can_fold", "const_out", "macs", "take_channels"]
+__all__ = ["OpSemantics", "OPS", "UNARY", "can_fold", "const_out", "macs", "rule", "shrink_producer", "take_channels"]
 
 Consts = list[np.ndarray]
 
@@ -28,14 +31,20 @@ class OpSemantics:
     """What one canonical op does to values.
 
     ``consts(in_consts, **params)``: the output's per-channel constants. ``macs(in_counts, out_count,
-    **params)``: multiply-accumulates per example (None: the op's MACs are not counted). ``folds(**params)``:
+    **geometry)``: multiply-accumulates per example (None: the op's MACs are not counted). ``folds(**geometry)``:
     whether a removed input channel holding a constant can be replaced exactly by a change of the op's bias
     (:func:`tfcompress.graph.kernels.fold_into_bias`) or, for a normalization, kept in its statistics.
+    ``rule``: how it maps channels (a position-wise op of several tensors joins them: :func:`rule`).
+
+    ``geometry`` is what an adapter knows of an op's shape, as keywords (each function reads the ones it needs):
+    ``positions`` (output positions per example), ``in_positions``, ``window`` (kernel positions), ``groups``,
+    ``multiplier`` (depth multiplier) and ``valid_padding``.
     """
 
     consts: Callable[..., np.ndarray]
     macs: Callable[..., float] | None = None
-    folds: Callable[..., bool] = lambda **params: False
+    folds: Callable[..., bool] = lambda **geometry: False
+    rule: Rule = Rule.ELEMENTWISE
 
 
 def _product(cs: Consts) -> np.ndarray:
@@ -78,38 +87,151 @@ def _depthwise(cs: Consts, kernel, bias, valid_padding: bool) -> np.ndarray:
     return depthwise_consts(kernel, cs[0], valid_padding) + bias
 
 
-def _conv_macs(in_counts: list[int], out_count: int, positions: float, window: int = 1, groups: int = 1) -> float:
+def _conv_macs(in_counts: list[int], out_count: int, positions: float, window: int = 1, groups: int = 1,
+               **_) -> float:
     """Each output position of each output channel reads ``window`` x its group's input channels."""
     return float(positions * window * in_counts[0] * out_count / groups)
 
 
-def _depthwise_macs(in_counts: list[int], out_count: int, positions: float, window: int) -> float:
+def _depthwise_macs(in_counts: list[int], out_count: int, positions: float, window: int, **_) -> float:
     return float(positions * window * out_count)
 
 
-def _transposed_macs(in_counts: list[int], out_count: int, in_positions: float, window: int) -> float:
+def _transposed_macs(in_counts: list[int], out_count: int, in_positions: float, window: int, **_) -> float:
     """Every input position scatters a whole kernel window into every output channel."""
     return float(in_positions * window * in_counts[0] * out_count)
 
 
-def _separable_macs(in_counts: list[int], out_count: int, positions: float, window: int, multiplier: int) -> float:
+def _separable_macs(in_counts: list[int], out_count: int, positions: float, window: int, multiplier: int,
+                    **_) -> float:
     """A depthwise pass (window x multiplier per input channel) and a pointwise one, per output position."""
     return float(positions * in_counts[0] * multiplier * (window + out_count))
 
 
-def _conv_folds(valid_padding: bool, window: int) -> bool:
+def _conv_folds(valid_padding: bool, window: int, **_) -> bool:
     """Exact when every output position sees the whole window of the constant: no padding, or a 1x1 kernel."""
     return valid_padding or window == 1
 
 
+def _prelu(cs: Consts, alpha: np.ndarray) -> np.ndarray:
+    """PReLU with its learned ``alpha`` (channels last, possibly varying over positions too: then a negative
+    constant is no longer constant)."""
+    c = cs[0]
+    a = alpha.reshape(-1, alpha.shape[-1]) if alpha.ndim else alpha.reshape(1, 1)
+    slope = np.broadcast_to(a[0], c.shape) if np.all(a == a[:1]) else np.nan
+    return np.where(c >= 0, c, slope * c)
+
+
+def _unknown(cs: Consts, width: int | None = None) -> np.ndarray:
+    """No output channel is a known constant (``width`` channels, or as many as the first input)."""
+    return np.full(len(cs[0]) if width is None else width, np.nan)
+
+
+# ----------------------------------------------------------------- unary activations, over numpy (float64)
+
+def _sigmoid(v):
+    return 1.0 / (1.0 + np.exp(-v))
+
+
+def _erf(v):
+    return np.vectorize(math.erf, otypes=[float])(v)
+
+
+def _relu(v, negative_slope=0.0, max_value=None, threshold=0.0):
+    """Keras's relu: ``negative_slope * (v - threshold)`` below the threshold, capped at ``max_value``."""
+    out = np.where(v >= threshold, v, negative_slope * (v - threshold))
+    return out if max_value is None else np.minimum(out, max_value)
+
+
+def _hard_sigmoid(v):
+    return np.clip(v + 3.0, 0.0, 6.0) / 6.0
+
+
+def _gelu(v, approximate=False):
+    if approximate:
+        return 0.5 * v * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))
+    return 0.5 * v * (1.0 + _erf(v / math.sqrt(2.0)))
+
+
+def _elu(v, alpha=1.0):
+    return np.where(v > 0, v, alpha * np.expm1(v))
+
+
+_SELU_ALPHA, _SELU_SCALE = 1.6732632423543772, 1.0507009873554805
+# canonical activation -> f(values, **params); each runs position by position on one channel
+UNARY: dict[str, Callable[..., np.ndarray]] = {
+    "linear": lambda v: v,
+    "relu": _relu,
+    "relu6": lambda v: np.clip(v, 0.0, 6.0),
+    "leaky_relu": lambda v, negative_slope=0.2: np.where(v >= 0, v, negative_slope * v),
+    "elu": _elu,
+    "selu": lambda v: _SELU_SCALE * _elu(v, _SELU_ALPHA),
+    "celu": lambda v, alpha=1.0: np.maximum(v, 0) + np.minimum(0, alpha * np.expm1(v / alpha)),
+    "sigmoid": _sigmoid,
+    "hard_sigmoid": _hard_sigmoid,
+    "silu": lambda v: v * _sigmoid(v),
+    "hard_silu": lambda v: v * _hard_sigmoid(v),
+    "gelu": _gelu,
+    "mish": lambda v: v * np.tanh(np.logaddexp(0.0, v)),
+    "tanh": np.tanh,
+    "softplus": lambda v: np.logaddexp(0.0, v),
+    "softsign": lambda v: v / (1 + np.abs(v)),
+    "log_sigmoid": lambda v: -np.logaddexp(0.0, -v),
+    "exponential": np.exp,
+    "neg": np.negative,
+    "abs": np.abs,
+    "square": np.square,
+    "sqrt": np.sqrt,
+    "rsqrt": lambda v: 1.0 / np.sqrt(v),
+    "reciprocal": lambda v: 1.0 / v,
+    "log": np.log,
+    "log1p": np.log1p,
+    "expm1": np.expm1,
+    "erf": _erf,
+    "erfc": lambda v: 1.0 - _erf(v),
+    "floor": np.floor,
+    "ceil": np.ceil,
+    "round": np.round,
+    "sign": np.sign,
+    "sin": np.sin,
+    "cos": np.cos,
+    "clip": lambda v, x_min, x_max: np.clip(v, x_min, x_max),
+    "rescale": lambda v, scale, offset: v * scale + offset,
+}
+
+
+def _fake_quant(v, lo, hi, num_bits: int = 8, narrow_range: bool = False):
+    """TF's FakeQuantWithMinMaxVars: rounding to a grid nudged so that 0 is on it (a 0 stays 0)."""
+    qmin, qmax = (1 if narrow_range else 0), 2 ** num_bits - 1
+    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    scale = (hi - lo) / (qmax - qmin)
+    zp = np.clip(np.round(qmin - lo / scale), qmin, qmax)
+    nlo, nhi = (qmin - zp) * scale, (qmax - zp) * scale
+    return np.round((np.clip(v, nlo, nhi) - nlo) / scale) * scale + nlo
+
+
+UNARY["fake_quant"] = _fake_quant
+
+
+def _unary(fn: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+    def consts(cs: Consts, **params) -> np.ndarray:
+        with np.errstate(all="ignore"):
+            return elementwise_consts(lambda v: fn(v, **params), cs[0])
+    return consts
+
+
 OPS: dict[str, OpSemantics] = {
-    "conv": OpSemantics(_producer, _conv_macs, _conv_folds),
-    "dense": OpSemantics(_producer, _conv_macs, lambda: True),
-    "conv_transpose": OpSemantics(_producer, _transposed_macs),
-    "separable_conv": OpSemantics(_producer, _separable_macs),
-    "depthwise": OpSemantics(_depthwise, _depthwise_macs),
+    "input": OpSemantics(_unknown, rule=Rule.INPUT),
+    "blocker": OpSemantics(_unknown, rule=Rule.BLOCKER),
+    "shape": OpSemantics(_unknown, rule=Rule.SHAPE),
+    "opaque": OpSemantics(_unknown),  # channels pass through, values are not followed
+    "conv": OpSemantics(_producer, _conv_macs, _conv_folds, Rule.PRODUCER),
+    "dense": OpSemantics(_producer, _conv_macs, lambda **_: True, Rule.PRODUCER),
+    "conv_transpose": OpSemantics(_producer, _transposed_macs, rule=Rule.PRODUCER),
+    "separable_conv": OpSemantics(_producer, _separable_macs, rule=Rule.PRODUCER),
+    "depthwise": OpSemantics(_depthwise, _depthwise_macs, rule=Rule.DEPTHWISE),
     "batchnorm": OpSemantics(_batchnorm),
-    "layernorm": OpSemantics(_layernorm, folds=lambda: True),
+    "layernorm": OpSemantics(_layernorm, folds=lambda **_: True),
     "add": OpSemantics(lambda cs: np.sum(cs, axis=0)),
     "sub": OpSemantics(lambda cs: cs[0] - cs[1]),
     "mul": OpSemantics(_product),
@@ -118,11 +240,16 @@ OPS: dict[str, OpSemantics] = {
     "max": OpSemantics(lambda cs: np.max(cs, axis=0)),
     "min": OpSemantics(lambda cs: np.min(cs, axis=0)),
     "squared_difference": OpSemantics(lambda cs: (cs[0] - cs[1]) ** 2),
-    "concat": OpSemantics(np.concatenate),
+    "concat": OpSemantics(np.concatenate, rule=Rule.CONCAT),
     "stack_spatial": OpSemantics(_same_or_nan),
     "zero_pad": OpSemantics(_nonzero_unknown),
     "sum_positions": OpSemantics(_nonzero_unknown),
+    "scale_positions": OpSemantics(_nonzero_unknown),  # a scale varying over positions, not channels
     "identity": OpSemantics(lambda cs: cs[0].copy()),
+    "prelu": OpSemantics(_prelu),
+    "flatten": OpSemantics(lambda cs, tile: np.tile(cs[0], tile), rule=Rule.FLATTEN),
+    **{name: OpSemantics(_unary(fn)) for name, fn in UNARY.items()},
+    "function": OpSemantics(_unary(lambda v, fn: fn(v))),  # a position-wise function given as ``fn``
 }
 
 
@@ -131,20 +258,35 @@ def const_out(op: str, in_consts: Consts, **params) -> np.ndarray:
     return OPS[op].consts(in_consts, **params)
 
 
-def macs(op: str, in_counts: list[int], out_count: int, **params) -> float:
+def rule(op: str, n_inputs: int = 1) -> Rule:
+    """The channel rule of canonical op ``op`` read by ``n_inputs`` channel-carrying tensors: a position-wise
+    op of several tensors of the same channels joins them."""
+    r = OPS[op].rule
+    return Rule.JOIN if r is Rule.ELEMENTWISE and n_inputs > 1 else r
+
+
+def macs(op: str, in_counts: list[int], out_count: int, **geometry) -> float:
     """Multiply-accumulates per example of canonical op ``op`` with the given channel counts (0 if uncounted)."""
     fn = OPS[op].macs
-    return 0.0 if fn is None else fn(in_counts, out_count, **params)
+    return 0.0 if fn is None else fn(in_counts, out_count, **geometry)
 
 
-def can_fold(op: str, **params) -> bool:
+def can_fold(op: str, **geometry) -> bool:
     """Whether canonical op ``op`` can absorb a removed constant input channel (see :class:`OpSemantics`)."""
-    return OPS[op].folds(**params)
+    return OPS[op].folds(**geometry)
 
 
 def take_channels(w: np.ndarray, keep: np.ndarray, axis: int) -> np.ndarray:
     """``w`` without the channels ``keep`` drops along ``axis`` (a per-channel parameter being sliced)."""
     return np.take(w, np.nonzero(keep)[0], axis=axis)
+
+
+def shrink_producer(kernel: np.ndarray, bias: np.ndarray, in_keep: np.ndarray, out_keep: np.ndarray,
+                    fold: np.ndarray, blocks: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """A producer's (..., in, out) ``kernel`` and ``bias`` without the removed channels; a removed input channel
+    holding the constant ``fold`` (0 elsewhere) is folded into the bias."""
+    bias = bias + fold_into_bias(kernel, in_keep, fold, blocks)
+    return slice_kernel(kernel, in_keep, out_keep, blocks), bias[out_keep]
 
 
 def positions(shape: tuple) -> int:
