@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+import warnings
 
 from tfcompress.errors import ExportError
 from tfcompress.export.artifacts import SERVING_DIR, compress_model_dir, serving_model_path
@@ -93,19 +95,27 @@ def attach_parsing(
     signatures = dict(compressed.signatures)
     signatures[parsing_signature] = parsing
     signatures[serving_signature] = module.serve.get_concrete_function()
-    tmp = compressed_serving_dir.rstrip("/") + ".with_parsing"
-    tf.saved_model.save(module, tmp, signatures=signatures)
-    if check_records:
-        if len(_inputs(parsing)) != 1:
-            raise ExportError(f"check_records need a parsing signature with one input (the serialized examples); "
-                              f"{parsing_signature!r} takes {sorted(_inputs(parsing))}")
-        records = {sorted(_inputs(parsing))[0]: tf.constant(check_records)}
-        reference = _signature(trainer, trainer_serving_dir, serving_signature)(**records)
-        got = tf.saved_model.load(tmp).signatures[serving_signature](**records)
-        check_outputs({k: v.numpy() for k, v in got.items()}, {k: v.numpy() for k, v in reference.items()},
-                      tolerance, f"the compressed {serving_signature!r} does not match the Trainer's on examples")
-    shutil.rmtree(compressed_serving_dir)
-    os.replace(tmp, compressed_serving_dir)
+    if check_records and len(_inputs(parsing)) != 1:
+        raise ExportError(f"check_records need a parsing signature with one input (the serialized examples); "
+                          f"{parsing_signature!r} takes {sorted(_inputs(parsing))}")
+    target = os.path.abspath(compressed_serving_dir)
+    tmp = tempfile.mkdtemp(prefix=".with_parsing-", dir=os.path.dirname(target))
+    try:
+        tf.saved_model.save(module, tmp, signatures=signatures)
+        if check_records:
+            records = {sorted(_inputs(parsing))[0]: tf.constant(check_records)}
+            reference = _signature(trainer, trainer_serving_dir, serving_signature)(**records)
+            got = tf.saved_model.load(tmp).signatures[serving_signature](**records)
+            check_outputs({k: v.numpy() for k, v in got.items()}, {k: v.numpy() for k, v in reference.items()},
+                          tolerance, f"the compressed {serving_signature!r} does not match the Trainer's on examples")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # two renames, no copy: any failure above leaves the compressed model as it was
+    old = tmp + ".old"
+    os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_records(examples_uri: str, split: str, limit: int) -> list[bytes]:
@@ -115,6 +125,8 @@ def read_records(examples_uri: str, split: str, limit: int) -> list[bytes]:
     import tensorflow as tf
 
     files = sorted(glob.glob(os.path.join(examples_uri, f"Split-{split}", "*")))
+    if not files:
+        raise ExportError(f"no records in split {split!r} of {examples_uri!r}")
     compression = "GZIP" if files and files[0].endswith(".gz") else ""
     return [r.numpy() for r in tf.data.TFRecordDataset(files, compression_type=compression).take(limit)]
 
@@ -147,6 +159,10 @@ def compress_trainer_model(model_uri: str, output_uri: str, examples_uri: str | 
         records = None
         if examples_uri and len(_inputs(parsing)) == 1:
             records = read_records(examples_uri, options.get("split", "eval"), 64)
+        else:
+            warnings.warn(f"the restored {'serving_default'!r} is not checked against the Trainer's: "
+                          + ("no examples given" if not examples_uri else
+                             f"{parsing_signature!r} takes more than one input"), stacklevel=2)
         attach_parsing(serving_model_path(model_uri), os.path.join(output_uri, SERVING_DIR), signature,
                        parsing_signature, check_records=records)
     return metrics
