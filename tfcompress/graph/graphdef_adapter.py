@@ -251,7 +251,7 @@ class Rewriter:
         self.redirect[_tensor(node.name)] = b.name
 
 
-class NodeKind:
+class NodeKind(ops.TableOp):
     """A TF node as the engine sees it: its canonical op in :data:`tfcompress.graph.ops.OPS` with the
     parameters read from the node, and which of its inputs carry channels. Subclasses add how to rewrite
     the node for fewer channels (and read parameters that need more than an attribute)."""
@@ -282,16 +282,6 @@ class NodeKind:
     def params(self) -> dict:
         """The parameters of its canonical op."""
         return self._params
-
-    # engine protocol
-    def const_out(self, in_consts: list[np.ndarray]) -> list[np.ndarray]:
-        return [ops.const_out(self.op, in_consts, **self.params())]
-
-    def can_fold(self, input_index: int) -> bool:
-        return ops.can_fold(self.op, **self.geometry())
-
-    def macs(self, in_counts: list[int], out_count: int) -> float:
-        return ops.macs(self.op, in_counts, out_count, **self.geometry())
 
     def geometry(self) -> dict:
         """The node's shape as the table's MAC and folding rules read it (:class:`ops.OpSemantics`)."""

@@ -103,7 +103,7 @@ class LayerCall:
     node: Any = None  # the keras Node of this call (keras.ops nodes are evaluated through it)
 
 
-class LayerKind:
+class LayerKind(ops.TableOp):
     """A layer call as the engine sees it: its canonical op in :data:`tfcompress.graph.ops.OPS` with a reader
     of the op's parameters. Subclasses add which weights are indexed by channels and how to rebuild the layer
     with fewer channels."""
@@ -126,17 +126,6 @@ class LayerKind:
     def params(self) -> dict:
         """The parameters of its canonical op, read from the layer now (pruning changes the weights)."""
         return self._read(self.call) if self._read is not None else {}
-
-    # --- engine protocol
-    def const_out(self, in_consts: list[np.ndarray]) -> list[np.ndarray]:
-        return [ops.const_out(self.op, in_consts, **self.params())]
-
-    def can_fold(self, input_index: int) -> bool:
-        return ops.can_fold(self.op, **self.geometry())
-
-    def macs(self, in_counts: list[int], out_count: int) -> float:
-        """Multiply-accumulates of one call for one example, with these channel counts."""
-        return ops.macs(self.op, in_counts, out_count, **self.geometry())
 
     def geometry(self) -> dict:
         """The call's shape as the table's MAC and folding rules read it (:class:`ops.OpSemantics`)."""

@@ -21,7 +21,7 @@ import numpy as np
 from tfcompress.graph.engine import Rule, elementwise_consts
 from tfcompress.graph.kernels import depthwise_consts, fold_into_bias, producer_consts, slice_kernel
 
-__all__ = ["OpSemantics", "OPS", "UNARY", "can_fold", "const_out", "macs", "rule", "shrink_producer", "take_channels"]
+__all__ = ["OpSemantics", "TableOp", "OPS", "UNARY", "can_fold", "const_out", "macs", "rule", "shrink_producer", "take_channels"]
 
 Consts = list[np.ndarray]
 
@@ -292,3 +292,26 @@ def shrink_producer(kernel: np.ndarray, bias: np.ndarray, in_keep: np.ndarray, o
 def positions(shape: tuple) -> int:
     """Spatial positions of a channels-last (batch, ..., channels) shape (unknown dimensions count 1)."""
     return math.prod(d for d in shape[1:-1] if d)
+
+
+class TableOp:
+    """The engine protocol (constant propagation, bias folding, MACs) answered from the table, for an adapter's
+    op kind that names its canonical ``op`` and reads its ``params()`` and ``geometry()``."""
+
+    op: str
+
+    def params(self) -> dict:
+        return {}
+
+    def geometry(self) -> dict:
+        return {}
+
+    def const_out(self, in_consts: list[np.ndarray]) -> list[np.ndarray]:
+        return [const_out(self.op, in_consts, **self.params())]
+
+    def can_fold(self, input_index: int) -> bool:
+        return can_fold(self.op, **self.geometry())
+
+    def macs(self, in_counts: list[int], out_count: int) -> float:
+        """Multiply-accumulates of one call for one example, with these channel counts."""
+        return macs(self.op, in_counts, out_count, **self.geometry())
