@@ -128,16 +128,17 @@ def _grid_weights(wp: WeightPoint) -> np.ndarray:
     return np.clip(w, -top, top).astype(np.float32)
 
 
-def _weight_fq(wp: WeightPoint, source=None):
-    """FakeQuantize of a layer's weights (or of ``source``, a copy of them): symmetric per output channel on
-    the int8 grid (255 levels), or the 7-bit grid of the overflow fix, which reads a clipped copy of the
-    weights (:func:`_grid_weights`)."""
+def _weight_fq(wp: WeightPoint, copy: bool = False):
+    """FakeQuantize of a layer's weights: symmetric per output channel on the int8 grid (255 levels), or the
+    7-bit grid of the overflow fix. It reads the layer's own weight input, or, with ``copy`` or on the 7-bit
+    grid, a new constant of the weights (clipped at the grid's top level there: :func:`_grid_weights`)."""
     import openvino.opset13 as ops
 
     m = _weight_limit(wp, _float_weights(wp))
-    if wp.half_range:
-        source = ops.constant(_grid_weights(wp)).output(0)
-    src = wp.op.input(1).get_source_output() if source is None else source
+    if copy or wp.half_range:
+        src = ops.constant(_grid_weights(wp)).output(0)
+    else:
+        src = wp.op.input(1).get_source_output()
     return ops.fake_quantize(src, -m, m, -m, m, 255)
 
 
@@ -249,7 +250,7 @@ def fast_bias_shifts(points, stats: Statistics) -> dict:
         weights = _float_weights(wp)
         axes = np.array([a for a in range(len(shape)) if a != 1], np.int64)
         for x, w in ((mean_map, ops.constant(weights).output(0)),
-                     (blob, _weight_fq(wp, ops.constant(weights).output(0)).output(0))):
+                     (blob, _weight_fq(wp, copy=True).output(0))):
             p = ops.parameter(shape, ov.Type.f32)
             params.append(p)
             results.append(ops.reduce_mean(_weighted_like(wp.op, p, w), axes, keep_dims=False).output(0))
