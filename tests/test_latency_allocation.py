@@ -7,6 +7,7 @@ import pytest
 from keras import layers as L
 
 from tfcompress.pruning import FilterPruning
+from tfcompress.graph.flops import FlopsCounter
 from tfcompress.pruning.latency import channel_seconds, measure_latency_profile
 from tfcompress.graph import build_graph
 
@@ -81,9 +82,10 @@ def test_channel_costs_follow_a_measured_profile():
     profile = measure_latency_profile(model, iterations=5)
     kg = build_graph(model)
     groups = kg.groups()
-    base = channel_seconds(kg.graph, groups, profile)
+    counter = FlopsCounter(kg.graph)
+    base = channel_seconds(counter, groups, profile)
     assert all(s > 0 for s in base.values()), base
-    slower = channel_seconds(kg.graph, groups, {**profile, "dw": 2 * profile["dw"]})
+    slower = channel_seconds(counter, groups, {**profile, "dw": 2 * profile["dw"]})
     by_layer = {g.layers: g.id for g in groups}
     expand = by_layer[("expand",)]  # dw reads and writes the expand channels: only they pay dw's time
     assert slower[expand] > base[expand]

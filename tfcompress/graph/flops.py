@@ -28,8 +28,7 @@ class FlopsCounter:
         for tid in graph.maps:
             roots, chans = graph._roots(tid)
             self._hits[tid] = [(int(r), chans[roots == r]) for r in np.unique(roots)]
-        self._calls = [(op.semantics, op.inputs, op.outputs[0]) for op in graph.ops
-                       if op.semantics is not None and op.outputs]
+        self.ops = [op for op in graph.ops if op.semantics is not None and op.outputs]  # the ops with MACs
 
     def _kept(self, tid: int, removed: dict[int, np.ndarray]) -> int:
         n = self._graph.tensor_width[tid]
@@ -38,13 +37,16 @@ class FlopsCounter:
                 n -= int(removed[r][chans].sum())
         return n
 
+    def op_macs(self, removed: dict[int, np.ndarray] | None = None) -> np.ndarray:
+        """Multiply-accumulates of each op of :attr:`ops` (in that order) when the channels ``removed[group id]``
+        (boolean masks) are taken out."""
+        removed = removed or {}
+        return np.array([op.semantics.macs([self._kept(t, removed) for t in op.inputs],
+                                           self._kept(op.outputs[0], removed)) for op in self.ops], np.float64)
+
     def flops(self, removed: dict[int, np.ndarray] | None = None) -> float:
         """FLOPs when the channels ``removed[group id]`` (boolean masks) are taken out."""
-        removed = removed or {}
-        total = 0.0
-        for kind, ins, out in self._calls:
-            total += kind.macs([self._kept(t, removed) for t in ins], self._kept(out, removed))
-        return 2.0 * total
+        return 2.0 * float(self.op_macs(removed).sum())
 
 
 def count_flops(model: keras.Model) -> int:

@@ -326,7 +326,7 @@ class FilterPruning(keras.callbacks.Callback):
             unknown = sorted(set(self.latency_profile) - names)
             if unknown:
                 raise ValueError(f"latency_profile names {unknown[:5]} that are not layers of model {model.name!r}")
-            st.channel_cost = latency.channel_seconds(kg.graph, groups, self.latency_profile)
+            st.channel_cost = latency.channel_seconds(counter, groups, self.latency_profile)
         else:
             st.channel_cost = st.channel_flops
         # resuming from a checkpoint: channels that are exactly zero were pruned before

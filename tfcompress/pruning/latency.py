@@ -21,7 +21,8 @@ from typing import Iterable, Mapping
 import keras
 import numpy as np
 
-from tfcompress.graph.engine import ChannelGraph, ChannelGroup
+from tfcompress.graph.engine import ChannelGroup
+from tfcompress.graph.flops import FlopsCounter
 
 __all__ = ["measure_latency_profile", "channel_seconds"]
 
@@ -138,28 +139,22 @@ def measure_latency_profile(model: keras.Model, batch_size: int = 1, iterations:
     return {name: float(np.median([r[name] for r in runs])) for name in runs[0]}
 
 
-def channel_seconds(graph: ChannelGraph, groups: Iterable[ChannelGroup],
+def channel_seconds(counter: FlopsCounter, groups: Iterable[ChannelGroup],
                     profile: Mapping[str, float]) -> dict[int, float]:
     """Per group id: the seconds one of its channels costs, all other channels present.
 
-    Each op of ``graph`` is charged its layer's measured seconds per multiply-accumulate (``profile`` seconds /
-    the op's MACs at full width); an op with MACs whose layer the profile lacks gets the profile's mean seconds
-    per MAC.
+    Each op of ``counter``'s graph is charged its layer's measured seconds per multiply-accumulate (``profile``
+    seconds / the op's MACs at full width); an op with MACs whose layer the profile lacks gets the profile's
+    mean seconds per MAC.
     """
-    calls = [op for op in graph.ops if op.semantics is not None and op.outputs]
-    full = {id(op): _macs(graph, op, {}) for op in calls}
-    timed = {id(op) for op in calls if op.layer in profile and full[id(op)] > 0}
-    spent = sum(profile[op.layer] for op in calls if id(op) in timed)
-    mean = spent / max(sum(full[i] for i in timed), 1e-30)
-    rate = {id(op): profile[op.layer] / full[id(op)] if id(op) in timed else mean for op in calls}
+    full = counter.op_macs()
+    timed = np.array([op.layer in profile and m > 0 for op, m in zip(counter.ops, full)], bool)
+    spent = np.array([profile[op.layer] if t else 0.0 for op, t in zip(counter.ops, timed)])
+    mean = spent.sum() / max(full[timed].sum(), 1e-30)
+    rate = np.where(timed, spent / np.where(timed, full, 1.0), mean)
     out = {}
     for g in groups:
         one = np.zeros(g.size, dtype=bool)
         one[0] = True
-        out[g.id] = float(sum(rate[id(op)] * (full[id(op)] - _macs(graph, op, {g.id: one})) for op in calls))
+        out[g.id] = float(rate @ (full - counter.op_macs({g.id: one})))
     return out
-
-
-def _macs(graph: ChannelGraph, op, removed: dict[int, np.ndarray]) -> float:
-    kept = [int(graph.keep_mask(t, removed).sum()) for t in op.inputs]
-    return float(op.semantics.macs(kept, int(graph.keep_mask(op.outputs[0], removed).sum())) or 0.0)
