@@ -44,8 +44,8 @@ _LAYER_POLICIES = {
 }
 # keras.ops nodes (by operation class name): a residual ``x + y`` is the same Add for OpenVINO as a layers.Add
 _OP_POLICIES = {
-    "Add": policy.JOIN, "Multiply": policy.GATE, "Reshape": policy.RESHAPE, "Transpose": policy.RESHAPE, "Squeeze": policy.RESHAPE,
-    "ExpandDims": policy.RESHAPE,
+    "Add": policy.JOIN, "Multiply": policy.GATE, "Reshape": policy.RESHAPE, "Transpose": policy.RESHAPE,
+    "Squeeze": policy.RESHAPE, "ExpandDims": policy.RESHAPE,
 }
 # float layers with weights not worth a warning: OpenVINO folds them into the neighbouring convolution
 # (BatchNormalization after it, Rescaling and Normalization before the first one) or applies them elementwise
