@@ -315,3 +315,46 @@ def test_dense_on_feature_maps_strips_and_counts_its_positions(tmp_path, rng):
     assert result.flops_after == tfcompress.count_flops(stripped) < result.flops_before
     x = rng.normal(size=(2, 8, 8, 3)).astype("float32")
     assert rel_error(_run(dst, x), model(x)) < 1e-4
+
+
+class _FusedBatchNormNet(tf.Module):
+    """conv -> FusedBatchNormV3 (inference) -> ReLU -> 1x1 conv, as ``tf.saved_model.save`` of TF 2 / Keras 2
+    code writes it (Keras 3 exports BatchNormalization as Mul/Add instead)."""
+
+    def __init__(self, rng, zeroed, constant):
+        super().__init__()
+        k1 = rng.normal(0, 0.3, (3, 3, 3, 8)).astype("float32")
+        gamma = rng.uniform(0.5, 1.5, 8).astype("float32")
+        beta = rng.uniform(-0.2, 0.2, 8).astype("float32")
+        k1[..., zeroed + constant] = 0.0
+        gamma[zeroed + constant] = 0.0
+        beta[zeroed] = 0.0
+        beta[constant] = 0.4  # relu(0.4): a constant the 1x1 convolution folds into its bias
+        self.k1, self.gamma, self.beta = tf.constant(k1), tf.constant(gamma), tf.constant(beta)
+        self.mean = tf.constant(rng.uniform(-0.1, 0.1, 8).astype("float32"))
+        self.var = tf.constant(rng.uniform(0.5, 1.5, 8).astype("float32"))
+        self.k2 = tf.constant(rng.normal(0, 0.3, (1, 1, 8, 5)).astype("float32"))
+        self.b2 = tf.constant(rng.uniform(-0.1, 0.1, 5).astype("float32"))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 10, 10, 3], tf.float32)])
+    def __call__(self, x):
+        y = tf.nn.conv2d(x, self.k1, 1, "SAME")
+        y = tf.raw_ops.FusedBatchNormV3(x=y, scale=self.gamma, offset=self.beta, mean=self.mean,
+                                        variance=self.var, epsilon=1e-3, is_training=False)[0]
+        return tf.nn.bias_add(tf.nn.conv2d(tf.nn.relu(y), self.k2, 1, "VALID"), self.b2)
+
+
+def test_fused_batch_norm_strips_and_folds_constant_channels(tmp_path, rng):
+    net = _FusedBatchNormNet(rng, zeroed=[1, 4], constant=[6])
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    tf.saved_model.save(net, str(src), signatures=net.__call__.get_concrete_function())
+    assert any(n.op == "FusedBatchNormV3" for n in freeze_saved_model(str(src)).graph_def.node)
+    result = strip_saved_model(str(src), str(dst))
+    assert [(r["channels_before"], r["channels_after"]) for r in result.layers] == [(8, 5), (5, 5)]
+    assert result.params_after < result.params_before
+    frozen = freeze_saved_model(str(dst))
+    (norm,) = [n for n in frozen.graph_def.node if n.op == "FusedBatchNormV3"]
+    assert [int(d.size) for d in frozen.graph_def.node if d.name == norm.input[1].split(":")[0]
+            for d in d.attr["value"].tensor.tensor_shape.dim] == [5]
+    x = rng.uniform(0, 1, (2, 10, 10, 3)).astype("float32")
+    assert rel_error(_run(dst, x), net(tf.constant(x))) < 1e-4
