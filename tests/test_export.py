@@ -353,3 +353,101 @@ def test_int8_export_writes_a_model_that_runs_int8(tmp_path, small_saved_model):
     proc = _cli(f"--saved_model_dir={small_saved_model}", f"--output_dir={tmp_path / 'o2'}",
                 f"--calibration_data={tmp_path / 'calib.npy'}", "--int8=accuracy_aware")
     _assert_clean_failure(proc, "needs --validation_data", tmp_path, tmp_path / "o2")
+
+
+def _stable_qat_saved_model(path, n: int = 24):
+    """The demo's residual CNN (random weights, BatchNorm statistics of CIFAR-10 images in gray) after one QAT
+    step: a model whose outputs do not amplify rounding ties, exported to ``path``; returns 8 check images."""
+    from tfcompress.demo.workload import residual_cnn
+    from tfcompress.quantization import RangeInit, quantize_model
+
+    data = np.load(SHARED_DATA / "cifar10" / "cifar10_jpeg_q75_test.npz")
+    x = data["x_test"][:n].astype("float32").mean(-1, keepdims=True) / 255.0
+    y = data["y_test"][:n].reshape(-1)
+    model = residual_cnn((32, 32, 1))
+    bns = [layer for layer in model.layers if isinstance(layer, L.BatchNormalization)]
+    for bn in bns:
+        bn.momentum = 0.0  # one training-mode call makes the moving statistics those of these images
+    model(x, training=True)
+    for bn in bns:
+        bn.momentum = 0.99
+    q = quantize_model(model)
+    q.compile(keras.optimizers.SGD(1e-5), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    q.fit(x[:16], y[:16], batch_size=16, epochs=1, callbacks=[RangeInit(1)], verbose=0)
+    q.export(str(path), verbose=False)
+    return x[16:]
+
+
+def _double_a_dequantization_scale(model):
+    """Break ``model`` (an ``openvino.Model``) the way a wrong scale would: the middle FakeQuantize's output
+    range doubled."""
+    import openvino as ov
+
+    fqs = [op for op in model.get_ordered_ops() if op.get_type_name() == "FakeQuantize"]
+    fq = fqs[len(fqs) // 2]
+    for i in (3, 4):
+        value = fq.input(i).get_source_output().get_node().get_data()
+        fq.input(i).replace_source_output(ov.opset13.constant(np.asarray(value) * 2).output(0))
+    return model
+
+
+@pytest.fixture(scope="module")
+def stable_qat(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stable_qat")
+    x = _stable_qat_saved_model(d / "sm")
+    return str(d / "sm"), x
+
+
+def test_quantized_export_holds_a_stable_model_to_the_floor(stable_qat, tmp_path):
+    from tfcompress.export import checks
+
+    sm, x = stable_qat
+    report = export_saved_model(sm, str(tmp_path / "out"), calibration_data=x, int8="none", verbose=False)
+    steps = report["steps"]
+    assert report["quantized"]
+    for step in ("strip", "onnx", "openvino"):
+        assert steps[step]["noise_floor"] < checks.MAX_FLOOR / checks.K  # measured 7e-3
+        assert steps[step]["tolerance"] == checks.MAX_FLOOR
+        assert steps[step]["max_rel_error"] <= checks.MAX_FLOOR
+    assert steps["openvino"]["mean_rel_error"] <= steps["openvino"]["mean_tolerance"] == checks.MEAN_FLOOR
+
+
+def test_quantized_export_refuses_a_wrong_scale_in_onnx(stable_qat, tmp_path, monkeypatch):
+    """The ONNX model, as OpenVINO reads it, computes with one scale doubled: the ONNX check refuses it."""
+    import openvino
+
+    sm, x = stable_qat
+    convert = openvino.convert_model
+
+    def broken(source, *args, **kwargs):
+        model = convert(source, *args, **kwargs)
+        return _double_a_dequantization_scale(model) if str(source).endswith(".onnx") else model
+
+    monkeypatch.setattr(openvino, "convert_model", broken)
+    with pytest.raises(ExportError, match=r"ONNX outputs .* differ from TensorFlow's \(relative error .* > 5e-02"):
+        export_saved_model(sm, str(tmp_path / "out"), calibration_data=x, int8="none", verbose=False,
+                           require_onnx=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantized_export_refuses_an_ir_wrong_by_itself(stable_qat, tmp_path, monkeypatch):
+    """An IR converter that writes a wrong IR and checks it against itself: the end-to-end mean check (the IR
+    against the original SavedModel) refuses it."""
+    import openvino as ov
+
+    from tfcompress.export import convert, pipeline
+
+    sm, x = stable_qat
+
+    def broken_to_openvino(onnx_path, xml_path, check_inputs=None, tolerance=1e-4):
+        model = _double_a_dequantization_scale(ov.convert_model(onnx_path))
+        ov.save_model(model, xml_path, compress_to_fp16=False)
+        c = convert.ConversionCheck(max_rel_error=0.0)
+        c.outputs = convert.run_openvino(xml_path, check_inputs)
+        return c
+
+    monkeypatch.setattr(pipeline, "to_openvino", broken_to_openvino)
+    with pytest.raises(ExportError, match=r"OpenVINO IR outputs differ from the original SavedModel's \(mean "
+                                          r"relative error .* > 5\.00e-02"):
+        export_saved_model(sm, str(tmp_path / "out"), calibration_data=x, int8="none", verbose=False)
+    assert not (tmp_path / "out").exists()
