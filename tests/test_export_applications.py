@@ -45,7 +45,8 @@ def _application(name: str, px: int) -> keras.Model:
 
 
 def _zeroed_application(name: str, px: int, images: np.ndarray, rng) -> keras.Model:
-    """``name`` at ``px`` with the BatchNorm statistics of ``images`` and 25 % of every group zeroed."""
+    """``name`` at ``px`` with the BatchNorm statistics of ``images`` and 25 % of every group zeroed (without
+    compensation, which ``tests/test_compensation.py`` covers)."""
     model = _application(name, px)
     bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     for bn in bns:
@@ -55,7 +56,8 @@ def _zeroed_application(name: str, px: int, images: np.ndarray, rng) -> keras.Mo
         bn.momentum = 0.99
     kg = build_graph(model)
     for g in kg.groups():
-        tfcompress.zero_channels(model, g, rng.choice(g.size, g.size // 4, replace=False), graph=kg)
+        tfcompress.zero_channels(model, g, rng.choice(g.size, g.size // 4, replace=False), graph=kg,
+                                compensate=False)
     return model
 
 

@@ -2,7 +2,8 @@
 compare with the Keras outputs, and quantize.
 
 BatchNorm statistics and biases are random (as real trained models have them): zeroed channels must survive
-them exactly. The families' coverage (fraction of conv/dense output channels in prunable groups) and the larger
+them exactly. Channels are zeroed without compensation (``tests/test_compensation.py`` covers it; here it
+would only re-read every weight twice per group). The families' coverage (fraction of conv/dense output channels in prunable groups) and the larger
 constructors are measured by ``benchmarks/applications.py`` (BENCHMARKS.md, section 7).
 """
 
@@ -34,7 +35,8 @@ def test_application_family_strips_exactly_and_quantizes(name, px, rng):
     groups = kg.groups()
     assert len(groups) >= 5
     for g in groups:
-        tfcompress.zero_channels(model, g, rng.choice(g.size, g.size // 4, replace=False), graph=kg)
+        tfcompress.zero_channels(model, g, rng.choice(g.size, g.size // 4, replace=False), graph=kg,
+                                compensate=False)
     x = rng.uniform(0, 255, (2, px, px, 3)).astype("float32")
     ref = model(x)
     stripped = tfcompress.strip(model)
@@ -51,7 +53,8 @@ def test_zeroed_channels_all_go_where_nothing_makes_them_constant(rng):
     kg = build_graph(model)
     groups = kg.groups()
     for g in groups:
-        tfcompress.zero_channels(model, g, rng.choice(g.size, g.size // 4, replace=False), graph=kg)
+        tfcompress.zero_channels(model, g, rng.choice(g.size, g.size // 4, replace=False), graph=kg,
+                                compensate=False)
     stripped = tfcompress.strip(model)
     remaining = build_graph(stripped).groups()
     assert sum(g.size for g in remaining) == sum(g.size - g.size // 4 for g in groups)

@@ -210,6 +210,7 @@ def to_onnx(
     check_inputs: dict[str, np.ndarray] | None = None,
     tolerance: float = 1e-4,
     signature_key: str = "serving_default",
+    frozen: FrozenSignature | None = None,
 ) -> ConversionCheck:
     """Convert a SavedModel signature to ONNX with tf2onnx, then check it.
 
@@ -219,6 +220,9 @@ def to_onnx(
     bakes into float weights is restored as int8 initializers with ``DequantizeLinear``, so that OpenVINO runs
     those layers in INT8. Inputs and outputs keep the signature's names.
 
+    ``frozen``, when the caller already has the signature frozen (e.g. ``StripResult.stripped``), is converted
+    instead of freezing ``saved_model_dir`` again.
+
     Returns:
         A :class:`ConversionCheck` with ``max_rel_error``, ``quantized_weights`` and ``opset``.
     """
@@ -226,7 +230,8 @@ def to_onnx(
 
     if not isinstance(opset, int) or not 13 <= opset <= 18:
         raise ExportError(f"opset must be an integer in 13..18 (tf2onnx 1.17 supports no newer), got {opset!r}")
-    frozen = freeze_for_export(saved_model_dir, signature_key)
+    if frozen is None:
+        frozen = freeze_for_export(saved_model_dir, signature_key)
     gc.collect()  # the loaded SavedModel's objects are cyclic: free them before tf2onnx needs the memory
     x = check_inputs if check_inputs is not None else sample_inputs(frozen.specs)
     ref = run_frozen(frozen, frozen.graph_def, x)  # now, so that the frozen graph can go before conversion

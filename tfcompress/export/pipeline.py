@@ -127,7 +127,7 @@ def export_saved_model(
         _log("[2/5] stripping zeroed channels")
         stripped_dir = os.path.join(tmp, "stripped")
         strip = strip_saved_model(saved_model_dir, stripped_dir, signature_key, check_inputs=check,
-                                  tolerance=tol["strip"])
+                                  tolerance=tol["strip"], frozen=frozen)
         report["steps"]["strip"] = {"seconds": time.perf_counter() - t, "max_rel_error": strip.max_rel_error}
         report["layers"] = strip.layers
         report["params"] = {"before": strip.params_before, "after": strip.params_after}
@@ -136,7 +136,8 @@ def export_saved_model(
         onnx_path = os.path.join(tmp, "model.onnx")
         xml = os.path.join(tmp, "model_fp32.xml")
         steps, fp32_outputs = _convert(stripped_dir, onnx_path, xml, opset, check, signature_key, tol,
-                                       require_onnx, _log)
+                                       require_onnx, _log, frozen=strip.stripped)
+        strip.stripped = None  # the graph converted: its weights need not stay in memory
         report["steps"].update(steps)
         report["quantized"] = quantized
         if qcheck is not None:
@@ -212,18 +213,19 @@ def _resaved_size(frozen, tmp: str) -> int:
 
 
 def _convert(stripped_dir: str, onnx_path: str, xml: str, opset: int, check, signature_key: str, tol: dict,
-             require_onnx: bool, log=lambda msg: None) -> tuple[dict, dict]:
+             require_onnx: bool, log=lambda msg: None, frozen=None) -> tuple[dict, dict]:
     """Write ``model.onnx`` and the FP32 IR made from it; return the report's ``onnx`` and ``openvino`` steps
     and the FP32 IR's outputs on ``check`` (f32 precision).
 
     A model tf2onnx cannot convert (or converts wrongly) still gets its IR, from the SavedModel through
     OpenVINO's TensorFlow reader, unless ``require_onnx``; the ``onnx`` step then gives the reason it was skipped.
+    ``frozen`` is the stripped signature already frozen (tf2onnx starts from it instead of freezing again).
     """
     t = time.perf_counter()
     log("[3/5] converting to ONNX (tf2onnx)")
     try:
         c = to_onnx(stripped_dir, onnx_path, opset=opset, check_inputs=check, signature_key=signature_key,
-                    tolerance=tol["onnx"])
+                    tolerance=tol["onnx"], frozen=frozen)
     except ExportError as e:
         if require_onnx:
             raise

@@ -53,6 +53,9 @@ class StripResult:
     params_after: int
     max_rel_error: float
     signatures: list[str]
+    # the stripped graph, frozen as the stripped SavedModel holds it: converters can start from it instead of
+    # freezing the written SavedModel again
+    stripped: FrozenSignature | None = dataclasses.field(default=None, repr=False)
 
     @property
     def kept_reasons(self) -> dict[str, int]:
@@ -261,6 +264,7 @@ def strip_saved_model(
     check_inputs: dict[str, np.ndarray] | None = None,
     tolerance: float = 1e-4,
     overwrite: bool = False,
+    frozen: FrozenSignature | None = None,
 ) -> StripResult:
     """Write to ``dst_dir`` a SavedModel without the channels that are zero across their coupled group.
 
@@ -271,6 +275,9 @@ def strip_saved_model(
         signature_key: the signature to strip; other signatures with the same interface are kept too.
         check_inputs: inputs for the numeric check (default: random data matching the signature).
         tolerance: largest relative max error allowed between original and stripped outputs.
+        overwrite: replace a non-empty ``dst_dir``.
+        frozen: ``src_dir``'s ``signature_key`` signature as :func:`freeze_saved_model` returns it, when the
+            caller already has it (freezing a large model takes as long as stripping it).
 
     Returns:
         A :class:`StripResult` (per-layer channels, FLOPs, parameters, the measured error).
@@ -279,7 +286,10 @@ def strip_saved_model(
         ExportError: bad input, or outputs that differ by more than ``tolerance`` (nothing is written).
     """
     check_output_dir(dst_dir, [src_dir], overwrite)
-    frozen = freeze_saved_model(src_dir, signature_key)
+    if frozen is None:
+        frozen = freeze_saved_model(src_dir, signature_key)
+    elif frozen.signature_key != signature_key:
+        raise ExportError(f"frozen holds signature {frozen.signature_key!r}, not {signature_key!r}")
     try:
         gg = GraphDefGraph(frozen.graph_def, list(frozen.inputs.values()), list(frozen.outputs.values()))
         removable, consts = gg.graph.plan_removal()
@@ -300,7 +310,7 @@ def strip_saved_model(
     return StripResult(
         layers=layers, flops_before=counter.flops(), flops_after=counter.flops(removed),
         params_before=_params(frozen.graph_def), params_after=_params(new_gd), max_rel_error=err,
-        signatures=[signature_key] + frozen.other_signatures,
+        signatures=[signature_key] + frozen.other_signatures, stripped=dataclasses.replace(frozen, graph_def=new_gd),
     )
 
 
