@@ -9,8 +9,9 @@ conv/dense output channels that lie in prunable groups), the strip's relative ma
 before / after, the non-prunable groups' reasons (``tfcompress.explain``).
 ``qat``: ``quantize_model``, one QAT epoch (Adam 1e-4, ``RangeInit(4)``) on 256 CIFAR-10 test images resized,
 ``model.export``, ``python -m tfcompress.export``; reported: exit status, convolution / fully-connected layers
-running INT8 in the compiled IR (runtime precision u8/i8), and the IR's relative max error against the Keras
-QAT model on 32 of the images.
+running INT8 in the compiled IR (``calibration.int8_layers``), the IR's relative max and mean error against
+the Keras QAT model on 32 of the images, and the limits the export derived from the graph's own rounding
+noise (report.json: ``noise_floor``, ``tolerance``, ``mean_tolerance``).
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ COVERAGE = [
     "NASNetLarge:331", "ResNet50:32", "ResNet101:32", "ResNet50V2:32", "ResNet152V2:32", "VGG16:32", "VGG19:32",
     "Xception:71",
 ]
-QAT = ["MobileNet:64", "MobileNetV3Small:64", "EfficientNetV2B0:64", "ResNet50V2:64", "Xception:71",
-       "ConvNeXtTiny:64"]
+QAT = ["ConvNeXtTiny:32", "DenseNet121:32", "EfficientNetB0:32", "EfficientNetV2B0:32", "InceptionResNetV2:75",
+       "InceptionV3:75", "MobileNet:32", "MobileNetV2:32", "MobileNetV3Small:32", "NASNetMobile:32", "ResNet50:32",
+       "ResNet50V2:32", "VGG16:32", "Xception:71"]
 
 
 def _model(name: str, px: int):
@@ -76,9 +78,13 @@ def coverage(name: str, px: int) -> dict:
 
 
 def qat(name: str, px: int) -> dict:
+    import json
+
     import keras
     import openvino as ov
 
+    from tfcompress.calibration import int8_layers
+    from tfcompress.export.checks import mean_rel_error
     from tfcompress.quantization import RangeInit, quantize_model
 
     keras.utils.set_random_seed(0)
@@ -99,13 +105,15 @@ def qat(name: str, px: int) -> dict:
             row["error"] = proc.stderr.strip().splitlines()[-1][:300]
             return row
         compiled = ov.Core().compile_model(f"{d}/out/model_fp32.xml", "CPU")
-        info = [op.get_rt_info() for op in compiled.get_runtime_model().get_ops()]
-        weighted = [i["runtimePrecision"].astype(str) for i in info
-                    if i["layerType"].astype(str) in ("Convolution", "Deconvolution", "FullyConnected")]
+        counts = int8_layers(compiled)
         out = compiled({0: x[:32]})[compiled.outputs[0]]
         ref = q.predict(x[:32], verbose=0)
-        row.update(int8=sum(p in ("u8", "i8") for p in weighted), total=len(weighted),
-                   rel_error=float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-12)))
+        with open(f"{d}/out/report.json") as f:
+            step = json.load(f)["steps"]["openvino"]
+        row.update(int8=counts["int8"], total=counts["total"],
+                   rel_error=float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-12)),
+                   mean_error=mean_rel_error(out, ref),
+                   **{k: step[k] for k in ("noise_floor", "tolerance", "mean_tolerance")})
         return row
 
 

@@ -1,0 +1,88 @@
+"""QAT on keras.applications families, exported to OpenVINO without calibration data.
+
+Each model has random weights and BatchNorm statistics of real (CIFAR-10) images; ``quantize_model``, one QAT
+step on those images with ``RangeInit``, ``model.export``, then the export (``export_saved_model``, and
+``python -m tfcompress.export`` for one family). Every convolution and fully-connected layer of the FP32 IR
+(the QAT model's fake quantization carried as FakeQuantize) must run INT8 in the compiled model, and the IR's
+logits must follow the Keras QAT model's within the limits the export derived for this graph (report.json).
+
+A family takes 1-4 minutes here, too long for all of them in every CI run: the default run takes the families
+whose quantized layers differ most (keras.ops nodes, squeeze-excite gates, separable, depthwise and grouped
+convolutions, concatenations); ``pytest -m qat_all_families tests/test_qat_applications.py`` runs the others
+(BENCHMARKS.md, section 7b, has its latest result).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import keras
+import numpy as np
+import openvino as ov
+import pytest
+
+from tfcompress import calibration
+from tfcompress.export import export_saved_model
+from tfcompress.export.checks import mean_rel_error
+from tfcompress.quantization import RangeInit, quantize_model
+from conftest import SHARED_DATA, rel_error
+from test_export_applications import EXPORT_FAMILIES, _application, _images
+
+COMMAND_FAMILY = "MobileNetV3Small"  # keras.ops nodes (hard-swish) and squeeze-excite, through the command
+IN_CI = {"MobileNetV3Small", "EfficientNetB0", "Xception", "DenseNet121", "ConvNeXtTiny"}
+FAMILIES = [pytest.param(name, px, marks=[] if name in IN_CI else [pytest.mark.qat_all_families])
+            for name, px in EXPORT_FAMILIES]
+
+
+def _qat_application(name: str, px: int, images: np.ndarray, labels: np.ndarray) -> keras.Model:
+    """``name`` at ``px`` with the BatchNorm statistics of ``images``, quantized, after one QAT step."""
+    model = _application(name, px)
+    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    for bn in bns:
+        bn.momentum = 0.0  # one training-mode call makes the moving statistics those of this batch
+    model(images, training=True)
+    for bn in bns:
+        bn.momentum = 0.99
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # layers QAT leaves float (LayerNormalization, ...)
+        q = quantize_model(model)
+    q.compile(keras.optimizers.SGD(1e-5), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    q.fit(images, labels, batch_size=len(images), epochs=1, callbacks=[RangeInit(1)], verbose=0)
+    return q
+
+
+def _export(sm: str, out: str, command: bool) -> None:
+    if not command:
+        export_saved_model(sm, out, verbose=False)
+        return
+    proc = subprocess.run([sys.executable, "-m", "tfcompress.export", f"--saved_model_dir={sm}", f"--output_dir={out}"],
+                          capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("name,px", FAMILIES)
+def test_qat_application_exports_int8_and_follows_keras(name, px, tmp_path, record_property):
+    images = _images(24, px)
+    labels = np.load(SHARED_DATA / "cifar10" / "cifar10_jpeg_q75_test.npz")["y_test"][:16].reshape(-1)
+    q = _qat_application(name, px, images[:16], labels)
+    sm, out = str(tmp_path / "sm"), str(tmp_path / "out")
+    q.export(sm, verbose=False)
+    _export(sm, out, command=name == COMMAND_FAMILY)
+
+    compiled = ov.Core().compile_model(os.path.join(out, "model_fp32.xml"), "CPU")
+    counts = calibration.int8_layers(compiled)
+    assert counts["total"] > 0 and counts["int8"] == counts["total"], counts
+
+    x = images[16:]
+    ir = ov.Core().compile_model(os.path.join(out, "model_fp32.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    got, ref = ir({0: x})[ir.outputs[0]], q.predict(x, verbose=0)
+    with open(os.path.join(out, "report.json")) as f:
+        limits = json.load(f)["steps"]["openvino"]  # what the export measured and allowed for this graph
+    errors = {"max": rel_error(got, ref), "mean": mean_rel_error(got, ref)}
+    for key, value in {**errors, **limits, **counts}.items():
+        record_property(key, value)  # in --junitxml: the numbers behind BENCHMARKS 7b
+    assert errors["max"] <= limits["tolerance"], (errors, limits)
+    assert errors["mean"] <= limits["mean_tolerance"], (errors, limits)
