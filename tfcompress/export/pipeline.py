@@ -127,7 +127,7 @@ def export_saved_model(
         _log("[2/5] stripping zeroed channels")
         stripped_dir = os.path.join(tmp, "stripped")
         strip = strip_saved_model(saved_model_dir, stripped_dir, signature_key, check_inputs=check,
-                                  tolerance=tol["strip"])
+                                  tolerance=tol["strip"], frozen=frozen)
         report["steps"]["strip"] = {"seconds": time.perf_counter() - t, "max_rel_error": strip.max_rel_error}
         report["layers"] = strip.layers
         report["params"] = {"before": strip.params_before, "after": strip.params_after}

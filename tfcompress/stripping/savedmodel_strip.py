@@ -261,6 +261,7 @@ def strip_saved_model(
     check_inputs: dict[str, np.ndarray] | None = None,
     tolerance: float = 1e-4,
     overwrite: bool = False,
+    frozen: FrozenSignature | None = None,
 ) -> StripResult:
     """Write to ``dst_dir`` a SavedModel without the channels that are zero across their coupled group.
 
@@ -271,6 +272,8 @@ def strip_saved_model(
         signature_key: the signature to strip; other signatures with the same interface are kept too.
         check_inputs: inputs for the numeric check (default: random data matching the signature).
         tolerance: largest relative max error allowed between original and stripped outputs.
+        frozen: ``freeze_saved_model(src_dir, signature_key)`` when the caller has it already (freezing a large
+            model takes seconds); it is only read.
 
     Returns:
         A :class:`StripResult` (per-layer channels, FLOPs, parameters, the measured error).
@@ -279,7 +282,10 @@ def strip_saved_model(
         ExportError: bad input, or outputs that differ by more than ``tolerance`` (nothing is written).
     """
     check_output_dir(dst_dir, [src_dir], overwrite)
-    frozen = freeze_saved_model(src_dir, signature_key)
+    if frozen is None:
+        frozen = freeze_saved_model(src_dir, signature_key)
+    elif frozen.signature_key != signature_key:
+        raise ValueError(f"frozen is the {frozen.signature_key!r} signature, not {signature_key!r}")
     try:
         gg = GraphDefGraph(frozen.graph_def, list(frozen.inputs.values()), list(frozen.outputs.values()))
         removable, consts = gg.graph.plan_removal()
