@@ -14,12 +14,13 @@ import tfcompress
 from tfcompress.graph import build_graph
 from conftest import randomize_batchnorm, randomize_biases, rel_error
 
-# (constructor, input size): the smallest constructor of each family at (about) its smallest input
+# (constructor, input size): the smallest constructor of each family at (about) its smallest input (VGG19 is
+# VGG16 with three more convolutions of the same kinds: nothing the strip or quantization handles differently)
 FAMILIES = [
     ("ConvNeXtTiny", 32), ("DenseNet121", 32), ("EfficientNetB0", 32), ("EfficientNetV2B0", 32),
     ("InceptionResNetV2", 75), ("InceptionV3", 75), ("MobileNet", 32), ("MobileNetV2", 32),
     ("MobileNetV3Small", 32), ("NASNetMobile", 32), ("ResNet50", 32), ("ResNet50V2", 32), ("VGG16", 32),
-    ("VGG19", 32), ("Xception", 71),
+    ("Xception", 71),
 ]
 
 
