@@ -54,8 +54,9 @@ def _zeroed_application(name: str, px: int, images: np.ndarray, rng) -> keras.Mo
     for bn in bns:
         bn.momentum = 0.99
     kg = build_graph(model)
-    # without data, compensation hands over only channels that are provably constant, which random weights on
-    # images have none of; test_strip_applications zeroes every family with it
+    # plain zeroing: the export is under test here, and test_strip_applications zeroes every family with the
+    # compensation. (Channels after a BatchNorm without scale, as in the Inception families, then still emit
+    # its shift; the strip must keep or fold them exactly.)
     for g in kg.groups():
         tfcompress.zero_channels(model, g, rng.choice(g.size, g.size // 4, replace=False), graph=kg,
                                  compensate=False)
