@@ -2,8 +2,7 @@
 compare with the Keras outputs, and quantize.
 
 BatchNorm statistics and biases are random (as real trained models have them): zeroed channels must survive
-them exactly. Channels are zeroed without compensation (``tests/test_compensation.py`` covers it; here it
-would only re-read every weight twice per group). The families' coverage (fraction of conv/dense output channels in prunable groups) and the larger
+them exactly. The families' coverage (fraction of conv/dense output channels in prunable groups) and the larger
 constructors are measured by ``benchmarks/applications.py`` (BENCHMARKS.md, section 7).
 """
 
@@ -15,12 +14,13 @@ import tfcompress
 from tfcompress.graph import build_graph
 from conftest import randomize_batchnorm, randomize_biases, rel_error
 
-# (constructor, input size): the smallest constructor of each family at (about) its smallest input
+# (constructor, input size): the smallest constructor of each family at (about) its smallest input (VGG19 is
+# VGG16 with three more convolutions of the same kinds: nothing the strip or quantization handles differently)
 FAMILIES = [
     ("ConvNeXtTiny", 32), ("DenseNet121", 32), ("EfficientNetB0", 32), ("EfficientNetV2B0", 32),
     ("InceptionResNetV2", 75), ("InceptionV3", 75), ("MobileNet", 32), ("MobileNetV2", 32),
     ("MobileNetV3Small", 32), ("NASNetMobile", 32), ("ResNet50", 32), ("ResNet50V2", 32), ("VGG16", 32),
-    ("VGG19", 32), ("Xception", 71),
+    ("Xception", 71),
 ]
 
 
@@ -35,8 +35,7 @@ def test_application_family_strips_exactly_and_quantizes(name, px, rng):
     groups = kg.groups()
     assert len(groups) >= 5
     for g in groups:
-        tfcompress.zero_channels(model, g, rng.choice(g.size, g.size // 4, replace=False), graph=kg,
-                                compensate=False)
+        tfcompress.zero_channels(model, g, rng.choice(g.size, g.size // 4, replace=False), graph=kg)
     x = rng.uniform(0, 255, (2, px, px, 3)).astype("float32")
     ref = model(x)
     stripped = tfcompress.strip(model)
@@ -53,8 +52,7 @@ def test_zeroed_channels_all_go_where_nothing_makes_them_constant(rng):
     kg = build_graph(model)
     groups = kg.groups()
     for g in groups:
-        tfcompress.zero_channels(model, g, rng.choice(g.size, g.size // 4, replace=False), graph=kg,
-                                compensate=False)
+        tfcompress.zero_channels(model, g, rng.choice(g.size, g.size // 4, replace=False), graph=kg)
     stripped = tfcompress.strip(model)
     remaining = build_graph(stripped).groups()
     assert sum(g.size for g in remaining) == sum(g.size - g.size // 4 for g in groups)

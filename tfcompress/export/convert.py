@@ -3,6 +3,7 @@ convert; each step checked numerically against the previous one, with OpenVINO a
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -284,25 +285,47 @@ def _tf2onnx(graph_def, inputs: list[str], outputs: list[str], opset: int, renam
 
     It skips ``from_graph_def``'s second freeze, and collects garbage before each ONNX optimizer: tf2onnx
     deep-copies the whole graph (weights included) before every optimizer pass so that it can roll a failed
-    pass back, and its graphs hold reference cycles, so without a collection the copies pile up. (Small
-    graphs skip the collections: each takes a noticeable fraction of a second with TensorFlow loaded.)
+    pass back, and its graphs hold reference cycles, so without a collection the copies pile up. The
+    collections skip the objects that existed before the conversion (see :func:`_collecting_new_objects_only`);
+    small graphs skip them altogether.
     """
     import tensorflow as tf
     from tf2onnx import optimizer, tf_loader
     from tf2onnx.tfonnx import process_tf_graph
 
-    graph_bytes = graph_def.ByteSize()
+    collect = graph_def.ByteSize() > _COLLECT_ABOVE
     with tf.Graph().as_default():  # grappler's meta-graph export needs graph mode
         optimized = tf_loader.tf_optimize(inputs, outputs, graph_def)
-    with tf.Graph().as_default() as tf_graph:
-        tf.import_graph_def(optimized, name="")
-        del optimized
-        graph = process_tf_graph(tf_graph, continue_on_error=True, opset=opset, input_names=inputs,
-                                 output_names=outputs, tensors_to_rename=rename)
-    passes = _collecting(_ONNX_OPTIMIZERS) if graph_bytes > _COLLECT_ABOVE else None
-    graph = optimizer.optimize_graph(graph, catch_errors=True, optimizers=passes)
+    with _collecting_new_objects_only() if collect else contextlib.nullcontext():
+        with tf.Graph().as_default() as tf_graph:
+            tf.import_graph_def(optimized, name="")
+            del optimized
+            graph = process_tf_graph(tf_graph, continue_on_error=True, opset=opset, input_names=inputs,
+                                     output_names=outputs, tensors_to_rename=rename)
+        passes = _collecting(_ONNX_OPTIMIZERS) if collect else None
+        graph = optimizer.optimize_graph(graph, catch_errors=True, optimizers=passes)
     gc.collect()
     return graph.make_model("converted from a SavedModel by tfcompress")
+
+
+@contextlib.contextmanager
+def _collecting_new_objects_only():
+    """Within the block, garbage collections look only at objects created inside it.
+
+    Every object alive on entry (TensorFlow's modules, the caller's data) is moved to the collector's
+    permanent generation (``gc.freeze``): each collection then walks only the objects of the conversion (the
+    ONNX graph and the copies the passes make), not the whole interpreter, and frees the same garbage.
+    Objects frozen here that die inside the block are freed by the first collection after it. A caller's own
+    ``gc.freeze`` is kept.
+    """
+    already_frozen = gc.get_freeze_count() > 0
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        if not already_frozen:
+            gc.unfreeze()
 
 
 _COLLECT_ABOVE = 16 * 2**20  # graph bytes above which tf2onnx's per-pass copies are collected

@@ -22,7 +22,7 @@ import keras
 import numpy as np
 
 from tfcompress.graph.engine import ChannelGroup, Rule
-from tfcompress.graph.kernels import fold_into_bias
+from tfcompress.graph.kernels import fold_into_bias_summed, window_sum
 
 __all__ = ["CompensationReport", "compensate", "consumer_means", "emitted_importance", "undo"]
 
@@ -139,6 +139,7 @@ def _fold(kg: Any, rec: Any, i: int, pos: np.ndarray, channels: np.ndarray, valu
         target, sign, where = bn.moving_mean, -1.0, "batchnorm"
     kernel = np.moveaxis(np.asarray(layer.kernel), (kind.in_axis, kind.out_axis), (-2, -1))
     width = kernel.shape[-2] * kind.blocks()
+    w = window_sum(kernel)  # once: each channel below folds through the same sums
     total = np.zeros(target.shape[0])
     for c in np.unique(channels):
         mine = pos[channels == c]
@@ -146,7 +147,7 @@ def _fold(kg: Any, rec: Any, i: int, pos: np.ndarray, channels: np.ndarray, valu
         keep[mine] = False
         fold = np.zeros(width)
         fold[mine] = values[channels == c]
-        add = sign * fold_into_bias(kernel, keep, fold, kind.blocks())
+        add = sign * fold_into_bias_summed(w, keep, fold, kind.blocks())
         changes.append((target, int(c), add))
         total += add
     target.assign((np.asarray(target) + total).astype(np.float32))

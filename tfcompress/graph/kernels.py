@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["producer_consts", "depthwise_consts", "fold_into_bias", "slice_kernel"]
+__all__ = [
+    "producer_consts", "depthwise_consts", "fold_into_bias", "fold_into_bias_summed", "slice_kernel", "window_sum",
+]
 
 
 def producer_consts(kernel: np.ndarray) -> np.ndarray:
@@ -41,9 +43,20 @@ def fold_into_bias(kernel: np.ndarray, in_keep: np.ndarray, fold: np.ndarray, gr
     Exact when every output position sees the whole kernel window of the constant (Dense, 'valid' or 1x1
     convolutions). ``groups``: input block b feeds output block b.
     """
-    w = kernel.reshape(-1, kernel.shape[-2], kernel.shape[-1]).sum(axis=0).astype(np.float64)  # (in/g, out)
-    n_in, n_out = in_keep.size // groups, kernel.shape[-1] // groups
-    add = np.zeros(kernel.shape[-1])
+    return fold_into_bias_summed(window_sum(kernel), in_keep, fold, groups)
+
+
+def window_sum(kernel: np.ndarray) -> np.ndarray:
+    """The kernel summed over its spatial window, in float64: ``(in/groups, out)``; what a constant input
+    channel contributes to each output per unit of its value."""
+    return kernel.reshape(-1, kernel.shape[-2], kernel.shape[-1]).sum(axis=0).astype(np.float64)
+
+
+def fold_into_bias_summed(w: np.ndarray, in_keep: np.ndarray, fold: np.ndarray, groups: int = 1) -> np.ndarray:
+    """:func:`fold_into_bias` from the kernel's :func:`window_sum` ``w``, for callers that fold one kernel
+    many times (one input channel at a time)."""
+    n_in, n_out = in_keep.size // groups, w.shape[-1] // groups
+    add = np.zeros(w.shape[-1])
     for b in range(groups):
         v = np.where(in_keep[b * n_in:(b + 1) * n_in], 0.0, fold[b * n_in:(b + 1) * n_in])
         add[b * n_out:(b + 1) * n_out] = v @ w[:, b * n_out:(b + 1) * n_out]

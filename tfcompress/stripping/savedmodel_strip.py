@@ -289,7 +289,7 @@ def strip_saved_model(
     if frozen is None:
         frozen = freeze_saved_model(src_dir, signature_key)
     elif frozen.signature_key != signature_key:
-        raise ExportError(f"frozen holds signature {frozen.signature_key!r}, not {signature_key!r}")
+        raise ValueError(f"frozen is the {frozen.signature_key!r} signature, not {signature_key!r}")
     try:
         gg = GraphDefGraph(frozen.graph_def, list(frozen.inputs.values()), list(frozen.outputs.values()))
         removable, consts = gg.graph.plan_removal()
