@@ -715,3 +715,11 @@ def test_prelu_passes_constants_when_alpha_is_shared_over_space(rng, shared_axes
     stripped = tfcompress.strip(model)
     assert rel_error(stripped(x), model(x)) < TOL
     assert _width(stripped, "a") == 8 - removed
+
+
+def test_only_single_kernel_producers_take_a_folded_channel_into_their_bias():
+    """Compensation asks the op table, not Keras classes, which consumers can absorb a removed channel's value."""
+    from tfcompress.graph import ops
+    assert ops.folds_into_bias("conv") and ops.folds_into_bias("dense")
+    for op in ("conv_transpose", "separable_conv", "depthwise", "batchnorm", "add", "no_such_op"):
+        assert not ops.folds_into_bias(op), op

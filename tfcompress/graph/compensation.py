@@ -21,6 +21,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from tfcompress.graph import ops
 from tfcompress.graph.engine import ChannelGroup, Rule
 from tfcompress.graph.kernels import fold_into_bias_summed, window_sum
 
@@ -155,11 +156,8 @@ def _fold(kg: Any, rec: Any, i: int, pos: np.ndarray, channels: np.ndarray, valu
 
 
 def _foldable_kind(kind: Any) -> bool:
-    """Conv/Dense producers fold into their bias; transposed and separable convolutions do not."""
-    layer = kind.layer
-    return not isinstance(layer, (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
-                                  keras.layers.Conv3DTranspose, keras.layers.SeparableConv1D,
-                                  keras.layers.SeparableConv2D))
+    """Whether the consumer's op (from the op table) has a bias that a removed channel's value can fold into."""
+    return ops.folds_into_bias(getattr(kind, "op", ""))
 
 
 def compensate(kg: Any, group: ChannelGroup, chosen: np.ndarray, data: Any = None,

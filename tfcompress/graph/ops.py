@@ -21,7 +21,8 @@ import numpy as np
 from tfcompress.graph.engine import Rule, elementwise_consts
 from tfcompress.graph.kernels import depthwise_consts, fold_into_bias, producer_consts, slice_kernel
 
-__all__ = ["OpSemantics", "TableOp", "OPS", "UNARY", "can_fold", "const_out", "macs", "rule", "shrink_producer", "take_channels"]
+__all__ = ["OpSemantics", "TableOp", "OPS", "UNARY", "can_fold", "const_out", "folds_into_bias", "macs", "rule",
+           "shrink_producer", "take_channels"]
 
 Consts = list[np.ndarray]
 
@@ -35,6 +36,8 @@ class OpSemantics:
     whether a removed input channel holding a constant can be replaced exactly by a change of the op's bias
     (:func:`tfcompress.graph.kernels.fold_into_bias`) or, for a normalization, kept in its statistics.
     ``rule``: how it maps channels (a position-wise op of several tensors joins them: :func:`rule`).
+    ``into_bias``: whether the op has one kernel (..., in, out) and a bias that a removed input channel's constant
+    (or mean) can be folded into at all, exactly or not (transposed and separable convolutions cannot).
 
     ``geometry`` is what an adapter knows of an op's shape, as keywords (each function reads the ones it needs):
     ``positions`` (output positions per example), ``in_positions``, ``window`` (kernel positions), ``groups``,
@@ -45,6 +48,7 @@ class OpSemantics:
     macs: Callable[..., float] | None = None
     folds: Callable[..., bool] = lambda **geometry: False
     rule: Rule = Rule.ELEMENTWISE
+    into_bias: bool = False
 
 
 def _product(cs: Consts) -> np.ndarray:
@@ -225,8 +229,8 @@ OPS: dict[str, OpSemantics] = {
     "blocker": OpSemantics(_unknown, rule=Rule.BLOCKER),
     "shape": OpSemantics(_unknown, rule=Rule.SHAPE),
     "opaque": OpSemantics(_unknown),  # channels pass through, values are not followed
-    "conv": OpSemantics(_producer, _conv_macs, _conv_folds, Rule.PRODUCER),
-    "dense": OpSemantics(_producer, _conv_macs, lambda **_: True, Rule.PRODUCER),
+    "conv": OpSemantics(_producer, _conv_macs, _conv_folds, Rule.PRODUCER, into_bias=True),
+    "dense": OpSemantics(_producer, _conv_macs, lambda **_: True, Rule.PRODUCER, into_bias=True),
     "conv_transpose": OpSemantics(_producer, _transposed_macs, rule=Rule.PRODUCER),
     "separable_conv": OpSemantics(_producer, _separable_macs, rule=Rule.PRODUCER),
     "depthwise": OpSemantics(_depthwise, _depthwise_macs, rule=Rule.DEPTHWISE),
@@ -274,6 +278,12 @@ def macs(op: str, in_counts: list[int], out_count: int, **geometry) -> float:
 def can_fold(op: str, **geometry) -> bool:
     """Whether canonical op ``op`` can absorb a removed constant input channel (see :class:`OpSemantics`)."""
     return OPS[op].folds(**geometry)
+
+
+def folds_into_bias(op: str) -> bool:
+    """Whether canonical op ``op`` can take a removed input channel's constant into its bias (at all, exactly or
+    not: see :class:`OpSemantics`)."""
+    return op in OPS and OPS[op].into_bias
 
 
 def take_channels(w: np.ndarray, keep: np.ndarray, axis: int) -> np.ndarray:
