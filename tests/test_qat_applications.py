@@ -10,7 +10,7 @@ logits must follow the Keras QAT model's within the limits the export derives fo
 A family takes 1-4 minutes here, too long for all of them in every CI run: the default run takes the families
 whose quantized layers differ most (keras.ops nodes, squeeze-excite gates, separable, depthwise and grouped
 convolutions, concatenations); ``pytest -m qat_all_families tests/test_qat_applications.py`` runs the others
-(BENCHMARKS.md, section 7b, has its latest result).
+(BENCHMARKS.md, section 7c, has its latest result).
 """
 
 import os
@@ -86,6 +86,6 @@ def test_qat_application_exports_int8_and_follows_keras(name, px, tmp_path, reco
               "mean_tolerance": check.mean_tolerance}
     errors = {"max": rel_error(got, ref), "mean": mean_rel_error(got, ref)}
     for key, value in {**errors, **limits, **counts}.items():
-        record_property(key, value)  # in --junitxml: the numbers behind BENCHMARKS 7b
+        record_property(key, value)  # in --junitxml: the numbers behind BENCHMARKS 7c
     assert errors["max"] <= limits["tolerance"], (errors, limits)
     assert errors["mean"] <= limits["mean_tolerance"], (errors, limits)

@@ -21,7 +21,7 @@ __all__ = ["PERTURBATION", "QuantizedCheck", "mean_rel_error", "quantized_check"
 PERTURBATION = 1e-6
 
 # Limits, from measured errors against the reference (the quantized-check tests in tests/test_export.py;
-# the keras.applications families in BENCHMARKS.md, section 7b):
+# the keras.applications families in BENCHMARKS.md, section 7c):
 # stable QAT models (the demo's residual CNN, VGG16; random weights, 1 QAT step) differ by 1.4-1.5e-2 (max)
 # at the ONNX step and show a noise of 0; a dequantization scale off by 2 (one FakeQuantize's output range
 # doubled) moves them by 0.58-1.4 (max) and 0.61-1.18 (mean). Chaotic models (random-weight MobileNetV2,
