@@ -42,6 +42,20 @@ def randomize_batchnorm(model, rng):
             layer.set_weights(ws)
 
 
+def batchnorm_statistics_of(model, images):
+    """Set every BatchNormalization's moving statistics to those of ``images`` (one training-mode call with
+    momentum 0), as a model trained on such data has them."""
+    import keras
+
+    bns = [layer for layer in _all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.momentum = 0.0
+    model(images, training=True)
+    for bn, m in zip(bns, momenta):
+        bn.momentum = m
+
+
 def randomize_biases(model, rng):
     for layer in _all_layers(model):
         if getattr(layer, "use_bias", False) and getattr(layer, "bias", None) is not None:

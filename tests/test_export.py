@@ -14,7 +14,7 @@ from keras import layers as L
 
 import tfcompress
 from tfcompress.export import ExportError, export_saved_model, strip_saved_model, to_onnx, to_openvino
-from conftest import SHARED_DATA, randomize_batchnorm, randomize_biases, rel_error
+from conftest import SHARED_DATA, batchnorm_statistics_of, randomize_batchnorm, randomize_biases, rel_error
 
 KWS = SHARED_DATA / "models" / "mlperf_tiny" / "kws_ref_model_savedmodel" / "kws_ref_model"
 
@@ -365,12 +365,7 @@ def _stable_qat_saved_model(path, n: int = 24):
     x = data["x_test"][:n].astype("float32").mean(-1, keepdims=True) / 255.0
     y = data["y_test"][:n].reshape(-1)
     model = residual_cnn((32, 32, 1))
-    bns = [layer for layer in model.layers if isinstance(layer, L.BatchNormalization)]
-    for bn in bns:
-        bn.momentum = 0.0  # one training-mode call makes the moving statistics those of these images
-    model(x, training=True)
-    for bn in bns:
-        bn.momentum = 0.99
+    batchnorm_statistics_of(model, x)
     q = quantize_model(model)
     q.compile(keras.optimizers.SGD(1e-5), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     q.fit(x[:16], y[:16], batch_size=16, epochs=1, callbacks=[RangeInit(1)], verbose=0)

@@ -22,7 +22,7 @@ import tfcompress
 from tfcompress import calibration
 from tfcompress.export import export_saved_model
 from tfcompress.graph import build_graph
-from conftest import SHARED_DATA, rel_error
+from conftest import SHARED_DATA, batchnorm_statistics_of, rel_error
 from test_strip_applications import FAMILIES
 
 
@@ -48,12 +48,7 @@ def _zeroed_application(name: str, px: int, images: np.ndarray, rng) -> keras.Mo
     """``name`` at ``px`` with the BatchNorm statistics of ``images`` and 25 % of every group zeroed (without
     compensation, which ``tests/test_compensation.py`` covers)."""
     model = _application(name, px)
-    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    for bn in bns:
-        bn.momentum = 0.0  # one training-mode call makes the moving statistics those of this batch
-    model(images, training=True)
-    for bn in bns:
-        bn.momentum = 0.99
+    batchnorm_statistics_of(model, images)
     kg = build_graph(model)
     # plain zeroing: the export is under test here, and test_strip_applications zeroes every family with the
     # compensation. (Channels after a BatchNorm without scale, as in the Inception families, then still emit

@@ -27,7 +27,7 @@ from tfcompress import calibration
 from tfcompress.export import export_saved_model
 from tfcompress.export.checks import mean_rel_error, saved_model_check
 from tfcompress.quantization import RangeInit, quantize_model
-from conftest import SHARED_DATA, rel_error
+from conftest import SHARED_DATA, batchnorm_statistics_of, rel_error
 from test_export_applications import EXPORT_FAMILIES, _application, _images
 
 COMMAND_FAMILY = "MobileNetV3Small"  # keras.ops nodes (hard-swish) and squeeze-excite, through the command
@@ -39,12 +39,7 @@ FAMILIES = [pytest.param(name, px, marks=[] if name in IN_CI else [pytest.mark.q
 def _qat_application(name: str, px: int, images: np.ndarray, labels: np.ndarray) -> keras.Model:
     """``name`` at ``px`` with the BatchNorm statistics of ``images``, quantized, after one QAT step."""
     model = _application(name, px)
-    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    for bn in bns:
-        bn.momentum = 0.0  # one training-mode call makes the moving statistics those of this batch
-    model(images, training=True)
-    for bn in bns:
-        bn.momentum = 0.99
+    batchnorm_statistics_of(model, images)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # layers QAT leaves float (LayerNormalization, ...)
         q = quantize_model(model)
