@@ -20,7 +20,7 @@ setup(
         "absl-py>=1.0",
     ],
     extras_require={
-        "test": ["pytest>=7", "onnxruntime>=1.17", "scikit-learn>=1.3", "matplotlib>=3.7"],
+        "test": ["pytest>=7", "pytest-xdist>=3.2", "onnxruntime>=1.17", "scikit-learn>=1.3", "matplotlib>=3.7"],
         "demo": ["scikit-learn>=1.3", "matplotlib>=3.7"],
         # the TFX release for TensorFlow 2.21; its wheels need glibc >= 2.39 (see README)
         "tfx": ["tfx>=1.21,<1.22"],

@@ -405,6 +405,7 @@ def test_quantized_export_holds_a_stable_model_to_the_floor(stable_qat, tmp_path
         assert steps[step]["tolerance"] == checks.MAX_FLOOR
         assert steps[step]["max_rel_error"] <= checks.MAX_FLOOR
     assert steps["openvino"]["mean_rel_error"] <= steps["openvino"]["mean_tolerance"] == checks.MEAN_FLOOR
+    assert report["quantized_check"]["verified"] is True
 
 
 def test_quantized_export_refuses_a_wrong_scale_in_onnx(stable_qat, tmp_path, monkeypatch):
@@ -446,3 +447,19 @@ def test_quantized_export_refuses_an_ir_wrong_by_itself(stable_qat, tmp_path, mo
                                           r"relative error .* > 5\.00e-02"):
         export_saved_model(sm, str(tmp_path / "out"), calibration_data=x, int8="none", verbose=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_quantized_export_says_when_its_checks_cannot_verify(stable_qat, tmp_path, monkeypatch, capsys):
+    """A graph whose outputs move as much under a rounding as under a broken conversion (here: made so by a
+    perturbation far above a rounding's) is exported, but not called verified: stderr, report.json and
+    report.md say so."""
+    from tfcompress.export import checks
+
+    sm, x = stable_qat
+    monkeypatch.setattr(checks, "PERTURBATION", 0.5)
+    report = export_saved_model(sm, str(tmp_path / "out"), calibration_data=x, int8="none", verbose=False)
+    q = report["quantized_check"]
+    assert q["mean_tolerance"] >= checks.DISCERNING and q["verified"] is False
+    assert "output checks cannot tell a correct conversion from a broken one" in capsys.readouterr().err
+    assert "**Not verified**" in (tmp_path / "out" / "report.md").read_text()
+

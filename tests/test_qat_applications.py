@@ -2,17 +2,14 @@
 
 Each model has random weights and BatchNorm statistics of real (CIFAR-10) images; ``quantize_model``, one QAT
 step on those images with ``RangeInit``, ``model.export``, then the export (``export_saved_model``, and
-``python -m tfcompress.export`` for one family). Every convolution and fully-connected layer of the FP32 IR
-(the QAT model's fake quantization carried as FakeQuantize) must run INT8 in the compiled model, and the IR's
-logits must follow the Keras QAT model's within the limits the export derives for this graph
-(``saved_model_check`` on the compared images).
-
-A family takes 1-4 minutes here, too long for all of them in every CI run: the default run takes the families
-whose quantized layers differ most (keras.ops nodes, squeeze-excite gates, separable, depthwise and grouped
-convolutions, concatenations); ``pytest -m qat_all_families tests/test_qat_applications.py`` runs the others
-(BENCHMARKS.md, section 7c, has its latest result).
+``python -m tfcompress.export`` for one family), given the compared images as unlabelled validation data (no
+calibration data: the QAT model's fake quantization is the INT8 model). Every convolution and fully-connected
+layer of the FP32 IR (the quantizers carried as FakeQuantize) must run INT8 in the compiled model, and the IR's
+logits must follow the Keras QAT model's within the limits the export derived for this graph on those images
+(report.json's ``quantized_check``; BENCHMARKS.md, section 7c, has the numbers).
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -25,15 +22,12 @@ import pytest
 
 from tfcompress import calibration
 from tfcompress.export import export_saved_model
-from tfcompress.export.checks import mean_rel_error, saved_model_check
+from tfcompress.export.checks import mean_rel_error
 from tfcompress.quantization import RangeInit, quantize_model
 from conftest import SHARED_DATA, batchnorm_statistics_of, rel_error
 from test_export_applications import EXPORT_FAMILIES, _application, _images
 
 COMMAND_FAMILY = "MobileNetV3Small"  # keras.ops nodes (hard-swish) and squeeze-excite, through the command
-IN_CI = {"MobileNetV3Small", "EfficientNetB0", "Xception", "DenseNet121", "ConvNeXtTiny"}
-FAMILIES = [pytest.param(name, px, marks=[] if name in IN_CI else [pytest.mark.qat_all_families])
-            for name, px in EXPORT_FAMILIES]
 
 
 def _qat_application(name: str, px: int, images: np.ndarray, labels: np.ndarray) -> keras.Model:
@@ -48,37 +42,38 @@ def _qat_application(name: str, px: int, images: np.ndarray, labels: np.ndarray)
     return q
 
 
-def _export(sm: str, out: str, command: bool) -> None:
+def _export(sm: str, out: str, images: np.ndarray, command: bool) -> dict:
+    """Export ``sm`` with ``images`` as unlabelled validation data: the checks run on them; its report."""
     if not command:
-        export_saved_model(sm, out, verbose=False)
-        return
-    proc = subprocess.run([sys.executable, "-m", "tfcompress.export", f"--saved_model_dir={sm}", f"--output_dir={out}"],
+        return export_saved_model(sm, out, validation_data=images, verbose=False)
+    data = os.path.join(os.path.dirname(out), "images.npy")
+    np.save(data, images)
+    proc = subprocess.run([sys.executable, "-m", "tfcompress.export", f"--saved_model_dir={sm}", f"--output_dir={out}",
+                           f"--validation_data={data}"],
                           capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+    with open(os.path.join(out, "report.json")) as f:
+        return json.load(f)
 
 
-@pytest.mark.parametrize("name,px", FAMILIES)
+@pytest.mark.parametrize("name,px", EXPORT_FAMILIES)
 def test_qat_application_exports_int8_and_follows_keras(name, px, tmp_path, record_property):
     images = _images(24, px)
     labels = np.load(SHARED_DATA / "cifar10" / "cifar10_jpeg_q75_test.npz")["y_test"][:16].reshape(-1)
     q = _qat_application(name, px, images[:16], labels)
     sm, out = str(tmp_path / "sm"), str(tmp_path / "out")
     q.export(sm, verbose=False)
-    _export(sm, out, command=name == COMMAND_FAMILY)
+    x = images[16:]
+    report = _export(sm, out, x, command=name == COMMAND_FAMILY)
 
     compiled = ov.Core().compile_model(os.path.join(out, "model_fp32.xml"), "CPU")
     counts = calibration.int8_layers(compiled)
     assert counts["total"] > 0 and counts["int8"] == counts["total"], counts
 
-    x = images[16:]
     ir = ov.Core().compile_model(os.path.join(out, "model_fp32.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     got, ref = ir({0: x})[ir.outputs[0]], q.predict(x, verbose=0)
-    # the export's limits, measured on these inputs: the export itself, without data, measured them on random
-    # inputs, where a network's rounding noise can be far smaller than on images
-    check = saved_model_check(sm, x)
-    limits = {"noise_floor": check.noise, "tolerance": check.tolerance, "noise_mean": check.noise_mean,
-              "mean_tolerance": check.mean_tolerance}
+    limits = report["quantized_check"]  # measured by the export on x
     errors = {"max": rel_error(got, ref), "mean": mean_rel_error(got, ref)}
     for key, value in {**errors, **limits, **counts}.items():
         record_property(key, value)  # in --junitxml: the numbers behind BENCHMARKS 7c

@@ -29,21 +29,38 @@ PERTURBATION = 1e-6
 MAX_FLOOR = 0.05
 MEAN_FLOOR = 0.05
 K = 3.0
+# A mean limit this wide would pass a doubled dequantization scale (0.61-1.18 above): on such a graph the checks
+# show only that the conversion ran, and the export says so instead of calling the graph verified.
+DISCERNING = 0.5
 
 
 class QuantizedCheck:
     """The limits of one quantized graph's output checks: ``noise`` (max and mean relative change of the
-    reference's outputs under the perturbation) and the ``tolerance`` / ``mean_tolerance`` derived from it."""
+    reference's outputs under the perturbation) and the ``tolerance`` / ``mean_tolerance`` derived from it.
+
+    ``verified`` says whether these limits can tell a broken conversion from a correct one: a graph whose
+    outputs move by half their size under a float rounding cannot be checked by its outputs at all.
+    """
 
     def __init__(self, noise: float, noise_mean: float):
         self.noise = noise
         self.noise_mean = noise_mean
         self.tolerance = max(MAX_FLOOR, K * noise)
         self.mean_tolerance = max(MEAN_FLOOR, K * noise_mean)
+        self.verified = self.mean_tolerance < DISCERNING
 
     def report(self) -> dict:
         """What report.json records of it for each step."""
         return {"noise_floor": self.noise, "tolerance": self.tolerance}
+
+    def warning(self) -> str | None:
+        """One line for the user when the outputs cannot verify the conversion, else None."""
+        if self.verified:
+            return None
+        return (f"this quantized graph's outputs move by {self.noise_mean:.0%} (mean) when its quantizers' inputs "
+                f"move by {PERTURBATION:g}: output checks cannot tell a correct conversion from a broken one "
+                f"(report.json: quantized_check.verified = false). A trained model, or --validation_data with "
+                f"real samples, usually gives a graph that can be checked")
 
     def check_mean(self, got: dict, ref: dict, what: str) -> float:
         """Mean relative error of ``got`` against ``ref``; ExportError naming ``what`` above ``mean_tolerance``."""

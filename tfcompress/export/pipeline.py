@@ -118,6 +118,8 @@ def export_saved_model(
         _log("[1b/5] measuring the quantized graph's rounding noise")
         check = check or sample_inputs(frozen.specs, batch=8)
         qcheck = quantized_check(lambda gd, x: run_frozen(frozen, gd, x), frozen.graph_def, check)
+        if qcheck.warning():
+            print(f"warning: {qcheck.warning()}", file=sys.stderr, flush=True)
     tol = {k: qcheck.tolerance for k in FLOAT_TOLERANCE} if qcheck else FLOAT_TOLERANCE
 
     with staged_output(output_dir, overwrite) as tmp:
@@ -135,16 +137,18 @@ def export_saved_model(
 
         onnx_path = os.path.join(tmp, "model.onnx")
         xml = os.path.join(tmp, "model_fp32.xml")
+        # nothing removed or folded: the stripped SavedModel is also the unstripped graph's like-for-like size
+        unchanged = strip.stripped.graph_def == frozen.graph_def
         steps, fp32_outputs = _convert(stripped_dir, onnx_path, xml, opset, check, signature_key, tol,
                                        require_onnx, _log, frozen=strip.stripped)
         strip.stripped = None  # the graph converted: its weights need not stay in memory
         report["steps"].update(steps)
         report["quantized"] = quantized
         if qcheck is not None:
-            _record_quantized_checks(report["steps"], qcheck, frozen, check, fp32_outputs)
+            _record_quantized_checks(report, qcheck, frozen, check, fp32_outputs)
 
         report["sizes"] = {
-            "saved_model": _size(saved_model_dir), "unstripped": _resaved_size(frozen, tmp),
+            "saved_model": _size(saved_model_dir), "unstripped": _size(stripped_dir) if unchanged else _resaved_size(frozen, tmp),
             "stripped": _size(stripped_dir),
             "openvino_fp32": _size(xml) + _size(xml[:-4] + ".bin"),
         }
@@ -189,9 +193,13 @@ def export_saved_model(
     return report
 
 
-def _record_quantized_checks(steps: dict, qcheck: QuantizedCheck, frozen, check: dict, fp32_outputs: dict) -> None:
+def _record_quantized_checks(report: dict, qcheck: QuantizedCheck, frozen, check: dict, fp32_outputs: dict) -> None:
     """Say in each checked step the noise and the limit it was held to, and hold the FP32 IR's outputs to the
     original graph's by their mean error too (the max error of a chaotic model allows almost anything)."""
+    steps = report["steps"]
+    report["quantized_check"] = {"noise_floor": qcheck.noise, "noise_mean": qcheck.noise_mean,
+                                 "tolerance": qcheck.tolerance, "mean_tolerance": qcheck.mean_tolerance,
+                                 "verified": qcheck.verified}
     for step in ("strip", "onnx", "openvino"):
         if "max_rel_error" in steps.get(step, {}):
             steps[step].update(qcheck.report())
@@ -346,6 +354,13 @@ def _markdown(r: dict) -> str:
     for step, s in r["steps"].items():
         err = f"{s['max_rel_error']:.2e}" if "max_rel_error" in s else ("skipped" if "skipped" in s else "-")
         lines.append(f"| {step} | {err} | {s['seconds']:.1f} |")
+    if "quantized_check" in r:
+        q = r["quantized_check"]
+        lines += ["", f"Quantized graph: its outputs move by {q['noise_floor']:.2e} (max) / {q['noise_mean']:.2e} "
+                  f"(mean) under a float rounding of its quantizers' inputs; the steps were held to "
+                  f"{q['tolerance']:.2e} (max) and the IR to {q['mean_tolerance']:.2e} (mean). "
+                  + ("These limits refuse a broken conversion." if q["verified"] else
+                     "**Not verified**: limits this wide cannot tell a broken conversion from a correct one.")]
     if "int8" in r["steps"]:
         s = r["steps"]["int8"]
         run = s["int8_layers"]
