@@ -16,3 +16,12 @@ def test_ci_runs_the_readme_test_command():
     venv = next(i for i, ln in enumerate(ci_lines) if ln.startswith("python3 -m venv"))
     activate = next(i for i, ln in enumerate(ci_lines) if ln.startswith("source") and "/bin/activate" in ln)
     assert venv < activate < len(ci_lines) - 1 and "--system-site-packages" not in ci_lines[venv]
+
+
+def test_the_test_environment_holds_the_demo_environment():
+    """tests/test_demo.py runs the README's demo without its install step: the demo extra must be part of the test
+    extra, so the test command's install is also the demo's."""
+    setup = (ROOT / "setup.py").read_text()
+    extras = {name: set(re.findall(r'"([^"]+)"', body))
+              for name, body in re.findall(r'"(\w+)":\s*\[([^\]]*)\]', setup)}
+    assert extras["demo"] and extras["demo"] <= extras["test"], extras
