@@ -71,6 +71,8 @@ def test_demo_numbers_hold_together(demo):
 
     # re-measure what the summary says from the written artifacts
     _, _, xt, yt = workload.digits()
+    import tfcompress.quantization  # noqa: F401  registers the QAT layers, as a user's script must before loading
+
     small = keras.models.load_model(out / "models" / "compressed_qat_stripped.keras")
     keras_acc = float(np.mean(np.argmax(small.predict(xt, verbose=0), 1) == yt))
     assert keras_acc == pytest.approx(s["accuracy"]["compressed_stripped"], abs=1e-6)
