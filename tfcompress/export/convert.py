@@ -17,7 +17,7 @@ from tfcompress.stripping.savedmodel_strip import (
 )
 
 __all__ = [
-    "ConversionCheck", "freeze_for_export", "prepare_for_tf2onnx", "restore_weight_quantization", "run_onnx", "run_openvino",
+    "ConversionCheck", "freeze_for_export", "prepare_for_tf2onnx", "rejoin_quantize_dequantize", "restore_weight_quantization", "run_onnx", "run_openvino",
     "saved_model_to_openvino", "to_onnx", "to_openvino",
 ]
 
@@ -262,6 +262,7 @@ def to_onnx(
             "above; e.g. FakeQuant with narrow_range or num_bits != 8 is not convertible)"
         )
     restored = restore_weight_quantization(model) if weight_fake_quant else 0
+    rejoin_quantize_dequantize(model)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
@@ -427,6 +428,55 @@ def restore_weight_quantization(model) -> int:
         del model.graph.node[:]
         model.graph.node.extend(nodes)
     return restored
+
+
+# ops that only rearrange a tensor's values: they commute with a per-tensor (de)quantization
+_LAYOUT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
+
+
+def rejoin_quantize_dequantize(model) -> int:
+    """Move a per-tensor ``DequantizeLinear`` above a layout op that tf2onnx left between it and its
+    ``QuantizeLinear`` (``Q -> Transpose -> DQ`` becomes ``Q -> DQ -> Transpose``; exact, since a per-tensor
+    dequantization is elementwise).
+
+    tf2onnx's transpose optimizer pushes the NHWC -> NCHW transposes through ``DequantizeLinear``, e.g. before
+    the ``Flatten`` of a convolution's output that a ``Dense`` reads. OpenVINO fuses a Q/DQ pair into one
+    ``FakeQuantize`` only when they are adjacent; split, the reader (the fully connected layer) runs in float.
+    Returns the number of pairs rejoined.
+    """
+    nodes = list(model.graph.node)
+    producer = {o: n for n in nodes for o in n.output}
+    readers: dict[str, int] = {}
+    for n in nodes:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    sizes = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
+    position = {id(n): k for k, n in enumerate(nodes)}
+    renamed = set()
+    for dq in nodes:
+        if dq.op_type != "DequantizeLinear" or any(sizes.get(t, 0) != 1 for t in dq.input[1:]):
+            continue
+        layout = producer.get(dq.input[0])
+        if layout is None or layout.op_type not in _LAYOUT_OPS or readers.get(dq.input[0]) != 1:
+            continue
+        q = producer.get(layout.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or readers.get(layout.input[0]) != 1:
+            continue
+        # Q -> layout -> DQ  =>  Q -> DQ -> layout, with the layout op now writing what DQ wrote
+        between, out = dq.input[0], dq.output[0]
+        dq.input[0], dq.output[0] = layout.input[0], between
+        layout.input[0], layout.output[0] = between, out
+        i, j = position[id(layout)], position[id(dq)]
+        nodes[i], nodes[j] = dq, layout
+        position[id(dq)], position[id(layout)] = i, j
+        renamed.add(between)
+    if renamed:
+        kept = [v for v in model.graph.value_info if v.name not in renamed]  # their old (integer) types
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(kept)
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return len(renamed)
 
 
 def _on_int8_grid(w: np.ndarray, axis: int):
