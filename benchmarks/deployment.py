@@ -504,7 +504,7 @@ def main() -> None:
             results.setdefault("channel_table", {})[m] = measure_table(prep, args)
             _dump(results, args.json)
         for m in models:
-            results[m] = measure_model(m, prepare_model(m, args, os.path.join(work, m)), args)
+            results[m] = measure_model(m, prepare_model(m, args, work), args)
             _dump(results, args.json)
 
 
