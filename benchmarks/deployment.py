@@ -202,13 +202,16 @@ def _peak_rss_gib() -> float:
 
 
 def cached_step(name: str, step: str, args, work: str) -> dict | None:
-    """The step's metadata if it was prepared in ``work`` with the same settings, else None."""
+    """The step's metadata if it was prepared in ``work`` with the settings it depends on (the unpruned
+    model's steps: input size and calibration images only), else None."""
     path = os.path.join(work, name, step + ".json")
     if not os.path.exists(path):
         return None
     with open(path) as f:
         meta = json.load(f)
-    return meta if meta.get("settings") == prepare_settings(args) else None
+    keys = ("size", "calib") if step in ("original", "nncf") else tuple(prepare_settings(args))
+    mine, theirs = prepare_settings(args), meta.get("settings", {})
+    return meta if all(theirs.get(k) == mine[k] for k in keys) else None
 
 
 def prepare_model(name: str, args, work: str) -> dict:
