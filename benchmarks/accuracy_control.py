@@ -157,7 +157,8 @@ def main() -> None:
               f"{run.get('seconds', 0):.1f} | {run.get('peak_mib', 0):.0f} |")
     for mode in ("error", "speed"):
         info = runs[mode]["info"]
-        print(f"{mode}: drop {info['drop']:.4f}, max_drop met: {info['max_drop_met']}")
+        print(f"{mode}: drop {info['drop']:.4f}, max_drop met: {info['max_drop_met']}, reverted on the way and put "
+              f"back to INT8: {', '.join(info.get('restored', [])) or '-'}")
 
 
 if __name__ == "__main__":

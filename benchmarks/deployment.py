@@ -4,6 +4,14 @@
     python benchmarks/deployment.py --models mobilenetv2 --smoke           # 96x96, 1 round: a quick try
     python benchmarks/deployment.py --table_models resnet50 --table_only   # channel multiple vs speed only
     python benchmarks/deployment.py --allocation_table mobilenetv2         # uniform / global_per_flop / latency
+    python benchmarks/deployment.py --prepare resnet50:original --work W   # one preparation step, IRs into W
+    python benchmarks/deployment.py --models resnet50 --skip_table --work W   # measure, re-using W's IRs
+
+A model run prepares each step (original export + our INT8, nncf INT8, each allocation, each QAT route) in its
+own subprocess, so that peak memory is one export's (tf2onnx of ResNet50 at 224x224 takes ~6.5 GiB; all steps
+in one process reached 12 GiB), and writes the IRs with a ``<step>.json`` into ``--work``; a later run with the
+same settings re-uses them, so the steps can be prepared one per run (``--prepare``) and timed afterwards. The
+measuring process only loads IRs.
 
 Each model is a keras.applications model with weights=None whose BatchNorm statistics come from one batch of
 real images (CIFAR-10 test images resized to the input size), so activations have realistic ranges; speed does
@@ -138,35 +146,104 @@ def speed_args(args) -> dict:
     return dict(rounds=args.rounds, iters_b1=args.iters_b1, iters_b32=args.iters_b32)
 
 
-def prepare_model(name: str, args, work: str) -> dict:
-    """Every artifact of one model (the exports, nncf's INT8) and the OpenVINO variants to time."""
-    size = args.size
-    calib = images(size, args.calib)
-    model = build(name, size, calib[:32])
-    t = time.perf_counter()
-    arts = {"original": export(model, work, "original", calib)}
-    nncf_xml, nncf_s = nncf_int8(arts["original"]["fp32"], calib, args.nncf_python, work)
+def prepare_settings(args) -> dict:
+    """The arguments an artifact depends on: a cached step is re-used only if they match."""
+    return {"size": args.size, "calib": args.calib, "flops_target": args.flops_target, "round_to": args.round_to,
+            "qat_steps": args.qat_steps}
+
+
+def model_steps(args) -> list[str]:
+    """The preparation steps of one model run, in order (nncf after the original export it quantizes)."""
+    steps = ["original", "nncf"]
     for alloc in ALLOCATIONS:
-        pruned, ratio = prune(model, alloc, args.flops_target, args.round_to)
-        arts[alloc] = export(tfcompress.strip(pruned), work, alloc, calib)
-        arts[alloc]["callback_flops_ratio"] = ratio
-        if alloc in args.qat_allocations:
-            arts[alloc + " QAT"] = export(qat(pruned, calib, args.qat_steps), work, alloc + "_qat", calib)
+        steps += [alloc] + ([alloc + "_qat"] if alloc in args.qat_allocations else [])
+    return steps
+
+
+def prepare_step(name: str, step: str, args, work: str) -> None:
+    """One preparation step of one model in this process; writes its IRs and ``<step>.json`` under ``work/name``.
+
+    Steps: "original" (build, export, our INT8; also saves the calibration images), "nncf" (nncf.quantize of
+    the original FP32 IR), an allocation (prune, strip, export) or an allocation + "_qat" (prune, QAT, strip,
+    export). Run one step per process so that peak memory is one export's (tf2onnx of ResNet50: 6.5 GiB).
+    """
+    d = os.path.join(work, name)
+    os.makedirs(d, exist_ok=True)
+    t = time.perf_counter()
+    if step == "nncf":
+        with open(os.path.join(d, "original.json")) as f:
+            fp32 = json.load(f)["fp32"]
+        xml, _ = nncf_int8(fp32, np.load(os.path.join(d, "calib.npy")), args.nncf_python, d)
+        meta = {"int8": xml}
+    else:
+        calib = images(args.size, args.calib)
+        model = build(name, args.size, calib[:32])
+        if step == "original":
+            np.save(os.path.join(d, "calib.npy"), calib)
+            np.save(os.path.join(d, "sample.npy"), calib[:1])
+            meta = export(model, d, "original", calib)
+        else:
+            alloc = step.removesuffix("_qat")
+            pruned, ratio = prune(model, alloc, args.flops_target, args.round_to)
+            small = qat(pruned, calib, args.qat_steps) if step.endswith("_qat") else tfcompress.strip(pruned)
+            meta = export(small, d, step, calib)
+            meta["callback_flops_ratio"] = ratio
+    meta.update(settings=prepare_settings(args), seconds=time.perf_counter() - t, rss_gib=_peak_rss_gib())
+    with open(os.path.join(d, step + ".json"), "w") as f:
+        json.dump(meta, f, indent=2, default=float)
+    print(f"{name}:{step}: prepared in {meta['seconds']:.0f} s, peak RSS {meta['rss_gib']:.1f} GiB", flush=True)
+
+
+def _peak_rss_gib() -> float:
+    import resource
+
+    who = (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)  # children: nncf's venv process
+    return max(resource.getrusage(w).ru_maxrss for w in who) / 2**20
+
+
+def cached_step(name: str, step: str, args, work: str) -> dict | None:
+    """The step's metadata if it was prepared in ``work`` with the settings it depends on (the unpruned
+    model's steps: input size and calibration images only), else None."""
+    path = os.path.join(work, name, step + ".json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        meta = json.load(f)
+    keys = ("size", "calib") if step in ("original", "nncf") else tuple(prepare_settings(args))
+    mine, theirs = prepare_settings(args), meta.get("settings", {})
+    return meta if all(theirs.get(k) == mine[k] for k in keys) else None
+
+
+def prepare_model(name: str, args, work: str) -> dict:
+    """Every artifact of one model, each step prepared in its own subprocess unless cached in ``work``, and the
+    OpenVINO variants to time (IR paths: the measuring process only loads IRs)."""
+    arts = {}
+    for step in model_steps(args):
+        if cached_step(name, step, args, work) is None:
+            cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--prepare", f"{name}:{step}",
+                   "--work", work]
+            subprocess.run(cmd, check=True)
+        arts[step] = cached_step(name, step, args, work)
+        if arts[step] is None:
+            raise RuntimeError(f"{name}:{step} was prepared with other settings than this run's")
+    nncf = arts.pop("nncf")
     o = arts["original"]
     variants = {
         "FP32 (f32 hint)": (o["fp32"], FP32),
         f"default ({default_precision()})": (o["fp32"], DEFAULT),
-        "nncf INT8": (nncf_xml, DEFAULT),
+        "nncf INT8": (nncf["int8"], DEFAULT),
         "our INT8": (o["int8"], DEFAULT),
     }
     for alloc in ALLOCATIONS:
         variants[f"pruned {alloc} INT8"] = (arts[alloc]["int8"], DEFAULT)
         if alloc in args.qat_allocations:
-            variants[f"pruned {alloc} QAT INT8"] = (arts[alloc + " QAT"]["int8"], DEFAULT)
-    print(f"{name}: prepared in {time.perf_counter() - t:.0f} s", flush=True)
-    return {"size": size, "prep_seconds": time.perf_counter() - t, "nncf_seconds": nncf_s, "variants": variants,
-            "sample": calib[:1],
-            "artifacts": {k: {kk: vv for kk, vv in v.items() if kk not in ("fp32", "int8")} for k, v in arts.items()}}
+            variants[f"pruned {alloc} QAT INT8"] = (arts[alloc + "_qat"]["int8"], DEFAULT)
+    prep_s = sum(a["seconds"] for a in arts.values())
+    print(f"{name}: prepared in {prep_s:.0f} s of subprocesses (nncf {nncf['seconds']:.0f} s)", flush=True)
+    return {"size": args.size, "prep_seconds": prep_s, "nncf_seconds": nncf["seconds"], "variants": variants,
+            "sample": np.load(os.path.join(work, name, "sample.npy")),
+            "artifacts": {k.replace("_qat", " QAT"): {kk: vv for kk, vv in v.items() if kk not in ("fp32", "int8")}
+                          for k, v in arts.items()}}
 
 
 def measure_model(name: str, prep: dict, args) -> dict:
@@ -383,7 +460,11 @@ def main() -> None:
     ap.add_argument("--profile_precision", default="f32", help="inference precision of the latency profile")
     ap.add_argument("--profile_iters", type=int, default=20)
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--nncf_python", default="/work/venv-nncf-deploy/bin/python",
+    ap.add_argument("--work", default="", help="directory of the prepared IRs, kept and re-used by later runs "
+                    "with the same settings (default: a temporary directory)")
+    ap.add_argument("--prepare", default="", help="MODEL:STEP: only run this preparation step (into --work); "
+                    "steps: original, nncf, uniform, global_per_flop, global_per_flop_qat")
+    ap.add_argument("--nncf_python", default="/work/scratch/deploy/nncfvenv/bin/python",
                     help="a Python with nncf and openvino installed")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
@@ -398,6 +479,12 @@ def main() -> None:
     unknown = [m for m in names if m not in MODELS]
     if unknown:
         ap.error(f"unknown model {unknown[0]!r}; choose from {list(MODELS)}")
+    if args.prepare:
+        if not args.work:
+            ap.error("--prepare needs --work")
+        name, step = args.prepare.split(":")
+        prepare_step(name, step, args, args.work)
+        return
     print(f"machine: {common.machine()}; openvino {ov.__version__}; default precision {default_precision()}")
     results = {"command": "python benchmarks/deployment.py " + " ".join(sys.argv[1:]), "machine": common.machine()}
     if args.micro:
@@ -413,13 +500,14 @@ def main() -> None:
                 results.setdefault("allocation_table", {})[m] = measure_allocations(prep, args)
                 _dump(results, args.json)
         return
-    with tempfile.TemporaryDirectory(prefix="tfcompress-deploy-") as work:
+    with tempfile.TemporaryDirectory(prefix="tfcompress-deploy-") as tmp:
+        work = args.work or tmp
         for m in tables:
             prep = prepare_table(m, args, os.path.join(work, "table_" + m))
             results.setdefault("channel_table", {})[m] = measure_table(prep, args)
             _dump(results, args.json)
         for m in models:
-            results[m] = measure_model(m, prepare_model(m, args, os.path.join(work, m)), args)
+            results[m] = measure_model(m, prepare_model(m, args, work), args)
             _dump(results, args.json)
 
 

@@ -140,18 +140,43 @@ def _candidates(model, acts, weights) -> tuple[list[int], dict[int, list[str]]]:
     return candidates, names
 
 
-def _rank(ranker: "_Ranker", skip: set[int], candidates: list[int], x: np.ndarray, fp_out: np.ndarray,
-          cost: dict[int, int], ranking: str) -> list[int]:
-    """Candidates, most useful revert first: error removed on the samples where INT8 and FP32 disagree most,
-    per unit of ``cost`` for ``ranking="speed"``."""
+def _gains(ranker: "_Ranker", skip: set[int], candidates: list[int], x: np.ndarray,
+           fp_out: np.ndarray) -> dict[int, float]:
+    """The output error each candidate's revert alone removes, on the samples where INT8 and FP32 disagree
+    most."""
     err = np.abs(ranker.outputs(skip, x) - fp_out).reshape(len(x), -1).sum(axis=1)
     worst = np.argsort(err)[::-1][: max(1, len(err) // 2)]
     base = err[worst].sum()
-    scores = []
-    for c in candidates:
-        gain = base - np.abs(ranker.outputs(skip | {c}, x[worst]) - fp_out[worst]).sum()
-        scores.append((gain / cost[c] if ranking == "speed" else gain, c))
-    return [c for _, c in sorted(scores, key=lambda s: -s[0])]
+    return {c: float(base - np.abs(ranker.outputs(skip | {c}, x[worst]) - fp_out[worst]).sum()) for c in candidates}
+
+
+def _order(gains: dict[int, float], cost: dict[int, int], ranking: str) -> list[int]:
+    """Candidates, most useful revert first: by error removed, or per unit of ``cost`` for ``"speed"``."""
+    return sorted(gains, key=lambda c: -(gains[c] / cost[c] if ranking == "speed" else gains[c]))
+
+
+def _first_lowering(tried: list[int], skip: set[int], metric: float, validate, search: _Search, drop_of):
+    """``([c], metric)`` for the first candidate ``c`` whose revert alone lowers the drop, else None."""
+    for c in tried:
+        m = validate(search.build(skip | {c}))
+        if drop_of(m) < drop_of(metric):
+            return [c], m
+    return None
+
+
+def _accumulate(ordered: list[int], skip: set[int], metric: float, validate, search: _Search, drop_of):
+    """``(group, metric)``: the shortest prefix of ``ordered`` whose reverts together lower the drop, else None.
+
+    A single revert may remove too little error to change the metric (one sample flipped is its resolution)
+    while several do; reverting every candidate gives the float model, so a prefix lowers any drop above the
+    float model's own."""
+    group = []
+    for c in ordered:
+        group.append(c)
+        m = validate(search.build(skip | set(group)))
+        if drop_of(m) < drop_of(metric):
+            return group, m
+    return None
 
 
 def _int8_mac_share(model, macs: dict[int, int], acts, weights, skip: set[int]) -> float:
@@ -194,9 +219,15 @@ def calibrate_with_accuracy_control(
     Each step ranks the layers by how much reverting each one alone reduces the INT8 vs FP32 output error
     on the validation samples where the two disagree most (``ranking="error"``, the default, as NNCF; or
     ``"speed"``: per MAC it takes out of INT8, so that cheap layers go first and the model keeps more INT8
-    compute, though its cheap candidates may each remove too little error to lower the drop), reverts the
-    best one that lowers the drop (re-validated with ``validate_fn``; up to ``CANDIDATES_PER_STEP`` tried),
-    and ranks again. Ranking runs on one compiled model in which each candidate's quantizers can be switched
+    compute), reverts the best one that lowers the drop (re-validated with ``validate_fn``; up to
+    ``CANDIDATES_PER_STEP`` tried, and with ``"speed"`` then as many of the error ranking's best, since cheap
+    layers may each remove too little error to flip a sample), and ranks again. When no single revert lowers
+    the drop, the step reverts layers in error-ranked order, accumulating them, until the drop falls: the
+    metric changes in whole samples, and several reverts can flip one where none does alone. Reverting every
+    layer gives the float model, so the search meets ``max_drop`` unless ``max_iterations`` (the most layers
+    it reverts) ends it.
+    Once it is met, each reverted layer, the most MACs first, is put back to INT8 if the drop stays within
+    ``max_drop`` without it, so the model keeps as much INT8 compute as the target allows. Ranking runs on one compiled model in which each candidate's quantizers can be switched
     off by an input (:func:`switchable`), so memory stays that of one model however many candidates there
     are; only the validated trials are built and compiled as INT8 models.
 
@@ -206,19 +237,22 @@ def calibrate_with_accuracy_control(
     compiled with the same ``INFERENCE_PRECISION_HINT`` (OpenVINO 2026.4 has no per-layer way to keep
     reverted layers in f32 under a BF16 default; compiled without the hint they run BF16).
 
-    When the drop is still above ``max_drop`` after the search (no revert lowers it, or ``max_iterations``
-    is reached) a ``UserWarning`` says so, and ``info["max_drop_met"]`` is False.
+    When the drop is still above ``max_drop`` after the search (``max_iterations`` reached, or a metric that
+    differs between runs of the same model) a ``UserWarning`` says so, and ``info["max_drop_met"]`` is False.
 
     Args:
         validate_fn: ``validate_fn(compiled_model, validation_data) -> float``, higher is better.
         drop_type: ``"absolute"`` (metric points) or ``"relative"`` (fraction of the FP32 metric).
+        max_iterations: the most layers the search reverts to float (a step reverts one, or several together).
         layer_names: the model's layer names (e.g. a Keras model's), to report reverted layers by them
             (:func:`tfcompress.calibration.names.layer_names`).
 
     Returns:
         ``(model, info)``; ``info`` holds ``fp32_metric``, ``int8_metric`` (before reverting), ``metric``,
-        ``drop``, ``drops`` (after each accepted revert), ``max_drop_met``, ``reverted`` (the user's layer
-        names of the layers put back to float, in order), ``reverted_ir`` (their IR friendly names),
+        ``drop``, ``drops`` (after each step, and after putting layers back), ``max_drop_met``, ``reverted``
+        (the user's layer names of the layers left in float, in the order they were reverted), ``reverted_ir``
+        (their IR friendly names), ``restored`` / ``restored_ir`` (layers reverted on the way and then put
+        back to INT8),
         ``int8_mac_share`` (the fraction of convolution / fully-connected MACs still in INT8),
         ``inference_precision`` and, on a miss, ``warning``.
     """
@@ -254,7 +288,7 @@ def calibrate_with_accuracy_control(
 
     skip: set[int] = set()
     metric = validate(search.build(skip))
-    info = {"fp32_metric": fp_metric, "int8_metric": metric, "drops": [drop_of(metric)], "reverted_ir": []}
+    info = {"fp32_metric": fp_metric, "int8_metric": metric, "drops": [drop_of(metric)], "restored_ir": []}
     candidates, names = _candidates(model, acts, weights)
     ops = list(model.get_ordered_ops())
     macs = layer_macs(model)
@@ -263,28 +297,44 @@ def calibrate_with_accuracy_control(
                                                  ranking_subset_size)))
     fp_out = _outputs(search.compile(model), rank_x)
     ranker = _Ranker(search, candidates)
+    reverted: list[int] = []  # in the order they were reverted
     progress = Progress(max_iterations, "accuracy control", verbose)
-    for _ in range(max_iterations):
-        if drop_of(metric) <= max_drop or not candidates:
+    while len(reverted) < max_iterations and drop_of(metric) > max_drop and candidates:
+        gains = _gains(ranker, skip, candidates, rank_x, fp_out)
+        by_error = _order(gains, cost, "error")
+        # single reverts: the ranking's best few, then (speed ranking) the error ranking's best few, which
+        # move the metric where the cheap candidates each remove too little error to flip a sample
+        tried = list(dict.fromkeys(_order(gains, cost, ranking)[:CANDIDATES_PER_STEP] + by_error[:CANDIDATES_PER_STEP]))
+        step = _first_lowering(tried, skip, metric, validate, search, drop_of)
+        if step is None:  # no single revert lowers the drop: accumulate reverts in error order until one does
+            step = _accumulate(by_error[:max_iterations - len(reverted)], skip, metric, validate, search, drop_of)
+        progress.update(len(step[0]) if step else 0)
+        if step is None:
             break
-        accepted = False
-        for c in _rank(ranker, skip, candidates, rank_x, fp_out, cost, ranking)[:CANDIDATES_PER_STEP]:
-            m = validate(search.build(skip | {c}))
-            if drop_of(m) < drop_of(metric):
-                skip.add(c)
-                candidates.remove(c)
+        group, metric = step
+        skip |= set(group)
+        reverted += group
+        candidates = [c for c in candidates if c not in skip]
+        info["drops"].append(drop_of(metric))
+    if drop_of(metric) <= max_drop:  # put INT8 back where it was not needed, the most costly layers first
+        restored = []
+        for c in sorted(reverted, key=lambda c: -cost[c]):
+            m = validate(search.build(skip - {c}))
+            if drop_of(m) <= max_drop:
+                skip.discard(c)
+                restored.append(c)
                 metric = m
-                info["reverted_ir"] += [n for n in names[c] if n not in info["reverted_ir"]]
-                info["drops"].append(drop_of(m))
-                accepted = True
-                break
-        progress.update(1)
-        if not accepted:
-            break
+        reverted = [c for c in reverted if c in skip]
+        if restored:
+            info["drops"].append(drop_of(metric))
+        info["restored_ir"] = list(dict.fromkeys(n for c in restored for n in names[c]))
+    info["reverted_ir"] = list(dict.fromkeys(n for c in reverted for n in names[c]))
+    info["restored_ir"] = [n for n in info["restored_ir"] if n not in info["reverted_ir"]]
     by_name = {op.get_friendly_name(): op for op in ops}
-    users = user_layer_names(model, [by_name[n] for n in info["reverted_ir"]], layer_names)
+    users = user_layer_names(model, [by_name[n] for n in info["reverted_ir"] + info["restored_ir"]], layer_names)
     info.update(metric=metric, drop=drop_of(metric), max_drop_met=drop_of(metric) <= max_drop,
                 reverted=list(dict.fromkeys(users[n] for n in info["reverted_ir"])),
+                restored=list(dict.fromkeys(users[n] for n in info["restored_ir"])),
                 int8_mac_share=_int8_mac_share(model, macs, acts, weights, skip), inference_precision=inference_precision or "default")
     if not info["max_drop_met"]:
         info["warning"] = (f"accuracy control did not reach max_drop={max_drop}: the drop is {info['drop']:.4f} "

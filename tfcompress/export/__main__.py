@@ -20,6 +20,8 @@ flags.DEFINE_enum("int8", "default", ["default", "accuracy_aware", "none"],
                   "accuracy_aware (also reverts layers to float until the drop <= --max_drop; needs labelled "
                   "--validation_data) or none.")
 flags.DEFINE_float("max_drop", 0.01, "Largest accuracy drop allowed by --int8=accuracy_aware.")
+flags.DEFINE_integer("max_iterations", 50, "With --int8=accuracy_aware, the most layers reverted to float; "
+                     "the search stops there even if --max_drop is not reached.")
 flags.DEFINE_bool("allow_drop_miss", False, "With --int8=accuracy_aware, exit 0 even when --max_drop was not "
                   "reached (by default the export is written, the miss reported and the exit code is 3).")
 flags.DEFINE_string("validation_data", None, "Labelled samples (.npz with x and y, or an image directory); the "
@@ -53,7 +55,7 @@ def main(argv: list[str]) -> int:
 
     report = export_saved_model(
         FLAGS.saved_model_dir, FLAGS.output_dir, calibration_data=FLAGS.calibration_data, int8=FLAGS.int8,
-        max_drop=FLAGS.max_drop, validation_data=FLAGS.validation_data, opset=FLAGS.opset,
+        max_drop=FLAGS.max_drop, max_iterations=FLAGS.max_iterations, validation_data=FLAGS.validation_data, opset=FLAGS.opset,
         overwrite=FLAGS.overwrite, signature_key=FLAGS.signature, require_onnx=FLAGS.require_onnx,
     )
     int8 = report["steps"].get("int8", {})

@@ -68,6 +68,7 @@ def export_saved_model(
     verbose: bool = True,
     source_name: str | None = None,
     require_onnx: bool = False,
+    max_iterations: int = 50,
 ) -> dict:
     """Write ``stripped/``, ``model.onnx`` (unless tf2onnx cannot convert the model), ``model_fp32.xml/.bin``,
     with calibration data ``model_int8.xml/.bin``, and ``report.json/.md`` into ``output_dir``.
@@ -89,6 +90,7 @@ def export_saved_model(
             from a temporary directory.
         require_onnx: fail when the model cannot be converted to ONNX. By default the FP32 IR is then built
             from the stripped SavedModel by OpenVINO's TensorFlow reader, and the report says why ONNX is absent.
+        max_iterations: the most layers ``int8="accuracy_aware"`` reverts to float.
 
     Returns:
         The report (also written as ``report.json``).
@@ -159,7 +161,8 @@ def export_saved_model(
             t = time.perf_counter()
             _log(f"[4b/5] INT8 calibration ({int8}) on {min(len(calib[0]), 300)} samples")
             xml8 = os.path.join(tmp, "model_int8.xml")
-            report["steps"]["int8"] = _int8(xml, xml8, calib[0], int8, max_drop, valid, saved_model_dir, verbose)
+            report["steps"]["int8"] = _int8(xml, xml8, calib[0], int8, max_drop, valid, saved_model_dir, verbose,
+                                            max_iterations)
             report["steps"]["int8"]["seconds"] = time.perf_counter() - t
             if check is not None:  # INT8 at OpenVINO's default precision, as deployed, against the FP32 IR
                 got8 = run_openvino(xml8, check, precision="default")
@@ -256,7 +259,7 @@ def _convert(stripped_dir: str, onnx_path: str, xml: str, opset: int, check, sig
 
 
 def _int8(xml: str, xml8: str, calib: np.ndarray, mode: str, max_drop: float, valid, saved_model_dir: str,
-          verbose: bool = True) -> dict:
+          verbose: bool = True, max_iterations: int = 50) -> dict:
     """Calibrate the FP32 IR, store int8 weights, and say which layers really run INT8.
 
     With accuracy control, a ``max_drop`` that was not reached is said on stderr and in the returned
@@ -280,8 +283,9 @@ def _int8(xml: str, xml8: str, calib: np.ndarray, mode: str, max_drop: float, va
             warnings.simplefilter("ignore", UserWarning)  # said below, once, in the pipeline's own words
             q, acc = calibration.calibrate_with_accuracy_control(
                 fp, calib, valid, validate, max_drop=max_drop, subset_size=min(len(calib), 300),
+                max_iterations=max_iterations,
                 layer_names=_variable_layers(saved_model_dir), verbose=verbose)
-        info.update({k: acc[k] for k in ("reverted", "reverted_ir", "drop", "fp32_metric", "max_drop_met",
+        info.update({k: acc[k] for k in ("reverted", "reverted_ir", "restored", "drop", "fp32_metric", "max_drop_met",
                                          "int8_mac_share", "inference_precision")})
         if not acc["max_drop_met"]:
             info["warning"] = acc["warning"]
