@@ -2,6 +2,7 @@
 
     python -m venv /work/venv-nncf && /work/venv-nncf/bin/pip install nncf==3.4.0 openvino==2026.4.1 numpy
     /work/venv/bin/python benchmarks/calibration.py [--nncf_python /work/venv-nncf/bin/python]
+    /work/venv/bin/python benchmarks/calibration.py --skip_resnet8 --time_only --models ResNet50 [--rounds 3]
 
 nncf runs in its own environment, in a subprocess on the saved FP32 IR (its calibration time is measured
 there, without its import): the package never imports it.
@@ -212,6 +213,9 @@ def main() -> None:
     ap.add_argument("--models", default="ResNet50,MobileNetV2")
     ap.add_argument("--calibration_sets", type=int, default=5, help="ResNet-8 calibration sets for (1b)")
     ap.add_argument("--nncf_python", default=NNCF_PYTHON, help="a Python with nncf installed")
+    ap.add_argument("--skip_resnet8", action="store_true", help="only (2)")
+    ap.add_argument("--time_only", action="store_true",
+                    help="(2) calibration time only: both calibrators --rounds times, interleaved, medians")
     args = ap.parse_args()
     NNCF_PYTHON = args.nncf_python
     import keras
@@ -224,6 +228,8 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="tfcompress-calib-")
     print(f"machine: {common.machine()}\n")
 
+    if args.skip_resnet8:
+        return models_part(args, work)
     # (1) accuracy on ResNet-8
     x, y = common.cifar10_test()
     x = x.astype(np.float32)
@@ -259,8 +265,33 @@ def main() -> None:
     if args.calibration_sets > 0:
         calibration_sets(fp, x, y, args.calibration_sets)
 
-    # (2) speed and calibration time on larger models
+    models_part(args, work)
+
+
+def calibration_times(name: str, fp, calib, rounds: int) -> None:
+    """Both calibrators ``rounds`` times each, alternating, on the same IR and samples: the medians and ratio."""
+    times: dict = {"tfcompress": [], "nncf": []}
+    for _ in range(rounds):
+        times["tfcompress"].append(ours_quantize(fp, calib)[1])
+        times["nncf"].append(nncf_quantize(fp, calib)[1])
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    print(f"(2) {name}: calibration with {len(calib)} samples, {rounds} interleaved rounds: "
+          + "; ".join(f"{k} " + ", ".join(f"{t:.1f}" for t in v) + f" s (median {med[k]:.1f})" for k, v in times.items())
+          + f"; ratio of medians {med['tfcompress'] / med['nncf']:.2f}", flush=True)
+
+
+def models_part(args, work: str) -> None:
+    """(2): speed and calibration time on larger models."""
+    import openvino as ov
+
+    from tfcompress.calibration.alignment import alignment_pairs
+
+    core = ov.Core()
     for name in [m for m in args.models.split(",") if m]:
+        if args.time_only:
+            fp, calib, _ = app_ir(name, work, args.size)
+            calibration_times(name, fp, calib, args.rounds)
+            continue
         fp, calib, held_out = app_ir(name, work, args.size)
         q_ours, t_ours = ours_quantize(fp, calib)
         q_nncf, t_nncf = nncf_quantize(fp, calib)
