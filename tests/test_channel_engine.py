@@ -602,6 +602,23 @@ def test_convolution_added_to_a_concatenation_splits_into_one_group_per_part(rng
     assert _width(stripped, "add") == (7 if shape == "cat+cat" else 9)  # one channel of each group went
 
 
+def test_a_join_that_cannot_be_split_to_line_up_stays_blocked_with_a_reason(rng):
+    """A depthwise output (each channel twice) or a grouped convolution's output added to a concatenation."""
+    inp = keras.Input((6, 6, 3))
+    a, b, c, d, e = (L.Conv2D(4, 1, name=n)(inp) for n in "abcde")
+    dw = L.DepthwiseConv2D(1, depth_multiplier=2, name="dw")(L.Conv2D(4, 1, name="f")(inp))
+    grouped = L.Conv2D(8, 1, groups=2, name="grouped")(L.Conv2D(4, 1, name="g")(inp))
+    s = L.Add(name="add")([L.Concatenate()([a, b]), dw])
+    s2 = L.Add(name="add2")([L.Concatenate()([c, d]), grouped])
+    out = L.Concatenate()([L.Conv2D(4, 1, name="h")(s), L.Conv2D(4, 1, name="i")(s2), e])
+    model = keras.Model(inp, L.Dense(2, name="head")(L.GlobalAveragePooling2D()(out)))
+    reasons = {g.layers: g.reason for g in tfcompress.explain(model)}
+    for layers in [("a",), ("b",), ("f",), ("c",), ("d",), ("grouped",)]:
+        assert "do not line up" in reasons[layers], layers
+    assert reasons[("g",)] == reasons[("e",)] == reasons[("h",)] == reasons[("i",)] == ""
+    _zero_and_strip(model, rng, _x(rng, (2, 6, 6, 3)))
+
+
 def test_pruning_ranks_the_part_of_a_split_convolution_that_belongs_to_each_group(rng):
     from tfcompress.pruning.masking import GroupMasks
 
