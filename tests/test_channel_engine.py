@@ -602,6 +602,19 @@ def test_convolution_added_to_a_concatenation_splits_into_one_group_per_part(rng
     assert _width(stripped, "add") == (7 if shape == "cat+cat" else 9)  # one channel of each group went
 
 
+def test_squeeze_and_excite_on_a_concatenation_splits_the_excite_layer(rng):
+    inp = keras.Input((8, 8, 3))
+    cat = L.Concatenate()([L.Conv2D(4, 3, padding="same", name="a")(inp), L.Conv2D(6, 1, name="b")(inp)])
+    se = L.Conv2D(3, 1, activation="relu", name="squeeze")(L.GlobalAveragePooling2D(keepdims=True)(cat))
+    x = L.Multiply()([cat, L.Conv2D(10, 1, activation="sigmoid", name="excite")(se)])
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(5, 1, name="head")(x))))
+    randomize_biases(model, rng)
+    groups = {frozenset(g.layers): g.size for g in tfcompress.channel_groups(model)}
+    assert groups[frozenset({"a", "excite"})] == 4 and groups[frozenset({"b", "excite"})] == 6
+    stripped = _zero_and_strip(model, rng, _x(rng, (2, 8, 8, 3)))
+    assert stripped.get_layer("excite").kernel.shape == (1, 1, 2, 8)  # squeeze 3 -> 2, excite 4+6 -> 3+5
+
+
 def test_a_join_that_cannot_be_split_to_line_up_stays_blocked_with_a_reason(rng):
     """A depthwise output (each channel twice) or a grouped convolution's output added to a concatenation."""
     inp = keras.Input((6, 6, 3))

@@ -147,7 +147,8 @@ class ChannelGroup:
     """Layers whose output channels are coupled and must be pruned together.
 
     Attributes:
-        layers: names of the producing layers (Conv2D, Dense ...), in graph order.
+        layers: names of the producing layers (Conv2D, Dense ...), in graph order. A layer added to a
+            concatenation is in one group per concatenated part (each holding that part of its channels).
         size: number of channels of the group (the same for every layer in it).
         blocks: channels must be removed in equal numbers from each of ``blocks`` contiguous blocks
             (1 unless a grouped convolution reads or writes them).
@@ -281,10 +282,10 @@ class ChannelGraph:
             if len({m.width for m in maps}) != 1 or not all(self._whole(m) for m in maps):
                 return False
             cuts = set().union(*(np.cumsum([s.width for s in m.segments]).tolist() for m in maps))
-            cut = next(((s, ends) for m in maps for s, ends in _edges(m, cuts) if ends), None)
-            if cut is None:
+            inside = [(s.space, offsets) for m in maps for s, offsets in _edges(m, cuts) if offsets]
+            if not inside:
                 break
-            if not self._split(cut[0].space, cut[1]):
+            if not self._split(*inside[0]):
                 return False
         for m in maps[1:]:
             for s, t in zip(maps[0].segments, m.segments):
