@@ -63,9 +63,11 @@ def coverage(name: str, px: int) -> dict:
     kg = build_graph(model)
     everything = kg.graph.all_groups()
     groups = [g for g in everything if not g.reason]
-    members = {layer for g in groups for layer in g.layers}
-    produced = {r.op.layer: r.op.channels for r in kg.records if r.op.rule is Rule.PRODUCER}
-    covered = sum(c for layer, c in produced.items() if layer in members) / sum(produced.values())
+    # per output channel (a convolution added to a concatenation has one group per part of its channels)
+    ids = [g.id for g in groups]
+    produced = {r.op.layer: r.op.outputs[0] for r in kg.records if r.op.rule is Rule.PRODUCER}
+    covered = (sum(int(np.isin(kg.graph.owners(t)[0], ids).sum()) for t in produced.values())
+               / sum(kg.graph.tensor_width[t] for t in produced.values()))
     for g in groups:
         tfcompress.zero_channels(model, g, rng.choice(g.size, g.size // 4, replace=False), graph=kg)
     x = rng.uniform(0, 255, (2, px, px, 3)).astype("float32")
@@ -119,6 +121,8 @@ def qat(name: str, px: int) -> dict:
 
 def main() -> None:
     mode, *models = sys.argv[1:] or ["coverage"]
+    if mode not in ("coverage", "qat"):
+        sys.exit(__doc__)
     fn = {"coverage": coverage, "qat": qat}[mode]
     for spec in models or (COVERAGE if mode == "coverage" else QAT):
         name, px = spec.split(":")

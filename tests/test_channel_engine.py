@@ -561,6 +561,94 @@ def test_register_layer_against_a_canonical_op(rng, monkeypatch):
         tfcompress.register_layer(_Cap, op="clip", params={"x_max": 1.0})
 
 
+def split_model(rng, shape):
+    """A convolution ``up`` added to a concatenation, as in Inception-ResNet's blocks and NASNet's cells.
+
+    ``shape``: "cat+up" (Concatenate of three convolutions, then Add), "up+cat" (the same, Add's inputs swapped),
+    "nested" (a Concatenate of a Concatenate and a convolution), "cat+cat" (two concatenations whose parts do
+    not line up: 4+6 against 6+4). A second residual convolution ``up2`` is then added to the sum.
+    Returns the model and the expected groups as {frozenset of layers: size}.
+    """
+    inp = keras.Input((10, 10, 3))
+    stem = L.Conv2D(6, 3, padding="same", name="stem")(inp)
+    b = [L.Conv2D(w, k, padding="same", name=f"b{i}")(stem) for i, (w, k) in enumerate([(4, 1), (6, 3), (2, 1)])]
+    expected = {("b0", "up", "up2"): 4, ("b1", "up", "up2"): 6, ("b2", "up", "up2"): 2}
+    if shape == "cat+cat":
+        c = [L.Conv2D(w, 1, name=f"c{i}")(stem) for i, w in enumerate([6, 4])]
+        left, right = L.Concatenate()(b[:2]), L.Concatenate()(c)
+        expected = {("b0", "c0", "up2"): 4, ("b1", "c0", "up2"): 2, ("b1", "c1", "up2"): 4}
+    else:
+        cat = L.Concatenate(name="cat")([L.Concatenate()(b[:2]), b[2]] if shape == "nested" else b)
+        cat = L.BatchNormalization()(cat)
+        up = L.Conv2D(12, 1, name="up")(L.ReLU()(stem))
+        left, right = (up, cat) if shape == "up+cat" else (cat, up)
+    x = L.ReLU()(L.BatchNormalization()(L.Add(name="add")([left, right])))
+    x = L.Add(name="add2")([x, L.Conv2D(x.shape[-1], 1, name="up2")(x)])
+    out = L.Dense(3)(L.GlobalAveragePooling2D()(L.Conv2D(5, 1, name="head")(L.ReLU()(x))))
+    model = keras.Model(inp, out)
+    randomize_batchnorm(model, rng)
+    randomize_biases(model, rng)
+    return model, {frozenset(k): v for k, v in expected.items()}
+
+
+@pytest.mark.parametrize("shape", ["cat+up", "up+cat", "nested", "cat+cat"])
+def test_convolution_added_to_a_concatenation_splits_into_one_group_per_part(rng, shape):
+    model, expected = split_model(rng, shape)
+    groups = {frozenset(g.layers): g.size for g in tfcompress.channel_groups(model)}
+    assert {k: v for k, v in groups.items() if k & {"up", "up2"}} == expected
+    assert all(not g.reason for g in tfcompress.explain(model) if {"up", "up2"} & set(g.layers))
+    stripped = _zero_and_strip(model, rng, _x(rng, (3, 10, 10, 3)))
+    assert stripped.count_params() < model.count_params()
+    assert _width(stripped, "add") == (7 if shape == "cat+cat" else 9)  # one channel of each group went
+
+
+def test_squeeze_and_excite_on_a_concatenation_splits_the_excite_layer(rng):
+    inp = keras.Input((8, 8, 3))
+    cat = L.Concatenate()([L.Conv2D(4, 3, padding="same", name="a")(inp), L.Conv2D(6, 1, name="b")(inp)])
+    se = L.Conv2D(3, 1, activation="relu", name="squeeze")(L.GlobalAveragePooling2D(keepdims=True)(cat))
+    x = L.Multiply()([cat, L.Conv2D(10, 1, activation="sigmoid", name="excite")(se)])
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(5, 1, name="head")(x))))
+    randomize_biases(model, rng)
+    groups = {frozenset(g.layers): g.size for g in tfcompress.channel_groups(model)}
+    assert groups[frozenset({"a", "excite"})] == 4 and groups[frozenset({"b", "excite"})] == 6
+    stripped = _zero_and_strip(model, rng, _x(rng, (2, 8, 8, 3)))
+    assert stripped.get_layer("excite").kernel.shape == (1, 1, 2, 8)  # squeeze 3 -> 2, excite 4+6 -> 3+5
+
+
+def test_a_join_that_cannot_be_split_to_line_up_stays_blocked_with_a_reason(rng):
+    """A depthwise output (each channel twice) or a grouped convolution's output added to a concatenation."""
+    inp = keras.Input((6, 6, 3))
+    a, b, c, d, e = (L.Conv2D(4, 1, name=n)(inp) for n in "abcde")
+    dw = L.DepthwiseConv2D(1, depth_multiplier=2, name="dw")(L.Conv2D(4, 1, name="f")(inp))
+    grouped = L.Conv2D(8, 1, groups=2, name="grouped")(L.Conv2D(4, 1, name="g")(inp))
+    s = L.Add(name="add")([L.Concatenate()([a, b]), dw])
+    s2 = L.Add(name="add2")([L.Concatenate()([c, d]), grouped])
+    out = L.Concatenate()([L.Conv2D(4, 1, name="h")(s), L.Conv2D(4, 1, name="i")(s2), e])
+    model = keras.Model(inp, L.Dense(2, name="head")(L.GlobalAveragePooling2D()(out)))
+    reasons = {g.layers: g.reason for g in tfcompress.explain(model)}
+    for layers in [("a",), ("b",), ("f",), ("c",), ("d",), ("grouped",)]:
+        assert "do not line up" in reasons[layers], layers
+    assert reasons[("g",)] == reasons[("e",)] == reasons[("h",)] == reasons[("i",)] == ""
+    _zero_and_strip(model, rng, _x(rng, (2, 6, 6, 3)))
+
+
+def test_pruning_ranks_the_part_of_a_split_convolution_that_belongs_to_each_group(rng):
+    from tfcompress.pruning.masking import GroupMasks
+
+    model, _ = split_model(rng, "cat+up")
+    kg = build_graph(model)
+    g = next(g for g in kg.groups() if "b1" in g.layers)  # channels 4:10 of up's and up2's 12 filters
+    masks = GroupMasks(kg, kg.groups())
+    assert [r.shape for r in masks.filters(g)] == [(6, 6 * 9), (6, 6), (6, 12)]  # b1 (3x3x6), up, up2 rows
+    up = model.get_layer("up")
+    kernel = up.kernel.numpy()
+    kernel[..., 4 + 3] = 0.0  # up's filter for channel 3 of the group
+    up.kernel.assign(kernel)
+    assert np.nonzero(masks.zero_channels(g))[0].tolist() == []
+    tfcompress.zero_channels(model, g, [3], graph=kg, compensate=False)
+    assert np.nonzero(masks.zero_channels(g))[0].tolist() == [3]
+
+
 def test_explain_gives_every_unprunable_group_a_reason():
     inp = keras.Input((6, 6, 3))
     a = L.Conv2D(8, 1, name="a")(inp)

@@ -11,6 +11,7 @@ keras = pytest.importorskip("keras")
 L = keras.layers
 
 from conftest import rel_error  # noqa: E402
+from test_channel_engine import split_model  # noqa: E402
 from tfcompress.errors import ExportError  # noqa: E402
 from tfcompress.graph.graphdef_adapter import KINDS, register  # noqa: E402
 from tfcompress.stripping.savedmodel_strip import freeze_saved_model, strip_saved_model  # noqa: E402
@@ -358,3 +359,22 @@ def test_fused_batch_norm_strips_and_folds_constant_channels(tmp_path, rng):
             for d in d.attr["value"].tensor.tensor_shape.dim] == [5]
     x = rng.uniform(0, 1, (2, 10, 10, 3)).astype("float32")
     assert rel_error(_run(dst, x), net(tf.constant(x))) < 1e-4
+
+
+@pytest.mark.parametrize("shape", ["cat+up", "up+cat", "nested", "cat+cat"])
+def test_convolution_added_to_a_concatenation_strips_part_by_part(tmp_path, rng, shape):
+    """The SavedModel graph splits a convolution added to a ConcatV2 the way the Keras graph does: 25 % of each
+    Keras group zeroed, the same channels go from each part of ``up`` / ``up2``."""
+    import tfcompress
+
+    model, _ = split_model(rng, shape)
+    for g in tfcompress.channel_groups(model):
+        tfcompress.zero_channels(model, g, rng.choice(g.size, max(1, g.size // 4), replace=False))
+    result, dst = _strip(model, tmp_path)
+    x = rng.uniform(-1, 1, (3, 10, 10, 3)).astype("float32")
+    assert rel_error(_run(dst, x), model(x)) < 1e-4
+    assert result.params_after < result.params_before
+    width = 10 if shape == "cat+cat" else 12
+    assert _by_layer(result, "up2")[0]["channels_after"] == width - 3  # one channel of each of 3 groups
+    if shape != "cat+cat":
+        assert _by_layer(result, "up")[0]["channels_after"] == 9

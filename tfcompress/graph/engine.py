@@ -13,7 +13,9 @@ Vocabulary
   of channels of one space (concatenation makes several segments; a depthwise multiplier repeats channels;
   ``Flatten`` tiles them).
 * Elementwise joins (``Add``, ``Multiply`` ...) **union** the spaces of their inputs: the union is a
-  **group**, whose channels can only be removed together.
+  **group**, whose channels can only be removed together. Where the inputs' segments do not line up (a
+  convolution added to a ``Concatenate``), a space is first **split** into consecutive parts that mirror the
+  other side's segments, each part a group of its own.
 * A space that reaches an operation the engine does not understand, or a model output, is **blocked**.
   A group with a blocked space is never pruned.
 
@@ -145,7 +147,8 @@ class ChannelGroup:
     """Layers whose output channels are coupled and must be pruned together.
 
     Attributes:
-        layers: names of the producing layers (Conv2D, Dense ...), in graph order.
+        layers: names of the producing layers (Conv2D, Dense ...), in graph order. A layer added to a
+            concatenation is in one group per concatenated part (each holding that part of its channels).
         size: number of channels of the group (the same for every layer in it).
         blocks: channels must be removed in equal numbers from each of ``blocks`` contiguous blocks
             (1 unless a grouped convolution reads or writes them).
@@ -171,6 +174,7 @@ class _Space:
     blocked: bool = False
     blocks: int = 1
     reason: str = ""  # why it is blocked (the first cause met)
+    parts: list[int] = dataclasses.field(default_factory=list)  # the spaces it was split into, in order
 
 
 class ChannelGraph:
@@ -223,7 +227,7 @@ class ChannelGraph:
         sa.blocks = math.lcm(sa.blocks, sb.blocks)
 
     def _block(self, cmap: ChannelMap, reason: str = "") -> None:
-        for s in cmap.segments:
+        for s in self._resolve(cmap).segments:
             sp = self._spaces[self.root(s.space)]
             sp.blocked = True
             sp.reason = sp.reason or reason
@@ -241,16 +245,50 @@ class ChannelGraph:
             s.repeat == 1 and s.start == 0 and s.stop == self._spaces[s.space].size for s in cmap.segments
         )
 
+    def _resolve(self, cmap: ChannelMap) -> ChannelMap:
+        """``cmap`` over the current spaces: a segment of a space that was split becomes segments of its parts."""
+        return dataclasses.replace(cmap, segments=tuple(p for s in cmap.segments for p in self._parts(s)))
+
+    def _parts(self, s: Segment) -> list[Segment]:
+        out, offset = [], 0
+        for child in self._spaces[self.root(s.space)].parts:
+            lo, hi = max(s.start, offset), min(s.stop, offset + self._spaces[child].size)
+            if lo < hi:
+                out += self._parts(Segment(child, lo - offset, hi - offset, s.repeat))
+            offset += self._spaces[child].size
+        return out or [s]
+
+    def _split(self, space: int, cuts: list[int]) -> bool:
+        """Split the group of ``space`` at channel offsets ``cuts`` into consecutive parts, each a group of its
+        own with the same producers (and blocked state); False for a grouped convolution's channels."""
+        sp = self._spaces[self.root(space)]
+        if sp.blocks > 1:
+            return False
+        edges = [0, *cuts, sp.size]
+        for a, b in zip(edges, edges[1:]):
+            self._spaces.append(dataclasses.replace(sp, size=b - a, producers=list(sp.producers), parts=[]))
+            self._parent.append(len(self._parent))
+            sp.parts.append(len(self._spaces) - 1)
+        return True
+
     def _join(self, maps: list[ChannelMap]) -> bool:
-        """Union the spaces of maps that line up segment by segment; False if they do not."""
-        first = maps[0]
-        for m in maps[1:]:
-            if not (self._whole(first) and self._whole(m)):
+        """Union the spaces of maps channel by channel; False if they cannot be made to line up.
+
+        A whole space facing several segments on another input (a convolution added to a concatenation) is
+        split to mirror them, part i joining segment i; splits repeat until every input's segments line up.
+        """
+        while True:
+            maps = [self._resolve(m) for m in maps]
+            if len({m.width for m in maps}) != 1 or not all(self._whole(m) for m in maps):
                 return False
-            if [s.width for s in m.segments] != [s.width for s in first.segments]:
+            cuts = set().union(*(np.cumsum([s.width for s in m.segments]).tolist() for m in maps))
+            inside = [(s.space, offsets) for m in maps for s, offsets in _edges(m, cuts) if offsets]
+            if not inside:
+                break
+            if not self._split(*inside[0]):
                 return False
         for m in maps[1:]:
-            for s, t in zip(first.segments, m.segments):
+            for s, t in zip(maps[0].segments, m.segments):
                 self._union(s.space, t.space)
         return True
 
@@ -259,7 +297,7 @@ class ChannelGraph:
         layer_space: dict[str, int] = {}
         layer_inputs: dict[str, list[ChannelMap]] = {}
         for op in self.ops:
-            ins = [self.maps[t] for t in op.inputs]
+            ins = [self._resolve(self.maps[t]) for t in op.inputs]
             out: ChannelMap
             if op.has_channel_params and ins:
                 # a shared layer: every call must read the same channels through the same parameters
@@ -328,6 +366,7 @@ class ChannelGraph:
                 self.maps[t] = out
         for t in self.output_tensors:
             self._block(self.maps[t], "they are a model output")
+        self.maps = {t: self._resolve(m) for t, m in self.maps.items()}
 
     # ------------------------------------------------------------------ groups
     def groups(self) -> list[ChannelGroup]:
@@ -462,6 +501,15 @@ def _why_not(sp: _Space) -> str:
     if sp.size % sp.blocks or sp.size // sp.blocks < 2:
         return f"a grouped convolution leaves fewer than 2 of its {sp.size} channels per block"
     return ""
+
+
+def _edges(cmap: ChannelMap, cuts: set[int]) -> list[tuple[Segment, list[int]]]:
+    """Each segment of ``cmap`` with the ``cuts`` (positions on the tensor) that fall inside it, as offsets."""
+    out, start = [], 0
+    for s in cmap.segments:
+        out.append((s, sorted(c - start for c in cuts if start < c < start + s.width)))
+        start += s.width
+    return out
 
 
 def _label(op: Op) -> str:

@@ -36,8 +36,10 @@ class GroupMasks:
         self.groups = list(groups)
         self.keep: dict[int, np.ndarray] = {g.id: np.ones(g.size, dtype=bool) for g in self.groups}
         ids = set(self.keep)
+        by_id = {g.id: g for g in self.groups}
         self._params: list[tuple[ChannelParam, int]] = []
-        self.producers: dict[int, list[LayerKind]] = {g.id: [] for g in self.groups}
+        # group id -> (producer, its output positions carrying the group's channels 0, 1, ... once or more)
+        self.producers: dict[int, list[tuple[LayerKind, np.ndarray]]] = {g.id: [] for g in self.groups}
         readers: dict[int, list] = {}
         for rec in kg.records:
             for t in set(rec.op.inputs):
@@ -55,8 +57,9 @@ class GroupMasks:
                 continue
             self._params += [(p, out) for p in rec.kind.output_params()]
             if rec.op.rule is Rule.PRODUCER:
-                for gid in touched:
-                    self.producers[gid].append(rec.kind)
+                for gid in touched:  # a producer added to a concatenation carries each group in one part
+                    pos, ch = kg.graph.positions(out, by_id[gid])
+                    self.producers[gid].append((rec.kind, pos[np.argsort(ch, kind="stable")]))
                 self._chain[id(rec.kind)] = _gain_chain(kg, readers, out)
         self._shadow: dict[int, np.ndarray] = {}
         self._has_shadow: dict[int, np.ndarray] = {}
@@ -90,11 +93,11 @@ class GroupMasks:
         norms compare channels as their consumers see them.
         """
         rows = []
-        for kind in self.producers[group.id]:
+        for kind, pos in self.producers[group.id]:
             r = kind.filters(self._remembered(kind.output_params()[0].variable))
             norm = np.linalg.norm(r, axis=1)
             gain = self.gains(kind, norm)
-            rows.append(r * (gain / np.maximum(norm, 1e-12))[:, None])
+            rows += _group_rows(r * (gain / np.maximum(norm, 1e-12))[:, None], pos, group.size)
         return rows
 
     def gains(self, producer: LayerKind, norms: np.ndarray) -> np.ndarray:
@@ -119,8 +122,9 @@ class GroupMasks:
     def zero_channels(self, group: ChannelGroup) -> np.ndarray:
         """Channels of ``group`` whose filters are exactly zero in every producer (pruned earlier)."""
         zero = np.ones(group.size, dtype=bool)
-        for kind in self.producers[group.id]:
-            zero &= ~kind.filters().any(axis=1)
+        for kind, pos in self.producers[group.id]:
+            for rows in _group_rows(kind.filters(), pos, group.size):
+                zero &= ~rows.any(axis=1)
         return zero
 
     # ------------------------------------------------------------------ updates
@@ -183,6 +187,13 @@ class GroupMasks:
             self._tensors = [tf.constant(m, dtype=p.variable.dtype) for p, m in self._masks.values()]
         if self._tensors:
             self._fn(self._tensors)
+
+
+def _group_rows(rows: np.ndarray, pos: np.ndarray, size: int) -> list[np.ndarray]:
+    """A producer's filter ``rows`` at the positions ``pos`` of a group's channels (sorted by channel, each
+    channel ``k`` times when the producer's output carries the group ``k`` times): ``k`` arrays of ``size`` rows."""
+    picked = rows[pos].reshape(size, len(pos) // size, -1)
+    return [picked[:, j] for j in range(picked.shape[1])]
 
 
 def _gain_chain(kg: KerasGraph, readers: dict[int, list], out: int) -> list[LayerKind]:
