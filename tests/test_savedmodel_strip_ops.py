@@ -1,6 +1,7 @@
 """The SavedModel stripper on ops beyond plain convolutions: LayerNormalization, dilated and transposed
 convolutions, resizing, upsampling, cropping, GELU; bias folding that converters accept; errors and reasons."""
 
+import functools
 import re
 
 import numpy as np
@@ -230,7 +231,9 @@ def test_kept_zeroed_channels_carry_reasons(tmp_path, rng):
     assert rel_error(_run(dst, x), model(x)) < 1e-4
 
 
-def test_zeroed_channels_before_a_channel_layer_norm_say_so(tmp_path, rng):
+def test_zeroed_channels_before_a_channel_layer_norm_with_its_gamma_say_why(tmp_path, rng):
+    """A zeroed channel whose LayerNormalization gamma and beta were not zeroed leaves the normalization as
+    -mean / std: not constant where the next convolution reads it."""
     inp = keras.Input((8, 8, 3))
     conv = L.Conv2D(8, 3, padding="same", name="c1")
     model = keras.Model(inp, L.Conv2D(4, 1, name="c2")(L.LayerNormalization()(conv(inp))))
@@ -239,7 +242,49 @@ def test_zeroed_channels_before_a_channel_layer_norm_say_so(tmp_path, rng):
     conv.set_weights([kernel, bias])
     result, _ = _strip(model, tmp_path)
     ((why, n),) = _by_layer(result, "c1")[0]["kept_reasons"].items()
-    assert n == 2 and "layer_normalization" in why and "which the channel rules do not cover" in why
+    assert n == 2 and "c2" in why and "not provably constant" in why
+
+
+def _convnext_block_model(rng, norm):
+    """A ConvNeXt stage: a depthwise 7x7 as Conv2D(groups=channels) (Keras compiles it as an XLA function),
+    a channel normalization, a Dense MLP on the feature map (tensordot, shapes read at run time) with exact GELU,
+    a layer scale (a ``keras.ops`` product) and a residual add. 25 % of the residual channels are zeroed through
+    the whole group (stem, depthwise and output Dense kernels and biases, every normalization's parameters, the
+    layer scale), and 25 % of the MLP's hidden channels."""
+    inp = keras.Input((12, 12, 3))
+    stem, dw = L.Conv2D(16, 2, strides=2, name="stem"), L.Conv2D(16, 7, padding="same", groups=16, name="dw")
+    up, down = L.Dense(32, activation="gelu", name="up"), L.Dense(16, name="down")
+    norms = [norm(epsilon=1e-6, name=f"norm{k}") for k in range(3)]
+    cut, hidden = rng.choice(16, 4, replace=False), rng.choice(32, 8, replace=False)
+    layer_scale = rng.uniform(0.5, 1.5, 16).astype("float32")
+    layer_scale[cut] = 0.0
+    x = norms[0](stem(inp))
+    x = x + down(up(norms[1](dw(x)))) * layer_scale
+    model = keras.Model(inp, L.Dense(5, name="head")(L.GlobalAveragePooling2D()(norms[2](x))))
+    for layer, zeroed in ((stem, cut), (dw, cut), (down, cut), (up, hidden)):
+        kernel, bias = layer.get_weights()
+        kernel[..., zeroed] = 0.0
+        bias = rng.uniform(-0.5, 0.5, bias.shape).astype("float32")
+        bias[zeroed] = 0.0
+        layer.set_weights([kernel, bias])
+    for n in norms:
+        params = [rng.uniform(0.5, 1.5, 16).astype("float32") for _ in n.get_weights()]
+        for p in params:
+            p[cut] = 0.0
+        n.set_weights(params)
+    return model
+
+
+@pytest.mark.parametrize("norm", [L.LayerNormalization, functools.partial(L.LayerNormalization, center=False),
+                                  L.RMSNormalization], ids=["layer_norm", "no_center", "rms_norm"])
+def test_convnext_block_strips_through_channel_norms_grouped_conv_and_tensordot(tmp_path, rng, norm):
+    model = _convnext_block_model(rng, norm)
+    result, dst = _strip(model, tmp_path)
+    x = rng.uniform(0, 1, (3, 12, 12, 3)).astype("float32")
+    assert rel_error(_run(dst, x), model(x)) < 1e-4
+    after = {name: _by_layer(result, name)[0]["channels_after"] for name in ("stem", "up", "down", "head")}
+    assert after == {"stem": 12, "up": 24, "down": 12, "head": 5}
+    assert result.params_after < 0.8 * result.params_before
 
 
 def test_check_inputs_that_do_not_fit_are_an_export_error(tmp_path):
@@ -378,3 +423,22 @@ def test_convolution_added_to_a_concatenation_strips_part_by_part(tmp_path, rng,
     assert _by_layer(result, "up2")[0]["channels_after"] == width - 3  # one channel of each of 3 groups
     if shape != "cat+cat":
         assert _by_layer(result, "up")[0]["channels_after"] == 9
+
+
+def test_grouped_convolution_compiled_by_keras_strips_block_by_block(tmp_path, rng):
+    """Conv2D(groups=4) (an XLA function call in the SavedModel): one zeroed channel per block of its input and of
+    its output goes; the blocks stay equal."""
+    inp = keras.Input((10, 10, 3))
+    expand, grouped = L.Conv2D(16, 1, name="expand"), L.Conv2D(16, 3, groups=4, padding="same", name="grouped")
+    x = L.ReLU()(grouped(L.ReLU()(expand(inp))))
+    model = keras.Model(inp, L.Conv2D(4, 1, name="project")(x))
+    for layer, zeroed in ((expand, [0, 4, 8, 13]), (grouped, [1, 5, 10, 14])):
+        kernel, bias = layer.get_weights()
+        kernel[..., zeroed] = 0.0
+        bias = rng.uniform(-0.5, 0.5, 16).astype("float32")
+        bias[zeroed] = 0.0
+        layer.set_weights([kernel, bias])
+    result, dst = _strip(model, tmp_path)
+    assert [_by_layer(result, n)[0]["channels_after"] for n in ("expand", "grouped", "project")] == [12, 12, 4]
+    x = rng.uniform(0, 1, (2, 10, 10, 3)).astype("float32")
+    assert rel_error(_run(dst, x), model(x)) < 1e-4

@@ -11,6 +11,7 @@ import tempfile
 
 import numpy as np
 
+from tfcompress.graph.functions import inline_function_calls
 from tfcompress.output_dir import STAGING_PREFIX, staged_file
 from tfcompress.stripping.savedmodel_strip import (
     ExportError, FrozenSignature, check_outputs, freeze_saved_model, run_frozen, sample_inputs,
@@ -101,9 +102,6 @@ def _training_mode_error(saved_model_dir: str, nodes: list[str]) -> ExportError:
         "resizing out of the model (into the input pipeline) or apply it with keras.ops.image.resize")
 
 
-_CALL_OPS = ("StatefulPartitionedCall", "PartitionedCall")
-
-
 def prepare_for_tf2onnx(graph_def):
     """Return a copy of a frozen GraphDef that tf2onnx can convert: function calls inlined, ops rewritten.
 
@@ -111,76 +109,13 @@ def prepare_for_tf2onnx(graph_def):
     ``StatefulPartitionedCall`` nodes marked ``_noinline``, which neither grappler nor tf2onnx inlines. Ops
     tf2onnx has no handler for are replaced by an exact equivalent it has (:data:`_REWRITES`).
     """
-    from tensorflow.core.framework import graph_pb2
-
-    out = graph_pb2.GraphDef()
-    out.CopyFrom(graph_def)
-    functions = {f.signature.name: f for f in out.library.function}
-    while _inline_calls(out, functions):
-        pass
+    out = inline_function_calls(graph_def)
     del out.library.function[:]
     for op, rewrite in _REWRITES.items():
         for node in list(out.node):
             if node.op == op:
                 out.node.extend(rewrite(node))
     return out
-
-
-def _called_function(node, functions: dict) -> str | None:
-    if node.op in _CALL_OPS:
-        return node.attr["f"].func.name
-    return node.op if node.op in functions else None
-
-
-def _inline_calls(graph_def, functions: dict) -> bool:
-    """Inline one level of function calls in ``graph_def`` (in place); True if any call was inlined."""
-    kept, added = [], []
-    for node in graph_def.node:
-        name = _called_function(node, functions)
-        if name is None:
-            kept.append(node)
-            continue
-        if name not in functions:
-            raise ExportError(f"node {node.name!r} calls function {name!r}, which the SavedModel does not define")
-        added.extend(_inlined(node, functions[name]))
-    if not added:
-        return False
-    del graph_def.node[:]
-    graph_def.node.extend(kept + added)
-    return True
-
-
-def _inlined(call, fdef) -> list:
-    """The nodes that replace ``call``: the function body under ``<call>/``, its arguments bound to the call's
-    inputs, and an ``IdentityN`` under the call's own name, so its consumers and control edges stay valid."""
-    from tensorflow.core.framework import attr_value_pb2, node_def_pb2
-    from tensorflow.python.framework.function_def_to_graph import function_def_to_graph_def
-
-    body, flat = function_def_to_graph_def(fdef)
-    prefix = call.name + "/"
-    data_inputs = [i for i in call.input if not i.startswith("^")]
-    controls = [i for i in call.input if i.startswith("^")]
-    args = {a.name: k for k, a in enumerate(fdef.signature.input_arg)}
-    nodes = []
-    for node in body.node:
-        new = node_def_pb2.NodeDef()
-        new.CopyFrom(node)
-        new.name = prefix + node.name
-        new.attr.pop("_class", None)
-        if node.op == "Placeholder" and node.name in args:
-            new.op = "Identity"
-            dtype = new.attr["dtype"]
-            new.ClearField("attr")
-            new.attr["T"].CopyFrom(dtype)
-            new.input[:] = [data_inputs[args[node.name]]] + controls
-        else:
-            new.input[:] = [("^" + prefix + i[1:]) if i.startswith("^") else prefix + i for i in node.input]
-        nodes.append(new)
-    results = [prefix + flat.get(fdef.ret[a.name], fdef.ret[a.name]) for a in fdef.signature.output_arg]
-    join = node_def_pb2.NodeDef(name=call.name, op="IdentityN", input=results)
-    join.attr["T"].CopyFrom(attr_value_pb2.AttrValue(
-        list=attr_value_pb2.AttrValue.ListValue(type=[a.type for a in fdef.signature.output_arg])))
-    return nodes + [join]
 
 
 def _erfc(node) -> list:

@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from tfcompress.graph.engine import ChannelGraph, Op, Rule
 from tfcompress.graph import ops
+from tfcompress.graph.functions import inline_function_calls
 from tfcompress.graph.kernels import slice_kernel
 
 __all__ = ["GraphDefGraph", "KINDS", "NodeKind", "fold_constants", "register"]
@@ -58,9 +59,10 @@ def fold_constants(graph_def: tf.compat.v1.GraphDef, outputs: list[str]) -> tf.c
 
     FakeQuant ops are kept (grappler's constant folding would bake weight quantization into float
     constants, and OpenVINO then runs those layers in float): only their inputs are folded.
-    ``IdentityN`` (how custom gradients such as swish's appear) becomes one ``Identity`` per output.
+    ``IdentityN`` (how custom gradients such as swish's appear) becomes one ``Identity`` per output, and calls
+    of the graph's own functions are inlined (:func:`~tfcompress.graph.functions.inline_function_calls`).
     """
-    graph_def = _split_identity_n(graph_def)
+    graph_def = _split_identity_n(inline_function_calls(graph_def))
     nodes = {n.name: n for n in graph_def.node}
     order = _topological(graph_def)
     foldable: set[str] = set()
@@ -257,6 +259,7 @@ class NodeKind(ops.TableOp):
     the node for fewer channels (and read parameters that need more than an attribute)."""
 
     has_channel_params = False
+    reads_all_channels = False
 
     def __init__(self, node, graph: "GraphDefGraph", op: str = "identity", inputs: slice = slice(0, 1),
                  **params) -> None:
@@ -377,6 +380,70 @@ class _ChannelParam(NodeKind):
         c = self.g.const(name)
         if c.size > 1:
             new.input[self.ci] = rw.const(_node(name), ops.take_channels(c, out_keep, -1))
+
+
+class _ChannelParams(_ChannelParam):
+    """``r op c`` with ``r`` free of channels (its last axis 1, e.g. a LayerNormalization's ``rsqrt(var)``) and
+    ``c`` a constant per channel (gamma): the output's channels are ``c``'s, created here as a producer creates
+    its filters; removing one slices ``c``."""
+
+    def __init__(self, node, graph, const_index: int) -> None:
+        super().__init__(node, graph, const_index)
+        self.binary = self.op
+        self.op = "channel_params"
+
+    def data_inputs(self):
+        return []
+
+    def const_out(self, in_consts):
+        c = self._c()
+        r = np.full(c.shape, np.nan)  # the channel-free operand is not a known constant
+        return [ops.const_out(self.binary, [r, c] if self.ci == 1 else [c, r])]
+
+
+class _ChannelStatistic(NodeKind):
+    """A Sum or Mean over the channel axis (a normalization's statistics): its output has no channels to remove.
+
+    A zeroed channel of its input may leave: it adds nothing to a sum, and a mean keeps the original count (the kept
+    channels' mean times kept / original). ``variance_of``: for ``Mean((x - Mean(x))^2)``, the mean node of
+    ``x``: each removed channel of ``x`` held 0, so its term was ``Mean(x)^2``; it is added back.
+    """
+
+    reads_all_channels = True
+
+    def __init__(self, node, graph, x: str, variance_of: str | None = None) -> None:
+        super().__init__(node, graph, "channel_statistic", width=graph.width(node.name))
+        self.x, self.variance_of = x, variance_of
+
+    def data_inputs(self):
+        return [self.x]
+
+    def rewrite(self, new, in_keeps, out_keep, folds, rw):
+        if self.node.op == "Sum":
+            return
+        keep = in_keeps[0]
+        kept, total = int(keep.sum()), keep.size
+        # the edited node gets a new name and the corrected value takes its old one, for every reader
+        new.name = self.node.name + "/tfcompress_kept"
+        dtype = tf.as_dtype(self.node.attr["T"].type).as_numpy_dtype
+        scaled = _binary_node(self.node.name if self.variance_of is None else new.name + "/scaled", "Mul",
+                              new.name, rw.const(new.name + "/kept_fraction", np.asarray(kept / total, dtype)),
+                              self.node)
+        rw.new_nodes.append(scaled)
+        if self.variance_of is None:
+            return
+        square = _binary_node(new.name + "/mean_squared", "Mul", self.variance_of, self.variance_of, self.node)
+        removed = _binary_node(new.name + "/removed_terms", "Mul", square.name,
+                               rw.const(new.name + "/removed_fraction", np.asarray((total - kept) / total, dtype)),
+                               self.node)
+        rw.new_nodes += [square, removed, _binary_node(self.node.name, "AddV2", scaled.name, removed.name, self.node)]
+
+
+def _binary_node(name: str, op: str, a: str, b: str, like) -> tf.compat.v1.NodeDef:
+    """A new binary node with ``like``'s dtype."""
+    n = tf.compat.v1.NodeDef(name=name, op=op, input=[a, b])
+    n.attr["T"].type = like.attr["T"].type
+    return n
 
 
 class _FusedBatchNorm(NodeKind):
@@ -517,22 +584,30 @@ class _TransposedConv(_Producer):
 
 
 class _Depthwise(NodeKind):
+    """DepthwiseConv2dNative, or a Conv2D whose every group reads one input channel (Keras's
+    ``Conv2D(groups=channels)``, as in ConvNeXt): its (h, w, 1, c * m) filter is the depthwise (h, w, c, m) one."""
+
     has_channel_params = True
 
     def __init__(self, node, graph, weights: _Weights) -> None:
         super().__init__(node, graph, "depthwise")
         self.w = weights
 
+    def _kernel(self) -> np.ndarray:
+        """(h, w, c, multiplier): output channel c * multiplier + j."""
+        k = self.w.value
+        return k if self.node.op != "Conv2D" else k.reshape(k.shape[:2] + (self.g.width(self.node.input[0]), -1))
+
     def channels(self):
-        return int(self.w.value.shape[-1])
+        return int(self._kernel().shape[-1])
 
     def params(self):
-        return dict(kernel=self.w.value, bias=0.0, valid_padding=_attr(self.node, "padding").s == b"VALID")
+        return dict(kernel=self._kernel(), bias=0.0, valid_padding=_attr(self.node, "padding").s == b"VALID")
 
     def rewrite(self, new, in_keeps, out_keep, folds, rw):
-        k = self.w.value  # (h, w, c, multiplier): output channel c * multiplier + j
-        new.input[1] = self.w.replace(ops.take_channels(k, in_keeps[0], -2),
-                                      np.repeat(in_keeps[0], k.shape[-1]), rw)
+        k = ops.take_channels(self._kernel(), in_keeps[0], -2)
+        stored = k if self.node.op != "Conv2D" else k.reshape(k.shape[:2] + (1, -1))
+        new.input[1] = self.w.replace(stored, np.repeat(in_keeps[0], k.shape[-1]), rw)
 
 
 # --------------------------------------------------------------------------- the graph
@@ -579,7 +654,8 @@ class GraphDefGraph:
             outs = [self._tensor_id(f"{name}:{k}") for k in range(n_out)]
             ops.append(Op(name, kind.rule, ins, outs, channels=kind.channels() if kind.rule in (
                 Rule.PRODUCER, Rule.DEPTHWISE) else 0, blocks=kind.blocks(),
-                has_channel_params=kind.has_channel_params, semantics=kind))
+                has_channel_params=kind.has_channel_params, semantics=kind,
+                reads_all_channels=kind.reads_all_channels))
         widths = {tid: self.width(t) for t, tid in self._tid.items()}
         self.ops = ops
         self.graph = ChannelGraph(ops, [self._tensor_id(o) for o in self.outputs], widths)
@@ -875,9 +951,35 @@ def _reduce(g: GraphDefGraph, node):
         return None
     axes = np.atleast_1d(g.const(node.input[1]))
     in_rank = len(g.shape(node.input[0]))
-    if not in_rank or any(int(a) % in_rank == in_rank - 1 for a in axes):
+    if not in_rank:
         return None
-    return NodeKind(node, g, "sum_positions" if node.op == "Sum" else "identity")
+    if not any(int(a) % in_rank == in_rank - 1 for a in axes):
+        return NodeKind(node, g, "sum_positions" if node.op == "Sum" else "identity")
+    if node.op in ("Sum", "Mean"):
+        return _ChannelStatistic(node, g, *_centered_square(g, node))
+    return None  # a max or min over channels changes when a channel goes
+
+
+def _centered_square(g: GraphDefGraph, node) -> tuple[str, str | None]:
+    """For a channel Mean of ``(x - m)^2`` with ``m`` the channel Mean of ``x`` (tf.nn.moments' variance):
+    ``(x, m)``; for any other channel reduction: ``(its input, None)``."""
+    src = g.nodes.get(_node(node.input[0]))
+    pair = None
+    if src is not None and src.op == "SquaredDifference":
+        pair = src.input[:2]
+    elif src is not None and src.op == "Square":
+        sub = g.nodes.get(_node(src.input[0]))
+        pair = sub.input[:2] if sub is not None and sub.op == "Sub" else None
+    if pair is not None:
+        m = g.nodes.get(_node(pair[1]))
+        while m is not None and m.op in ("StopGradient", "Identity"):
+            m = g.nodes.get(_node(m.input[0]))
+        same_axes = m is not None and m.op == "Mean" and np.array_equal(
+            np.atleast_1d(g.const(m.input[1])) if g.is_const(m.input[1]) else None,
+            np.atleast_1d(g.const(node.input[1])))
+        if same_axes and _tensor(m.input[0]) == _tensor(pair[0]) and _attr(m, "keep_dims").b:
+            return pair[0], m.name
+    return node.input[0], None
 
 
 @register("Squeeze", "ExpandDims", "Reshape")
@@ -903,7 +1005,8 @@ def _producer(g: GraphDefGraph, node):
         return None if _attr(node, "transpose_a").b else _Producer(node, g, w, "dense")
     if not _nhwc(node) or _attr(node, "padding").s == b"EXPLICIT":
         return None
-    if op == "DepthwiseConv2dNative":
+    depthwise_groups = op == "Conv2D" and w.value.shape[-2] == 1 and g.width(node.input[0]) > 1
+    if op == "DepthwiseConv2dNative" or (depthwise_groups and w.value.shape[-1] % g.width(node.input[0]) == 0):
         return _Depthwise(node, g, w)
     if op == "Conv2DBackpropInput":
         ok = _has_constant_last_entry(g, node.input[0])
@@ -928,12 +1031,16 @@ def _binary(g: GraphDefGraph, node):
         c = g.const(node.input[ci])
         width = g.width(node.name)
         per_channel = c.ndim >= 1 and c.shape[-1] == width and c.size == width
+        if per_channel and width > 1 and g.width(node.input[1 - ci]) == 1:
+            return _ChannelParams(node, g, ci)
         if c.size == 1 or per_channel:
             return _ChannelParam(node, g, ci)
         return _spatial_param(g, node, ci) if c.ndim == len(g.shape(node.name)) and c.shape[-1] == 1 else None
+    sa, sb = g.shape(a), g.shape(b)
+    if sa and sb and sa[-1] != sb[-1] and 1 in (sa[-1], sb[-1]) and len(g.shape(node.name)) == max(len(sa), len(sb)):
+        return _spatial_param(g, node, 0 if sa[-1] == 1 else 1)  # a channel-free tensor broadcast over channels
     if node.op in ("RealDiv", "BiasAdd"):
         return None
-    sa, sb = g.shape(a), g.shape(b)
     if not sa or not sb or sa[-1] != sb[-1] or len(sa) != len(sb):
         return None
     return NodeKind(node, g, _BINARY[node.op], slice(0, 2))
@@ -949,8 +1056,8 @@ def _concat(g: GraphDefGraph, node):
 
 
 def _spatial_param(g: GraphDefGraph, node, ci: int) -> NodeKind:
-    """x op c with c the same for every channel but varying over other axes (a LayerNormalization over the
-    spatial axes scales each position): a zero channel stays zero through a product, nothing stays constant."""
+    """x op c with c the same for every channel but varying over other axes (a LayerNormalization's statistics, a
+    constant scaling each position): a zero channel stays zero through a product, nothing stays constant."""
     keeps_zero = node.op == "Mul" or (node.op == "RealDiv" and ci == 1)
     return NodeKind(node, g, "scale_positions" if keeps_zero else "opaque", slice(1 - ci, 2 - ci))
 
