@@ -63,7 +63,7 @@ def _check_export(model: keras.Model, out, report: dict, x: np.ndarray) -> None:
     steps = report["steps"]
     assert steps["strip"]["max_rel_error"] < 1e-4
     assert report["sizes"]["stripped"] < report["sizes"]["unstripped"]
-    assert report["params"]["after"] < report["params"]["before"]
+    assert report["params"]["after"] < 0.9 * report["params"]["before"]  # a quarter of every group's channels went
     assert (out / "model.onnx").exists() or steps["onnx"]["skipped"]
     core = ov.Core()
     ref = model(x).numpy()
