@@ -11,7 +11,7 @@ import tempfile
 
 import numpy as np
 
-from tfcompress.graph.functions import inline_function_calls
+from tfcompress.graph.frozen_graph import inline_function_calls
 from tfcompress.output_dir import STAGING_PREFIX, staged_file
 from tfcompress.stripping.savedmodel_strip import (
     ExportError, FrozenSignature, check_outputs, freeze_saved_model, run_frozen, sample_inputs,

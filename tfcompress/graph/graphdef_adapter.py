@@ -5,7 +5,7 @@ This is the SavedModel counterpart of :mod:`tfcompress.graph.keras_adapter`. It 
 :data:`tfcompress.graph.ops.OPS` (channel rule, constants, folding and MACs are the table's) with its parameters
 and the inputs that carry channels, or declines (the node then blocks the channels reaching it). The few
 :class:`NodeKind` subclasses add only how to slice the op's constant inputs (weights, BN vectors, reshape targets).
-The graph must be frozen and constant-folded first (:func:`fold_constants`): weights are ``Const`` nodes,
+The graph must be frozen and constant-folded first (:func:`tfcompress.graph.frozen_graph.fold_constants`): weights are ``Const`` nodes,
 possibly behind a ``FakeQuantWithMinMaxVars(PerChannel)`` that quantization-aware training left there.
 """
 
@@ -19,13 +19,14 @@ import tensorflow as tf
 
 from tfcompress.graph.engine import ChannelGraph, Op, Rule
 from tfcompress.graph import ops
-from tfcompress.graph.functions import inline_function_calls
+from tfcompress.graph.frozen_graph import (
+    FAKE_QUANT_OPS as _FAKE_QUANT, const_node as _const_node, node_name as _node, prune_unused,
+    tensor_name as _tensor, topological_order as _topological,
+)
 from tfcompress.graph.kernels import slice_kernel
 
-__all__ = ["GraphDefGraph", "KINDS", "NodeKind", "fold_constants", "register"]
+__all__ = ["GraphDefGraph", "KINDS", "NodeKind", "register"]
 
-_FAKE_QUANT = {"FakeQuantWithMinMaxVars", "FakeQuantWithMinMaxVarsPerChannel", "FakeQuantWithMinMaxArgs"}
-_STATEFUL_OR_INPUT = {"Placeholder", "PlaceholderWithDefault", "VarHandleOp", "ReadVariableOp", "NoOp"}
 
 
 def _attr(node, key: str):
@@ -52,164 +53,11 @@ _BINARY = {"Add": "add", "AddV2": "add", "BiasAdd": "add", "Sub": "sub", "Mul": 
            "Maximum": "max", "Minimum": "min", "SquaredDifference": "squared_difference"}
 
 
-# --------------------------------------------------------------------------- constant folding
-
-def fold_constants(graph_def: tf.compat.v1.GraphDef, outputs: list[str]) -> tf.compat.v1.GraphDef:
-    """Evaluate every subgraph that does not depend on an input into a ``Const``; drop unused nodes.
-
-    FakeQuant ops are kept (grappler's constant folding would bake weight quantization into float
-    constants, and OpenVINO then runs those layers in float): only their inputs are folded.
-    ``IdentityN`` (how custom gradients such as swish's appear) becomes one ``Identity`` per output, and calls
-    of the graph's own functions are inlined (:func:`~tfcompress.graph.functions.inline_function_calls`).
-    """
-    graph_def = _split_identity_n(inline_function_calls(graph_def))
-    nodes = {n.name: n for n in graph_def.node}
-    order = _topological(graph_def)
-    foldable: set[str] = set()
-    for name in order:
-        n = nodes[name]
-        if n.op == "Const":
-            foldable.add(name)
-        elif n.op not in _STATEFUL_OR_INPUT and n.op not in _FAKE_QUANT and not n.op.startswith("Stateful"):
-            data = [i for i in n.input if not i.startswith("^")]
-            if data and all(_node(i) in foldable for i in data):
-                foldable.add(name)
-    # evaluate the foldable nodes that something non-foldable (or an output) reads
-    needed: dict[str, None] = {}
-    for n in graph_def.node:
-        if n.name in foldable:
-            continue
-        for i in n.input:
-            if not i.startswith("^") and _node(i) in foldable and nodes[_node(i)].op != "Const":
-                needed[_tensor(i)] = None
-    for o in outputs:
-        if _node(o) in foldable and nodes[_node(o)].op != "Const":
-            needed[_tensor(o)] = None
-    values = {}
-    if needed:
-        g = tf.Graph()
-        with g.as_default():
-            tf.import_graph_def(graph_def, name="")
-        with tf.compat.v1.Session(graph=g) as sess:
-            results = sess.run(list(needed))
-        values = dict(zip(needed, results))
-    out = tf.compat.v1.GraphDef()
-    out.versions.CopyFrom(graph_def.versions)
-    out.library.CopyFrom(graph_def.library)
-    renamed: dict[str, str] = {}
-    for t, v in values.items():
-        name = _node(t) if t.endswith(":0") else _node(t) + "/output_" + t.split(":")[1]
-        renamed[t] = name
-    for n in graph_def.node:
-        if n.name in foldable and n.op != "Const" and _tensor(n.name) not in values:
-            continue
-        if n.name in foldable and n.op != "Const":
-            new = out.node.add()
-            new.CopyFrom(_const_node(renamed[_tensor(n.name)], values[_tensor(n.name)]))
-            continue
-        new = out.node.add()
-        new.CopyFrom(n)
-        new.input[:] = [
-            renamed.get(_tensor(i), i) if not i.startswith("^") else i
-            for i in n.input if not (i.startswith("^") and i[1:] in foldable)
-        ]
-    for t, name in renamed.items():
-        if not t.endswith(":0"):
-            out.node.add().CopyFrom(_const_node(name, values[t]))
-    return prune_unused(out, outputs)
-
-
-def _split_identity_n(graph_def: tf.compat.v1.GraphDef) -> tf.compat.v1.GraphDef:
-    out = tf.compat.v1.GraphDef()
-    out.CopyFrom(graph_def)
-    rename: dict[str, str] = {}
-    new_nodes = []
-    for n in out.node:
-        if n.op != "IdentityN":
-            continue
-        data = [i for i in n.input if not i.startswith("^")]
-        ctrl = [i for i in n.input if i.startswith("^")]
-        dtypes = list(n.attr["T"].list.type)
-        for k, src in enumerate(data):
-            name = n.name if k == 0 else f"{n.name}/tfcompress_out_{k}"
-            ident = tf.compat.v1.NodeDef(name=name, op="Identity", input=[src] + ctrl)
-            ident.attr["T"].type = dtypes[k]
-            new_nodes.append(ident)
-            rename[f"{n.name}:{k}"] = name
-    if not new_nodes:
-        return graph_def
-    kept = [n for n in out.node if n.op != "IdentityN"]
-    del out.node[:]
-    out.node.extend(kept + new_nodes)
-    for n in out.node:
-        n.input[:] = [rename.get(i, rename.get(i + ":0", i) if ":" not in i else i)
-                      if not i.startswith("^") else i for i in n.input]
-    return out
-
-
-def prune_unused(graph_def: tf.compat.v1.GraphDef, outputs: list[str]) -> tf.compat.v1.GraphDef:
-    """Keep only the nodes the outputs depend on."""
-    nodes = {n.name: n for n in graph_def.node}
-    keep, stack = set(), [_node(o) for o in outputs]
-    while stack:
-        name = stack.pop()
-        if name in keep or name not in nodes:
-            continue
-        keep.add(name)
-        stack.extend(_node(i.lstrip("^")) for i in nodes[name].input)
-    out = tf.compat.v1.GraphDef()
-    out.versions.CopyFrom(graph_def.versions)
-    out.library.CopyFrom(graph_def.library)
-    for n in graph_def.node:
-        if n.name in keep:
-            out.node.add().CopyFrom(n)
-    return out
-
-
-def _const_node(name: str, value: np.ndarray) -> tf.compat.v1.NodeDef:
-    value = np.asarray(value)
-    n = tf.compat.v1.NodeDef(name=name, op="Const")
-    n.attr["dtype"].type = tf.as_dtype(value.dtype).as_datatype_enum
-    n.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value))
-    return n
-
-
 def _copy(node: tf.compat.v1.NodeDef) -> tf.compat.v1.NodeDef:
     new = tf.compat.v1.NodeDef()
     new.CopyFrom(node)
     return new
 
-
-def _node(t: str) -> str:
-    return t.lstrip("^").split(":")[0]
-
-
-def _tensor(t: str) -> str:
-    return t if ":" in t else t + ":0"
-
-
-def _topological(graph_def) -> list[str]:
-    nodes = {n.name: n for n in graph_def.node}
-    indeg = {n.name: 0 for n in graph_def.node}
-    users: dict[str, list[str]] = {n.name: [] for n in graph_def.node}
-    for n in graph_def.node:
-        for i in n.input:
-            src = _node(i)
-            if src in nodes:
-                indeg[n.name] += 1
-                users[src].append(n.name)
-    ready = [n.name for n in graph_def.node if indeg[n.name] == 0]
-    order = []
-    while ready:
-        name = ready.pop()
-        order.append(name)
-        for u in users[name]:
-            indeg[u] -= 1
-            if indeg[u] == 0:
-                ready.append(u)
-    if len(order) != len(nodes):
-        raise ValueError("the graph has a cycle (control flow): only feed-forward graphs can be stripped")
-    return order
 
 
 # --------------------------------------------------------------------------- per-op semantics
@@ -616,7 +464,7 @@ class GraphDefGraph:
     """A frozen, constant-folded GraphDef analysed into a :class:`ChannelGraph`.
 
     Args:
-        graph_def: the frozen graph (see :func:`fold_constants`).
+        graph_def: the frozen graph (see :func:`tfcompress.graph.frozen_graph.fold_constants`).
         inputs, outputs: tensor names of the signature's inputs and outputs.
     """
 

@@ -19,7 +19,8 @@ from tensorflow.python.framework.convert_to_constants import convert_variables_t
 from tfcompress.errors import ExportError
 from tfcompress.graph.engine import Rule
 from tfcompress.graph.flops import FlopsCounter
-from tfcompress.graph.graphdef_adapter import GraphDefGraph, fold_constants
+from tfcompress.graph.frozen_graph import fold_constants
+from tfcompress.graph.graphdef_adapter import GraphDefGraph
 from tfcompress.output_dir import check_output_dir, staged_output
 from tfcompress.saved_model_dir import check_saved_model_dir
 
