@@ -442,3 +442,49 @@ def test_grouped_convolution_compiled_by_keras_strips_block_by_block(tmp_path, r
     assert [_by_layer(result, n)[0]["channels_after"] for n in ("expand", "grouped", "project")] == [12, 12, 4]
     x = rng.uniform(0, 1, (2, 10, 10, 3)).astype("float32")
     assert rel_error(_run(dst, x), model(x)) < 1e-4
+
+
+class _HandWrittenNorm(tf.Module):
+    """conv1 (4 of 16 filters zeroed) -> a channel normalization written with TF ops -> conv2 (1x1), where the
+    statistics are computed as ``kind`` says (gamma and beta zero on the zeroed channels)."""
+
+    def __init__(self, rng, kind):
+        super().__init__()
+        self.kind = kind
+        w1 = rng.normal(0, 0.3, (3, 3, 3, 16)).astype("float32")
+        b1 = rng.uniform(-0.5, 0.5, 16).astype("float32")
+        gamma, beta = rng.uniform(0.5, 1.5, 16).astype("float32"), rng.uniform(-0.5, 0.5, 16).astype("float32")
+        cut = rng.choice(16, 4, replace=False)
+        w1[..., cut] = b1[cut] = gamma[cut] = beta[cut] = 0.0
+        self.w1, self.b1 = tf.Variable(w1), tf.Variable(b1)
+        self.gamma, self.beta = tf.Variable(gamma), tf.Variable(beta)
+        self.w2 = tf.Variable(rng.normal(0, 0.3, (1, 1, 16, 4)).astype("float32"))
+
+    @tf.function(input_signature=[tf.TensorSpec((None, 8, 8, 3), tf.float32, name="image")])
+    def __call__(self, image):
+        with tf.name_scope("conv1"):
+            x = tf.nn.bias_add(tf.nn.conv2d(image, self.w1, 1, "SAME"), self.b1)
+        m = tf.reduce_mean(x, axis=-1, keepdims=True)
+        if self.kind == "moments":
+            v = tf.reduce_mean(tf.math.squared_difference(x, tf.stop_gradient(m)), axis=-1, keepdims=True)
+        elif self.kind == "reversed":
+            v = tf.reduce_mean(tf.square(m - x), axis=[3], keepdims=True)
+        elif self.kind == "sum":
+            v = tf.reduce_sum(tf.math.squared_difference(x, m), axis=-1, keepdims=True) / 16.0
+        else:  # "no_keepdims"
+            v = tf.expand_dims(tf.reduce_mean(tf.math.squared_difference(x, m), axis=-1), -1)
+        y = (x - m) * tf.math.rsqrt(v + 1e-3) * self.gamma + self.beta
+        with tf.name_scope("conv2"):
+            return {"out": tf.nn.conv2d(y, self.w2, 1, "VALID")}
+
+
+@pytest.mark.parametrize("kind,kept", [("moments", 12), ("reversed", 12), ("sum", 16), ("no_keepdims", 16)])
+def test_hand_written_channel_statistics_strip_exactly(tmp_path, rng, kind, kept):
+    """A variance the stripper recognises (either operand order, axes as -1 or 3) loses the zeroed channels;
+    one it does not (a Sum, a Mean that drops the axis) keeps them. Both stay exact."""
+    module = _HandWrittenNorm(rng, kind)
+    tf.saved_model.save(module, str(tmp_path / "src"), signatures=module.__call__)
+    result = strip_saved_model(str(tmp_path / "src"), str(tmp_path / "dst"))
+    assert _by_layer(result, "conv1")[0]["channels_after"] == kept
+    x = rng.uniform(0, 1, (2, 8, 8, 3)).astype("float32")
+    assert rel_error(_run(tmp_path / "dst", x), module(tf.constant(x))["out"]) < 1e-4

@@ -41,7 +41,8 @@ def inline_function_calls(graph_def: tf.compat.v1.GraphDef) -> tf.compat.v1.Grap
     return out
 
 
-def _called_function(node, functions: dict) -> str | None:
+def _called_function(node: node_def_pb2.NodeDef, functions: dict) -> str | None:
+    """The function ``node`` calls (a call op, or an op named after a library function), else None."""
     if node.op in _CALL_OPS:
         return node.attr["f"].func.name
     return node.op if node.op in functions else None
@@ -65,7 +66,7 @@ def _inline_calls(graph_def, functions: dict) -> bool:
     return True
 
 
-def _inlined(call, fdef) -> list:
+def _inlined(call: node_def_pb2.NodeDef, fdef) -> list[node_def_pb2.NodeDef]:
     """The nodes that replace ``call``: the function body under ``<call>/``, its arguments bound to the call's
     inputs, and an ``IdentityN`` under the call's own name, so its consumers and control edges stay valid."""
     body, flat = function_def_to_graph_def(fdef)
@@ -101,9 +102,9 @@ def fold_constants(graph_def: tf.compat.v1.GraphDef, outputs: list[str]) -> tf.c
     FakeQuant ops are kept (grappler's constant folding would bake weight quantization into float
     constants, and OpenVINO then runs those layers in float): only their inputs are folded.
     ``IdentityN`` (how custom gradients such as swish's appear) becomes one ``Identity`` per output, and calls
-    of the graph's own functions are inlined (:func:`~tfcompress.graph.functions.inline_function_calls`).
+    of the graph's own functions are inlined (:func:`inline_function_calls`).
     """
-    graph_def = _split_identity_n(inline_function_calls(graph_def))
+    graph_def = _split_identity_n(inline_function_calls(graph_def), outputs)
     nodes = {n.name: n for n in graph_def.node}
     order = topological_order(graph_def)
     foldable: set[str] = set()
@@ -160,13 +161,16 @@ def fold_constants(graph_def: tf.compat.v1.GraphDef, outputs: list[str]) -> tf.c
     return prune_unused(out, outputs)
 
 
-def _split_identity_n(graph_def: tf.compat.v1.GraphDef) -> tf.compat.v1.GraphDef:
+def _split_identity_n(graph_def: tf.compat.v1.GraphDef, outputs: list[str]) -> tf.compat.v1.GraphDef:
+    """One ``Identity`` per output of each ``IdentityN`` (the first under its name), except where a later output
+    is one of the graph's ``outputs`` (it keeps its name)."""
     out = tf.compat.v1.GraphDef()
     out.CopyFrom(graph_def)
     rename: dict[str, str] = {}
     new_nodes = []
+    fetched = {tensor_name(o) for o in outputs}
     for n in out.node:
-        if n.op != "IdentityN":
+        if n.op != "IdentityN" or any(f"{n.name}:{k}" in fetched for k in range(1, len(n.input))):
             continue
         data = [i for i in n.input if not i.startswith("^")]
         ctrl = [i for i in n.input if i.startswith("^")]
@@ -179,7 +183,8 @@ def _split_identity_n(graph_def: tf.compat.v1.GraphDef) -> tf.compat.v1.GraphDef
             rename[f"{n.name}:{k}"] = name
     if not new_nodes:
         return graph_def
-    kept = [n for n in out.node if n.op != "IdentityN"]
+    split = {n.name for n in new_nodes}
+    kept = [n for n in out.node if n.name not in split]
     del out.node[:]
     out.node.extend(kept + new_nodes)
     for n in out.node:

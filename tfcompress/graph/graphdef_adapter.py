@@ -5,8 +5,8 @@ This is the SavedModel counterpart of :mod:`tfcompress.graph.keras_adapter`. It 
 :data:`tfcompress.graph.ops.OPS` (channel rule, constants, folding and MACs are the table's) with its parameters
 and the inputs that carry channels, or declines (the node then blocks the channels reaching it). The few
 :class:`NodeKind` subclasses add only how to slice the op's constant inputs (weights, BN vectors, reshape targets).
-The graph must be frozen and constant-folded first (:func:`tfcompress.graph.frozen_graph.fold_constants`): weights are ``Const`` nodes,
-possibly behind a ``FakeQuantWithMinMaxVars(PerChannel)`` that quantization-aware training left there.
+The graph must be frozen and constant-folded first (:func:`tfcompress.graph.frozen_graph.fold_constants`):
+weights are ``Const`` nodes, possibly behind a ``FakeQuantWithMinMaxVars(PerChannel)`` that quantization-aware training left there.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from tfcompress.graph.frozen_graph import (
 from tfcompress.graph.kernels import slice_kernel
 
 __all__ = ["GraphDefGraph", "KINDS", "NodeKind", "register"]
-
 
 
 def _attr(node, key: str):
@@ -57,7 +56,6 @@ def _copy(node: tf.compat.v1.NodeDef) -> tf.compat.v1.NodeDef:
     new = tf.compat.v1.NodeDef()
     new.CopyFrom(node)
     return new
-
 
 
 # --------------------------------------------------------------------------- per-op semantics
@@ -108,6 +106,7 @@ class NodeKind(ops.TableOp):
 
     has_channel_params = False
     reads_all_channels = False
+    weighted = True  # a producer with weights of its own (a layer of the strip report), not a channel source
 
     def __init__(self, node, graph: "GraphDefGraph", op: str = "identity", inputs: slice = slice(0, 1),
                  **params) -> None:
@@ -230,10 +229,12 @@ class _ChannelParam(NodeKind):
             new.input[self.ci] = rw.const(_node(name), ops.take_channels(c, out_keep, -1))
 
 
-class _ChannelParams(_ChannelParam):
+class _ChannelSource(_ChannelParam):
     """``r op c`` with ``r`` free of channels (its last axis 1, e.g. a LayerNormalization's ``rsqrt(var)``) and
     ``c`` a constant per channel (gamma): the output's channels are ``c``'s, created here as a producer creates
     its filters; removing one slices ``c``."""
+
+    weighted = False
 
     def __init__(self, node, graph, const_index: int) -> None:
         super().__init__(node, graph, const_index)
@@ -241,6 +242,7 @@ class _ChannelParams(_ChannelParam):
         self.op = "channel_params"
 
     def data_inputs(self):
+        """None: the channel-free operand carries no channels."""
         return []
 
     def const_out(self, in_consts):
@@ -803,31 +805,38 @@ def _reduce(g: GraphDefGraph, node):
         return None
     if not any(int(a) % in_rank == in_rank - 1 for a in axes):
         return NodeKind(node, g, "sum_positions" if node.op == "Sum" else "identity")
-    if node.op in ("Sum", "Mean"):
+    if node.op in ("Sum", "Mean") and tf.as_dtype(node.attr["T"].type).is_floating:
         return _ChannelStatistic(node, g, *_centered_square(g, node))
     return None  # a max or min over channels changes when a channel goes
 
 
 def _centered_square(g: GraphDefGraph, node) -> tuple[str, str | None]:
-    """For a channel Mean of ``(x - m)^2`` with ``m`` the channel Mean of ``x`` (tf.nn.moments' variance):
-    ``(x, m)``; for any other channel reduction: ``(its input, None)``."""
+    """For a channel Mean (keeping dims) of ``(x - m)^2`` with ``m`` the channel Mean of ``x`` (tf.nn.moments'
+    variance): ``(x, m)``; for any other channel reduction: ``(its input, None)``."""
     src = g.nodes.get(_node(node.input[0]))
-    pair = None
-    if src is not None and src.op == "SquaredDifference":
-        pair = src.input[:2]
-    elif src is not None and src.op == "Square":
-        sub = g.nodes.get(_node(src.input[0]))
-        pair = sub.input[:2] if sub is not None and sub.op == "Sub" else None
-    if pair is not None:
-        m = g.nodes.get(_node(pair[1]))
-        while m is not None and m.op in ("StopGradient", "Identity"):
-            m = g.nodes.get(_node(m.input[0]))
-        same_axes = m is not None and m.op == "Mean" and np.array_equal(
-            np.atleast_1d(g.const(m.input[1])) if g.is_const(m.input[1]) else None,
-            np.atleast_1d(g.const(node.input[1])))
-        if same_axes and _tensor(m.input[0]) == _tensor(pair[0]) and _attr(m, "keep_dims").b:
-            return pair[0], m.name
+    pair = []
+    if node.op == "Mean" and _attr(node, "keep_dims").b and src is not None:
+        if src.op == "SquaredDifference":
+            pair = src.input[:2]
+        elif src.op == "Square" and g.nodes[_node(src.input[0])].op == "Sub":
+            pair = g.nodes[_node(src.input[0])].input[:2]
+    for x, m in (pair, pair[::-1]) if pair else ():
+        mean = g.nodes.get(_node(m))
+        while mean is not None and mean.op in ("StopGradient", "Identity"):
+            mean = g.nodes.get(_node(mean.input[0]))
+        if (mean is not None and mean.op == "Mean" and _attr(mean, "keep_dims").b
+                and _tensor(mean.input[0]) == _tensor(x) and _same_axes(g, mean, node)):
+            return x, mean.name
     return node.input[0], None
+
+
+def _same_axes(g: GraphDefGraph, a, b) -> bool:
+    """Whether two reductions of tensors of the same rank reduce the same axes."""
+    rank = len(g.shape(a.input[0]))
+    if not (rank and g.is_const(a.input[1]) and g.is_const(b.input[1])):
+        return False
+    return {int(i) % rank for i in np.atleast_1d(g.const(a.input[1]))} == {
+        int(i) % rank for i in np.atleast_1d(g.const(b.input[1]))}
 
 
 @register("Squeeze", "ExpandDims", "Reshape")
@@ -880,12 +889,12 @@ def _binary(g: GraphDefGraph, node):
         width = g.width(node.name)
         per_channel = c.ndim >= 1 and c.shape[-1] == width and c.size == width
         if per_channel and width > 1 and g.width(node.input[1 - ci]) == 1:
-            return _ChannelParams(node, g, ci)
+            return _ChannelSource(node, g, ci)
         if c.size == 1 or per_channel:
             return _ChannelParam(node, g, ci)
         return _spatial_param(g, node, ci) if c.ndim == len(g.shape(node.name)) and c.shape[-1] == 1 else None
     sa, sb = g.shape(a), g.shape(b)
-    if sa and sb and sa[-1] != sb[-1] and 1 in (sa[-1], sb[-1]) and len(g.shape(node.name)) == max(len(sa), len(sb)):
+    if sa and sb and sa[-1] != sb[-1] and 1 in (sa[-1], sb[-1]):
         return _spatial_param(g, node, 0 if sa[-1] == 1 else 1)  # a channel-free tensor broadcast over channels
     if node.op in ("RealDiv", "BiasAdd"):
         return None

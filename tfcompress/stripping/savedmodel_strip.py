@@ -338,7 +338,7 @@ def _layer_rows(gg: GraphDefGraph, removable: dict, consts: dict) -> list[dict]:
     why_kept = graph.kept_reasons(removable, consts)
     rows = []
     for op in gg.ops:
-        if op.rule is not Rule.PRODUCER or op.semantics.op == "channel_params":  # rows are weighted layers
+        if op.rule is not Rule.PRODUCER or not op.semantics.weighted:  # rows are weighted layers
             continue
         out = op.outputs[0]
         keep = graph.keep_mask(out, removable)
