@@ -6,7 +6,8 @@ This is the SavedModel counterpart of :mod:`tfcompress.graph.keras_adapter`. It 
 and the inputs that carry channels, or declines (the node then blocks the channels reaching it). The few
 :class:`NodeKind` subclasses add only how to slice the op's constant inputs (weights, BN vectors, reshape targets).
 The graph must be frozen and constant-folded first (:func:`tfcompress.graph.frozen_graph.fold_constants`):
-weights are ``Const`` nodes, possibly behind a ``FakeQuantWithMinMaxVars(PerChannel)`` that quantization-aware training left there.
+weights are ``Const`` nodes, possibly behind a ``FakeQuantWithMinMaxVars(PerChannel)`` that quantization-aware
+training left there.
 """
 
 from __future__ import annotations
@@ -236,19 +237,17 @@ class _ChannelSource(_ChannelParam):
 
     weighted = False
 
-    def __init__(self, node, graph, const_index: int) -> None:
-        super().__init__(node, graph, const_index)
-        self.binary = self.op
-        self.op = "channel_params"
+    @property
+    def rule(self) -> Rule:
+        return Rule.PRODUCER
 
     def data_inputs(self):
         """None: the channel-free operand carries no channels."""
         return []
 
     def const_out(self, in_consts):
-        c = self._c()
-        r = np.full(c.shape, np.nan)  # the channel-free operand is not a known constant
-        return [ops.const_out(self.binary, [r, c] if self.ci == 1 else [c, r])]
+        # the channel-free operand is not a known constant: the binary op's own rule gives each channel
+        return super().const_out([np.full(self._c().shape, np.nan)])
 
 
 class _ChannelStatistic(NodeKind):

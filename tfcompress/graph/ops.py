@@ -251,9 +251,6 @@ OPS: dict[str, OpSemantics] = {
     "scale_positions": OpSemantics(_nonzero_unknown),  # a scale varying over positions, not channels
     # a reduction over the channel axis (a normalization's mean or variance): reads every channel, creates none
     "channel_statistic": OpSemantics(_unknown, rule=Rule.SHAPE),
-    # a channel-free tensor broadcast against per-channel parameters (a normalization's rsqrt(var) * gamma):
-    # creates channels as a producer does, and a zero parameter gives a zero channel
-    "channel_params": OpSemantics(_product, rule=Rule.PRODUCER),
     "identity": OpSemantics(lambda cs: cs[0].copy()),
     "prelu": OpSemantics(_prelu),
     "flatten": OpSemantics(lambda cs, tile: np.tile(cs[0], tile), rule=Rule.FLATTEN),
