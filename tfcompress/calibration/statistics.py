@@ -106,21 +106,36 @@ def iterate_samples(data, shape, limit: int | None = None) -> Iterable[np.ndarra
 
 
 def run_batches(model, compiled, data, subset_size: int, batch: int, label: str, verbose: bool, on_result) -> int:
-    """Feed up to ``subset_size`` samples to ``compiled`` in batches; ``on_result(results, n)`` per batch.
+    """Feed up to ``subset_size`` samples to ``compiled`` in batches; ``on_result(results, n)`` per batch, in
+    the order of the samples.
 
-    Uses the model's static batch size when it has one. Returns how many samples were used.
+    Batches run on as many infer requests as ``compiled`` has streams, in turn, so that the next batch runs
+    while the results of the last one are read. Uses the model's static batch size when it has one. Returns
+    how many samples were used.
     """
     shape = model.inputs[0].get_partial_shape()
     if shape[0].is_static:
         batch = shape[0].get_length()
     progress = Progress(subset_size, label, verbose)
+    requests = [compiled.create_infer_request() for _ in range(max(1, compiled.get_property("NUM_STREAMS")))]
+    pending: list = [None] * len(requests)  # per request: how many samples it is running, or None
     chunk: list[np.ndarray] = []
-    n = 0
+    n = runs = 0
 
-    def run(rows):
-        x = np.concatenate(rows).astype(np.float32)
-        on_result(compiled({compiled.inputs[0]: x}), len(x))
-        progress.update(len(x))
+    def finish(slot: int) -> None:
+        requests[slot].wait()
+        on_result(requests[slot].results, pending[slot])
+        progress.update(pending[slot])
+        pending[slot] = None
+
+    def run(rows) -> None:
+        nonlocal runs
+        slot = runs % len(requests)
+        runs += 1
+        if pending[slot] is not None:
+            finish(slot)
+        requests[slot].start_async({0: np.concatenate(rows).astype(np.float32)})
+        pending[slot] = len(rows)
 
     for sample in iterate_samples(data, shape, subset_size):
         chunk.append(sample)
@@ -130,6 +145,9 @@ def run_batches(model, compiled, data, subset_size: int, batch: int, label: str,
             chunk = []
     if chunk:
         run(chunk)
+    for k in range(runs, runs + len(requests)):  # the last batches, oldest first
+        if pending[k % len(requests)] is not None:
+            finish(k % len(requests))
     if n == 0:
         raise ValueError("calibration_data yielded no samples")
     return n
@@ -145,13 +163,20 @@ def _nonnegative(node) -> bool:
     return t in _NONNEGATIVE
 
 
+# Streams of a statistics pass: two batches in flight, each on half the cores, keep the cores busier than one
+# batch on all of them (the layers' threads wait for each other less) at twice the activation memory.
+PASS_STREAMS = 2
+
+
 def _compile_probe(probe, outputs: list, precision: str | None):
     """Compile ``probe`` (a clone of the model) with ``outputs`` as extra model outputs; returns the compiled
     model and its outputs for them, in order. ``precision``: an inference precision hint, or None (default)."""
     import openvino as ov
 
     probe.add_outputs(outputs)
-    config = {} if precision is None else {"INFERENCE_PRECISION_HINT": precision}
+    config = {"NUM_STREAMS": PASS_STREAMS}
+    if precision is not None:
+        config["INFERENCE_PRECISION_HINT"] = precision
     compiled = ov.Core().compile_model(probe, "CPU", config)
     return compiled, compiled.outputs[len(compiled.outputs) - len(outputs):]
 
