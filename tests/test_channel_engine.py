@@ -491,9 +491,9 @@ class _ChannelScale(L.Layer):
 
 
 def test_register_layer_declares_a_custom_layers_channel_rule(rng, monkeypatch):
-    from tfcompress.graph import keras_adapter
+    from tfcompress.graph import custom_layers
 
-    monkeypatch.setattr(keras_adapter, "_REGISTRY", dict(keras_adapter._REGISTRY))
+    monkeypatch.setattr(custom_layers, "_REGISTRY", dict(custom_layers._REGISTRY))
     inp = keras.Input((6, 6, 3))
     a = L.Conv2D(8, 3, padding="same", name="a")(inp)
     s = _ChannelScale(8, name="scale")(a)
@@ -536,9 +536,9 @@ class _Cap(L.Layer):
 def test_register_layer_against_a_canonical_op(rng, monkeypatch):
     """A custom layer declared as an op of the table: constants go through the table's semantics (equal to the
     layer's own call), so zeroed channels whose constant passes through it fold into the next conv and go."""
-    from tfcompress.graph import keras_adapter
+    from tfcompress.graph import custom_layers
 
-    monkeypatch.setattr(keras_adapter, "_REGISTRY", dict(keras_adapter._REGISTRY))
+    monkeypatch.setattr(custom_layers, "_REGISTRY", dict(custom_layers._REGISTRY))
     tfcompress.register_layer(_HardSwish, op="hard_silu")
     tfcompress.register_layer(_Cap, op="clip", params=lambda layer: {"x_min": 0.0, "x_max": layer.cap})
     inp = keras.Input((6, 6, 3))
@@ -742,11 +742,11 @@ _KERAS_ACTIVATIONS = ("relu", "relu6", "elu", "selu", "celu", "sigmoid", "hard_s
 
 def test_op_table_activations_match_keras(rng):
     """Each Keras activation the Keras adapter maps to the table computes what Keras computes."""
-    from tfcompress.graph import keras_adapter, ops
+    from tfcompress.graph import keras_kinds, ops
 
     v = _activation_values(rng)
     for name in _KERAS_ACTIVATIONS:
-        op, params = keras_adapter.activation_op(name)
+        op, params = keras_kinds.activation_op(name)
         assert op == name
         expected = np.asarray(keras.activations.get(name)(v.astype("float32")))
         assert np.allclose(ops.const_out(op, [v], **params), expected, rtol=1e-5, atol=1e-5), name

@@ -2,7 +2,8 @@
 
 from tfcompress.graph.channels import channel_groups, explain, zero_channels
 from tfcompress.graph.engine import ChannelGraph, ChannelGroup, ChannelMap, Op, Rule, Segment
-from tfcompress.graph.keras_adapter import KerasGraph, UnsupportedModelError, build_graph, register_layer
+from tfcompress.graph.custom_layers import register_layer
+from tfcompress.graph.keras_adapter import KerasGraph, UnsupportedModelError, build_graph
 
 __all__ = [
     "ChannelGraph", "ChannelGroup", "ChannelMap", "KerasGraph", "Op", "Rule", "Segment",

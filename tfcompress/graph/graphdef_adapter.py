@@ -3,8 +3,8 @@
 This is the SavedModel counterpart of :mod:`tfcompress.graph.keras_adapter`. It only translates: one table,
 :data:`KINDS`, maps each TF op type to a classifier that reads the node as a canonical op of
 :data:`tfcompress.graph.ops.OPS` (channel rule, constants, folding and MACs are the table's) with its parameters
-and the inputs that carry channels, or declines (the node then blocks the channels reaching it). The few
-:class:`NodeKind` subclasses add only how to slice the op's constant inputs (weights, BN vectors, reshape targets).
+and the inputs that carry channels, or declines (the node then blocks the channels reaching it). The kinds, and
+how each slices its constant inputs when channels go, are in :mod:`tfcompress.graph.graphdef_kinds`.
 The graph must be frozen and constant-folded first (:func:`tfcompress.graph.frozen_graph.fold_constants`):
 weights are ``Const`` nodes, possibly behind a ``FakeQuantWithMinMaxVars(PerChannel)`` that quantization-aware
 training left there.
@@ -18,23 +18,14 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
+from tfcompress.graph import graphdef_kinds as kinds
 from tfcompress.graph.engine import ChannelGraph, Op, Rule
-from tfcompress.graph import ops
 from tfcompress.graph.frozen_graph import (
-    FAKE_QUANT_OPS as _FAKE_QUANT, const_node as _const_node, node_name as _node, prune_unused,
-    tensor_name as _tensor, topological_order as _topological,
+    node_name as _node, prune_unused, tensor_name as _tensor, topological_order as _topological,
 )
-from tfcompress.graph.kernels import slice_kernel
+from tfcompress.graph.graphdef_kinds import NodeKind, Rewriter
 
 __all__ = ["GraphDefGraph", "KINDS", "NodeKind", "register"]
-
-
-def _attr(node, key: str):
-    """A node attribute without inserting it (``node.attr[key]`` on a missing key adds an empty, invalid one)."""
-    return node.attr[key] if key in node.attr else _EMPTY_ATTR
-
-
-_EMPTY_ATTR = tf.compat.v1.AttrValue()
 
 
 # TF unary op -> its canonical activation in :data:`tfcompress.graph.ops.UNARY`
@@ -48,415 +39,9 @@ _UNARY = {
 }
 _POOL = {"MaxPool", "AvgPool", "MaxPoolV2"}
 _REDUCE = {"Mean", "Max", "Min", "Sum"}
-# TF binary op -> its canonical op in tfcompress.graph.ops.OPS (RealDiv only by a constant: see _ChannelParam)
+# TF binary op -> its canonical op in tfcompress.graph.ops.OPS (RealDiv only by a constant: see kinds.ChannelParam)
 _BINARY = {"Add": "add", "AddV2": "add", "BiasAdd": "add", "Sub": "sub", "Mul": "mul", "RealDiv": "div",
            "Maximum": "max", "Minimum": "min", "SquaredDifference": "squared_difference"}
-
-
-def _copy(node: tf.compat.v1.NodeDef) -> tf.compat.v1.NodeDef:
-    new = tf.compat.v1.NodeDef()
-    new.CopyFrom(node)
-    return new
-
-
-# --------------------------------------------------------------------------- per-op semantics
-
-class Rewriter:
-    """Collects the edits of a strip: new constants, replaced nodes, inserted nodes."""
-
-    def __init__(self, graph: "GraphDefGraph") -> None:
-        self.graph = graph
-        self.new_nodes: list[tf.compat.v1.NodeDef] = []
-        self.redirect: dict[str, str] = {}  # tensor name -> replacement tensor name (for inserted nodes)
-        self.values: dict[str, np.ndarray] = {}  # value of each new constant
-        self.biases: dict[str, tuple[tf.compat.v1.NodeDef, np.ndarray]] = {}  # node -> bias folded into it
-
-    def const(self, base: str, value: np.ndarray) -> str:
-        name = f"{base}/tfcompress_sliced"
-        k = 0
-        while name in self.graph.nodes or name in self.values:
-            k += 1
-            name = f"{base}/tfcompress_sliced_{k}"
-        self.new_nodes.append(_const_node(name, value))
-        self.values[name] = np.asarray(value)
-        return name
-
-    def value(self, tensor: str) -> np.ndarray:
-        """The value of a new or an original constant."""
-        return self.values[_node(tensor)] if _node(tensor) in self.values else self.graph.const(tensor)
-
-    def add_bias(self, node: tf.compat.v1.NodeDef, bias: np.ndarray) -> None:
-        """Add ``bias`` (per output channel) to ``node``'s output; placed by :meth:`GraphDefGraph.rewrite`."""
-        self.biases[node.name] = (node, bias)
-
-    def insert_bias_add(self, node: tf.compat.v1.NodeDef, bias: np.ndarray) -> None:
-        """Insert ``BiasAdd(node, bias)`` and make every reader of ``node`` read it instead."""
-        dtype = node.attr["T"].type
-        c = self.const(node.name + "/tfcompress_folded_bias", bias.astype(tf.as_dtype(dtype).as_numpy_dtype))
-        b = tf.compat.v1.NodeDef(name=node.name + "/tfcompress_folded", op="BiasAdd", input=[node.name, c])
-        b.attr["T"].type = dtype
-        b.attr["data_format"].s = b"NHWC"
-        self.new_nodes.append(b)
-        self.redirect[_tensor(node.name)] = b.name
-
-
-class NodeKind(ops.TableOp):
-    """A TF node as the engine sees it: its canonical op in :data:`tfcompress.graph.ops.OPS` with the
-    parameters read from the node, and which of its inputs carry channels. Subclasses add how to rewrite
-    the node for fewer channels (and read parameters that need more than an attribute)."""
-
-    has_channel_params = False
-    reads_all_channels = False
-    weighted = True  # a producer with weights of its own (a layer of the strip report), not a channel source
-
-    def __init__(self, node, graph: "GraphDefGraph", op: str = "identity", inputs: slice = slice(0, 1),
-                 **params) -> None:
-        self.node = node
-        self.g = graph
-        self.op = op
-        self._inputs = inputs
-        self._params = params
-
-    @property
-    def rule(self) -> Rule:
-        return ops.rule(self.op, len(self.data_inputs()))
-
-    @property
-    def label(self) -> str:
-        """How messages name the node: its TF op type and name."""
-        return f"{self.node.op} {self.node.name!r}"
-
-    def fold_note(self) -> str:
-        """Why a constant input cannot be folded into this op's bias ('' when it can or nothing specific)."""
-        return ""
-
-    def params(self) -> dict:
-        """The parameters of its canonical op."""
-        return self._params
-
-    def geometry(self) -> dict:
-        """The node's shape as the table's MAC and folding rules read it (:class:`ops.OpSemantics`)."""
-        data = self.data_inputs()
-        w = getattr(self, "w", None)
-        return dict(positions=self.g.positions(self.node.name), groups=self.blocks(),
-                    in_positions=self.g.positions(data[0]) if data else 1,
-                    window=w.value.shape[0] * w.value.shape[1] if w is not None and w.value.ndim == 4 else 1,
-                    valid_padding=_attr(self.node, "padding").s == b"VALID")
-
-    def channels(self) -> int:
-        return self.g.width(self.node.name)
-
-    def blocks(self) -> int:
-        return 1
-
-    def data_inputs(self) -> list[str]:
-        """The inputs that carry channels (tensors), as opposed to parameters."""
-        return [i for i in self.node.input if not i.startswith("^")][self._inputs]
-
-    def rewrite(self, new, in_keeps, out_keep, folds, rw: Rewriter) -> None:
-        """Edit ``new`` (a copy of the node) for the kept channels."""
-
-
-def _blocker(node, g: "GraphDefGraph", op: str = "blocker") -> NodeKind:
-    """A node whose channels are never removed (every data input is read as a whole)."""
-    return NodeKind(node, g, op, slice(None), width=g.width(node.name))
-
-
-class _Reshape(NodeKind):
-    """A reshape keeping the channel axis; its target shape's last entry is rewritten."""
-
-    def rewrite(self, new, in_keeps, out_keep, folds, rw):
-        new.input[1] = _with_last_entry(self.g, self.node.input[1], int(out_keep.sum()), rw)
-
-
-def _has_constant_last_entry(graph: "GraphDefGraph", shape_tensor: str) -> bool:
-    """A shape operand whose channel entry :func:`_with_last_entry` can rewrite: a Const, ``Pack(..., C)`` or
-    ``ConcatV2(..., [..., C])`` (tensordot's output shape)."""
-    src = graph.nodes.get(_node(shape_tensor))
-    if src is None or src.op not in ("Const", "Pack", "ConcatV2"):
-        return False
-    return src.op == "Const" or graph.is_const(_last_part(src))
-
-
-def _last_part(shape_node) -> str:
-    """The operand of a ``Pack`` / ``ConcatV2`` shape vector that holds its last entry."""
-    return shape_node.input[-1] if shape_node.op == "Pack" else shape_node.input[-2]
-
-
-def _with_last_entry(graph: "GraphDefGraph", shape_tensor: str, n: int, rw: "Rewriter") -> str:
-    """A tensor equal to the shape operand ``shape_tensor`` with its last entry (the channel count) set to ``n``."""
-    src = graph.nodes[_node(shape_tensor)]
-    if src.op == "Const":
-        shape = graph.const(src.name).copy()
-        shape[-1] = n
-        return rw.const(src.name, shape)
-    last = _last_part(src)  # Pack(batch, d1, ..., C) or ConcatV2(..., [..., C]): replace the constant part
-    value = np.array(graph.const(last))
-    value.reshape(-1)[-1] = n  # a packed scalar, or the last entry of a concatenated vector
-    packed = tf.compat.v1.NodeDef()
-    packed.CopyFrom(src)
-    packed.name = src.name + "/tfcompress"
-    packed.input[-1 if src.op == "Pack" else -2] = rw.const(_node(last), value)
-    rw.new_nodes.append(packed)
-    return packed.name
-
-
-class _ChannelParam(NodeKind):
-    """x op c with c a constant per channel (BiasAdd, BN's Mul/Add, Relu6-as-Minimum ...)."""
-
-    has_channel_params = True
-
-    def __init__(self, node, graph, const_index: int) -> None:
-        super().__init__(node, graph, _BINARY[node.op] if node.op != "RealDiv" or const_index else "opaque")
-        self.ci = const_index
-        self.xi = 1 - const_index
-
-    def data_inputs(self):
-        return [self.node.input[self.xi]]
-
-    def _c(self) -> np.ndarray:
-        c = self.g.const(self.node.input[self.ci]).astype(np.float64)
-        return c.reshape(-1) if c.size > 1 else c.reshape(())
-
-    def const_out(self, in_consts):
-        v = in_consts[0]
-        c = np.broadcast_to(self._c(), v.shape).astype(np.float64)
-        return [ops.const_out(self.op, [v, c] if self.ci == 1 else [c, v])]
-
-    def rewrite(self, new, in_keeps, out_keep, folds, rw):
-        name = self.node.input[self.ci]
-        c = self.g.const(name)
-        if c.size > 1:
-            new.input[self.ci] = rw.const(_node(name), ops.take_channels(c, out_keep, -1))
-
-
-class _ChannelSource(_ChannelParam):
-    """``r op c`` with ``r`` free of channels (its last axis 1, e.g. a LayerNormalization's ``rsqrt(var)``) and
-    ``c`` a constant per channel (gamma): the output's channels are ``c``'s, created here as a producer creates
-    its filters; removing one slices ``c``."""
-
-    weighted = False
-
-    @property
-    def rule(self) -> Rule:
-        return Rule.PRODUCER
-
-    def data_inputs(self):
-        """None: the channel-free operand carries no channels."""
-        return []
-
-    def const_out(self, in_consts):
-        # the channel-free operand is not a known constant: the binary op's own rule gives each channel
-        return super().const_out([np.full(self._c().shape, np.nan)])
-
-
-class _ChannelStatistic(NodeKind):
-    """A Sum or Mean over the channel axis (a normalization's statistics): its output has no channels to remove.
-
-    A zeroed channel of its input may leave: it adds nothing to a sum, and a mean keeps the original count (the kept
-    channels' mean times kept / original). ``variance_of``: for ``Mean((x - Mean(x))^2)``, the mean node of
-    ``x``: each removed channel of ``x`` held 0, so its term was ``Mean(x)^2``; it is added back.
-    """
-
-    reads_all_channels = True
-
-    def __init__(self, node, graph, x: str, variance_of: str | None = None) -> None:
-        super().__init__(node, graph, "channel_statistic", width=graph.width(node.name))
-        self.x, self.variance_of = x, variance_of
-
-    def data_inputs(self):
-        return [self.x]
-
-    def rewrite(self, new, in_keeps, out_keep, folds, rw):
-        if self.node.op == "Sum":
-            return
-        keep = in_keeps[0]
-        kept, total = int(keep.sum()), keep.size
-        # the edited node gets a new name and the corrected value takes its old one, for every reader
-        new.name = self.node.name + "/tfcompress_kept"
-        dtype = tf.as_dtype(self.node.attr["T"].type).as_numpy_dtype
-        scaled = _binary_node(self.node.name if self.variance_of is None else new.name + "/scaled", "Mul",
-                              new.name, rw.const(new.name + "/kept_fraction", np.asarray(kept / total, dtype)),
-                              self.node)
-        rw.new_nodes.append(scaled)
-        if self.variance_of is None:
-            return
-        square = _binary_node(new.name + "/mean_squared", "Mul", self.variance_of, self.variance_of, self.node)
-        removed = _binary_node(new.name + "/removed_terms", "Mul", square.name,
-                               rw.const(new.name + "/removed_fraction", np.asarray((total - kept) / total, dtype)),
-                               self.node)
-        rw.new_nodes += [square, removed, _binary_node(self.node.name, "AddV2", scaled.name, removed.name, self.node)]
-
-
-def _binary_node(name: str, op: str, a: str, b: str, like) -> tf.compat.v1.NodeDef:
-    """A new binary node with ``like``'s dtype."""
-    n = tf.compat.v1.NodeDef(name=name, op=op, input=[a, b])
-    n.attr["T"].type = like.attr["T"].type
-    return n
-
-
-class _FusedBatchNorm(NodeKind):
-    has_channel_params = True
-
-    def params(self):
-        gamma, beta, mean, var = [self.g.const(i).astype(np.float64) for i in self.node.input[1:5]]
-        return dict(gamma=gamma, beta=beta, mean=mean, var=var, epsilon=_attr(self.node, "epsilon").f)
-
-    def rewrite(self, new, in_keeps, out_keep, folds, rw):
-        for k in range(1, 5):
-            name = self.node.input[k]
-            new.input[k] = rw.const(_node(name), ops.take_channels(self.g.const(name), out_keep, 0))
-
-
-class _Weights:
-    """A producer's weight input: a Const, a FakeQuant of a Const (from quantization-aware training), or a
-    Reshape of such a FakeQuant (QAT depthwise kernels: per-channel FakeQuant works on the last axis only, so
-    the (h, w, c, m) kernel is quantized as (h, w, 1, c * m) and reshaped back)."""
-
-    def __init__(self, graph: "GraphDefGraph", tensor: str) -> None:
-        self.g = graph
-        node = self._skip_identity(graph.nodes[_node(tensor)])
-        self.reshape = None
-        if node.op == "Reshape":
-            inner = self._skip_identity(graph.nodes[_node(node.input[0])])
-            if inner.op not in _FAKE_QUANT or graph.nodes[_node(node.input[1])].op != "Const":
-                raise KeyError(tensor)
-            self.reshape, node = node, inner
-        self.fq = node if node.op in _FAKE_QUANT else None
-        self.const_name = _node(self.fq.input[0]) if self.fq is not None else node.name
-        if graph.nodes[self.const_name].op != "Const":
-            raise KeyError(tensor)
-
-    def _skip_identity(self, node):
-        while node.op == "Identity":
-            node = self.g.nodes[_node(node.input[0])]
-        return node
-
-    @property
-    def value(self) -> np.ndarray:
-        v = self.g.const(self.const_name)
-        return v if self.reshape is None else v.reshape(self.g.const(_node(self.reshape.input[1])))
-
-    def replace(self, new_value: np.ndarray, out_keep: np.ndarray | None, rw: Rewriter) -> str:
-        """Name of a tensor with ``new_value`` (re-quantized the same way); ``out_keep`` slices the per-channel
-        ranges of the FakeQuant (its last axis, before any Reshape)."""
-        stored = self.g.const(self.const_name).shape
-        c = rw.const(self.const_name, new_value if self.reshape is None else new_value.reshape(stored[:-1] + (-1,)))
-        if self.fq is None:
-            return c
-        fq = tf.compat.v1.NodeDef()
-        fq.CopyFrom(self.fq)
-        fq.name = self.fq.name + "/tfcompress"
-        fq.input[0] = c
-        if self.fq.op == "FakeQuantWithMinMaxVarsPerChannel" and out_keep is not None:
-            for k in (1, 2):
-                rng = self.g.const(self.fq.input[k])
-                if rng.size == out_keep.size:
-                    fq.input[k] = rw.const(_node(self.fq.input[k]), rng[out_keep])
-        rw.new_nodes.append(fq)
-        if self.reshape is None:
-            return fq.name
-        shape = self.g.const(_node(self.reshape.input[1]))
-        reshape = tf.compat.v1.NodeDef()
-        reshape.CopyFrom(self.reshape)
-        reshape.name = self.reshape.name + "/tfcompress"
-        reshape.input[0] = fq.name
-        reshape.input[1] = rw.const(_node(self.reshape.input[1]), np.asarray(new_value.shape, shape.dtype))
-        rw.new_nodes.append(reshape)
-        return reshape.name
-
-
-class _Producer(NodeKind):
-    """Conv2D (HWIO filter, grouped when its in-dim is smaller than the input's) and MatMul."""
-
-    has_channel_params = True
-
-    def __init__(self, node, graph, weights: _Weights, op: str, inputs: slice = slice(0, 1)) -> None:
-        super().__init__(node, graph, op, inputs)
-        self.w = weights
-        self.transpose_b = node.op == "MatMul" and _attr(node, "transpose_b").b
-
-    def _kernel(self) -> np.ndarray:
-        """The weights as (..., in, out)."""
-        return self._stored(self.w.value)
-
-    def _stored(self, k: np.ndarray) -> np.ndarray:
-        """Between the (..., in, out) layout and the op's own (an involution)."""
-        return k.T if self.transpose_b else k
-
-    def channels(self):
-        return int(self._kernel().shape[-1])
-
-    def blocks(self):
-        if self.node.op != "Conv2D":
-            return 1
-        return max(1, self.g.width(self.node.input[0]) // int(self._kernel().shape[-2]))
-
-    def params(self):
-        return dict(kernel=self._kernel(), bias=0.0)  # its bias is a BiasAdd
-
-    def fold_note(self):
-        if self.can_fold(0):
-            return ""
-        k = self._kernel()
-        return (f" (a {_attr(self.node, 'padding').s.decode()}-padded {k.shape[0]}x{k.shape[1]} convolution: "
-                "its zero padding makes a constant input contribute differently at the borders)")
-
-    def rewrite(self, new, in_keeps, out_keep, folds, rw):
-        k, add = ops.shrink_producer(self._kernel(), np.zeros(self.channels()), in_keeps[0], out_keep, folds[0],
-                                     self.blocks())
-        new.input[1] = self.w.replace(self._stored(k), out_keep, rw)
-        if np.any(add != 0):
-            rw.add_bias(new, add)
-
-
-class _TransposedConv(_Producer):
-    """Conv2DBackpropInput (Conv2DTranspose): filter (h, w, out, in), input 0 the output shape, input 2 the data.
-
-    A constant input does not give a constant output (strided windows overlap unevenly at the borders), so
-    nothing is folded into its bias.
-    """
-
-    def _stored(self, k):
-        return np.swapaxes(k, -1, -2)
-
-    def blocks(self):
-        return 1
-
-    def fold_note(self):
-        return " (a transposed convolution: its windows overlap unevenly, so a constant input is not constant out)"
-
-    def rewrite(self, new, in_keeps, out_keep, folds, rw):
-        k = slice_kernel(self._kernel(), in_keeps[0], out_keep)
-        new.input[1] = self.w.replace(self._stored(k), in_keeps[0], rw)
-        new.input[0] = _with_last_entry(self.g, self.node.input[0], int(out_keep.sum()), rw)
-
-
-class _Depthwise(NodeKind):
-    """DepthwiseConv2dNative, or a Conv2D whose every group reads one input channel (Keras's
-    ``Conv2D(groups=channels)``, as in ConvNeXt): its (h, w, 1, c * m) filter is the depthwise (h, w, c, m) one."""
-
-    has_channel_params = True
-
-    def __init__(self, node, graph, weights: _Weights) -> None:
-        super().__init__(node, graph, "depthwise")
-        self.w = weights
-
-    def _kernel(self) -> np.ndarray:
-        """(h, w, c, multiplier): output channel c * multiplier + j."""
-        k = self.w.value
-        return k if self.node.op != "Conv2D" else k.reshape(k.shape[:2] + (self.g.width(self.node.input[0]), -1))
-
-    def channels(self):
-        return int(self._kernel().shape[-1])
-
-    def params(self):
-        return dict(kernel=self._kernel(), bias=0.0, valid_padding=_attr(self.node, "padding").s == b"VALID")
-
-    def rewrite(self, new, in_keeps, out_keep, folds, rw):
-        k = ops.take_channels(self._kernel(), in_keeps[0], -2)
-        stored = k if self.node.op != "Conv2D" else k.reshape(k.shape[:2] + (1, -1))
-        new.input[1] = self.w.replace(stored, np.repeat(in_keeps[0], k.shape[-1]), rw)
 
 
 # --------------------------------------------------------------------------- the graph
@@ -602,10 +187,10 @@ class GraphDefGraph:
         classify = KINDS.get(node.op)
         kind = classify(self, node) if classify is not None else None
         if kind is None:
-            return _blocker(node, self)
+            return kinds.blocker(node, self)
         if kind.rule is Rule.ELEMENTWISE and kind.data_inputs():
             if self.width(kind.data_inputs()[0]) != self.width(node.name):
-                return _blocker(node, self)
+                return kinds.blocker(node, self)
         return kind
 
     # --- rewriting
@@ -624,7 +209,7 @@ class GraphDefGraph:
             if not changed:
                 continue
             folds = [np.where(k, 0.0, np.nan_to_num(consts[t])) for k, t in zip(in_keeps, op.inputs)]
-            new = _copy(self.nodes[op.name])
+            new = kinds.copy_node(self.nodes[op.name])
             kind.rewrite(new, in_keeps, out_keep, folds, rw)
             edited[op.name] = new
         self._place_biases(rw, edited)
@@ -653,7 +238,7 @@ class GraphDefGraph:
             if reader is None:
                 rw.insert_bias_add(node, bias)
                 continue
-            new = edited.setdefault(reader.name, _copy(reader))
+            new = edited.setdefault(reader.name, kinds.copy_node(reader))
             ci = self.kinds[reader.name].ci
             c = rw.value(new.input[ci])
             summed = c + bias.reshape(c.shape) if c.size == bias.size else c.reshape(()) + bias
@@ -666,7 +251,7 @@ class GraphDefGraph:
             return None
         reader = readers[0]
         kind = self.kinds.get(reader.name)
-        if type(kind) is not _ChannelParam or reader.op not in ("Add", "AddV2", "BiasAdd"):
+        if type(kind) is not kinds.ChannelParam or reader.op not in ("Add", "AddV2", "BiasAdd"):
             return None
         if _tensor(reader.input[kind.xi]) != _tensor(name):
             return None
@@ -695,7 +280,7 @@ def register(*op_types: str) -> Callable[[Classifier], Classifier]:
 
 
 def _nhwc(node) -> bool:
-    return _attr(node, "data_format").s in (b"", b"NHWC")
+    return kinds.attr(node, "data_format").s in (b"", b"NHWC")
 
 
 @register("Const", "Placeholder", "PlaceholderWithDefault")
@@ -705,12 +290,12 @@ def _input(g: GraphDefGraph, node):
 
 @register("Shape")
 def _shape(g: GraphDefGraph, node):
-    return _blocker(node, g, "shape") if _shape_reads_are_safe(g, node) else None
+    return kinds.blocker(node, g, "shape") if _shape_reads_are_safe(g, node) else None
 
 
 @register(*_UNARY)
 def _unary(g: GraphDefGraph, node):
-    params = {"negative_slope": _attr(node, "alpha").f} if node.op == "LeakyRelu" else {}
+    params = {"negative_slope": kinds.attr(node, "alpha").f} if node.op == "LeakyRelu" else {}
     return NodeKind(node, g, _UNARY[node.op], **params)
 
 
@@ -718,13 +303,13 @@ def _unary(g: GraphDefGraph, node):
 def _fake_quant_tensor(g: GraphDefGraph, node):
     """Per-tensor activation fake-quant: 0 stays 0 (it is on the grid), a constant stays constant."""
     if node.op == "FakeQuantWithMinMaxArgs":
-        lo, hi = _attr(node, "min").f, _attr(node, "max").f
+        lo, hi = kinds.attr(node, "min").f, kinds.attr(node, "max").f
     elif g.is_const(node.input[1]) and g.is_const(node.input[2]):
         lo, hi = float(g.const(node.input[1])), float(g.const(node.input[2]))
     else:
         return None
-    return NodeKind(node, g, "fake_quant", lo=lo, hi=hi, num_bits=_attr(node, "num_bits").i or 8,
-                    narrow_range=_attr(node, "narrow_range").b)
+    return NodeKind(node, g, "fake_quant", lo=lo, hi=hi, num_bits=kinds.attr(node, "num_bits").i or 8,
+                    narrow_range=kinds.attr(node, "narrow_range").b)
 
 
 @register(*_POOL)
@@ -773,14 +358,14 @@ def _strided_slice(g: GraphDefGraph, node):
     rank = len(g.shape(node.input[0]))
     if not rank or len(g.shape(node.name)) != rank or not all(g.is_const(i) for i in node.input[1:4]):
         return None
-    if any(_attr(node, m).i for m in ("ellipsis_mask", "new_axis_mask", "shrink_axis_mask")):
+    if any(kinds.attr(node, m).i for m in ("ellipsis_mask", "new_axis_mask", "shrink_axis_mask")):
         return None
     begin, end, strides = (np.atleast_1d(g.const(i)) for i in node.input[1:4])
     axis = rank - 1
     if axis >= begin.size:
         return NodeKind(node, g)
-    whole_start = _attr(node, "begin_mask").i >> axis & 1 or begin[axis] == 0
-    whole_end = _attr(node, "end_mask").i >> axis & 1 or end[axis] >= g.width(node.input[0])
+    whole_start = kinds.attr(node, "begin_mask").i >> axis & 1 or begin[axis] == 0
+    whole_end = kinds.attr(node, "end_mask").i >> axis & 1 or end[axis] >= g.width(node.input[0])
     return NodeKind(node, g) if whole_start and whole_end and strides[axis] == 1 else None
 
 
@@ -805,7 +390,7 @@ def _reduce(g: GraphDefGraph, node):
     if not any(int(a) % in_rank == in_rank - 1 for a in axes):
         return NodeKind(node, g, "sum_positions" if node.op == "Sum" else "identity")
     if node.op in ("Sum", "Mean") and tf.as_dtype(node.attr["T"].type).is_floating:
-        return _ChannelStatistic(node, g, *_centered_square(g, node))
+        return kinds.ChannelStatistic(node, g, *_centered_square(g, node))
     return None  # a max or min over channels changes when a channel goes
 
 
@@ -814,7 +399,7 @@ def _centered_square(g: GraphDefGraph, node) -> tuple[str, str | None]:
     variance): ``(x, m)``; for any other channel reduction: ``(its input, None)``."""
     src = g.nodes.get(_node(node.input[0]))
     pair = []
-    if node.op == "Mean" and _attr(node, "keep_dims").b and src is not None:
+    if node.op == "Mean" and kinds.attr(node, "keep_dims").b and src is not None:
         if src.op == "SquaredDifference":
             pair = src.input[:2]
         elif src.op == "Square" and g.nodes[_node(src.input[0])].op == "Sub":
@@ -823,7 +408,7 @@ def _centered_square(g: GraphDefGraph, node) -> tuple[str, str | None]:
         mean = g.nodes.get(_node(m))
         while mean is not None and mean.op in ("StopGradient", "Identity"):
             mean = g.nodes.get(_node(mean.input[0]))
-        if (mean is not None and mean.op == "Mean" and _attr(mean, "keep_dims").b
+        if (mean is not None and mean.op == "Mean" and kinds.attr(mean, "keep_dims").b
                 and _tensor(mean.input[0]) == _tensor(x) and _same_axes(g, mean, node)):
             return x, mean.name
     return node.input[0], None
@@ -847,33 +432,33 @@ def _reshape(g: GraphDefGraph, node):
         return None
     if node.op != "Reshape" or _self_adjusting_reshape(g, node):
         return NodeKind(node, g)  # adjusts its target itself
-    return _Reshape(node, g) if _has_constant_last_entry(g, node.input[1]) else None
+    return kinds.Reshape(node, g) if kinds.has_constant_last_entry(g, node.input[1]) else None
 
 
 @register("Conv2D", "MatMul", "DepthwiseConv2dNative", "Conv2DBackpropInput")
 def _producer(g: GraphDefGraph, node):
     op = node.op
     try:
-        w = _Weights(g, node.input[1])
+        w = kinds.Weights(g, node.input[1])
     except KeyError:
         return None
     if op == "MatMul":
-        return None if _attr(node, "transpose_a").b else _Producer(node, g, w, "dense")
-    if not _nhwc(node) or _attr(node, "padding").s == b"EXPLICIT":
+        return None if kinds.attr(node, "transpose_a").b else kinds.Producer(node, g, w, "dense")
+    if not _nhwc(node) or kinds.attr(node, "padding").s == b"EXPLICIT":
         return None
     depthwise_groups = op == "Conv2D" and w.value.shape[-2] == 1 and g.width(node.input[0]) > 1
     if op == "DepthwiseConv2dNative" or (depthwise_groups and w.value.shape[-1] % g.width(node.input[0]) == 0):
-        return _Depthwise(node, g, w)
+        return kinds.Depthwise(node, g, w)
     if op == "Conv2DBackpropInput":
-        ok = _has_constant_last_entry(g, node.input[0])
-        return _TransposedConv(node, g, w, "conv_transpose", slice(2, 3)) if ok else None
-    return _Producer(node, g, w, "conv")
+        ok = kinds.has_constant_last_entry(g, node.input[0])
+        return kinds.TransposedConv(node, g, w, "conv_transpose", slice(2, 3)) if ok else None
+    return kinds.Producer(node, g, w, "conv")
 
 
 @register("FusedBatchNormV3")
 def _fused_batch_norm(g: GraphDefGraph, node):
-    ok = _nhwc(node) and not _attr(node, "is_training").b and all(g.is_const(i) for i in node.input[1:5])
-    return _FusedBatchNorm(node, g, "batchnorm") if ok else None
+    ok = _nhwc(node) and not kinds.attr(node, "is_training").b and all(g.is_const(i) for i in node.input[1:5])
+    return kinds.FusedBatchNorm(node, g, "batchnorm") if ok else None
 
 
 @register(*_BINARY)
@@ -888,9 +473,9 @@ def _binary(g: GraphDefGraph, node):
         width = g.width(node.name)
         per_channel = c.ndim >= 1 and c.shape[-1] == width and c.size == width
         if per_channel and width > 1 and g.width(node.input[1 - ci]) == 1:
-            return _ChannelSource(node, g, ci)
+            return kinds.ChannelSource(node, g, ci, _BINARY[node.op])
         if c.size == 1 or per_channel:
-            return _ChannelParam(node, g, ci)
+            return kinds.ChannelParam(node, g, ci, _BINARY[node.op] if node.op != "RealDiv" or ci else "opaque")
         return _spatial_param(g, node, ci) if c.ndim == len(g.shape(node.name)) and c.shape[-1] == 1 else None
     sa, sb = g.shape(a), g.shape(b)
     if sa and sb and sa[-1] != sb[-1] and 1 in (sa[-1], sb[-1]):
@@ -946,13 +531,13 @@ def _shape_entries(g: GraphDefGraph, node, rank: int) -> list[int] | None:
         return [int(i) % rank for i in np.atleast_1d(g.const(node.input[1]))]
     if node.op != "StridedSlice" or not all(g.is_const(i) for i in node.input[1:4]):
         return None
-    if _attr(node, "ellipsis_mask").i or _attr(node, "new_axis_mask").i:
+    if kinds.attr(node, "ellipsis_mask").i or kinds.attr(node, "new_axis_mask").i:
         return None
     b, e, st = (int(np.atleast_1d(g.const(i))[0]) for i in node.input[1:4])
-    if _attr(node, "shrink_axis_mask").i & 1:
+    if kinds.attr(node, "shrink_axis_mask").i & 1:
         return [b % rank]
-    begin = None if _attr(node, "begin_mask").i & 1 else b
-    end = None if _attr(node, "end_mask").i & 1 else e
+    begin = None if kinds.attr(node, "begin_mask").i & 1 else b
+    end = None if kinds.attr(node, "end_mask").i & 1 else e
     return list(range(rank))[slice(begin, end, st)]
 
 

@@ -19,7 +19,8 @@ from typing import Any
 
 from tfcompress.graph import compensation
 from tfcompress.graph.engine import ChannelGroup, Rule
-from tfcompress.graph.keras_adapter import ChannelParam, KerasGraph, LayerKind
+from tfcompress.graph.keras_adapter import KerasGraph
+from tfcompress.graph.keras_kinds import ChannelParam, LayerKind
 
 __all__ = ["GroupMasks"]
 

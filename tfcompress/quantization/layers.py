@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from tfcompress.graph.keras_adapter import register_layer
+from tfcompress.graph.custom_layers import register_layer
 
 __all__ = [
     "ActivationQuantizer", "ChannelMask", "QuantConv1D", "QuantConv2D", "QuantConv3D", "QuantConv1DTranspose",

@@ -1,0 +1,464 @@
+"""What one Keras layer call is to the channel engine, and how its weights change with its channels.
+
+A :class:`LayerKind` is a call read as a canonical op of :data:`tfcompress.graph.ops.OPS` (whose table gives the
+channel rule, constant propagation, bias folding and MACs) plus what is Keras's own: which weights are indexed
+by output channels (pruning zeroes them) and the config and weights of the layer rebuilt with fewer channels
+(stripping). Which kind a call gets is decided by :mod:`tfcompress.graph.keras_adapter`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import keras
+import numpy as np
+
+from tfcompress.graph import ops
+from tfcompress.graph.custom_layers import registered_rule
+from tfcompress.graph.engine import Rule
+from tfcompress.graph.keras_layers import PartialLayerNormalization
+
+def to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "numpy"):  # variables and eager tensors
+        return np.asarray(x.numpy())
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+def activation_op(activation: Any) -> tuple[str, dict]:
+    """A Keras activation as a canonical op of :data:`tfcompress.graph.ops.OPS` and its parameters; a function
+    of the user's own is applied as it is, through Keras."""
+    fn = keras.activations.get(activation)
+    name = getattr(fn, "__name__", "")
+    if name in ops.UNARY and keras.activations.get(name) is fn:
+        return name, {}
+    return "function", {"fn": lambda v: to_numpy(fn(keras.ops.convert_to_tensor(np.asarray(v, np.float32))))}
+
+
+def _activated(activation: Any, c: np.ndarray) -> np.ndarray:
+    op, params = activation_op(activation)
+    return ops.const_out(op, [c], **params)
+
+
+@dataclasses.dataclass
+class ChannelParam:
+    """A weight whose ``axis`` (of its ``view`` shape, if given) is indexed by a layer's output channels."""
+
+    variable: Any
+    axis: int
+    view: tuple | None = None
+
+    def mask(self, keep: np.ndarray) -> np.ndarray:
+        """A 0/1 array of the variable's shape that zeroes the channels where ``keep`` is False."""
+        shape = tuple(self.variable.shape)
+        view = self.view or shape
+        bshape = [1] * len(view)
+        bshape[self.axis] = view[self.axis]
+        m = np.broadcast_to(keep.astype(np.float32).reshape(bshape), view)
+        return np.ascontiguousarray(m).reshape(shape)
+
+
+@dataclasses.dataclass
+class LayerCall:
+    """One call of a layer with the numpy weights the engine needs."""
+
+    layer: keras.layers.Layer
+    in_widths: list[int]
+    out_width: int
+    in_shapes: list[tuple]
+    out_shape: tuple = ()
+    node: Any = None  # the keras Node of this call (keras.ops nodes are evaluated through it)
+
+
+class LayerKind(ops.TableOp):
+    """A layer call as the engine sees it: its canonical op in :data:`tfcompress.graph.ops.OPS` with a reader
+    of the op's parameters. Subclasses add which weights are indexed by channels and how to rebuild the layer
+    with fewer channels."""
+
+    op = "identity"
+    has_channel_params = False
+    reads_all_channels = False
+
+    def __init__(self, call: LayerCall, op: str | None = None,
+                 params: Callable[["LayerCall"], dict] | None = None) -> None:
+        self.call = call
+        self.layer = call.layer
+        self.op = op or type(self).op
+        self._read = params
+
+    @property
+    def rule(self) -> Rule:
+        return ops.rule(self.op, len(self.call.in_widths))
+
+    def params(self) -> dict:
+        """The parameters of its canonical op, read from the layer now (pruning changes the weights)."""
+        return self._read(self.call) if self._read is not None else {}
+
+    def geometry(self) -> dict:
+        """The call's shape as the table's MAC and folding rules read it (:class:`ops.OpSemantics`)."""
+        L, c = self.layer, self.call
+        return dict(positions=ops.positions(c.out_shape), window=math.prod(getattr(L, "kernel_size", ())),
+                    in_positions=ops.positions(c.in_shapes[0]) if c.in_shapes else 1, groups=self.blocks(),
+                    multiplier=int(getattr(L, "depth_multiplier", 1)),
+                    valid_padding=getattr(L, "padding", "valid") == "valid")
+
+    # --- structure
+    def channels(self) -> int:
+        return self.call.out_width
+
+    def blocks(self) -> int:
+        return 1
+
+    # --- weights
+    def output_params(self) -> list["ChannelParam"]:
+        """The weights indexed by this layer's output channels (zeroing them zeroes those channels)."""
+        return []
+
+    def zero_outputs(self, pos: np.ndarray) -> None:
+        """Zero every weight that produces the output channels ``pos``."""
+        keep = np.ones(self.call.out_width, dtype=bool)
+        keep[pos] = False
+        for p in self.output_params():
+            p.variable.assign(to_numpy(p.variable) * p.mask(keep))
+
+    def config(self, in_keeps: list[np.ndarray], out_keep: np.ndarray, folds: list[np.ndarray]) -> dict:
+        return self.layer.get_config()
+
+    def rebuilt_class(self) -> type:
+        """The class of the layer with fewer channels (its own class unless that cannot express it)."""
+        return type(self.layer)
+
+    def weights(
+        self, in_keeps: list[np.ndarray], out_keep: np.ndarray, folds: list[np.ndarray]
+    ) -> list[np.ndarray]:
+        return self.current_weights()
+
+    def current_weights(self) -> list[np.ndarray]:
+        """The layer's weights as they are (none for a ``keras.ops`` node)."""
+        return [to_numpy(w) for w in getattr(self.layer, "weights", [])]
+
+    def needs_bias(self, folds: list[np.ndarray]) -> bool:
+        return False
+
+
+KindFactory = Callable[[LayerCall], LayerKind]
+
+
+def table_kind(op: str, params: Callable[[LayerCall], dict] | None = None) -> KindFactory:
+    """The kind of a call that is canonical op ``op`` and has nothing to edit but its channel count."""
+    return lambda call: LayerKind(call, op, params)
+
+
+def width_params(call: LayerCall) -> dict:
+    return {"width": call.out_width}
+
+
+BLOCKER = table_kind("blocker", width_params)
+PASS = table_kind("identity")
+
+
+class Reshape(LayerKind):
+    """A reshape that keeps the channel axis ((C,) -> (1, 1, C), (H, W, C) -> (H*W, C)) passes channels."""
+
+    def config(self, in_keeps, out_keep, folds):
+        cfg = self.layer.get_config()
+        cfg["target_shape"] = tuple(cfg["target_shape"][:-1]) + (int(out_keep.sum()),)
+        return cfg
+
+
+class PReLU(LayerKind):
+    op = "prelu"
+    has_channel_params = True
+
+    def params(self):
+        return {"alpha": to_numpy(self.layer.alpha)}
+
+    def weights(self, in_keeps, out_keep, folds):
+        alpha = to_numpy(self.layer.alpha)
+        return [ops.take_channels(alpha, out_keep, -1) if alpha.shape[-1] == out_keep.size else alpha]
+
+
+class Normalization(LayerKind):
+    """A normalization over the channel axis: its weights are vectors over the channels, gamma and beta (ones
+    and zeros where it does not learn them) produce them."""
+
+    has_channel_params = True
+
+    def params(self):
+        L, n = self.layer, self.call.out_width
+        return dict(gamma=to_numpy(L.gamma) if L.scale else np.ones(n), beta=to_numpy(L.beta) if L.center else np.zeros(n))
+
+    def output_params(self):
+        L = self.layer
+        return [ChannelParam(L.gamma, 0)] * bool(L.scale) + [ChannelParam(L.beta, 0)] * bool(L.center)
+
+    def weights(self, in_keeps, out_keep, folds):
+        return [ops.take_channels(to_numpy(w), out_keep, 0) for w in self.layer.weights]
+
+
+class BatchNorm(Normalization):
+    op = "batchnorm"
+
+    def params(self):
+        L = self.layer
+        return dict(**super().params(), mean=to_numpy(L.moving_mean), var=to_numpy(L.moving_variance), epsilon=L.epsilon)
+
+
+class Producer(LayerKind):
+    """Conv1D/2D/3D (grouped too), Dense: a kernel (..., in, out), a bias (out) and an activation."""
+
+    op = "conv"
+    has_channel_params = True
+    out_axis = -1  # axis of the kernel indexed by output channels
+    in_axis = -2
+
+    def channels(self):
+        return int(self.layer.filters if hasattr(self.layer, "filters") else self.layer.units)
+
+    def blocks(self):
+        return int(getattr(self.layer, "groups", 1) or 1)
+
+    def _kernel(self) -> np.ndarray:
+        return to_numpy(self.layer.kernel)
+
+    def _bias(self) -> np.ndarray:
+        return to_numpy(self.layer.bias) if self.layer.use_bias else np.zeros(self.channels())
+
+    def params(self):
+        return dict(kernel=np.moveaxis(self._kernel(), self.out_axis, -1), bias=self._bias())
+
+    def const_out(self, in_consts):
+        return [_activated(self.layer.activation, super().const_out(in_consts)[0])]
+
+    def output_params(self):
+        L = self.layer
+        return [ChannelParam(L.kernel, self.out_axis)] + ([ChannelParam(L.bias, 0)] if L.use_bias else [])
+
+    def strides(self) -> int:
+        return max(tuple(getattr(self.layer, "strides", (1,))))
+
+    def filters(self, kernel: np.ndarray | None = None) -> np.ndarray:
+        """The kernel (or ``kernel``, an array of its shape) as one row per output channel."""
+        kernel = self._kernel() if kernel is None else kernel
+        return np.moveaxis(kernel, self.out_axis, 0).reshape(self.channels(), -1)
+
+    def config(self, in_keeps, out_keep, folds):
+        cfg = self.layer.get_config()
+        cfg["filters" if "filters" in cfg else "units"] = int(out_keep.sum())
+        return cfg
+
+    def needs_bias(self, folds):
+        return not self.layer.use_bias and any(np.any(f != 0) for f in folds)
+
+    def weights(self, in_keeps, out_keep, folds):
+        axes = (self.in_axis, self.out_axis)
+        kernel, bias = ops.shrink_producer(np.moveaxis(self._kernel(), axes, (-2, -1)), self._bias(), in_keeps[0],
+                                           out_keep, folds[0], self.blocks())
+        return [np.moveaxis(kernel, (-2, -1), axes)] + [bias] * (self.layer.use_bias or self.needs_bias(folds))
+
+
+class ConvTranspose(Producer):
+    op = "conv_transpose"
+    out_axis = -2
+    in_axis = -1
+
+
+class SeparableConv(Producer):
+    """Depthwise on the input channels, then a pointwise producer."""
+
+    op = "separable_conv"
+
+    def _kernel(self):
+        return to_numpy(self.layer.pointwise_kernel)
+
+    def output_params(self):
+        L = self.layer
+        return [ChannelParam(L.pointwise_kernel, -1)] + ([ChannelParam(L.bias, 0)] if L.use_bias else [])
+
+    def weights(self, in_keeps, out_keep, folds):
+        L = self.layer
+        m = int(L.depth_multiplier)
+        new = {
+            id(L.depthwise_kernel): ops.take_channels(to_numpy(L.depthwise_kernel), in_keeps[0], -2),
+            id(L.pointwise_kernel): ops.take_channels(
+                ops.take_channels(self._kernel(), np.repeat(in_keeps[0], m), -2), out_keep, -1),
+        }
+        if L.use_bias:
+            new[id(L.bias)] = self._bias()[out_keep]
+        return [new.get(id(w), to_numpy(w)) for w in L.weights]  # a QAT twin's quantizer ranges stay
+
+
+class Depthwise(LayerKind):
+    """DepthwiseConv: output channel c*m+k reads only input channel c."""
+
+    op = "depthwise"
+    has_channel_params = True
+
+    def channels(self):
+        return int(self.layer.depth_multiplier)
+
+    def _bias(self):
+        return to_numpy(self.layer.bias) if self.layer.use_bias else np.zeros(self.call.out_width)
+
+    def _kernel(self) -> np.ndarray:
+        """The kernel as (..., in, multiplier)."""
+        return to_numpy(self.layer.kernel)
+
+    def params(self):
+        return dict(kernel=self._kernel(), bias=self._bias(), valid_padding=self.layer.padding == "valid")
+
+    def const_out(self, in_consts):
+        return [_activated(self.layer.activation, super().const_out(in_consts)[0])]
+
+    def output_params(self):
+        L = self.layer
+        k = tuple(L.kernel.shape)
+        view = k[:-2] + (k[-2] * k[-1],)  # output channel c*m+j is kernel[..., c, j]
+        return [ChannelParam(L.kernel, -1, view)] + ([ChannelParam(L.bias, 0)] if L.use_bias else [])
+
+    def weights(self, in_keeps, out_keep, folds):
+        new = [ops.take_channels(to_numpy(self.layer.kernel), in_keeps[0], -2)]
+        if self.layer.use_bias:
+            new.append(self._bias()[out_keep])
+        return new
+
+
+class GroupedDepthwise(Depthwise):
+    """Conv(groups == input channels): a depthwise convolution with a (..., 1, in * multiplier) kernel."""
+
+    def channels(self):
+        return int(self.layer.filters) // int(self.layer.groups)
+
+    def _kernel(self):
+        k = to_numpy(self.layer.kernel)
+        return k.reshape(k.shape[:-2] + (int(self.layer.groups), self.channels()))
+
+    def output_params(self):
+        L = self.layer
+        return [ChannelParam(L.kernel, -1)] + ([ChannelParam(L.bias, 0)] if L.use_bias else [])
+
+    def config(self, in_keeps, out_keep, folds):
+        return {**self.layer.get_config(), "filters": int(out_keep.sum()), "groups": int(in_keeps[0].sum())}
+
+    def weights(self, in_keeps, out_keep, folds):
+        new = [ops.take_channels(to_numpy(self.layer.kernel), out_keep, -1)]
+        if self.layer.use_bias:
+            new.append(self._bias()[out_keep])
+        return new
+
+
+class LayerNorm(Normalization):
+    """LayerNormalization over the channel axis: statistics over all channels, then a per-channel affine.
+
+    Its inputs are read as a whole (a removed channel must be a known constant, which the stripped layer
+    keeps in its statistics: :class:`PartialLayerNormalization`); an output channel whose gamma is zero is
+    the constant beta.
+    """
+
+    op = "layernorm"
+    reads_all_channels = True
+
+    def rebuilt_class(self):
+        return PartialLayerNormalization
+
+    def config(self, in_keeps, out_keep, folds):
+        removed = list(getattr(self.layer, "removed_values", [])) + [float(v) for v in folds[0][~in_keeps[0]]]
+        return {**self.layer.get_config(), "removed_values": removed}
+
+
+class Flatten(LayerKind):
+    op = "flatten"
+
+    def channels(self):
+        return int(math.prod(self.call.in_shapes[0][1:-1]))
+
+    def params(self):
+        return {"tile": self.channels()}
+
+
+class Registered(LayerKind):
+    """A layer declared ``"elementwise"`` with :func:`register_layer`."""
+
+    def __init__(self, call: LayerCall) -> None:
+        self.declared = registered_rule(call.layer)
+        read = self.declared.params
+        super().__init__(call, self.declared.op, (lambda c: read(c.layer)) if read is not None else None)
+        self.has_channel_params = bool(self.declared.channel_weights)
+
+    def const_out(self, in_consts):
+        if self.declared.op is not None:
+            return super().const_out(in_consts)
+        return [run_on_consts(self.call, in_consts)]
+
+    def config(self, in_keeps, out_keep, folds):
+        cfg = self.layer.get_config()
+        resize = self.declared.resize_config
+        return resize(cfg, int(out_keep.sum())) if resize is not None else cfg
+
+    def weights(self, in_keeps, out_keep, folds):
+        names = self.declared.channel_weights
+        attrs = {id(getattr(self.layer, n, None)) for n in names}
+        new = []
+        for w in self.layer.weights:
+            value = to_numpy(w)
+            if id(w) in attrs or w.path.split("/")[-1] in names:
+                if value.shape[-1] != out_keep.size:
+                    raise ValueError(
+                        f"weight {w.path!r} of {type(self.layer).__name__} is registered as indexed by channels "
+                        f"but its last axis has {value.shape[-1]} entries, not {out_keep.size}")
+                value = ops.take_channels(value, out_keep, -1)
+            new.append(value)
+        return new
+
+
+# --------------------------------------------------------------------------- keras.ops nodes
+
+def _per_channel(c: np.ndarray, rank: int) -> np.ndarray:
+    """A per-channel constant vector as a tensor of ``rank`` that broadcasts over every other axis."""
+    return np.nan_to_num(c).astype(np.float32).reshape((1,) * (rank - 1) + (-1,))
+
+
+def run_on_consts(call: LayerCall, in_consts: list[np.ndarray]) -> np.ndarray:
+    """The output constants of a position-wise call, found by running the call itself on its inputs' constants
+    (a custom layer's semantics are its own). An output channel is unknown where an input channel is."""
+    node = call.node
+    values = {id(t): _per_channel(c, len(t.shape)) for t, c in zip(node.input_tensors, in_consts)}
+    args, kwargs = node.arguments.fill_in(values)
+    out = to_numpy(call.layer(*args, **kwargs)).astype(np.float64).reshape(-1)
+    if out.size != call.out_width:
+        return np.full(call.out_width, np.nan)
+    return np.where(np.any([np.isnan(c) for c in in_consts], axis=0), np.nan, out)
+
+
+
+class OpPointwise(LayerKind):
+    """A ``keras.ops`` function applied position by position (``x + y``, ``3.0 - x``, ``relu6``, ``gelu``...):
+    its operands are the inputs' per-channel constants and its scalar arguments, in call order; its
+    parameters are its config."""
+
+    def params(self):
+        return {k: v for k, v in self.layer.get_config().items() if k not in ("name", "dtype")}
+
+    def const_out(self, in_consts):
+        node, width = self.call.node, self.call.out_width
+        consts = {id(t): c for t, c in zip(node.input_tensors, in_consts)}
+        operands = [consts[id(v)] if isinstance(v, keras.KerasTensor) else np.full(width, float(np.ravel(v)[0]))
+                    for v in keras.tree.flatten(node.arguments.args) if is_operand(v)]
+        return [ops.const_out(self.op, operands, **self.params())]
+
+
+def is_operand(v: Any) -> bool:
+    return v is not None and not isinstance(v, str | bool)
+
+
+class OpReshape(LayerKind):
+    """``keras.ops.reshape`` keeping the channel axis: its target shape follows the kept channel count."""
+
+    def config(self, in_keeps, out_keep, folds):
+        cfg = self.layer.get_config()
+        shape = list(cfg["newshape"])
+        if shape[-1] != -1:
+            shape[-1] = int(out_keep.sum())
+        cfg["newshape"] = tuple(shape)
+        return cfg
