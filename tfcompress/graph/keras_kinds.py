@@ -187,7 +187,8 @@ class Normalization(LayerKind):
 
     def params(self):
         L, n = self.layer, self.call.out_width
-        return dict(gamma=to_numpy(L.gamma) if L.scale else np.ones(n), beta=to_numpy(L.beta) if L.center else np.zeros(n))
+        return dict(gamma=to_numpy(L.gamma) if L.scale else np.ones(n),
+                    beta=to_numpy(L.beta) if L.center else np.zeros(n))
 
     def output_params(self):
         L = self.layer
@@ -202,14 +203,36 @@ class BatchNorm(Normalization):
 
     def params(self):
         L = self.layer
-        return dict(**super().params(), mean=to_numpy(L.moving_mean), var=to_numpy(L.moving_variance), epsilon=L.epsilon)
+        return dict(**super().params(), mean=to_numpy(L.moving_mean), var=to_numpy(L.moving_variance),
+                    epsilon=L.epsilon)
 
 
-class Producer(LayerKind):
+class _Kernel(LayerKind):
+    """A layer with a kernel, an optional bias over its output channels and an activation."""
+
+    has_channel_params = True
+
+    def _bias(self) -> np.ndarray:
+        return to_numpy(self.layer.bias) if self.layer.use_bias else np.zeros(self.call.out_width)
+
+    def _kernel_param(self) -> ChannelParam:
+        """The kernel as a weight indexed by output channels."""
+        return ChannelParam(self.layer.kernel, -1)
+
+    def output_params(self):
+        return [self._kernel_param()] + ([ChannelParam(self.layer.bias, 0)] if self.layer.use_bias else [])
+
+    def _kept_bias(self, out_keep: np.ndarray) -> list[np.ndarray]:
+        return [self._bias()[out_keep]] if self.layer.use_bias else []
+
+    def const_out(self, in_consts):
+        return [_activated(self.layer.activation, super().const_out(in_consts)[0])]
+
+
+class Producer(_Kernel):
     """Conv1D/2D/3D (grouped too), Dense: a kernel (..., in, out), a bias (out) and an activation."""
 
     op = "conv"
-    has_channel_params = True
     out_axis = -1  # axis of the kernel indexed by output channels
     in_axis = -2
 
@@ -222,18 +245,11 @@ class Producer(LayerKind):
     def _kernel(self) -> np.ndarray:
         return to_numpy(self.layer.kernel)
 
-    def _bias(self) -> np.ndarray:
-        return to_numpy(self.layer.bias) if self.layer.use_bias else np.zeros(self.channels())
+    def _kernel_param(self):
+        return ChannelParam(self.layer.kernel, self.out_axis)
 
     def params(self):
         return dict(kernel=np.moveaxis(self._kernel(), self.out_axis, -1), bias=self._bias())
-
-    def const_out(self, in_consts):
-        return [_activated(self.layer.activation, super().const_out(in_consts)[0])]
-
-    def output_params(self):
-        L = self.layer
-        return [ChannelParam(L.kernel, self.out_axis)] + ([ChannelParam(L.bias, 0)] if L.use_bias else [])
 
     def strides(self) -> int:
         return max(tuple(getattr(self.layer, "strides", (1,))))
@@ -272,9 +288,8 @@ class SeparableConv(Producer):
     def _kernel(self):
         return to_numpy(self.layer.pointwise_kernel)
 
-    def output_params(self):
-        L = self.layer
-        return [ChannelParam(L.pointwise_kernel, -1)] + ([ChannelParam(L.bias, 0)] if L.use_bias else [])
+    def _kernel_param(self):
+        return ChannelParam(self.layer.pointwise_kernel, -1)
 
     def weights(self, in_keeps, out_keep, folds):
         L = self.layer
@@ -285,21 +300,17 @@ class SeparableConv(Producer):
                 ops.take_channels(self._kernel(), np.repeat(in_keeps[0], m), -2), out_keep, -1),
         }
         if L.use_bias:
-            new[id(L.bias)] = self._bias()[out_keep]
+            new[id(L.bias)] = self._kept_bias(out_keep)[0]
         return [new.get(id(w), to_numpy(w)) for w in L.weights]  # a QAT twin's quantizer ranges stay
 
 
-class Depthwise(LayerKind):
+class Depthwise(_Kernel):
     """DepthwiseConv: output channel c*m+k reads only input channel c."""
 
     op = "depthwise"
-    has_channel_params = True
 
     def channels(self):
         return int(self.layer.depth_multiplier)
-
-    def _bias(self):
-        return to_numpy(self.layer.bias) if self.layer.use_bias else np.zeros(self.call.out_width)
 
     def _kernel(self) -> np.ndarray:
         """The kernel as (..., in, multiplier)."""
@@ -308,20 +319,12 @@ class Depthwise(LayerKind):
     def params(self):
         return dict(kernel=self._kernel(), bias=self._bias(), valid_padding=self.layer.padding == "valid")
 
-    def const_out(self, in_consts):
-        return [_activated(self.layer.activation, super().const_out(in_consts)[0])]
-
-    def output_params(self):
-        L = self.layer
-        k = tuple(L.kernel.shape)
-        view = k[:-2] + (k[-2] * k[-1],)  # output channel c*m+j is kernel[..., c, j]
-        return [ChannelParam(L.kernel, -1, view)] + ([ChannelParam(L.bias, 0)] if L.use_bias else [])
+    def _kernel_param(self):
+        k = tuple(self.layer.kernel.shape)
+        return ChannelParam(self.layer.kernel, -1, k[:-2] + (k[-2] * k[-1],))  # channel c*m+j: kernel[..., c, j]
 
     def weights(self, in_keeps, out_keep, folds):
-        new = [ops.take_channels(to_numpy(self.layer.kernel), in_keeps[0], -2)]
-        if self.layer.use_bias:
-            new.append(self._bias()[out_keep])
-        return new
+        return [ops.take_channels(to_numpy(self.layer.kernel), in_keeps[0], -2)] + self._kept_bias(out_keep)
 
 
 class GroupedDepthwise(Depthwise):
@@ -334,18 +337,14 @@ class GroupedDepthwise(Depthwise):
         k = to_numpy(self.layer.kernel)
         return k.reshape(k.shape[:-2] + (int(self.layer.groups), self.channels()))
 
-    def output_params(self):
-        L = self.layer
-        return [ChannelParam(L.kernel, -1)] + ([ChannelParam(L.bias, 0)] if L.use_bias else [])
+    def _kernel_param(self):
+        return ChannelParam(self.layer.kernel, -1)
 
     def config(self, in_keeps, out_keep, folds):
         return {**self.layer.get_config(), "filters": int(out_keep.sum()), "groups": int(in_keeps[0].sum())}
 
     def weights(self, in_keeps, out_keep, folds):
-        new = [ops.take_channels(to_numpy(self.layer.kernel), out_keep, -1)]
-        if self.layer.use_bias:
-            new.append(self._bias()[out_keep])
-        return new
+        return [ops.take_channels(to_numpy(self.layer.kernel), out_keep, -1)] + self._kept_bias(out_keep)
 
 
 class LayerNorm(Normalization):
