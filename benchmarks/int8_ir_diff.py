@@ -63,11 +63,11 @@ def jittered(model, seed: int):
         if op.get_type_name() not in ("Convolution", "GroupConvolution", "MatMul") or len(readers) != 1:
             continue
         add = readers[0].get_node()
-        bias = add.input_value(1).get_node()
-        if add.get_type_name() == "Add" and bias.get_type_name() == "Constant":
-            b = bias.get_data().astype(np.float32)
-            noisy = (b * (1 + 1e-6 * rng.standard_normal(b.shape))).astype(np.float32)
-            add.input(1).replace_source_output(ops.constant(noisy).output(0))
+        if add.get_type_name() != "Add" or add.input_value(1).get_node().get_type_name() != "Constant":
+            continue
+        b = add.input_value(1).get_node().get_data().astype(np.float32)
+        noisy = (b * (1 + 1e-6 * rng.standard_normal(b.shape))).astype(np.float32)
+        add.input(1).replace_source_output(ops.constant(noisy).output(0))
     return m
 
 
