@@ -213,6 +213,28 @@ def test_fast_bias_correction_removes_the_mean_error_of_a_linear_layer(rng):
     assert np.abs(err["bc"]).max() < np.abs(err["plain"]).max() / 5
 
 
+def test_bias_shift_of_a_pointwise_layer_uses_the_irs_own_quantized_weights(rng):
+    """The shift of a fully-connected layer is (W - Wq) E[x] with Wq the IR's int8 weights. The float32
+    weights include some at a rounding tie, where round(w / step) and OpenVINO's FakeQuantize arithmetic land
+    one step apart (each such weight moves the shift by ~step * E[x], 1e-2 here); the shift must follow the IR."""
+    import openvino.opset13 as ops
+
+    w = rng.normal(size=(1024, 256)).astype("float32")
+    b = rng.uniform(1, 2, size=256).astype("float32")
+    p = ops.parameter([-1, 1024], ov.Type.f32)
+    fp = ov.Model([ops.add(ops.matmul(p, ops.constant(w), False, False), ops.constant(b[None])).output(0)], [p])
+    x = rng.normal(loc=1.0, size=(64, 1024)).astype("float32")
+    q = calibration.calibrate(fp, x, range_estimator="max", overflow_fix="disable", verbose=False)
+    (wq,) = _dequantized_weights(q)
+    step = np.abs(w).max(axis=0) / 127
+    assert np.sum(np.round(w / step) != np.round(wq / step)) > 0, "the test needs weights at a rounding tie"
+    (add,) = [op for op in q.get_ordered_ops() if op.get_type_name() == "Add"]
+    bias = add.input_value(1).get_node().get_data().ravel()
+    expected = b + x.astype(np.float64).mean(axis=0) @ (w - wq)
+    # float32 sums differ by ~5e-5; one misrounded weight moves a channel's bias by ~1e-2
+    np.testing.assert_allclose(bias, expected, rtol=0, atol=2e-4)
+
+
 def _conv_pair(rng, consumer_pads=(0, 0), extra_reader=False):
     """conv 3x3 (+ bias) -> conv 1x1 (+ bias) -> ReLU, the middle tensor's 8 channels spread over very
     different ranges (widths 0.05 .. 50, offsets up to 30): per-tensor INT8 loses the narrow channels."""

@@ -202,10 +202,15 @@ def bias_points(model, weights: list[WeightPoint]) -> list[tuple[WeightPoint, tu
 
 
 def _quantized_weights(wp: WeightPoint) -> np.ndarray:
-    """The weights as the FakeQuantize of :func:`_weight_fq` leaves them (int8 grid, per output channel)."""
-    w = _float_weights(wp)
-    step = _weight_limit(wp, w) / 127.0
-    return np.clip(np.round(w / step), -_top_level(wp), _top_level(wp)) * step
+    """The weights as the FakeQuantize of :func:`_weight_fq` leaves them (int8 grid, per output channel), in
+    OpenVINO's own float32 arithmetic: ``(w - low) / (high - low) * (levels - 1)`` rounded half to even.
+    ``round(w / step)`` is the same in exact arithmetic, but in float32 a weight at a rounding tie (e.g. 36.5
+    steps computed as 36.499996) can land one step away from where the IR puts it, and a bias shift computed
+    from it would then correct an error the IR does not make."""
+    limit = _weight_limit(wp, _float_weights(wp))
+    width, levels = limit + limit, np.float32(254.0)
+    q = np.round((_grid_weights(wp) + limit) / width * levels)
+    return (q / levels * width - limit).astype(np.float32)
 
 
 def fast_bias_shifts(points, stats: Statistics) -> dict:
