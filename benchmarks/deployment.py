@@ -309,50 +309,85 @@ def prepare_table(name: str, args, work: str) -> dict:
     return {"model": name, "size": size, "flops_ratio": flops, "variants": variants, "sample": calib[:1]}
 
 
+def _allocation_spec(spec: str) -> tuple[str, int | None]:
+    """``"global_per_latency@16"`` -> ("global_per_latency", 16); without ``@m`` the run's --round_to."""
+    alloc, _, m = spec.partition("@")
+    return alloc, int(m) if m else None
+
+
 def prepare_allocations(name: str, args, work: str) -> dict:
-    """One pruned model per allocation (--allocations) at the same FLOPs target, FP32 and INT8 IRs via
-    OpenVINO's TF frontend; "global_per_latency" gets the unpruned model's measured per-layer profile."""
+    """One pruned model per allocation (--allocations, each optionally ``@round_to``) at the same FLOPs target,
+    FP32 and INT8 IRs via OpenVINO's TF frontend; "global_per_latency" gets the unpruned model's measured
+    per-layer profile (of its INT8 model with --profile_int8). With --allocation_nncf the unpruned model's nncf
+    INT8 and our INT8 (same TF-frontend IR) are timed in the same run, for the goal columns."""
     size = args.size
     calib = images(size, args.table_calib)
     model = build(name, size, calib[:32])
     t = time.perf_counter()
+    precision = None if args.profile_precision == "default" else args.profile_precision
     profile = measure_latency_profile(model, batch_size=args.profile_batch, iterations=args.profile_iters,
-                                      precision=args.profile_precision)
-    print(f"profile ({args.profile_batch}, {args.profile_precision}): {time.perf_counter() - t:.0f} s, "
-          f"{len(profile)} layers, {sum(profile.values()) * 1e3:.2f} ms in them", flush=True)
+                                      precision=precision, calibration_data=calib if args.profile_int8 else None)
+    print(f"profile ({args.profile_batch}, {args.profile_precision}, int8={args.profile_int8}): "
+          f"{time.perf_counter() - t:.0f} s, {len(profile)} layers, {sum(profile.values()) * 1e3:.2f} ms in them",
+          flush=True)
     variants, flops, kept = {}, {}, {}
-    for alloc in args.allocations:
-        pruned, ratio = prune(model, alloc, args.flops_target, args.round_to, profile)
+    if args.allocation_nncf:
+        sm = os.path.join(work, "unpruned_sm")
+        model.export(sm, verbose=False)
+        xml = os.path.join(work, "unpruned_fp32.xml")
+        ov.save_model(ov.convert_model(sm), xml, compress_to_fp16=False)
+        variants["unpruned nncf INT8"] = (nncf_int8(xml, calib, args.nncf_python, work)[0], DEFAULT)
+        variants["unpruned our INT8"] = (calibrate(ov.Core().read_model(xml), calib, subset_size=len(calib),
+                                                   verbose=False), DEFAULT)
+    for spec in args.allocations:
+        alloc, round_to = _allocation_spec(spec)
+        pruned, ratio = prune(model, alloc, args.flops_target, round_to if round_to else args.round_to, profile)
         small = tfcompress.strip(pruned)
-        kept[alloc] = {layer.name: int(layer.filters) for layer in small.layers
-                       if isinstance(layer, keras.layers.Conv2D) and not isinstance(layer, keras.layers.DepthwiseConv2D)}
-        sm = os.path.join(work, f"{alloc}_sm")
+        kept[spec] = {layer.name: int(layer.filters) for layer in small.layers
+                      if isinstance(layer, keras.layers.Conv2D) and not isinstance(layer, keras.layers.DepthwiseConv2D)}
+        sm = os.path.join(work, f"{alloc}_{round_to}_sm")
         small.export(sm, verbose=False)
         fp = ov.convert_model(sm)
-        flops[alloc] = ratio
-        variants[f"{alloc} FP32"] = (fp, FP32)
-        variants[f"{alloc} INT8"] = (calibrate(fp, calib, subset_size=len(calib), verbose=False), DEFAULT)
+        flops[spec] = ratio
+        if not args.allocation_int8_only:
+            variants[f"{spec} FP32"] = (fp, FP32)
+        variants[f"{spec} INT8"] = (calibrate(fp, calib, subset_size=len(calib), verbose=False), DEFAULT)
+        print(f"{spec}: FLOPs ratio {ratio:.3f}", flush=True)
     print(f"allocations {name}: prepared", flush=True)
     return {"model": name, "size": size, "flops_ratio": flops, "kept": kept, "variants": variants,
-            "sample": calib[:1]}
+            "sample": calib[:1], "profile": profile}
 
 
 def measure_allocations(prep: dict, args) -> dict:
-    """Time FP32 and INT8 of every allocation interleaved; print speed relative to the first allocation."""
+    """Time every allocation's INT8 (and FP32) interleaved; print speed relative to the first allocation and,
+    with the unpruned nncf INT8 in the run, the goal columns."""
     s = measure_speed(prep["variants"], prep["sample"], **speed_args(args))
     flops, allocs = prep["flops_ratio"], list(prep["flops_ratio"])
     first = allocs[0]
+    fp32 = not args.allocation_int8_only
     print(f"\n## allocation vs speed: {prep['model']} {prep['size']}x{prep['size']}, flops_target {args.flops_target}, "
-          f"profile batch {args.profile_batch} {args.profile_precision}")
-    print("| allocation | FLOPs ratio | FP32 b1 ms | FP32 b32 img/s | INT8 b1 ms | INT8 b32 img/s | FP32 b1 / b32 vs "
-          f"{first} | INT8 b1 / b32 vs {first} |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"profile batch {args.profile_batch} {args.profile_precision} int8={args.profile_int8}")
+    nncf = s.get("unpruned nncf INT8")
+    if nncf:
+        ours = s["unpruned our INT8"]
+        print(f"unpruned: nncf INT8 b1 {nncf['b1_ms']:.2f} ms, b32 {nncf['b32_ips']:.1f} img/s; our INT8 b1 "
+              f"{ours['b1_ms']:.2f} ms, b32 {ours['b32_ips']:.1f} img/s")
+    print("| allocation | FLOPs ratio | " + ("FP32 b1 ms | FP32 b32 img/s | " if fp32 else "")
+          + f"INT8 b1 ms | INT8 b32 img/s | INT8 b1 / b32 vs {first}"
+          + (" | b32 vs nncf | goal b32 | b1 vs nncf | goal b1 |" if nncf else " |"))
+    print("|---" * (5 + 2 * fp32 + 4 * bool(nncf)) + "|")
     for a in allocs:
-        f, i, f0, i0 = s[f"{a} FP32"], s[f"{a} INT8"], s[f"{first} FP32"], s[f"{first} INT8"]
-        print(f"| {a} | {flops[a]:.3f} | {f['b1_ms']:.2f} | {f['b32_ips']:.1f} | {i['b1_ms']:.2f} | {i['b32_ips']:.1f} "
-              f"| {f0['b1_ms'] / f['b1_ms']:.2f}x / {f['b32_ips'] / f0['b32_ips']:.2f}x "
-              f"| {i0['b1_ms'] / i['b1_ms']:.2f}x / {i['b32_ips'] / i0['b32_ips']:.2f}x |")
-    return {"model": prep["model"], "size": prep["size"], "flops_ratio": flops, "kept": prep["kept"], "speed": s}
+        i, i0 = s[f"{a} INT8"], s[f"{first} INT8"]
+        row = f"| {a} | {flops[a]:.3f} | "
+        if fp32:
+            row += f"{s[f'{a} FP32']['b1_ms']:.2f} | {s[f'{a} FP32']['b32_ips']:.1f} | "
+        row += f"{i['b1_ms']:.2f} | {i['b32_ips']:.1f} | {i0['b1_ms'] / i['b1_ms']:.2f}x / {i['b32_ips'] / i0['b32_ips']:.2f}x |"
+        if nncf:
+            g32, g1 = goal(i, nncf, 1 / flops[a])
+            row += f" {i['b32_ips'] / nncf['b32_ips']:.2f}x | {g32:.2f} | {nncf['b1_ms'] / i['b1_ms']:.2f}x | {g1:.2f} |"
+        print(row)
+    return {"model": prep["model"], "size": prep["size"], "flops_ratio": flops, "kept": prep["kept"], "speed": s,
+            "profile": prep["profile"]}
 
 
 def measure_table(prep: dict, args) -> dict:
@@ -455,9 +490,16 @@ def main() -> None:
     ap.add_argument("--widths", default="32,33,36,40,44,48,52,56,60,63,64")
     ap.add_argument("--skip_table", action="store_true")
     ap.add_argument("--allocation_table", default="", help="only the allocation table, for these models")
-    ap.add_argument("--allocations", default="uniform,global_per_flop,global_per_latency")
+    ap.add_argument("--allocations", default="uniform,global_per_flop,global_per_latency",
+                    help="allocations of the allocation table, each optionally @round_to (global_per_flop@16)")
     ap.add_argument("--profile_batch", type=int, default=1, help="batch size of the latency profile")
-    ap.add_argument("--profile_precision", default="f32", help="inference precision of the latency profile")
+    ap.add_argument("--profile_precision", default="f32",
+                    help="inference precision of the latency profile (\"default\": the device's)")
+    ap.add_argument("--profile_int8", action="store_true", help="profile the INT8 model (calibrated on the table's "
+                    "images) instead of the float one")
+    ap.add_argument("--allocation_nncf", action="store_true",
+                    help="allocation table: also time the unpruned nncf INT8 and our INT8, with goal columns")
+    ap.add_argument("--allocation_int8_only", action="store_true", help="allocation table: INT8 variants only")
     ap.add_argument("--profile_iters", type=int, default=20)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--work", default="", help="directory of the prepared IRs, kept and re-used by later runs "
