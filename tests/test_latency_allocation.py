@@ -62,6 +62,31 @@ def test_the_profile_maps_every_convolution_and_dense_layer():
     assert sum(p8.values()) > sum(p1.values())
 
 
+def test_the_int8_profile_maps_every_layer_of_the_calibrated_model(monkeypatch):
+    """With calibration_data the profiled model is the one calibrate quantizes (every convolution and the Dense
+    run INT8), compiled at the device's default precision; every layer is still found."""
+    import tfcompress.calibration
+
+    quantized = []
+    real = tfcompress.calibration.calibrate
+
+    def spy(*args, **kwargs):
+        quantized.append(real(*args, **kwargs))
+        return quantized[-1]
+
+    monkeypatch.setattr(tfcompress.calibration, "calibrate", spy)
+    model = _mobile_block_model()
+    x = np.random.default_rng(0).standard_normal((8, 24, 24, 3)).astype("float32")
+    p = measure_latency_profile(model, batch_size=2, iterations=3, precision=None, calibration_data=x)
+    assert set(p) == {"stem", "expand", "dw", "project", "sep", "sub/inner_conv", "head"}
+    assert all(s > 0 for s in p.values()), p
+    assert len(quantized) == 1
+    import openvino as ov
+
+    counts = tfcompress.calibration.int8_layers(ov.Core().compile_model(quantized[0], "CPU"))
+    assert counts == {"int8": 8, "total": 8}  # the separable convolution is two layers
+
+
 def test_latency_allocation_prunes_where_the_profile_says_time_goes():
     """a and b cost the same FLOPs per channel and their filters are equally important, so global_per_flop
     splits the cut between them; a profile where one branch is slow moves the cut to that branch."""
