@@ -146,17 +146,22 @@ def speed_args(args) -> dict:
     return dict(rounds=args.rounds, iters_b1=args.iters_b1, iters_b32=args.iters_b32)
 
 
-def prepare_settings(args) -> dict:
-    """The arguments an artifact depends on: a cached step is re-used only if they match."""
-    return {"size": args.size, "calib": args.calib, "flops_target": args.flops_target, "round_to": args.round_to,
-            "qat_steps": args.qat_steps}
+def prepare_settings(args, step: str = "") -> dict:
+    """The arguments an artifact depends on: a cached step is re-used only if they match (an allocation step
+    ``alloc@m`` has round_to m; a "global_per_latency" step also depends on how its profile was taken)."""
+    alloc, round_to = _allocation_spec(step.removesuffix("_qat"))
+    out = {"size": args.size, "calib": args.calib, "flops_target": args.flops_target,
+           "round_to": round_to or args.round_to, "qat_steps": args.qat_steps}
+    if alloc == "global_per_latency":
+        out["profile"] = [args.profile_batch, args.profile_precision, args.profile_int8]
+    return out
 
 
 def model_steps(args) -> list[str]:
     """The preparation steps of one model run, in order (nncf after the original export it quantizes)."""
     steps = ["original", "nncf"]
-    for alloc in ALLOCATIONS:
-        steps += [alloc] + ([alloc + "_qat"] if alloc in args.qat_allocations else [])
+    for spec in args.model_allocations:
+        steps += [spec] + ([spec + "_qat"] if spec in args.qat_allocations else [])
     return steps
 
 
@@ -183,12 +188,18 @@ def prepare_step(name: str, step: str, args, work: str) -> None:
             np.save(os.path.join(d, "sample.npy"), calib[:1])
             meta = export(model, d, "original", calib)
         else:
-            alloc = step.removesuffix("_qat")
-            pruned, ratio = prune(model, alloc, args.flops_target, args.round_to)
+            alloc, round_to = _allocation_spec(step.removesuffix("_qat"))
+            profile = None
+            if alloc == "global_per_latency":
+                precision = None if args.profile_precision == "default" else args.profile_precision
+                profile = measure_latency_profile(model, batch_size=args.profile_batch,
+                                                  iterations=args.profile_iters, precision=precision,
+                                                  calibration_data=calib[:args.table_calib] if args.profile_int8 else None)
+            pruned, ratio = prune(model, alloc, args.flops_target, round_to or args.round_to, profile)
             small = qat(pruned, calib, args.qat_steps) if step.endswith("_qat") else tfcompress.strip(pruned)
             meta = export(small, d, step, calib)
             meta["callback_flops_ratio"] = ratio
-    meta.update(settings=prepare_settings(args), seconds=time.perf_counter() - t, rss_gib=_peak_rss_gib())
+    meta.update(settings=prepare_settings(args, step), seconds=time.perf_counter() - t, rss_gib=_peak_rss_gib())
     with open(os.path.join(d, step + ".json"), "w") as f:
         json.dump(meta, f, indent=2, default=float)
     print(f"{name}:{step}: prepared in {meta['seconds']:.0f} s, peak RSS {meta['rss_gib']:.1f} GiB", flush=True)
@@ -209,8 +220,8 @@ def cached_step(name: str, step: str, args, work: str) -> dict | None:
         return None
     with open(path) as f:
         meta = json.load(f)
-    keys = ("size", "calib") if step in ("original", "nncf") else tuple(prepare_settings(args))
-    mine, theirs = prepare_settings(args), meta.get("settings", {})
+    mine, theirs = prepare_settings(args, step), meta.get("settings", {})
+    keys = ("size", "calib") if step in ("original", "nncf") else tuple(mine)
     return meta if all(theirs.get(k) == mine[k] for k in keys) else None
 
 
@@ -234,10 +245,10 @@ def prepare_model(name: str, args, work: str) -> dict:
         "nncf INT8": (nncf["int8"], DEFAULT),
         "our INT8": (o["int8"], DEFAULT),
     }
-    for alloc in ALLOCATIONS:
-        variants[f"pruned {alloc} INT8"] = (arts[alloc]["int8"], DEFAULT)
-        if alloc in args.qat_allocations:
-            variants[f"pruned {alloc} QAT INT8"] = (arts[alloc + "_qat"]["int8"], DEFAULT)
+    for spec in args.model_allocations:
+        variants[f"pruned {spec} INT8"] = (arts[spec]["int8"], DEFAULT)
+        if spec in args.qat_allocations:
+            variants[f"pruned {spec} QAT INT8"] = (arts[spec + "_qat"]["int8"], DEFAULT)
     prep_s = sum(a["seconds"] for a in arts.values())
     print(f"{name}: prepared in {prep_s:.0f} s of subprocesses (nncf {nncf['seconds']:.0f} s)", flush=True)
     return {"size": args.size, "prep_seconds": prep_s, "nncf_seconds": nncf["seconds"], "variants": variants,
@@ -280,8 +291,9 @@ def print_model(name: str, out: dict, prec: str) -> None:
 
 
 def _art_key(variant: str) -> str:
-    alloc = next(a for a in ALLOCATIONS if f" {a} " in variant)
-    return alloc + " QAT" if "QAT" in variant else alloc
+    """"pruned global_per_flop@16 QAT INT8" -> "global_per_flop@16 QAT"."""
+    spec = variant.split(" ")[1]
+    return spec + " QAT" if "QAT" in variant else spec
 
 
 def prepare_table(name: str, args, work: str) -> dict:
@@ -479,6 +491,8 @@ def main() -> None:
     ap.add_argument("--iters_b32", type=int, default=10)
     ap.add_argument("--calib", type=int, default=300, help="calibration images (also for nncf)")
     ap.add_argument("--qat_steps", type=int, default=4)
+    ap.add_argument("--model_allocations", default=",".join(ALLOCATIONS),
+                    help="allocations of a model run, each optionally @round_to (global_per_flop@16)")
     ap.add_argument("--qat_allocations", default="global_per_flop", help="allocations that also take the QAT route")
     ap.add_argument("--multiples", default="1,4,8,16,32", help="round_to values of the channel table")
     ap.add_argument("--table_models", default="resnet50,mobilenetv2")
@@ -516,6 +530,7 @@ def main() -> None:
     args.multiples = [int(m) for m in args.multiples.split(",")]
     args.widths = [int(m) for m in args.widths.split(",")]
     args.qat_allocations = [a for a in args.qat_allocations.split(",") if a]
+    args.model_allocations = [a for a in args.model_allocations.split(",") if a]
     args.allocations = [a for a in args.allocations.split(",") if a]
     names = [m for m in args.models.split(",") if m]
     unknown = [m for m in names if m not in MODELS]
