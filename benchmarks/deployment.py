@@ -98,11 +98,13 @@ def build(name: str, size: int, batch: np.ndarray) -> keras.Model:
 
 
 def prune(model: keras.Model, allocation: str, flops_target: float, round_to: int | None,
-          latency_profile: dict | None = None) -> tuple[keras.Model, float]:
+          latency_profile: dict | None = None, max_group_level: float | None = None) -> tuple[keras.Model, float]:
     """A pruned copy with the channels FilterPruning picks at its final level (driven once, no training)."""
     copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
     extra = {} if round_to is None else {"round_to": round_to}
+    if max_group_level is not None:
+        extra["max_group_level"] = max_group_level
     if allocation == "global_per_latency":
         extra["latency_profile"] = latency_profile
     pruner = FilterPruning(flops_target=flops_target, flops_allocation=allocation, schedule="baseline",
@@ -152,6 +154,8 @@ def prepare_settings(args, step: str = "") -> dict:
     alloc, round_to = _allocation_spec(step.removesuffix("_qat"))
     out = {"size": args.size, "calib": args.calib, "flops_target": args.flops_target,
            "round_to": round_to or args.round_to, "qat_steps": args.qat_steps}
+    if _cap_of(step):
+        out["max_group_level"] = _cap_of(step)
     if alloc == "global_per_latency":
         out["profile"] = [args.profile_batch, args.profile_precision, args.profile_int8]
     return out
@@ -195,7 +199,8 @@ def prepare_step(name: str, step: str, args, work: str) -> None:
                 profile = measure_latency_profile(model, batch_size=args.profile_batch,
                                                   iterations=args.profile_iters, precision=precision,
                                                   calibration_data=calib[:args.table_calib] if args.profile_int8 else None)
-            pruned, ratio = prune(model, alloc, args.flops_target, round_to or args.round_to, profile)
+            pruned, ratio = prune(model, alloc, args.flops_target, round_to or args.round_to, profile,
+                                  _cap_of(step.removesuffix("_qat")))
             small = qat(pruned, calib, args.qat_steps) if step.endswith("_qat") else tfcompress.strip(pruned)
             meta = export(small, d, step, calib)
             meta["callback_flops_ratio"] = ratio
@@ -322,9 +327,16 @@ def prepare_table(name: str, args, work: str) -> dict:
 
 
 def _allocation_spec(spec: str) -> tuple[str, int | None]:
-    """``"global_per_latency@16"`` -> ("global_per_latency", 16); without ``@m`` the run's --round_to."""
-    alloc, _, m = spec.partition("@")
+    """``"global_per_latency@16"`` -> ("global_per_latency", 16); without ``@m`` the run's --round_to
+    (a ``~cap`` suffix, the max_group_level, is read by :func:`_cap_of`)."""
+    alloc, _, m = spec.split("~")[0].partition("@")
     return alloc, int(m) if m else None
+
+
+def _cap_of(spec: str) -> float | None:
+    """``"global_per_flop@16~0.6"`` -> 0.6 (FilterPruning's max_group_level); None: its default."""
+    _, _, cap = spec.partition("~")
+    return float(cap) if cap else None
 
 
 def prepare_allocations(name: str, args, work: str) -> dict:
@@ -353,11 +365,12 @@ def prepare_allocations(name: str, args, work: str) -> dict:
                                                    verbose=False), DEFAULT)
     for spec in args.allocations:
         alloc, round_to = _allocation_spec(spec)
-        pruned, ratio = prune(model, alloc, args.flops_target, round_to if round_to else args.round_to, profile)
+        pruned, ratio = prune(model, alloc, args.flops_target, round_to if round_to else args.round_to, profile,
+                              _cap_of(spec))
         small = tfcompress.strip(pruned)
         kept[spec] = {layer.name: int(layer.filters) for layer in small.layers
                       if isinstance(layer, keras.layers.Conv2D) and not isinstance(layer, keras.layers.DepthwiseConv2D)}
-        sm = os.path.join(work, f"{alloc}_{round_to}_sm")
+        sm = os.path.join(work, spec + "_sm")
         small.export(sm, verbose=False)
         fp = ov.convert_model(sm)
         flops[spec] = ratio
@@ -492,7 +505,7 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=300, help="calibration images (also for nncf)")
     ap.add_argument("--qat_steps", type=int, default=4)
     ap.add_argument("--model_allocations", default=",".join(ALLOCATIONS),
-                    help="allocations of a model run, each optionally @round_to (global_per_flop@16)")
+                    help="allocations of a model run, each optionally @round_to and ~max_group_level")
     ap.add_argument("--qat_allocations", default="global_per_flop", help="allocations that also take the QAT route")
     ap.add_argument("--multiples", default="1,4,8,16,32", help="round_to values of the channel table")
     ap.add_argument("--table_models", default="resnet50,mobilenetv2")
@@ -505,7 +518,8 @@ def main() -> None:
     ap.add_argument("--skip_table", action="store_true")
     ap.add_argument("--allocation_table", default="", help="only the allocation table, for these models")
     ap.add_argument("--allocations", default="uniform,global_per_flop,global_per_latency",
-                    help="allocations of the allocation table, each optionally @round_to (global_per_flop@16)")
+                    help="allocations of the allocation table, each optionally @round_to and ~max_group_level "
+                    "(global_per_flop@16~0.6)")
     ap.add_argument("--profile_batch", type=int, default=1, help="batch size of the latency profile")
     ap.add_argument("--profile_precision", default="f32",
                     help="inference precision of the latency profile (\"default\": the device's)")
