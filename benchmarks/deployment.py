@@ -6,6 +6,8 @@
     python benchmarks/deployment.py --allocation_table mobilenetv2         # uniform / global_per_flop / latency
     python benchmarks/deployment.py --prepare resnet50:original --work W   # one preparation step, IRs into W
     python benchmarks/deployment.py --models resnet50 --skip_table --work W   # measure, re-using W's IRs
+    python benchmarks/deployment.py --models resnet50 --model_allocations global_per_flop@16,global_per_latency \
+        --profile_int8 --profile_precision default --profile_batch 32 --work W   # other allocations (see below)
 
 A model run prepares each step (original export + our INT8, nncf INT8, each allocation, each QAT route) in its
 own subprocess, so that peak memory is one export's (tf2onnx of ResNet50 at 224x224 takes ~6.5 GiB; all steps
@@ -23,6 +25,9 @@ not depend on trained weights. Variants:
     "global_per_flop"; the callback is driven once on the model, no training), stripped with
     ``tfcompress.strip``, exported, INT8 by post-training ``calibrate`` and by QAT (``quantize_model``, a few
     ``RangeInit`` steps, strip, export).
+An allocation is named ``alloc[@round_to][~max_group_level]`` (``--model_allocations``, ``--allocations``), e.g.
+``global_per_flop@16~0.5``; "global_per_latency" is profiled by ``measure_latency_profile`` as the ``--profile_*``
+options say (``--profile_int8``: the INT8 model, calibrated on the first ``--table_calib`` images).
 All variants of one model are timed in one ``measure_speed`` call (interleaved rounds): read the ratios.
 The goal check: pruned INT8 b32 throughput >= 0.9 x (original FLOPs / pruned FLOPs) x nncf INT8 throughput of
 the unpruned model, and the same for b1 latency.
