@@ -203,7 +203,7 @@ def prepare_step(name: str, step: str, args, work: str) -> None:
                 precision = None if args.profile_precision == "default" else args.profile_precision
                 profile = measure_latency_profile(model, batch_size=args.profile_batch,
                                                   iterations=args.profile_iters, precision=precision,
-                                                  calibration_data=calib[:args.table_calib] if args.profile_int8 else None)
+                                                  calibration_data=_profile_data(args, calib))
             pruned, ratio = prune(model, alloc, args.flops_target, round_to or args.round_to, profile,
                                   _cap_of(step.removesuffix("_qat")))
             small = qat(pruned, calib, args.qat_steps) if step.endswith("_qat") else tfcompress.strip(pruned)
@@ -338,6 +338,11 @@ def _allocation_spec(spec: str) -> tuple[str, int | None]:
     return alloc, int(m) if m else None
 
 
+def _profile_data(args, calib: np.ndarray) -> np.ndarray | None:
+    """The samples the latency profile's INT8 model is calibrated on (--profile_int8), else None (float)."""
+    return calib[:args.table_calib] if args.profile_int8 else None
+
+
 def _cap_of(spec: str) -> float | None:
     """``"global_per_flop@16~0.6"`` -> 0.6 (FilterPruning's max_group_level); None: its default."""
     _, _, cap = spec.partition("~")
@@ -355,7 +360,7 @@ def prepare_allocations(name: str, args, work: str) -> dict:
     t = time.perf_counter()
     precision = None if args.profile_precision == "default" else args.profile_precision
     profile = measure_latency_profile(model, batch_size=args.profile_batch, iterations=args.profile_iters,
-                                      precision=precision, calibration_data=calib if args.profile_int8 else None)
+                                      precision=precision, calibration_data=_profile_data(args, calib))
     print(f"profile ({args.profile_batch}, {args.profile_precision}, int8={args.profile_int8}): "
           f"{time.perf_counter() - t:.0f} s, {len(profile)} layers, {sum(profile.values()) * 1e3:.2f} ms in them",
           flush=True)
@@ -411,10 +416,12 @@ def measure_allocations(prep: dict, args) -> dict:
         row = f"| {a} | {flops[a]:.3f} | "
         if fp32:
             row += f"{s[f'{a} FP32']['b1_ms']:.2f} | {s[f'{a} FP32']['b32_ips']:.1f} | "
-        row += f"{i['b1_ms']:.2f} | {i['b32_ips']:.1f} | {i0['b1_ms'] / i['b1_ms']:.2f}x / {i['b32_ips'] / i0['b32_ips']:.2f}x |"
+        row += (f"{i['b1_ms']:.2f} | {i['b32_ips']:.1f} | {i0['b1_ms'] / i['b1_ms']:.2f}x / "
+                f"{i['b32_ips'] / i0['b32_ips']:.2f}x |")
         if nncf:
             g32, g1 = goal(i, nncf, 1 / flops[a])
-            row += f" {i['b32_ips'] / nncf['b32_ips']:.2f}x | {g32:.2f} | {nncf['b1_ms'] / i['b1_ms']:.2f}x | {g1:.2f} |"
+            row += (f" {i['b32_ips'] / nncf['b32_ips']:.2f}x | {g32:.2f} | {nncf['b1_ms'] / i['b1_ms']:.2f}x | "
+                    f"{g1:.2f} |")
         print(row)
     return {"model": prep["model"], "size": prep["size"], "flops_ratio": flops, "kept": prep["kept"], "speed": s,
             "profile": prep["profile"]}

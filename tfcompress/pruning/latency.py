@@ -124,7 +124,9 @@ def measure_latency_profile(model: keras.Model, batch_size: int = 1, iterations:
         samples = np.asarray(calibration_data, np.float32)
         ov_model = calibrate(ov_model, samples, subset_size=len(samples), verbose=False)
     ov_model.reshape({ov_model.inputs[0]: shape})
-    config = {"PERF_COUNT": "YES"} if precision is None else {"PERF_COUNT": "YES", "INFERENCE_PRECISION_HINT": precision}
+    config = {"PERF_COUNT": "YES"}
+    if precision is not None:
+        config["INFERENCE_PRECISION_HINT"] = precision
     compiled = ov.Core().compile_model(ov_model, device, config)
     origin = {}  # runtime node -> Keras layer of the engine op it computes
     for op in compiled.get_runtime_model().get_ordered_ops():
