@@ -6,6 +6,8 @@
     python benchmarks/deployment.py --allocation_table mobilenetv2         # uniform / global_per_flop / latency
     python benchmarks/deployment.py --prepare resnet50:original --work W   # one preparation step, IRs into W
     python benchmarks/deployment.py --models resnet50 --skip_table --work W   # measure, re-using W's IRs
+    python benchmarks/deployment.py --models resnet50 --model_allocations global_per_flop@16,global_per_latency \
+        --profile_int8 --profile_precision default --profile_batch 32 --work W   # other allocations (see below)
 
 A model run prepares each step (original export + our INT8, nncf INT8, each allocation, each QAT route) in its
 own subprocess, so that peak memory is one export's (tf2onnx of ResNet50 at 224x224 takes ~6.5 GiB; all steps
@@ -23,6 +25,9 @@ not depend on trained weights. Variants:
     "global_per_flop"; the callback is driven once on the model, no training), stripped with
     ``tfcompress.strip``, exported, INT8 by post-training ``calibrate`` and by QAT (``quantize_model``, a few
     ``RangeInit`` steps, strip, export).
+An allocation is named ``alloc[@round_to][~max_group_level]`` (``--model_allocations``, ``--allocations``), e.g.
+``global_per_flop@16~0.5``; "global_per_latency" is profiled by ``measure_latency_profile`` as the ``--profile_*``
+options say (``--profile_int8``: the INT8 model, calibrated on the first ``--table_calib`` images).
 All variants of one model are timed in one ``measure_speed`` call (interleaved rounds): read the ratios.
 The goal check: pruned INT8 b32 throughput >= 0.9 x (original FLOPs / pruned FLOPs) x nncf INT8 throughput of
 the unpruned model, and the same for b1 latency.
@@ -98,11 +103,13 @@ def build(name: str, size: int, batch: np.ndarray) -> keras.Model:
 
 
 def prune(model: keras.Model, allocation: str, flops_target: float, round_to: int | None,
-          latency_profile: dict | None = None) -> tuple[keras.Model, float]:
+          latency_profile: dict | None = None, max_group_level: float | None = None) -> tuple[keras.Model, float]:
     """A pruned copy with the channels FilterPruning picks at its final level (driven once, no training)."""
     copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
     extra = {} if round_to is None else {"round_to": round_to}
+    if max_group_level is not None:
+        extra["max_group_level"] = max_group_level
     if allocation == "global_per_latency":
         extra["latency_profile"] = latency_profile
     pruner = FilterPruning(flops_target=flops_target, flops_allocation=allocation, schedule="baseline",
@@ -146,17 +153,24 @@ def speed_args(args) -> dict:
     return dict(rounds=args.rounds, iters_b1=args.iters_b1, iters_b32=args.iters_b32)
 
 
-def prepare_settings(args) -> dict:
-    """The arguments an artifact depends on: a cached step is re-used only if they match."""
-    return {"size": args.size, "calib": args.calib, "flops_target": args.flops_target, "round_to": args.round_to,
-            "qat_steps": args.qat_steps}
+def prepare_settings(args, step: str = "") -> dict:
+    """The arguments an artifact depends on: a cached step is re-used only if they match (an allocation step
+    ``alloc@m`` has round_to m; a "global_per_latency" step also depends on how its profile was taken)."""
+    alloc, round_to = _allocation_spec(step.removesuffix("_qat"))
+    out = {"size": args.size, "calib": args.calib, "flops_target": args.flops_target,
+           "round_to": round_to or args.round_to, "qat_steps": args.qat_steps}
+    if _cap_of(step):
+        out["max_group_level"] = _cap_of(step)
+    if alloc == "global_per_latency":
+        out["profile"] = [args.profile_batch, args.profile_precision, args.profile_int8]
+    return out
 
 
 def model_steps(args) -> list[str]:
     """The preparation steps of one model run, in order (nncf after the original export it quantizes)."""
     steps = ["original", "nncf"]
-    for alloc in ALLOCATIONS:
-        steps += [alloc] + ([alloc + "_qat"] if alloc in args.qat_allocations else [])
+    for spec in args.model_allocations:
+        steps += [spec] + ([spec + "_qat"] if spec in args.qat_allocations else [])
     return steps
 
 
@@ -183,12 +197,19 @@ def prepare_step(name: str, step: str, args, work: str) -> None:
             np.save(os.path.join(d, "sample.npy"), calib[:1])
             meta = export(model, d, "original", calib)
         else:
-            alloc = step.removesuffix("_qat")
-            pruned, ratio = prune(model, alloc, args.flops_target, args.round_to)
+            alloc, round_to = _allocation_spec(step.removesuffix("_qat"))
+            profile = None
+            if alloc == "global_per_latency":
+                precision = None if args.profile_precision == "default" else args.profile_precision
+                profile = measure_latency_profile(model, batch_size=args.profile_batch,
+                                                  iterations=args.profile_iters, precision=precision,
+                                                  calibration_data=_profile_data(args, calib))
+            pruned, ratio = prune(model, alloc, args.flops_target, round_to or args.round_to, profile,
+                                  _cap_of(step.removesuffix("_qat")))
             small = qat(pruned, calib, args.qat_steps) if step.endswith("_qat") else tfcompress.strip(pruned)
             meta = export(small, d, step, calib)
             meta["callback_flops_ratio"] = ratio
-    meta.update(settings=prepare_settings(args), seconds=time.perf_counter() - t, rss_gib=_peak_rss_gib())
+    meta.update(settings=prepare_settings(args, step), seconds=time.perf_counter() - t, rss_gib=_peak_rss_gib())
     with open(os.path.join(d, step + ".json"), "w") as f:
         json.dump(meta, f, indent=2, default=float)
     print(f"{name}:{step}: prepared in {meta['seconds']:.0f} s, peak RSS {meta['rss_gib']:.1f} GiB", flush=True)
@@ -209,8 +230,8 @@ def cached_step(name: str, step: str, args, work: str) -> dict | None:
         return None
     with open(path) as f:
         meta = json.load(f)
-    keys = ("size", "calib") if step in ("original", "nncf") else tuple(prepare_settings(args))
-    mine, theirs = prepare_settings(args), meta.get("settings", {})
+    mine, theirs = prepare_settings(args, step), meta.get("settings", {})
+    keys = ("size", "calib") if step in ("original", "nncf") else tuple(mine)
     return meta if all(theirs.get(k) == mine[k] for k in keys) else None
 
 
@@ -234,10 +255,10 @@ def prepare_model(name: str, args, work: str) -> dict:
         "nncf INT8": (nncf["int8"], DEFAULT),
         "our INT8": (o["int8"], DEFAULT),
     }
-    for alloc in ALLOCATIONS:
-        variants[f"pruned {alloc} INT8"] = (arts[alloc]["int8"], DEFAULT)
-        if alloc in args.qat_allocations:
-            variants[f"pruned {alloc} QAT INT8"] = (arts[alloc + "_qat"]["int8"], DEFAULT)
+    for spec in args.model_allocations:
+        variants[f"pruned {spec} INT8"] = (arts[spec]["int8"], DEFAULT)
+        if spec in args.qat_allocations:
+            variants[f"pruned {spec} QAT INT8"] = (arts[spec + "_qat"]["int8"], DEFAULT)
     prep_s = sum(a["seconds"] for a in arts.values())
     print(f"{name}: prepared in {prep_s:.0f} s of subprocesses (nncf {nncf['seconds']:.0f} s)", flush=True)
     return {"size": args.size, "prep_seconds": prep_s, "nncf_seconds": nncf["seconds"], "variants": variants,
@@ -280,8 +301,9 @@ def print_model(name: str, out: dict, prec: str) -> None:
 
 
 def _art_key(variant: str) -> str:
-    alloc = next(a for a in ALLOCATIONS if f" {a} " in variant)
-    return alloc + " QAT" if "QAT" in variant else alloc
+    """"pruned global_per_flop@16 QAT INT8" -> "global_per_flop@16 QAT"."""
+    spec = variant.split(" ")[1]
+    return spec + " QAT" if "QAT" in variant else spec
 
 
 def prepare_table(name: str, args, work: str) -> dict:
@@ -309,50 +331,100 @@ def prepare_table(name: str, args, work: str) -> dict:
     return {"model": name, "size": size, "flops_ratio": flops, "variants": variants, "sample": calib[:1]}
 
 
+def _allocation_spec(spec: str) -> tuple[str, int | None]:
+    """``"global_per_latency@16"`` -> ("global_per_latency", 16); without ``@m`` the run's --round_to
+    (a ``~cap`` suffix, the max_group_level, is read by :func:`_cap_of`)."""
+    alloc, _, m = spec.split("~")[0].partition("@")
+    return alloc, int(m) if m else None
+
+
+def _profile_data(args, calib: np.ndarray) -> np.ndarray | None:
+    """The samples the latency profile's INT8 model is calibrated on (--profile_int8), else None (float)."""
+    return calib[:args.table_calib] if args.profile_int8 else None
+
+
+def _cap_of(spec: str) -> float | None:
+    """``"global_per_flop@16~0.6"`` -> 0.6 (FilterPruning's max_group_level); None: its default."""
+    _, _, cap = spec.partition("~")
+    return float(cap) if cap else None
+
+
 def prepare_allocations(name: str, args, work: str) -> dict:
-    """One pruned model per allocation (--allocations) at the same FLOPs target, FP32 and INT8 IRs via
-    OpenVINO's TF frontend; "global_per_latency" gets the unpruned model's measured per-layer profile."""
+    """One pruned model per allocation (--allocations, each optionally ``@round_to``) at the same FLOPs target,
+    FP32 and INT8 IRs via OpenVINO's TF frontend; "global_per_latency" gets the unpruned model's measured
+    per-layer profile (of its INT8 model with --profile_int8). With --allocation_nncf the unpruned model's nncf
+    INT8 and our INT8 (same TF-frontend IR) are timed in the same run, for the goal columns."""
     size = args.size
     calib = images(size, args.table_calib)
     model = build(name, size, calib[:32])
     t = time.perf_counter()
+    precision = None if args.profile_precision == "default" else args.profile_precision
     profile = measure_latency_profile(model, batch_size=args.profile_batch, iterations=args.profile_iters,
-                                      precision=args.profile_precision)
-    print(f"profile ({args.profile_batch}, {args.profile_precision}): {time.perf_counter() - t:.0f} s, "
-          f"{len(profile)} layers, {sum(profile.values()) * 1e3:.2f} ms in them", flush=True)
+                                      precision=precision, calibration_data=_profile_data(args, calib))
+    print(f"profile ({args.profile_batch}, {args.profile_precision}, int8={args.profile_int8}): "
+          f"{time.perf_counter() - t:.0f} s, {len(profile)} layers, {sum(profile.values()) * 1e3:.2f} ms in them",
+          flush=True)
     variants, flops, kept = {}, {}, {}
-    for alloc in args.allocations:
-        pruned, ratio = prune(model, alloc, args.flops_target, args.round_to, profile)
+    if args.allocation_nncf:
+        sm = os.path.join(work, "unpruned_sm")
+        model.export(sm, verbose=False)
+        xml = os.path.join(work, "unpruned_fp32.xml")
+        ov.save_model(ov.convert_model(sm), xml, compress_to_fp16=False)
+        variants["unpruned nncf INT8"] = (nncf_int8(xml, calib, args.nncf_python, work)[0], DEFAULT)
+        variants["unpruned our INT8"] = (calibrate(ov.Core().read_model(xml), calib, subset_size=len(calib),
+                                                   verbose=False), DEFAULT)
+    for spec in args.allocations:
+        alloc, round_to = _allocation_spec(spec)
+        pruned, ratio = prune(model, alloc, args.flops_target, round_to if round_to else args.round_to, profile,
+                              _cap_of(spec))
         small = tfcompress.strip(pruned)
-        kept[alloc] = {layer.name: int(layer.filters) for layer in small.layers
-                       if isinstance(layer, keras.layers.Conv2D) and not isinstance(layer, keras.layers.DepthwiseConv2D)}
-        sm = os.path.join(work, f"{alloc}_sm")
+        kept[spec] = {layer.name: int(layer.filters) for layer in small.layers
+                      if isinstance(layer, keras.layers.Conv2D) and not isinstance(layer, keras.layers.DepthwiseConv2D)}
+        sm = os.path.join(work, spec + "_sm")
         small.export(sm, verbose=False)
         fp = ov.convert_model(sm)
-        flops[alloc] = ratio
-        variants[f"{alloc} FP32"] = (fp, FP32)
-        variants[f"{alloc} INT8"] = (calibrate(fp, calib, subset_size=len(calib), verbose=False), DEFAULT)
+        flops[spec] = ratio
+        if not args.allocation_int8_only:
+            variants[f"{spec} FP32"] = (fp, FP32)
+        variants[f"{spec} INT8"] = (calibrate(fp, calib, subset_size=len(calib), verbose=False), DEFAULT)
+        print(f"{spec}: FLOPs ratio {ratio:.3f}", flush=True)
     print(f"allocations {name}: prepared", flush=True)
     return {"model": name, "size": size, "flops_ratio": flops, "kept": kept, "variants": variants,
-            "sample": calib[:1]}
+            "sample": calib[:1], "profile": profile}
 
 
 def measure_allocations(prep: dict, args) -> dict:
-    """Time FP32 and INT8 of every allocation interleaved; print speed relative to the first allocation."""
+    """Time every allocation's INT8 (and FP32) interleaved; print speed relative to the first allocation and,
+    with the unpruned nncf INT8 in the run, the goal columns."""
     s = measure_speed(prep["variants"], prep["sample"], **speed_args(args))
     flops, allocs = prep["flops_ratio"], list(prep["flops_ratio"])
     first = allocs[0]
+    fp32 = not args.allocation_int8_only
     print(f"\n## allocation vs speed: {prep['model']} {prep['size']}x{prep['size']}, flops_target {args.flops_target}, "
-          f"profile batch {args.profile_batch} {args.profile_precision}")
-    print("| allocation | FLOPs ratio | FP32 b1 ms | FP32 b32 img/s | INT8 b1 ms | INT8 b32 img/s | FP32 b1 / b32 vs "
-          f"{first} | INT8 b1 / b32 vs {first} |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"profile batch {args.profile_batch} {args.profile_precision} int8={args.profile_int8}")
+    nncf = s.get("unpruned nncf INT8")
+    if nncf:
+        ours = s["unpruned our INT8"]
+        print(f"unpruned: nncf INT8 b1 {nncf['b1_ms']:.2f} ms, b32 {nncf['b32_ips']:.1f} img/s; our INT8 b1 "
+              f"{ours['b1_ms']:.2f} ms, b32 {ours['b32_ips']:.1f} img/s")
+    print("| allocation | FLOPs ratio | " + ("FP32 b1 ms | FP32 b32 img/s | " if fp32 else "")
+          + f"INT8 b1 ms | INT8 b32 img/s | INT8 b1 / b32 vs {first}"
+          + (" | b32 vs nncf | goal b32 | b1 vs nncf | goal b1 |" if nncf else " |"))
+    print("|---" * (5 + 2 * fp32 + 4 * bool(nncf)) + "|")
     for a in allocs:
-        f, i, f0, i0 = s[f"{a} FP32"], s[f"{a} INT8"], s[f"{first} FP32"], s[f"{first} INT8"]
-        print(f"| {a} | {flops[a]:.3f} | {f['b1_ms']:.2f} | {f['b32_ips']:.1f} | {i['b1_ms']:.2f} | {i['b32_ips']:.1f} "
-              f"| {f0['b1_ms'] / f['b1_ms']:.2f}x / {f['b32_ips'] / f0['b32_ips']:.2f}x "
-              f"| {i0['b1_ms'] / i['b1_ms']:.2f}x / {i['b32_ips'] / i0['b32_ips']:.2f}x |")
-    return {"model": prep["model"], "size": prep["size"], "flops_ratio": flops, "kept": prep["kept"], "speed": s}
+        i, i0 = s[f"{a} INT8"], s[f"{first} INT8"]
+        row = f"| {a} | {flops[a]:.3f} | "
+        if fp32:
+            row += f"{s[f'{a} FP32']['b1_ms']:.2f} | {s[f'{a} FP32']['b32_ips']:.1f} | "
+        row += (f"{i['b1_ms']:.2f} | {i['b32_ips']:.1f} | {i0['b1_ms'] / i['b1_ms']:.2f}x / "
+                f"{i['b32_ips'] / i0['b32_ips']:.2f}x |")
+        if nncf:
+            g32, g1 = goal(i, nncf, 1 / flops[a])
+            row += (f" {i['b32_ips'] / nncf['b32_ips']:.2f}x | {g32:.2f} | {nncf['b1_ms'] / i['b1_ms']:.2f}x | "
+                    f"{g1:.2f} |")
+        print(row)
+    return {"model": prep["model"], "size": prep["size"], "flops_ratio": flops, "kept": prep["kept"], "speed": s,
+            "profile": prep["profile"]}
 
 
 def measure_table(prep: dict, args) -> dict:
@@ -444,6 +516,8 @@ def main() -> None:
     ap.add_argument("--iters_b32", type=int, default=10)
     ap.add_argument("--calib", type=int, default=300, help="calibration images (also for nncf)")
     ap.add_argument("--qat_steps", type=int, default=4)
+    ap.add_argument("--model_allocations", default=",".join(ALLOCATIONS),
+                    help="allocations of a model run, each optionally @round_to and ~max_group_level")
     ap.add_argument("--qat_allocations", default="global_per_flop", help="allocations that also take the QAT route")
     ap.add_argument("--multiples", default="1,4,8,16,32", help="round_to values of the channel table")
     ap.add_argument("--table_models", default="resnet50,mobilenetv2")
@@ -455,9 +529,17 @@ def main() -> None:
     ap.add_argument("--widths", default="32,33,36,40,44,48,52,56,60,63,64")
     ap.add_argument("--skip_table", action="store_true")
     ap.add_argument("--allocation_table", default="", help="only the allocation table, for these models")
-    ap.add_argument("--allocations", default="uniform,global_per_flop,global_per_latency")
+    ap.add_argument("--allocations", default="uniform,global_per_flop,global_per_latency",
+                    help="allocations of the allocation table, each optionally @round_to and ~max_group_level "
+                    "(global_per_flop@16~0.6)")
     ap.add_argument("--profile_batch", type=int, default=1, help="batch size of the latency profile")
-    ap.add_argument("--profile_precision", default="f32", help="inference precision of the latency profile")
+    ap.add_argument("--profile_precision", default="f32",
+                    help="inference precision of the latency profile (\"default\": the device's)")
+    ap.add_argument("--profile_int8", action="store_true", help="profile the INT8 model (calibrated on the table's "
+                    "images) instead of the float one")
+    ap.add_argument("--allocation_nncf", action="store_true",
+                    help="allocation table: also time the unpruned nncf INT8 and our INT8, with goal columns")
+    ap.add_argument("--allocation_int8_only", action="store_true", help="allocation table: INT8 variants only")
     ap.add_argument("--profile_iters", type=int, default=20)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--work", default="", help="directory of the prepared IRs, kept and re-used by later runs "
@@ -474,6 +556,7 @@ def main() -> None:
     args.multiples = [int(m) for m in args.multiples.split(",")]
     args.widths = [int(m) for m in args.widths.split(",")]
     args.qat_allocations = [a for a in args.qat_allocations.split(",") if a]
+    args.model_allocations = [a for a in args.model_allocations.split(",") if a]
     args.allocations = [a for a in args.allocations.split(",") if a]
     names = [m for m in args.models.split(",") if m]
     unknown = [m for m in names if m not in MODELS]

@@ -62,6 +62,31 @@ def test_the_profile_maps_every_convolution_and_dense_layer():
     assert sum(p8.values()) > sum(p1.values())
 
 
+def test_the_int8_profile_maps_every_layer_of_the_calibrated_model(monkeypatch):
+    """With calibration_data the profiled model is the one calibrate quantizes (every convolution and the Dense
+    run INT8), compiled at the device's default precision; every layer is still found."""
+    import tfcompress.calibration
+
+    quantized = []
+    real = tfcompress.calibration.calibrate
+
+    def spy(*args, **kwargs):
+        quantized.append(real(*args, **kwargs))
+        return quantized[-1]
+
+    monkeypatch.setattr(tfcompress.calibration, "calibrate", spy)
+    model = _mobile_block_model()
+    x = np.random.default_rng(0).standard_normal((8, 24, 24, 3)).astype("float32")
+    p = measure_latency_profile(model, batch_size=2, iterations=3, precision=None, calibration_data=x)
+    assert set(p) == {"stem", "expand", "dw", "project", "sep", "sub/inner_conv", "head"}
+    assert all(s > 0 for s in p.values()), p
+    assert len(quantized) == 1
+    import openvino as ov
+
+    counts = tfcompress.calibration.int8_layers(ov.Core().compile_model(quantized[0], "CPU"))
+    assert counts == {"int8": 8, "total": 8}  # the separable convolution is two layers
+
+
 def test_latency_allocation_prunes_where_the_profile_says_time_goes():
     """a and b cost the same FLOPs per channel and their filters are equally important, so global_per_flop
     splits the cut between them; a profile where one branch is slow moves the cut to that branch."""
@@ -129,3 +154,43 @@ def test_a_profile_for_another_model_is_refused():
     with pytest.raises(ValueError, match="not_a_layer"):
         model.fit(np.ones((4, 16, 16, 3), "float32"), np.zeros((4, 10), "float32"), epochs=1,
                   callbacks=[pruner], verbose=0)
+
+
+def _stack_model():
+    """A stem the pruner leaves alone, then 64, 64 and 128 channels, the last at half the resolution: the
+    first two layers cost most FLOPs per channel, so a per-FLOP allocation wants to cut them deepest."""
+    inp = keras.Input((32, 32, 3))
+    x = L.Conv2D(16, 3, padding="same", name="stem")(inp)
+    x = L.Conv2D(64, 3, padding="same", activation="relu", name="a")(x)
+    x = L.Conv2D(64, 3, padding="same", activation="relu", name="b")(x)
+    x = L.Conv2D(128, 3, strides=2, padding="same", activation="relu", name="c")(x)
+    model = keras.Model(inp, L.Dense(10, name="head")(L.GlobalAveragePooling2D()(x)))
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    return model
+
+
+@pytest.mark.parametrize("round_to", [1, 16])
+def test_max_group_level_keeps_part_of_every_group_and_the_budget_moves_elsewhere(round_to):
+    """With the default cap (0.8) global_per_flop cuts one group to its cap; with max_group_level=0.5 every
+    group keeps at least half of its channels (a multiple of round_to) and the FLOPs budget is still met, so
+    the cut moves to groups the per-FLOP ranking spared."""
+    def run(**kwargs):
+        model = _stack_model()
+        pruner = FilterPruning(flops_target=0.45, pruning_epochs=1, criterion="l1", round_to=round_to,
+                               flops_allocation="global_per_flop", prune_downsample_convs=True, **kwargs)
+        x, y = np.random.default_rng(0).standard_normal((4, 32, 32, 3)).astype("float32"), np.zeros((4, 10))
+        ratio = model.fit(x, y, epochs=1, callbacks=[pruner], verbose=0).history["flops_ratio"][-1]
+        kept = {g.layers[0]: int(pruner.masks[g.layers].sum()) for g in pruner.groups}
+        return ratio, kept
+
+    ratio, deep = run()
+    assert ratio <= 0.55 + 1e-9
+    assert min(deep[n] / s for n, s in (("a", 64), ("b", 64))) < 0.5, deep  # the default cap lets one go deep
+    ratio, capped = run(max_group_level=0.5)
+    assert ratio <= 0.55 + 1e-9
+    sizes = {"a": 64, "b": 64, "c": 128}
+    assert all(capped[n] >= sizes[n] / 2 for n in sizes), capped
+    assert all(capped[n] % round_to == 0 for n in sizes), capped
+    deepest = min(sizes, key=lambda n: deep[n] / sizes[n])
+    assert capped[deepest] > deep[deepest], (deep, capped)
+    assert any(capped[n] < deep[n] for n in sizes if n != deepest), (deep, capped)  # the budget moved

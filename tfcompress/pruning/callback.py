@@ -97,7 +97,8 @@ class FilterPruning(keras.callbacks.Callback):
         latency_profile: with ``flops_allocation="global_per_latency"``, seconds per inference spent in each
             convolution/dense layer (layer name -> seconds), as measured by
             :func:`tfcompress.pruning.latency.measure_latency_profile` at the batch size and precision you deploy
-            with; layers it lacks are charged its mean seconds per FLOP. Not part of ``get_config``.
+            with (for an INT8 deployment: of the INT8 model, ``calibration_data=``, at ``precision=None``);
+            layers it lacks are charged its mean seconds per FLOP. Not part of ``get_config``.
         compensate: when a channel is pruned, hand its contribution to the layers that read it (Conv/Dense
             biases, or the BatchNorm after a bias-less consumer): its exact constant where the channel is
             provably constant, else its mean on ``compensation_data``; taken back if the channel is revived.

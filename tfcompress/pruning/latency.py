@@ -93,12 +93,16 @@ def _match(model: keras.Model, ov_model) -> dict[str, str]:
 
 
 def measure_latency_profile(model: keras.Model, batch_size: int = 1, iterations: int = 20,
-                            precision: str = "f32", device: str = "CPU") -> dict[str, float]:
+                            precision: str | None = "f32", device: str = "CPU",
+                            calibration_data: np.ndarray | None = None) -> dict[str, float]:
     """Seconds per inference of a ``batch_size`` batch spent in each convolution/dense layer of ``model``.
 
     The model is exported (``model.export``), converted with ``openvino.convert_model`` and compiled with
-    ``PERF_COUNT`` and ``INFERENCE_PRECISION_HINT=precision`` (``"f32"``, ``"bf16"``...: the precision you
-    deploy in); each layer's time is its median over ``iterations`` inferences of random inputs after one warm-up.
+    ``PERF_COUNT`` and ``INFERENCE_PRECISION_HINT=precision`` (``"f32"``, ``"bf16"``...; None: the device's
+    default); each layer's time is its median over ``iterations`` inferences of random inputs after one warm-up.
+    Profile what you deploy: with ``calibration_data`` (input samples) the converted model is first quantized by
+    :func:`tfcompress.calibration.calibrate`, so the profile is of the INT8 model, whose convolutions divide
+    their time differently from the float model's (memory-bound layers weigh more in INT8).
     Keys are layer names (``outer/inner`` inside nested models); the profile is what
     ``FilterPruning(flops_allocation="global_per_latency", latency_profile=...)`` takes.
     """
@@ -113,10 +117,17 @@ def measure_latency_profile(model: keras.Model, batch_size: int = 1, iterations:
     with tempfile.TemporaryDirectory() as d:
         model.export(d, verbose=False)
         ov_model = ov.convert_model(d)
-    ov_model.reshape({ov_model.inputs[0]: shape})
     layer_of = _match(model, ov_model)
-    compiled = ov.Core().compile_model(ov_model, device, {"PERF_COUNT": "YES",
-                                                          "INFERENCE_PRECISION_HINT": precision})
+    if calibration_data is not None:
+        from tfcompress.calibration import calibrate
+
+        samples = np.asarray(calibration_data, np.float32)
+        ov_model = calibrate(ov_model, samples, subset_size=len(samples), verbose=False)
+    ov_model.reshape({ov_model.inputs[0]: shape})
+    config = {"PERF_COUNT": "YES"}
+    if precision is not None:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    compiled = ov.Core().compile_model(ov_model, device, config)
     origin = {}  # runtime node -> Keras layer of the engine op it computes
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
