@@ -488,3 +488,39 @@ def test_hand_written_channel_statistics_strip_exactly(tmp_path, rng, kind, kept
     assert _by_layer(result, "conv1")[0]["channels_after"] == kept
     x = rng.uniform(0, 1, (2, 8, 8, 3)).astype("float32")
     assert rel_error(_run(tmp_path / "dst", x), module(tf.constant(x))["out"]) < 1e-4
+
+
+def test_inlined_function_bodies_get_names_no_other_node_has():
+    """A body node named ``<call>/<node>`` would repeat a node the graph already has (TF then refuses the
+    graph); the inliner moves the body under another prefix and the graph computes what it did."""
+    from tfcompress.graph.frozen_graph import inline_function_calls
+
+    @tf.function
+    def double(a):
+        return a * 2.0
+
+    fdef = double.get_concrete_function(tf.TensorSpec([2], tf.float32)).function_def
+    f32 = tf.float32.as_datatype_enum
+    g = tf.compat.v1.GraphDef()
+    g.library.function.add().CopyFrom(fdef)
+    g.node.add(name="inp", op="Placeholder").attr["dtype"].type = f32
+    call = g.node.add(name="call", op="PartitionedCall", input=["inp"])
+    call.attr["f"].func.name = fdef.signature.name
+    call.attr["Tin"].list.type.append(f32)
+    call.attr["Tout"].list.type.append(f32)
+    clash = f"call/{fdef.node_def[0].name}"
+    c = g.node.add(name=clash, op="Const")
+    c.attr["dtype"].type = f32
+    c.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(np.array([10.0, 20.0], np.float32)))
+    g.node.add(name="out", op="AddV2", input=["call", clash]).attr["T"].type = f32
+
+    inlined = inline_function_calls(g)
+    names = [n.name for n in inlined.node]
+    assert len(names) == len(set(names))
+    assert not any(n.op == "PartitionedCall" for n in inlined.node)
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.import_graph_def(inlined, name="")
+    with tf.compat.v1.Session(graph=graph) as sess:
+        out = sess.run("out:0", {"inp:0": np.array([1.0, 3.0], np.float32)})
+    np.testing.assert_allclose(out, [12.0, 26.0])

@@ -51,6 +51,7 @@ def _called_function(node: node_def_pb2.NodeDef, functions: dict) -> str | None:
 def _inline_calls(graph_def, functions: dict) -> bool:
     """Inline one level of function calls in ``graph_def`` (in place); True if any call was inlined."""
     kept, added = [], []
+    taken = {node.name for node in graph_def.node}
     for node in graph_def.node:
         name = _called_function(node, functions)
         if name is None:
@@ -58,7 +59,9 @@ def _inline_calls(graph_def, functions: dict) -> bool:
             continue
         if name not in functions:
             raise ExportError(f"node {node.name!r} calls function {name!r}, which the SavedModel does not define")
-        added.extend(_inlined(node, functions[name]))
+        nodes = _inlined(node, functions[name], taken)
+        taken.update(n.name for n in nodes)
+        added.extend(nodes)
     if not added:
         return False
     del graph_def.node[:]
@@ -66,11 +69,15 @@ def _inline_calls(graph_def, functions: dict) -> bool:
     return True
 
 
-def _inlined(call: node_def_pb2.NodeDef, fdef) -> list[node_def_pb2.NodeDef]:
-    """The nodes that replace ``call``: the function body under ``<call>/``, its arguments bound to the call's
-    inputs, and an ``IdentityN`` under the call's own name, so its consumers and control edges stay valid."""
+def _inlined(call: node_def_pb2.NodeDef, fdef, taken: set[str]) -> list[node_def_pb2.NodeDef]:
+    """The nodes that replace ``call``: the function body under ``<call>/`` (``<call>/_1/`` ... where a body
+    name would repeat one of the ``taken`` node names), its arguments bound to the call's inputs, and an
+    ``IdentityN`` under the call's own name, so its consumers and control edges stay valid."""
     body, flat = function_def_to_graph_def(fdef)
-    prefix = call.name + "/"
+    prefix, k = call.name + "/", 0
+    while any(prefix + node.name in taken for node in body.node):
+        k += 1
+        prefix = f"{call.name}/_{k}/"
     data_inputs = [i for i in call.input if not i.startswith("^")]
     controls = [i for i in call.input if i.startswith("^")]
     args = {a.name: k for k, a in enumerate(fdef.signature.input_arg)}
