@@ -113,6 +113,9 @@ def _weight_limit(wp: WeightPoint, w: np.ndarray) -> np.ndarray:
     return m * np.float32(2.0) if wp.half_range else m
 
 
+WEIGHT_LEVELS = 255  # the weights' FakeQuantize: symmetric over [-limit, limit], 127 steps each way
+
+
 def _top_level(wp: WeightPoint) -> int:
     """The largest integer the weights may take: 63 on the overflow fix's 7-bit grid, else 127."""
     return 63 if wp.half_range else 127
@@ -139,7 +142,7 @@ def _weight_fq(wp: WeightPoint, copy: bool = False):
         src = ops.constant(_grid_weights(wp)).output(0)
     else:
         src = wp.op.input(1).get_source_output()
-    return ops.fake_quantize(src, -m, m, -m, m, 255)
+    return ops.fake_quantize(src, -m, m, -m, m, WEIGHT_LEVELS)
 
 
 def _weighted_like(op, data, weights):
@@ -208,7 +211,7 @@ def _quantized_weights(wp: WeightPoint) -> np.ndarray:
     steps computed as 36.499996) can land one step away from where the IR puts it, and a bias shift computed
     from it would then correct an error the IR does not make."""
     limit = _weight_limit(wp, _float_weights(wp))
-    width, levels = limit + limit, np.float32(254.0)
+    width, levels = limit + limit, np.float32(WEIGHT_LEVELS - 1)
     q = np.round((_grid_weights(wp) + limit) / width * levels)
     return (q / levels * width - limit).astype(np.float32)
 
