@@ -36,7 +36,7 @@ import vww_int8  # noqa: E402
 
 def agreement(compiled, data) -> float:
     x, y = data
-    return float(np.mean(vww_int8.outputs(compiled, x).argmax(axis=1) == y))
+    return float(np.mean(common.outputs(compiled, x, 100).argmax(axis=1) == y))
 
 
 def run_one(mode: str, work: str, max_drop: float, max_iterations: int = 50) -> None:
@@ -85,7 +85,7 @@ def mobilenet_memory(work: str, args) -> None:
     np.save(os.path.join(work, "calib.npy"), calib)
     np.save(os.path.join(work, "held_out.npy"), held_out)
     compiled = ov.Core().compile_model(fp, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    np.save(os.path.join(work, "labels.npy"), vww_int8.outputs(compiled, held_out, batch=20).argmax(axis=1))
+    np.save(os.path.join(work, "labels.npy"), common.outputs(compiled, held_out, batch=20).argmax(axis=1))
     del compiled
     print(f"machine: {common.machine()}\nMobileNetV2 {args.size}x{args.size}, max_iterations {args.max_iterations}")
     print("| run | seconds | peak RSS MiB | reverted | drop |\n|---|---|---|---|---|")
@@ -126,7 +126,7 @@ def main() -> None:
     calib, held_out = vww_int8.vww_data()
     fp = core.read_model(xml)
     f32 = {"INFERENCE_PRECISION_HINT": "f32"}
-    labels = vww_int8.outputs(core.compile_model(fp, "CPU", f32), held_out).argmax(axis=1)
+    labels = common.outputs(core.compile_model(fp, "CPU", f32), held_out, 100).argmax(axis=1)
     np.save(os.path.join(work, "labels.npy"), labels)
     runs = {}
     for mode in ("default", "error", "speed"):

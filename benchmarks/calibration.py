@@ -85,18 +85,8 @@ def ours_quantize(model, calib, **options):
     return q, time.perf_counter() - t
 
 
-def outputs(compiled, x, batch=50):
-    """The model's first output over ``x``, in batches."""
-    return np.concatenate([compiled({0: x[i:i + batch]})[compiled.outputs[0]] for i in range(0, len(x), batch)])
-
-
 def top1(compiled, x, batch=50):
-    return outputs(compiled, x, batch).argmax(axis=1)
-
-
-def kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
-    """Mean KL(p || q) between rows of class probabilities (the models end in softmax)."""
-    return float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)))
+    return common.outputs(compiled, x, batch).argmax(axis=1)
 
 
 def runtime_layers(compiled) -> list:
@@ -301,7 +291,7 @@ def models_part(args, work: str) -> None:
             q_aligned, t_aligned = ours_quantize(fp, calib, channel_alignment=True)
             variants["tfcompress INT8, channel_alignment (default precision)"] = (q_aligned, {})
         s = speed(variants, (args.size, args.size, 3), args.rounds, iters_b1=30, iters_b32=4)
-        reference = outputs(core.compile_model(fp, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), held_out)
+        reference = common.outputs(core.compile_model(fp, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), held_out)
         same = runtime_layers(core.compile_model(q_ours, "CPU")) == runtime_layers(core.compile_model(q_nncf, "CPU"))
         print(f"(2) {name} {args.size}x{args.size}: calibration with 300 samples: tfcompress {t_ours:.1f} s, "
               f"nncf {t_nncf:.1f} s (ratio {t_ours / t_nncf:.2f})"
@@ -311,7 +301,8 @@ def models_part(args, work: str) -> None:
               "KL from FP32 (x1e-3) |\n"
               "|---|---|---|---|---|")
         for k, v in s.items():
-            kl = kl_divergence(reference, outputs(core.compile_model(variants[k][0], "CPU", variants[k][1]), held_out))
+            compiled = core.compile_model(variants[k][0], "CPU", variants[k][1])
+            kl = common.kl_divergence(reference, common.outputs(compiled, held_out))
             ref = s[[n for n in s if n.startswith("nncf") and ("f32" in n) == ("f32" in k)][0]]
             print(f"| {k} | {v['b1_ms']:.2f} | {v['b32_ips']:.1f} | {v['b32_ips'] / ref['b32_ips']:.2f} "
                   f"| {1000 * kl:.2f} |")

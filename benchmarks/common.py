@@ -77,6 +77,21 @@ def machine() -> str:
     return f"{platform.node() or 'host'}: {os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
 
 
+def outputs(compiled, x: np.ndarray, batch: int = 50) -> np.ndarray:
+    """A compiled OpenVINO model's first output over the samples ``x``, ``batch`` at a time."""
+    return np.concatenate([compiled({0: x[i:i + batch]})[compiled.outputs[0]] for i in range(0, len(x), batch)])
+
+
+def kl_per_row(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """KL(p || q) per row of class probabilities (the models end in softmax)."""
+    return np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)
+
+
+def kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
+    """Mean KL(p || q) over rows of class probabilities."""
+    return float(np.mean(kl_per_row(p, q)))
+
+
 def median(xs):
     return statistics.median(xs)
 

@@ -22,6 +22,8 @@ import argparse
 
 import numpy as np
 
+import common  # benchmarks/common.py (the script's directory is on sys.path)
+
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 
 
@@ -73,12 +75,8 @@ def jittered(model, seed: int):
 
 def kl_per_image(core, model, config: dict, x: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
     """The model's softmax outputs over ``x`` or, with ``reference``, KL(reference || outputs) per image."""
-    compiled = core.compile_model(model, "CPU", config)
-    out = np.concatenate([compiled({0: x[i:i + 25]})[compiled.outputs[0]] for i in range(0, len(x), 25)])
-    out = out.astype(np.float64)
-    if reference is None:
-        return out
-    return np.sum(reference * (np.log(reference + 1e-12) - np.log(out + 1e-12)), axis=1)
+    out = common.outputs(core.compile_model(model, "CPU", config), x, 25).astype(np.float64)
+    return out if reference is None else common.kl_per_row(reference, out)
 
 
 def main() -> None:

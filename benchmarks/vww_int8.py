@@ -106,17 +106,9 @@ def range_difference(ours, theirs) -> str:
            f"largest relative range difference {worst:.2e}"
 
 
-def outputs(compiled, x: np.ndarray, batch: int = 100) -> np.ndarray:
-    return np.concatenate([compiled({0: x[i:i + batch]})[compiled.outputs[0]] for i in range(0, len(x), batch)])
-
-
-def kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
-    return float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)))
-
-
 def closeness(reference: np.ndarray, out: np.ndarray) -> tuple[float, float]:
     """(agreement of argmax with the reference, mean KL(reference || out))."""
-    return float(np.mean(reference.argmax(1) == out.argmax(1))), kl_divergence(reference, out)
+    return float(np.mean(reference.argmax(1) == out.argmax(1))), common.kl_divergence(reference, out)
 
 
 def run_nncf(python: str, xml: str, calib: np.ndarray, work: str) -> tuple[str, float]:
@@ -148,7 +140,7 @@ def main() -> None:
         raise ValueError(f"--n_eval must be in 1..9700, got {args.n_eval}")
     calib, held_out = vww_data(n_eval=args.n_eval)
     fp = core.read_model(xml)
-    reference = outputs(core.compile_model(fp, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), held_out)
+    reference = common.outputs(core.compile_model(fp, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), held_out, 100)
     rows = {"OpenVINO default precision (no INT8)": (core.compile_model(fp, "CPU"), None)}
     t = time.perf_counter()
     ours = calibration.calibrate(fp, calib, verbose=False)
@@ -168,7 +160,7 @@ def main() -> None:
     print("| model | agreement with FP32 % | KL from FP32 (x1e-3) | calibration s |\n|---|---|---|---|")
     same = {}
     for name, (compiled, seconds) in rows.items():
-        out = outputs(compiled, held_out)
+        out = common.outputs(compiled, held_out, 100)
         agree, kl = closeness(reference, out)
         same[name] = reference.argmax(1) == out.argmax(1)
         print(f"| {name} | {100 * agree:.2f} | {1000 * kl:.2f} | {'-' if seconds is None else f'{seconds:.2f}'} |")
