@@ -102,7 +102,7 @@ def build(name: str, size: int, batch: np.ndarray) -> keras.Model:
     return model
 
 
-def prune(model: keras.Model, allocation: str, flops_target: float, round_to: int | None,
+def prune(model: keras.Model, allocation: str, flops_target: float, round_to: int | str | None,
           latency_profile: dict | None = None, max_group_level: float | None = None) -> tuple[keras.Model, float]:
     """A pruned copy with the channels FilterPruning picks at its final level (driven once, no training)."""
     copy = keras.models.clone_model(model)
@@ -331,11 +331,16 @@ def prepare_table(name: str, args, work: str) -> dict:
     return {"model": name, "size": size, "flops_ratio": flops, "variants": variants, "sample": calib[:1]}
 
 
-def _allocation_spec(spec: str) -> tuple[str, int | None]:
-    """``"global_per_latency@16"`` -> ("global_per_latency", 16); without ``@m`` the run's --round_to
-    (a ``~cap`` suffix, the max_group_level, is read by :func:`_cap_of`)."""
+def _round_to(text: str) -> int | str:
+    """A FilterPruning round_to from the command line: ``"auto"`` or an integer."""
+    return "auto" if text == "auto" else int(text)
+
+
+def _allocation_spec(spec: str) -> tuple[str, int | str | None]:
+    """``"global_per_latency@16"`` -> ("global_per_latency", 16), ``"uniform@auto"`` -> ("uniform", "auto");
+    without ``@m`` the run's --round_to (a ``~cap`` suffix, the max_group_level, is read by :func:`_cap_of`)."""
     alloc, _, m = spec.split("~")[0].partition("@")
-    return alloc, int(m) if m else None
+    return alloc, _round_to(m) if m else None
 
 
 def _profile_data(args, calib: np.ndarray) -> np.ndarray | None:
@@ -510,7 +515,8 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {list(MODELS)}")
     ap.add_argument("--smoke", action="store_true", help="96x96 inputs, 1 round, few iterations")
     ap.add_argument("--flops_target", type=float, default=0.45)
-    ap.add_argument("--round_to", type=int, default=None, help="FilterPruning round_to (default: its default)")
+    ap.add_argument("--round_to", type=_round_to, default=None,
+                    help='FilterPruning round_to, "auto" or an integer (default: its default)')
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--iters_b1", type=int, default=100)
     ap.add_argument("--iters_b32", type=int, default=10)
@@ -519,7 +525,8 @@ def main() -> None:
     ap.add_argument("--model_allocations", default=",".join(ALLOCATIONS),
                     help="allocations of a model run, each optionally @round_to and ~max_group_level")
     ap.add_argument("--qat_allocations", default="global_per_flop", help="allocations that also take the QAT route")
-    ap.add_argument("--multiples", default="1,4,8,16,32", help="round_to values of the channel table")
+    ap.add_argument("--multiples", default="1,4,8,16,32",
+                    help='round_to values of the channel table ("auto" or integers)')
     ap.add_argument("--table_models", default="resnet50,mobilenetv2")
     ap.add_argument("--table_calib", type=int, default=64, help="calibration images of the table's INT8 IRs")
     ap.add_argument("--table_only", action="store_true")
@@ -553,7 +560,7 @@ def main() -> None:
     args.size = 96 if args.smoke else args.size
     if args.smoke:
         args.rounds, args.iters_b1, args.iters_b32, args.calib, args.qat_steps, args.table_calib = 1, 10, 2, 32, 2, 16
-    args.multiples = [int(m) for m in args.multiples.split(",")]
+    args.multiples = [_round_to(m) for m in args.multiples.split(",")]
     args.widths = [int(m) for m in args.widths.split(",")]
     args.qat_allocations = [a for a in args.qat_allocations.split(",") if a]
     args.model_allocations = [a for a in args.model_allocations.split(",") if a]

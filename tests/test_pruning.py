@@ -238,6 +238,36 @@ def test_round_to_keeps_multiples_of_eight_channels(kwargs, rng):
     assert rel_error(small.predict(x, verbose=0), model.predict(x, verbose=0)) < 1e-4
 
 
+def _kept_by_layer(kwargs: dict, rng) -> dict[str, int]:
+    """Channels kept per group (by its first layer) after pruning a model with one group of 144 channels and
+    narrower ones of 24 and 40."""
+    inp = keras.Input((16, 16, 3))
+    x = L.Conv2D(24, 3, padding="same", activation="relu", name="narrow")(inp)
+    x = L.Conv2D(40, 3, padding="same", activation="relu", name="mid")(x)
+    x = L.Conv2D(144, 3, padding="same", activation="relu", name="wide")(x)
+    model = _compile(keras.Model(inp, L.Dense(10)(L.GlobalAveragePooling2D()(x))))
+    x, y = rng.uniform(size=(16, 16, 16, 3)).astype("float32"), rng.integers(0, 10, 16)
+    pruner = FilterPruning(pruning_epochs=1, criterion="l1", prune_first_conv=True, **kwargs)
+    model.fit(x, y, epochs=1, batch_size=16, callbacks=[pruner], verbose=0)
+    return {g.layers[0]: int(pruner.masks[g.layers].sum()) for g in pruner.groups}
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global_per_flop"])
+def test_round_to_auto_rounds_wide_groups_to_sixteen_under_a_flops_budget(allocation, rng):
+    assert FilterPruning().round_to == "auto"  # the default
+    # the cap keeps the narrow groups from covering the budget alone: the wide group has to give channels
+    kept = _kept_by_layer(dict(flops_target=0.45, flops_allocation=allocation, max_group_level=0.3), rng)
+    assert kept["wide"] % 16 == 0 and kept["wide"] < 144, kept
+    if allocation == "uniform":  # the narrow groups are not rounded: uniform keeps ~74 % of 24 and of 40
+        assert kept["narrow"] % 16 and kept["mid"] % 16 and kept["narrow"] < 24 and kept["mid"] < 40, kept
+
+
+def test_round_to_auto_leaves_a_fraction_target_exact(rng):
+    kept = _kept_by_layer(dict(target=0.5), rng)  # every group loses half: no multiple is imposed
+    assert kept == {"narrow": 12, "mid": 20, "wide": 72}, kept
+    assert _kept_by_layer(dict(target=0.5, round_to=16), rng)["wide"] == 80  # rounded up: fewer removed
+
+
 def test_global_per_flop_prunes_the_costliest_channels_first():
     """With every filter equally important, FLOPs per channel decide: c1's channels feed the wide c2 at full
     resolution (737 k FLOPs each against 65 k to 322 k for the other groups), so only c1 is pruned, and no
@@ -448,8 +478,9 @@ def test_revived_channel_gets_its_weights_back():
     (dict(sensitivity_data=([1], [1])), "only used with"),
     (dict(flops_target=0.4, flops_allocation="sensitivity", sensitivity_data=([1, 2], [1])), "same non-zero length"),
     (dict(flops_target=0.4, flops_allocation="sensitivity", sensitivity_data="data.npz"), "must be"),
-    (dict(round_to=0), "round_to must be an integer >= 1, got 0"),
-    (dict(round_to=8.0), "round_to must be an integer"),
+    (dict(round_to=0), 'round_to must be "auto" or an integer >= 1, got 0'),
+    (dict(round_to=8.0), 'round_to must be "auto" or an integer'),
+    (dict(round_to="16"), 'round_to must be "auto" or an integer'),
     (dict(flops_target=0.4, flops_allocation="sensitivity", sensitivity_data=([1], [1]), round_to=8),
      "round_to=8 is not supported"),
 ])

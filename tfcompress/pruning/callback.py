@@ -23,6 +23,12 @@ from tfcompress.pruning import latency, sensitivity
 __all__ = ["FilterPruning"]
 
 _ALLOCATIONS = ("uniform", "global", "global_per_flop", "global_per_latency", "sensitivity")
+# round_to="auto": groups of at least AUTO_ROUND_MIN_GROUP channels keep a multiple of AUTO_ROUND_MULTIPLE.
+# OpenVINO's CPU kernels process channels in blocks of 16 (AVX-512 f32 lanes, the int8 kernels' channel
+# blocks), so a kept count just past a multiple pays for a whole extra block; below 128 channels a step of 16 is
+# too coarse a share of the group for the allocation to place the budget well.
+AUTO_ROUND_MULTIPLE = 16
+AUTO_ROUND_MIN_GROUP = 128
 
 
 @keras.saving.register_keras_serializable(package="tfcompress")
@@ -87,9 +93,12 @@ class FilterPruning(keras.callbacks.Callback):
         round_to: keep a multiple of ``round_to`` channels in every pruned group (or all of them, when the
             group has fewer than ``round_to`` or no smaller multiple fits the allocation). The allocation
             searches over these counts, so the FLOPs target is met with them rather than by rounding its
-            result. OpenVINO's CPU kernels work on channels in blocks of 8 or 16, so a layer with 37 channels
-            can cost as much as one with 48. Not available with ``"sensitivity"`` (its loss table is probed at
-            fixed channel steps).
+            result. OpenVINO's CPU kernels work on channels in blocks of 16, so a layer with 33 channels
+            can cost as much as one with 48. ``"auto"`` (the default): with ``flops_target`` and a
+            ``"uniform"`` or ``"global*"`` allocation, groups of at least 128 channels keep a multiple of 16 and
+            narrower groups any count; with ``target`` alone (a fraction of every group, which rounding would
+            change) or ``"sensitivity"``, no rounding. Explicit multiples are not available with
+            ``"sensitivity"`` (its loss table is probed at fixed channel steps).
         sensitivity_data: with ``flops_allocation="sensitivity"``, held-out ``(x, y)`` arrays or a batched
             ``tf.data.Dataset`` the compiled loss is measured on: a few thousand samples, in the format the
             compiled loss expects, preferably not trained on (the ResNet-8 benchmark uses 5,000 training images,
@@ -122,7 +131,7 @@ class FilterPruning(keras.callbacks.Callback):
         ignored_layers: Iterable[str] = (),
         flops_allocation: str = "uniform",
         max_group_level: float = 0.8,
-        round_to: int = 1,
+        round_to: int | str = "auto",
         verbose: int = 0,
         sensitivity_data: Any = None,
         compensate: bool = True,
@@ -145,12 +154,13 @@ class FilterPruning(keras.callbacks.Callback):
             raise ValueError(f"ignored_layers must be layer names (strings); got {list(self.ignored_layers)!r}")
         self.flops_allocation = _choice("flops_allocation", flops_allocation, _ALLOCATIONS)
         self.max_group_level = _fraction("max_group_level", max_group_level)
-        self.round_to = _count("round_to", round_to, minimum=1)
+        self.round_to = "auto" if isinstance(round_to, str) and round_to == "auto" else \
+            _count("round_to", round_to, minimum=1, alternative='"auto" or ')
         self.verbose = int(verbose)
         if self.flops_allocation == "sensitivity":
             if self.flops_target is None:
                 raise ValueError('flops_allocation="sensitivity" allocates a FLOPs budget: set flops_target')
-            if self.round_to > 1:
+            if self.round_to != "auto" and self.round_to > 1:
                 raise ValueError(f'round_to={self.round_to} is not supported with flops_allocation="sensitivity" '
                                  "(its loss table is probed at fixed channel steps); use round_to=1 or another "
                                  "allocation")
@@ -349,7 +359,7 @@ class FilterPruning(keras.callbacks.Callback):
         st = self._require()
         groups = st.masks.groups
         if self.flops_target is None:
-            return {g.id: _aligned(level * g.size, g, self.round_to) for g in groups}
+            return {g.id: _aligned(level * g.size, g, self._multiple(g)) for g in groups}
         if level <= 0:
             return {g.id: 0 for g in groups}
         goal = (1.0 - level) * st.full_flops
@@ -357,11 +367,11 @@ class FilterPruning(keras.callbacks.Callback):
             lo, hi = 0.0, 1.0
             for _ in range(40):
                 mid = (lo + hi) / 2
-                if self._flops_of({g.id: _aligned(mid * g.size, g, self.round_to) for g in groups}) <= goal:
+                if self._flops_of({g.id: _aligned(mid * g.size, g, self._multiple(g)) for g in groups}) <= goal:
                     hi = mid
                 else:
                     lo = mid
-            return {g.id: _aligned(hi * g.size, g, self.round_to) for g in groups}
+            return {g.id: _aligned(hi * g.size, g, self._multiple(g)) for g in groups}
         if self.flops_allocation == "sensitivity":
             return sensitivity.counts_for_goal(self._sensitivity_path(), goal, self._flops_of,
                                                {g.id: g.blocks for g in groups})
@@ -412,7 +422,7 @@ class FilterPruning(keras.callbacks.Callback):
             c = {g.id: 0 for g in groups}
             for _, gid, k in entries[:n]:
                 c[gid] = max(c[gid], k)
-            return {g.id: _aligned(c[g.id], g, self.round_to) for g in groups}
+            return {g.id: _aligned(c[g.id], g, self._multiple(g)) for g in groups}
 
         lo, hi = 0, len(entries)
         while lo < hi:
@@ -432,7 +442,15 @@ class FilterPruning(keras.callbacks.Callback):
 
     def _cap(self, g: ChannelGroup) -> int:
         """The most channels a global or measured allocation may take from ``g`` (``max_group_level``)."""
-        return _aligned(self.max_group_level * g.size, g, self.round_to)
+        return _aligned(self.max_group_level * g.size, g, self._multiple(g))
+
+    def _multiple(self, g: ChannelGroup) -> int:
+        """The multiple ``g``'s kept channel count is rounded to (``round_to``, resolved for ``"auto"``)."""
+        if self.round_to != "auto":
+            return self.round_to
+        if self.flops_target is None or self.flops_allocation == "sensitivity":
+            return 1
+        return AUTO_ROUND_MULTIPLE if g.size >= AUTO_ROUND_MIN_GROUP else 1
 
     def _flops_of(self, counts: dict[int, int]) -> float:
         st = self._require()
@@ -517,9 +535,9 @@ def _fraction(name: str, value: Any) -> float:
     return float(value)
 
 
-def _count(name: str, value: Any, minimum: int) -> int:
+def _count(name: str, value: Any, minimum: int, alternative: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise ValueError(f"{name} must be {alternative}an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
