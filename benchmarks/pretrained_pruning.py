@@ -59,19 +59,20 @@ def images(n_eval: int, n_stats: int) -> tuple[np.ndarray, np.ndarray]:
     return resize(x[:n_eval]), resize(x[-n_stats:])
 
 
-def selection(model: keras.Model, criterion: str, flops: float) -> list[tuple[tfcompress.ChannelGroup, np.ndarray]]:
+def selection(model: keras.Model, criterion: str, flops: float, round_to: int | str = "auto"
+              ) -> list[tuple[tfcompress.ChannelGroup, np.ndarray]]:
     """The (group, channels) FilterPruning removes at ``flops`` with ``criterion`` on the current weights."""
-    pruner = FilterPruning(flops_target=flops, criterion=criterion)
+    pruner = FilterPruning(flops_target=flops, criterion=criterion, round_to=round_to)
     pruner.set_model(model)
     pruner.on_train_begin()
     keep = pruner._select(pruner._counts(flops))
     return [(g, np.nonzero(~keep[g.id])[0]) for g in pruner.groups]
 
 
-def emitted_selection(model: keras.Model, flops: float, x_stats: np.ndarray
+def emitted_selection(model: keras.Model, flops: float, x_stats: np.ndarray, round_to: int | str = "auto"
                       ) -> list[tuple[tfcompress.ChannelGroup, np.ndarray]]:
     """The channels FilterPruning(criterion="emitted") removes at ``flops``, statistics on ``x_stats``."""
-    pruner = FilterPruning(flops_target=flops, criterion="emitted", compensation_data=x_stats)
+    pruner = FilterPruning(flops_target=flops, criterion="emitted", compensation_data=x_stats, round_to=round_to)
     pruner.set_model(model)
     pruner.on_train_begin()
     keep = pruner._select(pruner._counts(flops))
@@ -90,13 +91,15 @@ def main() -> None:
     ap.add_argument("--stats", type=int, default=512)
     ap.add_argument("--criteria", default="l1,l2,geometric_median,emitted")
     ap.add_argument("--levels", default="0.1,0.2,0.3")
+    ap.add_argument("--round_to", default="auto", help='FilterPruning round_to: "auto" (its default) or an integer')
     args = ap.parse_args()
+    round_to = args.round_to if args.round_to == "auto" else int(args.round_to)
     x_eval, x_stats = images(args.eval, args.stats)
     model = load_vww()
     weights = model.get_weights()
     ref = model.predict(x_eval, batch_size=250, verbose=0)
     kg = tfcompress.graph.build_graph(model)
-    print(f"# {common.machine()}; eval {args.eval} images, statistics {args.stats} images; "
+    print(f"# {common.machine()}; round_to {args.round_to}; eval {args.eval} images, statistics {args.stats} images; "
           f"unpruned 'person' share {100 * np.mean(ref.argmax(-1) == 1):.1f} %")
     print("| criterion | FLOPs removed | plain agree / KL / person | exact agree / KL / person "
           "| mean agree / KL / person | max consumer err |")
@@ -104,8 +107,8 @@ def main() -> None:
     for criterion in args.criteria.split(","):
         for level in [float(v) for v in args.levels.split(",")]:
             model.set_weights(weights)
-            chosen = (emitted_selection(model, level, x_stats) if criterion == "emitted"
-                      else selection(model, criterion, level))
+            chosen = (emitted_selection(model, level, x_stats, round_to) if criterion == "emitted"
+                      else selection(model, criterion, level, round_to))
             row, worst = [], 0.0
             for mode in ("plain", "exact", "mean"):
                 model.set_weights(weights)
