@@ -62,6 +62,7 @@ from tfcompress.calibration import calibrate  # noqa: E402
 from tfcompress.export import export_saved_model  # noqa: E402
 from tfcompress.export.speed import DEFAULT, FP32, default_precision, measure_speed  # noqa: E402
 from tfcompress.pruning import FilterPruning  # noqa: E402
+from tfcompress.pruning import callback as pruning_callback  # noqa: E402
 from tfcompress.pruning.latency import measure_latency_profile  # noqa: E402
 from tfcompress.quantization import RangeInit, quantize_model  # noqa: E402
 
@@ -107,6 +108,13 @@ def prune(model: keras.Model, allocation: str, flops_target: float, round_to: in
     """A pruned copy with the channels FilterPruning picks at its final level (driven once, no training)."""
     copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
+    if isinstance(round_to, str) and round_to.startswith("auto:"):  # "auto" with another smallest rounded group
+        default_min = pruning_callback.AUTO_ROUND_MIN_GROUP
+        pruning_callback.AUTO_ROUND_MIN_GROUP = int(round_to.partition(":")[2])
+        try:
+            return prune(model, allocation, flops_target, "auto", latency_profile, max_group_level)
+        finally:
+            pruning_callback.AUTO_ROUND_MIN_GROUP = default_min
     extra = {} if round_to is None else {"round_to": round_to}
     if max_group_level is not None:
         extra["max_group_level"] = max_group_level
@@ -332,8 +340,9 @@ def prepare_table(name: str, args, work: str) -> dict:
 
 
 def _round_to(text: str) -> int | str:
-    """A FilterPruning round_to from the command line: ``"auto"`` or an integer."""
-    return "auto" if text == "auto" else int(text)
+    """A FilterPruning round_to from the command line: ``"auto"``, an integer, or ``"auto:N"``: "auto" with
+    groups of at least N channels rounded (benchmark-only, to compare thresholds in one run)."""
+    return text if text == "auto" or text.startswith("auto:") else int(text)
 
 
 def _allocation_spec(spec: str) -> tuple[str, int | str | None]:

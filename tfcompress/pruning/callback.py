@@ -23,12 +23,15 @@ from tfcompress.pruning import latency, sensitivity
 __all__ = ["FilterPruning"]
 
 _ALLOCATIONS = ("uniform", "global", "global_per_flop", "global_per_latency", "sensitivity")
-# round_to="auto": groups of at least AUTO_ROUND_MIN_GROUP channels keep a multiple of AUTO_ROUND_MULTIPLE.
-# OpenVINO's CPU kernels process channels in blocks of 16 (AVX-512 f32 lanes, the int8 kernels' channel
-# blocks), so a kept count just past a multiple pays for a whole extra block; below 128 channels a step of 16 is
-# too coarse a share of the group for the allocation to place the budget well.
+# round_to="auto": in a model of at least AUTO_ROUND_MIN_FLOPS per sample, groups of at least
+# AUTO_ROUND_MIN_GROUP channels keep a multiple of AUTO_ROUND_MULTIPLE. OpenVINO's CPU kernels process channels
+# in blocks of 16, so a kept count just past a multiple pays for a whole extra block (BENCHMARKS.md 9, "Channel
+# count vs speed"). Narrower groups stay unrounded so that they remain prunable; smaller models are bound by
+# per-layer overheads rather than by their convolutions' arithmetic (a 12-MFLOP MobileNetV2 ran 1.05x faster for
+# 45 % fewer FLOPs), so rounding would only take freedom from their allocation.
 AUTO_ROUND_MULTIPLE = 16
-AUTO_ROUND_MIN_GROUP = 128
+AUTO_ROUND_MIN_GROUP = 32
+AUTO_ROUND_MIN_FLOPS = 2e8
 
 
 @keras.saving.register_keras_serializable(package="tfcompress")
@@ -94,10 +97,11 @@ class FilterPruning(keras.callbacks.Callback):
             group has fewer than ``round_to`` or no smaller multiple fits the allocation). The allocation
             searches over these counts, so the FLOPs target is met with them rather than by rounding its
             result. OpenVINO's CPU kernels work on channels in blocks of 16, so a layer with 33 channels
-            can cost as much as one with 48. ``"auto"`` (the default): with ``flops_target`` and a
-            ``"uniform"`` or ``"global*"`` allocation, groups of at least 128 channels keep a multiple of 16 and
-            narrower groups any count; with ``target`` alone (a fraction of every group, which rounding would
-            change) or ``"sensitivity"``, no rounding. Explicit multiples are not available with
+            can cost as much as one with 48. ``"auto"`` (the default): in models of at least 200 MFLOPs per
+            sample, under ``flops_target`` with a ``"uniform"`` or ``"global*"`` allocation, groups of at least 32
+            channels keep a multiple of 16 and narrower ones any count; no rounding in smaller models (bound by
+            per-layer overheads, not by channel blocks), with ``target`` alone (a fraction of every group, which
+            rounding would change) or with ``"sensitivity"``. Explicit multiples are not available with
             ``"sensitivity"`` (its loss table is probed at fixed channel steps).
         sensitivity_data: with ``flops_allocation="sensitivity"``, held-out ``(x, y)`` arrays or a batched
             ``tf.data.Dataset`` the compiled loss is measured on: a few thousand samples, in the format the
@@ -448,7 +452,8 @@ class FilterPruning(keras.callbacks.Callback):
         """The multiple ``g``'s kept channel count is rounded to (``round_to``, resolved for ``"auto"``)."""
         if self.round_to != "auto":
             return self.round_to
-        if self.flops_target is None or self.flops_allocation == "sensitivity":
+        if self.flops_target is None or self.flops_allocation == "sensitivity" \
+                or self._require().full_flops < AUTO_ROUND_MIN_FLOPS:
             return 1
         return AUTO_ROUND_MULTIPLE if g.size >= AUTO_ROUND_MIN_GROUP else 1
 
