@@ -16,7 +16,7 @@ from tensorflow.python.framework.function_def_to_graph import function_def_to_gr
 
 from tfcompress.errors import ExportError
 
-__all__ = ["FAKE_QUANT_OPS", "const_node", "fold_constants", "inline_function_calls", "node_name", "prune_unused",
+__all__ = ["FAKE_QUANT_OPS", "calls_functions", "const_node", "fold_constants", "inline_function_calls", "node_name", "prune_unused",
            "tensor_name", "topological_order"]
 
 FAKE_QUANT_OPS = {"FakeQuantWithMinMaxVars", "FakeQuantWithMinMaxVarsPerChannel", "FakeQuantWithMinMaxArgs"}
@@ -39,6 +39,13 @@ def inline_function_calls(graph_def: tf.compat.v1.GraphDef) -> tf.compat.v1.Grap
     while _inline_calls(out, functions):
         pass
     return out
+
+
+def calls_functions(graph_def: tf.compat.v1.GraphDef) -> bool:
+    """Whether a node of ``graph_def`` calls a function (a call op, or an op named after a function of its
+    library): whether :func:`inline_function_calls` has work."""
+    functions = {f.signature.name for f in graph_def.library.function}
+    return any(_called_function(n, functions) is not None for n in graph_def.node)
 
 
 def _called_function(node: node_def_pb2.NodeDef, functions: dict) -> str | None:
