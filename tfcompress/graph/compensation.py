@@ -69,7 +69,7 @@ class TrackedConstants:
         self._graph = kg.graph
         self._owners: dict[int, set[str]] = {}
         for rec in kg.records:
-            for v in rec.kind.layer.weights if rec.kind.layer is not None else ():
+            for v in getattr(rec.kind.layer, "weights", ()):  # keras.ops nodes and inputs have none
                 self._owners.setdefault(id(v), set()).add(rec.op.layer)
         self._values: dict[int, np.ndarray] | None = None
         self._changed: set[str] = set()
