@@ -469,6 +469,11 @@ class _HandWrittenNorm(tf.Module):
             v = tf.reduce_mean(tf.math.squared_difference(x, tf.stop_gradient(m)), axis=-1, keepdims=True)
         elif self.kind == "reversed":
             v = tf.reduce_mean(tf.square(m - x), axis=[3], keepdims=True)
+        elif self.kind == "identity_mean_input":  # the mean reads a copy of x, the difference x itself
+            m = tf.reduce_mean(tf.identity(x), axis=-1, keepdims=True)
+            v = tf.reduce_mean(tf.math.squared_difference(x, m), axis=-1, keepdims=True)
+        elif self.kind == "identity_difference":  # copies between x and Sub, Sub and Square, Square and Mean
+            v = tf.reduce_mean(tf.identity(tf.square(tf.identity(tf.identity(x) - m))), axis=-1, keepdims=True)
         elif self.kind == "sum":
             v = tf.reduce_sum(tf.math.squared_difference(x, m), axis=-1, keepdims=True) / 16.0
         else:  # "no_keepdims"
@@ -478,12 +483,18 @@ class _HandWrittenNorm(tf.Module):
             return {"out": tf.nn.conv2d(y, self.w2, 1, "VALID")}
 
 
-@pytest.mark.parametrize("kind,kept", [("moments", 12), ("reversed", 12), ("sum", 16), ("no_keepdims", 16)])
+@pytest.mark.parametrize("kind,kept", [("moments", 12), ("reversed", 12), ("identity_mean_input", 12),
+                                       ("identity_difference", 12), ("sum", 16), ("no_keepdims", 16)])
 def test_hand_written_channel_statistics_strip_exactly(tmp_path, rng, kind, kept):
-    """A variance the stripper recognises (either operand order, axes as -1 or 3) loses the zeroed channels;
-    one it does not (a Sum, a Mean that drops the axis) keeps them. Both stay exact."""
+    """A variance the stripper recognises (either operand order, axes as -1 or 3, Identity copies on either
+    side) loses the zeroed channels; one it does not (a Sum, a Mean that drops the axis) keeps them. Both stay
+    exact (relative max error 1e-4)."""
     module = _HandWrittenNorm(rng, kind)
     tf.saved_model.save(module, str(tmp_path / "src"), signatures=module.__call__)
+    if kind.startswith("identity"):  # the copies survive freezing: the stripper sees them
+        frozen = freeze_saved_model(str(tmp_path / "src"))
+        copied = {n.input[0].split("/")[-1] for n in frozen.graph_def.node if n.op == "Identity"}
+        assert {"BiasAdd"} | ({"sub", "Square"} if kind == "identity_difference" else set()) <= copied
     result = strip_saved_model(str(tmp_path / "src"), str(tmp_path / "dst"))
     assert _by_layer(result, "conv1")[0]["channels_after"] == kept
     x = rng.uniform(0, 1, (2, 8, 8, 3)).astype("float32")
