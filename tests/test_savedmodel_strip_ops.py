@@ -535,3 +535,50 @@ def test_inlined_function_bodies_get_names_no_other_node_has():
     with tf.compat.v1.Session(graph=graph) as sess:
         out = sess.run("out:0", {"inp:0": np.array([1.0, 3.0], np.float32)})
     np.testing.assert_allclose(out, [12.0, 26.0])
+
+
+def test_inlined_body_keeps_the_control_dependencies_of_its_call():
+    """A call that waits for an assignment (a control input) runs a body that reads the variable without any data
+    dependence on the call's argument: inlined, every body node still waits for the assignment, and the graph
+    reads the assigned value as the call did."""
+    from tfcompress.graph.frozen_graph import inline_function_calls, node_name
+
+    @tf.function(autograph=False)
+    def add_variable(a):
+        handle = tf.raw_ops.VarHandleOp(dtype=tf.float32, shape=[], shared_name="tfcompress_test_v")
+        return a + tf.raw_ops.ReadVariableOp(resource=handle, dtype=tf.float32)
+
+    graph = tf.Graph()
+    with graph.as_default():
+        inp = tf.compat.v1.placeholder(tf.float32, [2], name="inp")
+        handle = tf.raw_ops.VarHandleOp(dtype=tf.float32, shape=[], shared_name="tfcompress_test_v")
+        assign = tf.raw_ops.AssignVariableOp(resource=handle, value=tf.constant(5.0), name="assign")
+        with tf.control_dependencies([assign]):
+            tf.identity(add_variable(inp), name="out")
+    original = graph.as_graph_def()
+    (call,) = [n for n in original.node if n.op == "StatefulPartitionedCall"]
+    assert "^assign" in call.input
+
+    inlined = inline_function_calls(original)
+    nodes = {n.name: n for n in inlined.node}
+
+    def ancestors(name):
+        seen, stack = set(), [name]
+        while stack:
+            for i in nodes[stack.pop()].input:
+                if node_name(i) not in seen:
+                    seen.add(node_name(i))
+                    stack.append(node_name(i))
+        return seen
+
+    body = [n for n in nodes if n.startswith(call.name + "/")]
+    assert any(nodes[n].op == "ReadVariableOp" for n in body)
+    assert all("assign" in ancestors(n) for n in body), [n for n in body if "assign" not in ancestors(n)]
+
+    x = np.array([1.0, 3.0], np.float32)
+    for graph_def in (original, inlined):
+        g = tf.Graph()
+        with g.as_default():
+            tf.import_graph_def(graph_def, name="")
+        with tf.compat.v1.Session(graph=g) as sess:
+            np.testing.assert_array_equal(sess.run("out:0", {"inp:0": x}), [6.0, 8.0])
