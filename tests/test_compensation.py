@@ -296,3 +296,73 @@ def test_emitted_criterion_sees_dead_and_constant_channels_that_kernel_norms_mis
 def test_emitted_criterion_needs_data():
     with pytest.raises(ValueError, match='criterion="emitted"'):
         FilterPruning(criterion="emitted")
+
+
+# --------------------------------------------------------------------------- cost of compensating group by group
+
+def _chain_of_groups(rng, n: int = 5) -> keras.Model:
+    """n conv -> BN -> sigmoid blocks (sigmoid(0) = 0.5: zeroed channels still emit a constant), each with two
+    constant channels (zero filter, BatchNorm shift), then a conv with bias."""
+    inp = keras.Input((8, 8, 3))
+    x = inp
+    for k in range(n):
+        x = L.Conv2D(8, 3, padding="same", use_bias=k % 2 == 0, name=f"conv{k}")(x)
+        x = L.Activation("sigmoid")(L.BatchNormalization(name=f"bn{k}")(x))
+    model = keras.Model(inp, L.Conv2D(4, 1, name="head")(x))
+    randomize_batchnorm(model, rng)
+    randomize_biases(model, rng)
+    for k in range(n):
+        conv, bn = model.get_layer(f"conv{k}"), model.get_layer(f"bn{k}")
+        kernel, beta = conv.kernel.numpy(), bn.beta.numpy()
+        kernel[..., [2, 5]] = 0.0
+        beta[[2, 5]] = [1.5, -2.0]
+        conv.kernel.assign(kernel)
+        bn.beta.assign(beta)
+    return model
+
+
+def _prune_every_group(model, full_evaluations: bool, monkeypatch) -> tuple[list, int]:
+    """GroupMasks.set removing channels 2, 5 (constant) and 6 (varying) of every group; the weights after it
+    and how many op constants were evaluated. ``full_evaluations``: every read of the graph's constants
+    evaluates the whole graph (what compensation did before it tracked the changes)."""
+    from tfcompress.graph import compensation, ops
+
+    kg = build_graph(model)
+    masks = GroupMasks(kg, kg.groups(), compensate=True)
+    if full_evaluations:
+        get = compensation.TrackedConstants.get
+        monkeypatch.setattr(compensation.TrackedConstants, "get", lambda self: (self.reset(), get(self))[1])
+    count = [0]
+    const_out = ops.const_out
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return const_out(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "const_out", counted)
+    keep = {g.id: np.ones(g.size, dtype=bool) for g in masks.groups}
+    for k in keep.values():
+        k[[2, 5, 6]] = False
+    masks.set(keep)
+    monkeypatch.undo()
+    return [w.copy() for w in model.get_weights()], count[0]
+
+
+def test_compensating_group_after_group_costs_linear_in_depth_and_gives_the_same_folds(rng, monkeypatch):
+    counts = {}
+    for n in (4, 8):
+        model = _chain_of_groups(rng, n)
+        weights = model.get_weights()
+        assert len(build_graph(model).groups()) == n
+        tracked, evaluations = _prune_every_group(model, False, monkeypatch)
+        model.set_weights(weights)
+        full, full_evaluations = _prune_every_group(model, True, monkeypatch)
+        for a, b in zip(tracked, full):  # the same folds, bit for bit
+            assert a.tobytes() == b.tobytes()
+        assert any(not np.array_equal(a, b) for a, b in zip(tracked, weights))  # something was folded
+        counts[n] = evaluations, full_evaluations
+    (t4, f4), (t8, f8) = counts[4], counts[8]
+    # evaluating the whole graph for every group: twice the groups and twice the depth, about 4x the work;
+    # updating from the changes: one pass plus a few ops per group, about 2x
+    assert f8 >= 3.5 * f4, counts
+    assert t8 <= 2.2 * t4, counts

@@ -1,5 +1,6 @@
 """SavedModel stripping, ONNX and OpenVINO conversion, and the `python -m tfcompress.export` command."""
 
+import collections
 import hashlib
 import json
 import os
@@ -225,6 +226,34 @@ def small_saved_model(tmp_path_factory):
     return path
 
 
+def test_export_reads_runs_and_inlines_the_graph_once(tmp_path, small_saved_model, monkeypatch):
+    """OpenVINO reads and runs the ONNX file once (the IR's check takes the ONNX check's outputs as its
+    reference), and the graph's function calls are inlined once (when it is frozen), not again for tf2onnx."""
+    from tfcompress.export import convert
+    from tfcompress.graph import frozen_graph
+
+    calls = collections.Counter()
+
+    def count(module, name):
+        fn = getattr(module, name)
+
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+
+    for module, name in ((convert, "_read_onnx"), (convert, "run_openvino"), (convert, "inline_function_calls"),
+                         (frozen_graph, "inline_function_calls")):
+        count(module, name)
+    x = np.random.default_rng(0).uniform(size=(8, 8, 8, 3)).astype("float32")
+    report = export_saved_model(str(small_saved_model), str(tmp_path / "out"), calibration_data=x, int8="none",
+                                verbose=False)
+    assert report["steps"]["onnx"]["max_rel_error"] <= 1e-4 and report["steps"]["openvino"]["max_rel_error"] <= 1e-4
+    # run_openvino: the ONNX file (to_onnx's check) and the saved IR (to_openvino's check)
+    assert calls == {"_read_onnx": 1, "run_openvino": 2, "inline_function_calls": 1}, calls
+
+
 def _assert_clean_failure(proc, message, parent, out):
     assert proc.returncode == 2, proc.stderr[-1500:]
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]
@@ -435,7 +464,7 @@ def test_quantized_export_refuses_an_ir_wrong_by_itself(stable_qat, tmp_path, mo
 
     sm, x = stable_qat
 
-    def broken_to_openvino(onnx_path, xml_path, check_inputs=None, tolerance=1e-4):
+    def broken_to_openvino(onnx_path, xml_path, check_inputs=None, tolerance=1e-4, onnx_check=None):
         model = _double_a_dequantization_scale(ov.convert_model(onnx_path))
         ov.save_model(model, xml_path, compress_to_fp16=False)
         c = convert.ConversionCheck(max_rel_error=0.0)

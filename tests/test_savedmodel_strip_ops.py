@@ -469,6 +469,11 @@ class _HandWrittenNorm(tf.Module):
             v = tf.reduce_mean(tf.math.squared_difference(x, tf.stop_gradient(m)), axis=-1, keepdims=True)
         elif self.kind == "reversed":
             v = tf.reduce_mean(tf.square(m - x), axis=[3], keepdims=True)
+        elif self.kind == "identity_mean_input":  # the mean reads a copy of x, the difference x itself
+            m = tf.reduce_mean(tf.identity(x), axis=-1, keepdims=True)
+            v = tf.reduce_mean(tf.math.squared_difference(x, m), axis=-1, keepdims=True)
+        elif self.kind == "identity_difference":  # copies between x and Sub, Sub and Square, Square and Mean
+            v = tf.reduce_mean(tf.identity(tf.square(tf.identity(tf.identity(x) - m))), axis=-1, keepdims=True)
         elif self.kind == "sum":
             v = tf.reduce_sum(tf.math.squared_difference(x, m), axis=-1, keepdims=True) / 16.0
         else:  # "no_keepdims"
@@ -478,12 +483,18 @@ class _HandWrittenNorm(tf.Module):
             return {"out": tf.nn.conv2d(y, self.w2, 1, "VALID")}
 
 
-@pytest.mark.parametrize("kind,kept", [("moments", 12), ("reversed", 12), ("sum", 16), ("no_keepdims", 16)])
+@pytest.mark.parametrize("kind,kept", [("moments", 12), ("reversed", 12), ("identity_mean_input", 12),
+                                       ("identity_difference", 12), ("sum", 16), ("no_keepdims", 16)])
 def test_hand_written_channel_statistics_strip_exactly(tmp_path, rng, kind, kept):
-    """A variance the stripper recognises (either operand order, axes as -1 or 3) loses the zeroed channels;
-    one it does not (a Sum, a Mean that drops the axis) keeps them. Both stay exact."""
+    """A variance the stripper recognises (either operand order, axes as -1 or 3, Identity copies on either
+    side) loses the zeroed channels; one it does not (a Sum, a Mean that drops the axis) keeps them. Both stay
+    exact (relative max error 1e-4)."""
     module = _HandWrittenNorm(rng, kind)
     tf.saved_model.save(module, str(tmp_path / "src"), signatures=module.__call__)
+    if kind.startswith("identity"):  # the copies survive freezing: the stripper sees them
+        frozen = freeze_saved_model(str(tmp_path / "src"))
+        copied = {n.input[0].split("/")[-1] for n in frozen.graph_def.node if n.op == "Identity"}
+        assert {"BiasAdd"} | ({"sub", "Square"} if kind == "identity_difference" else set()) <= copied
     result = strip_saved_model(str(tmp_path / "src"), str(tmp_path / "dst"))
     assert _by_layer(result, "conv1")[0]["channels_after"] == kept
     x = rng.uniform(0, 1, (2, 8, 8, 3)).astype("float32")
@@ -524,3 +535,50 @@ def test_inlined_function_bodies_get_names_no_other_node_has():
     with tf.compat.v1.Session(graph=graph) as sess:
         out = sess.run("out:0", {"inp:0": np.array([1.0, 3.0], np.float32)})
     np.testing.assert_allclose(out, [12.0, 26.0])
+
+
+def test_inlined_body_keeps_the_control_dependencies_of_its_call():
+    """A call that waits for an assignment (a control input) runs a body that reads the variable without any data
+    dependence on the call's argument: inlined, every body node still waits for the assignment, and the graph
+    reads the assigned value as the call did."""
+    from tfcompress.graph.frozen_graph import inline_function_calls, node_name
+
+    @tf.function(autograph=False)
+    def add_variable(a):
+        handle = tf.raw_ops.VarHandleOp(dtype=tf.float32, shape=[], shared_name="tfcompress_test_v")
+        return a + tf.raw_ops.ReadVariableOp(resource=handle, dtype=tf.float32)
+
+    graph = tf.Graph()
+    with graph.as_default():
+        inp = tf.compat.v1.placeholder(tf.float32, [2], name="inp")
+        handle = tf.raw_ops.VarHandleOp(dtype=tf.float32, shape=[], shared_name="tfcompress_test_v")
+        assign = tf.raw_ops.AssignVariableOp(resource=handle, value=tf.constant(5.0), name="assign")
+        with tf.control_dependencies([assign]):
+            tf.identity(add_variable(inp), name="out")
+    original = graph.as_graph_def()
+    (call,) = [n for n in original.node if n.op == "StatefulPartitionedCall"]
+    assert "^assign" in call.input
+
+    inlined = inline_function_calls(original)
+    nodes = {n.name: n for n in inlined.node}
+
+    def ancestors(name):
+        seen, stack = set(), [name]
+        while stack:
+            for i in nodes[stack.pop()].input:
+                if node_name(i) not in seen:
+                    seen.add(node_name(i))
+                    stack.append(node_name(i))
+        return seen
+
+    body = [n for n in nodes if n.startswith(call.name + "/")]
+    assert any(nodes[n].op == "ReadVariableOp" for n in body)
+    assert all("assign" in ancestors(n) for n in body), [n for n in body if "assign" not in ancestors(n)]
+
+    x = np.array([1.0, 3.0], np.float32)
+    for graph_def in (original, inlined):
+        g = tf.Graph()
+        with g.as_default():
+            tf.import_graph_def(graph_def, name="")
+        with tf.compat.v1.Session(graph=g) as sess:
+            np.testing.assert_array_equal(sess.run("out:0", {"inp:0": x}), [6.0, 8.0])

@@ -42,8 +42,9 @@ class QuantizedCheck:
     outputs move by half their size under a float rounding cannot be checked by its outputs at all.
     """
 
-    def __init__(self, noise: float, noise_mean: float):
+    def __init__(self, noise: float, noise_mean: float, reference: dict[str, np.ndarray] | None = None):
         self.noise = noise
+        self.reference = reference  # the unperturbed graph's outputs on the inputs measured
         self.noise_mean = noise_mean
         self.tolerance = max(MAX_FLOOR, K * noise)
         self.mean_tolerance = max(MEAN_FLOOR, K * noise_mean)
@@ -121,7 +122,7 @@ def quantized_check(run, graph_def, inputs: dict[str, np.ndarray]) -> QuantizedC
         got = run(perturbed_graph_def(graph_def, factor), inputs)
         noise = max(noise, max(_max_rel(got[k], ref[k]) for k in ref))
         noise_mean = max(noise_mean, max(mean_rel_error(got[k], ref[k]) for k in ref))
-    return QuantizedCheck(noise, noise_mean)
+    return QuantizedCheck(noise, noise_mean, ref)
 
 
 def saved_model_check(saved_model_dir: str, inputs: dict[str, np.ndarray] | np.ndarray,

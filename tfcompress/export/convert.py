@@ -8,10 +8,11 @@ import gc
 import logging
 import os
 import tempfile
+from typing import Any
 
 import numpy as np
 
-from tfcompress.graph.frozen_graph import inline_function_calls
+from tfcompress.graph.frozen_graph import calls_functions, inline_function_calls
 from tfcompress.output_dir import STAGING_PREFIX, staged_file
 from tfcompress.stripping.savedmodel_strip import (
     ExportError, FrozenSignature, check_outputs, freeze_saved_model, run_frozen, sample_inputs,
@@ -26,11 +27,16 @@ __all__ = [
 class ConversionCheck(dict):
     """What a conversion measured: ``max_rel_error`` vs the reference, ``quantized_weights`` restored, ...
 
-    ``outputs`` (an attribute, not an item, so the dict stays JSON) holds the saved IR's outputs on the check
-    inputs, for callers that compare another model with it without running the IR again.
+    ``outputs`` (an attribute, not an item, so the dict stays JSON) holds the converted model's outputs on the
+    check inputs (the saved IR's; for :func:`to_onnx`, the ONNX file's as OpenVINO's ONNX reader runs it at f32),
+    for callers that compare another model with it without running it again. :func:`to_onnx` also keeps
+    ``inputs`` (the check inputs) and ``model`` (the file as OpenVINO read it), which :func:`to_openvino` takes
+    instead of reading and running the file a second time.
     """
 
     outputs: dict[str, np.ndarray] | None = None
+    inputs: dict[str, np.ndarray] | None = None
+    model: Any = None
 
 
 def _checked(err: float, outputs: dict[str, np.ndarray]) -> ConversionCheck:
@@ -109,8 +115,13 @@ def prepare_for_tf2onnx(graph_def):
     ``StatefulPartitionedCall`` nodes marked ``_noinline``, which neither grappler nor tf2onnx inlines. Ops
     tf2onnx has no handler for are replaced by an exact equivalent it has (:data:`_REWRITES`).
     """
-    out = inline_function_calls(graph_def)
-    del out.library.function[:]
+    if calls_functions(graph_def):
+        out = inline_function_calls(graph_def)
+        del out.library.function[:]
+    else:  # a frozen signature is inlined already (freezing folds it, :func:`fold_constants`): copy its nodes
+        out = type(graph_def)()
+        out.versions.CopyFrom(graph_def.versions)
+        out.node.extend(graph_def.node)
     for op, rewrite in _REWRITES.items():
         for node in list(out.node):
             if node.op == op:
@@ -205,15 +216,16 @@ def to_onnx(
     with staged_file(onnx_path) as tmp:
         onnx.save_model(model, tmp)
         del model
-        got = run_onnx(tmp, x)
+        read = _read_onnx(tmp)
+        got = run_openvino(read, x, precision="f32")
         try:
             err = check_outputs(got, ref, tolerance, "ONNX outputs (OpenVINO's ONNX reader, f32) differ from "
                                 "TensorFlow's")
         except ExportError as e:
-            import openvino as ov
-
-            raise ExportError(str(e) + _saturation_hint(ov.convert_model(tmp))) from None
-    return ConversionCheck(max_rel_error=err, quantized_weights=restored, opset=opset)
+            raise ExportError(str(e) + _saturation_hint(read)) from None
+    check = ConversionCheck(max_rel_error=err, quantized_weights=restored, opset=opset)
+    check.inputs, check.outputs, check.model = x, got, read
+    return check
 
 
 def _tf2onnx(graph_def, inputs: list[str], outputs: list[str], opset: int, rename: dict):
@@ -441,16 +453,25 @@ def to_openvino(
     xml_path: str,
     check_inputs: dict[str, np.ndarray] | None = None,
     tolerance: float = 1e-4,
+    onnx_check: ConversionCheck | None = None,
 ) -> ConversionCheck:
     """Convert ONNX to OpenVINO IR (FP32 weights); the saved IR, read back and run at f32 precision, must match
-    the ONNX model as OpenVINO's ONNX reader runs it (relative max error within ``tolerance``)."""
+    the ONNX model as OpenVINO's ONNX reader runs it (relative max error within ``tolerance``).
+
+    ``onnx_check``, :func:`to_onnx`'s result for this file, gives the file as read and its outputs on its check
+    inputs: the reader and that run are not repeated when ``check_inputs`` are those inputs (or None).
+    """
     if not os.path.isfile(onnx_path):
         raise ExportError(f"ONNX file {onnx_path!r} does not exist")
     _check_xml_path(xml_path)
-    model = _read_onnx(onnx_path)
-    if check_inputs is None:
-        check_inputs = _random_inputs_for(model)
-    ref = run_openvino(model, check_inputs, precision="f32")
+    if onnx_check is not None and onnx_check.model is not None and (
+            check_inputs is None or check_inputs is onnx_check.inputs):
+        model, check_inputs, ref = onnx_check.model, onnx_check.inputs, onnx_check.outputs
+    else:
+        model = _read_onnx(onnx_path)
+        if check_inputs is None:
+            check_inputs = _random_inputs_for(model)
+        ref = run_openvino(model, check_inputs, precision="f32")
     return _checked(*_save_checked(model, xml_path, check_inputs, ref, tolerance, "the ONNX model's"))
 
 

@@ -147,7 +147,7 @@ def export_saved_model(
         report["steps"].update(steps)
         report["quantized"] = quantized
         if qcheck is not None:
-            _record_quantized_checks(report, qcheck, frozen, check, fp32_outputs)
+            _record_quantized_checks(report, qcheck, fp32_outputs)
 
         report["sizes"] = {
             "saved_model": _size(saved_model_dir), "unstripped": _size(stripped_dir) if unchanged else _resaved_size(frozen, tmp),
@@ -196,9 +196,10 @@ def export_saved_model(
     return report
 
 
-def _record_quantized_checks(report: dict, qcheck: QuantizedCheck, frozen, check: dict, fp32_outputs: dict) -> None:
+def _record_quantized_checks(report: dict, qcheck: QuantizedCheck, fp32_outputs: dict) -> None:
     """Say in each checked step the noise and the limit it was held to, and hold the FP32 IR's outputs to the
-    original graph's by their mean error too (the max error of a chaotic model allows almost anything)."""
+    original graph's (``qcheck``'s reference, on the same check inputs) by their mean error too (the max error
+    of a chaotic model allows almost anything)."""
     steps = report["steps"]
     report["quantized_check"] = {"noise_floor": qcheck.noise, "noise_mean": qcheck.noise_mean,
                                  "tolerance": qcheck.tolerance, "mean_tolerance": qcheck.mean_tolerance,
@@ -206,7 +207,7 @@ def _record_quantized_checks(report: dict, qcheck: QuantizedCheck, frozen, check
     for step in ("strip", "onnx", "openvino"):
         if "max_rel_error" in steps.get(step, {}):
             steps[step].update(qcheck.report())
-    ref = run_frozen(frozen, frozen.graph_def, check)
+    ref = qcheck.reference
     steps["openvino"]["mean_rel_error"] = qcheck.check_mean(
         {k: fp32_outputs[k] for k in ref}, ref, "OpenVINO IR outputs differ from the original SavedModel's")
     steps["openvino"]["mean_tolerance"] = qcheck.mean_tolerance
@@ -253,7 +254,7 @@ def _convert(stripped_dir: str, onnx_path: str, xml: str, opset: int, check, sig
     steps = {"onnx": {"seconds": time.perf_counter() - t, **c}}
     t = time.perf_counter()
     log("[4/5] converting to OpenVINO IR")
-    c = to_openvino(onnx_path, xml, check_inputs=check, tolerance=tol["openvino"])
+    c = to_openvino(onnx_path, xml, check_inputs=check, tolerance=tol["openvino"], onnx_check=c)
     steps["openvino"] = {"seconds": time.perf_counter() - t, "source": "onnx", **c}
     return steps, c.outputs
 

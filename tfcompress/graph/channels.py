@@ -95,8 +95,9 @@ def zero_channels(
     chosen = np.zeros(g.size, dtype=bool)
     chosen[idx] = True
     report, finish = CompensationReport(), (lambda: None)
+    consts = compensation.TrackedConstants(kg)
     if compensate and idx.size:
-        report, finish = compensation.compensate(kg, g, chosen, data, batch_size)
+        report, finish = compensation.compensate(kg, g, chosen, data, batch_size, constants=consts)
     done: set[str] = set()
     for rec in kg.records:
         if rec.op.layer in done or not rec.op.outputs:
@@ -106,5 +107,6 @@ def zero_channels(
         if pos.size:
             rec.kind.zero_outputs(pos)
             done.add(rec.op.layer)
+    consts.changed_layers(done)
     finish()
     return report

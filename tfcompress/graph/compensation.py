@@ -16,7 +16,7 @@ constant *and* every output position sees the whole kernel window (Dense, 1x1 or
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Iterable
 
 import keras
 import numpy as np
@@ -25,7 +25,7 @@ from tfcompress.graph import ops
 from tfcompress.graph.engine import ChannelGroup, Rule
 from tfcompress.graph.kernels import fold_into_bias_summed, window_sum
 
-__all__ = ["CompensationReport", "compensate", "consumer_means", "emitted_importance", "undo"]
+__all__ = ["CompensationReport", "TrackedConstants", "compensate", "consumer_means", "emitted_importance", "undo"]
 
 
 @dataclasses.dataclass
@@ -54,6 +54,52 @@ class CompensationReport:
     def max_error(self) -> float:
         """The largest relative error over the consumers (0.0 without data)."""
         return max(self.error.values(), default=0.0)
+
+
+class TrackedConstants:
+    """The per-tensor constants of a :class:`KerasGraph` (:meth:`ChannelGraph.constants`), brought up to date
+    from the weights reported changed instead of evaluated over the whole graph again.
+
+    A loop that compensates one group after another changes a few layers per group; evaluating the whole
+    graph for each group made it quadratic in the model's size. Every weight change between two reads must
+    be reported with :meth:`changed` (a variable no layer of the graph owns makes the next read a full one), or :meth:`reset` called.
+    """
+
+    def __init__(self, kg: Any) -> None:
+        self._graph = kg.graph
+        self._owners: dict[int, set[str]] = {}
+        for rec in kg.records:
+            for v in getattr(rec.kind.layer, "weights", ()):  # keras.ops nodes and inputs have none
+                self._owners.setdefault(id(v), set()).add(rec.op.layer)
+        self._values: dict[int, np.ndarray] | None = None
+        self._changed: set[str] = set()
+
+    def changed(self, variables: Iterable[Any]) -> None:
+        """Report that ``variables`` were assigned since the last read."""
+        for v in variables:
+            owners = self._owners.get(id(v))
+            if owners is None:
+                self._values = None
+            else:
+                self._changed |= owners
+
+    def changed_layers(self, layers: Iterable[str]) -> None:
+        """Report that weights of the layers named ``layers`` (:attr:`Op.layer`) were assigned."""
+        self._changed.update(layers)
+
+    def reset(self) -> None:
+        """Forget the values (weights changed without being reported): the next read evaluates everything."""
+        self._values = None
+        self._changed = set()
+
+    def get(self) -> dict[int, np.ndarray]:
+        """The constants for the weights as they are now."""
+        if self._values is None:
+            self._values = self._graph.constants()
+        elif self._changed:
+            self._values = self._graph.constants(self._values, self._changed)
+        self._changed = set()
+        return self._values
 
 
 def _consumers(kg: Any, group: ChannelGroup, chosen: np.ndarray) -> list[tuple[Any, int, np.ndarray, np.ndarray]]:
@@ -161,18 +207,23 @@ def _foldable_kind(kind: Any) -> bool:
 
 
 def compensate(kg: Any, group: ChannelGroup, chosen: np.ndarray, data: Any = None,
-               batch_size: int = 64, measure_error: bool = True) -> tuple[CompensationReport, Any]:
+               batch_size: int = 64, measure_error: bool = True,
+               constants: TrackedConstants | None = None) -> tuple[CompensationReport, Any]:
     """Fold the contribution of channels ``chosen`` of ``group`` into their consumers (before zeroing them).
 
     Returns the report and a function ``finish()`` to call after the channels are zeroed: with data it
     measures each consumer's output error (before vs. after) into the report (unless ``measure_error`` is
-    False).
+    False). With ``constants`` (shared by a loop over groups) the graph's constants are updated rather than
+    evaluated again: the caller then reports its own weight changes (the zeroing) to it before ``finish()``;
+    the folds made here are reported by this function.
     """
     report = CompensationReport()
     consumers = _consumers(kg, group, chosen)
     if not consumers:
         return report, lambda: None
-    consts = kg.graph.constants()
+    own = constants is None
+    tracked = TrackedConstants(kg) if own else constants
+    consts = tracked.get()
     means = consumer_means(kg, consumers, data, batch_size) if data is not None else None
     probe = _probe(kg, consumers, data, batch_size) if data is not None and measure_error else None
     done: set[str] = set()
@@ -194,15 +245,20 @@ def compensate(kg: Any, group: ChannelGroup, chosen: np.ndarray, data: Any = Non
         report.folded[name] = where
         if proven.all() and rec.kind.can_fold(i):
             report.exact.append(name)
+    tracked.changed(v for v, _, _ in report.changes)
 
     def finish() -> None:
         # a zeroed channel still emits f(0) through an activation with f(0) != 0 (sigmoid: 0.5), which the
         # consumer keeps seeing: only the difference to that value was lost
-        after = kg.graph.constants()
+        if own:  # the caller's zeroing was not reported
+            tracked.reset()
+        after = tracked.get()
+        start = len(report.changes)
         for rec, i, pos, channels in folded:
             rest = np.nan_to_num(after[rec.op.inputs[i]][pos])
             if np.any(rest != 0):
                 _fold(kg, rec, i, pos, channels, -rest, report.changes)
+        tracked.changed(v for v, _, _ in report.changes[start:])
         if probe is not None:
             report.error.update(probe())
 

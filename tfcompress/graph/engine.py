@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Collection, Protocol, Sequence
 
 import numpy as np
 
@@ -202,6 +202,7 @@ class ChannelGraph:
         # (op, input index) for every op that consumes (reads through parameters) a tensor's channels
         self.consumers: list[tuple[Op, int]] = []
         self._analyse()
+        self._roots_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     # ------------------------------------------------------------------ union-find over spaces
     def _new_space(self, size: int, producer: str | None = None, blocked: bool = False) -> int:
@@ -397,9 +398,17 @@ class ChannelGraph:
         return _why_not(sp) if sp.producers else "no convolution or dense layer creates them"
 
     def _roots(self, tensor: int) -> tuple[np.ndarray, np.ndarray]:
-        spaces, chans = self.maps[tensor].positions()
-        lookup = {int(s): self.root(int(s)) for s in np.unique(spaces)}
-        return np.array([lookup[int(s)] for s in spaces], dtype=int).reshape(spaces.shape), chans
+        """(group id, channel) of every position of ``tensor``'s channel axis (read-only arrays).
+
+        The spaces are final once the graph is analysed, so each tensor's answer is computed once: pruning and
+        compensation ask it again for every group."""
+        if tensor not in self._roots_cache:
+            spaces, chans = self.maps[tensor].positions()
+            uniq, inverse = np.unique(spaces, return_inverse=True)
+            roots = np.array([self.root(int(s)) for s in uniq], dtype=int)[inverse].reshape(spaces.shape)
+            roots.flags.writeable = chans.flags.writeable = False
+            self._roots_cache[tensor] = roots, chans
+        return self._roots_cache[tensor]
 
     def positions(self, tensor: int, group: ChannelGroup) -> tuple[np.ndarray, np.ndarray]:
         """Positions on ``tensor``'s channel axis that carry ``group`` channels, and which channels."""
@@ -417,10 +426,22 @@ class ChannelGraph:
         return keep
 
     # ------------------------------------------------------------------ values and removal
-    def constants(self) -> dict[int, np.ndarray]:
-        """Per tensor, the constant value of each channel over all inputs (NaN: not provably constant)."""
+    def constants(self, previous: dict[int, np.ndarray] | None = None,
+                  changed: Collection[str] = ()) -> dict[int, np.ndarray]:
+        """Per tensor, the constant value of each channel over all inputs (NaN: not provably constant).
+
+        Given ``previous`` (an earlier result for this graph) and ``changed`` (the parameter owners,
+        :attr:`Op.layer`, whose weights changed since), only their ops and the ops reading a tensor whose
+        constants moved are evaluated again; the others keep their earlier values. The result is the full
+        evaluation's as long as no other weight changed, at the cost of the part of the graph that moved.
+        """
         consts: dict[int, np.ndarray] = {}
+        moved: set[int] = set()
         for op in self.ops:
+            if previous is not None and op.layer not in changed and moved.isdisjoint(op.inputs):
+                for t in op.outputs:
+                    consts[t] = previous[t]
+                continue
             ins = [consts[t] for t in op.inputs]
             if op.semantics is not None:
                 outs = op.semantics.const_out(ins)
@@ -437,6 +458,8 @@ class ChannelGraph:
             for k, t in enumerate(op.outputs):
                 c = outs[k] if k < len(outs) else np.full(self.tensor_width.get(t) or 0, np.nan)
                 consts[t] = np.asarray(c, dtype=np.float64)
+                if previous is not None and not _same_bits(consts[t], previous[t]):
+                    moved.add(t)
         return consts
 
     def removable_channels(self, groups: Sequence[ChannelGroup] | None = None) -> dict[int, np.ndarray]:
@@ -515,6 +538,11 @@ def _edges(cmap: ChannelMap, cuts: set[int]) -> list[tuple[Segment, list[int]]]:
 def _label(op: Op) -> str:
     """How messages name an op: its adapter's label if it has one (e.g. with the TF op type), else its name."""
     return getattr(op.semantics, "label", None) or op.name
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two constant vectors are equal bit for bit (NaN included, 0.0 and -0.0 apart)."""
+    return a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
 def _sum_consts(ins: list[np.ndarray], width: int) -> np.ndarray:

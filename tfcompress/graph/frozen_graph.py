@@ -16,7 +16,7 @@ from tensorflow.python.framework.function_def_to_graph import function_def_to_gr
 
 from tfcompress.errors import ExportError
 
-__all__ = ["FAKE_QUANT_OPS", "const_node", "fold_constants", "inline_function_calls", "node_name", "prune_unused",
+__all__ = ["FAKE_QUANT_OPS", "calls_functions", "const_node", "fold_constants", "inline_function_calls", "node_name", "prune_unused",
            "tensor_name", "topological_order"]
 
 FAKE_QUANT_OPS = {"FakeQuantWithMinMaxVars", "FakeQuantWithMinMaxVarsPerChannel", "FakeQuantWithMinMaxArgs"}
@@ -24,6 +24,7 @@ _STATEFUL_OR_INPUT = {"Placeholder", "PlaceholderWithDefault", "VarHandleOp", "R
 
 
 _CALL_OPS = ("StatefulPartitionedCall", "PartitionedCall")
+_INPUT_CONTROL = "tfcompress_input_control"  # the NoOp holding an inlined call's control inputs
 
 
 def inline_function_calls(graph_def: tf.compat.v1.GraphDef) -> tf.compat.v1.GraphDef:
@@ -39,6 +40,13 @@ def inline_function_calls(graph_def: tf.compat.v1.GraphDef) -> tf.compat.v1.Grap
     while _inline_calls(out, functions):
         pass
     return out
+
+
+def calls_functions(graph_def: tf.compat.v1.GraphDef) -> bool:
+    """Whether a node of ``graph_def`` calls a function (a call op, or an op named after a function of its
+    library): whether :func:`inline_function_calls` has work."""
+    functions = {f.signature.name for f in graph_def.library.function}
+    return any(_called_function(n, functions) is not None for n in graph_def.node)
 
 
 def _called_function(node: node_def_pb2.NodeDef, functions: dict) -> str | None:
@@ -72,29 +80,41 @@ def _inline_calls(graph_def, functions: dict) -> bool:
 def _inlined(call: node_def_pb2.NodeDef, fdef, taken: set[str]) -> list[node_def_pb2.NodeDef]:
     """The nodes that replace ``call``: the function body under ``<call>/`` (``<call>/_1/`` ... where a body
     name would repeat one of the ``taken`` node names), its arguments bound to the call's inputs, and an
-    ``IdentityN`` under the call's own name, so its consumers and control edges stay valid."""
+    ``IdentityN`` under the call's own name, so its consumers and control edges stay valid.
+
+    The call's control inputs hold for the whole body, as they did for the call: they go to a ``NoOp`` that
+    every body node without a data input (arguments, constants, variable handles, stateful sources) waits for;
+    the other nodes wait for it through their inputs (TensorFlow's own inliner does the same)."""
     body, flat = function_def_to_graph_def(fdef)
+    control_name = _INPUT_CONTROL
+    while any(node.name == control_name for node in body.node):
+        control_name = "_" + control_name
     prefix, k = call.name + "/", 0
-    while any(prefix + node.name in taken for node in body.node):
+    while any(prefix + name in taken for name in [node.name for node in body.node] + [control_name]):
         k += 1
         prefix = f"{call.name}/_{k}/"
     data_inputs = [i for i in call.input if not i.startswith("^")]
     controls = [i for i in call.input if i.startswith("^")]
     args = {a.name: k for k, a in enumerate(fdef.signature.input_arg)}
     nodes = []
+    if controls:
+        nodes.append(node_def_pb2.NodeDef(name=prefix + control_name, op="NoOp", input=controls))
     for node in body.node:
         new = node_def_pb2.NodeDef()
         new.CopyFrom(node)
         new.name = prefix + node.name
         new.attr.pop("_class", None)
-        if node.op == "Placeholder" and node.name in args:
+        is_arg = node.op == "Placeholder" and node.name in args
+        if is_arg:  # bound to the call's input
             new.op = "Identity"
             dtype = new.attr["dtype"]
             new.ClearField("attr")
             new.attr["T"].CopyFrom(dtype)
-            new.input[:] = [data_inputs[args[node.name]]] + controls
+            new.input[:] = [data_inputs[args[node.name]]]
         else:
             new.input[:] = [("^" + prefix + i[1:]) if i.startswith("^") else prefix + i for i in node.input]
+        if controls and (is_arg or all(i.startswith("^") for i in new.input)):  # a source of the body
+            new.input.append("^" + prefix + control_name)
         nodes.append(new)
     results = [prefix + flat.get(fdef.ret[a.name], fdef.ret[a.name]) for a in fdef.signature.output_arg]
     join = node_def_pb2.NodeDef(name=call.name, op="IdentityN", input=results)

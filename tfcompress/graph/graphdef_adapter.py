@@ -396,22 +396,34 @@ def _reduce(g: GraphDefGraph, node):
 
 def _centered_square(g: GraphDefGraph, node) -> tuple[str, str | None]:
     """For a channel Mean (keeping dims) of ``(x - m)^2`` with ``m`` the channel Mean of ``x`` (tf.nn.moments'
-    variance): ``(x, m)``; for any other channel reduction: ``(its input, None)``."""
-    src = g.nodes.get(_node(node.input[0]))
+    variance): ``(x, m)``; for any other channel reduction: ``(its input, None)``. Copies (Identity,
+    StopGradient) anywhere in the pattern are looked through, on the mean's side and on ``x``'s alike."""
+    src = g.nodes.get(_node(_copied(g, node.input[0])))
     pair = []
     if node.op == "Mean" and kinds.attr(node, "keep_dims").b and src is not None:
         if src.op == "SquaredDifference":
             pair = src.input[:2]
-        elif src.op == "Square" and g.nodes[_node(src.input[0])].op == "Sub":
-            pair = g.nodes[_node(src.input[0])].input[:2]
+        elif src.op == "Square":
+            sub = g.nodes.get(_node(_copied(g, src.input[0])))
+            pair = sub.input[:2] if sub is not None and sub.op == "Sub" else []
     for x, m in (pair, pair[::-1]) if pair else ():
-        mean = g.nodes.get(_node(m))
-        while mean is not None and mean.op in ("StopGradient", "Identity"):
-            mean = g.nodes.get(_node(mean.input[0]))
+        mean = g.nodes.get(_node(_copied(g, m)))
         if (mean is not None and mean.op == "Mean" and kinds.attr(mean, "keep_dims").b
-                and _tensor(mean.input[0]) == _tensor(x) and _same_axes(g, mean, node)):
+                and _copied(g, mean.input[0]) == _copied(g, x) and _same_axes(g, mean, node)):
             return x, mean.name
     return node.input[0], None
+
+
+_COPIES = ("Identity", "StopGradient", "Snapshot")
+
+
+def _copied(g: GraphDefGraph, t: str) -> str:
+    """The tensor that ``t`` is a copy of (through Identity / StopGradient / Snapshot nodes), as ``node:k``."""
+    node = g.nodes.get(_node(t))
+    while node is not None and node.op in _COPIES:
+        t = node.input[0]
+        node = g.nodes.get(_node(t))
+    return _tensor(t)
 
 
 def _same_axes(g: GraphDefGraph, a, b) -> bool:

@@ -139,23 +139,29 @@ class GroupMasks:
             self._switch(keep)
             return
         current = dict(self.keep)
+        consts = compensation.TrackedConstants(self.kg)  # each group's changes update the graph's constants
         for g in self.groups:
             old, new = current[g.id], np.asarray(keep[g.id], dtype=bool)
             if np.array_equal(old, new):
                 continue
-            changes = compensation.undo(self._changes.get(g.id, []), ~old & new)
+            before = self._changes.get(g.id, [])
+            changes = compensation.undo(before, ~old & new)
+            consts.changed(v for v, _, _ in before)
             report, finish = None, None
             if (old & ~new).any():
-                report, finish = compensation.compensate(self.kg, g, old & ~new, self.data, measure_error=False)
+                report, finish = compensation.compensate(self.kg, g, old & ~new, self.data, measure_error=False,
+                                                         constants=consts)
             current[g.id] = new
-            self._switch(current)
+            consts.changed(self._switch(current))
             if finish is not None:
                 finish()
                 changes += report.changes
             self._changes[g.id] = changes
 
-    def _switch(self, keep: dict[int, np.ndarray]) -> None:
+    def _switch(self, keep: dict[int, np.ndarray]) -> list[Any]:
+        """Apply the keep masks ``keep``; returns the variables assigned."""
         old = self._masks
+        assigned = []
         self.keep = {gid: np.asarray(k, dtype=bool).copy() for gid, k in keep.items()}
         self._masks = self._variable_masks()
         for key, (p, new) in self._masks.items():
@@ -171,7 +177,9 @@ class GroupMasks:
             revived = (before == 0) & (new != 0) & has
             value = np.where(revived, shadow, value) * new.astype(value.dtype)
             p.variable.assign(value)
+            assigned.append(p.variable)
         self._tensors = None
+        return assigned
 
     def apply(self) -> None:
         """Zero the pruned weights again (after an optimizer step moved them)."""
