@@ -62,7 +62,8 @@ class TrackedConstants:
 
     A loop that compensates one group after another changes a few layers per group; evaluating the whole
     graph for each group made it quadratic in the model's size. Every weight change between two reads must
-    be reported with :meth:`changed` (a variable no layer of the graph owns makes the next read a full one), or :meth:`reset` called.
+    be reported with :meth:`changed` (a variable no layer of the graph owns makes the next read a full one),
+    or :meth:`reset` called.
     """
 
     def __init__(self, kg: Any) -> None:
