@@ -16,8 +16,8 @@ from tensorflow.python.framework.function_def_to_graph import function_def_to_gr
 
 from tfcompress.errors import ExportError
 
-__all__ = ["FAKE_QUANT_OPS", "calls_functions", "const_node", "fold_constants", "inline_function_calls", "node_name", "prune_unused",
-           "tensor_name", "topological_order"]
+__all__ = ["FAKE_QUANT_OPS", "calls_functions", "const_node", "fold_constants", "inline_function_calls", "node_name",
+           "prune_unused", "tensor_name", "topological_order"]
 
 FAKE_QUANT_OPS = {"FakeQuantWithMinMaxVars", "FakeQuantWithMinMaxVarsPerChannel", "FakeQuantWithMinMaxArgs"}
 _STATEFUL_OR_INPUT = {"Placeholder", "PlaceholderWithDefault", "VarHandleOp", "ReadVariableOp", "NoOp"}
