@@ -581,7 +581,7 @@ def main() -> None:
     if args.prepare:
         if not args.work:
             ap.error("--prepare needs --work")
-        name, step = args.prepare.split(":")
+        name, _, step = args.prepare.partition(":")
         prepare_step(name, step, args, args.work)
         return
     print(f"machine: {common.machine()}; openvino {ov.__version__}; default precision {default_precision()}")
