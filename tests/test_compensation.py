@@ -366,3 +366,32 @@ def test_compensating_group_after_group_costs_linear_in_depth_and_gives_the_same
     # updating from the changes: one pass plus a few ops per group, about 2x
     assert f8 >= 3.5 * f4, counts
     assert t8 <= 2.2 * t4, counts
+
+
+def test_switching_masks_group_after_group_looks_only_at_the_changed_groups_parameters(rng, monkeypatch):
+    """Compensation switches the masks once per group: each switch must cost that group's parameters, not the
+    model's (a pass over every parameter per group made pruning a deep network quadratic)."""
+    from tfcompress.graph.engine import ChannelGraph
+
+    calls = {}
+    for n in (4, 8):
+        kg = build_graph(_chain_of_groups(rng, n))
+        masks = GroupMasks(kg, kg.groups(), compensate=True)
+        count = [0]
+        keep_mask = ChannelGraph.keep_mask
+
+        def counted(self, *args, **kwargs):
+            count[0] += 1
+            return keep_mask(self, *args, **kwargs)
+
+        monkeypatch.setattr(ChannelGraph, "keep_mask", counted)
+        keep = {g.id: np.ones(g.size, dtype=bool) for g in masks.groups}
+        for k in keep.values():
+            k[[2, 5, 6]] = False
+        masks.set(keep)
+        monkeypatch.undo()
+        calls[n] = count[0]
+        for g in masks.groups:  # and the weights are those of the masks
+            assert not masks.zero_channels(g)[[0, 1, 3, 4, 7]].any()
+            assert masks.zero_channels(g)[[2, 5, 6]].all()
+    assert calls[8] <= 2.2 * calls[4], calls

@@ -203,6 +203,7 @@ class ChannelGraph:
         self.consumers: list[tuple[Op, int]] = []
         self._analyse()
         self._roots_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._root_ids_cache: dict[int, list[int]] = {}
 
     # ------------------------------------------------------------------ union-find over spaces
     def _new_space(self, size: int, producer: str | None = None, blocked: bool = False) -> int:
@@ -420,10 +421,17 @@ class ChannelGraph:
         """Boolean keep-mask of ``tensor``'s channels when the ``removed[group id]`` channels go."""
         roots, chans = self._roots(tensor)
         keep = np.ones(roots.shape, dtype=bool)
-        for r, mask in removed.items():
-            hit = roots == r
-            keep[hit] = ~mask[chans[hit]]
+        for r in self._root_ids(tensor):  # the tensor's own groups: a model has far more groups than a tensor
+            if r in removed:
+                hit = roots == r
+                keep[hit] = ~removed[r][chans[hit]]
         return keep
+
+    def _root_ids(self, tensor: int) -> list[int]:
+        """The group ids (roots) on ``tensor``'s channel axis, each once."""
+        if tensor not in self._root_ids_cache:
+            self._root_ids_cache[tensor] = [int(r) for r in np.unique(self._roots(tensor)[0])]
+        return self._root_ids_cache[tensor]
 
     # ------------------------------------------------------------------ values and removal
     def constants(self, previous: dict[int, np.ndarray] | None = None,

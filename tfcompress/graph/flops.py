@@ -26,7 +26,7 @@ class FlopsCounter:
         self._graph = graph
         self._hits: dict[int, list[tuple[int, np.ndarray]]] = {}
         for tid in graph.maps:
-            roots, chans = graph._roots(tid)
+            roots, chans = graph.owners(tid)
             self._hits[tid] = [(int(r), chans[roots == r]) for r in np.unique(roots)]
         self.ops = [op for op in graph.ops if op.semantics is not None and op.outputs]  # the ops with MACs
 

@@ -39,6 +39,7 @@ class GroupMasks:
         ids = set(self.keep)
         by_id = {g.id: g for g in self.groups}
         self._params: list[tuple[ChannelParam, int]] = []
+        self._params_of: dict[int, list[int]] = {gid: [] for gid in ids}  # group id -> indices into _params
         # group id -> (producer, its output positions carrying the group's channels 0, 1, ... once or more)
         self.producers: dict[int, list[tuple[LayerKind, np.ndarray]]] = {g.id: [] for g in self.groups}
         readers: dict[int, list] = {}
@@ -52,11 +53,14 @@ class GroupMasks:
                 continue
             seen.add(rec.op.layer)
             out = rec.op.outputs[0]
-            roots, _ = kg.graph._roots(out)
+            roots, _ = kg.graph.owners(out)
             touched = ids.intersection(int(r) for r in np.unique(roots))
             if not touched:
                 continue
-            self._params += [(p, out) for p in rec.kind.output_params()]
+            for p in rec.kind.output_params():
+                for gid in touched:
+                    self._params_of[gid].append(len(self._params))
+                self._params.append((p, out))
             if rec.op.rule is Rule.PRODUCER:
                 for gid in touched:  # a producer added to a concatenation carries each group in one part
                     pos, ch = kg.graph.positions(out, by_id[gid])
@@ -72,10 +76,12 @@ class GroupMasks:
     def removed(self) -> dict[int, np.ndarray]:
         return {gid: ~k for gid, k in self.keep.items()}
 
-    def _variable_masks(self) -> dict[int, tuple[ChannelParam, np.ndarray]]:
+    def _variable_masks(self, indices: Any = None) -> dict[int, tuple[ChannelParam, np.ndarray]]:
+        """The 0/1 mask of each parameter's variable (of the parameters ``indices`` into ``_params``; all)."""
         removed = self.removed()
         masks = {}
-        for p, out in self._params:
+        for i in range(len(self._params)) if indices is None else indices:
+            p, out = self._params[i]
             masks[id(p.variable)] = (p, p.mask(self.kg.graph.keep_mask(out, removed)))
         return masks
 
@@ -159,13 +165,18 @@ class GroupMasks:
             self._changes[g.id] = changes
 
     def _switch(self, keep: dict[int, np.ndarray]) -> list[Any]:
-        """Apply the keep masks ``keep``; returns the variables assigned."""
-        old = self._masks
+        """Apply the keep masks ``keep`` (groups not in it keep theirs); returns the variables assigned.
+
+        Only the parameters of groups whose mask changed are looked at: compensation switches one group at a
+        time, and a pass over every parameter per group made that quadratic in the model's size."""
+        keep = {gid: np.asarray(k, dtype=bool).copy() for gid, k in keep.items()}
+        changed = [gid for gid, k in keep.items() if not np.array_equal(k, self.keep[gid])]
+        self.keep = {**self.keep, **keep}
+        updated = self._variable_masks(sorted({i for gid in changed for i in self._params_of[gid]}))
         assigned = []
-        self.keep = {gid: np.asarray(k, dtype=bool).copy() for gid, k in keep.items()}
-        self._masks = self._variable_masks()
-        for key, (p, new) in self._masks.items():
-            before = old[key][1]
+        for key, (p, new) in updated.items():
+            before = self._masks[key][1]
+            self._masks[key] = (p, new)
             if np.array_equal(before, new):
                 continue
             value = p.variable.numpy()
