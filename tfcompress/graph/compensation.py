@@ -23,7 +23,7 @@ import numpy as np
 
 from tfcompress.graph import ops
 from tfcompress.graph.engine import ChannelGroup, Rule
-from tfcompress.graph.kernels import fold_into_bias_summed, window_sum
+from tfcompress.graph.kernels import fold_rows, window_sum
 
 __all__ = ["CompensationReport", "TrackedConstants", "compensate", "consumer_means", "emitted_importance", "undo"]
 
@@ -186,16 +186,11 @@ def _fold(kg: Any, rec: Any, i: int, pos: np.ndarray, channels: np.ndarray, valu
         # BN computes (x - moving_mean): x losing ``add`` is moving_mean losing it too
         target, sign, where = bn.moving_mean, -1.0, "batchnorm"
     kernel = np.moveaxis(np.asarray(layer.kernel), (kind.in_axis, kind.out_axis), (-2, -1))
-    width = kernel.shape[-2] * kind.blocks()
     w = window_sum(kernel)  # once: each channel below folds through the same sums
     total = np.zeros(target.shape[0])
     for c in np.unique(channels):
-        mine = pos[channels == c]
-        keep = np.ones(width, dtype=bool)
-        keep[mine] = False
-        fold = np.zeros(width)
-        fold[mine] = values[channels == c]
-        add = sign * fold_into_bias_summed(w, keep, fold, kind.blocks())
+        mine = channels == c
+        add = sign * fold_rows(w, pos[mine], values[mine], kind.blocks())
         changes.append((target, int(c), add))
         total += add
     target.assign((np.asarray(target) + total).astype(np.float32))

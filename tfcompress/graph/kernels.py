@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
-    "producer_consts", "depthwise_consts", "fold_into_bias", "fold_into_bias_summed", "slice_kernel", "window_sum",
+    "producer_consts", "depthwise_consts", "fold_into_bias", "fold_rows", "slice_kernel", "window_sum",
 ]
 
 
@@ -43,7 +43,8 @@ def fold_into_bias(kernel: np.ndarray, in_keep: np.ndarray, fold: np.ndarray, gr
     Exact when every output position sees the whole kernel window of the constant (Dense, 'valid' or 1x1
     convolutions). ``groups``: input block b feeds output block b.
     """
-    return fold_into_bias_summed(window_sum(kernel), in_keep, fold, groups)
+    gone = np.nonzero(~np.asarray(in_keep, dtype=bool))[0]
+    return fold_rows(window_sum(kernel), gone, np.asarray(fold, np.float64)[gone], groups)
 
 
 def window_sum(kernel: np.ndarray) -> np.ndarray:
@@ -52,15 +53,17 @@ def window_sum(kernel: np.ndarray) -> np.ndarray:
     return kernel.reshape(-1, kernel.shape[-2], kernel.shape[-1]).sum(axis=0).astype(np.float64)
 
 
-def fold_into_bias_summed(w: np.ndarray, in_keep: np.ndarray, fold: np.ndarray, groups: int = 1) -> np.ndarray:
-    """:func:`fold_into_bias` from the kernel's :func:`window_sum` ``w``, for callers that fold one kernel
+def fold_rows(w: np.ndarray, positions: np.ndarray, values: np.ndarray, groups: int = 1) -> np.ndarray:
+    """:func:`fold_into_bias` from the kernel's :func:`window_sum` ``w``: the input ``positions`` (of all
+    ``groups`` blocks together) hold ``values``. Costs the removed rows only, for callers that fold one kernel
     many times (one input channel at a time)."""
-    n_in, n_out = in_keep.size // groups, w.shape[-1] // groups
-    add = np.zeros(w.shape[-1])
-    for b in range(groups):
-        v = np.where(in_keep[b * n_in:(b + 1) * n_in], 0.0, fold[b * n_in:(b + 1) * n_in])
-        add[b * n_out:(b + 1) * n_out] = v @ w[:, b * n_out:(b + 1) * n_out]
-    return add
+    n_in, n_out = w.shape[0], w.shape[-1] // groups
+    positions = np.asarray(positions, dtype=int)
+    block = positions // n_in
+    rows = w.reshape(n_in, groups, n_out)[positions - block * n_in, block]  # (removed, n_out)
+    add = np.zeros((groups, n_out))
+    np.add.at(add, block, np.asarray(values, np.float64)[:, None] * rows)
+    return add.reshape(-1)
 
 
 def slice_kernel(kernel: np.ndarray, in_keep: np.ndarray, out_keep: np.ndarray, groups: int = 1) -> np.ndarray:
