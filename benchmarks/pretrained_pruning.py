@@ -59,24 +59,18 @@ def images(n_eval: int, n_stats: int) -> tuple[np.ndarray, np.ndarray]:
     return resize(x[:n_eval]), resize(x[-n_stats:])
 
 
-def selection(model: keras.Model, criterion: str, flops: float, round_to: int | str = "auto"
-              ) -> list[tuple[tfcompress.ChannelGroup, np.ndarray]]:
-    """The (group, channels) FilterPruning removes at ``flops`` with ``criterion`` on the current weights."""
-    pruner = FilterPruning(flops_target=flops, criterion=criterion, round_to=round_to)
+def selection(model: keras.Model, criterion: str, flops: float, round_to: int | str = "auto",
+              x_stats: np.ndarray | None = None) -> list[tuple[tfcompress.ChannelGroup, np.ndarray]]:
+    """The (group, channels) FilterPruning removes at ``flops`` with ``criterion`` on the current weights
+    (``x_stats``: the statistics images of criterion "emitted"). Its callback hooks run once, as in a first
+    epoch of ``model.fit`` with the one-step "baseline" schedule; the model's weights are left pruned."""
+    pruner = FilterPruning(flops_target=flops, criterion=criterion, round_to=round_to, schedule="baseline",
+                           pruning_epochs=1, compensate=x_stats is not None, compensation_data=x_stats)
     pruner.set_model(model)
     pruner.on_train_begin()
-    keep = pruner._select(pruner._counts(flops))
-    return [(g, np.nonzero(~keep[g.id])[0]) for g in pruner.groups]
-
-
-def emitted_selection(model: keras.Model, flops: float, x_stats: np.ndarray, round_to: int | str = "auto"
-                      ) -> list[tuple[tfcompress.ChannelGroup, np.ndarray]]:
-    """The channels FilterPruning(criterion="emitted") removes at ``flops``, statistics on ``x_stats``."""
-    pruner = FilterPruning(flops_target=flops, criterion="emitted", compensation_data=x_stats, round_to=round_to)
-    pruner.set_model(model)
-    pruner.on_train_begin()
-    keep = pruner._select(pruner._counts(flops))
-    return [(g, np.nonzero(~keep[g.id])[0]) for g in pruner.groups]
+    pruner.on_epoch_begin(0)
+    masks = pruner.masks
+    return [(g, np.nonzero(~masks[g.layers])[0]) for g in pruner.groups]
 
 
 def damage(ref: np.ndarray, out: np.ndarray) -> tuple[float, float]:
@@ -107,8 +101,7 @@ def main() -> None:
     for criterion in args.criteria.split(","):
         for level in [float(v) for v in args.levels.split(",")]:
             model.set_weights(weights)
-            chosen = (emitted_selection(model, level, x_stats, round_to) if criterion == "emitted"
-                      else selection(model, criterion, level, round_to))
+            chosen = selection(model, criterion, level, round_to, x_stats if criterion == "emitted" else None)
             row, worst = [], 0.0
             for mode in ("plain", "exact", "mean"):
                 model.set_weights(weights)
