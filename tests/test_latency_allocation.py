@@ -101,6 +101,24 @@ def test_latency_allocation_prunes_where_the_profile_says_time_goes():
     assert slow_b["b"] > flop["b"] and slow_b["a"] < flop["a"], (flop, slow_b)
 
 
+def test_a_layer_called_twice_charges_its_measured_seconds_once():
+    """A shared layer is one profiled name but one op per call: its seconds are spread over the MACs of all its
+    calls, not charged in full to each. One channel of the group (a, b) carries 1/8 of a's, b's and both of
+    shared's calls' MACs: (1 + 1 + 5) / 8 seconds (profile: seconds per layer, made up)."""
+    inp = keras.Input((12, 12, 3))
+    a = L.Conv2D(8, 3, padding="same", name="a")(inp)
+    b = L.Conv2D(8, 3, strides=2, padding="same", name="b")(inp)
+    shared = L.Conv2D(16, 3, padding="same", name="shared")
+    pool = L.GlobalAveragePooling2D
+    model = keras.Model(inp, L.Dense(4, name="head")(L.Concatenate()([pool()(shared(a)), pool()(shared(b))])))
+    kg = build_graph(model)
+    groups = {g.layers: g for g in kg.groups()}
+    cost = channel_seconds(FlopsCounter(kg.graph), groups.values(), {"a": 1.0, "b": 1.0, "shared": 5.0, "head": 0.5})
+    assert cost[groups[("b", "a")].id] == pytest.approx(7.0 / 8, rel=1e-9)
+    # one of shared's 16 outputs: 1/16 of both calls, and 2 of head's 32 inputs
+    assert cost[groups[("shared",)].id] == pytest.approx(5.0 / 16 + 0.5 / 16, rel=1e-9)
+
+
 def test_channel_costs_follow_a_measured_profile():
     """With a real profile, a channel's cost is its layers' measured seconds per MAC times the MACs it takes:
     doubling one layer's time raises exactly the groups that layer's MACs depend on."""

@@ -155,14 +155,17 @@ def channel_seconds(counter: FlopsCounter, groups: Iterable[ChannelGroup],
     """Per group id: the seconds one of its channels costs, all other channels present.
 
     Each op of ``counter``'s graph is charged its layer's measured seconds per multiply-accumulate (``profile``
-    seconds / the op's MACs at full width); an op with MACs whose layer the profile lacks gets the profile's
-    mean seconds per MAC.
+    seconds / the MACs of all the layer's ops at full width: the calls of a shared layer share its seconds);
+    an op with MACs whose layer the profile lacks gets the profile's mean seconds per MAC.
     """
     full = counter.op_macs()
+    layer_macs: dict[str, float] = {}
+    for op, m in zip(counter.ops, full):
+        layer_macs[op.layer] = layer_macs.get(op.layer, 0.0) + m
     timed = np.array([op.layer in profile and m > 0 for op, m in zip(counter.ops, full)], bool)
-    spent = np.array([profile[op.layer] if t else 0.0 for op, t in zip(counter.ops, timed)])
-    mean = spent.sum() / max(full[timed].sum(), 1e-30)
-    rate = np.where(timed, spent / np.where(timed, full, 1.0), mean)
+    rate = np.array([profile[op.layer] / layer_macs[op.layer] if t else 0.0 for op, t in zip(counter.ops, timed)])
+    spent = sum(profile[layer] for layer in {op.layer for op, t in zip(counter.ops, timed) if t})
+    rate = np.where(timed, rate, spent / max(full[timed].sum(), 1e-30))
     out = {}
     for g in groups:
         one = np.zeros(g.size, dtype=bool)
