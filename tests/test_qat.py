@@ -358,3 +358,50 @@ def test_gates_are_quantized_and_activation_products_are_not(rng, tmp_path):
                  if op.get_rt_info()["layerType"].astype(str) == "Eltwise"
                  and op.get_rt_info()["runtimePrecision"].astype(str) in ("u8", "i8")]
         assert len(gates) >= 2  # both gate products execute in INT8
+
+
+def squeeze_excite_net():
+    """Keras applications' squeeze-and-excitation (EfficientNet, MobileNetV3): a global pooling without
+    keepdims, a Reshape to (1, 1, C), 1x1 convolutions and the gate; a pooled Dense head."""
+    inp = keras.Input((16, 16, 3), name="image")
+    x = L.Conv2D(16, 3, padding="same", activation="relu", name="stem")(inp)
+    for k in range(2):
+        g = L.Reshape((1, 1, 16), name=f"se_reshape{k}")(L.GlobalAveragePooling2D(name=f"se_squeeze{k}")(x))
+        g = L.Conv2D(16, 1, activation="sigmoid", name=f"se_expand{k}")(L.Conv2D(4, 1, activation="relu",
+                                                                                name=f"se_reduce{k}")(g))
+        x = L.Conv2D(16, 1, activation="relu", name=f"project{k}")(L.Multiply(name=f"gate{k}")([x, g]))
+    return keras.Model(inp, L.Dense(10, name="logits")(L.GlobalAveragePooling2D()(x)))
+
+
+def _standalone_fake_quantize(xml: str) -> int:
+    """FakeQuantize ops the CPU plugin executes on their own (not fused into the op before or after them)."""
+    compiled = ov.Core().compile_model(xml, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return sum(op.get_rt_info()["layerType"].astype(str) == "FakeQuantize"
+               for op in compiled.get_runtime_model().get_ops())
+
+
+def test_qat_export_of_squeeze_excitation_runs_like_post_training_int8(rng, tmp_path):
+    """tf2onnx writes a global pooling as ReduceMean + Squeeze, so a QAT quantizer of the pooled values lands
+    after the Squeeze, where OpenVINO cannot fuse it into the reduction and runs it as a separate op (with layout
+    reorders) in every squeeze-and-excitation block. The export moves it above the reshapes: the QAT IR then
+    executes no more standalone FakeQuantize ops than the post-training INT8 IR of the same float model, and
+    its outputs still follow the Keras QAT model."""
+    model = squeeze_excite_net()
+    x = rng.uniform(0, 1, (32, 16, 16, 3)).astype("float32")
+    model.export(str(tmp_path / "float"), verbose=False)
+    to_onnx(str(tmp_path / "float"), str(tmp_path / "float.onnx"))
+    to_openvino(str(tmp_path / "float.onnx"), str(tmp_path / "float.xml"))
+    ptq = calibration.calibrate(ov.Core().read_model(str(tmp_path / "float.xml")), [x[i:i + 1] for i in range(32)],
+                                subset_size=32, verbose=False)
+    ov.save_model(ptq, str(tmp_path / "ptq.xml"))
+    q = quantize_model(model)
+    q.compile(keras.optimizers.SGD(0.0), "mse")
+    q.fit(x, rng.normal(size=(32, 10)), epochs=1, batch_size=8, callbacks=[RangeInit(2)], verbose=0)
+    q.export(str(tmp_path / "qat"), verbose=False)
+    check = {"image": x[:8]}
+    to_onnx(str(tmp_path / "qat"), str(tmp_path / "qat.onnx"), check_inputs=check, tolerance=0.05)
+    to_openvino(str(tmp_path / "qat.onnx"), str(tmp_path / "qat.xml"), check_inputs=check)
+    assert _standalone_fake_quantize(str(tmp_path / "qat.xml")) <= _standalone_fake_quantize(str(tmp_path / "ptq.xml"))
+    compiled = ov.Core().compile_model(str(tmp_path / "qat.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    assert calibration.int8_layers(compiled) == {"int8": 8, "total": 8}
+    assert rel_error(compiled({0: x})[compiled.outputs[0]], q.predict(x, verbose=0)) < 0.05

@@ -19,8 +19,9 @@ from tfcompress.stripping.savedmodel_strip import (
 )
 
 __all__ = [
-    "ConversionCheck", "freeze_for_export", "prepare_for_tf2onnx", "rejoin_quantize_dequantize", "restore_weight_quantization", "run_onnx", "run_openvino",
-    "saved_model_to_openvino", "to_onnx", "to_openvino",
+    "ConversionCheck", "freeze_for_export", "prepare_for_tf2onnx", "raise_quantize_above_reshapes",
+    "rejoin_quantize_dequantize", "restore_weight_quantization", "run_onnx", "run_openvino", "saved_model_to_openvino",
+    "to_onnx", "to_openvino",
 ]
 
 
@@ -209,6 +210,7 @@ def to_onnx(
         )
     restored = restore_weight_quantization(model) if weight_fake_quant else 0
     rejoin_quantize_dequantize(model)
+    raise_quantize_above_reshapes(model)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
@@ -424,6 +426,61 @@ def rejoin_quantize_dequantize(model) -> int:
         del model.graph.node[:]
         model.graph.node.extend(nodes)
     return len(renamed)
+
+
+_SHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+
+
+def raise_quantize_above_reshapes(model) -> int:
+    """Move a per-tensor ``QuantizeLinear -> DequantizeLinear`` pair above the shape op that feeds it
+    (``X -> Squeeze -> Q -> DQ`` becomes ``X -> Q -> DQ -> Squeeze``; exact, since per-tensor quantization is
+    elementwise), repeatedly, as long as the shape op has no other reader.
+
+    The quantizer then sits on the output of the op that computed the values, as post-training placement puts
+    it (a quantizer moves above value-moving ops). tf2onnx writes a global average pooling as ``ReduceMean``
+    plus ``Squeeze``: a QAT quantizer of the pooled values lands after the ``Squeeze``, where OpenVINO's CPU
+    plugin cannot fuse it into the reduction and runs it as a separate float op, with layout reorders around
+    it, in every squeeze-and-excitation block. Returns the number of moves.
+    """
+    moves = 0
+    while True:
+        nodes = list(model.graph.node)
+        producer = {o: n for n in nodes for o in n.output}
+        readers: dict[str, list] = {}
+        for n in nodes:
+            for i in n.input:
+                readers.setdefault(i, []).append(n)
+        sizes = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
+        outputs = {o.name for o in model.graph.output}
+        moved = None
+        for q in nodes:
+            if q.op_type != "QuantizeLinear" or any(sizes.get(t, 0) != 1 for t in q.input[1:]):
+                continue
+            shape = producer.get(q.input[0])
+            dqs = readers.get(q.output[0], [])
+            if (shape is None or shape.op_type not in _SHAPE_OPS or len(readers.get(q.input[0], [])) != 1
+                    or q.input[0] in outputs or len(dqs) != 1 or dqs[0].op_type != "DequantizeLinear"
+                    or any(sizes.get(t, 0) != 1 for t in dqs[0].input[1:])):
+                continue
+            moved = shape, q, dqs[0]
+            break
+        if moved is None:
+            break
+        shape, q, dq = moved
+        # X -> shape -> Q -> DQ -> out  =>  X -> Q -> DQ -> shape -> out
+        x, between, out = shape.input[0], q.input[0], dq.output[0]
+        q.input[0], dq.output[0] = x, between
+        shape.input[0], shape.output[0] = between, out
+        order = [n for n in nodes if n is not q and n is not dq]
+        at = order.index(shape)
+        order[at:at] = [q, dq]
+        del model.graph.node[:]
+        model.graph.node.extend(order)
+        kept = [v for v in model.graph.value_info if v.name not in (between, q.output[0])]  # old shapes/types
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(kept)
+        moves += 1
+    return moves
 
 
 def _on_int8_grid(w: np.ndarray, axis: int):
