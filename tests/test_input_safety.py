@@ -3,6 +3,7 @@ one line on stderr and a documented exit code (2: input or environment, 130: Ctr
 
 import hashlib
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -122,6 +123,31 @@ def test_a_symlinked_output_is_replaced_not_followed(saved_model, tmp_path):
         open(os.path.join(tmp, "new.txt"), "w").close()
     assert not (tmp_path / "out").is_symlink() and os.listdir(tmp_path / "out") == ["new.txt"]
     assert os.listdir(target) == ["mine.txt"]
+
+
+def test_output_spelled_with_a_trailing_slash_or_dots_is_written_there(tmp_path, monkeypatch):
+    """``out/``, ``out/.`` and ``x/../out`` name the directory ``out``, as the shell does: it is checked and
+    written there (not its parent), and a symbolic link spelled ``link/`` is still a link."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (tmp_path / "x").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for spelling in ("out/", "out//", "out/.", "x/../out"):
+        for existing in (False, True):
+            if existing:
+                (tmp_path / "out").mkdir()
+            check_output_dir(spelling, [str(src)])
+            with staged_output(spelling) as tmp:
+                open(os.path.join(tmp, "new.txt"), "w").close()
+            assert os.listdir(tmp_path / "out") == ["new.txt"], spelling
+            assert sorted(os.listdir(tmp_path)) == ["out", "src", "x"], spelling
+            shutil.rmtree(tmp_path / "out")
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target", target_is_directory=True)
+    with pytest.raises(ExportError, match="symbolic link"):
+        check_output_dir("link/", [str(src)])
+    with pytest.raises(ExportError, match="contains the input"):
+        check_output_dir("src/..", [str(src)], overwrite=True)
 
 
 def test_a_failed_or_interrupted_write_leaves_nothing(tmp_path):
