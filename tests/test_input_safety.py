@@ -205,6 +205,32 @@ def test_data_files_numpy_cannot_read_get_one_line_errors(tmp_path):
     assert load_data(str(tmp_path / "good.npz"), spec)[1].tolist() == [0, 1, 2, 3]
 
 
+def test_labels_are_class_indices_or_one_hot(saved_model, tmp_path):
+    """One-hot labels (keras.utils.to_categorical) are read as their class indices; labels that are no class
+    indices (text, NaN, fractions, soft or multi-dimensional targets) are one-line errors before any work."""
+    import tensorflow as tf
+
+    from tfcompress.export import export_saved_model
+    from tfcompress.export.data import load_data
+
+    spec = tf.TensorSpec((None, 8, 8, 3), tf.float32, name="x")
+    x = np.random.default_rng(0).normal(size=(6, 8, 8, 3)).astype(np.float32)
+    idx = np.array([0, 1, 1, 0, 1, 0])
+    for y in (idx, idx[:, None], idx.astype(np.float32), np.eye(2)[idx], np.eye(2, dtype=bool)[idx]):
+        assert load_data((x, y), spec)[1].tolist() == idx.tolist(), y
+    bad = [np.array(["a"] * 6), np.full(6, np.nan), idx + 0.5, np.array([[0.9, 0.1]] * 6),
+           np.zeros((6, 2, 2)), np.array(3)]
+    for y in bad:
+        with pytest.raises(ExportError, match="validation data .*label"):
+            load_data((x, y), spec, "validation data")
+    np.savez(tmp_path / "onehot.npz", x=x, y=np.eye(2, dtype=np.float32)[idx])
+    report = export_saved_model(str(saved_model), str(tmp_path / "out"), int8="none",
+                                validation_data=str(tmp_path / "onehot.npz"), verbose=False)
+    logits = tf.saved_model.load(str(saved_model)).signatures["serving_default"](x=tf.constant(x))
+    expected = float(np.mean(np.argmax(list(logits.values())[0].numpy(), axis=1) == idx))
+    assert report["accuracy"]["original"] == report["accuracy"]["openvino_fp32"] == expected
+
+
 def test_a_pickled_data_file_through_the_command(saved_model, tmp_path):
     np.save(tmp_path / "pickled.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     before = tree_digest(saved_model)

@@ -59,9 +59,29 @@ def load_data(path, spec: tf.TensorSpec, what: str = "data") -> tuple[np.ndarray
         raise ExportError(f"{what} {path!r} has float samples, the model input {spec.name!r} is {spec.dtype.name}")
     if len(x) == 0:
         raise ExportError(f"{what} {path!r} holds no samples")
-    if y is not None and len(y) != len(x):
-        raise ExportError(f"{what} {path!r} has {len(x)} samples but {len(y)} labels")
+    if y is not None:
+        y = _class_indices(y, len(x), path, what)
     return x.astype(spec.dtype.as_numpy_dtype), y
+
+
+def _class_indices(y: np.ndarray, n: int, path, what: str) -> np.ndarray:
+    """Labels as a vector of ``n`` class indices: from indices of shape (n,) or (n, 1), or from one-hot rows
+    (``keras.utils.to_categorical``), which become their argmax. Accuracy compares them with the argmax of
+    the model's output, so anything else (text, NaN, fractions, soft targets) is refused, not miscounted."""
+    if y.ndim == 0:
+        raise ExportError(f"{what} {path!r} has a single number as labels, not one per sample")
+    if len(y) != n:
+        raise ExportError(f"{what} {path!r} has {n} samples but {len(y)} labels")
+    if not (np.issubdtype(y.dtype, np.number) or y.dtype == bool) or np.issubdtype(y.dtype, np.complexfloating):
+        raise ExportError(f"{what} {path!r} has labels of dtype {y.dtype}; give class indices (integers)")
+    y = y.reshape(n, -1)
+    one_hot = y.shape[1] > 1 and np.isin(y, (0, 1)).all() and (y.sum(axis=1) == 1).all()
+    if one_hot:
+        return np.argmax(y, axis=1)
+    if y.shape[1] != 1 or not (np.isfinite(y).all() and (y == np.round(y)).all()):
+        raise ExportError(f"{what} {path!r} has labels of shape {y.shape[1:]} that are neither class indices "
+                          "(whole numbers) nor one-hot rows")
+    return y[:, 0].astype(np.int64)
 
 
 def _load_numpy(path: str, what: str) -> tuple[np.ndarray, np.ndarray | None]:
