@@ -205,6 +205,24 @@ def test_data_files_numpy_cannot_read_get_one_line_errors(tmp_path):
     assert load_data(str(tmp_path / "good.npz"), spec)[1].tolist() == [0, 1, 2, 3]
 
 
+def test_samples_that_are_not_finite_real_float32_are_refused(tmp_path):
+    """float64 samples beyond float32's range would be infinite in the model; complex ones would lose their
+    imaginary part: both are one-line errors, not NaN outputs or a silent cast."""
+    import tensorflow as tf
+
+    from tfcompress.export.data import load_data
+
+    spec = tf.TensorSpec((None, 8, 8, 3), tf.float32, name="x")
+    big = np.ones((4, 8, 8, 3))
+    big[2, 1, 1, 0] = 1e300
+    np.save(tmp_path / "big.npy", big)
+    with pytest.raises(ExportError, match="NaN or infinite"):
+        load_data(str(tmp_path / "big.npy"), spec, "calibration data")
+    with pytest.raises(ExportError, match="complex128, not real numbers"):
+        load_data(np.ones((4, 8, 8, 3)) + 1j, spec, "calibration data")
+    assert load_data(big.clip(0, 1), spec)[0].dtype == np.float32
+
+
 def test_labels_are_class_indices_or_one_hot(saved_model, tmp_path):
     """One-hot labels (keras.utils.to_categorical) are read as their class indices; labels that are no class
     indices (text, NaN, fractions, soft or multi-dimensional targets) are one-line errors before any work."""

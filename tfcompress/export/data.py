@@ -51,17 +51,19 @@ def load_data(path, spec: tf.TensorSpec, what: str = "data") -> tuple[np.ndarray
             f"{what} {path!r} has samples of shape {tuple(x.shape[1:])}, the model input "
             f"{spec.name!r} expects {tuple(shape[1:])}"
         )
-    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
-        raise ExportError(f"{what} {path!r} has dtype {x.dtype}, not numbers")
-    if spec.dtype.is_floating and np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
-        raise ExportError(f"{what} {path!r} contains NaN or infinite values")
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool) or np.issubdtype(x.dtype, np.complexfloating):
+        raise ExportError(f"{what} {path!r} has dtype {x.dtype}, not real numbers")
     if spec.dtype.is_integer and np.issubdtype(x.dtype, np.floating):
         raise ExportError(f"{what} {path!r} has float samples, the model input {spec.name!r} is {spec.dtype.name}")
     if len(x) == 0:
         raise ExportError(f"{what} {path!r} holds no samples")
+    with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32's range: checked just below
+        x = x.astype(spec.dtype.as_numpy_dtype)
+    if spec.dtype.is_floating and not np.all(np.isfinite(x)):
+        raise ExportError(f"{what} {path!r} contains NaN or infinite values (in {spec.dtype.name})")
     if y is not None:
         y = _class_indices(y, len(x), path, what)
-    return x.astype(spec.dtype.as_numpy_dtype), y
+    return x, y
 
 
 def _class_indices(y: np.ndarray, n: int, path, what: str) -> np.ndarray:
