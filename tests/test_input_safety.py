@@ -223,6 +223,20 @@ def test_samples_that_are_not_finite_real_float32_are_refused(tmp_path):
     assert load_data(big.clip(0, 1), spec)[0].dtype == np.float32
 
 
+def test_an_image_folder_with_a_broken_image_names_it(tmp_path):
+    import tensorflow as tf
+
+    from tfcompress.export.data import load_data
+
+    spec = tf.TensorSpec((None, 8, 8, 3), tf.float32, name="x")
+    (tmp_path / "imgs" / "cat").mkdir(parents=True)
+    img = np.random.default_rng(0).integers(0, 255, (10, 12, 3), dtype=np.uint8)
+    (tmp_path / "imgs" / "cat" / "a.png").write_bytes(tf.io.encode_png(img).numpy())
+    (tmp_path / "imgs" / "cat" / "b.png").write_bytes(b"")  # an interrupted download
+    with pytest.raises(ExportError, match="calibration data: cannot decode the image .*b.png"):
+        load_data(str(tmp_path / "imgs"), spec, "calibration data")
+
+
 def test_labels_are_class_indices_or_one_hot(saved_model, tmp_path):
     """One-hot labels (keras.utils.to_categorical) are read as their class indices; labels that are no class
     indices (text, NaN, fractions, soft or multi-dimensional targets) are one-line errors before any work."""

@@ -121,9 +121,13 @@ def _images(path: str, spec: tf.TensorSpec, what: str):
     except Exception as e:
         raise ExportError(f"{what} {path!r}: {str(e).splitlines()[0]}") from None
     xs, ys = [], []
-    for img, label in ds:
-        xs.append(img.numpy())
-        ys.append(int(label.numpy()))
+    try:
+        for img, label in ds:
+            xs.append(img.numpy())
+            ys.append(int(label.numpy()))
+    except tf.errors.OpError as e:  # files are read in order (shuffle=False): the next one is the bad one
+        reason = e.message.splitlines()[0].rsplit(": ", 1)[-1]  # after the dataset's function and node names
+        raise ExportError(f"{what}: cannot decode the image {ds.file_paths[len(xs)]!r} ({reason})") from None
     if not xs:
         raise ExportError(f"{what} {path!r} holds no images")
     return np.stack(xs), np.asarray(ys)
