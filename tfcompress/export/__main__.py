@@ -45,7 +45,8 @@ def main(argv: list[str]) -> int:
     from tfcompress.export.options import check_args
 
     # the paths and options first: importing the pipeline imports TensorFlow, which takes seconds
-    check_args(FLAGS.saved_model_dir, FLAGS.output_dir, FLAGS.int8, FLAGS.max_drop, FLAGS.opset, FLAGS.overwrite)
+    check_args(FLAGS.saved_model_dir, FLAGS.output_dir, FLAGS.int8, FLAGS.max_drop, FLAGS.opset, FLAGS.overwrite,
+               FLAGS.max_iterations)
     for what, path in (("--calibration_data", FLAGS.calibration_data), ("--validation_data", FLAGS.validation_data)):
         if path is not None and not os.path.exists(path):
             print(f"error: {what} {path!r} does not exist", file=sys.stderr)

@@ -12,7 +12,7 @@ INT8_MODES = ("default", "accuracy_aware", "none")
 
 
 def check_args(saved_model_dir: str, output_dir: str, int8: str = "default", max_drop: float = 0.01,
-               opset: int = 17, overwrite: bool = False) -> None:
+               opset: int = 17, overwrite: bool = False, max_iterations: int = 50) -> None:
     """Raise :class:`ExportError` for an option out of range, a missing SavedModel, or an output directory that
     may not be written (see :func:`tfcompress.output_dir.check_output_dir`: never the input, inside it or
     around it). Only the file system is looked at: the SavedModel's content is checked when it is read.
@@ -23,6 +23,8 @@ def check_args(saved_model_dir: str, output_dir: str, int8: str = "default", max
         raise ExportError(f"--max_drop must be in [0, 1), got {max_drop!r}")
     if not isinstance(opset, int) or not 13 <= opset <= 18:
         raise ExportError(f"--opset must be in 13..18 (tf2onnx 1.17), got {opset!r}")
+    if not isinstance(max_iterations, int) or max_iterations < 0:
+        raise ExportError(f"--max_iterations must be a whole number >= 0, got {max_iterations!r}")
     check_saved_model_dir(saved_model_dir)
     check_output_dir(output_dir, [saved_model_dir], overwrite)
 
