@@ -289,6 +289,20 @@ def test_shared_layer_reads_the_same_channels_at_every_call(rng):
     _zero_and_strip(model, rng, _x(rng))
 
 
+@pytest.mark.parametrize("dropout", [L.SpatialDropout2D(0.3), L.Dropout(0.3), L.GaussianDropout(0.2)])
+def test_dropout_layers_pass_channels(rng, dropout):
+    """Every Dropout passes channels; SpatialDropout2D (a Dropout subclass with its own ``call``) matches
+    its own entry of the layer table, not Dropout's."""
+    inp = keras.Input((12, 12, 3))
+    x = L.Conv2D(8, 3, padding="same", activation="relu", name="a")(inp)
+    x = L.Conv2D(6, 3, padding="same", name="b")(dropout(x))
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(x)))
+    randomize_biases(model, rng)
+    assert set(_groups_by_layer(model)) == {("a",), ("b",)}
+    stripped = _zero_and_strip(model, rng, _x(rng))
+    assert _width(stripped, "a") == 6
+
+
 def test_transpose_and_separable_convolutions(rng):
     inp = keras.Input((8, 8, 3))
     x = L.Conv2DTranspose(6, 3, strides=2, padding="same", name="up")(inp)

@@ -240,7 +240,7 @@ def _reshape(layer, base, ins, out):
     return kinds.Reshape if _keeps_channel_axis(ins[0], out) else kinds.BLOCKER
 
 
-# Keras layer classes -> their rule, first match wins (subclasses match their base's entry).
+# Keras layer classes -> their rule; a subclass without an entry of its own matches its nearest base's.
 KERAS_LAYERS: list[tuple[tuple[type, ...], LayerRuleFn]] = [
     ((_L.SeparableConv1D, _L.SeparableConv2D), _plain(kinds.SeparableConv)),
     ((_L.DepthwiseConv1D, _L.DepthwiseConv2D), _plain(kinds.Depthwise)),
@@ -271,10 +271,10 @@ def layer_kind(layer: keras.layers.Layer, in_shapes: list[tuple], out_shape: tup
     if declared is not None:
         same = all(len(s) == len(out_shape) and s[-1] == out_shape[-1] for s in in_shapes)
         return kinds.Registered if declared.rule == "elementwise" and same else kinds.BLOCKER
-    for bases, rule in KERAS_LAYERS:
-        for base in bases:
-            if isinstance(layer, base):
-                return rule(layer, base, in_shapes, out_shape)
+    for cls in type(layer).__mro__:  # the most specific class with an entry: SpatialDropout2D before Dropout
+        for bases, rule in KERAS_LAYERS:
+            if cls in bases:
+                return rule(layer, cls, in_shapes, out_shape)
     return kinds.BLOCKER
 
 
