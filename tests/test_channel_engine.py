@@ -303,6 +303,27 @@ def test_dropout_layers_pass_channels(rng, dropout):
     assert _width(stripped, "a") == 6
 
 
+@pytest.mark.parametrize("activation", ["softmax", "log_softmax", "sparsemax"])
+def test_a_softmax_activation_inside_a_layer_blocks_its_outputs_only(rng, activation):
+    """Removing a channel before a softmax changes every other channel, so a Conv2D / Dense whose own
+    activation is a softmax keeps its outputs (with the reason); the channels it reads stay prunable."""
+    inp = keras.Input((12, 12, 3))
+    x = L.Conv2D(8, 3, padding="same", activation="relu", name="a")(inp)
+    x = L.Conv2D(6, 3, padding="same", activation=activation, name="soft")(x)
+    x = L.Dense(5, activation=activation, name="dense_soft")(L.GlobalAveragePooling2D()(x))
+    model = keras.Model(inp, L.Dense(2)(x))
+    randomize_biases(model, rng)
+    assert set(_groups_by_layer(model)) == {("a",)}
+    reasons = {g.layers: g.reason for g in tfcompress.explain(model)}
+    assert activation in reasons[("soft",)] and activation in reasons[("dense_soft",)]
+    for name in ("soft", "dense_soft"):  # zeroed by hand: strip must keep them and stay exact
+        kernel, bias = model.get_layer(name).get_weights()
+        kernel[..., :2], bias[:2] = 0, 0
+        model.get_layer(name).set_weights([kernel, bias])
+    stripped = _zero_and_strip(model, rng, _x(rng))
+    assert (_width(stripped, "a"), _width(stripped, "soft"), _width(stripped, "dense_soft")) == (6, 6, 5)
+
+
 def test_transpose_and_separable_convolutions(rng):
     inp = keras.Input((8, 8, 3))
     x = L.Conv2DTranspose(6, 3, strides=2, padding="same", name="up")(inp)

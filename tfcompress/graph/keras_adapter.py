@@ -160,7 +160,6 @@ _ELEMENTWISE = (
 )
 _JOINS = {_L.Add: "add", _L.Subtract: "sub", _L.Average: "mean", _L.Maximum: "max", _L.Minimum: "min",
           _L.Multiply: "mul"}
-_CHANNEL_MIXING_ACTIVATIONS = {"softmax", "log_softmax"}
 # A rule: f(layer, matched base class, input shapes, output shape) -> the kind of that call.
 LayerRuleFn = Callable[[Any, type, list, tuple], KindFactory]
 
@@ -207,7 +206,7 @@ def _layernorm(layer, base, ins, out):
 
 def _activation(layer, base, ins, out):
     name = getattr(layer.activation, "__name__", str(layer.activation))
-    if name in _CHANNEL_MIXING_ACTIVATIONS:
+    if name in kinds.CHANNEL_MIXING_ACTIVATIONS:
         return kinds.BLOCKER
     op, params = activation_op(layer.activation)
     return table_kind(op, lambda call: params)
@@ -402,6 +401,7 @@ class KerasGraph:
                     has_channel_params=kind.has_channel_params,
                     semantics=kind,
                     reads_all_channels=kind.reads_all_channels,
+                    mixes_outputs=kind.mixes_outputs,
                 )
                 self.records.append(_Record(op, kind, node, {id(t): scope[id(t)] for t in node.input_tensors}))
         return [scope[id(t)] for t in fmodel.outputs]

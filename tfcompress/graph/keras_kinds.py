@@ -36,6 +36,10 @@ def activation_op(activation: Any) -> tuple[str, dict]:
     return "function", {"fn": lambda v: to_numpy(fn(keras.ops.convert_to_tensor(np.asarray(v, np.float32))))}
 
 
+# Keras activations whose every output reads all channels (glu also halves them)
+CHANNEL_MIXING_ACTIVATIONS = frozenset({"softmax", "log_softmax", "sparsemax", "glu"})
+
+
 def _activated(activation: Any, c: np.ndarray) -> np.ndarray:
     op, params = activation_op(activation)
     return ops.const_out(op, [c], **params)
@@ -79,6 +83,7 @@ class LayerKind(ops.TableOp):
     op = "identity"
     has_channel_params = False
     reads_all_channels = False
+    mixes_outputs = ""
 
     def __init__(self, call: LayerCall, op: str | None = None,
                  params: Callable[["LayerCall"], dict] | None = None) -> None:
@@ -227,6 +232,13 @@ class _Kernel(LayerKind):
 
     def const_out(self, in_consts):
         return [_activated(self.layer.activation, super().const_out(in_consts)[0])]
+
+    @property
+    def mixes_outputs(self) -> str:
+        name = getattr(keras.activations.get(self.layer.activation), "__name__", "")
+        if name in CHANNEL_MIXING_ACTIVATIONS:
+            return f"the {name} activation of layer {self.layer.name!r} combines them"
+        return ""
 
 
 class Producer(_Kernel):
