@@ -85,6 +85,16 @@ def test_zero_channels_makes_outputs_exactly_zero(rng):
         assert np.all(np.abs(t[..., [0, 2, 3, 4, 6, 7]]).max(axis=(0, 1, 2)) > 0)
     with pytest.raises(ValueError, match=r"\[0, 8\)"):
         tfcompress.zero_channels(model, g, [8])
+    before = [w.copy() for w in model.get_weights()]
+    mask = np.zeros(8, bool)
+    mask[[3, 6]] = True  # a mask would have been read as channels 0 and 1
+    for bad in (mask, [0.5], "3", [[2, 3]]):
+        with pytest.raises(TypeError, match="integers"):
+            tfcompress.zero_channels(model, g, bad)
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    tfcompress.zero_channels(model, g, np.flatnonzero(mask))
+    tfcompress.zero_channels(model, g, np.array([2.0]))  # whole numbers of any dtype are indices
+    assert np.all(model.get_layer("c1").get_weights()[1][[1, 2, 3, 5, 6]] == 0)
 
 
 def test_residual_add_joins_groups(rng):
