@@ -239,6 +239,18 @@ def test_an_image_folder_with_a_broken_image_names_it(tmp_path):
         load_data(str(tmp_path / "imgs"), spec, "calibration data")
 
 
+def test_integer_samples_outside_the_inputs_dtype_are_refused():
+    """Token ids of int64 beyond int32 would wrap around in the cast to the model's int32 input."""
+    import tensorflow as tf
+
+    from tfcompress.export.data import load_data
+
+    spec = tf.TensorSpec((None, 10), tf.int32, name="tokens")
+    with pytest.raises(ExportError, match="outside the range of the model input 'tokens' \\(int32\\)"):
+        load_data(np.full((4, 10), 2**40), spec, "calibration data")
+    assert load_data(np.full((4, 10), 2**31 - 1), spec)[0].dtype == np.int32
+
+
 def test_labels_are_class_indices_or_one_hot(saved_model, tmp_path):
     """One-hot labels (keras.utils.to_categorical) are read as their class indices; labels that are no class
     indices (text, NaN, fractions, soft or multi-dimensional targets) are one-line errors before any work."""

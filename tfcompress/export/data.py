@@ -57,6 +57,11 @@ def load_data(path, spec: tf.TensorSpec, what: str = "data") -> tuple[np.ndarray
         raise ExportError(f"{what} {path!r} has float samples, the model input {spec.name!r} is {spec.dtype.name}")
     if len(x) == 0:
         raise ExportError(f"{what} {path!r} holds no samples")
+    if spec.dtype.is_integer and not spec.dtype.is_bool:  # a cast would wrap values around silently
+        info, lo, hi = np.iinfo(spec.dtype.as_numpy_dtype), x.min(), x.max()
+        if lo < info.min or hi > info.max:
+            raise ExportError(f"{what} {path!r} has values in [{lo}, {hi}], outside the range of the model "
+                              f"input {spec.name!r} ({spec.dtype.name})")
     with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32's range: checked just below
         x = x.astype(spec.dtype.as_numpy_dtype)
     if spec.dtype.is_floating and not np.all(np.isfinite(x)):
