@@ -105,6 +105,8 @@ def test_hostile_output_paths_are_refused_before_tensorflow_loads(saved_model, t
         ([f"--saved_model_dir={saved_model}", f"--output_dir={tmp_path / 'out'}", "--max_drop=x"], "max_drop"),
         ([f"--saved_model_dir={saved_model}", f"--output_dir={tmp_path / 'out'}", "--max_iterations=-1"],
          "max_iterations"),
+        ([f"--saved_model_dir={saved_model}", f"--output_dir={tmp_path / 'out'}",
+          f"--calibration_data={saved_model / 'saved_model.pb'}"], "must be a .npy or .npz file"),
     ]
     for args, message in cases:
         assert_one_line_error(command(*args, env=no_tensorflow), message)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 from tfcompress.errors import ExportError
 from tfcompress.output_dir import check_output_dir
 from tfcompress.saved_model_dir import check_saved_model_dir
 
-__all__ = ["INT8_MODES", "check_args", "check_saved_model_dir"]
+__all__ = ["INT8_MODES", "check_args", "check_data_path", "check_saved_model_dir"]
 
 INT8_MODES = ("default", "accuracy_aware", "none")
 
@@ -28,3 +30,11 @@ def check_args(saved_model_dir: str, output_dir: str, int8: str = "default", max
     check_saved_model_dir(saved_model_dir)
     check_output_dir(output_dir, [saved_model_dir], overwrite)
 
+
+def check_data_path(path: str, what: str) -> None:
+    """Raise :class:`ExportError` unless ``path`` is an existing .npy / .npz file or a directory (of images):
+    what :func:`tfcompress.export.data.load_data` reads, checked before TensorFlow loads."""
+    if not os.path.exists(path):
+        raise ExportError(f"{what} {path!r} does not exist")
+    if not os.path.isdir(path) and not str(path).endswith((".npy", ".npz")):
+        raise ExportError(f"{what} {path!r} must be a .npy or .npz file or a directory of images")
