@@ -498,6 +498,19 @@ def test_layer_normalization_over_channels_is_per_channel_and_strips_exactly(rng
     assert again.get_layer("ln").gamma.shape[0] < 9
 
 
+def test_layer_normalization_without_scale_blocks_the_channels_it_reads(rng):
+    """Without gamma nothing can zero a LayerNormalization's output channel: a zeroed input channel still
+    comes out as ``(0 - mean) / std`` (+ beta), which varies with the input, so no channel could ever be
+    stripped; pruning them would only cost accuracy (and report FLOPs it does not save)."""
+    inp = keras.Input((6, 6, 3))
+    a = L.Conv2D(8, 3, padding="same", name="a")(inp)
+    b = L.Conv2D(8, 3, padding="same", name="b")(inp)
+    x = L.Concatenate()([L.LayerNormalization(scale=False, name="ln")(a), L.LayerNormalization(name="ln_ok")(b)])
+    model = keras.Model(inp, L.Conv2D(4, 1)(x))
+    assert set(_groups_by_layer(model)) == {("b",)}
+    assert "ln" in {g.layers: g.reason for g in tfcompress.explain(model)}[("a",)]
+
+
 def test_layer_normalization_over_other_axes_blocks(rng):
     inp = keras.Input((6, 6, 3))
     a = L.Conv2D(8, 1, name="a")(inp)

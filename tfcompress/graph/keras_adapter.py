@@ -199,7 +199,8 @@ def _batchnorm(layer, base, ins, out):
 
 
 def _layernorm(layer, base, ins, out):
-    plain = not getattr(layer, "rms_scaling", False) and (
+    # without gamma a removed input channel still comes out as (0 - mean) / std, which varies: never removable
+    plain = layer.scale and not getattr(layer, "rms_scaling", False) and (
         isinstance(layer, PartialLayerNormalization) or not _overrides_call(layer, base))
     return kinds.LayerNorm if plain and _channel_axis(layer, len(out)) else kinds.BLOCKER
 
