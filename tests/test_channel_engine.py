@@ -396,6 +396,20 @@ def test_nothing_zero_gives_an_equivalent_copy(rng):
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
 
 
+def test_layers_with_a_python_function_as_activation_are_rebuilt(rng):
+    """A lambda or closure as activation has no config Keras loads in safe mode; the stripped layers use the
+    function itself."""
+    slope = 0.3
+    inp = keras.Input((12, 12, 3))
+    x = L.Conv2D(8, 3, padding="same", activation=lambda t: keras.ops.maximum(t, slope * t), name="a")(inp)
+    x = L.Activation(lambda t: t * keras.ops.sigmoid(t), name="act")(x)
+    x = L.Conv2D(6, 3, padding="same", name="b")(x)
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(x)))
+    randomize_biases(model, rng)
+    stripped = _zero_and_strip(model, rng, _x(rng))
+    assert _width(stripped, "a") == 6 and stripped.get_layer("a").activation is model.get_layer("a").activation
+
+
 def test_strip_does_not_modify_the_original_and_round_trips_through_save(rng, tmp_path):
     inp = keras.Input((12, 12, 3))
     x = L.BatchNormalization()(L.Conv2D(8, 3, name="c")(inp))
