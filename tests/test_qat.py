@@ -231,6 +231,21 @@ def test_a_shared_layer_gets_one_quantizer_per_input(rng, tmp_path):
     np.testing.assert_array_equal(keras.saving.load_model(tmp_path / "q.keras")(x), q(x))
 
 
+def test_layers_with_a_python_function_as_activation_get_their_twins(rng):
+    """A lambda as activation (no config Keras loads in safe mode): the quantized twin uses the function."""
+    inp = keras.Input((12, 12, 3))
+    x = L.Conv2D(8, 3, padding="same", activation=lambda t: keras.ops.maximum(t, 0.3 * t), name="a")(inp)
+    x = L.Activation(lambda t: t * keras.ops.sigmoid(t), name="act")(x)
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(6, 3, name="b")(x))))
+    q = quantize_model(model)
+    assert type(q.get_layer("a")).__name__ == "QuantConv2D"
+    assert q.get_layer("a").activation is model.get_layer("a").activation
+    x = rng.uniform(0, 1, (8, 12, 12, 3)).astype("float32")
+    q.compile(keras.optimizers.SGD(0.0), "mse")
+    q.fit(x, rng.normal(size=(8, 2)), epochs=1, batch_size=8, callbacks=[RangeInit(1)], verbose=0)
+    assert rel_error(q(x), model(x)) < 0.1
+
+
 def separable_net():
     """Xception's pieces: separable convolutions, a residual written ``x + y``, and a transposed convolution."""
     inp = keras.Input((16, 16, 3), name="image")

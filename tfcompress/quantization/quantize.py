@@ -124,6 +124,8 @@ def quantize_model(
         cfg = layer.get_config()
         if "/" in path:
             cfg["name"] = path.replace("/", "_")
+        if callable(getattr(layer, "activation", None)) and "activation" in cfg:
+            cfg["activation"] = layer.activation  # the function itself: a lambda's config loads only in unsafe mode
         q = quantized_class(layer) if path not in ignored else None
         weights = rec.kind.current_weights()
         if removed and rec.op.outputs:
