@@ -313,7 +313,11 @@ def test_dropout_layers_pass_channels(rng, dropout):
     assert _width(stripped, "a") == 6
 
 
-@pytest.mark.parametrize("activation", ["softmax", "log_softmax", "sparsemax"])
+def channel_softmax(t):
+    return keras.ops.softmax(t, axis=-1)
+
+
+@pytest.mark.parametrize("activation", ["softmax", "log_softmax", "sparsemax", channel_softmax])
 def test_a_softmax_activation_inside_a_layer_blocks_its_outputs_only(rng, activation):
     """Removing a channel before a softmax changes every other channel, so a Conv2D / Dense whose own
     activation is a softmax keeps its outputs (with the reason); the channels it reads stay prunable."""
@@ -325,7 +329,8 @@ def test_a_softmax_activation_inside_a_layer_blocks_its_outputs_only(rng, activa
     randomize_biases(model, rng)
     assert set(_groups_by_layer(model)) == {("a",)}
     reasons = {g.layers: g.reason for g in tfcompress.explain(model)}
-    assert activation in reasons[("soft",)] and activation in reasons[("dense_soft",)]
+    name = getattr(activation, "__name__", activation)
+    assert name in reasons[("soft",)] and name in reasons[("dense_soft",)]
     for name in ("soft", "dense_soft"):  # zeroed by hand: strip must keep them and stay exact
         kernel, bias = model.get_layer(name).get_weights()
         kernel[..., :2], bias[:2] = 0, 0
@@ -394,6 +399,15 @@ def test_nothing_zero_gives_an_equivalent_copy(rng):
     conv = next(layer for layer in stripped.layers if isinstance(layer, L.Conv2D))
     conv.kernel.assign(np.zeros(conv.kernel.shape))  # the copy's weights are its own
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+
+
+def test_an_activation_layer_with_a_function_that_mixes_channels_blocks(rng):
+    inp = keras.Input((12, 12, 3))
+    x = L.Conv2D(8, 3, padding="same", name="a")(inp)
+    y = L.Conv2D(8, 3, padding="same", name="b")(inp)
+    x = L.Concatenate()([L.Activation(channel_softmax)(x), L.Activation(lambda t: 2.0 * t + 1.0)(y)])
+    model = keras.Model(inp, L.Conv2D(4, 1)(x))
+    assert set(_groups_by_layer(model)) == {("b",)}
 
 
 def test_layers_with_a_python_function_as_activation_are_rebuilt(rng):

@@ -206,8 +206,7 @@ def _layernorm(layer, base, ins, out):
 
 
 def _activation(layer, base, ins, out):
-    name = getattr(layer.activation, "__name__", str(layer.activation))
-    if name in kinds.CHANNEL_MIXING_ACTIVATIONS:
+    if kinds.mixes_channels(layer.activation):
         return kinds.BLOCKER
     op, params = activation_op(layer.activation)
     return table_kind(op, lambda call: params)
