@@ -80,6 +80,10 @@ def no_tensorflow(tmp_path):
 
 def test_hostile_output_paths_are_refused_before_tensorflow_loads(saved_model, tmp_path, no_tensorflow):
     parent = saved_model.parent
+    data, images = parent / "data" / "calib.npy", parent / "images"
+    data.parent.mkdir(exist_ok=True)
+    np.save(data, np.zeros((2, 8, 8, 3), np.float32))
+    (images / "cat").mkdir(parents=True, exist_ok=True)
     (tmp_path / "link").symlink_to(saved_model, target_is_directory=True)
     (tmp_path / "parent_link").symlink_to(parent, target_is_directory=True)
     before = tree_digest(parent)
@@ -107,6 +111,13 @@ def test_hostile_output_paths_are_refused_before_tensorflow_loads(saved_model, t
          "max_iterations"),
         ([f"--saved_model_dir={saved_model}", f"--output_dir={tmp_path / 'out'}",
           f"--calibration_data={saved_model / 'saved_model.pb'}"], "must be a .npy or .npz file"),
+        # the data files are inputs too: --overwrite of the folder holding them would delete them
+        ([f"--saved_model_dir={saved_model}", f"--output_dir={data.parent}", f"--calibration_data={data}",
+          "--overwrite"], "contains the input"),
+        ([f"--saved_model_dir={saved_model}", f"--output_dir={images}", f"--validation_data={images}",
+          "--overwrite"], "inside it"),
+        ([f"--saved_model_dir={saved_model}", f"--output_dir={images / 'out'}", f"--calibration_data={images}"],
+         "inside it"),
     ]
     for args, message in cases:
         assert_one_line_error(command(*args, env=no_tensorflow), message)

@@ -45,11 +45,12 @@ def main(argv: list[str]) -> int:
     from tfcompress.export.options import check_args, check_data_path
 
     # the paths and options first: importing the pipeline imports TensorFlow, which takes seconds
-    check_args(FLAGS.saved_model_dir, FLAGS.output_dir, FLAGS.int8, FLAGS.max_drop, FLAGS.opset, FLAGS.overwrite,
-               FLAGS.max_iterations)
-    for what, path in (("--calibration_data", FLAGS.calibration_data), ("--validation_data", FLAGS.validation_data)):
+    data = {"--calibration_data": FLAGS.calibration_data, "--validation_data": FLAGS.validation_data}
+    for what, path in data.items():
         if path is not None:
             check_data_path(path, what)
+    check_args(FLAGS.saved_model_dir, FLAGS.output_dir, FLAGS.int8, FLAGS.max_drop, FLAGS.opset, FLAGS.overwrite,
+               FLAGS.max_iterations, [p for p in data.values() if p is not None])
     import_tensorflow_quietly()
     from tfcompress.export.pipeline import export_saved_model
 
