@@ -118,7 +118,9 @@ def _consumers(kg: Any, group: ChannelGroup, chosen: np.ndarray) -> list[tuple[A
 
 def _submodel(kg: Any, tensors: list[Any]) -> keras.Model:
     try:
-        return keras.Model(kg.model.input, tensors)  # the model's own input structure (a dict of named inputs)
+        inputs = kg.model.inputs
+        # several inputs: the model's own structure (a dict of named inputs) so that its data fits as it is
+        return keras.Model(inputs[0] if len(inputs) == 1 else getattr(kg.model, "input", inputs), tensors)
     except Exception as e:  # nested sub-models: their inner tensors are not reachable from the outer inputs
         raise ValueError(
             f"cannot measure channel statistics inside model {kg.model.name!r} ({e}); compensation from data "
