@@ -195,6 +195,26 @@ def test_quantizer_goes_before_pad_and_maxpool(tmp_path, rng):
     assert calibration.int8_layers(ov.Core().compile_model(q, "CPU"))["int8"] == 3
 
 
+def test_integer_inputs_get_no_quantizer(tmp_path, rng):
+    """Token ids (an Embedding's indices) are integers: only float tensors are quantized (a FakeQuantize on
+    the i32 indices made the CPU plugin refuse to compile the model)."""
+    keras.utils.set_random_seed(0)
+    tok = keras.Input((10,), dtype="int32")
+    x = L.Conv1D(8, 3, activation="relu")(L.Embedding(20, 8)(tok))
+    keras.Model(tok, L.Dense(3)(L.GlobalMaxPooling1D()(x))).export(str(tmp_path / "sm"), verbose=False)
+    to_onnx(str(tmp_path / "sm"), str(tmp_path / "m.onnx"))
+    to_openvino(str(tmp_path / "m.onnx"), str(tmp_path / "m.xml"))
+    fp = ov.Core().read_model(str(tmp_path / "m.xml"))
+    ids = rng.integers(0, 20, (32, 10)).astype("int32")
+    q = calibration.calibrate(fp, ids, verbose=False)
+    fq_inputs = [op.input(0).get_element_type() for op in q.get_ordered_ops() if op.get_type_name() == "FakeQuantize"]
+    assert fq_inputs and all(t.is_real() for t in fq_inputs)
+    compiled = ov.Core().compile_model(q, "CPU")
+    assert calibration.int8_layers(compiled)["int8"] >= 1
+    ref = _f32(fp)({0: ids})[0]
+    assert np.abs(compiled({0: ids})[0] - ref).max() < 0.25 * np.abs(ref).max()
+
+
 def test_fast_bias_correction_removes_the_mean_error_of_a_linear_layer(rng):
     import openvino.opset13 as ops
 

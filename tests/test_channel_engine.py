@@ -85,6 +85,16 @@ def test_zero_channels_makes_outputs_exactly_zero(rng):
         assert np.all(np.abs(t[..., [0, 2, 3, 4, 6, 7]]).max(axis=(0, 1, 2)) > 0)
     with pytest.raises(ValueError, match=r"\[0, 8\)"):
         tfcompress.zero_channels(model, g, [8])
+    before = [w.copy() for w in model.get_weights()]
+    mask = np.zeros(8, bool)
+    mask[[3, 6]] = True  # a mask would have been read as channels 0 and 1
+    for bad in (mask, [0.5], "3", [[2, 3]]):
+        with pytest.raises(TypeError, match="integers"):
+            tfcompress.zero_channels(model, g, bad)
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    tfcompress.zero_channels(model, g, np.flatnonzero(mask))
+    tfcompress.zero_channels(model, g, np.array([2.0]))  # whole numbers of any dtype are indices
+    assert np.all(model.get_layer("c1").get_weights()[1][[1, 2, 3, 5, 6]] == 0)
 
 
 def test_residual_add_joins_groups(rng):
@@ -289,6 +299,46 @@ def test_shared_layer_reads_the_same_channels_at_every_call(rng):
     _zero_and_strip(model, rng, _x(rng))
 
 
+@pytest.mark.parametrize("dropout", [L.SpatialDropout2D(0.3), L.Dropout(0.3), L.GaussianDropout(0.2)])
+def test_dropout_layers_pass_channels(rng, dropout):
+    """Every Dropout passes channels; SpatialDropout2D (a Dropout subclass with its own ``call``) matches
+    its own entry of the layer table, not Dropout's."""
+    inp = keras.Input((12, 12, 3))
+    x = L.Conv2D(8, 3, padding="same", activation="relu", name="a")(inp)
+    x = L.Conv2D(6, 3, padding="same", name="b")(dropout(x))
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(x)))
+    randomize_biases(model, rng)
+    assert set(_groups_by_layer(model)) == {("a",), ("b",)}
+    stripped = _zero_and_strip(model, rng, _x(rng))
+    assert _width(stripped, "a") == 6
+
+
+def channel_softmax(t):
+    return keras.ops.softmax(t, axis=-1)
+
+
+@pytest.mark.parametrize("activation", ["softmax", "log_softmax", "sparsemax", channel_softmax])
+def test_a_softmax_activation_inside_a_layer_blocks_its_outputs_only(rng, activation):
+    """Removing a channel before a softmax changes every other channel, so a Conv2D / Dense whose own
+    activation is a softmax keeps its outputs (with the reason); the channels it reads stay prunable."""
+    inp = keras.Input((12, 12, 3))
+    x = L.Conv2D(8, 3, padding="same", activation="relu", name="a")(inp)
+    x = L.Conv2D(6, 3, padding="same", activation=activation, name="soft")(x)
+    x = L.Dense(5, activation=activation, name="dense_soft")(L.GlobalAveragePooling2D()(x))
+    model = keras.Model(inp, L.Dense(2)(x))
+    randomize_biases(model, rng)
+    assert set(_groups_by_layer(model)) == {("a",)}
+    reasons = {g.layers: g.reason for g in tfcompress.explain(model)}
+    name = getattr(activation, "__name__", activation)
+    assert name in reasons[("soft",)] and name in reasons[("dense_soft",)]
+    for name in ("soft", "dense_soft"):  # zeroed by hand: strip must keep them and stay exact
+        kernel, bias = model.get_layer(name).get_weights()
+        kernel[..., :2], bias[:2] = 0, 0
+        model.get_layer(name).set_weights([kernel, bias])
+    stripped = _zero_and_strip(model, rng, _x(rng))
+    assert (_width(stripped, "a"), _width(stripped, "soft"), _width(stripped, "dense_soft")) == (6, 6, 5)
+
+
 def test_transpose_and_separable_convolutions(rng):
     inp = keras.Input((8, 8, 3))
     x = L.Conv2DTranspose(6, 3, strides=2, padding="same", name="up")(inp)
@@ -349,6 +399,29 @@ def test_nothing_zero_gives_an_equivalent_copy(rng):
     conv = next(layer for layer in stripped.layers if isinstance(layer, L.Conv2D))
     conv.kernel.assign(np.zeros(conv.kernel.shape))  # the copy's weights are its own
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+
+
+def test_an_activation_layer_with_a_function_that_mixes_channels_blocks(rng):
+    inp = keras.Input((12, 12, 3))
+    x = L.Conv2D(8, 3, padding="same", name="a")(inp)
+    y = L.Conv2D(8, 3, padding="same", name="b")(inp)
+    x = L.Concatenate()([L.Activation(channel_softmax)(x), L.Activation(lambda t: 2.0 * t + 1.0)(y)])
+    model = keras.Model(inp, L.Conv2D(4, 1)(x))
+    assert set(_groups_by_layer(model)) == {("b",)}
+
+
+def test_layers_with_a_python_function_as_activation_are_rebuilt(rng):
+    """A lambda or closure as activation has no config Keras loads in safe mode; the stripped layers use the
+    function itself."""
+    slope = 0.3
+    inp = keras.Input((12, 12, 3))
+    x = L.Conv2D(8, 3, padding="same", activation=lambda t: keras.ops.maximum(t, slope * t), name="a")(inp)
+    x = L.Activation(lambda t: t * keras.ops.sigmoid(t), name="act")(x)
+    x = L.Conv2D(6, 3, padding="same", name="b")(x)
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(x)))
+    randomize_biases(model, rng)
+    stripped = _zero_and_strip(model, rng, _x(rng))
+    assert _width(stripped, "a") == 6 and stripped.get_layer("a").activation is model.get_layer("a").activation
 
 
 def test_strip_does_not_modify_the_original_and_round_trips_through_save(rng, tmp_path):
@@ -451,6 +524,19 @@ def test_layer_normalization_over_channels_is_per_channel_and_strips_exactly(rng
     # a second strip of the stripped model keeps the statistics of the original channels
     again = _zero_and_strip(stripped, rng, x)
     assert again.get_layer("ln").gamma.shape[0] < 9
+
+
+def test_layer_normalization_without_scale_blocks_the_channels_it_reads(rng):
+    """Without gamma nothing can zero a LayerNormalization's output channel: a zeroed input channel still
+    comes out as ``(0 - mean) / std`` (+ beta), which varies with the input, so no channel could ever be
+    stripped; pruning them would only cost accuracy (and report FLOPs it does not save)."""
+    inp = keras.Input((6, 6, 3))
+    a = L.Conv2D(8, 3, padding="same", name="a")(inp)
+    b = L.Conv2D(8, 3, padding="same", name="b")(inp)
+    x = L.Concatenate()([L.LayerNormalization(scale=False, name="ln")(a), L.LayerNormalization(name="ln_ok")(b)])
+    model = keras.Model(inp, L.Conv2D(4, 1)(x))
+    assert set(_groups_by_layer(model)) == {("b",)}
+    assert "ln" in {g.layers: g.reason for g in tfcompress.explain(model)}[("a",)]
 
 
 def test_layer_normalization_over_other_axes_blocks(rng):

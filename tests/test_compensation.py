@@ -109,6 +109,30 @@ def test_mean_compensation_reduces_the_damage_of_varying_channels(rng):
     assert errors["mean"] < 0.8 * errors["plain"]
 
 
+def test_compensation_data_for_a_model_with_named_inputs(rng):
+    """A model with a dict of inputs takes its compensation data as the same dict (as fit does): the means
+    are measured and folded, the error reported; the result equals that of the same network on one input."""
+    a, b = keras.Input((8, 8, 3), name="a"), keras.Input((2,), name="b")
+    x = L.ReLU()(L.BatchNormalization()(L.Conv2D(16, 3, padding="same", name="prod")(a)))
+    x = L.GlobalAveragePooling2D()(L.Conv2D(12, 1, name="cons")(x))
+    model = keras.Model({"a": a, "b": b}, L.Dense(4)(L.Concatenate()([x, b])))
+    randomize_batchnorm(model, rng)
+    randomize_biases(model, rng)
+    single = keras.Model(a, model.get_layer("cons").output)
+    stats = {"a": rng.normal(size=(64, 8, 8, 3)).astype("float32"), "b": rng.normal(size=(64, 2)).astype("float32")}
+    weights = model.get_weights()
+    group = tfcompress.channel_groups(model)[0]
+    report = tfcompress.zero_channels(model, group, [0, 5], data=stats)
+    assert report.folded == {"cons": "bias"} and report.error["cons"] > 0
+    folded = model.get_layer("cons").get_weights()[1]
+    model.set_weights(weights)
+    tfcompress.zero_channels(single, tfcompress.channel_groups(single)[0], [0, 5], data=stats["a"])
+    np.testing.assert_allclose(folded, single.get_layer("cons").get_weights()[1], rtol=1e-5, atol=1e-6)
+    pruner = FilterPruning(target=0.5, pruning_epochs=1, prune_first_conv=True, compensation_data=stats)
+    model.compile("sgd", "mse")
+    model.fit(stats, rng.normal(size=(64, 4)), epochs=1, batch_size=32, callbacks=[pruner], verbose=0)
+
+
 def test_consumer_without_bias_or_batchnorm_is_reported_not_absorbed(rng):
     inp = keras.Input((6,))
     h = L.Dense(8, activation="relu6", name="prod")(inp)

@@ -299,6 +299,32 @@ def test_bad_inputs_get_one_line_errors(tmp_path, small_saved_model):
     assert not (tmp_path / "o2").exists()
 
 
+def test_a_mixed_precision_model_is_checked_at_its_own_precision(tmp_path, rng):
+    """Keras mixed precision (float16 layers, float32 outputs): TensorFlow rounds every layer's output to
+    float16, OpenVINO does not, so the checks allow float16's precision instead of refusing the export; the IR
+    still has to match the model as closely as float16 allows."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        inp = keras.Input((8, 8, 3), name="x")
+        h = L.BatchNormalization()(L.Conv2D(8, 3, padding="same", activation="relu")(inp))
+        h = L.Conv2D(8, 3, padding="same", activation="relu")(h)
+        model = keras.Model(inp, L.Conv2D(4, 1, dtype="float32")(h))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    randomize_batchnorm(model, rng)
+    model.export(str(tmp_path / "sm"), verbose=False)
+    x = rng.uniform(0, 1, (8, 8, 8, 3)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), validation_data=None,
+                                calibration_data=str(tmp_path / "x.npy"), int8="none", verbose=False)
+    assert report["half_precision"] == {"dtype": "float16", "tolerance": 16 * 2.0 ** -10}
+    assert 1e-4 < report["steps"]["onnx"]["max_rel_error"] < report["half_precision"]["tolerance"]
+    import openvino as ov
+
+    ir = ov.Core().compile_model(str(tmp_path / "out" / "model_fp32.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    assert rel_error(ir({0: x})[0], model(x)) < 4 * 2.0 ** -10
+
+
 def test_overwrite_replaces_output(tmp_path, small_saved_model):
     out = tmp_path / "out"
     out.mkdir()

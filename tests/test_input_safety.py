@@ -3,6 +3,7 @@ one line on stderr and a documented exit code (2: input or environment, 130: Ctr
 
 import hashlib
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -79,6 +80,10 @@ def no_tensorflow(tmp_path):
 
 def test_hostile_output_paths_are_refused_before_tensorflow_loads(saved_model, tmp_path, no_tensorflow):
     parent = saved_model.parent
+    data, images = parent / "data" / "calib.npy", parent / "images"
+    data.parent.mkdir(exist_ok=True)
+    np.save(data, np.zeros((2, 8, 8, 3), np.float32))
+    (images / "cat").mkdir(parents=True, exist_ok=True)
     (tmp_path / "link").symlink_to(saved_model, target_is_directory=True)
     (tmp_path / "parent_link").symlink_to(parent, target_is_directory=True)
     before = tree_digest(parent)
@@ -102,6 +107,17 @@ def test_hostile_output_paths_are_refused_before_tensorflow_loads(saved_model, t
          "no_such_flag"),
         ([f"--saved_model_dir={saved_model}", f"--output_dir={tmp_path / 'out'}", "--int8=fast"], "--int8"),
         ([f"--saved_model_dir={saved_model}", f"--output_dir={tmp_path / 'out'}", "--max_drop=x"], "max_drop"),
+        ([f"--saved_model_dir={saved_model}", f"--output_dir={tmp_path / 'out'}", "--max_iterations=-1"],
+         "max_iterations"),
+        ([f"--saved_model_dir={saved_model}", f"--output_dir={tmp_path / 'out'}",
+          f"--calibration_data={saved_model / 'saved_model.pb'}"], "must be a .npy or .npz file"),
+        # the data files are inputs too: --overwrite of the folder holding them would delete them
+        ([f"--saved_model_dir={saved_model}", f"--output_dir={data.parent}", f"--calibration_data={data}",
+          "--overwrite"], "contains the input"),
+        ([f"--saved_model_dir={saved_model}", f"--output_dir={images}", f"--validation_data={images}",
+          "--overwrite"], "inside it"),
+        ([f"--saved_model_dir={saved_model}", f"--output_dir={images / 'out'}", f"--calibration_data={images}"],
+         "inside it"),
     ]
     for args, message in cases:
         assert_one_line_error(command(*args, env=no_tensorflow), message)
@@ -122,6 +138,31 @@ def test_a_symlinked_output_is_replaced_not_followed(saved_model, tmp_path):
         open(os.path.join(tmp, "new.txt"), "w").close()
     assert not (tmp_path / "out").is_symlink() and os.listdir(tmp_path / "out") == ["new.txt"]
     assert os.listdir(target) == ["mine.txt"]
+
+
+def test_output_spelled_with_a_trailing_slash_or_dots_is_written_there(tmp_path, monkeypatch):
+    """``out/``, ``out/.`` and ``x/../out`` name the directory ``out``, as the shell does: it is checked and
+    written there (not its parent), and a symbolic link spelled ``link/`` is still a link."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (tmp_path / "x").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for spelling in ("out/", "out//", "out/.", "x/../out"):
+        for existing in (False, True):
+            if existing:
+                (tmp_path / "out").mkdir()
+            check_output_dir(spelling, [str(src)])
+            with staged_output(spelling) as tmp:
+                open(os.path.join(tmp, "new.txt"), "w").close()
+            assert os.listdir(tmp_path / "out") == ["new.txt"], spelling
+            assert sorted(os.listdir(tmp_path)) == ["out", "src", "x"], spelling
+            shutil.rmtree(tmp_path / "out")
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target", target_is_directory=True)
+    with pytest.raises(ExportError, match="symbolic link"):
+        check_output_dir("link/", [str(src)])
+    with pytest.raises(ExportError, match="contains the input"):
+        check_output_dir("src/..", [str(src)], overwrite=True)
 
 
 def test_a_failed_or_interrupted_write_leaves_nothing(tmp_path):
@@ -177,6 +218,76 @@ def test_data_files_numpy_cannot_read_get_one_line_errors(tmp_path):
         with pytest.raises(ExportError, match="calibration data .* not a readable numpy file"):
             load_data(str(tmp_path / name), spec, "calibration data")
     assert load_data(str(tmp_path / "good.npz"), spec)[1].tolist() == [0, 1, 2, 3]
+
+
+def test_samples_that_are_not_finite_real_float32_are_refused(tmp_path):
+    """float64 samples beyond float32's range would be infinite in the model; complex ones would lose their
+    imaginary part: both are one-line errors, not NaN outputs or a silent cast."""
+    import tensorflow as tf
+
+    from tfcompress.export.data import load_data
+
+    spec = tf.TensorSpec((None, 8, 8, 3), tf.float32, name="x")
+    big = np.ones((4, 8, 8, 3))
+    big[2, 1, 1, 0] = 1e300
+    np.save(tmp_path / "big.npy", big)
+    with pytest.raises(ExportError, match="NaN or infinite"):
+        load_data(str(tmp_path / "big.npy"), spec, "calibration data")
+    with pytest.raises(ExportError, match="complex128, not real numbers"):
+        load_data(np.ones((4, 8, 8, 3)) + 1j, spec, "calibration data")
+    assert load_data(big.clip(0, 1), spec)[0].dtype == np.float32
+
+
+def test_an_image_folder_with_a_broken_image_names_it(tmp_path):
+    import tensorflow as tf
+
+    from tfcompress.export.data import load_data
+
+    spec = tf.TensorSpec((None, 8, 8, 3), tf.float32, name="x")
+    (tmp_path / "imgs" / "cat").mkdir(parents=True)
+    img = np.random.default_rng(0).integers(0, 255, (10, 12, 3), dtype=np.uint8)
+    (tmp_path / "imgs" / "cat" / "a.png").write_bytes(tf.io.encode_png(img).numpy())
+    (tmp_path / "imgs" / "cat" / "b.png").write_bytes(b"")  # an interrupted download
+    with pytest.raises(ExportError, match="calibration data: cannot decode the image .*b.png"):
+        load_data(str(tmp_path / "imgs"), spec, "calibration data")
+
+
+def test_integer_samples_outside_the_inputs_dtype_are_refused():
+    """Token ids of int64 beyond int32 would wrap around in the cast to the model's int32 input."""
+    import tensorflow as tf
+
+    from tfcompress.export.data import load_data
+
+    spec = tf.TensorSpec((None, 10), tf.int32, name="tokens")
+    with pytest.raises(ExportError, match="outside the range of the model input 'tokens' \\(int32\\)"):
+        load_data(np.full((4, 10), 2**40), spec, "calibration data")
+    assert load_data(np.full((4, 10), 2**31 - 1), spec)[0].dtype == np.int32
+
+
+def test_labels_are_class_indices_or_one_hot(saved_model, tmp_path):
+    """One-hot labels (keras.utils.to_categorical) are read as their class indices; labels that are no class
+    indices (text, NaN, fractions, soft or multi-dimensional targets) are one-line errors before any work."""
+    import tensorflow as tf
+
+    from tfcompress.export import export_saved_model
+    from tfcompress.export.data import load_data
+
+    spec = tf.TensorSpec((None, 8, 8, 3), tf.float32, name="x")
+    x = np.random.default_rng(0).normal(size=(6, 8, 8, 3)).astype(np.float32)
+    idx = np.array([0, 1, 1, 0, 1, 0])
+    for y in (idx, idx[:, None], idx.astype(np.float32), np.eye(2)[idx], np.eye(2, dtype=bool)[idx]):
+        assert load_data((x, y), spec)[1].tolist() == idx.tolist(), y
+    bad = [np.array(["a"] * 6), np.full(6, np.nan), idx + 0.5, np.array([[0.9, 0.1]] * 6),
+           np.zeros((6, 2, 2)), np.array(3)]
+    for y in bad:
+        with pytest.raises(ExportError, match="validation data .*label"):
+            load_data((x, y), spec, "validation data")
+    np.savez(tmp_path / "onehot.npz", x=x, y=np.eye(2, dtype=np.float32)[idx])
+    report = export_saved_model(str(saved_model), str(tmp_path / "out"), int8="none",
+                                validation_data=str(tmp_path / "onehot.npz"), verbose=False)
+    logits = tf.saved_model.load(str(saved_model)).signatures["serving_default"](x=tf.constant(x))
+    expected = float(np.mean(np.argmax(list(logits.values())[0].numpy(), axis=1) == idx))
+    assert report["accuracy"]["original"] == report["accuracy"]["openvino_fp32"] == expected
 
 
 def test_a_pickled_data_file_through_the_command(saved_model, tmp_path):

@@ -366,6 +366,25 @@ def test_sensitivity_allocation_from_config_with_data(rng):
     assert built.sensitivity_data[0] is x
 
 
+def test_sensitivity_data_of_a_multi_input_model(rng):
+    """``sensitivity_data=(x, y)`` where x is a dict (or list) of arrays, as ``fit`` takes for a model with
+    several inputs: its length is the number of samples, not of inputs."""
+    a, b = keras.Input((8, 8, 3), name="a"), keras.Input((4,), name="b")
+    h = L.Conv2D(8, 3, padding="same", activation="relu")(a)
+    h = L.Conv2D(16, 3, padding="same", activation="relu")(h)
+    h = L.GlobalAveragePooling2D()(L.Conv2D(16, 3, padding="same", activation="relu")(h))
+    model = keras.Model({"a": a, "b": b}, L.Dense(3)(L.Concatenate()([h, L.Dense(8, activation="relu")(b)])))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = {"a": rng.normal(size=(32, 8, 8, 3)).astype("float32"), "b": rng.normal(size=(32, 4)).astype("float32")}
+    y = rng.integers(0, 3, 32)
+    pruner = FilterPruning(flops_target=0.3, flops_allocation="sensitivity", pruning_epochs=1, criterion="l1",
+                           sensitivity_data=(x, y))
+    history = model.fit(x, y, epochs=1, batch_size=8, callbacks=[pruner], verbose=0)
+    assert history.history["flops_ratio"][-1] < 0.9
+    with pytest.raises(ValueError, match="same non-zero length; got 32 and 31"):
+        FilterPruning(flops_target=0.3, flops_allocation="sensitivity", sensitivity_data=([x["a"], x["b"]], y[:31]))
+
+
 def test_resume_from_checkpoint_continues_the_schedule(tmp_path):
     x, y, _, _ = mnist(2048)
     model = _compile(residual_cnn())

@@ -207,6 +207,45 @@ def test_quantizer_goes_before_zero_padding():
     assert dw.input._keras_history[0] is pad  # no second quantizer between Pad and the depthwise conv
 
 
+def test_a_shared_layer_gets_one_quantizer_per_input(rng, tmp_path):
+    """A layer called on two tensors (a siamese branch, a block applied twice) reads each through its own
+    activation quantizer, with unique names; the model trains its ranges, saves and loads exactly."""
+    a, b = keras.Input((8, 8, 3), name="a"), keras.Input((8, 8, 3), name="b")
+    shared = L.Conv2D(8, 3, padding="same", activation="relu", name="shared")
+    twice = L.Conv2D(8, 3, padding="same", activation="relu", name="twice")
+    x = L.Concatenate()([twice(twice(shared(a))), shared(b)])
+    model = keras.Model([a, b], L.Dense(2, name="fc")(L.GlobalAveragePooling2D()(x)))
+    q = quantize_model(model)
+    quantizers = [layer for layer in q.layers if isinstance(layer, ActivationQuantizer)]
+    for name in ("shared", "twice"):
+        calls = q.get_layer(name)._inbound_nodes
+        assert len(calls) == 2
+        sources = [node.input_tensors[0]._keras_history[0] for node in calls]
+        assert all(isinstance(s, ActivationQuantizer) for s in sources) and sources[0] is not sources[1]
+    assert len({qz.name for qz in quantizers}) == len(quantizers)
+    x = [rng.uniform(0, 1, (8, 8, 8, 3)).astype("float32") for _ in range(2)]
+    q.compile(keras.optimizers.SGD(0.0), "mse")
+    q.fit(x, rng.normal(size=(8, 2)), epochs=1, batch_size=8, callbacks=[RangeInit(1)], verbose=0)
+    assert rel_error(q(x), model(x)) < 0.1
+    q.save(tmp_path / "q.keras")
+    np.testing.assert_array_equal(keras.saving.load_model(tmp_path / "q.keras")(x), q(x))
+
+
+def test_layers_with_a_python_function_as_activation_get_their_twins(rng):
+    """A lambda as activation (no config Keras loads in safe mode): the quantized twin uses the function."""
+    inp = keras.Input((12, 12, 3))
+    x = L.Conv2D(8, 3, padding="same", activation=lambda t: keras.ops.maximum(t, 0.3 * t), name="a")(inp)
+    x = L.Activation(lambda t: t * keras.ops.sigmoid(t), name="act")(x)
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(6, 3, name="b")(x))))
+    q = quantize_model(model)
+    assert type(q.get_layer("a")).__name__ == "QuantConv2D"
+    assert q.get_layer("a").activation is model.get_layer("a").activation
+    x = rng.uniform(0, 1, (8, 12, 12, 3)).astype("float32")
+    q.compile(keras.optimizers.SGD(0.0), "mse")
+    q.fit(x, rng.normal(size=(8, 2)), epochs=1, batch_size=8, callbacks=[RangeInit(1)], verbose=0)
+    assert rel_error(q(x), model(x)) < 0.1
+
+
 def separable_net():
     """Xception's pieces: separable convolutions, a residual written ``x + y``, and a transposed convolution."""
     inp = keras.Input((16, 16, 3), name="image")

@@ -34,8 +34,16 @@ def _inside(path: str, root: str) -> bool:
 
 
 def _link_path(path: str) -> str:
-    """``path`` with its parent resolved but its last component kept (the link itself, if it is one)."""
-    return os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
+    """``path`` with its parent resolved but its last component kept (the link itself, if it is one).
+
+    ``out/`` and ``out//`` name ``out``; a path ending in ``.`` or ``..`` names no link, so it is resolved whole
+    (``x/../out`` is resolved as the kernel would, through ``x`` if that is a link).
+    """
+    path = os.path.join(os.getcwd(), os.fspath(path)).rstrip(os.sep) or os.sep
+    head, tail = os.path.split(path)
+    if tail in ("", ".", ".."):
+        return os.path.realpath(path)
+    return os.path.join(os.path.realpath(head), tail)
 
 
 def _nearest_existing(path: str) -> str:
@@ -66,14 +74,14 @@ def check_output_dir(output_dir: str, inputs: Sequence[str] = (), overwrite: boo
             if _inside(src_real, dst):
                 raise ExportError(f"the {what} {output_dir!r} contains the input {src!r}; replacing it would "
                                   "delete the input")
-    if os.path.islink(output_dir):
+    if os.path.islink(link):
         if not overwrite:
             raise ExportError(f"the {what} {output_dir!r} is a symbolic link; give the directory's real path, "
                               "or pass --overwrite to replace the link itself (its target is left alone)")
-    elif os.path.exists(output_dir):
-        if not os.path.isdir(output_dir):
+    elif os.path.exists(link):
+        if not os.path.isdir(link):
             raise ExportError(f"the {what} {output_dir!r} exists and is not a directory")
-        if not overwrite and _listdir(output_dir, what):
+        if not overwrite and _listdir(link, what):
             raise ExportError(f"the {what} {output_dir!r} exists and is not empty (pass --overwrite)")
     _check_writable(os.path.dirname(link), what)
 

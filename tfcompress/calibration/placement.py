@@ -226,6 +226,8 @@ def find_points(model, ignored_layers=(), overflow_fix: str = "disable") -> tupl
             node = src.get_node()
         if node.get_type_name() in ("FakeQuantize", "Constant") or _is_const(src):
             return  # already quantized (QAT) or a constant
+        if not src.get_element_type().is_real():
+            return  # integers (token ids, indices): FakeQuantize is for float tensors
         key = (pos[node.get_name()], src.get_index())
         point = acts.get(key)
         if point is None:

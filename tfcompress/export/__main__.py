@@ -42,14 +42,15 @@ def main(argv: list[str]) -> int:
         print(f"error: {' and '.join(missing)} required (see --help)", file=sys.stderr)
         return 2
     from tfcompress._cli import import_tensorflow_quietly
-    from tfcompress.export.options import check_args
+    from tfcompress.export.options import check_args, check_data_path
 
     # the paths and options first: importing the pipeline imports TensorFlow, which takes seconds
-    check_args(FLAGS.saved_model_dir, FLAGS.output_dir, FLAGS.int8, FLAGS.max_drop, FLAGS.opset, FLAGS.overwrite)
-    for what, path in (("--calibration_data", FLAGS.calibration_data), ("--validation_data", FLAGS.validation_data)):
-        if path is not None and not os.path.exists(path):
-            print(f"error: {what} {path!r} does not exist", file=sys.stderr)
-            return 2
+    data = {"--calibration_data": FLAGS.calibration_data, "--validation_data": FLAGS.validation_data}
+    for what, path in data.items():
+        if path is not None:
+            check_data_path(path, what)
+    check_args(FLAGS.saved_model_dir, FLAGS.output_dir, FLAGS.int8, FLAGS.max_drop, FLAGS.opset, FLAGS.overwrite,
+               FLAGS.max_iterations, [p for p in data.values() if p is not None])
     import_tensorflow_quietly()
     from tfcompress.export.pipeline import export_saved_model
 

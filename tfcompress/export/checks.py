@@ -16,9 +16,19 @@ import numpy as np
 
 from tfcompress.errors import ExportError
 
-__all__ = ["PERTURBATION", "QuantizedCheck", "mean_rel_error", "quantized_check", "saved_model_check"]
+__all__ = [
+    "PERTURBATION", "QuantizedCheck", "half_precision_tolerance", "mean_rel_error", "quantized_check",
+    "saved_model_check",
+]
 
 PERTURBATION = 1e-6
+
+# Keras mixed precision ("mixed_float16", "mixed_bfloat16") computes layers in a 16-bit float: TensorFlow rounds
+# every layer's output to it, other runtimes round elsewhere or not at all, so outputs differ by about that
+# type's precision (2^-10, 2^-7) times what the layers amplify, not by float32's 1e-4. A broken conversion
+# (channels swapped, a weight lost) moves outputs by order 1.
+HALF_EPS = {"DT_HALF": ("float16", 2.0 ** -10), "DT_BFLOAT16": ("bfloat16", 2.0 ** -7)}
+HALF_K = 16
 
 # Limits, from measured errors against the reference (the quantized-check tests in tests/test_export.py;
 # the keras.applications families in BENCHMARKS.md, section 7c):
@@ -138,3 +148,17 @@ def saved_model_check(saved_model_dir: str, inputs: dict[str, np.ndarray] | np.n
             raise ExportError(f"signature {signature_key!r} has {len(frozen.specs)} inputs: pass them by name")
         inputs = {next(iter(frozen.specs)): np.asarray(inputs)}
     return quantized_check(lambda gd, x: run_frozen(frozen, gd, x), frozen.graph_def, inputs)
+
+
+def half_precision_tolerance(graph_def) -> tuple[str, float] | None:
+    """The 16-bit float type a graph computes in (the coarsest met in its ops' types and casts) and the
+    relative max error its output checks allow (``HALF_K`` x its precision); ``None`` for float32 graphs."""
+    from tensorflow.core.framework import types_pb2
+
+    found = {types_pb2.DataType.Name(n.attr[k].type) for n in graph_def.node for k in ("T", "DstT", "dtype")
+             if k in n.attr}
+    eps = [HALF_EPS[t] for t in found if t in HALF_EPS]
+    if not eps:
+        return None
+    name, precision = max(eps, key=lambda e: e[1])
+    return name, HALF_K * precision

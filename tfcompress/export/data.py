@@ -51,17 +51,44 @@ def load_data(path, spec: tf.TensorSpec, what: str = "data") -> tuple[np.ndarray
             f"{what} {path!r} has samples of shape {tuple(x.shape[1:])}, the model input "
             f"{spec.name!r} expects {tuple(shape[1:])}"
         )
-    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
-        raise ExportError(f"{what} {path!r} has dtype {x.dtype}, not numbers")
-    if spec.dtype.is_floating and np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
-        raise ExportError(f"{what} {path!r} contains NaN or infinite values")
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool) or np.issubdtype(x.dtype, np.complexfloating):
+        raise ExportError(f"{what} {path!r} has dtype {x.dtype}, not real numbers")
     if spec.dtype.is_integer and np.issubdtype(x.dtype, np.floating):
         raise ExportError(f"{what} {path!r} has float samples, the model input {spec.name!r} is {spec.dtype.name}")
     if len(x) == 0:
         raise ExportError(f"{what} {path!r} holds no samples")
-    if y is not None and len(y) != len(x):
-        raise ExportError(f"{what} {path!r} has {len(x)} samples but {len(y)} labels")
-    return x.astype(spec.dtype.as_numpy_dtype), y
+    if spec.dtype.is_integer and not spec.dtype.is_bool:  # a cast would wrap values around silently
+        info, lo, hi = np.iinfo(spec.dtype.as_numpy_dtype), x.min(), x.max()
+        if lo < info.min or hi > info.max:
+            raise ExportError(f"{what} {path!r} has values in [{lo}, {hi}], outside the range of the model "
+                              f"input {spec.name!r} ({spec.dtype.name})")
+    with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32's range: checked just below
+        x = x.astype(spec.dtype.as_numpy_dtype)
+    if spec.dtype.is_floating and not np.all(np.isfinite(x)):
+        raise ExportError(f"{what} {path!r} contains NaN or infinite values (in {spec.dtype.name})")
+    if y is not None:
+        y = _class_indices(y, len(x), path, what)
+    return x, y
+
+
+def _class_indices(y: np.ndarray, n: int, path, what: str) -> np.ndarray:
+    """Labels as a vector of ``n`` class indices: from indices of shape (n,) or (n, 1), or from one-hot rows
+    (``keras.utils.to_categorical``), which become their argmax. Accuracy compares them with the argmax of
+    the model's output, so anything else (text, NaN, fractions, soft targets) is refused, not miscounted."""
+    if y.ndim == 0:
+        raise ExportError(f"{what} {path!r} has a single number as labels, not one per sample")
+    if len(y) != n:
+        raise ExportError(f"{what} {path!r} has {n} samples but {len(y)} labels")
+    if not (np.issubdtype(y.dtype, np.number) or y.dtype == bool) or np.issubdtype(y.dtype, np.complexfloating):
+        raise ExportError(f"{what} {path!r} has labels of dtype {y.dtype}; give class indices (integers)")
+    y = y.reshape(n, -1)
+    one_hot = y.shape[1] > 1 and np.isin(y, (0, 1)).all() and (y.sum(axis=1) == 1).all()
+    if one_hot:
+        return np.argmax(y, axis=1)
+    if y.shape[1] != 1 or not (np.isfinite(y).all() and (y == np.round(y)).all()):
+        raise ExportError(f"{what} {path!r} has labels of shape {y.shape[1:]} that are neither class indices "
+                          "(whole numbers) nor one-hot rows")
+    return y[:, 0].astype(np.int64)
 
 
 def _load_numpy(path: str, what: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -99,9 +126,13 @@ def _images(path: str, spec: tf.TensorSpec, what: str):
     except Exception as e:
         raise ExportError(f"{what} {path!r}: {str(e).splitlines()[0]}") from None
     xs, ys = [], []
-    for img, label in ds:
-        xs.append(img.numpy())
-        ys.append(int(label.numpy()))
+    try:
+        for img, label in ds:
+            xs.append(img.numpy())
+            ys.append(int(label.numpy()))
+    except tf.errors.OpError as e:  # files are read in order (shuffle=False): the next one is the bad one
+        reason = e.message.splitlines()[0].rsplit(": ", 1)[-1]  # after the dataset's function and node names
+        raise ExportError(f"{what}: cannot decode the image {ds.file_paths[len(xs)]!r} ({reason})") from None
     if not xs:
         raise ExportError(f"{what} {path!r} holds no images")
     return np.stack(xs), np.asarray(ys)

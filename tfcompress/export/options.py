@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any, Sequence
+
 from tfcompress.errors import ExportError
 from tfcompress.output_dir import check_output_dir
 from tfcompress.saved_model_dir import check_saved_model_dir
 
-__all__ = ["INT8_MODES", "check_args", "check_saved_model_dir"]
+__all__ = ["INT8_MODES", "check_args", "check_data_path", "check_saved_model_dir"]
 
 INT8_MODES = ("default", "accuracy_aware", "none")
 
 
 def check_args(saved_model_dir: str, output_dir: str, int8: str = "default", max_drop: float = 0.01,
-               opset: int = 17, overwrite: bool = False) -> None:
+               opset: int = 17, overwrite: bool = False, max_iterations: int = 50,
+               data: Sequence[Any] = ()) -> None:
     """Raise :class:`ExportError` for an option out of range, a missing SavedModel, or an output directory that
-    may not be written (see :func:`tfcompress.output_dir.check_output_dir`: never the input, inside it or
-    around it). Only the file system is looked at: the SavedModel's content is checked when it is read.
+    may not be written (see :func:`tfcompress.output_dir.check_output_dir`: never an input, inside one or
+    around one). The inputs are the SavedModel and the paths among ``data`` (calibration / validation files or
+    image folders; arrays are not paths). Only the file system is looked at: the SavedModel's content is
+    checked when it is read.
     """
     if int8 not in INT8_MODES:
         raise ExportError(f"--int8 must be one of {list(INT8_MODES)}, got {int8!r}")
@@ -23,6 +29,17 @@ def check_args(saved_model_dir: str, output_dir: str, int8: str = "default", max
         raise ExportError(f"--max_drop must be in [0, 1), got {max_drop!r}")
     if not isinstance(opset, int) or not 13 <= opset <= 18:
         raise ExportError(f"--opset must be in 13..18 (tf2onnx 1.17), got {opset!r}")
+    if not isinstance(max_iterations, int) or max_iterations < 0:
+        raise ExportError(f"--max_iterations must be a whole number >= 0, got {max_iterations!r}")
     check_saved_model_dir(saved_model_dir)
-    check_output_dir(output_dir, [saved_model_dir], overwrite)
+    paths = [d for d in data if isinstance(d, (str, os.PathLike))]
+    check_output_dir(output_dir, [saved_model_dir, *paths], overwrite)
 
+
+def check_data_path(path: str, what: str) -> None:
+    """Raise :class:`ExportError` unless ``path`` is an existing .npy / .npz file or a directory (of images):
+    what :func:`tfcompress.export.data.load_data` reads, checked before TensorFlow loads."""
+    if not os.path.exists(path):
+        raise ExportError(f"{what} {path!r} does not exist")
+    if not os.path.isdir(path) and not str(path).endswith((".npy", ".npz")):
+        raise ExportError(f"{what} {path!r} must be a .npy or .npz file or a directory of images")

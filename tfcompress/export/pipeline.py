@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from tfcompress.errors import ExportError
-from tfcompress.export.checks import QuantizedCheck, quantized_check
+from tfcompress.export.checks import QuantizedCheck, half_precision_tolerance, quantized_check
 from tfcompress.export.convert import freeze_for_export, run_openvino, saved_model_to_openvino, to_onnx, to_openvino
 from tfcompress.export.data import load_data
 from tfcompress.export.options import check_args
@@ -95,7 +95,8 @@ def export_saved_model(
     Returns:
         The report (also written as ``report.json``).
     """
-    check_args(saved_model_dir, output_dir, int8, max_drop, opset, overwrite)
+    check_args(saved_model_dir, output_dir, int8, max_drop, opset, overwrite, max_iterations,
+               (calibration_data, validation_data))
 
     _log = _logger(verbose)
     t0 = time.perf_counter()
@@ -123,10 +124,15 @@ def export_saved_model(
         if qcheck.warning():
             print(f"warning: {qcheck.warning()}", file=sys.stderr, flush=True)
     tol = {k: qcheck.tolerance for k in FLOAT_TOLERANCE} if qcheck else FLOAT_TOLERANCE
+    half = None if quantized else half_precision_tolerance(frozen.graph_def)
+    if half is not None:
+        tol = {k: max(v, half[1]) for k, v in FLOAT_TOLERANCE.items()}
 
     with staged_output(output_dir, overwrite) as tmp:
         report: dict = {"source": source_name or os.path.abspath(saved_model_dir), "signature": signature_key,
                         "steps": {}}
+        if half is not None:  # the checks' limit, as quantized graphs record theirs
+            report["half_precision"] = {"dtype": half[0], "tolerance": half[1]}
         t = time.perf_counter()
         _log("[2/5] stripping zeroed channels")
         stripped_dir = os.path.join(tmp, "stripped")

@@ -45,6 +45,24 @@ def explain(model: keras.Model) -> list[ChannelGroup]:
     return build_graph(model).graph.all_groups()
 
 
+def _channel_indices(indices: Iterable[int], g: ChannelGroup) -> np.ndarray:
+    """``indices`` as sorted unique ints in ``[0, g.size)``; a boolean mask, text or fractions are an error
+    (``int`` would turn a mask into channels 0 and 1, and 2.5 into channel 2)."""
+    if isinstance(indices, (str, bytes)):
+        raise TypeError(f"channel indices must be integers, got the string {indices!r}")
+    arr = np.asarray(indices if isinstance(indices, np.ndarray) else list(indices))
+    if arr.dtype == bool:
+        raise TypeError(f"channel indices for {g!r} must be integers, got booleans; for a mask pass "
+                        "np.flatnonzero(mask)")
+    if arr.size and (arr.ndim != 1 or not np.issubdtype(arr.dtype, np.number)
+                     or np.issubdtype(arr.dtype, np.complexfloating) or np.any(arr != np.round(arr))):
+        raise TypeError(f"channel indices must be a flat list of integers, got {arr.tolist()!r}"[:300])
+    idx = np.unique(arr.astype(int))
+    if idx.size and (idx.min() < 0 or idx.max() >= g.size):
+        raise ValueError(f"channel indices must be in [0, {g.size}) for {g!r}; got {idx.min()}..{idx.max()}")
+    return idx
+
+
 def zero_channels(
     model: keras.Model,
     group: ChannelGroup,
@@ -74,8 +92,9 @@ def zero_channels(
         indices: channel indices in ``[0, group.size)``.
         graph: an already built graph of ``model`` (saves re-analysing it in a loop).
         compensate: hand the removed channels' constant or mean contribution to their consumers.
-        data: model inputs (an array, ``(x, y)`` or a batched ``tf.data.Dataset``; a few hundred samples
-            suffice) to measure channel means and the error the removal leaves.
+        data: model inputs (an array, a dict of arrays for a model with named inputs, ``(x, y)`` or a
+            batched ``tf.data.Dataset``; a few hundred samples suffice) to measure channel means and the
+            error the removal leaves.
         batch_size: batch size for ``data`` given as an array.
 
     Returns:
@@ -85,9 +104,7 @@ def zero_channels(
     """
     kg = graph if graph is not None else build_graph(model)
     g = kg.find_group(group)
-    idx = np.unique(np.asarray(list(indices), dtype=int))
-    if idx.size and (idx.min() < 0 or idx.max() >= g.size):
-        raise ValueError(f"channel indices must be in [0, {g.size}) for {g!r}; got {idx.min()}..{idx.max()}")
+    idx = _channel_indices(indices, g)
     if not isinstance(compensate, bool):
         raise ValueError(f"compensate must be True or False, got {compensate!r}")
     if data is not None and not compensate:

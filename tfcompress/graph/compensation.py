@@ -119,7 +119,8 @@ def _consumers(kg: Any, group: ChannelGroup, chosen: np.ndarray) -> list[tuple[A
 def _submodel(kg: Any, tensors: list[Any]) -> keras.Model:
     try:
         inputs = kg.model.inputs
-        return keras.Model(inputs[0] if len(inputs) == 1 else inputs, tensors)
+        # several inputs: the model's own structure (a dict of named inputs) so that its data fits as it is
+        return keras.Model(inputs[0] if len(inputs) == 1 else getattr(kg.model, "input", inputs), tensors)
     except Exception as e:  # nested sub-models: their inner tensors are not reachable from the outer inputs
         raise ValueError(
             f"cannot measure channel statistics inside model {kg.model.name!r} ({e}); compensation from data "
@@ -128,9 +129,18 @@ def _submodel(kg: Any, tensors: list[Any]) -> keras.Model:
 
 
 def _batches(data: Any, batch_size: int):
-    """Input batches of ``data``: an array, a tuple ``(x, ...)`` or a batched ``tf.data.Dataset``."""
+    """Input batches of ``data``: an array, a dict of arrays (a model with named inputs), a tuple ``(x, ...)``
+    of either, or a batched ``tf.data.Dataset``."""
     if isinstance(data, (tuple, list)):
         data = data[0]
+    if isinstance(data, dict):
+        xs = {k: np.asarray(v) for k, v in data.items()}
+        n = {len(v) for v in xs.values()}
+        if len(n) != 1 or not n.pop():
+            raise ValueError("compensation data as a dict needs non-empty arrays of one length")
+        for s in range(0, len(next(iter(xs.values()))), batch_size):
+            yield {k: v[s:s + batch_size] for k, v in xs.items()}
+        return
     if isinstance(data, np.ndarray) or hasattr(data, "shape") and not hasattr(data, "element_spec"):
         x = np.asarray(data)
         if x.ndim < 2 or len(x) == 0:
@@ -265,7 +275,8 @@ def _probe(kg: Any, consumers: list, data: Any, batch_size: int):
     """Record the consumers' outputs now; the returned function gives their relative change later."""
     names = [c[0].op.layer for c in consumers]
     fn = _submodel(kg, [c[0].node.outputs[0] for c in consumers])
-    x = np.concatenate([np.asarray(b) for b in _batches(data, batch_size)])[:256]
+    batches = list(_batches(data, batch_size))  # arrays, or dicts of arrays for named inputs
+    x = keras.tree.map_structure(lambda *parts: np.concatenate([np.asarray(p) for p in parts])[:256], *batches)
 
     def run() -> list[np.ndarray]:
         outs = fn(x, training=False)

@@ -124,6 +124,8 @@ class Op:
         reads_all_channels: a non-producer whose every output depends on all its input channels (a
             LayerNormalization's statistics): like a producer's input, a channel may leave it only as 0 or
             as a constant its semantics can account for (``can_fold``).
+        mixes_outputs: why the op's output channels depend on each other (a convolution or dense layer with
+            a softmax activation: removing one changes the others), or ``""``: if set, they are blocked.
     """
 
     name: str
@@ -136,6 +138,7 @@ class Op:
     has_channel_params: bool = False
     semantics: OpSemantics | None = None
     reads_all_channels: bool = False
+    mixes_outputs: str = ""
 
     def __post_init__(self) -> None:
         if not self.layer:
@@ -364,6 +367,8 @@ class ChannelGraph:
                 out = dataclasses.replace(ins[0], tile=ins[0].tile * op.channels)
             else:  # pragma: no cover - exhaustive
                 raise AssertionError(op.rule)
+            if op.mixes_outputs:
+                self._block(out, op.mixes_outputs)
             for t in op.outputs:
                 self.maps[t] = out
         for t in self.output_tensors:

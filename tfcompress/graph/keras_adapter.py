@@ -160,7 +160,6 @@ _ELEMENTWISE = (
 )
 _JOINS = {_L.Add: "add", _L.Subtract: "sub", _L.Average: "mean", _L.Maximum: "max", _L.Minimum: "min",
           _L.Multiply: "mul"}
-_CHANNEL_MIXING_ACTIVATIONS = {"softmax", "log_softmax"}
 # A rule: f(layer, matched base class, input shapes, output shape) -> the kind of that call.
 LayerRuleFn = Callable[[Any, type, list, tuple], KindFactory]
 
@@ -200,14 +199,14 @@ def _batchnorm(layer, base, ins, out):
 
 
 def _layernorm(layer, base, ins, out):
-    plain = not getattr(layer, "rms_scaling", False) and (
+    # without gamma a removed input channel still comes out as (0 - mean) / std, which varies: never removable
+    plain = layer.scale and not getattr(layer, "rms_scaling", False) and (
         isinstance(layer, PartialLayerNormalization) or not _overrides_call(layer, base))
     return kinds.LayerNorm if plain and _channel_axis(layer, len(out)) else kinds.BLOCKER
 
 
 def _activation(layer, base, ins, out):
-    name = getattr(layer.activation, "__name__", str(layer.activation))
-    if name in _CHANNEL_MIXING_ACTIVATIONS:
+    if kinds.mixes_channels(layer.activation):
         return kinds.BLOCKER
     op, params = activation_op(layer.activation)
     return table_kind(op, lambda call: params)
@@ -240,7 +239,7 @@ def _reshape(layer, base, ins, out):
     return kinds.Reshape if _keeps_channel_axis(ins[0], out) else kinds.BLOCKER
 
 
-# Keras layer classes -> their rule, first match wins (subclasses match their base's entry).
+# Keras layer classes -> their rule; a subclass without an entry of its own matches its nearest base's.
 KERAS_LAYERS: list[tuple[tuple[type, ...], LayerRuleFn]] = [
     ((_L.SeparableConv1D, _L.SeparableConv2D), _plain(kinds.SeparableConv)),
     ((_L.DepthwiseConv1D, _L.DepthwiseConv2D), _plain(kinds.Depthwise)),
@@ -271,10 +270,10 @@ def layer_kind(layer: keras.layers.Layer, in_shapes: list[tuple], out_shape: tup
     if declared is not None:
         same = all(len(s) == len(out_shape) and s[-1] == out_shape[-1] for s in in_shapes)
         return kinds.Registered if declared.rule == "elementwise" and same else kinds.BLOCKER
-    for bases, rule in KERAS_LAYERS:
-        for base in bases:
-            if isinstance(layer, base):
-                return rule(layer, base, in_shapes, out_shape)
+    for cls in type(layer).__mro__:  # the most specific class with an entry: SpatialDropout2D before Dropout
+        for bases, rule in KERAS_LAYERS:
+            if cls in bases:
+                return rule(layer, cls, in_shapes, out_shape)
     return kinds.BLOCKER
 
 
@@ -402,6 +401,7 @@ class KerasGraph:
                     has_channel_params=kind.has_channel_params,
                     semantics=kind,
                     reads_all_channels=kind.reads_all_channels,
+                    mixes_outputs=kind.mixes_outputs,
                 )
                 self.records.append(_Record(op, kind, node, {id(t): scope[id(t)] for t in node.input_tensors}))
         return [scope[id(t)] for t in fmodel.outputs]

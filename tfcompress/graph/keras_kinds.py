@@ -36,6 +36,28 @@ def activation_op(activation: Any) -> tuple[str, dict]:
     return "function", {"fn": lambda v: to_numpy(fn(keras.ops.convert_to_tensor(np.asarray(v, np.float32))))}
 
 
+# Keras activations whose every output reads all channels (glu also halves them)
+CHANNEL_MIXING_ACTIVATIONS = frozenset({"softmax", "log_softmax", "sparsemax", "glu"})
+
+
+def mixes_channels(activation: Any) -> bool:
+    """Whether an activation's output channel depends on other channels (a softmax). A function of the
+    user's own is probed: one channel of a sample is changed and the others must stay; a function that fails
+    on the probe counts as mixing, so its channels stay."""
+    fn = keras.activations.get(activation)
+    name = getattr(fn, "__name__", "")
+    if name and getattr(keras.activations, name, None) is fn:  # one of Keras' own: known by name
+        return name in CHANNEL_MIXING_ACTIVATIONS
+    probe = np.random.default_rng(0).normal(size=(2, 3, 5)).astype(np.float32)
+    moved = probe.copy()
+    moved[..., 0] += 1.0
+    try:
+        a, b = (to_numpy(fn(keras.ops.convert_to_tensor(v))) for v in (probe, moved))
+    except Exception:
+        return True
+    return a.shape != probe.shape or not np.array_equal(a[..., 1:], b[..., 1:])
+
+
 def _activated(activation: Any, c: np.ndarray) -> np.ndarray:
     op, params = activation_op(activation)
     return ops.const_out(op, [c], **params)
@@ -79,6 +101,7 @@ class LayerKind(ops.TableOp):
     op = "identity"
     has_channel_params = False
     reads_all_channels = False
+    mixes_outputs = ""
 
     def __init__(self, call: LayerCall, op: str | None = None,
                  params: Callable[["LayerCall"], dict] | None = None) -> None:
@@ -227,6 +250,13 @@ class _Kernel(LayerKind):
 
     def const_out(self, in_consts):
         return [_activated(self.layer.activation, super().const_out(in_consts)[0])]
+
+    @property
+    def mixes_outputs(self) -> str:
+        if mixes_channels(self.layer.activation):
+            name = getattr(keras.activations.get(self.layer.activation), "__name__", "")
+            return f"the {name} activation of layer {self.layer.name!r} combines them"
+        return ""
 
 
 class Producer(_Kernel):

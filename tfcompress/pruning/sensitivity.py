@@ -32,10 +32,7 @@ def check_data(data: Any) -> Any:
         return data
     if isinstance(data, (tuple, list)) and len(data) == 2:
         x, y = data
-        try:
-            nx, ny = len(x), len(y)
-        except TypeError:
-            nx = ny = -1
+        nx, ny = _samples(x), _samples(y)
         if nx > 0 and nx == ny:
             return (x, y)
         raise ValueError(f"sensitivity_data=(x, y) needs x and y of the same non-zero length; got {nx} and {ny}")
@@ -44,11 +41,25 @@ def check_data(data: Any) -> Any:
     )
 
 
+def _samples(x: Any) -> int:
+    """The number of samples of an array, or of a dict / list of arrays (a multi-input model's x); -1 when
+    it has no length or its arrays disagree."""
+    try:
+        lengths = {len(a) for a in keras.tree.flatten(x)}
+    except TypeError:
+        return -1
+    return lengths.pop() if len(lengths) == 1 else -1
+
+
+def _head(x: Any, n: int) -> Any:
+    return keras.tree.map_structure(lambda a: a[:n], x)
+
+
 def check_fits(model: keras.Model, data: Any) -> None:
     """Evaluate the compiled loss on a few samples of ``data`` so that data in the wrong format fails when
     training starts, with a ValueError that says what to do, not at the first schedule step from inside
     ``model.evaluate``."""
-    head = data.take(1) if isinstance(data, tf.data.Dataset) else (data[0][:8], data[1][:8])
+    head = data.take(1) if isinstance(data, tf.data.Dataset) else (_head(data[0], 8), _head(data[1], 8))
     try:
         _loss(model, head)
     except (ValueError, TypeError, tf.errors.OpError) as e:

@@ -124,6 +124,8 @@ def quantize_model(
         cfg = layer.get_config()
         if "/" in path:
             cfg["name"] = path.replace("/", "_")
+        if callable(getattr(layer, "activation", None)) and "activation" in cfg:
+            cfg["activation"] = layer.activation  # the function itself: a lambda's config loads only in unsafe mode
         q = quantized_class(layer) if path not in ignored else None
         weights = rec.kind.current_weights()
         if removed and rec.op.outputs:
@@ -226,6 +228,7 @@ def _placement(kg, op_policy) -> dict[int, str]:
         return memo[id(rec)]
 
     names: dict[int, str] = {}
+    taken: set[str] = set()
     for rec in kg.records:
         for k, tid in enumerate(wanted.get(id(rec), [])):
             name = rec.op.layer.replace("/", "_") + (f"_input_{k}_quant" if len(wanted[id(rec)]) > 1 else "_input_quant")
@@ -233,7 +236,12 @@ def _placement(kg, op_policy) -> dict[int, str]:
                 top = producer[tid]
                 tid = top.op.inputs[0]
                 name = top.op.layer.replace("/", "_") + "_input_quant"
-            names.setdefault(tid, name)
+            if tid not in names:  # a shared layer's calls read different tensors: each quantizer its own name
+                unique, n = name, 1
+                while unique in taken:
+                    unique, n = f"{name}_{n}", n + 1
+                names[tid] = unique
+                taken.add(unique)
     return names
 
 

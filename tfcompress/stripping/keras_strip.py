@@ -64,13 +64,16 @@ def _new_layer(layer, path, kind, in_keeps, out_keep, folds, changed) -> keras.l
         cfg["name"] = path.replace("/", "_")
     if changed and kind.needs_bias(folds):
         cfg["use_bias"] = True
+    if callable(getattr(layer, "activation", None)) and "activation" in cfg:
+        cfg["activation"] = layer.activation  # the function itself: a lambda's config loads only in unsafe mode
     try:
         return (kind.rebuilt_class() if changed else type(layer)).from_config(cfg)
     except Exception as e:
+        why = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
         if changed:
-            raise ValueError(f"cannot rebuild layer {path!r} ({type(layer).__name__}) with fewer channels: {e}")
+            raise ValueError(f"cannot rebuild layer {path!r} ({type(layer).__name__}) with fewer channels: {why}")
         warnings.warn(
-            f"layer {path!r} ({type(layer).__name__}) cannot be re-created from its config ({e}); "
+            f"layer {path!r} ({type(layer).__name__}) cannot be re-created from its config ({why}); "
             "the stripped model shares it with the original.",
             stacklevel=4,
         )
