@@ -14,10 +14,22 @@ import numpy as np
 
 from tfcompress.graph.keras_adapter import KerasGraph
 
-__all__ = ["rebuild"]
+__all__ = ["layer_config", "rebuild"]
 
 MakeLayer = Callable[[Any], "tuple[keras.layers.Layer, list[np.ndarray] | None]"]
 RewriteArgs = Callable[[Any, tuple, dict], "tuple[tuple, dict]"]
+
+
+def layer_config(layer: keras.layers.Layer, path: str, cfg: dict | None = None) -> dict:
+    """The config a layer at ``path`` is re-created from (``cfg``: the layer's own by default): a nested
+    layer's name flattened (``"sub/conv"`` becomes ``"sub_conv"``, unique in the inlined model), and the
+    activation as the function itself, since a lambda's serialized config loads only in Keras's unsafe mode."""
+    cfg = layer.get_config() if cfg is None else cfg
+    if "/" in path:
+        cfg["name"] = path.replace("/", "_")
+    if callable(getattr(layer, "activation", None)) and "activation" in cfg:
+        cfg["activation"] = layer.activation
+    return cfg
 
 
 def rebuild(kg: KerasGraph, make_layer: MakeLayer, rewrite_args: RewriteArgs | None = None) -> keras.Model:

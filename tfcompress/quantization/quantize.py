@@ -12,7 +12,7 @@ from tfcompress import int8_policy as policy
 from tfcompress.int8_policy import OVERFLOW_FIX
 from tfcompress.graph.engine import Rule
 from tfcompress.graph.keras_adapter import build_graph
-from tfcompress.graph.keras_rebuild import rebuild
+from tfcompress.graph.keras_rebuild import layer_config, rebuild
 from tfcompress.quantization import layers as Q
 from tfcompress.quantization.layers import ActivationQuantizer, ChannelMask
 
@@ -121,11 +121,7 @@ def quantize_model(
 
     def make_layer(rec):
         layer, path = rec.kind.layer, rec.op.layer
-        cfg = layer.get_config()
-        if "/" in path:
-            cfg["name"] = path.replace("/", "_")
-        if callable(getattr(layer, "activation", None)) and "activation" in cfg:
-            cfg["activation"] = layer.activation  # the function itself: a lambda's config loads only in unsafe mode
+        cfg = layer_config(layer, path)
         q = quantized_class(layer) if path not in ignored else None
         weights = rec.kind.current_weights()
         if removed and rec.op.outputs:

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 
 from tfcompress.graph.keras_adapter import KerasGraph, build_graph
-from tfcompress.graph.keras_rebuild import rebuild
+from tfcompress.graph.keras_rebuild import layer_config, rebuild
 
 __all__ = ["strip"]
 
@@ -55,17 +55,13 @@ def _rebuild(kg: KerasGraph, removed: dict[int, np.ndarray], consts: dict[int, n
 
 
 def _new_layer(layer, path, kind, in_keeps, out_keep, folds, changed) -> keras.layers.Layer:
-    cfg = kind.config(in_keeps, out_keep, folds) if changed else layer.get_config()
+    cfg = layer_config(layer, path, kind.config(in_keeps, out_keep, folds) if changed else None)
     if changed:  # masks of pruned channels (from quantize_model) refer to the old channel count
         for key, value in list(cfg.items()):
             if key.endswith("_constraint") and isinstance(value, dict) and value.get("class_name") == "ChannelMask":
                 cfg[key] = None
-    if "/" in path:
-        cfg["name"] = path.replace("/", "_")
     if changed and kind.needs_bias(folds):
         cfg["use_bias"] = True
-    if callable(getattr(layer, "activation", None)) and "activation" in cfg:
-        cfg["activation"] = layer.activation  # the function itself: a lambda's config loads only in unsafe mode
     try:
         return (kind.rebuilt_class() if changed else type(layer)).from_config(cfg)
     except Exception as e:
