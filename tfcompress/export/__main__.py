@@ -42,15 +42,12 @@ def main(argv: list[str]) -> int:
         print(f"error: {' and '.join(missing)} required (see --help)", file=sys.stderr)
         return 2
     from tfcompress._cli import import_tensorflow_quietly
-    from tfcompress.export.options import check_args, check_data_path
+    from tfcompress.export.options import check_args
 
     # the paths and options first: importing the pipeline imports TensorFlow, which takes seconds
-    data = {"--calibration_data": FLAGS.calibration_data, "--validation_data": FLAGS.validation_data}
-    for what, path in data.items():
-        if path is not None:
-            check_data_path(path, what)
     check_args(FLAGS.saved_model_dir, FLAGS.output_dir, FLAGS.int8, FLAGS.max_drop, FLAGS.opset, FLAGS.overwrite,
-               FLAGS.max_iterations, [p for p in data.values() if p is not None])
+               FLAGS.max_iterations,
+               {"--calibration_data": FLAGS.calibration_data, "--validation_data": FLAGS.validation_data})
     import_tensorflow_quietly()
     from tfcompress.export.pipeline import export_saved_model
 

@@ -10,6 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfcompress.errors import ExportError
+from tfcompress.export.options import check_data_path
 
 __all__ = ["load_data"]
 
@@ -37,21 +38,16 @@ def load_data(path, spec: tf.TensorSpec, what: str = "data") -> tuple[np.ndarray
     elif not isinstance(path, (str, os.PathLike)):
         raise ExportError(f"{what} must be a file or directory path, an array or (samples, labels), "
                           f"got {type(path).__name__}")
-    elif not os.path.exists(path):
-        raise ExportError(f"{what} {path!r} does not exist")
-    elif os.path.isdir(path):
-        x, y = _images(path, spec, what)
-    elif str(path).endswith((".npy", ".npz")):
-        x, y = _load_numpy(path, what)
     else:
-        raise ExportError(f"{what} {path!r} must be a .npy or .npz file or a directory of images")
+        check_data_path(path, what)
+        x, y = _images(path, spec, what) if os.path.isdir(path) else _load_numpy(path, what)
     shape = spec.shape.as_list()
     if x.ndim != len(shape) or any(d is not None and d != s for d, s in zip(shape[1:], x.shape[1:])):
         raise ExportError(
             f"{what} {path!r} has samples of shape {tuple(x.shape[1:])}, the model input "
             f"{spec.name!r} expects {tuple(shape[1:])}"
         )
-    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool) or np.issubdtype(x.dtype, np.complexfloating):
+    if not _real_numbers(x.dtype):
         raise ExportError(f"{what} {path!r} has dtype {x.dtype}, not real numbers")
     if spec.dtype.is_integer and np.issubdtype(x.dtype, np.floating):
         raise ExportError(f"{what} {path!r} has float samples, the model input {spec.name!r} is {spec.dtype.name}")
@@ -71,6 +67,11 @@ def load_data(path, spec: tf.TensorSpec, what: str = "data") -> tuple[np.ndarray
     return x, y
 
 
+def _real_numbers(dtype: np.dtype) -> bool:
+    """Whether arrays of ``dtype`` hold real numbers (booleans included; not text, objects or complex)."""
+    return (np.issubdtype(dtype, np.number) or dtype == bool) and not np.issubdtype(dtype, np.complexfloating)
+
+
 def _class_indices(y: np.ndarray, n: int, path, what: str) -> np.ndarray:
     """Labels as a vector of ``n`` class indices: from indices of shape (n,) or (n, 1), or from one-hot rows
     (``keras.utils.to_categorical``), which become their argmax. Accuracy compares them with the argmax of
@@ -79,7 +80,7 @@ def _class_indices(y: np.ndarray, n: int, path, what: str) -> np.ndarray:
         raise ExportError(f"{what} {path!r} has a single number as labels, not one per sample")
     if len(y) != n:
         raise ExportError(f"{what} {path!r} has {n} samples but {len(y)} labels")
-    if not (np.issubdtype(y.dtype, np.number) or y.dtype == bool) or np.issubdtype(y.dtype, np.complexfloating):
+    if not _real_numbers(y.dtype):
         raise ExportError(f"{what} {path!r} has labels of dtype {y.dtype}; give class indices (integers)")
     y = y.reshape(n, -1)
     one_hot = y.shape[1] > 1 and np.isin(y, (0, 1)).all() and (y.sum(axis=1) == 1).all()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping
 
 from tfcompress.errors import ExportError
 from tfcompress.output_dir import check_output_dir
@@ -16,12 +16,13 @@ INT8_MODES = ("default", "accuracy_aware", "none")
 
 def check_args(saved_model_dir: str, output_dir: str, int8: str = "default", max_drop: float = 0.01,
                opset: int = 17, overwrite: bool = False, max_iterations: int = 50,
-               data: Sequence[Any] = ()) -> None:
-    """Raise :class:`ExportError` for an option out of range, a missing SavedModel, or an output directory that
-    may not be written (see :func:`tfcompress.output_dir.check_output_dir`: never an input, inside one or
-    around one). The inputs are the SavedModel and the paths among ``data`` (calibration / validation files or
-    image folders; arrays are not paths). Only the file system is looked at: the SavedModel's content is
-    checked when it is read.
+               data: Mapping[str, Any] | None = None) -> None:
+    """Raise :class:`ExportError` for an option out of range, a missing SavedModel, a data path that
+    :func:`check_data_path` refuses, or an output directory that may not be written (see
+    :func:`tfcompress.output_dir.check_output_dir`: never an input, inside one or around one). The inputs are
+    the SavedModel and the paths among ``data`` (what it is called -> calibration / validation file, image
+    folder, array or None; arrays are not paths). Only the file system is looked at: the SavedModel's content
+    and the data are checked when they are read.
     """
     if int8 not in INT8_MODES:
         raise ExportError(f"--int8 must be one of {list(INT8_MODES)}, got {int8!r}")
@@ -32,8 +33,10 @@ def check_args(saved_model_dir: str, output_dir: str, int8: str = "default", max
     if not isinstance(max_iterations, int) or max_iterations < 0:
         raise ExportError(f"--max_iterations must be a whole number >= 0, got {max_iterations!r}")
     check_saved_model_dir(saved_model_dir)
-    paths = [d for d in data if isinstance(d, (str, os.PathLike))]
-    check_output_dir(output_dir, [saved_model_dir, *paths], overwrite)
+    paths = {what: d for what, d in (data or {}).items() if isinstance(d, (str, os.PathLike))}
+    for what, path in paths.items():
+        check_data_path(path, what)
+    check_output_dir(output_dir, [saved_model_dir, *paths.values()], overwrite)
 
 
 def check_data_path(path: str, what: str) -> None:
