@@ -12,7 +12,7 @@ setup(
     packages=find_packages(include=["tfcompress", "tfcompress.*"]),
     install_requires=[
         "tensorflow>=2.16,<2.22",
-        "keras>=3.0",
+        "keras>=3.9",  # keras.layers.RMSNormalization
         "tf2onnx>=1.16",
         "onnx>=1.15",
         "openvino>=2024.4",

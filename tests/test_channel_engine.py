@@ -539,6 +539,71 @@ def test_layer_normalization_without_scale_blocks_the_channels_it_reads(rng):
     assert "ln" in {g.layers: g.reason for g in tfcompress.explain(model)}[("a",)]
 
 
+def _normalized_block(norm, rng, width=12):
+    """stem conv -> ``norm`` -> conv -> head, with random biases and random (positive) norm weights."""
+    inp = keras.Input((6, 6, 3))
+    a = L.Conv2D(width, 3, padding="same", name="stem")(inp)
+    h = L.Conv2D(8, 1, name="mix")(norm()(a))
+    model = keras.Model(inp, L.Dense(4, name="head")(L.GlobalAveragePooling2D()(h)))
+    randomize_biases(model, rng)
+    layer = model.get_layer("norm")
+    layer.set_weights([rng.uniform(0.5, 1.5, w.shape) if "beta" not in w.path else rng.uniform(-0.3, 0.3, w.shape)
+                       for w in layer.weights])
+    return model
+
+
+@pytest.mark.parametrize("norm, partial", [
+    (lambda: L.GroupNormalization(groups=4, name="norm"), "PartialGroupNormalization"),
+    (lambda: L.GroupNormalization(groups=-1, name="norm"), "PartialGroupNormalization"),  # instance norm
+    (lambda: L.GroupNormalization(groups=1, name="norm"), "PartialGroupNormalization"),
+    (lambda: L.RMSNormalization(name="norm"), "PartialRMSNormalization"),
+    (lambda: L.UnitNormalization(name="norm"), "PartialUnitNormalization"),
+])
+def test_normalizations_over_channels_strip_exactly_and_reload(norm, partial, rng, tmp_path):
+    """Their statistics read every channel (of a group): the stripped layer still counts the removed ones, so
+    the stripped model computes what the pruned one did; it saves, reloads, and strips again."""
+    model = _normalized_block(norm, rng)
+    assert set(_groups_by_layer(model)) == {("stem",), ("mix",)}
+    x = _x(rng, (3, 6, 6, 3))
+    stripped = _zero_and_strip(model, rng, x, fraction=0.3)
+    assert type(stripped.get_layer("norm")).__name__ == partial
+    assert _width(stripped, "norm") == 9
+    stripped.save(tmp_path / "m.keras")
+    np.testing.assert_array_equal(keras.saving.load_model(tmp_path / "m.keras")(x), stripped(x))
+    again = _zero_and_strip(stripped, rng, x, fraction=0.3)
+    assert _width(again, "norm") == 7
+
+
+def test_group_normalization_counts_removed_constant_channels_in_their_own_group(rng):
+    """Channels 1 and 6 of the stem are constants (zero filters, non-zero biases) whose normalized outputs are
+    constants too (gamma 0, beta not): they are removed, and groups 0 and 1 then hold different numbers of
+    channels; each group's statistics still count its constant, over every position."""
+    model = _normalized_block(lambda: L.GroupNormalization(groups=3, name="norm"), rng)
+    stem, norm = model.get_layer("stem"), model.get_layer("norm")
+    kernel, bias = (w.numpy() for w in stem.weights)
+    kernel[..., [1, 6]] = 0.0
+    bias[[1, 6]] = [0.7, -1.3]
+    stem.set_weights([kernel, bias])
+    gamma, beta = (w.numpy() for w in norm.weights)
+    gamma[[1, 6]] = 0.0
+    norm.set_weights([gamma, beta])
+    x = _x(rng, (3, 6, 6, 3))
+    stripped = tfcompress.strip(model)
+    assert rel_error(stripped(x), model(x)) < TOL
+    layer = stripped.get_layer("norm")
+    assert layer.channel_groups == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]
+    assert layer.removed_values == [[pytest.approx(0.7)], [pytest.approx(-1.3)], []]
+
+
+@pytest.mark.filterwarnings("ignore:You passed `rms_scaling=True`")
+@pytest.mark.parametrize("norm", [
+    lambda: L.GroupNormalization(groups=4, scale=False, name="norm"),  # (0 - mean) / std + beta varies
+    lambda: L.LayerNormalization(rms_scaling=True, name="norm"),
+])
+def test_normalizations_that_cannot_lose_a_channel_block_it(norm, rng):
+    assert ("stem",) not in _groups_by_layer(_normalized_block(norm, rng))
+
+
 def test_layer_normalization_over_other_axes_blocks(rng):
     inp = keras.Input((6, 6, 3))
     a = L.Conv2D(8, 1, name="a")(inp)

@@ -102,6 +102,26 @@ def test_exact_gelu_converts(kind, tmp_path, rng):
     _check_conversions(model, tmp_path, x)
 
 
+@pytest.mark.parametrize("norm", ["group", "layer", "rms", "unit"])
+def test_stripped_normalizations_convert(norm, tmp_path, rng):
+    """The layers stripping puts in place of a channel normalization (statistics that still count removed
+    channels) run the same in ONNX and OpenVINO."""
+    import tfcompress
+
+    inp = keras.Input((6, 6, 3), name="image")
+    x = L.Conv2D(12, 3, padding="same", name="stem")(inp)
+    x = {"group": L.GroupNormalization(groups=4), "layer": L.LayerNormalization(),
+         "rms": L.RMSNormalization(), "unit": L.UnitNormalization()}[norm](x)
+    model = keras.Model(inp, L.GlobalAveragePooling2D()(L.Conv2D(4, 1)(x)))
+    randomize_biases(model, rng)
+    stem = next(g for g in tfcompress.channel_groups(model) if g.layers == ("stem",))
+    tfcompress.zero_channels(model, stem, [0, 5, 6, 11])
+    stripped = tfcompress.strip(model)
+    assert stripped.get_layer("stem").filters == 8 and type(stripped.layers[2]).__name__.startswith("Partial")
+    x = _export(stripped, tmp_path / "src", rng)
+    _check_conversions(stripped, tmp_path, x)
+
+
 class _NarrowFakeQuant(L.Layer):
     """An activation fake-quant on the symmetric narrow grid, which tf2onnx 1.17 refuses to convert."""
 

@@ -23,7 +23,7 @@ from tfcompress.graph.engine import ChannelGraph, ChannelGroup, Op, Rule
 from tfcompress.graph.keras_kinds import (
     ChannelParam, KindFactory, LayerCall, LayerKind, activation_op, table_kind,
 )
-from tfcompress.graph.keras_layers import PartialLayerNormalization
+from tfcompress.graph.keras_layers import PARTIAL_NORMALIZATIONS
 
 __all__ = [
     "ChannelParam", "KerasGraph", "LayerKind", "LayerRule", "UnsupportedModelError", "build_graph",
@@ -198,11 +198,25 @@ def _batchnorm(layer, base, ins, out):
     return kinds.BatchNorm if _channel_axis(layer, len(out)) and not _overrides_call(layer, base) else kinds.BLOCKER
 
 
+def _over_channels(layer, base, out) -> bool:
+    """A normalization of Keras's own (or its stripped form) whose statistics are over the channel axis."""
+    plain = isinstance(layer, PARTIAL_NORMALIZATIONS) or not _overrides_call(layer, base)
+    return plain and _channel_axis(layer, len(out))
+
+
 def _layernorm(layer, base, ins, out):
-    # without gamma a removed input channel still comes out as (0 - mean) / std, which varies: never removable
-    plain = layer.scale and not getattr(layer, "rms_scaling", False) and (
-        isinstance(layer, PartialLayerNormalization) or not _overrides_call(layer, base))
-    return kinds.LayerNorm if plain and _channel_axis(layer, len(out)) else kinds.BLOCKER
+    # without gamma a removed input channel still comes out as (0 - mean) / std, which varies: never removable;
+    # rms_scaling's statistic is not the same in every Keras 3 release: left alone
+    plain = layer.scale and not getattr(layer, "rms_scaling", False)
+    return kinds.LayerNorm if plain and _over_channels(layer, base, out) else kinds.BLOCKER
+
+
+def _groupnorm(layer, base, ins, out):
+    return kinds.GroupNorm if layer.scale and _over_channels(layer, base, out) else kinds.BLOCKER
+
+
+def _rms_scaled(layer, base, ins, out):
+    return kinds.RMSScaled if _over_channels(layer, base, out) else kinds.BLOCKER
 
 
 def _activation(layer, base, ins, out):
@@ -248,6 +262,8 @@ KERAS_LAYERS: list[tuple[tuple[type, ...], LayerRuleFn]] = [
     ((_L.Dense,), _dense),
     ((_L.BatchNormalization,), _batchnorm),
     ((_L.LayerNormalization,), _layernorm),
+    ((_L.GroupNormalization,), _groupnorm),
+    ((_L.RMSNormalization, _L.UnitNormalization), _rms_scaled),
     ((_L.ZeroPadding1D, _L.ZeroPadding2D, _L.ZeroPadding3D), _plain(table_kind("zero_pad"))),
     (_ELEMENTWISE, _plain(kinds.PASS)),
     ((_L.Activation,), _activation),

@@ -18,7 +18,8 @@ import numpy as np
 from tfcompress.graph import ops
 from tfcompress.graph.custom_layers import registered_rule
 from tfcompress.graph.engine import Rule
-from tfcompress.graph.keras_layers import PartialLayerNormalization
+from tfcompress.graph.keras_layers import (PartialGroupNormalization, PartialLayerNormalization,
+                                           PartialRMSNormalization, PartialUnitNormalization)
 
 def to_numpy(x: Any) -> np.ndarray:
     if hasattr(x, "numpy"):  # variables and eager tensors
@@ -377,23 +378,79 @@ class GroupedDepthwise(Depthwise):
         return [ops.take_channels(to_numpy(self.layer.kernel), out_keep, -1)] + self._kept_bias(out_keep)
 
 
-class LayerNorm(Normalization):
-    """LayerNormalization over the channel axis: statistics over all channels, then a per-channel affine.
+class _ChannelStatistics(LayerKind):
+    """A normalization whose statistics are over the channel axis: its inputs are read as a whole, so a removed
+    input channel must be a known constant, which the stripped layer (:attr:`partial`, one of
+    :mod:`tfcompress.graph.keras_layers`) keeps in its statistics as ``removed_values``."""
 
-    Its inputs are read as a whole (a removed channel must be a known constant, which the stripped layer
-    keeps in its statistics: :class:`PartialLayerNormalization`); an output channel whose gamma is zero is
-    the constant beta.
-    """
-
-    op = "layernorm"
     reads_all_channels = True
+    partial: type = PartialLayerNormalization
 
     def rebuilt_class(self):
-        return PartialLayerNormalization
+        return self.partial
+
+    def removed_values(self, in_keeps, folds) -> list[float]:
+        """The removed input channels' constants, after those an earlier stripping removed."""
+        return list(getattr(self.layer, "removed_values", [])) + [float(v) for v in folds[0][~in_keeps[0]]]
 
     def config(self, in_keeps, out_keep, folds):
-        removed = list(getattr(self.layer, "removed_values", [])) + [float(v) for v in folds[0][~in_keeps[0]]]
-        return {**self.layer.get_config(), "removed_values": removed}
+        return {**self.layer.get_config(), "removed_values": self.removed_values(in_keeps, folds)}
+
+
+class LayerNorm(_ChannelStatistics, Normalization):
+    """LayerNormalization over the channel axis: statistics over all channels, then a per-channel affine; an
+    output channel whose gamma is zero is the constant beta."""
+
+    op = "layernorm"
+
+
+class RMSScaled(_ChannelStatistics):
+    """``x * rsqrt(statistic of the squares over the channels) * scale`` (RMSNormalization, and
+    UnitNormalization with no scale): an output channel is 0 where its input or its scale is 0."""
+
+    op = "rms_norm"
+    has_channel_params = True
+
+    def _scale(self):
+        return getattr(self.layer, "scale", None) if isinstance(self.layer, keras.layers.RMSNormalization) else None
+
+    def params(self):
+        scale = self._scale()
+        return {"gamma": np.ones(self.call.out_width) if scale is None else to_numpy(scale)}
+
+    def output_params(self):
+        scale = self._scale()
+        return [] if scale is None else [ChannelParam(scale, 0)]
+
+    def weights(self, in_keeps, out_keep, folds):
+        return [ops.take_channels(to_numpy(w), out_keep, 0) for w in self.layer.weights]
+
+    def rebuilt_class(self):
+        if isinstance(self.layer, keras.layers.RMSNormalization):
+            return PartialRMSNormalization
+        return PartialUnitNormalization
+
+
+class GroupNorm(LayerNorm):
+    """GroupNormalization over the channel axis: statistics per group of channels (and over positions), then
+    a per-channel affine. Stripped, groups may hold different numbers of channels
+    (:class:`PartialGroupNormalization`)."""
+
+    partial = PartialGroupNormalization
+
+    def _channel_groups(self) -> np.ndarray:
+        if isinstance(self.layer, PartialGroupNormalization):
+            return np.asarray(self.layer.channel_groups, int)
+        n, groups = self.call.out_width, int(self.layer.groups)
+        groups = n if groups == -1 else groups
+        return np.arange(n) // (n // groups)
+
+    def config(self, in_keeps, out_keep, folds):
+        member, keep, fold = self._channel_groups(), in_keeps[0], folds[0]
+        earlier = getattr(self.layer, "removed_values", None) or [[] for _ in range(member.max() + 1)]
+        removed = [list(v) + [float(c) for c in fold[~keep & (member == g)]] for g, v in enumerate(earlier)]
+        return {**self.layer.get_config(), "channel_groups": [int(g) for g in member[keep]],
+                "removed_values": removed}
 
 
 class Flatten(LayerKind):

@@ -82,6 +82,11 @@ def _layernorm(cs: Consts, gamma, beta) -> np.ndarray:
     return np.where(gamma == 0, beta, np.nan)
 
 
+def _rms_norm(cs: Consts, gamma) -> np.ndarray:
+    """``x * rsqrt(statistic over all channels) * gamma``: 0 where the input or gamma is 0, else unknown."""
+    return np.where((gamma == 0) | (cs[0] == 0), 0.0, np.nan)
+
+
 def _producer(cs: Consts, kernel, bias) -> np.ndarray:
     """``kernel`` as (..., in, out): an all-zero column gives the bias, whatever the input."""
     return producer_consts(kernel) + bias
@@ -236,6 +241,7 @@ OPS: dict[str, OpSemantics] = {
     "depthwise": OpSemantics(_depthwise, _depthwise_macs, rule=Rule.DEPTHWISE),
     "batchnorm": OpSemantics(_batchnorm),
     "layernorm": OpSemantics(_layernorm, folds=lambda **_: True),
+    "rms_norm": OpSemantics(_rms_norm, folds=lambda **_: True),
     "add": OpSemantics(lambda cs: np.sum(cs, axis=0)),
     "sub": OpSemantics(lambda cs: cs[0] - cs[1]),
     "mul": OpSemantics(_product),
