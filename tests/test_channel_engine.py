@@ -257,6 +257,31 @@ def test_unknown_or_mixing_layers_block_the_group(blocker):
     assert ("free",) in names and ("blocked",) not in names
 
 
+@pytest.mark.parametrize("layer", [
+    lambda: L.Permute((2, 1, 3)),  # swaps height and width, channels stay last
+    lambda: L.Resizing(9, 7, interpolation="bilinear"),
+    lambda: L.Resizing(5, 5, interpolation="bicubic", crop_to_aspect_ratio=True),
+    lambda: L.Resizing(8, 4, pad_to_aspect_ratio=True),  # pads with 0: a zero channel stays zero
+])
+def test_layers_that_move_positions_but_not_channels_pass_them(layer, rng):
+    inp = keras.Input((6, 6, 3))
+    a = L.Conv2D(8, 3, padding="same", name="a")(inp)
+    b = L.Conv2D(5, 3, padding="same", name="b")(layer()(a))
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(b)))
+    randomize_biases(model, rng)
+    assert ("a",) in _groups_by_layer(model)
+    stripped = _zero_and_strip(model, rng, _x(rng, (3, 6, 6, 3)))
+    assert _width(stripped, "a") == 6
+
+
+def test_resizing_that_pads_with_another_value_blocks(rng):
+    inp = keras.Input((6, 6, 3))
+    a = L.Conv2D(8, 3, padding="same", name="a")(inp)
+    b = L.Conv2D(5, 3, name="b")(L.Resizing(8, 4, pad_to_aspect_ratio=True, fill_value=1.0)(a))
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(b)))
+    assert ("a",) not in _groups_by_layer(model)
+
+
 def test_custom_layer_blocks_and_is_kept_by_strip(rng):
     class Scale(L.Layer):
         def call(self, x):

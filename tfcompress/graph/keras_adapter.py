@@ -253,6 +253,21 @@ def _reshape(layer, base, ins, out):
     return kinds.Reshape if _keeps_channel_axis(ins[0], out) else kinds.BLOCKER
 
 
+def _permute(layer, base, ins, out):
+    # a permutation of the other axes only (Permute's dims count from 1, after the batch axis)
+    keeps = tuple(layer.dims)[-1] == len(out) - 1
+    return kinds.PASS if keeps and not _overrides_call(layer, base) else kinds.BLOCKER
+
+
+def _resizing(layer, base, ins, out):
+    # interpolation weights sum to 1: a constant channel stays that constant, unless padding adds another value
+    if not _channels_last(layer) or _overrides_call(layer, base):
+        return kinds.BLOCKER
+    if not layer.pad_to_aspect_ratio:
+        return kinds.PASS
+    return table_kind("zero_pad") if layer.fill_value == 0 else kinds.BLOCKER
+
+
 # Keras layer classes -> their rule; a subclass without an entry of its own matches its nearest base's.
 KERAS_LAYERS: list[tuple[tuple[type, ...], LayerRuleFn]] = [
     ((_L.SeparableConv1D, _L.SeparableConv2D), _plain(kinds.SeparableConv)),
@@ -277,6 +292,8 @@ KERAS_LAYERS: list[tuple[tuple[type, ...], LayerRuleFn]] = [
     ((_L.Concatenate,), _concatenate),
     ((_L.Flatten,), _flatten),
     ((_L.Reshape,), _reshape),
+    ((_L.Permute,), _permute),
+    ((_L.Resizing,), _resizing),
 ]
 
 
