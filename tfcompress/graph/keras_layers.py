@@ -41,8 +41,19 @@ def _moments(x, removed: list[float]):
     return mean, (sq + float(np.square(r).sum()) - 2.0 * mean * float(r.sum()) + r.size * mean * mean) / n
 
 
+class _RemovedChannels:
+    """A normalization with ``removed_values`` in its config: the constants of its removed input channels."""
+
+    def __init__(self, removed_values: Sequence[float] = (), **kwargs):
+        super().__init__(**kwargs)
+        self.removed_values = _floats(removed_values)
+
+    def get_config(self):
+        return {**super().get_config(), "removed_values": list(self.removed_values)}
+
+
 @keras.saving.register_keras_serializable(package="tfcompress")
-class PartialLayerNormalization(keras.layers.LayerNormalization):
+class PartialLayerNormalization(_RemovedChannels, keras.layers.LayerNormalization):
     """LayerNormalization over the channel axis of a tensor from which constant channels were removed: the
     kept channels are normalised with the mean and variance of the original vector, kept channels plus
     ``removed_values``.
@@ -51,10 +62,6 @@ class PartialLayerNormalization(keras.layers.LayerNormalization):
         removed_values: the constant values of the removed input channels.
         **kwargs: as for ``keras.layers.LayerNormalization`` (``axis`` must be -1, no ``rms_scaling``).
     """
-
-    def __init__(self, removed_values: Sequence[float] = (), **kwargs):
-        super().__init__(**kwargs)
-        self.removed_values = _floats(removed_values)
 
     def call(self, inputs):
         x = _upcast(inputs)
@@ -66,12 +73,9 @@ class PartialLayerNormalization(keras.layers.LayerNormalization):
             out = out + _weight(self.beta, x)
         return ops.cast(out, self.compute_dtype)
 
-    def get_config(self):
-        return {**super().get_config(), "removed_values": list(self.removed_values)}
-
 
 @keras.saving.register_keras_serializable(package="tfcompress")
-class PartialRMSNormalization(keras.layers.RMSNormalization):
+class PartialRMSNormalization(_RemovedChannels, keras.layers.RMSNormalization):
     """RMSNormalization over the channel axis whose mean of squares still counts the removed constant
     channels ``removed_values``.
 
@@ -80,10 +84,6 @@ class PartialRMSNormalization(keras.layers.RMSNormalization):
         **kwargs: as for ``keras.layers.RMSNormalization`` (``axis`` must be -1).
     """
 
-    def __init__(self, removed_values: Sequence[float] = (), **kwargs):
-        super().__init__(**kwargs)
-        self.removed_values = _floats(removed_values)
-
     def call(self, x):
         x = _upcast(x)
         r = np.asarray(self.removed_values, np.float64)
@@ -91,12 +91,9 @@ class PartialRMSNormalization(keras.layers.RMSNormalization):
         mean_sq = (ops.sum(ops.square(x), axis=-1, keepdims=True) + float(np.square(r).sum())) / n
         return ops.cast(x * ops.rsqrt(mean_sq + self.epsilon) * _weight(self.scale, x), self.compute_dtype)
 
-    def get_config(self):
-        return {**super().get_config(), "removed_values": list(self.removed_values)}
-
 
 @keras.saving.register_keras_serializable(package="tfcompress")
-class PartialUnitNormalization(keras.layers.UnitNormalization):
+class PartialUnitNormalization(_RemovedChannels, keras.layers.UnitNormalization):
     """UnitNormalization (L2 over the channel axis) whose norm still counts the removed constant channels
     ``removed_values``.
 
@@ -105,17 +102,10 @@ class PartialUnitNormalization(keras.layers.UnitNormalization):
         **kwargs: as for ``keras.layers.UnitNormalization`` (``axis`` must be -1).
     """
 
-    def __init__(self, removed_values: Sequence[float] = (), **kwargs):
-        super().__init__(**kwargs)
-        self.removed_values = _floats(removed_values)
-
     def call(self, inputs):
         x = _upcast(inputs)
         square_sum = ops.sum(ops.square(x), axis=-1, keepdims=True) + float(np.square(self.removed_values).sum())
         return ops.cast(x * ops.minimum(ops.rsqrt(square_sum), 1e12), self.compute_dtype)  # Keras's epsilon
-
-    def get_config(self):
-        return {**super().get_config(), "removed_values": list(self.removed_values)}
 
 
 @keras.saving.register_keras_serializable(package="tfcompress")
