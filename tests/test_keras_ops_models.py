@@ -54,7 +54,7 @@ def test_ops_nodes_join_and_pass_channels():
 @pytest.mark.parametrize("blocker", [
     lambda t: ops.softmax(t, axis=-1),  # mixes channels
     lambda t: t[..., :4] * 2.0,  # slices channels
-    lambda t: t + ops.ones((8,)),  # a constant array that varies over channels
+    lambda t: t + ops.ones((6, 6, 8)),  # a constant array that varies over positions
     lambda t: t * ops.mean(t, axis=-1, keepdims=True),  # broadcast over the channel axis
     lambda t: ops.transpose(t, (0, 3, 1, 2)),
 ])
@@ -83,6 +83,29 @@ def test_strip_ops_model_is_exact_smaller_and_round_trips(rng, tmp_path):
     stripped.save(tmp_path / "s.keras")
     loaded = keras.saving.load_model(tmp_path / "s.keras")
     np.testing.assert_array_equal(loaded(x), stripped(x))
+
+
+@pytest.mark.parametrize("per_channel", [
+    lambda t, v: t * v,  # a per-channel scale as a numpy vector
+    lambda t, v: ops.add(t, ops.convert_to_tensor(v.reshape(1, 1, 1, -1))),  # a backend tensor, broadcast shape
+    lambda t, v: ops.subtract(v, t),
+])
+def test_per_channel_constants_pass_channels_and_are_sliced(per_channel, rng, tmp_path):
+    """Arithmetic with a constant holding one value per channel is per-channel: stripping slices the constant
+    (an added constant makes a zeroed channel a constant that the next convolution folds)."""
+    inp = keras.Input((6, 6, 3))
+    a = L.Conv2D(8, 3, padding="same", name="a")(inp)
+    y = per_channel(a, rng.uniform(0.5, 1.5, 8).astype("float32"))
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(4, 1, name="b")(y))))
+    randomize_biases(model, rng)
+    (group,) = [g for g in tfcompress.channel_groups(model) if g.layers == ("a",)]
+    tfcompress.zero_channels(model, group, [1, 4, 5])
+    x = rng.normal(size=(3, 6, 6, 3)).astype("float32")
+    stripped = tfcompress.strip(model)
+    assert rel_error(stripped(x), model(x)) < TOL
+    assert stripped.get_layer("a").filters == 5 and stripped.get_layer("b").kernel.shape[2] == 5
+    stripped.save(tmp_path / "s.keras")
+    np.testing.assert_array_equal(keras.saving.load_model(tmp_path / "s.keras")(x), stripped(x))
 
 
 def test_reshape_op_follows_the_kept_channel_count(rng):

@@ -73,12 +73,13 @@ def _is_scalar(v: Any) -> bool:
 
 
 def _op_pointwise(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> KindFactory:
-    """Elementwise with one tensor (the rest scalars), a join of several tensors of the output's channels."""
+    """Elementwise with one tensor (the rest scalars or per-channel constants), a join of several tensors of
+    the output's channels."""
     operands = [v for v in keras.tree.flatten(node.arguments.args)
                 if kinds.is_operand(v) and not isinstance(v, keras.KerasTensor)]
-    if not all(_is_scalar(v) for v in operands):
-        return kinds.BLOCKER  # a constant array may vary over channels
     rank = len(out_shape)
+    if not all(_is_scalar(v) or kinds.per_channel(v, out_shape[-1]) and np.ndim(v) <= rank for v in operands):
+        return kinds.BLOCKER  # a constant array that varies over positions
     if any(len(s) != rank or s[-1] != out_shape[-1] for s in in_shapes):
         return kinds.BLOCKER  # broadcasting over the channel axis
     return lambda call: kinds.OpPointwise(call, _POINTWISE_OPS[type(op).__name__])

@@ -165,6 +165,11 @@ class LayerKind(ops.TableOp):
     def needs_bias(self, folds: list[np.ndarray]) -> bool:
         return False
 
+    def arguments(self, args: tuple, kwargs: dict, out_keep: np.ndarray) -> tuple[tuple, dict]:
+        """The call's arguments (with the new input tensors filled in) for the rebuilt call whose output keeps
+        the channels ``out_keep``: as they are, unless the call itself holds per-channel constants."""
+        return args, kwargs
+
 
 KindFactory = Callable[[LayerCall], LayerKind]
 
@@ -519,9 +524,10 @@ def run_on_consts(call: LayerCall, in_consts: list[np.ndarray]) -> np.ndarray:
 
 
 class OpPointwise(LayerKind):
-    """A ``keras.ops`` function applied position by position (``x + y``, ``3.0 - x``, ``relu6``, ``gelu``...):
-    its operands are the inputs' per-channel constants and its scalar arguments, in call order; its
-    parameters are its config."""
+    """A ``keras.ops`` function applied position by position (``x + y``, ``3.0 - x``, ``x * scales``,
+    ``relu6``, ``gelu``...): its operands are the inputs' per-channel constants and its constant arguments
+    (scalars, or arrays over the channels: stripping slices those), in call order; its parameters are its
+    config."""
 
     def params(self):
         return {k: v for k, v in self.layer.get_config().items() if k not in ("name", "dtype")}
@@ -529,13 +535,28 @@ class OpPointwise(LayerKind):
     def const_out(self, in_consts):
         node, width = self.call.node, self.call.out_width
         consts = {id(t): c for t, c in zip(node.input_tensors, in_consts)}
-        operands = [consts[id(v)] if isinstance(v, keras.KerasTensor) else np.full(width, float(np.ravel(v)[0]))
+        operands = [consts[id(v)] if isinstance(v, keras.KerasTensor) else np.broadcast_to(
+                        np.ravel(np.asarray(v, np.float64)), (width,))
                     for v in keras.tree.flatten(node.arguments.args) if is_operand(v)]
         return [ops.const_out(self.op, operands, **self.params())]
+
+    def arguments(self, args, kwargs, out_keep):
+        width = self.call.out_width
+
+        def sliced(v):
+            if isinstance(v, keras.KerasTensor) or not is_operand(v) or not per_channel(v, width):
+                return v
+            return ops.take_channels(np.asarray(v), out_keep, -1)
+        return keras.tree.map_structure(sliced, args), kwargs
 
 
 def is_operand(v: Any) -> bool:
     return v is not None and not isinstance(v, str | bool)
+
+
+def per_channel(v: Any, width: int) -> bool:
+    """A constant array with one value per channel (shape ``(width,)``, ``(1, 1, width)``...)."""
+    return width > 1 and np.ndim(v) >= 1 and np.shape(v)[-1] == width and np.size(v) == width
 
 
 class OpReshape(LayerKind):

@@ -51,7 +51,12 @@ def _rebuild(kg: KerasGraph, removed: dict[int, np.ndarray], consts: dict[int, n
             return new, None
         return new, rec.kind.weights(in_keeps, out_keep, folds) if changed else rec.kind.current_weights()
 
-    return rebuild(kg, make_layer)
+    def rewrite_args(rec, args, kwargs):
+        if len(rec.op.outputs) != 1:
+            return args, kwargs
+        return rec.kind.arguments(args, kwargs, graph.keep_mask(rec.op.outputs[0], removed))
+
+    return rebuild(kg, make_layer, rewrite_args)
 
 
 def _new_layer(layer, path, kind, in_keeps, out_keep, folds, changed) -> keras.layers.Layer:
