@@ -282,6 +282,40 @@ def test_resizing_that_pads_with_another_value_blocks(rng):
     assert ("a",) not in _groups_by_layer(model)
 
 
+def _tcn(rng):
+    """A temporal convolutional network: dilated causal Conv1D blocks with residual adds."""
+    inp = keras.Input((40, 6))
+    x = L.Conv1D(16, 1, name="stem")(inp)
+    for i, d in enumerate([1, 2, 4]):
+        h = L.Conv1D(16, 3, padding="causal", dilation_rate=d, activation="relu", name=f"c{i}a")(x)
+        x = L.Add()([x, L.Conv1D(16, 3, padding="causal", dilation_rate=d, name=f"c{i}b")(h)])
+    model = keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling1D()(x)))
+    randomize_biases(model, rng)
+    return model
+
+
+def test_causal_convolutions_are_pruned_like_any_convolution(rng):
+    model = _tcn(rng)
+    assert set(_groups_by_layer(model)) == {("stem", "c0b", "c1b", "c2b"), ("c0a",), ("c1a",), ("c2a",)}
+    stripped = _zero_and_strip(model, rng, _x(rng, (3, 40, 6)))
+    assert {_width(stripped, n) for n in ("stem", "c0a", "c1a", "c2a")} == {12}
+
+
+def test_causal_convolution_keeps_a_constant_input_channel_its_padding_would_change(rng):
+    """Causal padding puts zeros before the sequence: a constant input channel is not the same constant in
+    every window of a causal convolution, so it cannot be folded into the bias and stays."""
+    model = _tcn(rng)
+    c0a = model.get_layer("c0a")
+    kernel, bias = (w.numpy() for w in c0a.weights)
+    kernel[..., 5] = 0.0
+    bias[5] = 0.8  # relu(0.8): channel 5 of c0a's output is the constant 0.8, read by causal c0b
+    c0a.set_weights([kernel, bias])
+    x = _x(rng, (3, 40, 6))
+    stripped = tfcompress.strip(model)
+    assert rel_error(stripped(x), model(x)) < TOL
+    assert _width(stripped, "c0a") == 16
+
+
 def test_custom_layer_blocks_and_is_kept_by_strip(rng):
     class Scale(L.Layer):
         def call(self, x):

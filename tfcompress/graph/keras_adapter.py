@@ -183,7 +183,7 @@ def _op(op: str, read: Callable[[Any], dict] = lambda layer: {}) -> LayerRuleFn:
 
 
 def _conv(layer, base, ins, out):
-    if not _channels_last(layer) or _overrides_call(layer, base) or layer.padding == "causal":
+    if not _channels_last(layer) or _overrides_call(layer, base):
         return kinds.BLOCKER
     return kinds.GroupedDepthwise if layer.groups > 1 and layer.groups == ins[0][-1] else kinds.Producer
 
