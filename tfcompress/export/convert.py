@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from tfcompress.graph.frozen_graph import calls_functions, inline_function_calls
+from tfcompress.graph.frozen_graph import calls_functions, inline_function_calls, keep_library_functions_in_use
 from tfcompress.output_dir import STAGING_PREFIX, staged_file
 from tfcompress.stripping.savedmodel_strip import (
     ExportError, FrozenSignature, check_outputs, freeze_saved_model, run_frozen, sample_inputs,
@@ -118,11 +118,13 @@ def prepare_for_tf2onnx(graph_def):
     """
     if calls_functions(graph_def):
         out = inline_function_calls(graph_def)
-        del out.library.function[:]
     else:  # a frozen signature is inlined already (freezing folds it, :func:`fold_constants`): copy its nodes
         out = type(graph_def)()
         out.versions.CopyFrom(graph_def.versions)
         out.node.extend(graph_def.node)
+        out.library.CopyFrom(graph_def.library)
+    # what is left of the library is the bodies of control flow (an RNN's While loop), which tf2onnx converts
+    keep_library_functions_in_use(out)
     for op, rewrite in _REWRITES.items():
         for node in list(out.node):
             if node.op == op:
@@ -320,7 +322,10 @@ def _read_onnx(onnx_path: str):
     try:
         return ov.convert_model(onnx_path)
     except Exception as e:
-        raise ExportError(f"OpenVINO could not read ONNX file {onnx_path!r}: {str(e).splitlines()[0]}") from None
+        lines = str(e).splitlines()
+        failed = [ln.split("Conversion is failed for:", 1)[1].strip() for ln in lines if "Conversion is failed for:" in ln]
+        why = f"it cannot convert {', '.join(failed)}" if failed else (lines[0] if lines else type(e).__name__)
+        raise ExportError(f"OpenVINO's ONNX reader cannot read what tf2onnx wrote: {why}") from None
 
 
 def restore_weight_quantization(model) -> int:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.framework import attr_value_pb2, node_def_pb2
+from tensorflow.core.framework import attr_value_pb2, node_def_pb2, types_pb2
+from tensorflow.python.framework import op_def_registry
 from tensorflow.python.framework.function_def_to_graph import function_def_to_graph_def
 
 from tfcompress.errors import ExportError
 
-__all__ = ["FAKE_QUANT_OPS", "calls_functions", "const_node", "fold_constants", "inline_function_calls", "node_name",
-           "prune_unused", "tensor_name", "topological_order"]
+__all__ = ["FAKE_QUANT_OPS", "calls_functions", "const_node", "fold_constants", "has_cycle", "inline_function_calls",
+           "keep_library_functions_in_use", "node_name", "prune_unused", "tensor_name", "topological_order"]
 
 FAKE_QUANT_OPS = {"FakeQuantWithMinMaxVars", "FakeQuantWithMinMaxVarsPerChannel", "FakeQuantWithMinMaxArgs"}
 _STATEFUL_OR_INPUT = {"Placeholder", "PlaceholderWithDefault", "VarHandleOp", "ReadVariableOp", "NoOp"}
@@ -47,6 +48,35 @@ def calls_functions(graph_def: tf.compat.v1.GraphDef) -> bool:
     library): whether :func:`inline_function_calls` has work."""
     functions = {f.signature.name for f in graph_def.library.function}
     return any(_called_function(n, functions) is not None for n in graph_def.node)
+
+
+def _referenced_functions(nodes) -> set[str]:
+    """The functions named by the nodes' attributes (a While loop's ``body`` and ``cond``, an If's branches)."""
+    names = set()
+    for n in nodes:
+        for a in n.attr.values():
+            if a.HasField("func"):
+                names.add(a.func.name)
+            elif a.HasField("list"):
+                names.update(f.name for f in a.list.func)
+    return names
+
+
+def keep_library_functions_in_use(graph_def: tf.compat.v1.GraphDef) -> None:
+    """Drop from ``graph_def``'s library every function that no node, nor a function in use, refers to."""
+    functions = {f.signature.name: f for f in graph_def.library.function}
+    used: set[str] = set()
+    todo = _referenced_functions(graph_def.node)
+    while todo:
+        name = todo.pop()
+        if name not in used and name in functions:
+            used.add(name)
+            todo |= _referenced_functions(functions[name].node_def)
+    keep = [f for f in graph_def.library.function if f.signature.name in used]
+    gradients = [g for g in graph_def.library.gradient if g.function_name in used]
+    del graph_def.library.function[:], graph_def.library.gradient[:]
+    graph_def.library.function.extend(keep)
+    graph_def.library.gradient.extend(gradients)
 
 
 def _called_function(node: node_def_pb2.NodeDef, functions: dict) -> str | None:
@@ -123,6 +153,13 @@ def _inlined(call: node_def_pb2.NodeDef, fdef, taken: set[str]) -> list[node_def
     return nodes + [join]
 
 
+def _makes_handles(op: str) -> bool:
+    """An op with a variant or resource output (an RNN loop's TensorList): no constant can hold its value."""
+    op_def = op_def_registry.get(op)
+    return op_def is not None and any(a.type in (types_pb2.DT_VARIANT, types_pb2.DT_RESOURCE)
+                                      for a in op_def.output_arg)
+
+
 def fold_constants(graph_def: tf.compat.v1.GraphDef, outputs: list[str]) -> tf.compat.v1.GraphDef:
     """Evaluate every subgraph that does not depend on an input into a ``Const``; drop unused nodes.
 
@@ -139,7 +176,8 @@ def fold_constants(graph_def: tf.compat.v1.GraphDef, outputs: list[str]) -> tf.c
         n = nodes[name]
         if n.op == "Const":
             foldable.add(name)
-        elif n.op not in _STATEFUL_OR_INPUT and n.op not in FAKE_QUANT_OPS and not n.op.startswith("Stateful"):
+        elif (n.op not in _STATEFUL_OR_INPUT and n.op not in FAKE_QUANT_OPS and not n.op.startswith("Stateful")
+              and not _makes_handles(n.op)):
             data = [i for i in n.input if not i.startswith("^")]
             if data and all(node_name(i) in foldable for i in data):
                 foldable.add(name)
@@ -256,6 +294,15 @@ def node_name(t: str) -> str:
 def tensor_name(t: str) -> str:
     """A tensor name with its output index (``"a"`` -> ``"a:0"``)."""
     return t if ":" in t else t + ":0"
+
+
+def has_cycle(graph_def: tf.compat.v1.GraphDef) -> bool:
+    """Whether the graph holds lowered control flow (a loop's back edge)."""
+    try:
+        topological_order(graph_def)
+    except ValueError:
+        return True
+    return False
 
 
 def topological_order(graph_def: tf.compat.v1.GraphDef) -> list[str]:

@@ -19,7 +19,7 @@ from tensorflow.python.framework.convert_to_constants import convert_variables_t
 from tfcompress.errors import ExportError
 from tfcompress.graph.engine import Rule
 from tfcompress.graph.flops import FlopsCounter
-from tfcompress.graph.frozen_graph import fold_constants
+from tfcompress.graph.frozen_graph import fold_constants, has_cycle
 from tfcompress.graph.graphdef_adapter import GraphDefGraph
 from tfcompress.output_dir import check_output_dir, staged_output
 from tfcompress.saved_model_dir import check_saved_model_dir
@@ -103,6 +103,10 @@ def _freeze_v2(loaded, src_dir: str, key: str):
     fn = sigs[key]
     specs = dict(fn.structured_input_signature[1])
     frozen = convert_variables_to_constants_v2(fn)
+    if has_cycle(frozen.graph.as_graph_def()):
+        # lowered control flow (an RNN's loop) is a cycle of Enter/Merge/NextIteration nodes; kept functional,
+        # the loop is one While node whose body is a library function
+        frozen = convert_variables_to_constants_v2(fn, lower_control_flow=False)
     # the frozen function's inputs are its placeholders and its outputs the flattened structured outputs,
     # both in tf.nest order (dict keys sorted)
     inputs = dict(zip(sorted(specs), [t.name for t in frozen.inputs]))
