@@ -316,6 +316,57 @@ def test_causal_convolution_keeps_a_constant_input_channel_its_padding_would_cha
     assert _width(stripped, "c0a") == 16
 
 
+def _into_recurrent(rnn, rng):
+    inp = keras.Input((20, 4))
+    x = L.Conv1D(8, 3, padding="causal", activation="relu", name="c1")(inp)
+    model = keras.Model(inp, L.Dense(3, name="head")(rnn()(L.BatchNormalization(name="bn")(x))))
+    randomize_biases(model, rng)
+    return model
+
+
+@pytest.mark.parametrize("rnn", [
+    lambda: L.LSTM(6, name="rnn"),
+    lambda: L.GRU(6, name="rnn"),
+    lambda: L.GRU(6, reset_after=False, name="rnn"),
+    lambda: L.SimpleRNN(5, name="rnn"),
+    lambda: L.Bidirectional(L.LSTM(4), name="rnn"),
+    lambda: L.Bidirectional(L.GRU(4), merge_mode="sum", name="rnn"),
+])
+def test_recurrent_layers_read_channels_through_kernel_rows(rnn, rng, tmp_path):
+    """An LSTM/GRU/SimpleRNN reads its input channels like a Dense layer at every time step: the layer before
+    it can be pruned (the kernel rows go), while its units, which feed each other, never are."""
+    model = _into_recurrent(rnn, rng)
+    reasons = {g.layers: g.reason for g in tfcompress.explain(model)}
+    assert reasons[("c1",)] == "" and "feed each other" in reasons[("rnn",)]
+    x = _x(rng, (3, 20, 4))
+    stripped = _zero_and_strip(model, rng, x)
+    assert _width(stripped, "c1") == 6
+    stripped.save(tmp_path / "m.keras")
+    np.testing.assert_array_equal(keras.saving.load_model(tmp_path / "m.keras")(x), stripped(x))
+
+
+def test_recurrent_layer_macs_shrink_with_its_input(rng):
+    model = _into_recurrent(lambda: L.LSTM(6, name="rnn"), rng)
+    # per example: c1 20 x 3 x 4 x 8; the LSTM 20 steps x (8 inputs + 6 units) x 4 gates x 6; the head 6 x 3
+    assert tfcompress.count_flops(model) == 2 * (20 * 3 * 4 * 8 + 20 * (8 + 6) * 24 + 6 * 3)
+    stripped = _zero_and_strip(model, rng, _x(rng, (3, 20, 4)))
+    assert tfcompress.count_flops(stripped) == 2 * (20 * 3 * 4 * 6 + 20 * (6 + 6) * 24 + 6 * 3)
+
+
+def test_recurrent_layer_keeps_a_constant_input_channel(rng):
+    """A constant input channel adds to the gates at every step; it is not folded into the recurrent layer's
+    biases, so it stays (and the outputs with it)."""
+    model = _into_recurrent(lambda: L.LSTM(6, name="rnn"), rng)
+    c1 = model.get_layer("c1")
+    kernel, bias = (w.numpy() for w in c1.weights)
+    kernel[..., 2] = 0.0
+    bias[2] = 0.8
+    c1.set_weights([kernel, bias])
+    x = _x(rng, (3, 20, 4))
+    stripped = tfcompress.strip(model)
+    assert rel_error(stripped(x), model(x)) < TOL and _width(stripped, "c1") == 8
+
+
 def test_custom_layer_blocks_and_is_kept_by_strip(rng):
     class Scale(L.Layer):
         def call(self, x):

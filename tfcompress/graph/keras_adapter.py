@@ -269,6 +269,21 @@ def _resizing(layer, base, ins, out):
     return table_kind("zero_pad") if layer.fill_value == 0 else kinds.BLOCKER
 
 
+_RECURRENT = {_L.LSTM: _L.LSTMCell, _L.GRU: _L.GRUCell, _L.SimpleRNN: _L.SimpleRNNCell}
+
+
+def _plain_recurrent(layer) -> bool:
+    """A Keras LSTM/GRU/SimpleRNN with its own cell, reading (batch, time, channels) without a mask."""
+    base = next((b for b in _RECURRENT if isinstance(layer, b)), None)
+    return base is not None and not _overrides_call(layer, base) and type(layer.cell) is _RECURRENT[base]
+
+
+def _recurrent(layer, base, ins, out):
+    directions = [layer.forward_layer, layer.backward_layer] if isinstance(layer, _L.Bidirectional) else [layer]
+    plain = all(_plain_recurrent(d) for d in directions) and not _overrides_call(layer, base)
+    return kinds.Recurrent if plain and len(ins) == 1 and len(ins[0]) == 3 else kinds.BLOCKER
+
+
 # Keras layer classes -> their rule; a subclass without an entry of its own matches its nearest base's.
 KERAS_LAYERS: list[tuple[tuple[type, ...], LayerRuleFn]] = [
     ((_L.SeparableConv1D, _L.SeparableConv2D), _plain(kinds.SeparableConv)),
@@ -293,6 +308,7 @@ KERAS_LAYERS: list[tuple[tuple[type, ...], LayerRuleFn]] = [
     ((_L.Concatenate,), _concatenate),
     ((_L.Flatten,), _flatten),
     ((_L.Reshape,), _reshape),
+    ((_L.LSTM, _L.GRU, _L.SimpleRNN, _L.Bidirectional), _recurrent),
     ((_L.Permute,), _permute),
     ((_L.Resizing,), _resizing),
 ]

@@ -458,6 +458,48 @@ class GroupNorm(LayerNorm):
                 "removed_values": removed}
 
 
+class Recurrent(LayerKind):
+    """LSTM, GRU and SimpleRNN, alone or as a Bidirectional pair: at every time step the input channels are read
+    through the rows of a kernel (in, gates x units), so an input channel that is 0 can go with its rows. The
+    units feed each other through the recurrent kernel: they are never pruned."""
+
+    op = "recurrent"
+    has_channel_params = True
+
+    def _directions(self) -> list:
+        L = self.layer
+        return [L.forward_layer, L.backward_layer] if isinstance(L, keras.layers.Bidirectional) else [L]
+
+    @property
+    def mixes_outputs(self) -> str:
+        return f"the units of recurrent layer {self.layer.name!r} feed each other"
+
+    def params(self):
+        return width_params(self.call)
+
+    def strides(self) -> int:
+        return 1
+
+    def geometry(self):
+        kernels = [to_numpy(d.cell.kernel) for d in self._directions()]
+        units = [int(d.cell.units) for d in self._directions()]
+        return dict(in_positions=ops.positions(self.call.in_shapes[0]),
+                    kernel_columns=sum(k.shape[-1] for k in kernels),
+                    recurrent_macs=sum(u * k.shape[-1] for u, k in zip(units, kernels)))
+
+    def config(self, in_keeps, out_keep, folds):
+        cfg = self.layer.get_config()
+        for key in ("layer", "backward_layer"):  # a Bidirectional's directions: built again for the new input
+            if isinstance(cfg.get(key), dict):
+                cfg[key] = {k: v for k, v in cfg[key].items() if k != "build_config"}
+        return cfg
+
+    def weights(self, in_keeps, out_keep, folds):
+        kernels = {id(d.cell.kernel) for d in self._directions()}
+        return [ops.take_channels(to_numpy(w), in_keeps[0], 0) if id(w) in kernels else to_numpy(w)
+                for w in self.layer.weights]
+
+
 class Flatten(LayerKind):
     op = "flatten"
 

@@ -41,7 +41,8 @@ class OpSemantics:
 
     ``geometry`` is what an adapter knows of an op's shape, as keywords (each function reads the ones it needs):
     ``positions`` (output positions per example), ``in_positions``, ``window`` (kernel positions), ``groups``,
-    ``multiplier`` (depth multiplier) and ``valid_padding``.
+    ``multiplier`` (depth multiplier) and ``valid_padding``; a recurrent layer's ``kernel_columns`` and
+    ``recurrent_macs``.
     """
 
     consts: Callable[..., np.ndarray]
@@ -100,6 +101,13 @@ def _conv_macs(in_counts: list[int], out_count: int, positions: float, window: i
                **_) -> float:
     """Each output position of each output channel reads ``window`` x its group's input channels."""
     return float(positions * window * in_counts[0] * out_count / groups)
+
+
+def _recurrent_macs(in_counts: list[int], out_count: int, in_positions: float, kernel_columns: int,
+                    recurrent_macs: int, **_) -> float:
+    """Every time step reads the input channels through ``kernel_columns`` (gates x units, summed over the
+    directions) and the state through the recurrent kernels."""
+    return float(in_positions * (in_counts[0] * kernel_columns + recurrent_macs))
 
 
 def _depthwise_macs(in_counts: list[int], out_count: int, positions: float, window: int, **_) -> float:
@@ -237,6 +245,9 @@ OPS: dict[str, OpSemantics] = {
     "conv": OpSemantics(_producer, _conv_macs, _conv_folds, Rule.PRODUCER, into_bias=True),
     "dense": OpSemantics(_producer, _conv_macs, lambda **_: True, Rule.PRODUCER, into_bias=True),
     "conv_transpose": OpSemantics(_producer, _transposed_macs, rule=Rule.PRODUCER),
+    # LSTM/GRU/SimpleRNN: input channels are read like a Dense layer's (a zero one can go); its units are not
+    # followed (nothing is known of their values), and a constant input channel stays (no bias folding here)
+    "recurrent": OpSemantics(_unknown, _recurrent_macs, rule=Rule.PRODUCER),
     "separable_conv": OpSemantics(_producer, _separable_macs, rule=Rule.PRODUCER),
     "depthwise": OpSemantics(_depthwise, _depthwise_macs, rule=Rule.DEPTHWISE),
     "batchnorm": OpSemantics(_batchnorm),
