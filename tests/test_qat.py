@@ -148,6 +148,31 @@ def test_prune_then_qat_keeps_pruned_channels_zero_and_strips(rng, tmp_path):
     assert r.max_rel_error < 1e-4
 
 
+@pytest.mark.parametrize("padding", ["same", "causal"])
+def test_qat_conv1d_savedmodel_is_counted_and_stripped(padding, rng, tmp_path):
+    """TensorFlow runs Conv1D as a Conv2D of an expanded kernel: a QAT Conv1D's weight input is then
+    ExpandDims(FakeQuant(kernel)), which the SavedModel stripper reads like the kernel itself."""
+    inp = keras.Input((24, 5), name="signal")
+    x = L.Conv1D(12, 3, padding=padding, activation="relu", name="c1")(inp)
+    x = L.Conv1D(8, 3, padding=padding, activation="relu", name="c2")(x)
+    model = keras.Model(inp, L.Dense(3, name="head")(L.GlobalAveragePooling1D()(x)))
+    groups = {g.layers: g for g in tfcompress.channel_groups(model)}
+    tfcompress.zero_channels(model, groups[("c1",)], [0, 4, 7])
+    q = quantize_model(model)
+    xs = rng.normal(size=(32, 24, 5)).astype("float32")
+    q.compile("sgd", "mse")
+    q.fit(xs, rng.normal(size=(32, 3)), epochs=1, verbose=0)
+    q.export(str(tmp_path / "sm"), verbose=False)
+    r = strip_saved_model(str(tmp_path / "sm"), str(tmp_path / "stripped"))
+    widths = {name: [layer["channels_after"] for layer in r.layers if f"/{name}_1/" in layer["name"]]
+              for name in ("c1", "c2")}
+    assert widths == {"c1": [9], "c2": [8]}, r.layers
+    # per example: c1 24 x 3 x 5 x 12 -> x 9; c2 24 x 3 x 12 x 8 -> 9 x 8; head 8 x 3
+    assert r.flops_before == 2 * (24 * 3 * 5 * 12 + 24 * 3 * 12 * 8 + 8 * 3)
+    assert r.flops_after == 2 * (24 * 3 * 5 * 9 + 24 * 3 * 9 * 8 + 8 * 3)
+    assert r.max_rel_error < 1e-4
+
+
 def test_unsupported_layers_warn_and_subclassed_models_fail():
     inp = keras.Input((8, 3))
     x = L.EinsumDense("btc,cd->btd", (8, 4), name="temporal")(inp)

@@ -285,14 +285,15 @@ class FusedBatchNorm(NodeKind):
 
 class Weights:
     """A producer's weight input: a Const, a FakeQuant of a Const (from quantization-aware training), or a
-    Reshape of such a FakeQuant (QAT depthwise kernels: per-channel FakeQuant works on the last axis only, so
-    the (h, w, c, m) kernel is quantized as (h, w, 1, c * m) and reshaped back)."""
+    Reshape or ExpandDims of such a FakeQuant (QAT depthwise kernels: per-channel FakeQuant works on the last
+    axis only, so the (h, w, c, m) kernel is quantized as (h, w, 1, c * m) and reshaped back; a QAT Conv1D's
+    (k, in, out) kernel is expanded to the (1, k, in, out) of the Conv2D that runs it)."""
 
     def __init__(self, graph: "GraphDefGraph", tensor: str) -> None:
         self.g = graph
         node = self._skip_identity(graph.nodes[_node(tensor)])
         self.reshape = None
-        if node.op == "Reshape":
+        if node.op in ("Reshape", "ExpandDims"):
             inner = self._skip_identity(graph.nodes[_node(node.input[0])])
             if inner.op not in _FAKE_QUANT or graph.nodes[_node(node.input[1])].op != "Const":
                 raise KeyError(tensor)
@@ -302,6 +303,11 @@ class Weights:
         if graph.nodes[self.const_name].op != "Const":
             raise KeyError(tensor)
 
+    def _expanded_axis(self) -> int | None:
+        if self.reshape is None or self.reshape.op != "ExpandDims":
+            return None
+        return int(self.g.const(_node(self.reshape.input[1])))
+
     def _skip_identity(self, node):
         while node.op == "Identity":
             node = self.g.nodes[_node(node.input[0])]
@@ -310,13 +316,24 @@ class Weights:
     @property
     def value(self) -> np.ndarray:
         v = self.g.const(self.const_name)
-        return v if self.reshape is None else v.reshape(self.g.const(_node(self.reshape.input[1])))
+        if self.reshape is None:
+            return v
+        axis = self._expanded_axis()
+        return np.expand_dims(v, axis) if axis is not None else v.reshape(self.g.const(_node(self.reshape.input[1])))
+
+    def _stored(self, value: np.ndarray) -> np.ndarray:
+        """``value`` (the op's layout) as the Const before the FakeQuant holds it."""
+        if self.reshape is None:
+            return value
+        axis = self._expanded_axis()
+        if axis is not None:
+            return np.squeeze(value, axis)
+        return value.reshape(self.g.const(self.const_name).shape[:-1] + (-1,))
 
     def replace(self, new_value: np.ndarray, out_keep: np.ndarray | None, rw: Rewriter) -> str:
         """Name of a tensor with ``new_value`` (re-quantized the same way); ``out_keep`` slices the per-channel
         ranges of the FakeQuant (its last axis, before any Reshape)."""
-        stored = self.g.const(self.const_name).shape
-        c = rw.const(self.const_name, new_value if self.reshape is None else new_value.reshape(stored[:-1] + (-1,)))
+        c = rw.const(self.const_name, self._stored(new_value))
         if self.fq is None:
             return c
         fq = tf.compat.v1.NodeDef()
@@ -331,12 +348,13 @@ class Weights:
         rw.new_nodes.append(fq)
         if self.reshape is None:
             return fq.name
-        shape = self.g.const(_node(self.reshape.input[1]))
         reshape = tf.compat.v1.NodeDef()
         reshape.CopyFrom(self.reshape)
         reshape.name = self.reshape.name + "/tfcompress"
         reshape.input[0] = fq.name
-        reshape.input[1] = rw.const(_node(self.reshape.input[1]), np.asarray(new_value.shape, shape.dtype))
+        if self._expanded_axis() is None:  # ExpandDims keeps its axis; a Reshape takes the new shape
+            shape = self.g.const(_node(self.reshape.input[1]))
+            reshape.input[1] = rw.const(_node(self.reshape.input[1]), np.asarray(new_value.shape, shape.dtype))
         rw.new_nodes.append(reshape)
         return reshape.name
 
