@@ -367,6 +367,73 @@ def test_recurrent_layer_keeps_a_constant_input_channel(rng):
     assert rel_error(stripped(x), model(x)) < TOL and _width(stripped, "c1") == 8
 
 
+def _encoder(rng, call=lambda m, x: m(x, x)):
+    """Two transformer encoder blocks (self-attention and an MLP, each added to the residual stream and
+    layer-normalized) on a Dense embedding."""
+    inp = keras.Input((10, 6))
+    x = L.Dense(16, name="embed")(inp)
+    for b in ("b1", "b2"):
+        a = call(L.MultiHeadAttention(2, 8, name=f"{b}_mha"), x)
+        x = L.LayerNormalization(name=f"{b}_ln1")(L.Add()([x, a]))
+        f = L.Dense(16, name=f"{b}_ff2")(L.Dense(32, activation="gelu", name=f"{b}_ff1")(x))
+        x = L.LayerNormalization(name=f"{b}_ln2")(L.Add()([x, f]))
+    model = keras.Model(inp, L.Dense(3, name="head")(L.GlobalAveragePooling1D()(x)))
+    randomize_biases(model, rng)
+    for layer in model.layers:
+        if isinstance(layer, L.LayerNormalization):
+            layer.set_weights([rng.uniform(0.5, 1.5, 16), rng.uniform(-0.3, 0.3, 16)])
+    return model
+
+
+@pytest.mark.parametrize("call", [
+    lambda m, x: m(x, x),
+    lambda m, x: m(query=x, value=x, key=x),
+    lambda m, x: m(x, x, use_causal_mask=True),
+])
+def test_attention_reads_and_writes_the_residual_stream(call, rng, tmp_path):
+    """MultiHeadAttention reads its inputs through the rows of its query/key/value projections and writes
+    its output through the output projection: added to the residual stream, it joins the stream's group, so
+    a transformer's model width is pruned (heads are not)."""
+    model = _encoder(rng, call)
+    assert set(_groups_by_layer(model)) == {("embed", "b1_mha", "b1_ff2", "b2_mha", "b2_ff2"), ("b1_ff1",),
+                                            ("b2_ff1",)}
+    # per example: embed 10 x 6 x 16; per block q, k, v and output projections 4 x 10 x 16 x 16, scores and
+    # their weighted sum 2 heads x 10 x 10 x (8 + 8), the MLP 2 x 10 x 16 x 32; the head 16 x 3
+    block = 4 * 10 * 16 * 16 + 2 * 10 * 10 * 16 + 2 * 10 * 16 * 32
+    assert tfcompress.count_flops(model) == 2 * (10 * 6 * 16 + 2 * block + 16 * 3)
+    x = _x(rng, (3, 10, 6))
+    stripped = _zero_and_strip(model, rng, x)
+    assert stripped.get_layer("b1_mha").output_dense.kernel.shape == (2, 8, 12)
+    assert stripped.get_layer("b2_mha").query_dense.kernel.shape == (12, 2, 8)
+    stripped.save(tmp_path / "m.keras")
+    np.testing.assert_array_equal(keras.saving.load_model(tmp_path / "m.keras")(x), stripped(x))
+
+
+def test_cross_attention_output_width_follows_its_own_group(rng):
+    """Without a residual add the output channels are a group of their own: the stripped layer is given the
+    kept count as ``output_shape`` (by default it would follow the query's width)."""
+    q_in, v_in = keras.Input((6, 5)), keras.Input((9, 7))
+    q = L.Dense(16, name="q")(q_in)
+    v = L.Dense(12, name="v")(v_in)
+    a = L.MultiHeadAttention(2, 4, name="mha")(q, v)
+    model = keras.Model([q_in, v_in], L.Dense(3, name="head")(L.GlobalAveragePooling1D()(a)))
+    randomize_biases(model, rng)
+    assert set(_groups_by_layer(model)) == {("q",), ("v",), ("mha",)}
+    x = [_x(rng, (3, 6, 5)), _x(rng, (3, 9, 7))]
+    stripped = _zero_and_strip(model, rng, x)
+    mha = stripped.get_layer("mha")
+    assert mha.query_dense.kernel.shape[0] == 12 and mha.value_dense.kernel.shape[0] == 9
+    assert mha.key_dense.kernel.shape[0] == 9 and mha.output_dense.kernel.shape[-1] == 12
+
+
+def test_attention_with_a_mask_tensor_blocks(rng):
+    inp, mask = keras.Input((10, 6)), keras.Input((10, 10), dtype="bool")
+    x = L.Dense(16, name="embed")(inp)
+    a = L.MultiHeadAttention(2, 8, name="mha")(x, x, attention_mask=mask)
+    model = keras.Model([inp, mask], L.Dense(3)(L.GlobalAveragePooling1D()(L.Add()([x, a]))))
+    assert ("embed", "mha") not in _groups_by_layer(model) and ("embed",) not in _groups_by_layer(model)
+
+
 def test_custom_layer_blocks_and_is_kept_by_strip(rng):
     class Scale(L.Layer):
         def call(self, x):

@@ -284,6 +284,13 @@ def _recurrent(layer, base, ins, out):
     return kinds.Recurrent if plain and len(ins) == 1 and len(ins[0]) == 3 else kinds.BLOCKER
 
 
+def _attention(layer, base, ins, out):
+    plain = not _overrides_call(layer, base) and not layer.get_config().get("use_gate", False)
+    if not plain or len(out) != 3 or any(len(s) != 3 for s in ins):
+        return kinds.BLOCKER
+    return lambda call: kinds.Attention(call) if kinds.attention_roles(call) else kinds.BLOCKER(call)
+
+
 # Keras layer classes -> their rule; a subclass without an entry of its own matches its nearest base's.
 KERAS_LAYERS: list[tuple[tuple[type, ...], LayerRuleFn]] = [
     ((_L.SeparableConv1D, _L.SeparableConv2D), _plain(kinds.SeparableConv)),
@@ -309,6 +316,7 @@ KERAS_LAYERS: list[tuple[tuple[type, ...], LayerRuleFn]] = [
     ((_L.Flatten,), _flatten),
     ((_L.Reshape,), _reshape),
     ((_L.LSTM, _L.GRU, _L.SimpleRNN, _L.Bidirectional), _recurrent),
+    ((_L.MultiHeadAttention,), _attention),
     ((_L.Permute,), _permute),
     ((_L.Resizing,), _resizing),
 ]

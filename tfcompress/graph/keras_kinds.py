@@ -500,6 +500,88 @@ class Recurrent(LayerKind):
                 for w in self.layer.weights]
 
 
+_ATTENTION_ARGS = ("query", "value", "key")
+
+
+def attention_roles(call: LayerCall) -> list[str] | None:
+    """For each input tensor of a MultiHeadAttention call, the argument it is (``"query"``, ``"value"``,
+    ``"key"``); None if another tensor (a mask) is an input too. Keras flattens the positional arguments first,
+    then the keyword ones by name."""
+    args = call.node.arguments
+    named = list(zip(_ATTENTION_ARGS, args.args)) + sorted(args.kwargs.items())
+    roles = [name for name, v in named if isinstance(v, keras.KerasTensor)]
+    if len(roles) != len(call.node.input_tensors) or not set(roles) <= set(_ATTENTION_ARGS):
+        return None
+    return roles
+
+
+class Attention(LayerKind):
+    """MultiHeadAttention over (batch, positions, channels): each input is read through the rows of the
+    query/key/value projections' kernels (in, heads, dims), like a Dense layer's input, and the output
+    projection (heads, dims, out) writes the output channels, like a Dense layer's (a residual add joins them
+    to the stream they are added to). Heads are not pruned."""
+
+    op = "attention"
+    has_channel_params = True
+
+    def __init__(self, call: LayerCall) -> None:
+        super().__init__(call)
+        self.roles = attention_roles(call)
+
+    def _readers(self, role: str) -> list:
+        """The projections that read the input passed as ``role`` (without a key, the value input is the key)."""
+        L = self.layer
+        dense = {"query": [L.query_dense], "value": [L.value_dense], "key": [L.key_dense]}[role]
+        return dense + ([L.key_dense] if role == "value" and "key" not in self.roles else [])
+
+    def strides(self) -> int:
+        return 1
+
+    def params(self):
+        out = self.layer.output_dense
+        kernel = to_numpy(out.kernel)
+        return dict(kernel=kernel.reshape(-1, kernel.shape[-1]),
+                    bias=to_numpy(out.bias) if out.bias is not None else np.zeros(kernel.shape[-1]))
+
+    def output_params(self):
+        out = self.layer.output_dense
+        return [ChannelParam(out.kernel, -1)] + ([ChannelParam(out.bias, 0)] if out.bias is not None else [])
+
+    def filters(self, kernel: np.ndarray | None = None) -> np.ndarray:
+        """The output projection's kernel (or ``kernel``, an array of its shape) as one row per output channel."""
+        kernel = to_numpy(self.layer.output_dense.kernel) if kernel is None else kernel
+        return np.moveaxis(kernel, -1, 0).reshape(kernel.shape[-1], -1)
+
+    def geometry(self):
+        L, c = self.layer, self.call
+        steps = {role: ops.positions(shape) for role, shape in zip(self.roles, c.in_shapes)}
+        heads, key_dim, value_dim = int(L.num_heads), int(L.key_dim), int(L.value_dim or L.key_dim)
+        keys = steps.get("key", steps["value"])
+        return dict(positions=ops.positions(c.out_shape), input_positions=[steps[r] for r in self.roles],
+                    input_columns=[sum(int(np.prod(d.kernel.shape[1:])) for d in self._readers(r))
+                                   for r in self.roles],
+                    output_rows=heads * value_dim, attention_macs=heads * steps["query"] * keys * (key_dim + value_dim))
+
+    def config(self, in_keeps, out_keep, folds):
+        cfg = self.layer.get_config()
+        if cfg.get("output_shape") is not None or out_keep.sum() != in_keeps[self.roles.index("query")].sum():
+            cfg["output_shape"] = int(out_keep.sum())
+        return cfg
+
+    def weights(self, in_keeps, out_keep, folds):
+        rows = {id(d.kernel): keep for role, keep in zip(self.roles, in_keeps) for d in self._readers(role)}
+        out = self.layer.output_dense
+        new = []
+        for w in self.layer.weights:
+            value = to_numpy(w)
+            if id(w) in rows:
+                value = ops.take_channels(value, rows[id(w)], 0)
+            elif w is out.kernel or w is out.bias:
+                value = ops.take_channels(value, out_keep, -1)
+            new.append(value)
+        return new
+
+
 class Flatten(LayerKind):
     op = "flatten"
 

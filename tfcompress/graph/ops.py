@@ -42,7 +42,8 @@ class OpSemantics:
     ``geometry`` is what an adapter knows of an op's shape, as keywords (each function reads the ones it needs):
     ``positions`` (output positions per example), ``in_positions``, ``window`` (kernel positions), ``groups``,
     ``multiplier`` (depth multiplier) and ``valid_padding``; a recurrent layer's ``kernel_columns`` and
-    ``recurrent_macs``.
+    ``recurrent_macs``; an attention layer's ``input_positions``, ``input_columns``, ``output_rows`` and
+    ``attention_macs``.
     """
 
     consts: Callable[..., np.ndarray]
@@ -108,6 +109,15 @@ def _recurrent_macs(in_counts: list[int], out_count: int, in_positions: float, k
     """Every time step reads the input channels through ``kernel_columns`` (gates x units, summed over the
     directions) and the state through the recurrent kernels."""
     return float(in_positions * (in_counts[0] * kernel_columns + recurrent_macs))
+
+
+def _attention_macs(in_counts: list[int], out_count: int, positions: float, input_positions: list[float],
+                    input_columns: list[int], output_rows: int, attention_macs: float, **_) -> float:
+    """Each input is read through projections of ``input_columns`` (heads x dims) at each of its positions;
+    the scores and their weighted sum (``attention_macs``) do not depend on channel counts; the output
+    projection writes ``out_count`` channels from ``output_rows`` at each output position."""
+    read = sum(p * c * k for p, c, k in zip(input_positions, in_counts, input_columns))
+    return float(read + attention_macs + positions * output_rows * out_count)
 
 
 def _depthwise_macs(in_counts: list[int], out_count: int, positions: float, window: int, **_) -> float:
@@ -248,6 +258,9 @@ OPS: dict[str, OpSemantics] = {
     # LSTM/GRU/SimpleRNN: input channels are read like a Dense layer's (a zero one can go); its units are not
     # followed (nothing is known of their values), and a constant input channel stays (no bias folding here)
     "recurrent": OpSemantics(_unknown, _recurrent_macs, rule=Rule.PRODUCER),
+    # MultiHeadAttention: its inputs are read through the rows of the query/key/value projections, its output
+    # channels are those of the output projection, a kernel (heads x dims, out) (a constant input channel stays)
+    "attention": OpSemantics(_producer, _attention_macs, rule=Rule.PRODUCER),
     "separable_conv": OpSemantics(_producer, _separable_macs, rule=Rule.PRODUCER),
     "depthwise": OpSemantics(_depthwise, _depthwise_macs, rule=Rule.DEPTHWISE),
     "batchnorm": OpSemantics(_batchnorm),
