@@ -434,6 +434,20 @@ def test_masks_are_fixed_after_the_ramp():
     assert all(r <= 0.6 + 1e-9 for r in hist.history["flops_ratio"][1:])
 
 
+def test_a_second_fit_continues_the_schedule():
+    """Keras numbers a second ``fit`` call's epochs from 0 again; the pruner restarted its ramp there, so a
+    model pruned to 50 % came out of one more epoch of fine-tuning at 25 %, half its pruned channels revived."""
+    model = _compile(_flops_model())
+    x, y = np.random.default_rng(0).uniform(size=(32, 32, 32, 3)).astype("float32"), np.zeros(32, "int32")
+    pruner = FilterPruning(target=0.5, pruning_epochs=2, criterion="l1")
+    model.fit(x, y, epochs=2, batch_size=16, callbacks=[pruner], verbose=0)
+    after_first = pruner.masks
+    hist = model.fit(x, y, epochs=1, batch_size=16, callbacks=[pruner], verbose=0)
+    assert hist.history["pruning_level"] == [0.5]
+    for layers, keep in pruner.masks.items():
+        np.testing.assert_array_equal(keep, after_first[layers], err_msg=str(layers))
+
+
 def test_resume_after_the_ramp_keeps_the_checkpoint_masks(tmp_path, capsys):
     """Resumed after the ramp, a measured allocation does not measure again (on pruned weights it would rank
     differently): the channels zero in the checkpoint are the pruned ones, and nothing else goes."""

@@ -54,6 +54,10 @@ class FilterPruning(keras.callbacks.Callback):
     ``steps_per_execution=k`` Keras calls callbacks every ``k`` steps only, so the zeroing happens that often
     (a warning says so).
 
+    Epochs count from the first ``fit`` the callback saw on the model: a later ``fit`` call with the same callback
+    continues the schedule (and keeps a finished ramp's masks) rather than restarting it at its epoch 0; a
+    resumed run in a new process continues it through ``initial_epoch``.
+
     Each epoch's ``logs`` get ``pruning_level`` (fraction of prunable filters removed) and ``flops_ratio``
     (remaining / original FLOPs): the progress bar, ``History`` and a ``TensorBoard`` callback placed *after*
     this one show them.
@@ -260,6 +264,7 @@ class FilterPruning(keras.callbacks.Callback):
             self._state = self._analyse(self.model)
             if self.flops_allocation == "sensitivity":
                 sensitivity.check_fits(self.model, self.sensitivity_data)
+        self._state.offset = None  # a new fit: set by its first epoch
         steps = getattr(self.model, "steps_per_execution", 1)
         if isinstance(steps, int) and steps > 1:
             warnings.warn(
@@ -270,6 +275,12 @@ class FilterPruning(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         st = self._require()
+        # Keras numbers the epochs of every fit call from its initial_epoch (0 by default): a second fit on the
+        # same model continues the schedule where the previous one stopped instead of restarting its ramp
+        if st.offset is None:
+            st.offset = max(0, st.next_epoch - epoch)
+        epoch += st.offset
+        st.next_epoch = epoch + 1
         in_ramp = self.start_epoch <= epoch < self.start_epoch + self.pruning_epochs
         after_ramp = epoch >= self.start_epoch + self.pruning_epochs
         level = self.level_at(epoch)
@@ -492,6 +503,8 @@ class _State:
         self.channel_cost: dict[int, float] = {}  # what the per-cost allocations divide by (FLOPs or seconds)
         self.sensitivity_path: list[tuple[dict[int, int], float]] | None = None  # "sensitivity" allocation
         self.resumed = False  # channels were already zero when training started (a checkpoint of a pruned run)
+        self.next_epoch = 0  # the schedule's epoch after the last one this model trained with the callback
+        self.offset: int | None = None  # added to the epochs Keras numbers in the current fit call
 
 
 def _aligned(n: float, g: ChannelGroup, round_to: int = 1) -> int:
