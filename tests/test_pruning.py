@@ -539,6 +539,24 @@ def test_bad_model_arguments_fail_before_training():
         tiny.fit(np.zeros((4, 4)), np.zeros(4), epochs=1, callbacks=[FilterPruning()], verbose=0)
 
 
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_a_flops_target_out_of_reach_fails_before_training(allocation):
+    """Only c2 is prunable (c1 reads the input, c3 feeds a Reshape that mixes axes): 90 % of the FLOPs cannot go.
+    The pruner cut c2 to its limit (31 of 32 channels with "uniform"), missed the target silently and trained."""
+    inp = keras.Input((16, 16, 3))
+    a = L.Conv2D(32, 3, padding="same", name="c1")(inp)
+    c = L.Conv2D(4, 1, name="c3")(L.Conv2D(32, 3, padding="same", name="c2")(a))
+    model = _compile(keras.Model(inp, L.Dense(2)(L.Reshape((16 * 16 * 4,))(c))))
+    before = [w.copy() for w in model.get_weights()]
+    x, y = np.ones((4, 16, 16, 3), "float32"), np.zeros(4, "int32")
+    with pytest.raises(ValueError, match=r"flops_target=0.9 cannot be reached .* remove (88.6|71.5)% of its FLOPs"):
+        model.fit(x, y, epochs=1, callbacks=[FilterPruning(flops_target=0.9, flops_allocation=allocation)], verbose=0)
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    hist = model.fit(x, y, epochs=1, verbose=0, callbacks=[FilterPruning(flops_target=0.6, pruning_epochs=1,
+                                                                        flops_allocation=allocation)])
+    assert hist.history["flops_ratio"][0] <= 0.4 + 1e-9  # within reach: reached
+
+
 def test_exclusions_first_downsample_and_ignored():
     inp = keras.Input((16, 16, 3))
     a = L.Conv2D(8, 3, name="first")(inp)

@@ -262,6 +262,7 @@ class FilterPruning(keras.callbacks.Callback):
     def on_train_begin(self, logs: dict | None = None) -> None:
         if self._state is None or self._state.model is not self.model:
             self._state = self._analyse(self.model)
+            self._check_reachable()
             if self.flops_allocation == "sensitivity":
                 sensitivity.check_fits(self.model, self.sensitivity_data)
         self._state.offset = None  # a new fit: set by its first epoch
@@ -361,6 +362,27 @@ class FilterPruning(keras.callbacks.Callback):
             masks.set({gid: _keep_some(k, g.blocks) for (gid, k), g in zip(resumed.items(), groups)})
             st.resumed = True
         return st
+
+    def _check_reachable(self) -> None:
+        """Refuse, before training, a ``flops_target`` the prunable groups cannot reach: every group would be cut
+        to its limit (one channel, or ``max_group_level``) and the target still missed."""
+        st = self._require()
+        if self.flops_target is None:
+            return
+        groups = st.masks.groups
+        if self.flops_allocation == "uniform":
+            most = {g.id: _aligned(g.size, g, self._multiple(g)) for g in groups}
+        else:
+            most = {g.id: self._cap(g) for g in groups}
+        best = 1.0 - self._flops_of(most) / st.full_flops
+        if best < self.flops_target - 1e-9:
+            limit = "one channel per group" if self.flops_allocation == "uniform" else \
+                f"max_group_level={self.max_group_level} of every group"
+            raise ValueError(
+                f"flops_target={self.flops_target} cannot be reached on model {self.model.name!r}: its prunable "
+                f"groups ({len(groups)}, {sum(g.size for g in groups)} channels) cut to {limit} remove "
+                f"{best:.1%} of its FLOPs; lower flops_target, or allow more (max_group_level, prune_first_conv, "
+                "prune_downsample_convs, ignored_layers)")
 
     def _reaches(self, removed: dict[int, int], level: float) -> bool:
         """Whether removing ``removed`` channels per group already meets ``level`` (per group, or in FLOPs)."""
