@@ -290,6 +290,33 @@ def test_labels_are_class_indices_or_one_hot(saved_model, tmp_path):
     assert report["accuracy"]["original"] == report["accuracy"]["openvino_fp32"] == expected
 
 
+def test_labels_must_name_a_class_the_output_scores(saved_model, tmp_path):
+    """Accuracy is the argmax of the output: a one-unit sigmoid classifier's is always 0, so the export reported
+    the share of label 0 (0.875 for a model right on every sample) and accuracy control measured no drop; labels
+    beyond the output's classes were silently counted as wrong."""
+    import keras
+    from keras import layers as L
+
+    from tfcompress.export import export_saved_model
+
+    binary = keras.Sequential([keras.Input((6,), name="x"), L.Dense(1, activation="sigmoid")])
+    binary.export(str(tmp_path / "binary"), verbose=False)
+    x = np.random.default_rng(0).normal(size=(8, 6)).astype(np.float32)
+    np.savez(tmp_path / "val.npz", x=x, y=(binary.predict(x, verbose=0)[:, 0] > 0.5).astype(np.int64))
+    proc = command(f"--saved_model_dir={tmp_path / 'binary'}", f"--output_dir={tmp_path / 'out'}",
+                   f"--calibration_data={tmp_path / 'val.npz'}", f"--validation_data={tmp_path / 'val.npz'}",
+                   "--int8=accuracy_aware")
+    assert_one_line_error(proc, "has 1 value per sample", alone=False)
+    assert not (tmp_path / "out").exists() and not staging_dirs(tmp_path)
+    images = np.zeros((4, 8, 8, 3), np.float32)
+    with pytest.raises(ExportError, match=r"labels in \[0, 3\], but the model output .* scores 2 classes"):
+        export_saved_model(str(saved_model), str(tmp_path / "out2"), int8="none",
+                           validation_data=(images, np.array([0, 1, 3, 1])), verbose=False)
+    report = export_saved_model(str(saved_model), str(tmp_path / "out3"), int8="none",
+                                validation_data=(images, np.array([0, 1, 1, 1])), verbose=False)
+    assert report["accuracy"]["samples"] == 4
+
+
 def test_a_pickled_data_file_through_the_command(saved_model, tmp_path):
     np.save(tmp_path / "pickled.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     before = tree_digest(saved_model)

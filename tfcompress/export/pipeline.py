@@ -13,7 +13,7 @@ import numpy as np
 from tfcompress.errors import ExportError
 from tfcompress.export.checks import QuantizedCheck, half_precision_tolerance, quantized_check
 from tfcompress.export.convert import freeze_for_export, run_openvino, saved_model_to_openvino, to_onnx, to_openvino
-from tfcompress.export.data import load_data
+from tfcompress.export.data import check_labels, load_data
 from tfcompress.export.options import check_args
 from tfcompress.output_dir import staged_output
 from tfcompress.stripping.savedmodel_strip import (
@@ -110,6 +110,10 @@ def export_saved_model(
     valid = load_data(validation_data, spec, "validation data") if validation_data is not None else None
     if int8 == "accuracy_aware" and calib is not None and (valid is None or valid[1] is None):
         raise ExportError("--int8=accuracy_aware needs --validation_data with labels to measure the drop")
+    out_key = sorted(frozen.outputs)[0]  # the output accuracy is measured on
+    if valid is not None and valid[1] is not None:
+        scores = run_frozen(frozen, frozen.graph_def, {name: valid[0][:1]})[out_key]
+        check_labels(valid[1], int(np.prod(scores.shape[1:])), out_key)
     quantized = any(n.op.startswith("FakeQuant") for n in frozen.graph_def.node)
     check = None
     for data in (valid, calib):
@@ -177,7 +181,6 @@ def export_saved_model(
         if valid is not None and valid[1] is not None:
             _log("[5/5] measuring accuracy on the validation data")
             x, y = valid
-            out_key = sorted(frozen.outputs)[0]
             report["accuracy"] = {
                 "original": _accuracy(_batched(lambda b: run_frozen(frozen, frozen.graph_def, {name: b})[out_key], x), y),
                 "stripped": _accuracy(_batched(lambda b: _run_stripped(stripped_dir, signature_key, name, b, out_key), x), y),
