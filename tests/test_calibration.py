@@ -170,6 +170,24 @@ def test_bad_arguments(resnet8_ir):
         calibration.calibrate(xml, np.zeros((4, 32, 32)), verbose=False)
 
 
+def test_a_model_with_two_inputs_is_refused_by_name(rng):
+    """Samples are fed to the model's first input: a two-input model's samples as a list of arrays were read
+    as samples of the first input ('must have shape (8,) ... got (8, 8, 3)'), and per-sample tuples as (x, y)
+    pairs, feeding one input only and ending in an OpenVINO shape error from the Concat."""
+    import openvino.opset13 as ops
+
+    a, b = ops.parameter([-1, 8], ov.Type.f32, name="a"), ops.parameter([-1, 4], ov.Type.f32, name="b")
+    a.output(0).set_names({"a"})
+    b.output(0).set_names({"b"})
+    w = ops.constant(rng.normal(size=(12, 3)).astype("float32"))
+    fp = ov.Model([ops.matmul(ops.concat([a, b], 1), w, False, False).output(0)], [a, b])
+    samples = [(rng.normal(size=8).astype("float32"), rng.normal(size=4).astype("float32")) for _ in range(4)]
+    with pytest.raises(ValueError, match=r"one input; this one has 2: \['a', 'b'\]"):
+        calibration.calibrate(fp, samples, verbose=False)
+    with pytest.raises(ValueError, match="one input"):
+        calibration.calibrate_with_accuracy_control(fp, samples, samples, lambda m, d: 1.0, verbose=False)
+
+
 def _stem_ir(tmp_path):
     """conv -> ReLU -> ZeroPadding -> MaxPool -> two convs (a ResNet stem), as OpenVINO IR via our export."""
     keras.utils.set_random_seed(0)

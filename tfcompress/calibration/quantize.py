@@ -22,9 +22,12 @@ def _read(model):
     import openvino as ov
 
     if isinstance(model, str):
-        return ov.Core().read_model(model)
+        model = ov.Core().read_model(model)
     if not isinstance(model, ov.Model):
         raise TypeError(f"expected an openvino.Model or an IR path, got {type(model).__name__}")
+    if len(model.inputs) != 1:  # the statistics pass feeds one tensor per sample
+        names = [next(iter(i.get_names()), str(i.get_node().get_friendly_name())) for i in model.inputs]
+        raise ValueError(f"calibration takes models with one input; this one has {len(names)}: {names}")
     return model
 
 
