@@ -527,6 +527,16 @@ def test_bad_arguments_fail_at_construction(kwargs, message):
         FilterPruning(**kwargs)
 
 
+def test_fractions_may_be_numpy_scalars():
+    """A level from a numpy sweep (np.linspace(...) in float32) was refused as 'must be a number'."""
+    pruner = FilterPruning(target=np.float32(0.5), flops_target=np.float64(0.3), max_group_level=np.float32(0.75))
+    assert (pruner.target, pruner.flops_target, pruner.max_group_level) == (0.5, 0.3, 0.75)
+    assert isinstance(pruner.target, float) and json.dumps(pruner.get_config())
+    for bad in (np.float32(1.0), np.float32("nan"), np.bool_(True), np.array([0.5])):
+        with pytest.raises(ValueError, match="target must be a number in"):
+            FilterPruning(target=bad)
+
+
 def test_bad_model_arguments_fail_before_training():
     model = _compile(_flops_model())
     before = [w.copy() for w in model.get_weights()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import warnings
 from typing import Any, Iterable
@@ -570,7 +571,8 @@ def _profile(allocation: str, flops_target: float | None, profile: Any) -> dict[
 
 
 def _fraction(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+    # numpy scalars too (a level taken from np.linspace is a np.float32 or np.float64)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) < 1.0:
         raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
     return float(value)
 
