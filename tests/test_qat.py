@@ -171,6 +171,13 @@ def test_unsupported_layers_warn_and_subclassed_models_fail():
         quantize_model(Net())
 
 
+def test_a_quantization_aware_model_is_not_quantized_twice():
+    """quantize_model on its own result failed inside Keras ('The name "..._input_quant" is used 2 times')."""
+    q = quantize_model(small_cnn())
+    with pytest.raises(ValueError, match=r"already quantization-aware \(it has c1_input_quant, c1, "):
+        quantize_model(q)
+
+
 MIRRORED = """
     from test_qat import small_cnn, LOSS
     from tfcompress.quantization import quantize_model, RangeInit

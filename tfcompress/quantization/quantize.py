@@ -92,13 +92,17 @@ def quantize_model(
 
     Raises:
         tfcompress.UnsupportedModelError: for a subclassed model.
-        ValueError: unknown preset, overflow_fix or ignored layer.
+        ValueError: unknown preset, overflow_fix or ignored layer, or a model already quantization-aware.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
     if overflow_fix not in OVERFLOW_FIX:
         raise ValueError(f"unknown overflow_fix {overflow_fix!r}; choose one of {list(OVERFLOW_FIX)}")
     kg = build_graph(model)
+    done = [path for path, layer in kg.layers.items() if isinstance(layer, (ActivationQuantizer, Q._QuantizedKernel))]
+    if done:
+        raise ValueError(f"model {model.name!r} is already quantization-aware (it has {', '.join(done[:3])}"
+                         f"{' ...' if len(done) > 3 else ''}); quantize the float model it was made from")
     ignored = set(ignored_layers)
     missing = sorted(ignored - set(kg.layers))
     if missing:
