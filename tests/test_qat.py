@@ -178,6 +178,12 @@ def test_a_quantization_aware_model_is_not_quantized_twice():
         quantize_model(q)
 
 
+def test_one_ignored_layer_may_be_given_as_a_string():
+    """ignored_layers="c1" was read as the letters 'c' and '1' ("names ['1', 'c'] that are not layers")."""
+    q = quantize_model(small_cnn(), ignored_layers="c1")
+    assert type(q.get_layer("c1")) is L.Conv2D and type(q.get_layer("c2")) is not L.Conv2D
+
+
 MIRRORED = """
     from test_qat import small_cnn, LOSS
     from tfcompress.quantization import quantize_model, RangeInit

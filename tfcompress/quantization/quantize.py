@@ -103,7 +103,7 @@ def quantize_model(
     if done:
         raise ValueError(f"model {model.name!r} is already quantization-aware (it has {', '.join(done[:3])}"
                          f"{' ...' if len(done) > 3 else ''}); quantize the float model it was made from")
-    ignored = set(ignored_layers)
+    ignored = {ignored_layers} if isinstance(ignored_layers, str) else set(ignored_layers)
     missing = sorted(ignored - set(kg.layers))
     if missing:
         raise ValueError(f"ignored_layers names {missing} that are not layers of model {model.name!r}")
