@@ -184,6 +184,28 @@ def test_one_ignored_layer_may_be_given_as_a_string():
     assert type(q.get_layer("c1")) is L.Conv2D and type(q.get_layer("c2")) is not L.Conv2D
 
 
+def test_a_mixed_precision_model_trains_quantization_aware(rng, tmp_path):
+    """TF's FakeQuant ops take float32 only: under mixed_float16 the first training step failed with "Input
+    'inputs' of 'FakeQuantWithMinMaxVars' Op has type float16"."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        inp = keras.Input((8, 8, 3))
+        a = L.Conv2D(8, 3, padding="same", activation="relu")(inp)
+        a = L.DepthwiseConv2D(3)(L.SeparableConv2D(8, 3)(L.Add()([a, L.Conv2D(8, 1)(a)])))
+        model = keras.Model(inp, L.Dense(2, dtype="float32")(L.GlobalAveragePooling2D()(a)))
+        q = quantize_model(model)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    x = rng.normal(size=(32, 8, 8, 3)).astype("float32")
+    q.compile(keras.optimizers.SGD(0.0), "mse")  # ranges only: the quantized model then computes the float one
+    q.fit(x, np.zeros((32, 2), "float32"), epochs=1, batch_size=8, callbacks=[RangeInit(4)], verbose=0)
+    ref = model.predict(x, verbose=0)
+    assert np.abs(q.predict(x, verbose=0) - ref).max() < 0.05 * np.abs(ref).max()
+    q.save(tmp_path / "q.keras")
+    again = keras.models.load_model(tmp_path / "q.keras")
+    np.testing.assert_array_equal(again.predict(x, verbose=0), q.predict(x, verbose=0))
+
+
 MIRRORED = """
     from test_qat import small_cnn, LOSS
     from tfcompress.quantization import quantize_model, RangeInit
