@@ -188,6 +188,35 @@ def test_a_model_with_two_inputs_is_refused_by_name(rng):
         calibration.calibrate_with_accuracy_control(fp, samples, samples, lambda m, d: 1.0, verbose=False)
 
 
+def test_a_float16_ir_of_a_mixed_precision_model_is_calibrated(tmp_path, rng):
+    """The IR of a Keras mixed_float16 model computes in float16: quantizers with float32 limits and float32
+    grid weights failed OpenVINO's type check ('Element types for data batch and filters do not match'), so
+    the export command ended with a traceback after all its work."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        inp = keras.Input((8, 8, 3))
+        a = L.Conv2D(8, 3, padding="same", activation="relu")(inp)
+        out = L.Dense(2, dtype="float32")(L.GlobalAveragePooling2D()(L.Add()([a, L.Conv2D(8, 1)(a)])))
+        keras.Model(inp, out).export(str(tmp_path / "sm"), verbose=False)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    to_onnx(str(tmp_path / "sm"), str(tmp_path / "m.onnx"), tolerance=0.02)  # TF rounds to float16 differently
+    to_openvino(str(tmp_path / "m.onnx"), str(tmp_path / "m.xml"))
+    fp = ov.Core().read_model(str(tmp_path / "m.xml"))
+    assert any(op.get_output_element_type(0) == ov.Type.f16 for op in fp.get_ordered_ops()
+               if op.get_type_name() == "Convolution")
+    x = rng.normal(size=(32, 8, 8, 3)).astype("float32")
+    q = calibration.calibrate(fp, x, verbose=False)
+    compiled = ov.Core().compile_model(q, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    assert calibration.int8_layers(compiled) == {"int8": 3, "total": 3}
+    ref = _f32(fp)({0: x})[0]
+    assert np.abs(compiled({0: x})[0] - ref).max() < 0.1 * np.abs(ref).max()
+    _, info = calibration.calibrate_with_accuracy_control(  # its ranking model switches float16 biases too
+        fp, x, (x, ref.argmax(1)), lambda c, d: float(np.mean(c(d[0])[0].argmax(1) == d[1])), max_drop=0.0,
+        verbose=False)
+    assert info["max_drop_met"]
+
+
 def _stem_ir(tmp_path):
     """conv -> ReLU -> ZeroPadding -> MaxPool -> two convs (a ResNet stem), as OpenVINO IR via our export."""
     keras.utils.set_random_seed(0)

@@ -96,11 +96,17 @@ def _act_fq(output, rng):
     (shaped to broadcast over axis 1 of the tensor)."""
     import openvino.opset13 as ops
 
-    lo, hi = (np.asarray(v, np.float32) for v in rng)
+    lo, hi = (np.asarray(v, np.float32).astype(_dtype(output)) for v in rng)
     if lo.ndim:
         shape = [1, lo.size] + [1] * (len(output.get_partial_shape()) - 2)
         lo, hi = lo.reshape(shape), hi.reshape(shape)
     return ops.fake_quantize(output, lo, hi, lo, hi, 256)
+
+
+def _dtype(output) -> np.dtype:
+    """The numpy type of an IR tensor: FakeQuantize limits and new constants take it (float16 in the IR of a
+    Keras mixed_float16 model, whose ops OpenVINO refuses to mix with float32 inputs)."""
+    return np.dtype(output.get_element_type().to_dtype())
 
 
 def _float_weights(wp: WeightPoint) -> np.ndarray:
@@ -140,9 +146,10 @@ def _weight_fq(wp: WeightPoint, copy: bool = False):
     grid, a new constant of the weights (clipped at the grid's top level there: :func:`_grid_weights`)."""
     import openvino.opset13 as ops
 
-    m = _weight_limit(wp, _float_weights(wp))
+    dtype = _dtype(wp.op.input(1).get_source_output())
+    m = _weight_limit(wp, _float_weights(wp)).astype(dtype)
     if copy or wp.half_range:
-        src = ops.constant(_grid_weights(wp)).output(0)
+        src = ops.constant(_grid_weights(wp).astype(dtype)).output(0)
     else:
         src = wp.op.input(1).get_source_output()
     return ops.fake_quantize(src, -m, m, -m, m, WEIGHT_LEVELS)
@@ -315,9 +322,16 @@ def _build(model, ranges: dict, shifts: dict, skip_ops=frozenset(), ignored_laye
 
 def _shift_bias(wp: WeightPoint, shift: np.ndarray, ops) -> None:
     """Add ``shift`` (per output channel) to the layer's bias constant (:func:`placement.bias_input`)."""
-    inp = bias_input(wp.op)
+    bias_input(wp.op).replace_source_output(_shifted_bias(wp, shift))
+
+
+def _shifted_bias(wp: WeightPoint, shift: np.ndarray):
+    """A new constant: the layer's bias plus ``shift`` (per output channel), in the bias input's type."""
+    import openvino.opset13 as ops
+
     b = _bias_value(wp.op)
-    inp.replace_source_output(ops.constant((b.reshape(-1) + shift.reshape(-1)).reshape(b.shape)).output(0))
+    shifted = (b.reshape(-1) + shift.reshape(-1)).reshape(b.shape)
+    return ops.constant(shifted.astype(_dtype(bias_input(wp.op).get_source_output()))).output(0)
 
 
 def calibrate(
