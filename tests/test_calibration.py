@@ -196,8 +196,12 @@ def test_a_float16_ir_of_a_mixed_precision_model_is_calibrated(tmp_path, rng):
     try:
         inp = keras.Input((8, 8, 3))
         a = L.Conv2D(8, 3, padding="same", activation="relu")(inp)
-        out = L.Dense(2, dtype="float32")(L.GlobalAveragePooling2D()(L.Add()([a, L.Conv2D(8, 1)(a)])))
-        keras.Model(inp, out).export(str(tmp_path / "sm"), verbose=False)
+        a = L.Conv2D(8, 3, padding="same")(L.Add()([a, L.Conv2D(8, 1)(a)]))  # bias-corrected on an f32 side model
+        model = keras.Model(inp, L.Dense(2, dtype="float32")(L.GlobalAveragePooling2D()(a)))
+        for layer in model.layers:  # trained biases (zero ones vanish from the IR, and bias correction with them)
+            if getattr(layer, "bias", None) is not None:
+                layer.bias.assign(rng.uniform(0.05, 0.1, layer.bias.shape))
+        model.export(str(tmp_path / "sm"), verbose=False)
     finally:
         keras.mixed_precision.set_global_policy("float32")
     to_onnx(str(tmp_path / "sm"), str(tmp_path / "m.onnx"), tolerance=0.02)  # TF rounds to float16 differently
@@ -206,11 +210,12 @@ def test_a_float16_ir_of_a_mixed_precision_model_is_calibrated(tmp_path, rng):
     assert any(op.get_output_element_type(0) == ov.Type.f16 for op in fp.get_ordered_ops()
                if op.get_type_name() == "Convolution")
     x = rng.normal(size=(32, 8, 8, 3)).astype("float32")
-    q = calibration.calibrate(fp, x, verbose=False)
-    compiled = ov.Core().compile_model(q, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    assert calibration.int8_layers(compiled) == {"int8": 3, "total": 3}
+    assert calibration.int8_layers(_f32(calibration.calibrate(fp, x, verbose=False))) == {"int8": 4, "total": 4}
+    # ranges over the extremes seen: the error is the quantization's (the default mean of per-sample maxima
+    # clips these random maps, in float32 models as much: 0.15)
+    compiled = _f32(calibration.calibrate(fp, x, range_estimator="max", verbose=False))
     ref = _f32(fp)({0: x})[0]
-    assert np.abs(compiled({0: x})[0] - ref).max() < 0.1 * np.abs(ref).max()
+    assert np.abs(compiled({0: x})[0] - ref).max() < 0.05 * np.abs(ref).max()
     _, info = calibration.calibrate_with_accuracy_control(  # its ranking model switches float16 biases too
         fp, x, (x, ref.argmax(1)), lambda c, d: float(np.mean(c(d[0])[0].argmax(1) == d[1])), max_drop=0.0,
         verbose=False)

@@ -140,13 +140,14 @@ def _grid_weights(wp: WeightPoint) -> np.ndarray:
     return np.clip(w, -top, top).astype(np.float32)
 
 
-def _weight_fq(wp: WeightPoint, copy: bool = False):
+def _weight_fq(wp: WeightPoint, copy: bool = False, dtype: np.dtype | None = None):
     """FakeQuantize of a layer's weights: symmetric per output channel on the int8 grid (255 levels), or the
     7-bit grid of the overflow fix. It reads the layer's own weight input, or, with ``copy`` or on the 7-bit
-    grid, a new constant of the weights (clipped at the grid's top level there: :func:`_grid_weights`)."""
+    grid, a new constant of the weights (clipped at the grid's top level there: :func:`_grid_weights`), in
+    ``dtype`` (by default the type of the layer's weights)."""
     import openvino.opset13 as ops
 
-    dtype = _dtype(wp.op.input(1).get_source_output())
+    dtype = dtype or _dtype(wp.op.input(1).get_source_output())
     m = _weight_limit(wp, _float_weights(wp)).astype(dtype)
     if copy or wp.half_range:
         src = ops.constant(_grid_weights(wp).astype(dtype)).output(0)
@@ -268,7 +269,7 @@ def fast_bias_shifts(points, stats: Statistics) -> dict:
         weights = _float_weights(wp)
         axes = np.array([a for a in range(len(shape)) if a != 1], np.int64)
         for x, w in ((mean_map, ops.constant(weights).output(0)),
-                     (blob, _weight_fq(wp, copy=True).output(0))):
+                     (blob, _weight_fq(wp, copy=True, dtype=np.float32).output(0))):  # an f32 side model
             p = ops.parameter(shape, ov.Type.f32)
             params.append(p)
             results.append(ops.reduce_mean(_weighted_like(wp.op, p, w), axes, keep_dims=False).output(0))
