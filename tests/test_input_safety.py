@@ -126,6 +126,16 @@ def test_hostile_output_paths_are_refused_before_tensorflow_loads(saved_model, t
     assert (tmp_path / "link").is_symlink() and os.readlink(tmp_path / "link") == str(saved_model)
 
 
+def test_accuracy_aware_without_calibration_data_is_refused_before_tensorflow_loads(saved_model, tmp_path,
+                                                                                       no_tensorflow):
+    """--int8=accuracy_aware without --calibration_data wrote no INT8 model, measured nothing and exited 0."""
+    np.savez(tmp_path / "val.npz", x=np.zeros((2, 8, 8, 3), np.float32), y=np.array([0, 1]))
+    proc = command(f"--saved_model_dir={saved_model}", f"--output_dir={tmp_path / 'out'}",
+                   f"--validation_data={tmp_path / 'val.npz'}", "--int8=accuracy_aware", env=no_tensorflow)
+    assert_one_line_error(proc, "--int8=accuracy_aware needs --calibration_data")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_symlinked_output_is_replaced_not_followed(saved_model, tmp_path):
     target = tmp_path / "target"
     target.mkdir()

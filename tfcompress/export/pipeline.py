@@ -96,7 +96,8 @@ def export_saved_model(
         The report (also written as ``report.json``).
     """
     check_args(saved_model_dir, output_dir, int8, max_drop, opset, overwrite, max_iterations,
-               {"calibration data": calibration_data, "validation data": validation_data})
+               {"calibration data": calibration_data, "validation data": validation_data},
+               calibration_data=calibration_data is not None)
 
     _log = _logger(verbose)
     t0 = time.perf_counter()
