@@ -519,12 +519,19 @@ def test_revived_channel_gets_its_weights_back():
     (dict(round_to=0), 'round_to must be "auto" or an integer >= 1, got 0'),
     (dict(round_to=8.0), 'round_to must be "auto" or an integer'),
     (dict(round_to="16"), 'round_to must be "auto" or an integer'),
+    (dict(verbose="yes"), "verbose must be 0 or 1"),  # was int()'s "invalid literal for int() with base 10"
+    (dict(verbose=-1), "verbose must be 0 or 1"),
     (dict(flops_target=0.4, flops_allocation="sensitivity", sensitivity_data=([1], [1]), round_to=8),
      "round_to=8 is not supported"),
 ])
 def test_bad_arguments_fail_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FilterPruning(**kwargs)
+
+
+def test_no_ignored_layers_may_be_none():
+    """ignored_layers=None was a TypeError from tuple() ('NoneType' object is not iterable)."""
+    assert FilterPruning(ignored_layers=None, verbose=True).ignored_layers == ()
 
 
 def test_fractions_may_be_numpy_scalars():

@@ -150,6 +150,8 @@ class FilterPruning(keras.callbacks.Callback):
         super().__init__()
         if isinstance(ignored_layers, str):
             ignored_layers = [ignored_layers]
+        if ignored_layers is None:
+            ignored_layers = ()
         self.target = _fraction("target", target)
         self.flops_target = None if flops_target is None else _fraction("flops_target", flops_target)
         self.criterion = _choice("criterion", criterion, [*CRITERIA, "emitted"])
@@ -165,6 +167,8 @@ class FilterPruning(keras.callbacks.Callback):
         self.max_group_level = _fraction("max_group_level", max_group_level)
         self.round_to = "auto" if isinstance(round_to, str) and round_to == "auto" else \
             _count("round_to", round_to, minimum=1, alternative='"auto" or ')
+        if not isinstance(verbose, (bool, int, np.integer)) or verbose < 0:
+            raise ValueError(f"verbose must be 0 or 1 (or a bool), got {verbose!r}")
         self.verbose = int(verbose)
         if self.flops_allocation == "sensitivity":
             if self.flops_target is None:
