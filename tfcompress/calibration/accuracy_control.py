@@ -276,7 +276,13 @@ def calibrate_with_accuracy_control(
 
     def validate(m) -> float:
         compiled = search.compile(m)
-        return float(validate_fn(compiled, validation_data))
+        metric = validate_fn(compiled, validation_data)
+        # a drop from a metric that is not a finite number (nan from an empty batch, text) compares false with
+        # max_drop: the search would stop at once, or accept anything
+        if isinstance(metric, (bool, str, np.bool_)) or not np.ndim(metric) == 0 or \
+                not np.isfinite(np.asarray(metric, dtype=float)):
+            raise ValueError(f"validate_fn must return a finite number (higher is better), got {metric!r:.80}")
+        return float(metric)
 
     fp_metric = validate(model)
 
