@@ -148,6 +148,24 @@ def test_prune_then_qat_keeps_pruned_channels_zero_and_strips(rng, tmp_path):
     assert r.max_rel_error < 1e-4
 
 
+def test_pruned_layers_keep_their_own_weight_constraints(rng, tmp_path):
+    """The ChannelMask that keeps pruned channels zero replaced the layer's own constraint: a NonNeg kernel of a
+    pruned layer went negative in QAT."""
+    inp = keras.Input((8, 8, 3))
+    a = L.Conv2D(8, 3, name="c1", kernel_constraint=keras.constraints.NonNeg())(L.Conv2D(4, 3, name="c0")(inp))
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(a)))
+    tfcompress.zero_channels(model, next(g for g in tfcompress.channel_groups(model) if g.layers == ("c1",)), [0, 1])
+    q = quantize_model(model)
+    q.compile(keras.optimizers.SGD(0.5), "mse")
+    q.fit(rng.normal(size=(16, 8, 8, 3)), rng.normal(size=(16, 2)) * 10, epochs=2, verbose=0)
+    kernel = q.get_layer("c1").kernel.numpy()
+    assert kernel.min() >= 0 and kernel[..., 2:].any() and not kernel[..., :2].any()
+    q.save(tmp_path / "q.keras")
+    again = keras.models.load_model(tmp_path / "q.keras").get_layer("c1").kernel_constraint
+    assert isinstance(again.inner, keras.constraints.NonNeg)
+    assert isinstance(tfcompress.strip(q).get_layer("c1").kernel_constraint, keras.constraints.NonNeg)
+
+
 def test_unsupported_layers_warn_and_subclassed_models_fail():
     inp = keras.Input((8, 3))
     x = L.EinsumDense("btc,cd->btd", (8, 4), name="temporal")(inp)

@@ -143,14 +143,18 @@ class ChannelMask(keras.constraints.Constraint):
     Args:
         keep: one flag per channel along ``axis`` (of the weight viewed with shape ``view``, if given).
         extra: more ``{"keep", "axis", "view"}`` masks, all applied (e.g. pruned outputs and pruned inputs).
+        inner: the weight's own constraint (a Keras constraint or its config), applied before the masks.
     """
 
-    def __init__(self, keep, axis: int = -1, view=None, extra=()):
+    def __init__(self, keep, axis: int = -1, view=None, extra=(), inner=None):
         self.masks = [{"keep": [bool(k) for k in keep], "axis": int(axis), "view": list(view) if view else None}]
         self.masks += [{"keep": [bool(k) for k in m["keep"]], "axis": int(m["axis"]),
                         "view": list(m["view"]) if m.get("view") else None} for m in extra]
+        self.inner = keras.constraints.get(inner)
 
     def __call__(self, w):
+        if self.inner is not None:
+            w = self.inner(w)
         shape = tuple(w.shape)
         mask = np.ones(shape, np.float32)
         for m in self.masks:
@@ -162,7 +166,8 @@ class ChannelMask(keras.constraints.Constraint):
 
     def get_config(self):
         first, *extra = self.masks
-        return {**first, "extra": extra}
+        inner = None if self.inner is None else keras.constraints.serialize(self.inner)
+        return {**first, "extra": extra, "inner": inner}
 
 
 class _QuantizedKernel:

@@ -148,7 +148,8 @@ def quantize_model(
                     continue
                 (k0, a0, v0), *rest = specs
                 constraint = ChannelMask(k0.tolist(), a0, v0,
-                                         extra=[{"keep": k.tolist(), "axis": a, "view": v} for k, a, v in rest])
+                                         extra=[{"keep": k.tolist(), "axis": a, "view": v} for k, a, v in rest],
+                                         inner=cfg.get(key))  # the layer's own constraint still applies
                 cfg[key] = constraint
                 idx = names.index(name)
                 weights[idx] = np.asarray(constraint(keras.ops.convert_to_tensor(weights[idx])))
