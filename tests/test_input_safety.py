@@ -327,6 +327,23 @@ def test_labels_must_name_a_class_the_output_scores(saved_model, tmp_path):
     assert report["accuracy"]["samples"] == 4
 
 
+def test_the_report_names_the_output_accuracy_was_measured_on(tmp_path):
+    """Of a model with several outputs the first by name is scored; the report did not say which."""
+    import keras
+    from keras import layers as L
+
+    from tfcompress.export import export_saved_model
+
+    inp = keras.Input((6,), name="x")
+    model = keras.Model(inp, {"z_main": L.Dense(3, name="z_main")(inp), "a_aux": L.Dense(3, name="a_aux")(inp)})
+    model.export(str(tmp_path / "sm"), verbose=False)
+    x = np.random.default_rng(0).normal(size=(8, 6)).astype(np.float32)
+    report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), int8="none", verbose=False,
+                                validation_data=(x, model.predict(x, verbose=0)["a_aux"].argmax(1)))
+    assert report["accuracy"]["output"] == "a_aux" and report["accuracy"]["original"] == 1.0
+    assert "## Accuracy (8 validation samples, output `a_aux`)" in (tmp_path / "out" / "report.md").read_text()
+
+
 def test_a_pickled_data_file_through_the_command(saved_model, tmp_path):
     np.save(tmp_path / "pickled.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     before = tree_digest(saved_model)

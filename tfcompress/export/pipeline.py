@@ -186,7 +186,7 @@ def export_saved_model(
                 "original": _accuracy(_batched(lambda b: run_frozen(frozen, frozen.graph_def, {name: b})[out_key], x), y),
                 "stripped": _accuracy(_batched(lambda b: _run_stripped(stripped_dir, signature_key, name, b, out_key), x), y),
                 "openvino_fp32": _accuracy(_batched(lambda b: list(run_openvino(xml, {name: b}).values())[0], x), y),
-                "samples": int(len(x)),
+                "samples": int(len(x)), "output": out_key,
             }
             if os.path.exists(onnx_path):
                 onnx_fn = _onnx_fn(onnx_path)
@@ -389,7 +389,8 @@ def _markdown(r: dict) -> str:
                 lines.append(f"**max_drop NOT met**: {s['warning']}.")
     if "accuracy" in r:
         a = r["accuracy"]
-        lines += ["", f"## Accuracy ({a['samples']} validation samples)", "", "| artifact | accuracy |", "|---|---|"]
+        lines += ["", f"## Accuracy ({a['samples']} validation samples, output `{a['output']}`)", "",
+                  "| artifact | accuracy |", "|---|---|"]
         for k in ("original", "stripped", "onnx", "openvino_fp32", "openvino_int8"):
             if k in a:
                 lines.append(f"| {k} | {100 * a[k]:.2f} % |")
