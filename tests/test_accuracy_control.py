@@ -92,3 +92,12 @@ def test_layers_reverted_on_the_way_and_not_needed_go_back_to_int8(branches):
         assert _int8_matmuls(q) == 1  # b's MatMul runs INT8 in the returned model, the a branches' in float
         macs = calibration.layer_macs(ov.Core().read_model(xml))
         assert info["int8_mac_share"] == pytest.approx(16 * 64 / sum(macs.values()))
+
+
+def test_a_metric_that_is_not_a_finite_number_is_refused(branches):
+    """A metric of nan (np.mean of an empty batch) made every drop nan, which compares false with max_drop: the
+    search stopped before its first step and only a warning said 'the drop is nan'; text was read as a number."""
+    xml, _, calib, val, _ = branches
+    for metric in (float("nan"), None, "0.9", np.array([0.5])):
+        with pytest.raises(ValueError, match="validate_fn must return a finite number"):
+            calibration.calibrate_with_accuracy_control(xml, calib, val, lambda c, x, m=metric: m, verbose=False)

@@ -170,6 +170,58 @@ def test_bad_arguments(resnet8_ir):
         calibration.calibrate(xml, np.zeros((4, 32, 32)), verbose=False)
 
 
+def test_a_model_with_two_inputs_is_refused_by_name(rng):
+    """Samples are fed to the model's first input: a two-input model's samples as a list of arrays were read
+    as samples of the first input ('must have shape (8,) ... got (8, 8, 3)'), and per-sample tuples as (x, y)
+    pairs, feeding one input only and ending in an OpenVINO shape error from the Concat."""
+    import openvino.opset13 as ops
+
+    a, b = ops.parameter([-1, 8], ov.Type.f32, name="a"), ops.parameter([-1, 4], ov.Type.f32, name="b")
+    a.output(0).set_names({"a"})
+    b.output(0).set_names({"b"})
+    w = ops.constant(rng.normal(size=(12, 3)).astype("float32"))
+    fp = ov.Model([ops.matmul(ops.concat([a, b], 1), w, False, False).output(0)], [a, b])
+    samples = [(rng.normal(size=8).astype("float32"), rng.normal(size=4).astype("float32")) for _ in range(4)]
+    with pytest.raises(ValueError, match=r"one input; this one has 2: \['a', 'b'\]"):
+        calibration.calibrate(fp, samples, verbose=False)
+    with pytest.raises(ValueError, match="one input"):
+        calibration.calibrate_with_accuracy_control(fp, samples, samples, lambda m, d: 1.0, verbose=False)
+
+
+def test_a_float16_ir_of_a_mixed_precision_model_is_calibrated(tmp_path, rng):
+    """The IR of a Keras mixed_float16 model computes in float16: quantizers with float32 limits and float32
+    grid weights failed OpenVINO's type check ('Element types for data batch and filters do not match'), so
+    the export command ended with a traceback after all its work."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        inp = keras.Input((8, 8, 3))
+        a = L.Conv2D(8, 3, padding="same", activation="relu")(inp)
+        a = L.Conv2D(8, 3, padding="same")(L.Add()([a, L.Conv2D(8, 1)(a)]))  # bias-corrected on an f32 side model
+        model = keras.Model(inp, L.Dense(2, dtype="float32")(L.GlobalAveragePooling2D()(a)))
+        for layer in model.layers:  # trained biases (zero ones vanish from the IR, and bias correction with them)
+            if getattr(layer, "bias", None) is not None:
+                layer.bias.assign(rng.uniform(0.05, 0.1, layer.bias.shape))
+        model.export(str(tmp_path / "sm"), verbose=False)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    to_onnx(str(tmp_path / "sm"), str(tmp_path / "m.onnx"), tolerance=0.02)  # TF rounds to float16 differently
+    to_openvino(str(tmp_path / "m.onnx"), str(tmp_path / "m.xml"))
+    fp = ov.Core().read_model(str(tmp_path / "m.xml"))
+    assert any(op.get_output_element_type(0) == ov.Type.f16 for op in fp.get_ordered_ops()
+               if op.get_type_name() == "Convolution")
+    x = rng.normal(size=(32, 8, 8, 3)).astype("float32")
+    assert calibration.int8_layers(_f32(calibration.calibrate(fp, x, verbose=False))) == {"int8": 4, "total": 4}
+    # ranges over the extremes seen: the error is the quantization's (the default mean of per-sample maxima
+    # clips these random maps, in float32 models as much: 0.15)
+    compiled = _f32(calibration.calibrate(fp, x, range_estimator="max", verbose=False))
+    ref = _f32(fp)({0: x})[0]
+    assert np.abs(compiled({0: x})[0] - ref).max() < 0.05 * np.abs(ref).max()
+    _, info = calibration.calibrate_with_accuracy_control(  # its ranking model switches float16 biases too
+        fp, x, (x, ref.argmax(1)), lambda c, d: float(np.mean(c(d[0])[0].argmax(1) == d[1])), max_drop=0.0,
+        verbose=False)
+    assert info["max_drop_met"]
+
+
 def _stem_ir(tmp_path):
     """conv -> ReLU -> ZeroPadding -> MaxPool -> two convs (a ResNet stem), as OpenVINO IR via our export."""
     keras.utils.set_random_seed(0)

@@ -126,6 +126,16 @@ def test_hostile_output_paths_are_refused_before_tensorflow_loads(saved_model, t
     assert (tmp_path / "link").is_symlink() and os.readlink(tmp_path / "link") == str(saved_model)
 
 
+def test_accuracy_aware_without_calibration_data_is_refused_before_tensorflow_loads(saved_model, tmp_path,
+                                                                                       no_tensorflow):
+    """--int8=accuracy_aware without --calibration_data wrote no INT8 model, measured nothing and exited 0."""
+    np.savez(tmp_path / "val.npz", x=np.zeros((2, 8, 8, 3), np.float32), y=np.array([0, 1]))
+    proc = command(f"--saved_model_dir={saved_model}", f"--output_dir={tmp_path / 'out'}",
+                   f"--validation_data={tmp_path / 'val.npz'}", "--int8=accuracy_aware", env=no_tensorflow)
+    assert_one_line_error(proc, "--int8=accuracy_aware needs --calibration_data")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_symlinked_output_is_replaced_not_followed(saved_model, tmp_path):
     target = tmp_path / "target"
     target.mkdir()
@@ -288,6 +298,50 @@ def test_labels_are_class_indices_or_one_hot(saved_model, tmp_path):
     logits = tf.saved_model.load(str(saved_model)).signatures["serving_default"](x=tf.constant(x))
     expected = float(np.mean(np.argmax(list(logits.values())[0].numpy(), axis=1) == idx))
     assert report["accuracy"]["original"] == report["accuracy"]["openvino_fp32"] == expected
+
+
+def test_labels_must_name_a_class_the_output_scores(saved_model, tmp_path):
+    """Accuracy is the argmax of the output: a one-unit sigmoid classifier's is always 0, so the export reported
+    the share of label 0 (0.875 for a model right on every sample) and accuracy control measured no drop; labels
+    beyond the output's classes were silently counted as wrong."""
+    import keras
+    from keras import layers as L
+
+    from tfcompress.export import export_saved_model
+
+    binary = keras.Sequential([keras.Input((6,), name="x"), L.Dense(1, activation="sigmoid")])
+    binary.export(str(tmp_path / "binary"), verbose=False)
+    x = np.random.default_rng(0).normal(size=(8, 6)).astype(np.float32)
+    np.savez(tmp_path / "val.npz", x=x, y=(binary.predict(x, verbose=0)[:, 0] > 0.5).astype(np.int64))
+    proc = command(f"--saved_model_dir={tmp_path / 'binary'}", f"--output_dir={tmp_path / 'out'}",
+                   f"--calibration_data={tmp_path / 'val.npz'}", f"--validation_data={tmp_path / 'val.npz'}",
+                   "--int8=accuracy_aware")
+    assert_one_line_error(proc, "has 1 value per sample", alone=False)
+    assert not (tmp_path / "out").exists() and not staging_dirs(tmp_path)
+    images = np.zeros((4, 8, 8, 3), np.float32)
+    with pytest.raises(ExportError, match=r"labels in \[0, 3\], but the model output .* scores 2 classes"):
+        export_saved_model(str(saved_model), str(tmp_path / "out2"), int8="none",
+                           validation_data=(images, np.array([0, 1, 3, 1])), verbose=False)
+    report = export_saved_model(str(saved_model), str(tmp_path / "out3"), int8="none",
+                                validation_data=(images, np.array([0, 1, 1, 1])), verbose=False)
+    assert report["accuracy"]["samples"] == 4
+
+
+def test_the_report_names_the_output_accuracy_was_measured_on(tmp_path):
+    """Of a model with several outputs the first by name is scored; the report did not say which."""
+    import keras
+    from keras import layers as L
+
+    from tfcompress.export import export_saved_model
+
+    inp = keras.Input((6,), name="x")
+    model = keras.Model(inp, {"z_main": L.Dense(3, name="z_main")(inp), "a_aux": L.Dense(3, name="a_aux")(inp)})
+    model.export(str(tmp_path / "sm"), verbose=False)
+    x = np.random.default_rng(0).normal(size=(8, 6)).astype(np.float32)
+    report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), int8="none", verbose=False,
+                                validation_data=(x, model.predict(x, verbose=0)["a_aux"].argmax(1)))
+    assert report["accuracy"]["output"] == "a_aux" and report["accuracy"]["original"] == 1.0
+    assert "## Accuracy (8 validation samples, output `a_aux`)" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_a_pickled_data_file_through_the_command(saved_model, tmp_path):

@@ -434,6 +434,20 @@ def test_masks_are_fixed_after_the_ramp():
     assert all(r <= 0.6 + 1e-9 for r in hist.history["flops_ratio"][1:])
 
 
+def test_a_second_fit_continues_the_schedule():
+    """Keras numbers a second ``fit`` call's epochs from 0 again; the pruner restarted its ramp there, so a
+    model pruned to 50 % came out of one more epoch of fine-tuning at 25 %, half its pruned channels revived."""
+    model = _compile(_flops_model())
+    x, y = np.random.default_rng(0).uniform(size=(32, 32, 32, 3)).astype("float32"), np.zeros(32, "int32")
+    pruner = FilterPruning(target=0.5, pruning_epochs=2, criterion="l1")
+    model.fit(x, y, epochs=2, batch_size=16, callbacks=[pruner], verbose=0)
+    after_first = pruner.masks
+    hist = model.fit(x, y, epochs=1, batch_size=16, callbacks=[pruner], verbose=0)
+    assert hist.history["pruning_level"] == [0.5]
+    for layers, keep in pruner.masks.items():
+        np.testing.assert_array_equal(keep, after_first[layers], err_msg=str(layers))
+
+
 def test_resume_after_the_ramp_keeps_the_checkpoint_masks(tmp_path, capsys):
     """Resumed after the ramp, a measured allocation does not measure again (on pruned weights it would rank
     differently): the channels zero in the checkpoint are the pruned ones, and nothing else goes."""
@@ -505,12 +519,29 @@ def test_revived_channel_gets_its_weights_back():
     (dict(round_to=0), 'round_to must be "auto" or an integer >= 1, got 0'),
     (dict(round_to=8.0), 'round_to must be "auto" or an integer'),
     (dict(round_to="16"), 'round_to must be "auto" or an integer'),
+    (dict(verbose="yes"), "verbose must be 0 or 1"),  # was int()'s "invalid literal for int() with base 10"
+    (dict(verbose=-1), "verbose must be 0 or 1"),
     (dict(flops_target=0.4, flops_allocation="sensitivity", sensitivity_data=([1], [1]), round_to=8),
      "round_to=8 is not supported"),
 ])
 def test_bad_arguments_fail_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FilterPruning(**kwargs)
+
+
+def test_no_ignored_layers_may_be_none():
+    """ignored_layers=None was a TypeError from tuple() ('NoneType' object is not iterable)."""
+    assert FilterPruning(ignored_layers=None, verbose=True).ignored_layers == ()
+
+
+def test_fractions_may_be_numpy_scalars():
+    """A level from a numpy sweep (np.linspace(...) in float32) was refused as 'must be a number'."""
+    pruner = FilterPruning(target=np.float32(0.5), flops_target=np.float64(0.3), max_group_level=np.float32(0.75))
+    assert (pruner.target, pruner.flops_target, pruner.max_group_level) == (0.5, 0.3, 0.75)
+    assert isinstance(pruner.target, float) and json.dumps(pruner.get_config())
+    for bad in (np.float32(1.0), np.float32("nan"), np.bool_(True), np.array([0.5])):
+        with pytest.raises(ValueError, match="target must be a number in"):
+            FilterPruning(target=bad)
 
 
 def test_bad_model_arguments_fail_before_training():
@@ -523,6 +554,24 @@ def test_bad_model_arguments_fail_before_training():
     tiny = _compile(keras.Sequential([keras.Input((4,)), L.Dense(10)]))
     with pytest.raises(ValueError, match="no prunable channel group"):
         tiny.fit(np.zeros((4, 4)), np.zeros(4), epochs=1, callbacks=[FilterPruning()], verbose=0)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_a_flops_target_out_of_reach_fails_before_training(allocation):
+    """Only c2 is prunable (c1 reads the input, c3 feeds a Reshape that mixes axes): 90 % of the FLOPs cannot go.
+    The pruner cut c2 to its limit (31 of 32 channels with "uniform"), missed the target silently and trained."""
+    inp = keras.Input((16, 16, 3))
+    a = L.Conv2D(32, 3, padding="same", name="c1")(inp)
+    c = L.Conv2D(4, 1, name="c3")(L.Conv2D(32, 3, padding="same", name="c2")(a))
+    model = _compile(keras.Model(inp, L.Dense(2)(L.Reshape((16 * 16 * 4,))(c))))
+    before = [w.copy() for w in model.get_weights()]
+    x, y = np.ones((4, 16, 16, 3), "float32"), np.zeros(4, "int32")
+    with pytest.raises(ValueError, match=r"flops_target=0.9 cannot be reached .* remove (88.6|71.5)% of its FLOPs"):
+        model.fit(x, y, epochs=1, callbacks=[FilterPruning(flops_target=0.9, flops_allocation=allocation)], verbose=0)
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    hist = model.fit(x, y, epochs=1, verbose=0, callbacks=[FilterPruning(flops_target=0.6, pruning_epochs=1,
+                                                                        flops_allocation=allocation)])
+    assert hist.history["flops_ratio"][0] <= 0.4 + 1e-9  # within reach: reached
 
 
 def test_exclusions_first_downsample_and_ignored():

@@ -14,7 +14,7 @@ from keras import layers as L
 
 import tfcompress
 from tfcompress import calibration
-from tfcompress.export import strip_saved_model, to_onnx, to_openvino
+from tfcompress.export import export_saved_model, strip_saved_model, to_onnx, to_openvino
 from tfcompress.quantization import ActivationQuantizer, RangeInit, quantize_model
 from conftest import SHARED_DATA, rel_error, run_mirrored
 from data import mnist
@@ -173,6 +173,24 @@ def test_qat_conv1d_savedmodel_is_counted_and_stripped(padding, rng, tmp_path):
     assert r.max_rel_error < 1e-4
 
 
+def test_pruned_layers_keep_their_own_weight_constraints(rng, tmp_path):
+    """The ChannelMask that keeps pruned channels zero replaced the layer's own constraint: a NonNeg kernel of a
+    pruned layer went negative in QAT."""
+    inp = keras.Input((8, 8, 3))
+    a = L.Conv2D(8, 3, name="c1", kernel_constraint=keras.constraints.NonNeg())(L.Conv2D(4, 3, name="c0")(inp))
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(a)))
+    tfcompress.zero_channels(model, next(g for g in tfcompress.channel_groups(model) if g.layers == ("c1",)), [0, 1])
+    q = quantize_model(model)
+    q.compile(keras.optimizers.SGD(0.5), "mse")
+    q.fit(rng.normal(size=(16, 8, 8, 3)), rng.normal(size=(16, 2)) * 10, epochs=2, verbose=0)
+    kernel = q.get_layer("c1").kernel.numpy()
+    assert kernel.min() >= 0 and kernel[..., 2:].any() and not kernel[..., :2].any()
+    q.save(tmp_path / "q.keras")
+    again = keras.models.load_model(tmp_path / "q.keras").get_layer("c1").kernel_constraint
+    assert isinstance(again.inner, keras.constraints.NonNeg)
+    assert isinstance(tfcompress.strip(q).get_layer("c1").kernel_constraint, keras.constraints.NonNeg)
+
+
 def test_unsupported_layers_warn_and_subclassed_models_fail():
     inp = keras.Input((8, 3))
     x = L.EinsumDense("btc,cd->btd", (8, 4), name="temporal")(inp)
@@ -194,6 +212,50 @@ def test_unsupported_layers_warn_and_subclassed_models_fail():
 
     with pytest.raises(tfcompress.UnsupportedModelError, match="subclassed"):
         quantize_model(Net())
+
+
+def test_a_quantization_aware_model_is_not_quantized_twice():
+    """quantize_model on its own result failed inside Keras ('The name "..._input_quant" is used 2 times')."""
+    q = quantize_model(small_cnn())
+    with pytest.raises(ValueError, match=r"already quantization-aware \(it has c1_input_quant, c1, "):
+        quantize_model(q)
+
+
+def test_one_ignored_layer_may_be_given_as_a_string():
+    """ignored_layers="c1" was read as the letters 'c' and '1' ("names ['1', 'c'] that are not layers")."""
+    q = quantize_model(small_cnn(), ignored_layers="c1")
+    assert type(q.get_layer("c1")) is L.Conv2D and type(q.get_layer("c2")) is not L.Conv2D
+
+
+def test_a_mixed_precision_model_trains_quantization_aware(rng, tmp_path):
+    """TF's FakeQuant ops take float32 only: under mixed_float16 the first training step failed with "Input
+    'inputs' of 'FakeQuantWithMinMaxVars' Op has type float16"."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        inp = keras.Input((8, 8, 3))
+        a = L.Conv2D(8, 3, padding="same", activation="relu")(inp)
+        a = L.DepthwiseConv2D(3)(L.SeparableConv2D(8, 3)(L.Add()([a, L.Conv2D(8, 1)(a)])))
+        a = L.Conv2D(8, 3, padding="same")(a)
+        model = keras.Model(inp, L.Dense(2, dtype="float32")(L.GlobalAveragePooling2D()(a)))
+        for layer in model.layers:  # trained biases (zero ones vanish from the IR, and bias correction with them)
+            if getattr(layer, "bias", None) is not None:
+                layer.bias.assign(rng.uniform(0.05, 0.1, layer.bias.shape))
+        q = quantize_model(model)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    x = rng.normal(size=(32, 8, 8, 3)).astype("float32")
+    q.compile(keras.optimizers.SGD(0.0), "mse")  # ranges only: the quantized model then computes the float one
+    q.fit(x, np.zeros((32, 2), "float32"), epochs=1, batch_size=8, callbacks=[RangeInit(4)], verbose=0)
+    ref = model.predict(x, verbose=0)
+    assert np.abs(q.predict(x, verbose=0) - ref).max() < 0.05 * np.abs(ref).max()
+    q.save(tmp_path / "q.keras")
+    again = keras.models.load_model(tmp_path / "q.keras")
+    np.testing.assert_array_equal(again.predict(x, verbose=0), q.predict(x, verbose=0))
+    q.export(str(tmp_path / "sm"), verbose=False)
+    # its float16 IR: bias correction measures the quantized weights on a float32 side model, which failed
+    # with "Element types for data batch and filters do not match (... f32, filters element type: f16)"
+    report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), calibration_data=x, verbose=False)
+    assert report["steps"]["int8"]["int8_layers"] == {"int8": 7, "total": 7}
 
 
 MIRRORED = """

@@ -11,7 +11,7 @@ import numpy as np
 from tfcompress.calibration.names import layer_names as user_layer_names
 from tfcompress.calibration.placement import bias_input, find_points, quantized_inputs
 from tfcompress.calibration.quantize import (
-    _act_fq, _bias_value, _build, _calibration_state, _check_args, _read, _weight_fq,
+    _act_fq, _build, _calibration_state, _check_args, _read, _shifted_bias, _weight_fq,
 )
 from tfcompress.calibration.statistics import Progress, iterate_samples
 
@@ -99,10 +99,8 @@ def switchable(model, ranges: dict, shifts: dict, candidates: list[int], ignored
         w = wp.op.input(1).get_source_output()
         wp.op.input(1).replace_source_output(chosen(wp.key, _weight_fq(wp).output(0), w))
         if wp.key in shifts:
-            b = _bias_value(wp.op)
             inp = bias_input(wp.op)
-            shifted = ops.constant((b.reshape(-1) + shifts[wp.key].reshape(-1)).reshape(b.shape)).output(0)
-            inp.replace_source_output(chosen(wp.key, shifted, inp.get_source_output()))
+            inp.replace_source_output(chosen(wp.key, _shifted_bias(wp, shifts[wp.key]), inp.get_source_output()))
     q.add_parameters(list(switch.values()))
     q.validate_nodes_and_infer_types()
     return q
@@ -278,7 +276,13 @@ def calibrate_with_accuracy_control(
 
     def validate(m) -> float:
         compiled = search.compile(m)
-        return float(validate_fn(compiled, validation_data))
+        metric = validate_fn(compiled, validation_data)
+        # a drop from a metric that is not a finite number (nan from an empty batch, text) compares false with
+        # max_drop: the search would stop at once, or accept anything
+        if isinstance(metric, (bool, str, np.bool_)) or not np.ndim(metric) == 0 or \
+                not np.isfinite(np.asarray(metric, dtype=float)):
+            raise ValueError(f"validate_fn must return a finite number (higher is better), got {metric!r:.80}")
+        return float(metric)
 
     fp_metric = validate(model)
 

@@ -22,9 +22,12 @@ def _read(model):
     import openvino as ov
 
     if isinstance(model, str):
-        return ov.Core().read_model(model)
+        model = ov.Core().read_model(model)
     if not isinstance(model, ov.Model):
         raise TypeError(f"expected an openvino.Model or an IR path, got {type(model).__name__}")
+    if len(model.inputs) != 1:  # the statistics pass feeds one tensor per sample
+        names = [next(iter(i.get_names()), str(i.get_node().get_friendly_name())) for i in model.inputs]
+        raise ValueError(f"calibration takes models with one input; this one has {len(names)}: {names}")
     return model
 
 
@@ -93,11 +96,17 @@ def _act_fq(output, rng):
     (shaped to broadcast over axis 1 of the tensor)."""
     import openvino.opset13 as ops
 
-    lo, hi = (np.asarray(v, np.float32) for v in rng)
+    lo, hi = (np.asarray(v, np.float32).astype(_dtype(output)) for v in rng)
     if lo.ndim:
         shape = [1, lo.size] + [1] * (len(output.get_partial_shape()) - 2)
         lo, hi = lo.reshape(shape), hi.reshape(shape)
     return ops.fake_quantize(output, lo, hi, lo, hi, 256)
+
+
+def _dtype(output) -> np.dtype:
+    """The numpy type of an IR tensor: FakeQuantize limits and new constants take it (float16 in the IR of a
+    Keras mixed_float16 model, whose ops OpenVINO refuses to mix with float32 inputs)."""
+    return np.dtype(output.get_element_type().to_dtype())
 
 
 def _float_weights(wp: WeightPoint) -> np.ndarray:
@@ -131,15 +140,17 @@ def _grid_weights(wp: WeightPoint) -> np.ndarray:
     return np.clip(w, -top, top).astype(np.float32)
 
 
-def _weight_fq(wp: WeightPoint, copy: bool = False):
+def _weight_fq(wp: WeightPoint, copy: bool = False, dtype: np.dtype | None = None):
     """FakeQuantize of a layer's weights: symmetric per output channel on the int8 grid (255 levels), or the
     7-bit grid of the overflow fix. It reads the layer's own weight input, or, with ``copy`` or on the 7-bit
-    grid, a new constant of the weights (clipped at the grid's top level there: :func:`_grid_weights`)."""
+    grid, a new constant of the weights (clipped at the grid's top level there: :func:`_grid_weights`), in
+    ``dtype`` (by default the type of the layer's weights)."""
     import openvino.opset13 as ops
 
-    m = _weight_limit(wp, _float_weights(wp))
+    dtype = dtype or _dtype(wp.op.input(1).get_source_output())
+    m = _weight_limit(wp, _float_weights(wp)).astype(dtype)
     if copy or wp.half_range:
-        src = ops.constant(_grid_weights(wp)).output(0)
+        src = ops.constant(_grid_weights(wp).astype(dtype)).output(0)
     else:
         src = wp.op.input(1).get_source_output()
     return ops.fake_quantize(src, -m, m, -m, m, WEIGHT_LEVELS)
@@ -258,7 +269,7 @@ def fast_bias_shifts(points, stats: Statistics) -> dict:
         weights = _float_weights(wp)
         axes = np.array([a for a in range(len(shape)) if a != 1], np.int64)
         for x, w in ((mean_map, ops.constant(weights).output(0)),
-                     (blob, _weight_fq(wp, copy=True).output(0))):
+                     (blob, _weight_fq(wp, copy=True, dtype=np.float32).output(0))):  # an f32 side model
             p = ops.parameter(shape, ov.Type.f32)
             params.append(p)
             results.append(ops.reduce_mean(_weighted_like(wp.op, p, w), axes, keep_dims=False).output(0))
@@ -312,9 +323,16 @@ def _build(model, ranges: dict, shifts: dict, skip_ops=frozenset(), ignored_laye
 
 def _shift_bias(wp: WeightPoint, shift: np.ndarray, ops) -> None:
     """Add ``shift`` (per output channel) to the layer's bias constant (:func:`placement.bias_input`)."""
-    inp = bias_input(wp.op)
+    bias_input(wp.op).replace_source_output(_shifted_bias(wp, shift))
+
+
+def _shifted_bias(wp: WeightPoint, shift: np.ndarray):
+    """A new constant: the layer's bias plus ``shift`` (per output channel), in the bias input's type."""
+    import openvino.opset13 as ops
+
     b = _bias_value(wp.op)
-    inp.replace_source_output(ops.constant((b.reshape(-1) + shift.reshape(-1)).reshape(b.shape)).output(0))
+    shifted = (b.reshape(-1) + shift.reshape(-1)).reshape(b.shape)
+    return ops.constant(shifted.astype(_dtype(bias_input(wp.op).get_source_output()))).output(0)
 
 
 def calibrate(

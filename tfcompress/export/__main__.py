@@ -17,8 +17,8 @@ flags.DEFINE_string("calibration_data", None, "Samples for INT8 calibration (the
                     "(x[, y]) or a directory of images in class sub-folders. Given, model_int8.xml/.bin is written.")
 flags.DEFINE_enum("int8", "default", ["default", "accuracy_aware", "none"],
                   "INT8 calibration mode (with --calibration_data): default (ranges + bias correction), "
-                  "accuracy_aware (also reverts layers to float until the drop <= --max_drop; needs labelled "
-                  "--validation_data) or none.")
+                  "accuracy_aware (also reverts layers to float until the drop <= --max_drop; needs --calibration_data "
+                  "and labelled --validation_data) or none.")
 flags.DEFINE_float("max_drop", 0.01, "Largest accuracy drop allowed by --int8=accuracy_aware.")
 flags.DEFINE_integer("max_iterations", 50, "With --int8=accuracy_aware, the most layers reverted to float; "
                      "the search stops there even if --max_drop is not reached.")
@@ -47,7 +47,8 @@ def main(argv: list[str]) -> int:
     # the paths and options first: importing the pipeline imports TensorFlow, which takes seconds
     check_args(FLAGS.saved_model_dir, FLAGS.output_dir, FLAGS.int8, FLAGS.max_drop, FLAGS.opset, FLAGS.overwrite,
                FLAGS.max_iterations,
-               {"--calibration_data": FLAGS.calibration_data, "--validation_data": FLAGS.validation_data})
+               {"--calibration_data": FLAGS.calibration_data, "--validation_data": FLAGS.validation_data},
+               calibration_data=FLAGS.calibration_data is not None)
     import_tensorflow_quietly()
     from tfcompress.export.pipeline import export_saved_model
 

@@ -12,7 +12,7 @@ import tensorflow as tf
 from tfcompress.errors import ExportError
 from tfcompress.export.options import check_data_path
 
-__all__ = ["load_data"]
+__all__ = ["load_data", "check_labels"]
 
 _X_KEYS = ("x", "x_test", "x_val", "x_train", "images", "inputs")
 _Y_KEYS = ("y", "y_test", "y_val", "y_train", "labels")
@@ -65,6 +65,20 @@ def load_data(path, spec: tf.TensorSpec, what: str = "data") -> tuple[np.ndarray
     if y is not None:
         y = _class_indices(y, len(x), path, what)
     return x, y
+
+
+def check_labels(y: np.ndarray, classes: int, output: str, what: str = "validation data") -> None:
+    """Raise :class:`ExportError` unless the class indices ``y`` can be scored against the model output
+    ``output``, which has ``classes`` values per sample: accuracy is the share of samples whose label is the
+    output's argmax, so the output needs one score per class (a one-unit sigmoid or regression output's argmax
+    is always 0) and every label must name one of them."""
+    if classes < 2:
+        raise ExportError(f"{what} has labels, but the model output {output!r} has {classes} value per sample: "
+                          "accuracy is the argmax of one score per class, which a one-unit (sigmoid or "
+                          "regression) output does not give; pass the samples without labels")
+    if y.min() < 0 or y.max() >= classes:
+        raise ExportError(f"{what} has labels in [{y.min()}, {y.max()}], but the model output {output!r} scores "
+                          f"{classes} classes (labels 0..{classes - 1})")
 
 
 def _real_numbers(dtype: np.dtype) -> bool:

@@ -16,16 +16,19 @@ INT8_MODES = ("default", "accuracy_aware", "none")
 
 def check_args(saved_model_dir: str, output_dir: str, int8: str = "default", max_drop: float = 0.01,
                opset: int = 17, overwrite: bool = False, max_iterations: int = 50,
-               data: Mapping[str, Any] | None = None) -> None:
+               data: Mapping[str, Any] | None = None, calibration_data: bool = True) -> None:
     """Raise :class:`ExportError` for an option out of range, a missing SavedModel, a data path that
     :func:`check_data_path` refuses, or an output directory that may not be written (see
     :func:`tfcompress.output_dir.check_output_dir`: never an input, inside one or around one). The inputs are
     the SavedModel and the paths among ``data`` (what it is called -> calibration / validation file, image
     folder, array or None; arrays are not paths). Only the file system is looked at: the SavedModel's content
-    and the data are checked when they are read.
+    and the data are checked when they are read. ``calibration_data``: whether calibration data was given
+    (``int8="accuracy_aware"`` asks for it explicitly: without it no INT8 model would be written).
     """
     if int8 not in INT8_MODES:
         raise ExportError(f"--int8 must be one of {list(INT8_MODES)}, got {int8!r}")
+    if int8 == "accuracy_aware" and not calibration_data:
+        raise ExportError("--int8=accuracy_aware needs --calibration_data (and labelled --validation_data)")
     if not (isinstance(max_drop, (int, float)) and 0 <= max_drop < 1):
         raise ExportError(f"--max_drop must be in [0, 1), got {max_drop!r}")
     if not isinstance(opset, int) or not 13 <= opset <= 18:

@@ -13,7 +13,7 @@ import numpy as np
 from tfcompress.errors import ExportError
 from tfcompress.export.checks import QuantizedCheck, half_precision_tolerance, quantized_check
 from tfcompress.export.convert import freeze_for_export, run_openvino, saved_model_to_openvino, to_onnx, to_openvino
-from tfcompress.export.data import load_data
+from tfcompress.export.data import check_labels, load_data
 from tfcompress.export.options import check_args
 from tfcompress.output_dir import staged_output
 from tfcompress.stripping.savedmodel_strip import (
@@ -96,7 +96,8 @@ def export_saved_model(
         The report (also written as ``report.json``).
     """
     check_args(saved_model_dir, output_dir, int8, max_drop, opset, overwrite, max_iterations,
-               {"calibration data": calibration_data, "validation data": validation_data})
+               {"calibration data": calibration_data, "validation data": validation_data},
+               calibration_data=calibration_data is not None)
 
     _log = _logger(verbose)
     t0 = time.perf_counter()
@@ -110,6 +111,10 @@ def export_saved_model(
     valid = load_data(validation_data, spec, "validation data") if validation_data is not None else None
     if int8 == "accuracy_aware" and calib is not None and (valid is None or valid[1] is None):
         raise ExportError("--int8=accuracy_aware needs --validation_data with labels to measure the drop")
+    out_key = sorted(frozen.outputs)[0]  # the output accuracy is measured on
+    if valid is not None and valid[1] is not None:
+        scores = run_frozen(frozen, frozen.graph_def, {name: valid[0][:1]})[out_key]
+        check_labels(valid[1], int(np.prod(scores.shape[1:])), out_key)
     quantized = any(n.op.startswith("FakeQuant") for n in frozen.graph_def.node)
     check = None
     for data in (valid, calib):
@@ -177,12 +182,11 @@ def export_saved_model(
         if valid is not None and valid[1] is not None:
             _log("[5/5] measuring accuracy on the validation data")
             x, y = valid
-            out_key = sorted(frozen.outputs)[0]
             report["accuracy"] = {
                 "original": _accuracy(_batched(lambda b: run_frozen(frozen, frozen.graph_def, {name: b})[out_key], x), y),
                 "stripped": _accuracy(_batched(lambda b: _run_stripped(stripped_dir, signature_key, name, b, out_key), x), y),
                 "openvino_fp32": _accuracy(_batched(lambda b: list(run_openvino(xml, {name: b}).values())[0], x), y),
-                "samples": int(len(x)),
+                "samples": int(len(x)), "output": out_key,
             }
             if os.path.exists(onnx_path):
                 onnx_fn = _onnx_fn(onnx_path)
@@ -385,7 +389,8 @@ def _markdown(r: dict) -> str:
                 lines.append(f"**max_drop NOT met**: {s['warning']}.")
     if "accuracy" in r:
         a = r["accuracy"]
-        lines += ["", f"## Accuracy ({a['samples']} validation samples)", "", "| artifact | accuracy |", "|---|---|"]
+        lines += ["", f"## Accuracy ({a['samples']} validation samples, output `{a['output']}`)", "",
+                  "| artifact | accuracy |", "|---|---|"]
         for k in ("original", "stripped", "onnx", "openvino_fp32", "openvino_int8"):
             if k in a:
                 lines.append(f"| {k} | {100 * a[k]:.2f} % |")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import warnings
 from typing import Any, Iterable
@@ -53,6 +54,10 @@ class FilterPruning(keras.callbacks.Callback):
     ``fit`` returns (also when the optimizer's ``use_ema`` swaps in averaged weights). With
     ``steps_per_execution=k`` Keras calls callbacks every ``k`` steps only, so the zeroing happens that often
     (a warning says so).
+
+    Epochs count from the first ``fit`` the callback saw on the model: a later ``fit`` call with the same callback
+    continues the schedule (and keeps a finished ramp's masks) rather than restarting it at its epoch 0; a
+    resumed run in a new process continues it through ``initial_epoch``.
 
     Each epoch's ``logs`` get ``pruning_level`` (fraction of prunable filters removed) and ``flops_ratio``
     (remaining / original FLOPs): the progress bar, ``History`` and a ``TensorBoard`` callback placed *after*
@@ -145,6 +150,8 @@ class FilterPruning(keras.callbacks.Callback):
         super().__init__()
         if isinstance(ignored_layers, str):
             ignored_layers = [ignored_layers]
+        if ignored_layers is None:
+            ignored_layers = ()
         self.target = _fraction("target", target)
         self.flops_target = None if flops_target is None else _fraction("flops_target", flops_target)
         self.criterion = _choice("criterion", criterion, [*CRITERIA, "emitted"])
@@ -160,6 +167,8 @@ class FilterPruning(keras.callbacks.Callback):
         self.max_group_level = _fraction("max_group_level", max_group_level)
         self.round_to = "auto" if isinstance(round_to, str) and round_to == "auto" else \
             _count("round_to", round_to, minimum=1, alternative='"auto" or ')
+        if not isinstance(verbose, (bool, int, np.integer)) or verbose < 0:
+            raise ValueError(f"verbose must be 0 or 1 (or a bool), got {verbose!r}")
         self.verbose = int(verbose)
         if self.flops_allocation == "sensitivity":
             if self.flops_target is None:
@@ -258,8 +267,10 @@ class FilterPruning(keras.callbacks.Callback):
     def on_train_begin(self, logs: dict | None = None) -> None:
         if self._state is None or self._state.model is not self.model:
             self._state = self._analyse(self.model)
+            self._check_reachable()
             if self.flops_allocation == "sensitivity":
                 sensitivity.check_fits(self.model, self.sensitivity_data)
+        self._state.offset = None  # a new fit: set by its first epoch
         steps = getattr(self.model, "steps_per_execution", 1)
         if isinstance(steps, int) and steps > 1:
             warnings.warn(
@@ -270,6 +281,12 @@ class FilterPruning(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         st = self._require()
+        # Keras numbers the epochs of every fit call from its initial_epoch (0 by default): a second fit on the
+        # same model continues the schedule where the previous one stopped instead of restarting its ramp
+        if st.offset is None:
+            st.offset = max(0, st.next_epoch - epoch)
+        epoch += st.offset
+        st.next_epoch = epoch + 1
         in_ramp = self.start_epoch <= epoch < self.start_epoch + self.pruning_epochs
         after_ramp = epoch >= self.start_epoch + self.pruning_epochs
         level = self.level_at(epoch)
@@ -350,6 +367,27 @@ class FilterPruning(keras.callbacks.Callback):
             masks.set({gid: _keep_some(k, g.blocks) for (gid, k), g in zip(resumed.items(), groups)})
             st.resumed = True
         return st
+
+    def _check_reachable(self) -> None:
+        """Refuse, before training, a ``flops_target`` the prunable groups cannot reach: every group would be cut
+        to its limit (one channel, or ``max_group_level``) and the target still missed."""
+        st = self._require()
+        if self.flops_target is None:
+            return
+        groups = st.masks.groups
+        if self.flops_allocation == "uniform":
+            most = {g.id: _aligned(g.size, g, self._multiple(g)) for g in groups}
+        else:
+            most = {g.id: self._cap(g) for g in groups}
+        best = 1.0 - self._flops_of(most) / st.full_flops
+        if best < self.flops_target - 1e-9:
+            limit = "one channel per group" if self.flops_allocation == "uniform" else \
+                f"max_group_level={self.max_group_level} of every group"
+            raise ValueError(
+                f"flops_target={self.flops_target} cannot be reached on model {self.model.name!r}: its prunable "
+                f"groups ({len(groups)}, {sum(g.size for g in groups)} channels) cut to {limit} remove "
+                f"{best:.1%} of its FLOPs; lower flops_target, or allow more (max_group_level, prune_first_conv, "
+                "prune_downsample_convs, ignored_layers)")
 
     def _reaches(self, removed: dict[int, int], level: float) -> bool:
         """Whether removing ``removed`` channels per group already meets ``level`` (per group, or in FLOPs)."""
@@ -492,6 +530,8 @@ class _State:
         self.channel_cost: dict[int, float] = {}  # what the per-cost allocations divide by (FLOPs or seconds)
         self.sensitivity_path: list[tuple[dict[int, int], float]] | None = None  # "sensitivity" allocation
         self.resumed = False  # channels were already zero when training started (a checkpoint of a pruned run)
+        self.next_epoch = 0  # the schedule's epoch after the last one this model trained with the callback
+        self.offset: int | None = None  # added to the epochs Keras numbers in the current fit call
 
 
 def _aligned(n: float, g: ChannelGroup, round_to: int = 1) -> int:
@@ -535,7 +575,8 @@ def _profile(allocation: str, flops_target: float | None, profile: Any) -> dict[
 
 
 def _fraction(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+    # numpy scalars too (a level taken from np.linspace is a np.float32 or np.float64)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) < 1.0:
         raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
     return float(value)
 

@@ -32,7 +32,8 @@ def fake_quant_weights(kernel, per_channel: bool = True, half_range: bool = Fals
     [-m * 127/63, m * 127/63] instead: the weights then take the integers -63..63 only, and INT8 kernels of
     CPUs without VNNI cannot saturate their int16 pair sums (see ``tfcompress.calibration.cpu_saturates_int8``).
     """
-    k = tf.convert_to_tensor(kernel)
+    dtype = tf.convert_to_tensor(kernel).dtype
+    k = tf.cast(kernel, tf.float32)  # TF's FakeQuant ops take float32 only (a mixed_float16 layer's is float16)
     scale = 127.0 / 63.0 if half_range else 1.0
     if per_channel:
         flat = tf.reshape(k, (-1, k.shape[-1]))
@@ -40,9 +41,9 @@ def fake_quant_weights(kernel, per_channel: bool = True, half_range: bool = Fals
         # TF's per-channel FakeQuant (and its gradient) takes ranks 1..4: a Conv3D kernel goes through as a matrix
         v = flat if len(k.shape) > 4 else k
         q = tf.quantization.fake_quant_with_min_max_vars_per_channel(v, -m, m, num_bits=8, narrow_range=True)
-        return tf.reshape(q, k.shape) if v is flat else q
+        return tf.cast(tf.reshape(q, k.shape) if v is flat else q, dtype)
     m = tf.stop_gradient(tf.maximum(tf.reduce_max(tf.abs(k)), 1e-12)) * scale
-    return tf.quantization.fake_quant_with_min_max_vars(k, -m, m, num_bits=8, narrow_range=True)
+    return tf.cast(tf.quantization.fake_quant_with_min_max_vars(k, -m, m, num_bits=8, narrow_range=True), dtype)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -62,6 +63,9 @@ class ActivationQuantizer(keras.layers.Layer):
     """
 
     def __init__(self, symmetric: bool = True, range_mode: str = "ema", momentum: float = 0.99, **kwargs):
+        # TF's FakeQuant op takes float32 only: in a mixed-precision model the quantizer still computes in float32
+        # (Keras casts its input up, and the next layer casts the output back to its own compute dtype)
+        kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         if range_mode not in ("ema", "learned"):
             raise ValueError(f"range_mode must be 'ema' or 'learned', got {range_mode!r}")
@@ -139,14 +143,18 @@ class ChannelMask(keras.constraints.Constraint):
     Args:
         keep: one flag per channel along ``axis`` (of the weight viewed with shape ``view``, if given).
         extra: more ``{"keep", "axis", "view"}`` masks, all applied (e.g. pruned outputs and pruned inputs).
+        inner: the weight's own constraint (a Keras constraint or its config), applied before the masks.
     """
 
-    def __init__(self, keep, axis: int = -1, view=None, extra=()):
+    def __init__(self, keep, axis: int = -1, view=None, extra=(), inner=None):
         self.masks = [{"keep": [bool(k) for k in keep], "axis": int(axis), "view": list(view) if view else None}]
         self.masks += [{"keep": [bool(k) for k in m["keep"]], "axis": int(m["axis"]),
                         "view": list(m["view"]) if m.get("view") else None} for m in extra]
+        self.inner = keras.constraints.get(inner)
 
     def __call__(self, w):
+        if self.inner is not None:
+            w = self.inner(w)
         shape = tuple(w.shape)
         mask = np.ones(shape, np.float32)
         for m in self.masks:
@@ -158,7 +166,8 @@ class ChannelMask(keras.constraints.Constraint):
 
     def get_config(self):
         first, *extra = self.masks
-        return {**first, "extra": extra}
+        inner = None if self.inner is None else keras.constraints.serialize(self.inner)
+        return {**first, "extra": extra, "inner": inner}
 
 
 class _QuantizedKernel:
@@ -257,7 +266,7 @@ class _QuantSeparableConv(_QuantizedKernel):
     def call(self, inputs, training=False):
         x = ops.depthwise_conv(inputs, _quantized_depthwise(self, self.depthwise_kernel), strides=self.strides,
                                padding=self.padding, dilation_rate=self.dilation_rate, data_format=self.data_format)
-        x = self.intermediate_quantizer(x, training=training)
+        x = ops.cast(self.intermediate_quantizer(x, training=training), self.compute_dtype)
         x = ops.conv(x, self.quantized_kernel(self.pointwise_kernel), strides=1, padding="valid",
                      data_format=self.data_format)
         return _bias_and_activation(self, x)

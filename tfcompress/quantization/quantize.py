@@ -92,14 +92,18 @@ def quantize_model(
 
     Raises:
         tfcompress.UnsupportedModelError: for a subclassed model.
-        ValueError: unknown preset, overflow_fix or ignored layer.
+        ValueError: unknown preset, overflow_fix or ignored layer, or a model already quantization-aware.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
     if overflow_fix not in OVERFLOW_FIX:
         raise ValueError(f"unknown overflow_fix {overflow_fix!r}; choose one of {list(OVERFLOW_FIX)}")
     kg = build_graph(model)
-    ignored = set(ignored_layers)
+    done = [path for path, layer in kg.layers.items() if isinstance(layer, (ActivationQuantizer, Q._QuantizedKernel))]
+    if done:
+        raise ValueError(f"model {model.name!r} is already quantization-aware (it has {', '.join(done[:3])}"
+                         f"{' ...' if len(done) > 3 else ''}); quantize the float model it was made from")
+    ignored = {ignored_layers} if isinstance(ignored_layers, str) else set(ignored_layers)
     missing = sorted(ignored - set(kg.layers))
     if missing:
         raise ValueError(f"ignored_layers names {missing} that are not layers of model {model.name!r}")
@@ -144,7 +148,8 @@ def quantize_model(
                     continue
                 (k0, a0, v0), *rest = specs
                 constraint = ChannelMask(k0.tolist(), a0, v0,
-                                         extra=[{"keep": k.tolist(), "axis": a, "view": v} for k, a, v in rest])
+                                         extra=[{"keep": k.tolist(), "axis": a, "view": v} for k, a, v in rest],
+                                         inner=cfg.get(key))  # the layer's own constraint still applies
                 cfg[key] = constraint
                 idx = names.index(name)
                 weights[idx] = np.asarray(constraint(keras.ops.convert_to_tensor(weights[idx])))

@@ -61,10 +61,10 @@ def _rebuild(kg: KerasGraph, removed: dict[int, np.ndarray], consts: dict[int, n
 
 def _new_layer(layer, path, kind, in_keeps, out_keep, folds, changed) -> keras.layers.Layer:
     cfg = layer_config(layer, path, kind.config(in_keeps, out_keep, folds) if changed else None)
-    if changed:  # masks of pruned channels (from quantize_model) refer to the old channel count
-        for key, value in list(cfg.items()):
+    if changed:  # masks of pruned channels (from quantize_model) refer to the old channel count: the layer's
+        for key, value in list(cfg.items()):  # own constraint they wrap stays
             if key.endswith("_constraint") and isinstance(value, dict) and value.get("class_name") == "ChannelMask":
-                cfg[key] = None
+                cfg[key] = value.get("config", {}).get("inner")
     if changed and kind.needs_bias(folds):
         cfg["use_bias"] = True
     try:
