@@ -24,9 +24,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+import numpy as np
+
 __all__ = [
     "OpPolicy", "WEIGHTED", "DEPTHWISE", "JOIN", "GATE", "POOLING", "MAX_POOLING", "PAD", "RESHAPE", "FLOAT",
-    "OVERFLOW_FIX", "quantized_inputs", "quantizer_moves_above",
+    "OVERFLOW_FIX", "on_int8_grid", "quantized_inputs", "quantizer_moves_above",
 ]
 
 
@@ -99,3 +101,29 @@ def quantizer_moves_above(policy: OpPolicy, readers_read_quantized: Sequence[boo
     """Whether the quantizer of an op's output goes before the op instead: it only moves values and every
     reader of its output reads that output quantized anyway (one quantizer, and INT8 runs through the op)."""
     return policy.moves_values and bool(readers_read_quantized) and all(readers_read_quantized)
+
+
+def on_int8_grid(w: np.ndarray, axis: int, tolerance: float = 1e-3):
+    """(q, scale) if every slice along ``axis`` is ``q * scale`` with integer q in [-127, 127], within
+    ``tolerance`` steps, else (None, None): weights that quantization-aware training put on the weight grid,
+    even after a converter folded the fake quantization into float constants.
+
+    A slice's largest |q| is 127 (the full grid), or 63 where the weights were trained on the overflow fix's
+    7-bit grid (:data:`OVERFLOW_FIX`). Weights stored as float16 are on the grid only to float16's precision:
+    a tolerance of 0.1 steps (127 x 2^-11 = 0.06 at most) still tells them from unquantized weights."""
+    w = np.asarray(w, np.float64)
+    moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    amax = np.abs(moved).max(axis=1)
+    if not np.all(amax > 0):
+        amax = np.where(amax > 0, amax, 1.0)
+    found = np.zeros(len(amax), dtype=bool)
+    scale = np.zeros_like(amax)
+    for top in (127.0, 63.0):
+        q = moved / (amax / top)[:, None]
+        fits = ~found & np.all(np.abs(q - np.round(q)) < tolerance, axis=1)
+        scale[fits] = amax[fits] / top
+        found |= fits
+    if not found.all():
+        return None, None
+    q = np.round(moved / scale[:, None])
+    return np.moveaxis(q.reshape(np.moveaxis(w, axis, 0).shape), 0, axis), scale

@@ -129,14 +129,14 @@ _WEIGHT_PATH = {"Multiply", "Subtract", "Reshape", "Unsqueeze", "Squeeze", "Tran
 def _quantized_weights(output, depth: int = 8) -> bool:
     """Weights quantized already: a FakeQuantize (QAT), or integer constants decompressed by Convert ->
     (Subtract) -> Multiply, as OpenVINO's readers store QAT weights and calibration stores its own, possibly
-    reshaped or rescaled by constants on the way to the layer."""
+    reshaped, rescaled by constants or cast to another float type on the way to the layer."""
     node = output.get_node()
     t = node.get_type_name()
     if t == "FakeQuantize":
         return True
-    if t == "Convert":
-        return not node.get_input_element_type(0).is_real() and _is_const(_source(node.input(0)))
-    if t not in _WEIGHT_PATH or depth == 0:
+    if t == "Convert" and not node.get_input_element_type(0).is_real():
+        return _is_const(_source(node.input(0)))
+    if t not in _WEIGHT_PATH | {"Convert"} or depth == 0:  # a float Convert: a mixed-precision model's cast
         return False
     found = [_quantized_weights(_source(i), depth - 1) for i in node.inputs()]
     return any(found) and all(f or _is_const(_source(i)) for f, i in zip(found, node.inputs()))
@@ -184,9 +184,30 @@ def _first_layers(ops, weighted: set[int], pos: dict) -> set[int]:
     return first
 
 
+def _trained_int8(op) -> bool:
+    """A layer whose weights quantization-aware training quantized: FakeQuantize or int8 weights, or constants
+    on the int8 weight grid (a converter folded the fake quantization; float16 ones to their precision)."""
+    if not _has_weights(op):
+        return False
+    src = _source(op.input(1))
+    if _quantized_weights(src):
+        return True
+    const = _through_convert(src)
+    if const.get_type_name() != "Constant" or not const.get_output_element_type(0).is_real():
+        return False
+    axes = _weight_axes(op, tuple(const.get_output_shape(0)))
+    if axes is None:
+        return False
+    w = const.get_data()
+    tolerance = 0.1 if w.dtype == np.float16 else 1e-3
+    return policy.on_int8_grid(w.reshape(w.shape[0] * w.shape[1], *w.shape[2:]) if len(axes) == 2 else w,
+                               axes[0], tolerance)[0] is not None
+
+
 def find_points(model, ignored_layers=(), overflow_fix: str = "disable") -> tuple[list[ActivationPoint], list[WeightPoint]]:
-    """The activation and weight quantization points of ``model`` (existing FakeQuantize ops are kept);
-    ``overflow_fix`` (see :data:`OVERFLOW_FIX`) marks the weights to put on the 7-bit grid."""
+    """The activation and weight quantization points of ``model`` (existing FakeQuantize ops are kept; in a
+    model whose training quantized some layers' weights, only those layers are completed); ``overflow_fix``
+    (see :data:`OVERFLOW_FIX`) marks the weights to put on the 7-bit grid."""
     ops = list(model.get_ordered_ops())
     # ov node objects are re-created on access: identify nodes by their (unique) names
     pos = {op.get_name(): k for k, op in enumerate(ops)}
@@ -238,9 +259,13 @@ def find_points(model, ignored_layers=(), overflow_fix: str = "disable") -> tupl
             point.targets.append(inp)
         point.layers.append(layer)
 
+    # a quantization-aware model (weights quantized by training) says itself where it runs INT8: only those
+    # layers get what they miss (an activation quantizer); what it left float (attention, ignored layers) stays
+    trained = {k for k, op in enumerate(ops) if _trained_int8(op)} if any(
+        op.get_type_name() == "FakeQuantize" for op in ops) else set()  # QAT also quantizes activations
     for k, op in enumerate(ops):
         name = op.get_friendly_name()
-        if name in ignored:
+        if name in ignored or trained and k not in trained:
             continue
         for i in quantized_inputs(op):  # QAT weights: only the missing activation quantizer is added
             add_act(op.input(i), name, i == 0 and op_policy(op).per_channel_input)

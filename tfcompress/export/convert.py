@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from tfcompress.graph.frozen_graph import calls_functions, inline_function_calls, keep_library_functions_in_use
+from tfcompress.int8_policy import on_int8_grid
 from tfcompress.output_dir import STAGING_PREFIX, staged_file
 from tfcompress.stripping.savedmodel_strip import (
     ExportError, FrozenSignature, check_outputs, freeze_saved_model, run_frozen, sample_inputs,
@@ -362,7 +363,7 @@ def restore_weight_quantization(model) -> int:
             axis = 0 if trans_b else 1
         else:
             axis = w.ndim - 1
-        q, scale = _on_int8_grid(w, axis)
+        q, scale = on_int8_grid(w, axis)
         if q is None:
             continue
         base = name.replace(":", "_")
@@ -486,28 +487,6 @@ def raise_quantize_above_reshapes(model) -> int:
         model.graph.value_info.extend(kept)
         moves += 1
     return moves
-
-
-def _on_int8_grid(w: np.ndarray, axis: int):
-    """(q, scale) if every slice along ``axis`` is ``q * scale`` with integer q in [-127, 127], else (None, None).
-
-    A slice's largest |q| is 127 (the full grid), or 63 where the weights were trained on the overflow fix's
-    7-bit grid (``quantize_model(overflow_fix=...)``)."""
-    moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
-    amax = np.abs(moved).max(axis=1)
-    if not np.all(amax > 0):
-        amax = np.where(amax > 0, amax, 1.0)
-    found = np.zeros(len(amax), dtype=bool)
-    scale = np.zeros_like(amax)
-    for top in (127.0, 63.0):
-        q = moved / (amax / top)[:, None]
-        fits = ~found & np.all(np.abs(q - np.round(q)) < 1e-3, axis=1)
-        scale[fits] = amax[fits] / top
-        found |= fits
-    if not found.all():
-        return None, None
-    q = np.round(moved / scale[:, None])
-    return np.moveaxis(q.reshape(np.moveaxis(w, axis, 0).shape), 0, axis), scale
 
 
 def to_openvino(
