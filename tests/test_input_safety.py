@@ -136,6 +136,14 @@ def test_accuracy_aware_without_calibration_data_is_refused_before_tensorflow_lo
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flag", ["--max_drop=0.02", "--max_iterations=5", "--allow_drop_miss"])
+def test_accuracy_control_flags_without_accuracy_control_are_refused(flag, saved_model, tmp_path, no_tensorflow):
+    """They were silently ignored: a user who set --max_drop got an export that never looked at it."""
+    proc = command(f"--saved_model_dir={saved_model}", f"--output_dir={tmp_path / 'out'}", flag, env=no_tensorflow)
+    assert_one_line_error(proc, f"{flag.split('=')[0]} only apply to --int8=accuracy_aware")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_symlinked_output_is_replaced_not_followed(saved_model, tmp_path):
     target = tmp_path / "target"
     target.mkdir()

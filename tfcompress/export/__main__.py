@@ -41,6 +41,10 @@ def main(argv: list[str]) -> int:
     if missing:
         print(f"error: {' and '.join(missing)} required (see --help)", file=sys.stderr)
         return 2
+    unused = [f"--{n}" for n in ("max_drop", "max_iterations", "allow_drop_miss") if FLAGS[n].present]
+    if unused and FLAGS.int8 != "accuracy_aware":
+        print(f"error: {', '.join(unused)} only apply to --int8=accuracy_aware", file=sys.stderr)
+        return 2
     from tfcompress._cli import import_tensorflow_quietly
     from tfcompress.export.options import check_args
 
