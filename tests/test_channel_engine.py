@@ -426,12 +426,16 @@ def test_cross_attention_output_width_follows_its_own_group(rng):
     assert mha.key_dense.kernel.shape[0] == 9 and mha.output_dense.kernel.shape[-1] == 12
 
 
-def test_attention_with_a_mask_tensor_blocks(rng):
+def test_attention_with_a_mask_tensor_or_returning_its_scores_blocks(rng):
     inp, mask = keras.Input((10, 6)), keras.Input((10, 10), dtype="bool")
     x = L.Dense(16, name="embed")(inp)
     a = L.MultiHeadAttention(2, 8, name="mha")(x, x, attention_mask=mask)
     model = keras.Model([inp, mask], L.Dense(3)(L.GlobalAveragePooling1D()(L.Add()([x, a]))))
     assert ("embed", "mha") not in _groups_by_layer(model) and ("embed",) not in _groups_by_layer(model)
+    a, scores = L.MultiHeadAttention(2, 8, name="mha2")(x, x, return_attention_scores=True)
+    model = keras.Model(inp, [L.Dense(3)(L.GlobalAveragePooling1D()(L.Add()([x, a]))),
+                              L.Dense(2)(L.Flatten()(scores))])  # scores: (batch, heads, 10, 10)
+    assert ("embed", "mha2") not in _groups_by_layer(model) and ("embed",) not in _groups_by_layer(model)
 
 
 def test_custom_layer_blocks_and_is_kept_by_strip(rng):

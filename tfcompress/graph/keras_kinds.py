@@ -505,9 +505,11 @@ _ATTENTION_ARGS = ("query", "value", "key")
 
 def attention_roles(call: LayerCall) -> list[str] | None:
     """For each input tensor of a MultiHeadAttention call, the argument it is (``"query"``, ``"value"``,
-    ``"key"``); None if another tensor (a mask) is an input too. Keras flattens the positional arguments first,
-    then the keyword ones by name."""
+    ``"key"``); None if another tensor (a mask) is an input too, or the call also returns the attention scores.
+    Keras flattens the positional arguments first, then the keyword ones by name."""
     args = call.node.arguments
+    if len(call.node.output_tensors) != 1:  # the attention scores too: their last axis is not the channels
+        return None
     named = list(zip(_ATTENTION_ARGS, args.args)) + sorted(args.kwargs.items())
     roles = [name for name, v in named if isinstance(v, keras.KerasTensor)]
     if len(roles) != len(call.node.input_tensors) or not set(roles) <= set(_ATTENTION_ARGS):
