@@ -446,3 +446,22 @@ def test_a_mask_computed_from_shapes_only_gets_no_quantizer(rng):
     ref = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(x[0])[0]
     got = core.compile_model(q, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(x[0])[0]
     assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
+
+
+def test_a_half_precision_ir_is_quantized_in_its_own_type(rng):
+    """An IR of a Keras mixed-precision model computes in f16 (f16 weights, f16 biases): its quantizers and
+    shifted biases are built in f16 too (OpenVINO refuses an f32 FakeQuantize on an f16 convolution's weights)."""
+    import openvino.opset13 as ops
+
+    p = ops.parameter([-1, 3, 12, 12], ov.Type.f32)
+    x = ops.convert(p, ov.Type.f16)
+    for cin, cout in ((3, 8), (8, 8)):
+        w = ops.constant(rng.normal(size=(cout, cin, 3, 3)).astype(np.float16))
+        b = ops.constant(rng.uniform(-0.2, 0.2, (1, cout, 1, 1)).astype(np.float16))
+        x = ops.relu(ops.add(ops.convolution(x, w, [1, 1], [1, 1], [1, 1], [1, 1]), b))
+    model = ov.Model([ops.convert(x, ov.Type.f32).output(0)], [p])
+    data = rng.normal(size=(16, 3, 12, 12)).astype("float32")
+    q = calibration.calibrate(model, data, subset_size=16, verbose=False)
+    assert calibration.int8_layers(ov.Core().compile_model(q, "CPU")) == {"int8": 2, "total": 2}
+    ref, got = _f32(model)({0: data})[0], _f32(q)({0: data})[0]
+    assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()

@@ -93,7 +93,8 @@ def _act_fq(output, rng):
     (shaped to broadcast over axis 1 of the tensor)."""
     import openvino.opset13 as ops
 
-    lo, hi = (np.asarray(v, np.float32) for v in rng)
+    dtype = output.get_element_type().to_dtype()  # f16 in a mixed-precision model's IR
+    lo, hi = (np.asarray(v, np.float32).astype(dtype) for v in rng)
     if lo.ndim:
         shape = [1, lo.size] + [1] * (len(output.get_partial_shape()) - 2)
         lo, hi = lo.reshape(shape), hi.reshape(shape)
@@ -131,15 +132,17 @@ def _grid_weights(wp: WeightPoint) -> np.ndarray:
     return np.clip(w, -top, top).astype(np.float32)
 
 
-def _weight_fq(wp: WeightPoint, copy: bool = False):
+def _weight_fq(wp: WeightPoint, copy: bool = False, dtype=None):
     """FakeQuantize of a layer's weights: symmetric per output channel on the int8 grid (255 levels), or the
     7-bit grid of the overflow fix. It reads the layer's own weight input, or, with ``copy`` or on the 7-bit
-    grid, a new constant of the weights (clipped at the grid's top level there: :func:`_grid_weights`)."""
+    grid, a new constant of the weights (clipped at the grid's top level there: :func:`_grid_weights`). It
+    computes in ``dtype``, by default the layer's own type (f16 in the IR of a mixed-precision model)."""
     import openvino.opset13 as ops
 
-    m = _weight_limit(wp, _float_weights(wp))
+    dtype = dtype or wp.op.input(1).get_element_type().to_dtype()
+    m = _weight_limit(wp, _float_weights(wp)).astype(dtype)
     if copy or wp.half_range:
-        src = ops.constant(_grid_weights(wp)).output(0)
+        src = ops.constant(_grid_weights(wp).astype(dtype)).output(0)
     else:
         src = wp.op.input(1).get_source_output()
     return ops.fake_quantize(src, -m, m, -m, m, WEIGHT_LEVELS)
@@ -258,7 +261,7 @@ def fast_bias_shifts(points, stats: Statistics) -> dict:
         weights = _float_weights(wp)
         axes = np.array([a for a in range(len(shape)) if a != 1], np.int64)
         for x, w in ((mean_map, ops.constant(weights).output(0)),
-                     (blob, _weight_fq(wp, copy=True).output(0))):
+                     (blob, _weight_fq(wp, copy=True, dtype=np.float32).output(0))):
             p = ops.parameter(shape, ov.Type.f32)
             params.append(p)
             results.append(ops.reduce_mean(_weighted_like(wp.op, p, w), axes, keep_dims=False).output(0))
@@ -314,7 +317,8 @@ def _shift_bias(wp: WeightPoint, shift: np.ndarray, ops) -> None:
     """Add ``shift`` (per output channel) to the layer's bias constant (:func:`placement.bias_input`)."""
     inp = bias_input(wp.op)
     b = _bias_value(wp.op)
-    inp.replace_source_output(ops.constant((b.reshape(-1) + shift.reshape(-1)).reshape(b.shape)).output(0))
+    new = (b.reshape(-1) + shift.reshape(-1)).reshape(b.shape).astype(inp.get_element_type().to_dtype())
+    inp.replace_source_output(ops.constant(new).output(0))
 
 
 def calibrate(
