@@ -607,3 +607,19 @@ def test_volumetric_convolutions_pooling_and_transposed_convolution_strip(tmp_pa
         for layer in model.layers if isinstance(layer, (L.Conv3D, L.Conv3DTranspose)))
     assert result.flops_before == pytest.approx(2 * macs, rel=1e-6)
     assert result.flops_after < 0.8 * result.flops_before
+
+
+def test_a_string_input_is_refused_by_name(tmp_path):
+    """A signature that takes text (a TextVectorization inside the model) has no numeric input to check,
+    convert or calibrate with: the error names the input and says what to export instead."""
+
+    class Text(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec((None,), tf.string, name="sentence")])
+        def __call__(self, s):
+            return {"length": tf.cast(tf.strings.length(s), tf.float32)}
+
+    module = Text()
+    tf.saved_model.save(module, str(tmp_path / "src"), signatures={"serving_default": module.__call__})
+    with pytest.raises(ExportError, match=r"input 'sentence' is a string tensor.*token ids"):
+        strip_saved_model(str(tmp_path / "src"), str(tmp_path / "dst"))
+    assert not (tmp_path / "dst").exists()
