@@ -465,3 +465,55 @@ def test_ranking_model_switches_each_candidate_like_a_built_trial(resnet8_ir):
     pair = error(_f32(search.build(set(tried[:2])))({0: x})[0])
     assert error(ranker.outputs(set(tried[:2]), x)) == pytest.approx(pair, rel=0.05)
     np.testing.assert_allclose(ranker.outputs(set(candidates), x), fp, atol=1e-4 * np.abs(fp).max())
+
+
+def _causal_attention_ir():
+    """Self-attention with a causal mask as tf2onnx writes Keras' ``where(mask, scores, float32 min)``: two
+    products with the mask cast to float, added. The mask comes from the input's shape, not its values."""
+    import openvino.opset13 as ops
+
+    x = ops.parameter([1, 6, 8], ov.Type.f32, name="x")
+    scores = ops.matmul(x, x, False, True)
+    r = ops.range(ops.constant(0, ov.Type.i64), ops.gather(ops.shape_of(x), ops.constant(1), ops.constant(0)),
+                  ops.constant(1, ov.Type.i64), ov.Type.i64)
+    causal = ops.greater_equal(ops.unsqueeze(r, ops.constant(1)), ops.unsqueeze(r, ops.constant(0)))
+    keep = ops.multiply(ops.convert(causal, ov.Type.f32), scores)
+    drop = ops.multiply(ops.constant(np.float32(-2.37e38)), ops.convert(ops.logical_not(causal), ov.Type.f32))
+    out = ops.matmul(ops.softmax(ops.add(keep, drop), -1), x, False, False)
+    return ov.Model([out], [x])
+
+
+def test_a_mask_computed_from_shapes_only_gets_no_quantizer(rng):
+    """A tensor that does not depend on the input's values (a causal mask, here at float32's minimum where it
+    masks) is not a feature map: a quantizer over its range would round every attention score to zero."""
+    model = _causal_attention_ir()
+    x = rng.normal(size=(16, 1, 6, 8)).astype("float32")
+    q = calibration.calibrate(model, list(x), subset_size=16)
+    quantized = {op.input_value(0).get_node().get_friendly_name() for op in q.get_ordered_ops()
+                 if op.get_type_name() == "FakeQuantize"}
+    mask = next(op for op in model.get_ordered_ops() if op.get_type_name() == "Multiply"
+                and op.input_value(0).get_node().get_type_name() == "Constant")
+    assert mask.get_friendly_name() not in quantized
+    core = ov.Core()
+    ref = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(x[0])[0]
+    got = core.compile_model(q, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(x[0])[0]
+    assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
+
+
+def test_a_half_precision_ir_is_quantized_in_its_own_type(rng):
+    """An IR of a Keras mixed-precision model computes in f16 (f16 weights, f16 biases): its quantizers and
+    shifted biases are built in f16 too (OpenVINO refuses an f32 FakeQuantize on an f16 convolution's weights)."""
+    import openvino.opset13 as ops
+
+    p = ops.parameter([-1, 3, 12, 12], ov.Type.f32)
+    x = ops.convert(p, ov.Type.f16)
+    for cin, cout in ((3, 8), (8, 8)):
+        w = ops.constant(rng.normal(size=(cout, cin, 3, 3)).astype(np.float16))
+        b = ops.constant(rng.uniform(-0.2, 0.2, (1, cout, 1, 1)).astype(np.float16))
+        x = ops.relu(ops.add(ops.convolution(x, w, [1, 1], [1, 1], [1, 1], [1, 1]), b))
+    model = ov.Model([ops.convert(x, ov.Type.f32).output(0)], [p])
+    data = rng.normal(size=(16, 3, 12, 12)).astype("float32")
+    q = calibration.calibrate(model, data, subset_size=16, verbose=False)
+    assert calibration.int8_layers(ov.Core().compile_model(q, "CPU")) == {"int8": 2, "total": 2}
+    ref, got = _f32(model)({0: data})[0], _f32(q)({0: data})[0]
+    assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()

@@ -296,3 +296,19 @@ def test_command_explains_a_training_mode_export(families, tmp_path):
     assert last.startswith("error: SavedModel") and "training mode" in last and "Resizing" in last
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_training_mode_export_names_the_layers_that_cause_it(tmp_path):
+    """Keras's model.export traces random augmentation layers in training mode too (the SavedModel flips and
+    changes the contrast of its inputs): the error names those layers, not a Resizing the model does not have."""
+    from tfcompress.export.convert import freeze_for_export
+
+    inp = keras.Input((8, 8, 3))
+    x = L.RandomContrast(0.1, name="contrast")(L.RandomFlip("horizontal", name="flip")(inp))
+    model = keras.Model(inp, L.GlobalAveragePooling2D()(L.Conv2D(4, 3, name="conv")(x)))
+    model.export(str(tmp_path / "src"), verbose=False)
+    with pytest.raises(ExportError, match="training mode") as err:
+        freeze_for_export(str(tmp_path / "src"))
+    message = str(err.value)
+    assert "'contrast'" in message and "'flip'" in message and "'conv'" not in message
+    assert "RandomFlip" in message and "input pipeline" in message

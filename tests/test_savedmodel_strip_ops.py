@@ -34,7 +34,7 @@ class _Zeroer:
     def zero(self, rng, fraction=0.25):
         for conv, norm in self.blocks:
             kernel, bias = conv.get_weights()
-            out_axis = -2 if isinstance(conv, L.Conv2DTranspose) else -1
+            out_axis = -2 if isinstance(conv, (L.Conv2DTranspose, L.Conv3DTranspose)) else -1
             n = kernel.shape[out_axis]
             idx = rng.choice(n, int(n * fraction), replace=False)
             np.moveaxis(kernel, out_axis, -1)[..., idx] = 0.0
@@ -582,3 +582,44 @@ def test_inlined_body_keeps_the_control_dependencies_of_its_call():
             tf.import_graph_def(graph_def, name="")
         with tf.compat.v1.Session(graph=g) as sess:
             np.testing.assert_array_equal(sess.run("out:0", {"inp:0": x}), [6.0, 8.0])
+
+
+def test_volumetric_convolutions_pooling_and_transposed_convolution_strip(tmp_path, rng):
+    """Conv3D, MaxPooling3D / AveragePooling3D and Conv3DTranspose (volumes, video) are read like their 2-D
+    forms: their zeroed channels go and their MACs count, as in the Keras stripper."""
+    z = _Zeroer()
+    inp = keras.Input((4, 8, 8, 2))
+    x = z(inp, L.Conv3D(8, 3, padding="same", name="c1"))
+    x = L.MaxPooling3D((1, 2, 2))(x)
+    x = z(x, L.Conv3D(8, 3, padding="same", name="c2"), bn=False)
+    x = L.AveragePooling3D((2, 1, 1))(x)
+    x = z(x, L.Conv3DTranspose(8, 2, strides=2, name="up"), bn=False)
+    x = L.Conv3D(4, 1, name="head")(x)
+    model = keras.Model(inp, x)
+    z.zero(rng)
+    result, dst = _strip(model, tmp_path)
+    assert {name: _by_layer(result, name)[0]["channels_after"] for name in ("c1", "c2", "up", "head")} == {
+        "c1": 6, "c2": 6, "up": 6, "head": 4}
+    x = rng.uniform(0, 1, (2, 4, 8, 8, 2)).astype("float32")
+    assert rel_error(_run(dst, x), model(x)) < 1e-4
+    macs = sum(int(np.prod(layer.kernel.shape)) * int(np.prod(
+        (layer.input if isinstance(layer, L.Conv3DTranspose) else layer.output).shape[1:4]))
+        for layer in model.layers if isinstance(layer, (L.Conv3D, L.Conv3DTranspose)))
+    assert result.flops_before == pytest.approx(2 * macs, rel=1e-6)
+    assert result.flops_after < 0.8 * result.flops_before
+
+
+def test_a_string_input_is_refused_by_name(tmp_path):
+    """A signature that takes text (a TextVectorization inside the model) has no numeric input to check,
+    convert or calibrate with: the error names the input and says what to export instead."""
+
+    class Text(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec((None,), tf.string, name="sentence")])
+        def __call__(self, s):
+            return {"length": tf.cast(tf.strings.length(s), tf.float32)}
+
+    module = Text()
+    tf.saved_model.save(module, str(tmp_path / "src"), signatures={"serving_default": module.__call__})
+    with pytest.raises(ExportError, match=r"input 'sentence' is a string tensor.*token ids"):
+        strip_saved_model(str(tmp_path / "src"), str(tmp_path / "dst"))
+    assert not (tmp_path / "dst").exists()

@@ -204,6 +204,19 @@ def _trained_int8(op) -> bool:
                                axes[0], tolerance)[0] is not None
 
 
+def _value_dependent(ops) -> set[str]:
+    """Names of the ops whose outputs depend on the values of the model's inputs (``ops`` in topological
+    order). The others compute from constants and input shapes only (a causal attention mask, positions): such a
+    tensor may hold values like float32's minimum, so a quantizer over its range would round the feature map it
+    is added to to zero, as NNCF leaves constant and shape subgraphs unquantized."""
+    varying: set[str] = set()
+    for op in ops:
+        if op.get_type_name() == "Parameter" or (op.get_type_name() != "ShapeOf" and any(
+                _source(i).get_node().get_name() in varying for i in op.inputs())):
+            varying.add(op.get_name())
+    return varying
+
+
 def find_points(model, ignored_layers=(), overflow_fix: str = "disable") -> tuple[list[ActivationPoint], list[WeightPoint]]:
     """The activation and weight quantization points of ``model`` (existing FakeQuantize ops are kept; in a
     model whose training quantized some layers' weights, only those layers are completed); ``overflow_fix``
@@ -212,6 +225,7 @@ def find_points(model, ignored_layers=(), overflow_fix: str = "disable") -> tupl
     # ov node objects are re-created on access: identify nodes by their (unique) names
     pos = {op.get_name(): k for k, op in enumerate(ops)}
     ignored = set(ignored_layers)
+    varying = _value_dependent(ops)
     acts: dict[tuple[int, int], ActivationPoint] = {}
     weights: list[WeightPoint] = []
 
@@ -247,6 +261,8 @@ def find_points(model, ignored_layers=(), overflow_fix: str = "disable") -> tupl
             node = src.get_node()
         if node.get_type_name() in ("FakeQuantize", "Constant") or _is_const(src):
             return  # already quantized (QAT) or a constant
+        if node.get_name() not in varying:
+            return  # computed from constants and shapes only (an attention mask), not a feature map
         if not src.get_element_type().is_real():
             return  # integers (token ids, indices): FakeQuantize is for float tensors
         key = (pos[node.get_name()], src.get_index())

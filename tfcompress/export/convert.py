@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import os
+import re
 import tempfile
 from typing import Any
 
@@ -65,10 +66,11 @@ _TRAINING_OPS = ("AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp
 def freeze_for_export(saved_model_dir: str, signature_key: str = "serving_default") -> FrozenSignature:
     """:func:`freeze_saved_model`, refusing a serving graph that was traced in training mode.
 
-    Keras's ``model.export`` traces a BatchNormalization that follows ``keras.layers.Resizing`` in training
-    mode: the signature updates the moving statistics and normalizes by batch statistics, so its outputs are not
-    the Keras model's, and freezing its variables fails inside TensorFlow. Such a graph gets one ExportError
-    naming the ops and the likely cause.
+    Keras's ``model.export`` traces random augmentation layers (``RandomFlip`` ...) and a BatchNormalization
+    that follows them or ``keras.layers.Resizing`` in training mode: the signature transforms its inputs at
+    random, updates the moving statistics and normalizes by batch statistics, so its outputs are not the Keras
+    model's, and freezing its variables fails inside TensorFlow. Such a graph gets one ExportError naming the
+    ops, their layers and the likely cause.
     """
     try:
         frozen = freeze_saved_model(saved_model_dir, signature_key)
@@ -103,11 +105,15 @@ def _training_nodes(graph_def) -> list[str]:
 
 def _training_mode_error(saved_model_dir: str, nodes: list[str]) -> ExportError:
     shown = ", ".join(nodes[:3]) + (f" and {len(nodes) - 3} more" if len(nodes) > 3 else "")
+    # a node is named <model>/<layer>_1/<op>: TensorFlow adds "_1" to the scope Keras entered when it built the layer
+    layers = sorted({re.sub(r"_1$", "", n.split("/")[-2]) for n in nodes if n.count("/") >= 1})
     return ExportError(
         f"SavedModel {saved_model_dir!r} was traced in training mode: its serving signature updates variables "
-        f"or normalizes by batch statistics ({shown}), so its outputs differ from the Keras model's. Likely "
-        "cause: a Keras bug in model.export with a BatchNormalization after keras.layers.Resizing; move the "
-        "resizing out of the model (into the input pipeline) or apply it with keras.ops.image.resize")
+        f"or normalizes by batch statistics ({shown}; in layers {', '.join(map(repr, layers))}), so its outputs "
+        "differ from the Keras model's. Likely cause: a Keras bug: model.export traces Keras' preprocessing "
+        "layers (random augmentation such as RandomFlip or RandomContrast, and Resizing) and a "
+        "BatchNormalization after them in training mode; apply augmentation in the input pipeline (tf.data) "
+        "instead of inside the exported model, and resize there or with keras.ops.image.resize")
 
 
 def prepare_for_tf2onnx(graph_def):

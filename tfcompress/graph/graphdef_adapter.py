@@ -37,7 +37,7 @@ _UNARY = {
     "Reciprocal": "reciprocal", "Log": "log", "Log1p": "log1p", "Expm1": "expm1", "Floor": "floor",
     "Ceil": "ceil", "Round": "round", "Sign": "sign", "Sin": "sin", "Cos": "cos",
 }
-_POOL = {"MaxPool", "AvgPool", "MaxPoolV2"}
+_POOL = {"MaxPool", "AvgPool", "MaxPoolV2", "MaxPool3D", "AvgPool3D"}
 _REDUCE = {"Mean", "Max", "Min", "Sum"}
 # TF binary op -> its canonical op in tfcompress.graph.ops.OPS (RealDiv only by a constant: see kinds.ChannelParam)
 _BINARY = {"Add": "add", "AddV2": "add", "BiasAdd": "add", "Sub": "sub", "Mul": "mul", "RealDiv": "div",
@@ -280,7 +280,8 @@ def register(*op_types: str) -> Callable[[Classifier], Classifier]:
 
 
 def _nhwc(node) -> bool:
-    return kinds.attr(node, "data_format").s in (b"", b"NHWC")
+    """Channels last (NHWC, or NDHWC for the volumetric ops)."""
+    return kinds.attr(node, "data_format").s in (b"", b"NHWC", b"NDHWC")
 
 
 @register("Const", "Placeholder", "PlaceholderWithDefault")
@@ -447,7 +448,7 @@ def _reshape(g: GraphDefGraph, node):
     return kinds.Reshape(node, g) if kinds.has_constant_last_entry(g, node.input[1]) else None
 
 
-@register("Conv2D", "MatMul", "DepthwiseConv2dNative", "Conv2DBackpropInput")
+@register("Conv2D", "MatMul", "DepthwiseConv2dNative", "Conv2DBackpropInput", "Conv3D", "Conv3DBackpropInputV2")
 def _producer(g: GraphDefGraph, node):
     op = node.op
     try:
@@ -461,7 +462,9 @@ def _producer(g: GraphDefGraph, node):
     depthwise_groups = op == "Conv2D" and w.value.shape[-2] == 1 and g.width(node.input[0]) > 1
     if op == "DepthwiseConv2dNative" or (depthwise_groups and w.value.shape[-1] % g.width(node.input[0]) == 0):
         return kinds.Depthwise(node, g, w)
-    if op == "Conv2DBackpropInput":
+    if op == "Conv3D" and w.value.shape[-2] != g.width(node.input[0]):
+        return None  # grouped: TensorFlow runs no grouped Conv3D on CPU
+    if op in ("Conv2DBackpropInput", "Conv3DBackpropInputV2"):
         ok = kinds.has_constant_last_entry(g, node.input[0])
         return kinds.TransposedConv(node, g, w, "conv_transpose", slice(2, 3)) if ok else None
     return kinds.Producer(node, g, w, "conv")

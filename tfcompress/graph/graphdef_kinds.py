@@ -115,7 +115,7 @@ class NodeKind(ops.TableOp):
         w = getattr(self, "w", None)
         return dict(positions=self.g.positions(self.node.name), groups=self.blocks(),
                     in_positions=self.g.positions(data[0]) if data else 1,
-                    window=w.value.shape[0] * w.value.shape[1] if w is not None and w.value.ndim == 4 else 1,
+                    window=int(np.prod(w.value.shape[:-2])) if w is not None and w.value.ndim >= 4 else 1,
                     valid_padding=attr(self.node, "padding").s == b"VALID")
 
     def channels(self) -> int:
@@ -360,7 +360,7 @@ class Weights:
 
 
 class Producer(NodeKind):
-    """Conv2D (HWIO filter, grouped when its in-dim is smaller than the input's) and MatMul."""
+    """Conv2D (HWIO filter, grouped when its in-dim is smaller than the input's), Conv3D (DHWIO) and MatMul."""
 
     has_channel_params = True
 
@@ -392,7 +392,8 @@ class Producer(NodeKind):
         if self.can_fold(0):
             return ""
         k = self._kernel()
-        return (f" (a {attr(self.node, 'padding').s.decode()}-padded {k.shape[0]}x{k.shape[1]} convolution: "
+        size = "x".join(str(d) for d in k.shape[:-2])
+        return (f" (a {attr(self.node, 'padding').s.decode()}-padded {size} convolution: "
                 "its zero padding makes a constant input contribute differently at the borders)")
 
     def rewrite(self, new, in_keeps, out_keep, folds, rw):
@@ -404,7 +405,8 @@ class Producer(NodeKind):
 
 
 class TransposedConv(Producer):
-    """Conv2DBackpropInput (Conv2DTranspose): filter (h, w, out, in), input 0 the output shape, input 2 the data.
+    """Conv2DBackpropInput / Conv3DBackpropInputV2 (Conv2DTranspose / Conv3DTranspose): filter (..., out, in),
+    input 0 the output shape, input 2 the data.
 
     A constant input does not give a constant output (strided windows overlap unevenly at the borders), so
     nothing is folded into its bias.

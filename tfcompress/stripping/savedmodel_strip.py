@@ -85,8 +85,20 @@ def freeze_saved_model(src_dir: str, signature_key: str = "serving_default") -> 
                 f"cannot freeze the {signature_key!r} signature of {src_dir!r} into constants "
                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
             ) from e
+    _check_numeric(specs)
     graph_def = fold_constants(graph_def, list(outputs.values()))
     return FrozenSignature(graph_def, inputs, outputs, specs, signature_key, same)
+
+
+def _check_numeric(specs: dict[str, tf.TensorSpec]) -> None:
+    """Refuse a text (or other non-numeric) input: the checks, ONNX, OpenVINO and INT8 calibration all run the
+    network on numbers, and TensorFlow's string ops (a TextVectorization layer's) have no ONNX / OpenVINO form."""
+    for name, spec in specs.items():
+        if not (spec.dtype.is_floating or spec.dtype.is_integer or spec.dtype.is_bool):
+            raise ExportError(
+                f"input {name!r} is a {spec.dtype.name} tensor: the export needs numeric inputs; export a "
+                "signature that takes the token ids (or features) the model computes from it, with the text "
+                "preprocessing kept outside (keras.export.ExportArchive can add such a signature)")
 
 
 def _missing_signature(src_dir, key, available) -> ExportError:
