@@ -165,6 +165,10 @@ class LayerKind(ops.TableOp):
     def needs_bias(self, folds: list[np.ndarray]) -> bool:
         return False
 
+    def strides(self) -> int:
+        """The largest stride of the call (1 unless the layer strides over positions)."""
+        return 1
+
     def arguments(self, args: tuple, kwargs: dict, out_keep: np.ndarray) -> tuple[tuple, dict]:
         """The call's arguments (with the new input tensors filled in) for the rebuilt call whose output keeps
         the channels ``out_keep``: as they are, unless the call itself holds per-channel constants."""
@@ -409,12 +413,11 @@ class LayerNorm(_ChannelStatistics, Normalization):
     op = "layernorm"
 
 
-class RMSScaled(_ChannelStatistics):
+class RMSScaled(_ChannelStatistics, Normalization):
     """``x * rsqrt(statistic of the squares over the channels) * scale`` (RMSNormalization, and
     UnitNormalization with no scale): an output channel is 0 where its input or its scale is 0."""
 
     op = "rms_norm"
-    has_channel_params = True
 
     def _scale(self):
         return getattr(self.layer, "scale", None) if isinstance(self.layer, keras.layers.RMSNormalization) else None
@@ -426,9 +429,6 @@ class RMSScaled(_ChannelStatistics):
     def output_params(self):
         scale = self._scale()
         return [] if scale is None else [ChannelParam(scale, 0)]
-
-    def weights(self, in_keeps, out_keep, folds):
-        return [ops.take_channels(to_numpy(w), out_keep, 0) for w in self.layer.weights]
 
     def rebuilt_class(self):
         if isinstance(self.layer, keras.layers.RMSNormalization):
@@ -476,9 +476,6 @@ class Recurrent(LayerKind):
 
     def params(self):
         return width_params(self.call)
-
-    def strides(self) -> int:
-        return 1
 
     def geometry(self):
         kernels = [to_numpy(d.cell.kernel) for d in self._directions()]
@@ -535,9 +532,6 @@ class Attention(LayerKind):
         L = self.layer
         dense = {"query": [L.query_dense], "value": [L.value_dense], "key": [L.key_dense]}[role]
         return dense + ([L.key_dense] if role == "value" and "key" not in self.roles else [])
-
-    def strides(self) -> int:
-        return 1
 
     def params(self):
         out = self.layer.output_dense

@@ -115,10 +115,12 @@ def _freeze_v2(loaded, src_dir: str, key: str):
     fn = sigs[key]
     specs = dict(fn.structured_input_signature[1])
     frozen = convert_variables_to_constants_v2(fn)
-    if has_cycle(frozen.graph.as_graph_def()):
+    graph_def = frozen.graph.as_graph_def()
+    if has_cycle(graph_def):
         # lowered control flow (an RNN's loop) is a cycle of Enter/Merge/NextIteration nodes; kept functional,
         # the loop is one While node whose body is a library function
         frozen = convert_variables_to_constants_v2(fn, lower_control_flow=False)
+        graph_def = frozen.graph.as_graph_def()
     # the frozen function's inputs are its placeholders and its outputs the flattened structured outputs,
     # both in tf.nest order (dict keys sorted)
     inputs = dict(zip(sorted(specs), [t.name for t in frozen.inputs]))
@@ -128,7 +130,7 @@ def _freeze_v2(loaded, src_dir: str, key: str):
         and f.structured_input_signature == fn.structured_input_signature
         and f.structured_outputs.keys() == fn.structured_outputs.keys()
     ]
-    return frozen.graph.as_graph_def(), inputs, outputs, specs, same
+    return graph_def, inputs, outputs, specs, same
 
 
 def _freeze_v1(src_dir: str, key: str):
