@@ -224,10 +224,16 @@ def test_dense_squeeze_and_excite(rng):
     _zero_and_strip(model, rng, _x(rng))
 
 
-def test_flatten_to_dense_slices_tiled_rows(rng):
+@pytest.mark.parametrize("flatten", [
+    lambda: L.Flatten(),
+    lambda: L.Reshape((-1,)),
+    lambda: L.Reshape((4 * 4 * 5,)),  # names the count: stripping rewrites it
+    lambda: lambda t: keras.ops.reshape(t, (-1, 4 * 4 * 5)),
+])
+def test_flatten_to_dense_slices_tiled_rows(rng, flatten):
     inp = keras.Input((6, 6, 3))
     x = L.Conv2D(5, 3, name="conv")(inp)
-    x = L.Flatten()(x)
+    x = flatten()(x)
     model = keras.Model(inp, L.Dense(3, name="head")(L.Dense(7, name="fc")(x)))
     randomize_biases(model, rng)
     groups = _groups_by_layer(model)

@@ -623,3 +623,59 @@ def test_a_string_input_is_refused_by_name(tmp_path):
     with pytest.raises(ExportError, match=r"input 'sentence' is a string tensor.*token ids"):
         strip_saved_model(str(tmp_path / "src"), str(tmp_path / "dst"))
     assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize("flatten", ["Flatten", "Reshape"])
+def test_flattened_feature_map_read_by_dense_strips_like_keras(tmp_path, rng, flatten):
+    """``Flatten`` (or ``Reshape((-1,))``) before a Dense is a Reshape of ``[N, H, W, C]`` to ``[N, H*W*C]``:
+    channel c sits at every C-th row of the Dense kernel. The convolution before it loses its zeroed channels
+    (and a constant one, folded into the Dense bias), as the Keras stripper removes them."""
+    import tfcompress
+
+    z = _Zeroer()
+    inp = keras.Input((8, 8, 3))
+    x = z(inp, L.Conv2D(8, 3, name="c1"))
+    x = z(x, L.Conv2D(8, 3, name="c2"))
+    x = L.Flatten()(x) if flatten == "Flatten" else L.Reshape((-1,))(x)
+    model = keras.Model(inp, L.Dense(3, name="head")(L.Dense(10, activation="relu", name="fc")(x)))
+    z.zero(rng)
+    norm = z.blocks[1][1]
+    gamma, beta, mean, var = norm.get_weights()
+    beta[np.flatnonzero(gamma == 0)[0]] = 0.3  # relu(0.3): a constant channel, folded into fc's bias
+    norm.set_weights([gamma, beta, mean, var])
+    result, dst = _strip(model, tmp_path)
+    stripped = tfcompress.strip(model)
+    assert [_by_layer(result, n)[0]["channels_after"] for n in ("c1", "c2")] == [
+        stripped.get_layer(n).filters for n in ("c1", "c2")] == [6, 6]
+    assert result.flops_after == tfcompress.count_flops(stripped) < result.flops_before
+    x = rng.uniform(0, 1, (3, 8, 8, 3)).astype("float32")
+    assert rel_error(_run(dst, x), model(x)) < 1e-4
+
+
+def test_flattening_reshapes_written_by_hand_strip(tmp_path, rng):
+    """TF code flattens with a constant target (``[-1, H*W*C]``) or with the batch size read at run time and
+    ``-1`` for the rest (tf.keras 2's Flatten); both are the same flattening."""
+
+    class Net(tf.Module):
+        def __init__(self, dynamic):
+            super().__init__()
+            k = rng.normal(0, 0.3, (3, 3, 3, 8)).astype("float32")
+            k[..., [2, 5]] = 0.0
+            self.k = tf.constant(k)
+            self.w = tf.constant(rng.normal(0, 0.3, (6 * 6 * 8, 4)).astype("float32"))
+            self.dynamic = dynamic
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float32)])
+        def __call__(self, x):
+            y = tf.nn.relu(tf.nn.conv2d(x, self.k, 1, "VALID"))
+            y = tf.reshape(y, [tf.shape(y)[0], -1] if self.dynamic else [-1, 6 * 6 * 8])
+            return tf.matmul(y, self.w)
+
+    for dynamic in (False, True):
+        net = Net(dynamic)
+        src, dst = tmp_path / f"src{dynamic}", tmp_path / f"dst{dynamic}"
+        tf.saved_model.save(net, str(src), signatures=net.__call__.get_concrete_function())
+        result = strip_saved_model(str(src), str(dst))
+        assert [(r["channels_before"], r["channels_after"]) for r in result.layers] == [(8, 6), (4, 4)], dynamic
+        x = rng.uniform(0, 1, (2, 8, 8, 3)).astype("float32")
+        assert rel_error(_run(dst, x), net(tf.constant(x))) < 1e-5

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from tfcompress.graph import graphdef_kinds as kinds
+from tfcompress.graph import graphdef_kinds as kinds, ops
 from tfcompress.graph.engine import ChannelGraph, Op, Rule
 from tfcompress.graph.frozen_graph import (
     node_name as _node, prune_unused, tensor_name as _tensor, topological_order as _topological,
@@ -78,7 +78,7 @@ class GraphDefGraph:
         self._batch_factors()
         self.kinds: dict[str, NodeKind] = {}
         self._tid: dict[str, int] = {}
-        ops = []
+        graph_ops = []
         for name in self.order:
             node = self.nodes[name]
             kind = self._kind(node)
@@ -86,13 +86,13 @@ class GraphDefGraph:
             ins = [self._tensor_id(i) for i in kind.data_inputs()]
             n_out = max(1, sum(1 for t in self._shapes if t.startswith(name + ":")))
             outs = [self._tensor_id(f"{name}:{k}") for k in range(n_out)]
-            ops.append(Op(name, kind.rule, ins, outs, channels=kind.channels() if kind.rule in (
-                Rule.PRODUCER, Rule.DEPTHWISE) else 0, blocks=kind.blocks(),
+            graph_ops.append(Op(name, kind.rule, ins, outs, channels=kind.channels() if kind.rule in (
+                Rule.PRODUCER, Rule.DEPTHWISE, Rule.FLATTEN) else 0, blocks=kind.blocks(),
                 has_channel_params=kind.has_channel_params, semantics=kind,
                 reads_all_channels=kind.reads_all_channels))
         widths = {tid: self.width(t) for t, tid in self._tid.items()}
-        self.ops = ops
-        self.graph = ChannelGraph(ops, [self._tensor_id(o) for o in self.outputs], widths)
+        self.ops = graph_ops
+        self.graph = ChannelGraph(graph_ops, [self._tensor_id(o) for o in self.outputs], widths)
 
     # --- lookups
     def const(self, tensor: str) -> np.ndarray:
@@ -153,20 +153,28 @@ class GraphDefGraph:
                 self._folded[name] = self._folded[_node(data[0])]
 
     def _refine_reshape_widths(self) -> None:
-        """Give a Reshape whose target's last entry is ``Shape(x)[i]`` (known only at run time, as in
-        tensordot) the static size of that axis of ``x``, so the channel rules see its channel count."""
+        """Give a Reshape whose target's last entry is known only at run time its static size, so the channel
+        rules see its channel count: ``Shape(x)[i]`` (tensordot) is that axis of ``x``; the ``-1`` of
+        ``[Shape(x)[0], -1]`` (tf.keras' Flatten of its own input ``x``) is the product of ``x``'s other axes."""
         for name in self.order:
             node = self.nodes[name]
             shape = self._shapes.get(_tensor(name), ())
             if node.op != "Reshape" or not shape or shape[-1] is not None:
                 continue
             entries = _target_entries(self, node.input[1])
+            size = None
             if entries and entries[-1] is not None:
                 src, axis = entries[-1]
                 src_shape = self.shape(src)
                 size = src_shape[axis] if axis < len(src_shape) else None
-                if size is not None:
-                    self._shapes[_tensor(name)] = shape[:-1] + (size,)
+            elif entries and len(entries) == 2 and entries[0] == (_tensor(node.input[0]), 0):
+                src_shape = self.shape(node.input[0])
+                rest_unknown = kinds.has_constant_last_entry(self, node.input[1]) and kinds.last_entry(
+                    self, node.input[1]) == -1
+                if rest_unknown and len(src_shape) > 1 and None not in src_shape[1:]:
+                    size = math.prod(src_shape[1:])
+            if size is not None:
+                self._shapes[_tensor(name)] = shape[:-1] + (size,)
 
     def tensor_id(self, tensor: str) -> int:
         return self._tid[_tensor(tensor)]
@@ -442,7 +450,8 @@ def _reshape(g: GraphDefGraph, node):
     # in row-major order the last axis stays innermost: when its size is kept, channel j stays channel j
     # whatever happens to the other axes (tensordot's [N, H, W, C] -> [N*H*W, C] and back included)
     if not src or not dst or src[-1] is None or dst[-1] != src[-1]:
-        return None
+        flat = ops.flatten_tile(src, dst) if node.op == "Reshape" else 0
+        return kinds.Flatten(node, g, flat) if flat and kinds.has_constant_last_entry(g, node.input[1]) else None
     if node.op != "Reshape" or _self_adjusting_reshape(g, node):
         return NodeKind(node, g)  # adjusts its target itself
     return kinds.Reshape(node, g) if kinds.has_constant_last_entry(g, node.input[1]) else None

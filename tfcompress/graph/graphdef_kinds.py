@@ -144,6 +144,17 @@ class Reshape(NodeKind):
         new.input[1] = _with_last_entry(self.g, self.node.input[1], int(out_keep.sum()), rw)
 
 
+class Flatten(Reshape):
+    """A reshape of ``[N, d1, ..., dk, C]`` to ``[N, d1 * ... * dk * C]`` (Keras' ``Flatten``): in row-major order
+    the channels repeat ``d1 * ... * dk`` times along the new last axis, so the channel map is tiled that often."""
+
+    def __init__(self, node, graph: "GraphDefGraph", tile: int) -> None:
+        super().__init__(node, graph, "flatten", tile=tile)
+
+    def channels(self) -> int:
+        return self._params["tile"]
+
+
 def has_constant_last_entry(graph: "GraphDefGraph", shape_tensor: str) -> bool:
     """A shape operand whose channel entry :func:`_with_last_entry` can rewrite: a Const, ``Pack(..., C)`` or
     ``ConcatV2(..., [..., C])`` (tensordot's output shape)."""
@@ -151,6 +162,13 @@ def has_constant_last_entry(graph: "GraphDefGraph", shape_tensor: str) -> bool:
     if src is None or src.op not in ("Const", "Pack", "ConcatV2"):
         return False
     return src.op == "Const" or graph.is_const(_last_part(src))
+
+
+def last_entry(graph: "GraphDefGraph", shape_tensor: str) -> int:
+    """The last entry of a shape operand accepted by :func:`has_constant_last_entry`."""
+    src = graph.nodes[_node(shape_tensor)]
+    value = graph.const(src.name if src.op == "Const" else _last_part(src))
+    return int(np.asarray(value).reshape(-1)[-1])
 
 
 def _last_part(shape_node) -> str:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import keras
 import numpy as np
 
-from tfcompress.graph import keras_kinds as kinds
+from tfcompress.graph import keras_kinds as kinds, ops
 from tfcompress.graph.custom_layers import LayerRule, register_layer, registered_rule
 from tfcompress.graph.engine import ChannelGraph, ChannelGroup, Op, Rule
 from tfcompress.graph.keras_kinds import (
@@ -113,7 +113,8 @@ def _op_pool(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> Ki
 
 def _op_reshape(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> KindFactory:
     if not _keeps_channel_axis(in_shapes[0], out_shape):
-        return kinds.BLOCKER
+        flat = ops.flatten_tile(in_shapes[0], out_shape) and "newshape" in op.get_config()
+        return kinds.FlatReshape if flat else kinds.BLOCKER
     return kinds.OpReshape if "newshape" in op.get_config() else kinds.PASS
 
 
@@ -251,7 +252,9 @@ def _flatten(layer, base, ins, out):
 
 
 def _reshape(layer, base, ins, out):
-    return kinds.Reshape if _keeps_channel_axis(ins[0], out) else kinds.BLOCKER
+    if _keeps_channel_axis(ins[0], out):
+        return kinds.Reshape
+    return kinds.FlatReshape if ops.flatten_tile(ins[0], out) else kinds.BLOCKER
 
 
 def _permute(layer, base, ins, out):

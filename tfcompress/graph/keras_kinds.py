@@ -588,6 +588,20 @@ class Flatten(LayerKind):
         return {"tile": self.channels()}
 
 
+class FlatReshape(Flatten):
+    """A ``Reshape`` layer or ``keras.ops.reshape`` to one axis per sample (``Reshape((-1,))``): a Flatten whose
+    target shape, unless it says ``-1``, names the kept count."""
+
+    def config(self, in_keeps, out_keep, folds):
+        cfg = self.layer.get_config()
+        key = "target_shape" if "target_shape" in cfg else "newshape"
+        shape = list(cfg[key])
+        if shape[-1] != -1:
+            shape[-1] = int(out_keep.sum())
+        cfg[key] = tuple(shape)
+        return cfg
+
+
 class Registered(LayerKind):
     """A layer declared ``"elementwise"`` with :func:`register_layer`."""
 

@@ -294,6 +294,14 @@ def const_out(op: str, in_consts: Consts, **params) -> np.ndarray:
     return OPS[op].consts(in_consts, **params)
 
 
+def flatten_tile(in_shape: tuple, out_shape: tuple) -> int:
+    """For a reshape of a static ``(N, d1, ..., dk, C)`` (k >= 1) to ``(N, d1 * ... * dk * C)``, a ``"flatten"``: how
+    often the channels repeat along its last axis (``d1 * ... * dk``, row-major order). 0 for any other reshape."""
+    if len(in_shape) < 3 or len(out_shape) != 2 or None in in_shape[1:]:
+        return 0
+    return math.prod(in_shape[1:-1]) if out_shape[-1] == math.prod(in_shape[1:]) else 0
+
+
 def rule(op: str, n_inputs: int = 1) -> Rule:
     """The channel rule of canonical op ``op`` read by ``n_inputs`` channel-carrying tensors: a position-wise
     op of several tensors of the same channels joins them."""
