@@ -104,3 +104,105 @@ def test_an_unknown_estimator_is_refused(rng):
     fp = ov.Model([ops.matmul(p, ops.constant(np.ones((4, 2), np.float32)), False, False).output(0)], [p])
     with pytest.raises(ValueError, match=r"unknown range_estimator 'mean'; choose one of \['auto', 'minmax'"):
         calibration.calibrate(fp, rng.normal(size=(8, 4)).astype("float32"), range_estimator="mean")
+
+
+# --------------------------------------------------------------------------- the export command and its report
+
+def _cli(*args):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, "-m", "tfcompress.export", *args], capture_output=True, text=True,
+                          env=env, timeout=900)
+
+
+def _assert_one_line_error(proc, message):
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines and message in lines[-1], proc.stderr[-2000:]
+    assert all(ln.startswith("[") for ln in lines[:-1]) and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def autoencoder(tmp_path_factory):
+    """A dense autoencoder-like regression model (16 -> 32 -> 16, its last layer without bias, as a random
+    initialisation leaves it) as a SavedModel, and inputs whose scale varies per sample."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((16,), name="x")
+    model = keras.Model(inp, L.Dense(16, name="recon")(L.Dense(32, activation="relu", name="hidden")(inp)))
+    d = tmp_path_factory.mktemp("autoencoder")
+    model.export(str(d / "sm"), verbose=False)
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(200, 16)) * rng.uniform(0.5, 2.0, (200, 1))).astype("float32")
+    np.save(d / "calib.npy", x[:100])
+    np.save(d / "val.npy", x[100:])
+    return d
+
+
+def test_the_export_reports_and_uses_the_range_estimator(autoencoder, tmp_path):
+    import json
+
+    from tfcompress.export import export_saved_model
+
+    x = np.load(autoencoder / "calib.npy")
+    report = export_saved_model(str(autoencoder / "sm"), str(tmp_path / "auto"), calibration_data=x, verbose=False)
+    assert report["steps"]["int8"]["range_estimator"] == "max"
+    fp = ov.Core().read_model(str(tmp_path / "auto" / "model_fp32.xml"))
+    q = ov.Core().read_model(str(tmp_path / "auto" / "model_int8.xml"))
+    assert _activation_limits(q) == _activation_limits(
+        calibration.calibrate(fp, x, range_estimator="max", verbose=False))
+    report = export_saved_model(str(autoencoder / "sm"), str(tmp_path / "mm"), calibration_data=x,
+                                range_estimator="minmax", verbose=False)
+    assert report["steps"]["int8"]["range_estimator"] == "minmax"
+    assert "activation ranges: minmax" in (tmp_path / "mm" / "report.md").read_text()
+    assert json.loads((tmp_path / "mm" / "report.json").read_text())["steps"]["int8"]["range_estimator"] == "minmax"
+
+
+def test_a_bad_range_estimator_exits_2_with_one_line(autoencoder, tmp_path):
+    common = [f"--saved_model_dir={autoencoder / 'sm'}", f"--output_dir={tmp_path / 'out'}"]
+    _assert_one_line_error(_cli(*common, f"--calibration_data={autoencoder / 'calib.npy'}",
+                                "--range_estimator=mean"), "--range_estimator=mean: value should be one of")
+    _assert_one_line_error(_cli(*common, "--range_estimator=max"),
+                           "--range_estimator only applies with --calibration_data")
+    assert not (tmp_path / "out").exists()
+
+
+def test_accuracy_control_of_a_regression_output_bounds_its_relative_error(autoencoder, tmp_path):
+    """Without labels, accuracy control's drop is the INT8 outputs' relative RMS error against FP32 (an argmax
+    accuracy of a regression output would steer the search by noise); the reverted layers are named by their
+    Keras layers, the last one included (OpenVINO's ONNX reader names the op producing an output after that
+    output, ``output_0``)."""
+    import json
+
+    common = [f"--saved_model_dir={autoencoder / 'sm'}", f"--calibration_data={autoencoder / 'calib.npy'}",
+              "--int8=accuracy_aware"]
+    proc = _cli(*common, f"--output_dir={tmp_path / 'out'}", f"--validation_data={autoencoder / 'val.npy'}",
+                "--max_drop=0.001")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    step = json.loads((tmp_path / "out" / "report.json").read_text())["steps"]["int8"]
+    assert step["drop_metric"] == "relative RMS error against FP32" and step["max_drop_met"]
+    assert set(step["reverted"]) <= {"hidden", "recon"} and step["reverted"], step
+    x = np.load(autoencoder / "val.npy")
+    fp = ov.Core().read_model(str(tmp_path / "out" / "model_fp32.xml"))
+    q = ov.Core().read_model(str(tmp_path / "out" / "model_int8.xml"))
+    assert _rel_rms(_f32(q, x), _f32(fp, x)) == pytest.approx(step["drop"], abs=1e-6)
+    assert step["drop"] <= 0.001
+    # class labels for a 16-value regression output (e.g. anomaly labels of an autoencoder): refused by name
+    np.savez(tmp_path / "labelled.npz", x=x, y=np.arange(len(x)) % 2)
+    proc = _cli(*common, f"--output_dir={tmp_path / 'out2'}", f"--validation_data={tmp_path / 'labelled.npz'}")
+    _assert_one_line_error(proc, "no better than always answering the most frequent label")
+    assert not (tmp_path / "out2").exists()
+
+
+def test_the_op_producing_an_output_keeps_its_onnx_node_name(autoencoder, tmp_path):
+    fp = ov.Core().read_model(str(_export_fp32(autoencoder, tmp_path)))
+    last = fp.get_results()[0].input_value(0).get_node()
+    assert last.get_type_name() == "MatMul" and "/recon" in last.get_friendly_name()
+    assert [o.get_any_name() for o in fp.outputs] == ["output_0"]  # the output's name is unchanged
+
+
+def _export_fp32(autoencoder, tmp_path):
+    to_onnx(str(autoencoder / "sm"), str(tmp_path / "m.onnx"))
+    to_openvino(str(tmp_path / "m.onnx"), str(tmp_path / "m.xml"))
+    return tmp_path / "m.xml"
