@@ -191,7 +191,7 @@ def test_accuracy_control_of_a_regression_output_bounds_its_relative_error(autoe
     # class labels for a 16-value regression output (e.g. anomaly labels of an autoencoder): refused by name
     np.savez(tmp_path / "labelled.npz", x=x, y=np.arange(len(x)) % 2)
     proc = _cli(*common, f"--output_dir={tmp_path / 'out2'}", f"--validation_data={tmp_path / 'labelled.npz'}")
-    _assert_one_line_error(proc, "no better than always answering the most frequent label")
+    _assert_one_line_error(proc, "less than a random guess among 2 labels")
     assert not (tmp_path / "out2").exists()
 
 

@@ -318,9 +318,9 @@ def _drop_metric(fp, valid):
     """``(validate_fn, what it measures)`` for accuracy control on the validation data ``valid`` = (x, y).
 
     With labels: accuracy (the argmax of the first output), after checking that the FP32 model's argmax
-    predicts the labels better than always answering the most frequent one; otherwise the output is not
-    class scores (a regression, an autoencoder's reconstruction) and its argmax accuracy would steer the
-    search by noise. Without labels: minus the relative RMS error of the outputs against the FP32 IR's (f32),
+    predicts the labels at least as often as a random guess among the label values present (two at least);
+    otherwise the output is not class scores (a regression, an autoencoder's reconstruction) and its argmax
+    accuracy would steer the search by noise. Without labels: minus the relative RMS error of the outputs against the FP32 IR's (f32),
     so that the drop is that error (0 for FP32).
     """
     import openvino as ov
@@ -333,12 +333,13 @@ def _drop_metric(fp, valid):
         def output_error(compiled, data):
             return -float(np.sqrt(np.mean(np.square(_outputs(compiled, data[0]) - ref, dtype=np.float64)))) / scale
         return output_error, "relative RMS error against FP32"
-    guess = float(np.bincount(y).max() / len(y))
-    if _accuracy(ref, y) <= guess:
+    values = len(np.unique(y))
+    chance = 1.0 / max(2, values)
+    if _accuracy(ref, y) < chance:
         raise ExportError(
             f"--int8=accuracy_aware: the FP32 model's argmax matches the labels of --validation_data in "
-            f"{100 * _accuracy(ref, y):.1f} % of the samples, no better than always answering the most frequent "
-            f"label ({100 * guess:.1f} %): its first output does not score these classes (a regression or "
+            f"{100 * _accuracy(ref, y):.1f} % of the samples, less than a random guess among {max(2, values)} "
+            f"labels ({100 * chance:.1f} %): its first output does not score these classes (a regression or "
             "autoencoder output?); pass the samples without labels to bound the outputs' relative RMS error instead")
     return (lambda compiled, data: _accuracy(_outputs(compiled, data[0]), data[1])), "accuracy"
 
