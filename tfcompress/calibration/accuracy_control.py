@@ -240,7 +240,10 @@ def calibrate_with_accuracy_control(
     differs between runs of the same model) a ``UserWarning`` says so, and ``info["max_drop_met"]`` is False.
 
     Args:
-        validate_fn: ``validate_fn(compiled_model, validation_data) -> float``, higher is better.
+        validate_fn: ``validate_fn(compiled_model, validation_data) -> float``, higher is better. For a
+            regression output, minus its error (e.g. the relative RMS error against the FP32 model's outputs,
+            what the export command measures on unlabelled validation data) with ``drop_type="absolute"``
+            makes ``max_drop`` a bound on that error.
         drop_type: ``"absolute"`` (metric points) or ``"relative"`` (fraction of the FP32 metric).
         max_iterations: the most layers the search reverts to float (a step reverts one, or several together).
         range_estimator: how activation ranges are estimated, as for :func:`~tfcompress.calibration.calibrate`.
