@@ -268,7 +268,8 @@ def measure(name: str, args, rng) -> dict:
     f32 = {"INFERENCE_PRECISION_HINT": "f32"}
     ref = common.outputs(core.compile_model(fp, "CPU", f32), held)
     clf = name in CLASSIFIERS
-    rows = {"OpenVINO default precision (no INT8)": closeness(ref, common.outputs(core.compile_model(fp, "CPU"), held), clf)}
+    default = common.outputs(core.compile_model(fp, "CPU"), held)
+    rows = {"OpenVINO default precision (no INT8)": closeness(ref, default, clf)}
     for est in args.estimators:
         q = calibration.calibrate(fp, calib, range_estimator=est, verbose=False)
         rows[f"tfcompress {est}"] = closeness(ref, common.outputs(core.compile_model(q, "CPU", f32), held), clf)

@@ -71,7 +71,8 @@ def main(argv: list[str]) -> int:
 
     report = export_saved_model(
         FLAGS.saved_model_dir, FLAGS.output_dir, calibration_data=FLAGS.calibration_data, int8=FLAGS.int8,
-        max_drop=FLAGS.max_drop, max_iterations=FLAGS.max_iterations, range_estimator=FLAGS.range_estimator, validation_data=FLAGS.validation_data, opset=FLAGS.opset,
+        max_drop=FLAGS.max_drop, max_iterations=FLAGS.max_iterations, range_estimator=FLAGS.range_estimator,
+        validation_data=FLAGS.validation_data, opset=FLAGS.opset,
         overwrite=FLAGS.overwrite, signature_key=FLAGS.signature, require_onnx=FLAGS.require_onnx,
     )
     int8 = report["steps"].get("int8", {})

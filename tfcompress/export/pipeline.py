@@ -320,8 +320,8 @@ def _drop_metric(fp, valid):
     With labels: accuracy (the argmax of the first output), after checking that the FP32 model's argmax
     predicts the labels at least as often as a random guess among the label values present (two at least);
     otherwise the output is not class scores (a regression, an autoencoder's reconstruction) and its argmax
-    accuracy would steer the search by noise. Without labels: minus the relative RMS error of the outputs against the FP32 IR's (f32),
-    so that the drop is that error (0 for FP32).
+    accuracy would steer the search by noise. Without labels: minus the relative RMS error of the outputs
+    against the FP32 IR's (f32), so that the drop is that error (0 for FP32).
     """
     import openvino as ov
 
