@@ -3,9 +3,11 @@
 from tfcompress.calibration.accuracy_control import calibrate_with_accuracy_control, layer_macs
 from tfcompress.calibration.cpu import cpu_saturates_int8
 from tfcompress.calibration.names import layer_names
-from tfcompress.calibration.quantize import PRESETS, calibrate, compress_weights, int8_layers
+from tfcompress.calibration.quantize import (
+    PRESETS, RANGE_ESTIMATORS, calibrate, compress_weights, int8_layers, range_estimator_for,
+)
 
 __all__ = [
-    "PRESETS", "calibrate", "calibrate_with_accuracy_control", "compress_weights", "cpu_saturates_int8", "int8_layers",
-    "layer_macs", "layer_names",
+    "PRESETS", "RANGE_ESTIMATORS", "calibrate", "calibrate_with_accuracy_control", "compress_weights",
+    "cpu_saturates_int8", "int8_layers", "layer_macs", "layer_names", "range_estimator_for",
 ]

@@ -206,6 +206,7 @@ def calibrate_with_accuracy_control(
     bias_correction: bool = True,
     ignored_layers: Iterable[str] = (),
     overflow_fix: str = "first_layer",
+    range_estimator: str = "auto",
     ranking: str = "error",
     inference_precision: str | None = "f32",
     layer_names: Iterable[str] | None = None,
@@ -239,9 +240,13 @@ def calibrate_with_accuracy_control(
     differs between runs of the same model) a ``UserWarning`` says so, and ``info["max_drop_met"]`` is False.
 
     Args:
-        validate_fn: ``validate_fn(compiled_model, validation_data) -> float``, higher is better.
+        validate_fn: ``validate_fn(compiled_model, validation_data) -> float``, higher is better. For a
+            regression output, minus its error (e.g. the relative RMS error against the FP32 model's outputs,
+            what the export command measures on unlabelled validation data) with ``drop_type="absolute"``
+            makes ``max_drop`` a bound on that error.
         drop_type: ``"absolute"`` (metric points) or ``"relative"`` (fraction of the FP32 metric).
         max_iterations: the most layers the search reverts to float (a step reverts one, or several together).
+        range_estimator: how activation ranges are estimated, as for :func:`~tfcompress.calibration.calibrate`.
         layer_names: the model's layer names (e.g. a Keras model's), to report reverted layers by them
             (:func:`tfcompress.calibration.names.layer_names`).
 
@@ -256,7 +261,7 @@ def calibrate_with_accuracy_control(
     """
     import openvino as ov
 
-    _check_args(preset, subset_size, False, "minmax", overflow_fix)
+    _check_args(preset, subset_size, False, range_estimator, overflow_fix)
     if drop_type not in ("absolute", "relative"):
         raise ValueError(f"drop_type must be 'absolute' or 'relative', got {drop_type!r}")
     if not 0 <= max_drop < 1:
@@ -270,7 +275,7 @@ def calibrate_with_accuracy_control(
     config = {} if inference_precision is None else {"INFERENCE_PRECISION_HINT": inference_precision}
     acts, weights = find_points(model, ignored_layers, overflow_fix)
     ranges, shifts = _calibration_state(model, calibration_data, preset, subset_size, bias_correction,
-                                        ignored_layers, "minmax", overflow_fix, verbose)
+                                        ignored_layers, range_estimator, overflow_fix, verbose)
     search = _Search(model, ranges, shifts, tuple(ignored_layers), overflow_fix,
                      lambda m: core.compile_model(m, "CPU", config))
 

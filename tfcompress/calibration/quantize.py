@@ -13,9 +13,17 @@ from tfcompress.calibration.placement import (
 )
 from tfcompress.calibration.statistics import Statistics, channel_ranges, collect
 
-__all__ = ["calibrate", "compress_weights", "int8_layers", "PRESETS"]
+__all__ = ["calibrate", "compress_weights", "int8_layers", "PRESETS", "RANGE_ESTIMATORS", "range_estimator_for"]
 
 PRESETS = ("performance", "mixed")
+
+# How per-tensor activation ranges are estimated from the per-sample extremes: ``"minmax"`` the mean of the
+# per-sample maxima (NNCF's and POT's default), ``"max"`` the largest value seen, ``"quantile"`` the mean of the
+# per-sample 1e-4 quantiles, ``"auto"`` one of the first two by the model (:func:`range_estimator_for`).
+RANGE_ESTIMATORS = ("auto", "minmax", "max", "quantile")
+
+# Ops whose input is a 2-D feature map when it has two or more spatial axes (N, C, H, W ...) longer than 1
+_SPATIAL_OPS = frozenset({"Convolution", "GroupConvolution", "AvgPool", "MaxPool"})
 
 
 def _read(model):
@@ -40,8 +48,41 @@ def _check_args(preset, subset_size, channel_alignment, range_estimator, overflo
         raise ValueError(f"subset_size must be a positive integer, got {subset_size!r}")
     if not isinstance(channel_alignment, bool):
         raise TypeError(f"channel_alignment must be True or False, got {channel_alignment!r}")
-    if range_estimator not in ("minmax", "max", "quantile"):
-        raise ValueError(f"unknown range_estimator {range_estimator!r}; choose 'minmax', 'max' or 'quantile'")
+    if range_estimator not in RANGE_ESTIMATORS:
+        raise ValueError(f"unknown range_estimator {range_estimator!r}; choose one of {list(RANGE_ESTIMATORS)}")
+
+
+def _has_feature_maps(model) -> bool:
+    """Whether the model convolves or pools 2-D (or 3-D) feature maps: a Convolution, GroupConvolution or
+    pooling op whose input has two spatial axes longer than 1 (a Conv1D that a converter wrote as a 2-D
+    convolution over a height of 1 does not count; unknown lengths do)."""
+    for op in model.get_ordered_ops():
+        if op.get_type_name() not in _SPATIAL_OPS:
+            continue
+        shape = op.get_input_partial_shape(0)
+        if shape.rank.is_dynamic:
+            return True
+        spatial = [d for d in list(shape)[2:] if not (d.is_static and d.get_length() == 1)]
+        if len(spatial) >= 2:
+            return True
+    return False
+
+
+def range_estimator_for(model, range_estimator: str = "auto") -> str:
+    """The estimator ``range_estimator`` stands for on ``model``: itself, or for ``"auto"`` ``"minmax"`` (the
+    mean of per-sample maxima) on a model with 2-D feature maps and ``"max"`` on any other.
+
+    The mean of per-sample maxima is NNCF's default for CNNs on images (and spectrograms): each sample's
+    maximum over a feature map of thousands of values is a rare outlier, and averaging it over samples clips
+    those outliers and keeps a finer grid for the rest. A model of vectors (an MLP, an autoencoder on tabular or
+    spectral features) or 1-D sequences (Conv1D on signals, embeddings, attention) has few values per sample
+    in each tensor, or samples whose scale varies (a signal's amplitude): there a sample's maximum is one of its
+    features, and the mean clips it in about half of the samples. Such models get the largest value seen
+    (BENCHMARKS.md, section 3g). Models with 2-D feature maps keep NNCF's default, and their ranges NNCF's.
+    """
+    if range_estimator != "auto":
+        return range_estimator
+    return "minmax" if _has_feature_maps(model) else "max"
 
 
 # A per-channel activation range is at least this fraction of the tensor's widest channel (NNCF's floor for
@@ -343,7 +384,7 @@ def calibrate(
     bias_correction: bool = True,
     channel_alignment: bool = False,
     ignored_layers: Iterable[str] = (),
-    range_estimator: str = "minmax",
+    range_estimator: str = "auto",
     overflow_fix: str = "first_layer",
     verbose: bool = True,
 ):
@@ -351,9 +392,10 @@ def calibrate(
 
     Activations feeding Convolution, GroupConvolution and MatMul, both inputs of residual Adds and pooling
     inputs are quantized per tensor (``preset="performance"``: symmetric; ``"mixed"``: asymmetric), with
-    ranges from one statistics pass (min of per-sample minima and mean of per-sample maxima; for signed
-    symmetric tensors the mean of per-sample absolute maxima; ``range_estimator="max"`` takes the largest
-    values seen instead, ``"quantile"`` the 1e-4 quantiles);
+    ranges from one statistics pass: ``range_estimator="minmax"`` takes the min of per-sample minima and the
+    mean of per-sample maxima (for signed symmetric tensors the mean of per-sample absolute maxima, as NNCF),
+    ``"max"`` the largest values seen, ``"quantile"`` the 1e-4 quantiles, and ``"auto"`` (the default)
+    ``"minmax"`` on models with 2-D feature maps and ``"max"`` on others (:func:`range_estimator_for`);
     Concat inputs share one range. Weights are quantized symmetrically per output channel on the int8 grid
     (levels=255 over [-m, m]). Bias correction (NNCF's fast bias correction, :func:`fast_bias_shifts`)
     shifts each layer's bias by the difference between its mean FP32 output and its quantized output on its
@@ -400,6 +442,7 @@ def _calibration_state(model, data, preset, subset_size, bias_correction, ignore
                        overflow_fix, verbose):
     """One statistics pass: activation ranges and, with ``bias_correction``, every layer's bias shift."""
     acts, weights = find_points(model, ignored_layers, overflow_fix)
+    estimator = range_estimator_for(model, estimator)
     corrected = bias_points(model, weights) if bias_correction else []
     # in f32, as NNCF's statistics pass: a bf16 pass (the default on CPUs with AVX512-BF16 or AMX) rounds every
     # maximum to 8 mantissa bits, so the ranges and means would be those of a rounded model

@@ -9,6 +9,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import flags  # noqa: E402
 
+from tfcompress.calibration.quantize import RANGE_ESTIMATORS  # noqa: E402 - numpy only, no TensorFlow
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("saved_model_dir", None, "The SavedModel to export (read only, never modified).")
 flags.DEFINE_string("output_dir", None, "Where to write stripped/, model.onnx, model_fp32.xml/.bin, "
@@ -18,8 +20,15 @@ flags.DEFINE_string("calibration_data", None, "Samples for INT8 calibration (the
 flags.DEFINE_enum("int8", "default", ["default", "accuracy_aware", "none"],
                   "INT8 calibration mode (with --calibration_data): default (ranges + bias correction), "
                   "accuracy_aware (also reverts layers to float until the drop <= --max_drop; needs --calibration_data "
-                  "and labelled --validation_data) or none.")
-flags.DEFINE_float("max_drop", 0.01, "Largest accuracy drop allowed by --int8=accuracy_aware.")
+                  "and --validation_data, see --max_drop) or none.")
+flags.DEFINE_enum("range_estimator", "auto", list(RANGE_ESTIMATORS),
+                  "How INT8 calibration estimates activation ranges: minmax (the mean over samples of each sample's "
+                  "largest value, NNCF's default), max (the largest value seen), quantile (the mean of per-sample "
+                  "1e-4 quantiles) or auto: minmax for models with 2-D feature maps (image / spectrogram CNNs), "
+                  "max for others (dense, Conv1D, embedding, attention models).")
+flags.DEFINE_float("max_drop", 0.01, "Largest drop allowed by --int8=accuracy_aware: of accuracy with labelled "
+                   "--validation_data; with unlabelled --validation_data (a regression or autoencoder output), the "
+                   "INT8 outputs' relative RMS error against FP32.")
 flags.DEFINE_integer("max_iterations", 50, "With --int8=accuracy_aware, the most layers reverted to float; "
                      "the search stops there even if --max_drop is not reached.")
 flags.DEFINE_bool("allow_drop_miss", False, "With --int8=accuracy_aware, exit 0 even when --max_drop was not "
@@ -45,6 +54,10 @@ def main(argv: list[str]) -> int:
     if unused and FLAGS.int8 != "accuracy_aware":
         print(f"error: {', '.join(unused)} only apply to --int8=accuracy_aware", file=sys.stderr)
         return 2
+    if FLAGS["range_estimator"].present and (FLAGS.calibration_data is None or FLAGS.int8 == "none"):
+        print("error: --range_estimator only applies with --calibration_data and --int8 other than none",
+              file=sys.stderr)
+        return 2
     from tfcompress._cli import import_tensorflow_quietly
     from tfcompress.export.options import check_args
 
@@ -52,13 +65,14 @@ def main(argv: list[str]) -> int:
     check_args(FLAGS.saved_model_dir, FLAGS.output_dir, FLAGS.int8, FLAGS.max_drop, FLAGS.opset, FLAGS.overwrite,
                FLAGS.max_iterations,
                {"--calibration_data": FLAGS.calibration_data, "--validation_data": FLAGS.validation_data},
-               calibration_data=FLAGS.calibration_data is not None)
+               calibration_data=FLAGS.calibration_data is not None, range_estimator=FLAGS.range_estimator)
     import_tensorflow_quietly()
     from tfcompress.export.pipeline import export_saved_model
 
     report = export_saved_model(
         FLAGS.saved_model_dir, FLAGS.output_dir, calibration_data=FLAGS.calibration_data, int8=FLAGS.int8,
-        max_drop=FLAGS.max_drop, max_iterations=FLAGS.max_iterations, validation_data=FLAGS.validation_data, opset=FLAGS.opset,
+        max_drop=FLAGS.max_drop, max_iterations=FLAGS.max_iterations, range_estimator=FLAGS.range_estimator,
+        validation_data=FLAGS.validation_data, opset=FLAGS.opset,
         overwrite=FLAGS.overwrite, signature_key=FLAGS.signature, require_onnx=FLAGS.require_onnx,
     )
     int8 = report["steps"].get("int8", {})

@@ -327,12 +327,32 @@ def _read_onnx(onnx_path: str):
     import openvino as ov
 
     try:
-        return ov.convert_model(onnx_path)
+        model = ov.convert_model(onnx_path)
     except Exception as e:
         lines = str(e).splitlines()
         failed = [ln.split("Conversion is failed for:", 1)[1].strip() for ln in lines if "Conversion is failed for:" in ln]
         why = f"it cannot convert {', '.join(failed)}" if failed else (lines[0] if lines else type(e).__name__)
         raise ExportError(f"OpenVINO's ONNX reader cannot read what tf2onnx wrote: {why}") from None
+    _restore_output_node_names(model, onnx_path)
+    return model
+
+
+def _restore_output_node_names(model, onnx_path: str) -> None:
+    """Give the ops that produce the model's outputs their ONNX node names back (in place).
+
+    OpenVINO's ONNX reader names such an op after the output it produces (``output_0``), while the ONNX node
+    name (``StatefulPartitionedCall/model/dense_2/MatMul``) holds the layer's TF scope, which calibration
+    reports layers by (:mod:`tfcompress.calibration.names`). Output tensor names are not changed.
+    """
+    import onnx
+
+    graph = onnx.load(onnx_path, load_external_data=False).graph
+    outputs = {o.name for o in graph.output}
+    producers = {out: node.name for node in graph.node for out in node.output if out in outputs and node.name}
+    for result in model.get_results():
+        op = result.input_value(0).get_node()
+        if op.get_friendly_name() in producers:
+            op.set_friendly_name(producers[op.get_friendly_name()])
 
 
 def restore_weight_quantization(model) -> int:

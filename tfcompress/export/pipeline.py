@@ -69,6 +69,7 @@ def export_saved_model(
     source_name: str | None = None,
     require_onnx: bool = False,
     max_iterations: int = 50,
+    range_estimator: str = "auto",
 ) -> dict:
     """Write ``stripped/``, ``model.onnx`` (unless tf2onnx cannot convert the model), ``model_fp32.xml/.bin``,
     with calibration data ``model_int8.xml/.bin``, and ``report.json/.md`` into ``output_dir``.
@@ -91,13 +92,15 @@ def export_saved_model(
         require_onnx: fail when the model cannot be converted to ONNX. By default the FP32 IR is then built
             from the stripped SavedModel by OpenVINO's TensorFlow reader, and the report says why ONNX is absent.
         max_iterations: the most layers ``int8="accuracy_aware"`` reverts to float.
+        range_estimator: how calibration estimates activation ranges
+            (:data:`tfcompress.calibration.RANGE_ESTIMATORS`; the report names the one used).
 
     Returns:
         The report (also written as ``report.json``).
     """
     check_args(saved_model_dir, output_dir, int8, max_drop, opset, overwrite, max_iterations,
                {"calibration data": calibration_data, "validation data": validation_data},
-               calibration_data=calibration_data is not None)
+               calibration_data=calibration_data is not None, range_estimator=range_estimator)
 
     _log = _logger(verbose)
     t0 = time.perf_counter()
@@ -109,8 +112,9 @@ def export_saved_model(
     name = next(iter(frozen.specs))
     calib = load_data(calibration_data, spec, "calibration data") if calibration_data is not None else None
     valid = load_data(validation_data, spec, "validation data") if validation_data is not None else None
-    if int8 == "accuracy_aware" and calib is not None and (valid is None or valid[1] is None):
-        raise ExportError("--int8=accuracy_aware needs --validation_data with labels to measure the drop")
+    if int8 == "accuracy_aware" and calib is not None and valid is None:
+        raise ExportError("--int8=accuracy_aware needs --validation_data to measure the drop: labelled (accuracy) "
+                          "or not (the INT8 outputs' relative RMS error against FP32)")
     out_key = sorted(frozen.outputs)[0]  # the output accuracy is measured on
     if valid is not None and valid[1] is not None:
         scores = run_frozen(frozen, frozen.graph_def, {name: valid[0][:1]})[out_key]
@@ -173,7 +177,7 @@ def export_saved_model(
             _log(f"[4b/5] INT8 calibration ({int8}) on {min(len(calib[0]), 300)} samples")
             xml8 = os.path.join(tmp, "model_int8.xml")
             report["steps"]["int8"] = _int8(xml, xml8, calib[0], int8, max_drop, valid, saved_model_dir, verbose,
-                                            max_iterations)
+                                            max_iterations, range_estimator)
             report["steps"]["int8"]["seconds"] = time.perf_counter() - t
             if check is not None:  # INT8 at OpenVINO's default precision, as deployed, against the FP32 IR
                 got8 = run_openvino(xml8, check, precision="default")
@@ -270,7 +274,7 @@ def _convert(stripped_dir: str, onnx_path: str, xml: str, opset: int, check, sig
 
 
 def _int8(xml: str, xml8: str, calib: np.ndarray, mode: str, max_drop: float, valid, saved_model_dir: str,
-          verbose: bool = True, max_iterations: int = 50) -> dict:
+          verbose: bool = True, max_iterations: int = 50, range_estimator: str = "auto") -> dict:
     """Calibrate the FP32 IR, store int8 weights, and say which layers really run INT8.
 
     With accuracy control, a ``max_drop`` that was not reached is said on stderr and in the returned
@@ -283,18 +287,15 @@ def _int8(xml: str, xml8: str, calib: np.ndarray, mode: str, max_drop: float, va
     from tfcompress import calibration
 
     fp = ov.Core().read_model(xml)
-    info: dict = {}
+    info: dict = {"range_estimator": calibration.range_estimator_for(fp, range_estimator)}
     if mode == "accuracy_aware":
-        def validate(compiled, data):
-            x, y = data
-            outs = [np.asarray(compiled({0: x[i:i + 256]})[compiled.outputs[0]]) for i in range(0, len(x), 256)]
-            return _accuracy(np.concatenate(outs), y)
+        validate, info["drop_metric"] = _drop_metric(fp, valid)
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # said below, once, in the pipeline's own words
             q, acc = calibration.calibrate_with_accuracy_control(
                 fp, calib, valid, validate, max_drop=max_drop, subset_size=min(len(calib), 300),
-                max_iterations=max_iterations,
+                max_iterations=max_iterations, range_estimator=range_estimator,
                 layer_names=_variable_layers(saved_model_dir), verbose=verbose)
         info.update({k: acc[k] for k in ("reverted", "reverted_ir", "restored", "drop", "fp32_metric", "max_drop_met",
                                          "int8_mac_share", "inference_precision")})
@@ -302,10 +303,45 @@ def _int8(xml: str, xml8: str, calib: np.ndarray, mode: str, max_drop: float, va
             info["warning"] = acc["warning"]
             print(f"warning: {acc['warning']}", file=sys.stderr, flush=True)
     else:
-        q = calibration.calibrate(fp, calib, subset_size=min(len(calib), 300), verbose=verbose)
+        q = calibration.calibrate(fp, calib, subset_size=min(len(calib), 300), range_estimator=range_estimator,
+                                  verbose=verbose)
     ov.save_model(q, xml8, compress_to_fp16=False)
     info["int8_layers"] = calibration.int8_layers(ov.Core().compile_model(xml8, "CPU"))
     return info
+
+
+def _outputs(compiled, x: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.asarray(compiled({0: x[i:i + 256]})[compiled.outputs[0]]) for i in range(0, len(x), 256)])
+
+
+def _drop_metric(fp, valid):
+    """``(validate_fn, what it measures)`` for accuracy control on the validation data ``valid`` = (x, y).
+
+    With labels: accuracy (the argmax of the first output), after checking that the FP32 model's argmax
+    predicts the labels at least as often as a random guess among the label values present (two at least);
+    otherwise the output is not class scores (a regression, an autoencoder's reconstruction) and its argmax
+    accuracy would steer the search by noise. Without labels: minus the relative RMS error of the outputs
+    against the FP32 IR's (f32), so that the drop is that error (0 for FP32).
+    """
+    import openvino as ov
+
+    x, y = valid
+    ref = _outputs(ov.Core().compile_model(fp, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), x)
+    if y is None:
+        scale = float(np.sqrt(np.mean(np.square(ref, dtype=np.float64)))) or 1.0
+
+        def output_error(compiled, data):
+            return -float(np.sqrt(np.mean(np.square(_outputs(compiled, data[0]) - ref, dtype=np.float64)))) / scale
+        return output_error, "relative RMS error against FP32"
+    values = len(np.unique(y))
+    chance = 1.0 / max(2, values)
+    if _accuracy(ref, y) < chance:
+        raise ExportError(
+            f"--int8=accuracy_aware: the FP32 model's argmax matches the labels of --validation_data in "
+            f"{100 * _accuracy(ref, y):.1f} % of the samples, less than a random guess among {max(2, values)} "
+            f"labels ({100 * chance:.1f} %): its first output does not score these classes (a regression or "
+            "autoencoder output?); pass the samples without labels to bound the outputs' relative RMS error instead")
+    return (lambda compiled, data: _accuracy(_outputs(compiled, data[0]), data[1])), "accuracy"
 
 
 def _variable_layers(saved_model_dir: str) -> list[str] | None:
@@ -380,9 +416,11 @@ def _markdown(r: dict) -> str:
         s = r["steps"]["int8"]
         run = s["int8_layers"]
         lines += ["", f"INT8 IR: {run['int8']} of {run['total']} convolution / fully-connected layers run in INT8 "
-                  f"({r['sizes']['openvino_int8']:,} bytes)."]
+                  f"({r['sizes']['openvino_int8']:,} bytes); activation ranges: {s['range_estimator']}."]
         if "reverted" in s:
-            lines.append(f"Accuracy-aware: reverted to float: {s['reverted'] or 'none'}; drop {100 * s['drop']:.2f} pts; "
+            drop = (f"drop {100 * s['drop']:.2f} pts" if s["drop_metric"] == "accuracy" else
+                    f"{s['drop_metric']} {100 * s['drop']:.2f} %")
+            lines.append(f"Accuracy-aware: reverted to float: {s['reverted'] or 'none'}; {drop}; "
                          f"{100 * s['int8_mac_share']:.1f} % of the MACs in INT8; measured with the "
                          f"{s['inference_precision']} inference precision hint (compile the IR with it).")
             if not s["max_drop_met"]:
