@@ -467,33 +467,40 @@ def test_ranking_model_switches_each_candidate_like_a_built_trial(resnet8_ir):
     np.testing.assert_allclose(ranker.outputs(set(candidates), x), fp, atol=1e-4 * np.abs(fp).max())
 
 
-def _causal_attention_ir():
-    """Self-attention with a causal mask as tf2onnx writes Keras' ``where(mask, scores, float32 min)``: two
-    products with the mask cast to float, added. The mask comes from the input's shape, not its values."""
+def _masked_attention_ir(mask: str):
+    """Self-attention with a mask as tf2onnx writes Keras' ``where(mask, scores, float32 min)``: two products
+    with the mask cast to float, added. ``mask="causal"`` comes from the input's shape; ``"padding"`` from its
+    values (a comparison, as Keras derives a padding mask from token ids)."""
     import openvino.opset13 as ops
 
     x = ops.parameter([1, 6, 8], ov.Type.f32, name="x")
     scores = ops.matmul(x, x, False, True)
-    r = ops.range(ops.constant(0, ov.Type.i64), ops.gather(ops.shape_of(x), ops.constant(1), ops.constant(0)),
-                  ops.constant(1, ov.Type.i64), ov.Type.i64)
-    causal = ops.greater_equal(ops.unsqueeze(r, ops.constant(1)), ops.unsqueeze(r, ops.constant(0)))
-    keep = ops.multiply(ops.convert(causal, ov.Type.f32), scores)
-    drop = ops.multiply(ops.constant(np.float32(-2.37e38)), ops.convert(ops.logical_not(causal), ov.Type.f32))
+    if mask == "causal":
+        r = ops.range(ops.constant(0, ov.Type.i64), ops.gather(ops.shape_of(x), ops.constant(1), ops.constant(0)),
+                      ops.constant(1, ov.Type.i64), ov.Type.i64)
+        valid = ops.greater_equal(ops.unsqueeze(r, ops.constant(1)), ops.unsqueeze(r, ops.constant(0)))
+    else:  # the keys whose first feature is positive
+        first = ops.gather(x, ops.constant([0]), ops.constant(2))  # (1, 6, 1)
+        valid = ops.greater(ops.transpose(first, ops.constant([0, 2, 1])), ops.constant(np.float32(0)))
+    keep = ops.multiply(ops.convert(valid, ov.Type.f32), scores)
+    drop = ops.multiply(ops.constant(np.float32(-2.37e38)), ops.convert(ops.logical_not(valid), ov.Type.f32))
     out = ops.matmul(ops.softmax(ops.add(keep, drop), -1), x, False, False)
     return ov.Model([out], [x])
 
 
-def test_a_mask_computed_from_shapes_only_gets_no_quantizer(rng):
-    """A tensor that does not depend on the input's values (a causal mask, here at float32's minimum where it
-    masks) is not a feature map: a quantizer over its range would round every attention score to zero."""
-    model = _causal_attention_ir()
+@pytest.mark.parametrize("mask", ["causal", "padding"])
+def test_a_mask_gets_no_quantizer(rng, mask):
+    """A tensor computed from the input's shape (a causal mask) or through a comparison of its values (a padding
+    mask), here at float32's minimum where it masks, is not a feature map: a quantizer over its range would round
+    every attention score to zero, and the scores it is added to stay float (the sum does not run INT8)."""
+    model = _masked_attention_ir(mask)
     x = rng.normal(size=(16, 1, 6, 8)).astype("float32")
+    x[:, :, 1::2, 0] = -np.abs(x[:, :, 1::2, 0])  # some keys masked in every sample
     q = calibration.calibrate(model, list(x), subset_size=16)
     quantized = {op.input_value(0).get_node().get_friendly_name() for op in q.get_ordered_ops()
                  if op.get_type_name() == "FakeQuantize"}
-    mask = next(op for op in model.get_ordered_ops() if op.get_type_name() == "Multiply"
-                and op.input_value(0).get_node().get_type_name() == "Constant")
-    assert mask.get_friendly_name() not in quantized
+    products = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "Multiply"]
+    assert len(products) == 2 and not quantized & set(products)
     core = ov.Core()
     ref = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(x[0])[0]
     got = core.compile_model(q, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(x[0])[0]

@@ -67,6 +67,26 @@ def test_a_model_without_2d_feature_maps_gets_the_largest_values_seen(tmp_path, 
     assert _rel_rms(_f32(mean_of_maxima, held), ref) > 5 * _rel_rms(_f32(default, held), ref)
 
 
+def test_a_text_transformer_with_a_padding_mask_stays_close_to_fp32(tmp_path, rng):
+    """``Embedding(mask_zero=True)`` gives MultiHeadAttention a padding mask from the token ids: the attention
+    scores of padded keys are replaced by float32's minimum. Quantizing that masked term (a value-dependent tensor,
+    but a mask) rounded every score to zero: 30 % relative RMS output error on this model before; the mask now
+    stays float."""
+    inp = keras.Input((12,), dtype="int32")
+    x = L.Embedding(40, 16, mask_zero=True)(inp)
+    x = L.LayerNormalization()(x + L.MultiHeadAttention(2, 8)(x, x))
+    model = keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling1D()(x)))
+    tokens = rng.integers(1, 40, (160, 12)).astype("int32")
+    for row, n in zip(tokens, rng.integers(3, 13, 160)):
+        row[n:] = 0
+    fp = _ir(model, tmp_path)
+    q = calibration.calibrate(fp, tokens[:100], verbose=False)
+    ref = model.predict(tokens[100:], verbose=0)
+    assert _rel_rms(_f32(fp, tokens[100:]), ref) < 1e-5
+    error = _rel_rms(_f32(q, tokens[100:]), ref)
+    assert error < 0.1, error
+
+
 def test_a_model_with_2d_feature_maps_keeps_the_mean_of_per_sample_maxima(tmp_path, rng):
     """Image CNNs (and their vector heads) keep NNCF's ranges exactly: the default is "minmax" there."""
     inp = keras.Input((16, 16, 3))

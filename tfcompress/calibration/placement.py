@@ -146,10 +146,13 @@ def _has_weights(op) -> bool:
     return op_policy(op).inputs == "data" and op.get_input_size() > 1
 
 
-def quantized_inputs(op) -> list[int]:
+def quantized_inputs(op, features: set[str] | None = None) -> list[int]:
     """Which inputs of ``op`` the policy quantizes (:func:`tfcompress.int8_policy.quantized_inputs`); the
-    weights of a layer count as quantizable when they are constant or already quantized (QAT)."""
-    constant = [_is_const(_source(i)) for i in op.inputs()]
+    weights of a layer count as quantizable when they are constant or already quantized (QAT). Given the
+    model's ``features`` (:func:`_features`), an input that is not one counts as a constant: a sum or product
+    with a mask stays float, as one with a bias or a scale does."""
+    constant = [_is_const(_source(i)) or (features is not None and _source(i).get_node().get_name() not in features)
+                for i in op.inputs()]
     weights_ok = False
     if _has_weights(op):
         w_src = _source(op.input(1))
@@ -204,17 +207,21 @@ def _trained_int8(op) -> bool:
                                axes[0], tolerance)[0] is not None
 
 
-def _value_dependent(ops) -> set[str]:
-    """Names of the ops whose outputs depend on the values of the model's inputs (``ops`` in topological
-    order). The others compute from constants and input shapes only (a causal attention mask, positions): such a
-    tensor may hold values like float32's minimum, so a quantizer over its range would round the feature map it
-    is added to to zero, as NNCF leaves constant and shape subgraphs unquantized."""
-    varying: set[str] = set()
+def _features(ops) -> set[str]:
+    """Names of the ops (``ops`` in topological order) whose outputs are features: they depend on the values of
+    the model's inputs, and not only through a boolean. The others compute from constants and input shapes (a
+    causal attention mask, positions) or from a comparison's result (a padding mask from token ids): such a
+    tensor may hold values like float32's minimum where it masks, so a quantizer over its range would round the
+    feature map it is added to to zero, as NNCF leaves constant and shape subgraphs unquantized."""
+    features: set[str] = set()
     for op in ops:
-        if op.get_type_name() == "Parameter" or (op.get_type_name() != "ShapeOf" and any(
-                _source(i).get_node().get_name() in varying for i in op.inputs())):
-            varying.add(op.get_name())
-    return varying
+        if op.get_type_name() == "Parameter":
+            features.add(op.get_name())
+        elif op.get_type_name() != "ShapeOf" and any(
+                op.get_output_element_type(k).get_type_name() != "boolean" for k in range(op.get_output_size())) and any(
+                _source(i).get_node().get_name() in features for i in op.inputs()):
+            features.add(op.get_name())
+    return features
 
 
 def find_points(model, ignored_layers=(), overflow_fix: str = "disable") -> tuple[list[ActivationPoint], list[WeightPoint]]:
@@ -225,7 +232,7 @@ def find_points(model, ignored_layers=(), overflow_fix: str = "disable") -> tupl
     # ov node objects are re-created on access: identify nodes by their (unique) names
     pos = {op.get_name(): k for k, op in enumerate(ops)}
     ignored = set(ignored_layers)
-    varying = _value_dependent(ops)
+    features = _features(ops)
     acts: dict[tuple[int, int], ActivationPoint] = {}
     weights: list[WeightPoint] = []
 
@@ -234,7 +241,7 @@ def find_points(model, ignored_layers=(), overflow_fix: str = "disable") -> tupl
         node = inp.get_node()
         if node.get_friendly_name() in ignored:
             return False
-        return inp.get_index() in quantized_inputs(node) or hoistable(node)
+        return inp.get_index() in quantized_inputs(node, features) or hoistable(node)
 
     def hoistable(node) -> bool:
         """An agnostic op with one data input whose every reader reads quantized values anyway."""
@@ -261,8 +268,8 @@ def find_points(model, ignored_layers=(), overflow_fix: str = "disable") -> tupl
             node = src.get_node()
         if node.get_type_name() in ("FakeQuantize", "Constant") or _is_const(src):
             return  # already quantized (QAT) or a constant
-        if node.get_name() not in varying:
-            return  # computed from constants and shapes only (an attention mask), not a feature map
+        if node.get_name() not in features:
+            return  # computed from constants, shapes or a comparison (an attention mask), not a feature map
         if not src.get_element_type().is_real():
             return  # integers (token ids, indices): FakeQuantize is for float tensors
         key = (pos[node.get_name()], src.get_index())
@@ -283,7 +290,7 @@ def find_points(model, ignored_layers=(), overflow_fix: str = "disable") -> tupl
         name = op.get_friendly_name()
         if name in ignored or trained and k not in trained:
             continue
-        for i in quantized_inputs(op):  # QAT weights: only the missing activation quantizer is added
+        for i in quantized_inputs(op, features):  # QAT weights: only the missing activation quantizer is added
             add_act(op.input(i), name, i == 0 and op_policy(op).per_channel_input)
         if _has_weights(op) and _is_const(_source(op.input(1))):
             const = _through_convert(_source(op.input(1)))
