@@ -518,3 +518,48 @@ def test_quantized_export_says_when_its_checks_cannot_verify(stable_qat, tmp_pat
     assert "output checks cannot tell a correct conversion from a broken one" in capsys.readouterr().err
     assert "**Not verified**" in (tmp_path / "out" / "report.md").read_text()
 
+
+
+# SavedModels written by other means than keras.Model.export: tf.saved_model.save of a tf.Module with
+# hand-written ops, TF1 builders
+
+
+class _TinyNet(tf.Module):
+    """conv -> relu -> mean -> matmul, written with tf.nn ops and variables (no Keras)."""
+
+    def __init__(self, rng, size: int = 8):
+        super().__init__()
+        self.kernel = tf.Variable(rng.normal(0, 0.3, (3, 3, 3, 4)).astype("float32"))
+        self.dense = tf.Variable(rng.normal(0, 0.3, (4, 3)).astype("float32"))
+        self.size = size
+
+    def logits(self, x):
+        y = tf.nn.relu(tf.nn.conv2d(x, self.kernel, 1, "SAME"))
+        return tf.matmul(tf.reduce_mean(y, axis=[1, 2]), self.dense)
+
+
+def _save_tiny_net(path, rng, outputs, spec=None):
+    """Save a :class:`_TinyNet` whose serving signature returns ``outputs(net, x)`` (a dict) for the input
+    ``spec`` (default: float32 (None, 8, 8, 3) named x)."""
+    net = _TinyNet(rng)
+    spec = spec or tf.TensorSpec([None, 8, 8, 3], tf.float32, name="x")
+    net.serve = tf.function(lambda x: outputs(net, x), input_signature=[spec])
+    tf.saved_model.save(net, str(path), signatures={"serving_default": net.serve})
+    return net
+
+
+def test_outputs_named_unlike_tensorflow_scopes_are_kept(tmp_path, rng):
+    """Signature outputs may be named anything (``logits:0``, unicode): the stripped SavedModel and the ONNX
+    model keep those names and values."""
+    names = ("logits:0", "ausgabe_ü")
+    net = _save_tiny_net(tmp_path / "sm", rng, lambda n, x: {names[0]: n.logits(x), names[1]: tf.nn.softmax(n.logits(x))})
+    x = rng.uniform(0, 1, (4, 8, 8, 3)).astype("float32")
+    report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), calibration_data=x, int8="none",
+                                verbose=False)
+    assert report["steps"]["onnx"]["max_rel_error"] < 1e-5
+    out = tf.saved_model.load(str(tmp_path / "out" / "stripped")).signatures["serving_default"](x=tf.constant(x))
+    assert sorted(out) == sorted(names)
+    assert rel_error(out["logits:0"], net.logits(x)) < 1e-5
+    import onnx
+
+    assert sorted(o.name for o in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.output) == sorted(names)

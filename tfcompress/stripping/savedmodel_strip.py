@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import keyword
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -208,7 +209,7 @@ def save_graph_def(frozen: FrozenSignature, graph_def: tf.compat.v1.GraphDef, ds
             return_elements=[frozen.outputs[k] for k in keys],
             name="stripped",
         )
-        return {k: tf.identity(t, name=k) for k, t in zip(keys, outs)}
+        return {k: tf.identity(t, name=_op_name(k)) for k, t in zip(keys, outs)}
 
     # signatures are called with keyword arguments named like the inputs: give the function those names
     if not all(n.isidentifier() and not keyword.iskeyword(n) for n in names):
@@ -223,6 +224,14 @@ def save_graph_def(frozen: FrozenSignature, graph_def: tf.compat.v1.GraphDef, ds
     # an inference graph: custom gradients (e.g. of swish) are neither needed nor savable once frozen
     options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
     tf.saved_model.save(module, dst_dir, signatures=signatures, options=options)
+
+
+def _op_name(key: str) -> str:
+    """A TensorFlow op name for the signature output ``key``: the key itself where TensorFlow allows it,
+    otherwise with each character it refuses (``:``, non-ASCII letters ...) replaced by ``_``. Signature keys
+    may be any string (``logits:0``, ``ausgabe_ü``); op names may not."""
+    name = re.sub(r"[^A-Za-z0-9_.\-]", "_", key)
+    return name if re.match(r"[A-Za-z0-9.]", name) else "output" + name
 
 
 def _without_placeholders(graph_def):
