@@ -563,3 +563,25 @@ def test_outputs_named_unlike_tensorflow_scopes_are_kept(tmp_path, rng):
     import onnx
 
     assert sorted(o.name for o in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.output) == sorted(names)
+
+
+@pytest.mark.parametrize("batch, int8", [(1, "accuracy_aware"), (3, "default")])
+def test_a_signature_with_a_fixed_batch_size(batch, int8, tmp_path, rng):
+    """A signature that takes exactly ``batch`` samples (as models written for a device often do) is checked,
+    calibrated and scored in batches of that size; validation data of any length is scored whole; the INT8
+    IR keeps the batch size (accuracy control's trial models run with a free one)."""
+    spec = tf.TensorSpec([batch, 8, 8, 3], tf.float32, name="x")
+    net = _save_tiny_net(tmp_path / "sm", rng, lambda n, x: {"probs": tf.nn.softmax(n.logits(x))}, spec)
+    x = rng.uniform(0, 1, (13, 8, 8, 3)).astype("float32")
+    labels = np.argmax(net.logits(x).numpy(), axis=1)
+    np.savez(tmp_path / "val.npz", x=x[:7], y=labels[:7])
+    report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), calibration_data=x,
+                                validation_data=str(tmp_path / "val.npz"), int8=int8, verbose=False)
+    assert report["steps"]["onnx"]["max_rel_error"] < 1e-5
+    assert report["steps"]["int8"]["int8_layers"]["int8"] >= 1
+    acc = report["accuracy"]
+    assert acc["samples"] == 7
+    assert acc["original"] == acc["stripped"] == acc["onnx"] == acc["openvino_fp32"] == 1.0
+    import openvino as ov
+
+    assert ov.Core().read_model(str(tmp_path / "out" / "model_int8.xml")).inputs[0].get_partial_shape()[0] == batch

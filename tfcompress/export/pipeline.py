@@ -44,15 +44,40 @@ def _accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(outputs.reshape(len(outputs), -1), axis=1) == labels.reshape(-1)))
 
 
-def _batched(fn, x: np.ndarray, batch: int = 256) -> np.ndarray:
+def _rows(x: np.ndarray, n: int, fixed: int | None) -> np.ndarray:
+    """The first ``n`` samples of ``x``, or, for a signature that takes exactly ``fixed`` samples, ``fixed``
+    samples (the data's first ones, repeated when it has fewer)."""
+    if fixed is None:
+        return x[:n]
+    return x[:fixed] if len(x) >= fixed else np.resize(x, (fixed, *x.shape[1:]))
+
+
+def _batched(fn, x: np.ndarray, batch: int = 256, fixed: int | None = None) -> np.ndarray:
+    """``fn`` over ``x`` in batches of ``batch``, or of exactly ``fixed`` samples for a signature with a fixed
+    batch size (the last one filled up with repeated samples, whose outputs are dropped)."""
     import keras
 
+    batch = fixed or batch
     bar = keras.utils.Progbar(len(x), verbose=1 if len(x) > batch and sys.stderr.isatty() else 0)
     parts = []
     for i in range(0, len(x), batch):
-        parts.append(fn(x[i:i + batch]))
+        part = x[i:i + batch]
+        parts.append(np.asarray(fn(_rows(part, batch, fixed)))[:len(part)])
         bar.update(min(i + batch, len(x)))
     return np.concatenate(parts)
+
+
+def _whole_batches(x: np.ndarray, fixed: int | None) -> np.ndarray:
+    """``x`` cut to whole batches of a fixed batch size (calibration feeds the IR whole batches only)."""
+    if fixed is None:
+        return x
+    return _rows(x, fixed, fixed) if len(x) < fixed else x[:len(x) - len(x) % fixed]
+
+
+def _fixed_batch(spec) -> int | None:
+    """The batch size a signature input takes, when it takes only one (``TensorSpec([1, 32, 32, 3])``)."""
+    dims = spec.shape.as_list() if spec.shape.rank else []
+    return dims[0] if dims else None
 
 
 def export_saved_model(
@@ -112,14 +137,15 @@ def export_saved_model(
     if int8 == "accuracy_aware" and calib is not None and (valid is None or valid[1] is None):
         raise ExportError("--int8=accuracy_aware needs --validation_data with labels to measure the drop")
     out_key = sorted(frozen.outputs)[0]  # the output accuracy is measured on
+    fixed = _fixed_batch(spec)
     if valid is not None and valid[1] is not None:
-        scores = run_frozen(frozen, frozen.graph_def, {name: valid[0][:1]})[out_key]
+        scores = run_frozen(frozen, frozen.graph_def, {name: _rows(valid[0], 1, fixed)})[out_key]
         check_labels(valid[1], int(np.prod(scores.shape[1:])), out_key)
     quantized = any(n.op.startswith("FakeQuant") for n in frozen.graph_def.node)
     check = None
     for data in (valid, calib):
         if data is not None:
-            check = {name: data[0][:8]}
+            check = {name: _rows(data[0], 8, fixed)}
             break
     qcheck = None
     if quantized:
@@ -170,10 +196,11 @@ def export_saved_model(
         xml8 = None
         if calib is not None and int8 != "none":
             t = time.perf_counter()
-            _log(f"[4b/5] INT8 calibration ({int8}) on {min(len(calib[0]), 300)} samples")
+            samples = _whole_batches(calib[0][:300], fixed)
+            _log(f"[4b/5] INT8 calibration ({int8}) on {len(samples)} samples")
             xml8 = os.path.join(tmp, "model_int8.xml")
-            report["steps"]["int8"] = _int8(xml, xml8, calib[0], int8, max_drop, valid, saved_model_dir, verbose,
-                                            max_iterations)
+            report["steps"]["int8"] = _int8(xml, xml8, samples, int8, max_drop, valid, saved_model_dir, verbose,
+                                            max_iterations, fixed)
             report["steps"]["int8"]["seconds"] = time.perf_counter() - t
             if check is not None:  # INT8 at OpenVINO's default precision, as deployed, against the FP32 IR
                 got8 = run_openvino(xml8, check, precision="default")
@@ -182,19 +209,23 @@ def export_saved_model(
         if valid is not None and valid[1] is not None:
             _log("[5/5] measuring accuracy on the validation data")
             x, y = valid
+
+            def score(fn) -> float:  # accuracy of fn over the validation samples
+                return _accuracy(_batched(fn, x, fixed=fixed), y)
+
             report["accuracy"] = {
-                "original": _accuracy(_batched(lambda b: run_frozen(frozen, frozen.graph_def, {name: b})[out_key], x), y),
-                "stripped": _accuracy(_batched(lambda b: _run_stripped(stripped_dir, signature_key, name, b, out_key), x), y),
-                "openvino_fp32": _accuracy(_batched(lambda b: list(run_openvino(xml, {name: b}).values())[0], x), y),
+                "original": score(lambda b: run_frozen(frozen, frozen.graph_def, {name: b})[out_key]),
+                "stripped": score(lambda b: _run_stripped(stripped_dir, signature_key, name, b, out_key)),
+                "openvino_fp32": score(lambda b: list(run_openvino(xml, {name: b}).values())[0]),
                 "samples": int(len(x)), "output": out_key,
             }
             if os.path.exists(onnx_path):
                 onnx_fn = _onnx_fn(onnx_path)
-                report["accuracy"]["onnx"] = _accuracy(_batched(lambda b: onnx_fn({name: b})[out_key], x), y)
+                report["accuracy"]["onnx"] = score(lambda b: onnx_fn({name: b})[out_key])
             if xml8 is not None:  # compiled as accuracy control measured it (f32 hint), else the default
                 p8 = "f32" if report["steps"]["int8"].get("inference_precision") == "f32" else "default"
-                report["accuracy"]["openvino_int8"] = _accuracy(
-                    _batched(lambda b: list(run_openvino(xml8, {name: b}, precision=p8).values())[0], x), y)
+                report["accuracy"]["openvino_int8"] = score(
+                    lambda b: list(run_openvino(xml8, {name: b}, precision=p8).values())[0])
         else:
             _log("[5/5] no labelled validation data: accuracy not measured")
         report["seconds"] = time.perf_counter() - t0
@@ -270,7 +301,7 @@ def _convert(stripped_dir: str, onnx_path: str, xml: str, opset: int, check, sig
 
 
 def _int8(xml: str, xml8: str, calib: np.ndarray, mode: str, max_drop: float, valid, saved_model_dir: str,
-          verbose: bool = True, max_iterations: int = 50) -> dict:
+          verbose: bool = True, max_iterations: int = 50, fixed: int | None = None) -> dict:
     """Calibrate the FP32 IR, store int8 weights, and say which layers really run INT8.
 
     With accuracy control, a ``max_drop`` that was not reached is said on stderr and in the returned
@@ -287,15 +318,20 @@ def _int8(xml: str, xml8: str, calib: np.ndarray, mode: str, max_drop: float, va
     if mode == "accuracy_aware":
         def validate(compiled, data):
             x, y = data
-            outs = [np.asarray(compiled({0: x[i:i + 256]})[compiled.outputs[0]]) for i in range(0, len(x), 256)]
-            return _accuracy(np.concatenate(outs), y)
+            return _accuracy(_batched(lambda b: compiled({0: b})[compiled.outputs[0]], x, fixed=fixed), y)
 
+        # accuracy control runs its trial models in batches of its own size: give them a free batch dimension
+        shape = fp.inputs[0].get_partial_shape()
+        if fixed is not None:
+            _reshape_batch(fp, -1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # said below, once, in the pipeline's own words
             q, acc = calibration.calibrate_with_accuracy_control(
                 fp, calib, valid, validate, max_drop=max_drop, subset_size=min(len(calib), 300),
                 max_iterations=max_iterations,
                 layer_names=_variable_layers(saved_model_dir), verbose=verbose)
+        if fixed is not None:
+            q.reshape({q.inputs[0]: shape})
         info.update({k: acc[k] for k in ("reverted", "reverted_ir", "restored", "drop", "fp32_metric", "max_drop_met",
                                          "int8_mac_share", "inference_precision")})
         if not acc["max_drop_met"]:
@@ -306,6 +342,19 @@ def _int8(xml: str, xml8: str, calib: np.ndarray, mode: str, max_drop: float, va
     ov.save_model(q, xml8, compress_to_fp16=False)
     info["int8_layers"] = calibration.int8_layers(ov.Core().compile_model(xml8, "CPU"))
     return info
+
+
+def _reshape_batch(model, batch: int) -> None:
+    """Give ``model``'s input the batch size ``batch`` (-1: any); ExportError when its graph cannot take it (a
+    reshape to a constant shape that includes the batch)."""
+    shape = model.inputs[0].get_partial_shape()
+    shape[0] = batch
+    try:
+        model.reshape({model.inputs[0]: shape})
+    except Exception as e:
+        raise ExportError(f"--int8=accuracy_aware needs the model to run on batches of any size, but its input "
+                          f"{model.inputs[0].get_any_name()!r} takes exactly {model.inputs[0].get_partial_shape()[0]} "
+                          f"samples and OpenVINO cannot free it ({str(e).splitlines()[0]}); use --int8=default") from None
 
 
 def _variable_layers(saved_model_dir: str) -> list[str] | None:
