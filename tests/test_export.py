@@ -585,3 +585,30 @@ def test_a_signature_with_a_fixed_batch_size(batch, int8, tmp_path, rng):
     import openvino as ov
 
     assert ov.Core().read_model(str(tmp_path / "out" / "model_int8.xml")).inputs[0].get_partial_shape()[0] == batch
+
+
+def test_an_output_read_from_a_lookup_table_is_left_out_and_said(tmp_path, rng, capsys):
+    """A serving signature that also returns class names through a lookup table (tf.lookup, StringLookup):
+    the table cannot be frozen into ONNX or an IR, so that output is left out, with a warning and the reason
+    in the report, and the numeric outputs are exported."""
+    table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+        tf.constant([0, 1, 2], tf.int64), tf.constant(["cat", "dog", "owl"])), "unknown")
+
+    def outputs(net, x):
+        probs = tf.nn.softmax(net.logits(x))
+        return {"probs": probs, "label": net.table.lookup(tf.argmax(probs, axis=1))}
+
+    net = _TinyNet(rng)
+    net.table = table
+    net.serve = tf.function(lambda x: outputs(net, x), input_signature=[tf.TensorSpec([None, 8, 8, 3], name="x")])
+    tf.saved_model.save(net, str(tmp_path / "sm"), signatures={"serving_default": net.serve})
+    x = rng.uniform(0, 1, (8, 8, 8, 3)).astype("float32")
+    np.savez(tmp_path / "val.npz", x=x, y=np.argmax(net.logits(x).numpy(), axis=1))
+    report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), calibration_data=x,
+                                validation_data=str(tmp_path / "val.npz"), verbose=False)
+    assert list(report["dropped_outputs"]) == ["label"]
+    assert "lookup table" in report["dropped_outputs"]["label"]
+    assert "output 'label'" in capsys.readouterr().err
+    assert report["accuracy"]["output"] == "probs" and report["accuracy"]["openvino_fp32"] == 1.0
+    out = tf.saved_model.load(str(tmp_path / "out" / "stripped")).signatures["serving_default"](x=tf.constant(x))
+    assert list(out) == ["probs"] and rel_error(out["probs"], tf.nn.softmax(net.logits(x))) < 1e-5

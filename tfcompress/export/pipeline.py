@@ -128,6 +128,8 @@ def export_saved_model(
     t0 = time.perf_counter()
     _log(f"[1/5] reading {saved_model_dir}")
     frozen = freeze_for_export(saved_model_dir, signature_key)
+    for key, why in sorted(frozen.dropped.items()):
+        print(f"warning: output {key!r} is left out of the export: it {why}", file=sys.stderr, flush=True)
     if len(frozen.specs) != 1 and (calibration_data is not None or validation_data is not None):
         raise ExportError("calibration/validation data files are supported for single-input models only")
     spec = next(iter(frozen.specs.values()))
@@ -162,6 +164,8 @@ def export_saved_model(
     with staged_output(output_dir, overwrite) as tmp:
         report: dict = {"source": source_name or os.path.abspath(saved_model_dir), "signature": signature_key,
                         "steps": {}}
+        if frozen.dropped:
+            report["dropped_outputs"] = dict(frozen.dropped)
         if half is not None:  # the checks' limit, as quantized graphs record theirs
             report["half_precision"] = {"dtype": half[0], "tolerance": half[1]}
         t = time.perf_counter()
@@ -406,6 +410,8 @@ def _markdown(r: dict) -> str:
               f"| SavedModel bytes (both written the same way) | {r['sizes']['unstripped']:,} | "
               f"{r['sizes']['stripped']:,} | {r['sizes']['stripped'] / max(r['sizes']['unstripped'], 1):.3f} |",
               ""]
+    for key, why in sorted(r.get("dropped_outputs", {}).items()):
+        lines += [f"Output `{key}` is left out of the export: it {why}.", ""]
     written = f"The input SavedModel takes {r['sizes']['saved_model']:,} bytes as its exporter wrote it"
     if "onnx" in r["sizes"]:
         lines += [f"{written}; ONNX {r['sizes']['onnx']:,} bytes; OpenVINO FP32 IR "

@@ -42,6 +42,8 @@ class FrozenSignature:
     specs: dict[str, tf.TensorSpec]  # signature input name -> spec
     signature_key: str
     other_signatures: list[str]  # signature keys with the same interface (Keras' "serve")
+    # signature outputs left out, with the reason: they read a lookup table or are not numbers
+    dropped: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -75,10 +77,10 @@ def freeze_saved_model(src_dir: str, signature_key: str = "serving_default") -> 
     try:
         loaded = tf.saved_model.load(src_dir)
     except Exception:  # e.g. TF/Keras 2 SavedModels whose optimizer objects TF 2.16+ cannot restore
-        graph_def, inputs, outputs, specs, same = _freeze_v1(src_dir, signature_key)
+        graph_def, inputs, outputs, specs, same, out_dtypes = _freeze_v1(src_dir, signature_key)
     else:
         try:
-            graph_def, inputs, outputs, specs, same = _freeze_v2(loaded, src_dir, signature_key)
+            graph_def, inputs, outputs, specs, same, out_dtypes = _freeze_v2(loaded, src_dir, signature_key)
         except ExportError:
             raise
         except Exception as e:  # e.g. a signature that assigns variables (a layer traced in training mode)
@@ -87,8 +89,54 @@ def freeze_saved_model(src_dir: str, signature_key: str = "serving_default") -> 
                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
             ) from e
     _check_numeric(specs)
+    dropped = _unfreezable_outputs(graph_def, inputs, outputs, out_dtypes)
+    if len(dropped) == len(outputs):
+        raise ExportError(f"no output of the {signature_key!r} signature of {src_dir!r} can be exported: "
+                          + "; ".join(f"{k!r} {why}" for k, why in sorted(dropped.items())))
+    outputs = {k: t for k, t in outputs.items() if k not in dropped}
     graph_def = fold_constants(graph_def, list(outputs.values()))
-    return FrozenSignature(graph_def, inputs, outputs, specs, signature_key, same)
+    return FrozenSignature(graph_def, inputs, outputs, specs, signature_key, same, dropped)
+
+
+# ops holding a lookup table (tf.lookup, StringLookup / IntegerLookup, TF1 index_to_string)
+_TABLE_OPS = ("HashTable", "HashTableV2", "MutableHashTable", "MutableHashTableV2", "MutableHashTableOfTensors",
+              "MutableHashTableOfTensorsV2", "MutableDenseHashTable", "MutableDenseHashTableV2")
+
+
+def _unfreezable_outputs(graph_def, inputs: dict[str, str], outputs: dict[str, str],
+                         dtypes: dict[str, tf.DType]) -> dict[str, str]:
+    """The signature outputs that the frozen graph cannot compute on its own or ONNX / OpenVINO cannot hold,
+    with the reason: those that read a lookup table (freezing turns variables into constants, but a table
+    stays a resource, still to be fed or initialized) and those that are not numbers (class names).
+
+    The control edges from the table's readers to other nodes (a tf.function orders its stateful ops) are
+    removed from ``graph_def`` in place: looking a table up does not change what the other outputs compute."""
+    from tfcompress.graph.frozen_graph import node_name, topological_order
+
+    nodes = {n.name: n for n in graph_def.node}
+    fed = {node_name(t) for t in inputs.values()}
+    readers: dict[str, str] = {}  # node -> the table it reads (through its data inputs)
+    for name in topological_order(graph_def):
+        n = nodes[name]
+        if n.op in _TABLE_OPS or (n.op == "Placeholder" and name not in fed
+                                  and n.attr["dtype"].type == tf.resource.as_datatype_enum):
+            readers[name] = name
+            continue
+        table = next((readers[node_name(i)] for i in n.input if not i.startswith("^") and node_name(i) in readers),
+                     None)
+        if table is not None:
+            readers[name] = table
+    if readers:
+        for n in graph_def.node:
+            n.input[:] = [i for i in n.input if not (i.startswith("^") and node_name(i) in readers)]
+    dropped = {}
+    for key, t in outputs.items():
+        if node_name(t) in readers:
+            dropped[key] = (f"reads a lookup table ({readers[node_name(t)]}), which a frozen graph, ONNX and "
+                            "OpenVINO IR cannot hold; compute it from the exported outputs instead")
+        elif key in dtypes and not (dtypes[key].is_floating or dtypes[key].is_integer or dtypes[key].is_bool):
+            dropped[key] = f"is a {dtypes[key].name} tensor; ONNX and OpenVINO IR outputs here are numbers"
+    return dropped
 
 
 def _check_numeric(specs: dict[str, tf.TensorSpec]) -> None:
@@ -131,7 +179,8 @@ def _freeze_v2(loaded, src_dir: str, key: str):
         and f.structured_input_signature == fn.structured_input_signature
         and f.structured_outputs.keys() == fn.structured_outputs.keys()
     ]
-    return graph_def, inputs, outputs, specs, same
+    dtypes = {k: v.dtype for k, v in fn.structured_outputs.items() if isinstance(v, tf.TensorSpec)}
+    return graph_def, inputs, outputs, specs, same, dtypes
 
 
 def _freeze_v1(src_dir: str, key: str):
@@ -173,7 +222,7 @@ def _freeze_v1(src_dir: str, key: str):
         and {n: v.name for n, v in s.inputs.items()} == inputs
         and {n: v.name for n, v in s.outputs.items()} == outputs
     ]
-    return graph_def, inputs, outputs, specs, same
+    return graph_def, inputs, outputs, specs, same, {k: tf.as_dtype(v.dtype) for k, v in sig.outputs.items()}
 
 
 def save_graph_def(frozen: FrozenSignature, graph_def: tf.compat.v1.GraphDef, dst_dir: str) -> None:
