@@ -612,3 +612,33 @@ def test_an_output_read_from_a_lookup_table_is_left_out_and_said(tmp_path, rng, 
     assert report["accuracy"]["output"] == "probs" and report["accuracy"]["openvino_fp32"] == 1.0
     out = tf.saved_model.load(str(tmp_path / "out" / "stripped")).signatures["serving_default"](x=tf.constant(x))
     assert list(out) == ["probs"] and rel_error(out["probs"], tf.nn.softmax(net.logits(x))) < 1e-5
+
+
+def test_a_tf1_savedmodel_with_a_lookup_table(tmp_path, rng):
+    """A TF1 SavedModel (``tf.compat.v1.saved_model.Builder``) whose signature also returns class names
+    through a table initialized by its ``main_op``: read with the TF1 loader, its scores are exported."""
+    g = tf.Graph()
+    with g.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 8, 8, 3], name="input")
+        kernel = tf.compat.v1.get_variable("k", initializer=rng.normal(0, 0.3, (3, 3, 3, 4)).astype("float32"))
+        dense = tf.compat.v1.get_variable("fc", initializer=rng.normal(0, 0.3, (4, 3)).astype("float32"))
+        scores = tf.nn.softmax(tf.matmul(tf.reduce_mean(tf.nn.relu(tf.nn.conv2d(x, kernel, 1, "SAME")), [1, 2]),
+                                         dense))
+        table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+            tf.constant([0, 1, 2], tf.int64), tf.constant(["cat", "dog", "owl"])), "?")
+        classes = table.lookup(tf.argmax(scores, 1))
+        samples = rng.uniform(0, 1, (6, 8, 8, 3)).astype("float32")
+        with tf.compat.v1.Session(graph=g) as sess:
+            sess.run([tf.compat.v1.global_variables_initializer(), tf.compat.v1.tables_initializer()])
+            expected = sess.run(scores, {x: samples})
+            builder = tf.compat.v1.saved_model.Builder(str(tmp_path / "sm"))
+            sig = tf.compat.v1.saved_model.predict_signature_def({"images": x}, {"scores": scores, "classes": classes})
+            builder.add_meta_graph_and_variables(sess, ["serve"], signature_def_map={"serving_default": sig},
+                                                 main_op=tf.compat.v1.tables_initializer())
+            builder.save()
+    report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), calibration_data=samples, int8="none",
+                                verbose=False)
+    assert list(report["dropped_outputs"]) == ["classes"]
+    out = tf.saved_model.load(str(tmp_path / "out" / "stripped")).signatures["serving_default"](
+        images=tf.constant(samples))
+    assert list(out) == ["scores"] and rel_error(out["scores"], expected) < 1e-5

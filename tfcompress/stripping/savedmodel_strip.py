@@ -84,10 +84,13 @@ def freeze_saved_model(src_dir: str, signature_key: str = "serving_default") -> 
         except ExportError:
             raise
         except Exception as e:  # e.g. a signature that assigns variables (a layer traced in training mode)
-            raise ExportError(
-                f"cannot freeze the {signature_key!r} signature of {src_dir!r} into constants "
-                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-            ) from e
+            if _written_by_tf1(src_dir):  # e.g. a table its main_op initializes: TF 2's freezing cannot import it
+                graph_def, inputs, outputs, specs, same, out_dtypes = _freeze_v1(src_dir, signature_key)
+            else:
+                raise ExportError(
+                    f"cannot freeze the {signature_key!r} signature of {src_dir!r} into constants "
+                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                ) from e
     _check_numeric(specs)
     dropped = _unfreezable_outputs(graph_def, inputs, outputs, out_dtypes)
     if len(dropped) == len(outputs):
@@ -137,6 +140,20 @@ def _unfreezable_outputs(graph_def, inputs: dict[str, str], outputs: dict[str, s
         elif key in dtypes and not (dtypes[key].is_floating or dtypes[key].is_integer or dtypes[key].is_bool):
             dropped[key] = f"is a {dtypes[key].name} tensor; ONNX and OpenVINO IR outputs here are numbers"
     return dropped
+
+
+def _written_by_tf1(src_dir: str) -> bool:
+    """Whether ``src_dir`` is a TF1 SavedModel (``tf.compat.v1.saved_model.Builder``, ``simple_save``): its
+    meta graphs hold no object graph, only graphs, signatures and the ops that initialize them."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    path = os.path.join(src_dir, "saved_model.pb")
+    if not os.path.isfile(path):
+        return False
+    sm = saved_model_pb2.SavedModel()
+    with open(path, "rb") as f:
+        sm.ParseFromString(f.read())
+    return not any(mg.object_graph_def.nodes for mg in sm.meta_graphs)
 
 
 def _check_numeric(specs: dict[str, tf.TensorSpec]) -> None:
