@@ -642,3 +642,22 @@ def test_a_tf1_savedmodel_with_a_lookup_table(tmp_path, rng):
     out = tf.saved_model.load(str(tmp_path / "out" / "stripped")).signatures["serving_default"](
         images=tf.constant(samples))
     assert list(out) == ["scores"] and rel_error(out["scores"], expected) < 1e-5
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_savedmodel_with_broken_variables_is_named_so(damage, tmp_path, rng):
+    """A SavedModel whose variables/ is truncated or missing (an interrupted download or copy) gets an error
+    that says so, not TensorFlow's 'Graph execution error:'."""
+    _save_tiny_net(tmp_path / "sm", rng, lambda n, x: {"y": n.logits(x)})
+    variables = tmp_path / "sm" / "variables"
+    if damage == "missing":
+        import shutil
+
+        shutil.rmtree(variables)
+    else:
+        data = next(variables.glob("variables.data-*"))
+        data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+    with pytest.raises(ExportError, match=r"variables .* missing, truncated or damaged") as e:
+        export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), int8="none", verbose=False)
+    assert "Graph execution error" not in str(e.value)
+    assert not (tmp_path / "out").exists()

@@ -142,6 +142,18 @@ def _unfreezable_outputs(graph_def, inputs: dict[str, str], outputs: dict[str, s
     return dropped
 
 
+def _load_error(src_dir: str, e: Exception) -> ExportError:
+    """The ExportError for a SavedModel TensorFlow cannot load: its own reason (TensorFlow's first line is often
+    just 'Graph execution error:'), and for unreadable variables what that likely means."""
+    lines = [ln.strip() for ln in str(getattr(e, "message", None) or e).splitlines()]
+    why = next((ln for ln in lines if ln and ln != "Graph execution error:"), type(e).__name__)
+    if isinstance(e, (tf.errors.OutOfRangeError, tf.errors.DataLossError, tf.errors.NotFoundError)) or (
+            "not a valid checkpoint" in why):
+        return ExportError(f"cannot read the variables of SavedModel {src_dir!r} ({why}): its variables/ directory "
+                           "is missing, truncated or damaged (an interrupted download or copy?)")
+    return ExportError(f"cannot load SavedModel {src_dir!r}: {why}")
+
+
 def _written_by_tf1(src_dir: str) -> bool:
     """Whether ``src_dir`` is a TF1 SavedModel (``tf.compat.v1.saved_model.Builder``, ``simple_save``): its
     meta graphs hold no object graph, only graphs, signatures and the ops that initialize them."""
@@ -210,7 +222,7 @@ def _freeze_v1(src_dir: str, key: str):
         try:
             mg = tf.compat.v1.saved_model.loader.load(sess, ["serve"], src_dir)
         except Exception as e:
-            raise ExportError(f"cannot load SavedModel {src_dir!r}: {str(e).splitlines()[0]}") from None
+            raise _load_error(src_dir, e) from None
         if key not in mg.signature_def:
             raise _missing_signature(src_dir, key, mg.signature_def)
         sig = mg.signature_def[key]
