@@ -661,3 +661,17 @@ def test_a_savedmodel_with_broken_variables_is_named_so(damage, tmp_path, rng):
         export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), int8="none", verbose=False)
     assert "Graph execution error" not in str(e.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_savedmodel_without_serving_default_names_its_signatures_and_the_flag(tmp_path, rng):
+    """A SavedModel saved with other signature keys only (``signatures={"predict": ...}``): the error lists
+    them and says how to pick one (``--signature``); picked, it exports."""
+    net = _TinyNet(rng)
+    net.predict = tf.function(lambda x: {"y": net.logits(x)}, input_signature=[tf.TensorSpec([None, 8, 8, 3])])
+    tf.saved_model.save(net, str(tmp_path / "sm"), signatures={"predict": net.predict})
+    with pytest.raises(ExportError, match=r"no 'serving_default' signature \(it has \['predict'\]\); pass one of "
+                                          r"them as --signature"):
+        export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), int8="none", verbose=False)
+    report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), int8="none", verbose=False,
+                                signature_key="predict")
+    assert report["signature"] == "predict" and report["steps"]["onnx"]["max_rel_error"] < 1e-5

@@ -182,8 +182,8 @@ def _check_numeric(specs: dict[str, tf.TensorSpec]) -> None:
 def _missing_signature(src_dir, key, available) -> ExportError:
     return ExportError(
         f"SavedModel {src_dir!r} has no {key!r} signature (it has {sorted(available) or 'none'}); "
-        "export it with model.export(dir) or tf.saved_model.save(obj, dir, signatures=...)"
-    )
+        + ("pass one of them as --signature (signature_key= in Python)" if available else
+           "export it with model.export(dir) or tf.saved_model.save(obj, dir, signatures=...)"))
 
 
 def _freeze_v2(loaded, src_dir: str, key: str):
