@@ -614,9 +614,10 @@ def test_an_output_read_from_a_lookup_table_is_left_out_and_said(tmp_path, rng, 
     assert list(out) == ["probs"] and rel_error(out["probs"], tf.nn.softmax(net.logits(x))) < 1e-5
 
 
-def test_a_tf1_savedmodel_with_a_lookup_table(tmp_path, rng):
-    """A TF1 SavedModel (``tf.compat.v1.saved_model.Builder``) whose signature also returns class names
-    through a table initialized by its ``main_op``: read with the TF1 loader, its scores are exported."""
+def _tf1_saved_model(path, rng, input_key: str = "images", table: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Write a TF1 SavedModel (``tf.compat.v1.saved_model.Builder``) whose ``serving_default`` takes
+    ``input_key`` and returns ``scores`` (and, with ``table``, ``classes`` from a lookup table its ``main_op``
+    initializes); returns sample inputs and their scores."""
     g = tf.Graph()
     with g.as_default():
         x = tf.compat.v1.placeholder(tf.float32, [None, 8, 8, 3], name="input")
@@ -624,24 +625,50 @@ def test_a_tf1_savedmodel_with_a_lookup_table(tmp_path, rng):
         dense = tf.compat.v1.get_variable("fc", initializer=rng.normal(0, 0.3, (4, 3)).astype("float32"))
         scores = tf.nn.softmax(tf.matmul(tf.reduce_mean(tf.nn.relu(tf.nn.conv2d(x, kernel, 1, "SAME")), [1, 2]),
                                          dense))
-        table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
-            tf.constant([0, 1, 2], tf.int64), tf.constant(["cat", "dog", "owl"])), "?")
-        classes = table.lookup(tf.argmax(scores, 1))
+        outputs = {"scores": scores}
+        if table:
+            lookup = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+                tf.constant([0, 1, 2], tf.int64), tf.constant(["cat", "dog", "owl"])), "?")
+            outputs["classes"] = lookup.lookup(tf.argmax(scores, 1))
         samples = rng.uniform(0, 1, (6, 8, 8, 3)).astype("float32")
         with tf.compat.v1.Session(graph=g) as sess:
             sess.run([tf.compat.v1.global_variables_initializer(), tf.compat.v1.tables_initializer()])
             expected = sess.run(scores, {x: samples})
-            builder = tf.compat.v1.saved_model.Builder(str(tmp_path / "sm"))
-            sig = tf.compat.v1.saved_model.predict_signature_def({"images": x}, {"scores": scores, "classes": classes})
+            builder = tf.compat.v1.saved_model.Builder(str(path))
+            sig = tf.compat.v1.saved_model.predict_signature_def({input_key: x}, outputs)
             builder.add_meta_graph_and_variables(sess, ["serve"], signature_def_map={"serving_default": sig},
                                                  main_op=tf.compat.v1.tables_initializer())
             builder.save()
+    return samples, expected
+
+
+def test_a_tf1_savedmodel_with_a_lookup_table(tmp_path, rng):
+    """A TF1 SavedModel whose signature also returns class names through a table initialized by its
+    ``main_op``: read with the TF1 loader, its scores are exported."""
+    samples, expected = _tf1_saved_model(tmp_path / "sm", rng, table=True)
     report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), calibration_data=samples, int8="none",
                                 verbose=False)
     assert list(report["dropped_outputs"]) == ["classes"]
     out = tf.saved_model.load(str(tmp_path / "out" / "stripped")).signatures["serving_default"](
         images=tf.constant(samples))
     assert list(out) == ["scores"] and rel_error(out["scores"], expected) < 1e-5
+
+
+@pytest.mark.parametrize("key", ["images:0", "input-image"])
+def test_a_tf1_input_named_unlike_a_python_identifier(key, tmp_path, rng):
+    """TF1 signature inputs may be named anything (``images:0``); the stripped SavedModel, the ONNX model and
+    the IR keep the name."""
+    samples, expected = _tf1_saved_model(tmp_path / "sm", rng, input_key=key)
+    report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), calibration_data=samples,
+                                verbose=False)
+    assert report["steps"]["onnx"]["max_rel_error"] < 1e-5 and report["steps"]["int8"]["int8_layers"]["int8"] >= 1
+    sig = tf.saved_model.load(str(tmp_path / "out" / "stripped")).signatures["serving_default"]
+    assert rel_error(sig(**{key: tf.constant(samples)})["scores"], expected) < 1e-5
+    import onnx
+    import openvino as ov
+
+    assert [i.name for i in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.input] == [key]
+    assert ov.Core().read_model(str(tmp_path / "out" / "model_int8.xml")).inputs[0].get_names() == {key}
 
 
 @pytest.mark.parametrize("damage", ["truncated", "missing"])

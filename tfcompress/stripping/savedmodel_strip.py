@@ -258,6 +258,11 @@ def save_graph_def(frozen: FrozenSignature, graph_def: tf.compat.v1.GraphDef, ds
     """Save ``graph_def`` as a SavedModel with ``frozen``'s signatures, input and output names."""
     names = sorted(frozen.inputs)
     keys = sorted(frozen.outputs)
+    # TF 2 signatures are called with keyword arguments named like the inputs; other names (a TF1 model's
+    # "images:0") only a TF1 SavedModel can hold
+    if not all(n.isidentifier() and not keyword.iskeyword(n) for n in names):
+        _save_graph_def_v1(frozen, graph_def, dst_dir)
+        return
     specs = [tf.TensorSpec(frozen.specs[n].shape, frozen.specs[n].dtype, name=n) for n in names]
 
     # placeholders cannot stay inside a function: every reader is re-wired through input_map, so the
@@ -290,8 +295,6 @@ def save_graph_def(frozen: FrozenSignature, graph_def: tf.compat.v1.GraphDef, ds
         return {k: tf.identity(t, name=_op_name(k)) for k, t in zip(keys, outs)}
 
     # signatures are called with keyword arguments named like the inputs: give the function those names
-    if not all(n.isidentifier() and not keyword.iskeyword(n) for n in names):
-        raise ExportError(f"signature input names {names} are not Python identifiers; cannot re-create them")
     signatures = {}
     for k, key in enumerate([frozen.signature_key] + frozen.other_signatures):
         namespace = {"body": body}  # one function per signature: TF refuses one function for two keys
@@ -302,6 +305,23 @@ def save_graph_def(frozen: FrozenSignature, graph_def: tf.compat.v1.GraphDef, ds
     # an inference graph: custom gradients (e.g. of swish) are neither needed nor savable once frozen
     options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
     tf.saved_model.save(module, dst_dir, signatures=signatures, options=options)
+
+
+def _save_graph_def_v1(frozen: FrozenSignature, graph_def: tf.compat.v1.GraphDef, dst_dir: str) -> None:
+    """Save ``graph_def`` as a TF1 SavedModel (one graph, weights as its constants) whose signatures map
+    ``frozen``'s input and output names, whatever they are, to its tensors."""
+    g = tf.Graph()
+    with g.as_default():
+        tf.import_graph_def(graph_def, name="")
+        with tf.compat.v1.Session(graph=g) as sess:
+            signature = tf.compat.v1.saved_model.predict_signature_def(
+                {n: g.get_tensor_by_name(t) for n, t in frozen.inputs.items()},
+                {k: g.get_tensor_by_name(t) for k, t in frozen.outputs.items()})
+            builder = tf.compat.v1.saved_model.Builder(dst_dir)
+            builder.add_meta_graph_and_variables(
+                sess, [tf.saved_model.SERVING],
+                signature_def_map={key: signature for key in [frozen.signature_key] + frozen.other_signatures})
+            builder.save()
 
 
 def _op_name(key: str) -> str:
