@@ -702,3 +702,20 @@ def test_a_savedmodel_without_serving_default_names_its_signatures_and_the_flag(
     report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), int8="none", verbose=False,
                                 signature_key="predict")
     assert report["signature"] == "predict" and report["steps"]["onnx"]["max_rel_error"] < 1e-5
+
+
+def test_accuracy_is_scored_on_the_output_with_class_scores(tmp_path, rng):
+    """Estimator-style serving outputs ``{"classes": argmax, "probabilities": softmax}``: labels are scored
+    against ``probabilities`` (the output with one score per class), in every artifact and in accuracy control;
+    ``classes`` (first by name) has one value per sample and cannot be scored."""
+    net = _save_tiny_net(tmp_path / "sm", rng, lambda n, x: {"classes": tf.argmax(n.logits(x), axis=1),
+                                                          "probabilities": tf.nn.softmax(n.logits(x))})
+    x = rng.uniform(0, 1, (12, 8, 8, 3)).astype("float32")
+    np.savez(tmp_path / "val.npz", x=x, y=np.argmax(net.logits(x).numpy(), axis=1))
+    report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), calibration_data=x,
+                                validation_data=str(tmp_path / "val.npz"), int8="accuracy_aware", max_drop=0.5,
+                                verbose=False)
+    acc = report["accuracy"]
+    assert acc["output"] == "probabilities"
+    assert acc["original"] == acc["stripped"] == acc["onnx"] == acc["openvino_fp32"] == 1.0
+    assert report["steps"]["int8"]["fp32_metric"] == 1.0

@@ -67,6 +67,15 @@ def _batched(fn, x: np.ndarray, batch: int = 256, fixed: int | None = None) -> n
     return np.concatenate(parts)
 
 
+def _scored_output(outputs: dict[str, np.ndarray]) -> str:
+    """The output accuracy is measured on: the first by name with a score per class (floats, more than one
+    value per sample), so that Estimator-style ``classes`` (the argmax) beside ``probabilities`` is passed
+    over; else the first by name (:func:`check_labels` then says why it cannot be scored)."""
+    keys = sorted(outputs)
+    return next((k for k in keys if np.issubdtype(outputs[k].dtype, np.floating)
+                 and np.prod(outputs[k].shape[1:]) > 1), keys[0])
+
+
 def _whole_batches(x: np.ndarray, fixed: int | None) -> np.ndarray:
     """``x`` cut to whole batches of a fixed batch size (calibration feeds the IR whole batches only)."""
     if fixed is None:
@@ -141,8 +150,9 @@ def export_saved_model(
     out_key = sorted(frozen.outputs)[0]  # the output accuracy is measured on
     fixed = _fixed_batch(spec)
     if valid is not None and valid[1] is not None:
-        scores = run_frozen(frozen, frozen.graph_def, {name: _rows(valid[0], 1, fixed)})[out_key]
-        check_labels(valid[1], int(np.prod(scores.shape[1:])), out_key)
+        first = run_frozen(frozen, frozen.graph_def, {name: _rows(valid[0], 1, fixed)})
+        out_key = _scored_output(first)
+        check_labels(valid[1], int(np.prod(first[out_key].shape[1:])), out_key)
     quantized = any(n.op.startswith("FakeQuant") for n in frozen.graph_def.node)
     check = None
     for data in (valid, calib):
@@ -204,7 +214,7 @@ def export_saved_model(
             _log(f"[4b/5] INT8 calibration ({int8}) on {len(samples)} samples")
             xml8 = os.path.join(tmp, "model_int8.xml")
             report["steps"]["int8"] = _int8(xml, xml8, samples, int8, max_drop, valid, saved_model_dir, verbose,
-                                            max_iterations, fixed)
+                                            max_iterations, fixed, out_key)
             report["steps"]["int8"]["seconds"] = time.perf_counter() - t
             if check is not None:  # INT8 at OpenVINO's default precision, as deployed, against the FP32 IR
                 got8 = run_openvino(xml8, check, precision="default")
@@ -220,7 +230,7 @@ def export_saved_model(
             report["accuracy"] = {
                 "original": score(lambda b: run_frozen(frozen, frozen.graph_def, {name: b})[out_key]),
                 "stripped": score(lambda b: _run_stripped(stripped_dir, signature_key, name, b, out_key)),
-                "openvino_fp32": score(lambda b: list(run_openvino(xml, {name: b}).values())[0]),
+                "openvino_fp32": score(lambda b: run_openvino(xml, {name: b})[out_key]),
                 "samples": int(len(x)), "output": out_key,
             }
             if os.path.exists(onnx_path):
@@ -229,7 +239,7 @@ def export_saved_model(
             if xml8 is not None:  # compiled as accuracy control measured it (f32 hint), else the default
                 p8 = "f32" if report["steps"]["int8"].get("inference_precision") == "f32" else "default"
                 report["accuracy"]["openvino_int8"] = score(
-                    lambda b: list(run_openvino(xml8, {name: b}, precision=p8).values())[0])
+                    lambda b: run_openvino(xml8, {name: b}, precision=p8)[out_key])
         else:
             _log("[5/5] no labelled validation data: accuracy not measured")
         report["seconds"] = time.perf_counter() - t0
@@ -305,11 +315,12 @@ def _convert(stripped_dir: str, onnx_path: str, xml: str, opset: int, check, sig
 
 
 def _int8(xml: str, xml8: str, calib: np.ndarray, mode: str, max_drop: float, valid, saved_model_dir: str,
-          verbose: bool = True, max_iterations: int = 50, fixed: int | None = None) -> dict:
+          verbose: bool = True, max_iterations: int = 50, fixed: int | None = None, out_key: str = "") -> dict:
     """Calibrate the FP32 IR, store int8 weights, and say which layers really run INT8.
 
     With accuracy control, a ``max_drop`` that was not reached is said on stderr and in the returned
-    ``max_drop_met`` / ``warning``; the drop holds for the IR compiled with ``inference_precision``.
+    ``max_drop_met`` / ``warning``; the drop holds for the IR compiled with ``inference_precision``. It scores
+    the output named ``out_key``, on batches of ``fixed`` samples when the model takes only that many.
     """
     import warnings
 
@@ -322,7 +333,8 @@ def _int8(xml: str, xml8: str, calib: np.ndarray, mode: str, max_drop: float, va
     if mode == "accuracy_aware":
         def validate(compiled, data):
             x, y = data
-            return _accuracy(_batched(lambda b: compiled({0: b})[compiled.outputs[0]], x, fixed=fixed), y)
+            port = next(o for o in compiled.outputs if out_key in o.get_names())
+            return _accuracy(_batched(lambda b: compiled({0: b})[port], x, fixed=fixed), y)
 
         # accuracy control runs its trial models in batches of its own size: give them a free batch dimension
         shape = fp.inputs[0].get_partial_shape()
