@@ -552,7 +552,8 @@ def test_outputs_named_unlike_tensorflow_scopes_are_kept(tmp_path, rng):
     """Signature outputs may be named anything (``logits:0``, unicode): the stripped SavedModel and the ONNX
     model keep those names and values."""
     names = ("logits:0", "ausgabe_ü")
-    net = _save_tiny_net(tmp_path / "sm", rng, lambda n, x: {names[0]: n.logits(x), names[1]: tf.nn.softmax(n.logits(x))})
+    net = _save_tiny_net(tmp_path / "sm", rng,
+                         lambda n, x: {names[0]: n.logits(x), names[1]: tf.nn.softmax(n.logits(x))})
     x = rng.uniform(0, 1, (4, 8, 8, 3)).astype("float32")
     report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), calibration_data=x, int8="none",
                                 verbose=False)
@@ -719,3 +720,13 @@ def test_accuracy_is_scored_on_the_output_with_class_scores(tmp_path, rng):
     assert acc["output"] == "probabilities"
     assert acc["original"] == acc["stripped"] == acc["onnx"] == acc["openvino_fp32"] == 1.0
     assert report["steps"]["int8"]["fp32_metric"] == 1.0
+
+
+def test_a_signature_that_draws_random_numbers_is_refused_by_name(tmp_path, rng):
+    """A serving function that adds noise (tf.random.uniform, Monte Carlo dropout) gives different outputs on
+    every call: no step can be checked against it. The error names the random op; it blamed the stripper
+    ('stripped model outputs differ from the original')."""
+    _save_tiny_net(tmp_path / "sm", rng, lambda n, x: {"y": n.logits(x) + tf.random.uniform([3], 0, 1e-3)})
+    with pytest.raises(ExportError, match=r"draws random numbers \(RandomUniform"):
+        export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), int8="none", verbose=False)
+    assert not (tmp_path / "out").exists()

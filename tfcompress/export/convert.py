@@ -13,7 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from tfcompress.graph.frozen_graph import calls_functions, inline_function_calls, keep_library_functions_in_use
+from tfcompress.graph.frozen_graph import (
+    RANDOM_OPS, calls_functions, inline_function_calls, keep_library_functions_in_use,
+)
 from tfcompress.int8_policy import on_int8_grid
 from tfcompress.output_dir import STAGING_PREFIX, staged_file
 from tfcompress.stripping.savedmodel_strip import (
@@ -87,7 +89,21 @@ def freeze_for_export(saved_model_dir: str, signature_key: str = "serving_defaul
     found = _training_nodes(frozen.graph_def)
     if found:
         raise _training_mode_error(saved_model_dir, found)
+    random = _random_nodes(frozen.graph_def)
+    if random:
+        shown = ", ".join(f"{op}: {name}" for name, op in random[:3]) + (
+            f" and {len(random) - 3} more" if len(random) > 3 else "")
+        raise ExportError(
+            f"the {signature_key!r} signature of {saved_model_dir!r} draws random numbers ({shown}): its outputs "
+            "change from call to call, so no converted model can be checked against it; export a signature "
+            "without random ops (noise or dropout kept active at inference)")
     return frozen
+
+
+def _random_nodes(graph_def) -> list[tuple[str, str]]:
+    """(name, op) of the nodes (also inside library functions) that draw new random numbers on every run."""
+    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+    return sorted({(n.name, n.op) for n in nodes if n.op in RANDOM_OPS})
 
 
 def _signature_graph_def(saved_model_dir: str, signature_key: str):

@@ -368,9 +368,10 @@ def _reshape_batch(model, batch: int) -> None:
     try:
         model.reshape({model.inputs[0]: shape})
     except Exception as e:
-        raise ExportError(f"--int8=accuracy_aware needs the model to run on batches of any size, but its input "
-                          f"{model.inputs[0].get_any_name()!r} takes exactly {model.inputs[0].get_partial_shape()[0]} "
-                          f"samples and OpenVINO cannot free it ({str(e).splitlines()[0]}); use --int8=default") from None
+        raise ExportError(
+            f"--int8=accuracy_aware needs the model to run on batches of any size, but its input "
+            f"{model.inputs[0].get_any_name()!r} takes exactly {model.inputs[0].get_partial_shape()[0]} samples "
+            f"and OpenVINO cannot free it ({str(e).splitlines()[0]}); use --int8=default") from None
 
 
 def _variable_layers(saved_model_dir: str) -> list[str] | None:
