@@ -730,3 +730,21 @@ def test_a_signature_that_draws_random_numbers_is_refused_by_name(tmp_path, rng)
     with pytest.raises(ExportError, match=r"draws random numbers \(RandomUniform"):
         export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), int8="none", verbose=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_float64_model_is_exported_and_its_int8_refused_up_front(tmp_path, rng):
+    """A model computing in float64 (scientific code): the IR runs it, but OpenVINO's CPU plugin cannot compile
+    the calibrated model ('does not support f64 for use with oneDNN'), which ended the command in a traceback
+    after all the other work. INT8 is refused before any work; without it the export succeeds."""
+    net = tf.Module()
+    net.kernel = tf.Variable(rng.normal(0, 0.3, (3, 3, 3, 4)))
+    net.serve = tf.function(lambda x: {"y": tf.reduce_mean(tf.nn.relu(tf.nn.conv2d(x, net.kernel, 1, "SAME")), [1, 2])},
+                            input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float64, name="x")])
+    tf.saved_model.save(net, str(tmp_path / "sm"), signatures={"serving_default": net.serve})
+    x = rng.uniform(0, 1, (4, 8, 8, 3))
+    with pytest.raises(ExportError, match="float64"):
+        export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), calibration_data=x, verbose=False)
+    assert not (tmp_path / "out").exists()
+    report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), calibration_data=x, int8="none",
+                                verbose=False)
+    assert report["steps"]["openvino"]["max_rel_error"] < 1e-6

@@ -67,6 +67,19 @@ def _batched(fn, x: np.ndarray, batch: int = 256, fixed: int | None = None) -> n
     return np.concatenate(parts)
 
 
+# the ops calibration quantizes the inputs of
+_WEIGHTED_OPS = ("Conv2D", "Conv3D", "DepthwiseConv2dNative", "Conv2DBackpropInput", "Conv3DBackpropInputV2",
+                 "MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum")
+
+
+def _computes_in_float64(graph_def) -> bool:
+    """Whether a convolution or matrix product of the frozen graph computes in float64 (calibration would
+    quantize it in float64)."""
+    from tensorflow.core.framework import types_pb2
+
+    return any(n.op in _WEIGHTED_OPS and n.attr["T"].type == types_pb2.DT_DOUBLE for n in graph_def.node)
+
+
 def _scored_output(outputs: dict[str, np.ndarray]) -> str:
     """The output accuracy is measured on: the first by name with a score per class (floats, more than one
     value per sample), so that Estimator-style ``classes`` (the argmax) beside ``probabilities`` is passed
@@ -143,6 +156,9 @@ def export_saved_model(
         raise ExportError("calibration/validation data files are supported for single-input models only")
     spec = next(iter(frozen.specs.values()))
     name = next(iter(frozen.specs))
+    if calibration_data is not None and int8 != "none" and _computes_in_float64(frozen.graph_def):
+        raise ExportError("this model computes in float64, which OpenVINO's CPU plugin cannot run quantized: "
+                          "export it with --int8=none, or save it in float32 for INT8")
     calib = load_data(calibration_data, spec, "calibration data") if calibration_data is not None else None
     valid = load_data(validation_data, spec, "validation data") if validation_data is not None else None
     if int8 == "accuracy_aware" and calib is not None and (valid is None or valid[1] is None):
