@@ -706,10 +706,11 @@ def test_a_savedmodel_without_serving_default_names_its_signatures_and_the_flag(
 
 
 def test_accuracy_is_scored_on_the_output_with_class_scores(tmp_path, rng):
-    """Estimator-style serving outputs ``{"classes": argmax, "probabilities": softmax}``: labels are scored
-    against ``probabilities`` (the output with one score per class), in every artifact and in accuracy control;
-    ``classes`` (first by name) has one value per sample and cannot be scored."""
-    net = _save_tiny_net(tmp_path / "sm", rng, lambda n, x: {"classes": tf.argmax(n.logits(x), axis=1),
+    """Estimator-style serving outputs ``{"classes": argmax, "probabilities": softmax}``, and the input image
+    passed through: labels are scored against ``probabilities`` (the output with one score per class), in
+    every artifact and in accuracy control; ``classes`` (first by name) has one value per sample, and the
+    argmax of an ``image`` is no class."""
+    net = _save_tiny_net(tmp_path / "sm", rng, lambda n, x: {"classes": tf.argmax(n.logits(x), axis=1), "image": x,
                                                           "probabilities": tf.nn.softmax(n.logits(x))})
     x = rng.uniform(0, 1, (12, 8, 8, 3)).astype("float32")
     np.savez(tmp_path / "val.npz", x=x, y=np.argmax(net.logits(x).numpy(), axis=1))

@@ -81,12 +81,13 @@ def _computes_in_float64(graph_def) -> bool:
 
 
 def _scored_output(outputs: dict[str, np.ndarray]) -> str:
-    """The output accuracy is measured on: the first by name with a score per class (floats, more than one
-    value per sample), so that Estimator-style ``classes`` (the argmax) beside ``probabilities`` is passed
-    over; else the first by name (:func:`check_labels` then says why it cannot be scored)."""
+    """The output accuracy is measured on: the first by name with a score per class (floats of shape
+    (batch, classes > 1)), so that Estimator-style ``classes`` (the argmax) beside ``probabilities``, or an
+    image passed through, is passed over; else the first by name with more than one float per sample, else
+    the first by name (:func:`check_labels` then says why it cannot be scored)."""
     keys = sorted(outputs)
-    return next((k for k in keys if np.issubdtype(outputs[k].dtype, np.floating)
-                 and np.prod(outputs[k].shape[1:]) > 1), keys[0])
+    floats = [k for k in keys if np.issubdtype(outputs[k].dtype, np.floating) and np.prod(outputs[k].shape[1:]) > 1]
+    return next((k for k in floats if outputs[k].ndim == 2), (floats or keys)[0])
 
 
 def _whole_batches(x: np.ndarray, fixed: int | None) -> np.ndarray:
