@@ -749,3 +749,13 @@ def test_a_float64_model_is_exported_and_its_int8_refused_up_front(tmp_path, rng
     report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), calibration_data=x, int8="none",
                                 verbose=False)
     assert report["steps"]["openvino"]["max_rel_error"] < 1e-6
+
+
+def test_an_input_of_unknown_rank_is_refused_with_what_to_export(tmp_path, rng):
+    """A signature input of unknown rank (``TensorSpec(None)``) cannot be given check or calibration samples
+    of a known shape, nor an ONNX / IR input: one error names the input (it ended in a traceback)."""
+    _save_tiny_net(tmp_path / "sm", rng, lambda n, x: {"y": n.logits(tf.reshape(x, [-1, 8, 8, 3]))},
+                   tf.TensorSpec(None, tf.float32, name="x"))
+    with pytest.raises(ExportError, match=r"input 'x' has no known rank"):
+        export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), calibration_data=np.zeros((2, 8, 8, 3)),
+                           verbose=False)

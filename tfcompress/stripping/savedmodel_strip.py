@@ -91,7 +91,7 @@ def freeze_saved_model(src_dir: str, signature_key: str = "serving_default") -> 
                     f"cannot freeze the {signature_key!r} signature of {src_dir!r} into constants "
                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
                 ) from e
-    _check_numeric(specs)
+    _check_inputs(specs)
     dropped = _unfreezable_outputs(graph_def, inputs, outputs, out_dtypes)
     if len(dropped) == len(outputs):
         raise ExportError(f"no output of the {signature_key!r} signature of {src_dir!r} can be exported: "
@@ -168,10 +168,16 @@ def _written_by_tf1(src_dir: str) -> bool:
     return not any(mg.object_graph_def.nodes for mg in sm.meta_graphs)
 
 
-def _check_numeric(specs: dict[str, tf.TensorSpec]) -> None:
-    """Refuse a text (or other non-numeric) input: the checks, ONNX, OpenVINO and INT8 calibration all run the
-    network on numbers, and TensorFlow's string ops (a TextVectorization layer's) have no ONNX / OpenVINO form."""
+def _check_inputs(specs: dict[str, tf.TensorSpec]) -> None:
+    """Refuse an input of unknown rank, and a text (or other non-numeric) input: the checks, ONNX, OpenVINO
+    and INT8 calibration all run the network on numbers of a known rank, and TensorFlow's string ops (a
+    TextVectorization layer's) have no ONNX / OpenVINO form."""
     for name, spec in specs.items():
+        if spec.shape.rank is None:
+            raise ExportError(
+                f"input {name!r} has no known rank (TensorSpec(shape=None)): the checks, ONNX and OpenVINO need "
+                "at least the number of its dimensions; export a signature whose input spec gives its shape, "
+                "e.g. [None, 224, 224, 3]")
         if not (spec.dtype.is_floating or spec.dtype.is_integer or spec.dtype.is_bool):
             raise ExportError(
                 f"input {name!r} is a {spec.dtype.name} tensor: the export needs numeric inputs; export a "
