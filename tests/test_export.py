@@ -759,3 +759,22 @@ def test_an_input_of_unknown_rank_is_refused_with_what_to_export(tmp_path, rng):
     with pytest.raises(ExportError, match=r"input 'x' has no known rank"):
         export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), calibration_data=np.zeros((2, 8, 8, 3)),
                            verbose=False)
+
+
+def test_an_image_directory_for_a_uint8_input(tmp_path, rng):
+    """A signature that takes uint8 pixels and scales them in the graph (Cast, / 255) reads an image folder
+    as uint8 pixels; it was refused ('has float samples, the model input is uint8')."""
+    spec = tf.TensorSpec([None, 8, 8, 3], tf.uint8, name="pixels")
+    net = _save_tiny_net(tmp_path / "sm", rng, lambda n, x: {"probs": tf.nn.softmax(n.logits(tf.cast(x, tf.float32)
+                                                                                          / 255.0))}, spec)
+    images = rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    for k, img in enumerate(images):
+        (tmp_path / "images" / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "images" / f"c{k % 2}" / f"{k}.png").write_bytes(tf.io.encode_png(img).numpy())
+    report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), calibration_data=str(tmp_path / "images"),
+                                validation_data=str(tmp_path / "images"), verbose=False)
+    scores = net.logits(tf.cast(images, tf.float32) / 255.0).numpy()
+    expected = np.mean(scores.argmax(1) == np.arange(6) % 2)  # the folder of image k is c{k % 2}
+    acc = report["accuracy"]
+    assert acc["original"] == acc["openvino_fp32"] == pytest.approx(expected)
+    assert report["steps"]["int8"]["int8_layers"]["int8"] >= 1
