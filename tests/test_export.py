@@ -615,10 +615,11 @@ def test_an_output_read_from_a_lookup_table_is_left_out_and_said(tmp_path, rng, 
     assert list(out) == ["probs"] and rel_error(out["probs"], tf.nn.softmax(net.logits(x))) < 1e-5
 
 
-def _tf1_saved_model(path, rng, input_key: str = "images", table: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Write a TF1 SavedModel (``tf.compat.v1.saved_model.Builder``) whose ``serving_default`` takes
-    ``input_key`` and returns ``scores`` (and, with ``table``, ``classes`` from a lookup table its ``main_op``
-    initializes); returns sample inputs and their scores."""
+def _tf1_saved_model(path, rng, input_key: str = "images", table: bool = False,
+                     as_text: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Write a TF1 SavedModel (``tf.compat.v1.saved_model.Builder``; ``saved_model.pbtxt`` with ``as_text``)
+    whose ``serving_default`` takes ``input_key`` and returns ``scores`` (and, with ``table``, ``classes`` from
+    a lookup table its ``main_op`` initializes); returns sample inputs and their scores."""
     g = tf.Graph()
     with g.as_default():
         x = tf.compat.v1.placeholder(tf.float32, [None, 8, 8, 3], name="input")
@@ -639,7 +640,7 @@ def _tf1_saved_model(path, rng, input_key: str = "images", table: bool = False) 
             sig = tf.compat.v1.saved_model.predict_signature_def({input_key: x}, outputs)
             builder.add_meta_graph_and_variables(sess, ["serve"], signature_def_map={"serving_default": sig},
                                                  main_op=tf.compat.v1.tables_initializer())
-            builder.save()
+            builder.save(as_text=as_text)
     return samples, expected
 
 
@@ -778,3 +779,13 @@ def test_an_image_directory_for_a_uint8_input(tmp_path, rng):
     acc = report["accuracy"]
     assert acc["original"] == acc["openvino_fp32"] == pytest.approx(expected)
     assert report["steps"]["int8"]["int8_layers"]["int8"] >= 1
+
+
+def test_a_text_savedmodel_through_accuracy_control(tmp_path, rng):
+    """A SavedModel written as text (``saved_model.pbtxt``) goes through accuracy-aware INT8, which reads its
+    variable names; that failed at the end with 'No such file or directory (.../saved_model.pb)'."""
+    samples, expected = _tf1_saved_model(tmp_path / "sm", rng, as_text=True)
+    report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), calibration_data=samples,
+                                validation_data=(samples, expected.argmax(1)), int8="accuracy_aware", max_drop=0.5,
+                                verbose=False)
+    assert report["steps"]["int8"]["fp32_metric"] == 1.0

@@ -17,7 +17,7 @@ from tfcompress.export.data import check_labels, load_data
 from tfcompress.export.options import check_args
 from tfcompress.output_dir import staged_output
 from tfcompress.stripping.savedmodel_strip import (
-    max_rel_error, run_frozen, sample_inputs, save_graph_def, strip_saved_model,
+    max_rel_error, read_saved_model_proto, run_frozen, sample_inputs, save_graph_def, strip_saved_model,
 )
 
 __all__ = ["export_saved_model"]
@@ -393,13 +393,9 @@ def _reshape_batch(model, batch: int) -> None:
 
 def _variable_layers(saved_model_dir: str) -> list[str] | None:
     """The layer names in the SavedModel's variable names (``model/conv2d/kernel`` or, from TF/Keras 2,
-    ``conv2d/kernel`` -> ``conv2d``), read from ``saved_model.pb``'s object graph without loading the model;
-    None when it has none."""
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    sm = saved_model_pb2.SavedModel()
-    with open(os.path.join(saved_model_dir, "saved_model.pb"), "rb") as f:
-        sm.ParseFromString(f.read())
+    ``conv2d/kernel`` -> ``conv2d``), read from ``saved_model.pb``'s (or ``.pbtxt``'s) object graph without
+    loading the model; None when it has none."""
+    sm = read_saved_model_proto(saved_model_dir)
     names = {node.variable.name.split("/")[-2] for mg in sm.meta_graphs for node in mg.object_graph_def.nodes
              if node.WhichOneof("kind") == "variable" and "/" in node.variable.name}
     return sorted(names) or None

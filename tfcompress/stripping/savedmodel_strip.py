@@ -27,7 +27,7 @@ from tfcompress.saved_model_dir import check_saved_model_dir
 
 __all__ = [
     "ExportError", "FrozenSignature", "StripResult", "check_outputs", "freeze_saved_model", "max_rel_error",
-    "sample_inputs",
+    "read_saved_model_proto", "sample_inputs",
     "strip_saved_model",
 ]
 
@@ -154,18 +154,27 @@ def _load_error(src_dir: str, e: Exception) -> ExportError:
     return ExportError(f"cannot load SavedModel {src_dir!r}: {why}")
 
 
+def read_saved_model_proto(src_dir: str):
+    """``src_dir``'s ``saved_model.pb`` (or, written as text, ``saved_model.pbtxt``) as a ``SavedModel``
+    protocol buffer, without loading the model."""
+    from google.protobuf import text_format
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    sm = saved_model_pb2.SavedModel()
+    binary = os.path.join(src_dir, "saved_model.pb")
+    if os.path.isfile(binary):
+        with open(binary, "rb") as f:
+            sm.ParseFromString(f.read())
+    else:
+        with open(os.path.join(src_dir, "saved_model.pbtxt")) as f:
+            text_format.Parse(f.read(), sm)
+    return sm
+
+
 def _written_by_tf1(src_dir: str) -> bool:
     """Whether ``src_dir`` is a TF1 SavedModel (``tf.compat.v1.saved_model.Builder``, ``simple_save``): its
     meta graphs hold no object graph, only graphs, signatures and the ops that initialize them."""
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    path = os.path.join(src_dir, "saved_model.pb")
-    if not os.path.isfile(path):
-        return False
-    sm = saved_model_pb2.SavedModel()
-    with open(path, "rb") as f:
-        sm.ParseFromString(f.read())
-    return not any(mg.object_graph_def.nodes for mg in sm.meta_graphs)
+    return not any(mg.object_graph_def.nodes for mg in read_saved_model_proto(src_dir).meta_graphs)
 
 
 def _check_inputs(specs: dict[str, tf.TensorSpec]) -> None:
