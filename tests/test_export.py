@@ -789,3 +789,20 @@ def test_a_text_savedmodel_through_accuracy_control(tmp_path, rng):
                                 validation_data=(samples, expected.argmax(1)), int8="accuracy_aware", max_drop=0.5,
                                 verbose=False)
     assert report["steps"]["int8"]["fp32_metric"] == 1.0
+
+
+def test_signatures_the_export_leaves_out_are_named(tmp_path, rng, capsys):
+    """keras.export.ExportArchive-style SavedModels carry several endpoints; the stripped SavedModel keeps the
+    exported signature and those with its inputs and outputs. The others were dropped without a word; now
+    stderr and the report name them."""
+    net = _TinyNet(rng)
+    net.serve = tf.function(lambda x: {"y": net.logits(x)}, input_signature=[tf.TensorSpec([None, 8, 8, 3], name="x")])
+    net.serve_u8 = tf.function(lambda x: {"y": net.logits(tf.cast(x, tf.float32) / 255.0)},
+                               input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.uint8, name="x")])
+    net.twin = tf.function(lambda x: {"y": net.logits(x)}, input_signature=[tf.TensorSpec([None, 8, 8, 3], name="x")])
+    tf.saved_model.save(net, str(tmp_path / "sm"), signatures={
+        "serving_default": net.serve, "serve_u8": net.serve_u8, "twin": net.twin})
+    report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), int8="none", verbose=False)
+    assert report["signatures_left_out"] == ["serve_u8"]
+    assert "'serve_u8'" in capsys.readouterr().err
+    assert sorted(tf.saved_model.load(str(tmp_path / "out" / "stripped")).signatures) == ["serving_default", "twin"]

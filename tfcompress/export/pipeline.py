@@ -193,6 +193,11 @@ def export_saved_model(
                         "steps": {}}
         if frozen.dropped:
             report["dropped_outputs"] = dict(frozen.dropped)
+        left_out = sorted(_signature_keys(saved_model_dir) - {signature_key, *frozen.other_signatures})
+        if left_out:
+            report["signatures_left_out"] = left_out
+            print(f"warning: signatures {left_out} are not exported: they differ from {signature_key!r} in "
+                  "inputs or outputs (--signature exports one of them instead)", file=sys.stderr, flush=True)
         if half is not None:  # the checks' limit, as quantized graphs record theirs
             report["half_precision"] = {"dtype": half[0], "tolerance": half[1]}
         t = time.perf_counter()
@@ -391,6 +396,14 @@ def _reshape_batch(model, batch: int) -> None:
             f"and OpenVINO cannot free it ({str(e).splitlines()[0]}); use --int8=default") from None
 
 
+def _signature_keys(saved_model_dir: str) -> set[str]:
+    """The signature keys of the SavedModel's serving meta graph, read without loading it."""
+    for mg in read_saved_model_proto(saved_model_dir).meta_graphs:
+        if "serve" in mg.meta_info_def.tags:
+            return {k for k in mg.signature_def if not k.startswith("__")}  # "__saved_model_init_op" is no signature
+    return set()
+
+
 def _variable_layers(saved_model_dir: str) -> list[str] | None:
     """The layer names in the SavedModel's variable names (``model/conv2d/kernel`` or, from TF/Keras 2,
     ``conv2d/kernel`` -> ``conv2d``), read from ``saved_model.pb``'s (or ``.pbtxt``'s) object graph without
@@ -438,6 +451,9 @@ def _markdown(r: dict) -> str:
               ""]
     for key, why in sorted(r.get("dropped_outputs", {}).items()):
         lines += [f"Output `{key}` is left out of the export: it {why}.", ""]
+    if r.get("signatures_left_out"):
+        lines += [f"Signatures not exported (their inputs or outputs differ): "
+                  f"{', '.join(f'`{k}`' for k in r['signatures_left_out'])}.", ""]
     written = f"The input SavedModel takes {r['sizes']['saved_model']:,} bytes as its exporter wrote it"
     if "onnx" in r["sizes"]:
         lines += [f"{written}; ONNX {r['sizes']['onnx']:,} bytes; OpenVINO FP32 IR "
