@@ -72,7 +72,12 @@ class StripResult:
 
 
 def freeze_saved_model(src_dir: str, signature_key: str = "serving_default") -> FrozenSignature:
-    """Load ``src_dir``'s serving signature and freeze it into a constant-folded GraphDef."""
+    """Load ``src_dir``'s serving signature and freeze it into a constant-folded GraphDef.
+
+    TF 2 SavedModels are read with ``tf.saved_model.load``; TF1 ones (and TF/Keras 2 ones TF 2.16+ cannot
+    restore) with the TF1 loader when that fails. Outputs that read a lookup table or are not numbers are left
+    out, with the reason, in ``FrozenSignature.dropped``; the stripped SavedModel has the others.
+    """
     check_saved_model_dir(src_dir)
     try:
         loaded = tf.saved_model.load(src_dir)
