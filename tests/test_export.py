@@ -615,18 +615,21 @@ def test_an_output_read_from_a_lookup_table_is_left_out_and_said(tmp_path, rng, 
     assert list(out) == ["probs"] and rel_error(out["probs"], tf.nn.softmax(net.logits(x))) < 1e-5
 
 
-def _tf1_saved_model(path, rng, input_key: str = "images", table: bool = False,
-                     as_text: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def _tf1_saved_model(path, rng, input_key: str = "images", table: bool = False, as_text: bool = False,
+                     dropout: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Write a TF1 SavedModel (``tf.compat.v1.saved_model.Builder``; ``saved_model.pbtxt`` with ``as_text``)
     whose ``serving_default`` takes ``input_key`` and returns ``scores`` (and, with ``table``, ``classes`` from
-    a lookup table its ``main_op`` initializes); returns sample inputs and their scores."""
+    a lookup table its ``main_op`` initializes; with ``dropout``, a dropout whose ``keep_prob`` placeholder
+    defaults to 1); returns sample inputs and their scores."""
     g = tf.Graph()
     with g.as_default():
         x = tf.compat.v1.placeholder(tf.float32, [None, 8, 8, 3], name="input")
         kernel = tf.compat.v1.get_variable("k", initializer=rng.normal(0, 0.3, (3, 3, 3, 4)).astype("float32"))
         dense = tf.compat.v1.get_variable("fc", initializer=rng.normal(0, 0.3, (4, 3)).astype("float32"))
-        scores = tf.nn.softmax(tf.matmul(tf.reduce_mean(tf.nn.relu(tf.nn.conv2d(x, kernel, 1, "SAME")), [1, 2]),
-                                         dense))
+        features = tf.reduce_mean(tf.nn.relu(tf.nn.conv2d(x, kernel, 1, "SAME")), [1, 2])
+        if dropout:
+            features = tf.compat.v1.nn.dropout(features, keep_prob=tf.compat.v1.placeholder_with_default(1.0, []))
+        scores = tf.nn.softmax(tf.matmul(features, dense))
         outputs = {"scores": scores}
         if table:
             lookup = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
@@ -732,6 +735,11 @@ def test_a_signature_that_draws_random_numbers_is_refused_by_name(tmp_path, rng)
     with pytest.raises(ExportError, match=r"draws random numbers \(RandomUniform"):
         export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), int8="none", verbose=False)
     assert not (tmp_path / "out").exists()
+    # a TF1 dropout whose keep_prob defaults to 1 draws random numbers that change nothing: it is exported
+    samples, expected = _tf1_saved_model(tmp_path / "tf1", rng, dropout=True)
+    report = export_saved_model(str(tmp_path / "tf1"), str(tmp_path / "out"), calibration_data=samples,
+                                int8="none", verbose=False)
+    assert report["steps"]["openvino"]["max_rel_error"] < 1e-5
 
 
 def test_a_float64_model_is_exported_and_its_int8_refused_up_front(tmp_path, rng):

@@ -12,7 +12,9 @@ import numpy as np
 
 from tfcompress.errors import ExportError
 from tfcompress.export.checks import QuantizedCheck, half_precision_tolerance, quantized_check
-from tfcompress.export.convert import freeze_for_export, run_openvino, saved_model_to_openvino, to_onnx, to_openvino
+from tfcompress.export.convert import (
+    freeze_for_export, refuse_random_outputs, run_openvino, saved_model_to_openvino, to_onnx, to_openvino,
+)
 from tfcompress.export.data import check_labels, load_data
 from tfcompress.export.options import check_args
 from tfcompress.output_dir import staged_output
@@ -176,6 +178,7 @@ def export_saved_model(
         if data is not None:
             check = {name: _rows(data[0], 8, fixed)}
             break
+    refuse_random_outputs(frozen, check or sample_inputs(frozen.specs), saved_model_dir)
     qcheck = None
     if quantized:
         _log("[1b/5] measuring the quantized graph's rounding noise")
