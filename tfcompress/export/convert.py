@@ -110,7 +110,10 @@ def refuse_random_outputs(frozen: FrozenSignature, inputs: dict[str, np.ndarray]
     with tf.compat.v1.Session(graph=graph) as sess:  # one session: a seeded op draws new numbers on each run
         fetches = list(frozen.outputs.values())
         feeds = {frozen.inputs[n]: a for n, a in inputs.items()}
-        first, second = sess.run(fetches, feeds), sess.run(fetches, feeds)
+        try:
+            first, second = sess.run(fetches, feeds), sess.run(fetches, feeds)
+        except tf.errors.OpError:  # inputs the graph cannot take: the strip step's check says so, in one line
+            return
     if all(np.array_equal(a, b) for a, b in zip(first, second)):
         return
     shown = ", ".join(f"{op}: {name}" for name, op in random[:3]) + (
