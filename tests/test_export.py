@@ -518,3 +518,299 @@ def test_quantized_export_says_when_its_checks_cannot_verify(stable_qat, tmp_pat
     assert "output checks cannot tell a correct conversion from a broken one" in capsys.readouterr().err
     assert "**Not verified**" in (tmp_path / "out" / "report.md").read_text()
 
+
+
+# SavedModels written by other means than keras.Model.export: tf.saved_model.save of a tf.Module with
+# hand-written ops, TF1 builders
+
+
+class _TinyNet(tf.Module):
+    """conv -> relu -> mean -> matmul, written with tf.nn ops and variables (no Keras)."""
+
+    def __init__(self, rng, size: int = 8):
+        super().__init__()
+        self.kernel = tf.Variable(rng.normal(0, 0.3, (3, 3, 3, 4)).astype("float32"))
+        self.dense = tf.Variable(rng.normal(0, 0.3, (4, 3)).astype("float32"))
+        self.size = size
+
+    def logits(self, x):
+        y = tf.nn.relu(tf.nn.conv2d(x, self.kernel, 1, "SAME"))
+        return tf.matmul(tf.reduce_mean(y, axis=[1, 2]), self.dense)
+
+
+def _save_tiny_net(path, rng, outputs, spec=None):
+    """Save a :class:`_TinyNet` whose serving signature returns ``outputs(net, x)`` (a dict) for the input
+    ``spec`` (default: float32 (None, 8, 8, 3) named x)."""
+    net = _TinyNet(rng)
+    spec = spec or tf.TensorSpec([None, 8, 8, 3], tf.float32, name="x")
+    net.serve = tf.function(lambda x: outputs(net, x), input_signature=[spec])
+    tf.saved_model.save(net, str(path), signatures={"serving_default": net.serve})
+    return net
+
+
+def test_outputs_named_unlike_tensorflow_scopes_are_kept(tmp_path, rng):
+    """Signature outputs may be named anything (``logits:0``, unicode): the stripped SavedModel and the ONNX
+    model keep those names and values."""
+    names = ("logits:0", "ausgabe_ü")
+    net = _save_tiny_net(tmp_path / "sm", rng,
+                         lambda n, x: {names[0]: n.logits(x), names[1]: tf.nn.softmax(n.logits(x))})
+    x = rng.uniform(0, 1, (4, 8, 8, 3)).astype("float32")
+    report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), calibration_data=x, int8="none",
+                                verbose=False)
+    assert report["steps"]["onnx"]["max_rel_error"] < 1e-5
+    out = tf.saved_model.load(str(tmp_path / "out" / "stripped")).signatures["serving_default"](x=tf.constant(x))
+    assert sorted(out) == sorted(names)
+    assert rel_error(out["logits:0"], net.logits(x)) < 1e-5
+    import onnx
+
+    assert sorted(o.name for o in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.output) == sorted(names)
+
+
+@pytest.mark.parametrize("batch, int8", [(1, "accuracy_aware"), (3, "default")])
+def test_a_signature_with_a_fixed_batch_size(batch, int8, tmp_path, rng):
+    """A signature that takes exactly ``batch`` samples (as models written for a device often do) is checked,
+    calibrated and scored in batches of that size; validation data of any length is scored whole; the INT8
+    IR keeps the batch size (accuracy control's trial models run with a free one)."""
+    spec = tf.TensorSpec([batch, 8, 8, 3], tf.float32, name="x")
+    net = _save_tiny_net(tmp_path / "sm", rng, lambda n, x: {"probs": tf.nn.softmax(n.logits(x))}, spec)
+    x = rng.uniform(0, 1, (13, 8, 8, 3)).astype("float32")
+    labels = np.argmax(net.logits(x).numpy(), axis=1)
+    np.savez(tmp_path / "val.npz", x=x[:7], y=labels[:7])
+    report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), calibration_data=x,
+                                validation_data=str(tmp_path / "val.npz"), int8=int8, verbose=False)
+    assert report["steps"]["onnx"]["max_rel_error"] < 1e-5
+    assert report["steps"]["int8"]["int8_layers"]["int8"] >= 1
+    acc = report["accuracy"]
+    assert acc["samples"] == 7
+    assert acc["original"] == acc["stripped"] == acc["onnx"] == acc["openvino_fp32"] == 1.0
+    import openvino as ov
+
+    assert ov.Core().read_model(str(tmp_path / "out" / "model_int8.xml")).inputs[0].get_partial_shape()[0] == batch
+
+
+def test_an_output_read_from_a_lookup_table_is_left_out_and_said(tmp_path, rng, capsys):
+    """A serving signature that also returns class names through a lookup table (tf.lookup, StringLookup):
+    the table cannot be frozen into ONNX or an IR, so that output is left out, with a warning and the reason
+    in the report, and the numeric outputs are exported."""
+    table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+        tf.constant([0, 1, 2], tf.int64), tf.constant(["cat", "dog", "owl"])), "unknown")
+
+    def outputs(net, x):
+        probs = tf.nn.softmax(net.logits(x))
+        return {"probs": probs, "label": net.table.lookup(tf.argmax(probs, axis=1))}
+
+    net = _TinyNet(rng)
+    net.table = table
+    net.serve = tf.function(lambda x: outputs(net, x), input_signature=[tf.TensorSpec([None, 8, 8, 3], name="x")])
+    tf.saved_model.save(net, str(tmp_path / "sm"), signatures={"serving_default": net.serve})
+    x = rng.uniform(0, 1, (8, 8, 8, 3)).astype("float32")
+    np.savez(tmp_path / "val.npz", x=x, y=np.argmax(net.logits(x).numpy(), axis=1))
+    report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), calibration_data=x,
+                                validation_data=str(tmp_path / "val.npz"), verbose=False)
+    assert list(report["dropped_outputs"]) == ["label"]
+    assert "lookup table" in report["dropped_outputs"]["label"]
+    assert "output 'label'" in capsys.readouterr().err
+    assert report["accuracy"]["output"] == "probs" and report["accuracy"]["openvino_fp32"] == 1.0
+    out = tf.saved_model.load(str(tmp_path / "out" / "stripped")).signatures["serving_default"](x=tf.constant(x))
+    assert list(out) == ["probs"] and rel_error(out["probs"], tf.nn.softmax(net.logits(x))) < 1e-5
+
+
+def _tf1_saved_model(path, rng, input_key: str = "images", table: bool = False, as_text: bool = False,
+                     dropout: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Write a TF1 SavedModel (``tf.compat.v1.saved_model.Builder``; ``saved_model.pbtxt`` with ``as_text``)
+    whose ``serving_default`` takes ``input_key`` and returns ``scores`` (and, with ``table``, ``classes`` from
+    a lookup table its ``main_op`` initializes; with ``dropout``, a dropout whose ``keep_prob`` placeholder
+    defaults to 1); returns sample inputs and their scores."""
+    g = tf.Graph()
+    with g.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 8, 8, 3], name="input")
+        kernel = tf.compat.v1.get_variable("k", initializer=rng.normal(0, 0.3, (3, 3, 3, 4)).astype("float32"))
+        dense = tf.compat.v1.get_variable("fc", initializer=rng.normal(0, 0.3, (4, 3)).astype("float32"))
+        features = tf.reduce_mean(tf.nn.relu(tf.nn.conv2d(x, kernel, 1, "SAME")), [1, 2])
+        if dropout:
+            features = tf.compat.v1.nn.dropout(features, keep_prob=tf.compat.v1.placeholder_with_default(1.0, []))
+        scores = tf.nn.softmax(tf.matmul(features, dense))
+        outputs = {"scores": scores}
+        if table:
+            lookup = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+                tf.constant([0, 1, 2], tf.int64), tf.constant(["cat", "dog", "owl"])), "?")
+            outputs["classes"] = lookup.lookup(tf.argmax(scores, 1))
+        samples = rng.uniform(0, 1, (6, 8, 8, 3)).astype("float32")
+        with tf.compat.v1.Session(graph=g) as sess:
+            sess.run([tf.compat.v1.global_variables_initializer(), tf.compat.v1.tables_initializer()])
+            expected = sess.run(scores, {x: samples})
+            builder = tf.compat.v1.saved_model.Builder(str(path))
+            sig = tf.compat.v1.saved_model.predict_signature_def({input_key: x}, outputs)
+            builder.add_meta_graph_and_variables(sess, ["serve"], signature_def_map={"serving_default": sig},
+                                                 main_op=tf.compat.v1.tables_initializer())
+            builder.save(as_text=as_text)
+    return samples, expected
+
+
+def test_a_tf1_savedmodel_with_a_lookup_table(tmp_path, rng):
+    """A TF1 SavedModel whose signature also returns class names through a table initialized by its
+    ``main_op``: read with the TF1 loader, its scores are exported."""
+    samples, expected = _tf1_saved_model(tmp_path / "sm", rng, table=True)
+    report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), calibration_data=samples, int8="none",
+                                verbose=False)
+    assert list(report["dropped_outputs"]) == ["classes"]
+    out = tf.saved_model.load(str(tmp_path / "out" / "stripped")).signatures["serving_default"](
+        images=tf.constant(samples))
+    assert list(out) == ["scores"] and rel_error(out["scores"], expected) < 1e-5
+
+
+@pytest.mark.parametrize("key", ["images:0", "input-image"])
+def test_a_tf1_input_named_unlike_a_python_identifier(key, tmp_path, rng):
+    """TF1 signature inputs may be named anything (``images:0``); the stripped SavedModel, the ONNX model and
+    the IR keep the name."""
+    samples, expected = _tf1_saved_model(tmp_path / "sm", rng, input_key=key)
+    report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), calibration_data=samples,
+                                verbose=False)
+    assert report["steps"]["onnx"]["max_rel_error"] < 1e-5 and report["steps"]["int8"]["int8_layers"]["int8"] >= 1
+    sig = tf.saved_model.load(str(tmp_path / "out" / "stripped")).signatures["serving_default"]
+    assert rel_error(sig(**{key: tf.constant(samples)})["scores"], expected) < 1e-5
+    import onnx
+    import openvino as ov
+
+    assert [i.name for i in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.input] == [key]
+    assert ov.Core().read_model(str(tmp_path / "out" / "model_int8.xml")).inputs[0].get_names() == {key}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_savedmodel_with_broken_variables_is_named_so(damage, tmp_path, rng):
+    """A SavedModel whose variables/ is truncated or missing (an interrupted download or copy) gets an error
+    that says so, not TensorFlow's 'Graph execution error:'."""
+    _save_tiny_net(tmp_path / "sm", rng, lambda n, x: {"y": n.logits(x)})
+    variables = tmp_path / "sm" / "variables"
+    if damage == "missing":
+        import shutil
+
+        shutil.rmtree(variables)
+    else:
+        data = next(variables.glob("variables.data-*"))
+        data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+    with pytest.raises(ExportError, match=r"variables .* missing, truncated or damaged") as e:
+        export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), int8="none", verbose=False)
+    assert "Graph execution error" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_savedmodel_without_serving_default_names_its_signatures_and_the_flag(tmp_path, rng):
+    """A SavedModel saved with other signature keys only (``signatures={"predict": ...}``): the error lists
+    them and says how to pick one (``--signature``); picked, it exports."""
+    net = _TinyNet(rng)
+    net.predict = tf.function(lambda x: {"y": net.logits(x)}, input_signature=[tf.TensorSpec([None, 8, 8, 3])])
+    tf.saved_model.save(net, str(tmp_path / "sm"), signatures={"predict": net.predict})
+    with pytest.raises(ExportError, match=r"no 'serving_default' signature \(it has \['predict'\]\); pass one of "
+                                          r"them as --signature"):
+        export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), int8="none", verbose=False)
+    report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), int8="none", verbose=False,
+                                signature_key="predict")
+    assert report["signature"] == "predict" and report["steps"]["onnx"]["max_rel_error"] < 1e-5
+
+
+def test_accuracy_is_scored_on_the_output_with_class_scores(tmp_path, rng):
+    """Estimator-style serving outputs ``{"classes": argmax, "probabilities": softmax}``, and the input image
+    passed through: labels are scored against ``probabilities`` (the output with one score per class), in
+    every artifact and in accuracy control; ``classes`` (first by name) has one value per sample, and the
+    argmax of an ``image`` is no class."""
+    net = _save_tiny_net(tmp_path / "sm", rng, lambda n, x: {"classes": tf.argmax(n.logits(x), axis=1), "image": x,
+                                                          "probabilities": tf.nn.softmax(n.logits(x))})
+    x = rng.uniform(0, 1, (12, 8, 8, 3)).astype("float32")
+    np.savez(tmp_path / "val.npz", x=x, y=np.argmax(net.logits(x).numpy(), axis=1))
+    report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), calibration_data=x,
+                                validation_data=str(tmp_path / "val.npz"), int8="accuracy_aware", max_drop=0.5,
+                                verbose=False)
+    acc = report["accuracy"]
+    assert acc["output"] == "probabilities"
+    assert acc["original"] == acc["stripped"] == acc["onnx"] == acc["openvino_fp32"] == 1.0
+    assert report["steps"]["int8"]["fp32_metric"] == 1.0
+
+
+def test_a_signature_that_draws_random_numbers_is_refused_by_name(tmp_path, rng):
+    """A serving function that adds noise (tf.random.uniform, Monte Carlo dropout) gives different outputs on
+    every call: no step can be checked against it. The error names the random op; it blamed the stripper
+    ('stripped model outputs differ from the original')."""
+    _save_tiny_net(tmp_path / "sm", rng, lambda n, x: {"y": n.logits(x) + tf.random.uniform([3], 0, 1e-3)})
+    with pytest.raises(ExportError, match=r"draws random numbers \(RandomUniform"):
+        export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), int8="none", verbose=False)
+    assert not (tmp_path / "out").exists()
+    # a TF1 dropout whose keep_prob defaults to 1 draws random numbers that change nothing: it is exported
+    samples, expected = _tf1_saved_model(tmp_path / "tf1", rng, dropout=True)
+    report = export_saved_model(str(tmp_path / "tf1"), str(tmp_path / "out"), calibration_data=samples,
+                                int8="none", verbose=False)
+    assert report["steps"]["openvino"]["max_rel_error"] < 1e-5
+
+
+def test_a_float64_model_is_exported_and_its_int8_refused_up_front(tmp_path, rng):
+    """A model computing in float64 (scientific code): the IR runs it, but OpenVINO's CPU plugin cannot compile
+    the calibrated model ('does not support f64 for use with oneDNN'), which ended the command in a traceback
+    after all the other work. INT8 is refused before any work; without it the export succeeds."""
+    net = tf.Module()
+    net.kernel = tf.Variable(rng.normal(0, 0.3, (3, 3, 3, 4)))
+    net.serve = tf.function(lambda x: {"y": tf.reduce_mean(tf.nn.relu(tf.nn.conv2d(x, net.kernel, 1, "SAME")), [1, 2])},
+                            input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float64, name="x")])
+    tf.saved_model.save(net, str(tmp_path / "sm"), signatures={"serving_default": net.serve})
+    x = rng.uniform(0, 1, (4, 8, 8, 3))
+    with pytest.raises(ExportError, match="float64"):
+        export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), calibration_data=x, verbose=False)
+    assert not (tmp_path / "out").exists()
+    report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), calibration_data=x, int8="none",
+                                verbose=False)
+    assert report["steps"]["openvino"]["max_rel_error"] < 1e-6
+
+
+def test_an_input_of_unknown_rank_is_refused_with_what_to_export(tmp_path, rng):
+    """A signature input of unknown rank (``TensorSpec(None)``) cannot be given check or calibration samples
+    of a known shape, nor an ONNX / IR input: one error names the input (it ended in a traceback)."""
+    _save_tiny_net(tmp_path / "sm", rng, lambda n, x: {"y": n.logits(tf.reshape(x, [-1, 8, 8, 3]))},
+                   tf.TensorSpec(None, tf.float32, name="x"))
+    with pytest.raises(ExportError, match=r"input 'x' has no known rank"):
+        export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), calibration_data=np.zeros((2, 8, 8, 3)),
+                           verbose=False)
+
+
+def test_an_image_directory_for_a_uint8_input(tmp_path, rng):
+    """A signature that takes uint8 pixels and scales them in the graph (Cast, / 255) reads an image folder
+    as uint8 pixels; it was refused ('has float samples, the model input is uint8')."""
+    spec = tf.TensorSpec([None, 8, 8, 3], tf.uint8, name="pixels")
+    net = _save_tiny_net(tmp_path / "sm", rng, lambda n, x: {"probs": tf.nn.softmax(n.logits(tf.cast(x, tf.float32)
+                                                                                          / 255.0))}, spec)
+    images = rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    for k, img in enumerate(images):
+        (tmp_path / "images" / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "images" / f"c{k % 2}" / f"{k}.png").write_bytes(tf.io.encode_png(img).numpy())
+    report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), calibration_data=str(tmp_path / "images"),
+                                validation_data=str(tmp_path / "images"), verbose=False)
+    scores = net.logits(tf.cast(images, tf.float32) / 255.0).numpy()
+    expected = np.mean(scores.argmax(1) == np.arange(6) % 2)  # the folder of image k is c{k % 2}
+    acc = report["accuracy"]
+    assert acc["original"] == acc["openvino_fp32"] == pytest.approx(expected)
+    assert report["steps"]["int8"]["int8_layers"]["int8"] >= 1
+
+
+def test_a_text_savedmodel_through_accuracy_control(tmp_path, rng):
+    """A SavedModel written as text (``saved_model.pbtxt``) goes through accuracy-aware INT8, which reads its
+    variable names; that failed at the end with 'No such file or directory (.../saved_model.pb)'."""
+    samples, expected = _tf1_saved_model(tmp_path / "sm", rng, as_text=True)
+    report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), calibration_data=samples,
+                                validation_data=(samples, expected.argmax(1)), int8="accuracy_aware", max_drop=0.5,
+                                verbose=False)
+    assert report["steps"]["int8"]["fp32_metric"] == 1.0
+
+
+def test_signatures_the_export_leaves_out_are_named(tmp_path, rng, capsys):
+    """keras.export.ExportArchive-style SavedModels carry several endpoints; the stripped SavedModel keeps the
+    exported signature and those with its inputs and outputs. The others were dropped without a word; now
+    stderr and the report name them."""
+    net = _TinyNet(rng)
+    net.serve = tf.function(lambda x: {"y": net.logits(x)}, input_signature=[tf.TensorSpec([None, 8, 8, 3], name="x")])
+    net.serve_u8 = tf.function(lambda x: {"y": net.logits(tf.cast(x, tf.float32) / 255.0)},
+                               input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.uint8, name="x")])
+    net.twin = tf.function(lambda x: {"y": net.logits(x)}, input_signature=[tf.TensorSpec([None, 8, 8, 3], name="x")])
+    tf.saved_model.save(net, str(tmp_path / "sm"), signatures={
+        "serving_default": net.serve, "serve_u8": net.serve_u8, "twin": net.twin})
+    report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), int8="none", verbose=False)
+    assert report["signatures_left_out"] == ["serve_u8"]
+    assert "'serve_u8'" in capsys.readouterr().err
+    assert sorted(tf.saved_model.load(str(tmp_path / "out" / "stripped")).signatures) == ["serving_default", "twin"]

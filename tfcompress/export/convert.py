@@ -13,7 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from tfcompress.graph.frozen_graph import calls_functions, inline_function_calls, keep_library_functions_in_use
+from tfcompress.graph.frozen_graph import (
+    RANDOM_OPS, calls_functions, inline_function_calls, keep_library_functions_in_use,
+)
 from tfcompress.int8_policy import on_int8_grid
 from tfcompress.output_dir import STAGING_PREFIX, staged_file
 from tfcompress.stripping.savedmodel_strip import (
@@ -22,8 +24,8 @@ from tfcompress.stripping.savedmodel_strip import (
 
 __all__ = [
     "ConversionCheck", "freeze_for_export", "prepare_for_tf2onnx", "raise_quantize_above_reshapes",
-    "rejoin_quantize_dequantize", "restore_weight_quantization", "run_onnx", "run_openvino", "saved_model_to_openvino",
-    "to_onnx", "to_openvino",
+    "refuse_random_outputs", "rejoin_quantize_dequantize", "restore_weight_quantization", "run_onnx", "run_openvino",
+    "saved_model_to_openvino", "to_onnx", "to_openvino",
 ]
 
 
@@ -88,6 +90,44 @@ def freeze_for_export(saved_model_dir: str, signature_key: str = "serving_defaul
     if found:
         raise _training_mode_error(saved_model_dir, found)
     return frozen
+
+
+def refuse_random_outputs(frozen: FrozenSignature, inputs: dict[str, np.ndarray], saved_model_dir: str) -> None:
+    """Raise ExportError naming the random ops when the frozen signature's outputs on ``inputs`` change from
+    one run to the next (noise, dropout kept active at inference): no conversion can be checked against them.
+
+    A graph whose random ops do not reach its values (a TF1 dropout whose ``keep_prob`` defaults to 1) runs
+    the same twice and passes.
+    """
+    import tensorflow as tf
+
+    random = _random_nodes(frozen.graph_def)
+    if not random:
+        return
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.import_graph_def(frozen.graph_def, name="")
+    with tf.compat.v1.Session(graph=graph) as sess:  # one session: a seeded op draws new numbers on each run
+        fetches = list(frozen.outputs.values())
+        feeds = {frozen.inputs[n]: a for n, a in inputs.items()}
+        try:
+            first, second = sess.run(fetches, feeds), sess.run(fetches, feeds)
+        except tf.errors.OpError:  # inputs the graph cannot take: the strip step's check says so, in one line
+            return
+    if all(np.array_equal(a, b) for a, b in zip(first, second)):
+        return
+    shown = ", ".join(f"{op}: {name}" for name, op in random[:3]) + (
+        f" and {len(random) - 3} more" if len(random) > 3 else "")
+    raise ExportError(
+        f"the {frozen.signature_key!r} signature of {saved_model_dir!r} draws random numbers ({shown}): its "
+        "outputs change from call to call, so no converted model can be checked against it; export a signature "
+        "without random ops (noise or dropout kept active at inference)")
+
+
+def _random_nodes(graph_def) -> list[tuple[str, str]]:
+    """(name, op) of the nodes (also inside library functions) that draw new random numbers on every run."""
+    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+    return sorted({(n.name, n.op) for n in nodes if n.op in RANDOM_OPS})
 
 
 def _signature_graph_def(saved_model_dir: str, signature_key: str):

@@ -25,7 +25,8 @@ def load_data(path, spec: tf.TensorSpec, what: str = "data") -> tuple[np.ndarray
     * ``.npy``: an array of samples.
     * ``.npz``: samples under ``x`` (or ``x_test``, ``x_train`` ...), optional labels under ``y`` (...).
     * a directory: images in one sub-directory per class (``keras.utils.image_dataset_from_directory``
-      conventions), resized to the model's input size; labels are the sorted class folders.
+      conventions), resized to the model's input size; labels are the sorted class folders. Pixels are
+      floats in [0, 255], or rounded to whole values for an integer input (a model that scales its pixels).
 
     Raises:
         ExportError: missing file, unknown format, shape or dtype that does not match, NaN or inf values.
@@ -150,4 +151,7 @@ def _images(path: str, spec: tf.TensorSpec, what: str):
         raise ExportError(f"{what}: cannot decode the image {ds.file_paths[len(xs)]!r} ({reason})") from None
     if not xs:
         raise ExportError(f"{what} {path!r} holds no images")
-    return np.stack(xs), np.asarray(ys)
+    x = np.stack(xs)
+    if spec.dtype.is_integer:  # a model that takes pixels (uint8, int32) and scales them itself
+        x = np.clip(np.round(x), 0, 255).astype(np.uint8)
+    return x, np.asarray(ys)

@@ -12,12 +12,14 @@ import numpy as np
 
 from tfcompress.errors import ExportError
 from tfcompress.export.checks import QuantizedCheck, half_precision_tolerance, quantized_check
-from tfcompress.export.convert import freeze_for_export, run_openvino, saved_model_to_openvino, to_onnx, to_openvino
+from tfcompress.export.convert import (
+    freeze_for_export, refuse_random_outputs, run_openvino, saved_model_to_openvino, to_onnx, to_openvino,
+)
 from tfcompress.export.data import check_labels, load_data
 from tfcompress.export.options import check_args
 from tfcompress.output_dir import staged_output
 from tfcompress.stripping.savedmodel_strip import (
-    max_rel_error, run_frozen, sample_inputs, save_graph_def, strip_saved_model,
+    max_rel_error, read_saved_model_proto, run_frozen, sample_inputs, save_graph_def, strip_saved_model,
 )
 
 __all__ = ["export_saved_model"]
@@ -44,15 +46,63 @@ def _accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(outputs.reshape(len(outputs), -1), axis=1) == labels.reshape(-1)))
 
 
-def _batched(fn, x: np.ndarray, batch: int = 256) -> np.ndarray:
+def _rows(x: np.ndarray, n: int, fixed: int | None) -> np.ndarray:
+    """The first ``n`` samples of ``x``, or, for a signature that takes exactly ``fixed`` samples, ``fixed``
+    samples (the data's first ones, repeated when it has fewer)."""
+    if fixed is None:
+        return x[:n]
+    return x[:fixed] if len(x) >= fixed else np.resize(x, (fixed, *x.shape[1:]))
+
+
+def _batched(fn, x: np.ndarray, batch: int = 256, fixed: int | None = None) -> np.ndarray:
+    """``fn`` over ``x`` in batches of ``batch``, or of exactly ``fixed`` samples for a signature with a fixed
+    batch size (the last one filled up with repeated samples, whose outputs are dropped)."""
     import keras
 
+    batch = fixed or batch
     bar = keras.utils.Progbar(len(x), verbose=1 if len(x) > batch and sys.stderr.isatty() else 0)
     parts = []
     for i in range(0, len(x), batch):
-        parts.append(fn(x[i:i + batch]))
+        part = x[i:i + batch]
+        parts.append(np.asarray(fn(_rows(part, batch, fixed)))[:len(part)])
         bar.update(min(i + batch, len(x)))
     return np.concatenate(parts)
+
+
+# the ops calibration quantizes the inputs of
+_WEIGHTED_OPS = ("Conv2D", "Conv3D", "DepthwiseConv2dNative", "Conv2DBackpropInput", "Conv3DBackpropInputV2",
+                 "MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum")
+
+
+def _computes_in_float64(graph_def) -> bool:
+    """Whether a convolution or matrix product of the frozen graph computes in float64 (calibration would
+    quantize it in float64)."""
+    from tensorflow.core.framework import types_pb2
+
+    return any(n.op in _WEIGHTED_OPS and n.attr["T"].type == types_pb2.DT_DOUBLE for n in graph_def.node)
+
+
+def _scored_output(outputs: dict[str, np.ndarray]) -> str:
+    """The output accuracy is measured on: the first by name with a score per class (floats of shape
+    (batch, classes > 1)), so that Estimator-style ``classes`` (the argmax) beside ``probabilities``, or an
+    image passed through, is passed over; else the first by name with more than one float per sample, else
+    the first by name (:func:`check_labels` then says why it cannot be scored)."""
+    keys = sorted(outputs)
+    floats = [k for k in keys if np.issubdtype(outputs[k].dtype, np.floating) and np.prod(outputs[k].shape[1:]) > 1]
+    return next((k for k in floats if outputs[k].ndim == 2), (floats or keys)[0])
+
+
+def _whole_batches(x: np.ndarray, fixed: int | None) -> np.ndarray:
+    """``x`` cut to whole batches of a fixed batch size (calibration feeds the IR whole batches only)."""
+    if fixed is None:
+        return x
+    return _rows(x, fixed, fixed) if len(x) < fixed else x[:len(x) - len(x) % fixed]
+
+
+def _fixed_batch(spec) -> int | None:
+    """The batch size a signature input takes, when it takes only one (``TensorSpec([1, 32, 32, 3])``)."""
+    dims = spec.shape.as_list() if spec.shape.rank else []
+    return dims[0] if dims else None
 
 
 def export_saved_model(
@@ -106,25 +156,33 @@ def export_saved_model(
     t0 = time.perf_counter()
     _log(f"[1/5] reading {saved_model_dir}")
     frozen = freeze_for_export(saved_model_dir, signature_key)
+    for key, why in sorted(frozen.dropped.items()):
+        print(f"warning: output {key!r} is left out of the export: it {why}", file=sys.stderr, flush=True)
     if len(frozen.specs) != 1 and (calibration_data is not None or validation_data is not None):
         raise ExportError("calibration/validation data files are supported for single-input models only")
     spec = next(iter(frozen.specs.values()))
     name = next(iter(frozen.specs))
+    if calibration_data is not None and int8 != "none" and _computes_in_float64(frozen.graph_def):
+        raise ExportError("this model computes in float64, which OpenVINO's CPU plugin cannot run quantized: "
+                          "export it with --int8=none, or save it in float32 for INT8")
     calib = load_data(calibration_data, spec, "calibration data") if calibration_data is not None else None
     valid = load_data(validation_data, spec, "validation data") if validation_data is not None else None
     if int8 == "accuracy_aware" and calib is not None and valid is None:
         raise ExportError("--int8=accuracy_aware needs --validation_data to measure the drop: labelled (accuracy) "
                           "or not (the INT8 outputs' relative RMS error against FP32)")
     out_key = sorted(frozen.outputs)[0]  # the output accuracy is measured on
+    fixed = _fixed_batch(spec)
     if valid is not None and valid[1] is not None:
-        scores = run_frozen(frozen, frozen.graph_def, {name: valid[0][:1]})[out_key]
-        check_labels(valid[1], int(np.prod(scores.shape[1:])), out_key)
+        first = run_frozen(frozen, frozen.graph_def, {name: _rows(valid[0], 1, fixed)})
+        out_key = _scored_output(first)
+        check_labels(valid[1], int(np.prod(first[out_key].shape[1:])), out_key)
     quantized = any(n.op.startswith("FakeQuant") for n in frozen.graph_def.node)
     check = None
     for data in (valid, calib):
         if data is not None:
-            check = {name: data[0][:8]}
+            check = {name: _rows(data[0], 8, fixed)}
             break
+    refuse_random_outputs(frozen, check or sample_inputs(frozen.specs), saved_model_dir)
     qcheck = None
     if quantized:
         _log("[1b/5] measuring the quantized graph's rounding noise")
@@ -140,6 +198,13 @@ def export_saved_model(
     with staged_output(output_dir, overwrite) as tmp:
         report: dict = {"source": source_name or os.path.abspath(saved_model_dir), "signature": signature_key,
                         "steps": {}}
+        if frozen.dropped:
+            report["dropped_outputs"] = dict(frozen.dropped)
+        left_out = sorted(_signature_keys(saved_model_dir) - {signature_key, *frozen.other_signatures})
+        if left_out:
+            report["signatures_left_out"] = left_out
+            print(f"warning: signatures {left_out} are not exported: they differ from {signature_key!r} in "
+                  "inputs or outputs (--signature exports one of them instead)", file=sys.stderr, flush=True)
         if half is not None:  # the checks' limit, as quantized graphs record theirs
             report["half_precision"] = {"dtype": half[0], "tolerance": half[1]}
         t = time.perf_counter()
@@ -174,10 +239,11 @@ def export_saved_model(
         xml8 = None
         if calib is not None and int8 != "none":
             t = time.perf_counter()
-            _log(f"[4b/5] INT8 calibration ({int8}) on {min(len(calib[0]), 300)} samples")
+            samples = _whole_batches(calib[0][:300], fixed)
+            _log(f"[4b/5] INT8 calibration ({int8}) on {len(samples)} samples")
             xml8 = os.path.join(tmp, "model_int8.xml")
-            report["steps"]["int8"] = _int8(xml, xml8, calib[0], int8, max_drop, valid, saved_model_dir, verbose,
-                                            max_iterations, range_estimator)
+            report["steps"]["int8"] = _int8(xml, xml8, samples, int8, max_drop, valid, saved_model_dir, verbose,
+                                            max_iterations, range_estimator, fixed, out_key)
             report["steps"]["int8"]["seconds"] = time.perf_counter() - t
             if check is not None:  # INT8 at OpenVINO's default precision, as deployed, against the FP32 IR
                 got8 = run_openvino(xml8, check, precision="default")
@@ -186,19 +252,23 @@ def export_saved_model(
         if valid is not None and valid[1] is not None:
             _log("[5/5] measuring accuracy on the validation data")
             x, y = valid
+
+            def score(fn) -> float:  # accuracy of fn over the validation samples
+                return _accuracy(_batched(fn, x, fixed=fixed), y)
+
             report["accuracy"] = {
-                "original": _accuracy(_batched(lambda b: run_frozen(frozen, frozen.graph_def, {name: b})[out_key], x), y),
-                "stripped": _accuracy(_batched(lambda b: _run_stripped(stripped_dir, signature_key, name, b, out_key), x), y),
-                "openvino_fp32": _accuracy(_batched(lambda b: list(run_openvino(xml, {name: b}).values())[0], x), y),
+                "original": score(lambda b: run_frozen(frozen, frozen.graph_def, {name: b})[out_key]),
+                "stripped": score(lambda b: _run_stripped(stripped_dir, signature_key, name, b, out_key)),
+                "openvino_fp32": score(lambda b: run_openvino(xml, {name: b})[out_key]),
                 "samples": int(len(x)), "output": out_key,
             }
             if os.path.exists(onnx_path):
                 onnx_fn = _onnx_fn(onnx_path)
-                report["accuracy"]["onnx"] = _accuracy(_batched(lambda b: onnx_fn({name: b})[out_key], x), y)
+                report["accuracy"]["onnx"] = score(lambda b: onnx_fn({name: b})[out_key])
             if xml8 is not None:  # compiled as accuracy control measured it (f32 hint), else the default
                 p8 = "f32" if report["steps"]["int8"].get("inference_precision") == "f32" else "default"
-                report["accuracy"]["openvino_int8"] = _accuracy(
-                    _batched(lambda b: list(run_openvino(xml8, {name: b}, precision=p8).values())[0], x), y)
+                report["accuracy"]["openvino_int8"] = score(
+                    lambda b: run_openvino(xml8, {name: b}, precision=p8)[out_key])
         else:
             _log("[5/5] no labelled validation data: accuracy not measured")
         report["seconds"] = time.perf_counter() - t0
@@ -274,11 +344,13 @@ def _convert(stripped_dir: str, onnx_path: str, xml: str, opset: int, check, sig
 
 
 def _int8(xml: str, xml8: str, calib: np.ndarray, mode: str, max_drop: float, valid, saved_model_dir: str,
-          verbose: bool = True, max_iterations: int = 50, range_estimator: str = "auto") -> dict:
+          verbose: bool = True, max_iterations: int = 50, range_estimator: str = "auto", fixed: int | None = None,
+          out_key: str = "") -> dict:
     """Calibrate the FP32 IR, store int8 weights, and say which layers really run INT8.
 
     With accuracy control, a ``max_drop`` that was not reached is said on stderr and in the returned
-    ``max_drop_met`` / ``warning``; the drop holds for the IR compiled with ``inference_precision``.
+    ``max_drop_met`` / ``warning``; the drop holds for the IR compiled with ``inference_precision``. It scores
+    the output named ``out_key``, on batches of ``fixed`` samples when the model takes only that many.
     """
     import warnings
 
@@ -289,14 +361,19 @@ def _int8(xml: str, xml8: str, calib: np.ndarray, mode: str, max_drop: float, va
     fp = ov.Core().read_model(xml)
     info: dict = {"range_estimator": calibration.range_estimator_for(fp, range_estimator)}
     if mode == "accuracy_aware":
-        validate, info["drop_metric"] = _drop_metric(fp, valid)
-
+        # accuracy control runs its trial models in batches of its own size: give them a free batch dimension
+        shape = fp.inputs[0].get_partial_shape()
+        if fixed is not None:
+            _reshape_batch(fp, -1)
+        validate, info["drop_metric"] = _drop_metric(fp, valid, out_key)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # said below, once, in the pipeline's own words
             q, acc = calibration.calibrate_with_accuracy_control(
                 fp, calib, valid, validate, max_drop=max_drop, subset_size=min(len(calib), 300),
                 max_iterations=max_iterations, range_estimator=range_estimator,
                 layer_names=_variable_layers(saved_model_dir), verbose=verbose)
+        if fixed is not None:
+            q.reshape({q.inputs[0]: shape})
         info.update({k: acc[k] for k in ("reverted", "reverted_ir", "restored", "drop", "fp32_metric", "max_drop_met",
                                          "int8_mac_share", "inference_precision")})
         if not acc["max_drop_met"]:
@@ -310,15 +387,18 @@ def _int8(xml: str, xml8: str, calib: np.ndarray, mode: str, max_drop: float, va
     return info
 
 
-def _outputs(compiled, x: np.ndarray) -> np.ndarray:
-    return np.concatenate([np.asarray(compiled({0: x[i:i + 256]})[compiled.outputs[0]]) for i in range(0, len(x), 256)])
+def _outputs(compiled, x: np.ndarray, out_key: str) -> np.ndarray:
+    """The output named ``out_key`` (the first one if empty) of a compiled IR on ``x``, in batches."""
+    port = next((o for o in compiled.outputs if out_key in o.get_names()), compiled.outputs[0]) if out_key else \
+        compiled.outputs[0]
+    return _batched(lambda b: compiled({0: b})[port], x)
 
 
-def _drop_metric(fp, valid):
+def _drop_metric(fp, valid, out_key: str = ""):
     """``(validate_fn, what it measures)`` for accuracy control on the validation data ``valid`` = (x, y).
 
-    With labels: accuracy (the argmax of the first output), after checking that the FP32 model's argmax
-    predicts the labels at least as often as a random guess among the label values present (two at least);
+    Both score the output named ``out_key``. With labels: accuracy (its argmax), after checking that the FP32
+    model's argmax predicts the labels at least as often as a random guess among the label values present (two);
     otherwise the output is not class scores (a regression, an autoencoder's reconstruction) and its argmax
     accuracy would steer the search by noise. Without labels: minus the relative RMS error of the outputs
     against the FP32 IR's (f32), so that the drop is that error (0 for FP32).
@@ -326,12 +406,13 @@ def _drop_metric(fp, valid):
     import openvino as ov
 
     x, y = valid
-    ref = _outputs(ov.Core().compile_model(fp, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), x)
+    ref = _outputs(ov.Core().compile_model(fp, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), x, out_key)
     if y is None:
         scale = float(np.sqrt(np.mean(np.square(ref, dtype=np.float64)))) or 1.0
 
         def output_error(compiled, data):
-            return -float(np.sqrt(np.mean(np.square(_outputs(compiled, data[0]) - ref, dtype=np.float64)))) / scale
+            diff = _outputs(compiled, data[0], out_key) - ref
+            return -float(np.sqrt(np.mean(np.square(diff, dtype=np.float64)))) / scale
         return output_error, "relative RMS error against FP32"
     values = len(np.unique(y))
     chance = 1.0 / max(2, values)
@@ -339,20 +420,38 @@ def _drop_metric(fp, valid):
         raise ExportError(
             f"--int8=accuracy_aware: the FP32 model's argmax matches the labels of --validation_data in "
             f"{100 * _accuracy(ref, y):.1f} % of the samples, less than a random guess among {max(2, values)} "
-            f"labels ({100 * chance:.1f} %): its first output does not score these classes (a regression or "
+            f"labels ({100 * chance:.1f} %): its output {out_key!r} does not score these classes (a regression or "
             "autoencoder output?); pass the samples without labels to bound the outputs' relative RMS error instead")
-    return (lambda compiled, data: _accuracy(_outputs(compiled, data[0]), data[1])), "accuracy"
+    return (lambda compiled, data: _accuracy(_outputs(compiled, data[0], out_key), data[1])), "accuracy"
+
+
+def _reshape_batch(model, batch: int) -> None:
+    """Give ``model``'s input the batch size ``batch`` (-1: any); ExportError when its graph cannot take it (a
+    reshape to a constant shape that includes the batch)."""
+    shape = model.inputs[0].get_partial_shape()
+    shape[0] = batch
+    try:
+        model.reshape({model.inputs[0]: shape})
+    except Exception as e:
+        raise ExportError(
+            f"--int8=accuracy_aware needs the model to run on batches of any size, but its input "
+            f"{model.inputs[0].get_any_name()!r} takes exactly {model.inputs[0].get_partial_shape()[0]} samples "
+            f"and OpenVINO cannot free it ({str(e).splitlines()[0]}); use --int8=default") from None
+
+
+def _signature_keys(saved_model_dir: str) -> set[str]:
+    """The signature keys of the SavedModel's serving meta graph, read without loading it."""
+    for mg in read_saved_model_proto(saved_model_dir).meta_graphs:
+        if "serve" in mg.meta_info_def.tags:
+            return {k for k in mg.signature_def if not k.startswith("__")}  # "__saved_model_init_op" is no signature
+    return set()
 
 
 def _variable_layers(saved_model_dir: str) -> list[str] | None:
     """The layer names in the SavedModel's variable names (``model/conv2d/kernel`` or, from TF/Keras 2,
-    ``conv2d/kernel`` -> ``conv2d``), read from ``saved_model.pb``'s object graph without loading the model;
-    None when it has none."""
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    sm = saved_model_pb2.SavedModel()
-    with open(os.path.join(saved_model_dir, "saved_model.pb"), "rb") as f:
-        sm.ParseFromString(f.read())
+    ``conv2d/kernel`` -> ``conv2d``), read from ``saved_model.pb``'s (or ``.pbtxt``'s) object graph without
+    loading the model; None when it has none."""
+    sm = read_saved_model_proto(saved_model_dir)
     names = {node.variable.name.split("/")[-2] for mg in sm.meta_graphs for node in mg.object_graph_def.nodes
              if node.WhichOneof("kind") == "variable" and "/" in node.variable.name}
     return sorted(names) or None
@@ -393,6 +492,11 @@ def _markdown(r: dict) -> str:
               f"| SavedModel bytes (both written the same way) | {r['sizes']['unstripped']:,} | "
               f"{r['sizes']['stripped']:,} | {r['sizes']['stripped'] / max(r['sizes']['unstripped'], 1):.3f} |",
               ""]
+    for key, why in sorted(r.get("dropped_outputs", {}).items()):
+        lines += [f"Output `{key}` is left out of the export: it {why}.", ""]
+    if r.get("signatures_left_out"):
+        lines += [f"Signatures not exported (their inputs or outputs differ): "
+                  f"{', '.join(f'`{k}`' for k in r['signatures_left_out'])}.", ""]
     written = f"The input SavedModel takes {r['sizes']['saved_model']:,} bytes as its exporter wrote it"
     if "onnx" in r["sizes"]:
         lines += [f"{written}; ONNX {r['sizes']['onnx']:,} bytes; OpenVINO FP32 IR "

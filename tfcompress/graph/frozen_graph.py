@@ -17,11 +17,22 @@ from tensorflow.python.framework.function_def_to_graph import function_def_to_gr
 
 from tfcompress.errors import ExportError
 
-__all__ = ["FAKE_QUANT_OPS", "calls_functions", "const_node", "fold_constants", "has_cycle", "inline_function_calls",
-           "keep_library_functions_in_use", "node_name", "prune_unused", "tensor_name", "topological_order"]
+__all__ = [
+    "FAKE_QUANT_OPS", "RANDOM_OPS", "calls_functions", "const_node", "fold_constants", "has_cycle",
+    "inline_function_calls", "keep_library_functions_in_use", "node_name", "prune_unused", "tensor_name",
+    "topological_order",
+]
 
 FAKE_QUANT_OPS = {"FakeQuantWithMinMaxVars", "FakeQuantWithMinMaxVarsPerChannel", "FakeQuantWithMinMaxArgs"}
 _STATEFUL_OR_INPUT = {"Placeholder", "PlaceholderWithDefault", "VarHandleOp", "ReadVariableOp", "NoOp"}
+# ops that draw new random numbers on every run (stateless ones with a constant seed are deterministic): never
+# folded, a constant would hold one draw
+RANDOM_OPS = frozenset({
+    "RandomUniform", "RandomUniformInt", "RandomStandardNormal", "TruncatedNormal", "Multinomial", "RandomShuffle",
+    "RandomGamma", "RandomPoisson", "RandomPoissonV2", "ParameterizedTruncatedNormal", "StatefulUniform",
+    "StatefulUniformInt", "StatefulUniformFullInt", "StatefulStandardNormal", "StatefulStandardNormalV2",
+    "StatefulTruncatedNormal", "RandomIndexShuffle", "RngReadAndSkip", "RngSkip",
+})
 
 
 _CALL_OPS = ("StatefulPartitionedCall", "PartitionedCall")
@@ -164,7 +175,8 @@ def fold_constants(graph_def: tf.compat.v1.GraphDef, outputs: list[str]) -> tf.c
     """Evaluate every subgraph that does not depend on an input into a ``Const``; drop unused nodes.
 
     FakeQuant ops are kept (grappler's constant folding would bake weight quantization into float
-    constants, and OpenVINO then runs those layers in float): only their inputs are folded.
+    constants, and OpenVINO then runs those layers in float): only their inputs are folded. Random ops are kept
+    too (a constant would hold one draw of them).
     ``IdentityN`` (how custom gradients such as swish's appear) becomes one ``Identity`` per output, and calls
     of the graph's own functions are inlined (:func:`inline_function_calls`).
     """
@@ -176,8 +188,8 @@ def fold_constants(graph_def: tf.compat.v1.GraphDef, outputs: list[str]) -> tf.c
         n = nodes[name]
         if n.op == "Const":
             foldable.add(name)
-        elif (n.op not in _STATEFUL_OR_INPUT and n.op not in FAKE_QUANT_OPS and not n.op.startswith("Stateful")
-              and not _makes_handles(n.op)):
+        elif (n.op not in _STATEFUL_OR_INPUT and n.op not in FAKE_QUANT_OPS and n.op not in RANDOM_OPS
+              and not n.op.startswith("Stateful") and not _makes_handles(n.op)):
             data = [i for i in n.input if not i.startswith("^")]
             if data and all(node_name(i) in foldable for i in data):
                 foldable.add(name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import keyword
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -26,7 +27,7 @@ from tfcompress.saved_model_dir import check_saved_model_dir
 
 __all__ = [
     "ExportError", "FrozenSignature", "StripResult", "check_outputs", "freeze_saved_model", "max_rel_error",
-    "sample_inputs",
+    "read_saved_model_proto", "sample_inputs",
     "strip_saved_model",
 ]
 
@@ -41,6 +42,8 @@ class FrozenSignature:
     specs: dict[str, tf.TensorSpec]  # signature input name -> spec
     signature_key: str
     other_signatures: list[str]  # signature keys with the same interface (Keras' "serve")
+    # signature outputs left out, with the reason: they read a lookup table or are not numbers
+    dropped: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -69,31 +72,126 @@ class StripResult:
 
 
 def freeze_saved_model(src_dir: str, signature_key: str = "serving_default") -> FrozenSignature:
-    """Load ``src_dir``'s serving signature and freeze it into a constant-folded GraphDef."""
+    """Load ``src_dir``'s serving signature and freeze it into a constant-folded GraphDef.
+
+    TF 2 SavedModels are read with ``tf.saved_model.load``; TF1 ones (and TF/Keras 2 ones TF 2.16+ cannot
+    restore) with the TF1 loader when that fails. Outputs that read a lookup table or are not numbers are left
+    out, with the reason, in ``FrozenSignature.dropped``; the stripped SavedModel has the others.
+    """
     check_saved_model_dir(src_dir)
     try:
         loaded = tf.saved_model.load(src_dir)
     except Exception:  # e.g. TF/Keras 2 SavedModels whose optimizer objects TF 2.16+ cannot restore
-        graph_def, inputs, outputs, specs, same = _freeze_v1(src_dir, signature_key)
+        graph_def, inputs, outputs, specs, same, out_dtypes = _freeze_v1(src_dir, signature_key)
     else:
         try:
-            graph_def, inputs, outputs, specs, same = _freeze_v2(loaded, src_dir, signature_key)
+            graph_def, inputs, outputs, specs, same, out_dtypes = _freeze_v2(loaded, src_dir, signature_key)
         except ExportError:
             raise
         except Exception as e:  # e.g. a signature that assigns variables (a layer traced in training mode)
-            raise ExportError(
-                f"cannot freeze the {signature_key!r} signature of {src_dir!r} into constants "
-                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-            ) from e
-    _check_numeric(specs)
+            if _written_by_tf1(src_dir):  # e.g. a table its main_op initializes: TF 2's freezing cannot import it
+                graph_def, inputs, outputs, specs, same, out_dtypes = _freeze_v1(src_dir, signature_key)
+            else:
+                raise ExportError(
+                    f"cannot freeze the {signature_key!r} signature of {src_dir!r} into constants "
+                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                ) from e
+    _check_inputs(specs)
+    dropped = _unfreezable_outputs(graph_def, inputs, outputs, out_dtypes)
+    if len(dropped) == len(outputs):
+        raise ExportError(f"no output of the {signature_key!r} signature of {src_dir!r} can be exported: "
+                          + "; ".join(f"{k!r} {why}" for k, why in sorted(dropped.items())))
+    outputs = {k: t for k, t in outputs.items() if k not in dropped}
     graph_def = fold_constants(graph_def, list(outputs.values()))
-    return FrozenSignature(graph_def, inputs, outputs, specs, signature_key, same)
+    return FrozenSignature(graph_def, inputs, outputs, specs, signature_key, same, dropped)
 
 
-def _check_numeric(specs: dict[str, tf.TensorSpec]) -> None:
-    """Refuse a text (or other non-numeric) input: the checks, ONNX, OpenVINO and INT8 calibration all run the
-    network on numbers, and TensorFlow's string ops (a TextVectorization layer's) have no ONNX / OpenVINO form."""
+# ops holding a lookup table (tf.lookup, StringLookup / IntegerLookup, TF1 index_to_string)
+_TABLE_OPS = ("HashTable", "HashTableV2", "MutableHashTable", "MutableHashTableV2", "MutableHashTableOfTensors",
+              "MutableHashTableOfTensorsV2", "MutableDenseHashTable", "MutableDenseHashTableV2")
+
+
+def _unfreezable_outputs(graph_def, inputs: dict[str, str], outputs: dict[str, str],
+                         dtypes: dict[str, tf.DType]) -> dict[str, str]:
+    """The signature outputs that the frozen graph cannot compute on its own or ONNX / OpenVINO cannot hold,
+    with the reason: those that read a lookup table (freezing turns variables into constants, but a table
+    stays a resource, still to be fed or initialized) and those that are not numbers (class names).
+
+    The control edges from the table's readers to other nodes (a tf.function orders its stateful ops) are
+    removed from ``graph_def`` in place: looking a table up does not change what the other outputs compute."""
+    from tfcompress.graph.frozen_graph import node_name, topological_order
+
+    nodes = {n.name: n for n in graph_def.node}
+    fed = {node_name(t) for t in inputs.values()}
+    readers: dict[str, str] = {}  # node -> the table it reads (through its data inputs)
+    for name in topological_order(graph_def):
+        n = nodes[name]
+        if n.op in _TABLE_OPS or (n.op == "Placeholder" and name not in fed
+                                  and n.attr["dtype"].type == tf.resource.as_datatype_enum):
+            readers[name] = name
+            continue
+        table = next((readers[node_name(i)] for i in n.input if not i.startswith("^") and node_name(i) in readers),
+                     None)
+        if table is not None:
+            readers[name] = table
+    if readers:
+        for n in graph_def.node:
+            n.input[:] = [i for i in n.input if not (i.startswith("^") and node_name(i) in readers)]
+    dropped = {}
+    for key, t in outputs.items():
+        if node_name(t) in readers:
+            dropped[key] = (f"reads a lookup table ({readers[node_name(t)]}), which a frozen graph, ONNX and "
+                            "OpenVINO IR cannot hold; compute it from the exported outputs instead")
+        elif key in dtypes and not (dtypes[key].is_floating or dtypes[key].is_integer or dtypes[key].is_bool):
+            dropped[key] = f"is a {dtypes[key].name} tensor; ONNX and OpenVINO IR outputs here are numbers"
+    return dropped
+
+
+def _load_error(src_dir: str, e: Exception) -> ExportError:
+    """The ExportError for a SavedModel TensorFlow cannot load: its own reason (TensorFlow's first line is often
+    just 'Graph execution error:'), and for unreadable variables what that likely means."""
+    lines = [ln.strip() for ln in str(getattr(e, "message", None) or e).splitlines()]
+    why = next((ln for ln in lines if ln and ln != "Graph execution error:"), type(e).__name__)
+    if isinstance(e, (tf.errors.OutOfRangeError, tf.errors.DataLossError, tf.errors.NotFoundError)) or (
+            "not a valid checkpoint" in why):
+        return ExportError(f"cannot read the variables of SavedModel {src_dir!r} ({why}): its variables/ directory "
+                           "is missing, truncated or damaged (an interrupted download or copy?)")
+    return ExportError(f"cannot load SavedModel {src_dir!r}: {why}")
+
+
+def read_saved_model_proto(src_dir: str):
+    """``src_dir``'s ``saved_model.pb`` (or, written as text, ``saved_model.pbtxt``) as a ``SavedModel``
+    protocol buffer, without loading the model."""
+    from google.protobuf import text_format
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    sm = saved_model_pb2.SavedModel()
+    binary = os.path.join(src_dir, "saved_model.pb")
+    if os.path.isfile(binary):
+        with open(binary, "rb") as f:
+            sm.ParseFromString(f.read())
+    else:
+        with open(os.path.join(src_dir, "saved_model.pbtxt")) as f:
+            text_format.Parse(f.read(), sm)
+    return sm
+
+
+def _written_by_tf1(src_dir: str) -> bool:
+    """Whether ``src_dir`` is a TF1 SavedModel (``tf.compat.v1.saved_model.Builder``, ``simple_save``): its
+    meta graphs hold no object graph, only graphs, signatures and the ops that initialize them."""
+    return not any(mg.object_graph_def.nodes for mg in read_saved_model_proto(src_dir).meta_graphs)
+
+
+def _check_inputs(specs: dict[str, tf.TensorSpec]) -> None:
+    """Refuse an input of unknown rank, and a text (or other non-numeric) input: the checks, ONNX, OpenVINO
+    and INT8 calibration all run the network on numbers of a known rank, and TensorFlow's string ops (a
+    TextVectorization layer's) have no ONNX / OpenVINO form."""
     for name, spec in specs.items():
+        if spec.shape.rank is None:
+            raise ExportError(
+                f"input {name!r} has no known rank (TensorSpec(shape=None)): the checks, ONNX and OpenVINO need "
+                "at least the number of its dimensions; export a signature whose input spec gives its shape, "
+                "e.g. [None, 224, 224, 3]")
         if not (spec.dtype.is_floating or spec.dtype.is_integer or spec.dtype.is_bool):
             raise ExportError(
                 f"input {name!r} is a {spec.dtype.name} tensor: the export needs numeric inputs; export a "
@@ -104,8 +202,8 @@ def _check_numeric(specs: dict[str, tf.TensorSpec]) -> None:
 def _missing_signature(src_dir, key, available) -> ExportError:
     return ExportError(
         f"SavedModel {src_dir!r} has no {key!r} signature (it has {sorted(available) or 'none'}); "
-        "export it with model.export(dir) or tf.saved_model.save(obj, dir, signatures=...)"
-    )
+        + ("pass one of them as --signature (signature_key= in Python)" if available else
+           "export it with model.export(dir) or tf.saved_model.save(obj, dir, signatures=...)"))
 
 
 def _freeze_v2(loaded, src_dir: str, key: str):
@@ -130,7 +228,8 @@ def _freeze_v2(loaded, src_dir: str, key: str):
         and f.structured_input_signature == fn.structured_input_signature
         and f.structured_outputs.keys() == fn.structured_outputs.keys()
     ]
-    return graph_def, inputs, outputs, specs, same
+    dtypes = {k: v.dtype for k, v in fn.structured_outputs.items() if isinstance(v, tf.TensorSpec)}
+    return graph_def, inputs, outputs, specs, same, dtypes
 
 
 def _freeze_v1(src_dir: str, key: str):
@@ -143,7 +242,7 @@ def _freeze_v1(src_dir: str, key: str):
         try:
             mg = tf.compat.v1.saved_model.loader.load(sess, ["serve"], src_dir)
         except Exception as e:
-            raise ExportError(f"cannot load SavedModel {src_dir!r}: {str(e).splitlines()[0]}") from None
+            raise _load_error(src_dir, e) from None
         if key not in mg.signature_def:
             raise _missing_signature(src_dir, key, mg.signature_def)
         sig = mg.signature_def[key]
@@ -172,13 +271,18 @@ def _freeze_v1(src_dir: str, key: str):
         and {n: v.name for n, v in s.inputs.items()} == inputs
         and {n: v.name for n, v in s.outputs.items()} == outputs
     ]
-    return graph_def, inputs, outputs, specs, same
+    return graph_def, inputs, outputs, specs, same, {k: tf.as_dtype(v.dtype) for k, v in sig.outputs.items()}
 
 
 def save_graph_def(frozen: FrozenSignature, graph_def: tf.compat.v1.GraphDef, dst_dir: str) -> None:
     """Save ``graph_def`` as a SavedModel with ``frozen``'s signatures, input and output names."""
     names = sorted(frozen.inputs)
     keys = sorted(frozen.outputs)
+    # TF 2 signatures are called with keyword arguments named like the inputs; other names (a TF1 model's
+    # "images:0") only a TF1 SavedModel can hold
+    if not all(n.isidentifier() and not keyword.iskeyword(n) for n in names):
+        _save_graph_def_v1(frozen, graph_def, dst_dir)
+        return
     specs = [tf.TensorSpec(frozen.specs[n].shape, frozen.specs[n].dtype, name=n) for n in names]
 
     # placeholders cannot stay inside a function: every reader is re-wired through input_map, so the
@@ -208,11 +312,9 @@ def save_graph_def(frozen: FrozenSignature, graph_def: tf.compat.v1.GraphDef, ds
             return_elements=[frozen.outputs[k] for k in keys],
             name="stripped",
         )
-        return {k: tf.identity(t, name=k) for k, t in zip(keys, outs)}
+        return {k: tf.identity(t, name=_op_name(k)) for k, t in zip(keys, outs)}
 
     # signatures are called with keyword arguments named like the inputs: give the function those names
-    if not all(n.isidentifier() and not keyword.iskeyword(n) for n in names):
-        raise ExportError(f"signature input names {names} are not Python identifiers; cannot re-create them")
     signatures = {}
     for k, key in enumerate([frozen.signature_key] + frozen.other_signatures):
         namespace = {"body": body}  # one function per signature: TF refuses one function for two keys
@@ -223,6 +325,31 @@ def save_graph_def(frozen: FrozenSignature, graph_def: tf.compat.v1.GraphDef, ds
     # an inference graph: custom gradients (e.g. of swish) are neither needed nor savable once frozen
     options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
     tf.saved_model.save(module, dst_dir, signatures=signatures, options=options)
+
+
+def _save_graph_def_v1(frozen: FrozenSignature, graph_def: tf.compat.v1.GraphDef, dst_dir: str) -> None:
+    """Save ``graph_def`` as a TF1 SavedModel (one graph, weights as its constants) whose signatures map
+    ``frozen``'s input and output names, whatever they are, to its tensors."""
+    g = tf.Graph()
+    with g.as_default():
+        tf.import_graph_def(graph_def, name="")
+        with tf.compat.v1.Session(graph=g) as sess:
+            signature = tf.compat.v1.saved_model.predict_signature_def(
+                {n: g.get_tensor_by_name(t) for n, t in frozen.inputs.items()},
+                {k: g.get_tensor_by_name(t) for k, t in frozen.outputs.items()})
+            builder = tf.compat.v1.saved_model.Builder(dst_dir)
+            builder.add_meta_graph_and_variables(
+                sess, [tf.saved_model.SERVING],
+                signature_def_map={key: signature for key in [frozen.signature_key] + frozen.other_signatures})
+            builder.save()
+
+
+def _op_name(key: str) -> str:
+    """A TensorFlow op name for the signature output ``key``: the key itself where TensorFlow allows it,
+    otherwise with each character it refuses (``:``, non-ASCII letters ...) replaced by ``_``. Signature keys
+    may be any string (``logits:0``, ``ausgabe_ü``); op names may not."""
+    name = re.sub(r"[^A-Za-z0-9_.\-]", "_", key)
+    return name if re.match(r"[A-Za-z0-9.]", name) else "output" + name
 
 
 def _without_placeholders(graph_def):
