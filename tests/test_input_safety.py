@@ -86,6 +86,8 @@ def test_hostile_output_paths_are_refused_before_tensorflow_loads(saved_model, t
     (images / "cat").mkdir(parents=True, exist_ok=True)
     (tmp_path / "link").symlink_to(saved_model, target_is_directory=True)
     (tmp_path / "parent_link").symlink_to(parent, target_is_directory=True)
+    keras_file = parent / "model.keras"
+    keras_file.write_bytes(b"PK")
     before = tree_digest(parent)
     cases = [
         # output == the input's parent, with --overwrite: replacing it would delete the input
@@ -101,6 +103,8 @@ def test_hostile_output_paths_are_refused_before_tensorflow_loads(saved_model, t
         ([f"--saved_model_dir={saved_model}", f"--output_dir={tmp_path / 'parent_link' / 'model' / 'x'}"],
          "inside it"),
         ([f"--saved_model_dir={tmp_path / 'missing'}", f"--output_dir={tmp_path / 'out'}"], "does not exist"),
+        # a Keras model file given for the SavedModel: the error says how to make one
+        ([f"--saved_model_dir={keras_file}", f"--output_dir={tmp_path / 'out'}"], "is a Keras model file"),
         ([f"--saved_model_dir={saved_model}", "--output_dir=/proc/tfcompress_out"], "cannot write"),
         ([f"--saved_model_dir={saved_model}", f"--output_dir={saved_model / 'saved_model.pb'}"], "inside it"),
         ([f"--saved_model_dir={saved_model}", f"--output_dir={tmp_path / 'out'}", "--no_such_flag=1"],

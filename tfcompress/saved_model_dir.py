@@ -20,7 +20,11 @@ def check_saved_model_dir(path: str | os.PathLike) -> None:
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise ExportError(f"the SavedModel directory must be a non-empty path, got {path!r}")
     if not os.path.isdir(path):
-        raise ExportError(f"SavedModel directory {os.fspath(path)!r} does not exist" if not os.path.exists(path)
-                          else f"{os.fspath(path)!r} is not a directory (give the SavedModel's directory)")
+        if not os.path.exists(path):
+            raise ExportError(f"SavedModel directory {os.fspath(path)!r} does not exist")
+        if os.fspath(path).lower().endswith((".keras", ".h5", ".hdf5")):
+            raise ExportError(f"{os.fspath(path)!r} is a Keras model file, not a SavedModel: export it first "
+                              "(keras.models.load_model(path).export(DIR)) and give DIR")
+        raise ExportError(f"{os.fspath(path)!r} is not a directory (give the SavedModel's directory)")
     if not any(os.path.isfile(os.path.join(path, f)) for f in SAVED_MODEL_FILES):
         raise ExportError(f"{os.fspath(path)!r} is not a SavedModel directory (no saved_model.pb)")
