@@ -168,41 +168,34 @@ def text(rng):
     return model, x, y
 
 
-def transformer(rng):
+def _encoder(x, y, mask_zero: bool):
+    """One transformer encoder block on token ids ``x`` (0 = padding with ``mask_zero``), trained on ``y``."""
     import keras
     from keras import layers as L
 
-    x, y = _tokens(rng)
     inp = keras.Input((40,), dtype="int32")
-    h = L.Embedding(200, 32)(inp)
+    h = L.Embedding(int(x.max()) + 1, 32, mask_zero=mask_zero)(inp)
     a = L.MultiHeadAttention(2, 16)(h, h)
     h = L.LayerNormalization()(h + a)
     f = L.Dense(32)(L.Dense(64, activation="relu")(h))
     h = L.LayerNormalization()(h + f)
     out = L.Dense(3)(L.GlobalAveragePooling1D()(h))
-    model = _fit(keras.Model(inp, out), x, y, keras.losses.SparseCategoricalCrossentropy(from_logits=True), 5)
-    return model, x, y
+    return _fit(keras.Model(inp, out), x, y, keras.losses.SparseCategoricalCrossentropy(from_logits=True), 5)
+
+
+def transformer(rng):
+    x, y = _tokens(rng)
+    return _encoder(x, y, mask_zero=False), x, y
 
 
 def masked_transformer(rng):
     """``transformer`` on sequences padded with token 0 at random lengths, with ``Embedding(mask_zero=True)``: the
     attention gets a padding mask computed from the token ids."""
-    import keras
-    from keras import layers as L
-
     x, y = _tokens(rng)
     x = x + 1
     for row, n in zip(x, rng.integers(20, 41, len(x))):
         row[n:] = 0
-    inp = keras.Input((40,), dtype="int32")
-    h = L.Embedding(201, 32, mask_zero=True)(inp)
-    a = L.MultiHeadAttention(2, 16)(h, h)
-    h = L.LayerNormalization()(h + a)
-    f = L.Dense(32)(L.Dense(64, activation="relu")(h))
-    h = L.LayerNormalization()(h + f)
-    out = L.Dense(3)(L.GlobalAveragePooling1D()(h))
-    model = _fit(keras.Model(inp, out), x, y, keras.losses.SparseCategoricalCrossentropy(from_logits=True), 5)
-    return model, x, y
+    return _encoder(x, y, mask_zero=True), x, y
 
 
 def kws(rng):
