@@ -10,12 +10,13 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["tfcompress", "tfcompress.*"]),
+    # lower bounds: the oldest releases the tests pass with, pinned together in .ci/minimum-versions.txt
     install_requires=[
         "tensorflow>=2.16,<2.22",
         "keras>=3.9",  # keras.layers.RMSNormalization
         "tf2onnx>=1.16",
         "onnx>=1.15",
-        "openvino>=2024.4",
+        "openvino>=2025.0",  # import openvino.opset13 (2024.x has it only as openvino.runtime.opset13)
         "numpy>=1.26",
         "absl-py>=1.0",
     ],

@@ -287,6 +287,24 @@ def test_convnext_block_strips_through_channel_norms_grouped_conv_and_tensordot(
     assert result.params_after < 0.8 * result.params_before
 
 
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_batch_matmul_with_one_kernel_is_a_dense(tmp_path, rng, adjoint):
+    """Keras before 3.15 exports a Dense on a feature map as a BatchMatMulV2 of the [N, H, W, C] input and the
+    2-D kernel: the zeroed channels reaching it go with the kernel's rows; an adjoint kernel blocks them."""
+    z = _Zeroer()
+    inp = keras.Input((8, 8, 3))
+    x = z(inp, L.Conv2D(8, 3, name="stem"))
+    kernel = rng.normal(0, 1, (6, 8) if adjoint else (8, 6)).astype("float32")
+    x = L.Lambda(lambda t: tf.linalg.matmul(t, kernel, adjoint_b=adjoint))(x)
+    model = keras.Model(inp, L.GlobalAveragePooling2D()(x))
+    z.zero(rng)
+    result, dst = _strip(model, tmp_path)
+    assert "BatchMatMulV2" in {n.op for n in freeze_saved_model(str(tmp_path / "src")).graph_def.node}
+    x = rng.uniform(0, 1, (3, 8, 8, 3)).astype("float32")
+    assert rel_error(_run(dst, x), model(x)) < 1e-4
+    assert _by_layer(result, "stem")[0]["channels_after"] == (8 if adjoint else 6)
+
+
 def test_check_inputs_that_do_not_fit_are_an_export_error(tmp_path):
     inp = keras.Input((8, 8, 3))
     keras.Model(inp, L.Conv2D(4, 3)(inp)).export(str(tmp_path / "src"), verbose=False)

@@ -457,7 +457,8 @@ def _reshape(g: GraphDefGraph, node):
     return kinds.Reshape(node, g) if kinds.has_constant_last_entry(g, node.input[1]) else None
 
 
-@register("Conv2D", "MatMul", "DepthwiseConv2dNative", "Conv2DBackpropInput", "Conv3D", "Conv3DBackpropInputV2")
+@register("Conv2D", "MatMul", "BatchMatMulV2", "BatchMatMulV3", "DepthwiseConv2dNative", "Conv2DBackpropInput",
+          "Conv3D", "Conv3DBackpropInputV2")
 def _producer(g: GraphDefGraph, node):
     op = node.op
     try:
@@ -466,6 +467,9 @@ def _producer(g: GraphDefGraph, node):
         return None
     if op == "MatMul":
         return None if kinds.attr(node, "transpose_a").b else kinds.Producer(node, g, w, "dense")
+    if op.startswith("BatchMatMul"):  # Keras < 3.15 writes a Dense on [N, ..., C] as x @ kernel, one 2-D kernel
+        adjoint = kinds.attr(node, "adj_x").b or kinds.attr(node, "adj_y").b
+        return None if adjoint or w.value.ndim != 2 else kinds.Producer(node, g, w, "dense")
     if not _nhwc(node) or kinds.attr(node, "padding").s == b"EXPLICIT":
         return None
     depthwise_groups = op == "Conv2D" and w.value.shape[-2] == 1 and g.width(node.input[0]) > 1
