@@ -389,8 +389,7 @@ def _int8(xml: str, xml8: str, calib: np.ndarray, mode: str, max_drop: float, va
 
 def _outputs(compiled, x: np.ndarray, out_key: str) -> np.ndarray:
     """The output named ``out_key`` (the first one if empty) of a compiled IR on ``x``, in batches."""
-    port = next((o for o in compiled.outputs if out_key in o.get_names()), compiled.outputs[0]) if out_key else \
-        compiled.outputs[0]
+    port = next((o for o in compiled.outputs if out_key in o.get_names()), compiled.outputs[0])
     return _batched(lambda b: compiled({0: b})[port], x)
 
 

@@ -191,13 +191,23 @@ BLOCKER = table_kind("blocker", width_params)
 PASS = table_kind("identity")
 
 
-class Reshape(LayerKind):
-    """A reshape that keeps the channel axis ((C,) -> (1, 1, C), (H, W, C) -> (H*W, C)) passes channels."""
+class _TargetShape:
+    """A reshape whose target shape's last entry is the output's channel count (unless it says ``-1``): the
+    ``target_shape`` of a ``Reshape`` layer or the ``newshape`` of ``keras.ops.reshape``, rewritten to the kept
+    count."""
 
     def config(self, in_keeps, out_keep, folds):
         cfg = self.layer.get_config()
-        cfg["target_shape"] = tuple(cfg["target_shape"][:-1]) + (int(out_keep.sum()),)
+        key = "target_shape" if "target_shape" in cfg else "newshape"
+        shape = list(cfg[key])
+        if shape[-1] != -1:
+            shape[-1] = int(out_keep.sum())
+        cfg[key] = tuple(shape)
         return cfg
+
+
+class Reshape(_TargetShape, LayerKind):
+    """A reshape that keeps the channel axis ((C,) -> (1, 1, C), (H, W, C) -> (H*W, C)) passes channels."""
 
 
 class PReLU(LayerKind):
@@ -588,18 +598,9 @@ class Flatten(LayerKind):
         return {"tile": self.channels()}
 
 
-class FlatReshape(Flatten):
+class FlatReshape(_TargetShape, Flatten):
     """A ``Reshape`` layer or ``keras.ops.reshape`` to one axis per sample (``Reshape((-1,))``): a Flatten whose
     target shape, unless it says ``-1``, names the kept count."""
-
-    def config(self, in_keeps, out_keep, folds):
-        cfg = self.layer.get_config()
-        key = "target_shape" if "target_shape" in cfg else "newshape"
-        shape = list(cfg[key])
-        if shape[-1] != -1:
-            shape[-1] = int(out_keep.sum())
-        cfg[key] = tuple(shape)
-        return cfg
 
 
 class Registered(LayerKind):
@@ -693,13 +694,5 @@ def per_channel(v: Any, width: int) -> bool:
     return width > 1 and np.ndim(v) >= 1 and np.shape(v)[-1] == width and np.size(v) == width
 
 
-class OpReshape(LayerKind):
+class OpReshape(_TargetShape, LayerKind):
     """``keras.ops.reshape`` keeping the channel axis: its target shape follows the kept channel count."""
-
-    def config(self, in_keeps, out_keep, folds):
-        cfg = self.layer.get_config()
-        shape = list(cfg["newshape"])
-        if shape[-1] != -1:
-            shape[-1] = int(out_keep.sum())
-        cfg["newshape"] = tuple(shape)
-        return cfg
