@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -136,6 +137,54 @@ def test_bad_inputs_get_clear_errors(artifacts, tmp_path):
         with pytest.raises(ExportError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
             compress_model_dir(**args)
         assert not (tmp_path / "o" / "tfcompress").exists()
+
+
+def test_a_trainer_model_written_as_text(artifacts, tmp_path):
+    """A Model artifact whose SavedModel is ``saved_model.pbtxt`` (``as_text`` writers) is found and its
+    signature read: the artifact reader looked only for ``saved_model.pb``."""
+    from google.protobuf import text_format
+
+    from tfcompress.saved_model_dir import read_saved_model_proto
+
+    _, examples, trainer_model, model = artifacts
+    text_model = tmp_path / "Trainer" / "model" / "7"
+    serving = text_model / "Format-Serving"
+    shutil.copytree(trainer_model / "Format-Serving", serving)
+    (serving / "saved_model.pbtxt").write_text(text_format.MessageToString(read_saved_model_proto(serving)))
+    (serving / "saved_model.pb").unlink()
+    metrics = compress_model_dir(str(text_model), str(tmp_path / "out"), str(examples), module_file=str(MODULE),
+                                 label_key="label", num_calibration_samples=50, range_estimator="max")
+    assert metrics["int8_layers"] > 0 and metrics["accuracy_fp32"] > 0.8 and metrics["max_drop_met"] == -1
+    report = json.loads((tmp_path / "out" / "tfcompress" / "report.json").read_text())
+    assert report["steps"]["int8"]["range_estimator"] == "max"  # the parameter reached the calibration
+
+
+def test_an_accuracy_aware_miss_fails_the_component_unless_allowed(artifacts, tmp_path):
+    """``int8="accuracy_aware"`` that cannot reach ``max_drop`` must not hand a model on as if it had: blank
+    calibration examples collapse the INT8 outputs (the input's range is 0) and no revert is allowed, so the
+    component fails after writing its output (as the command exits 3), unless
+    ``allow_drop_miss``, when ``max_drop_met`` records the miss."""
+    from sklearn.datasets import load_digits
+
+    _, _, trainer_model, _ = artifacts
+    d = load_digits()
+    pixels = d.data[1400:].astype(int)
+    pixels[:60] = 0  # the calibration samples: blank images
+    blank = tmp_path / "examples"
+    write_examples(blank, "eval", pixels, d.target[1400:])
+    args = dict(examples_uri=str(blank), module_file=str(MODULE), label_key="label", num_calibration_samples=60,
+                int8="accuracy_aware", max_drop=0.01, max_iterations=0)
+    with pytest.raises(ExportError, match=r"did not reach max_drop=0.01.*allow_drop_miss=True accepts it"):
+        compress_model_dir(str(trainer_model), str(tmp_path / "out"), **args)
+    report = json.loads((tmp_path / "out" / "tfcompress" / "report.json").read_text())
+    assert report["steps"]["int8"]["max_drop_met"] is False
+    metrics = compress_model_dir(str(trainer_model), str(tmp_path / "out2"), allow_drop_miss=True, **args)
+    assert metrics["max_drop_met"] == 0 and metrics["accuracy_fp32"] - metrics["accuracy_int8"] > 0.01
+    with pytest.raises(ExportError, match="range_estimator must be one of"):
+        compress_model_dir(str(trainer_model), str(tmp_path / "o"), range_estimator="p99")
+    with pytest.raises(ExportError, match="max_iterations must be a whole number"):
+        compress_model_dir(str(trainer_model), str(tmp_path / "o"), max_iterations=-1)
+    assert not (tmp_path / "o").exists()
 
 
 def test_example_parsing_is_put_back_in_front_of_the_compressed_network(artifacts, tmp_path):

@@ -20,8 +20,9 @@ from typing import Callable
 import numpy as np
 
 from tfcompress.errors import ExportError
-from tfcompress.export.options import INT8_MODES
+from tfcompress.export.options import INT8_MODES, RANGE_ESTIMATORS
 from tfcompress.export.pipeline import export_saved_model
+from tfcompress.saved_model_dir import is_saved_model_dir, read_saved_model_proto
 
 __all__ = ["compress_model_dir", "read_examples", "SERVING_DIR", "EXPORT_DIR"]
 
@@ -32,7 +33,7 @@ EXPORT_DIR = "tfcompress"  # ONNX, IRs and the report, next to Format-Serving
 def serving_model_path(model_uri: str) -> str:
     """The SavedModel inside a Model artifact (``Format-Serving/``), or the directory itself if it is one."""
     for path in (os.path.join(model_uri, SERVING_DIR), model_uri):
-        if os.path.exists(os.path.join(path, "saved_model.pb")):
+        if is_saved_model_dir(path):
             return path
     raise ExportError(f"no SavedModel in the Model artifact {model_uri!r} (looked for {SERVING_DIR}/saved_model.pb)")
 
@@ -40,12 +41,7 @@ def serving_model_path(model_uri: str) -> str:
 def _signature_input_shapes(saved_model_dir: str, key: str) -> list[list[int | None]] | None:
     """Input shapes of a serving signature, read from ``saved_model.pb`` (the export loads the model itself;
     loading it here too only to learn a shape would double the time and memory)."""
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    sm = saved_model_pb2.SavedModel()
-    with open(os.path.join(saved_model_dir, "saved_model.pb"), "rb") as f:
-        sm.ParseFromString(f.read())
-    for mg in sm.meta_graphs:
+    for mg in read_saved_model_proto(saved_model_dir).meta_graphs:
         if "serve" in mg.meta_info_def.tags and key in mg.signature_def:
             inputs = mg.signature_def[key].inputs
             return [[None if d.size < 0 else d.size for d in inputs[k].tensor_shape.dim] for k in sorted(inputs)]
@@ -123,6 +119,9 @@ def compress_model_dir(
     preprocessing_fn: str = "preprocessing_fn",
     label_key: str = "",
     signature: str = "serving_default",
+    range_estimator: str = "auto",
+    max_iterations: int = 50,
+    allow_drop_miss: bool = False,
 ) -> dict:
     """Compress the SavedModel of a Model artifact into ``output_uri``; return the component's metrics.
 
@@ -131,9 +130,18 @@ def compress_model_dir(
     the model, when the report says why). Examples of ``split`` give the calibration samples (the first
     ``num_calibration_samples``) and, with ``label_key``, labelled validation samples (the rest of the split,
     else the same ones) so the report has every artifact's accuracy.
+
+    ``range_estimator`` and ``max_iterations`` are :func:`export_saved_model`'s. With ``int8="accuracy_aware"``,
+    a ``max_drop`` that is not reached raises :class:`ExportError` after the output is written (so a pipeline
+    stops before pushing it, as the command exits non-zero) unless ``allow_drop_miss``; metric
+    ``max_drop_met`` says 1 (met), 0 (missed, allowed) or -1 (not accuracy-aware).
     """
     if int8 not in INT8_MODES:
         raise ExportError(f"int8 must be one of {list(INT8_MODES)}, got {int8!r}")
+    if range_estimator not in RANGE_ESTIMATORS:
+        raise ExportError(f"range_estimator must be one of {list(RANGE_ESTIMATORS)}, got {range_estimator!r}")
+    if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 0:
+        raise ExportError(f"max_iterations must be a whole number >= 0, got {max_iterations!r}")
     if not isinstance(num_calibration_samples, int) or num_calibration_samples < 1:
         raise ExportError(f"num_calibration_samples must be a positive integer, got {num_calibration_samples!r}")
     if module_file and not examples_uri:
@@ -160,7 +168,8 @@ def compress_model_dir(
     export_dir = os.path.join(output_uri, EXPORT_DIR)
     report = export_saved_model(src, export_dir, calibration_data=calib,
                                 int8=int8 if calib is not None else "none", max_drop=max_drop,
-                                validation_data=valid, opset=opset, signature_key=signature, overwrite=True)
+                                validation_data=valid, opset=opset, signature_key=signature, overwrite=True,
+                                range_estimator=range_estimator, max_iterations=max_iterations)
     serving = os.path.join(output_uri, SERVING_DIR)
     if os.path.exists(serving):
         shutil.rmtree(serving)
@@ -169,7 +178,12 @@ def compress_model_dir(
     with open(os.path.join(export_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     sizes, acc = report["sizes"], report.get("accuracy", {})
-    int8_run = report["steps"].get("int8", {}).get("int8_layers", {"int8": 0, "total": 0})
+    int8_step = report["steps"].get("int8", {})
+    int8_run = int8_step.get("int8_layers", {"int8": 0, "total": 0})
+    met = int8_step.get("max_drop_met")
+    if met is False and not allow_drop_miss:
+        raise ExportError(f"{int8_step['warning']} (the output is written to {output_uri!r}; allow_drop_miss=True "
+                          "accepts it)")
     return {
         "flops_ratio": report["flops"]["after"] / max(report["flops"]["before"], 1),
         "params_ratio": report["params"]["after"] / max(report["params"]["before"], 1),
@@ -178,4 +192,5 @@ def compress_model_dir(
         "quantizable_layers": int(int8_run["total"]),
         "accuracy_fp32": float(acc.get("openvino_fp32", -1.0)),
         "accuracy_int8": float(acc.get("openvino_int8", -1.0)),
+        "max_drop_met": -1 if met is None else int(met),
     }

@@ -18,8 +18,9 @@ from tfcompress.export.convert import (
 from tfcompress.export.data import check_labels, load_data
 from tfcompress.export.options import check_args
 from tfcompress.output_dir import staged_output
+from tfcompress.saved_model_dir import read_saved_model_proto
 from tfcompress.stripping.savedmodel_strip import (
-    max_rel_error, read_saved_model_proto, run_frozen, sample_inputs, save_graph_def, strip_saved_model,
+    max_rel_error, run_frozen, sample_inputs, save_graph_def, strip_saved_model,
 )
 
 __all__ = ["export_saved_model"]

@@ -23,12 +23,11 @@ from tfcompress.graph.flops import FlopsCounter
 from tfcompress.graph.frozen_graph import fold_constants, has_cycle
 from tfcompress.graph.graphdef_adapter import GraphDefGraph
 from tfcompress.output_dir import check_output_dir, staged_output
-from tfcompress.saved_model_dir import check_saved_model_dir
+from tfcompress.saved_model_dir import check_saved_model_dir, read_saved_model_proto
 
 __all__ = [
     "ExportError", "FrozenSignature", "StripResult", "check_outputs", "freeze_saved_model", "max_rel_error",
-    "read_saved_model_proto", "sample_inputs",
-    "strip_saved_model",
+    "sample_inputs", "strip_saved_model",
 ]
 
 
@@ -157,23 +156,6 @@ def _load_error(src_dir: str, e: Exception) -> ExportError:
         return ExportError(f"cannot read the variables of SavedModel {src_dir!r} ({why}): its variables/ directory "
                            "is missing, truncated or damaged (an interrupted download or copy?)")
     return ExportError(f"cannot load SavedModel {src_dir!r}: {why}")
-
-
-def read_saved_model_proto(src_dir: str):
-    """``src_dir``'s ``saved_model.pb`` (or, written as text, ``saved_model.pbtxt``) as a ``SavedModel``
-    protocol buffer, without loading the model."""
-    from google.protobuf import text_format
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    sm = saved_model_pb2.SavedModel()
-    binary = os.path.join(src_dir, "saved_model.pb")
-    if os.path.isfile(binary):
-        with open(binary, "rb") as f:
-            sm.ParseFromString(f.read())
-    else:
-        with open(os.path.join(src_dir, "saved_model.pbtxt")) as f:
-            text_format.Parse(f.read(), sm)
-    return sm
 
 
 def _written_by_tf1(src_dir: str) -> bool:

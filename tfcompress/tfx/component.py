@@ -30,6 +30,7 @@ class CompressMetrics(TypedDict):
     quantizable_layers: int
     accuracy_fp32: float
     accuracy_int8: float
+    max_drop_met: int  # int8="accuracy_aware": 1 met, 0 missed (allow_drop_miss); -1 otherwise
 
 
 @_component
@@ -47,6 +48,9 @@ def CompressModel(  # noqa: N802 - TFX components are classes by convention
     label_key: _dsl.Parameter[str] = "",
     signature: _dsl.Parameter[str] = "serving_default",
     parsing_signature: _dsl.Parameter[str] = "",
+    range_estimator: _dsl.Parameter[str] = "auto",
+    max_iterations: _dsl.Parameter[int] = 50,
+    allow_drop_miss: _dsl.Parameter[bool] = False,
 ) -> CompressMetrics:
     """Strip, convert (ONNX, OpenVINO FP32) and calibrate (OpenVINO INT8) the Trainer's model.
 
@@ -61,12 +65,17 @@ def CompressModel(  # noqa: N802 - TFX components are classes by convention
     the parsing alone: name them ``signature`` and ``parsing_signature``, and the compressed SavedModel gets
     ``serving_default`` back as the parsing followed by the compressed network
     (:func:`tfcompress.tfx.serving.attach_parsing`).
+
+    ``range_estimator`` and ``max_iterations`` are the export command's ``--range_estimator`` and
+    ``--max_iterations``. With ``int8="accuracy_aware"`` the component fails when ``max_drop`` is not reached
+    (so nothing downstream pushes the model), unless ``allow_drop_miss``; ``max_drop_met`` records the outcome.
     """
     metrics = compress_trainer_model(
         model.uri, compressed_model.uri, examples.uri if examples is not None else None,
         parsing_signature=parsing_signature, split=split, int8=int8, max_drop=max_drop, opset=opset,
         num_calibration_samples=num_calibration_samples, module_file=module_file or None,
-        preprocessing_fn=preprocessing_fn, label_key=label_key, signature=signature)
+        preprocessing_fn=preprocessing_fn, label_key=label_key, signature=signature,
+        range_estimator=range_estimator, max_iterations=max_iterations, allow_drop_miss=allow_drop_miss)
     for key, value in metrics.items():  # also on the artifact, where TFX UIs and MLMD queries see them
         if CompressMetrics.__annotations__[key] is int:  # as the component's Integer output artifacts
             compressed_model.set_int_custom_property(key, int(value))
