@@ -32,8 +32,9 @@ NNCF_SCRIPT = """
 import sys, time, numpy as np, openvino as ov, nncf
 model = ov.Core().read_model(sys.argv[1])
 calib = np.load(sys.argv[2])
+advanced = nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix(sys.argv[4])) if len(sys.argv) > 4 else None
 t = time.perf_counter()
-q = nncf.quantize(model, nncf.Dataset(list(calib[:, None])), subset_size=len(calib))
+q = nncf.quantize(model, nncf.Dataset(list(calib[:, None])), subset_size=len(calib), advanced_parameters=advanced)
 print(f"{time.perf_counter() - t:.3f}")
 ov.save_model(q, sys.argv[3])
 """
@@ -111,11 +112,19 @@ def closeness(reference: np.ndarray, out: np.ndarray) -> tuple[float, float]:
     return float(np.mean(reference.argmax(1) == out.argmax(1))), common.kl_divergence(reference, out)
 
 
-def run_nncf(python: str, xml: str, calib: np.ndarray, work: str) -> tuple[str, float]:
-    """nncf.quantize on the IR in nncf's own interpreter: (INT8 IR path, calibration seconds)."""
-    npy, out = os.path.join(work, "calib.npy"), os.path.join(work, "vww_nncf.xml")
+# our overflow_fix values and nncf's OverflowFix values for the same choice
+NNCF_OVERFLOW_FIX = {"first_layer": "first_layer_only", "enable": "enable", "disable": "disable"}
+
+
+def run_nncf(python: str, xml: str, calib: np.ndarray, work: str, overflow_fix: str | None = None,
+             name: str = "vww_nncf") -> tuple[str, float]:
+    """nncf.quantize on the IR in nncf's own interpreter (with ``overflow_fix``, in our names, passed as its
+    ``AdvancedQuantizationParameters(overflow_fix=...)``; else its default, ``first_layer``): (INT8 IR path
+    ``work/name.xml``, calibration seconds)."""
+    npy, out = os.path.join(work, "calib.npy"), os.path.join(work, f"{name}.xml")
     np.save(npy, calib)
-    res = subprocess.run([python, "-c", NNCF_SCRIPT, xml, npy, out], capture_output=True, text=True, check=True)
+    cmd = [python, "-c", NNCF_SCRIPT, xml, npy, out] + ([NNCF_OVERFLOW_FIX[overflow_fix]] if overflow_fix else [])
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return out, float(res.stdout.strip().splitlines()[-1])
 
 

@@ -186,3 +186,57 @@ def test_a_dead_channel_gets_a_range_of_a_hundredth_of_the_widest(tmp_path):
     assert live.any() and np.all(hi[1:] >= MIN_CHANNEL_WIDTH * hi.max() * (1 - 1e-6))
     out, ref = _run(ov.Core().compile_model(q, "CPU"), x), _run(_f32(fp), x)
     assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()
+
+
+def _int8_weight_maxima(model) -> list[int]:
+    """Largest |integer| of each int8 weight constant, in graph order."""
+    return [int(np.abs(op.get_data()).max()) for op in model.get_ordered_ops()
+            if op.get_type_name() == "Constant" and op.get_output_element_type(0) == ov.Type.i8]
+
+
+def _biased_relu(rng, y, channels: int):
+    return ops.relu(ops.add(y, ops.constant(rng.uniform(0.1, 0.5, (1, channels, 1, 1)).astype(np.float32))))
+
+
+def _depthwise_first_model(rng):
+    """Raw-pixel-like input -> depthwise 3x3 -> 1x1 convolution -> depthwise 3x3 with a channel multiplier
+    of 2 -> depthwise 3x3 -> spatial mean -> fully connected (biases and ReLUs between)."""
+    p = ops.parameter([-1, 4, 12, 12], ov.Type.f32)
+    w = lambda *shape: ops.constant(rng.normal(size=shape).astype(np.float32))  # noqa: E731
+    y = _biased_relu(rng, ops.group_convolution(p, w(4, 1, 1, 3, 3), [1, 1], [1, 1], [1, 1], [1, 1]), 4)
+    y = _biased_relu(rng, ops.convolution(y, w(8, 4, 1, 1), [1, 1], [0, 0], [0, 0], [1, 1]), 8)
+    y = _biased_relu(rng, ops.group_convolution(y, w(8, 2, 1, 3, 3), [1, 1], [1, 1], [1, 1], [1, 1]), 16)
+    y = _biased_relu(rng, ops.group_convolution(y, w(16, 1, 1, 3, 3), [1, 1], [1, 1], [1, 1], [1, 1]), 16)
+    y = ops.matmul(ops.reduce_mean(y, np.array([2, 3], np.int64), False), w(16, 5), False, False)
+    return ov.Model([y.output(0)], [p])
+
+
+@pytest.mark.parametrize("fix, expected", [
+    ("first_layer", [127, 63, 127, 127, 127]), ("enable", [127, 63, 63, 127, 63]), ("disable", [127] * 5)])
+def test_overflow_fix_leaves_depthwise_layers_on_the_whole_grid(rng, fix, expected):
+    # a depthwise convolution (one output channel per input channel) cannot saturate, so it keeps 8 bits and
+    # the first layers are the ones after it; one with a channel multiplier can, and is fixed like any other
+    model = _depthwise_first_model(rng)
+    x = rng.uniform(0, 255, (64, 4, 12, 12)).astype(np.float32)
+    q = calibration.calibrate(model, x, overflow_fix=fix, range_estimator="max", verbose=False)
+    assert _int8_weight_maxima(q) == expected
+    assert calibration.int8_layers(_f32(q)) == {"int8": 5, "total": 5}
+
+
+@pytest.mark.parametrize("multiplier", [1, 2])
+def test_only_depthwise_kernels_with_a_channel_multiplier_saturate(multiplier):
+    # what the overflow fix's choice of layers rests on: u8 inputs at 255 times weights at 127, a product pair
+    # (64770) that overflows int16 where the CPU's INT8 kernel adds pairs (x86 without VNNI)
+    p = ops.parameter([1, 8, 6, 6], ov.Type.f32)
+    x = ops.fake_quantize(p, np.float32(0), np.float32(255), np.float32(0), np.float32(255), 256)
+    w = ops.fake_quantize(ops.constant(np.ones((8, multiplier, 1, 3, 3), np.float32)), np.float32(-1),
+                          np.float32(1), np.float32(-1), np.float32(1), 255)
+    model = ov.Model([ops.group_convolution(x, w, [1, 1], [0, 0], [0, 0], [1, 1]).output(0)], [p])
+    calibration.compress_weights(model)
+    compiled = _f32(model)
+    assert calibration.int8_layers(compiled) == {"int8": 1, "total": 1}
+    err = np.abs(_run(compiled, np.full((1, 8, 6, 6), 255, np.float32)) / (255 * 9) - 1).max()
+    if multiplier > 1 and calibration.cpu_saturates_int8():
+        assert err > 0.3, err  # pairs saturated at 32767: about half of each sum is lost
+    else:
+        assert err < 1e-6, err  # exact: 255 * 9

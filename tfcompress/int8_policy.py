@@ -46,16 +46,22 @@ class OpPolicy:
         keeps_channels: it keeps every value in its channel, so a per-channel quantizer may move above it too.
         per_channel_input: its data input may have one range per channel (a depthwise convolution: each
             output channel reads one input channel, so the plugin folds the channel's scale into its weights).
+        pair_sums: on a CPU without VNNI its INT8 kernel adds pairs of u8 x i8 products in int16, which
+            weights on the whole int8 grid can saturate: the layers :data:`OVERFLOW_FIX` applies to.
     """
 
     inputs: str = "none"
     moves_values: bool = False
     keeps_channels: bool = False
     per_channel_input: bool = False
+    pair_sums: bool = True
 
 
 WEIGHTED = OpPolicy(inputs="data")  # convolution (also transposed, separable's two parts), fully connected
-DEPTHWISE = OpPolicy(inputs="data", per_channel_input=True)
+# a depthwise convolution with one output channel per input channel: the CPU plugin's depthwise INT8 kernel
+# widens every product to int32 before adding, so it cannot saturate (BENCHMARKS.md 3h; with a channel
+# multiplier it runs a GEMM kernel that adds pairs, and is WEIGHTED)
+DEPTHWISE = OpPolicy(inputs="data", per_channel_input=True, pair_sums=False)
 JOIN = OpPolicy(inputs="all")  # elementwise sum of tensors
 # elementwise product of tensors: a gate broadcast over a feature map (squeeze-and-excitation, spatial
 # attention) runs INT8 with both operands quantized, as NNCF quantizes it; a product of equal shapes is the
@@ -72,7 +78,8 @@ FLOAT = OpPolicy()  # everything else: computes in float, quantizes nothing
 # [-127, 127]; with weights in [-63, 63] it cannot (2 * 255 * 63 < 32767). The model may be deployed on such
 # a CPU, so by default the first layers (convolutions or fully connected, whose inputs, e.g. raw pixels, fill
 # the u8 range) get the fix, as NNCF's default does for convolutions; "enable" gives it to every layer,
-# "disable" to none.
+# "disable" to none. Only layers with ``pair_sums`` count: a depthwise convolution never gets the fix (it
+# would only cost it a bit) and the first layers are those after it.
 OVERFLOW_FIX = ("first_layer", "enable", "disable")
 
 
