@@ -573,7 +573,7 @@ def main() -> None:
                     "with the same settings (default: a temporary directory)")
     ap.add_argument("--prepare", default="", help="MODEL:STEP: only run this preparation step (into --work); "
                     "steps: original, nncf, uniform, global_per_flop, global_per_flop_qat")
-    ap.add_argument("--nncf_python", default="/work/scratch/deploy/nncfvenv/bin/python",
+    ap.add_argument("--nncf_python", default="/work/venv-nncf/bin/python",
                     help="a Python with nncf and openvino installed")
     ap.add_argument("--json", default="")
     args = ap.parse_args()

@@ -26,10 +26,12 @@ __all__ = ["FilterPruning"]
 _ALLOCATIONS = ("uniform", "global", "global_per_flop", "global_per_latency", "sensitivity")
 # round_to="auto": in a model of at least AUTO_ROUND_MIN_FLOPS per sample, groups of at least
 # AUTO_ROUND_MIN_GROUP channels keep a multiple of AUTO_ROUND_MULTIPLE. OpenVINO's CPU kernels process channels
-# in blocks of 16, so a kept count just past a multiple pays for a whole extra block (BENCHMARKS.md 9, "Channel
-# count vs speed"). Narrower groups stay unrounded so that they remain prunable; smaller models are bound by
-# per-layer overheads rather than by their convolutions' arithmetic (a 12-MFLOP MobileNetV2 ran 1.05x faster for
-# 45 % fewer FLOPs), so rounding would only take freedom from their allocation.
+# in blocks (16 on AVX-512 CPUs, 8 on AVX2-only ones), so a kept count just past a multiple pays for a whole extra
+# block (BENCHMARKS.md 9, "Channel count vs speed", "On an AVX2 CPU"). A multiple of 16 is aligned on both CPU
+# classes, and a model is often pruned on one and deployed on the other. Narrower groups stay unrounded so that
+# they remain prunable; smaller models are bound by per-layer overheads rather than by their convolutions'
+# arithmetic (a 12-MFLOP MobileNetV2 ran 1.05x faster for 45 % fewer FLOPs), so rounding would only take freedom
+# from their allocation.
 AUTO_ROUND_MULTIPLE = 16
 AUTO_ROUND_MIN_GROUP = 32
 AUTO_ROUND_MIN_FLOPS = 2e8
@@ -101,10 +103,11 @@ class FilterPruning(keras.callbacks.Callback):
         round_to: keep a multiple of ``round_to`` channels in every pruned group (or all of them, when the
             group has fewer than ``round_to`` or no smaller multiple fits the allocation). The allocation
             searches over these counts, so the FLOPs target is met with them rather than by rounding its
-            result. OpenVINO's CPU kernels work on channels in blocks of 16, so a layer with 33 channels
-            can cost as much as one with 48. ``"auto"`` (the default): in models of at least 200 MFLOPs per
-            sample, under ``flops_target`` with a ``"uniform"`` or ``"global*"`` allocation, groups of at least 32
-            channels keep a multiple of 16 and narrower ones any count; no rounding in smaller models (bound by
+            result. OpenVINO's CPU kernels work on channels in blocks (16 on AVX-512 CPUs, 8 on AVX2-only
+            ones), so a layer with 33 channels can cost as much as one with 48 (or 40). ``"auto"`` (the
+            default): in models of at least 200 MFLOPs per sample, under ``flops_target`` with a ``"uniform"``
+            or ``"global*"`` allocation, groups of at least 32 channels keep a multiple of 16 (aligned on both
+            CPU classes) and narrower ones any count; no rounding in smaller models (bound by
             per-layer overheads, not by channel blocks), with ``target`` alone (a fraction of every group, which
             rounding would change) or with ``"sensitivity"``. Explicit multiples are not available with
             ``"sensitivity"`` (its loss table is probed at fixed channel steps).
