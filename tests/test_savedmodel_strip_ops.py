@@ -462,6 +462,58 @@ def test_grouped_convolution_compiled_by_keras_strips_block_by_block(tmp_path, r
     assert rel_error(_run(dst, x), model(x)) < 1e-4
 
 
+_WITHOUT_ONEDNN = """
+import sys
+import numpy as np, keras, tensorflow as tf
+from tfcompress.stripping.savedmodel_strip import freeze_saved_model, run_frozen, strip_saved_model
+L, out = keras.layers, sys.argv[1]
+keras.utils.set_random_seed(0)
+i2, i1 = keras.Input((10, 10, 3), name="image"), keras.Input((12, 8), name="series")
+conv2d = keras.Model(i2, L.Conv2D(4, 1)(L.ReLU()(L.Conv2D(16, 3, groups=4, padding="same")(L.ReLU()(
+    L.Conv2D(16, 1)(i2))))))
+conv1d = keras.Model(i1, L.GlobalAveragePooling1D()(L.Conv1D(16, 3, groups=2, padding="same")(i1)))
+for k, (model, x) in enumerate([(conv2d, np.random.rand(2, 10, 10, 3)), (conv1d, np.random.rand(2, 12, 8))]):
+    for layer in model.layers:  # a zeroed output channel in every group of every convolution
+        if layer.weights:
+            kernel, bias = layer.get_weights()
+            kernel[..., ::4] = 0.0
+            bias = np.random.uniform(-0.5, 0.5, bias.shape).astype("float32")
+            bias[::4] = 0.0
+            layer.set_weights([kernel, bias])
+    src, dst, x = f"{out}/src{k}", f"{out}/dst{k}", x.astype("float32")
+    model.export(src, verbose=False)
+    ref = np.asarray(model(x))
+    frozen = freeze_saved_model(src)
+    (name,) = frozen.inputs
+    strip_saved_model(src, dst)
+    loaded = tf.saved_model.load(dst).signatures["serving_default"]
+    for outputs in (run_frozen(frozen, frozen.graph_def, {name: x}), loaded(**{name: tf.constant(x)})):
+        (got,) = outputs.values()
+        print(float(np.abs(np.asarray(got) - ref).max()))
+"""
+
+
+def test_grouped_convolutions_run_where_tensorflow_has_no_onednn(tmp_path):
+    """Grouped convolutions (Conv2D and Conv1D, ``groups>1``) freeze, strip and serve where TensorFlow runs
+    without its oneDNN kernels (its default on CPUs without AVX-512, and ``TF_ENABLE_ONEDNN_OPTS=0``): Keras
+    compiles them with XLA, freezing inlines that call, and grappler then fused each with its BiasAdd into an op
+    those kernels cannot run ("Fused conv implementation does not support grouped convolutions"). The frozen
+    graph and the stripped SavedModel, loaded as users load it, must both match Keras."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0", TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_ONEDNN, str(tmp_path)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = [float(v) for v in proc.stdout.split()]
+    assert len(errors) == 4 and max(errors) < 1e-4, errors
+
+
 class _HandWrittenNorm(tf.Module):
     """conv1 (4 of 16 filters zeroed) -> a channel normalization written with TF ops -> conv2 (1x1), where the
     statistics are computed as ``kind`` says (gamma and beta zero on the zeroed channels)."""

@@ -20,7 +20,7 @@ from tfcompress.errors import ExportError
 __all__ = [
     "FAKE_QUANT_OPS", "RANDOM_OPS", "calls_functions", "const_node", "fold_constants", "has_cycle",
     "inline_function_calls", "keep_library_functions_in_use", "node_name", "prune_unused", "tensor_name",
-    "topological_order",
+    "topological_order", "unfusable_grouped_biases",
 ]
 
 FAKE_QUANT_OPS = {"FakeQuantWithMinMaxVars", "FakeQuantWithMinMaxVarsPerChannel", "FakeQuantWithMinMaxArgs"}
@@ -235,7 +235,49 @@ def fold_constants(graph_def: tf.compat.v1.GraphDef, outputs: list[str]) -> tf.c
     for t, name in renamed.items():
         if not t.endswith(":0"):
             out.node.add().CopyFrom(const_node(name, values[t]))
-    return prune_unused(out, outputs)
+    return unfusable_grouped_biases(prune_unused(out, outputs))
+
+
+def unfusable_grouped_biases(graph_def: tf.compat.v1.GraphDef) -> tf.compat.v1.GraphDef:
+    """``graph_def`` with the ``BiasAdd`` after each grouped convolution written as ``AddV2`` (the same sum).
+
+    Grappler's remapper fuses ``Conv2D`` (directly, through the ``Squeeze`` of a Conv1D or through the
+    ``Identity`` an inlined function call leaves) + ``BiasAdd`` into
+    ``_FusedConv2D``, which TensorFlow's own CPU kernels cannot run for grouped convolutions ("Fused conv
+    implementation does not support grouped convolutions"); only its oneDNN build, on by default on AVX-512
+    CPUs alone, can. Keras avoids the fusion by compiling grouped convolutions with XLA, which inlining
+    removes; the remapper leaves ``AddV2`` alone, so the frozen and the stripped graphs run on every CPU.
+    Returns ``graph_def`` itself when it has no grouped convolution.
+    """
+    convs = [n for n in graph_def.node if n.op == "Conv2D"]
+    if not convs:
+        return graph_def
+    nodes = {n.name: n for n in graph_def.node}
+    g = tf.Graph()
+    with g.as_default():
+        tf.import_graph_def(graph_def, name="")
+    grouped = set()
+    for n in convs:
+        x, w = (g.get_operation_by_name(n.name).inputs[i].shape for i in (0, 1))
+        channels_last = n.attr["data_format"].s in (b"", b"NHWC")
+        c = x[-1] if channels_last else (x[1] if x.rank else None)
+        if x.rank and w.rank == 4 and c is not None and w[2] is not None and c != w[2]:
+            grouped.add(n.name)
+    if not grouped:
+        return graph_def
+    passed = set(grouped)  # the convolutions and what only passes their output on (an inlined call's Identity)
+    for name in topological_order(graph_def):
+        n = nodes[name]
+        if n.op in ("Identity", "Squeeze") and n.input and node_name(n.input[0]) in passed:
+            passed.add(name)
+    out = tf.compat.v1.GraphDef()
+    out.CopyFrom(graph_def)
+    for n in out.node:
+        if (n.op == "BiasAdd" and node_name(n.input[0]) in passed
+                and n.attr["data_format"].s in (b"", b"NHWC")):
+            n.op = "AddV2"
+            del n.attr["data_format"]
+    return out
 
 
 def _split_identity_n(graph_def: tf.compat.v1.GraphDef, outputs: list[str]) -> tf.compat.v1.GraphDef:

@@ -22,6 +22,7 @@ from tfcompress.graph import graphdef_kinds as kinds, ops
 from tfcompress.graph.engine import ChannelGraph, Op, Rule
 from tfcompress.graph.frozen_graph import (
     node_name as _node, prune_unused, tensor_name as _tensor, topological_order as _topological,
+    unfusable_grouped_biases,
 )
 from tfcompress.graph.graphdef_kinds import NodeKind, Rewriter
 
@@ -233,7 +234,7 @@ class GraphDefGraph:
                 if n.name in inserted:
                     continue
                 n.input[:] = [rw.redirect.get(_tensor(i), i) if not i.startswith("^") else i for i in n.input]
-        return prune_unused(out, self.outputs)
+        return unfusable_grouped_biases(prune_unused(out, self.outputs))
 
     def _place_biases(self, rw: Rewriter, edited: dict) -> None:
         """Add each folded bias to the bias constant that follows its node, or insert one ``BiasAdd``.
