@@ -372,19 +372,39 @@ def _broadcasts_over_padding(pad, limits: list[np.ndarray]) -> bool:
     return True
 
 
+def _pad_below(reader):
+    """Follow a tensor's ``reader`` down through ops that only lay its values out (reshapes, transposes: each the
+    only reader of the one before) to a zero Pad: (those ops, the Pad), or None."""
+    chain = []
+    for _ in range(8):
+        node = reader.get_node()
+        if _zero_pad_reader(reader):
+            return chain, node
+        if (op_policy(node) is not policy.RESHAPE or reader.get_index() != 0
+                or any(not _is_const(_source(i)) for i in list(node.inputs())[1:])):
+            return None
+        readers = list(node.output(0).get_target_inputs())
+        if node.get_output_size() != 1 or len(readers) != 1:
+            return None
+        chain.append(node)
+        reader = readers[0]
+    return None
+
+
 def quantize_after_signed_pads(model) -> int:
     """Move each activation FakeQuantize of a signed range (its lowest level below zero) that feeds a zero
-    Pad below the Pad, in place; returns the number of moves.
+    Pad, directly or through reshapes and transposes, below the Pad, in place; returns the number of moves.
 
-    Padding zeros and quantizing commute when 0 is on the grid, so the outputs do not change. What changes is
-    what OpenVINO's CPU plugin can run INT8: a convolution's data input must be u8 on CPUs without AMX (or
-    AVX2-VNNI-INT8), so a signed quantizer becomes u8 with a zero point, whose dequantization must then pass the
-    Pad and the layout change OpenVINO's TensorFlow and ONNX readers put before every convolution (NHWC ->
-    NCHW Transpose, 1-D convolutions' Reshape). It cannot: the convolution runs in float behind a float
-    FakeQuantize (MobileNetV3's stride-2 depthwise convolutions after hard-swish, a causal Conv1D reading a
-    signed signal; BENCHMARKS.md 11). Quantized after the Pad, the u8 tensor reaches the convolution on every
-    CPU; the Pad then moves float values, which costs little next to the convolution. Unsigned tensors (zero
-    point 0) keep their quantizer above the Pad (:data:`tfcompress.int8_policy.PAD`), which runs in INT8.
+    Padding zeros and quantizing commute when 0 is on the grid (and a per-tensor quantizer commutes with any
+    layout change), so the outputs do not change. What changes is what OpenVINO's CPU plugin can run INT8: a
+    convolution's data input must be u8 on CPUs without AMX (or AVX2-VNNI-INT8), so a signed quantizer
+    becomes u8 with a zero point, whose dequantization must then pass the Pad and the layout change OpenVINO's
+    TensorFlow and ONNX readers put before every convolution (NHWC -> NCHW Transpose, 1-D convolutions'
+    Reshape). It cannot: the convolution runs in float behind a float FakeQuantize (MobileNetV3's stride-2
+    depthwise convolutions after hard-swish, a causal Conv1D reading a signed signal; BENCHMARKS.md 11).
+    Quantized after the Pad, the u8 tensor reaches the convolution on every CPU; the Pad then moves float
+    values, which costs little next to the convolution. Unsigned tensors (zero point 0) keep their quantizer
+    above the Pad (:data:`tfcompress.int8_policy.PAD`), which then runs in INT8.
     """
     import openvino.opset13 as ops
 
@@ -397,14 +417,23 @@ def quantize_after_signed_pads(model) -> int:
             continue
         if not _zero_on_grid(fq, limits):
             continue
-        levels = fq.get_attributes()["levels"]
         for reader in list(fq.output(0).get_target_inputs()):
-            pad = reader.get_node()
-            if not _zero_pad_reader(reader) or not _broadcasts_over_padding(pad, limits):
+            found = _pad_below(reader)
+            if found is None:
                 continue
+            chain, pad = found
+            if chain and any(lim.size != 1 for lim in limits):
+                continue  # a per-channel range would have to follow the layout change
+            if not _broadcasts_over_padding(pad, limits):
+                continue
+            if chain:  # per tensor: scalar limits, whatever the rank after the reshapes
+                dtype = fq.get_output_element_type(0).to_dtype()
+                bounds = [ops.constant(np.asarray(lim.reshape(()), dtype)).output(0) for lim in limits]
+            else:
+                bounds = [_source(fq.input(k)) for k in range(1, 5)]
             readers = list(pad.output(0).get_target_inputs())
             reader.replace_source_output(_source(fq.input(0)))
-            below = ops.fake_quantize(pad.output(0), *(_source(fq.input(k)) for k in range(1, 5)), levels)
+            below = ops.fake_quantize(pad.output(0), *bounds, fq.get_attributes()["levels"])
             below.set_friendly_name(f"{fq.get_friendly_name()}/after_{pad.get_friendly_name()}")
             for r in readers:
                 r.replace_source_output(below.output(0))
