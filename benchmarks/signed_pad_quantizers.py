@@ -1,13 +1,14 @@
 """Speed of quantizing signed tensors after zero pads (``quantize_after_signed_pads``) vs before them.
 
 MobileNetV3Small / MobileNetV3Large (random weights, BatchNorm statistics of CIFAR-10 images, 224x224) are
-exported, converted by OpenVINO's TensorFlow reader and calibrated twice on the same 64 images: as
+exported (``export_saved_model``: SavedModel -> ONNX -> FP32 IR, where Keras' ZeroPadding2D is a Pad op; OpenVINO's
+TensorFlow reader folds it into the convolution instead) and calibrated twice on the same 64 images: as
 ``calibrate`` does, and with the move switched off (the quantizer of each hard-swish output stays above the
 ZeroPadding2D of a strided depthwise convolution). Prints per IR the INT8 layer count of the compiled model
-and batch-1 latency / batch-32 throughput (``tfcompress.export.speed.measure_speed``, interleaved rounds, at
+(and how many quantizers the move placed after a Pad) and batch-1 latency / batch-32 throughput (``tfcompress.export.speed.measure_speed``, interleaved rounds, at
 the device's default precision).
 
-    PYTHONPATH=$PWD python benchmarks/signed_pad_quantizers.py [--rounds 3] [--models MobileNetV3Small,...]
+    PYTHONPATH=$PWD python benchmarks/signed_pad_quantizers.py [--rounds 5] [--models MobileNetV3Small,...]
 """
 
 import argparse
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--models", default="MobileNetV3Small,MobileNetV3Large")
     ap.add_argument("--px", type=int, default=224)
     args = ap.parse_args()
@@ -33,6 +34,8 @@ def main() -> None:
 
     from conftest import SHARED_DATA, batchnorm_statistics_of
     from tfcompress.calibration import calibrate, int8_layers, quantize
+    from tfcompress.calibration.placement import quantize_after_signed_pads
+    from tfcompress.export import export_saved_model
     from tfcompress.export.speed import measure_speed
 
     x = np.load(SHARED_DATA / "cifar10" / "cifar10_jpeg_q75_test.npz")["x_test"][:96].astype("float32")
@@ -41,9 +44,9 @@ def main() -> None:
         model = getattr(keras.applications, name)(weights=None, input_shape=(args.px, args.px, 3), classes=10)
         batchnorm_statistics_of(model, x[:32])
         with tempfile.TemporaryDirectory() as tmp:
-            model.export(tmp, verbose=False)
-            float_ir = ov.convert_model(tmp)
-        float_ir.reshape([-1, args.px, args.px, 3])
+            model.export(f"{tmp}/sm", verbose=False)
+            export_saved_model(f"{tmp}/sm", f"{tmp}/out", verbose=False)
+            float_ir = ov.Core().read_model(f"{tmp}/out/model_fp32.xml")
         moved = calibrate(float_ir, x[32:], verbose=False)
         original = quantize.quantize_after_signed_pads
         quantize.quantize_after_signed_pads = lambda m: 0  # the placement before the move
@@ -51,6 +54,7 @@ def main() -> None:
             kept = calibrate(float_ir, x[32:], verbose=False)
         finally:
             quantize.quantize_after_signed_pads = original
+        print(name, "quantizers placed after a Pad:", quantize_after_signed_pads(kept.clone()), flush=True)
         core = ov.Core()
         irs = {"before pads": kept, "after pads": moved}
         for k, m in irs.items():
