@@ -72,6 +72,49 @@ def _all_layers(model):
             yield layer
 
 
+# the CPU plugin's runtime layer types of layers with weights
+WEIGHTED_RUNTIME = ("Convolution", "Deconvolution", "FullyConnected")
+
+
+def weighted_runtime_layers(compiled) -> list:
+    """The ops of a compiled model's runtime graph that have weights (convolutions, transposed ones, dense)."""
+    return [op for op in compiled.get_runtime_model().get_ops()
+            if op.get_rt_info()["layerType"].astype(str) in WEIGHTED_RUNTIME]
+
+
+def reads_8bit_data(op) -> bool:
+    """A runtime op whose data input is u8 / i8 (what executing in INT8 means, whatever the runtimePrecision)."""
+    return op.get_input_element_type(0).get_type_name() in ("u8", "i8")
+
+
+def float_on_this_cpu(compiled) -> set[str]:
+    """The weighted layers of ``compiled`` that the CPU plugin runs in float on this CPU however they are
+    quantized: transposed convolutions with a dynamic dimension where
+    ``calibration.cpu_int8_deconvolution_needs_static_shapes()`` (CPUs without AVX-512)."""
+    from tfcompress.calibration import cpu_int8_deconvolution_needs_static_shapes
+
+    if not cpu_int8_deconvolution_needs_static_shapes():
+        return set()
+    return {op.get_friendly_name() for op in weighted_runtime_layers(compiled)
+            if op.get_rt_info()["layerType"].astype(str) == "Deconvolution"
+            and (op.get_input_partial_shape(0).is_dynamic or op.get_output_partial_shape(0).is_dynamic)}
+
+
+def assert_int8_where_the_cpu_can(compiled, total: int | None = None) -> None:
+    """Every weighted layer of ``compiled`` runs INT8 but those this CPU runs in float whatever the IR
+    (:func:`float_on_this_cpu`), and ``calibration.int8_layers`` counts exactly that."""
+    from tfcompress.calibration import int8_layers
+
+    layers = weighted_runtime_layers(compiled)
+    rows = [(op.get_friendly_name(), op.get_rt_info()["layerType"].astype(str), op.get_input_element_type(0).get_type_name(),
+             op.get_rt_info()["primitiveType"].astype(str)) for op in layers]
+    assert total is None or len(layers) == total, rows
+    assert layers, rows
+    exempt = float_on_this_cpu(compiled)
+    assert {op.get_friendly_name() for op in layers if not reads_8bit_data(op)} == exempt, rows
+    assert int8_layers(compiled) == {"int8": len(layers) - len(exempt), "total": len(layers)}
+
+
 def rel_error(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))

@@ -69,7 +69,10 @@ JOIN = OpPolicy(inputs="all")  # elementwise sum of tensors
 GATE = OpPolicy(inputs="broadcast")
 POOLING = OpPolicy(inputs="first")  # average and global pooling
 MAX_POOLING = OpPolicy(inputs="first", moves_values=True, keeps_channels=True)
-PAD = OpPolicy(moves_values=True, keeps_channels=True)  # zero padding only: the pad value must be on the grid
+# zero padding only (the pad value must be on the grid). A quantizer moves above it while its tensor's range is
+# unknown; in the IR, one of a signed range goes back below it (calibration.placement.quantize_after_signed_pads:
+# the CPU plugin runs the convolution after it in INT8 on every CPU only then)
+PAD = OpPolicy(moves_values=True, keeps_channels=True)
 RESHAPE = OpPolicy(moves_values=True)  # reshape, flatten, transpose, squeeze
 FLOAT = OpPolicy()  # everything else: computes in float, quantizes nothing
 

@@ -15,7 +15,8 @@ import numpy as np
 from tfcompress import int8_policy as policy
 from tfcompress.int8_policy import OVERFLOW_FIX
 
-__all__ = ["ActivationPoint", "WeightPoint", "find_points", "op_policy", "quantized_inputs", "OVERFLOW_FIX"]
+__all__ = ["ActivationPoint", "WeightPoint", "find_points", "op_policy", "quantize_after_signed_pads",
+           "quantized_inputs", "OVERFLOW_FIX"]
 
 # OpenVINO op types -> their policy (GroupConvolution: see op_policy)
 _POLICIES = {
@@ -327,3 +328,115 @@ def weight_ranges(w: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     reduce = tuple(a for a in range(w.ndim) if a not in axes)
     m = np.abs(w).max(axis=reduce, keepdims=True)
     return np.maximum(m, np.finfo(np.float32).tiny).astype(np.float32)
+
+
+def _limits(fq) -> list[np.ndarray] | None:
+    """The four range limits of a FakeQuantize, or None when one is not a constant."""
+    nodes = [_through_convert(_source(fq.input(k))) for k in range(1, 5)]
+    if any(n.get_type_name() != "Constant" for n in nodes):
+        return None
+    return [np.asarray(n.get_data(), np.float64) for n in nodes]
+
+
+def _zero_on_grid(fq, limits: list[np.ndarray]) -> bool:
+    """Whether the FakeQuantize maps 0 to exactly 0 (a zero pad value is then the same before and after it)."""
+    il, ih, ol, oh = limits
+    levels = fq.get_attributes()["levels"]
+    level = np.round((0.0 - il) / (ih - il) * (levels - 1))
+    out = level / (levels - 1) * (oh - ol) + ol
+    return bool(np.all(np.abs(out) <= 1e-6 * np.maximum(np.abs(oh - ol), 1e-30)))
+
+
+def _zero_pad_reader(inp) -> bool:
+    """``inp`` is the data input of a constant-mode Pad with a zero pad value."""
+    node = inp.get_node()
+    if node.get_type_name() != "Pad" or inp.get_index() != 0 or node.get_attributes()["pad_mode"] != "constant":
+        return False
+    if node.get_input_size() > 3:
+        value = _through_convert(_source(node.input(3)))
+        return value.get_type_name() == "Constant" and not np.any(value.get_data())
+    return True
+
+
+def _broadcasts_over_padding(pad, limits: list[np.ndarray]) -> bool:
+    """The limits do not vary along an axis the Pad grows (they still broadcast against its output)."""
+    begins, ends = (_through_convert(_source(pad.input(k))) for k in (1, 2))
+    if begins.get_type_name() != "Constant" or ends.get_type_name() != "Constant":
+        return False
+    grown = np.flatnonzero(np.asarray(begins.get_data()) + np.asarray(ends.get_data()))
+    rank = len(pad.get_output_partial_shape(0))
+    for lim in limits:
+        shape = (1,) * (rank - lim.ndim) + lim.shape
+        if any(shape[a] != 1 for a in grown):
+            return False
+    return True
+
+
+def _pad_below(reader):
+    """Follow a tensor's ``reader`` down through ops that only lay its values out (reshapes, transposes: each the
+    only reader of the one before) to a zero Pad: (those ops, the Pad), or None."""
+    chain = []
+    for _ in range(8):
+        node = reader.get_node()
+        if _zero_pad_reader(reader):
+            return chain, node
+        if (op_policy(node) is not policy.RESHAPE or reader.get_index() != 0
+                or any(not _is_const(_source(i)) for i in list(node.inputs())[1:])):
+            return None
+        readers = list(node.output(0).get_target_inputs())
+        if node.get_output_size() != 1 or len(readers) != 1:
+            return None
+        chain.append(node)
+        reader = readers[0]
+    return None
+
+
+def quantize_after_signed_pads(model) -> int:
+    """Move each activation FakeQuantize of a signed range (its lowest level below zero) that feeds a zero
+    Pad, directly or through reshapes and transposes, below the Pad, in place; returns the number of moves.
+
+    Padding zeros and quantizing commute when 0 is on the grid (and a per-tensor quantizer commutes with any
+    layout change), so the outputs do not change. What changes is what OpenVINO's CPU plugin can run INT8: a
+    convolution's data input must be u8 on CPUs without AMX (or AVX2-VNNI-INT8), so a signed quantizer
+    becomes u8 with a zero point, whose dequantization must then pass the Pad and the layout change OpenVINO's
+    TensorFlow and ONNX readers put before every convolution (NHWC -> NCHW Transpose, 1-D convolutions'
+    Reshape). It cannot: the convolution runs in float behind a float FakeQuantize (MobileNetV3's stride-2
+    depthwise convolutions after hard-swish, a causal Conv1D reading a signed signal; BENCHMARKS.md 11).
+    Quantized after the Pad, the u8 tensor reaches the convolution on every CPU; the Pad then moves float
+    values, which costs little next to the convolution. Unsigned tensors (zero point 0) keep their quantizer
+    above the Pad (:data:`tfcompress.int8_policy.PAD`), which then runs in INT8.
+    """
+    import openvino.opset13 as ops
+
+    moves = 0
+    pending = [op for op in model.get_ordered_ops() if op.get_type_name() == "FakeQuantize"]
+    while pending:
+        fq = pending.pop()
+        limits = _limits(fq)
+        if limits is None or _is_const(_source(fq.input(0))) or not np.any(limits[2] < 0):
+            continue
+        if not _zero_on_grid(fq, limits):
+            continue
+        for reader in list(fq.output(0).get_target_inputs()):
+            found = _pad_below(reader)
+            if found is None:
+                continue
+            chain, pad = found
+            if chain and any(lim.size != 1 for lim in limits):
+                continue  # a per-channel range would have to follow the layout change
+            if not _broadcasts_over_padding(pad, limits):
+                continue
+            if chain:  # per tensor: scalar limits, whatever the rank after the reshapes
+                dtype = fq.get_output_element_type(0).to_dtype()
+                bounds = [ops.constant(np.asarray(lim.reshape(()), dtype)).output(0) for lim in limits]
+            else:
+                bounds = [_source(fq.input(k)) for k in range(1, 5)]
+            readers = list(pad.output(0).get_target_inputs())
+            reader.replace_source_output(_source(fq.input(0)))
+            below = ops.fake_quantize(pad.output(0), *bounds, fq.get_attributes()["levels"])
+            below.set_friendly_name(f"{fq.get_friendly_name()}/after_{pad.get_friendly_name()}")
+            for r in readers:
+                r.replace_source_output(below.output(0))
+            pending.append(below)
+            moves += 1
+    return moves

@@ -9,11 +9,11 @@ import numpy as np
 from tfcompress.calibration.alignment import QUANTILE, align, alignment_pairs
 from tfcompress.calibration.placement import (
     OVERFLOW_FIX, ActivationPoint, WeightPoint, _through_convert, bias_input, find_points,
-    unpadded_stride_one, weight_ranges,
+    quantize_after_signed_pads, unpadded_stride_one, weight_ranges,
 )
 from tfcompress.calibration.statistics import Statistics, channel_ranges, collect
 
-__all__ = ["calibrate", "compress_weights", "int8_layers", "PRESETS", "RANGE_ESTIMATORS", "range_estimator_for"]
+__all__ = ["calibrate", "compress_weights", "int8_layers", "runs_int8", "PRESETS", "RANGE_ESTIMATORS", "range_estimator_for"]
 
 PRESETS = ("performance", "mixed")
 
@@ -357,6 +357,7 @@ def _build(model, ranges: dict, shifts: dict, skip_ops=frozenset(), ignored_laye
         wp.op.input(1).replace_source_output(_weight_fq(wp).output(0))
         if wp.key in shifts:
             _shift_bias(wp, shifts[wp.key], ops)
+    quantize_after_signed_pads(q)
     q.validate_nodes_and_infer_types()
     compress_weights(q)
     return q
@@ -464,13 +465,21 @@ def compress_weights(model) -> None:
 _WEIGHTED_RUNTIME_TYPES = ("Convolution", "Deconvolution", "FullyConnected")
 
 
+def runs_int8(op) -> bool:
+    """Whether an op of a compiled model's runtime graph computes on 8-bit data: its data input is u8 or i8.
+
+    Its ``runtimePrecision`` does not say so for every layer type: a Deconvolution reports ``i8`` also when it
+    converts its u8 data to f32 and runs an f32 kernel on int8 weights, as the CPU plugin does on CPUs without
+    AVX-512 for shapes it cannot run in INT8 (:func:`~tfcompress.calibration.cpu.cpu_int8_deconvolution_needs_static_shapes`)."""
+    return op.get_input_element_type(0).get_type_name() in ("u8", "i8")
+
+
 def int8_layers(compiled) -> dict:
     """How many weighted layers of a compiled model (runtime types Convolution, including grouped and depthwise
-    ones, Deconvolution for transposed convolutions, FullyConnected) really run INT8 (runtime precision)."""
+    ones, Deconvolution for transposed convolutions, FullyConnected) really run INT8 (:func:`runs_int8`)."""
     total = int8 = 0
     for op in compiled.get_runtime_model().get_ops():
-        info = op.get_rt_info()
-        if info["layerType"].astype(str) in _WEIGHTED_RUNTIME_TYPES:
+        if op.get_rt_info()["layerType"].astype(str) in _WEIGHTED_RUNTIME_TYPES:
             total += 1
-            int8 += info["runtimePrecision"].astype(str) in ("u8", "i8")
+            int8 += runs_int8(op)
     return {"int8": int8, "total": total}

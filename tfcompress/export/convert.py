@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from tfcompress.calibration.placement import quantize_after_signed_pads
 from tfcompress.graph.frozen_graph import (
     RANDOM_OPS, calls_functions, inline_function_calls, keep_library_functions_in_use,
 )
@@ -563,7 +564,9 @@ def to_openvino(
     onnx_check: ConversionCheck | None = None,
 ) -> ConversionCheck:
     """Convert ONNX to OpenVINO IR (FP32 weights); the saved IR, read back and run at f32 precision, must match
-    the ONNX model as OpenVINO's ONNX reader runs it (relative max error within ``tolerance``).
+    the ONNX model as OpenVINO's ONNX reader runs it (relative max error within ``tolerance``). Signed
+    quantizers (QAT) before a zero padding go after it, where the CPU plugin runs the next layer in INT8
+    (:func:`tfcompress.calibration.placement.quantize_after_signed_pads`; exact).
 
     ``onnx_check``, :func:`to_onnx`'s result for this file, gives the file as read and its outputs on its check
     inputs: the reader and that run are not repeated when ``check_inputs`` are those inputs (or None).
@@ -579,6 +582,7 @@ def to_openvino(
         if check_inputs is None:
             check_inputs = _random_inputs_for(model)
         ref = run_openvino(model, check_inputs, precision="f32")
+    quantize_after_signed_pads(model)
     return _checked(*_save_checked(model, xml_path, check_inputs, ref, tolerance, "the ONNX model's"))
 
 
@@ -592,7 +596,8 @@ def saved_model_to_openvino(
     """Convert a SavedModel to OpenVINO IR (FP32 weights) with OpenVINO's TensorFlow reader, without ONNX.
 
     The path for graphs tf2onnx cannot convert. The reader keeps ``FakeQuantWithMinMaxVars(PerChannel)`` as
-    ``FakeQuantize``, so quantization-aware models still run INT8. The saved IR, run at f32 precision, must
+    ``FakeQuantize``, so quantization-aware models still run INT8 (signed quantizers before a zero padding go
+    after it, as in :func:`to_openvino`). The saved IR, run at f32 precision, must
     match the SavedModel's ``signature_key`` signature as TensorFlow runs it (relative max error).
     """
     import openvino as ov
@@ -606,6 +611,7 @@ def saved_model_to_openvino(
         model = ov.convert_model(saved_model_dir)
     except Exception as e:
         raise ExportError(f"OpenVINO could not convert {saved_model_dir!r}: {str(e).splitlines()[0]}") from None
+    quantize_after_signed_pads(model)
     return _checked(*_save_checked(model, xml_path, x, ref, tolerance, "TensorFlow's"))
 
 
