@@ -75,10 +75,8 @@ def int8_kernel_check(model, inputs: dict[str, np.ndarray], exact_outputs: dict[
     """How far this CPU's INT8 kernels compute the INT8 IR ``model`` (f32 hint) from ``exact_outputs`` (its
     outputs in exact arithmetic on ``inputs``), as report.json records it: ``max_rel_error``,
     ``mean_rel_error``, ``tolerance`` (the rounding noise the IR's checks allow), ``within_tolerance`` and
-    ``cpu_saturates_int8``.
-
-    Raises ExportError when the kernels land beyond ``tolerance`` on a CPU not known to saturate: there, the
-    INT8 kernels should compute the IR's own function, and a difference is no saturation.
+    ``cpu_saturates_int8``. It raises nothing: the conversion is checked in exact arithmetic, and how one CPU's
+    kernels compute a right IR is for the user to know (:func:`int8_kernel_warning`), not a failed conversion.
     """
     from tfcompress.calibration import cpu_saturates_int8
 
@@ -87,11 +85,6 @@ def int8_kernel_check(model, inputs: dict[str, np.ndarray], exact_outputs: dict[
               "mean_rel_error": max(mean_rel_error(got[k], exact_outputs[k]) for k in exact_outputs),
               "tolerance": tolerance, "cpu_saturates_int8": cpu_saturates_int8()}
     record["within_tolerance"] = record["max_rel_error"] <= tolerance
-    if not record["within_tolerance"] and record["cpu_saturates_int8"] is not True:
-        raise ExportError(
-            f"OpenVINO's INT8 kernels on this CPU compute the IR {record['max_rel_error']:.2e} (relative max "
-            f"error) away from its own arithmetic, beyond its rounding noise ({tolerance:.2e}); this CPU "
-            f"accumulates INT8 products in int32, so this is not saturation")
     return record
 
 
@@ -100,8 +93,11 @@ def int8_kernel_warning(record: dict | None, fix: str) -> str | None:
     :func:`int8_kernel_check` record), naming ``fix``, what would keep them from saturating; else None."""
     if not record or record["within_tolerance"]:
         return None
-    return (f"this CPU has no VNNI: its INT8 kernels add pairs of u8 x i8 products in int16, and on the check "
-            f"inputs they compute the INT8 IR {record['max_rel_error']:.2e} (max) / {record['mean_rel_error']:.2e} "
-            f"(mean relative error) away from its own arithmetic (limit {record['tolerance']:.2e}): weights on the "
-            f"whole int8 grid saturate them. The IR itself is checked in exact arithmetic and runs as checked on "
-            f"CPUs with VNNI or AMX; to run it on CPUs like this one, {fix}")
+    found = (f"on the check inputs this CPU's INT8 kernels compute the INT8 IR {record['max_rel_error']:.2e} (max) / "
+             f"{record['mean_rel_error']:.2e} (mean relative error) away from its own arithmetic, beyond its "
+             f"rounding noise ({record['tolerance']:.2e}); the IR itself is checked in exact arithmetic")
+    if record["cpu_saturates_int8"]:
+        return (f"{found}. This CPU has no VNNI: its INT8 kernels add pairs of u8 x i8 products in int16, which "
+                f"weights on the whole int8 grid can saturate; CPUs with VNNI or AMX accumulate in int32. To run "
+                f"the IR on CPUs like this one, {fix}")
+    return f"{found}, and this CPU's kernels accumulate in int32: measure the IR's accuracy on it"
