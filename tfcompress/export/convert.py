@@ -574,7 +574,7 @@ def to_openvino(
         model = _read_onnx(onnx_path)
         if check_inputs is None:
             check_inputs = _random_inputs_for(model)
-        ref = run_openvino(model, check_inputs, precision="f32")
+        ref = run_openvino(model, check_inputs, precision="f32", exact=True)
     return _save_checked(model, xml_path, check_inputs, ref, tolerance, "the ONNX model's")
 
 
