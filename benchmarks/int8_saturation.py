@@ -10,8 +10,8 @@ Without VNNI (AVX512-VNNI, AVX-VNNI, AMX) the CPU plugin multiplies u8 activatio
 ``disable``, ``first_layer`` (both defaults) and ``enable`` (nncf: ``AdvancedQuantizationParameters(
 overflow_fix=...)`` in its own venv, a subprocess on the saved FP32 IR). Each of the six INT8 IRs is measured
 twice: compiled as it is (INT8 kernels of this CPU) and with its FakeQuantize ops written out as float
-arithmetic (:func:`exact`), which the CPU plugin runs in f32: the values of the IR without saturation, as a
-CPU whose INT8 products accumulate in int32 computes them. Their difference is what saturation costs here.
+arithmetic (:func:`tfcompress.calibration.exact_arithmetic`), which the CPU plugin runs in f32: the values of
+the IR without saturation, as a CPU whose INT8 products accumulate in int32 computes them. Their difference is what saturation costs here.
 
 (1) MLPerf Tiny ResNet-8: calibration on CIFAR-10 JPEG test images [0:300], accuracy on [300:10000]; then
     ``--calibration_sets`` sets of 300 random training JPEGs, accuracy on all 10,000 test images (section 3a).
@@ -39,41 +39,12 @@ FIXES = ("disable", "first_layer", "enable")
 WHO = ("tfcompress", "nncf")
 
 
-def exact(model):
-    """A clone of an INT8 IR with each FakeQuantize written out as float ops (clamp to the input range, scale
-    to levels, round half to even, scale to the output range) and its int8 weight constants stored as floats,
-    so that no layer runs INT8 on the CPU plugin (int8 weights alone would run a FullyConnected with i8
-    weights)."""
-    import openvino as ov
-    import openvino.opset13 as ops
-
-    m = model.clone()
-    for convert in [op for op in m.get_ordered_ops() if op.get_type_name() == "Convert"]:
-        src = convert.input_value(0).get_node()
-        if src.get_type_name() == "Constant" and src.get_output_element_type(0) in (ov.Type.i8, ov.Type.u8):
-            dtype = convert.get_output_element_type(0).to_dtype()
-            const = ops.constant(src.get_data().astype(dtype)).output(0)
-            for target in convert.output(0).get_target_inputs():
-                target.replace_source_output(const)
-    for fq in [op for op in m.get_ordered_ops() if op.get_type_name() == "FakeQuantize"]:
-        x, il, ih, ol, oh = fq.input_values()
-        steps = np.float32(fq.get_attributes()["levels"] - 1)
-        clamped = ops.maximum(ops.minimum(x, ih), il)
-        levels = ops.round(ops.multiply(ops.divide(ops.subtract(clamped, il), ops.subtract(ih, il)), steps),
-                           "half_to_even")
-        y = ops.add(ops.multiply(ops.divide(levels, steps), ops.subtract(oh, ol)), ol)
-        for target in fq.output(0).get_target_inputs():
-            target.replace_source_output(y.output(0))
-    m.validate_nodes_and_infer_types()
-    return m
-
-
 def compiled_pair(core, q) -> tuple:
     """(the IR on this CPU's INT8 kernels, the IR in exact arithmetic), both with the f32 hint, after checking
     that the first runs INT8 and the second does not."""
-    from tfcompress.calibration import int8_layers
+    from tfcompress.calibration import exact_arithmetic, int8_layers
 
-    here, ideal = core.compile_model(q, "CPU", F32), core.compile_model(exact(q), "CPU", F32)
+    here, ideal = core.compile_model(q, "CPU", F32), core.compile_model(exact_arithmetic(q), "CPU", F32)
     n_here, n_ideal = int8_layers(here), int8_layers(ideal)
     assert n_here["int8"] == n_here["total"] and n_ideal["int8"] == 0, (n_here, n_ideal)
     return here, ideal

@@ -54,3 +54,58 @@ def test_a_missed_max_drop_exits_3_unless_allowed_and_is_met_without_a_revert_li
     assert "did not reach max_drop" not in proc.stderr
     step = json.loads((tmp_path / "out3" / "report.json").read_text())["steps"]["int8"]
     assert step["max_drop_met"] is True and step["drop"] <= 0.01 and step["reverted"], step
+
+
+def _int8_weight_maxima(xml: str) -> list[int]:
+    import openvino as ov
+
+    return [int(np.abs(op.get_data()).max()) for op in ov.Core().read_model(xml).get_ordered_ops()
+            if op.get_type_name() == "Constant" and op.get_output_element_type(0) == ov.Type.i8]
+
+
+def test_overflow_fix_flag_and_what_this_cpus_int8_kernels_do(tmp_path):
+    """--overflow_fix chooses the layers calibration keeps on 7-bit weights; the report names it, says whether
+    this CPU's INT8 kernels saturate and how far they land from the INT8 IR's exact arithmetic. Raw pixels
+    fill the u8 range: with full-range weights, kernels that add u8 x i8 pairs in int16 (no VNNI) overflow,
+    which stderr says, naming the flag; with every layer on 7 bits no CPU's kernels can."""
+    from tfcompress import calibration
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((12, 12, 3), name="x"), L.Conv2D(8, 3, activation="relu"),
+                              L.Conv2D(8, 3, activation="relu"), L.GlobalAveragePooling2D(), L.Dense(4)])
+    model.export(str(tmp_path / "sm"), verbose=False)
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).uniform(0, 255, (32, 12, 12, 3)).astype("float32"))
+    common = [f"--saved_model_dir={tmp_path / 'sm'}", f"--calibration_data={tmp_path / 'calib.npy'}"]
+    saturates = calibration.cpu_saturates_int8()
+    for fix, maxima in (("disable", [127] * 3), ("enable", [63] * 3)):
+        out = tmp_path / fix
+        proc = _cli(*common, f"--output_dir={out}", f"--overflow_fix={fix}")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert _int8_weight_maxima(str(out / "model_int8.xml")) == maxima
+        step = json.loads((out / "report.json").read_text())["steps"]["int8"]
+        assert step["overflow_fix"] == fix and step["cpu_saturates_int8"] == saturates
+        kernels = step["int8_kernels"]
+        assert kernels["cpu_saturates_int8"] == saturates
+        md = (out / "report.md").read_text()
+        assert f"overflow fix: {fix}" in md
+        if fix == "disable" and saturates:
+            assert not kernels["within_tolerance"] and kernels["max_rel_error"] > kernels["tolerance"], kernels
+            assert "This CPU has no VNNI" in proc.stderr and "--overflow_fix=enable" in proc.stderr
+            assert "**beyond** its rounding noise" in md
+        else:
+            assert kernels["within_tolerance"], kernels
+            assert "VNNI" not in proc.stderr, proc.stderr
+            assert "within its rounding noise" in md
+
+
+def test_a_bad_overflow_fix_exits_2_with_one_line(tmp_path):
+    keras.Sequential([keras.Input((4,), name="x"), L.Dense(2)]).export(str(tmp_path / "sm"), verbose=False)
+    np.save(tmp_path / "calib.npy", np.zeros((4, 4), "float32"))
+    common = [f"--saved_model_dir={tmp_path / 'sm'}", f"--output_dir={tmp_path / 'out'}"]
+    for args, message in (([f"--calibration_data={tmp_path / 'calib.npy'}", "--overflow_fix=half"],
+                           "--overflow_fix=half: value should be one of"),
+                          (["--overflow_fix=enable"], "--overflow_fix only applies with --calibration_data")):
+        proc = _cli(*common, *args)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()

@@ -71,11 +71,23 @@ def test_qat_application_exports_int8_and_follows_keras(name, px, tmp_path, reco
     counts = calibration.int8_layers(compiled)
     assert counts["total"] > 0 and counts["int8"] == counts["total"], counts
 
-    ir = ov.Core().compile_model(os.path.join(out, "model_fp32.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    got, ref = ir({0: x})[ir.outputs[0]], q.predict(x, verbose=0)
+    # the IR's function (its quantizers in exact arithmetic, what CPUs accumulating INT8 products in int32
+    # compute) follows Keras within the export's limits; so do this CPU's INT8 kernels where they cannot
+    # saturate (where they can, random weights fill the int8 grid and QAT's default keeps only the first
+    # layers on 7 bits: the export measures and reports them, int8_kernels)
+    f32 = {"INFERENCE_PRECISION_HINT": "f32"}
+    fp32 = ov.Core().read_model(os.path.join(out, "model_fp32.xml"))
+    ir, exact = (ov.Core().compile_model(m, "CPU", f32) for m in (fp32, calibration.exact_arithmetic(fp32)))
+    ref = q.predict(x, verbose=0)
     limits = report["quantized_check"]  # measured by the export on x
-    errors = {"max": rel_error(got, ref), "mean": mean_rel_error(got, ref)}
+    errors = {}
+    for what, compiled in (("", exact), ("kernels_", ir)):
+        got = compiled({0: x})[compiled.outputs[0]]
+        errors.update({f"{what}max": rel_error(got, ref), f"{what}mean": mean_rel_error(got, ref)})
     for key, value in {**errors, **limits, **counts}.items():
         record_property(key, value)  # in --junitxml: the numbers behind BENCHMARKS 7c
-    assert errors["max"] <= limits["tolerance"], (errors, limits)
-    assert errors["mean"] <= limits["mean_tolerance"], (errors, limits)
+    checked = [""] if calibration.cpu_saturates_int8() else ["", "kernels_"]
+    for what in checked:
+        assert errors[f"{what}max"] <= limits["tolerance"], (errors, limits)
+        assert errors[f"{what}mean"] <= limits["mean_tolerance"], (errors, limits)
+    assert report["steps"]["openvino"]["int8_kernels"]["cpu_saturates_int8"] == calibration.cpu_saturates_int8()

@@ -10,6 +10,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import flags  # noqa: E402
 
 from tfcompress.calibration.quantize import RANGE_ESTIMATORS  # noqa: E402 - numpy only, no TensorFlow
+from tfcompress.int8_policy import OVERFLOW_FIX  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("saved_model_dir", None, "The SavedModel to export (read only, never modified).")
@@ -26,6 +27,12 @@ flags.DEFINE_enum("range_estimator", "auto", list(RANGE_ESTIMATORS),
                   "largest value, NNCF's default), max (the largest value seen), quantile (the mean of per-sample "
                   "1e-4 quantiles) or auto: minmax for models with 2-D feature maps (image / spectrogram CNNs), "
                   "max for others (dense, Conv1D, embedding, attention models).")
+flags.DEFINE_enum("overflow_fix", "first_layer", list(OVERFLOW_FIX),
+                  "Which layers INT8 calibration keeps on 7-bit weights (-63..63), so that the INT8 kernels of CPUs "
+                  "without VNNI (AVX2, AVX-512 before VNNI), which add pairs of u8 x i8 products in int16, cannot "
+                  "saturate: first_layer (the first layers that read the input, where raw data fills the u8 range), "
+                  "enable (every layer; one bit of weight precision less everywhere) or disable. The report says "
+                  "how far this CPU's INT8 kernels land from the INT8 IR's exact arithmetic.")
 flags.DEFINE_float("max_drop", 0.01, "Largest drop allowed by --int8=accuracy_aware: of accuracy with labelled "
                    "--validation_data; with unlabelled --validation_data (a regression or autoencoder output), the "
                    "INT8 outputs' relative RMS error against FP32.")
@@ -54,8 +61,10 @@ def main(argv: list[str]) -> int:
     if unused and FLAGS.int8 != "accuracy_aware":
         print(f"error: {', '.join(unused)} only apply to --int8=accuracy_aware", file=sys.stderr)
         return 2
-    if FLAGS["range_estimator"].present and (FLAGS.calibration_data is None or FLAGS.int8 == "none"):
-        print("error: --range_estimator only applies with --calibration_data and --int8 other than none",
+    calibrating = [f"--{n}" for n in ("range_estimator", "overflow_fix") if FLAGS[n].present]
+    if calibrating and (FLAGS.calibration_data is None or FLAGS.int8 == "none"):
+        verb = "applies" if len(calibrating) == 1 else "apply"
+        print(f"error: {' and '.join(calibrating)} only {verb} with --calibration_data and --int8 other than none",
               file=sys.stderr)
         return 2
     from tfcompress._cli import import_tensorflow_quietly
@@ -65,13 +74,15 @@ def main(argv: list[str]) -> int:
     check_args(FLAGS.saved_model_dir, FLAGS.output_dir, FLAGS.int8, FLAGS.max_drop, FLAGS.opset, FLAGS.overwrite,
                FLAGS.max_iterations,
                {"--calibration_data": FLAGS.calibration_data, "--validation_data": FLAGS.validation_data},
-               calibration_data=FLAGS.calibration_data is not None, range_estimator=FLAGS.range_estimator)
+               calibration_data=FLAGS.calibration_data is not None, range_estimator=FLAGS.range_estimator,
+               overflow_fix=FLAGS.overflow_fix)
     import_tensorflow_quietly()
     from tfcompress.export.pipeline import export_saved_model
 
     report = export_saved_model(
         FLAGS.saved_model_dir, FLAGS.output_dir, calibration_data=FLAGS.calibration_data, int8=FLAGS.int8,
         max_drop=FLAGS.max_drop, max_iterations=FLAGS.max_iterations, range_estimator=FLAGS.range_estimator,
+        overflow_fix=FLAGS.overflow_fix,
         validation_data=FLAGS.validation_data, opset=FLAGS.opset,
         overwrite=FLAGS.overwrite, signature_key=FLAGS.signature, require_onnx=FLAGS.require_onnx,
     )

@@ -17,6 +17,8 @@ from tfcompress.calibration.placement import quantize_after_signed_pads
 from tfcompress.graph.frozen_graph import (
     RANDOM_OPS, calls_functions, inline_function_calls, keep_library_functions_in_use,
 )
+from tfcompress.calibration import is_quantized
+from tfcompress.export.ov_run import int8_kernel_check, run_openvino
 from tfcompress.int8_policy import on_int8_grid
 from tfcompress.output_dir import STAGING_PREFIX, staged_file
 from tfcompress.stripping.savedmodel_strip import (
@@ -34,7 +36,8 @@ class ConversionCheck(dict):
     """What a conversion measured: ``max_rel_error`` vs the reference, ``quantized_weights`` restored, ...
 
     ``outputs`` (an attribute, not an item, so the dict stays JSON) holds the converted model's outputs on the
-    check inputs (the saved IR's; for :func:`to_onnx`, the ONNX file's as OpenVINO's ONNX reader runs it at f32),
+    check inputs (the saved IR's; for :func:`to_onnx`, the ONNX file's as OpenVINO's ONNX reader runs it at f32;
+    an INT8 model's in the exact arithmetic of its quantizers, see :mod:`tfcompress.export.ov_run`),
     for callers that compare another model with it without running it again. :func:`to_onnx` also keeps
     ``inputs`` (the check inputs) and ``model`` (the file as OpenVINO read it), which :func:`to_openvino` takes
     instead of reading and running the file a second time.
@@ -43,12 +46,6 @@ class ConversionCheck(dict):
     outputs: dict[str, np.ndarray] | None = None
     inputs: dict[str, np.ndarray] | None = None
     model: Any = None
-
-
-def _checked(err: float, outputs: dict[str, np.ndarray]) -> ConversionCheck:
-    check = ConversionCheck(max_rel_error=err)
-    check.outputs = outputs
-    return check
 
 
 def _has_weight_fake_quant(frozen: FrozenSignature) -> bool:
@@ -213,8 +210,8 @@ def to_onnx(
     """Convert a SavedModel signature to ONNX with tf2onnx, then check it.
 
     The checks tf2onnx does not do: a graph still holding TensorFlow ops (tf2onnx logs an error and returns
-    it anyway) is refused; the ONNX file, run by OpenVINO's ONNX reader at f32 precision, must match TensorFlow
-    within ``tolerance`` (relative max error). For quantization-aware models, the per-channel int8 weight quantization that TF's constant folding
+    it anyway) is refused; the ONNX file, run by OpenVINO's ONNX reader at f32 precision (quantizers in exact
+    arithmetic, as TensorFlow computes them), must match TensorFlow within ``tolerance`` (relative max error). For quantization-aware models, the per-channel int8 weight quantization that TF's constant folding
     bakes into float weights is restored as int8 initializers with ``DequantizeLinear``, so that OpenVINO runs
     those layers in INT8. Inputs and outputs keep the signature's names.
 
@@ -269,12 +266,9 @@ def to_onnx(
         onnx.save_model(model, tmp)
         del model
         read = _read_onnx(tmp)
-        got = run_openvino(read, x, precision="f32")
-        try:
-            err = check_outputs(got, ref, tolerance, "ONNX outputs (OpenVINO's ONNX reader, f32) differ from "
-                                "TensorFlow's")
-        except ExportError as e:
-            raise ExportError(str(e) + _saturation_hint(read)) from None
+        got = run_openvino(read, x, precision="f32", exact=True)
+        err = check_outputs(got, ref, tolerance, "ONNX outputs (OpenVINO's ONNX reader, f32, quantizers in exact "
+                            "arithmetic) differ from TensorFlow's")
     check = ConversionCheck(max_rel_error=err, quantized_weights=restored, opset=opset)
     check.inputs, check.outputs, check.model = x, got, read
     return check
@@ -564,9 +558,11 @@ def to_openvino(
     onnx_check: ConversionCheck | None = None,
 ) -> ConversionCheck:
     """Convert ONNX to OpenVINO IR (FP32 weights); the saved IR, read back and run at f32 precision, must match
-    the ONNX model as OpenVINO's ONNX reader runs it (relative max error within ``tolerance``). Signed
-    quantizers (QAT) before a zero padding go after it, where the CPU plugin runs the next layer in INT8
-    (:func:`tfcompress.calibration.placement.quantize_after_signed_pads`; exact).
+    the ONNX model as OpenVINO's ONNX reader runs it (relative max error within ``tolerance``). A quantized
+    model is compared in the exact arithmetic of its quantizers, and the result's ``int8_kernels`` says how far
+    this CPU's INT8 kernels land from it (:func:`tfcompress.export.ov_run.int8_kernel_check`).
+    Signed quantizers (QAT) before a zero padding go after it, where the CPU plugin runs the next layer in
+    INT8 (:func:`tfcompress.calibration.placement.quantize_after_signed_pads`; exact).
 
     ``onnx_check``, :func:`to_onnx`'s result for this file, gives the file as read and its outputs on its check
     inputs: the reader and that run are not repeated when ``check_inputs`` are those inputs (or None).
@@ -581,9 +577,9 @@ def to_openvino(
         model = _read_onnx(onnx_path)
         if check_inputs is None:
             check_inputs = _random_inputs_for(model)
-        ref = run_openvino(model, check_inputs, precision="f32")
+        ref = run_openvino(model, check_inputs, precision="f32", exact=True)
     quantize_after_signed_pads(model)
-    return _checked(*_save_checked(model, xml_path, check_inputs, ref, tolerance, "the ONNX model's"))
+    return _save_checked(model, xml_path, check_inputs, ref, tolerance, "the ONNX model's")
 
 
 def saved_model_to_openvino(
@@ -596,9 +592,10 @@ def saved_model_to_openvino(
     """Convert a SavedModel to OpenVINO IR (FP32 weights) with OpenVINO's TensorFlow reader, without ONNX.
 
     The path for graphs tf2onnx cannot convert. The reader keeps ``FakeQuantWithMinMaxVars(PerChannel)`` as
-    ``FakeQuantize``, so quantization-aware models still run INT8 (signed quantizers before a zero padding go
-    after it, as in :func:`to_openvino`). The saved IR, run at f32 precision, must
-    match the SavedModel's ``signature_key`` signature as TensorFlow runs it (relative max error).
+    ``FakeQuantize``, so quantization-aware models still run INT8 (signed quantizers before a zero padding go after it, as in
+    :func:`to_openvino`). The saved IR, run at f32 precision (as
+    :func:`to_openvino`: quantizers in exact arithmetic, ``int8_kernels`` for this CPU's kernels), must match
+    the SavedModel's ``signature_key`` signature as TensorFlow runs it (relative max error).
     """
     import openvino as ov
 
@@ -612,7 +609,7 @@ def saved_model_to_openvino(
     except Exception as e:
         raise ExportError(f"OpenVINO could not convert {saved_model_dir!r}: {str(e).splitlines()[0]}") from None
     quantize_after_signed_pads(model)
-    return _checked(*_save_checked(model, xml_path, x, ref, tolerance, "TensorFlow's"))
+    return _save_checked(model, xml_path, x, ref, tolerance, "TensorFlow's")
 
 
 def _check_xml_path(xml_path: str) -> None:
@@ -620,10 +617,11 @@ def _check_xml_path(xml_path: str) -> None:
         raise ExportError(f"the IR path must end in .xml, got {xml_path!r}")
 
 
-def _save_checked(model, xml_path: str, inputs: dict, ref: dict, tolerance: float,
-                  what: str) -> tuple[float, dict[str, np.ndarray]]:
-    """Save ``model`` as IR next to ``xml_path``, run the saved files at f32, compare with ``ref`` and move
-    the .xml/.bin into place only if they match; returns the relative max error and the IR's outputs."""
+def _save_checked(model, xml_path: str, inputs: dict, ref: dict, tolerance: float, what: str) -> ConversionCheck:
+    """Save ``model`` as IR next to ``xml_path``, run the saved files at f32 (an INT8 IR in the exact arithmetic
+    of its quantizers), compare with ``ref`` and move the .xml/.bin into place only if they match; the result
+    holds the relative max error, the IR's outputs and, for an INT8 IR, ``int8_kernels``: how far this CPU's
+    INT8 kernels land from its exact arithmetic (:func:`tfcompress.export.ov_run.int8_kernel_check`)."""
     import shutil
 
     import openvino as ov
@@ -634,53 +632,21 @@ def _save_checked(model, xml_path: str, inputs: dict, ref: dict, tolerance: floa
     try:
         tmp_xml = os.path.join(tmp, "model.xml")
         ov.save_model(model, tmp_xml, compress_to_fp16=False)
-        got = run_openvino(tmp_xml, inputs, precision="f32")
-        try:
-            err = check_outputs(got, ref, tolerance, f"OpenVINO IR outputs differ from {what}")
-        except ExportError as e:
-            raise ExportError(str(e) + _saturation_hint(model)) from None
+        saved = ov.Core().read_model(tmp_xml)
+        got = run_openvino(saved, inputs, precision="f32", exact=True)
+        err = check_outputs(got, ref, tolerance, f"OpenVINO IR outputs (f32, quantizers in exact arithmetic) "
+                            f"differ from {what}")
+        kernels = int8_kernel_check(saved, inputs, got, tolerance) if is_quantized(saved) else None
+        del saved
         os.replace(tmp_xml[:-4] + ".bin", xml_path[:-4] + ".bin")
         os.replace(tmp_xml, xml_path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return err, got
-
-
-def _saturation_hint(model) -> str:
-    """Why INT8 layers may compute wrong values on this CPU (for the error message of a failed check)."""
-    import openvino as ov
-
-    from tfcompress.calibration import cpu_saturates_int8
-
-    quantized = any(op.get_type_name() == "FakeQuantize" or (op.get_type_name() == "Constant"
-                    and op.get_output_element_type(0) in (ov.Type.i8, ov.Type.u8)) for op in model.get_ordered_ops())
-    if not quantized or not cpu_saturates_int8():
-        return ""
-    return ("; this CPU has no VNNI, so its INT8 kernels add pairs of u8 x i8 products in int16, which weights "
-            "using the whole int8 range can overflow: keep them on 7 bits (quantize_model / calibrate "
-            "overflow_fix='first_layer' or 'enable')")
-
-
-def run_openvino(model, inputs: dict[str, np.ndarray], precision: str = "f32") -> dict[str, np.ndarray]:
-    """Run an OpenVINO model (or IR path) on CPU; ``precision`` "f32" or "default" (BF16 on AMX CPUs).
-
-    Returns each output under every one of its tensor names (the first output's names come first)."""
-    import openvino as ov
-
-    core = ov.Core()
-    if isinstance(model, str):
-        model = core.read_model(model)
-    config = {"INFERENCE_PRECISION_HINT": "f32"} if precision == "f32" else {}
-    compiled = core.compile_model(model, "CPU", config)
-    by_name = {}
-    for port in compiled.inputs:
-        name = next((n for n in port.get_names() if n in inputs), None)
-        if name is None:
-            raise ExportError(f"no input given for model input {port.get_any_name()!r}")
-        by_name[port] = inputs[name]
-    res = compiled(by_name)
-    # every name of an output port, so callers find an output under the name their reference uses
-    return {name: np.asarray(res[out]) for out in compiled.outputs for name in sorted(out.get_names())}
+    check = ConversionCheck(max_rel_error=err)
+    if kernels is not None:
+        check["int8_kernels"] = kernels
+    check.outputs = got
+    return check
 
 
 def _random_inputs_for(model) -> dict[str, np.ndarray]:

@@ -7,10 +7,11 @@ from typing import Any, Mapping
 
 from tfcompress.calibration.quantize import RANGE_ESTIMATORS
 from tfcompress.errors import ExportError
+from tfcompress.int8_policy import OVERFLOW_FIX
 from tfcompress.output_dir import check_output_dir
 from tfcompress.saved_model_dir import check_saved_model_dir
 
-__all__ = ["INT8_MODES", "RANGE_ESTIMATORS", "check_args", "check_data_path", "check_saved_model_dir"]
+__all__ = ["INT8_MODES", "OVERFLOW_FIX", "RANGE_ESTIMATORS", "check_args", "check_data_path", "check_saved_model_dir"]
 
 INT8_MODES = ("default", "accuracy_aware", "none")
 
@@ -18,7 +19,7 @@ INT8_MODES = ("default", "accuracy_aware", "none")
 def check_args(saved_model_dir: str, output_dir: str, int8: str = "default", max_drop: float = 0.01,
                opset: int = 17, overwrite: bool = False, max_iterations: int = 50,
                data: Mapping[str, Any] | None = None, calibration_data: bool = True,
-               range_estimator: str = "auto") -> None:
+               range_estimator: str = "auto", overflow_fix: str = "first_layer") -> None:
     """Raise :class:`ExportError` for an option out of range, a missing SavedModel, a data path that
     :func:`check_data_path` refuses, or an output directory that may not be written (see
     :func:`tfcompress.output_dir.check_output_dir`: never an input, inside one or around one). The inputs are
@@ -26,12 +27,15 @@ def check_args(saved_model_dir: str, output_dir: str, int8: str = "default", max
     folder, array or None; arrays are not paths). Only the file system is looked at: the SavedModel's content
     and the data are checked when they are read. ``calibration_data``: whether calibration data was given
     (``int8="accuracy_aware"`` asks for it explicitly: without it no INT8 model would be written).
-    ``range_estimator``: how calibration estimates activation ranges (:data:`RANGE_ESTIMATORS`).
+    ``range_estimator``: how calibration estimates activation ranges (:data:`RANGE_ESTIMATORS`);
+    ``overflow_fix``: which layers calibration keeps on 7-bit weights (:data:`OVERFLOW_FIX`).
     """
     if int8 not in INT8_MODES:
         raise ExportError(f"--int8 must be one of {list(INT8_MODES)}, got {int8!r}")
     if range_estimator not in RANGE_ESTIMATORS:
         raise ExportError(f"--range_estimator must be one of {list(RANGE_ESTIMATORS)}, got {range_estimator!r}")
+    if overflow_fix not in OVERFLOW_FIX:
+        raise ExportError(f"--overflow_fix must be one of {list(OVERFLOW_FIX)}, got {overflow_fix!r}")
     if int8 == "accuracy_aware" and not calibration_data:
         raise ExportError("--int8=accuracy_aware needs --calibration_data (and --validation_data)")
     if not (isinstance(max_drop, (int, float)) and 0 <= max_drop < 1):

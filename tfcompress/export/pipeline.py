@@ -13,10 +13,11 @@ import numpy as np
 from tfcompress.errors import ExportError
 from tfcompress.export.checks import QuantizedCheck, half_precision_tolerance, quantized_check
 from tfcompress.export.convert import (
-    freeze_for_export, refuse_random_outputs, run_openvino, saved_model_to_openvino, to_onnx, to_openvino,
+    freeze_for_export, refuse_random_outputs, saved_model_to_openvino, to_onnx, to_openvino,
 )
 from tfcompress.export.data import check_labels, load_data
 from tfcompress.export.options import check_args
+from tfcompress.export.ov_run import int8_kernel_check, int8_kernel_warning, ir_rounding_noise, run_openvino
 from tfcompress.output_dir import staged_output
 from tfcompress.saved_model_dir import read_saved_model_proto
 from tfcompress.stripping.savedmodel_strip import (
@@ -121,6 +122,7 @@ def export_saved_model(
     require_onnx: bool = False,
     max_iterations: int = 50,
     range_estimator: str = "auto",
+    overflow_fix: str = "first_layer",
 ) -> dict:
     """Write ``stripped/``, ``model.onnx`` (unless tf2onnx cannot convert the model), ``model_fp32.xml/.bin``,
     with calibration data ``model_int8.xml/.bin``, and ``report.json/.md`` into ``output_dir``.
@@ -145,13 +147,17 @@ def export_saved_model(
         max_iterations: the most layers ``int8="accuracy_aware"`` reverts to float.
         range_estimator: how calibration estimates activation ranges
             (:data:`tfcompress.calibration.RANGE_ESTIMATORS`; the report names the one used).
+        overflow_fix: which layers calibration keeps on 7-bit weights, so that INT8 kernels of CPUs without
+            VNNI cannot saturate (``calibrate``'s ``overflow_fix``; the report names it, and how far this CPU's
+            INT8 kernels land from the INT8 IR's exact arithmetic).
 
     Returns:
         The report (also written as ``report.json``).
     """
     check_args(saved_model_dir, output_dir, int8, max_drop, opset, overwrite, max_iterations,
                {"calibration data": calibration_data, "validation data": validation_data},
-               calibration_data=calibration_data is not None, range_estimator=range_estimator)
+               calibration_data=calibration_data is not None, range_estimator=range_estimator,
+               overflow_fix=overflow_fix)
 
     _log = _logger(verbose)
     t0 = time.perf_counter()
@@ -229,6 +235,7 @@ def export_saved_model(
         report["quantized"] = quantized
         if qcheck is not None:
             _record_quantized_checks(report, qcheck, fp32_outputs)
+        _warn(int8_kernel_warning(report["steps"]["openvino"].get("int8_kernels"), _QAT_FIX))
 
         report["sizes"] = {
             "saved_model": _size(saved_model_dir), "unstripped": _size(stripped_dir) if unchanged else _resaved_size(frozen, tmp),
@@ -243,12 +250,16 @@ def export_saved_model(
             samples = _whole_batches(calib[0][:300], fixed)
             _log(f"[4b/5] INT8 calibration ({int8}) on {len(samples)} samples")
             xml8 = os.path.join(tmp, "model_int8.xml")
-            report["steps"]["int8"] = _int8(xml, xml8, samples, int8, max_drop, valid, saved_model_dir, verbose,
-                                            max_iterations, range_estimator, fixed, out_key)
-            report["steps"]["int8"]["seconds"] = time.perf_counter() - t
+            step = report["steps"]["int8"] = _int8(xml, xml8, samples, int8, max_drop, valid, saved_model_dir,
+                                                   verbose, max_iterations, range_estimator, fixed, out_key,
+                                                   overflow_fix)
+            step["seconds"] = time.perf_counter() - t
             if check is not None:  # INT8 at OpenVINO's default precision, as deployed, against the FP32 IR
                 got8 = run_openvino(xml8, check, precision="default")
-                report["steps"]["int8"]["max_rel_error"] = max_rel_error(got8, fp32_outputs)
+                step["max_rel_error"] = max_rel_error(got8, fp32_outputs)
+                step["int8_kernels"] = _int8_kernels(xml8, check)
+                if "int8_kernels" not in report["steps"]["openvino"]:  # else said of the QAT IR already
+                    _warn(int8_kernel_warning(step["int8_kernels"], _calibration_fix(overflow_fix, quantized)))
             report["sizes"]["openvino_int8"] = _size(xml8) + _size(xml8[:-4] + ".bin")
         if valid is not None and valid[1] is not None:
             _log("[5/5] measuring accuracy on the validation data")
@@ -279,6 +290,35 @@ def export_saved_model(
             f.write(_markdown(report))
     _log(f"wrote {output_dir} in {report['seconds']:.1f} s")
     return report
+
+
+# what keeps the INT8 kernels of CPUs without VNNI from saturating, for the warning when they do
+_QAT_FIX = ("train it with quantize_model(..., overflow_fix='enable'), which keeps every layer's weights on the "
+            "7-bit grid those kernels cannot saturate")
+
+
+def _calibration_fix(overflow_fix: str, quantized: bool) -> str:
+    """What to change when the calibrated IR's INT8 kernels saturate on this CPU (calibrated with
+    ``overflow_fix``; ``quantized``: the model came with QAT's weights, which calibration keeps)."""
+    if overflow_fix == "enable":
+        return _QAT_FIX if quantized else "run it on a CPU with VNNI: every layer it quantized is on 7 bits already"
+    fix = "export it with --overflow_fix=enable (calibrate(..., overflow_fix='enable')), which keeps every layer's "
+    return fix + "weights on 7 bits" + (f"; for the layers QAT quantized, {_QAT_FIX}" if quantized else "")
+
+
+def _warn(message: str | None) -> None:
+    if message:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _int8_kernels(xml8: str, check: dict) -> dict:
+    """:func:`int8_kernel_check` of the calibrated IR, held to its own rounding noise on ``check``."""
+    import openvino as ov
+
+    model = ov.Core().read_model(xml8)
+    limits = ir_rounding_noise(model, check)
+    record = int8_kernel_check(model, check, limits.reference, limits.tolerance)
+    return {**record, "noise_floor": limits.noise}
 
 
 def _record_quantized_checks(report: dict, qcheck: QuantizedCheck, fp32_outputs: dict) -> None:
@@ -346,7 +386,7 @@ def _convert(stripped_dir: str, onnx_path: str, xml: str, opset: int, check, sig
 
 def _int8(xml: str, xml8: str, calib: np.ndarray, mode: str, max_drop: float, valid, saved_model_dir: str,
           verbose: bool = True, max_iterations: int = 50, range_estimator: str = "auto", fixed: int | None = None,
-          out_key: str = "") -> dict:
+          out_key: str = "", overflow_fix: str = "first_layer") -> dict:
     """Calibrate the FP32 IR, store int8 weights, and say which layers really run INT8.
 
     With accuracy control, a ``max_drop`` that was not reached is said on stderr and in the returned
@@ -360,7 +400,8 @@ def _int8(xml: str, xml8: str, calib: np.ndarray, mode: str, max_drop: float, va
     from tfcompress import calibration
 
     fp = ov.Core().read_model(xml)
-    info: dict = {"range_estimator": calibration.range_estimator_for(fp, range_estimator)}
+    info: dict = {"range_estimator": calibration.range_estimator_for(fp, range_estimator),
+                  "overflow_fix": overflow_fix, "cpu_saturates_int8": calibration.cpu_saturates_int8()}
     if mode == "accuracy_aware":
         # accuracy control runs its trial models in batches of its own size: give them a free batch dimension
         shape = fp.inputs[0].get_partial_shape()
@@ -371,7 +412,7 @@ def _int8(xml: str, xml8: str, calib: np.ndarray, mode: str, max_drop: float, va
             warnings.simplefilter("ignore", UserWarning)  # said below, once, in the pipeline's own words
             q, acc = calibration.calibrate_with_accuracy_control(
                 fp, calib, valid, validate, max_drop=max_drop, subset_size=min(len(calib), 300),
-                max_iterations=max_iterations, range_estimator=range_estimator,
+                max_iterations=max_iterations, range_estimator=range_estimator, overflow_fix=overflow_fix,
                 layer_names=_variable_layers(saved_model_dir), verbose=verbose)
         if fixed is not None:
             q.reshape({q.inputs[0]: shape})
@@ -382,7 +423,7 @@ def _int8(xml: str, xml8: str, calib: np.ndarray, mode: str, max_drop: float, va
             print(f"warning: {acc['warning']}", file=sys.stderr, flush=True)
     else:
         q = calibration.calibrate(fp, calib, subset_size=min(len(calib), 300), range_estimator=range_estimator,
-                                  verbose=verbose)
+                                  overflow_fix=overflow_fix, verbose=verbose)
     ov.save_model(q, xml8, compress_to_fp16=False)
     info["int8_layers"] = calibration.int8_layers(ov.Core().compile_model(xml8, "CPU"))
     return info
@@ -482,6 +523,16 @@ def _kept(layer: dict) -> str:
     return "; ".join(f"{why} ({n})" for why, n in sorted(reasons.items())) or "-"
 
 
+def _kernels_line(k: dict, what: str) -> str:
+    """report.md's sentence on an ``int8_kernels`` record: how this CPU's INT8 kernels compute ``what``."""
+    cpu = {True: "has no VNNI (its INT8 kernels add u8 x i8 product pairs in int16 and can saturate)",
+           False: "accumulates INT8 products in int32 (no saturation)",
+           None: "is not one whose INT8 kernels tfcompress can classify"}[k["cpu_saturates_int8"]]
+    verdict = ("within" if k["within_tolerance"] else "**beyond**") + f" its rounding noise ({k['tolerance']:.2e})"
+    return (f"This CPU {cpu}: its INT8 kernels compute {what} {k['max_rel_error']:.2e} (max) / "
+            f"{k['mean_rel_error']:.2e} (mean relative error) away from its exact arithmetic, {verdict}.")
+
+
 def _markdown(r: dict) -> str:
     lines = ["# tfcompress export report", "", f"Source: `{r['source']}` (signature `{r['signature']}`)", ""]
     fb, fa = r["flops"]["before"], r["flops"]["after"]
@@ -516,11 +567,17 @@ def _markdown(r: dict) -> str:
                   f"{q['tolerance']:.2e} (max) and the IR to {q['mean_tolerance']:.2e} (mean). "
                   + ("These limits refuse a broken conversion." if q["verified"] else
                      "**Not verified**: limits this wide cannot tell a broken conversion from a correct one.")]
+    if "int8_kernels" in r["steps"]["openvino"]:
+        lines += ["", "The IR's quantizers were checked in exact arithmetic (f32). "
+                  + _kernels_line(r["steps"]["openvino"]["int8_kernels"], "the IR")]
     if "int8" in r["steps"]:
         s = r["steps"]["int8"]
         run = s["int8_layers"]
         lines += ["", f"INT8 IR: {run['int8']} of {run['total']} convolution / fully-connected layers run in INT8 "
-                  f"({r['sizes']['openvino_int8']:,} bytes); activation ranges: {s['range_estimator']}."]
+                  f"({r['sizes']['openvino_int8']:,} bytes); activation ranges: {s['range_estimator']}; overflow "
+                  f"fix: {s['overflow_fix']}."]
+        if "int8_kernels" in s:
+            lines.append(_kernels_line(s["int8_kernels"], "the INT8 IR"))
         if "reverted" in s:
             drop = (f"drop {100 * s['drop']:.2f} pts" if s["drop_metric"] == "accuracy" else
                     f"{s['drop_metric']} {100 * s['drop']:.2f} %")
