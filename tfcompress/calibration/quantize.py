@@ -33,9 +33,6 @@ def _read(model):
         model = ov.Core().read_model(model)
     if not isinstance(model, ov.Model):
         raise TypeError(f"expected an openvino.Model or an IR path, got {type(model).__name__}")
-    if len(model.inputs) != 1:  # the statistics pass feeds one tensor per sample
-        names = [next(iter(i.get_names()), str(i.get_node().get_friendly_name())) for i in model.inputs]
-        raise ValueError(f"calibration takes models with one input; this one has {len(names)}: {names}")
     return model
 
 
@@ -408,7 +405,10 @@ def calibrate(
     Args:
         ov_model: an ``openvino.Model`` or an IR path; not modified.
         calibration_data: samples: an array (N, ...), or an iterable of samples, batches or (x, y) pairs,
-            e.g. a ``tf.data.Dataset``.
+            e.g. a ``tf.data.Dataset``. For a model with several inputs, one array per input wherever one
+            array goes: a dict from input name (the IR's input tensor names, those of the SavedModel
+            signature) to array, or a tuple / list in input order
+            (:func:`~tfcompress.calibration.samples.iterate_samples`).
         subset_size: how many samples to use.
         ignored_layers: friendly names of layers to keep in float.
         overflow_fix: ``"first_layer"`` (default, as NNCF), ``"enable"`` or ``"disable"``: which layers'
