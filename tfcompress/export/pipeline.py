@@ -21,7 +21,7 @@ from tfcompress.export.ov_run import int8_kernel_check, int8_kernel_warning, ir_
 from tfcompress.output_dir import staged_output
 from tfcompress.saved_model_dir import read_saved_model_proto
 from tfcompress.stripping.savedmodel_strip import (
-    max_rel_error, run_frozen, sample_inputs, save_graph_def, strip_saved_model,
+    max_rel_error, rel_errors, run_frozen, sample_inputs, save_graph_def, strip_saved_model,
 )
 
 __all__ = ["export_saved_model"]
@@ -272,7 +272,10 @@ def export_saved_model(
             step["seconds"] = time.perf_counter() - t
             if check is not None:  # INT8 at OpenVINO's default precision, as deployed, against the FP32 IR
                 got8 = run_openvino(xml8, check, precision="default")
-                step["max_rel_error"] = max_rel_error(got8, fp32_outputs)
+                named = {k: fp32_outputs[k] for k in sorted(frozen.outputs) if k in fp32_outputs} or fp32_outputs
+                step["max_rel_error"] = max_rel_error(got8, named)
+                if len(named) > 1:
+                    step["max_rel_error_by_output"] = rel_errors(got8, named)
                 step["int8_kernels"] = _int8_kernels(xml8, check)
                 if "int8_kernels" not in report["steps"]["openvino"]:  # else said of the QAT IR already
                     _warn(int8_kernel_warning(step["int8_kernels"], _calibration_fix(overflow_fix, quantized)))
