@@ -170,22 +170,79 @@ def test_bad_arguments(resnet8_ir):
         calibration.calibrate(xml, np.zeros((4, 32, 32)), verbose=False)
 
 
-def test_a_model_with_two_inputs_is_refused_by_name(rng):
-    """Samples are fed to the model's first input: a two-input model's samples as a list of arrays were read
-    as samples of the first input ('must have shape (8,) ... got (8, 8, 3)'), and per-sample tuples as (x, y)
-    pairs, feeding one input only and ending in an OpenVINO shape error from the Concat."""
+def _two_input_ir(rng):
+    """x_a (8 features) and x_b (4 features) each through a MatMul, added: a quantizer on each input."""
     import openvino.opset13 as ops
 
     a, b = ops.parameter([-1, 8], ov.Type.f32, name="a"), ops.parameter([-1, 4], ov.Type.f32, name="b")
     a.output(0).set_names({"a"})
     b.output(0).set_names({"b"})
-    w = ops.constant(rng.normal(size=(12, 3)).astype("float32"))
-    fp = ov.Model([ops.matmul(ops.concat([a, b], 1), w, False, False).output(0)], [a, b])
-    samples = [(rng.normal(size=8).astype("float32"), rng.normal(size=4).astype("float32")) for _ in range(4)]
-    with pytest.raises(ValueError, match=r"one input; this one has 2: \['a', 'b'\]"):
-        calibration.calibrate(fp, samples, verbose=False)
-    with pytest.raises(ValueError, match="one input"):
-        calibration.calibrate_with_accuracy_control(fp, samples, samples, lambda m, d: 1.0, verbose=False)
+    wa, wb = (ops.constant(rng.normal(size=(n, 3)).astype("float32")) for n in (8, 4))
+    out = ops.add(ops.matmul(a, wa, False, False), ops.matmul(b, wb, False, False))
+    return ov.Model([out.output(0)], [a, b])
+
+
+def _input_ranges(q) -> dict[str, float]:
+    """Per model input: the upper limit of the FakeQuantize that reads it."""
+    found = {}
+    for op in q.get_ordered_ops():
+        src = op.input(0).get_source_output().get_node() if op.get_type_name() == "FakeQuantize" else None
+        if src is not None and src.get_type_name() == "Parameter":
+            found[src.get_friendly_name()] = float(op.input(2).get_source_output().get_node().get_data().max())
+    return found
+
+
+def _constants(model) -> list[np.ndarray]:
+    return [op.get_data() for op in model.get_ordered_ops() if op.get_type_name() == "Constant"]
+
+
+def test_a_model_with_two_inputs_takes_one_array_per_input_in_every_form(rng):
+    """Samples of a two-input model, by input name or in input order, whole, per sample, as (x, y) pairs or a
+    tf.data.Dataset of dicts, calibrate the same model, each input's quantizer on that input's own values
+    (inputs of 1x and 100x scale). Calibration refused models with several inputs."""
+    import tensorflow as tf
+
+    fp = _two_input_ir(rng)
+    xa = rng.normal(size=(40, 8)).astype("float32")
+    xb = (100 * rng.normal(size=(40, 4))).astype("float32")
+    y = np.arange(40)
+    forms = {
+        "dict": {"a": xa, "b": xb},
+        "tuple": (xa, xb),
+        "list": [xa, xb],
+        "(x, y) pair": ((xa, xb), y),
+        "per-sample tuples": [(xa[i], xb[i]) for i in range(40)],
+        "per-sample dicts with labels": [({"b": xb[i], "a": xa[i]}, y[i]) for i in range(40)],
+        "dataset of dict batches": tf.data.Dataset.from_tensor_slices(({"a": xa, "b": xb}, y)).batch(16),
+    }
+    built = {k: calibration.calibrate(fp, data, verbose=False) for k, data in forms.items()}
+    ranges = _input_ranges(built["dict"])
+    # auto: "max" on a model without feature maps; signed symmetric, 127 steps up to the largest |x|
+    assert ranges["a"] == pytest.approx(np.abs(xa).max(), rel=1e-5)
+    assert ranges["b"] == pytest.approx(np.abs(xb).max(), rel=1e-5)
+    for k, q in built.items():
+        for c, c0 in zip(_constants(q), _constants(built["dict"])):
+            np.testing.assert_array_equal(c, c0, err_msg=k)
+    q, _ = calibration.calibrate_with_accuracy_control(fp, (xa, xb), ((xa, xb), y), lambda m, d: 1.0,
+                                                       verbose=False)
+    assert _input_ranges(q) == ranges
+
+
+def test_samples_that_do_not_fit_a_two_input_model_are_refused_by_name(rng):
+    fp = _two_input_ir(rng)
+    xa, xb = np.ones((4, 8), np.float32), np.ones((4, 4), np.float32)
+    bad = {
+        r"no array for input\(s\) \['b'\]; the model's inputs are \['a', 'b'\]": {"a": xa},
+        r"unknown key\(s\) \['c'\]": {"a": xa, "b": xb, "c": xb},
+        r"different numbers of samples per input: 'a' 4, 'b' 3": {"a": xa, "b": xb[:3]},
+        r"input 'b' must have shape \(4,\) \(model input\), got \(8,\)": (xa, xa),
+        r"2 inputs \['a', 'b'\]: give one array per input": xa,
+    }
+    for message, data in bad.items():
+        with pytest.raises(ValueError, match=message):
+            calibration.calibrate(fp, data, verbose=False)
+    with pytest.raises(ValueError, match="no array for input"):
+        calibration.calibrate_with_accuracy_control(fp, (xa, xb), {"a": xa}, lambda m, d: 1.0, verbose=False)
 
 
 def test_a_float16_ir_of_a_mixed_precision_model_is_calibrated(tmp_path, rng):
@@ -474,16 +531,16 @@ def test_ranking_model_switches_each_candidate_like_a_built_trial(resnet8_ir):
         return float(np.abs(out - fp).sum())
 
     built = error(_f32(search.build(set()))({0: x})[0])
-    assert error(ranker.outputs(set(), x)) == pytest.approx(built, rel=0.05)
+    assert error(ranker.outputs(set(), (x,))[0]) == pytest.approx(built, rel=0.05)
     tried = candidates[:10]
     by_build = [error(_f32(search.build({c}))({0: x})[0]) for c in tried]
-    by_ranker = [error(ranker.outputs({c}, x)) for c in tried]
+    by_ranker = [error(ranker.outputs({c}, (x,))[0]) for c in tried]
     assert np.corrcoef(by_build, by_ranker)[0, 1] > 0.99, (by_build, by_ranker)
     assert np.argmin(by_build) == np.argmin(by_ranker)
     # a set of reverts switches all of them; everything reverted is the FP32 model
     pair = error(_f32(search.build(set(tried[:2])))({0: x})[0])
-    assert error(ranker.outputs(set(tried[:2]), x)) == pytest.approx(pair, rel=0.05)
-    np.testing.assert_allclose(ranker.outputs(set(candidates), x), fp, atol=1e-4 * np.abs(fp).max())
+    assert error(ranker.outputs(set(tried[:2]), (x,))[0]) == pytest.approx(pair, rel=0.05)
+    np.testing.assert_allclose(ranker.outputs(set(candidates), (x,))[0], fp, atol=1e-4 * np.abs(fp).max())
 
 
 def _masked_attention_ir(mask: str):

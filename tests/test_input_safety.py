@@ -223,7 +223,7 @@ def test_data_files_numpy_cannot_read_get_one_line_errors(tmp_path):
 
     from tfcompress.export.data import load_data
 
-    spec = tf.TensorSpec((None, 8, 8, 3), tf.float32, name="x")
+    spec = {"x": tf.TensorSpec((None, 8, 8, 3), tf.float32, name="x")}
     good = np.zeros((4, 8, 8, 3), np.float32)
     np.save(tmp_path / "pickled.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
     (tmp_path / "text.npy").write_text("0.1 0.2 0.3\n")
@@ -249,7 +249,7 @@ def test_samples_that_are_not_finite_real_float32_are_refused(tmp_path):
 
     from tfcompress.export.data import load_data
 
-    spec = tf.TensorSpec((None, 8, 8, 3), tf.float32, name="x")
+    spec = {"x": tf.TensorSpec((None, 8, 8, 3), tf.float32, name="x")}
     big = np.ones((4, 8, 8, 3))
     big[2, 1, 1, 0] = 1e300
     np.save(tmp_path / "big.npy", big)
@@ -257,7 +257,7 @@ def test_samples_that_are_not_finite_real_float32_are_refused(tmp_path):
         load_data(str(tmp_path / "big.npy"), spec, "calibration data")
     with pytest.raises(ExportError, match="complex128, not real numbers"):
         load_data(np.ones((4, 8, 8, 3)) + 1j, spec, "calibration data")
-    assert load_data(big.clip(0, 1), spec)[0].dtype == np.float32
+    assert load_data(big.clip(0, 1), spec)[0]["x"].dtype == np.float32
 
 
 def test_an_image_folder_with_a_broken_image_names_it(tmp_path):
@@ -265,7 +265,7 @@ def test_an_image_folder_with_a_broken_image_names_it(tmp_path):
 
     from tfcompress.export.data import load_data
 
-    spec = tf.TensorSpec((None, 8, 8, 3), tf.float32, name="x")
+    spec = {"x": tf.TensorSpec((None, 8, 8, 3), tf.float32, name="x")}
     (tmp_path / "imgs" / "cat").mkdir(parents=True)
     img = np.random.default_rng(0).integers(0, 255, (10, 12, 3), dtype=np.uint8)
     (tmp_path / "imgs" / "cat" / "a.png").write_bytes(tf.io.encode_png(img).numpy())
@@ -280,10 +280,10 @@ def test_integer_samples_outside_the_inputs_dtype_are_refused():
 
     from tfcompress.export.data import load_data
 
-    spec = tf.TensorSpec((None, 10), tf.int32, name="tokens")
+    spec = {"tokens": tf.TensorSpec((None, 10), tf.int32, name="tokens")}
     with pytest.raises(ExportError, match="outside the range of the model input 'tokens' \\(int32\\)"):
         load_data(np.full((4, 10), 2**40), spec, "calibration data")
-    assert load_data(np.full((4, 10), 2**31 - 1), spec)[0].dtype == np.int32
+    assert load_data(np.full((4, 10), 2**31 - 1), spec)[0]["tokens"].dtype == np.int32
 
 
 def test_labels_are_class_indices_or_one_hot(saved_model, tmp_path):
@@ -294,7 +294,7 @@ def test_labels_are_class_indices_or_one_hot(saved_model, tmp_path):
     from tfcompress.export import export_saved_model
     from tfcompress.export.data import load_data
 
-    spec = tf.TensorSpec((None, 8, 8, 3), tf.float32, name="x")
+    spec = {"x": tf.TensorSpec((None, 8, 8, 3), tf.float32, name="x")}
     x = np.random.default_rng(0).normal(size=(6, 8, 8, 3)).astype(np.float32)
     idx = np.array([0, 1, 1, 0, 1, 0])
     for y in (idx, idx[:, None], idx.astype(np.float32), np.eye(2)[idx], np.eye(2, dtype=bool)[idx]):

@@ -9,7 +9,7 @@ import os
 
 from tfcompress.errors import ExportError
 
-__all__ = ["SAVED_MODEL_FILES", "check_saved_model_dir", "is_saved_model_dir", "read_saved_model_proto"]
+__all__ = ["SAVED_MODEL_FILES", "check_saved_model_dir", "is_saved_model_dir", "read_saved_model_proto", "signature_inputs"]
 
 SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")  # what tf.saved_model.contains_saved_model looks for
 
@@ -50,3 +50,94 @@ def read_saved_model_proto(src_dir: str | os.PathLike):
         with open(os.path.join(src_dir, "saved_model.pbtxt"), encoding="utf-8") as f:
             text_format.Parse(f.read(), sm)
     return sm
+
+
+# TensorFlow's DataType enum (tensorflow/core/framework/types.proto) -> numpy type name, for the types a
+# signature input commonly has
+_DTYPES = {1: "float32", 2: "float64", 3: "int32", 4: "uint8", 5: "int16", 6: "int8", 9: "int64", 10: "bool",
+           17: "uint16", 19: "float16", 22: "uint32", 23: "uint64"}
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, pos
+
+
+def _fields(buf: bytes):
+    """``(field number, value)`` of a protocol buffer message's fields: ints for varints, bytes for
+    length-delimited fields (fixed-width fields are skipped)."""
+    pos = 0
+    while pos < len(buf):
+        tag, pos = _varint(buf, pos)
+        number, wire = tag >> 3, tag & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 2:
+            size, pos = _varint(buf, pos)
+            value, pos = buf[pos:pos + size], pos + size
+        elif wire in (1, 5):
+            pos, value = pos + (8 if wire == 1 else 4), None
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        yield number, value
+
+
+def _map_entries(buf: bytes, number: int) -> dict[str, bytes]:
+    """The entries of a ``map<string, message>`` field ``number`` of a message."""
+    entries = {}
+    for n, entry in _fields(buf):
+        if n == number:
+            fields = dict(_fields(entry))
+            entries[fields.get(1, b"").decode()] = fields.get(2, b"")
+    return entries
+
+
+def _tensor_info(buf: bytes) -> tuple[str, list[int | None] | None] | None:
+    """(numpy dtype name, dims with None where unknown, or None for an unknown rank) of a dense TensorInfo."""
+    fields = list(_fields(buf))
+    dtype = _DTYPES.get(next((v for n, v in fields if n == 2), 0))
+    if dtype is None or any(n in (4, 5) for n, _ in fields):  # another type, a sparse or composite tensor
+        return None
+    shape = next((v for n, v in fields if n == 3), b"")
+    dims, unknown_rank = [], False
+    for n, v in _fields(shape):
+        if n == 2:
+            size = dict(_fields(v)).get(1, 0)
+            size = size - (1 << 64) if size >= 1 << 63 else size  # int64 -1: an unknown size
+            dims.append(None if size < 0 else size)
+        elif n == 3:
+            unknown_rank = bool(v)
+    return dtype, None if unknown_rank else dims
+
+
+def signature_inputs(src_dir: str | os.PathLike, signature_key: str) -> dict | None:
+    """The inputs of the serving signature ``signature_key`` of ``src_dir``'s ``saved_model.pb``, read without
+    TensorFlow: name -> ``(numpy dtype name, dims)`` (dims None for an unknown rank, None for an unknown size).
+    None when it cannot say without TensorFlow (a text ``.pbtxt``, no such signature, an input of another type
+    or a sparse one): TensorFlow's reader then judges the SavedModel and its data."""
+    path = os.path.join(src_dir, "saved_model.pb")
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        buf = f.read()
+    try:
+        for n, meta_graph in _fields(buf):
+            if n != 2:
+                continue
+            info = dict(_fields(meta_graph)).get(1, b"")
+            if b"serve" not in [v for k, v in _fields(info) if k == 4]:
+                continue
+            signature = _map_entries(meta_graph, 5).get(signature_key)
+            if signature is None:
+                return None
+            inputs = {name: _tensor_info(t) for name, t in _map_entries(signature, 1).items()}
+            return None if not inputs or None in inputs.values() else inputs
+    except (IndexError, ValueError, UnicodeDecodeError):  # not a valid protocol buffer: TensorFlow says why
+        return None
+    return None

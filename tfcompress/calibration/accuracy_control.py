@@ -13,7 +13,8 @@ from tfcompress.calibration.placement import bias_input, find_points, quantized_
 from tfcompress.calibration.quantize import (
     _act_fq, _build, _calibration_state, _check_args, _read, _shifted_bias, _weight_fq,
 )
-from tfcompress.calibration.statistics import Progress, iterate_samples
+from tfcompress.calibration.samples import count, iterate_samples, model_inputs, stack, take
+from tfcompress.calibration.statistics import Progress
 
 __all__ = ["calibrate_with_accuracy_control", "layer_macs", "RANKINGS"]
 
@@ -107,20 +108,16 @@ def switchable(model, ranges: dict, shifts: dict, candidates: list[int], ignored
 
 
 class _Ranker:
-    """One compiled :func:`switchable` model: the first output for any set of reverted candidates."""
+    """One compiled :func:`switchable` model: its outputs for any set of reverted candidates."""
 
     def __init__(self, search: _Search, candidates: list[int]):
         self.compiled = search.compile(switchable(search.model, search.ranges, search.shifts, candidates,
                                                   search.ignored_layers, search.overflow_fix))
         self.candidates = candidates
 
-    def outputs(self, skip: set[int], x: np.ndarray, batch: int = 16) -> np.ndarray:
+    def outputs(self, skip: set[int], x: tuple) -> list[np.ndarray]:
         flags = {f"revert_{k}": np.array(k in skip) for k in self.candidates}
-        parts = []
-        for i in range(0, len(x), batch):
-            feed = {self.compiled.inputs[0]: x[i:i + batch].astype(np.float32), **flags}
-            parts.append(np.asarray(self.compiled(feed)[self.compiled.outputs[0]]))
-        return np.concatenate(parts)
+        return _outputs(self.compiled, x, flags)
 
 
 def _candidates(model, acts, weights) -> tuple[list[int], dict[int, list[str]]]:
@@ -138,14 +135,26 @@ def _candidates(model, acts, weights) -> tuple[list[int], dict[int, list[str]]]:
     return candidates, names
 
 
-def _gains(ranker: "_Ranker", skip: set[int], candidates: list[int], x: np.ndarray,
-           fp_out: np.ndarray) -> dict[int, float]:
+def _sample_errors(got: list[np.ndarray], ref: list[np.ndarray]) -> np.ndarray:
+    """Per sample: the absolute error of every output against ``ref``, each output's in units of its mean
+    absolute FP32 value (so that an output of large numbers does not decide alone), summed."""
+    err = 0.0
+    for g, r in zip(got, ref):
+        scale = float(np.mean(np.abs(r))) or 1.0
+        err = err + np.abs(np.asarray(g, np.float64) - r).reshape(len(r), -1).sum(axis=1) / scale
+    return err
+
+
+def _gains(ranker: "_Ranker", skip: set[int], candidates: list[int], x: tuple,
+           fp_out: list[np.ndarray]) -> dict[int, float]:
     """The output error each candidate's revert alone removes, on the samples where INT8 and FP32 disagree
-    most."""
-    err = np.abs(ranker.outputs(skip, x) - fp_out).reshape(len(x), -1).sum(axis=1)
+    most (all outputs: :func:`_sample_errors`)."""
+    err = _sample_errors(ranker.outputs(skip, x), fp_out)
     worst = np.argsort(err)[::-1][: max(1, len(err) // 2)]
     base = err[worst].sum()
-    return {c: float(base - np.abs(ranker.outputs(skip | {c}, x[worst]) - fp_out[worst]).sum()) for c in candidates}
+    ref = [r[worst] for r in fp_out]
+    return {c: float(base - _sample_errors(ranker.outputs(skip | {c}, take(x, worst)), ref).sum())
+            for c in candidates}
 
 
 def _order(gains: dict[int, float], cost: dict[int, int], ranking: str) -> list[int]:
@@ -240,6 +249,10 @@ def calibrate_with_accuracy_control(
     differs between runs of the same model) a ``UserWarning`` says so, and ``info["max_drop_met"]`` is False.
 
     Args:
+        calibration_data: samples, as :func:`~tfcompress.calibration.calibrate` takes them (for a model with
+            several inputs, one array per input: a dict by input name or a tuple / list in input order).
+        validation_data: what ``validate_fn`` scores; its samples (the ``x`` of ``(x, y)`` pairs, in the
+            forms ``calibration_data`` takes) also rank the layers, by the error of all the model's outputs.
         validate_fn: ``validate_fn(compiled_model, validation_data) -> float``, higher is better. For a
             regression output, minus its error (e.g. the relative RMS error against the FP32 model's outputs,
             what the export command measures on unlabelled validation data) with ``drop_type="absolute"``
@@ -302,8 +315,7 @@ def calibrate_with_accuracy_control(
     ops = list(model.get_ordered_ops())
     macs = layer_macs(model)
     cost = {c: max(1, macs.get(c) or _output_elements(ops[c])) for c in candidates}
-    rank_x = np.concatenate(list(iterate_samples(validation_data, model.inputs[0].get_partial_shape(),
-                                                 ranking_subset_size)))
+    rank_x = stack(iterate_samples(validation_data, model_inputs(model), ranking_subset_size))
     fp_out = _outputs(search.compile(model), rank_x)
     ranker = _Ranker(search, candidates)
     reverted: list[int] = []  # in the order they were reverted
@@ -352,10 +364,14 @@ def calibrate_with_accuracy_control(
     return search.build(skip), info
 
 
-def _outputs(compiled, x: np.ndarray, batch: int = 16) -> np.ndarray:
-    """The first output over ``x`` in batches. Small ones: the CPU plugin keeps memory from every inference
-    of a newly compiled trial model after it is deleted, more for larger batches."""
+def _outputs(compiled, x: tuple, extra: dict | None = None, batch: int = 16) -> list[np.ndarray]:
+    """Every output over the samples ``x`` (one array per model input, fed to the first inputs; ``extra``
+    feeds others by name) in batches. Small ones: the CPU plugin keeps memory from every inference of a newly
+    compiled trial model after it is deleted, more for larger batches."""
+    inputs = model_inputs(compiled)[:len(x)]
     parts = []
-    for i in range(0, len(x), batch):
-        parts.append(np.asarray(compiled({compiled.inputs[0]: x[i:i + batch].astype(np.float32)})[compiled.outputs[0]]))
-    return np.concatenate(parts)
+    for i in range(0, count(x), batch):
+        feed = {compiled.inputs[k]: part[i:i + batch].astype(inp.dtype) for k, (part, inp) in enumerate(zip(x, inputs))}
+        res = compiled({**feed, **(extra or {})})
+        parts.append([np.asarray(res[out]) for out in compiled.outputs])
+    return [np.concatenate(p) for p in zip(*parts)]

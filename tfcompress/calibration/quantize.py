@@ -33,9 +33,6 @@ def _read(model):
         model = ov.Core().read_model(model)
     if not isinstance(model, ov.Model):
         raise TypeError(f"expected an openvino.Model or an IR path, got {type(model).__name__}")
-    if len(model.inputs) != 1:  # the statistics pass feeds one tensor per sample
-        names = [next(iter(i.get_names()), str(i.get_node().get_friendly_name())) for i in model.inputs]
-        raise ValueError(f"calibration takes models with one input; this one has {len(names)}: {names}")
     return model
 
 
@@ -52,20 +49,39 @@ def _check_args(preset, subset_size, channel_alignment, range_estimator, overflo
         raise ValueError(f"unknown range_estimator {range_estimator!r}; choose one of {list(RANGE_ESTIMATORS)}")
 
 
+def _maps_2d(op) -> bool:
+    """Whether ``op`` convolves or pools 2-D (or 3-D) feature maps: a Convolution, GroupConvolution or pooling
+    op whose input has two spatial axes longer than 1 (a Conv1D that a converter wrote as a 2-D convolution
+    over a height of 1 does not count; unknown lengths do)."""
+    if op.get_type_name() not in _SPATIAL_OPS:
+        return False
+    shape = op.get_input_partial_shape(0)
+    if shape.rank.is_dynamic:
+        return True
+    return len([d for d in list(shape)[2:] if not (d.is_static and d.get_length() == 1)]) >= 2
+
+
 def _has_feature_maps(model) -> bool:
-    """Whether the model convolves or pools 2-D (or 3-D) feature maps: a Convolution, GroupConvolution or
-    pooling op whose input has two spatial axes longer than 1 (a Conv1D that a converter wrote as a 2-D
-    convolution over a height of 1 does not count; unknown lengths do)."""
-    for op in model.get_ordered_ops():
-        if op.get_type_name() not in _SPATIAL_OPS:
-            continue
-        shape = op.get_input_partial_shape(0)
-        if shape.rank.is_dynamic:
-            return True
-        spatial = [d for d in list(shape)[2:] if not (d.is_static and d.get_length() == 1)]
-        if len(spatial) >= 2:
-            return True
-    return False
+    """Whether the model convolves or pools 2-D (or 3-D) feature maps (:func:`_maps_2d`)."""
+    return any(_maps_2d(op) for op in model.get_ordered_ops())
+
+
+def _feature_map_ops(model) -> set[int]:
+    """Positions (in ``get_ordered_ops()``) of the ops computed from 2-D feature maps or computing what such
+    maps are made from: those downstream or upstream of an op of :func:`_maps_2d`. In a CNN that is every op;
+    in a model with an image input and a vector one (image + metadata) the ops of the vector branch before it
+    joins the image's are not."""
+    ops = list(model.get_ordered_ops())
+    pos = {op.get_name(): k for k, op in enumerate(ops)}
+    producers = [[pos[i.get_source_output().get_node().get_name()] for i in op.inputs()] for op in ops]
+    down, up = set(), set()
+    for k, op in enumerate(ops):
+        if _maps_2d(op) or any(p in down for p in producers[k]):
+            down.add(k)
+    for k in reversed(range(len(ops))):
+        if _maps_2d(ops[k]) or k in up:
+            up.update(producers[k])
+    return down | up
 
 
 def range_estimator_for(model, range_estimator: str = "auto") -> str:
@@ -83,6 +99,17 @@ def range_estimator_for(model, range_estimator: str = "auto") -> str:
     if range_estimator != "auto":
         return range_estimator
     return "minmax" if _has_feature_maps(model) else "max"
+
+
+def point_estimators(model, acts: list[ActivationPoint], range_estimator: str = "auto") -> dict:
+    """Each activation point's estimator: ``range_estimator``, or for ``"auto"`` ``"minmax"`` on tensors of 2-D
+    feature maps (computed from them, or making them) and ``"max"`` on the others, for the reasons of
+    :func:`range_estimator_for`: in a model with several inputs (image + metadata) the vector branch's tensors
+    are vectors of a few features whatever the image branch holds."""
+    if range_estimator != "auto":
+        return {p.key: range_estimator for p in acts}
+    maps = _feature_map_ops(model)
+    return {p.key: "minmax" if p.key[0] in maps else "max" for p in acts}
 
 
 # A per-channel activation range is at least this fraction of the tensor's widest channel (NNCF's floor for
@@ -108,13 +135,15 @@ def _activation_range(lo, hi, preset: str) -> tuple[np.ndarray, np.ndarray]:
     return -zp * scale, (255 - zp) * scale
 
 
-def act_ranges(acts: list[ActivationPoint], stats: Statistics, preset: str, estimator: str) -> dict:
+def act_ranges(acts: list[ActivationPoint], stats: Statistics, preset: str, estimator: str | dict) -> dict:
     """Final FakeQuantize range of every activation point (Concat inputs share theirs); per-channel points
     get one value per channel, from the extremes seen (``"max"`` where ``estimator`` is ``"minmax"``, as
-    NNCF: averaging per-sample maxima clips a single channel far more often than a whole tensor)."""
+    NNCF: averaging per-sample maxima clips a single channel far more often than a whole tensor).
+    ``estimator``: one for all points, or per point key (:func:`point_estimators`)."""
     ranges = {}
     for p in acts:
-        est = "max" if p.per_channel and estimator == "minmax" else estimator
+        est = estimator if isinstance(estimator, str) else estimator[p.key]
+        est = "max" if p.per_channel and est == "minmax" else est
         lo, hi = stats.range(p.key, est)
         if preset == "performance" and np.any(np.asarray(lo) < 0):
             a = stats.abs_max(p.key, est)  # signed symmetric: mean of per-sample |x| maxima
@@ -396,7 +425,8 @@ def calibrate(
     ranges from one statistics pass: ``range_estimator="minmax"`` takes the min of per-sample minima and the
     mean of per-sample maxima (for signed symmetric tensors the mean of per-sample absolute maxima, as NNCF),
     ``"max"`` the largest values seen, ``"quantile"`` the 1e-4 quantiles, and ``"auto"`` (the default)
-    ``"minmax"`` on models with 2-D feature maps and ``"max"`` on others (:func:`range_estimator_for`);
+    ``"minmax"`` on models with 2-D feature maps and ``"max"`` on others (:func:`range_estimator_for`), tensor
+    by tensor: a vector branch of a model with an image input gets ``"max"`` (:func:`point_estimators`);
     Concat inputs share one range. Weights are quantized symmetrically per output channel on the int8 grid
     (levels=255 over [-m, m]). Bias correction (NNCF's fast bias correction, :func:`fast_bias_shifts`)
     shifts each layer's bias by the difference between its mean FP32 output and its quantized output on its
@@ -408,7 +438,10 @@ def calibrate(
     Args:
         ov_model: an ``openvino.Model`` or an IR path; not modified.
         calibration_data: samples: an array (N, ...), or an iterable of samples, batches or (x, y) pairs,
-            e.g. a ``tf.data.Dataset``.
+            e.g. a ``tf.data.Dataset``. For a model with several inputs, one array per input wherever one
+            array goes: a dict from input name (the IR's input tensor names, those of the SavedModel
+            signature) to array, or a tuple / list in input order
+            (:func:`~tfcompress.calibration.samples.iterate_samples`).
         subset_size: how many samples to use.
         ignored_layers: friendly names of layers to keep in float.
         overflow_fix: ``"first_layer"`` (default, as NNCF), ``"enable"`` or ``"disable"``: which layers'
@@ -443,13 +476,13 @@ def _calibration_state(model, data, preset, subset_size, bias_correction, ignore
                        overflow_fix, verbose):
     """One statistics pass: activation ranges and, with ``bias_correction``, every layer's bias shift."""
     acts, weights = find_points(model, ignored_layers, overflow_fix)
-    estimator = range_estimator_for(model, estimator)
+    estimators = point_estimators(model, acts, estimator)
     corrected = bias_points(model, weights) if bias_correction else []
     # in f32, as NNCF's statistics pass: a bf16 pass (the default on CPUs with AVX512-BF16 or AMX) rounds every
     # maximum to 8 mantissa bits, so the ranges and means would be those of a rounded model
     stats = collect(model, acts, data, subset_size, verbose=verbose, quantiles=estimator == "quantile",
                     precision="f32", mean_points=sorted({(key, kind) for _, key, kind in corrected}))
-    ranges = act_ranges(acts, stats, preset, estimator)
+    ranges = act_ranges(acts, stats, preset, estimators)
     shifts = fast_bias_shifts(corrected, stats) if corrected else {}
     return ranges, shifts
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from typing import Iterable
 
 import numpy as np
+
+from tfcompress.calibration.samples import iterate_samples, model_inputs
 
 __all__ = ["Statistics", "collect", "iterate_samples"]
 
@@ -73,53 +74,21 @@ class Progress:
             sys.stderr.flush()
 
 
-def iterate_samples(data, shape, limit: int | None = None) -> Iterable[np.ndarray]:
-    """Yield samples with a batch dimension of 1 from an array of samples, or any iterable (a list, a
-    generator, a ``tf.data.Dataset``) of samples, batches or ``(x, y)`` pairs.
-
-    ``shape``: the model input's shape (an ov.PartialShape or a sequence, None/-1 for dynamic dimensions).
-    """
-    dims = [None if (hasattr(d, "is_static") and not d.is_static) else
-            (d.get_length() if hasattr(d, "get_length") else d) for d in shape]
-    rank = len(dims)
-    if isinstance(data, tuple) and len(data) == 2 and np.ndim(data[0]) == rank:
-        data = data[0]  # an (x, y) pair of arrays
-    items = [data] if isinstance(data, np.ndarray) else data
-    n = 0
-    for item in items:
-        if isinstance(item, (tuple, list)):
-            item = item[0]  # (x, y)
-        arr = np.asarray(item.numpy() if hasattr(item, "numpy") else item)
-        if arr.ndim == rank - 1:
-            arr = arr[None]
-        if arr.ndim != rank or any(d not in (None, -1) and d != a for d, a in zip(dims[1:], arr.shape[1:])):
-            want = tuple("?" if d in (None, -1) else d for d in dims[1:])
-            raise ValueError(f"calibration samples must have shape {want} (model input), got {arr.shape[1:]} "
-                             f"(samples must have {rank - 1} dimensions, batches {rank})")
-        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):  # NaN ranges or inf scales break the IR
-            raise ValueError(f"calibration samples contain NaN or infinite values (in samples {n}..{n + len(arr) - 1})")
-        for row in arr:
-            yield row[None]
-            n += 1
-            if limit is not None and n >= limit:
-                return
-
-
 def run_batches(model, compiled, data, subset_size: int, batch: int, label: str, verbose: bool, on_result) -> int:
     """Feed up to ``subset_size`` samples to ``compiled`` in batches; ``on_result(results, n)`` per batch, in
     the order of the samples.
 
     Batches run on as many infer requests as ``compiled`` has streams, in turn, so that the next batch runs
     while the results of the last one are read. Uses the model's static batch size when it has one. Returns
-    how many samples were used.
+    how many samples were used. ``data``: samples of every model input (:func:`iterate_samples`).
     """
-    shape = model.inputs[0].get_partial_shape()
-    if shape[0].is_static:
-        batch = shape[0].get_length()
+    inputs = model_inputs(model)
+    if inputs[0].dims and inputs[0].dims[0] is not None:
+        batch = inputs[0].dims[0]
     progress = Progress(subset_size, label, verbose)
     requests = [compiled.create_infer_request() for _ in range(max(1, compiled.get_property("NUM_STREAMS")))]
     pending: list = [None] * len(requests)  # per request: how many samples it is running, or None
-    chunk: list[np.ndarray] = []
+    chunk: list[tuple] = []
     n = runs = 0
 
     def finish(slot: int) -> None:
@@ -134,10 +103,11 @@ def run_batches(model, compiled, data, subset_size: int, batch: int, label: str,
         runs += 1
         if pending[slot] is not None:
             finish(slot)
-        requests[slot].start_async({0: np.concatenate(rows).astype(np.float32)})
+        requests[slot].start_async({i: np.concatenate([r[i] for r in rows]).astype(inp.dtype)
+                                    for i, inp in enumerate(inputs)})
         pending[slot] = len(rows)
 
-    for sample in iterate_samples(data, shape, subset_size):
+    for sample in iterate_samples(data, inputs, subset_size):
         chunk.append(sample)
         n += 1
         if len(chunk) == batch:

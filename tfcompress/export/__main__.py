@@ -17,7 +17,8 @@ flags.DEFINE_string("saved_model_dir", None, "The SavedModel to export (read onl
 flags.DEFINE_string("output_dir", None, "Where to write stripped/, model.onnx, model_fp32.xml/.bin, "
                     "model_int8.xml/.bin and report.json/.md. Must not exist or be empty (see --overwrite).")
 flags.DEFINE_string("calibration_data", None, "Samples for INT8 calibration (the first 300 are used): .npy, .npz "
-                    "(x[, y]) or a directory of images in class sub-folders. Given, model_int8.xml/.bin is written.")
+                    "(x[, y], or one array per signature input under its name) or a directory of images in class "
+                    "sub-folders. Given, model_int8.xml/.bin is written.")
 flags.DEFINE_enum("int8", "default", ["default", "accuracy_aware", "none"],
                   "INT8 calibration mode (with --calibration_data): default (ranges + bias correction), "
                   "accuracy_aware (also reverts layers to float until the drop <= --max_drop; needs --calibration_data "
@@ -40,8 +41,9 @@ flags.DEFINE_integer("max_iterations", 50, "With --int8=accuracy_aware, the most
                      "the search stops there even if --max_drop is not reached.")
 flags.DEFINE_bool("allow_drop_miss", False, "With --int8=accuracy_aware, exit 0 even when --max_drop was not "
                   "reached (by default the export is written, the miss reported and the exit code is 3).")
-flags.DEFINE_string("validation_data", None, "Labelled samples (.npz with x and y, or an image directory); the "
-                    "report then gives the accuracy of every artifact.")
+flags.DEFINE_string("validation_data", None, "Labelled samples (.npz with x and y, or one array per signature "
+                    "input under its name and y; or an image directory); the report then gives the accuracy of "
+                    "every artifact.")
 flags.DEFINE_integer("opset", 17, "ONNX opset, 13..18.")
 flags.DEFINE_string("signature", "serving_default", "The SavedModel signature to export.")
 flags.DEFINE_bool("overwrite", False, "Replace a non-empty --output_dir.")
@@ -68,6 +70,7 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     from tfcompress._cli import import_tensorflow_quietly
+    from tfcompress.export.data import check_data_files
     from tfcompress.export.options import check_args
 
     # the paths and options first: importing the pipeline imports TensorFlow, which takes seconds
@@ -76,6 +79,8 @@ def main(argv: list[str]) -> int:
                {"--calibration_data": FLAGS.calibration_data, "--validation_data": FLAGS.validation_data},
                calibration_data=FLAGS.calibration_data is not None, range_estimator=FLAGS.range_estimator,
                overflow_fix=FLAGS.overflow_fix)
+    check_data_files(FLAGS.saved_model_dir, FLAGS.signature,
+                     {"--calibration_data": FLAGS.calibration_data, "--validation_data": FLAGS.validation_data})
     import_tensorflow_quietly()
     from tfcompress.export.pipeline import export_saved_model
 

@@ -22,7 +22,7 @@ from tfcompress.export.ov_run import int8_kernel_check, run_openvino
 from tfcompress.int8_policy import on_int8_grid
 from tfcompress.output_dir import STAGING_PREFIX, staged_file
 from tfcompress.stripping.savedmodel_strip import (
-    ExportError, FrozenSignature, check_outputs, freeze_saved_model, run_frozen, sample_inputs,
+    ExportError, FrozenSignature, check_outputs, freeze_saved_model, rel_errors, run_frozen, sample_inputs,
 )
 
 __all__ = [
@@ -269,7 +269,7 @@ def to_onnx(
         got = run_openvino(read, x, precision="f32", exact=True)
         err = check_outputs(got, ref, tolerance, "ONNX outputs (OpenVINO's ONNX reader, f32, quantizers in exact "
                             "arithmetic) differ from TensorFlow's")
-    check = ConversionCheck(max_rel_error=err, quantized_weights=restored, opset=opset)
+    check = ConversionCheck(max_rel_error=err, quantized_weights=restored, opset=opset, **_by_output(got, ref))
     check.inputs, check.outputs, check.model = x, got, read
     return check
 
@@ -612,6 +612,11 @@ def saved_model_to_openvino(
     return _save_checked(model, xml_path, x, ref, tolerance, "TensorFlow's")
 
 
+def _by_output(got: dict, ref: dict) -> dict:
+    """``{"max_rel_error_by_output": {output: error}}`` for a model with several outputs, else nothing."""
+    return {"max_rel_error_by_output": rel_errors(got, ref)} if len(ref) > 1 else {}
+
+
 def _check_xml_path(xml_path: str) -> None:
     if not xml_path.endswith(".xml"):
         raise ExportError(f"the IR path must end in .xml, got {xml_path!r}")
@@ -642,7 +647,7 @@ def _save_checked(model, xml_path: str, inputs: dict, ref: dict, tolerance: floa
         os.replace(tmp_xml, xml_path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    check = ConversionCheck(max_rel_error=err)
+    check = ConversionCheck(max_rel_error=err, **_by_output(got, ref))
     if kernels is not None:
         check["int8_kernels"] = kernels
     check.outputs = got

@@ -1,71 +1,184 @@
-"""Calibration / validation data for the export: .npy, .npz, a directory of images, or arrays in memory."""
+"""Calibration / validation data for the export: .npy, .npz, a directory of images, or arrays in memory.
+
+Samples are one array per model input, by the signature's input names: a single-input model's may come as one
+array (``.npy``, an image folder, or the ``x`` of an ``.npz``). Everything here but reading an image folder runs
+without TensorFlow, so that the export command can refuse bad data before TensorFlow loads.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import zipfile
+from typing import Mapping
 
 import numpy as np
-import tensorflow as tf
 
 from tfcompress.errors import ExportError
 from tfcompress.export.options import check_data_path
+from tfcompress.saved_model_dir import signature_inputs
 
-__all__ = ["load_data", "check_labels"]
+__all__ = ["InputSpec", "check_data_files", "check_labels", "input_specs", "load_data"]
 
 _X_KEYS = ("x", "x_test", "x_val", "x_train", "images", "inputs")
 _Y_KEYS = ("y", "y_test", "y_val", "y_train", "labels")
 
 
-def load_data(path, spec: tf.TensorSpec, what: str = "data") -> tuple[np.ndarray, np.ndarray | None]:
-    """Load samples (and labels when the file or folder has them), checked against the model input ``spec``.
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """A signature input: its dimensions (None where any size goes) and numpy type."""
 
-    * an array of samples, or a tuple ``(samples, labels)``: used as they are (from Python callers);
-    * ``.npy``: an array of samples.
-    * ``.npz``: samples under ``x`` (or ``x_test``, ``x_train`` ...), optional labels under ``y`` (...).
+    shape: tuple
+    dtype: np.dtype
+
+    @classmethod
+    def of(cls, spec) -> "InputSpec":
+        """From a ``tf.TensorSpec``, an InputSpec, or ``(dtype name, dims)`` as
+        :func:`tfcompress.saved_model_dir.signature_inputs` reads them."""
+        if isinstance(spec, InputSpec):
+            return spec
+        if isinstance(spec, tuple):
+            return cls(tuple(spec[1]), np.dtype(spec[0]))
+        return cls(tuple(spec.shape.as_list()), np.dtype(spec.dtype.as_numpy_dtype))
+
+
+def input_specs(specs: Mapping) -> dict[str, InputSpec]:
+    """``specs`` (input name -> ``tf.TensorSpec``, InputSpec or ``(dtype name, dims)``) as InputSpecs."""
+    return {name: InputSpec.of(spec) for name, spec in specs.items()}
+
+
+def _is_integer(dtype: np.dtype) -> bool:
+    return np.issubdtype(dtype, np.integer)
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    return np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"  # ml_dtypes' bfloat16 is no np.floating
+
+
+def load_data(path, specs: Mapping, what: str = "data") -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Load samples (and labels when the file or folder has them), checked against the model inputs ``specs``
+    (input name -> ``tf.TensorSpec`` or :class:`InputSpec`, in input order).
+
+    * from Python callers: one array (a single-input model), a dict from input name to array, a tuple / list of
+      arrays in input order (a model with several inputs), or ``(samples, labels)`` with samples in any of
+      these forms;
+    * ``.npy``: an array of samples (a single-input model);
+    * ``.npz``: one array per input, under the input's name, with optional labels under ``y`` (or ``labels``,
+      ``y_test`` ...); for a single-input model also samples under ``x`` (or ``x_test``, ``x_train`` ...);
     * a directory: images in one sub-directory per class (``keras.utils.image_dataset_from_directory``
       conventions), resized to the model's input size; labels are the sorted class folders. Pixels are
       floats in [0, 255], or rounded to whole values for an integer input (a model that scales its pixels).
 
+    Returns ``(samples by input name, labels or None)``.
+
     Raises:
-        ExportError: missing file, unknown format, shape or dtype that does not match, NaN or inf values.
+        ExportError: missing file, unknown format, missing or unknown input names, different sample counts per
+        input, shape or dtype that does not match, NaN or inf values.
     """
+    specs = input_specs(specs)
+    names = list(specs)
     y = None
-    if isinstance(path, (np.ndarray, tuple, list)):
-        x, y = (path[0], path[1]) if isinstance(path, (tuple, list)) else (path, None)
-        x, y = np.asarray(x), None if y is None else np.asarray(y)
-        path = f"array {tuple(x.shape)}"
+    if isinstance(path, (np.ndarray, dict, tuple, list)):
+        x, y = _from_python(path, names, what)
+        path = "array " + ", ".join(f"{tuple(np.shape(a))}" for a in x.values())
     elif not isinstance(path, (str, os.PathLike)):
-        raise ExportError(f"{what} must be a file or directory path, an array or (samples, labels), "
-                          f"got {type(path).__name__}")
+        raise ExportError(f"{what} must be a file or directory path, an array, a dict of arrays by input name or "
+                          f"(samples, labels), got {type(path).__name__}")
     else:
         check_data_path(path, what)
-        x, y = _images(path, spec, what) if os.path.isdir(path) else _load_numpy(path, what)
-    shape = spec.shape.as_list()
-    if x.ndim != len(shape) or any(d is not None and d != s for d, s in zip(shape[1:], x.shape[1:])):
-        raise ExportError(
-            f"{what} {path!r} has samples of shape {tuple(x.shape[1:])}, the model input "
-            f"{spec.name!r} expects {tuple(shape[1:])}"
-        )
-    if not _real_numbers(x.dtype):
-        raise ExportError(f"{what} {path!r} has dtype {x.dtype}, not real numbers")
-    if spec.dtype.is_integer and np.issubdtype(x.dtype, np.floating):
-        raise ExportError(f"{what} {path!r} has float samples, the model input {spec.name!r} is {spec.dtype.name}")
-    if len(x) == 0:
-        raise ExportError(f"{what} {path!r} holds no samples")
-    if spec.dtype.is_integer and not spec.dtype.is_bool:  # a cast would wrap values around silently
-        info, lo, hi = np.iinfo(spec.dtype.as_numpy_dtype), x.min(), x.max()
-        if lo < info.min or hi > info.max:
-            raise ExportError(f"{what} {path!r} has values in [{lo}, {hi}], outside the range of the model "
-                              f"input {spec.name!r} ({spec.dtype.name})")
-    with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32's range: checked just below
-        x = x.astype(spec.dtype.as_numpy_dtype)
-    if spec.dtype.is_floating and not np.all(np.isfinite(x)):
-        raise ExportError(f"{what} {path!r} contains NaN or infinite values (in {spec.dtype.name})")
+        if os.path.isdir(path):
+            x, y = _images(path, _single(specs, what, "a directory of images"), what)
+            x = {names[0]: x}
+        else:
+            x, y = _load_numpy(path, specs, what)
+    x = {name: _checked(np.asarray(x[name]), specs[name], name, len(names) > 1, path, what) for name in names}
+    counts = {name: len(a) for name, a in x.items()}
+    if len(set(counts.values())) > 1:
+        raise ExportError(f"{what} {path!r} holds different numbers of samples per input: "
+                          + ", ".join(f"{n!r} {c}" for n, c in counts.items()))
     if y is not None:
-        y = _class_indices(y, len(x), path, what)
+        y = _class_indices(y, counts[names[0]], path, what)
     return x, y
+
+
+def check_data_files(saved_model_dir: str, signature_key: str, data: Mapping) -> None:
+    """:func:`load_data` of every .npy / .npz path among ``data`` (what it is called -> path), against the inputs
+    of the signature as ``saved_model.pb`` declares them, read without TensorFlow: the export command refuses
+    missing or unknown input names, different sample counts, wrong shapes or types before TensorFlow loads.
+    Image folders, and SavedModels whose signature cannot be read so (a ``.pbtxt``), are checked later."""
+    paths = {what: p for what, p in data.items() if isinstance(p, (str, os.PathLike)) and not os.path.isdir(p)}
+    specs = signature_inputs(saved_model_dir, signature_key) if paths else None
+    if not specs or any(dims is None for _, dims in specs.values()):
+        return
+    for what, path in paths.items():
+        load_data(path, specs, what)
+
+
+def _single(specs: dict, what: str, form: str):
+    """The one input's spec; ExportError when ``form`` is given for a model with several inputs."""
+    if len(specs) > 1:
+        raise ExportError(f"{what}: the model has {len(specs)} inputs {list(specs)}; {form} feeds one input: give "
+                          "a .npz with one array per input name")
+    return next(iter(specs.values()))
+
+
+def _from_python(data, names: list[str], what: str) -> tuple[dict, np.ndarray | None]:
+    """Samples by input name (and labels) from a Python caller's arrays."""
+    if isinstance(data, (tuple, list)):
+        if len(names) > 1 and len(data) == len(names) and not any(isinstance(v, (dict, tuple, list)) for v in data):
+            return dict(zip(names, data)), None  # one array per input, in input order
+        if len(data) != 2:
+            raise ExportError(f"{what}: give (samples, labels), or for a model with several inputs one array per "
+                              f"input {names}; got a {type(data).__name__} of {len(data)}")
+        x, labels = _from_python(data[0], names, what)
+        if labels is not None:
+            raise ExportError(f"{what}: the samples of (samples, labels) hold labels themselves")
+        return x, np.asarray(data[1])
+    if isinstance(data, dict):
+        _check_names(list(data), names, what, "")
+        return dict(data), None
+    if len(names) > 1:
+        raise ExportError(f"{what}: the model has {len(names)} inputs {names}: give one array per input (a dict by "
+                          "input name, or a tuple in input order), not one array")
+    return {names[0]: data}, None
+
+
+def _check_names(keys: list[str], names: list[str], what: str, path, label: str | None = None) -> None:
+    """ExportError unless ``keys`` are exactly the input ``names`` (plus the labels' key ``label``)."""
+    missing = [n for n in names if n not in keys]
+    extra = [k for k in keys if k not in names and k != label]
+    if missing or extra:
+        said = ([f"no array for input(s) {missing}"] if missing else []) + (
+            [f"unknown key(s) {extra}"] if extra else [])
+        where = f" {path!r}" if path else ""
+        raise ExportError(f"{what}{where}: {'; '.join(said)}; the model's inputs are {names}"
+                          + (f" (labels go under one of {list(_Y_KEYS)})" if path else ""))
+
+
+def _checked(x: np.ndarray, spec: InputSpec, name: str, named: bool, path, what: str) -> np.ndarray:
+    """``x`` as samples of the input ``name`` in its type; ExportError for a shape, type or value it cannot take.
+    ``named``: the model has several inputs (messages name the one at fault)."""
+    of = f" (input {name!r})" if named else ""
+    if x.ndim != len(spec.shape) or any(d is not None and d != s for d, s in zip(spec.shape[1:], x.shape[1:])):
+        raise ExportError(f"{what} {path!r}{of} has samples of shape {tuple(x.shape[1:])}, the model input "
+                          f"{name!r} expects {tuple(spec.shape[1:])}")
+    if not _real_numbers(x.dtype):
+        raise ExportError(f"{what} {path!r}{of} has dtype {x.dtype}, not real numbers")
+    if _is_integer(spec.dtype) and np.issubdtype(x.dtype, np.floating):
+        raise ExportError(f"{what} {path!r}{of} has float samples, the model input {name!r} is {spec.dtype.name}")
+    if len(x) == 0:
+        raise ExportError(f"{what} {path!r}{of} holds no samples")
+    if _is_integer(spec.dtype):  # a cast would wrap values around silently
+        info, lo, hi = np.iinfo(spec.dtype), x.min(), x.max()
+        if lo < info.min or hi > info.max:
+            raise ExportError(f"{what} {path!r}{of} has values in [{lo}, {hi}], outside the range of the model "
+                              f"input {name!r} ({spec.dtype.name})")
+    with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32's range: checked just below
+        x = x.astype(spec.dtype)
+    if _is_float(spec.dtype) and not np.all(np.isfinite(x)):
+        raise ExportError(f"{what} {path!r}{of} contains NaN or infinite values (in {spec.dtype.name})")
+    return x
 
 
 def check_labels(y: np.ndarray, classes: int, output: str, what: str = "validation data") -> None:
@@ -107,18 +220,23 @@ def _class_indices(y: np.ndarray, n: int, path, what: str) -> np.ndarray:
     return y[:, 0].astype(np.int64)
 
 
-def _load_numpy(path: str, what: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Samples (and labels) from a .npy or .npz file; ExportError for anything numpy cannot read safely
-    (pickled objects, text, truncated or corrupt files)."""
+def _load_numpy(path: str, specs: dict, what: str) -> tuple[dict, np.ndarray | None]:
+    """Samples by input name (and labels) from a .npy or .npz file; ExportError for anything numpy cannot read
+    safely (pickled objects, text, truncated or corrupt files) or that does not name the inputs."""
+    names = list(specs)
     try:
         if str(path).endswith(".npy"):
-            return np.load(path, allow_pickle=False), None
+            _single(specs, what, "a .npy file")
+            return {names[0]: np.load(path, allow_pickle=False)}, None
         with np.load(path, allow_pickle=False) as d:
-            xk = next((k for k in _X_KEYS if k in d), None) or (d.files[0] if d.files else None)
-            if xk is None:
+            if not d.files:
                 raise ExportError(f"{what} {path!r} holds no arrays")
-            yk = next((k for k in _Y_KEYS if k in d), None)
-            return d[xk], (d[yk] if yk else None)
+            yk = next((k for k in _Y_KEYS if k in d and k not in names), None)
+            if len(names) == 1 and names[0] not in d:  # one input's samples under x (or x_test ...)
+                xk = next((k for k in _X_KEYS if k in d), None) or d.files[0]
+                return {names[0]: d[xk]}, (d[yk] if yk else None)
+            _check_names(list(d.files), names, what, path, yk)
+            return {n: d[n] for n in names}, (d[yk] if yk else None)
     except ExportError:
         raise
     except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
@@ -128,11 +246,12 @@ def _load_numpy(path: str, what: str) -> tuple[np.ndarray, np.ndarray | None]:
         raise ExportError(f"{what} {path!r} is not a readable numpy file of numbers ({detail})") from None
 
 
-def _images(path: str, spec: tf.TensorSpec, what: str):
-    shape = spec.shape.as_list()
+def _images(path: str, spec: InputSpec, what: str):
+    shape = list(spec.shape)
     if len(shape) != 4 or shape[1] is None or shape[2] is None or shape[3] not in (1, 3):
         raise ExportError(f"{what}: an image directory needs a model input of shape (batch, H, W, 1|3)")
     import keras
+    import tensorflow as tf
 
     try:
         ds = keras.utils.image_dataset_from_directory(
@@ -152,6 +271,6 @@ def _images(path: str, spec: tf.TensorSpec, what: str):
     if not xs:
         raise ExportError(f"{what} {path!r} holds no images")
     x = np.stack(xs)
-    if spec.dtype.is_integer:  # a model that takes pixels (uint8, int32) and scales them itself
+    if _is_integer(spec.dtype):  # a model that takes pixels (uint8, int32) and scales them itself
         x = np.clip(np.round(x), 0, 255).astype(np.uint8)
     return x, np.asarray(ys)

@@ -21,7 +21,7 @@ from tfcompress.export.ov_run import int8_kernel_check, int8_kernel_warning, ir_
 from tfcompress.output_dir import staged_output
 from tfcompress.saved_model_dir import read_saved_model_proto
 from tfcompress.stripping.savedmodel_strip import (
-    max_rel_error, run_frozen, sample_inputs, save_graph_def, strip_saved_model,
+    max_rel_error, rel_errors, run_frozen, sample_inputs, save_graph_def, strip_saved_model,
 )
 
 __all__ = ["export_saved_model"]
@@ -48,26 +48,39 @@ def _accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(outputs.reshape(len(outputs), -1), axis=1) == labels.reshape(-1)))
 
 
-def _rows(x: np.ndarray, n: int, fixed: int | None) -> np.ndarray:
+# Samples are one array per signature input, by name (``{"image": ..., "meta": ...}``), sharing their first axis.
+
+
+def _count(x: dict[str, np.ndarray]) -> int:
+    return len(next(iter(x.values())))
+
+
+def _slice(x: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+    return {k: a[start:stop] for k, a in x.items()}
+
+
+def _rows(x: dict[str, np.ndarray], n: int, fixed: int | None) -> dict[str, np.ndarray]:
     """The first ``n`` samples of ``x``, or, for a signature that takes exactly ``fixed`` samples, ``fixed``
     samples (the data's first ones, repeated when it has fewer)."""
     if fixed is None:
-        return x[:n]
-    return x[:fixed] if len(x) >= fixed else np.resize(x, (fixed, *x.shape[1:]))
+        return _slice(x, 0, n)
+    if _count(x) >= fixed:
+        return _slice(x, 0, fixed)
+    return {k: np.resize(a, (fixed, *a.shape[1:])) for k, a in x.items()}
 
 
-def _batched(fn, x: np.ndarray, batch: int = 256, fixed: int | None = None) -> np.ndarray:
+def _batched(fn, x: dict[str, np.ndarray], batch: int = 256, fixed: int | None = None) -> np.ndarray:
     """``fn`` over ``x`` in batches of ``batch``, or of exactly ``fixed`` samples for a signature with a fixed
     batch size (the last one filled up with repeated samples, whose outputs are dropped)."""
     import keras
 
-    batch = fixed or batch
-    bar = keras.utils.Progbar(len(x), verbose=1 if len(x) > batch and sys.stderr.isatty() else 0)
+    batch, n = fixed or batch, _count(x)
+    bar = keras.utils.Progbar(n, verbose=1 if n > batch and sys.stderr.isatty() else 0)
     parts = []
-    for i in range(0, len(x), batch):
-        part = x[i:i + batch]
-        parts.append(np.asarray(fn(_rows(part, batch, fixed)))[:len(part)])
-        bar.update(min(i + batch, len(x)))
+    for i in range(0, n, batch):
+        part = _slice(x, i, i + batch)
+        parts.append(np.asarray(fn(_rows(part, batch, fixed)))[:_count(part)])
+        bar.update(min(i + batch, n))
     return np.concatenate(parts)
 
 
@@ -94,17 +107,21 @@ def _scored_output(outputs: dict[str, np.ndarray]) -> str:
     return next((k for k in floats if outputs[k].ndim == 2), (floats or keys)[0])
 
 
-def _whole_batches(x: np.ndarray, fixed: int | None) -> np.ndarray:
+def _whole_batches(x: dict[str, np.ndarray], fixed: int | None) -> dict[str, np.ndarray]:
     """``x`` cut to whole batches of a fixed batch size (calibration feeds the IR whole batches only)."""
     if fixed is None:
         return x
-    return _rows(x, fixed, fixed) if len(x) < fixed else x[:len(x) - len(x) % fixed]
+    n = _count(x)
+    return _rows(x, fixed, fixed) if n < fixed else _slice(x, 0, n - n % fixed)
 
 
-def _fixed_batch(spec) -> int | None:
-    """The batch size a signature input takes, when it takes only one (``TensorSpec([1, 32, 32, 3])``)."""
-    dims = spec.shape.as_list() if spec.shape.rank else []
-    return dims[0] if dims else None
+def _fixed_batch(specs: dict) -> int | None:
+    """The batch size the signature's inputs take, when they take only one (``TensorSpec([1, 32, 32, 3])``)."""
+    for spec in specs.values():
+        dims = spec.shape.as_list() if spec.shape.rank else []
+        if dims and dims[0] is not None:
+            return dims[0]
+    return None
 
 
 def export_saved_model(
@@ -133,11 +150,13 @@ def export_saved_model(
     Args:
         saved_model_dir: the SavedModel (any TF 2 or TF/Keras 2 SavedModel with a serving signature).
         output_dir: destination; must not exist or be empty unless ``overwrite``.
-        calibration_data: samples for INT8 calibration: a .npy/.npz file, an image directory or an array.
+        calibration_data: samples for INT8 calibration: a .npy/.npz file, an image directory, an array, or
+            for a model with several inputs a .npz with one array per input name, a dict from input name to
+            array or a tuple of arrays in input order (:func:`tfcompress.export.data.load_data`).
         int8: ``"default"``, ``"accuracy_aware"`` or ``"none"``.
         max_drop: largest accuracy drop for ``int8="accuracy_aware"``.
-        validation_data: samples with labels (a .npz file, an image directory or ``(x, y)`` arrays); the
-            report then gives each artifact's accuracy.
+        validation_data: samples with labels (a .npz file, an image directory or ``(x, y)`` with ``x`` in
+            any form ``calibration_data`` takes); the report then gives each artifact's accuracy.
         opset: ONNX opset (13..18).
         verbose: print the stage lines on stderr.
         source_name: how the report names the source (default: its absolute path), for callers that export
@@ -165,29 +184,26 @@ def export_saved_model(
     frozen = freeze_for_export(saved_model_dir, signature_key)
     for key, why in sorted(frozen.dropped.items()):
         print(f"warning: output {key!r} is left out of the export: it {why}", file=sys.stderr, flush=True)
-    if len(frozen.specs) != 1 and (calibration_data is not None or validation_data is not None):
-        raise ExportError("calibration/validation data files are supported for single-input models only")
-    spec = next(iter(frozen.specs.values()))
-    name = next(iter(frozen.specs))
+    specs = frozen.specs
     if calibration_data is not None and int8 != "none" and _computes_in_float64(frozen.graph_def):
         raise ExportError("this model computes in float64, which OpenVINO's CPU plugin cannot run quantized: "
                           "export it with --int8=none, or save it in float32 for INT8")
-    calib = load_data(calibration_data, spec, "calibration data") if calibration_data is not None else None
-    valid = load_data(validation_data, spec, "validation data") if validation_data is not None else None
+    calib = load_data(calibration_data, specs, "calibration data") if calibration_data is not None else None
+    valid = load_data(validation_data, specs, "validation data") if validation_data is not None else None
     if int8 == "accuracy_aware" and calib is not None and valid is None:
         raise ExportError("--int8=accuracy_aware needs --validation_data to measure the drop: labelled (accuracy) "
                           "or not (the INT8 outputs' relative RMS error against FP32)")
     out_key = sorted(frozen.outputs)[0]  # the output accuracy is measured on
-    fixed = _fixed_batch(spec)
+    fixed = _fixed_batch(specs)
     if valid is not None and valid[1] is not None:
-        first = run_frozen(frozen, frozen.graph_def, {name: _rows(valid[0], 1, fixed)})
+        first = run_frozen(frozen, frozen.graph_def, _rows(valid[0], 1, fixed))
         out_key = _scored_output(first)
         check_labels(valid[1], int(np.prod(first[out_key].shape[1:])), out_key)
     quantized = any(n.op.startswith("FakeQuant") for n in frozen.graph_def.node)
     check = None
     for data in (valid, calib):
         if data is not None:
-            check = {name: _rows(data[0], 8, fixed)}
+            check = _rows(data[0], 8, fixed)
             break
     refuse_random_outputs(frozen, check or sample_inputs(frozen.specs), saved_model_dir)
     qcheck = None
@@ -247,8 +263,8 @@ def export_saved_model(
         xml8 = None
         if calib is not None and int8 != "none":
             t = time.perf_counter()
-            samples = _whole_batches(calib[0][:300], fixed)
-            _log(f"[4b/5] INT8 calibration ({int8}) on {len(samples)} samples")
+            samples = _whole_batches(_slice(calib[0], 0, 300), fixed)
+            _log(f"[4b/5] INT8 calibration ({int8}) on {_count(samples)} samples")
             xml8 = os.path.join(tmp, "model_int8.xml")
             step = report["steps"]["int8"] = _int8(xml, xml8, samples, int8, max_drop, valid, saved_model_dir,
                                                    verbose, max_iterations, range_estimator, fixed, out_key,
@@ -256,7 +272,10 @@ def export_saved_model(
             step["seconds"] = time.perf_counter() - t
             if check is not None:  # INT8 at OpenVINO's default precision, as deployed, against the FP32 IR
                 got8 = run_openvino(xml8, check, precision="default")
-                step["max_rel_error"] = max_rel_error(got8, fp32_outputs)
+                named = {k: fp32_outputs[k] for k in sorted(frozen.outputs) if k in fp32_outputs} or fp32_outputs
+                step["max_rel_error"] = max_rel_error(got8, named)
+                if len(named) > 1:
+                    step["max_rel_error_by_output"] = rel_errors(got8, named)
                 step["int8_kernels"] = _int8_kernels(xml8, check)
                 if "int8_kernels" not in report["steps"]["openvino"]:  # else said of the QAT IR already
                     _warn(int8_kernel_warning(step["int8_kernels"], _calibration_fix(overflow_fix, quantized)))
@@ -269,18 +288,18 @@ def export_saved_model(
                 return _accuracy(_batched(fn, x, fixed=fixed), y)
 
             report["accuracy"] = {
-                "original": score(lambda b: run_frozen(frozen, frozen.graph_def, {name: b})[out_key]),
-                "stripped": score(lambda b: _run_stripped(stripped_dir, signature_key, name, b, out_key)),
-                "openvino_fp32": score(lambda b: run_openvino(xml, {name: b})[out_key]),
-                "samples": int(len(x)), "output": out_key,
+                "original": score(lambda b: run_frozen(frozen, frozen.graph_def, b)[out_key]),
+                "stripped": score(lambda b: _run_stripped(stripped_dir, signature_key, b, out_key)),
+                "openvino_fp32": score(lambda b: run_openvino(xml, b)[out_key]),
+                "samples": _count(x), "output": out_key,
             }
             if os.path.exists(onnx_path):
                 onnx_fn = _onnx_fn(onnx_path)
-                report["accuracy"]["onnx"] = score(lambda b: onnx_fn({name: b})[out_key])
+                report["accuracy"]["onnx"] = score(lambda b: onnx_fn(b)[out_key])
             if xml8 is not None:  # compiled as accuracy control measured it (f32 hint), else the default
                 p8 = "f32" if report["steps"]["int8"].get("inference_precision") == "f32" else "default"
                 report["accuracy"]["openvino_int8"] = score(
-                    lambda b: run_openvino(xml8, {name: b}, precision=p8)[out_key])
+                    lambda b: run_openvino(xml8, b, precision=p8)[out_key])
         else:
             _log("[5/5] no labelled validation data: accuracy not measured")
         report["seconds"] = time.perf_counter() - t0
@@ -384,7 +403,7 @@ def _convert(stripped_dir: str, onnx_path: str, xml: str, opset: int, check, sig
     return steps, c.outputs
 
 
-def _int8(xml: str, xml8: str, calib: np.ndarray, mode: str, max_drop: float, valid, saved_model_dir: str,
+def _int8(xml: str, xml8: str, calib: dict[str, np.ndarray], mode: str, max_drop: float, valid, saved_model_dir: str,
           verbose: bool = True, max_iterations: int = 50, range_estimator: str = "auto", fixed: int | None = None,
           out_key: str = "", overflow_fix: str = "first_layer") -> dict:
     """Calibrate the FP32 IR, store int8 weights, and say which layers really run INT8.
@@ -404,57 +423,65 @@ def _int8(xml: str, xml8: str, calib: np.ndarray, mode: str, max_drop: float, va
                   "overflow_fix": overflow_fix, "cpu_saturates_int8": calibration.cpu_saturates_int8()}
     if mode == "accuracy_aware":
         # accuracy control runs its trial models in batches of its own size: give them a free batch dimension
-        shape = fp.inputs[0].get_partial_shape()
+        shapes = {port.get_any_name(): port.get_partial_shape() for port in fp.inputs}
         if fixed is not None:
             _reshape_batch(fp, -1)
         validate, info["drop_metric"] = _drop_metric(fp, valid, out_key)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # said below, once, in the pipeline's own words
             q, acc = calibration.calibrate_with_accuracy_control(
-                fp, calib, valid, validate, max_drop=max_drop, subset_size=min(len(calib), 300),
+                fp, calib, valid, validate, max_drop=max_drop, subset_size=min(_count(calib), 300),
                 max_iterations=max_iterations, range_estimator=range_estimator, overflow_fix=overflow_fix,
                 layer_names=_variable_layers(saved_model_dir), verbose=verbose)
         if fixed is not None:
-            q.reshape({q.inputs[0]: shape})
+            q.reshape(shapes)
         info.update({k: acc[k] for k in ("reverted", "reverted_ir", "restored", "drop", "fp32_metric", "max_drop_met",
                                          "int8_mac_share", "inference_precision")})
         if not acc["max_drop_met"]:
             info["warning"] = acc["warning"]
             print(f"warning: {acc['warning']}", file=sys.stderr, flush=True)
     else:
-        q = calibration.calibrate(fp, calib, subset_size=min(len(calib), 300), range_estimator=range_estimator,
+        q = calibration.calibrate(fp, calib, subset_size=min(_count(calib), 300), range_estimator=range_estimator,
                                   overflow_fix=overflow_fix, verbose=verbose)
     ov.save_model(q, xml8, compress_to_fp16=False)
     info["int8_layers"] = calibration.int8_layers(ov.Core().compile_model(xml8, "CPU"))
     return info
 
 
-def _outputs(compiled, x: np.ndarray, out_key: str) -> np.ndarray:
+def _outputs(compiled, x: dict[str, np.ndarray], out_key: str) -> np.ndarray:
     """The output named ``out_key`` (the first one if empty) of a compiled IR on ``x``, in batches."""
     port = next((o for o in compiled.outputs if out_key in o.get_names()), compiled.outputs[0])
-    return _batched(lambda b: compiled({0: b})[port], x)
+    return _batched(lambda b: compiled(b)[port], x)
+
+
+def _all_outputs(compiled, x: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Every output of a compiled IR on ``x``, in batches."""
+    return [_batched(lambda b, port=port: compiled(b)[port], x) for port in compiled.outputs]
 
 
 def _drop_metric(fp, valid, out_key: str = ""):
     """``(validate_fn, what it measures)`` for accuracy control on the validation data ``valid`` = (x, y).
 
-    Both score the output named ``out_key``. With labels: accuracy (its argmax), after checking that the FP32
-    model's argmax predicts the labels at least as often as a random guess among the label values present (two);
+    With labels: accuracy (the argmax of the output named ``out_key``), after checking that the FP32 model's
+    argmax predicts the labels at least as often as a random guess among the label values present (two);
     otherwise the output is not class scores (a regression, an autoencoder's reconstruction) and its argmax
     accuracy would steer the search by noise. Without labels: minus the relative RMS error of the outputs
-    against the FP32 IR's (f32), so that the drop is that error (0 for FP32).
+    against the FP32 IR's (f32), the largest of any output's, so that the drop is that error (0 for FP32).
     """
     import openvino as ov
 
     x, y = valid
-    ref = _outputs(ov.Core().compile_model(fp, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), x, out_key)
+    compiled = ov.Core().compile_model(fp, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     if y is None:
-        scale = float(np.sqrt(np.mean(np.square(ref, dtype=np.float64)))) or 1.0
+        refs = _all_outputs(compiled, x)
+        scales = [float(np.sqrt(np.mean(np.square(r, dtype=np.float64)))) or 1.0 for r in refs]
 
         def output_error(compiled, data):
-            diff = _outputs(compiled, data[0], out_key) - ref
-            return -float(np.sqrt(np.mean(np.square(diff, dtype=np.float64)))) / scale
-        return output_error, "relative RMS error against FP32"
+            return -max(float(np.sqrt(np.mean(np.square(got - ref, dtype=np.float64)))) / scale
+                        for got, ref, scale in zip(_all_outputs(compiled, data[0]), refs, scales))
+        what = "relative RMS error against FP32"
+        return output_error, what + (f" (the largest of {len(refs)} outputs')" if len(refs) > 1 else "")
+    ref = _outputs(compiled, x, out_key)
     values = len(np.unique(y))
     chance = 1.0 / max(2, values)
     if _accuracy(ref, y) < chance:
@@ -467,12 +494,14 @@ def _drop_metric(fp, valid, out_key: str = ""):
 
 
 def _reshape_batch(model, batch: int) -> None:
-    """Give ``model``'s input the batch size ``batch`` (-1: any); ExportError when its graph cannot take it (a
+    """Give ``model``'s inputs the batch size ``batch`` (-1: any); ExportError when its graph cannot take it (a
     reshape to a constant shape that includes the batch)."""
-    shape = model.inputs[0].get_partial_shape()
-    shape[0] = batch
+    shapes = {}
+    for port in model.inputs:
+        shapes[port.get_any_name()] = shape = port.get_partial_shape()
+        shape[0] = batch
     try:
-        model.reshape({model.inputs[0]: shape})
+        model.reshape(shapes)
     except Exception as e:
         raise ExportError(
             f"--int8=accuracy_aware needs the model to run on batches of any size, but its input "
@@ -501,13 +530,13 @@ def _variable_layers(saved_model_dir: str) -> list[str] | None:
 _STRIPPED_CACHE: dict = {}
 
 
-def _run_stripped(path, key, name, batch, out_key):
+def _run_stripped(path, key, inputs: dict[str, np.ndarray], out_key):
     import tensorflow as tf
 
     if path not in _STRIPPED_CACHE:
         _STRIPPED_CACHE.clear()
         _STRIPPED_CACHE[path] = tf.saved_model.load(path).signatures[key]
-    return _STRIPPED_CACHE[path](**{name: tf.constant(batch)})[out_key].numpy()
+    return _STRIPPED_CACHE[path](**{name: tf.constant(a) for name, a in inputs.items()})[out_key].numpy()
 
 
 def _onnx_fn(path):

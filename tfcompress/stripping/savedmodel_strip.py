@@ -27,7 +27,7 @@ from tfcompress.saved_model_dir import check_saved_model_dir, read_saved_model_p
 
 __all__ = [
     "ExportError", "FrozenSignature", "StripResult", "check_outputs", "freeze_saved_model", "max_rel_error",
-    "sample_inputs", "strip_saved_model",
+    "rel_errors", "sample_inputs", "strip_saved_model",
 ]
 
 
@@ -481,16 +481,25 @@ def _layer_rows(gg: GraphDefGraph, removable: dict, consts: dict) -> list[dict]:
 
 
 def check_outputs(got: dict, ref: dict, tolerance: float, what: str, suffix: str = "") -> float:
-    """Largest relative max error over the outputs ``ref`` names; ExportError if it exceeds ``tolerance``."""
-    err = max_rel_error(got, ref)
+    """Largest relative max error over the outputs ``ref`` names; ExportError if it exceeds ``tolerance``
+    (naming the output, when there are several)."""
+    errors = rel_errors(got, ref)
+    worst = max(errors, key=errors.get)
+    err = errors[worst]
     if not err <= tolerance:
-        raise ExportError(f"{what} (relative error {err:.2e} > {tolerance:.0e}){suffix}")
+        of = f" on output {worst!r}" if len(errors) > 1 else ""
+        raise ExportError(f"{what} (relative error {err:.2e} > {tolerance:.0e}{of}){suffix}")
     return err
+
+
+def rel_errors(got: dict, ref: dict) -> dict[str, float]:
+    """Relative max error (max |got - ref| / max |ref|) of each output ``ref`` names."""
+    return {k: _rel(got[k], ref[k]) for k in ref}
 
 
 def max_rel_error(got: dict, ref: dict) -> float:
     """Largest relative max error (max |got - ref| / max |ref|) over the outputs ``ref`` names."""
-    return max(_rel(got[k], ref[k]) for k in ref)
+    return max(rel_errors(got, ref).values())
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
