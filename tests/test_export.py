@@ -247,6 +247,9 @@ def test_command_help_documents_every_flag():
 @pytest.fixture(scope="module")
 def small_saved_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("sm") / "model"
+    # module-scoped fixtures are made before the per-test seed (conftest): seed here, or the weights depend on
+    # which tests ran before in the worker
+    keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((8, 8, 3), name="x"), L.Conv2D(4, 3), L.GlobalAveragePooling2D(), L.Dense(2)])
     model.export(str(path), verbose=False)
     return path
