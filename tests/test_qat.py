@@ -97,21 +97,74 @@ def test_qat_model_runs_int8_in_openvino_by_both_routes(trained):
 def test_overflow_fix_chooses_the_weights_on_seven_bits(rng):
     model = small_cnn()
     weighted = ("c1", "c2", "dw", "c3", "logits")
-    for fix, half in (("first_layer", {"c1"}), ("enable", set(weighted)), ("disable", set())):
+    # "enable": every layer but the depthwise one, whose INT8 kernel cannot saturate (as calibration chooses)
+    for fix, half in (("first_layer", {"c1"}), ("enable", set(weighted) - {"dw"}), ("disable", set())):
         q = quantize_model(model, overflow_fix=fix)
         assert {n for n in weighted if q.get_layer(n).half_range} == half, fix
-    # an ignored first layer stays float and the walk goes on through it: c2 and, past the Add and the pooling,
-    # dw are the first quantized layers then
+    # an ignored first layer stays float and the walk goes on through it: c2 and, past the Add, the pooling and
+    # the depthwise layer (which cannot saturate), c3 are the first quantized layers then
     q = quantize_model(model, ignored_layers=["c1"])
-    assert {n for n in weighted[1:] if q.get_layer(n).half_range} == {"c2", "dw"}
+    assert {n for n in weighted[1:] if q.get_layer(n).half_range} == {"c2", "c3"}
     with pytest.raises(ValueError, match="overflow_fix"):
         quantize_model(model, overflow_fix="first")
-    # the 7-bit grid: per output channel, the largest weight is integer 63 of the step m / 63
+    # the 7-bit grid: per output channel a step of m / 63.5, the largest weight clipped to integer 63
     k = rng.normal(size=(3, 3, 4, 8)).astype("float32")
     fq = np.asarray(tfcompress.quantization.fake_quant_weights(k, half_range=True))
-    step = np.abs(k).max(axis=(0, 1, 2)) / 63
+    step = np.abs(k).max(axis=(0, 1, 2)) / 63.5
     assert np.allclose(fq / step, np.round(fq / step), atol=1e-3)
     assert np.allclose(np.abs(fq / step).max(axis=(0, 1, 2)), 63, atol=1e-3)
+    assert np.abs(fq - k).max(axis=(0, 1, 2)) == pytest.approx(step / 2, rel=1e-4)  # within half a step
+
+
+def depthwise_net():
+    """Raw-pixel-like input -> depthwise stem -> 1x1 convolution -> separable convolution -> depthwise with a
+    channel multiplier -> depthwise -> Dense: the kernels that can saturate and those that cannot."""
+    inp = keras.Input((12, 12, 4), name="pixels")
+    y = L.DepthwiseConv2D(3, padding="same", activation="relu", name="stem")(inp)
+    y = L.Conv2D(8, 1, activation="relu", name="c1")(y)
+    y = L.SeparableConv2D(8, 3, padding="same", activation="relu", name="sep")(y)
+    y = L.DepthwiseConv2D(3, padding="same", depth_multiplier=2, activation="relu", name="dw2")(y)
+    y = L.DepthwiseConv2D(3, padding="same", activation="relu", name="dw")(y)
+    return keras.Model(inp, L.Dense(5, name="logits")(L.GlobalAveragePooling2D()(y)))
+
+
+def _weights_per_layer(model: ov.Model) -> list[tuple[int, np.ndarray]]:
+    """Per weighted op (graph order): the largest |integer| of its int8 weights and its dequantized weights."""
+    found = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() not in ("Convolution", "GroupConvolution", "MatMul"):
+            continue
+        src = op.input(1).get_source_output()
+        stack, top = [src.get_node()], 0
+        while stack:
+            node = stack.pop()
+            if node.get_type_name() == "Constant" and node.get_output_element_type(0) == ov.Type.i8:
+                top = max(top, int(np.abs(node.get_data()).max()))
+            stack += [i.get_source_output().get_node() for i in node.inputs()]
+        weights = ov.Core().compile_model(ov.Model([src], []), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})({})
+        found.append((top, next(iter(weights.values()))))
+    return found
+
+
+@pytest.mark.parametrize("fix, tops", [("enable", [127, 63, 127, 63, 63, 127, 63]),
+                                       ("first_layer", [127, 63, 127, 127, 127, 127, 127])])
+def test_qat_puts_the_weights_on_the_grid_calibration_chooses(rng, tmp_path, fix, tops):
+    """quantize_model and calibrate choose the same layers for the 7-bit grid (depthwise kernels with one output
+    per input channel never: their INT8 kernel cannot saturate; "first_layer" walks through a depthwise stem
+    and a separable convolution's depthwise half) and put the same weights on the same grid: the QAT model's
+    exported IR has, layer by layer, the int8 weights and scales that calibrating the float model's IR gives."""
+    model = depthwise_net()
+    model.export(str(tmp_path / "float"), verbose=False)
+    quantize_model(model, overflow_fix=fix).export(str(tmp_path / "qat"), verbose=False)
+    qat = ov.convert_model(str(tmp_path / "qat"))  # FakeQuantize on the weights, stored as int8 as calibrate does
+    calibration.compress_weights(qat)
+    x = rng.uniform(0, 255, (32, 12, 12, 4)).astype("float32")
+    calibrated = calibration.calibrate(ov.convert_model(str(tmp_path / "float")), x, overflow_fix=fix,
+                                       range_estimator="max", verbose=False)
+    ours, theirs = _weights_per_layer(qat), _weights_per_layer(calibrated)
+    assert [t for t, _ in ours] == [t for t, _ in theirs] == tops
+    for (_, a), (_, b) in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=0)
 
 
 def test_save_and_load_round_trip(trained, tmp_path):

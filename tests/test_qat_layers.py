@@ -76,13 +76,15 @@ def test_twins_train_and_save_exactly(name, rng, tmp_path):
         assert again.get_layer(n).get_config() == q.get_layer(n).get_config()
 
 
-def int8_reference(kernel, out_axes, levels):
+def int8_reference(kernel, out_axes, half_range: bool):
     """Symmetric per-output-channel rounding in NumPy: the output channels are ``out_axes`` of the kernel
-    (flattened in order), each on the grid of its abs-max / ``levels``."""
+    (flattened in order), each on the grid of its abs-max / 127, or with ``half_range`` (the overflow fix) of its
+    abs-max / 63.5 with integers clipped to [-63, 63]."""
     k = np.moveaxis(kernel, out_axes, list(range(kernel.ndim - len(out_axes), kernel.ndim)))
     flat = k.reshape(-1, int(np.prod(k.shape[kernel.ndim - len(out_axes):])))
-    step = np.abs(flat).max(0) / levels
-    q = (np.round(flat / step) * step).reshape(k.shape)
+    step = np.abs(flat).max(0) / (63.5 if half_range else 127)
+    top = 63 if half_range else 127
+    q = (np.clip(np.round(flat / step), -top, top) * step).reshape(k.shape)
     return np.moveaxis(q, list(range(kernel.ndim - len(out_axes), kernel.ndim)), out_axes)
 
 
@@ -110,7 +112,7 @@ def test_each_twin_computes_its_keras_layer_on_int8_weights(name, rng):
         for base in (on_grid, in_float):
             base.build(x.shape)
         in_float.set_weights(weights)
-        on_grid.set_weights([int8_reference(weights[0], OUT_AXES[twin], 63 if layer.half_range else 127),
+        on_grid.set_weights([int8_reference(weights[0], OUT_AXES[twin], layer.half_range),
                              *weights[1:]])
         np.testing.assert_allclose(layer(x), on_grid(x), atol=1e-5, err_msg=n)
         assert np.abs(np.asarray(layer(x)) - np.asarray(in_float(x))).max() > 1e-5, n  # the rounding is there

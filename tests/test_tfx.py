@@ -131,6 +131,8 @@ def test_bad_inputs_get_clear_errors(artifacts, tmp_path):
         (dict(examples_uri=str(examples), module_file=str(MODULE), label_key="digit"), "label_key 'digit'"),
         (dict(examples_uri=str(examples), module_file=str(MODULE), preprocessing_fn="nope"), "no function 'nope'"),
         (dict(int8="fast"), "int8 must be one of"),
+        (dict(examples_uri=str(examples), module_file=str(MODULE), overflow_fix="half"),
+         "overflow_fix must be one of"),
     ]
     for kwargs, message in cases:
         args = {"model_uri": str(trainer_model), "output_uri": str(tmp_path / "o"), **kwargs}
@@ -153,10 +155,18 @@ def test_a_trainer_model_written_as_text(artifacts, tmp_path):
     (serving / "saved_model.pbtxt").write_text(text_format.MessageToString(read_saved_model_proto(serving)))
     (serving / "saved_model.pb").unlink()
     metrics = compress_model_dir(str(text_model), str(tmp_path / "out"), str(examples), module_file=str(MODULE),
-                                 label_key="label", num_calibration_samples=50, range_estimator="max")
+                                 label_key="label", num_calibration_samples=50, range_estimator="max",
+                                 overflow_fix="enable")
     assert metrics["int8_layers"] > 0 and metrics["accuracy_fp32"] > 0.8 and metrics["max_drop_met"] == -1
     report = json.loads((tmp_path / "out" / "tfcompress" / "report.json").read_text())
-    assert report["steps"]["int8"]["range_estimator"] == "max"  # the parameter reached the calibration
+    # the parameters reached the calibration: with overflow_fix="enable" every layer's int8 weights (this CNN has
+    # no depthwise convolution) stay in [-63, 63], where the default fixes the first layer only
+    assert report["steps"]["int8"]["range_estimator"] == "max"
+    assert report["steps"]["int8"]["overflow_fix"] == "enable"
+    maxima = [int(np.abs(op.get_data()).max())
+              for op in ov.Core().read_model(str(tmp_path / "out" / "tfcompress" / "model_int8.xml")).get_ordered_ops()
+              if op.get_type_name() == "Constant" and op.get_output_element_type(0) == ov.Type.i8]
+    assert maxima == [63] * 5, maxima
 
 
 def test_an_accuracy_aware_miss_fails_the_component_unless_allowed(artifacts, tmp_path):

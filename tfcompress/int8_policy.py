@@ -13,7 +13,8 @@ policies, so a QAT model and a calibrated IR of the same float model quantize th
 Granularity, the same on both sides:
 
 - weights: symmetric, per output channel, 255 levels on [-m, m] (int8 with zero point 0; OpenVINO takes no
-  other weight grid for INT8 kernels), 7 bits for the layers the overflow fix picks (:data:`OVERFLOW_FIX`);
+  other weight grid for INT8 kernels), 7 bits for the layers the overflow fix picks (:data:`OVERFLOW_FIX`,
+  :func:`overflow_fix_layers`, on the grid of :func:`weight_grid`);
 - activations: per tensor, 256 levels. Post-training calibration may give the input of a depthwise
   convolution one range per channel (``per_channel_depthwise_inputs``); QAT keeps it per tensor, since
   TensorFlow's per-channel activation FakeQuant does not survive the ONNX conversion.
@@ -22,14 +23,17 @@ Granularity, the same on both sides:
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Hashable, Iterable, Sequence, TypeVar
 
 import numpy as np
 
 __all__ = [
     "OpPolicy", "WEIGHTED", "DEPTHWISE", "JOIN", "GATE", "POOLING", "MAX_POOLING", "PAD", "RESHAPE", "FLOAT",
-    "OVERFLOW_FIX", "on_int8_grid", "quantized_inputs", "quantizer_moves_above",
+    "OVERFLOW_FIX", "WEIGHT_LEVELS", "on_int8_grid", "overflow_fix_layers", "quantized_inputs",
+    "quantizer_moves_above", "weight_grid",
 ]
+
+_Layer = TypeVar("_Layer", bound=Hashable)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +88,46 @@ FLOAT = OpPolicy()  # everything else: computes in float, quantizes nothing
 # "disable" to none. Only layers with ``pair_sums`` count: a depthwise convolution never gets the fix (it
 # would only cost it a bit) and the first layers are those after it.
 OVERFLOW_FIX = ("first_layer", "enable", "disable")
+
+
+def overflow_fix_layers(overflow_fix: str, layers: Iterable[_Layer], policy_of: Callable[[_Layer], OpPolicy],
+                        first_reached: Callable[[set[_Layer]], set[_Layer]]) -> set[_Layer]:
+    """The quantized ``layers`` whose weights go on the 7-bit grid under ``overflow_fix`` (:data:`OVERFLOW_FIX`).
+
+    Only layers whose INT8 kernels add pairs (``policy_of(layer).pair_sums``) count: ``"enable"`` picks all of
+    them, ``"first_layer"`` those that ``first_reached`` says a model input reaches without passing through
+    another of them (it walks through the others, e.g. a depthwise stem), ``"disable"`` none. Quantization-aware
+    training (Keras layers' kernels) and post-training calibration (OpenVINO ops) each pass their own graph
+    walk, so both choose the same layers of the same model.
+    """
+    if overflow_fix not in OVERFLOW_FIX:
+        raise ValueError(f"unknown overflow_fix {overflow_fix!r}; choose one of {list(OVERFLOW_FIX)}")
+    saturating = {layer for layer in layers if policy_of(layer).pair_sums}
+    if overflow_fix == "enable":
+        return saturating
+    return first_reached(saturating) if overflow_fix == "first_layer" and saturating else set()
+
+
+WEIGHT_LEVELS = 255  # the weights' quantizer: symmetric over [-limit, limit], 127 steps each way
+
+
+def weight_grid(abs_max, half_range: bool):
+    """The weight grid of output channels whose largest |weight| is ``abs_max`` (a float, NumPy array or
+    tensor): ``(limit, clip)``, the range [-limit, limit] of the weights' quantizer (:data:`WEIGHT_LEVELS`
+    levels, a step of limit / 127) and the largest |weight| it is given (the weights are clipped there first).
+
+    The whole int8 grid: limit = clip = abs_max. The overflow fix's 7-bit grid: limit = 2 * abs_max, a step of
+    abs_max / 63.5, with the weights clipped at level 63 (the abs-max lies half a step above it): the finest
+    grid of the integers -63..63 whose error stays within half a step up to the abs-max, as NNCF's post-training
+    half range (a 7-bit grid of 128 levels on [-abs_max, abs_max], exported as 255 levels on twice that). (NNCF's
+    QAT trains a scale s on the integers -63..63 with a step s / 63; our QAT's range is the abs-max, not
+    trained, so the grid of a step abs_max / 63.5 is finer for the same error bound.) Quantization-aware
+    training and post-training calibration both use this grid.
+    """
+    if not half_range:
+        return abs_max, abs_max
+    limit = abs_max * 2.0
+    return limit, limit / 127.0 * 63.0
 
 
 def quantized_inputs(policy: OpPolicy, constant: Sequence[bool], weights_quantizable: bool = True,

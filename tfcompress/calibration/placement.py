@@ -165,8 +165,9 @@ def quantized_inputs(op, features: set[str] | None = None) -> list[int]:
 
 def _first_layers(ops, weighted: set[int], pos: dict) -> set[int]:
     """Positions of the ``weighted`` layers (convolutions and fully-connected MatMuls whose INT8 kernels add
-    product pairs) first reached from the model inputs on every path: their inputs are the raw data, or the
-    raw data through layers that cannot saturate (a depthwise convolution), which fills the u8 range.
+    product pairs) that the model inputs reach without passing through another of them: their inputs are the
+    raw data, or the raw data through layers that cannot saturate (a depthwise convolution), which fills the u8
+    range (the walk of :func:`tfcompress.int8_policy.overflow_fix_layers`).
 
     NNCF's ``first_layer`` looks at convolutions only and walks on through a MatMul; like POT's saturation
     fix we count a fully-connected first layer too (an MLP on raw features saturates the same way: its
@@ -299,9 +300,8 @@ def find_points(model, ignored_layers=(), overflow_fix: str = "disable") -> tupl
             axes = _weight_axes(op, tuple(const.get_output_shape(0)))
             if axes is not None and const.get_output_element_type(0).is_real():
                 weights.append(WeightPoint(k, op, const, axes))
-    saturating = {wp.key for wp in weights if op_policy(wp.op).pair_sums}
-    half = saturating if overflow_fix == "enable" else (
-        _first_layers(ops, saturating, pos) if overflow_fix == "first_layer" else set())
+    half = policy.overflow_fix_layers(overflow_fix, [wp.key for wp in weights], lambda k: op_policy(ops[k]),
+                                      lambda saturating: _first_layers(ops, saturating, pos))
     for wp in weights:
         wp.half_range = wp.key in half
     # unify the ranges of quantized tensors that meet in a Concat

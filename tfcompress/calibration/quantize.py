@@ -12,6 +12,7 @@ from tfcompress.calibration.placement import (
     quantize_after_signed_pads, unpadded_stride_one, weight_ranges,
 )
 from tfcompress.calibration.statistics import Statistics, channel_ranges, collect
+from tfcompress.int8_policy import WEIGHT_LEVELS, weight_grid
 
 __all__ = ["calibrate", "compress_weights", "int8_layers", "runs_int8", "PRESETS", "RANGE_ESTIMATORS", "range_estimator_for"]
 
@@ -185,19 +186,9 @@ def _float_weights(wp: WeightPoint) -> np.ndarray:
 
 def _weight_limit(wp: WeightPoint, w: np.ndarray) -> np.ndarray:
     """The FakeQuantize range [-limit, limit] (255 levels, step limit / 127) of the weights: their
-    per-output-channel abs-max, or for the 7-bit grid of the overflow fix twice that: a step of abs-max / 63.5,
-    the finest grid of integers in [-63, 63] whose error stays within half a step up to the abs-max (as NNCF's
-    half range; the weights are clipped at 63 steps, see :func:`_grid_weights`)."""
-    m = weight_ranges(w, wp.channel_axes)
-    return m * np.float32(2.0) if wp.half_range else m
-
-
-WEIGHT_LEVELS = 255  # the weights' FakeQuantize: symmetric over [-limit, limit], 127 steps each way
-
-
-def _top_level(wp: WeightPoint) -> int:
-    """The largest integer the weights may take: 63 on the overflow fix's 7-bit grid, else 127."""
-    return 63 if wp.half_range else 127
+    per-output-channel abs-max, or on the overflow fix's 7-bit grid twice that
+    (:func:`tfcompress.int8_policy.weight_grid`)."""
+    return weight_grid(weight_ranges(w, wp.channel_axes), wp.half_range)[0]
 
 
 def _grid_weights(wp: WeightPoint) -> np.ndarray:
@@ -206,8 +197,8 @@ def _grid_weights(wp: WeightPoint) -> np.ndarray:
     w = _float_weights(wp)
     if not wp.half_range:
         return w
-    top = _weight_limit(wp, w) / np.float32(127.0) * np.float32(_top_level(wp))
-    return np.clip(w, -top, top).astype(np.float32)
+    clip = weight_grid(weight_ranges(w, wp.channel_axes), True)[1]
+    return np.clip(w, -clip, clip).astype(np.float32)
 
 
 def _weight_fq(wp: WeightPoint, copy: bool = False, dtype: np.dtype | None = None):

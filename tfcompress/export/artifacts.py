@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from tfcompress.errors import ExportError
-from tfcompress.export.options import INT8_MODES, RANGE_ESTIMATORS
+from tfcompress.export.options import INT8_MODES, OVERFLOW_FIX, RANGE_ESTIMATORS
 from tfcompress.export.pipeline import export_saved_model
 from tfcompress.saved_model_dir import is_saved_model_dir, read_saved_model_proto
 
@@ -122,6 +122,7 @@ def compress_model_dir(
     range_estimator: str = "auto",
     max_iterations: int = 50,
     allow_drop_miss: bool = False,
+    overflow_fix: str = "first_layer",
 ) -> dict:
     """Compress the SavedModel of a Model artifact into ``output_uri``; return the component's metrics.
 
@@ -131,7 +132,7 @@ def compress_model_dir(
     ``num_calibration_samples``) and, with ``label_key``, labelled validation samples (the rest of the split,
     else the same ones) so the report has every artifact's accuracy.
 
-    ``range_estimator`` and ``max_iterations`` are :func:`export_saved_model`'s. With ``int8="accuracy_aware"``,
+    ``range_estimator``, ``max_iterations`` and ``overflow_fix`` are :func:`export_saved_model`'s. With ``int8="accuracy_aware"``,
     a ``max_drop`` that is not reached raises :class:`ExportError` after the output is written (so a pipeline
     stops before pushing it, as the command exits non-zero) unless ``allow_drop_miss``; metric
     ``max_drop_met`` says 1 (met), 0 (missed, allowed) or -1 (not accuracy-aware).
@@ -140,6 +141,8 @@ def compress_model_dir(
         raise ExportError(f"int8 must be one of {list(INT8_MODES)}, got {int8!r}")
     if range_estimator not in RANGE_ESTIMATORS:
         raise ExportError(f"range_estimator must be one of {list(RANGE_ESTIMATORS)}, got {range_estimator!r}")
+    if overflow_fix not in OVERFLOW_FIX:
+        raise ExportError(f"overflow_fix must be one of {list(OVERFLOW_FIX)}, got {overflow_fix!r}")
     if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 0:
         raise ExportError(f"max_iterations must be a whole number >= 0, got {max_iterations!r}")
     if not isinstance(num_calibration_samples, int) or num_calibration_samples < 1:
@@ -169,7 +172,8 @@ def compress_model_dir(
     report = export_saved_model(src, export_dir, calibration_data=calib,
                                 int8=int8 if calib is not None else "none", max_drop=max_drop,
                                 validation_data=valid, opset=opset, signature_key=signature, overwrite=True,
-                                range_estimator=range_estimator, max_iterations=max_iterations)
+                                range_estimator=range_estimator, max_iterations=max_iterations,
+                                overflow_fix=overflow_fix)
     serving = os.path.join(output_uri, SERVING_DIR)
     if os.path.exists(serving):
         shutil.rmtree(serving)

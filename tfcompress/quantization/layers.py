@@ -14,6 +14,7 @@ import tensorflow as tf
 from keras import ops
 
 from tfcompress.graph.custom_layers import register_layer
+from tfcompress.int8_policy import weight_grid
 
 __all__ = [
     "ActivationQuantizer", "ChannelMask", "QuantConv1D", "QuantConv2D", "QuantConv3D", "QuantConv1DTranspose",
@@ -27,23 +28,25 @@ _PACKAGE = "tfcompress"
 def fake_quant_weights(kernel, per_channel: bool = True, half_range: bool = False):
     """Symmetric int8 fake-quantization of a ``(..., out)`` kernel on the [-m, m] grid, 255 levels.
 
-    The range is the kernel's own abs-max (per output channel): always exact, and gradients pass straight
-    through (every weight is inside its range). ``half_range`` (the overflow fix) uses the grid of
-    [-m * 127/63, m * 127/63] instead: the weights then take the integers -63..63 only, and INT8 kernels of
-    CPUs without VNNI cannot saturate their int16 pair sums (see ``tfcompress.calibration.cpu_saturates_int8``).
+    The range is the kernel's own abs-max m (per output channel): always exact, and gradients pass straight
+    through. ``half_range`` (the overflow fix) puts the weights on the 7-bit grid of post-training calibration
+    (:func:`tfcompress.int8_policy.weight_grid`: a step of m / 63.5, the abs-max clipped to level 63, with the
+    gradient passing the clip unchanged): they then take the integers -63..63 only, and INT8 kernels of CPUs
+    without VNNI cannot saturate their int16 pair sums (see ``tfcompress.calibration.cpu_saturates_int8``).
     """
     dtype = tf.convert_to_tensor(kernel).dtype
     k = tf.cast(kernel, tf.float32)  # TF's FakeQuant ops take float32 only (a mixed_float16 layer's is float16)
-    scale = 127.0 / 63.0 if half_range else 1.0
-    if per_channel:
-        flat = tf.reshape(k, (-1, k.shape[-1]))
-        m = tf.stop_gradient(tf.maximum(tf.reduce_max(tf.abs(flat), axis=0), 1e-12)) * scale
-        # TF's per-channel FakeQuant (and its gradient) takes ranks 1..4: a Conv3D kernel goes through as a matrix
-        v = flat if len(k.shape) > 4 else k
-        q = tf.quantization.fake_quant_with_min_max_vars_per_channel(v, -m, m, num_bits=8, narrow_range=True)
-        return tf.cast(tf.reshape(q, k.shape) if v is flat else q, dtype)
-    m = tf.stop_gradient(tf.maximum(tf.reduce_max(tf.abs(k)), 1e-12)) * scale
-    return tf.cast(tf.quantization.fake_quant_with_min_max_vars(k, -m, m, num_bits=8, narrow_range=True), dtype)
+    m = tf.reduce_max(tf.abs(tf.reshape(k, (-1, k.shape[-1]))), axis=0) if per_channel else tf.reduce_max(tf.abs(k))
+    limit, clip = weight_grid(tf.stop_gradient(tf.maximum(m, 1e-12)), half_range)
+    if half_range:
+        k = k + tf.stop_gradient(tf.clip_by_value(k, -clip, clip) - k)
+    if not per_channel:
+        return tf.cast(tf.quantization.fake_quant_with_min_max_vars(k, -limit, limit, num_bits=8, narrow_range=True),
+                       dtype)
+    # TF's per-channel FakeQuant (and its gradient) takes ranks 1..4: a Conv3D kernel goes through as a matrix
+    v = tf.reshape(k, (-1, k.shape[-1])) if len(k.shape) > 4 else k
+    q = tf.quantization.fake_quant_with_min_max_vars_per_channel(v, -limit, limit, num_bits=8, narrow_range=True)
+    return tf.cast(tf.reshape(q, k.shape) if len(k.shape) > 4 else q, dtype)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -172,7 +175,8 @@ class ChannelMask(keras.constraints.Constraint):
 
 class _QuantizedKernel:
     """Mixin of the layers whose kernel is fake-quantized: the ``per_channel`` and ``half_range`` options
-    (see :func:`fake_quant_weights`) and their config.
+    (see :func:`fake_quant_weights`; ``half_range`` is of the kernel, or of a separable convolution's pointwise
+    kernel) and their config.
 
     ``keeps_channel_structure`` tells the channel engine that the layer still maps channels exactly like its
     Keras base class (only the kernel's values are rounded), so pruning and stripping work through it.
@@ -185,8 +189,8 @@ class _QuantizedKernel:
         self.per_channel = per_channel
         self.half_range = half_range
 
-    def quantized_kernel(self, kernel):
-        return fake_quant_weights(kernel, self.per_channel, self.half_range)
+    def quantized_kernel(self, kernel, half_range: bool | None = None):
+        return fake_quant_weights(kernel, self.per_channel, self.half_range if half_range is None else half_range)
 
     def get_config(self):
         return {**super().get_config(), "per_channel": self.per_channel, "half_range": self.half_range}
@@ -212,12 +216,12 @@ def _bias_and_activation(layer, x):
     return layer.activation(x) if layer.activation is not None else x
 
 
-def _quantized_depthwise(layer, kernel):
+def _quantized_depthwise(layer, kernel, half_range: bool):
     """A (*window, c, m) depthwise kernel fake-quantized per output channel c * m + j."""
     k = tf.convert_to_tensor(kernel)
     *window, c, m = k.shape
     # per-channel quantization works on the last axis: view (*window, c, m) as (*window, 1, c * m)
-    return tf.reshape(layer.quantized_kernel(tf.reshape(k, (*window, 1, c * m))), k.shape)
+    return tf.reshape(layer.quantized_kernel(tf.reshape(k, (*window, 1, c * m)), half_range), k.shape)
 
 
 class _QuantConv(_QuantizedKernel):
@@ -238,8 +242,9 @@ class _QuantDepthwiseConv(_QuantizedKernel):
     """Depthwise convolutions (a (*window, c, m) kernel), fake-quantized per output channel c * m + j."""
 
     def call(self, inputs):
-        x = ops.depthwise_conv(inputs, _quantized_depthwise(self, self.kernel), strides=self.strides,
-                               padding=self.padding, dilation_rate=self.dilation_rate, data_format=self.data_format)
+        kernel = _quantized_depthwise(self, self.kernel, self.half_range)
+        x = ops.depthwise_conv(inputs, kernel, strides=self.strides, padding=self.padding,
+                               dilation_rate=self.dilation_rate, data_format=self.data_format)
         return _bias_and_activation(self, x)
 
 
@@ -252,10 +257,14 @@ class _QuantSeparableConv(_QuantizedKernel):
 
     Args:
         symmetric, range_mode: of the intermediate quantizer, as for :class:`ActivationQuantizer`.
+        depthwise_half_range: the depthwise kernel on the overflow fix's 7-bit grid (``half_range`` is the
+            pointwise kernel's): the two run as two OpenVINO layers, which the fix treats apart.
     """
 
-    def __init__(self, *args, symmetric: bool = True, range_mode: str = "ema", **kwargs):
+    def __init__(self, *args, symmetric: bool = True, range_mode: str = "ema", depthwise_half_range: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
+        self.depthwise_half_range = depthwise_half_range
         self.intermediate_quantizer = ActivationQuantizer(symmetric=symmetric, range_mode=range_mode,
                                                           name="intermediate_quantizer")
 
@@ -264,8 +273,9 @@ class _QuantSeparableConv(_QuantizedKernel):
         self.intermediate_quantizer.build(None)
 
     def call(self, inputs, training=False):
-        x = ops.depthwise_conv(inputs, _quantized_depthwise(self, self.depthwise_kernel), strides=self.strides,
-                               padding=self.padding, dilation_rate=self.dilation_rate, data_format=self.data_format)
+        kernel = _quantized_depthwise(self, self.depthwise_kernel, self.depthwise_half_range)
+        x = ops.depthwise_conv(inputs, kernel, strides=self.strides, padding=self.padding,
+                               dilation_rate=self.dilation_rate, data_format=self.data_format)
         x = ops.cast(self.intermediate_quantizer(x, training=training), self.compute_dtype)
         x = ops.conv(x, self.quantized_kernel(self.pointwise_kernel), strides=1, padding="valid",
                      data_format=self.data_format)
@@ -273,7 +283,8 @@ class _QuantSeparableConv(_QuantizedKernel):
 
     def get_config(self):
         q = self.intermediate_quantizer
-        return {**super().get_config(), "symmetric": q.symmetric, "range_mode": q.range_mode}
+        return {**super().get_config(), "symmetric": q.symmetric, "range_mode": q.range_mode,
+                "depthwise_half_range": self.depthwise_half_range}
 
 
 class _QuantConvTranspose(_QuantizedKernel):

@@ -30,6 +30,7 @@ _WEIGHTED = {
     _L.SeparableConv1D: Q.QuantSeparableConv1D, _L.SeparableConv2D: Q.QuantSeparableConv2D,
 }
 _DEPTHWISE = (_L.DepthwiseConv1D, _L.DepthwiseConv2D)
+_SEPARABLE = (_L.SeparableConv1D, _L.SeparableConv2D)
 # the other Keras layers the INT8 placement policy (tfcompress.int8_policy) names; a layer with weights and no
 # twin, or any other layer, is FLOAT
 _LAYER_POLICIES = {
@@ -84,11 +85,14 @@ def quantize_model(
         per_channel_weights: per-output-channel weight ranges (else one per tensor).
         ignored_layers: layer names to keep in float (nested layers: ``"submodel/layer"``).
         range_mode: ``"ema"`` (track ranges with a moving average) or ``"learned"``.
-        overflow_fix: which layers' weights train on the 7-bit grid (integers -63..63), as
-            :func:`tfcompress.calibration.calibrate` does after training: ``"first_layer"`` (default: the
-            quantized layers a model input reaches first, whose inputs, e.g. raw pixels, fill the u8 range),
-            ``"enable"`` (all) or ``"disable"`` (none). On CPUs without VNNI the INT8 kernels add pairs of
-            u8 x i8 products in int16, which full-range weights can overflow; the IR may run on such a CPU.
+        overflow_fix: which layers' weights train on the 7-bit grid (integers -63..63), chosen by the rule and
+            on the grid of :func:`tfcompress.calibration.calibrate` (:func:`tfcompress.int8_policy.overflow_fix_layers`,
+            :func:`~tfcompress.int8_policy.weight_grid`): ``"first_layer"`` (default: the quantized layers a model
+            input reaches first, whose inputs, e.g. raw pixels, fill the u8 range), ``"enable"`` (all) or
+            ``"disable"`` (none). On CPUs without VNNI the INT8 kernels add pairs of u8 x i8 products in int16,
+            which full-range weights can overflow; the IR may run on such a CPU. A depthwise kernel with one output
+            channel per input channel (a DepthwiseConv, a separable convolution's first half) never gets the fix:
+            its INT8 kernel widens each product and cannot saturate, so ``"first_layer"`` fixes the layers after it.
 
     Raises:
         tfcompress.UnsupportedModelError: for a subclassed model.
@@ -120,8 +124,16 @@ def quantize_model(
     def quantized(rec) -> bool:
         return rec.op.layer not in ignored and quantized_class(rec.kind.layer) is not None
 
-    half_range = ({rec.op.layer for rec in kg.records if quantized(rec)} if overflow_fix == "enable" else
-                  kg.first_layers(quantized) if overflow_fix == "first_layer" else set())
+    # the overflow fix chooses among kernels: (layer path, index in _kernel_policies); a separable convolution's
+    # two kernels run as two OpenVINO layers, the depthwise one first
+    kernels = {(rec.op.layer, i): p for rec in kg.records if quantized(rec)
+               for i, p in enumerate(_kernel_policies(rec.kind.layer))}
+
+    def first_reached(saturating: set) -> set:  # in each first layer, its first saturating kernel
+        paths = {path for path, _ in saturating}
+        return {min(k for k in saturating if k[0] == path) for path in kg.first_layers(lambda r: r.op.layer in paths)}
+
+    half_range = policy.overflow_fix_layers(overflow_fix, kernels, kernels.get, first_reached)
 
     def make_layer(rec):
         layer, path = rec.kind.layer, rec.op.layer
@@ -154,9 +166,10 @@ def quantize_model(
                 idx = names.index(name)
                 weights[idx] = np.asarray(constraint(keras.ops.convert_to_tensor(weights[idx])))
         if q is not None:
-            options = {"per_channel": per_channel_weights, "half_range": path in half_range}
+            options = {"per_channel": per_channel_weights, "half_range": (path, 0) in half_range}
             if issubclass(q, (Q.QuantSeparableConv1D, Q.QuantSeparableConv2D)):
-                options.update(symmetric=preset == "performance", range_mode=range_mode)
+                options.update(symmetric=preset == "performance", range_mode=range_mode,
+                               depthwise_half_range=(path, 0) in half_range, half_range=(path, 1) in half_range)
             new = q.from_config({**cfg, **options})
         else:
             if getattr(layer, "weights", None) and not isinstance(layer, _FLOAT_OK) and quantized_class(layer) is None:
@@ -169,7 +182,7 @@ def quantize_model(
         if rec.op.layer in ignored:
             return policy.FLOAT
         if quantized_class(layer) is not None:
-            return policy.DEPTHWISE if isinstance(layer, _DEPTHWISE) else policy.WEIGHTED
+            return _kernel_policies(layer)[0]  # of the layer's first kernel, which reads its input
         if isinstance(layer, keras.layers.Layer):
             return _LAYER_POLICIES.get(type(layer), policy.FLOAT)
         return _OP_POLICIES.get(type(layer).__name__, policy.FLOAT)
@@ -195,6 +208,18 @@ def quantize_model(
         warnings.warn(f"quantize_model left {len(left_float)} layer(s) with weights in float (no INT8 twin; "
                       f"they compute in float, also in OpenVINO): {', '.join(left_float)}", stacklevel=2)
     return qmodel
+
+
+def _kernel_policies(layer: keras.layers.Layer) -> list[policy.OpPolicy]:
+    """The INT8 placement policy of each quantized kernel of a convolution or Dense layer, in the order its
+    input passes them (:mod:`tfcompress.int8_policy`): a depthwise kernel with one output channel per input
+    channel is ``DEPTHWISE`` (OpenVINO runs it as a depthwise convolution); with a channel multiplier it runs as
+    a grouped convolution and is ``WEIGHTED``, as every other kernel (a separable convolution's pointwise one
+    too)."""
+    if isinstance(layer, _DEPTHWISE + _SEPARABLE):
+        depthwise = policy.DEPTHWISE if layer.depth_multiplier == 1 else policy.WEIGHTED
+        return [depthwise, policy.WEIGHTED] if isinstance(layer, _SEPARABLE) else [depthwise]
+    return [policy.WEIGHTED]
 
 
 def _placement(kg, op_policy) -> dict[int, str]:

@@ -51,6 +51,7 @@ def CompressModel(  # noqa: N802 - TFX components are classes by convention
     range_estimator: _dsl.Parameter[str] = "auto",
     max_iterations: _dsl.Parameter[int] = 50,
     allow_drop_miss: _dsl.Parameter[bool] = False,
+    overflow_fix: _dsl.Parameter[str] = "first_layer",
 ) -> CompressMetrics:
     """Strip, convert (ONNX, OpenVINO FP32) and calibrate (OpenVINO INT8) the Trainer's model.
 
@@ -66,8 +67,8 @@ def CompressModel(  # noqa: N802 - TFX components are classes by convention
     ``serving_default`` back as the parsing followed by the compressed network
     (:func:`tfcompress.tfx.serving.attach_parsing`).
 
-    ``range_estimator`` and ``max_iterations`` are the export command's ``--range_estimator`` and
-    ``--max_iterations``. With ``int8="accuracy_aware"`` the component fails when ``max_drop`` is not reached
+    ``range_estimator``, ``max_iterations`` and ``overflow_fix`` are the export command's ``--range_estimator``,
+    ``--max_iterations`` and ``--overflow_fix``. With ``int8="accuracy_aware"`` the component fails when ``max_drop`` is not reached
     (so nothing downstream pushes the model), unless ``allow_drop_miss``; ``max_drop_met`` records the outcome.
     """
     metrics = compress_trainer_model(
@@ -75,7 +76,8 @@ def CompressModel(  # noqa: N802 - TFX components are classes by convention
         parsing_signature=parsing_signature, split=split, int8=int8, max_drop=max_drop, opset=opset,
         num_calibration_samples=num_calibration_samples, module_file=module_file or None,
         preprocessing_fn=preprocessing_fn, label_key=label_key, signature=signature,
-        range_estimator=range_estimator, max_iterations=max_iterations, allow_drop_miss=allow_drop_miss)
+        range_estimator=range_estimator, max_iterations=max_iterations, allow_drop_miss=allow_drop_miss,
+        overflow_fix=overflow_fix)
     for key, value in metrics.items():  # also on the artifact, where TFX UIs and MLMD queries see them
         if CompressMetrics.__annotations__[key] is int:  # as the component's Integer output artifacts
             compressed_model.set_int_custom_property(key, int(value))
