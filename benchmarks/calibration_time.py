@@ -7,7 +7,10 @@ set of samples; each calibration in its own process, timed there without imports
 
 ``--code LABEL=DIR``: a directory holding a ``tfcompress`` package (e.g. ``git archive REV tfcompress | tar -x
 -C DIR``), put first on PYTHONPATH. Every round runs each version once, then nncf, and prints the load average
-before it: on a shared machine only runs in the same round compare.
+before it: on a shared machine only runs in the same round compare. Each time is printed as wall seconds and,
+in brackets, the CPU seconds of the calibrating process (all its threads): when other jobs take cores, wall time
+grows with the time spent waiting for a core, CPU time only with the work the process does (its thread pool's
+spinning included), so the two ratios together tell the work from the wait.
 """
 
 from __future__ import annotations
@@ -23,25 +26,34 @@ OURS = """
 import sys, time, numpy as np, openvino as ov
 from tfcompress import calibration
 model, calib = ov.Core().read_model(sys.argv[1]), np.load(sys.argv[2])
-t = time.perf_counter()
+t, c = time.perf_counter(), time.process_time()
 calibration.calibrate(model, calib, subset_size=len(calib), verbose=False)
-print(time.perf_counter() - t)
+print(time.perf_counter() - t, time.process_time() - c)
 """
 NNCF = """
 import sys, time, numpy as np, openvino as ov, nncf
 model, calib = ov.Core().read_model(sys.argv[1]), np.load(sys.argv[2])
-t = time.perf_counter()
+t, c = time.perf_counter(), time.process_time()
 nncf.quantize(model, nncf.Dataset(list(calib[:, None])), subset_size=len(calib))
-print(time.perf_counter() - t)
+print(time.perf_counter() - t, time.process_time() - c)
 """
 
 
-def seconds(python: str, script: str, ir: str, images: str, code: str | None = None) -> float:
+def seconds(python: str, script: str, ir: str, images: str, code: str | None = None) -> tuple[float, float]:
+    """Wall and CPU seconds of one calibration, in a fresh process."""
     env = dict(os.environ)
     if code is not None:
         env["PYTHONPATH"] = os.path.abspath(code)
     res = subprocess.run([python, "-c", script, ir, images], capture_output=True, text=True, check=True, env=env)
-    return float(res.stdout.strip().splitlines()[-1])
+    wall, cpu = res.stdout.strip().splitlines()[-1].split()
+    return float(wall), float(cpu)
+
+
+def _line(t: dict) -> str:
+    """``label wall s (cpu s)`` per label, then each version's wall (cpu) ratio against nncf."""
+    n = t["nncf"]
+    return (", ".join(f"{k} {w:.1f} s ({c:.1f})" for k, (w, c) in t.items()) + "; vs nncf "
+            + ", ".join(f"{k} {w / n[0]:.2f} ({c / n[1]:.2f})" for k, (w, c) in t.items() if k != "nncf"))
 
 
 def main() -> None:
@@ -53,18 +65,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     versions = dict(c.split("=", 1) for c in args.code) or {"tfcompress": "."}
-    times: dict = {k: [] for k in [*versions, "nncf"]}
+    times: dict = {k: [] for k in [*versions, "nncf"]}  # label -> [(wall, cpu), ...]
     for r in range(args.rounds):
         print(f"round {r + 1}, load average {' '.join(open('/proc/loadavg').read().split()[:3])}", flush=True)
         for label, code in versions.items():
             times[label].append(seconds(sys.executable, OURS, args.ir, args.images, code))
         times["nncf"].append(seconds(args.nncf_python, NNCF, args.ir, args.images))
-        print("  " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items())
-              + "; vs nncf " + ", ".join(f"{k} {v[-1] / times['nncf'][-1]:.2f}" for k, v in times.items()
-                                        if k != "nncf"), flush=True)
-    med = {k: float(np.median(v)) for k, v in times.items()}
-    print("medians: " + ", ".join(f"{k} {v:.1f} s" for k, v in med.items())
-          + "; ratio of medians vs nncf " + ", ".join(f"{k} {v / med['nncf']:.2f}" for k, v in med.items() if k != "nncf"))
+        last = {k: v[-1] for k, v in times.items()}
+        print("  " + _line(last), flush=True)
+    med = {k: tuple(np.median(np.array(v), axis=0)) for k, v in times.items()}
+    print("medians: " + _line(med) + " (ratio of medians)")
     print(f"load average after: {' '.join(open('/proc/loadavg').read().split()[:3])}")
 
 
