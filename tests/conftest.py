@@ -12,13 +12,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(os.environ.get("TFCOMPRESS_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
-
-def pytest_collection_modifyitems(config, items):
-    """Tests marked ``heavy`` (minutes each) run first. With ``-n 2`` the two workers then share the long tests
-    from the start and finish together on the short ones, instead of one worker running a long test alone at
-    the end while the other idles. Stable: the order is otherwise the collection's."""
-    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
-
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
