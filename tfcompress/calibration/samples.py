@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["ModelInput", "count", "iterate_samples", "model_inputs", "stack", "take"]
+__all__ = ["ModelInput", "count", "iterate_samples", "model_inputs", "one_array_per_input", "stack", "take"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +77,12 @@ def _is_collection(value) -> bool:
     return isinstance(value, (dict, tuple, list))
 
 
+def one_array_per_input(value: Sequence, n_inputs: int) -> bool:
+    """Whether the tuple / list ``value`` is one array per input of a model with ``n_inputs`` inputs (several),
+    rather than ``(x, y)`` or a list of samples: what a tuple means wherever samples are given."""
+    return n_inputs > 1 and len(value) == n_inputs and not any(_is_collection(v) for v in value)
+
+
 def _from_dict(data: dict, inputs: Sequence[ModelInput]) -> Inputs:
     """The dict's arrays in input order; ValueError naming missing and unknown keys."""
     keys = list(data)
@@ -102,7 +108,7 @@ def _as_inputs(value, inputs: Sequence[ModelInput]) -> Inputs:
     if isinstance(value, (tuple, list)):
         if not value:
             raise ValueError("calibration samples: an empty tuple / list is not a sample")
-        if len(inputs) > 1 and len(value) == len(inputs) and not any(_is_collection(v) for v in value):
+        if one_array_per_input(value, len(inputs)):
             return tuple(_array(v) for v in value)
         return _as_inputs(value[0], inputs)  # (x, y): the samples are x
     if len(inputs) > 1:
@@ -142,8 +148,7 @@ def _whole(data, inputs: Sequence[ModelInput]) -> Inputs | None:
             return _as_inputs(first, inputs)
         if len(inputs) == 1 and len(data) == 2 and np.ndim(first) == inputs[0].rank:
             return (_array(first),)
-    if isinstance(data, (tuple, list)) and len(inputs) > 1 and len(data) == len(inputs) and \
-            not any(_is_collection(v) for v in data):
+    if isinstance(data, (tuple, list)) and one_array_per_input(data, len(inputs)):
         return tuple(_array(v) for v in data)
     return None
 

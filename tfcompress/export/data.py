@@ -15,6 +15,7 @@ from typing import Mapping
 
 import numpy as np
 
+from tfcompress.calibration.samples import one_array_per_input
 from tfcompress.errors import ExportError
 from tfcompress.export.options import check_data_path
 from tfcompress.saved_model_dir import signature_inputs
@@ -126,7 +127,7 @@ def _single(specs: dict, what: str, form: str):
 def _from_python(data, names: list[str], what: str) -> tuple[dict, np.ndarray | None]:
     """Samples by input name (and labels) from a Python caller's arrays."""
     if isinstance(data, (tuple, list)):
-        if len(names) > 1 and len(data) == len(names) and not any(isinstance(v, (dict, tuple, list)) for v in data):
+        if one_array_per_input(data, len(names)):
             return dict(zip(names, data)), None  # one array per input, in input order
         if len(data) != 2:
             raise ExportError(f"{what}: give (samples, labels), or for a model with several inputs one array per "
