@@ -18,6 +18,7 @@ from tfcompress.graph.frozen_graph import (
     RANDOM_OPS, calls_functions, inline_function_calls, keep_library_functions_in_use,
 )
 from tfcompress.calibration import is_quantized
+from tfcompress.export.onnx_optimizer import onnx_optimizer_passes
 from tfcompress.export.ov_run import int8_kernel_check, run_openvino
 from tfcompress.int8_policy import on_int8_grid
 from tfcompress.output_dir import STAGING_PREFIX, staged_file
@@ -277,11 +278,10 @@ def to_onnx(
 def _tf2onnx(graph_def, inputs: list[str], outputs: list[str], opset: int, rename: dict):
     """tf2onnx's ``from_graph_def`` on an already frozen graph, in less memory.
 
-    It skips ``from_graph_def``'s second freeze, and collects garbage before each ONNX optimizer: tf2onnx
-    deep-copies the whole graph (weights included) before every optimizer pass so that it can roll a failed
-    pass back, and its graphs hold reference cycles, so without a collection the copies pile up. The
-    collections skip the objects that existed before the conversion (see :func:`_collecting_new_objects_only`);
-    small graphs skip them altogether.
+    It skips ``from_graph_def``'s second freeze, runs the ONNX optimizer passes of
+    :mod:`tfcompress.export.onnx_optimizer` (tf2onnx's, its transpose pass in linear time), and on large graphs
+    collects garbage before each pass (see there). The collections skip the objects that existed before the
+    conversion (see :func:`_collecting_new_objects_only`).
     """
     import tensorflow as tf
     from tf2onnx import optimizer, tf_loader
@@ -296,8 +296,7 @@ def _tf2onnx(graph_def, inputs: list[str], outputs: list[str], opset: int, renam
             del optimized
             graph = process_tf_graph(tf_graph, continue_on_error=True, opset=opset, input_names=inputs,
                                      output_names=outputs, tensors_to_rename=rename)
-        passes = _collecting(_ONNX_OPTIMIZERS) if collect else None
-        graph = optimizer.optimize_graph(graph, catch_errors=True, optimizers=passes)
+        graph = optimizer.optimize_graph(graph, catch_errors=True, optimizers=onnx_optimizer_passes(collect))
     gc.collect()
     return graph.make_model("converted from a SavedModel by tfcompress")
 
@@ -323,29 +322,6 @@ def _collecting_new_objects_only():
 
 
 _COLLECT_ABOVE = 16 * 2**20  # graph bytes above which tf2onnx's per-pass copies are collected
-
-# tf2onnx 1.17's default ONNX optimizer passes, in its order (tf2onnx.optimizer._optimizers)
-_ONNX_OPTIMIZERS = (
-    ("optimize_transpose", "TransposeOptimizer"), ("remove_redundant_upsample", "UpsampleOptimizer"),
-    ("fold_constants", "ConstFoldOptimizer"), ("const_dequantize_optimizer", "ConstDequantizeOptimizer"),
-    ("loop_optimizer", "LoopOptimizer"), ("merge_duplication", "MergeDuplicatedNodesOptimizer"),
-    ("reshape_optimizer", "ReshapeOptimizer"), ("global_pool_optimizer", "GlobalPoolOptimizer"),
-    ("q_dq_optimizer", "QDQOptimizer"), ("remove_identity", "IdentityOptimizer"),
-    ("remove_back_to_back", "BackToBackOptimizer"), ("einsum_optimizer", "EinsumOptimizer"),
-)
-
-
-def _collecting(passes) -> dict:
-    """tf2onnx optimizer factories that run the garbage collector before making each pass."""
-    from tf2onnx import optimizer
-
-    def factory(cls):
-        def make():
-            gc.collect()
-            return cls()
-        return make
-
-    return {name: factory(getattr(optimizer, cls)) for name, cls in passes}
 
 
 def run_onnx(onnx_path: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
