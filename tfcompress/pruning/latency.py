@@ -5,7 +5,8 @@ each executed node's time to the convolution or dense layer it computes. The con
 layout transposes through (``Transpose_5815``), so layers are found by their weights rather than names: each
 OpenVINO Convolution, GroupConvolution or MatMul with constant weights is matched to the Keras layer whose kernel
 has the same dimensions (in any order) and the same sum of magnitudes; kernels alike in both (e.g. all zero)
-are matched in graph order. Ops OpenVINO fuses into a convolution
+are matched in graph order, and further ops with a matched kernel are further calls of its layer (a tower
+shared by two inputs), whose times add up. Ops OpenVINO fuses into a convolution
 (BatchNormalization, activations, residual adds) are in that node, so their time is the convolution's.
 Unmatched nodes (layout reorders, pooling, unfused elementwise ops) are not charged to any layer.
 
@@ -72,19 +73,23 @@ def _ov_fingerprint(op) -> tuple:
 
 
 def _match(model: keras.Model, ov_model) -> dict[str, str]:
-    """OpenVINO engine op friendly name -> Keras layer name, matched by kernel shape and magnitude (weights
-    that are not a plain constant in the IR: by shape alone), in graph order among equals."""
+    """OpenVINO engine op friendly name -> Keras layer name, matched by kernel shape and magnitude, in graph
+    order among equals; an op whose weights equal those of a layer matched already is another call of that
+    layer (a tower shared by two inputs), before any layer is matched by shape alone (weights that are not a
+    plain constant in the IR, or whose rounded magnitude differs)."""
     by_sig: dict[tuple, list[str]] = {}
     for name, layer in _weighted_layers(model):
         for kernel in _kernels(layer):
             sig = _signature(kernel.shape)
             by_sig.setdefault((sig, _magnitude(keras.ops.convert_to_numpy(kernel))), []).append(name)
             by_sig.setdefault((sig, None), []).append(name)
-    used: set[tuple] = set()  # (layer name, kernel signature): a kernel is matched once
+    used: set[tuple] = set()  # (layer name, kernel signature): a kernel is matched once per call
     out = {}
     for op in _ov_engine_ops(ov_model):
         key = _ov_fingerprint(op)
         free = [n for n in by_sig.get(key, []) if (n, key[0]) not in used]
+        if not free and key[1] is not None:  # another call of a layer matched already
+            free = by_sig.get(key, [])
         if not free:
             free = [n for n in by_sig.get((key[0], None), []) if (n, key[0]) not in used]
         if free:
