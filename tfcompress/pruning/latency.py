@@ -152,6 +152,14 @@ def measure_latency_profile(model: keras.Model, batch_size: int = 1, iterations:
     if precision is not None:
         config["INFERENCE_PRECISION_HINT"] = precision
     compiled = ov.Core().compile_model(ov_model, device, config)
+    rng = np.random.default_rng(0)
+    feed = {inp.name: _random_batch(rng, inp.dtype, (int(batch_size), *shape)) for inp, shape in zip(inputs, shapes)}
+    return _layer_seconds(compiled, layer_of, feed, int(iterations))
+
+
+def _layer_seconds(compiled, layer_of: Mapping[str, str], feed: dict, iterations: int) -> dict[str, float]:
+    """Per Keras layer, the median over ``iterations`` inferences (after one warm-up) of the time of the runtime
+    nodes that compute its engine ops (``layer_of``: engine op name -> layer)."""
     origin = {}  # runtime node -> Keras layer of the engine op it computes
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
@@ -160,11 +168,9 @@ def measure_latency_profile(model: keras.Model, batch_size: int = 1, iterations:
         if hits:
             origin[op.get_friendly_name()] = hits[0]
     request = compiled.create_infer_request()
-    rng = np.random.default_rng(0)
-    feed = {inp.name: _random_batch(rng, inp.dtype, (int(batch_size), *shape)) for inp, shape in zip(inputs, shapes)}
     request.infer(feed)
     runs = []
-    for _ in range(int(iterations)):
+    for _ in range(iterations):
         request.infer(feed)
         seconds = dict.fromkeys(layer_of.values(), 0.0)
         for p in request.profiling_info:
