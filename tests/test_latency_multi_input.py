@@ -146,6 +146,10 @@ def test_unknown_dimensions_are_taken_from_input_shapes_or_calibration_data():
     for profile in (fp32, int8, longer):
         assert set(profile) == {"conv", "seq_conv", "head"}
         assert all(s > 0 for s in profile.values()), profile
+    # a single-input model's shape may be given bare
+    single = keras.Sequential([keras.Input((None, None, 3)), L.Conv2D(4, 3, name="a"), L.Conv2D(4, 3, name="b")])
+    profile = measure_latency_profile(single, iterations=2, input_shapes=(16, 16, 3))
+    assert set(profile) == {"a", "b"} and all(s > 0 for s in profile.values()), profile
 
 
 @pytest.mark.parametrize("kwargs, message", [
