@@ -5,7 +5,8 @@ each executed node's time to the convolution or dense layer it computes. The con
 layout transposes through (``Transpose_5815``), so layers are found by their weights rather than names: each
 OpenVINO Convolution, GroupConvolution or MatMul with constant weights is matched to the Keras layer whose kernel
 has the same dimensions (in any order) and the same sum of magnitudes; kernels alike in both (e.g. all zero)
-are matched in graph order. Ops OpenVINO fuses into a convolution
+are matched in graph order, and further ops with a matched kernel are further calls of its layer (a tower
+shared by two inputs), whose times add up. Ops OpenVINO fuses into a convolution
 (BatchNormalization, activations, residual adds) are in that node, so their time is the convolution's.
 Unmatched nodes (layout reorders, pooling, unfused elementwise ops) are not charged to any layer.
 
@@ -16,11 +17,12 @@ the multiply-accumulates that one channel of the group takes from it, summed ove
 from __future__ import annotations
 
 import tempfile
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import keras
 import numpy as np
 
+from tfcompress.calibration.samples import ModelInput, iterate_samples
 from tfcompress.graph.engine import ChannelGroup
 from tfcompress.graph.flops import FlopsCounter
 
@@ -71,19 +73,23 @@ def _ov_fingerprint(op) -> tuple:
 
 
 def _match(model: keras.Model, ov_model) -> dict[str, str]:
-    """OpenVINO engine op friendly name -> Keras layer name, matched by kernel shape and magnitude (weights
-    that are not a plain constant in the IR: by shape alone), in graph order among equals."""
+    """OpenVINO engine op friendly name -> Keras layer name, matched by kernel shape and magnitude, in graph
+    order among equals; an op whose weights equal those of a layer matched already is another call of that
+    layer (a tower shared by two inputs), before any layer is matched by shape alone (weights that are not a
+    plain constant in the IR, or whose rounded magnitude differs)."""
     by_sig: dict[tuple, list[str]] = {}
     for name, layer in _weighted_layers(model):
         for kernel in _kernels(layer):
             sig = _signature(kernel.shape)
             by_sig.setdefault((sig, _magnitude(keras.ops.convert_to_numpy(kernel))), []).append(name)
             by_sig.setdefault((sig, None), []).append(name)
-    used: set[tuple] = set()  # (layer name, kernel signature): a kernel is matched once
+    used: set[tuple] = set()  # (layer name, kernel signature): a kernel is matched once per call
     out = {}
     for op in _ov_engine_ops(ov_model):
         key = _ov_fingerprint(op)
         free = [n for n in by_sig.get(key, []) if (n, key[0]) not in used]
+        if not free and key[1] is not None:  # another call of a layer matched already
+            free = by_sig.get(key, [])
         if not free:
             free = [n for n in by_sig.get((key[0], None), []) if (n, key[0]) not in used]
         if free:
@@ -93,41 +99,67 @@ def _match(model: keras.Model, ov_model) -> dict[str, str]:
 
 
 def measure_latency_profile(model: keras.Model, batch_size: int = 1, iterations: int = 20,
-                            precision: str | None = "f32", device: str = "CPU",
-                            calibration_data: np.ndarray | None = None) -> dict[str, float]:
+                            precision: str | None = "f32", device: str = "CPU", calibration_data=None,
+                            input_shapes: Mapping[str, Sequence[int]] | Sequence[int] | None = None,
+                            ) -> dict[str, float]:
     """Seconds per inference of a ``batch_size`` batch spent in each convolution/dense layer of ``model``.
 
     The model is exported (``model.export``), converted with ``openvino.convert_model`` and compiled with
     ``PERF_COUNT`` and ``INFERENCE_PRECISION_HINT=precision`` (``"f32"``, ``"bf16"``...; None: the device's
-    default); each layer's time is its median over ``iterations`` inferences of random inputs after one warm-up.
-    Profile what you deploy: with ``calibration_data`` (input samples) the converted model is first quantized by
+    default); each layer's time is its median over ``iterations`` inferences after one warm-up, every model
+    input fed a ``batch_size`` batch (random normal values; zeros for integer inputs, a valid index anywhere).
+    Profile what you deploy: with ``calibration_data`` the converted model is first quantized by
     :func:`tfcompress.calibration.calibrate`, so the profile is of the INT8 model, whose convolutions divide
     their time differently from the float model's (memory-bound layers weigh more in INT8).
     Keys are layer names (``outer/inner`` inside nested models); the profile is what
     ``FilterPruning(flops_allocation="global_per_latency", latency_profile=...)`` takes.
+
+    Args:
+        model: a Keras model with one or more inputs (Functional, Sequential, nested models).
+        calibration_data: input samples in any form ``calibrate`` takes, with the model's inputs by their Keras
+            names: an array (one input), a dict from input name to array, a tuple / list of arrays in
+            ``model.inputs`` order, ``(x, y)`` pairs, or an iterable of those
+            (:func:`~tfcompress.calibration.samples.iterate_samples`). All are used.
+        input_shapes: the shape of one sample (no batch axis) of inputs with unknown dimensions (e.g.
+            ``(None, None, 3)`` images, variable-length sequences), by input name, or one shape for a
+            single-input model: the shape profiled. An input it does not name takes the first calibration
+            sample's shape; without calibration data, an unknown dimension is an error.
+
+    Raises:
+        ValueError, before any export: bad ``batch_size`` / ``iterations``, calibration samples that do not fit
+        the inputs (missing or unknown names, shapes, counts), ``input_shapes`` that do not fit them, an input
+        with unknown dimensions that neither ``input_shapes`` nor ``calibration_data`` gives.
     """
     import openvino as ov
 
-    if len(model.inputs) != 1:
-        raise ValueError(f"measure_latency_profile supports single-input models; {model.name!r} has "
-                         f"{len(model.inputs)} inputs")
     if int(batch_size) < 1 or int(iterations) < 1:
         raise ValueError(f"batch_size and iterations must be >= 1, got {batch_size!r} and {iterations!r}")
-    shape = [int(batch_size), *(int(d) for d in model.inputs[0].shape[1:])]
+    inputs = _keras_inputs(model)
+    samples = _samples(calibration_data, inputs) if calibration_data is not None else []
+    shapes = _profiled_shapes(model, inputs, input_shapes, samples[0] if samples else None)
     with tempfile.TemporaryDirectory() as d:
         model.export(d, verbose=False)
         ov_model = ov.convert_model(d)
+    _check_names(ov_model, inputs)
     layer_of = _match(model, ov_model)
-    if calibration_data is not None:
+    if samples:
         from tfcompress.calibration import calibrate
 
-        samples = np.asarray(calibration_data, np.float32)
-        ov_model = calibrate(ov_model, samples, subset_size=len(samples), verbose=False)
-    ov_model.reshape({ov_model.inputs[0]: shape})
+        by_name = [{inp.name: part for inp, part in zip(inputs, sample)} for sample in samples]
+        ov_model = calibrate(ov_model, by_name, subset_size=len(by_name), verbose=False)
+    ov_model.reshape({inp.name: [int(batch_size), *shape] for inp, shape in zip(inputs, shapes)})
     config = {"PERF_COUNT": "YES"}
     if precision is not None:
         config["INFERENCE_PRECISION_HINT"] = precision
     compiled = ov.Core().compile_model(ov_model, device, config)
+    rng = np.random.default_rng(0)
+    feed = {inp.name: _random_batch(rng, inp.dtype, (int(batch_size), *shape)) for inp, shape in zip(inputs, shapes)}
+    return _layer_seconds(compiled, layer_of, feed, int(iterations))
+
+
+def _layer_seconds(compiled, layer_of: Mapping[str, str], feed: dict, iterations: int) -> dict[str, float]:
+    """Per Keras layer, the median over ``iterations`` inferences (after one warm-up) of the time of the runtime
+    nodes that compute its engine ops (``layer_of``: engine op name -> layer)."""
     origin = {}  # runtime node -> Keras layer of the engine op it computes
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
@@ -136,11 +168,10 @@ def measure_latency_profile(model: keras.Model, batch_size: int = 1, iterations:
         if hits:
             origin[op.get_friendly_name()] = hits[0]
     request = compiled.create_infer_request()
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    request.infer([x])
+    request.infer(feed)
     runs = []
-    for _ in range(int(iterations)):
-        request.infer([x])
+    for _ in range(iterations):
+        request.infer(feed)
         seconds = dict.fromkeys(layer_of.values(), 0.0)
         for p in request.profiling_info:
             if p.node_name in origin:
@@ -148,6 +179,81 @@ def measure_latency_profile(model: keras.Model, batch_size: int = 1, iterations:
         runs.append(seconds)
     # the median run of each layer: a shared machine's interruptions land in a few runs
     return {name: float(np.median([r[name] for r in runs])) for name in runs[0]}
+
+
+def _keras_inputs(model: keras.Model) -> list[ModelInput]:
+    """The model's inputs as the sample parser describes them, in ``model.inputs`` order: named as
+    ``model.export`` names them in the SavedModel signature, so also in the converted model (the Keras names)."""
+    return [ModelInput(frozenset({t.name}), tuple(None if d is None else int(d) for d in t.shape), np.dtype(t.dtype))
+            for t in model.inputs]
+
+
+def _samples(data, inputs: Sequence[ModelInput]) -> list[tuple]:
+    """Every calibration sample, one array per input (checked against the inputs: ValueError)."""
+    samples = list(iterate_samples(data, inputs))
+    if not samples:
+        raise ValueError("calibration_data holds no samples")
+    return samples
+
+
+def _given_shapes(inputs: Sequence[ModelInput], input_shapes) -> dict[str, tuple]:
+    """``input_shapes`` as input name -> sample shape; ValueError for unknown names or a bare shape given for
+    a model with several inputs."""
+    if input_shapes is None:
+        return {}
+    names = [inp.name for inp in inputs]
+    if not isinstance(input_shapes, Mapping):
+        if len(inputs) > 1:
+            raise ValueError(f"input_shapes: the model has {len(inputs)} inputs {names}; give a dict from input "
+                             f"name to the shape of one sample, got {input_shapes!r}")
+        input_shapes = {names[0]: input_shapes}
+    unknown = [k for k in input_shapes if k not in names]
+    if unknown:
+        raise ValueError(f"input_shapes names unknown input(s) {unknown}; the model's inputs are {names}")
+    return {k: tuple(v) for k, v in input_shapes.items()}
+
+
+def _profiled_shapes(model: keras.Model, inputs: Sequence[ModelInput], input_shapes,
+                     first_sample: tuple | None) -> list[tuple[int, ...]]:
+    """Each input's sample shape (no batch axis) to profile: ``input_shapes``' where it names the input,
+    else the first calibration sample's, else the model's (ValueError where that has unknown dimensions)."""
+    given = _given_shapes(inputs, input_shapes)
+    shapes = []
+    for i, inp in enumerate(inputs):
+        dims = inp.dims[1:]
+        if inp.name in given:
+            shape = given[inp.name]
+            fits = len(shape) == len(dims) and all(isinstance(s, (int, np.integer)) and s >= 1 and d in (None, s)
+                                                   for d, s in zip(dims, shape))
+            if not fits:
+                raise ValueError(f"input_shapes[{inp.name!r}] must be the shape of one sample of that input, "
+                                 f"{inp.sample_shape()} with positive integers for '?', got {shape!r}")
+        elif first_sample is not None:
+            shape = first_sample[i].shape[1:]
+        elif None in dims:
+            raise ValueError(f"input {inp.name!r} of {model.name!r} has unknown dimensions {inp.sample_shape()}: "
+                             f"pass input_shapes={{{inp.name!r}: (...)}} (the shape of one sample to profile) "
+                             f"or calibration_data")
+        else:
+            shape = dims
+        shapes.append(tuple(int(s) for s in shape))
+    return shapes
+
+
+def _check_names(ov_model, inputs: Sequence[ModelInput]) -> None:
+    """The converted model's inputs are the Keras inputs by name (what feeding and reshaping by name needs)."""
+    converted = {name for port in ov_model.inputs for name in port.get_names()}
+    missing = [inp.name for inp in inputs if inp.name not in converted]
+    if missing or len(ov_model.inputs) != len(inputs):
+        raise RuntimeError(f"the converted model's inputs {sorted(converted)} are not the Keras model's "
+                           f"{[inp.name for inp in inputs]}")
+
+
+def _random_batch(rng: np.random.Generator, dtype: np.dtype, shape: tuple) -> np.ndarray:
+    """Standard normal values for a float input, zeros for others (index 0 is valid in any lookup)."""
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    return np.zeros(shape, dtype)
 
 
 def channel_seconds(counter: FlopsCounter, groups: Iterable[ChannelGroup],
