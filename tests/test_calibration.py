@@ -508,6 +508,25 @@ def test_seven_bit_grid_is_the_finest_that_keeps_every_weight_within_half_a_step
     np.testing.assert_allclose(np.abs(second).max(axis=0), np.abs(w2).max(axis=0), rtol=1e-5)
 
 
+def test_weights_on_the_seven_bit_grid_are_read_as_such_even_where_a_channel_is_only_zero_and_its_max(rng):
+    """QAT weights on the overflow fix's grid, as a converter folds them into float constants: every channel
+    is read back with integers in [-63, 63], also one holding only 0 and +-abs-max (which the 8-bit grid fits
+    too, with 127s that can saturate a CPU without VNNI); a channel on the 8-bit grid keeps its 127s."""
+    from tfcompress.int8_policy import on_int8_grid
+
+    step = rng.uniform(0.01, 0.1, size=6)
+    q7 = rng.integers(-63, 64, size=(3, 3, 4, 6)).astype(np.float64)
+    q7[..., :, 2] = rng.choice([-63.0, 0.0, 63.0], size=(3, 3, 4))
+    q7[0, 0, 0, :] = 63  # each channel reaches its abs-max
+    q, scale = on_int8_grid(q7 * step, axis=3)
+    np.testing.assert_array_equal(q, q7)
+    np.testing.assert_allclose(scale, step, rtol=1e-12)
+    q8 = rng.integers(-127, 128, size=(3, 3, 4, 6)).astype(np.float64)
+    q8[0, 0, 0, :] = 127
+    q, scale = on_int8_grid(q8 * step, axis=3)
+    np.testing.assert_array_equal(q, q8)
+
+
 def test_ranking_model_switches_each_candidate_like_a_built_trial(resnet8_ir):
     """The one model accuracy control ranks with (a boolean input per candidate) orders the candidate reverts
     as the trial models built with each layer in float do. Its quantizers run as float FakeQuantize, the built

@@ -162,8 +162,10 @@ def on_int8_grid(w: np.ndarray, axis: int, tolerance: float = 1e-3):
     ``tolerance`` steps, else (None, None): weights that quantization-aware training put on the weight grid,
     even after a converter folded the fake quantization into float constants.
 
-    A slice's largest |q| is 127 (the full grid), or 63 where the weights were trained on the overflow fix's
-    7-bit grid (:data:`OVERFLOW_FIX`). Weights stored as float16 are on the grid only to float16's precision:
+    A slice's largest |q| is 63 where the weights were trained on the overflow fix's 7-bit grid
+    (:data:`OVERFLOW_FIX`), or 127 (the full grid). The 7-bit reading is tried first: a slice that fits both
+    (only 0 and its abs-max) has the same values either way, and the smaller integers cannot saturate the
+    pair sums of CPUs without VNNI. Weights stored as float16 are on the grid only to float16's precision:
     a tolerance of 0.1 steps (127 x 2^-11 = 0.06 at most) still tells them from unquantized weights."""
     w = np.asarray(w, np.float64)
     moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
@@ -172,7 +174,7 @@ def on_int8_grid(w: np.ndarray, axis: int, tolerance: float = 1e-3):
         amax = np.where(amax > 0, amax, 1.0)
     found = np.zeros(len(amax), dtype=bool)
     scale = np.zeros_like(amax)
-    for top in (127.0, 63.0):
+    for top in (63.0, 127.0):
         q = moved / (amax / top)[:, None]
         fits = ~found & np.all(np.abs(q - np.round(q)) < tolerance, axis=1)
         scale[fits] = amax[fits] / top
