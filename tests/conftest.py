@@ -12,6 +12,23 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(os.environ.get("TFCOMPRESS_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
+
+def pytest_collection_modifyitems(config, items):
+    """Both halves of the run open with their share of the tests marked ``heavy`` (minutes each).
+
+    The README's ``-n 2`` with pytest.ini's ``--dist worksteal``: xdist hands each worker one half of the
+    collection, and a worker whose queue runs dry takes the back half of the other's. With the long tests at
+    the front of both halves, both workers start on them and the run ends on short tests, which the stealing
+    spreads evenly; in collection order one worker could be left alone with a long test at the end. The
+    order is otherwise the collection's.
+    """
+    heavy = [item for item in items if item.get_closest_marker("heavy") is not None]
+    light = [item for item in items if item.get_closest_marker("heavy") is None]
+    first = heavy[0::2]
+    split = max(len(items) // 2 - len(first), 0)
+    items[:] = first + light[:split] + heavy[1::2] + light[split:]
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

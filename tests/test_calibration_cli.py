@@ -7,6 +7,7 @@ import sys
 
 import keras
 import numpy as np
+import pytest
 from keras import layers as L
 
 
@@ -16,6 +17,7 @@ def _cli(*args):
                           env=env, timeout=900)
 
 
+@pytest.mark.heavy
 def test_a_missed_max_drop_exits_3_unless_allowed_and_is_met_without_a_revert_limit(tmp_path):
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((8, 8, 3), name="x"), L.Conv2D(6, 3, activation="relu", name="conv"),

@@ -204,6 +204,7 @@ def _single_channel_damage(vww, kg, group, channel) -> tuple[float, float]:
     return memo[key]
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("criterion", [*sorted(criteria.CRITERIA), "emitted"])
 def test_zeroing_the_least_important_channel_of_any_group_keeps_vww_predictions(vww, criterion):
     """On the real pretrained MobileNetV1-0.25: in every group FilterPruning prunes, the channel ``criterion``

@@ -25,6 +25,8 @@ from tfcompress.graph import build_graph
 from conftest import SHARED_DATA, batchnorm_statistics_of, rel_error
 from test_strip_applications import FAMILIES
 
+pytestmark = pytest.mark.heavy  # minutes per family: scheduled first (conftest)
+
 
 def _images(n: int, px: int) -> np.ndarray:
     x = np.load(SHARED_DATA / "cifar10" / "cifar10_jpeg_q75_test.npz")["x_test"][:n].astype("float32")

@@ -27,6 +27,8 @@ from tfcompress.quantization import RangeInit, quantize_model
 from conftest import SHARED_DATA, batchnorm_statistics_of, rel_error
 from test_export_applications import EXPORT_FAMILIES, _application, _images
 
+pytestmark = pytest.mark.heavy  # minutes per family: scheduled first (conftest)
+
 COMMAND_FAMILY = "MobileNetV3Small"  # keras.ops nodes (hard-swish) and squeeze-excite, through the command
 
 

@@ -14,6 +14,8 @@ import tfcompress
 from tfcompress.graph import build_graph
 from conftest import randomize_batchnorm, randomize_biases, rel_error
 
+pytestmark = pytest.mark.heavy  # minutes per family: scheduled first (conftest)
+
 # (constructor, input size): the smallest constructor of each family at (about) its smallest input (VGG19 is
 # VGG16 with three more convolutions of the same kinds: nothing the strip or quantization handles differently)
 FAMILIES = [
