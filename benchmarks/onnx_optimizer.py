@@ -34,9 +34,6 @@ FLAGS = flags.FLAGS
 def _graph(name: str, px: int, qat: bool, work: str):
     """tf2onnx's graph of the family (before its ONNX passes) and check inputs by input tensor name."""
     import keras
-    import tensorflow as tf
-    from tf2onnx import tf_loader
-    from tf2onnx.tfonnx import process_tf_graph
 
     from tfcompress.export import convert
     from tfcompress.quantization import quantize_model
@@ -53,13 +50,7 @@ def _graph(name: str, px: int, qat: bool, work: str):
     model.export(sm, verbose=False)
     frozen = convert.freeze_for_export(sm)
     inputs, outputs = list(frozen.inputs.values()), list(frozen.outputs.values())
-    graph_def = convert.prepare_for_tf2onnx(frozen.graph_def)
-    with tf.Graph().as_default():
-        optimized = tf_loader.tf_optimize(inputs, outputs, graph_def)
-    with tf.Graph().as_default() as tf_graph:
-        tf.import_graph_def(optimized, name="")
-        graph = process_tf_graph(tf_graph, opset=17, input_names=inputs, output_names=outputs)
-    return graph, {inputs[0]: x}
+    return convert.tf2onnx_graph(convert.prepare_for_tf2onnx(frozen.graph_def), inputs, outputs), {inputs[0]: x}
 
 
 def _run(graph, passes, x: dict, path: str) -> tuple[float, float, int, int, dict]:

@@ -38,10 +38,6 @@ def _network(blocks: int) -> keras.Model:
 @pytest.fixture(scope="module")
 def tf2onnx_graph(tmp_path_factory):
     """The tf2onnx graph (before its ONNX passes) of a quantized ``_network``, and check inputs."""
-    import tensorflow as tf
-    from tf2onnx import tf_loader
-    from tf2onnx.tfonnx import process_tf_graph
-
     keras.utils.set_random_seed(0)
     model = _network(6)
     model(np.random.default_rng(0).standard_normal((4, 16, 16, 3)).astype("float32"), training=True)
@@ -54,13 +50,7 @@ def tf2onnx_graph(tmp_path_factory):
     q.export(sm, verbose=False)
     frozen = convert.freeze_for_export(sm)
     inputs, outputs = list(frozen.inputs.values()), list(frozen.outputs.values())
-    graph_def = convert.prepare_for_tf2onnx(frozen.graph_def)
-    with tf.Graph().as_default():
-        optimized = tf_loader.tf_optimize(inputs, outputs, graph_def)
-    with tf.Graph().as_default() as tf_graph:
-        tf.import_graph_def(optimized, name="")
-        graph = process_tf_graph(tf_graph, opset=17, input_names=inputs, output_names=outputs)
-    return graph, {inputs[0]: x}
+    return convert.tf2onnx_graph(convert.prepare_for_tf2onnx(frozen.graph_def), inputs, outputs), {inputs[0]: x}
 
 
 def _optimize(graph, passes, counts: dict, monkeypatch):

@@ -29,7 +29,7 @@ from tfcompress.stripping.savedmodel_strip import (
 __all__ = [
     "ConversionCheck", "freeze_for_export", "prepare_for_tf2onnx", "raise_quantize_above_reshapes",
     "refuse_random_outputs", "rejoin_quantize_dequantize", "restore_weight_quantization", "run_onnx", "run_openvino",
-    "saved_model_to_openvino", "to_onnx", "to_openvino",
+    "saved_model_to_openvino", "tf2onnx_graph", "to_onnx", "to_openvino",
 ]
 
 
@@ -275,6 +275,23 @@ def to_onnx(
     return check
 
 
+def tf2onnx_graph(graph_def, inputs: list[str], outputs: list[str], opset: int = 17, rename: dict | None = None):
+    """tf2onnx's graph of a frozen ``graph_def`` (grappler-optimized first, as tf2onnx's ``from_graph_def``
+    does), before its ONNX optimizer passes. ``inputs`` / ``outputs`` are tensor names; ``rename`` maps
+    tensor names to the names the ONNX graph gives them."""
+    import tensorflow as tf
+    from tf2onnx import tf_loader
+    from tf2onnx.tfonnx import process_tf_graph
+
+    with tf.Graph().as_default():  # grappler's meta-graph export needs graph mode
+        optimized = tf_loader.tf_optimize(inputs, outputs, graph_def)
+    with tf.Graph().as_default() as tf_graph:
+        tf.import_graph_def(optimized, name="")
+        del optimized
+        return process_tf_graph(tf_graph, continue_on_error=True, opset=opset, input_names=inputs,
+                                output_names=outputs, tensors_to_rename=rename)
+
+
 def _tf2onnx(graph_def, inputs: list[str], outputs: list[str], opset: int, rename: dict):
     """tf2onnx's ``from_graph_def`` on an already frozen graph, in less memory.
 
@@ -283,19 +300,11 @@ def _tf2onnx(graph_def, inputs: list[str], outputs: list[str], opset: int, renam
     collects garbage before each pass (see there). The collections skip the objects that existed before the
     conversion (see :func:`_collecting_new_objects_only`).
     """
-    import tensorflow as tf
-    from tf2onnx import optimizer, tf_loader
-    from tf2onnx.tfonnx import process_tf_graph
+    from tf2onnx import optimizer
 
     collect = graph_def.ByteSize() > _COLLECT_ABOVE
-    with tf.Graph().as_default():  # grappler's meta-graph export needs graph mode
-        optimized = tf_loader.tf_optimize(inputs, outputs, graph_def)
     with _collecting_new_objects_only() if collect else contextlib.nullcontext():
-        with tf.Graph().as_default() as tf_graph:
-            tf.import_graph_def(optimized, name="")
-            del optimized
-            graph = process_tf_graph(tf_graph, continue_on_error=True, opset=opset, input_names=inputs,
-                                     output_names=outputs, tensors_to_rename=rename)
+        graph = tf2onnx_graph(graph_def, inputs, outputs, opset, rename)
         graph = optimizer.optimize_graph(graph, catch_errors=True, optimizers=onnx_optimizer_passes(collect))
     gc.collect()
     return graph.make_model("converted from a SavedModel by tfcompress")
