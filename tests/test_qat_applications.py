@@ -1,7 +1,7 @@
 """QAT on keras.applications families, exported to OpenVINO without calibration data.
 
 Each model has random weights and BatchNorm statistics of real (CIFAR-10) images; ``quantize_model``, one QAT
-step on those images with ``RangeInit``, ``model.export``, then the export (``export_saved_model``, and
+step (eager) on those images with ``RangeInit``, ``model.export``, then the export (``export_saved_model``, and
 ``python -m tfcompress.export`` for one family), given the compared images as unlabelled validation data (no
 calibration data: the QAT model's fake quantization is the INT8 model). Every convolution and fully-connected
 layer of the FP32 IR (the quantizers carried as FakeQuantize) must run INT8 in the compiled model, and the IR's
@@ -39,7 +39,10 @@ def _qat_application(name: str, px: int, images: np.ndarray, labels: np.ndarray)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # layers QAT leaves float (LayerNormalization, ...)
         q = quantize_model(model)
-    q.compile(keras.optimizers.SGD(1e-5), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    # eagerly: tracing a family's training graph takes longer than running its one step (NASNetMobile 78 s
+    # against 6 s); QAT training in graph mode is tests/test_qat.py's and the demo's
+    q.compile(keras.optimizers.SGD(1e-5), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+              run_eagerly=True)
     q.fit(images, labels, batch_size=len(images), epochs=1, callbacks=[RangeInit(1)], verbose=0)
     return q
 
