@@ -2,7 +2,7 @@
 
 A quantization-aware network with separable convolutions, residual adds, a concatenation and pooling is
 converted by tf2onnx twice, once optimized by tf2onnx's default passes and once by ours: the two ONNX models
-must compute the same function (OpenVINO at f32, quantizers in exact arithmetic), ours may keep no more
+must compute the same function (both run by OpenVINO at f32), ours may keep no more
 Transposes than tf2onnx's, and its transpose pass must visit a number of nodes that grows with the graph, not
 with the graph times the transposes it moves (what made exports of large models take minutes).
 """
