@@ -12,7 +12,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(os.environ.get("TFCOMPRESS_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
-
 def pytest_collection_modifyitems(config, items):
     """Both halves of the run open with their share of the tests marked ``heavy`` (minutes each).
 
