@@ -70,6 +70,7 @@ def reference_weights(kernel, per_channel: bool, half_range: bool):
 # callback sets (not initialised, no init steps left)
 PHASES = {"first": (0.0, 1.0), "first_rangeinit": (0.0, 3.0), "running": (1.0, 2.0), "ema": (1.0, 0.0),
           "odd": (0.0, 0.0)}
+PHASES_VARIABLES = ("range_min", "range_max", "init_steps", "initialized")
 
 
 def _state(rng, phase: str) -> dict:
@@ -77,7 +78,7 @@ def _state(rng, phase: str) -> dict:
     lo, hi = sorted(rng.normal(0.0, 1.5, 2))
     lo = lo if rng.random() < 0.7 else abs(lo) * 0.1  # sometimes a positive minimum (a ReLU output's range)
     hi = hi if rng.random() < 0.8 else -abs(hi) * 1e-7  # sometimes a maximum below 1e-6
-    return {"range_min": float(lo), "range_max": float(hi), "init_steps": steps, "initialized": initialized}
+    return dict(zip(PHASES_VARIABLES, (float(lo), float(hi), steps, initialized)))
 
 
 def _input(rng, dtype: str):
@@ -87,37 +88,36 @@ def _input(rng, dtype: str):
     return x.astype(dtype)
 
 
-def _quantizer_run(q, state: dict, x, g, training: bool, graph: bool):
-    """Output, gradients w.r.t. x and the two range variables, and the variables after the call, of the layer
-    ``q`` started from ``state``."""
-    for name, value in state.items():
-        getattr(q, name).assign(value)
+def _quantizer_step(q, training: bool):
+    """Output and gradients w.r.t. x and the two range variables of the layer ``q``."""
 
-    def step(x):
+    def step(x, g):
         with tf.GradientTape() as tape:
             tape.watch(x)
             y = q(x, training=training)
-        grads = tape.gradient(y, [x, q.range_min.value, q.range_max.value], output_gradients=tf.cast(g, y.dtype),
-                              unconnected_gradients="zero")
-        return y, grads
+        return y, tape.gradient(y, [x, q.range_min.value, q.range_max.value], output_gradients=tf.cast(g, y.dtype),
+                                unconnected_gradients="zero")
 
-    y, grads = (tf.function(step) if graph else step)(tf.constant(x))
-    return [y.numpy()] + [t.numpy() for t in grads] + [getattr(q, n).numpy() for n in state]
+    return step
 
 
-def _reference_run(state: dict, x, g, training: bool, graph: bool, symmetric, range_mode, momentum):
-    variables = {n: tf.Variable(v, dtype=tf.float32, trainable=range_mode == "learned") for n, v in state.items()}
-
-    def step(x):
+def _reference_step(variables: dict, training: bool, symmetric: bool, range_mode: str, momentum: float):
+    def step(x, g):
         with tf.GradientTape() as tape:
             tape.watch(x)
             x32 = tf.cast(x, tf.float32)  # the quantizer's dtype: Keras casts a float16 input up
             y = reference_quantizer(variables, x32, training, symmetric, range_mode, momentum)
-        grads = tape.gradient(y, [x, variables["range_min"], variables["range_max"]],
-                              output_gradients=tf.cast(g, y.dtype), unconnected_gradients="zero")
-        return y, grads
+        return y, tape.gradient(y, [x, variables["range_min"], variables["range_max"]],
+                                output_gradients=tf.cast(g, y.dtype), unconnected_gradients="zero")
 
-    y, grads = (tf.function(step) if graph else step)(tf.constant(x))
+    return step
+
+
+def _run(step, variables: dict, state: dict, x, g) -> list:
+    """``step`` from ``state``: output, gradients, then the variables after the call."""
+    for name, value in state.items():
+        variables[name].assign(value)
+    y, grads = step(tf.constant(x), tf.constant(g))
     return [y.numpy()] + [t.numpy() for t in grads] + [variables[n].numpy() for n in state]
 
 
@@ -125,20 +125,31 @@ def _reference_run(state: dict, x, g, training: bool, graph: bool, symmetric, ra
 @pytest.mark.parametrize("range_mode", ["ema", "learned"])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
 def test_activation_quantizer_computes_the_reference_bit_for_bit(symmetric, range_mode, graph, rng):
-    q = ActivationQuantizer(symmetric=symmetric, range_mode=range_mode, momentum=0.9)
+    momentum = 0.9
+    q = ActivationQuantizer(symmetric=symmetric, range_mode=range_mode, momentum=momentum)
     q.build(None)
-    what = ["output", "d/dx", "d/drange_min", "d/drange_max", "range_min", "range_max", "init_steps", "initialized"]
+    layer_vars = {n: getattr(q, n) for n in PHASES_VARIABLES}
+    learned = range_mode == "learned"
+    ref_vars = {n: tf.Variable(0.0, trainable=learned and n.startswith("range")) for n in PHASES_VARIABLES}
+    wrap = tf.function if graph else (lambda f: f)
+    steps = {training: (wrap(_quantizer_step(q, training)),
+                        wrap(_reference_step(ref_vars, training, symmetric, range_mode, momentum)))
+             for training in (True, False)}
+    what = ["output", "d/dx", "d/drange_min", "d/drange_max", *PHASES_VARIABLES]
+    range_grads = []
     for phase in PHASES:
         for dtype in ("float32", "float16"):
-            for training in (True, False):
-                state, x = _state(rng, phase), _input(rng, dtype)
-                g = rng.normal(size=x.shape).astype("float32")
-                got = _quantizer_run(q, state, x, g, training, graph)
-                want = _reference_run(state, x, g, training, graph, symmetric, range_mode, 0.9)
-                for name, a, b in zip(what, got, want):
-                    np.testing.assert_array_equal(a, b, err_msg=f"{name}, {phase}, {dtype}, training={training}")
-    if range_mode == "learned":  # the check above compared range gradients that are not all zero
-        assert np.any(got[2] != 0) or np.any(got[3] != 0)
+            for training, (step, reference) in steps.items():
+                for _ in range(12):
+                    state, x = _state(rng, phase), _input(rng, dtype)
+                    g = rng.normal(size=x.shape).astype("float32")
+                    got = _run(step, layer_vars, state, x, g)
+                    want = _run(reference, ref_vars, state, x, g)
+                    for name, a, b in zip(what, got, want):
+                        np.testing.assert_array_equal(a, b, err_msg=f"{name}, {phase}, {dtype}, training={training}")
+                    range_grads += got[2:4]
+    # in "learned" mode the range gradients compared are not all zero
+    assert any(np.any(d != 0) for d in range_grads) == learned
 
 
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
