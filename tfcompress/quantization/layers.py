@@ -92,16 +92,14 @@ class ActivationQuantizer(keras.layers.Layer):
     def quant_range(self):
         """The range ``(lo, hi)`` FakeQuant is given: the tracked range widened to contain 0 (and at least
         1e-6 wide), made symmetric for the "performance" preset."""
-        return self._quant_range(tf.convert_to_tensor(self.range_min), tf.convert_to_tensor(self.range_max))
-
-    def _quant_range(self, rmin, rmax):
+        rmin, rmax = tf.convert_to_tensor(self.range_min), tf.convert_to_tensor(self.range_max)
         if not self.symmetric:
             return tf.minimum(rmin, 0.0), tf.maximum(rmax, 1e-6)
         # a signed tensor gets [-a * 128/127, a]: zero point exactly 128, i.e. int8 with zero point 0.
         # [-a, a] puts the zero point at 127.5, which FakeQuant rounds to 127 or 128 depending on float
         # rounding of a: at 127 OpenVINO sees an asymmetric u8 tensor, which e.g. its INT8 transposed
-        # convolution does not take (it falls back to float). (max(-min(rmin, 0), max(rmax, 1e-6)) in
-        # fewer ops: graph construction, at every trace, is bound by the op count.)
+        # convolution does not take (it falls back to float). a = max(-min(rmin, 0), max(rmax, 1e-6)), in
+        # the fewest ops: tracing a QAT model is bound by its op count.
         a = tf.maximum(tf.maximum(-rmin, rmax), 1e-6)
         return tf.where(rmin < 0.0, a * (-128.0 / 127.0), 0.0), a
 
