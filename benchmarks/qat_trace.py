@@ -1,6 +1,7 @@
 """Trace time of QAT models: the first `fit` step and `model.export`, float vs QAT, and QAT with another tfcompress.
 
     python benchmarks/qat_trace.py [--before DIR] [--rounds 2] [MODEL:PX ...]     (default NASNetMobile:32 ResNet50:32)
+    python benchmarks/qat_trace.py --chain [--before DIR] [--rounds 2]            (light: seconds per run)
 
 Each measurement runs in a fresh Python (nothing cached between them), the variants interleaved round by round:
 the float model, its QAT model with this tree's tfcompress and, with ``--before DIR`` (a tree holding another
@@ -9,6 +10,10 @@ tfcompress, e.g. ``git archive COMMIT tfcompress | tar -x -C DIR``), with that o
 optimises the new graph); ``export`` is ``model.export``. Models have random weights and BatchNorm statistics
 of 16 CIFAR-10 images. Also prints the ops each quantizer adds to a graph (a chain of ActivationQuantizer +
 QuantDense against Dense), per tree.
+
+``--chain`` times only Python graph construction, on a chain of 60 Conv2D + BatchNormalization + ReLU blocks
+at 8x8 and its ``quantize_model`` copy: ``tf.function`` tracing of the inference call and of a training step
+(forward, gradient, SGD update), without running them.
 """
 
 from __future__ import annotations
@@ -60,6 +65,46 @@ def _measure(name: str, px: int, kind: str) -> dict:
     t3 = time.perf_counter()
     shutil.rmtree(work)
     return {"trace": (t1 - t0) - (t2 - t1), "export": t3 - t2, "layers": len(model.layers),
+            "tfcompress": os.path.dirname(tfcompress.__file__)}
+
+
+def _measure_chain(kind: str, blocks: int = 60) -> dict:
+    """In this process: trace times of a Conv2D chain (float or QAT), without running the graphs."""
+    import warnings
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import tfcompress
+    from tfcompress.quantization import quantize_model
+
+    inp = keras.Input((8, 8, 16))
+    x = inp
+    for _ in range(blocks):
+        x = keras.layers.ReLU()(keras.layers.BatchNormalization()(keras.layers.Conv2D(16, 3, padding="same")(x)))
+    model = keras.Model(inp, x)
+    if kind == "qat":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            model = quantize_model(model)
+    xs = tf.constant(np.ones((2, 8, 8, 16), "float32"))
+    opt = keras.optimizers.SGD(1e-3)
+    opt.build(model.trainable_variables)
+
+    @tf.function
+    def train(t):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(model(t, training=True) ** 2)
+        opt.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+        return loss
+
+    t0 = time.perf_counter()
+    tf.function(lambda t: model(t, training=False)).get_concrete_function(xs)
+    t1 = time.perf_counter()
+    train.get_concrete_function(xs)
+    t2 = time.perf_counter()
+    return {"trace": t2 - t1, "export": t1 - t0, "layers": len(model.layers),
             "tfcompress": os.path.dirname(tfcompress.__file__)}
 
 
@@ -116,11 +161,16 @@ def main() -> None:
     ap.add_argument("models", nargs="*", default=["NASNetMobile:32", "ResNet50:32"])
     ap.add_argument("--before", help="a tree with another tfcompress, measured side by side")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--chain", action="store_true", help="time the tracing of a Conv2D chain only")
     ap.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
-        result = _ops_per_quantizer() if args.child == ["ops"] else _measure(args.child[0], int(args.child[1]),
-                                                                              args.child[2])
+        if args.child[0] == "ops":
+            result = _ops_per_quantizer()
+        elif args.child[0] == "chain":
+            result = _measure_chain(args.child[1])
+        else:
+            result = _measure(args.child[0], int(args.child[1]), args.child[2])
         print(json.dumps(result))
         return
     sys.path.insert(0, HERE)
@@ -134,15 +184,18 @@ def main() -> None:
               + ", ".join(f"{k}: inference {v[0]}, training {v[1]}" for k, v in ops.items()), flush=True)
     variants = [("float", ROOT, "float")] + [(f"qat {tag}", tree, "qat") for tag, tree in trees.items()]
     results: dict = {}
+    models = ["chain:60"] if args.chain else args.models
     for r in range(args.rounds):
-        for spec in args.models:
+        for spec in models:
             name, px = spec.split(":")
             for label, tree, kind in variants:
-                res = _child(tree, [name, px, kind])
+                res = _child(tree, ["chain", kind] if args.chain else [name, px, kind])
                 results.setdefault((spec, label), []).append(res)
                 print(f"round {r + 1} {spec} {label}: trace {res['trace']:.1f} s, export {res['export']:.1f} s, "
                       f"{res['layers']} layers ({res['tfcompress']})", flush=True)
-    print("\n| model | variant | fit first step (trace) s | model.export s | layers |\n|---|---|---|---|---|")
+    columns = ("training step trace s", "inference trace s") if args.chain else ("fit first step (trace) s",
+                                                                               "model.export s")
+    print(f"\n| model | variant | {columns[0]} | {columns[1]} | layers |\n|---|---|---|---|---|")
     for (spec, label), rs in results.items():
         trace = " / ".join(f"{r['trace']:.1f}" for r in rs)
         export = " / ".join(f"{r['export']:.1f}" for r in rs)
