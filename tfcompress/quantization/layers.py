@@ -34,9 +34,10 @@ def fake_quant_weights(kernel, per_channel: bool = True, half_range: bool = Fals
     gradient passing the clip unchanged): they then take the integers -63..63 only, and INT8 kernels of CPUs
     without VNNI cannot saturate their int16 pair sums (see ``tfcompress.calibration.cpu_saturates_int8``).
     """
-    dtype = tf.convert_to_tensor(kernel).dtype
-    k = tf.cast(kernel, tf.float32)  # TF's FakeQuant ops take float32 only (a mixed_float16 layer's is float16)
-    m = tf.reduce_max(tf.abs(tf.reshape(k, (-1, k.shape[-1]))), axis=0) if per_channel else tf.reduce_max(tf.abs(k))
+    k = tf.convert_to_tensor(kernel)  # one read of a variable
+    dtype = k.dtype
+    k = tf.cast(k, tf.float32)  # TF's FakeQuant ops take float32 only (a mixed_float16 layer's is float16)
+    m = tf.reduce_max(tf.abs(k), axis=list(range(len(k.shape) - 1)) if per_channel else None)
     limit, clip = weight_grid(tf.stop_gradient(tf.maximum(m, 1e-12)), half_range)
     if half_range:
         k = k + tf.stop_gradient(tf.clip_by_value(k, -clip, clip) - k)
@@ -89,29 +90,32 @@ class ActivationQuantizer(keras.layers.Layer):
                                            aggregation="mean")
 
     def quant_range(self):
-        lo = tf.minimum(tf.convert_to_tensor(self.range_min), 0.0)
-        hi = tf.maximum(tf.convert_to_tensor(self.range_max), 1e-6)
-        if self.symmetric:
-            # a signed tensor gets [-a * 128/127, a]: zero point exactly 128, i.e. int8 with zero point 0.
-            # [-a, a] puts the zero point at 127.5, which FakeQuant rounds to 127 or 128 depending on float
-            # rounding of a: at 127 OpenVINO sees an asymmetric u8 tensor, which e.g. its INT8 transposed
-            # convolution does not take (it falls back to float).
-            a = tf.maximum(-lo, hi)
-            lo = tf.where(lo < 0, -a * (128.0 / 127.0), 0.0)
-            hi = a
-        return lo, hi
+        """The range ``(lo, hi)`` FakeQuant is given: the tracked range widened to contain 0 (and at least
+        1e-6 wide), made symmetric for the "performance" preset."""
+        rmin, rmax = tf.convert_to_tensor(self.range_min), tf.convert_to_tensor(self.range_max)
+        if not self.symmetric:
+            return tf.minimum(rmin, 0.0), tf.maximum(rmax, 1e-6)
+        # a signed tensor gets [-a * 128/127, a]: zero point exactly 128, i.e. int8 with zero point 0.
+        # [-a, a] puts the zero point at 127.5, which FakeQuant rounds to 127 or 128 depending on float
+        # rounding of a: at 127 OpenVINO sees an asymmetric u8 tensor, which e.g. its INT8 transposed
+        # convolution does not take (it falls back to float). a = max(-min(rmin, 0), max(rmax, 1e-6)), in
+        # the fewest ops: tracing a QAT model is bound by its op count.
+        a = tf.maximum(tf.maximum(-rmin, rmax), 1e-6)
+        return tf.where(rmin < 0.0, a * (-128.0 / 127.0), 0.0), a
 
     def call(self, x, training=False):
         if training:
             self._observe(x)
-        lo, hi = self.quant_range()
+        lo, hi = self.quant_range()  # read back after the update (under MirroredStrategy: the replicas' mean)
         return tf.quantization.fake_quant_with_min_max_vars(x, lo, hi, num_bits=8, narrow_range=False)
 
     def _observe(self, x):
-        bmin = tf.stop_gradient(tf.reduce_min(x))
-        bmax = tf.stop_gradient(tf.reduce_max(x))
+        """Updates the range from the batch ``x``. The batch min/max reach only the variables' assignments, so
+        no gradient flows through them."""
+        bmin, bmax = tf.reduce_min(x), tf.reduce_max(x)
+        steps = tf.convert_to_tensor(self.init_steps)
         first = tf.equal(tf.convert_to_tensor(self.initialized), 0.0)
-        initing = tf.greater(tf.convert_to_tensor(self.init_steps), 0.0)
+        initing = tf.greater(steps, 0.0)
         cur_min = tf.convert_to_tensor(self.range_min)
         cur_max = tf.convert_to_tensor(self.range_max)
         m = self.momentum
@@ -125,7 +129,7 @@ class ActivationQuantizer(keras.layers.Layer):
         self.range_min.assign(new_min)
         self.range_max.assign(new_max)
         self.initialized.assign(1.0)
-        self.init_steps.assign(tf.maximum(tf.convert_to_tensor(self.init_steps) - 1.0, 0.0))
+        self.init_steps.assign(tf.maximum(steps - 1.0, 0.0))
 
     def compute_output_shape(self, input_shape):
         return input_shape
