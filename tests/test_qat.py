@@ -386,6 +386,30 @@ def test_layers_with_a_python_function_as_activation_get_their_twins(rng):
     assert rel_error(q(x), model(x)) < 0.1
 
 
+
+def test_rebuilt_models_keep_adapted_normalization_and_lambda_functions(rng):
+    """strip and quantize_model re-create every layer: an adapted Normalization keeps its statistics (Keras
+    computes with tensors it derives from the variables) and a Lambda keeps the user's function, which
+    reads this module's globals (byte code reloaded from its config would not see them)."""
+    x = rng.uniform(0, 255, (16, 12, 12, 3)).astype("float32")
+    norm = L.Normalization(name="norm")
+    norm.adapt(x)
+    inp = keras.Input((12, 12, 3))
+    h = L.Lambda(lambda t: keras.ops.relu(t - np.float32(0.1)), name="lam")(norm(inp))
+    h = L.Conv2D(8, 3, activation="relu", name="a")(h)
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(6, 3, name="b")(h))))
+    group = next(g for g in tfcompress.channel_groups(model) if "a" in g.layers)
+    tfcompress.zero_channels(model, group, [1, 4], compensate=False)
+    small = tfcompress.strip(model)
+    assert small.get_layer("a").filters == 6
+    assert rel_error(small(x), model(x)) < 1e-5
+    q = quantize_model(model)
+    assert rel_error(q.get_layer("norm")(x), norm(x)) < 1e-6
+    assert q.get_layer("lam").function is model.get_layer("lam").function
+    q.compile(keras.optimizers.SGD(0.0), "mse")
+    q.fit(x, rng.normal(size=(16, 2)), epochs=1, batch_size=16, callbacks=[RangeInit(1)], verbose=0)
+    assert rel_error(q(x), model(x)) < 0.1
+
 def separable_net():
     """Xception's pieces: separable convolutions, a residual written ``x + y``, and a transposed convolution."""
     inp = keras.Input((16, 16, 3), name="image")
