@@ -201,6 +201,34 @@ def test_prune_then_qat_keeps_pruned_channels_zero_and_strips(rng, tmp_path):
     assert r.max_rel_error < 1e-4
 
 
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
+def test_qat_savedmodel_strips_transposed_and_half_precision_kernels(policy, rng, tmp_path):
+    """A QAT kernel reaches its op through layout ops after its FakeQuant: a Transpose (a transposed
+    convolution's kernel, quantized per output channel) and, under mixed_float16, a Cast to float16. The
+    SavedModel strip removes the pruned channels behind them as the Keras strip does (it kept them all)."""
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        inp = keras.Input((8, 8, 3))
+        h = L.Conv2D(8, 3, padding="same", activation="relu", name="c1")(inp)
+        h = L.Conv2DTranspose(8, 3, strides=2, padding="same", activation="relu", name="up")(h)
+        h = L.Conv2D(6, 3, name="c2")(h)
+        model = keras.Model(inp, L.Dense(2, dtype="float32")(L.GlobalAveragePooling2D()(h)))
+        groups = {g.layers: g for g in tfcompress.channel_groups(model)}
+        tfcompress.zero_channels(model, groups[("c1",)], [3], compensate=False)
+        tfcompress.zero_channels(model, groups[("up",)], [0, 1, 2], compensate=False)
+        q = quantize_model(model)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    x = rng.normal(size=(16, 8, 8, 3)).astype("float32")
+    q.compile(keras.optimizers.SGD(0.0), "mse")
+    q.fit(x, rng.normal(size=(16, 2)), epochs=1, batch_size=16, callbacks=[RangeInit(1)], verbose=0)
+    q.export(str(tmp_path / "sm"), verbose=False)
+    r = strip_saved_model(str(tmp_path / "sm"), str(tmp_path / "stripped"))
+    widths = {name: [layer["channels_after"] for layer in r.layers if f"/{name}_1/" in layer["name"]]
+              for name in ("c1", "up")}
+    assert widths == {"c1": [7], "up": [5]}, r.layers
+    assert r.max_rel_error < (1e-2 if policy == "mixed_float16" else 1e-4)
+
 @pytest.mark.parametrize("padding", ["same", "causal"])
 def test_qat_conv1d_savedmodel_is_counted_and_stripped(padding, rng, tmp_path):
     """TensorFlow runs Conv1D as a Conv2D of an expanded kernel: a QAT Conv1D's weight input is then
