@@ -379,19 +379,26 @@ class Weights:
                 axis = list(self._arg(node)).index(axis)
         return axis
 
+    def _layouts(self, value: np.ndarray) -> list[np.ndarray]:
+        """``value`` (the op's layout) before each layout op and after the last: the first is what the Const
+        before the FakeQuant holds."""
+        before = [self.g.const(self.const_name).shape]
+        for node in self.after[:-1]:
+            before.append(self._forward(node, np.empty(before[-1], np.float32)).shape)
+        values = [value]
+        for node, shape in zip(reversed(self.after), reversed(before)):
+            values.insert(0, self._backward(node, values[0], shape))
+        return values
+
     def _stored(self, value: np.ndarray) -> np.ndarray:
         """``value`` (the op's layout) as the Const before the FakeQuant holds it."""
-        shapes = [self.g.const(self.const_name).shape]
-        for node in self.after[:-1]:
-            shapes.append(self._forward(node, np.empty(shapes[-1], np.float32)).shape)
-        for node, before in zip(reversed(self.after), reversed(shapes)):
-            value = self._backward(node, value, before)
-        return value
+        return self._layouts(value)[0]
 
     def replace(self, new_value: np.ndarray, out_keep: np.ndarray | None, rw: Rewriter) -> str:
         """Name of a tensor with ``new_value`` (re-quantized and laid out the same way); ``out_keep`` slices the
         per-channel ranges of the FakeQuant (its last axis, before the layout ops)."""
-        c = rw.const(self.const_name, self._stored(new_value))
+        layouts = self._layouts(new_value)
+        c = rw.const(self.const_name, layouts[0])
         if self.fq is None:
             return c
         fq = tf.compat.v1.NodeDef()
@@ -404,16 +411,15 @@ class Weights:
                 if rng.size == out_keep.size:
                     fq.input[k] = rw.const(_node(self.fq.input[k]), rng[out_keep])
         rw.new_nodes.append(fq)
-        name, shape = fq.name, self._stored(new_value).shape
-        for node in self.after:
+        name = fq.name
+        for node, after in zip(self.after, layouts[1:]):
             layout = tf.compat.v1.NodeDef()
             layout.CopyFrom(node)
             layout.name = node.name + "/tfcompress"
             layout.input[0] = name
-            shape = self._forward(node, np.empty(shape, np.float32)).shape
             if node.op == "Reshape":  # the new shape; the other layout ops keep their arguments
                 target = self._arg(node)
-                layout.input[1] = rw.const(_node(node.input[1]), np.asarray(shape, target.dtype))
+                layout.input[1] = rw.const(_node(node.input[1]), np.asarray(after.shape, target.dtype))
             rw.new_nodes.append(layout)
             name = layout.name
         return name
