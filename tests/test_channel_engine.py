@@ -351,6 +351,22 @@ def test_recurrent_layers_read_channels_through_kernel_rows(rnn, rng, tmp_path):
     np.testing.assert_array_equal(keras.saving.load_model(tmp_path / "m.keras")(x), stripped(x))
 
 
+
+@pytest.mark.parametrize("rnn", [lambda: L.GRU(6, name="rnn"), lambda: L.Bidirectional(L.LSTM(4), name="rnn")])
+def test_masked_recurrent_layers_read_channels_through_kernel_rows(rnn, rng):
+    """A padding mask (``Embedding(mask_zero=True)``) reaches a recurrent layer as a second tensor: it only says
+    which time steps count, so the layer before it is still pruned, and the stripped model keeps the mask (the
+    padded steps would change the outputs otherwise)."""
+    inp = keras.Input((12,), dtype="int32")
+    x = L.Dense(8, activation="relu", name="c1")(L.Embedding(30, 5, mask_zero=True)(inp))
+    model = keras.Model(inp, L.Dense(3, name="head")(rnn()(x)))
+    randomize_biases(model, rng)
+    tokens = np.where(np.arange(12) < rng.integers(3, 12, (6, 1)), rng.integers(1, 30, (6, 12)), 0).astype("int32")
+    reasons = {g.layers: g.reason for g in tfcompress.explain(model)}
+    assert reasons[("c1",)] == "" and "feed each other" in reasons[("rnn",)]
+    stripped = _zero_and_strip(model, rng, tokens)
+    assert _width(stripped, "c1") == 6
+
 def test_recurrent_layer_macs_shrink_with_its_input(rng):
     model = _into_recurrent(lambda: L.LSTM(6, name="rnn"), rng)
     # per example: c1 20 x 3 x 4 x 8; the LSTM 20 steps x (8 inputs + 6 units) x 4 gates x 6; the head 6 x 3

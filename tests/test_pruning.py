@@ -554,6 +554,18 @@ def test_bad_model_arguments_fail_before_training():
     tiny = _compile(keras.Sequential([keras.Input((4,)), L.Dense(10)]))
     with pytest.raises(ValueError, match="no prunable channel group"):
         tiny.fit(np.zeros((4, 4)), np.zeros(4), epochs=1, callbacks=[FilterPruning()], verbose=0)
+    # a stem and a strided convolution only: the error names the options that prune them, which then do
+    inp = keras.Input((8, 8, 3))
+    h = L.Conv2D(8, 3, strides=2, name="down")(L.Conv2D(8, 3, name="stem")(inp))
+    small = _compile(keras.Model(inp, L.Dense(10)(L.GlobalAveragePooling2D()(h))))
+    x = np.random.default_rng(0).normal(size=(8, 8, 8, 3)).astype("float32")
+    y = np.arange(8) % 10
+    with pytest.raises(ValueError, match=r"1 kept unless prune_first_conv=True, 1 kept unless "
+                                         r"prune_downsample_convs=True"):
+        small.fit(x, y, epochs=1, callbacks=[FilterPruning()], verbose=0)
+    pruner = FilterPruning(target=0.5, pruning_epochs=1, prune_first_conv=True, prune_downsample_convs=True)
+    small.fit(x, y, epochs=1, callbacks=[pruner], verbose=0)
+    assert tfcompress.strip(small).get_layer("stem").filters == 4
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "global"])

@@ -201,6 +201,34 @@ def test_prune_then_qat_keeps_pruned_channels_zero_and_strips(rng, tmp_path):
     assert r.max_rel_error < 1e-4
 
 
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
+def test_qat_savedmodel_strips_transposed_and_half_precision_kernels(policy, rng, tmp_path):
+    """A QAT kernel reaches its op through layout ops after its FakeQuant: a Transpose (a transposed
+    convolution's kernel, quantized per output channel) and, under mixed_float16, a Cast to float16. The
+    SavedModel strip removes the pruned channels behind them as the Keras strip does (it kept them all)."""
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        inp = keras.Input((8, 8, 3))
+        h = L.Conv2D(8, 3, padding="same", activation="relu", name="c1")(inp)
+        h = L.Conv2DTranspose(8, 3, strides=2, padding="same", activation="relu", name="up")(h)
+        h = L.Conv2D(6, 3, name="c2")(h)
+        model = keras.Model(inp, L.Dense(2, dtype="float32")(L.GlobalAveragePooling2D()(h)))
+        groups = {g.layers: g for g in tfcompress.channel_groups(model)}
+        tfcompress.zero_channels(model, groups[("c1",)], [3], compensate=False)
+        tfcompress.zero_channels(model, groups[("up",)], [0, 1, 2], compensate=False)
+        q = quantize_model(model)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    x = rng.normal(size=(16, 8, 8, 3)).astype("float32")
+    q.compile(keras.optimizers.SGD(0.0), "mse")
+    q.fit(x, rng.normal(size=(16, 2)), epochs=1, batch_size=16, callbacks=[RangeInit(1)], verbose=0)
+    q.export(str(tmp_path / "sm"), verbose=False)
+    r = strip_saved_model(str(tmp_path / "sm"), str(tmp_path / "stripped"))
+    widths = {name: [layer["channels_after"] for layer in r.layers if f"/{name}_1/" in layer["name"]]
+              for name in ("c1", "up")}
+    assert widths == {"c1": [7], "up": [5]}, r.layers
+    assert r.max_rel_error < (1e-2 if policy == "mixed_float16" else 1e-4)
+
 @pytest.mark.parametrize("padding", ["same", "causal"])
 def test_qat_conv1d_savedmodel_is_counted_and_stripped(padding, rng, tmp_path):
     """TensorFlow runs Conv1D as a Conv2D of an expanded kernel: a QAT Conv1D's weight input is then
@@ -385,6 +413,30 @@ def test_layers_with_a_python_function_as_activation_get_their_twins(rng):
     q.fit(x, rng.normal(size=(8, 2)), epochs=1, batch_size=8, callbacks=[RangeInit(1)], verbose=0)
     assert rel_error(q(x), model(x)) < 0.1
 
+
+
+def test_rebuilt_models_keep_adapted_normalization_and_lambda_functions(rng):
+    """strip and quantize_model re-create every layer: an adapted Normalization keeps its statistics (Keras
+    computes with tensors it derives from the variables) and a Lambda keeps the user's function, which
+    reads this module's globals (byte code reloaded from its config would not see them)."""
+    x = rng.uniform(0, 255, (16, 12, 12, 3)).astype("float32")
+    norm = L.Normalization(name="norm")
+    norm.adapt(x)
+    inp = keras.Input((12, 12, 3))
+    h = L.Lambda(lambda t: keras.ops.relu(t - np.float32(0.1)), name="lam")(norm(inp))
+    h = L.Conv2D(8, 3, activation="relu", name="a")(h)
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(6, 3, name="b")(h))))
+    group = next(g for g in tfcompress.channel_groups(model) if "a" in g.layers)
+    tfcompress.zero_channels(model, group, [1, 4], compensate=False)
+    small = tfcompress.strip(model)
+    assert small.get_layer("a").filters == 6
+    assert rel_error(small(x), model(x)) < 1e-5
+    q = quantize_model(model)
+    assert rel_error(q.get_layer("norm")(x), norm(x)) < 1e-6
+    assert q.get_layer("lam").function is model.get_layer("lam").function
+    q.compile(keras.optimizers.SGD(0.0), "mse")
+    q.fit(x, rng.normal(size=(16, 2)), epochs=1, batch_size=16, callbacks=[RangeInit(1)], verbose=0)
+    assert rel_error(q(x), model(x)) < 0.1
 
 def separable_net():
     """Xception's pieces: separable convolutions, a residual written ``x + y``, and a transposed convolution."""

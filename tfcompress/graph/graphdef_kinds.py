@@ -302,56 +302,103 @@ class FusedBatchNorm(NodeKind):
 
 
 class Weights:
-    """A producer's weight input: a Const, a FakeQuant of a Const (from quantization-aware training), or a
-    Reshape or ExpandDims of such a FakeQuant (QAT depthwise kernels: per-channel FakeQuant works on the last
-    axis only, so the (h, w, c, m) kernel is quantized as (h, w, 1, c * m) and reshaped back; a QAT Conv1D's
-    (k, in, out) kernel is expanded to the (1, k, in, out) of the Conv2D that runs it)."""
+    """A producer's weight input: a Const, or a FakeQuant of a Const (from quantization-aware training) behind
+    ops that only lay its values out for the consumer: a Reshape or ExpandDims (QAT depthwise kernels:
+    per-channel FakeQuant works on the last axis only, so the (h, w, c, m) kernel is quantized as
+    (h, w, 1, c * m) and reshaped back; a QAT Conv1D's (k, in, out) kernel is expanded to the (1, k, in, out) of
+    the Conv2D that runs it), a Transpose (a QAT transposed convolution quantizes its kernel per output channel,
+    then moves that axis where the op reads it) or a Cast (a mixed-precision model quantizes in float32 and
+    casts the result to float16)."""
+
+    _LAYOUT_OPS = ("Reshape", "ExpandDims", "Transpose", "Cast")
 
     def __init__(self, graph: "GraphDefGraph", tensor: str) -> None:
         self.g = graph
         node = self._skip_identity(graph.nodes[_node(tensor)])
-        self.reshape = None
-        if node.op in ("Reshape", "ExpandDims"):
-            inner = self._skip_identity(graph.nodes[_node(node.input[0])])
-            if inner.op not in _FAKE_QUANT or graph.nodes[_node(node.input[1])].op != "Const":
+        self.after: list = []  # the layout ops after the FakeQuant, the one next to it first
+        while node.op in self._LAYOUT_OPS:
+            if node.op != "Cast" and graph.nodes[_node(node.input[1])].op != "Const":
                 raise KeyError(tensor)
-            self.reshape, node = node, inner
+            self.after.insert(0, node)
+            node = self._skip_identity(graph.nodes[_node(node.input[0])])
+        if self.after and node.op not in _FAKE_QUANT:
+            raise KeyError(tensor)
         self.fq = node if node.op in _FAKE_QUANT else None
         self.const_name = _node(self.fq.input[0]) if self.fq is not None else node.name
         if graph.nodes[self.const_name].op != "Const":
             raise KeyError(tensor)
-
-    def _expanded_axis(self) -> int | None:
-        if self.reshape is None or self.reshape.op != "ExpandDims":
-            return None
-        return int(self.g.const(_node(self.reshape.input[1])))
 
     def _skip_identity(self, node):
         while node.op == "Identity":
             node = self.g.nodes[_node(node.input[0])]
         return node
 
+    def _arg(self, node) -> np.ndarray:
+        return self.g.const(_node(node.input[1]))
+
+    def _forward(self, node, v: np.ndarray) -> np.ndarray:
+        if node.op == "ExpandDims":
+            return np.expand_dims(v, int(self._arg(node)))
+        if node.op == "Reshape":
+            return v.reshape(self._arg(node))
+        if node.op == "Transpose":
+            return np.transpose(v, self._arg(node))
+        return v  # Cast: the values, in another dtype
+
+    def _backward(self, node, v: np.ndarray, before: tuple) -> np.ndarray:
+        """``v`` (after ``node``) as it was before it; ``before``: the original shape before it."""
+        if node.op == "ExpandDims":
+            return np.squeeze(v, int(self._arg(node)))
+        if node.op == "Reshape":  # the channel axis of the flattened kernel is its last one
+            return v.reshape(tuple(before[:-1]) + (-1,))
+        if node.op == "Transpose":
+            return np.transpose(v, np.argsort(self._arg(node)))
+        return v
+
     @property
     def value(self) -> np.ndarray:
         v = self.g.const(self.const_name)
-        if self.reshape is None:
-            return v
-        axis = self._expanded_axis()
-        return np.expand_dims(v, axis) if axis is not None else v.reshape(self.g.const(_node(self.reshape.input[1])))
+        for node in self.after:
+            v = self._forward(node, v)
+        return v
+
+    def ranges_axis(self) -> int | None:
+        """The axis of :attr:`value` along which a per-channel FakeQuant's ranges run (None without one, or
+        when a Reshape merges that axis with others)."""
+        if self.fq is None or self.fq.op != "FakeQuantWithMinMaxVarsPerChannel":
+            return None
+        ndim = self.g.const(self.const_name).ndim
+        axis = ndim - 1
+        for node in self.after:
+            if node.op == "Reshape":
+                return None
+            if node.op == "ExpandDims":
+                at = int(self._arg(node)) % (ndim + 1)
+                axis, ndim = axis + (at <= axis), ndim + 1
+            elif node.op == "Transpose":
+                axis = list(self._arg(node)).index(axis)
+        return axis
+
+    def _layouts(self, value: np.ndarray) -> list[np.ndarray]:
+        """``value`` (the op's layout) before each layout op and after the last: the first is what the Const
+        before the FakeQuant holds."""
+        before = [self.g.const(self.const_name).shape]
+        for node in self.after[:-1]:
+            before.append(self._forward(node, np.empty(before[-1], np.float32)).shape)
+        values = [value]
+        for node, shape in zip(reversed(self.after), reversed(before)):
+            values.insert(0, self._backward(node, values[0], shape))
+        return values
 
     def _stored(self, value: np.ndarray) -> np.ndarray:
         """``value`` (the op's layout) as the Const before the FakeQuant holds it."""
-        if self.reshape is None:
-            return value
-        axis = self._expanded_axis()
-        if axis is not None:
-            return np.squeeze(value, axis)
-        return value.reshape(self.g.const(self.const_name).shape[:-1] + (-1,))
+        return self._layouts(value)[0]
 
     def replace(self, new_value: np.ndarray, out_keep: np.ndarray | None, rw: Rewriter) -> str:
-        """Name of a tensor with ``new_value`` (re-quantized the same way); ``out_keep`` slices the per-channel
-        ranges of the FakeQuant (its last axis, before any Reshape)."""
-        c = rw.const(self.const_name, self._stored(new_value))
+        """Name of a tensor with ``new_value`` (re-quantized and laid out the same way); ``out_keep`` slices the
+        per-channel ranges of the FakeQuant (its last axis, before the layout ops)."""
+        layouts = self._layouts(new_value)
+        c = rw.const(self.const_name, layouts[0])
         if self.fq is None:
             return c
         fq = tf.compat.v1.NodeDef()
@@ -364,17 +411,18 @@ class Weights:
                 if rng.size == out_keep.size:
                     fq.input[k] = rw.const(_node(self.fq.input[k]), rng[out_keep])
         rw.new_nodes.append(fq)
-        if self.reshape is None:
-            return fq.name
-        reshape = tf.compat.v1.NodeDef()
-        reshape.CopyFrom(self.reshape)
-        reshape.name = self.reshape.name + "/tfcompress"
-        reshape.input[0] = fq.name
-        if self._expanded_axis() is None:  # ExpandDims keeps its axis; a Reshape takes the new shape
-            shape = self.g.const(_node(self.reshape.input[1]))
-            reshape.input[1] = rw.const(_node(self.reshape.input[1]), np.asarray(new_value.shape, shape.dtype))
-        rw.new_nodes.append(reshape)
-        return reshape.name
+        name = fq.name
+        for node, after in zip(self.after, layouts[1:]):
+            layout = tf.compat.v1.NodeDef()
+            layout.CopyFrom(node)
+            layout.name = node.name + "/tfcompress"
+            layout.input[0] = name
+            if node.op == "Reshape":  # the new shape; the other layout ops keep their arguments
+                target = self._arg(node)
+                layout.input[1] = rw.const(_node(node.input[1]), np.asarray(after.shape, target.dtype))
+            rw.new_nodes.append(layout)
+            name = layout.name
+        return name
 
 
 class Producer(NodeKind):
@@ -441,7 +489,9 @@ class TransposedConv(Producer):
 
     def rewrite(self, new, in_keeps, out_keep, folds, rw):
         k = slice_kernel(self._kernel(), in_keeps[0], out_keep)
-        new.input[1] = self.w.replace(self._stored(k), in_keeps[0], rw)
+        stored = self._stored(k)  # (..., out, in): QAT quantizes per output channel, behind a Transpose
+        per_output = self.w.ranges_axis() in (stored.ndim - 2, -2)
+        new.input[1] = self.w.replace(stored, out_keep if per_output else in_keeps[0], rw)
         new.input[0] = _with_last_entry(self.g, self.node.input[0], int(out_keep.sum()), rw)
 
 

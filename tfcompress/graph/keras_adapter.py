@@ -276,7 +276,7 @@ _RECURRENT = {_L.LSTM: _L.LSTMCell, _L.GRU: _L.GRUCell, _L.SimpleRNN: _L.SimpleR
 
 
 def _plain_recurrent(layer) -> bool:
-    """A Keras LSTM/GRU/SimpleRNN with its own cell, reading (batch, time, channels) without a mask."""
+    """A Keras LSTM/GRU/SimpleRNN with its own cell."""
     base = next((b for b in _RECURRENT if isinstance(layer, b)), None)
     return base is not None and not _overrides_call(layer, base) and type(layer.cell) is _RECURRENT[base]
 
@@ -284,7 +284,9 @@ def _plain_recurrent(layer) -> bool:
 def _recurrent(layer, base, ins, out):
     directions = [layer.forward_layer, layer.backward_layer] if isinstance(layer, _L.Bidirectional) else [layer]
     plain = all(_plain_recurrent(d) for d in directions) and not _overrides_call(layer, base)
-    return kinds.Recurrent if plain and len(ins) == 1 and len(ins[0]) == 3 else kinds.BLOCKER
+    if not plain or len(ins[0]) != 3:
+        return kinds.BLOCKER
+    return lambda call: kinds.Recurrent(call) if kinds.reads_one_sequence(call) else kinds.BLOCKER(call)
 
 
 def _attention(layer, base, ins, out):

@@ -468,6 +468,15 @@ class GroupNorm(LayerNorm):
                 "removed_values": removed}
 
 
+def reads_one_sequence(call: LayerCall) -> bool:
+    """A recurrent layer's call whose only tensors are its sequence (batch, time, channels) and optionally its
+    ``mask`` (batch, time), which ``Embedding(mask_zero=True)`` or ``Masking`` attach: the mask only says which
+    time steps count, so the channels are read as without it. An initial state is another tensor: not this."""
+    mask = call.node.arguments.kwargs.get("mask")
+    return len([t for t in call.node.input_tensors if t is not mask]) == 1 and (
+        mask is None or len(mask.shape) == 2)
+
+
 class Recurrent(LayerKind):
     """LSTM, GRU and SimpleRNN, alone or as a Bidirectional pair: at every time step the input channels are read
     through the rows of a kernel (in, gates x units), so an input channel that is 0 can go with its rows. The

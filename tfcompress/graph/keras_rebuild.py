@@ -14,7 +14,7 @@ import numpy as np
 
 from tfcompress.graph.keras_adapter import KerasGraph
 
-__all__ = ["layer_config", "rebuild"]
+__all__ = ["layer_config", "layer_from_config", "rebuild"]
 
 MakeLayer = Callable[[Any], "tuple[keras.layers.Layer, list[np.ndarray] | None]"]
 RewriteArgs = Callable[[Any, tuple, dict], "tuple[tuple, dict]"]
@@ -30,6 +30,17 @@ def layer_config(layer: keras.layers.Layer, path: str, cfg: dict | None = None) 
     if callable(getattr(layer, "activation", None)) and "activation" in cfg:
         cfg["activation"] = layer.activation
     return cfg
+
+
+def layer_from_config(cls: type, cfg: dict, layer: keras.layers.Layer) -> keras.layers.Layer:
+    """``cls.from_config(cfg)``, except that a new ``Lambda`` calls the very function ``layer`` calls: a
+    lambda's config holds its byte code, which Keras loads only in unsafe mode and then runs with Keras's
+    module globals instead of the user's (a lambda naming ``ops`` or ``tf`` would fail)."""
+    if cls is keras.layers.Lambda and isinstance(layer, keras.layers.Lambda):
+        return keras.layers.Lambda(layer.function, output_shape=layer._output_shape, mask=layer.mask,
+                                   arguments=layer.arguments, name=cfg["name"], dtype=layer.dtype_policy,
+                                   trainable=cfg.get("trainable", True))
+    return cls.from_config(cfg)
 
 
 def rebuild(kg: KerasGraph, make_layer: MakeLayer, rewrite_args: RewriteArgs | None = None) -> keras.Model:
@@ -80,10 +91,14 @@ def rebuild(kg: KerasGraph, make_layer: MakeLayer, rewrite_args: RewriteArgs | N
 
 def _set_leading_weights(layer: keras.layers.Layer, weights: list[np.ndarray]) -> None:
     """Set the layer's first ``len(weights)`` weights (its own come before those of its sub-layers, so a QAT
-    twin's extra quantizer ranges keep their initial values)."""
+    twin's extra quantizer ranges keep their initial values), then let the layer derive its state from them
+    (``finalize_state``, as Keras's weight loaders do: an adapted ``Normalization`` computes with tensors made
+    from its ``mean`` / ``variance`` variables there, not with the variables themselves)."""
     variables = layer.weights
     if len(weights) >= len(variables):  # set_weights checks count and shapes with a clear message
         layer.set_weights([np.asarray(w, dtype=v.dtype) for w, v in zip(weights, variables)] + weights[len(variables):])
-        return
-    for v, w in zip(variables, weights):
-        v.assign(np.asarray(w, dtype=v.dtype))
+    else:
+        for v, w in zip(variables, weights):
+            v.assign(np.asarray(w, dtype=v.dtype))
+    if variables and hasattr(layer, "finalize_state"):
+        layer.finalize_state()

@@ -334,22 +334,13 @@ class FilterPruning(keras.callbacks.Callback):
         first = kg.first_layers(lambda rec: rec.op.rule is Rule.PRODUCER)
         strided = {rec.op.layer for rec in kg.records
                    if rec.op.rule is Rule.PRODUCER and rec.kind.strides() > 1}
-        groups = []
-        for g in all_groups:
-            layers = set(g.layers)
-            if layers & set(self.ignored_layers):
-                continue
-            if not self.prune_first_conv and layers & first:
-                continue
-            if not self.prune_downsample_convs and layers & strided:
-                continue
-            groups.append(g)
+        excluded = {"ignored_layers": set(self.ignored_layers),
+                    "prune_first_conv=True": set() if self.prune_first_conv else first,
+                    "prune_downsample_convs=True": set() if self.prune_downsample_convs else strided}
+        left_out = {why: [g for g in all_groups if set(g.layers) & layers] for why, layers in excluded.items()}
+        groups = [g for g in all_groups if not any(g in gs for gs in left_out.values())]
         if not groups:
-            raise ValueError(
-                f"model {model.name!r} has no prunable channel group "
-                f"({len(all_groups)} groups before excluding first/downsampling convolutions and ignored "
-                "layers; the output layer and layers feeding Reshape/Lambda/custom layers are never pruned)"
-            )
+            raise ValueError(_nothing_to_prune(model.name, len(all_groups), left_out))
         masks = GroupMasks(kg, groups, compensate=self.compensate, data=self.compensation_data)
         counter = FlopsCounter(kg.graph)
         st = _State(model, kg, masks, counter, counter.flops())
@@ -535,6 +526,16 @@ class _State:
         self.resumed = False  # channels were already zero when training started (a checkpoint of a pruned run)
         self.next_epoch = 0  # the schedule's epoch after the last one this model trained with the callback
         self.offset: int | None = None  # added to the epochs Keras numbers in the current fit call
+
+
+def _nothing_to_prune(name: str, n_groups: int, left_out: dict[str, list]) -> str:
+    """One line: why a model has no prunable group, and the options that would prune the groups left out."""
+    why = [f"{len(gs)} {'in' if option == 'ignored_layers' else 'kept unless'} {option}"
+           for option, gs in left_out.items() if gs]
+    return (f"model {name!r} has no prunable channel group: of its {n_groups} group(s) of channels that can be "
+            f"pruned{', ' + ', '.join(why) if why else ''}; channels that reach a model output, a Lambda, an "
+            "unregistered custom layer or a reshape across the channel axis are never pruned "
+            "(tfcompress.explain(model) gives each group's reason)")
 
 
 def _aligned(n: float, g: ChannelGroup, round_to: int = 1) -> int:

@@ -12,7 +12,7 @@ from tfcompress import int8_policy as policy
 from tfcompress.int8_policy import OVERFLOW_FIX
 from tfcompress.graph.engine import Rule
 from tfcompress.graph.keras_adapter import build_graph
-from tfcompress.graph.keras_rebuild import layer_config, rebuild
+from tfcompress.graph.keras_rebuild import layer_config, layer_from_config, rebuild
 from tfcompress.quantization import layers as Q
 from tfcompress.quantization.layers import ActivationQuantizer, ChannelMask
 
@@ -174,7 +174,7 @@ def quantize_model(
         else:
             if getattr(layer, "weights", None) and not isinstance(layer, _FLOAT_OK) and quantized_class(layer) is None:
                 left_float.append(f"{path} ({type(layer).__name__})")
-            new = type(layer).from_config(cfg)
+            new = layer_from_config(type(layer), cfg, layer)
         return new, weights if isinstance(layer, keras.layers.Layer) else None
 
     def op_policy(rec) -> policy.OpPolicy:

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 
 from tfcompress.graph.keras_adapter import KerasGraph, build_graph
-from tfcompress.graph.keras_rebuild import layer_config, rebuild
+from tfcompress.graph.keras_rebuild import layer_config, layer_from_config, rebuild
 
 __all__ = ["strip"]
 
@@ -68,7 +68,7 @@ def _new_layer(layer, path, kind, in_keeps, out_keep, folds, changed) -> keras.l
     if changed and kind.needs_bias(folds):
         cfg["use_bias"] = True
     try:
-        return (kind.rebuilt_class() if changed else type(layer)).from_config(cfg)
+        return layer_from_config(kind.rebuilt_class() if changed else type(layer), cfg, layer)
     except Exception as e:
         why = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
         if changed:
