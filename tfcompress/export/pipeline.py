@@ -244,7 +244,7 @@ def export_saved_model(
         # the unstripped graph written as the stripped one is (the like-for-like size before stripping; exporters
         # differ: Keras's model.export stores the weights twice) differs from it only in its weights' bytes, so
         # its size is computed, not written (a weight that stripping cuts below save_graph_def's 16 values moves
-        # into the graph: its variable's records, about a KB, are not counted)
+        # into the graph: its variable's records, a few KB, are not counted)
         removed_bytes = variable_bytes(frozen.graph_def) - variable_bytes(strip.stripped.graph_def)
         stripped_signature = strip.signature if valid is not None and valid[1] is not None else None
         onnx_path = os.path.join(tmp, "model.onnx")
