@@ -246,7 +246,9 @@ def export_saved_model(
         # its size is computed, not written (a weight that stripping cuts below save_graph_def's 16 values moves
         # into the graph: its variable's records, a few KB, are not counted)
         removed_bytes = variable_bytes(frozen.graph_def) - variable_bytes(strip.stripped.graph_def)
+        # the written SavedModel as loaded back (its weights in memory) scores accuracy, if there is any to score
         stripped_signature = strip.signature if valid is not None and valid[1] is not None else None
+        strip.signature = None
         onnx_path = os.path.join(tmp, "model.onnx")
         xml = os.path.join(tmp, "model_fp32.xml")
         # TensorFlow's outputs of the stripped SavedModel, as loaded back, are the conversions' reference
