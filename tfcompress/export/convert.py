@@ -300,27 +300,28 @@ def tf2onnx_graph(graph_def, inputs: list[str], outputs: list[str], opset: int =
 def _tf2onnx(graph_def, inputs: list[str], outputs: list[str], opset: int, rename: dict):
     """tf2onnx's ``from_graph_def`` on an already frozen graph, in less memory.
 
-    It skips ``from_graph_def``'s second freeze and runs the ONNX optimizer passes of
-    :mod:`tfcompress.export.onnx_optimizer` (tf2onnx's, its transpose pass in linear time).
+    It skips ``from_graph_def``'s second freeze, runs the ONNX optimizer passes of
+    :mod:`tfcompress.export.onnx_optimizer` (tf2onnx's, its transpose pass in linear time), and on large graphs
+    collects garbage before each pass (see there). The collections skip the objects that existed before the
+    conversion (see :func:`_collecting_new_objects_only`).
 
     tf2onnx deep-copies the whole graph, weights included, before every pass (a dozen per round, for several
     rounds), only to carry on from the copy when a pass raises. The passes run here on the graph itself; when
     one raises, the graph, which it may have left half rewritten, is converted again and optimized tf2onnx's
-    way, so a failing pass is skipped exactly as tf2onnx skips it. On large graphs that way collects garbage
-    before each pass (see :func:`onnx_optimizer_passes`), skipping the objects that existed before it (see
-    :func:`_collecting_new_objects_only`).
+    way, so a failing pass is skipped exactly as tf2onnx skips it.
     """
     from tf2onnx import optimizer
 
-    graph = tf2onnx_graph(graph_def, inputs, outputs, opset, rename)
-    try:
-        graph = optimizer.optimize_graph(graph, catch_errors=False, optimizers=onnx_optimizer_passes())
-    except Exception:
-        del graph
-        collect = graph_def.ByteSize() > _COLLECT_ABOVE
-        with _collecting_new_objects_only() if collect else contextlib.nullcontext():
+    collect = graph_def.ByteSize() > _COLLECT_ABOVE
+    with _collecting_new_objects_only() if collect else contextlib.nullcontext():
+        passes = onnx_optimizer_passes(collect)
+        graph = tf2onnx_graph(graph_def, inputs, outputs, opset, rename)
+        try:
+            graph = optimizer.optimize_graph(graph, catch_errors=False, optimizers=passes)
+        except Exception:
+            del graph
             graph = optimizer.optimize_graph(tf2onnx_graph(graph_def, inputs, outputs, opset, rename),
-                                             catch_errors=True, optimizers=onnx_optimizer_passes(collect))
+                                             catch_errors=True, optimizers=passes)
     gc.collect()
     return graph.make_model("converted from a SavedModel by tfcompress")
 
@@ -345,7 +346,7 @@ def _collecting_new_objects_only():
             gc.unfreeze()
 
 
-_COLLECT_ABOVE = 16 * 2**20  # graph bytes above which tf2onnx's per-pass copies are collected
+_COLLECT_ABOVE = 16 * 2**20  # graph bytes above which the garbage of tf2onnx's passes is collected
 
 
 def run_onnx(onnx_path: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
