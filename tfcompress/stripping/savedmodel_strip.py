@@ -15,7 +15,7 @@ import re
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.framework import convert_to_constants
+from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
 from tfcompress.errors import ExportError
 from tfcompress.graph.engine import Rule
@@ -199,15 +199,17 @@ def _freeze_v2(loaded, src_dir: str, key: str):
         raise _missing_signature(src_dir, key, sigs)
     fn = sigs[key]
     specs = dict(fn.structured_input_signature[1])
-    graph_def, input_names, output_names = _variables_to_constants(fn)
+    frozen = convert_variables_to_constants_v2(fn)
+    graph_def = frozen.graph.as_graph_def()
     if has_cycle(graph_def):
         # lowered control flow (an RNN's loop) is a cycle of Enter/Merge/NextIteration nodes; kept functional,
         # the loop is one While node whose body is a library function
-        graph_def, input_names, output_names = _variables_to_constants(fn, lower_control_flow=False)
+        frozen = convert_variables_to_constants_v2(fn, lower_control_flow=False)
+        graph_def = frozen.graph.as_graph_def()
     # the frozen function's inputs are its placeholders and its outputs the flattened structured outputs,
     # both in tf.nest order (dict keys sorted)
-    inputs = dict(zip(sorted(specs), input_names))
-    outputs = dict(zip(sorted(fn.structured_outputs), output_names))
+    inputs = dict(zip(sorted(specs), [t.name for t in frozen.inputs]))
+    outputs = dict(zip(sorted(fn.structured_outputs), [t.name for t in frozen.outputs]))
     same = [
         k for k, f in sigs.items() if k != key
         and f.structured_input_signature == fn.structured_input_signature
@@ -215,26 +217,6 @@ def _freeze_v2(loaded, src_dir: str, key: str):
     ]
     dtypes = {k: v.dtype for k, v in fn.structured_outputs.items() if isinstance(v, tf.TensorSpec)}
     return graph_def, inputs, outputs, specs, same, dtypes
-
-
-def _variables_to_constants(fn, lower_control_flow: bool = True) -> tuple:
-    """``fn``'s graph with its variables as constants, and the names of its input and output tensors there.
-
-    What ``convert_variables_to_constants_v2`` computes before it imports that graph into a new function (a
-    second import of the whole graph, seconds for a large one) to return: only the graph and the names are
-    used here. With a TensorFlow whose converter is organised otherwise, that function is used.
-    """
-    replace = getattr(convert_to_constants, "_replace_variables_by_constants", None)
-    data = getattr(convert_to_constants, "_FunctionConverterDataInEager", None)
-    if replace is None or data is None:
-        frozen = convert_to_constants.convert_variables_to_constants_v2(fn, lower_control_flow=lower_control_flow)
-        return frozen.graph.as_graph_def(), [t.name for t in frozen.inputs], [t.name for t in frozen.outputs]
-    graph_def, converted = replace(converter_data=data(func=fn, lower_control_flow=lower_control_flow,
-                                                       aggressive_inlining=False))
-    # the captured inputs (variables) that became constants; the other inputs stay placeholders
-    captures = fn.graph.internal_captures
-    constants = {id(captures[i]) for i in converted}
-    return graph_def, [t.name for t in fn.inputs if id(t) not in constants], [t.name for t in fn.outputs]
 
 
 def _freeze_v1(src_dir: str, key: str):
