@@ -314,3 +314,33 @@ def test_a_training_mode_export_names_the_layers_that_cause_it(tmp_path):
     message = str(err.value)
     assert "'contrast'" in message and "'flip'" in message and "'conv'" not in message
     assert "RandomFlip" in message and "input pipeline" in message
+
+
+def test_an_onnx_pass_that_fails_half_way_is_skipped_as_tf2onnx_skips_it(tmp_path, rng, monkeypatch):
+    """The export runs tf2onnx's passes on the graph itself, without tf2onnx's copy before each: a pass that
+    raises after rewriting part of the graph (here: it drops the first Conv's node) must not leave that
+    damage in the ONNX file; the pass is skipped, the others run, and the file still matches TensorFlow."""
+    from tfcompress.export import convert
+
+    real = convert.onnx_optimizer_passes
+    failed = []
+
+    class HalfDone:
+        graph_been_opt = False
+
+        def optimize(self, graph, iteration):
+            conv = next(n for n in graph.get_nodes() if n.type == "Conv")
+            graph.remove_node(conv.name)  # the damage a failing pass can leave behind
+            failed.append(iteration)
+            raise RuntimeError("a pass that fails half way")
+
+    def with_a_failing_pass(*args, **kwargs):
+        return {"half_done": HalfDone, **real(*args, **kwargs)}
+
+    monkeypatch.setattr(convert, "onnx_optimizer_passes", with_a_failing_pass)
+    model = _grouped(1, False)
+    x = _export(model, tmp_path / "src", rng)
+    check = to_onnx(str(tmp_path / "src"), str(tmp_path / "m.onnx"), check_inputs=x)
+    assert failed  # the pass ran (and raised)
+    assert check["max_rel_error"] < TOL
+    assert rel_error(_ort_outputs(tmp_path / "m.onnx", x)[0], model(x["image"])) < TOL

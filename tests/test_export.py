@@ -283,6 +283,67 @@ def test_export_reads_runs_and_inlines_the_graph_once(tmp_path, small_saved_mode
     assert calls == {"_read_onnx": 1, "run_openvino": 2, "inline_function_calls": 1}, calls
 
 
+def test_export_writes_loads_and_runs_each_graph_once(tmp_path, small_saved_model, monkeypatch):
+    """One SavedModel is written (the stripped one, its graph traced once for all its signatures) and loaded
+    back once: its outputs there are the conversions' reference and its signature scores accuracy. The
+    original graph runs once on the check inputs (the strip's reference), once to find the scored output
+    and once for accuracy; the stripped frozen graph is not run by TensorFlow again."""
+    from tfcompress.export import convert, pipeline
+    from tfcompress.stripping import savedmodel_strip
+
+    calls = collections.Counter()
+
+    def count(module, name, key=None):
+        fn = getattr(module, name)
+
+        def counted(*args, **kwargs):
+            calls[key or name] += 1
+            return fn(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+
+    count(tf.saved_model, "save", "saved_model.save")
+    count(tf.saved_model, "load", "saved_model.load")
+    count(tf.compat.v1, "import_graph_def", "trace")  # save_graph_def's import into its tf.function
+    for module in (pipeline, convert, savedmodel_strip):
+        count(module, "run_frozen")
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(size=(8, 8, 8, 3)).astype("float32"), rng.integers(0, 2, 8)
+    report = export_saved_model(str(small_saved_model), str(tmp_path / "out"), validation_data=(x, y),
+                                int8="none", verbose=False)
+    assert report["steps"]["onnx"]["max_rel_error"] <= 1e-4
+    assert report["accuracy"]["stripped"] == report["accuracy"]["original"]
+    # loads: the source (freezing it) and the stripped SavedModel; runs: the strip's reference, the scored
+    # output's search, accuracy (one batch)
+    assert calls == {"saved_model.save": 1, "saved_model.load": 2, "trace": 1, "run_frozen": 3}, calls
+
+
+def test_report_sizes_are_those_of_the_savedmodels_written_alike(tmp_path, rng):
+    """report.json's ``unstripped`` size (computed, not written) is what the unstripped graph takes when written
+    as the stripped one is; ``stripped`` is the stripped SavedModel's."""
+    from tfcompress.stripping.savedmodel_strip import freeze_saved_model, save_graph_def
+
+    inp = keras.Input((12, 12, 3), name="image")
+    x = L.ReLU()(L.BatchNormalization()(L.Conv2D(64, 3, name="c1")(inp)))
+    x = L.Conv2D(96, 3, activation="relu", name="c2")(x)
+    model = keras.Model(inp, L.Dense(10)(L.GlobalAveragePooling2D()(x)))
+    randomize_batchnorm(model, rng)
+    for g in tfcompress.channel_groups(model):
+        tfcompress.zero_channels(model, g, rng.choice(g.size, g.size // 4, replace=False))
+    model.export(str(tmp_path / "src"), verbose=False)
+    report = export_saved_model(str(tmp_path / "src"), str(tmp_path / "out"), int8="none", verbose=False)
+    frozen = freeze_saved_model(str(tmp_path / "src"))
+    save_graph_def(frozen, frozen.graph_def, str(tmp_path / "unstripped"))
+
+    def size(path):
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+    sizes = report["sizes"]
+    assert sizes["stripped"] == size(tmp_path / "out" / "stripped")
+    assert sizes["stripped"] < 0.8 * sizes["unstripped"]  # a quarter of every group's channels went
+    assert abs(sizes["unstripped"] - size(tmp_path / "unstripped")) <= 0.002 * size(tmp_path / "unstripped")
+
+
 def _assert_clean_failure(proc, message, parent, out):
     assert proc.returncode == 2, proc.stderr[-1500:]
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]

@@ -207,6 +207,7 @@ def to_onnx(
     tolerance: float = 1e-4,
     signature_key: str = "serving_default",
     frozen: FrozenSignature | None = None,
+    reference: dict[str, np.ndarray] | None = None,
 ) -> ConversionCheck:
     """Convert a SavedModel signature to ONNX with tf2onnx, then check it.
 
@@ -217,7 +218,9 @@ def to_onnx(
     those layers in INT8. Inputs and outputs keep the signature's names.
 
     ``frozen``, when the caller already has the signature frozen (e.g. ``StripResult.stripped``), is converted
-    instead of freezing ``saved_model_dir`` again.
+    instead of freezing ``saved_model_dir`` again. ``reference``, TensorFlow's outputs of the signature on
+    ``check_inputs`` when the caller has them (``StripResult.outputs``), is what the ONNX file is checked
+    against instead of running the graph again.
 
     Returns:
         A :class:`ConversionCheck` with ``max_rel_error``, ``quantized_weights`` and ``opset``.
@@ -226,11 +229,13 @@ def to_onnx(
 
     if not isinstance(opset, int) or not 13 <= opset <= 18:
         raise ExportError(f"opset must be an integer in 13..18 (tf2onnx 1.17 supports no newer), got {opset!r}")
+    _check_reference(reference, check_inputs)
     if frozen is None:
         frozen = freeze_for_export(saved_model_dir, signature_key)
     gc.collect()  # the loaded SavedModel's objects are cyclic: free them before tf2onnx needs the memory
     x = check_inputs if check_inputs is not None else sample_inputs(frozen.specs)
-    ref = run_frozen(frozen, frozen.graph_def, x)  # now, so that the frozen graph can go before conversion
+    # now, so that the frozen graph can go before conversion
+    ref = reference if reference is not None else run_frozen(frozen, frozen.graph_def, x)
     weight_fake_quant = _has_weight_fake_quant(frozen)
     inputs, outputs = list(frozen.inputs.values()), list(frozen.outputs.values())
     rename = {t: n for n, t in frozen.inputs.items()}
@@ -299,13 +304,24 @@ def _tf2onnx(graph_def, inputs: list[str], outputs: list[str], opset: int, renam
     :mod:`tfcompress.export.onnx_optimizer` (tf2onnx's, its transpose pass in linear time), and on large graphs
     collects garbage before each pass (see there). The collections skip the objects that existed before the
     conversion (see :func:`_collecting_new_objects_only`).
+
+    tf2onnx deep-copies the whole graph, weights included, before every pass (a dozen per round, for several
+    rounds), only to carry on from the copy when a pass raises. The passes run here on the graph itself; when
+    one raises, the graph, which it may have left half rewritten, is converted again and optimized tf2onnx's
+    way, so a failing pass is skipped exactly as tf2onnx skips it.
     """
     from tf2onnx import optimizer
 
     collect = graph_def.ByteSize() > _COLLECT_ABOVE
     with _collecting_new_objects_only() if collect else contextlib.nullcontext():
+        passes = onnx_optimizer_passes(collect)
         graph = tf2onnx_graph(graph_def, inputs, outputs, opset, rename)
-        graph = optimizer.optimize_graph(graph, catch_errors=True, optimizers=onnx_optimizer_passes(collect))
+        try:
+            graph = optimizer.optimize_graph(graph, catch_errors=False, optimizers=passes)
+        except Exception:
+            del graph
+            graph = optimizer.optimize_graph(tf2onnx_graph(graph_def, inputs, outputs, opset, rename),
+                                             catch_errors=True, optimizers=passes)
     gc.collect()
     return graph.make_model("converted from a SavedModel by tfcompress")
 
@@ -330,7 +346,7 @@ def _collecting_new_objects_only():
             gc.unfreeze()
 
 
-_COLLECT_ABOVE = 16 * 2**20  # graph bytes above which tf2onnx's per-pass copies are collected
+_COLLECT_ABOVE = 16 * 2**20  # graph bytes above which the garbage of tf2onnx's passes is collected
 
 
 def run_onnx(onnx_path: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -573,6 +589,7 @@ def saved_model_to_openvino(
     check_inputs: dict[str, np.ndarray] | None = None,
     tolerance: float = 1e-4,
     signature_key: str = "serving_default",
+    reference: dict[str, np.ndarray] | None = None,
 ) -> ConversionCheck:
     """Convert a SavedModel to OpenVINO IR (FP32 weights) with OpenVINO's TensorFlow reader, without ONNX.
 
@@ -580,21 +597,31 @@ def saved_model_to_openvino(
     ``FakeQuantize``, so quantization-aware models still run INT8 (signed quantizers before a zero padding go after it, as in
     :func:`to_openvino`). The saved IR, run at f32 precision (as
     :func:`to_openvino`: quantizers in exact arithmetic, ``int8_kernels`` for this CPU's kernels), must match
-    the SavedModel's ``signature_key`` signature as TensorFlow runs it (relative max error).
+    the SavedModel's ``signature_key`` signature as TensorFlow runs it (relative max error), or ``reference``,
+    those outputs on ``check_inputs`` when the caller has them (the SavedModel is then not frozen here).
     """
     import openvino as ov
 
     _check_xml_path(xml_path)
-    frozen = freeze_for_export(saved_model_dir, signature_key)
-    x = check_inputs if check_inputs is not None else sample_inputs(frozen.specs)
-    ref = run_frozen(frozen, frozen.graph_def, x)
-    del frozen
+    _check_reference(reference, check_inputs)
+    if reference is not None:
+        x, ref = check_inputs, reference
+    else:
+        frozen = freeze_for_export(saved_model_dir, signature_key)
+        x = check_inputs if check_inputs is not None else sample_inputs(frozen.specs)
+        ref = run_frozen(frozen, frozen.graph_def, x)
+        del frozen
     try:
         model = ov.convert_model(saved_model_dir)
     except Exception as e:
         raise ExportError(f"OpenVINO could not convert {saved_model_dir!r}: {str(e).splitlines()[0]}") from None
     quantize_after_signed_pads(model)
     return _save_checked(model, xml_path, x, ref, tolerance, "TensorFlow's")
+
+
+def _check_reference(reference: dict | None, check_inputs: dict | None) -> None:
+    if reference is not None and check_inputs is None:
+        raise ValueError("reference needs the check_inputs it was computed on")
 
 
 def _by_output(got: dict, ref: dict) -> dict:

@@ -42,9 +42,10 @@ _USED = ("_handle_nhwc_tranpose", "_remove_useless_tranpose", "merge_duplicated_
 def onnx_optimizer_passes(collect_garbage: bool = False) -> dict:
     """tf2onnx's default passes (name -> factory) for ``tf2onnx.optimizer.optimize_graph``, in its order.
 
-    ``collect_garbage``: run the garbage collector before making each pass. tf2onnx deep-copies the graph
-    before every pass so that it can roll a failed one back, and its graphs hold reference cycles, so on large
-    graphs the copies pile up without a collection.
+    ``collect_garbage``: run the garbage collector before making each pass. tf2onnx's graphs hold reference
+    cycles, so on large graphs what a pass replaces (weights it transposes or folds, and with tf2onnx's
+    ``catch_errors`` the copy of the whole graph it makes before every pass to roll a failed one back) piles up
+    without a collection.
     """
     from tf2onnx import optimizer
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -21,7 +20,7 @@ from tfcompress.export.ov_run import int8_kernel_check, int8_kernel_warning, ir_
 from tfcompress.output_dir import staged_output
 from tfcompress.saved_model_dir import read_saved_model_proto
 from tfcompress.stripping.savedmodel_strip import (
-    max_rel_error, rel_errors, run_frozen, sample_inputs, save_graph_def, strip_saved_model,
+    call_signature, max_rel_error, rel_errors, run_frozen, sample_inputs, strip_saved_model, variable_bytes,
 )
 
 __all__ = ["export_saved_model"]
@@ -233,20 +232,29 @@ def export_saved_model(
         t = time.perf_counter()
         _log("[2/5] stripping zeroed channels")
         stripped_dir = os.path.join(tmp, "stripped")
+        # a quantized graph's outputs on the check inputs were measured with its noise: not run again
         strip = strip_saved_model(saved_model_dir, stripped_dir, signature_key, check_inputs=check,
-                                  tolerance=tol["strip"], frozen=frozen)
+                                  tolerance=tol["strip"], frozen=frozen,
+                                  reference=qcheck.reference if qcheck is not None else None)
         report["steps"]["strip"] = {"seconds": time.perf_counter() - t, "max_rel_error": strip.max_rel_error}
         report["layers"] = strip.layers
         report["params"] = {"before": strip.params_before, "after": strip.params_after}
         report["flops"] = {"before": strip.flops_before, "after": strip.flops_after}
 
+        # the unstripped graph written as the stripped one is (the like-for-like size before stripping; exporters
+        # differ: Keras's model.export stores the weights twice) differs from it only in its weights' bytes, so
+        # its size is computed, not written (a weight that stripping cuts below save_graph_def's 16 values moves
+        # into the graph: its variable's records, a few KB, are not counted)
+        removed_bytes = variable_bytes(frozen.graph_def) - variable_bytes(strip.stripped.graph_def)
+        # the written SavedModel as loaded back (its weights in memory) scores accuracy, if there is any to score
+        stripped_signature = strip.signature if valid is not None and valid[1] is not None else None
+        strip.signature = None
         onnx_path = os.path.join(tmp, "model.onnx")
         xml = os.path.join(tmp, "model_fp32.xml")
-        # nothing removed or folded: the stripped SavedModel is also the unstripped graph's like-for-like size
-        unchanged = strip.stripped.graph_def == frozen.graph_def
-        steps, fp32_outputs = _convert(stripped_dir, onnx_path, xml, opset, check, signature_key, tol,
-                                       require_onnx, _log, frozen=strip.stripped)
-        strip.stripped = None  # the graph converted: its weights need not stay in memory
+        # TensorFlow's outputs of the stripped SavedModel, as loaded back, are the conversions' reference
+        steps, fp32_outputs = _convert(stripped_dir, onnx_path, xml, opset, strip.inputs, signature_key, tol,
+                                       require_onnx, _log, frozen=strip.stripped, reference=strip.outputs)
+        strip = None  # the graph converted: its weights need not stay in memory
         report["steps"].update(steps)
         report["quantized"] = quantized
         if qcheck is not None:
@@ -254,7 +262,7 @@ def export_saved_model(
         _warn(int8_kernel_warning(report["steps"]["openvino"].get("int8_kernels"), _QAT_FIX))
 
         report["sizes"] = {
-            "saved_model": _size(saved_model_dir), "unstripped": _size(stripped_dir) if unchanged else _resaved_size(frozen, tmp),
+            "saved_model": _size(saved_model_dir), "unstripped": _size(stripped_dir) + removed_bytes,
             "stripped": _size(stripped_dir),
             "openvino_fp32": _size(xml) + _size(xml[:-4] + ".bin"),
         }
@@ -289,7 +297,7 @@ def export_saved_model(
 
             report["accuracy"] = {
                 "original": score(lambda b: run_frozen(frozen, frozen.graph_def, b)[out_key]),
-                "stripped": score(lambda b: _run_stripped(stripped_dir, signature_key, b, out_key)),
+                "stripped": score(lambda b: call_signature(stripped_signature, b)[out_key]),
                 "openvino_fp32": score(lambda b: run_openvino(xml, b)[out_key]),
                 "samples": _count(x), "output": out_key,
             }
@@ -357,31 +365,21 @@ def _record_quantized_checks(report: dict, qcheck: QuantizedCheck, fp32_outputs:
     steps["openvino"]["mean_tolerance"] = qcheck.mean_tolerance
 
 
-def _resaved_size(frozen, tmp: str) -> int:
-    """Bytes of the unstripped graph written as the stripped one is: the like-for-like size before stripping
-    (exporters differ: Keras's ``model.export`` stores the weights twice)."""
-    path = os.path.join(tmp, ".unstripped")
-    try:
-        save_graph_def(frozen, frozen.graph_def, path)
-        return _size(path)
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def _convert(stripped_dir: str, onnx_path: str, xml: str, opset: int, check, signature_key: str, tol: dict,
-             require_onnx: bool, log=lambda msg: None, frozen=None) -> tuple[dict, dict]:
+             require_onnx: bool, log=lambda msg: None, frozen=None, reference=None) -> tuple[dict, dict]:
     """Write ``model.onnx`` and the FP32 IR made from it; return the report's ``onnx`` and ``openvino`` steps
     and the FP32 IR's outputs on ``check`` (f32 precision).
 
     A model tf2onnx cannot convert (or converts wrongly) still gets its IR, from the SavedModel through
     OpenVINO's TensorFlow reader, unless ``require_onnx``; the ``onnx`` step then gives the reason it was skipped.
-    ``frozen`` is the stripped signature already frozen (tf2onnx starts from it instead of freezing again).
+    ``frozen`` is the stripped signature already frozen (tf2onnx starts from it instead of freezing again);
+    ``reference``, TensorFlow's outputs of it on ``check``, is what the first conversion is checked against.
     """
     t = time.perf_counter()
     log("[3/5] converting to ONNX (tf2onnx)")
     try:
         c = to_onnx(stripped_dir, onnx_path, opset=opset, check_inputs=check, signature_key=signature_key,
-                    tolerance=tol["onnx"], frozen=frozen)
+                    tolerance=tol["onnx"], frozen=frozen, reference=reference)
     except ExportError as e:
         if require_onnx:
             raise
@@ -392,7 +390,7 @@ def _convert(stripped_dir: str, onnx_path: str, xml: str, opset: int, check, sig
         t = time.perf_counter()
         log("[4/5] converting the SavedModel to OpenVINO IR (OpenVINO's TensorFlow reader)")
         c = saved_model_to_openvino(stripped_dir, xml, check_inputs=check, tolerance=tol["openvino"],
-                                    signature_key=signature_key)
+                                    signature_key=signature_key, reference=reference)
         steps["openvino"] = {"seconds": time.perf_counter() - t, "source": "saved_model", **c}
         return steps, c.outputs
     steps = {"onnx": {"seconds": time.perf_counter() - t, **c}}
@@ -525,18 +523,6 @@ def _variable_layers(saved_model_dir: str) -> list[str] | None:
     names = {node.variable.name.split("/")[-2] for mg in sm.meta_graphs for node in mg.object_graph_def.nodes
              if node.WhichOneof("kind") == "variable" and "/" in node.variable.name}
     return sorted(names) or None
-
-
-_STRIPPED_CACHE: dict = {}
-
-
-def _run_stripped(path, key, inputs: dict[str, np.ndarray], out_key):
-    import tensorflow as tf
-
-    if path not in _STRIPPED_CACHE:
-        _STRIPPED_CACHE.clear()
-        _STRIPPED_CACHE[path] = tf.saved_model.load(path).signatures[key]
-    return _STRIPPED_CACHE[path](**{name: tf.constant(a) for name, a in inputs.items()})[out_key].numpy()
 
 
 def _onnx_fn(path):

@@ -26,8 +26,8 @@ from tfcompress.output_dir import check_output_dir, staged_output
 from tfcompress.saved_model_dir import check_saved_model_dir, read_saved_model_proto
 
 __all__ = [
-    "ExportError", "FrozenSignature", "StripResult", "check_outputs", "freeze_saved_model", "max_rel_error",
-    "rel_errors", "sample_inputs", "strip_saved_model",
+    "ExportError", "FrozenSignature", "StripResult", "call_signature", "check_outputs", "freeze_saved_model",
+    "max_rel_error", "rel_errors", "sample_inputs", "strip_saved_model", "variable_bytes",
 ]
 
 
@@ -59,6 +59,11 @@ class StripResult:
     # the stripped graph, frozen as the stripped SavedModel holds it: converters can start from it instead of
     # freezing the written SavedModel again
     stripped: FrozenSignature | None = dataclasses.field(default=None, repr=False)
+    # the check's inputs and the written SavedModel's outputs on them (TensorFlow's outputs of the stripped
+    # graph: a reference for the conversions checked next), and its signature as loaded back to run them
+    inputs: dict[str, np.ndarray] | None = dataclasses.field(default=None, repr=False)
+    outputs: dict[str, np.ndarray] | None = dataclasses.field(default=None, repr=False)
+    signature: object = dataclasses.field(default=None, repr=False)
 
     @property
     def kept_reasons(self) -> dict[str, int]:
@@ -276,14 +281,13 @@ def save_graph_def(frozen: FrozenSignature, graph_def: tf.compat.v1.GraphDef, ds
     module.weights = []
     weight_map = {}
     for n in graph_def.node:
-        if n.op == "Const" and tf.as_dtype(n.attr["dtype"].type).is_floating:
+        if _stored_as_variable(n):
             value = tf.make_ndarray(n.attr["value"].tensor)
-            if value.size >= 16:
-                v = tf.Variable(value, trainable=False, name=f"w{len(module.weights)}")
-                module.weights.append(v)
-                weight_map[n.name + ":0"] = v
-                # every reader is re-wired to the variable: leave a scalar stub, not a second copy
-                n.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(np.zeros((), value.dtype)))
+            v = tf.Variable(value, trainable=False, name=f"w{len(module.weights)}")
+            module.weights.append(v)
+            weight_map[n.name + ":0"] = v
+            # every reader is re-wired to the variable: leave a scalar stub, not a second copy
+            n.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(np.zeros((), value.dtype)))
 
     def body(args):
         feeds = {frozen.inputs[n]: a for n, a in zip(names, args)}
@@ -297,16 +301,28 @@ def save_graph_def(frozen: FrozenSignature, graph_def: tf.compat.v1.GraphDef, ds
         return {k: tf.identity(t, name=_op_name(k)) for k, t in zip(keys, outs)}
 
     # signatures are called with keyword arguments named like the inputs: give the function those names
-    signatures = {}
-    for k, key in enumerate([frozen.signature_key] + frozen.other_signatures):
-        namespace = {"body": body}  # one function per signature: TF refuses one function for two keys
-        exec(f"def serve({', '.join(names)}):\n    return body([{', '.join(names)}])\n", namespace)
-        fn = tf.function(namespace["serve"], input_signature=specs, autograph=False)
-        setattr(module, f"signature_{k}", fn)
-        signatures[key] = fn.get_concrete_function()
+    namespace = {"body": body}
+    exec(f"def serve({', '.join(names)}):\n    return body([{', '.join(names)}])\n", namespace)
+    # traced (the graph imported, seconds for a large one) once, and the same function under every key, as
+    # Keras's model.export does: saved_model.pb then holds the graph once
+    fn = tf.function(namespace["serve"], input_signature=specs, autograph=False).get_concrete_function()
+    signatures = {key: fn for key in [frozen.signature_key] + frozen.other_signatures}
     # an inference graph: custom gradients (e.g. of swish) are neither needed nor savable once frozen
     options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
     tf.saved_model.save(module, dst_dir, signatures=signatures, options=options)
+
+
+def _stored_as_variable(node) -> bool:
+    """Whether :func:`save_graph_def` stores the node's value in ``variables/``: a float constant of at least
+    16 values (a weight; smaller ones stay in the graph)."""
+    return (node.op == "Const" and tf.as_dtype(node.attr["dtype"].type).is_floating
+            and np.prod([d.size for d in node.attr["value"].tensor.tensor_shape.dim]) >= 16)
+
+
+def variable_bytes(graph_def) -> int:
+    """Bytes of the values :func:`save_graph_def` stores in ``variables/`` (its weights, unpadded)."""
+    return int(sum(np.prod([d.size for d in n.attr["value"].tensor.tensor_shape.dim], dtype=np.int64)
+                   * tf.as_dtype(n.attr["dtype"].type).size for n in graph_def.node if _stored_as_variable(n)))
 
 
 def _save_graph_def_v1(frozen: FrozenSignature, graph_def: tf.compat.v1.GraphDef, dst_dir: str) -> None:
@@ -358,8 +374,8 @@ def run_frozen(frozen: FrozenSignature, graph_def, inputs: dict[str, np.ndarray]
     return dict(zip(keys, vals))
 
 
-def run_signature(saved_model_dir: str, inputs: dict[str, np.ndarray], key: str = "serving_default") -> dict:
-    fn = tf.saved_model.load(saved_model_dir).signatures[key]
+def call_signature(fn, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A loaded SavedModel signature's outputs on named inputs, as numpy arrays."""
     return {k: v.numpy() for k, v in fn(**{n: tf.constant(a) for n, a in inputs.items()}).items()}
 
 
@@ -393,6 +409,7 @@ def strip_saved_model(
     tolerance: float = 1e-4,
     overwrite: bool = False,
     frozen: FrozenSignature | None = None,
+    reference: dict[str, np.ndarray] | None = None,
 ) -> StripResult:
     """Write to ``dst_dir`` a SavedModel without the channels that are zero across their coupled group.
 
@@ -406,9 +423,12 @@ def strip_saved_model(
         overwrite: replace a non-empty ``dst_dir``.
         frozen: ``src_dir``'s ``signature_key`` signature as :func:`freeze_saved_model` returns it, when the
             caller already has it (freezing a large model takes as long as stripping it).
+        reference: the original signature's outputs on ``check_inputs`` (as :func:`run_frozen` gives them),
+            when the caller has run it already; the stripped SavedModel is checked against them.
 
     Returns:
-        A :class:`StripResult` (per-layer channels, FLOPs, parameters, the measured error).
+        A :class:`StripResult` (per-layer channels, FLOPs, parameters, the measured error, and the written
+        SavedModel's signature as loaded back with its outputs on the check inputs).
 
     Raises:
         ExportError: bad input, or outputs that differ by more than ``tolerance`` (nothing is written).
@@ -431,7 +451,10 @@ def strip_saved_model(
         ) from e
     with staged_output(dst_dir, overwrite) as tmp:
         x = check_inputs if check_inputs is not None else sample_inputs(frozen.specs)
-        ref, got = _save_and_run(frozen, new_gd, tmp, x)
+        if reference is not None and check_inputs is None:
+            raise ValueError("reference needs the check_inputs it was computed on")
+        ref = reference if reference is not None else _run_original(frozen, x)
+        got, signature = _save_and_run(frozen, new_gd, tmp, x)
         err = check_outputs(got, ref, tolerance, "stripped model outputs differ from the original",
                             "; nothing written")
     counter = FlopsCounter(gg.graph)
@@ -439,19 +462,26 @@ def strip_saved_model(
         layers=layers, flops_before=counter.flops(), flops_after=counter.flops(removed),
         params_before=_params(frozen.graph_def), params_after=_params(new_gd), max_rel_error=err,
         signatures=[signature_key] + frozen.other_signatures, stripped=dataclasses.replace(frozen, graph_def=new_gd),
+        inputs=x, outputs=got, signature=signature,
     )
 
 
-def _save_and_run(frozen: FrozenSignature, new_gd, dst_dir: str, x: dict) -> tuple[dict, dict]:
-    """Save the stripped graph to ``dst_dir``; the original's and the saved model's outputs on ``x``."""
+def _run_original(frozen: FrozenSignature, x: dict) -> dict:
+    """The original graph's outputs on the check inputs ``x``; ExportError when they do not fit it."""
     try:
-        ref = run_frozen(frozen, frozen.graph_def, x)
+        return run_frozen(frozen, frozen.graph_def, x)
     except Exception as e:
         raise ExportError(f"the check inputs do not fit the {frozen.signature_key!r} signature "
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+
+
+def _save_and_run(frozen: FrozenSignature, new_gd, dst_dir: str, x: dict) -> tuple[dict, object]:
+    """Save the stripped graph to ``dst_dir``, load it back and run it: its outputs on ``x`` and its signature
+    as loaded."""
     try:
         save_graph_def(frozen, new_gd, dst_dir)
-        return ref, run_signature(dst_dir, x, frozen.signature_key)
+        signature = tf.saved_model.load(dst_dir).signatures[frozen.signature_key]
+        return call_signature(signature, x), signature
     except ExportError:
         raise
     except Exception as e:  # a rewrite TensorFlow refuses: a bug to report, not a raw traceback
