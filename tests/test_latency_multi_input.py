@@ -168,6 +168,16 @@ def test_unknown_dimensions_are_taken_from_input_shapes_or_calibration_data():
     assert set(profile) == {"a", "b"} and all(s > 0 for s in profile.values()), profile
 
 
+def test_an_int8_profile_calibrates_on_samples_of_different_sizes(rng):
+    """Images of several sizes and token sequences of several lengths all calibrate the profiled INT8 model
+    (profiled at the first sample's shapes)."""
+    samples = [(rng.uniform(size=(h, h, 3)).astype("float32"), rng.integers(0, 50, (n,)).astype("int32"))
+               for h, n in [(16, 10), (20, 7), (16, 12), (24, 10)]]
+    profile = measure_latency_profile(_open_shapes_model(), iterations=2, precision=None, calibration_data=samples)
+    assert set(profile) == {"conv", "emb", "seq_conv", "head"}
+    assert all(s > 0 for s in profile.values()), profile
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(), r"input 'image' .*unknown dimensions \('\?', '\?', 3\): pass input_shapes=\{'image'"),
     (dict(input_shapes={"image": (20, 20, 3)}), r"input 'tokens' .*unknown dimensions"),
