@@ -240,7 +240,8 @@ def collect(model, points, data, subset_size: int, batch: int = 16, verbose: boo
 def channel_ranges(model, keys, data, subset_size: int, quantile: float, batch: int = 16,
                    verbose: bool = True) -> dict:
     """Per-channel (axis 1) ``quantile`` / ``1 - quantile`` of the tensors ``keys`` (op position, output
-    port): computed per batch, the median over batches (as POT's channel alignment). One pass, in f32."""
+    port): computed per batch (of samples of one shape, :func:`run_batches`), the median over batches (as POT's
+    channel alignment). One pass, in f32."""
     probe = model.clone()
     graph_ops = list(probe.get_ordered_ops())
     compiled, extra = _compile_probe(probe, [graph_ops[k].output(i) for k, i in keys], "f32")

@@ -10,8 +10,11 @@ included, may differ); weights alike in both (e.g. all zero) are matched in grap
 matched weight are further calls of its layer (a tower shared by two inputs), whose times add up. A recurrent
 layer (LSTM, GRU, SimpleRNN, each direction of a Bidirectional) runs as a loop whose body holds its kernels: the
 whole loop is charged to the layer. Ops OpenVINO fuses into a convolution (BatchNormalization, activations,
-residual adds) are in that node, so their time is the convolution's. Unmatched nodes (layout reorders,
-pooling, unfused elementwise ops, attention scores) are not charged to any layer.
+residual adds) are in that node, so their time is the convolution's. Ops on a path between two matched ops of
+one layer are that layer's too (a MultiHeadAttention's score products and softmax, between its projections), and
+so are the nodes the CPU plugin makes from an op when it compiles (the MatMuls it decomposes an Einsum into,
+which carry no IR op's name). Other nodes (layout reorders, pooling, unfused normalizations and elementwise ops)
+are not charged to any layer.
 
 :func:`channel_seconds` turns a profile into a per-channel cost: each op's time per multiply-accumulate times
 the multiply-accumulates that one channel of the group takes from it, summed over the ops the channel reaches.
