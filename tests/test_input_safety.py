@@ -274,6 +274,20 @@ def test_an_image_folder_with_a_broken_image_names_it(tmp_path):
         load_data(str(tmp_path / "imgs"), spec, "calibration data")
 
 
+@pytest.mark.parametrize("shape, message", [
+    ((None, None, None, 3), r"takes images of any size \(None, None, 3\).* give the samples as a \.npy"),
+    ((None, 8, 8, 2), r"needs a model input of shape \(batch, H, W, 1\|3\), not \(8, 8, 2\)"),
+])
+def test_an_image_folder_for_an_input_it_cannot_be_resized_to_says_why(tmp_path, shape, message):
+    """An image folder is read at the input's size, which an input of any size (a fully convolutional model)
+    does not have; a .npy / .npz holds samples of one size."""
+    from tfcompress.export.data import InputSpec, load_data
+
+    (tmp_path / "imgs" / "cat").mkdir(parents=True)
+    with pytest.raises(ExportError, match=message):
+        load_data(str(tmp_path / "imgs"), {"x": InputSpec(shape, np.dtype("float32"))}, "calibration data")
+
+
 def test_integer_samples_outside_the_inputs_dtype_are_refused():
     """Token ids of int64 beyond int32 would wrap around in the cast to the model's int32 input."""
     import tensorflow as tf

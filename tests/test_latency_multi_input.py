@@ -80,10 +80,9 @@ def test_calibration_samples_in_every_form_give_the_same_int8_layers():
         assert all(s > 0 for s in profile.values()), (form, profile)
 
 
-@pytest.fixture
-def one_microsecond_per_node(monkeypatch):
-    """OpenVINO's real conversion, compilation and runtime graph, with every profiled node reporting 1 us: a
-    layer's profile counts the runtime nodes charged to it, whatever the shared machine's load."""
+def _fake_clock(monkeypatch, seconds_of):
+    """OpenVINO's real conversion, compilation and runtime graph, with every profiled node reporting
+    ``seconds_of(node)`` (a ``ProfilingInfo``) instead of its measured time."""
     import datetime
     import types
 
@@ -98,7 +97,7 @@ def one_microsecond_per_node(monkeypatch):
 
         @property
         def profiling_info(self):
-            return [types.SimpleNamespace(node_name=p.node_name, real_time=datetime.timedelta(microseconds=1))
+            return [types.SimpleNamespace(node_name=p.node_name, real_time=datetime.timedelta(seconds=seconds_of(p)))
                     for p in self.request.profiling_info]
 
     class Compiled:
@@ -116,6 +115,23 @@ def one_microsecond_per_node(monkeypatch):
             return Compiled(super().compile_model(*args, **kwargs))
 
     monkeypatch.setattr(ov, "Core", Core)
+
+
+@pytest.fixture
+def one_microsecond_per_node(monkeypatch):
+    """Every profiled node reports 1 us: a layer's profile counts the runtime nodes charged to it, whatever the
+    shared machine's load."""
+    _fake_clock(monkeypatch, lambda p: 1e-6)
+
+
+# profiled node types that compute (with weights, a product of two tensors, a recurrent layer's loop)
+COMPUTING = ("Convolution", "ConvolutionBackpropData", "FullyConnected", "MatMul", "Gather", "Loop", "TensorIterator")
+
+
+@pytest.fixture
+def one_millisecond_per_computing_node(monkeypatch):
+    """Nodes of the :data:`COMPUTING` types report 1 ms, all others (reshapes, reorders, constants) nothing."""
+    _fake_clock(monkeypatch, lambda p: 1e-3 if p.node_type in COMPUTING else 0.0)
 
 
 def test_a_layer_shared_by_two_inputs_is_charged_both_calls(one_microsecond_per_node):
@@ -144,12 +160,22 @@ def test_unknown_dimensions_are_taken_from_input_shapes_or_calibration_data():
     longer = measure_latency_profile(model, iterations=2, precision=None, calibration_data=x,
                                      input_shapes={"tokens": (40,)})
     for profile in (fp32, int8, longer):
-        assert set(profile) == {"conv", "seq_conv", "head"}
+        assert set(profile) == {"conv", "emb", "seq_conv", "head"}
         assert all(s > 0 for s in profile.values()), profile
     # a single-input model's shape may be given bare
     single = keras.Sequential([keras.Input((None, None, 3)), L.Conv2D(4, 3, name="a"), L.Conv2D(4, 3, name="b")])
     profile = measure_latency_profile(single, iterations=2, input_shapes=(16, 16, 3))
     assert set(profile) == {"a", "b"} and all(s > 0 for s in profile.values()), profile
+
+
+def test_an_int8_profile_calibrates_on_samples_of_different_sizes(rng):
+    """Images of several sizes and token sequences of several lengths all calibrate the profiled INT8 model
+    (profiled at the first sample's shapes)."""
+    samples = [(rng.uniform(size=(h, h, 3)).astype("float32"), rng.integers(0, 50, (n,)).astype("int32"))
+               for h, n in [(16, 10), (20, 7), (16, 12), (24, 10)]]
+    profile = measure_latency_profile(_open_shapes_model(), iterations=2, precision=None, calibration_data=samples)
+    assert set(profile) == {"conv", "emb", "seq_conv", "head"}
+    assert all(s > 0 for s in profile.values()), profile
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -192,3 +218,37 @@ def test_latency_aware_pruning_of_a_multi_input_model_trains_through_fit():
     assert history.history["flops_ratio"][-1] <= 0.7 + 1e-9
     assert sum(int((~pruner.masks[g.layers]).sum()) for g in pruner.groups) > 0
     assert np.all(np.isfinite(model.predict(x, verbose=0)))
+
+
+def _text_model():
+    """Token sequences of any length through the weighted layers of text and audio models: an Embedding (a
+    Gather in the IR), a Conv1D, MultiHeadAttention (its projections an Einsum over an unknown length, which the
+    CPU plugin decomposes into MatMuls named after none of the IR's ops), a transposed convolution, a
+    Bidirectional LSTM and a GRU (loops holding their kernels), a Dense."""
+    tokens = keras.Input((None,), dtype="int32", name="tokens")
+    x = L.Conv1D(16, 3, padding="same", name="conv")(L.Embedding(50, 16, name="emb")(tokens))
+    x = L.LayerNormalization(name="norm")(L.Add()([x, L.MultiHeadAttention(2, 8, name="mha")(x, x)]))
+    x = L.Conv1DTranspose(16, 3, name="convt")(x)
+    x = L.GRU(8, name="gru")(L.Bidirectional(L.LSTM(8, return_sequences=True), name="bilstm")(x))
+    return keras.Model(tokens, L.Dense(3, name="head")(x))
+
+
+def test_every_weighted_layer_of_a_text_model_is_charged_its_nodes(one_millisecond_per_computing_node):
+    """Each layer with weights is charged the computing nodes made from it: one Gather, convolution,
+    deconvolution, Dense and GRU loop each, a loop per direction of the Bidirectional, and the attention's four
+    projections (and its score products) wherever the plugin's decomposition put them."""
+    profile = measure_latency_profile(_text_model(), iterations=2, input_shapes=(20,))
+    assert set(profile) == {"emb", "conv", "mha", "convt", "bilstm", "gru", "head"}, profile
+    expected = {"emb": 1, "conv": 1, "convt": 1, "bilstm": 2, "gru": 1, "head": 1}
+    assert {k: round(profile[k] / 1e-3) for k in expected} == expected, profile
+    assert profile["mha"] >= 4e-3 - 1e-9, profile
+
+
+def test_a_recurrent_layer_is_charged_its_whole_loop():
+    """A loop's node holds the time of its body (the recurrent layer's every step): an LSTM over 256 steps takes
+    more than 4 times as long as over 4 (64 times the steps, so a loaded machine's slower runs cannot reverse
+    the order; a fixed cost per loop keeps the ratio well below 64)."""
+    inp = keras.Input((None, 16))
+    model = keras.Model(inp, L.Dense(3, name="head")(L.LSTM(32, name="lstm")(inp)))
+    short, long = (measure_latency_profile(model, iterations=5, input_shapes=(steps, 16))["lstm"] for steps in (4, 256))
+    assert long > 4 * short > 0, (short, long)

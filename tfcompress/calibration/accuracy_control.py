@@ -13,7 +13,7 @@ from tfcompress.calibration.placement import bias_input, find_points, quantized_
 from tfcompress.calibration.quantize import (
     _act_fq, _build, _calibration_state, _check_args, _read, _shifted_bias, _weight_fq,
 )
-from tfcompress.calibration.samples import count, iterate_samples, model_inputs, stack, take
+from tfcompress.calibration.samples import batches, iterate_samples, model_inputs
 from tfcompress.calibration.statistics import Progress
 
 __all__ = ["calibrate_with_accuracy_control", "layer_macs", "RANKINGS"]
@@ -115,9 +115,9 @@ class _Ranker:
                                                   search.ignored_layers, search.overflow_fix))
         self.candidates = candidates
 
-    def outputs(self, skip: set[int], x: tuple) -> list[np.ndarray]:
+    def outputs(self, skip: set[int], samples: list[tuple]) -> list[list[np.ndarray]]:
         flags = {f"revert_{k}": np.array(k in skip) for k in self.candidates}
-        return _outputs(self.compiled, x, flags)
+        return _outputs(self.compiled, samples, flags)
 
 
 def _candidates(model, acts, weights) -> tuple[list[int], dict[int, list[str]]]:
@@ -135,25 +135,26 @@ def _candidates(model, acts, weights) -> tuple[list[int], dict[int, list[str]]]:
     return candidates, names
 
 
-def _sample_errors(got: list[np.ndarray], ref: list[np.ndarray]) -> np.ndarray:
-    """Per sample: the absolute error of every output against ``ref``, each output's in units of its mean
-    absolute FP32 value (so that an output of large numbers does not decide alone), summed."""
+def _sample_errors(got: list[list[np.ndarray]], ref: list[list[np.ndarray]]) -> np.ndarray:
+    """Per sample: the absolute error of every output against ``ref`` (per output, one array per sample:
+    :func:`_outputs`), each output's in units of its mean absolute FP32 value over all samples' values (so
+    that an output of large numbers does not decide alone), summed."""
     err = 0.0
     for g, r in zip(got, ref):
-        scale = float(np.mean(np.abs(r))) or 1.0
-        err = err + np.abs(np.asarray(g, np.float64) - r).reshape(len(r), -1).sum(axis=1) / scale
+        scale = sum(float(np.abs(v).sum(dtype=np.float64)) for v in r) / max(1, sum(v.size for v in r)) or 1.0
+        err = err + np.array([np.abs(np.asarray(a, np.float64) - b).sum() for a, b in zip(g, r)]) / scale
     return err
 
 
-def _gains(ranker: "_Ranker", skip: set[int], candidates: list[int], x: tuple,
-           fp_out: list[np.ndarray]) -> dict[int, float]:
+def _gains(ranker: "_Ranker", skip: set[int], candidates: list[int], samples: list[tuple],
+           fp_out: list[list[np.ndarray]]) -> dict[int, float]:
     """The output error each candidate's revert alone removes, on the samples where INT8 and FP32 disagree
     most (all outputs: :func:`_sample_errors`)."""
-    err = _sample_errors(ranker.outputs(skip, x), fp_out)
+    err = _sample_errors(ranker.outputs(skip, samples), fp_out)
     worst = np.argsort(err)[::-1][: max(1, len(err) // 2)]
     base = err[worst].sum()
-    ref = [r[worst] for r in fp_out]
-    return {c: float(base - _sample_errors(ranker.outputs(skip | {c}, take(x, worst)), ref).sum())
+    ref = [[r[i] for i in worst] for r in fp_out]
+    return {c: float(base - _sample_errors(ranker.outputs(skip | {c}, [samples[i] for i in worst]), ref).sum())
             for c in candidates}
 
 
@@ -315,7 +316,7 @@ def calibrate_with_accuracy_control(
     ops = list(model.get_ordered_ops())
     macs = layer_macs(model)
     cost = {c: max(1, macs.get(c) or _output_elements(ops[c])) for c in candidates}
-    rank_x = stack(iterate_samples(validation_data, model_inputs(model), ranking_subset_size))
+    rank_x = list(iterate_samples(validation_data, model_inputs(model), ranking_subset_size))
     fp_out = _outputs(search.compile(model), rank_x)
     ranker = _Ranker(search, candidates)
     reverted: list[int] = []  # in the order they were reverted
@@ -364,14 +365,19 @@ def calibrate_with_accuracy_control(
     return search.build(skip), info
 
 
-def _outputs(compiled, x: tuple, extra: dict | None = None, batch: int = 16) -> list[np.ndarray]:
-    """Every output over the samples ``x`` (one array per model input, fed to the first inputs; ``extra``
-    feeds others by name) in batches. Small ones: the CPU plugin keeps memory from every inference of a newly
-    compiled trial model after it is deleted, more for larger batches."""
-    inputs = model_inputs(compiled)[:len(x)]
-    parts = []
-    for i in range(0, count(x), batch):
-        feed = {compiled.inputs[k]: part[i:i + batch].astype(inp.dtype) for k, (part, inp) in enumerate(zip(x, inputs))}
+def _outputs(compiled, samples: list[tuple], extra: dict | None = None, batch: int = 16) -> list[list[np.ndarray]]:
+    """Every output for each of ``samples`` (one array per model input with a batch axis of 1, fed to the first
+    inputs; ``extra`` feeds others by name): per output, one array per sample, in the samples' order (samples of
+    different shapes give outputs of different shapes). Run in batches of samples of one shape
+    (:func:`~tfcompress.calibration.samples.batches`), small ones: the CPU plugin keeps memory from every
+    inference of a newly compiled trial model after it is deleted, more for larger batches."""
+    inputs = model_inputs(compiled)[:len(samples[0])]
+    rows: list[list] = [[None] * len(samples) for _ in compiled.outputs]
+    for positions, x in batches(samples, batch):
+        feed = {compiled.inputs[k]: part.astype(inp.dtype) for k, (part, inp) in enumerate(zip(x, inputs))}
         res = compiled({**feed, **(extra or {})})
-        parts.append([np.asarray(res[out]) for out in compiled.outputs])
-    return [np.concatenate(p) for p in zip(*parts)]
+        for per_sample, out in zip(rows, compiled.outputs):
+            values = np.asarray(res[out])
+            for j, p in enumerate(positions):
+                per_sample[p] = values[j:j + 1]
+    return rows

@@ -306,42 +306,24 @@ def fast_bias_shifts(points, stats: Statistics) -> dict:
     layer, where each output reads a few values of one channel, it dominates the shift, which is why
     :data:`BIAS_CORRECTED_OPS` leaves grouped convolutions out.
     """
-    import openvino as ov
-    import openvino.opset13 as ops
-
     raw: dict = {}
-    params, results, feeds, mapped = [], [], [], []
+    mapped = []
     for wp, in_key, kind in points:
         mean = stats.means.get((in_key, kind))
         if mean is None:
             continue
-        if kind == "channel":
-            m = mean.astype(np.float64).reshape(-1)
-            w, wq = (a.astype(np.float64) for a in (_float_weights(wp), _quantized_weights(wp)))
-            if wp.op.get_type_name() == "MatMul":  # y = x @ W, or x @ W.T with transpose_b
-                t = wp.op.get_attributes()["transpose_b"]
-                raw[wp.key] = m @ (w.T if t else w) - m @ (wq.T if t else wq)
-            else:  # 1x1 convolution, weights [O, I, 1, 1]
-                raw[wp.key] = w[:, :, 0, 0] @ m - wq[:, :, 0, 0] @ m
+        if kind == "map":
+            mapped.append((wp, mean))
             continue
-        mean_map = mean.astype(np.float32)[None]  # batch of 1
-        shape = list(mean_map.shape)
-        blob = np.broadcast_to(mean_map.mean(axis=tuple(range(2, len(shape))), keepdims=True), shape)
-        weights = _float_weights(wp)
-        axes = np.array([a for a in range(len(shape)) if a != 1], np.int64)
-        for x, w in ((mean_map, ops.constant(weights).output(0)),
-                     (blob, _weight_fq(wp, copy=True, dtype=np.float32).output(0))):  # an f32 side model
-            p = ops.parameter(shape, ov.Type.f32)
-            params.append(p)
-            results.append(ops.reduce_mean(_weighted_like(wp.op, p, w), axes, keep_dims=False).output(0))
-            feeds.append(np.ascontiguousarray(x, np.float32))
-        mapped.append(wp)
+        m = mean.astype(np.float64).reshape(-1)
+        w, wq = (a.astype(np.float64) for a in (_float_weights(wp), _quantized_weights(wp)))
+        if wp.op.get_type_name() == "MatMul":  # y = x @ W, or x @ W.T with transpose_b
+            t = wp.op.get_attributes()["transpose_b"]
+            raw[wp.key] = m @ (w.T if t else w) - m @ (wq.T if t else wq)
+        else:  # 1x1 convolution, weights [O, I, 1, 1]
+            raw[wp.key] = w[:, :, 0, 0] @ m - wq[:, :, 0, 0] @ m
     if mapped:
-        compiled = ov.Core().compile_model(ov.Model(results, params), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        out = compiled(feeds)
-        for k, wp in enumerate(mapped):
-            fp_mean, q_mean = (np.asarray(out[compiled.outputs[2 * k + j]], np.float64) for j in (0, 1))
-            raw[wp.key] = fp_mean - q_mean
+        raw.update(_map_shifts(mapped))
     shifts = {}
     for wp, _, _ in points:
         if wp.key not in raw:
@@ -351,6 +333,40 @@ def fast_bias_shifts(points, stats: Statistics) -> dict:
         if bias.size == shift.size and np.all(bias != 0) and np.max(np.abs(shift / bias)) < BIAS_SHIFT_THRESHOLD:
             shifts[wp.key] = shift
     return shifts
+
+
+def _map_shifts(mapped: list) -> dict:
+    """The shifts of non-pointwise layers (:func:`fast_bias_shifts`): ``mapped`` holds ``(point, maps)`` with
+    ``maps`` the layer's mean input per sample shape and that shape's share of the samples
+    (:class:`~tfcompress.calibration.statistics.Statistics`). Per shape, the mean FP32 output (the layer on the
+    mean map) minus the quantized layer's on the map's per-channel means; the shift weighs each shape by its
+    share, as if every sample had been corrected alone. All layers run side by side in one small f32 model,
+    compiled once, with the dimensions that differ between shapes left dynamic, and run once per shape."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    params, results = [], []
+    for wp, maps in mapped:
+        shapes = [m.shape for m, _ in maps]
+        dims = [d if all(s[a] == d for s in shapes) else -1 for a, d in enumerate(shapes[0])]
+        axes = np.array([a for a in range(len(dims) + 1) if a != 1], np.int64)
+        for w in (ops.constant(_float_weights(wp)).output(0), _weight_fq(wp, copy=True, dtype=np.float32).output(0)):
+            p = ops.parameter(ov.PartialShape([1, *dims]), ov.Type.f32)
+            params.append(p)
+            results.append(ops.reduce_mean(_weighted_like(wp.op, p, w), axes, keep_dims=False).output(0))
+    compiled = ov.Core().compile_model(ov.Model(results, params), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    raw = {wp.key: 0.0 for wp, _ in mapped}
+    for g in range(len(mapped[0][1])):  # every point has one map per sample shape, in the same order
+        feeds = []
+        for _, maps in mapped:
+            mean_map = maps[g][0].astype(np.float32)[None]  # batch of 1
+            channel_means = mean_map.mean(axis=tuple(range(2, mean_map.ndim)), keepdims=True)
+            feeds += [mean_map, np.ascontiguousarray(np.broadcast_to(channel_means, mean_map.shape))]
+        out = compiled(feeds)
+        for k, (wp, maps) in enumerate(mapped):
+            fp_mean, q_mean = (np.asarray(out[compiled.outputs[2 * k + j]], np.float64) for j in (0, 1))
+            raw[wp.key] = raw[wp.key] + maps[g][1] * (fp_mean - q_mean)
+    return raw
 
 
 def _build(model, ranges: dict, shifts: dict, skip_ops=frozenset(), ignored_layers=(), overflow_fix="disable"):

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["ModelInput", "count", "iterate_samples", "model_inputs", "one_array_per_input", "stack", "take"]
+__all__ = ["ModelInput", "batches", "iterate_samples", "model_inputs", "one_array_per_input", "shape_of"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,20 +53,35 @@ def model_inputs(model) -> list[ModelInput]:
 Inputs = tuple  # one array per model input, sharing their first (sample) axis
 
 
-def count(x: Inputs) -> int:
-    """How many samples ``x`` holds."""
-    return len(x[0])
+def shape_of(x: Inputs) -> tuple:
+    """The sample shape of every input of ``x`` (without the batch axis): samples batch together only when
+    they agree in all of them (a model with dynamic dimensions takes sequences or images of any size, one size
+    per inference)."""
+    return tuple(part.shape[1:] for part in x)
 
 
-def take(x: Inputs, index) -> Inputs:
-    """The samples ``index`` (a slice or an index array) of every input."""
-    return tuple(part[index] for part in x)
+def batches(samples: Iterable[Inputs], size: int) -> Iterator[tuple[list[int], Inputs]]:
+    """Batches of up to ``size`` samples of one shape (:func:`shape_of`), each with the positions of its
+    samples in ``samples``.
+
+    Samples of every shape are kept apart until ``size`` of one shape have come (that batch is yielded) or the
+    samples end (the rest, one batch per shape in the order the shapes first came). With samples of one shape
+    this is consecutive batches in order; with samples of many shapes a batch holds samples of one shape only,
+    so every statistic of a batch is one of samples computed alone, as with batches of one.
+    """
+    pending: dict[tuple, list[tuple[int, Inputs]]] = {}
+    for position, sample in enumerate(samples):
+        group = pending.setdefault(shape_of(sample), [])
+        group.append((position, sample))
+        if len(group) == size:
+            yield _joined(pending.pop(shape_of(sample)))
+    for group in pending.values():
+        yield _joined(group)
 
 
-def stack(samples: Iterable[Inputs]) -> Inputs:
-    """Samples (or batches) concatenated input by input."""
-    samples = list(samples)
-    return tuple(np.concatenate([s[i] for s in samples]) for i in range(len(samples[0])))
+def _joined(group: list[tuple[int, Inputs]]) -> tuple[list[int], Inputs]:
+    positions = [p for p, _ in group]
+    return positions, tuple(np.concatenate([s[i] for _, s in group]) for i in range(len(group[0][1])))
 
 
 def _array(value) -> np.ndarray:

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from tfcompress.calibration.samples import iterate_samples, model_inputs
+from tfcompress.calibration.samples import batches, iterate_samples, model_inputs, shape_of
 
 __all__ = ["Statistics", "collect", "iterate_samples"]
 
@@ -17,7 +17,10 @@ __all__ = ["Statistics", "collect", "iterate_samples"]
 class Statistics:
     """Per activation point: per-sample minima and maxima (and 1e-4 / 1 - 1e-4 quantiles), one number per
     sample, or one per sample and channel for a per-channel point; per mean point ``(key, kind)``: the mean
-    over samples (``"map"``) or over samples and positions (``"channel"``).
+    over samples and positions, each sample weighing the same (``"channel"``), or a list of ``(mean, share)``,
+    one per sample shape met (a model with dynamic dimensions, given samples of several sizes, has maps of
+    several sizes): the map averaged over the samples of that shape, and their share of all samples
+    (``"map"``).
 
     Ranges come back as floats for per-tensor points and as arrays (one value per channel) for per-channel
     points.
@@ -75,8 +78,10 @@ class Progress:
 
 
 def run_batches(model, compiled, data, subset_size: int, batch: int, label: str, verbose: bool, on_result) -> int:
-    """Feed up to ``subset_size`` samples to ``compiled`` in batches; ``on_result(results, n)`` per batch, in
-    the order of the samples.
+    """Feed up to ``subset_size`` samples to ``compiled`` in batches of samples of one shape
+    (:func:`~tfcompress.calibration.samples.batches`: a model with dynamic dimensions may be given sequences or
+    images of different sizes); ``on_result(results, n, shape)`` per batch of ``n`` samples of ``shape``
+    (:func:`~tfcompress.calibration.samples.shape_of`).
 
     Batches run on as many infer requests as ``compiled`` has streams, in turn, so that the next batch runs
     while the results of the last one are read. Uses the model's static batch size when it has one. Returns
@@ -87,34 +92,28 @@ def run_batches(model, compiled, data, subset_size: int, batch: int, label: str,
         batch = inputs[0].dims[0]
     progress = Progress(subset_size, label, verbose)
     requests = [compiled.create_infer_request() for _ in range(max(1, compiled.get_property("NUM_STREAMS")))]
-    pending: list = [None] * len(requests)  # per request: how many samples it is running, or None
-    chunk: list[tuple] = []
+    pending: list = [None] * len(requests)  # per request: (samples, shape) it is running, or None
     n = runs = 0
 
     def finish(slot: int) -> None:
         requests[slot].wait()
-        on_result(requests[slot].results, pending[slot])
-        progress.update(pending[slot])
+        on_result(requests[slot].results, *pending[slot])
+        progress.update(pending[slot][0])
         pending[slot] = None
 
-    def run(rows) -> None:
-        nonlocal runs
+    def counted(samples):
+        nonlocal n
+        for sample in samples:
+            n += 1
+            yield sample
+
+    for _, x in batches(counted(iterate_samples(data, inputs, subset_size)), batch):
         slot = runs % len(requests)
         runs += 1
         if pending[slot] is not None:
             finish(slot)
-        requests[slot].start_async({i: np.concatenate([r[i] for r in rows]).astype(inp.dtype)
-                                    for i, inp in enumerate(inputs)})
-        pending[slot] = len(rows)
-
-    for sample in iterate_samples(data, inputs, subset_size):
-        chunk.append(sample)
-        n += 1
-        if len(chunk) == batch:
-            run(chunk)
-            chunk = []
-    if chunk:
-        run(chunk)
+        requests[slot].start_async({i: part.astype(inp.dtype) for i, (part, inp) in enumerate(zip(x, inputs))})
+        pending[slot] = (len(x[0]), shape_of(x))
     for k in range(runs, runs + len(requests)):  # the last batches, oldest first
         if pending[k % len(requests)] is not None:
             finish(k % len(requests))
@@ -167,7 +166,10 @@ def collect(model, points, data, subset_size: int, batch: int = 16, verbose: boo
             the plugin's default, bf16 on CPUs with AVX512-BF16 or AMX).
         mean_points: ``(key, kind)`` pairs (key: op position, output index) whose means to collect as well,
             for fast bias correction: ``"channel"`` per channel (axis 1), ``"map"`` over the samples only
-            (the tensor's shape without its batch axis).
+            (the tensor's shape without its batch axis), per sample shape (:class:`Statistics`).
+
+    Batches hold samples of one shape (:func:`run_batches`), so every per-sample statistic is the one the
+    sample gives alone, and each batch's means count as many times as it has samples.
     """
     import openvino.opset13 as ops
 
@@ -198,18 +200,23 @@ def collect(model, points, data, subset_size: int, batch: int = 16, verbose: boo
         axes = [0] if kind == "map" else [a for a in range(rank) if a != 1]
         add("mean", (key, kind), ops.reduce_mean(out, np.array(axes, np.int64), keep_dims=False).output(0))
     compiled, extra = _compile_probe(probe, outputs, precision)
-    sums: dict = {mp: 0.0 for mp in mean_points}
+    sums: dict = {mp: 0.0 for mp in mean_points if mp[1] == "channel"}
+    maps: dict = {mp: {} for mp in mean_points if mp[1] == "map"}  # per sample shape: [sum, samples]
     mins = {p.key: [] for p in points}
     maxs = {p.key: [] for p in points}
     q_lo = {p.key: [] for p in points}
     q_hi = {p.key: [] for p in points}
 
-    def on_result(res, count):
+    def on_result(res, count, shape):
         def get(name, key):
             return np.asarray(res[extra[slots[(name, key)]]], np.float32)
 
-        for mp in mean_points:
+        for mp in sums:
             sums[mp] = sums[mp] + get("mean", mp).astype(np.float64) * count
+        for mp, by_shape in maps.items():
+            total = by_shape.setdefault(shape, [0.0, 0])
+            total[0] = total[0] + get("mean", mp).astype(np.float64) * count
+            total[1] += count
         for p in points:
             if quantiles:
                 tensor = get("tensor", p.key)
@@ -225,19 +232,22 @@ def collect(model, points, data, subset_size: int, batch: int = 16, verbose: boo
             maxs[p.key] += list(hi)
 
     n = run_batches(model, compiled, data, subset_size, batch, "statistics", verbose, on_result)
-    return Statistics(mins, maxs, q_lo, q_hi, n, {k: v / n for k, v in sums.items()})
+    means = {k: v / n for k, v in sums.items()}
+    means.update({k: [(total / m, m / n) for total, m in by_shape.values()] for k, by_shape in maps.items()})
+    return Statistics(mins, maxs, q_lo, q_hi, n, means)
 
 
 def channel_ranges(model, keys, data, subset_size: int, quantile: float, batch: int = 16,
                    verbose: bool = True) -> dict:
     """Per-channel (axis 1) ``quantile`` / ``1 - quantile`` of the tensors ``keys`` (op position, output
-    port): computed per batch, the median over batches (as POT's channel alignment). One pass, in f32."""
+    port): computed per batch (of samples of one shape, :func:`run_batches`), the median over batches (as POT's
+    channel alignment). One pass, in f32."""
     probe = model.clone()
     graph_ops = list(probe.get_ordered_ops())
     compiled, extra = _compile_probe(probe, [graph_ops[k].output(i) for k, i in keys], "f32")
     per_batch: dict = {key: [] for key in keys}
 
-    def on_result(res, count):
+    def on_result(res, count, shape):
         for key, out in zip(keys, extra):
             x = np.asarray(res[out], np.float32)
             flat = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)

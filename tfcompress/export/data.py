@@ -249,8 +249,13 @@ def _load_numpy(path: str, specs: dict, what: str) -> tuple[dict, np.ndarray | N
 
 def _images(path: str, spec: InputSpec, what: str):
     shape = list(spec.shape)
-    if len(shape) != 4 or shape[1] is None or shape[2] is None or shape[3] not in (1, 3):
-        raise ExportError(f"{what}: an image directory needs a model input of shape (batch, H, W, 1|3)")
+    if len(shape) != 4 or shape[3] not in (1, 3):
+        raise ExportError(f"{what}: an image directory needs a model input of shape (batch, H, W, 1|3), "
+                          f"not {tuple(shape[1:])}")
+    if shape[1] is None or shape[2] is None:  # the images are resized to the input's size, and it has none
+        raise ExportError(f"{what}: the model takes images of any size {tuple(shape[1:])}, and an image directory "
+                          "is read at the input's size: give the samples as a .npy / .npz of the size to calibrate "
+                          "at (samples of several sizes: calibration.calibrate on a list of arrays)")
     import keras
     import tensorflow as tf
 

@@ -1,14 +1,20 @@
 """Where inference time goes, per Keras layer, measured with OpenVINO; what one channel of a group costs in it.
 
 :func:`measure_latency_profile` compiles the model's OpenVINO IR with per-node profiling, runs it and charges
-each executed node's time to the convolution or dense layer it computes. The converter renames the ops it moves
-layout transposes through (``Transpose_5815``), so layers are found by their weights rather than names: each
-OpenVINO Convolution, GroupConvolution or MatMul with constant weights is matched to the Keras layer whose kernel
-has the same dimensions (in any order) and the same sum of magnitudes; kernels alike in both (e.g. all zero)
-are matched in graph order, and further ops with a matched kernel are further calls of its layer (a tower
-shared by two inputs), whose times add up. Ops OpenVINO fuses into a convolution
-(BatchNormalization, activations, residual adds) are in that node, so their time is the convolution's.
-Unmatched nodes (layout reorders, pooling, unfused elementwise ops) are not charged to any layer.
+each executed node's time to the Keras layer whose weights it computes with. The converter renames the ops it
+moves layout transposes through (``Transpose_5815``), so layers are found by their weights rather than names:
+each OpenVINO op that multiplies by, or looks up in, constant weights (Convolution, GroupConvolution and their
+transposed forms, MatMul, Einsum, an Embedding's Gather) is matched to the Keras layer holding a weight of the
+same number of values and the same sum of magnitudes (its layout, reshaped heads of an attention projection
+included, may differ); weights alike in both (e.g. all zero) are matched in graph order, and further ops with a
+matched weight are further calls of its layer (a tower shared by two inputs), whose times add up. A recurrent
+layer (LSTM, GRU, SimpleRNN, each direction of a Bidirectional) runs as a loop whose body holds its kernels: the
+whole loop is charged to the layer. Ops OpenVINO fuses into a convolution (BatchNormalization, activations,
+residual adds) are in that node, so their time is the convolution's. Ops on a path between two matched ops of
+one layer are that layer's too (a MultiHeadAttention's score products and softmax, between its projections), and
+so are the nodes the CPU plugin makes from an op when it compiles (the MatMuls it decomposes an Einsum into,
+which carry no IR op's name). Other nodes (layout reorders, pooling, unfused normalizations and elementwise ops)
+are not charged to any layer.
 
 :func:`channel_seconds` turns a profile into a per-channel cost: each op's time per multiply-accumulate times
 the multiply-accumulates that one channel of the group takes from it, summed over the ops the channel reaches.
@@ -17,7 +23,7 @@ the multiply-accumulates that one channel of the group takes from it, summed ove
 from __future__ import annotations
 
 import tempfile
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import keras
 import numpy as np
@@ -28,11 +34,15 @@ from tfcompress.graph.flops import FlopsCounter
 
 __all__ = ["measure_latency_profile", "channel_seconds"]
 
-_ENGINE_OPS = ("Convolution", "GroupConvolution", "MatMul")
+# OpenVINO ops that compute with weights, and which of their inputs may be the weights (None: any)
+_WEIGHTED_OPS = {"Convolution": (1,), "GroupConvolution": (1,), "ConvolutionBackpropData": (1,),
+                 "GroupConvolutionBackpropData": (1,), "MatMul": (0, 1), "Einsum": None, "Gather": (0,)}
+# ops that run a body graph once per step (a recurrent layer's time loop)
+_LOOPS = ("Loop", "TensorIterator")
 
 
 def _weighted_layers(model: keras.Model, prefix: str = "") -> Iterable[tuple[str, keras.layers.Layer]]:
-    """(name, layer) of every layer with a kernel, nested models' layers named ``outer/inner``."""
+    """(name, layer) of every layer with weights to find in the IR, nested models' layers named ``outer/inner``."""
     for layer in model.layers:
         if isinstance(layer, keras.Model):
             yield from _weighted_layers(layer, f"{prefix}{layer.name}/")
@@ -41,9 +51,10 @@ def _weighted_layers(model: keras.Model, prefix: str = "") -> Iterable[tuple[str
 
 
 def _kernels(layer: keras.layers.Layer) -> list:
-    """The layer's kernels: one engine op each (a separable convolution has a depthwise and a pointwise one)."""
-    return [w for attr in ("kernel", "depthwise_kernel", "pointwise_kernel")
-            if (w := getattr(layer, attr, None)) is not None]
+    """The weights the layer multiplies or looks up its inputs in, its own and its sublayers' (a recurrent
+    layer's cell, attention's projections, a Bidirectional's two layers): those of two or more dimensions (a
+    bias, a normalization's scale or a quantizer's range has one)."""
+    return [w for w in layer.weights if len(w.shape) >= 2]
 
 
 def _signature(shape: Iterable[int]) -> tuple[int, ...]:
@@ -51,13 +62,31 @@ def _signature(shape: Iterable[int]) -> tuple[int, ...]:
     return tuple(sorted(int(d) for d in shape if int(d) != 1))
 
 
-def _ov_engine_ops(ov_model) -> list:
-    ops = []
+def _is_constant(output, seen: dict) -> bool:
+    """Whether ``output`` is computed from constants alone (a weight, or one decompressed or fake-quantized)."""
+    node = output.get_node()
+    name = node.get_name()
+    if name not in seen:
+        seen[name] = node.get_type_name() == "Constant" or (
+            node.get_type_name() not in ("Parameter",) + _LOOPS and node.get_input_size() > 0
+            and all(_is_constant(i.get_source_output(), seen) for i in node.inputs()))
+    return seen[name]
+
+
+def _ov_weights(ov_model) -> Iterator[tuple[str, object]]:
+    """(name of the op to charge, weight output) of every weighted op (:data:`_WEIGHTED_OPS`) with a constant
+    weight, in graph order; ops inside a loop's body are charged to the loop."""
+    seen: dict = {}
     for op in ov_model.get_ordered_ops():
-        if op.get_type_name() in _ENGINE_OPS and op.get_input_size() >= 2:
-            if op.input_value(1).get_node().get_type_name() in ("Constant", "Convert", "Multiply", "Reshape"):
-                ops.append(op)
-    return ops
+        t = op.get_type_name()
+        if t in _LOOPS:
+            yield from ((op.get_friendly_name(), w) for _, w in _ov_weights(op.get_function()))
+        elif t in _WEIGHTED_OPS:
+            ports = _WEIGHTED_OPS[t] or range(op.get_input_size())
+            for k in ports:  # weights have two or more dimensions, as the Keras side's (:func:`_kernels`)
+                if k < op.get_input_size() and len(op.input_value(k).get_partial_shape()) >= 2 \
+                        and _is_constant(op.input_value(k), seen):
+                    yield op.get_friendly_name(), op.input_value(k)
 
 
 def _magnitude(values) -> float:
@@ -65,37 +94,69 @@ def _magnitude(values) -> float:
     return float(f"{float(np.abs(np.asarray(values, np.float64)).sum()):.4g}")
 
 
-def _ov_fingerprint(op) -> tuple:
-    weights = op.input_value(1).get_node()
-    shape = op.input_value(1).get_partial_shape().to_shape()
-    magnitude = _magnitude(weights.get_data()) if weights.get_type_name() == "Constant" else None
-    return _signature(shape), magnitude
+def _ov_fingerprint(weight) -> tuple:
+    """(size, magnitude) of a weight held in a plain constant (magnitude None otherwise: decompressed or
+    fake-quantized weights), and its shape signature."""
+    shape = weight.get_partial_shape().to_shape()
+    node = weight.get_node()
+    magnitude = _magnitude(node.get_data()) if node.get_type_name() == "Constant" else None
+    return (int(np.prod(shape)), magnitude), _signature(shape)
 
 
 def _match(model: keras.Model, ov_model) -> dict[str, str]:
-    """OpenVINO engine op friendly name -> Keras layer name, matched by kernel shape and magnitude, in graph
+    """OpenVINO op friendly name -> Keras layer name, matched by their weights' size and magnitude, in graph
     order among equals; an op whose weights equal those of a layer matched already is another call of that
     layer (a tower shared by two inputs), before any layer is matched by shape alone (weights that are not a
     plain constant in the IR, or whose rounded magnitude differs)."""
-    by_sig: dict[tuple, list[str]] = {}
+    by_value: dict[tuple, list[tuple[str, int]]] = {}  # (size, magnitude) -> kernels (layer name, index)
+    by_shape: dict[tuple, list[tuple[str, int]]] = {}
     for name, layer in _weighted_layers(model):
-        for kernel in _kernels(layer):
-            sig = _signature(kernel.shape)
-            by_sig.setdefault((sig, _magnitude(keras.ops.convert_to_numpy(kernel))), []).append(name)
-            by_sig.setdefault((sig, None), []).append(name)
-    used: set[tuple] = set()  # (layer name, kernel signature): a kernel is matched once per call
+        for k, kernel in enumerate(_kernels(layer)):
+            values = keras.ops.convert_to_numpy(kernel)
+            by_value.setdefault((values.size, _magnitude(values)), []).append((name, k))
+            by_shape.setdefault(_signature(kernel.shape), []).append((name, k))
+    used: set[tuple[str, int]] = set()  # a kernel is matched once per call
     out = {}
-    for op in _ov_engine_ops(ov_model):
-        key = _ov_fingerprint(op)
-        free = [n for n in by_sig.get(key, []) if (n, key[0]) not in used]
-        if not free and key[1] is not None:  # another call of a layer matched already
-            free = by_sig.get(key, [])
+    for op_name, weight in _ov_weights(ov_model):
+        value, shape = _ov_fingerprint(weight)
+        free = [k for k in by_value.get(value, []) if k not in used]
+        if not free and value[1] is not None:  # another call of a layer matched already
+            free = by_value.get(value, [])
         if not free:
-            free = [n for n in by_sig.get((key[0], None), []) if (n, key[0]) not in used]
+            free = [k for k in by_shape.get(shape, []) if k not in used]
         if free:
-            out[op.get_friendly_name()] = free[0]
-            used.add((free[0], key[0]))
+            out[op_name] = free[0][0]
+            used.add(free[0])
+    return {**out, **_between(ov_model, out)}
+
+
+def _between(ov_model, layer_of: Mapping[str, str]) -> dict[str, str]:
+    """Unmatched ops on a path from one matched op of a layer to another of the same layer, charged to it: the
+    attention scores and softmax between a MultiHeadAttention's query/key/value projections and its output
+    projection (part of its multiply-accumulates, but computed without weights)."""
+    ops = list(ov_model.get_ordered_ops())
+    readers = {op.get_friendly_name(): [t.get_node().get_friendly_name() for out in op.outputs()
+                                        for t in out.get_target_inputs()] for op in ops}
+    producers = {op.get_friendly_name(): [i.get_source_output().get_node().get_friendly_name() for i in op.inputs()]
+                 for op in ops}
+    out = {}
+    for layer in set(layer_of.values()):
+        mine = {n for n, owner in layer_of.items() if owner == layer}
+        if len(mine) > 1:
+            between = _reach(mine, readers) & _reach(mine, producers)
+            out.update({n: layer for n in between if n not in layer_of})
     return out
+
+
+def _reach(start: set[str], edges: Mapping[str, list[str]]) -> set[str]:
+    """The ops reached from ``start`` along ``edges`` (``start`` not included unless reached again)."""
+    seen, todo = set(), [n for s in start for n in edges.get(s, [])]
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo += edges.get(n, [])
+    return seen
 
 
 def measure_latency_profile(model: keras.Model, batch_size: int = 1, iterations: int = 20,
@@ -154,19 +215,16 @@ def measure_latency_profile(model: keras.Model, batch_size: int = 1, iterations:
     compiled = ov.Core().compile_model(ov_model, device, config)
     rng = np.random.default_rng(0)
     feed = {inp.name: _random_batch(rng, inp.dtype, (int(batch_size), *shape)) for inp, shape in zip(inputs, shapes)}
-    return _layer_seconds(compiled, layer_of, feed, int(iterations))
+    known = {op.get_friendly_name() for op in ov_model.get_ordered_ops()}
+    return _layer_seconds(compiled, layer_of, known, feed, int(iterations))
 
 
-def _layer_seconds(compiled, layer_of: Mapping[str, str], feed: dict, iterations: int) -> dict[str, float]:
+def _layer_seconds(compiled, layer_of: Mapping[str, str], known: set[str], feed: dict,
+                   iterations: int) -> dict[str, float]:
     """Per Keras layer, the median over ``iterations`` inferences (after one warm-up) of the time of the runtime
-    nodes that compute its engine ops (``layer_of``: engine op name -> layer)."""
-    origin = {}  # runtime node -> Keras layer of the engine op it computes
-    for op in compiled.get_runtime_model().get_ordered_ops():
-        info = op.get_rt_info()
-        names = info["originalLayersNames"].astype(str).split(",") if "originalLayersNames" in info else []
-        hits = [layer_of[n] for n in names if n in layer_of]
-        if hits:
-            origin[op.get_friendly_name()] = hits[0]
+    nodes that compute its ops (``layer_of``: IR op name -> layer; ``known``: every op name of the compiled IR,
+    :func:`_runtime_origins`)."""
+    origin = _runtime_origins(compiled.get_runtime_model(), layer_of, known)
     request = compiled.create_infer_request()
     request.infer(feed)
     runs = []
@@ -179,6 +237,26 @@ def _layer_seconds(compiled, layer_of: Mapping[str, str], feed: dict, iterations
         runs.append(seconds)
     # the median run of each layer: a shared machine's interruptions land in a few runs
     return {name: float(np.median([r[name] for r in runs])) for name in runs[0]}
+
+
+def _runtime_origins(runtime, layer_of: Mapping[str, str], known: set[str]) -> dict[str, str]:
+    """Runtime node -> the Keras layer it computes: that of an IR op it was made from (``layer_of``), or, for a
+    node the plugin made itself (from none of the IR's ops ``known``, e.g. the MatMul it decomposes an Einsum
+    into, whose name only the decomposition's last node keeps), that of the node(s) reading it, when they
+    are one layer's."""
+    origin: dict[str, str] = {}
+    for op in reversed(runtime.get_ordered_ops()):  # readers first
+        info = op.get_rt_info()
+        names = [n for n in info["originalLayersNames"].astype(str).split(",") if n] \
+            if "originalLayersNames" in info else []
+        hits = [layer_of[n] for n in names if n in layer_of]
+        if not hits and names and not any(n in known for n in names):
+            hits = list({origin.get(t.get_node().get_friendly_name()) for out in op.outputs()
+                         for t in out.get_target_inputs()})
+            hits = hits if len(hits) == 1 and hits[0] is not None else []
+        if hits:
+            origin[op.get_friendly_name()] = hits[0]
+    return origin
 
 
 def _keras_inputs(model: keras.Model) -> list[ModelInput]:
