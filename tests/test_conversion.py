@@ -317,9 +317,9 @@ def test_a_training_mode_export_names_the_layers_that_cause_it(tmp_path):
 
 
 def test_an_onnx_pass_that_fails_half_way_is_skipped_as_tf2onnx_skips_it(tmp_path, rng, monkeypatch):
-    """The export runs tf2onnx's passes on the graph itself, without tf2onnx's copy before each: a pass that
-    raises after rewriting part of the graph (here: it drops the first Conv's node) must not leave that
-    damage in the ONNX file; the pass is skipped, the others run, and the file still matches TensorFlow."""
+    """A pass that raises after rewriting part of the graph (here: it drops the first Conv's node) must not
+    leave that damage in the ONNX file: the pass is skipped, the others run, and the file still matches
+    TensorFlow (whatever the export does to save tf2onnx's copy of the graph before each pass)."""
     from tfcompress.export import convert
 
     real = convert.onnx_optimizer_passes
