@@ -101,15 +101,10 @@ def run_batches(model, compiled, data, subset_size: int, batch: int, label: str,
         progress.update(pending[slot][0])
         pending[slot] = None
 
-    def counted(samples):
-        nonlocal n
-        for sample in samples:
-            n += 1
-            yield sample
-
-    for _, x in batches(counted(iterate_samples(data, inputs, subset_size)), batch):
+    for _, x in batches(iterate_samples(data, inputs, subset_size), batch):
         slot = runs % len(requests)
         runs += 1
+        n += len(x[0])
         if pending[slot] is not None:
             finish(slot)
         requests[slot].start_async({i: part.astype(inp.dtype) for i, (part, inp) in enumerate(zip(x, inputs))})

@@ -23,7 +23,8 @@ from tfcompress.export.ov_run import int8_kernel_check, run_openvino
 from tfcompress.int8_policy import on_int8_grid
 from tfcompress.output_dir import STAGING_PREFIX, staged_file
 from tfcompress.stripping.savedmodel_strip import (
-    ExportError, FrozenSignature, check_outputs, freeze_saved_model, rel_errors, run_frozen, sample_inputs,
+    ExportError, FrozenSignature, check_outputs, check_reference, freeze_saved_model, rel_errors, run_frozen,
+    sample_inputs,
 )
 
 __all__ = [
@@ -229,7 +230,7 @@ def to_onnx(
 
     if not isinstance(opset, int) or not 13 <= opset <= 18:
         raise ExportError(f"opset must be an integer in 13..18 (tf2onnx 1.17 supports no newer), got {opset!r}")
-    _check_reference(reference, check_inputs)
+    check_reference(reference, check_inputs)
     if frozen is None:
         frozen = freeze_for_export(saved_model_dir, signature_key)
     gc.collect()  # the loaded SavedModel's objects are cyclic: free them before tf2onnx needs the memory
@@ -596,7 +597,7 @@ def saved_model_to_openvino(
     import openvino as ov
 
     _check_xml_path(xml_path)
-    _check_reference(reference, check_inputs)
+    check_reference(reference, check_inputs)
     if reference is not None:
         x, ref = check_inputs, reference
     else:
@@ -610,11 +611,6 @@ def saved_model_to_openvino(
         raise ExportError(f"OpenVINO could not convert {saved_model_dir!r}: {str(e).splitlines()[0]}") from None
     quantize_after_signed_pads(model)
     return _save_checked(model, xml_path, x, ref, tolerance, "TensorFlow's")
-
-
-def _check_reference(reference: dict | None, check_inputs: dict | None) -> None:
-    if reference is not None and check_inputs is None:
-        raise ValueError("reference needs the check_inputs it was computed on")
 
 
 def _by_output(got: dict, ref: dict) -> dict:

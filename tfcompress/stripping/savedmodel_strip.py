@@ -26,8 +26,8 @@ from tfcompress.output_dir import check_output_dir, staged_output
 from tfcompress.saved_model_dir import check_saved_model_dir, read_saved_model_proto
 
 __all__ = [
-    "ExportError", "FrozenSignature", "StripResult", "call_signature", "check_outputs", "freeze_saved_model",
-    "max_rel_error", "rel_errors", "sample_inputs", "strip_saved_model", "variable_bytes",
+    "ExportError", "FrozenSignature", "StripResult", "call_signature", "check_outputs", "check_reference",
+    "freeze_saved_model", "max_rel_error", "rel_errors", "sample_inputs", "strip_saved_model", "variable_bytes",
 ]
 
 
@@ -451,8 +451,7 @@ def strip_saved_model(
         ) from e
     with staged_output(dst_dir, overwrite) as tmp:
         x = check_inputs if check_inputs is not None else sample_inputs(frozen.specs)
-        if reference is not None and check_inputs is None:
-            raise ValueError("reference needs the check_inputs it was computed on")
+        check_reference(reference, check_inputs)
         ref = reference if reference is not None else _run_original(frozen, x)
         got, signature = _save_and_run(frozen, new_gd, tmp, x)
         err = check_outputs(got, ref, tolerance, "stripped model outputs differ from the original",
@@ -464,6 +463,12 @@ def strip_saved_model(
         signatures=[signature_key] + frozen.other_signatures, stripped=dataclasses.replace(frozen, graph_def=new_gd),
         inputs=x, outputs=got, signature=signature,
     )
+
+
+def check_reference(reference: dict | None, check_inputs: dict | None) -> None:
+    """ValueError when reference outputs come without the check inputs they were computed on."""
+    if reference is not None and check_inputs is None:
+        raise ValueError("reference needs the check_inputs it was computed on")
 
 
 def _run_original(frozen: FrozenSignature, x: dict) -> dict:
