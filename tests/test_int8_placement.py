@@ -236,3 +236,75 @@ def test_calibration_runs_padded_convolutions_on_signed_inputs_in_int8(tmp_path)
         assert int8_layers(ov.Core().compile_model(q, "CPU")) == {"int8": 2, "total": 2}, preset
         pads = [op for op in q.get_ordered_ops() if op.get_type_name() == "Pad"]
         assert all(op.input(0).get_source_output().get_node().get_type_name() != "FakeQuantize" for op in pads)
+
+
+def _pointwise(channels: int, strides, spatial=(32, 32), pads=0, kernel=1, quantized=True):
+    """A float model: a 3x3 convolution, ReLU, then a pointwise (``kernel``) convolution with ``strides`` reading
+    ``channels`` channels, with int8 weights on the 7-bit grid (exact also on CPUs whose INT8 kernels saturate)
+    when ``quantized``, behind an unsigned per-tensor quantizer."""
+    import openvino.opset13 as ops
+
+    rng = np.random.default_rng(channels)
+    rank = len(spatial)
+    p = ops.parameter([-1, 3, *spatial], np.float32, name="x")
+    x = ops.relu(ops.convolution(p, rng.normal(size=(channels, 3, *[3] * rank)).astype(np.float32),
+                                 [1] * rank, [1] * rank, [1] * rank, [1] * rank))
+    w = rng.normal(size=(16, channels, *[kernel] * rank)).astype(np.float32)
+    if quantized:
+        x = ops.fake_quantize(x, np.float32(0), np.float32(4), np.float32(0), np.float32(4), 256)
+        scale = np.abs(w).reshape(16, -1).max(1) / 63
+        q = np.round(w / scale.reshape((-1,) + (1,) * (rank + 1))).astype(np.int8)
+        w = ops.multiply(ops.convert(ops.constant(q), "f32"),
+                         ops.constant(scale.reshape((-1,) + (1,) * (rank + 1)).astype(np.float32)))
+    y = ops.convolution(x, w, list(strides), [pads] * rank, [pads] * rank, [1] * rank)
+    y.output(0).get_tensor().set_names({"y"})
+    return ov.Model([y], [p])
+
+
+@pytest.mark.parametrize("channels, strides, spatial", [
+    (8, (2, 2), (32, 32)), (24, (2, 2), (28, 28)), (40, (4, 4), (32, 32)), (8, (1, 2), (16, 32)), (8, (2,), (64,)),
+])
+def test_strided_pointwise_int8_convolutions_compute_the_same_on_every_call(channels, strides, spatial):
+    """An INT8 1x1 convolution with a stride and an odd multiple of 8 input channels: on CPUs without AVX-512 the
+    CPU plugin's kernel for it writes wrong values into some outputs when it runs on several threads, others on
+    each call. The rewrite gives it stride 1 behind a StridedSlice: the same numbers in exact arithmetic (to
+    float rounding), and the compiled model's outputs are those of one thread on every call, in INT8."""
+    from tfcompress.calibration.placement import rewrite_for_cpu
+    from tfcompress.export.ov_run import run_openvino
+
+    model = _pointwise(channels, strides, spatial)
+    x = np.random.default_rng(1).uniform(0, 1, (32, 3, *spatial)).astype(np.float32)
+    exact = run_openvino(model, {"x": x}, exact=True)
+    rewrite_for_cpu(model)
+    model.validate_nodes_and_infer_types()
+    assert [op.get_type_name() for op in model.get_ordered_ops()].count("StridedSlice") == 1
+    assert rel_error(run_openvino(model, {"x": x}, exact=True)["y"], exact["y"]) < 1e-6
+    one_thread = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": 1})({0: x})[0]
+    compiled = ov.Core().compile_model(model, "CPU")
+    assert int8_layers(compiled) == {"int8": 1, "total": 2}  # the pointwise one: the first reads a float input
+    for _ in range(5):
+        np.testing.assert_array_equal(compiled({0: x})[0], one_thread)
+
+
+@pytest.mark.parametrize("kw", [dict(channels=16, strides=(2, 2)), dict(channels=12, strides=(2, 2)),
+                                dict(channels=8, strides=(1, 1)), dict(channels=8, strides=(2, 2), kernel=3),
+                                dict(channels=8, strides=(2, 2), pads=1),
+                                dict(channels=8, strides=(2, 2), quantized=False)])
+def test_other_convolutions_are_left_as_they_are(kw):
+    """Only quantized, unpadded, strided 1x1 convolutions with an odd multiple of 8 input channels change."""
+    from tfcompress.calibration.placement import slice_before_strided_pointwise
+
+    assert slice_before_strided_pointwise(_pointwise(**kw)) == 0
+
+
+def test_calibrated_irs_get_the_rewrite():
+    """calibrate's INT8 model of a float model with such a convolution computes the same on every call."""
+    model = _pointwise(8, (2, 2), quantized=False)
+    x = np.random.default_rng(2).uniform(0, 1, (64, 3, 32, 32)).astype(np.float32)
+    q = calibrate(model, x[:32], verbose=False)
+    assert [op.get_type_name() for op in q.get_ordered_ops()].count("StridedSlice") == 1
+    one_thread = ov.Core().compile_model(q, "CPU", {"INFERENCE_NUM_THREADS": 1})({0: x})[0]
+    compiled = ov.Core().compile_model(q, "CPU")
+    assert int8_layers(compiled) == {"int8": 2, "total": 2}
+    for _ in range(5):
+        np.testing.assert_array_equal(compiled({0: x})[0], one_thread)

@@ -16,7 +16,7 @@ from tfcompress import int8_policy as policy
 from tfcompress.int8_policy import OVERFLOW_FIX
 
 __all__ = ["ActivationPoint", "WeightPoint", "find_points", "op_policy", "quantize_after_signed_pads",
-           "quantized_inputs", "OVERFLOW_FIX"]
+           "quantized_inputs", "rewrite_for_cpu", "slice_before_strided_pointwise", "OVERFLOW_FIX"]
 
 # OpenVINO op types -> their policy (GroupConvolution: see op_policy)
 _POLICIES = {
@@ -440,3 +440,57 @@ def quantize_after_signed_pads(model) -> int:
             pending.append(below)
             moves += 1
     return moves
+
+
+def _odd_multiple_of_8_channels(op) -> bool:
+    shape = op.get_input_partial_shape(0)
+    return shape.rank.is_static and len(shape) >= 3 and shape[1].is_static and shape[1].get_length() % 16 == 8
+
+
+def slice_before_strided_pointwise(model) -> int:
+    """Give each quantized 1x1 convolution with a stride above 1, no padding and an odd multiple of 8 input
+    channels (8, 24, 40, ...) stride 1 behind a StridedSlice that takes every stride-th row and column, in place;
+    returns the number of rewrites.
+
+    The outputs are the same numbers. What changes is the kernel: on CPUs without AVX-512, OpenVINO's CPU plugin
+    (2026.4) runs such a convolution in INT8 with a 1x1 kernel that, with more than one thread, writes wrong
+    values into about 0.1 % of its outputs, different ones from call to call (strides 2 and 4; 8, 24 and 40
+    input channels; every output channel count tried). The StridedSlice runs on the u8 tensor and the
+    convolution after it in INT8 with stride 1, which computes right; they cost 0-14 % more than the strided
+    layer alone. Pruning leaves such channel counts in small layers (``round_to="auto"`` rounds wide groups
+    only), and the demo's downsampling 1x1 convolution has 8 input channels.
+    """
+    import openvino.opset13 as ops
+
+    rewrites = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "Convolution" or not _quantized_weights(_source(op.input(1))):
+            continue
+        a = op.get_attributes()
+        kernel = op.get_input_partial_shape(1)
+        if (kernel.rank.is_dynamic or any(d.is_dynamic or d.get_length() != 1 for d in list(kernel)[2:])
+                or set(a["strides"]) == {1} or any(a["pads_begin"]) or any(a["pads_end"])
+                or not _odd_multiple_of_8_channels(op)):
+            continue
+        rank = len(kernel)
+        step = np.array([1, 1, *a["strides"]], np.int64)
+        zeros = ops.constant(np.zeros(rank, np.int64))
+        sliced = ops.strided_slice(_source(op.input(0)), zeros, zeros, ops.constant(step),
+                                   [1] * rank, [1] * rank)
+        sliced.set_friendly_name(f"{op.get_friendly_name()}/stride")
+        unit = ops.convolution(sliced, _source(op.input(1)), [1] * (rank - 2), [0] * (rank - 2),
+                               [0] * (rank - 2), a["dilations"])
+        unit.set_friendly_name(op.get_friendly_name())
+        for reader in list(op.output(0).get_target_inputs()):
+            reader.replace_source_output(unit.output(0))
+        unit.output(0).get_tensor().set_names(op.output(0).get_names())
+        rewrites += 1
+    return rewrites
+
+
+def rewrite_for_cpu(model) -> None:
+    """The rewrites every INT8 IR gets before it is saved, in place: quantizers below signed zero pads
+    (:func:`quantize_after_signed_pads`) and strided pointwise convolutions the CPU plugin computes wrong
+    (:func:`slice_before_strided_pointwise`). Both leave the outputs unchanged."""
+    quantize_after_signed_pads(model)
+    slice_before_strided_pointwise(model)

@@ -9,7 +9,7 @@ import numpy as np
 from tfcompress.calibration.alignment import QUANTILE, align, alignment_pairs
 from tfcompress.calibration.placement import (
     OVERFLOW_FIX, ActivationPoint, WeightPoint, _through_convert, bias_input, find_points,
-    quantize_after_signed_pads, unpadded_stride_one, weight_ranges,
+    rewrite_for_cpu, unpadded_stride_one, weight_ranges,
 )
 from tfcompress.calibration.statistics import Statistics, channel_ranges, collect
 from tfcompress.int8_policy import WEIGHT_LEVELS, weight_grid
@@ -393,7 +393,7 @@ def _build(model, ranges: dict, shifts: dict, skip_ops=frozenset(), ignored_laye
         wp.op.input(1).replace_source_output(_weight_fq(wp).output(0))
         if wp.key in shifts:
             _shift_bias(wp, shifts[wp.key], ops)
-    quantize_after_signed_pads(q)
+    rewrite_for_cpu(q)
     q.validate_nodes_and_infer_types()
     compress_weights(q)
     return q

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from tfcompress.calibration.placement import quantize_after_signed_pads
+from tfcompress.calibration.placement import rewrite_for_cpu
 from tfcompress.graph.frozen_graph import (
     RANDOM_OPS, calls_functions, inline_function_calls, keep_library_functions_in_use,
 )
@@ -556,8 +556,9 @@ def to_openvino(
     the ONNX model as OpenVINO's ONNX reader runs it (relative max error within ``tolerance``). A quantized
     model is compared in the exact arithmetic of its quantizers, and the result's ``int8_kernels`` says how far
     this CPU's INT8 kernels land from it (:func:`tfcompress.export.ov_run.int8_kernel_check`).
-    Signed quantizers (QAT) before a zero padding go after it, where the CPU plugin runs the next layer in
-    INT8 (:func:`tfcompress.calibration.placement.quantize_after_signed_pads`; exact).
+    A quantized model gets the rewrites that keep its outputs and let the CPU plugin run it right in INT8
+    (:func:`tfcompress.calibration.placement.rewrite_for_cpu`): signed quantizers (QAT) before a zero padding
+    go after it, strided pointwise convolutions the plugin computes wrong take a StridedSlice.
 
     ``onnx_check``, :func:`to_onnx`'s result for this file, gives the file as read and its outputs on its check
     inputs: the reader and that run are not repeated when ``check_inputs`` are those inputs (or None).
@@ -573,7 +574,7 @@ def to_openvino(
         if check_inputs is None:
             check_inputs = _random_inputs_for(model)
         ref = run_openvino(model, check_inputs, precision="f32", exact=True)
-    quantize_after_signed_pads(model)
+    rewrite_for_cpu(model)
     return _save_checked(model, xml_path, check_inputs, ref, tolerance, "the ONNX model's")
 
 
@@ -588,11 +589,11 @@ def saved_model_to_openvino(
     """Convert a SavedModel to OpenVINO IR (FP32 weights) with OpenVINO's TensorFlow reader, without ONNX.
 
     The path for graphs tf2onnx cannot convert. The reader keeps ``FakeQuantWithMinMaxVars(PerChannel)`` as
-    ``FakeQuantize``, so quantization-aware models still run INT8 (signed quantizers before a zero padding go after it, as in
-    :func:`to_openvino`). The saved IR, run at f32 precision (as
-    :func:`to_openvino`: quantizers in exact arithmetic, ``int8_kernels`` for this CPU's kernels), must match
-    the SavedModel's ``signature_key`` signature as TensorFlow runs it (relative max error), or ``reference``,
-    those outputs on ``check_inputs`` when the caller has them (the SavedModel is then not frozen here).
+    ``FakeQuantize``, so quantization-aware models still run INT8 (with :func:`to_openvino`'s rewrites). The
+    saved IR, run at f32 precision (as :func:`to_openvino`: quantizers in exact arithmetic, ``int8_kernels``
+    for this CPU's kernels), must match the SavedModel's ``signature_key`` signature as TensorFlow runs it
+    (relative max error), or ``reference``, those outputs on ``check_inputs`` when the caller has them (the
+    SavedModel is then not frozen here).
     """
     import openvino as ov
 
@@ -609,7 +610,7 @@ def saved_model_to_openvino(
         model = ov.convert_model(saved_model_dir)
     except Exception as e:
         raise ExportError(f"OpenVINO could not convert {saved_model_dir!r}: {str(e).splitlines()[0]}") from None
-    quantize_after_signed_pads(model)
+    rewrite_for_cpu(model)
     return _save_checked(model, xml_path, x, ref, tolerance, "TensorFlow's")
 
 
