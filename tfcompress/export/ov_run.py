@@ -11,13 +11,15 @@ fix keeps it from saturating.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from tfcompress.errors import ExportError
 from tfcompress.export.checks import PERTURBATION, QuantizedCheck, mean_rel_error
 from tfcompress.stripping.savedmodel_strip import max_rel_error
 
-__all__ = ["int8_kernel_check", "int8_kernel_warning", "ir_rounding_noise", "run_openvino"]
+__all__ = ["int8_kernel_check", "int8_kernel_warning", "ir_rounding_noise", "openvino_runner", "run_openvino"]
 
 
 def run_openvino(model, inputs: dict[str, np.ndarray], precision: str = "f32",
@@ -29,6 +31,12 @@ def run_openvino(model, inputs: dict[str, np.ndarray], precision: str = "f32",
     without quantizers runs as it is).
 
     Returns each output under every one of its tensor names (the first output's names come first)."""
+    return openvino_runner(model, precision, exact)(inputs)
+
+
+def openvino_runner(model, precision: str = "f32",
+                    exact: bool = False) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """:func:`run_openvino` with the model compiled once, for running it on many batches."""
     import openvino as ov
 
     from tfcompress.calibration import exact_arithmetic, is_quantized
@@ -40,15 +48,19 @@ def run_openvino(model, inputs: dict[str, np.ndarray], precision: str = "f32",
         model = exact_arithmetic(model)
     config = {"INFERENCE_PRECISION_HINT": "f32"} if precision == "f32" else {}
     compiled = core.compile_model(model, "CPU", config)
-    by_name = {}
-    for port in compiled.inputs:
-        name = next((n for n in port.get_names() if n in inputs), None)
-        if name is None:
-            raise ExportError(f"no input given for model input {port.get_any_name()!r}")
-        by_name[port] = inputs[name]
-    res = compiled(by_name)
-    # every name of an output port, so callers find an output under the name their reference uses
-    return {name: np.asarray(res[out]) for out in compiled.outputs for name in sorted(out.get_names())}
+
+    def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        by_name = {}
+        for port in compiled.inputs:
+            name = next((n for n in port.get_names() if n in inputs), None)
+            if name is None:
+                raise ExportError(f"no input given for model input {port.get_any_name()!r}")
+            by_name[port] = inputs[name]
+        res = compiled(by_name)
+        # every name of an output port, so callers find an output under the name their reference uses
+        return {name: np.asarray(res[out]) for out in compiled.outputs for name in sorted(out.get_names())}
+
+    return run
 
 
 def ir_rounding_noise(model, inputs: dict[str, np.ndarray]) -> QuantizedCheck:

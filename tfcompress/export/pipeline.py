@@ -16,7 +16,9 @@ from tfcompress.export.convert import (
 )
 from tfcompress.export.data import check_labels, load_data
 from tfcompress.export.options import check_args
-from tfcompress.export.ov_run import int8_kernel_check, int8_kernel_warning, ir_rounding_noise, run_openvino
+from tfcompress.export.ov_run import (
+    int8_kernel_check, int8_kernel_warning, ir_rounding_noise, openvino_runner, run_openvino,
+)
 from tfcompress.output_dir import staged_output
 from tfcompress.saved_model_dir import read_saved_model_proto
 from tfcompress.stripping.savedmodel_strip import (
@@ -298,7 +300,7 @@ def export_saved_model(
             report["accuracy"] = {
                 "original": score(lambda b: run_frozen(frozen, frozen.graph_def, b)[out_key]),
                 "stripped": score(lambda b: call_signature(stripped_signature, b)[out_key]),
-                "openvino_fp32": score(lambda b: run_openvino(xml, b)[out_key]),
+                "openvino_fp32": score(lambda b, run=openvino_runner(xml): run(b)[out_key]),
                 "samples": _count(x), "output": out_key,
             }
             if os.path.exists(onnx_path):
@@ -307,7 +309,7 @@ def export_saved_model(
             if xml8 is not None:  # compiled as accuracy control measured it (f32 hint), else the default
                 p8 = "f32" if report["steps"]["int8"].get("inference_precision") == "f32" else "default"
                 report["accuracy"]["openvino_int8"] = score(
-                    lambda b: run_openvino(xml8, b, precision=p8)[out_key])
+                    lambda b, run=openvino_runner(xml8, precision=p8): run(b)[out_key])
         else:
             _log("[5/5] no labelled validation data: accuracy not measured")
         report["seconds"] = time.perf_counter() - t0
