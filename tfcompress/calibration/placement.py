@@ -453,12 +453,11 @@ def slice_before_strided_pointwise(model) -> int:
     returns the number of rewrites.
 
     The outputs are the same numbers. What changes is the kernel: on CPUs without AVX-512, OpenVINO's CPU plugin
-    (2026.4) runs such a convolution in INT8 with a 1x1 kernel that, with more than one thread, writes wrong
-    values into about 0.1 % of its outputs, different ones from call to call (strides 2 and 4; 8, 24 and 40
-    input channels; every output channel count tried). The StridedSlice runs on the u8 tensor and the
-    convolution after it in INT8 with stride 1, which computes right; they cost 0-14 % more than the strided
-    layer alone. Pruning leaves such channel counts in small layers (``round_to="auto"`` rounds wide groups
-    only), and the demo's downsampling 1x1 convolution has 8 input channels.
+    (2026.4) runs such a convolution in INT8 with a 1x1 kernel that, on more than one thread, writes wrong values
+    into some of its outputs, different ones from call to call (BENCHMARKS.md 15 has the layers measured). The
+    StridedSlice copies the u8 rows and columns the convolution reads, and the convolution runs in INT8 with
+    stride 1, whose kernel computes right. Pruning leaves such channel counts in narrow layers
+    (``round_to="auto"`` rounds wide groups only).
     """
     import openvino.opset13 as ops
 
