@@ -300,23 +300,42 @@ def _conv_config(rng, family, cin, cout, kernel, strides, dil, padding, spatial,
     return Config(family, params, (batch, cin, *spatial), conv(cin, cout, kernel, strides, dil, pb, pe))
 
 
+def _divisible(rng, stride, low=28, high=56):
+    """A size in [low, high] that ``stride`` divides: the CPU plugin takes its 1x1 kernel (which copies strided
+    inputs to a unit-stride buffer) for strided 1x1 convolutions only then; otherwise its generic kernel."""
+    return stride * int(rng.integers(-(-low // stride), high // stride + 1))
+
+
 def family_conv1x1(rng, scale):
-    """Every input channel count 1..64 at strides 2, 3, 4; a sample at stride 1 and with unequal strides."""
+    """Every input channel count 1..64 at strides 2, 3, 4 on sizes the stride divides (the 1x1 kernel) and on
+    sizes it does not (the generic kernel); samples at stride 1, with unequal strides, in 1-D and 3-D."""
     out = []
     for stride in (2, 3, 4):
         for cin in range(1, 65):
-            hw = int(rng.integers(28, 57))
+            hw = _divisible(rng, stride)
             out.append(_conv_config(rng, "conv1x1", cin, int(rng.integers(1, 65)), (1, 1), (stride, stride),
                                     (1, 1), "valid", (hw, hw)))
+        for _ in range(int(16 * scale)):
+            hw = _divisible(rng, stride) + int(rng.integers(1, stride))
+            out.append(_conv_config(rng, "conv1x1", int(rng.integers(1, 65)), int(rng.integers(1, 65)), (1, 1),
+                                    (stride, stride), (1, 1), "valid", (hw, hw)))
     for _ in range(int(24 * scale)):
         hw = int(rng.integers(28, 57))
         out.append(_conv_config(rng, "conv1x1", int(rng.integers(1, 65)), int(rng.integers(1, 65)), (1, 1),
                                 (1, 1), (1, 1), "valid", (hw, hw)))
     for strides in ((1, 2), (2, 1), (2, 4), (4, 2)):
         for _ in range(int(10 * scale)):
-            hw = int(rng.integers(28, 57))
+            hw = _divisible(rng, max(strides))
             out.append(_conv_config(rng, "conv1x1", int(rng.integers(1, 65)), int(rng.integers(1, 65)), (1, 1),
                                     strides, (1, 1), "valid", (hw, hw)))
+    for _ in range(int(24 * scale)):  # half of them with an odd multiple of 8 input channels
+        cin = 8 * int(rng.integers(0, 4)) * 2 + 8 if rng.random() < 0.5 else int(rng.integers(1, 65))
+        s = _pick(rng, [2, 4])
+        out.append(_conv_config(rng, "conv1x1-1d", cin, int(rng.integers(1, 65)), (1,), (s,), (1,), "valid",
+                                (_divisible(rng, s, 64, 256),)))
+        d = _divisible(rng, s, 4, 12)
+        out.append(_conv_config(rng, "conv1x1-3d", cin, int(rng.integers(1, 33)), (1, 1, 1), (s, s, s), (1, 1, 1),
+                                "valid", (d, *(_divisible(rng, s, 12, 28),) * 2), batch=16))
     return out
 
 
@@ -553,7 +572,8 @@ def main() -> None:
         res = run_config(core, cfg, np.random.default_rng([args.seed, k]), args.calls)
         failing = max(res["frac_wrong"]) > 0 or res["single_vs_ref"] > 0 or res["multi_vs_ref"] > 0
         main_prims = tuple(sorted({p for p in res["prim_multi"] if not p.startswith(("FakeQuantize", "Eltwise"))}))
-        key = (cfg.family, main_prims)
+        strides = cfg.params.get("strides")
+        key = (cfg.family + ("" if strides is None else " stride>1" if max(strides) > 1 else " stride 1"), main_prims)
         summary[key][0] += 1
         summary[key][1] += failing
         summary[key][2] = max(summary[key][2], max(res["frac_wrong"]))
