@@ -15,10 +15,11 @@ convolutions (kernels 1/3/5/7, 1xk, kx1, strides 1-4, dilations 1-2, no or "same
 convolutions, depthwise (every channel count 1..64 x kernels 3/5 x strides 1/2) and grouped convolutions,
 MatMul on 2-D and 3-D inputs, transposed convolutions with static shapes, residual sums of two INT8
 convolutions, AvgPool / ReduceMean / MaxPool on u8. Prints one line per configuration that differs (and a
-summary per family and primitive); ``--out`` writes every configuration as JSON lines.
+summary per family and primitive); ``--out`` writes every configuration as JSON lines. ``--rewrite`` first applies
+tfcompress' ``rewrite_for_cpu`` (what every INT8 IR it writes gets) to each model.
 
     PYTHONPATH=$PWD python benchmarks/int8_kernel_sweep.py [--seed 0] [--calls 5] [--families conv1x1,...]
-        [--scale 1.0] [--out sweep.jsonl]
+        [--scale 1.0] [--out sweep.jsonl] [--rewrite]
 """
 
 from __future__ import annotations
@@ -512,7 +513,7 @@ def wrong(a, b, unit):
     return np.abs(a - b) > 1.5 * unit + 4e-6 * np.maximum(np.abs(a), np.abs(b))
 
 
-def run_config(core, cfg: Config, rng, calls: int) -> dict:
+def run_config(core, cfg: Config, rng, calls: int, rewrite: Callable | None = None) -> dict:
     import openvino as ov
 
     ops = _ops()
@@ -523,6 +524,9 @@ def run_config(core, cfg: Config, rng, calls: int) -> dict:
     if cfg.tail:
         built, tail = with_tail(built, rng, cfg.in_shape)
     model = ov.Model([_output(built.node)], [p])
+    if rewrite is not None:
+        rewrite(model)
+        model.validate_nodes_and_infer_types()
     xq = rng.integers(0, 256, cfg.in_shape)
     x = (xq * SX).astype(np.float32)
     multi = core.compile_model(model, "CPU", F32)
@@ -552,6 +556,8 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of each family's sample")
     ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--rewrite", action="store_true",
+                    help="apply tfcompress' rewrite_for_cpu to each model first (needs tfcompress on PYTHONPATH)")
     args = ap.parse_args()
     names = args.families.split(",")
     unknown = [n for n in names if n not in FAMILIES]
@@ -561,6 +567,9 @@ def main() -> None:
 
     import openvino as ov
 
+    rewrite = None
+    if args.rewrite:
+        from tfcompress.calibration.placement import rewrite_for_cpu as rewrite
     core = ov.Core()
     rng = np.random.default_rng(args.seed)
     configs = [c for n in names for c in FAMILIES[n](rng, args.scale)]
@@ -569,7 +578,7 @@ def main() -> None:
     summary = collections.defaultdict(lambda: [0, 0, 0.0])  # (family, primitive) -> [configs, failing, max frac]
     start = time.perf_counter()
     for k, cfg in enumerate(configs):
-        res = run_config(core, cfg, np.random.default_rng([args.seed, k]), args.calls)
+        res = run_config(core, cfg, np.random.default_rng([args.seed, k]), args.calls, rewrite)
         failing = max(res["frac_wrong"]) > 0 or res["single_vs_ref"] > 0 or res["multi_vs_ref"] > 0
         main_prims = tuple(sorted({p for p in res["prim_multi"] if not p.startswith(("FakeQuantize", "Eltwise"))}))
         strides = cfg.params.get("strides")
