@@ -263,6 +263,7 @@ def _pointwise(channels: int, strides, spatial=(32, 32), pads=0, kernel=1, quant
 
 @pytest.mark.parametrize("channels, strides, spatial", [
     (8, (2, 2), (32, 32)), (24, (2, 2), (28, 28)), (40, (4, 4), (32, 32)), (8, (1, 2), (16, 32)), (8, (2,), (64,)),
+    (24, (3, 3), (33, 33)),
 ])
 def test_strided_pointwise_int8_convolutions_compute_the_same_on_every_call(channels, strides, spatial):
     """An INT8 1x1 convolution with a stride and an odd multiple of 8 input channels: on CPUs without AVX-512 the
@@ -289,9 +290,11 @@ def test_strided_pointwise_int8_convolutions_compute_the_same_on_every_call(chan
 @pytest.mark.parametrize("kw", [dict(channels=16, strides=(2, 2)), dict(channels=12, strides=(2, 2)),
                                 dict(channels=8, strides=(1, 1)), dict(channels=8, strides=(2, 2), kernel=3),
                                 dict(channels=8, strides=(2, 2), pads=1),
-                                dict(channels=8, strides=(2, 2), quantized=False)])
+                                dict(channels=8, strides=(2, 2), quantized=False),
+                                dict(channels=8, strides=(2, 2), spatial=(32, 33))])
 def test_other_convolutions_are_left_as_they_are(kw):
-    """Only quantized, unpadded, strided 1x1 convolutions with an odd multiple of 8 input channels change."""
+    """Only quantized, unpadded, strided 1x1 convolutions with an odd multiple of 8 input channels change, and
+    only where each stride divides its input size (or the size is unknown): else the plugin runs another kernel."""
     from tfcompress.calibration.placement import slice_before_strided_pointwise
 
     assert slice_before_strided_pointwise(_pointwise(**kw)) == 0

@@ -447,6 +447,12 @@ def _odd_multiple_of_8_channels(op) -> bool:
     return shape.rank.is_static and len(shape) >= 3 and shape[1].is_static and shape[1].get_length() % 16 == 8
 
 
+def _a_stride_leaves_a_remainder(op) -> bool:
+    """Whether a static spatial input size of ``op`` is not a multiple of its stride."""
+    sizes = list(op.get_input_partial_shape(0))[2:]
+    return any(d.is_static and d.get_length() % s for d, s in zip(sizes, op.get_attributes()["strides"]))
+
+
 def slice_before_strided_pointwise(model) -> int:
     """Give each quantized 1x1 convolution with a stride above 1, no padding and an odd multiple of 8 input
     channels (8, 24, 40, ...) stride 1 behind a StridedSlice that takes every stride-th row and column, in place;
@@ -454,7 +460,9 @@ def slice_before_strided_pointwise(model) -> int:
 
     The outputs are the same numbers. What changes is the kernel: on CPUs without AVX-512, OpenVINO's CPU plugin
     (2026.4) runs such a convolution in INT8 with a 1x1 kernel that, on more than one thread, writes wrong values
-    into some of its outputs, different ones from call to call (BENCHMARKS.md 15 has the layers measured). The
+    into some of its outputs, different ones from call to call (BENCHMARKS.md 15 and 16: every stride, any
+    dilation). The plugin takes that kernel only when each stride divides its input size, so a layer whose
+    static sizes show otherwise is left alone; with sizes unknown until run time it is rewritten. The
     StridedSlice copies the u8 rows and columns the convolution reads, and the convolution runs in INT8 with
     stride 1, whose kernel computes right. Pruning leaves such channel counts in narrow layers
     (``round_to="auto"`` rounds wide groups only).
@@ -469,7 +477,7 @@ def slice_before_strided_pointwise(model) -> int:
         kernel = op.get_input_partial_shape(1)
         if (kernel.rank.is_dynamic or any(d.is_dynamic or d.get_length() != 1 for d in list(kernel)[2:])
                 or set(a["strides"]) == {1} or any(a["pads_begin"]) or any(a["pads_end"])
-                or not _odd_multiple_of_8_channels(op)):
+                or not _odd_multiple_of_8_channels(op) or _a_stride_leaves_a_remainder(op)):
             continue
         rank = len(kernel)
         step = np.array([1, 1, *a["strides"]], np.int64)
