@@ -143,6 +143,16 @@ def test_qat_and_calibrated_ir_quantize_the_same_tensors(name, tmp_path):
 # --- quantizers of signed tensors before a zero padding (MobileNetV3's strided depthwise convolutions after
 # hard-swish, a causal Conv1D on a signed signal): small OpenVINO models, no Keras
 
+def _seven_bit_weights(w: np.ndarray):
+    """``w`` as int8 per output channel (axis 0) decompressed by Convert -> Multiply (a calibrated IR's form), on
+    the 7-bit grid: exact also on CPUs whose INT8 kernels saturate."""
+    import openvino.opset13 as ops
+
+    scale = (np.abs(w.reshape(len(w), -1)).max(1) / 63).reshape((-1,) + (1,) * (w.ndim - 1))
+    q = np.round(w / scale).astype(np.int8)
+    return ops.multiply(ops.convert(ops.constant(q), "f32"), ops.constant(scale.astype(np.float32)))
+
+
 def _padded_conv(x, kind: str, channels: int, quantized_weights: bool):
     """NHWC ``x`` -> zero Pad (bottom/right, as Keras' ZeroPadding2D before a strided convolution) -> NHWC-to-NCHW
     Transpose (what OpenVINO's TensorFlow and ONNX readers put before every convolution) -> stride-2 3x3
@@ -153,12 +163,8 @@ def _padded_conv(x, kind: str, channels: int, quantized_weights: bool):
     x = ops.transpose(x, np.array([0, 3, 1, 2], np.int64))
     shape = (channels, 1, 1, 3, 3) if kind == "depthwise" else (channels, channels, 3, 3)
     w = np.random.default_rng(1).normal(size=shape).astype(np.float32)
-    if quantized_weights:  # int8 per output channel, decompressed by Convert -> Multiply (a calibrated IR's form),
-        flat = w.reshape(channels, -1)  # on the 7-bit grid: exact also on CPUs whose INT8 kernels saturate
-        scale = np.abs(flat).max(1) / 63
-        q = np.round(flat / scale[:, None]).astype(np.int8).reshape(shape)
-        w = ops.multiply(ops.convert(ops.constant(q), "f32"),
-                         ops.constant(scale.reshape((-1,) + (1,) * (len(shape) - 1)).astype(np.float32)))
+    if quantized_weights:
+        w = _seven_bit_weights(w)
     conv = ops.group_convolution if kind == "depthwise" else ops.convolution
     return ops.relu(conv(x, w, [2, 2], [0, 0], [0, 0], [1, 1]))
 
@@ -240,8 +246,8 @@ def test_calibration_runs_padded_convolutions_on_signed_inputs_in_int8(tmp_path)
 
 def _pointwise(channels: int, strides, spatial=(32, 32), pads=0, kernel=1, quantized=True):
     """A float model: a 3x3 convolution, ReLU, then a pointwise (``kernel``) convolution with ``strides`` reading
-    ``channels`` channels, with int8 weights on the 7-bit grid (exact also on CPUs whose INT8 kernels saturate)
-    when ``quantized``, behind an unsigned per-tensor quantizer."""
+    ``channels`` channels, with :func:`_seven_bit_weights` behind an unsigned per-tensor quantizer when
+    ``quantized``."""
     import openvino.opset13 as ops
 
     rng = np.random.default_rng(channels)
@@ -252,13 +258,20 @@ def _pointwise(channels: int, strides, spatial=(32, 32), pads=0, kernel=1, quant
     w = rng.normal(size=(16, channels, *[kernel] * rank)).astype(np.float32)
     if quantized:
         x = ops.fake_quantize(x, np.float32(0), np.float32(4), np.float32(0), np.float32(4), 256)
-        scale = np.abs(w).reshape(16, -1).max(1) / 63
-        q = np.round(w / scale.reshape((-1,) + (1,) * (rank + 1))).astype(np.int8)
-        w = ops.multiply(ops.convert(ops.constant(q), "f32"),
-                         ops.constant(scale.reshape((-1,) + (1,) * (rank + 1)).astype(np.float32)))
+        w = _seven_bit_weights(w)
     y = ops.convolution(x, w, list(strides), [pads] * rank, [pads] * rank, [1] * rank)
     y.output(0).get_tensor().set_names({"y"})
     return ov.Model([y], [p])
+
+
+def _assert_int8_and_same_as_one_thread(model, x, int8: dict) -> None:
+    """The compiled ``model`` runs ``int8`` (:func:`int8_layers`) and returns on each of 5 calls what a one-thread
+    compile of it returns."""
+    one_thread = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": 1})({0: x})[0]
+    compiled = ov.Core().compile_model(model, "CPU")
+    assert int8_layers(compiled) == int8
+    for _ in range(5):
+        np.testing.assert_array_equal(compiled({0: x})[0], one_thread)
 
 
 @pytest.mark.parametrize("channels, strides, spatial", [
@@ -280,11 +293,8 @@ def test_strided_pointwise_int8_convolutions_compute_the_same_on_every_call(chan
     model.validate_nodes_and_infer_types()
     assert [op.get_type_name() for op in model.get_ordered_ops()].count("StridedSlice") == 1
     assert rel_error(run_openvino(model, {"x": x}, exact=True)["y"], exact["y"]) < 1e-6
-    one_thread = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": 1})({0: x})[0]
-    compiled = ov.Core().compile_model(model, "CPU")
-    assert int8_layers(compiled) == {"int8": 1, "total": 2}  # the pointwise one: the first reads a float input
-    for _ in range(5):
-        np.testing.assert_array_equal(compiled({0: x})[0], one_thread)
+    # the pointwise one runs INT8: the first convolution reads a float input
+    _assert_int8_and_same_as_one_thread(model, x, {"int8": 1, "total": 2})
 
 
 @pytest.mark.parametrize("kw", [dict(channels=16, strides=(2, 2)), dict(channels=12, strides=(2, 2)),
@@ -306,8 +316,4 @@ def test_calibrated_irs_get_the_rewrite():
     x = np.random.default_rng(2).uniform(0, 1, (64, 3, 32, 32)).astype(np.float32)
     q = calibrate(model, x[:32], verbose=False)
     assert [op.get_type_name() for op in q.get_ordered_ops()].count("StridedSlice") == 1
-    one_thread = ov.Core().compile_model(q, "CPU", {"INFERENCE_NUM_THREADS": 1})({0: x})[0]
-    compiled = ov.Core().compile_model(q, "CPU")
-    assert int8_layers(compiled) == {"int8": 2, "total": 2}
-    for _ in range(5):
-        np.testing.assert_array_equal(compiled({0: x})[0], one_thread)
+    _assert_int8_and_same_as_one_thread(q, x, {"int8": 2, "total": 2})
