@@ -296,6 +296,19 @@ def _attention(layer, base, ins, out):
     return lambda call: kinds.Attention(call) if kinds.attention_roles(call) else kinds.BLOCKER(call)
 
 
+def _time_distributed(layer, base, ins, out):
+    """The wrapped layer's rule for one time step's shapes: (batch, time, ...) without the time axis."""
+    if _overrides_call(layer, base) or len(ins) != 1:
+        return kinds.BLOCKER
+    step_ins, step_out = [(s[0], *s[2:]) for s in ins], (out[0], *out[2:])
+    step = layer_kind(layer.layer, step_ins, step_out)
+
+    def kind(call):
+        inner = dataclasses.replace(call, layer=layer.layer, in_shapes=step_ins, out_shape=step_out)
+        return kinds.TimeDistributed(step(inner), layer, out[1] or 1)
+    return kind
+
+
 # Keras layer classes -> their rule; a subclass without an entry of its own matches its nearest base's.
 KERAS_LAYERS: list[tuple[tuple[type, ...], LayerRuleFn]] = [
     ((_L.SeparableConv1D, _L.SeparableConv2D), _plain(kinds.SeparableConv)),
@@ -324,6 +337,7 @@ KERAS_LAYERS: list[tuple[tuple[type, ...], LayerRuleFn]] = [
     ((_L.MultiHeadAttention,), _attention),
     ((_L.Permute,), _permute),
     ((_L.Resizing,), _resizing),
+    ((_L.TimeDistributed,), _time_distributed),
 ]
 
 

@@ -174,6 +174,11 @@ class LayerKind(ops.TableOp):
         the channels ``out_keep``: as they are, unless the call itself holds per-channel constants."""
         return args, kwargs
 
+    def wrap(self, layer: Any, path: str) -> Any:
+        """The layer the rebuilt model calls, given the rebuilt ``layer`` (the one this kind describes): itself,
+        unless the call wraps the layer (:class:`TimeDistributed`)."""
+        return layer
+
 
 KindFactory = Callable[[LayerCall], LayerKind]
 
@@ -705,3 +710,36 @@ def per_channel(v: Any, width: int) -> bool:
 
 class OpReshape(_TargetShape, LayerKind):
     """``keras.ops.reshape`` keeping the channel axis: its target shape follows the kept channel count."""
+
+
+class TimeDistributed:
+    """A ``TimeDistributed`` call: the wrapped layer applied to every time step of a (batch, time, ...) tensor.
+
+    The wrapped layer's own kind, for a call on one step's shapes (batch, ...), answers everything: the channel
+    rule, constants, folding, the weights pruning zeroes and the config and weights of the layer rebuilt with
+    fewer channels (:attr:`layer` is the wrapped layer, so QAT and compensation read its weights directly).
+    The wrapper adds only the time axis: every step costs the wrapped layer's MACs, and the rebuilt layer is
+    wrapped again (:meth:`wrap`). Anything else is looked up on :attr:`step`.
+    """
+
+    def __init__(self, step: LayerKind, wrapper: keras.layers.Layer, steps: int) -> None:
+        self.step = step
+        self.wrapper = wrapper
+        self.steps = steps
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "step":  # not set yet (copying): no recursion
+            raise AttributeError(name)
+        return getattr(self.step, name)
+
+    def macs(self, in_counts: list[int], out_count: int) -> float:
+        return self.steps * self.step.macs(in_counts, out_count)
+
+    def wrap(self, layer: Any, path: str) -> Any:
+        layer = self.step.wrap(layer, path)
+        if layer is self.wrapper.layer:  # the wrapped layer as it was (it could not be re-created): share both
+            return self.wrapper
+        cfg = {k: v for k, v in self.wrapper.get_config().items() if k != "layer"}
+        if "/" in path:  # a nested model's layer, inlined: a unique name
+            cfg["name"] = path.replace("/", "_")
+        return keras.layers.TimeDistributed(layer, **cfg)

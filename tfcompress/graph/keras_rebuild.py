@@ -48,7 +48,9 @@ def rebuild(kg: KerasGraph, make_layer: MakeLayer, rewrite_args: RewriteArgs | N
 
     Args:
         make_layer: called once per layer (shared layers once), returns the new layer and the weights to set
-            once it is built (``None``: keep what it has; a shorter list: its first weights).
+            once it is built (``None``: keep what it has; a shorter list: its first weights). The layer is the
+            one the record's kind describes: for a ``TimeDistributed`` call the wrapped layer, which the kind
+            then wraps again (``kind.wrap``).
         rewrite_args: called before every layer call with the new input tensors; returns the arguments to use
             (e.g. with quantizers inserted).
     """
@@ -65,6 +67,7 @@ def rebuild(kg: KerasGraph, make_layer: MakeLayer, rewrite_args: RewriteArgs | N
             continue
         if rec.op.layer not in layers:
             layer, weights = make_layer(rec)
+            layer = rec.kind.wrap(layer, rec.op.layer)
             layers[rec.op.layer] = layer
             if weights is not None:
                 pending.append((layer, weights))

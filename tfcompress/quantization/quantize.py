@@ -103,7 +103,8 @@ def quantize_model(
     if overflow_fix not in OVERFLOW_FIX:
         raise ValueError(f"unknown overflow_fix {overflow_fix!r}; choose one of {list(OVERFLOW_FIX)}")
     kg = build_graph(model)
-    done = [path for path, layer in kg.layers.items() if isinstance(layer, (ActivationQuantizer, Q._QuantizedKernel))]
+    done = [rec.op.layer for rec in kg.records
+            if isinstance(rec.kind.layer, (ActivationQuantizer, Q._QuantizedKernel))]
     if done:
         raise ValueError(f"model {model.name!r} is already quantization-aware (it has {', '.join(done[:3])}"
                          f"{' ...' if len(done) > 3 else ''}); quantize the float model it was made from")
