@@ -364,16 +364,21 @@ def _tile(g: GraphDefGraph, node):
 
 @register("StridedSlice")
 def _strided_slice(g: GraphDefGraph, node):
-    """Cropping: a slice of the spatial axes that keeps every channel, however many there are."""
+    """A slice of the other axes that keeps every channel, however many there are: cropping, or one index of
+    an axis that it drops (``shrink_axis_mask``: Keras' TimeDistributed takes each time step so)."""
     rank = len(g.shape(node.input[0]))
-    if not rank or len(g.shape(node.name)) != rank or not all(g.is_const(i) for i in node.input[1:4]):
+    shrink = kinds.attr(node, "shrink_axis_mask").i
+    dropped = bin(shrink).count("1")
+    if not rank or len(g.shape(node.name)) != rank - dropped or not all(g.is_const(i) for i in node.input[1:4]):
         return None
-    if any(kinds.attr(node, m).i for m in ("ellipsis_mask", "new_axis_mask", "shrink_axis_mask")):
+    if any(kinds.attr(node, m).i for m in ("ellipsis_mask", "new_axis_mask")):
         return None
     begin, end, strides = (np.atleast_1d(g.const(i)) for i in node.input[1:4])
     axis = rank - 1
     if axis >= begin.size:
         return NodeKind(node, g)
+    if shrink >> axis & 1:
+        return None
     whole_start = kinds.attr(node, "begin_mask").i >> axis & 1 or begin[axis] == 0
     whole_end = kinds.attr(node, "end_mask").i >> axis & 1 or end[axis] >= g.width(node.input[0])
     return NodeKind(node, g) if whole_start and whole_end and strides[axis] == 1 else None
@@ -381,7 +386,24 @@ def _strided_slice(g: GraphDefGraph, node):
 
 @register("Transpose")
 def _transpose(g: GraphDefGraph, node):
-    return NodeKind(node, g) if _is_identity_transpose(g, node) else None
+    """A permutation of the other axes (Keras' ``Permute`` of them, TimeDistributed's swap of the batch and
+    time axes): the channel axis stays last, each channel whole."""
+    rank = len(g.shape(node.input[0]) or ())
+    if not rank or not g.is_const(node.input[1]):
+        return None
+    perm = np.atleast_1d(g.const(node.input[1]))
+    return NodeKind(node, g) if perm.size == rank and int(perm[-1]) % rank == rank - 1 else None
+
+
+@register("Pack")
+def _pack(g: GraphDefGraph, node):
+    """Tensors stacked along a new axis before the channel axis (TimeDistributed's time steps): like a
+    concatenation along a spatial axis, the inputs' channels line up."""
+    rank = len(g.shape(node.name))
+    axis = kinds.attr(node, "axis").i
+    if rank < 2 or axis % rank == rank - 1:
+        return None
+    return NodeKind(node, g, "stack_spatial", slice(None))
 
 
 def _is_identity_transpose(g: GraphDefGraph, node) -> bool:
