@@ -392,7 +392,7 @@ def restore_weight_quantization(model) -> int:
     constants whose values are exactly ``q * scale`` with ``q`` in [-127, 127] (or [-63, 63] with the overflow
     fix). Storing ``q`` as int8 with its scale gives identical outputs and lets OpenVINO's low-precision
     transformations run the layer in INT8.
-    Returns the number of weights restored.
+    Returns the number of layers whose weights it restored.
     """
     from onnx import helper, numpy_helper
 
@@ -401,25 +401,26 @@ def restore_weight_quantization(model) -> int:
     for n in model.graph.node:
         for i in n.input:
             users[i] = users.get(i, 0) + 1
-    restored = 0
-    new_nodes = []
+    # weight initializer -> the output-channel axis every layer reading it gives it (None: they disagree); a
+    # weight read by several layers (a TimeDistributed or shared layer, one initializer per distinct value
+    # after tf2onnx) is restored once for all of them
+    readers: dict[str, list] = {}
+    axes: dict[str, int | None] = {}
     for node in model.graph.node:
         if node.op_type not in ("Conv", "ConvTranspose", "MatMul", "Gemm") or len(node.input) < 2:
             continue
         name = node.input[1]
-        if name not in inits or users.get(name, 0) != 1:
+        if name not in inits:
             continue
-        w = numpy_helper.to_array(inits[name]).astype(np.float64)
-        if node.op_type == "Conv":
-            axis = 0
-        elif node.op_type == "ConvTranspose":  # weights (in, out / group, ...): output channels on axis 1
-            axis = 1
-        elif node.op_type == "Gemm":
-            trans_b = any(a.name == "transB" and a.i for a in node.attribute)
-            axis = 0 if trans_b else 1
-        else:
-            axis = w.ndim - 1
-        q, scale = on_int8_grid(w, axis)
+        axis = _weight_axis(node, len(inits[name].dims))
+        readers.setdefault(name, []).append(node)
+        axes[name] = axis if axes.get(name, axis) == axis else None
+    restored = 0
+    new_nodes = []
+    for name, nodes in readers.items():
+        if users.get(name, 0) != len(nodes) or axes[name] is None:  # read as something else too
+            continue
+        q, scale = on_int8_grid(numpy_helper.to_array(inits[name]).astype(np.float64), axes[name])
         if q is None:
             continue
         base = name.replace(":", "_")
@@ -431,14 +432,26 @@ def restore_weight_quantization(model) -> int:
         deq_out = base + "_dequantized"
         new_nodes.append(helper.make_node(
             "DequantizeLinear", [q_init.name, s_init.name, z_init.name], [deq_out],
-            name=base + "_DequantizeLinear", axis=axis))
-        node.input[1] = deq_out
-        restored += 1
+            name=base + "_DequantizeLinear", axis=axes[name]))
+        for node in nodes:
+            node.input[1] = deq_out
+        restored += len(nodes)
     if new_nodes:
         nodes = list(new_nodes) + list(model.graph.node)
         del model.graph.node[:]
         model.graph.node.extend(nodes)
     return restored
+
+
+def _weight_axis(node, rank: int) -> int:
+    """The axis of the output channels of a Conv / ConvTranspose / MatMul / Gemm node's weight input."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":  # weights (in, out / group, ...): output channels on axis 1
+        return 1
+    if node.op_type == "Gemm":
+        return 0 if any(a.name == "transB" and a.i for a in node.attribute) else 1
+    return rank - 1
 
 
 # ops that only rearrange a tensor's values: they commute with a per-tensor (de)quantization
