@@ -9,6 +9,7 @@ input and output names. The source directory is never modified; the destination 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import keyword
 import os
 import re
@@ -277,17 +278,23 @@ def save_graph_def(frozen: FrozenSignature, graph_def: tf.compat.v1.GraphDef, ds
     graph_def = _without_placeholders(graph_def)
     # weights become variables, stored once in variables/ and shared by every signature's function
     # (as graph constants they would be copied into each function of saved_model.pb)
+    # (a weight that freezing copied for every call of its layer, e.g. each time step of a TimeDistributed
+    # layer, is stored once)
     module = tf.Module()
     module.weights = []
     weight_map = {}
+    by_value = {}
     for n in graph_def.node:
         if _stored_as_variable(n):
-            value = tf.make_ndarray(n.attr["value"].tensor)
-            v = tf.Variable(value, trainable=False, name=f"w{len(module.weights)}")
-            module.weights.append(v)
-            weight_map[n.name + ":0"] = v
+            key = _value_key(n)
+            if key not in by_value:
+                value = tf.make_ndarray(n.attr["value"].tensor)
+                by_value[key] = tf.Variable(value, trainable=False, name=f"w{len(module.weights)}")
+                module.weights.append(by_value[key])
+            weight_map[n.name + ":0"] = by_value[key]
             # every reader is re-wired to the variable: leave a scalar stub, not a second copy
-            n.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(np.zeros((), value.dtype)))
+            dtype = tf.as_dtype(n.attr["dtype"].type).as_numpy_dtype
+            n.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(np.zeros((), dtype)))
 
     def body(args):
         feeds = {frozen.inputs[n]: a for n, a in zip(names, args)}
@@ -319,10 +326,29 @@ def _stored_as_variable(node) -> bool:
             and np.prod([d.size for d in node.attr["value"].tensor.tensor_shape.dim]) >= 16)
 
 
+def _value_key(node) -> bytes:
+    """A digest of a Const node's dtype, shape and value: equal for the copies freezing makes of one weight."""
+    return hashlib.sha256(node.attr["value"].tensor.SerializeToString(deterministic=True)).digest()
+
+
+def _distinct_float_constants(graph_def) -> list:
+    """The float Const nodes of ``graph_def``, one per distinct value (a weight read by several calls of its layer
+    is frozen into one constant per call)."""
+    seen, out = set(), []
+    for n in graph_def.node:
+        if n.op == "Const" and tf.as_dtype(n.attr["dtype"].type).is_floating:
+            key = _value_key(n)
+            if key not in seen:
+                seen.add(key)
+                out.append(n)
+    return out
+
+
 def variable_bytes(graph_def) -> int:
-    """Bytes of the values :func:`save_graph_def` stores in ``variables/`` (its weights, unpadded)."""
+    """Bytes of the values :func:`save_graph_def` stores in ``variables/`` (its weights, unpadded, each once)."""
     return int(sum(np.prod([d.size for d in n.attr["value"].tensor.tensor_shape.dim], dtype=np.int64)
-                   * tf.as_dtype(n.attr["dtype"].type).size for n in graph_def.node if _stored_as_variable(n)))
+                   * tf.as_dtype(n.attr["dtype"].type).size for n in _distinct_float_constants(graph_def)
+                   if _stored_as_variable(n)))
 
 
 def _save_graph_def_v1(frozen: FrozenSignature, graph_def: tf.compat.v1.GraphDef, dst_dir: str) -> None:
@@ -394,11 +420,9 @@ def sample_inputs(specs: dict[str, tf.TensorSpec], batch: int = 2, seed: int = 0
 
 
 def _params(graph_def) -> int:
-    total = 0
-    for n in graph_def.node:
-        if n.op == "Const" and tf.as_dtype(n.attr["dtype"].type).is_floating:
-            total += int(np.prod([d.size for d in n.attr["value"].tensor.tensor_shape.dim]))
-    return total
+    """Values of the float constants, each distinct constant once."""
+    return sum(int(np.prod([d.size for d in n.attr["value"].tensor.tensor_shape.dim]))
+               for n in _distinct_float_constants(graph_def))
 
 
 def strip_saved_model(
