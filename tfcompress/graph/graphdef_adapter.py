@@ -64,7 +64,9 @@ class GraphDefGraph:
         with g.as_default():
             tf.import_graph_def(graph_def, name="")
         self._shapes = {}
+        n_outputs = {}
         for op in g.get_operations():
+            n_outputs[op.name] = len(op.outputs)
             for k, t in enumerate(op.outputs):
                 try:
                     self._shapes[f"{op.name}:{k}"] = tuple(t.shape.as_list())
@@ -85,7 +87,7 @@ class GraphDefGraph:
             kind = self._kind(node)
             self.kinds[name] = kind
             ins = [self._tensor_id(i) for i in kind.data_inputs()]
-            n_out = max(1, sum(1 for t in self._shapes if t.startswith(name + ":")))
+            n_out = max(1, n_outputs.get(name, 0))
             outs = [self._tensor_id(f"{name}:{k}") for k in range(n_out)]
             graph_ops.append(Op(name, kind.rule, ins, outs, channels=kind.channels() if kind.rule in (
                 Rule.PRODUCER, Rule.DEPTHWISE, Rule.FLATTEN) else 0, blocks=kind.blocks(),

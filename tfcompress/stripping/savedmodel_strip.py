@@ -16,7 +16,7 @@ import re
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+from tensorflow.python.framework import convert_to_constants
 
 from tfcompress.errors import ExportError
 from tfcompress.graph.engine import Rule
@@ -194,23 +194,49 @@ def _missing_signature(src_dir, key, available) -> ExportError:
            "export it with model.export(dir) or tf.saved_model.save(obj, dir, signatures=...)"))
 
 
+def _constant_graph(fn, lower_control_flow: bool = True) -> tuple:
+    """``fn``'s graph with its variables as constants, cut to what its outputs read: (graph_def, input tensor
+    names, output tensor names), as ``convert_variables_to_constants_v2`` gives them.
+
+    That function also wraps the graph into a new ConcreteFunction (import, prune, lift), which takes longer
+    than the conversion itself on a large graph and is not needed here: the graph is cut to its outputs
+    directly, and the read ops' colocation with their variables dropped as that wrapping drops it.
+    TensorFlow versions without the two internal steps take the public function."""
+    try:
+        data = convert_to_constants._FunctionConverterDataInEager(
+            func=fn, lower_control_flow=lower_control_flow, aggressive_inlining=False)
+        graph_def, converted = convert_to_constants._replace_variables_by_constants(converter_data=data)
+    except AttributeError:
+        frozen = convert_to_constants.convert_variables_to_constants_v2(fn, lower_control_flow=lower_control_flow)
+        return frozen.graph.as_graph_def(), [t.name for t in frozen.inputs], [t.name for t in frozen.outputs]
+    with tf.Graph().as_default():  # an op that still needs a variable (a signature that assigns one, e.g. a
+        tf.import_graph_def(graph_def, name="")  # layer traced in training mode) fails here, as when wrapped
+    captured = {id(fn.graph.internal_captures[k]) for k in converted}
+    inputs = [t.name for t in fn.inputs if id(t) not in captured]
+    outputs = [t.name for t in fn.outputs]
+    keep = sorted({t.split(":")[0] for t in inputs + outputs})  # an input no output reads stays an input
+    graph_def = tf.compat.v1.graph_util.extract_sub_graph(graph_def, keep)
+    for node in graph_def.node:  # colocation with the variables, now constants: nothing to colocate with
+        if "_class" in node.attr:
+            del node.attr["_class"]
+    return graph_def, inputs, outputs
+
+
 def _freeze_v2(loaded, src_dir: str, key: str):
     sigs = dict(loaded.signatures)
     if key not in sigs:
         raise _missing_signature(src_dir, key, sigs)
     fn = sigs[key]
     specs = dict(fn.structured_input_signature[1])
-    frozen = convert_variables_to_constants_v2(fn)
-    graph_def = frozen.graph.as_graph_def()
+    graph_def, input_names, output_names = _constant_graph(fn)
     if has_cycle(graph_def):
         # lowered control flow (an RNN's loop) is a cycle of Enter/Merge/NextIteration nodes; kept functional,
         # the loop is one While node whose body is a library function
-        frozen = convert_variables_to_constants_v2(fn, lower_control_flow=False)
-        graph_def = frozen.graph.as_graph_def()
+        graph_def, input_names, output_names = _constant_graph(fn, lower_control_flow=False)
     # the frozen function's inputs are its placeholders and its outputs the flattened structured outputs,
     # both in tf.nest order (dict keys sorted)
-    inputs = dict(zip(sorted(specs), [t.name for t in frozen.inputs]))
-    outputs = dict(zip(sorted(fn.structured_outputs), [t.name for t in frozen.outputs]))
+    inputs = dict(zip(sorted(specs), input_names))
+    outputs = dict(zip(sorted(fn.structured_outputs), output_names))
     same = [
         k for k, f in sigs.items() if k != key
         and f.structured_input_signature == fn.structured_input_signature
