@@ -192,6 +192,21 @@ def test_freezing_failure_is_an_export_error(tmp_path):
     assert not (tmp_path / "dst").exists()
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_parameters_count_every_layer_and_a_shared_weight_once(shared, tmp_path, rng):
+    """Untrained convolutions have equal zero biases: each counts. A layer called twice (its bias random too) is
+    frozen into two copies of its weights: they count once, as Keras counts the layer."""
+    inp = keras.Input((8, 8, 3))
+    bias = "random_normal" if shared else "zeros"
+    convs = [L.Conv2D(3, 3, padding="same", bias_initializer=bias) for _ in range(3)]
+    x = convs[0](inp)
+    x = convs[1](convs[1](x)) if shared else convs[2](convs[1](x))
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(x)))
+    model.export(str(tmp_path / "src"), verbose=False)
+    result = strip_saved_model(str(tmp_path / "src"), str(tmp_path / "dst"))
+    assert result.params_before == result.params_after == model.count_params()
+
+
 def test_an_op_type_has_one_rule():
     assert KINDS["Conv2DBackpropInput"] is KINDS["Conv2D"]
     with pytest.raises(ValueError, match="'Conv2D' already has a channel rule"):

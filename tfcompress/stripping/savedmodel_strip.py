@@ -446,9 +446,24 @@ def sample_inputs(specs: dict[str, tf.TensorSpec], batch: int = 2, seed: int = 0
 
 
 def _params(graph_def) -> int:
-    """Values of the float constants, each distinct constant once."""
-    return sum(int(np.prod([d.size for d in n.attr["value"].tensor.tensor_shape.dim]))
-               for n in _distinct_float_constants(graph_def))
+    """Values of the float constants. Equal copies of a non-uniform constant count once: freezing copies a
+    weight once for every call of its layer (each time step of a ``TimeDistributed`` layer, a shared layer),
+    and two different trained or random weights are never equal. Uniform constants (an untrained layer's zero
+    bias, a fresh BatchNormalization's scale) count every time: different layers have equal ones."""
+    seen, total = set(), 0
+    for n in graph_def.node:
+        if n.op != "Const" or not tf.as_dtype(n.attr["dtype"].type).is_floating:
+            continue
+        size = int(np.prod([d.size for d in n.attr["value"].tensor.tensor_shape.dim]))
+        if size > 1:
+            value = tf.make_ndarray(n.attr["value"].tensor)
+            if value.min() != value.max():
+                key = _value_key(n)
+                if key in seen:
+                    continue
+                seen.add(key)
+        total += size
+    return total
 
 
 def strip_saved_model(
