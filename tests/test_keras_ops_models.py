@@ -53,7 +53,8 @@ def test_ops_nodes_join_and_pass_channels():
 
 @pytest.mark.parametrize("blocker", [
     lambda t: ops.softmax(t, axis=-1),  # mixes channels
-    lambda t: t[..., :4] * 2.0,  # slices channels
+    lambda t: t[..., ::2] * 2.0,  # takes every other channel
+    lambda t: ops.expand_dims(t[..., 3], -1),  # drops the channel axis
     lambda t: t + ops.ones((6, 6, 8)),  # a constant array that varies over positions
     lambda t: t * ops.mean(t, axis=-1, keepdims=True),  # broadcast over the channel axis
     lambda t: ops.transpose(t, (0, 3, 1, 2)),
@@ -66,6 +67,51 @@ def test_other_ops_block_without_crashing(blocker, rng):
     model = keras.Model(inp, L.Flatten()(y))
     assert ("a",) not in {g.layers for g in tfcompress.channel_groups(model)}
     x = rng.normal(size=(2, 6, 6, 3)).astype("float32")
+    assert rel_error(tfcompress.strip(model)(x), model(x)) < TOL
+
+
+def sliced_model():
+    """Channel ranges taken with ``split`` and ``x[..., a:b]`` across a concatenation: the cuts fall inside the
+    spaces of ``a`` (at 10 and 12) and ``b`` (at 4), and a range across the a|b border is added to ``c``."""
+    inp = keras.Input((8, 8, 3))
+    a = L.Conv2D(16, 3, padding="same", name="a")(inp)
+    b = L.Conv2D(8, 3, padding="same", name="b")(inp)
+    cat = ops.concatenate([a, b], axis=-1)  # a | b: 24 channels
+    left, right = ops.split(cat, [10], axis=-1)  # a[:10]; a[10:] | b
+    joined = ops.relu(cat[..., 12:20] + L.Conv2D(8, 1, name="c")(left))  # a[12:] | b[:4], joined with c
+    top, bottom = ops.split(joined[:, 1:-1], 2, axis=1)  # along the rows: every channel in each
+    y = L.Dense(4, name="head")(ops.concatenate([right[:, 1:4], top + bottom * 0.5], axis=-1)[:, -1])  # a row
+    return keras.Model(inp, L.Flatten()(y))
+
+
+def test_channel_ranges_split_their_groups(rng, tmp_path):
+    """A range of channels is what it takes of the spaces it reads: the spaces are cut at its ends into groups
+    of their own; stripping is exact and moves the ranges to the channels kept."""
+    model = sliced_model()
+    groups = {(g.layers, g.size) for g in tfcompress.channel_groups(model)}
+    assert groups == {(("a",), 10), (("a",), 2), (("a", "c"), 4), (("b", "c"), 4), (("b",), 4)}
+    randomize_biases(model, rng)
+    groups = _zero_quarter(model, rng)
+    x = rng.normal(size=(3, 8, 8, 3)).astype("float32")
+    stripped = tfcompress.strip(model)
+    assert rel_error(stripped(x), model(x)) < TOL
+    assert stripped.get_layer("a").filters < 16 and stripped.get_layer("c").filters < 8
+    assert stripped.get_layer("head").kernel.shape[0] < 22
+    stripped.save(tmp_path / "s.keras")
+    np.testing.assert_array_equal(keras.saving.load_model(tmp_path / "s.keras")(x), stripped(x))
+
+
+@pytest.mark.parametrize("layer, blocked", [
+    (lambda: L.DepthwiseConv2D(1, depth_multiplier=2, name="g"), ("a",)),  # a range of repeated channels
+    (lambda: L.Conv2D(8, 1, groups=2, name="g"), ("g",)),  # a range across a grouped convolution's blocks
+])
+def test_channel_range_of_repeated_or_grouped_channels_blocks(layer, blocked, rng):
+    inp = keras.Input((6, 6, 8))
+    a = L.Conv2D(8, 1, name="a")(inp)
+    y = L.Conv2D(4, 1, name="b")(layer()(a)[..., 3:11])
+    model = keras.Model(inp, L.Flatten()(y))
+    assert "takes a range of them" in {g.layers: g.reason for g in tfcompress.explain(model)}[blocked]
+    x = rng.normal(size=(2, 6, 6, 8)).astype("float32")
     assert rel_error(tfcompress.strip(model)(x), model(x)) < TOL
 
 

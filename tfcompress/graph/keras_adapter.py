@@ -125,6 +125,52 @@ def _op_concat(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> 
     return _concat_kind(int(op.get_config().get("axis", 0)), rank)
 
 
+def _integer(k: Any) -> bool:
+    return isinstance(k, (int, np.integer)) and not isinstance(k, bool)
+
+
+def _expand_key(key: Any, rank: int) -> tuple | None:
+    """``key`` of ``x[key]`` on a rank-``rank`` tensor as one integer or slice per axis (``...`` and missing
+    trailing axes as full slices); None for new axes, arrays, tensors or a key longer than the rank."""
+    key = list(key) if isinstance(key, tuple) else [key]
+    if key.count(Ellipsis) > 1 or not all(k is Ellipsis or isinstance(k, slice) or _integer(k) for k in key):
+        return None
+    if Ellipsis in key:
+        i = key.index(Ellipsis)
+        key[i:i + 1] = [slice(None)] * (rank - len(key) + 1)
+    if len(key) > rank or any(isinstance(k, slice) and not all(v is None or _integer(v) for v in
+                                                               (k.start, k.stop, k.step)) for k in key):
+        return None
+    return tuple(key) + (slice(None),) * (rank - len(key))
+
+
+def _op_getitem(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> KindFactory:
+    """``x[key]``: positions picked along other axes pass the channels; a step-1 range of the channel axis is a
+    channel slice; an index that drops the channel axis, a step or a new axis blocks."""
+    width = in_shapes[0][-1]
+    key = _expand_key(node.arguments.args[1], len(in_shapes[0])) if len(node.arguments.args) == 2 else None
+    if key is None or width is None or not isinstance(key[-1], slice):
+        return kinds.BLOCKER
+    a, b, step = key[-1].indices(width)
+    if step != 1 or b <= a or out_shape[-1] != b - a:
+        return kinds.BLOCKER
+    return lambda call: kinds.ItemSlice(call, key, [(a, b)])
+
+
+def _op_split(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> KindFactory:
+    """``keras.ops.split``: along the channels, consecutive channel ranges; along another axis, every output
+    carries all the channels."""
+    cfg, rank, width = op.get_config(), len(in_shapes[0]), in_shapes[0][-1]
+    widths = [int(t.shape[-1]) if t.shape[-1] is not None else None for t in node.outputs]
+    if width is None or None in widths:
+        return kinds.BLOCKER
+    along = int(cfg.get("axis", 0)) % rank == rank - 1
+    if not along:
+        return lambda call: kinds.SplitSlice(call, [(0, width)] * len(widths), False)
+    edges = np.cumsum([0] + widths).tolist()
+    return lambda call: kinds.SplitSlice(call, list(zip(edges, edges[1:])), True)
+
+
 def _concat_kind(axis: int, rank: int) -> KindFactory:
     """Along channels: a concat; along a spatial axis: a join that keeps channels aligned."""
     return table_kind("concat" if axis % rank == rank - 1 else "stack_spatial")
@@ -138,7 +184,10 @@ KERAS_OPS: dict[str, Callable[..., KindFactory]] = {
     **{name: _op_pool for name in ("AveragePool", "MaxPool")},
     **{name: _op_reshape for name in ("Reshape", "ExpandDims", "Squeeze")},
     "Concatenate": _op_concat,
+    "GetItem": _op_getitem,
+    "Split": _op_split,
 }
+_SEVERAL_OUTPUTS = {"Split"}  # keras.ops nodes whose rule describes several outputs
 
 
 def op_kind(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> KindFactory:
@@ -341,7 +390,7 @@ def layer_kind(layer: keras.layers.Layer, in_shapes: list[tuple], out_shape: tup
 
 
 def _kind_of(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> KindFactory:
-    if len(node.outputs) != 1:
+    if len(node.outputs) != 1 and type(op).__name__ not in _SEVERAL_OUTPUTS:
         return kinds.BLOCKER
     if not isinstance(op, keras.layers.Layer):
         return op_kind(op, node, in_shapes, out_shape)
@@ -465,6 +514,7 @@ class KerasGraph:
                     semantics=kind,
                     reads_all_channels=kind.reads_all_channels,
                     mixes_outputs=kind.mixes_outputs,
+                    slices=kind.channel_slices(),
                 )
                 self.records.append(_Record(op, kind, node, {id(t): scope[id(t)] for t in node.input_tensors}))
         return [scope[id(t)] for t in fmodel.outputs]
