@@ -72,13 +72,15 @@ def test_other_ops_block_without_crashing(blocker, rng):
 
 def sliced_model():
     """Channel ranges taken with ``split`` and ``x[..., a:b]`` across a concatenation: the cuts fall inside the
-    spaces of ``a`` (at 10 and 12) and ``b`` (at 4), and a range across the a|b border is added to ``c``."""
+    spaces of ``a`` (at 5, 10 and 12) and ``b`` (at 4), and a range across the a|b border is added to ``c``."""
     inp = keras.Input((8, 8, 3))
     a = L.Conv2D(16, 3, padding="same", name="a")(inp)
     b = L.Conv2D(8, 3, padding="same", name="b")(inp)
     cat = ops.concatenate([a, b], axis=-1)  # a | b: 24 channels
     left, right = ops.split(cat, [10], axis=-1)  # a[:10]; a[10:] | b
-    joined = ops.relu(cat[..., 12:20] + L.Conv2D(8, 1, name="c")(left))  # a[12:] | b[:4], joined with c
+    p, q = ops.split(left, 2, axis=-1)  # a[:5]; a[5:10]: equal parts, until stripping
+    c = L.Conv2D(8, 1, name="c")(ops.concatenate([q, p], axis=-1))
+    joined = ops.relu(cat[..., 12:20] + c)  # a[12:] | b[:4], joined with c
     top, bottom = ops.split(joined[:, 1:-1], 2, axis=1)  # along the rows: every channel in each
     y = L.Dense(4, name="head")(ops.concatenate([right[:, 1:4], top + bottom * 0.5], axis=-1)[:, -1])  # a row
     return keras.Model(inp, L.Flatten()(y))
@@ -89,7 +91,7 @@ def test_channel_ranges_split_their_groups(rng, tmp_path):
     of their own; stripping is exact and moves the ranges to the channels kept."""
     model = sliced_model()
     groups = {(g.layers, g.size) for g in tfcompress.channel_groups(model)}
-    assert groups == {(("a",), 10), (("a",), 2), (("a", "c"), 4), (("b", "c"), 4), (("b",), 4)}
+    assert groups == {(("a",), 5), (("a",), 5), (("a",), 2), (("a", "c"), 4), (("b", "c"), 4), (("b",), 4)}
     randomize_biases(model, rng)
     groups = _zero_quarter(model, rng)
     x = rng.normal(size=(3, 8, 8, 3)).astype("float32")

@@ -169,10 +169,6 @@ class LayerKind(ops.TableOp):
         """The largest stride of the call (1 unless the layer strides over positions)."""
         return 1
 
-    def channel_slices(self) -> tuple[tuple[int, int], ...]:
-        """For a ``"slice"`` op, the ``(start, stop)`` input channels of each output."""
-        return ()
-
     def arguments(self, args: tuple, kwargs: dict, out_keep: np.ndarray,
                   in_keeps: list[np.ndarray]) -> tuple[tuple, dict]:
         """The call's arguments (with the new input tensors filled in) for the rebuilt call whose output keeps

@@ -369,6 +369,10 @@ class TableOp:
     def geometry(self) -> dict:
         return {}
 
+    def channel_slices(self) -> tuple[tuple[int, int], ...]:
+        """For a ``"slice"`` op, the ``(start, stop)`` input channels of each output."""
+        return ()
+
     def const_out(self, in_consts: list[np.ndarray]) -> list[np.ndarray]:
         out = const_out(self.op, in_consts, **self.params())
         return out if isinstance(out, list) else [out]
