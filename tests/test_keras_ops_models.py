@@ -117,6 +117,40 @@ def test_channel_range_of_repeated_or_grouped_channels_blocks(layer, blocked, rn
     assert rel_error(tfcompress.strip(model)(x), model(x)) < TOL
 
 
+def spatial_gate_model():
+    """CBAM-style spatial attention: a one-channel map (from channel statistics, a 7x7 convolution and a
+    sigmoid) multiplies every channel of the features, with a ``Multiply`` layer and with ``*``; a one-channel
+    map is also added (``Add`` of a (..., 1) tensor)."""
+    inp = keras.Input((8, 8, 3))
+    x = L.Conv2D(12, 3, padding="same", name="a")(inp)
+    stats = ops.concatenate([ops.mean(x, axis=-1, keepdims=True), ops.max(x, axis=-1, keepdims=True)], axis=-1)
+    gate = L.Conv2D(1, 7, padding="same", activation="sigmoid", name="gate")(stats)
+    y = L.Multiply()([L.Conv2D(10, 1, name="b0")(x), gate])
+    z = L.Conv2D(12, 3, padding="same", name="b")(y)
+    z = L.Add()([L.Conv2D(1, 1, name="bias_map")(inp), z]) * gate
+    return keras.Model(inp, L.Dense(3, name="head")(L.GlobalAveragePooling2D()(L.Conv2D(6, 1, name="c")(z))))
+
+
+def test_one_channel_broadcast_over_the_channels_passes_them(rng):
+    """``x * s`` and ``x + s`` with ``s`` of one channel: x's channels pass (a zero channel stays zero through
+    the product, becomes ``s`` through the sum, which the next layer cannot fold: kept); ``s`` is blocked."""
+    model = spatial_gate_model()
+    reasons = {g.layers: g.reason for g in tfcompress.explain(model)}
+    assert reasons[("b0",)] == reasons[("b",)] == reasons[("c",)] == ""
+    assert "mean" in reasons[("a",)]  # the channel statistics read every channel of a
+    assert "broadcasts" in reasons[("gate",)]
+    randomize_biases(model, rng)
+    groups = {g.layers: g for g in tfcompress.channel_groups(model)}
+    for name, idx in (("b0", [0, 3]), ("b", [0, 5, 7]), ("c", [1, 2])):
+        tfcompress.zero_channels(model, groups[(name,)], idx)
+    x = rng.normal(size=(3, 8, 8, 3)).astype("float32")
+    stripped = tfcompress.strip(model)
+    assert rel_error(stripped(x), model(x)) < TOL
+    assert stripped.get_layer("b0").filters == 8  # a zero channel times the gate is zero
+    assert stripped.get_layer("b").filters == 12  # after the broadcast sum, a zeroed channel of b is not 0
+    assert stripped.get_layer("c").filters == 4
+
+
 def test_strip_ops_model_is_exact_smaller_and_round_trips(rng, tmp_path):
     model = ops_model()
     randomize_batchnorm(model, rng)

@@ -371,8 +371,11 @@ class ChannelGraph:
                         tuple(dataclasses.replace(s, repeat=s.repeat * op.channels) for s in m.segments)
                     )
             elif op.rule is Rule.JOIN:
-                if len({m.width for m in ins}) == 1 and self._join(ins):
-                    out = ins[0]
+                wide, narrow = _broadcast_split(ins, self.tensor_width.get(op.outputs[0]))
+                if wide and (len(wide) == 1 or self._join(wide)):
+                    for m in narrow:
+                        self._block(m, f"{_label(op)} broadcasts them over the channels of its other inputs")
+                    out = wide[0]
                 else:
                     for m in ins:
                         self._block(m, f"{_label(op)} combines them with channels that do not line up")
@@ -486,6 +489,9 @@ class ChannelGraph:
                     consts[t] = previous[t]
                 continue
             ins = [consts[t] for t in op.inputs]
+            if op.rule is Rule.JOIN:  # a one-channel input is broadcast over the output's channels
+                width = self.tensor_width.get(op.outputs[0]) or 0
+                ins = [np.broadcast_to(c, (width,)) if c.size == 1 else c for c in ins]
             if op.semantics is not None:
                 outs = op.semantics.const_out(ins)
             elif op.rule is Rule.ELEMENTWISE:
@@ -595,6 +601,14 @@ def _sum_consts(ins: list[np.ndarray], width: int) -> np.ndarray:
     for c in ins:
         out = out + c
     return out
+
+
+def _broadcast_split(maps: list[ChannelMap], width: int | None) -> tuple[list[ChannelMap], list[ChannelMap]]:
+    """A join's inputs as those of the output's width and those of one channel broadcast over them (a spatial
+    gate ``x * s`` with ``s`` of shape (..., 1)); ([], []) if any input is neither."""
+    wide = [m for m in maps if m.width == width]
+    narrow = [m for m in maps if m.width == 1 and width != 1]
+    return (wide, narrow) if len(wide) + len(narrow) == len(maps) else ([], [])
 
 
 def _balance(mask: np.ndarray, blocks: int) -> np.ndarray:

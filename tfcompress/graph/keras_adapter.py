@@ -80,9 +80,15 @@ def _op_pointwise(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) 
     rank = len(out_shape)
     if not all(_is_scalar(v) or kinds.per_channel(v, out_shape[-1]) and np.ndim(v) <= rank for v in operands):
         return kinds.BLOCKER  # a constant array that varies over positions
-    if any(len(s) != rank or s[-1] != out_shape[-1] for s in in_shapes):
+    if not _channels_broadcast(in_shapes, out_shape):
         return kinds.BLOCKER  # broadcasting over the channel axis
     return lambda call: kinds.OpPointwise(call, _POINTWISE_OPS[type(op).__name__])
+
+
+def _channels_broadcast(in_shapes: list[tuple], out_shape: tuple) -> bool:
+    """Inputs of the output's rank whose channels are the output's, or one channel broadcast over them."""
+    return all(len(s) == len(out_shape) and s[-1] in (out_shape[-1], 1) for s in in_shapes) and any(
+        s[-1] == out_shape[-1] for s in in_shapes)
 
 
 def _axes(axis: Any, rank: int) -> set[int] | None:
@@ -285,7 +291,7 @@ def _rescaling(layer, base, ins, out):
 
 
 def _merge(layer, base, ins, out):
-    if any(len(s) != len(out) or s[-1] != out[-1] for s in ins):
+    if not _channels_broadcast(ins, out):
         return kinds.BLOCKER  # broadcasting over the channel axis
     return table_kind(_JOINS[base])
 
