@@ -278,9 +278,14 @@ def _rms_scaled(layer, base, ins, out):
 
 def _activation(layer, base, ins, out):
     if kinds.mixes_channels(layer.activation):
-        return kinds.BLOCKER
+        return kinds.ChannelMixing
     op, params = activation_op(layer.activation)
     return table_kind(op, lambda call: params)
+
+
+def _softmax(layer, base, ins, out):
+    axes = _axes(layer.axis, len(out))
+    return kinds.ChannelMixing if axes is None or len(out) - 1 in axes else table_kind("opaque")
 
 
 def _rescaling(layer, base, ins, out):
@@ -365,6 +370,7 @@ KERAS_LAYERS: list[tuple[tuple[type, ...], LayerRuleFn]] = [
     ((_L.ZeroPadding1D, _L.ZeroPadding2D, _L.ZeroPadding3D), _plain(table_kind("zero_pad"))),
     (_ELEMENTWISE, _plain(kinds.PASS)),
     ((_L.Activation,), _activation),
+    ((_L.Softmax,), _softmax),
     ((_L.ReLU,), _op("relu", lambda L: dict(negative_slope=float(L.negative_slope), max_value=L.max_value,
                                             threshold=float(L.threshold)))),
     ((_L.LeakyReLU,), _op("leaky_relu", lambda L: dict(negative_slope=float(L.negative_slope)))),

@@ -754,3 +754,17 @@ class SplitSlice(ChannelSlice):
         if self.along_channels:
             cfg["indices_or_sections"] = [b for _, b in self.kept_bounds(in_keeps[0])[:-1]]
         return cfg
+
+
+class ChannelMixing(LayerKind):
+    """A ``Softmax`` layer over the channel axis, or an ``Activation`` layer of a softmax: each output channel
+    depends on every input channel, so removing one changes the others (the channels reaching it are blocked,
+    with this reason)."""
+
+    op = "opaque"
+
+    @property
+    def mixes_outputs(self) -> str:
+        fn = getattr(self.layer, "activation", None)
+        name = getattr(keras.activations.get(fn), "__name__", "") if fn is not None else "softmax"
+        return f"the {name} of layer {self.layer.name!r} combines them"
