@@ -103,6 +103,26 @@ def test_channel_ranges_split_their_groups(rng, tmp_path):
     np.testing.assert_array_equal(keras.saving.load_model(tmp_path / "s.keras")(x), stripped(x))
 
 
+def test_gated_linear_units_prune_both_halves_together(rng):
+    """GLU ``a * sigmoid(b)`` with ``a, b`` the halves of one convolution (``split`` and slicing): channel j of the
+    group is filters j and j + C/2; FilterPruning zeroes them in pairs and stripping removes both, exactly."""
+    inp = keras.Input((16, 4))
+    a, b = ops.split(L.Conv1D(16, 3, padding="same", name="glu")(inp), 2, axis=-1)
+    x = L.Conv1D(12, 3, padding="same", name="glu2")(a * ops.sigmoid(b))
+    x = x[..., :6] * ops.sigmoid(x[..., 6:])
+    model = keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling1D()(L.Conv1D(8, 1, name="c")(x))))
+    assert {g.layers: g.size for g in tfcompress.channel_groups(model)} == {("glu",): 8, ("glu2",): 6, ("c",): 8}
+    x = rng.normal(size=(32, 16, 4)).astype("float32")
+    model.compile("adam", "mse")
+    pruner = tfcompress.pruning.FilterPruning(target=0.5, pruning_epochs=1, prune_first_conv=True)
+    model.fit(x, rng.normal(size=(32, 3)), epochs=2, batch_size=16, callbacks=[pruner], verbose=0)
+    zero = np.nonzero(np.abs(model.get_layer("glu").kernel.numpy()).sum(axis=(0, 1)) == 0)[0]
+    assert len(zero) == 8 and set(zero[zero < 8] + 8) == set(zero[zero >= 8])
+    stripped = tfcompress.strip(model)
+    assert rel_error(stripped(x), model(x)) < TOL
+    assert (stripped.get_layer("glu").filters, stripped.get_layer("glu2").filters) == (8, 6)
+
+
 @pytest.mark.parametrize("layer, blocked", [
     (lambda: L.DepthwiseConv2D(1, depth_multiplier=2, name="g"), ("a",)),  # a range of repeated channels
     (lambda: L.Conv2D(8, 1, groups=2, name="g"), ("g",)),  # a range across a grouped convolution's blocks
