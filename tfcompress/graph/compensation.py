@@ -116,11 +116,16 @@ def _consumers(kg: Any, group: ChannelGroup, chosen: np.ndarray) -> list[tuple[A
     return out
 
 
+def _input_structure(kg: Any) -> Any:
+    """The model's inputs as its data comes: one tensor, or with several inputs the model's own structure (a
+    dict of named inputs, a list) so that its data fits as it is."""
+    inputs = kg.model.inputs
+    return inputs[0] if len(inputs) == 1 else getattr(kg.model, "input", inputs)
+
+
 def _submodel(kg: Any, tensors: list[Any]) -> keras.Model:
     try:
-        inputs = kg.model.inputs
-        # several inputs: the model's own structure (a dict of named inputs) so that its data fits as it is
-        return keras.Model(inputs[0] if len(inputs) == 1 else getattr(kg.model, "input", inputs), tensors)
+        return keras.Model(_input_structure(kg), tensors)
     except Exception as e:  # nested sub-models: their inner tensors are not reachable from the outer inputs
         raise ValueError(
             f"cannot measure channel statistics inside model {kg.model.name!r} ({e}); compensation from data "
@@ -183,7 +188,7 @@ def consumer_means(kg: Any, consumers: list[tuple[Any, int, np.ndarray]], data: 
     fn = _submodel(kg, tensors)
     sums = [np.zeros(int(t.shape[-1])) for t in tensors]
     count = 0
-    for x in _batches(data, batch_size, kg.model.input):
+    for x in _batches(data, batch_size, _input_structure(kg)):
         outs = fn(x, training=False)
         outs = outs if isinstance(outs, (list, tuple)) else [outs]
         for k, o in enumerate(outs):
@@ -296,7 +301,7 @@ def _probe(kg: Any, consumers: list, data: Any, batch_size: int):
     """Record the consumers' outputs now; the returned function gives their relative change later."""
     names = [c[0].op.layer for c in consumers]
     fn = _submodel(kg, [c[0].node.outputs[0] for c in consumers])
-    batches = list(_batches(data, batch_size, kg.model.input))  # arrays, or dicts of arrays for named inputs
+    batches = list(_batches(data, batch_size, _input_structure(kg)))  # arrays, or dicts of arrays for named inputs
     x = keras.tree.map_structure(lambda *parts: np.concatenate([np.asarray(p) for p in parts])[:256], *batches)
 
     def run() -> list[np.ndarray]:
@@ -338,7 +343,7 @@ def emitted_importance(kg: Any, group: ChannelGroup, data: Any, batch_size: int 
         return score
     fn = _submodel(kg, [c[0].node.input_tensors[c[1]] for c in consumers])
     n, s1, s2 = 0, [0.0] * len(consumers), [0.0] * len(consumers)
-    for x in _batches(data, batch_size, kg.model.input):
+    for x in _batches(data, batch_size, _input_structure(kg)):
         outs = fn(x, training=False)
         outs = outs if isinstance(outs, (list, tuple)) else [outs]
         for k, o in enumerate(outs):
