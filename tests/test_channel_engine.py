@@ -4,6 +4,8 @@ Every strip test compares the stripped model's outputs with the original's (Kera
 relative max error < 1e-5) and checks that the channels really went away.
 """
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -252,15 +254,21 @@ def test_flatten_to_dense_slices_tiled_rows(rng, flatten):
     lambda: L.Lambda(lambda t: t * 2.0),
     lambda: L.LayerNormalization(),
     lambda: L.Activation("softmax"),
+    lambda: L.Activation("log_softmax"),
+    lambda: L.Softmax(),
 ])
 def test_unknown_or_mixing_layers_block_the_group(blocker):
     inp = keras.Input((4, 4, 8))
     a = L.Conv2D(8, 1, name="blocked")(inp)
     b = L.Conv2D(8, 1, name="free")(inp)
-    y = blocker()(a)
+    layer = blocker()
+    y = layer(a)
     model = keras.Model(inp, [L.Flatten()(y), L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(3, 1)(b)))])
     names = {g.layers for g in tfcompress.channel_groups(model)}
     assert ("free",) in names and ("blocked",) not in names
+    if "softmax" in type(layer).__name__.lower() + str(getattr(layer, "activation", "")):  # says why
+        reason = {g.layers: g.reason for g in tfcompress.explain(model)}[("blocked",)]
+        assert re.fullmatch(rf"the (log_)?softmax of layer '{layer.name}' combines them", reason), reason
 
 
 @pytest.mark.parametrize("layer", [

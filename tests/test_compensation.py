@@ -133,6 +133,39 @@ def test_compensation_data_for_a_model_with_named_inputs(rng):
     model.fit(stats, rng.normal(size=(64, 4)), epochs=1, batch_size=32, callbacks=[pruner], verbose=0)
 
 
+@pytest.mark.parametrize("form", ["tuple", "list", "x_y", "dataset"])
+def test_compensation_data_as_one_array_per_input(rng, form):
+    """A model with a list of inputs takes its compensation data as Keras takes ``x``: a tuple / list of arrays in
+    input order, alone, as ``(x, y)`` or in a dataset; the folds equal those measured with the same data as a dict
+    by input name, and ``criterion="emitted"`` ranks on it during ``fit``."""
+    import tensorflow as tf
+
+    a, b = keras.Input((8, 8, 3), name="a"), keras.Input((2,), name="b")
+    x = L.ReLU()(L.BatchNormalization()(L.Conv2D(16, 3, padding="same", name="prod")(a)))
+    x = L.GlobalAveragePooling2D()(L.Conv2D(12, 1, name="cons")(x))
+    model = keras.Model([a, b], L.Dense(4)(L.Concatenate()([x, L.Dense(3, name="side")(b)])))
+    randomize_batchnorm(model, rng)
+    randomize_biases(model, rng)
+    xa, xb = rng.normal(size=(64, 8, 8, 3)).astype("float32"), rng.normal(size=(64, 2)).astype("float32")
+    y = rng.normal(size=(64, 4)).astype("float32")
+    data = {"tuple": (xa, xb), "list": [xa, xb], "x_y": ((xa, xb), y),
+            "dataset": tf.data.Dataset.from_tensor_slices(((xa, xb), y)).batch(16)}[form]
+    weights = model.get_weights()
+    (group,) = [g for g in tfcompress.channel_groups(model) if g.layers == ("prod",)]
+    report = tfcompress.zero_channels(model, group, [0, 5], data=data)
+    assert report.folded == {"cons": "bias"} and report.error["cons"] > 0
+    folded = model.get_layer("cons").get_weights()[1]
+    model.set_weights(weights)
+    tfcompress.zero_channels(model, group, [0, 5], data={"a": xa, "b": xb})
+    np.testing.assert_allclose(folded, model.get_layer("cons").get_weights()[1], rtol=1e-5, atol=1e-6)
+    model.set_weights(weights)
+    pruner = FilterPruning(target=0.5, pruning_epochs=1, prune_first_conv=True, criterion="emitted",
+                           compensation_data=data)
+    model.compile("sgd", "mse")
+    model.fit([xa, xb], y, epochs=1, batch_size=32, callbacks=[pruner], verbose=0)
+    assert np.count_nonzero(np.abs(model.get_layer("prod").kernel).sum(axis=(0, 1, 2)) == 0) == 8
+
+
 def test_consumer_without_bias_or_batchnorm_is_reported_not_absorbed(rng):
     inp = keras.Input((6,))
     h = L.Dense(8, activation="relu6", name="prod")(inp)

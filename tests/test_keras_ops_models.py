@@ -53,7 +53,8 @@ def test_ops_nodes_join_and_pass_channels():
 
 @pytest.mark.parametrize("blocker", [
     lambda t: ops.softmax(t, axis=-1),  # mixes channels
-    lambda t: t[..., :4] * 2.0,  # slices channels
+    lambda t: t[..., ::2] * 2.0,  # takes every other channel
+    lambda t: ops.expand_dims(t[..., 3], -1),  # drops the channel axis
     lambda t: t + ops.ones((6, 6, 8)),  # a constant array that varies over positions
     lambda t: t * ops.mean(t, axis=-1, keepdims=True),  # broadcast over the channel axis
     lambda t: ops.transpose(t, (0, 3, 1, 2)),
@@ -67,6 +68,107 @@ def test_other_ops_block_without_crashing(blocker, rng):
     assert ("a",) not in {g.layers for g in tfcompress.channel_groups(model)}
     x = rng.normal(size=(2, 6, 6, 3)).astype("float32")
     assert rel_error(tfcompress.strip(model)(x), model(x)) < TOL
+
+
+def sliced_model():
+    """Channel ranges taken with ``split`` and ``x[..., a:b]`` across a concatenation: the cuts fall inside the
+    spaces of ``a`` (at 5, 10 and 12) and ``b`` (at 4), and a range across the a|b border is added to ``c``."""
+    inp = keras.Input((8, 8, 3))
+    a = L.Conv2D(16, 3, padding="same", name="a")(inp)
+    b = L.Conv2D(8, 3, padding="same", name="b")(inp)
+    cat = ops.concatenate([a, b], axis=-1)  # a | b: 24 channels
+    left, right = ops.split(cat, [10], axis=-1)  # a[:10]; a[10:] | b
+    p, q = ops.split(left, 2, axis=-1)  # a[:5]; a[5:10]: equal parts, until stripping
+    c = L.Conv2D(8, 1, name="c")(ops.concatenate([q, p], axis=-1))
+    joined = ops.relu(cat[..., 12:20] + c)  # a[12:] | b[:4], joined with c
+    top, bottom = ops.split(joined[:, 1:-1], 2, axis=1)  # along the rows: every channel in each
+    y = L.Dense(4, name="head")(ops.concatenate([right[:, 1:4], top + bottom * 0.5], axis=-1)[:, -1])  # a row
+    return keras.Model(inp, L.Flatten()(y))
+
+
+def test_channel_ranges_split_their_groups(rng, tmp_path):
+    """A range of channels is what it takes of the spaces it reads: the spaces are cut at its ends into groups
+    of their own; stripping is exact and moves the ranges to the channels kept."""
+    model = sliced_model()
+    groups = {(g.layers, g.size) for g in tfcompress.channel_groups(model)}
+    assert groups == {(("a",), 5), (("a",), 5), (("a",), 2), (("a", "c"), 4), (("b", "c"), 4), (("b",), 4)}
+    randomize_biases(model, rng)
+    groups = _zero_quarter(model, rng)
+    x = rng.normal(size=(3, 8, 8, 3)).astype("float32")
+    stripped = tfcompress.strip(model)
+    assert rel_error(stripped(x), model(x)) < TOL
+    assert stripped.get_layer("a").filters < 16 and stripped.get_layer("c").filters < 8
+    assert stripped.get_layer("head").kernel.shape[0] < 22
+    stripped.save(tmp_path / "s.keras")
+    np.testing.assert_array_equal(keras.saving.load_model(tmp_path / "s.keras")(x), stripped(x))
+
+
+def test_gated_linear_units_prune_both_halves_together(rng):
+    """GLU ``a * sigmoid(b)`` with ``a, b`` the halves of one convolution (``split`` and slicing): channel j of the
+    group is filters j and j + C/2; FilterPruning zeroes them in pairs and stripping removes both, exactly."""
+    inp = keras.Input((16, 4))
+    a, b = ops.split(L.Conv1D(16, 3, padding="same", name="glu")(inp), 2, axis=-1)
+    x = L.Conv1D(12, 3, padding="same", name="glu2")(a * ops.sigmoid(b))
+    x = x[..., :6] * ops.sigmoid(x[..., 6:])
+    model = keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling1D()(L.Conv1D(8, 1, name="c")(x))))
+    assert {g.layers: g.size for g in tfcompress.channel_groups(model)} == {("glu",): 8, ("glu2",): 6, ("c",): 8}
+    x = rng.normal(size=(32, 16, 4)).astype("float32")
+    model.compile("adam", "mse")
+    pruner = tfcompress.pruning.FilterPruning(target=0.5, pruning_epochs=1, prune_first_conv=True)
+    model.fit(x, rng.normal(size=(32, 3)), epochs=2, batch_size=16, callbacks=[pruner], verbose=0)
+    zero = np.nonzero(np.abs(model.get_layer("glu").kernel.numpy()).sum(axis=(0, 1)) == 0)[0]
+    assert len(zero) == 8 and set(zero[zero < 8] + 8) == set(zero[zero >= 8])
+    stripped = tfcompress.strip(model)
+    assert rel_error(stripped(x), model(x)) < TOL
+    assert (stripped.get_layer("glu").filters, stripped.get_layer("glu2").filters) == (8, 6)
+
+
+@pytest.mark.parametrize("layer, blocked", [
+    (lambda: L.DepthwiseConv2D(1, depth_multiplier=2, name="g"), ("a",)),  # a range of repeated channels
+    (lambda: L.Conv2D(8, 1, groups=2, name="g"), ("g",)),  # a range across a grouped convolution's blocks
+])
+def test_channel_range_of_repeated_or_grouped_channels_blocks(layer, blocked, rng):
+    inp = keras.Input((6, 6, 8))
+    a = L.Conv2D(8, 1, name="a")(inp)
+    y = L.Conv2D(4, 1, name="b")(layer()(a)[..., 3:11])
+    model = keras.Model(inp, L.Flatten()(y))
+    assert "takes a range of them" in {g.layers: g.reason for g in tfcompress.explain(model)}[blocked]
+    x = rng.normal(size=(2, 6, 6, 8)).astype("float32")
+    assert rel_error(tfcompress.strip(model)(x), model(x)) < TOL
+
+
+def spatial_gate_model():
+    """CBAM-style spatial attention: a one-channel map (from channel statistics, a 7x7 convolution and a
+    sigmoid) multiplies every channel of the features, with a ``Multiply`` layer and with ``*``; a one-channel
+    map is also added (``Add`` of a (..., 1) tensor)."""
+    inp = keras.Input((8, 8, 3))
+    x = L.Conv2D(12, 3, padding="same", name="a")(inp)
+    stats = ops.concatenate([ops.mean(x, axis=-1, keepdims=True), ops.max(x, axis=-1, keepdims=True)], axis=-1)
+    gate = L.Conv2D(1, 7, padding="same", activation="sigmoid", name="gate")(stats)
+    y = L.Multiply()([L.Conv2D(10, 1, name="b0")(x), gate])
+    z = L.Conv2D(12, 3, padding="same", name="b")(y)
+    z = L.Add()([L.Conv2D(1, 1, name="bias_map")(inp), z]) * gate
+    return keras.Model(inp, L.Dense(3, name="head")(L.GlobalAveragePooling2D()(L.Conv2D(6, 1, name="c")(z))))
+
+
+def test_one_channel_broadcast_over_the_channels_passes_them(rng):
+    """``x * s`` and ``x + s`` with ``s`` of one channel: x's channels pass (a zero channel stays zero through
+    the product, becomes ``s`` through the sum, which the next layer cannot fold: kept); ``s`` is blocked."""
+    model = spatial_gate_model()
+    reasons = {g.layers: g.reason for g in tfcompress.explain(model)}
+    assert reasons[("b0",)] == reasons[("b",)] == reasons[("c",)] == ""
+    assert "mean" in reasons[("a",)]  # the channel statistics read every channel of a
+    assert "broadcasts" in reasons[("gate",)]
+    randomize_biases(model, rng)
+    groups = {g.layers: g for g in tfcompress.channel_groups(model)}
+    for name, idx in (("b0", [0, 3]), ("b", [0, 5, 7]), ("c", [1, 2])):
+        tfcompress.zero_channels(model, groups[(name,)], idx)
+    x = rng.normal(size=(3, 8, 8, 3)).astype("float32")
+    stripped = tfcompress.strip(model)
+    assert rel_error(stripped(x), model(x)) < TOL
+    assert stripped.get_layer("b0").filters == 8  # a zero channel times the gate is zero
+    assert stripped.get_layer("b").filters == 12  # after the broadcast sum, a zeroed channel of b is not 0
+    assert stripped.get_layer("c").filters == 4
 
 
 def test_strip_ops_model_is_exact_smaller_and_round_trips(rng, tmp_path):

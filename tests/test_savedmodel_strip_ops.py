@@ -458,6 +458,28 @@ def test_convolution_added_to_a_concatenation_strips_part_by_part(tmp_path, rng,
         assert _by_layer(result, "up")[0]["channels_after"] == 9
 
 
+@pytest.mark.parametrize("build, after", [
+    ("sliced_model", {"a": 12, "b": 6, "c": 6}),
+    ("spatial_gate_model", {"b0": 8, "b": 12, "c": 5}),
+])
+def test_channel_ranges_and_broadcast_gates_strip_like_keras(tmp_path, rng, build, after):
+    """``split`` and ``x[..., a:b]`` / ``x[:, -1]`` exported as Split, SplitV and StridedSlice (ellipsis and
+    shrink masks), and one-channel maps broadcast over the channels (Mul, AddV2): the SavedModel stripper
+    removes the channels the Keras stripper removes, exactly."""
+    import tfcompress
+    import test_keras_ops_models
+
+    model = getattr(test_keras_ops_models, build)()
+    for g in tfcompress.channel_groups(model):
+        tfcompress.zero_channels(model, g, rng.choice(g.size, max(1, g.size // 4), replace=False))
+    result, dst = _strip(model, tmp_path)
+    x = rng.uniform(-1, 1, (3, 8, 8, 3)).astype("float32")
+    assert rel_error(_run(dst, x), model(x)) < 1e-4
+    stripped = tfcompress.strip(model)
+    assert {n: _by_layer(result, n)[0]["channels_after"] for n in after} == {
+        n: stripped.get_layer(n).filters for n in after} == after
+
+
 def test_grouped_convolution_compiled_by_keras_strips_block_by_block(tmp_path, rng):
     """Conv2D(groups=4) (an XLA function call in the SavedModel): one zeroed channel per block of its input and of
     its output goes; the blocks stay equal."""

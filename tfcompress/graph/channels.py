@@ -92,7 +92,8 @@ def zero_channels(
         indices: channel indices in ``[0, group.size)``.
         graph: an already built graph of ``model`` (saves re-analysing it in a loop).
         compensate: hand the removed channels' constant or mean contribution to their consumers.
-        data: model inputs (an array, a dict of arrays for a model with named inputs, ``(x, y)`` or a
+        data: model inputs (an array, a dict of arrays by input name or a tuple / list of arrays in input order
+            for a model with several inputs, ``(x, y)`` of those, or a
             batched ``tf.data.Dataset``; a few hundred samples suffice) to measure channel means and the
             error the removal leaves.
         batch_size: batch size for ``data`` given as an array.

@@ -116,11 +116,16 @@ def _consumers(kg: Any, group: ChannelGroup, chosen: np.ndarray) -> list[tuple[A
     return out
 
 
+def _input_structure(kg: Any) -> Any:
+    """The model's inputs as its data comes: one tensor, or with several inputs the model's own structure (a
+    dict of named inputs, a list) so that its data fits as it is."""
+    inputs = kg.model.inputs
+    return inputs[0] if len(inputs) == 1 else getattr(kg.model, "input", inputs)
+
+
 def _submodel(kg: Any, tensors: list[Any]) -> keras.Model:
     try:
-        inputs = kg.model.inputs
-        # several inputs: the model's own structure (a dict of named inputs) so that its data fits as it is
-        return keras.Model(inputs[0] if len(inputs) == 1 else getattr(kg.model, "input", inputs), tensors)
+        return keras.Model(_input_structure(kg), tensors)
     except Exception as e:  # nested sub-models: their inner tensors are not reachable from the outer inputs
         raise ValueError(
             f"cannot measure channel statistics inside model {kg.model.name!r} ({e}); compensation from data "
@@ -128,18 +133,27 @@ def _submodel(kg: Any, tensors: list[Any]) -> keras.Model:
         ) from None
 
 
-def _batches(data: Any, batch_size: int):
-    """Input batches of ``data``: an array, a dict of arrays (a model with named inputs), a tuple ``(x, ...)``
-    of either, or a batched ``tf.data.Dataset``."""
-    if isinstance(data, (tuple, list)):
-        data = data[0]
+def _one_array_per_input(data: Any, n_inputs: int) -> bool:
+    """Whether the tuple / list ``data`` is one array per input of a model with several inputs (as Keras takes
+    ``x``), rather than ``(x, y)``: the meaning of a tuple wherever tfcompress takes samples."""
+    return (n_inputs > 1 and isinstance(data, (tuple, list)) and len(data) == n_inputs
+            and not any(isinstance(v, (dict, tuple, list)) for v in data))
+
+
+def _batches(data: Any, batch_size: int, inputs: Any = None):
+    """Input batches of ``data`` for a model whose input structure is ``inputs`` (``model.input``): an array, a
+    dict of arrays (named inputs), a tuple / list of one array per input (in ``model.inputs`` order), a tuple
+    ``(x, ...)`` of any of these, or a batched ``tf.data.Dataset``."""
+    n_inputs = len(keras.tree.flatten(inputs)) if inputs is not None else 1
+    if isinstance(data, (tuple, list)) and not _one_array_per_input(data, n_inputs):
+        data = data[0]  # (x, y[, sample weights])
+    if _one_array_per_input(data, n_inputs):
+        for part in _sliced([np.asarray(v) for v in data], batch_size):
+            yield keras.tree.pack_sequence_as(inputs, part)
+        return
     if isinstance(data, dict):
-        xs = {k: np.asarray(v) for k, v in data.items()}
-        n = {len(v) for v in xs.values()}
-        if len(n) != 1 or not n.pop():
-            raise ValueError("compensation data as a dict needs non-empty arrays of one length")
-        for s in range(0, len(next(iter(xs.values()))), batch_size):
-            yield {k: v[s:s + batch_size] for k, v in xs.items()}
+        for part in _sliced([np.asarray(v) for v in data.values()], batch_size):
+            yield dict(zip(data, part))
         return
     if isinstance(data, np.ndarray) or hasattr(data, "shape") and not hasattr(data, "element_spec"):
         x = np.asarray(data)
@@ -150,9 +164,21 @@ def _batches(data: Any, batch_size: int):
         return
     if hasattr(data, "element_spec"):
         for b in data:
-            yield b[0] if isinstance(b, (tuple, list)) else b
+            if isinstance(b, (tuple, list)) and not _one_array_per_input(b, n_inputs):
+                b = b[0]  # (x, y[, sample weights])
+            yield keras.tree.pack_sequence_as(inputs, list(b)) if _one_array_per_input(b, n_inputs) else b
         return
-    raise ValueError(f"compensation data must be an array, (x, y) or a tf.data.Dataset; got {type(data).__name__}")
+    raise ValueError(f"compensation data must be an array, a dict or tuple of input arrays, (x, y) or a "
+                     f"tf.data.Dataset; got {type(data).__name__}")
+
+
+def _sliced(xs: list[np.ndarray], batch_size: int):
+    """Consecutive batches of the arrays ``xs`` (one per input, as many samples each)."""
+    n = {len(v) for v in xs}
+    if len(n) != 1 or not n.pop():
+        raise ValueError("compensation data as a dict or a tuple of inputs needs non-empty arrays of one length")
+    for s in range(0, len(xs[0]), batch_size):
+        yield [v[s:s + batch_size] for v in xs]
 
 
 def consumer_means(kg: Any, consumers: list[tuple[Any, int, np.ndarray]], data: Any,
@@ -162,7 +188,7 @@ def consumer_means(kg: Any, consumers: list[tuple[Any, int, np.ndarray]], data: 
     fn = _submodel(kg, tensors)
     sums = [np.zeros(int(t.shape[-1])) for t in tensors]
     count = 0
-    for x in _batches(data, batch_size):
+    for x in _batches(data, batch_size, _input_structure(kg)):
         outs = fn(x, training=False)
         outs = outs if isinstance(outs, (list, tuple)) else [outs]
         for k, o in enumerate(outs):
@@ -275,7 +301,7 @@ def _probe(kg: Any, consumers: list, data: Any, batch_size: int):
     """Record the consumers' outputs now; the returned function gives their relative change later."""
     names = [c[0].op.layer for c in consumers]
     fn = _submodel(kg, [c[0].node.outputs[0] for c in consumers])
-    batches = list(_batches(data, batch_size))  # arrays, or dicts of arrays for named inputs
+    batches = list(_batches(data, batch_size, _input_structure(kg)))  # arrays, or dicts of arrays for named inputs
     x = keras.tree.map_structure(lambda *parts: np.concatenate([np.asarray(p) for p in parts])[:256], *batches)
 
     def run() -> list[np.ndarray]:
@@ -317,7 +343,7 @@ def emitted_importance(kg: Any, group: ChannelGroup, data: Any, batch_size: int 
         return score
     fn = _submodel(kg, [c[0].node.input_tensors[c[1]] for c in consumers])
     n, s1, s2 = 0, [0.0] * len(consumers), [0.0] * len(consumers)
-    for x in _batches(data, batch_size):
+    for x in _batches(data, batch_size, _input_structure(kg)):
         outs = fn(x, training=False)
         outs = outs if isinstance(outs, (list, tuple)) else [outs]
         for k, o in enumerate(outs):

@@ -54,6 +54,7 @@ class Rule(enum.Enum):
     JOIN = "join"  # several inputs combined channel by channel (Add, Multiply, Maximum ...)
     CONCAT = "concat"  # inputs concatenated along the channel axis
     FLATTEN = "flatten"  # the channel map is tiled `channels` times (Flatten of an HxWxC tensor)
+    SLICE = "slice"  # each output is a range of consecutive input channels (`slices`): x[..., a:b], split
     BLOCKER = "blocker"  # anything else: the channels reaching it can never be removed
     SHAPE = "shape"  # reads only its input's shape (batch size): a new blocked output, inputs untouched
 
@@ -126,6 +127,7 @@ class Op:
             as a constant its semantics can account for (``can_fold``).
         mixes_outputs: why the op's output channels depend on each other (a convolution or dense layer with
             a softmax activation: removing one changes the others), or ``""``: if set, they are blocked.
+        slices: SLICE: for each output, the ``(start, stop)`` of the input channels it is.
     """
 
     name: str
@@ -139,6 +141,7 @@ class Op:
     semantics: OpSemantics | None = None
     reads_all_channels: bool = False
     mixes_outputs: str = ""
+    slices: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.layer:
@@ -297,6 +300,24 @@ class ChannelGraph:
                 self._union(s.space, t.space)
         return True
 
+    def _slice(self, cmap: ChannelMap, bounds: Sequence[tuple[int, int]]) -> list[ChannelMap] | None:
+        """The maps of channel ranges ``bounds`` of ``cmap``: a space a bound falls inside is split there (each part
+        a group of its own, as for a join), so every range is made of whole spaces; None if that cannot be
+        (repeated or tiled channels, a grouped convolution's)."""
+        cuts = {c for ab in bounds for c in ab}
+        while True:
+            cmap = self._resolve(cmap)
+            if not self._whole(cmap):
+                return None
+            inside = [(s.space, offsets) for s, offsets in _edges(cmap, cuts) if offsets]
+            if not inside:
+                break
+            if not self._split(*inside[0]):
+                return None
+        starts = np.cumsum([0] + [s.width for s in cmap.segments]).tolist()
+        return [ChannelMap(tuple(s for s, lo, hi in zip(cmap.segments, starts, starts[1:]) if a <= lo and hi <= b))
+                for a, b in bounds]
+
     # ------------------------------------------------------------------ structure
     def _analyse(self) -> None:
         layer_space: dict[str, int] = {}
@@ -350,8 +371,11 @@ class ChannelGraph:
                         tuple(dataclasses.replace(s, repeat=s.repeat * op.channels) for s in m.segments)
                     )
             elif op.rule is Rule.JOIN:
-                if len({m.width for m in ins}) == 1 and self._join(ins):
-                    out = ins[0]
+                wide, narrow = _broadcast_split(ins, self.tensor_width.get(op.outputs[0]))
+                if wide and (len(wide) == 1 or self._join(wide)):
+                    for m in narrow:
+                        self._block(m, f"{_label(op)} broadcasts them over the channels of its other inputs")
+                    out = wide[0]
                 else:
                     for m in ins:
                         self._block(m, f"{_label(op)} combines them with channels that do not line up")
@@ -365,6 +389,15 @@ class ChannelGraph:
                     out = ChannelMap(tuple(s for m in ins for s in m.segments))
             elif op.rule is Rule.FLATTEN:
                 out = dataclasses.replace(ins[0], tile=ins[0].tile * op.channels)
+            elif op.rule is Rule.SLICE:
+                parts = self._slice(ins[0], op.slices)
+                if parts is None:
+                    self._block(ins[0], f"{_label(op)} takes a range of them out of a depthwise repeat, a "
+                                        "flattened map or a grouped convolution's blocks")
+                    parts = [self._fresh(t, blocked=True, source=op.name) for t in op.outputs]
+                for t, m in zip(op.outputs, parts):
+                    self.maps[t] = m
+                continue
             else:  # pragma: no cover - exhaustive
                 raise AssertionError(op.rule)
             if op.mixes_outputs:
@@ -456,6 +489,9 @@ class ChannelGraph:
                     consts[t] = previous[t]
                 continue
             ins = [consts[t] for t in op.inputs]
+            if op.rule is Rule.JOIN:  # a one-channel input is broadcast over the output's channels
+                width = self.tensor_width.get(op.outputs[0]) or 0
+                ins = [np.broadcast_to(c, (width,)) if c.size == 1 else c for c in ins]
             if op.semantics is not None:
                 outs = op.semantics.const_out(ins)
             elif op.rule is Rule.ELEMENTWISE:
@@ -464,6 +500,8 @@ class ChannelGraph:
                 outs = [np.concatenate(ins)]
             elif op.rule is Rule.FLATTEN:
                 outs = [np.tile(ins[0], op.channels)]
+            elif op.rule is Rule.SLICE:
+                outs = [ins[0][a:b] for a, b in op.slices]
             elif op.rule is Rule.JOIN:
                 outs = [_sum_consts(ins, self.tensor_width[op.outputs[0]])]
             else:
@@ -563,6 +601,14 @@ def _sum_consts(ins: list[np.ndarray], width: int) -> np.ndarray:
     for c in ins:
         out = out + c
     return out
+
+
+def _broadcast_split(maps: list[ChannelMap], width: int | None) -> tuple[list[ChannelMap], list[ChannelMap]]:
+    """A join's inputs as those of the output's width and those of one channel broadcast over them (a spatial
+    gate ``x * s`` with ``s`` of shape (..., 1)); ([], []) if any input is neither."""
+    wide = [m for m in maps if m.width == width]
+    narrow = [m for m in maps if m.width == 1 and width != 1]
+    return (wide, narrow) if len(wide) + len(narrow) == len(maps) else ([], [])
 
 
 def _balance(mask: np.ndarray, blocks: int) -> np.ndarray:

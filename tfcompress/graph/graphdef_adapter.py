@@ -92,7 +92,7 @@ class GraphDefGraph:
             graph_ops.append(Op(name, kind.rule, ins, outs, channels=kind.channels() if kind.rule in (
                 Rule.PRODUCER, Rule.DEPTHWISE, Rule.FLATTEN) else 0, blocks=kind.blocks(),
                 has_channel_params=kind.has_channel_params, semantics=kind,
-                reads_all_channels=kind.reads_all_channels))
+                reads_all_channels=kind.reads_all_channels, slices=kind.channel_slices()))
         widths = {tid: self.width(t) for t, tid in self._tid.items()}
         self.ops = graph_ops
         self.graph = ChannelGraph(graph_ops, [self._tensor_id(o) for o in self.outputs], widths)
@@ -366,24 +366,64 @@ def _tile(g: GraphDefGraph, node):
 
 @register("StridedSlice")
 def _strided_slice(g: GraphDefGraph, node):
-    """A slice of the other axes that keeps every channel, however many there are: cropping, or one index of
-    an axis that it drops (``shrink_axis_mask``: Keras' TimeDistributed takes each time step so)."""
-    rank = len(g.shape(node.input[0]))
-    shrink = kinds.attr(node, "shrink_axis_mask").i
-    dropped = bin(shrink).count("1")
-    if not rank or len(g.shape(node.name)) != rank - dropped or not all(g.is_const(i) for i in node.input[1:4]):
+    """A slice with constant bounds: of other axes only (cropping, ``x[:, -1]``), it keeps every channel, however
+    many there are; a step-1 range of the channel axis (``x[..., a:b]``) is a channel slice."""
+    rank, width = len(g.shape(node.input[0])), g.width(node.input[0])
+    if not rank or not all(g.is_const(i) for i in node.input[1:4]):
         return None
-    if any(kinds.attr(node, m).i for m in ("ellipsis_mask", "new_axis_mask")):
+    spec = _slice_spec(node, *(np.atleast_1d(g.const(i)) for i in node.input[1:4]), rank)
+    if spec is None:
         return None
-    begin, end, strides = (np.atleast_1d(g.const(i)) for i in node.input[1:4])
-    axis = rank - 1
-    if axis >= begin.size:
+    if spec[-1] is None:
         return NodeKind(node, g)
-    if shrink >> axis & 1:
+    k, entry = spec[-1]
+    if not isinstance(entry, slice) or not width:
+        return None  # an index that drops the channel axis
+    a, b, step = entry.indices(width)
+    if step != 1 or b <= a or g.width(node.name) != b - a:
         return None
-    whole_start = kinds.attr(node, "begin_mask").i >> axis & 1 or begin[axis] == 0
-    whole_end = kinds.attr(node, "end_mask").i >> axis & 1 or end[axis] >= g.width(node.input[0])
-    return NodeKind(node, g) if whole_start and whole_end and strides[axis] == 1 else None
+    return kinds.ChannelRange(node, g, [(a, b)], k)
+
+
+def _slice_spec(node, begin: np.ndarray, end: np.ndarray, strides: np.ndarray, rank: int) -> list | None:
+    """Per input axis of a StridedSlice: None where the ellipsis or the end of the bounds leaves it whole,
+    ``(k, slice)`` where entry ``k`` of the bounds slices it, ``(k, index)`` where it picks one index
+    (``shrink_axis_mask``); None for new axes or more bounds than axes."""
+    mask = {m: kinds.attr(node, f"{m}_mask").i for m in ("begin", "end", "ellipsis", "new_axis", "shrink_axis")}
+    if mask["new_axis"] or bin(mask["ellipsis"]).count("1") > 1:
+        return None
+    out: list = []
+    for k in range(begin.size):
+        if mask["ellipsis"] >> k & 1:
+            out += [None] * (rank - (begin.size - 1 - k) - len(out))
+            continue
+        if mask["shrink_axis"] >> k & 1:
+            out.append((k, int(begin[k])))
+            continue
+        lo = None if mask["begin"] >> k & 1 else int(begin[k])
+        hi = None if mask["end"] >> k & 1 else int(end[k])
+        out.append((k, slice(lo, hi, int(strides[k]))))
+    if len(out) > rank:
+        return None
+    out += [None] * (rank - len(out))
+    return out
+
+
+@register("Split", "SplitV")
+def _split(g: GraphDefGraph, node):
+    """``tf.split``: along the channels, consecutive channel ranges (one per output); along another axis, every
+    output carries all the channels."""
+    value, axis = (node.input[1], node.input[0]) if node.op == "Split" else (node.input[0], node.input[2])
+    rank, width = len(g.shape(value)), g.width(value)
+    n = kinds.attr(node, "num_split").i
+    widths = [g.width(f"{node.name}:{k}") for k in range(n)]
+    if not rank or not width or not g.is_const(axis) or not all(widths):
+        return None
+    data = slice(1, 2) if node.op == "Split" else slice(0, 1)
+    if int(g.const(axis)) % rank != rank - 1:
+        return kinds.ChannelRange(node, g, [(0, width)] * n, None, data, along_channels=False)
+    edges = np.cumsum([0] + widths).tolist()
+    return kinds.ChannelRange(node, g, list(zip(edges, edges[1:])), None, data) if edges[-1] == width else None
 
 
 @register("Transpose")

@@ -155,6 +155,38 @@ class Flatten(Reshape):
         return self._params["tile"]
 
 
+class ChannelRange(NodeKind):
+    """Outputs that are ranges of consecutive input channels (``bounds``, one ``(start, stop)`` per output): a
+    StridedSlice whose bounds entry ``entry`` is the channel axis, or a Split / SplitV. Stripping moves the
+    bounds (a Split becomes a SplitV, since its parts may no longer be equal)."""
+
+    def __init__(self, node, graph: "GraphDefGraph", bounds: list[tuple[int, int]], entry: int | None,
+                 inputs: slice = slice(0, 1), along_channels: bool = True) -> None:
+        super().__init__(node, graph, "slice", inputs, bounds=[(int(a), int(b)) for a, b in bounds])
+        self.entry = entry
+        self.along_channels = along_channels
+
+    def channel_slices(self) -> tuple[tuple[int, int], ...]:
+        return tuple(self._params["bounds"])
+
+    def rewrite(self, new, in_keeps, out_keep, folds, rw):
+        bounds = ops.kept_bounds(self._params["bounds"], in_keeps[0])
+        if not self.along_channels:
+            return
+        if new.op == "StridedSlice":
+            (a, b), = bounds
+            for i, v in ((1, a), (2, b)):
+                vec = rw.value(new.input[i]).copy()
+                vec[self.entry] = v
+                new.input[i] = rw.const(_node(self.node.input[i]), vec)
+        else:
+            value, axis = (new.input[1], new.input[0]) if new.op == "Split" else (new.input[0], new.input[2])
+            sizes = rw.const(self.node.name + "/size_splits", np.array([b - a for a, b in bounds], np.int32))
+            new.op = "SplitV"
+            new.input[:] = [value, sizes, axis] + [i for i in new.input if i.startswith("^")]
+            new.attr["Tlen"].type = tf.int32.as_datatype_enum
+
+
 def has_constant_last_entry(graph: "GraphDefGraph", shape_tensor: str) -> bool:
     """A shape operand whose channel entry :func:`_with_last_entry` can rewrite: a Const, ``Pack(..., C)`` or
     ``ConcatV2(..., [..., C])`` (tensordot's output shape)."""

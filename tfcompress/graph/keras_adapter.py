@@ -80,9 +80,15 @@ def _op_pointwise(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) 
     rank = len(out_shape)
     if not all(_is_scalar(v) or kinds.per_channel(v, out_shape[-1]) and np.ndim(v) <= rank for v in operands):
         return kinds.BLOCKER  # a constant array that varies over positions
-    if any(len(s) != rank or s[-1] != out_shape[-1] for s in in_shapes):
+    if not _channels_broadcast(in_shapes, out_shape):
         return kinds.BLOCKER  # broadcasting over the channel axis
     return lambda call: kinds.OpPointwise(call, _POINTWISE_OPS[type(op).__name__])
+
+
+def _channels_broadcast(in_shapes: list[tuple], out_shape: tuple) -> bool:
+    """Inputs of the output's rank whose channels are the output's, or one channel broadcast over them."""
+    return all(len(s) == len(out_shape) and s[-1] in (out_shape[-1], 1) for s in in_shapes) and any(
+        s[-1] == out_shape[-1] for s in in_shapes)
 
 
 def _axes(axis: Any, rank: int) -> set[int] | None:
@@ -125,6 +131,52 @@ def _op_concat(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> 
     return _concat_kind(int(op.get_config().get("axis", 0)), rank)
 
 
+def _integer(k: Any) -> bool:
+    return isinstance(k, (int, np.integer)) and not isinstance(k, bool)
+
+
+def _expand_key(key: Any, rank: int) -> tuple | None:
+    """``key`` of ``x[key]`` on a rank-``rank`` tensor as one integer or slice per axis (``...`` and missing
+    trailing axes as full slices); None for new axes, arrays, tensors or a key longer than the rank."""
+    key = list(key) if isinstance(key, tuple) else [key]
+    if key.count(Ellipsis) > 1 or not all(k is Ellipsis or isinstance(k, slice) or _integer(k) for k in key):
+        return None
+    if Ellipsis in key:
+        i = key.index(Ellipsis)
+        key[i:i + 1] = [slice(None)] * (rank - len(key) + 1)
+    if len(key) > rank or any(isinstance(k, slice) and not all(v is None or _integer(v) for v in
+                                                               (k.start, k.stop, k.step)) for k in key):
+        return None
+    return tuple(key) + (slice(None),) * (rank - len(key))
+
+
+def _op_getitem(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> KindFactory:
+    """``x[key]``: positions picked along other axes pass the channels; a step-1 range of the channel axis is a
+    channel slice; an index that drops the channel axis, a step or a new axis blocks."""
+    width = in_shapes[0][-1]
+    key = _expand_key(node.arguments.args[1], len(in_shapes[0])) if len(node.arguments.args) == 2 else None
+    if key is None or width is None or not isinstance(key[-1], slice):
+        return kinds.BLOCKER
+    a, b, step = key[-1].indices(width)
+    if step != 1 or b <= a or out_shape[-1] != b - a:
+        return kinds.BLOCKER
+    return lambda call: kinds.ItemSlice(call, key, [(a, b)])
+
+
+def _op_split(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> KindFactory:
+    """``keras.ops.split``: along the channels, consecutive channel ranges; along another axis, every output
+    carries all the channels."""
+    cfg, rank, width = op.get_config(), len(in_shapes[0]), in_shapes[0][-1]
+    widths = [int(t.shape[-1]) if t.shape[-1] is not None else None for t in node.outputs]
+    if width is None or None in widths:
+        return kinds.BLOCKER
+    along = int(cfg.get("axis", 0)) % rank == rank - 1
+    if not along:
+        return lambda call: kinds.SplitSlice(call, [(0, width)] * len(widths), False)
+    edges = np.cumsum([0] + widths).tolist()
+    return lambda call: kinds.SplitSlice(call, list(zip(edges, edges[1:])), True)
+
+
 def _concat_kind(axis: int, rank: int) -> KindFactory:
     """Along channels: a concat; along a spatial axis: a join that keeps channels aligned."""
     return table_kind("concat" if axis % rank == rank - 1 else "stack_spatial")
@@ -138,7 +190,10 @@ KERAS_OPS: dict[str, Callable[..., KindFactory]] = {
     **{name: _op_pool for name in ("AveragePool", "MaxPool")},
     **{name: _op_reshape for name in ("Reshape", "ExpandDims", "Squeeze")},
     "Concatenate": _op_concat,
+    "GetItem": _op_getitem,
+    "Split": _op_split,
 }
+_SEVERAL_OUTPUTS = {"Split"}  # keras.ops nodes whose rule describes several outputs
 
 
 def op_kind(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> KindFactory:
@@ -223,9 +278,14 @@ def _rms_scaled(layer, base, ins, out):
 
 def _activation(layer, base, ins, out):
     if kinds.mixes_channels(layer.activation):
-        return kinds.BLOCKER
+        return kinds.ChannelMixing
     op, params = activation_op(layer.activation)
     return table_kind(op, lambda call: params)
+
+
+def _softmax(layer, base, ins, out):
+    axes = _axes(layer.axis, len(out))
+    return kinds.ChannelMixing if axes is None or len(out) - 1 in axes else table_kind("opaque")
 
 
 def _rescaling(layer, base, ins, out):
@@ -236,7 +296,7 @@ def _rescaling(layer, base, ins, out):
 
 
 def _merge(layer, base, ins, out):
-    if any(len(s) != len(out) or s[-1] != out[-1] for s in ins):
+    if not _channels_broadcast(ins, out):
         return kinds.BLOCKER  # broadcasting over the channel axis
     return table_kind(_JOINS[base])
 
@@ -323,6 +383,7 @@ KERAS_LAYERS: list[tuple[tuple[type, ...], LayerRuleFn]] = [
     ((_L.ZeroPadding1D, _L.ZeroPadding2D, _L.ZeroPadding3D), _plain(table_kind("zero_pad"))),
     (_ELEMENTWISE, _plain(kinds.PASS)),
     ((_L.Activation,), _activation),
+    ((_L.Softmax,), _softmax),
     ((_L.ReLU,), _op("relu", lambda L: dict(negative_slope=float(L.negative_slope), max_value=L.max_value,
                                             threshold=float(L.threshold)))),
     ((_L.LeakyReLU,), _op("leaky_relu", lambda L: dict(negative_slope=float(L.negative_slope)))),
@@ -355,7 +416,7 @@ def layer_kind(layer: keras.layers.Layer, in_shapes: list[tuple], out_shape: tup
 
 
 def _kind_of(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> KindFactory:
-    if len(node.outputs) != 1:
+    if len(node.outputs) != 1 and type(op).__name__ not in _SEVERAL_OUTPUTS:
         return kinds.BLOCKER
     if not isinstance(op, keras.layers.Layer):
         return op_kind(op, node, in_shapes, out_shape)
@@ -479,6 +540,7 @@ class KerasGraph:
                     semantics=kind,
                     reads_all_channels=kind.reads_all_channels,
                     mixes_outputs=kind.mixes_outputs,
+                    slices=kind.channel_slices(),
                 )
                 self.records.append(_Record(op, kind, node, {id(t): scope[id(t)] for t in node.input_tensors}))
         return [scope[id(t)] for t in fmodel.outputs]

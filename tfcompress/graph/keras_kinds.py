@@ -169,9 +169,11 @@ class LayerKind(ops.TableOp):
         """The largest stride of the call (1 unless the layer strides over positions)."""
         return 1
 
-    def arguments(self, args: tuple, kwargs: dict, out_keep: np.ndarray) -> tuple[tuple, dict]:
+    def arguments(self, args: tuple, kwargs: dict, out_keep: np.ndarray,
+                  in_keeps: list[np.ndarray]) -> tuple[tuple, dict]:
         """The call's arguments (with the new input tensors filled in) for the rebuilt call whose output keeps
-        the channels ``out_keep``: as they are, unless the call itself holds per-channel constants."""
+        the channels ``out_keep`` of inputs that keep ``in_keeps``: as they are, unless the call itself holds
+        per-channel constants or channel positions."""
         return args, kwargs
 
     def wrap(self, layer: Any, path: str) -> Any:
@@ -689,7 +691,7 @@ class OpPointwise(LayerKind):
                     for v in keras.tree.flatten(node.arguments.args) if is_operand(v)]
         return [ops.const_out(self.op, operands, **self.params())]
 
-    def arguments(self, args, kwargs, out_keep):
+    def arguments(self, args, kwargs, out_keep, in_keeps):
         width = self.call.out_width
 
         def sliced(v):
@@ -743,3 +745,64 @@ class TimeDistributed:
         if "/" in path:  # a nested model's layer, inlined: a unique name
             cfg["name"] = path.replace("/", "_")
         return keras.layers.TimeDistributed(layer, **cfg)
+
+
+class ChannelSlice(LayerKind):
+    """Outputs that are ranges of consecutive input channels, ``bounds`` (one ``(start, stop)`` per output):
+    ``x[..., a:b]``, ``keras.ops.split`` along the channels; a split along another axis gives every output all
+    of them. Stripping moves the ranges to the channels kept."""
+
+    op = "slice"
+
+    def __init__(self, call: LayerCall, bounds: list[tuple[int, int]]) -> None:
+        super().__init__(call)
+        self.bounds = [(int(a), int(b)) for a, b in bounds]
+
+    def params(self):
+        return {"bounds": self.bounds}
+
+    def channel_slices(self):
+        return tuple(self.bounds)
+
+    def kept_bounds(self, in_keep: np.ndarray) -> list[tuple[int, int]]:
+        return ops.kept_bounds(self.bounds, in_keep)
+
+
+class ItemSlice(ChannelSlice):
+    """``x[key]`` whose ``key`` (``expanded``: one entry per axis) takes the channel range ``bounds[0]``."""
+
+    def __init__(self, call: LayerCall, expanded: tuple, bounds: list[tuple[int, int]]) -> None:
+        super().__init__(call, bounds)
+        self.expanded = expanded
+
+    def arguments(self, args, kwargs, out_keep, in_keeps):
+        (a, b), = self.kept_bounds(in_keeps[0])
+        return (args[0], (*self.expanded[:-1], slice(a, b))), kwargs
+
+
+class SplitSlice(ChannelSlice):
+    """``keras.ops.split``: along the channels (``along_channels``), its split points move to the kept channels."""
+
+    def __init__(self, call: LayerCall, bounds: list[tuple[int, int]], along_channels: bool) -> None:
+        super().__init__(call, bounds)
+        self.along_channels = along_channels
+
+    def config(self, in_keeps, out_keep, folds):
+        cfg = self.layer.get_config()
+        if self.along_channels:
+            cfg["indices_or_sections"] = [b for _, b in self.kept_bounds(in_keeps[0])[:-1]]
+        return cfg
+
+
+class ChannelMixing(LayerKind):
+    """A ``Softmax`` layer over the channel axis, or an ``Activation`` layer of a softmax: each output channel
+    depends on every input channel, so removing one changes the others (the channels reaching it are blocked,
+    with this reason)."""
+
+    op = "opaque"
+
+    @property
+    def mixes_outputs(self) -> str:
+        fn = getattr(self.layer, "activation", None)
+        name = getattr(keras.activations.get(fn), "__name__", "") if fn is not None else "softmax"
+        return f"the {name} of layer {self.layer.name!r} combines them"

@@ -21,7 +21,7 @@ import numpy as np
 from tfcompress.graph.engine import Rule, elementwise_consts
 from tfcompress.graph.kernels import depthwise_consts, fold_into_bias, producer_consts, slice_kernel
 
-__all__ = ["OpSemantics", "TableOp", "OPS", "UNARY", "can_fold", "const_out", "folds_into_bias", "macs", "rule",
+__all__ = ["OpSemantics", "TableOp", "OPS", "UNARY", "can_fold", "const_out", "folds_into_bias", "kept_bounds", "macs", "rule",
            "shrink_producer", "take_channels"]
 
 Consts = list[np.ndarray]
@@ -156,6 +156,17 @@ def _unknown(cs: Consts, width: int | None = None) -> np.ndarray:
 
 # ----------------------------------------------------------------- unary activations, over numpy (float64)
 
+def _slice(cs: Consts, bounds: list[tuple[int, int]]) -> list[np.ndarray]:
+    """One output per ``(start, stop)`` range of the input's channels."""
+    return [cs[0][a:b].copy() for a, b in bounds]
+
+
+def kept_bounds(bounds: list[tuple[int, int]], keep: np.ndarray) -> list[tuple[int, int]]:
+    """The channel ranges ``bounds`` of a tensor once the channels ``keep`` drops are gone."""
+    before = np.concatenate([[0], np.cumsum(keep)]).astype(int)
+    return [(int(before[a]), int(before[b])) for a, b in bounds]
+
+
 def _sigmoid(v):
     return 1.0 / (1.0 + np.exp(-v))
 
@@ -284,13 +295,15 @@ OPS: dict[str, OpSemantics] = {
     "identity": OpSemantics(lambda cs: cs[0].copy()),
     "prelu": OpSemantics(_prelu),
     "flatten": OpSemantics(lambda cs, tile: np.tile(cs[0], tile), rule=Rule.FLATTEN),
+    "slice": OpSemantics(_slice, rule=Rule.SLICE),  # several outputs: a list of constant vectors
     **{name: OpSemantics(_unary(fn)) for name, fn in UNARY.items()},
     "function": OpSemantics(_unary(lambda v, fn: fn(v))),  # a position-wise function given as ``fn``
 }
 
 
-def const_out(op: str, in_consts: Consts, **params) -> np.ndarray:
-    """The per-channel constants of canonical op ``op``'s output (NaN: not constant)."""
+def const_out(op: str, in_consts: Consts, **params) -> np.ndarray | list[np.ndarray]:
+    """The per-channel constants of canonical op ``op``'s output (NaN: not constant); a list of them for an op
+    with several outputs (``"slice"``)."""
     return OPS[op].consts(in_consts, **params)
 
 
@@ -356,8 +369,13 @@ class TableOp:
     def geometry(self) -> dict:
         return {}
 
+    def channel_slices(self) -> tuple[tuple[int, int], ...]:
+        """For a ``"slice"`` op, the ``(start, stop)`` input channels of each output."""
+        return ()
+
     def const_out(self, in_consts: list[np.ndarray]) -> list[np.ndarray]:
-        return [const_out(self.op, in_consts, **self.params())]
+        out = const_out(self.op, in_consts, **self.params())
+        return out if isinstance(out, list) else [out]
 
     def can_fold(self, input_index: int) -> bool:
         return can_fold(self.op, **self.geometry())

@@ -124,7 +124,8 @@ class FilterPruning(keras.callbacks.Callback):
             biases, or the BatchNorm after a bias-less consumer): its exact constant where the channel is
             provably constant, else its mean on ``compensation_data``; taken back if the channel is revived.
             See :func:`tfcompress.zero_channels`.
-        compensation_data: model inputs (an array, ``(x, y)`` or a batched ``tf.data.Dataset``; a few hundred
+        compensation_data: model inputs as ``fit`` takes them (an array; for several inputs a dict by input name
+            or a tuple / list in input order; ``(x, y)`` of those; or a batched ``tf.data.Dataset``; a few hundred
             samples) on which the means of channels being pruned are measured at each schedule step. Without
             it only provably constant channels are handed over. Not part of ``get_config``.
         verbose: 1 prints the level applied at each schedule step and a progress bar of the measurement.

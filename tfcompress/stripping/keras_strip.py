@@ -45,7 +45,7 @@ def _rebuild(kg: KerasGraph, removed: dict[int, np.ndarray], consts: dict[int, n
         in_keeps = [graph.keep_mask(t, removed) for t in op.inputs]
         out_keep = graph.keep_mask(op.outputs[0], removed) if len(op.outputs) == 1 else None
         folds = [np.where(k, 0.0, np.nan_to_num(consts[t])) for k, t in zip(in_keeps, op.inputs)]
-        changed = out_keep is not None and (not out_keep.all() or not all(k.all() for k in in_keeps))
+        changed = not all(k.all() for k in in_keeps) or out_keep is not None and not out_keep.all()
         new = _new_layer(layer, op.layer, rec.kind, in_keeps, out_keep, folds, changed)
         if new is layer or not isinstance(layer, keras.layers.Layer):  # a keras.ops node has no weights
             return new, None
@@ -54,7 +54,8 @@ def _rebuild(kg: KerasGraph, removed: dict[int, np.ndarray], consts: dict[int, n
     def rewrite_args(rec, args, kwargs):
         if len(rec.op.outputs) != 1:
             return args, kwargs
-        return rec.kind.arguments(args, kwargs, graph.keep_mask(rec.op.outputs[0], removed))
+        in_keeps = [graph.keep_mask(t, removed) for t in rec.op.inputs]
+        return rec.kind.arguments(args, kwargs, graph.keep_mask(rec.op.outputs[0], removed), in_keeps)
 
     return rebuild(kg, make_layer, rewrite_args)
 
