@@ -491,7 +491,7 @@ class ChannelGraph:
             ins = [consts[t] for t in op.inputs]
             if op.rule is Rule.JOIN:  # a one-channel input is broadcast over the output's channels
                 width = self.tensor_width.get(op.outputs[0]) or 0
-                ins = [np.broadcast_to(c, (width,)) if c.size == 1 else c for c in ins]
+                ins = [np.broadcast_to(c, (width,)) if c.size == 1 and width > 1 else c for c in ins]
             if op.semantics is not None:
                 outs = op.semantics.const_out(ins)
             elif op.rule is Rule.ELEMENTWISE:
@@ -605,7 +605,10 @@ def _sum_consts(ins: list[np.ndarray], width: int) -> np.ndarray:
 
 def _broadcast_split(maps: list[ChannelMap], width: int | None) -> tuple[list[ChannelMap], list[ChannelMap]]:
     """A join's inputs as those of the output's width and those of one channel broadcast over them (a spatial
-    gate ``x * s`` with ``s`` of shape (..., 1)); ([], []) if any input is neither."""
+    gate ``x * s`` with ``s`` of shape (..., 1)); ([], []) if any input is neither. Without a known output width,
+    inputs of one width are all wide."""
+    if not width:
+        width = maps[0].width if len({m.width for m in maps}) == 1 else None
     wide = [m for m in maps if m.width == width]
     narrow = [m for m in maps if m.width == 1 and width != 1]
     return (wide, narrow) if len(wide) + len(narrow) == len(maps) else ([], [])
