@@ -103,6 +103,27 @@ def test_channel_ranges_split_their_groups(rng, tmp_path):
     np.testing.assert_array_equal(keras.saving.load_model(tmp_path / "s.keras")(x), stripped(x))
 
 
+@pytest.mark.parametrize("width, parts", [
+    (10, lambda h: ops.split(h, [4], axis=-1)),
+    (8, lambda h: ops.split(h, 2, axis=-1)),  # parts of one size
+    (10, lambda h: (h[..., :4], h[..., 4:])),
+])
+def test_zero_channels_zeroes_the_part_of_a_sliced_producer_it_is_given(width, parts, rng):
+    """The parts of one producer's channels are groups with the same layer names: each is zeroed as itself."""
+    inp = keras.Input((6, 6, 3))
+    a, b = parts(L.Conv2D(width, 1, name="p")(inp))
+    model = keras.Model(inp, ops.concatenate([L.Conv2D(2, 1, name="ta")(a), L.Conv2D(2, 1, name="tb")(b)], -1))
+    first, second = [g for g in tfcompress.channel_groups(model) if g.layers == ("p",)]
+    tfcompress.zero_channels(model, second, [1, second.size - 1], compensate=False)
+    tfcompress.zero_channels(model, first, [0], compensate=False)
+    zero = np.flatnonzero(np.abs(model.get_layer("p").kernel.numpy()).sum(axis=(0, 1, 2)) == 0)
+    assert zero.tolist() == [0, first.size + 1, first.size + second.size - 1]
+    x = rng.normal(size=(2, 6, 6, 3)).astype("float32")
+    stripped = tfcompress.strip(model)
+    assert stripped.get_layer("p").filters == first.size + second.size - 3
+    assert rel_error(stripped(x), model(x)) < TOL
+
+
 def test_gated_linear_units_prune_both_halves_together(rng):
     """GLU ``a * sigmoid(b)`` with ``a, b`` the halves of one convolution (``split`` and slicing): channel j of the
     group is filters j and j + C/2; FilterPruning zeroes them in pairs and stripping removes both, exactly."""

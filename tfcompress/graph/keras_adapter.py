@@ -564,10 +564,13 @@ class KerasGraph:
         return first
 
     def find_group(self, group: ChannelGroup) -> ChannelGroup:
-        """The group of this graph with the same producing layers (groups are matched by layers)."""
-        for g in self.groups():
-            if g.layers == tuple(group.layers):
-                return g
+        """The group of this graph with the same producing layers; of several such groups (one producer's channels
+        taken apart by channel ranges), the one with ``group``'s id and size."""
+        same = [g for g in self.groups() if g.layers == tuple(group.layers)]
+        if len(same) > 1:
+            same = [g for g in same if (g.id, g.size) == (group.id, group.size)]
+        if len(same) == 1:
+            return same[0]
         raise ValueError(
             f"{group!r} is not a prunable channel group of model {self.model.name!r}; "
             "get groups from tfcompress.channel_groups(model)."
