@@ -271,6 +271,21 @@ def test_unknown_or_mixing_layers_block_the_group(blocker):
         assert re.fullmatch(rf"the (log_)?softmax of layer '{layer.name}' combines them", reason), reason
 
 
+@pytest.mark.parametrize("axis", [1, -2, (1, 2)])
+def test_softmax_over_positions_turns_a_removed_channel_into_a_constant_its_consumer_absorbs(axis, rng):
+    """Each channel is normalised over the positions on its own: a zero channel comes out as 1 / positions."""
+    inp = keras.Input((4, 5, 3))
+    h = L.Softmax(axis=axis)(L.Conv2D(8, 1, name="c")(inp))
+    model = keras.Model(inp, L.Flatten()(L.Conv2D(3, 1, name="t")(h)))
+    randomize_biases(model, rng)
+    (group,) = tfcompress.channel_groups(model)
+    tfcompress.zero_channels(model, group, [2, 5], compensate=False)
+    stripped = tfcompress.strip(model)
+    assert stripped.get_layer("c").filters == 6
+    x = rng.normal(size=(2, 4, 5, 3)).astype("float32")
+    assert rel_error(stripped(x), model(x)) < TOL
+
+
 @pytest.mark.parametrize("layer", [
     lambda: L.Permute((2, 1, 3)),  # swaps height and width, channels stay last
     lambda: L.Resizing(9, 7, interpolation="bilinear"),

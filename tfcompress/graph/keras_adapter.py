@@ -284,8 +284,15 @@ def _activation(layer, base, ins, out):
 
 
 def _softmax(layer, base, ins, out):
+    """Over the channel axis it mixes the channels; over other axes each channel is normalised on its own, and a
+    constant channel becomes 1 / (the number of positions normalised over), which its consumers can absorb."""
     axes = _axes(layer.axis, len(out))
-    return kinds.ChannelMixing if axes is None or len(out) - 1 in axes else table_kind("opaque")
+    if axes is None or len(out) - 1 in axes:
+        return kinds.ChannelMixing
+    sizes = [out[a] for a in axes]
+    if len(ins) != 1 or 0 in axes or None in sizes:  # a mask, or positions counted only at run time
+        return kinds.BLOCKER
+    return table_kind("function", lambda call: {"fn": lambda v: np.full_like(v, 1.0 / math.prod(sizes))})
 
 
 def _rescaling(layer, base, ins, out):
