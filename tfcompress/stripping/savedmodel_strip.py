@@ -21,7 +21,7 @@ from tensorflow.python.framework import convert_to_constants
 from tfcompress.errors import ExportError
 from tfcompress.graph.engine import Rule
 from tfcompress.graph.flops import FlopsCounter
-from tfcompress.graph.frozen_graph import fold_constants, has_cycle
+from tfcompress.graph.frozen_graph import fold_constants, has_cycle, prune_unused
 from tfcompress.graph.graphdef_adapter import GraphDefGraph
 from tfcompress.output_dir import check_output_dir, staged_output
 from tfcompress.saved_model_dir import check_saved_model_dir, read_saved_model_proto
@@ -214,8 +214,7 @@ def _constant_graph(fn, lower_control_flow: bool = True) -> tuple:
     captured = {id(fn.graph.internal_captures[k]) for k in converted}
     inputs = [t.name for t in fn.inputs if id(t) not in captured]
     outputs = [t.name for t in fn.outputs]
-    keep = sorted({t.split(":")[0] for t in inputs + outputs})  # an input no output reads stays an input
-    graph_def = tf.compat.v1.graph_util.extract_sub_graph(graph_def, keep)
+    graph_def = prune_unused(graph_def, inputs + outputs)  # an input no output reads stays an input
     for node in graph_def.node:  # colocation with the variables, now constants: nothing to colocate with
         if "_class" in node.attr:
             del node.attr["_class"]
