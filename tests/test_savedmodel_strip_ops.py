@@ -207,6 +207,31 @@ def test_parameters_count_every_layer_and_a_shared_weight_once(shared, tmp_path,
     assert result.params_before == result.params_after == model.count_params()
 
 
+def test_a_signature_input_no_output_reads_stays_an_input(tmp_path, rng):
+    """Callers feed every input of a signature, read or not: the stripped SavedModel and the export take it too
+    (freezing and stripping used to drop its placeholder, and feeding it failed)."""
+    from tfcompress.export import export_saved_model
+
+    class Two(tf.Module):
+        def __init__(self):
+            self.w = tf.Variable(rng.normal(size=(1, 1, 3, 8)).astype(np.float32))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 6, 6, 3], tf.float32, name="a"),
+                                      tf.TensorSpec([None, 2], tf.float32, name="unused")])
+        def serve(self, a, unused):
+            h = tf.nn.conv2d(a, self.w, 1, "SAME")
+            return {"y": tf.reduce_mean(h, [1, 2])}
+
+    m = Two()
+    tf.saved_model.save(m, str(tmp_path / "src"), signatures={"serving_default": m.serve})
+    x = {"a": rng.normal(size=(4, 6, 6, 3)).astype(np.float32), "unused": np.zeros((4, 2), np.float32)}
+    result = strip_saved_model(str(tmp_path / "src"), str(tmp_path / "dst"), check_inputs=x)
+    assert set(result.signature.structured_input_signature[1]) == {"a", "unused"}
+    assert result.max_rel_error < 1e-5
+    report = export_saved_model(str(tmp_path / "src"), str(tmp_path / "out"), int8="none", verbose=False)
+    assert report["steps"]["openvino"]["max_rel_error"] < 1e-4
+
+
 def test_an_op_type_has_one_rule():
     assert KINDS["Conv2DBackpropInput"] is KINDS["Conv2D"]
     with pytest.raises(ValueError, match="'Conv2D' already has a channel rule"):

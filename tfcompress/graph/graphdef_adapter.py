@@ -236,7 +236,7 @@ class GraphDefGraph:
                 if n.name in inserted:
                     continue
                 n.input[:] = [rw.redirect.get(_tensor(i), i) if not i.startswith("^") else i for i in n.input]
-        return unfusable_grouped_biases(prune_unused(out, self.outputs))
+        return unfusable_grouped_biases(prune_unused(out, self.outputs + self.inputs))  # unread inputs stay
 
     def _place_biases(self, rw: Rewriter, edited: dict) -> None:
         """Add each folded bias to the bias constant that follows its node, or insert one ``BiasAdd``.

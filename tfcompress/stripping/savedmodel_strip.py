@@ -107,7 +107,8 @@ def freeze_saved_model(src_dir: str, signature_key: str = "serving_default") -> 
         raise ExportError(f"no output of the {signature_key!r} signature of {src_dir!r} can be exported: "
                           + "; ".join(f"{k!r} {why}" for k, why in sorted(dropped.items())))
     outputs = {k: t for k, t in outputs.items() if k not in dropped}
-    graph_def = fold_constants(graph_def, list(outputs.values()))
+    # the inputs too: a signature input no output reads stays one (its callers still feed it)
+    graph_def = fold_constants(graph_def, list(outputs.values()) + list(inputs.values()))
     return FrozenSignature(graph_def, inputs, outputs, specs, signature_key, same, dropped)
 
 
