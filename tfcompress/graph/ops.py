@@ -21,8 +21,8 @@ import numpy as np
 from tfcompress.graph.engine import Rule, elementwise_consts
 from tfcompress.graph.kernels import depthwise_consts, fold_into_bias, producer_consts, slice_kernel
 
-__all__ = ["OpSemantics", "TableOp", "OPS", "UNARY", "can_fold", "const_out", "folds_into_bias", "kept_bounds", "macs", "rule",
-           "shrink_producer", "take_channels"]
+__all__ = ["OpSemantics", "TableOp", "OPS", "UNARY", "can_fold", "const_out", "folds_into_bias", "kept_bounds",
+           "macs", "rule", "shrink_producer", "take_channels"]
 
 Consts = list[np.ndarray]
 

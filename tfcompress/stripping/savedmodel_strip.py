@@ -357,24 +357,12 @@ def _value_key(node) -> bytes:
     return hashlib.sha256(node.attr["value"].tensor.SerializeToString(deterministic=True)).digest()
 
 
-def _distinct_float_constants(graph_def) -> list:
-    """The float Const nodes of ``graph_def``, one per distinct value (a weight read by several calls of its layer
-    is frozen into one constant per call)."""
-    seen, out = set(), []
-    for n in graph_def.node:
-        if n.op == "Const" and tf.as_dtype(n.attr["dtype"].type).is_floating:
-            key = _value_key(n)
-            if key not in seen:
-                seen.add(key)
-                out.append(n)
-    return out
-
-
 def variable_bytes(graph_def) -> int:
-    """Bytes of the values :func:`save_graph_def` stores in ``variables/`` (its weights, unpadded, each once)."""
+    """Bytes of the values :func:`save_graph_def` stores in ``variables/`` (its weights, unpadded; equal ones, as
+    the copies freezing makes of one weight, once)."""
+    stored = {_value_key(n): n for n in graph_def.node if _stored_as_variable(n)}
     return int(sum(np.prod([d.size for d in n.attr["value"].tensor.tensor_shape.dim], dtype=np.int64)
-                   * tf.as_dtype(n.attr["dtype"].type).size for n in _distinct_float_constants(graph_def)
-                   if _stored_as_variable(n)))
+                   * tf.as_dtype(n.attr["dtype"].type).size for n in stored.values()))
 
 
 def _save_graph_def_v1(frozen: FrozenSignature, graph_def: tf.compat.v1.GraphDef, dst_dir: str) -> None:
