@@ -144,6 +144,23 @@ def test_gated_linear_units_prune_both_halves_together(rng):
     assert (stripped.get_layer("glu").filters, stripped.get_layer("glu2").filters) == (8, 6)
 
 
+def test_filter_pruning_masks_of_a_split_producer_cover_its_whole_output(rng):
+    """A producer whose channels a split cut into two groups has one ``masks`` entry: the keep mask of all its
+    filters (both parts), False exactly where FilterPruning zeroed a filter."""
+    inp = keras.Input((6, 6, 3))
+    a, b = ops.split(L.Conv2D(16, 3, padding="same", name="p")(inp), [6], axis=-1)
+    y = ops.concatenate([L.Conv2D(4, 1, name="ta")(a), L.Conv2D(4, 1, name="tb")(b)], -1)
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(y)))
+    x = rng.normal(size=(16, 6, 6, 3)).astype("float32")
+    model.compile("sgd", "mse")
+    pruner = tfcompress.pruning.FilterPruning(target=0.5, pruning_epochs=1, prune_first_conv=True)
+    model.fit(x, rng.normal(size=(16, 2)), epochs=1, batch_size=16, callbacks=[pruner], verbose=0)
+    assert sorted(g.size for g in pruner.groups if g.layers == ("p",)) == [6, 10]
+    zero = np.abs(model.get_layer("p").kernel.numpy()).sum(axis=(0, 1, 2)) == 0
+    assert 0 < zero[:6].sum() < 6 and 0 < zero[6:].sum() < 10  # both parts pruned
+    np.testing.assert_array_equal(pruner.masks[("p",)], ~zero)
+
+
 @pytest.mark.parametrize("layer, blocked", [
     (lambda: L.DepthwiseConv2D(1, depth_multiplier=2, name="g"), ("a",)),  # a range of repeated channels
     (lambda: L.Conv2D(8, 1, groups=2, name="g"), ("g",)),  # a range across a grouped convolution's blocks

@@ -245,9 +245,17 @@ class FilterPruning(keras.callbacks.Callback):
 
     @property
     def masks(self) -> dict[tuple[str, ...], np.ndarray]:
-        """Current keep mask of each pruned group, keyed by the group's layer names."""
+        """Current keep mask of each pruned group, keyed by the group's layer names.
+
+        Where a channel range (``x[..., a:b]``, ``keras.ops.split``) cut one layer's channels into several
+        groups, those groups share their layer names and one entry: the keep mask of that layer's whole output.
+        """
         st = self._require()
-        return {g.layers: st.masks.keep[g.id].copy() for g in st.masks.groups}
+        parts: dict[tuple[str, ...], list[ChannelGroup]] = {}
+        for g in st.masks.groups:
+            parts.setdefault(g.layers, []).append(g)
+        return {layers: st.masks.keep[gs[0].id].copy() if len(gs) == 1 else st.masks.layer_keep(layers[0])
+                for layers, gs in parts.items()}
 
     @property
     def pruning_level(self) -> float:

@@ -76,6 +76,13 @@ class GroupMasks:
     def removed(self) -> dict[int, np.ndarray]:
         return {gid: ~k for gid, k in self.keep.items()}
 
+    def layer_keep(self, layer: str) -> np.ndarray:
+        """Keep mask of the channels of producer ``layer``'s output, over every group that holds some of them."""
+        for rec in self.kg.records:
+            if rec.op.layer == layer and rec.op.rule is Rule.PRODUCER:
+                return self.kg.graph.keep_mask(rec.op.outputs[0], self.removed())
+        raise KeyError(layer)
+
     def _variable_masks(self, indices: Any = None) -> dict[int, tuple[ChannelParam, np.ndarray]]:
         """The 0/1 mask of each parameter's variable (of the parameters ``indices`` into ``_params``; all)."""
         removed = self.removed()
