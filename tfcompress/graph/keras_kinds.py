@@ -644,7 +644,7 @@ class AttentionProduct(LayerKind):
     def geometry(self):
         c = self.call
         return dict(positions=ops.positions(c.out_shape), key_positions=ops.positions(c.in_shapes[1]),
-                    contracted=[0])
+                    contracted=[0], dot=getattr(self.layer, "score_mode", "concat") == "dot")
 
     def _channel_scale(self) -> Any:
         scale = getattr(self.layer, "scale", None)

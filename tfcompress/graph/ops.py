@@ -126,17 +126,21 @@ def _contracted(cs: Consts, passed: int | None = None, width: int = 0) -> np.nda
     return _nonzero_unknown([cs[passed]]) if passed is not None else np.full(width, np.nan)
 
 
-def _matmul_macs(in_counts: list[int], out_count: int, positions: float, contracted: list[int], **_) -> float:
-    """``a @ b`` of two tensors: each of ``positions`` rows of ``out_count`` outputs sums ``a``'s channels (the
-    contracted axis, as many as ``in_counts[contracted[0]]``)."""
-    return float(positions * in_counts[contracted[0]] * out_count)
+def _matmul_macs(in_counts: list[int], out_count: int, positions: float, contracted: list[int], inner: float,
+                 columns: float, passed: int | None = None, **_) -> float:
+    """``a @ b`` of two tensors: each of ``positions`` rows of the output's columns (the passed input's kept
+    channels, else ``columns``) sums ``inner`` products (the kept channels of the ``contracted`` inputs, when
+    the summed axis is theirs)."""
+    return float(positions * (in_counts[contracted[0]] if contracted else inner)
+                 * (out_count if passed is not None else columns))
 
 
 def _attention_product_macs(in_counts: list[int], out_count: int, positions: float, key_positions: float,
-                            contracted: list[int], **_) -> float:
+                            contracted: list[int], dot: bool, **_) -> float:
     """A Keras ``Attention`` / ``AdditiveAttention``: a score per query and key position over the contracted
-    channels, then each query position's weighted sum of the value's ``out_count`` channels over the keys."""
-    return float(positions * key_positions * (in_counts[contracted[0]] + out_count))
+    channels (multiply-accumulates for a ``dot`` product; ``tanh(q + k)`` summed has none), then each query
+    position's weighted sum of the value's ``out_count`` channels over the keys."""
+    return float(positions * key_positions * (in_counts[contracted[0]] * dot + out_count))
 
 
 def _depthwise_macs(in_counts: list[int], out_count: int, positions: float, window: int, **_) -> float:
