@@ -431,7 +431,7 @@ class ChannelGraph:
                 self._block(m, f"{_label(op)} sums them with channels that do not line up")
         for i, m in enumerate(ins):
             if i not in op.contracted and i != op.passed:
-                self._block(m, f"{_label(op)} moves them off the channel axis")
+                self._block(m, f"{_label(op)} moves them off the channel axis or sums them against positions")
         for k, t in enumerate(op.outputs):
             if k == 0 and op.passed is not None:
                 self.maps[t] = ins[op.passed]

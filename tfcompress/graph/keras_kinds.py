@@ -644,7 +644,12 @@ class AttentionProduct(LayerKind):
     def geometry(self):
         c = self.call
         return dict(positions=ops.positions(c.out_shape), key_positions=ops.positions(c.in_shapes[1]),
-                    contracted=[0], dot=getattr(self.layer, "score_mode", "concat") == "dot")
+                    contracted=[0], dot=self._dot())
+
+    def _dot(self) -> bool:
+        """Whether the scores are dot products (``AdditiveAttention`` keeps its base's ``score_mode="dot"``
+        attribute but sums ``tanh(q + k)``)."""
+        return not isinstance(self.layer, keras.layers.AdditiveAttention) and self.layer.score_mode == "dot"
 
     def _channel_scale(self) -> Any:
         scale = getattr(self.layer, "scale", None)
