@@ -140,8 +140,8 @@ def test_savedmodel_stripper_removes_what_keras_removes(variant, rng, tmp_path):
     ops = {n.op for n in freeze_saved_model(str(tmp_path / "src")).graph_def.node}
     assert "BatchMatMulV2" in ops and "Softmax" in ops
     stripped = tfcompress.strip(model)
-    names = ["q", "v"] + ([] if variant == "no_key" else ["k"])
-    assert {n: _layer_channels(result, n) for n in names} == _widths(stripped, names)
+    expected = {"q": 6, "v": 6} if variant == "no_key" else {"q": 6, "v": 9, "k": 6}
+    assert {n: _layer_channels(result, n) for n in expected} == _widths(stripped, list(expected)) == expected
     x = _inputs(rng)
     sig = tf.saved_model.load(str(tmp_path / "dst")).signatures["serving_default"]
     (out,) = sig(qi=tf.constant(x[0]), vi=tf.constant(x[1])).values()
