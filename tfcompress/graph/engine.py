@@ -55,6 +55,8 @@ class Rule(enum.Enum):
     CONCAT = "concat"  # inputs concatenated along the channel axis
     FLATTEN = "flatten"  # the channel map is tiled `channels` times (Flatten of an HxWxC tensor)
     SLICE = "slice"  # each output is a range of consecutive input channels (`slices`): x[..., a:b], split
+    CONTRACT = "contract"  # sums the channels of its `contracted` inputs together (joined, read as a producer
+    # reads them); the first output carries the channels of input `passed` one to one (attention, matmul)
     BLOCKER = "blocker"  # anything else: the channels reaching it can never be removed
     SHAPE = "shape"  # reads only its input's shape (batch size): a new blocked output, inputs untouched
 
@@ -128,6 +130,12 @@ class Op:
         mixes_outputs: why the op's output channels depend on each other (a convolution or dense layer with
             a softmax activation: removing one changes the others), or ``""``: if set, they are blocked.
         slices: SLICE: for each output, the ``(start, stop)`` of the input channels it is.
+        contracted: CONTRACT: the inputs whose channel axes are summed over together (``q . k``, or
+            ``tanh(q + k)`` summed over the channels): channel j of each meets channel j of the others, so they
+            are joined, and a channel may leave only where it adds nothing (0, or a constant the op can fold).
+        passed: CONTRACT: the input whose channels the first output carries one to one (the value of an
+            attention, the right operand of ``weights @ v``), or None: the outputs carry no tracked channels.
+            An input neither contracted nor passed has its channels moved off the channel axis: it is blocked.
     """
 
     name: str
@@ -142,6 +150,8 @@ class Op:
     reads_all_channels: bool = False
     mixes_outputs: str = ""
     slices: tuple[tuple[int, int], ...] = ()
+    contracted: tuple[int, ...] = ()
+    passed: int | None = None
 
     def __post_init__(self) -> None:
         if not self.layer:
@@ -389,6 +399,9 @@ class ChannelGraph:
                     out = ChannelMap(tuple(s for m in ins for s in m.segments))
             elif op.rule is Rule.FLATTEN:
                 out = dataclasses.replace(ins[0], tile=ins[0].tile * op.channels)
+            elif op.rule is Rule.CONTRACT:
+                self._contract(op, ins)
+                continue
             elif op.rule is Rule.SLICE:
                 parts = self._slice(ins[0], op.slices)
                 if parts is None:
@@ -407,6 +420,23 @@ class ChannelGraph:
         for t in self.output_tensors:
             self._block(self.maps[t], "they are a model output")
         self.maps = {t: self._resolve(m) for t, m in self.maps.items()}
+
+    def _contract(self, op: Op, ins: list[ChannelMap]) -> None:
+        """A CONTRACT op: its contracted inputs joined and read as consumers, the first output the passed input's
+        channels, every other output (attention scores, whose last axis is positions) untracked."""
+        summed = [ins[i] for i in op.contracted]
+        self.consumers += [(op, i) for i in op.contracted]
+        if len(summed) > 1 and not self._join(summed):
+            for m in summed:
+                self._block(m, f"{_label(op)} sums them with channels that do not line up")
+        for i, m in enumerate(ins):
+            if i not in op.contracted and i != op.passed:
+                self._block(m, f"{_label(op)} moves them off the channel axis or sums them against positions")
+        for k, t in enumerate(op.outputs):
+            if k == 0 and op.passed is not None:
+                self.maps[t] = ins[op.passed]
+            else:
+                self.maps[t] = self._fresh(t, blocked=True, source=op.name)
 
     # ------------------------------------------------------------------ groups
     def groups(self) -> list[ChannelGroup]:

@@ -92,7 +92,8 @@ class GraphDefGraph:
             graph_ops.append(Op(name, kind.rule, ins, outs, channels=kind.channels() if kind.rule in (
                 Rule.PRODUCER, Rule.DEPTHWISE, Rule.FLATTEN) else 0, blocks=kind.blocks(),
                 has_channel_params=kind.has_channel_params, semantics=kind,
-                reads_all_channels=kind.reads_all_channels, slices=kind.channel_slices()))
+                reads_all_channels=kind.reads_all_channels, slices=kind.channel_slices(),
+                contracted=kind.contraction()[0], passed=kind.contraction()[1]))
         widths = {tid: self.width(t) for t, tid in self._tid.items()}
         self.ops = graph_ops
         self.graph = ChannelGraph(graph_ops, [self._tensor_id(o) for o in self.outputs], widths)
@@ -429,12 +430,74 @@ def _split(g: GraphDefGraph, node):
 @register("Transpose")
 def _transpose(g: GraphDefGraph, node):
     """A permutation of the other axes (Keras' ``Permute`` of them, TimeDistributed's swap of the batch and
-    time axes): the channel axis stays last, each channel whole."""
+    time axes): the channel axis stays last, each channel whole. A swap of the last two axes that only products
+    of two tensors read (``k^T`` in ``q @ k^T``) is looked through by them (:func:`_matmul_operand`): it
+    carries no channels of its own."""
     rank = len(g.shape(node.input[0]) or ())
     if not rank or not g.is_const(node.input[1]):
         return None
+    if _looked_through(g, node):
+        return NodeKind(node, g, "shape", slice(0, 0), width=g.width(node.name))
     perm = np.atleast_1d(g.const(node.input[1]))
     return NodeKind(node, g) if perm.size == rank and int(perm[-1]) % rank == rank - 1 else None
+
+
+_BATCH_MATMULS = ("BatchMatMulV2", "BatchMatMulV3")
+
+
+def _weights(g: GraphDefGraph, tensor: str) -> "kinds.Weights | None":
+    try:
+        return kinds.Weights(g, tensor)
+    except KeyError:
+        return None
+
+
+def _swaps_last_two(g: GraphDefGraph, node) -> bool:
+    rank = len(g.shape(node.input[0]) or ())
+    if node.op != "Transpose" or rank < 2 or not g.is_const(node.input[1]):
+        return False
+    return np.array_equal(np.atleast_1d(g.const(node.input[1])), [*range(rank - 2), rank - 1, rank - 2])
+
+
+def _product_of_tensors(g: GraphDefGraph, node) -> bool:
+    """A batched matmul of two tensors (no weights among its operands)."""
+    return node.op in _BATCH_MATMULS and all(_weights(g, i) is None for i in node.input[:2])
+
+
+def _looked_through(g: GraphDefGraph, node) -> bool:
+    """A Transpose of the last two axes read only by products of two tensors, and no signature output."""
+    readers = g.readers.get(node.name, [])
+    outputs = {_tensor(o) for o in g.outputs}
+    return (_swaps_last_two(g, node) and bool(readers) and _tensor(node.name) not in outputs
+            and all(_product_of_tensors(g, r) for r in readers))
+
+
+def _matmul_operand(g: GraphDefGraph, tensor: str, adjoint: bool) -> tuple[str, bool]:
+    """The tensor a matmul operand comes from and whether the matmul reads it with its last two axes swapped
+    (the adjoint flag, or a looked-through Transpose of them)."""
+    node = g.nodes.get(_node(tensor))
+    if node is not None and _looked_through(g, node):
+        return node.input[0], not adjoint
+    return tensor, adjoint
+
+
+def _contraction(g: GraphDefGraph, node) -> "kinds.Contraction | None":
+    """``a @ b`` of two tensors: ``a``'s last axis (after its adjoint) is summed against ``b``'s second last and
+    the output's last axis is ``b``'s last. An operand's channel axis is summed when ``a`` is not swapped, or
+    ``b`` is; where both are, their channels are summed together; ``b``'s unswapped channels pass; any other
+    channel axis ends up on another axis or is summed against positions (which cannot lose entries): blocked."""
+    if not all(g.shape(i) for i in node.input[:2]):
+        return None
+    (a, swap_a), (b, swap_b) = (_matmul_operand(g, node.input[k], kinds.attr(node, f"adj_{x}").b)
+                                for k, x in ((0, "x"), (1, "y")))
+    contracted = (0, 1) if not swap_a and swap_b else ()
+    # b's axis that is not its channels (its positions, e.g. attention's keys) is the summed one or the output's
+    # columns; its static size, else the positions a tensordot's reshape left unknown to shape inference
+    rows = g.shape(b)[-2]
+    rows = rows if rows is not None else g.positions(b)
+    inner = rows if not swap_b else g.shape(b)[-1] or 0
+    columns = rows if swap_b else g.shape(b)[-1] or 0
+    return kinds.Contraction(node, g, [a, b], contracted, None if swap_b else 1, inner, columns)
 
 
 @register("Pack")
@@ -526,6 +589,8 @@ def _reshape(g: GraphDefGraph, node):
           "Conv3D", "Conv3DBackpropInputV2")
 def _producer(g: GraphDefGraph, node):
     op = node.op
+    if op in _BATCH_MATMULS and _product_of_tensors(g, node):
+        return _contraction(g, node)
     try:
         w = kinds.Weights(g, node.input[1])
     except KeyError:

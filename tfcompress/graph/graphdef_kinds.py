@@ -275,6 +275,34 @@ class ChannelSource(ChannelParam):
         return super().const_out([np.full(self._c().shape, np.nan)])
 
 
+class Contraction(NodeKind):
+    """A product of two tensors summed over one axis (``BatchMatMulV2`` of two activations, attention's
+    ``q @ k^T`` and ``weights @ v``), each operand read as ``source`` with its last two axes swapped or not.
+
+    ``contracted``: the operands whose channel axes are the summed axis (both or none: a channel axis summed
+    against positions cannot lose entries, the positions stay). ``passed``: the operand whose channel axis is the
+    output's (its channels pass one to one) or None. ``inner`` and ``columns``: the sizes of the summed axis and
+    of the output's last axis (for the MACs, where they are not channels). The op has no parameters: nothing to
+    slice when channels go.
+    """
+
+    def __init__(self, node, graph, sources: list[str], contracted: tuple[int, ...], passed: int | None,
+                 inner: float, columns: float) -> None:
+        super().__init__(node, graph, "matmul", slice(None), passed=passed, width=graph.width(node.name))
+        self.sources, self._contraction = sources, (contracted, passed)
+        self.inner, self.columns = inner, columns
+
+    def data_inputs(self):
+        return list(self.sources)
+
+    def contraction(self):
+        return self._contraction
+
+    def geometry(self):
+        return dict(positions=self.g.positions(self.node.name), contracted=list(self._contraction[0]),
+                    inner=self.inner, columns=self.columns, passed=self._contraction[1])
+
+
 class ChannelStatistic(NodeKind):
     """A Sum or Mean over the channel axis (a normalization's statistics): its output has no channels to remove.
 

@@ -207,6 +207,7 @@ def op_kind(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> Kin
 # --------------------------------------------------------------------------- layer -> kind
 
 _L = keras.layers
+_SEVERAL_OUTPUT_LAYERS = (_L.Attention,)  # layers whose rule describes several outputs (the attention scores)
 _ELEMENTWISE = (
     _L.Dropout, _L.SpatialDropout1D, _L.SpatialDropout2D, _L.SpatialDropout3D, _L.GaussianNoise,
     _L.GaussianDropout, _L.AlphaDropout, _L.ActivityRegularization, _L.Identity,
@@ -363,6 +364,12 @@ def _attention(layer, base, ins, out):
     return lambda call: kinds.Attention(call) if kinds.attention_roles(call) else kinds.BLOCKER(call)
 
 
+def _attention_product(layer, base, ins, out):
+    if _overrides_call(layer, base):
+        return kinds.BLOCKER
+    return lambda call: kinds.AttentionProduct(call) if kinds.attention_inputs(call) else kinds.BLOCKER(call)
+
+
 def _time_distributed(layer, base, ins, out):
     """The wrapped layer's rule for one time step's shapes: (batch, time, ...) without the time axis."""
     if _overrides_call(layer, base) or len(ins) != 1:
@@ -403,6 +410,7 @@ KERAS_LAYERS: list[tuple[tuple[type, ...], LayerRuleFn]] = [
     ((_L.Reshape,), _reshape),
     ((_L.LSTM, _L.GRU, _L.SimpleRNN, _L.Bidirectional), _recurrent),
     ((_L.MultiHeadAttention,), _attention),
+    ((_L.Attention, _L.AdditiveAttention), _attention_product),
     ((_L.Permute,), _permute),
     ((_L.Resizing,), _resizing),
     ((_L.TimeDistributed,), _time_distributed),
@@ -423,7 +431,8 @@ def layer_kind(layer: keras.layers.Layer, in_shapes: list[tuple], out_shape: tup
 
 
 def _kind_of(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> KindFactory:
-    if len(node.outputs) != 1 and type(op).__name__ not in _SEVERAL_OUTPUTS:
+    several = type(op).__name__ in _SEVERAL_OUTPUTS or isinstance(op, _SEVERAL_OUTPUT_LAYERS)
+    if len(node.outputs) != 1 and not several:
         return kinds.BLOCKER
     if not isinstance(op, keras.layers.Layer):
         return op_kind(op, node, in_shapes, out_shape)
@@ -548,6 +557,8 @@ class KerasGraph:
                     reads_all_channels=kind.reads_all_channels,
                     mixes_outputs=kind.mixes_outputs,
                     slices=kind.channel_slices(),
+                    contracted=kind.contraction()[0],
+                    passed=kind.contraction()[1],
                 )
                 self.records.append(_Record(op, kind, node, {id(t): scope[id(t)] for t in node.input_tensors}))
         return [scope[id(t)] for t in fmodel.outputs]

@@ -604,6 +604,63 @@ class Attention(LayerKind):
         return new
 
 
+def attention_inputs(call: LayerCall) -> int:
+    """How many of a Keras ``Attention`` call's input tensors are its ``[query, value(, key)]`` list (they come
+    first: Keras flattens the positional arguments, then the keyword ones by name, and ``inputs`` sorts before
+    ``mask``); 0 if that list is not 2 or 3 tensors of one rank, at least 3 (batch, positions..., channels)."""
+    args = call.node.arguments
+    listed = args.args[0] if args.args else args.kwargs.get("inputs")
+    if not isinstance(listed, (list, tuple)) or len(listed) not in (2, 3):
+        return 0
+    tensors = call.node.input_tensors
+    if not all(isinstance(t, keras.KerasTensor) for t in listed) or list(tensors[:len(listed)]) != list(listed):
+        return 0
+    ranks = {len(t.shape) for t in listed}
+    return len(listed) if len(ranks) == 1 and ranks.pop() >= 3 else 0
+
+
+class AttentionProduct(LayerKind):
+    """Keras's ``Attention`` and ``AdditiveAttention`` on ``[query, value(, key)]`` (the key is the value when it
+    is not given): scores sum over the channels of the query and the key together (``q . k``, or
+    ``tanh(q + k)`` times a scale), so those are one group, and a channel leaves both only where it adds
+    nothing (0 in both: ``0 . 0`` and ``tanh(0 + 0)`` are 0); the output is each query position's weighted sum
+    of the value over the key positions, carrying the value's channels one to one. Masks only say which
+    positions count; the attention scores output is over positions. ``AdditiveAttention``'s learned scale is a
+    vector over the query/key channels: stripping slices it (``Attention``'s scales are scalars)."""
+
+    op = "attention_product"
+    has_channel_params = True
+
+    def __init__(self, call: LayerCall) -> None:
+        super().__init__(call)
+        self.key = 2 if attention_inputs(call) == 3 else 1
+
+    def contraction(self):
+        return (0, self.key), 1
+
+    def params(self):
+        return {"passed": 1}
+
+    def geometry(self):
+        c = self.call
+        return dict(positions=ops.positions(c.out_shape), key_positions=ops.positions(c.in_shapes[1]),
+                    contracted=[0], dot=self._dot())
+
+    def _dot(self) -> bool:
+        """Whether the scores are dot products (``AdditiveAttention`` keeps its base's ``score_mode="dot"``
+        attribute but sums ``tanh(q + k)``)."""
+        return not isinstance(self.layer, keras.layers.AdditiveAttention) and self.layer.score_mode == "dot"
+
+    def _channel_scale(self) -> Any:
+        scale = getattr(self.layer, "scale", None)
+        return scale if scale is not None and len(scale.shape) == 1 else None
+
+    def weights(self, in_keeps, out_keep, folds):
+        scale = self._channel_scale()
+        return [ops.take_channels(to_numpy(w), in_keeps[0], 0) if w is scale else to_numpy(w)
+                for w in self.layer.weights]
+
+
 class Flatten(LayerKind):
     op = "flatten"
 

@@ -43,7 +43,7 @@ class OpSemantics:
     ``positions`` (output positions per example), ``in_positions``, ``window`` (kernel positions), ``groups``,
     ``multiplier`` (depth multiplier) and ``valid_padding``; a recurrent layer's ``kernel_columns`` and
     ``recurrent_macs``; an attention layer's ``input_positions``, ``input_columns``, ``output_rows`` and
-    ``attention_macs``.
+    ``attention_macs``; a contraction's ``contracted`` inputs and ``key_positions``.
     """
 
     consts: Callable[..., np.ndarray]
@@ -118,6 +118,29 @@ def _attention_macs(in_counts: list[int], out_count: int, positions: float, inpu
     projection writes ``out_count`` channels from ``output_rows`` at each output position."""
     read = sum(p * c * k for p, c, k in zip(input_positions, in_counts, input_columns))
     return float(read + attention_macs + positions * output_rows * out_count)
+
+
+def _contracted(cs: Consts, passed: int | None = None, width: int = 0) -> np.ndarray:
+    """The first output of a contraction: the passed input's channels, each a sum over positions weighted by
+    values of the other input (0 stays 0, a constant does not stay); ``width`` unknown channels if none passes."""
+    return _nonzero_unknown([cs[passed]]) if passed is not None else np.full(width, np.nan)
+
+
+def _matmul_macs(in_counts: list[int], out_count: int, positions: float, contracted: list[int], inner: float,
+                 columns: float, passed: int | None = None, **_) -> float:
+    """``a @ b`` of two tensors: each of ``positions`` rows of the output's columns (the passed input's kept
+    channels, else ``columns``) sums ``inner`` products (the kept channels of the ``contracted`` inputs, when
+    the summed axis is theirs)."""
+    return float(positions * (in_counts[contracted[0]] if contracted else inner)
+                 * (out_count if passed is not None else columns))
+
+
+def _attention_product_macs(in_counts: list[int], out_count: int, positions: float, key_positions: float,
+                            contracted: list[int], dot: bool, **_) -> float:
+    """A Keras ``Attention`` / ``AdditiveAttention``: a score per query and key position over the contracted
+    channels (multiply-accumulates for a ``dot`` product; ``tanh(q + k)`` summed has none), then each query
+    position's weighted sum of the value's ``out_count`` channels over the keys."""
+    return float(positions * key_positions * (in_counts[contracted[0]] * dot + out_count))
 
 
 def _depthwise_macs(in_counts: list[int], out_count: int, positions: float, window: int, **_) -> float:
@@ -273,6 +296,12 @@ OPS: dict[str, OpSemantics] = {
     # channels are those of the output projection, a kernel (heads x dims, out) (a constant input channel stays)
     "attention": OpSemantics(_producer, _attention_macs, rule=Rule.PRODUCER),
     "separable_conv": OpSemantics(_producer, _separable_macs, rule=Rule.PRODUCER),
+    # a product of two tensors summed over an axis: scores q . k^T, weights @ v (Rule.CONTRACT says which
+    # inputs' channels are summed and which pass); a removed channel must add nothing: 0 in q or k
+    "matmul": OpSemantics(_contracted, _matmul_macs, rule=Rule.CONTRACT),
+    # Keras's Attention (q . k^T, or tanh(q + k) summed over the channels) and AdditiveAttention: scores over
+    # the query and key channels, softmax over the key positions, the weighted sum of the value's channels
+    "attention_product": OpSemantics(_contracted, _attention_product_macs, rule=Rule.CONTRACT),
     "depthwise": OpSemantics(_depthwise, _depthwise_macs, rule=Rule.DEPTHWISE),
     "batchnorm": OpSemantics(_batchnorm),
     "layernorm": OpSemantics(_layernorm, folds=lambda **_: True),
@@ -372,6 +401,11 @@ class TableOp:
     def channel_slices(self) -> tuple[tuple[int, int], ...]:
         """For a ``"slice"`` op, the ``(start, stop)`` input channels of each output."""
         return ()
+
+    def contraction(self) -> tuple[tuple[int, ...], int | None]:
+        """For an op of :attr:`Rule.CONTRACT`: the inputs whose channels it sums over together, and the input
+        whose channels its first output carries (None: none)."""
+        return (), None
 
     def const_out(self, in_consts: list[np.ndarray]) -> list[np.ndarray]:
         out = const_out(self.op, in_consts, **self.params())
