@@ -201,6 +201,45 @@ def test_prune_then_qat_keeps_pruned_channels_zero_and_strips(rng, tmp_path):
     assert r.max_rel_error < 1e-4
 
 
+def _qat_prunable(rng):
+    """A QAT model whose pruned groups are read by a Conv2D, a SeparableConv2D (depth multiplier 2) and a Dense."""
+    inp = keras.Input((10, 10, 3))
+    a = L.Conv2D(16, 3, padding="same", activation="relu", name="c1")(inp)
+    b = L.Conv2D(16, 3, padding="same", activation="relu", name="c2")(a)
+    c = L.SeparableConv2D(12, 3, padding="same", depth_multiplier=2, activation="relu", name="sep")(b)
+    model = keras.Model(inp, L.Dense(4, name="head")(L.GlobalAveragePooling2D()(c)))
+    for w in model.weights:  # no all-zero biases: every removed channel must be zeroed, not found zero
+        w.assign(rng.normal(0, 0.3, w.shape).astype("float32"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return quantize_model(model)
+
+
+@pytest.mark.parametrize("how", ["fit", "zero_channels"])
+def test_channels_pruned_in_a_qat_model_strip_exactly(how, rng):
+    """Pruning a QAT model (FilterPruning in its fit, or zero_channels) zeroes the kernel rows that read the
+    removed channels too: a QAT layer takes its per-channel weight ranges from all its rows, so rows left
+    behind set the rounding of the others and the stripped model (without them) computed something else."""
+    q = _qat_prunable(rng)
+    x = rng.normal(size=(32, 10, 10, 3)).astype("float32")
+    if how == "fit":
+        q.compile("adam", "mse")
+        pruner = tfcompress.pruning.FilterPruning(target=0.5, pruning_epochs=2, prune_first_conv=True)
+        q.fit(x, rng.normal(size=(32, 4)), epochs=3, batch_size=16, callbacks=[pruner], verbose=0)
+    else:
+        for g in tfcompress.channel_groups(q):
+            tfcompress.zero_channels(q, g, rng.choice(g.size, g.size // 2, replace=False))
+    removed = {name: np.abs(q.get_layer(name).kernel.numpy()).sum(axis=(0, 1, 2)) == 0 for name in ("c1", "c2")}
+    removed["sep"] = np.abs(q.get_layer("sep").pointwise_kernel.numpy()).sum(axis=(0, 1, 2)) == 0
+    assert all(r.sum() == r.size // 2 for r in removed.values()), removed
+    assert not q.get_layer("c2").kernel.numpy()[:, :, removed["c1"]].any()
+    assert not q.get_layer("sep").pointwise_kernel.numpy()[0, 0, np.repeat(removed["c2"], 2)].any()
+    assert not q.get_layer("head").kernel.numpy()[removed["sep"]].any()
+    small = tfcompress.strip(q)
+    assert small.get_layer("head").kernel.shape[0] == 6
+    assert rel_error(small(x), q(x)) < 1e-5
+
+
 @pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
 def test_qat_savedmodel_strips_transposed_and_half_precision_kernels(policy, rng, tmp_path):
     """A QAT kernel reaches its op through layout ops after its FakeQuant: a Transpose (a transposed

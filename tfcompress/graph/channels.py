@@ -9,6 +9,7 @@ import numpy as np
 
 from tfcompress.graph import compensation
 from tfcompress.graph.compensation import CompensationReport
+from tfcompress.graph import keras_kinds as kinds
 from tfcompress.graph.engine import ChannelGroup
 from tfcompress.graph.keras_adapter import KerasGraph, build_graph
 
@@ -125,6 +126,15 @@ def zero_channels(
         if pos.size:
             rec.kind.zero_outputs(pos)
             done.add(rec.op.layer)
+    for rec in kg.records:  # a QAT layer's rows reading them: its weight ranges must not count them
+        if kinds.ranges_read_rows(rec.kind.layer) and kg.row_reader(rec):
+            pos, ch = kg.graph.positions(rec.op.inputs[0], g)
+            keep = np.ones(rec.kind.call.in_widths[0], dtype=bool)
+            keep[pos[chosen[ch]]] = False
+            if not keep.all():
+                for p in rec.kind.input_params():
+                    p.variable.assign(np.asarray(p.variable) * p.mask(keep))
+                done.add(rec.op.layer)
     consts.changed_layers(done)
     finish()
     return report

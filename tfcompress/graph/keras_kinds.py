@@ -82,6 +82,13 @@ class ChannelParam:
         return np.ascontiguousarray(m).reshape(shape)
 
 
+def ranges_read_rows(layer: Any) -> bool:
+    """Whether ``layer`` quantizes its kernel on a range it takes from the kernel's values (a QAT twin's
+    ``quantized_kernel``): kernel rows that read a removed channel then still move the other rows' rounding,
+    so they are zeroed with the channel, and stripping them keeps the layer's arithmetic."""
+    return callable(getattr(layer, "quantized_kernel", None))
+
+
 @dataclasses.dataclass
 class LayerCall:
     """One call of a layer with the numpy weights the engine needs."""
@@ -137,6 +144,10 @@ class LayerKind(ops.TableOp):
     # --- weights
     def output_params(self) -> list["ChannelParam"]:
         """The weights indexed by this layer's output channels (zeroing them zeroes those channels)."""
+        return []
+
+    def input_params(self) -> list["ChannelParam"]:
+        """The weights indexed by this layer's (first) input channels: the kernel rows that read them."""
         return []
 
     def zero_outputs(self, pos: np.ndarray) -> None:
@@ -311,6 +322,9 @@ class Producer(_Kernel):
     def strides(self) -> int:
         return max(tuple(getattr(self.layer, "strides", (1,))))
 
+    def input_params(self):
+        return [ChannelParam(self.layer.kernel, self.in_axis)] if self.blocks() == 1 else []
+
     def filters(self, kernel: np.ndarray | None = None) -> np.ndarray:
         """The kernel (or ``kernel``, an array of its shape) as one row per output channel."""
         kernel = self._kernel() if kernel is None else kernel
@@ -347,6 +361,11 @@ class SeparableConv(Producer):
 
     def _kernel_param(self):
         return ChannelParam(self.layer.pointwise_kernel, -1)
+
+    def input_params(self):  # the pointwise rows (depth_multiplier of them per input channel)
+        shape = tuple(self.layer.pointwise_kernel.shape)
+        m = int(self.layer.depth_multiplier)
+        return [ChannelParam(self.layer.pointwise_kernel, -3, shape[:-2] + (shape[-2] // m, m, shape[-1]))]
 
     def weights(self, in_keeps, out_keep, folds):
         L = self.layer

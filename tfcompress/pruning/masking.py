@@ -20,7 +20,7 @@ from typing import Any
 from tfcompress.graph import compensation
 from tfcompress.graph.engine import ChannelGroup, Rule
 from tfcompress.graph.keras_adapter import KerasGraph
-from tfcompress.graph.keras_kinds import ChannelParam, LayerKind
+from tfcompress.graph.keras_kinds import ChannelParam, LayerKind, ranges_read_rows
 
 __all__ = ["GroupMasks"]
 
@@ -38,8 +38,11 @@ class GroupMasks:
         self.keep: dict[int, np.ndarray] = {g.id: np.ones(g.size, dtype=bool) for g in self.groups}
         ids = set(self.keep)
         by_id = {g.id: g for g in self.groups}
+        # (weight, the tensor whose channels index it): producers' outputs, and a QAT layer's kernel rows
+        # reading its input (its weight ranges must not count rows of removed channels)
         self._params: list[tuple[ChannelParam, int]] = []
         self._params_of: dict[int, list[int]] = {gid: [] for gid in ids}  # group id -> indices into _params
+        self._params_of_var: dict[int, list[int]] = {}  # id(variable) -> indices into _params
         # group id -> (producer, its output positions carrying the group's channels 0, 1, ... once or more)
         self.producers: dict[int, list[tuple[LayerKind, np.ndarray]]] = {g.id: [] for g in self.groups}
         readers: dict[int, list] = {}
@@ -52,15 +55,12 @@ class GroupMasks:
             if rec.node is None or rec.op.layer in seen:
                 continue
             seen.add(rec.op.layer)
+            if ranges_read_rows(rec.kind.layer) and kg.row_reader(rec):
+                self._add(rec.kind.input_params(), rec.op.inputs[0], ids)
             out = rec.op.outputs[0]
-            roots, _ = kg.graph.owners(out)
-            touched = ids.intersection(int(r) for r in np.unique(roots))
+            touched = self._add(rec.kind.output_params(), out, ids)
             if not touched:
                 continue
-            for p in rec.kind.output_params():
-                for gid in touched:
-                    self._params_of[gid].append(len(self._params))
-                self._params.append((p, out))
             if rec.op.rule is Rule.PRODUCER:
                 for gid in touched:  # a producer added to a concatenation carries each group in one part
                     pos, ch = kg.graph.positions(out, by_id[gid])
@@ -71,6 +71,16 @@ class GroupMasks:
         self._masks = self._variable_masks()
         self._fn = None
         self._tensors: list | None = None
+
+    def _add(self, params: list[ChannelParam], tensor: int, ids: set[int]) -> set[int]:
+        """Register ``params`` as indexed by ``tensor``'s channels; returns the groups of ours on it."""
+        touched = ids.intersection(int(r) for r in np.unique(self.kg.graph.owners(tensor)[0]))
+        for p in params if touched else []:
+            for gid in touched:
+                self._params_of[gid].append(len(self._params))
+            self._params_of_var.setdefault(id(p.variable), []).append(len(self._params))
+            self._params.append((p, tensor))
+        return touched
 
     # ------------------------------------------------------------------ views
     def removed(self) -> dict[int, np.ndarray]:
@@ -84,12 +94,18 @@ class GroupMasks:
         raise KeyError(layer)
 
     def _variable_masks(self, indices: Any = None) -> dict[int, tuple[ChannelParam, np.ndarray]]:
-        """The 0/1 mask of each parameter's variable (of the parameters ``indices`` into ``_params``; all)."""
+        """The 0/1 mask of the variable of each parameter (of those ``indices`` into ``_params``; all): the product
+        of the masks of every parameter on that variable."""
         removed = self.removed()
         masks = {}
         for i in range(len(self._params)) if indices is None else indices:
-            p, out = self._params[i]
-            masks[id(p.variable)] = (p, p.mask(self.kg.graph.keep_mask(out, removed)))
+            p = self._params[i][0]
+            if id(p.variable) not in masks:
+                mask = np.ones(tuple(p.variable.shape), np.float32)
+                for j in self._params_of_var[id(p.variable)]:
+                    q, tensor = self._params[j]
+                    mask = mask * q.mask(self.kg.graph.keep_mask(tensor, removed))
+                masks[id(p.variable)] = (p, mask)
         return masks
 
     def _remembered(self, var) -> np.ndarray:

@@ -147,12 +147,12 @@ def quantize_model(
             if not keep.all():
                 for p in rec.kind.output_params():
                     masks.setdefault(p.variable.path.split("/")[-1], []).append((keep, p.axis, p.view))
-            in_axis = getattr(rec.kind, "in_axis", None)
             names = [w.path.split("/")[-1] for w in getattr(layer, "weights", [])]  # none on keras.ops nodes
-            if rec.op.rule is Rule.PRODUCER and in_axis is not None and rec.kind.blocks() == 1 and "kernel" in names:
+            if rec.op.rule is Rule.PRODUCER and rec.kind.input_params():
                 in_keep = kg.graph.keep_mask(rec.op.inputs[0], removed)
                 if not in_keep.all():  # rows reading pruned channels: zero too, so weight ranges ignore them
-                    masks.setdefault("kernel", []).append((in_keep, in_axis, None))
+                    for p in rec.kind.input_params():
+                        masks.setdefault(p.variable.path.split("/")[-1], []).append((in_keep, p.axis, p.view))
             for name, specs in masks.items():
                 key = _CONSTRAINT_KEYS.get(name)
                 if isinstance(layer, _DEPTHWISE) and key == "kernel_constraint":
