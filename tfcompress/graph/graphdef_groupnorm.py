@@ -149,13 +149,12 @@ def _match(g: "GraphDefGraph", out) -> GroupNormPattern | None:
         return None
     for scaled, shift in _orders(g, y):
         for r, a in _orders(g, scaled) if scaled.op == "Mul" else ():
-            p = r is not None and r.op == "Reshape" and _grouping(g, r, out)
-            if p:
-                found = _statistics(g, r, a, shift, *p)
-                if found is not None:
-                    gamma, beta, epsilon, inside = found
-                    return GroupNormPattern(out.name, _tensor(r.input[0]), p[0], gamma, beta, epsilon,
-                                            inside | {y.name, scaled.name, r.name})
+            grouping = r is not None and r.op == "Reshape" and _grouping(g, r, out)
+            found = grouping and _statistics(g, r, a, shift, *grouping)
+            if found:
+                gamma, beta, epsilon, inside = found
+                return GroupNormPattern(out.name, _tensor(r.input[0]), grouping[0], gamma, beta, epsilon,
+                                        inside | {y.name, scaled.name, r.name})
     return None
 
 
