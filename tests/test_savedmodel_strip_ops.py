@@ -811,3 +811,128 @@ def test_flattening_reshapes_written_by_hand_strip(tmp_path, rng):
         assert [(r["channels_before"], r["channels_after"]) for r in result.layers] == [(8, 6), (4, 4)], dynamic
         x = rng.uniform(0, 1, (2, 8, 8, 3)).astype("float32")
         assert rel_error(_run(dst, x), net(tf.constant(x))) < 1e-5
+
+
+# removed per group of 4 (groups=4): 3, 1, 0 and 2 channels; with groups=1, 2 or 16 the same channels
+_GN_CUT = [0, 1, 2, 5, 12, 14]
+
+
+def _group_norm_model(rng, groups=4, conv="2d", scale=True, center=True, residual=False, spatial=(8, 8)):
+    """stem conv (16 filters) -> GroupNormalization -> head conv, or, with ``residual``, a block whose inner conv
+    (1x1) is added to the stem before a second GroupNormalization. The ``_GN_CUT`` channels are zeroed through
+    their whole group: filters, biases, the normalizations' gamma and beta, the inner conv's filters."""
+    Conv = L.Conv2D if conv == "2d" else L.Conv1D
+    inp = keras.Input(spatial[: 2 if conv == "2d" else 1] + (3,))
+    stem, inner = Conv(16, 3, padding="same", name="stem"), Conv(16, 1, name="inner")
+    norms = [L.GroupNormalization(groups=groups, scale=scale, center=center, name=f"norm{k}") for k in range(2)]
+    s = stem(inp)
+    x = norms[0](s)
+    if residual:
+        x = norms[1](s + inner(L.ReLU()(x)))
+    model = keras.Model(inp, Conv(4, 1, name="head")(x))
+    for layer in (stem, inner) if residual else (stem,):
+        kernel = rng.normal(0, 0.3, layer.kernel.shape).astype("float32")
+        bias = rng.uniform(-0.5, 0.5, 16).astype("float32")
+        kernel[..., _GN_CUT] = bias[_GN_CUT] = 0.0
+        layer.set_weights([kernel, bias])
+    for norm in norms[: 1 + residual]:
+        weights = [rng.uniform(0.5, 1.5, 16).astype("float32") for _ in norm.weights]
+        for w in weights:
+            w[_GN_CUT] = 0.0
+        norm.set_weights(weights)
+    return model
+
+
+def _assert_strips_like_keras(model, result, dst, x, layers):
+    """Same outputs as the Keras model (rel. max error 1e-5), the same channels per layer as ``tfcompress.strip``
+    and as many parameters removed (the frozen graph counts each normalization's epsilon, Keras does not)."""
+    import tfcompress
+
+    stripped = tfcompress.strip(model)
+    assert rel_error(_run(dst, x), model(x)) < 1e-5
+    assert rel_error(stripped(x), model(x)) < 1e-5
+    assert {n: _by_layer(result, n)[0]["channels_after"] for n in layers} == {
+        n: stripped.get_layer(n).filters for n in layers}
+    assert result.params_before - result.params_after == model.count_params() - stripped.count_params()
+
+
+@pytest.mark.parametrize("kw, stem_after", [
+    (dict(groups=4), 10),  # groups lose 3, 1, 0 and 2 of their 4 channels
+    (dict(groups=16), 10),  # one channel per group: a group loses its only channel
+    (dict(groups=1), 10),
+    (dict(groups=2, center=False), 10),
+    (dict(groups=4, conv="1d"), 10),
+    (dict(groups=4, spatial=(None, None)), 10),  # the reshapes' targets read the spatial sizes at run time
+    (dict(groups=4, residual=True), 10),
+    (dict(groups=4, scale=False), 16),  # (0 - mean) / std + beta varies: blocked, as by the Keras stripper
+], ids=["groups4", "groups_c", "groups1", "no_center", "conv1d", "dynamic_spatial", "residual", "no_scale"])
+def test_group_normalization_strips_like_keras(tmp_path, rng, kw, stem_after):
+    """GroupNormalization as Keras traces it (reshape into groups, moments, normalize, reshape back) is one op
+    to the SavedModel stripper: the zeroed channels go and each group's statistics still count them, so the
+    stripped SavedModel computes what the Keras model does, with the channels and parameters of
+    ``tfcompress.strip``."""
+    model = _group_norm_model(rng, **kw)
+    result, dst = _strip(model, tmp_path)
+    assert _by_layer(result, "stem")[0]["channels_after"] == stem_after
+    x = rng.uniform(0, 1, (3, 8, 3) if kw.get("conv") == "1d" else (3, 8, 8, 3)).astype("float32")
+    _assert_strips_like_keras(model, result, dst, x, ["stem", "head"] + ["inner"] * bool(kw.get("residual")))
+
+
+def test_group_normalization_counts_removed_constant_channels(tmp_path, rng):
+    """Channels 1 and 6 of the stem are constants (zero filters, biases 0.7 and -1.3) whose normalized outputs
+    are constants too (gamma 0, beta not), absorbed by the 1x1 head: they go, and their groups' statistics
+    still count their values."""
+    model = _group_norm_model(rng, groups=4)
+    stem, norm = model.get_layer("stem"), model.get_layer("norm0")
+    kernel, bias = stem.get_weights()
+    kernel[..., [1, 6]], bias[[1, 6]] = 0.0, [0.7, -1.3]
+    stem.set_weights([kernel, bias])
+    gamma, beta = norm.get_weights()
+    gamma[[1, 6]], beta[[1, 6]] = 0.0, [0.4, -0.2]
+    norm.set_weights([gamma, beta])
+    result, dst = _strip(model, tmp_path)
+    assert _by_layer(result, "stem")[0]["channels_after"] == 16 - len(set(_GN_CUT) | {1, 6})
+    x = rng.uniform(0, 1, (3, 8, 8, 3)).astype("float32")
+    assert rel_error(_run(dst, x), model(x)) < 1e-5
+
+
+def test_group_normalization_model_exports_stripped(tmp_path, rng):
+    """``python -m tfcompress.export``'s pipeline: the rewritten normalization converts to ONNX and OpenVINO."""
+    from tfcompress.export import export_saved_model
+
+    model = _group_norm_model(rng, groups=4, residual=True)
+    model.export(str(tmp_path / "src"), verbose=False)
+    report = export_saved_model(str(tmp_path / "src"), str(tmp_path / "out"), int8="none", verbose=False)
+    assert [row["channels_after"] for row in report["layers"]] == [10, 10, 4]
+    assert report["steps"]["strip"]["max_rel_error"] < 1e-5
+    assert report["steps"]["openvino"]["max_rel_error"] < 1e-5
+
+
+class _GroupNormByHand(tf.Module):
+    """conv (4 of 8 filters zeroed) -> a group normalization in a form Keras does not trace (statistics per
+    group of a reshaped tensor, gamma and beta applied after the reshape back) -> conv."""
+
+    def __init__(self, rng):
+        super().__init__()
+        w1 = rng.normal(0, 0.3, (3, 3, 3, 8)).astype("float32")
+        gamma = rng.uniform(0.5, 1.5, 8).astype("float32")
+        w1[..., [0, 1, 4, 6]] = gamma[[0, 1, 4, 6]] = 0.0
+        self.w1, self.gamma = tf.constant(w1), tf.constant(gamma)
+        self.w2 = tf.constant(rng.normal(0, 0.3, (1, 1, 8, 4)).astype("float32"))
+
+    @tf.function(input_signature=[tf.TensorSpec((None, 8, 8, 3), tf.float32)])
+    def __call__(self, x):
+        y = tf.nn.conv2d(x, self.w1, 1, "SAME")
+        r = tf.reshape(y, (-1, 8, 8, 2, 4))
+        mean, var = tf.nn.moments(r, axes=[1, 2, 4], keepdims=True)
+        y = tf.reshape((r - mean) * tf.math.rsqrt(var + 1e-3), (-1, 8, 8, 8)) * self.gamma
+        return tf.nn.conv2d(y, self.w2, 1, "VALID")
+
+
+def test_group_normalization_in_another_form_keeps_blocking(tmp_path, rng):
+    module = _GroupNormByHand(rng)
+    tf.saved_model.save(module, str(tmp_path / "src"), signatures=module.__call__)
+    result = strip_saved_model(str(tmp_path / "src"), str(tmp_path / "dst"))
+    assert [r["channels_after"] for r in result.layers] == [8, 4]
+    x = rng.uniform(0, 1, (2, 8, 8, 3)).astype("float32")
+    assert rel_error(_run(tmp_path / "dst", x), module(tf.constant(x))) < 1e-5

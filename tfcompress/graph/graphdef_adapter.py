@@ -24,6 +24,7 @@ from tfcompress.graph.frozen_graph import (
     node_name as _node, prune_unused, tensor_name as _tensor, topological_order as _topological,
     unfusable_grouped_biases,
 )
+from tfcompress.graph.graphdef_groupnorm import GroupNorm, find_group_norms
 from tfcompress.graph.graphdef_kinds import NodeKind, Rewriter
 
 __all__ = ["GraphDefGraph", "KINDS", "NodeKind", "register"]
@@ -79,6 +80,8 @@ class GraphDefGraph:
                 self.readers.setdefault(i, []).append(n)
         self._refine_reshape_widths()
         self._batch_factors()
+        self._group_norms = find_group_norms(self)
+        self._inside_group_norms = {n for p in self._group_norms.values() for n in p.inside}
         self.kinds: dict[str, NodeKind] = {}
         self._tid: dict[str, int] = {}
         graph_ops = []
@@ -195,7 +198,12 @@ class GraphDefGraph:
 
         An element-wise kind whose data input is narrower than its output (a broadcast, such as a
         LayerNormalization's per-row scale times its per-channel gamma) creates new channels: it blocks too.
+        A traced GroupNormalization is one op, its output node's; its inner nodes read nothing the rules follow.
         """
+        if node.name in self._group_norms:
+            return GroupNorm(node, self, self._group_norms[node.name])
+        if node.name in self._inside_group_norms:
+            return NodeKind(node, self, "input", slice(0, 0), width=self.width(node.name))
         classify = KINDS.get(node.op)
         kind = classify(self, node) if classify is not None else None
         if kind is None:

@@ -482,9 +482,7 @@ class GroupNorm(LayerNorm):
     def _channel_groups(self) -> np.ndarray:
         if isinstance(self.layer, PartialGroupNormalization):
             return np.asarray(self.layer.channel_groups, int)
-        n, groups = self.call.out_width, int(self.layer.groups)
-        groups = n if groups == -1 else groups
-        return np.arange(n) // (n // groups)
+        return ops.norm_groups(self.call.out_width, int(self.layer.groups))
 
     def config(self, in_keeps, out_keep, folds):
         member, keep, fold = self._channel_groups(), in_keeps[0], folds[0]

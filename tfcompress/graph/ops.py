@@ -22,7 +22,7 @@ from tfcompress.graph.engine import Rule, elementwise_consts
 from tfcompress.graph.kernels import depthwise_consts, fold_into_bias, producer_consts, slice_kernel
 
 __all__ = ["OpSemantics", "TableOp", "OPS", "UNARY", "can_fold", "const_out", "folds_into_bias", "kept_bounds",
-           "macs", "rule", "shrink_producer", "take_channels"]
+           "macs", "norm_groups", "rule", "shrink_producer", "take_channels"]
 
 Consts = list[np.ndarray]
 
@@ -366,6 +366,13 @@ def folds_into_bias(op: str) -> bool:
     """Whether canonical op ``op`` can take a removed input channel's constant into its bias (at all, exactly or
     not: see :class:`OpSemantics`)."""
     return op in OPS and OPS[op].into_bias
+
+
+def norm_groups(channels: int, groups: int) -> np.ndarray:
+    """The group of each channel when GroupNormalization splits ``channels`` into ``groups`` equal consecutive
+    groups (``groups == -1``: one per channel)."""
+    groups = channels if groups == -1 else groups
+    return np.arange(channels) // (channels // groups)
 
 
 def take_channels(w: np.ndarray, keep: np.ndarray, axis: int) -> np.ndarray:
