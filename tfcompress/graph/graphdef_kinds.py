@@ -255,6 +255,23 @@ class ChannelParam(NodeKind):
             new.input[self.ci] = rw.const(_node(name), ops.take_channels(c, out_keep, -1))
 
 
+class Select(NodeKind):
+    """``SelectV2`` / ``Select``: ``where(condition, x, y)``, the operands tensors of one shape (joined position
+    by position) or scalar constants."""
+
+    def __init__(self, node, graph) -> None:
+        super().__init__(node, graph, "where")
+
+    def data_inputs(self):
+        return [n for n in self.node.input[:3] if not self.g.is_const(n)]
+
+    def const_out(self, in_consts):
+        width, tensors = len(in_consts[0]), iter(in_consts)
+        operands = [np.full(width, float(self.g.const(n).reshape(()))) if self.g.is_const(n) else next(tensors)
+                    for n in self.node.input[:3]]
+        return [ops.const_out("where", operands)]
+
+
 class ChannelSource(ChannelParam):
     """``r op c`` with ``r`` free of channels (its last axis 1, e.g. a LayerNormalization's ``rsqrt(var)``) and
     ``c`` a constant per channel (gamma): the output's channels are ``c``'s, created here as a producer creates

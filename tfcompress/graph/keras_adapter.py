@@ -65,6 +65,8 @@ _POINTWISE_OPS = {
     "Celu": "celu", "Softplus": "softplus", "Softsign": "softsign", "LeakyRelu": "leaky_relu",
     "LogSigmoid": "log_sigmoid", "Clip": "clip", "Cast": "linear", "Erf": "erf", "Sign": "sign",
     "Floor": "floor", "Ceil": "ceil", "Round": "round",
+    "Greater": "greater", "GreaterEqual": "greater_equal", "Less": "less", "LessEqual": "less_equal",
+    "Equal": "equal", "NotEqual": "not_equal", "Where": "where",
 }
 
 
@@ -78,6 +80,9 @@ def _op_pointwise(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) 
     operands = [v for v in keras.tree.flatten(node.arguments.args)
                 if kinds.is_operand(v) and not isinstance(v, keras.KerasTensor)]
     rank = len(out_shape)
+    tensors = [v for v in keras.tree.flatten(node.arguments.args) if isinstance(v, keras.KerasTensor)]
+    if type(op).__name__ == "Where" and len(tensors) + len(operands) != 3:
+        return kinds.BLOCKER  # where(condition) alone lists the positions where it holds
     if not all(_is_scalar(v) or kinds.per_channel(v, out_shape[-1]) and np.ndim(v) <= rank for v in operands):
         return kinds.BLOCKER  # a constant array that varies over positions
     if not _channels_broadcast(in_shapes, out_shape):
