@@ -448,6 +448,30 @@ def test_a_second_fit_continues_the_schedule():
         np.testing.assert_array_equal(keep, after_first[layers], err_msg=str(layers))
 
 
+class _Interrupt(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 2:
+            raise RuntimeError("interrupted")
+
+
+def test_backup_and_restore_resumes_the_schedule_at_the_interrupted_epoch(tmp_path):
+    """Keras' resume-after-interruption pattern, the same callbacks in one process: the fit interrupted as epoch
+    2 began is re-run by ``BackupAndRestore`` from epoch 2. The pruner had counted that unfinished epoch and
+    resumed the ramp one epoch late (levels of epochs 3, 4, 5): each epoch must get the level an uninterrupted
+    run gives it."""
+    x, y = np.random.default_rng(0).uniform(size=(32, 32, 32, 3)).astype("float32"), np.zeros(32, "int32")
+    kwargs = dict(target=0.5, pruning_epochs=4, schedule="polynomial", criterion="l1")
+    model = _compile(_flops_model())
+    pruner, backup = FilterPruning(**kwargs), keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    with pytest.raises(RuntimeError, match="interrupted"):
+        model.fit(x, y, epochs=5, batch_size=16, callbacks=[pruner, backup, _Interrupt()], verbose=0)
+    hist = model.fit(x, y, epochs=5, batch_size=16, callbacks=[pruner, backup], verbose=0)
+    sizes = [g.size for g in pruner.groups]
+    expected = [sum(int(pruner.level_at(e) * s) for s in sizes) / sum(sizes) for e in range(2, 5)]
+    assert expected[0] < expected[1]  # still in the ramp
+    assert hist.history["pruning_level"] == pytest.approx(expected)
+
+
 def test_resume_after_the_ramp_keeps_the_checkpoint_masks(tmp_path, capsys):
     """Resumed after the ramp, a measured allocation does not measure again (on pruned weights it would rank
     differently): the channels zero in the checkpoint are the pruned ones, and nothing else goes."""

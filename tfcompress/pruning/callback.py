@@ -58,8 +58,10 @@ class FilterPruning(keras.callbacks.Callback):
     (a warning says so).
 
     Epochs count from the first ``fit`` the callback saw on the model: a later ``fit`` call with the same callback
-    continues the schedule (and keeps a finished ramp's masks) rather than restarting it at its epoch 0; a
-    resumed run in a new process continues it through ``initial_epoch``.
+    continues the schedule after the last epoch completed (and keeps a finished ramp's masks) rather than
+    restarting it at its epoch 0; a ``fit`` that starts at a later epoch (``initial_epoch``, or
+    ``keras.callbacks.BackupAndRestore`` resuming an interrupted run, in this process or a new one) continues it
+    at that epoch.
 
     Each epoch's ``logs`` get ``pruning_level`` (fraction of prunable filters removed) and ``flops_ratio``
     (remaining / original FLOPs): the progress bar, ``History`` and a ``TensorBoard`` callback placed *after*
@@ -285,12 +287,13 @@ class FilterPruning(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         st = self._require()
-        # Keras numbers the epochs of every fit call from its initial_epoch (0 by default): a second fit on the
-        # same model continues the schedule where the previous one stopped instead of restarting its ramp
+        # Keras numbers the epochs of every fit call from its initial_epoch (0 by default): a second fit from 0
+        # on the same model continues the schedule after the last epoch completed instead of restarting its
+        # ramp; a fit that starts later (initial_epoch, or BackupAndRestore resuming an interrupted fit) names
+        # its epoch itself
         if st.offset is None:
-            st.offset = max(0, st.next_epoch - epoch)
+            st.offset = st.next_epoch if epoch == 0 else 0
         epoch += st.offset
-        st.next_epoch = epoch + 1
         in_ramp = self.start_epoch <= epoch < self.start_epoch + self.pruning_epochs
         after_ramp = epoch >= self.start_epoch + self.pruning_epochs
         level = self.level_at(epoch)
@@ -312,6 +315,8 @@ class FilterPruning(keras.callbacks.Callback):
         self._require().masks.apply()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        st = self._require()
+        st.next_epoch = epoch + (st.offset or 0) + 1
         if logs is not None:
             logs["pruning_level"] = self.pruning_level
             logs["flops_ratio"] = self.flops_ratio
@@ -525,7 +530,7 @@ class _State:
         self.channel_cost: dict[int, float] = {}  # what the per-cost allocations divide by (FLOPs or seconds)
         self.sensitivity_path: list[tuple[dict[int, int], float]] | None = None  # "sensitivity" allocation
         self.resumed = False  # channels were already zero when training started (a checkpoint of a pruned run)
-        self.next_epoch = 0  # the schedule's epoch after the last one this model trained with the callback
+        self.next_epoch = 0  # the schedule's epoch after the last one this model completed with the callback
         self.offset: int | None = None  # added to the epochs Keras numbers in the current fit call
 
 
