@@ -448,6 +448,21 @@ def test_a_second_fit_continues_the_schedule():
         np.testing.assert_array_equal(keep, after_first[layers], err_msg=str(layers))
 
 
+def test_channels_first_layers_are_named_where_they_block():
+    """The channel rules follow the last axis: a ``data_format="channels_first"`` layer blocks what reaches it,
+    and the reasons and the "nothing to prune" error say it is the layout (they said nothing of it)."""
+    inp = keras.Input((8, 8, 3))
+    a = L.Conv2D(8, 3, padding="same", name="a")(inp)
+    b = L.Conv2D(6, 3, padding="same", data_format="channels_first", name="b")(a)
+    model = keras.Model(inp, L.Dense(2, name="head")(L.GlobalAveragePooling2D(data_format="channels_first")(b)))
+    reasons = {g.layers: g.reason for g in tfcompress.explain(model)}
+    assert "data_format='channels_first'" in reasons[("a",)]
+    pruner = FilterPruning(target=0.3)
+    pruner.set_model(model)
+    with pytest.raises(ValueError, match=r"2 layer\(s\) have data_format='channels_first' \(b, global_average"):
+        pruner.on_train_begin()
+
+
 class _Interrupt(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         if epoch == 2:

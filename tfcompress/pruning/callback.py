@@ -346,7 +346,8 @@ class FilterPruning(keras.callbacks.Callback):
         left_out = {why: [g for g in all_groups if set(g.layers) & layers] for why, layers in excluded.items()}
         groups = [g for g in all_groups if not any(g in gs for gs in left_out.values())]
         if not groups:
-            raise ValueError(_nothing_to_prune(model.name, len(all_groups), left_out))
+            first_axis = [n for n, layer in kg.layers.items() if getattr(layer, "data_format", "") == "channels_first"]
+            raise ValueError(_nothing_to_prune(model.name, len(all_groups), left_out, first_axis))
         masks = GroupMasks(kg, groups, compensate=self.compensate, data=self.compensation_data)
         counter = FlopsCounter(kg.graph)
         st = _State(model, kg, masks, counter, counter.flops())
@@ -534,14 +535,17 @@ class _State:
         self.offset: int | None = None  # added to the epochs Keras numbers in the current fit call
 
 
-def _nothing_to_prune(name: str, n_groups: int, left_out: dict[str, list]) -> str:
+def _nothing_to_prune(name: str, n_groups: int, left_out: dict[str, list], channels_first: list[str]) -> str:
     """One line: why a model has no prunable group, and the options that would prune the groups left out."""
     why = [f"{len(gs)} {'in' if option == 'ignored_layers' else 'kept unless'} {option}"
            for option, gs in left_out.items() if gs]
+    layout = (f"; {len(channels_first)} layer(s) have data_format='channels_first' ({', '.join(channels_first[:3])}"
+              f"{', ...' if len(channels_first) > 3 else ''}): channels are followed on the last axis only, so "
+              "build the model channels-last" if channels_first else "")
     return (f"model {name!r} has no prunable channel group: of its {n_groups} group(s) of channels that can be "
             f"pruned{', ' + ', '.join(why) if why else ''}; channels that reach a model output, a Lambda, an "
             "unregistered custom layer or a reshape across the channel axis are never pruned "
-            "(tfcompress.explain(model) gives each group's reason)")
+            f"(tfcompress.explain(model) gives each group's reason){layout}")
 
 
 def _aligned(n: float, g: ChannelGroup, round_to: int = 1) -> int:
