@@ -463,6 +463,19 @@ def test_channels_first_layers_are_named_where_they_block():
         pruner.on_train_begin()
 
 
+def test_restarting_the_schedule_on_a_pruned_model_warns(recwarn):
+    """A pruned checkpoint trained on with a new pruner but without ``initial_epoch`` restarts the schedule,
+    which prunes fewer channels at its first epoch: the others come back, silently until this warning."""
+    x, y = np.random.default_rng(0).uniform(size=(32, 32, 32, 3)).astype("float32"), np.zeros(32, "int32")
+    kwargs = dict(target=0.5, pruning_epochs=2, criterion="l1")
+    model = _compile(_flops_model())
+    model.fit(x, y, epochs=2, batch_size=16, callbacks=[FilterPruning(**kwargs)], verbose=0)
+    model.fit(x, y, epochs=3, initial_epoch=2, batch_size=16, callbacks=[FilterPruning(**kwargs)], verbose=0)
+    assert not [w for w in recwarn if "come back" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"pruned channels .* the others come back; .*initial_epoch"):
+        model.fit(x, y, epochs=1, batch_size=16, callbacks=[FilterPruning(**kwargs)], verbose=0)
+
+
 class _Interrupt(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         if epoch == 2:

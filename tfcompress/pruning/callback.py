@@ -304,6 +304,12 @@ class FilterPruning(keras.callbacks.Callback):
         # sensitivity table on already pruned weights.
         if not (after_ramp and self._reaches(current, level)):
             counts = self._counts(level)
+            if st.resumed and st.next_epoch == 0 and sum(counts.values()) < sum(current.values()):
+                warnings.warn(
+                    f"FilterPruning: the model already has {sum(current.values())} pruned channels (a checkpoint "
+                    f"of a pruned run?) and the schedule prunes {sum(counts.values())} at epoch {epoch + 1}: the "
+                    "others come back; to resume a run, pass fit(initial_epoch=<the epoch it stopped at>)",
+                    stacklevel=2)
             if in_ramp or counts != current:
                 st.masks.set(self._select(counts))
                 if self.verbose:
