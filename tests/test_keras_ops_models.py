@@ -209,6 +209,35 @@ def test_one_channel_broadcast_over_the_channels_passes_them(rng):
     assert stripped.get_layer("c").filters == 4
 
 
+def where_model():
+    """Comparisons and ``where`` on features: a leaky ReLU as ``where(x > 0, x, 0.1 * x)``, a threshold with a
+    scalar (``where(x >= 0.5, x, 0.0)``) and a NaN guard (``where(x != x, 0.0, x)``)."""
+    inp = keras.Input((8, 8, 3))
+    a = L.Conv2D(12, 3, padding="same", name="a")(inp)
+    a = ops.where(ops.greater(a, 0.0), a, 0.1 * a)
+    b = L.Conv2D(10, 3, padding="same", name="b")(a)
+    b = ops.where(b >= 0.5, b, 0.0)
+    c = L.Conv2D(6, 1, name="c")(b)
+    c = ops.where(ops.not_equal(c, c), 0.0, ops.clip(c, -1.0, 1.0))
+    return keras.Model(inp, L.Dense(3, name="head")(L.GlobalAveragePooling2D()(c)))
+
+
+def test_comparisons_and_where_pass_channels(rng):
+    """A comparison or ``where`` is position-wise: its tensors' channels join and pass; a zeroed channel
+    compares as 0 and ``where`` picks 0 on either side, so stripping removes it exactly."""
+    model = where_model()
+    assert {g.layers: g.reason for g in tfcompress.explain(model)} == {
+        ("a",): "", ("b",): "", ("c",): "", ("head",): "they are a model output"}
+    randomize_biases(model, rng)
+    groups = {g.layers: g for g in tfcompress.channel_groups(model)}
+    for name, idx in (("a", [0, 3, 4]), ("b", [1, 5]), ("c", [2])):
+        tfcompress.zero_channels(model, groups[(name,)], idx)
+    x = rng.normal(size=(3, 8, 8, 3)).astype("float32")
+    stripped = tfcompress.strip(model)
+    assert rel_error(stripped(x), model(x)) < TOL
+    assert [stripped.get_layer(n).filters for n in "abc"] == [9, 8, 5]
+
+
 def test_strip_ops_model_is_exact_smaller_and_round_trips(rng, tmp_path):
     model = ops_model()
     randomize_batchnorm(model, rng)

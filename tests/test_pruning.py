@@ -448,6 +448,58 @@ def test_a_second_fit_continues_the_schedule():
         np.testing.assert_array_equal(keep, after_first[layers], err_msg=str(layers))
 
 
+def test_channels_first_layers_are_named_where_they_block():
+    """The channel rules follow the last axis: a ``data_format="channels_first"`` layer blocks what reaches it,
+    and the reasons and the "nothing to prune" error say it is the layout (they said nothing of it)."""
+    inp = keras.Input((8, 8, 3))
+    a = L.Conv2D(8, 3, padding="same", name="a")(inp)
+    b = L.Conv2D(6, 3, padding="same", data_format="channels_first", name="b")(a)
+    model = keras.Model(inp, L.Dense(2, name="head")(L.GlobalAveragePooling2D(data_format="channels_first")(b)))
+    reasons = {g.layers: g.reason for g in tfcompress.explain(model)}
+    assert "data_format='channels_first'" in reasons[("a",)]
+    pruner = FilterPruning(target=0.3)
+    pruner.set_model(model)
+    with pytest.raises(ValueError, match=r"2 layer\(s\) have data_format='channels_first' \(b, global_average"):
+        pruner.on_train_begin()
+
+
+def test_restarting_the_schedule_on_a_pruned_model_warns(recwarn):
+    """A pruned checkpoint trained on with a new pruner but without ``initial_epoch`` restarts the schedule,
+    which prunes fewer channels at its first epoch: the others come back, silently until this warning."""
+    x, y = np.random.default_rng(0).uniform(size=(32, 32, 32, 3)).astype("float32"), np.zeros(32, "int32")
+    kwargs = dict(target=0.5, pruning_epochs=2, criterion="l1")
+    model = _compile(_flops_model())
+    model.fit(x, y, epochs=2, batch_size=16, callbacks=[FilterPruning(**kwargs)], verbose=0)
+    model.fit(x, y, epochs=3, initial_epoch=2, batch_size=16, callbacks=[FilterPruning(**kwargs)], verbose=0)
+    assert not [w for w in recwarn if "come back" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"pruned channels .* the others come back; .*initial_epoch"):
+        model.fit(x, y, epochs=1, batch_size=16, callbacks=[FilterPruning(**kwargs)], verbose=0)
+
+
+class _Interrupt(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 2:
+            raise RuntimeError("interrupted")
+
+
+def test_backup_and_restore_resumes_the_schedule_at_the_interrupted_epoch(tmp_path):
+    """Keras' resume-after-interruption pattern, the same callbacks in one process: the fit interrupted as epoch
+    2 began is re-run by ``BackupAndRestore`` from epoch 2. The pruner had counted that unfinished epoch and
+    resumed the ramp one epoch late (levels of epochs 3, 4, 5): each epoch must get the level an uninterrupted
+    run gives it."""
+    x, y = np.random.default_rng(0).uniform(size=(32, 32, 32, 3)).astype("float32"), np.zeros(32, "int32")
+    kwargs = dict(target=0.5, pruning_epochs=4, schedule="polynomial", criterion="l1")
+    model = _compile(_flops_model())
+    pruner, backup = FilterPruning(**kwargs), keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    with pytest.raises(RuntimeError, match="interrupted"):
+        model.fit(x, y, epochs=5, batch_size=16, callbacks=[pruner, backup, _Interrupt()], verbose=0)
+    hist = model.fit(x, y, epochs=5, batch_size=16, callbacks=[pruner, backup], verbose=0)
+    sizes = [g.size for g in pruner.groups]
+    expected = [sum(int(pruner.level_at(e) * s) for s in sizes) / sum(sizes) for e in range(2, 5)]
+    assert expected[0] < expected[1]  # still in the ramp
+    assert hist.history["pruning_level"] == pytest.approx(expected)
+
+
 def test_resume_after_the_ramp_keeps_the_checkpoint_masks(tmp_path, capsys):
     """Resumed after the ramp, a measured allocation does not measure again (on pruned weights it would rank
     differently): the channels zero in the checkpoint are the pruned ones, and nothing else goes."""

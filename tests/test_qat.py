@@ -268,6 +268,30 @@ def test_qat_savedmodel_strips_transposed_and_half_precision_kernels(policy, rng
     assert widths == {"c1": [7], "up": [5]}, r.layers
     assert r.max_rel_error < (1e-2 if policy == "mixed_float16" else 1e-4)
 
+def test_qat_3d_kernels_strip_with_their_input_channels(rng, tmp_path):
+    """TF's per-channel FakeQuant takes ranks up to 4, so a QAT Conv3D / Conv3DTranspose kernel is quantized as
+    a (window x inputs, outputs) matrix reshaped back: when its input channels go too, that matrix loses rows
+    (the SavedModel strip failed with 'cannot reshape array'), and the FakeQuant's per-output ranges behind that
+    reshape must be sliced by the output channels kept (they were sliced by the input channels)."""
+    inp = keras.Input((4, 6, 6, 2))
+    h = L.Conv3D(8, 3, padding="same", activation="relu", name="c1")(inp)
+    h = L.Conv3DTranspose(8, 3, strides=2, padding="same", activation="relu", name="up")(h)
+    model = keras.Model(inp, L.Conv3D(2, 1, name="out")(h))
+    groups = {g.layers: g for g in tfcompress.channel_groups(model)}
+    tfcompress.zero_channels(model, groups[("c1",)], [1, 6], compensate=False)
+    tfcompress.zero_channels(model, groups[("up",)], [0, 5], compensate=False)
+    q = quantize_model(model)
+    x = rng.normal(size=(8, 4, 6, 6, 2)).astype("float32")
+    q.compile(keras.optimizers.SGD(0.0), "mse")
+    q.fit(x, rng.normal(size=(8, 8, 12, 12, 2)), epochs=1, batch_size=8, callbacks=[RangeInit(1)], verbose=0)
+    q.export(str(tmp_path / "sm"), verbose=False)
+    r = strip_saved_model(str(tmp_path / "sm"), str(tmp_path / "stripped"))
+    widths = {name: [layer["channels_after"] for layer in r.layers if f"/{name}_1/" in layer["name"]]
+              for name in ("c1", "up")}
+    assert widths == {"c1": [6], "up": [6]}, r.layers
+    assert r.max_rel_error < 1e-4
+
+
 @pytest.mark.parametrize("padding", ["same", "causal"])
 def test_qat_conv1d_savedmodel_is_counted_and_stripped(padding, rng, tmp_path):
     """TensorFlow runs Conv1D as a Conv2D of an expanded kernel: a QAT Conv1D's weight input is then

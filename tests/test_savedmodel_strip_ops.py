@@ -486,10 +486,12 @@ def test_convolution_added_to_a_concatenation_strips_part_by_part(tmp_path, rng,
 @pytest.mark.parametrize("build, after", [
     ("sliced_model", {"a": 12, "b": 6, "c": 6}),
     ("spatial_gate_model", {"b0": 8, "b": 12, "c": 5}),
+    ("where_model", {"a": 9, "b": 8, "c": 5}),
 ])
 def test_channel_ranges_and_broadcast_gates_strip_like_keras(tmp_path, rng, build, after):
     """``split`` and ``x[..., a:b]`` / ``x[:, -1]`` exported as Split, SplitV and StridedSlice (ellipsis and
-    shrink masks), and one-channel maps broadcast over the channels (Mul, AddV2): the SavedModel stripper
+    shrink masks), one-channel maps broadcast over the channels (Mul, AddV2), comparisons and ``where``
+    (Greater, NotEqual, SelectV2 with a scalar operand): the SavedModel stripper
     removes the channels the Keras stripper removes, exactly."""
     import tfcompress
     import test_keras_ops_models

@@ -646,6 +646,7 @@ def _save_checked(model, xml_path: str, inputs: dict, ref: dict, tolerance: floa
 
     import openvino as ov
 
+    model = float32_from_bfloat16(model)
     folder = os.path.dirname(os.path.abspath(xml_path)) or "."
     os.makedirs(folder, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=folder)
@@ -667,6 +668,39 @@ def _save_checked(model, xml_path: str, inputs: dict, ref: dict, tolerance: floa
         check["int8_kernels"] = kernels
     check.outputs = got
     return check
+
+
+def float32_from_bfloat16(model):
+    """``model`` (converted from a Keras ``mixed_bfloat16`` model) computing in float32 where it computed in
+    bfloat16: its casts to bfloat16 are dropped, its bfloat16 constants and inputs made float32 (exactly).
+
+    The IR's precision is only a default: OpenVINO runs float32 IRs in bfloat16 on CPUs that have it
+    (``INFERENCE_PRECISION_HINT``). A bfloat16 IR breaks what reads it: OpenVINO's Python API hands a bfloat16
+    tensor over as a float16 array of the same bits (1.27 comes out as 1.91), and numpy has no bfloat16 for the
+    constants calibration adds."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    bf16, f32 = ov.Type.bf16, ov.Type.f32
+    changed = False
+    for op in model.get_ordered_ops():
+        if op.get_output_size() != 1 or op.get_output_element_type(0) != bf16:
+            continue
+        kind = op.get_type_name()
+        if kind == "Parameter":
+            op.set_element_type(f32)
+        elif kind == "Convert":
+            source = op.input_value(0)
+            op.output(0).replace(source if source.get_element_type() == f32 else ops.convert(source, f32).output(0))
+        elif kind == "Constant":  # bfloat16 is the top half of a float32: shift its bits there
+            bits = np.asarray(op.get_data()).view(np.uint16).astype(np.uint32) << 16
+            op.output(0).replace(ops.constant(bits.view(np.float32)).output(0))
+        else:
+            continue
+        changed = True
+    if changed:
+        model.validate_nodes_and_infer_types()
+    return model
 
 
 def _random_inputs_for(model) -> dict[str, np.ndarray]:

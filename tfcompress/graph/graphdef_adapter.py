@@ -43,7 +43,9 @@ _POOL = {"MaxPool", "AvgPool", "MaxPoolV2", "MaxPool3D", "AvgPool3D"}
 _REDUCE = {"Mean", "Max", "Min", "Sum"}
 # TF binary op -> its canonical op in tfcompress.graph.ops.OPS (RealDiv only by a constant: see kinds.ChannelParam)
 _BINARY = {"Add": "add", "AddV2": "add", "BiasAdd": "add", "Sub": "sub", "Mul": "mul", "RealDiv": "div",
-           "Maximum": "max", "Minimum": "min", "SquaredDifference": "squared_difference"}
+           "Maximum": "max", "Minimum": "min", "SquaredDifference": "squared_difference",
+           "Greater": "greater", "GreaterEqual": "greater_equal", "Less": "less", "LessEqual": "less_equal",
+           "Equal": "equal", "NotEqual": "not_equal"}
 
 
 # --------------------------------------------------------------------------- the graph
@@ -651,6 +653,18 @@ def _binary(g: GraphDefGraph, node):
     if not sa or not sb or sa[-1] != sb[-1] or len(sa) != len(sb):
         return None
     return NodeKind(node, g, _BINARY[node.op], slice(0, 2))
+
+
+@register("SelectV2", "Select")
+def _select(g: GraphDefGraph, node):
+    """``where(condition, x, y)`` of tensors of one shape and scalar constants."""
+    names = list(node.input[:3])
+    tensors = [n for n in names if not g.is_const(n)]
+    shapes = {g.shape(n) for n in tensors}
+    if not tensors or len(shapes) != 1 or not next(iter(shapes)) or any(
+            g.const(n).size != 1 for n in names if g.is_const(n)):
+        return None
+    return kinds.Select(node, g)
 
 
 @register("ConcatV2")

@@ -255,6 +255,23 @@ class ChannelParam(NodeKind):
             new.input[self.ci] = rw.const(_node(name), ops.take_channels(c, out_keep, -1))
 
 
+class Select(NodeKind):
+    """``SelectV2`` / ``Select``: ``where(condition, x, y)``, the operands tensors of one shape (joined position
+    by position) or scalar constants."""
+
+    def __init__(self, node, graph) -> None:
+        super().__init__(node, graph, "where")
+
+    def data_inputs(self):
+        return [n for n in self.node.input[:3] if not self.g.is_const(n)]
+
+    def const_out(self, in_consts):
+        width, tensors = len(in_consts[0]), iter(in_consts)
+        operands = [np.full(width, float(self.g.const(n).reshape(()))) if self.g.is_const(n) else next(tensors)
+                    for n in self.node.input[:3]]
+        return [ops.const_out("where", operands)]
+
+
 class ChannelSource(ChannelParam):
     """``r op c`` with ``r`` free of channels (its last axis 1, e.g. a LayerNormalization's ``rsqrt(var)``) and
     ``c`` a constant per channel (gamma): the output's channels are ``c``'s, created here as a producer creates
@@ -410,6 +427,8 @@ class Weights:
         if node.op == "ExpandDims":
             return np.squeeze(v, int(self._arg(node)))
         if node.op == "Reshape":  # the channel axis of the flattened kernel is its last one
+            if len(before) == 2:  # (window x inputs, outputs) of a per-channel FakeQuant: both may shrink
+                return v.reshape(-1, v.shape[-1])
             return v.reshape(tuple(before[:-1]) + (-1,))
         if node.op == "Transpose":
             return np.transpose(v, np.argsort(self._arg(node)))
@@ -424,19 +443,22 @@ class Weights:
 
     def ranges_axis(self) -> int | None:
         """The axis of :attr:`value` along which a per-channel FakeQuant's ranges run (None without one, or
-        when a Reshape merges that axis with others)."""
+        when a Reshape merges that axis with others or moves it)."""
         if self.fq is None or self.fq.op != "FakeQuantWithMinMaxVarsPerChannel":
             return None
-        ndim = self.g.const(self.const_name).ndim
-        axis = ndim - 1
+        shape = self.g.const(self.const_name).shape
+        axis = len(shape) - 1
         for node in self.after:
-            if node.op == "Reshape":
-                return None
-            if node.op == "ExpandDims":
-                at = int(self._arg(node)) % (ndim + 1)
-                axis, ndim = axis + (at <= axis), ndim + 1
+            out = self._forward(node, np.empty(shape, np.float32)).shape
+            if node.op == "Reshape":  # one that only splits the other axes keeps the ranges' (last) axis whole
+                if axis != len(shape) - 1 or out[-1] != shape[-1]:
+                    return None
+                axis = len(out) - 1
+            elif node.op == "ExpandDims":
+                axis += int(self._arg(node)) % len(out) <= axis
             elif node.op == "Transpose":
                 axis = list(self._arg(node)).index(axis)
+            shape = out
         return axis
 
     def _layouts(self, value: np.ndarray) -> list[np.ndarray]:

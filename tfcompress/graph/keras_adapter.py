@@ -53,6 +53,11 @@ def _channels_last(layer: keras.layers.Layer) -> bool:
     return getattr(layer, "data_format", "channels_last") in (None, "channels_last")
 
 
+def _blocker(layer: keras.layers.Layer) -> KindFactory:
+    """The blocker a layer the rules do not cover is; one with its channels first says so."""
+    return kinds.BLOCKER if _channels_last(layer) else kinds.ChannelsFirst
+
+
 # --------------------------------------------------------------------------- keras.ops nodes
 
 # keras.ops operation class -> its canonical op in tfcompress.graph.ops.OPS, applied position by position
@@ -66,6 +71,8 @@ _POINTWISE_OPS = {
     "Celu": "celu", "Softplus": "softplus", "Softsign": "softsign", "LeakyRelu": "leaky_relu",
     "LogSigmoid": "log_sigmoid", "Clip": "clip", "Cast": "linear", "Erf": "erf", "Sign": "sign",
     "Floor": "floor", "Ceil": "ceil", "Round": "round",
+    "Greater": "greater", "GreaterEqual": "greater_equal", "Less": "less", "LessEqual": "less_equal",
+    "Equal": "equal", "NotEqual": "not_equal", "Where": "where",
 }
 
 
@@ -79,6 +86,9 @@ def _op_pointwise(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) 
     operands = [v for v in keras.tree.flatten(node.arguments.args)
                 if kinds.is_operand(v) and not isinstance(v, keras.KerasTensor)]
     rank = len(out_shape)
+    tensors = [v for v in keras.tree.flatten(node.arguments.args) if isinstance(v, keras.KerasTensor)]
+    if type(op).__name__ == "Where" and len(tensors) + len(operands) != 3:
+        return kinds.BLOCKER  # where(condition) alone lists the positions where it holds
     if not all(_is_scalar(v) or kinds.per_channel(v, out_shape[-1]) and np.ndim(v) <= rank for v in operands):
         return kinds.BLOCKER  # a constant array that varies over positions
     if not _channels_broadcast(in_shapes, out_shape):
@@ -231,7 +241,7 @@ def _channel_axis(layer: Any, rank: int) -> bool:
 def _plain(kind: KindFactory) -> LayerRuleFn:
     """``kind`` for a channels-last layer whose ``call`` is its base class's, else a blocker."""
     def rule(layer, base, ins, out):
-        return kind if _channels_last(layer) and not _overrides_call(layer, base) else kinds.BLOCKER
+        return kind if _channels_last(layer) and not _overrides_call(layer, base) else _blocker(layer)
     return rule
 
 
@@ -242,7 +252,7 @@ def _op(op: str, read: Callable[[Any], dict] = lambda layer: {}) -> LayerRuleFn:
 
 def _conv(layer, base, ins, out):
     if not _channels_last(layer) or _overrides_call(layer, base):
-        return kinds.BLOCKER
+        return _blocker(layer)
     return kinds.GroupedDepthwise if layer.groups > 1 and layer.groups == ins[0][-1] else kinds.Producer
 
 
@@ -317,7 +327,9 @@ def _concatenate(layer, base, ins, out):
 def _flatten(layer, base, ins, out):
     if len(ins[0]) == 2:
         return kinds.PASS
-    return kinds.Flatten if _channels_last(layer) and all(d is not None for d in ins[0][1:]) else kinds.BLOCKER
+    if not _channels_last(layer):
+        return kinds.ChannelsFirst
+    return kinds.Flatten if all(d is not None for d in ins[0][1:]) else kinds.BLOCKER
 
 
 def _reshape(layer, base, ins, out):
@@ -335,7 +347,7 @@ def _permute(layer, base, ins, out):
 def _resizing(layer, base, ins, out):
     # interpolation weights sum to 1: a constant channel stays that constant, unless padding adds another value
     if not _channels_last(layer) or _overrides_call(layer, base):
-        return kinds.BLOCKER
+        return _blocker(layer)
     if not layer.pad_to_aspect_ratio:
         return kinds.PASS
     return table_kind("zero_pad") if layer.fill_value == 0 else kinds.BLOCKER

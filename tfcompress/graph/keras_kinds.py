@@ -206,6 +206,20 @@ def width_params(call: LayerCall) -> dict:
 
 
 BLOCKER = table_kind("blocker", width_params)
+
+
+class ChannelsFirst(LayerKind):
+    """A layer with ``data_format="channels_first"``: the channel rules follow channels on the last axis, so
+    it blocks the channels that reach it, and messages name its layout (the model can be built channels-last)."""
+
+    op = "blocker"
+
+    def params(self):
+        return width_params(self.call)
+
+    @property
+    def label(self) -> str:
+        return f"{self.layer.name} (data_format='channels_first'; channels are followed on the last axis only)"
 PASS = table_kind("identity")
 
 

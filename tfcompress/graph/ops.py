@@ -172,6 +172,21 @@ def _prelu(cs: Consts, alpha: np.ndarray) -> np.ndarray:
     return np.where(c >= 0, c, slope * c)
 
 
+def _compare(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Callable[[Consts], np.ndarray]:
+    """A comparison of two per-channel constants: 1.0 (true) or 0.0 (false), unknown where either is."""
+    def consts(cs: Consts) -> np.ndarray:
+        a, b = cs
+        return np.where(np.isnan(a) | np.isnan(b), np.nan, fn(a, b).astype(np.float64))
+    return consts
+
+
+def _where(cs: Consts) -> np.ndarray:
+    """``where(condition, x, y)``: the constant picked by a known condition, or the one both sides hold."""
+    cond, x, y = cs
+    picked = np.where(cond != 0, x, y)
+    return np.where(np.isnan(cond), np.where(x == y, x, np.nan), picked)
+
+
 def _unknown(cs: Consts, width: int | None = None) -> np.ndarray:
     """No output channel is a known constant (``width`` channels, or as many as the first input)."""
     return np.full(len(cs[0]) if width is None else width, np.nan)
@@ -314,6 +329,11 @@ OPS: dict[str, OpSemantics] = {
     "max": OpSemantics(lambda cs: np.max(cs, axis=0)),
     "min": OpSemantics(lambda cs: np.min(cs, axis=0)),
     "squared_difference": OpSemantics(lambda cs: (cs[0] - cs[1]) ** 2),
+    # comparisons give a boolean per position (as 1.0 / 0.0 here); "where" picks between two tensors by one
+    **{name: OpSemantics(_compare(fn)) for name, fn in (
+        ("greater", np.greater), ("greater_equal", np.greater_equal), ("less", np.less),
+        ("less_equal", np.less_equal), ("equal", np.equal), ("not_equal", np.not_equal))},
+    "where": OpSemantics(_where),
     "concat": OpSemantics(np.concatenate, rule=Rule.CONCAT),
     "stack_spatial": OpSemantics(_same_or_nan),
     "zero_pad": OpSemantics(_nonzero_unknown),

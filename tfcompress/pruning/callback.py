@@ -58,8 +58,10 @@ class FilterPruning(keras.callbacks.Callback):
     (a warning says so).
 
     Epochs count from the first ``fit`` the callback saw on the model: a later ``fit`` call with the same callback
-    continues the schedule (and keeps a finished ramp's masks) rather than restarting it at its epoch 0; a
-    resumed run in a new process continues it through ``initial_epoch``.
+    continues the schedule after the last epoch completed (and keeps a finished ramp's masks) rather than
+    restarting it at its epoch 0; a ``fit`` that starts at a later epoch (``initial_epoch``, or
+    ``keras.callbacks.BackupAndRestore`` resuming an interrupted run, in this process or a new one) continues it
+    at that epoch.
 
     Each epoch's ``logs`` get ``pruning_level`` (fraction of prunable filters removed) and ``flops_ratio``
     (remaining / original FLOPs): the progress bar, ``History`` and a ``TensorBoard`` callback placed *after*
@@ -293,12 +295,13 @@ class FilterPruning(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         st = self._require()
-        # Keras numbers the epochs of every fit call from its initial_epoch (0 by default): a second fit on the
-        # same model continues the schedule where the previous one stopped instead of restarting its ramp
+        # Keras numbers the epochs of every fit call from its initial_epoch (0 by default): a second fit from 0
+        # on the same model continues the schedule after the last epoch completed instead of restarting its
+        # ramp; a fit that starts later (initial_epoch, or BackupAndRestore resuming an interrupted fit) names
+        # its epoch itself
         if st.offset is None:
-            st.offset = max(0, st.next_epoch - epoch)
+            st.offset = st.next_epoch if epoch == 0 else 0
         epoch += st.offset
-        st.next_epoch = epoch + 1
         in_ramp = self.start_epoch <= epoch < self.start_epoch + self.pruning_epochs
         after_ramp = epoch >= self.start_epoch + self.pruning_epochs
         level = self.level_at(epoch)
@@ -309,6 +312,12 @@ class FilterPruning(keras.callbacks.Callback):
         # sensitivity table on already pruned weights.
         if not (after_ramp and self._reaches(current, level)):
             counts = self._counts(level)
+            if st.resumed and st.next_epoch == 0 and sum(counts.values()) < sum(current.values()):
+                warnings.warn(
+                    f"FilterPruning: the model already has {sum(current.values())} pruned channels (a checkpoint "
+                    f"of a pruned run?) and the schedule prunes {sum(counts.values())} at epoch {epoch + 1}: the "
+                    "others come back; to resume a run, pass fit(initial_epoch=<the epoch it stopped at>)",
+                    stacklevel=2)
             if in_ramp or counts != current:
                 st.masks.set(self._select(counts))
                 if self.verbose:
@@ -320,6 +329,8 @@ class FilterPruning(keras.callbacks.Callback):
         self._require().masks.apply()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        st = self._require()
+        st.next_epoch = epoch + (st.offset or 0) + 1
         if logs is not None:
             logs["pruning_level"] = self.pruning_level
             logs["flops_ratio"] = self.flops_ratio
@@ -349,7 +360,8 @@ class FilterPruning(keras.callbacks.Callback):
         left_out = {why: [g for g in all_groups if set(g.layers) & layers] for why, layers in excluded.items()}
         groups = [g for g in all_groups if not any(g in gs for gs in left_out.values())]
         if not groups:
-            raise ValueError(_nothing_to_prune(model.name, len(all_groups), left_out))
+            first_axis = [n for n, layer in kg.layers.items() if getattr(layer, "data_format", "") == "channels_first"]
+            raise ValueError(_nothing_to_prune(model.name, len(all_groups), left_out, first_axis))
         masks = GroupMasks(kg, groups, compensate=self.compensate, data=self.compensation_data)
         counter = FlopsCounter(kg.graph)
         st = _State(model, kg, masks, counter, counter.flops())
@@ -533,18 +545,21 @@ class _State:
         self.channel_cost: dict[int, float] = {}  # what the per-cost allocations divide by (FLOPs or seconds)
         self.sensitivity_path: list[tuple[dict[int, int], float]] | None = None  # "sensitivity" allocation
         self.resumed = False  # channels were already zero when training started (a checkpoint of a pruned run)
-        self.next_epoch = 0  # the schedule's epoch after the last one this model trained with the callback
+        self.next_epoch = 0  # the schedule's epoch after the last one this model completed with the callback
         self.offset: int | None = None  # added to the epochs Keras numbers in the current fit call
 
 
-def _nothing_to_prune(name: str, n_groups: int, left_out: dict[str, list]) -> str:
+def _nothing_to_prune(name: str, n_groups: int, left_out: dict[str, list], channels_first: list[str]) -> str:
     """One line: why a model has no prunable group, and the options that would prune the groups left out."""
     why = [f"{len(gs)} {'in' if option == 'ignored_layers' else 'kept unless'} {option}"
            for option, gs in left_out.items() if gs]
+    layout = (f"; {len(channels_first)} layer(s) have data_format='channels_first' ({', '.join(channels_first[:3])}"
+              f"{', ...' if len(channels_first) > 3 else ''}): channels are followed on the last axis only, so "
+              "build the model channels-last" if channels_first else "")
     return (f"model {name!r} has no prunable channel group: of its {n_groups} group(s) of channels that can be "
             f"pruned{', ' + ', '.join(why) if why else ''}; channels that reach a model output, a Lambda, an "
             "unregistered custom layer or a reshape across the channel axis are never pruned "
-            "(tfcompress.explain(model) gives each group's reason)")
+            f"(tfcompress.explain(model) gives each group's reason){layout}")
 
 
 def _aligned(n: float, g: ChannelGroup, round_to: int = 1) -> int:
