@@ -240,6 +240,36 @@ def test_channels_pruned_in_a_qat_model_strip_exactly(how, rng):
     assert rel_error(small(x), q(x)) < 1e-5
 
 
+@pytest.mark.parametrize("how", ["fit", "zero_channels"])
+def test_channels_pruned_before_a_shared_qat_layer_strip_exactly(how, rng):
+    """A QAT layer called on two tensors reads the same channels in both calls (the engine joins them): the rows
+    of the removed ones are zeroed too, else they set the others' rounding and the strip is off."""
+    inp = keras.Input((6, 6, 3))
+    a = L.Conv2D(8, 3, padding="same", activation="relu", name="c1")(inp)
+    b = L.Conv2D(8, 3, padding="same", activation="relu", name="c1b")(inp)
+    shared = L.Conv2D(6, 1, name="shared")
+    model = keras.Model(inp, L.Dense(4, name="head")(L.GlobalAveragePooling2D()(L.Add()([shared(a), shared(b)]))))
+    for w in model.weights:
+        w.assign(rng.normal(0, 0.3, w.shape).astype("float32"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        q = quantize_model(model)
+    x = rng.normal(size=(16, 6, 6, 3)).astype("float32")
+    if how == "fit":
+        q.compile("adam", "mse")
+        pruner = tfcompress.pruning.FilterPruning(target=0.5, pruning_epochs=2, prune_first_conv=True)
+        q.fit(x, rng.normal(size=(16, 4)), epochs=3, batch_size=8, callbacks=[pruner], verbose=0)
+    else:
+        (g,) = [g for g in tfcompress.channel_groups(q) if set(g.layers) == {"c1", "c1b"}]
+        tfcompress.zero_channels(q, g, rng.choice(g.size, g.size // 2, replace=False))
+    removed = ~q.get_layer("c1").kernel.numpy().any(axis=(0, 1, 2))
+    assert removed.any()
+    assert not q.get_layer("shared").kernel.numpy()[:, :, removed].any()
+    small = tfcompress.strip(q)
+    assert small.get_layer("shared").kernel.shape[-2] == 8 - removed.sum()
+    assert rel_error(small(x), q(x)) < 1e-5
+
+
 @pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
 def test_qat_savedmodel_strips_transposed_and_half_precision_kernels(policy, rng, tmp_path):
     """A QAT kernel reaches its op through layout ops after its FakeQuant: a Transpose (a transposed

@@ -10,7 +10,6 @@ inlined: layer names inside them are prefixed with the sub-model's name (``"bloc
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
 from typing import Any, Callable
@@ -522,7 +521,6 @@ class KerasGraph:
         self.output_ids = self._walk(fmodel, "", scope)
         self.graph = ChannelGraph([r.op for r in self.records], self.output_ids, self._widths)
         self.kinds: dict[str, LayerKind] = {r.op.name: r.kind for r in self.records}
-        self._calls: collections.Counter | None = None
 
     def _tensor(self, scope: dict[int, int], t: Any) -> int:
         if id(t) not in scope:
@@ -596,13 +594,10 @@ class KerasGraph:
         return first
 
     def row_reader(self, rec: "_Record") -> bool:
-        """Whether ``rec`` reads its input's channels through kernel rows (:meth:`LayerKind.input_params`) in
-        the layer's only call: rows of a layer called on several tensors read channels of each."""
-        if rec.op.rule is not Rule.PRODUCER or not rec.op.inputs or not rec.kind.input_params():
-            return False
-        if self._calls is None:
-            self._calls = collections.Counter(r.op.layer for r in self.records if r.node is not None)
-        return self._calls[rec.op.layer] == 1
+        """Whether ``rec`` reads its input's channels through kernel rows (:meth:`LayerKind.input_params`). The
+        calls of a shared layer read the same channels (the engine joins their inputs or blocks them), so any
+        call's input says which rows read a removed channel."""
+        return rec.op.rule is Rule.PRODUCER and bool(rec.op.inputs) and bool(rec.kind.input_params())
 
     def find_group(self, group: ChannelGroup) -> ChannelGroup:
         """The group of this graph with the same producing layers; of several such groups (one producer's channels
