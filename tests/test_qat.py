@@ -270,6 +270,36 @@ def test_channels_pruned_before_a_shared_qat_layer_strip_exactly(how, rng):
     assert rel_error(small(x), q(x)) < 1e-5
 
 
+def test_channels_pruned_before_a_grouped_qat_convolution_strip_exactly(rng, tmp_path):
+    """A grouped convolution's kernel (..., in / groups, out): input channel ``g * in / groups + r`` is row ``r``
+    of the output block ``g`` only; those rows are zeroed with the channel, in ``quantize_model``'s masks and when
+    the QAT model is pruned."""
+    inp = keras.Input((6, 6, 3))
+    a = L.Conv2D(8, 3, padding="same", activation="relu", name="c1")(inp)
+    b = L.Conv2D(8, 3, padding="same", groups=2, activation="relu", name="gc")(a)
+    model = keras.Model(inp, L.Dense(4, name="head")(L.GlobalAveragePooling2D()(b)))
+    for w in model.weights:
+        w.assign(rng.normal(0, 0.3, w.shape).astype("float32"))
+    x = rng.normal(size=(8, 6, 6, 3)).astype("float32")
+    c1 = next(g for g in tfcompress.channel_groups(model) if g.layers == ("c1",))
+    assert c1.blocks == 2  # one channel from each half
+    tfcompress.zero_channels(model, c1, [1, 5], compensate=False)  # prune -> QAT: quantize_model's masks
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        q = quantize_model(model)
+    c1 = next(g for g in tfcompress.channel_groups(q) if g.layers == ("c1",))
+    tfcompress.zero_channels(q, c1, [2, 6], compensate=False)  # pruning the QAT model
+    kernel = q.get_layer("gc").kernel.numpy()  # (3, 3, 4, 8): row r of block g reads channel 4 g + r
+    assert not kernel[:, :, 1:3].any() and kernel[:, :, 0].all() and kernel[:, :, 3].all()
+    small = tfcompress.strip(q)
+    assert small.get_layer("gc").kernel.shape[-2] == 2
+    q.save(tmp_path / "q.keras")  # the grouped row masks are part of the saved constraint
+    again = keras.models.load_model(tmp_path / "q.keras")
+    assert again.get_layer("gc").kernel.constraint.get_config() == q.get_layer("gc").kernel.constraint.get_config()
+    np.testing.assert_array_equal(again(x), q(x))
+    assert rel_error(small(x), q(x)) < 1e-5
+
+
 @pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
 def test_qat_savedmodel_strips_transposed_and_half_precision_kernels(policy, rng, tmp_path):
     """A QAT kernel reaches its op through layout ops after its FakeQuant: a Transpose (a transposed

@@ -16,6 +16,7 @@ import keras
 import numpy as np
 
 from tfcompress.graph import ops
+from tfcompress.graph.kernels import channel_mask
 from tfcompress.graph.custom_layers import registered_rule
 from tfcompress.graph.engine import Rule
 from tfcompress.graph.keras_layers import (PartialGroupNormalization, PartialLayerNormalization,
@@ -66,20 +67,17 @@ def _activated(activation: Any, c: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass
 class ChannelParam:
-    """A weight whose ``axis`` (of its ``view`` shape, if given) is indexed by a layer's output channels."""
+    """A weight whose ``axis`` (of its ``view`` shape, if given) is indexed by a layer's channels; with ``blocks``
+    > 1, in blocks on ``axis`` and the next axis (:func:`tfcompress.graph.kernels.channel_mask`)."""
 
     variable: Any
     axis: int
     view: tuple | None = None
+    blocks: int = 1
 
     def mask(self, keep: np.ndarray) -> np.ndarray:
         """A 0/1 array of the variable's shape that zeroes the channels where ``keep`` is False."""
-        shape = tuple(self.variable.shape)
-        view = self.view or shape
-        bshape = [1] * len(view)
-        bshape[self.axis] = view[self.axis]
-        m = np.broadcast_to(keep.astype(np.float32).reshape(bshape), view)
-        return np.ascontiguousarray(m).reshape(shape)
+        return channel_mask(tuple(self.variable.shape), keep, self.axis, self.view, self.blocks)
 
 
 def ranges_read_rows(layer: Any) -> bool:
@@ -337,7 +335,11 @@ class Producer(_Kernel):
         return max(tuple(getattr(self.layer, "strides", (1,))))
 
     def input_params(self):
-        return [ChannelParam(self.layer.kernel, self.in_axis)] if self.blocks() == 1 else []
+        g = self.blocks()
+        if g == 1:
+            return [ChannelParam(self.layer.kernel, self.in_axis)]
+        shape = tuple(self.layer.kernel.shape)  # grouped: (..., in / g, out), block j of the rows feeds outputs j
+        return [ChannelParam(self.layer.kernel, -3, shape[:-1] + (g, shape[-1] // g), g)]
 
     def filters(self, kernel: np.ndarray | None = None) -> np.ndarray:
         """The kernel (or ``kernel``, an array of its shape) as one row per output channel."""

@@ -9,8 +9,28 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
-    "producer_consts", "depthwise_consts", "fold_into_bias", "fold_rows", "slice_kernel", "window_sum",
+    "channel_mask", "producer_consts", "depthwise_consts", "fold_into_bias", "fold_rows", "slice_kernel", "window_sum",
 ]
+
+
+def channel_mask(shape: tuple, keep, axis: int, view: tuple | None = None, blocks: int = 1) -> np.ndarray:
+    """A 0/1 float32 array of ``shape`` that is 0 where ``keep`` is False along ``axis`` of the array viewed as
+    ``view`` (``shape`` itself by default).
+
+    With ``blocks`` > 1 the channels form that many contiguous blocks, which the view holds as (channel within
+    its block, block) on ``axis`` and the axis after it: a grouped convolution's kernel ``(..., in / G, out)``
+    viewed as ``(..., in / G, G, out / G)`` has input channel ``g * in / G + r`` in row ``r`` of block ``g``.
+    """
+    view = tuple(view or shape)
+    keep = np.asarray(keep, np.float32)
+    b = [1] * len(view)
+    if blocks > 1:
+        keep = keep.reshape(blocks, -1).T
+        ax = axis % len(view)
+        b[ax], b[ax + 1] = keep.shape
+    else:
+        b[axis] = keep.size
+    return np.ascontiguousarray(np.broadcast_to(keep.reshape(b), view)).reshape(shape)
 
 
 def producer_consts(kernel: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ import tensorflow as tf
 from keras import ops
 
 from tfcompress.graph.custom_layers import register_layer
+from tfcompress.graph.kernels import channel_mask
 from tfcompress.int8_policy import weight_grid
 
 __all__ = [
@@ -149,14 +150,17 @@ class ChannelMask(keras.constraints.Constraint):
 
     Args:
         keep: one flag per channel along ``axis`` (of the weight viewed with shape ``view``, if given).
-        extra: more ``{"keep", "axis", "view"}`` masks, all applied (e.g. pruned outputs and pruned inputs).
+        view: the shape to view the weight with.
+        extra: more ``{"keep", "axis", "view", "blocks"}`` masks, all applied (e.g. pruned outputs and pruned
+            inputs).
         inner: the weight's own constraint (a Keras constraint or its config), applied before the masks.
+        blocks: the channels' blocks (a grouped convolution's kernel rows; see
+            :func:`tfcompress.graph.kernels.channel_mask`).
     """
 
-    def __init__(self, keep, axis: int = -1, view=None, extra=(), inner=None):
-        self.masks = [{"keep": [bool(k) for k in keep], "axis": int(axis), "view": list(view) if view else None}]
-        self.masks += [{"keep": [bool(k) for k in m["keep"]], "axis": int(m["axis"]),
-                        "view": list(m["view"]) if m.get("view") else None} for m in extra]
+    def __init__(self, keep, axis: int = -1, view=None, extra=(), inner=None, blocks: int = 1):
+        self.masks = [_mask_spec(keep, axis, view, blocks)]
+        self.masks += [_mask_spec(m["keep"], m["axis"], m.get("view"), m.get("blocks", 1)) for m in extra]
         self.inner = keras.constraints.get(inner)
 
     def __call__(self, w):
@@ -165,16 +169,18 @@ class ChannelMask(keras.constraints.Constraint):
         shape = tuple(w.shape)
         mask = np.ones(shape, np.float32)
         for m in self.masks:
-            view = tuple(m["view"]) if m["view"] else shape
-            b = [1] * len(view)
-            b[m["axis"]] = len(m["keep"])
-            mask = mask * np.broadcast_to(np.asarray(m["keep"], np.float32).reshape(b), view).reshape(shape)
+            mask = mask * channel_mask(shape, m["keep"], m["axis"], m["view"], m["blocks"])
         return w * ops.cast(mask, w.dtype)
 
     def get_config(self):
         first, *extra = self.masks
         inner = None if self.inner is None else keras.constraints.serialize(self.inner)
         return {**first, "extra": extra, "inner": inner}
+
+
+def _mask_spec(keep, axis, view, blocks) -> dict:
+    return {"keep": [bool(k) for k in keep], "axis": int(axis), "view": list(view) if view else None,
+            "blocks": int(blocks)}
 
 
 class _QuantizedKernel:

@@ -146,22 +146,23 @@ def quantize_model(
             keep = kg.graph.keep_mask(rec.op.outputs[0], removed)
             if not keep.all():
                 for p in rec.kind.output_params():
-                    masks.setdefault(p.variable.path.split("/")[-1], []).append((keep, p.axis, p.view))
+                    masks.setdefault(p.variable.path.split("/")[-1], []).append((keep, p))
             names = [w.path.split("/")[-1] for w in getattr(layer, "weights", [])]  # none on keras.ops nodes
             if rec.op.rule is Rule.PRODUCER and rec.kind.input_params():
                 in_keep = kg.graph.keep_mask(rec.op.inputs[0], removed)
                 if not in_keep.all():  # rows reading pruned channels: zero too, so weight ranges ignore them
                     for p in rec.kind.input_params():
-                        masks.setdefault(p.variable.path.split("/")[-1], []).append((in_keep, p.axis, p.view))
+                        masks.setdefault(p.variable.path.split("/")[-1], []).append((in_keep, p))
             for name, specs in masks.items():
                 key = _CONSTRAINT_KEYS.get(name)
                 if isinstance(layer, _DEPTHWISE) and key == "kernel_constraint":
                     key = "depthwise_constraint"
                 if key is None:
                     continue
-                (k0, a0, v0), *rest = specs
-                constraint = ChannelMask(k0.tolist(), a0, v0,
-                                         extra=[{"keep": k.tolist(), "axis": a, "view": v} for k, a, v in rest],
+                (k0, p0), *rest = specs
+                constraint = ChannelMask(k0.tolist(), p0.axis, p0.view, blocks=p0.blocks,
+                                         extra=[{"keep": k.tolist(), "axis": p.axis, "view": p.view,
+                                                 "blocks": p.blocks} for k, p in rest],
                                          inner=cfg.get(key))  # the layer's own constraint still applies
                 cfg[key] = constraint
                 idx = names.index(name)
