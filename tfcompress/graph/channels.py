@@ -128,9 +128,7 @@ def zero_channels(
             done.add(rec.op.layer)
     for rec in kg.records:  # a QAT layer's rows reading them: its weight ranges must not count them
         if kinds.ranges_read_rows(rec.kind.layer) and kg.row_reader(rec):
-            pos, ch = kg.graph.positions(rec.op.inputs[0], g)
-            keep = np.ones(rec.kind.call.in_widths[0], dtype=bool)
-            keep[pos[chosen[ch]]] = False
+            keep = kg.graph.keep_mask(rec.op.inputs[0], {g.id: chosen})
             if not keep.all():
                 for p in rec.kind.input_params():
                     p.variable.assign(np.asarray(p.variable) * p.mask(keep))

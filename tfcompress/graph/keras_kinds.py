@@ -218,6 +218,8 @@ class ChannelsFirst(LayerKind):
     @property
     def label(self) -> str:
         return f"{self.layer.name} (data_format='channels_first'; channels are followed on the last axis only)"
+
+
 PASS = table_kind("identity")
 
 

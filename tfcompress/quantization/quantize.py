@@ -10,7 +10,6 @@ import numpy as np
 
 from tfcompress import int8_policy as policy
 from tfcompress.int8_policy import OVERFLOW_FIX
-from tfcompress.graph.engine import Rule
 from tfcompress.graph.keras_adapter import build_graph
 from tfcompress.graph.keras_rebuild import layer_config, layer_from_config, rebuild
 from tfcompress.quantization import layers as Q
@@ -148,7 +147,7 @@ def quantize_model(
                 for p in rec.kind.output_params():
                     masks.setdefault(p.variable.path.split("/")[-1], []).append((keep, p))
             names = [w.path.split("/")[-1] for w in getattr(layer, "weights", [])]  # none on keras.ops nodes
-            if rec.op.rule is Rule.PRODUCER and rec.kind.input_params():
+            if kg.row_reader(rec):
                 in_keep = kg.graph.keep_mask(rec.op.inputs[0], removed)
                 if not in_keep.all():  # rows reading pruned channels: zero too, so weight ranges ignore them
                     for p in rec.kind.input_params():
