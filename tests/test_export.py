@@ -389,19 +389,26 @@ def test_bad_inputs_get_one_line_errors(tmp_path, small_saved_model):
     assert not (tmp_path / "o2").exists()
 
 
-def test_a_mixed_precision_model_is_checked_at_its_own_precision(tmp_path, rng):
-    """Keras mixed precision (float16 layers, float32 outputs): TensorFlow rounds every layer's output to
-    float16, OpenVINO does not, so the checks allow float16's precision instead of refusing the export; the IR
-    still has to match the model as closely as float16 allows."""
-    keras.mixed_precision.set_global_policy("mixed_float16")
+def _mixed_precision_model(policy, head, rng):
+    """Two convolutions (the first with a BatchNorm of random statistics) built under Keras ``policy``, then
+    ``head`` (a function of their output)."""
+    keras.mixed_precision.set_global_policy(policy)
     try:
         inp = keras.Input((8, 8, 3), name="x")
         h = L.BatchNormalization()(L.Conv2D(8, 3, padding="same", activation="relu")(inp))
         h = L.Conv2D(8, 3, padding="same", activation="relu")(h)
-        model = keras.Model(inp, L.Conv2D(4, 1, dtype="float32")(h))
+        model = keras.Model(inp, head(h))
     finally:
         keras.mixed_precision.set_global_policy("float32")
     randomize_batchnorm(model, rng)
+    return model
+
+
+def test_a_mixed_precision_model_is_checked_at_its_own_precision(tmp_path, rng):
+    """Keras mixed precision (float16 layers, float32 outputs): TensorFlow rounds every layer's output to
+    float16, OpenVINO does not, so the checks allow float16's precision instead of refusing the export; the IR
+    still has to match the model as closely as float16 allows."""
+    model = _mixed_precision_model("mixed_float16", lambda h: L.Conv2D(4, 1, dtype="float32")(h), rng)
     model.export(str(tmp_path / "sm"), verbose=False)
     x = rng.uniform(0, 1, (8, 8, 8, 3)).astype("float32")
     np.save(tmp_path / "x.npy", x)
@@ -421,15 +428,8 @@ def test_a_bfloat16_model_exports_a_float32_ir_and_calibrates(head_dtype, tmp_pa
     read the IR's bfloat16 output as float16 bits (the export refused it: 'relative error 5.10e+00'), and
     calibration added float16 constants to bfloat16 ops (a traceback). The IR computes in float32 (OpenVINO's
     precision hint still picks bfloat16 on CPUs that have it) and matches the model to bfloat16's precision."""
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
-        inp = keras.Input((8, 8, 3), name="x")
-        h = L.BatchNormalization()(L.Conv2D(8, 3, padding="same", activation="relu")(inp))
-        h = L.Conv2D(8, 3, padding="same", activation="relu")(h)
-        model = keras.Model(inp, L.Dense(4, dtype=head_dtype)(L.GlobalAveragePooling2D()(h)))
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-    randomize_batchnorm(model, rng)
+    model = _mixed_precision_model("mixed_bfloat16",
+                                   lambda h: L.Dense(4, dtype=head_dtype)(L.GlobalAveragePooling2D()(h)), rng)
     model.export(str(tmp_path / "sm"), verbose=False)
     x = rng.uniform(0, 1, (16, 8, 8, 3)).astype("float32")
     np.save(tmp_path / "x.npy", x)

@@ -201,18 +201,37 @@ def test_prune_then_qat_keeps_pruned_channels_zero_and_strips(rng, tmp_path):
     assert r.max_rel_error < 1e-4
 
 
+def _random_weights(model, rng):
+    for w in model.weights:  # no all-zero biases: every removed channel must be zeroed, not found zero
+        w.assign(rng.normal(0, 0.3, w.shape).astype("float32"))
+    return model
+
+
+def _quantized(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return quantize_model(model)
+
+
+def _prune_qat_model(q, x, rng, how, groups=None):
+    """Half the filters pruned in the QAT model ``q``: by FilterPruning in its fit on ``x`` (first convolutions
+    too), or by zero_channels on half of each of ``groups`` (every group)."""
+    if how == "fit":
+        q.compile("adam", "mse")
+        pruner = tfcompress.pruning.FilterPruning(target=0.5, pruning_epochs=2, prune_first_conv=True)
+        q.fit(x, rng.normal(size=(len(x), 4)), epochs=3, batch_size=len(x) // 2, callbacks=[pruner], verbose=0)
+    else:
+        for g in tfcompress.channel_groups(q) if groups is None else groups:
+            tfcompress.zero_channels(q, g, rng.choice(g.size, g.size // 2, replace=False))
+
+
 def _qat_prunable(rng):
     """A QAT model whose pruned groups are read by a Conv2D, a SeparableConv2D (depth multiplier 2) and a Dense."""
     inp = keras.Input((10, 10, 3))
     a = L.Conv2D(16, 3, padding="same", activation="relu", name="c1")(inp)
     b = L.Conv2D(16, 3, padding="same", activation="relu", name="c2")(a)
     c = L.SeparableConv2D(12, 3, padding="same", depth_multiplier=2, activation="relu", name="sep")(b)
-    model = keras.Model(inp, L.Dense(4, name="head")(L.GlobalAveragePooling2D()(c)))
-    for w in model.weights:  # no all-zero biases: every removed channel must be zeroed, not found zero
-        w.assign(rng.normal(0, 0.3, w.shape).astype("float32"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return quantize_model(model)
+    return _quantized(_random_weights(keras.Model(inp, L.Dense(4, name="head")(L.GlobalAveragePooling2D()(c))), rng))
 
 
 @pytest.mark.parametrize("how", ["fit", "zero_channels"])
@@ -222,13 +241,7 @@ def test_channels_pruned_in_a_qat_model_strip_exactly(how, rng):
     behind set the rounding of the others and the stripped model (without them) computed something else."""
     q = _qat_prunable(rng)
     x = rng.normal(size=(32, 10, 10, 3)).astype("float32")
-    if how == "fit":
-        q.compile("adam", "mse")
-        pruner = tfcompress.pruning.FilterPruning(target=0.5, pruning_epochs=2, prune_first_conv=True)
-        q.fit(x, rng.normal(size=(32, 4)), epochs=3, batch_size=16, callbacks=[pruner], verbose=0)
-    else:
-        for g in tfcompress.channel_groups(q):
-            tfcompress.zero_channels(q, g, rng.choice(g.size, g.size // 2, replace=False))
+    _prune_qat_model(q, x, rng, how)
     removed = {name: np.abs(q.get_layer(name).kernel.numpy()).sum(axis=(0, 1, 2)) == 0 for name in ("c1", "c2")}
     removed["sep"] = np.abs(q.get_layer("sep").pointwise_kernel.numpy()).sum(axis=(0, 1, 2)) == 0
     assert all(r.sum() == r.size // 2 for r in removed.values()), removed
@@ -249,19 +262,10 @@ def test_channels_pruned_before_a_shared_qat_layer_strip_exactly(how, rng):
     b = L.Conv2D(8, 3, padding="same", activation="relu", name="c1b")(inp)
     shared = L.Conv2D(6, 1, name="shared")
     model = keras.Model(inp, L.Dense(4, name="head")(L.GlobalAveragePooling2D()(L.Add()([shared(a), shared(b)]))))
-    for w in model.weights:
-        w.assign(rng.normal(0, 0.3, w.shape).astype("float32"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        q = quantize_model(model)
+    q = _quantized(_random_weights(model, rng))
     x = rng.normal(size=(16, 6, 6, 3)).astype("float32")
-    if how == "fit":
-        q.compile("adam", "mse")
-        pruner = tfcompress.pruning.FilterPruning(target=0.5, pruning_epochs=2, prune_first_conv=True)
-        q.fit(x, rng.normal(size=(16, 4)), epochs=3, batch_size=8, callbacks=[pruner], verbose=0)
-    else:
-        (g,) = [g for g in tfcompress.channel_groups(q) if set(g.layers) == {"c1", "c1b"}]
-        tfcompress.zero_channels(q, g, rng.choice(g.size, g.size // 2, replace=False))
+    (g,) = [g for g in tfcompress.channel_groups(q) if set(g.layers) == {"c1", "c1b"}]
+    _prune_qat_model(q, x, rng, how, [g])
     removed = ~q.get_layer("c1").kernel.numpy().any(axis=(0, 1, 2))
     assert removed.any()
     assert not q.get_layer("shared").kernel.numpy()[:, :, removed].any()
@@ -277,16 +281,12 @@ def test_channels_pruned_before_a_grouped_qat_convolution_strip_exactly(rng, tmp
     inp = keras.Input((6, 6, 3))
     a = L.Conv2D(8, 3, padding="same", activation="relu", name="c1")(inp)
     b = L.Conv2D(8, 3, padding="same", groups=2, activation="relu", name="gc")(a)
-    model = keras.Model(inp, L.Dense(4, name="head")(L.GlobalAveragePooling2D()(b)))
-    for w in model.weights:
-        w.assign(rng.normal(0, 0.3, w.shape).astype("float32"))
+    model = _random_weights(keras.Model(inp, L.Dense(4, name="head")(L.GlobalAveragePooling2D()(b))), rng)
     x = rng.normal(size=(8, 6, 6, 3)).astype("float32")
     c1 = next(g for g in tfcompress.channel_groups(model) if g.layers == ("c1",))
     assert c1.blocks == 2  # one channel from each half
     tfcompress.zero_channels(model, c1, [1, 5], compensate=False)  # prune -> QAT: quantize_model's masks
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        q = quantize_model(model)
+    q = _quantized(model)
     c1 = next(g for g in tfcompress.channel_groups(q) if g.layers == ("c1",))
     tfcompress.zero_channels(q, c1, [2, 6], compensate=False)  # pruning the QAT model
     kernel = q.get_layer("gc").kernel.numpy()  # (3, 3, 4, 8): row r of block g reads channel 4 g + r
