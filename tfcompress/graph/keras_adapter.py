@@ -461,6 +461,11 @@ class _Record:
     kind: LayerKind
     node: Any  # keras Node
     scope: dict[int, int]  # id(KerasTensor) -> tensor id, for the node's input tensors
+    part: bool = False  # an op the call is made of before its own (:meth:`LayerKind.parts`): not a call itself
+    reads: list[int] | None = None  # the tensors whose keep masks the kind's config and weights take (op.inputs)
+
+    def read_tensors(self) -> list[int]:
+        return self.op.inputs if self.reads is None else self.reads
 
 
 def _functional(model: keras.Model) -> keras.Model:
@@ -489,6 +494,14 @@ def _is_model(layer: Any) -> bool:
 
 def _shape(t: Any) -> tuple:
     return tuple(t.shape)
+
+
+def _op(name: str, layer: str, kind: LayerKind, inputs: list[int], outputs: list[int]) -> Op:
+    """The engine's op for ``kind`` reading tensors ``inputs`` and making ``outputs``."""
+    return Op(name=name, rule=kind.rule, inputs=inputs, outputs=outputs, layer=layer, channels=kind.channels(),
+              blocks=kind.blocks(), has_channel_params=kind.has_channel_params, semantics=kind,
+              reads_all_channels=kind.reads_all_channels, mixes_outputs=kind.mixes_outputs,
+              slices=kind.channel_slices(), contracted=kind.contraction()[0], passed=kind.contraction()[1])
 
 
 class KerasGraph:
@@ -556,24 +569,25 @@ class KerasGraph:
                     layer, [self._widths[i] for i in in_ids], self._widths[out_ids[0]], in_shapes, out_shape, node
                 )
                 kind = kind_cls(call)
-                op = Op(
-                    name=path if n == 0 else f"{path}#{n}",
-                    rule=kind.rule,
-                    inputs=in_ids,
-                    outputs=out_ids,
-                    layer=path,
-                    channels=kind.channels(),
-                    blocks=kind.blocks(),
-                    has_channel_params=kind.has_channel_params,
-                    semantics=kind,
-                    reads_all_channels=kind.reads_all_channels,
-                    mixes_outputs=kind.mixes_outputs,
-                    slices=kind.channel_slices(),
-                    contracted=kind.contraction()[0],
-                    passed=kind.contraction()[1],
-                )
-                self.records.append(_Record(op, kind, node, {id(t): scope[id(t)] for t in node.input_tensors}))
+                name = path if n == 0 else f"{path}#{n}"
+                node_scope = {id(t): scope[id(t)] for t in node.input_tensors}
+                own_inputs, reads = in_ids, list(in_ids)
+                for part in kind.parts():  # e.g. a MultiHeadAttention's heads, read by its output projection
+                    made = [self._virtual(part.width)] if part.width else []
+                    op = _op(f"{name}:{part.name}", f"{path}:{part.name}", part.kind,
+                             [in_ids[i] for i in part.inputs], made)
+                    self.records.append(_Record(op, part.kind, node, node_scope, part=True))
+                    if made:
+                        own_inputs, reads = made, reads + made
+                op = _op(name, path, kind, own_inputs, out_ids)
+                self.records.append(_Record(op, kind, node, node_scope, reads=reads))
         return [scope[id(t)] for t in fmodel.outputs]
+
+    def _virtual(self, width: int) -> int:
+        """A new tensor id for a tensor inside a layer call (a part's output)."""
+        self._widths[self._count] = width
+        self._count += 1
+        return self._count - 1
 
     def groups(self) -> list[ChannelGroup]:
         return self.graph.groups()

@@ -139,6 +139,10 @@ class LayerKind(ops.TableOp):
     def blocks(self) -> int:
         return 1
 
+    def output_width(self) -> int:
+        """Channels of the op's output (the call's, unless the op is a part of the call)."""
+        return self.call.out_width
+
     # --- weights
     def output_params(self) -> list["ChannelParam"]:
         """The weights indexed by this layer's output channels (zeroing them zeroes those channels)."""
@@ -150,7 +154,7 @@ class LayerKind(ops.TableOp):
 
     def zero_outputs(self, pos: np.ndarray) -> None:
         """Zero every weight that produces the output channels ``pos``."""
-        keep = np.ones(self.call.out_width, dtype=bool)
+        keep = np.ones(self.output_width(), dtype=bool)
         keep[pos] = False
         for p in self.output_params():
             p.variable.assign(to_numpy(p.variable) * p.mask(keep))
@@ -184,6 +188,10 @@ class LayerKind(ops.TableOp):
         the channels ``out_keep`` of inputs that keep ``in_keeps``: as they are, unless the call itself holds
         per-channel constants or channel positions."""
         return args, kwargs
+
+    def parts(self) -> list["Part"]:
+        """The ops the call is made of before its own (a MultiHeadAttention's heads); none for most layers."""
+        return []
 
     def wrap(self, layer: Any, path: str) -> Any:
         """The layer the rebuilt model calls, given the rebuilt ``layer`` (the one this kind describes): itself,
@@ -343,9 +351,10 @@ class Producer(_Kernel):
         shape = tuple(self.layer.kernel.shape)  # grouped: (..., in / g, out), block j of the rows feeds outputs j
         return [ChannelParam(self.layer.kernel, -3, shape[:-1] + (g, shape[-1] // g), g)]
 
-    def filters(self, kernel: np.ndarray | None = None) -> np.ndarray:
-        """The kernel (or ``kernel``, an array of its shape) as one row per output channel."""
-        kernel = self._kernel() if kernel is None else kernel
+    def filters(self, value: Callable[[Any], np.ndarray] = to_numpy) -> np.ndarray:
+        """The kernel as one row per output channel, its values read by ``value(variable)`` (pruning reads the
+        values pruned channels had)."""
+        kernel = value(self._kernel_param().variable)
         return np.moveaxis(kernel, self.out_axis, 0).reshape(self.channels(), -1)
 
     def config(self, in_keeps, out_keep, folds):
@@ -559,82 +568,160 @@ class Recurrent(LayerKind):
 
 
 _ATTENTION_ARGS = ("query", "value", "key")
+_ATTENTION_MASKS = ("query_mask", "value_mask", "key_mask", "attention_mask")
 
 
 def attention_roles(call: LayerCall) -> list[str] | None:
     """For each input tensor of a MultiHeadAttention call, the argument it is (``"query"``, ``"value"``,
-    ``"key"``); None if another tensor (a mask) is an input too, or the call also returns the attention scores.
-    Keras flattens the positional arguments first, then the keyword ones by name."""
+    ``"key"`` or one of the masks); None if the call also returns the attention scores or another tensor is an
+    input. Keras flattens the positional arguments first, then the keyword ones by name."""
     args = call.node.arguments
     if len(call.node.output_tensors) != 1:  # the attention scores too: their last axis is not the channels
         return None
     named = list(zip(_ATTENTION_ARGS, args.args)) + sorted(args.kwargs.items())
     roles = [name for name, v in named if isinstance(v, keras.KerasTensor)]
-    if len(roles) != len(call.node.input_tensors) or not set(roles) <= set(_ATTENTION_ARGS):
+    if len(roles) != len(call.node.input_tensors) or not set(roles) <= set(_ATTENTION_ARGS + _ATTENTION_MASKS):
         return None
     return roles
 
 
-class Attention(LayerKind):
-    """MultiHeadAttention over (batch, positions, channels): each input is read through the rows of the
-    query/key/value projections' kernels (in, heads, dims), like a Dense layer's input, and the output
-    projection (heads, dims, out) writes the output channels, like a Dense layer's (a residual add joins them
-    to the stream they are added to). Heads are not pruned."""
+@dataclasses.dataclass
+class Part:
+    """An op a layer call is made of before its own op (:meth:`LayerKind.parts`): ``kind`` reads the call's input
+    tensors ``inputs`` (indices); with ``width``, it makes a tensor of that many channels inside the call, which
+    the call's own op then reads instead of the call's inputs."""
 
-    op = "attention"
+    name: str
+    kind: "LayerKind"
+    inputs: list[int]
+    width: int = 0
+
+
+class _AttentionCall(LayerKind):
+    """What the two ops of a MultiHeadAttention call share: which input is which argument, and the projections
+    (EinsumDense kernels (in, heads, dims), biases (heads, dims); the output projection's kernel (heads, dims,
+    out))."""
+
     has_channel_params = True
 
-    def __init__(self, call: LayerCall) -> None:
-        super().__init__(call)
+    def __init__(self, call: LayerCall, op: str | None = None) -> None:
+        super().__init__(call, op)
         self.roles = attention_roles(call)
+        L = self.layer
+        self.heads, self.key_dim = int(L.num_heads), int(L.key_dim)
+        self.value_dim = int(L.value_dim or L.key_dim)
 
     def _readers(self, role: str) -> list:
         """The projections that read the input passed as ``role`` (without a key, the value input is the key)."""
         L = self.layer
-        dense = {"query": [L.query_dense], "value": [L.value_dense], "key": [L.key_dense]}[role]
+        dense = {"query": [L.query_dense], "value": [L.value_dense], "key": [L.key_dense]}.get(role, [])
         return dense + ([L.key_dense] if role == "value" and "key" not in self.roles else [])
+
+    def _projections(self) -> list:
+        L = self.layer
+        return [L.query_dense, L.key_dense, L.value_dense]
+
+
+class AttentionHeads(_AttentionCall):
+    """The heads of a MultiHeadAttention call, as a producer of one channel per head that reads the query, value
+    and key through the rows of their projections. A head is its ``key_dim`` query and key columns, its
+    ``value_dim`` value columns and the ``value_dim`` rows of the output projection that read them: pruning
+    zeroes all of them (the criterion compares heads by them), and a head whose value columns are zero adds only
+    its value bias, which the output projection folds (:func:`tfcompress.graph.ops._head_consts`)."""
+
+    op = "attention_heads"
+
+    def channels(self):
+        return self.heads
+
+    def params(self):
+        v = self.layer.value_dense
+        return dict(value_kernel=to_numpy(v.kernel),
+                    value_bias=to_numpy(v.bias) if v.bias is not None else np.zeros((self.heads, self.value_dim)))
+
+    def geometry(self):
+        c = self.call
+        steps = {role: ops.positions(shape) for role, shape in zip(self.roles, c.in_shapes)}
+        reads = [r for r in self.roles if r in _ATTENTION_ARGS]
+        return dict(input_positions=[steps[r] for r in reads],
+                    head_columns=[sum(int(np.prod(d.kernel.shape[2:])) for d in self._readers(r)) for r in reads],
+                    query_positions=steps["query"], key_positions=steps.get("key", steps["value"]),
+                    key_dim=self.key_dim, value_dim=self.value_dim)
+
+    def output_params(self):
+        params = [ChannelParam(d.kernel, 1) for d in self._projections()]
+        params += [ChannelParam(d.bias, 0) for d in self._projections() if d.bias is not None]
+        return params + [ChannelParam(self.layer.output_dense.kernel, 0)]
+
+    def output_width(self):
+        return self.heads
+
+    def filters(self, value: Callable[[Any], np.ndarray] = to_numpy) -> np.ndarray:
+        """One row per head: its query, key and value columns and its output projection rows."""
+        kernels = [np.moveaxis(value(d.kernel), 1, 0) for d in self._projections()]
+        kernels.append(value(self.layer.output_dense.kernel))
+        return np.concatenate([k.reshape(self.heads, -1) for k in kernels], axis=1)
+
+
+class Attention(_AttentionCall):
+    """MultiHeadAttention over (batch, positions, channels), as two ops: its heads (:class:`AttentionHeads`, a
+    part of the call) and its output projection, which reads the heads and writes the output channels like a
+    Dense layer's (a residual add joins them to the stream they are added to). Masks are read as positions:
+    the channels reaching them are blocked."""
+
+    op = "attention"
+
+    def parts(self) -> list[Part]:
+        reads = [i for i, r in enumerate(self.roles) if r in _ATTENTION_ARGS]
+        masks = [i for i, r in enumerate(self.roles) if r not in _ATTENTION_ARGS]
+        heads = Part("heads", AttentionHeads(self.call), reads, self.heads)
+        return [heads] + ([Part("masks", BLOCKER(self.call), masks)] if masks else [])
 
     def params(self):
         out = self.layer.output_dense
         kernel = to_numpy(out.kernel)
-        return dict(kernel=kernel.reshape(-1, kernel.shape[-1]),
-                    bias=to_numpy(out.bias) if out.bias is not None else np.zeros(kernel.shape[-1]))
+        return dict(kernel=kernel, bias=to_numpy(out.bias) if out.bias is not None else np.zeros(kernel.shape[-1]))
+
+    def geometry(self):
+        return dict(positions=ops.positions(self.call.out_shape), value_dim=self.value_dim)
 
     def output_params(self):
         out = self.layer.output_dense
         return [ChannelParam(out.kernel, -1)] + ([ChannelParam(out.bias, 0)] if out.bias is not None else [])
 
-    def filters(self, kernel: np.ndarray | None = None) -> np.ndarray:
-        """The output projection's kernel (or ``kernel``, an array of its shape) as one row per output channel."""
-        kernel = to_numpy(self.layer.output_dense.kernel) if kernel is None else kernel
+    def filters(self, value: Callable[[Any], np.ndarray] = to_numpy) -> np.ndarray:
+        """The output projection's kernel as one row per output channel."""
+        kernel = value(self.layer.output_dense.kernel)
         return np.moveaxis(kernel, -1, 0).reshape(kernel.shape[-1], -1)
 
-    def geometry(self):
-        L, c = self.layer, self.call
-        steps = {role: ops.positions(shape) for role, shape in zip(self.roles, c.in_shapes)}
-        heads, key_dim, value_dim = int(L.num_heads), int(L.key_dim), int(L.value_dim or L.key_dim)
-        keys = steps.get("key", steps["value"])
-        return dict(positions=ops.positions(c.out_shape), input_positions=[steps[r] for r in self.roles],
-                    input_columns=[sum(int(np.prod(d.kernel.shape[1:])) for d in self._readers(r))
-                                   for r in self.roles],
-                    output_rows=heads * value_dim, attention_macs=heads * steps["query"] * keys * (key_dim + value_dim))
-
     def config(self, in_keeps, out_keep, folds):
+        """``in_keeps``: one per input tensor of the call (by :attr:`roles`), then the heads'."""
         cfg = self.layer.get_config()
+        cfg["num_heads"] = int(in_keeps[-1].sum())
         if cfg.get("output_shape") is not None or out_keep.sum() != in_keeps[self.roles.index("query")].sum():
             cfg["output_shape"] = int(out_keep.sum())
         return cfg
 
     def weights(self, in_keeps, out_keep, folds):
+        """The projections without the removed heads and channels; a removed head's constant (its value bias,
+        ``folds[-1]`` times) is added to the output bias through the rows that read it."""
+        heads = in_keeps[-1]
         rows = {id(d.kernel): keep for role, keep in zip(self.roles, in_keeps) for d in self._readers(role)}
         out = self.layer.output_dense
         new = []
         for w in self.layer.weights:
             value = to_numpy(w)
-            if id(w) in rows:
-                value = ops.take_channels(value, rows[id(w)], 0)
-            elif w is out.kernel or w is out.bias:
+            if w is out.kernel:
+                value = ops.take_channels(ops.take_channels(value, heads, 0), out_keep, -1)
+            elif w is out.bias:
+                v = self.layer.value_dense
+                if v.bias is not None:
+                    value = value + np.einsum("h,hd,hdo->o", folds[-1], to_numpy(v.bias), to_numpy(out.kernel))
                 value = ops.take_channels(value, out_keep, -1)
+            else:  # a projection's kernel (in, heads, dims) or bias (heads, dims)
+                if id(w) in rows:
+                    value = ops.take_channels(value, rows[id(w)], 0)
+                value = ops.take_channels(value, heads, 1 if len(w.shape) == 3 else 0)
             new.append(value)
         return new
 

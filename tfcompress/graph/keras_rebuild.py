@@ -63,7 +63,7 @@ def rebuild(kg: KerasGraph, make_layer: MakeLayer, rewrite_args: RewriteArgs | N
         new[tid] = keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t._keras_history[0].name)
         inputs.append(new[tid])
     for rec in kg.records:
-        if rec.node is None:
+        if rec.node is None or rec.part:
             continue
         if rec.op.layer not in layers:
             layer, weights = make_layer(rec)

@@ -42,8 +42,8 @@ class OpSemantics:
     ``geometry`` is what an adapter knows of an op's shape, as keywords (each function reads the ones it needs):
     ``positions`` (output positions per example), ``in_positions``, ``window`` (kernel positions), ``groups``,
     ``multiplier`` (depth multiplier) and ``valid_padding``; a recurrent layer's ``kernel_columns`` and
-    ``recurrent_macs``; an attention layer's ``input_positions``, ``input_columns``, ``output_rows`` and
-    ``attention_macs``; a contraction's ``contracted`` inputs and ``key_positions``.
+    ``recurrent_macs``; an attention layer's heads' ``input_positions``, ``head_columns``, ``query_positions``,
+    ``key_positions``, ``key_dim`` and ``value_dim``; a contraction's ``contracted`` inputs and ``key_positions``.
     """
 
     consts: Callable[..., np.ndarray]
@@ -111,13 +111,29 @@ def _recurrent_macs(in_counts: list[int], out_count: int, in_positions: float, k
     return float(in_positions * (in_counts[0] * kernel_columns + recurrent_macs))
 
 
-def _attention_macs(in_counts: list[int], out_count: int, positions: float, input_positions: list[float],
-                    input_columns: list[int], output_rows: int, attention_macs: float, **_) -> float:
-    """Each input is read through projections of ``input_columns`` (heads x dims) at each of its positions;
-    the scores and their weighted sum (``attention_macs``) do not depend on channel counts; the output
-    projection writes ``out_count`` channels from ``output_rows`` at each output position."""
-    read = sum(p * c * k for p, c, k in zip(input_positions, in_counts, input_columns))
-    return float(read + attention_macs + positions * output_rows * out_count)
+def _head_consts(cs: Consts, value_kernel: np.ndarray, value_bias: np.ndarray) -> np.ndarray:
+    """Per attention head, what it outputs as a multiple of its value bias: a head whose value kernel
+    (in, heads, dims) is all zero outputs its value bias at every position (the attention weights sum to one), 1;
+    0 when that bias is zero too; NaN for any other head."""
+    heads = value_kernel.shape[1]
+    zero = ~np.moveaxis(value_kernel, 1, 0).reshape(heads, -1).any(axis=1)
+    return np.where(zero, value_bias.reshape(heads, -1).any(axis=1).astype(np.float64), np.nan)
+
+
+def _attention_heads_macs(in_counts: list[int], out_count: int, input_positions: list[float],
+                          head_columns: list[int], query_positions: float, key_positions: float, key_dim: int,
+                          value_dim: int, **_) -> float:
+    """``out_count`` heads: each input is read at each of its positions through ``head_columns`` projection
+    columns per head; every head scores each query position against each key position over ``key_dim`` and sums
+    ``value_dim`` values over the keys."""
+    read = sum(p * c * k for p, c, k in zip(input_positions, in_counts, head_columns))
+    return float(out_count * (read + query_positions * key_positions * (key_dim + value_dim)))
+
+
+def _attention_output_macs(in_counts: list[int], out_count: int, positions: float, value_dim: int,
+                           **_) -> float:
+    """The output projection writes ``out_count`` channels from ``value_dim`` values of each kept head."""
+    return float(positions * in_counts[0] * value_dim * out_count)
 
 
 def _contracted(cs: Consts, passed: int | None = None, width: int = 0) -> np.ndarray:
@@ -307,9 +323,12 @@ OPS: dict[str, OpSemantics] = {
     # LSTM/GRU/SimpleRNN: input channels are read like a Dense layer's (a zero one can go); its units are not
     # followed (nothing is known of their values), and a constant input channel stays (no bias folding here)
     "recurrent": OpSemantics(_unknown, _recurrent_macs, rule=Rule.PRODUCER),
-    # MultiHeadAttention: its inputs are read through the rows of the query/key/value projections, its output
-    # channels are those of the output projection, a kernel (heads x dims, out) (a constant input channel stays)
-    "attention": OpSemantics(_producer, _attention_macs, rule=Rule.PRODUCER),
+    # MultiHeadAttention as two ops. Its heads: the inputs are read through the rows of the query/key/value
+    # projections (a constant input channel stays), each head is a channel made of its projection columns. Its
+    # output projection, a kernel (heads, dims, out), reads the heads and writes the output channels; a removed
+    # head that outputs its value bias is folded into the output bias
+    "attention_heads": OpSemantics(_head_consts, _attention_heads_macs, rule=Rule.PRODUCER),
+    "attention": OpSemantics(_producer, _attention_output_macs, lambda **_: True, Rule.PRODUCER),
     "separable_conv": OpSemantics(_producer, _separable_macs, rule=Rule.PRODUCER),
     # a product of two tensors summed over an axis: scores q . k^T, weights @ v (Rule.CONTRACT says which
     # inputs' channels are summed and which pass); a removed channel must add nothing: 0 in q or k

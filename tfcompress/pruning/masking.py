@@ -52,7 +52,7 @@ class GroupMasks:
         self._chain: dict[int, list[LayerKind]] = {}  # id(producer kind) -> per-channel layers after it
         seen: set[str] = set()
         for rec in kg.records:
-            if rec.node is None or rec.op.layer in seen:
+            if rec.node is None or not rec.op.outputs or rec.op.layer in seen:
                 continue
             seen.add(rec.op.layer)
             if ranges_read_rows(rec.kind.layer) and kg.row_reader(rec):
@@ -124,7 +124,7 @@ class GroupMasks:
         """
         rows = []
         for kind, pos in self.producers[group.id]:
-            r = kind.filters(self._remembered(kind.output_params()[0].variable))
+            r = kind.filters(self._remembered)
             norm = np.linalg.norm(r, axis=1)
             gain = self.gains(kind, norm)
             rows += _group_rows(r * (gain / np.maximum(norm, 1e-12))[:, None], pos, group.size)

@@ -232,7 +232,7 @@ def _placement(kg, op_policy) -> dict[int, str]:
     readers: dict[int, list] = {}
     wanted: dict[int, list[int]] = {}  # id(record) -> ids of the tensors it reads quantized
     for rec in kg.records:
-        if rec.node is None:
+        if rec.node is None or rec.part:  # a part reads the call's tensors: the call's record places them
             continue
         leaves = keras.tree.flatten(rec.node.arguments.args)
         tids = [rec.scope.get(id(t)) if isinstance(t, keras.KerasTensor) else None for t in leaves]

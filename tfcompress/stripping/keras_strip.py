@@ -42,9 +42,10 @@ def _rebuild(kg: KerasGraph, removed: dict[int, np.ndarray], consts: dict[int, n
 
     def make_layer(rec):
         op, layer = rec.op, rec.kind.layer
-        in_keeps = [graph.keep_mask(t, removed) for t in op.inputs]
+        reads = rec.read_tensors()
+        in_keeps = [graph.keep_mask(t, removed) for t in reads]
         out_keep = graph.keep_mask(op.outputs[0], removed) if len(op.outputs) == 1 else None
-        folds = [np.where(k, 0.0, np.nan_to_num(consts[t])) for k, t in zip(in_keeps, op.inputs)]
+        folds = [np.where(k, 0.0, np.nan_to_num(consts[t])) for k, t in zip(in_keeps, reads)]
         changed = not all(k.all() for k in in_keeps) or out_keep is not None and not out_keep.all()
         new = _new_layer(layer, op.layer, rec.kind, in_keeps, out_keep, folds, changed)
         if new is layer or not isinstance(layer, keras.layers.Layer):  # a keras.ops node has no weights
