@@ -438,18 +438,18 @@ def _encoder(rng, call=lambda m, x: m(x, x)):
 def test_attention_reads_and_writes_the_residual_stream(call, rng, tmp_path):
     """MultiHeadAttention reads its inputs through the rows of its query/key/value projections and writes
     its output through the output projection: added to the residual stream, it joins the stream's group, so
-    a transformer's model width is pruned (heads are not)."""
+    a transformer's model width is pruned; its heads are a group of their own."""
     model = _encoder(rng, call)
     assert set(_groups_by_layer(model)) == {("embed", "b1_mha", "b1_ff2", "b2_mha", "b2_ff2"), ("b1_ff1",),
-                                            ("b2_ff1",)}
+                                            ("b2_ff1",), ("b1_mha:heads",), ("b2_mha:heads",)}
     # per example: embed 10 x 6 x 16; per block q, k, v and output projections 4 x 10 x 16 x 16, scores and
     # their weighted sum 2 heads x 10 x 10 x (8 + 8), the MLP 2 x 10 x 16 x 32; the head 16 x 3
     block = 4 * 10 * 16 * 16 + 2 * 10 * 10 * 16 + 2 * 10 * 16 * 32
     assert tfcompress.count_flops(model) == 2 * (10 * 6 * 16 + 2 * block + 16 * 3)
     x = _x(rng, (3, 10, 6))
     stripped = _zero_and_strip(model, rng, x)
-    assert stripped.get_layer("b1_mha").output_dense.kernel.shape == (2, 8, 12)
-    assert stripped.get_layer("b2_mha").query_dense.kernel.shape == (12, 2, 8)
+    assert stripped.get_layer("b1_mha").output_dense.kernel.shape == (1, 8, 12)  # one of two heads zeroed
+    assert stripped.get_layer("b2_mha").query_dense.kernel.shape == (12, 1, 8)
     stripped.save(tmp_path / "m.keras")
     np.testing.assert_array_equal(keras.saving.load_model(tmp_path / "m.keras")(x), stripped(x))
 
@@ -463,7 +463,7 @@ def test_cross_attention_output_width_follows_its_own_group(rng):
     a = L.MultiHeadAttention(2, 4, name="mha")(q, v)
     model = keras.Model([q_in, v_in], L.Dense(3, name="head")(L.GlobalAveragePooling1D()(a)))
     randomize_biases(model, rng)
-    assert set(_groups_by_layer(model)) == {("q",), ("v",), ("mha",)}
+    assert set(_groups_by_layer(model)) == {("q",), ("v",), ("mha",), ("mha:heads",)}
     x = [_x(rng, (3, 6, 5)), _x(rng, (3, 9, 7))]
     stripped = _zero_and_strip(model, rng, x)
     mha = stripped.get_layer("mha")
@@ -471,12 +471,9 @@ def test_cross_attention_output_width_follows_its_own_group(rng):
     assert mha.key_dense.kernel.shape[0] == 9 and mha.output_dense.kernel.shape[-1] == 12
 
 
-def test_attention_with_a_mask_tensor_or_returning_its_scores_blocks(rng):
-    inp, mask = keras.Input((10, 6)), keras.Input((10, 10), dtype="bool")
+def test_attention_returning_its_scores_blocks(rng):
+    inp = keras.Input((10, 6))
     x = L.Dense(16, name="embed")(inp)
-    a = L.MultiHeadAttention(2, 8, name="mha")(x, x, attention_mask=mask)
-    model = keras.Model([inp, mask], L.Dense(3)(L.GlobalAveragePooling1D()(L.Add()([x, a]))))
-    assert ("embed", "mha") not in _groups_by_layer(model) and ("embed",) not in _groups_by_layer(model)
     a, scores = L.MultiHeadAttention(2, 8, name="mha2")(x, x, return_attention_scores=True)
     model = keras.Model(inp, [L.Dense(3)(L.GlobalAveragePooling1D()(L.Add()([x, a]))),
                               L.Dense(2)(L.Flatten()(scores))])  # scores: (batch, heads, 10, 10)
