@@ -83,7 +83,8 @@ class FilterPruning(keras.callbacks.Callback):
             with ``"sensitivity"`` measures the checkpoint's partly pruned weights, and warns).
         prune_first_conv: also prune layers fed directly by a model input.
         prune_downsample_convs: also prune groups containing a strided convolution.
-        ignored_layers: names of layers never to prune (their whole group is left alone).
+        ignored_layers: names of layers never to prune (their whole group is left alone); a MultiHeadAttention's
+            heads are named ``"<layer>:heads"`` (ignoring them keeps every head and still prunes the layer's output).
         flops_allocation: with ``flops_target``, ``"uniform"`` prunes the same fraction of every group;
             ``"global"`` ranks channels across groups (importance normalised per group) and prunes where it
             matters least, keeping at least ``1 - max_group_level`` of every group; ``"global_per_flop"``
@@ -343,7 +344,7 @@ class FilterPruning(keras.callbacks.Callback):
     # ------------------------------------------------------------------ internals
     def _analyse(self, model: keras.Model) -> "_State":
         kg = build_graph(model)
-        names = set(kg.layers)
+        names = set(kg.layers) | {rec.op.layer for rec in kg.records}  # with the parts of calls ("mha:heads")
         missing = [n for n in self.ignored_layers if n not in names]
         if missing:
             raise ValueError(
