@@ -26,9 +26,17 @@ from tfcompress.graph.keras_kinds import (
 from tfcompress.graph.keras_layers import PARTIAL_NORMALIZATIONS
 
 __all__ = [
-    "ChannelParam", "KerasGraph", "LayerKind", "LayerRule", "UnsupportedModelError", "build_graph",
+    "ChannelParam", "KerasGraph", "LayerKind", "LayerRule", "UnsupportedModelError", "build_graph", "call_path",
     "register_layer",
 ]
+
+PART = ":"  # joins a layer's path and the name of a part of its call (:meth:`LayerKind.parts`): "mha:heads"
+
+
+def call_path(layer: str) -> str:
+    """The path of the Keras layer an op's ``layer`` name belongs to: a part of a call (``"mha:heads"``) belongs to
+    the called layer (``"mha"``); any other name is a layer's own."""
+    return layer.rpartition(PART)[0] or layer
 
 
 class UnsupportedModelError(ValueError):
@@ -574,7 +582,7 @@ class KerasGraph:
                 own_inputs, reads = in_ids, list(in_ids)
                 for part in kind.parts():  # e.g. a MultiHeadAttention's heads, read by its output projection
                     made = [self._virtual(part.width)] if part.width else []
-                    op = _op(f"{name}:{part.name}", f"{path}:{part.name}", part.kind,
+                    op = _op(f"{name}{PART}{part.name}", f"{path}{PART}{part.name}", part.kind,
                              [in_ids[i] for i in part.inputs], made)
                     self.records.append(_Record(op, part.kind, node, node_scope, part=True))
                     if made:

@@ -31,6 +31,7 @@ import numpy as np
 from tfcompress.calibration.samples import ModelInput, iterate_samples
 from tfcompress.graph.engine import ChannelGroup
 from tfcompress.graph.flops import FlopsCounter
+from tfcompress.graph.keras_adapter import call_path
 
 __all__ = ["measure_latency_profile", "channel_seconds"]
 
@@ -343,12 +344,14 @@ def channel_seconds(counter: FlopsCounter, groups: Iterable[ChannelGroup],
     an op with MACs whose layer the profile lacks gets the profile's mean seconds per MAC.
     """
     full = counter.op_macs()
+    # the layer whose time each op is: a part of a call (a MultiHeadAttention's heads) is its call's layer's
+    layers = [op.layer if op.layer in profile else call_path(op.layer) for op in counter.ops]
     layer_macs: dict[str, float] = {}
-    for op, m in zip(counter.ops, full):
-        layer_macs[op.layer] = layer_macs.get(op.layer, 0.0) + m
-    timed = np.array([op.layer in profile and m > 0 for op, m in zip(counter.ops, full)], bool)
-    rate = np.array([profile[op.layer] / layer_macs[op.layer] if t else 0.0 for op, t in zip(counter.ops, timed)])
-    spent = sum(profile[layer] for layer in {op.layer for op, t in zip(counter.ops, timed) if t})
+    for layer, m in zip(layers, full):
+        layer_macs[layer] = layer_macs.get(layer, 0.0) + m
+    timed = np.array([layer in profile and m > 0 for layer, m in zip(layers, full)], bool)
+    rate = np.array([profile[layer] / layer_macs[layer] if t else 0.0 for layer, t in zip(layers, timed)])
+    spent = sum(profile[layer] for layer in {layer for layer, t in zip(layers, timed) if t})
     rate = np.where(timed, rate, spent / max(full[timed].sum(), 1e-30))
     out = {}
     for g in groups:
