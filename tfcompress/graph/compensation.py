@@ -105,14 +105,19 @@ class TrackedConstants:
 
 def _consumers(kg: Any, group: ChannelGroup, chosen: np.ndarray) -> list[tuple[Any, int, np.ndarray, np.ndarray]]:
     """(record, input index, positions on that input, their group channels) of every Conv/Dense consumer
-    reading a removed channel."""
+    reading a removed channel as its layer's input ``i`` (not a tensor inside a layer call, such as the heads a
+    MultiHeadAttention's output projection reads: there is nothing to measure or fold there)."""
     by_name = {r.op.name: r for r in kg.records}
     out = []
     for op, i in kg.graph.consumers:
         pos, ch = kg.graph.positions(op.inputs[i], group)
         sel = chosen[ch]
+        rec = by_name[op.name]
+        tensors = rec.node.input_tensors if rec.node is not None else []
+        if i >= len(tensors) or rec.scope.get(id(tensors[i])) != op.inputs[i]:
+            continue
         if sel.any() and op.rule is Rule.PRODUCER:
-            out.append((by_name[op.name], i, pos[sel], ch[sel]))
+            out.append((rec, i, pos[sel], ch[sel]))
     return out
 
 
