@@ -181,3 +181,21 @@ def test_savedmodel_stripper_keeps_the_heads(rng, tmp_path):
     sig = tf.saved_model.load(str(tmp_path / "dst")).signatures["serving_default"]
     (out,) = sig(qi=tf.constant(x[0])).values()
     assert rel_error(out, model(x)) < TOL
+
+
+def test_head_constants_and_macs_from_the_op_table():
+    """Without Keras: a head is constant when its value columns are zero (its value bias, 1; 0 without one),
+    whatever its query and key; the heads' and the output projection's MACs scale with the kept heads."""
+    from tfcompress.graph import ops
+
+    kernel = np.ones((6, 3, 2))
+    kernel[:, 0], kernel[:, 1] = 0.0, 0.0
+    bias = np.array([[0.0, 0.0], [0.5, 0.0], [1.0, 1.0]])
+    c = ops.const_out("attention_heads", [np.full(6, np.nan)], value_kernel=kernel, value_bias=bias)
+    np.testing.assert_array_equal(c, [0.0, 1.0, np.nan])
+    geometry = dict(input_positions=[10, 9], head_columns=[4, 4 + 2], query_positions=10, key_positions=9,
+                    key_dim=4, value_dim=2)
+    one = 10 * 6 * 4 + 9 * 5 * 6 + 10 * 9 * 6
+    assert ops.macs("attention_heads", [6, 5], 3, **geometry) == 3 * one
+    assert ops.macs("attention_heads", [6, 5], 1, **geometry) == one
+    assert ops.macs("attention", [2], 7, positions=10, value_dim=2) == 10 * 2 * 2 * 7
