@@ -107,7 +107,6 @@ def test_masks_causal_mask_dropout_and_scores_leave_the_channel_rule(rng):
     v, k = L.Dense(12, name="v")(vi), L.Dense(8, name="k")(vi)
     a, scores = L.Attention(dropout=0.3, name="att")([q, v, k], mask=[qm, vm], use_causal_mask=True,
                                                     return_attention_scores=True)
-    # a keras.ops mean: a pooling layer would also read the query mask the layer passes on
     outs = [L.Dense(3, name="head")(keras.ops.mean(a, axis=1)), L.Dense(2, name="from_scores")(L.Flatten()(scores))]
     model = keras.Model([qi, vi, qm, vm], outs)
     for w in model.weights:

@@ -111,3 +111,61 @@ def test_a_bad_overflow_fix_exits_2_with_one_line(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+def test_int8_checks_say_which_precision_they_measured_and_cover_the_default_one(tmp_path):
+    """The INT8 IR's checks say the precision they ran at: its kernels against its exact arithmetic with the f32
+    hint and, where OpenVINO's default precision on this CPU is another (bf16 on CPUs with AVX512-BF16 or AMX,
+    what a user compiling the IR without a hint runs), again at that precision, with the numbers of such a
+    compile; the INT8 step's error against the FP32 IR names the precision "default" was."""
+    import openvino as ov
+
+    from tfcompress import calibration
+    from tfcompress.export import export_saved_model
+    from tfcompress.export.checks import mean_rel_error
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((12, 12, 3), name="x"), L.Conv2D(8, 3, activation="relu"),
+                              L.LayerNormalization(), L.Conv2D(8, 3, activation="sigmoid"),
+                              L.GlobalAveragePooling2D(), L.Dense(4)])  # LayerNormalization, sigmoid: float
+    model.export(str(tmp_path / "sm"), verbose=False)
+    x = np.random.default_rng(0).uniform(0, 1, (40, 12, 12, 3)).astype("float32")
+    report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), calibration_data=x[:32],
+                                validation_data=x[32:], verbose=False)
+    step = report["steps"]["int8"]
+    xml8 = str(tmp_path / "out" / "model_int8.xml")
+    core = ov.Core()
+    default = core.compile_model(xml8, "CPU")
+    precision = default.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    assert step["max_rel_error_precision"] == precision
+    kernels = step["int8_kernels"]
+    assert kernels["precision"] == "f32"
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert f"default precision ({precision} on this CPU)" in md and "(f32 hint)" in md
+    if precision == "f32":
+        assert "default_precision" not in kernels
+        return
+    exact = core.compile_model(calibration.exact_arithmetic(core.read_model(xml8)), "CPU",
+                               {"INFERENCE_PRECISION_HINT": "f32"})
+    want, got = (np.asarray(c({0: x[32:]})[c.outputs[0]], np.float64) for c in (exact, default))
+    record = kernels["default_precision"]
+    assert record["precision"] == precision
+    assert record["max_rel_error"] == pytest.approx(np.abs(got - want).max() / np.abs(want).max(), rel=1e-6)
+    assert record["mean_rel_error"] == pytest.approx(mean_rel_error(got, want), rel=1e-6)
+    assert record["within_tolerance"] == (record["max_rel_error"] <= kernels["tolerance"])
+    assert f"At OpenVINO's default precision here ({precision}" in md
+
+
+def test_the_warning_names_the_f32_hint_when_only_the_default_precision_is_beyond_the_noise():
+    from tfcompress.export.ov_run import int8_kernel_warning
+
+    record = {"max_rel_error": 1e-7, "mean_rel_error": 1e-7, "tolerance": 0.05, "within_tolerance": True,
+              "precision": "f32", "cpu_saturates_int8": False}
+    assert int8_kernel_warning(record, "fix") is None
+    record["default_precision"] = {"precision": "bf16", "max_rel_error": 0.01, "mean_rel_error": 0.002,
+                                   "within_tolerance": True}
+    assert int8_kernel_warning(record, "fix") is None
+    record["default_precision"].update(max_rel_error=0.2, within_tolerance=False)
+    message = int8_kernel_warning(record, "fix")
+    assert "default precision on this CPU (bf16)" in message and "2.00e-01" in message
+    assert "'INFERENCE_PRECISION_HINT': 'f32'" in message and "VNNI" not in message

@@ -390,6 +390,61 @@ def test_masked_recurrent_layers_read_channels_through_kernel_rows(rnn, rng):
     stripped = _zero_and_strip(model, rng, tokens)
     assert _width(stripped, "c1") == 6
 
+
+def _padded_tokens(rng, n=6, steps=12, vocab=30):
+    return np.where(np.arange(steps) < rng.integers(3, steps, (n, 1)), rng.integers(1, vocab, (n, steps)),
+                    0).astype("int32")
+
+
+def _masked_pooling(kind):
+    """Token features pooled over the unpadded steps: Keras's masked GlobalAveragePooling1D (the mask of
+    ``Embedding(mask_zero=True)`` reaches it by itself), or by hand, ``where(mask, x, 0)`` summed over the steps."""
+    inp = keras.Input((12,), dtype="int32")
+    e = L.Embedding(30, 6, mask_zero=kind == "layer")(inp)
+    x = L.Dense(10, activation="relu", name="c1")(L.Dense(8, name="c0")(e))
+    if kind == "layer":
+        pooled = L.GlobalAveragePooling1D()(x)
+    else:
+        present = keras.ops.expand_dims(keras.ops.not_equal(inp, 0), -1)
+        pooled = keras.ops.sum(keras.ops.where(present, x, 0.0), axis=1)
+    return keras.Model(inp, L.Dense(3, name="head")(L.Dense(7, activation="relu", name="c2")(pooled)))
+
+
+@pytest.mark.parametrize("kind", ["layer", "ops"])
+def test_pooling_over_unpadded_steps_passes_channels(kind, rng, tmp_path):
+    """A mask only says which steps count: a channel that is 0 at every step pools to 0 over any of them, so the
+    channels before the pooling are pruned and removed, by both strippers (in the SavedModel the mask is a
+    one-channel condition broadcast over the channels of a select)."""
+    from tfcompress.stripping.savedmodel_strip import freeze_saved_model, strip_saved_model
+
+    model = _masked_pooling(kind)
+    assert {g.layers: g.reason for g in tfcompress.explain(model)} == {
+        ("c0",): "", ("c1",): "", ("c2",): "", ("head",): "they are a model output"}
+    tokens = _padded_tokens(rng)
+    stripped = _zero_and_strip(model, rng, tokens)
+    assert [_width(stripped, n) for n in ("c0", "c1", "c2")] == [6, 8, 6]
+    model.export(str(tmp_path / "src"), verbose=False)
+    (name,) = freeze_saved_model(str(tmp_path / "src")).specs
+    result = strip_saved_model(str(tmp_path / "src"), str(tmp_path / "dst"), check_inputs={name: tokens})
+    assert result.max_rel_error < TOL
+    assert result.params_before - result.params_after == model.count_params() - stripped.count_params()
+
+
+def test_a_sum_over_positions_keeps_a_constant_channel(rng):
+    """A constant channel sums to the constant times the steps, which a mean-like rule would fold wrongly: with a
+    mask in the sum it is not even one known multiple, so it stays (a zero channel still goes)."""
+    model = _masked_pooling("ops")
+    c1 = model.get_layer("c1")
+    kernel, bias = (w.numpy() for w in c1.weights)
+    kernel[:, :2] = 0.0
+    bias[:2] = [0.0, 0.7]
+    c1.set_weights([kernel, bias])
+    tokens = _padded_tokens(rng)
+    stripped = tfcompress.strip(model)
+    assert rel_error(stripped(tokens), model(tokens)) < TOL
+    assert _width(stripped, "c1") == 9
+
+
 def test_recurrent_layer_macs_shrink_with_its_input(rng):
     model = _into_recurrent(lambda: L.LSTM(6, name="rnn"), rng)
     # per example: c1 20 x 3 x 4 x 8; the LSTM 20 steps x (8 inputs + 6 units) x 4 gates x 6; the head 6 x 3

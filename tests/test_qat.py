@@ -462,6 +462,44 @@ def test_a_mixed_precision_model_trains_quantization_aware(rng, tmp_path):
     assert report["steps"]["int8"]["int8_layers"] == {"int8": 7, "total": 7}
 
 
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
+def test_the_export_counts_the_qat_irs_int8_layers_and_says_when_none_runs_int8(policy, rng, tmp_path, capfd):
+    """report.json / report.md count the layers of a quantization-aware IR that run INT8 on this CPU (as
+    ``calibration.int8_layers`` counts them in the compiled IR); a mixed_float16 model's IR runs its float16
+    layers in float (their weights' fake quantization folds into float16 values off the int8 grid; the float32
+    head runs INT8): stderr says so and names --calibration_data, whose model_int8.xml runs them all in INT8."""
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        inp = keras.Input((8, 8, 3))
+        a = L.Conv2D(8, 3, padding="same", activation="relu")(L.Conv2D(8, 3, activation="relu")(inp))
+        model = keras.Model(inp, L.Dense(3, dtype="float32")(L.GlobalAveragePooling2D()(a)))
+        q = quantize_model(model)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    x = rng.uniform(0, 1, (16, 8, 8, 3)).astype("float32")
+    q.compile(keras.optimizers.SGD(0.0), "mse")
+    q.fit(x, np.zeros((16, 3), "float32"), epochs=1, batch_size=8, callbacks=[RangeInit(2)], verbose=0)
+    q.export(str(tmp_path / "sm"), verbose=False)
+    capfd.readouterr()
+    for data, out in (({"validation_data": x[:8]}, "out"), ({"calibration_data": x}, "calibrated")):
+        report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / out), verbose=False, **data)
+        err = capfd.readouterr().err
+        xml = str(tmp_path / out / "model_fp32.xml")
+        counts = calibration.int8_layers(ov.Core().compile_model(xml, "CPU"))
+        assert report["steps"]["openvino"]["int8_layers"] == counts and counts["total"] == 3
+        assert f"{counts['int8']} of 3 convolution" in (tmp_path / out / "report.md").read_text()
+        if policy == "float32":
+            assert counts["int8"] == 3 and "float16" not in err
+            continue
+        assert counts["int8"] < 3
+        assert f"runs {counts['int8']} of its 3 convolution / fully-connected layers in INT8" in err
+        if out == "out":
+            assert "--calibration_data gives model_int8.xml" in err
+        else:
+            assert report["steps"]["int8"]["int8_layers"] == {"int8": 3, "total": 3}
+            assert "model_int8.xml, calibrated with its quantizers kept, does" in err
+
+
 MIRRORED = """
     from test_qat import small_cnn, LOSS
     from tfcompress.quantization import quantize_model, RangeInit

@@ -34,9 +34,21 @@ def volume_net():
     return keras.Model(inp, L.Dense(4, name="logits")(L.GlobalAveragePooling3D()(x)))
 
 
+def attention_net():
+    """Token features, self-attention (query and value by name, value_dim != key_dim) around a residual add, an
+    EinsumDense feed-forward layer."""
+    inp = keras.Input((10, 6), name="tokens")
+    x = L.Dense(16, name="embed")(inp)
+    x = x + L.MultiHeadAttention(2, 8, value_dim=6, name="mha")(query=x, value=x)
+    x = L.EinsumDense("abc,cd->abd", (None, 12), bias_axes="d", activation="relu", name="ffn")(x)
+    return keras.Model(inp, L.Dense(4, name="logits")(L.GlobalAveragePooling1D()(x)))
+
+
 # model, its input shape, the twin each weighted layer becomes, and the layers OpenVINO runs with weights
-# (a separable convolution runs as two)
+# (a separable convolution runs as two, a MultiHeadAttention's four projections as four)
 NETS = {
+    "attention": (attention_net, (10, 6), {"embed": "QuantDense", "mha": "QuantMultiHeadAttention",
+                                           "ffn": "QuantEinsumDense", "logits": "QuantDense"}, 7),
     "1d": (temporal_net, (32, 6), {"conv": "QuantConv1D", "dw": "QuantDepthwiseConv1D",
                                    "sep": "QuantSeparableConv1D", "up": "QuantConv1DTranspose",
                                    "logits": "QuantDense"}, 6),
@@ -67,7 +79,8 @@ def test_twins_train_and_save_exactly(name, rng, tmp_path):
     assert [g.layers for g in tfcompress.channel_groups(q)] == [g.layers for g in tfcompress.channel_groups(model)]
     # the inputs of every twin are quantized
     for n in twins:
-        assert isinstance(q.get_layer(n).input._keras_history[0], ActivationQuantizer), n
+        assert all(isinstance(t._keras_history[0], ActivationQuantizer)
+                   for t in q.get_layer(n)._inbound_nodes[0].input_tensors), n
     q.save(tmp_path / "q.keras")
     again = keras.saving.load_model(tmp_path / "q.keras")
     assert {n: type(again.get_layer(n)).__name__ for n in twins} == twins
@@ -90,7 +103,7 @@ def int8_reference(kernel, out_axes, half_range: bool):
 
 # the kernel axes of each layout that are output channels
 OUT_AXES = {"QuantConv1D": [-1], "QuantConv3D": [-1], "QuantDense": [-1], "QuantDepthwiseConv1D": [-2, -1],
-            "QuantConv1DTranspose": [-2], "QuantConv3DTranspose": [-2]}
+            "QuantConv1DTranspose": [-2], "QuantConv3DTranspose": [-2], "QuantEinsumDense": [-1]}
 
 
 @pytest.mark.parametrize("name", sorted(NETS))
@@ -116,6 +129,55 @@ def test_each_twin_computes_its_keras_layer_on_int8_weights(name, rng):
                              *weights[1:]])
         np.testing.assert_allclose(layer(x), on_grid(x), atol=1e-5, err_msg=n)
         assert np.abs(np.asarray(layer(x)) - np.asarray(in_float(x))).max() > 1e-5, n  # the rounding is there
+
+
+def _einsum_on_grid(dense, x, out_axes):
+    """``dense`` (a QuantEinsumDense) as a Keras EinsumDense on its kernel rounded by ``int8_reference``."""
+    cfg = {k: v for k, v in dense.get_config().items() if k not in ("per_channel", "half_range")}
+    ref = L.EinsumDense.from_config(cfg)
+    ref.build(x.shape)
+    weights = [w.numpy() for w in dense.weights]
+    ref.set_weights([int8_reference(weights[0], out_axes, dense.half_range), *weights[1:]])
+    return ref(x)
+
+
+def test_attention_projections_round_per_output_unit(rng):
+    """Each projection of the attention twin computes its EinsumDense on its kernel rounded per output unit:
+    per (head, dimension) for the query / key / value kernels (in, heads, dims), per output channel for the
+    output projection's (heads, dims, out), the columns of the fully connected layers OpenVINO makes of them.
+    An equation whose kernel has its output axis first is rounded along that axis."""
+    _, q, _ = trained_qat("attention", rng)
+    mha = q.get_layer("mha")
+    for dense, out_axes in ((mha.query_dense, [1, 2]), (mha.key_dense, [1, 2]), (mha.value_dense, [1, 2]),
+                            (mha.output_dense, [2])):
+        rows = tuple(dense.kernel.shape[:-len(out_axes)])
+        x = rng.normal(size=(3, 10, *rows)).astype("float32")
+        np.testing.assert_allclose(dense(x), _einsum_on_grid(dense, x, out_axes), atol=1e-5)
+    transposed = tfcompress.quantization.QuantEinsumDense("abc,dc->abd", (None, 5), bias_axes="d")
+    x = rng.normal(size=(2, 4, 7)).astype("float32")
+    transposed.build(x.shape)
+    np.testing.assert_allclose(transposed(x), _einsum_on_grid(transposed, x, [0]), atol=1e-5)
+
+
+def test_attention_twin_keeps_the_padding_mask(rng):
+    """A padding mask reaches MultiHeadAttention through the quantizer of its input (Keras reads it off the
+    query): the QAT model, its weights the float model's, follows the masked float model within quantization
+    error, far closer than the same model without the mask."""
+    def model(mask_zero):
+        keras.utils.set_random_seed(1)
+        inp = keras.Input((12,), dtype="int32")
+        x = L.Dense(16, name="embed")(L.Embedding(40, 8, mask_zero=mask_zero)(inp))
+        x = x + L.MultiHeadAttention(2, 8, name="mha")(x, x)
+        return keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling1D()(x)))
+
+    masked, unmasked = model(True), model(False)
+    tokens = np.where(np.arange(12) < rng.integers(2, 8, (32, 1)), rng.integers(1, 40, (32, 12)), 0)
+    q = quantize_model(masked)
+    q.compile(keras.optimizers.SGD(0.0), "mse")  # ranges from data, weights as the float model's
+    q.fit(tokens, np.zeros((32, 3)), epochs=1, batch_size=32, callbacks=[RangeInit(1)], verbose=0)
+    assert isinstance(q.get_layer("mha"), tfcompress.quantization.QuantMultiHeadAttention)
+    error = rel_error(q(tokens), masked(tokens))
+    assert error < 0.1 and error < rel_error(unmasked(tokens), masked(tokens)) / 3
 
 
 @pytest.mark.parametrize("name", sorted(NETS))
@@ -213,10 +275,11 @@ def test_layers_qat_cannot_place_stay_float_with_one_warning(rng, tmp_path):
     messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
     assert len(messages) == 1, messages
     float_layers = {"stem_ln": "LayerNormalization", "ln": "LayerNormalization", "scale": "LayerScale",
-                    "mha": "MultiHeadAttention", "head_ln": "LayerNormalization"}
+                    "head_ln": "LayerNormalization"}
     for name, kind in float_layers.items():
         assert f"{name} ({kind})" in messages[0], messages[0]
-    assert not any(n in messages[0] for n in ("stem ", "dw ", "pw1", "pw2", "logits", "gelu"))
+    assert not any(n in messages[0] for n in ("stem ", "dw ", "pw1", "pw2", "logits", "gelu", "mha"))
+    assert type(q.get_layer("mha")).__name__ == "QuantMultiHeadAttention"
     # the graph is the float model's: the same layers in the same order, each float one with its own weights,
     # the quantized ones as twins, quantizers only added between them
     same = [layer for layer in q.layers if not isinstance(layer, ActivationQuantizer)]
@@ -226,12 +289,18 @@ def test_layers_qat_cannot_place_stay_float_with_one_warning(rng, tmp_path):
         for a, b in zip(q.get_layer(name).weights, model.get_layer(name).weights):
             np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert type(q.get_layer("gelu")) is L.Activation and q.get_layer("gelu").activation is keras.activations.gelu
-    # both operands of each residual (the block's layers.Add, and the ``t + attention`` around the float
-    # attention) are quantized: OpenVINO's INT8 add
+    # both operands of each residual (the block's layers.Add, and the ``t + attention`` around the attention)
+    # are quantized: OpenVINO's INT8 add. The tokens' quantizer, wanted by the add and the attention, sits above
+    # the reshape that makes them (a reshape keeps the grid)
+    def quantized(t):
+        layer = t._keras_history[0]
+        return isinstance(layer, ActivationQuantizer) or (isinstance(layer, L.Reshape) and quantized(layer.input))
+
     joins = [op for op in q.operations if type(op).__name__ == "Add"]
     assert len(joins) == 2
     for join in joins:
-        assert all(isinstance(t._keras_history[0], ActivationQuantizer) for t in join._inbound_nodes[0].input_tensors)
+        assert all(quantized(t) for t in join._inbound_nodes[0].input_tensors)
+    assert all(quantized(t) for t in q.get_layer("mha")._inbound_nodes[0].input_tensors)
     x = rng.normal(size=(32, 16, 16, 3)).astype("float32")
     q.compile(keras.optimizers.SGD(0.0), "mse")  # ranges from data, weights as the float model's
     q.fit(x, rng.normal(size=(32, 5)), epochs=1, batch_size=8, callbacks=[RangeInit(2)], verbose=0)

@@ -28,7 +28,8 @@ from typing import Callable, Hashable, Iterable, Sequence, TypeVar
 import numpy as np
 
 __all__ = [
-    "OpPolicy", "WEIGHTED", "DEPTHWISE", "JOIN", "GATE", "POOLING", "MAX_POOLING", "PAD", "RESHAPE", "FLOAT",
+    "OpPolicy", "WEIGHTED", "DEPTHWISE", "JOIN", "GATE", "POOLING", "MAX_POOLING", "PAD", "RESHAPE", "PROJECTIONS",
+    "FLOAT",
     "OVERFLOW_FIX", "WEIGHT_LEVELS", "on_int8_grid", "overflow_fix_layers", "quantized_inputs",
     "quantizer_moves_above", "weight_grid",
 ]
@@ -78,6 +79,9 @@ MAX_POOLING = OpPolicy(inputs="first", moves_values=True, keeps_channels=True)
 # the CPU plugin runs the convolution after it in INT8 on every CPU only then)
 PAD = OpPolicy(moves_values=True, keeps_channels=True)
 RESHAPE = OpPolicy(moves_values=True)  # reshape, flatten, transpose, squeeze
+# a layer whose every tensor input is read by a projection with weights (MultiHeadAttention's query, value and
+# key): each input quantized, as the fully connected layers' data inputs are
+PROJECTIONS = OpPolicy(inputs="all")
 FLOAT = OpPolicy()  # everything else: computes in float, quantizes nothing
 
 # ``overflow_fix``: which weights use only half the int8 range. u8 x i8 multiply-adds without VNNI (SSE4,

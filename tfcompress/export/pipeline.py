@@ -17,7 +17,7 @@ from tfcompress.export.convert import (
 from tfcompress.export.data import check_labels, load_data
 from tfcompress.export.options import check_args
 from tfcompress.export.ov_run import (
-    int8_kernel_check, int8_kernel_warning, ir_rounding_noise, openvino_runner, run_openvino,
+    int8_kernel_check, int8_kernel_warning, ir_rounding_noise, openvino_runner,
 )
 from tfcompress.output_dir import staged_output
 from tfcompress.saved_model_dir import read_saved_model_proto
@@ -262,6 +262,9 @@ def export_saved_model(
         if qcheck is not None:
             _record_quantized_checks(report, qcheck, fp32_outputs)
         _warn(int8_kernel_warning(report["steps"]["openvino"].get("int8_kernels"), _QAT_FIX))
+        if quantized:
+            report["steps"]["openvino"]["int8_layers"] = counts = _int8_layers_of(xml)
+            _warn(_float_ir_warning(counts, xml, calib is not None and int8 != "none"))
 
         report["sizes"] = {
             "saved_model": _size(saved_model_dir), "unstripped": _size(stripped_dir) + removed_bytes,
@@ -281,7 +284,9 @@ def export_saved_model(
                                                    overflow_fix)
             step["seconds"] = time.perf_counter() - t
             if check is not None:  # INT8 at OpenVINO's default precision, as deployed, against the FP32 IR
-                got8 = run_openvino(xml8, check, precision="default")
+                run8 = openvino_runner(xml8, precision="default")
+                got8 = run8(check)
+                step["max_rel_error_precision"] = run8.precision  # what "default" is on this CPU
                 named = {k: fp32_outputs[k] for k in sorted(frozen.outputs) if k in fp32_outputs} or fp32_outputs
                 step["max_rel_error"] = max_rel_error(got8, named)
                 if len(named) > 1:
@@ -333,6 +338,34 @@ def _calibration_fix(overflow_fix: str, quantized: bool) -> str:
         return _QAT_FIX if quantized else "run it on a CPU with VNNI: every layer it quantized is on 7 bits already"
     fix = "export it with --overflow_fix=enable (calibrate(..., overflow_fix='enable')), which keeps every layer's "
     return fix + "weights on 7 bits" + (f"; for the layers QAT quantized, {_QAT_FIX}" if quantized else "")
+
+
+def _int8_layers_of(xml: str) -> dict:
+    """``calibration.int8_layers`` of the IR ``xml`` compiled for this CPU at OpenVINO's default precision."""
+    import openvino as ov
+
+    from tfcompress.calibration import int8_layers
+
+    return int8_layers(ov.Core().compile_model(xml, "CPU"))
+
+
+def _float_ir_warning(counts: dict, xml: str, calibrated: bool) -> str | None:
+    """What to say when a quantization-aware model's IR computes layers in float16 and runs some of its weighted
+    layers in float on this CPU (``counts`` from :func:`_int8_layers_of`; ``calibrated``: the export also
+    writes a calibrated IR). Other layers QAT left float (attention, ``ignored_layers``) were named when the
+    model was quantized; the report counts them all."""
+    import openvino as ov
+
+    if counts["int8"] == counts["total"] or not any(
+            op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul")
+            and op.get_output_element_type(0) == ov.Type.f16 for op in ov.Core().read_model(xml).get_ordered_ops()):
+        return None
+    fix = ("model_int8.xml, calibrated with its quantizers kept, does" if calibrated else
+           "--calibration_data gives model_int8.xml, calibrated with its quantizers kept, which does")
+    return (f"the quantization-aware model's IR model_fp32.xml runs {counts['int8']} of its {counts['total']} "
+            "convolution / fully-connected layers in INT8 on this CPU: it computes in float16 (Keras "
+            "mixed_float16), where its weights' fake quantization is folded into float16 values off the int8 grid "
+            f"and casts stand between its quantizers and its layers, which then run in float; {fix}")
 
 
 def _warn(message: str | None) -> None:
@@ -546,8 +579,14 @@ def _kernels_line(k: dict, what: str) -> str:
            False: "accumulates INT8 products in int32 (no saturation)",
            None: "is not one whose INT8 kernels tfcompress can classify"}[k["cpu_saturates_int8"]]
     verdict = ("within" if k["within_tolerance"] else "**beyond**") + f" its rounding noise ({k['tolerance']:.2e})"
-    return (f"This CPU {cpu}: its INT8 kernels compute {what} {k['max_rel_error']:.2e} (max) / "
-            f"{k['mean_rel_error']:.2e} (mean relative error) away from its exact arithmetic, {verdict}.")
+    line = (f"This CPU {cpu}: its INT8 kernels compute {what} {k['max_rel_error']:.2e} (max) / "
+            f"{k['mean_rel_error']:.2e} (mean relative error) away from its exact arithmetic (f32 hint), {verdict}.")
+    if "default_precision" in k:
+        d = k["default_precision"]
+        line += (f" At OpenVINO's default precision here ({d['precision']}: the layers that do not run INT8 compute "
+                 f"in it) {d['max_rel_error']:.2e} / {d['mean_rel_error']:.2e}, "
+                 + ("within it." if d["within_tolerance"] else "**beyond** it."))
+    return line
 
 
 def _markdown(r: dict) -> str:
@@ -572,8 +611,11 @@ def _markdown(r: dict) -> str:
     else:
         lines += [f"No ONNX model: {r['steps']['onnx']['skipped']}", "",
                   f"{written}; OpenVINO FP32 IR (from the SavedModel) {r['sizes']['openvino_fp32']:,} bytes.", ""]
-    lines += ["## Numeric checks (relative max error against the previous step; int8: the INT8 IR at OpenVINO's "
-              "default precision against the FP32 IR)", "", "| step | error | seconds |", "|---|---|---|"]
+    default = r["steps"].get("int8", {}).get("max_rel_error_precision")
+    lines += ["## Numeric checks (relative max error against the previous step, OpenVINO at the f32 hint; int8: the "
+              f"INT8 IR at OpenVINO's default precision{f' ({default} on this CPU)' if default else ''} against the "
+              "FP32 IR)", "",
+              "| step | error | seconds |", "|---|---|---|"]
     for step, s in r["steps"].items():
         err = f"{s['max_rel_error']:.2e}" if "max_rel_error" in s else ("skipped" if "skipped" in s else "-")
         lines.append(f"| {step} | {err} | {s['seconds']:.1f} |")
@@ -587,6 +629,10 @@ def _markdown(r: dict) -> str:
     if "int8_kernels" in r["steps"]["openvino"]:
         lines += ["", "The IR's quantizers were checked in exact arithmetic (f32). "
                   + _kernels_line(r["steps"]["openvino"]["int8_kernels"], "the IR")]
+    if "int8_layers" in r["steps"]["openvino"]:
+        run = r["steps"]["openvino"]["int8_layers"]
+        lines.append(f"The quantization-aware IR (model_fp32.xml): {run['int8']} of {run['total']} convolution / "
+                     "fully-connected layers run in INT8 on this CPU.")
     if "int8" in r["steps"]:
         s = r["steps"]["int8"]
         run = s["int8_layers"]

@@ -657,14 +657,25 @@ def _binary(g: GraphDefGraph, node):
 
 @register("SelectV2", "Select")
 def _select(g: GraphDefGraph, node):
-    """``where(condition, x, y)`` of tensors of one shape and scalar constants."""
+    """``where(condition, x, y)`` of tensors of one shape and scalar constants; the condition may also be free
+    of channels (its last axis 1, broadcast over the channels: a masked ``GlobalAveragePooling1D``'s
+    ``where(mask, x, 0)``), which then carries none."""
     names = list(node.input[:3])
-    tensors = [n for n in names if not g.is_const(n)]
+    free = _channel_free_condition(g, node)
+    tensors = [n for n in names[1 if free else 0:] if not g.is_const(n)]
     shapes = {g.shape(n) for n in tensors}
     if not tensors or len(shapes) != 1 or not next(iter(shapes)) or any(
             g.const(n).size != 1 for n in names if g.is_const(n)):
         return None
-    return kinds.Select(node, g)
+    return kinds.Select(node, g, condition_channels=not free)
+
+
+def _channel_free_condition(g: GraphDefGraph, node) -> bool:
+    """Whether a select's condition is a tensor of one channel broadcast over its operands' several channels."""
+    cond, width = node.input[0], g.width(node.name)
+    shape = g.shape(cond)
+    return not g.is_const(cond) and bool(shape) and shape[-1] == 1 and width > 1 and len(shape) == len(
+        g.shape(node.name))
 
 
 @register("ConcatV2")

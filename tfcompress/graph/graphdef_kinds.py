@@ -257,18 +257,21 @@ class ChannelParam(NodeKind):
 
 class Select(NodeKind):
     """``SelectV2`` / ``Select``: ``where(condition, x, y)``, the operands tensors of one shape (joined position
-    by position) or scalar constants."""
+    by position) or scalar constants. A condition without channels (``condition_channels`` False: one channel
+    broadcast over the others) carries none and is unknown per channel."""
 
-    def __init__(self, node, graph) -> None:
+    def __init__(self, node, graph, condition_channels: bool = True) -> None:
         super().__init__(node, graph, "where")
+        self.first = 0 if condition_channels else 1
 
     def data_inputs(self):
-        return [n for n in self.node.input[:3] if not self.g.is_const(n)]
+        return [n for n in self.node.input[self.first:3] if not self.g.is_const(n)]
 
     def const_out(self, in_consts):
         width, tensors = len(in_consts[0]), iter(in_consts)
-        operands = [np.full(width, float(self.g.const(n).reshape(()))) if self.g.is_const(n) else next(tensors)
-                    for n in self.node.input[:3]]
+        operands = [np.full(width, np.nan)] * self.first + [
+            np.full(width, float(self.g.const(n).reshape(()))) if self.g.is_const(n) else next(tensors)
+            for n in self.node.input[self.first:3]]
         return [ops.const_out("where", operands)]
 
 

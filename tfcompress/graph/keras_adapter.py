@@ -125,9 +125,13 @@ def _keeps_channel_axis(in_shape: tuple, out_shape: tuple) -> bool:
 
 
 def _op_reduce(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> KindFactory:
+    """A reduction over positions keeps each channel apart; a sum (unlike a mean, max or min) turns a constant
+    channel into a multiple of it."""
     axes = _axes(op.get_config().get("axis"), len(in_shapes[0]))
     ok = axes is not None and len(in_shapes[0]) - 1 not in axes and out_shape[-1] == in_shapes[0][-1]
-    return kinds.PASS if ok else kinds.BLOCKER
+    if not ok:
+        return kinds.BLOCKER
+    return table_kind("sum_positions") if type(op).__name__ == "Sum" else kinds.PASS
 
 
 def _op_pool(op: Any, node: Any, in_shapes: list[tuple], out_shape: tuple) -> KindFactory:
@@ -204,7 +208,7 @@ def _concat_kind(axis: int, rank: int) -> KindFactory:
 # every other keras.ops node blocks the channels it reads.
 KERAS_OPS: dict[str, Callable[..., KindFactory]] = {
     **{name: _op_pointwise for name in _POINTWISE_OPS},
-    **{name: _op_reduce for name in ("Mean", "Max", "Min", "Amax", "Amin")},
+    **{name: _op_reduce for name in ("Mean", "Sum", "Max", "Min", "Amax", "Amin")},
     **{name: _op_pool for name in ("AveragePool", "MaxPool")},
     **{name: _op_reshape for name in ("Reshape", "ExpandDims", "Squeeze")},
     "Concatenate": _op_concat,
@@ -512,6 +516,18 @@ def _op(name: str, layer: str, kind: LayerKind, inputs: list[int], outputs: list
               slices=kind.channel_slices(), contracted=kind.contraction()[0], passed=kind.contraction()[1])
 
 
+def _channel_inputs(layer: Any, node: Any) -> list:
+    """The node's input tensors that carry channels: all of them, except the ``mask`` a position-wise layer
+    (``GlobalAveragePooling1D`` after ``Embedding(mask_zero=True)``; Keras passes a propagated mask on by itself)
+    is called with. The mask only says which positions count: a channel that is 0 (or a constant) everywhere is
+    0 (that constant) over any positions, so the layer's channels pass as without it."""
+    tensors = list(node.input_tensors)
+    mask = node.arguments.kwargs.get("mask")
+    if isinstance(layer, _ELEMENTWISE) and isinstance(mask, keras.KerasTensor) and len(tensors) == 2:
+        tensors = [t for t in tensors if t is not mask]
+    return tensors
+
+
 class KerasGraph:
     """A Keras model translated into a :class:`ChannelGraph`, with what is needed to edit it.
 
@@ -557,7 +573,8 @@ class KerasGraph:
                 layer = node.operation
                 if layer is None or node.is_input:
                     continue
-                in_ids = [scope[id(t)] for t in node.input_tensors]
+                tensors = _channel_inputs(layer, node)
+                in_ids = [scope[id(t)] for t in tensors]
                 if _is_model(layer):
                     inner = _functional(layer)
                     inner_scope = {id(t): tid for t, tid in zip(inner.inputs, in_ids)}
@@ -570,7 +587,7 @@ class KerasGraph:
                 n = calls.get(path, 0)
                 calls[path] = n + 1
                 out_ids = [self._tensor(scope, t) for t in node.outputs]
-                in_shapes = [_shape(t) for t in node.input_tensors]
+                in_shapes = [_shape(t) for t in tensors]
                 out_shape = _shape(node.outputs[0])
                 kind_cls = _kind_of(layer, node, in_shapes, out_shape)
                 call = LayerCall(

@@ -20,7 +20,8 @@ from tfcompress.int8_policy import weight_grid
 __all__ = [
     "ActivationQuantizer", "ChannelMask", "QuantConv1D", "QuantConv2D", "QuantConv3D", "QuantConv1DTranspose",
     "QuantConv2DTranspose", "QuantConv3DTranspose", "QuantDense", "QuantDepthwiseConv1D", "QuantDepthwiseConv2D",
-    "QuantSeparableConv1D", "QuantSeparableConv2D", "fake_quant_weights",
+    "QuantEinsumDense", "QuantMultiHeadAttention", "QuantSeparableConv1D", "QuantSeparableConv2D",
+    "fake_quant_weights",
 ]
 
 _PACKAGE = "tfcompress"
@@ -134,6 +135,9 @@ class ActivationQuantizer(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return input_shape
+
+    def compute_mask(self, inputs, mask=None):
+        return mask  # value by value: the positions a mask leaves out stay left out
 
     def get_config(self):
         return {**super().get_config(), "symmetric": self.symmetric, "range_mode": self.range_mode,
@@ -297,6 +301,35 @@ class _QuantSeparableConv(_QuantizedKernel):
                 "depthwise_half_range": self.depthwise_half_range}
 
 
+def einsum_kernel_axes(equation: str) -> tuple[list[int], list[int]]:
+    """The axes of an ``EinsumDense`` kernel its equation sums over (shared with the input) and the ones it
+    writes into the output (``"abc,cde->abde"``: ``[0]`` and ``[1, 2]``)."""
+    operands, output = equation.split("->")
+    kernel = operands.split(",")[1]
+    return [i for i, a in enumerate(kernel) if a not in output], [i for i, a in enumerate(kernel) if a in output]
+
+
+class _QuantEinsum(_QuantizedKernel):
+    """EinsumDense with its kernel fake-quantized per output unit: per entry of the kernel axes that reach the
+    output (a MultiHeadAttention projection's (in, heads, dims) kernel: per head and dimension, the columns
+    OpenVINO's fully connected layer gets once the einsum is a matrix product)."""
+
+    def call(self, inputs, training=None):
+        x = ops.einsum(self.equation, inputs, self._quantized_einsum_kernel())
+        if self.bias is not None:
+            x = ops.add(x, self.bias)
+        return self.activation(x) if self.activation is not None else x
+
+    def _quantized_einsum_kernel(self):
+        k = tf.convert_to_tensor(self.kernel)
+        summed, written = einsum_kernel_axes(self.equation)
+        order = summed + written
+        t = k if order == sorted(order) else tf.transpose(k, order)
+        rows = int(np.prod([t.shape[i] for i in range(len(summed))]))
+        q = tf.reshape(self.quantized_kernel(tf.reshape(t, (rows, -1))), t.shape)
+        return q if order == sorted(order) else tf.transpose(q, np.argsort(order).tolist())
+
+
 class _QuantConvTranspose(_QuantizedKernel):
     """Transposed convolutions (a (*window, out, in) kernel), fake-quantized per output channel."""
 
@@ -361,3 +394,43 @@ class QuantConv2DTranspose(_QuantConvTranspose, keras.layers.Conv2DTranspose):
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class QuantConv3DTranspose(_QuantConvTranspose, keras.layers.Conv3DTranspose):
     """Conv3DTranspose whose (d, h, w, out, in) kernel is fake-quantized per output channel."""
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class QuantEinsumDense(_QuantEinsum, keras.layers.EinsumDense):
+    """EinsumDense whose kernel is fake-quantized (int8, symmetric, per output unit by default)."""
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class QuantMultiHeadAttention(_QuantizedKernel, keras.layers.MultiHeadAttention):
+    """MultiHeadAttention whose query, key, value and output projections are :class:`QuantEinsumDense` layers
+    and whose attention output (the output projection's input) gets its own :class:`ActivationQuantizer`
+    (``intermediate_quantizer``): with the quantizers ``quantize_model`` puts on the query, value and key, OpenVINO
+    runs the four projections in INT8, as post-training calibration quantizes them. The score and weighted-sum
+    products of two activations stay float, as in calibration.
+
+    Keras builds the projections inside ``build``; they are made quantized there by taking the twin's class,
+    so their variables, names and checkpoint layout stay Keras's own. ``per_channel`` and ``half_range`` (the
+    overflow fix) apply to all four.
+    """
+
+    def __init__(self, *args, symmetric: bool = True, range_mode: str = "ema", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.symmetric, self.range_mode = bool(symmetric), range_mode
+
+    def build(self, query_shape, value_shape, key_shape=None):
+        super().build(query_shape, value_shape, key_shape)
+        for dense in (self.query_dense, self.key_dense, self.value_dense, self.output_dense):
+            dense.__class__ = QuantEinsumDense
+            dense.per_channel, dense.half_range = self.per_channel, self.half_range
+        # made after the projections: the float layer's weights come first, in its order
+        self.intermediate_quantizer = ActivationQuantizer(symmetric=self.symmetric, range_mode=self.range_mode,
+                                                          name="intermediate_quantizer")
+        self.intermediate_quantizer.build(None)
+
+    def _compute_attention(self, query, key, value, attention_mask=None, training=None, *args, **kwargs):
+        output, scores = super()._compute_attention(query, key, value, attention_mask, training, *args, **kwargs)
+        return ops.cast(self.intermediate_quantizer(output, training=training), self.compute_dtype), scores
+
+    def get_config(self):
+        return {**super().get_config(), "symmetric": self.symmetric, "range_mode": self.range_mode}

@@ -27,6 +27,7 @@ _WEIGHTED = {
     _L.Conv3DTranspose: Q.QuantConv3DTranspose,
     _L.DepthwiseConv1D: Q.QuantDepthwiseConv1D, _L.DepthwiseConv2D: Q.QuantDepthwiseConv2D,
     _L.SeparableConv1D: Q.QuantSeparableConv1D, _L.SeparableConv2D: Q.QuantSeparableConv2D,
+    _L.EinsumDense: Q.QuantEinsumDense, _L.MultiHeadAttention: Q.QuantMultiHeadAttention,
 }
 _DEPTHWISE = (_L.DepthwiseConv1D, _L.DepthwiseConv2D)
 _SEPARABLE = (_L.SeparableConv1D, _L.SeparableConv2D)
@@ -48,10 +49,10 @@ _OP_POLICIES = {
     "Squeeze": policy.RESHAPE, "ExpandDims": policy.RESHAPE,
 }
 # float layers with weights not worth a warning: OpenVINO folds them into the neighbouring convolution
-# (BatchNormalization after it, Rescaling and Normalization before the first one) or applies them elementwise
-# with the activation (PReLU). Any other layer with weights and no twin (LayerNormalization, attention, a custom
-# layer) is named in quantize_model's warning.
-_FLOAT_OK = (_L.BatchNormalization, _L.PReLU, _L.Normalization, _L.Rescaling)
+# (BatchNormalization after it, Rescaling and Normalization before the first one), applies them elementwise
+# with the activation (PReLU) or looks rows up (Embedding: a gather, nothing to multiply in INT8). Any other
+# layer with weights and no twin (LayerNormalization, a custom layer) is named in quantize_model's warning.
+_FLOAT_OK = (_L.BatchNormalization, _L.PReLU, _L.Normalization, _L.Rescaling, _L.Embedding)
 _CONSTRAINT_KEYS = {
     "kernel": "kernel_constraint", "bias": "bias_constraint", "gamma": "gamma_constraint",
     "beta": "beta_constraint", "pointwise_kernel": "pointwise_constraint",
@@ -68,14 +69,16 @@ def quantize_model(
 ) -> keras.Model:
     """A quantization-aware copy of ``model``, ready to ``compile`` and ``fit``.
 
-    Every Keras convolution (1D, 2D and 3D; depthwise, separable and transposed ones too) and Dense become
-    layers with fake-quantized weights (int8, symmetric, per output channel); their inputs, both inputs of
+    Every Keras convolution (1D, 2D and 3D; depthwise, separable and transposed ones too), Dense, EinsumDense
+    and MultiHeadAttention's four projections become layers with fake-quantized weights (int8, symmetric, per
+    output channel); their inputs, both inputs of
     every ``Add`` (a layer or a ``keras.ops`` addition of two tensors), both operands of a product whose one
     operand is broadcast over the other (a squeeze-and-excitation gate) and the inputs of pooling layers get an
     :class:`ActivationQuantizer` (one per tensor, shared by all its readers): the placement OpenVINO's CPU
     plugin executes in INT8. BatchNormalization stays as it is (OpenVINO fuses it after the convolution). Other
-    layers and ``keras.ops`` nodes (LayerNormalization, activations such as GELU, attention) stay float where they
-    are, the graph unchanged around them; one warning names the float layers that hold weights.
+    layers and ``keras.ops`` nodes (LayerNormalization, activations such as GELU, the products of two activations
+    inside attention) stay float where they are, the graph unchanged around them; one warning names the float
+    layers that hold weights.
     Channels that are zero across their group (pruned earlier) are kept exactly zero during QAT by
     :class:`ChannelMask` constraints. Weights are copied; ``model`` is not modified.
 
@@ -116,6 +119,10 @@ def quantize_model(
     left_float: list[str] = []
 
     def quantized_class(layer):
+        if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None) is not None:
+            return None  # LoRA factors, or Keras's own post-training quantization: not a plain kernel
+        if isinstance(layer, _L.MultiHeadAttention) and layer.get_config().get("use_gate"):
+            return None  # its output projection reads the attention output times a gate
         for base, q in _WEIGHTED.items():
             if type(layer) is base:  # exact class: a user subclass keeps its own call
                 return q
@@ -168,6 +175,8 @@ def quantize_model(
                 weights[idx] = np.asarray(constraint(keras.ops.convert_to_tensor(weights[idx])))
         if q is not None:
             options = {"per_channel": per_channel_weights, "half_range": (path, 0) in half_range}
+            if issubclass(q, Q.QuantMultiHeadAttention):
+                options.update(symmetric=preset == "performance", range_mode=range_mode)
             if issubclass(q, (Q.QuantSeparableConv1D, Q.QuantSeparableConv2D)):
                 options.update(symmetric=preset == "performance", range_mode=range_mode,
                                depthwise_half_range=(path, 0) in half_range, half_range=(path, 1) in half_range)
@@ -191,18 +200,20 @@ def quantize_model(
     quantize_at = _placement(kg, op_policy)
     quantized_tensors: dict[int, object] = {}
 
+    def quantized(rec, old, new):  # ``new``, the call's argument for the original tensor ``old``, quantized
+        tid = rec.scope.get(id(old)) if isinstance(old, keras.KerasTensor) else None
+        if tid not in quantize_at:
+            return new
+        if tid not in quantized_tensors:
+            quantized_tensors[tid] = ActivationQuantizer(
+                symmetric=preset == "performance", range_mode=range_mode, name=quantize_at[tid])(new)
+        return quantized_tensors[tid]
+
     def rewrite_args(rec, args, kwargs):
         old = keras.tree.flatten(rec.node.arguments.args)
-        new = keras.tree.flatten(args)
-        for k, (o, n) in enumerate(zip(old, new)):
-            tid = rec.scope.get(id(o)) if isinstance(o, keras.KerasTensor) else None
-            if tid not in quantize_at:
-                continue
-            if tid not in quantized_tensors:
-                quantized_tensors[tid] = ActivationQuantizer(
-                    symmetric=preset == "performance", range_mode=range_mode, name=quantize_at[tid])(n)
-            new[k] = quantized_tensors[tid]
-        return keras.tree.pack_sequence_as(args, new), kwargs
+        new = [quantized(rec, o, n) for o, n in zip(old, keras.tree.flatten(args))]
+        named = {k: quantized(rec, rec.node.arguments.kwargs[k], kwargs[k]) for k in _named_data(rec)}
+        return keras.tree.pack_sequence_as(args, new), {**kwargs, **named}
 
     qmodel = rebuild(kg, make_layer, rewrite_args)
     if left_float:
@@ -216,11 +227,21 @@ def _kernel_policies(layer: keras.layers.Layer) -> list[policy.OpPolicy]:
     input passes them (:mod:`tfcompress.int8_policy`): a depthwise kernel with one output channel per input
     channel is ``DEPTHWISE`` (OpenVINO runs it as a depthwise convolution); with a channel multiplier it runs as
     a grouped convolution and is ``WEIGHTED``, as every other kernel (a separable convolution's pointwise one
-    too)."""
+    too). A MultiHeadAttention's projections read all its tensor inputs: ``PROJECTIONS``."""
     if isinstance(layer, _DEPTHWISE + _SEPARABLE):
         depthwise = policy.DEPTHWISE if layer.depth_multiplier == 1 else policy.WEIGHTED
         return [depthwise, policy.WEIGHTED] if isinstance(layer, _SEPARABLE) else [depthwise]
+    if isinstance(layer, _L.MultiHeadAttention):
+        return [policy.PROJECTIONS]
     return [policy.WEIGHTED]
+
+
+def _named_data(rec) -> list[str]:
+    """The keyword arguments of a call that are data its weights read: a MultiHeadAttention's ``query``,
+    ``value`` and ``key`` given by name (its masks are not)."""
+    if not isinstance(rec.kind.layer, _L.MultiHeadAttention):
+        return []
+    return [k for k in ("query", "value", "key") if isinstance(rec.node.arguments.kwargs.get(k), keras.KerasTensor)]
 
 
 def _placement(kg, op_policy) -> dict[int, str]:
@@ -234,7 +255,8 @@ def _placement(kg, op_policy) -> dict[int, str]:
     for rec in kg.records:
         if rec.node is None or rec.part:  # a part reads the call's tensors: the call's record places them
             continue
-        leaves = keras.tree.flatten(rec.node.arguments.args)
+        named = [rec.node.arguments.kwargs[k] for k in _named_data(rec)]
+        leaves = keras.tree.flatten(rec.node.arguments.args) + named
         tids = [rec.scope.get(id(t)) if isinstance(t, keras.KerasTensor) else None for t in leaves]
         for tid in tids:
             if tid is not None:
