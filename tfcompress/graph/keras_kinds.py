@@ -707,9 +707,12 @@ class Attention(_AttentionCall):
         ``folds[-1]`` times) is added to the output bias through the rows that read it."""
         heads = in_keeps[-1]
         rows = {id(d.kernel): keep for role, keep in zip(self.roles, in_keeps) for d in self._readers(role)}
+        projections = self._projections()
+        kernels = {id(d.kernel) for d in projections}
+        biases = {id(d.bias) for d in projections if d.bias is not None}
         out = self.layer.output_dense
         new = []
-        for w in self.layer.weights:
+        for w in self.layer.weights:  # a QAT twin's quantizer ranges (scalars) stay as they are
             value = to_numpy(w)
             if w is out.kernel:
                 value = ops.take_channels(ops.take_channels(value, heads, 0), out_keep, -1)
@@ -718,10 +721,10 @@ class Attention(_AttentionCall):
                 if v.bias is not None:
                     value = value + np.einsum("h,hd,hdo->o", folds[-1], to_numpy(v.bias), to_numpy(out.kernel))
                 value = ops.take_channels(value, out_keep, -1)
-            else:  # a projection's kernel (in, heads, dims) or bias (heads, dims)
-                if id(w) in rows:
-                    value = ops.take_channels(value, rows[id(w)], 0)
-                value = ops.take_channels(value, heads, 1 if len(w.shape) == 3 else 0)
+            elif id(w) in kernels:  # (in, heads, dims)
+                value = ops.take_channels(ops.take_channels(value, rows[id(w)], 0), heads, 1)
+            elif id(w) in biases:  # (heads, dims)
+                value = ops.take_channels(value, heads, 0)
             new.append(value)
         return new
 
