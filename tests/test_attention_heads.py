@@ -169,6 +169,39 @@ def test_filter_pruning_removes_heads_in_fit_and_strip_is_exact(rng, tmp_path):
     assert rel_error(q_stripped(x[:8]), q(x[:8])) < TOL
 
 
+def test_pruned_heads_and_channels_stay_removed_through_qat(rng, tmp_path):
+    """Prune -> QAT -> strip: quantize_model keeps the removed heads (their projection columns and output rows)
+    and the removed channels of the stream the attention reads and writes exactly zero while the QAT model trains
+    (constraints on the projections' weights, saved with the model), and zeroes the projection rows that read
+    removed channels (their weight ranges are per output unit, over all rows): the trained QAT model strips to
+    fewer heads and channels and computes the same."""
+    model = _vit(rng, blocks=1)
+    kg = tfcompress.graph.build_graph(model)
+    groups = {g.layers: g for g in kg.groups()}
+    stream = next(g for layers, g in groups.items() if "b0_mha" in layers)
+    tfcompress.zero_channels(model, groups[("b0_mha:heads",)], [1, 2], graph=kg)
+    tfcompress.zero_channels(model, stream, [0, 5, 9, 30], graph=kg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # normalizations stay float
+        q = quantize_model(model)
+    mha = q.get_layer("b0_mha")
+    assert not np.any(mha.query_dense.kernel.numpy()[[0, 5, 9, 30]])  # rows reading removed channels
+    x = rng.normal(size=(32, 16, 16, 3)).astype("float32")
+    q.compile(keras.optimizers.Adam(0.05), "mse")
+    q.fit(x, rng.normal(size=(32, 10)), epochs=2, batch_size=8, verbose=0)
+    for d in (mha.query_dense, mha.key_dense, mha.value_dense):
+        assert not np.any(d.kernel.numpy()[:, [1, 2]]) and not np.any(d.kernel.numpy()[[0, 5, 9, 30]])
+    assert not np.any(mha.output_dense.kernel.numpy()[[1, 2]])
+    assert not np.any(mha.output_dense.kernel.numpy()[..., [0, 5, 9, 30]])
+    stripped = tfcompress.strip(q)
+    assert stripped.get_layer("b0_mha").num_heads == 2
+    assert stripped.get_layer("b0_mha").output_dense.kernel.shape[-1] == 28
+    assert rel_error(stripped(x[:8]), q(x[:8])) < TOL
+    q.save(tmp_path / "q.keras")
+    again = keras.saving.load_model(tmp_path / "q.keras")
+    assert again.get_layer("b0_mha").query_dense.kernel.constraint is not None
+
+
 def test_savedmodel_stripper_keeps_the_heads(rng, tmp_path):
     """Exported, the heads are Einsums over reshaped projections, which the SavedModel stripper does not take
     apart: the zeroed heads stay and the stripped SavedModel computes what the model does (strip the Keras model

@@ -656,6 +656,15 @@ class AttentionHeads(_AttentionCall):
     def output_width(self):
         return self.heads
 
+    def input_params(self):
+        """The rows of the projections that read the tensor the op reads first (the query; also the value and
+        the key where they are that same tensor)."""
+        tensors = self.call.node.input_tensors
+        reads = [i for i, r in enumerate(self.roles) if r in _ATTENTION_ARGS]
+        same = [self.roles[i] for i in reads if tensors[i] is tensors[reads[0]]]
+        kernels = {id(d.kernel): d.kernel for role in same for d in self._readers(role)}
+        return [ChannelParam(k, 0) for k in kernels.values()]
+
     def filters(self, value: Callable[[Any], np.ndarray] = to_numpy) -> np.ndarray:
         """One row per head: its query, key and value columns and its output projection rows."""
         kernels = [np.moveaxis(value(d.kernel), 1, 0) for d in self._projections()]

@@ -411,18 +411,26 @@ class QuantMultiHeadAttention(_QuantizedKernel, keras.layers.MultiHeadAttention)
 
     Keras builds the projections inside ``build``; they are made quantized there by taking the twin's class,
     so their variables, names and checkpoint layout stay Keras's own. ``per_channel`` and ``half_range`` (the
-    overflow fix) apply to all four.
+    overflow fix) apply to all four. ``weight_masks`` keeps pruned heads and channels zero while it trains: a
+    serialized :class:`ChannelMask` per projection weight (``"query/kernel"``, ``"attention_output/bias"``), set
+    as that weight's constraint (Keras's one ``kernel_constraint`` would apply to all four).
     """
 
-    def __init__(self, *args, symmetric: bool = True, range_mode: str = "ema", **kwargs):
+    def __init__(self, *args, symmetric: bool = True, range_mode: str = "ema", weight_masks: dict | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.symmetric, self.range_mode = bool(symmetric), range_mode
+        self.weight_masks = dict(weight_masks or {})
 
     def build(self, query_shape, value_shape, key_shape=None):
         super().build(query_shape, value_shape, key_shape)
         for dense in (self.query_dense, self.key_dense, self.value_dense, self.output_dense):
             dense.__class__ = QuantEinsumDense
             dense.per_channel, dense.half_range = self.per_channel, self.half_range
+            for w in dense.weights:
+                spec = self.weight_masks.get(f"{dense.name}/{w.name}")
+                if spec is not None:
+                    w.constraint = keras.saving.deserialize_keras_object(spec)
         # made after the projections: the float layer's weights come first, in its order
         self.intermediate_quantizer = ActivationQuantizer(symmetric=self.symmetric, range_mode=self.range_mode,
                                                           name="intermediate_quantizer")
@@ -433,4 +441,5 @@ class QuantMultiHeadAttention(_QuantizedKernel, keras.layers.MultiHeadAttention)
         return ops.cast(self.intermediate_quantizer(output, training=training), self.compute_dtype), scores
 
     def get_config(self):
-        return {**super().get_config(), "symmetric": self.symmetric, "range_mode": self.range_mode}
+        return {**super().get_config(), "symmetric": self.symmetric, "range_mode": self.range_mode,
+                "weight_masks": self.weight_masks}

@@ -133,7 +133,7 @@ def quantize_model(
 
     # the overflow fix chooses among kernels: (layer path, index in _kernel_policies); a separable convolution's
     # two kernels run as two OpenVINO layers, the depthwise one first
-    kernels = {(rec.op.layer, i): p for rec in kg.records if quantized(rec)
+    kernels = {(rec.op.layer, i): p for rec in kg.records if quantized(rec) and not rec.part
                for i, p in enumerate(_kernel_policies(rec.kind.layer))}
 
     def first_reached(saturating: set) -> set:  # in each first layer, its first saturating kernel
@@ -147,36 +147,43 @@ def quantize_model(
         cfg = layer_config(layer, path)
         q = quantized_class(layer) if path not in ignored else None
         weights = rec.kind.current_weights()
+        nested: dict[str, dict] = {}  # masks of a sublayer's weights ("query/kernel"), for a twin taking them
         if removed and rec.op.outputs:
-            masks: dict[str, list] = {}
-            keep = kg.graph.keep_mask(rec.op.outputs[0], removed)
-            if not keep.all():
-                for p in rec.kind.output_params():
-                    masks.setdefault(p.variable.path.split("/")[-1], []).append((keep, p))
-            names = [w.path.split("/")[-1] for w in getattr(layer, "weights", [])]  # none on keras.ops nodes
-            if kg.row_reader(rec):
-                in_keep = kg.graph.keep_mask(rec.op.inputs[0], removed)
+            masks: dict[int, list] = {}  # id(variable) -> [(keep, ChannelParam)]
+            # the call's own op and the ops it is made of (a MultiHeadAttention's heads)
+            calls = [r for r in kg.records if r.part and r.node is rec.node] + [rec]
+            for r in calls:
+                keep = kg.graph.keep_mask(r.op.outputs[0], removed)
+                if not keep.all():
+                    for p in r.kind.output_params():
+                        masks.setdefault(id(p.variable), []).append((keep, p))
+            for r in [r for r in calls if kg.row_reader(r)]:
+                in_keep = kg.graph.keep_mask(r.op.inputs[0], removed)
                 if not in_keep.all():  # rows reading pruned channels: zero too, so weight ranges ignore them
-                    for p in rec.kind.input_params():
-                        masks.setdefault(p.variable.path.split("/")[-1], []).append((in_keep, p))
-            for name, specs in masks.items():
-                key = _CONSTRAINT_KEYS.get(name)
+                    for p in r.kind.input_params():
+                        masks.setdefault(id(p.variable), []).append((in_keep, p))
+            own = [id(w) for w in getattr(layer, "weights", [])]  # none on keras.ops nodes
+            for specs in masks.values():
+                (k0, p0), *rest = specs
+                name = p0.variable.path.split("/")[-1]
+                key = _CONSTRAINT_KEYS.get(name) if getattr(layer, name, None) is p0.variable else None
                 if isinstance(layer, _DEPTHWISE) and key == "kernel_constraint":
                     key = "depthwise_constraint"
-                if key is None:
-                    continue
-                (k0, p0), *rest = specs
                 constraint = ChannelMask(k0.tolist(), p0.axis, p0.view, blocks=p0.blocks,
                                          extra=[{"keep": k.tolist(), "axis": p.axis, "view": p.view,
                                                  "blocks": p.blocks} for k, p in rest],
-                                         inner=cfg.get(key))  # the layer's own constraint still applies
-                cfg[key] = constraint
-                idx = names.index(name)
+                                         inner=cfg.get(key) if key else None)  # the layer's own still applies
+                if key is not None:
+                    cfg[key] = constraint
+                else:  # a sublayer's weight: "query/kernel" of layer "mha"
+                    nested["/".join(p0.variable.path.split("/")[-2:])] = keras.saving.serialize_keras_object(
+                        constraint)
+                idx = own.index(id(p0.variable))
                 weights[idx] = np.asarray(constraint(keras.ops.convert_to_tensor(weights[idx])))
         if q is not None:
             options = {"per_channel": per_channel_weights, "half_range": (path, 0) in half_range}
             if issubclass(q, Q.QuantMultiHeadAttention):
-                options.update(symmetric=preset == "performance", range_mode=range_mode)
+                options.update(symmetric=preset == "performance", range_mode=range_mode, weight_masks=nested)
             if issubclass(q, (Q.QuantSeparableConv1D, Q.QuantSeparableConv2D)):
                 options.update(symmetric=preset == "performance", range_mode=range_mode,
                                depthwise_half_range=(path, 0) in half_range, half_range=(path, 1) in half_range)
