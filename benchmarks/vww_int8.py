@@ -5,9 +5,9 @@
 
 Inputs: CIFAR-10 JPEG test images resized to 96x96, scaled to [0, 1] (the model's input range); calibration on
 [0:300], evaluation on [300:300 + n_eval] (default 2,000; at most 9,700). The reference is the FP32 IR compiled with the f32 hint: agreement of the
-INT8 model's argmax with FP32's, and mean KL(FP32 || INT8) of the softmax outputs; each INT8 model compiled with the
-plugin's default precision (bf16 for its float layers on CPUs with AVX512-BF16 or AMX) and with the f32 hint. nncf runs in its own venv
-(a subprocess on the saved FP32 IR): tfcompress never imports it. ``--ablation`` also measures our INT8 model
+INT8 model's argmax with FP32's, and mean KL(FP32 || INT8) of the softmax outputs; each INT8 model is compiled
+with the plugin's default precision (bf16 for its float layers on CPUs with AVX512-BF16 or AMX) and with the f32
+hint. nncf runs in its own venv (a subprocess on the saved FP32 IR): tfcompress never imports it. ``--ablation`` also measures our INT8 model
 without bias correction and with bias correction on GroupConvolution layers too.
 """
 
