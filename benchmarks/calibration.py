@@ -9,7 +9,9 @@ there, without its import): the package never imports it.
 
 (1) MLPerf Tiny ResNet-8 (pretrained) on CIFAR-10: calibration on JPEG test images [0:300], accuracy on
     [300:10000], for OpenVINO FP32 (f32 hint), BF16 (the default on AMX CPUs), our INT8, NNCF's INT8 and
-    MLPerf's official INT8 TFLite model. The same FP32 IR feeds both calibrators.
+    MLPerf's official INT8 TFLite model. The same FP32 IR feeds both calibrators. Each INT8 model is compiled
+    with the plugin's default precision and with the f32 hint, which decides the precision of the layers left
+    in float (bf16 by default on CPUs with AVX512-BF16 or AMX); (1b) too.
     The two INT8 models' disagreements are tested for significance (McNemar).
 (1b) The same two calibrators on several calibration sets of 300 training images (accuracy on all 10,000 test
     images): how much of a difference in (1) is the luck of one calibration set.
@@ -178,11 +180,14 @@ def calibration_sets(fp, x, y, n_sets: int) -> None:
     core = ov.Core()
     x_train, _ = common.cifar10_train()
     rng = np.random.default_rng(0)
-    accs: dict = {"tfcompress INT8": [], "nncf.quantize INT8": []}
+    accs: dict = {f"{key}{hint}": [] for hint in ("", " (f32 hint)")
+                  for key in ("tfcompress INT8", "nncf.quantize INT8")}
     for _ in range(n_sets):
         subset = x_train[rng.choice(len(x_train), 300, replace=False)].astype(np.float32)
         for key, fn in (("tfcompress INT8", ours_quantize), ("nncf.quantize INT8", nncf_quantize)):
-            accs[key].append(accuracy(core.compile_model(fn(fp, subset)[0], "CPU"), x, y))
+            q = fn(fp, subset)[0]
+            accs[key].append(accuracy(core.compile_model(q, "CPU"), x, y))
+            accs[f"{key} (f32 hint)"].append(accuracy(core.compile_model(q, "CPU", F32), x, y))
     fp_all = accuracy(core.compile_model(fp, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), x, y)
     print(f"(1b) {n_sets} calibration sets of 300 random JPEG training images, accuracy on all "
           f"10,000 test images (FP32 {100 * fp_all:.2f} %)")
@@ -190,8 +195,10 @@ def calibration_sets(fp, x, y, n_sets: int) -> None:
     for key, v in accs.items():
         v = 100 * np.asarray(v)
         print(f"| {key} | {v.mean():.2f} | {v.std():.2f} | {v.min():.2f} | {v.max():.2f} |")
-    diff = 100 * (np.asarray(accs["tfcompress INT8"]) - np.asarray(accs["nncf.quantize INT8"]))
-    print("per set, tfcompress - nncf (points): " + ", ".join(f"{d:+.2f}" for d in diff))
+    for hint in ("", " (f32 hint)"):
+        diff = 100 * (np.asarray(accs[f"tfcompress INT8{hint}"]) - np.asarray(accs[f"nncf.quantize INT8{hint}"]))
+        print(f"per set, tfcompress - nncf{hint or ' (default precision)'} (points): "
+              + ", ".join(f"{d:+.2f}" for d in diff))
     print(flush=True)
 
 
@@ -233,18 +240,23 @@ def main() -> None:
     q_nncf, t_nncf = nncf_quantize(fp, calib)
     c_ours, c_nncf = core.compile_model(q_ours, "CPU"), core.compile_model(q_nncf, "CPU")
     right_ours, right_nncf = top1(c_ours, xv, 500) == yv, top1(c_nncf, xv, 500) == yv
+    right_ours32 = top1(core.compile_model(q_ours, "CPU", F32), xv, 500) == yv
+    right_nncf32 = top1(core.compile_model(q_nncf, "CPU", F32), xv, 500) == yv
     rows = {
         "OpenVINO FP32 (f32 hint)": accuracy(core.compile_model(fp, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), xv, yv),
-        "OpenVINO default (BF16)": accuracy(core.compile_model(fp, "CPU"), xv, yv),
+        f"OpenVINO default ({default_precision()})": accuracy(core.compile_model(fp, "CPU"), xv, yv),
         "tfcompress INT8": float(right_ours.mean()),
         "nncf.quantize INT8": float(right_nncf.mean()),
+        "tfcompress INT8 (f32 hint)": float(right_ours32.mean()),
+        "nncf.quantize INT8 (f32 hint)": float(right_nncf32.mean()),
         "MLPerf official INT8 TFLite": tflite_accuracy(MLPERF / "pretrainedResnet_quant.tflite", xv, yv),
     }
     print("(1) MLPerf Tiny ResNet-8, CIFAR-10 JPEG test images [300:10000], calibration [0:300]")
     print("| model | accuracy % | vs FP32 (pts) |\n|---|---|---|")
     for k, v in rows.items():
         print(f"| {k} | {100 * v:.2f} | {100 * (v - rows['OpenVINO FP32 (f32 hint)']):+.2f} |")
-    print(mcnemar(right_ours, right_nncf))
+    print("default precision: " + mcnemar(right_ours, right_nncf))
+    print("f32 hint: " + mcnemar(right_ours32, right_nncf32))
     print("compiled INT8 models run the same layers in the same precisions as nncf's: "
           f"{runtime_layers(c_ours) == runtime_layers(c_nncf)}")
     print(f"calibration time: tfcompress {t_ours:.2f} s, nncf {t_nncf:.2f} s (ratio {t_ours / t_nncf:.2f})\n")
