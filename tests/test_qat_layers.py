@@ -159,23 +159,31 @@ def test_attention_projections_round_per_output_unit(rng):
     np.testing.assert_allclose(transposed(x), _einsum_on_grid(transposed, x, [0]), atol=1e-5)
 
 
-def test_attention_twin_keeps_the_padding_mask(rng):
-    """A padding mask reaches MultiHeadAttention through the quantizer of its input (Keras reads it off the
-    query): the QAT model, its weights the float model's, follows the masked float model within quantization
-    error, far closer than the same model without the mask."""
+@pytest.mark.parametrize("reader", ["attention", "recurrent"])
+def test_quantizers_keep_the_padding_mask(reader, rng):
+    """A padding mask reaches MultiHeadAttention through the quantizers put on the way (Keras reads it off the
+    query tensor) and the LSTM (its call is given the mask) as in the float model, so the QAT model, its weights
+    the float model's, follows the masked float model within quantization error, far closer than the same model
+    without the mask."""
     def model(mask_zero):
         keras.utils.set_random_seed(1)
         inp = keras.Input((12,), dtype="int32")
         x = L.Dense(16, name="embed")(L.Embedding(40, 8, mask_zero=mask_zero)(inp))
-        x = x + L.MultiHeadAttention(2, 8, name="mha")(x, x)
-        return keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling1D()(x)))
+        if reader == "attention":
+            x = L.GlobalAveragePooling1D()(x + L.MultiHeadAttention(2, 8, name="mha")(x, x))
+        else:
+            x = L.LSTM(8, name="lstm")(x)
+        return keras.Model(inp, L.Dense(3)(x))
 
     masked, unmasked = model(True), model(False)
     tokens = np.where(np.arange(12) < rng.integers(2, 8, (32, 1)), rng.integers(1, 40, (32, 12)), 0)
-    q = quantize_model(masked)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the LSTM stays float
+        q = quantize_model(masked)
     q.compile(keras.optimizers.SGD(0.0), "mse")  # ranges from data, weights as the float model's
     q.fit(tokens, np.zeros((32, 3)), epochs=1, batch_size=32, callbacks=[RangeInit(1)], verbose=0)
-    assert isinstance(q.get_layer("mha"), tfcompress.quantization.QuantMultiHeadAttention)
+    if reader == "attention":
+        assert isinstance(q.get_layer("mha"), tfcompress.quantization.QuantMultiHeadAttention)
     error = rel_error(q(tokens), masked(tokens))
     assert error < 0.1 and error < rel_error(unmasked(tokens), masked(tokens)) / 3
 
