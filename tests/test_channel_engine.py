@@ -51,6 +51,7 @@ def test_sequential_chain_pass_through_layers(rng):
         L.ReLU(),
         L.ZeroPadding2D(1),
         L.MaxPooling2D(),
+        L.Rescaling(0.5, offset=0.1),  # a removed channel's constant is folded into c2
         L.Dropout(0.3),
         L.UpSampling2D(),
         L.Cropping2D(1),

@@ -508,7 +508,7 @@ def _shape(t: Any) -> tuple:
     return tuple(t.shape)
 
 
-def _op(name: str, layer: str, kind: LayerKind, inputs: list[int], outputs: list[int]) -> Op:
+def _engine_op(name: str, layer: str, kind: LayerKind, inputs: list[int], outputs: list[int]) -> Op:
     """The engine's op for ``kind`` reading tensors ``inputs`` and making ``outputs``."""
     return Op(name=name, rule=kind.rule, inputs=inputs, outputs=outputs, layer=layer, channels=kind.channels(),
               blocks=kind.blocks(), has_channel_params=kind.has_channel_params, semantics=kind,
@@ -599,12 +599,12 @@ class KerasGraph:
                 own_inputs, reads = in_ids, list(in_ids)
                 for part in kind.parts():  # e.g. a MultiHeadAttention's heads, read by its output projection
                     made = [self._virtual(part.width)] if part.width else []
-                    op = _op(f"{name}{PART}{part.name}", f"{path}{PART}{part.name}", part.kind,
+                    op = _engine_op(f"{name}{PART}{part.name}", f"{path}{PART}{part.name}", part.kind,
                              [in_ids[i] for i in part.inputs], made)
                     self.records.append(_Record(op, part.kind, node, node_scope, part=True))
                     if made:
                         own_inputs, reads = made, reads + made
-                op = _op(name, path, kind, own_inputs, out_ids)
+                op = _engine_op(name, path, kind, own_inputs, out_ids)
                 self.records.append(_Record(op, kind, node, node_scope, reads=reads))
         return [scope[id(t)] for t in fmodel.outputs]
 
