@@ -420,7 +420,9 @@ def restore_weight_quantization(model) -> int:
     for name, nodes in readers.items():
         if users.get(name, 0) != len(nodes) or axes[name] is None:  # read as something else too
             continue
-        q, scale = on_int8_grid(numpy_helper.to_array(inits[name]).astype(np.float64), axes[name])
+        w = numpy_helper.to_array(inits[name])
+        # float16 weights (Keras mixed_float16) hold q * scale only to float16's precision
+        q, scale = on_int8_grid(w.astype(np.float64), axes[name], 0.1 if w.dtype == np.float16 else 1e-3)
         if q is None:
             continue
         base = name.replace(":", "_")
@@ -433,6 +435,10 @@ def restore_weight_quantization(model) -> int:
         new_nodes.append(helper.make_node(
             "DequantizeLinear", [q_init.name, s_init.name, z_init.name], [deq_out],
             name=base + "_DequantizeLinear", axis=axes[name]))
+        if w.dtype != np.float32:  # DequantizeLinear gives float32 (opsets < 19): cast back for the layer
+            new_nodes.append(helper.make_node("Cast", [deq_out], [deq_out + "_cast"], name=base + "_Cast",
+                                              to=helper.np_dtype_to_tensor_dtype(w.dtype)))
+            deq_out += "_cast"
         for node in nodes:
             node.input[1] = deq_out
         restored += len(nodes)
@@ -646,7 +652,7 @@ def _save_checked(model, xml_path: str, inputs: dict, ref: dict, tolerance: floa
 
     import openvino as ov
 
-    model = float32_from_bfloat16(model)
+    model = float32_from_half(model)
     folder = os.path.dirname(os.path.abspath(xml_path)) or "."
     os.makedirs(folder, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=folder)
@@ -670,21 +676,24 @@ def _save_checked(model, xml_path: str, inputs: dict, ref: dict, tolerance: floa
     return check
 
 
-def float32_from_bfloat16(model):
-    """``model`` (converted from a Keras ``mixed_bfloat16`` model) computing in float32 where it computed in
-    bfloat16: its casts to bfloat16 are dropped, its bfloat16 constants and inputs made float32 (exactly).
+def float32_from_half(model):
+    """``model`` (converted from a Keras ``mixed_bfloat16`` or ``mixed_float16`` model) computing in float32
+    where it computed in a 16-bit float: its casts to bfloat16 / float16 are dropped, its 16-bit constants and
+    inputs made float32 (exactly).
 
     The IR's precision is only a default: OpenVINO runs float32 IRs in bfloat16 on CPUs that have it
     (``INFERENCE_PRECISION_HINT``). A bfloat16 IR breaks what reads it: OpenVINO's Python API hands a bfloat16
     tensor over as a float16 array of the same bits (1.27 comes out as 1.91), and numpy has no bfloat16 for the
-    constants calibration adds."""
+    constants calibration adds. A float16 IR of a quantization-aware model runs its layers in float: the casts
+    between its float32 quantizers and its float16 layers keep OpenVINO's low-precision transformations from
+    seeing them as quantized."""
     import openvino as ov
     import openvino.opset13 as ops
 
-    bf16, f32 = ov.Type.bf16, ov.Type.f32
+    half, f32 = (ov.Type.bf16, ov.Type.f16), ov.Type.f32
     changed = False
     for op in model.get_ordered_ops():
-        if op.get_output_size() != 1 or op.get_output_element_type(0) != bf16:
+        if op.get_output_size() != 1 or op.get_output_element_type(0) not in half:
             continue
         kind = op.get_type_name()
         if kind == "Parameter":
@@ -692,15 +701,22 @@ def float32_from_bfloat16(model):
         elif kind == "Convert":
             source = op.input_value(0)
             op.output(0).replace(source if source.get_element_type() == f32 else ops.convert(source, f32).output(0))
-        elif kind == "Constant":  # bfloat16 is the top half of a float32: shift its bits there
-            bits = np.asarray(op.get_data()).view(np.uint16).astype(np.uint32) << 16
-            op.output(0).replace(ops.constant(bits.view(np.float32)).output(0))
+        elif kind == "Constant":
+            op.output(0).replace(ops.constant(_float32_values(op)).output(0))
         else:
             continue
         changed = True
     if changed:
         model.validate_nodes_and_infer_types()
     return model
+
+
+def _float32_values(const) -> np.ndarray:
+    """A bfloat16 or float16 constant's values as float32 (exactly)."""
+    data = np.asarray(const.get_data())
+    if const.get_output_element_type(0).get_type_name() == "bf16":  # the top half of a float32: shift its bits
+        return (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return data.astype(np.float32)
 
 
 def _random_inputs_for(model) -> dict[str, np.ndarray]:

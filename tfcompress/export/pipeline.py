@@ -263,8 +263,7 @@ def export_saved_model(
             _record_quantized_checks(report, qcheck, fp32_outputs)
         _warn(int8_kernel_warning(report["steps"]["openvino"].get("int8_kernels"), _QAT_FIX))
         if quantized:
-            report["steps"]["openvino"]["int8_layers"] = counts = _int8_layers_of(xml)
-            _warn(_float_ir_warning(counts, xml, calib is not None and int8 != "none"))
+            report["steps"]["openvino"]["int8_layers"] = _int8_layers_of(xml)
 
         report["sizes"] = {
             "saved_model": _size(saved_model_dir), "unstripped": _size(stripped_dir) + removed_bytes,
@@ -347,25 +346,6 @@ def _int8_layers_of(xml: str) -> dict:
     from tfcompress.calibration import int8_layers
 
     return int8_layers(ov.Core().compile_model(xml, "CPU"))
-
-
-def _float_ir_warning(counts: dict, xml: str, calibrated: bool) -> str | None:
-    """What to say when a quantization-aware model's IR computes layers in float16 and runs some of its weighted
-    layers in float on this CPU (``counts`` from :func:`_int8_layers_of`; ``calibrated``: the export also
-    writes a calibrated IR). Other layers QAT left float (attention, ``ignored_layers``) were named when the
-    model was quantized; the report counts them all."""
-    import openvino as ov
-
-    if counts["int8"] == counts["total"] or not any(
-            op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul")
-            and op.get_output_element_type(0) == ov.Type.f16 for op in ov.Core().read_model(xml).get_ordered_ops()):
-        return None
-    fix = ("model_int8.xml, calibrated with its quantizers kept, does" if calibrated else
-           "--calibration_data gives model_int8.xml, calibrated with its quantizers kept, which does")
-    return (f"the quantization-aware model's IR model_fp32.xml runs {counts['int8']} of its {counts['total']} "
-            "convolution / fully-connected layers in INT8 on this CPU: it computes in float16 (Keras "
-            "mixed_float16), where its weights' fake quantization is folded into float16 values off the int8 grid "
-            f"and casts stand between its quantizers and its layers, which then run in float; {fix}")
 
 
 def _warn(message: str | None) -> None:
