@@ -418,6 +418,57 @@ def test_unsupported_layers_warn_and_subclassed_models_fail():
         quantize_model(Net())
 
 
+class LegacyDepthwiseConv2D(L.DepthwiseConv2D):
+    """The custom_objects shim loading a model saved by Keras 2 needs (its config has ``groups``)."""
+
+    def __init__(self, *args, groups=None, **kwargs):
+        super().__init__(*args, **kwargs)
+
+
+class LegacyConv2D(L.Conv2D):
+    def __init__(self, *args, legacy_option=None, **kwargs):
+        super().__init__(*args, **kwargs)
+
+
+class LegacyAdd(L.Add):
+    def __init__(self, *args, legacy_option=None, **kwargs):
+        super().__init__(*args, **kwargs)
+
+
+class DoubledDense(L.Dense):
+    def call(self, x):
+        return 2.0 * super().call(x)
+
+
+def test_subclasses_that_only_change_construction_are_quantized_as_their_base():
+    """Subclasses of quantizable layers defining only __init__ (shims to load an older model, like the MLPerf Tiny
+    VWW MobileNet's DepthwiseConv2D) were left float by quantize_model, so its QAT IR ran 15 of 28 layers INT8;
+    they compute as their base, so they get its twin and placement. A subclass with its own call stays float."""
+    def net(dw, conv, add):
+        inp = keras.Input((12, 12, 3), name="image")
+        a = conv(8, 3, padding="same", activation="relu", name="c1")(inp)
+        b = dw(3, padding="same", name="dw")(a)
+        s = L.GlobalAveragePooling2D(name="gap")(L.ReLU(name="relu")(add(name="add")([a, b])))
+        return keras.Model(inp, DoubledDense(4, name="doubled")(L.Dense(6, name="d")(s)))
+
+    keras.utils.set_random_seed(0)
+    plain, legacy = net(L.DepthwiseConv2D, L.Conv2D, L.Add), net(LegacyDepthwiseConv2D, LegacyConv2D, LegacyAdd)
+    legacy.set_weights(plain.get_weights())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qp, ql = quantize_model(plain), quantize_model(legacy)
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert messages == [m for m in messages if "doubled (DoubledDense)" in m and "dw (" not in m and "c1 (" not in m]
+    assert len(messages) == 2  # one per model, for the subclass with its own call
+    kinds = lambda q: [(l.name, type(l).__name__) if type(l).__module__.startswith("tfcompress") else ()
+                       for l in q.layers]
+    assert kinds(ql) == kinds(qp)  # the same twins, the same quantizers (both inputs of the Add among them)
+    assert ("dw", "QuantDepthwiseConv2D") in kinds(ql) and ("add_input_1_quant", "ActivationQuantizer") in kinds(ql)
+    x = np.random.default_rng(0).uniform(0, 1, (16, 12, 12, 3)).astype("float32")
+    qp(x, training=True), ql(x, training=True)  # the same ranges from the same batch
+    np.testing.assert_allclose(ql(x, training=False), qp(x, training=False), rtol=0, atol=1e-6)
+
+
 def test_a_quantization_aware_model_is_not_quantized_twice():
     """quantize_model on its own result failed inside Keras ('The name "..._input_quant" is used 2 times')."""
     q = quantize_model(small_cnn())
