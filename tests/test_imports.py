@@ -45,7 +45,11 @@ def test_import_is_lazy_and_names_resolve_on_use():
 
 @pytest.mark.parametrize("argv, code, message", [
     (["tfcompress.demo", "--target=1.5", "--output_dir=/nonexistent/x"], 2, "--target must be in (0, 1)"),
-    (["tfcompress.demo", "--epochs=0"], 2, "--epochs must be a positive integer"),
+    (["tfcompress.demo", "--epochs=0"], 2, "--epochs must be a whole number in 1..10000, got 0"),
+    # beyond what TensorFlow's step counters hold: a traceback after TensorFlow had loaded
+    (["tfcompress.demo", "--epochs=99999999999999999999999"], 2, "--epochs must be a whole number in 1..10000"),
+    (["tfcompress.demo", "--seed=-1"], 2, "--seed must be a whole number in 0..4294967295"),
+    (["tfcompress.demo", "--seed=4294967296"], 2, "--seed must be a whole number in 0..4294967295"),
     (["tfcompress.export", "--saved_model_dir=a", "--output_dir=b", "--opset=3"], 2, "--opset must be in 13..18"),
     (["tfcompress.export", "--saved_model_dir=a", "--output_dir=b"], 2, "SavedModel directory 'a' does not exist"),
     (["tfcompress.export", "--saved_model_dir=a", "--output_dir=b", "--nope"], 2, "Unknown command line flag"),

@@ -144,8 +144,52 @@ def test_accuracy_aware_without_calibration_data_is_refused_before_tensorflow_lo
 def test_accuracy_control_flags_without_accuracy_control_are_refused(flag, saved_model, tmp_path, no_tensorflow):
     """They were silently ignored: a user who set --max_drop got an export that never looked at it."""
     proc = command(f"--saved_model_dir={saved_model}", f"--output_dir={tmp_path / 'out'}", flag, env=no_tensorflow)
-    assert_one_line_error(proc, f"{flag.split('=')[0]} only apply to --int8=accuracy_aware")
+    assert_one_line_error(proc, f"{flag.split('=')[0]} only applies to --int8=accuracy_aware")
     assert not (tmp_path / "out").exists()
+
+
+def test_data_and_signature_mistakes_are_refused_before_tensorflow_loads(saved_model, tmp_path, no_tensorflow):
+    """Each was found only after TensorFlow had loaded (seconds later), or not at all: accuracy control without
+    validation data, an unknown --signature, an image folder with no images in class sub-folders, an .npz whose
+    samples' array is not named (the first array was taken silently), labels that are no class indices."""
+    x = np.random.default_rng(0).random((4, 8, 8, 3), dtype=np.float32)
+    np.save(tmp_path / "calib.npy", x)
+    flat, empty = tmp_path / "flat", tmp_path / "empty"
+    (empty / "cat").mkdir(parents=True)
+    flat.mkdir()
+    (flat / "0.png").write_bytes(b"\x89PNG")  # only its name is looked at before TensorFlow loads
+    np.savez(tmp_path / "two_arrays.npz", image=x, meta=np.zeros((4, 5), np.float32))
+    np.savez(tmp_path / "nan_labels.npz", x=x, y=np.array([0, np.nan, 1, 0]))
+    np.savez(tmp_path / "negative_labels.npz", x=x, y=np.array([0, 1, -1, 0]))
+    model, out = f"--saved_model_dir={saved_model}", f"--output_dir={tmp_path / 'out'}"
+    cases = [
+        ([f"--calibration_data={tmp_path / 'calib.npy'}", "--int8=accuracy_aware"],
+         "--int8=accuracy_aware needs --validation_data"),
+        (["--signature=serving"], "has no 'serving' signature (it has ['serve', 'serving_default'])"),
+        ([f"--calibration_data={flat}"], "holds no images (.bmp .gif .jpeg .jpg .png) in class sub-folders; the "
+                                         "images in the folder itself are not read"),
+        ([f"--validation_data={empty}"], "holds no images"),
+        ([f"--calibration_data={tmp_path / 'two_arrays.npz'}"],
+         "holds the arrays ['image', 'meta'], none of them named after the model input 'x'"),
+        ([f"--validation_data={tmp_path / 'nan_labels.npz'}"], "not class indices (whole numbers from 0): label 1 "
+                                                                "is nan"),
+        ([f"--validation_data={tmp_path / 'negative_labels.npz'}"], "label 2 is -1"),
+    ]
+    for args, message in cases:
+        assert_one_line_error(command(model, out, *args, env=no_tensorflow), message)
+        assert not (tmp_path / "out").exists() and not staging_dirs(tmp_path)
+
+
+def test_a_closed_standard_output_ends_the_command_without_a_traceback(tmp_path):
+    """`python -m tfcompress.export --help | head -3` printed a BrokenPipeError traceback."""
+    for module in ("tfcompress.export", "tfcompress.demo"):
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # the reader is gone before the command writes
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        proc = subprocess.run([sys.executable, "-m", module, "--help"], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, env=env, timeout=300)
+        os.close(write_end)
+        assert proc.returncode == 141 and proc.stderr == "", (module, proc.returncode, proc.stderr[-2000:])
 
 
 def test_a_symlinked_output_is_replaced_not_followed(saved_model, tmp_path):
@@ -452,3 +496,23 @@ def test_calibrate_rejects_nan_and_inf(tmp_path, saved_model):
         x[3, 1, 1, 0] = bad
         with pytest.raises(ValueError, match="NaN or infinite"):
             calibration.calibrate(model, x, subset_size=16, verbose=False)
+
+
+def test_an_interrupt_that_native_code_turned_into_another_exception_still_exits_130(tmp_path):
+    """Ctrl-C while TensorFlow builds a graph (the demo's fit) came back as a pybind11 RuntimeError or a
+    graph-nesting AssertionError: a traceback and exit code 1 instead of the one line and 130."""
+    script = tmp_path / "interrupted_command.py"
+    script.write_text(
+        "import os, signal\n"
+        "from tfcompress._cli import run\n"
+        "def main(argv):\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        signal.pause()\n"
+        "    except KeyboardInterrupt:\n"
+        "        raise RuntimeError('pybind11::error_already_set: MISMATCH ... REPLACED BY KeyboardInterrupt')\n"
+        "run(main)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert_one_line_error(proc, "interrupted; nothing was written", code=130)

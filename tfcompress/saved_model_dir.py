@@ -9,7 +9,8 @@ import os
 
 from tfcompress.errors import ExportError
 
-__all__ = ["SAVED_MODEL_FILES", "check_saved_model_dir", "is_saved_model_dir", "read_saved_model_proto", "signature_inputs"]
+__all__ = ["SAVED_MODEL_FILES", "check_saved_model_dir", "check_signature", "is_saved_model_dir", "missing_signature",
+           "read_saved_model_proto", "signature_inputs", "signature_keys"]
 
 SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")  # what tf.saved_model.contains_saved_model looks for
 
@@ -116,28 +117,68 @@ def _tensor_info(buf: bytes) -> tuple[str, list[int | None] | None] | None:
     return dtype, None if unknown_rank else dims
 
 
+def _serving_meta_graph(src_dir: str | os.PathLike) -> bytes | None:
+    """The serialized meta graph TensorFlow serves from ``src_dir``'s ``saved_model.pb``: the one tagged
+    ``serve``, or the only one. None when it cannot say without TensorFlow (a text ``.pbtxt``, an unreadable or
+    invalid file, several meta graphs none of which is tagged ``serve``)."""
+    path = os.path.join(src_dir, "saved_model.pb")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            buf = f.read()
+        meta_graphs = [mg for n, mg in _fields(buf) if n == 2]
+        for mg in meta_graphs:
+            info = dict(_fields(mg)).get(1, b"")
+            if b"serve" in [v for k, v in _fields(info) if k == 4]:
+                return mg
+    except (OSError, IndexError, ValueError, TypeError):  # not a valid protocol buffer: TensorFlow says why
+        return None
+    return meta_graphs[0] if len(meta_graphs) == 1 else None
+
+
+def signature_keys(src_dir: str | os.PathLike) -> list[str] | None:
+    """The signature keys of ``src_dir``'s serving meta graph, read without TensorFlow (sorted; TensorFlow's
+    ``__saved_model_init_op`` is no signature), or None when they cannot be read so."""
+    meta_graph = _serving_meta_graph(src_dir)
+    if meta_graph is None:
+        return None
+    try:
+        return sorted(k for k in _map_entries(meta_graph, 5) if not k.startswith("__"))
+    except (IndexError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def missing_signature(src_dir: str | os.PathLike, key: str, available) -> ExportError:
+    """The error for a signature ``key`` that ``src_dir`` does not have (``available``: the keys it has)."""
+    available = sorted(k for k in available if not k.startswith("__"))
+    return ExportError(
+        f"SavedModel {os.fspath(src_dir)!r} has no {key!r} signature (it has {available or 'none'}); "
+        + ("pass one of them as --signature (signature_key= in Python)" if available else
+           "export it with model.export(dir) or tf.saved_model.save(obj, dir, signatures=...)"))
+
+
+def check_signature(src_dir: str | os.PathLike, key: str) -> None:
+    """Raise :func:`missing_signature`'s error when ``saved_model.pb`` shows, read without TensorFlow, that
+    ``src_dir`` has no signature ``key`` (when it cannot be read so, TensorFlow's loader judges later)."""
+    keys = signature_keys(src_dir)
+    if keys is not None and key not in keys:
+        raise missing_signature(src_dir, key, keys)
+
+
 def signature_inputs(src_dir: str | os.PathLike, signature_key: str) -> dict | None:
     """The inputs of the serving signature ``signature_key`` of ``src_dir``'s ``saved_model.pb``, read without
     TensorFlow: name -> ``(numpy dtype name, dims)`` (dims None for an unknown rank, None for an unknown size).
     None when it cannot say without TensorFlow (a text ``.pbtxt``, no such signature, an input of another type
     or a sparse one): TensorFlow's reader then judges the SavedModel and its data."""
-    path = os.path.join(src_dir, "saved_model.pb")
-    if not os.path.isfile(path):
+    meta_graph = _serving_meta_graph(src_dir)
+    if meta_graph is None:
         return None
-    with open(path, "rb") as f:
-        buf = f.read()
     try:
-        for n, meta_graph in _fields(buf):
-            if n != 2:
-                continue
-            info = dict(_fields(meta_graph)).get(1, b"")
-            if b"serve" not in [v for k, v in _fields(info) if k == 4]:
-                continue
-            signature = _map_entries(meta_graph, 5).get(signature_key)
-            if signature is None:
-                return None
-            inputs = {name: _tensor_info(t) for name, t in _map_entries(signature, 1).items()}
-            return None if not inputs or None in inputs.values() else inputs
+        signature = _map_entries(meta_graph, 5).get(signature_key)
+        if signature is None:
+            return None
+        inputs = {name: _tensor_info(t) for name, t in _map_entries(signature, 1).items()}
     except (IndexError, ValueError, UnicodeDecodeError):  # not a valid protocol buffer: TensorFlow says why
         return None
-    return None
+    return None if not inputs or None in inputs.values() else inputs

@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
     from tfcompress.demo.options import check_args
     from tfcompress.errors import ExportError
 
-    check_args(FLAGS.output_dir, FLAGS.epochs, FLAGS.target)  # before TensorFlow's seconds-long import
+    check_args(FLAGS.output_dir, FLAGS.epochs, FLAGS.target, FLAGS.seed)  # before TensorFlow's seconds-long import
     try:
         import_tensorflow_quietly()
         from tfcompress.demo.run import run_demo

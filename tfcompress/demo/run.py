@@ -55,7 +55,7 @@ def run_demo(output_dir: str = "tfcompress_demo", epochs: int = 8, target: float
     Returns:
         The summary also written to ``summary.json``.
     """
-    replace = check_args(output_dir, epochs, target)
+    replace = check_args(output_dir, epochs, target, seed)
     t0 = time.perf_counter()
     fit_verbose = verbose if verbose in (0, 1, 2) else 2
     with staged_output(output_dir, overwrite=replace) as tmp:

@@ -61,7 +61,8 @@ def main(argv: list[str]) -> int:
         return 2
     unused = [f"--{n}" for n in ("max_drop", "max_iterations", "allow_drop_miss") if FLAGS[n].present]
     if unused and FLAGS.int8 != "accuracy_aware":
-        print(f"error: {', '.join(unused)} only apply to --int8=accuracy_aware", file=sys.stderr)
+        verb = "applies" if len(unused) == 1 else "apply"
+        print(f"error: {', '.join(unused)} only {verb} to --int8=accuracy_aware", file=sys.stderr)
         return 2
     calibrating = [f"--{n}" for n in ("range_estimator", "overflow_fix") if FLAGS[n].present]
     if calibrating and (FLAGS.calibration_data is None or FLAGS.int8 == "none"):
@@ -78,7 +79,8 @@ def main(argv: list[str]) -> int:
                FLAGS.max_iterations,
                {"--calibration_data": FLAGS.calibration_data, "--validation_data": FLAGS.validation_data},
                calibration_data=FLAGS.calibration_data is not None, range_estimator=FLAGS.range_estimator,
-               overflow_fix=FLAGS.overflow_fix)
+               overflow_fix=FLAGS.overflow_fix, validation_data=FLAGS.validation_data is not None,
+               signature_key=FLAGS.signature)
     check_data_files(FLAGS.saved_model_dir, FLAGS.signature,
                      {"--calibration_data": FLAGS.calibration_data, "--validation_data": FLAGS.validation_data})
     import_tensorflow_quietly()

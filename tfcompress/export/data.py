@@ -20,10 +20,11 @@ from tfcompress.errors import ExportError
 from tfcompress.export.options import check_data_path
 from tfcompress.saved_model_dir import signature_inputs
 
-__all__ = ["InputSpec", "check_data_files", "check_labels", "input_specs", "load_data"]
+__all__ = ["InputSpec", "check_data_files", "check_image_folder", "check_labels", "input_specs", "load_data"]
 
 _X_KEYS = ("x", "x_test", "x_val", "x_train", "images", "inputs")
 _Y_KEYS = ("y", "y_test", "y_val", "y_train", "labels")
+_IMAGE_FORMATS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")  # what keras.utils.image_dataset_from_directory reads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,13 +108,36 @@ def check_data_files(saved_model_dir: str, signature_key: str, data: Mapping) ->
     """:func:`load_data` of every .npy / .npz path among ``data`` (what it is called -> path), against the inputs
     of the signature as ``saved_model.pb`` declares them, read without TensorFlow: the export command refuses
     missing or unknown input names, different sample counts, wrong shapes or types before TensorFlow loads.
-    Image folders, and SavedModels whose signature cannot be read so (a ``.pbtxt``), are checked later."""
-    paths = {what: p for what, p in data.items() if isinstance(p, (str, os.PathLike)) and not os.path.isdir(p)}
+    An image folder must feed a single input of shape (batch, H, W, 1|3) and hold images in class sub-folders;
+    its images are decoded later, as are the files of SavedModels whose signature cannot be read so (a
+    ``.pbtxt``)."""
+    paths = {what: p for what, p in data.items() if isinstance(p, (str, os.PathLike))}
     specs = signature_inputs(saved_model_dir, signature_key) if paths else None
-    if not specs or any(dims is None for _, dims in specs.values()):
-        return
+    known = specs and all(dims is not None for _, dims in specs.values())
     for what, path in paths.items():
-        load_data(path, specs, what)
+        if os.path.isdir(path):
+            if known:
+                _image_input(_single(input_specs(specs), what, "a directory of images"), what)
+            check_image_folder(path, what)
+        elif known:
+            load_data(path, specs, what)
+
+
+def check_image_folder(path: str, what: str) -> None:
+    """Raise :class:`ExportError` unless the directory ``path`` holds an image (``.bmp .gif .jpeg .jpg .png``)
+    in a sub-folder: images are read one sub-folder per class, and those lying in ``path`` itself are not."""
+    try:
+        classes = [e.path for e in os.scandir(path) if e.is_dir()]
+        for folder in sorted(classes):
+            for _, _, files in os.walk(folder):
+                if any(f.lower().endswith(_IMAGE_FORMATS) for f in files):
+                    return
+        loose = any(e.is_file() and e.name.lower().endswith(_IMAGE_FORMATS) for e in os.scandir(path))
+    except OSError as e:
+        raise ExportError(f"cannot read {what} {path!r}: {e.strerror}") from None
+    raise ExportError(f"{what} {path!r} holds no images ({' '.join(_IMAGE_FORMATS)}) in class sub-folders"
+                      + ("; the images in the folder itself are not read: move them into a sub-folder (one per "
+                         "class)" if loose else ""))
 
 
 def _single(specs: dict, what: str, form: str):
@@ -211,14 +235,20 @@ def _class_indices(y: np.ndarray, n: int, path, what: str) -> np.ndarray:
         raise ExportError(f"{what} {path!r} has {n} samples but {len(y)} labels")
     if not _real_numbers(y.dtype):
         raise ExportError(f"{what} {path!r} has labels of dtype {y.dtype}; give class indices (integers)")
-    y = y.reshape(n, -1)
-    one_hot = y.shape[1] > 1 and np.isin(y, (0, 1)).all() and (y.sum(axis=1) == 1).all()
+    rows = y.reshape(n, -1)
+    one_hot = rows.shape[1] > 1 and np.isin(rows, (0, 1)).all() and (rows.sum(axis=1) == 1).all()
     if one_hot:
-        return np.argmax(y, axis=1)
-    if y.shape[1] != 1 or not (np.isfinite(y).all() and (y == np.round(y)).all()):
+        return np.argmax(rows, axis=1)
+    if rows.shape[1] != 1:
         raise ExportError(f"{what} {path!r} has labels of shape {y.shape[1:]} that are neither class indices "
-                          "(whole numbers) nor one-hot rows")
-    return y[:, 0].astype(np.int64)
+                          "nor one-hot rows")
+    labels = rows[:, 0]
+    bad = ~np.isfinite(labels) | (labels != np.round(labels)) | (labels < 0)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ExportError(f"{what} {path!r} has labels that are not class indices (whole numbers from 0): "
+                          f"label {i} is {labels[i]}")
+    return labels.astype(np.int64)
 
 
 def _load_numpy(path: str, specs: dict, what: str) -> tuple[dict, np.ndarray | None]:
@@ -234,7 +264,13 @@ def _load_numpy(path: str, specs: dict, what: str) -> tuple[dict, np.ndarray | N
                 raise ExportError(f"{what} {path!r} holds no arrays")
             yk = next((k for k in _Y_KEYS if k in d and k not in names), None)
             if len(names) == 1 and names[0] not in d:  # one input's samples under x (or x_test ...)
-                xk = next((k for k in _X_KEYS if k in d), None) or d.files[0]
+                xk = next((k for k in _X_KEYS if k in d), None)
+                if xk is None:  # else the only array that is not the labels
+                    others = [k for k in d.files if k != yk]
+                    if len(others) != 1:
+                        raise ExportError(f"{what} {path!r} holds the arrays {d.files}, none of them named after the "
+                                          f"model input {names[0]!r} or {_X_KEYS[0]!r}: name the samples' array so")
+                    xk = others[0]
                 return {names[0]: d[xk]}, (d[yk] if yk else None)
             _check_names(list(d.files), names, what, path, yk)
             return {n: d[n] for n in names}, (d[yk] if yk else None)
@@ -247,7 +283,8 @@ def _load_numpy(path: str, specs: dict, what: str) -> tuple[dict, np.ndarray | N
         raise ExportError(f"{what} {path!r} is not a readable numpy file of numbers ({detail})") from None
 
 
-def _images(path: str, spec: InputSpec, what: str):
+def _image_input(spec: InputSpec, what: str) -> list:
+    """The input's shape, checked to be one an image folder can feed: (batch, H, W, 1|3) with H and W known."""
     shape = list(spec.shape)
     if len(shape) != 4 or shape[3] not in (1, 3):
         raise ExportError(f"{what}: an image directory needs a model input of shape (batch, H, W, 1|3), "
@@ -256,6 +293,12 @@ def _images(path: str, spec: InputSpec, what: str):
         raise ExportError(f"{what}: the model takes images of any size {tuple(shape[1:])}, and an image directory "
                           "is read at the input's size: give the samples as a .npy / .npz of the size to calibrate "
                           "at (samples of several sizes: calibration.calibrate on a list of arrays)")
+    return shape
+
+
+def _images(path: str, spec: InputSpec, what: str):
+    shape = _image_input(spec, what)
+    check_image_folder(path, what)
     import keras
     import tensorflow as tf
 

@@ -9,7 +9,7 @@ from tfcompress.calibration.quantize import RANGE_ESTIMATORS
 from tfcompress.errors import ExportError
 from tfcompress.int8_policy import OVERFLOW_FIX
 from tfcompress.output_dir import check_output_dir
-from tfcompress.saved_model_dir import check_saved_model_dir
+from tfcompress.saved_model_dir import check_saved_model_dir, check_signature
 
 __all__ = ["INT8_MODES", "OVERFLOW_FIX", "RANGE_ESTIMATORS", "check_args", "check_data_path", "check_saved_model_dir"]
 
@@ -19,14 +19,17 @@ INT8_MODES = ("default", "accuracy_aware", "none")
 def check_args(saved_model_dir: str, output_dir: str, int8: str = "default", max_drop: float = 0.01,
                opset: int = 17, overwrite: bool = False, max_iterations: int = 50,
                data: Mapping[str, Any] | None = None, calibration_data: bool = True,
-               range_estimator: str = "auto", overflow_fix: str = "first_layer") -> None:
-    """Raise :class:`ExportError` for an option out of range, a missing SavedModel, a data path that
+               range_estimator: str = "auto", overflow_fix: str = "first_layer", validation_data: bool = True,
+               signature_key: str | None = None) -> None:
+    """Raise :class:`ExportError` for an option out of range, a missing SavedModel or signature, a data path that
     :func:`check_data_path` refuses, or an output directory that may not be written (see
     :func:`tfcompress.output_dir.check_output_dir`: never an input, inside one or around one). The inputs are
     the SavedModel and the paths among ``data`` (what it is called -> calibration / validation file, image
     folder, array or None; arrays are not paths). Only the file system is looked at: the SavedModel's content
     and the data are checked when they are read. ``calibration_data``: whether calibration data was given
     (``int8="accuracy_aware"`` asks for it explicitly: without it no INT8 model would be written).
+    ``validation_data``: whether validation data was given (``int8="accuracy_aware"`` measures its drop on it).
+    ``signature_key``: the signature to export, checked when ``saved_model.pb`` can be read without TensorFlow.
     ``range_estimator``: how calibration estimates activation ranges (:data:`RANGE_ESTIMATORS`);
     ``overflow_fix``: which layers calibration keeps on 7-bit weights (:data:`OVERFLOW_FIX`).
     """
@@ -38,6 +41,9 @@ def check_args(saved_model_dir: str, output_dir: str, int8: str = "default", max
         raise ExportError(f"--overflow_fix must be one of {list(OVERFLOW_FIX)}, got {overflow_fix!r}")
     if int8 == "accuracy_aware" and not calibration_data:
         raise ExportError("--int8=accuracy_aware needs --calibration_data (and --validation_data)")
+    if int8 == "accuracy_aware" and not validation_data:
+        raise ExportError("--int8=accuracy_aware needs --validation_data to measure the drop: labelled (accuracy) "
+                          "or not (the INT8 outputs' relative RMS error against FP32)")
     if not (isinstance(max_drop, (int, float)) and 0 <= max_drop < 1):
         raise ExportError(f"--max_drop must be in [0, 1), got {max_drop!r}")
     if not isinstance(opset, int) or not 13 <= opset <= 18:
@@ -45,6 +51,8 @@ def check_args(saved_model_dir: str, output_dir: str, int8: str = "default", max
     if not isinstance(max_iterations, int) or max_iterations < 0:
         raise ExportError(f"--max_iterations must be a whole number >= 0, got {max_iterations!r}")
     check_saved_model_dir(saved_model_dir)
+    if signature_key is not None:
+        check_signature(saved_model_dir, signature_key)
     paths = {what: d for what, d in (data or {}).items() if isinstance(d, (str, os.PathLike))}
     for what, path in paths.items():
         check_data_path(path, what)

@@ -177,7 +177,7 @@ def export_saved_model(
     check_args(saved_model_dir, output_dir, int8, max_drop, opset, overwrite, max_iterations,
                {"calibration data": calibration_data, "validation data": validation_data},
                calibration_data=calibration_data is not None, range_estimator=range_estimator,
-               overflow_fix=overflow_fix)
+               overflow_fix=overflow_fix, validation_data=validation_data is not None, signature_key=signature_key)
 
     _log = _logger(verbose)
     t0 = time.perf_counter()
@@ -191,9 +191,6 @@ def export_saved_model(
                           "export it with --int8=none, or save it in float32 for INT8")
     calib = load_data(calibration_data, specs, "calibration data") if calibration_data is not None else None
     valid = load_data(validation_data, specs, "validation data") if validation_data is not None else None
-    if int8 == "accuracy_aware" and calib is not None and valid is None:
-        raise ExportError("--int8=accuracy_aware needs --validation_data to measure the drop: labelled (accuracy) "
-                          "or not (the INT8 outputs' relative RMS error against FP32)")
     out_key = sorted(frozen.outputs)[0]  # the output accuracy is measured on
     fixed = _fixed_batch(specs)
     if valid is not None and valid[1] is not None:

@@ -24,7 +24,7 @@ from tfcompress.graph.flops import FlopsCounter
 from tfcompress.graph.frozen_graph import fold_constants, has_cycle, prune_unused
 from tfcompress.graph.graphdef_adapter import GraphDefGraph
 from tfcompress.output_dir import check_output_dir, staged_output
-from tfcompress.saved_model_dir import check_saved_model_dir, read_saved_model_proto
+from tfcompress.saved_model_dir import check_saved_model_dir, missing_signature, read_saved_model_proto
 
 __all__ = [
     "ExportError", "FrozenSignature", "StripResult", "call_signature", "check_outputs", "check_reference",
@@ -188,13 +188,6 @@ def _check_inputs(specs: dict[str, tf.TensorSpec]) -> None:
                 "preprocessing kept outside (keras.export.ExportArchive can add such a signature)")
 
 
-def _missing_signature(src_dir, key, available) -> ExportError:
-    return ExportError(
-        f"SavedModel {src_dir!r} has no {key!r} signature (it has {sorted(available) or 'none'}); "
-        + ("pass one of them as --signature (signature_key= in Python)" if available else
-           "export it with model.export(dir) or tf.saved_model.save(obj, dir, signatures=...)"))
-
-
 def _constant_graph(fn, lower_control_flow: bool = True) -> tuple:
     """``fn``'s graph with its variables as constants, cut to what its outputs read: (graph_def, input tensor
     names, output tensor names), as ``convert_variables_to_constants_v2`` gives them.
@@ -225,7 +218,7 @@ def _constant_graph(fn, lower_control_flow: bool = True) -> tuple:
 def _freeze_v2(loaded, src_dir: str, key: str):
     sigs = dict(loaded.signatures)
     if key not in sigs:
-        raise _missing_signature(src_dir, key, sigs)
+        raise missing_signature(src_dir, key, sigs)
     fn = sigs[key]
     specs = dict(fn.structured_input_signature[1])
     graph_def, input_names, output_names = _constant_graph(fn)
@@ -258,7 +251,7 @@ def _freeze_v1(src_dir: str, key: str):
         except Exception as e:
             raise _load_error(src_dir, e) from None
         if key not in mg.signature_def:
-            raise _missing_signature(src_dir, key, mg.signature_def)
+            raise missing_signature(src_dir, key, mg.signature_def)
         sig = mg.signature_def[key]
         inputs = {k: v.name for k, v in sig.inputs.items()}
         outputs = {k: v.name for k, v in sig.outputs.items()}
