@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sys
 import time
 
@@ -77,19 +78,65 @@ class Progress:
             sys.stderr.flush()
 
 
-def run_batches(model, compiled, data, subset_size: int, batch: int, label: str, verbose: bool, on_result) -> int:
+# Samples per batch of a statistics pass: up to PASS_BATCH, fewer where one sample's activations are large, so
+# that a batch in flight holds about PASS_ACTIVATIONS bytes of them at most (counted as the sum of every op's
+# outputs, about twice what the CPU plugin allocates). Batches of a few samples run as fast as larger ones
+# (ResNet50 at 224x224: 3 to 16 samples alike); the memory grows with the batch (BENCHMARKS.md 3j).
+PASS_BATCH = 16
+PASS_ACTIVATIONS = 512 * 2**20
+
+
+def activation_bytes(model, sample_shapes: list[tuple]) -> int:
+    """Bytes of every op's outputs in ``model`` (an ``ov.Model``) for one sample whose inputs have
+    ``sample_shapes`` (without the batch axis): what an inference of one sample writes, before the plugin
+    reuses buffers. Dimensions the model leaves dynamic take the sample's (a clone reshaped to it)."""
+    if any(not port.get_partial_shape()[1:].is_static for port in model.inputs):
+        try:
+            clone = model.clone()
+            clone.reshape({k: [1, *shape] for k, shape in enumerate(sample_shapes)})
+            model = clone
+        except RuntimeError:  # a model that cannot take these shapes: count its static dimensions only
+            pass
+    total = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() in ("Constant", "Parameter", "Result"):
+            continue
+        for k in range(op.get_output_size()):
+            shape = op.get_output_partial_shape(k)
+            if shape.rank.is_static and shape.rank.get_length() > 0:
+                dims = [d.get_length() for d in shape[1:] if d.is_static]
+                total += int(np.prod(dims, dtype=np.int64)) * max(op.get_output_element_type(k).size, 1)
+    return total
+
+
+def samples_per_batch(model, first) -> int:
+    """How many samples a statistics pass over ``model`` batches (``first``: one sample, an array per input):
+    :data:`PASS_BATCH`, or fewer to keep a batch's activations near :data:`PASS_ACTIVATIONS`."""
+    per_sample = activation_bytes(model, [np.shape(x)[1:] for x in first])
+    return int(max(1, min(PASS_BATCH, PASS_ACTIVATIONS // max(per_sample, 1))))
+
+
+def run_batches(model, compiled, data, subset_size: int, batch: int | None, label: str, verbose: bool,
+                on_result) -> int:
     """Feed up to ``subset_size`` samples to ``compiled`` in batches of samples of one shape
     (:func:`~tfcompress.calibration.samples.batches`: a model with dynamic dimensions may be given sequences or
     images of different sizes); ``on_result(results, n, shape)`` per batch of ``n`` samples of ``shape``
     (:func:`~tfcompress.calibration.samples.shape_of`).
 
     Batches run on as many infer requests as ``compiled`` has streams, in turn, so that the next batch runs
-    while the results of the last one are read. Uses the model's static batch size when it has one. Returns
-    how many samples were used. ``data``: samples of every model input (:func:`iterate_samples`).
+    while the results of the last one are read. Uses the model's static batch size when it has one, else
+    ``batch`` samples, or with ``batch=None`` :func:`samples_per_batch` of ``model`` (the float model, without
+    the statistics outputs). Returns how many samples were used. ``data``: samples of every model input
+    (:func:`iterate_samples`).
     """
     inputs = model_inputs(model)
+    samples = iterate_samples(data, inputs, subset_size)
     if inputs[0].dims and inputs[0].dims[0] is not None:
         batch = inputs[0].dims[0]
+    elif batch is None:
+        first = next(samples, None)
+        batch = PASS_BATCH if first is None else samples_per_batch(model, first)
+        samples = itertools.chain([] if first is None else [first], samples)
     progress = Progress(subset_size, label, verbose)
     requests = [compiled.create_infer_request() for _ in range(max(1, compiled.get_property("NUM_STREAMS")))]
     pending: list = [None] * len(requests)  # per request: (samples, shape) it is running, or None
@@ -101,7 +148,7 @@ def run_batches(model, compiled, data, subset_size: int, batch: int, label: str,
         progress.update(pending[slot][0])
         pending[slot] = None
 
-    for _, x in batches(iterate_samples(data, inputs, subset_size), batch):
+    for _, x in batches(samples, batch):
         slot = runs % len(requests)
         runs += 1
         n += len(x[0])
@@ -145,7 +192,7 @@ def _compile_probe(probe, outputs: list, precision: str | None):
     return compiled, compiled.outputs[len(compiled.outputs) - len(outputs):]
 
 
-def collect(model, points, data, subset_size: int, batch: int = 16, verbose: bool = True,
+def collect(model, points, data, subset_size: int, batch: int | None = None, verbose: bool = True,
             quantiles: bool = False, precision: str | None = "f32", mean_points=()) -> Statistics:
     """Run ``model`` once over ``subset_size`` samples with every point as an extra output.
 
@@ -232,7 +279,7 @@ def collect(model, points, data, subset_size: int, batch: int = 16, verbose: boo
     return Statistics(mins, maxs, q_lo, q_hi, n, means)
 
 
-def channel_ranges(model, keys, data, subset_size: int, quantile: float, batch: int = 16,
+def channel_ranges(model, keys, data, subset_size: int, quantile: float, batch: int | None = None,
                    verbose: bool = True) -> dict:
     """Per-channel (axis 1) ``quantile`` / ``1 - quantile`` of the tensors ``keys`` (op position, output
     port): computed per batch (of samples of one shape, :func:`run_batches`), the median over batches (as POT's
