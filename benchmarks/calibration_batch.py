@@ -18,8 +18,12 @@ import os
 import subprocess
 import sys
 
-OURS = """
-import sys, time, resource, numpy as np, openvino as ov
+PEAK = """
+def peak():  # this process's peak RSS in KiB (getrusage's ru_maxrss keeps the parent's across exec)
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+"""
+OURS = PEAK + """
+import sys, time, numpy as np, openvino as ov
 from tfcompress import calibration
 from tfcompress.calibration import statistics
 if sys.argv[3] != "auto":
@@ -28,14 +32,14 @@ model, x = ov.Core().read_model(sys.argv[1]), np.load(sys.argv[2])[:int(sys.argv
 batch = statistics.samples_per_batch(model, [x[:1]])
 t, c = time.perf_counter(), time.process_time()
 calibration.calibrate(model, x, subset_size=len(x), verbose=False)
-print(batch, time.perf_counter() - t, time.process_time() - c, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(batch, time.perf_counter() - t, time.process_time() - c, peak())
 """
-NNCF = """
-import sys, time, resource, numpy as np, openvino as ov, nncf
+NNCF = PEAK + """
+import sys, time, numpy as np, openvino as ov, nncf
 model, x = ov.Core().read_model(sys.argv[1]), np.load(sys.argv[2])[:int(sys.argv[4])]
 t, c = time.perf_counter(), time.process_time()
 nncf.quantize(model, nncf.Dataset(list(x[:, None])), subset_size=len(x))
-print(1, time.perf_counter() - t, time.process_time() - c, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(1, time.perf_counter() - t, time.process_time() - c, peak())
 """
 
 
