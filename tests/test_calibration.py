@@ -526,6 +526,25 @@ def test_weights_on_the_seven_bit_grid_are_read_as_such_even_where_a_channel_is_
     np.testing.assert_array_equal(q, q8)
 
 
+def test_float16_weights_on_the_int8_grid_are_read_back_whatever_their_channels_size(rng):
+    """mixed_float16 QAT weights, folded into float16 constants: q * scale rounded to float16 (2^-11 of the
+    value), the abs-max that gave the scale rounded too. Read against abs-max / 127, a 3x3x256x256 layer's
+    weights strayed up to 0.12 steps from their integers, beyond the 0.1 allowed: the layer stayed float in
+    the IR. Unquantized float16 weights of the same shape are not read as on the grid."""
+    from tfcompress.int8_policy import on_int8_grid
+
+    q8 = np.clip(np.round(rng.normal(0, 60, size=(3, 3, 256, 256))), -127, 127)
+    q8[0, 0, 0, :] = rng.choice([-127.0, 127.0], size=256)  # each channel reaches its abs-max
+    step = rng.uniform(1e-3, 0.1, size=256).astype(np.float32)
+    w = (q8.astype(np.float32) * step).astype(np.float16)
+    q, scale = on_int8_grid(w.astype(np.float64), axis=3, tolerance=0.1)
+    assert q is not None
+    np.testing.assert_array_equal(q, q8)
+    np.testing.assert_allclose(scale, step, rtol=2.0 ** -11)
+    unquantized = rng.normal(0, 0.05, size=(3, 3, 256, 256)).astype(np.float16)
+    assert on_int8_grid(unquantized.astype(np.float64), axis=3, tolerance=0.1) == (None, None)
+
+
 def test_ranking_model_switches_each_candidate_like_a_built_trial(resnet8_ir):
     """The one model accuracy control ranks with (a boolean input per candidate) orders the candidate reverts
     as the trial models built with each layer in float do. Its quantizers run as float FakeQuantize, the built

@@ -170,7 +170,9 @@ def on_int8_grid(w: np.ndarray, axis: int, tolerance: float = 1e-3):
     (:data:`OVERFLOW_FIX`), or 127 (the full grid). The 7-bit reading is tried first: a slice that fits both
     (only 0 and its abs-max) has the same values either way, and the smaller integers cannot saturate the
     pair sums of CPUs without VNNI. Weights stored as float16 are on the grid only to float16's precision:
-    a tolerance of 0.1 steps (127 x 2^-11 = 0.06 at most) still tells them from unquantized weights."""
+    a tolerance of 0.1 steps (127 x 2^-11 = 0.06 at most) still tells them from unquantized weights. The
+    scale is the one that fits a slice's integers best (least squares), not its abs-max / 127: that abs-max
+    is rounded as much as the other weights, and measured against it they stray twice as far."""
     w = np.asarray(w, np.float64)
     moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
     amax = np.abs(moved).max(axis=1)
@@ -179,9 +181,11 @@ def on_int8_grid(w: np.ndarray, axis: int, tolerance: float = 1e-3):
     found = np.zeros(len(amax), dtype=bool)
     scale = np.zeros_like(amax)
     for top in (63.0, 127.0):
-        q = moved / (amax / top)[:, None]
-        fits = ~found & np.all(np.abs(q - np.round(q)) < tolerance, axis=1)
-        scale[fits] = amax[fits] / top
+        q = np.round(moved / (amax / top)[:, None])
+        squares = (q * q).sum(axis=1)
+        fit = np.where(squares > 0, (moved * q).sum(axis=1) / np.maximum(squares, 1.0), amax / top)
+        fits = ~found & np.all(np.abs(moved / fit[:, None] - q) < tolerance, axis=1)
+        scale[fits] = fit[fits]
         found |= fits
     if not found.all():
         return None, None
