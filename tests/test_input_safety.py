@@ -180,6 +180,41 @@ def test_data_and_signature_mistakes_are_refused_before_tensorflow_loads(saved_m
         assert not (tmp_path / "out").exists() and not staging_dirs(tmp_path)
 
 
+def test_the_signatures_are_read_from_the_meta_graph_tensorflow_loads(tmp_path):
+    """With several meta graphs TensorFlow loads the one tagged exactly 'serve' (tf.saved_model.load refuses
+    to choose; the TF1 loader matches the tag set): the one tagged 'serve' and 'tpu' written before it was read
+    instead, and its signatures refused a --signature the loaded one has."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    from tfcompress.saved_model_dir import check_signature, signature_inputs, signature_keys
+
+    def write(tag_sets: list[list[str]]) -> str:
+        sm = saved_model_pb2.SavedModel()
+        for tags in tag_sets:
+            mg = sm.meta_graphs.add()
+            mg.meta_info_def.tags.extend(tags)
+            t = mg.signature_def["_".join(tags)].inputs["x"]
+            t.name, t.dtype = "x:0", 1  # float32
+            t.tensor_shape.dim.add().size = -1
+        folder = tmp_path / "_".join("+".join(tags) for tags in tag_sets)
+        folder.mkdir()
+        (folder / "saved_model.pb").write_bytes(sm.SerializeToString())
+        return str(folder)
+
+    for tag_sets in ([["serve", "tpu"], ["serve"]], [["serve"], ["serve", "gpu"]]):
+        d = write(tag_sets)
+        assert signature_keys(d) == ["serve"]
+        assert signature_inputs(d, "serve") == {"x": ("float32", [None])}
+        check_signature(d, "serve")
+        with pytest.raises(ExportError, match=r"has no 'serve_tpu' signature \(it has \['serve'\]\)"):
+            check_signature(d, "serve_tpu")
+    only = write([["train"]])  # the only meta graph: TensorFlow loads it, whatever its tags
+    assert signature_keys(only) == ["train"]
+    none_serve = write([["serve", "tpu"], ["train"]])  # TensorFlow loads none of them: it says why
+    assert signature_keys(none_serve) is None and signature_inputs(none_serve, "serve_tpu") is None
+    check_signature(none_serve, "serving_default")
+
+
 def test_a_closed_standard_output_ends_the_command_without_a_traceback(tmp_path):
     """`python -m tfcompress.export --help | head -3` printed a BrokenPipeError traceback."""
     for module in ("tfcompress.export", "tfcompress.demo"):

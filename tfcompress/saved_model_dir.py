@@ -118,9 +118,11 @@ def _tensor_info(buf: bytes) -> tuple[str, list[int | None] | None] | None:
 
 
 def _serving_meta_graph(src_dir: str | os.PathLike) -> bytes | None:
-    """The serialized meta graph TensorFlow serves from ``src_dir``'s ``saved_model.pb``: the one tagged
-    ``serve``, or the only one. None when it cannot say without TensorFlow (a text ``.pbtxt``, an unreadable or
-    invalid file, several meta graphs none of which is tagged ``serve``)."""
+    """The serialized meta graph TensorFlow loads from ``src_dir``'s ``saved_model.pb``: the only one, or of
+    several the one tagged exactly ``serve`` (``tf.saved_model.load`` takes an only meta graph whatever its
+    tags; of several, the stripper's TF1 loader takes the one whose tag set is ``{"serve"}``). None when it
+    cannot say without TensorFlow (a text ``.pbtxt``, an unreadable or invalid file, several meta graphs none
+    of which is tagged so)."""
     path = os.path.join(src_dir, "saved_model.pb")
     if not os.path.isfile(path):
         return None
@@ -128,13 +130,15 @@ def _serving_meta_graph(src_dir: str | os.PathLike) -> bytes | None:
         with open(path, "rb") as f:
             buf = f.read()
         meta_graphs = [mg for n, mg in _fields(buf) if n == 2]
+        if len(meta_graphs) == 1:
+            return meta_graphs[0]
         for mg in meta_graphs:
             info = dict(_fields(mg)).get(1, b"")
-            if b"serve" in [v for k, v in _fields(info) if k == 4]:
+            if {v for k, v in _fields(info) if k == 4} == {b"serve"}:
                 return mg
     except (OSError, IndexError, ValueError, TypeError):  # not a valid protocol buffer: TensorFlow says why
         return None
-    return meta_graphs[0] if len(meta_graphs) == 1 else None
+    return None
 
 
 def signature_keys(src_dir: str | os.PathLike) -> list[str] | None:
