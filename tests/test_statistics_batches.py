@@ -32,6 +32,38 @@ def test_activation_bytes_count_every_op_output_per_sample(rng):
     assert [p.get_partial_shape().is_static for p in dynamic.inputs] == [False]  # not reshaped in place
 
 
+def test_activation_bytes_count_outputs_whose_batch_is_not_their_first_axis(rng):
+    """An op that folds the batch into another axis ((N, 8, 12, 12) -> (N * 96, 12)) was counted without its
+    first axis, as if that were the batch: 12 values per sample instead of 1152. A dynamic-rank input crashed
+    the count ('rank().is_static()')."""
+    p = ops.parameter([-1, 3, 12, 12], ov.Type.f32)
+    x = ops.convolution(p, ops.constant(rng.normal(size=(8, 3, 3, 3)).astype(np.float32)), [1, 1], [1, 1],
+                        [1, 1], [1, 1])
+    x = ops.relu(ops.reshape(x, ops.constant(np.array([-1, 12], np.int64)), False))
+    x = ops.reshape(x, ops.constant(np.array([-1, 8, 12, 12], np.int64)), False)
+    model = ov.Model([x.output(0)], [p])
+    # convolution, reshape, ReLU, reshape: 8 x 12 x 12 float32 each
+    assert statistics.activation_bytes(model, [(3, 12, 12)]) == 4 * 8 * 12 * 12 * 4
+    any_rank = ops.parameter(ov.PartialShape.dynamic(), ov.Type.f32)
+    assert statistics.activation_bytes(ov.Model([ops.relu(any_rank).output(0)], [any_rank]), [(5, 7)]) == 5 * 7 * 4
+
+
+def test_samples_of_several_sizes_are_batched_by_their_own_size(rng, monkeypatch):
+    """The batch size was chosen from the first sample alone: small images first, then large ones, and the
+    large ones ran as many to a batch as the small ones, far beyond the activation budget."""
+    model = _conv_relu(rng, spatial=(-1, -1))
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    small, large = statistics.activation_bytes(model, [(3, 12, 12)]), statistics.activation_bytes(model, [(3, 48, 48)])
+    assert large == 16 * small
+    monkeypatch.setattr(statistics, "PASS_ACTIVATIONS", 2 * large)
+    samples = [rng.normal(size=(1, 3, 12, 12)).astype(np.float32) for _ in range(10)]
+    samples += [rng.normal(size=(1, 3, 48, 48)).astype(np.float32) for _ in range(10)]
+    seen: list[tuple] = []
+    statistics.run_batches(model, compiled, iter(samples), 20, None, "test", False,
+                           lambda res, n, shape: seen.append((n, shape[0][1:])))
+    assert sorted(seen) == [(2, (48, 48))] * 5 + [(10, (12, 12))]
+
+
 def test_batches_hold_what_fits_the_budget_and_statistics_do_not_depend_on_it(rng, monkeypatch):
     model = _conv_relu(rng)
     data = rng.normal(size=(10, 3, 12, 12)).astype(np.float32)

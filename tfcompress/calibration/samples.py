@@ -10,7 +10,7 @@ from arrays, lists, generators or a ``tf.data.Dataset``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -60,9 +60,10 @@ def shape_of(x: Inputs) -> tuple:
     return tuple(part.shape[1:] for part in x)
 
 
-def batches(samples: Iterable[Inputs], size: int) -> Iterator[tuple[list[int], Inputs]]:
+def batches(samples: Iterable[Inputs], size: int | Callable[[Inputs], int]) -> Iterator[tuple[list[int], Inputs]]:
     """Batches of up to ``size`` samples of one shape (:func:`shape_of`), each with the positions of its
-    samples in ``samples``.
+    samples in ``samples``; ``size`` may be a function of a sample, asked once per shape (a batch of large
+    samples may hold fewer).
 
     Samples of every shape are kept apart until ``size`` of one shape have come (that batch is yielded) or the
     samples end (the rest, one batch per shape in the order the shapes first came). With samples of one shape
@@ -70,11 +71,15 @@ def batches(samples: Iterable[Inputs], size: int) -> Iterator[tuple[list[int], I
     so every statistic of a batch is one of samples computed alone, as with batches of one.
     """
     pending: dict[tuple, list[tuple[int, Inputs]]] = {}
+    sizes: dict[tuple, int] = {}
     for position, sample in enumerate(samples):
-        group = pending.setdefault(shape_of(sample), [])
+        shape = shape_of(sample)
+        if shape not in sizes:
+            sizes[shape] = size(sample) if callable(size) else size
+        group = pending.setdefault(shape, [])
         group.append((position, sample))
-        if len(group) == size:
-            yield _joined(pending.pop(shape_of(sample)))
+        if len(group) == sizes[shape]:
+            yield _joined(pending.pop(shape))
     for group in pending.values():
         yield _joined(group)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import functools
 import sys
 import time
 
@@ -89,14 +89,15 @@ PASS_ACTIVATIONS = 512 * 2**20
 def activation_bytes(model, sample_shapes: list[tuple]) -> int:
     """Bytes of every op's outputs in ``model`` (an ``ov.Model``) for one sample whose inputs have
     ``sample_shapes`` (without the batch axis): what an inference of one sample writes, before the plugin
-    reuses buffers. Dimensions the model leaves dynamic take the sample's (a clone reshaped to it)."""
-    if any(not port.get_partial_shape()[1:].is_static for port in model.inputs):
-        try:
-            clone = model.clone()
-            clone.reshape({k: [1, *shape] for k, shape in enumerate(sample_shapes)})
-            model = clone
-        except RuntimeError:  # a model that cannot take these shapes: count its static dimensions only
-            pass
+    reuses buffers. Counted on a clone reshaped to one sample of these shapes, so that dimensions the model
+    leaves dynamic take the sample's and an op that moves the batch off its first axis counts whole; where the
+    model cannot take that shape, its outputs' static dimensions after the first."""
+    try:
+        clone = model.clone()
+        clone.reshape({k: [1, *shape] for k, shape in enumerate(sample_shapes)})
+        model, first = clone, 0  # one sample: every dimension is the sample's
+    except RuntimeError:
+        first = 1
     total = 0
     for op in model.get_ordered_ops():
         if op.get_type_name() in ("Constant", "Parameter", "Result"):
@@ -104,15 +105,15 @@ def activation_bytes(model, sample_shapes: list[tuple]) -> int:
         for k in range(op.get_output_size()):
             shape = op.get_output_partial_shape(k)
             if shape.rank.is_static and shape.rank.get_length() > 0:
-                dims = [d.get_length() for d in shape[1:] if d.is_static]
+                dims = [d.get_length() for d in shape[first:] if d.is_static]
                 total += int(np.prod(dims, dtype=np.int64)) * max(op.get_output_element_type(k).size, 1)
     return total
 
 
-def samples_per_batch(model, first) -> int:
-    """How many samples a statistics pass over ``model`` batches (``first``: one sample, an array per input):
-    :data:`PASS_BATCH`, or fewer to keep a batch's activations near :data:`PASS_ACTIVATIONS`."""
-    per_sample = activation_bytes(model, [np.shape(x)[1:] for x in first])
+def samples_per_batch(model, sample) -> int:
+    """How many samples of ``sample``'s shape (one sample, an array per input) a statistics pass over ``model``
+    batches: :data:`PASS_BATCH`, or fewer to keep a batch's activations near :data:`PASS_ACTIVATIONS`."""
+    per_sample = activation_bytes(model, [np.shape(x)[1:] for x in sample])
     return int(max(1, min(PASS_BATCH, PASS_ACTIVATIONS // max(per_sample, 1))))
 
 
@@ -126,17 +127,15 @@ def run_batches(model, compiled, data, subset_size: int, batch: int | None, labe
     Batches run on as many infer requests as ``compiled`` has streams, in turn, so that the next batch runs
     while the results of the last one are read. Uses the model's static batch size when it has one, else
     ``batch`` samples, or with ``batch=None`` :func:`samples_per_batch` of ``model`` (the float model, without
-    the statistics outputs). Returns how many samples were used. ``data``: samples of every model input
-    (:func:`iterate_samples`).
+    the statistics outputs) for each shape of samples. Returns how many samples were used. ``data``: samples of
+    every model input (:func:`iterate_samples`).
     """
     inputs = model_inputs(model)
     samples = iterate_samples(data, inputs, subset_size)
     if inputs[0].dims and inputs[0].dims[0] is not None:
         batch = inputs[0].dims[0]
     elif batch is None:
-        first = next(samples, None)
-        batch = PASS_BATCH if first is None else samples_per_batch(model, first)
-        samples = itertools.chain([] if first is None else [first], samples)
+        batch = functools.partial(samples_per_batch, model)
     progress = Progress(subset_size, label, verbose)
     requests = [compiled.create_infer_request() for _ in range(max(1, compiled.get_property("NUM_STREAMS")))]
     pending: list = [None] * len(requests)  # per request: (samples, shape) it is running, or None
