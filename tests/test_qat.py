@@ -469,6 +469,25 @@ def test_subclasses_that_only_change_construction_are_quantized_as_their_base():
     np.testing.assert_allclose(ql(x, training=False), qp(x, training=False), rtol=0, atol=1e-6)
 
 
+def test_keras_layers_are_quantized_whatever_their_classes_define_beyond_init(monkeypatch):
+    """Conv2D, DepthwiseConv2D, Conv2DTranspose ... define only __init__ over their base class; they were told
+    from construction-only subclasses by the two attributes namex's export decorator sets on them, and a Keras
+    without namex (its decorator then sets nothing) left them float. Their shims still get their twins."""
+    for cls in (L.Conv2D, L.DepthwiseConv2D):
+        for name in ("_api_export_path", "_api_export_symbol_id"):
+            if name in vars(cls):
+                monkeypatch.delattr(cls, name)
+    inp = keras.Input((8, 8, 3))
+    x = L.Conv2D(4, 3, name="conv")(inp)
+    x = LegacyDepthwiseConv2D(3, name="shim")(L.DepthwiseConv2D(3, name="dw")(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q = quantize_model(keras.Model(inp, x))
+    kinds = {l.name: type(l).__name__ for l in q.layers}
+    assert (kinds["conv"], kinds["dw"], kinds["shim"]) == ("QuantConv2D", "QuantDepthwiseConv2D",
+                                                           "QuantDepthwiseConv2D")
+
+
 def test_a_quantization_aware_model_is_not_quantized_twice():
     """quantize_model on its own result failed inside Keras ('The name "..._input_quant" is used 2 times')."""
     q = quantize_model(small_cnn())

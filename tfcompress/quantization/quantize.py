@@ -123,7 +123,7 @@ def quantize_model(
             return None  # LoRA factors, or Keras's own post-training quantization: not a plain kernel
         if isinstance(layer, _L.MultiHeadAttention) and layer.get_config().get("use_gate"):
             return None  # its output projection reads the attention output times a gate
-        return _WEIGHTED.get(_computing_class(layer))  # a subclass with its own computation keeps it
+        return _WEIGHTED.get(_computing_class(layer, _WEIGHTED))  # a subclass with its own computation keeps it
 
     def quantized(rec) -> bool:
         return rec.op.layer not in ignored and quantized_class(rec.kind.layer) is not None
@@ -198,7 +198,7 @@ def quantize_model(
         if quantized_class(layer) is not None:
             return _kernel_policies(layer)[0]  # of the layer's first kernel, which reads its input
         if isinstance(layer, keras.layers.Layer):
-            return _LAYER_POLICIES.get(_computing_class(layer), policy.FLOAT)
+            return _LAYER_POLICIES.get(_computing_class(layer, _LAYER_POLICIES), policy.FLOAT)
         return _OP_POLICIES.get(type(layer).__name__, policy.FLOAT)
 
     quantize_at = _placement(kg, op_policy)
@@ -226,12 +226,16 @@ def quantize_model(
     return qmodel
 
 
-def _computing_class(layer: keras.layers.Layer) -> type:
-    """The class whose methods compute ``layer``: its own class, or, for a subclass that changes only how it is
-    constructed (an ``__init__`` and no other method or descriptor, such as the ``custom_objects`` shims that
-    drop a config argument older Keras wrote, e.g. ``DepthwiseConv2D(groups=1)``), the nearest base that defines
-    more. Its config is then its base's, so a twin built from that config computes what it does."""
+def _computing_class(layer: keras.layers.Layer, known) -> type:
+    """The class among ``known`` (a table's keys) whose methods compute ``layer``: its own class, or, for a
+    subclass that changes only how it is constructed (an ``__init__`` and no other method or descriptor, such
+    as the ``custom_objects`` shims that drop a config argument older Keras wrote, e.g.
+    ``DepthwiseConv2D(groups=1)``), the nearest base among ``known``. Its config is then its base's, so a twin
+    built from that config computes what it does. Otherwise the first class that computes differently (not
+    among ``known``). Keras's own classes may define only ``__init__`` too (``Conv2D`` over its base)."""
     for cls in type(layer).__mro__:
+        if cls in known:
+            return cls
         own = {k: v for k, v in vars(cls).items() if k != "__init__"}
         if any(not (k.startswith("__") and k.endswith("__")) or callable(v) or hasattr(v, "__get__")
                for k, v in own.items()):
