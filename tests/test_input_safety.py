@@ -551,3 +551,23 @@ def test_an_interrupt_that_native_code_turned_into_another_exception_still_exits
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300,
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert_one_line_error(proc, "interrupted; nothing was written", code=130)
+
+
+def test_an_interrupt_while_the_flags_are_parsed_exits_130(tmp_path):
+    """Ctrl-C while absl parsed the flags (a --flagfile being read, a flag's parser) came before the signal
+    handlers and the error handling: a KeyboardInterrupt traceback."""
+    script = tmp_path / "interrupted_flags.py"
+    script.write_text(
+        "import os, signal\n"
+        "from absl import flags\n"
+        "from tfcompress._cli import run\n"
+        "class Interrupted(flags.ArgumentParser):\n"
+        "    def parse(self, argument):\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        signal.pause()\n"
+        "flags.DEFINE(Interrupted(), 'slow', None, 'a flag whose parsing the user interrupts')\n"
+        "run(lambda argv: 0)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, str(script), "--slow=1"], capture_output=True, text=True, env=env,
+                          timeout=300, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert_one_line_error(proc, "interrupted; nothing was written", code=130)

@@ -129,6 +129,7 @@ def run(main: Callable[[list[str]], int]) -> None:
 
     app.define_help_flags()  # --help, --helpshort, --helpfull (app.run would define them)
 
+    _install_signal_handlers()  # before the flags are parsed: that can take a while too (a --flagfile)
     if any(a in _HELP for a in sys.argv[1:]):
         code = 0
         try:
@@ -137,15 +138,16 @@ def run(main: Callable[[list[str]], int]) -> None:
             code = 0 if e.code in (0, 1) else e.code
         except BrokenPipeError:
             _stdout_closed()
+        except (KeyboardInterrupt, Terminated) as e:
+            code = _error_code(e)
         _flush_or_exit()
         sys.exit(code)
     try:
-        argv = flags.FLAGS(sys.argv)
-    except flags.Error as e:
-        print(f"error: {_first_line(e)} (see --help)", file=sys.stderr)
-        sys.exit(2)
-    _install_signal_handlers()
-    try:
+        try:
+            argv = flags.FLAGS(sys.argv)
+        except flags.Error as e:
+            print(f"error: {_first_line(e)} (see --help)", file=sys.stderr)
+            sys.exit(2)
         code = main(argv)
     except SystemExit:
         raise
