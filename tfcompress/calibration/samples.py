@@ -62,8 +62,9 @@ def shape_of(x: Inputs) -> tuple:
 
 def batches(samples: Iterable[Inputs], size: int | Callable[[Inputs], int]) -> Iterator[tuple[list[int], Inputs]]:
     """Batches of up to ``size`` samples of one shape (:func:`shape_of`), each with the positions of its
-    samples in ``samples``; ``size`` may be a function of a sample, asked once per shape (a batch of large
-    samples may hold fewer).
+    samples in ``samples``; ``size`` may be a function of a sample (a batch of large samples may hold fewer),
+    asked once per shape when a second sample of that shape comes: a sample alone is a batch of one whatever
+    its size, and a function that reshapes a model costs as much as an inference.
 
     Samples of every shape are kept apart until ``size`` of one shape have come (that batch is yielded) or the
     samples end (the rest, one batch per shape in the order the shapes first came). With samples of one shape
@@ -74,14 +75,18 @@ def batches(samples: Iterable[Inputs], size: int | Callable[[Inputs], int]) -> I
     sizes: dict[tuple, int] = {}
     for position, sample in enumerate(samples):
         shape = shape_of(sample)
-        if shape not in sizes:
-            sizes[shape] = size(sample) if callable(size) else size
         group = pending.setdefault(shape, [])
         group.append((position, sample))
-        if len(group) == sizes[shape]:
-            yield _joined(pending.pop(shape))
+        if shape not in sizes:
+            if callable(size) and len(group) == 1:
+                continue
+            sizes[shape] = max(1, size(sample)) if callable(size) else size
+        while 0 < sizes[shape] <= len(group):
+            yield _joined(group[:sizes[shape]])
+            del group[:sizes[shape]]
     for group in pending.values():
-        yield _joined(group)
+        if group:
+            yield _joined(group)
 
 
 def _joined(group: list[tuple[int, Inputs]]) -> tuple[list[int], Inputs]:
