@@ -226,13 +226,13 @@ def quantize_model(
     return qmodel
 
 
-def _computing_class(layer: keras.layers.Layer, known) -> type:
-    """The class among ``known`` (a table's keys) whose methods compute ``layer``: its own class, or, for a
-    subclass that changes only how it is constructed (an ``__init__`` and no other method or descriptor, such
-    as the ``custom_objects`` shims that drop a config argument older Keras wrote, e.g.
-    ``DepthwiseConv2D(groups=1)``), the nearest base among ``known``. Its config is then its base's, so a twin
-    built from that config computes what it does. Otherwise the first class that computes differently (not
-    among ``known``). Keras's own classes may define only ``__init__`` too (``Conv2D`` over its base)."""
+def _computing_class(layer: keras.layers.Layer, known: dict) -> type:
+    """The class to look ``layer`` up by in a table whose keys are ``known``: the nearest class of its MRO that
+    is a key or defines more than ``__init__`` (another method or descriptor). A subclass that changes only how
+    it is constructed (the ``custom_objects`` shims that drop a config argument older Keras wrote, e.g.
+    ``DepthwiseConv2D(groups=1)``) computes as its base and has its base's config, so a twin built from that
+    config computes what it does. Keras's own classes may define only ``__init__`` too (``Conv2D`` over its
+    base class): a key is taken as it comes."""
     for cls in type(layer).__mro__:
         if cls in known:
             return cls
