@@ -127,3 +127,28 @@ def test_the_batch_size_is_asked_once_per_shape_that_has_company(rng):
     assert sorted(got) == sorted([([1, 3], (2, 5, 2)), ([4, 7], (2, 5, 2)), ([5], (1, 7, 2)), ([6], (1, 7, 2)),
                                   ([0], (1, 3, 2)), ([2], (1, 4, 2)), ([8], (1, 6, 2))])
     assert [p for p, _ in batches(samples, 4)] == [[1, 3, 4, 7], [0], [2], [5, 6], [8]]  # a fixed size as before
+
+
+def test_accuracy_control_runs_its_models_in_batches_of_the_same_budget(rng, monkeypatch):
+    """Accuracy control ran its ranking model 16 samples a batch whatever their size (a 256x256 U-Net: 2.0 GiB
+    against the default calibration's 0.8 GiB)."""
+    from tfcompress.calibration import accuracy_control
+
+    model = _conv_relu(rng)
+    data = rng.normal(size=(12, 3, 12, 12)).astype(np.float32)
+    ref = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})({0: data})[0]
+    monkeypatch.setattr(statistics, "PASS_ACTIVATIONS", 2 * statistics.activation_bytes(model, [(3, 12, 12)]))
+    seen: list[int] = []
+    real = accuracy_control.batches
+
+    def spy(samples, size):
+        for positions, x in real(samples, size):
+            seen.append(len(positions))
+            yield positions, x
+
+    monkeypatch.setattr(accuracy_control, "batches", spy)
+    _, info = calibration.calibrate_with_accuracy_control(
+        model, data, data, lambda c, d: -float(np.abs(c({0: d})[0] - ref).max()), max_drop=0.0, max_iterations=1,
+        verbose=False)
+    # the float model's outputs (6 batches), then the ranking model's for every candidate: two samples a batch
+    assert len(seen) > 6 and set(seen) == {2}

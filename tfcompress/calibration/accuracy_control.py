@@ -13,8 +13,8 @@ from tfcompress.calibration.placement import bias_input, find_points, quantized_
 from tfcompress.calibration.quantize import (
     _act_fq, _build, _calibration_state, _check_args, _read, _shifted_bias, _weight_fq,
 )
-from tfcompress.calibration.samples import batches, iterate_samples, model_inputs
-from tfcompress.calibration.statistics import Progress
+from tfcompress.calibration.samples import batches, iterate_samples, model_inputs, shape_of
+from tfcompress.calibration.statistics import Progress, samples_per_batch
 
 __all__ = ["calibrate_with_accuracy_control", "layer_macs", "RANKINGS"]
 
@@ -110,14 +110,15 @@ def switchable(model, ranges: dict, shifts: dict, candidates: list[int], ignored
 class _Ranker:
     """One compiled :func:`switchable` model: its outputs for any set of reverted candidates."""
 
-    def __init__(self, search: _Search, candidates: list[int]):
+    def __init__(self, search: _Search, candidates: list[int], batch: Callable):
         self.compiled = search.compile(switchable(search.model, search.ranges, search.shifts, candidates,
                                                   search.ignored_layers, search.overflow_fix))
         self.candidates = candidates
+        self.batch = batch
 
     def outputs(self, skip: set[int], samples: list[tuple]) -> list[list[np.ndarray]]:
         flags = {f"revert_{k}": np.array(k in skip) for k in self.candidates}
-        return _outputs(self.compiled, samples, flags)
+        return _outputs(self.compiled, samples, self.batch, flags)
 
 
 def _candidates(model, acts, weights) -> tuple[list[int], dict[int, list[str]]]:
@@ -317,8 +318,17 @@ def calibrate_with_accuracy_control(
     macs = layer_macs(model)
     cost = {c: max(1, macs.get(c) or _output_elements(ops[c])) for c in candidates}
     rank_x = list(iterate_samples(validation_data, model_inputs(model), ranking_subset_size))
-    fp_out = _outputs(search.compile(model), rank_x)
-    ranker = _Ranker(search, candidates)
+    sizes: dict[tuple, int] = {}
+
+    def batch(sample) -> int:
+        """Samples per batch of ``sample``'s shape, as in the statistics pass (bounded activation memory)."""
+        shape = shape_of(sample)
+        if shape not in sizes:
+            sizes[shape] = samples_per_batch(model, sample)
+        return sizes[shape]
+
+    fp_out = _outputs(search.compile(model), rank_x, batch)
+    ranker = _Ranker(search, candidates, batch)
     reverted: list[int] = []  # in the order they were reverted
     progress = Progress(max_iterations, "accuracy control", verbose)
     while len(reverted) < max_iterations and drop_of(metric) > max_drop and candidates:
@@ -365,11 +375,13 @@ def calibrate_with_accuracy_control(
     return search.build(skip), info
 
 
-def _outputs(compiled, samples: list[tuple], extra: dict | None = None, batch: int = 16) -> list[list[np.ndarray]]:
+def _outputs(compiled, samples: list[tuple], batch: int | Callable,
+             extra: dict | None = None) -> list[list[np.ndarray]]:
     """Every output for each of ``samples`` (one array per model input with a batch axis of 1, fed to the first
     inputs; ``extra`` feeds others by name): per output, one array per sample, in the samples' order (samples of
-    different shapes give outputs of different shapes). Run in batches of samples of one shape
-    (:func:`~tfcompress.calibration.samples.batches`), small ones: the CPU plugin keeps memory from every
+    different shapes give outputs of different shapes). Run in batches of samples of one shape, ``batch`` of
+    them or ``batch(sample)`` (:func:`~tfcompress.calibration.samples.batches`), small ones
+    (:func:`~tfcompress.calibration.statistics.samples_per_batch`): the CPU plugin keeps memory from every
     inference of a newly compiled trial model after it is deleted, more for larger batches."""
     inputs = model_inputs(compiled)[:len(samples[0])]
     rows: list[list] = [[None] * len(samples) for _ in compiled.outputs]
