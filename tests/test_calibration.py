@@ -560,7 +560,7 @@ def test_ranking_model_switches_each_candidate_like_a_built_trial(resnet8_ir):
     assert shifts, "the test needs bias shifts to switch"
     search = _Search(model, ranges, shifts, (), "first_layer", _f32)
     candidates, _ = _candidates(model, acts, weights)
-    ranker = _Ranker(search, candidates)
+    ranker = _Ranker(search, candidates, batch=16)
     x = val[0][:128]
     fp = np.asarray(_f32(model)({0: x})[0])
     samples = [(x[i:i + 1],) for i in range(len(x))]  # what the ranking runs: one array per input, per sample
