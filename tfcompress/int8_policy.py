@@ -161,10 +161,11 @@ def quantizer_moves_above(policy: OpPolicy, readers_read_quantized: Sequence[boo
     return policy.moves_values and bool(readers_read_quantized) and all(readers_read_quantized)
 
 
-def on_int8_grid(w: np.ndarray, axis: int, tolerance: float = 1e-3):
+def on_int8_grid(w: np.ndarray, axis: int, tolerance: float | None = None):
     """(q, scale) if every slice along ``axis`` is ``q * scale`` with integer q in [-127, 127], within
-    ``tolerance`` steps, else (None, None): weights that quantization-aware training put on the weight grid,
-    even after a converter folded the fake quantization into float constants.
+    ``tolerance`` steps (by default 0.1 for float16 weights, else 1e-3), else (None, None): weights that
+    quantization-aware training put on the weight grid, even after a converter folded the fake quantization into
+    float constants.
 
     A slice's largest |q| is 63 where the weights were trained on the overflow fix's 7-bit grid
     (:data:`OVERFLOW_FIX`), or 127 (the full grid). The 7-bit reading is tried first: a slice that fits both
@@ -173,6 +174,8 @@ def on_int8_grid(w: np.ndarray, axis: int, tolerance: float = 1e-3):
     a tolerance of 0.1 steps (127 x 2^-11 = 0.06 at most) still tells them from unquantized weights. The
     scale is the one that fits a slice's integers best (least squares), not its abs-max / 127: that abs-max
     is rounded as much as the other weights, and measured against it they stray twice as far."""
+    if tolerance is None:
+        tolerance = 0.1 if np.asarray(w).dtype == np.float16 else 1e-3
     w = np.asarray(w, np.float64)
     moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
     amax = np.abs(moved).max(axis=1)

@@ -205,9 +205,8 @@ def _trained_int8(op) -> bool:
     if axes is None:
         return False
     w = const.get_data()
-    tolerance = 0.1 if w.dtype == np.float16 else 1e-3
     return policy.on_int8_grid(w.reshape(w.shape[0] * w.shape[1], *w.shape[2:]) if len(axes) == 2 else w,
-                               axes[0], tolerance)[0] is not None
+                               axes[0])[0] is not None
 
 
 def _features(ops) -> set[str]:

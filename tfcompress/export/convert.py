@@ -420,9 +420,8 @@ def restore_weight_quantization(model) -> int:
     for name, nodes in readers.items():
         if users.get(name, 0) != len(nodes) or axes[name] is None:  # read as something else too
             continue
-        w = numpy_helper.to_array(inits[name])
-        # float16 weights (Keras mixed_float16) hold q * scale only to float16's precision
-        q, scale = on_int8_grid(w.astype(np.float64), axes[name], 0.1 if w.dtype == np.float16 else 1e-3)
+        w = numpy_helper.to_array(inits[name])  # float16 in a Keras mixed_float16 model: on the grid to its precision
+        q, scale = on_int8_grid(w, axes[name])
         if q is None:
             continue
         base = name.replace(":", "_")
