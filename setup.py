@@ -21,7 +21,8 @@ setup(
         "absl-py>=1.0",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-xdist>=3.2", "onnxruntime>=1.17", "scikit-learn>=1.3", "matplotlib>=3.7"],
+        "test": ["pytest>=7", "pytest-xdist>=3.2", "onnxruntime>=1.17", "scikit-learn>=1.3", "matplotlib>=3.7",
+                 "tensorboard>=2.16"],  # the TensorBoard callback (TensorFlow 2.21 no longer installs it)
         "demo": ["scikit-learn>=1.3", "matplotlib>=3.7"],
         # the TFX release for TensorFlow 2.21; its wheels need glibc >= 2.39 (see README)
         "tfx": ["tfx>=1.21,<1.22"],
