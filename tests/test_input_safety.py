@@ -171,8 +171,8 @@ def test_data_and_signature_mistakes_are_refused_before_tensorflow_loads(saved_m
         ([f"--validation_data={empty}"], "holds no images"),
         ([f"--calibration_data={tmp_path / 'two_arrays.npz'}"],
          "holds the arrays ['image', 'meta'], none of them named after the model input 'x'"),
-        ([f"--validation_data={tmp_path / 'nan_labels.npz'}"], "not class indices (whole numbers from 0): label 1 "
-                                                                "is nan"),
+        ([f"--validation_data={tmp_path / 'nan_labels.npz'}"], "not class indices (whole numbers from 0 within "
+                                                                "int64's range): label 1 is nan"),
         ([f"--validation_data={tmp_path / 'negative_labels.npz'}"], "label 2 is -1"),
     ]
     for args, message in cases:

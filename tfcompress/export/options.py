@@ -9,7 +9,7 @@ from tfcompress.calibration.quantize import RANGE_ESTIMATORS
 from tfcompress.errors import ExportError
 from tfcompress.int8_policy import OVERFLOW_FIX
 from tfcompress.output_dir import check_output_dir
-from tfcompress.saved_model_dir import check_saved_model_dir, check_signature
+from tfcompress.saved_model_dir import ServingSignatures, check_saved_model_dir, check_signature
 
 __all__ = ["INT8_MODES", "OVERFLOW_FIX", "RANGE_ESTIMATORS", "check_args", "check_data_path", "check_saved_model_dir"]
 
@@ -20,7 +20,7 @@ def check_args(saved_model_dir: str, output_dir: str, int8: str = "default", max
                opset: int = 17, overwrite: bool = False, max_iterations: int = 50,
                data: Mapping[str, Any] | None = None, calibration_data: bool = True,
                range_estimator: str = "auto", overflow_fix: str = "first_layer", validation_data: bool = True,
-               signature_key: str | None = None) -> None:
+               signature_key: str | None = None) -> ServingSignatures | None:
     """Raise :class:`ExportError` for an option out of range, a missing SavedModel or signature, a data path that
     :func:`check_data_path` refuses, or an output directory that may not be written (see
     :func:`tfcompress.output_dir.check_output_dir`: never an input, inside one or around one). The inputs are
@@ -32,6 +32,9 @@ def check_args(saved_model_dir: str, output_dir: str, int8: str = "default", max
     ``signature_key``: the signature to export, checked when ``saved_model.pb`` can be read without TensorFlow.
     ``range_estimator``: how calibration estimates activation ranges (:data:`RANGE_ESTIMATORS`);
     ``overflow_fix``: which layers calibration keeps on 7-bit weights (:data:`OVERFLOW_FIX`).
+
+    Returns the serving signatures read from ``saved_model.pb`` (with ``signature_key``), which
+    :func:`tfcompress.export.data.check_data_files` checks the data against without reading the file again.
     """
     if int8 not in INT8_MODES:
         raise ExportError(f"--int8 must be one of {list(INT8_MODES)}, got {int8!r}")
@@ -51,12 +54,12 @@ def check_args(saved_model_dir: str, output_dir: str, int8: str = "default", max
     if not isinstance(max_iterations, int) or max_iterations < 0:
         raise ExportError(f"--max_iterations must be a whole number >= 0, got {max_iterations!r}")
     check_saved_model_dir(saved_model_dir)
-    if signature_key is not None:
-        check_signature(saved_model_dir, signature_key)
+    serving = check_signature(saved_model_dir, signature_key) if signature_key is not None else None
     paths = {what: d for what, d in (data or {}).items() if isinstance(d, (str, os.PathLike))}
     for what, path in paths.items():
         check_data_path(path, what)
     check_output_dir(output_dir, [saved_model_dir, *paths.values()], overwrite)
+    return serving
 
 
 def check_data_path(path: str, what: str) -> None:
