@@ -14,7 +14,8 @@ from tfcompress.calibration.placement import (
 from tfcompress.calibration.statistics import Statistics, channel_ranges, collect
 from tfcompress.int8_policy import WEIGHT_LEVELS, weight_grid
 
-__all__ = ["calibrate", "check_static_ranks", "compress_weights", "int8_layers", "runs_int8", "PRESETS", "RANGE_ESTIMATORS", "range_estimator_for"]
+__all__ = ["calibrate", "check_static_ranks", "compress_weights", "int8_layers", "runs_int8", "PRESETS",
+           "RANGE_ESTIMATORS", "range_estimator_for"]
 
 PRESETS = ("performance", "mixed")
 

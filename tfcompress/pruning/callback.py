@@ -224,7 +224,7 @@ class FilterPruning(keras.callbacks.Callback):
     @classmethod
     def from_config(cls, config: dict[str, Any], sensitivity_data: Any = None,
                     latency_profile: dict[str, float] | None = None) -> "FilterPruning":
-        """Build from a dict (e.g. a section of a ``tfcompress/configs/*.json`` file); unknown keys are rejected by name.
+        """Build from a dict (e.g. a ``tfcompress/configs/*.json`` section); unknown keys are rejected by name.
 
         Data cannot live in a config: a ``"sensitivity"`` allocation gets its ``sensitivity_data`` here, a
         ``"global_per_latency"`` one its ``latency_profile``.
