@@ -10,6 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["tfcompress", "tfcompress.*"]),
+    package_data={"tfcompress": ["configs/*.json"]},  # load_config("resnet8_flops40")
     # lower bounds: the oldest releases the tests pass with, pinned together in .ci/minimum-versions.txt
     install_requires=[
         "tensorflow>=2.16,<2.22",

@@ -141,3 +141,30 @@ def test_accuracy_control_with_validation_sequences_of_different_lengths(sequenc
     assert info["int8_metric"] < info["fp32_metric"] == 0.0
     assert info["max_drop_met"] and info["reverted"], info
     assert validate(ov.Core().compile_model(model, "CPU", F32), val) == pytest.approx(info["metric"], abs=1e-7)
+
+
+def test_a_tensor_of_dynamic_rank_is_refused_with_one_line(rng):
+    """An IR input of shape [?...] (or a reshape to a shape computed in the graph) ended in a RuntimeError from
+    OpenVINO's shape code inside the statistics pass; given a rank, the same model calibrates."""
+    import openvino.opset13 as ops
+
+    w = ops.constant(rng.normal(size=(4, 3, 3, 3)).astype(np.float32))
+
+    def conv(x):
+        return ops.relu(ops.convolution(x, w, [1, 1], [0, 0], [0, 0], [1, 1]))
+
+    x = rng.normal(size=(4, 3, 8, 8)).astype(np.float32)
+    p = ops.parameter(ov.PartialShape.dynamic(), np.float32, name="image")
+    model = ov.Model([conv(p)], [p], "any_rank")
+    for run in (lambda m: calibration.calibrate(m, x, verbose=False),
+                lambda m: calibration.calibrate_with_accuracy_control(m, x, x, lambda c: 1.0, verbose=False)):
+        with pytest.raises(ValueError, match=r"^the model input 'image' has a dynamic rank \(\[\?\.\.\.\]\): .*"
+                                             r"model.reshape\(\{'image': \[-1, -1, -1, -1\]\}\)"):
+            run(model)
+    model.reshape({"image": [-1, -1, -1, -1]})
+    assert calibration.calibrate(model, x, verbose=False).inputs[0].get_partial_shape().rank.get_length() == 4
+    image = ops.parameter([-1, 3, 8, 8], np.float32, name="image")
+    shape = ops.parameter([-1], np.int64, name="shape")
+    inner = ov.Model([conv(ops.reshape(image, shape, special_zero=False))], [image, shape], "computed_rank")
+    with pytest.raises(ValueError, match="the output of Reshape .* has a dynamic rank"):
+        calibration.calibrate(inner, {"image": x, "shape": np.tile([1, 3, 8, 8], (4, 1))}, verbose=False)

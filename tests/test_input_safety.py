@@ -171,8 +171,8 @@ def test_data_and_signature_mistakes_are_refused_before_tensorflow_loads(saved_m
         ([f"--validation_data={empty}"], "holds no images"),
         ([f"--calibration_data={tmp_path / 'two_arrays.npz'}"],
          "holds the arrays ['image', 'meta'], none of them named after the model input 'x'"),
-        ([f"--validation_data={tmp_path / 'nan_labels.npz'}"], "not class indices (whole numbers from 0): label 1 "
-                                                                "is nan"),
+        ([f"--validation_data={tmp_path / 'nan_labels.npz'}"], "not class indices (whole numbers from 0 within "
+                                                                "int64's range): label 1 is nan"),
         ([f"--validation_data={tmp_path / 'negative_labels.npz'}"], "label 2 is -1"),
     ]
     for args, message in cases:
@@ -571,3 +571,123 @@ def test_an_interrupt_while_the_flags_are_parsed_exits_130(tmp_path):
     proc = subprocess.run([sys.executable, str(script), "--slow=1"], capture_output=True, text=True, env=env,
                           timeout=300, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert_one_line_error(proc, "interrupted; nothing was written", code=130)
+
+
+def declared_saved_model(folder, inputs: dict, outputs: dict):
+    """A ``saved_model.pb`` that declares only a ``serving_default`` signature with these inputs and outputs
+    (name -> dims, -1 unknown, None for an unknown rank; float32): what the export reads before TensorFlow."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    sm = saved_model_pb2.SavedModel()
+    mg = sm.meta_graphs.add()
+    mg.meta_info_def.tags.append("serve")
+    signature = mg.signature_def["serving_default"]
+    for tensors, declared in ((signature.inputs, inputs), (signature.outputs, outputs)):
+        for name, dims in declared.items():
+            t = tensors[name]
+            t.name, t.dtype = f"{name}:0", 1
+            if dims is None:
+                t.tensor_shape.unknown_rank = True
+            for d in dims or ():
+                t.tensor_shape.dim.add().size = d
+    folder.mkdir(parents=True)
+    (folder / "saved_model.pb").write_bytes(sm.SerializeToString())
+    return folder
+
+
+def test_rank_labels_and_chunked_models_are_refused_before_tensorflow_loads(tmp_path, no_tensorflow):
+    """An input of unknown rank was refused only after TensorFlow loaded; labels beyond the classes the output
+    declares (from a .npz or an image folder's class sub-folders) only after the model ran; labels of 1e20
+    overflowed int64 silently; a chunked saved_model.cpb was called "not a SavedModel"."""
+    images = declared_saved_model(tmp_path / "images", {"x": [-1, 8, 8, 3]}, {"probs": [-1, 4]})
+    any_rank = declared_saved_model(tmp_path / "any_rank", {"x": None}, {"probs": [-1, 4]})
+    chunked = tmp_path / "chunked"
+    chunked.mkdir()
+    (chunked / "saved_model.cpb").write_bytes(b"")
+    x = np.zeros((3, 8, 8, 3), np.float32)
+    np.savez(tmp_path / "huge.npz", x=x, y=np.array([0, 1e20, 1]))
+    np.savez(tmp_path / "class4.npz", x=x, y=np.array([0, 4, 1]))
+    folder = tmp_path / "folder"
+    for k in range(6):
+        (folder / f"class{k}").mkdir(parents=True)
+    (folder / "class4" / "a.png").write_bytes(b"\x89PNG")  # label 4 (class5 holds no image)
+    cases = [
+        (any_rank, [f"--calibration_data={tmp_path / 'huge.npz'}"], "input 'x' has no known rank"),
+        (images, [f"--validation_data={tmp_path / 'huge.npz'}"], "within int64's range): label 1 is 1e+20"),
+        (images, [f"--validation_data={tmp_path / 'class4.npz'}"],
+         "labels in [0, 4], but the model output 'probs' scores 4 classes"),
+        (images, [f"--validation_data={folder}"], "labels in [4, 4], but the model output 'probs' scores 4 classes"),
+        (chunked, [], "holds a chunked SavedModel (saved_model.cpb"),
+    ]
+    for model, args, message in cases:
+        proc = command(f"--saved_model_dir={model}", f"--output_dir={tmp_path / 'out'}", *args, env=no_tensorflow)
+        assert_one_line_error(proc, message)
+        assert not (tmp_path / "out").exists() and not staging_dirs(tmp_path)
+
+
+def test_the_checks_before_tensorflow_read_saved_model_pb_once(tmp_path):
+    """check_args parsed saved_model.pb for the signature and check_data_files parsed it again for the inputs:
+    the signatures check_args returns serve both (the file can go after the first read). Labels the declared
+    classes take, and labels of calibration data (not scored), pass."""
+    from tfcompress.export.data import check_data_files
+    from tfcompress.export.options import check_args
+
+    model = declared_saved_model(tmp_path / "m", {"x": [-1, 8, 8, 3]}, {"probs": [-1, 4]})
+    x = np.zeros((3, 8, 8, 3), np.float32)
+    np.savez(tmp_path / "good.npz", x=x, y=np.array([0, 3, 1]))
+    np.savez(tmp_path / "bad.npz", x=x, y=np.array([0, 4, 1]))
+    serving = check_args(str(model), str(tmp_path / "out"), signature_key="serving_default")
+    (model / "saved_model.pb").unlink()
+    data = {"--calibration_data": str(tmp_path / "bad.npz"), "--validation_data": str(tmp_path / "good.npz")}
+    check_data_files(str(model), "serving_default", data, scored="--validation_data", serving=serving)
+    with pytest.raises(ExportError, match="scores 4 classes"):
+        check_data_files(str(model), "serving_default", {"--validation_data": str(tmp_path / "bad.npz")},
+                         scored="--validation_data", serving=serving)
+
+
+BROKEN_PIPE = """
+import socket, sys
+from tfcompress._cli import run
+
+def main(argv):
+    if argv[-1] == "socket":  # a connection of the command's own, whose peer has gone
+        ours, peer = socket.socketpair()
+        peer.close()
+        ours.sendall(b"x" * 1_000_000)
+    else:
+        for _ in range(100_000):
+            print("line " * 20)
+    return 0
+
+run(main)
+"""
+
+
+def test_only_a_closed_standard_output_is_reported_as_one(tmp_path):
+    """Every BrokenPipeError was reported as "standard output was closed" (exit 141), also one from a socket
+    or pipe the command opened itself, whose reader had gone."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", BROKEN_PIPE, "socket"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert_one_line_error(proc, "a pipe or connection the command wrote to was closed by its reader (Broken pipe)")
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    proc = subprocess.run([sys.executable, "-c", BROKEN_PIPE, "stdout"], stdout=write_end, stderr=subprocess.PIPE,
+                          text=True, env=env, timeout=120)
+    os.close(write_end)
+    assert proc.returncode == 141, proc.stderr[-2000:]
+    assert proc.stderr.strip() == "error: standard output was closed before the command finished", proc.stderr
+
+
+def test_tfx_options_are_checked_before_the_examples_are_read(tmp_path):
+    """compress_model_dir read the examples before it refused max_drop / opset (named as the command's flags),
+    and int8="accuracy_aware" without label_key asked for --validation_data, which the component has not."""
+    from tfcompress.export.artifacts import compress_model_dir
+
+    missing = str(tmp_path / "no_examples")  # reading it would fail: the options must be refused first
+    for kwargs, message in [({"max_drop": 2.0}, r"^max_drop must be in \[0, 1\), got 2.0"),
+                            ({"opset": 12}, r"^opset must be in 13..18"),
+                            ({"int8": "accuracy_aware"}, r"give examples and label_key")]:
+        with pytest.raises(ExportError, match=message):
+            compress_model_dir(str(tmp_path / "model"), str(tmp_path / "out"), missing, **kwargs)
+    assert not (tmp_path / "out").exists()

@@ -662,7 +662,7 @@ def test_config_round_trip_and_errors(tmp_path):
     assert isinstance(restored, FilterPruning) and restored.get_config() == pruner.get_config()
     with pytest.raises(ValueError, match="'targte'"):
         FilterPruning.from_config({"targte": 0.3})
-    for path in sorted((ROOT / "configs").glob("*.json")):
+    for path in sorted((ROOT / "tfcompress" / "configs").glob("*.json")):
         built = tfcompress.load_config(path)
         assert isinstance(built["pruning"], FilterPruning)
         assert built["pruning"].get_config()["criterion"] == json.loads(path.read_text())["pruning"]["criterion"]
@@ -804,3 +804,22 @@ def test_a_depthwise_filter_after_the_last_batchnorm_scales_the_gain():
     kg = build_graph(model)
     g = [g for g in kg.groups() if g.layers == ("conv",)][0]
     assert np.argmin(criteria.l2(GroupMasks(kg, [g]).filters(g))) == 3
+
+
+def test_load_config_takes_a_shipped_configs_name(tmp_path, monkeypatch):
+    """README's load_config("configs/resnet8_flops40.json") worked only from a checkout: the configs ship in
+    the package and load by name from anywhere; paths still work, and a path wins over a name."""
+    from tfcompress.pruning import shipped_configs
+
+    monkeypatch.chdir(tmp_path)
+    assert "resnet8_flops40" in shipped_configs()
+    shipped = json.loads((ROOT / "tfcompress" / "configs" / "resnet8_flops40.json").read_text())
+    for name in ("resnet8_flops40", "resnet8_flops40.json"):
+        assert tfcompress.load_config(name)["pruning"].get_config()["flops_target"] == \
+            shipped["pruning"]["flops_target"]
+    (tmp_path / "resnet8_flops40.json").write_text(json.dumps({"pruning": {"target": 0.25}}))
+    assert tfcompress.load_config("resnet8_flops40.json")["pruning"].get_config()["target"] == 0.25
+    with pytest.raises(ValueError, match=r"'resnet9' is neither a file nor a shipped config \(shipped: \["):
+        tfcompress.load_config("resnet9")
+    with pytest.raises(ValueError, match="does not exist"):
+        tfcompress.load_config("sub/resnet8_flops40.json")

@@ -3,7 +3,8 @@
 A command's output belongs to its user: flag errors, bad input, a full disk or Ctrl-C end with one line on
 stderr and a documented exit code (2: the user's input or environment; 130: interrupted; 143: terminated;
 141: its standard output was closed, as by ``| head``), never a Python traceback; TensorFlow's and tf2onnx's
-start-up and deprecation chatter is filtered out.
+start-up and deprecation chatter is filtered out. A BrokenPipeError from a pipe or socket the command opened
+itself (not its standard output or error) is an error of exit code 2 like other OSErrors.
 """
 
 from __future__ import annotations
@@ -60,9 +61,14 @@ def _error_code(e: BaseException) -> int | None:
         code = _signalled[0] if _signalled else 143 if isinstance(e, Terminated) else 130
         print(f"error: {'interrupted' if code == 130 else 'terminated'}; nothing was written", file=sys.stderr)
         return code
-    if isinstance(e, BrokenPipeError):
-        print("error: standard output was closed before the command finished", file=sys.stderr)
+    if isinstance(e, BrokenPipeError) and _standard_stream_closed():
+        with contextlib.suppress(OSError):  # standard error may be the stream that closed
+            print("error: standard output was closed before the command finished", file=sys.stderr)
         _stdout_closed()
+    if isinstance(e, BrokenPipeError):  # a pipe or socket of the command's own, not its output
+        print(f"error: a pipe or connection the command wrote to was closed by its reader ({describe_os_error(e)})",
+              file=sys.stderr)
+        return 2
     if isinstance(e, ExportError):
         print(f"error: {_first_line(e)}", file=sys.stderr)
         return 2
@@ -102,6 +108,24 @@ def import_tensorflow_quietly() -> None:
     from absl import logging
 
     logging.set_verbosity(logging.ERROR)
+
+
+def _standard_stream_closed() -> bool:
+    """Whether the reader of standard output or standard error has gone (a pipe's write end whose read end is
+    closed polls as an error; a socket whose peer left, as hung up), so that a BrokenPipeError came from them
+    and not from a pipe or socket the command opened itself."""
+    import select
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            fd = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # replaced by an object without a file descriptor
+            continue
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        if any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0)):
+            return True
+    return False
 
 
 def _stdout_closed() -> None:

@@ -5,14 +5,17 @@ Imports nothing beyond the standard library, so a command can reject a wrong pat
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from tfcompress.errors import ExportError
 
-__all__ = ["SAVED_MODEL_FILES", "check_saved_model_dir", "check_signature", "is_saved_model_dir", "missing_signature",
-           "read_saved_model_proto", "signature_inputs", "signature_keys"]
+__all__ = ["SAVED_MODEL_FILES", "ServingSignatures", "check_saved_model_dir", "check_signature", "is_saved_model_dir",
+           "missing_signature", "read_saved_model_proto", "read_serving_signatures", "signature_inputs",
+           "signature_keys", "unknown_rank"]
 
 SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")  # what tf.saved_model.contains_saved_model looks for
+CHUNKED_FILE = "saved_model.cpb"  # TensorFlow's proto-splitter format, for SavedModels whose proto exceeds 2 GiB
 
 
 def check_saved_model_dir(path: str | os.PathLike) -> None:
@@ -28,6 +31,10 @@ def check_saved_model_dir(path: str | os.PathLike) -> None:
                               "(keras.models.load_model(path).export(DIR)) and give DIR")
         raise ExportError(f"{os.fspath(path)!r} is not a directory (give the SavedModel's directory)")
     if not is_saved_model_dir(path):
+        if os.path.isfile(os.path.join(path, CHUNKED_FILE)):
+            raise ExportError(f"{os.fspath(path)!r} holds a chunked SavedModel ({CHUNKED_FILE}, which TensorFlow "
+                              "writes for graphs over 2 GiB): the export cannot read it, since its frozen graph and "
+                              "ONNX model would exceed protocol buffers' 2 GiB limit too")
         raise ExportError(f"{os.fspath(path)!r} is not a SavedModel directory (no saved_model.pb)")
 
 
@@ -141,16 +148,57 @@ def _serving_meta_graph(src_dir: str | os.PathLike) -> bytes | None:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class ServingSignatures:
+    """The signatures of a SavedModel's serving meta graph (:func:`_serving_meta_graph`), as ``saved_model.pb``
+    declares them, read once without TensorFlow: serialized ``SignatureDef`` by key, or None when they cannot be
+    read so (a text ``.pbtxt``, an invalid file, several meta graphs none tagged exactly ``serve``), in which
+    case TensorFlow's loader judges the SavedModel later."""
+
+    signatures: dict[str, bytes] | None
+
+    def keys(self) -> list[str] | None:
+        """The signature keys (sorted; TensorFlow's ``__saved_model_init_op`` is no signature), or None."""
+        if self.signatures is None:
+            return None
+        return sorted(k for k in self.signatures if not k.startswith("__"))
+
+    def inputs(self, key: str) -> dict | None:
+        """Signature ``key``'s inputs: name -> ``(numpy dtype name, dims)`` (dims None for an unknown rank, a
+        dim None for an unknown size); None when not known so (no such signature, an input of another type or a
+        sparse one)."""
+        return self._tensors(key, 1)
+
+    def outputs(self, key: str) -> dict | None:
+        """Signature ``key``'s outputs, as :meth:`inputs` gives its inputs."""
+        return self._tensors(key, 2)
+
+    def _tensors(self, key: str, number: int) -> dict | None:
+        signature = (self.signatures or {}).get(key)
+        if signature is None:
+            return None
+        try:
+            tensors = {name: _tensor_info(t) for name, t in _map_entries(signature, number).items()}
+        except (IndexError, ValueError, UnicodeDecodeError):  # not a valid protocol buffer: TensorFlow says why
+            return None
+        return None if not tensors or None in tensors.values() else tensors
+
+
+def read_serving_signatures(src_dir: str | os.PathLike) -> ServingSignatures:
+    """Parse ``src_dir``'s ``saved_model.pb`` once for everything checked before TensorFlow loads."""
+    meta_graph = _serving_meta_graph(src_dir)
+    if meta_graph is None:
+        return ServingSignatures(None)
+    try:
+        return ServingSignatures(_map_entries(meta_graph, 5))
+    except (IndexError, ValueError, UnicodeDecodeError):
+        return ServingSignatures(None)
+
+
 def signature_keys(src_dir: str | os.PathLike) -> list[str] | None:
     """The signature keys of ``src_dir``'s serving meta graph, read without TensorFlow (sorted; TensorFlow's
     ``__saved_model_init_op`` is no signature), or None when they cannot be read so."""
-    meta_graph = _serving_meta_graph(src_dir)
-    if meta_graph is None:
-        return None
-    try:
-        return sorted(k for k in _map_entries(meta_graph, 5) if not k.startswith("__"))
-    except (IndexError, ValueError, UnicodeDecodeError):
-        return None
+    return read_serving_signatures(src_dir).keys()
 
 
 def missing_signature(src_dir: str | os.PathLike, key: str, available) -> ExportError:
@@ -162,27 +210,30 @@ def missing_signature(src_dir: str | os.PathLike, key: str, available) -> Export
            "export it with model.export(dir) or tf.saved_model.save(obj, dir, signatures=...)"))
 
 
-def check_signature(src_dir: str | os.PathLike, key: str) -> None:
+def check_signature(src_dir: str | os.PathLike, key: str) -> ServingSignatures:
     """Raise :func:`missing_signature`'s error when ``saved_model.pb`` shows, read without TensorFlow, that
-    ``src_dir`` has no signature ``key`` (when it cannot be read so, TensorFlow's loader judges later)."""
-    keys = signature_keys(src_dir)
+    ``src_dir`` has no signature ``key`` (when it cannot be read so, TensorFlow's loader judges later), and an
+    :class:`ExportError` for an input of unknown rank (nothing after TensorFlow could run it). Returns the
+    signatures read, for the other checks before TensorFlow loads."""
+    serving = read_serving_signatures(src_dir)
+    keys = serving.keys()
     if keys is not None and key not in keys:
         raise missing_signature(src_dir, key, keys)
+    for name, (_, dims) in (serving.inputs(key) or {}).items():
+        if dims is None:
+            raise unknown_rank(name)
+    return serving
+
+
+def unknown_rank(name: str) -> ExportError:
+    """The error for a signature input ``name`` of unknown rank."""
+    return ExportError(
+        f"input {name!r} has no known rank (TensorSpec(shape=None)): the checks, ONNX and OpenVINO need at least "
+        "the number of its dimensions; export a signature whose input spec gives its shape, e.g. "
+        "[None, 224, 224, 3]")
 
 
 def signature_inputs(src_dir: str | os.PathLike, signature_key: str) -> dict | None:
     """The inputs of the serving signature ``signature_key`` of ``src_dir``'s ``saved_model.pb``, read without
-    TensorFlow: name -> ``(numpy dtype name, dims)`` (dims None for an unknown rank, None for an unknown size).
-    None when it cannot say without TensorFlow (a text ``.pbtxt``, no such signature, an input of another type
-    or a sparse one): TensorFlow's reader then judges the SavedModel and its data."""
-    meta_graph = _serving_meta_graph(src_dir)
-    if meta_graph is None:
-        return None
-    try:
-        signature = _map_entries(meta_graph, 5).get(signature_key)
-        if signature is None:
-            return None
-        inputs = {name: _tensor_info(t) for name, t in _map_entries(signature, 1).items()}
-    except (IndexError, ValueError, UnicodeDecodeError):  # not a valid protocol buffer: TensorFlow says why
-        return None
-    return None if not inputs or None in inputs.values() else inputs
+    TensorFlow (:meth:`ServingSignatures.inputs`)."""
+    return read_serving_signatures(src_dir).inputs(signature_key)

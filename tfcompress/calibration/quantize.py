@@ -14,7 +14,8 @@ from tfcompress.calibration.placement import (
 from tfcompress.calibration.statistics import Statistics, channel_ranges, collect
 from tfcompress.int8_policy import WEIGHT_LEVELS, weight_grid
 
-__all__ = ["calibrate", "compress_weights", "int8_layers", "runs_int8", "PRESETS", "RANGE_ESTIMATORS", "range_estimator_for"]
+__all__ = ["calibrate", "check_static_ranks", "compress_weights", "int8_layers", "runs_int8", "PRESETS",
+           "RANGE_ESTIMATORS", "range_estimator_for"]
 
 PRESETS = ("performance", "mixed")
 
@@ -34,7 +35,26 @@ def _read(model):
         model = ov.Core().read_model(model)
     if not isinstance(model, ov.Model):
         raise TypeError(f"expected an openvino.Model or an IR path, got {type(model).__name__}")
+    check_static_ranks(model)
     return model
+
+
+def check_static_ranks(model) -> None:
+    """Raise ValueError for a tensor of dynamic rank (``[?...]``): an input's samples could not be told from
+    batches of samples, calibration reduces every activation over known axes (batch, channel, the rest), and
+    OpenVINO's CPU plugin runs no op of dynamic rank (a reshape to a shape computed in the graph)."""
+    for port in model.inputs:
+        if port.get_partial_shape().rank.is_dynamic:
+            names = sorted(port.get_names())
+            name = names[0] if names else port.get_node().get_friendly_name()
+            raise ValueError(f"the model input {name!r} has a dynamic rank ([?...]): calibration needs its number of "
+                             f"dimensions; give it one first, e.g. model.reshape({{{name!r}: [-1, -1, -1, -1]}}) "
+                             "for batches of images")
+    for op in model.get_ordered_ops():
+        if any(op.get_output_partial_shape(k).rank.is_dynamic for k in range(op.get_output_size())):
+            raise ValueError(f"the output of {op.get_type_name()} {op.get_friendly_name()!r} has a dynamic rank "
+                             "([?...]), which OpenVINO's CPU plugin cannot run: give the shapes it depends on a "
+                             "fixed length")
 
 
 def _check_args(preset, subset_size, channel_alignment, range_estimator, overflow_fix="disable"):

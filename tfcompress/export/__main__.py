@@ -75,14 +75,13 @@ def main(argv: list[str]) -> int:
     from tfcompress.export.options import check_args
 
     # the paths and options first: importing the pipeline imports TensorFlow, which takes seconds
-    check_args(FLAGS.saved_model_dir, FLAGS.output_dir, FLAGS.int8, FLAGS.max_drop, FLAGS.opset, FLAGS.overwrite,
-               FLAGS.max_iterations,
-               {"--calibration_data": FLAGS.calibration_data, "--validation_data": FLAGS.validation_data},
-               calibration_data=FLAGS.calibration_data is not None, range_estimator=FLAGS.range_estimator,
-               overflow_fix=FLAGS.overflow_fix, validation_data=FLAGS.validation_data is not None,
-               signature_key=FLAGS.signature)
-    check_data_files(FLAGS.saved_model_dir, FLAGS.signature,
-                     {"--calibration_data": FLAGS.calibration_data, "--validation_data": FLAGS.validation_data})
+    data = {"--calibration_data": FLAGS.calibration_data, "--validation_data": FLAGS.validation_data}
+    serving = check_args(
+        FLAGS.saved_model_dir, FLAGS.output_dir, FLAGS.int8, FLAGS.max_drop, FLAGS.opset, FLAGS.overwrite,
+        FLAGS.max_iterations, data, calibration_data=FLAGS.calibration_data is not None, range_estimator=FLAGS.range_estimator,
+        overflow_fix=FLAGS.overflow_fix, validation_data=FLAGS.validation_data is not None,
+        signature_key=FLAGS.signature)
+    check_data_files(FLAGS.saved_model_dir, FLAGS.signature, data, scored="--validation_data", serving=serving)
     import_tensorflow_quietly()
     from tfcompress.export.pipeline import export_saved_model
 

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from tfcompress.errors import ExportError
-from tfcompress.export.options import INT8_MODES, OVERFLOW_FIX, RANGE_ESTIMATORS
+from tfcompress.export.options import check_options
 from tfcompress.export.pipeline import export_saved_model
 from tfcompress.saved_model_dir import is_saved_model_dir, read_saved_model_proto
 
@@ -137,14 +137,10 @@ def compress_model_dir(
     stops before pushing it, as the command exits non-zero) unless ``allow_drop_miss``; metric
     ``max_drop_met`` says 1 (met), 0 (missed, allowed) or -1 (not accuracy-aware).
     """
-    if int8 not in INT8_MODES:
-        raise ExportError(f"int8 must be one of {list(INT8_MODES)}, got {int8!r}")
-    if range_estimator not in RANGE_ESTIMATORS:
-        raise ExportError(f"range_estimator must be one of {list(RANGE_ESTIMATORS)}, got {range_estimator!r}")
-    if overflow_fix not in OVERFLOW_FIX:
-        raise ExportError(f"overflow_fix must be one of {list(OVERFLOW_FIX)}, got {overflow_fix!r}")
-    if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 0:
-        raise ExportError(f"max_iterations must be a whole number >= 0, got {max_iterations!r}")
+    check_options(int8, max_drop, opset, max_iterations, range_estimator, overflow_fix, prefix="")
+    if int8 == "accuracy_aware" and not (examples_uri and label_key):
+        raise ExportError("int8='accuracy_aware' measures the drop on labelled examples: give examples and "
+                          "label_key (the examples' label feature)")
     if not isinstance(num_calibration_samples, int) or num_calibration_samples < 1:
         raise ExportError(f"num_calibration_samples must be a positive integer, got {num_calibration_samples!r}")
     if module_file and not examples_uri:

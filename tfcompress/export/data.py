@@ -18,9 +18,10 @@ import numpy as np
 from tfcompress.calibration.samples import one_array_per_input
 from tfcompress.errors import ExportError
 from tfcompress.export.options import check_data_path
-from tfcompress.saved_model_dir import signature_inputs
+from tfcompress.saved_model_dir import ServingSignatures, read_serving_signatures
 
-__all__ = ["InputSpec", "check_data_files", "check_image_folder", "check_labels", "input_specs", "load_data"]
+__all__ = ["InputSpec", "check_data_files", "check_image_folder", "check_labels", "declared_classes", "input_specs",
+           "load_data", "scored_output"]
 
 _X_KEYS = ("x", "x_test", "x_val", "x_train", "images", "inputs")
 _Y_KEYS = ("y", "y_test", "y_val", "y_train", "labels")
@@ -37,7 +38,7 @@ class InputSpec:
     @classmethod
     def of(cls, spec) -> "InputSpec":
         """From a ``tf.TensorSpec``, an InputSpec, or ``(dtype name, dims)`` as
-        :func:`tfcompress.saved_model_dir.signature_inputs` reads them."""
+        :meth:`tfcompress.saved_model_dir.ServingSignatures.inputs` reads them."""
         if isinstance(spec, InputSpec):
             return spec
         if isinstance(spec, tuple):
@@ -104,40 +105,81 @@ def load_data(path, specs: Mapping, what: str = "data") -> tuple[dict[str, np.nd
     return x, y
 
 
-def check_data_files(saved_model_dir: str, signature_key: str, data: Mapping) -> None:
+def check_data_files(saved_model_dir: str, signature_key: str, data: Mapping, scored: str | None = None,
+                     serving: ServingSignatures | None = None) -> None:
     """:func:`load_data` of every .npy / .npz path among ``data`` (what it is called -> path), against the inputs
     of the signature as ``saved_model.pb`` declares them, read without TensorFlow: the export command refuses
     missing or unknown input names, different sample counts, wrong shapes or types before TensorFlow loads.
     An image folder must feed a single input of shape (batch, H, W, 1|3) and hold images in class sub-folders;
     its images are decoded later, as are the files of SavedModels whose signature cannot be read so (a
-    ``.pbtxt``)."""
+    ``.pbtxt``). The labels of the entry ``scored`` (the validation data) must name a class of the output
+    accuracy is measured on, when the signature declares its outputs' shapes (:func:`declared_classes`).
+    ``serving``: the signatures :func:`tfcompress.export.options.check_args` read (else ``saved_model.pb`` is
+    read here)."""
     paths = {what: p for what, p in data.items() if isinstance(p, (str, os.PathLike))}
-    specs = signature_inputs(saved_model_dir, signature_key) if paths else None
+    if not paths:
+        return
+    serving = serving or read_serving_signatures(saved_model_dir)
+    specs = serving.inputs(signature_key)
     known = specs and all(dims is not None for _, dims in specs.values())
     for what, path in paths.items():
         if os.path.isdir(path):
             if known:
                 _image_input(_single(input_specs(specs), what, "a directory of images"), what)
-            check_image_folder(path, what)
+            labels = check_image_folder(path, what)
         elif known:
-            load_data(path, specs, what)
+            labels = load_data(path, specs, what)[1]
+        else:
+            continue
+        classes = declared_classes(serving, signature_key) if what == scored and labels is not None else None
+        if classes is not None:
+            check_labels(labels, classes[1], classes[0], what)
 
 
-def check_image_folder(path: str, what: str) -> None:
+def declared_classes(serving: ServingSignatures, signature_key: str) -> tuple[str, int] | None:
+    """``(output, classes)``: the output of signature ``signature_key`` accuracy is measured on
+    (:func:`scored_output`) and how many values it has per sample, from the shapes ``saved_model.pb`` declares;
+    None unless every output declares its per-sample shape and the one scored is a float output (an output
+    the export leaves out, a lookup table's, is then not one that could be chosen instead)."""
+    outputs = serving.outputs(signature_key)
+    if not outputs or any(dims is None or None in dims[1:] for _, dims in outputs.values()):
+        return None
+    shapes = {name: (np.dtype(dtype), tuple(dims[1:])) for name, (dtype, dims) in outputs.items()}
+    name = scored_output(shapes)
+    return (name, int(np.prod(shapes[name][1]))) if _is_float(shapes[name][0]) else None
+
+
+def scored_output(outputs: Mapping[str, tuple[np.dtype, tuple]]) -> str:
+    """The output accuracy is measured on, given each output's ``(dtype, per-sample shape)``: the first by name
+    with a score per class (floats of shape (classes > 1,)), so that Estimator-style ``classes`` (the argmax)
+    beside ``probabilities``, or an image passed through, is passed over; else the first by name with more
+    than one float per sample, else the first by name (:func:`check_labels` then says why it cannot be
+    scored)."""
+    keys = sorted(outputs)
+    floats = [k for k in keys if _is_float(np.dtype(outputs[k][0])) and np.prod(outputs[k][1]) > 1]
+    return next((k for k in floats if len(outputs[k][1]) == 1), (floats or keys)[0])
+
+
+def check_image_folder(path: str, what: str) -> np.ndarray:
     """Raise :class:`ExportError` unless the directory ``path`` holds an image (``.bmp .gif .jpeg .jpg .png``)
-    in a sub-folder: images are read one sub-folder per class, and those lying in ``path`` itself are not."""
+    in a sub-folder: images are read one sub-folder per class, and those lying in ``path`` itself are not.
+    Returns the labels its images will have: the positions, among the sorted sub-folders, of those holding
+    images (``keras.utils.image_dataset_from_directory`` numbers every sub-folder)."""
     try:
-        classes = [e.path for e in os.scandir(path) if e.is_dir()]
-        for folder in sorted(classes):
-            for _, _, files in os.walk(folder):
-                if any(f.lower().endswith(_IMAGE_FORMATS) for f in files):
-                    return
+        classes = sorted(e.name for e in os.scandir(path) if e.is_dir())
+        labels = [k for k, name in enumerate(classes) if _holds_images(os.path.join(path, name))]
+        if labels:
+            return np.asarray(labels)
         loose = any(e.is_file() and e.name.lower().endswith(_IMAGE_FORMATS) for e in os.scandir(path))
     except OSError as e:
         raise ExportError(f"cannot read {what} {path!r}: {e.strerror}") from None
     raise ExportError(f"{what} {path!r} holds no images ({' '.join(_IMAGE_FORMATS)}) in class sub-folders"
                       + ("; the images in the folder itself are not read: move them into a sub-folder (one per "
                          "class)" if loose else ""))
+
+
+def _holds_images(folder: str) -> bool:
+    return any(f.lower().endswith(_IMAGE_FORMATS) for _, _, files in os.walk(folder) for f in files)
 
 
 def _single(specs: dict, what: str, form: str):
@@ -243,11 +285,12 @@ def _class_indices(y: np.ndarray, n: int, path, what: str) -> np.ndarray:
         raise ExportError(f"{what} {path!r} has labels of shape {y.shape[1:]} that are neither class indices "
                           "nor one-hot rows")
     labels = rows[:, 0]
-    bad = ~np.isfinite(labels) | (labels != np.round(labels)) | (labels < 0)
+    with np.errstate(invalid="ignore"):  # NaN: refused as not finite
+        bad = ~np.isfinite(labels) | (labels != np.round(labels)) | (labels < 0) | (labels >= 2 ** 63)
     if bad.any():
         i = int(np.argmax(bad))
-        raise ExportError(f"{what} {path!r} has labels that are not class indices (whole numbers from 0): "
-                          f"label {i} is {labels[i]}")
+        raise ExportError(f"{what} {path!r} has labels that are not class indices (whole numbers from 0 within "
+                          f"int64's range): label {i} is {labels[i]}")
     return labels.astype(np.int64)
 
 

@@ -9,9 +9,10 @@ from tfcompress.calibration.quantize import RANGE_ESTIMATORS
 from tfcompress.errors import ExportError
 from tfcompress.int8_policy import OVERFLOW_FIX
 from tfcompress.output_dir import check_output_dir
-from tfcompress.saved_model_dir import check_saved_model_dir, check_signature
+from tfcompress.saved_model_dir import ServingSignatures, check_saved_model_dir, check_signature
 
-__all__ = ["INT8_MODES", "OVERFLOW_FIX", "RANGE_ESTIMATORS", "check_args", "check_data_path", "check_saved_model_dir"]
+__all__ = ["INT8_MODES", "OVERFLOW_FIX", "RANGE_ESTIMATORS", "check_args", "check_data_path", "check_options",
+           "check_saved_model_dir"]
 
 INT8_MODES = ("default", "accuracy_aware", "none")
 
@@ -20,7 +21,7 @@ def check_args(saved_model_dir: str, output_dir: str, int8: str = "default", max
                opset: int = 17, overwrite: bool = False, max_iterations: int = 50,
                data: Mapping[str, Any] | None = None, calibration_data: bool = True,
                range_estimator: str = "auto", overflow_fix: str = "first_layer", validation_data: bool = True,
-               signature_key: str | None = None) -> None:
+               signature_key: str | None = None) -> ServingSignatures | None:
     """Raise :class:`ExportError` for an option out of range, a missing SavedModel or signature, a data path that
     :func:`check_data_path` refuses, or an output directory that may not be written (see
     :func:`tfcompress.output_dir.check_output_dir`: never an input, inside one or around one). The inputs are
@@ -32,31 +33,45 @@ def check_args(saved_model_dir: str, output_dir: str, int8: str = "default", max
     ``signature_key``: the signature to export, checked when ``saved_model.pb`` can be read without TensorFlow.
     ``range_estimator``: how calibration estimates activation ranges (:data:`RANGE_ESTIMATORS`);
     ``overflow_fix``: which layers calibration keeps on 7-bit weights (:data:`OVERFLOW_FIX`).
+
+    Returns the serving signatures read from ``saved_model.pb`` (with ``signature_key``), which
+    :func:`tfcompress.export.data.check_data_files` checks the data against without reading the file again.
     """
-    if int8 not in INT8_MODES:
-        raise ExportError(f"--int8 must be one of {list(INT8_MODES)}, got {int8!r}")
-    if range_estimator not in RANGE_ESTIMATORS:
-        raise ExportError(f"--range_estimator must be one of {list(RANGE_ESTIMATORS)}, got {range_estimator!r}")
-    if overflow_fix not in OVERFLOW_FIX:
-        raise ExportError(f"--overflow_fix must be one of {list(OVERFLOW_FIX)}, got {overflow_fix!r}")
+    check_options(int8, max_drop, opset, max_iterations, range_estimator, overflow_fix)
     if int8 == "accuracy_aware" and not calibration_data:
         raise ExportError("--int8=accuracy_aware needs --calibration_data (and --validation_data)")
     if int8 == "accuracy_aware" and not validation_data:
         raise ExportError("--int8=accuracy_aware needs --validation_data to measure the drop: labelled (accuracy) "
                           "or not (the INT8 outputs' relative RMS error against FP32)")
-    if not (isinstance(max_drop, (int, float)) and 0 <= max_drop < 1):
-        raise ExportError(f"--max_drop must be in [0, 1), got {max_drop!r}")
-    if not isinstance(opset, int) or not 13 <= opset <= 18:
-        raise ExportError(f"--opset must be in 13..18 (tf2onnx 1.17), got {opset!r}")
-    if not isinstance(max_iterations, int) or max_iterations < 0:
-        raise ExportError(f"--max_iterations must be a whole number >= 0, got {max_iterations!r}")
     check_saved_model_dir(saved_model_dir)
-    if signature_key is not None:
-        check_signature(saved_model_dir, signature_key)
+    serving = check_signature(saved_model_dir, signature_key) if signature_key is not None else None
     paths = {what: d for what, d in (data or {}).items() if isinstance(d, (str, os.PathLike))}
     for what, path in paths.items():
         check_data_path(path, what)
     check_output_dir(output_dir, [saved_model_dir, *paths.values()], overwrite)
+    return serving
+
+
+def check_options(int8: str, max_drop: float, opset: int, max_iterations: int, range_estimator: str,
+                  overflow_fix: str, prefix: str = "--") -> None:
+    """Raise :class:`ExportError` for an option out of range, naming it as its caller's user knows it:
+    ``prefix`` ``"--"`` for the command's flags, ``""`` for parameters (a Python function's, a TFX
+    component's)."""
+    def fail(name: str, should: str, value) -> ExportError:
+        return ExportError(f"{prefix}{name} must be {should}, got {value!r}")
+
+    if int8 not in INT8_MODES:
+        raise fail("int8", f"one of {list(INT8_MODES)}", int8)
+    if range_estimator not in RANGE_ESTIMATORS:
+        raise fail("range_estimator", f"one of {list(RANGE_ESTIMATORS)}", range_estimator)
+    if overflow_fix not in OVERFLOW_FIX:
+        raise fail("overflow_fix", f"one of {list(OVERFLOW_FIX)}", overflow_fix)
+    if isinstance(max_drop, bool) or not (isinstance(max_drop, (int, float)) and 0 <= max_drop < 1):
+        raise fail("max_drop", "in [0, 1)", max_drop)
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 13 <= opset <= 18:
+        raise fail("opset", "in 13..18 (tf2onnx 1.17)", opset)
+    if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 0:
+        raise fail("max_iterations", "a whole number >= 0", max_iterations)
 
 
 def check_data_path(path: str, what: str) -> None:

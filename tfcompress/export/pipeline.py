@@ -14,7 +14,7 @@ from tfcompress.export.checks import QuantizedCheck, half_precision_tolerance, q
 from tfcompress.export.convert import (
     freeze_for_export, refuse_random_outputs, saved_model_to_openvino, to_onnx, to_openvino,
 )
-from tfcompress.export.data import check_labels, load_data
+from tfcompress.export.data import check_labels, load_data, scored_output
 from tfcompress.export.options import check_args
 from tfcompress.export.ov_run import (
     int8_kernel_check, int8_kernel_warning, ir_rounding_noise, openvino_runner,
@@ -96,16 +96,6 @@ def _computes_in_float64(graph_def) -> bool:
     from tensorflow.core.framework import types_pb2
 
     return any(n.op in _WEIGHTED_OPS and n.attr["T"].type == types_pb2.DT_DOUBLE for n in graph_def.node)
-
-
-def _scored_output(outputs: dict[str, np.ndarray]) -> str:
-    """The output accuracy is measured on: the first by name with a score per class (floats of shape
-    (batch, classes > 1)), so that Estimator-style ``classes`` (the argmax) beside ``probabilities``, or an
-    image passed through, is passed over; else the first by name with more than one float per sample, else
-    the first by name (:func:`check_labels` then says why it cannot be scored)."""
-    keys = sorted(outputs)
-    floats = [k for k in keys if np.issubdtype(outputs[k].dtype, np.floating) and np.prod(outputs[k].shape[1:]) > 1]
-    return next((k for k in floats if outputs[k].ndim == 2), (floats or keys)[0])
 
 
 def _whole_batches(x: dict[str, np.ndarray], fixed: int | None) -> dict[str, np.ndarray]:
@@ -195,7 +185,7 @@ def export_saved_model(
     fixed = _fixed_batch(specs)
     if valid is not None and valid[1] is not None:
         first = run_frozen(frozen, frozen.graph_def, _rows(valid[0], 1, fixed))
-        out_key = _scored_output(first)
+        out_key = scored_output({k: (v.dtype, v.shape[1:]) for k, v in first.items()})
         check_labels(valid[1], int(np.prod(first[out_key].shape[1:])), out_key)
     quantized = any(n.op.startswith("FakeQuant") for n in frozen.graph_def.node)
     check = None

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import math
 import numbers
 import os
+import pathlib
 import warnings
 from typing import Any, Iterable
 
@@ -222,7 +224,7 @@ class FilterPruning(keras.callbacks.Callback):
     @classmethod
     def from_config(cls, config: dict[str, Any], sensitivity_data: Any = None,
                     latency_profile: dict[str, float] | None = None) -> "FilterPruning":
-        """Build from a dict (e.g. a ``configs/*.json`` section); unknown keys are rejected by name.
+        """Build from a dict (e.g. a ``tfcompress/configs/*.json`` section); unknown keys are rejected by name.
 
         Data cannot live in a config: a ``"sensitivity"`` allocation gets its ``sensitivity_data`` here, a
         ``"global_per_latency"`` one its ``latency_profile``.
@@ -629,17 +631,36 @@ def _choice(name: str, value: Any, options: Iterable[str]) -> str:
     return value
 
 
+def shipped_configs() -> list[str]:
+    """The names of the configs installed with tfcompress (``tfcompress/configs/*.json``), for
+    :func:`load_config`."""
+    folder = importlib.resources.files("tfcompress") / "configs"
+    return sorted(f.name[:-5] for f in folder.iterdir() if f.name.endswith(".json")) if folder.is_dir() else []
+
+
+def _config_file(config: str | os.PathLike):
+    """The file :func:`load_config` reads for ``config``: a path, or else the shipped config of that name
+    (``"resnet8_flops40"`` or ``"resnet8_flops40.json"``); ValueError when it is neither."""
+    if os.path.exists(config) or not isinstance(config, str) or os.sep in config or "/" in config:
+        if not os.path.exists(config):
+            raise ValueError(f"config file {os.fspath(config)!r} does not exist")
+        return pathlib.Path(config)
+    name = config[:-5] if config.endswith(".json") else config
+    if name in shipped_configs():
+        return importlib.resources.files("tfcompress") / "configs" / f"{name}.json"
+    raise ValueError(f"config {config!r} is neither a file nor a shipped config (shipped: {shipped_configs()})")
+
+
 def load_config(path: str | os.PathLike) -> dict[str, Any]:
     """Read a tfcompress JSON config file and build what it describes.
 
-    The file is a JSON object with one section per stage; today ``"pruning"`` (the arguments of
-    :class:`FilterPruning`). Returns ``{"pruning": FilterPruning(...)}``. Errors name the offending key.
+    ``path``: a JSON file, or the name of a config shipped with tfcompress (:func:`shipped_configs`, e.g.
+    ``"resnet8_flops40"``); an existing file of that name comes first. The file is a JSON object with one
+    section per stage; today ``"pruning"`` (the arguments of :class:`FilterPruning`). Returns
+    ``{"pruning": FilterPruning(...)}``. Errors name the offending key.
     """
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"config file {os.fspath(path)!r} does not exist") from None
+        data = json.loads(_config_file(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"config file {os.fspath(path)!r} is not valid JSON: {e}") from None
     if not isinstance(data, dict):

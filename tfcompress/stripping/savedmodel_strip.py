@@ -24,7 +24,9 @@ from tfcompress.graph.flops import FlopsCounter
 from tfcompress.graph.frozen_graph import fold_constants, has_cycle, prune_unused
 from tfcompress.graph.graphdef_adapter import GraphDefGraph
 from tfcompress.output_dir import check_output_dir, staged_output
-from tfcompress.saved_model_dir import check_saved_model_dir, missing_signature, read_saved_model_proto
+from tfcompress.saved_model_dir import (
+    check_saved_model_dir, missing_signature, read_saved_model_proto, unknown_rank,
+)
 
 __all__ = [
     "ExportError", "FrozenSignature", "StripResult", "call_signature", "check_outputs", "check_reference",
@@ -177,10 +179,7 @@ def _check_inputs(specs: dict[str, tf.TensorSpec]) -> None:
     TextVectorization layer's) have no ONNX / OpenVINO form."""
     for name, spec in specs.items():
         if spec.shape.rank is None:
-            raise ExportError(
-                f"input {name!r} has no known rank (TensorSpec(shape=None)): the checks, ONNX and OpenVINO need "
-                "at least the number of its dimensions; export a signature whose input spec gives its shape, "
-                "e.g. [None, 224, 224, 3]")
+            raise unknown_rank(name)
         if not (spec.dtype.is_floating or spec.dtype.is_integer or spec.dtype.is_bool):
             raise ExportError(
                 f"input {name!r} is a {spec.dtype.name} tensor: the export needs numeric inputs; export a "
