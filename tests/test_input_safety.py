@@ -140,6 +140,20 @@ def test_accuracy_aware_without_calibration_data_is_refused_before_tensorflow_lo
     assert not (tmp_path / "out").exists()
 
 
+def test_the_python_api_names_its_parameters_not_the_commands_flags(saved_model, tmp_path):
+    from tfcompress.export import export_saved_model
+
+    x = np.zeros((2, 8, 8, 3), np.float32)
+    cases = [(dict(int8="accuracy_aware", calibration_data=x), "int8='accuracy_aware' needs validation_data"),
+             (dict(int8="accuracy_aware", validation_data=(x, [0, 1])), "needs calibration_data"),
+             (dict(opset=9), "opset must be in 13..18")]
+    for kwargs, message in cases:
+        with pytest.raises(ExportError, match=message) as e:
+            export_saved_model(str(saved_model), str(tmp_path / "out"), **kwargs)
+        assert "--" not in str(e.value), str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("flag", ["--max_drop=0.02", "--max_iterations=5", "--allow_drop_miss"])
 def test_accuracy_control_flags_without_accuracy_control_are_refused(flag, saved_model, tmp_path, no_tensorflow):
     """They were silently ignored: a user who set --max_drop got an export that never looked at it."""

@@ -675,6 +675,8 @@ def test_config_round_trip_and_errors(tmp_path):
         tfcompress.load_config(bad)
     with pytest.raises(ValueError, match="does not exist"):
         tfcompress.load_config(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="is a directory"):
+        tfcompress.load_config(tmp_path)
 
 
 MIRRORED = """

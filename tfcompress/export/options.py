@@ -21,7 +21,7 @@ def check_args(saved_model_dir: str, output_dir: str, int8: str = "default", max
                opset: int = 17, overwrite: bool = False, max_iterations: int = 50,
                data: Mapping[str, Any] | None = None, calibration_data: bool = True,
                range_estimator: str = "auto", overflow_fix: str = "first_layer", validation_data: bool = True,
-               signature_key: str | None = None) -> ServingSignatures | None:
+               signature_key: str | None = None, prefix: str = "--") -> ServingSignatures | None:
     """Raise :class:`ExportError` for an option out of range, a missing SavedModel or signature, a data path that
     :func:`check_data_path` refuses, or an output directory that may not be written (see
     :func:`tfcompress.output_dir.check_output_dir`: never an input, inside one or around one). The inputs are
@@ -34,14 +34,17 @@ def check_args(saved_model_dir: str, output_dir: str, int8: str = "default", max
     ``range_estimator``: how calibration estimates activation ranges (:data:`RANGE_ESTIMATORS`);
     ``overflow_fix``: which layers calibration keeps on 7-bit weights (:data:`OVERFLOW_FIX`).
 
+    ``prefix``: how errors name the options, as :func:`check_options` does (``"--"`` flags, ``""`` parameters).
+
     Returns the serving signatures read from ``saved_model.pb`` (with ``signature_key``), which
     :func:`tfcompress.export.data.check_data_files` checks the data against without reading the file again.
     """
-    check_options(int8, max_drop, opset, max_iterations, range_estimator, overflow_fix)
+    check_options(int8, max_drop, opset, max_iterations, range_estimator, overflow_fix, prefix)
+    accuracy_aware = "--int8=accuracy_aware" if prefix else "int8='accuracy_aware'"
     if int8 == "accuracy_aware" and not calibration_data:
-        raise ExportError("--int8=accuracy_aware needs --calibration_data (and --validation_data)")
+        raise ExportError(f"{accuracy_aware} needs {prefix}calibration_data (and {prefix}validation_data)")
     if int8 == "accuracy_aware" and not validation_data:
-        raise ExportError("--int8=accuracy_aware needs --validation_data to measure the drop: labelled (accuracy) "
+        raise ExportError(f"{accuracy_aware} needs {prefix}validation_data to measure the drop: labelled (accuracy) "
                           "or not (the INT8 outputs' relative RMS error against FP32)")
     check_saved_model_dir(saved_model_dir)
     serving = check_signature(saved_model_dir, signature_key) if signature_key is not None else None

@@ -167,7 +167,8 @@ def export_saved_model(
     check_args(saved_model_dir, output_dir, int8, max_drop, opset, overwrite, max_iterations,
                {"calibration data": calibration_data, "validation data": validation_data},
                calibration_data=calibration_data is not None, range_estimator=range_estimator,
-               overflow_fix=overflow_fix, validation_data=validation_data is not None, signature_key=signature_key)
+               overflow_fix=overflow_fix, validation_data=validation_data is not None, signature_key=signature_key,
+               prefix="")
 
     _log = _logger(verbose)
     t0 = time.perf_counter()

@@ -642,8 +642,9 @@ def _config_file(config: str | os.PathLike):
     """The file :func:`load_config` reads for ``config``: a path, or else the shipped config of that name
     (``"resnet8_flops40"`` or ``"resnet8_flops40.json"``); ValueError when it is neither."""
     if os.path.exists(config) or not isinstance(config, str) or os.sep in config or "/" in config:
-        if not os.path.exists(config):
-            raise ValueError(f"config file {os.fspath(config)!r} does not exist")
+        if not os.path.isfile(config):
+            why = "is a directory" if os.path.isdir(config) else "does not exist"
+            raise ValueError(f"config file {os.fspath(config)!r} {why}")
         return pathlib.Path(config)
     name = config[:-5] if config.endswith(".json") else config
     if name in shipped_configs():
