@@ -16,6 +16,7 @@ import openvino as ov
 import pytest
 
 from tfcompress.calibration import calibrate, int8_layers
+from tfcompress.calibration.placement import normalization_ops
 from tfcompress.export import export_saved_model
 from tfcompress.quantization import RangeInit, quantize_model
 from conftest import assert_int8_where_the_cpu_can, rel_error
@@ -69,13 +70,16 @@ def _concat_transpose_model():
 
 def _transformer_model():
     """Patches, a MultiHeadAttention block (its four projections; the products of two activations inside stay
-    float on both routes), an EinsumDense feed-forward layer, residual adds. (Without LayerNormalization:
-    calibration quantizes the adds and products its traced form is made of, QAT leaves the layer float.)"""
+    float on both routes) after a LayerNormalization (pre-LN), an EinsumDense feed-forward layer, residual adds
+    and a LayerNormalization after them (post-LN). LayerNormalization stays float on both routes: calibration
+    quantized the statistics and products its traced form is made of (ReduceMean, Multiply, Add), QAT leaves
+    the layer float."""
     i = keras.Input((16, 16, 3))
     x = keras.layers.Reshape((16, 16))(keras.layers.Conv2D(16, 4, strides=4)(i))
-    x = x + keras.layers.MultiHeadAttention(2, 8)(x, x)
+    n = keras.layers.LayerNormalization()(x)
+    x = x + keras.layers.MultiHeadAttention(2, 8)(n, n)
     y = keras.layers.EinsumDense("abc,cd->abd", (None, 16), bias_axes="d", activation="relu")(x)
-    x = keras.layers.GlobalAveragePooling1D()(x + y)
+    x = keras.layers.GlobalAveragePooling1D()(keras.layers.LayerNormalization()(x + y))
     return keras.Model(i, keras.layers.Dense(10)(x))
 
 
@@ -109,10 +113,13 @@ def _quantized(out) -> bool:
 
 def quantized_inputs(xml: str) -> list[tuple[str, tuple[str, ...]]]:
     """Per compared op, in topological order: its type and, per input, "q" (quantized), "f" (float) or "c"
-    (constant: weights, biases, axes)."""
+    (constant: weights, biases, axes). The ops of a normalization are float on both routes and not compared:
+    what they read is the tensor their input is (QAT quantizes a tensor once for all its readers)."""
     rows = []
-    for op in ov.Core().read_model(xml).get_ordered_ops():
-        if op.get_type_name() not in COMPARED:
+    ops = ov.Core().read_model(xml).get_ordered_ops()
+    normalization = normalization_ops(ops)
+    for op in ops:
+        if op.get_type_name() not in COMPARED or op.get_name() in normalization:
             continue
         sources = [i.get_source_output() for i in op.inputs()]
         flags = tuple("c" if _constant(s) else "q" if _quantized(s) else "f" for s in sources)
@@ -143,6 +150,11 @@ def test_qat_and_calibrated_ir_quantize_the_same_tensors(name, tmp_path):
     qat = str(tmp_path / "qat_ir" / "model_fp32.xml")
 
     assert quantized_inputs(qat) == quantized_inputs(ptq)
+    # calibration adds no quantizer for a normalization's ops alone
+    ops = ov.Core().read_model(ptq).get_ordered_ops()
+    normalization = normalization_ops(ops)
+    assert not [op.get_friendly_name() for op in ops if op.get_type_name() == "FakeQuantize" and all(
+        r.get_node().get_name() in normalization for r in op.output(0).get_target_inputs())]
     # every layer with weights reads a quantized input (a product of two activations, in attention, stays float)
     assert "f" not in {flag for op, flags in quantized_inputs(ptq) for flag in flags
                        if op not in ("Concat", "Multiply") and not (op == "MatMul" and "c" not in flags)}, \

@@ -469,6 +469,76 @@ def test_subclasses_that_only_change_construction_are_quantized_as_their_base():
     np.testing.assert_allclose(ql(x, training=False), qp(x, training=False), rtol=0, atol=1e-6)
 
 
+class FromConfigConv2D(L.Conv2D):
+    """A shim that drops an older Keras's config argument when loading, overriding ``from_config`` only."""
+
+    @classmethod
+    def from_config(cls, config):
+        config.pop("legacy_option", None)
+        return super().from_config(config)
+
+
+class ConfiguredDepthwiseConv2D(L.DepthwiseConv2D):
+    """A shim with its own option, written into its config (which DepthwiseConv2D does not take)."""
+
+    def __init__(self, *args, legacy_option=1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.legacy_option = legacy_option
+
+    def get_config(self):
+        return {**super().get_config(), "legacy_option": self.legacy_option}
+
+
+class FromConfigAdd(L.Add):
+    @classmethod
+    def from_config(cls, config):
+        return super().from_config(config)
+
+
+class OwnBuildDense(L.Dense):
+    """Overrides build (it could change the kernel it computes with): not construction only."""
+
+    def build(self, input_shape):
+        super().build(input_shape)
+
+
+def test_subclasses_that_only_change_construction_or_config_are_quantized_as_their_base(rng, tmp_path):
+    """A shim overriding only ``from_config`` (or ``get_config`` too) stayed float in quantize_model (only
+    ``__init__`` was taken as construction), and a shim's own ``get_config`` may add an argument its base's
+    twin does not take. They get their base's twin and placement, computing as the plain model's QAT copy; a
+    subclass overriding ``build`` stays float (the warning names it); the QAT model saves and loads."""
+    def net(conv, dw, add, dense):
+        inp = keras.Input((12, 12, 3), name="image")
+        a = conv(8, 3, padding="same", activation="relu", name="c1")(inp)
+        b = dw(3, padding="same", name="dw")(a)
+        s = L.GlobalAveragePooling2D(name="gap")(L.ReLU(name="relu")(add(name="add")([a, b])))
+        return keras.Model(inp, dense(4, name="head")(L.Dense(6, name="d")(s)))
+
+    keras.utils.set_random_seed(0)
+    plain = net(L.Conv2D, L.DepthwiseConv2D, L.Add, L.Dense)
+    shims = net(FromConfigConv2D, ConfiguredDepthwiseConv2D, FromConfigAdd, L.Dense)
+    built = net(L.Conv2D, L.DepthwiseConv2D, L.Add, OwnBuildDense)
+    shims.set_weights(plain.get_weights())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qp, qs = quantize_model(plain), quantize_model(shims)
+    assert not [w for w in caught if issubclass(w.category, UserWarning)]
+    kinds = lambda q: [(l.name, type(l).__name__) if type(l).__module__.startswith("tfcompress") else ()
+                       for l in q.layers]
+    assert kinds(qs) == kinds(qp)
+    assert {("c1", "QuantConv2D"), ("dw", "QuantDepthwiseConv2D"), ("add_input_1_quant", "ActivationQuantizer")
+            } <= set(kinds(qs))
+    x = rng.uniform(0, 1, (16, 12, 12, 3)).astype("float32")
+    qp(x, training=True), qs(x, training=True)  # the same ranges from the same batch
+    np.testing.assert_allclose(qs(x, training=False), qp(x, training=False), rtol=0, atol=1e-6)
+    qs.save(tmp_path / "q.keras")
+    again = keras.models.load_model(tmp_path / "q.keras", custom_objects={"FromConfigAdd": FromConfigAdd})
+    np.testing.assert_array_equal(again(x), qs(x))
+    with pytest.warns(UserWarning, match=r"head \(OwnBuildDense\)"):
+        qb = quantize_model(built)
+    assert type(qb.get_layer("head")) is OwnBuildDense and type(qb.get_layer("c1")).__name__ == "QuantConv2D"
+
+
 def test_keras_layers_are_quantized_whatever_their_classes_define_beyond_init(monkeypatch):
     """Conv2D, DepthwiseConv2D, Conv2DTranspose ... define only __init__ over their base class; they were told
     from construction-only subclasses by the two attributes namex's export decorator sets on them, and a Keras

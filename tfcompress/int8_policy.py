@@ -29,7 +29,7 @@ import numpy as np
 
 __all__ = [
     "OpPolicy", "WEIGHTED", "DEPTHWISE", "JOIN", "GATE", "POOLING", "MAX_POOLING", "PAD", "RESHAPE", "PROJECTIONS",
-    "FLOAT",
+    "FLOAT", "NORMALIZATION",
     "OVERFLOW_FIX", "WEIGHT_LEVELS", "on_int8_grid", "overflow_fix_layers", "quantized_inputs",
     "quantizer_moves_above", "weight_grid",
 ]
@@ -83,6 +83,10 @@ RESHAPE = OpPolicy(moves_values=True)  # reshape, flatten, transpose, squeeze
 # key): each input quantized, as the fully connected layers' data inputs are
 PROJECTIONS = OpPolicy(inputs="all")
 FLOAT = OpPolicy()  # everything else: computes in float, quantizes nothing
+# a normalization by a tensor's own statistics (LayerNormalization, also decomposed into ReduceMean, Subtract,
+# Multiply ... in an IR): float on both sides. Its statistics are not pooling nor its scaling a gate: quantizing
+# them (up to 6 quantizers per LayerNormalization) ran no weighted layer more in INT8 and measured no faster
+NORMALIZATION = FLOAT
 
 # ``overflow_fix``: which weights use only half the int8 range. u8 x i8 multiply-adds without VNNI (SSE4,
 # AVX2, AVX-512 before VNNI) sum pairs of products into int16, which saturates when the weights use all of

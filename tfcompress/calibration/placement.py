@@ -15,7 +15,7 @@ import numpy as np
 from tfcompress import int8_policy as policy
 from tfcompress.int8_policy import OVERFLOW_FIX
 
-__all__ = ["ActivationPoint", "WeightPoint", "find_points", "op_policy", "quantize_after_signed_pads",
+__all__ = ["ActivationPoint", "WeightPoint", "find_points", "normalization_ops", "op_policy", "quantize_after_signed_pads",
            "quantized_inputs", "rewrite_for_cpu", "slice_before_strided_pointwise", "OVERFLOW_FIX"]
 
 # OpenVINO op types -> their policy (GroupConvolution: see op_policy)
@@ -226,6 +226,56 @@ def _features(ops) -> set[str]:
     return features
 
 
+def normalization_ops(ops, depth: int = 8) -> set[str]:
+    """Names of the ops (``ops`` in topological order) that compute a normalization from a tensor's own
+    statistics, as a converter decomposes LayerNormalization (``mean = ReduceMean(x)``, ``x - mean``, the
+    variance's ``ReduceMean``, ``x * rsqrt(var) * gamma + ...``): :data:`tfcompress.int8_policy.NORMALIZATION`
+    keeps them float, as quantization-aware training keeps the layer.
+
+    A ``ReduceMean`` of ``x`` is a statistic when an op combines its result with ``x`` (every non-constant input
+    of that op is ``x`` or computed from the statistic within ``depth`` ops, none of them weighted); the
+    normalization is the statistic, those combining ops and the ``ReduceMean`` ops among the statistic's
+    descendants that feed them (the variance). A pooling (``ReduceMean`` over positions read by a dense layer)
+    is combined with nothing and stays a pooling."""
+    by_name = {op.get_name(): op for op in ops}
+    found: set[str] = set()
+    for stat in ops:
+        if stat.get_type_name() != "ReduceMean" or _is_const(_source(stat.input(0))):
+            continue
+        x = _source(stat.input(0)).get_node().get_name()
+        below, frontier = {stat.get_name()}, [stat]
+        for _ in range(depth):  # the ops computed from the statistic without a weighted layer
+            frontier = [r.get_node() for n in frontier for k in range(n.get_output_size())
+                        for r in n.output(k).get_target_inputs()
+                        if r.get_node().get_name() not in below and not _has_weights(r.get_node())]
+            below.update(n.get_name() for n in frontier)
+        combining = {name for name in below - {stat.get_name()} if _combines(by_name[name], x, below)}
+        if not combining:
+            continue
+        found.add(stat.get_name())
+        found |= combining
+        found |= {name for name in below if by_name[name].get_type_name() == "ReduceMean"
+                  and _reaches(by_name[name], combining, depth)}
+    return found
+
+
+def _combines(op, x: str, below: set[str]) -> bool:
+    """Whether ``op`` has two or more non-constant inputs, each the tensor ``x`` or computed in ``below``."""
+    sources = [_source(i).get_node().get_name() for i in op.inputs() if not _is_const(_source(i))]
+    return len(sources) > 1 and all(n == x or n in below for n in sources)
+
+
+def _reaches(op, targets: set[str], depth: int) -> bool:
+    """Whether one of the ops named ``targets`` reads ``op``'s output within ``depth`` ops."""
+    frontier = [op]
+    for _ in range(depth):
+        frontier = [r.get_node() for n in frontier for k in range(n.get_output_size())
+                    for r in n.output(k).get_target_inputs()]
+        if any(n.get_name() in targets for n in frontier):
+            return True
+    return False
+
+
 def find_points(model, ignored_layers=(), overflow_fix: str = "disable") -> tuple[list[ActivationPoint], list[WeightPoint]]:
     """The activation and weight quantization points of ``model`` (existing FakeQuantize ops are kept; in a
     model whose training quantized some layers' weights, only those layers are completed); ``overflow_fix``
@@ -235,13 +285,14 @@ def find_points(model, ignored_layers=(), overflow_fix: str = "disable") -> tupl
     pos = {op.get_name(): k for k, op in enumerate(ops)}
     ignored = set(ignored_layers)
     features = _features(ops)
+    normalization = normalization_ops(ops)
     acts: dict[tuple[int, int], ActivationPoint] = {}
     weights: list[WeightPoint] = []
 
     def reads_quantized(inp) -> bool:
         """Whether ``inp`` is an input this placement quantizes anyway (so a quantizer above it is safe)."""
         node = inp.get_node()
-        if node.get_friendly_name() in ignored:
+        if node.get_friendly_name() in ignored or node.get_name() in normalization:
             return False
         return inp.get_index() in quantized_inputs(node, features) or hoistable(node)
 
@@ -290,7 +341,7 @@ def find_points(model, ignored_layers=(), overflow_fix: str = "disable") -> tupl
         op.get_type_name() == "FakeQuantize" for op in ops) else set()  # QAT also quantizes activations
     for k, op in enumerate(ops):
         name = op.get_friendly_name()
-        if name in ignored or trained and k not in trained:
+        if name in ignored or trained and k not in trained or op.get_name() in normalization:
             continue
         for i in quantized_inputs(op, features):  # QAT weights: only the missing activation quantizer is added
             add_act(op.input(i), name, i == 0 and op_policy(op).per_channel_input)

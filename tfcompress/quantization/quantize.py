@@ -141,8 +141,9 @@ def quantize_model(
 
     def make_layer(rec):
         layer, path = rec.kind.layer, rec.op.layer
-        cfg = layer_config(layer, path)
         q = quantized_class(layer) if path not in ignored else None
+        # a twin takes the config its base class writes (a shim's own get_config may add a legacy argument)
+        cfg = layer_config(layer, path, _computing_class(layer, _WEIGHTED).get_config(layer) if q else None)
         weights = rec.kind.current_weights()
         nested: dict[str, dict] = {}  # masks of a sublayer's weights ("query/kernel"), for a twin taking them
         if removed and rec.op.outputs:
@@ -226,17 +227,24 @@ def quantize_model(
     return qmodel
 
 
+# the methods that only say how a layer is constructed and described: a subclass overriding only these (a
+# ``custom_objects`` shim loading an older model) computes as its base class
+_CONSTRUCTION = frozenset({"__init__", "from_config", "get_config"})
+
+
 def _computing_class(layer: keras.layers.Layer, known: dict) -> type:
     """The class to look ``layer`` up by in a table whose keys are ``known``: the nearest class of its MRO that
-    is a key or defines more than ``__init__`` (another method or descriptor). A subclass that changes only how
-    it is constructed (the ``custom_objects`` shims that drop a config argument older Keras wrote, e.g.
-    ``DepthwiseConv2D(groups=1)``) computes as its base and has its base's config, so a twin built from that
-    config computes what it does. Keras's own classes may define only ``__init__`` too (``Conv2D`` over its
-    base class): a key is taken as it comes."""
+    is a key or defines more than the construction methods of :data:`_CONSTRUCTION` (any other method or
+    descriptor: ``call``, ``build``, a property). A subclass that changes only how it is constructed and
+    configured (the ``custom_objects`` shims that drop a config argument older Keras wrote, e.g.
+    ``DepthwiseConv2D(groups=1)``, in ``__init__`` or ``from_config``) computes as its base, so a twin built
+    from the config the base writes of it (``base.get_config(layer)``; the subclass's own may add an argument
+    the twin does not take) computes what it does. Keras's own classes may define only ``__init__`` too
+    (``Conv2D`` over its base class): a key is taken as it comes."""
     for cls in type(layer).__mro__:
         if cls in known:
             return cls
-        own = {k: v for k, v in vars(cls).items() if k != "__init__"}
+        own = {k: v for k, v in vars(cls).items() if k not in _CONSTRUCTION}
         if any(not (k.startswith("__") and k.endswith("__")) or callable(v) or hasattr(v, "__get__")
                for k, v in own.items()):
             return cls
