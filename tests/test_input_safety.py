@@ -571,3 +571,27 @@ def test_an_interrupt_while_the_flags_are_parsed_exits_130(tmp_path):
     proc = subprocess.run([sys.executable, str(script), "--slow=1"], capture_output=True, text=True, env=env,
                           timeout=300, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert_one_line_error(proc, "interrupted; nothing was written", code=130)
+
+
+def test_data_for_a_scalar_input_is_refused_in_one_line(tmp_path, no_tensorflow):
+    """A signature input of shape () (a temperature, a boolean switch: one value per call) cannot be fed from
+    samples: the command said ``TypeError: len() of unsized object`` (a traceback) for a 0-d array in the
+    .npz; now one line, before TensorFlow loads, for a 0-d array and for one value per sample alike."""
+    import tensorflow as tf
+
+    class Tempered(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32, name="x"),
+                                      tf.TensorSpec([], tf.float32, name="temperature")])
+        def __call__(self, x, temperature):
+            return {"probs": tf.nn.softmax(x / temperature)}
+
+    module = Tempered()
+    tf.saved_model.save(module, str(tmp_path / "model"), signatures=module.__call__)
+    x = np.ones((4, 3), np.float32)
+    np.savez(tmp_path / "one_value.npz", x=x, temperature=np.float32(2.0))
+    np.savez(tmp_path / "per_sample.npz", x=x, temperature=np.full(4, 2.0, np.float32))
+    for data in ("one_value.npz", "per_sample.npz"):
+        proc = command(f"--saved_model_dir={tmp_path / 'model'}", f"--output_dir={tmp_path / 'out'}",
+                       f"--calibration_data={tmp_path / data}", env=no_tensorflow)
+        assert_one_line_error(proc, "the model input 'temperature' is a scalar (shape ())")
+        assert not (tmp_path / "out").exists() and not staging_dirs(tmp_path)

@@ -185,6 +185,10 @@ def _checked(x: np.ndarray, spec: InputSpec, name: str, named: bool, path, what:
     """``x`` as samples of the input ``name`` in its type; ExportError for a shape, type or value it cannot take.
     ``named``: the model has several inputs (messages name the one at fault)."""
     of = f" (input {name!r})" if named else ""
+    if not spec.shape:
+        raise ExportError(f"{what} {path!r}: the model input {name!r} is a scalar (shape ()), one value per call "
+                          "rather than one per sample, which data in samples cannot feed; export a signature whose "
+                          "inputs all have a batch axis (one that calls this one with the value fixed)")
     if x.ndim != len(spec.shape) or any(d is not None and d != s for d, s in zip(spec.shape[1:], x.shape[1:])):
         raise ExportError(f"{what} {path!r}{of} has samples of shape {tuple(x.shape[1:])}, the model input "
                           f"{name!r} expects {tuple(spec.shape[1:])}")
