@@ -705,3 +705,48 @@ def test_tfx_options_are_checked_before_the_examples_are_read(tmp_path):
         with pytest.raises(ExportError, match=message):
             compress_model_dir(str(tmp_path / "model"), str(tmp_path / "out"), missing, **kwargs)
     assert not (tmp_path / "out").exists()
+
+
+def test_data_for_a_scalar_input_is_refused_in_one_line(tmp_path, no_tensorflow):
+    """A signature input of shape () (a temperature, a boolean switch: one value per call) cannot be fed from
+    samples: the command said ``TypeError: len() of unsized object`` (a traceback) for a 0-d array in the
+    .npz; now one line, before TensorFlow loads, for a 0-d array and for one value per sample alike."""
+    import tensorflow as tf
+
+    class Tempered(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32, name="x"),
+                                      tf.TensorSpec([], tf.float32, name="temperature")])
+        def __call__(self, x, temperature):
+            return {"probs": tf.nn.softmax(x / temperature)}
+
+    module = Tempered()
+    tf.saved_model.save(module, str(tmp_path / "model"), signatures=module.__call__)
+    x = np.ones((4, 3), np.float32)
+    np.savez(tmp_path / "one_value.npz", x=x, temperature=np.float32(2.0))
+    np.savez(tmp_path / "per_sample.npz", x=x, temperature=np.full(4, 2.0, np.float32))
+    for data in ("one_value.npz", "per_sample.npz"):
+        proc = command(f"--saved_model_dir={tmp_path / 'model'}", f"--output_dir={tmp_path / 'out'}",
+                       f"--calibration_data={tmp_path / data}", env=no_tensorflow)
+        assert_one_line_error(proc, "the model input 'temperature' is a scalar (shape ())")
+        assert not (tmp_path / "out").exists() and not staging_dirs(tmp_path)
+
+
+def test_data_named_by_a_dict_arguments_keys_is_refused_with_the_inputs_shapes(tmp_path, no_tensorflow):
+    """``tf.function(input_signature=[{"image": ..., "meta": ...}])`` saved by ``tf.saved_model.save`` names
+    its signature inputs ``inputs`` and ``inputs_1``, not by the dict's keys: the error gives each input's shape
+    and type, which tell the user which array goes under which name."""
+    import tensorflow as tf
+
+    class TwoInputs(tf.Module):
+        @tf.function(input_signature=[{"image": tf.TensorSpec([None, 4, 4, 3], tf.float32),
+                                       "meta": tf.TensorSpec([None, 2], tf.float32)}])
+        def __call__(self, inputs):
+            return {"out": tf.reduce_mean(inputs["image"], [1, 2]) + tf.reduce_sum(inputs["meta"], 1, True)}
+
+    module = TwoInputs()
+    tf.saved_model.save(module, str(tmp_path / "model"), signatures=module.__call__)
+    np.savez(tmp_path / "by_key.npz", image=np.ones((2, 4, 4, 3), np.float32), meta=np.ones((2, 2), np.float32))
+    proc = command(f"--saved_model_dir={tmp_path / 'model'}", f"--output_dir={tmp_path / 'out'}",
+                   f"--calibration_data={tmp_path / 'by_key.npz'}", env=no_tensorflow)
+    assert_one_line_error(proc, "the model's inputs are 'inputs' (None, 4, 4, 3) float32, 'inputs_1' (None, 2) "
+                                "float32")

@@ -938,3 +938,37 @@ def test_group_normalization_in_another_form_keeps_blocking(tmp_path, rng):
     assert [r["channels_after"] for r in result.layers] == [8, 4]
     x = rng.uniform(0, 1, (2, 8, 8, 3)).astype("float32")
     assert rel_error(_run(tmp_path / "dst", x), module(tf.constant(x))) < 1e-5
+
+
+class _ScalarSwitch(tf.Module):
+    """``where(flag, ...)`` on a matmul's output with ``flag`` a scalar boolean input (a switch fed at serving
+    time, broadcast over every channel), as ``tf.saved_model.save`` of a ``tf.Module`` writes it."""
+
+    def __init__(self, rng, other):
+        super().__init__()
+        w1 = rng.normal(size=(6, 8)).astype("float32")
+        w1[:, [1, 5]] = 0.0
+        self.w1, self.w2, self.other = tf.Variable(w1), tf.Variable(rng.normal(size=(8, 3)).astype("float32")), other
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 6], tf.float32, name="x"),
+                                  tf.TensorSpec([], tf.bool, name="flag")])
+    def __call__(self, x, flag):
+        h = tf.nn.relu(tf.matmul(x, self.w1))
+        h = tf.where(flag, h * 2.0, h + 1.0 if self.other == "shifted" else h)
+        return {"out": tf.matmul(h, self.w2)}
+
+
+@pytest.mark.parametrize("other,kept", [("same", 6), ("shifted", 8)])
+def test_select_on_a_scalar_switch_input_passes_channels(tmp_path, rng, other, kept):
+    """A select whose condition is a scalar input carries no channels: a channel zero on both branches is
+    removed; one that is 0 on a branch and 1 on the other (which branch runs is known only when called) stays.
+    Exact for both values of the switch (relative max error 1e-6)."""
+    module = _ScalarSwitch(rng, other)
+    tf.saved_model.save(module, str(tmp_path / "src"), signatures=module.__call__)
+    result = strip_saved_model(str(tmp_path / "src"), str(tmp_path / "dst"))
+    assert [r["channels_after"] for r in result.layers if r["name"].endswith("/MatMul")] == [kept]
+    sig = tf.saved_model.load(str(tmp_path / "dst")).signatures["serving_default"]
+    x = rng.normal(size=(4, 6)).astype("float32")
+    for flag in (True, False):
+        got = sig(x=tf.constant(x), flag=tf.constant(flag))["out"]
+        assert rel_error(got, module(tf.constant(x), tf.constant(flag))["out"]) < 1e-6

@@ -83,7 +83,7 @@ def load_data(path, specs: Mapping, what: str = "data") -> tuple[dict[str, np.nd
     names = list(specs)
     y = None
     if isinstance(path, (np.ndarray, dict, tuple, list)):
-        x, y = _from_python(path, names, what)
+        x, y = _from_python(path, specs, what)
         path = "array " + ", ".join(f"{tuple(np.shape(a))}" for a in x.values())
     elif not isinstance(path, (str, os.PathLike)):
         raise ExportError(f"{what} must be a file or directory path, an array, a dict of arrays by input name or "
@@ -190,20 +190,21 @@ def _single(specs: dict, what: str, form: str):
     return next(iter(specs.values()))
 
 
-def _from_python(data, names: list[str], what: str) -> tuple[dict, np.ndarray | None]:
+def _from_python(data, specs: dict[str, InputSpec], what: str) -> tuple[dict, np.ndarray | None]:
     """Samples by input name (and labels) from a Python caller's arrays."""
+    names = list(specs)
     if isinstance(data, (tuple, list)):
         if one_array_per_input(data, len(names)):
             return dict(zip(names, data)), None  # one array per input, in input order
         if len(data) != 2:
             raise ExportError(f"{what}: give (samples, labels), or for a model with several inputs one array per "
                               f"input {names}; got a {type(data).__name__} of {len(data)}")
-        x, labels = _from_python(data[0], names, what)
+        x, labels = _from_python(data[0], specs, what)
         if labels is not None:
             raise ExportError(f"{what}: the samples of (samples, labels) hold labels themselves")
         return x, np.asarray(data[1])
     if isinstance(data, dict):
-        _check_names(list(data), names, what, "")
+        _check_names(list(data), specs, what, "")
         return dict(data), None
     if len(names) > 1:
         raise ExportError(f"{what}: the model has {len(names)} inputs {names}: give one array per input (a dict by "
@@ -211,15 +212,19 @@ def _from_python(data, names: list[str], what: str) -> tuple[dict, np.ndarray | 
     return {names[0]: data}, None
 
 
-def _check_names(keys: list[str], names: list[str], what: str, path, label: str | None = None) -> None:
-    """ExportError unless ``keys`` are exactly the input ``names`` (plus the labels' key ``label``)."""
+def _check_names(keys: list[str], specs: dict[str, InputSpec], what: str, path, label: str | None = None) -> None:
+    """ExportError unless ``keys`` are exactly the names of the inputs ``specs`` (plus the labels' key ``label``).
+    The error gives each input's shape and type: a signature traced from a dict or nested argument names its
+    inputs ``inputs``, ``inputs_1`` ... (not by the dict's keys), which only their shapes tell apart."""
+    names = list(specs)
     missing = [n for n in names if n not in keys]
     extra = [k for k in keys if k not in names and k != label]
     if missing or extra:
         said = ([f"no array for input(s) {missing}"] if missing else []) + (
             [f"unknown key(s) {extra}"] if extra else [])
         where = f" {path!r}" if path else ""
-        raise ExportError(f"{what}{where}: {'; '.join(said)}; the model's inputs are {names}"
+        inputs = ", ".join(f"{n!r} {tuple(specs[n].shape)} {specs[n].dtype.name}" for n in sorted(names))
+        raise ExportError(f"{what}{where}: {'; '.join(said)}; the model's inputs are {inputs}"
                           + (f" (labels go under one of {list(_Y_KEYS)})" if path else ""))
 
 
@@ -227,6 +232,10 @@ def _checked(x: np.ndarray, spec: InputSpec, name: str, named: bool, path, what:
     """``x`` as samples of the input ``name`` in its type; ExportError for a shape, type or value it cannot take.
     ``named``: the model has several inputs (messages name the one at fault)."""
     of = f" (input {name!r})" if named else ""
+    if not spec.shape:
+        raise ExportError(f"{what} {path!r}: the model input {name!r} is a scalar (shape ()), one value per call "
+                          "rather than one per sample, which data in samples cannot feed; export a signature whose "
+                          "inputs all have a batch axis (one that calls this one with the value fixed)")
     if x.ndim != len(spec.shape) or any(d is not None and d != s for d, s in zip(spec.shape[1:], x.shape[1:])):
         raise ExportError(f"{what} {path!r}{of} has samples of shape {tuple(x.shape[1:])}, the model input "
                           f"{name!r} expects {tuple(spec.shape[1:])}")
@@ -315,7 +324,7 @@ def _load_numpy(path: str, specs: dict, what: str) -> tuple[dict, np.ndarray | N
                                           f"model input {names[0]!r} or {_X_KEYS[0]!r}: name the samples' array so")
                     xk = others[0]
                 return {names[0]: d[xk]}, (d[yk] if yk else None)
-            _check_names(list(d.files), names, what, path, yk)
+            _check_names(list(d.files), specs, what, path, yk)
             return {n: d[n] for n in names}, (d[yk] if yk else None)
     except ExportError:
         raise

@@ -66,7 +66,7 @@ class GraphDefGraph:
         g = tf.Graph()
         with g.as_default():
             tf.import_graph_def(graph_def, name="")
-        self._shapes = {}
+        self._shapes, self._unknown_rank = {}, set()
         n_outputs = {}
         for op in g.get_operations():
             n_outputs[op.name] = len(op.outputs)
@@ -75,6 +75,7 @@ class GraphDefGraph:
                     self._shapes[f"{op.name}:{k}"] = tuple(t.shape.as_list())
                 except ValueError:  # unknown rank
                     self._shapes[f"{op.name}:{k}"] = ()
+                    self._unknown_rank.add(f"{op.name}:{k}")
         self.order = _topological(graph_def)
         self.readers: dict[str, list] = {}  # node name -> the nodes reading one of its outputs as data
         for n in graph_def.node:
@@ -124,6 +125,12 @@ class GraphDefGraph:
 
     def shape(self, tensor: str) -> tuple:
         return self._shapes.get(_tensor(tensor), ())
+
+    def is_scalar(self, tensor: str) -> bool:
+        """Whether ``tensor`` is known to be a scalar (rank 0; :meth:`shape` also gives ``()`` for an unknown
+        rank)."""
+        t = _tensor(tensor)
+        return self._shapes.get(t) == () and t not in self._unknown_rank
 
     def width(self, tensor: str) -> int:
         s = self.shape(tensor)
@@ -659,7 +666,7 @@ def _binary(g: GraphDefGraph, node):
 def _select(g: GraphDefGraph, node):
     """``where(condition, x, y)`` of tensors of one shape and scalar constants; the condition may also be free
     of channels (its last axis 1, broadcast over the channels: a masked ``GlobalAveragePooling1D``'s
-    ``where(mask, x, 0)``), which then carries none."""
+    ``where(mask, x, 0)``; or a scalar, a boolean switch fed as an input), which then carries none."""
     names = list(node.input[:3])
     free = _channel_free_condition(g, node)
     tensors = [n for n in names[1 if free else 0:] if not g.is_const(n)]
@@ -671,11 +678,13 @@ def _select(g: GraphDefGraph, node):
 
 
 def _channel_free_condition(g: GraphDefGraph, node) -> bool:
-    """Whether a select's condition is a tensor of one channel broadcast over its operands' several channels."""
+    """Whether a select's condition is a tensor of one channel (or a scalar) broadcast over its operands' several
+    channels."""
     cond, width = node.input[0], g.width(node.name)
     shape = g.shape(cond)
-    return not g.is_const(cond) and bool(shape) and shape[-1] == 1 and width > 1 and len(shape) == len(
-        g.shape(node.name))
+    if g.is_const(cond) or width <= 1:
+        return False
+    return g.is_scalar(cond) or (bool(shape) and shape[-1] == 1 and len(shape) == len(g.shape(node.name)))
 
 
 @register("ConcatV2")
