@@ -750,3 +750,28 @@ def test_data_named_by_a_dict_arguments_keys_is_refused_with_the_inputs_shapes(t
                    f"--calibration_data={tmp_path / 'by_key.npz'}", env=no_tensorflow)
     assert_one_line_error(proc, "the model's inputs are 'inputs' (None, 4, 4, 3) float32, 'inputs_1' (None, 2) "
                                 "float32")
+
+
+def test_an_image_folders_labels_are_checked_as_keras_numbers_its_sub_folders(tmp_path):
+    """Keras skips hidden sub-folders (``.ipynb_checkpoints``, images included) and numbers the others, empty ones
+    too: the labels checked before TensorFlow loads are those ``load_data`` reads, so a folder whose classes
+    fit the output's passes, and one whose only images are hidden is refused as holding none."""
+    import tensorflow as tf
+
+    from tfcompress.export.data import check_data_files, check_image_folder, load_data
+
+    png = tf.io.encode_png(np.zeros((4, 4, 3), np.uint8)).numpy()
+    folder = tmp_path / "imgs"
+    for sub in (".ipynb_checkpoints", "a", "b", "c/nested"):
+        (folder / sub).mkdir(parents=True)
+    for sub in (".ipynb_checkpoints", "a", "c/nested"):
+        (folder / sub / "img.png").write_bytes(png)
+    labels = load_data(str(folder), {"x": tf.TensorSpec((None, 4, 4, 3), tf.float32)}, "validation data")[1]
+    assert sorted(check_image_folder(str(folder), "validation data")) == sorted(set(labels)) == [0, 2]
+    model = declared_saved_model(tmp_path / "m", {"x": [-1, 4, 4, 3]}, {"probs": [-1, 3]})
+    check_data_files(str(model), "serving_default", {"--validation_data": str(folder)}, scored="--validation_data")
+    hidden = tmp_path / "hidden"
+    (hidden / ".cache").mkdir(parents=True)
+    (hidden / ".cache" / "img.png").write_bytes(png)
+    with pytest.raises(ExportError, match="holds no images"):
+        check_image_folder(str(hidden), "validation data")

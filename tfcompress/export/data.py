@@ -164,9 +164,10 @@ def check_image_folder(path: str, what: str) -> np.ndarray:
     """Raise :class:`ExportError` unless the directory ``path`` holds an image (``.bmp .gif .jpeg .jpg .png``)
     in a sub-folder: images are read one sub-folder per class, and those lying in ``path`` itself are not.
     Returns the labels its images will have: the positions, among the sorted sub-folders, of those holding
-    images (``keras.utils.image_dataset_from_directory`` numbers every sub-folder)."""
+    images (``keras.utils.image_dataset_from_directory`` numbers every sub-folder but hidden ones, such as
+    ``.ipynb_checkpoints``, whose images it does not read)."""
     try:
-        classes = sorted(e.name for e in os.scandir(path) if e.is_dir())
+        classes = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
         labels = [k for k, name in enumerate(classes) if _holds_images(os.path.join(path, name))]
         if labels:
             return np.asarray(labels)
