@@ -343,3 +343,34 @@ def test_calibrated_irs_get_the_rewrite():
     q = calibrate(model, x[:32], verbose=False)
     assert [op.get_type_name() for op in q.get_ordered_ops()].count("StridedSlice") == 1
     _assert_int8_and_same_as_one_thread(q, x, {"int8": 2, "total": 2})
+
+
+def test_normalization_ops_are_normalizations_not_gates_or_context_adds():
+    """A ReduceMean combined back with its own input is a normalization only when it centers the input or scales
+    it by a second statistic (LayerNormalization's decomposition): a weightless gate ``x * sigmoid(mean(x))``
+    and a global context added back ``x + mean(x)`` were taken for normalizations, which dropped the gate's and
+    the add's quantizers that QAT keeps."""
+    import openvino.opset13 as ops
+
+    def graph(body):
+        x = ops.parameter([-1, 6, 6, 16], np.float32, name="x")
+        return ov.Model([body(x)], [x], "g").get_ordered_ops()
+
+    def mean(x, axes=(-1,)):
+        return ops.reduce_mean(x, np.int64(axes), keep_dims=True)
+
+    def layer_norm(x):
+        d = ops.subtract(x, mean(x))
+        inv = ops.power(ops.add(mean(ops.multiply(d, d)), np.float32(1e-3)), np.float32(-0.5))
+        return ops.add(ops.multiply(ops.multiply(d, inv), np.full(16, 0.5, np.float32)), np.float32(0.1))
+
+    ln = graph(layer_norm)
+    found = [op.get_type_name() for op in ln if op.get_name() in normalization_ops(ln)]
+    assert found.count("ReduceMean") == 2 and "Subtract" in found, found
+    dense = np.ones((16, 16), np.float32)
+    for body in (lambda x: ops.multiply(x, ops.sigmoid(mean(x))),  # a gate without weights (CBAM-like)
+                 lambda x: ops.multiply(x, ops.sigmoid(mean(x, (1, 2)))),  # squeeze-and-excitation without weights
+                 lambda x: ops.multiply(x, ops.sigmoid(ops.matmul(mean(x, (1, 2)), dense, False, False))),  # SE
+                 lambda x: ops.add(x, mean(x, (1, 2))),  # global context added back
+                 lambda x: ops.matmul(mean(x, (1, 2)), dense, False, False)):  # a pooling read by a dense layer
+        assert normalization_ops(graph(body)) == set()

@@ -226,6 +226,13 @@ def _features(ops) -> set[str]:
     return features
 
 
+# the ops a normalization computes its statistics and its result with (a converter's decomposition): an
+# activation (a gate's sigmoid) or a weighted layer on the way is not part of one
+_STATISTICS_ARITHMETIC = frozenset({
+    "ReduceMean", "Subtract", "SquaredDifference", "Add", "Multiply", "Divide", "Power", "Sqrt", "Negative",
+    "Maximum", "Convert", "Reshape", "Squeeze", "Unsqueeze", "Broadcast"})
+
+
 def normalization_ops(ops, depth: int = 8) -> set[str]:
     """Names of the ops (``ops`` in topological order) that compute a normalization from a tensor's own
     statistics, as a converter decomposes LayerNormalization (``mean = ReduceMean(x)``, ``x - mean``, the
@@ -233,47 +240,51 @@ def normalization_ops(ops, depth: int = 8) -> set[str]:
     keeps them float, as quantization-aware training keeps the layer.
 
     A ``ReduceMean`` of ``x`` is a statistic when an op combines its result with ``x`` (every non-constant input
-    of that op is ``x`` or computed from the statistic within ``depth`` ops, none of them weighted); the
-    normalization is the statistic, those combining ops and the ``ReduceMean`` ops among the statistic's
-    descendants that feed them (the variance). A pooling (``ReduceMean`` over positions read by a dense layer)
-    is combined with nothing and stays a pooling."""
+    of that op is ``x`` or computed from the statistic by arithmetic within ``depth`` ops) and the result is
+    centered (``x - mean``) or scaled by a second statistic (the variance's ``ReduceMean``); the normalization
+    is the statistic, those combining ops and the ``ReduceMean`` ops among the statistic's descendants that
+    feed them. A pooling read by a dense layer, a gate (``x * sigmoid(mean(x))``: an activation on the way) and
+    a global context added back (``x + mean(x)``) are not normalizations."""
     by_name = {op.get_name(): op for op in ops}
     found: set[str] = set()
     for stat in ops:
         if stat.get_type_name() != "ReduceMean" or _is_const(_source(stat.input(0))):
             continue
         x = _source(stat.input(0)).get_node().get_name()
-        below, frontier = {stat.get_name()}, [stat]
-        for _ in range(depth):  # the ops computed from the statistic without a weighted layer
-            frontier = [r.get_node() for n in frontier for k in range(n.get_output_size())
-                        for r in n.output(k).get_target_inputs()
-                        if r.get_node().get_name() not in below and not _has_weights(r.get_node())]
-            below.update(n.get_name() for n in frontier)
+        below = {stat.get_name()} | _descendants(
+            stat, depth, lambda n: n.get_type_name() in _STATISTICS_ARITHMETIC and not _has_weights(n))
         combining = {name for name in below - {stat.get_name()} if _combines(by_name[name], x, below)}
-        if not combining:
-            continue
-        found.add(stat.get_name())
-        found |= combining
-        found |= {name for name in below if by_name[name].get_type_name() == "ReduceMean"
-                  and _reaches(by_name[name], combining, depth)}
+        statistics = {name for name in below if by_name[name].get_type_name() == "ReduceMean"
+                      and (name == stat.get_name() or _descendants(by_name[name], depth) & combining)}
+        centered = any(by_name[name].get_type_name() in ("Subtract", "SquaredDifference") and x in _sources(
+            by_name[name]) for name in combining)
+        if combining and (centered or len(statistics) > 1):
+            found |= statistics | combining
     return found
+
+
+def _sources(op) -> list[str]:
+    """The names of the ops computing ``op``'s non-constant inputs."""
+    return [_source(i).get_node().get_name() for i in op.inputs() if not _is_const(_source(i))]
 
 
 def _combines(op, x: str, below: set[str]) -> bool:
     """Whether ``op`` has two or more non-constant inputs, each the tensor ``x`` or computed in ``below``."""
-    sources = [_source(i).get_node().get_name() for i in op.inputs() if not _is_const(_source(i))]
+    sources = _sources(op)
     return len(sources) > 1 and all(n == x or n in below for n in sources)
 
 
-def _reaches(op, targets: set[str], depth: int) -> bool:
-    """Whether one of the ops named ``targets`` reads ``op``'s output within ``depth`` ops."""
+def _descendants(op, depth: int, follow=lambda n: True) -> set[str]:
+    """The names of the ops reading ``op``'s outputs within ``depth`` ops, through the ops ``follow`` accepts
+    (each visited once)."""
+    seen: set[str] = set()
     frontier = [op]
     for _ in range(depth):
         frontier = [r.get_node() for n in frontier for k in range(n.get_output_size())
                     for r in n.output(k).get_target_inputs()]
-        if any(n.get_name() in targets for n in frontier):
-            return True
-    return False
+        frontier = [n for n in {n.get_name(): n for n in frontier}.values() if n.get_name() not in seen and follow(n)]
+        seen.update(n.get_name() for n in frontier)
+    return seen
 
 
 def find_points(model, ignored_layers=(), overflow_fix: str = "disable") -> tuple[list[ActivationPoint], list[WeightPoint]]:
