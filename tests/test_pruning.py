@@ -823,5 +823,7 @@ def test_load_config_takes_a_shipped_configs_name(tmp_path, monkeypatch):
     assert tfcompress.load_config("resnet8_flops40.json")["pruning"].get_config()["target"] == 0.25
     with pytest.raises(ValueError, match=r"'resnet9' is neither a file nor a shipped config \(shipped: \["):
         tfcompress.load_config("resnet9")
-    with pytest.raises(ValueError, match="does not exist"):
-        tfcompress.load_config("sub/resnet8_flops40.json")
+    with pytest.raises(ValueError, match=r"does not exist; tfcompress ships 'resnet8_flops40': load_config"):
+        tfcompress.load_config("configs/resnet8_flops40.json")  # the path of a checkout, elsewhere
+    (tmp_path / "mnist_residual_l2").mkdir()  # a directory of a shipped config's name is not a config
+    assert tfcompress.load_config("mnist_residual_l2")["pruning"].get_config()["criterion"] == "l2"

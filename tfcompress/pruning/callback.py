@@ -639,17 +639,23 @@ def shipped_configs() -> list[str]:
 
 
 def _config_file(config: str | os.PathLike):
-    """The file :func:`load_config` reads for ``config``: a path, or else the shipped config of that name
-    (``"resnet8_flops40"`` or ``"resnet8_flops40.json"``); ValueError when it is neither."""
-    if os.path.exists(config) or not isinstance(config, str) or os.sep in config or "/" in config:
-        if not os.path.isfile(config):
-            why = "is a directory" if os.path.isdir(config) else "does not exist"
-            raise ValueError(f"config file {os.fspath(config)!r} {why}")
+    """The file :func:`load_config` reads for ``config``: an existing file, or else the shipped config of that
+    name (``"resnet8_flops40"`` or ``"resnet8_flops40.json"``); ValueError when it is neither, naming the shipped
+    config a missing path's file name would have found (the ``configs/...`` of a checkout)."""
+    if os.path.isfile(config):
         return pathlib.Path(config)
-    name = config[:-5] if config.endswith(".json") else config
-    if name in shipped_configs():
+    path = os.fspath(config)
+    name = os.path.basename(path)
+    name = name[:-5] if name.endswith(".json") else name
+    shipped = shipped_configs()
+    if name in shipped and name in (path, path[:-5]):  # a bare name, not a path to somewhere else
         return importlib.resources.files("tfcompress") / "configs" / f"{name}.json"
-    raise ValueError(f"config {config!r} is neither a file nor a shipped config (shipped: {shipped_configs()})")
+    if os.path.isdir(config):
+        raise ValueError(f"config file {path!r} is a directory")
+    hint = f"; tfcompress ships {name!r}: load_config({name!r})" if name in shipped else ""
+    if os.sep in path or "/" in path or not isinstance(config, str):
+        raise ValueError(f"config file {path!r} does not exist{hint}")
+    raise ValueError(f"config {path!r} is neither a file nor a shipped config (shipped: {shipped})")
 
 
 def load_config(path: str | os.PathLike) -> dict[str, Any]:
