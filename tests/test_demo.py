@@ -98,3 +98,11 @@ def test_demo_refuses_a_foreign_output_dir_and_bad_flags(tmp_path):
     proc = run(f"{sys.executable} -m tfcompress.demo --target 1.5 --output_dir {tmp_path / 'x'}")
     assert proc.returncode == 2 and "--target must be in (0, 1)" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_demo_help_usage_names_every_flag():
+    proc = run(f"{sys.executable} -m tfcompress.demo --help")
+    assert proc.returncode == 0, proc.stderr
+    usage = proc.stdout.strip().splitlines()[0]
+    for flag in ("--epochs", "--target", "--output_dir", "--seed"):
+        assert flag in usage, usage

@@ -1,4 +1,4 @@
-"""``python -m tfcompress.demo [--epochs N] [--target F] [--output_dir DIR]``."""
+"""``python -m tfcompress.demo [--epochs N] [--target F] [--output_dir DIR] [--seed S]``."""
 
 from __future__ import annotations
 
