@@ -825,5 +825,14 @@ def test_load_config_takes_a_shipped_configs_name(tmp_path, monkeypatch):
         tfcompress.load_config("resnet9")
     with pytest.raises(ValueError, match=r"does not exist; tfcompress ships 'resnet8_flops40': load_config"):
         tfcompress.load_config("configs/resnet8_flops40.json")  # the path of a checkout, elsewhere
+    # arguments override or complete the config: what a JSON file cannot hold (data) among them
+    tuned = tfcompress.load_config("resnet8_flops40", pruning_epochs=3)["pruning"].get_config()
+    assert tuned["pruning_epochs"] == 3 and tuned["flops_target"] == shipped["pruning"]["flops_target"]
+    data = (np.zeros((4, 8, 8, 3), np.float32), np.zeros(4, np.int64))
+    by_loss = tfcompress.load_config("resnet8_flops40", flops_allocation="sensitivity", sensitivity_data=data)
+    assert by_loss["pruning"].get_config()["flops_allocation"] == "sensitivity"
+    assert by_loss["pruning"].sensitivity_data[0].shape == (4, 8, 8, 3)
+    with pytest.raises(ValueError, match="'pruning_epoch'"):
+        tfcompress.load_config("resnet8_flops40", pruning_epoch=3)
     (tmp_path / "mnist_residual_l2").mkdir()  # a directory of a shipped config's name is not a config
     assert tfcompress.load_config("mnist_residual_l2")["pruning"].get_config()["criterion"] == "l2"

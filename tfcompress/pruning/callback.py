@@ -658,13 +658,17 @@ def _config_file(config: str | os.PathLike):
     raise ValueError(f"config {path!r} is neither a file nor a shipped config (shipped: {shipped})")
 
 
-def load_config(path: str | os.PathLike) -> dict[str, Any]:
+def load_config(path: str | os.PathLike, **pruning: Any) -> dict[str, Any]:
     """Read a tfcompress JSON config file and build what it describes.
 
     ``path``: a JSON file, or the name of a config shipped with tfcompress (:func:`shipped_configs`, e.g.
     ``"resnet8_flops40"``); an existing file of that name comes first. The file is a JSON object with one
     section per stage; today ``"pruning"`` (the arguments of :class:`FilterPruning`). Returns
     ``{"pruning": FilterPruning(...)}``. Errors name the offending key.
+
+    ``pruning``: arguments of :class:`FilterPruning` that override or complete the config's ``"pruning"``
+    section, e.g. ``load_config("resnet8_flops40", pruning_epochs=3)``, or the ``sensitivity_data`` /
+    ``latency_profile`` an allocation needs, which a JSON file cannot hold.
     """
     try:
         data = json.loads(_config_file(path).read_text(encoding="utf-8"))
@@ -672,7 +676,10 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"config file {os.fspath(path)!r} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {os.fspath(path)!r} must hold a JSON object")
-    builders = {"pruning": FilterPruning.from_config}
+    if pruning and "pruning" not in data:
+        raise ValueError(f"config file {os.fspath(path)!r} has no 'pruning' section for {sorted(pruning)}")
+    data_args = {k: pruning.pop(k) for k in ("sensitivity_data", "latency_profile") if k in pruning}
+    builders = {"pruning": lambda section: FilterPruning.from_config({**section, **pruning}, **data_args)}
     out = {}
     for key, section in data.items():
         if key in ("description", "comment"):
