@@ -76,7 +76,8 @@ def _patterned_images(rng, n):
     far from its per-channel means."""
     yy, xx = np.mgrid[:16, :16]
     pattern = np.exp(-((yy - 7.5) ** 2 + (xx - 7.5) ** 2) / 12.0) + 0.5 * ((yy + xx) % 2)
-    return (pattern * rng.uniform(1, 4, size=(n, 4, 1, 1)) + rng.uniform(0, 0.2, size=(n, 4, 16, 16))).astype(np.float32)
+    noise = rng.uniform(0, 0.2, size=(n, 4, 16, 16))
+    return (pattern * rng.uniform(1, 4, size=(n, 4, 1, 1)) + noise).astype(np.float32)
 
 
 def _conv_weights_and_biases(model) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -108,7 +109,8 @@ def test_spatial_layers_with_weights_on_the_int8_grid_get_no_bias_shift(rng):
     kw = dict(overflow_fix="disable", range_estimator="max", verbose=False)
     plain = calibration.calibrate(model, x, bias_correction=False, **kw)
     corrected = calibration.calibrate(model, x, **kw)
-    for (_, before), (_, after) in zip(_conv_weights_and_biases(plain), _conv_weights_and_biases(corrected), strict=True):
+    pairs = zip(_conv_weights_and_biases(plain), _conv_weights_and_biases(corrected), strict=True)
+    for (_, before), (_, after) in pairs:
         np.testing.assert_allclose(after, before, rtol=0, atol=1e-5)
 
 
