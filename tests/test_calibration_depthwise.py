@@ -61,6 +61,80 @@ def test_weights_on_the_int8_grid_get_no_bias_shift(rng):
     np.testing.assert_allclose(_run(_f32(corrected), x), _run(_f32(plain), x), rtol=0, atol=1e-5)
 
 
+def _spatial_model(w1, b1, w2, b2):
+    """conv 3x3 stride 2 (TF's 'same' padding: one row and column at the end) + bias -> ReLU -> conv 3x3
+    stride 1 'same' + bias, the layers fast bias correction shifts from a mean input map."""
+    p = ops.parameter([-1, 4, 16, 16], ov.Type.f32)
+    y = ops.convolution(p, ops.constant(w1), [2, 2], [0, 0], [1, 1], [1, 1])
+    y = ops.relu(ops.add(y, ops.constant(b1.reshape(1, -1, 1, 1))))
+    y = ops.convolution(y, ops.constant(w2), [1, 1], [1, 1], [1, 1], [1, 1])
+    return ov.Model([ops.add(y, ops.constant(b2.reshape(1, -1, 1, 1))).output(0)], [p])
+
+
+def _patterned_images(rng, n):
+    """Images with a strong spatial pattern (a bright centre, a dim border, a checkerboard): their mean map is
+    far from its per-channel means."""
+    yy, xx = np.mgrid[:16, :16]
+    pattern = np.exp(-((yy - 7.5) ** 2 + (xx - 7.5) ** 2) / 12.0) + 0.5 * ((yy + xx) % 2)
+    noise = rng.uniform(0, 0.2, size=(n, 4, 16, 16))
+    return (pattern * rng.uniform(1, 4, size=(n, 4, 1, 1)) + noise).astype(np.float32)
+
+
+def _conv_weights_and_biases(model) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each Convolution's weights (int8 constants times their scales, or float) and the bias added after it."""
+    def value(output):
+        node = output.get_node()
+        if node.get_type_name() == "Constant":
+            return node.get_data().astype(np.float64)
+        if node.get_type_name() == "Convert":
+            return value(node.input_value(0))
+        assert node.get_type_name() == "Multiply", node.get_type_name()
+        return value(node.input_value(0)) * value(node.input_value(1))
+
+    found = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() == "Convolution":
+            add = next(iter(op.output(0).get_target_inputs())).get_node()
+            found.append((value(op.input_value(1)), value(add.input_value(1)).ravel()))
+    return found
+
+
+def test_spatial_layers_with_weights_on_the_int8_grid_get_no_bias_shift(rng):
+    # A 3x3 convolution's shift is the mean output that weight rounding takes away, as a pointwise layer's:
+    # with weights on the grid there is none, however the input's spatial pattern meets padding and strides
+    # (NNCF's fast bias correction shifts these biases by conv(mean map) - conv(channel means))
+    b1, b2 = rng.uniform(2, 4, 8).astype(np.float32), rng.uniform(4, 8, 6).astype(np.float32)
+    model = _spatial_model(_on_grid(rng, (8, 4, 3, 3), (0,)), b1, _on_grid(rng, (6, 8, 3, 3), (0,)), b2)
+    x = _patterned_images(rng, 200)
+    kw = dict(overflow_fix="disable", range_estimator="max", verbose=False)
+    plain = calibration.calibrate(model, x, bias_correction=False, **kw)
+    corrected = calibration.calibrate(model, x, **kw)
+    pairs = zip(_conv_weights_and_biases(plain), _conv_weights_and_biases(corrected), strict=True)
+    for (_, before), (_, after) in pairs:
+        np.testing.assert_allclose(after, before, rtol=0, atol=1e-5)
+
+
+def test_spatial_bias_shift_is_the_mean_error_of_the_quantized_weights(rng):
+    """Each 3x3 convolution's bias moves by the mean over samples and positions of conv(x, W - Wq), with Wq
+    the IR's int8 weights and x the layer's FP32 input on the calibration images."""
+    w1, w2 = rng.normal(size=(8, 4, 3, 3)).astype(np.float32), rng.normal(size=(6, 8, 3, 3)).astype(np.float32)
+    b1, b2 = rng.uniform(2, 4, 8).astype(np.float32), rng.uniform(20, 40, 6).astype(np.float32)
+    model = _spatial_model(w1, b1, w2, b2)
+    x = _patterned_images(rng, 200)
+    q = calibration.calibrate(model, x, overflow_fix="disable", range_estimator="max", verbose=False)
+    (wq1, got1), (wq2, got2) = _conv_weights_and_biases(q)
+    p = ops.parameter([-1, 4, 16, 16], ov.Type.f32)
+    conv1 = ops.convolution(p, ops.constant(w1), [2, 2], [0, 0], [1, 1], [1, 1])
+    relu = ops.relu(ops.add(conv1, ops.constant(b1.reshape(1, -1, 1, 1))))
+    errors = [ops.convolution(p, ops.constant((w1 - wq1).astype(np.float32)), [2, 2], [0, 0], [1, 1], [1, 1]),
+              ops.convolution(relu, ops.constant((w2 - wq2).astype(np.float32)), [1, 1], [1, 1], [1, 1], [1, 1])]
+    probe = _f32(ov.Model([e.output(0) for e in errors], [p]))
+    out = probe({0: x})
+    for k, (got, b) in enumerate(((got1, b1), (got2, b2))):
+        expected = b + np.asarray(out[probe.outputs[k]], np.float64).mean(axis=(0, 2, 3))
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+
+
 def _group_biases(model) -> list[np.ndarray]:
     """The bias constants after every GroupConvolution."""
     found = []
@@ -141,8 +215,7 @@ def vww_ir(tmp_path_factory):
 
 
 def test_depthwise_biases_are_not_shifted(depthwise_ir):
-    # the shift of a depthwise layer, measured on the mean input map vs its per-channel means, is mostly
-    # how the input's spatial pattern meets padding, not quantization error: left alone, as NNCF does
+    # grouped and depthwise convolutions keep their biases, as in NNCF
     fp, calib, _ = depthwise_ir
     kw = dict(verbose=False)
     plain, corrected = (calibration.calibrate(fp, calib, bias_correction=bc, **kw) for bc in (False, True))

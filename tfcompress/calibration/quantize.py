@@ -269,9 +269,7 @@ def _pointwise(op) -> bool:
 
 
 # Op types whose biases fast bias correction shifts (NNCF's OpenVINO backend: the same two). Grouped and
-# depthwise convolutions are left alone: each output channel sums few products (9 for a 3x3 depthwise), so
-# the spatial term of the shift (:func:`fast_bias_shifts`) dominates it, and measured on MobileNetV1
-# (benchmarks/vww_int8.py --ablation) shifting them moves the INT8 outputs further from FP32.
+# depthwise convolutions are left alone, as in NNCF.
 BIAS_CORRECTED_OPS = frozenset({"Convolution", "MatMul"})
 
 
@@ -309,22 +307,21 @@ def _quantized_weights(wp: WeightPoint) -> np.ndarray:
 
 
 def fast_bias_shifts(points, stats: Statistics) -> dict:
-    """Per layer: mean FP32 output minus the output of the layer with quantized weights on its mean input.
+    """Per layer: its mean FP32 output minus its mean output with quantized weights, on the calibration data.
 
-    NNCF's fast bias correction, from the statistics pass alone. A pointwise layer's mean output is the layer
-    applied to its per-channel mean input, on both sides (numpy). For other layers the statistics hold the
-    input averaged over the samples (a per-position map): the layer applied to it is its mean FP32 output
-    (the pass needs no output statistics, which would keep OpenVINO from fusing bias and activation into the
-    convolution), and the quantized side runs on a constant input holding the per-channel means, as NNCF
-    does; these layers run side by side in one small model. Layers whose shift would exceed
+    A fast bias correction from the statistics pass alone. Convolutions and MatMul are linear in their input,
+    so the mean output is the layer applied to the mean input, on both sides: a pointwise layer's per-channel
+    mean input (numpy), another layer's input averaged over the samples, a per-position map (these layers run
+    side by side in one small model: :func:`_map_shifts`). The shift is thus exactly the mean error the
+    weights' rounding adds to the layer's output, and nothing else. Layers whose shift would exceed
     ``BIAS_SHIFT_THRESHOLD`` times their bias are left alone.
 
-    The two sides of a spatial layer thus see different inputs, and the shift holds, besides the weights'
-    rounding, ``conv(mean map) - conv(per-channel means)``: how the input's spatial pattern meets padding
-    and strides. Through a full convolution that term moves the outputs toward the calibration images'
-    statistics (kept: it is NNCF's behaviour and the better accuracy on real data); through a depthwise
-    layer, where each output reads a few values of one channel, it dominates the shift, which is why
-    :data:`BIAS_CORRECTED_OPS` leaves grouped convolutions out.
+    NNCF's fast bias correction runs the quantized side of a spatial layer on a constant map of the per-channel
+    means instead. Its shift then also holds ``conv(mean map) - conv(channel means)``, how the input's spatial
+    pattern meets padding and strides, which has nothing to do with quantization and is often ten times the
+    rounding error: it moves the INT8 model's output means away from the FP32 model's, by an amount that the
+    threshold admits for some layers and not for others (on a pruned ResNet-8, 9 accuracy points lost;
+    BENCHMARKS.md 3k).
     """
     raw: dict = {}
     mapped = []
@@ -358,10 +355,10 @@ def fast_bias_shifts(points, stats: Statistics) -> dict:
 def _map_shifts(mapped: list) -> dict:
     """The shifts of non-pointwise layers (:func:`fast_bias_shifts`): ``mapped`` holds ``(point, maps)`` with
     ``maps`` the layer's mean input per sample shape and that shape's share of the samples
-    (:class:`~tfcompress.calibration.statistics.Statistics`). Per shape, the mean FP32 output (the layer on the
-    mean map) minus the quantized layer's on the map's per-channel means; the shift weighs each shape by its
-    share, as if every sample had been corrected alone. All layers run side by side in one small f32 model,
-    compiled once, with the dimensions that differ between shapes left dynamic, and run once per shape."""
+    (:class:`~tfcompress.calibration.statistics.Statistics`). Per shape, the layer's mean output over positions
+    on the mean map minus the quantized layer's on the same map; the shift weighs each shape by its share, as
+    if every sample had been corrected alone. All layers run side by side in one small f32 model, compiled
+    once, with the dimensions that differ between shapes left dynamic, and run once per shape."""
     import openvino as ov
     import openvino.opset13 as ops
 
@@ -370,22 +367,17 @@ def _map_shifts(mapped: list) -> dict:
         shapes = [m.shape for m, _ in maps]
         dims = [d if all(s[a] == d for s in shapes) else -1 for a, d in enumerate(shapes[0])]
         axes = np.array([a for a in range(len(dims) + 1) if a != 1], np.int64)
-        for w in (ops.constant(_float_weights(wp)).output(0), _weight_fq(wp, copy=True, dtype=np.float32).output(0)):
-            p = ops.parameter(ov.PartialShape([1, *dims]), ov.Type.f32)
-            params.append(p)
-            results.append(ops.reduce_mean(_weighted_like(wp.op, p, w), axes, keep_dims=False).output(0))
+        p = ops.parameter(ov.PartialShape([1, *dims]), ov.Type.f32)
+        params.append(p)
+        fp = _weighted_like(wp.op, p, ops.constant(_float_weights(wp)).output(0))
+        q = _weighted_like(wp.op, p, _weight_fq(wp, copy=True, dtype=np.float32).output(0))
+        results.append(ops.reduce_mean(ops.subtract(fp, q), axes, keep_dims=False).output(0))
     compiled = ov.Core().compile_model(ov.Model(results, params), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     raw = {wp.key: 0.0 for wp, _ in mapped}
     for g in range(len(mapped[0][1])):  # every point has one map per sample shape, in the same order
-        feeds = []
-        for _, maps in mapped:
-            mean_map = maps[g][0].astype(np.float32)[None]  # batch of 1
-            channel_means = mean_map.mean(axis=tuple(range(2, mean_map.ndim)), keepdims=True)
-            feeds += [mean_map, np.ascontiguousarray(np.broadcast_to(channel_means, mean_map.shape))]
-        out = compiled(feeds)
+        out = compiled([maps[g][0].astype(np.float32)[None] for _, maps in mapped])  # a batch of 1
         for k, (wp, maps) in enumerate(mapped):
-            fp_mean, q_mean = (np.asarray(out[compiled.outputs[2 * k + j]], np.float64) for j in (0, 1))
-            raw[wp.key] = raw[wp.key] + maps[g][1] * (fp_mean - q_mean)
+            raw[wp.key] = raw[wp.key] + maps[g][1] * np.asarray(out[compiled.outputs[k]], np.float64)
     return raw
 
 
@@ -455,7 +447,7 @@ def calibrate(
     ``"minmax"`` on models with 2-D feature maps and ``"max"`` on others (:func:`range_estimator_for`), tensor
     by tensor: a vector branch of a model with an image input gets ``"max"`` (:func:`point_estimators`);
     Concat inputs share one range. Weights are quantized symmetrically per output channel on the int8 grid
-    (levels=255 over [-m, m]). Bias correction (NNCF's fast bias correction, :func:`fast_bias_shifts`)
+    (levels=255 over [-m, m]). Bias correction (a fast bias correction, :func:`fast_bias_shifts`)
     shifts each layer's bias by the difference between its mean FP32 output and its quantized output on its
     mean input, both from the same statistics pass. FakeQuantize ops already in the model (from QAT) stay.
     ``channel_alignment`` first equalizes the channels of tensors between two convolutions with nothing
