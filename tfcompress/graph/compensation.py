@@ -338,7 +338,8 @@ def _batchnorms(layer: Any) -> list[keras.layers.BatchNormalization]:
     return found
 
 
-def refresh_batchnorm(model: keras.Model, data: Any, batch_size: int = 64) -> list[str]:
+def refresh_batchnorm(model: keras.Model, data: Any, batch_size: int = 64,
+                      layers: Iterable[keras.layers.BatchNormalization] | None = None) -> list[str]:
     """Set the moving statistics of ``model``'s BatchNorms to the batch statistics training sees on ``data``.
 
     Why: removing channels changes what the layers after them receive (a consumer reading 5 % of its channels
@@ -349,9 +350,12 @@ def refresh_batchnorm(model: keras.Model, data: Any, batch_size: int = 64) -> li
     ``data`` (model inputs, in any form :func:`compensate` takes), every trainable BatchNorm (those that use
     batch statistics in training) takes its batch's mean and variance, and the averages over the batches become
     its moving statistics. Every other variable of the model keeps its value. BatchNorms with ``renorm`` are left
-    alone. Returns the names of the BatchNorms refreshed.
+    alone; with ``layers``, only those BatchNorms of the model are refreshed. Returns the names of the BatchNorms
+    refreshed.
     """
-    bns = [bn for bn in _batchnorms(model) if bn.trainable and not bn.renorm and bn.built]
+    chosen = None if layers is None else {id(bn) for bn in layers}
+    bns = [bn for bn in _batchnorms(model) if bn.trainable and not bn.renorm and bn.built
+           and (chosen is None or id(bn) in chosen)]
     if not bns:
         return []
     saved = [(v, v.numpy()) for v in model.non_trainable_variables]
