@@ -529,7 +529,8 @@ def test_filter_pruning_with_data_leaves_no_stale_batchnorm_statistics(kind, rng
     model = _bn_model(kind, rng)
     x = _data(model, rng)
     compensation.refresh_batchnorm(model, x, batch_size=len(x))  # a "pretrained" model: statistics right
-    model.compile(keras.optimizers.SGD(0.0), keras.losses.SparseCategoricalCrossentropy(from_logits=True))  # the weights stay: masks only
+    # learning rate 0: the weights stay, only the masks change
+    model.compile(keras.optimizers.SGD(0.0), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     y = rng.integers(0, 4, len(x))
     pruner = FilterPruning(target=0.75, schedule="baseline", pruning_epochs=1, criterion="l1",
                            prune_first_conv=True, compensation_data=x)

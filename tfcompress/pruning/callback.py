@@ -134,9 +134,9 @@ class FilterPruning(keras.callbacks.Callback):
             samples) on which the means of channels being pruned are measured at each schedule step, and on
             which the moving statistics of the BatchNorms after the changed channels are measured again (as
             training computes them: :func:`tfcompress.graph.compensation.refresh_batchnorm`), so that inference
-            does not normalise with statistics of the unpruned network while they decay. Without it only provably constant
-            channels are handed over and the moving statistics adapt at the BatchNorms' momentum. Not part of
-            ``get_config``.
+            does not normalise with statistics of the unpruned network while they decay. Without it only
+            provably constant channels are handed over and the moving statistics adapt at the BatchNorms'
+            momentum. Not part of ``get_config``.
         verbose: 1 prints the level applied at each schedule step and a progress bar of the measurement.
     """
 
