@@ -6,7 +6,7 @@ import pytest
 from keras import layers as L
 
 import tfcompress
-from tfcompress.graph import build_graph
+from tfcompress.graph import build_graph, compensation
 from tfcompress.pruning import FilterPruning, criteria
 from tfcompress.pruning.masking import GroupMasks
 from conftest import SHARED_DATA, randomize_batchnorm, randomize_biases, rel_error
@@ -446,3 +446,94 @@ def test_switching_masks_group_after_group_looks_only_at_the_changed_groups_para
             assert not masks.zero_channels(g)[[0, 1, 3, 4, 7]].any()
             assert masks.zero_channels(g)[[2, 5, 6]].all()
     assert calls[8] <= 2.2 * calls[4], calls
+
+
+# --------------------------------------------------------------------------- BatchNorm statistics after pruning
+
+def _bn_model(kind: str, rng) -> keras.Model:
+    """A chain whose BatchNorms normalise what pruning the first layer's channels changes, with logits out.
+    ``"conv"``; ``"nested"``: the conv chain with its second block in a sub-model, then a frozen BatchNorm
+    (inference statistics in training too) and a Dropout; ``"dense"``."""
+    if kind == "dense":
+        x = keras.Input((10,))
+        h = L.Activation("relu")(L.BatchNormalization(name="bn1")(L.Dense(16)(x)))
+        h = L.Activation("relu")(L.BatchNormalization(name="bn2")(L.Dense(8)(h)))
+        out = L.Dense(4)(h)
+    else:
+        x = keras.Input((6, 6, 3))
+        h = L.Activation("relu")(L.BatchNormalization(name="bn1")(L.Conv2D(12, 3, padding="same")(x)))
+        block = [L.Conv2D(8, 3, padding="same"), L.BatchNormalization(name="bn2"), L.Activation("relu")]
+        if kind == "nested":
+            inner_in = keras.Input((6, 6, 12))
+            inner = keras.Model(inner_in, block[2](block[1](block[0](inner_in))), name="inner")
+            h = L.BatchNormalization(name="frozen")(inner(L.Dropout(0.3)(h)))
+        else:
+            h = block[2](block[1](block[0](h)))
+        out = L.Dense(4)(L.GlobalAveragePooling2D()(h))
+    model = keras.Model(x, out)
+    randomize_batchnorm(model, rng)
+    for layer in model.layers:
+        if layer.name == "frozen":
+            layer.trainable = False
+    return model
+
+
+def _data(model, rng, n=128) -> np.ndarray:
+    return rng.normal(1.0, 2.0, size=(n, *model.inputs[0].shape[1:])).astype("float32")
+
+
+def _no_dropout_training_output(model, x):
+    """The model's output with BatchNorms on batch statistics (what training sees), without moving anything."""
+    saved = [v.numpy() for v in model.non_trainable_variables]
+    for layer in model.layers:
+        if isinstance(layer, L.Dropout):
+            layer.rate = 0.0
+    out = np.asarray(model(x, training=True))
+    for v, value in zip(model.non_trainable_variables, saved):
+        v.assign(value)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["conv", "nested", "dense"])
+def test_refresh_batchnorm_makes_inference_normalise_as_training_does(kind, rng):
+    model = _bn_model(kind, rng)
+    x = _data(model, rng)
+    frozen = [v.numpy() for layer in model.layers if layer.name == "frozen" for v in layer.non_trainable_variables]
+    assert rel_error(model.predict(x, verbose=0), _no_dropout_training_output(model, x)) > 0.05  # stale statistics
+    names = compensation.refresh_batchnorm(model, x, batch_size=len(x))  # one batch: its statistics exactly
+    assert sorted(names) == ["bn1", "bn2"]
+    assert rel_error(model.predict(x, verbose=0), _no_dropout_training_output(model, x)) < 1e-4
+    for layer in model.layers:
+        if layer.name == "frozen":  # a frozen BatchNorm uses its moving statistics in training too: kept
+            for v, value in zip(layer.non_trainable_variables, frozen):
+                np.testing.assert_array_equal(v.numpy(), value)
+    # several batches: averages of the batch statistics, still close on the whole data
+    compensation.refresh_batchnorm(model, x, batch_size=32)
+    assert rel_error(model.predict(x, verbose=0), _no_dropout_training_output(model, x)) < 0.05
+
+
+def test_refresh_batchnorm_bad_data_leaves_the_model_as_it_was(rng):
+    model = _bn_model("dense", rng)
+    weights = model.get_weights()
+    with pytest.raises(ValueError, match="compensation data"):
+        compensation.refresh_batchnorm(model, np.zeros((0, 10), "float32"))
+    for w, w0 in zip(model.get_weights(), weights):
+        np.testing.assert_array_equal(w, w0)
+
+
+@pytest.mark.parametrize("kind", ["conv", "dense"])
+def test_filter_pruning_with_data_leaves_no_stale_batchnorm_statistics(kind, rng):
+    """Pruning most of a layer's channels shrinks what the next BatchNorm receives; its moving statistics decay
+    towards that at 1 % a step, so after a short fine-tune inference normalised with the unpruned model's and
+    scored far below training. With compensation_data they are measured again once channels change."""
+    model = _bn_model(kind, rng)
+    x = _data(model, rng)
+    compensation.refresh_batchnorm(model, x, batch_size=len(x))  # a "pretrained" model: statistics right
+    # learning rate 0: the weights stay, only the masks change
+    model.compile(keras.optimizers.SGD(0.0), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    y = rng.integers(0, 4, len(x))
+    pruner = FilterPruning(target=0.75, schedule="baseline", pruning_epochs=1, criterion="l1",
+                           prune_first_conv=True, compensation_data=x)
+    model.fit(x, y, batch_size=32, epochs=1, callbacks=[pruner], verbose=0, shuffle=False)
+    assert pruner.pruning_level > 0.5
+    assert rel_error(model.predict(x, verbose=0), _no_dropout_training_output(model, x)) < 0.05

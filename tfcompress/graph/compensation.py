@@ -25,7 +25,8 @@ from tfcompress.graph import ops
 from tfcompress.graph.engine import ChannelGroup, Rule
 from tfcompress.graph.kernels import fold_rows, window_sum
 
-__all__ = ["CompensationReport", "TrackedConstants", "compensate", "consumer_means", "emitted_importance", "undo"]
+__all__ = ["CompensationReport", "TrackedConstants", "compensate", "consumer_means", "emitted_importance",
+           "refresh_batchnorm", "undo"]
 
 
 @dataclasses.dataclass
@@ -321,6 +322,68 @@ def _probe(kg: Any, consumers: list, data: Any, batch_size: int):
                 for n, a, b in zip(names, after, before)}
 
     return measure
+
+
+def _batchnorms(layer: Any) -> list[keras.layers.BatchNormalization]:
+    """The BatchNormalization layers in ``layer`` and in the models and layers nested in it, each once."""
+    found, seen, todo = [], set(), [layer]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, keras.layers.BatchNormalization):
+            found.append(current)
+        todo.extend(getattr(current, "layers", None) or getattr(current, "_layers", None) or [])
+    return found
+
+
+def refresh_batchnorm(model: keras.Model, data: Any, batch_size: int = 64,
+                      layers: Iterable[keras.layers.BatchNormalization] | None = None) -> list[str]:
+    """Set the moving statistics of ``model``'s BatchNorms to the batch statistics training sees on ``data``.
+
+    Why: removing channels changes what the layers after them receive (a consumer reading 5 % of its channels
+    has a fraction of its former variance), while a BatchNorm's moving mean and variance forget the old
+    distribution only at ``1 - momentum`` per step: for hundreds of steps the model then normalises with stale
+    statistics at inference and scores far below what training (which uses each batch's own) reports. The
+    statistics are measured as training computes them: the model runs in training mode on each batch of
+    ``data`` (model inputs, in any form :func:`compensate` takes), every trainable BatchNorm (those that use
+    batch statistics in training) takes its batch's mean and variance, and the averages over the batches become
+    its moving statistics. Every other variable of the model keeps its value. BatchNorms with ``renorm`` are left
+    alone; with ``layers``, only those BatchNorms of the model are refreshed. Returns the names of the BatchNorms
+    refreshed.
+    """
+    chosen = None if layers is None else {id(bn) for bn in layers}
+    bns = [bn for bn in _batchnorms(model) if bn.trainable and not bn.renorm and bn.built
+           and (chosen is None or id(bn) in chosen)]
+    if not bns:
+        return []
+    saved = [(v, v.numpy()) for v in model.non_trainable_variables]
+    inputs = getattr(model, "inputs", None) or []
+    structure = model.input if len(inputs) > 1 else None
+    momenta = [bn.momentum for bn in bns]
+    sums = [[np.zeros(tuple(bn.moving_mean.shape)), np.zeros(tuple(bn.moving_variance.shape))] for bn in bns]
+    count = 0
+    try:
+        for bn in bns:
+            bn.momentum = 0.0  # the moving statistics become the batch's own
+        for x in _batches(data, batch_size, structure):
+            model(x, training=True)
+            for bn, acc in zip(bns, sums):
+                acc[0] += np.asarray(bn.moving_mean, np.float64)
+                acc[1] += np.asarray(bn.moving_variance, np.float64)
+            count += 1
+    finally:
+        for bn, momentum in zip(bns, momenta):
+            bn.momentum = momentum
+        for v, value in saved:  # training mode must not move anything else (quantizer ranges, seeds)
+            v.assign(value)
+    if not count:
+        raise ValueError("refresh_batchnorm got no batches of data")
+    for bn, (mean, var) in zip(bns, sums):
+        bn.moving_mean.assign((mean / count).astype(bn.moving_mean.dtype))
+        bn.moving_variance.assign((var / count).astype(bn.moving_variance.dtype))
+    return [bn.name for bn in bns]
 
 
 def undo(changes: list[tuple[Any, int, np.ndarray]], channels: np.ndarray) -> list[tuple[Any, int, np.ndarray]]:

@@ -131,8 +131,12 @@ class FilterPruning(keras.callbacks.Callback):
             See :func:`tfcompress.zero_channels`.
         compensation_data: model inputs as ``fit`` takes them (an array; for several inputs a dict by input name
             or a tuple / list in input order; ``(x, y)`` of those; or a batched ``tf.data.Dataset``; a few hundred
-            samples) on which the means of channels being pruned are measured at each schedule step. Without
-            it only provably constant channels are handed over. Not part of ``get_config``.
+            samples) on which the means of channels being pruned are measured at each schedule step, and on
+            which the moving statistics of the BatchNorms after the changed channels are measured again (as
+            training computes them: :func:`tfcompress.graph.compensation.refresh_batchnorm`), so that inference
+            does not normalise with statistics of the unpruned network while they decay. Without it only
+            provably constant channels are handed over and the moving statistics adapt at the BatchNorms'
+            momentum. Not part of ``get_config``.
         verbose: 1 prints the level applied at each schedule step and a progress bar of the measurement.
     """
 
@@ -322,7 +326,13 @@ class FilterPruning(keras.callbacks.Callback):
                     "others come back; to resume a run, pass fit(initial_epoch=<the epoch it stopped at>)",
                     stacklevel=2)
             if in_ramp or counts != current:
+                before = st.masks.keep
                 st.masks.set(self._select(counts))
+                changed = [gid for gid, k in st.masks.keep.items() if not np.array_equal(before[gid], k)]
+                if self.compensation_data is not None and changed:
+                    st.masks.apply()
+                    compensation.refresh_batchnorm(self.model, self.compensation_data,
+                                                   layers=st.masks.batchnorms_after(changed))
                 if self.verbose:
                     print(f"FilterPruning: epoch {epoch + 1}: pruning level {self.pruning_level:.3f}, "
                           f"FLOPs ratio {self.flops_ratio:.3f}")

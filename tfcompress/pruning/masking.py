@@ -49,6 +49,8 @@ class GroupMasks:
         for rec in kg.records:
             for t in set(rec.op.inputs):
                 readers.setdefault(t, []).append(rec)
+        self._readers = readers
+        self._outputs: dict[int, list[tuple[LayerKind, int]]] = {g.id: [] for g in self.groups}  # producers'
         self._chain: dict[int, list[LayerKind]] = {}  # id(producer kind) -> per-channel layers after it
         seen: set[str] = set()
         for rec in kg.records:
@@ -65,6 +67,7 @@ class GroupMasks:
                 for gid in touched:  # a producer added to a concatenation carries each group in one part
                     pos, ch = kg.graph.positions(out, by_id[gid])
                     self.producers[gid].append((rec.kind, pos[np.argsort(ch, kind="stable")]))
+                    self._outputs[gid].append((rec.kind, out))
                 self._chain[id(rec.kind)] = _gain_chain(kg, readers, out)
         self._shadow: dict[int, np.ndarray] = {}
         self._has_shadow: dict[int, np.ndarray] = {}
@@ -148,6 +151,26 @@ class GroupMasks:
                 w = self._remembered(p.variable).reshape(p.view or tuple(p.variable.shape))
                 gain = gain * np.linalg.norm(np.moveaxis(w, p.axis, 0).reshape(w.shape[p.axis], -1), axis=1)
         return gain
+
+    def batchnorms_after(self, group_ids: Any) -> list[keras.layers.BatchNormalization]:
+        """The BatchNorms whose inputs change when channels of the groups ``group_ids`` are removed or revived:
+        every one a group's producers reach, except those that normalise that group's own channels one to one
+        (:meth:`gains`' chain), whose kept channels see what they saw before."""
+        found = {}
+        for gid in group_ids:
+            own = {id(kind.layer) for producer, _ in self._outputs[gid] for kind in self._chain.get(id(producer), [])}
+            todo = [out for _, out in self._outputs[gid]]
+            seen = set(todo)
+            while todo:
+                for rec in self._readers.get(todo.pop(), []):
+                    layer = rec.kind.layer
+                    if isinstance(layer, keras.layers.BatchNormalization) and id(layer) not in own:
+                        found[id(layer)] = layer
+                    for t in rec.op.outputs:
+                        if t not in seen:
+                            seen.add(t)
+                            todo.append(t)
+        return list(found.values())
 
     def zero_channels(self, group: ChannelGroup) -> np.ndarray:
         """Channels of ``group`` whose filters are exactly zero in every producer (pruned earlier)."""
