@@ -221,16 +221,16 @@ def _grid_weights(wp: WeightPoint) -> np.ndarray:
     return np.clip(w, -clip, clip).astype(np.float32)
 
 
-def _weight_fq(wp: WeightPoint, copy: bool = False, dtype: np.dtype | None = None):
+def _weight_fq(wp: WeightPoint):
     """FakeQuantize of a layer's weights: symmetric per output channel on the int8 grid (255 levels), or the
-    7-bit grid of the overflow fix. It reads the layer's own weight input, or, with ``copy`` or on the 7-bit
-    grid, a new constant of the weights (clipped at the grid's top level there: :func:`_grid_weights`), in
-    ``dtype`` (by default the type of the layer's weights)."""
+    7-bit grid of the overflow fix. It reads the layer's own weight input, or, on the 7-bit grid, a new constant
+    of the weights (clipped at the grid's top level there: :func:`_grid_weights`), in the type of the layer's
+    weights."""
     import openvino.opset13 as ops
 
-    dtype = dtype or _dtype(wp.op.input(1).get_source_output())
+    dtype = _dtype(wp.op.input(1).get_source_output())
     m = _weight_limit(wp, _float_weights(wp)).astype(dtype)
-    if copy or wp.half_range:
+    if wp.half_range:
         src = ops.constant(_grid_weights(wp).astype(dtype)).output(0)
     else:
         src = wp.op.input(1).get_source_output()
@@ -306,6 +306,13 @@ def _quantized_weights(wp: WeightPoint) -> np.ndarray:
     return (q / levels * width - limit).astype(np.float32)
 
 
+def _lost_weights(wp: WeightPoint) -> np.ndarray:
+    """The float weights minus the quantized ones (:func:`_quantized_weights`): what quantization takes from a
+    layer's weights. The layer being linear in its weights, the layer run with these on an input is what its
+    quantized form misses of its float output there."""
+    return _float_weights(wp) - _quantized_weights(wp)
+
+
 def fast_bias_shifts(points, stats: Statistics) -> dict:
     """Per layer: its mean FP32 output minus its mean output with quantized weights, on the calibration data.
 
@@ -333,12 +340,11 @@ def fast_bias_shifts(points, stats: Statistics) -> dict:
             mapped.append((wp, mean))
             continue
         m = mean.astype(np.float64).reshape(-1)
-        w, wq = (a.astype(np.float64) for a in (_float_weights(wp), _quantized_weights(wp)))
+        lost = _lost_weights(wp).astype(np.float64)
         if wp.op.get_type_name() == "MatMul":  # y = x @ W, or x @ W.T with transpose_b
-            t = wp.op.get_attributes()["transpose_b"]
-            raw[wp.key] = m @ (w.T if t else w) - m @ (wq.T if t else wq)
+            raw[wp.key] = m @ (lost.T if wp.op.get_attributes()["transpose_b"] else lost)
         else:  # 1x1 convolution, weights [O, I, 1, 1]
-            raw[wp.key] = w[:, :, 0, 0] @ m - wq[:, :, 0, 0] @ m
+            raw[wp.key] = lost[:, :, 0, 0] @ m
     if mapped:
         raw.update(_map_shifts(mapped))
     shifts = {}
@@ -356,9 +362,10 @@ def _map_shifts(mapped: list) -> dict:
     """The shifts of non-pointwise layers (:func:`fast_bias_shifts`): ``mapped`` holds ``(point, maps)`` with
     ``maps`` the layer's mean input per sample shape and that shape's share of the samples
     (:class:`~tfcompress.calibration.statistics.Statistics`). Per shape, the layer's mean output over positions
-    on the mean map minus the quantized layer's on the same map; the shift weighs each shape by its share, as
-    if every sample had been corrected alone. All layers run side by side in one small f32 model, compiled
-    once, with the dimensions that differ between shapes left dynamic, and run once per shape."""
+    on the mean map minus the quantized layer's on the same map: the layer with the weights quantization takes
+    away (:func:`_lost_weights`) on that map, averaged over positions; the shift weighs each shape by its
+    share, as if every sample had been corrected alone. All layers run side by side in one small f32 model,
+    compiled once, with the dimensions that differ between shapes left dynamic, and run once per shape."""
     import openvino as ov
     import openvino.opset13 as ops
 
@@ -369,9 +376,8 @@ def _map_shifts(mapped: list) -> dict:
         axes = np.array([a for a in range(len(dims) + 1) if a != 1], np.int64)
         p = ops.parameter(ov.PartialShape([1, *dims]), ov.Type.f32)
         params.append(p)
-        fp = _weighted_like(wp.op, p, ops.constant(_float_weights(wp)).output(0))
-        q = _weighted_like(wp.op, p, _weight_fq(wp, copy=True, dtype=np.float32).output(0))
-        results.append(ops.reduce_mean(ops.subtract(fp, q), axes, keep_dims=False).output(0))
+        missed = _weighted_like(wp.op, p, ops.constant(_lost_weights(wp)).output(0))
+        results.append(ops.reduce_mean(missed, axes, keep_dims=False).output(0))
     compiled = ov.Core().compile_model(ov.Model(results, params), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     raw = {wp.key: 0.0 for wp, _ in mapped}
     for g in range(len(mapped[0][1])):  # every point has one map per sample shape, in the same order
