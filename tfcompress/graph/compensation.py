@@ -122,16 +122,16 @@ def _consumers(kg: Any, group: ChannelGroup, chosen: np.ndarray) -> list[tuple[A
     return out
 
 
-def _input_structure(kg: Any) -> Any:
+def _input_structure(model: keras.Model) -> Any:
     """The model's inputs as its data comes: one tensor, or with several inputs the model's own structure (a
     dict of named inputs, a list) so that its data fits as it is."""
-    inputs = kg.model.inputs
-    return inputs[0] if len(inputs) == 1 else getattr(kg.model, "input", inputs)
+    inputs = model.inputs
+    return inputs[0] if len(inputs) == 1 else getattr(model, "input", inputs)
 
 
 def _submodel(kg: Any, tensors: list[Any]) -> keras.Model:
     try:
-        return keras.Model(_input_structure(kg), tensors)
+        return keras.Model(_input_structure(kg.model), tensors)
     except Exception as e:  # nested sub-models: their inner tensors are not reachable from the outer inputs
         raise ValueError(
             f"cannot measure channel statistics inside model {kg.model.name!r} ({e}); compensation from data "
@@ -194,7 +194,7 @@ def consumer_means(kg: Any, consumers: list[tuple[Any, int, np.ndarray]], data: 
     fn = _submodel(kg, tensors)
     sums = [np.zeros(int(t.shape[-1])) for t in tensors]
     count = 0
-    for x in _batches(data, batch_size, _input_structure(kg)):
+    for x in _batches(data, batch_size, _input_structure(kg.model)):
         outs = fn(x, training=False)
         outs = outs if isinstance(outs, (list, tuple)) else [outs]
         for k, o in enumerate(outs):
@@ -307,7 +307,8 @@ def _probe(kg: Any, consumers: list, data: Any, batch_size: int):
     """Record the consumers' outputs now; the returned function gives their relative change later."""
     names = [c[0].op.layer for c in consumers]
     fn = _submodel(kg, [c[0].node.outputs[0] for c in consumers])
-    batches = list(_batches(data, batch_size, _input_structure(kg)))  # arrays, or dicts of arrays for named inputs
+    # arrays, or dicts of arrays for named inputs
+    batches = list(_batches(data, batch_size, _input_structure(kg.model)))
     x = keras.tree.map_structure(lambda *parts: np.concatenate([np.asarray(p) for p in parts])[:256], *batches)
 
     def run() -> list[np.ndarray]:
@@ -359,15 +360,13 @@ def refresh_batchnorm(model: keras.Model, data: Any, batch_size: int = 64,
     if not bns:
         return []
     saved = [(v, v.numpy()) for v in model.non_trainable_variables]
-    inputs = getattr(model, "inputs", None) or []
-    structure = model.input if len(inputs) > 1 else None
     momenta = [bn.momentum for bn in bns]
     sums = [[np.zeros(tuple(bn.moving_mean.shape)), np.zeros(tuple(bn.moving_variance.shape))] for bn in bns]
     count = 0
     try:
         for bn in bns:
             bn.momentum = 0.0  # the moving statistics become the batch's own
-        for x in _batches(data, batch_size, structure):
+        for x in _batches(data, batch_size, _input_structure(model)):
             model(x, training=True)
             for bn, acc in zip(bns, sums):
                 acc[0] += np.asarray(bn.moving_mean, np.float64)
@@ -411,7 +410,7 @@ def emitted_importance(kg: Any, group: ChannelGroup, data: Any, batch_size: int 
         return score
     fn = _submodel(kg, [c[0].node.input_tensors[c[1]] for c in consumers])
     n, s1, s2 = 0, [0.0] * len(consumers), [0.0] * len(consumers)
-    for x in _batches(data, batch_size, _input_structure(kg)):
+    for x in _batches(data, batch_size, _input_structure(kg.model)):
         outs = fn(x, training=False)
         outs = outs if isinstance(outs, (list, tuple)) else [outs]
         for k, o in enumerate(outs):
