@@ -440,19 +440,23 @@ class DoubledDense(L.Dense):
         return 2.0 * super().call(x)
 
 
+
+def _shim_net(conv, dw, add, head, head_name: str) -> keras.Model:
+    """conv -> depthwise -> residual add -> pool -> dense -> ``head``, from the given layer classes (plain Keras
+    ones or loading shims of them)."""
+    inp = keras.Input((12, 12, 3), name="image")
+    a = conv(8, 3, padding="same", activation="relu", name="c1")(inp)
+    b = dw(3, padding="same", name="dw")(a)
+    s = L.GlobalAveragePooling2D(name="gap")(L.ReLU(name="relu")(add(name="add")([a, b])))
+    return keras.Model(inp, head(4, name=head_name)(L.Dense(6, name="d")(s)))
+
 def test_subclasses_that_only_change_construction_are_quantized_as_their_base():
     """Subclasses of quantizable layers defining only __init__ (shims to load an older model, like the MLPerf Tiny
     VWW MobileNet's DepthwiseConv2D) were left float by quantize_model, so its QAT IR ran 15 of 28 layers INT8;
     they compute as their base, so they get its twin and placement. A subclass with its own call stays float."""
-    def net(dw, conv, add):
-        inp = keras.Input((12, 12, 3), name="image")
-        a = conv(8, 3, padding="same", activation="relu", name="c1")(inp)
-        b = dw(3, padding="same", name="dw")(a)
-        s = L.GlobalAveragePooling2D(name="gap")(L.ReLU(name="relu")(add(name="add")([a, b])))
-        return keras.Model(inp, DoubledDense(4, name="doubled")(L.Dense(6, name="d")(s)))
-
     keras.utils.set_random_seed(0)
-    plain, legacy = net(L.DepthwiseConv2D, L.Conv2D, L.Add), net(LegacyDepthwiseConv2D, LegacyConv2D, LegacyAdd)
+    plain = _shim_net(L.Conv2D, L.DepthwiseConv2D, L.Add, DoubledDense, "doubled")
+    legacy = _shim_net(LegacyConv2D, LegacyDepthwiseConv2D, LegacyAdd, DoubledDense, "doubled")
     legacy.set_weights(plain.get_weights())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -507,17 +511,10 @@ def test_subclasses_that_only_change_construction_or_config_are_quantized_as_the
     ``__init__`` was taken as construction), and a shim's own ``get_config`` may add an argument its base's
     twin does not take. They get their base's twin and placement, computing as the plain model's QAT copy; a
     subclass overriding ``build`` stays float (the warning names it); the QAT model saves and loads."""
-    def net(conv, dw, add, dense):
-        inp = keras.Input((12, 12, 3), name="image")
-        a = conv(8, 3, padding="same", activation="relu", name="c1")(inp)
-        b = dw(3, padding="same", name="dw")(a)
-        s = L.GlobalAveragePooling2D(name="gap")(L.ReLU(name="relu")(add(name="add")([a, b])))
-        return keras.Model(inp, dense(4, name="head")(L.Dense(6, name="d")(s)))
-
     keras.utils.set_random_seed(0)
-    plain = net(L.Conv2D, L.DepthwiseConv2D, L.Add, L.Dense)
-    shims = net(FromConfigConv2D, ConfiguredDepthwiseConv2D, FromConfigAdd, L.Dense)
-    built = net(L.Conv2D, L.DepthwiseConv2D, L.Add, OwnBuildDense)
+    plain = _shim_net(L.Conv2D, L.DepthwiseConv2D, L.Add, L.Dense, "head")
+    shims = _shim_net(FromConfigConv2D, ConfiguredDepthwiseConv2D, FromConfigAdd, L.Dense, "head")
+    built = _shim_net(L.Conv2D, L.DepthwiseConv2D, L.Add, OwnBuildDense, "head")
     shims.set_weights(plain.get_weights())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
