@@ -739,11 +739,12 @@ def test_an_output_read_from_a_lookup_table_is_left_out_and_said(tmp_path, rng, 
 
 
 def _tf1_saved_model(path, rng, input_key: str = "images", table: bool = False, as_text: bool = False,
-                     dropout: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                     dropout: bool = False, more_signatures: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Write a TF1 SavedModel (``tf.compat.v1.saved_model.Builder``; ``saved_model.pbtxt`` with ``as_text``)
     whose ``serving_default`` takes ``input_key`` and returns ``scores`` (and, with ``table``, ``classes`` from
     a lookup table its ``main_op`` initializes; with ``dropout``, a dropout whose ``keep_prob`` placeholder
-    defaults to 1); returns sample inputs and their scores."""
+    defaults to 1; with ``more_signatures``, also ``twin``, the same signature again, and ``features``, which
+    returns the pooled features instead); returns sample inputs and their scores."""
     g = tf.Graph()
     with g.as_default():
         x = tf.compat.v1.placeholder(tf.float32, [None, 8, 8, 3], name="input")
@@ -764,7 +765,12 @@ def _tf1_saved_model(path, rng, input_key: str = "images", table: bool = False, 
             expected = sess.run(scores, {x: samples})
             builder = tf.compat.v1.saved_model.Builder(str(path))
             sig = tf.compat.v1.saved_model.predict_signature_def({input_key: x}, outputs)
-            builder.add_meta_graph_and_variables(sess, ["serve"], signature_def_map={"serving_default": sig},
+            signatures = {"serving_default": sig}
+            if more_signatures:
+                signatures["twin"] = sig
+                signatures["features"] = tf.compat.v1.saved_model.predict_signature_def({input_key: x},
+                                                                                        {"features": features})
+            builder.add_meta_graph_and_variables(sess, ["serve"], signature_def_map=signatures,
                                                  main_op=tf.compat.v1.tables_initializer())
             builder.save(as_text=as_text)
     return samples, expected
@@ -937,3 +943,11 @@ def test_signatures_the_export_leaves_out_are_named(tmp_path, rng, capsys):
     assert report["signatures_left_out"] == ["serve_u8"]
     assert "'serve_u8'" in capsys.readouterr().err
     assert sorted(tf.saved_model.load(str(tmp_path / "out" / "stripped")).signatures) == ["serving_default", "twin"]
+
+
+def test_signatures_a_tf1_savedmodel_leaves_out_are_named(tmp_path, rng, capsys):
+    """The same for a SavedModel only TensorFlow 1's loader can freeze (a lookup table its main_op fills)."""
+    _tf1_saved_model(tmp_path / "sm", rng, table=True, more_signatures=True)
+    report = export_saved_model(str(tmp_path / "sm"), str(tmp_path / "out"), int8="none", verbose=False)
+    assert report["signatures_left_out"] == ["features"]
+    assert "'features'" in capsys.readouterr().err

@@ -212,7 +212,7 @@ def export_saved_model(
                         "steps": {}}
         if frozen.dropped:
             report["dropped_outputs"] = dict(frozen.dropped)
-        left_out = sorted(_signature_keys(saved_model_dir) - {signature_key, *frozen.other_signatures})
+        left_out = frozen.left_out
         if left_out:
             report["signatures_left_out"] = left_out
             print(f"warning: signatures {left_out} are not exported: they differ from {signature_key!r} in "
@@ -508,14 +508,6 @@ def _reshape_batch(model, batch: int) -> None:
             f"--int8=accuracy_aware needs the model to run on batches of any size, but its input "
             f"{model.inputs[0].get_any_name()!r} takes exactly {model.inputs[0].get_partial_shape()[0]} samples "
             f"and OpenVINO cannot free it ({str(e).splitlines()[0]}); use --int8=default") from None
-
-
-def _signature_keys(saved_model_dir: str) -> set[str]:
-    """The signature keys of the SavedModel's serving meta graph, read without loading it."""
-    for mg in read_saved_model_proto(saved_model_dir).meta_graphs:
-        if "serve" in mg.meta_info_def.tags:
-            return {k for k in mg.signature_def if not k.startswith("__")}  # "__saved_model_init_op" is no signature
-    return set()
 
 
 def _variable_layers(saved_model_dir: str) -> list[str] | None:

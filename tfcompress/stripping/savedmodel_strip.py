@@ -46,6 +46,8 @@ class FrozenSignature:
     other_signatures: list[str]  # signature keys with the same interface (Keras' "serve")
     # signature outputs left out, with the reason: they read a lookup table or are not numbers
     dropped: dict[str, str] = dataclasses.field(default_factory=dict)
+    # the SavedModel's other signatures, whose interface differs: not exported with this one
+    left_out: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -89,15 +91,15 @@ def freeze_saved_model(src_dir: str, signature_key: str = "serving_default") -> 
     try:
         loaded = tf.saved_model.load(src_dir)
     except Exception:  # e.g. TF/Keras 2 SavedModels whose optimizer objects TF 2.16+ cannot restore
-        graph_def, inputs, outputs, specs, same, out_dtypes = _freeze_v1(src_dir, signature_key)
+        graph_def, inputs, outputs, specs, same, others, out_dtypes = _freeze_v1(src_dir, signature_key)
     else:
         try:
-            graph_def, inputs, outputs, specs, same, out_dtypes = _freeze_v2(loaded, src_dir, signature_key)
+            graph_def, inputs, outputs, specs, same, others, out_dtypes = _freeze_v2(loaded, src_dir, signature_key)
         except ExportError:
             raise
         except Exception as e:  # e.g. a signature that assigns variables (a layer traced in training mode)
             if _written_by_tf1(src_dir):  # e.g. a table its main_op initializes: TF 2's freezing cannot import it
-                graph_def, inputs, outputs, specs, same, out_dtypes = _freeze_v1(src_dir, signature_key)
+                graph_def, inputs, outputs, specs, same, others, out_dtypes = _freeze_v1(src_dir, signature_key)
             else:
                 raise ExportError(
                     f"cannot freeze the {signature_key!r} signature of {src_dir!r} into constants "
@@ -111,7 +113,8 @@ def freeze_saved_model(src_dir: str, signature_key: str = "serving_default") -> 
     outputs = {k: t for k, t in outputs.items() if k not in dropped}
     # the inputs too: a signature input no output reads stays one (its callers still feed it)
     graph_def = fold_constants(graph_def, list(outputs.values()) + list(inputs.values()))
-    return FrozenSignature(graph_def, inputs, outputs, specs, signature_key, same, dropped)
+    return FrozenSignature(graph_def, inputs, outputs, specs, signature_key, same, dropped,
+                           sorted(set(others) - set(same)))
 
 
 # ops holding a lookup table (tf.lookup, StringLookup / IntegerLookup, TF1 index_to_string)
@@ -235,7 +238,7 @@ def _freeze_v2(loaded, src_dir: str, key: str):
         and f.structured_outputs.keys() == fn.structured_outputs.keys()
     ]
     dtypes = {k: v.dtype for k, v in fn.structured_outputs.items() if isinstance(v, tf.TensorSpec)}
-    return graph_def, inputs, outputs, specs, same, dtypes
+    return graph_def, inputs, outputs, specs, same, [k for k in sigs if k != key], dtypes
 
 
 def _freeze_v1(src_dir: str, key: str):
@@ -277,7 +280,8 @@ def _freeze_v1(src_dir: str, key: str):
         and {n: v.name for n, v in s.inputs.items()} == inputs
         and {n: v.name for n, v in s.outputs.items()} == outputs
     ]
-    return graph_def, inputs, outputs, specs, same, {k: tf.as_dtype(v.dtype) for k, v in sig.outputs.items()}
+    others = [k for k in mg.signature_def if k != key and not k.startswith("__")]  # "__saved_model_init_op"
+    return graph_def, inputs, outputs, specs, same, others, {k: tf.as_dtype(v.dtype) for k, v in sig.outputs.items()}
 
 
 def save_graph_def(frozen: FrozenSignature, graph_def: tf.compat.v1.GraphDef, dst_dir: str) -> None:
