@@ -25,6 +25,9 @@ Models:
 - ``pruned``: ResNet-8s pruned to 40 % fewer FLOPs as in ``benchmarks/pruned_int8.py`` (``--variants``);
   calibration on 300 fine-tuning images, evaluation on the 2,000 held-out ones. The pruned models' IRs are kept
   in ``--work`` and reused.
+- ``mobilenetv2_trained``: keras.applications MobileNetV2 (alpha 0.5) at 32x32 trained from scratch on the
+  first ``--train_images`` shuffled CIFAR-10 training JPEGs (``--epochs``, Adam 1e-3, BatchNorm momentum 0.9);
+  calibration sets of 300 of the training images after those (``--sets``), evaluation on the 10,000 test JPEGs.
 - ``mobilenetv2``: keras.applications MobileNetV2 at 96x96 (random weights, BatchNorm statistics from CIFAR-10
   images: ``benchmarks/calibration.py``'s ``app_ir``): calibration on 300 test images, evaluation on 500 others,
   no labels.
@@ -216,8 +219,9 @@ def mobilenetv2_trained(args, work: str, rules: list[str]) -> None:
                   verbose=0)
         pruned_int8.to_ir(model, work, "mnv2_trained")
     x, y = common.cifar10_test()
-    compare("mobilenetv2 trained 32x32", ov.Core().read_model(xml), [prep(x_train[-300:])], prep(x), y, rules, work,
-            500)
+    sets = [prep(x_train[args.train_images + 300 * int(k):][:300]) for k in args.sets.split(",")]
+    compare(f"mobilenetv2 trained 32x32 (sets {args.sets})", ov.Core().read_model(xml), sets, prep(x), y, rules,
+            work, 500)
 
 
 def main() -> None:
@@ -225,7 +229,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="resnet8,vww,pruned,mobilenetv2")
     ap.add_argument("--rules", default="none,layer,channel,all,layer+dw,channel+dw,all+dw")
-    ap.add_argument("--sets", default="0,1,2,3,4", help="ResNet-8 calibration sets (of 5)")
+    ap.add_argument("--sets", default="0,1,2,3,4", help="ResNet-8 (of 5) and trained MobileNetV2 calibration sets")
     ap.add_argument("--variants", default="sens_e2_p1,gpf_e2_p1", help="pruned ResNet-8s (pruned_int8.py's names)")
     ap.add_argument("--n_eval", type=int, default=2000, help="VWW evaluation images (at most 9,700)")
     ap.add_argument("--epochs", type=int, default=4, help="mobilenetv2_trained: training epochs")
