@@ -249,11 +249,6 @@ def _weighted_like(op, data, weights):
     return fn(data, weights, a["strides"], a["pads_begin"], a["pads_end"], a["dilations"], a["auto_pad"])
 
 
-# Fast bias correction skips a layer whose shift would exceed this multiple of its bias (as NNCF does): a
-# large relative shift means the layer-wise estimate is not trustworthy there.
-BIAS_SHIFT_THRESHOLD = 2.0
-
-
 def _bias_value(op) -> np.ndarray | None:
     inp = bias_input(op)
     return None if inp is None else _through_convert(inp.get_source_output()).get_data().astype(np.float32)
@@ -268,9 +263,11 @@ def _pointwise(op) -> bool:
             and unpadded_stride_one(op))
 
 
-# Op types whose biases fast bias correction shifts (NNCF's OpenVINO backend: the same two). Grouped and
-# depthwise convolutions are left alone, as in NNCF.
-BIAS_CORRECTED_OPS = frozenset({"Convolution", "MatMul"})
+# Op types whose biases fast bias correction shifts: every op whose weights are quantized. Grouped and
+# depthwise convolutions are linear in their input like the others, so their shift is as exact. (NNCF's
+# OpenVINO backend leaves them alone; its form of the shift holds a padding term that through a 3x3 depthwise
+# layer is far larger than the rounding error.)
+BIAS_CORRECTED_OPS = frozenset({"Convolution", "GroupConvolution", "MatMul"})
 
 
 def bias_points(model, weights: list[WeightPoint]) -> list[tuple[WeightPoint, tuple, str]]:
@@ -320,15 +317,15 @@ def fast_bias_shifts(points, stats: Statistics) -> dict:
     so the mean output is the layer applied to the mean input, on both sides: a pointwise layer's per-channel
     mean input (numpy), another layer's input averaged over the samples, a per-position map (these layers run
     side by side in one small model: :func:`_map_shifts`). The shift is thus exactly the mean error the
-    weights' rounding adds to the layer's output, and nothing else. Layers whose shift would exceed
-    ``BIAS_SHIFT_THRESHOLD`` times their bias are left alone.
+    weights' rounding adds to the layer's output, and nothing else, and every channel gets its own whatever its
+    bias: a channel whose bias is 0 or small against its shift is as exactly corrected as the others.
 
     NNCF's fast bias correction runs the quantized side of a spatial layer on a constant map of the per-channel
     means instead. Its shift then also holds ``conv(mean map) - conv(channel means)``, how the input's spatial
     pattern meets padding and strides, which has nothing to do with quantization and is often ten times the
-    rounding error: it moves the INT8 model's output means away from the FP32 model's, by an amount that the
-    threshold admits for some layers and not for others (on a pruned ResNet-8, 9 accuracy points lost;
-    BENCHMARKS.md 3k).
+    rounding error; it therefore skips a layer when any channel's shift exceeds twice that channel's bias, which
+    admits that term for some layers and not for others (on a pruned ResNet-8, 9 accuracy points lost;
+    BENCHMARKS.md 3k). The exact shift has no such term to keep out, so no channel is skipped.
     """
     raw: dict = {}
     mapped = []
@@ -352,8 +349,7 @@ def fast_bias_shifts(points, stats: Statistics) -> dict:
         if wp.key not in raw:
             continue
         shift = raw[wp.key].astype(np.float32).reshape(-1)
-        bias = _bias_value(wp.op).reshape(-1)
-        if bias.size == shift.size and np.all(bias != 0) and np.max(np.abs(shift / bias)) < BIAS_SHIFT_THRESHOLD:
+        if _bias_value(wp.op).size == shift.size:  # one bias per output channel (not one broadcast to all)
             shifts[wp.key] = shift
     return shifts
 
