@@ -166,7 +166,7 @@ def measure(work: str, tags: list[str], models: list[str]) -> None:
                                np.ascontiguousarray(xte[:1]))
         print(f"\n{name}\n")
         print("| IR | acc % (f32) | acc % (default) | agree % (f32) | act. FQ | INT8 layers | "
-              "b1 ms f32 | b1 ms default | b32 img/s f32 | b32 img/s default |\n|---|---|---|---|---|---|---|---|---|---|")
+              "b1 ms f32 | b1 ms default | b32 img/s f32 | b32 img/s default |\n" + "|---" * 10 + "|")
         rows = {}
         for k, path in irs.items():
             model = core.read_model(path)
