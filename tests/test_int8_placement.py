@@ -129,12 +129,9 @@ def quantized_inputs(xml: str) -> list[tuple[str, tuple[str, ...]]]:
     return rows
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_qat_and_calibrated_ir_quantize_the_same_tensors(name, tmp_path):
-    keras.utils.set_random_seed(0)
-    model = MODELS[name]()
-    x = np.random.default_rng(0).uniform(0, 1, (16, 16, 16, 3)).astype("float32")
-
+def two_routes(model, x, tmp_path) -> tuple[str, str, keras.Model]:
+    """The two INT8 IRs of ``model`` (the paths of the QAT one and the calibrated one, both calibrated or
+    initialized on ``x``) and the quantization-aware Keras model the QAT IR is exported from."""
     model.export(str(tmp_path / "float"), verbose=False)
     export_saved_model(str(tmp_path / "float"), str(tmp_path / "float_ir"), verbose=False)
     ptq = str(tmp_path / "ptq.xml")
@@ -147,7 +144,15 @@ def test_qat_and_calibrated_ir_quantize_the_same_tensors(name, tmp_path):
     q.fit(x, model.predict(x, verbose=0), batch_size=16, epochs=1, callbacks=[RangeInit(1)], verbose=0)
     q.export(str(tmp_path / "qat"), verbose=False)
     export_saved_model(str(tmp_path / "qat"), str(tmp_path / "qat_ir"), verbose=False)
-    qat = str(tmp_path / "qat_ir" / "model_fp32.xml")
+    return str(tmp_path / "qat_ir" / "model_fp32.xml"), ptq, q
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_qat_and_calibrated_ir_quantize_the_same_tensors(name, tmp_path):
+    keras.utils.set_random_seed(0)
+    model = MODELS[name]()
+    x = np.random.default_rng(0).uniform(0, 1, (16, 16, 16, 3)).astype("float32")
+    qat, ptq, _ = two_routes(model, x, tmp_path)
 
     assert quantized_inputs(qat) == quantized_inputs(ptq)
     # calibration adds no quantizer for a normalization's ops alone

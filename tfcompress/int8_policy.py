@@ -29,7 +29,7 @@ import numpy as np
 
 __all__ = [
     "OpPolicy", "WEIGHTED", "DEPTHWISE", "JOIN", "GATE", "POOLING", "MAX_POOLING", "PAD", "RESHAPE", "PROJECTIONS",
-    "FLOAT", "NORMALIZATION",
+    "FLOAT", "NORMALIZATION", "STATISTICS_ROLES", "StatisticsOp", "normalizations",
     "OVERFLOW_FIX", "WEIGHT_LEVELS", "on_int8_grid", "overflow_fix_layers", "quantized_inputs",
     "quantizer_moves_above", "weight_grid",
 ]
@@ -83,10 +83,99 @@ RESHAPE = OpPolicy(moves_values=True)  # reshape, flatten, transpose, squeeze
 # key): each input quantized, as the fully connected layers' data inputs are
 PROJECTIONS = OpPolicy(inputs="all")
 FLOAT = OpPolicy()  # everything else: computes in float, quantizes nothing
-# a normalization by a tensor's own statistics (LayerNormalization, also decomposed into ReduceMean, Subtract,
-# Multiply ... in an IR): float on both sides. Its statistics are not pooling nor its scaling a gate: quantizing
-# them (up to 6 quantizers per LayerNormalization) ran no weighted layer more in INT8 and measured no faster
+# a normalization by a tensor's own statistics (LayerNormalization, RMSNormalization, UnitNormalization, also
+# decomposed into ReduceMean, Subtract, Multiply ... in an IR, or written with keras.ops): float on both sides,
+# found by :func:`normalizations`. Its statistics are not pooling nor its scaling a gate: quantizing them (up to
+# 6 quantizers per LayerNormalization) ran no weighted layer more in INT8 and measured no faster
 NORMALIZATION = FLOAT
+
+# the roles an op plays in computing a normalization; each front end translates its op types into them:
+# "reduce" (a mean or sum over axes), "moment" (a second moment of its input over axes: variance, standard
+# deviation, L2 norm), "square" (its first input squared), "subtract", "multiply", "divide", "add", and
+# "arithmetic" (an elementwise op of one tensor and constants: sqrt, rsqrt, power, clipping; reshapes, casts)
+STATISTICS_ROLES = ("reduce", "moment", "square", "subtract", "multiply", "divide", "add", "arithmetic")
+_COMBINING = frozenset({"subtract", "multiply", "divide", "add"})
+_STATISTICS = frozenset({"reduce", "moment"})
+
+
+@dataclasses.dataclass(frozen=True)
+class StatisticsOp:
+    """An op as :func:`normalizations` sees it.
+
+    Attributes:
+        key: the op's identity (a node name).
+        role: one of :data:`STATISTICS_ROLES`, or ``""`` for any other op (an activation, a layer with weights,
+            a matrix product), which no normalization is computed through.
+        inputs: per input, the key of the op computing it, or None for a constant.
+    """
+
+    key: Hashable
+    role: str
+    inputs: tuple = ()
+
+    def sources(self) -> list:
+        return [k for k in self.inputs if k is not None]
+
+
+def normalizations(ops: Sequence[StatisticsOp], depth: int = 8) -> set:
+    """The keys of the ``ops`` (in topological order) that normalize a tensor by its own statistics: the
+    statistics, the squares they reduce, and the ops that combine a tensor with its statistics.
+
+    A statistic of a tensor ``x`` is a reduction of ``x`` or of ``x``'s square (``x * x``), or a second moment of
+    ``x``. Below the statistics of one ``x``, through arithmetic only (within ``depth`` ops, no activation, no
+    layer with weights), an op that combines is a subtract, product, quotient or sum whose every non-constant
+    input is ``x`` or computed there. They are a normalization when one of them centers ``x`` (``x - mean``)
+    or a statistic is of a square (a variance, a root mean square, an L2 norm; also that of ``x - mean`` in
+    LayerNormalization's decomposition): ``(x - mean) * rsqrt(var + eps)``, ``x / sqrt(mean(x * x) + eps)``,
+    ``x / max(||x||, eps)``. A gate ``x * sigmoid(mean(x))`` (an activation on the way), a squeeze-and-excite
+    block (layers with weights), attention (softmax, matrix products) and a context ``x + mean(x)`` or scaling
+    ``x * mean(x)`` (no centering, no square) are not.
+    """
+    by_key = {op.key: op for op in ops}
+    readers: dict = {}
+    for op in ops:
+        for k in set(op.sources()):
+            readers.setdefault(k, []).append(op)
+
+    def squared(key):  # the tensor the op ``key`` squares, or None
+        op = by_key.get(key)
+        if op is None:
+            return None
+        if op.role == "square" and op.inputs and op.inputs[0] is not None:
+            return op.inputs[0]
+        if op.role == "multiply" and len(op.inputs) == 2 and op.inputs[0] is not None and op.inputs[0] == op.inputs[1]:
+            return op.inputs[0]
+        return None
+
+    def below(key) -> set:
+        seen: set = set()
+        frontier = [key]
+        for _ in range(depth):
+            frontier = [r.key for k in frontier for r in readers.get(k, ())
+                        if r.role in STATISTICS_ROLES and r.key not in seen]
+            seen.update(frontier)
+        return seen
+
+    statistics: dict = {}  # x -> [(statistic, the square it reduces or None)]
+    for op in ops:
+        if op.role in _STATISTICS and op.inputs and op.inputs[0] is not None:
+            x = squared(op.inputs[0])
+            statistics.setdefault(op.inputs[0] if x is None else x, []).append(
+                (op.key, op.inputs[0] if x is not None else None))
+    found: set = set()
+    for x, stats in statistics.items():
+        under = {k: below(k) for k, _ in stats}
+        walked = set().union(*under.values()) | {k for k, _ in stats}
+        combining = {k for k in walked if by_key[k].role in _COMBINING and len(by_key[k].sources()) > 1
+                     and all(s == x or s in walked for s in by_key[k].sources())}
+        if not combining:
+            continue
+        reductions = {k for k in walked if by_key[k].role in _STATISTICS and below(k) & combining}
+        squares = {by_key[k].inputs[0] for k in reductions if squared(by_key[k].inputs[0]) is not None}
+        centered = any(by_key[k].role == "subtract" and by_key[k].inputs[0] == x for k in combining)
+        if centered or squares or any(by_key[k].role == "moment" for k in reductions):
+            found |= reductions | squares | combining
+    return found
 
 # ``overflow_fix``: which weights use only half the int8 range. u8 x i8 multiply-adds without VNNI (SSE4,
 # AVX2, AVX-512 before VNNI) sum pairs of products into int16, which saturates when the weights use all of

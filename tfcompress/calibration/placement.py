@@ -226,65 +226,35 @@ def _features(ops) -> set[str]:
     return features
 
 
-# the ops a normalization computes its statistics and its result with (a converter's decomposition): an
-# activation (a gate's sigmoid) or a weighted layer on the way is not part of one
-_STATISTICS_ARITHMETIC = frozenset({
-    "ReduceMean", "Subtract", "SquaredDifference", "Add", "Multiply", "Divide", "Power", "Sqrt", "Negative",
-    "Maximum", "Convert", "Reshape", "Squeeze", "Unsqueeze", "Broadcast"})
+# OpenVINO op types -> their role in a normalization (tfcompress.int8_policy.STATISTICS_ROLES; Power: _role)
+_ROLES = {
+    "ReduceMean": "reduce", "ReduceSum": "reduce", "ReduceL2": "moment", "SquaredDifference": "square",
+    "Subtract": "subtract", "Multiply": "multiply", "Divide": "divide", "Add": "add",
+    **dict.fromkeys(("Sqrt", "Negative", "Maximum", "Minimum", "Clamp", "Power", "Convert", "Reshape", "Squeeze",
+                     "Unsqueeze", "Broadcast", "Transpose"), "arithmetic"),
+}
 
 
-def normalization_ops(ops, depth: int = 8) -> set[str]:
-    """Names of the ops (``ops`` in topological order) that compute a normalization from a tensor's own
-    statistics, as a converter decomposes LayerNormalization (``mean = ReduceMean(x)``, ``x - mean``, the
-    variance's ``ReduceMean``, ``x * rsqrt(var) * gamma + ...``): :data:`tfcompress.int8_policy.NORMALIZATION`
-    keeps them float, as quantization-aware training keeps the layer.
-
-    A ``ReduceMean`` of ``x`` is a statistic when an op combines its result with ``x`` (every non-constant input
-    of that op is ``x`` or computed from the statistic by arithmetic within ``depth`` ops) and the result is
-    centered (``x - mean``) or scaled by a second statistic (the variance's ``ReduceMean``); the normalization
-    is the statistic, those combining ops and the ``ReduceMean`` ops among the statistic's descendants that
-    feed them. A pooling read by a dense layer, a gate (``x * sigmoid(mean(x))``: an activation on the way) and
-    a global context added back (``x + mean(x)``) are not normalizations."""
-    by_name = {op.get_name(): op for op in ops}
-    found: set[str] = set()
-    for stat in ops:
-        if stat.get_type_name() != "ReduceMean" or _is_const(_source(stat.input(0))):
-            continue
-        x = _source(stat.input(0)).get_node().get_name()
-        below = {stat.get_name()} | _descendants(
-            stat, depth, lambda n: n.get_type_name() in _STATISTICS_ARITHMETIC and not _has_weights(n))
-        combining = {name for name in below - {stat.get_name()} if _combines(by_name[name], x, below)}
-        statistics = {name for name in below if by_name[name].get_type_name() == "ReduceMean"
-                      and (name == stat.get_name() or _descendants(by_name[name], depth) & combining)}
-        centered = any(by_name[name].get_type_name() in ("Subtract", "SquaredDifference") and x in _sources(
-            by_name[name]) for name in combining)
-        if combining and (centered or len(statistics) > 1):
-            found |= statistics | combining
-    return found
+def _role(op) -> str:
+    """The op's role in a normalization: a ``Power`` by a constant 2 squares."""
+    role = _ROLES.get(op.get_type_name(), "")
+    if op.get_type_name() == "Power" and _is_const(_source(op.input(1))):
+        exponent = _through_convert(_source(op.input(1))).get_data()
+        return "square" if np.all(exponent == 2) else role
+    return role
 
 
-def _sources(op) -> list[str]:
-    """The names of the ops computing ``op``'s non-constant inputs."""
-    return [_source(i).get_node().get_name() for i in op.inputs() if not _is_const(_source(i))]
-
-
-def _combines(op, x: str, below: set[str]) -> bool:
-    """Whether ``op`` has two or more non-constant inputs, each the tensor ``x`` or computed in ``below``."""
-    sources = _sources(op)
-    return len(sources) > 1 and all(n == x or n in below for n in sources)
-
-
-def _descendants(op, depth: int, follow=lambda n: True) -> set[str]:
-    """The names of the ops reading ``op``'s outputs within ``depth`` ops, through the ops ``follow`` accepts
-    (each visited once)."""
-    seen: set[str] = set()
-    frontier = [op]
-    for _ in range(depth):
-        frontier = [r.get_node() for n in frontier for k in range(n.get_output_size())
-                    for r in n.output(k).get_target_inputs()]
-        frontier = [n for n in {n.get_name(): n for n in frontier}.values() if n.get_name() not in seen and follow(n)]
-        seen.update(n.get_name() for n in frontier)
-    return seen
+def normalization_ops(ops) -> set[str]:
+    """Names of the ops (``ops`` in topological order) that normalize a tensor by its own statistics
+    (:func:`tfcompress.int8_policy.normalizations`), however a converter decomposed the normalization
+    (LayerNormalization's ``ReduceMean``, ``Subtract``, ``Multiply`` ...; RMSNormalization's ``ReduceMean`` of
+    ``x * x``, ``Sqrt``, ``Divide``; UnitNormalization's ``ReduceSum`` of squares):
+    :data:`tfcompress.int8_policy.NORMALIZATION` keeps them float, as quantization-aware training keeps the
+    Keras layers and ``keras.ops`` arithmetic that compute them."""
+    return policy.normalizations([policy.StatisticsOp(
+        op.get_name(), _role(op) if not _has_weights(op) else "",
+        tuple(None if _is_const(_source(i)) else _source(i).get_node().get_name() for i in op.inputs()))
+        for op in ops])
 
 
 def find_points(model, ignored_layers=(), overflow_fix: str = "disable") -> tuple[list[ActivationPoint], list[WeightPoint]]:

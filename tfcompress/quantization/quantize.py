@@ -48,6 +48,14 @@ _OP_POLICIES = {
     "Add": policy.JOIN, "Multiply": policy.GATE, "Reshape": policy.RESHAPE, "Transpose": policy.RESHAPE,
     "Squeeze": policy.RESHAPE, "ExpandDims": policy.RESHAPE,
 }
+# keras.ops nodes and layers (by class name) -> their role in a normalization (tfcompress.int8_policy.STATISTICS_ROLES;
+# Power: _role)
+_ROLES = {
+    "Mean": "reduce", "Sum": "reduce", "Var": "moment", "Std": "moment", "Norm": "moment", "Square": "square",
+    "Subtract": "subtract", "Multiply": "multiply", "Divide": "divide", "TrueDivide": "divide", "Add": "add",
+    **dict.fromkeys(("Sqrt", "Rsqrt", "Reciprocal", "Negative", "Maximum", "Minimum", "Clip", "Power", "Abs",
+                     "Reshape", "ExpandDims", "Squeeze", "Transpose", "Cast"), "arithmetic"),
+}
 # float layers with weights not worth a warning: OpenVINO folds them into the neighbouring convolution
 # (BatchNormalization after it, Rescaling and Normalization before the first one), applies them elementwise
 # with the activation (PReLU) or looks rows up (Embedding: a gather, nothing to multiply in INT8). Any other
@@ -192,10 +200,14 @@ def quantize_model(
             new = layer_from_config(type(layer), cfg, layer)
         return new, weights if isinstance(layer, keras.layers.Layer) else None
 
+    normalization = _normalization_records(kg)
+
     def op_policy(rec) -> policy.OpPolicy:
         layer = rec.kind.layer
         if rec.op.layer in ignored:
             return policy.FLOAT
+        if rec.op.name in normalization:
+            return policy.NORMALIZATION
         if quantized_class(layer) is not None:
             return _kernel_policies(layer)[0]  # of the layer's first kernel, which reads its input
         if isinstance(layer, keras.layers.Layer):
@@ -271,6 +283,36 @@ def _named_data(rec) -> list[str]:
     if not isinstance(rec.kind.layer, _L.MultiHeadAttention):
         return []
     return [k for k in ("query", "value", "key") if isinstance(rec.node.arguments.kwargs.get(k), keras.KerasTensor)]
+
+
+def _role(rec) -> str:
+    """A layer call's role in a normalization: keras.ops arithmetic and weightless merging layers by their class
+    name (an ``ops.power`` by 2 squares); anything with weights or any other computation has none."""
+    layer = rec.kind.layer
+    if rec.part or getattr(layer, "weights", None) or type(layer).__name__ not in _ROLES:
+        return ""
+    if type(layer).__name__ == "Power":
+        exponent = keras.tree.flatten(rec.node.arguments.args)[1:]
+        return "square" if exponent and not isinstance(exponent[0], keras.KerasTensor) and np.all(
+            np.asarray(exponent[0]) == 2) else "arithmetic"
+    return _ROLES[type(layer).__name__]
+
+
+def _normalization_records(kg) -> set[str]:
+    """Names of the records of ``kg`` that normalize a tensor by its own statistics
+    (:func:`tfcompress.int8_policy.normalizations`): written with ``keras.ops`` (``(x - ops.mean(x)) *
+    ops.rsqrt(ops.var(x) + eps)``), their products are not gates; quantization keeps them float, as
+    post-training calibration keeps the ops of the same normalization in an IR."""
+    producer = {tid: rec.op.name for rec in kg.records for tid in rec.op.outputs}
+    stat_ops = []
+    for rec in kg.records:
+        if rec.node is None:
+            continue
+        leaves = keras.tree.flatten(rec.node.arguments.args)
+        inputs = tuple(producer.get(rec.scope.get(id(t))) if isinstance(t, keras.KerasTensor) else None
+                       for t in leaves)
+        stat_ops.append(policy.StatisticsOp(rec.op.name, _role(rec), inputs))
+    return policy.normalizations(stat_ops)
 
 
 def _placement(kg, op_policy) -> dict[int, str]:
