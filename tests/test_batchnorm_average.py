@@ -1,0 +1,124 @@
+"""Without compensation_data, FilterPruning sets the moving statistics of the BatchNorms after changed channels
+to the average of the batch statistics training computed since the change (recovered from Keras' update)."""
+
+import keras
+import numpy as np
+import pytest
+from keras import layers as L
+
+from tfcompress.pruning import FilterPruning
+from conftest import randomize_batchnorm
+
+
+def _model(rng, batchnorm: bool = True, momentum: float = 0.99) -> keras.Model:
+    """conv -> BN -> relu -> conv -> BN "after" -> relu -> pool -> dense: pruning the first conv's channels
+    changes what "after" receives."""
+    norm = (lambda name, **kw: L.BatchNormalization(name=name, **kw)) if batchnorm else \
+        (lambda name, **kw: L.Identity(name=name))
+    x = keras.Input((8, 8, 3))
+    h = L.Activation("relu")(norm("own")(L.Conv2D(8, 3, padding="same", name="c1")(x)))
+    h = L.Activation("relu")(norm("after", momentum=momentum)(L.Conv2D(6, 3, padding="same", name="c2")(h)))
+    model = keras.Model(x, L.Dense(3)(L.GlobalAveragePooling2D()(h)))
+    randomize_batchnorm(model, rng)
+    return model
+
+
+def _pruner(**kw) -> FilterPruning:
+    return FilterPruning(target=0.75, schedule="baseline", pruning_epochs=1, criterion="l1", prune_first_conv=True,
+                         ignored_layers=["c2"],
+                         **kw)
+
+
+class _BatchStatistics(keras.callbacks.Callback):
+    """Before each execution, the mean and (biased) variance of the input of BatchNorm "after" on each of its
+    batches, computed by Keras in training mode with the weights that execution starts from."""
+
+    def __init__(self, x: np.ndarray, batch_size: int) -> None:
+        super().__init__()
+        self.x, self.batch_size, self.stats = x, batch_size, []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        steps = getattr(self.model, "steps_per_execution", 1)
+        f = keras.Model(self.model.input, self.model.get_layer("after").input)
+        saved = [v.numpy() for v in self.model.non_trainable_variables]
+        for b in range(batch, min(batch + steps, -(-len(self.x) // self.batch_size))):
+            z = np.asarray(f(self.x[b * self.batch_size:(b + 1) * self.batch_size], training=True), np.float64)
+            z = z.reshape(-1, z.shape[-1])
+            self.stats.append((z.mean(0), z.var(0)))
+        for v, value in zip(self.model.non_trainable_variables, saved):  # the "own" BatchNorm moved: put back
+            v.assign(value)
+
+
+def _fit(model, x, y, pruner, lr=0.05, steps_per_execution=1, batch_size=16, record=True):
+    model.compile(keras.optimizers.SGD(lr), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  steps_per_execution=steps_per_execution)
+    stats = _BatchStatistics(x, batch_size)
+    history = model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0,
+                        callbacks=[stats, pruner] if record else [pruner])
+    return stats.stats, history
+
+
+def _data(rng, n):
+    return rng.normal(0.5, 2.0, (n, 8, 8, 3)).astype("float32"), rng.integers(0, 3, n)
+
+
+@pytest.mark.parametrize("momentum, batches", [(0.99, 20), (0.9, 16)])
+def test_moving_statistics_are_the_average_of_the_batches_since_the_change(momentum, batches, rng):
+    """With momentum 0.99 all 20 batches are averaged; with 0.9 the first 10 are, then Keras' moving average
+    takes over. Tolerance: 1e-4 relative (float32 moving statistics, inverted at 1 / (1 - momentum))."""
+    model = _model(rng, momentum=momentum)
+    x, y = _data(rng, 16 * batches)
+    pruner = _pruner()
+    stats, _ = _fit(model, x, y, pruner)
+    assert pruner.pruning_level == 0.75
+    bn = model.get_layer("after")
+    window = round(1 / (1 - momentum))
+    for k, moving in enumerate((bn.moving_mean, bn.moving_variance)):
+        expected = np.mean([s[k] for s in stats[:window]], axis=0)
+        for s in stats[window:]:
+            expected = momentum * expected + (1 - momentum) * s[k]
+        np.testing.assert_allclose(np.asarray(moving), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_training_is_the_same_with_and_without_the_average(rng):
+    """The moving statistics do not enter training: weights and losses are identical, bit for bit."""
+    x, y = _data(rng, 16 * 12)
+    first = _model(rng)
+    second = keras.models.clone_model(first)
+    second.set_weights(first.get_weights())
+    _, h1 = _fit(first, x, y, _pruner(), record=False)
+    _, h2 = _fit(second, x, y, _pruner(average_batchnorm=False), record=False)
+    assert h1.history["loss"] == h2.history["loss"]
+    for a, b in zip(first.trainable_variables, second.trainable_variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert not np.allclose(first.get_layer("after").moving_variance.numpy(),
+                           second.get_layer("after").moving_variance.numpy(), rtol=0.01)
+
+
+def test_several_steps_per_execution(rng):
+    """steps_per_execution=4 over 22 batches (the last execution runs 2): each execution's batches enter as
+    Keras' update weighed them (step i before the execution's end by momentum ** i). Learning rate 0, so that
+    the weights stay those measured before each execution; tolerance 1e-4 relative."""
+    model = _model(rng)
+    x, y = _data(rng, 16 * 22)
+    with pytest.warns(UserWarning, match="steps_per_execution=4"):
+        stats, _ = _fit(model, x, y, _pruner(), lr=0.0, steps_per_execution=4)
+    assert len(stats) == 22
+    bn = model.get_layer("after")
+    m = 0.99
+    for k, moving in enumerate((bn.moving_mean, bn.moving_variance)):
+        total = 0.0
+        for start in range(0, 22, 4):
+            part = [s[k] for s in stats[start:start + 4]]
+            w = m ** np.arange(len(part))[::-1]
+            total = total + len(part) * np.tensordot(w / w.sum(), part, axes=1)
+        np.testing.assert_allclose(np.asarray(moving), total / 22, rtol=1e-4, atol=1e-6)
+
+
+def test_a_model_without_batchnorm(rng):
+    model = _model(rng, batchnorm=False)
+    x, y = _data(rng, 16 * 4)
+    pruner = _pruner()
+    _fit(model, x, y, pruner, record=False)
+    assert pruner.pruning_level == 0.75
+    assert np.isfinite(model.predict(x, verbose=0)).all()
