@@ -4,6 +4,7 @@ to the average of the batch statistics training computed since the change (recov
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from keras import layers as L
 
 from tfcompress.pruning import FilterPruning
@@ -62,10 +63,19 @@ def _data(rng, n):
     return rng.normal(0.5, 2.0, (n, 8, 8, 3)).astype("float32"), rng.integers(0, 3, n)
 
 
-@pytest.mark.parametrize("momentum, batches", [(0.99, 20), (0.9, 16)])
-def test_moving_statistics_are_the_average_of_the_batches_since_the_change(momentum, batches, rng):
+@pytest.fixture
+def policy(request):
+    keras.mixed_precision.set_global_policy(request.param)
+    yield request.param
+    keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("momentum, batches, policy", [(0.99, 20, "float32"), (0.9, 16, "float32"),
+                                                       (0.99, 20, "mixed_float16")], indirect=["policy"])
+def test_moving_statistics_are_the_average_of_the_batches_since_the_change(momentum, batches, policy, rng):
     """With momentum 0.99 all 20 batches are averaged; with 0.9 the first 10 are, then Keras' moving average
-    takes over. Tolerance: 1e-4 relative (float32 moving statistics, inverted at 1 / (1 - momentum))."""
+    takes over. Under mixed_float16 the BatchNorm computes its statistics in float32 from float16 inputs.
+    Tolerance: 1e-4 relative (float32 moving statistics, inverted at 1 / (1 - momentum))."""
     model = _model(rng, momentum=momentum)
     x, y = _data(rng, 16 * batches)
     pruner = _pruner()
@@ -113,6 +123,19 @@ def test_several_steps_per_execution(rng):
             w = m ** np.arange(len(part))[::-1]
             total = total + len(part) * np.tensordot(w / w.sum(), part, axes=1)
         np.testing.assert_allclose(np.asarray(moving), total / 22, rtol=1e-4, atol=1e-6)
+
+
+def test_several_steps_per_execution_on_data_of_unknown_length(rng):
+    """The last execution of an epoch may run fewer steps, how many is not known: left to Keras, and said."""
+    model = _model(rng)
+    x, y = _data(rng, 16 * 6)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16).filter(lambda *_: True)  # length unknown
+    model.compile(keras.optimizers.SGD(0.0), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  steps_per_execution=4)
+    with pytest.warns(UserWarning, match="average_batchnorm"):
+        model.fit(data, epochs=1, verbose=0, callbacks=[_pruner()])
+    bn = model.get_layer("after")
+    assert np.isfinite(bn.moving_variance.numpy()).all()
 
 
 def test_a_model_without_batchnorm(rng):
