@@ -8,17 +8,17 @@ import tensorflow as tf
 from keras import layers as L
 
 from tfcompress.pruning import FilterPruning
-from conftest import randomize_batchnorm
+from conftest import randomize_batchnorm, run_mirrored
 
 
-def _model(rng, batchnorm: bool = True, momentum: float = 0.99) -> keras.Model:
-    """conv -> BN -> relu -> conv -> BN "after" -> relu -> pool -> dense: pruning the first conv's channels
-    changes what "after" receives."""
+def _model(rng, batchnorm: bool = True, **after) -> keras.Model:
+    """conv -> BN -> relu -> conv -> BN "after" (options ``after``) -> relu -> pool -> dense: pruning the first
+    conv's channels changes what "after" receives."""
     norm = (lambda name, **kw: L.BatchNormalization(name=name, **kw)) if batchnorm else \
         (lambda name, **kw: L.Identity(name=name))
     x = keras.Input((8, 8, 3))
     h = L.Activation("relu")(norm("own")(L.Conv2D(8, 3, padding="same", name="c1")(x)))
-    h = L.Activation("relu")(norm("after", momentum=momentum)(L.Conv2D(6, 3, padding="same", name="c2")(h)))
+    h = L.Activation("relu")(norm("after", **after)(L.Conv2D(6, 3, padding="same", name="c2")(h)))
     model = keras.Model(x, L.Dense(3)(L.GlobalAveragePooling2D()(h)))
     randomize_batchnorm(model, rng)
     return model
@@ -145,3 +145,32 @@ def test_a_model_without_batchnorm(rng):
     _fit(model, x, y, pruner, record=False)
     assert pruner.pruning_level == 0.75
     assert np.isfinite(model.predict(x, verbose=0)).all()
+
+
+MIRRORED = """
+    from test_batchnorm_average import _data, _model, _pruner
+    for synchronized in (False, True):
+        rng = np.random.default_rng(0)
+        with strategy.scope():
+            model = _model(rng, synchronized=synchronized)
+            model.compile(keras.optimizers.SGD(0.0), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        x, y = _data(rng, 16 * 12)
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[_pruner()])
+        f = keras.Model(model.input, model.get_layer("after").input)
+        stats = []
+        for b in range(12):  # each replica normalises its 8 samples; "own" is not synchronised
+            halves = [np.asarray(f(x[b * 16 + o:b * 16 + o + 8], training=True), np.float64).reshape(-1, 6)
+                      for o in (0, 8)]
+            z = np.concatenate(halves) if synchronized else halves[0]
+            stats.append((z.mean(0), z.var(0)))
+        bn = model.get_layer("after")
+        for k, v in enumerate((bn.moving_mean, bn.moving_variance)):
+            np.testing.assert_allclose(np.asarray(v), np.mean([s[k] for s in stats], 0), rtol=1e-4, atol=1e-6)
+    print("AVERAGED")
+"""
+
+
+def test_mirrored_strategy(tmp_path):
+    """Under MirroredStrategy (two CPU replicas, learning rate 0) the moving statistics Keras keeps are the first
+    replica's batch statistics, or with ``synchronized=True`` the whole batch's: the average is of those."""
+    assert "AVERAGED" in run_mirrored(tmp_path, MIRRORED)

@@ -7,6 +7,8 @@ then normalises with the unpruned network's statistics. That update can be inver
 step, the moving statistics give the batch's own, ``batch = (new - m * old) / (1 - m)``, exactly as the layer
 computed them (mean and biased variance, with its mask, synchronised across replicas or not). No data beyond
 the training batches is needed and the training step is not touched (the moving statistics do not enter it).
+The inversion multiplies the float32 rounding of the moving statistics by ``1 / (1 - m)`` (100): about 1e-5 of
+the moving value, which matters only for a statistic that shrank by orders of magnitude.
 
 :class:`BatchStatisticsAverage` sets the moving statistics of the BatchNorms after a change to the plain average
 of the batch statistics recovered since, as :func:`tfcompress.graph.compensation.refresh_batchnorm` does with
