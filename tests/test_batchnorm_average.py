@@ -1,5 +1,6 @@
 """Without compensation_data, FilterPruning sets the moving statistics of the BatchNorms after changed channels
-to the average of the batch statistics training computed since the change (recovered from Keras' update)."""
+to Keras' moving average of the batch statistics training computed since the change only (debiased, recovered
+from Keras' update)."""
 
 import keras
 import numpy as np
@@ -59,6 +60,20 @@ def _fit(model, x, y, pruner, lr=0.05, steps_per_execution=1, batch_size=16, rec
     return stats.stats, history
 
 
+def _expected(batches: list[np.ndarray], m: float) -> np.ndarray:
+    """Keras' moving average (momentum ``m``) of ``batches`` alone, divided by the weight they hold, until the
+    weight left to what came before falls to 1 % (``m ** n <= 0.01``); Keras' own update after."""
+    acc = total = 0.0
+    moving = None
+    for n, b in enumerate(batches):
+        if moving is None or m ** n > 0.01:
+            acc, total = m * acc + (1 - m) * b, m * total + (1 - m)
+            moving = acc / total
+        else:
+            moving = m * moving + (1 - m) * b
+    return moving
+
+
 def _data(rng, n):
     return rng.normal(0.5, 2.0, (n, 8, 8, 3)).astype("float32"), rng.integers(0, 3, n)
 
@@ -70,10 +85,10 @@ def policy(request):
     keras.mixed_precision.set_global_policy("float32")
 
 
-@pytest.mark.parametrize("momentum, batches, policy", [(0.99, 20, "float32"), (0.9, 16, "float32"),
+@pytest.mark.parametrize("momentum, batches, policy", [(0.99, 20, "float32"), (0.5, 16, "float32"),
                                                        (0.99, 20, "mixed_float16")], indirect=["policy"])
 def test_moving_statistics_are_the_average_of_the_batches_since_the_change(momentum, batches, policy, rng):
-    """With momentum 0.99 all 20 batches are averaged; with 0.9 the first 10 are, then Keras' moving average
+    """With momentum 0.99 all 20 batches are averaged; with 0.5 the first 7 are, then Keras' moving average
     takes over. Under mixed_float16 the BatchNorm computes its statistics in float32 from float16 inputs.
     Tolerance: 1e-4 relative (float32 moving statistics, inverted at 1 / (1 - momentum))."""
     model = _model(rng, momentum=momentum)
@@ -82,12 +97,9 @@ def test_moving_statistics_are_the_average_of_the_batches_since_the_change(momen
     stats, _ = _fit(model, x, y, pruner)
     assert pruner.pruning_level == 0.75
     bn = model.get_layer("after")
-    window = round(1 / (1 - momentum))
     for k, moving in enumerate((bn.moving_mean, bn.moving_variance)):
-        expected = np.mean([s[k] for s in stats[:window]], axis=0)
-        for s in stats[window:]:
-            expected = momentum * expected + (1 - momentum) * s[k]
-        np.testing.assert_allclose(np.asarray(moving), expected, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(moving), _expected([s[k] for s in stats], momentum), rtol=1e-4,
+                                   atol=1e-6)
 
 
 def test_training_is_the_same_with_and_without_the_average(rng):
@@ -106,23 +118,16 @@ def test_training_is_the_same_with_and_without_the_average(rng):
 
 
 def test_several_steps_per_execution(rng):
-    """steps_per_execution=4 over 22 batches (the last execution runs 2): each execution's batches enter as
-    Keras' update weighed them (step i before the execution's end by momentum ** i). Learning rate 0, so that
-    the weights stay those measured before each execution; tolerance 1e-4 relative."""
+    """steps_per_execution=4 over 22 batches (the last execution runs 2): the same average as step by step.
+    Learning rate 0, so that the weights stay those measured before each execution; tolerance 1e-4 relative."""
     model = _model(rng)
     x, y = _data(rng, 16 * 22)
     with pytest.warns(UserWarning, match="steps_per_execution=4"):
         stats, _ = _fit(model, x, y, _pruner(), lr=0.0, steps_per_execution=4)
     assert len(stats) == 22
     bn = model.get_layer("after")
-    m = 0.99
     for k, moving in enumerate((bn.moving_mean, bn.moving_variance)):
-        total = 0.0
-        for start in range(0, 22, 4):
-            part = [s[k] for s in stats[start:start + 4]]
-            w = m ** np.arange(len(part))[::-1]
-            total = total + len(part) * np.tensordot(w / w.sum(), part, axes=1)
-        np.testing.assert_allclose(np.asarray(moving), total / 22, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(moving), _expected([s[k] for s in stats], 0.99), rtol=1e-4, atol=1e-6)
 
 
 def test_several_steps_per_execution_on_data_of_unknown_length(rng):
@@ -148,7 +153,7 @@ def test_a_model_without_batchnorm(rng):
 
 
 MIRRORED = """
-    from test_batchnorm_average import _data, _model, _pruner
+    from test_batchnorm_average import _data, _expected, _model, _pruner
     for synchronized in (False, True):
         rng = np.random.default_rng(0)
         with strategy.scope():
@@ -165,7 +170,7 @@ MIRRORED = """
             stats.append((z.mean(0), z.var(0)))
         bn = model.get_layer("after")
         for k, v in enumerate((bn.moving_mean, bn.moving_variance)):
-            np.testing.assert_allclose(np.asarray(v), np.mean([s[k] for s in stats], 0), rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(np.asarray(v), _expected([s[k] for s in stats], 0.99), rtol=1e-4, atol=1e-6)
     print("AVERAGED")
 """
 
@@ -174,3 +179,10 @@ def test_mirrored_strategy(tmp_path):
     """Under MirroredStrategy (two CPU replicas, learning rate 0) the moving statistics Keras keeps are the first
     replica's batch statistics, or with ``synchronized=True`` the whole batch's: the average is of those."""
     assert "AVERAGED" in run_mirrored(tmp_path, MIRRORED)
+
+
+def test_the_option_is_checked_and_configured():
+    with pytest.raises(ValueError, match="average_batchnorm must be true or false"):
+        FilterPruning(average_batchnorm=1)
+    assert FilterPruning.from_config({"average_batchnorm": False}).average_batchnorm is False
+    assert FilterPruning().get_config()["average_batchnorm"] is True

@@ -10,10 +10,13 @@ the training batches is needed and the training step is not touched (the moving 
 The inversion multiplies the float32 rounding of the moving statistics by ``1 / (1 - m)`` (100): about 1e-5 of
 the moving value, which matters only for a statistic that shrank by orders of magnitude.
 
-:class:`BatchStatisticsAverage` sets the moving statistics of the BatchNorms after a change to the plain average
-of the batch statistics recovered since, as :func:`tfcompress.graph.compensation.refresh_batchnorm` does with
-data, until they hold ``1 / (1 - m)`` batches: from there on Keras' own update gives a new batch the weight
-(``1 - m``) the plain average would (``1 / (n + 1)``), and the BatchNorm is left to it.
+:class:`BatchStatisticsAverage` sets the moving statistics of the BatchNorms after a change to the moving
+average Keras would keep had they been created at the change: its exponential weights on the batches since,
+divided by the total weight those hold (``1 - m ** n`` after ``n`` steps), with nothing of the statistics before.
+The first batch after the change counts alone, as a refresh on data would; recent batches count more than
+earlier ones, so the statistics follow the weights as training recovers from the change. Once ``m ** n`` falls
+to 1 % (459 steps at Keras' default 0.99), Keras' own update weighs the batches within 1 % of this average, and
+the BatchNorm is left to it.
 """
 
 from __future__ import annotations
@@ -29,17 +32,19 @@ __all__ = ["BatchStatisticsAverage"]
 
 
 class _Average:
-    """One BatchNorm's batch statistics since the change, summed, and its moving statistics before a step."""
+    """One BatchNorm's moving statistics made the average Keras keeps, of the batches since the change only."""
 
     def __init__(self, bn: keras.layers.BatchNormalization) -> None:
         self.bn = bn
         # the train step multiplies float32 values by these float32 constants
         self.keep = float(np.float32(bn.momentum))
         self.take = float(np.float32(1.0 - bn.momentum))
-        self.window = 1.0 / (1.0 - bn.momentum)  # batches after which Keras' update weighs a batch as the average
-        self.batches = 0
-        self.sums = [np.zeros(tuple(bn.moving_mean.shape)), np.zeros(tuple(bn.moving_variance.shape))]
+        self.steps = 0
         self.before: list[np.ndarray] | None = None
+
+    def weight(self, n: int) -> float:
+        """The total weight Keras' average gives the last ``n`` batches."""
+        return self.take * (1.0 - self.keep ** n) / (1.0 - self.keep)
 
     def variables(self) -> tuple:
         return self.bn.moving_mean, self.bn.moving_variance
@@ -48,25 +53,28 @@ class _Average:
         self.before = [np.asarray(v, np.float64) for v in self.variables()]
 
     def add(self, steps: int) -> None:
-        """Take the ``steps`` batches the last execution ran (their average as Keras weighed them: a step ``i``
-        before its end by ``m ** i``) and set the moving statistics to the average of all since the change."""
+        """Take the ``steps`` batches the last execution ran: Keras gave the statistics before it the weight
+        ``m ** steps``, of which only the batches since the change (``weight(self.steps)``) are kept."""
         if self.before is None:  # nothing read before this execution
             return
-        kept = self.keep ** steps
-        taken = self.take * sum(self.keep ** i for i in range(steps))
-        for k, (v, old) in enumerate(zip(self.variables(), self.before)):
-            self.sums[k] += steps * (np.asarray(v, np.float64) - kept * old) / taken
-        self.batches += steps
+        stale = self.keep ** steps * (1.0 - self.weight(self.steps))
+        self.steps += steps
+        total = self.weight(self.steps)
+        mean, var = ((np.asarray(v, np.float64) - stale * old) / total for v, old in zip(self.variables(), self.before))
         self.before = None
-        mean, var = (s / self.batches for s in self.sums)
         self.bn.moving_mean.assign(mean.astype(self.bn.moving_mean.dtype))
         # a channel whose input is constant has variance 0; rounding must not make it negative
         self.bn.moving_variance.assign(np.maximum(var, 0.0).astype(self.bn.moving_variance.dtype))
 
+    @property
+    def done(self) -> bool:
+        """Whether Keras' own average from here on is within 1 % of this one."""
+        return self.keep ** self.steps <= 0.01
+
 
 class BatchStatisticsAverage:
-    """Keep the moving statistics of chosen BatchNorms at the average of the batch statistics training computed
-    since they were chosen, for ``1 / (1 - momentum)`` batches (100 at Keras' default 0.99).
+    """Keep the moving statistics of chosen BatchNorms at Keras' moving average of the batch statistics training
+    computed since they were chosen, without what came before, until ``momentum ** steps`` reaches 1 %.
 
     Call :meth:`start` with the BatchNorms after changed channels, :meth:`before_step` in
     ``on_train_batch_begin`` and :meth:`after_step` in ``on_train_batch_end`` with the number of steps the
@@ -101,9 +109,9 @@ class BatchStatisticsAverage:
             t.read()
 
     def after_step(self, steps: int) -> None:
-        """Recover the batch statistics of the ``steps`` steps just run and set the moving statistics to the
-        average since the start; BatchNorms that hold enough batches are left to Keras."""
+        """Take the ``steps`` steps just run out of the moving statistics' update and set them to the average
+        since the start; BatchNorms whose average Keras' own update now keeps within 1 % are left to it."""
         for key, t in list(self._tracked.items()):
             t.add(steps)
-            if t.batches >= t.window - 1e-9:
+            if t.done:
                 del self._tracked[key]
