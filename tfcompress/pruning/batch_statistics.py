@@ -32,7 +32,7 @@ __all__ = ["BatchStatisticsAverage"]
 
 
 class _Average:
-    """One BatchNorm's moving statistics made the average Keras keeps, of the batches since the change only."""
+    """One BatchNorm whose moving statistics are kept at Keras' average of the batches since the change alone."""
 
     def __init__(self, bn: keras.layers.BatchNormalization) -> None:
         self.bn = bn
@@ -60,7 +60,8 @@ class _Average:
         stale = self.keep ** steps * (1.0 - self.weight(self.steps))
         self.steps += steps
         total = self.weight(self.steps)
-        mean, var = ((np.asarray(v, np.float64) - stale * old) / total for v, old in zip(self.variables(), self.before))
+        mean, var = ((np.asarray(v, np.float64) - stale * old) / total
+                     for v, old in zip(self.variables(), self.before))
         self.before = None
         self.bn.moving_mean.assign(mean.astype(self.bn.moving_mean.dtype))
         # a channel whose input is constant has variance 0; rounding must not make it negative
@@ -85,23 +86,15 @@ class BatchStatisticsAverage:
     def __init__(self) -> None:
         self._tracked: dict[int, _Average] = {}
 
-    @property
-    def tracking(self) -> list[str]:
-        """Names of the BatchNorms currently averaged."""
-        return [t.bn.name for t in self._tracked.values()]
-
     def start(self, layers: Iterable[keras.layers.BatchNormalization]) -> None:
         """Average ``layers``' batch statistics from the next step on (again from zero for one already tracked)."""
         for bn in layers:
             if compensation.moves_with_batches(bn) and bn.momentum < 1.0:
                 self._tracked[id(bn)] = _Average(bn)
 
-    def stop(self, layers: Iterable[keras.layers.BatchNormalization] | None = None) -> None:
-        """Leave ``layers`` (all, without) to Keras' update from now on, with the statistics they have."""
-        if layers is None:
-            self._tracked.clear()
-        for bn in layers or ():
-            self._tracked.pop(id(bn), None)
+    def stop(self) -> None:
+        """Leave every BatchNorm to Keras' update from now on, with the statistics it has."""
+        self._tracked.clear()
 
     def before_step(self) -> None:
         """Read the moving statistics before an execution of the training step."""
