@@ -3,9 +3,11 @@
     python benchmarks/pruning.py                      # full run (~1 h on 2 cores)
     python benchmarks/pruning.py --epochs 2 --train_samples 5000   # quick check
     python benchmarks/pruning.py ... --reference ref.keras   # fine-tune the unpruned model once, reuse it after
+    python benchmarks/pruning.py --overhead_only --overhead_pruning_epochs 4   # (1) only, masks changing every epoch
 
 (1) Epoch time of the same model with and without FilterPruning, epochs interleaved (with, without, with ...)
-    so that machine noise hits both; the callback re-selects masks at every epoch (the worst case).
+    so that machine noise hits both; the callback re-selects masks at every epoch (the worst case); and with
+    ``average_batchnorm=False``, which shows what the BatchNorm averaging after mask changes costs.
 (2) The pretrained ResNet-8 fine-tuned on CIFAR-10 (JPEG train split) for the same number of epochs without
     pruning and with FilterPruning(flops_target=0.4) for each criterion; accuracy on the 10,000 JPEG test
     images of the stripped model vs the unpruned fine-tuned one. ``--distill`` (or ``--distill only``) also
@@ -103,22 +105,26 @@ def with_teacher_features(ds: tf.data.Dataset, teacher: keras.Model) -> tf.data.
     return ds.map(targets)
 
 
-def overhead(x, y, rounds: int, batch: int) -> dict:
-    """Median epoch wall time with / without the callback, measured in alternation."""
+def overhead(x, y, rounds: int, batch: int, pruning_epochs: int = 10_000) -> dict:
+    """Median epoch wall time with / without the callback, measured in alternation; also with the callback's
+    BatchNorm averaging off (``average_batchnorm=False``), which runs in the 100 steps after each epoch whose
+    masks change (every epoch when ``pruning_epochs`` is at most ``rounds + 1``)."""
     ds = tf.data.Dataset.from_tensor_slices((x.astype("float32"), y)).batch(batch).cache().prefetch(2)
-    plain, pruned = load_resnet8(1e-4), load_resnet8(1e-4)
-    pruner = tfcompress.pruning.FilterPruning(
-        flops_target=0.4, criterion="geometric_median", pruning_epochs=10_000, prune_downsample_convs=True
-    )
-    times = {"without": [], "with": []}
+    runs = [("without", load_resnet8(1e-4), None)]
+    for name, average in (("with", True), ("with_no_average", False)):
+        runs.append((name, load_resnet8(1e-4), tfcompress.pruning.FilterPruning(
+            flops_target=0.4, criterion="geometric_median", pruning_epochs=pruning_epochs,
+            prune_downsample_convs=True, average_batchnorm=average)))
+    times = {name: [] for name, _, _ in runs}
     for r in range(rounds + 1):  # round 0 traces the train functions: not timed
-        for name, model, cbs in (("without", plain, []), ("with", pruned, [pruner])):
+        for name, model, pruner in runs:
             t = time.perf_counter()
-            model.fit(ds, epochs=r + 1, initial_epoch=r, callbacks=cbs, verbose=0)
+            model.fit(ds, epochs=r + 1, initial_epoch=r, callbacks=[pruner] if pruner else [], verbose=0)
             if r:
                 times[name].append(time.perf_counter() - t)
-    w, wo = common.median(times["with"]), common.median(times["without"])
-    return {"epoch_s_without": wo, "epoch_s_with": w, "overhead": w / wo - 1.0, "rounds": rounds,
+    w, wo, wn = (common.median(times[n]) for n in ("with", "without", "with_no_average"))
+    return {"epoch_s_without": wo, "epoch_s_with": w, "overhead": w / wo - 1.0, "epoch_s_with_no_average": wn,
+            "average_overhead": w / wn - 1.0, "rounds": rounds, "pruning_epochs": pruning_epochs,
             "steps_per_epoch": int(np.ceil(len(x) / batch))}
 
 
@@ -196,6 +202,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--criteria", default="l1,l2,geometric_median")
     ap.add_argument("--skip_overhead", action="store_true")
+    ap.add_argument("--overhead_only", action="store_true", help="measure the callback overhead only")
+    ap.add_argument("--overhead_pruning_epochs", type=int, default=10_000,
+                    help="the overhead run's ramp (at most --rounds + 1: the masks change every epoch)")
     ap.add_argument("--prune_first_conv", action="store_true", help="also prune the stem convolution's group")
     ap.add_argument("--ignored_layers", default="",
                     help="comma-separated layers never to prune (their whole group stays), e.g. conv2d_5")
@@ -237,11 +246,18 @@ def main() -> None:
     results: dict = {"command": "python benchmarks/pruning.py " + " ".join(sys.argv[1:]), "machine": common.machine()}
 
     if not args.skip_overhead:
-        o = overhead(x[: args.overhead_samples], y[: args.overhead_samples], args.rounds, args.batch)
+        o = overhead(x[: args.overhead_samples], y[: args.overhead_samples], args.rounds, args.batch,
+                     args.overhead_pruning_epochs)
         results["overhead"] = o
         print(f"\n(1) epoch time, ResNet-8, {o['steps_per_epoch']} steps, median of {o['rounds']} interleaved rounds")
         print(f"    without callback {o['epoch_s_without']:.2f} s | with FilterPruning {o['epoch_s_with']:.2f} s"
-              f" | overhead {100 * o['overhead']:+.1f} %")
+              f" | overhead {100 * o['overhead']:+.1f} % | with average_batchnorm=False "
+              f"{o['epoch_s_with_no_average']:.2f} s: the averaging costs {100 * o['average_overhead']:+.1f} %")
+        if args.overhead_only:
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(results, f, indent=1)
+            return
 
     rows, teacher = [], None
     modes = {"no": (False,), "also": (False, True), "only": (True,)}[args.distill]

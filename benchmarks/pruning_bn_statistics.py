@@ -3,17 +3,19 @@
     python benchmarks/pruning_bn_statistics.py recipe                       # the README recipe, 2 epochs
     python benchmarks/pruning_bn_statistics.py ce loss=ce                   # the same without distillation
     python benchmarks/pruning_bn_statistics.py l1 crit=l1                   # one factor changed at a time:
-    python benchmarks/pruning_bn_statistics.py uniform alloc=uniform        #   loss, T, crit, comp, alloc, cap
+    python benchmarks/pruning_bn_statistics.py uniform alloc=uniform        #   loss, T, crit, comp, alloc, cap,
+    python benchmarks/pruning_bn_statistics.py l1_nocomp crit=l1 comp=0 avg=0   #   avg, epochs
 
 The MLPerf Tiny ResNet-8 (softmax outputs) fine-tuned on 8,000 of the 10,000 CIFAR-10 test JPEGs (shuffled with
 seed 0; the other 2,000 held out), Adam 1e-4, batch 64, 2 epochs, with ``FilterPruning(flops_target=0.4,
 flops_allocation="global_per_flop", max_group_level=0.95, criterion="emitted", compensation_data=512 training
 images, pruning_epochs=1, prune_downsample_convs=True)`` and ``DistillationLoss(alpha=0.5, temperature=4.0,
-from_logits=False)`` on ``with_teacher`` batches (the unpruned model teaches). Printed (one JSON line, also
-appended to ``--out``): the epochs' logs, the stripped model's held-out accuracy, its accuracy on 2,000 training
-images in inference mode (overfitting?), on the held-out images with BatchNorms on batch statistics (256 per
-batch: what training sees), and after its BatchNorms' moving statistics are measured again on 2,000 training
-images layer by layer (stale statistics?).
+from_logits=False)`` on ``with_teacher`` batches (the unpruned model teaches); ``comp=0`` passes no
+compensation_data (the BatchNorm statistics then come from the training batches, ``average_batchnorm``, which
+``avg=0`` turns off). Printed (one JSON line, also appended to ``--out``): the epochs' logs, the stripped model's
+held-out accuracy, its accuracy on 2,000 training images in inference mode (overfitting?), on the held-out images
+with BatchNorms on batch statistics (256 per batch: what training sees), and after its BatchNorms' moving
+statistics are measured again on 2,000 training images layer by layer (stale statistics?).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import tfcompress
 from tfcompress.pruning import DistillationAccuracy, DistillationLoss, FilterPruning, with_teacher
 
 DATA = "/work/shared/data/"
-DEFAULTS = dict(loss="distill", T=4.0, alpha=0.5, alloc="global_per_flop", cap=0.95, crit="emitted", comp=1,
+DEFAULTS = dict(loss="distill", T=4.0, alpha=0.5, alloc="global_per_flop", cap=0.95, crit="emitted", comp=1, avg=1,
                 epochs=2, target=0.4, seed=0, out="pruning_bn_statistics.jsonl")
 
 
@@ -67,7 +69,7 @@ def main(name: str, options: dict) -> dict:
     train_ds = tf.data.Dataset.from_tensor_slices((xtr, ytr)).shuffle(8000, seed=o["seed"]).batch(64)
     val_ds = tf.data.Dataset.from_tensor_slices((xva, yva)).batch(256)
     kw = dict(flops_target=o["target"], flops_allocation=o["alloc"], criterion=o["crit"], pruning_epochs=1,
-              prune_downsample_convs=True)
+              prune_downsample_convs=True, average_batchnorm=bool(o["avg"]))
     if o["alloc"] == "sensitivity":
         kw["sensitivity_data"] = (xva, yva) if o["loss"] == "ce" else with_teacher(val_ds, teacher)
     else:

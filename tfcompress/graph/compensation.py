@@ -26,7 +26,7 @@ from tfcompress.graph.engine import ChannelGroup, Rule
 from tfcompress.graph.kernels import fold_rows, window_sum
 
 __all__ = ["CompensationReport", "TrackedConstants", "compensate", "consumer_means", "emitted_importance",
-           "refresh_batchnorm", "undo"]
+           "moves_with_batches", "refresh_batchnorm", "undo"]
 
 
 @dataclasses.dataclass
@@ -339,6 +339,13 @@ def _batchnorms(layer: Any) -> list[keras.layers.BatchNormalization]:
     return found
 
 
+def moves_with_batches(bn: keras.layers.BatchNormalization) -> bool:
+    """Whether training normalises ``bn`` with each batch's statistics and moves its moving mean and variance
+    towards them at ``momentum``: a trainable, built BatchNorm without ``renorm`` (which keeps moving statistics
+    of its own kind, updated at ``renorm_momentum``)."""
+    return bn.built and bn.trainable and not bn.renorm
+
+
 def refresh_batchnorm(model: keras.Model, data: Any, batch_size: int = 64,
                       layers: Iterable[keras.layers.BatchNormalization] | None = None) -> list[str]:
     """Set the moving statistics of ``model``'s BatchNorms to the batch statistics training sees on ``data``.
@@ -355,8 +362,7 @@ def refresh_batchnorm(model: keras.Model, data: Any, batch_size: int = 64,
     refreshed.
     """
     chosen = None if layers is None else {id(bn) for bn in layers}
-    bns = [bn for bn in _batchnorms(model) if bn.trainable and not bn.renorm and bn.built
-           and (chosen is None or id(bn) in chosen)]
+    bns = [bn for bn in _batchnorms(model) if moves_with_batches(bn) and (chosen is None or id(bn) in chosen)]
     if not bns:
         return []
     saved = [(v, v.numpy()) for v in model.non_trainable_variables]

@@ -18,6 +18,7 @@ from tfcompress.graph import compensation
 from tfcompress.graph.engine import ChannelGroup, Rule
 from tfcompress.graph.flops import FlopsCounter
 from tfcompress.graph.keras_adapter import KerasGraph, build_graph
+from tfcompress.pruning.batch_statistics import BatchStatisticsAverage
 from tfcompress.pruning.criteria import CRITERIA, importance
 from tfcompress.pruning.masking import GroupMasks
 from tfcompress.pruning.schedules import SCHEDULES, level_at
@@ -135,8 +136,17 @@ class FilterPruning(keras.callbacks.Callback):
             which the moving statistics of the BatchNorms after the changed channels are measured again (as
             training computes them: :func:`tfcompress.graph.compensation.refresh_batchnorm`), so that inference
             does not normalise with statistics of the unpruned network while they decay. Without it only
-            provably constant channels are handed over and the moving statistics adapt at the BatchNorms'
-            momentum. Not part of ``get_config``.
+            provably constant channels are handed over, and the moving statistics come from the training
+            batches (``average_batchnorm``). Not part of ``get_config``.
+        average_batchnorm: without ``compensation_data``, after each schedule step that changes channels, set
+            the moving statistics of the BatchNorms after them to the moving average Keras would keep of the
+            batch statistics training computed since the change alone (its weights on those batches, divided by
+            their total), until Keras' own average holds less than 1 % of what came before (459 steps at the
+            default momentum 0.99) (:class:`~tfcompress.pruning.batch_statistics.BatchStatisticsAverage`: each
+            step's statistics are taken out of the moving average's update, so nothing runs but the training
+            steps, and training is unchanged). Otherwise inference would normalise with the unpruned network's
+            statistics while they decay at ``1 - momentum`` per step. With ``steps_per_execution > 1`` it needs
+            the number of steps per epoch (an input of known length, or ``steps_per_epoch``).
         verbose: 1 prints the level applied at each schedule step and a progress bar of the measurement.
     """
 
@@ -159,6 +169,7 @@ class FilterPruning(keras.callbacks.Callback):
         compensate: bool = True,
         compensation_data: Any = None,
         latency_profile: dict[str, float] | None = None,
+        average_batchnorm: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(ignored_layers, str):
@@ -202,6 +213,7 @@ class FilterPruning(keras.callbacks.Callback):
         if compensation_data is not None and not self.compensate:
             raise ValueError("compensation_data is only used with compensate=True")
         self.compensation_data = compensation_data
+        self.average_batchnorm = _bool("average_batchnorm", average_batchnorm)
         if self.criterion == "emitted" and compensation_data is None:
             raise ValueError('criterion="emitted" measures channels on data: set compensation_data (model inputs)')
         self._state: _State | None = None
@@ -223,6 +235,7 @@ class FilterPruning(keras.callbacks.Callback):
             "round_to": self.round_to,
             "verbose": self.verbose,
             "compensate": self.compensate,
+            "average_batchnorm": self.average_batchnorm,
         }
 
     @classmethod
@@ -292,13 +305,20 @@ class FilterPruning(keras.callbacks.Callback):
             if self.flops_allocation == "sensitivity":
                 sensitivity.check_fits(self.model, self.sensitivity_data)
         self._state.offset = None  # a new fit: set by its first epoch
+        self._state.average_batchnorm = self.average_batchnorm and self.compensation_data is None
         steps = getattr(self.model, "steps_per_execution", 1)
         if isinstance(steps, int) and steps > 1:
+            unknown = self._state.average_batchnorm and not (self.params or {}).get("steps")
             warnings.warn(
                 f"the model is compiled with steps_per_execution={steps}: Keras calls callbacks once per "
                 f"{steps} optimizer steps, so FilterPruning re-zeroes the pruned weights only that often and "
                 "pruned channels train in between; compile with steps_per_execution=1 to keep them exactly zero "
-                "after every step", stacklevel=2)
+                "after every step" + ("; the number of steps per epoch is unknown, so the last execution's is "
+                                      "too, and the BatchNorm statistics are left to Keras' moving average "
+                                      "(average_batchnorm; pass steps_per_epoch)" if unknown else ""),
+                stacklevel=2)
+            if unknown:
+                self._state.average_batchnorm = False
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         st = self._require()
@@ -329,17 +349,29 @@ class FilterPruning(keras.callbacks.Callback):
                 before = st.masks.keep
                 st.masks.set(self._select(counts))
                 changed = [gid for gid, k in st.masks.keep.items() if not np.array_equal(before[gid], k)]
-                if self.compensation_data is not None and changed:
+                if changed and self.compensation_data is not None:
                     st.masks.apply()
                     compensation.refresh_batchnorm(self.model, self.compensation_data,
                                                    layers=st.masks.batchnorms_after(changed))
+                elif changed and st.average_batchnorm:
+                    st.bn_average.start(st.masks.batchnorms_after(changed))
                 if self.verbose:
                     print(f"FilterPruning: epoch {epoch + 1}: pruning level {self.pruning_level:.3f}, "
                           f"FLOPs ratio {self.flops_ratio:.3f}")
         st.masks.apply()
 
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        st = self._require()
+        st.execution_begin = batch
+        st.bn_average.before_step()
+
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self._require().masks.apply()
+        st = self._require()
+        if st.execution_begin is not None:
+            total = (self.params or {}).get("steps")  # the epoch's last execution may run fewer steps
+            st.bn_average.after_step(min(batch, total - 1 if total else batch) - st.execution_begin + 1)
+        st.execution_begin = None
+        st.masks.apply()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         st = self._require()
@@ -351,7 +383,9 @@ class FilterPruning(keras.callbacks.Callback):
     def on_train_end(self, logs: dict | None = None) -> None:
         # fit() swaps in an optimizer's moving average of the weights (use_ema=True) just before this hook; the
         # average still holds what pruned channels had before they were pruned
-        self._require().masks.apply()
+        st = self._require()
+        st.masks.apply()
+        st.bn_average.stop()  # the next fit starts from the statistics as they are (the user may change them)
 
     # ------------------------------------------------------------------ internals
     def _analyse(self, model: keras.Model) -> "_State":
@@ -560,6 +594,9 @@ class _State:
         self.resumed = False  # channels were already zero when training started (a checkpoint of a pruned run)
         self.next_epoch = 0  # the schedule's epoch after the last one this model completed with the callback
         self.offset: int | None = None  # added to the epochs Keras numbers in the current fit call
+        self.average_batchnorm = False  # whether this fit averages the batch statistics after changes
+        self.bn_average = BatchStatisticsAverage()
+        self.execution_begin: int | None = None  # the first step of the execution running now
 
 
 def _nothing_to_prune(name: str, n_groups: int, left_out: dict[str, list], channels_first: list[str]) -> str:
