@@ -49,7 +49,6 @@ import vww_int8  # noqa: E402
 
 NNCF_PYTHON = "/work/venv-nncf/bin/python"
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
-CORRECTED = frozenset({"Convolution", "MatMul"})
 
 
 def _layer_rule(shift, bias):

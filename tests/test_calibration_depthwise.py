@@ -162,6 +162,23 @@ def test_a_zero_bias_does_not_stop_the_other_channels_correction(rng):
     np.testing.assert_allclose(errors[True], 0, atol=2e-3)
 
 
+@pytest.mark.parametrize("bias_shape", [(1, 1, 2, 2), (4, 1, 1, 1)])
+def test_a_bias_that_is_not_one_per_output_channel_is_not_shifted(rng, bias_shape):
+    # a constant added after the layer with as many values as it has output channels, but along other axes (one
+    # per position of its 2x2 output; one per sample): a shift per channel cannot be folded into it, so the
+    # model is the one calibrated without bias correction
+    w = rng.normal(size=(4, 4, 3, 3)).astype(np.float32)
+    p = ops.parameter([4, 4, 16, 16], ov.Type.f32)
+    conv = ops.convolution(p, ops.constant(w), [8, 8], [1, 1], [1, 1], [1, 1])  # output [4, 4, 2, 2]
+    bias = rng.uniform(0.5, 1, bias_shape).astype(np.float32)
+    model = ov.Model([ops.add(conv, ops.constant(bias)).output(0)], [p])
+    x = _patterned_images(rng, 40)
+    kw = dict(overflow_fix="disable", range_estimator="max", verbose=False)
+    batches = [x[k:k + 4] for k in range(0, len(x), 4)]
+    plain, corrected = (_f32(calibration.calibrate(model, batches, bias_correction=bc, **kw)) for bc in (False, True))
+    np.testing.assert_array_equal(_run(corrected, x[:4]), _run(plain, x[:4]))
+
+
 @pytest.mark.parametrize("shape, strides", [((4, 1, 1, 3, 3), [1, 1]), ((4, 1, 1, 3, 3), [2, 2]),
                                             ((2, 4, 2, 3, 3), [1, 1])])
 def test_grouped_convolutions_lose_the_mean_error_of_their_rounded_weights(rng, shape, strides):

@@ -273,8 +273,8 @@ BIAS_CORRECTED_OPS = frozenset({"Convolution", "GroupConvolution", "MatMul"})
 def bias_points(model, weights: list[WeightPoint]) -> list[tuple[WeightPoint, tuple, str]]:
     """Weighted ops that fast bias correction handles: (point, key of its input, the statistic it needs:
     ``"channel"`` means for pointwise layers, a per-position ``"map"`` for others). Ops need a type in
-    :data:`BIAS_CORRECTED_OPS`, a constant bias and channels on axis 1 (convolutions, MatMul of a 2-D
-    input)."""
+    :data:`BIAS_CORRECTED_OPS`, channels on axis 1 (convolutions, MatMul of a 2-D input) and a constant bias
+    with one value per output channel, on that axis."""
     order = {op.get_name(): k for k, op in enumerate(model.get_ordered_ops())}
     found = []
     for wp in weights:
@@ -283,12 +283,24 @@ def bias_points(model, weights: list[WeightPoint]) -> list[tuple[WeightPoint, tu
         rank = len(wp.op.get_output_partial_shape(0))
         if wp.op.get_type_name() == "MatMul" and (rank != 2 or wp.op.get_attributes()["transpose_a"]):
             continue
-        if bias_input(wp.op) is None:
+        if bias_input(wp.op) is None or not _bias_per_channel(wp.op):
             continue
         src = wp.op.input(0).get_source_output()
         key = (order[src.get_node().get_name()], src.get_index())
         found.append((wp, key, "channel" if _pointwise(wp.op) else "map"))
     return found
+
+
+def _bias_per_channel(op) -> bool:
+    """Whether ``op``'s bias constant holds one value per output channel along the channel axis (``[C]``,
+    ``[1, C, 1, 1]`` ...), into which a shift per channel folds; not a constant as large laid along other axes
+    (one per position or per sample), nor one broadcast to all channels."""
+    shape = op.get_output_partial_shape(0)
+    bias = _bias_value(op).shape
+    if len(bias) > len(shape) or not shape[1].is_static:
+        return False
+    aligned = (1,) * (len(shape) - len(bias)) + bias  # numpy broadcasting aligns the trailing axes
+    return aligned[1] == shape[1].get_length() and all(d == 1 for a, d in enumerate(aligned) if a != 1)
 
 
 def _quantized_weights(wp: WeightPoint) -> np.ndarray:
@@ -344,14 +356,7 @@ def fast_bias_shifts(points, stats: Statistics) -> dict:
             raw[wp.key] = lost[:, :, 0, 0] @ m
     if mapped:
         raw.update(_map_shifts(mapped))
-    shifts = {}
-    for wp, _, _ in points:
-        if wp.key not in raw:
-            continue
-        shift = raw[wp.key].astype(np.float32).reshape(-1)
-        if _bias_value(wp.op).size == shift.size:  # one bias per output channel (not one broadcast to all)
-            shifts[wp.key] = shift
-    return shifts
+    return {k: v.astype(np.float32).reshape(-1) for k, v in raw.items()}
 
 
 def _map_shifts(mapped: list) -> dict:
