@@ -156,16 +156,14 @@ def normalizations(ops: Sequence[StatisticsOp], depth: int = 8) -> set:
             seen.update(frontier)
         return seen
 
-    statistics: dict = {}  # x -> [(statistic, the square it reduces or None)]
+    statistics: dict = {}  # x -> the statistics of x (of x or of its square)
     for op in ops:
         if op.role in _STATISTICS and op.inputs and op.inputs[0] is not None:
             x = squared(op.inputs[0])
-            statistics.setdefault(op.inputs[0] if x is None else x, []).append(
-                (op.key, op.inputs[0] if x is not None else None))
+            statistics.setdefault(op.inputs[0] if x is None else x, []).append(op.key)
     found: set = set()
     for x, stats in statistics.items():
-        under = {k: below(k) for k, _ in stats}
-        walked = set().union(*under.values()) | {k for k, _ in stats}
+        walked = set(stats).union(*(below(k) for k in stats))
         combining = {k for k in walked if by_key[k].role in _COMBINING and len(by_key[k].sources()) > 1
                      and all(s == x or s in walked for s in by_key[k].sources())}
         if not combining:
